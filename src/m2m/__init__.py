@@ -1,0 +1,71 @@
+"""m2m: an embedding training data lake that streams Gaussian splats on the sphere into PyTorch.
+
+Heavy submodules (torch, FAISS) load on first use, so ``import m2m`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from m2m.config import M2MConfig
+from m2m.errors import (
+    ConfigError,
+    CorruptShardError,
+    DeviceUnavailableError,
+    DimensionMismatchError,
+    InvalidEmbeddingError,
+    LakeLockedError,
+    LakeNotFoundError,
+    M2MError,
+    StreamError,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m2m.api import create_m2m, open_lake
+    from m2m.augment import langevin
+    from m2m.geometry import vmf
+    from m2m.lake.lake import Lake
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "CorruptShardError",
+    "DeviceUnavailableError",
+    "DimensionMismatchError",
+    "InvalidEmbeddingError",
+    "Lake",
+    "LakeLockedError",
+    "LakeNotFoundError",
+    "M2MConfig",
+    "M2MError",
+    "StreamError",
+    "create_m2m",
+    "langevin",
+    "open_lake",
+    "vmf",
+]
+
+_LAZY = {
+    "create_m2m": ("m2m.api", "create_m2m"),
+    "open_lake": ("m2m.api", "open_lake"),
+    "Lake": ("m2m.lake.lake", "Lake"),
+    "vmf": ("m2m.geometry.vmf", None),
+    "langevin": ("m2m.augment.langevin", None),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'm2m' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,1 @@
+"""Augmentation: Riemannian Langevin dynamics under the vMF-mixture energy of neighbouring splats."""

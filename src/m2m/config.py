@@ -1,0 +1,103 @@
+"""`M2MConfig`: every knob of a lake and its stream, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from m2m.errors import ConfigError
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+_DTYPES = ("float32", "float16")
+
+DEFAULT_WARM_BYTES = 4 << 30
+DEFAULT_HOT_BYTES = 2 << 30
+DEFAULT_SHARD_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class M2MConfig:
+    """Configuration of a lake handle and the streams it exports.
+
+    Attributes:
+        path: lake directory or fsspec URL; None creates a temporary lake deleted on close.
+        latent_dim: vector dimension; vectors of any other width are rejected.
+        storage_dtype: element type the shards hold ("float32" or "float16").
+        device: where batches are delivered ("cpu", "cuda", "cuda:N").
+        knn_k: neighbours used for kappa estimation and Langevin augmentation.
+        langevin_steps: Langevin steps per augmented row.
+        langevin_dt: Langevin step size (in units of 1/kappa of the row's neighbourhood).
+        langevin_T: temperature of the Langevin target (1.0 samples the vMF mixture itself).
+        soc_threshold: redundancy fraction at which consolidation is advised (``criticality()``).
+        consolidate_similarity: cosine at which two splats count as near-duplicates.
+        auto_consolidate: consolidate after ``add_splats`` when the lake turns supercritical.
+        seed: base seed of every random order and augmentation.
+        warm_bytes: RAM budget of the warm tier.
+        hot_bytes: device-memory budget of the hot tier.
+        shard_bytes: target size of one shard file.
+        prefetch: batches the background prefetcher keeps ready.
+    """
+
+    path: str | os.PathLike[str] | None = None
+    latent_dim: int = 640
+    storage_dtype: str = "float32"
+    device: str = "cpu"
+    knn_k: int = 16
+    langevin_steps: int = 5
+    langevin_dt: float = 0.3
+    langevin_T: float = 1.0
+    soc_threshold: float = 0.2
+    consolidate_similarity: float = 0.95
+    auto_consolidate: bool = False
+    seed: int = 0
+    warm_bytes: int = DEFAULT_WARM_BYTES
+    hot_bytes: int = DEFAULT_HOT_BYTES
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    prefetch: int = 4
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.latent_dim, int) and not isinstance(self.latent_dim, bool) and self.latent_dim >= 2,
+               "latent_dim", self.latent_dim, "an int >= 2")
+        _check(self.storage_dtype in _DTYPES, "storage_dtype", self.storage_dtype, f"one of {_DTYPES}")
+        _check(isinstance(self.device, str) and bool(_DEVICE_RE.match(self.device)), "device", self.device,
+               "'cpu', 'cuda' or 'cuda:N'")
+        _check(_is_int(self.knn_k) and self.knn_k >= 1, "knn_k", self.knn_k, "an int >= 1")
+        _check(_is_int(self.langevin_steps) and self.langevin_steps >= 0, "langevin_steps", self.langevin_steps,
+               "an int >= 0")
+        _check(_is_pos(self.langevin_dt), "langevin_dt", self.langevin_dt, "a finite float > 0")
+        _check(_is_pos(self.langevin_T), "langevin_T", self.langevin_T, "a finite float > 0")
+        _check(_is_num(self.soc_threshold) and 0.0 < self.soc_threshold < 1.0, "soc_threshold", self.soc_threshold,
+               "a float in (0, 1)")
+        _check(_is_num(self.consolidate_similarity) and 0.0 < self.consolidate_similarity <= 1.0,
+               "consolidate_similarity", self.consolidate_similarity, "a float in (0, 1]")
+        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an int >= 0")
+        for name in ("warm_bytes", "hot_bytes"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 0, name, value, "an int >= 0 (bytes)")
+        _check(_is_int(self.shard_bytes) and self.shard_bytes >= 1 << 16, "shard_bytes", self.shard_bytes,
+               "an int >= 65536 (bytes)")
+        _check(_is_int(self.prefetch) and self.prefetch >= 1, "prefetch", self.prefetch, "an int >= 1")
+
+    def replace(self, **changes: Any) -> "M2MConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _is_pos(v: object) -> bool:
+    return _is_num(v) and v > 0  # type: ignore[operator]
+
+
+def _check(ok: bool, field: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"M2MConfig.{field} must be {expected}, got {value!r}")

@@ -1,0 +1,78 @@
+"""The read-only row source a stream gathers from: shards of columns, memory-mapped or in RAM."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """A pinned, immutable set of rows split into shards.
+
+    ``shard_offsets`` has ``num_shards + 1`` entries; shard ``s`` holds global rows
+    ``shard_offsets[s] : shard_offsets[s + 1]``. ``column(s, name)`` returns a numpy array for
+    shard ``s`` without copying when the storage allows it (``mu`` is ``[rows, dim]`` of the storage
+    dtype, every other column is ``[rows]`` or ``[rows, k]``).
+    """
+
+    @property
+    def num_rows(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def storage_dtype(self) -> np.dtype: ...
+
+    @property
+    def shard_offsets(self) -> np.ndarray: ...
+
+    @property
+    def column_names(self) -> Sequence[str]: ...
+
+    def column(self, shard: int, name: str) -> np.ndarray: ...
+
+
+class ArraySource:
+    """A `RowSource` over in-memory numpy arrays, split into shards of ``shard_rows`` rows."""
+
+    def __init__(self, columns: dict[str, np.ndarray], shard_rows: int | None = None) -> None:
+        if "mu" not in columns:
+            raise ValueError("ArraySource needs a 'mu' column")
+        mu = columns["mu"]
+        if mu.ndim != 2:
+            raise ValueError(f"'mu' must be 2-D, got shape {mu.shape}")
+        n = mu.shape[0]
+        for name, col in columns.items():
+            if len(col) != n:
+                raise ValueError(f"column {name!r} has {len(col)} rows, 'mu' has {n}")
+        self._columns = columns
+        step = n if not shard_rows else int(shard_rows)
+        bounds = list(range(0, n, max(step, 1))) + [n]
+        self._offsets = np.asarray(sorted(set(bounds)), dtype=np.int64)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def dim(self) -> int:
+        return int(self._columns["mu"].shape[1])
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        return self._columns["mu"].dtype
+
+    @property
+    def shard_offsets(self) -> np.ndarray:
+        return self._offsets
+
+    @property
+    def column_names(self) -> Sequence[str]:
+        return tuple(self._columns)
+
+    def column(self, shard: int, name: str) -> np.ndarray:
+        lo, hi = self._offsets[shard], self._offsets[shard + 1]
+        return self._columns[name][lo:hi]
