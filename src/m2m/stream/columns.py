@@ -1,0 +1,92 @@
+"""Which columns a batch carries, where each comes from and its delivered dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from m2m.stream.source import RowSource
+
+EMBEDDING = "embedding"
+WEIGHT = "weight"
+ROWS = "_rows"  # internal: global row positions of a batch, always carried
+SOURCE_OF = {EMBEDDING: "mu"}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One delivered column: ``name`` in the batch, ``source`` column (None = the plan's weights)."""
+
+    name: str
+    source: str | None
+    storage_dtype: np.dtype
+    out_dtype: torch.dtype
+    trailing: tuple[int, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.trailing, dtype=np.int64)) * self.storage_dtype.itemsize
+
+
+def _out_dtype(dtype: np.dtype) -> torch.dtype:
+    if dtype.kind == "f":
+        return torch.float32
+    if dtype.kind in "iu":
+        return torch.int64
+    return torch.bool
+
+
+def valid_names(source: RowSource) -> list[str]:
+    """Names a batch may ask for: embedding, weight, and every numeric source column except mu."""
+    names = [EMBEDDING, WEIGHT]
+    for name in source.column_names:
+        if name == "mu" or name in names:
+            continue
+        if source.num_rows == 0 or _sample(source, name).dtype.kind in "biuf":
+            names.append(name)
+    return names
+
+
+def _sample(source: RowSource, name: str) -> np.ndarray:
+    return source.column(0, name)
+
+
+def resolve(source: RowSource, columns: Sequence[str] | None) -> tuple[Column, ...]:
+    """Columns to deliver; ``None`` means embeddings only. Unknown names raise ValueError."""
+    names = [EMBEDDING] if columns is None else list(columns)
+    if isinstance(columns, str):
+        raise ValueError(f"columns must be a tuple of names, not the string {columns!r}")
+    valid = valid_names(source)
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"unknown column {name!r}; valid columns: {', '.join(valid)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"columns has duplicates: {names}")
+    out = []
+    for name in names:
+        if name == WEIGHT:
+            out.append(Column(name, None, np.dtype(np.float32), torch.float32, ()))
+            continue
+        src = SOURCE_OF.get(name, name)
+        if source.num_rows:
+            sample = _sample(source, src)
+            dtype, trailing = sample.dtype, tuple(sample.shape[1:])
+        else:
+            dtype = source.storage_dtype if src == "mu" else np.dtype(np.float32)
+            trailing = (source.dim,) if src == "mu" else ()
+        out.append(Column(name, src, np.dtype(dtype), _out_dtype(np.dtype(dtype)), trailing))
+    return tuple(out)
+
+
+def nominal_row_bytes(source: RowSource) -> int:
+    """Bytes of one row over every source column: fixes block and window sizes per lake."""
+    if source.num_rows == 0:
+        return source.dim * np.dtype(source.storage_dtype).itemsize
+    total = 0
+    for name in source.column_names:
+        sample = _sample(source, name)
+        total += int(np.prod(sample.shape[1:], dtype=np.int64)) * sample.dtype.itemsize
+    return max(1, total)

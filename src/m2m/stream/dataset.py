@@ -1,0 +1,154 @@
+"""The IterableDataset behind a `StreamLoader`, and how one process builds its stage chain.
+
+In the consuming process (``num_workers=0``) the chain is
+``BatchStage -> WarmStage|ColdStage -> HotStage -> Prefetcher`` (or ``BatchStage ->
+ResidentStage -> Prefetcher`` when the lake is resident on the GPU). In a DataLoader worker it
+is ``BatchStage -> WarmStage|ColdStage -> HotStage("cpu")`` and the consumer only moves items
+to the device; each process's warm arena gets ``warm_bytes / num_workers``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from m2m.stream import shuffle
+from m2m.stream.columns import Column
+from m2m.stream.order import Layout, RankEpoch, check_plan, rank_epoch
+from m2m.stream.plan import PlanSampler
+from m2m.stream.source import RowSource
+from m2m.stream.stages.base import Stage, Work
+from m2m.stream.stages.batches import BatchStage, RowsStage
+from m2m.stream.stages.cold import ColdReader, ColdStage
+from m2m.stream.stages.hot import HostBuffers, HotStage
+from m2m.stream.stages.warm import WarmArena, WarmStage
+from m2m.stream.topology import World, detect_worker
+
+ARENA, COLD = "arena", "cold"
+WARM_MODES = ("auto", ARENA, COLD)
+CHUNK_BYTES = 4 << 20
+MAX_CHUNK_BATCHES = 64
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything (picklable) that fixes what a stream yields, except the epoch and resume point."""
+
+    columns: tuple[Column, ...]
+    layout: Layout
+    num_rows: int
+    batch_size: int
+    drop_last: bool
+    seed: int
+    rank: int
+    world_size: int
+    chunk_batches: int
+    warm_bytes: int
+    warm_mode: str = "auto"
+    gather_in_workers: bool = True
+
+    @property
+    def gathered(self) -> tuple[Column, ...]:
+        return tuple(c for c in self.columns if c.source is not None)
+
+
+def chunk_batches_for(columns: Sequence[Column], batch_size: int) -> int:
+    """Batches per item: about `CHUNK_BYTES` of delivered data, at most `MAX_CHUNK_BATCHES`."""
+    row = sum(c.row_bytes for c in columns if c.source is not None) or 1
+    return int(max(1, min(MAX_CHUNK_BATCHES, CHUNK_BYTES // max(1, batch_size * row))))
+
+
+def host_tier_for(spec: StreamSpec, budget: int) -> str:
+    """``"arena"`` when the rows an epoch needs resident fit ``budget``, else ``"cold"`` (direct reads)."""
+    if spec.warm_mode != "auto":
+        return spec.warm_mode
+    if spec.num_rows == 0 or spec.layout.mode == shuffle.SEQUENTIAL:
+        return COLD
+    block_bytes = spec.layout.block_rows * sum(c.row_bytes for c in spec.gathered)
+    if block_bytes == 0:
+        return COLD
+    num_blocks = math.ceil(spec.num_rows / spec.layout.block_rows)
+    slots = min(num_blocks, budget // block_bytes)
+    if spec.layout.mode == shuffle.FULL:
+        return ARENA if slots >= num_blocks else COLD
+    return ARENA if slots >= min(num_blocks, 2 * spec.layout.window_blocks) else COLD
+
+
+def lookahead_rows(spec: StreamSpec) -> int:
+    """Rows ahead whose blocks are read ahead (one window, in block-shuffled epochs)."""
+    if spec.layout.mode != shuffle.BLOCK:
+        return 0
+    return spec.layout.block_rows * spec.layout.window_blocks
+
+
+class StreamDataset(IterableDataset):
+    """Yields one rank's items (runs of whole batches) of epoch ``epoch`` from batch ``start`` on."""
+
+    def __init__(self, source: RowSource, spec: StreamSpec, sampler: PlanSampler | None = None) -> None:
+        super().__init__()
+        self.source = source
+        self.spec = spec
+        self.sampler = sampler
+        self.epoch = 0
+        self.start = 0
+        self._cache: tuple[int, RankEpoch] | None = None
+
+    def rank_epoch(self, epoch: int) -> RankEpoch:
+        """This rank's rows and weights of ``epoch`` (the last one is cached)."""
+        if self._cache is None or self._cache[0] != epoch:
+            plan = None if self.sampler is None else check_plan(self.sampler.plan(epoch), self.spec.num_rows)
+            s = self.spec
+            self._cache = (epoch, rank_epoch(s.layout, s.num_rows, s.batch_size, s.drop_last, s.seed, epoch,
+                                             s.rank, s.world_size, plan))
+        return self._cache[1]
+
+    def batch_stage(self, world: World) -> BatchStage:
+        return BatchStage(self.rank_epoch, world, self.spec.chunk_batches, lookahead_rows(self.spec))
+
+    def host_stage(self, upstream: Stage, reader: ColdReader, buffers: HostBuffers, tier: str,
+                   arena: WarmArena | None = None) -> Stage:
+        """The host gather stage: the warm arena, or direct cold reads."""
+        if tier == ARENA:
+            assert arena is not None
+            return WarmStage(upstream, arena, self.spec.columns, buffers)
+        return ColdStage(upstream, reader, self.spec.columns, buffers, self.spec.layout.block_rows)
+
+    def new_arena(self, reader: ColdReader, budget: int) -> WarmArena:
+        return WarmArena(reader, self.spec.gathered, self.spec.layout.block_rows, budget)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Worker side: this worker's items as plain dicts (tensors on the host)."""
+        world = detect_worker(World(self.spec.rank, self.spec.world_size))
+        stage: Stage = self.batch_stage(world)
+        stage.reset({"epoch": self.epoch, "start": self.start, "next": 0})
+        if self.spec.gather_in_workers:
+            budget = self.spec.warm_bytes // world.num_workers
+            reader = ColdReader(self.source, [c.source for c in self.spec.gathered])
+            tier = host_tier_for(self.spec, budget)
+            arena = self.new_arena(reader, budget) if tier == ARENA else None
+            stage = HotStage(self.host_stage(stage, reader, HostBuffers(), tier, arena), self.spec.columns,
+                             torch.device("cpu"))
+        else:
+            stage = RowsStage(stage, self.spec.columns)
+        try:
+            for work in stage:
+                yield {"epoch": work.epoch, "first": work.first, "end": work.end, "rows": work.rows,
+                       "weights": work.weights, "tensors": work.tensors, "stats": work.stats}
+        finally:
+            stage.shutdown()
+
+
+def work_from_item(item: dict[str, Any]) -> Work:
+    """Rebuild a `Work` from what a worker yielded."""
+    rows = item["rows"]
+    rows = rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+    weights = item["weights"]
+    if isinstance(weights, torch.Tensor):
+        weights = weights.numpy()
+    return Work(int(item["epoch"]), int(item["first"]), int(item["end"]), rows, weights,
+                tensors=dict(item["tensors"]), stats={k: float(v) for k, v in item["stats"].items()})

@@ -1,0 +1,108 @@
+"""One rank's epoch: which global rows, in which batches, with which importance weights.
+
+`choose_layout` picks the shuffle (see `m2m.stream.shuffle`) from sizes and the warm budget only,
+so every rank and worker derives the same layout; `rank_epoch` is a pure function of
+(layout, sizes, seed, epoch, rank, world_size, plan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from m2m.errors import ConfigError
+from m2m.stream import partition, shuffle
+
+DEFAULT_BLOCK_BYTES = 4 << 20
+WINDOW_FRACTION = 4  # a window is 1/4 of the warm budget: current + next + slack fit in it
+MODES = ("auto", shuffle.FULL, shuffle.BLOCK)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch is shuffled: ``mode``, block size and window size (in blocks)."""
+
+    mode: str
+    block_rows: int
+    window_blocks: int
+
+
+def choose_layout(num_rows: int, row_bytes: int, warm_bytes: int, shuffle_rows: bool, mode: str = "auto",
+                  block_rows: int | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Layout:
+    """Full shuffle when the lake fits ``warm_bytes``, else a block shuffle with windows of 1/4 of it."""
+    if mode not in MODES:
+        raise ConfigError(f"shuffle_mode must be one of {MODES}, got {mode!r}")
+    if block_rows is None:
+        block_rows = max(1, block_bytes // max(1, row_bytes))
+    if not isinstance(block_rows, int) or block_rows < 1:
+        raise ConfigError(f"block_rows must be an int >= 1, got {block_rows!r}")
+    window_blocks = max(1, (warm_bytes // WINDOW_FRACTION) // max(1, block_rows * row_bytes))
+    if not shuffle_rows:
+        chosen = shuffle.SEQUENTIAL
+    elif mode == "auto":
+        chosen = shuffle.FULL if num_rows * row_bytes <= warm_bytes else shuffle.BLOCK
+    else:
+        chosen = mode
+    return Layout(chosen, block_rows, window_blocks)
+
+
+@dataclass(frozen=True)
+class RankEpoch:
+    """The rows (global positions) and weights one rank reads in one epoch, in order."""
+
+    rows: np.ndarray
+    weights: np.ndarray | None
+    batch_size: int
+    num_batches: int
+
+    def batch_range(self, first: int, end: int) -> tuple[int, int]:
+        """Row range within ``rows`` of batches ``first..end-1``."""
+        return partition.batch_bounds(first, end, len(self.rows), self.batch_size)
+
+
+def epoch_entries(layout: Layout, num_rows: int, seed: int, epoch: int,
+                  plan: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The whole epoch's order of global rows (all ranks) and its weights (None = all 1.0)."""
+    rng = shuffle.epoch_generator(seed, epoch)
+    if plan is None:
+        if layout.mode == shuffle.FULL:
+            return shuffle.full_shuffle(num_rows, rng), None
+        if layout.mode == shuffle.BLOCK:
+            return shuffle.block_shuffle(np.arange(num_rows, dtype=np.int64), layout.block_rows,
+                                         layout.window_blocks, num_rows, rng), None
+        return np.arange(num_rows, dtype=np.int64), None
+    rows, weights = plan
+    if layout.mode == shuffle.BLOCK:
+        idx = shuffle.block_shuffle(rows, layout.block_rows, layout.window_blocks, num_rows, rng)
+        return rows[idx], weights[idx]
+    return rows, weights
+
+
+def rank_epoch(layout: Layout, num_rows: int, batch_size: int, drop_last: bool, seed: int, epoch: int,
+               rank: int, world_size: int, plan: tuple[np.ndarray, np.ndarray] | None = None) -> RankEpoch:
+    """The part of epoch ``epoch`` that ``rank`` of ``world_size`` reads (see `m2m.stream.partition`)."""
+    rows, weights = epoch_entries(layout, num_rows, seed, epoch, plan)
+    pos = partition.rank_positions(len(rows), batch_size, rank, world_size, drop_last)
+    n = partition.num_batches(len(pos), batch_size, drop_last)
+    return RankEpoch(rows[pos], None if weights is None else weights[pos], batch_size, n)
+
+
+def check_plan(plan: object, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a sampler's ``plan(epoch)`` result: int64 rows in range and float32 weights."""
+    if not isinstance(plan, tuple) or len(plan) != 2:
+        raise ValueError(f"PlanSampler.plan must return (rows, weights), got {type(plan).__name__}")
+    rows = np.asarray(plan[0])
+    weights = np.asarray(plan[1], dtype=np.float32)
+    if rows.ndim != 1 or rows.dtype.kind not in "iu":
+        raise ValueError(f"plan rows must be a 1-D int array, got dtype {rows.dtype} shape {rows.shape}")
+    if weights.shape != rows.shape:
+        raise ValueError(f"plan weights shape {weights.shape} != rows shape {rows.shape}")
+    rows = rows.astype(np.int64, copy=False)
+    if len(rows) and (rows.min() < 0 or rows.max() >= num_rows):
+        bad = int(np.flatnonzero((rows < 0) | (rows >= num_rows))[0])
+        raise ValueError(f"plan row {int(rows[bad])} at position {bad} is outside [0, {num_rows})")
+    if not np.all(np.isfinite(weights)) or (len(weights) and weights.min() < 0):
+        bad = int(np.flatnonzero(~np.isfinite(weights) | (weights < 0))[0])
+        raise ValueError(f"plan weight {float(weights[bad])} at position {bad} is not finite and >= 0")
+    return rows, weights

@@ -1,0 +1,1 @@
+"""The stream's stages: batches -> cold / warm (host gather) -> hot (device) -> prefetch."""

@@ -1,0 +1,69 @@
+"""The lifecycle every stage shares, and the unit of work that flows through them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m2m.stream.columns import Column
+
+
+@dataclass
+class Work:
+    """A run of consecutive batches ``[first, end)`` of one rank's epoch, as it moves down the stream.
+
+    ``rows``/``weights`` are the batches' global rows and importance weights; stages fill
+    ``tensors`` (one entry per delivered column, rows concatenated), add counter deltas to
+    ``stats``, and the last producing stage stores its upstream's state after this item in ``state``.
+    """
+
+    epoch: int
+    first: int
+    end: int
+    rows: np.ndarray
+    weights: np.ndarray | None
+    ahead: np.ndarray | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    ready: Any = None
+    state: dict[str, Any] | None = None
+
+    def count(self, key: str, value: float) -> None:
+        self.stats[key] = self.stats.get(key, 0.0) + value
+
+
+class Stage:
+    """``reset(state)``, iteration, ``get_state()``, ``shutdown()``; passes state through by default."""
+
+    upstream: "Stage | None" = None
+
+    def reset(self, state: dict[str, Any] | None = None) -> None:
+        if self.upstream is not None:
+            self.upstream.reset(state)
+
+    def __iter__(self) -> Iterator[Work]:
+        return self
+
+    def __next__(self) -> Work:
+        raise NotImplementedError
+
+    def get_state(self) -> dict[str, Any]:
+        if self.upstream is None:
+            raise NotImplementedError
+        return self.upstream.get_state()
+
+    def shutdown(self) -> None:
+        if self.upstream is not None:
+            self.upstream.shutdown()
+
+
+class BufferSource(Protocol):
+    """Where host gathers write one item's columns (see `m2m.stream.stages.hot.HostBuffers`)."""
+
+    def begin(self) -> None: ...
+
+    def get(self, col: "Column", rows: int) -> torch.Tensor: ...

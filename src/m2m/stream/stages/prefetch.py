@@ -1,0 +1,158 @@
+"""Prefetch: runs the upstream stages in a background thread, ``capacity`` items ahead.
+
+Failures travel on the queue and are re-raised in the consumer as `StreamError` (cause chained)
+within one poll interval; every ``put``/``get`` waits with a timeout and re-checks the stop flag
+and the producer's liveness; `shutdown` stops and joins the thread. The thread holds no reference
+to the `Prefetcher`, so an abandoned prefetcher is collected and its thread told to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import weakref
+from typing import Any
+
+import torch
+
+from m2m.errors import StreamError
+from m2m.stream.stages.base import Stage, Work
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05
+JOIN_TIMEOUT_S = 10.0
+
+
+class _End:
+    pass
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(upstream: Stage, q: "queue.Queue[Any]", stop: threading.Event, threads: int | None) -> None:
+    saved = None
+    if threads:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)  # OpenMP: per thread; restored below for threads started later
+    try:
+        while not stop.is_set():
+            try:
+                work = next(upstream)
+            except StopIteration:
+                _put(q, _End(), stop)
+                return
+            work.state = upstream.get_state()
+            if not _put(q, work, stop):
+                return
+    except BaseException as exc:  # noqa: BLE001 - every failure is handed to the consumer, none is hidden
+        _put(q, _Failure(exc), stop)
+    finally:
+        if saved is not None:
+            torch.set_num_threads(saved)
+
+
+def _stop(stop: threading.Event) -> None:
+    stop.set()
+
+
+class Prefetcher(Stage):
+    """Keeps up to ``capacity`` items of ``upstream`` ready; state is that of the last item handed out.
+
+    ``intra_op_threads``: torch threads of the producer thread (1 avoids OpenMP contention with the
+    consumer; None leaves torch's setting alone).
+    """
+
+    def __init__(self, upstream: Stage, capacity: int = 2, intra_op_threads: int | None = 1,
+                 name: str = "m2m-prefetch") -> None:
+        if capacity < 1:
+            raise ValueError(f"prefetch capacity must be >= 1, got {capacity}")
+        self.upstream = upstream
+        self.capacity = capacity
+        self.intra_op_threads = intra_op_threads
+        self.name = name
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=capacity)
+        self._state: dict[str, Any] | None = None
+        self._done = True
+        self.stall_s = 0.0
+
+    def reset(self, state: dict[str, Any] | None = None) -> None:
+        self.shutdown()
+        self.upstream.reset(state)
+        self._state = self.upstream.get_state()
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.capacity)
+        self._done = False
+        self._thread = threading.Thread(target=_produce, name=self.name, daemon=True,
+                                        args=(self.upstream, self._queue, self._stop, self.intra_op_threads))
+        self._finalizer = weakref.finalize(self, _stop, self._stop)
+        self._thread.start()
+
+    def __next__(self) -> Work:
+        if self._done:
+            raise StopIteration
+        start = time.perf_counter()
+        while True:
+            try:
+                item = self._queue.get(timeout=POLL_S)
+                break
+            except queue.Empty:
+                if self._thread is None or not self._thread.is_alive():
+                    if self._queue.empty():
+                        self._done = True
+                        raise StreamError(f"{self.name}: producer thread ended without a result") from None
+        stall = time.perf_counter() - start
+        self.stall_s += stall
+        if isinstance(item, _End):
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._done = True
+            self.shutdown()
+            raise StreamError(f"{self.name}: a stream stage failed: {item.exc!r}") from item.exc
+        item.count("stall_s", stall)
+        self._state = item.state
+        return item
+
+    def get_state(self) -> dict[str, Any]:
+        if self._state is None:
+            return self.upstream.get_state()
+        return self._state
+
+    def shutdown(self) -> None:
+        """Stop the producer, drop pending items, join the thread, then shut the upstream down."""
+        thread, self._thread = self._thread, None
+        self._done = True
+        if thread is None:
+            return
+        self._stop.set()
+        deadline = time.perf_counter() + JOIN_TIMEOUT_S
+        while thread.is_alive() and time.perf_counter() < deadline:
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=POLL_S)
+        if thread.is_alive():
+            log.warning("%s: producer still inside a stage call after %.0f s; left to finish (daemon)",
+                        self.name, JOIN_TIMEOUT_S)
+            return
+        self.upstream.shutdown()

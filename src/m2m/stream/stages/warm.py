@@ -1,0 +1,149 @@
+"""Warm tier: a RAM arena of fixed-size row blocks under a byte budget, least-recently-used out.
+
+The arena is one preallocated tensor per column of ``slots * block_rows`` rows
+(``slots = budget // block_bytes``, capped at the lake's block count), so its footprint is
+exactly `WarmArena.nbytes` and anonymous memory never grows past it. A block is loaded with one
+sequential read from the cold tier; a gather maps global rows to arena rows with vectorised
+lookups and copies a whole item with one ``index_select`` per column. When the lake fits, every
+block stays (the arena is the lake in RAM); otherwise the least recently used blocks not needed
+by the current request are evicted.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from m2m.errors import StreamError
+from m2m.stream.columns import Column
+from m2m.stream.stages.base import BufferSource, Stage, Work
+from m2m.stream.stages.cold import ColdReader, fill_common
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+class WarmArena:
+    """LRU cache of ``block_rows``-row blocks of some columns, in ``budget_bytes`` of RAM."""
+
+    def __init__(self, reader: ColdReader, columns: Sequence[Column], block_rows: int, budget_bytes: int) -> None:
+        self.reader = reader
+        self.columns = tuple(c for c in columns if c.source is not None)
+        self.block_rows = int(block_rows)
+        self.block_bytes = self.block_rows * sum(c.row_bytes for c in self.columns)
+        self.num_blocks = max(1, -(-reader.num_rows // self.block_rows))
+        self.slots = int(min(self.num_blocks, budget_bytes // max(1, self.block_bytes)))
+        if self.slots < 1:
+            raise StreamError(f"warm budget {budget_bytes} bytes holds no block of {self.block_bytes} bytes")
+        rows = self.slots * self.block_rows
+        self._arena = {c.source: torch.empty((rows, *c.trailing), dtype=_torch_dtype(c.storage_dtype))
+                       for c in self.columns}
+        self._arena_np = {name: t.numpy() for name, t in self._arena.items()}
+        self.slot_of_block = np.full(self.num_blocks, -1, dtype=np.int64)
+        self.block_of_slot = np.full(self.slots, -1, dtype=np.int64)
+        self._last_used = np.zeros(self.slots, dtype=np.int64)
+        self._tick = 0
+        self._used = 0
+        self.loads = 0
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the arena holds (its whole footprint)."""
+        return sum(t.nbytes for t in self._arena.values())
+
+    @property
+    def resident_blocks(self) -> np.ndarray:
+        return np.flatnonzero(self.slot_of_block >= 0)
+
+    def clear(self) -> None:
+        """Forget every block (the memory stays allocated for reuse)."""
+        self.slot_of_block[:] = -1
+        self.block_of_slot[:] = -1
+        self._last_used[:] = 0
+        self._used = 0
+
+    def advise(self, rows: np.ndarray) -> None:
+        """Read ahead (page cache) the blocks of ``rows`` that are neither resident nor advised yet."""
+        if len(rows) == 0:
+            return
+        blocks = np.unique(rows // self.block_rows)
+        self.reader.advise_blocks(blocks[self.slot_of_block[blocks] < 0], self.block_rows)
+
+    def gather(self, rows: np.ndarray, out: dict[str, torch.Tensor], work: Work | None = None) -> None:
+        """``out[name][i] = name[rows[i]]`` for every column, loading missing blocks first."""
+        blocks = rows // self.block_rows
+        self._tick += 1
+        slot = self.slot_of_block[blocks]
+        missing_rows = slot < 0
+        n_miss = int(np.count_nonzero(missing_rows))
+        if work is not None:
+            work.count("warm_miss_rows", n_miss)
+            work.count("warm_hit_rows", len(rows) - n_miss)
+        if n_miss:
+            needed = np.unique(blocks)
+            if len(needed) > self.slots:  # the request is wider than the arena: serve it in halves
+                half = len(rows) // 2
+                self.gather(rows[:half], {k: v[:half] for k, v in out.items()}, work)
+                self.gather(rows[half:], {k: v[half:] for k, v in out.items()}, work)
+                return
+            self._last_used[slot[~missing_rows]] = self._tick
+            for b in np.unique(blocks[missing_rows]).tolist():
+                loaded = self._load(b)
+                if work is not None:
+                    work.count("cold_bytes", loaded)
+            slot = self.slot_of_block[blocks]
+        self._last_used[slot] = self._tick
+        pos = torch.from_numpy(slot * self.block_rows + (rows - blocks * self.block_rows))
+        for col in self.columns:
+            dst = out[col.name]
+            torch.index_select(self._arena[col.source], 0, pos, out=dst)
+            if work is not None:
+                work.count("warm_bytes", dst.nbytes)
+
+    def _load(self, block: int) -> int:
+        if self._used < self.slots:
+            s = self._used
+            self._used += 1
+        else:
+            s = int(np.argmin(self._last_used))
+            if self._last_used[s] == self._tick:
+                raise StreamError("warm arena: every slot is needed by the current request")
+            self.slot_of_block[self.block_of_slot[s]] = -1
+            self.evictions += 1
+        lo = block * self.block_rows
+        hi = min(lo + self.block_rows, self.reader.num_rows)
+        r0 = s * self.block_rows
+        loaded = 0
+        for col in self.columns:
+            loaded += self.reader.read_rows(col.source, lo, hi, self._arena_np[col.source][r0: r0 + hi - lo])
+        self.slot_of_block[block] = s
+        self.block_of_slot[s] = block
+        self.reader.forget_advice(block, self.block_rows)
+        self._last_used[s] = self._tick
+        self.loads += 1
+        return loaded
+
+
+class WarmStage(Stage):
+    """Gathers each item from the warm arena (and reads ahead the rows the item says come next)."""
+
+    def __init__(self, upstream: Stage, arena: WarmArena, columns: Sequence[Column], buffers: BufferSource) -> None:
+        self.upstream = upstream
+        self.arena = arena
+        self.all_columns = tuple(columns)
+        self.buffers = buffers
+
+    def __next__(self) -> Work:
+        work = next(self.upstream)
+        if work.ahead is not None:
+            self.arena.advise(work.ahead)
+        self.buffers.begin()
+        out = {c.name: self.buffers.get(c, len(work.rows)) for c in self.arena.columns}
+        self.arena.gather(work.rows, out, work)
+        work.tensors.update(out)
+        fill_common(work, self.all_columns)
+        return work
