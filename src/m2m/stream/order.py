@@ -30,11 +30,14 @@ class Layout:
 
 def choose_layout(num_rows: int, row_bytes: int, warm_bytes: int, shuffle_rows: bool, mode: str = "auto",
                   block_rows: int | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Layout:
-    """Full shuffle when the lake fits ``warm_bytes``, else a block shuffle with windows of 1/4 of it."""
+    """Full shuffle when the lake fits ``warm_bytes``, else a block shuffle with windows of 1/4 of it.
+
+    Blocks default to ~``block_bytes`` of rows (no more than the lake has).
+    """
     if mode not in MODES:
         raise ConfigError(f"shuffle_mode must be one of {MODES}, got {mode!r}")
     if block_rows is None:
-        block_rows = max(1, block_bytes // max(1, row_bytes))
+        block_rows = max(1, min(block_bytes // max(1, row_bytes), num_rows))
     if not isinstance(block_rows, int) or block_rows < 1:
         raise ConfigError(f"block_rows must be an int >= 1, got {block_rows!r}")
     window_blocks = max(1, (warm_bytes // WINDOW_FRACTION) // max(1, block_rows * row_bytes))

@@ -1,0 +1,253 @@
+"""The loader end to end on the CPU: batches, columns, dtypes, workers, resume, hooks, samplers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from m2m.errors import ConfigError, DeviceUnavailableError
+from m2m.stream.loader import StreamLoader, augment_seed, make_loader
+from m2m.stream.plan import PlanSampler
+from stream_helpers import check_loader_resume, make_source
+
+N, D = 700, 8
+KW = dict(warm_bytes=1 << 20, hot_bytes=0)
+ALL = ("embedding", "id", "label", "weight", "kappa", "alpha", "neighbors")
+
+
+def all_mu(source) -> np.ndarray:
+    return np.concatenate([source.column(s, "mu") for s in range(len(source.shard_offsets) - 1)])
+
+
+def ids_of(batches) -> np.ndarray:
+    return np.concatenate([b["id"].numpy() for b in batches]) - 10_000
+
+
+def test_default_batches_are_float32_tensors():
+    source = make_source(N, D)
+    dl = make_loader(source, batch_size=64, **KW)
+    assert isinstance(dl, DataLoader) and isinstance(dl, StreamLoader)
+    batches = list(dl)
+    assert len(batches) == len(dl) == 11
+    assert all(isinstance(b, torch.Tensor) and b.dtype == torch.float32 and b.shape[1] == D for b in batches)
+    got = torch.cat(batches).numpy()
+    np.testing.assert_array_equal(np.sort(got, axis=0), np.sort(all_mu(source), axis=0))
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(shuffle_mode="block", block_rows=16), dict(warm_mode="cold"),
+                                  dict(shuffle=False), dict(hot_mode="resident"), dict(chunk_batches=1)])
+def test_columns_dict_matches_the_source(opts):
+    source = make_source(N, D, shard_rows=150)
+    dl = make_loader(source, batch_size=50, columns=ALL, **KW, **opts)
+    batches = list(dl)
+    rows = ids_of(batches)
+    assert sorted(rows.tolist()) == list(range(N))
+    mu = all_mu(source)
+    nb = np.concatenate([source.column(s, "neighbors") for s in range(5)])
+    for b in batches:
+        r = b["id"].numpy() - 10_000
+        assert set(b) == set(ALL)
+        np.testing.assert_array_equal(b["embedding"].numpy(), mu[r])
+        np.testing.assert_array_equal(b["neighbors"].numpy(), nb[r])
+        assert b["embedding"].dtype == b["kappa"].dtype == b["weight"].dtype == torch.float32
+        assert b["label"].dtype == b["id"].dtype == torch.int64
+        assert torch.equal(b["weight"], torch.ones(len(r)))
+    if opts.get("shuffle") is False:
+        np.testing.assert_array_equal(rows, np.arange(N))
+
+
+def test_float16_storage_delivers_float32():
+    source = make_source(N, D, dtype=np.float16)
+    dl = make_loader(source, batch_size=64, columns=("embedding", "id"), **KW)
+    mu = all_mu(source)
+    for b in dl:
+        assert b["embedding"].dtype == torch.float32
+        np.testing.assert_array_equal(b["embedding"].numpy(), mu[b["id"].numpy() - 10_000].astype(np.float32))
+
+
+def test_unknown_column_names_the_valid_ones():
+    source = make_source(N, D)
+    with pytest.raises(ValueError, match=r"'colour'.*embedding, weight, id, label"):
+        make_loader(source, batch_size=8, columns=("embedding", "colour"), **KW)
+    with pytest.raises(ValueError, match="tuple of names"):
+        make_loader(source, batch_size=8, columns="embedding", **KW)
+    with pytest.raises(ValueError, match="'label'"):
+        make_loader(make_source(N, D, extra=False), batch_size=8, columns=("label",), **KW)
+
+
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(batch_size=8, prefetch=0), dict(batch_size=8, seed=-1),
+                                 dict(batch_size=8, shuffle_mode="random"), dict(batch_size=8, num_workers=-1)])
+def test_bad_arguments_raise_config_errors(bad):
+    with pytest.raises(ConfigError):
+        make_loader(make_source(50, 4), **{**KW, **bad})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(DeviceUnavailableError, match="CUDA"):
+        make_loader(make_source(50, 4), batch_size=8, device="cuda", **KW)
+
+
+def test_workers_yield_the_same_batches_as_in_process():
+    source = make_source(N, D, shard_rows=200)
+    kw = dict(batch_size=32, columns=("embedding", "id", "label"), chunk_batches=2, **KW)
+    inproc = list(make_loader(source, **kw))
+    workers = list(make_loader(source, num_workers=2, **kw))
+    assert len(workers) == len(inproc) == 22
+    for a, b in zip(inproc, workers):
+        for k in a:
+            assert torch.equal(a[k], b[k])
+
+
+def test_ranks_split_an_epoch_evenly():
+    source = make_source(N, D)
+    loaders = [make_loader(source, batch_size=32, columns=("id",), rank=r, world_size=3, **KW) for r in range(3)]
+    parts = [list(dl) for dl in loaders]
+    assert len({len(p) for p in parts}) == 1 and len(parts[0]) == len(loaders[0])
+    rows = np.concatenate([ids_of(p) for p in parts])
+    assert set(rows.tolist()) == set(range(N)) and len(rows) - N < 3
+
+
+def test_epochs_advance_and_set_epoch_rewinds():
+    dl = make_loader(make_source(N, D), batch_size=100, columns=("id",), **KW)
+    e0, e1 = ids_of(list(dl)), ids_of(list(dl))
+    assert not np.array_equal(e0, e1) and dl.epoch == 2
+    dl.set_epoch(1)
+    np.testing.assert_array_equal(ids_of(list(dl)), e1)
+    dl.set_epoch(0)
+    np.testing.assert_array_equal(ids_of(list(dl)), e0)
+    fresh = make_loader(make_source(N, D), batch_size=100, columns=("id",), epoch=1, **KW)
+    np.testing.assert_array_equal(ids_of(list(fresh)), e1)
+
+
+def test_drop_last_keeps_whole_batches():
+    dl = make_loader(make_source(N, D), batch_size=64, drop_last=True, **KW)
+    batches = list(dl)
+    assert len(batches) == len(dl) == N // 64 and all(len(b) == 64 for b in batches)
+
+
+class Noise:
+    """An augmentation that records its inputs and adds seeded noise plus the mean of two gathered rows."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x, rows, gather, generator):
+        self.calls.append((x.clone(), rows.clone()))
+        other = gather((rows + 1) % N)
+        return x + 0.01 * torch.randn(x.shape, generator=generator) + other
+
+
+def test_augment_gets_the_batch_rows_and_replaces_only_embeddings():
+    source = make_source(N, D, shard_rows=256)
+    aug = Noise()
+    dl = make_loader(source, batch_size=50, columns=("embedding", "id", "label"), augment=aug, seed=3, **KW)
+    mu = torch.from_numpy(all_mu(source))
+    labels = np.concatenate([source.column(s, "label") for s in range(3)])
+    batches = list(dl)
+    assert len(aug.calls) == len(batches)
+    for j, (b, (x, rows)) in enumerate(zip(batches, aug.calls)):
+        r = b["id"] - 10_000
+        assert torch.equal(rows, r) and torch.equal(x, mu[r])
+        gen = torch.Generator().manual_seed(augment_seed(3, 0, 0, j))
+        expected = mu[r] + 0.01 * torch.randn(x.shape, generator=gen) + mu[(r + 1) % N]
+        assert torch.equal(b["embedding"], expected)
+        np.testing.assert_array_equal(b["label"].numpy(), labels[r.numpy()])
+    with pytest.raises(ConfigError, match="augment"):
+        make_loader(source, batch_size=8, columns=("id",), augment=aug, **KW)
+
+
+class Plan:
+    """A toy importance sampler: M draws proportional to a fixed priority, weights 1/(M p)."""
+
+    def __init__(self, n: int, m: int, seed: int = 0) -> None:
+        self.n, self.m, self.seed = n, m, seed
+        self.priority = np.linspace(1.0, 2.0, n)
+        self.updates: list[tuple[object, object]] = []
+
+    def plan(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        p = self.priority / self.priority.sum()
+        rows = rng.choice(self.n, size=self.m, p=p)
+        return rows.astype(np.int64), (1.0 / (self.n * p[rows])).astype(np.float32)
+
+    def update_priorities(self, ids, losses):
+        self.updates.append((ids, losses))
+
+
+class PlanOnly:
+    def __init__(self, n: int) -> None:
+        self.inner = Plan(n, n // 2)
+
+    def plan(self, epoch: int):
+        return self.inner.plan(epoch)
+
+
+def test_sampler_plans_are_delivered_with_weights():
+    source = make_source(N, D)
+    sampler = Plan(N, 900)
+    assert isinstance(sampler, PlanSampler)
+    parts = [list(make_loader(source, batch_size=40, columns=("id", "weight"), sampler=sampler, rank=r,
+                              world_size=2, **KW)) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == -(-450 // 40)
+    rows = np.concatenate([ids_of(p) for p in parts])
+    weights = np.concatenate([b["weight"].numpy() for p in parts for b in p])
+    plan_rows, plan_w = sampler.plan(0)
+    assert sorted(zip(rows.tolist(), weights.tolist())) == sorted(zip(plan_rows.tolist(), plan_w.tolist()))
+    dl = make_loader(source, batch_size=40, sampler=sampler, **KW)
+    dl.update_priorities(torch.tensor([1, 2]), torch.tensor([0.5, 0.1]))
+    assert len(sampler.updates) == 1
+    with pytest.raises(ValueError, match="loss-based"):
+        make_loader(source, batch_size=40, sampler=PlanOnly(N), **KW).update_priorities([1], [1.0])
+    with pytest.raises(ValueError, match="no sampler"):
+        make_loader(source, batch_size=40, **KW).update_priorities([1], [1.0])
+
+
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(shuffle_mode="block", block_rows=32, columns=("embedding", "id")),
+    dict(augment="noise", columns=("embedding", "id")),
+    dict(sampler="plan", columns=("id", "weight"), drop_last=True),
+    dict(num_workers=2, chunk_batches=2, columns=("embedding", "id")),
+    dict(num_workers=2, augment="noise", columns=("embedding", "id"), shuffle_mode="block", block_rows=32),
+])
+def test_resume_yields_exactly_the_remaining_batches(case):
+    source = make_source(N, D, shard_rows=300)
+    case = dict(case)
+
+    def make():
+        kw = dict(case)
+        if kw.get("augment") == "noise":
+            kw["augment"] = Noise()
+        if kw.get("sampler") == "plan":
+            kw["sampler"] = Plan(N, 500)
+        return make_loader(source, batch_size=48, seed=11, **KW, **kw)
+
+    check_loader_resume(make, epochs=2)
+
+
+def test_state_must_match_the_loader():
+    source = make_source(N, D)
+    state = make_loader(source, batch_size=48, seed=1, **KW).state_dict()
+    assert set(state) >= {"epoch", "batches_yielded", "seed", "rank", "world_size", "batch_size"}
+    with pytest.raises(ValueError, match="seed"):
+        make_loader(source, batch_size=48, seed=2, **KW).load_state_dict(state)
+    with pytest.raises(ValueError, match="lacks"):
+        make_loader(source, batch_size=48, seed=1, **KW).load_state_dict({"epoch": 0})
+
+
+def test_stats_report_rows_bytes_and_modes():
+    dl = make_loader(make_source(N, D), batch_size=64, **KW)
+    list(dl)
+    s = dl.stats()
+    assert s["rows"] == N and s["batches"] == 11 and s["rows_per_s"] > 0
+    assert s["bytes_warm"] == N * D * 4 and s["bytes_cold"] == N * D * 4
+    assert s["hot_mode"] == "cpu" and s["warm_mode"] == "arena" and s["shuffle"] == "full"
+    assert 0.0 <= s["warm_hit_rate"] <= 1.0 and s["prefetch_stall_s"] >= 0
+
+
+def test_empty_source_yields_nothing():
+    dl = make_loader(make_source(0, 4), batch_size=8, columns=("embedding", "id"), **KW)
+    assert len(dl) == 0 and list(dl) == []
