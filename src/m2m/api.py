@@ -1,0 +1,70 @@
+"""The seed API: `create_m2m` and `open_lake`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+from m2m.config import M2MConfig
+from m2m.errors import DeviceUnavailableError, LakeNotFoundError
+from m2m.lake.fs import open_fs
+from m2m.lake.lake import Lake, check_compatible, create_empty
+from m2m.lake.manifest import list_versions, read_manifest
+
+
+def check_device(device: str) -> None:
+    """Raise `DeviceUnavailableError` now if ``device`` cannot be used on this machine."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(f"M2MConfig.device={device!r} but CUDA is not available on this machine")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"M2MConfig.device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise DeviceUnavailableError("M2MConfig.device='mps' but MPS is not available on this machine")
+
+
+def create_m2m(config: M2MConfig | None = None) -> Lake:
+    """Create the lake at ``config.path`` (or open it if it exists); a temporary lake when path is None."""
+    config = config or M2MConfig()
+    if not isinstance(config, M2MConfig):
+        raise TypeError(f"create_m2m takes an M2MConfig, got {type(config).__name__}")
+    check_device(config.device)
+    temporary = None
+    if config.path is None:
+        temporary = tempfile.mkdtemp(prefix="m2m-lake-")
+        path: str = temporary
+    else:
+        path = os.fspath(config.path)
+    fs = open_fs(path)
+    if list_versions(fs):
+        manifest = read_manifest(fs)
+        check_compatible(manifest, config, path)
+    else:
+        manifest = create_empty(fs, config)
+    return Lake(fs, config, manifest, temporary_dir=temporary)
+
+
+def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, **overrides: object) -> Lake:
+    """Open an existing lake; `LakeNotFoundError` (a FileNotFoundError) when there is none at ``path``.
+
+    The lake's own dim and dtype are used; other settings come from ``config`` and ``overrides``.
+    """
+    fs = open_fs(path)
+    if not list_versions(fs):
+        raise LakeNotFoundError(f"no m2m lake at {os.fspath(path)}")
+    manifest = read_manifest(fs)
+    base = config or M2MConfig()
+    if config is not None:
+        check_compatible(manifest, config, os.fspath(path))
+    cfg = dataclasses.replace(base, path=os.fspath(path), latent_dim=manifest.dim, storage_dtype=manifest.dtype,
+                              **overrides)
+    check_device(cfg.device)
+    return Lake(fs, cfg, manifest)

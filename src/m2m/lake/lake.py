@@ -1,0 +1,282 @@
+"""The lake handle: the user-facing object that writes, reads, verifies and streams one lake."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from types import TracebackType
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from m2m._validate import validate_splats
+from m2m.config import M2MConfig
+from m2m.errors import CorruptShardError, DimensionMismatchError
+from m2m.lake import stats as lake_stats
+from m2m.lake.fs import LakeFS
+from m2m.lake.lock import WriteLock
+from m2m.lake.manifest import (
+    DATA_DIR,
+    MANIFEST_DIR,
+    Manifest,
+    list_versions,
+    manifest_name,
+    read_manifest,
+    write_manifest,
+)
+from m2m.lake.reader import Snapshot
+from m2m.lake.shard import verify_file
+from m2m.lake.writer import reconcile_schema, write_splats
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+class Lake:
+    """A handle on one lake: append splats, read them, verify, vacuum, and export training streams.
+
+    Readers pin the version they opened; each write is one atomic commit under the lake's write lock
+    and advances this handle to the new version. Use as a context manager or call `close()`.
+    """
+
+    def __init__(self, fs: LakeFS, config: M2MConfig, manifest: Manifest, temporary_dir: str | None = None) -> None:
+        self._fs = fs
+        self.config = config
+        self._snapshot = Snapshot(fs, manifest)
+        self._temporary_dir = temporary_dir
+        self._closed = False
+        self._cache: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def path(self) -> str:
+        return getattr(self._fs, "url", self._fs.root)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._snapshot.manifest
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The pinned version this handle reads."""
+        self._check_open()
+        return self._snapshot
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def __len__(self) -> int:
+        return self.manifest.rows
+
+    def __repr__(self) -> str:
+        return f"Lake(path={self.path!r}, rows={len(self)}, dim={self.dim}, version={self.version})"
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "Lake":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release memory maps and caches; delete the lake if it was temporary."""
+        if self._closed:
+            return
+        self._closed = True
+        self._snapshot.close()
+        self._cache.clear()
+        if self._temporary_dir is not None:
+            shutil.rmtree(self._temporary_dir, ignore_errors=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"lake {self.path} is closed")
+
+    def refresh(self) -> int:
+        """Move this handle to the latest committed version; returns it."""
+        self._check_open()
+        latest = read_manifest(self._fs)
+        if latest.version != self.version:
+            self._set_manifest(latest)
+        return self.version
+
+    def checkout(self, version: int) -> Snapshot:
+        """A read-only snapshot of an older (or newer) committed version."""
+        return Snapshot(self._fs, read_manifest(self._fs, version))
+
+    def versions(self) -> list[int]:
+        """Committed versions still on disk."""
+        return list_versions(self._fs)
+
+    def _set_manifest(self, manifest: Manifest) -> None:
+        self._snapshot.close()
+        self._snapshot = Snapshot(self._fs, manifest)
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ commits
+    def _lock(self) -> WriteLock:
+        path = os.path.join(self._fs.root, "_lock") if self._fs.is_local else None
+        return WriteLock(path, timeout=float(os.environ.get("M2M_LOCK_TIMEOUT", "0")))
+
+    def commit(self, operation: str, build: Callable[[Manifest], Manifest]) -> Manifest:
+        """Run one atomic commit: ``build(latest) -> next manifest`` under the write lock.
+
+        Files that ``build`` writes but that the commit does not publish (it raised) are removed.
+        """
+        self._check_open()
+        with self._lock():
+            base = read_manifest(self._fs)
+            before = set(self._fs.listdir(DATA_DIR))
+            try:
+                new = build(base)
+                new = new.next(operation={"type": operation, **new.operation}) if new.version == base.version \
+                    else new
+                write_manifest(self._fs, new)
+            except BaseException:
+                for name in set(self._fs.listdir(DATA_DIR)) - before:
+                    self._fs.remove(f"{DATA_DIR}/{name}")
+                raise
+        self._set_manifest(new)
+        logger.info("committed version %d (%s): %d rows", new.version, operation, new.rows)
+        return new
+
+    def add_splats(self, vectors: Any, labels: Any = None, kappa: Any = None, alpha: Any = None,
+                   metadata: Mapping[str, Any] | None = None, progress: Progress | None = None) -> np.ndarray:
+        """Append splats atomically; returns their new unique, stable int64 ids.
+
+        ``vectors`` is ``[n, latent_dim]`` or ``[latent_dim]`` (numpy, torch on any device, or lists);
+        rows are normalised to the unit sphere. Invalid input raises a ``ValueError`` naming the problem
+        and the first offending row before anything is written.
+        """
+        self._check_open()
+        batch = validate_splats(vectors, labels, kappa, alpha, metadata, self.dim)
+        cfg = self.config
+
+        def build(base: Manifest) -> Manifest:
+            schema = reconcile_schema(base, batch)
+            shards = write_splats(self._fs, batch, base.next_id, base.dim, base.dtype, cfg.shard_bytes, schema,
+                                  progress)
+            stats = lake_stats.merge(base.stats, lake_stats.summarize(batch.kappa, batch.alpha))
+            return base.next(shards=base.shards + tuple(shards), next_id=base.next_id + batch.rows,
+                             label_type=schema.label_type, label_vocabulary=schema.label_vocabulary,
+                             metadata=schema.metadata, stats=stats,
+                             operation={"type": "append", "rows": batch.rows})
+
+        new = self.commit("append", build)
+        ids = np.arange(new.next_id - batch.rows, new.next_id, dtype=np.int64)
+        if cfg.auto_consolidate:
+            self._auto_consolidate()
+        return ids
+
+    def _auto_consolidate(self) -> None:
+        state = self.criticality()
+        if state["state"] == "supercritical":
+            logger.info("lake is supercritical (redundancy %.3f): consolidating", state["redundancy"])
+            self.consolidate(self.config.consolidate_similarity)
+
+    # ------------------------------------------------------------------ reading
+    def splats(self, ids: Any = None) -> dict[str, np.ndarray]:
+        """Columns ``id``, ``mu`` [n, d] (float32), ``kappa``, ``alpha``, ``label`` (if any) and metadata."""
+        snap = self.snapshot
+        if ids is None:
+            positions = np.arange(snap.num_rows, dtype=np.int64)
+        else:
+            positions = snap.positions(np.asarray(ids, dtype=np.int64))
+        out: dict[str, np.ndarray] = {}
+        for name in snap.column_names:
+            if name == "neighbors":
+                continue
+            if name == "label" and self.manifest.label_type == "string":
+                codes = snap.gather("label", positions)
+                vocab = np.asarray(self.manifest.label_vocabulary, dtype=object)
+                out["label"] = vocab[codes]
+                continue
+            values = snap.gather(name, positions)
+            out[name] = values.astype(np.float32) if name == "mu" else values
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """Rows, dim, dtype, bytes, shards, version, kappa/alpha summary, labels and columns."""
+        m = self.manifest
+        d = lake_stats.describe(m.stats, m.rows)
+        return {
+            "path": self.path, "rows": m.rows, "dim": m.dim, "dtype": m.dtype, "bytes": m.bytes,
+            "shards": len(m.shards), "version": m.version, "versions": len(self.versions()),
+            "kappa": d["kappa"], "alpha": d["alpha"],
+            "labels": None if m.label_type is None else {
+                "type": m.label_type, "classes": len(m.label_vocabulary) if m.label_type == "string" else None},
+            "metadata": dict(m.metadata), "geometry": m.geometry, "last_operation": m.operation,
+        }
+
+    # ------------------------------------------------------------------ maintenance
+    def verify(self, progress: Progress | None = None) -> list[str]:
+        """Check every file of the pinned version against its size and CRC32; returns the problems found."""
+        problems = []
+        for f in self.manifest.files():
+            try:
+                verify_file(self._fs, f)
+            except CorruptShardError as exc:
+                problems.append(str(exc))
+            if progress is not None:
+                progress(1)
+        return problems
+
+    def vacuum(self, keep: int = 1) -> dict[str, int]:
+        """Delete all but the last ``keep`` versions and every file they do not reference.
+
+        Also removes the files of interrupted commits. Readers pinned to a deleted version lose it.
+        """
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self._check_open()
+        with self._lock():
+            versions = list_versions(self._fs)
+            kept = versions[-keep:]
+            live: set[str] = set()
+            for v in kept:
+                live.update(f.path.rsplit("/", 1)[-1] for f in read_manifest(self._fs, v).files())
+            removed_versions = 0
+            for v in versions[:-keep]:
+                self._fs.remove(manifest_name(v))
+                removed_versions += 1
+            for name in self._fs.listdir(MANIFEST_DIR):
+                if name.startswith(".tmp-"):
+                    self._fs.remove(f"{MANIFEST_DIR}/{name}")
+            removed_files = 0
+            for name in self._fs.listdir(DATA_DIR):
+                if name not in live:
+                    self._fs.remove(f"{DATA_DIR}/{name}")
+                    removed_files += 1
+        return {"versions_removed": removed_versions, "files_removed": removed_files}
+
+
+def create_empty(fs: LakeFS, config: M2MConfig) -> Manifest:
+    """Initialise an empty lake (version 0) at ``fs``."""
+    fs.makedirs(MANIFEST_DIR)
+    fs.makedirs(DATA_DIR)
+    manifest = Manifest(version=0, dim=config.latent_dim, dtype=config.storage_dtype, next_id=0, shards=(),
+                        created=time.time(), operation={"type": "create"})
+    with WriteLock(os.path.join(fs.root, "_lock") if fs.is_local else None):
+        if list_versions(fs):
+            return read_manifest(fs)
+        write_manifest(fs, manifest)
+    return manifest
+
+
+def check_compatible(manifest: Manifest, config: M2MConfig, where: str) -> None:
+    """A clear ValueError when a config does not match an existing lake."""
+    if manifest.dim != config.latent_dim:
+        raise DimensionMismatchError(
+            f"lake {where} has latent_dim {manifest.dim}, the config asks for {config.latent_dim}")
+    if manifest.dtype != config.storage_dtype:
+        raise DimensionMismatchError(
+            f"lake {where} stores {manifest.dtype}, the config asks for storage_dtype={config.storage_dtype!r}")

@@ -1,0 +1,167 @@
+"""A pinned, read-only view of one lake version: the `RowSource` streams and queries read from."""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from m2m.lake.fs import LakeFS
+from m2m.lake.manifest import FileEntry, Manifest
+from m2m.lake.shard import column_to_numpy, open_shard_file
+
+BUILTIN_COLUMNS = ("id", "mu", "kappa", "alpha")
+
+
+class Snapshot:
+    """One committed version of a lake. Columns come back as zero-copy memory-mapped numpy arrays.
+
+    String labels are exposed as int64 codes into ``manifest.label_vocabulary``; the geometry
+    sidecar's neighbour ids are exposed as global row positions (-1 where missing). Shard files are
+    verified against their CRC32 on first use when ``verify`` is true.
+    """
+
+    def __init__(self, fs: LakeFS, manifest: Manifest, verify: bool = True) -> None:
+        self.fs = fs
+        self.manifest = manifest
+        self.verify = verify
+        counts = np.fromiter((s.rows for s in manifest.shards), dtype=np.int64, count=len(manifest.shards))
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._batches: dict[str, pa.RecordBatch] = {}
+        self._derived: dict[tuple[int, str], np.ndarray] = {}
+        self._ids: np.ndarray | None = None
+        self._lock = threading.RLock()
+
+    # RowSource protocol
+    @property
+    def num_rows(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        return np.dtype(self.manifest.dtype)
+
+    @property
+    def shard_offsets(self) -> np.ndarray:
+        return self._offsets
+
+    @property
+    def column_names(self) -> Sequence[str]:
+        names = list(BUILTIN_COLUMNS)
+        if self.manifest.label_type is not None:
+            names.append("label")
+        if self.manifest.geometry is not None:
+            names.append("neighbors")
+        return tuple(names + list(self.manifest.metadata))
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def column(self, shard: int, name: str) -> np.ndarray:
+        """Column ``name`` of shard ``shard`` as numpy (a view of the memory-mapped file where possible)."""
+        if name == "label" and self.manifest.label_type == "string":
+            return self._cached(shard, name, self._label_codes)
+        if name == "neighbors":
+            return self._cached(shard, name, self._neighbor_positions)
+        return column_to_numpy(self.arrow_column(shard, name))
+
+    def arrow_column(self, shard: int, name: str) -> pa.Array:
+        """Column ``name`` of shard ``shard`` as the stored Arrow array."""
+        entry = self.manifest.shards[shard]
+        try:
+            f = entry.file_for(name)
+        except KeyError:
+            raise KeyError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}") from None
+        return self._batch(f).column(name)
+
+    # whole-snapshot helpers
+    def ids(self) -> np.ndarray:
+        """All row ids in position order (ascending)."""
+        with self._lock:
+            if self._ids is None:
+                parts = [self.column(s, "id") for s in range(len(self.manifest.shards))]
+                self._ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            return self._ids
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Row positions of ``ids``; `KeyError` naming the first id that is not in this version."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        all_ids = self.ids()
+        pos = np.searchsorted(all_ids, ids)
+        pos_c = np.minimum(pos, max(len(all_ids) - 1, 0))
+        ok = (pos < len(all_ids)) & (all_ids[pos_c] == ids) if len(all_ids) else np.zeros(len(ids), bool)
+        if not ok.all():
+            bad = int(ids[int(np.argmin(ok))])
+            raise KeyError(f"id {bad} is not in lake version {self.version}")
+        return pos
+
+    def gather(self, name: str, positions: np.ndarray) -> np.ndarray:
+        """Column ``name`` at global ``positions`` (vectorised per shard)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
+        order = np.argsort(shard_of, kind="stable")
+        out: np.ndarray | None = None
+        bounds = np.searchsorted(shard_of[order], np.arange(len(self.manifest.shards) + 1))
+        for s in range(len(self.manifest.shards)):
+            sel = order[bounds[s]:bounds[s + 1]]
+            if len(sel) == 0:
+                continue
+            col = self.column(s, name)
+            vals = col[positions[sel] - self._offsets[s]]
+            if out is None:
+                out = np.empty((len(positions),) + col.shape[1:], dtype=col.dtype)
+            out[sel] = vals
+        if out is None:
+            col = self.column(0, name) if self.manifest.shards else np.zeros((0, self.dim), np.float32)
+            out = np.empty((0,) + col.shape[1:], dtype=col.dtype)
+        return out
+
+    def read_all(self, name: str) -> np.ndarray:
+        """Column ``name`` over the whole snapshot (a copy)."""
+        parts = [self.column(s, name) for s in range(len(self.manifest.shards))]
+        if not parts:
+            width = (self.dim,) if name == "mu" else ()
+            return np.zeros((0,) + width, dtype=self.storage_dtype if name == "mu" else np.float32)
+        return np.concatenate(parts)
+
+    def close(self) -> None:
+        self._batches.clear()
+        self._derived.clear()
+
+    # internals
+    def _batch(self, f: FileEntry) -> pa.RecordBatch:
+        with self._lock:
+            b = self._batches.get(f.path)
+            if b is None:
+                b = open_shard_file(self.fs, f, verify=self.verify)
+                self._batches[f.path] = b
+            return b
+
+    def _cached(self, shard: int, name: str, make) -> np.ndarray:  # type: ignore[no-untyped-def]
+        key = (shard, name)
+        arr = self._derived.get(key)
+        if arr is None:
+            arr = make(shard)
+            self._derived[key] = arr
+        return arr
+
+    def _label_codes(self, shard: int) -> np.ndarray:
+        vocab = pa.array(list(self.manifest.label_vocabulary), type=pa.string())
+        codes = pc.index_in(self.arrow_column(shard, "label"), value_set=vocab)
+        return codes.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def _neighbor_positions(self, shard: int) -> np.ndarray:
+        nbr_ids = column_to_numpy(self.arrow_column(shard, "neighbors"))
+        all_ids = self.ids()
+        pos = np.searchsorted(all_ids, nbr_ids)
+        pos_c = np.minimum(pos, len(all_ids) - 1)
+        found = (nbr_ids >= 0) & (all_ids[pos_c] == nbr_ids)
+        return np.where(found, pos_c, -1).astype(np.int64)
