@@ -1,0 +1,100 @@
+"""Maps on the unit sphere S^{d-1} in R^d: normalisation, tangent projection, retractions.
+
+All functions are batched over leading dimensions, work on any device and keep the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from m2m.errors import InvalidEmbeddingError
+
+_EXPLICIT_PERP_DIM = 64
+
+__all__ = [
+    "exp_map",
+    "normalize",
+    "project_tangent",
+    "random_point_at_cosine",
+    "retract",
+    "uniform_tangent_direction",
+]
+
+
+def normalize(x: Tensor, dim: int = -1, eps: float = 0.0) -> Tensor:
+    """Rows of ``x`` scaled to unit Euclidean norm along ``dim``.
+
+    Raises InvalidEmbeddingError when a row has norm <= ``eps`` (zero rows have no direction).
+    """
+    norms = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    bad = ~(norms > eps)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad.reshape(-1))[0])
+        raise InvalidEmbeddingError(f"cannot normalise a vector of norm <= {eps} (first at flat row {first})")
+    return x / norms
+
+
+def project_tangent(x: Tensor, v: Tensor) -> Tensor:
+    """Projection of ``v`` onto the tangent space of the sphere at the unit vector ``x``: v - (x.v) x."""
+    return v - (x * v).sum(-1, keepdim=True) * x
+
+
+def retract(x: Tensor, v: Tensor) -> Tensor:
+    """Projection retraction R_x(v) = (x + v) / |x + v| for a tangent vector ``v`` at ``x``.
+
+    This is the gnomonic (central) map from the tangent plane: it reaches the open hemisphere around
+    ``x`` and its Jacobian is (x.R_x(v))^{-d}, symmetric in the two points.
+    """
+    y = x + v
+    return y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+
+
+def exp_map(x: Tensor, v: Tensor) -> Tensor:
+    """Riemannian exponential map: cos(|v|) x + sin(|v|) v/|v| for a tangent vector ``v`` at ``x``."""
+    n = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    # sin(n)/n is 1 at n = 0; torch.sinc(z) = sin(pi z)/(pi z).
+    y = torch.cos(n) * x + torch.sinc(n / torch.pi) * v
+    return y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+
+
+def uniform_tangent_direction(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A unit vector drawn uniformly from the unit sphere of the tangent space at each row of ``x``."""
+    z = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    u = project_tangent(x, z)
+    return u / torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+
+
+def random_point_at_cosine(
+    mu: Tensor, cos: Tensor, sin: Tensor | None = None, generator: torch.Generator | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Unit vectors x = cos * mu + sin * u, with u uniform on the unit sphere orthogonal to ``mu``.
+
+    ``mu`` is [..., d] (unit rows); ``cos`` and ``sin`` are [...] (``sin`` defaults to
+    sqrt(1 - cos^2); pass it when it is known more precisely than 1 - cos^2). Exact in law: the
+    orthogonal direction is a normalised Gaussian projected off ``mu``. Costs one Gaussian draw of
+    the shape of ``mu`` and three passes over it. ``out`` (shape of ``mu``) is reused when given.
+    """
+    cos = cos.to(mu.dtype)
+    if sin is None:
+        sin = torch.sqrt(torch.clamp(1.0 - cos * cos, min=0.0))
+    sin = sin.to(mu.dtype)
+    z = out if out is not None else torch.empty_like(mu)
+    z.normal_(generator=generator)
+    dot = torch.linalg.vecdot(z, mu)                       # z . mu
+    if mu.shape[-1] <= _EXPLICIT_PERP_DIM:
+        # few dimensions: z can be nearly parallel to mu, so form z - (z.mu) mu explicitly
+        z.sub_(mu * dot.unsqueeze(-1))
+        perp = torch.linalg.vector_norm(z, dim=-1)
+        dot = torch.zeros_like(dot)
+    else:
+        zz = torch.linalg.vecdot(z, z)                     # |z|^2 ~ d, so |z|^2 - (z.mu)^2 keeps its digits
+        perp = torch.sqrt(torch.clamp(zz - dot * dot, min=0.0))
+    perp = torch.clamp(perp, min=torch.finfo(mu.dtype).tiny)
+    scale = sin / perp
+    coef = cos - scale * dot
+    # x = scale * z + coef * mu  ==  cos * mu + sin * (z - (z.mu) mu) / |z - (z.mu) mu|
+    z.mul_(scale.unsqueeze(-1))
+    z.addcmul_(mu, coef.unsqueeze(-1))
+    return z
