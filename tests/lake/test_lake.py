@@ -1,0 +1,184 @@
+"""The lake: append, reopen, pinned versions, Arrow readability, vacuum, remote (fsspec) lakes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from m2m import DimensionMismatchError, LakeNotFoundError, M2MConfig, create_m2m, open_lake
+from tests.conftest import clustered
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_add_returns_unique_stable_ids_and_normalises(lake_path, rng):
+    x = rng.standard_normal((50, 16)) * 3
+    with create_m2m(M2MConfig(path=lake_path, latent_dim=16)) as lake:
+        ids = lake.add_splats(x)
+        ids2 = lake.add_splats(x[:5])
+        assert ids.dtype == np.int64 and len(set(ids) | set(ids2)) == 55
+        assert len(lake) == 55 and lake.version == 2
+    with open_lake(lake_path) as lake:
+        s = lake.splats(ids)
+        np.testing.assert_array_equal(s["id"], ids)
+        np.testing.assert_allclose(s["mu"], unit(x), atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(s["mu"], axis=1), 1.0, atol=1e-6)
+        assert np.isnan(s["kappa"]).all() and (s["alpha"] == 1.0).all()
+        ids3 = lake.add_splats(x[0])
+        assert ids3[0] == 55
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: torch.from_numpy(a), lambda a: torch.from_numpy(a).half(), lambda a: a.tolist(),
+    lambda a: a.astype(np.float64), lambda a: torch.from_numpy(a).to(torch.bfloat16),
+])
+def test_accepts_numpy_torch_lists_any_float(make, rng):
+    x = rng.standard_normal((7, 8)).astype(np.float32)
+    with create_m2m(M2MConfig(latent_dim=8)) as lake:
+        lake.add_splats(make(x))
+        assert len(lake) == 7
+        np.testing.assert_allclose(lake.splats()["mu"], unit(x), atol=1e-2)
+
+
+def test_labels_kappa_alpha_metadata_ride_along(lake_path, rng):
+    x = rng.standard_normal((6, 4))
+    with create_m2m(M2MConfig(path=lake_path, latent_dim=4)) as lake:
+        lake.add_splats(x, labels=np.array([3, 1, 3, 2, 1, 1]), kappa=np.arange(1, 7), alpha=np.full(6, 2.0),
+                        metadata={"score": np.linspace(0, 1, 6), "src": np.array(list("abcdef"))})
+    with open_lake(lake_path) as lake:
+        s = lake.splats([0, 5])
+        assert s["label"].tolist() == [3, 1]
+        assert s["kappa"].tolist() == [1.0, 6.0] and s["alpha"].tolist() == [2.0, 2.0]
+        assert s["src"].tolist() == ["a", "f"]
+        info = lake.info()
+        assert info["rows"] == 6 and info["alpha"]["total"] == 12.0 and info["kappa"]["max"] == 6.0
+
+
+def test_string_labels_are_kept_and_coded(rng):
+    with create_m2m(M2MConfig(latent_dim=4)) as lake:
+        lake.add_splats(rng.standard_normal((4, 4)), labels=["cat", "dog", "cat", "eel"])
+        lake.add_splats(rng.standard_normal((2, 4)), labels=["fox", "dog"])
+        assert lake.splats()["label"].tolist() == ["cat", "dog", "cat", "eel", "fox", "dog"]
+        snap = lake.snapshot
+        codes = np.concatenate([snap.column(s, "label") for s in range(len(snap.manifest.shards))])
+        assert codes.tolist() == [0, 1, 0, 2, 3, 1]
+
+
+def test_schema_mismatch_on_append_is_rejected(rng):
+    with create_m2m(M2MConfig(latent_dim=4)) as lake:
+        lake.add_splats(rng.standard_normal((3, 4)), labels=[1, 2, 3])
+        with pytest.raises(ValueError, match="labels"):
+            lake.add_splats(rng.standard_normal((3, 4)))
+        with pytest.raises(ValueError, match="metadata"):
+            lake.add_splats(rng.standard_normal((1, 4)), labels=[1], metadata={"x": [1]})
+        assert len(lake) == 3 and lake.version == 1
+
+
+def test_shards_are_plain_arrow_ipc_files(lake_path, rng):
+    x = rng.standard_normal((1000, 32))
+    with create_m2m(M2MConfig(path=lake_path, latent_dim=32, shard_bytes=1 << 16)) as lake:
+        lake.add_splats(x, labels=np.arange(1000) % 7)
+        assert len(lake.manifest.shards) == 3
+        rows = []
+        for shard in lake.manifest.shards:
+            with pa.memory_map(os.path.join(lake_path, shard.files[0].path)) as src:
+                table = pa.ipc.open_file(src).read_all()
+            assert table.schema.field("mu").type == pa.list_(pa.float32(), 32)
+            rows.append(np.asarray(table.column("mu").combine_chunks().flatten()).reshape(-1, 32))
+            assert table.column("id").to_pylist() == list(range(shard.id_min, shard.id_max + 1))
+        np.testing.assert_allclose(np.concatenate(rows), unit(x), atol=1e-6)
+
+
+def test_float16_storage(lake_path, rng):
+    x = rng.standard_normal((100, 64))
+    with create_m2m(M2MConfig(path=lake_path, latent_dim=64, storage_dtype="float16")) as lake:
+        lake.add_splats(x)
+        assert lake.snapshot.column(0, "mu").dtype == np.float16
+        s = lake.splats()
+        assert s["mu"].dtype == np.float32
+        np.testing.assert_allclose(s["mu"], unit(x), atol=2e-3)
+
+
+def test_readers_pin_their_version(lake_path, rng):
+    with create_m2m(M2MConfig(path=lake_path, latent_dim=8)) as writer:
+        writer.add_splats(rng.standard_normal((10, 8)))
+        reader = open_lake(lake_path)
+        writer.add_splats(rng.standard_normal((5, 8)))
+        assert len(reader) == 10 and len(reader.splats()["id"]) == 10
+        assert reader.refresh() == 2 and len(reader) == 15
+        old = writer.checkout(1)
+        assert old.num_rows == 10
+        reader.close()
+
+
+def test_reopen_with_other_dim_or_dtype_is_a_value_error(lake_path, rng):
+    with create_m2m(M2MConfig(path=lake_path, latent_dim=8)) as lake:
+        lake.add_splats(rng.standard_normal((2, 8)))
+    with pytest.raises(ValueError, match="latent_dim 8"):
+        create_m2m(M2MConfig(path=lake_path, latent_dim=16))
+    with pytest.raises(DimensionMismatchError, match="float32"):
+        create_m2m(M2MConfig(path=lake_path, latent_dim=8, storage_dtype="float16"))
+    with open_lake(lake_path) as lake:
+        with pytest.raises(ValueError, match="dimension 9"):
+            lake.add_splats(np.ones((1, 9)))
+
+
+def test_open_missing_lake(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        open_lake(tmp_path / "nope")
+    assert isinstance(info.value, LakeNotFoundError)
+
+
+def test_temporary_lake_is_deleted_on_close(rng):
+    lake = create_m2m(M2MConfig(latent_dim=4))
+    lake.add_splats(rng.standard_normal((3, 4)))
+    path = lake.path
+    assert os.path.isdir(path)
+    lake.close()
+    assert not os.path.exists(path)
+
+
+def test_vacuum_keeps_last_versions_and_removes_orphans(lake_path, rng):
+    with create_m2m(M2MConfig(path=lake_path, latent_dim=8)) as lake:
+        for _ in range(4):
+            lake.add_splats(rng.standard_normal((5, 8)))
+        orphan = os.path.join(lake_path, "_data", "deadbeef.arrow")
+        open(orphan, "wb").write(b"x")
+        result = lake.vacuum(keep=2)
+        assert result["versions_removed"] == 3 and not os.path.exists(orphan)
+        assert lake.versions() == [3, 4]
+        assert len(lake.splats()["id"]) == 20 and lake.verify() == []
+
+
+def test_chunked_write_of_a_memmap(tmp_path, rng):
+    src = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(5000, 16))
+    src[:] = rng.standard_normal((5000, 16))
+    src.flush()
+    mm = np.load(tmp_path / "big.npy", mmap_mode="r")
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=16, shard_bytes=1 << 16)) as lake:
+        lake.add_splats(mm)
+        assert len(lake.manifest.shards) == int(np.ceil(5000 / (65536 // (16 * 4 + 24))))
+        np.testing.assert_allclose(lake.splats()["mu"], unit(mm), atol=1e-6)
+
+
+def test_search_dataset_shape_is_clustered():
+    x, labels = clustered(200, 16)
+    assert x.shape == (200, 16) and labels.shape == (200,)
+
+
+def test_fsspec_memory_lake_roundtrip(rng):
+    url = f"memory://m2m-test-{rng.integers(1 << 30)}"
+    x = rng.standard_normal((40, 8))
+    with create_m2m(M2MConfig(path=url, latent_dim=8, shard_bytes=1 << 16)) as lake:
+        lake.add_splats(x, labels=np.arange(40) % 3)
+        assert lake.verify() == []
+    with open_lake(url) as lake:
+        assert len(lake) == 40
+        np.testing.assert_allclose(lake.splats()["mu"], unit(x), atol=1e-6)

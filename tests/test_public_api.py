@@ -1,0 +1,26 @@
+"""The public surface: names, laziness, sorted __all__."""
+
+import subprocess
+import sys
+
+import m2m
+
+
+def test_all_is_sorted_and_complete():
+    assert sorted(m2m.__all__) == m2m.__all__
+    for name in m2m.__all__:
+        assert getattr(m2m, name) is not None
+
+
+def test_import_is_cheap():
+    code = "import sys, m2m; print(any(m in sys.modules for m in ('faiss', 'scipy', 'torch')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert out.stderr == ""
+
+
+def test_seed_api_names_exist():
+    from m2m import M2MConfig, create_m2m, langevin, open_lake, vmf  # noqa: F401
+
+    assert callable(create_m2m) and callable(open_lake)
+    assert callable(vmf.sample) and callable(langevin.sample)
