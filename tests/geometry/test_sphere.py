@@ -1,0 +1,71 @@
+"""Sphere maps: unit outputs, tangency, retractions, and the law of random_point_at_cosine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m2m.errors import InvalidEmbeddingError
+from m2m.geometry import sphere
+
+
+def _unit(n: int, d: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return sphere.normalize(torch.randn(n, d, generator=g, dtype=dtype))
+
+
+def test_normalize_and_zero_rows():
+    x = _unit(5, 7)
+    assert torch.allclose(x.norm(dim=1), torch.ones(5, dtype=x.dtype))
+    with pytest.raises(InvalidEmbeddingError):
+        sphere.normalize(torch.zeros(2, 3))
+
+
+def test_tangent_projection_is_orthogonal_and_idempotent():
+    x = _unit(8, 5)
+    v = torch.randn(8, 5, dtype=x.dtype)
+    p = sphere.project_tangent(x, v)
+    assert (p * x).sum(1).abs().max() < 1e-12
+    assert torch.allclose(sphere.project_tangent(x, p), p)
+
+
+@pytest.mark.parametrize("retraction", [sphere.retract, sphere.exp_map])
+def test_retractions_stay_on_sphere_and_fix_zero(retraction):
+    x = _unit(6, 4)
+    v = sphere.project_tangent(x, torch.randn(6, 4, dtype=x.dtype))
+    y = retraction(x, v)
+    assert torch.allclose(y.norm(dim=1), torch.ones(6, dtype=x.dtype))
+    assert torch.allclose(retraction(x, torch.zeros_like(v)), x)
+
+
+def test_exp_map_moves_by_the_tangent_length():
+    x = _unit(6, 4)
+    v = sphere.project_tangent(x, torch.randn(6, 4, dtype=x.dtype))
+    v = 0.7 * v / v.norm(dim=1, keepdim=True)
+    y = sphere.exp_map(x, v)
+    assert torch.allclose(torch.acos((x * y).sum(1)), torch.full((6,), 0.7, dtype=x.dtype))
+
+
+def test_retract_is_gnomonic():
+    x = _unit(6, 4)
+    v = sphere.project_tangent(x, torch.randn(6, 4, dtype=x.dtype))
+    y = sphere.retract(x, v)
+    # x . R_x(v) = 1 / |x + v|, the tangent vector is recovered as y / (x.y) - x
+    c = (x * y).sum(1, keepdim=True)
+    assert torch.allclose(y / c - x, v)
+
+
+@pytest.mark.parametrize("d", [3, 200])
+def test_random_point_at_cosine(d):
+    mu = _unit(1, d).expand(4000, d).contiguous()
+    cos = torch.full((4000,), 0.6, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    x = sphere.random_point_at_cosine(mu, cos, generator=g)
+    assert torch.allclose(x.norm(dim=1), torch.ones(4000, dtype=x.dtype), atol=1e-12)
+    assert torch.allclose(x @ mu[0], cos, atol=1e-12)
+    # orthogonal part is isotropic: its mean is ~0 and its second moment is (1-c^2)/(d-1) I
+    perp = x - cos.unsqueeze(1) * mu
+    assert perp.mean(0).abs().max() < 5 * 0.8 / (4000 * max(d - 1, 1)) ** 0.5 + 0.02
+    second = (perp.T @ perp) / 4000
+    proj = torch.eye(d, dtype=x.dtype) - torch.outer(mu[0], mu[0])
+    assert torch.allclose(second, proj * 0.64 / (d - 1), atol=0.05 if d == 3 else 0.002)
