@@ -153,11 +153,25 @@ class SplatBatch:
         return int(self.vectors.shape[0])
 
 
-def validate_splats(vectors: Any, labels: Any, kappa: Any, alpha: Any, metadata: Any, dim: int) -> SplatBatch:
-    """Validate one ``add_splats`` call completely, raising `InvalidEmbeddingError` on the first problem."""
+def validate_splats(vectors: Any, labels: Any, kappa: Any, alpha: Any, metadata: Any, dim: int,
+                    start: int = 0) -> SplatBatch:
+    """Validate one ``add_splats`` call completely, raising `InvalidEmbeddingError` on the first problem.
+
+    ``start`` offsets the row numbers in error messages (for chunked ingest).
+    """
     arr = as_vectors(vectors, dim)
     n = arr.shape[0]
-    check_rows(arr)
+    check_rows(arr, start)
+    if start:
+        try:
+            return _columns(arr, labels, kappa, alpha, metadata)
+        except InvalidEmbeddingError as exc:
+            raise InvalidEmbeddingError(f"in the chunk starting at row {start}: {exc}") from exc
+    return _columns(arr, labels, kappa, alpha, metadata)
+
+
+def _columns(arr: np.ndarray, labels: Any, kappa: Any, alpha: Any, metadata: Any) -> SplatBatch:
+    n = arr.shape[0]
     lab = None if labels is None else label_column(labels, n)
     kap = (np.full(n, np.nan, dtype=np.float32) if kappa is None
            else positive_column(kappa, n, "kappa"))

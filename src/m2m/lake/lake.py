@@ -7,13 +7,13 @@ import os
 import shutil
 import time
 from types import TracebackType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from m2m._validate import validate_splats
+from m2m._validate import SplatBatch, validate_splats
 from m2m.config import M2MConfig
-from m2m.errors import CorruptShardError, DimensionMismatchError
+from m2m.errors import CorruptShardError, DimensionMismatchError, InvalidEmbeddingError
 from m2m.lake import stats as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.lock import WriteLock
@@ -28,7 +28,7 @@ from m2m.lake.manifest import (
 )
 from m2m.lake.reader import Snapshot
 from m2m.lake.shard import verify_file
-from m2m.lake.writer import reconcile_schema, write_splats
+from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, write_splats
 
 logger = logging.getLogger(__name__)
 
@@ -159,20 +159,52 @@ class Lake:
         """
         self._check_open()
         batch = validate_splats(vectors, labels, kappa, alpha, metadata, self.dim)
+        return self._append(lambda: iter([batch]), progress)
+
+    def add_splat_chunks(self, chunks: Callable[[], Iterable[Mapping[str, Any]]],
+                         progress: Progress | None = None) -> np.ndarray:
+        """Append a large input as one atomic commit, chunk by chunk.
+
+        ``chunks()`` returns a fresh iterable of dicts with the keys of `add_splats` (``vectors``,
+        ``labels``, ``kappa``, ``alpha``, ``metadata``). It is iterated twice: once to validate every
+        chunk (nothing is written if any is invalid), once to write.
+        """
+        self._check_open()
+
+        def validated() -> Iterable[SplatBatch]:
+            start = 0
+            for chunk in chunks():
+                b = validate_splats(chunk["vectors"], chunk.get("labels"), chunk.get("kappa"), chunk.get("alpha"),
+                                    chunk.get("metadata"), self.dim, start=start)
+                start += b.rows
+                yield b
+
+        return self._append(validated, progress)
+
+    def _append(self, batches: Callable[[], Iterable[SplatBatch]], progress: Progress | None) -> np.ndarray:
+        assumed = read_manifest(self._fs)
+        planned = SchemaUpdate.of(assumed)
+        rows = 0
+        summary: dict[str, Any] = {}
+        for b in batches():  # validation pass: schema and stats, nothing written
+            planned = reconcile_schema(planned, b)
+            rows += b.rows
+            summary = lake_stats.merge(summary, lake_stats.summarize(b.kappa, b.alpha))
+        if rows == 0:
+            raise InvalidEmbeddingError("nothing to add: the input has no rows")
         cfg = self.config
 
         def build(base: Manifest) -> Manifest:
-            schema = reconcile_schema(base, batch)
-            shards = write_splats(self._fs, batch, base.next_id, base.dim, base.dtype, cfg.shard_bytes, schema,
+            schema = rebase_schema(planned, assumed, base)
+            shards = write_splats(self._fs, batches(), base.next_id, base.dim, base.dtype, cfg.shard_bytes, schema,
                                   progress)
-            stats = lake_stats.merge(base.stats, lake_stats.summarize(batch.kappa, batch.alpha))
-            return base.next(shards=base.shards + tuple(shards), next_id=base.next_id + batch.rows,
+            return base.next(shards=base.shards + tuple(shards), next_id=base.next_id + rows,
                              label_type=schema.label_type, label_vocabulary=schema.label_vocabulary,
-                             metadata=schema.metadata, stats=stats,
-                             operation={"type": "append", "rows": batch.rows})
+                             metadata=schema.metadata, stats=lake_stats.merge(base.stats, summary),
+                             operation={"type": "append", "rows": rows})
 
         new = self.commit("append", build)
-        ids = np.arange(new.next_id - batch.rows, new.next_id, dtype=np.int64)
+        ids = np.arange(new.next_id - rows, new.next_id, dtype=np.int64)
         if cfg.auto_consolidate:
             self._auto_consolidate()
         return ids

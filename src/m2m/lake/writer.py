@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -28,68 +28,123 @@ def shard_rows(dim: int, dtype: str, shard_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class SchemaUpdate:
-    """Label type, vocabulary and metadata types after an append."""
+    """Label type, vocabulary and metadata types of the lake after an append."""
 
     label_type: str | None
     label_vocabulary: tuple[str, ...]
     metadata: dict[str, str]
+    defined: bool = True
+
+    @staticmethod
+    def of(base: Manifest) -> "SchemaUpdate":
+        defined = base.rows > 0 or base.label_type is not None or bool(base.metadata)
+        return SchemaUpdate(base.label_type, base.label_vocabulary, dict(base.metadata), defined)
 
 
-def reconcile_schema(base: Manifest, batch: SplatBatch) -> SchemaUpdate:
-    """Check the batch's labels and metadata against the lake's schema (the first append defines it)."""
-    first = base.rows == 0 and base.label_type is None and not base.metadata
+def reconcile_schema(schema: SchemaUpdate, batch: SplatBatch) -> SchemaUpdate:
+    """Check a batch's labels and metadata against the schema so far (the first batch defines it)."""
     label_type = None
     if batch.labels is not None:
         label_type = "string" if batch.labels.dtype == object else "int64"
-    if not first:
-        if label_type != base.label_type:
-            have = "no labels" if base.label_type is None else f"{base.label_type} labels"
+    if schema.defined:
+        if label_type != schema.label_type:
+            have = "no labels" if schema.label_type is None else f"{schema.label_type} labels"
             got = "no labels" if label_type is None else f"{label_type} labels"
             raise InvalidEmbeddingError(f"the lake holds {have}; this call gives {got}")
-        if set(batch.metadata) != set(base.metadata):
+        if set(batch.metadata) != set(schema.metadata):
             raise InvalidEmbeddingError(
-                f"metadata columns {sorted(batch.metadata)} differ from the lake's {sorted(base.metadata)}")
-    metadata = dict(base.metadata)
+                f"metadata columns {sorted(batch.metadata)} differ from the lake's {sorted(schema.metadata)}")
+    metadata = dict(schema.metadata)
     for name, values in batch.metadata.items():
         typ = pa.string() if values.dtype == object else pa.from_numpy_dtype(values.dtype)
         if name in metadata and str(typ) != metadata[name]:
             try:
-                pa.array(values[:1].tolist() if values.dtype == object else values[:1]).cast(
-                    pa.type_for_alias(metadata[name]))
+                sample = values[:1].tolist() if values.dtype == object else values[:1]
+                pa.array(sample).cast(pa.type_for_alias(metadata[name]))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
                 raise InvalidEmbeddingError(
                     f"metadata[{name!r}] has type {typ}, the lake's column is {metadata[name]}") from exc
         metadata.setdefault(name, str(typ))
-    vocab = base.label_vocabulary
+    vocab = schema.label_vocabulary
     if label_type == "string":
         known = set(vocab)
-        new = [v for v in dict.fromkeys(batch.labels.tolist()) if v not in known]
-        vocab = vocab + tuple(new)
-    return SchemaUpdate(label_type or base.label_type, vocab, metadata)
+        vocab = vocab + tuple(v for v in dict.fromkeys(batch.labels.tolist()) if v not in known)
+    return SchemaUpdate(label_type, vocab, metadata, True)
 
 
-def write_splats(fs: LakeFS, batch: SplatBatch, first_id: int, dim: int, dtype: str, shard_bytes: int,
+def rebase_schema(planned: SchemaUpdate, assumed: Manifest, base: Manifest) -> SchemaUpdate:
+    """The planned schema moved onto ``base`` when a concurrent commit landed after validation."""
+    if base.version == assumed.version:
+        return planned
+    now = SchemaUpdate.of(base)
+    was = SchemaUpdate.of(assumed)
+    if now.defined and was.defined and (now.label_type, now.metadata) != (was.label_type, was.metadata):
+        raise InvalidEmbeddingError("the lake's schema was changed by a concurrent writer; validate again")
+    if now.defined and not was.defined and (now.label_type, now.metadata) != (planned.label_type, planned.metadata):
+        raise InvalidEmbeddingError("a concurrent writer defined another schema for this lake")
+    known = set(now.label_vocabulary)
+    extra = tuple(v for v in planned.label_vocabulary if v not in known)
+    return SchemaUpdate(planned.label_type, now.label_vocabulary + extra, planned.metadata, True)
+
+
+def _concat(parts: list[SplatBatch]) -> SplatBatch:
+    if len(parts) == 1:
+        return parts[0]
+    labels = None if parts[0].labels is None else np.concatenate([p.labels for p in parts])
+    return SplatBatch(
+        vectors=np.concatenate([np.asarray(p.vectors) for p in parts]), labels=labels,
+        kappa=np.concatenate([p.kappa for p in parts]), alpha=np.concatenate([p.alpha for p in parts]),
+        metadata={k: np.concatenate([p.metadata[k] for p in parts]) for k in parts[0].metadata})
+
+
+def _slice(b: SplatBatch, lo: int, hi: int) -> SplatBatch:
+    return SplatBatch(b.vectors[lo:hi], None if b.labels is None else b.labels[lo:hi], b.kappa[lo:hi],
+                      b.alpha[lo:hi], {k: v[lo:hi] for k, v in b.metadata.items()})
+
+
+def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: int, dtype: str, shard_bytes: int,
                  schema: SchemaUpdate, progress: Callable[[int], None] | None = None) -> list[ShardEntry]:
-    """Write ``batch`` as shard files (chunked: never more than one shard of rows in RAM at a time)."""
+    """Write validated chunks as shard files of about ``shard_bytes`` each (at most a shard of rows in RAM)."""
     step = shard_rows(dim, dtype, shard_bytes)
-    shards = []
-    for lo in range(0, batch.rows, step):
-        hi = min(lo + step, batch.rows)
-        mu = normalise_rows(batch.vectors[lo:hi])
-        if dtype != "float32":
-            mu = mu.astype(dtype)
-        ids = np.arange(first_id + lo, first_id + hi, dtype=np.int64)
-        cols: dict[str, np.ndarray | pa.Array] = {"id": ids, "mu": mu, "kappa": batch.kappa[lo:hi],
-                                                   "alpha": batch.alpha[lo:hi]}
-        if batch.labels is not None:
-            cols["label"] = batch.labels[lo:hi]
-        for name, values in batch.metadata.items():
-            typ = pa.type_for_alias(schema.metadata[name])
-            chunk = values[lo:hi]
-            cols[name] = pa.array(chunk.tolist() if chunk.dtype == object else chunk).cast(typ)
-        entry = write_shard_file(fs, cols)
-        shards.append(ShardEntry(rows=hi - lo, id_min=int(ids[0]), id_max=int(ids[-1]), files=(entry,)))
-        logger.debug("wrote shard %s (%d rows)", entry.path, hi - lo)
+    shards: list[ShardEntry] = []
+    pending: list[SplatBatch] = []
+    pending_rows = 0
+    next_id = first_id
+
+    def flush(rows: int) -> None:
+        nonlocal pending, pending_rows, next_id
+        whole = _concat(pending)
+        shards.append(_write_one(fs, _slice(whole, 0, rows), next_id, dtype, schema))
+        next_id += rows
+        rest = whole.rows - rows
+        pending = [_slice(whole, rows, whole.rows)] if rest else []
+        pending_rows = rest
         if progress is not None:
-            progress(hi - lo)
+            progress(rows)
+
+    for chunk in chunks:
+        for lo in range(0, chunk.rows, step):
+            piece = _slice(chunk, lo, min(lo + step, chunk.rows))
+            pending.append(piece)
+            pending_rows += piece.rows
+            if pending_rows >= step:
+                flush(step)
+    if pending_rows:
+        flush(pending_rows)
     return shards
+
+
+def _write_one(fs: LakeFS, batch: SplatBatch, first_id: int, dtype: str, schema: SchemaUpdate) -> ShardEntry:
+    mu = normalise_rows(batch.vectors)
+    if dtype != "float32":
+        mu = mu.astype(dtype)
+    ids = np.arange(first_id, first_id + batch.rows, dtype=np.int64)
+    cols: dict[str, np.ndarray | pa.Array] = {"id": ids, "mu": mu, "kappa": batch.kappa, "alpha": batch.alpha}
+    if batch.labels is not None:
+        cols["label"] = batch.labels
+    for name, values in batch.metadata.items():
+        typ = pa.type_for_alias(schema.metadata[name])
+        cols[name] = pa.array(values.tolist() if values.dtype == object else values).cast(typ)
+    entry = write_shard_file(fs, cols)
+    logger.debug("wrote shard %s (%d rows)", entry.path, batch.rows)
+    return ShardEntry(rows=batch.rows, id_min=int(ids[0]), id_max=int(ids[-1]), files=(entry,))

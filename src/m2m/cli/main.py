@@ -1,0 +1,252 @@
+"""The `m2m` command line: ingest, info, verify, vacuum, consolidate, search, bench, demo."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import sys
+from typing import Any, Callable, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'128MB', '64MiB', '1e6' style sizes in bytes."""
+    m = _SIZE_RE.match(text)
+    if not m or m.group(2) is not None and m.group(2).lower() not in _UNITS:
+        raise click.BadParameter(f"{text!r} is not a size like 128MB or 64MiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def user_errors(fn: F) -> F:
+    """Turn the errors a user can cause into one clear line and exit status 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from m2m.errors import M2MError
+
+        try:
+            return fn(*args, **kwargs)
+        except (M2MError, ValueError, OSError, KeyError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            click.echo(f"m2m: error: {msg}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Bar:
+    """A tqdm progress bar on stderr used as a progress callback."""
+
+    def __init__(self, total: int | None, desc: str, unit: str = "rows", quiet: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=quiet, file=sys.stderr,
+                         dynamic_ncols=True, leave=False)
+
+    def __call__(self, n: int) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="m2m")
+def cli(verbose: int) -> None:
+    """m2m: an embedding training data lake for PyTorch."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.option("--lake", "lake_dir", required=True, help="Lake directory or fsspec URL (created if missing).")
+@click.option("--column", default=None, help="Embedding column (Parquet/Arrow); default: the first list column.")
+@click.option("--label-column", default=None, help="Label column (Parquet/Arrow).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage dtype of a new lake.")
+@click.option("--shard-size", default="128MiB", show_default=True, help="Target shard file size.")
+@click.option("--estimate-kappa/--no-estimate-kappa", default=False, help="Estimate kappa after ingest.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None, dtype: str, shard_size: str,
+           estimate_kappa: bool, quiet: bool) -> None:
+    """Ingest SRC (.npy, .parquet, .arrow/.feather, or a directory of them) into a lake, in one commit."""
+    import time
+
+    from m2m import M2MConfig, create_m2m
+    from m2m.lake.ingest import open_source
+
+    source = open_source(src, column=column, label_column=label_column)
+    total = source.rows()
+    cfg = M2MConfig(path=lake_dir, latent_dim=source.dim(), storage_dtype=dtype, shard_bytes=parse_size(shard_size))
+    t0 = time.perf_counter()
+    with create_m2m(cfg) as lake:
+        bar = Bar(total, "ingest", quiet=quiet)
+        try:
+            ids = lake.add_splat_chunks(source.chunks, progress=bar)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        click.echo(f"ingested {len(ids):,} rows x {lake.dim} into {lake.path} (version {lake.version}) "
+                   f"in {seconds:.2f} s ({len(ids) / seconds:,.0f} rows/s)")
+        if estimate_kappa:
+            bar = Bar(len(lake), "kappa", quiet=quiet)
+            try:
+                lake.estimate_kappa(progress=bar)
+            finally:
+                bar.close()
+            click.echo(f"estimated kappa (version {lake.version})")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+@cli.command()
+@click.argument("lake_dir")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@user_errors
+def info(lake_dir: str, as_json: bool) -> None:
+    """Summarise a lake: rows, dim, dtype, bytes, shards, version, kappa/alpha, labels."""
+    from m2m import open_lake
+
+    with open_lake(lake_dir) as lake:
+        d = lake.info()
+    if as_json:
+        click.echo(json.dumps(d, indent=1, default=str))
+        return
+    for key in ("path", "rows", "dim", "dtype", "bytes", "shards", "version", "versions"):
+        click.echo(f"{key:>10}: {_fmt(d[key])}")
+    k, a = d["kappa"], d["alpha"]
+    click.echo(f"{'kappa':>10}: estimated {_fmt(k['estimated'])}, min {_fmt(k['min'])}, mean {_fmt(k['mean'])}, "
+               f"max {_fmt(k['max'])}")
+    click.echo(f"{'alpha':>10}: total {_fmt(a['total'])}, min {_fmt(a['min'])}, max {_fmt(a['max'])}")
+    click.echo(f"{'labels':>10}: {d['labels'] or 'none'}")
+    if d["metadata"]:
+        click.echo(f"{'metadata':>10}: {d['metadata']}")
+
+
+@cli.command()
+@click.argument("lake_dir")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def verify(lake_dir: str, quiet: bool) -> None:
+    """Check every shard of the latest version against its CRC32; exit 1 if any is corrupt."""
+    from m2m import open_lake
+
+    with open_lake(lake_dir) as lake:
+        files = lake.manifest.files()
+        bar = Bar(len(files), "verify", unit="files", quiet=quiet)
+        try:
+            problems = lake.verify(progress=bar)
+        finally:
+            bar.close()
+        if problems:
+            for p in problems:
+                click.echo(f"CORRUPT: {p}", err=True)
+            click.echo(f"m2m: error: {len(problems)} of {len(files)} files are corrupt in version {lake.version}",
+                       err=True)
+            sys.exit(1)
+        click.echo(f"ok: {len(files)} files, {len(lake):,} rows, version {lake.version}")
+
+
+@cli.command()
+@click.argument("lake_dir")
+@click.option("--keep", default=1, show_default=True, help="Versions to keep.")
+@user_errors
+def vacuum(lake_dir: str, keep: int) -> None:
+    """Delete old versions and unreferenced files (also those of interrupted commits)."""
+    from m2m import open_lake
+
+    with open_lake(lake_dir) as lake:
+        r = lake.vacuum(keep=keep)
+    click.echo(f"removed {r['versions_removed']} versions and {r['files_removed']} files")
+
+
+@cli.command()
+@click.argument("lake_dir")
+@click.option("--similarity", default=0.95, show_default=True, type=float, help="Cosine of near-duplicates.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def consolidate(lake_dir: str, similarity: float, quiet: bool) -> None:
+    """Merge near-duplicate splats (same label) into heavier splats, as a new version."""
+    from m2m import open_lake
+
+    with open_lake(lake_dir) as lake:
+        bar = Bar(len(lake), "consolidate", quiet=quiet)
+        try:
+            report = lake.consolidate(similarity=similarity, progress=bar)
+        finally:
+            bar.close()
+        click.echo(f"{report.rows_before:,} -> {report.rows_after:,} rows ({report.groups_merged:,} groups merged) "
+                   f"in {report.seconds:.2f} s; version {lake.version}")
+
+
+@cli.command()
+@click.argument("lake_dir")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def kappa(lake_dir: str, quiet: bool) -> None:
+    """(Re)estimate every splat's kappa from its nearest neighbours."""
+    from m2m import open_lake
+
+    with open_lake(lake_dir) as lake:
+        bar = Bar(len(lake), "kappa", quiet=quiet)
+        try:
+            lake.estimate_kappa(progress=bar)
+        finally:
+            bar.close()
+        click.echo(f"kappa estimated for {len(lake):,} splats; version {lake.version}")
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="Small sizes (under 3 minutes here).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results on stdout.")
+@click.option("--only", default=None, help="Comma-separated subset: ingest,stream,langevin,knn,consolidate.")
+@user_errors
+def bench(quick: bool, as_json: bool, only: str | None) -> None:
+    """Run the benchmark suite: ours | what a user would write | physical limit."""
+    from m2m.bench.suite import run_suite
+
+    run_suite(quick=quick, as_json=as_json, only=None if only is None else only.split(","))
+
+
+@cli.command()
+@click.option("--rows", default=10_000, show_default=True, help="Rows resampled from the 1,797 digits images.")
+@click.option("--dim", default=640, show_default=True, help="Projected dimension.")
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where m2m-demo-report.png is written.")
+@click.option("--lake", "lake_dir", default=None, help="Keep the lake here (default: a temporary lake).")
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def demo(rows: int, dim: int, epochs: int, device: str, out_dir: str, lake_dir: str | None, seed: int) -> None:
+    """The main job on real data (sklearn digits): ingest, kappa, consolidate, SOC + Langevin stream, train."""
+    from m2m.cli.demo import run_demo
+
+    run_demo(rows=rows, dim=dim, epochs=epochs, device=device, out_dir=out_dir, lake_dir=lake_dir, seed=seed)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="m2m")
+
+
+if __name__ == "__main__":
+    main()
