@@ -53,22 +53,27 @@ def check_rows(arr: np.ndarray, start: int = 0) -> None:
     """Raise if any row of ``arr`` is non-finite or has zero norm (row numbers offset by ``start``)."""
     for lo in range(0, arr.shape[0], VALIDATE_CHUNK_ROWS):
         chunk = np.asarray(arr[lo : lo + VALIDATE_CHUNK_ROWS], dtype=np.float32)
-        finite = np.isfinite(chunk).all(axis=1)
-        if not finite.all():
-            row = int(np.argmin(finite))
-            raise InvalidEmbeddingError(f"vectors row {start + lo + row} contains NaN or Inf")
         sq = np.einsum("ij,ij->i", chunk, chunk)
-        bad = ~(sq > 0) | ~np.isfinite(sq)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise InvalidEmbeddingError(f"vectors row {start + lo + row} has zero (or overflowing) norm")
+        suspect = ~(sq > 0) | ~np.isfinite(sq)  # NaN, Inf, zero, or a finite row whose square overflows
+        if not suspect.any():
+            continue
+        for row in np.flatnonzero(suspect):  # only the few suspect rows are looked at one by one
+            values = chunk[row]
+            if not np.isfinite(values).all():
+                raise InvalidEmbeddingError(f"vectors row {start + lo + int(row)} contains NaN or Inf")
+            if not np.any(values != 0):
+                raise InvalidEmbeddingError(f"vectors row {start + lo + int(row)} is a zero vector")
 
 
 def normalise_rows(chunk: np.ndarray) -> np.ndarray:
-    """Unit-norm float32 copy of a validated chunk."""
+    """Unit-norm float32 copy of a validated chunk (rows whose squared norm overflows are rescaled first)."""
     out = np.array(chunk, dtype=np.float32, copy=True)
-    norms = np.sqrt(np.einsum("ij,ij->i", out, out, dtype=np.float64)).astype(np.float32)
-    out /= norms[:, None]
+    sq = np.einsum("ij,ij->i", out, out)
+    big = ~np.isfinite(sq)
+    if big.any():
+        out[big] /= np.abs(out[big]).max(axis=1, keepdims=True)
+        sq[big] = np.einsum("ij,ij->i", out[big], out[big])
+    out /= np.sqrt(sq)[:, None]
     return out
 
 
