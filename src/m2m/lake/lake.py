@@ -249,6 +249,89 @@ class Lake:
             "metadata": dict(m.metadata), "geometry": m.geometry, "last_operation": m.operation,
         }
 
+    # ------------------------------------------------------------------ geometry, search, SOC, streams
+    def estimate_kappa(self, progress: Progress | None = None) -> np.ndarray:
+        """(Re)compute every splat's kappa from its ``knn_k`` nearest neighbours (a new version).
+
+        Stores the neighbour ids too (Langevin uses them). User-provided kappa values are kept.
+        Returns the kappa of every splat in position order.
+        """
+        from m2m.lake.geometry import estimate
+
+        cfg = self.config
+        self.commit("estimate_kappa", lambda base: estimate(self._fs, base, cfg.knn_k, cfg.seed, progress))
+        return self.snapshot.read_all("kappa")
+
+    def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine top-``k`` of each query: ``(scores [q, k] float32, ids [q, k] int64)`` (-1 past the end)."""
+        from m2m.index.search import SearchIndex
+
+        key = f"search-{self.version}"
+        index = self._cache.get(key)
+        if index is None:
+            snap = self.snapshot
+            index = SearchIndex(snap.read_all("mu"), snap.ids(), seed=self.config.seed)
+            self._cache[key] = index
+        return index.search(queries, k)
+
+    def consolidate(self, similarity: float | None = None, progress: Progress | None = None) -> Any:
+        """Merge near-duplicate splats (cosine >= ``similarity``, same label) into heavier splats.
+
+        ``mu`` = normalised alpha-weighted mean, ``alpha`` = sum of the group's alphas (conserved
+        exactly), kappa re-estimated. One atomic commit; returns a report with ``rows_before``,
+        ``rows_after``, ``groups_merged``.
+        """
+        from m2m.lake.consolidation import consolidate_manifest
+
+        sim = self.config.consolidate_similarity if similarity is None else float(similarity)
+        if not 0.0 < sim <= 1.0:
+            raise ValueError(f"similarity must be in (0, 1], got {similarity!r}")
+        holder: dict[str, Any] = {}
+
+        def build(base: Manifest) -> Manifest:
+            new, report = consolidate_manifest(self._fs, base, sim, self.config, progress)
+            holder["report"] = report
+            return new
+
+        self.commit("consolidate", build)
+        return holder["report"]
+
+    def criticality(self, similarity: float | None = None, sample: int = 2000) -> dict[str, Any]:
+        """Estimated ``redundancy`` (fraction consolidation would remove) and ``state`` vs ``soc_threshold``."""
+        from m2m.soc.criticality import criticality_state, estimate_redundancy
+
+        sim = self.config.consolidate_similarity if similarity is None else float(similarity)
+        if len(self) == 0:
+            return {"redundancy": 0.0, "state": "subcritical", "threshold": self.config.soc_threshold,
+                    "similarity": sim, "rows": 0}
+        snap = self.snapshot
+        labels = snap.read_all("label") if self.manifest.label_type is not None else None
+        redundancy = estimate_redundancy(snap.read_all("mu").astype(np.float32, copy=False), labels, sim,
+                                         sample=sample, seed=self.config.seed)
+        return {"redundancy": float(redundancy), "state": criticality_state(redundancy, self.config.soc_threshold),
+                "threshold": self.config.soc_threshold, "similarity": sim, "rows": len(self)}
+
+    def export_to_dataloader(self, batch_size: int = 256, shuffle: bool = True, drop_last: bool = False,
+                             generate_samples: Any = False, importance_sampling: Any = False,
+                             columns: Any = None, num_workers: int = 0, rank: int | None = None,
+                             world_size: int | None = None, seed: int | None = None, epoch: int = 0,
+                             **stream_options: Any) -> Any:
+        """A `torch.utils.data.DataLoader` streaming this snapshot's splats as whole batches on ``config.device``.
+
+        ``generate_samples``: False | True/"langevin" (each row replaced by a Langevin sample over its
+        neighbour splats) | "vmf" (an exact draw from the row's own vMF). ``importance_sampling``:
+        False | True/"kappa" | "alpha" | "loss" | a numeric metadata column; batches then carry an
+        unbiased ``weight``. ``columns``: None -> float tensors [B, d]; a tuple of names -> dicts.
+        Kappa is estimated first when a mode needs it and some splat lacks it.
+        """
+        from m2m.export import export_to_dataloader
+
+        self._check_open()
+        return export_to_dataloader(self, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                                    generate_samples=generate_samples, importance_sampling=importance_sampling,
+                                    columns=columns, num_workers=num_workers, rank=rank, world_size=world_size,
+                                    seed=seed, epoch=epoch, **stream_options)
+
     # ------------------------------------------------------------------ maintenance
     def verify(self, progress: Progress | None = None) -> list[str]:
         """Check every file of the pinned version against its size and CRC32; returns the problems found."""

@@ -82,6 +82,10 @@ class Snapshot:
             raise KeyError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}") from None
         return self._batch(f).column(name)
 
+    def main_column(self, shard: int, name: str) -> np.ndarray:
+        """Column ``name`` as written by the append that created the shard (ignoring sidecars)."""
+        return column_to_numpy(self._batch(self.manifest.shards[shard].files[0]).column(name))
+
     # whole-snapshot helpers
     def ids(self) -> np.ndarray:
         """All row ids in position order (ascending)."""

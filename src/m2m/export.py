@@ -1,0 +1,104 @@
+"""Wire a lake snapshot, the SOC sampler and the augmenter into a stream (`Lake.export_to_dataloader`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from m2m.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m2m.lake.lake import Lake
+    from m2m.stream.loader import StreamLoader
+
+GENERATE_MODES = ("langevin", "vmf")
+BUILTIN_SCORES = ("kappa", "alpha", "loss")
+
+
+def generate_mode(generate_samples: Any) -> str | None:
+    """False -> None, True -> "langevin", "langevin"/"vmf" as is; anything else is a ConfigError."""
+    if generate_samples is False or generate_samples is None:
+        return None
+    if generate_samples is True:
+        return "langevin"
+    if isinstance(generate_samples, str) and generate_samples in GENERATE_MODES:
+        return generate_samples
+    raise ConfigError(f"generate_samples must be False, True, 'langevin' or 'vmf', got {generate_samples!r}")
+
+
+def importance_mode(importance_sampling: Any, metadata: Sequence[str]) -> str | None:
+    """False -> None, True -> "kappa", "kappa"/"alpha"/"loss"/a numeric metadata column as is."""
+    if importance_sampling is False or importance_sampling is None:
+        return None
+    if importance_sampling is True:
+        return "kappa"
+    if isinstance(importance_sampling, str) and (importance_sampling in BUILTIN_SCORES
+                                                 or importance_sampling in metadata):
+        return importance_sampling
+    raise ConfigError(f"importance_sampling must be False, True, 'kappa', 'alpha', 'loss' or a metadata column "
+                      f"({list(metadata)}), got {importance_sampling!r}")
+
+
+def whole_column(lake: "Lake", name: str) -> np.ndarray:
+    """One column over the whole pinned snapshot."""
+    return lake.snapshot.read_all(name)
+
+
+def build_sampler(lake: "Lake", mode: str, seed: int) -> Any:
+    """The importance sampler of ``mode`` over the lake's current snapshot."""
+    from m2m.soc.sampler import ImportanceSampler
+
+    snap = lake.snapshot
+    alpha = whole_column(lake, "alpha").astype(np.float64)
+    if mode in ("kappa", "alpha", "loss"):
+        column = None
+    else:
+        column = whole_column(lake, mode)
+        if not np.issubdtype(column.dtype, np.number):
+            raise ConfigError(f"importance_sampling column {mode!r} is not numeric (dtype {column.dtype})")
+    kappa = whole_column(lake, "kappa") if mode == "kappa" else None
+    return ImportanceSampler(mode=mode, alpha=alpha, kappa=kappa, column=column, ids=snap.ids(), seed=seed)
+
+
+def build_augmenter(lake: "Lake", mode: str) -> Any:
+    """The Langevin or vMF augmenter over the lake's current snapshot (kappa must be estimated)."""
+    cfg = lake.config
+    kappa = whole_column(lake, "kappa").astype(np.float32)
+    if mode == "vmf":
+        from m2m.augment.augmenter import VMFAugmenter
+
+        return VMFAugmenter(kappa)
+    from m2m.augment.augmenter import LangevinAugmenter
+
+    labels = whole_column(lake, "label") if lake.manifest.label_type is not None else None
+    return LangevinAugmenter(neighbors=whole_column(lake, "neighbors"), kappa=kappa,
+                             alpha=whole_column(lake, "alpha").astype(np.float32), labels=labels,
+                             steps=cfg.langevin_steps, step_size=cfg.langevin_dt, temperature=cfg.langevin_T)
+
+
+def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = True, drop_last: bool = False,
+                         generate_samples: Any = False, importance_sampling: Any = False,
+                         columns: Sequence[str] | None = None, num_workers: int = 0, rank: int | None = None,
+                         world_size: int | None = None, seed: int | None = None, epoch: int = 0,
+                         **stream_options: Any) -> "StreamLoader":
+    """See `Lake.export_to_dataloader`."""
+    from m2m.lake.geometry import needs_geometry
+    from m2m.stream.loader import make_loader
+
+    cfg = lake.config
+    gen = generate_mode(generate_samples)
+    imp = importance_mode(importance_sampling, list(lake.manifest.metadata))
+    if len(lake) == 0:
+        raise ConfigError(f"lake {lake.path} is empty: add splats before exporting a stream")
+    kappa_missing = lake.manifest.stats.get("kappa", {}).get("count", 0) < len(lake)
+    if (gen == "langevin" and needs_geometry(lake.manifest, cfg.knn_k)) or \
+            (gen == "vmf" or imp == "kappa") and kappa_missing and needs_geometry(lake.manifest, cfg.knn_k):
+        lake.estimate_kappa()
+    seed = cfg.seed if seed is None else seed
+    sampler = build_sampler(lake, imp, seed) if imp else None
+    augment = build_augmenter(lake, gen) if gen else None
+    return make_loader(lake.snapshot, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, columns=columns,
+                       device=cfg.device, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                       num_workers=num_workers, warm_bytes=cfg.warm_bytes, hot_bytes=cfg.hot_bytes,
+                       prefetch=cfg.prefetch, sampler=sampler, augment=augment, **stream_options)

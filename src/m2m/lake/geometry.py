@@ -1,0 +1,91 @@
+"""Per-splat geometry of a snapshot: kNN neighbour ids and kappa, written as sidecar files per shard.
+
+Shards are immutable, so (re)estimating kappa never rewrites the vectors: each shard gets a small
+sidecar Arrow file with ``kappa`` (float32) and ``neighbors`` (fixed_size_list<int64>[k] of neighbour
+*ids*, -1 where missing), and the new manifest lists it after the shard's main file (later files win).
+A user-provided kappa (not NaN in the main file) is kept; only missing values take the estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from m2m.lake import stats as lake_stats
+from m2m.lake.fs import LakeFS
+from m2m.lake.manifest import Manifest, ShardEntry
+from m2m.lake.reader import Snapshot
+from m2m.lake.shard import write_shard_file
+
+logger = logging.getLogger(__name__)
+
+ESTIMATOR = "vMF MLE of the splat and its k nearest neighbours, Bessel-corrected (m2m.geometry.kappa)"
+
+
+def compute_geometry(mu: np.ndarray, k: int, seed: int = 0,
+                     progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(kappa estimate [N] float32, neighbour positions [N, k] int64) for unit rows ``mu``."""
+    from m2m.geometry.kappa import neighbourhood_kappa
+    from m2m.index.knn import knn
+
+    n = len(mu)
+    k_eff = max(0, min(k, n - 1))
+    if k_eff == 0:
+        return np.full(n, np.nan, np.float32), np.full((n, k), -1, np.int64)
+    _, idx = knn(mu, k_eff, seed=seed, progress=progress)
+    if k_eff < k:
+        idx = np.concatenate([idx, np.full((n, k - k_eff), -1, np.int64)], axis=1)
+    kappa = neighbourhood_kappa(mu, idx)
+    return kappa.astype(np.float32), idx.astype(np.int64)
+
+
+def with_geometry(fs: LakeFS, base: Manifest, shards: tuple[ShardEntry, ...], ids: np.ndarray,
+                  user_kappa: np.ndarray, kappa_est: np.ndarray, neighbors: np.ndarray) -> dict[str, Any]:
+    """Write one sidecar per shard and return the manifest fields of the estimated snapshot."""
+    kappa = np.where(np.isnan(user_kappa), kappa_est, user_kappa).astype(np.float32)
+    nbr_ids = np.where(neighbors >= 0, ids[np.maximum(neighbors, 0)], -1).astype(np.int64)
+    new_shards = []
+    lo = 0
+    for shard in shards:
+        hi = lo + shard.rows
+        side = write_shard_file(fs, {"kappa": kappa[lo:hi], "neighbors": nbr_ids[lo:hi]})
+        keep = tuple(f for f in shard.files if "neighbors" not in f.columns)
+        new_shards.append(ShardEntry(shard.rows, shard.id_min, shard.id_max, keep + (side,)))
+        lo = hi
+    alpha_stats = base.stats.get("alpha") if base.stats else None
+    stats = lake_stats.summarize(kappa, np.zeros(0, np.float32))
+    if alpha_stats is not None:
+        stats["alpha"] = alpha_stats
+    return {"shards": tuple(new_shards), "stats": stats,
+            "geometry": {"k": int(neighbors.shape[1]), "estimator": ESTIMATOR, "rows": int(len(ids)),
+                         "estimated_at": time.time()}}
+
+
+def estimate(fs: LakeFS, base: Manifest, k: int, seed: int,
+             progress: Callable[[int], None] | None = None) -> Manifest:
+    """The next manifest: ``base`` with kappa and neighbours estimated for every splat."""
+    snap = Snapshot(fs, base)
+    try:
+        mu = snap.read_all("mu").astype(np.float32, copy=False)
+        ids = snap.ids()
+        user = np.concatenate([snap.main_column(s, "kappa") for s in range(len(base.shards))])
+        t0 = time.perf_counter()
+        kappa_est, nbrs = compute_geometry(mu, k, seed, progress)
+        logger.info("kNN + kappa for %d splats in %.1f s", len(mu), time.perf_counter() - t0)
+        fields = with_geometry(fs, base, base.shards, ids, user, kappa_est, nbrs)
+    finally:
+        snap.close()
+    return base.next(operation={"type": "estimate_kappa", "k": k}, **fields)
+
+
+def needs_geometry(manifest: Manifest, k: int) -> bool:
+    """True when some splat has no estimated kappa/neighbours at neighbourhood size ``k``."""
+    if manifest.rows == 0:
+        return False
+    g = manifest.geometry
+    if g is None or int(g.get("k", -1)) != k:
+        return True
+    return any(not any("neighbors" in f.columns for f in s.files) for s in manifest.shards)
