@@ -110,3 +110,13 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append(f"goal: m2m float32 >= {res['goal_vs_np_save']}x np.save -> "
                  f"{res['ratio_vs_np_save']:.2f}x ({'met' if res['ratio_vs_np_save'] >= res['goal_vs_np_save'] else 'NOT met'})")
     return "\n".join(lines)
+
+
+def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the `m2m bench` summary table."""
+    return [
+        {"measure": "ingest float32 (rows/s)", "ours": res["m2m_float32"], "baseline": res["np_save"],
+         "baseline_name": "np.save", "limit": res["raw_write_fsync"], "limit_name": "write+fsync"},
+        {"measure": "ingest float16 (rows/s)", "ours": res["m2m_float16"], "baseline": res["np_save"],
+         "baseline_name": "np.save", "limit": res["raw_write_fsync"], "limit_name": "write+fsync"},
+    ]
