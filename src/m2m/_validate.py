@@ -152,6 +152,7 @@ class SplatBatch:
     kappa: np.ndarray
     alpha: np.ndarray
     metadata: dict[str, np.ndarray]
+    ids: np.ndarray | None = None  # explicit ids (consolidation keeps ids); None = assign new ones
 
     @property
     def rows(self) -> int:

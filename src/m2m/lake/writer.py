@@ -94,12 +94,14 @@ def _concat(parts: list[SplatBatch]) -> SplatBatch:
     return SplatBatch(
         vectors=np.concatenate([np.asarray(p.vectors) for p in parts]), labels=labels,
         kappa=np.concatenate([p.kappa for p in parts]), alpha=np.concatenate([p.alpha for p in parts]),
-        metadata={k: np.concatenate([p.metadata[k] for p in parts]) for k in parts[0].metadata})
+        metadata={k: np.concatenate([p.metadata[k] for p in parts]) for k in parts[0].metadata},
+        ids=None if parts[0].ids is None else np.concatenate([p.ids for p in parts]))
 
 
 def _slice(b: SplatBatch, lo: int, hi: int) -> SplatBatch:
     return SplatBatch(b.vectors[lo:hi], None if b.labels is None else b.labels[lo:hi], b.kappa[lo:hi],
-                      b.alpha[lo:hi], {k: v[lo:hi] for k, v in b.metadata.items()})
+                      b.alpha[lo:hi], {k: v[lo:hi] for k, v in b.metadata.items()},
+                      None if b.ids is None else b.ids[lo:hi])
 
 
 def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: int, dtype: str, shard_bytes: int,
@@ -138,7 +140,7 @@ def _write_one(fs: LakeFS, batch: SplatBatch, first_id: int, dtype: str, schema:
     mu = normalise_rows(batch.vectors)
     if dtype != "float32":
         mu = mu.astype(dtype)
-    ids = np.arange(first_id, first_id + batch.rows, dtype=np.int64)
+    ids = np.arange(first_id, first_id + batch.rows, dtype=np.int64) if batch.ids is None else batch.ids
     cols: dict[str, np.ndarray | pa.Array] = {"id": ids, "mu": mu, "kappa": batch.kappa, "alpha": batch.alpha}
     if batch.labels is not None:
         cols["label"] = batch.labels

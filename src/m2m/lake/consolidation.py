@@ -1,0 +1,74 @@
+"""Consolidation as a lake commit: merge near-duplicate splats into heavier splats in a new version.
+
+Groups come from `m2m.soc.consolidate.find_duplicate_groups` (cosine >= similarity, same label).
+A group of one keeps its row untouched. A larger group becomes one splat that keeps the smallest id of
+its members (so ids stay ascending and stable for every row that was not merged), with
+``mu`` = normalised alpha-weighted mean, ``alpha`` = sum of the members' alphas, the label of its
+members and the metadata of its first member; kappa and neighbours are then re-estimated for the
+whole new version from its kNN neighbourhoods.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from m2m._validate import SplatBatch
+from m2m.config import M2MConfig
+from m2m.lake import stats as lake_stats
+from m2m.lake.fs import LakeFS
+from m2m.lake.geometry import compute_geometry, with_geometry
+from m2m.lake.manifest import Manifest
+from m2m.lake.reader import Snapshot
+from m2m.lake.writer import SchemaUpdate, write_splats
+from m2m.soc.consolidate import ConsolidationReport, find_duplicate_groups, merge_groups
+
+
+def _main_all(snap: Snapshot, name: str) -> np.ndarray:
+    return np.concatenate([snap.main_column(s, name) for s in range(len(snap.manifest.shards))])
+
+
+def consolidate_manifest(fs: LakeFS, base: Manifest, similarity: float, config: M2MConfig,
+                         progress: Callable[[int], None] | None = None) -> tuple[Manifest, ConsolidationReport]:
+    """The next manifest after merging ``base``'s near-duplicates, and the report."""
+    t0 = time.perf_counter()
+    alpha_before = float(base.stats.get("alpha", {}).get("sum", 0.0)) if base.stats else 0.0
+    if base.rows == 0:
+        report = ConsolidationReport(0, 0, 0, 0.0, 0.0, 0.0)
+        return base.next(operation={"type": "consolidate", "similarity": similarity}), report
+    snap = Snapshot(fs, base)
+    try:
+        mu = snap.read_all("mu").astype(np.float32, copy=False)
+        ids = snap.ids()
+        alpha = _main_all(snap, "alpha")
+        codes = snap.read_all("label") if base.label_type is not None else None
+        raw_labels = _main_all(snap, "label") if base.label_type is not None else None
+        user_kappa = _main_all(snap, "kappa")
+        metadata = {name: _main_all(snap, name) for name in base.metadata}
+        group = find_duplicate_groups(mu, codes, similarity, seed=config.seed, progress=progress)
+        merged = merge_groups(group, mu, alpha)
+    finally:
+        snap.close()
+    rep = merged["representative"]            # first (smallest) position of each group, ascending
+    size = merged["size"]
+    g = len(rep)
+    new_mu = np.where((size > 1)[:, None], merged["mu"], mu[rep]).astype(np.float32)
+    new_alpha = np.where(size > 1, merged["alpha"], alpha[rep]).astype(np.float32)
+    new_kappa = np.where(size > 1, np.float32(np.nan), user_kappa[rep]).astype(np.float32)
+    batch = SplatBatch(vectors=new_mu, labels=None if raw_labels is None else raw_labels[rep], kappa=new_kappa,
+                       alpha=new_alpha, metadata={k: v[rep] for k, v in metadata.items()}, ids=ids[rep])
+    schema = SchemaUpdate.of(base)
+    shards = tuple(write_splats(fs, [batch], 0, base.dim, base.dtype, config.shard_bytes, schema))
+    kappa_est, nbrs = compute_geometry(new_mu, config.knn_k, config.seed)
+    fields = with_geometry(fs, base, shards, ids[rep], new_kappa, kappa_est, nbrs)
+    fields["stats"] = lake_stats.merge({}, {**fields["stats"],
+                                            "alpha": lake_stats.summarize(new_kappa, new_alpha)["alpha"]})
+    alpha_after = float(new_alpha.sum(dtype=np.float64))
+    report = ConsolidationReport(rows_before=base.rows, rows_after=g, groups_merged=int((size > 1).sum()),
+                                 alpha_before=alpha_before, alpha_after=alpha_after,
+                                 seconds=time.perf_counter() - t0)
+    new = base.next(operation={"type": "consolidate", "similarity": similarity, "rows_before": base.rows,
+                               "rows_after": g}, **fields)
+    return new, report
