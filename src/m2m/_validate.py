@@ -67,13 +67,17 @@ def check_rows(arr: np.ndarray, start: int = 0) -> None:
 
 def normalise_rows(chunk: np.ndarray) -> np.ndarray:
     """Unit-norm float32 copy of a validated chunk (rows whose squared norm overflows are rescaled first)."""
-    out = np.array(chunk, dtype=np.float32, copy=True)
-    sq = np.einsum("ij,ij->i", out, out)
+    src = np.asarray(chunk)
+    if src.dtype != np.float32:
+        src = src.astype(np.float32)
+    sq = np.einsum("ij,ij->i", src, src)
     big = ~np.isfinite(sq)
     if big.any():
-        out[big] /= np.abs(out[big]).max(axis=1, keepdims=True)
-        sq[big] = np.einsum("ij,ij->i", out[big], out[big])
-    out /= np.sqrt(sq)[:, None]
+        src = src.copy()
+        src[big] /= np.abs(src[big]).max(axis=1, keepdims=True)
+        sq[big] = np.einsum("ij,ij->i", src[big], src[big])
+    out = np.empty(src.shape, dtype=np.float32)
+    np.divide(src, np.sqrt(sq)[:, None], out=out)
     return out
 
 

@@ -27,7 +27,7 @@ from m2m.lake.manifest import (
     write_manifest,
 )
 from m2m.lake.reader import Snapshot
-from m2m.lake.shard import verify_file
+from m2m.lake.shard import sync_files, verify_file
 from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, write_splats
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ class Lake:
                 new = build(base)
                 new = new.next(operation={"type": operation, **new.operation}) if new.version == base.version \
                     else new
+                old = {f.path for f in base.files()}
+                sync_files(self._fs, [f.path for f in new.files() if f.path not in old])
                 write_manifest(self._fs, new)
             except BaseException:
                 for name in set(self._fs.listdir(DATA_DIR)) - before:

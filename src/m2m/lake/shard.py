@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 import zlib
-from typing import Mapping
+from typing import Any, BinaryIO, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -38,26 +38,71 @@ def file_crc32(path: str) -> int:
             crc = zlib.crc32(buf, crc)
 
 
+class _CrcSink:
+    """A binary file wrapper that keeps the CRC32 of everything written through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.crc = 0
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        n = self._f.write(data)
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+
 def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array]) -> FileEntry:
     """Write one immutable shard file holding ``columns`` and return its manifest entry.
 
-    The file is fsynced and moved under its final unique name; it is not part of any version until a
-    manifest that lists it is committed.
+    The file gets a fresh unique name; it belongs to no version until a manifest listing it is
+    committed, and `Lake.commit` fsyncs it before publishing that manifest.
     """
     arrays = {k: v if isinstance(v, pa.Array) else to_arrow(k, v) for k, v in columns.items()}
     batch = pa.RecordBatch.from_pydict(arrays)
-    tmp = fs.new_local_file(".arrow")
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    with pa.OSFile(tmp, "wb") as sink:
-        with pa.ipc.new_file(sink, batch.schema) as writer:
-            writer.write_batch(batch)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    size = os.path.getsize(tmp)
-    crc = file_crc32(tmp)
     rel = f"{DATA_DIR}/{uuid.uuid4().hex}.arrow"
-    fs.write_file(rel, tmp)
-    return FileEntry(path=rel, bytes=size, crc32=crc, columns=tuple(arrays))
+    local = fs.local_path(rel) if fs.is_local else fs.new_local_file(".arrow")
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with open(local, "wb") as f:
+        sink = _CrcSink(f)
+        with pa.PythonFile(sink, mode="w") as out:
+            with pa.ipc.new_file(out, batch.schema) as writer:
+                writer.write_batch(batch)
+    if not fs.is_local:
+        fs.write_file(rel, local)
+    return FileEntry(path=rel, bytes=sink.size, crc32=sink.crc, columns=tuple(arrays))
+
+
+def sync_files(fs: LakeFS, rels: list[str]) -> None:
+    """Make newly written local files and their directories durable (no-op for remote stores)."""
+    if not fs.is_local or not rels:
+        return
+    dirs = set()
+    for rel in rels:
+        path = fs.local_path(rel)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirs.add(os.path.dirname(path))
+    for d in dirs:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def verify_file(fs: LakeFS, entry: FileEntry) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -106,47 +107,69 @@ def _slice(b: SplatBatch, lo: int, hi: int) -> SplatBatch:
 
 def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: int, dtype: str, shard_bytes: int,
                  schema: SchemaUpdate, progress: Callable[[int], None] | None = None) -> list[ShardEntry]:
-    """Write validated chunks as shard files of about ``shard_bytes`` each (at most a shard of rows in RAM)."""
+    """Write validated chunks as shard files of about ``shard_bytes`` each.
+
+    One background thread writes (and checksums) shard ``i`` while the caller's thread prepares
+    shard ``i + 1``, so at most two shards of rows are in RAM at a time.
+    """
     step = shard_rows(dim, dtype, shard_bytes)
     shards: list[ShardEntry] = []
     pending: list[SplatBatch] = []
     pending_rows = 0
     next_id = first_id
+    in_flight: Future[ShardEntry] | None = None
 
-    def flush(rows: int) -> None:
-        nonlocal pending, pending_rows, next_id
-        whole = _concat(pending)
-        shards.append(_write_one(fs, _slice(whole, 0, rows), next_id, dtype, schema))
-        next_id += rows
-        rest = whole.rows - rows
-        pending = [_slice(whole, rows, whole.rows)] if rest else []
-        pending_rows = rest
-        if progress is not None:
-            progress(rows)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2m-shard-writer") as pool:
 
-    for chunk in chunks:
-        for lo in range(0, chunk.rows, step):
-            piece = _slice(chunk, lo, min(lo + step, chunk.rows))
-            pending.append(piece)
-            pending_rows += piece.rows
-            if pending_rows >= step:
-                flush(step)
-    if pending_rows:
-        flush(pending_rows)
+        def collect() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                entry = in_flight.result()
+                shards.append(entry)
+                in_flight = None
+                if progress is not None:
+                    progress(entry.rows)
+
+        def flush(rows: int) -> None:
+            nonlocal pending, pending_rows, next_id, in_flight
+            whole = _concat(pending)
+            prepared = _prepare(_slice(whole, 0, rows), next_id, dtype, schema)
+            collect()
+            in_flight = pool.submit(_write_prepared, fs, prepared)
+            next_id += rows
+            rest = whole.rows - rows
+            pending = [_slice(whole, rows, whole.rows)] if rest else []
+            pending_rows = rest
+
+        for chunk in chunks:
+            for lo in range(0, chunk.rows, step):
+                piece = _slice(chunk, lo, min(lo + step, chunk.rows))
+                pending.append(piece)
+                pending_rows += piece.rows
+                if pending_rows >= step:
+                    flush(step)
+        if pending_rows:
+            flush(pending_rows)
+        collect()
     return shards
 
 
-def _write_one(fs: LakeFS, batch: SplatBatch, first_id: int, dtype: str, schema: SchemaUpdate) -> ShardEntry:
+def _prepare(batch: SplatBatch, first_id: int, dtype: str, schema: SchemaUpdate) -> dict[str, Any]:
     mu = normalise_rows(batch.vectors)
     if dtype != "float32":
         mu = mu.astype(dtype)
     ids = np.arange(first_id, first_id + batch.rows, dtype=np.int64) if batch.ids is None else batch.ids
-    cols: dict[str, np.ndarray | pa.Array] = {"id": ids, "mu": mu, "kappa": batch.kappa, "alpha": batch.alpha}
+    cols: dict[str, Any] = {"id": ids, "mu": mu, "kappa": batch.kappa, "alpha": batch.alpha}
     if batch.labels is not None:
         cols["label"] = batch.labels
     for name, values in batch.metadata.items():
         typ = pa.type_for_alias(schema.metadata[name])
         cols[name] = pa.array(values.tolist() if values.dtype == object else values).cast(typ)
+    return cols
+
+
+def _write_prepared(fs: LakeFS, cols: dict[str, Any]) -> ShardEntry:
+    ids = cols["id"]
     entry = write_shard_file(fs, cols)
-    logger.debug("wrote shard %s (%d rows)", entry.path, batch.rows)
-    return ShardEntry(rows=batch.rows, id_min=int(ids[0]), id_max=int(ids[-1]), files=(entry,))
+    logger.debug("wrote shard %s (%d rows)", entry.path, len(ids))
+    return ShardEntry(rows=len(ids), id_min=int(ids[0]), id_max=int(ids[-1]), files=(entry,))
