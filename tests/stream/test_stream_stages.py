@@ -16,7 +16,7 @@ from m2m.stream.order import Layout, rank_epoch
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.batches import BatchStage
 from m2m.stream.stages.cold import ColdReader, ColdStage
-from m2m.stream.stages.hot import HostBuffers, HotStage, ResidentStage, ResidentTier
+from m2m.stream.stages.hot import HostBuffers, HotStage, OutputPool, ResidentStage, ResidentTier
 from m2m.stream.stages.prefetch import Prefetcher
 from m2m.stream.stages.warm import WarmArena, WarmStage
 from m2m.stream.topology import World
@@ -195,6 +195,38 @@ def test_host_buffers_reuse_only_what_is_copied_later():
     c16b, cidb = buffers.get(c16, 4), buffers.get(cid, 5)
     assert a16.data_ptr() == c16b.data_ptr() and a16.data_ptr() != b16.data_ptr()
     assert aid.data_ptr() != cidb.data_ptr()
+
+
+def test_output_pool_reuses_only_buffers_nobody_holds():
+    pool = OutputPool(size=2)
+    a = pool.get("x", 10, (4,), torch.float32)
+    ptr = a.data_ptr()
+    held = a[:3]  # the consumer keeps a view of the first buffer
+    del a
+    b = pool.get("x", 10, (4,), torch.float32)
+    assert b.data_ptr() != ptr
+    del b
+    c = pool.get("x", 8, (4,), torch.float32)  # the second buffer is free again: reused
+    assert c.data_ptr() != ptr
+    d = pool.get("x", 10, (4,), torch.float32)  # both pooled buffers in use: a fresh one
+    assert pool.fresh == 1 and d.data_ptr() not in (ptr, c.data_ptr())
+    del held
+    e = pool.get("x", 10, (4,), torch.float32)
+    assert e.data_ptr() == ptr
+    f = pool.get("x", 10, (4,), torch.float32)  # e itself (not a view of it) is held: not reused
+    assert f.data_ptr() != e.data_ptr()
+
+
+def test_loader_batches_kept_by_the_user_are_never_overwritten():
+    from m2m.stream.loader import make_loader
+
+    source = make_source(3000, D, dtype=np.float16)
+    dl = make_loader(source, batch_size=16, columns=("embedding", "id"), warm_bytes=1 << 20, hot_bytes=0,
+                     chunk_batches=2)
+    kept = list(dl)  # the pool runs dry and falls back to fresh buffers
+    mu = source.column(0, "mu").astype(np.float32)
+    for b in kept:
+        np.testing.assert_array_equal(b["embedding"].numpy(), mu[b["id"].numpy() - 10_000])
 
 
 class Failing(Stage):

@@ -89,8 +89,8 @@ def random_point_at_cosine(
         perp = torch.linalg.vector_norm(z, dim=-1)
         dot = torch.zeros_like(dot)
     else:
-        zz = torch.linalg.vecdot(z, z)                     # |z|^2 ~ d, so |z|^2 - (z.mu)^2 keeps its digits
-        perp = torch.sqrt(torch.clamp(zz - dot * dot, min=0.0))
+        zn = torch.linalg.vector_norm(z, dim=-1)          # |z|^2 ~ d, so |z|^2 - (z.mu)^2 keeps its digits
+        perp = torch.sqrt(torch.clamp(zn * zn - dot * dot, min=0.0))
     perp = torch.clamp(perp, min=torch.finfo(mu.dtype).tiny)
     scale = sin / perp
     coef = cos - scale * dot

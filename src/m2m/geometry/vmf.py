@@ -42,6 +42,7 @@ At d = 640, kappa = 1e10 means 1 - E[mu.x] ~ 3e-8, the resolution of a float32 c
 _NU_MIN = 40.0          # orders at and above this use the Debye expansion directly
 _NEWTON_STEPS = 8
 _WOOD_MAX_ROUNDS = 100
+_WOOD_DRAWS = 4          # candidates per entry and round (Wood's acceptance is >~ 0.5)
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -304,16 +305,25 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1, generator: torch.Generato
         m = pending.numel()
         if m == 0:
             break
-        shape = torch.full((2, m), d1 / 2.0, dtype=torch.float64, device=dev)
+        # _WOOD_DRAWS candidates per pending entry; the first accepted one is kept
+        shape = torch.full((2, _WOOD_DRAWS, m), d1 / 2.0, dtype=torch.float64, device=dev)
         g = torch._standard_gamma(shape, generator=generator)
         z = g[0] / (g[0] + g[1])                              # Beta((d-1)/2, (d-1)/2)
-        u = torch.rand(m, dtype=torch.float64, device=dev, generator=generator)
-        bp, kp, omx0p, x0p = b[pending], k[pending], om_x0[pending], x0[pending]
+        u = torch.rand((_WOOD_DRAWS, m), dtype=torch.float64, device=dev, generator=generator)
+        first = m == total
+        bp = b if first else b[pending]
+        kp = k if first else k[pending]
+        omx0p = om_x0 if first else om_x0[pending]
+        x0p = x0 if first else x0[pending]
+        l1p = log_1mx02 if first else log_1mx02[pending]
         omw_c = 2.0 * bp * z / (1.0 - (1.0 - bp) * z)          # 1 - w
-        lhs = kp * (omx0p - omw_c) + d1 * (torch.log(omx0p + x0p * omw_c) - log_1mx02[pending])
+        lhs = kp * (omx0p - omw_c) + d1 * (torch.log(omx0p + x0p * omw_c) - l1p)
         acc = lhs >= torch.log(u)
-        omw[pending[acc]] = omw_c[acc]
-        pending = pending[~acc]
+        pick = acc.to(torch.uint8).argmax(0, keepdim=True)      # first accepted candidate
+        chosen = omw_c.gather(0, pick).squeeze(0)
+        done = acc.any(0)
+        omw[pending[done]] = chosen[done]
+        pending = pending[~done]
     if pending.numel():
         raise RuntimeError(f"Wood's vMF sampler did not accept {pending.numel()} draws in "
                            f"{_WOOD_MAX_ROUNDS} rounds (kappa in [{k.min().item()}, {k.max().item()}], d={dim})")

@@ -25,7 +25,7 @@ from m2m.stream.source import RowSource
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.batches import BatchStage, RowsStage
 from m2m.stream.stages.cold import ColdReader, ColdStage
-from m2m.stream.stages.hot import HostBuffers, HotStage
+from m2m.stream.stages.hot import HostBuffers, HotStage, OutputPool
 from m2m.stream.stages.warm import WarmArena, WarmStage
 from m2m.stream.topology import World, detect_worker
 
@@ -131,8 +131,10 @@ class StreamDataset(IterableDataset):
             reader = ColdReader(self.source, [c.source for c in self.spec.gathered])
             tier = host_tier_for(self.spec, budget)
             arena = self.new_arena(reader, budget) if tier == ARENA else None
-            stage = HotStage(self.host_stage(stage, reader, HostBuffers(), tier, arena), self.spec.columns,
-                             torch.device("cpu"))
+            # no pooled outputs: the DataLoader moves them to shared memory the consumer keeps mapping
+            buffers = HostBuffers(pool=OutputPool(size=0))
+            stage = HotStage(self.host_stage(stage, reader, buffers, tier, arena), self.spec.columns,
+                             torch.device("cpu"), buffers)
         else:
             stage = RowsStage(stage, self.spec.columns)
         try:

@@ -33,8 +33,8 @@ from m2m.stream.plan import PlanSampler, supports_priorities
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.cold import ColdReader
-from m2m.stream.stages.hot import (CPU, RESIDENT, STAGED, HostBuffers, HotStage, ResidentStage, ResidentTier, finish,
-                                   resident_bytes)
+from m2m.stream.stages.hot import (CPU, RESIDENT, STAGED, HostBuffers, HotStage, OutputPool, ResidentStage,
+                                   ResidentTier, finish, resident_bytes)
 from m2m.stream.stages.prefetch import Prefetcher
 from m2m.stream.stages.warm import WarmArena
 from m2m.stream.stats import StreamStats
@@ -159,6 +159,7 @@ class StreamLoader(DataLoader):
         self._gather_reader: ColdReader | None = None
         self._arena: WarmArena | None = None
         self._resident: ResidentTier | None = None
+        self._pool: OutputPool | None = None
         self._warm_mode = host_tier_for(spec, spec.warm_bytes // max(1, num_workers))
         self._active: weakref.ref[Any] | None = None
 
@@ -317,11 +318,16 @@ class StreamLoader(DataLoader):
             reader = self._reader_for_stream()
             if self._warm_mode == ARENA and self._arena is None:
                 self._arena = ds.new_arena(reader, self.spec.warm_bytes)
-            buffers = HostBuffers(pinned=self.hot_mode == STAGED, slots=2)
+            if self._pool is None:  # kept across iterations: its buffers are already faulted in
+                self._pool = OutputPool(self._capacity() + 4)
+            buffers = HostBuffers(pinned=self.hot_mode == STAGED, slots=2, pool=self._pool)
             stage = HotStage(ds.host_stage(stage, reader, buffers, self._warm_mode, self._arena),
                              self.spec.columns, self.device, buffers)
-        capacity = max(1, math.ceil(self.prefetch / self.spec.chunk_batches))
-        return Prefetcher(stage, capacity, self.intra_op_threads)
+        return Prefetcher(stage, self._capacity(), self.intra_op_threads)
+
+    def _capacity(self) -> int:
+        """Items the prefetcher keeps ready: at least ``prefetch`` batches."""
+        return max(1, math.ceil(self.prefetch / self.spec.chunk_batches))
 
     def _post_stage(self) -> HotStage | ResidentStage | None:
         """What the consumer does to a worker's item: gather on the device, or copy it there."""

@@ -15,6 +15,7 @@ Three modes (`HotStage.mode`):
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
@@ -24,19 +25,65 @@ from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.cold import ColdReader, fill_common
 from m2m.stream.stages.warm import _torch_dtype
 
+log = logging.getLogger(__name__)
+
 CPU, STAGED, RESIDENT = "cpu", "staged", "resident"
 
 
-class HostBuffers:
-    """Destinations of host gathers: fresh tensors, or a ring of ``slots`` reused (pinned) sets.
+def _storage_use_count(t: torch.Tensor) -> int:
+    return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
 
-    A column is written into a reused buffer only when a later step copies it anyway (a dtype
-    conversion, or the device copy from pinned memory); otherwise each item gets a fresh tensor
-    so batches handed to the user are never overwritten.
+
+POOLING = hasattr(torch._C, "_storage_Use_Count")
+if not POOLING:  # pragma: no cover - depends on the torch build
+    log.debug("torch lacks _storage_Use_Count: output buffers are allocated fresh for every item")
+
+
+class OutputPool:
+    """Reusable output tensors: a buffer is handed out again only when nothing else references it.
+
+    Fresh multi-megabyte tensors cost page faults on every item (measured 2-3x slower than a
+    gather into a reused buffer); reusing a buffer the consumer still holds would corrupt its
+    batches. A buffer is free when its storage's reference count is back to what the pool alone
+    holds, so batches kept by the user (in a list, or saved by autograd) are never overwritten;
+    when every pooled buffer is in use, a fresh tensor is returned.
     """
 
-    def __init__(self, pinned: bool = False, slots: int = 1) -> None:
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._pool: dict[tuple[str, torch.dtype], list[tuple[torch.Tensor, int]]] = {}
+        self.fresh = 0
+
+    def get(self, name: str, rows: int, trailing: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if not POOLING or self.size == 0:
+            self.fresh += 1
+            return torch.empty((rows, *trailing), dtype=dtype)
+        entries = self._pool.setdefault((name, dtype), [])
+        for i, (buf, base) in enumerate(entries):
+            if buf.shape[1:] == trailing and _storage_use_count(buf) == base:
+                if buf.shape[0] >= rows:
+                    return buf[:rows]
+                del entries[i]  # too small for this item: replace it
+                break
+        if len(entries) >= self.size:
+            self.fresh += 1
+            return torch.empty((rows, *trailing), dtype=dtype)
+        buf = torch.empty((rows, *trailing), dtype=dtype)
+        entries.append((buf, _storage_use_count(buf)))
+        return buf[:rows]  # a view: its holder counts as a reference (the pooled tensor itself does not)
+
+
+class HostBuffers:
+    """Destinations of host gathers: pooled outputs, or a ring of ``slots`` reused (pinned) staging sets.
+
+    A column is gathered into ring staging when a later step copies it anyway (a dtype
+    conversion, or the device copy from pinned memory); otherwise straight into a pooled output
+    (see `OutputPool`), which is what the batch hands to the user.
+    """
+
+    def __init__(self, pinned: bool = False, slots: int = 1, pool: OutputPool | None = None) -> None:
         self.pinned = pinned
+        self.pool = pool if pool is not None else OutputPool()
         self._ring: list[dict[str, torch.Tensor]] = [{} for _ in range(max(1, slots))]
         self._events: list[object | None] = [None] * max(1, slots)
         self._slot = -1
@@ -56,7 +103,7 @@ class HostBuffers:
     def get(self, col: Column, rows: int) -> torch.Tensor:
         dtype = _torch_dtype(col.storage_dtype)
         if not (self.pinned or dtype != col.out_dtype):
-            return torch.empty((rows, *col.trailing), dtype=dtype)
+            return self.pool.get(col.name, rows, col.trailing, dtype)
         ring = self._ring[max(self._slot, 0)]
         buf = ring.get(col.name)
         if buf is None or buf.shape[0] < rows:
@@ -65,11 +112,17 @@ class HostBuffers:
         return buf[:rows]
 
 
-def _convert(tensors: dict[str, torch.Tensor], columns: Sequence[Column]) -> None:
+def _convert(tensors: dict[str, torch.Tensor], columns: Sequence[Column], pool: OutputPool | None = None) -> None:
     for col in columns:
         t = tensors.get(col.name)
-        if t is not None and t.dtype != col.out_dtype:
+        if t is None or t.dtype == col.out_dtype:
+            continue
+        if pool is None or t.device.type != "cpu":
             tensors[col.name] = t.to(col.out_dtype)
+        else:
+            out = pool.get(col.name, t.shape[0], tuple(t.shape[1:]), col.out_dtype)
+            out.copy_(t)
+            tensors[col.name] = out
 
 
 class HotStage(Stage):
@@ -91,7 +144,7 @@ class HotStage(Stage):
     def process(self, work: Work) -> Work:
         """Convert (and on CUDA, copy) one item's tensors; sets ``work.ready`` to an event on CUDA."""
         if self._stream is None:
-            _convert(work.tensors, self.columns)
+            _convert(work.tensors, self.columns, self.buffers.pool if self.buffers is not None else None)
             return work
         with torch.cuda.stream(self._stream):
             moved = {k: t.to(self.device, non_blocking=True) for k, t in work.tensors.items()}
