@@ -1,0 +1,245 @@
+"""Stream hooks that replace each batch row by a sample around its splat (``m2m.stream.hooks.Augment``).
+
+``LangevinAugmenter``: row i's components are its own splat (mu_i, kappa_i, alpha_i) and its
+neighbours (same label only, when labels exist); the row becomes the end point of the Langevin chain
+of ``m2m.augment.langevin`` started at mu_i. Rows whose neighbours provably stay negligible along the
+chain (``negligible_neighbours``, decided once per splat) run the exact one-component chain in two
+coordinates and read nothing but their own row; the others gather their neighbours (unique
+positions only) and run the full-dimensional chain. ``VMFAugmenter``: one exact vMF(mu_i, kappa_i)
+draw per row. Ids and labels are untouched (the stream keeps them).
+
+Tables live on the CPU and are copied to each device on first use (or ``.to(device)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from m2m.augment.energy import DEFAULT_STEP_SIZE, kappa_ref, validate_chain_args
+from m2m.augment.langevin import full_chain, negligible_neighbours, own_component_chain
+from m2m.errors import ConfigError, InvalidEmbeddingError
+from m2m.geometry.sphere import random_point_at_cosine
+from m2m.geometry.vmf import log_normalizer, sample_cosine
+
+__all__ = ["LangevinAugmenter", "VMFAugmenter"]
+
+log = logging.getLogger(__name__)
+
+Gather = Callable[[Tensor], Tensor]
+
+_COS_CHUNK_ROWS = 1024
+_STATIC_CHUNK_ROWS = 1 << 16
+
+
+def _check_table(name: str, values: np.ndarray, n: int, positive: bool) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.shape != (n,):
+        raise ConfigError(f"{name} must have shape [{n}], got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise ConfigError(f"{name} must be numeric, got {arr.dtype}")
+    arr = arr.astype(np.float64)
+    ok = np.isfinite(arr) & ((arr > 0) if positive else (arr >= 0))
+    if not ok.all():
+        first = int(np.flatnonzero(~ok)[0])
+        raise ConfigError(f"{name} must be finite and {'> 0' if positive else '>= 0'}; row {first} is {arr[first]!r}")
+    return arr
+
+
+def _check_x(x: Tensor, rows: Tensor) -> None:
+    if x.dim() != 2 or rows.dim() != 1 or rows.shape[0] != x.shape[0]:
+        raise InvalidEmbeddingError(f"expected x [B, d] and rows [B], got {tuple(x.shape)} and {tuple(rows.shape)}")
+
+
+class VMFAugmenter:
+    """Replace each row by one exact draw from its splat's vMF(mu_i, kappa_i) (Wood 1994)."""
+
+    def __init__(self, kappa: np.ndarray) -> None:
+        k = np.asarray(kappa)
+        self._kappa = torch.from_numpy(_check_table("kappa", k, k.shape[0] if k.ndim == 1 else -1, False))
+        self._cache: dict[torch.device, Tensor] = {}
+        self._lock = threading.Lock()
+
+    def to(self, device: torch.device | str) -> "VMFAugmenter":
+        """Copy the table to ``device`` now (otherwise on first use there)."""
+        self._table(torch.device(device))
+        return self
+
+    def _table(self, device: torch.device) -> Tensor:
+        with self._lock:
+            if device not in self._cache:
+                self._cache[device] = self._kappa.to(device)
+            return self._cache[device]
+
+    def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator) -> Tensor:
+        _check_x(x, rows)
+        kappa = self._table(x.device)[rows.to(x.device)]
+        w, s = sample_cosine(kappa, x.shape[1], 1, generator)
+        return random_point_at_cosine(x, w[:, 0], s[:, 0], generator=generator)
+
+
+@dataclass
+class _Tables:
+    """Per-device tables of one (dim) configuration."""
+    h: Tensor            # [N] float64 Langevin step length
+    kappa_t: Tensor      # [N] float64 kappa / T
+    fast: Tensor         # [N] bool: neighbours negligible -> one-component chain
+    kappa: Tensor        # [N] float64
+    log_w: Tensor        # [N] float64 log alpha + log C_d(kappa)
+    neighbors: Tensor    # [N, k] int64
+    valid: Tensor        # [N, k] bool
+
+
+class LangevinAugmenter:
+    """Replace each row by a Langevin sample over its own and its neighbours' splats.
+
+    Args:
+        neighbors: [N, k] int64 row positions of each splat's neighbours, -1 for none.
+        kappa, alpha: [N] splat concentrations (>= 0) and masses (> 0).
+        labels: [N] int64 or None; neighbours with another label are left out.
+        steps, step_size, temperature, metropolis: the chain (``m2m.augment.langevin.sample``).
+        neighbor_cos: optional [N, k] cosines mu_i . mu_neighbour (a kNN search returns them); when
+            omitted they are computed once, on first use, through the stream's ``gather``.
+    """
+
+    def __init__(self, neighbors: np.ndarray, kappa: np.ndarray, alpha: np.ndarray,
+                 labels: np.ndarray | None = None, steps: int = 5, step_size: float = DEFAULT_STEP_SIZE,
+                 temperature: float = 1.0, metropolis: bool = False,
+                 neighbor_cos: np.ndarray | None = None) -> None:
+        validate_chain_args(steps, step_size, temperature)
+        nb = np.asarray(neighbors)
+        if nb.ndim != 2 or not np.issubdtype(nb.dtype, np.integer):
+            raise ConfigError(f"neighbors must be an int64 array [N, k], got {nb.dtype} {nb.shape}")
+        n, k = nb.shape
+        nb = nb.astype(np.int64)
+        if n and k and (nb.min() < -1 or nb.max() >= n):
+            bad = int(np.flatnonzero(((nb < -1) | (nb >= n)).any(1))[0])
+            raise ConfigError(f"neighbors holds positions outside [-1, {n}) (first at row {bad})")
+        self._kappa = _check_table("kappa", kappa, n, False)
+        self._alpha = _check_table("alpha", alpha, n, True)
+        valid = (nb >= 0) & (nb != np.arange(n)[:, None])
+        if labels is not None:
+            lab = np.asarray(labels)
+            if lab.shape != (n,):
+                raise ConfigError(f"labels must have shape [{n}], got {lab.shape}")
+            valid &= lab[np.maximum(nb, 0)] == lab[:, None]
+        self._neighbors = torch.from_numpy(np.where(valid, nb, -1))
+        self._valid = torch.from_numpy(valid)
+        if neighbor_cos is not None:
+            cos = np.asarray(neighbor_cos, dtype=np.float64)
+            if cos.shape != (n, k) or not np.isfinite(cos[valid]).all():
+                raise ConfigError(f"neighbor_cos must be finite [N={n}, k={k}], got {cos.shape}")
+            self._cos: Tensor | None = torch.from_numpy(np.where(valid, cos, 0.0))
+        else:
+            self._cos = None
+        self.steps, self.step_size, self.temperature, self.metropolis = steps, float(step_size), float(temperature), metropolis
+        self._static: dict[int, _Tables] = {}
+        self._cache: dict[tuple[torch.device, int], _Tables] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ tables
+    def to(self, device: torch.device | str, dim: int, gather: Gather | None = None) -> "LangevinAugmenter":
+        """Build the tables for vectors of width ``dim`` on ``device`` now (needs ``gather`` when
+        ``neighbor_cos`` was not given)."""
+        self._tables(torch.device(device), dim, gather)
+        return self
+
+    @property
+    def fast_fraction(self) -> float | None:
+        """Fraction of splats on the one-component path (None before the tables exist)."""
+        if not self._static:
+            return None
+        fast = next(iter(self._static.values())).fast
+        return float(fast.double().mean()) if fast.numel() else 1.0
+
+    def _tables(self, device: torch.device, dim: int, gather: Gather | None) -> _Tables:
+        key = (device, dim)
+        with self._lock:
+            if key not in self._cache:
+                if dim not in self._static:
+                    self._static[dim] = self._build(dim, gather)
+                st = self._static[dim]
+                self._cache[key] = _Tables(*(t.to(device) for t in (st.h, st.kappa_t, st.fast, st.kappa, st.log_w,
+                                                                     st.neighbors, st.valid)))
+            return self._cache[key]
+
+    def _neighbour_cosines(self, gather: Gather | None) -> Tensor:
+        if self._cos is not None:
+            return self._cos
+        if gather is None:
+            raise ConfigError("LangevinAugmenter needs neighbor_cos or a gather function to compute them")
+        n, k = self._neighbors.shape
+        out = torch.zeros(n, k, dtype=torch.float64)
+        for start in range(0, n, _COS_CHUNK_ROWS):
+            stop = min(n, start + _COS_CHUNK_ROWS)
+            own = gather(torch.arange(start, stop))
+            idx = self._neighbors[start:stop].clamp(min=0).to(own.device)
+            nb = gather(idx.reshape(-1)).reshape(stop - start, k, -1)
+            cos = torch.bmm(nb, own.unsqueeze(2)).squeeze(2).to("cpu", torch.float64)
+            out[start:stop] = torch.where(self._valid[start:stop], cos, torch.zeros((), dtype=torch.float64))
+        self._cos = out
+        return out
+
+    def _build(self, dim: int, gather: Gather | None) -> _Tables:
+        cos = self._neighbour_cosines(gather)
+        n, k = self._neighbors.shape
+        kappa = torch.from_numpy(self._kappa)
+        log_w = torch.log(torch.from_numpy(self._alpha)) + log_normalizer(kappa, dim)
+        h = torch.empty(n, dtype=torch.float64)
+        fast = torch.empty(n, dtype=torch.bool)
+        for start in range(0, n, _STATIC_CHUNK_ROWS):
+            sl = slice(start, min(n, start + _STATIC_CHUNK_ROWS))
+            valid = self._valid[sl]
+            idx = self._neighbors[sl].clamp(min=0)
+            k_nb = torch.where(valid, kappa[idx], torch.zeros((), dtype=torch.float64))
+            a_nb = torch.where(valid, log_w[idx], torch.full((), -math.inf, dtype=torch.float64))
+            comp = torch.cat([kappa[sl].unsqueeze(1), k_nb], 1)
+            mask = torch.cat([torch.ones(valid.shape[0], 1, dtype=torch.bool), valid], 1)
+            h[sl] = self.step_size / kappa_ref(comp, mask, dim, self.temperature)
+            fast[sl] = negligible_neighbours(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], h[sl], self.steps, dim,
+                                             self.temperature, self.metropolis)
+        log.info("LangevinAugmenter: %d splats, k=%d, d=%d; %.2f%% on the one-component path",
+                 n, k, dim, 100.0 * float(fast.double().mean()) if n else 100.0)
+        return _Tables(h, kappa / self.temperature, fast, kappa, log_w, self._neighbors, self._valid)
+
+    # ------------------------------------------------------------------ the hook
+    def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator) -> Tensor:
+        _check_x(x, rows)
+        if self.steps == 0:
+            return x.clone()
+        d = x.shape[1]
+        tab = self._tables(x.device, d, gather)
+        rows = rows.to(x.device)
+        h = tab.h[rows]
+        t, rho = own_component_chain(h, tab.kappa_t[rows], self.steps, d, generator, self.metropolis)
+        out = random_point_at_cosine(x, t, rho, generator=generator)
+        slow = torch.nonzero(~tab.fast[rows]).squeeze(1)
+        if slow.numel():
+            out[slow] = self._full(x[slow], rows[slow], h[slow], tab, gather, generator).to(out.dtype)
+        return out
+
+    def _full(self, x: Tensor, rows: Tensor, h: Tensor, tab: _Tables, gather: Gather,
+              generator: torch.Generator) -> Tensor:
+        """The full-dimensional chain over all components of the given rows."""
+        f, d = x.shape
+        nb, valid = tab.neighbors[rows], tab.valid[rows]
+        uniq, inv = torch.unique(nb[valid], return_inverse=True)
+        vecs = gather(uniq).to(device=x.device, dtype=x.dtype) if uniq.numel() else x.new_zeros(0, d)
+        mu = x.new_zeros(f, 1 + nb.shape[1], d)
+        mu[:, 0] = x
+        inner = x.new_zeros(f, nb.shape[1], d)
+        inner[valid] = vecs[inv]
+        mu[:, 1:] = inner
+        idx = nb.clamp(min=0)
+        kap = torch.cat([tab.kappa[rows].unsqueeze(1), torch.where(valid, tab.kappa[idx], 0.0)], 1)
+        a = torch.cat([tab.log_w[rows].unsqueeze(1), torch.where(valid, tab.log_w[idx], -math.inf)], 1)
+        a = a - a[:, :1]                      # softmax is shift-free; keeps float32 logits small
+        return full_chain(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.steps, self.temperature, generator,
+                          self.metropolis)
