@@ -28,7 +28,13 @@ class Column:
 
     @property
     def row_bytes(self) -> int:
+        """Bytes of one row as stored."""
         return int(np.prod(self.trailing, dtype=np.int64)) * self.storage_dtype.itemsize
+
+    @property
+    def out_row_bytes(self) -> int:
+        """Bytes of one row as delivered."""
+        return int(np.prod(self.trailing, dtype=np.int64)) * self.out_dtype.itemsize
 
 
 def _out_dtype(dtype: np.dtype) -> torch.dtype:

@@ -51,6 +51,7 @@ class StreamSpec:
     warm_bytes: int
     warm_mode: str = "auto"
     gather_in_workers: bool = True
+    huge_pages: bool = False
 
     @property
     def gathered(self) -> tuple[Column, ...]:
@@ -59,7 +60,7 @@ class StreamSpec:
 
 def chunk_batches_for(columns: Sequence[Column], batch_size: int) -> int:
     """Batches per item: about `CHUNK_BYTES` of delivered data, at most `MAX_CHUNK_BATCHES`."""
-    row = sum(c.row_bytes for c in columns if c.source is not None) or 1
+    row = sum(c.out_row_bytes for c in columns if c.source is not None) or 1
     return int(max(1, min(MAX_CHUNK_BATCHES, CHUNK_BYTES // max(1, batch_size * row))))
 
 
@@ -119,7 +120,7 @@ class StreamDataset(IterableDataset):
         return ColdStage(upstream, reader, self.spec.columns, buffers, self.spec.layout.block_rows)
 
     def new_arena(self, reader: ColdReader, budget: int) -> WarmArena:
-        return WarmArena(reader, self.spec.gathered, self.spec.layout.block_rows, budget)
+        return WarmArena(reader, self.spec.gathered, self.spec.layout.block_rows, budget, self.spec.huge_pages)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Worker side: this worker's items as plain dicts (tensors on the host)."""

@@ -77,14 +77,15 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
                 warm_bytes: int, hot_bytes: int, prefetch: int = 4, sampler: PlanSampler | None = None,
                 augment: Augment | None = None, shuffle_mode: str = "auto", block_rows: int | None = None,
                 warm_mode: str = "auto", hot_mode: str = "auto", chunk_batches: int | None = None,
-                intra_op_threads: int | None = 1) -> "StreamLoader":
+                intra_op_threads: int | None = 1, huge_pages: bool = False) -> "StreamLoader":
     """A DataLoader over ``source`` that yields whole batches (see the module docstring).
 
     Beyond the facade's arguments: ``shuffle_mode`` ("auto" | "full" | "block"; auto = full when
     the lake fits ``warm_bytes``), ``block_rows`` (block size; default ~4 MiB of rows),
     ``warm_mode`` ("auto" | "arena" | "cold"), ``hot_mode`` ("auto" | "resident" | "staged"),
-    ``chunk_batches`` (batches per internal item; default ~4 MiB) and ``intra_op_threads``
-    (torch threads of the stream thread; None leaves torch alone).
+    ``chunk_batches`` (batches per internal item; default ~4 MiB), ``intra_op_threads`` (torch
+    threads of the stream thread; None leaves torch alone) and ``huge_pages`` (back the warm arena
+    with transparent huge pages: faster steady epochs, slower first fill).
     """
     if not isinstance(source, RowSource):
         raise ConfigError(f"source must implement RowSource, got {type(source).__name__}")
@@ -125,7 +126,7 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
         columns=resolved, layout=layout, num_rows=int(source.num_rows), batch_size=batch_size,
         drop_last=bool(drop_last), seed=seed, rank=world.rank, world_size=world.world_size,
         chunk_batches=chunk_batches or chunk_batches_for(resolved, batch_size), warm_bytes=warm_bytes,
-        warm_mode=warm_mode, gather_in_workers=hot != RESIDENT)
+        warm_mode=warm_mode, gather_in_workers=hot != RESIDENT, huge_pages=bool(huge_pages))
     dataset = StreamDataset(source, spec, sampler)
     return StreamLoader(dataset, device=dev, num_workers=num_workers, prefetch=prefetch, augment=augment,
                         hot_mode=hot, return_tensor=columns is None, epoch=epoch,

@@ -9,9 +9,6 @@ stage that gathers each item directly.
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import mmap
 import warnings
 from typing import Sequence
 
@@ -19,28 +16,9 @@ import numpy as np
 import torch
 
 from m2m.stream.columns import ROWS, WEIGHT, Column
+from m2m.stream.memory import MADV_WILLNEED, madvise
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import BufferSource, Stage, Work
-
-log = logging.getLogger(__name__)
-
-_MADV_WILLNEED = 3
-_PAGE = mmap.PAGESIZE
-_libc: ctypes.CDLL | None = None
-
-
-def _madvise_willneed(address: int, length: int) -> None:
-    """Ask the kernel to read a mapped range ahead (advisory; failures only logged)."""
-    global _libc
-    if length <= 0:
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    start = address - address % _PAGE
-    if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length + address - start), _MADV_WILLNEED) != 0:
-        log.debug("madvise(WILLNEED) failed with errno %d", ctypes.get_errno())
-
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """A zero-copy tensor over a (possibly read-only, memory-mapped) numpy array."""
@@ -86,7 +64,7 @@ class ColdReader:
                 base = int(self.offsets[s])
                 a, b = max(lo, base) - base, min(hi, int(self.offsets[s + 1])) - base
                 if b > a and arr.strides[0] > 0:
-                    _madvise_willneed(arr.ctypes.data + a * arr.strides[0], (b - a) * arr.strides[0])
+                    madvise(arr.ctypes.data + a * arr.strides[0], (b - a) * arr.strides[0], MADV_WILLNEED)
 
     def advise_blocks(self, blocks: np.ndarray, block_rows: int) -> None:
         """Read ahead the ``block_rows``-row blocks ``blocks`` not advised since they were last read."""

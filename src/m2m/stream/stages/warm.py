@@ -18,6 +18,7 @@ import torch
 
 from m2m.errors import StreamError
 from m2m.stream.columns import Column
+from m2m.stream.memory import empty_hugepage
 from m2m.stream.stages.base import BufferSource, Stage, Work
 from m2m.stream.stages.cold import ColdReader, fill_common
 
@@ -26,10 +27,19 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
-class WarmArena:
-    """LRU cache of ``block_rows``-row blocks of some columns, in ``budget_bytes`` of RAM."""
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
-    def __init__(self, reader: ColdReader, columns: Sequence[Column], block_rows: int, budget_bytes: int) -> None:
+
+class WarmArena:
+    """LRU cache of ``block_rows``-row blocks of some columns, in ``budget_bytes`` of RAM.
+
+    ``huge_pages`` backs the arena with transparent huge pages: random gathers from it are ~1.25x
+    faster, but the kernel compacts memory while it is first filled (here ~2x slower first epoch).
+    """
+
+    def __init__(self, reader: ColdReader, columns: Sequence[Column], block_rows: int, budget_bytes: int,
+                 huge_pages: bool = False) -> None:
         self.reader = reader
         self.columns = tuple(c for c in columns if c.source is not None)
         self.block_rows = int(block_rows)
@@ -39,8 +49,8 @@ class WarmArena:
         if self.slots < 1:
             raise StreamError(f"warm budget {budget_bytes} bytes holds no block of {self.block_bytes} bytes")
         rows = self.slots * self.block_rows
-        self._arena = {c.source: torch.empty((rows, *c.trailing), dtype=_torch_dtype(c.storage_dtype))
-                       for c in self.columns}
+        alloc = empty_hugepage if huge_pages else _empty
+        self._arena = {c.source: alloc((rows, *c.trailing), _torch_dtype(c.storage_dtype)) for c in self.columns}
         self._arena_np = {name: t.numpy() for name, t in self._arena.items()}
         self.slot_of_block = np.full(self.num_blocks, -1, dtype=np.int64)
         self.block_of_slot = np.full(self.slots, -1, dtype=np.int64)
