@@ -131,7 +131,8 @@ def test_two_coordinate_chain_matches_the_full_chain(metropolis):
     full = langevin.sample(mu0.expand(b, d), mu, k, a, steps=5, step_size=0.3,
                            generator=torch.Generator().manual_seed(7), metropolis=metropolis) @ mu0
     h = step_length(0.3, k, None, d, 1.0)
-    t, rho = langevin.own_component_chain(h, k[:, 0], 5, d, torch.Generator().manual_seed(8), metropolis)
+    own = langevin.own_component_chain(h, k[:, 0], 5, d, torch.Generator().manual_seed(8), metropolis)
+    t, rho = own.t, own.rho
     assert torch.allclose(t * t + rho * rho, torch.ones(b, dtype=F64))
     # KS critical value at alpha = 1e-3 for two samples of 6000: 1.95 * sqrt(2 / 6000) = 0.036
     assert _ks(full, t) < 0.036

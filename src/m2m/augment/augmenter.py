@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 from m2m.augment.energy import DEFAULT_STEP_SIZE, kappa_ref, validate_chain_args
-from m2m.augment.langevin import full_chain, negligible_neighbours, own_component_chain
+from m2m.augment.langevin import (
+    OwnChain,
+    coupled_full_chain,
+    negligible_neighbours,
+    negligible_on_path,
+    own_component_chain,
+)
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.geometry.sphere import random_point_at_cosine
 from m2m.geometry.vmf import log_normalizer, sample_cosine
@@ -90,11 +96,12 @@ class _Tables:
     """Per-device tables of one (dim) configuration."""
     h: Tensor            # [N] float64 Langevin step length
     kappa_t: Tensor      # [N] float64 kappa / T
-    fast: Tensor         # [N] bool: neighbours negligible -> one-component chain
+    fast: Tensor         # [N] bool: neighbours negligible whatever the path -> one-component chain
     kappa: Tensor        # [N] float64
     log_w: Tensor        # [N] float64 log alpha + log C_d(kappa)
     neighbors: Tensor    # [N, k] int64
     valid: Tensor        # [N, k] bool
+    cos: Tensor          # [N, k] float64 mu_i . mu_neighbour
 
 
 class LangevinAugmenter:
@@ -167,7 +174,7 @@ class LangevinAugmenter:
                     self._static[dim] = self._build(dim, gather)
                 st = self._static[dim]
                 self._cache[key] = _Tables(*(t.to(device) for t in (st.h, st.kappa_t, st.fast, st.kappa, st.log_w,
-                                                                     st.neighbors, st.valid)))
+                                                                     st.neighbors, st.valid, st.cos)))
             return self._cache[key]
 
     def _neighbour_cosines(self, gather: Gather | None) -> Tensor:
@@ -207,7 +214,7 @@ class LangevinAugmenter:
                                              self.temperature, self.metropolis)
         log.info("LangevinAugmenter: %d splats, k=%d, d=%d; %.2f%% on the one-component path",
                  n, k, dim, 100.0 * float(fast.double().mean()) if n else 100.0)
-        return _Tables(h, kappa / self.temperature, fast, kappa, log_w, self._neighbors, self._valid)
+        return _Tables(h, kappa / self.temperature, fast, kappa, log_w, self._neighbors, self._valid, cos)
 
     # ------------------------------------------------------------------ the hook
     def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator) -> Tensor:
@@ -218,16 +225,28 @@ class LangevinAugmenter:
         tab = self._tables(x.device, d, gather)
         rows = rows.to(x.device)
         h = tab.h[rows]
-        t, rho = own_component_chain(h, tab.kappa_t[rows], self.steps, d, generator, self.metropolis)
-        out = random_point_at_cosine(x, t, rho, generator=generator)
-        slow = torch.nonzero(~tab.fast[rows]).squeeze(1)
-        if slow.numel():
-            out[slow] = self._full(x[slow], rows[slow], h[slow], tab, gather, generator).to(out.dtype)
+        cand = torch.nonzero(~tab.fast[rows]).squeeze(1)      # rows whose neighbours might matter
+        own = own_component_chain(h, tab.kappa_t[rows], self.steps, d, generator, self.metropolis,
+                                  record=cand.numel() > 0)
+        out = random_point_at_cosine(x, own.t, own.rho, generator=generator)
+        if cand.numel():
+            r = rows[cand]
+            nb, valid = tab.neighbors[r], tab.valid[r]
+            idx = nb.clamp(min=0)
+            k_nb = torch.where(valid, tab.kappa[idx], 0.0)
+            a_nb = torch.where(valid, tab.log_w[idx], -math.inf)
+            sub = own.rows(cand)
+            ok = negligible_on_path(sub, tab.cos[r], k_nb, a_nb, tab.kappa[r], tab.log_w[r], d, self.temperature)
+            bad = torch.nonzero(~ok).squeeze(1)
+            if bad.numel():
+                fail = cand[bad]
+                out[fail] = self._exact(x[fail], rows[fail], h[fail], tab, gather, generator,
+                                        sub.rows(bad)).to(out.dtype)
         return out
 
-    def _full(self, x: Tensor, rows: Tensor, h: Tensor, tab: _Tables, gather: Gather,
-              generator: torch.Generator) -> Tensor:
-        """The full-dimensional chain over all components of the given rows."""
+    def _exact(self, x: Tensor, rows: Tensor, h: Tensor, tab: _Tables, gather: Gather,
+               generator: torch.Generator, own: OwnChain) -> Tensor:
+        """The exact chain over all components of the given rows, coupled to their recorded run."""
         f, d = x.shape
         nb, valid = tab.neighbors[rows], tab.valid[rows]
         uniq, inv = torch.unique(nb[valid], return_inverse=True)
@@ -241,5 +260,4 @@ class LangevinAugmenter:
         kap = torch.cat([tab.kappa[rows].unsqueeze(1), torch.where(valid, tab.kappa[idx], 0.0)], 1)
         a = torch.cat([tab.log_w[rows].unsqueeze(1), torch.where(valid, tab.log_w[idx], -math.inf)], 1)
         a = a - a[:, :1]                      # softmax is shift-free; keeps float32 logits small
-        return full_chain(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.steps, self.temperature, generator,
-                          self.metropolis)
+        return coupled_full_chain(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.temperature, generator, own)

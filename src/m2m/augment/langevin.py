@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -43,12 +44,16 @@ from m2m.augment.energy import (
     validate_chain_args,
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
+from m2m.geometry.sphere import uniform_tangent_direction
 
 __all__ = [
     "PRUNE_DELTA",
     "PRUNE_EPS",
+    "OwnChain",
+    "coupled_full_chain",
     "full_chain",
     "negligible_neighbours",
+    "negligible_on_path",
     "own_component_chain",
     "sample",
 ]
@@ -96,34 +101,39 @@ def full_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: Tensor, s
     if steps == 0:
         return x
     hh = h.to(x.dtype).unsqueeze(1)
-    sq = torch.sqrt(2.0 * hh)
-    noise = torch.empty_like(x)
     logp, grad = log_density_and_gradient(x, mu, kappa, log_w, temperature)
+    noise = torch.empty_like(x)
     for _ in range(steps):
         noise.normal_(generator=generator)
-        xz = torch.linalg.vecdot(x, noise).unsqueeze(1)
-        xg = torch.linalg.vecdot(x, grad).unsqueeze(1)
-        v = hh * (grad - xg * x) + sq * (noise - xz * x)
-        y = x + v
-        y = y / torch.linalg.vector_norm(y, dim=1, keepdim=True)
-        logp_y, grad_y = log_density_and_gradient(y, mu, kappa, log_w, temperature)
-        if not metropolis:
-            x, logp, grad = y, logp_y, grad_y
-            continue
-        # forward: v - m(x) = sqrt(2h) P_x xi; reverse tangent vector at y: x / (x.y) - y
-        fwd = 2.0 * hh.squeeze(1) * (torch.linalg.vecdot(noise, noise) - xz.squeeze(1) ** 2)
-        c = torch.linalg.vecdot(x, y).unsqueeze(1)
-        yg = torch.linalg.vecdot(y, grad_y).unsqueeze(1)
-        rev_vec = x / c - y - hh * (grad_y - yg * y)
-        rev = torch.linalg.vecdot(rev_vec, rev_vec)
-        log_acc = logp_y - logp - (rev - fwd) / (4.0 * hh.squeeze(1))
-        u = torch.rand(x.shape[0], dtype=x.dtype, device=x.device, generator=generator)
-        acc = torch.log(u) < log_acc
-        a1 = acc.unsqueeze(1)
-        x = torch.where(a1, y, x)
-        grad = torch.where(a1, grad_y, grad)
-        logp = torch.where(acc, logp_y, logp)
+        log_u = None
+        if metropolis:
+            log_u = torch.log(torch.rand(x.shape[0], dtype=x.dtype, device=x.device, generator=generator))
+        x, logp, grad = _step(x, logp, grad, noise, log_u, mu, kappa, log_w, hh, temperature)
     return x
+
+
+def _step(x: Tensor, logp: Tensor, grad: Tensor, noise: Tensor, log_u: Tensor | None, mu: Tensor, kappa: Tensor,
+          log_w: Tensor, hh: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One ULA (``log_u`` None) or MALA step driven by the Gaussian ``noise`` [B, d]."""
+    sq = torch.sqrt(2.0 * hh)
+    xz = torch.linalg.vecdot(x, noise).unsqueeze(1)
+    xg = torch.linalg.vecdot(x, grad).unsqueeze(1)
+    v = hh * (grad - xg * x) + sq * (noise - xz * x)
+    y = x + v
+    y = y / torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    logp_y, grad_y = log_density_and_gradient(y, mu, kappa, log_w, temperature)
+    if log_u is None:
+        return y, logp_y, grad_y
+    # forward: v - m(x) = sqrt(2h) P_x xi; reverse tangent vector at y: x / (x.y) - y
+    h1 = hh.squeeze(1)
+    fwd = 2.0 * h1 * (torch.linalg.vecdot(noise, noise) - xz.squeeze(1) ** 2)
+    c = torch.linalg.vecdot(x, y).unsqueeze(1)
+    yg = torch.linalg.vecdot(y, grad_y).unsqueeze(1)
+    rev_vec = x / c - y - hh * (grad_y - yg * y)
+    rev = torch.linalg.vecdot(rev_vec, rev_vec)
+    acc = log_u < logp_y - logp - (rev - fwd) / (4.0 * h1)
+    a1 = acc.unsqueeze(1)
+    return torch.where(a1, y, x), torch.where(acc, logp_y, logp), torch.where(a1, grad_y, grad)
 
 
 def _validate(x: Tensor, mu: Tensor, kappa: Tensor, alpha: Tensor, mask: Tensor | None
@@ -171,14 +181,41 @@ def _validate(x: Tensor, mu: Tensor, kappa: Tensor, alpha: Tensor, mask: Tensor 
 # the chain of one component started at its mean, in the coordinates (t, rho)
 # --------------------------------------------------------------------------------------------
 
+@dataclass
+class OwnChain:
+    """A run of ``own_component_chain``: final (t, rho) and, when recorded, what a replay needs.
+
+    ``visited_t``/``visited_rho`` [P, B]: every point at which the exact chain evaluates its density
+    (the states before each step, and with MALA also the proposals). ``z`` [S, 2, B], ``chi2`` [S, B],
+    ``log_u`` [S, B] (MALA): the noise; ``x1`` [S, B]: coefficient of the old orthogonal direction in
+    the new orthogonal part; ``acc`` [S, B]: accepted moves.
+    """
+
+    t: Tensor
+    rho: Tensor
+    visited_t: Tensor | None = None
+    visited_rho: Tensor | None = None
+    z: Tensor | None = None
+    chi2: Tensor | None = None
+    log_u: Tensor | None = None
+    x1: Tensor | None = None
+    acc: Tensor | None = None
+
+    def rows(self, idx: Tensor) -> "OwnChain":
+        """The same run restricted to rows ``idx``."""
+        def pick(v: Tensor | None) -> Tensor | None:
+            return None if v is None else v[..., idx]
+        return OwnChain(*(pick(getattr(self, f.name)) for f in fields(self)))  # type: ignore[arg-type]
+
+
 def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generator: torch.Generator | None,
-                        metropolis: bool = False) -> tuple[Tensor, Tensor]:
+                        metropolis: bool = False, record: bool = False) -> OwnChain:
     """The Langevin chain of ``sample`` for the single target vMF(mu_0, kappa) started at mu_0.
 
-    ``h`` and ``kappa`` (already divided by the temperature) are [B]; returns (t, rho) float64 [B]
-    with t = mu_0.x and rho = sqrt(1 - t^2) of the final point, whose direction orthogonal to mu_0 is
-    uniform. Exact in law: per step the noise is split into its component along mu_0, the one along
-    the current orthogonal direction, and a chi^2_{d-2} for the rest.
+    ``h`` and ``kappa`` (already divided by the temperature) are [B]; returns the final t = mu_0.x and
+    rho = |x - t mu_0| (float64 [B]) of points whose direction orthogonal to mu_0 is uniform. Exact in
+    law: per step the Gaussian noise is split into its component along mu_0, the one along the current
+    orthogonal direction and a chi^2_{d-2} for the rest. ``record`` keeps the path and the noise.
     """
     dev = h.device
     b = h.shape[0]
@@ -187,7 +224,8 @@ def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generato
     t = torch.ones(b, dtype=torch.float64, device=dev)
     rho = torch.zeros(b, dtype=torch.float64, device=dev)
     if steps == 0 or b == 0:
-        return t, rho
+        empty = torch.zeros((0, b), dtype=torch.float64, device=dev)
+        return OwnChain(t, rho, empty, empty) if record else OwnChain(t, rho)
     sq = torch.sqrt(2.0 * h)
     hk = h * kap
     z = torch.randn((steps, 2, b), dtype=torch.float64, device=dev, generator=generator)
@@ -196,33 +234,89 @@ def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generato
         chi2 = 2.0 * torch._standard_gamma(shape, generator=generator)
     else:
         chi2 = torch.zeros((steps, b), dtype=torch.float64, device=dev)
+    log_u = None
+    if metropolis:
+        log_u = torch.log(torch.rand((steps, b), dtype=torch.float64, device=dev, generator=generator))
     d0 = torch.addcmul(hk, sq, z[:, 0])        # noise + drift along mu_0
     d1 = sq * z[:, 1]                           # noise along the current orthogonal direction
     rest = 2.0 * h * chi2                       # squared noise in the remaining d - 2 directions
-    if metropolis:
-        u = torch.log(torch.rand((steps, b), dtype=torch.float64, device=dev, generator=generator))
+    n_vis = 2 * steps if metropolis else steps
+    if record:
+        vt = torch.empty((n_vis, b), dtype=torch.float64, device=dev)
+        vr = torch.empty((n_vis, b), dtype=torch.float64, device=dev)
+        x1s = torch.empty((steps, b), dtype=torch.float64, device=dev)
+        accs = torch.ones((steps, b), dtype=torch.bool, device=dev)
     for i in range(steps):
-        xd = t * d0[i] + rho * d1[i]            # x . D
+        if record:
+            vt[i], vr[i] = t, rho
+        xd = torch.addcmul(t * d0[i], rho, d1[i])   # x . D
         one_m = 1.0 - xd
         x0 = torch.addcmul(d0[i], t, one_m)
         x1 = torch.addcmul(d1[i], rho, one_m)
         r2 = torch.addcmul(rest[i], x1, x1)
-        n = torch.sqrt(x0 * x0 + r2)            # |x + P_x D| = 1 / (x . x')
+        n = torch.sqrt(torch.addcmul(r2, x0, x0))    # |x + P_x D| = 1 / (x . x')
         t_new = x0 / n
         rho_new = torch.sqrt(r2) / n
-        if not metropolis:
+        if record:
+            x1s[i] = x1
+        if log_u is None:
             t, rho = t_new, rho_new
             continue
-        # |v - m(x)|^2 = 2h |P_x zeta|^2 and |v_rev - m(x')|^2 in closed form (a = h kappa)
+        if record:
+            vt[steps + i], vr[steps + i] = t_new, rho_new
+        # |v - m(x)|^2 = 2h |P_x zeta|^2 and |v_rev - m(x')|^2 in closed form (hk = h kappa)
         zz = z[i, 0] ** 2 + z[i, 1] ** 2 + chi2[i]
         xz = t * z[i, 0] + rho * z[i, 1]
         fwd = 2.0 * h * (zz - xz * xz)
         rev = n * n - (1.0 - hk * t_new) ** 2 + hk * hk - 2.0 * hk * t * n
-        log_acc = kap * (t_new - t) - (rev - fwd) / (4.0 * h)
-        acc = u[i] < log_acc
+        acc = log_u[i] < kap * (t_new - t) - (rev - fwd) / (4.0 * h)
         t = torch.where(acc, t_new, t)
         rho = torch.where(acc, rho_new, rho)
-    return t, rho
+        if record:
+            accs[i] = acc
+    if not record:
+        return OwnChain(t, rho)
+    return OwnChain(t, rho, vt, vr, z, chi2, log_u, x1s, accs)
+
+
+def coupled_full_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: Tensor, temperature: float,
+                       generator: torch.Generator | None, own: OwnChain) -> Tensor:
+    """The exact chain (all components) from x = mu_0 = mu[:, 0], driven by the noise of the recorded
+    one-component run ``own`` (rows as in x).
+
+    The d-dimensional noise of step s is rebuilt as z0 mu_0 + z1 w_s + sqrt(chi2) r_s, with w_s the
+    one-component chain's orthogonal direction (a function of the past) and r_s a fresh uniform
+    direction orthogonal to both: an exact N(0, I_d) draw, so this is the exact chain, and it equals
+    the one-component chain wherever the other components' weights are negligible. This keeps the
+    output law exact when the decision to run it was taken on the recorded (t, rho) path.
+    """
+    assert own.z is not None and own.chi2 is not None and own.x1 is not None and own.acc is not None
+    steps = own.z.shape[0]
+    x = x.clone()
+    if steps == 0:
+        return x
+    dt = x.dtype
+    mu0 = x.clone()
+    hh = h.to(dt).unsqueeze(1)
+    sq_rest = torch.sqrt(2.0 * h.to(torch.float64).unsqueeze(1) * own.chi2.T).to(dt)   # [B, S]
+    w = uniform_tangent_direction(mu0, generator)                 # the (arbitrary) direction at rho = 0
+    logp, grad = log_density_and_gradient(x, mu, kappa, log_w, temperature)
+    g = torch.empty_like(x)
+    for i in range(steps):
+        g.normal_(generator=generator)
+        r = g - torch.linalg.vecdot(g, mu0).unsqueeze(1) * mu0 - torch.linalg.vecdot(g, w).unsqueeze(1) * w
+        rn = torch.linalg.vector_norm(r, dim=1, keepdim=True)
+        r = torch.where(rn > 0, r / torch.clamp(rn, min=torch.finfo(dt).tiny), torch.zeros_like(r))
+        chi = torch.sqrt(own.chi2[i]).to(dt).unsqueeze(1)
+        noise = own.z[i, 0].to(dt).unsqueeze(1) * mu0 + own.z[i, 1].to(dt).unsqueeze(1) * w + chi * r
+        log_u = None if own.log_u is None else own.log_u[i].to(dt)
+        x, logp, grad = _step(x, logp, grad, noise, log_u, mu, kappa, log_w, hh, temperature)
+        # the one-component chain's orthogonal direction after step i
+        nw = own.x1[i].to(dt).unsqueeze(1) * w + sq_rest[:, i:i + 1] * r
+        nn = torch.linalg.vector_norm(nw, dim=1, keepdim=True)
+        moved = own.acc[i].unsqueeze(1) & (nn > 0)
+        w = torch.where(moved, nw / torch.clamp(nn, min=torch.finfo(dt).tiny), w)
+    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,3 +384,34 @@ def negligible_neighbours(cos0: Tensor, kappa_nb: Tensor, log_w_nb: Tensor, kapp
     bound = an - a0 + torch.maximum(slope, slope * t_min) + kn * beta * big_m.unsqueeze(1)
     small = (bound / temperature < math.log(eps)) | torch.isneginf(an)
     return ok & small.all(1)
+
+
+def negligible_on_path(own: OwnChain, cos0: Tensor, kappa_nb: Tensor, log_w_nb: Tensor, kappa0: Tensor,
+                       log_w0: Tensor, dim: int, temperature: float, delta: float = PRUNE_DELTA,
+                       eps: float = PRUNE_EPS) -> Tensor:
+    """Rows [B] of a recorded one-component run on which the other components stay negligible.
+
+    Given the realised (t, rho) path, the orthogonal direction w of each visited point is uniform on
+    the unit sphere of mu_0's complement, so its coordinate v along the orthogonal part of mu_j has
+    P(|v| > c) <= 2 exp(-(d-1) c^2 / 2). A row passes when the sum over visited points and components
+    of P(log(w_j / w_0) > log eps) is <= delta. Rows that pass are the exact chain except with
+    probability delta; rows that fail must be rerun with ``coupled_full_chain`` (same noise).
+    """
+    assert own.visited_t is not None and own.visited_rho is not None
+    f64 = torch.float64
+    c0 = torch.clamp(cos0.to(f64), min=-1.0, max=1.0)
+    kn, an = kappa_nb.to(f64), log_w_nb.to(f64)
+    k0, a0 = kappa0.to(f64).unsqueeze(1), log_w0.to(f64).unsqueeze(1)
+    present = ~torch.isneginf(an)
+    base = torch.where(present, an - a0, torch.zeros_like(an))                      # [B, k]
+    slope = kn * c0 - k0
+    scale = kn * torch.sqrt(torch.clamp(1.0 - c0 * c0, min=0.0))
+    t = own.visited_t.unsqueeze(2)                                                 # [P, B, 1]
+    rho = own.visited_rho.unsqueeze(2)
+    room = temperature * math.log(eps) - (base + slope * t)                       # need kappa_j beta_j rho v < room
+    den = scale * rho
+    v = room / torch.where(den > 0, den, torch.ones_like(den))
+    tail = torch.where(den > 0, torch.where(v > 0, 2.0 * torch.exp(-(dim - 1) * v * v / 2.0), torch.ones_like(v)),
+                       (room <= 0).to(f64))
+    tail = torch.where(present, tail, torch.zeros_like(tail))
+    return tail.sum((0, 2)) <= delta

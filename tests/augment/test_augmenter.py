@@ -1,0 +1,184 @@
+"""Stream hooks: the pruned/coupled Langevin augmenter against the exact full chain, tables, gathers,
+labels, determinism; the vMF augmenter's moments."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from m2m import langevin, vmf
+from m2m.augment.augmenter import LangevinAugmenter, VMFAugmenter
+from m2m.errors import ConfigError
+
+D, N, K = 32, 64, 4
+
+
+def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
+    both = torch.cat([a, b]).sort().values
+    fa = torch.searchsorted(a.sort().values, both, right=True).double() / a.numel()
+    fb = torch.searchsorted(b.sort().values, both, right=True).double() / b.numel()
+    return (fa - fb).abs().max().item()
+
+
+def _paired_lake(c: float, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """N unit vectors in pairs at cosine ``c``; neighbour 0 of each row is its partner, the others random."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.normalize(torch.randn(N // 2, D, generator=g, dtype=torch.float64), dim=1)
+    perp = torch.randn(N // 2, D, generator=g, dtype=torch.float64)
+    perp = torch.nn.functional.normalize(perp - (perp * base).sum(1, keepdim=True) * base, dim=1)
+    mu = torch.cat([base, c * base + math.sqrt(1 - c * c) * perp]).float()
+    nb = np.random.default_rng(seed).integers(0, N, (N, K)).astype(np.int64)
+    nb[: N // 2, 0] = np.arange(N // 2) + N // 2
+    nb[N // 2:, 0] = np.arange(N // 2)
+    return mu, nb
+
+
+class _Gather:
+    """A gather function that records the positions it was asked for."""
+
+    def __init__(self, mu: torch.Tensor) -> None:
+        self.mu, self.calls = mu, []
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        self.calls.append(positions.clone())
+        return self.mu.index_select(0, positions)
+
+
+def _reference(mu: torch.Tensor, nb: np.ndarray, kappa: np.ndarray, alpha: np.ndarray, rows: torch.Tensor,
+               steps: int, step_size: float, seed: int, metropolis: bool = False) -> torch.Tensor:
+    """The exact full chain over each row's own splat and its neighbours (``langevin.sample``)."""
+    nbt = torch.from_numpy(nb)[rows]
+    valid = (nbt >= 0) & (nbt != rows.unsqueeze(1))
+    comp = torch.cat([rows.unsqueeze(1), nbt.clamp(min=0)], 1)
+    mask = torch.cat([torch.ones(len(rows), 1, dtype=torch.bool), valid], 1)
+    kt, at = torch.from_numpy(kappa).double(), torch.from_numpy(alpha).double()
+    return langevin.sample(mu[rows], mu[comp], kt[comp], at[comp], steps, step_size, mask=mask,
+                           generator=torch.Generator().manual_seed(seed), metropolis=metropolis)
+
+
+@pytest.mark.parametrize("c,metropolis", [(0.0, False), (0.6, False), (0.6, True), (0.9, False), (0.99, False),
+                                         (0.99, True)])
+def test_augmenter_matches_the_exact_chain(c, metropolis):
+    # c = 0: neighbours negligible (one-component path); c = 0.6: about half the rows need the coupled
+    # exact rerun after the path check (a rerun with fresh noise fails this test: it biases the law);
+    # c = 0.9: nearly all do; c = 0.99: the partner pulls (pruning it would fail this test).
+    mu, nb = _paired_lake(c)
+    rng = np.random.default_rng(1)
+    kappa = rng.uniform(300, 500, N).astype(np.float32)
+    alpha = rng.uniform(0.5, 2.0, N).astype(np.float32)
+    aug = LangevinAugmenter(nb, kappa, alpha, steps=5, step_size=0.3, metropolis=metropolis)
+    rows = torch.arange(N).repeat(150)
+    gather = _Gather(mu)
+    got = aug(mu[rows], rows, gather, torch.Generator().manual_seed(2))
+    want = _reference(mu, nb, kappa, alpha, rows, 5, 0.3, seed=3, metropolis=metropolis).float()
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.allclose(got.norm(dim=1), torch.ones(len(rows)), atol=1e-5)
+    partner = torch.from_numpy(nb[:, 0])[rows]
+    crit = 1.95 * math.sqrt(2 / len(rows))  # KS at alpha = 1e-3
+    assert _ks((got * mu[rows]).sum(1), (want * mu[rows]).sum(1)) < crit
+    assert _ks((got * mu[partner]).sum(1), (want * mu[partner]).sum(1)) < crit
+
+
+def test_negligible_rows_read_nothing_and_others_read_unique_positions():
+    mu, nb = _paired_lake(0.9)
+    nb[: N // 2, 1:] = -1                       # first half: only the close partner
+    nb[N // 2:, :] = -1                         # second half: no neighbour at all
+    nb[N // 2:, 0] = np.arange(N // 2) * 0      # ... except row 0, far from most of them
+    aug = LangevinAugmenter(nb, np.full(N, 400.0, np.float32), np.ones(N, np.float32), steps=3, step_size=0.2,
+                            neighbor_cos=(mu @ mu.T).numpy()[np.arange(N)[:, None], np.maximum(nb, 0)])
+    gather = _Gather(mu)
+    rows = torch.tensor([0, 0, 1, 40, 41, 42])
+    aug(mu[rows], rows, gather, torch.Generator().manual_seed(0))
+    assert len(gather.calls) <= 1
+    if gather.calls:
+        pos = gather.calls[0]
+        assert torch.equal(pos, torch.unique(pos))                    # unique positions only
+        assert set(pos.tolist()) <= {N // 2, N // 2 + 1}               # partners of the close rows
+
+
+def test_tables_are_built_once_and_neighbour_cosines_match():
+    mu, nb = _paired_lake(0.5)
+    kappa, alpha = np.full(N, 300.0, np.float32), np.ones(N, np.float32)
+    a = LangevinAugmenter(nb, kappa, alpha)
+    gather = _Gather(mu)
+    rows = torch.arange(8)
+    a(mu[rows], rows, gather, torch.Generator().manual_seed(0))
+    n_calls = len(gather.calls)
+    a(mu[rows], rows, gather, torch.Generator().manual_seed(0))
+    assert len(gather.calls) - n_calls <= 1                            # no second table build
+    cos = (mu @ mu.T).numpy()[np.arange(N)[:, None], nb]
+    b = LangevinAugmenter(nb, kappa, alpha, neighbor_cos=cos).to("cpu", D)
+    ta, tb = a._tables(torch.device("cpu"), D, None), b._tables(torch.device("cpu"), D, None)
+    assert torch.allclose(ta.cos, tb.cos, atol=1e-6)
+    assert torch.equal(ta.fast, tb.fast) and torch.allclose(ta.h, tb.h)
+
+
+def test_labels_mask_neighbours():
+    mu, nb = _paired_lake(0.999)
+    kappa, alpha = np.full(N, 2000.0, np.float32), np.ones(N, np.float32)
+    labels = np.arange(N) % 2                                          # partners i, i + 32 share a label
+    nb[:, 1:] = -1
+    same = LangevinAugmenter(nb, kappa, alpha, labels=labels, step_size=0.05).to("cpu", D, _Gather(mu))
+    other = LangevinAugmenter(nb, kappa, alpha, labels=np.arange(N), step_size=0.05).to("cpu", D, _Gather(mu))
+    assert same.fast_fraction == 0.0                                   # the near-duplicate partner counts
+    assert other.fast_fraction == 1.0                                  # every neighbour has another label
+
+
+def test_determinism_and_zero_steps():
+    mu, nb = _paired_lake(0.7)
+    kappa, alpha = np.full(N, 300.0, np.float32), np.ones(N, np.float32)
+    aug = LangevinAugmenter(nb, kappa, alpha, steps=4, step_size=0.3)
+    rows = torch.arange(N)
+    a = aug(mu, rows, _Gather(mu), torch.Generator().manual_seed(5))
+    b = aug(mu, rows, _Gather(mu), torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    still = LangevinAugmenter(nb, kappa, alpha, steps=0)
+    assert torch.equal(still(mu, rows, _Gather(mu), torch.Generator()), mu)
+
+
+def test_default_strength():
+    # realistic concentration (mean cosine 0.9 to the splat's mean at d = 384), default step: ~0.95
+    d, n = 384, 2048
+    k = vmf.kappa_from_mean_resultant(0.9, d).item()
+    mu = torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(0)), dim=1)
+    nb = np.random.default_rng(0).integers(0, n, (n, 16)).astype(np.int64)
+    aug = LangevinAugmenter(nb, np.full(n, k, np.float32), np.ones(n, np.float32))
+    rows = torch.arange(n)
+    y = aug(mu, rows, _Gather(mu), torch.Generator().manual_seed(1))
+    assert aug.fast_fraction == 1.0
+    assert (y * mu).sum(1).mean().item() == pytest.approx(0.95, abs=0.005)
+
+
+def test_vmf_augmenter_moments():
+    mu, _ = _paired_lake(0.0)
+    kappa = np.where(np.arange(N) < N // 2, 50.0, 800.0).astype(np.float32)
+    aug = VMFAugmenter(kappa).to("cpu")
+    rows = torch.arange(N).repeat(200)
+    y = aug(mu[rows], rows, _Gather(mu), torch.Generator().manual_seed(0))
+    c = (y * mu[rows]).sum(1)
+    lo = rows < N // 2
+    assert c[lo].mean().item() == pytest.approx(vmf.mean_resultant_length(50.0, D).item(), abs=0.01)
+    assert c[~lo].mean().item() == pytest.approx(vmf.mean_resultant_length(800.0, D).item(), abs=0.002)
+    assert torch.allclose(y.norm(dim=1), torch.ones(len(rows)), atol=1e-5)
+
+
+def test_validation():
+    nb = np.zeros((4, 2), np.int64)
+    ok = np.ones(4, np.float32)
+    with pytest.raises(ConfigError):
+        LangevinAugmenter(nb, -ok, ok)
+    with pytest.raises(ConfigError):
+        LangevinAugmenter(nb, ok, 0 * ok)
+    with pytest.raises(ConfigError):
+        LangevinAugmenter(nb + 4, ok, ok)
+    with pytest.raises(ConfigError):
+        LangevinAugmenter(nb, ok, ok, labels=np.zeros(3))
+    with pytest.raises(ConfigError):
+        LangevinAugmenter(nb.astype(np.float32), ok, ok)
+    with pytest.raises(ConfigError):
+        LangevinAugmenter(nb, ok, ok, step_size=2.0)
+    with pytest.raises(ConfigError):
+        VMFAugmenter(np.array([1.0, float("nan")]))
