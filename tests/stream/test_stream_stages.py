@@ -122,6 +122,24 @@ def test_warm_arena_accounts_bytes_and_evicts_lru():
     assert arena.nbytes == 3 * block_bytes
 
 
+def test_warm_arena_fills_progressively_when_requests_miss_many_blocks():
+    source = make_source(N, D, extra=False, shard_rows=300)
+    mu = np.concatenate([source.column(s, "mu") for s in range(4)])
+    arena = WarmArena(ColdReader(source, ["mu"]), cols.resolve(source, None), 50, budget_bytes=1 << 20,
+                      max_loads=3)
+    rng = np.random.default_rng(0)
+    loads = []
+    for _ in range(12):
+        rows = rng.integers(0, N, 200)
+        out = {"embedding": torch.empty((200, D))}
+        before = arena.loads
+        arena.gather(rows, out)
+        loads.append(arena.loads - before)
+        np.testing.assert_array_equal(out["embedding"].numpy(), mu[rows])
+    assert max(loads) <= 3 and arena.loads == arena.num_blocks == 20
+    assert loads[-1] == 0  # complete: later requests are served from the arena alone
+
+
 def test_warm_arena_rejects_a_budget_below_one_block():
     source = make_source(N, D, extra=False)
     with pytest.raises(StreamError, match="holds no block"):

@@ -33,6 +33,7 @@ ARENA, COLD = "arena", "cold"
 WARM_MODES = ("auto", ARENA, COLD)
 CHUNK_BYTES = 4 << 20
 MAX_CHUNK_BATCHES = 64
+PROGRESSIVE_LOADS = 16  # blocks one item may load while a fully shuffled lake fills the warm arena
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,9 @@ class StreamDataset(IterableDataset):
         return ColdStage(upstream, reader, self.spec.columns, buffers, self.spec.layout.block_rows)
 
     def new_arena(self, reader: ColdReader, budget: int) -> WarmArena:
-        return WarmArena(reader, self.spec.gathered, self.spec.layout.block_rows, budget, self.spec.huge_pages)
+        progressive = PROGRESSIVE_LOADS if self.spec.layout.mode == shuffle.FULL else None
+        return WarmArena(reader, self.spec.gathered, self.spec.layout.block_rows, budget, self.spec.huge_pages,
+                         progressive)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Worker side: this worker's items as plain dicts (tensors on the host)."""

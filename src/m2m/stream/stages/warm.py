@@ -36,10 +36,13 @@ class WarmArena:
 
     ``huge_pages`` backs the arena with transparent huge pages: random gathers from it are ~1.25x
     faster, but the kernel compacts memory while it is first filled (here ~2x slower first epoch).
+    ``max_loads`` bounds the blocks one request loads: a request missing more is served straight
+    from the cold tier while only that many blocks are loaded, so a lake that fits fills the arena
+    progressively during its first epoch instead of stalling the first batch on the whole copy.
     """
 
     def __init__(self, reader: ColdReader, columns: Sequence[Column], block_rows: int, budget_bytes: int,
-                 huge_pages: bool = False) -> None:
+                 huge_pages: bool = False, max_loads: int | None = None) -> None:
         self.reader = reader
         self.columns = tuple(c for c in columns if c.source is not None)
         self.block_rows = int(block_rows)
@@ -57,6 +60,7 @@ class WarmArena:
         self._last_used = np.zeros(self.slots, dtype=np.int64)
         self._tick = 0
         self._used = 0
+        self.max_loads = max_loads
         self.loads = 0
         self.evictions = 0
 
@@ -101,10 +105,18 @@ class WarmArena:
                 self.gather(rows[half:], {k: v[half:] for k, v in out.items()}, work)
                 return
             self._last_used[slot[~missing_rows]] = self._tick
-            for b in np.unique(blocks[missing_rows]).tolist():
+            missing = np.unique(blocks[missing_rows])
+            progressive = self.max_loads is not None and len(missing) > self.max_loads
+            for b in (missing[: self.max_loads] if progressive else missing).tolist():
                 loaded = self._load(b)
                 if work is not None:
                     work.count("cold_bytes", loaded)
+            if progressive:
+                for col in self.columns:
+                    read = self.reader.gather(col.source, rows, out[col.name])
+                    if work is not None:
+                        work.count("cold_bytes", read)
+                return
             slot = self.slot_of_block[blocks]
         self._last_used[slot] = self._tick
         pos = torch.from_numpy(slot * self.block_rows + (rows - blocks * self.block_rows))
