@@ -45,6 +45,7 @@ from m2m.augment.energy import (
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.geometry.sphere import uniform_tangent_direction
+from m2m.geometry.vmf import standard_gamma
 
 __all__ = [
     "PRUNE_DELTA",
@@ -228,10 +229,10 @@ def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generato
         return OwnChain(t, rho, empty, empty) if record else OwnChain(t, rho)
     sq = torch.sqrt(2.0 * h)
     hk = h * kap
-    z = torch.randn((steps, 2, b), dtype=torch.float64, device=dev, generator=generator)
+    # the noise is drawn in float32 (cheaper; it is only noise) and used in float64
+    z = torch.randn((steps, 2, b), device=dev, generator=generator).to(torch.float64)
     if dim > 2:
-        shape = torch.full((steps, b), (dim - 2) / 2.0, dtype=torch.float64, device=dev)
-        chi2 = 2.0 * torch._standard_gamma(shape, generator=generator)
+        chi2 = 2.0 * standard_gamma((dim - 2) / 2.0, (steps, b), generator, dev, torch.float32).to(torch.float64)
     else:
         chi2 = torch.zeros((steps, b), dtype=torch.float64, device=dev)
     log_u = None
@@ -249,6 +250,14 @@ def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generato
     for i in range(steps):
         if record:
             vt[i], vr[i] = t, rho
+        if i == 0 and log_u is None:
+            # from x = mu_0 (t = 1, rho = 0): x + P_x D = mu_0 + D1 w + rest, in closed form
+            r2 = torch.addcmul(rest[0], d1[0], d1[0])
+            inv = torch.rsqrt(r2 + 1.0)
+            if record:
+                x1s[0] = d1[0]
+            t, rho = inv, torch.sqrt(r2) * inv
+            continue
         xd = torch.addcmul(t * d0[i], rho, d1[i])   # x . D
         one_m = 1.0 - xd
         x0 = torch.addcmul(d0[i], t, one_m)

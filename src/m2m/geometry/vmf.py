@@ -32,6 +32,7 @@ __all__ = [
     "mean_resultant_length",
     "sample",
     "sample_cosine",
+    "standard_gamma",
 ]
 
 KAPPA_MAX = 1e10
@@ -284,6 +285,48 @@ def estimate_kappa(unit_vectors: Tensor) -> Tensor:
 # sampling
 # --------------------------------------------------------------------------------------------
 
+def standard_gamma(shape: float, size: tuple[int, ...], generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> Tensor:
+    """Exact Gamma(shape, 1) draws of the given ``size`` for one scalar shape > 0.
+
+    Marsaglia & Tsang (2000) squeeze-free rejection, vectorised with two candidates per entry and
+    round (acceptance >= 0.95 for shape >= 1, > 0.999 for the large shapes of chi^2_{d-2}); shapes
+    below 1 use Gamma(a) = Gamma(a + 1) U^(1/a). Much faster than ``torch._standard_gamma`` on CPU.
+    """
+    if not shape > 0:
+        raise ConfigError(f"gamma shape must be > 0, got {shape!r}")
+    boost = shape < 1.0
+    a = shape + 1.0 if boost else shape
+    dd = a - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * dd)
+    total = math.prod(size)
+    out = torch.empty(total, dtype=dtype, device=device)
+    pending: Tensor | None = None
+    for _ in range(_WOOD_MAX_ROUNDS):
+        m = total if pending is None else pending.numel()
+        if m == 0:
+            break
+        x = torch.randn((2, m), dtype=dtype, device=device, generator=generator)
+        u = torch.rand((2, m), dtype=dtype, device=device, generator=generator)
+        v = 1.0 + c * x
+        v = v * v * v
+        ok = (v > 0) & (torch.log(u) < 0.5 * x * x + dd - dd * v + dd * torch.log(torch.clamp(v, min=1e-300)))
+        cand = dd * v
+        val = torch.where(ok[0], cand[0], cand[1])
+        done = ok[0] | ok[1]
+        if pending is None:
+            out.copy_(val)
+            pending = torch.nonzero(~done).squeeze(1)
+        else:
+            out[pending[done]] = val[done]
+            pending = pending[~done]
+    if pending is None or pending.numel():
+        raise RuntimeError(f"gamma sampler did not accept all draws (shape {shape})")
+    if boost:
+        out = out * torch.rand(total, dtype=dtype, device=device, generator=generator) ** (1.0 / shape)
+    return out.reshape(size)
+
+
 def sample_cosine(kappa: Tensor, dim: int, n: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Exact draws of w = mu.x for x ~ vMF(mu, kappa) by Wood's (1994) rejection sampler.
 
@@ -306,8 +349,7 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1, generator: torch.Generato
         if m == 0:
             break
         # _WOOD_DRAWS candidates per pending entry; the first accepted one is kept
-        shape = torch.full((2, _WOOD_DRAWS, m), d1 / 2.0, dtype=torch.float64, device=dev)
-        g = torch._standard_gamma(shape, generator=generator)
+        g = standard_gamma(d1 / 2.0, (2, _WOOD_DRAWS, m), generator, dev)
         z = g[0] / (g[0] + g[1])                              # Beta((d-1)/2, (d-1)/2)
         u = torch.rand((_WOOD_DRAWS, m), dtype=torch.float64, device=dev, generator=generator)
         first = m == total
@@ -319,8 +361,9 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1, generator: torch.Generato
         omw_c = 2.0 * bp * z / (1.0 - (1.0 - bp) * z)          # 1 - w
         lhs = kp * (omx0p - omw_c) + d1 * (torch.log(omx0p + x0p * omw_c) - l1p)
         acc = lhs >= torch.log(u)
-        pick = acc.to(torch.uint8).argmax(0, keepdim=True)      # first accepted candidate
-        chosen = omw_c.gather(0, pick).squeeze(0)
+        chosen = omw_c[-1]
+        for j in range(_WOOD_DRAWS - 2, -1, -1):                 # the first accepted candidate
+            chosen = torch.where(acc[j], omw_c[j], chosen)
         done = acc.any(0)
         omw[pending[done]] = chosen[done]
         pending = pending[~done]

@@ -1,0 +1,171 @@
+"""Generative-stream benchmark: our Langevin augmenter | the straightforward chain | the gather limit.
+
+Data: 100k x 640 unit vectors in 1,000 vMF clusters of mean cosine 0.9 to their centre, held in a RAM
+tensor (float32, then float16 storage delivered as float32), alpha = 1, kappa of each splat from
+``neighbourhood_kappa`` (``--quick``: the generating kappa), and a neighbour table of k = 16 random
+members of the row's cluster (what a kNN search returns here: cosine ~0.81). Batches of 256 rows in a
+random order, 5 Langevin steps at the default step size, one torch thread. Each method is timed in
+several interleaved rounds and its best round is kept (the machine is shared).
+
+  limit  torch.index_select of the batch into a reused buffer (the stream's physical limit)
+  naive  gather the batch and its 16 x 256 neighbour rows, then 5 full-dimensional steps
+         (``langevin.full_chain``: bmm dot products, randn [256, 640] per step)
+  ours   gather the batch, then ``LangevinAugmenter`` (two-coordinate chain + one direction draw for
+         rows whose neighbours are provably negligible, exact coupled rerun for the others)
+  vmf    gather the batch, then ``VMFAugmenter`` (one exact vMF draw per row)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from m2m.augment.augmenter import LangevinAugmenter, VMFAugmenter
+from m2m.augment.energy import DEFAULT_STEP_SIZE, component_log_weights, step_length
+from m2m.augment.langevin import full_chain
+from m2m.geometry.kappa import neighbourhood_kappa
+from m2m.geometry.vmf import kappa_from_mean_resultant, sample as vmf_sample
+
+__all__ = ["GOAL_ROWS_PER_S", "format_table", "run"]
+
+ROWS, DIM, K, BATCH, STEPS, CLUSTERS = 100_000, 640, 16, 256, 5, 1_000
+GOAL_ROWS_PER_S = 300_000
+
+
+def _data(rows: int, seed: int) -> tuple[torch.Tensor, np.ndarray, float]:
+    g = torch.Generator().manual_seed(seed)
+    clusters = max(1, min(CLUSTERS, rows // 20))
+    per = rows // clusters
+    centres = torch.nn.functional.normalize(torch.randn(clusters, DIM, generator=g), dim=1)
+    kappa = kappa_from_mean_resultant(0.9, DIM).item()
+    x = vmf_sample(centres, torch.full((clusters,), kappa), per, generator=g).reshape(-1, DIM).contiguous()
+    members = np.arange(clusters * per).reshape(clusters, per)
+    rng = np.random.default_rng(seed)
+    owner = np.repeat(np.arange(clusters), per)
+    neighbors = members[owner[:, None], rng.integers(0, per, (clusters * per, K))].astype(np.int64)
+    return x, neighbors, kappa
+
+
+def _rate(fn: Callable[[torch.Tensor], Any], order: torch.Tensor, batches: int) -> tuple[float, float]:
+    """(rows per wall second, rows per CPU second of this thread)."""
+    fn(order[:BATCH])                                         # warm-up (tables, allocator)
+    t0, c0 = time.perf_counter(), time.thread_time()
+    for i in range(batches):
+        j = (i % (order.numel() // BATCH)) * BATCH
+        fn(order[j:j + BATCH])
+    rows = batches * BATCH
+    return rows / (time.perf_counter() - t0), rows / max(time.thread_time() - c0, 1e-9)
+
+
+def run(quick: bool = False, rows: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Measure rows/s of limit | naive | ours | vmf for float32 and float16 storage; returns a dict."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(quick, ROWS if rows is None else rows, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(quick: bool, rows: int, seed: int) -> dict[str, Any]:
+    x32, neighbors, kappa_true = _data(rows, seed)
+    n = x32.shape[0]
+    t0 = time.perf_counter()
+    kappa = (np.full(n, kappa_true, np.float32) if quick else neighbourhood_kappa(x32, neighbors))
+    kappa_s = time.perf_counter() - t0
+    alpha = np.ones(n, np.float32)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    rounds = 2 if quick else 3
+    n_fast, n_naive = (150, 12) if quick else (600, 40)
+    res: dict[str, Any] = {"rows": n, "dim": DIM, "batch": BATCH, "k": K, "steps": STEPS,
+                           "step_size": DEFAULT_STEP_SIZE, "kappa_median": float(np.median(kappa)),
+                           "kappa_seconds": None if quick else kappa_s, "threads": 1}
+    kt = torch.from_numpy(kappa).double()
+    nbt = torch.from_numpy(neighbors)
+    for name, store in (("f32", x32), ("f16", x32.to(torch.float16))):
+        buf = torch.empty(BATCH, DIM, dtype=store.dtype)
+        out = torch.empty(BATCH, DIM)
+        nbuf = torch.empty(BATCH * K, DIM, dtype=store.dtype)
+
+        def gather(pos: torch.Tensor, store: torch.Tensor = store) -> torch.Tensor:
+            return store.index_select(0, pos).to(torch.float32)
+
+        def batch(r: torch.Tensor, store: torch.Tensor = store, buf: torch.Tensor = buf,
+                  out: torch.Tensor = out) -> torch.Tensor:
+            torch.index_select(store, 0, r, out=buf)
+            return buf if buf.dtype == torch.float32 else out.copy_(buf)
+
+        t0 = time.perf_counter()
+        aug = LangevinAugmenter(neighbors, kappa, alpha, steps=STEPS).to("cpu", DIM, gather)
+        build_s = time.perf_counter() - t0
+        vaug = VMFAugmenter(kappa).to("cpu")
+        gen = torch.Generator().manual_seed(seed + 2)
+
+        def ours(r: torch.Tensor) -> torch.Tensor:
+            return aug(batch(r), r, gather, gen)
+
+        def vmf(r: torch.Tensor) -> torch.Tensor:
+            return vaug(batch(r), r, gather, gen)
+
+        def naive(r: torch.Tensor, store: torch.Tensor = store, nbuf: torch.Tensor = nbuf) -> torch.Tensor:
+            xb = batch(r)
+            idx = nbt[r]
+            torch.index_select(store, 0, idx.reshape(-1), out=nbuf)
+            mu = torch.cat([xb.unsqueeze(1), nbuf.view(BATCH, K, DIM).to(torch.float32)], 1)
+            kk = torch.cat([kt[r].unsqueeze(1), kt[idx]], 1)
+            lw = component_log_weights(kk, torch.ones_like(kk), DIM)
+            h = step_length(DEFAULT_STEP_SIZE, kk, None, DIM, 1.0)
+            return full_chain(xb, mu, kk.float(), (lw - lw[:, :1]).float(), h, STEPS, 1.0, gen, False)
+
+        best = {"limit": 0.0, "naive": 0.0, "ours": 0.0, "vmf": 0.0}
+        cpu = dict(best)
+        for _ in range(rounds):
+            for key, fn, nb in (("limit", batch, 8 * n_fast), ("ours", ours, n_fast), ("vmf", vmf, n_fast),
+                                ("naive", naive, n_naive)):
+                wall, per_cpu = _rate(fn, order, nb)
+                best[key], cpu[key] = max(best[key], wall), max(cpu[key], per_cpu)
+        sample_rows = order[:BATCH]
+        src = batch(sample_rows).clone()
+        cos = {m: float((fn(sample_rows) * src).sum(1).mean()) for m, fn in (("ours", ours), ("naive", naive),
+                                                                            ("vmf", vmf))}
+        res[name] = {**best, "cpu_rows_per_s": cpu, "table_build_seconds": build_s, "fast_fraction": aug.fast_fraction,
+                     "mean_cos_to_source": cos}
+    f32, f16 = res["f32"], res["f16"]
+    res["ratios"] = {
+        "ours_vs_naive_f32": f32["ours"] / f32["naive"],
+        "ours_vs_limit_f32": f32["ours"] / f32["limit"],
+        "vmf_vs_naive_f32": f32["vmf"] / f32["naive"],
+        "ours_vs_naive_f16": f16["ours"] / f16["naive"],
+        "naive_f16_vs_f32": f16["naive"] / f32["naive"],
+        "ours_vs_naive_f32_cpu": f32["cpu_rows_per_s"]["ours"] / f32["cpu_rows_per_s"]["naive"],
+    }
+    res["goal"] = {"ours_rows_per_s": GOAL_ROWS_PER_S, "met": max(f32["ours"], f16["ours"]) >= GOAL_ROWS_PER_S}
+    return res
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """One side-by-side table: rows/s and ratios to the naive chain and to the gather limit."""
+    lines = [f"Langevin stream benchmark: {res['rows']:,} x {res['dim']} rows, batch {res['batch']}, "
+             f"k={res['k']} neighbours, {res['steps']} steps, step_size {res['step_size']}, "
+             f"{res['threads']} thread, median kappa {res['kappa_median']:.0f}",
+             f"{'what':44s} {'f32 rows/s':>12s} {'f16 rows/s':>12s} {'x naive':>8s} {'x limit':>8s}"]
+    labels = {"limit": "limit: gather the batch (index_select)", "naive": "naive: gather 16 neighbours + 5 full steps",
+              "ours": "ours: LangevinAugmenter", "vmf": "ours: VMFAugmenter (exact vMF draw)"}
+    f32, f16 = res["f32"], res["f16"]
+    for key, label in labels.items():
+        lines.append(f"{label:44s} {f32[key]:12,.0f} {f16[key]:12,.0f} {f32[key] / f32['naive']:8.1f} "
+                     f"{f32[key] / f32['limit']:8.3f}")
+    lines.append("rows per CPU-second of the thread (less sensitive to the shared machine), f32: "
+                 + ", ".join(f"{k} {v:,.0f}" for k, v in f32["cpu_rows_per_s"].items()))
+    lines.append(f"one-component path: {100 * (f32['fast_fraction'] or 0):.1f}% of splats; table build "
+                 f"{f32['table_build_seconds']:.1f} s (f32), {f16['table_build_seconds']:.1f} s (f16)"
+                 + ("" if res["kappa_seconds"] is None else f"; neighbourhood_kappa {res['kappa_seconds']:.1f} s"))
+    cos = f32["mean_cos_to_source"]
+    lines.append("mean cosine to the source row: " + ", ".join(f"{k} {v:.4f}" for k, v in cos.items()))
+    lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
+    goal = res["goal"]
+    lines.append(f"goal >= {goal['ours_rows_per_s']:,} rows/s: {'met' if goal['met'] else 'NOT met'}")
+    return "\n".join(lines)
