@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from m2m.stream.columns import ROWS, WEIGHT, Column
-from m2m.stream.memory import MADV_WILLNEED, madvise
+from m2m.stream.memory import MADV_POPULATE_READ, MADV_WILLNEED, madvise
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import BufferSource, Stage, Work
 
@@ -53,7 +53,11 @@ class ColdReader:
         for s in self._shards(lo, hi):
             a, b = max(lo, int(self.offsets[s])), min(hi, int(self.offsets[s + 1]))
             base = int(self.offsets[s])
-            np.copyto(dst[a - lo: b - lo], self._arrays[name][s][a - base: b - base], casting="no")
+            src = self._arrays[name][s][a - base: b - base]
+            out = dst[a - lo: b - lo]
+            if src.nbytes >= 1 << 20 and src.flags.c_contiguous:  # map the range in one call, not per page
+                madvise(src.ctypes.data, src.nbytes, MADV_POPULATE_READ)
+            np.copyto(out, src, casting="no")
         return int(dst[: hi - lo].nbytes)
 
     def willneed(self, lo: int, hi: int) -> None:
