@@ -13,7 +13,6 @@ draws (their generator is seeded from (seed, epoch, rank, batch index), independ
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import weakref
@@ -39,8 +38,6 @@ from m2m.stream.stages.prefetch import Prefetcher
 from m2m.stream.stages.warm import WarmArena
 from m2m.stream.stats import StreamStats
 from m2m.stream.topology import World, detect_rank
-
-log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 HOT_MODES = ("auto", RESIDENT, STAGED)

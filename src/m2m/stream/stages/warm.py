@@ -34,8 +34,8 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class WarmArena:
     """LRU cache of ``block_rows``-row blocks of some columns, in ``budget_bytes`` of RAM.
 
-    ``huge_pages`` backs the arena with transparent huge pages: random gathers from it are ~1.25x
-    faster, but the kernel compacts memory while it is first filled (here ~2x slower first epoch).
+    ``huge_pages`` backs the arena with transparent huge pages: random gathers from it were
+    1.3-1.5x faster here, but the kernel may compact memory while it first fills (a slower first epoch).
     ``max_loads`` bounds the blocks one request loads: a request missing more is served straight
     from the cold tier while only that many blocks are loaded, so a lake that fits fills the arena
     progressively during its first epoch instead of stalling the first batch on the whole copy.
@@ -73,13 +73,6 @@ class WarmArena:
     def resident_blocks(self) -> np.ndarray:
         return np.flatnonzero(self.slot_of_block >= 0)
 
-    def clear(self) -> None:
-        """Forget every block (the memory stays allocated for reuse)."""
-        self.slot_of_block[:] = -1
-        self.block_of_slot[:] = -1
-        self._last_used[:] = 0
-        self._used = 0
-
     def advise(self, rows: np.ndarray) -> None:
         """Read ahead (page cache) the blocks of ``rows`` that are neither resident nor advised yet."""
         if len(rows) == 0:
@@ -94,16 +87,15 @@ class WarmArena:
         slot = self.slot_of_block[blocks]
         missing_rows = slot < 0
         n_miss = int(np.count_nonzero(missing_rows))
+        if n_miss and len(np.unique(blocks)) > self.slots:  # wider than the arena: serve it in halves
+            half = len(rows) // 2
+            self.gather(rows[:half], {k: v[:half] for k, v in out.items()}, work)
+            self.gather(rows[half:], {k: v[half:] for k, v in out.items()}, work)
+            return
         if work is not None:
             work.count("warm_miss_rows", n_miss)
             work.count("warm_hit_rows", len(rows) - n_miss)
         if n_miss:
-            needed = np.unique(blocks)
-            if len(needed) > self.slots:  # the request is wider than the arena: serve it in halves
-                half = len(rows) // 2
-                self.gather(rows[:half], {k: v[:half] for k, v in out.items()}, work)
-                self.gather(rows[half:], {k: v[half:] for k, v in out.items()}, work)
-                return
             self._last_used[slot[~missing_rows]] = self._tick
             missing = np.unique(blocks[missing_rows])
             progressive = self.max_loads is not None and len(missing) > self.max_loads
