@@ -112,8 +112,9 @@ def test_tables_are_built_once_and_neighbour_cosines_match():
     cos = (mu @ mu.T).numpy()[np.arange(N)[:, None], nb]
     b = LangevinAugmenter(nb, kappa, alpha, neighbor_cos=cos).to("cpu", D)
     ta, tb = a._tables(torch.device("cpu"), D, None), b._tables(torch.device("cpu"), D, None)
-    assert torch.allclose(ta.cos, tb.cos, atol=1e-6)
+    assert torch.allclose(a._cos, b._cos, atol=1e-6)
     assert torch.equal(ta.fast, tb.fast) and torch.allclose(ta.h, tb.h)
+    assert torch.allclose(ta.room, tb.room, atol=1e-3) and torch.allclose(ta.slope, tb.slope, atol=1e-3)
 
 
 def test_labels_mask_neighbours():

@@ -16,6 +16,7 @@ from m2m.augment.langevin import (
     negligible_neighbours,
     negligible_on_path,
     own_component_chain,
+    path_terms,
 )
 from m2m.geometry.vmf import log_normalizer
 
@@ -74,8 +75,8 @@ def _recorded(d: int, c: float, kappa: float, dt: float, steps: int, b: int, met
     own = own_component_chain(h, k[:, 0], steps, d, torch.Generator().manual_seed(1), metropolis, record=True)
     exact = coupled_full_chain(mu0.expand(b, d).clone(), mu, k, log_w - log_w[:, :1], h, 1.0,
                                torch.Generator().manual_seed(2), own)
-    ok = negligible_on_path(own, torch.full((b, 1), c, dtype=F64), k[:, 1:], log_w[:, 1:], k[:, 0], log_w[:, 0],
-                            d, 1.0)
+    terms = path_terms(torch.full((b, 1), c, dtype=F64), k[:, 1:], log_w[:, 1:], k[:, 0], log_w[:, 0], 1.0)
+    ok = negligible_on_path(own, *terms, d)
     return own, exact, ok, mu0
 
 

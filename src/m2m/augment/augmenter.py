@@ -30,6 +30,7 @@ from m2m.augment.langevin import (
     negligible_neighbours,
     negligible_on_path,
     own_component_chain,
+    path_terms,
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.geometry.sphere import random_point_at_cosine
@@ -101,7 +102,9 @@ class _Tables:
     log_w: Tensor        # [N] float64 log alpha + log C_d(kappa)
     neighbors: Tensor    # [N, k] int64
     valid: Tensor        # [N, k] bool
-    cos: Tensor          # [N, k] float64 mu_i . mu_neighbour
+    room: Tensor         # [N, k] float32 } constants of the path check (``path_terms``)
+    slope: Tensor        # [N, k] float32 }
+    scale: Tensor        # [N, k] float32 }
 
 
 class LangevinAugmenter:
@@ -150,6 +153,7 @@ class LangevinAugmenter:
         self._static: dict[int, _Tables] = {}
         self._cache: dict[tuple[torch.device, int], _Tables] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ tables
     def to(self, device: torch.device | str, dim: int, gather: Gather | None = None) -> "LangevinAugmenter":
@@ -174,7 +178,8 @@ class LangevinAugmenter:
                     self._static[dim] = self._build(dim, gather)
                 st = self._static[dim]
                 self._cache[key] = _Tables(*(t.to(device) for t in (st.h, st.kappa_t, st.fast, st.kappa, st.log_w,
-                                                                     st.neighbors, st.valid, st.cos)))
+                                                                     st.neighbors, st.valid, st.room, st.slope,
+                                                                     st.scale)))
             return self._cache[key]
 
     def _neighbour_cosines(self, gather: Gather | None) -> Tensor:
@@ -201,6 +206,7 @@ class LangevinAugmenter:
         log_w = torch.log(torch.from_numpy(self._alpha)) + log_normalizer(kappa, dim)
         h = torch.empty(n, dtype=torch.float64)
         fast = torch.empty(n, dtype=torch.bool)
+        room, slope, scale = (torch.empty(n, k, dtype=torch.float32) for _ in range(3))
         for start in range(0, n, _STATIC_CHUNK_ROWS):
             sl = slice(start, min(n, start + _STATIC_CHUNK_ROWS))
             valid = self._valid[sl]
@@ -212,9 +218,19 @@ class LangevinAugmenter:
             h[sl] = self.step_size / kappa_ref(comp, mask, dim, self.temperature)
             fast[sl] = negligible_neighbours(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], h[sl], self.steps, dim,
                                              self.temperature, self.metropolis)
+            room[sl], slope[sl], scale[sl] = path_terms(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], self.temperature)
         log.info("LangevinAugmenter: %d splats, k=%d, d=%d; %.2f%% on the one-component path",
                  n, k, dim, 100.0 * float(fast.double().mean()) if n else 100.0)
-        return _Tables(h, kappa / self.temperature, fast, kappa, log_w, self._neighbors, self._valid, cos)
+        return _Tables(h, kappa / self.temperature, fast, kappa, log_w, self._neighbors, self._valid, room, slope,
+                       scale)
+
+    def _scratch(self, x: Tensor) -> Tensor:
+        """A per-thread temporary of x's shape (fresh large allocations fault pages on every batch)."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or buf.shape != x.shape or buf.device != x.device or buf.dtype != x.dtype:
+            buf = torch.empty_like(x)
+            self._local.scratch = buf
+        return buf
 
     # ------------------------------------------------------------------ the hook
     def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator) -> Tensor:
@@ -228,18 +244,15 @@ class LangevinAugmenter:
         cand = torch.nonzero(~tab.fast[rows]).squeeze(1)      # rows whose neighbours might matter
         own = own_component_chain(h, tab.kappa_t[rows], self.steps, d, generator, self.metropolis,
                                   record=cand.numel() > 0)
-        out = random_point_at_cosine(x, own.t, own.rho, generator=generator)
+        out = random_point_at_cosine(x, own.t, own.rho, generator=generator, scratch=self._scratch(x))
         if cand.numel():
-            r = rows[cand]
-            nb, valid = tab.neighbors[r], tab.valid[r]
-            idx = nb.clamp(min=0)
-            k_nb = torch.where(valid, tab.kappa[idx], 0.0)
-            a_nb = torch.where(valid, tab.log_w[idx], -math.inf)
-            sub = own.rows(cand)
-            ok = negligible_on_path(sub, tab.cos[r], k_nb, a_nb, tab.kappa[r], tab.log_w[r], d, self.temperature)
+            r = rows.index_select(0, cand)
+            sub = own if cand.numel() == rows.numel() else own.rows(cand)
+            ok = negligible_on_path(sub, tab.room.index_select(0, r), tab.slope.index_select(0, r),
+                                    tab.scale.index_select(0, r), d)
             bad = torch.nonzero(~ok).squeeze(1)
             if bad.numel():
-                fail = cand[bad]
+                fail = cand.index_select(0, bad)
                 out[fail] = self._exact(x[fail], rows[fail], h[fail], tab, gather, generator,
                                         sub.rows(bad)).to(out.dtype)
         return out

@@ -56,6 +56,7 @@ __all__ = [
     "negligible_neighbours",
     "negligible_on_path",
     "own_component_chain",
+    "path_terms",
     "sample",
 ]
 
@@ -205,7 +206,7 @@ class OwnChain:
     def rows(self, idx: Tensor) -> "OwnChain":
         """The same run restricted to rows ``idx``."""
         def pick(v: Tensor | None) -> Tensor | None:
-            return None if v is None else v[..., idx]
+            return None if v is None else v.index_select(v.dim() - 1, idx)
         return OwnChain(*(pick(getattr(self, f.name)) for f in fields(self)))  # type: ignore[arg-type]
 
 
@@ -395,32 +396,48 @@ def negligible_neighbours(cos0: Tensor, kappa_nb: Tensor, log_w_nb: Tensor, kapp
     return ok & small.all(1)
 
 
-def negligible_on_path(own: OwnChain, cos0: Tensor, kappa_nb: Tensor, log_w_nb: Tensor, kappa0: Tensor,
-                       log_w0: Tensor, dim: int, temperature: float, delta: float = PRUNE_DELTA,
-                       eps: float = PRUNE_EPS) -> Tensor:
-    """Rows [B] of a recorded one-component run on which the other components stay negligible.
+def path_terms(cos0: Tensor, kappa_nb: Tensor, log_w_nb: Tensor, kappa0: Tensor, log_w0: Tensor,
+               temperature: float, eps: float = PRUNE_EPS) -> tuple[Tensor, Tensor, Tensor]:
+    """Per (row, component) constants of ``negligible_on_path``: (room, slope, scale), float32 [B, k].
 
-    Given the realised (t, rho) path, the orthogonal direction w of each visited point is uniform on
-    the unit sphere of mu_0's complement, so its coordinate v along the orthogonal part of mu_j has
-    P(|v| > c) <= 2 exp(-(d-1) c^2 / 2). A row passes when the sum over visited points and components
-    of P(log(w_j / w_0) > log eps) is <= delta. Rows that pass are the exact chain except with
-    probability delta; rows that fail must be rerun with ``coupled_full_chain`` (same noise).
+    log(w_j / w_0) < log eps at a point (t, rho, v) iff kappa_j beta_j rho v < room - slope t, with
+    room = T log eps - (a_j - a_0), slope = kappa_j c_j - kappa_0 and scale = kappa_j beta_j,
+    beta_j = sqrt(1 - c_j^2). ``room`` is lowered by a margin that covers float32 rounding, and is
+    +inf for absent components.
     """
-    assert own.visited_t is not None and own.visited_rho is not None
     f64 = torch.float64
     c0 = torch.clamp(cos0.to(f64), min=-1.0, max=1.0)
     kn, an = kappa_nb.to(f64), log_w_nb.to(f64)
     k0, a0 = kappa0.to(f64).unsqueeze(1), log_w0.to(f64).unsqueeze(1)
     present = ~torch.isneginf(an)
-    base = torch.where(present, an - a0, torch.zeros_like(an))                      # [B, k]
+    base = torch.where(present, an - a0, torch.zeros_like(an))
     slope = kn * c0 - k0
     scale = kn * torch.sqrt(torch.clamp(1.0 - c0 * c0, min=0.0))
-    t = own.visited_t.unsqueeze(2)                                                 # [P, B, 1]
-    rho = own.visited_rho.unsqueeze(2)
-    room = temperature * math.log(eps) - (base + slope * t)                       # need kappa_j beta_j rho v < room
-    den = scale * rho
-    v = room / torch.where(den > 0, den, torch.ones_like(den))
-    tail = torch.where(den > 0, torch.where(v > 0, 2.0 * torch.exp(-(dim - 1) * v * v / 2.0), torch.ones_like(v)),
-                       (room <= 0).to(f64))
-    tail = torch.where(present, tail, torch.zeros_like(tail))
-    return tail.sum((0, 2)) <= delta
+    margin = 1e-5 * (base.abs() + slope.abs() + scale) + 1e-3
+    room = temperature * math.log(eps) - base - margin
+    room = torch.where(present, room, torch.full_like(room, math.inf))
+    return room.float(), slope.float(), scale.float()
+
+
+def negligible_on_path(own: OwnChain, room: Tensor, slope: Tensor, scale: Tensor, dim: int,
+                       delta: float = PRUNE_DELTA) -> Tensor:
+    """Rows [B] of a recorded one-component run on which the other components stay negligible.
+
+    ``room``, ``slope``, ``scale`` [B, k] come from ``path_terms``. Given the realised (t, rho) path,
+    the orthogonal direction of each visited point is uniform on the unit sphere of mu_0's complement,
+    so its coordinate v along the orthogonal part of mu_j has P(|v| > c) <= 2 exp(-(d-1) c^2 / 2). A row
+    passes when, at each of the P visited points and for each of the k components, that probability
+    for c = (room - slope t) / (scale rho) is <= delta / (P k) (so the sum is <= delta). Rows that pass
+    are the exact chain except with probability delta; rows that fail must be rerun with
+    ``coupled_full_chain`` (same noise).
+    """
+    assert own.visited_t is not None and own.visited_rho is not None
+    p, k = own.visited_t.shape[0], room.shape[1]
+    if p == 0 or k == 0:
+        return torch.ones(room.shape[0], dtype=torch.bool, device=room.device)
+    c_min = math.sqrt(2.0 * math.log(2.0 * p * k / delta) / (dim - 1))
+    t = own.visited_t.float().unsqueeze(2)                                       # [P, B, 1]
+    rho = own.visited_rho.float().unsqueeze(2)
+    free = torch.addcmul(room, slope, t, value=-1.0)                              # room - slope t
+    ok = free > (c_min * scale) * rho
+    return ok.all(2).all(0)

@@ -67,14 +67,15 @@ def uniform_tangent_direction(x: Tensor, generator: torch.Generator | None = Non
 
 def random_point_at_cosine(
     mu: Tensor, cos: Tensor, sin: Tensor | None = None, generator: torch.Generator | None = None,
-    out: Tensor | None = None,
+    out: Tensor | None = None, scratch: Tensor | None = None,
 ) -> Tensor:
     """Unit vectors x = cos * mu + sin * u, with u uniform on the unit sphere orthogonal to ``mu``.
 
     ``mu`` is [..., d] (unit rows); ``cos`` and ``sin`` are [...] (``sin`` defaults to
     sqrt(1 - cos^2); pass it when it is known more precisely than 1 - cos^2). Exact in law: the
     orthogonal direction is a normalised Gaussian projected off ``mu``. Costs one Gaussian draw of
-    the shape of ``mu`` and three passes over it. ``out`` (shape of ``mu``) is reused when given.
+    the shape of ``mu`` and three passes over it. ``out`` (shape of ``mu``) receives the result and
+    ``scratch`` (same shape) is a temporary, both allocated when not given.
     """
     cos = cos.to(mu.dtype)
     if sin is None:
@@ -82,7 +83,10 @@ def random_point_at_cosine(
     sin = sin.to(mu.dtype)
     z = out if out is not None else torch.empty_like(mu)
     z.normal_(generator=generator)
-    dot = torch.linalg.vecdot(z, mu)                       # z . mu
+    if scratch is None:
+        dot = torch.linalg.vecdot(z, mu)                   # z . mu
+    else:
+        dot = torch.mul(z, mu, out=scratch).sum(-1)
     if mu.shape[-1] <= _EXPLICIT_PERP_DIM:
         # few dimensions: z can be nearly parallel to mu, so form z - (z.mu) mu explicitly
         z.sub_(mu * dot.unsqueeze(-1))
