@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 if importance == "loss":
                     dl.update_priorities(batch["id"], per_row.detach())
                 rows += len(per_row)
-                total += float(loss) * len(per_row)
+                total += float(loss.detach()) * len(per_row)
             seconds = time.perf_counter() - t0
             acc, test_loss = evaluate(model, test_x, test_y)
             print(f"{epoch:>5} {rows:>8,} {total / rows:>11.4f} {test_loss:>10.4f} {100 * acc:>8.2f}% "
