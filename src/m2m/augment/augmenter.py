@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 Gather = Callable[[Tensor], Tensor]
 
-_COS_CHUNK_ROWS = 1024
+_COS_CHUNK_ROWS = 256
 _STATIC_CHUNK_ROWS = 1 << 16
 
 

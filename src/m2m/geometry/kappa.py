@@ -34,7 +34,7 @@ __all__ = ["neighbourhood_kappa"]
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_CHUNK_BYTES = 64 << 20
+_DEFAULT_CHUNK_BYTES = 8 << 20   # small temporaries are reused by the allocator: no page faults
 
 
 def neighbourhood_kappa(
@@ -50,7 +50,7 @@ def neighbourhood_kappa(
         mu: unit vectors (float32/float16/float64 numpy array or tensor, any device; computed there).
         neighbors: int64 row positions into ``mu``, -1 for a missing neighbour.
         include_self: count mu_i itself in its set (m = 1 + valid neighbours).
-        chunk: rows per vectorised step (default: ~64 MiB of gathered neighbours).
+        chunk: rows per vectorised step (default: ~8 MiB of gathered neighbours).
         bias_correction: invert the unbiased estimate of A^2 (see the module docstring).
     """
     mu_t = torch.as_tensor(mu) if not isinstance(mu, Tensor) else mu
@@ -76,27 +76,36 @@ def neighbourhood_kappa(
     dev = mu_t.device
     work = torch.float64 if mu_t.dtype == torch.float64 else torch.float32
     nb = nb.to(device=dev, dtype=torch.int64)
-    out = np.empty(n, dtype=np.float32)
+    var = torch.empty(n, dtype=torch.float64, device=dev)
+    count = torch.empty(n, dtype=torch.float64, device=dev)
+    buf = torch.empty(min(chunk, n) * k, d, dtype=mu_t.dtype, device=dev)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
+        c = stop - start
         rows = torch.arange(start, stop, device=dev)
         idx = nb[start:stop]
         valid = (idx >= 0) & (idx != rows.unsqueeze(1))
-        own = mu_t[start:stop].to(work)
-        nbr = mu_t.index_select(0, idx.clamp(min=0).reshape(-1)).to(work).reshape(stop - start, k, d)
-        u = nbr - own.unsqueeze(1)                           # centred on mu_i (variance is shift-free)
-        u.mul_(valid.unsqueeze(-1).to(work))
+        # missing neighbours point at the row itself, so they add 0 to the centred sums below
+        idx = torch.where(valid, idx, rows.unsqueeze(1))
+        nbr = torch.index_select(mu_t, 0, idx.reshape(-1), out=buf[: c * k]).view(c, k, d)
+        own = mu_t[start:stop]
+        if nbr.dtype != work:
+            nbr = nbr.to(work)
+            own = own.to(work)
+        u = nbr.sub_(own.unsqueeze(1))                          # centred on mu_i (variance is shift-free)
         m = valid.sum(1).to(torch.float64) + (1.0 if include_self else 0.0)
-        ss = u.square().sum((1, 2)).to(torch.float64)       # sum |u_j|^2 (u_self = 0)
-        s = u.sum(1).to(torch.float64)                      # sum u_j
+        ss = torch.linalg.vector_norm(u, dim=(1, 2)).to(torch.float64) ** 2   # sum |u_j|^2 (u_self = 0)
+        s = u.sum(1).to(torch.float64)                          # sum u_j
         m_safe = torch.clamp(m, min=1.0)
-        var = (ss - s.square().sum(1) / m_safe) / m_safe     # (1/m) sum |v_j - v_bar|^2 = 1 - rbar^2
-        var = torch.clamp(var, min=0.0, max=1.0)
-        if bias_correction:
-            var = torch.clamp(var * m_safe / torch.clamp(m_safe - 1.0, min=1.0), max=1.0)
-        rbar = torch.sqrt(1.0 - var)
-        kappa = kappa_from_mean_resultant(rbar, d, one_minus_rbar=var / (1.0 + rbar))
-        kappa = torch.where(m >= 2, kappa, torch.full_like(kappa, float("nan")))
-        out[start:stop] = kappa.to(torch.float32).cpu().numpy()
+        var[start:stop] = (ss - s.square().sum(1) / m_safe) / m_safe   # (1/m) sum |v_j - v_bar|^2 = 1 - rbar^2
+        count[start:stop] = m
+    var = torch.clamp(var, min=0.0, max=1.0)
+    m_safe = torch.clamp(count, min=1.0)
+    if bias_correction:
+        var = torch.clamp(var * m_safe / torch.clamp(m_safe - 1.0, min=1.0), max=1.0)
+    rbar = torch.sqrt(1.0 - var)
+    kappa = kappa_from_mean_resultant(rbar, d, one_minus_rbar=var / (1.0 + rbar))
+    kappa = torch.where(count >= 2, kappa, torch.full_like(kappa, float("nan")))
+    out = kappa.to(torch.float32).cpu().numpy()
     log.debug("neighbourhood_kappa: %d rows, k=%d, d=%d, chunk=%d", n, k, d, chunk)
     return out
