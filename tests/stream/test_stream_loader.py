@@ -73,6 +73,8 @@ def test_unknown_column_names_the_valid_ones():
         make_loader(source, batch_size=8, columns=("embedding", "colour"), **KW)
     with pytest.raises(ValueError, match="tuple of names"):
         make_loader(source, batch_size=8, columns="embedding", **KW)
+    with pytest.raises(ValueError, match="at least one"):
+        make_loader(source, batch_size=8, columns=(), **KW)
     with pytest.raises(ValueError, match="'label'"):
         make_loader(make_source(N, D, extra=False), batch_size=8, columns=("label",), **KW)
 
@@ -226,6 +228,23 @@ def test_resume_yields_exactly_the_remaining_batches(case):
         return make_loader(source, batch_size=48, seed=11, **KW, **kw)
 
     check_loader_resume(make, epochs=2)
+
+
+def test_resume_may_change_the_number_of_workers():
+    source = make_source(N, D, shard_rows=300)
+    kw = dict(batch_size=32, columns=("embedding", "id"), seed=4, chunk_batches=2, **KW)
+    full = list(make_loader(source, **kw))
+    first = make_loader(source, **kw)
+    it = iter(first)
+    head = [next(it) for _ in range(7)]
+    state = first.state_dict()
+    del it
+    second = make_loader(source, num_workers=2, **kw)
+    second.load_state_dict(state)
+    tail = list(second)
+    assert len(head) + len(tail) == len(full)
+    for a, b in zip(head + tail, full):
+        assert torch.equal(a["id"], b["id"]) and torch.equal(a["embedding"], b["embedding"])
 
 
 def test_state_must_match_the_loader():

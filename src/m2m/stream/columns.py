@@ -62,9 +62,11 @@ def _sample(source: RowSource, name: str) -> np.ndarray:
 
 def resolve(source: RowSource, columns: Sequence[str] | None) -> tuple[Column, ...]:
     """Columns to deliver; ``None`` means embeddings only. Unknown names raise ValueError."""
-    names = [EMBEDDING] if columns is None else list(columns)
     if isinstance(columns, str):
         raise ValueError(f"columns must be a tuple of names, not the string {columns!r}")
+    names = [EMBEDDING] if columns is None else list(columns)
+    if not names:
+        raise ValueError(f"columns must name at least one column; valid columns: {', '.join(valid_names(source))}")
     valid = valid_names(source)
     for name in names:
         if name not in valid:
