@@ -2,11 +2,13 @@
 
 ``LangevinAugmenter``: row i's components are its own splat (mu_i, kappa_i, alpha_i) and its
 neighbours (same label only, when labels exist); the row becomes the end point of the Langevin chain
-of ``m2m.augment.langevin`` started at mu_i. Rows whose neighbours provably stay negligible along the
-chain (``negligible_neighbours``, decided once per splat) run the exact one-component chain in two
-coordinates and read nothing but their own row; the others gather their neighbours (unique
-positions only) and run the full-dimensional chain. ``VMFAugmenter``: one exact vMF(mu_i, kappa_i)
-draw per row. Ids and labels are untouched (the stream keeps them).
+of ``m2m.augment.langevin`` started at mu_i. Every row first runs the exact one-component chain in
+two coordinates (it reads nothing but its own row); splats whose neighbours are negligible whatever
+the path (``negligible_neighbours``, decided once per splat) stop there, the others are checked on
+their realised path (``negligible_on_path``) and, if a neighbour may matter, rerun exactly with all
+components and the same noise (``coupled_full_chain``), gathering their neighbours (unique
+positions only). ``VMFAugmenter``: one exact vMF(mu_i, kappa_i) draw per row. Ids and labels are
+untouched (the stream keeps them).
 
 Tables live on the CPU and are copied to each device on first use (or ``.to(device)``).
 """

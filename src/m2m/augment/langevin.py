@@ -15,12 +15,16 @@ A chain started at a component's own mean (``own_component_chain``): when all ot
 negligible weight along the path, the chain is the Langevin chain of one vMF(mu_0, kappa_0 / T),
 whose state is exactly described by (t = mu_0.x, rho = |x - t mu_0|): the orthogonal part of x is
 uniform on its sphere by symmetry, so each step needs 3 random numbers instead of d, and the result
-is materialised once (``m2m.geometry.sphere.random_point_at_cosine``). ``negligible_neighbours``
-decides, per row and before sampling, when that holds: it bounds, with probability >= 1 - delta over
-the noise, every other component's softmax weight by eps at every point the chain can visit
-(concentration bounds on the noise along the fixed directions of the other means; delta = eps =
-1e-12). Such a row's samples then coincide with the exact chain's (same noise) up to float rounding,
-except with probability delta; the rows that fail use ``sample`` with all components.
+is materialised once (``m2m.geometry.sphere.random_point_at_cosine``). Whether the other components
+are negligible (softmax weight <= eps = 1e-12 of the own one at every point the chain evaluates,
+except with probability delta = 1e-12) is decided in two ways, both leaving the law exact:
+``negligible_neighbours`` before sampling, from concentration bounds on the noise along the fixed
+directions of the other means (path-independent); ``negligible_on_path`` after the two-coordinate
+run, from the realised (t, rho) path, given which the orthogonal direction is uniform. Rows that
+fail are rerun by ``coupled_full_chain``: the exact full-dimensional chain driven by the *same*
+noise (rebuilt around the recorded path). Rerunning them with fresh noise instead would bias the
+output towards paths that failed the check; with the coupling, every row's output is the exact
+chain's output (same noise) up to float rounding, except with probability delta.
 
 Default strength (step_size = 0.06 = M2MConfig.langevin_dt, 5 steps, ULA, T = 1): a row whose own
 vMF has mean cosine A to its mean gets samples of mean cosine 1 - f (1 - A) to the source mean, with
