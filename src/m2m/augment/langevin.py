@@ -107,26 +107,30 @@ def full_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: Tensor, s
     if steps == 0:
         return x
     hh = h.to(x.dtype).unsqueeze(1)
-    logp, grad = log_density_and_gradient(x, mu, kappa, log_w, temperature)
     noise = torch.empty_like(x)
-    for _ in range(steps):
+    logp, grad = log_density_and_gradient(x, mu, kappa, log_w, temperature)
+    for i in range(steps):
         noise.normal_(generator=generator)
         log_u = None
         if metropolis:
             log_u = torch.log(torch.rand(x.shape[0], dtype=x.dtype, device=x.device, generator=generator))
-        x, logp, grad = _step(x, logp, grad, noise, log_u, mu, kappa, log_w, hh, temperature)
+        x, logp, grad = _step(x, logp, grad, noise, log_u, mu, kappa, log_w, hh, temperature,
+                              last=i == steps - 1)
     return x
 
 
 def _step(x: Tensor, logp: Tensor, grad: Tensor, noise: Tensor, log_u: Tensor | None, mu: Tensor, kappa: Tensor,
-          log_w: Tensor, hh: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One ULA (``log_u`` None) or MALA step driven by the Gaussian ``noise`` [B, d]."""
+          log_w: Tensor, hh: Tensor, temperature: float, last: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One ULA (``log_u`` None) or MALA step driven by the Gaussian ``noise`` [B, d]; returns the new
+    point with log p and its gradient there (not evaluated after the ``last`` ULA step)."""
     sq = torch.sqrt(2.0 * hh)
     xz = torch.linalg.vecdot(x, noise).unsqueeze(1)
     xg = torch.linalg.vecdot(x, grad).unsqueeze(1)
     v = hh * (grad - xg * x) + sq * (noise - xz * x)
     y = x + v
     y = y / torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    if log_u is None and last:
+        return y, logp, grad
     logp_y, grad_y = log_density_and_gradient(y, mu, kappa, log_w, temperature)
     if log_u is None:
         return y, logp_y, grad_y
@@ -324,7 +328,8 @@ def coupled_full_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: T
         chi = torch.sqrt(own.chi2[i]).to(dt).unsqueeze(1)
         noise = own.z[i, 0].to(dt).unsqueeze(1) * mu0 + own.z[i, 1].to(dt).unsqueeze(1) * w + chi * r
         log_u = None if own.log_u is None else own.log_u[i].to(dt)
-        x, logp, grad = _step(x, logp, grad, noise, log_u, mu, kappa, log_w, hh, temperature)
+        x, logp, grad = _step(x, logp, grad, noise, log_u, mu, kappa, log_w, hh, temperature,
+                              last=i == steps - 1)
         # the one-component chain's orthogonal direction after step i
         nw = own.x1[i].to(dt).unsqueeze(1) * w + sq_rest[:, i:i + 1] * r
         nn = torch.linalg.vector_norm(nw, dim=1, keepdim=True)
