@@ -151,7 +151,8 @@ class LangevinAugmenter:
             self._cos: Tensor | None = torch.from_numpy(np.where(valid, cos, 0.0))
         else:
             self._cos = None
-        self.steps, self.step_size, self.temperature, self.metropolis = steps, float(step_size), float(temperature), metropolis
+        self.steps, self.metropolis = steps, metropolis
+        self.step_size, self.temperature = float(step_size), float(temperature)
         self._static: dict[int, _Tables] = {}
         self._cache: dict[tuple[torch.device, int], _Tables] = {}
         self._lock = threading.Lock()

@@ -327,7 +327,8 @@ def standard_gamma(shape: float, size: tuple[int, ...], generator: torch.Generat
     return out.reshape(size)
 
 
-def sample_cosine(kappa: Tensor, dim: int, n: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Exact draws of w = mu.x for x ~ vMF(mu, kappa) by Wood's (1994) rejection sampler.
 
     ``kappa`` [B] (float64 arithmetic) -> (w, sqrt(1 - w^2)), each [B, n] float64. Uses the stable
