@@ -112,7 +112,7 @@ def _table(res: dict[str, Any]) -> str:
          num(ORIGINAL_README["generative"])),
         (f"test accuracy, SOC + Langevin, {res['epochs']} epochs", f"{100 * res['accuracy']['soc_langevin'][-1]:.2f}%",
          "-"),
-        (f"test accuracy, uniform stream of raw lake, {res['epochs']} ep.",
+        (f"test accuracy, uniform, raw lake, {res['epochs']} epochs",
          f"{100 * res['accuracy']['uniform'][-1]:.2f}%", "-"),
     ]
     head = f"{'measure':<46}{'this run (measured)':>22}{'original M2M README':>22}"
@@ -151,15 +151,17 @@ def _plot(res: dict[str, Any], kappa: np.ndarray, path: str) -> None:
             ax.annotate(f"{bar.get_height():,.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
     ax.set_yscale("log")
+    ax.set_ylim(top=max(ours + theirs) * 8)
     ax.set_xticks(pos, labels)
     ax.set_ylabel("rows/s (log scale)")
     ax.set_title(f"throughput ({res['device']})")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper right")
 
     ax = axes[2]
     ep = np.arange(1, res["epochs"] + 1)
     ax.plot(ep, 100 * np.asarray(res["accuracy"]["soc_langevin"]), "o-", label="SOC + Langevin (consolidated lake)")
     ax.plot(ep, 100 * np.asarray(res["accuracy"]["uniform"]), "s--", label="uniform stream (raw lake)")
+    ax.set_xticks(ep)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), held-out images")
     ax.set_title("linear classifier trained through the lake")
