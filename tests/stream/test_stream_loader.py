@@ -37,7 +37,8 @@ def test_default_batches_are_float32_tensors():
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(shuffle_mode="block", block_rows=16), dict(warm_mode="cold"),
-                                  dict(shuffle=False), dict(hot_mode="resident"), dict(chunk_batches=1)])
+                                  dict(shuffle=False), dict(hot_mode="resident"), dict(chunk_batches=1),
+                                  dict(prefetch=0)])
 def test_columns_dict_matches_the_source(opts):
     source = make_source(N, D, shard_rows=150)
     dl = make_loader(source, batch_size=50, columns=ALL, **KW, **opts)
@@ -79,7 +80,7 @@ def test_unknown_column_names_the_valid_ones():
         make_loader(make_source(N, D, extra=False), batch_size=8, columns=("label",), **KW)
 
 
-@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(batch_size=8, prefetch=0), dict(batch_size=8, seed=-1),
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(batch_size=8, prefetch=-1), dict(batch_size=8, seed=-1),
                                  dict(batch_size=8, shuffle_mode="random"), dict(batch_size=8, num_workers=-1)])
 def test_bad_arguments_raise_config_errors(bad):
     with pytest.raises(ConfigError):
@@ -213,6 +214,7 @@ def test_sampler_plans_are_delivered_with_weights():
     dict(augment="noise", columns=("embedding", "id")),
     dict(sampler="plan", columns=("id", "weight"), drop_last=True),
     dict(num_workers=2, chunk_batches=2, columns=("embedding", "id")),
+    dict(prefetch=0, augment="noise", columns=("embedding", "id")),
     dict(num_workers=2, augment="noise", columns=("embedding", "id"), shuffle_mode="block", block_rows=32),
 ])
 def test_resume_yields_exactly_the_remaining_batches(case):

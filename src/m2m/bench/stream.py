@@ -263,9 +263,12 @@ def run(quick: bool = False, rows: int | None = None, dataset: Dataset = NPY,
         labels = torch.from_numpy(np.array(lab_mm))
         dl32 = loader(source, warm_bytes=budget, hot_bytes=0)
         res["ours_f32_first_epoch"] = epoch_rate(dl32)
+        sync = loader(source, warm_bytes=budget, hot_bytes=0, prefetch=0)
+        sync._arena = dl32._arena  # the same warm arena, already filled
         res["f32"] = interleaved(rounds, ram_gather=lambda: gather_limit(table, labels, reps=1),
                                  memmap_gather=lambda: memmap_gather_limit(mu_mm, lab_mm, reps=1),
-                                 ours=lambda: epoch_rate(dl32))
+                                 ours=lambda: epoch_rate(dl32), ours_no_thread=lambda: epoch_rate(sync))
+        del sync
         res["tensordataset"] = tensordataset_rate(table, labels, min(n, 100_000))
         del table, labels
         gc.collect()
@@ -305,6 +308,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     ratios = {
         "vs_gather_limit": ours / limit,
         "vs_ram_gather": ours / max(f32["ram_gather"]),
+        "no_thread_vs_limit": max(f32["ours_no_thread"]) / limit,
         "vs_memmap_gather": ours / max(f32["memmap_gather"]),
         "f16_vs_f32": max(f16["ours"]) / max(f16["ours_f32"]),
         "f16_vs_f16_gather": max(f16["ours"]) / max(f16["ram_gather"]),
@@ -340,6 +344,7 @@ def format_table(res: dict[str, Any]) -> str:
     row("user: DataLoader(TensorDataset, shuffle=True)", res["tensordataset"])
     row("ours f32, first epoch (fills the huge-page warm arena)", res["ours_f32_first_epoch"])
     row("ours f32, steady epoch", max(f32["ours"]))
+    row("ours f32, steady epoch, prefetch=0 (no stream thread)", max(f32["ours_no_thread"]))
     row("ours f32, mapped shards, no warm copy (first epoch)", max(res["ours_f32_mapped"]))
     row("ours f32, arena on 4 KiB pages, first epoch", res["ours_f32_plainpage_first_epoch"])
     row("ours f32, arena on 4 KiB pages, steady epoch", max(res["ours_f32_plainpage"]))

@@ -77,7 +77,9 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
                 intra_op_threads: int | None = 1, huge_pages: bool = True) -> "StreamLoader":
     """A DataLoader over ``source`` that yields whole batches (see the module docstring).
 
-    Beyond the facade's arguments: ``shuffle_mode`` ("auto" | "full" | "block"; auto = full when
+    ``prefetch`` is the number of batches a background thread keeps ready; 0 runs the stages in the
+    consuming thread (no overlap with training, but no thread handoffs: on an oversubscribed CPU
+    this can be faster). Beyond the facade's arguments: ``shuffle_mode`` ("auto" | "full" | "block"; auto = full when
     the lake fits ``warm_bytes``), ``block_rows`` (block size; default ~4 MiB of rows),
     ``warm_mode`` ("auto" | "arena" | "cold"), ``hot_mode`` ("auto" | "resident" | "staged"),
     ``chunk_batches`` (batches per internal item; default ~4 MiB), ``intra_op_threads`` (torch
@@ -93,7 +95,7 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
     num_workers = _check_int("num_workers", num_workers, 0)
     warm_bytes = _check_int("warm_bytes", warm_bytes, 0)
     hot_bytes = _check_int("hot_bytes", hot_bytes, 0)
-    prefetch = _check_int("prefetch", prefetch, 1)
+    prefetch = _check_int("prefetch", prefetch, 0)
     if chunk_batches is not None:
         chunk_batches = _check_int("chunk_batches", chunk_batches, 1)
     if intra_op_threads is not None:
@@ -322,6 +324,8 @@ class StreamLoader(DataLoader):
             buffers = HostBuffers(pinned=self.hot_mode == STAGED, slots=2, pool=self._pool)
             stage = HotStage(ds.host_stage(stage, reader, buffers, self._warm_mode, self._arena),
                              self.spec.columns, self.device, buffers)
+        if self.prefetch == 0:
+            return stage
         return Prefetcher(stage, self._capacity(), self.intra_op_threads)
 
     def _capacity(self) -> int:
