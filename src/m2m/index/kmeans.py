@@ -1,0 +1,168 @@
+"""Spherical k-means of unit vectors (FAISS ``Kmeans(spherical=True)``) and the IVF partition built on it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from m2m.errors import ConfigError
+from m2m.index.knn import CHUNK_ROWS, check_int, check_unit_rows, compute_threads, resolve_precision, rows_f32
+
+__all__ = ["Partition", "build_partition", "default_nlist", "spherical_kmeans", "top_centroids", "train_centroids"]
+
+
+def default_nlist(n: int) -> int:
+    """IVF lists for ``n`` rows: about 2*sqrt(n) (measured best for 1M rows), at most n // 32, at least 1."""
+    return int(max(1, min(round(2 * math.sqrt(n)), n // 32)))
+
+
+def train_centroids(
+    mu: np.ndarray,
+    n_clusters: int,
+    niter: int = 20,
+    seed: int = 0,
+    max_points_per_centroid: int = 64,
+) -> np.ndarray:
+    """Unit centroids ``float32 [n_clusters, d]`` of FAISS spherical k-means on a seeded row sample.
+
+    The sample holds at most ``n_clusters * max_points_per_centroid`` rows. Uses the FAISS
+    thread setting in force (see ``compute_threads``).
+    """
+    from m2m.index.knn import require_faiss
+
+    faiss = require_faiss()
+    n, d = mu.shape
+    if not isinstance(n_clusters, (int, np.integer)) or isinstance(n_clusters, bool) or not 1 <= n_clusters <= n:
+        raise ConfigError(f"n_clusters must be an int in [1, {n}] (the row count), got {n_clusters!r}")
+    niter = check_int(niter, "niter")
+    max_points_per_centroid = check_int(max_points_per_centroid, "max_points_per_centroid")
+    rng = np.random.default_rng(seed)
+    n_train = min(n, int(n_clusters) * max_points_per_centroid)
+    rows = np.arange(n) if n_train == n else np.sort(rng.choice(n, size=n_train, replace=False))
+    km = faiss.Kmeans(
+        d,
+        int(n_clusters),
+        niter=niter,
+        spherical=True,
+        seed=int(rng.integers(0, 2**31 - 1)),
+        max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,
+        verbose=False,
+    )
+    km.train(rows_f32(mu, rows))
+    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+    norms = np.linalg.norm(centroids, axis=1, keepdims=True)
+    return centroids / np.maximum(norms, np.float32(1e-30))
+
+
+def top_centroids(
+    faiss: Any,
+    mu: np.ndarray,
+    centroids: np.ndarray,
+    m: int,
+    precision: str = "float32",
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Indices ``int64 [N, m]`` of each row's ``m`` nearest centroids by inner product, nearest first.
+
+    ``precision="bfloat16"`` ranks with bfloat16 products (about 1e-3 error): only near-ties
+    between centroids can swap, which moves a row between two equally good lists.
+    """
+    import torch
+
+    n = mu.shape[0]
+    m = min(m, centroids.shape[0])
+    dtype = torch.bfloat16 if resolve_precision(precision) == "bfloat16" else torch.float32
+    cent = torch.from_numpy(centroids).to(dtype)
+    ids = np.arange(centroids.shape[0], dtype=np.int64)
+    out = np.empty((n, m), np.int64)
+    step = 8192
+    for start in range(0, n, step):
+        block = torch.from_numpy(rows_f32(mu, slice(start, start + step))).to(dtype)
+        scores = (block @ cent.T).float().numpy()
+        heap = faiss.ResultHeap(block.shape[0], m, keep_max=True)
+        heap.add_result_subset(np.arange(block.shape[0], dtype=np.int64), scores, ids)
+        heap.finalize()
+        out[start:start + block.shape[0]] = heap.I
+        if progress is not None:
+            progress(block.shape[0])
+    return out
+
+
+def spherical_kmeans(
+    mu: np.ndarray,
+    n_clusters: int,
+    niter: int = 20,
+    seed: int = 0,
+    *,
+    max_points_per_centroid: int = 64,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster unit rows on the sphere (FAISS ``Kmeans(spherical=True)``).
+
+    Centroids are trained on a seeded sample of at most ``n_clusters * max_points_per_centroid``
+    rows (re-normalised every iteration), then every row is assigned to its nearest centroid by
+    inner product, chunk by chunk (``progress`` gets the rows assigned).
+
+    Returns:
+        ``(centroids, assign)``: ``float32 [n_clusters, d]`` unit centroids and ``int64 [N]``
+        each row's nearest centroid.
+    """
+    check_unit_rows(mu)
+    with compute_threads(threads) as faiss:
+        centroids = train_centroids(mu, n_clusters, niter, seed, max_points_per_centroid)
+        assign = top_centroids(faiss, mu, centroids, 1, "float32", progress)[:, 0]
+    return centroids, assign
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Rows bucketed by IVF list: each row's home list (nearest centroid) and its other probes.
+
+    Attributes:
+        centroids: ``[nlist, d]`` unit centroids.
+        probes: ``int64 [N, nprobe]`` each row's nearest centroids, nearest (home) first.
+        member_order, member_lims: rows sorted by home list; list l holds
+            ``member_order[member_lims[l]:member_lims[l+1]]``.
+        visit_rows, visit_lims: the rows that probe list l but do not live in it, likewise.
+    """
+
+    centroids: np.ndarray
+    probes: np.ndarray
+    member_order: np.ndarray
+    member_lims: np.ndarray
+    visit_rows: np.ndarray
+    visit_lims: np.ndarray
+
+    @property
+    def nlist(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def home(self) -> np.ndarray:
+        return self.probes[:, 0]
+
+    def members(self, lst: int) -> np.ndarray:
+        return self.member_order[self.member_lims[lst]:self.member_lims[lst + 1]]
+
+    def visitors(self, lst: int) -> np.ndarray:
+        return self.visit_rows[self.visit_lims[lst]:self.visit_lims[lst + 1]]
+
+
+def build_partition(faiss: Any, mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: str = "float32") -> Partition:
+    """Bucket the rows of ``mu`` by home list and by the other lists they probe."""
+    nlist = centroids.shape[0]
+    probes = top_centroids(faiss, mu, centroids, nprobe, precision)
+    home = probes[:, 0]
+    member_order = np.argsort(home, kind="stable")
+    member_lims = np.searchsorted(home[member_order], np.arange(nlist + 1))
+    others = probes[:, 1:].ravel()
+    visit_order = np.argsort(others, kind="stable")
+    visit_lims = np.searchsorted(others[visit_order], np.arange(nlist + 1))
+    visit_rows = visit_order // max(1, probes.shape[1] - 1)
+    return Partition(centroids, probes, member_order, member_lims, visit_rows, visit_lims)
