@@ -52,7 +52,7 @@ class StreamSpec:
     warm_bytes: int
     warm_mode: str = "auto"
     gather_in_workers: bool = True
-    huge_pages: bool = True
+    huge_pages: bool = False
 
     @property
     def gathered(self) -> tuple[Column, ...]:
