@@ -76,7 +76,7 @@ def top_centroids(
 
     n = mu.shape[0]
     m = min(m, centroids.shape[0])
-    dtype = torch.bfloat16 if resolve_precision(precision) == "bfloat16" else torch.float32
+    dtype = torch.bfloat16 if resolve_precision(precision, centroids.shape[1]) == "bfloat16" else torch.float32
     cent = torch.from_numpy(centroids).to(dtype)
     ids = np.arange(centroids.shape[0], dtype=np.int64)
     out = np.empty((n, m), np.int64)

@@ -17,8 +17,9 @@ the other's list, the recall of every ``nprobe`` follows from centroid ranks -- 
 Scores inside the probed lists are computed in float32, or in bfloat16 where the CPU multiplies
 it faster (``precision="auto"``): each query's bfloat16 product is taken relative to an offset
 (its current k-th best score, from its exact home-list pass), so that the rounding of the
-bfloat16 result is about 1e-4 near the decision boundary instead of 4e-3; returned IVF scores
-then carry an absolute error of at most ~1e-3 (exact path: float32 exact).
+bfloat16 *result* is about 1e-4 near the decision boundary instead of 4e-3. What remains is the
+rounding of the bfloat16 inputs, about 2**-9 * sqrt(3 / d) (1e-4 at d = 384): returned IVF
+scores carry that error (exact path and float32: exact to float32 rounding).
 
 This module also holds the small helpers shared by ``m2m.index`` (lazy FAISS import, thread
 control, input checks). FAISS is imported inside functions only: ``import m2m`` never loads it.
@@ -153,12 +154,17 @@ def _bf16_faster() -> bool:
     return timings[1] < 0.7 * timings[0]
 
 
-def resolve_precision(precision: str) -> str:
-    """``"float32"`` or ``"bfloat16"``; ``"auto"`` picks bfloat16 when this CPU multiplies it faster."""
+def resolve_precision(precision: str, dim: int = 384) -> str:
+    """``"float32"`` or ``"bfloat16"``.
+
+    ``"auto"`` picks bfloat16 when this CPU multiplies it faster and ``dim >= 128`` (the rounding
+    noise of bfloat16 inputs on a unit-vector product is about 2**-9 * sqrt(3 / dim): 1e-4 at
+    384 dims, but 6e-4 at 32, where float32 is cheap anyway).
+    """
     if precision not in _PRECISIONS:
         raise ConfigError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return "bfloat16" if _bf16_faster() else "float32"
+        return "bfloat16" if dim >= 128 and _bf16_faster() else "float32"
     return precision
 
 
@@ -320,7 +326,7 @@ def _knn_ivf(
         log.info("knn: %d rows, nlist=%d, nprobe=%d (calibrated recall@%d %.3f)", n, nlist, nprobe, k, recall)
     nprobe = int(min(max(nprobe, 1), nlist))
     t2 = time.perf_counter()
-    part = build_partition(faiss, mu, centroids, nprobe, "auto")
+    part = build_partition(faiss, mu, centroids, nprobe, resolve_precision("auto", mu.shape[1]))
     t3 = time.perf_counter()
 
     kk = k + 1 if exclude_self else k
@@ -423,7 +429,7 @@ def knn(
         nlist = check_int(nlist, "nlist")
     if nprobe is not None:
         nprobe = check_int(nprobe, "nprobe")
-    precision = resolve_precision(precision)
+    precision = resolve_precision(precision, mu.shape[1])
     n = mu.shape[0]
     if n == 0:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)

@@ -1,0 +1,48 @@
+"""Spherical k-means: recovers separated clusters, unit centroids, deterministic per seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from m2m.errors import ConfigError
+from m2m.index.kmeans import spherical_kmeans
+
+
+def _blobs(n: int, d: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    g = np.random.default_rng(seed)
+    centers = np.linalg.qr(g.standard_normal((d, c)))[0].T  # orthonormal: well separated
+    label = g.integers(0, c, n)
+    x = centers[label] + 0.05 * g.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), label
+
+
+def test_recovers_separated_clusters_with_unit_centroids() -> None:
+    x, label = _blobs(3000, 32, 6, seed=0)
+    done: list[int] = []
+    centroids, assign = spherical_kmeans(x, 6, niter=20, seed=1, progress=done.append)
+    assert sum(done) == 3000
+    assert centroids.shape == (6, 32) and assign.shape == (3000,) and assign.dtype == np.int64
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    # every true cluster maps to exactly one k-means cluster (purity 1)
+    pairs = set(zip(label.tolist(), assign.tolist()))
+    assert len(pairs) == 6 and len({a for _, a in pairs}) == 6
+    # assignment is the nearest centroid by inner product
+    np.testing.assert_array_equal(assign, np.argmax(x @ centroids.T, axis=1))
+
+
+def test_deterministic_for_a_seed_and_float16_input() -> None:
+    x, _ = _blobs(2000, 16, 5, seed=2)
+    a = spherical_kmeans(x, 5, niter=5, seed=3, max_points_per_centroid=100)
+    b = spherical_kmeans(x, 5, niter=5, seed=3, max_points_per_centroid=100)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    c = spherical_kmeans(x.astype(np.float16), 5, niter=5, seed=3)
+    assert c[0].dtype == np.float32
+
+
+@pytest.mark.parametrize("n_clusters", [0, 101, 2.0])
+def test_bad_cluster_count(n_clusters) -> None:
+    x, _ = _blobs(100, 8, 2, seed=4)
+    with pytest.raises(ConfigError):
+        spherical_kmeans(x, n_clusters)
