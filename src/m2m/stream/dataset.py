@@ -52,7 +52,7 @@ class StreamSpec:
     warm_bytes: int
     warm_mode: str = "auto"
     gather_in_workers: bool = True
-    huge_pages: bool = False
+    huge_pages: bool = True
 
     @property
     def gathered(self) -> tuple[Column, ...]:

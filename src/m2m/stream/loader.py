@@ -74,7 +74,7 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
                 warm_bytes: int, hot_bytes: int, prefetch: int = 4, sampler: PlanSampler | None = None,
                 augment: Augment | None = None, shuffle_mode: str = "auto", block_rows: int | None = None,
                 warm_mode: str = "auto", hot_mode: str = "auto", chunk_batches: int | None = None,
-                intra_op_threads: int | None = 1, huge_pages: bool = False) -> "StreamLoader":
+                intra_op_threads: int | None = 1, huge_pages: bool = True) -> "StreamLoader":
     """A DataLoader over ``source`` that yields whole batches (see the module docstring).
 
     ``prefetch`` is the number of batches a background thread keeps ready; 0 runs the stages in the
@@ -84,9 +84,9 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
     ``warm_mode`` ("auto" | "arena" | "cold"), ``hot_mode`` ("auto" | "resident" | "staged"),
     ``chunk_batches`` (batches per internal item; default ~4 MiB), ``intra_op_threads`` (torch
     threads of the stream thread; None leaves torch alone) and ``huge_pages`` (back the warm arena
-    with transparent huge pages, as numpy does for large arrays: steady epochs ~1.15x faster here,
-    but the kernel compacts memory while the arena first fills, which made the first epoch of a
-    2.5 GB lake 5x slower on this machine; worth it for long runs only).
+    with transparent huge pages, as numpy does for large arrays: steady epochs 1.15-1.35x faster
+    here; the kernel may compact memory while the arena first fills, so the first epoch's speed
+    varies with the host's memory state: 0.2x to 3x that of 4 KiB pages in our runs).
     """
     if not isinstance(source, RowSource):
         raise ConfigError(f"source must implement RowSource, got {type(source).__name__}")
