@@ -37,6 +37,11 @@ class Column:
         return int(np.prod(self.trailing, dtype=np.int64)) * self.out_dtype.itemsize
 
 
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype of a numpy dtype."""
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
 def _out_dtype(dtype: np.dtype) -> torch.dtype:
     if dtype.kind == "f":
         return torch.float32

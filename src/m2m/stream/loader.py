@@ -351,7 +351,7 @@ class StreamLoader(DataLoader):
         if self._gather_reader is None:
             self._gather_reader = ColdReader(self.dataset.source, ["mu"])
         reader, device = self._gather_reader, self.device
-        mu_dtype = torch.from_numpy(np.empty(0, dtype=self.dataset.source.storage_dtype)).dtype
+        mu_dtype = cols.torch_dtype(self.dataset.source.storage_dtype)
         dim = self.dataset.source.dim
 
         def gather(rows: torch.Tensor) -> torch.Tensor:

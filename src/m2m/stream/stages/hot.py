@@ -20,10 +20,9 @@ from typing import Sequence
 
 import torch
 
-from m2m.stream.columns import ROWS, WEIGHT, Column
+from m2m.stream.columns import ROWS, WEIGHT, Column, torch_dtype
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.cold import ColdReader, fill_common
-from m2m.stream.stages.warm import _torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class HostBuffers:
         self._events[self._slot] = event
 
     def get(self, col: Column, rows: int) -> torch.Tensor:
-        dtype = _torch_dtype(col.storage_dtype)
+        dtype = torch_dtype(col.storage_dtype)
         if not (self.pinned or dtype != col.out_dtype):
             return self.pool.get(col.name, rows, col.trailing, dtype)
         ring = self._ring[max(self._slot, 0)]
@@ -184,7 +183,7 @@ class ResidentTier:
         n = reader.num_rows
         self._data: dict[str, torch.Tensor] = {}
         for col in self.columns:
-            dtype = _torch_dtype(col.storage_dtype)
+            dtype = torch_dtype(col.storage_dtype)
             dev = torch.empty((n, *col.trailing), dtype=dtype, device=device)
             host = torch.empty((min(n, chunk_rows), *col.trailing), dtype=dtype,
                                pin_memory=device.type == "cuda")

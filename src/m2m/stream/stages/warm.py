@@ -17,14 +17,10 @@ import numpy as np
 import torch
 
 from m2m.errors import StreamError
-from m2m.stream.columns import Column
+from m2m.stream.columns import Column, torch_dtype
 from m2m.stream.memory import empty_hugepage
 from m2m.stream.stages.base import BufferSource, Stage, Work
 from m2m.stream.stages.cold import ColdReader, fill_common
-
-
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -53,7 +49,7 @@ class WarmArena:
             raise StreamError(f"warm budget {budget_bytes} bytes holds no block of {self.block_bytes} bytes")
         rows = self.slots * self.block_rows
         alloc = empty_hugepage if huge_pages else _empty
-        self._arena = {c.source: alloc((rows, *c.trailing), _torch_dtype(c.storage_dtype)) for c in self.columns}
+        self._arena = {c.source: alloc((rows, *c.trailing), torch_dtype(c.storage_dtype)) for c in self.columns}
         self._arena_np = {name: t.numpy() for name, t in self._arena.items()}
         self.slot_of_block = np.full(self.num_blocks, -1, dtype=np.int64)
         self.block_of_slot = np.full(self.slots, -1, dtype=np.int64)
