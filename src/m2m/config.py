@@ -39,6 +39,8 @@ class M2MConfig:
         hot_bytes: device-memory budget of the hot tier.
         shard_bytes: target size of one shard file.
         prefetch: batches the background prefetcher keeps ready.
+        verify_reads: check each shard file's CRC32 the first time a process reads it (one extra
+            sequential read of the lake per process; `Lake.verify` always checks).
     """
 
     path: str | os.PathLike[str] | None = None
@@ -57,6 +59,7 @@ class M2MConfig:
     hot_bytes: int = DEFAULT_HOT_BYTES
     shard_bytes: int = DEFAULT_SHARD_BYTES
     prefetch: int = 4
+    verify_reads: bool = True
 
     def __post_init__(self) -> None:
         _check(isinstance(self.latent_dim, int) and not isinstance(self.latent_dim, bool) and self.latent_dim >= 2,

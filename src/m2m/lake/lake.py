@@ -45,7 +45,7 @@ class Lake:
     def __init__(self, fs: LakeFS, config: M2MConfig, manifest: Manifest, temporary_dir: str | None = None) -> None:
         self._fs = fs
         self.config = config
-        self._snapshot = Snapshot(fs, manifest)
+        self._snapshot = Snapshot(fs, manifest, verify=config.verify_reads)
         self._temporary_dir = temporary_dir
         self._closed = False
         self._cache: dict[str, Any] = {}
@@ -111,7 +111,7 @@ class Lake:
 
     def checkout(self, version: int) -> Snapshot:
         """A read-only snapshot of an older (or newer) committed version."""
-        return Snapshot(self._fs, read_manifest(self._fs, version))
+        return Snapshot(self._fs, read_manifest(self._fs, version), verify=self.config.verify_reads)
 
     def versions(self) -> list[int]:
         """Committed versions still on disk."""
@@ -119,7 +119,7 @@ class Lake:
 
     def _set_manifest(self, manifest: Manifest) -> None:
         self._snapshot.close()
-        self._snapshot = Snapshot(self._fs, manifest)
+        self._snapshot = Snapshot(self._fs, manifest, verify=self.config.verify_reads)
         self._cache.clear()
 
     # ------------------------------------------------------------------ commits
