@@ -37,7 +37,9 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -229,15 +231,13 @@ def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generato
     """
     dev = h.device
     b = h.shape[0]
-    h = h.to(torch.float64)
-    kap = kappa.to(torch.float64)
-    t = torch.ones(b, dtype=torch.float64, device=dev)
-    rho = torch.zeros(b, dtype=torch.float64, device=dev)
+    h = h.to(torch.float64).contiguous()
+    kap = kappa.to(torch.float64).contiguous()
     if steps == 0 or b == 0:
+        t = torch.ones(b, dtype=torch.float64, device=dev)
+        rho = torch.zeros(b, dtype=torch.float64, device=dev)
         empty = torch.zeros((0, b), dtype=torch.float64, device=dev)
         return OwnChain(t, rho, empty, empty) if record else OwnChain(t, rho)
-    sq = torch.sqrt(2.0 * h)
-    hk = h * kap
     # the noise is drawn in float32 (cheaper; it is only noise) and used in float64
     z = torch.randn((steps, 2, b), device=dev, generator=generator).to(torch.float64)
     if dim > 2:
@@ -247,54 +247,74 @@ def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generato
     log_u = None
     if metropolis:
         log_u = torch.log(torch.rand((steps, b), dtype=torch.float64, device=dev, generator=generator))
-    d0 = torch.addcmul(hk, sq, z[:, 0])        # noise + drift along mu_0
+    n_vis = 2 * steps if metropolis else steps
+    rec = None
+    if record:
+        rec = (torch.empty((n_vis, b), dtype=torch.float64, device=dev),      # visited t
+               torch.empty((n_vis, b), dtype=torch.float64, device=dev),      # visited rho
+               torch.empty((steps, b), dtype=torch.float64, device=dev),      # x1
+               torch.ones((steps, b), dtype=torch.bool, device=dev))          # accepted
+    # The loop is arithmetic on [B] vectors: on the CPU numpy runs it with a fraction of torch's
+    # per-operation overhead (views share memory, so nothing is copied).
+    cpu = dev.type == "cpu"
+    xp = np if cpu else torch
+    view = (lambda v: v.numpy()) if cpu else (lambda v: v)
+    t_out, rho_out = _own_chain_loop(xp, view(h), view(kap), view(z), view(chi2),
+                                     None if log_u is None else view(log_u),
+                                     None if rec is None else tuple(view(r) for r in rec))
+    if cpu:
+        t_out, rho_out = torch.from_numpy(np.ascontiguousarray(t_out)), torch.from_numpy(np.ascontiguousarray(rho_out))
+    if rec is None:
+        return OwnChain(t_out, rho_out)
+    return OwnChain(t_out, rho_out, rec[0], rec[1], z, chi2, log_u, rec[2], rec[3])
+
+
+def _own_chain_loop(xp: Any, h: Any, kap: Any, z: Any, chi2: Any, log_u: Any, rec: Any) -> tuple[Any, Any]:
+    """The steps of ``own_component_chain`` on numpy arrays or torch tensors (``xp`` = np or torch)."""
+    steps = z.shape[0]
+    sq = xp.sqrt(2.0 * h)
+    hk = h * kap
+    d0 = hk + sq * z[:, 0]                      # noise + drift along mu_0
     d1 = sq * z[:, 1]                           # noise along the current orthogonal direction
     rest = 2.0 * h * chi2                       # squared noise in the remaining d - 2 directions
-    n_vis = 2 * steps if metropolis else steps
-    if record:
-        vt = torch.empty((n_vis, b), dtype=torch.float64, device=dev)
-        vr = torch.empty((n_vis, b), dtype=torch.float64, device=dev)
-        x1s = torch.empty((steps, b), dtype=torch.float64, device=dev)
-        accs = torch.ones((steps, b), dtype=torch.bool, device=dev)
+    t = xp.ones_like(h)
+    rho = xp.zeros_like(h)
     for i in range(steps):
-        if record:
-            vt[i], vr[i] = t, rho
+        if rec is not None:
+            rec[0][i], rec[1][i] = t, rho
         if i == 0 and log_u is None:
             # from x = mu_0 (t = 1, rho = 0): x + P_x D = mu_0 + D1 w + rest, in closed form
-            r2 = torch.addcmul(rest[0], d1[0], d1[0])
-            inv = torch.rsqrt(r2 + 1.0)
-            if record:
-                x1s[0] = d1[0]
-            t, rho = inv, torch.sqrt(r2) * inv
+            r2 = rest[0] + d1[0] * d1[0]
+            inv = 1.0 / xp.sqrt(r2 + 1.0)
+            if rec is not None:
+                rec[2][0] = d1[0]
+            t, rho = inv, xp.sqrt(r2) * inv
             continue
-        xd = torch.addcmul(t * d0[i], rho, d1[i])   # x . D
-        one_m = 1.0 - xd
-        x0 = torch.addcmul(d0[i], t, one_m)
-        x1 = torch.addcmul(d1[i], rho, one_m)
-        r2 = torch.addcmul(rest[i], x1, x1)
-        n = torch.sqrt(torch.addcmul(r2, x0, x0))    # |x + P_x D| = 1 / (x . x')
+        one_m = 1.0 - (t * d0[i] + rho * d1[i])     # 1 - x . D
+        x0 = d0[i] + t * one_m
+        x1 = d1[i] + rho * one_m
+        r2 = rest[i] + x1 * x1
+        n = xp.sqrt(r2 + x0 * x0)                    # |x + P_x D| = 1 / (x . x')
         t_new = x0 / n
-        rho_new = torch.sqrt(r2) / n
-        if record:
-            x1s[i] = x1
+        rho_new = xp.sqrt(r2) / n
+        if rec is not None:
+            rec[2][i] = x1
         if log_u is None:
             t, rho = t_new, rho_new
             continue
-        if record:
-            vt[steps + i], vr[steps + i] = t_new, rho_new
+        if rec is not None:
+            rec[0][steps + i], rec[1][steps + i] = t_new, rho_new
         # |v - m(x)|^2 = 2h |P_x zeta|^2 and |v_rev - m(x')|^2 in closed form (hk = h kappa)
-        zz = z[i, 0] ** 2 + z[i, 1] ** 2 + chi2[i]
+        zz = z[i, 0] * z[i, 0] + z[i, 1] * z[i, 1] + chi2[i]
         xz = t * z[i, 0] + rho * z[i, 1]
         fwd = 2.0 * h * (zz - xz * xz)
         rev = n * n - (1.0 - hk * t_new) ** 2 + hk * hk - 2.0 * hk * t * n
         acc = log_u[i] < kap * (t_new - t) - (rev - fwd) / (4.0 * h)
-        t = torch.where(acc, t_new, t)
-        rho = torch.where(acc, rho_new, rho)
-        if record:
-            accs[i] = acc
-    if not record:
-        return OwnChain(t, rho)
-    return OwnChain(t, rho, vt, vr, z, chi2, log_u, x1s, accs)
+        t = xp.where(acc, t_new, t)
+        rho = xp.where(acc, rho_new, rho)
+        if rec is not None:
+            rec[3][i] = acc
+    return t, rho
 
 
 def coupled_full_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: Tensor, temperature: float,

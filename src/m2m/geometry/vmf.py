@@ -17,6 +17,9 @@ in which case they keep its dtype and device. The arithmetic is always float64.
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -301,34 +304,46 @@ def standard_gamma(shape: float, size: tuple[int, ...], generator: torch.Generat
     c = 1.0 / math.sqrt(9.0 * dd)
     draws = 1 if a >= 30.0 else 2          # acceptance ~1 - 0.002 / a: one candidate is enough for large a
     total = math.prod(size)
-    out = torch.empty(total, dtype=dtype, device=device)
-    pending: Tensor | None = None
+    dev = torch.device(device)
+    # small-array arithmetic: numpy on the CPU (views of the torch draws), torch elsewhere
+    cpu = dev.type == "cpu"
+    xp = np if cpu else torch
+
+    def draw(fn: Any, m: int) -> Any:
+        t = fn((draws, m), dtype=dtype, device=dev, generator=generator)
+        return t.numpy() if cpu else t
+
+    out = xp.empty(total, dtype=np.dtype(str(dtype).replace("torch.", ""))) if cpu else \
+        torch.empty(total, dtype=dtype, device=dev)
+    pending: Any = None
     for _ in range(_WOOD_MAX_ROUNDS):
-        m = total if pending is None else pending.numel()
+        m = total if pending is None else len(pending)
         if m == 0:
             break
-        x = torch.randn((draws, m), dtype=dtype, device=device, generator=generator)
-        u = torch.rand((draws, m), dtype=dtype, device=device, generator=generator)
+        x = draw(torch.randn, m)
+        u = draw(torch.rand, m)
         v = 1.0 + c * x
         v = v * v * v
-        ok = (v > 0) & (torch.log(u) < 0.5 * x * x + dd - dd * v + dd * torch.log(torch.clamp(v, min=1e-300)))
+        vs = xp.where(v > 0, v, 1.0)
+        ok = (v > 0) & (xp.log(u) < 0.5 * x * x + dd - dd * v + dd * xp.log(vs))
         cand = dd * v
         if draws == 1:
             val, done = cand[0], ok[0]
         else:
-            val = torch.where(ok[0], cand[0], cand[1])
+            val = xp.where(ok[0], cand[0], cand[1])
             done = ok[0] | ok[1]
         if pending is None:
-            out.copy_(val)
-            pending = torch.nonzero(~done).squeeze(1)
+            out[:] = val
+            pending = np.flatnonzero(~done) if cpu else torch.nonzero(~done).squeeze(1)
         else:
             out[pending[done]] = val[done]
             pending = pending[~done]
-    if pending is None or pending.numel():
+    if pending is None or len(pending):
         raise RuntimeError(f"gamma sampler did not accept all draws (shape {shape})")
+    res = torch.from_numpy(out) if cpu else out
     if boost:
-        out = out * torch.rand(total, dtype=dtype, device=device, generator=generator) ** (1.0 / shape)
-    return out.reshape(size)
+        res = res * torch.rand(total, dtype=dtype, device=dev, generator=generator) ** (1.0 / shape)
+    return res.reshape(size)
 
 
 def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
