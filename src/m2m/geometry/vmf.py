@@ -354,44 +354,56 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
     b = (d-1) / (2 kappa + sqrt(4 kappa^2 + (d-1)^2)) and carries 1 - w, so kappa up to 1e10 and d
     up to thousands lose no precision. Vectorised: each round redraws only the rejected entries.
     """
-    k = kappa.to(torch.float64).reshape(-1, 1).expand(-1, n).reshape(-1)
-    dev = k.device
+    k_t = kappa.to(torch.float64).reshape(-1, 1).expand(-1, n).reshape(-1).contiguous()
+    dev = k_t.device
+    # small-array arithmetic: numpy on the CPU (views of the torch draws), torch elsewhere
+    cpu = dev.type == "cpu"
+    xp = np if cpu else torch
+    k = k_t.numpy() if cpu else k_t
     d1 = float(dim - 1)
-    b = d1 / (2.0 * k + torch.sqrt(4.0 * k * k + d1 * d1))
+    b = d1 / (2.0 * k + xp.sqrt(4.0 * k * k + d1 * d1))
     om_x0 = 2.0 * b / (1.0 + b)                              # 1 - x0, x0 = (1-b)/(1+b)
     x0 = (1.0 - b) / (1.0 + b)
-    log_1mx02 = torch.log(4.0 * b) - 2.0 * torch.log1p(b)    # log(1 - x0^2)
-    total = k.numel()
-    omw = torch.empty(total, dtype=torch.float64, device=dev)
-    pending = torch.arange(total, device=dev)
+    log_1mx02 = xp.log(4.0 * b) - 2.0 * xp.log1p(b)          # log(1 - x0^2)
+    total = k_t.numel()
+    omw = xp.empty_like(k)
+    pending: Any = None
     for _ in range(_WOOD_MAX_ROUNDS):
-        m = pending.numel()
+        m = total if pending is None else len(pending)
         if m == 0:
             break
         # _WOOD_DRAWS candidates per pending entry; the first accepted one is kept
         g = standard_gamma(d1 / 2.0, (2, _WOOD_DRAWS, m), generator, dev)
-        z = g[0] / (g[0] + g[1])                              # Beta((d-1)/2, (d-1)/2)
         u = torch.rand((_WOOD_DRAWS, m), dtype=torch.float64, device=dev, generator=generator)
-        first = m == total
+        if cpu:
+            g, u = g.numpy(), u.numpy()
+        z = g[0] / (g[0] + g[1])                              # Beta((d-1)/2, (d-1)/2)
+        first = pending is None
         bp = b if first else b[pending]
         kp = k if first else k[pending]
         omx0p = om_x0 if first else om_x0[pending]
         x0p = x0 if first else x0[pending]
         l1p = log_1mx02 if first else log_1mx02[pending]
         omw_c = 2.0 * bp * z / (1.0 - (1.0 - bp) * z)          # 1 - w
-        lhs = kp * (omx0p - omw_c) + d1 * (torch.log(omx0p + x0p * omw_c) - l1p)
-        acc = lhs >= torch.log(u)
+        lhs = kp * (omx0p - omw_c) + d1 * (xp.log(omx0p + x0p * omw_c) - l1p)
+        acc = lhs >= xp.log(u)
         chosen = omw_c[-1]
         for j in range(_WOOD_DRAWS - 2, -1, -1):                 # the first accepted candidate
-            chosen = torch.where(acc[j], omw_c[j], chosen)
+            chosen = xp.where(acc[j], omw_c[j], chosen)
         done = acc.any(0)
-        omw[pending[done]] = chosen[done]
-        pending = pending[~done]
-    if pending.numel():
-        raise RuntimeError(f"Wood's vMF sampler did not accept {pending.numel()} draws in "
-                           f"{_WOOD_MAX_ROUNDS} rounds (kappa in [{k.min().item()}, {k.max().item()}], d={dim})")
-    w = (1.0 - omw).reshape(-1, n)
-    s = torch.sqrt(torch.clamp(omw * (2.0 - omw), min=0.0)).reshape(-1, n)
+        if first:
+            omw[:] = chosen
+            pending = np.flatnonzero(~done) if cpu else torch.nonzero(~done).squeeze(1)
+        else:
+            omw[pending[done]] = chosen[done]
+            pending = pending[~done]
+    if pending is None or len(pending):
+        left = total if pending is None else len(pending)
+        raise RuntimeError(f"Wood's vMF sampler did not accept {left} draws in {_WOOD_MAX_ROUNDS} rounds "
+                           f"(kappa in [{k_t.min().item()}, {k_t.max().item()}], d={dim})")
+    omw_t = torch.from_numpy(omw) if cpu else omw
+    w = (1.0 - omw_t).reshape(-1, n)
+    s = torch.sqrt(torch.clamp(omw_t * (2.0 - omw_t), min=0.0)).reshape(-1, n)
     return w, s
 
 
