@@ -126,8 +126,15 @@ def check_unit_rows(mu: Any, name: str = "mu", sample: int = 1024) -> np.ndarray
 
 
 def rows_f32(mu: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-    """Rows of ``mu`` as a C-contiguous float32 array (converted when ``mu`` is float16)."""
-    return np.ascontiguousarray(mu[rows], dtype=np.float32)
+    """Rows of ``mu`` as a C-contiguous float32 array.
+
+    float16 rows are converted and renormalised (float16 rounding leaves norms 1 +- 1e-3, which
+    would put identical rows at cosine 0.999); float32 rows are returned as stored.
+    """
+    block = np.ascontiguousarray(mu[rows], dtype=np.float32)
+    if mu.dtype == np.float16 and block.size:
+        block /= np.linalg.norm(block, axis=-1, keepdims=True)
+    return block
 
 
 def check_int(value: Any, name: str, low: int = 1) -> int:
