@@ -1,0 +1,166 @@
+"""Importance sampling plans: which rows an epoch draws and the weights that keep estimates unbiased.
+
+A plan is a pure function of (scores, alpha, num_draws, seed, epoch): a fresh
+``np.random.Generator`` is built from ``(seed, epoch)``, nothing global is touched.
+
+Probabilities. Scores are normalised to mean 1 and floored: ``q_i = max(s_i / mean(s), floor)``,
+``p_i = q_i / sum(q)``. Since ``mean(q) <= 1 + floor``, every row keeps at least
+``floor / (1 + floor)`` of its uniform probability 1/N (9% at the default floor 0.1): no row
+starves, and the weights below stay bounded by ``(1 + floor) / floor`` times alpha_i.
+
+Draws. Systematic resampling along a fresh random order of the rows: with ``C`` the cumulative
+``p`` in that order and one uniform ``u``, row i is drawn ``c_i = ceil(M C_i - u) -
+ceil(M C_{i-1} - u)`` times. Then ``E[c_i] = M p_i`` exactly, ``c_i`` is ``floor(M p_i)`` or
+``ceil(M p_i)`` (multinomial draws with replacement would spread it binomially, so systematic
+resampling has the lower variance: uniform scores give every row exactly once), and the drawn
+rows are shuffled.
+
+Weights. ``w_i = alpha_i / (N p_i)``. For any per-row ``f``, with the sums over the M draws:
+
+    E[sum w f] = sum_i E[c_i] alpha_i f_i / (N p_i) = (M / N) * sum_i alpha_i f_i,
+
+and likewise ``E[sum w] = (M / N) * sum_i alpha_i``. Both sums are unbiased (``sum(w f) / M`` is
+the Hansen-Hurwitz estimator of ``sum(alpha f) / N``), so the self-normalised
+``sum(w f) / sum(w)`` is a consistent estimate of the alpha-weighted mean
+``sum(alpha f) / sum(alpha)``, with a ratio bias of order 1/M (zero when ``alpha_i / p_i`` is
+constant, e.g. uniform scores with alpha = 1, where every weight is exactly 1).
+
+Which score helps training (``score_from``):
+    * ``"kappa"``: ``1 / kappa``. kappa is the vMF concentration of a splat's neighbourhood --
+      high kappa = a dense, redundant region; low kappa = diffuse, rare regions. p ∝ 1/kappa
+      shows the model more of the rare regions it would otherwise see little of (and, since
+      kappa ≈ (d-1) / (2 (1 - mean neighbour cosine)), ∝ the local spread), while the weights
+      keep the objective that of the full alpha-weighted lake. It is the sampling analogue of
+      density-based pruning (SemDeDup), without discarding anything.
+    * ``"alpha"``: alpha itself -- draw in proportion to mass, weights then nearly constant.
+    * ``"loss"``: per-row training-loss priorities (``m2m.soc.priorities.LossPriorities``),
+      prioritised replay with unbiasing weights.
+    * any other name: a user column of non-negative numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from m2m.errors import ConfigError, InvalidEmbeddingError
+
+__all__ = ["BUILTIN_MODES", "importance_plan", "plan_generator", "probabilities", "score_from"]
+
+BUILTIN_MODES = ("kappa", "alpha", "loss")
+
+
+def plan_generator(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of one epoch's plan: a function of ``(seed, epoch)`` only."""
+    for name, value in (("seed", seed), ("epoch", epoch)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch), 0x50C])))
+
+
+def _vector(values: Any, name: str, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
+        want = "[N]" if n is None else f"[{n}]"
+        raise InvalidEmbeddingError(f"{name} must have shape {want}, got {arr.shape}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise InvalidEmbeddingError(f"{name} must be finite; row {int(np.argmax(bad))} is {arr[np.argmax(bad)]}")
+    return arr
+
+
+def probabilities(scores: Any, floor: float = 0.1) -> np.ndarray:
+    """``float64 [N]`` draw probabilities ``max(s / mean(s), floor)`` normalised (see module doc)."""
+    s = _vector(scores, "scores")
+    neg = s < 0
+    if neg.any():
+        raise InvalidEmbeddingError(f"scores must be >= 0; row {int(np.argmax(neg))} is {s[np.argmax(neg)]}")
+    if not isinstance(floor, (int, float, np.floating)) or isinstance(floor, bool) or not 0.0 < floor <= 1.0:
+        raise ConfigError(f"floor must be a float in (0, 1], got {floor!r}")
+    if s.size == 0:
+        return s
+    mean = s.mean()
+    q = np.full_like(s, 1.0) if mean == 0 else np.maximum(s / mean, floor)
+    return q / q.sum()
+
+
+def importance_plan(
+    scores: Any,
+    alpha: Any,
+    num_draws: int,
+    seed: int,
+    epoch: int,
+    floor: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to draw this epoch and their importance weights (see module doc for the proof).
+
+    Args:
+        scores: ``[N]`` non-negative finite scores (higher = drawn more often).
+        alpha: ``[N]`` positive masses: the target is the alpha-weighted mean over rows.
+        num_draws: draws this epoch (``M``; usually N).
+        seed, epoch: the plan is a deterministic function of these.
+        floor: minimum normalised score (fraction of the mean score) every row keeps.
+
+    Returns:
+        ``(indices int64 [M], weights float32 [M])``: row positions in random order, and
+        ``w = alpha / (N p)`` per draw.
+    """
+    p = probabilities(scores, floor)
+    n = p.size
+    a = _vector(alpha, "alpha", n)
+    low = a <= 0
+    if low.any():
+        raise InvalidEmbeddingError(f"alpha must be > 0; row {int(np.argmax(low))} is {a[np.argmax(low)]}")
+    if not isinstance(num_draws, (int, np.integer)) or isinstance(num_draws, bool) or num_draws < 0:
+        raise ConfigError(f"num_draws must be an int >= 0, got {num_draws!r}")
+    gen = plan_generator(seed, epoch)
+    if n == 0 or num_draws == 0:
+        if n == 0 and num_draws > 0:
+            raise ConfigError(f"cannot draw {num_draws} rows from an empty set")
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    m = int(num_draws)
+    order = gen.permutation(n)
+    cum = np.cumsum(p[order])
+    cum[-1] = 1.0
+    u = gen.random()
+    edges = np.ceil(m * cum - u).astype(np.int64)
+    counts = np.diff(edges, prepend=0)  # ceil(-u) = 0 for u in [0, 1)
+    indices = np.repeat(order, counts)
+    indices = indices[gen.permutation(indices.size)]
+    weights = (a[indices] / (n * p[indices])).astype(np.float32)
+    return indices.astype(np.int64), weights
+
+
+def score_from(
+    mode: str,
+    kappa: Any = None,
+    alpha: Any = None,
+    column: Any = None,
+    priorities: Any = None,
+) -> np.ndarray:
+    """``float64 [N]`` sampling scores of a mode: "kappa" (1/kappa), "alpha", "loss" (priorities) or a column.
+
+    Any mode name other than the built-ins reads ``column`` (a user metadata column).
+    """
+    if mode == "kappa":
+        if kappa is None:
+            raise ConfigError("importance mode 'kappa' needs kappa (estimate it first)")
+        k = _vector(kappa, "kappa")
+        low = k <= 0
+        if low.any():
+            raise InvalidEmbeddingError(f"kappa must be > 0; row {int(np.argmax(low))} is {k[np.argmax(low)]}")
+        return 1.0 / k
+    if mode == "alpha":
+        if alpha is None:
+            raise ConfigError("importance mode 'alpha' needs alpha")
+        return _vector(alpha, "alpha")
+    if mode == "loss":
+        if priorities is None:
+            raise ConfigError("importance mode 'loss' needs priorities")
+        return _vector(priorities, "priorities")
+    if not isinstance(mode, str) or not mode:
+        raise ConfigError(f"importance mode must be 'kappa', 'alpha', 'loss' or a column name, got {mode!r}")
+    if column is None:
+        raise ConfigError(f"importance mode {mode!r} needs the values of column {mode!r}")
+    return _vector(column, f"column {mode!r}")

@@ -1,0 +1,101 @@
+"""Per-row training-loss priorities in shared memory, read by importance sampling ("loss" mode)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from m2m.errors import ConfigError, InvalidEmbeddingError
+
+__all__ = ["LossPriorities"]
+
+
+class LossPriorities:
+    """An exponential moving average of each row's training loss, shared across processes.
+
+    The values live in one float32 torch tensor in shared memory (``share_memory_()``):
+    DataLoader worker processes -- forked or spawned, persistent or not -- that received this
+    object see every later ``update`` made in the main process, since pickling through
+    ``torch.multiprocessing`` passes the shared storage, not a copy. Updates are meant to come
+    from one process (the training loop); readers may run anywhere.
+
+    Args:
+        n: number of rows.
+        ema: weight of the old value in each update (0 keeps only the latest loss).
+        initial: starting priority of every row (>= 0; a row never seen keeps it).
+        ids: optional ``int64 [n]`` row ids (any order, unique); ``update`` then takes ids,
+            otherwise positions ``0..n-1``.
+    """
+
+    def __init__(self, n: int, ema: float = 0.9, initial: float = 1.0, ids: Any = None) -> None:
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise ConfigError(f"n must be an int >= 0, got {n!r}")
+        if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0.0 <= ema < 1.0:
+            raise ConfigError(f"ema must be a float in [0, 1), got {ema!r}")
+        if not isinstance(initial, (int, float)) or not np.isfinite(initial) or initial < 0:
+            raise ConfigError(f"initial must be a finite float >= 0, got {initial!r}")
+        self.ema = float(ema)
+        self._values = torch.full((int(n),), float(initial), dtype=torch.float32).share_memory_()
+        self._sorted_ids: torch.Tensor | None = None
+        self._id_pos: torch.Tensor | None = None
+        if ids is not None:
+            arr = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
+            if arr.shape != (int(n),):
+                raise ConfigError(f"ids must have shape ({n},), got {tuple(arr.shape)}")
+            sorted_ids, order = torch.sort(arr)
+            if n > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
+                raise ConfigError("ids must be unique")
+            self._sorted_ids = sorted_ids.share_memory_()
+            self._id_pos = order.share_memory_()
+
+    def __len__(self) -> int:
+        return int(self._values.shape[0])
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The shared float32 ``[n]`` tensor of priorities (read it; update through ``update``)."""
+        return self._values
+
+    def positions(self, ids_or_positions: Any) -> torch.Tensor:
+        """Row positions (int64) of the given ids (when built with ids) or positions, validated."""
+        keys = torch.as_tensor(np.asarray(ids_or_positions) if not torch.is_tensor(ids_or_positions)
+                               else ids_or_positions).to("cpu", torch.int64).reshape(-1)
+        n = len(self)
+        if self._sorted_ids is None:
+            bad = (keys < 0) | (keys >= n)
+            if bool(bad.any()):
+                raise InvalidEmbeddingError(f"position {int(keys[bad][0])} is outside [0, {n})")
+            return keys
+        where = torch.searchsorted(self._sorted_ids, keys).clamp_(max=max(n - 1, 0))
+        found = (self._sorted_ids[where] == keys) if n else torch.zeros_like(keys, dtype=torch.bool)
+        if not bool(found.all()):
+            raise InvalidEmbeddingError(f"id {int(keys[~found][0])} is not a row of this lake")
+        return self._id_pos[where]
+
+    def update(self, ids_or_positions: Any, losses: Any) -> None:
+        """Fold losses into the priorities: ``p = ema * p + (1 - ema) * loss`` (vectorised).
+
+        A row listed several times in one call is updated once, with the mean of its losses
+        (deterministic whatever the order). Losses must be finite and >= 0.
+        """
+        pos = self.positions(ids_or_positions)
+        loss = (losses.detach() if torch.is_tensor(losses) else torch.as_tensor(np.asarray(losses)))
+        loss = loss.to("cpu", torch.float64).reshape(-1)
+        if loss.shape != pos.shape:
+            raise InvalidEmbeddingError(f"got {pos.numel()} rows but {loss.numel()} losses")
+        bad = ~torch.isfinite(loss) | (loss < 0)
+        if bool(bad.any()):
+            raise InvalidEmbeddingError(f"losses must be finite and >= 0; got {float(loss[bad][0])}")
+        if pos.numel() == 0:
+            return
+        rows, inverse = torch.unique(pos, return_inverse=True)
+        total = torch.zeros(rows.shape, dtype=torch.float64).index_add_(0, inverse, loss)
+        count = torch.bincount(inverse, minlength=rows.numel()).to(torch.float64)
+        old = self._values[rows].to(torch.float64)
+        self._values[rows] = (self.ema * old + (1.0 - self.ema) * total / count).to(torch.float32)
+
+    def scores(self) -> np.ndarray:
+        """A float64 copy of the current priorities (scores for ``importance_plan``)."""
+        return self._values.numpy().astype(np.float64)
