@@ -61,18 +61,22 @@ def step_length(step_size: float, kappa: Tensor, mask: Tensor | None, dim: int, 
     return step_size / kappa_ref(kappa, mask, dim, temperature)
 
 
-def log_density_and_gradient(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor,
-                             temperature: float) -> tuple[Tensor, Tensor]:
+def log_density_and_gradient(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, temperature: float,
+                             grad_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(log p(x) up to a constant [B], Euclidean gradient of log p [B, d]) for x [B, d], mu [B, K, d].
 
-    ``kappa`` and ``log_w`` are [B, K] in x's dtype (``log_w`` -inf for absent components).
+    ``kappa`` and ``log_w`` are [B, K] in x's dtype (``log_w`` -inf for absent components); the
+    gradient is written into ``grad_out`` [B, d] when given.
     """
     s = torch.bmm(x.unsqueeze(1), mu.transpose(1, 2)).squeeze(1)          # mu_j . x, [B, K]
     logits = torch.addcmul(log_w, kappa, s)
     lse = torch.logsumexp(logits, dim=-1)
     w = torch.exp(logits - lse.unsqueeze(-1))
     coef = (w * kappa).unsqueeze(1) / temperature
-    grad = torch.bmm(coef, mu).squeeze(1)
+    if grad_out is None:
+        grad = torch.bmm(coef, mu).squeeze(1)
+    else:
+        grad = torch.bmm(coef, mu, out=grad_out.unsqueeze(1)).squeeze(1)
     return lse / temperature, grad
 
 

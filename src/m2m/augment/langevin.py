@@ -108,44 +108,64 @@ def full_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: Tensor, s
     x = x.clone()
     if steps == 0:
         return x
+    bufs = _Buffers(x)
     hh = h.to(x.dtype).unsqueeze(1)
-    noise = torch.empty_like(x)
-    logp, grad = log_density_and_gradient(x, mu, kappa, log_w, temperature)
+    logp, grad = log_density_and_gradient(x, mu, kappa, log_w, temperature, grad_out=bufs.grad)
     for i in range(steps):
-        noise.normal_(generator=generator)
+        noise = bufs.noise.normal_(generator=generator)
         log_u = None
         if metropolis:
             log_u = torch.log(torch.rand(x.shape[0], dtype=x.dtype, device=x.device, generator=generator))
-        x, logp, grad = _step(x, logp, grad, noise, log_u, mu, kappa, log_w, hh, temperature,
+        x, logp, grad = _step(x, logp, grad, noise, log_u, mu, kappa, log_w, hh, temperature, bufs,
                               last=i == steps - 1)
     return x
 
 
+class _Buffers:
+    """Reused [B, d] work tensors of a chain: two points and two gradients (the current one and the
+    next, swapped each step) and the noise. Fresh large temporaries on every step fault pages."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.point = torch.empty_like(x)
+        self.grad = torch.empty_like(x)
+        self.grad_next = torch.empty_like(x)
+        self.noise = torch.empty_like(x)
+
+
 def _step(x: Tensor, logp: Tensor, grad: Tensor, noise: Tensor, log_u: Tensor | None, mu: Tensor, kappa: Tensor,
-          log_w: Tensor, hh: Tensor, temperature: float, last: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """One ULA (``log_u`` None) or MALA step driven by the Gaussian ``noise`` [B, d]; returns the new
-    point with log p and its gradient there (not evaluated after the ``last`` ULA step)."""
+          log_w: Tensor, hh: Tensor, temperature: float, bufs: _Buffers,
+          last: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One ULA (``log_u`` None) or MALA step driven by the Gaussian ``noise`` [B, d] (overwritten);
+    returns the new point with log p and its gradient there (not evaluated after the ``last`` ULA
+    step). Works in ``bufs``: the returned point and gradient live there (x's storage is recycled)."""
     sq = torch.sqrt(2.0 * hh)
     xz = torch.linalg.vecdot(x, noise).unsqueeze(1)
     xg = torch.linalg.vecdot(x, grad).unsqueeze(1)
-    v = hh * (grad - xg * x) + sq * (noise - xz * x)
-    y = x + v
-    y = y / torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    fwd = None
+    if log_u is not None:  # forward: v - m(x) = sqrt(2h) P_x xi, |.|^2 = 2h (|xi|^2 - (x.xi)^2)
+        fwd = 2.0 * hh.squeeze(1) * (torch.linalg.vecdot(noise, noise) - xz.squeeze(1) ** 2)
+    v = noise.addcmul_(x, xz, value=-1.0).mul_(sq)        # sqrt(2h) P_x xi
+    v.addcmul_(grad, hh).addcmul_(x, hh * xg, value=-1.0)  # + h P_x grad
+    y = torch.add(x, v, out=bufs.point)
+    y.div_(torch.linalg.vector_norm(y, dim=1, keepdim=True))
     if log_u is None and last:
         return y, logp, grad
-    logp_y, grad_y = log_density_and_gradient(y, mu, kappa, log_w, temperature)
+    logp_y, grad_y = log_density_and_gradient(y, mu, kappa, log_w, temperature, grad_out=bufs.grad_next)
     if log_u is None:
+        bufs.point, bufs.grad, bufs.grad_next = x, grad_y, grad
         return y, logp_y, grad_y
-    # forward: v - m(x) = sqrt(2h) P_x xi; reverse tangent vector at y: x / (x.y) - y
-    h1 = hh.squeeze(1)
-    fwd = 2.0 * h1 * (torch.linalg.vecdot(noise, noise) - xz.squeeze(1) ** 2)
+    # reverse tangent vector at y: x / (x.y) - y, minus m(y) = h P_y grad(y)
+    assert fwd is not None
     c = torch.linalg.vecdot(x, y).unsqueeze(1)
     yg = torch.linalg.vecdot(y, grad_y).unsqueeze(1)
-    rev_vec = x / c - y - hh * (grad_y - yg * y)
+    rev_vec = torch.div(x, c, out=v).sub_(y)
+    rev_vec.addcmul_(grad_y, hh, value=-1.0).addcmul_(y, hh * yg)
     rev = torch.linalg.vecdot(rev_vec, rev_vec)
+    h1 = hh.squeeze(1)
     acc = log_u < logp_y - logp - (rev - fwd) / (4.0 * h1)
     a1 = acc.unsqueeze(1)
-    return torch.where(a1, y, x), torch.where(acc, logp_y, logp), torch.where(a1, grad_y, grad)
+    x_new, g_new = torch.where(a1, y, x), torch.where(a1, grad_y, grad)
+    return x_new, torch.where(acc, logp_y, logp), g_new
 
 
 def _validate(x: Tensor, mu: Tensor, kappa: Tensor, alpha: Tensor, mask: Tensor | None
@@ -338,7 +358,8 @@ def coupled_full_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: T
     hh = h.to(dt).unsqueeze(1)
     sq_rest = torch.sqrt(2.0 * h.to(torch.float64).unsqueeze(1) * own.chi2.T).to(dt)   # [B, S]
     w = uniform_tangent_direction(mu0, generator)                 # the (arbitrary) direction at rho = 0
-    logp, grad = log_density_and_gradient(x, mu, kappa, log_w, temperature)
+    bufs = _Buffers(x)
+    logp, grad = log_density_and_gradient(x, mu, kappa, log_w, temperature, grad_out=bufs.grad)
     g = torch.empty_like(x)
     for i in range(steps):
         g.normal_(generator=generator)
@@ -348,7 +369,7 @@ def coupled_full_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: T
         chi = torch.sqrt(own.chi2[i]).to(dt).unsqueeze(1)
         noise = own.z[i, 0].to(dt).unsqueeze(1) * mu0 + own.z[i, 1].to(dt).unsqueeze(1) * w + chi * r
         log_u = None if own.log_u is None else own.log_u[i].to(dt)
-        x, logp, grad = _step(x, logp, grad, noise, log_u, mu, kappa, log_w, hh, temperature,
+        x, logp, grad = _step(x, logp, grad, noise, log_u, mu, kappa, log_w, hh, temperature, bufs,
                               last=i == steps - 1)
         # the one-component chain's orthogonal direction after step i
         nw = own.x1[i].to(dt).unsqueeze(1) * w + sq_rest[:, i:i + 1] * r

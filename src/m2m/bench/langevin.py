@@ -8,8 +8,8 @@ random order, 5 Langevin steps at the default step size, one torch thread. Each 
 several interleaved rounds and its best round is kept (the machine is shared).
 
   limit  torch.index_select of the batch into a reused buffer (the stream's physical limit)
-  naive  gather the batch and its 16 x 256 neighbour rows, then 5 full-dimensional steps
-         (``langevin.full_chain``: bmm dot products, randn [256, 640] per step)
+  naive  gather the batch rows and their 16 x 256 neighbour rows into a reused buffer, then 5
+         full-dimensional steps (``langevin.full_chain``: bmm dot products, randn [256, 640] per step)
   ours   gather the batch, then ``LangevinAugmenter`` (two-coordinate chain + one direction draw for
          rows whose neighbours are provably negligible, exact coupled rerun for the others)
   vmf    gather the batch, then ``VMFAugmenter`` (one exact vMF draw per row)
@@ -84,11 +84,13 @@ def _run(quick: bool, rows: int, seed: int) -> dict[str, Any]:
                            "step_size": DEFAULT_STEP_SIZE, "kappa_median": float(np.median(kappa)),
                            "kappa_seconds": None if quick else kappa_s, "threads": 1}
     kt = torch.from_numpy(kappa).double()
+    lwt = component_log_weights(kt, torch.from_numpy(alpha).double(), DIM)
     nbt = torch.from_numpy(neighbors)
     for name, store in (("f32", x32), ("f16", x32.to(torch.float16))):
         buf = torch.empty(BATCH, DIM, dtype=store.dtype)
         out = torch.empty(BATCH, DIM)
-        nbuf = torch.empty(BATCH * K, DIM, dtype=store.dtype)
+        nbuf = torch.empty(BATCH * (K + 1), DIM, dtype=store.dtype)
+        nbuf32 = torch.empty(BATCH * (K + 1), DIM)
 
         def gather(pos: torch.Tensor, store: torch.Tensor = store) -> torch.Tensor:
             return store.index_select(0, pos).to(torch.float32)
@@ -110,15 +112,16 @@ def _run(quick: bool, rows: int, seed: int) -> dict[str, Any]:
         def vmf(r: torch.Tensor) -> torch.Tensor:
             return vaug(batch(r), r, gather, gen)
 
-        def naive(r: torch.Tensor, store: torch.Tensor = store, nbuf: torch.Tensor = nbuf) -> torch.Tensor:
-            xb = batch(r)
-            idx = nbt[r]
+        def naive(r: torch.Tensor, store: torch.Tensor = store, nbuf: torch.Tensor = nbuf,
+                  nbuf32: torch.Tensor = nbuf32) -> torch.Tensor:
+            # a careful straightforward version: one gather of the rows and their neighbours into a
+            # reused buffer, per-splat tables, then 5 full-dimensional steps
+            idx = torch.cat([r.unsqueeze(1), nbt[r]], 1)                       # [B, 1 + k]
             torch.index_select(store, 0, idx.reshape(-1), out=nbuf)
-            mu = torch.cat([xb.unsqueeze(1), nbuf.view(BATCH, K, DIM).to(torch.float32)], 1)
-            kk = torch.cat([kt[r].unsqueeze(1), kt[idx]], 1)
-            lw = component_log_weights(kk, torch.ones_like(kk), DIM)
+            mu = (nbuf if nbuf.dtype == torch.float32 else nbuf32.copy_(nbuf)).view(BATCH, K + 1, DIM)
+            kk, lw = kt[idx], lwt[idx]
             h = step_length(DEFAULT_STEP_SIZE, kk, None, DIM, 1.0)
-            return full_chain(xb, mu, kk.float(), (lw - lw[:, :1]).float(), h, STEPS, 1.0, gen, False)
+            return full_chain(mu[:, 0], mu, kk.float(), (lw - lw[:, :1]).float(), h, STEPS, 1.0, gen, False)
 
         best = {"limit": 0.0, "naive": 0.0, "ours": 0.0, "vmf": 0.0}
         cpu = dict(best)
