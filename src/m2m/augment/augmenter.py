@@ -102,8 +102,7 @@ class _Tables:
     fast: Tensor         # [N] bool: neighbours negligible whatever the path -> one-component chain
     kappa: Tensor        # [N] float64
     log_w: Tensor        # [N] float64 log alpha + log C_d(kappa)
-    neighbors: Tensor    # [N, k] int64
-    valid: Tensor        # [N, k] bool
+    neighbors: Tensor    # [N, k] int32 positions, -1 = absent (missing, self or another label)
     room: Tensor         # [N, k] float32 } constants of the path check (``path_terms``)
     slope: Tensor        # [N, k] float32 }
     scale: Tensor        # [N, k] float32 }
@@ -142,13 +141,15 @@ class LangevinAugmenter:
             if lab.shape != (n,):
                 raise ConfigError(f"labels must have shape [{n}], got {lab.shape}")
             valid &= lab[np.maximum(nb, 0)] == lab[:, None]
-        self._neighbors = torch.from_numpy(np.where(valid, nb, -1))
+        if n >= 2**31:
+            raise ConfigError(f"LangevinAugmenter supports up to 2**31 - 1 splats, got {n}")
+        self._neighbors = torch.from_numpy(np.where(valid, nb, -1).astype(np.int32))
         self._valid = torch.from_numpy(valid)
         if neighbor_cos is not None:
             cos = np.asarray(neighbor_cos, dtype=np.float64)
             if cos.shape != (n, k) or not np.isfinite(cos[valid]).all():
                 raise ConfigError(f"neighbor_cos must be finite [N={n}, k={k}], got {cos.shape}")
-            self._cos: Tensor | None = torch.from_numpy(np.where(valid, cos, 0.0))
+            self._cos: Tensor | None = torch.from_numpy(np.where(valid, cos, 0.0).astype(np.float32))
         else:
             self._cos = None
         self.steps, self.metropolis = steps, metropolis
@@ -181,8 +182,7 @@ class LangevinAugmenter:
                     self._static[dim] = self._build(dim, gather)
                 st = self._static[dim]
                 self._cache[key] = _Tables(*(t.to(device) for t in (st.h, st.kappa_t, st.fast, st.kappa, st.log_w,
-                                                                     st.neighbors, st.valid, st.room, st.slope,
-                                                                     st.scale)))
+                                                                     st.neighbors, st.room, st.slope, st.scale)))
             return self._cache[key]
 
     def _neighbour_cosines(self, gather: Gather | None) -> Tensor:
@@ -191,14 +191,14 @@ class LangevinAugmenter:
         if gather is None:
             raise ConfigError("LangevinAugmenter needs neighbor_cos or a gather function to compute them")
         n, k = self._neighbors.shape
-        out = torch.zeros(n, k, dtype=torch.float64)
+        out = torch.zeros(n, k, dtype=torch.float32)
         for start in range(0, n, _COS_CHUNK_ROWS):
             stop = min(n, start + _COS_CHUNK_ROWS)
             own = gather(torch.arange(start, stop))
-            idx = self._neighbors[start:stop].clamp(min=0).to(own.device)
+            idx = self._neighbors[start:stop].clamp(min=0).to(device=own.device, dtype=torch.int64)
             nb = gather(idx.reshape(-1)).reshape(stop - start, k, -1)
-            cos = torch.bmm(nb, own.unsqueeze(2)).squeeze(2).to("cpu", torch.float64)
-            out[start:stop] = torch.where(self._valid[start:stop], cos, torch.zeros((), dtype=torch.float64))
+            cos = torch.bmm(nb, own.unsqueeze(2)).squeeze(2).to("cpu", torch.float32)
+            out[start:stop] = torch.where(self._valid[start:stop], cos, torch.zeros((), dtype=torch.float32))
         self._cos = out
         return out
 
@@ -213,7 +213,7 @@ class LangevinAugmenter:
         for start in range(0, n, _STATIC_CHUNK_ROWS):
             sl = slice(start, min(n, start + _STATIC_CHUNK_ROWS))
             valid = self._valid[sl]
-            idx = self._neighbors[sl].clamp(min=0)
+            idx = self._neighbors[sl].clamp(min=0).long()
             k_nb = torch.where(valid, kappa[idx], torch.zeros((), dtype=torch.float64))
             a_nb = torch.where(valid, log_w[idx], torch.full((), -math.inf, dtype=torch.float64))
             comp = torch.cat([kappa[sl].unsqueeze(1), k_nb], 1)
@@ -224,8 +224,7 @@ class LangevinAugmenter:
             room[sl], slope[sl], scale[sl] = path_terms(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], self.temperature)
         log.info("LangevinAugmenter: %d splats, k=%d, d=%d; %.2f%% on the one-component path",
                  n, k, dim, 100.0 * float(fast.double().mean()) if n else 100.0)
-        return _Tables(h, kappa / self.temperature, fast, kappa, log_w, self._neighbors, self._valid, room, slope,
-                       scale)
+        return _Tables(h, kappa / self.temperature, fast, kappa, log_w, self._neighbors, room, slope, scale)
 
     def _scratch(self, x: Tensor) -> Tensor:
         """A per-thread temporary of x's shape (fresh large allocations fault pages on every batch)."""
@@ -264,7 +263,8 @@ class LangevinAugmenter:
                generator: torch.Generator, own: OwnChain) -> Tensor:
         """The exact chain over all components of the given rows, coupled to their recorded run."""
         f, d = x.shape
-        nb, valid = tab.neighbors[rows], tab.valid[rows]
+        nb = tab.neighbors.index_select(0, rows).long()
+        valid = nb >= 0
         uniq, inv = torch.unique(nb[valid], return_inverse=True)
         vecs = gather(uniq).to(device=x.device, dtype=x.dtype) if uniq.numel() else x.new_zeros(0, d)
         mu = x.new_zeros(f, 1 + nb.shape[1], d)
