@@ -154,19 +154,63 @@ def threshold_for_keep(lake: Any, keep: float = TARGET_KEEP, lo: float = 0.5, hi
     return 0.5 * (lo + hi)
 
 
-def build_lake(split: Split, seed: int, consolidate: bool) -> tuple[Any, dict[str, Any]]:
-    """A temporary lake of the training rows with kappa estimated (and consolidated to ~50% if asked)."""
+def _new_lake(split: Split, seed: int) -> Any:
     from m2m import M2MConfig, create_m2m
 
     lake = create_m2m(M2MConfig(latent_dim=int(split.train_x.shape[1]), seed=seed))
-    info: dict[str, Any] = {}
-    t0 = time.perf_counter()
     lake.add_splats(split.train_x, labels=split.train_y)
-    lake.estimate_kappa()
-    if consolidate:
-        sim = threshold_for_keep(lake)
+    return lake
+
+
+def consolidated_lake(split: Split, seed: int, keep: float = TARGET_KEEP, tol: float = 0.03, step: float = 0.005,
+                      tries: int = 6) -> tuple[Any, dict[str, Any]]:
+    """A lake of the training rows consolidated to about ``keep`` of them.
+
+    The first threshold comes from ``lake.criticality`` (``threshold_for_keep``); the achieved share
+    is then corrected by real consolidations of fresh lakes (steps of ``step``, then bisection) until
+    it is within ``tol`` of ``keep`` or ``tries`` ran out. Returns the closest lake and what was tried.
+    """
+    probe = _new_lake(split, seed)
+    try:
+        sim = threshold_for_keep(probe, keep)
+    finally:
+        probe.close()
+    lo, hi = None, None  # thresholds known to keep too few / too many rows
+    best: tuple[float, Any, dict[str, Any]] | None = None
+    tried = []
+    for _ in range(tries):
+        lake = _new_lake(split, seed)
         report = lake.consolidate(similarity=sim)
-        info = {"similarity": sim, "rows_before": int(report.rows_before), "rows_after": int(report.rows_after)}
+        share = report.rows_after / report.rows_before
+        tried.append({"similarity": sim, "keep": share})
+        info = {"similarity": sim, "rows_before": int(report.rows_before), "rows_after": int(report.rows_after),
+                "criticality_threshold": tried[0]["similarity"], "tried": tried}
+        if best is None or abs(share - keep) < best[0]:
+            if best is not None:
+                best[1].close()
+            best = (abs(share - keep), lake, info)
+        else:
+            lake.close()
+        if abs(share - keep) <= tol:
+            break
+        if share < keep:   # merged too much: raise the threshold
+            lo = sim
+            sim = 0.5 * (sim + hi) if hi is not None else min(sim + step, 0.99999)
+        else:
+            hi = sim
+            sim = 0.5 * (sim + lo) if lo is not None else sim - step
+    assert best is not None
+    return best[1], best[2]
+
+
+def build_lake(split: Split, seed: int, consolidate: bool) -> tuple[Any, dict[str, Any]]:
+    """A temporary lake of the training rows with kappa estimated (consolidated to ~50% if asked)."""
+    t0 = time.perf_counter()
+    if consolidate:
+        lake, info = consolidated_lake(split, seed)
+    else:
+        lake, info = _new_lake(split, seed), {}
+        lake.estimate_kappa()
     info["prepare_seconds"] = time.perf_counter() - t0
     return lake, info
 
@@ -294,7 +338,8 @@ def format_table(res: dict[str, Any]) -> str:
         if cons:
             lines.append("consolidation: " + "; ".join(
                 f"seed {c['seed']}: cos >= {c['similarity']:.4f}, {c['rows_before']:,} -> {c['rows_after']:,} rows "
-                f"({c['rows_after'] / c['rows_before']:.0%})" for c in cons))
+                f"({c['rows_after'] / c['rows_before']:.0%}; criticality() put 50% at cos "
+                f"{c['criticality_threshold']:.4f}, which kept {c['tried'][0]['keep']:.0%})" for c in cons))
     lines.append("accuracy in %, 'vs unif' in percentage points against uniform streaming of the same model")
     for note in res["notes"]:
         lines.append(f"note: {note}")
