@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+import logging
+
 import numpy as np
 
 from m2m.errors import ConfigError
@@ -11,6 +13,8 @@ from m2m.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from m2m.lake.lake import Lake
     from m2m.stream.loader import StreamLoader
+
+logger = logging.getLogger(__name__)
 
 GENERATE_MODES = ("langevin", "vmf")
 BUILTIN_SCORES = ("kappa", "alpha", "loss")
@@ -57,14 +61,25 @@ def build_sampler(lake: "Lake", mode: str, seed: int) -> Any:
         column = whole_column(lake, mode)
         if not np.issubdtype(column.dtype, np.number):
             raise ConfigError(f"importance_sampling column {mode!r} is not numeric (dtype {column.dtype})")
-    kappa = whole_column(lake, "kappa") if mode == "kappa" else None
+    kappa = filled_kappa(whole_column(lake, "kappa"), lake.dim) if mode == "kappa" else None
     return ImportanceSampler(mode=mode, alpha=alpha, kappa=kappa, column=column, ids=snap.ids(), seed=seed)
+
+
+def filled_kappa(kappa: np.ndarray, dim: int) -> np.ndarray:
+    """kappa with NaN (splats with no valid neighbour) replaced by the median estimate (or ``dim``)."""
+    missing = np.isnan(kappa)
+    if not missing.any():
+        return kappa
+    finite = kappa[~missing]
+    fill = float(np.median(finite)) if len(finite) else float(dim)
+    logger.info("%d splats have no kappa estimate; using %.4g for them", int(missing.sum()), fill)
+    return np.where(missing, np.float32(fill), kappa).astype(np.float32)
 
 
 def build_augmenter(lake: "Lake", mode: str) -> Any:
     """The Langevin or vMF augmenter over the lake's current snapshot (kappa must be estimated)."""
     cfg = lake.config
-    kappa = whole_column(lake, "kappa").astype(np.float32)
+    kappa = filled_kappa(whole_column(lake, "kappa").astype(np.float32), lake.dim)
     if mode == "vmf":
         from m2m.augment.augmenter import VMFAugmenter
 
@@ -74,7 +89,8 @@ def build_augmenter(lake: "Lake", mode: str) -> Any:
     labels = whole_column(lake, "label") if lake.manifest.label_type is not None else None
     return LangevinAugmenter(neighbors=whole_column(lake, "neighbors"), kappa=kappa,
                              alpha=whole_column(lake, "alpha").astype(np.float32), labels=labels,
-                             steps=cfg.langevin_steps, step_size=cfg.langevin_dt, temperature=cfg.langevin_T)
+                             steps=cfg.langevin_steps, step_size=cfg.langevin_dt, temperature=cfg.langevin_T,
+                             neighbor_cos=whole_column(lake, "neighbor_cos"))
 
 
 def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = True, drop_last: bool = False,

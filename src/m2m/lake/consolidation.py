@@ -61,8 +61,8 @@ def consolidate_manifest(fs: LakeFS, base: Manifest, similarity: float, config: 
                        alpha=new_alpha, metadata={k: v[rep] for k, v in metadata.items()}, ids=ids[rep])
     schema = SchemaUpdate.of(base)
     shards = tuple(write_splats(fs, [batch], 0, base.dim, base.dtype, config.shard_bytes, schema))
-    kappa_est, nbrs = compute_geometry(new_mu, config.knn_k, config.seed)
-    fields = with_geometry(fs, base, shards, ids[rep], new_kappa, kappa_est, nbrs)
+    kappa_est, nbrs, cos = compute_geometry(new_mu, config.knn_k, config.seed)
+    fields = with_geometry(fs, base, shards, ids[rep], new_kappa, kappa_est, nbrs, cos)
     fields["stats"] = lake_stats.merge({}, {**fields["stats"],
                                             "alpha": lake_stats.summarize(new_kappa, new_alpha)["alpha"]})
     alpha_after = float(new_alpha.sum(dtype=np.float64))

@@ -1,8 +1,8 @@
 """Per-splat geometry of a snapshot: kNN neighbour ids and kappa, written as sidecar files per shard.
 
 Shards are immutable, so (re)estimating kappa never rewrites the vectors: each shard gets a small
-sidecar Arrow file with ``kappa`` (float32) and ``neighbors`` (fixed_size_list<int64>[k] of neighbour
-*ids*, -1 where missing), and the new manifest lists it after the shard's main file (later files win).
+sidecar Arrow file with ``kappa`` (float32), ``neighbors`` (fixed_size_list<int64>[k] of neighbour
+*ids*, -1 where missing) and ``neighbor_cos`` (fixed_size_list<float32>[k], their cosines), and the new manifest lists it after the shard's main file (later files win).
 A user-provided kappa (not NaN in the main file) is kept; only missing values take the estimate.
 """
 
@@ -25,25 +25,28 @@ logger = logging.getLogger(__name__)
 ESTIMATOR = "vMF MLE of the splat and its k nearest neighbours, Bessel-corrected (m2m.geometry.kappa)"
 
 
-def compute_geometry(mu: np.ndarray, k: int, seed: int = 0,
-                     progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(kappa estimate [N] float32, neighbour positions [N, k] int64) for unit rows ``mu``."""
+def compute_geometry(mu: np.ndarray, k: int, seed: int = 0, progress: Callable[[int], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kappa estimate [N], neighbour positions [N, k] int64, neighbour cosines [N, k]) for unit rows."""
     from m2m.geometry.kappa import neighbourhood_kappa
     from m2m.index.knn import knn
 
     n = len(mu)
     k_eff = max(0, min(k, n - 1))
     if k_eff == 0:
-        return np.full(n, np.nan, np.float32), np.full((n, k), -1, np.int64)
-    _, idx = knn(mu, k_eff, seed=seed, progress=progress)
+        return np.full(n, np.nan, np.float32), np.full((n, k), -1, np.int64), np.zeros((n, k), np.float32)
+    scores, idx = knn(mu, k_eff, seed=seed, progress=progress)
     if k_eff < k:
         idx = np.concatenate([idx, np.full((n, k - k_eff), -1, np.int64)], axis=1)
+        scores = np.concatenate([scores, np.zeros((n, k - k_eff), np.float32)], axis=1)
+    scores = np.where(idx >= 0, scores, 0.0).astype(np.float32)
     kappa = neighbourhood_kappa(mu, idx)
-    return kappa.astype(np.float32), idx.astype(np.int64)
+    return kappa.astype(np.float32), idx.astype(np.int64), scores
 
 
 def with_geometry(fs: LakeFS, base: Manifest, shards: tuple[ShardEntry, ...], ids: np.ndarray,
-                  user_kappa: np.ndarray, kappa_est: np.ndarray, neighbors: np.ndarray) -> dict[str, Any]:
+                  user_kappa: np.ndarray, kappa_est: np.ndarray, neighbors: np.ndarray,
+                  neighbor_cos: np.ndarray) -> dict[str, Any]:
     """Write one sidecar per shard and return the manifest fields of the estimated snapshot."""
     kappa = np.where(np.isnan(user_kappa), kappa_est, user_kappa).astype(np.float32)
     nbr_ids = np.where(neighbors >= 0, ids[np.maximum(neighbors, 0)], -1).astype(np.int64)
@@ -51,7 +54,8 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: tuple[ShardEntry, ...], id
     lo = 0
     for shard in shards:
         hi = lo + shard.rows
-        side = write_shard_file(fs, {"kappa": kappa[lo:hi], "neighbors": nbr_ids[lo:hi]})
+        side = write_shard_file(fs, {"kappa": kappa[lo:hi], "neighbors": nbr_ids[lo:hi],
+                                     "neighbor_cos": neighbor_cos[lo:hi]})
         keep = tuple(f for f in shard.files if "neighbors" not in f.columns)
         new_shards.append(ShardEntry(shard.rows, shard.id_min, shard.id_max, keep + (side,)))
         lo = hi
@@ -73,9 +77,9 @@ def estimate(fs: LakeFS, base: Manifest, k: int, seed: int,
         ids = snap.ids()
         user = np.concatenate([snap.main_column(s, "kappa") for s in range(len(base.shards))])
         t0 = time.perf_counter()
-        kappa_est, nbrs = compute_geometry(mu, k, seed, progress)
+        kappa_est, nbrs, cos = compute_geometry(mu, k, seed, progress)
         logger.info("kNN + kappa for %d splats in %.1f s", len(mu), time.perf_counter() - t0)
-        fields = with_geometry(fs, base, base.shards, ids, user, kappa_est, nbrs)
+        fields = with_geometry(fs, base, base.shards, ids, user, kappa_est, nbrs, cos)
     finally:
         snap.close()
     return base.next(operation={"type": "estimate_kappa", "k": k}, **fields)

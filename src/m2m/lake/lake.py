@@ -227,7 +227,7 @@ class Lake:
             positions = snap.positions(np.asarray(ids, dtype=np.int64))
         out: dict[str, np.ndarray] = {}
         for name in snap.column_names:
-            if name == "neighbors":
+            if name in ("neighbors", "neighbor_cos"):
                 continue
             if name == "label" and self.manifest.label_type == "string":
                 codes = snap.gather("label", positions)

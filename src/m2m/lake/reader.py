@@ -58,7 +58,7 @@ class Snapshot:
         if self.manifest.label_type is not None:
             names.append("label")
         if self.manifest.geometry is not None:
-            names.append("neighbors")
+            names += ["neighbors", "neighbor_cos"]
         return tuple(names + list(self.manifest.metadata))
 
     @property
