@@ -298,14 +298,25 @@ class _BlockScorer:
         return ((qa @ base.T).float() + shift).numpy()
 
 
-def _probed_by(member_probes: np.ndarray, visitor_homes: np.ndarray) -> np.ndarray:
-    """``bool [members, visitors]``: whether each member probes each visitor's home list."""
-    homes, inverse = np.unique(visitor_homes, return_inverse=True)
-    pos = np.minimum(np.searchsorted(homes, member_probes), homes.size - 1)
-    hit = homes[pos] == member_probes
-    table = np.zeros((member_probes.shape[0], homes.size + 1), dtype=bool)
-    np.put_along_axis(table, np.where(hit, pos, homes.size), True, axis=1)
-    return table[:, inverse]
+def _merge_unique(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the top k of two result lists (each sorted descending), each id kept once."""
+    d = np.concatenate([d1, d2], axis=1)
+    i = np.concatenate([i1, i2], axis=1)
+    out_d = np.empty((d.shape[0], k), np.float32)
+    out_i = np.empty((d.shape[0], k), np.int64)
+    for start in range(0, d.shape[0], 65_536):  # bounded temporaries
+        dd, ii = d[start:start + 65_536], i[start:start + 65_536]
+        by_id = np.lexsort((-dd, ii), axis=1)  # ids grouped, best score first within an id
+        ii_s = np.take_along_axis(ii, by_id, axis=1)
+        dd_s = np.take_along_axis(dd, by_id, axis=1)
+        dup = np.zeros(ii_s.shape, bool)
+        dup[:, 1:] = (ii_s[:, 1:] == ii_s[:, :-1]) & (ii_s[:, 1:] >= 0)
+        dd_s[dup] = -np.inf
+        ii_s[dup] = -1
+        top = np.argsort(-dd_s, axis=1, kind="stable")[:, :k]
+        out_d[start:start + dd.shape[0]] = np.take_along_axis(dd_s, top, axis=1)
+        out_i[start:start + dd.shape[0]] = np.take_along_axis(ii_s, top, axis=1)
+    return out_d, out_i
 
 
 def _knn_ivf(
@@ -319,6 +330,7 @@ def _knn_ivf(
     nlist: int | None,
     nprobe: int | None,
     precision: str,
+    stats: dict[str, Any] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     from m2m.index.kmeans import build_partition, default_nlist, train_centroids
 
@@ -328,6 +340,7 @@ def _knn_ivf(
     t0 = time.perf_counter()
     centroids = train_centroids(mu, nlist, niter=8, seed=seed, max_points_per_centroid=20)
     t1 = time.perf_counter()
+    recall = float("nan")
     if nprobe is None:
         nprobe, recall = calibrate_nprobe(faiss, mu, centroids, k, min(1.0, target_recall + 0.01), rng, exclude_self)
         log.info("knn: %d rows, nlist=%d, nprobe=%d (calibrated recall@%d %.3f)", n, nlist, nprobe, k, recall)
@@ -359,32 +372,37 @@ def _knn_ivf(
             block = rows_f32(mu, members)
             heap.add_result_subset(members, exact.scores(members, block, exact.base(block)), members)
         tick(members.size)
-    # Pass 2: the rows probing a list (ranks 1..nprobe-1) against it, scores used both ways.
+    # Pass 2: the rows probing a list (ranks 1..nprobe-1) against it, each score used both ways.
+    # A visitor i of list b gets (j, s_ij) for the members j of b in ``heap``; member j gets
+    # (i, s_ij) in ``reverse``. Each heap sees a pair at most once (``heap``: i visits b once;
+    # ``reverse``: only from b = home(j)), but a pair may reach j through both when j also
+    # visits home(i): the two heaps are merged without duplicates at the end.
     offsets = heap.D[:, 0].astype(np.float32)  # heap root = current k-th best (or -FLT_MAX if not full)
     full = offsets >= -1.0
     offsets[~full] = np.median(offsets[full]) if full.any() else np.float32(0.5)
+    reverse = faiss.ResultHeap(n, kk, keep_max=True)
     scorer = _BlockScorer(precision, offsets)
-    home = part.home
     for lst in range(part.nlist):
         members = part.members(lst)
         visitors = part.visitors(lst)
         if members.size and visitors.size:
             base = scorer.base(rows_f32(mu, members))
-            member_probes = part.probes[members, 1:]
             for start in range(0, visitors.size, QUERY_CHUNK):
                 rows = visitors[start:start + QUERY_CHUNK]
                 s = scorer.scores(rows, rows_f32(mu, rows), base)
                 heap.add_result_subset(rows, s, members)
-                # The reverse pair (member j, visitor i) is scored here unless j probes i's home
-                # list itself, in which case j's own visit there adds it (no duplicates).
-                st = np.ascontiguousarray(s.T)
-                np.copyto(st, -np.inf, where=_probed_by(member_probes, home[rows]))
-                heap.add_result_subset(members, st, rows)
+                reverse.add_result_subset(members, np.ascontiguousarray(s.T), rows)
         tick(visitors.size)
     heap.finalize()
-    log.debug("knn ivf seconds: train %.1f, calibrate %.1f, partition %.1f, search %.1f",
-              t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
-    scores, idx = heap.D, heap.I
+    reverse.finalize()
+    scores, idx = _merge_unique(heap.D, heap.I, reverse.D, reverse.I, kk)
+    t4 = time.perf_counter()
+    log.debug("knn ivf seconds: train %.1f, calibrate %.1f, partition %.1f, search %.1f", t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+    if stats is not None:
+        sizes = np.diff(part.member_lims)
+        stats.update(method="ivf", nlist=part.nlist, nprobe=nprobe, calibrated_recall=recall, precision=precision,
+                     scored_pairs=int((sizes**2).sum() + (sizes * np.diff(part.visit_lims)).sum()),
+                     seconds={"train": t1 - t0, "calibrate": t2 - t1, "partition": t3 - t2, "search": t4 - t3})
     if exclude_self:
         scores, idx = _exclude_self(scores, idx, np.arange(n), k)
     return _finish(scores, idx)
@@ -394,7 +412,7 @@ def knn(
     mu: np.ndarray,
     k: int,
     exclude_self: bool = True,
-    exact_max_rows: int = 50_000,
+    exact_max_rows: int = 20_000,
     seed: int = 0,
     progress: Progress = None,
     *,
@@ -403,6 +421,7 @@ def knn(
     nlist: int | None = None,
     nprobe: int | None = None,
     precision: str = "auto",
+    stats: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest other rows of every row of ``mu`` by inner product.
 
@@ -421,6 +440,8 @@ def knn(
         nlist, nprobe: override the IVF list count (default about 2*sqrt(N)) or the
             calibrated probe count.
         precision: IVF scoring precision, "auto", "float32" or "bfloat16" (see module doc).
+        stats: if a dict, filled with what was done (method, nlist, nprobe, calibrated recall,
+            scored pairs, seconds per phase).
 
     Returns:
         ``(scores, idx)``: ``float32 [N, k]`` inner products sorted descending and
@@ -442,5 +463,7 @@ def knn(
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     with compute_threads(threads) as faiss:
         if n <= exact_max_rows or n < 64:
+            if stats is not None:
+                stats.update(method="exact", scored_pairs=n * n)
             return _knn_exact(faiss, mu, k, exclude_self, progress)
-        return _knn_ivf(faiss, mu, k, exclude_self, seed, progress, target_recall, nlist, nprobe, precision)
+        return _knn_ivf(faiss, mu, k, exclude_self, seed, progress, target_recall, nlist, nprobe, precision, stats)
