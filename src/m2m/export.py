@@ -51,10 +51,12 @@ def whole_column(lake: "Lake", name: str) -> np.ndarray:
 
 def build_sampler(lake: "Lake", mode: str, seed: int) -> Any:
     """The importance sampler of ``mode`` over the lake's current snapshot."""
-    from m2m.soc.sampler import ImportanceSampler
+    from m2m.soc.sampler import ImportanceSampler, LossSampler
 
     snap = lake.snapshot
     alpha = whole_column(lake, "alpha").astype(np.float64)
+    if mode == "loss":
+        return LossSampler(alpha, ids=snap.ids(), seed=seed)
     if mode in ("kappa", "alpha", "loss"):
         column = None
     else:

@@ -1,0 +1,77 @@
+"""Importance samplers for the stream: a `PlanSampler` per score mode, with loss feedback.
+
+``plan(epoch)`` draws ``N`` rows with probabilities ``p_i ∝ score_i`` (floored so nothing
+starves; `m2m.soc.importance`) and weights ``w_i = alpha_i / (N p_i)``, so that over an epoch
+``sum(w f) / sum(w)`` estimates the alpha-weighted mean of any per-row ``f`` without bias.
+The stream computes the plan once per epoch in the consuming process; DataLoader workers inherit it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from m2m.soc.importance import importance_plan, score_from
+from m2m.soc.priorities import LossPriorities
+
+
+class ImportanceSampler:
+    """Static scores: ``"kappa"`` (p ∝ 1/kappa: diffuse regions), ``"alpha"`` or a numeric column."""
+
+    def __init__(self, mode: str, alpha: np.ndarray, kappa: np.ndarray | None = None,
+                 column: np.ndarray | None = None, ids: np.ndarray | None = None, seed: int = 0,
+                 floor: float = 0.1) -> None:
+        self.mode = mode
+        self.alpha = np.asarray(alpha, dtype=np.float64)
+        self.seed = int(seed)
+        self.floor = float(floor)
+        self._scores = None if mode == "loss" else score_from(mode, kappa=kappa, alpha=self.alpha, column=column)
+
+    def scores(self, epoch: int) -> np.ndarray:
+        """The sampling scores used for ``epoch``."""
+        assert self._scores is not None
+        return self._scores
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows int64 [N], weights float32 [N])`` of ``epoch`` (deterministic in seed and epoch)."""
+        return importance_plan(self.scores(epoch), self.alpha, num_draws=len(self.alpha), seed=self.seed,
+                               epoch=epoch, floor=self.floor)
+
+
+class LossSampler(ImportanceSampler):
+    """Scores are per-row training losses fed back with `update_priorities` (an EMA per row).
+
+    Each epoch's plan uses the priorities as they were when that epoch's plan was first drawn; they
+    are frozen in `state_dict` so a resumed run redraws exactly the same plan.
+    """
+
+    def __init__(self, alpha: np.ndarray, ids: np.ndarray, seed: int = 0, floor: float = 0.1,
+                 ema: float = 0.9) -> None:
+        super().__init__("loss", alpha, ids=ids, seed=seed, floor=floor)
+        self.priorities = LossPriorities(len(self.alpha), ema=ema, initial=1.0, ids=ids)
+        self._frozen: dict[int, np.ndarray] = {}
+
+    def scores(self, epoch: int) -> np.ndarray:
+        frozen = self._frozen.get(epoch)
+        if frozen is None:  # the stream may look one epoch ahead: keep this one and the newest other
+            frozen = self.priorities.scores().astype(np.float64)
+            others = sorted(e for e in self._frozen if e != epoch)[-1:]
+            self._frozen = {**{e: self._frozen[e] for e in others}, epoch: frozen}
+        return frozen
+
+    def update_priorities(self, ids: Any, losses: Any) -> None:
+        """Fold per-row losses (for lake ids) into the priorities of the next epochs."""
+        self.priorities.update(ids, losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"priorities": self.priorities.scores().astype(np.float32).copy(),
+                "frozen": {int(e): v.copy() for e, v in self._frozen.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        values = np.asarray(state["priorities"], dtype=np.float32)
+        if values.shape != (len(self.alpha),):
+            raise ValueError(f"sampler state has {values.shape} priorities, the lake has {len(self.alpha)} rows")
+        self.priorities.tensor.copy_(torch.from_numpy(values))
+        self._frozen = {int(e): np.asarray(v, dtype=np.float64) for e, v in state.get("frozen", {}).items()}
