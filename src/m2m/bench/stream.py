@@ -72,6 +72,29 @@ def open_npy(directory: Path) -> RowSource:
 NPY = Dataset(write_npy, open_npy)
 
 
+def write_lake(directory: Path, rows: int, dim: int, dtype: str, seed: int) -> None:
+    """`write_npy` (the baselines read those arrays) plus the same rows ingested into an m2m lake."""
+    from m2m.api import create_m2m
+    from m2m.config import M2MConfig
+
+    write_npy(directory, rows, dim, dtype, seed)
+    mu = np.load(directory / "mu.npy", mmap_mode="r")
+    label = np.load(directory / "label.npy", mmap_mode="r")
+    with create_m2m(M2MConfig(path=directory / "lake", latent_dim=dim, storage_dtype=dtype)) as lake:
+        lake.add_splats(mu, labels=label)
+
+
+def open_lake_source(directory: Path) -> RowSource:
+    """The lake of `write_lake`, pinned at its latest version (CRCs are checked by `m2m verify`, not here,
+    so that the out-of-core run starts with an evicted page cache)."""
+    from m2m.api import open_lake
+
+    return open_lake(directory / "lake", verify_reads=False).snapshot
+
+
+LAKE = Dataset(write_lake, open_lake_source)
+
+
 def rss_anon_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -82,7 +105,7 @@ def rss_anon_mb() -> float:
 
 def evict(directory: Path) -> None:
     """Drop the directory's files from the page cache (POSIX_FADV_DONTNEED; they are clean)."""
-    for path in directory.iterdir():
+    for path in (p for p in directory.rglob("*") if p.is_file()):
         fd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
@@ -104,7 +127,7 @@ def sequential_read_bw(path: Path, chunk: int = 8 << 20) -> float:
 
 
 def warm_page_cache(directory: Path) -> None:
-    for path in directory.iterdir():
+    for path in (p for p in directory.rglob("*") if p.is_file()):
         sequential_read_bw(path)
 
 
@@ -237,7 +260,7 @@ def out_of_core(directory: Path, dataset: Dataset, warm_bytes: int) -> dict[str,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False, rows: int | None = None, dataset: Dataset = NPY,
+def run(quick: bool = False, rows: int | None = None, dataset: Dataset = LAKE,
         directory: str | os.PathLike[str] | None = None, rounds: int = 3) -> dict[str, Any]:
     """Measure everything; returns the results (rows/s per round, ratios, goals, notes) as a dict.
 
@@ -361,3 +384,17 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
     lines.append("goals met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["goals_met"].items()))
     return "\n".join(lines)
+
+
+def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the `m2m bench` summary table."""
+    f32, f16, ooc = res["f32"], res["f16"], res["out_of_core"]
+    return [
+        {"measure": "shuffled stream f32 (rows/s)", "ours": max(f32["ours"]), "baseline": res["tensordataset"],
+         "baseline_name": "TensorDataset+DL", "limit": max(f32["ram_gather"]), "limit_name": "RAM gather"},
+        {"measure": "shuffled stream f16 storage (rows/s)", "ours": max(f16["ours"]),
+         "baseline": max(f16["ours_f32"]), "baseline_name": "ours f32", "limit": max(f16["ram_gather"]),
+         "limit_name": "f16 RAM gather"},
+        {"measure": "out-of-core stream (MB/s)", "ours": ooc["bytes_per_s"] / 1e6, "baseline": None,
+         "limit": ooc["disk_seq_bytes_per_s"] / 1e6, "limit_name": "seq. disk read"},
+    ]
