@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from m2m.config import M2MConfig
+from m2m.lake.fs import fsync_path
 
 GOAL_VS_NPSAVE = 0.7
 
@@ -26,14 +27,6 @@ def _unit_rows(rows: int, dim: int, seed: int = 0) -> np.ndarray:
     x = g.standard_normal((rows, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _time(fn: Any) -> float:
@@ -72,7 +65,7 @@ def run(quick: bool = False, rows: int | None = None, dim: int = 640, reps: int 
 
             def save_fsync() -> None:
                 np.save(tmp / "b.npy", x)
-                _fsync_path(tmp / "b.npy")
+                fsync_path(tmp / "b.npy")
 
             keep("np_save_fsync", _time(save_fsync))
             (tmp / "b.npy").unlink()

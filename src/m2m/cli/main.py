@@ -55,7 +55,10 @@ class Bar:
     def __call__(self, n: int) -> None:
         self._bar.update(n)
 
-    def close(self) -> None:
+    def __enter__(self) -> "Bar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self._bar.close()
 
 
@@ -92,20 +95,14 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
     cfg = M2MConfig(path=lake_dir, latent_dim=source.dim(), storage_dtype=dtype, shard_bytes=parse_size(shard_size))
     t0 = time.perf_counter()
     with create_m2m(cfg) as lake:
-        bar = Bar(total, "ingest", quiet=quiet)
-        try:
+        with Bar(total, "ingest", quiet=quiet) as bar:
             ids = lake.add_splat_chunks(source.chunks, progress=bar)
-        finally:
-            bar.close()
         seconds = time.perf_counter() - t0
         click.echo(f"ingested {len(ids):,} rows x {lake.dim} into {lake.path} (version {lake.version}) "
                    f"in {seconds:.2f} s ({len(ids) / seconds:,.0f} rows/s)")
         if estimate_kappa:
-            bar = Bar(len(lake), "kappa", quiet=quiet)
-            try:
+            with Bar(len(lake), "kappa", quiet=quiet) as bar:
                 lake.estimate_kappa(progress=bar)
-            finally:
-                bar.close()
             click.echo(f"estimated kappa (version {lake.version})")
 
 
@@ -151,11 +148,8 @@ def verify(lake_dir: str, quiet: bool) -> None:
 
     with open_lake(lake_dir) as lake:
         files = lake.manifest.files()
-        bar = Bar(len(files), "verify", unit="files", quiet=quiet)
-        try:
+        with Bar(len(files), "verify", unit="files", quiet=quiet) as bar:
             problems = lake.verify(progress=bar)
-        finally:
-            bar.close()
         if problems:
             for p in problems:
                 click.echo(f"CORRUPT: {p}", err=True)
@@ -188,11 +182,8 @@ def consolidate(lake_dir: str, similarity: float, quiet: bool) -> None:
     from m2m import open_lake
 
     with open_lake(lake_dir) as lake:
-        bar = Bar(len(lake), "consolidate", quiet=quiet)
-        try:
+        with Bar(len(lake), "consolidate", quiet=quiet) as bar:
             report = lake.consolidate(similarity=similarity, progress=bar)
-        finally:
-            bar.close()
         click.echo(f"{report.rows_before:,} -> {report.rows_after:,} rows ({report.groups_merged:,} groups merged) "
                    f"in {report.seconds:.2f} s; version {lake.version}")
 
@@ -206,11 +197,8 @@ def kappa(lake_dir: str, quiet: bool) -> None:
     from m2m import open_lake
 
     with open_lake(lake_dir) as lake:
-        bar = Bar(len(lake), "kappa", quiet=quiet)
-        try:
+        with Bar(len(lake), "kappa", quiet=quiet) as bar:
             lake.estimate_kappa(progress=bar)
-        finally:
-            bar.close()
         click.echo(f"kappa estimated for {len(lake):,} splats; version {lake.version}")
 
 

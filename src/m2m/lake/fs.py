@@ -31,7 +31,8 @@ class LakeFS(Protocol):
     def new_local_file(self, suffix: str) -> str: ...
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file or directory by path (makes its data, or its entries, durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -75,13 +76,13 @@ class LocalFS:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, final)
-        _fsync_dir(directory)
+        fsync_path(directory)
 
     def write_file(self, rel: str, local_src: str) -> None:
         """Move a finished, fsynced local file (made by `new_local_file`) to ``rel``."""
         final = self._p(rel)
         os.rename(local_src, final)
-        _fsync_dir(os.path.dirname(final))
+        fsync_path(os.path.dirname(final))
 
     def remove(self, rel: str) -> None:
         try:

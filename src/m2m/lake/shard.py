@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from m2m.errors import CorruptShardError
-from m2m.lake.fs import LakeFS
+from m2m.lake.fs import LakeFS, fsync_path
 from m2m.lake.manifest import DATA_DIR, FileEntry
 
 _CRC_CHUNK = 16 << 20
@@ -88,21 +88,9 @@ def sync_files(fs: LakeFS, rels: list[str]) -> None:
     """Make newly written local files and their directories durable (no-op for remote stores)."""
     if not fs.is_local or not rels:
         return
-    dirs = set()
-    for rel in rels:
-        path = fs.local_path(rel)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dirs.add(os.path.dirname(path))
-    for d in dirs:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    paths = [fs.local_path(rel) for rel in rels]
+    for path in paths + sorted({os.path.dirname(p) for p in paths}):
+        fsync_path(path)
 
 
 def verify_file(fs: LakeFS, entry: FileEntry) -> None:

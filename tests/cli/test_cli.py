@@ -1,0 +1,128 @@
+"""The m2m command line: ingest from every format, info, verify, consolidate, kappa; clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from m2m import open_lake
+from m2m.cli.main import cli, parse_size
+
+
+@pytest.fixture
+def data(rng):
+    return rng.standard_normal((500, 24)).astype(np.float32), np.arange(500) % 4
+
+
+def _table(x, y):
+    return pa.table({"emb": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]),
+                     "cls": pa.array(y)})
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    return result
+
+
+def test_ingest_npy_info_verify(tmp_path, data):
+    x, _ = data
+    np.save(tmp_path / "x.npy", x)
+    r = run("ingest", tmp_path / "x.npy", "--lake", tmp_path / "lake", "-q")
+    assert r.exit_code == 0, r.output
+    assert "ingested 500 rows x 24" in r.output
+    r = run("info", tmp_path / "lake", "--json")
+    assert json.loads(r.output)["rows"] == 500
+    r = run("verify", tmp_path / "lake", "-q")
+    assert r.exit_code == 0 and "ok: 1 files" in r.output
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "feather", "dir"])
+def test_ingest_tables_with_labels(tmp_path, data, fmt):
+    x, y = data
+    t = _table(x, y)
+    if fmt == "parquet":
+        src = tmp_path / "x.parquet"
+        pq.write_table(t, src)
+    elif fmt == "feather":
+        src = tmp_path / "x.feather"
+        feather.write_feather(t, src)
+    else:
+        src = tmp_path / "parts"
+        src.mkdir()
+        pq.write_table(t.slice(0, 200), src / "a.parquet")
+        pq.write_table(t.slice(200), src / "b.parquet")
+    r = run("ingest", src, "--lake", tmp_path / "lake", "--label-column", "cls", "--dtype", "float16", "-q")
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "lake") as lake:
+        s = lake.splats()
+        assert lake.version == 1 and lake.manifest.dtype == "float16"  # one commit for the whole source
+        assert s["label"].tolist() == y.tolist()
+        np.testing.assert_allclose(s["mu"], x / np.linalg.norm(x, axis=1, keepdims=True), atol=2e-3)
+
+
+def test_bad_row_in_a_later_chunk_writes_nothing(tmp_path, data):
+    x, _ = data
+    x = np.concatenate([x] * 300)  # 150k rows: several ingest chunks
+    x[140_000, 3] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    r = run("ingest", tmp_path / "x.npy", "--lake", tmp_path / "lake", "-q")
+    assert r.exit_code == 1
+    assert "row 140000" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    with open_lake(tmp_path / "lake") as lake:
+        assert len(lake) == 0
+        assert os.listdir(tmp_path / "lake" / "_data") == []
+
+
+def test_verify_reports_corruption_and_exits_non_zero(tmp_path, data):
+    x, _ = data
+    np.save(tmp_path / "x.npy", x)
+    run("ingest", tmp_path / "x.npy", "--lake", tmp_path / "lake", "-q")
+    shard = next((tmp_path / "lake" / "_data").iterdir())
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x55
+    shard.write_bytes(bytes(raw))
+    r = run("verify", tmp_path / "lake", "-q")
+    assert r.exit_code == 1 and "CORRUPT" in r.output and shard.name in r.output
+
+
+def test_consolidate_and_kappa_commands(tmp_path, data):
+    x, y = data
+    x = np.concatenate([x, x[:50] + 1e-4])
+    y = np.concatenate([y, y[:50]])
+    pq.write_table(_table(x.astype(np.float32), y), tmp_path / "x.parquet")
+    run("ingest", tmp_path / "x.parquet", "--lake", tmp_path / "lake", "--label-column", "cls", "-q")
+    r = run("kappa", tmp_path / "lake", "-q")
+    assert r.exit_code == 0 and "kappa estimated for 550" in r.output
+    r = run("consolidate", tmp_path / "lake", "--similarity", "0.999", "-q")
+    assert r.exit_code == 0, r.output
+    assert "550 -> 500 rows (50 groups merged)" in r.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["info", "/nonexistent/lake"], "no m2m lake"),
+    (["verify", "/nonexistent/lake"], "no m2m lake"),
+    (["ingest", "README.md", "--lake", "/tmp/never"], "unsupported file type"),
+])
+def test_user_errors_are_one_line_without_traceback(args, needle):
+    r = run(*args)
+    assert r.exit_code == 1
+    assert needle in r.output and "Traceback" not in r.output
+
+
+def test_wrong_column_is_named(tmp_path, data):
+    x, y = data
+    pq.write_table(_table(x, y), tmp_path / "x.parquet")
+    r = run("ingest", tmp_path / "x.parquet", "--lake", tmp_path / "lake", "--column", "nope")
+    assert r.exit_code == 1 and "no column 'nope'" in r.output
+
+
+def test_parse_size():
+    assert parse_size("128MiB") == 128 << 20 and parse_size("1.5GB") == 1_500_000_000 and parse_size("4096") == 4096
