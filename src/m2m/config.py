@@ -39,7 +39,8 @@ class M2MConfig:
         warm_bytes: RAM budget of the warm tier.
         hot_bytes: device-memory budget of the hot tier.
         shard_bytes: target size of one shard file.
-        prefetch: batches the background prefetcher keeps ready.
+        prefetch: work items the background prefetch thread keeps ready (0: run the stages in the
+            consuming thread).
         verify_reads: check each shard file's CRC32 the first time a process reads it (one extra
             sequential read of the lake per process; `Lake.verify` always checks).
     """
@@ -71,7 +72,8 @@ class M2MConfig:
         _check(_is_int(self.knn_k) and self.knn_k >= 1, "knn_k", self.knn_k, "an int >= 1")
         _check(_is_int(self.langevin_steps) and self.langevin_steps >= 0, "langevin_steps", self.langevin_steps,
                "an int >= 0")
-        _check(_is_pos(self.langevin_dt), "langevin_dt", self.langevin_dt, "a finite float > 0")
+        _check(_is_pos(self.langevin_dt) and self.langevin_dt <= 1.0, "langevin_dt", self.langevin_dt,
+               "a float in (0, 1]")
         _check(_is_pos(self.langevin_T), "langevin_T", self.langevin_T, "a finite float > 0")
         _check(_is_num(self.soc_threshold) and 0.0 < self.soc_threshold < 1.0, "soc_threshold", self.soc_threshold,
                "a float in (0, 1)")
@@ -83,7 +85,8 @@ class M2MConfig:
             _check(_is_int(value) and value >= 0, name, value, "an int >= 0 (bytes)")
         _check(_is_int(self.shard_bytes) and self.shard_bytes >= 1 << 16, "shard_bytes", self.shard_bytes,
                "an int >= 65536 (bytes)")
-        _check(_is_int(self.prefetch) and self.prefetch >= 1, "prefetch", self.prefetch, "an int >= 1")
+        _check(_is_int(self.prefetch) and self.prefetch >= 0, "prefetch", self.prefetch,
+               "an int >= 0 (0 = no background thread)")
 
     def replace(self, **changes: Any) -> "M2MConfig":
         """A copy with some fields changed (validated again)."""

@@ -116,7 +116,7 @@ def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = Tr
     seed = cfg.seed if seed is None else seed
     sampler = build_sampler(lake, imp, seed) if imp else None
     augment = build_augmenter(lake, gen) if gen else None
+    options = {"warm_bytes": cfg.warm_bytes, "hot_bytes": cfg.hot_bytes, "prefetch": cfg.prefetch, **stream_options}
     return make_loader(lake.snapshot, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, columns=columns,
                        device=cfg.device, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                       num_workers=num_workers, warm_bytes=cfg.warm_bytes, hot_bytes=cfg.hot_bytes,
-                       prefetch=cfg.prefetch, sampler=sampler, augment=augment, **stream_options)
+                       num_workers=num_workers, sampler=sampler, augment=augment, **options)

@@ -89,3 +89,14 @@ def test_importance_sampling_with_workers_covers_the_plan(lake):
     a = torch.sort(torch.cat([b["id"] for b in dl0])).values
     b = torch.sort(torch.cat([b["id"] for b in dl2])).values
     torch.testing.assert_close(a, b)
+
+
+def test_kappa_importance_survives_zero_kappa():
+    from m2m import M2MConfig, create_m2m
+
+    x = np.array([[1.0, 0.0], [-0.5, np.sqrt(3) / 2], [-0.5, -np.sqrt(3) / 2]])  # 120 degrees apart: kappa 0
+    with create_m2m(M2MConfig(latent_dim=2, knn_k=2)) as lk:
+        lk.add_splats(x)
+        dl = lk.export_to_dataloader(batch_size=3, importance_sampling="kappa", columns=("weight",), prefetch=0)
+        w = torch.cat([b["weight"] for b in dl])
+        assert len(w) == 3 and torch.isfinite(w).all() and (w > 0).all()

@@ -17,6 +17,21 @@ from m2m.soc.importance import importance_plan, score_from
 from m2m.soc.priorities import LossPriorities
 
 
+KAPPA_FLOOR = 0.1  # kappa below this fraction of the median is raised to it before 1/kappa
+
+
+def kappa_scores_input(kappa: np.ndarray) -> np.ndarray:
+    """kappa raised to ``KAPPA_FLOOR`` x its median, so p ∝ 1/kappa stays finite and bounded.
+
+    A splat whose neighbourhood is no tighter than chance has kappa 0 (the Bessel-corrected
+    estimate); without the floor it would take all the probability.
+    """
+    k = np.asarray(kappa, dtype=np.float64)
+    positive = k[k > 0]
+    low = KAPPA_FLOOR * float(np.median(positive)) if len(positive) else 1.0
+    return np.maximum(k, low)
+
+
 class ImportanceSampler:
     """Static scores: ``"kappa"`` (p ∝ 1/kappa: diffuse regions), ``"alpha"`` or a numeric column."""
 
@@ -27,6 +42,8 @@ class ImportanceSampler:
         self.alpha = np.asarray(alpha, dtype=np.float64)
         self.seed = int(seed)
         self.floor = float(floor)
+        if mode == "kappa" and kappa is not None:
+            kappa = kappa_scores_input(kappa)
         self._scores = None if mode == "loss" else score_from(mode, kappa=kappa, alpha=self.alpha, column=column)
 
     def scores(self, epoch: int) -> np.ndarray:
