@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from m2m import M2MConfig, create_m2m
@@ -31,15 +32,19 @@ def main(argv: list[str] | None = None) -> int:
         dataloader = m2m.export_to_dataloader(batch_size=256, generate_samples=True, importance_sampling=True)
         model = torch.nn.Linear(640, 10).to(args.device)
         t0 = time.perf_counter()
-        rows = 0
+        rows, shapes = 0, set()
         for batch in dataloader:            # float32 [256, 640] on cfg.device
             out = model(batch)
             rows += batch.shape[0]
+            shapes.add(tuple(batch.shape))
         seconds = time.perf_counter() - t0
+        kappa = m2m.splats()["kappa"]
     # -----------------------------------------------------------------------------------------
 
-    print(f"streamed {rows:,} Langevin samples ({len(dataloader)} batches of {tuple(batch.shape)} "
-          f"{batch.dtype} on {batch.device}) into Linear(640, 10) -> {tuple(out.shape)} in {seconds:.2f} s")
+    print(f"streamed {rows:,} Langevin samples in {len(dataloader)} batches (shapes {sorted(shapes, reverse=True)}, "
+          f"{batch.dtype} on {batch.device}) into Linear(640, 10) in {seconds:.2f} s ({rows / seconds:,.0f} rows/s)")
+    print(f"kappa (estimated on first use from each splat's nearest neighbours): median "
+          f"{float(np.median(kappa)):,.1f}; min {float(kappa.min()):,.1f}, max {float(kappa.max()):,.1f}")
     return 0
 
 

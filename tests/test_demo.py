@@ -39,7 +39,7 @@ def test_demo_table_has_measured_and_published_rows(quick_run):
     _, result = quick_run
     text = result.output
     for label in ("ingest, rows/s", "stream, standard (SOC importance)", "stream, generative (SOC + Langevin)",
-                  "test accuracy, SOC + Langevin", "test accuracy, uniform, raw lake"):
+                  "test accuracy, SOC + Langevin (", "test accuracy, uniform, raw lake ("):
         assert label in text
     for published in ORIGINAL_README.values():
         assert f"{published:,}" in text             # quoted beside ours, labelled as the original's

@@ -31,9 +31,9 @@ def example(name: str, *args: str) -> str:
 
 def test_quickstart_cpu():
     out = example("quickstart.py", "--rows", "2000", "--device", "cpu")
-    m = re.search(r"streamed ([\d,]+) Langevin samples .*\(256, 640\) torch.float32 on cpu", out)
+    m = re.search(r"streamed ([\d,]+) Langevin samples in (\d+) batches \(shapes \[\(256, 640\).* torch.float32 on cpu", out)
     assert m, out
-    assert int(m.group(1).replace(",", "")) == 2000
+    assert int(m.group(1).replace(",", "")) == 2000 and int(m.group(2)) == 8
 
 
 @pytest.mark.cuda
@@ -43,7 +43,11 @@ def test_quickstart_cuda():
     assert "on cuda" in out
 
 
-@pytest.mark.parametrize("importance, augment", [("loss", "langevin"), ("kappa", "vmf"), ("none", "none")])
+@pytest.mark.parametrize("importance, augment", [
+    ("loss", "langevin"),
+    pytest.param("kappa", "vmf", marks=pytest.mark.slow),
+    pytest.param("none", "none", marks=pytest.mark.slow),
+])
 def test_train_classifier(importance, augment):
     out = example("train_classifier.py", "--rows", "2000", "--epochs", "2", "--importance", importance,
                   "--augment", augment)

@@ -121,7 +121,7 @@ def fit_through_lake(lake: Any, model: nn.Module, test_x: torch.Tensor, test_y: 
     """Train ``model`` on the lake's stream for ``epochs``; test accuracy after each epoch.
 
     Returns ``accuracy`` (per epoch), ``seconds`` (stream construction + training, evaluation
-    excluded) and ``rows`` (rows streamed).
+    excluded), ``rows`` (rows streamed) and ``rows_per_epoch``.
     """
     t0 = time.perf_counter()
     dl = lake.export_to_dataloader(batch_size=batch_size, shuffle=True, importance_sampling=importance,
@@ -129,16 +129,16 @@ def fit_through_lake(lake: Any, model: nn.Module, test_x: torch.Tensor, test_y: 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     seconds = time.perf_counter() - t0
     accs: list[float] = []
-    rows = 0
+    rows: list[int] = []
     for e in range(epochs):
         t0 = time.perf_counter()
         dl.set_epoch(e)
-        rows += train_epoch(model, opt, dl, weighted=bool(importance), feedback=importance == "loss")
+        rows.append(train_epoch(model, opt, dl, weighted=bool(importance), feedback=importance == "loss"))
         seconds += time.perf_counter() - t0
         accs.append(accuracy(model, test_x, test_y))
         if on_epoch is not None:
             on_epoch(e, accs[-1])
-    return {"accuracy": accs, "seconds": seconds, "rows": rows}
+    return {"accuracy": accs, "seconds": seconds, "rows": sum(rows), "rows_per_epoch": rows}
 
 
 # ---------------------------------------------------------------------------------------------- lakes
