@@ -66,11 +66,13 @@ def top_centroids(
     m: int,
     precision: str = "float32",
     progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
+    with_scores: bool = False,
+) -> Any:
     """Indices ``int64 [N, m]`` of each row's ``m`` nearest centroids by inner product, nearest first.
 
-    ``precision="bfloat16"`` ranks with bfloat16 products (about 1e-3 error): only near-ties
-    between centroids can swap, which moves a row between two equally good lists.
+    With ``with_scores`` returns ``(indices, scores float32 [N, m])``. ``precision="bfloat16"``
+    ranks with bfloat16 products (about 1e-3 error): only near-ties between centroids can swap,
+    which moves a row between two equally good lists.
     """
     import torch
 
@@ -80,6 +82,7 @@ def top_centroids(
     cent = torch.from_numpy(centroids).to(dtype)
     ids = np.arange(centroids.shape[0], dtype=np.int64)
     out = np.empty((n, m), np.int64)
+    out_scores = np.empty((n, m), np.float32) if with_scores else None
     step = 8192
     for start in range(0, n, step):
         block = torch.from_numpy(rows_f32(mu, slice(start, start + step))).to(dtype)
@@ -88,9 +91,11 @@ def top_centroids(
         heap.add_result_subset(np.arange(block.shape[0], dtype=np.int64), scores, ids)
         heap.finalize()
         out[start:start + block.shape[0]] = heap.I
+        if out_scores is not None:
+            out_scores[start:start + block.shape[0]] = heap.D
         if progress is not None:
             progress(block.shape[0])
-    return out
+    return (out, out_scores) if with_scores else out
 
 
 def spherical_kmeans(
@@ -154,15 +159,29 @@ class Partition:
         return self.visit_rows[self.visit_lims[lst]:self.visit_lims[lst + 1]]
 
 
-def build_partition(faiss: Any, mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: str = "float32") -> Partition:
-    """Bucket the rows of ``mu`` by home list and by the other lists they probe."""
+def build_partition(
+    faiss: Any,
+    mu: np.ndarray,
+    centroids: np.ndarray,
+    nprobe: int,
+    precision: str = "float32",
+    max_gap: float = float("inf"),
+) -> Partition:
+    """Bucket the rows of ``mu`` by home list and by the other lists they probe.
+
+    A row probes its ``nprobe`` nearest lists, except those whose centroid score is more than
+    ``max_gap`` below its home centroid's (adaptive probing: rows deep inside their list probe
+    few others, rows near borders more).
+    """
     nlist = centroids.shape[0]
-    probes = top_centroids(faiss, mu, centroids, nprobe, precision)
+    probes, scores = top_centroids(faiss, mu, centroids, nprobe, precision, with_scores=True)
     home = probes[:, 0]
     member_order = np.argsort(home, kind="stable")
     member_lims = np.searchsorted(home[member_order], np.arange(nlist + 1))
-    others = probes[:, 1:].ravel()
+    width = probes.shape[1] - 1
+    visit = (scores[:, :1] - scores[:, 1:]) <= max_gap
+    others = np.where(visit, probes[:, 1:], nlist).ravel()  # nlist: not visited
     visit_order = np.argsort(others, kind="stable")
     visit_lims = np.searchsorted(others[visit_order], np.arange(nlist + 1))
-    visit_rows = visit_order // max(1, probes.shape[1] - 1)
+    visit_rows = visit_order[:visit_lims[-1]] // max(1, width)
     return Partition(centroids, probes, member_order, member_lims, visit_rows, visit_lims)

@@ -3,16 +3,17 @@
 Up to ``exact_max_rows`` rows the graph is exact (FAISS ``IndexFlatIP``). Above it, an
 inverted-file (IVF) partition search: spherical k-means centroids (FAISS) trained on a sample,
 every row stored in the list of its nearest centroid ("home" list), every row probing the lists
-of its ``nprobe`` nearest centroids, exact inner products inside the probed lists. Because the
-queries are the stored rows themselves, the search is run list by list (all rows probing a list
-are scored against it in one matrix product, FAISS result heaps keep the top k) and each score
-is used in both directions: the pair (i, j) is found when i probes j's list *or* j probes i's
-list. That symmetric rule halves the probes needed for a given recall.
+among its ``nprobe`` nearest centroids whose score is within ``max_gap`` of its home centroid's
+(adaptive probing: rows deep inside their list probe few others, rows near borders more), exact
+inner products inside the probed lists. Because the queries are the stored rows themselves, the
+search runs list by list (all rows probing a list are scored against it in one matrix product,
+FAISS result heaps keep the top k) and each score is used in both directions: the pair (i, j) is
+found when i probes j's list *or* j probes i's list, which halves the probes a recall needs.
 
-``nprobe`` is calibrated on every call: the exact neighbours of a random sample of rows are
+The probe rule is calibrated on every call: the exact neighbours of a random sample of rows are
 computed by brute force, and since a neighbour is found exactly when one of the two rows probes
-the other's list, the recall of every ``nprobe`` follows from centroid ranks -- the smallest
-``nprobe`` reaching ``target_recall`` (+0.01 margin) is used.
+the other's list, the recall of every rule follows from centroid scores -- the smallest
+``max_gap`` reaching ``target_recall`` (+0.01 margin) is used.
 
 Scores inside the probed lists are computed in float32, or in bfloat16 where the CPU multiplies
 it faster (``precision="auto"``): each query's bfloat16 product is taken relative to an offset
@@ -51,7 +52,7 @@ DEFAULT_THREADS = 1
 #: Rows converted to float32 at once when the input is float16 (bounds temporary memory).
 CHUNK_ROWS = 65_536
 
-#: Rows of the sample whose exact neighbours calibrate ``nprobe``.
+#: Rows of the sample whose exact neighbours calibrate the probe rule.
 CALIBRATION_ROWS = 512
 
 #: Query rows scored against one list at a time (bounds the [rows, list] score block).
@@ -225,7 +226,7 @@ def _knn_exact(faiss: Any, mu: np.ndarray, k: int, exclude_self: bool, progress:
     return _finish(scores, idx)
 
 
-def calibrate_nprobe(
+def calibrate_probes(
     faiss: Any,
     mu: np.ndarray,
     centroids: np.ndarray,
@@ -234,12 +235,16 @@ def calibrate_nprobe(
     rng: np.random.Generator,
     exclude_self: bool = True,
     sample: int = CALIBRATION_ROWS,
-) -> tuple[int, float]:
-    """Smallest nprobe whose symmetric-probe recall@k on a random row sample reaches the target.
+    max_probes: int = 16,
+) -> tuple[int, float, float]:
+    """The probe rule reaching ``target_recall`` (symmetric recall@k) on a random row sample.
 
-    A true neighbour j of row i is found iff rank_i(list(j)) < nprobe or rank_j(list(i)) <
-    nprobe, where rank_x(l) is the rank of centroid l among x's centroids by inner product and
-    list(x) is x's nearest centroid. Returns ``(nprobe, recall_on_sample)``.
+    A row probes the lists among its ``nprobe`` nearest centroids whose score is within
+    ``max_gap`` of its home centroid's. A true neighbour j of row i is found iff j's home list is
+    probed by i or i's home list by j, so the recall of every rule follows from centroid scores
+    of the sample and its exact neighbours; the smallest ``max_gap`` reaching the target is
+    chosen (``nprobe`` starts at ``max_probes`` and doubles if that cap is too tight).
+    Returns ``(nprobe, max_gap, recall_on_sample)``.
     """
     n = mu.shape[0]
     nlist = centroids.shape[0]
@@ -251,19 +256,29 @@ def calibrate_nprobe(
         _, nbr = _exclude_self(np.zeros(nbr.shape, np.float32), nbr, rows, min(k, kk))
     valid = nbr >= 0
     if not valid.any():
-        return 1, 1.0
+        return 1, float("inf"), 1.0
     qi = np.nonzero(valid)[0]
     nb = nbr[valid]
+    idx = np.arange(nb.size)
     cq = q @ centroids.T                    # [s, nlist]
     cn = rows_f32(mu, nb) @ centroids.T     # [pairs, nlist]
-    home_q = cq.argmax(axis=1)
-    home_n = cn.argmax(axis=1)
-    rank_q = (cq[qi] > cq[qi, home_n][:, None]).sum(axis=1)          # rank of list(j) for i
-    rank_n = (cn > cn[np.arange(nb.size), home_q[qi]][:, None]).sum(axis=1)  # rank of list(i) for j
-    best = np.minimum(rank_q, rank_n)
-    recall = np.cumsum(np.bincount(best, minlength=nlist)) / best.size
-    nprobe = min(int(np.searchsorted(recall, target_recall) + 1), nlist)
-    return nprobe, float(recall[nprobe - 1])
+    home_q, home_n = cq.argmax(axis=1), cn.argmax(axis=1)
+    to_n = cq[qi, home_n]                   # score, for row i, of neighbour j's home list
+    to_q = cn[idx, home_q[qi]]              # score, for j, of i's home list
+    rank_q = (cq[qi] > to_n[:, None]).sum(axis=1)
+    rank_n = (cn > to_q[:, None]).sum(axis=1)
+    gap_q = cq.max(axis=1)[qi] - to_n
+    gap_n = cn.max(axis=1) - to_q
+    m = min(max_probes, nlist)
+    while True:
+        best = np.minimum(np.where(rank_q < m, gap_q, np.inf), np.where(rank_n < m, gap_n, np.inf))
+        if np.isfinite(best).mean() >= target_recall or m >= nlist:
+            break
+        m = min(nlist, 2 * m)
+    best = np.sort(best)
+    cut = best[min(best.size, int(np.ceil(target_recall * best.size))) - 1]
+    max_gap = float(cut) if np.isfinite(cut) else float("inf")
+    return m, max_gap, float((best <= max_gap).mean())
 
 
 class _BlockScorer:
@@ -295,7 +310,9 @@ class _BlockScorer:
         qa[:, :-1] = q
         qa[:, -1] = torch.from_numpy(-self.offsets[rows])
         shift = -qa[:, -1:].float()        # the bfloat16-rounded offset actually subtracted
-        return ((qa @ base.T).float() + shift).numpy()
+        out = torch.empty((qa.shape[0], base.shape[0]), dtype=torch.float32)
+        torch.add(qa @ base.T, shift, out=out)  # one pass: bfloat16 -> float32 and shift back
+        return out.numpy()
 
 
 def _merge_unique(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -340,13 +357,15 @@ def _knn_ivf(
     t0 = time.perf_counter()
     centroids = train_centroids(mu, nlist, niter=8, seed=seed, max_points_per_centroid=20)
     t1 = time.perf_counter()
-    recall = float("nan")
+    recall, max_gap = float("nan"), float("inf")
     if nprobe is None:
-        nprobe, recall = calibrate_nprobe(faiss, mu, centroids, k, min(1.0, target_recall + 0.01), rng, exclude_self)
-        log.info("knn: %d rows, nlist=%d, nprobe=%d (calibrated recall@%d %.3f)", n, nlist, nprobe, k, recall)
+        nprobe, max_gap, recall = calibrate_probes(faiss, mu, centroids, k, min(1.0, target_recall + 0.01), rng,
+                                                   exclude_self)
+        log.info("knn: %d rows, nlist=%d, nprobe=%d, max_gap=%.4f (calibrated recall@%d %.3f)",
+                 n, nlist, nprobe, max_gap, k, recall)
     nprobe = int(min(max(nprobe, 1), nlist))
     t2 = time.perf_counter()
-    part = build_partition(faiss, mu, centroids, nprobe, resolve_precision("auto", mu.shape[1]))
+    part = build_partition(faiss, mu, centroids, nprobe, resolve_precision("auto", mu.shape[1]), max_gap)
     t3 = time.perf_counter()
 
     kk = k + 1 if exclude_self else k
@@ -400,7 +419,8 @@ def _knn_ivf(
     log.debug("knn ivf seconds: train %.1f, calibrate %.1f, partition %.1f, search %.1f", t1 - t0, t2 - t1, t3 - t2, t4 - t3)
     if stats is not None:
         sizes = np.diff(part.member_lims)
-        stats.update(method="ivf", nlist=part.nlist, nprobe=nprobe, calibrated_recall=recall, precision=precision,
+        stats.update(method="ivf", nlist=part.nlist, nprobe=nprobe, max_gap=max_gap, calibrated_recall=recall,
+                     precision=precision,
                      scored_pairs=int((sizes**2).sum() + (sizes * np.diff(part.visit_lims)).sum()),
                      seconds={"train": t1 - t0, "calibrate": t2 - t1, "partition": t3 - t2, "search": t4 - t3})
     if exclude_self:
@@ -436,9 +456,9 @@ def knn(
             thread count and precision).
         progress: called with the number of rows finished since the last call (sums to N).
         threads: FAISS and torch threads (None: ``DEFAULT_THREADS``).
-        target_recall: recall@k the IVF ``nprobe`` is calibrated for.
-        nlist, nprobe: override the IVF list count (default about 2*sqrt(N)) or the
-            calibrated probe count.
+        target_recall: recall@k the IVF probe rule is calibrated for.
+        nlist, nprobe: override the IVF list count (default about 2*sqrt(N)), or replace the
+            calibrated rule by "probe exactly the ``nprobe`` nearest lists".
         precision: IVF scoring precision, "auto", "float32" or "bfloat16" (see module doc).
         stats: if a dict, filled with what was done (method, nlist, nprobe, calibrated recall,
             scored pairs, seconds per phase).
