@@ -206,7 +206,9 @@ def exact_knn_of(faiss: Any, mu: np.ndarray, queries: np.ndarray, k: int) -> tup
     return heap.D, heap.I
 
 
-def _knn_exact(faiss: Any, mu: np.ndarray, k: int, exclude_self: bool, progress: Progress) -> tuple[np.ndarray, np.ndarray]:
+def _knn_exact(
+    faiss: Any, mu: np.ndarray, k: int, exclude_self: bool, progress: Progress
+) -> tuple[np.ndarray, np.ndarray]:
     n = mu.shape[0]
     kk = k + 1 if exclude_self else k
     index = faiss.IndexFlatIP(mu.shape[1])
@@ -315,7 +317,9 @@ class _BlockScorer:
         return out.numpy()
 
 
-def _merge_unique(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _merge_unique(
+    d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the top k of two result lists (each sorted descending), each id kept once."""
     d = np.concatenate([d1, d2], axis=1)
     i = np.concatenate([i1, i2], axis=1)
@@ -416,7 +420,8 @@ def _knn_ivf(
     reverse.finalize()
     scores, idx = _merge_unique(heap.D, heap.I, reverse.D, reverse.I, kk)
     t4 = time.perf_counter()
-    log.debug("knn ivf seconds: train %.1f, calibrate %.1f, partition %.1f, search %.1f", t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+    log.debug("knn ivf seconds: train %.1f, calibrate %.1f, partition %.1f, search %.1f",
+              t1 - t0, t2 - t1, t3 - t2, t4 - t3)
     if stats is not None:
         sizes = np.diff(part.member_lims)
         stats.update(method="ivf", nlist=part.nlist, nprobe=nprobe, max_gap=max_gap, calibrated_recall=recall,

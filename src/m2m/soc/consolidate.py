@@ -365,7 +365,8 @@ def merge_groups(
         for start in range(0, rows.size, 65_536):
             r = rows[start:start + 65_536]
             w = torch.from_numpy(alpha[r])
-            acc.index_add_(0, torch.from_numpy(slot[row_group[r]]), torch.from_numpy(rows_f32(mu, r)).double() * w[:, None])
+            weighted = torch.from_numpy(rows_f32(mu, r)).double() * w[:, None]
+            acc.index_add_(0, torch.from_numpy(slot[row_group[r]]), weighted)
         vec = acc.numpy()
         norm = np.linalg.norm(vec, axis=1)
         cancel = norm < 1e-6 * alpha64[multi]
