@@ -147,7 +147,21 @@ def check_int(value: Any, name: str, low: int = 1) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _bf16_faster() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (so results never depend on a timing race).
+
+    From the CPU flags where Linux reports them (x86 ``avx512_bf16`` / ``amx_bf16``); otherwise
+    from a small timing probe (bfloat16 at least 1.4x faster than float32).
+    """
     import torch
+
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            info = f.read()
+    except OSError:
+        info = ""
+    if "flags" in info:
+        flags = set(info.split())
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
 
     a = torch.randn(256, 384, generator=torch.Generator().manual_seed(0))
     b = torch.randn(512, 384, generator=torch.Generator().manual_seed(1))
