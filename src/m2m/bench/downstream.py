@@ -9,7 +9,8 @@ once per lake, consolidation works on a second lake of the same rows.
 
 Methods: uniform (plain shuffled epochs); importance sampling by kappa and by loss (with
 ``update_priorities`` each step); consolidation to about half the rows (threshold found with
-``lake.criticality``), streamed uniformly and with alpha-importance; Langevin and vMF augmentation.
+``lake.criticality``), streamed uniformly and with alpha-importance, the latter also for twice the
+epochs (about as many rows streamed as uniform on the full lake); Langevin and vMF augmentation.
 Weighted runs use ``sum(w * loss) / sum(w)``. Reported: test accuracy (mean ± std over seeds) and
 wall-clock seconds per run (stream + training, evaluation excluded).
 """
@@ -41,6 +42,7 @@ class Method:
     importance: str | bool = False
     generate: str | bool = False
     consolidated: bool = False
+    epoch_scale: int = 1   # epochs = epoch_scale x the benchmark's epochs (equal rows on a half-size lake)
 
 
 METHODS = (
@@ -49,6 +51,7 @@ METHODS = (
     Method("importance: loss", importance="loss"),
     Method("consolidated ~50%", consolidated=True),
     Method("consolidated ~50% + alpha IS", importance="alpha", consolidated=True),
+    Method("consolidated ~50% + alpha, 2x ep", importance="alpha", consolidated=True, epoch_scale=2),
     Method("langevin augmentation", generate="langevin"),
     Method("vmf augmentation", generate="vmf"),
 )
@@ -252,8 +255,9 @@ def run(quick: bool = False, datasets: Sequence[str] = ("digits", "text"), seeds
             except ImportError as exc:
                 res["notes"].append(f"{ds}: skipped ({exc})")
                 break
-            res["datasets"][ds] = {"train_rows": int(len(split.train_y)), "test_rows": int(len(split.test_y)),
-                                   "dim": int(split.train_x.shape[1]), "classes": int(split.train_y.max() + 1)}
+            res["datasets"].setdefault(ds, {"train_rows": int(len(split.train_y)), "test_rows": int(len(split.test_y)),
+                                            "dim": int(split.train_x.shape[1]), "classes": int(split.train_y.max() + 1),
+                                            "seed": seed})
             _run_dataset(res, ds, seed, split, chosen, models, epochs)
     res["summary"] = summarize(res["runs"])
     return res
@@ -276,7 +280,8 @@ def _run_dataset(res: dict[str, Any], ds: str, seed: int, split: Split, methods:
                                  test_y, epochs=1, lr=learning_rate(models[0]), seed=seed)
             for kind in models:
                 model = make_model(kind, int(split.train_x.shape[1]), classes, seed)
-                out = fit_through_lake(lake, model, test_x, test_y, epochs=epochs, lr=learning_rate(kind),
+                out = fit_through_lake(lake, model, test_x, test_y, epochs=epochs * method.epoch_scale,
+                                       lr=learning_rate(kind),
                                        importance=method.importance, generate=method.generate, seed=seed)
                 res["runs"].append({"dataset": ds, "model": kind, "method": method.name, "seed": seed,
                                     "accuracy": out["accuracy"][-1], "accuracy_per_epoch": out["accuracy"],
@@ -312,9 +317,9 @@ def format_table(res: dict[str, Any]) -> str:
     summary = res["summary"]
     for ds, meta in res["datasets"].items():
         lines.append("")
-        lines.append(f"{ds}: {meta['train_rows']:,} train / {meta['test_rows']:,} test rows x {meta['dim']}, "
-                     f"{meta['classes']} classes")
-        head = f"{'method':<30}{'lake rows':>10}"
+        lines.append(f"{ds}: {meta['train_rows']:,} train / {meta['test_rows']:,} test rows (seed {meta['seed']}) "
+                     f"x {meta['dim']}, {meta['classes']} classes")
+        head = f"{'method':<34}{'lake rows':>10}{'rows/run':>10}"
         for kind in res["models"]:
             head += f"{kind + ' acc':>18}{'vs unif':>9}{'s/run':>8}"
         lines.append(head)
@@ -325,7 +330,7 @@ def format_table(res: dict[str, Any]) -> str:
             if not any(row):
                 continue
             first = next(s for s in row if s)
-            line = f"{m['name']:<30}{first['lake_rows']:>10,}"
+            line = f"{m['name']:<34}{first['lake_rows']:>10,}{first['rows_streamed']:>10,}"
             for kind, s in zip(res["models"], row):
                 if s is None:
                     line += f"{'-':>18}{'-':>9}{'-':>8}"
