@@ -65,8 +65,11 @@ def check_rows(arr: np.ndarray, start: int = 0) -> None:
                 raise InvalidEmbeddingError(f"vectors row {start + lo + int(row)} is a zero vector")
 
 
-def normalise_rows(chunk: np.ndarray) -> np.ndarray:
-    """Unit-norm float32 copy of a validated chunk (rows whose squared norm overflows are rescaled first)."""
+def normalise_rows(chunk: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Unit-norm float32 copy of a validated chunk (rows whose squared norm overflows are rescaled first).
+
+    ``out``: an optional float32 buffer of the chunk's shape to write into (avoids fresh pages).
+    """
     src = np.asarray(chunk)
     if src.dtype != np.float32:
         src = src.astype(np.float32)
@@ -76,7 +79,8 @@ def normalise_rows(chunk: np.ndarray) -> np.ndarray:
         src = src.copy()
         src[big] /= np.abs(src[big]).max(axis=1, keepdims=True)
         sq[big] = np.einsum("ij,ij->i", src[big], src[big])
-    out = np.empty(src.shape, dtype=np.float32)
+    if out is None:
+        out = np.empty(src.shape, dtype=np.float32)
     np.divide(src, np.sqrt(sq)[:, None], out=out)
     return out
 

@@ -79,6 +79,8 @@ def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array]) -
         with pa.PythonFile(sink, mode="w") as out:
             with pa.ipc.new_file(out, batch.schema) as writer:
                 writer.write_batch(batch)
+        f.flush()
+        os.fsync(f.fileno())  # here, on the writer thread, overlapped with preparing the next shard
     if not fs.is_local:
         fs.write_file(rel, local)
     return FileEntry(path=rel, bytes=sink.size, crc32=sink.crc, columns=tuple(arrays))

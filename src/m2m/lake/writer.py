@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from m2m._validate import SplatBatch, normalise_rows
 from m2m.errors import InvalidEmbeddingError
@@ -118,6 +119,7 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
     pending_rows = 0
     next_id = first_id
     in_flight: Future[ShardEntry] | None = None
+    buffers = _Buffers(dim, dtype)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2m-shard-writer") as pool:
 
@@ -133,7 +135,7 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
         def flush(rows: int) -> None:
             nonlocal pending, pending_rows, next_id, in_flight
             whole = _concat(pending)
-            prepared = _prepare(_slice(whole, 0, rows), next_id, dtype, schema)
+            prepared = _prepare(_slice(whole, 0, rows), next_id, schema, buffers.next(rows))
             collect()
             in_flight = pool.submit(_write_prepared, fs, prepared)
             next_id += rows
@@ -154,10 +156,35 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
     return shards
 
 
-def _prepare(batch: SplatBatch, first_id: int, dtype: str, schema: SchemaUpdate) -> dict[str, Any]:
-    mu = normalise_rows(batch.vectors)
-    if dtype != "float32":
-        mu = mu.astype(dtype)
+class _Buffers:
+    """Two alternating (float32, storage-dtype) shard buffers: the writer thread reads one while the
+    caller fills the other, and no shard pays for freshly faulted pages."""
+
+    def __init__(self, dim: int, dtype: str) -> None:
+        self._dim, self._dtype = dim, np.dtype(dtype)
+        self._sets: list[tuple[np.ndarray, np.ndarray]] = []
+        self._turn = 0
+
+    def next(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(self._sets) < 2 or self._sets[self._turn][0].shape[0] < rows:
+            f32 = np.empty((rows, self._dim), np.float32)
+            store = f32 if self._dtype == np.float32 else np.empty((rows, self._dim), self._dtype)
+            if len(self._sets) < 2:
+                self._sets.append((f32, store))
+            else:
+                self._sets[self._turn] = (f32, store)
+        f32, store = self._sets[min(self._turn, len(self._sets) - 1)]
+        self._turn ^= 1
+        return f32[:rows], store[:rows]
+
+
+def _prepare(batch: SplatBatch, first_id: int, schema: SchemaUpdate,
+             buffers: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    f32, store = buffers
+    mu = normalise_rows(batch.vectors, out=f32)
+    if store is not f32 and store.base is not f32.base:
+        torch.from_numpy(store).copy_(torch.from_numpy(mu))  # torch's f32 -> f16 cast is ~10x numpy's
+        mu = store
     ids = np.arange(first_id, first_id + batch.rows, dtype=np.int64) if batch.ids is None else batch.ids
     cols: dict[str, Any] = {"id": ids, "mu": mu, "kappa": batch.kappa, "alpha": batch.alpha}
     if batch.labels is not None:
