@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,9 +71,9 @@ def test_ingest_parquet(flag, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_ddp_train_two_ranks_gloo():
-    out = run(["torchrun", "--standalone", "--nproc_per_node", "2", str(EXAMPLES / "ddp_train.py"),
+    # `python -m torch.distributed.run` is what the `torchrun` script runs
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLES / "ddp_train.py"),
                "--rows", "2000", "--epochs", "2"], timeout=400)
     assert "batches per rank [" in out and "world size 2 (gloo)" in out
     counts = re.findall(r"batches per rank \[(\d+), (\d+)\]", out)

@@ -109,6 +109,8 @@ def _table(res: dict[str, Any]) -> str:
     head = f"{'measure':<46}{'this run (measured)':>22}{'original M2M README':>22}"
     lines = [head, "-" * len(head)]
     lines += [f"{a:<46}{b:>22}{c:>22}" for a, b, c in rows]
+    lines.append(f"streams: the consolidated lake ({res['consolidation']['rows_after']:,} splats), batch {BATCH_SIZE}, "
+                 f"columns {'/'.join(STREAM_COLUMNS)}, {res['device']}, no model attached")
     lines.append(f"accuracy: linear classifier after {res['epochs']} epochs, on {res['test_rows']:,} rows of held-out "
                  f"images; rows = rows streamed into training")
     lines.append("original M2M README: figures as published there (splats/s), quoted for comparison, not measured here")
