@@ -30,7 +30,8 @@ def example(name: str, *args: str) -> str:
 
 def test_quickstart_cpu():
     out = example("quickstart.py", "--rows", "2000", "--device", "cpu")
-    m = re.search(r"streamed ([\d,]+) Langevin samples in (\d+) batches \(shapes \[\(256, 640\).* torch.float32 on cpu", out)
+    m = re.search(r"streamed ([\d,]+) Langevin samples in (\d+) batches "
+                  r"\(shapes \[\(256, 640\).* torch.float32 on cpu", out)
     assert m, out
     assert int(m.group(1).replace(",", "")) == 2000 and int(m.group(2)) == 8
 
@@ -73,7 +74,8 @@ def test_ingest_parquet(flag, tmp_path):
 @pytest.mark.slow
 def test_ddp_train_two_ranks_gloo():
     # `python -m torch.distributed.run` is what the `torchrun` script runs
-    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLES / "ddp_train.py"),
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(EXAMPLES / "ddp_train.py"),
                "--rows", "2000", "--epochs", "2"], timeout=400)
     assert "batches per rank [" in out and "world size 2 (gloo)" in out
     counts = re.findall(r"batches per rank \[(\d+), (\d+)\]", out)
