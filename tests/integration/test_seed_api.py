@@ -99,8 +99,11 @@ def test_consolidate_merges_planted_duplicates_conserving_alpha(rng):
         assert np.isfinite(s["kappa"]).all()
         merged = s["alpha"] > 2.0 + 1e-6
         assert set(s["id"][s["alpha"] > 0]) >= set(ids[120:400])  # untouched rows keep their ids
-        assert before["redundancy"] == pytest.approx(80 / 500, abs=0.04)
+        assert before["redundancy"] == pytest.approx(80 / 500, abs=1e-9) and before["method"] == "exact"
+        sampled = lake.checkout(1)
+        assert sampled.num_rows == 500
         after = lake.criticality(similarity=0.99)
+        assert lake.criticality(similarity=0.99, exact_max_rows=10, sample=420)["method"].startswith("sampled")
         assert after["redundancy"] < 0.02 and after["state"] == "subcritical"
         assert merged.sum() <= 80
 

@@ -298,20 +298,34 @@ class Lake:
         self.commit("consolidate", build)
         return holder["report"]
 
-    def criticality(self, similarity: float | None = None, sample: int = 2000) -> dict[str, Any]:
-        """Estimated ``redundancy`` (fraction consolidation would remove) and ``state`` vs ``soc_threshold``."""
+    def criticality(self, similarity: float | None = None, sample: int = 2000,
+                    exact_max_rows: int = 200_000) -> dict[str, Any]:
+        """Estimated ``redundancy`` (fraction consolidation would remove) and ``state`` vs ``soc_threshold``.
+
+        Up to ``exact_max_rows`` splats the duplicate groups are computed exactly (as `consolidate`
+        would), so redundancy = 1 - groups / rows; above, it is estimated from ``sample`` rows as
+        mean(1 - 1/(1 + duplicates of the row)), exact when groups are cliques and a lower bound when
+        they chain (``method`` says which was used).
+        """
+        from m2m.soc.consolidate import find_duplicate_groups
         from m2m.soc.criticality import criticality_state, estimate_redundancy
 
         sim = self.config.consolidate_similarity if similarity is None else float(similarity)
+        base = {"threshold": self.config.soc_threshold, "similarity": sim, "rows": len(self)}
         if len(self) == 0:
-            return {"redundancy": 0.0, "state": "subcritical", "threshold": self.config.soc_threshold,
-                    "similarity": sim, "rows": 0}
+            return {"redundancy": 0.0, "state": "subcritical", "method": "empty", **base}
         snap = self.snapshot
         labels = snap.read_all("label") if self.manifest.label_type is not None else None
-        redundancy = estimate_redundancy(snap.read_all("mu").astype(np.float32, copy=False), labels, sim,
-                                         sample=sample, seed=self.config.seed)
+        mu = snap.read_all("mu").astype(np.float32, copy=False)
+        if len(self) <= exact_max_rows:
+            groups = find_duplicate_groups(mu, labels, sim, seed=self.config.seed)
+            redundancy = 1.0 - len(np.unique(groups)) / len(self)
+            method = "exact"
+        else:
+            redundancy = estimate_redundancy(mu, labels, sim, sample=sample, seed=self.config.seed)
+            method = f"sampled ({sample} rows)"
         return {"redundancy": float(redundancy), "state": criticality_state(redundancy, self.config.soc_threshold),
-                "threshold": self.config.soc_threshold, "similarity": sim, "rows": len(self)}
+                "method": method, **base}
 
     def export_to_dataloader(self, batch_size: int = 256, shuffle: bool = True, drop_last: bool = False,
                              generate_samples: Any = False, importance_sampling: Any = False,
