@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -106,75 +107,81 @@ def _slice(b: SplatBatch, lo: int, hi: int) -> SplatBatch:
                       None if b.ids is None else b.ids[lo:hi])
 
 
+WRITERS = 2  # shard files written concurrently: one can wait on fsync while the next is copied
+
+
 def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: int, dtype: str, shard_bytes: int,
                  schema: SchemaUpdate, progress: Callable[[int], None] | None = None) -> list[ShardEntry]:
     """Write validated chunks as shard files of about ``shard_bytes`` each.
 
-    One background thread writes (and checksums) shard ``i`` while the caller's thread prepares
-    shard ``i + 1``, so at most two shards of rows are in RAM at a time.
+    ``WRITERS`` background threads write, checksum and fsync shards while the caller's thread
+    normalises the next one, so at most ``WRITERS + 1`` shards of rows are in RAM at a time.
     """
     step = shard_rows(dim, dtype, shard_bytes)
     shards: list[ShardEntry] = []
     pending: list[SplatBatch] = []
     pending_rows = 0
     next_id = first_id
-    in_flight: Future[ShardEntry] | None = None
-    buffers = _Buffers(dim, dtype)
+    in_flight: deque[Future[ShardEntry]] = deque()
+    buffers = _Buffers(dim, dtype, WRITERS + 1)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2m-shard-writer") as pool:
+    with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="m2m-shard-writer") as pool:
 
-        def collect() -> None:
-            nonlocal in_flight
-            if in_flight is not None:
-                entry = in_flight.result()
+        def collect(keep: int) -> None:
+            while len(in_flight) > keep:
+                entry = in_flight.popleft().result()
                 shards.append(entry)
-                in_flight = None
                 if progress is not None:
                     progress(entry.rows)
 
         def flush(rows: int) -> None:
-            nonlocal pending, pending_rows, next_id, in_flight
+            nonlocal pending, pending_rows, next_id
             whole = _concat(pending)
             prepared = _prepare(_slice(whole, 0, rows), next_id, schema, buffers.next(rows))
-            collect()
-            in_flight = pool.submit(_write_prepared, fs, prepared)
+            collect(WRITERS - 1)
+            in_flight.append(pool.submit(_write_prepared, fs, prepared))
             next_id += rows
             rest = whole.rows - rows
             pending = [_slice(whole, rows, whole.rows)] if rest else []
             pending_rows = rest
 
-        for chunk in chunks:
-            for lo in range(0, chunk.rows, step):
-                piece = _slice(chunk, lo, min(lo + step, chunk.rows))
-                pending.append(piece)
-                pending_rows += piece.rows
-                if pending_rows >= step:
-                    flush(step)
-        if pending_rows:
-            flush(pending_rows)
-        collect()
+        try:
+            for chunk in chunks:
+                for lo in range(0, chunk.rows, step):
+                    piece = _slice(chunk, lo, min(lo + step, chunk.rows))
+                    pending.append(piece)
+                    pending_rows += piece.rows
+                    if pending_rows >= step:
+                        flush(step)
+            if pending_rows:
+                flush(pending_rows)
+            collect(0)
+        finally:
+            for fut in in_flight:  # an error: let running writes finish so their files can be removed
+                fut.cancel()
+            wait(in_flight)
     return shards
 
 
 class _Buffers:
-    """Two alternating (float32, storage-dtype) shard buffers: the writer thread reads one while the
-    caller fills the other, and no shard pays for freshly faulted pages."""
+    """Rotating (float32, storage-dtype) shard buffers: writer threads read some while the caller
+    fills the next, and no shard pays for freshly faulted pages."""
 
-    def __init__(self, dim: int, dtype: str) -> None:
-        self._dim, self._dtype = dim, np.dtype(dtype)
+    def __init__(self, dim: int, dtype: str, count: int) -> None:
+        self._dim, self._dtype, self._count = dim, np.dtype(dtype), count
         self._sets: list[tuple[np.ndarray, np.ndarray]] = []
         self._turn = 0
 
     def next(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        if len(self._sets) < 2 or self._sets[self._turn][0].shape[0] < rows:
+        if len(self._sets) <= self._turn or self._sets[self._turn][0].shape[0] < rows:
             f32 = np.empty((rows, self._dim), np.float32)
             store = f32 if self._dtype == np.float32 else np.empty((rows, self._dim), self._dtype)
-            if len(self._sets) < 2:
+            if len(self._sets) <= self._turn:
                 self._sets.append((f32, store))
             else:
                 self._sets[self._turn] = (f32, store)
-        f32, store = self._sets[min(self._turn, len(self._sets) - 1)]
-        self._turn ^= 1
+        f32, store = self._sets[self._turn]
+        self._turn = (self._turn + 1) % self._count
         return f32[:rows], store[:rows]
 
 
