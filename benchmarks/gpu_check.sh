@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The one short device check for a session lent a GPU (`device` tool), about 3 minutes:
+#   run(command="bash benchmarks/gpu_check.sh", timeout_s=420)
+# The device image has torch, pyarrow, pytest and hypothesis but no FAISS and no network: the CUDA
+# tests and the GPU benchmark below need neither. Results land in $OUT (or ./gpu-results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-results}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider -m cuda tests/stream/test_stream_cuda.py tests/augment/test_augment_cuda.py \
+  2>&1 | tee "$out/cuda-tests.txt"
+tests_rc=${PIPESTATUS[0]}
+timeout 300 python3 -m m2m.bench.gpu --json > "$out/gpu-bench.json" 2> "$out/gpu-bench.err"
+bench_rc=$?
+python3 -c "import json,sys; from m2m.bench.gpu import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
+  "$out/gpu-bench.json" | tee "$out/gpu-bench.txt"
+echo "cuda tests rc=$tests_rc, gpu bench rc=$bench_rc"
+exit $(( tests_rc || bench_rc ))
