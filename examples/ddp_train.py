@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             acc = float((pred == torch.from_numpy(data.test_y)).float().mean())
             print(f"world size {world} ({'nccl' if cuda else 'gloo'}): test accuracy {100 * acc:.2f}% "
                   f"on {len(data.test_y):,} rows of held-out images", flush=True)
+        dl.close()
+        del model, opt  # the DDP reducer must go before its process group (gloo aborts otherwise)
     dist.barrier()
     if rank == 0 and args.lake is None:
         shutil.rmtree(path[0], ignore_errors=True)
