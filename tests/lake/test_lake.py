@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from m2m import DimensionMismatchError, LakeNotFoundError, M2MConfig, create_m2m, open_lake
-from tests.conftest import clustered
 
 
 def unit(x):
@@ -166,11 +165,6 @@ def test_chunked_write_of_a_memmap(tmp_path, rng):
         lake.add_splats(mm)
         assert len(lake.manifest.shards) == int(np.ceil(5000 / (65536 // (16 * 4 + 24))))
         np.testing.assert_allclose(lake.splats()["mu"], unit(mm), atol=1e-6)
-
-
-def test_search_dataset_shape_is_clustered():
-    x, labels = clustered(200, 16)
-    assert x.shape == (200, 16) and labels.shape == (200,)
 
 
 def test_fsspec_memory_lake_roundtrip(rng):

@@ -138,8 +138,8 @@ class Lake:
             before = set(self._fs.listdir(DATA_DIR))
             try:
                 new = build(base)
-                new = new.next(operation={"type": operation, **new.operation}) if new.version == base.version \
-                    else new
+                if new.version != base.version + 1:
+                    raise RuntimeError(f"commit {operation!r} built version {new.version} on {base.version}")
                 old = {f.path for f in base.files()}
                 sync_files(self._fs, [f.path for f in new.files() if f.path not in old])
                 write_manifest(self._fs, new)
