@@ -110,8 +110,8 @@ def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = Tr
     if len(lake) == 0:
         raise ConfigError(f"lake {lake.path} is empty: add splats before exporting a stream")
     kappa_missing = lake.manifest.stats.get("kappa", {}).get("count", 0) < len(lake)
-    if (gen == "langevin" and needs_geometry(lake.manifest, cfg.knn_k)) or \
-            (gen == "vmf" or imp == "kappa") and kappa_missing and needs_geometry(lake.manifest, cfg.knn_k):
+    wants_kappa = gen == "langevin" or (kappa_missing and (gen == "vmf" or imp == "kappa"))
+    if wants_kappa and needs_geometry(lake.manifest, cfg.knn_k):  # Langevin also needs the neighbour table
         lake.estimate_kappa()
     seed = cfg.seed if seed is None else seed
     sampler = build_sampler(lake, imp, seed) if imp else None
