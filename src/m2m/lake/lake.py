@@ -136,6 +136,7 @@ class Lake:
         with self._lock():
             base = read_manifest(self._fs)
             before = set(self._fs.listdir(DATA_DIR))
+            committed = False
             try:
                 new = build(base)
                 if new.version != base.version + 1:
@@ -143,10 +144,11 @@ class Lake:
                 old = {f.path for f in base.files()}
                 sync_files(self._fs, [f.path for f in new.files() if f.path not in old])
                 write_manifest(self._fs, new)
-            except BaseException:
-                for name in set(self._fs.listdir(DATA_DIR)) - before:
-                    self._fs.remove(f"{DATA_DIR}/{name}")
-                raise
+                committed = True
+            finally:  # also on KeyboardInterrupt: the files of a commit that was not published go
+                if not committed and not self._fs.exists(manifest_name(base.version + 1)):
+                    for name in set(self._fs.listdir(DATA_DIR)) - before:
+                        self._fs.remove(f"{DATA_DIR}/{name}")
         self._set_manifest(new)
         logger.info("committed version %d (%s): %d rows", new.version, operation, new.rows)
         return new
