@@ -100,3 +100,16 @@ def test_kappa_importance_survives_zero_kappa():
         dl = lk.export_to_dataloader(batch_size=3, importance_sampling="kappa", columns=("weight",), prefetch=0)
         w = torch.cat([b["weight"] for b in dl])
         assert len(w) == 3 and torch.isfinite(w).all() and (w > 0).all()
+
+
+def test_loss_feedback_reaches_dataloader_workers(lake):
+    def second_epoch(num_workers: int) -> torch.Tensor:
+        dl = lake.export_to_dataloader(batch_size=250, importance_sampling="loss", columns=("id",),
+                                       num_workers=num_workers, seed=5)
+        for b in dl:  # epoch 0: rows with id < 100 report a high loss
+            dl.update_priorities(b["id"], torch.where(b["id"] < 100, 50.0, 0.01))
+        return torch.cat([b["id"] for b in dl])  # epoch 1, drawn from the updated priorities
+
+    ids0, ids2 = second_epoch(0), second_epoch(2)
+    torch.testing.assert_close(torch.sort(ids0).values, torch.sort(ids2).values)
+    assert float((ids2 < 100).double().mean()) > 3 * 100 / 2000
