@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import numpy as np
 import pytest
 import torch
@@ -260,7 +261,7 @@ def test_state_must_match_the_loader():
 
 
 def test_stats_report_rows_bytes_and_modes():
-    dl = make_loader(make_source(N, D), batch_size=64, **KW)
+    dl = make_loader(make_source(N, D), batch_size=64, background_fill=False, **KW)
     list(dl)
     s = dl.stats()
     assert s["rows"] == N and s["batches"] == 11 and s["rows_per_s"] > 0
@@ -272,3 +273,42 @@ def test_stats_report_rows_bytes_and_modes():
 def test_empty_source_yields_nothing():
     dl = make_loader(make_source(0, 4), batch_size=8, columns=("embedding", "id"), **KW)
     assert len(dl) == 0 and list(dl) == []
+
+
+def test_background_fill_serves_the_same_batches_and_then_the_arena():
+    src = make_source(N, D)
+    ref = [b.clone() for e in range(3) for b in make_loader(src, batch_size=64, epoch=e, background_fill=False,
+                                                              columns=None, **KW)]
+    dl = make_loader(src, batch_size=64, columns=None, **KW)
+    got = [b.clone() for _ in range(3) for b in dl]
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    dl._arena._filler.join(timeout=30)
+    assert not dl.stats()["warm_filling"]
+    before = dl.stats()
+    list(dl)  # filled: every row now comes from the arena
+    after = dl.stats()
+    assert after["bytes_warm"] - before["bytes_warm"] == N * D * 4
+    assert after["bytes_cold"] == before["bytes_cold"] and before["bytes_cold"] >= N * D * 4
+    dl.close()
+
+
+def test_background_fill_error_reaches_the_consumer(monkeypatch):
+    from m2m.errors import StreamError
+    from m2m.stream.stages import warm
+
+    gate = threading.Event()
+
+    def broken_load(self, block):
+        gate.wait(5)
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(warm.WarmArena, "_load", broken_load)
+    dl = make_loader(make_source(N, D), batch_size=64, prefetch=0, **KW)
+    assert len(list(dl)) == len(dl)  # served from the cold tier while the fill is blocked
+    gate.set()
+    dl._arena._filler.join(timeout=10)
+    with pytest.raises(StreamError, match="background fill") as info:
+        list(dl)
+    assert isinstance(info.value.__cause__, OSError)

@@ -53,6 +53,7 @@ class StreamSpec:
     warm_mode: str = "auto"
     gather_in_workers: bool = True
     huge_pages: bool = True
+    background_fill: bool = True
 
     @property
     def gathered(self) -> tuple[Column, ...]:
@@ -122,8 +123,11 @@ class StreamDataset(IterableDataset):
 
     def new_arena(self, reader: ColdReader, budget: int) -> WarmArena:
         progressive = PROGRESSIVE_LOADS if self.spec.layout.mode == shuffle.FULL else None
-        return WarmArena(reader, self.spec.gathered, self.spec.layout.block_rows, budget, self.spec.huge_pages,
-                         progressive)
+        arena = WarmArena(reader, self.spec.gathered, self.spec.layout.block_rows, budget, self.spec.huge_pages,
+                          progressive)
+        if progressive is not None and arena.slots >= arena.num_blocks and self.spec.background_fill:
+            arena.start_fill()
+        return arena
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Worker side: this worker's items as plain dicts (tensors on the host)."""

@@ -74,7 +74,8 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
                 warm_bytes: int, hot_bytes: int, prefetch: int = 4, sampler: PlanSampler | None = None,
                 augment: Augment | None = None, shuffle_mode: str = "auto", block_rows: int | None = None,
                 warm_mode: str = "auto", hot_mode: str = "auto", chunk_batches: int | None = None,
-                intra_op_threads: int | None = 1, huge_pages: bool = True) -> "StreamLoader":
+                intra_op_threads: int | None = 1, huge_pages: bool = True,
+                background_fill: bool = True) -> "StreamLoader":
     """A DataLoader over ``source`` that yields whole batches (see the module docstring).
 
     ``prefetch`` is the number of batches a background thread keeps ready; 0 runs the stages in the
@@ -86,7 +87,9 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
     threads of the stream thread; None leaves torch alone) and ``huge_pages`` (back the warm arena
     with transparent huge pages, as numpy does for large arrays: steady epochs 1.15-1.35x faster
     here; the kernel may compact memory while the arena first fills, so the first epoch's speed
-    varies with the host's memory state: 0.2x to 3x that of 4 KiB pages in our runs).
+    varies with the host's memory state: 0.2x to 3x that of 4 KiB pages in our runs) and
+    ``background_fill`` (when a fully shuffled lake fits the arena, fill it on a background thread and
+    serve the first epoch from the mapped shards meanwhile; False loads blocks on demand instead).
     """
     if not isinstance(source, RowSource):
         raise ConfigError(f"source must implement RowSource, got {type(source).__name__}")
@@ -127,7 +130,8 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
         columns=resolved, layout=layout, num_rows=int(source.num_rows), batch_size=batch_size,
         drop_last=bool(drop_last), seed=seed, rank=world.rank, world_size=world.world_size,
         chunk_batches=chunk_batches or chunk_batches_for(resolved, batch_size), warm_bytes=warm_bytes,
-        warm_mode=warm_mode, gather_in_workers=hot != RESIDENT, huge_pages=bool(huge_pages))
+        warm_mode=warm_mode, gather_in_workers=hot != RESIDENT, huge_pages=bool(huge_pages),
+        background_fill=bool(background_fill))
     dataset = StreamDataset(source, spec, sampler)
     return StreamLoader(dataset, device=dev, num_workers=num_workers, prefetch=prefetch, augment=augment,
                         hot_mode=hot, return_tensor=columns is None, epoch=epoch,
@@ -228,12 +232,22 @@ class StreamLoader(DataLoader):
         self.plan_sampler.update_priorities(ids, losses)  # type: ignore[union-attr]
 
     def stats(self) -> dict[str, Any]:
-        """Rows/s, bytes per tier, prefetch stall seconds, warm hit rate, tier modes (cumulative)."""
-        return self._stats.report(self.hot_mode, self._warm_mode, self.spec.layout.mode)
+        """Rows/s, bytes per tier, prefetch stall seconds, warm hit rate, tier modes (cumulative).
+
+        ``bytes_cold`` includes the background fill of the warm arena (``warm_filling`` says whether
+        it is still running).
+        """
+        report = self._stats.report(self.hot_mode, self._warm_mode, self.spec.layout.mode)
+        if self._arena is not None:
+            report["bytes_cold"] = report.get("bytes_cold", 0) + self._arena.fill_bytes
+            report["warm_filling"] = self._arena.filling
+        return report
 
     def close(self) -> None:
-        """Stop a running iteration's background work."""
+        """Stop a running iteration's background work (and a warm arena still filling)."""
         self._close_active()
+        if self._arena is not None:
+            self._arena.close()
 
     # ----------------------------------------------------------------- iteration
     def _close_active(self) -> None:

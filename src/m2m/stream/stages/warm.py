@@ -11,6 +11,7 @@ by the current request are evicted.
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -59,6 +60,46 @@ class WarmArena:
         self.max_loads = max_loads
         self.loads = 0
         self.evictions = 0
+        self._filler: threading.Thread | None = None
+        self._filled = threading.Event()
+        self._stop = threading.Event()
+        self._fill_error: BaseException | None = None
+        self.fill_bytes = 0
+
+    def start_fill(self) -> None:
+        """Load every block on a background thread; until it is done, gathers read the cold tier.
+
+        Only for an arena that holds the whole lake (nothing is evicted, so the filler owns slot
+        allocation and a block becomes visible only once its copy is complete). The first epoch then
+        runs at the cold-tier rate instead of waiting on page faults of the arena's first fill.
+        """
+        if self.slots < self.num_blocks:
+            raise StreamError(f"start_fill needs an arena holding all {self.num_blocks} blocks, it has {self.slots}")
+        if self._filler is None and not self._filled.is_set():
+            self._filler = threading.Thread(target=self._fill, name="m2m-warm-fill", daemon=True)
+            self._filler.start()
+
+    def _fill(self) -> None:
+        try:
+            for block in range(self.num_blocks):
+                if self._stop.is_set():
+                    return
+                if self.slot_of_block[block] < 0:
+                    self.fill_bytes += self._load(block)
+            self._filled.set()
+        except Exception as exc:  # noqa: BLE001 -- handed to the consumer, which raises it (see gather)
+            self._fill_error = exc
+
+    @property
+    def filling(self) -> bool:
+        """Whether a background fill is still running."""
+        return self._filler is not None and not self._filled.is_set()
+
+    def close(self) -> None:
+        """Stop and join a background fill."""
+        self._stop.set()
+        if self._filler is not None:
+            self._filler.join(timeout=30)
 
     @property
     def nbytes(self) -> int:
@@ -78,6 +119,16 @@ class WarmArena:
 
     def gather(self, rows: np.ndarray, out: dict[str, torch.Tensor], work: Work | None = None) -> None:
         """``out[name][i] = name[rows[i]]`` for every column, loading missing blocks first."""
+        if self.filling:
+            if self._fill_error is not None:
+                raise StreamError("the warm arena's background fill failed") from self._fill_error
+            for col in self.columns:  # the same bytes, from the mapped shards, while the arena fills
+                read = self.reader.gather(col.source, rows, out[col.name])
+                if work is not None:
+                    work.count("cold_bytes", read)
+            if work is not None:
+                work.count("warm_miss_rows", len(rows))
+            return
         blocks = rows // self.block_rows
         self._tick += 1
         slot = self.slot_of_block[blocks]
