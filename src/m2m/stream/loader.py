@@ -243,6 +243,10 @@ class StreamLoader(DataLoader):
             report["warm_filling"] = self._arena.filling
         return report
 
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """Block until the warm arena's background fill (if any) is done; False if ``timeout`` passed."""
+        return True if self._arena is None else self._arena.wait_filled(timeout)
+
     def close(self) -> None:
         """Stop a running iteration's background work (and a warm arena still filling)."""
         self._close_active()

@@ -90,6 +90,13 @@ class WarmArena:
         except Exception as exc:  # noqa: BLE001 -- handed to the consumer, which raises it (see gather)
             self._fill_error = exc
 
+    def wait_filled(self, timeout: float | None = None) -> bool:
+        """Block until a background fill is done (True) or ``timeout`` passes (False)."""
+        if self._filler is None:
+            return True
+        self._filler.join(timeout)
+        return not self._filler.is_alive()
+
     @property
     def filling(self) -> bool:
         """Whether a background fill is still running."""
