@@ -129,3 +129,15 @@ def test_importance_weights_are_delivered(rng):
         assert len(w) == 500 and (w > 0).all()
         dl = lake.export_to_dataloader(batch_size=100, columns=("weight",))
         assert torch.cat([b["weight"] for b in dl]).eq(1.0).all()
+
+
+def test_auto_consolidate_after_a_supercritical_append(rng):
+    base = rng.standard_normal((200, 16)).astype(np.float32)
+    cfg = M2MConfig(latent_dim=16, knn_k=4, auto_consolidate=True, soc_threshold=0.2, consolidate_similarity=0.99)
+    with create_m2m(cfg) as lake:
+        lake.add_splats(base)  # no duplicates: subcritical, nothing merged
+        assert len(lake) == 200 and lake.version == 1
+        lake.add_splats(base[:150] + 1e-4)  # 150 of 350 rows are near-duplicates: 0.43 > 0.2
+        assert len(lake) == 200 and lake.manifest.operation["type"] == "consolidate"
+        assert lake.splats()["alpha"].sum() == pytest.approx(350.0)
+        assert lake.criticality()["state"] == "subcritical"
