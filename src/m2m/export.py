@@ -64,7 +64,7 @@ def build_sampler(lake: "Lake", mode: str, seed: int) -> Any:
         if not np.issubdtype(column.dtype, np.number):
             raise ConfigError(f"importance_sampling column {mode!r} is not numeric (dtype {column.dtype})")
     kappa = filled_kappa(whole_column(lake, "kappa"), lake.dim) if mode == "kappa" else None
-    return ImportanceSampler(mode=mode, alpha=alpha, kappa=kappa, column=column, ids=snap.ids(), seed=seed)
+    return ImportanceSampler(mode=mode, alpha=alpha, kappa=kappa, column=column, seed=seed)
 
 
 def filled_kappa(kappa: np.ndarray, dim: int) -> np.ndarray:

@@ -36,8 +36,7 @@ class ImportanceSampler:
     """Static scores: ``"kappa"`` (p ∝ 1/kappa: diffuse regions), ``"alpha"`` or a numeric column."""
 
     def __init__(self, mode: str, alpha: np.ndarray, kappa: np.ndarray | None = None,
-                 column: np.ndarray | None = None, ids: np.ndarray | None = None, seed: int = 0,
-                 floor: float = 0.1) -> None:
+                 column: np.ndarray | None = None, seed: int = 0, floor: float = 0.1) -> None:
         self.mode = mode
         self.alpha = np.asarray(alpha, dtype=np.float64)
         self.seed = int(seed)
@@ -66,7 +65,7 @@ class LossSampler(ImportanceSampler):
 
     def __init__(self, alpha: np.ndarray, ids: np.ndarray, seed: int = 0, floor: float = 0.1,
                  ema: float = 0.9) -> None:
-        super().__init__("loss", alpha, ids=ids, seed=seed, floor=floor)
+        super().__init__("loss", alpha, seed=seed, floor=floor)
         self.priorities = LossPriorities(len(self.alpha), ema=ema, initial=1.0, ids=ids)
         self._frozen: dict[int, np.ndarray] = {}
 
