@@ -53,11 +53,10 @@ def build_sampler(lake: "Lake", mode: str, seed: int) -> Any:
     """The importance sampler of ``mode`` over the lake's current snapshot."""
     from m2m.soc.sampler import ImportanceSampler, LossSampler
 
-    snap = lake.snapshot
     alpha = whole_column(lake, "alpha").astype(np.float64)
     if mode == "loss":
-        return LossSampler(alpha, ids=snap.ids(), seed=seed)
-    if mode in ("kappa", "alpha", "loss"):
+        return LossSampler(alpha, ids=lake.snapshot.ids(), seed=seed)
+    if mode in ("kappa", "alpha"):
         column = None
     else:
         column = whole_column(lake, mode)
