@@ -31,25 +31,25 @@ def as_numpy(x: Any, name: str) -> np.ndarray:
         raise InvalidEmbeddingError(f"{name} could not be read as an array: {exc}") from exc
 
 
-def as_vectors(vectors: Any, dim: int | None) -> np.ndarray:
+def as_vectors(vectors: Any, dim: int | None, name: str = "vectors", allow_empty: bool = False) -> np.ndarray:
     """Check shape and dtype of ``vectors``; return a 2-D float array (a view where possible)."""
-    arr = as_numpy(vectors, "vectors")
+    arr = as_numpy(vectors, name)
     if arr.dtype == object:
-        raise InvalidEmbeddingError("vectors must be a rectangular numeric array (got ragged or object data)")
+        raise InvalidEmbeddingError(f"{name} must be a rectangular numeric array (got ragged or object data)")
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
     if arr.ndim != 2:
-        raise InvalidEmbeddingError(f"vectors must have shape [n, dim] or [dim], got shape {tuple(arr.shape)}")
+        raise InvalidEmbeddingError(f"{name} must have shape [n, dim] or [dim], got shape {tuple(arr.shape)}")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise InvalidEmbeddingError(f"vectors must be a real float or int array, got dtype {arr.dtype}")
-    if arr.shape[0] == 0:
-        raise InvalidEmbeddingError("vectors is empty (0 rows)")
+        raise InvalidEmbeddingError(f"{name} must be a real float or int array, got dtype {arr.dtype}")
+    if arr.shape[0] == 0 and not allow_empty:
+        raise InvalidEmbeddingError(f"{name} is empty (0 rows)")
     if dim is not None and arr.shape[1] != dim:
-        raise DimensionMismatchError(f"vectors have dimension {arr.shape[1]}, the lake has latent_dim {dim}")
+        raise DimensionMismatchError(f"{name} have dimension {arr.shape[1]}, expected latent_dim {dim}")
     return arr
 
 
-def check_rows(arr: np.ndarray, start: int = 0) -> None:
+def check_rows(arr: np.ndarray, start: int = 0, name: str = "vectors") -> None:
     """Raise if any row of ``arr`` is non-finite or has zero norm (row numbers offset by ``start``)."""
     for lo in range(0, arr.shape[0], VALIDATE_CHUNK_ROWS):
         chunk = np.asarray(arr[lo : lo + VALIDATE_CHUNK_ROWS], dtype=np.float32)
@@ -60,9 +60,9 @@ def check_rows(arr: np.ndarray, start: int = 0) -> None:
         for row in np.flatnonzero(suspect):  # only the few suspect rows are looked at one by one
             values = chunk[row]
             if not np.isfinite(values).all():
-                raise InvalidEmbeddingError(f"vectors row {start + lo + int(row)} contains NaN or Inf")
+                raise InvalidEmbeddingError(f"{name} row {start + lo + int(row)} contains NaN or Inf")
             if not np.any(values != 0):
-                raise InvalidEmbeddingError(f"vectors row {start + lo + int(row)} is a zero vector")
+                raise InvalidEmbeddingError(f"{name} row {start + lo + int(row)} is a zero vector")
 
 
 def normalise_rows(chunk: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

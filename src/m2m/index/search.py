@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from m2m.errors import ConfigError, DimensionMismatchError, InvalidEmbeddingError
+from m2m._validate import as_vectors, check_rows, normalise_rows
+from m2m.errors import ConfigError
 from m2m.index.knn import (
     CHUNK_ROWS,
     check_int,
@@ -25,25 +26,9 @@ log = logging.getLogger(__name__)
 
 def _as_queries(queries: Any, dim: int) -> np.ndarray:
     """Queries as C-contiguous float32 ``[q, dim]`` unit rows; ValueError naming the first bad row."""
-    if hasattr(queries, "detach") and hasattr(queries, "cpu"):  # torch tensor on any device
-        queries = queries.detach().cpu().float().numpy()
-    try:
-        q = np.array(queries, dtype=np.float32, copy=True)
-    except (TypeError, ValueError) as exc:
-        raise InvalidEmbeddingError(f"queries must be a numeric array, got {type(queries).__name__}") from exc
-    if q.ndim == 1:
-        q = q[None, :]
-    if q.ndim != 2:
-        raise InvalidEmbeddingError(f"queries must have shape [q, {dim}] or [{dim}], got {q.shape}")
-    if q.shape[1] != dim:
-        raise DimensionMismatchError(f"queries have dimension {q.shape[1]}, the index has {dim}")
-    finite = np.isfinite(q).all(axis=1)
-    if not finite.all():
-        raise InvalidEmbeddingError(f"queries must be finite; row {int(np.argmin(finite))} holds NaN or Inf")
-    norms = np.linalg.norm(q, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise InvalidEmbeddingError(f"queries must be non-zero; row {int(np.argmin(norms[:, 0]))} is zero")
-    return np.ascontiguousarray(q / norms)
+    q = as_vectors(queries, dim, name="queries", allow_empty=True)
+    check_rows(q, name="queries")
+    return normalise_rows(q)
 
 
 class SearchIndex:
