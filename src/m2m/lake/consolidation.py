@@ -26,10 +26,6 @@ from m2m.lake.writer import SchemaUpdate, write_splats
 from m2m.soc.consolidate import ConsolidationReport, find_duplicate_groups, merge_groups
 
 
-def _main_all(snap: Snapshot, name: str) -> np.ndarray:
-    return np.concatenate([snap.main_column(s, name) for s in range(len(snap.manifest.shards))])
-
-
 def consolidate_manifest(fs: LakeFS, base: Manifest, similarity: float, config: M2MConfig,
                          progress: Callable[[int], None] | None = None) -> tuple[Manifest, ConsolidationReport]:
     """The next manifest after merging ``base``'s near-duplicates, and the report."""
@@ -42,11 +38,11 @@ def consolidate_manifest(fs: LakeFS, base: Manifest, similarity: float, config: 
     try:
         mu = snap.read_all("mu").astype(np.float32, copy=False)
         ids = snap.ids()
-        alpha = _main_all(snap, "alpha")
+        alpha = snap.read_main("alpha")
         codes = snap.read_all("label") if base.label_type is not None else None
-        raw_labels = _main_all(snap, "label") if base.label_type is not None else None
-        user_kappa = _main_all(snap, "kappa")
-        metadata = {name: _main_all(snap, name) for name in base.metadata}
+        raw_labels = snap.read_main("label") if base.label_type is not None else None
+        user_kappa = snap.read_main("kappa")
+        metadata = {name: snap.read_main(name) for name in base.metadata}
         group = find_duplicate_groups(mu, codes, similarity, seed=config.seed, progress=progress)
         merged = merge_groups(group, mu, alpha)
     finally:

@@ -75,7 +75,7 @@ def estimate(fs: LakeFS, base: Manifest, k: int, seed: int,
     try:
         mu = snap.read_all("mu").astype(np.float32, copy=False)
         ids = snap.ids()
-        user = np.concatenate([snap.main_column(s, "kappa") for s in range(len(base.shards))])
+        user = snap.read_main("kappa")
         t0 = time.perf_counter()
         kappa_est, nbrs, cos = compute_geometry(mu, k, seed, progress)
         logger.info("kNN + kappa for %d splats in %.1f s", len(mu), time.perf_counter() - t0)

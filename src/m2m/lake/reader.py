@@ -82,9 +82,9 @@ class Snapshot:
             raise KeyError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}") from None
         return self._batch(f).column(name)
 
-    def main_column(self, shard: int, name: str) -> np.ndarray:
-        """Column ``name`` as written by the append that created the shard (ignoring sidecars)."""
-        return column_to_numpy(self._batch(self.manifest.shards[shard].files[0]).column(name))
+    def read_main(self, name: str) -> np.ndarray:
+        """Column ``name`` over the whole snapshot as the appends wrote it (ignoring sidecars; a copy)."""
+        return np.concatenate([column_to_numpy(self._batch(s.files[0]).column(name)) for s in self.manifest.shards])
 
     # whole-snapshot helpers
     def ids(self) -> np.ndarray:
