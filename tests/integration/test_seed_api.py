@@ -141,3 +141,8 @@ def test_auto_consolidate_after_a_supercritical_append(rng):
         assert len(lake) == 200 and lake.manifest.operation["type"] == "consolidate"
         assert lake.splats()["alpha"].sum() == pytest.approx(350.0)
         assert lake.criticality()["state"] == "subcritical"
+
+
+def test_estimate_kappa_on_an_empty_lake_is_a_no_op():
+    with create_m2m(M2MConfig(latent_dim=4)) as lake:
+        assert lake.estimate_kappa().shape == (0,) and lake.version == 0

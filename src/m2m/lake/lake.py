@@ -262,6 +262,8 @@ class Lake:
         """
         from m2m.lake.geometry import estimate
 
+        if len(self) == 0:
+            return np.zeros(0, dtype=np.float32)
         cfg = self.config
         self.commit("estimate_kappa", lambda base: estimate(self._fs, base, cfg.knn_k, cfg.seed, progress))
         return self.snapshot.read_all("kappa")
