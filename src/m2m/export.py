@@ -44,25 +44,20 @@ def importance_mode(importance_sampling: Any, metadata: Sequence[str]) -> str | 
                       f"({list(metadata)}), got {importance_sampling!r}")
 
 
-def whole_column(lake: "Lake", name: str) -> np.ndarray:
-    """One column over the whole pinned snapshot."""
-    return lake.snapshot.read_all(name)
-
-
 def build_sampler(lake: "Lake", mode: str, seed: int) -> Any:
     """The importance sampler of ``mode`` over the lake's current snapshot."""
     from m2m.soc.sampler import ImportanceSampler, LossSampler
 
-    alpha = whole_column(lake, "alpha").astype(np.float64)
+    alpha = lake.snapshot.read_all("alpha").astype(np.float64)
     if mode == "loss":
         return LossSampler(alpha, ids=lake.snapshot.ids(), seed=seed)
     if mode in ("kappa", "alpha"):
         column = None
     else:
-        column = whole_column(lake, mode)
+        column = lake.snapshot.read_all(mode)
         if not np.issubdtype(column.dtype, np.number):
             raise ConfigError(f"importance_sampling column {mode!r} is not numeric (dtype {column.dtype})")
-    kappa = filled_kappa(whole_column(lake, "kappa"), lake.dim) if mode == "kappa" else None
+    kappa = filled_kappa(lake.snapshot.read_all("kappa"), lake.dim) if mode == "kappa" else None
     return ImportanceSampler(mode=mode, alpha=alpha, kappa=kappa, column=column, seed=seed)
 
 
@@ -80,18 +75,18 @@ def filled_kappa(kappa: np.ndarray, dim: int) -> np.ndarray:
 def build_augmenter(lake: "Lake", mode: str) -> Any:
     """The Langevin or vMF augmenter over the lake's current snapshot (kappa must be estimated)."""
     cfg = lake.config
-    kappa = filled_kappa(whole_column(lake, "kappa").astype(np.float32), lake.dim)
+    kappa = filled_kappa(lake.snapshot.read_all("kappa").astype(np.float32), lake.dim)
     if mode == "vmf":
         from m2m.augment.augmenter import VMFAugmenter
 
         return VMFAugmenter(kappa)
     from m2m.augment.augmenter import LangevinAugmenter
 
-    labels = whole_column(lake, "label") if lake.manifest.label_type is not None else None
-    return LangevinAugmenter(neighbors=whole_column(lake, "neighbors"), kappa=kappa,
-                             alpha=whole_column(lake, "alpha").astype(np.float32), labels=labels,
+    labels = lake.snapshot.read_all("label") if lake.manifest.label_type is not None else None
+    return LangevinAugmenter(neighbors=lake.snapshot.read_all("neighbors"), kappa=kappa,
+                             alpha=lake.snapshot.read_all("alpha").astype(np.float32), labels=labels,
                              steps=cfg.langevin_steps, step_size=cfg.langevin_dt, temperature=cfg.langevin_T,
-                             neighbor_cos=whole_column(lake, "neighbor_cos"))
+                             neighbor_cos=lake.snapshot.read_all("neighbor_cos"))
 
 
 def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = True, drop_last: bool = False,
