@@ -7,9 +7,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from m2m.errors import DimensionMismatchError, InvalidEmbeddingError
+from m2m.errors import ConfigError, DimensionMismatchError, InvalidEmbeddingError
 
 VALIDATE_CHUNK_ROWS = 65536
+
+
+def check_int(value: Any, name: str, low: int = 1) -> int:
+    """``value`` as an int >= ``low``, or `ConfigError` naming ``name``."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 def as_numpy(x: Any, name: str) -> np.ndarray:

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from m2m._validate import check_int
 from m2m.errors import ConfigError
-from m2m.index.knn import check_int, check_unit_rows, compute_threads, resolve_precision, rows_f32
+from m2m.index.knn import check_unit_rows, compute_threads, resolve_precision, rows_f32
 
 __all__ = ["Partition", "build_partition", "default_nlist", "spherical_kmeans", "top_centroids", "train_centroids"]
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from m2m._validate import check_int
 from m2m.errors import ConfigError, InvalidEmbeddingError
 
 __all__ = ["DEFAULT_THREADS", "compute_threads", "knn", "require_faiss"]
@@ -136,13 +137,6 @@ def rows_f32(mu: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
     if mu.dtype == np.float16 and block.size:
         block /= np.linalg.norm(block, axis=-1, keepdims=True)
     return block
-
-
-def check_int(value: Any, name: str, low: int = 1) -> int:
-    """``value`` as an int >= ``low``, or ConfigError naming ``name``."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from m2m._validate import as_vectors, check_rows, normalise_rows
+from m2m._validate import as_vectors, check_int, check_rows, normalise_rows
 from m2m.errors import ConfigError
 from m2m.index.knn import (
     CHUNK_ROWS,
-    check_int,
     check_unit_rows,
     compute_threads,
     exact_knn_of,

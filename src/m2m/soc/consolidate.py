@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from m2m._validate import check_int
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.index.knn import (
-    check_int,
     check_unit_rows,
     compute_threads,
     exact_knn_of,

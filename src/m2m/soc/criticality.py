@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 import numpy as np
 
+from m2m._validate import check_int
 from m2m.errors import ConfigError
-from m2m.index.knn import CHUNK_ROWS, check_int, check_unit_rows, compute_threads, rows_f32
+from m2m.index.knn import CHUNK_ROWS, check_unit_rows, compute_threads, rows_f32
 from m2m.soc.consolidate import label_codes, similarity_threshold
 
 __all__ = ["STATES", "criticality_state", "duplicate_degree", "estimate_redundancy"]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from m2m._validate import check_int
 from m2m.errors import ConfigError, DeviceUnavailableError, StreamError
 from m2m.stream import columns as cols
 from m2m.stream.dataset import (ARENA, WARM_MODES, StreamDataset, StreamSpec, chunk_batches_for, host_tier_for,
@@ -48,12 +49,6 @@ def augment_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
     """Seed of the augmentation generator of one batch: a pure function of its coordinates."""
     state = np.random.SeedSequence([int(seed), int(epoch), int(rank), int(batch), _AUGMENT_SALT]).generate_state(2)
     return int(state[0]) << 31 ^ int(state[1])
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -93,17 +88,17 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
     """
     if not isinstance(source, RowSource):
         raise ConfigError(f"source must implement RowSource, got {type(source).__name__}")
-    batch_size = _check_int("batch_size", batch_size, 1)
-    seed = _check_int("seed", seed, 0)
-    epoch = _check_int("epoch", epoch, 0)
-    num_workers = _check_int("num_workers", num_workers, 0)
-    warm_bytes = _check_int("warm_bytes", warm_bytes, 0)
-    hot_bytes = _check_int("hot_bytes", hot_bytes, 0)
-    prefetch = _check_int("prefetch", prefetch, 0)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    seed = check_int(seed, "seed", 0)
+    epoch = check_int(epoch, "epoch", 0)
+    num_workers = check_int(num_workers, "num_workers", 0)
+    warm_bytes = check_int(warm_bytes, "warm_bytes", 0)
+    hot_bytes = check_int(hot_bytes, "hot_bytes", 0)
+    prefetch = check_int(prefetch, "prefetch", 0)
     if chunk_batches is not None:
-        chunk_batches = _check_int("chunk_batches", chunk_batches, 1)
+        chunk_batches = check_int(chunk_batches, "chunk_batches", 1)
     if intra_op_threads is not None:
-        intra_op_threads = _check_int("intra_op_threads", intra_op_threads, 1)
+        intra_op_threads = check_int(intra_op_threads, "intra_op_threads", 1)
     if shuffle_mode not in MODES:
         raise ConfigError(f"shuffle_mode must be one of {MODES}, got {shuffle_mode!r}")
     if warm_mode not in WARM_MODES:
@@ -183,7 +178,7 @@ class StreamLoader(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at the beginning of ``epoch``."""
         self._close_active()
-        self._epoch = _check_int("epoch", epoch, 0)
+        self._epoch = check_int(epoch, "epoch", 0)
         self._yielded = 0
 
     @property
@@ -217,8 +212,8 @@ class StreamLoader(DataLoader):
             raise ValueError("stream state does not match this loader (saved, current): "
                              + ", ".join(f"{k}={v[0]!r} vs {v[1]!r}" for k, v in diff.items()))
         self._close_active()
-        self._epoch = _check_int("epoch", state["epoch"], 0)
-        self._yielded = _check_int("batches_yielded", state["batches_yielded"], 0)
+        self._epoch = check_int(state["epoch"], "epoch", 0)
+        self._yielded = check_int(state["batches_yielded"], "batches_yielded", 0)
         if "sampler" in state and self.plan_sampler is not None:
             loader = getattr(self.plan_sampler, "load_state_dict", None)
             if callable(loader):
