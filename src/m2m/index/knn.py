@@ -83,9 +83,7 @@ def compute_threads(threads: int | None) -> Iterator[Any]:
     import torch
 
     faiss = require_faiss()
-    n = DEFAULT_THREADS if threads is None else threads
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"threads must be an int >= 1, got {threads!r}")
+    n = check_int(DEFAULT_THREADS if threads is None else threads, "threads")
     old_faiss = faiss.omp_get_max_threads()
     old_blas = faiss.cvar.distance_compute_blas_threshold
     old_torch = torch.get_num_threads()
