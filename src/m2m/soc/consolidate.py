@@ -144,6 +144,21 @@ def similarity_threshold(similarity: Any) -> float:
     return min(float(similarity), MAX_THRESHOLD)
 
 
+def _hits(q: np.ndarray, c: np.ndarray, thr: float) -> np.ndarray:
+    """``q @ c.T >= thr`` for float32 unit rows, with the pairs within float32 rounding of ``thr``
+    decided again in float64, so the edge set does not depend on the summation order of the product."""
+    import torch
+
+    s = (torch.from_numpy(q) @ torch.from_numpy(c).T).numpy()
+    hits = s >= thr
+    tol = 2 * q.shape[1] * float(np.finfo(np.float32).eps)  # bound on a float32 dot of unit rows
+    a, b = np.nonzero(np.abs(s - thr) <= tol)
+    if a.size:
+        exact = np.einsum("ij,ij->i", q[a].astype(np.float64), c[b].astype(np.float64))
+        hits[a, b] = exact >= thr
+    return hits
+
+
 def _add_edges(forest: _Forest, rows: np.ndarray, cols: np.ndarray, hits: np.ndarray, codes: np.ndarray | None) -> None:
     """Union the pairs (rows[a], cols[b]) for every True hits[a, b] (different rows, same label)."""
     a, b = np.nonzero(hits)
@@ -157,16 +172,14 @@ def _add_edges(forest: _Forest, rows: np.ndarray, cols: np.ndarray, hits: np.nda
 
 
 def _groups_exact(mu: np.ndarray, codes: np.ndarray | None, thr: float, progress: Progress) -> np.ndarray:
-    import torch
-
     n = mu.shape[0]
     forest = _Forest(n)
     for start in range(0, n, BLOCK_ROWS):
         stop = min(n, start + BLOCK_ROWS)
-        q = torch.from_numpy(rows_f32(mu, slice(start, stop)))
+        q = rows_f32(mu, slice(start, stop))
         for cstart in range(start, n, 4 * BLOCK_ROWS):  # upper triangle only, bounded blocks
-            c = torch.from_numpy(rows_f32(mu, slice(cstart, cstart + 4 * BLOCK_ROWS)))
-            hits = (q @ c.T >= thr).numpy()
+            c = rows_f32(mu, slice(cstart, cstart + 4 * BLOCK_ROWS))
+            hits = _hits(q, c, thr)
             _add_edges(forest, np.arange(start, stop), np.arange(cstart, cstart + c.shape[0]), hits, codes)
         if progress is not None:
             progress(stop - start)
@@ -224,8 +237,6 @@ def _groups_ivf(
     nprobe: int | None,
     target_recall: float,
 ) -> np.ndarray:
-    import torch
-
     from m2m.index.kmeans import build_partition, default_nlist, train_centroids
     from m2m.index.knn import QUERY_CHUNK, resolve_precision
 
@@ -244,12 +255,12 @@ def _groups_ivf(
     for lst in range(part.nlist):
         members = part.members(lst)
         if members.size:
-            base = torch.from_numpy(rows_f32(mu, members))
+            base = rows_f32(mu, members)
             # members against members, then visitors (rows probing this list) against members
             for rows in (members, part.visitors(lst)):
                 for start in range(0, rows.size, QUERY_CHUNK):
                     chunk = rows[start:start + QUERY_CHUNK]
-                    hits = (torch.from_numpy(rows_f32(mu, chunk)) @ base.T >= thr).numpy()
+                    hits = _hits(rows_f32(mu, chunk), base, thr)
                     _add_edges(forest, chunk, members, hits, codes)
         done += members.size + part.visitors(lst).size
         if progress is not None and done * n // total > credited:
