@@ -123,17 +123,13 @@ class Lake:
         self._cache.clear()
 
     # ------------------------------------------------------------------ commits
-    def _lock(self) -> WriteLock:
-        path = os.path.join(self._fs.root, "_lock") if self._fs.is_local else None
-        return WriteLock(path, timeout=float(os.environ.get("M2M_LOCK_TIMEOUT", "0")))
-
     def commit(self, operation: str, build: Callable[[Manifest], Manifest]) -> Manifest:
         """Run one atomic commit: ``build(latest) -> next manifest`` under the write lock.
 
         Files that ``build`` writes but that the commit does not publish (it raised) are removed.
         """
         self._check_open()
-        with self._lock():
+        with write_lock(self._fs):
             base = read_manifest(self._fs)
             before = set(self._fs.listdir(DATA_DIR))
             committed = False
@@ -272,7 +268,7 @@ class Lake:
         """Cosine top-``k`` of each query: ``(scores [q, k] float32, ids [q, k] int64)`` (-1 past the end)."""
         from m2m.index.search import SearchIndex
 
-        key = f"search-{self.version}"
+        key = "search"  # the cache is cleared whenever this handle moves to another version
         index = self._cache.get(key)
         if index is None:
             snap = self.snapshot
@@ -373,7 +369,7 @@ class Lake:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self._check_open()
-        with self._lock():
+        with write_lock(self._fs):
             versions = list_versions(self._fs)
             kept = versions[-keep:]
             live: set[str] = set()
@@ -394,13 +390,19 @@ class Lake:
         return {"versions_removed": removed_versions, "files_removed": removed_files}
 
 
+def write_lock(fs: LakeFS) -> WriteLock:
+    """The lake's write lock (waits ``$M2M_LOCK_TIMEOUT`` seconds, default 0, for another writer)."""
+    path = os.path.join(fs.root, "_lock") if fs.is_local else None
+    return WriteLock(path, timeout=float(os.environ.get("M2M_LOCK_TIMEOUT", "0")))
+
+
 def create_empty(fs: LakeFS, config: M2MConfig) -> Manifest:
     """Initialise an empty lake (version 0) at ``fs``."""
     fs.makedirs(MANIFEST_DIR)
     fs.makedirs(DATA_DIR)
     manifest = Manifest(version=0, dim=config.latent_dim, dtype=config.storage_dtype, next_id=0, shards=(),
                         created=time.time(), operation={"type": "create"})
-    with WriteLock(os.path.join(fs.root, "_lock") if fs.is_local else None):
+    with write_lock(fs):
         if list_versions(fs):
             return read_manifest(fs)
         write_manifest(fs, manifest)
