@@ -55,14 +55,21 @@ def test_retract_is_gnomonic():
     assert torch.allclose(y / c - x, v)
 
 
-@pytest.mark.parametrize("d", [3, 200])
-def test_random_point_at_cosine(d):
-    mu = _unit(1, d).expand(4000, d).contiguous()
+@pytest.mark.parametrize("d,dtype,layout", [(3, torch.float64, "contiguous"), (200, torch.float64, "contiguous"),
+                                            (200, torch.float32, "contiguous"), (200, torch.float32, "expanded")])
+def test_random_point_at_cosine(d, dtype, layout):
+    # float32 contiguous rows take the numpy path (HostNoise draws, numpy row dots); expanded rows torch's
+    mu = _unit(1, d).to(dtype).expand(4000, d)
+    if layout == "contiguous":
+        mu = mu.contiguous()
     cos = torch.full((4000,), 0.6, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     x = sphere.random_point_at_cosine(mu, cos, generator=g)
-    assert torch.allclose(x.norm(dim=1), torch.ones(4000, dtype=x.dtype), atol=1e-12)
-    assert torch.allclose(x @ mu[0], cos, atol=1e-12)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert x.dtype == dtype
+    assert torch.allclose(x.norm(dim=1), torch.ones(4000, dtype=x.dtype), atol=tol)
+    assert torch.allclose((x @ mu[0]).double(), cos, atol=tol)
+    x, mu, cos = x.double(), mu.double(), cos.double()
     # orthogonal part is isotropic: its mean is ~0 and its second moment is (1-c^2)/(d-1) I
     perp = x - cos.unsqueeze(1) * mu
     assert perp.mean(0).abs().max() < 5 * 0.8 / (4000 * max(d - 1, 1)) ** 0.5 + 0.02

@@ -35,6 +35,7 @@ from m2m.augment.langevin import (
     path_terms,
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
+from m2m.geometry.noise import HostNoise
 from m2m.geometry.sphere import random_point_at_cosine
 from m2m.geometry.vmf import log_normalizer, sample_cosine
 
@@ -244,9 +245,10 @@ class LangevinAugmenter:
         rows = rows.to(x.device)
         h = tab.h[rows]
         cand = torch.nonzero(~tab.fast[rows]).squeeze(1)      # rows whose neighbours might matter
-        own = own_component_chain(h, tab.kappa_t[rows], self.steps, d, generator, self.metropolis,
+        noise = HostNoise.of(generator) if x.device.type == "cpu" else generator  # one seeding per batch
+        own = own_component_chain(h, tab.kappa_t[rows], self.steps, d, noise, self.metropolis,
                                   record=cand.numel() > 0)
-        out = random_point_at_cosine(x, own.t, own.rho, generator=generator, scratch=self._scratch(x))
+        out = random_point_at_cosine(x, own.t, own.rho, generator=noise, scratch=self._scratch(x))
         if cand.numel():
             r = rows.index_select(0, cand)
             sub = own if cand.numel() == rows.numel() else own.rows(cand)

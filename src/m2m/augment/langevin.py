@@ -50,6 +50,7 @@ from m2m.augment.energy import (
     validate_chain_args,
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
+from m2m.geometry.noise import HostNoise
 from m2m.geometry.sphere import uniform_tangent_direction
 from m2m.geometry.vmf import standard_gamma
 
@@ -240,7 +241,7 @@ class OwnChain:
         return OwnChain(*(pick(getattr(self, f.name)) for f in fields(self)))  # type: ignore[arg-type]
 
 
-def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generator: torch.Generator | None,
+def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generator: torch.Generator | HostNoise | None,
                         metropolis: bool = False, record: bool = False) -> OwnChain:
     """The Langevin chain of ``sample`` for the single target vMF(mu_0, kappa) started at mu_0.
 
@@ -258,15 +259,7 @@ def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generato
         rho = torch.zeros(b, dtype=torch.float64, device=dev)
         empty = torch.zeros((0, b), dtype=torch.float64, device=dev)
         return OwnChain(t, rho, empty, empty) if record else OwnChain(t, rho)
-    # the noise is drawn in float32 (cheaper; it is only noise) and used in float64
-    z = torch.randn((steps, 2, b), device=dev, generator=generator).to(torch.float64)
-    if dim > 2:
-        chi2 = 2.0 * standard_gamma((dim - 2) / 2.0, (steps, b), generator, dev, torch.float32).to(torch.float64)
-    else:
-        chi2 = torch.zeros((steps, b), dtype=torch.float64, device=dev)
-    log_u = None
-    if metropolis:
-        log_u = torch.log(torch.rand((steps, b), dtype=torch.float64, device=dev, generator=generator))
+    z, chi2, log_u = _own_chain_noise(steps, b, dim, generator, dev, metropolis)
     n_vis = 2 * steps if metropolis else steps
     rec = None
     if record:
@@ -287,6 +280,31 @@ def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generato
     if rec is None:
         return OwnChain(t_out, rho_out)
     return OwnChain(t_out, rho_out, rec[0], rec[1], z, chi2, log_u, rec[2], rec[3])
+
+
+def _own_chain_noise(steps: int, b: int, dim: int, generator: torch.Generator | HostNoise | None, dev: torch.device,
+                     metropolis: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The noise of ``own_component_chain``: z [S, 2, B] N(0, 1), chi2 [S, B] chi^2_{d-2}, log U [S, B]
+    (MALA only), float64; from ``HostNoise`` on the CPU, torch's generator elsewhere."""
+    if dev.type == "cpu":
+        host = HostNoise.of(generator)
+        z = torch.from_numpy(host.standard_normal((steps, 2, b)))
+        chi2 = (torch.from_numpy(2.0 * host.standard_gamma((dim - 2) / 2.0, (steps, b))) if dim > 2
+                else torch.zeros((steps, b), dtype=torch.float64))
+        log_u = torch.from_numpy(np.log(host.uniform((steps, b)))) if metropolis else None
+        return z, chi2, log_u
+    if isinstance(generator, HostNoise):
+        generator = generator.torch_generator(dev)
+    # the noise is drawn in float32 (cheaper; it is only noise) and used in float64
+    z = torch.randn((steps, 2, b), device=dev, generator=generator).to(torch.float64)
+    if dim > 2:
+        chi2 = 2.0 * standard_gamma((dim - 2) / 2.0, (steps, b), generator, dev, torch.float32).to(torch.float64)
+    else:
+        chi2 = torch.zeros((steps, b), dtype=torch.float64, device=dev)
+    log_u = None
+    if metropolis:
+        log_u = torch.log(torch.rand((steps, b), dtype=torch.float64, device=dev, generator=generator))
+    return z, chi2, log_u
 
 
 def _own_chain_loop(xp: Any, h: Any, kap: Any, z: Any, chi2: Any, log_u: Any, rec: Any) -> tuple[Any, Any]:

@@ -5,10 +5,12 @@ All functions are batched over leading dimensions, work on any device and keep t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from m2m.errors import InvalidEmbeddingError
+from m2m.geometry.noise import HostNoise, normal_
 
 _EXPLICIT_PERP_DIM = 64
 
@@ -66,39 +68,63 @@ def uniform_tangent_direction(x: Tensor, generator: torch.Generator | None = Non
 
 
 def random_point_at_cosine(
-    mu: Tensor, cos: Tensor, sin: Tensor | None = None, generator: torch.Generator | None = None,
+    mu: Tensor, cos: Tensor, sin: Tensor | None = None, generator: torch.Generator | HostNoise | None = None,
     out: Tensor | None = None, scratch: Tensor | None = None,
 ) -> Tensor:
     """Unit vectors x = cos * mu + sin * u, with u uniform on the unit sphere orthogonal to ``mu``.
 
     ``mu`` is [..., d] (unit rows); ``cos`` and ``sin`` are [...] (``sin`` defaults to
     sqrt(1 - cos^2); pass it when it is known more precisely than 1 - cos^2). Exact in law: the
-    orthogonal direction is a normalised Gaussian projected off ``mu``. Costs one Gaussian draw of
-    the shape of ``mu`` and three passes over it. ``out`` (shape of ``mu``) receives the result and
-    ``scratch`` (same shape) is a temporary, both allocated when not given.
+    orthogonal direction is a normalised Gaussian projected off ``mu`` (``m2m.geometry.noise.normal_``).
+    Costs one Gaussian draw of the shape of ``mu`` and three passes over it. ``out`` (shape of
+    ``mu``) receives the result, allocated when not given; ``scratch`` is accepted for callers that
+    keep one (unused by the CPU path).
     """
     cos = cos.to(mu.dtype)
     if sin is None:
         sin = torch.sqrt(torch.clamp(1.0 - cos * cos, min=0.0))
     sin = sin.to(mu.dtype)
     z = out if out is not None else torch.empty_like(mu)
-    z.normal_(generator=generator)
-    if scratch is None:
-        dot = torch.linalg.vecdot(z, mu)                   # z . mu
-    else:
-        dot = torch.mul(z, mu, out=scratch).sum(-1)
+    normal_(z, generator)
     if mu.shape[-1] <= _EXPLICIT_PERP_DIM:
         # few dimensions: z can be nearly parallel to mu, so form z - (z.mu) mu explicitly
+        dot = (z * mu).sum(-1) if scratch is None else torch.mul(z, mu, out=scratch).sum(-1)
         z.sub_(mu * dot.unsqueeze(-1))
-        perp = torch.linalg.vector_norm(z, dim=-1)
-        dot = torch.zeros_like(dot)
+        perp = torch.clamp(torch.linalg.vector_norm(z, dim=-1), min=torch.finfo(mu.dtype).tiny)
+        scale, coef = sin / perp, cos
+    elif _host_rows(z, mu, cos, sin):
+        scale, coef = _host_coefficients(z, mu, cos, sin)
     else:
+        dot = torch.linalg.vecdot(z, mu)                    # z . mu
         zn = torch.linalg.vector_norm(z, dim=-1)          # |z|^2 ~ d, so |z|^2 - (z.mu)^2 keeps its digits
-        perp = torch.sqrt(torch.clamp(zn * zn - dot * dot, min=0.0))
-    perp = torch.clamp(perp, min=torch.finfo(mu.dtype).tiny)
-    scale = sin / perp
-    coef = cos - scale * dot
+        perp = torch.clamp(torch.sqrt(torch.clamp(zn * zn - dot * dot, min=0.0)), min=torch.finfo(mu.dtype).tiny)
+        scale = sin / perp
+        coef = cos - scale * dot
     # x = scale * z + coef * mu  ==  cos * mu + sin * (z - (z.mu) mu) / |z - (z.mu) mu|
     z.mul_(scale.unsqueeze(-1))
     z.addcmul_(mu, coef.unsqueeze(-1))
     return z
+
+
+def _host_rows(z: Tensor, mu: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Whether the CPU (numpy) path applies: contiguous CPU tensors of one float dtype."""
+    return (z.device.type == "cpu" and mu.device.type == "cpu" and cos.device.type == "cpu"
+            and sin.device.type == "cpu" and z.dtype in (torch.float32, torch.float64)
+            and mu.dtype == z.dtype and mu.shape == z.shape and mu.is_contiguous() and z.is_contiguous())
+
+
+def _host_coefficients(z: Tensor, mu: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, coef) of ``random_point_at_cosine`` for CPU rows, with numpy's row-wise matmul for the
+    dot products (one pass each, a fraction of torch's per-operation cost for [B]-sized arithmetic)."""
+    d = z.shape[-1]
+    zn = z.numpy().reshape(-1, 1, d)
+    mn = mu.numpy().reshape(-1, d, 1)
+    dot = np.matmul(zn, mn).reshape(-1)                               # z . mu
+    sq = np.matmul(zn, zn.reshape(-1, d, 1)).reshape(-1)             # |z|^2 ~ d: |z|^2 - (z.mu)^2 keeps its digits
+    perp = np.sqrt(np.maximum(sq - dot * dot, 0.0))
+    np.maximum(perp, np.finfo(perp.dtype).tiny, out=perp)
+    c = np.broadcast_to(cos.numpy(), z.shape[:-1]).reshape(-1)
+    scale = np.broadcast_to(sin.numpy(), z.shape[:-1]).reshape(-1) / perp
+    coef = c - scale * dot
+    lead = z.shape[:-1]
+    return torch.from_numpy(scale.reshape(lead)), torch.from_numpy(coef.reshape(lead))

@@ -1,0 +1,115 @@
+"""Exact Gaussian, Gamma and uniform draws for the samplers, fast on the CPU.
+
+torch's CPU generator (a Mersenne Twister called once per number) spends about 3.4 ns on each
+float32 Gaussian here, which is most of the cost of an augmented row (640 Gaussians per row).
+On the CPU this module instead draws the bits in bulk from numpy's SFC64 generator and applies
+the Box-Muller transform with numpy's vectorised log/sin/cos (about 1.7x faster per number,
+``benchmarks/bench_langevin.py``). The law is the same as torch's: Box-Muller on uniforms from
+32 random bits rounded to float32 (the radius is sqrt(-2 log u) with u in (0, 1], so draws are
+cut at |z| <= 6.8, an event of probability 1e-11). On other devices torch's own generator is used.
+
+Both sources are deterministic functions of the torch generator passed in: ``HostNoise.of``
+draws a 128-bit seed from it, so a batch generator seeded from (seed, epoch, rank, batch) still
+fixes every sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["HostNoise", "Source", "normal_"]
+
+_TWO_PI_2_32 = np.float32(2.0 * math.pi / 2.0**32)
+_INV_2_32 = np.float32(2.0**-32)
+
+
+class HostNoise:
+    """A numpy SFC64 stream seeded from a torch generator (CPU draws).
+
+    ``normal_`` fills float32 CPU tensors; ``standard_normal``, ``uniform`` and ``standard_gamma``
+    return float64 numpy arrays (small arrays: the per-row scalars of a chain).
+    """
+
+    def __init__(self, seed: np.ndarray) -> None:
+        self.rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed.tolist())))
+
+    @classmethod
+    def of(cls, source: "torch.Generator | HostNoise | None") -> "HostNoise":
+        """``source`` itself if it is a HostNoise, else a stream determined by (and advancing) the
+        torch generator ``source`` (torch's default CPU generator if None)."""
+        if isinstance(source, HostNoise):
+            return source
+        if source is not None and source.device.type != "cpu":
+            seed = torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, generator=source,
+                                 device=source.device).cpu()
+        else:
+            seed = torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, generator=source)
+        return cls(seed.numpy().view(np.uint64))
+
+    def torch_generator(self, device: torch.device | str) -> torch.Generator:
+        """A torch generator on ``device`` seeded from this stream (for draws this class cannot make)."""
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(self.rng.integers(0, 2**63 - 1)))
+        return gen
+
+    def normal_(self, out: Tensor) -> Tensor:
+        """Fill the contiguous float32 CPU tensor ``out`` with independent N(0, 1) draws."""
+        if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"HostNoise.normal_ fills contiguous float32 CPU tensors, got {out.dtype} "
+                             f"on {out.device} (contiguous={out.is_contiguous()})")
+        o = out.numpy().reshape(-1)
+        n = o.size
+        if n == 0:
+            return out
+        pairs = (n + 1) // 2
+        bits = self.rng.bit_generator.random_raw(pairs).view(np.uint32)   # 2 * pairs words
+        radius = np.empty(pairs, np.float32)
+        np.copyto(radius, bits[:pairs], casting="unsafe")                  # u * 2^32, u in [0, 1)
+        np.add(radius, np.float32(0.5), out=radius)                        # -> (0, 1): log is finite
+        np.multiply(radius, _INV_2_32, out=radius)
+        np.log(radius, out=radius)
+        np.multiply(radius, np.float32(-2.0), out=radius)
+        np.sqrt(radius, out=radius)                                        # r = sqrt(-2 log u1)
+        angle = np.empty(pairs, np.float32)
+        np.copyto(angle, bits[pairs:], casting="unsafe")
+        np.multiply(angle, _TWO_PI_2_32, out=angle)                        # theta = 2 pi u2
+        first, second = o[:pairs], o[pairs:]
+        np.cos(angle, out=first)
+        np.multiply(first, radius, out=first)                              # r cos(theta)
+        np.sin(angle[:second.size], out=second)
+        np.multiply(second, radius[:second.size], out=second)              # r sin(theta)
+        return out
+
+    def standard_normal(self, size: tuple[int, ...]) -> np.ndarray:
+        """float64 N(0, 1) draws (numpy's Ziggurat)."""
+        return self.rng.standard_normal(size)
+
+    def uniform(self, size: tuple[int, ...]) -> np.ndarray:
+        """float64 U[0, 1) draws."""
+        return self.rng.random(size)
+
+    def standard_gamma(self, shape: float, size: tuple[int, ...]) -> np.ndarray:
+        """float64 Gamma(shape, 1) draws (numpy's Marsaglia-Tsang)."""
+        return self.rng.standard_gamma(shape, size)
+
+
+Source = "torch.Generator | HostNoise | None"
+"""What the samplers draw from: a torch generator (on the tensors' device), a ``HostNoise`` stream
+(CPU; one per batch avoids re-seeding) or None (torch's default generator)."""
+
+
+def normal_(out: Tensor, source: torch.Generator | HostNoise | None = None) -> Tensor:
+    """Fill ``out`` with N(0, 1) draws determined by ``source``.
+
+    Contiguous float32 CPU tensors take the fast ``HostNoise`` path; anything else (other dtypes,
+    CUDA, strided views) uses ``Tensor.normal_`` (with a generator seeded from ``source`` when
+    that is a HostNoise).
+    """
+    if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
+        return HostNoise.of(source).normal_(out)
+    gen = source.torch_generator(out.device) if isinstance(source, HostNoise) else source
+    return out.normal_(generator=gen)
