@@ -107,6 +107,7 @@ class _Tables:
     room: Tensor         # [N, k] float32 } constants of the path check (``path_terms``)
     slope: Tensor        # [N, k] float32 }
     scale: Tensor        # [N, k] float32 }
+    packed: Tensor       # [N, 3] float64 (h, kappa_t, 1 - fast): the per-row values of a batch in one gather
 
 
 class LangevinAugmenter:
@@ -183,7 +184,8 @@ class LangevinAugmenter:
                     self._static[dim] = self._build(dim, gather)
                 st = self._static[dim]
                 self._cache[key] = _Tables(*(t.to(device) for t in (st.h, st.kappa_t, st.fast, st.kappa, st.log_w,
-                                                                     st.neighbors, st.room, st.slope, st.scale)))
+                                                                     st.neighbors, st.room, st.slope, st.scale,
+                                                                     st.packed)))
             return self._cache[key]
 
     def _neighbour_cosines(self, gather: Gather | None) -> Tensor:
@@ -225,7 +227,9 @@ class LangevinAugmenter:
             room[sl], slope[sl], scale[sl] = path_terms(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], self.temperature)
         log.info("LangevinAugmenter: %d splats, k=%d, d=%d; %.2f%% on the one-component path",
                  n, k, dim, 100.0 * float(fast.double().mean()) if n else 100.0)
-        return _Tables(h, kappa / self.temperature, fast, kappa, log_w, self._neighbors, room, slope, scale)
+        kappa_t = kappa / self.temperature
+        packed = torch.stack([h, kappa_t, (~fast).double()], 1)
+        return _Tables(h, kappa_t, fast, kappa, log_w, self._neighbors, room, slope, scale, packed)
 
     def _scratch(self, x: Tensor) -> Tensor:
         """A per-thread temporary of x's shape (fresh large allocations fault pages on every batch)."""
@@ -243,10 +247,11 @@ class LangevinAugmenter:
         d = x.shape[1]
         tab = self._tables(x.device, d, gather)
         rows = rows.to(x.device)
-        h = tab.h[rows]
-        cand = torch.nonzero(~tab.fast[rows]).squeeze(1)      # rows whose neighbours might matter
+        per_row = tab.packed.index_select(0, rows)
+        h = per_row[:, 0]
+        cand = torch.nonzero(per_row[:, 2]).squeeze(1)       # rows whose neighbours might matter
         noise = HostNoise.of(generator) if x.device.type == "cpu" else generator  # one seeding per batch
-        own = own_component_chain(h, tab.kappa_t[rows], self.steps, d, noise, self.metropolis,
+        own = own_component_chain(h, per_row[:, 1], self.steps, d, noise, self.metropolis,
                                   record=cand.numel() > 0)
         out = random_point_at_cosine(x, own.t, own.rho, generator=noise, scratch=self._scratch(x))
         if cand.numel():

@@ -19,12 +19,25 @@ import math
 
 import numpy as np
 import torch
+from numpy.random.bit_generator import ISeedSequence
 from torch import Tensor
 
 __all__ = ["HostNoise", "Source", "normal_"]
 
 _TWO_PI_2_32 = np.float32(2.0 * math.pi / 2.0**32)
 _INV_2_32 = np.float32(2.0**-32)
+
+
+class _Words(ISeedSequence):
+    """Hands fixed uint64 words to a numpy bit generator as its seed state."""
+
+    def __init__(self, words: np.ndarray) -> None:
+        self.words = np.asarray(words, dtype=np.uint64)
+
+    def generate_state(self, n_words: int, dtype: type = np.uint32) -> np.ndarray:
+        if np.dtype(dtype) != np.uint64 or n_words > self.words.size:
+            raise ValueError(f"seed holds {self.words.size} uint64 words; asked for {n_words} x {np.dtype(dtype)}")
+        return self.words[:n_words].copy()
 
 
 class HostNoise:
@@ -35,7 +48,8 @@ class HostNoise:
     """
 
     def __init__(self, seed: np.ndarray) -> None:
-        self.rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed.tolist())))
+        """``seed``: 3 uint64 words, used as SFC64's state (which then runs its 12 warm-up rounds)."""
+        self.rng = np.random.Generator(np.random.SFC64(_Words(seed)))
 
     @classmethod
     def of(cls, source: "torch.Generator | HostNoise | None") -> "HostNoise":
@@ -44,10 +58,10 @@ class HostNoise:
         if isinstance(source, HostNoise):
             return source
         if source is not None and source.device.type != "cpu":
-            seed = torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, generator=source,
+            seed = torch.randint(-2**63, 2**63 - 1, (3,), dtype=torch.int64, generator=source,
                                  device=source.device).cpu()
         else:
-            seed = torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, generator=source)
+            seed = torch.randint(-2**63, 2**63 - 1, (3,), dtype=torch.int64, generator=source)
         return cls(seed.numpy().view(np.uint64))
 
     def torch_generator(self, device: torch.device | str) -> torch.Generator:

@@ -13,12 +13,13 @@ draws (their generator is seeded from (seed, epoch, rank, batch index), independ
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 import time
 import weakref
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -46,9 +47,9 @@ _AUGMENT_SALT = 0xA06
 
 
 def augment_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
-    """Seed of the augmentation generator of one batch: a pure function of its coordinates."""
-    state = np.random.SeedSequence([int(seed), int(epoch), int(rank), int(batch), _AUGMENT_SALT]).generate_state(2)
-    return int(state[0]) << 31 ^ int(state[1])
+    """Seed (63 bits) of the augmentation generator of one batch: a hash of its coordinates."""
+    key = struct.pack("<5Q", *(int(v) & 0xFFFF_FFFF_FFFF_FFFF for v in (seed, epoch, rank, batch, _AUGMENT_SALT)))
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 def _device(device: str | torch.device) -> torch.device:
