@@ -11,7 +11,7 @@ import torch
 
 from m2m import langevin, vmf
 from m2m.augment.augmenter import LangevinAugmenter, VMFAugmenter
-from m2m.errors import ConfigError
+from m2m.errors import ConfigError, InvalidEmbeddingError
 
 D, N, K = 32, 64, 4
 
@@ -126,6 +126,35 @@ def test_labels_mask_neighbours():
     other = LangevinAugmenter(nb, kappa, alpha, labels=np.arange(N), step_size=0.05).to("cpu", D, _Gather(mu))
     assert same.fast_fraction == 0.0                                   # the near-duplicate partner counts
     assert other.fast_fraction == 1.0                                  # every neighbour has another label
+
+
+@pytest.mark.parametrize("metropolis,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float64)])
+def test_draws_made_ahead_give_the_same_rows(metropolis, dtype):
+    # the stream's prefetch thread calls prepare(); applying its draws must equal the in-line call,
+    # including rows re-run with all components (c = 0.7: about half of them)
+    mu, nb = _paired_lake(0.7)
+    aug = LangevinAugmenter(nb, np.full(N, 400.0, np.float32), np.ones(N, np.float32), steps=4, step_size=0.3,
+                            metropolis=metropolis)
+    rows = torch.arange(N).repeat(3)
+    x = mu[rows].to(dtype)
+    inline = aug(x, rows, _Gather(mu), torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    draws = aug.prepare(rows, D, gen, dtype, _Gather(mu))
+    assert draws.rerun is not None and 0 < draws.fail.numel() < len(rows)
+    assert (draws.gaussian is not None) == (dtype == torch.float32)
+    ahead = aug(x, rows, _Gather(mu), gen, prepared=draws)
+    assert torch.equal(inline, ahead)
+    with pytest.raises(InvalidEmbeddingError, match="prepared draws"):
+        aug(x[:-1], rows[:-1], _Gather(mu), gen, prepared=draws)
+
+
+def test_vmf_draws_made_ahead_give_the_same_rows():
+    mu, _ = _paired_lake(0.0)
+    aug = VMFAugmenter(np.random.default_rng(0).uniform(100, 900, N))
+    rows = torch.arange(N)
+    inline = aug(mu, rows, _Gather(mu), torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    assert torch.equal(inline, aug(mu, rows, _Gather(mu), gen, prepared=aug.prepare(rows, D, gen)))
 
 
 def test_determinism_and_zero_steps():

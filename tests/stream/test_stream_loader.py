@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from m2m.errors import ConfigError, DeviceUnavailableError
 from m2m.stream.loader import StreamLoader, augment_seed, make_loader
 from m2m.stream.plan import PlanSampler
+from m2m.stream.stages.prefetch import Prefetcher
 from stream_helpers import check_loader_resume, make_source
 
 N, D = 700, 8
@@ -312,3 +313,41 @@ def test_background_fill_error_reaches_the_consumer(monkeypatch):
     with pytest.raises(StreamError, match="background fill") as info:
         list(dl)
     assert isinstance(info.value.__cause__, OSError)
+
+
+def _langevin_for(source, metropolis: bool = False):
+    from m2m.augment.augmenter import LangevinAugmenter
+
+    rng = np.random.default_rng(0)
+    nb = rng.integers(0, N, (N, 4)).astype(np.int64)
+    return LangevinAugmenter(nb, rng.uniform(20, 60, N), np.ones(N), steps=3, step_size=0.3, metropolis=metropolis)
+
+
+@pytest.mark.parametrize("kind", ["langevin", "langevin-mala", "vmf"])
+def test_draws_made_in_the_prefetch_thread_equal_the_inline_stream(kind):
+    # prefetch > 0 on CPU: the stream thread calls augment.prepare (own chains, direction draws, path
+    # checks; here d = 8, so many rows also take the exact re-run); prefetch = 0 runs it in line
+    from m2m.augment.augmenter import VMFAugmenter
+
+    source = make_source(N, D, shard_rows=256)
+
+    def run(prefetch: int):
+        aug = VMFAugmenter(np.linspace(5, 50, N)) if kind == "vmf" else _langevin_for(source, kind.endswith("mala"))
+        dl = make_loader(source, batch_size=50, columns=("embedding", "id"), augment=aug, seed=5, prefetch=prefetch,
+                         **KW)
+        assert dl._draw_ahead() and (prefetch > 0) == isinstance(dl._in_process_pipeline(), Prefetcher)
+        return [list(dl) for _ in range(2)]
+
+    inline, ahead = run(0), run(4)
+    for a_epoch, b_epoch in zip(inline, ahead):
+        for a, b in zip(a_epoch, b_epoch):
+            assert torch.equal(a["id"], b["id"]) and torch.equal(a["embedding"], b["embedding"])
+    mu = torch.from_numpy(all_mu(source))
+    moved = torch.cat([b["embedding"] for b in ahead[0]])
+    assert not torch.equal(moved, mu[torch.cat([b["id"] for b in ahead[0]]) - 10_000])
+
+
+def test_draw_ahead_resumes_mid_epoch():
+    source = make_source(N, D, shard_rows=256)
+    check_loader_resume(lambda: make_loader(source, batch_size=64, columns=("embedding", "id"),
+                                            augment=_langevin_for(source), seed=2, prefetch=4, **KW))

@@ -35,11 +35,11 @@ from m2m.augment.langevin import (
     path_terms,
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
-from m2m.geometry.noise import HostNoise
+from m2m.geometry.noise import HostNoise, normal_
 from m2m.geometry.sphere import random_point_at_cosine
 from m2m.geometry.vmf import log_normalizer, sample_cosine
 
-__all__ = ["LangevinAugmenter", "VMFAugmenter"]
+__all__ = ["LangevinAugmenter", "LangevinDraws", "VMFAugmenter", "VMFDraws"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,18 @@ def _check_x(x: Tensor, rows: Tensor) -> None:
         raise InvalidEmbeddingError(f"expected x [B, d] and rows [B], got {tuple(x.shape)} and {tuple(rows.shape)}")
 
 
+@dataclass
+class VMFDraws:
+    """A batch's vMF draws made before its vectors are read: cosines to the mean and the direction
+    Gaussians (CPU float32 only; else drawn when applied)."""
+    batch: int
+    dim: int
+    dtype: torch.dtype
+    cos: Tensor
+    sin: Tensor
+    gaussian: Tensor | None
+
+
 class VMFAugmenter:
     """Replace each row by one exact draw from its splat's vMF(mu_i, kappa_i) (Wood 1994)."""
 
@@ -88,11 +100,29 @@ class VMFAugmenter:
                 self._cache[device] = self._kappa.to(device)
             return self._cache[device]
 
-    def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator) -> Tensor:
+    def prepare(self, rows: Tensor, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
+                gather: Gather | None = None) -> VMFDraws:
+        """The batch's draws made before its vectors are read (the stream's prefetch thread runs this);
+        ``self(x, rows, gather, generator, prepared=...)`` then equals ``self(x, rows, gather, generator)``."""
+        if rows.dim() != 1:
+            raise InvalidEmbeddingError(f"expected rows [B], got {tuple(rows.shape)}")
+        kappa = self._table(rows.device)[rows]
+        w, s = sample_cosine(kappa, dim, 1, generator)
+        gaussian = None
+        if rows.device.type == "cpu" and dtype == torch.float32:
+            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), generator)
+        return VMFDraws(rows.shape[0], dim, dtype, w[:, 0], s[:, 0], gaussian)
+
+    def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator,
+                 prepared: VMFDraws | None = None) -> Tensor:
         _check_x(x, rows)
-        kappa = self._table(x.device)[rows.to(x.device)]
-        w, s = sample_cosine(kappa, x.shape[1], 1, generator)
-        return random_point_at_cosine(x, w[:, 0], s[:, 0], generator=generator)
+        if prepared is None:
+            prepared = self.prepare(rows.to(x.device), x.shape[1], generator, x.dtype)
+        elif (prepared.batch, prepared.dim, prepared.dtype) != (x.shape[0], x.shape[1], x.dtype):
+            raise InvalidEmbeddingError(f"prepared draws are for {prepared.batch} x {prepared.dim} {prepared.dtype}, "
+                                        f"got x {tuple(x.shape)} {x.dtype}")
+        return random_point_at_cosine(x, prepared.cos.to(x.device), prepared.sin.to(x.device), generator=generator,
+                                      gaussian=prepared.gaussian)
 
 
 @dataclass
@@ -108,6 +138,25 @@ class _Tables:
     slope: Tensor        # [N, k] float32 }
     scale: Tensor        # [N, k] float32 }
     packed: Tensor       # [N, 3] float64 (h, kappa_t, 1 - fast): the per-row values of a batch in one gather
+
+
+@dataclass
+class LangevinDraws:
+    """A batch's draws made before its vectors are read (``LangevinAugmenter.prepare``).
+
+    The one-component chains (``own``), the direction Gaussians (``gaussian``, CPU float32 only; else
+    drawn from ``noise`` when applied), the rows whose neighbours may matter on their realised path
+    (``fail``) and their recorded runs (``rerun``), which are re-run exactly with all components.
+    """
+    batch: int
+    dim: int
+    dtype: torch.dtype
+    h: Tensor
+    own: OwnChain
+    noise: "HostNoise | torch.Generator"
+    gaussian: Tensor | None
+    fail: Tensor
+    rerun: OwnChain | None
 
 
 class LangevinAugmenter:
@@ -240,30 +289,60 @@ class LangevinAugmenter:
         return buf
 
     # ------------------------------------------------------------------ the hook
-    def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator) -> Tensor:
-        _check_x(x, rows)
-        if self.steps == 0:
-            return x.clone()
-        d = x.shape[1]
-        tab = self._tables(x.device, d, gather)
-        rows = rows.to(x.device)
+    def prepare(self, rows: Tensor, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
+                gather: Gather | None = None) -> LangevinDraws:
+        """Everything of a batch's augmentation that does not read its vectors (see ``LangevinDraws``).
+
+        ``self(x, rows, gather, generator, prepared=self.prepare(rows, d, generator, x.dtype))`` returns
+        exactly ``self(x, rows, gather, generator)``; the stream runs ``prepare`` in its prefetch
+        thread. ``gather`` is needed only if the tables are not built yet and ``neighbor_cos`` was
+        not given.
+        """
+        if rows.dim() != 1:
+            raise InvalidEmbeddingError(f"expected rows [B], got {tuple(rows.shape)}")
+        device = rows.device
+        tab = self._tables(device, dim, gather)
         per_row = tab.packed.index_select(0, rows)
         h = per_row[:, 0]
         cand = torch.nonzero(per_row[:, 2]).squeeze(1)       # rows whose neighbours might matter
-        noise = HostNoise.of(generator) if x.device.type == "cpu" else generator  # one seeding per batch
-        own = own_component_chain(h, per_row[:, 1], self.steps, d, noise, self.metropolis,
+        noise = HostNoise.of(generator) if device.type == "cpu" else generator  # one seeding per batch
+        own = own_component_chain(h, per_row[:, 1], self.steps, dim, noise, self.metropolis,
                                   record=cand.numel() > 0)
-        out = random_point_at_cosine(x, own.t, own.rho, generator=noise, scratch=self._scratch(x))
+        gaussian = None
+        if device.type == "cpu" and dtype == torch.float32:   # the direction draw (fast path of noise.normal_)
+            gaussian = HostNoise.of(noise).normal_(torch.empty((rows.shape[0], dim), dtype=dtype))
+        fail = cand[:0]
+        rerun = None
         if cand.numel():
             r = rows.index_select(0, cand)
             sub = own if cand.numel() == rows.numel() else own.rows(cand)
             ok = negligible_on_path(sub, tab.room.index_select(0, r), tab.slope.index_select(0, r),
-                                    tab.scale.index_select(0, r), d)
+                                    tab.scale.index_select(0, r), dim)
             bad = torch.nonzero(~ok).squeeze(1)
             if bad.numel():
-                fail = cand.index_select(0, bad)
-                out[fail] = self._exact(x[fail], rows[fail], h[fail], tab, gather, generator,
-                                        sub.rows(bad)).to(out.dtype)
+                fail, rerun = cand.index_select(0, bad), sub.rows(bad)
+        return LangevinDraws(rows.shape[0], dim, dtype, h, own, noise, gaussian, fail, rerun)
+
+    def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator,
+                 prepared: LangevinDraws | None = None) -> Tensor:
+        _check_x(x, rows)
+        if self.steps == 0:
+            return x.clone()
+        d = x.shape[1]
+        rows = rows.to(x.device)
+        if prepared is None:
+            prepared = self.prepare(rows, d, generator, x.dtype, gather)
+        elif (prepared.batch, prepared.dim, prepared.dtype) != (x.shape[0], d, x.dtype):
+            raise InvalidEmbeddingError(f"prepared draws are for {prepared.batch} x {prepared.dim} {prepared.dtype}, "
+                                        f"got x {tuple(x.shape)} {x.dtype}")
+        own = prepared.own
+        out = random_point_at_cosine(x, own.t, own.rho, generator=prepared.noise, scratch=self._scratch(x),
+                                     gaussian=prepared.gaussian)
+        if prepared.rerun is not None:
+            fail = prepared.fail.to(x.device)
+            tab = self._tables(x.device, d, gather)
+            out[fail] = self._exact(x[fail], rows[fail], prepared.h.to(x.device)[fail], tab, gather, generator,
+                                    prepared.rerun).to(out.dtype)
         return out
 
     def _exact(self, x: Tensor, rows: Tensor, h: Tensor, tab: _Tables, gather: Gather,

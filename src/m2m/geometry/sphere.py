@@ -69,7 +69,7 @@ def uniform_tangent_direction(x: Tensor, generator: torch.Generator | None = Non
 
 def random_point_at_cosine(
     mu: Tensor, cos: Tensor, sin: Tensor | None = None, generator: torch.Generator | HostNoise | None = None,
-    out: Tensor | None = None, scratch: Tensor | None = None,
+    out: Tensor | None = None, scratch: Tensor | None = None, gaussian: Tensor | None = None,
 ) -> Tensor:
     """Unit vectors x = cos * mu + sin * u, with u uniform on the unit sphere orthogonal to ``mu``.
 
@@ -78,14 +78,21 @@ def random_point_at_cosine(
     orthogonal direction is a normalised Gaussian projected off ``mu`` (``m2m.geometry.noise.normal_``).
     Costs one Gaussian draw of the shape of ``mu`` and three passes over it. ``out`` (shape of
     ``mu``) receives the result, allocated when not given; ``scratch`` is accepted for callers that
-    keep one (unused by the CPU path).
+    keep one (unused by the CPU path). ``gaussian``: N(0, I) draws of ``mu``'s shape drawn earlier
+    (e.g. in a prefetch thread); they are used instead of drawing (and overwritten with the result).
     """
     cos = cos.to(mu.dtype)
     if sin is None:
         sin = torch.sqrt(torch.clamp(1.0 - cos * cos, min=0.0))
     sin = sin.to(mu.dtype)
-    z = out if out is not None else torch.empty_like(mu)
-    normal_(z, generator)
+    if gaussian is not None:
+        if gaussian.shape != mu.shape or gaussian.dtype != mu.dtype or gaussian.device != mu.device:
+            raise InvalidEmbeddingError(f"gaussian must match mu ({mu.dtype} {tuple(mu.shape)} on {mu.device}), "
+                                        f"got {gaussian.dtype} {tuple(gaussian.shape)} on {gaussian.device}")
+        z = gaussian
+    else:
+        z = out if out is not None else torch.empty_like(mu)
+        normal_(z, generator)
     if mu.shape[-1] <= _EXPLICIT_PERP_DIM:
         # few dimensions: z can be nearly parallel to mu, so form z - (z.mu) mu explicitly
         dot = (z * mu).sum(-1) if scratch is None else torch.mul(z, mu, out=scratch).sum(-1)

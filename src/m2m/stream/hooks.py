@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+import hashlib
+import struct
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -18,7 +20,39 @@ class Augment(Protocol):
     ``gather``: reads any rows of ``mu`` (e.g. neighbours) from the fastest tier; ``generator``:
     seeded from (seed, epoch, rank, batch index), so a resumed run draws the same samples.
     Returns the new float32 ``[B, d]`` embeddings (labels and ids stay those of ``rows``).
+
+    An augmentation may also define ``prepare(rows, dim, generator, dtype, gather) -> draws`` (see
+    ``PreparedAugment``): the draws that do not read ``x``. On CPU streams with a prefetch thread the
+    stream calls it there, one batch ahead, and then ``__call__(..., prepared=draws)`` in the
+    consumer, which must return what ``__call__`` without ``prepared`` returns.
     """
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, gather: Gather,
                  generator: torch.Generator) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class PreparedAugment(Protocol):
+    """An ``Augment`` whose draws can be made ahead, off the consuming thread."""
+
+    def prepare(self, rows: torch.Tensor, dim: int, generator: torch.Generator, dtype: torch.dtype,
+                gather: Gather | None) -> Any: ...
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor, gather: Gather, generator: torch.Generator,
+                 prepared: Any = None) -> torch.Tensor: ...
+
+
+_AUGMENT_SALT = 0xA06
+
+
+def augment_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    """Seed (63 bits) of the augmentation generator of one batch: a hash of its coordinates."""
+    key = struct.pack("<5Q", *(int(v) & 0xFFFF_FFFF_FFFF_FFFF for v in (seed, epoch, rank, batch, _AUGMENT_SALT)))
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def batch_generator(seed: int, epoch: int, rank: int, batch: int, device: torch.device) -> torch.Generator:
+    """The augmentation generator of one batch on ``device``, seeded by ``augment_seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(augment_seed(seed, epoch, rank, batch))
+    return gen

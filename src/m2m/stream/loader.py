@@ -13,9 +13,7 @@ draws (their generator is seeded from (seed, epoch, rank, batch index), independ
 
 from __future__ import annotations
 
-import hashlib
 import math
-import struct
 import time
 import weakref
 from typing import Any, Iterator, Sequence
@@ -28,7 +26,8 @@ from m2m.errors import ConfigError, DeviceUnavailableError, StreamError
 from m2m.stream import columns as cols
 from m2m.stream.dataset import (ARENA, WARM_MODES, StreamDataset, StreamSpec, chunk_batches_for, host_tier_for,
                                 work_from_item)
-from m2m.stream.hooks import Augment
+from m2m.stream.hooks import Augment, PreparedAugment, augment_seed, batch_generator
+from m2m.stream.stages.augment import PrepareAugment
 from m2m.stream.order import MODES, choose_layout
 from m2m.stream.plan import PlanSampler, supports_priorities
 from m2m.stream.source import RowSource
@@ -43,15 +42,6 @@ from m2m.stream.topology import World, detect_rank
 
 STATE_VERSION = 1
 HOT_MODES = ("auto", RESIDENT, STAGED)
-_AUGMENT_SALT = 0xA06
-
-
-def augment_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
-    """Seed (63 bits) of the augmentation generator of one batch: a hash of its coordinates."""
-    key = struct.pack("<5Q", *(int(v) & 0xFFFF_FFFF_FFFF_FFFF for v in (seed, epoch, rank, batch, _AUGMENT_SALT)))
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-
-
 def _device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
@@ -159,6 +149,7 @@ class StreamLoader(DataLoader):
         self._stats = StreamStats()
         self._reader: ColdReader | None = None
         self._gather_reader: ColdReader | None = None
+        self._prepare_reader: ColdReader | None = None
         self._arena: WarmArena | None = None
         self._resident: ResidentTier | None = None
         self._pool: OutputPool | None = None
@@ -298,16 +289,21 @@ class StreamLoader(DataLoader):
             hi = min(lo + bs, total)
             batch = {name: t[lo:hi] for name, t in work.tensors.items()}
             if self.augment is not None:
-                batch[cols.EMBEDDING] = self._augment(batch, epoch, j, gather)
+                ahead = work.prepared.get(j) if work.prepared is not None else None
+                batch[cols.EMBEDDING] = self._augment(batch, epoch, j, gather, ahead)
             self._yielded = j + 1
             self._stats.add({"rows": hi - lo, "batches": 1})
             yield batch[cols.EMBEDDING] if self.return_tensor else {n: batch[n] for n in names}
 
-    def _augment(self, batch: dict[str, torch.Tensor], epoch: int, j: int, gather: Any) -> torch.Tensor:
+    def _augment(self, batch: dict[str, torch.Tensor], epoch: int, j: int, gather: Any,
+                 ahead: tuple[torch.Generator, Any] | None = None) -> torch.Tensor:
         x = batch[cols.EMBEDDING]
-        gen = torch.Generator(device=x.device)
-        gen.manual_seed(augment_seed(self.spec.seed, epoch, self.spec.rank, j))
-        y = self.augment(x, batch[cols.ROWS], gather, gen)  # type: ignore[misc]
+        if ahead is not None:  # drawn in the prefetch thread with this batch's generator (PrepareAugment)
+            gen, draws = ahead
+            y = self.augment(x, batch[cols.ROWS], gather, gen, prepared=draws)  # type: ignore[call-arg,misc]
+        else:
+            gen = batch_generator(self.spec.seed, epoch, self.spec.rank, j, x.device)
+            y = self.augment(x, batch[cols.ROWS], gather, gen)  # type: ignore[misc]
         if not isinstance(y, torch.Tensor) or y.shape != x.shape:
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise StreamError(f"augment returned {got}, expected a tensor of shape {tuple(x.shape)}")
@@ -341,7 +337,18 @@ class StreamLoader(DataLoader):
                              self.spec.columns, self.device, buffers)
         if self.prefetch == 0:
             return stage
+        if self._draw_ahead():
+            if self._prepare_reader is None:  # its own reader: ColdReader's staging buffers are per thread
+                self._prepare_reader = ColdReader(self.dataset.source, ["mu"])
+            stage = PrepareAugment(stage, self.augment, self.spec.batch_size, self.spec.seed,  # type: ignore[arg-type]
+                                   self.spec.rank, self.dataset.source.dim, self._make_gather(self._prepare_reader))
         return Prefetcher(stage, self._capacity(), self.intra_op_threads)
+
+    def _draw_ahead(self) -> bool:
+        """Whether the prefetch thread makes the augmentation's draws (CPU streams whose augmentation
+        has ``prepare``; on CUDA the augmentation runs asynchronously on the device anyway)."""
+        return (self.augment is not None and isinstance(self.augment, PreparedAugment)
+                and self.device.type == "cpu" and self.hot_mode != RESIDENT)
 
     def _capacity(self) -> int:
         """Items the prefetcher keeps ready: at least ``prefetch`` batches."""
@@ -364,7 +371,11 @@ class StreamLoader(DataLoader):
             return lambda rows: tier.gather_mu(rows.to(tier.device))
         if self._gather_reader is None:
             self._gather_reader = ColdReader(self.dataset.source, ["mu"])
-        reader, device = self._gather_reader, self.device
+        return self._make_gather(self._gather_reader)
+
+    def _make_gather(self, reader: ColdReader) -> Any:
+        """``gather`` reading through ``reader`` (one reader per thread that gathers)."""
+        device = self.device
         mu_dtype = cols.torch_dtype(self.dataset.source.storage_dtype)
         dim = self.dataset.source.dim
 

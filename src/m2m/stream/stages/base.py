@@ -19,6 +19,7 @@ class Work:
     ``rows``/``weights`` are the batches' global rows and importance weights; stages fill
     ``tensors`` (one entry per delivered column, rows concatenated), add counter deltas to
     ``stats``, and the last producing stage stores its upstream's state after this item in ``state``.
+    ``prepared`` maps a batch index to ``(generator, draws)`` of its augmentation made ahead.
     """
 
     epoch: int
@@ -31,6 +32,7 @@ class Work:
     stats: dict[str, float] = field(default_factory=dict)
     ready: Any = None
     state: dict[str, Any] | None = None
+    prepared: dict[int, Any] | None = None
 
     def count(self, key: str, value: float) -> None:
         self.stats[key] = self.stats.get(key, 0.0) + value
