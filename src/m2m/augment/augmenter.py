@@ -352,12 +352,16 @@ class LangevinAugmenter:
         nb = tab.neighbors.index_select(0, rows).long()
         valid = nb >= 0
         uniq, inv = torch.unique(nb[valid], return_inverse=True)
-        vecs = gather(uniq).to(device=x.device, dtype=x.dtype) if uniq.numel() else x.new_zeros(0, d)
-        mu = x.new_zeros(f, 1 + nb.shape[1], d)
-        mu[:, 0] = x
-        inner = x.new_zeros(f, nb.shape[1], d)
-        inner[valid] = vecs[inv]
-        mu[:, 1:] = inner
+        # table = [x rows; unique neighbours; a zero row], then one gather builds mu [f, 1 + k, d]
+        table = x.new_empty(f + uniq.numel() + 1, d)
+        table[:f] = x
+        if uniq.numel():
+            table[f:-1] = gather(uniq).to(device=x.device, dtype=x.dtype)
+        table[-1] = 0.0
+        pos = torch.full(nb.shape, f + uniq.numel(), dtype=torch.int64, device=x.device)
+        pos[valid] = inv + f
+        pos = torch.cat([torch.arange(f, device=x.device).unsqueeze(1), pos], 1)
+        mu = table.index_select(0, pos.reshape(-1)).view(f, 1 + nb.shape[1], d)
         idx = nb.clamp(min=0)
         kap = torch.cat([tab.kappa[rows].unsqueeze(1), torch.where(valid, tab.kappa[idx], 0.0)], 1)
         a = torch.cat([tab.log_w[rows].unsqueeze(1), torch.where(valid, tab.log_w[idx], -math.inf)], 1)

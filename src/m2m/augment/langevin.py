@@ -50,7 +50,7 @@ from m2m.augment.energy import (
     validate_chain_args,
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
-from m2m.geometry.noise import HostNoise
+from m2m.geometry.noise import HostNoise, normal_
 from m2m.geometry.sphere import uniform_tangent_direction
 from m2m.geometry.vmf import standard_gamma
 
@@ -379,8 +379,9 @@ def coupled_full_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: T
     bufs = _Buffers(x)
     logp, grad = log_density_and_gradient(x, mu, kappa, log_w, temperature, grad_out=bufs.grad)
     g = torch.empty_like(x)
+    fresh = HostNoise.of(generator) if x.device.type == "cpu" else generator   # the r_s draws
     for i in range(steps):
-        g.normal_(generator=generator)
+        normal_(g, fresh)
         r = g - torch.linalg.vecdot(g, mu0).unsqueeze(1) * mu0 - torch.linalg.vecdot(g, w).unsqueeze(1) * w
         rn = torch.linalg.vector_norm(r, dim=1, keepdim=True)
         r = torch.where(rn > 0, r / torch.clamp(rn, min=torch.finfo(dt).tiny), torch.zeros_like(r))
