@@ -13,7 +13,10 @@ from m2m._validate import check_int
 from m2m.errors import ConfigError
 from m2m.index.knn import check_unit_rows, compute_threads, resolve_precision, rows_f32
 
-__all__ = ["Partition", "build_partition", "default_nlist", "spherical_kmeans", "top_centroids", "train_centroids"]
+__all__ = [
+    "Partition", "build_partition", "default_nlist", "gap_probes", "spherical_kmeans", "top_centroids",
+    "train_centroids",
+]
 
 
 def default_nlist(n: int) -> int:
@@ -128,11 +131,12 @@ def spherical_kmeans(
 
 @dataclass(frozen=True)
 class Partition:
-    """Rows bucketed by IVF list: each row's home list (nearest centroid) and its other probes.
+    """Rows bucketed by IVF list: each row's home list (nearest centroid) and the other lists it probes.
 
     Attributes:
         centroids: ``[nlist, d]`` unit centroids.
-        probes: ``int64 [N, nprobe]`` each row's nearest centroids, nearest (home) first.
+        probes: ``int64 [N, nprobe]`` each row's home list, then the other lists it probes,
+            nearest first; ``-1`` pads rows probing fewer lists (``max_gap``).
         member_order, member_lims: rows sorted by home list; list l holds
             ``member_order[member_lims[l]:member_lims[l+1]]``.
         visit_rows, visit_lims: the rows that probe list l but do not live in it, likewise.
@@ -160,6 +164,51 @@ class Partition:
         return self.visit_rows[self.visit_lims[lst]:self.visit_lims[lst + 1]]
 
 
+#: Rows ranked against the centroids at once by ``gap_probes`` (bounds the [rows, nlist] block).
+PROBE_CHUNK = 1024
+
+
+def gap_probes(mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: str, max_gap: float) -> np.ndarray:
+    """``int64 [N, nprobe]``: per row its nearest centroid, then the others scoring within ``max_gap`` of it.
+
+    At most ``nprobe`` per row, nearest first (ties: lower centroid index first), ``-1`` padded.
+    Instead of a top-``nprobe`` selection over all centroids, only the few centroids within
+    ``max_gap`` of each row's best are extracted (a threshold on the score block) and sorted.
+    ``precision="bfloat16"`` ranks with bfloat16 products, as ``top_centroids``.
+    """
+    import torch
+
+    n = mu.shape[0]
+    nlist = centroids.shape[0]
+    dtype = torch.bfloat16 if resolve_precision(precision, centroids.shape[1]) == "bfloat16" else torch.float32
+    cent_t = torch.from_numpy(centroids).to(dtype).T
+    out = np.full((n, min(nprobe, nlist)), -1, np.int64)
+    width = out.shape[1]
+    buf = torch.empty((PROBE_CHUNK, nlist), dtype=torch.float32)
+    mask = np.empty((PROBE_CHUNK, nlist), bool)
+    gap = np.float32(max_gap)
+    for start in range(0, n, PROBE_CHUNK):
+        block = torch.from_numpy(rows_f32(mu, slice(start, start + PROBE_CHUNK)))
+        rows = block.shape[0]
+        s_t = buf[:rows]
+        if dtype == torch.float32:
+            torch.matmul(block, cent_t, out=s_t)
+        else:
+            s_t.copy_(block.to(dtype) @ cent_t)
+        s = s_t.numpy()
+        cut = s.max(axis=1) - gap
+        m = mask[:rows]
+        np.greater_equal(s, cut[:, None], out=m)
+        flat = np.flatnonzero(m)
+        ii, cc = np.divmod(flat, nlist)
+        order = np.lexsort((cc, -s.ravel()[flat], ii))  # by row, then best score, then centroid
+        ii, cc = ii[order], cc[order]
+        rank = np.arange(ii.size) - np.searchsorted(ii, ii)
+        keep = rank < width
+        out[start + ii[keep], rank[keep]] = cc[keep]
+    return out
+
+
 def build_partition(
     faiss: Any,
     mu: np.ndarray,
@@ -172,16 +221,19 @@ def build_partition(
 
     A row probes its ``nprobe`` nearest lists, except those whose centroid score is more than
     ``max_gap`` below its home centroid's (adaptive probing: rows deep inside their list probe
-    few others, rows near borders more).
+    few others, rows near borders more). A finite ``max_gap`` (below 2, the widest score range of
+    unit vectors) uses ``gap_probes``; otherwise ``top_centroids``.
     """
     nlist = centroids.shape[0]
-    probes, scores = top_centroids(faiss, mu, centroids, nprobe, precision, with_scores=True)
+    if max_gap < 2.0:
+        probes = gap_probes(mu, centroids, nprobe, precision, max_gap)
+    else:
+        probes = top_centroids(faiss, mu, centroids, nprobe, precision)
     home = probes[:, 0]
     member_order = np.argsort(home, kind="stable")
     member_lims = np.searchsorted(home[member_order], np.arange(nlist + 1))
     width = probes.shape[1] - 1
-    visit = (scores[:, :1] - scores[:, 1:]) <= max_gap
-    others = np.where(visit, probes[:, 1:], nlist).ravel()  # nlist: not visited
+    others = np.where(probes[:, 1:] >= 0, probes[:, 1:], nlist).ravel()  # nlist: not visited
     visit_order = np.argsort(others, kind="stable")
     visit_lims = np.searchsorted(others[visit_order], np.arange(nlist + 1))
     visit_rows = visit_order[:visit_lims[-1]] // max(1, width)

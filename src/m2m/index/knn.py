@@ -59,6 +59,12 @@ CALIBRATION_ROWS = 512
 #: Query rows scored against one list at a time (bounds the [rows, list] score block).
 QUERY_CHUNK = 2048
 
+#: The same for the offset-bfloat16 scores of the IVF search (a smaller block stays in cache).
+BF16_CHUNK = 1024
+
+#: Query rows sharing one cut in the bfloat16 prefilter (``_ListSearch._hits_bf16``).
+ROW_GROUP = 32
+
 _PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -289,61 +295,237 @@ def calibrate_probes(
     return m, max_gap, float((best <= max_gap).mean())
 
 
-class _BlockScorer:
-    """Scores query rows against one list's rows in float32 or offset bfloat16 (see module doc)."""
+def as_tensor(a: np.ndarray) -> Any:
+    """``torch.from_numpy(a)``, on a copy if ``a`` is read-only (torch does not wrap those safely)."""
+    import torch
 
-    def __init__(self, precision: str, offsets: np.ndarray | None) -> None:
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+def _push(
+    heap: Any, line: np.ndarray, nlines: int, line_rows: np.ndarray, ids: np.ndarray, scores: np.ndarray,
+    wide: int = 16,
+) -> None:
+    """Add triples (heap row ``line_rows[line]``, ``ids``, ``scores``) to a FAISS ``ResultHeap``.
+
+    ``line`` (values in ``[0, nlines)``) must be in ascending order. Each line's triples are laid
+    out as one padded row (``-inf`` pads, which no heap accepts); if some line holds more than
+    ``wide`` triples, those lines are padded separately, so that padding stays small.
+    """
+    if not line.size:
+        return
+    counts = np.bincount(line, minlength=nlines)
+    col = np.arange(line.size) - (np.cumsum(counts) - counts)[line]
+    width = int(counts.max())
+    if width <= wide:
+        groups = [(np.arange(nlines), slice(None), line, width)]
+    else:
+        big = counts > wide
+        slot = np.empty(nlines, np.int64)
+        groups = []
+        for g in (~big, big):
+            lines = np.flatnonzero(g)
+            slot[lines] = np.arange(lines.size)
+            t = g[line]
+            groups.append((lines, t, slot[line[t]], int(counts[lines].max()) if lines.size else 0))
+    for lines, t, at, w in groups:
+        if w == 0:
+            continue
+        d = np.full((lines.size, w), -np.inf, np.float32)
+        i = np.full((lines.size, w), -1, np.int64)
+        flat = at * w + col[t]
+        d.ravel()[flat] = scores[t]
+        i.ravel()[flat] = ids[t]
+        heap.add_result_subset(line_rows[lines], d, i)
+
+
+class _ListSearch:
+    """The list-by-list search of ``_knn_ivf`` (see the module doc), in "list order".
+
+    Rows are renumbered by position in ``part.member_order`` so that every list's members are a
+    contiguous range; the result heap (``self.heap``, FAISS ``ResultHeap`` of width ``kh``) holds
+    positions and is mapped back to row numbers by ``result``.
+    """
+
+    def __init__(self, faiss: Any, mu: np.ndarray, part: Any, kh: int, exclude_self: bool, precision: str) -> None:
         import torch
 
         self.torch = torch
+        self.faiss = faiss
+        self.mu = mu
+        self.part = part
+        self.order = part.member_order
+        self.lims = part.member_lims
+        self.exclude_self = exclude_self
         self.bf16 = precision == "bfloat16"
-        self.offsets = offsets
+        n, d = mu.shape
+        self.d = d
+        self.heap = faiss.ResultHeap(n, kh, keep_max=True)
+        sizes = np.diff(self.lims)
+        self.home = np.repeat(np.arange(part.nlist, dtype=np.int32), sizes)  # list of each position
+        self.pos = np.empty(n, np.int64)
+        self.pos[self.order] = np.arange(n)
+        # the lists each position visits (besides its home), padded with nlist: to drop double reports
+        self.nlist = part.nlist
+        visits = part.probes[self.order, 1:]
+        self.visits = np.where(visits >= 0, visits, part.nlist).astype(np.int32)
+        self.slot = np.zeros(part.nlist + 1, np.int64)  # list -> column of ``self.both`` (per list)
+        self.both = np.zeros((0, 1), bool)
+        # bfloat16 rows in list order plus an offset column (-offset for queries, 1 for lists)
+        self.xb = torch.empty((n, d + 1), dtype=torch.bfloat16) if self.bf16 else None
+        # reused buffers of the [visitors, members] score blocks (no page faults per block)
+        largest = int(sizes.max()) if sizes.size else 0
+        cells = (BF16_CHUNK if self.bf16 else QUERY_CHUNK) * largest
+        self.sbuf = torch.empty(0 if self.bf16 else cells, dtype=torch.float32)
+        self.cut = np.empty(0 if self.bf16 else cells, np.float32)
+        self.rbuf = torch.empty(cells if self.bf16 else 0, dtype=torch.bfloat16)
+        self.qbuf = torch.empty((BF16_CHUNK if self.bf16 else 0, d + 1), dtype=torch.bfloat16)
+        self.hit = np.empty(cells, bool)
+        self.fallback = np.float32(0.5)
 
-    def base(self, block: np.ndarray) -> Any:
-        t = self.torch.from_numpy(block)
-        if not self.bf16:
-            return t
-        out = self.torch.empty((t.shape[0], t.shape[1] + 1), dtype=self.torch.bfloat16)
-        out[:, :-1] = t
-        out[:, -1] = 1.0
-        return out
+    def own_list(self, lst: int) -> None:
+        """Pass 1: list ``lst`` against itself, exact float32 (gives each member a first top-k)."""
+        a, b = int(self.lims[lst]), int(self.lims[lst + 1])
+        if a == b:
+            return
+        block = rows_f32(self.mu, self.order[a:b])
+        t = as_tensor(block)
+        s = (t @ t.T).numpy()
+        if self.exclude_self:
+            np.fill_diagonal(s, -np.inf)
+        self.heap.add_result_subset(np.arange(a, b), s, np.arange(a, b, dtype=np.int64))
+        if self.xb is not None:
+            self.xb[a:b, :self.d] = t
 
-    def scores(self, rows: np.ndarray, block: np.ndarray, base: Any) -> np.ndarray:
-        """``float32 [len(rows), len(base)]`` inner products of ``block`` (the rows' vectors) with ``base``."""
+    def set_offsets(self) -> None:
+        """After pass 1: the offset used for rows whose heap is not full yet (median k-th best)."""
+        root = self.heap.D[:, 0]
+        full = root >= -1.0  # heap root = k-th best, -FLT_MAX while not full
+        self.fallback = np.float32(np.median(root[full]) if full.any() else 0.5)
+
+    def visited_list(self, lst: int) -> int:
+        """Pass 2: the rows visiting list ``lst`` against its members, each score used both ways.
+
+        Visitor i gets (j, s_ij) for the members j, member j gets (i, s_ij) -- unless j also
+        visits home(i), where j gets it as a visitor (each pair reaches each heap once). Only
+        scores above the receiving row's current k-th best (its heap root) are pushed.
+        Returns the number of visitors.
+        """
+        a, b = int(self.lims[lst]), int(self.lims[lst + 1])
+        visitors = self.pos[self.part.visitors(lst)]
+        if a == b or not visitors.size:
+            return int(visitors.size)
+        root = self.heap.D[:, 0]
+        t_v = root[visitors]  # visitors get results only here in this list: current throughout
+        # bfloat16: sort visitors by offset, so that row groups of a chunk share a tight cut
+        offsets = np.where(t_v >= -1.0, t_v, self.fallback) if self.bf16 else t_v
+        by = np.argsort(offsets, kind="stable")
+        visitors, t_v, offsets = visitors[by], t_v[by], offsets[by]
+        base = self._base(a, b)
+        self._mutual(a, b, visitors)
+        step = BF16_CHUNK if self.bf16 else QUERY_CHUNK
+        for start in range(0, visitors.size, step):
+            sl = slice(start, start + step)
+            if self.bf16:
+                ii, jj, sv = self._hits_bf16(visitors[sl], t_v[sl], offsets[sl], base, root[a:b])
+            else:
+                ii, jj, sv = self._hits_f32(visitors[sl], t_v[sl], base, root[a:b])
+            self._deliver(a, b, visitors[sl], t_v[sl], root[a:b], ii, jj, sv)
+        return int(visitors.size)
+
+    def _mutual(self, a: int, b: int, visitors: np.ndarray) -> None:
+        """Set ``self.both[j - a, self.slot[h]]``: whether member j visits list h, for the home lists h of ``visitors``."""
+        homes = np.unique(self.home[visitors])
+        self.slot.fill(homes.size)  # other lists (and the pad of ``visits``): a column left False
+        self.slot[homes] = np.arange(homes.size)
+        both = np.zeros((b - a, homes.size + 1), bool)
+        both[np.arange(b - a)[:, None], self.slot[self.visits[a:b]]] = True
+        both[:, homes.size] = False
+        self.both = both
+
+    def _base(self, a: int, b: int) -> Any:
+        """The members ``a:b`` as the right-hand side of the score products ([d(+1), m])."""
+        if self.xb is None:
+            return as_tensor(rows_f32(self.mu, self.order[a:b])).T
+        base = self.xb[a:b].clone()
+        base[:, self.d] = 1.0
+        return base.T
+
+    def _hits_f32(
+        self, v: np.ndarray, t_v: np.ndarray, base_t: Any, t_m: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(i, j, s_ij)`` of the float32 scores above min(root_i, root_j) (visitor i, member j)."""
+        c, m = v.size, base_t.shape[1]
+        s_t = self.sbuf[:c * m].view(c, m)
+        self.torch.matmul(as_tensor(rows_f32(self.mu, self.order[v])), base_t, out=s_t)
+        s = s_t.numpy()
+        cut = self.cut[:c * m].reshape(c, m)
+        np.minimum(t_v[:, None], t_m[None, :], out=cut)
+        hit = self.hit[:c * m].reshape(c, m)
+        np.greater(s, cut, out=hit)
+        flat = np.flatnonzero(hit)
+        ii, jj = np.divmod(flat, m)
+        return ii, jj, s.ravel()[flat]
+
+    def _hits_bf16(
+        self, v: np.ndarray, t_v: np.ndarray, offsets: np.ndarray, base_t: Any, t_m: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(i, j, s_ij)`` of the offset-bfloat16 scores above min(root_i, root_j) (visitor i, member j).
+
+        The product of query row i (offset column ``-o_i``, bfloat16-rounded) with a member
+        (offset column 1) is ``r_ij = s_ij - o_i``, rounded to bfloat16; ``s_ij = r_ij + o_i``.
+        A score can pass only if ``r_ij`` exceeds, for its group of ``ROW_GROUP`` rows, the cut
+        ``min(min_i(root_i - o_i), root_j - max_i(o_i))`` (at most -1e-30, rounded down to
+        bfloat16). For a negative bfloat16 cut, ``r > cut`` is ``bits(r) < bits(cut)`` as
+        unsigned 16-bit integers: one integer comparison per score, no float32 copy of the
+        block. The few scores passing are checked exactly.
+        """
         torch = self.torch
-        q = torch.from_numpy(block)
-        if not self.bf16:
-            return (q @ base.T).numpy()
-        qa = torch.empty((q.shape[0], q.shape[1] + 1), dtype=torch.bfloat16)
-        qa[:, :-1] = q
-        qa[:, -1] = torch.from_numpy(-self.offsets[rows])
-        shift = -qa[:, -1:].float()        # the bfloat16-rounded offset actually subtracted
-        out = torch.empty((qa.shape[0], base.shape[0]), dtype=torch.float32)
-        torch.add(qa @ base.T, shift, out=out)  # one pass: bfloat16 -> float32 and shift back
-        return out.numpy()
+        c, m = v.size, base_t.shape[1]
+        q = torch.index_select(self.xb, 0, torch.from_numpy(v), out=self.qbuf[:c])
+        q[:, self.d] = torch.from_numpy(-offsets)
+        o = -q[:, self.d].float().numpy()  # the bfloat16-rounded offsets
+        r = self.rbuf[:c * m].view(c, m)
+        torch.matmul(q, base_t, out=r)
+        bits = r.view(torch.int16).numpy().view(np.uint16)
+        starts = np.arange(0, c, ROW_GROUP)
+        cut = np.minimum(np.minimum.reduceat(t_v - o, starts)[:, None],
+                         t_m[None, :] - np.maximum.reduceat(o, starts)[:, None])
+        np.minimum(cut, np.float32(-1e-30), out=cut)
+        u = cut.view(np.uint32)  # negative: rounding the magnitude up rounds down
+        cut_bits = ((u >> 16) + ((u & 0xFFFF) != 0)).astype(np.uint16)
+        hit = self.hit[:c * m].reshape(c, m)
+        full = (c // ROW_GROUP) * ROW_GROUP
+        if full:
+            g = full // ROW_GROUP
+            np.less(bits[:full].reshape(g, ROW_GROUP, m), cut_bits[:g, None, :],
+                    out=hit[:full].reshape(g, ROW_GROUP, m))
+        if full < c:
+            np.less(bits[full:], cut_bits[-1][None, :], out=hit[full:])
+        flat = np.flatnonzero(hit)
+        ii, jj = np.divmod(flat, m)
+        r32 = (bits.ravel()[flat].astype(np.uint32) << 16).view(np.float32)
+        return ii, jj, r32 + o[ii]
 
+    def _deliver(
+        self, a: int, b: int, v: np.ndarray, t_v: np.ndarray, t_m: np.ndarray,
+        ii: np.ndarray, jj: np.ndarray, sv: np.ndarray,
+    ) -> None:
+        """Push candidate scores ``sv`` of (visitor ``v[ii]``, member ``a + jj``) both ways (``ii`` ascending)."""
+        _push(self.heap, ii, v.size, v, jj + a, sv)  # the heaps drop what is not above their root
+        rev = np.flatnonzero(sv > t_m[jj])
+        rev = rev[~self.both[jj[rev], self.slot[self.home[v[ii[rev]]]]]]
+        rev = rev[np.argsort(jj[rev], kind="stable")]
+        _push(self.heap, jj[rev], b - a, np.arange(a, b, dtype=np.int64), v[ii[rev]], sv[rev])
 
-def _merge_unique(
-    d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the top k of two result lists (each sorted descending), each id kept once."""
-    d = np.concatenate([d1, d2], axis=1)
-    i = np.concatenate([i1, i2], axis=1)
-    out_d = np.empty((d.shape[0], k), np.float32)
-    out_i = np.empty((d.shape[0], k), np.int64)
-    for start in range(0, d.shape[0], 65_536):  # bounded temporaries
-        dd, ii = d[start:start + 65_536], i[start:start + 65_536]
-        by_id = np.lexsort((-dd, ii), axis=1)  # ids grouped, best score first within an id
-        ii_s = np.take_along_axis(ii, by_id, axis=1)
-        dd_s = np.take_along_axis(dd, by_id, axis=1)
-        dup = np.zeros(ii_s.shape, bool)
-        dup[:, 1:] = (ii_s[:, 1:] == ii_s[:, :-1]) & (ii_s[:, 1:] >= 0)
-        dd_s[dup] = -np.inf
-        ii_s[dup] = -1
-        top = np.argsort(-dd_s, axis=1, kind="stable")[:, :k]
-        out_d[start:start + dd.shape[0]] = np.take_along_axis(dd_s, top, axis=1)
-        out_i[start:start + dd.shape[0]] = np.take_along_axis(ii_s, top, axis=1)
-    return out_d, out_i
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, idx)`` in row order, sorted descending (positions mapped back to rows)."""
+        self.heap.finalize()
+        scores = np.empty_like(self.heap.D)
+        idx = np.empty_like(self.heap.I)
+        scores[self.order] = self.heap.D
+        idx[self.order] = np.where(self.heap.I >= 0, self.order[np.maximum(self.heap.I, 0)], -1)
+        return scores, idx
 
 
 def _knn_ivf(
@@ -378,8 +560,6 @@ def _knn_ivf(
     part = build_partition(faiss, mu, centroids, nprobe, resolve_precision("auto", mu.shape[1]), max_gap)
     t3 = time.perf_counter()
 
-    kk = k + 1 if exclude_self else k
-    heap = faiss.ResultHeap(n, kk, keep_max=True)
     total_work = n + part.visit_rows.size
     done_work = 0
     credited = 0
@@ -393,38 +573,14 @@ def _knn_ivf(
                 progress(now - credited)
                 credited = now
 
-    # Pass 1: every list against itself, exact float32 (gives each row a first top-k).
-    exact = _BlockScorer("float32", None)
+    search = _ListSearch(faiss, mu, part, k, exclude_self, precision)
     for lst in range(part.nlist):
-        members = part.members(lst)
-        if members.size:
-            block = rows_f32(mu, members)
-            heap.add_result_subset(members, exact.scores(members, block, exact.base(block)), members)
-        tick(members.size)
-    # Pass 2: the rows probing a list (ranks 1..nprobe-1) against it, each score used both ways.
-    # A visitor i of list b gets (j, s_ij) for the members j of b in ``heap``; member j gets
-    # (i, s_ij) in ``reverse``. Each heap sees a pair at most once (``heap``: i visits b once;
-    # ``reverse``: only from b = home(j)), but a pair may reach j through both when j also
-    # visits home(i): the two heaps are merged without duplicates at the end.
-    offsets = heap.D[:, 0].astype(np.float32)  # heap root = current k-th best (or -FLT_MAX if not full)
-    full = offsets >= -1.0
-    offsets[~full] = np.median(offsets[full]) if full.any() else np.float32(0.5)
-    reverse = faiss.ResultHeap(n, kk, keep_max=True)
-    scorer = _BlockScorer(precision, offsets)
+        search.own_list(lst)
+        tick(int(part.member_lims[lst + 1] - part.member_lims[lst]))
+    search.set_offsets()
     for lst in range(part.nlist):
-        members = part.members(lst)
-        visitors = part.visitors(lst)
-        if members.size and visitors.size:
-            base = scorer.base(rows_f32(mu, members))
-            for start in range(0, visitors.size, QUERY_CHUNK):
-                rows = visitors[start:start + QUERY_CHUNK]
-                s = scorer.scores(rows, rows_f32(mu, rows), base)
-                heap.add_result_subset(rows, s, members)
-                reverse.add_result_subset(members, np.ascontiguousarray(s.T), rows)
-        tick(visitors.size)
-    heap.finalize()
-    reverse.finalize()
-    scores, idx = _merge_unique(heap.D, heap.I, reverse.D, reverse.I, kk)
+        tick(search.visited_list(lst))
+    scores, idx = search.result()
     t4 = time.perf_counter()
     log.debug("knn ivf seconds: train %.1f, calibrate %.1f, partition %.1f, search %.1f",
               t1 - t0, t2 - t1, t3 - t2, t4 - t3)
@@ -434,8 +590,6 @@ def _knn_ivf(
                      precision=precision,
                      scored_pairs=int((sizes**2).sum() + (sizes * np.diff(part.visit_lims)).sum()),
                      seconds={"train": t1 - t0, "calibrate": t2 - t1, "partition": t3 - t2, "search": t4 - t3})
-    if exclude_self:
-        scores, idx = _exclude_self(scores, idx, np.arange(n), k)
     return _finish(scores, idx)
 
 
