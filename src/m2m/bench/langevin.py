@@ -13,6 +13,11 @@ several interleaved rounds and its best round is kept (the machine is shared).
   ours   gather the batch, then ``LangevinAugmenter`` (two-coordinate chain + one direction draw for
          rows whose neighbours are provably negligible, exact coupled rerun for the others)
   vmf    gather the batch, then ``VMFAugmenter`` (one exact vMF draw per row)
+
+These kernel rates run in one thread, in line. ``stream_rates`` then measures the real thing through a
+lake (kNN + kappa estimated by the lake): the plain stream, the Langevin stream (its draws made in the
+stream's prefetch thread, ``PrepareAugment``), the same with ``prefetch=0`` (everything in the consuming
+thread) and the vMF stream. The goal (300k rows/s) is checked on the Langevin stream.
 """
 
 from __future__ import annotations
@@ -145,8 +150,9 @@ def _run(quick: bool, rows: int, seed: int) -> dict[str, Any]:
         "naive_f16_vs_f32": f16["naive"] / f32["naive"],
         "ours_vs_naive_f32_cpu": f32["cpu_rows_per_s"]["ours"] / f32["cpu_rows_per_s"]["naive"],
     }
-    res["goal"] = {"ours_rows_per_s": GOAL_ROWS_PER_S, "met": max(f32["ours"], f16["ours"]) >= GOAL_ROWS_PER_S}
     res["stream"] = stream_rates(20_000 if quick else 100_000, seed)
+    res["goal"] = {"ours_rows_per_s": GOAL_ROWS_PER_S, "measure": "Langevin stream through a lake",
+                   "met": res["stream"]["langevin"] >= GOAL_ROWS_PER_S}
     return res
 
 
@@ -166,8 +172,9 @@ def stream_rates(rows: int, seed: int = 0, rounds: int = 2) -> dict[str, Any]:
         t0 = time.perf_counter()
         lake.estimate_kappa()
         out["estimate_kappa_seconds"] = time.perf_counter() - t0
-        loaders = {mode: lake.export_to_dataloader(batch_size=BATCH, generate_samples=gen)
-                   for mode, gen in (("plain", False), ("langevin", "langevin"), ("vmf", "vmf"))}
+        loaders = {mode: lake.export_to_dataloader(batch_size=BATCH, generate_samples=gen, prefetch=prefetch)
+                   for mode, gen, prefetch in (("plain", False, 4), ("langevin", "langevin", 4), ("vmf", "vmf", 4),
+                                               ("langevin_inline", "langevin", 0))}
         for dl in loaders.values():  # first epoch: fills the warm tier, builds the augmenter tables
             for _ in dl:
                 pass
@@ -181,6 +188,7 @@ def stream_rates(rows: int, seed: int = 0, rounds: int = 2) -> dict[str, Any]:
         for dl in loaders.values():
             dl.close()
     out["langevin_vs_plain"] = out["langevin"] / out["plain"]
+    out["langevin_vs_inline"] = out["langevin"] / out["langevin_inline"]
     return out
 
 
@@ -217,11 +225,12 @@ def format_table(res: dict[str, Any]) -> str:
     cos = f32["mean_cos_to_source"]
     lines.append("mean cosine to the source row: " + ", ".join(f"{k} {v:.4f}" for k, v in cos.items()))
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
-    goal = res["goal"]
-    lines.append(f"goal >= {goal['ours_rows_per_s']:,} rows/s: {'met' if goal['met'] else 'NOT met'}")
     st = res.get("stream")
     if st:
         lines.append(f"through a lake ({st['rows']:,} rows, kappa+kNN estimated in {st['estimate_kappa_seconds']:.1f} s): "
                      f"plain stream {st['plain']:,.0f} rows/s | Langevin stream {st['langevin']:,.0f} "
-                     f"({st['langevin_vs_plain']:.2f}x plain) | vMF stream {st['vmf']:,.0f}")
+                     f"({st['langevin_vs_plain']:.2f}x plain; draws made in the prefetch thread) | same, in line "
+                     f"(prefetch=0, one thread) {st['langevin_inline']:,.0f} | vMF stream {st['vmf']:,.0f}")
+    goal = res["goal"]
+    lines.append(f"goal >= {goal['ours_rows_per_s']:,} rows/s ({goal['measure']}): {'met' if goal['met'] else 'NOT met'}")
     return "\n".join(lines)
