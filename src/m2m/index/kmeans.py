@@ -11,7 +11,7 @@ import numpy as np
 
 from m2m._validate import check_int
 from m2m.errors import ConfigError
-from m2m.index.knn import check_unit_rows, compute_threads, resolve_precision, rows_f32
+from m2m.index.knn import as_tensor, check_unit_rows, compute_threads, resolve_precision, rows_f32
 
 __all__ = [
     "Partition", "build_partition", "default_nlist", "gap_probes", "spherical_kmeans", "top_centroids",
@@ -135,8 +135,9 @@ class Partition:
 
     Attributes:
         centroids: ``[nlist, d]`` unit centroids.
-        probes: ``int64 [N, nprobe]`` each row's home list, then the other lists it probes,
-            nearest first; ``-1`` pads rows probing fewer lists (``max_gap``).
+        probes: ``int64 [N, nprobe]`` each row's home list, then the other lists it probes
+            (nearest first, or in index order with a finite ``max_gap``: see ``gap_probes``);
+            ``-1`` pads rows probing fewer lists.
         member_order, member_lims: rows sorted by home list; list l holds
             ``member_order[member_lims[l]:member_lims[l+1]]``.
         visit_rows, visit_lims: the rows that probe list l but do not live in it, likewise.
@@ -165,15 +166,16 @@ class Partition:
 
 
 #: Rows ranked against the centroids at once by ``gap_probes`` (bounds the [rows, nlist] block).
-PROBE_CHUNK = 1024
+PROBE_CHUNK = 256
 
 
 def gap_probes(mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: str, max_gap: float) -> np.ndarray:
     """``int64 [N, nprobe]``: per row its nearest centroid, then the others scoring within ``max_gap`` of it.
 
-    At most ``nprobe`` per row, nearest first (ties: lower centroid index first), ``-1`` padded.
-    Instead of a top-``nprobe`` selection over all centroids, only the few centroids within
-    ``max_gap`` of each row's best are extracted (a threshold on the score block) and sorted.
+    At most ``nprobe`` per row: the nearest (ties: the lower index), then the others in index
+    order (if more than ``nprobe - 1`` are within ``max_gap``, the nearest of them); ``-1``
+    padded. Instead of a top-``nprobe`` selection over all centroids, only the few centroids
+    within ``max_gap`` of each row's best are extracted (a threshold on the score block).
     ``precision="bfloat16"`` ranks with bfloat16 products, as ``top_centroids``.
     """
     import torch
@@ -182,13 +184,13 @@ def gap_probes(mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: st
     nlist = centroids.shape[0]
     dtype = torch.bfloat16 if resolve_precision(precision, centroids.shape[1]) == "bfloat16" else torch.float32
     cent_t = torch.from_numpy(centroids).to(dtype).T
-    out = np.full((n, min(nprobe, nlist)), -1, np.int64)
-    width = out.shape[1]
+    width = min(nprobe, nlist)
+    out = np.full((n, width), -1, np.int64)
     buf = torch.empty((PROBE_CHUNK, nlist), dtype=torch.float32)
     mask = np.empty((PROBE_CHUNK, nlist), bool)
     gap = np.float32(max_gap)
     for start in range(0, n, PROBE_CHUNK):
-        block = torch.from_numpy(rows_f32(mu, slice(start, start + PROBE_CHUNK)))
+        block = as_tensor(rows_f32(mu, slice(start, start + PROBE_CHUNK)))
         rows = block.shape[0]
         s_t = buf[:rows]
         if dtype == torch.float32:
@@ -196,16 +198,27 @@ def gap_probes(mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: st
         else:
             s_t.copy_(block.to(dtype) @ cent_t)
         s = s_t.numpy()
-        cut = s.max(axis=1) - gap
+        home = s.argmax(axis=1)
+        out[start:start + rows, 0] = home
+        if width == 1:
+            continue
         m = mask[:rows]
-        np.greater_equal(s, cut[:, None], out=m)
+        np.greater_equal(s, (s[np.arange(rows), home] - gap)[:, None], out=m)
+        m[np.arange(rows), home] = False
         flat = np.flatnonzero(m)
         ii, cc = np.divmod(flat, nlist)
-        order = np.lexsort((cc, -s.ravel()[flat], ii))  # by row, then best score, then centroid
-        ii, cc = ii[order], cc[order]
-        rank = np.arange(ii.size) - np.searchsorted(ii, ii)
-        keep = rank < width
-        out[start + ii[keep], rank[keep]] = cc[keep]
+        counts = np.bincount(ii, minlength=rows)
+        if counts.max() >= width:  # too many within the gap: keep the nearest
+            over = counts[ii] >= width
+            o_ii, o_cc = ii[over], cc[over]
+            order = np.lexsort((o_cc, -s.ravel()[flat[over]], o_ii))
+            ii = np.concatenate([ii[~over], o_ii[order]])
+            cc = np.concatenate([cc[~over], o_cc[order]])
+            by_row = np.argsort(ii, kind="stable")
+            ii, cc = ii[by_row], cc[by_row]
+        col = np.arange(ii.size) - (np.cumsum(counts) - counts)[ii]
+        keep = col < width - 1
+        out[start + ii[keep], 1 + col[keep]] = cc[keep]
     return out
 
 

@@ -62,6 +62,11 @@ QUERY_CHUNK = 2048
 #: The same for the offset-bfloat16 scores of the IVF search (a smaller block stays in cache).
 BF16_CHUNK = 1024
 
+#: Pass 1 of the IVF search multiplies a list with itself in up to OWN_PARTS x OWN_PARTS blocks
+#: of at least OWN_PART_ROWS rows (only those on and above the diagonal: the matrix is symmetric).
+OWN_PARTS = 8
+OWN_PART_ROWS = 192
+
 #: Query rows sharing one cut in the bfloat16 prefilter (``_ListSearch._hits_bf16``).
 ROW_GROUP = 32
 
@@ -376,7 +381,8 @@ class _ListSearch:
         # reused buffers of the [visitors, members] score blocks (no page faults per block)
         largest = int(sizes.max()) if sizes.size else 0
         cells = (BF16_CHUNK if self.bf16 else QUERY_CHUNK) * largest
-        self.sbuf = torch.empty(0 if self.bf16 else cells, dtype=torch.float32)
+        self.sbuf = torch.empty(max(largest * largest, 0 if self.bf16 else cells), dtype=torch.float32)
+        self.gbuf = np.empty((largest, d), np.float32)
         self.cut = np.empty(0 if self.bf16 else cells, np.float32)
         self.rbuf = torch.empty(cells if self.bf16 else 0, dtype=torch.bfloat16)
         self.qbuf = torch.empty((BF16_CHUNK if self.bf16 else 0, d + 1), dtype=torch.bfloat16)
@@ -384,16 +390,39 @@ class _ListSearch:
         self.fallback = np.float32(0.5)
 
     def own_list(self, lst: int) -> None:
-        """Pass 1: list ``lst`` against itself, exact float32 (gives each member a first top-k)."""
+        """Pass 1: list ``lst`` against itself, exact float32 (gives each member a first top-k).
+
+        The [m, m] score matrix is symmetric: a large list is cut into up to ``OWN_PARTS`` row
+        ranges and only the blocks on and above the diagonal are multiplied, each block above
+        it serving both of its ranges (its transpose feeds the other range's heaps).
+        """
         a, b = int(self.lims[lst]), int(self.lims[lst + 1])
-        if a == b:
+        m = b - a
+        if not m:
             return
-        block = rows_f32(self.mu, self.order[a:b])
+        if self.mu.dtype == np.float32 and self.mu.flags.c_contiguous:
+            block = np.take(self.mu, self.order[a:b], axis=0, out=self.gbuf[:m])
+        else:
+            block = rows_f32(self.mu, self.order[a:b])
         t = as_tensor(block)
-        s = (t @ t.T).numpy()
-        if self.exclude_self:
-            np.fill_diagonal(s, -np.inf)
-        self.heap.add_result_subset(np.arange(a, b), s, np.arange(a, b, dtype=np.int64))
+        parts = max(1, min(OWN_PARTS, m // OWN_PART_ROWS))
+        cuts = [m * p // parts for p in range(parts + 1)]
+        for u in range(parts):
+            ru = slice(cuts[u], cuts[u + 1])
+            rows_u = np.arange(a + cuts[u], a + cuts[u + 1], dtype=np.int64)
+            for w in range(u, parts):
+                rw = slice(cuts[w], cuts[w + 1])
+                rows_w = np.arange(a + cuts[w], a + cuts[w + 1], dtype=np.int64)
+                s_t = self.sbuf[:rows_u.size * rows_w.size].view(rows_u.size, rows_w.size)
+                self.torch.matmul(t[ru], t[rw].T, out=s_t)
+                s = s_t.numpy()
+                if u == w:
+                    if self.exclude_self:
+                        np.fill_diagonal(s, -np.inf)
+                    self.heap.add_result_subset(rows_u, s, rows_u)
+                else:
+                    self.heap.add_result_subset(rows_u, s, rows_w)
+                    self.heap.add_result_subset(rows_w, np.ascontiguousarray(s.T), rows_u)
         if self.xb is not None:
             self.xb[a:b, :self.d] = t
 
