@@ -46,3 +46,21 @@ def test_bad_cluster_count(n_clusters) -> None:
     x, _ = _blobs(100, 8, 2, seed=4)
     with pytest.raises(ConfigError):
         spherical_kmeans(x, n_clusters)
+
+
+@pytest.mark.parametrize("max_gap", [0.05, 0.3, 1.9])
+def test_gap_probes_equal_thresholded_top_centroids(max_gap: float) -> None:
+    import faiss
+
+    from m2m.index.kmeans import gap_probes, top_centroids
+
+    x, _ = _blobs(3000, 64, 40, seed=5)
+    x = (x + 0.3 * np.random.default_rng(6).standard_normal(x.shape)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    centroids, _ = spherical_kmeans(x, 40, niter=5, seed=7)
+    got = gap_probes(x, centroids, 8, "float32", max_gap)
+    ids, scores = top_centroids(faiss, x, centroids, 8, "float32", with_scores=True)
+    want = np.where(scores[:, :1] - scores <= max_gap, ids, -1)
+    np.testing.assert_array_equal(got[:, 0], want[:, 0])
+    for g, w in zip(got, want):
+        assert set(g[g >= 0].tolist()) == set(w[w >= 0].tolist())
