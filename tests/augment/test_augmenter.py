@@ -138,12 +138,13 @@ def test_draws_made_ahead_give_the_same_rows(metropolis, dtype):
     rows = torch.arange(N).repeat(3)
     x = mu[rows].to(dtype)
     inline = aug(x, rows, _Gather(mu), torch.Generator().manual_seed(9))
-    gen = torch.Generator().manual_seed(9)
-    draws = aug.prepare(rows, D, gen, dtype, _Gather(mu))
-    assert draws.rerun is not None and 0 < draws.fail.numel() < len(rows)
-    assert (draws.gaussian is not None) == (dtype == torch.float32)
-    ahead = aug(x, rows, _Gather(mu), gen, prepared=draws)
-    assert torch.equal(inline, ahead)
+    for draw_gaussian in (True, False):   # the direction Gaussians drawn ahead, or left to the call
+        gen = torch.Generator().manual_seed(9)
+        draws = aug.prepare(rows, D, gen, dtype, _Gather(mu), draw_gaussian=draw_gaussian)
+        assert draws.rerun is not None and 0 < draws.fail.numel() < len(rows)
+        assert (draws.gaussian is not None) == (dtype == torch.float32 and draw_gaussian)
+        ahead = aug(x, rows, _Gather(mu), gen, prepared=draws)
+        assert torch.equal(inline, ahead)
     with pytest.raises(InvalidEmbeddingError, match="prepared draws"):
         aug(x[:-1], rows[:-1], _Gather(mu), gen, prepared=draws)
 
@@ -153,8 +154,11 @@ def test_vmf_draws_made_ahead_give_the_same_rows():
     aug = VMFAugmenter(np.random.default_rng(0).uniform(100, 900, N))
     rows = torch.arange(N)
     inline = aug(mu, rows, _Gather(mu), torch.Generator().manual_seed(4))
-    gen = torch.Generator().manual_seed(4)
-    assert torch.equal(inline, aug(mu, rows, _Gather(mu), gen, prepared=aug.prepare(rows, D, gen)))
+    for draw_gaussian in (True, False):
+        gen = torch.Generator().manual_seed(4)
+        draws = aug.prepare(rows, D, gen, draw_gaussian=draw_gaussian)
+        assert (draws.gaussian is not None) == draw_gaussian
+        assert torch.equal(inline, aug(mu, rows, _Gather(mu), gen, prepared=draws))
 
 
 def test_determinism_and_zero_steps():

@@ -351,3 +351,25 @@ def test_draw_ahead_resumes_mid_epoch():
     source = make_source(N, D, shard_rows=256)
     check_loader_resume(lambda: make_loader(source, batch_size=64, columns=("embedding", "id"),
                                             augment=_langevin_for(source), seed=2, prefetch=4, **KW))
+
+
+@pytest.mark.parametrize("backlog", [0, 3])
+def test_prepare_stage_draws_the_gaussians_only_while_items_wait(backlog):
+    from m2m.stream.stages.augment import PrepareAugment
+    from m2m.stream.stages.base import Stage, Work
+
+    source = make_source(N, D)
+    aug = _langevin_for(source)
+    rows = np.arange(130, dtype=np.int64)
+
+    class One(Stage):
+        def __next__(self):
+            return Work(epoch=1, first=4, end=7, rows=rows, weights=None, tensors={"_rows": torch.from_numpy(rows)})
+
+    stage = PrepareAugment(One(), aug, 50, seed=3, rank=0, dim=D, gather=lambda p: torch.from_numpy(all_mu(source))[p],
+                           backlog=lambda: backlog)
+    work = next(stage)
+    assert sorted(work.prepared) == [4, 5, 6]
+    assert [len(d.own.t) for _, d in work.prepared.values()] == [50, 50, 30]
+    assert all((d.gaussian is not None) == (backlog > 0) for _, d in work.prepared.values())
+    assert stage.gaussian_items == int(backlog > 0)

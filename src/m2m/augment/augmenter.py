@@ -101,15 +101,16 @@ class VMFAugmenter:
             return self._cache[device]
 
     def prepare(self, rows: Tensor, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
-                gather: Gather | None = None) -> VMFDraws:
+                gather: Gather | None = None, draw_gaussian: bool = True) -> VMFDraws:
         """The batch's draws made before its vectors are read (the stream's prefetch thread runs this);
-        ``self(x, rows, gather, generator, prepared=...)`` then equals ``self(x, rows, gather, generator)``."""
+        ``self(x, rows, gather, generator, prepared=...)`` then equals ``self(x, rows, gather, generator)``.
+        ``draw_gaussian=False`` leaves the direction Gaussians to the call (same result)."""
         if rows.dim() != 1:
             raise InvalidEmbeddingError(f"expected rows [B], got {tuple(rows.shape)}")
         kappa = self._table(rows.device)[rows]
         w, s = sample_cosine(kappa, dim, 1, generator)
         gaussian = None
-        if rows.device.type == "cpu" and dtype == torch.float32:
+        if draw_gaussian and rows.device.type == "cpu" and dtype == torch.float32:
             gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), generator)
         return VMFDraws(rows.shape[0], dim, dtype, w[:, 0], s[:, 0], gaussian)
 
@@ -290,13 +291,14 @@ class LangevinAugmenter:
 
     # ------------------------------------------------------------------ the hook
     def prepare(self, rows: Tensor, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
-                gather: Gather | None = None) -> LangevinDraws:
+                gather: Gather | None = None, draw_gaussian: bool = True) -> LangevinDraws:
         """Everything of a batch's augmentation that does not read its vectors (see ``LangevinDraws``).
 
         ``self(x, rows, gather, generator, prepared=self.prepare(rows, d, generator, x.dtype))`` returns
         exactly ``self(x, rows, gather, generator)``; the stream runs ``prepare`` in its prefetch
         thread. ``gather`` is needed only if the tables are not built yet and ``neighbor_cos`` was
-        not given.
+        not given. ``draw_gaussian=False`` leaves the direction Gaussians (the largest draw) to the
+        call: the result is the same, since nothing else draws from the batch's noise stream between.
         """
         if rows.dim() != 1:
             raise InvalidEmbeddingError(f"expected rows [B], got {tuple(rows.shape)}")
@@ -309,7 +311,7 @@ class LangevinAugmenter:
         own = own_component_chain(h, per_row[:, 1], self.steps, dim, noise, self.metropolis,
                                   record=cand.numel() > 0)
         gaussian = None
-        if device.type == "cpu" and dtype == torch.float32:   # the direction draw (fast path of noise.normal_)
+        if draw_gaussian and device.type == "cpu" and dtype == torch.float32:  # the direction draw (noise.normal_)
             gaussian = HostNoise.of(noise).normal_(torch.empty((rows.shape[0], dim), dtype=dtype))
         fail = cand[:0]
         rerun = None

@@ -21,8 +21,9 @@ class Augment(Protocol):
     seeded from (seed, epoch, rank, batch index), so a resumed run draws the same samples.
     Returns the new float32 ``[B, d]`` embeddings (labels and ids stay those of ``rows``).
 
-    An augmentation may also define ``prepare(rows, dim, generator, dtype, gather) -> draws`` (see
-    ``PreparedAugment``): the draws that do not read ``x``. On CPU streams with a prefetch thread the
+    An augmentation may also define ``prepare(rows, dim, generator, dtype, gather, draw_gaussian)
+    -> draws`` (see ``PreparedAugment``): the draws that do not read ``x`` (``draw_gaussian=False``:
+    all but the largest, which ``__call__`` then makes, with the same result). On CPU streams with a prefetch thread the
     stream calls it there, one batch ahead, and then ``__call__(..., prepared=draws)`` in the
     consumer, which must return what ``__call__`` without ``prepared`` returns.
     """
@@ -36,7 +37,7 @@ class PreparedAugment(Protocol):
     """An ``Augment`` whose draws can be made ahead, off the consuming thread."""
 
     def prepare(self, rows: torch.Tensor, dim: int, generator: torch.Generator, dtype: torch.dtype,
-                gather: Gather | None) -> Any: ...
+                gather: Gather | None, draw_gaussian: bool = True) -> Any: ...
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, gather: Gather, generator: torch.Generator,
                  prepared: Any = None) -> torch.Tensor: ...

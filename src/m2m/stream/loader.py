@@ -340,8 +340,11 @@ class StreamLoader(DataLoader):
         if self._draw_ahead():
             if self._prepare_reader is None:  # its own reader: ColdReader's staging buffers are per thread
                 self._prepare_reader = ColdReader(self.dataset.source, ["mu"])
-            stage = PrepareAugment(stage, self.augment, self.spec.batch_size, self.spec.seed,  # type: ignore[arg-type]
-                                   self.spec.rank, self.dataset.source.dim, self._make_gather(self._prepare_reader))
+            prep = PrepareAugment(stage, self.augment, self.spec.batch_size, self.spec.seed,  # type: ignore[arg-type]
+                                  self.spec.rank, self.dataset.source.dim, self._make_gather(self._prepare_reader))
+            prefetcher = Prefetcher(prep, self._capacity(), self.intra_op_threads)
+            prep.backlog = prefetcher.backlog
+            return prefetcher
         return Prefetcher(stage, self._capacity(), self.intra_op_threads)
 
     def _draw_ahead(self) -> bool:

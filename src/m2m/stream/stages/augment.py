@@ -5,9 +5,16 @@ draws that do not read the batch's vectors and the rest. This stage makes the dr
 of an item with the batch's own generator (``batch_generator``) and attaches them to the item; the
 consumer applies them with the same generator object, so the result equals the in-line path exactly
 and resume is unaffected (nothing here is state: draws are a function of the batch's coordinates).
+
+Balancing: the largest draw (the direction Gaussians, ``draw_gaussian``) can be made on either side
+with the same result. It is made here only while the consumer has items waiting (``backlog() > 0``:
+the consumer, e.g. a training step, is the slower side); while the consumer waits for items, it is
+left to the consumer, so the two threads share the work.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -20,7 +27,7 @@ class PrepareAugment(Stage):
     """Attaches ``{batch: (generator, augment.prepare(...))}`` to each item as ``work.prepared``."""
 
     def __init__(self, upstream: Stage, augment: PreparedAugment, batch_size: int, seed: int, rank: int,
-                 dim: int, gather: Gather | None) -> None:
+                 dim: int, gather: Gather | None, backlog: Callable[[], int] | None = None) -> None:
         self.upstream = upstream
         self.augment = augment
         self.batch_size = batch_size
@@ -28,16 +35,21 @@ class PrepareAugment(Stage):
         self.rank = rank
         self.dim = dim
         self.gather = gather
+        self.backlog = backlog
+        self.gaussian_items = 0
 
     def __next__(self) -> Work:
         assert self.upstream is not None
         work = next(self.upstream)
         rows = work.tensors[cols.ROWS]
+        draw_gaussian = self.backlog is None or self.backlog() > 0
+        self.gaussian_items += int(draw_gaussian)
         prepared = {}
         for j in range(work.first, work.end):
             lo = (j - work.first) * self.batch_size
             batch_rows = rows[lo:lo + self.batch_size]
             gen = batch_generator(self.seed, work.epoch, self.rank, j, batch_rows.device)
-            prepared[j] = (gen, self.augment.prepare(batch_rows, self.dim, gen, torch.float32, self.gather))
+            prepared[j] = (gen, self.augment.prepare(batch_rows, self.dim, gen, torch.float32, self.gather,
+                                                     draw_gaussian))
         work.prepared = prepared
         return work

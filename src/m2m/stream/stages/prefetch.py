@@ -131,6 +131,10 @@ class Prefetcher(Stage):
         self._state = item.state
         return item
 
+    def backlog(self) -> int:
+        """Items produced and not yet taken by the consumer (0: the consumer is waiting or about to)."""
+        return self._queue.qsize()
+
     def get_state(self) -> dict[str, Any]:
         if self._state is None:
             return self.upstream.get_state()
