@@ -64,3 +64,20 @@ def test_gap_probes_equal_thresholded_top_centroids(max_gap: float) -> None:
     np.testing.assert_array_equal(got[:, 0], want[:, 0])
     for g, w in zip(got, want):
         assert set(g[g >= 0].tolist()) == set(w[w >= 0].tolist())
+
+
+def test_gap_probes_with_penalty_judge_other_lists_by_penalised_score() -> None:
+    from m2m.index.kmeans import gap_probes
+
+    g = np.random.default_rng(8)
+    x, _ = _blobs(2000, 64, 30, seed=9)
+    centroids, _ = spherical_kmeans(x, 30, niter=5, seed=10)
+    penalty = g.uniform(-0.05, 0.05, 30).astype(np.float32)
+    got = gap_probes(x, centroids, 30, "float32", 0.4, penalty)
+    s = x @ centroids.T
+    home = s.argmax(axis=1)
+    np.testing.assert_array_equal(got[:, 0], home)
+    ok = (s - penalty) >= (s.max(axis=1) - np.float32(0.4))[:, None]
+    ok[np.arange(len(x)), home] = False
+    for row, want in zip(got, ok):
+        assert set(row[1:][row[1:] >= 0].tolist()) == set(np.flatnonzero(want).tolist())

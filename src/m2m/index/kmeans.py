@@ -169,13 +169,22 @@ class Partition:
 PROBE_CHUNK = 256
 
 
-def gap_probes(mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: str, max_gap: float) -> np.ndarray:
+def gap_probes(
+    mu: np.ndarray,
+    centroids: np.ndarray,
+    nprobe: int,
+    precision: str,
+    max_gap: float,
+    penalty: np.ndarray | None = None,
+) -> np.ndarray:
     """``int64 [N, nprobe]``: per row its nearest centroid, then the others scoring within ``max_gap`` of it.
 
     At most ``nprobe`` per row: the nearest (ties: the lower index), then the others in index
     order (if more than ``nprobe - 1`` are within ``max_gap``, the nearest of them); ``-1``
-    padded. Instead of a top-``nprobe`` selection over all centroids, only the few centroids
-    within ``max_gap`` of each row's best are extracted (a threshold on the score block).
+    padded. With ``penalty`` (``float32 [nlist]``), the others are judged and ranked by their
+    score minus their penalty (the home list by its plain score). Instead of a top-``nprobe``
+    selection over all centroids, only the few centroids within ``max_gap`` of each row's best
+    are extracted (a threshold on the score block).
     ``precision="bfloat16"`` ranks with bfloat16 products, as ``top_centroids``.
     """
     import torch
@@ -202,23 +211,26 @@ def gap_probes(mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: st
         out[start:start + rows, 0] = home
         if width == 1:
             continue
+        cut = s[np.arange(rows), home] - gap
+        if penalty is not None:
+            s -= penalty
         m = mask[:rows]
-        np.greater_equal(s, (s[np.arange(rows), home] - gap)[:, None], out=m)
+        np.greater_equal(s, cut[:, None], out=m)
         m[np.arange(rows), home] = False
         flat = np.flatnonzero(m)
         ii, cc = np.divmod(flat, nlist)
         counts = np.bincount(ii, minlength=rows)
-        if counts.max() >= width:  # too many within the gap: keep the nearest
-            over = counts[ii] >= width
+        col = np.arange(ii.size) - (np.cumsum(counts) - counts)[ii]
+        over = counts[ii] >= width
+        if over.any():  # too many within the gap: keep the nearest
             o_ii, o_cc = ii[over], cc[over]
             order = np.lexsort((o_cc, -s.ravel()[flat[over]], o_ii))
-            ii = np.concatenate([ii[~over], o_ii[order]])
-            cc = np.concatenate([cc[~over], o_cc[order]])
-            by_row = np.argsort(ii, kind="stable")
-            ii, cc = ii[by_row], cc[by_row]
-        col = np.arange(ii.size) - (np.cumsum(counts) - counts)[ii]
-        keep = col < width - 1
-        out[start + ii[keep], 1 + col[keep]] = cc[keep]
+            o_ii, o_cc = o_ii[order], o_cc[order]
+            rank = np.arange(o_ii.size) - np.searchsorted(o_ii, o_ii)
+            keep = rank < width - 1
+            out[start + o_ii[keep], 1 + rank[keep]] = o_cc[keep]
+            ii, cc, col = ii[~over], cc[~over], col[~over]
+        out[start + ii, 1 + col] = cc
     return out
 
 
@@ -229,25 +241,28 @@ def build_partition(
     nprobe: int,
     precision: str = "float32",
     max_gap: float = float("inf"),
+    penalty: np.ndarray | None = None,
 ) -> Partition:
     """Bucket the rows of ``mu`` by home list and by the other lists they probe.
 
     A row probes its ``nprobe`` nearest lists, except those whose centroid score is more than
     ``max_gap`` below its home centroid's (adaptive probing: rows deep inside their list probe
     few others, rows near borders more). A finite ``max_gap`` (below 2, the widest score range of
-    unit vectors) uses ``gap_probes``; otherwise ``top_centroids``.
+    unit vectors) uses ``gap_probes`` (with ``penalty``: per-list score penalties, see there);
+    otherwise ``top_centroids``.
     """
     nlist = centroids.shape[0]
-    if max_gap < 2.0:
-        probes = gap_probes(mu, centroids, nprobe, precision, max_gap)
+    if max_gap < 2.0 or penalty is not None:
+        probes = gap_probes(mu, centroids, nprobe, precision, max_gap, penalty)
     else:
         probes = top_centroids(faiss, mu, centroids, nprobe, precision)
+    key = np.uint16 if nlist < 2**16 else np.int64  # stable argsort of 16-bit keys is a radix sort
     home = probes[:, 0]
-    member_order = np.argsort(home, kind="stable")
-    member_lims = np.searchsorted(home[member_order], np.arange(nlist + 1))
-    width = probes.shape[1] - 1
-    others = np.where(probes[:, 1:] >= 0, probes[:, 1:], nlist).ravel()  # nlist: not visited
-    visit_order = np.argsort(others, kind="stable")
-    visit_lims = np.searchsorted(others[visit_order], np.arange(nlist + 1))
-    visit_rows = visit_order[:visit_lims[-1]] // max(1, width)
+    member_order = np.argsort(home.astype(key), kind="stable")
+    member_lims = np.concatenate([[0], np.cumsum(np.bincount(home, minlength=nlist))])
+    width = max(1, probes.shape[1] - 1)
+    flat = np.flatnonzero(probes[:, 1:] >= 0)  # the visits, row by row
+    lists = probes[:, 1:].ravel()[flat]
+    visit_rows = (flat // width)[np.argsort(lists.astype(key), kind="stable")]
+    visit_lims = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=nlist))])
     return Partition(centroids, probes, member_order, member_lims, visit_rows, visit_lims)
