@@ -59,6 +59,11 @@ DEFAULT_THREADS = 1
 #: Rows converted to float32 at once when the input is float16 (bounds temporary memory).
 CHUNK_ROWS = 65_536
 
+#: IVF lists per sqrt(rows) (``default_nlist``). On the 1M-row benchmark, in runs one after
+#: another: 1500 lists 48-50 s, 2000 lists 55-57 s, 1000 and 1250 lists 51 s (more lists score
+#: fewer pairs but cost more k-means and centroid ranking).
+LISTS_PER_SQRT_ROWS = 1.5
+
 #: k-means iterations of the IVF centroids. On the 1M-row benchmark 5 instead of 8 saved 2 s of
 #: training for 0.8% more scored pairs (4 iterations: 1%).
 KMEANS_ITERATIONS = 5
@@ -663,7 +668,7 @@ def _knn_ivf(
 
     n = mu.shape[0]
     rng = np.random.default_rng(seed)
-    nlist = default_nlist(n) if nlist is None else min(nlist, n)
+    nlist = default_nlist(n, LISTS_PER_SQRT_ROWS) if nlist is None else min(nlist, n)
     t0 = time.perf_counter()
     centroids = train_centroids(mu, nlist, niter=KMEANS_ITERATIONS, seed=seed, max_points_per_centroid=20)
     t1 = time.perf_counter()
@@ -747,7 +752,7 @@ def knn(
         progress: called with the number of rows finished since the last call (sums to N).
         threads: FAISS and torch threads (None: ``DEFAULT_THREADS``).
         target_recall: recall@k the IVF probe rule is calibrated for.
-        nlist, nprobe: override the IVF list count (default about 2*sqrt(N)), or replace the
+        nlist, nprobe: override the IVF list count (default about 1.5*sqrt(N)), or replace the
             calibrated rule by "probe exactly the ``nprobe`` nearest lists".
         precision: IVF scoring precision, "auto", "float32" or "bfloat16" (see module doc).
         stats: if a dict, filled with what was done (method, nlist, nprobe, calibrated recall,
