@@ -53,7 +53,10 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None] | None
 
 #: FAISS/torch threads used when a caller passes ``threads=None``. On this shared 2-core
-#: machine one thread was as fast as two or faster under load (benchmarks/bench_knn.py).
+#: machine one thread was as fast as two or faster under load (benchmarks/bench_knn.py). On
+#: 2026-11-26, with the machine otherwise quiet, the 1M-row kNN took 34-40 s with two threads
+#: and 48-51 s with one (``--threads 1,2,1,2`` and ``2,1,2``); kept at 1 because every
+#: m2m.index caller shares this default and two threads were not measured under load.
 DEFAULT_THREADS = 1
 
 #: Rows converted to float32 at once when the input is float16 (bounds temporary memory).
