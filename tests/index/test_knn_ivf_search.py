@@ -66,3 +66,13 @@ def test_ivf_without_exclude_self_lists_self_first() -> None:
     x = manifold(5000, 128, seed=14)
     scores, idx = knn(x, 6, exclude_self=False, exact_max_rows=0, seed=3, precision="bfloat16")
     assert (idx[:, 0] == np.arange(5000)).mean() > 0.999
+
+
+def test_ivf_bfloat16_probing_every_list_misses_only_near_ties() -> None:
+    # every pair is scored: what the score prefilter and the heaps keep must be the top k
+    x = manifold(4000, 128, seed=15)
+    scores, idx = knn(x, 10, exact_max_rows=0, nlist=8, nprobe=8, precision="bfloat16")
+    ts, ti = brute_knn(x, 10)
+    assert recall(idx, ti) >= 0.995
+    missed = ~(idx[:, :, None] == ti[:, None, :]).any(axis=2)  # found but not in the true top k
+    assert (ts[:, -1:] - scores)[missed].max(initial=0.0) <= 2e-3  # only rows within rounding of the k-th

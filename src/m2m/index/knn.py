@@ -602,9 +602,10 @@ class _ListSearch:
         (offset column 1) is ``r_ij = s_ij - o_i``, rounded to bfloat16; ``s_ij = r_ij + o_i``.
         A score can pass only if ``r_ij`` exceeds, for its group of ``ROW_GROUP`` rows, the cut
         ``min(min_i(root_i - o_i), root_j - max_i(o_i))`` (at most -1e-30, rounded down to
-        bfloat16). For a negative bfloat16 cut, ``r > cut`` is ``bits(r) < bits(cut)`` as
-        unsigned 16-bit integers: one integer comparison per score, no float32 copy of the
-        block. The few scores passing are checked exactly.
+        bfloat16; ``r >= cut`` is tested, so that float32 rounding of the cut loses nothing).
+        For a negative bfloat16 cut, ``r >= cut`` is ``bits(r) <= bits(cut)`` as unsigned 16-bit
+        integers: one integer comparison per score, no float32 copy of the block. The few
+        scores passing are checked exactly.
         """
         torch = self.torch
         c, m = v.size, base_t.shape[1]
@@ -624,10 +625,10 @@ class _ListSearch:
         full = (c // ROW_GROUP) * ROW_GROUP
         if full:
             g = full // ROW_GROUP
-            np.less(bits[:full].reshape(g, ROW_GROUP, m), cut_bits[:g, None, :],
-                    out=hit[:full].reshape(g, ROW_GROUP, m))
+            np.less_equal(bits[:full].reshape(g, ROW_GROUP, m), cut_bits[:g, None, :],
+                          out=hit[:full].reshape(g, ROW_GROUP, m))
         if full < c:
-            np.less(bits[full:], cut_bits[-1][None, :], out=hit[full:])
+            np.less_equal(bits[full:], cut_bits[-1][None, :], out=hit[full:])
         flat = np.flatnonzero(hit)
         ii, jj = np.divmod(flat, m)
         r32 = (bits.ravel()[flat].astype(np.uint32) << 16).view(np.float32)
