@@ -77,10 +77,11 @@ def test_ivf_path_recall_and_contracts(precision: str) -> None:
     assert (np.diff(scores, axis=1) <= tol).all()
 
 
-def test_ivf_path_is_deterministic_for_a_seed() -> None:
-    x = manifold(6000, 16, seed=6)
-    a = knn(x, 5, exact_max_rows=0, seed=11, precision="float32")
-    b = knn(x, 5, exact_max_rows=0, seed=11, precision="float32")
+@pytest.mark.parametrize("dim,precision", [(16, "float32"), (128, "bfloat16")])
+def test_ivf_path_is_deterministic_for_a_seed(dim: int, precision: str) -> None:
+    x = manifold(6000, dim, seed=6)
+    a = knn(x, 5, exact_max_rows=0, seed=11, precision=precision)
+    b = knn(x, 5, exact_max_rows=0, seed=11, precision=precision)
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[0], b[0])
 

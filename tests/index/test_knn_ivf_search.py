@@ -54,14 +54,6 @@ def test_ivf_recall_and_scores_at_128_dims(precision: str) -> None:
     assert ((np.diff(srt, axis=1) != 0) | (srt[:, 1:] < 0)).all()  # no neighbour twice
 
 
-def test_ivf_bfloat16_is_deterministic_for_a_seed() -> None:
-    x = manifold(6000, 128, seed=13)
-    a = knn(x, 8, exact_max_rows=0, seed=2, precision="bfloat16")
-    b = knn(x, 8, exact_max_rows=0, seed=2, precision="bfloat16")
-    np.testing.assert_array_equal(a[1], b[1])
-    np.testing.assert_array_equal(a[0], b[0])
-
-
 def test_ivf_without_exclude_self_lists_self_first() -> None:
     x = manifold(5000, 128, seed=14)
     scores, idx = knn(x, 6, exclude_self=False, exact_max_rows=0, seed=3, precision="bfloat16")
