@@ -99,8 +99,16 @@ def test_consolidate_and_kappa_commands(tmp_path, data):
     y = np.concatenate([y, y[:50]])
     pq.write_table(_table(x.astype(np.float32), y), tmp_path / "x.parquet")
     run("ingest", tmp_path / "x.parquet", "--lake", tmp_path / "lake", "--label-column", "cls", "-q")
-    r = run("kappa", tmp_path / "lake", "-q")
+    r = run("kappa", tmp_path / "lake", "-q", "--threads", "0")
+    assert r.exit_code == 1 and "threads must be an int >= 1" in r.output
+    r = run("kappa", tmp_path / "lake", "-q", "--threads", "1")
     assert r.exit_code == 0 and "kappa estimated for 550" in r.output
+    with open_lake(str(tmp_path / "lake")) as lake:
+        one_thread = np.asarray(lake.snapshot.read_all("kappa"))
+    r = run("kappa", tmp_path / "lake", "-q")                  # default: every usable core
+    assert r.exit_code == 0 and "kappa estimated for 550" in r.output
+    with open_lake(str(tmp_path / "lake")) as lake:            # exact path: the thread count changes nothing
+        np.testing.assert_array_equal(np.asarray(lake.snapshot.read_all("kappa")), one_thread)
     r = run("consolidate", tmp_path / "lake", "--similarity", "0.999", "-q")
     assert r.exit_code == 0, r.output
     assert "550 -> 500 rows (50 groups merged)" in r.output

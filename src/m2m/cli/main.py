@@ -191,14 +191,16 @@ def consolidate(lake_dir: str, similarity: float, quiet: bool) -> None:
 @cli.command()
 @click.argument("lake_dir")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--threads", type=int, default=None,
+              help="kNN threads (default: every usable core; 1 when other work needs the cores).")
 @user_errors
-def kappa(lake_dir: str, quiet: bool) -> None:
+def kappa(lake_dir: str, quiet: bool, threads: int | None) -> None:
     """(Re)estimate every splat's kappa from its nearest neighbours."""
     from m2m import open_lake
 
     with open_lake(lake_dir) as lake:
         with Bar(len(lake), "kappa", quiet=quiet) as bar:
-            lake.estimate_kappa(progress=bar)
+            lake.estimate_kappa(progress=bar, threads=threads)
         click.echo(f"kappa estimated for {len(lake):,} splats; version {lake.version}")
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,7 +47,7 @@ import numpy as np
 from m2m._validate import check_int
 from m2m.errors import ConfigError, InvalidEmbeddingError
 
-__all__ = ["DEFAULT_THREADS", "compute_threads", "knn", "require_faiss"]
+__all__ = ["DEFAULT_THREADS", "compute_threads", "knn", "require_faiss", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,14 @@ Progress = Callable[[int], None] | None
 #: and 48-51 s with one (``--threads 1,2,1,2`` and ``2,1,2``); kept at 1 because every
 #: m2m.index caller shares this default and two threads were not measured under load.
 DEFAULT_THREADS = 1
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 #: Rows converted to float32 at once when the input is float16 (bounds temporary memory).
 CHUNK_ROWS = 65_536

@@ -25,22 +25,26 @@ logger = logging.getLogger(__name__)
 ESTIMATOR = "vMF MLE of the splat and its k nearest neighbours, Bessel-corrected (m2m.geometry.kappa)"
 
 
-def compute_geometry(mu: np.ndarray, k: int, seed: int = 0, progress: Callable[[int], None] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(kappa estimate [N], neighbour positions [N, k] int64, neighbour cosines [N, k]) for unit rows."""
+def compute_geometry(mu: np.ndarray, k: int, seed: int = 0, progress: Callable[[int], None] | None = None,
+                     threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kappa estimate [N], neighbour positions [N, k] int64, neighbour cosines [N, k]) for unit rows.
+
+    ``threads``: FAISS/torch threads of the kNN and the estimator (None: ``DEFAULT_THREADS``).
+    """
     from m2m.geometry.kappa import neighbourhood_kappa
-    from m2m.index.knn import knn
+    from m2m.index.knn import compute_threads, knn
 
     n = len(mu)
     k_eff = max(0, min(k, n - 1))
     if k_eff == 0:
         return np.full(n, np.nan, np.float32), np.full((n, k), -1, np.int64), np.zeros((n, k), np.float32)
-    scores, idx = knn(mu, k_eff, seed=seed, progress=progress)
+    scores, idx = knn(mu, k_eff, seed=seed, progress=progress, threads=threads)
     if k_eff < k:
         idx = np.concatenate([idx, np.full((n, k - k_eff), -1, np.int64)], axis=1)
         scores = np.concatenate([scores, np.zeros((n, k - k_eff), np.float32)], axis=1)
     scores = np.where(idx >= 0, scores, 0.0).astype(np.float32)
-    kappa = neighbourhood_kappa(mu, idx)
+    with compute_threads(threads):
+        kappa = neighbourhood_kappa(mu, idx)
     return kappa.astype(np.float32), idx.astype(np.int64), scores
 
 
@@ -69,7 +73,7 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: tuple[ShardEntry, ...], id
 
 
 def estimate(fs: LakeFS, base: Manifest, k: int, seed: int,
-             progress: Callable[[int], None] | None = None) -> Manifest:
+             progress: Callable[[int], None] | None = None, threads: int | None = None) -> Manifest:
     """The next manifest: ``base`` with kappa and neighbours estimated for every splat."""
     snap = Snapshot(fs, base)
     try:
@@ -77,7 +81,7 @@ def estimate(fs: LakeFS, base: Manifest, k: int, seed: int,
         ids = snap.ids()
         user = snap.read_main("kappa")
         t0 = time.perf_counter()
-        kappa_est, nbrs, cos = compute_geometry(mu, k, seed, progress)
+        kappa_est, nbrs, cos = compute_geometry(mu, k, seed, progress, threads)
         logger.info("kNN + kappa for %d splats in %.1f s", len(mu), time.perf_counter() - t0)
         fields = with_geometry(fs, base, base.shards, ids, user, kappa_est, nbrs, cos)
     finally:
