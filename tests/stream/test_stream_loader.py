@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from m2m.errors import ConfigError, DeviceUnavailableError
-from m2m.stream.loader import StreamLoader, augment_seed, make_loader
+from m2m.stream.hooks import augment_seed
+from m2m.stream.loader import StreamLoader, make_loader
 from m2m.stream.plan import PlanSampler
 from m2m.stream.stages.prefetch import Prefetcher
 from stream_helpers import check_loader_resume, make_source

@@ -77,8 +77,8 @@ def random_point_at_cosine(
     sqrt(1 - cos^2); pass it when it is known more precisely than 1 - cos^2). Exact in law: the
     orthogonal direction is a normalised Gaussian projected off ``mu`` (``m2m.geometry.noise.normal_``).
     Costs one Gaussian draw of the shape of ``mu`` and three passes over it. ``out`` (shape of
-    ``mu``) receives the result, allocated when not given; ``scratch`` is accepted for callers that
-    keep one (unused by the CPU path). ``gaussian``: N(0, I) draws of ``mu``'s shape drawn earlier
+    ``mu``) receives the result, allocated when not given; ``scratch`` (same shape) is a temporary
+    for d <= 64, allocated when not given. ``gaussian``: N(0, I) draws of ``mu``'s shape drawn earlier
     (e.g. in a prefetch thread); they are used instead of drawing (and overwritten with the result).
     """
     cos = cos.to(mu.dtype)

@@ -26,7 +26,7 @@ from m2m.errors import ConfigError, DeviceUnavailableError, StreamError
 from m2m.stream import columns as cols
 from m2m.stream.dataset import (ARENA, WARM_MODES, StreamDataset, StreamSpec, chunk_batches_for, host_tier_for,
                                 work_from_item)
-from m2m.stream.hooks import Augment, PreparedAugment, augment_seed, batch_generator
+from m2m.stream.hooks import Augment, PreparedAugment, batch_generator
 from m2m.stream.stages.augment import PrepareAugment
 from m2m.stream.order import MODES, choose_layout
 from m2m.stream.plan import PlanSampler, supports_priorities
