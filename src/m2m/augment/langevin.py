@@ -51,7 +51,7 @@ from m2m.augment.energy import (
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.geometry.noise import HostNoise, normal_
-from m2m.geometry.sphere import uniform_tangent_direction
+from m2m.geometry.sphere import normalize, uniform_tangent_direction
 from m2m.geometry.vmf import standard_gamma
 
 __all__ = [
@@ -200,14 +200,12 @@ def _validate(x: Tensor, mu: Tensor, kappa: Tensor, alpha: Tensor, mask: Tensor 
         raise ConfigError("kappa must be finite and >= 0 for present components")
     if not bool((torch.isfinite(alp) & (alp > 0)).all()):
         raise ConfigError("alpha must be finite and > 0 for present components")
-    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(mu).all())):
-        raise InvalidEmbeddingError("x or mu contains NaN or Inf")
-    xn = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    x = normalize(x, name="x")
     mn = torch.linalg.vector_norm(mu, dim=2, keepdim=True)
-    if bool((xn == 0).any()):
-        raise InvalidEmbeddingError(f"x row {int(torch.nonzero(xn.squeeze(1) == 0)[0])} is a zero vector")
+    if not bool(torch.isfinite(mn).all()):
+        raise InvalidEmbeddingError("mu contains NaN or Inf")
     mn = torch.where(mn > 0, mn, torch.ones_like(mn))  # zero means are only allowed where masked
-    return x / xn, mu / mn, kap, alp, mask
+    return x, mu / mn, kap, alp, mask
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,16 +24,17 @@ __all__ = [
 ]
 
 
-def normalize(x: Tensor, dim: int = -1, eps: float = 0.0) -> Tensor:
+def normalize(x: Tensor, dim: int = -1, eps: float = 0.0, name: str = "x") -> Tensor:
     """Rows of ``x`` scaled to unit Euclidean norm along ``dim``.
 
-    Raises InvalidEmbeddingError when a row has norm <= ``eps`` (zero rows have no direction).
+    Raises InvalidEmbeddingError naming ``name`` and the first bad (flat) row when a row holds NaN
+    or Inf, or has norm <= ``eps`` (zero rows have no direction).
     """
     norms = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
-    bad = ~(norms > eps)
-    if bool(bad.any()):
-        first = int(torch.nonzero(bad.reshape(-1))[0])
-        raise InvalidEmbeddingError(f"cannot normalise a vector of norm <= {eps} (first at flat row {first})")
+    for bad, what in ((~torch.isfinite(norms), "contains NaN or Inf"), (~(norms > eps), f"has norm <= {eps}")):
+        if bool(bad.any()):
+            first = int(torch.nonzero(bad.reshape(-1))[0])
+            raise InvalidEmbeddingError(f"{name} {what} (first at flat row {first})")
     return x / norms
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from m2m.errors import ConfigError, InvalidEmbeddingError
-from m2m.geometry.sphere import random_point_at_cosine
+from m2m.geometry.sphere import normalize, random_point_at_cosine
 
 __all__ = [
     "KAPPA_MAX",
@@ -269,13 +269,7 @@ def estimate_kappa(unit_vectors: Tensor) -> Tensor:
     if unit_vectors.dim() < 2 or unit_vectors.shape[-2] < 2 or unit_vectors.shape[-1] < 2:
         raise InvalidEmbeddingError(f"estimate_kappa needs [..., n >= 2, d >= 2] vectors, got shape "
                                     f"{tuple(unit_vectors.shape)}")
-    v = unit_vectors.to(torch.float64)
-    if not bool(torch.isfinite(v).all()):
-        raise InvalidEmbeddingError("estimate_kappa got NaN or Inf values")
-    norms = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    if bool((norms == 0).any()):
-        raise InvalidEmbeddingError("estimate_kappa got a zero vector")
-    v = v / norms
+    v = normalize(unit_vectors.to(torch.float64), name="estimate_kappa input")
     mean = v.mean(dim=-2)
     rbar = torch.linalg.vector_norm(mean, dim=-1)
     q = (v - mean.unsqueeze(-2)).square().sum(-1).mean(-1)  # = 1 - rbar^2 for unit rows
@@ -430,12 +424,7 @@ def sample(mu: Tensor, kappa: float | Tensor, n: int, generator: torch.Generator
     if k.numel() != mu2.shape[0]:
         raise ConfigError(f"kappa must have one value per mean direction ({mu2.shape[0]}), got {k.numel()}")
     _check_kappa(k)
-    if not bool(torch.isfinite(mu2).all()):
-        raise InvalidEmbeddingError("mu contains NaN or Inf")
-    norms = torch.linalg.vector_norm(mu2, dim=-1, keepdim=True)
-    if bool((norms == 0).any()):
-        raise InvalidEmbeddingError("mu contains a zero vector")
-    mu2 = mu2 / norms
+    mu2 = normalize(mu2, name="mu")
     d = mu2.shape[-1]
     w, s = sample_cosine(k, d, n, generator)
     base = mu2.unsqueeze(1).expand(-1, n, -1)
