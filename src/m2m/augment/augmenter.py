@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
@@ -35,7 +35,7 @@ from m2m.augment.langevin import (
     path_terms,
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
-from m2m.geometry.noise import HostNoise, normal_
+from m2m.geometry.noise import HostNoise, Source, normal_
 from m2m.geometry.sphere import random_point_at_cosine
 from m2m.geometry.vmf import log_normalizer, sample_cosine
 
@@ -61,6 +61,17 @@ def _check_table(name: str, values: np.ndarray, n: int, positive: bool) -> np.nd
         first = int(np.flatnonzero(~ok)[0])
         raise ConfigError(f"{name} must be finite and {'> 0' if positive else '>= 0'}; row {first} is {arr[first]!r}")
     return arr
+
+
+def _check_rows(rows: Tensor) -> None:
+    if rows.dim() != 1:
+        raise InvalidEmbeddingError(f"expected rows [B], got {tuple(rows.shape)}")
+
+
+def _check_prepared(prepared: "VMFDraws | LangevinDraws", x: Tensor) -> None:
+    if (prepared.batch, prepared.dim, prepared.dtype) != (x.shape[0], x.shape[1], x.dtype):
+        raise InvalidEmbeddingError(f"prepared draws are for {prepared.batch} x {prepared.dim} {prepared.dtype}, "
+                                    f"got x {tuple(x.shape)} {x.dtype}")
 
 
 def _check_x(x: Tensor, rows: Tensor) -> None:
@@ -105,8 +116,7 @@ class VMFAugmenter:
         """The batch's draws made before its vectors are read (the stream's prefetch thread runs this);
         ``self(x, rows, gather, generator, prepared=...)`` then equals ``self(x, rows, gather, generator)``.
         ``draw_gaussian=False`` leaves the direction Gaussians to the call (same result)."""
-        if rows.dim() != 1:
-            raise InvalidEmbeddingError(f"expected rows [B], got {tuple(rows.shape)}")
+        _check_rows(rows)
         kappa = self._table(rows.device)[rows]
         w, s = sample_cosine(kappa, dim, 1, generator)
         gaussian = None
@@ -119,9 +129,8 @@ class VMFAugmenter:
         _check_x(x, rows)
         if prepared is None:
             prepared = self.prepare(rows.to(x.device), x.shape[1], generator, x.dtype)
-        elif (prepared.batch, prepared.dim, prepared.dtype) != (x.shape[0], x.shape[1], x.dtype):
-            raise InvalidEmbeddingError(f"prepared draws are for {prepared.batch} x {prepared.dim} {prepared.dtype}, "
-                                        f"got x {tuple(x.shape)} {x.dtype}")
+        else:
+            _check_prepared(prepared, x)
         return random_point_at_cosine(x, prepared.cos.to(x.device), prepared.sin.to(x.device), generator=generator,
                                       gaussian=prepared.gaussian)
 
@@ -129,8 +138,7 @@ class VMFAugmenter:
 @dataclass
 class _Tables:
     """Per-device tables of one (dim) configuration."""
-    h: Tensor            # [N] float64 Langevin step length
-    kappa_t: Tensor      # [N] float64 kappa / T
+    packed: Tensor       # [N, 3] float64 (h = step length, kappa / T, 1 - fast): a batch's values in one gather
     fast: Tensor         # [N] bool: neighbours negligible whatever the path -> one-component chain
     kappa: Tensor        # [N] float64
     log_w: Tensor        # [N] float64 log alpha + log C_d(kappa)
@@ -138,7 +146,6 @@ class _Tables:
     room: Tensor         # [N, k] float32 } constants of the path check (``path_terms``)
     slope: Tensor        # [N, k] float32 }
     scale: Tensor        # [N, k] float32 }
-    packed: Tensor       # [N, 3] float64 (h, kappa_t, 1 - fast): the per-row values of a batch in one gather
 
 
 @dataclass
@@ -154,7 +161,7 @@ class LangevinDraws:
     dtype: torch.dtype
     h: Tensor
     own: OwnChain
-    noise: "HostNoise | torch.Generator"
+    noise: Source
     gaussian: Tensor | None
     fail: Tensor
     rerun: OwnChain | None
@@ -233,9 +240,7 @@ class LangevinAugmenter:
                 if dim not in self._static:
                     self._static[dim] = self._build(dim, gather)
                 st = self._static[dim]
-                self._cache[key] = _Tables(*(t.to(device) for t in (st.h, st.kappa_t, st.fast, st.kappa, st.log_w,
-                                                                     st.neighbors, st.room, st.slope, st.scale,
-                                                                     st.packed)))
+                self._cache[key] = _Tables(*(getattr(st, f.name).to(device) for f in fields(_Tables)))
             return self._cache[key]
 
     def _neighbour_cosines(self, gather: Gather | None) -> Tensor:
@@ -277,9 +282,8 @@ class LangevinAugmenter:
             room[sl], slope[sl], scale[sl] = path_terms(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], self.temperature)
         log.info("LangevinAugmenter: %d splats, k=%d, d=%d; %.2f%% on the one-component path",
                  n, k, dim, 100.0 * float(fast.double().mean()) if n else 100.0)
-        kappa_t = kappa / self.temperature
-        packed = torch.stack([h, kappa_t, (~fast).double()], 1)
-        return _Tables(h, kappa_t, fast, kappa, log_w, self._neighbors, room, slope, scale, packed)
+        packed = torch.stack([h, kappa / self.temperature, (~fast).double()], 1)
+        return _Tables(packed, fast, kappa, log_w, self._neighbors, room, slope, scale)
 
     def _scratch(self, x: Tensor) -> Tensor:
         """A per-thread temporary of x's shape (fresh large allocations fault pages on every batch)."""
@@ -300,8 +304,7 @@ class LangevinAugmenter:
         not given. ``draw_gaussian=False`` leaves the direction Gaussians (the largest draw) to the
         call: the result is the same, since nothing else draws from the batch's noise stream between.
         """
-        if rows.dim() != 1:
-            raise InvalidEmbeddingError(f"expected rows [B], got {tuple(rows.shape)}")
+        _check_rows(rows)
         device = rows.device
         tab = self._tables(device, dim, gather)
         per_row = tab.packed.index_select(0, rows)
@@ -312,7 +315,7 @@ class LangevinAugmenter:
                                   record=cand.numel() > 0)
         gaussian = None
         if draw_gaussian and device.type == "cpu" and dtype == torch.float32:  # the direction draw (noise.normal_)
-            gaussian = HostNoise.of(noise).normal_(torch.empty((rows.shape[0], dim), dtype=dtype))
+            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), noise)
         fail = cand[:0]
         rerun = None
         if cand.numel():
@@ -334,9 +337,8 @@ class LangevinAugmenter:
         rows = rows.to(x.device)
         if prepared is None:
             prepared = self.prepare(rows, d, generator, x.dtype, gather)
-        elif (prepared.batch, prepared.dim, prepared.dtype) != (x.shape[0], d, x.dtype):
-            raise InvalidEmbeddingError(f"prepared draws are for {prepared.batch} x {prepared.dim} {prepared.dtype}, "
-                                        f"got x {tuple(x.shape)} {x.dtype}")
+        else:
+            _check_prepared(prepared, x)
         own = prepared.own
         out = random_point_at_cosine(x, own.t, own.rho, generator=prepared.noise, scratch=self._scratch(x),
                                      gaussian=prepared.gaussian)

@@ -50,7 +50,7 @@ from m2m.augment.energy import (
     validate_chain_args,
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
-from m2m.geometry.noise import HostNoise, normal_
+from m2m.geometry.noise import HostNoise, Source, normal_
 from m2m.geometry.sphere import normalize, uniform_tangent_direction
 from m2m.geometry.vmf import standard_gamma
 
@@ -239,7 +239,7 @@ class OwnChain:
         return OwnChain(*(pick(getattr(self, f.name)) for f in fields(self)))  # type: ignore[arg-type]
 
 
-def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generator: torch.Generator | HostNoise | None,
+def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generator: Source,
                         metropolis: bool = False, record: bool = False) -> OwnChain:
     """The Langevin chain of ``sample`` for the single target vMF(mu_0, kappa) started at mu_0.
 
@@ -280,7 +280,7 @@ def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generato
     return OwnChain(t_out, rho_out, rec[0], rec[1], z, chi2, log_u, rec[2], rec[3])
 
 
-def _own_chain_noise(steps: int, b: int, dim: int, generator: torch.Generator | HostNoise | None, dev: torch.device,
+def _own_chain_noise(steps: int, b: int, dim: int, generator: Source, dev: torch.device,
                      metropolis: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """The noise of ``own_component_chain``: z [S, 2, B] N(0, 1), chi2 [S, B] chi^2_{d-2}, log U [S, B]
     (MALA only), float64; from ``HostNoise`` on the CPU, torch's generator elsewhere."""

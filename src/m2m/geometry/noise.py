@@ -116,7 +116,7 @@ Source = torch.Generator | HostNoise | None
 (CPU; one per batch avoids re-seeding) or None (torch's default generator)."""
 
 
-def normal_(out: Tensor, source: torch.Generator | HostNoise | None = None) -> Tensor:
+def normal_(out: Tensor, source: Source = None) -> Tensor:
     """Fill ``out`` with N(0, 1) draws determined by ``source``.
 
     Contiguous float32 CPU tensors take the fast ``HostNoise`` path; anything else (other dtypes,

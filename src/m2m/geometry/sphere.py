@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from m2m.errors import InvalidEmbeddingError
-from m2m.geometry.noise import HostNoise, normal_
+from m2m.geometry.noise import Source, normal_
 
 _EXPLICIT_PERP_DIM = 64
 
@@ -69,7 +69,7 @@ def uniform_tangent_direction(x: Tensor, generator: torch.Generator | None = Non
 
 
 def random_point_at_cosine(
-    mu: Tensor, cos: Tensor, sin: Tensor | None = None, generator: torch.Generator | HostNoise | None = None,
+    mu: Tensor, cos: Tensor, sin: Tensor | None = None, generator: Source = None,
     out: Tensor | None = None, scratch: Tensor | None = None, gaussian: Tensor | None = None,
 ) -> Tensor:
     """Unit vectors x = cos * mu + sin * u, with u uniform on the unit sphere orthogonal to ``mu``.
