@@ -23,9 +23,10 @@ class Augment(Protocol):
 
     An augmentation may also define ``prepare(rows, dim, generator, dtype, gather, draw_gaussian)
     -> draws`` (see ``PreparedAugment``): the draws that do not read ``x`` (``draw_gaussian=False``:
-    all but the largest, which ``__call__`` then makes, with the same result). On CPU streams with a prefetch thread the
-    stream calls it there, one batch ahead, and then ``__call__(..., prepared=draws)`` in the
-    consumer, which must return what ``__call__`` without ``prepared`` returns.
+    all but the largest, which ``__call__`` then makes, with the same result). On CPU streams with
+    a prefetch thread the stream calls it there, one batch ahead, and then
+    ``__call__(..., prepared=draws)`` in the consumer, which must return what ``__call__`` without
+    ``prepared`` returns.
     """
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, gather: Gather,

@@ -281,18 +281,15 @@ class StreamLoader(DataLoader):
                     shutdown()
 
     def _split(self, work: Work, epoch: int, gather: Any) -> Iterator[Any]:
-        bs = self.spec.batch_size
-        total = len(work.rows)
         names = [c.name for c in self.spec.columns]
         for j in range(work.first, work.end):
-            lo = (j - work.first) * bs
-            hi = min(lo + bs, total)
-            batch = {name: t[lo:hi] for name, t in work.tensors.items()}
+            rows = work.batch_slice(j, self.spec.batch_size)
+            batch = {name: t[rows] for name, t in work.tensors.items()}
             if self.augment is not None:
                 ahead = work.prepared.get(j) if work.prepared is not None else None
                 batch[cols.EMBEDDING] = self._augment(batch, epoch, j, gather, ahead)
             self._yielded = j + 1
-            self._stats.add({"rows": hi - lo, "batches": 1})
+            self._stats.add({"rows": rows.stop - rows.start, "batches": 1})
             yield batch[cols.EMBEDDING] if self.return_tensor else {n: batch[n] for n in names}
 
     def _augment(self, batch: dict[str, torch.Tensor], epoch: int, j: int, gather: Any,

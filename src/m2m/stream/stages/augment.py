@@ -46,8 +46,7 @@ class PrepareAugment(Stage):
         self.gaussian_items += int(draw_gaussian)
         prepared = {}
         for j in range(work.first, work.end):
-            lo = (j - work.first) * self.batch_size
-            batch_rows = rows[lo:lo + self.batch_size]
+            batch_rows = rows[work.batch_slice(j, self.batch_size)]
             gen = batch_generator(self.seed, work.epoch, self.rank, j, batch_rows.device)
             prepared[j] = (gen, self.augment.prepare(batch_rows, self.dim, gen, torch.float32, self.gather,
                                                      draw_gaussian))

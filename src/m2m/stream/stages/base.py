@@ -34,6 +34,11 @@ class Work:
     state: dict[str, Any] | None = None
     prepared: dict[int, Any] | None = None
 
+    def batch_slice(self, j: int, batch_size: int) -> slice:
+        """Rows of batch ``j`` (``first <= j < end``) within this item's concatenated rows."""
+        lo = (j - self.first) * batch_size
+        return slice(lo, min(lo + batch_size, len(self.rows)))
+
     def count(self, key: str, value: float) -> None:
         self.stats[key] = self.stats.get(key, 0.0) + value
 
