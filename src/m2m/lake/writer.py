@@ -10,7 +10,6 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from m2m._validate import SplatBatch, normalise_rows
 from m2m.errors import InvalidEmbeddingError
@@ -189,7 +188,9 @@ def _prepare(batch: SplatBatch, first_id: int, schema: SchemaUpdate,
              buffers: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     f32, store = buffers
     mu = normalise_rows(batch.vectors, out=f32)
-    if store is not f32 and store.base is not f32.base:
+    if store.dtype != np.float32:
+        import torch  # only for float16 storage: keeps torch out of opening a lake
+
         torch.from_numpy(store).copy_(torch.from_numpy(mu))  # torch's f32 -> f16 cast is ~10x numpy's
         mu = store
     ids = np.arange(first_id, first_id + batch.rows, dtype=np.int64) if batch.ids is None else batch.ids
