@@ -16,7 +16,8 @@ class BatchStage(Stage):
     """Yields this worker's items (runs of ``chunk_batches`` batches) of one epoch, from ``start`` on.
 
     State: ``{"epoch", "start", "next"}`` — the epoch, the batch the run began at (a resume
-    point), and how many of this worker's items were already produced.
+    point), and how many of this worker's items were already produced. Nothing is planned before
+    ``reset`` (the epoch's order is the expensive part, and ``reset`` says which epoch).
     """
 
     def __init__(self, epoch_fn: Callable[[int], RankEpoch], world: World, chunk_batches: int,
@@ -25,7 +26,9 @@ class BatchStage(Stage):
         self._world = world
         self._chunk = chunk_batches
         self._lookahead = lookahead_rows
-        self.reset(None)
+        self._epoch = self._start = self._next = 0
+        self._plan: RankEpoch | None = None
+        self._items = partition.worker_items(0, 0, chunk_batches, world.worker, world.num_workers)
 
     def reset(self, state: dict[str, Any] | None = None) -> None:
         state = state or {"epoch": 0, "start": 0, "next": 0}
@@ -41,6 +44,7 @@ class BatchStage(Stage):
             raise StopIteration
         _, first, end = (int(v) for v in self._items[self._next])
         self._next += 1
+        assert self._plan is not None
         lo, hi = self._plan.batch_range(first, end)
         weights = None if self._plan.weights is None else self._plan.weights[lo:hi]
         ahead = None
