@@ -44,23 +44,20 @@ def consolidate_manifest(fs: LakeFS, base: Manifest, similarity: float, config: 
         user_kappa = snap.read_main("kappa")
         metadata = {name: snap.read_main(name) for name in base.metadata}
         group = find_duplicate_groups(mu, codes, similarity, seed=config.seed, progress=progress)
-        merged = merge_groups(group, mu, alpha)
+        merged = merge_groups(group, mu, alpha, user_kappa)   # groups of one keep their row bit for bit
     finally:
         snap.close()
     rep = merged["representative"]            # first (smallest) position of each group, ascending
     size = merged["size"]
     g = len(rep)
-    new_mu = np.where((size > 1)[:, None], merged["mu"], mu[rep]).astype(np.float32)
-    new_alpha = np.where(size > 1, merged["alpha"], alpha[rep]).astype(np.float32)
-    new_kappa = np.where(size > 1, np.float32(np.nan), user_kappa[rep]).astype(np.float32)
+    new_mu, new_alpha, new_kappa = merged["mu"], merged["alpha"], merged["kappa"]
     batch = SplatBatch(vectors=new_mu, labels=None if raw_labels is None else raw_labels[rep], kappa=new_kappa,
                        alpha=new_alpha, metadata={k: v[rep] for k, v in metadata.items()}, ids=ids[rep])
     schema = SchemaUpdate.of(base)
     shards = tuple(write_splats(fs, [batch], 0, base.dim, base.dtype, config.shard_bytes, schema))
     kappa_est, nbrs, cos = compute_geometry(new_mu, config.knn_k, config.seed)
     fields = with_geometry(fs, base, shards, ids[rep], new_kappa, kappa_est, nbrs, cos)
-    fields["stats"] = lake_stats.merge({}, {**fields["stats"],
-                                            "alpha": lake_stats.summarize(new_kappa, new_alpha)["alpha"]})
+    fields["stats"]["alpha"] = lake_stats.summarize(new_kappa, new_alpha)["alpha"]
     alpha_after = float(new_alpha.sum(dtype=np.float64))
     report = ConsolidationReport(rows_before=base.rows, rows_after=g, groups_merged=int((size > 1).sum()),
                                  alpha_before=alpha_before, alpha_after=alpha_after,
