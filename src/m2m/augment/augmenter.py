@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from m2m.augment.energy import DEFAULT_STEP_SIZE, kappa_ref, validate_chain_args
+from m2m.augment.energy import DEFAULT_STEP_SIZE, component_log_weights, step_length, validate_chain_args
 from m2m.augment.langevin import (
     OwnChain,
     coupled_full_chain,
@@ -37,7 +37,7 @@ from m2m.augment.langevin import (
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.geometry.noise import HostNoise, Source, normal_
 from m2m.geometry.sphere import random_point_at_cosine
-from m2m.geometry.vmf import log_normalizer, sample_cosine
+from m2m.geometry.vmf import sample_cosine
 
 __all__ = ["LangevinAugmenter", "LangevinDraws", "VMFAugmenter", "VMFDraws"]
 
@@ -138,8 +138,8 @@ class VMFAugmenter:
 @dataclass
 class _Tables:
     """Per-device tables of one (dim) configuration."""
-    packed: Tensor       # [N, 3] float64 (h = step length, kappa / T, 1 - fast): a batch's values in one gather
-    fast: Tensor         # [N] bool: neighbours negligible whatever the path -> one-component chain
+    packed: Tensor       # [N, 3] float64 (h = step length, kappa / T, 1 - fast): a batch's values in one gather;
+                         # fast: neighbours negligible whatever the path -> one-component chain
     kappa: Tensor        # [N] float64
     log_w: Tensor        # [N] float64 log alpha + log C_d(kappa)
     neighbors: Tensor    # [N, k] int32 positions, -1 = absent (missing, self or another label)
@@ -230,8 +230,8 @@ class LangevinAugmenter:
         """Fraction of splats on the one-component path (None before the tables exist)."""
         if not self._static:
             return None
-        fast = next(iter(self._static.values())).fast
-        return float(fast.double().mean()) if fast.numel() else 1.0
+        slow = next(iter(self._static.values())).packed[:, 2]
+        return 1.0 - float(slow.mean()) if slow.numel() else 1.0
 
     def _tables(self, device: torch.device, dim: int, gather: Gather | None) -> _Tables:
         key = (device, dim)
@@ -264,7 +264,7 @@ class LangevinAugmenter:
         cos = self._neighbour_cosines(gather)
         n, k = self._neighbors.shape
         kappa = torch.from_numpy(self._kappa)
-        log_w = torch.log(torch.from_numpy(self._alpha)) + log_normalizer(kappa, dim)
+        log_w = component_log_weights(kappa, torch.from_numpy(self._alpha), dim)
         h = torch.empty(n, dtype=torch.float64)
         fast = torch.empty(n, dtype=torch.bool)
         room, slope, scale = (torch.empty(n, k, dtype=torch.float32) for _ in range(3))
@@ -276,14 +276,14 @@ class LangevinAugmenter:
             a_nb = torch.where(valid, log_w[idx], torch.full((), -math.inf, dtype=torch.float64))
             comp = torch.cat([kappa[sl].unsqueeze(1), k_nb], 1)
             mask = torch.cat([torch.ones(valid.shape[0], 1, dtype=torch.bool), valid], 1)
-            h[sl] = self.step_size / kappa_ref(comp, mask, dim, self.temperature)
+            h[sl] = step_length(self.step_size, comp, mask, dim, self.temperature)
             fast[sl] = negligible_neighbours(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], h[sl], self.steps, dim,
                                              self.temperature, self.metropolis)
             room[sl], slope[sl], scale[sl] = path_terms(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], self.temperature)
         log.info("LangevinAugmenter: %d splats, k=%d, d=%d; %.2f%% on the one-component path",
                  n, k, dim, 100.0 * float(fast.double().mean()) if n else 100.0)
         packed = torch.stack([h, kappa / self.temperature, (~fast).double()], 1)
-        return _Tables(packed, fast, kappa, log_w, self._neighbors, room, slope, scale)
+        return _Tables(packed, kappa, log_w, self._neighbors, room, slope, scale)
 
     def _scratch(self, x: Tensor) -> Tensor:
         """A per-thread temporary of x's shape (fresh large allocations fault pages on every batch)."""
