@@ -28,7 +28,7 @@ from m2m.stream.dataset import (ARENA, WARM_MODES, StreamDataset, StreamSpec, ch
                                 work_from_item)
 from m2m.stream.hooks import Augment, PreparedAugment, batch_generator
 from m2m.stream.stages.augment import PrepareAugment
-from m2m.stream.order import MODES, choose_layout
+from m2m.stream.order import choose_layout
 from m2m.stream.plan import PlanSampler, supports_priorities
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import Stage, Work
@@ -90,8 +90,6 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
         chunk_batches = check_int(chunk_batches, "chunk_batches", 1)
     if intra_op_threads is not None:
         intra_op_threads = check_int(intra_op_threads, "intra_op_threads", 1)
-    if shuffle_mode not in MODES:
-        raise ConfigError(f"shuffle_mode must be one of {MODES}, got {shuffle_mode!r}")
     if warm_mode not in WARM_MODES:
         raise ConfigError(f"warm_mode must be one of {WARM_MODES}, got {warm_mode!r}")
     if hot_mode not in HOT_MODES:
