@@ -10,7 +10,7 @@ from m2m.config import M2MConfig
 from m2m.errors import DeviceUnavailableError, LakeNotFoundError
 from m2m.lake.fs import open_fs
 from m2m.lake.lake import Lake, check_compatible, create_empty
-from m2m.lake.manifest import list_versions, read_manifest
+from m2m.lake.manifest import read_manifest
 
 
 def check_device(device: str) -> None:
@@ -44,11 +44,12 @@ def create_m2m(config: M2MConfig | None = None) -> Lake:
     else:
         path = os.fspath(config.path)
     fs = open_fs(path)
-    if list_versions(fs):
+    try:
         manifest = read_manifest(fs)
-        check_compatible(manifest, config, path)
-    else:
+    except LakeNotFoundError:
         manifest = create_empty(fs, config)
+    else:
+        check_compatible(manifest, config, path)
     return Lake(fs, config, manifest, temporary_dir=temporary)
 
 
@@ -58,9 +59,7 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, **o
     The lake's own dim and dtype are used; other settings come from ``config`` and ``overrides``.
     """
     fs = open_fs(path)
-    if not list_versions(fs):
-        raise LakeNotFoundError(f"no m2m lake at {os.fspath(path)}")
-    manifest = read_manifest(fs)
+    manifest = read_manifest(fs)   # LakeNotFoundError ("no m2m lake at ...") when there is none
     base = config or M2MConfig()
     if config is not None:
         check_compatible(manifest, config, os.fspath(path))
