@@ -181,7 +181,6 @@ def validate_splats(vectors: Any, labels: Any, kappa: Any, alpha: Any, metadata:
     ``start`` offsets the row numbers in error messages (for chunked ingest).
     """
     arr = as_vectors(vectors, dim)
-    n = arr.shape[0]
     check_rows(arr, start)
     if start:
         try:

@@ -26,7 +26,6 @@ class LakeFS(Protocol):
     def write_atomic(self, rel: str, data: bytes) -> None: ...
     def write_file(self, rel: str, local_src: str) -> None: ...
     def remove(self, rel: str) -> None: ...
-    def size(self, rel: str) -> int: ...
     def local_path(self, rel: str) -> str: ...
     def new_local_file(self, suffix: str) -> str: ...
 
@@ -89,9 +88,6 @@ class LocalFS:
             os.remove(self._p(rel))
         except FileNotFoundError:
             pass
-
-    def size(self, rel: str) -> int:
-        return os.path.getsize(self._p(rel))
 
     def local_path(self, rel: str) -> str:
         return self._p(rel)
@@ -159,9 +155,6 @@ class FsspecFS:
             os.remove(os.path.join(self.cache, rel))
         except FileNotFoundError:
             pass
-
-    def size(self, rel: str) -> int:
-        return int(self.fs.size(self._p(rel)))
 
     def local_path(self, rel: str) -> str:
         cached = os.path.join(self.cache, rel)

@@ -215,7 +215,6 @@ class ResidentStage(Stage):
         self.upstream = upstream
         self.tier = tier
         self.columns = tuple(columns)
-        self.mode = RESIDENT
         self._stream = torch.cuda.Stream(tier.device) if tier.device.type == "cuda" else None
 
     def __next__(self) -> Work:

@@ -91,7 +91,6 @@ class Prefetcher(Stage):
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=capacity)
         self._state: dict[str, Any] | None = None
         self._done = True
-        self.stall_s = 0.0
 
     def reset(self, state: dict[str, Any] | None = None) -> None:
         self.shutdown()
@@ -119,7 +118,6 @@ class Prefetcher(Stage):
                         self._done = True
                         raise StreamError(f"{self.name}: producer thread ended without a result") from None
         stall = time.perf_counter() - start
-        self.stall_s += stall
         if isinstance(item, _End):
             self._done = True
             raise StopIteration
