@@ -77,7 +77,6 @@ def run(quick: bool = False, rows: int | None = None, threads: list[int] | None 
     with compute_threads(threads[0]):
         index = faiss.IndexFlatIP(x.shape[1])
         index.add(x)
-        t0 = time.perf_counter()
         _, truth = index.search(x[probe], k + 1)
         timed = np.sort(g.choice(rows, 2000, replace=False))
         t0 = time.perf_counter()

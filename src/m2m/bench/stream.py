@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from m2m.lake.fs import fsync_path
 from m2m.stream.source import ArraySource, RowSource
 
 DIM = 640
@@ -56,9 +57,7 @@ def write_npy(directory: Path, rows: int, dim: int, dtype: str, seed: int) -> No
     del mu
     np.save(directory / "label.npy", rng.integers(0, 1000, rows, dtype=np.int64))
     for name in ("mu.npy", "label.npy"):
-        fd = os.open(directory / name, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        fsync_path(directory / name)
 
 
 def open_npy(directory: Path) -> RowSource:
@@ -225,7 +224,7 @@ def _ooc_child(args_json: str) -> None:
     open_fn = getattr(importlib.import_module(module), name)
     torch.set_num_threads(1)
     evict(directory)
-    disk_bw = max(sequential_read_bw(directory / args["file"]) for _ in range(1))
+    disk_bw = sequential_read_bw(directory / args["file"])
     evict(directory)
     from m2m.stream.loader import make_loader
 

@@ -52,17 +52,14 @@ class HostNoise:
         self.rng = np.random.Generator(np.random.SFC64(_Words(seed)))
 
     @classmethod
-    def of(cls, source: "torch.Generator | HostNoise | None") -> "HostNoise":
+    def of(cls, source: Source) -> "HostNoise":
         """``source`` itself if it is a HostNoise, else a stream determined by (and advancing) the
         torch generator ``source`` (torch's default CPU generator if None)."""
         if isinstance(source, HostNoise):
             return source
-        if source is not None and source.device.type != "cpu":
-            seed = torch.randint(-2**63, 2**63 - 1, (3,), dtype=torch.int64, generator=source,
-                                 device=source.device).cpu()
-        else:
-            seed = torch.randint(-2**63, 2**63 - 1, (3,), dtype=torch.int64, generator=source)
-        return cls(seed.numpy().view(np.uint64))
+        device = "cpu" if source is None else source.device
+        seed = torch.randint(-2**63, 2**63 - 1, (3,), dtype=torch.int64, generator=source, device=device)
+        return cls(seed.cpu().numpy().view(np.uint64))
 
     def torch_generator(self, device: torch.device | str) -> torch.Generator:
         """A torch generator on ``device`` seeded from this stream (for draws this class cannot make)."""
