@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from m2m._validate import check_int
 from m2m.errors import ConfigError
 
 __all__ = ["DigitsEmbeddings", "TextEmbeddings", "digits_embeddings", "word_sentiment_embeddings"]
@@ -63,10 +64,6 @@ def _check(ok: bool, name: str, value: object, expected: str) -> None:
         raise ConfigError(f"{name} must be {expected}, got {value!r}")
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if not (norms > 0).all():
@@ -94,9 +91,9 @@ def digits_embeddings(rows: int = 10_000, dim: int = 640, seed: int = 0, test_fr
         test_fraction: fraction of the images held out for test.
         noise: standard deviation of the Gaussian pixel noise (pixels are 0..16).
     """
-    _check(_is_int(rows) and rows >= 2, "rows", rows, "an int >= 2")
-    _check(_is_int(dim) and dim >= 2, "dim", dim, "an int >= 2")
-    _check(_is_int(seed) and seed >= 0, "seed", seed, "an int >= 0")
+    check_int(rows, "rows", 2)
+    check_int(dim, "dim", 2)
+    check_int(seed, "seed", 0)
     _check(isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0, "test_fraction", test_fraction,
            "a float in (0, 1)")
     _check(isinstance(noise, (int, float)) and np.isfinite(noise) and noise >= 0.0, "noise", noise,
@@ -178,7 +175,7 @@ def word_sentiment_embeddings(seed: int = 0, test_fraction: float = 0.2, min_abs
     Entries rated within ``min_abs_rating`` of neutral are left out. Embeddings are cached in
     ``cache_dir`` (default ``$M2M_CACHE`` or ``~/.cache/m2m``) keyed by the lexicon's content.
     """
-    _check(_is_int(seed) and seed >= 0, "seed", seed, "an int >= 0")
+    check_int(seed, "seed", 0)
     _check(isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0, "test_fraction", test_fraction,
            "a float in (0, 1)")
     tokens, ratings = vader_lexicon()

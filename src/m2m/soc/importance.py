@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from m2m._validate import check_int
 from m2m.errors import ConfigError, InvalidEmbeddingError
 
 __all__ = ["BUILTIN_MODES", "importance_plan", "plan_generator", "probabilities", "score_from"]
@@ -53,9 +54,8 @@ BUILTIN_MODES = ("kappa", "alpha", "loss")
 
 def plan_generator(seed: int, epoch: int) -> np.random.Generator:
     """The generator of one epoch's plan: a function of ``(seed, epoch)`` only."""
-    for name, value in (("seed", seed), ("epoch", epoch)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+    check_int(seed, "seed", 0)
+    check_int(epoch, "epoch", 0)
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch), 0x50C])))
 
 
@@ -112,8 +112,7 @@ def importance_plan(
     low = a <= 0
     if low.any():
         raise InvalidEmbeddingError(f"alpha must be > 0; row {int(np.argmax(low))} is {a[np.argmax(low)]}")
-    if not isinstance(num_draws, (int, np.integer)) or isinstance(num_draws, bool) or num_draws < 0:
-        raise ConfigError(f"num_draws must be an int >= 0, got {num_draws!r}")
+    check_int(num_draws, "num_draws", 0)
     gen = plan_generator(seed, epoch)
     if n == 0 or num_draws == 0:
         if n == 0 and num_draws > 0:

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from m2m._validate import check_int
 from m2m.errors import ConfigError, InvalidEmbeddingError
 
 __all__ = ["LossPriorities"]
@@ -30,8 +31,7 @@ class LossPriorities:
     """
 
     def __init__(self, n: int, ema: float = 0.9, initial: float = 1.0, ids: Any = None) -> None:
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-            raise ConfigError(f"n must be an int >= 0, got {n!r}")
+        check_int(n, "n", 0)
         if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0.0 <= ema < 1.0:
             raise ConfigError(f"ema must be a float in [0, 1), got {ema!r}")
         if not isinstance(initial, (int, float)) or not np.isfinite(initial) or initial < 0:
