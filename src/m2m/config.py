@@ -41,8 +41,9 @@ class M2MConfig:
         shard_bytes: target size of one shard file.
         prefetch: work items the background prefetch thread keeps ready (0: run the stages in the
             consuming thread).
-        verify_reads: check each shard file's CRC32 the first time a process reads it (one extra
-            sequential read of the lake per process; `Lake.verify` always checks).
+        verify_reads: check each shard file's CRC32 the first time a lake handle reads it, whichever
+            version and operation reads it (one extra sequential read of the lake per handle;
+            `Lake.verify` always checks).
     """
 
     path: str | os.PathLike[str] | None = None

@@ -18,7 +18,6 @@ import numpy as np
 from m2m._validate import SplatBatch
 from m2m.config import M2MConfig
 from m2m.lake import stats as lake_stats
-from m2m.lake.fs import LakeFS
 from m2m.lake.geometry import compute_geometry, with_geometry
 from m2m.lake.manifest import Manifest
 from m2m.lake.reader import Snapshot
@@ -26,15 +25,17 @@ from m2m.lake.writer import SchemaUpdate, write_splats
 from m2m.soc.consolidate import ConsolidationReport, find_duplicate_groups, merge_groups
 
 
-def consolidate_manifest(fs: LakeFS, base: Manifest, similarity: float, config: M2MConfig,
+def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
                          progress: Callable[[int], None] | None = None) -> tuple[Manifest, ConsolidationReport]:
-    """The next manifest after merging ``base``'s near-duplicates, and the report."""
+    """The next manifest after merging the near-duplicates of ``snap``'s version, and the report
+    (``snap`` is closed when done)."""
     t0 = time.perf_counter()
+    fs, base = snap.fs, snap.manifest
     alpha_before = float(base.stats.get("alpha", {}).get("sum", 0.0)) if base.stats else 0.0
     if base.rows == 0:
+        snap.close()
         report = ConsolidationReport(0, 0, 0, 0.0, 0.0, 0.0)
         return base.next(operation={"type": "consolidate", "similarity": similarity}), report
-    snap = Snapshot(fs, base)
     try:
         mu = snap.read_all("mu").astype(np.float32, copy=False)
         ids = snap.ids()

@@ -72,10 +72,11 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: tuple[ShardEntry, ...], id
                          "estimated_at": time.time()}}
 
 
-def estimate(fs: LakeFS, base: Manifest, k: int, seed: int,
+def estimate(snap: Snapshot, k: int, seed: int,
              progress: Callable[[int], None] | None = None, threads: int | None = None) -> Manifest:
-    """The next manifest: ``base`` with kappa and neighbours estimated for every splat."""
-    snap = Snapshot(fs, base)
+    """The next manifest: ``snap``'s version with kappa and neighbours estimated for every splat
+    (``snap`` is closed when done)."""
+    fs, base = snap.fs, snap.manifest
     try:
         mu = snap.read_all("mu").astype(np.float32, copy=False)
         ids = snap.ids()

@@ -45,7 +45,8 @@ class Lake:
     def __init__(self, fs: LakeFS, config: M2MConfig, manifest: Manifest, temporary_dir: str | None = None) -> None:
         self._fs = fs
         self.config = config
-        self._snapshot = Snapshot(fs, manifest, verify=config.verify_reads)
+        self._verified: set[str] = set()      # shard files whose CRC32 this handle has checked
+        self._snapshot = self._open(manifest)
         self._temporary_dir = temporary_dir
         self._closed = False
         self._cache: dict[str, Any] = {}
@@ -111,7 +112,7 @@ class Lake:
 
     def checkout(self, version: int) -> Snapshot:
         """A read-only snapshot of an older (or newer) committed version."""
-        return Snapshot(self._fs, read_manifest(self._fs, version), verify=self.config.verify_reads)
+        return self._open(read_manifest(self._fs, version))
 
     def versions(self) -> list[int]:
         """Committed versions still on disk."""
@@ -119,8 +120,12 @@ class Lake:
 
     def _set_manifest(self, manifest: Manifest) -> None:
         self._snapshot.close()
-        self._snapshot = Snapshot(self._fs, manifest, verify=self.config.verify_reads)
+        self._snapshot = self._open(manifest)
         self._cache.clear()
+
+    def _open(self, manifest: Manifest) -> Snapshot:
+        """A snapshot of ``manifest`` that checks each file's CRC32 once per handle (``verify_reads``)."""
+        return Snapshot(self._fs, manifest, verify=self.config.verify_reads, verified=self._verified)
 
     # ------------------------------------------------------------------ commits
     def commit(self, operation: str, build: Callable[[Manifest], Manifest]) -> Manifest:
@@ -266,7 +271,7 @@ class Lake:
         cfg = self.config
         n_threads = usable_cores() if threads is None else check_int(threads, "threads")
         self.commit("estimate_kappa",
-                    lambda base: estimate(self._fs, base, cfg.knn_k, cfg.seed, progress, n_threads))
+                    lambda base: estimate(self._open(base), cfg.knn_k, cfg.seed, progress, n_threads))
         return self.snapshot.read_all("kappa")
 
     def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -296,7 +301,7 @@ class Lake:
         holder: dict[str, Any] = {}
 
         def build(base: Manifest) -> Manifest:
-            new, report = consolidate_manifest(self._fs, base, sim, self.config, progress)
+            new, report = consolidate_manifest(self._open(base), sim, self.config, progress)
             holder["report"] = report
             return new
 

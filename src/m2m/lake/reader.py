@@ -21,13 +21,15 @@ class Snapshot:
 
     String labels are exposed as int64 codes into ``manifest.label_vocabulary``; the geometry
     sidecar's neighbour ids are exposed as global row positions (-1 where missing). Shard files are
-    verified against their CRC32 on first use when ``verify`` is true.
+    verified against their CRC32 on first use when ``verify`` is true; ``verified`` (paths already
+    checked) may be shared between snapshots so that a file is checked once per holder of the set.
     """
 
-    def __init__(self, fs: LakeFS, manifest: Manifest, verify: bool = True) -> None:
+    def __init__(self, fs: LakeFS, manifest: Manifest, verify: bool = True, verified: set[str] | None = None) -> None:
         self.fs = fs
         self.manifest = manifest
         self.verify = verify
+        self._verified: set[str] = set() if verified is None else verified
         counts = np.fromiter((s.rows for s in manifest.shards), dtype=np.int64, count=len(manifest.shards))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._batches: dict[str, pa.RecordBatch] = {}
@@ -145,7 +147,10 @@ class Snapshot:
         with self._lock:
             b = self._batches.get(f.path)
             if b is None:
-                b = open_shard_file(self.fs, f, verify=self.verify)
+                check = self.verify and f.path not in self._verified
+                b = open_shard_file(self.fs, f, verify=check)
+                if check:
+                    self._verified.add(f.path)
                 self._batches[f.path] = b
             return b
 
