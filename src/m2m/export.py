@@ -9,6 +9,7 @@ import logging
 import numpy as np
 
 from m2m.errors import ConfigError
+from m2m.soc.importance import BUILTIN_MODES
 
 if TYPE_CHECKING:  # pragma: no cover
     from m2m.lake.lake import Lake
@@ -17,7 +18,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 GENERATE_MODES = ("langevin", "vmf")
-BUILTIN_SCORES = ("kappa", "alpha", "loss")
 
 
 def generate_mode(generate_samples: Any) -> str | None:
@@ -37,7 +37,7 @@ def importance_mode(importance_sampling: Any, metadata: Sequence[str]) -> str | 
         return None
     if importance_sampling is True:
         return "kappa"
-    if isinstance(importance_sampling, str) and (importance_sampling in BUILTIN_SCORES
+    if isinstance(importance_sampling, str) and (importance_sampling in BUILTIN_MODES
                                                  or importance_sampling in metadata):
         return importance_sampling
     raise ConfigError(f"importance_sampling must be False, True, 'kappa', 'alpha', 'loss' or a metadata column "
