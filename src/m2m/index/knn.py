@@ -351,12 +351,10 @@ def calibrate_probes(
     rows = np.sort(rng.choice(n, size=min(n, sample), replace=False))
     q = rows_f32(mu, rows)
     kk = min(n, k + 1 if exclude_self else k)
-    if resolve_precision("auto", mu.shape[1]) == "bfloat16":
-        _, nbr = rescored_knn_of(faiss, mu, q, kk)
-    else:
-        _, nbr = exact_knn_of(faiss, mu, q, kk)
+    search = rescored_knn_of if resolve_precision("auto", mu.shape[1]) == "bfloat16" else exact_knn_of
+    scores, nbr = search(faiss, mu, q, kk)
     if exclude_self:
-        _, nbr = _exclude_self(np.zeros(nbr.shape, np.float32), nbr, rows, min(k, kk))
+        _, nbr = _exclude_self(scores, nbr, rows, min(k, kk))
     valid = nbr >= 0
     no_penalty = np.zeros(nlist, np.float32)
     if not valid.any():

@@ -11,6 +11,7 @@ import numpy as np
 from m2m._validate import as_vectors, check_int, check_rows, normalise_rows
 from m2m.errors import ConfigError
 from m2m.index.knn import (
+    _exclude_self,
     CHUNK_ROWS,
     check_unit_rows,
     compute_threads,
@@ -121,10 +122,8 @@ class SearchIndex:
         rng = np.random.default_rng(seed + 1)
         rows = np.sort(rng.choice(n, size=min(n, 256), replace=False))
         queries = rows_f32(mu, rows)
-        _, truth = exact_knn_of(faiss, mu, queries, k + 1)
-        is_self = truth == rows[:, None]
-        order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
-        truth = np.take_along_axis(truth, order, axis=1)
+        scores, truth = exact_knn_of(faiss, mu, queries, k + 1)
+        _, truth = _exclude_self(scores, truth, rows, k)
         goal = min(1.0, target + 0.01)
         nlist = self._index.nlist
         lo, hi = 0, 1
