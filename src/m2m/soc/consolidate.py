@@ -256,12 +256,17 @@ def _groups_ivf(
         members = part.members(lst)
         if members.size:
             base = rows_f32(mu, members)
-            # members against members, then visitors (rows probing this list) against members
-            for rows in (members, part.visitors(lst)):
-                for start in range(0, rows.size, QUERY_CHUNK):
-                    chunk = rows[start:start + QUERY_CHUNK]
-                    hits = _hits(rows_f32(mu, chunk), base, thr)
-                    _add_edges(forest, chunk, members, hits, codes)
+            # members against members: only the blocks on and above the diagonal (``_hits`` is
+            # symmetric: pairs near the threshold are decided in float64, whatever the order)
+            for start in range(0, members.size, QUERY_CHUNK):
+                stop = start + QUERY_CHUNK
+                _add_edges(forest, members[start:stop], members[start:], _hits(base[start:stop], base[start:], thr),
+                           codes)
+            # then the rows probing this list against its members
+            visitors = part.visitors(lst)
+            for start in range(0, visitors.size, QUERY_CHUNK):
+                chunk = visitors[start:start + QUERY_CHUNK]
+                _add_edges(forest, chunk, members, _hits(rows_f32(mu, chunk), base, thr), codes)
         done += members.size + part.visitors(lst).size
         if progress is not None and done * n // total > credited:
             progress(done * n // total - credited)
