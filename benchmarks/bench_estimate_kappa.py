@@ -18,7 +18,7 @@ import torch
 from m2m.api import create_m2m
 from m2m.bench.knn import embeddings
 from m2m.config import M2MConfig
-from m2m.index.knn import usable_cores
+from m2m.index.runtime import usable_cores
 
 GOAL_SECONDS = 60.0
 

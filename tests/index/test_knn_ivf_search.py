@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m2m.index.knn import _push, exact_knn_of, knn, rescored_knn_of
+from m2m.index.exact import exact_knn_of, rescored_knn_of
+from m2m.index.knn import _push, knn
 from tests.index.conftest import brute_knn, manifold, recall
 
 

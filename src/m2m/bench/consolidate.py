@@ -51,7 +51,7 @@ def planted_lake(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.n
 
 def run(quick: bool = False, rows: int | None = None, similarity: float = 0.95, threads: int = 1) -> dict[str, Any]:
     """Duplicate groups of ``rows`` (default 200k, quick 50k) planted rows: ours vs exact vs limit."""
-    from m2m.index.knn import compute_threads
+    from m2m.index.runtime import compute_threads
 
     rows = rows or (50_000 if quick else 200_000)
     from m2m.soc.consolidate import find_duplicate_groups, merge_groups

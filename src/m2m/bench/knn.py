@@ -65,7 +65,8 @@ def run(quick: bool = False, rows: int | None = None, threads: list[int] | None 
     rows = rows or (200_000 if quick else 1_000_000)
     threads = threads or [1]
 
-    from m2m.index.knn import compute_threads, knn, resolve_precision
+    from m2m.index.knn import knn
+    from m2m.index.runtime import compute_threads, resolve_precision
 
     t0 = time.perf_counter()
     x = embeddings(rows)

@@ -11,7 +11,8 @@ import numpy as np
 
 from m2m._validate import check_int
 from m2m.errors import ConfigError
-from m2m.index.knn import as_tensor, check_unit_rows, compute_threads, resolve_precision, rows_f32
+from m2m.index.rows import check_unit_rows, rows_f32, writable_tensor
+from m2m.index.runtime import compute_threads, resolve_precision
 
 __all__ = [
     "Partition", "build_partition", "default_nlist", "gap_probes", "spherical_kmeans", "top_centroids",
@@ -40,7 +41,7 @@ def train_centroids(
     The sample holds at most ``n_clusters * max_points_per_centroid`` rows. Uses the FAISS
     thread setting in force (see ``compute_threads``).
     """
-    from m2m.index.knn import require_faiss
+    from m2m.index.runtime import require_faiss
 
     faiss = require_faiss()
     n, d = mu.shape
@@ -203,7 +204,7 @@ def gap_probes(
     mask = np.empty((PROBE_CHUNK, nlist), bool)
     gap = np.float32(max_gap)
     for start in range(0, n, PROBE_CHUNK):
-        block = as_tensor(rows_f32(mu, slice(start, start + PROBE_CHUNK)))
+        block = writable_tensor(rows_f32(mu, slice(start, start + PROBE_CHUNK)))
         rows = block.shape[0]
         s_t = buf[:rows]
         if dtype == torch.float32:

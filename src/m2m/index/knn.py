@@ -27,49 +27,26 @@ current k-th best score, the root of its heap), so that the rounding of the bflo
 about 1e-4 near the decision boundary instead of 4e-3. What remains is the rounding of the
 bfloat16 inputs, about 2**-9 * sqrt(3 / d) (1e-4 at d = 384): IVF scores found in pass 2 carry
 that error (pass 1, the exact path and float32: exact to float32 rounding).
-
-This module also holds the small helpers shared by ``m2m.index`` (lazy FAISS import, thread
-control, input checks). FAISS is imported inside functions only: ``import m2m`` never loads it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from m2m._validate import check_int
-from m2m.errors import ConfigError, InvalidEmbeddingError
+from m2m.errors import ConfigError
+from m2m.index.calibration import calibrate_probes, size_penalty
+from m2m.index.exact import Progress, finish_results, knn_exact
+from m2m.index.rows import check_unit_rows, rows_f32, writable_tensor
+from m2m.index.runtime import compute_threads, resolve_precision
 
-__all__ = ["DEFAULT_THREADS", "compute_threads", "knn", "require_faiss", "usable_cores"]
+__all__ = ["knn"]
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int], None] | None
-
-#: FAISS/torch threads used when a caller passes ``threads=None``. On this shared 2-core
-#: machine one thread was as fast as two or faster under load (benchmarks/bench_knn.py). On
-#: 2026-11-26, with the machine otherwise quiet, the 1M-row kNN took 34-40 s with two threads
-#: and 48-51 s with one (``--threads 1,2,1,2`` and ``2,1,2``); kept at 1 because every
-#: m2m.index caller shares this default and two threads were not measured under load.
-DEFAULT_THREADS = 1
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where unknown)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-#: Rows converted to float32 at once when the input is float16 (bounds temporary memory).
-CHUNK_ROWS = 65_536
 
 #: IVF lists per sqrt(rows) (``default_nlist``). On the 1M-row benchmark, in runs one after
 #: another: 1500 lists 48-50 s, 2000 lists 55-57 s, 1000 and 1250 lists 51 s (more lists score
@@ -86,9 +63,6 @@ KMEANS_ITERATIONS = 5
 SIZE_SLOPES = (0.0, 0.025, 0.05, 0.075)
 SIZE_SAMPLE_PER_LIST = 16
 
-#: Rows of the sample whose exact neighbours calibrate the probe rule (the recall estimate of 512
-#: rows scattered by about 0.004 on the 1M-row benchmark data; 1024 rows: about 0.003).
-CALIBRATION_ROWS = 1024
 
 #: Query rows scored against one list at a time (bounds the [rows, list] score block).
 QUERY_CHUNK = 2048
@@ -104,311 +78,34 @@ OWN_PART_ROWS = 192
 #: Query rows sharing one cut in the bfloat16 prefilter (``_ListSearch._hits_bf16``).
 ROW_GROUP = 32
 
-_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-def require_faiss() -> Any:
-    """Import and return the ``faiss`` module, or raise ImportError saying how to install it."""
-    try:
-        import faiss
-    except ImportError as exc:  # pragma: no cover - faiss-cpu is a core dependency
-        raise ImportError(
-            "m2m.index needs FAISS; install it with `pip install faiss-cpu` (or faiss-gpu)"
-        ) from exc
-    return faiss
 
 
-@contextlib.contextmanager
-def compute_threads(threads: int | None) -> Iterator[Any]:
-    """Run a block with FAISS (OpenMP) and torch limited to ``threads`` threads; yields faiss.
-
-    Also lowers FAISS' BLAS threshold so small query batches use BLAS. Every setting is
-    restored on exit.
-    """
-    import torch
-
-    faiss = require_faiss()
-    n = check_int(DEFAULT_THREADS if threads is None else threads, "threads")
-    old_faiss = faiss.omp_get_max_threads()
-    old_blas = faiss.cvar.distance_compute_blas_threshold
-    old_torch = torch.get_num_threads()
-    faiss.omp_set_num_threads(n)
-    faiss.cvar.distance_compute_blas_threshold = 20
-    torch.set_num_threads(n)
-    try:
-        yield faiss
-    finally:
-        faiss.omp_set_num_threads(old_faiss)
-        faiss.cvar.distance_compute_blas_threshold = old_blas
-        torch.set_num_threads(old_torch)
 
 
-def check_unit_rows(mu: Any, name: str = "mu", sample: int = 1024) -> np.ndarray:
-    """Check that ``mu`` is a 2-D float16/float32 array of unit rows; return it (never copied).
-
-    Shape and dtype are checked fully; finiteness and unit norm on an evenly spaced sample of
-    ``sample`` rows (a full pass would cost as much as a search), naming the first bad row.
-    """
-    if not isinstance(mu, np.ndarray):
-        raise InvalidEmbeddingError(f"{name} must be a numpy array, got {type(mu).__name__}")
-    if mu.ndim != 2 or mu.shape[1] < 1:
-        raise InvalidEmbeddingError(f"{name} must have shape [n, d], got {mu.shape}")
-    if mu.dtype not in (np.float32, np.float16):
-        raise InvalidEmbeddingError(f"{name} must be float32 or float16, got {mu.dtype}")
-    n = mu.shape[0]
-    if n:
-        rows = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(np.int64))
-        block = np.asarray(mu[rows], dtype=np.float32)
-        with np.errstate(invalid="ignore", over="ignore"):
-            norms = np.linalg.norm(block, axis=1)
-        bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-2)
-        if bad.any():
-            first = int(np.argmax(bad))
-            raise InvalidEmbeddingError(
-                f"{name} must hold finite unit rows; row {int(rows[first])} has norm {float(norms[first]):.6g}"
-            )
-    return mu
 
 
-def rows_f32(mu: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-    """Rows of ``mu`` as a C-contiguous float32 array.
-
-    float16 rows are converted and renormalised (float16 rounding leaves norms 1 +- 1e-3, which
-    would put identical rows at cosine 0.999); float32 rows are returned as stored.
-    """
-    block = np.ascontiguousarray(mu[rows], dtype=np.float32)
-    if mu.dtype == np.float16 and block.size:
-        block /= np.linalg.norm(block, axis=-1, keepdims=True)
-    return block
 
 
-@functools.lru_cache(maxsize=1)
-def _bf16_faster() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (so results never depend on a timing race).
-
-    From the CPU flags where Linux reports them (x86 ``avx512_bf16`` / ``amx_bf16``); otherwise
-    from a small timing probe (bfloat16 at least 1.4x faster than float32).
-    """
-    import torch
-
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            info = f.read()
-    except OSError:
-        info = ""
-    if "flags" in info:
-        flags = set(info.split())
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-
-    a = torch.randn(256, 384, generator=torch.Generator().manual_seed(0))
-    b = torch.randn(512, 384, generator=torch.Generator().manual_seed(1))
-    timings = []
-    for dtype in (torch.float32, torch.bfloat16):
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y.T
-        t0 = time.perf_counter()
-        for _ in range(5):
-            x @ y.T
-        timings.append(time.perf_counter() - t0)
-    return timings[1] < 0.7 * timings[0]
 
 
-def resolve_precision(precision: str, dim: int = 384) -> str:
-    """``"float32"`` or ``"bfloat16"``.
-
-    ``"auto"`` picks bfloat16 when this CPU multiplies it faster and ``dim >= 128`` (the rounding
-    noise of bfloat16 inputs on a unit-vector product is about 2**-9 * sqrt(3 / dim): 1e-4 at
-    384 dims, but 6e-4 at 32, where float32 is cheap anyway).
-    """
-    if precision not in _PRECISIONS:
-        raise ConfigError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bfloat16" if dim >= 128 and _bf16_faster() else "float32"
-    return precision
 
 
-def _exclude_self(scores: np.ndarray, idx: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Drop each row's own index from its k+1 results (or the last result if self is absent)."""
-    is_self = idx == rows[:, None]
-    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
-def _finish(scores: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mark missing neighbours as idx -1 and score -inf."""
-    scores = np.ascontiguousarray(scores, dtype=np.float32)
-    idx = np.ascontiguousarray(idx, dtype=np.int64)
-    missing = idx < 0
-    if missing.any():
-        scores[missing] = -np.inf
-        idx[missing] = -1
-    return scores, idx
 
 
-def exact_knn_of(faiss: Any, mu: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k (descending) of float32 ``queries`` over all rows of ``mu``, database in chunks."""
-    n = mu.shape[0]
-    heap = faiss.ResultHeap(queries.shape[0], k, keep_max=True)
-    for start in range(0, n, CHUNK_ROWS):
-        block = rows_f32(mu, slice(start, start + CHUNK_ROWS))
-        d, i = faiss.knn(queries, block, min(k, block.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(d, np.where(i >= 0, i + start, -1))
-    heap.finalize()
-    return heap.D, heap.I
 
 
-def rescored_knn_of(
-    faiss: Any, mu: np.ndarray, queries: np.ndarray, k: int, extra: int = 48
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (descending) of float32 ``queries`` over all rows of ``mu``: bfloat16 products select
-    ``k + extra`` candidates per query, exact float32 products of those rank them.
-
-    Equals ``exact_knn_of`` unless a true top-k row ranks more than ``extra`` places lower in
-    bfloat16 (score errors up to about 2e-3 on unit vectors; on the 1M-row benchmark data no
-    neighbour of 512 queries was lost with ``extra=48``, 4 of 8,704 with 16). About 1.6x faster
-    than ``exact_knn_of`` where bfloat16 is native.
-    """
-    import torch
-
-    n, d = mu.shape
-    nq = queries.shape[0]
-    kc = min(n, k + extra)
-    heap = faiss.ResultHeap(nq, kc, keep_max=True)
-    qb = torch.from_numpy(queries).to(torch.bfloat16)
-    step = max(1024, (1 << 23) // max(1, nq))  # score blocks of about 32 MB
-    buf = torch.empty(nq * step, dtype=torch.float32)
-    every = np.arange(nq, dtype=np.int64)
-    for start in range(0, n, step):
-        block = as_tensor(rows_f32(mu, slice(start, start + step))).to(torch.bfloat16)
-        s_t = buf[:nq * block.shape[0]].view(nq, block.shape[0])
-        s_t.copy_(qb @ block.T)
-        heap.add_result_subset(every, s_t.numpy(), np.arange(start, start + block.shape[0], dtype=np.int64))
-    heap.finalize()
-    cand = heap.I
-    rows = rows_f32(mu, np.maximum(cand, 0).ravel()).reshape(nq, kc, d)
-    scores = np.einsum("qd,qcd->qc", queries, rows).astype(np.float32)
-    scores[cand < 0] = -np.inf
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :min(k, kc)]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(cand, order, axis=1)
 
 
-def _knn_exact(
-    faiss: Any, mu: np.ndarray, k: int, exclude_self: bool, progress: Progress
-) -> tuple[np.ndarray, np.ndarray]:
-    n = mu.shape[0]
-    kk = k + 1 if exclude_self else k
-    index = faiss.IndexFlatIP(mu.shape[1])
-    for start in range(0, n, CHUNK_ROWS):
-        index.add(rows_f32(mu, slice(start, start + CHUNK_ROWS)))
-    scores = np.empty((n, k), np.float32)
-    idx = np.empty((n, k), np.int64)
-    step = 4096
-    for start in range(0, n, step):
-        q = rows_f32(mu, slice(start, start + step))
-        d, i = index.search(q, kk)
-        if exclude_self:
-            d, i = _exclude_self(d, i, np.arange(start, start + q.shape[0]), k)
-        scores[start:start + q.shape[0]], idx[start:start + q.shape[0]] = d, i
-        if progress is not None:
-            progress(q.shape[0])
-    return _finish(scores, idx)
 
 
-def size_penalty(sizes: np.ndarray, slope: float) -> np.ndarray:
-    """``float32 [nlist]``: ``slope * log2(size / median size)``, the score a list's centroid loses for probing."""
-    sizes = np.asarray(sizes, np.float64) + 0.5
-    return (slope * np.log2(sizes / np.median(sizes))).astype(np.float32)
 
 
-def calibrate_probes(
-    faiss: Any,
-    mu: np.ndarray,
-    centroids: np.ndarray,
-    k: int,
-    target_recall: float,
-    rng: np.random.Generator,
-    exclude_self: bool = True,
-    sample: int = CALIBRATION_ROWS,
-    max_probes: int = 16,
-    sizes: np.ndarray | None = None,
-    slopes: tuple[float, ...] = (0.0,),
-) -> tuple[int, float, float, float]:
-    """The probe rule reaching ``target_recall`` (symmetric recall@k) on a random row sample.
-
-    A row probes, besides its home list, the lists whose penalised centroid score (score minus
-    ``size_penalty(sizes, slope)``) is within ``max_gap`` of its home centroid's score, at most
-    ``nprobe - 1`` of them (the best by penalised score). A true neighbour j of row i is found
-    iff j's home list is probed by i or i's home list by j, so the recall of every rule follows
-    from centroid scores of the sample and its exact neighbours; for every slope in ``slopes``
-    the smallest ``max_gap`` reaching the target is found (``nprobe`` starts at ``max_probes``
-    and doubles if that cap is too tight), and the slope whose sample rows probe the fewest
-    member rows (by ``sizes``, estimated list sizes) wins: a positive slope makes large lists,
-    which cost more to probe, harder to reach. Returns ``(nprobe, max_gap, recall_on_sample,
-    slope)``.
-    """
-    n = mu.shape[0]
-    nlist = centroids.shape[0]
-    rows = np.sort(rng.choice(n, size=min(n, sample), replace=False))
-    q = rows_f32(mu, rows)
-    kk = min(n, k + 1 if exclude_self else k)
-    search = rescored_knn_of if resolve_precision("auto", mu.shape[1]) == "bfloat16" else exact_knn_of
-    scores, nbr = search(faiss, mu, q, kk)
-    if exclude_self:
-        _, nbr = _exclude_self(scores, nbr, rows, min(k, kk))
-    valid = nbr >= 0
-    no_penalty = np.zeros(nlist, np.float32)
-    if not valid.any():
-        return 1, float("inf"), 1.0, 0.0
-    if sizes is None:
-        slopes = (0.0,)
-    qi = np.nonzero(valid)[0]
-    nb = nbr[valid]
-    idx = np.arange(nb.size)
-    cq = q @ centroids.T                    # [s, nlist]
-    cn = rows_f32(mu, nb) @ centroids.T     # [pairs, nlist]
-    home_q, home_n = cq.argmax(axis=1), cn.argmax(axis=1)
-    top_q, top_n = cq.max(axis=1), cn.max(axis=1)
-    same = home_q[qi] == home_n
-    best_rule: tuple[float, int, float, float, float] | None = None
-    for slope in slopes:
-        pen = size_penalty(sizes, slope) if slope and sizes is not None else no_penalty
-        aq, an = cq - pen, cn - pen             # penalised scores
-        to_n = aq[qi, home_n]                   # for row i, of neighbour j's home list
-        to_q = an[idx, home_q[qi]]              # for j, of i's home list
-        # rank among the lists other than the row's home
-        rank_q = (aq[qi] > to_n[:, None]).sum(axis=1) - (aq[qi, home_q[qi]] > to_n)
-        rank_n = (an > to_q[:, None]).sum(axis=1) - (an[idx, home_n] > to_q)
-        gap_q = top_q[qi] - to_n
-        gap_n = top_n - to_q
-        m = min(max_probes, nlist)
-        while True:
-            best = np.minimum(np.where(rank_q < m - 1, gap_q, np.inf), np.where(rank_n < m - 1, gap_n, np.inf))
-            best[same] = 0.0
-            if np.isfinite(best).mean() >= target_recall or m >= nlist:
-                break
-            m = min(nlist, 2 * m)
-        best = np.sort(best)
-        cut = best[min(best.size, int(np.ceil(target_recall * best.size))) - 1]
-        max_gap = float(cut) if np.isfinite(cut) else float("inf")
-        recall = float((best <= max_gap).mean())
-        cost = 0.0
-        if sizes is not None and len(slopes) > 1:
-            others = aq.copy()
-            others[np.arange(aq.shape[0]), home_q] = -np.inf
-            order = np.argsort(-others, axis=1, kind="stable")[:, :m - 1]
-            probed = (top_q[:, None] - np.take_along_axis(others, order, axis=1)) <= max_gap
-            cost = float((np.asarray(sizes, np.float64)[order] * probed).sum(axis=1).mean())
-        if best_rule is None or cost < best_rule[0]:
-            best_rule = (cost, m, max_gap, recall, float(slope))
-    _, m, max_gap, recall, slope = best_rule
-    return m, max_gap, recall, slope
 
 
-def as_tensor(a: np.ndarray) -> Any:
-    """``torch.from_numpy(a)``, on a copy if ``a`` is read-only (torch does not wrap those safely)."""
-    import torch
-
-    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 def _push(
@@ -508,7 +205,7 @@ class _ListSearch:
             block = np.take(self.mu, self.order[a:b], axis=0, out=self.gbuf[:m])
         else:
             block = rows_f32(self.mu, self.order[a:b])
-        t = as_tensor(block)
+        t = writable_tensor(block)
         parts = max(1, min(OWN_PARTS, m // OWN_PART_ROWS))
         cuts = [m * p // parts for p in range(parts + 1)]
         for u in range(parts):
@@ -579,7 +276,7 @@ class _ListSearch:
     def _base(self, a: int, b: int) -> Any:
         """The members ``a:b`` as the right-hand side of the score products ([d(+1), m])."""
         if self.xb is None:
-            return as_tensor(rows_f32(self.mu, self.order[a:b])).T
+            return writable_tensor(rows_f32(self.mu, self.order[a:b])).T
         base = self.xb[a:b].clone()
         base[:, self.d] = 1.0
         return base.T
@@ -590,7 +287,7 @@ class _ListSearch:
         """``(i, j, s_ij)`` of the float32 scores above min(root_i, root_j) (visitor i, member j)."""
         c, m = v.size, base_t.shape[1]
         s_t = self.sbuf[:c * m].view(c, m)
-        self.torch.matmul(as_tensor(rows_f32(self.mu, self.order[v])), base_t, out=s_t)
+        self.torch.matmul(writable_tensor(rows_f32(self.mu, self.order[v])), base_t, out=s_t)
         s = s_t.numpy()
         cut = self.cut[:c * m].reshape(c, m)
         np.minimum(t_v[:, None], t_m[None, :], out=cut)
@@ -675,7 +372,12 @@ def _knn_ivf(
     precision: str,
     stats: dict[str, Any] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    from m2m.index.kmeans import build_partition, default_nlist, gap_probes, train_centroids
+    from m2m.index.kmeans import (
+        build_partition,
+        default_nlist,
+        gap_probes,
+        train_centroids,
+    )
 
     n = mu.shape[0]
     rng = np.random.default_rng(seed)
@@ -731,7 +433,7 @@ def _knn_ivf(
                      calibrated_recall=recall, precision=precision,
                      scored_pairs=int((sizes**2).sum() + (sizes * np.diff(part.visit_lims)).sum()),
                      seconds={"train": t1 - t0, "calibrate": t2 - t1, "partition": t3 - t2, "search": t4 - t3})
-    return _finish(scores, idx)
+    return finish_results(scores, idx)
 
 
 def knn(
@@ -791,5 +493,5 @@ def knn(
         if n <= exact_max_rows or n < 64:
             if stats is not None:
                 stats.update(method="exact", scored_pairs=n * n)
-            return _knn_exact(faiss, mu, k, exclude_self, progress)
+            return knn_exact(faiss, mu, k, exclude_self, progress)
         return _knn_ivf(faiss, mu, k, exclude_self, seed, progress, target_recall, nlist, nprobe, precision, stats)

@@ -10,14 +10,9 @@ import numpy as np
 
 from m2m._validate import as_vectors, check_int, check_rows, normalise_rows
 from m2m.errors import ConfigError
-from m2m.index.knn import (
-    _exclude_self,
-    CHUNK_ROWS,
-    check_unit_rows,
-    compute_threads,
-    exact_knn_of,
-    rows_f32,
-)
+from m2m.index.exact import drop_self, exact_knn_of
+from m2m.index.rows import CHUNK_ROWS, check_unit_rows, rows_f32
+from m2m.index.runtime import compute_threads
 
 __all__ = ["SearchIndex"]
 
@@ -123,7 +118,7 @@ class SearchIndex:
         rows = np.sort(rng.choice(n, size=min(n, 256), replace=False))
         queries = rows_f32(mu, rows)
         scores, truth = exact_knn_of(faiss, mu, queries, k + 1)
-        _, truth = _exclude_self(scores, truth, rows, k)
+        _, truth = drop_self(scores, truth, rows, k)
         goal = min(1.0, target + 0.01)
         nlist = self._index.nlist
         lo, hi = 0, 1

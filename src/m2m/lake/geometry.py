@@ -32,7 +32,8 @@ def compute_geometry(mu: np.ndarray, k: int, seed: int = 0, progress: Callable[[
     ``threads``: FAISS/torch threads of the kNN and the estimator (None: ``DEFAULT_THREADS``).
     """
     from m2m.geometry.kappa import neighbourhood_kappa
-    from m2m.index.knn import compute_threads, knn
+    from m2m.index.knn import knn
+    from m2m.index.runtime import compute_threads
 
     n = len(mu)
     k_eff = max(0, min(k, n - 1))

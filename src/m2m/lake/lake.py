@@ -263,7 +263,7 @@ class Lake:
         kNN (None: every core this process may use, as FAISS does by default; on the 2-core build
         machine two threads were 1.3x faster than one; pass 1 when other work needs the cores).
         """
-        from m2m.index.knn import usable_cores
+        from m2m.index.runtime import usable_cores
         from m2m.lake.geometry import estimate
 
         if len(self) == 0:

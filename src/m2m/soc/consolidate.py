@@ -28,12 +28,9 @@ import numpy as np
 
 from m2m._validate import check_int
 from m2m.errors import ConfigError, InvalidEmbeddingError
-from m2m.index.knn import (
-    check_unit_rows,
-    compute_threads,
-    exact_knn_of,
-    rows_f32,
-)
+from m2m.index.exact import exact_knn_of
+from m2m.index.rows import check_unit_rows, rows_f32
+from m2m.index.runtime import compute_threads
 
 __all__ = [
     "ConsolidationReport",
@@ -197,14 +194,14 @@ def calibrate_pair_probes(
     min_pairs: int = 100,
 ) -> tuple[int, float]:
     """Smallest nprobe finding ``target_recall`` of a sample's close pairs (see module doc)."""
-    from m2m.index.knn import _exclude_self
+    from m2m.index.exact import drop_self
 
     n = mu.shape[0]
     nlist = centroids.shape[0]
     rows = np.sort(rng.choice(n, size=min(n, sample), replace=False))
     q = rows_f32(mu, rows)
     s, nb = exact_knn_of(faiss, mu, q, min(n, 2))
-    s, nb = _exclude_self(s, nb, rows, 1)
+    s, nb = drop_self(s, nb, rows, 1)
     s, nb = s[:, 0], nb[:, 0]
     ok = nb >= 0
     s, nb, qi = s[ok], nb[ok], np.nonzero(ok)[0]
@@ -238,7 +235,8 @@ def _groups_ivf(
     target_recall: float,
 ) -> np.ndarray:
     from m2m.index.kmeans import build_partition, default_nlist, train_centroids
-    from m2m.index.knn import QUERY_CHUNK, resolve_precision
+    from m2m.index.knn import QUERY_CHUNK
+    from m2m.index.runtime import resolve_precision
 
     n = mu.shape[0]
     rng = np.random.default_rng(seed)

@@ -18,11 +18,13 @@ copies or near-copies whose diameter stays above the threshold -- and underestim
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import numpy as np
 
 from m2m._validate import check_int
 from m2m.errors import ConfigError
-from m2m.index.knn import CHUNK_ROWS, check_unit_rows, compute_threads, rows_f32
+from m2m.index.rows import CHUNK_ROWS, check_unit_rows, rows_f32
+from m2m.index.runtime import compute_threads
 from m2m.soc.consolidate import label_codes, similarity_threshold
 
 __all__ = ["STATES", "criticality_state", "duplicate_degree", "estimate_redundancy"]
