@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
-
 import logging
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from m2m.errors import ConfigError
-from m2m.soc.importance import BUILTIN_MODES
+from m2m.sampling.importance import BUILTIN_MODES
 
 if TYPE_CHECKING:  # pragma: no cover
     from m2m.lake.lake import Lake
@@ -46,7 +45,7 @@ def importance_mode(importance_sampling: Any, metadata: Sequence[str]) -> str | 
 
 def build_sampler(lake: "Lake", mode: str, seed: int) -> Any:
     """The importance sampler of ``mode`` over the lake's current snapshot."""
-    from m2m.soc.sampler import ImportanceSampler, LossSampler
+    from m2m.sampling.samplers import ImportanceSampler, LossSampler
 
     alpha = lake.snapshot.read_all("alpha").astype(np.float64)
     if mode == "loss":
@@ -95,7 +94,7 @@ def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = Tr
                          world_size: int | None = None, seed: int | None = None, epoch: int = 0,
                          **stream_options: Any) -> "StreamLoader":
     """See `Lake.export_to_dataloader`."""
-    from m2m.lake.geometry import needs_geometry
+    from m2m.lake.neighbourhood import needs_geometry
     from m2m.stream.loader import make_loader
 
     cfg = lake.config

@@ -9,7 +9,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from m2m import DimensionMismatchError, LakeNotFoundError, M2MConfig, create_m2m, open_lake
+from m2m import (
+    DimensionMismatchError,
+    LakeNotFoundError,
+    M2MConfig,
+    create_m2m,
+    open_lake,
+)
 
 
 def unit(x):

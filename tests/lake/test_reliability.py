@@ -15,7 +15,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from m2m import CorruptShardError, InvalidEmbeddingError, LakeLockedError, M2MConfig, create_m2m, open_lake
+from m2m import (
+    CorruptShardError,
+    InvalidEmbeddingError,
+    LakeLockedError,
+    M2MConfig,
+    create_m2m,
+    open_lake,
+)
 
 D = 6
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from stream_helpers import check_loader_resume, make_source
 
 from m2m.stream.loader import make_loader
-from stream_helpers import check_loader_resume, make_source
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

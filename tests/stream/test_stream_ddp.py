@@ -16,8 +16,9 @@ N, D, BS = 1001, 4, 64  # 1001 rows over 2 ranks: one padding row, a short last 
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    from m2m.stream.loader import make_loader
     from stream_helpers import make_source
+
+    from m2m.stream.loader import make_loader
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import threading
+
 import numpy as np
 import pytest
 import torch
+from stream_helpers import check_loader_resume, make_source
 from torch.utils.data import DataLoader
 
 from m2m.errors import ConfigError, DeviceUnavailableError
+from m2m.sampling.plan import PlanSampler
 from m2m.stream.hooks import augment_seed
 from m2m.stream.loader import StreamLoader, make_loader
-from m2m.stream.plan import PlanSampler
 from m2m.stream.stages.prefetch import Prefetcher
-from stream_helpers import check_loader_resume, make_source
 
 N, D = 700, 8
 KW = dict(warm_bytes=1 << 20, hot_bytes=0)
@@ -356,8 +357,8 @@ def test_draw_ahead_resumes_mid_epoch():
 
 @pytest.mark.parametrize("backlog", [0, 3])
 def test_prepare_stage_draws_the_gaussians_only_while_items_wait(backlog):
-    from m2m.stream.stages.augment import PrepareAugment
     from m2m.stream.stages.base import Stage, Work
+    from m2m.stream.stages.draw_ahead import PrepareAugment
 
     source = make_source(N, D)
     aug = _langevin_for(source)

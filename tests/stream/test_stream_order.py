@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from m2m.errors import ConfigError
 from m2m.stream import partition, shuffle
-from m2m.stream.order import Layout, check_plan, choose_layout, epoch_entries, rank_epoch
+from m2m.stream.order import (
+    Layout,
+    check_plan,
+    choose_layout,
+    epoch_entries,
+    rank_epoch,
+)
 from m2m.stream.topology import World
 
 LAYOUTS = st.sampled_from([("full", 7, 1), ("block", 5, 2), ("block", 16, 3), ("block", 1, 1), ("sequential", 8, 1)])

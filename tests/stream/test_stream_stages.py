@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from stream_helpers import check_stage_resume, make_source
 
 from m2m.errors import StreamError
 from m2m.stream import columns as cols
@@ -16,11 +17,16 @@ from m2m.stream.order import Layout, rank_epoch
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.batches import BatchStage
 from m2m.stream.stages.cold import ColdReader, ColdStage
-from m2m.stream.stages.hot import HostBuffers, HotStage, OutputPool, ResidentStage, ResidentTier
+from m2m.stream.stages.hot import (
+    HostBuffers,
+    HotStage,
+    OutputPool,
+    ResidentStage,
+    ResidentTier,
+)
 from m2m.stream.stages.prefetch import Prefetcher
 from m2m.stream.stages.warm import WarmArena, WarmStage
 from m2m.stream.topology import World
-from stream_helpers import check_stage_resume, make_source
 
 N, D, BS = 1000, 8, 32
 LAYOUT = Layout("block", 50, 2)

@@ -25,7 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from m2m.augment.energy import DEFAULT_STEP_SIZE, component_log_weights, step_length, validate_chain_args
+from m2m.augment.energy import (
+    DEFAULT_STEP_SIZE,
+    component_log_weights,
+    step_length,
+    validate_chain_args,
+)
 from m2m.augment.langevin import (
     OwnChain,
     coupled_full_chain,

@@ -33,7 +33,8 @@ from m2m.augment.augmenter import LangevinAugmenter, VMFAugmenter
 from m2m.augment.energy import DEFAULT_STEP_SIZE, component_log_weights, step_length
 from m2m.augment.langevin import full_chain
 from m2m.geometry.kappa import neighbourhood_kappa
-from m2m.geometry.vmf import kappa_from_mean_resultant, sample as vmf_sample
+from m2m.geometry.vmf import kappa_from_mean_resultant
+from m2m.geometry.vmf import sample as vmf_sample
 
 __all__ = ["GOAL_ROWS_PER_S", "format_table", "headline", "run", "stream_rates"]
 

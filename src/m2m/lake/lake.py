@@ -14,7 +14,7 @@ import numpy as np
 from m2m._validate import SplatBatch, check_int, validate_splats
 from m2m.config import M2MConfig
 from m2m.errors import CorruptShardError, DimensionMismatchError, InvalidEmbeddingError
-from m2m.lake import stats as lake_stats
+from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.lock import WriteLock
 from m2m.lake.manifest import (
@@ -264,7 +264,7 @@ class Lake:
         machine two threads were 1.3x faster than one; pass 1 when other work needs the cores).
         """
         from m2m.index.runtime import usable_cores
-        from m2m.lake.geometry import estimate
+        from m2m.lake.neighbourhood import estimate
 
         if len(self) == 0:
             return np.zeros(0, dtype=np.float32)
@@ -293,7 +293,7 @@ class Lake:
         exactly), kappa re-estimated. One atomic commit; returns a report with ``rows_before``,
         ``rows_after``, ``groups_merged``.
         """
-        from m2m.lake.consolidation import consolidate_manifest
+        from m2m.lake.merge_duplicates import consolidate_manifest
 
         sim = self.config.consolidate_similarity if similarity is None else float(similarity)
         if not 0.0 < sim <= 1.0:
@@ -317,8 +317,8 @@ class Lake:
         mean(1 - 1/(1 + duplicates of the row)), exact when groups are cliques and a lower bound when
         they chain (``method`` says which was used).
         """
-        from m2m.soc.consolidate import find_duplicate_groups
-        from m2m.soc.criticality import criticality_state, estimate_redundancy
+        from m2m.dedup.criticality import criticality_state, estimate_redundancy
+        from m2m.dedup.groups import find_duplicate_groups
 
         sim = self.config.consolidate_similarity if similarity is None else float(similarity)
         base = {"threshold": self.config.soc_threshold, "similarity": sim, "rows": len(self)}

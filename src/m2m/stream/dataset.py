@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from m2m.sampling.plan import PlanSampler
 from m2m.stream import shuffle
 from m2m.stream.columns import Column
 from m2m.stream.order import Layout, RankEpoch, check_plan, rank_epoch
-from m2m.stream.plan import PlanSampler
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.batches import BatchStage, RowsStage

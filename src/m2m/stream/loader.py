@@ -23,21 +23,38 @@ from torch.utils.data import DataLoader
 
 from m2m._validate import check_int
 from m2m.errors import ConfigError, DeviceUnavailableError, StreamError
+from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.stream import columns as cols
-from m2m.stream.dataset import (ARENA, WARM_MODES, StreamDataset, StreamSpec, chunk_batches_for, host_tier_for,
-                                work_from_item)
+from m2m.stream.dataset import (
+    ARENA,
+    WARM_MODES,
+    StreamDataset,
+    StreamSpec,
+    chunk_batches_for,
+    host_tier_for,
+    work_from_item,
+)
 from m2m.stream.hooks import Augment, PreparedAugment, batch_generator
-from m2m.stream.stages.augment import PrepareAugment
+from m2m.stream.metrics import StreamStats
 from m2m.stream.order import choose_layout
-from m2m.stream.plan import PlanSampler, supports_priorities
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.cold import ColdReader
-from m2m.stream.stages.hot import (CPU, RESIDENT, STAGED, HostBuffers, HotStage, OutputPool, ResidentStage,
-                                   ResidentTier, finish, resident_bytes)
+from m2m.stream.stages.draw_ahead import PrepareAugment
+from m2m.stream.stages.hot import (
+    CPU,
+    RESIDENT,
+    STAGED,
+    HostBuffers,
+    HotStage,
+    OutputPool,
+    ResidentStage,
+    ResidentTier,
+    finish,
+    resident_bytes,
+)
 from m2m.stream.stages.prefetch import Prefetcher
 from m2m.stream.stages.warm import WarmArena
-from m2m.stream.stats import StreamStats
 from m2m.stream.topology import World, detect_rank
 
 STATE_VERSION = 1

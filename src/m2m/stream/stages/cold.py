@@ -20,6 +20,7 @@ from m2m.stream.memory import MADV_POPULATE_READ, MADV_WILLNEED, madvise
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import BufferSource, Stage, Work
 
+
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """A zero-copy tensor over a (possibly read-only, memory-mapped) numpy array."""
     with warnings.catch_warnings():

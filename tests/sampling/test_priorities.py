@@ -9,8 +9,8 @@ import torch.multiprocessing as tmp
 from torch.utils.data import DataLoader, Dataset
 
 from m2m.errors import ConfigError, InvalidEmbeddingError
-from m2m.soc.importance import importance_plan, score_from
-from m2m.soc.priorities import LossPriorities
+from m2m.sampling.importance import importance_plan, score_from
+from m2m.sampling.priorities import LossPriorities
 
 
 def test_ema_update_and_duplicates_are_averaged_deterministically() -> None:

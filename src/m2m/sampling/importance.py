@@ -33,7 +33,7 @@ Which score helps training (``score_from``):
       keep the objective that of the full alpha-weighted lake. It is the sampling analogue of
       density-based pruning (SemDeDup), without discarding anything.
     * ``"alpha"``: alpha itself -- draw in proportion to mass, weights then nearly constant.
-    * ``"loss"``: per-row training-loss priorities (``m2m.soc.priorities.LossPriorities``),
+    * ``"loss"``: per-row training-loss priorities (``m2m.sampling.priorities.LossPriorities``),
       prioritised replay with unbiasing weights.
     * any other name: a user column of non-negative numbers.
 """

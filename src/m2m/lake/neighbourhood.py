@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from m2m.lake import stats as lake_stats
+from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.reader import Snapshot

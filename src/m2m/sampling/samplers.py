@@ -1,7 +1,7 @@
 """Importance samplers for the stream: a `PlanSampler` per score mode, with loss feedback.
 
 ``plan(epoch)`` draws ``N`` rows with probabilities ``p_i ∝ score_i`` (floored so nothing
-starves; `m2m.soc.importance`) and weights ``w_i = alpha_i / (N p_i)``, so that over an epoch
+starves; `m2m.sampling.importance`) and weights ``w_i = alpha_i / (N p_i)``, so that over an epoch
 ``sum(w f) / sum(w)`` estimates the alpha-weighted mean of any per-row ``f`` without bias.
 The stream computes the plan once per epoch in the consuming process; DataLoader workers inherit it.
 """
@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2m.soc.importance import importance_plan, score_from
-from m2m.soc.priorities import LossPriorities
-
+from m2m.sampling.importance import importance_plan, score_from
+from m2m.sampling.priorities import LossPriorities
 
 KAPPA_FLOOR = 0.1  # kappa below this fraction of the median is raised to it before 1/kappa
 

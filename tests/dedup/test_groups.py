@@ -7,15 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m2m.errors import ConfigError, InvalidEmbeddingError
-from m2m.soc.consolidate import (
+from m2m.dedup.groups import (
     ConsolidationReport,
     connected_components,
     consolidate,
     find_duplicate_groups,
     merge_groups,
 )
-from tests.soc.conftest import canonical, planted, reference_groups
+from m2m.errors import ConfigError, InvalidEmbeddingError
+from tests.dedup.conftest import canonical, planted, reference_groups
 
 
 @settings(max_examples=60, deadline=None)

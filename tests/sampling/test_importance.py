@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from m2m.errors import ConfigError, InvalidEmbeddingError
-from m2m.soc.importance import importance_plan, probabilities, score_from
+from m2m.sampling.importance import importance_plan, probabilities, score_from
 
 
 def _problem(n: int, seed: int, skew: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

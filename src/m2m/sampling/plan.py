@@ -1,4 +1,4 @@
-"""The contract between the stream and an importance sampler (built in `m2m.soc`)."""
+"""The contract between the stream and an importance sampler (built in `m2m.sampling`)."""
 
 from __future__ import annotations
 

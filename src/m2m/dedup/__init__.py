@@ -1,0 +1,1 @@
+"""Near-duplicate search: duplicate groups, their merge into heavier splats, and criticality."""

@@ -1,0 +1,1 @@
+"""Importance sampling: the plan contract, score-based and loss-fed samplers, shared priorities."""
