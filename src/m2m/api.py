@@ -7,7 +7,7 @@ import os
 import tempfile
 
 from m2m.config import M2MConfig
-from m2m.errors import DeviceUnavailableError, LakeNotFoundError
+from m2m.errors import ConfigTypeError, DeviceUnavailableError, LakeNotFoundError
 from m2m.lake.fs import open_fs
 from m2m.lake.lake import Lake, check_compatible, create_empty
 from m2m.lake.manifest import read_manifest
@@ -35,7 +35,7 @@ def create_m2m(config: M2MConfig | None = None) -> Lake:
     """Create the lake at ``config.path`` (or open it if it exists); a temporary lake when path is None."""
     config = config or M2MConfig()
     if not isinstance(config, M2MConfig):
-        raise TypeError(f"create_m2m takes an M2MConfig, got {type(config).__name__}")
+        raise ConfigTypeError(f"create_m2m takes an M2MConfig, got {type(config).__name__}")
     check_device(config.device)
     temporary = None
     if config.path is None:

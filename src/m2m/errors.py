@@ -37,3 +37,45 @@ class DeviceUnavailableError(M2MError, RuntimeError):
 
 class StreamError(M2MError, RuntimeError):
     """A background stage of the stream failed; the original exception is chained as `__cause__`."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A call argument has the wrong type (e.g. ``create_m2m`` given something other than an `M2MConfig`)."""
+
+
+class LakeClosedError(M2MError, RuntimeError):
+    """The lake handle was closed; open the lake again to use it."""
+
+
+class CommitConflictError(M2MError, RuntimeError):
+    """A commit could not be published because the lake moved underneath it (another writer won)."""
+
+
+class UnknownIdError(M2MError, KeyError):
+    """A splat id is not in the lake version that was asked."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; this error's message is a sentence
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownColumnError(M2MError, KeyError):
+    """A column name is not in the lake."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class StateMismatchError(M2MError, ValueError):
+    """A saved stream or sampler state does not belong to this loader (other seed, rows, batch size, ...)."""
+
+
+class NumericalError(M2MError, RuntimeError):
+    """A numerical routine did not converge within its bound (never expected; please report it)."""
+
+
+class SourceNotFoundError(M2MError, FileNotFoundError):
+    """An input file or directory given to ingest (or a bundled data file) does not exist."""
+
+
+class MissingDependencyError(M2MError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the pip command."""

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from m2m.cli.main import Bar
+from m2m.errors import ConfigError
 
 # Figures published in the original M2M README (quoted, not measured here).
 ORIGINAL_README = {"ingest": 80_260, "standard": 49_368, "generative": 34_993}
@@ -34,7 +35,7 @@ STREAM_COLUMNS = ("embedding", "label", "id", "weight")
 def _check_args(rows: int, dim: int, epochs: int, seed: int) -> None:
     for name, value, low in (("rows", rows, 100), ("dim", dim, 2), ("epochs", epochs, 1), ("seed", seed, 0)):
         if value < low:
-            raise ValueError(f"--{name} must be >= {low}, got {value}")
+            raise ConfigError(f"--{name} must be >= {low}, got {value}")
 
 
 def _ingest(lake: Any, x: np.ndarray, y: np.ndarray) -> float:
@@ -189,7 +190,7 @@ def run_demo(rows: int = 10_000, dim: int = 640, epochs: int = 5, device: str = 
                            "train_rows": int(len(data.train_y)), "test_rows": int(len(data.test_y))}
     with create_m2m(cfg) as lake:
         if len(lake):
-            raise ValueError(f"--lake {lake_dir} already holds {len(lake):,} rows; give a new directory")
+            raise ConfigError(f"--lake {lake_dir} already holds {len(lake):,} rows; give a new directory")
         res["ingest_rows_s"] = _ingest(lake, data.train_x, data.train_y)
         kappa, res["kappa_seconds"] = _with_bar(len(lake), "kappa", lambda bar: lake.estimate_kappa(progress=bar))
         kappa = np.asarray(kappa, dtype=np.float64)

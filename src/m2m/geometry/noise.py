@@ -22,6 +22,8 @@ import torch
 from numpy.random.bit_generator import ISeedSequence
 from torch import Tensor
 
+from m2m.errors import ConfigError
+
 __all__ = ["HostNoise", "Source", "normal_"]
 
 _TWO_PI_2_32 = np.float32(2.0 * math.pi / 2.0**32)
@@ -36,7 +38,7 @@ class _Words(ISeedSequence):
 
     def generate_state(self, n_words: int, dtype: type = np.uint32) -> np.ndarray:
         if np.dtype(dtype) != np.uint64 or n_words > self.words.size:
-            raise ValueError(f"seed holds {self.words.size} uint64 words; asked for {n_words} x {np.dtype(dtype)}")
+            raise ConfigError(f"seed holds {self.words.size} uint64 words; asked for {n_words} x {np.dtype(dtype)}")
         return self.words[:n_words].copy()
 
 
@@ -70,7 +72,7 @@ class HostNoise:
     def normal_(self, out: Tensor) -> Tensor:
         """Fill the contiguous float32 CPU tensor ``out`` with independent N(0, 1) draws."""
         if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
-            raise ValueError(f"HostNoise.normal_ fills contiguous float32 CPU tensors, got {out.dtype} "
+            raise ConfigError(f"HostNoise.normal_ fills contiguous float32 CPU tensors, got {out.dtype} "
                              f"on {out.device} (contiguous={out.is_contiguous()})")
         o = out.numpy().reshape(-1)
         n = o.size

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from m2m.errors import ConfigError, InvalidEmbeddingError
+from m2m.errors import ConfigError, InvalidEmbeddingError, NumericalError
 from m2m.geometry.sphere import normalize, random_point_at_cosine
 
 __all__ = [
@@ -333,7 +333,7 @@ def standard_gamma(shape: float, size: tuple[int, ...], generator: torch.Generat
             out[pending[done]] = val[done]
             pending = pending[~done]
     if pending is None or len(pending):
-        raise RuntimeError(f"gamma sampler did not accept all draws (shape {shape})")
+        raise NumericalError(f"gamma sampler did not accept all draws (shape {shape})")
     res = torch.from_numpy(out) if cpu else out
     if boost:
         res = res * torch.rand(total, dtype=dtype, device=dev, generator=generator) ** (1.0 / shape)
@@ -393,7 +393,7 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
             pending = pending[~done]
     if pending is None or len(pending):
         left = total if pending is None else len(pending)
-        raise RuntimeError(f"Wood's vMF sampler did not accept {left} draws in {_WOOD_MAX_ROUNDS} rounds "
+        raise NumericalError(f"Wood's vMF sampler did not accept {left} draws in {_WOOD_MAX_ROUNDS} rounds "
                            f"(kappa in [{k_t.min().item()}, {k_t.max().item()}], d={dim})")
     omw_t = torch.from_numpy(omw) if cpu else omw
     w = (1.0 - omw_t).reshape(-1, n)

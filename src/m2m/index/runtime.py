@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from m2m._validate import check_int
-from m2m.errors import ConfigError
+from m2m.errors import ConfigError, MissingDependencyError
 
 #: FAISS/torch threads used when a caller passes ``threads=None``. On this shared 2-core
 #: machine one thread was as fast as two or faster under load (benchmarks/bench_knn.py). On
@@ -39,7 +39,7 @@ def require_faiss() -> Any:
     try:
         import faiss
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a core dependency
-        raise ImportError(
+        raise MissingDependencyError(
             "m2m.index needs FAISS; install it with `pip install faiss-cpu` (or faiss-gpu)"
         ) from exc
     return faiss

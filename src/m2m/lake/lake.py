@@ -13,7 +13,13 @@ import numpy as np
 
 from m2m._validate import SplatBatch, check_int, validate_splats
 from m2m.config import M2MConfig
-from m2m.errors import CorruptShardError, DimensionMismatchError, InvalidEmbeddingError
+from m2m.errors import (
+    ConfigError,
+    CorruptShardError,
+    DimensionMismatchError,
+    InvalidEmbeddingError,
+    LakeClosedError,
+)
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.lock import WriteLock
@@ -100,7 +106,7 @@ class Lake:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"lake {self.path} is closed")
+            raise LakeClosedError(f"lake {self.path} is closed")
 
     def refresh(self) -> int:
         """Move this handle to the latest committed version; returns it."""
@@ -297,7 +303,7 @@ class Lake:
 
         sim = self.config.consolidate_similarity if similarity is None else float(similarity)
         if not 0.0 < sim <= 1.0:
-            raise ValueError(f"similarity must be in (0, 1], got {similarity!r}")
+            raise ConfigError(f"similarity must be in (0, 1], got {similarity!r}")
         holder: dict[str, Any] = {}
 
         def build(base: Manifest) -> Manifest:
@@ -377,7 +383,7 @@ class Lake:
         Also removes the files of interrupted commits. Readers pinned to a deleted version lose it.
         """
         if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+            raise ConfigError(f"keep must be >= 1, got {keep}")
         self._check_open()
         with write_lock(self._fs):
             versions = list_versions(self._fs)

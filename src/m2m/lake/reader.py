@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from m2m.errors import UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import FileEntry, Manifest
 from m2m.lake.shard import column_to_numpy, open_shard_file
@@ -81,7 +82,7 @@ class Snapshot:
         try:
             f = entry.file_for(name)
         except KeyError:
-            raise KeyError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}") from None
+            raise UnknownColumnError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}") from None
         return self._batch(f).column(name)
 
     def read_main(self, name: str) -> np.ndarray:
@@ -106,7 +107,7 @@ class Snapshot:
         ok = (pos < len(all_ids)) & (all_ids[pos_c] == ids) if len(all_ids) else np.zeros(len(ids), bool)
         if not ok.all():
             bad = int(ids[int(np.argmin(ok))])
-            raise KeyError(f"id {bad} is not in lake version {self.version}")
+            raise UnknownIdError(f"id {bad} is not in lake version {self.version}")
         return pos
 
     def gather(self, name: str, positions: np.ndarray) -> np.ndarray:

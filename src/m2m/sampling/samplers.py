@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from m2m.errors import StateMismatchError
 from m2m.sampling.importance import importance_plan, score_from
 from m2m.sampling.priorities import LossPriorities
 
@@ -87,6 +88,6 @@ class LossSampler(ImportanceSampler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         values = np.asarray(state["priorities"], dtype=np.float32)
         if values.shape != (len(self.alpha),):
-            raise ValueError(f"sampler state has {values.shape} priorities, the lake has {len(self.alpha)} rows")
+            raise StateMismatchError(f"sampler state has {values.shape} priorities, the lake has {len(self.alpha)} rows")
         self.priorities.tensor.copy_(torch.from_numpy(values))
         self._frozen = {int(e): np.asarray(v, dtype=np.float64) for e, v in state.get("frozen", {}).items()}

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from m2m.errors import ConfigError
 from m2m.stream.source import RowSource
 
 EMBEDDING = "embedding"
@@ -66,18 +67,18 @@ def _sample(source: RowSource, name: str) -> np.ndarray:
 
 
 def resolve(source: RowSource, columns: Sequence[str] | None) -> tuple[Column, ...]:
-    """Columns to deliver; ``None`` means embeddings only. Unknown names raise ValueError."""
+    """Columns to deliver; ``None`` means embeddings only. Unknown names raise ConfigError (a ValueError)."""
     if isinstance(columns, str):
-        raise ValueError(f"columns must be a tuple of names, not the string {columns!r}")
+        raise ConfigError(f"columns must be a tuple of names, not the string {columns!r}")
     names = [EMBEDDING] if columns is None else list(columns)
     if not names:
-        raise ValueError(f"columns must name at least one column; valid columns: {', '.join(valid_names(source))}")
+        raise ConfigError(f"columns must name at least one column; valid columns: {', '.join(valid_names(source))}")
     valid = valid_names(source)
     for name in names:
         if name not in valid:
-            raise ValueError(f"unknown column {name!r}; valid columns: {', '.join(valid)}")
+            raise ConfigError(f"unknown column {name!r}; valid columns: {', '.join(valid)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"columns has duplicates: {names}")
+        raise ConfigError(f"columns has duplicates: {names}")
     out = []
     for name in names:
         if name == WEIGHT:

@@ -94,18 +94,18 @@ def rank_epoch(layout: Layout, num_rows: int, batch_size: int, drop_last: bool, 
 def check_plan(plan: object, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate a sampler's ``plan(epoch)`` result: int64 rows in range and float32 weights."""
     if not isinstance(plan, tuple) or len(plan) != 2:
-        raise ValueError(f"PlanSampler.plan must return (rows, weights), got {type(plan).__name__}")
+        raise ConfigError(f"PlanSampler.plan must return (rows, weights), got {type(plan).__name__}")
     rows = np.asarray(plan[0])
     weights = np.asarray(plan[1], dtype=np.float32)
     if rows.ndim != 1 or rows.dtype.kind not in "iu":
-        raise ValueError(f"plan rows must be a 1-D int array, got dtype {rows.dtype} shape {rows.shape}")
+        raise ConfigError(f"plan rows must be a 1-D int array, got dtype {rows.dtype} shape {rows.shape}")
     if weights.shape != rows.shape:
-        raise ValueError(f"plan weights shape {weights.shape} != rows shape {rows.shape}")
+        raise ConfigError(f"plan weights shape {weights.shape} != rows shape {rows.shape}")
     rows = rows.astype(np.int64, copy=False)
     if len(rows) and (rows.min() < 0 or rows.max() >= num_rows):
         bad = int(np.flatnonzero((rows < 0) | (rows >= num_rows))[0])
-        raise ValueError(f"plan row {int(rows[bad])} at position {bad} is outside [0, {num_rows})")
+        raise ConfigError(f"plan row {int(rows[bad])} at position {bad} is outside [0, {num_rows})")
     if not np.all(np.isfinite(weights)) or (len(weights) and weights.min() < 0):
         bad = int(np.flatnonzero(~np.isfinite(weights) | (weights < 0))[0])
-        raise ValueError(f"plan weight {float(weights[bad])} at position {bad} is not finite and >= 0")
+        raise ConfigError(f"plan weight {float(weights[bad])} at position {bad} is not finite and >= 0")
     return rows, weights

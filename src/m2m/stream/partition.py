@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from m2m.errors import ConfigError
+
 
 def rows_per_rank(num_entries: int, batch_size: int, world_size: int, drop_last: bool) -> int:
     """How many order positions each rank reads in one epoch."""
@@ -49,7 +51,7 @@ def batch_bounds(first: int, last: int, rows: int, batch_size: int) -> tuple[int
 def worker_items(total_batches: int, start: int, chunk_batches: int, worker: int, num_workers: int) -> np.ndarray:
     """``[k, 3]`` int64 rows ``(item, first_batch, end_batch)`` that ``worker`` produces after ``start``."""
     if chunk_batches < 1:
-        raise ValueError(f"chunk_batches must be >= 1, got {chunk_batches}")
+        raise ConfigError(f"chunk_batches must be >= 1, got {chunk_batches}")
     remaining = max(0, total_batches - start)
     n_items = -(-remaining // chunk_batches)
     item = np.arange(worker, n_items, num_workers, dtype=np.int64)

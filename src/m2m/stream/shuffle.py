@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from m2m.errors import ConfigError
+
 FULL = "full"
 BLOCK = "block"
 SEQUENTIAL = "sequential"
@@ -50,7 +52,7 @@ def block_shuffle(entries: np.ndarray, block_rows: int, window_blocks: int, num_
     permutation. Within a window the order is uniformly random.
     """
     if block_rows < 1 or window_blocks < 1:
-        raise ValueError(f"block_rows and window_blocks must be >= 1, got {block_rows}, {window_blocks}")
+        raise ConfigError(f"block_rows and window_blocks must be >= 1, got {block_rows}, {window_blocks}")
     entries = np.asarray(entries, dtype=np.int64)
     num_blocks = max(1, -(-num_rows // block_rows))
     position = np.empty(num_blocks, dtype=np.int64)

@@ -6,6 +6,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from m2m.errors import ConfigError
+
 
 @runtime_checkable
 class RowSource(Protocol):
@@ -40,14 +42,14 @@ class ArraySource:
 
     def __init__(self, columns: dict[str, np.ndarray], shard_rows: int | None = None) -> None:
         if "mu" not in columns:
-            raise ValueError("ArraySource needs a 'mu' column")
+            raise ConfigError("ArraySource needs a 'mu' column")
         mu = columns["mu"]
         if mu.ndim != 2:
-            raise ValueError(f"'mu' must be 2-D, got shape {mu.shape}")
+            raise ConfigError(f"'mu' must be 2-D, got shape {mu.shape}")
         n = mu.shape[0]
         for name, col in columns.items():
             if len(col) != n:
-                raise ValueError(f"column {name!r} has {len(col)} rows, 'mu' has {n}")
+                raise ConfigError(f"column {name!r} has {len(col)} rows, 'mu' has {n}")
         self._columns = columns
         step = n if not shard_rows else int(shard_rows)
         bounds = list(range(0, n, max(step, 1))) + [n]

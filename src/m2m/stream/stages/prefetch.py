@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from m2m.errors import StreamError
+from m2m.errors import ConfigError, StreamError
 from m2m.stream.stages.base import Stage, Work
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Prefetcher(Stage):
     def __init__(self, upstream: Stage, capacity: int = 2, intra_op_threads: int | None = 1,
                  name: str = "m2m-prefetch") -> None:
         if capacity < 1:
-            raise ValueError(f"prefetch capacity must be >= 1, got {capacity}")
+            raise ConfigError(f"prefetch capacity must be >= 1, got {capacity}")
         self.upstream = upstream
         self.capacity = capacity
         self.intra_op_threads = intra_op_threads
