@@ -10,8 +10,8 @@ from m2m.index.exact import drop_self, exact_knn_of, rescored_knn_of
 from m2m.index.rows import rows_f32
 from m2m.index.runtime import resolve_precision
 
-#: Rows of the sample whose exact neighbours calibrate the probe rule (the recall estimate of 512
-#: rows scattered by about 0.004 on the 1M-row benchmark data; 1024 rows: about 0.003).
+#: Rows of the sample whose exact neighbours calibrate the probe rule (its recall estimate
+#: scatters by about 0.003; docs/tuning.md).
 CALIBRATION_ROWS = 1024
 
 

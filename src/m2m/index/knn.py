@@ -48,18 +48,18 @@ __all__ = ["knn"]
 
 log = logging.getLogger(__name__)
 
-#: IVF lists per sqrt(rows) (``default_nlist``). On the 1M-row benchmark, in runs one after
-#: another: 1500 lists 48-50 s, 2000 lists 55-57 s, 1000 and 1250 lists 51 s (more lists score
-#: fewer pairs but cost more k-means and centroid ranking).
+# The tuned constants below trade k-means and ranking work against scored pairs; the runs that
+# chose them are in docs/tuning.md.
+
+#: IVF lists per sqrt(rows) (``default_nlist``): more lists score fewer pairs but cost more
+#: k-means and centroid ranking.
 LISTS_PER_SQRT_ROWS = 1.5
 
-#: k-means iterations of the IVF centroids. On the 1M-row benchmark 5 instead of 8 saved 2 s of
-#: training for 0.8% more scored pairs (4 iterations: 1%).
+#: k-means iterations of the IVF centroids (fewer: cheaper training, slightly more scored pairs).
 KMEANS_ITERATIONS = 5
 
 #: Slopes of the list-size penalty tried by the calibration (``calibrate_probes``), and the sample
-#: rows per list that estimate list sizes. On the 1M-row benchmark data, slope 0.05 cut the
-#: estimated probe cost by 12% at the same recall.
+#: rows per list that estimate list sizes.
 SIZE_SLOPES = (0.0, 0.025, 0.05, 0.075)
 SIZE_SAMPLE_PER_LIST = 16
 
@@ -77,35 +77,6 @@ OWN_PART_ROWS = 192
 
 #: Query rows sharing one cut in the bfloat16 prefilter (``_ListSearch._hits_bf16``).
 ROW_GROUP = 32
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _push(

@@ -15,11 +15,9 @@ from typing import Any
 from m2m._validate import check_int
 from m2m.errors import ConfigError, MissingDependencyError
 
-#: FAISS/torch threads used when a caller passes ``threads=None``. On this shared 2-core
-#: machine one thread was as fast as two or faster under load (benchmarks/bench_knn.py). On
-#: 2026-11-26, with the machine otherwise quiet, the 1M-row kNN took 34-40 s with two threads
-#: and 48-51 s with one (``--threads 1,2,1,2`` and ``2,1,2``); kept at 1 because every
-#: m2m.index caller shares this default and two threads were not measured under load.
+#: FAISS/torch threads used when a caller passes ``threads=None``: one, because on a shared,
+#: oversubscribed machine more threads were often slower (docs/tuning.md); the one long job,
+#: ``Lake.estimate_kappa``, asks for every usable core itself.
 DEFAULT_THREADS = 1
 
 
