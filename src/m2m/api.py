@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from typing import Any
 
 from m2m.config import M2MConfig
 from m2m.errors import ConfigTypeError, DeviceUnavailableError, LakeNotFoundError
@@ -43,7 +44,7 @@ def create_m2m(config: M2MConfig | None = None) -> Lake:
         path: str = temporary
     else:
         path = os.fspath(config.path)
-    fs = open_fs(path)
+    fs = open_fs(path, config.storage_options, config.io_timeout, config.io_retries)
     try:
         manifest = read_manifest(fs)
     except LakeNotFoundError:
@@ -53,17 +54,20 @@ def create_m2m(config: M2MConfig | None = None) -> Lake:
     return Lake(fs, config, manifest, temporary_dir=temporary)
 
 
-def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, **overrides: object) -> Lake:
+def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, version: int | None = None,
+              **overrides: Any) -> Lake:
     """Open an existing lake; `LakeNotFoundError` (a FileNotFoundError) when there is none at ``path``.
 
-    The lake's own dim and dtype are used; other settings come from ``config`` and ``overrides``.
+    The lake's own dim and dtype are used; other settings come from ``config`` and ``overrides``
+    (e.g. ``storage_options={...}`` for s3://, gs://, az:// lakes). ``version`` pins an older
+    committed version (default: the latest); commits still go on top of the latest.
     """
-    fs = open_fs(path)
-    manifest = read_manifest(fs)   # LakeNotFoundError ("no m2m lake at ...") when there is none
     base = config or M2MConfig()
+    asked = dataclasses.replace(base, path=os.fspath(path), **overrides)  # validates the overrides
+    fs = open_fs(path, asked.storage_options, asked.io_timeout, asked.io_retries)
+    manifest = read_manifest(fs, version)   # LakeNotFoundError ("no m2m lake at ...") when there is none
     if config is not None:
         check_compatible(manifest, config, os.fspath(path))
-    cfg = dataclasses.replace(base, path=os.fspath(path), latent_dim=manifest.dim, storage_dtype=manifest.dtype,
-                              **overrides)
+    cfg = dataclasses.replace(asked, latent_dim=manifest.dim, storage_dtype=manifest.dtype)
     check_device(cfg.device)
     return Lake(fs, cfg, manifest)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from m2m.errors import ConfigError
@@ -44,6 +44,12 @@ class M2MConfig:
         verify_reads: check each shard file's CRC32 the first time a lake handle reads it, whichever
             version and operation reads it (one extra sequential read of the lake per handle;
             `Lake.verify` always checks).
+        storage_options: fsspec options of a remote lake (s3://, gs://, az://, ...): endpoint, credentials,
+            region; passed to ``fsspec.url_to_fs`` (kept out of ``repr``: it may hold secrets).
+        io_timeout: seconds a remote request may take to connect and between bytes read before it is
+            retried (S3: botocore connect/read timeouts).
+        io_retries: retries of a remote request after a transient error (timeout, refused connection,
+            5xx), with exponential backoff; then `ObjectStoreError` names the object.
     """
 
     path: str | os.PathLike[str] | None = None
@@ -63,6 +69,9 @@ class M2MConfig:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     prefetch: int = 4
     verify_reads: bool = True
+    storage_options: dict[str, Any] | None = field(default=None, repr=False, hash=False)
+    io_timeout: float = 10.0
+    io_retries: int = 3
 
     def __post_init__(self) -> None:
         _check(isinstance(self.latent_dim, int) and not isinstance(self.latent_dim, bool) and self.latent_dim >= 2,
@@ -89,7 +98,13 @@ class M2MConfig:
         _check(_is_int(self.prefetch) and self.prefetch >= 0, "prefetch", self.prefetch,
                "an int >= 0 (0 = no background thread)")
 
-    def replace(self, **changes: Any) -> "M2MConfig":
+        _check(self.storage_options is None or isinstance(self.storage_options, dict), "storage_options",
+               self.storage_options, "a dict of fsspec options or None")
+        _check(_is_pos(self.io_timeout), "io_timeout", self.io_timeout, "a finite float > 0 (seconds)")
+        _check(_is_int(self.io_retries) and 0 <= self.io_retries <= 20, "io_retries", self.io_retries,
+               "an int in [0, 20]")
+
+    def replace(self, **changes: Any) -> M2MConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -47,8 +47,10 @@ class LakeClosedError(M2MError, RuntimeError):
     """The lake handle was closed; open the lake again to use it."""
 
 
-class CommitConflictError(M2MError, RuntimeError):
-    """A commit could not be published because the lake moved underneath it (another writer won)."""
+class CommitConflictError(LakeLockedError):
+    """A commit could not be published because the lake moved underneath it (another writer won):
+    it was rebased and retried up to its bound, or the store cannot make commits safe for several
+    writers. Nothing of it was published."""
 
 
 class UnknownIdError(M2MError, KeyError):
@@ -79,3 +81,8 @@ class SourceNotFoundError(M2MError, FileNotFoundError):
 
 class MissingDependencyError(M2MError, ImportError):
     """An optional dependency a feature needs is not installed; the message names the pip command."""
+
+
+class ObjectStoreError(M2MError, OSError):
+    """A remote object-store request failed (unreachable, timed out, refused) after bounded retries;
+    the message names the object and the cause is chained."""

@@ -43,6 +43,39 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+    """``key=value`` pairs -> fsspec storage options; values are JSON when they parse as JSON
+    (``anon=true``, ``client_kwargs={"region_name": "eu-west-1"}``), else strings; a dotted key
+    (``client_kwargs.region_name=eu-west-1``) sets a nested entry."""
+    if not pairs:
+        return None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--storage-option")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, leaf = key.strip().split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise click.BadParameter(f"{key!r}: {part!r} is already a value", param_hint="--storage-option")
+        node[leaf] = value
+    return out
+
+
+def storage_option(fn: F) -> F:
+    """The repeatable ``--storage-option key=value`` of every command that takes a lake."""
+    return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                        callback=lambda ctx, param, value: parse_storage_options(value),
+                        help="fsspec option of a remote lake (repeatable), e.g. endpoint_url=http://host:9000, "
+                             "key=..., secret=..., client_kwargs.region_name=eu-west-1.")(fn)
+
+
 class Bar:
     """A tqdm progress bar on stderr used as a progress callback."""
 
@@ -81,9 +114,10 @@ def cli(verbose: int) -> None:
 @click.option("--shard-size", default="128MiB", show_default=True, help="Target shard file size.")
 @click.option("--estimate-kappa/--no-estimate-kappa", default=False, help="Estimate kappa after ingest.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@storage_option
 @user_errors
 def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None, dtype: str, shard_size: str,
-           estimate_kappa: bool, quiet: bool) -> None:
+           estimate_kappa: bool, quiet: bool, storage_options: dict[str, Any] | None) -> None:
     """Ingest SRC (.npy, .parquet, .arrow/.feather, or a directory of them) into a lake, in one commit."""
     import time
 
@@ -92,7 +126,8 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
 
     source = open_source(src, column=column, label_column=label_column)
     total = source.rows()
-    cfg = M2MConfig(path=lake_dir, latent_dim=source.dim(), storage_dtype=dtype, shard_bytes=parse_size(shard_size))
+    cfg = M2MConfig(path=lake_dir, latent_dim=source.dim(), storage_dtype=dtype, shard_bytes=parse_size(shard_size),
+                     storage_options=storage_options)
     t0 = time.perf_counter()
     with create_m2m(cfg) as lake:
         with Bar(total, "ingest", quiet=quiet) as bar:
@@ -117,12 +152,13 @@ def _fmt(v: Any) -> str:
 @cli.command()
 @click.argument("lake_dir")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@storage_option
 @user_errors
-def info(lake_dir: str, as_json: bool) -> None:
+def info(lake_dir: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Summarise a lake: rows, dim, dtype, bytes, shards, version, kappa/alpha, labels."""
     from m2m import open_lake
 
-    with open_lake(lake_dir) as lake:
+    with open_lake(lake_dir, storage_options=storage_options) as lake:
         d = lake.info()
     if as_json:
         click.echo(json.dumps(d, indent=1, default=str))
@@ -141,12 +177,13 @@ def info(lake_dir: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("lake_dir")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@storage_option
 @user_errors
-def verify(lake_dir: str, quiet: bool) -> None:
+def verify(lake_dir: str, quiet: bool, storage_options: dict[str, Any] | None) -> None:
     """Check every shard of the latest version against its CRC32; exit 1 if any is corrupt."""
     from m2m import open_lake
 
-    with open_lake(lake_dir) as lake:
+    with open_lake(lake_dir, storage_options=storage_options) as lake:
         files = lake.manifest.files()
         with Bar(len(files), "verify", unit="files", quiet=quiet) as bar:
             problems = lake.verify(progress=bar)
@@ -162,12 +199,13 @@ def verify(lake_dir: str, quiet: bool) -> None:
 @cli.command()
 @click.argument("lake_dir")
 @click.option("--keep", default=1, show_default=True, help="Versions to keep.")
+@storage_option
 @user_errors
-def vacuum(lake_dir: str, keep: int) -> None:
+def vacuum(lake_dir: str, keep: int, storage_options: dict[str, Any] | None) -> None:
     """Delete old versions and unreferenced files (also those of interrupted commits)."""
     from m2m import open_lake
 
-    with open_lake(lake_dir) as lake:
+    with open_lake(lake_dir, storage_options=storage_options) as lake:
         r = lake.vacuum(keep=keep)
     click.echo(f"removed {r['versions_removed']} versions and {r['files_removed']} files")
 
@@ -176,12 +214,14 @@ def vacuum(lake_dir: str, keep: int) -> None:
 @click.argument("lake_dir")
 @click.option("--similarity", default=0.95, show_default=True, type=float, help="Cosine of near-duplicates.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@storage_option
 @user_errors
-def consolidate(lake_dir: str, similarity: float, quiet: bool) -> None:
+def consolidate(lake_dir: str, similarity: float, quiet: bool,
+                storage_options: dict[str, Any] | None) -> None:
     """Merge near-duplicate splats (same label) into heavier splats, as a new version."""
     from m2m import open_lake
 
-    with open_lake(lake_dir) as lake:
+    with open_lake(lake_dir, storage_options=storage_options) as lake:
         with Bar(len(lake), "consolidate", quiet=quiet) as bar:
             report = lake.consolidate(similarity=similarity, progress=bar)
         click.echo(f"{report.rows_before:,} -> {report.rows_after:,} rows ({report.groups_merged:,} groups merged) "
@@ -193,12 +233,13 @@ def consolidate(lake_dir: str, similarity: float, quiet: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--threads", type=int, default=None,
               help="kNN threads (default: every usable core; 1 when other work needs the cores).")
+@storage_option
 @user_errors
-def kappa(lake_dir: str, quiet: bool, threads: int | None) -> None:
+def kappa(lake_dir: str, quiet: bool, threads: int | None, storage_options: dict[str, Any] | None) -> None:
     """(Re)estimate every splat's kappa from its nearest neighbours."""
     from m2m import open_lake
 
-    with open_lake(lake_dir) as lake:
+    with open_lake(lake_dir, storage_options=storage_options) as lake:
         with Bar(len(lake), "kappa", quiet=quiet) as bar:
             lake.estimate_kappa(progress=bar, threads=threads)
         click.echo(f"kappa estimated for {len(lake):,} splats; version {lake.version}")

@@ -5,12 +5,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import tempfile
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+from m2m.errors import ObjectStoreError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class LakeFS(Protocol):
@@ -24,6 +32,7 @@ class LakeFS(Protocol):
     def listdir(self, rel: str) -> list[str]: ...
     def read_bytes(self, rel: str) -> bytes: ...
     def write_atomic(self, rel: str, data: bytes) -> None: ...
+    def create_exclusive(self, rel: str, data: bytes) -> bool: ...
     def write_file(self, rel: str, local_src: str) -> None: ...
     def remove(self, rel: str) -> None: ...
     def local_path(self, rel: str) -> str: ...
@@ -77,6 +86,31 @@ class LocalFS:
         os.rename(tmp, final)
         fsync_path(directory)
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` durably unless it exists (False then): a hard link never replaces a file."""
+        final = self._p(rel)
+        directory = os.path.dirname(final)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: callers hold the lake's flock here
+            if os.path.exists(final):
+                return False
+            os.rename(tmp, final)
+            fsync_path(directory)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        fsync_path(directory)
+        return True
+
     def write_file(self, rel: str, local_src: str) -> None:
         """Move a finished, fsynced local file (made by `new_local_file`) to ``rel``."""
         final = self._p(rel)
@@ -97,58 +131,176 @@ class LocalFS:
         return self._p(f"_data/.tmp-{uuid.uuid4().hex}{suffix}")
 
 
+# Errors a retry cannot fix: they are raised at once (everything else is retried, boundedly).
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+              ValueError, TypeError, KeyError, NotImplementedError)
+_PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ParamValidationError", "NoRegionError",
+                    "InvalidBucketName", "NoSuchBucket"}
+# Stores whose ``pipe_file(..., mode="create")`` is a real conditional put (one atomic request):
+# S3 (``If-None-Match: *``, AWS since 2024-08, MinIO, R2, moto >= 5) and fsspec's in-process memory store.
+_CONDITIONAL_PUT = {"s3", "s3a", "memory"}
+
+
+def _permanent(exc: BaseException) -> bool:
+    return isinstance(exc, _PERMANENT) or type(exc).__name__ in _PERMANENT_NAMES
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
+
+
 class FsspecFS:
     """A lake behind an fsspec URL (s3://, gs://, memory://, ...).
 
     Object stores have no rename or fsync: each file is written whole under its final, unique name
-    (a PUT is atomic), the manifest last. Shards are downloaded once into a local cache directory to be
-    memory-mapped, and verified there against their checksum.
+    (a PUT is atomic), the manifest last, with a conditional put where the store has one (see
+    `atomic_create`). Shards are downloaded once into a local cache directory to be memory-mapped,
+    and verified there against their checksum.
+
+    Every request runs under a bounded retry loop: transient errors (timeouts, refused or reset
+    connections, 5xx) are retried ``io_retries`` times with exponential backoff and jitter, then an
+    `ObjectStoreError` naming the object is raised. For S3 the per-request connect/read timeouts are
+    ``io_timeout`` seconds and botocore/s3fs do not retry on their own (so the bound is ours).
     """
 
     is_local = False
 
-    def __init__(self, url: str, cache_dir: str | None = None) -> None:
+    def __init__(self, url: str, cache_dir: str | None = None, storage_options: dict[str, Any] | None = None,
+                 io_timeout: float = 10.0, io_retries: int = 3) -> None:
         import fsspec
 
-        self.fs, path = fsspec.core.url_to_fs(url)
+        self.url = url.rstrip("/")
+        self.protocol = url.split("://", 1)[0].lower()
+        self.io_timeout = float(io_timeout)
+        self.io_retries = int(io_retries)
+        options = dict(storage_options or {})
+        if self.protocol in ("s3", "s3a"):
+            config_kwargs = dict(options.get("config_kwargs") or {})
+            config_kwargs.setdefault("connect_timeout", self.io_timeout)
+            config_kwargs.setdefault("read_timeout", self.io_timeout)
+            config_kwargs.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+            options["config_kwargs"] = config_kwargs
+        if self.protocol != "memory":
+            # other writers' commits must be seen at once: no cached listings, no shared instance
+            options.setdefault("use_listings_cache", False)
+            options.setdefault("skip_instance_cache", True)
+        self.fs, path = fsspec.core.url_to_fs(url, **options)
+        if self.protocol in ("s3", "s3a"):
+            self.fs.retries = 1  # s3fs's own retry loop (5 x read_timeout) would hide ours
         self.root = path.rstrip("/")
-        self.url = url
+        #: True when `create_exclusive` is one conditional request, safe with any number of writers
+        self.atomic_create = self.protocol in _CONDITIONAL_PUT
         key = hashlib.sha1(url.encode()).hexdigest()[:16]
         base = cache_dir or os.environ.get("M2M_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "m2m-cache")
         self.cache = os.path.join(base, key)
         os.makedirs(os.path.join(self.cache, "_data"), exist_ok=True)
+        self._written: list[str] = []
+        self._written_lock = threading.Lock()
 
     def _p(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
+    def _call(self, op: str, rel: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` with bounded retries of transient errors; `ObjectStoreError` at the end."""
+        t0 = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if _permanent(exc):
+                    raise
+                attempt += 1
+                if attempt > self.io_retries:
+                    raise ObjectStoreError(
+                        f"{op} {self.url}/{rel} failed after {attempt} attempt(s) in {time.monotonic() - t0:.1f} s "
+                        f"(io_timeout={self.io_timeout:g} s, io_retries={self.io_retries}): {_one_line(exc)}"
+                    ) from exc
+                delay = min(0.2 * 2 ** (attempt - 1), 2.0) * (0.5 + random.random())
+                logger.info("%s %s/%s: %s; retry %d of %d in %.2f s", op, self.url, rel, _one_line(exc),
+                               attempt, self.io_retries, delay)
+                time.sleep(delay)
+
+    def _record(self, rel: str) -> None:
+        with self._written_lock:
+            self._written.append(rel)
+
+    def mark(self) -> int:
+        """A position in the log of objects this handle wrote (for `written_since`)."""
+        with self._written_lock:
+            return len(self._written)
+
+    def written_since(self, mark: int) -> list[str]:
+        """Objects this handle wrote after ``mark`` (what a failed commit must remove)."""
+        with self._written_lock:
+            return list(self._written[mark:])
+
     def exists(self, rel: str) -> bool:
-        return bool(self.fs.exists(self._p(rel)))
+        return bool(self._call("exists", rel, self.fs.exists, self._p(rel)))
 
     def makedirs(self, rel: str) -> None:
-        self.fs.makedirs(self._p(rel), exist_ok=True)
+        self._call("makedirs", rel, self.fs.makedirs, self._p(rel), exist_ok=True)
 
     def listdir(self, rel: str) -> list[str]:
+        return sorted(name for name, _ in self.list_detail(rel))
+
+    def list_detail(self, rel: str) -> list[tuple[str, float | None]]:
+        """``(name, last-modified epoch seconds or None)`` of the objects under ``rel``."""
         try:
-            entries = self.fs.ls(self._p(rel), detail=False)
+            entries = self._call("list", rel, self.fs.ls, self._p(rel), detail=True)
         except FileNotFoundError:
             return []
-        return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        out = []
+        for e in entries:
+            name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+            mtime = e.get("LastModified") or e.get("mtime") or e.get("created")
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            out.append((name, float(mtime) if isinstance(mtime, (int, float)) else None))
+        return out
 
     def read_bytes(self, rel: str) -> bytes:
-        return bytes(self.fs.cat_file(self._p(rel)))
+        return bytes(self._call("read", rel, self.fs.cat_file, self._p(rel)))
 
     def write_atomic(self, rel: str, data: bytes) -> None:
-        self.fs.pipe_file(self._p(rel), data)
+        self._record(rel)
+        self._call("write", rel, self.fs.pipe_file, self._p(rel), data)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` unless it exists; False when another writer created it first.
+
+        With `atomic_create` this is one conditional request. A retried request whose first try did
+        land reads back as ours (same bytes), so a lost reply is never mistaken for a conflict.
+        Elsewhere it is exists-then-put, safe for one writer only (`Lake.commit` says so loudly).
+        """
+        def put() -> bool:
+            try:
+                if self.atomic_create:
+                    self.fs.pipe_file(self._p(rel), data, mode="create")
+                else:
+                    if self.fs.exists(self._p(rel)):
+                        raise FileExistsError(rel)
+                    self.fs.pipe_file(self._p(rel), data)
+                return True
+            except FileExistsError:
+                try:
+                    return bytes(self.fs.cat_file(self._p(rel))) == data
+                except FileNotFoundError:  # deleted in between (vacuum of an old version): a conflict
+                    return False
+
+        return self._call("create", rel, put)
 
     def write_file(self, rel: str, local_src: str) -> None:
-        self.fs.put_file(local_src, self._p(rel))
+        self._record(rel)
+        self._call("upload", rel, self.fs.put_file, local_src, self._p(rel))
         cached = os.path.join(self.cache, rel)
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         os.replace(local_src, cached)
 
     def remove(self, rel: str) -> None:
         try:
-            self.fs.rm_file(self._p(rel))
+            self._call("delete", rel, self.fs.rm_file, self._p(rel))
         except FileNotFoundError:
             pass
         try:
@@ -162,19 +314,24 @@ class FsspecFS:
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             tmp = f"{cached}.part-{uuid.uuid4().hex}"
             logger.info("downloading %s to the local shard cache", rel)
-            self.fs.get_file(self._p(rel), tmp)
-            os.replace(tmp, cached)
+            try:
+                self._call("download", rel, self.fs.get_file, self._p(rel), tmp)
+                os.replace(tmp, cached)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         return cached
 
     def new_local_file(self, suffix: str) -> str:
         return os.path.join(self.cache, "_data", f".tmp-{uuid.uuid4().hex}{suffix}")
 
 
-def open_fs(path: str | os.PathLike[str]) -> LakeFS:
-    """The filesystem for a lake path: `LocalFS` for plain paths and file://, `FsspecFS` otherwise."""
+def open_fs(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+            io_timeout: float = 10.0, io_retries: int = 3) -> LakeFS:
+    """The filesystem for a lake path: `LocalFS` for plain paths and file://, `FsspecFS` otherwise
+    (``storage_options`` go to fsspec; local paths ignore them)."""
     s = os.fspath(path)
     if "://" in s and not s.startswith("file://"):
-        return FsspecFS(s)
-    if s.startswith("file://"):
-        s = s[len("file://"):]
+        return FsspecFS(s, storage_options=storage_options, io_timeout=io_timeout, io_retries=io_retries)
+    s = s.removeprefix("file://")
     return LocalFS(s)

@@ -14,6 +14,7 @@ import numpy as np
 from m2m._validate import SplatBatch, check_int, validate_splats
 from m2m.config import M2MConfig
 from m2m.errors import (
+    CommitConflictError,
     ConfigError,
     CorruptShardError,
     DimensionMismatchError,
@@ -135,11 +136,20 @@ class Lake:
 
     # ------------------------------------------------------------------ commits
     def commit(self, operation: str, build: Callable[[Manifest], Manifest]) -> Manifest:
-        """Run one atomic commit: ``build(latest) -> next manifest`` under the write lock.
+        """Run one atomic commit: ``build(latest) -> next manifest``.
 
+        Local lakes: under the write lock. Object stores: optimistic, with a conditional put of the
+        manifest; on a conflict ``build`` runs again on the new head (`m2m.lake.commit`).
         Files that ``build`` writes but that the commit does not publish (it raised) are removed.
         """
         self._check_open()
+        if not self._fs.is_local:
+            from m2m.lake.commit import HEAVY_ATTEMPTS, commit_remote
+
+            new = commit_remote(self._fs, operation, build, attempts=HEAVY_ATTEMPTS)
+            self._set_manifest(new)
+            logger.info("committed version %d (%s): %d rows", new.version, operation, new.rows)
+            return new
         with write_lock(self._fs):
             base = read_manifest(self._fs)
             before = set(self._fs.listdir(DATA_DIR))
@@ -204,6 +214,18 @@ class Lake:
         if rows == 0:
             raise InvalidEmbeddingError("nothing to add: the input has no rows")
         cfg = self.config
+        if not self._fs.is_local:  # many writers: reserved ids, shards written once, rebase = new manifest
+            from m2m.lake.commit import append_remote
+
+            new, ids = append_remote(
+                self._fs, lambda first: write_splats(self._fs, batches(), first, assumed.dim, assumed.dtype,
+                                                     cfg.shard_bytes, planned, progress),
+                lambda base: rebase_schema(planned, assumed, base), rows, summary)
+            self._set_manifest(new)
+            logger.info("committed version %d (append): %d rows", new.version, new.rows)
+            if cfg.auto_consolidate:
+                self._auto_consolidate()
+            return ids
 
         def build(base: Manifest) -> Manifest:
             schema = rebase_schema(planned, assumed, base)
@@ -377,14 +399,20 @@ class Lake:
                 progress(1)
         return problems
 
-    def vacuum(self, keep: int = 1) -> dict[str, int]:
+    def vacuum(self, keep: int = 1, min_age_s: float | None = None) -> dict[str, int]:
         """Delete all but the last ``keep`` versions and every file they do not reference.
 
         Also removes the files of interrupted commits. Readers pinned to a deleted version lose it.
+        On an object store other writers may be mid-commit (their shards are not referenced yet), so
+        only unreferenced objects older than ``min_age_s`` go (default: 3600 s remote, 0 local).
         """
         if keep < 1:
             raise ConfigError(f"keep must be >= 1, got {keep}")
         self._check_open()
+        if not self._fs.is_local:
+            from m2m.lake.commit import vacuum_remote
+
+            return vacuum_remote(self._fs, keep, 3600.0 if min_age_s is None else float(min_age_s))
         with write_lock(self._fs):
             versions = list_versions(self._fs)
             kept = versions[-keep:]
@@ -421,7 +449,10 @@ def create_empty(fs: LakeFS, config: M2MConfig) -> Manifest:
     with write_lock(fs):
         if list_versions(fs):
             return read_manifest(fs)
-        write_manifest(fs, manifest)
+        try:
+            write_manifest(fs, manifest)
+        except CommitConflictError:  # another process created the lake at the same moment
+            return read_manifest(fs)
     return manifest
 
 

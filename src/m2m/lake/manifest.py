@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from m2m.errors import CorruptShardError, LakeNotFoundError
+from m2m.errors import CommitConflictError, CorruptShardError, LakeNotFoundError
 from m2m.lake.fs import LakeFS
 
 FORMAT_NAME = "m2m-lake"
@@ -133,8 +133,10 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
 
 
 def write_manifest(fs: LakeFS, manifest: Manifest) -> None:
-    """Publish ``manifest`` (the commit point). Must be called under the write lock."""
+    """Publish ``manifest`` (the commit point) with a create-if-absent write: never replaces a version.
+
+    `CommitConflictError` when another writer published this version first (`m2m.lake.commit` rebases).
+    """
     rel = manifest_name(manifest.version)
-    if fs.exists(rel):
-        raise RuntimeError(f"version {manifest.version} already exists at {fs.root}; concurrent writer?")
-    fs.write_atomic(rel, manifest.to_json())
+    if not fs.create_exclusive(rel, manifest.to_json()):
+        raise CommitConflictError(f"version {manifest.version} of {fs.root} was committed by another writer")

@@ -1,0 +1,214 @@
+"""Commits on object stores that many writer processes share: conditional puts, rebase, bounded retry.
+
+A local lake serialises writers with its `flock` (`m2m.lake.lock`). An object store has no lock, so a
+remote commit is optimistic: build version v+1 on the head v, then create the manifest of v+1 with a
+conditional put (S3 ``If-None-Match: *``); if another writer created v+1 first, rebase on the new head
+and try again (bounded in attempts and seconds, with backoff and jitter). No version is ever replaced,
+so no commit is lost or silently overwritten.
+
+Appends commute, except for their ids, which are stored in the shard files. To keep a rebase down to
+rewriting the manifest, an append first *reserves* its id range: it creates ``_ids/<start>.json`` with a
+conditional put, where ``start`` = max(head's ``next_id``, end of the newest reservation); two writers
+racing for the same start cannot both create that object, so the loser re-reads and takes the next
+range. The shards are written once with the reserved ids; every attempt then only inserts them, in id
+order, into the head's shard list (ids stay ascending in position order; ids of a writer that died
+after reserving stay unused, a gap, like the ids of merged rows). Each build also checks that no
+shard of the head overlaps the reserved range; should one (a reservation lost to an untimely vacuum),
+the shards are rewritten with a fresh reservation, so a duplicate id can never be published.
+
+Other commits (estimate_kappa, consolidate) are rebuilt on the new head, at most
+``HEAVY_ATTEMPTS`` times, then fail with `CommitConflictError`. Files a failed attempt wrote are
+removed; those of a process that died are left to `Lake.vacuum` (remote: objects older than its
+``min_age_s``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from m2m.errors import CommitConflictError
+from m2m.lake import summary as lake_stats
+from m2m.lake.manifest import Manifest, ShardEntry, read_manifest, write_manifest
+
+logger = logging.getLogger(__name__)
+
+RESERVATIONS_DIR = "_ids"
+COMMIT_ATTEMPTS = 64        # publish attempts of one append (each costs a manifest read and one PUT)
+HEAVY_ATTEMPTS = 3          # rebuilds of estimate_kappa / consolidate on a moved head
+COMMIT_SECONDS = 300.0      # bound on the whole retry loop of one commit
+_WRITER = uuid.uuid4().hex  # names this process in its reservations (diagnostics only)
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter: 25 ms doubling up to 1 s (spreads writers that collided)."""
+    return random.uniform(0.0, min(0.025 * 2 ** attempt, 1.0))
+
+
+def _remove(fs: Any, rels: Iterable[str]) -> None:
+    for rel in rels:
+        try:
+            fs.remove(rel)
+        except OSError as exc:  # vacuum will find it later; the commit's own error matters more
+            logger.warning("could not remove %s after a failed commit: %s", rel, exc)
+
+
+def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest],
+                  attempts: int = COMMIT_ATTEMPTS, seconds: float = COMMIT_SECONDS) -> Manifest:
+    """Publish ``build(head)`` as the next version, rebasing on a moved head (see the module doc)."""
+    if not getattr(fs, "atomic_create", False):
+        logger.warning("%s has no conditional put: commits are safe with ONE writer process only",
+                       getattr(fs, "url", fs.root))
+    t0 = time.monotonic()
+    attempt = 0
+    while True:
+        base = read_manifest(fs)
+        mark = fs.mark()
+        published = False
+        try:
+            new = build(base)
+            if new.version != base.version + 1:
+                raise RuntimeError(f"commit {operation!r} built version {new.version} on {base.version}")
+            try:
+                write_manifest(fs, new)
+                published = True
+            except CommitConflictError:
+                pass
+        finally:  # the files this attempt wrote, unless they are now part of a version
+            if not published:
+                _remove(fs, fs.written_since(mark))
+        if published:
+            if not getattr(fs, "atomic_create", False):
+                _check_not_overwritten(fs, new)
+            if attempt:
+                logger.info("%s committed as version %d after %d rebase(s)", operation, new.version, attempt)
+            return new
+        attempt += 1
+        elapsed = time.monotonic() - t0
+        if attempt >= attempts or elapsed >= seconds:
+            raise CommitConflictError(
+                f"{operation} on {getattr(fs, 'url', fs.root)}: other writers committed first {attempt} time(s) "
+                f"in {elapsed:.1f} s; gave up (nothing of this commit was published)")
+        time.sleep(_backoff(attempt))
+
+
+def _check_not_overwritten(fs: Any, new: Manifest) -> None:
+    """On a store without conditional put, detect (after the fact) a writer that replaced our version."""
+    from m2m.lake.manifest import manifest_name
+
+    if fs.read_bytes(manifest_name(new.version)) != new.to_json():
+        raise CommitConflictError(
+            f"version {new.version} of {getattr(fs, 'url', fs.root)} was overwritten by another writer: this store "
+            f"has no conditional put, so only one writer process may commit at a time")
+
+
+def reserve_ids(fs: Any, rows: int, attempts: int = COMMIT_ATTEMPTS, seconds: float = COMMIT_SECONDS) -> int:
+    """Reserve ``rows`` ids for one append; returns the first (see the module doc)."""
+    t0 = time.monotonic()
+    for attempt in range(attempts):
+        start = read_manifest(fs).next_id
+        names = [n for n in fs.listdir(RESERVATIONS_DIR) if n.endswith(".json") and n[:-5].isdigit()]
+        if names:
+            last = max(names, key=lambda n: int(n[:-5]))
+            try:
+                start = max(start, int(json.loads(fs.read_bytes(f"{RESERVATIONS_DIR}/{last}"))["end"]))
+            except FileNotFoundError:  # vacuumed between list and read: list again
+                continue
+        doc = json.dumps({"start": start, "end": start + rows, "writer": _WRITER, "created": time.time()}).encode()
+        if fs.create_exclusive(f"{RESERVATIONS_DIR}/{start:020d}.json", doc):
+            return start
+        if time.monotonic() - t0 >= seconds:
+            break
+        time.sleep(_backoff(attempt))
+    raise CommitConflictError(f"could not reserve {rows} ids on {getattr(fs, 'url', fs.root)}: other writers "
+                              f"kept taking the next range")
+
+
+class _IdsTaken(Exception):
+    """The reserved id range overlaps a committed shard: write the shards again with a new range."""
+
+
+def insert_shards(base: Manifest, shards: tuple[ShardEntry, ...], first: int, rows: int) -> tuple[ShardEntry, ...]:
+    """``base``'s shards with ``shards`` (ids ``first``..``first+rows-1``) inserted in id order."""
+    last = first + rows - 1
+    if any(s.rows and s.id_min <= last and s.id_max >= first for s in base.shards):
+        raise _IdsTaken
+    at = bisect.bisect_left([s.id_min for s in base.shards], first)
+    return base.shards[:at] + shards + base.shards[at:]
+
+
+def append_remote(fs: Any, write: Callable[[int], list[ShardEntry]], rebase: Callable[[Manifest], Any],
+                  rows: int, summary: dict[str, Any]) -> tuple[Manifest, np.ndarray]:
+    """One append to a shared remote lake: reserve ids, write the shards once, publish with rebase.
+
+    ``write(first_id)`` writes the shards; ``rebase(base)`` returns the schema (`SchemaUpdate`) of the
+    append on ``base`` (raising when a concurrent writer changed it incompatibly).
+    """
+    for _ in range(3):
+        first = reserve_ids(fs, rows)
+        mark = fs.mark()
+        try:
+            shards = tuple(write(first))
+
+            def build(base: Manifest, shards: tuple[ShardEntry, ...] = shards, first: int = first) -> Manifest:
+                schema = rebase(base)
+                return base.next(shards=insert_shards(base, shards, first, rows),
+                                 next_id=max(base.next_id, first + rows), label_type=schema.label_type,
+                                 label_vocabulary=schema.label_vocabulary, metadata=schema.metadata,
+                                 stats=lake_stats.merge(base.stats, summary),
+                                 operation={"type": "append", "rows": rows})
+
+            new = commit_remote(fs, "append", build)
+        except _IdsTaken:
+            logger.warning("ids %d.. reserved on %s were taken; writing the append again", first,
+                           getattr(fs, "url", fs.root))
+            _remove(fs, fs.written_since(mark))
+            continue
+        except BaseException:
+            _remove(fs, fs.written_since(mark))
+            raise
+        return new, np.arange(first, first + rows, dtype=np.int64)
+    raise CommitConflictError(f"append to {getattr(fs, 'url', fs.root)}: reserved ids were taken 3 times")
+
+
+def vacuum_remote(fs: Any, keep: int, min_age_s: float) -> dict[str, int]:
+    """`Lake.vacuum` on an object store: no lock exists, so objects a running commit may still be
+    about to reference (younger than ``min_age_s``) are kept, and so is the newest id reservation."""
+    from m2m.lake.manifest import DATA_DIR, MANIFEST_DIR, list_versions, manifest_name
+
+    now = time.time()
+
+    def old(mtime: float | None) -> bool:
+        return min_age_s <= 0 or (mtime is not None and now - mtime >= min_age_s)
+
+    versions = list_versions(fs)
+    kept = versions[-keep:]
+    live: set[str] = set()
+    for v in kept:
+        live.update(f.path.rsplit("/", 1)[-1] for f in read_manifest(fs, v).files())
+    removed_versions = 0
+    for v in versions[:-keep]:
+        fs.remove(manifest_name(v))
+        removed_versions += 1
+    for name, mtime in fs.list_detail(MANIFEST_DIR):
+        if name.startswith(".tmp-") and old(mtime):
+            fs.remove(f"{MANIFEST_DIR}/{name}")
+    removed_files = 0
+    for name, mtime in fs.list_detail(DATA_DIR):
+        if name not in live and old(mtime):
+            fs.remove(f"{DATA_DIR}/{name}")
+            removed_files += 1
+    reservations = sorted((n for n in fs.list_detail(RESERVATIONS_DIR) if n[0][:-5].isdigit()),
+                          key=lambda n: int(n[0][:-5]))
+    for name, mtime in reservations[:-1]:
+        if old(mtime):
+            fs.remove(f"{RESERVATIONS_DIR}/{name}")
+    return {"versions_removed": removed_versions, "files_removed": removed_files}
