@@ -128,6 +128,8 @@ def _run_writers(url: str, options: dict, writers: int, calls: int, rows: int, t
 
 def _check_writers(url: str, options: dict, results: list[dict], writers: int, calls: int, rows: int) -> None:
     assert len(results) == writers * calls
+    rebased = sum(max(r["rebased"] for r in results if r["writer"] == w) for w in range(writers))
+    print(f"{writers} writers x {calls} appends: {rebased} commits rebased after losing a race")
     versions = [r["version"] for r in results]
     assert len(set(versions)) == len(versions), "two commits reported the same version"
     reported = np.concatenate([r["ids"] for r in results])

@@ -64,8 +64,9 @@ def _remove(fs: Any, rels: Iterable[str]) -> None:
 def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest],
                   attempts: int = COMMIT_ATTEMPTS, seconds: float = COMMIT_SECONDS) -> Manifest:
     """Publish ``build(head)`` as the next version, rebasing on a moved head (see the module doc)."""
-    if not getattr(fs, "atomic_create", False):
-        logger.warning("%s has no conditional put: commits are safe with ONE writer process only",
+    if not getattr(fs, "atomic_create", False) and not getattr(fs, "_warned_single_writer", False):
+        fs._warned_single_writer = True
+        logger.warning("%s has no conditional put here: commits are safe with ONE writer process only",
                        getattr(fs, "url", fs.root))
     t0 = time.monotonic()
     attempt = 0

@@ -139,6 +139,19 @@ _PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ParamValid
 # Stores whose ``pipe_file(..., mode="create")`` is a real conditional put (one atomic request):
 # S3 (``If-None-Match: *``, AWS since 2024-08, MinIO, R2, moto >= 5) and fsspec's in-process memory store.
 _CONDITIONAL_PUT = {"s3", "s3a", "memory"}
+# Stores whose client turns ``mode="create"`` into a precondition in recent versions (gcsfs:
+# ``ifGenerationMatch=0`` -> 412 -> FileExistsError; adlfs: ``overwrite=False``, i.e. ``If-None-Match: *``):
+# used when the installed client's ``_pipe_file`` handles "create", else one writer only.
+_CONDITIONAL_PUT_IF_CLIENT_HAS_IT = {"gs", "gcs", "az", "abfs", "abfss"}
+
+
+def _client_has_create(fs: Any) -> bool:
+    import inspect
+
+    try:
+        return '"create"' in inspect.getsource(type(fs)._pipe_file)
+    except (AttributeError, OSError, TypeError):
+        return False
 
 
 def _permanent(exc: BaseException) -> bool:
@@ -190,7 +203,8 @@ class FsspecFS:
             self.fs.retries = 1  # s3fs's own retry loop (5 x read_timeout) would hide ours
         self.root = path.rstrip("/")
         #: True when `create_exclusive` is one conditional request, safe with any number of writers
-        self.atomic_create = self.protocol in _CONDITIONAL_PUT
+        self.atomic_create = self.protocol in _CONDITIONAL_PUT or (
+            self.protocol in _CONDITIONAL_PUT_IF_CLIENT_HAS_IT and _client_has_create(self.fs))
         key = hashlib.sha1(url.encode()).hexdigest()[:16]
         base = cache_dir or os.environ.get("M2M_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "m2m-cache")
         self.cache = os.path.join(base, key)
