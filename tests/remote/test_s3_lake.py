@@ -219,6 +219,7 @@ def test_server_killed_after_export_gives_a_clear_error_in_time(s3_server_privat
                 pass
         elapsed = time.monotonic() - t0
     text = f"{info.value} {info.value.__cause__}"
+    print(f"killed: {type(info.value).__name__} after {elapsed:.1f} s: {text}")
     assert "_data/" in text and url.split("://")[1].split("/")[0] in text  # names the object
     assert elapsed < 30
 
@@ -245,6 +246,7 @@ def test_server_paused_as_the_epoch_reads_gives_a_clear_error_in_time(s3_server_
         finally:
             srv.resume()
     text = f"{info.value} {info.value.__cause__}"
+    print(f"paused: {type(info.value).__name__} after {elapsed:.1f} s: {text}")
     assert "_data/" in text and "io_timeout=2" in text
     # (retries + 1) requests of at most io_timeout each (connect + read) plus backoff, with slack
     assert elapsed < (retries + 1) * 2 * timeout + 10

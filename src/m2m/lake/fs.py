@@ -160,6 +160,9 @@ def _permanent(exc: BaseException) -> bool:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    half = len(text) // 2
+    if len(text) % 2 and text[:half] == text[half + 1:]:  # some clients repeat their message in args
+        text = text[:half]
     return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
 
 
