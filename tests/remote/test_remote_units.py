@@ -74,3 +74,14 @@ def test_remote_vacuum_keeps_young_unreferenced_objects_and_the_newest_reservati
         assert ids.tolist() == [12, 13, 14, 15]
     with open_lake(url) as again:
         assert len(again) == 16 and not again.verify()
+
+
+def test_a_remote_lake_handle_pickles_for_spawned_workers() -> None:
+    import pickle
+
+    url = _url()
+    with create_m2m(M2MConfig(path=url, latent_dim=4)) as lake:
+        lake.add_splats(np.eye(4, dtype=np.float32))
+        fs = pickle.loads(pickle.dumps(lake._fs))
+        assert fs.listdir("_manifests") == lake._fs.listdir("_manifests")
+        assert fs.mark() == lake._fs.mark()

@@ -44,6 +44,10 @@ def test_storage_options_reach_the_store_and_lakes_round_trip(s3_server, s3_lake
         mu = lake.splats()["mu"]
         np.testing.assert_allclose(mu, x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
         assert sum(len(b) for b in lake.export_to_dataloader(batch_size=64)) == 300
+        import pickle
+
+        copy = pickle.loads(pickle.dumps(lake._fs))  # what a spawned DataLoader worker gets
+        assert copy.fs.retries == 1 and copy.listdir("_manifests") == lake._fs.listdir("_manifests")
     with open_lake(s3_lake_url, version=1, storage_options=opts) as old:
         assert len(old) == 200 and old.version == 1
 

@@ -215,6 +215,17 @@ class FsspecFS:
         self._written: list[str] = []
         self._written_lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers (spawn) get a copy
+        state = dict(self.__dict__)
+        del state["_written_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._written_lock = threading.Lock()
+        if self.protocol in ("s3", "s3a"):
+            self.fs.retries = 1  # the unpickled s3fs instance is rebuilt with its class default
+
     def _p(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
