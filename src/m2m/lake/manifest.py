@@ -26,6 +26,10 @@ class FileEntry:
     bytes: int
     crc32: int
     columns: tuple[str, ...]
+    # per-block crc32c of the file cut into ``block_bytes``-byte blocks (the last may be shorter):
+    # checked on every read from disk by the stream; None in files written before they existed
+    block_bytes: int | None = None
+    block_crc32c: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,8 @@ class Manifest:
             shards = tuple(
                 ShardEntry(rows=int(s["rows"]), id_min=int(s["id_min"]), id_max=int(s["id_max"]),
                            files=tuple(FileEntry(path=f["path"], bytes=int(f["bytes"]), crc32=int(f["crc32"]),
-                                                 columns=tuple(f["columns"])) for f in s["files"]))
+                                                 columns=tuple(f["columns"]), **_block_fields(f))
+                                       for f in s["files"]))
                 for s in doc["shards"])
             return Manifest(
                 version=int(doc["version"]), dim=int(doc["dim"]), dtype=str(doc["dtype"]),
@@ -103,6 +108,17 @@ class Manifest:
                 parent=doc.get("parent"), created=float(doc.get("created", 0.0)), stats=dict(doc.get("stats") or {}))
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptShardError(f"manifest {where} is unreadable: {exc}") from exc
+
+
+def _block_fields(f: dict[str, Any]) -> dict[str, Any]:
+    """The optional per-block checksums of a file entry (absent in older manifests)."""
+    if f.get("block_bytes") is None or f.get("block_crc32c") is None:
+        return {}
+    size, crcs = int(f["block_bytes"]), tuple(int(c) for c in f["block_crc32c"])
+    if size <= 0 or len(crcs) != -(-int(f["bytes"]) // size):
+        raise ValueError(f"file {f['path']!r}: {len(crcs)} block checksums of {size} bytes "
+                         f"do not cover its {f['bytes']} bytes")
+    return {"block_bytes": size, "block_crc32c": crcs}
 
 
 def manifest_name(version: int) -> str:

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from m2m.errors import UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import FileEntry, Manifest
-from m2m.lake.shard import column_to_numpy, open_shard_file
+from m2m.lake.shard import ColumnExtent, column_extents, column_to_numpy, open_shard_file
 
 BUILTIN_COLUMNS = ("id", "mu", "kappa", "alpha")
 
@@ -35,6 +35,7 @@ class Snapshot:
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._batches: dict[str, pa.RecordBatch] = {}
         self._derived: dict[tuple[int, str], np.ndarray] = {}
+        self._extents: dict[str, dict[str, ColumnExtent]] = {}
         self._ids: np.ndarray | None = None
         self._lock = threading.RLock()
 
@@ -75,6 +76,29 @@ class Snapshot:
         if name == "neighbors":
             return self._cached(shard, name, self._neighbor_positions)
         return column_to_numpy(self.arrow_column(shard, name))
+
+    def column_extent(self, shard: int, name: str) -> ColumnExtent | None:
+        """Where column ``name`` of shard ``shard`` lies in its file, for positional, checked reads
+        (`m2m.lake.shard.ShardFile`); None for columns computed in memory or not fixed-width.
+
+        Files with block checksums are checked block by block as they are read; older files get
+        their whole-file CRC32 checked here once, as `column` does.
+        """
+        if name == "neighbors" or (name == "label" and self.manifest.label_type == "string"):
+            return None
+        entry = self.manifest.shards[shard]
+        try:
+            f = entry.file_for(name)
+        except KeyError:
+            raise KeyError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}") from None
+        if f.block_crc32c is None and self.verify:
+            self._batch(f)
+        with self._lock:
+            extents = self._extents.get(f.path)
+            if extents is None:
+                extents = column_extents(self.fs, f)
+                self._extents[f.path] = extents
+        return extents.get(name)
 
     def arrow_column(self, shard: int, name: str) -> pa.Array:
         """Column ``name`` of shard ``shard`` as the stored Arrow array."""
@@ -142,6 +166,7 @@ class Snapshot:
     def close(self) -> None:
         self._batches.clear()
         self._derived.clear()
+        self._extents.clear()
 
     # internals
     def _batch(self, f: FileEntry) -> pa.RecordBatch:

@@ -1,12 +1,23 @@
-"""Shard files: uncompressed Arrow IPC files (one record batch), memory-mappable, with a CRC32."""
+"""Shard files: uncompressed Arrow IPC files (one record batch), memory-mappable, with a CRC32
+of the whole file and a crc32c of each `BLOCK_BYTES`-byte block.
+
+`ShardFile` reads byte ranges of a shard with positional reads (never a memory map, so a file cut
+short while it is read gives `CorruptShardError`, not SIGBUS) and checks every block it reads
+from disk against the manifest's block checksums. crc32c (hardware instructions, the ``crc32c``
+package) ran at 7.6-8.4 GB/s here against 1.3-2.1 GB/s for ``zlib.crc32``.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Mapping
 
+import crc32c
 import numpy as np
 import pyarrow as pa
 
@@ -15,6 +26,10 @@ from m2m.lake.fs import LakeFS, fsync_path
 from m2m.lake.manifest import DATA_DIR, FileEntry
 
 _CRC_CHUNK = 16 << 20
+# Checksum block size: small enough that a random or edge read re-reads little (a 13 KB label
+# range costs one 256 KiB block, not a 1 MiB one), large enough that the manifest stays small
+# (4,096 checksums per GB of shards).
+BLOCK_BYTES = 256 << 10
 
 
 def to_arrow(name: str, values: np.ndarray) -> pa.Array:
@@ -39,18 +54,37 @@ def file_crc32(path: str) -> int:
 
 
 class _CrcSink:
-    """A binary file wrapper that keeps the CRC32 of everything written through it."""
+    """A binary file wrapper that keeps the CRC32 of everything written through it, and the
+    crc32c of each ``block_bytes``-byte block of it."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, block_bytes: int = BLOCK_BYTES) -> None:
         self._f = f
         self.crc = 0
         self.size = 0
+        self.block_bytes = block_bytes
+        self.blocks: list[int] = []
+        self._block_crc = 0
+        self._block_fill = 0
 
     def write(self, data: Any) -> int:
         self.crc = zlib.crc32(data, self.crc)
+        view = memoryview(data).cast("B")
+        at = 0
+        while at < len(view):  # the data may straddle block boundaries
+            take = min(len(view) - at, self.block_bytes - self._block_fill)
+            self._block_crc = crc32c.crc32c(view[at: at + take], self._block_crc)
+            self._block_fill += take
+            at += take
+            if self._block_fill == self.block_bytes:
+                self.blocks.append(self._block_crc)
+                self._block_crc, self._block_fill = 0, 0
         n = self._f.write(data)
         self.size += n
         return n
+
+    def block_checksums(self) -> tuple[int, ...]:
+        """Every block's crc32c, the last (partial) block included."""
+        return tuple(self.blocks + ([self._block_crc] if self._block_fill else []))
 
     def flush(self) -> None:
         self._f.flush()
@@ -83,7 +117,8 @@ def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array]) -
         os.fsync(f.fileno())  # here, on the writer thread, overlapped with preparing the next shard
     if not fs.is_local:
         fs.write_file(rel, local)
-    return FileEntry(path=rel, bytes=sink.size, crc32=sink.crc, columns=tuple(arrays))
+    return FileEntry(path=rel, bytes=sink.size, crc32=sink.crc, columns=tuple(arrays),
+                     block_bytes=sink.block_bytes, block_crc32c=sink.block_checksums())
 
 
 def sync_files(fs: LakeFS, rels: list[str]) -> None:
@@ -96,7 +131,11 @@ def sync_files(fs: LakeFS, rels: list[str]) -> None:
 
 
 def verify_file(fs: LakeFS, entry: FileEntry) -> None:
-    """Raise `CorruptShardError` naming the file if its size or CRC32 differs from the manifest."""
+    """Raise `CorruptShardError` naming the file if its size or checksums differ from the manifest.
+
+    Files with block checksums are checked block by block with crc32c (4x faster than CRC32
+    here, and the error names the block); older files by their whole-file CRC32.
+    """
     path = fs.local_path(entry.path)
     try:
         size = os.path.getsize(path)
@@ -104,9 +143,218 @@ def verify_file(fs: LakeFS, entry: FileEntry) -> None:
         raise CorruptShardError(f"shard file {path} is missing") from exc
     if size != entry.bytes:
         raise CorruptShardError(f"shard file {path} has {size} bytes, the manifest says {entry.bytes}")
+    if entry.block_bytes is not None and entry.block_crc32c is not None:
+        with ShardFile(path, entry, cache_blocks=0) as f:
+            f.verify_all()
+        return
     crc = file_crc32(path)
     if crc != entry.crc32:
         raise CorruptShardError(f"shard file {path} is corrupt: CRC32 {crc:#010x} != manifest {entry.crc32:#010x}")
+
+
+@dataclass(frozen=True)
+class ColumnExtent:
+    """Where one fixed-width column's values lie in a shard file: row ``i`` is the ``row_bytes``
+    bytes at ``offset + i * row_bytes`` (read them with `ShardFile`)."""
+
+    path: str
+    entry: FileEntry
+    offset: int
+    row_bytes: int
+    rows: int
+
+
+def column_extents(fs: LakeFS, entry: FileEntry, names: tuple[str, ...] | None = None) -> dict[str, ColumnExtent]:
+    """Byte extents of the fixed-width, null-free columns of a shard file (others are left out).
+
+    Only the file's Arrow metadata is read (through a short-lived memory map); no data page is touched.
+    """
+    path = fs.local_path(entry.path)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError as exc:
+        raise CorruptShardError(f"shard file {path} is missing") from exc
+    if size != entry.bytes:
+        raise CorruptShardError(f"shard file {path} has {size} bytes, the manifest says {entry.bytes}")
+    out: dict[str, ColumnExtent] = {}
+    try:
+        mm = pa.memory_map(path, "r")
+        try:
+            mm.seek(0)
+            base = mm.read_buffer(1).address
+            batch = pa.ipc.open_file(mm).get_batch(0)
+            for name in batch.schema.names if names is None else names:
+                if name not in batch.schema.names:
+                    continue
+                arr = batch.column(name)
+                width = 1
+                if pa.types.is_fixed_size_list(arr.type):
+                    if arr.null_count or arr.offset:
+                        continue
+                    width, arr = arr.type.list_size, arr.values
+                if (arr.null_count or not pa.types.is_primitive(arr.type) or pa.types.is_boolean(arr.type)):
+                    continue
+                item = arr.type.bit_width // 8
+                buf = arr.buffers()[1]
+                if buf is None:
+                    continue
+                offset = buf.address - base + arr.offset * item
+                if offset < 0 or offset + len(arr) * item > size:
+                    raise ValueError(f"column {name!r} lies outside the file")
+                out[name] = ColumnExtent(path, entry, int(offset), width * item, len(arr) // width)
+            del batch
+        finally:
+            mm.close()
+    except (pa.ArrowInvalid, pa.ArrowIOError, ValueError) as exc:
+        raise CorruptShardError(f"shard file {path} cannot be read: {exc}") from exc
+    return out
+
+
+class ShardFile:
+    """Positional reads of one shard file, each block read from disk checked against the manifest.
+
+    `read_into` reads straight into the caller's buffer the blocks a range covers whole, and
+    through a small LRU cache of checked blocks the blocks it covers in part (so neighbouring
+    small reads, such as the label rows of consecutive row blocks, read each block once). A file
+    shorter than the manifest says, or a block whose crc32c differs, raises `CorruptShardError`
+    naming the file. Files without block checksums (written before they existed) are only
+    checked for length here; their whole-file CRC32 is checked once when a snapshot opens them.
+    Thread-safe: reads are positional, the cache is guarded by a lock.
+    """
+
+    def __init__(self, path: str, entry: FileEntry, cache_blocks: int = 8) -> None:
+        self.path = path
+        self.entry = entry
+        self.block_bytes = entry.block_bytes if entry.block_crc32c is not None else None
+        self.cache_blocks = cache_blocks
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self.bytes_read = 0
+        self.bytes_checked = 0
+
+    def __enter__(self) -> "ShardFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def _fileno(self) -> int:
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    try:
+                        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    except FileNotFoundError as exc:
+                        raise CorruptShardError(f"shard file {self.path} is missing") from exc
+        return self._fd
+
+    def advise(self, start: int, length: int) -> None:
+        """Ask the kernel to start reading ``[start, start + length)`` (a hint)."""
+        if length > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fileno(), start, length, os.POSIX_FADV_WILLNEED)
+
+    def _pread(self, start: int, dst: memoryview) -> None:
+        fd = self._fileno()
+        done = 0
+        while done < len(dst):
+            got = os.preadv(fd, [dst[done:]], start + done)
+            if got == 0:
+                now = os.fstat(fd).st_size
+                raise CorruptShardError(
+                    f"shard file {self.path} was cut short while being read: it has {now} bytes, the manifest "
+                    f"says {self.entry.bytes} (reading bytes {start + done}..{start + len(dst)})")
+            done += got
+        self.bytes_read += len(dst)
+
+    def _check(self, block: int, data: memoryview) -> None:
+        assert self.entry.block_crc32c is not None
+        got = crc32c.crc32c(data)
+        self.bytes_checked += len(data)
+        want = self.entry.block_crc32c[block]
+        if got != want:
+            lo = block * int(self.block_bytes or 0)
+            raise CorruptShardError(
+                f"shard file {self.path} changed on disk: block {block} (bytes {lo}..{lo + len(data)}) has crc32c "
+                f"{got:#010x}, the manifest says {want:#010x}")
+
+    def _block_span(self, block: int) -> tuple[int, int]:
+        assert self.block_bytes is not None
+        lo = block * self.block_bytes
+        return lo, min(lo + self.block_bytes, self.entry.bytes)
+
+    def _block(self, block: int) -> np.ndarray:
+        """One checked block (from the cache, or read and checked now)."""
+        with self._lock:
+            buf = self._cache.get(block)
+            if buf is not None:
+                self._cache.move_to_end(block)
+                return buf
+        lo, hi = self._block_span(block)
+        buf = np.empty(hi - lo, dtype=np.uint8)
+        view = memoryview(buf)
+        self._pread(lo, view)
+        self._check(block, view)
+        if self.cache_blocks > 0:
+            with self._lock:
+                self._cache[block] = buf
+                while len(self._cache) > self.cache_blocks:
+                    self._cache.popitem(last=False)
+        return buf
+
+    def read_into(self, start: int, dst: memoryview) -> int:
+        """Fill ``dst`` (a writable, contiguous byte buffer) with the file's bytes from ``start``; returns bytes."""
+        dst = dst.cast("B") if dst.format != "B" else dst
+        n = len(dst)
+        end = start + n
+        if start < 0 or end > self.entry.bytes:
+            raise CorruptShardError(f"shard file {self.path}: bytes {start}..{end} are outside its "
+                                    f"{self.entry.bytes} bytes")
+        if n == 0:
+            return 0
+        if self.block_bytes is None:
+            self._pread(start, dst)
+            return n
+        bb = self.block_bytes
+        first, last = start // bb, (end - 1) // bb
+        whole_lo = first if start == first * bb else first + 1
+        whole_hi = last if end == self._block_span(last)[1] else last - 1  # inclusive
+        if whole_lo <= whole_hi:  # blocks covered whole: read into dst, check there
+            a = whole_lo * bb - start
+            b = self._block_span(whole_hi)[1] - start
+            self._pread(start + a, dst[a:b])
+            for k in range(whole_lo, whole_hi + 1):
+                lo, hi = self._block_span(k)
+                self._check(k, dst[lo - start: hi - start])
+        for k in {first, last}:  # blocks covered in part: through the cache
+            if whole_lo <= k <= whole_hi:
+                continue
+            lo, hi = self._block_span(k)
+            a, b = max(lo, start), min(hi, end)
+            dst[a - start: b - start] = memoryview(self._block(k))[a - lo: b - lo]
+        return n
+
+    def verify_all(self, chunk_blocks: int = 64) -> None:
+        """Read and check every block of the file (a whole-file scan)."""
+        if self.block_bytes is None:
+            raise ValueError(f"shard file {self.path} has no block checksums")
+        step = self.block_bytes * chunk_blocks
+        buf = np.empty(min(step, self.entry.bytes), dtype=np.uint8)
+        for lo in range(0, self.entry.bytes, step):
+            n = min(step, self.entry.bytes - lo)
+            self.read_into(lo, memoryview(buf)[:n])
+        fd = self._fileno()
+        if os.fstat(fd).st_size != self.entry.bytes:
+            raise CorruptShardError(f"shard file {self.path} has {os.fstat(fd).st_size} bytes, "
+                                    f"the manifest says {self.entry.bytes}")
 
 
 def open_shard_file(fs: LakeFS, entry: FileEntry, verify: bool = True) -> pa.RecordBatch:

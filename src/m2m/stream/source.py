@@ -17,6 +17,10 @@ class RowSource(Protocol):
     ``shard_offsets[s] : shard_offsets[s + 1]``. ``column(s, name)`` returns a numpy array for
     shard ``s`` without copying when the storage allows it (``mu`` is ``[rows, dim]`` of the storage
     dtype, every other column is ``[rows]`` or ``[rows, k]``).
+
+    A source backed by files may also have ``column_extent(shard, name)`` returning where a
+    column lies in a file (`m2m.lake.shard.ColumnExtent`, or None): the stream then reads it with
+    positional, checksum-checked reads instead of through ``column`` (see `m2m.lake.reader.Snapshot`).
     """
 
     @property

@@ -1,24 +1,39 @@
-"""Cold tier: rows read straight from the `RowSource` (memory-mapped shards), no copy kept.
+"""Cold tier: rows read from the `RowSource` with positional, checked reads; no copy kept.
+
+A lake snapshot says where each fixed-width column lies in its shard files
+(`RowSource.column_extent`); `ColdReader` then reads those bytes with ``preadv`` into the
+stream's own buffers through `m2m.lake.shard.ShardFile`, which checks each block read from disk
+against the manifest's crc32c. Nothing of a shard is memory-mapped, so a file truncated while an
+epoch streams gives `CorruptShardError` naming it (a mapping would kill the process with SIGBUS),
+and a file rewritten in place is caught by its block checksums. Sources without extents (numpy
+arrays in RAM, derived columns such as string-label codes) are read from their arrays.
 
 `ColdReader` serves two access patterns: sequential reads of a row range (what the warm tier
-loads a block with, plus ``madvise(WILLNEED)`` read-ahead of ranges needed soon), and a direct
-zero-copy gather of arbitrary rows, grouped by shard with one argsort per request (used when no
-warm arena fits the budget, and for augmentation's neighbour reads). `ColdStage` is the stream
-stage that gathers each item directly.
+loads a block with, plus ``POSIX_FADV_WILLNEED`` read-ahead of ranges needed soon), and a gather
+of arbitrary rows (used when no warm arena fits the budget, and for augmentation's neighbour
+reads): from a complete warm arena when one is attached, else by reading the checksum blocks the
+rows lie in. `ColdStage` is the stream stage that gathers each item directly.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
+from m2m.errors import CorruptShardError
 from m2m.stream.columns import ROWS, WEIGHT, Column
 from m2m.stream.memory import MADV_POPULATE_READ, MADV_WILLNEED, madvise
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import BufferSource, Stage, Work
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m2m.lake.shard import ColumnExtent, ShardFile
+
+GATHER_STAGING_BYTES = 64 << 20  # bound on what one cold gather reads before copying rows out
+FILE_CACHE_BLOCKS = 8  # checked blocks each shard file keeps (edges of neighbouring reads)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -28,6 +43,10 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def _bytes(array: np.ndarray) -> memoryview:
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
 class ColdReader:
     """Reads rows of some source columns: sequential ranges, or a gather grouped by shard."""
 
@@ -35,27 +54,75 @@ class ColdReader:
         self.source = source
         self.offsets = np.asarray(source.shard_offsets, dtype=np.int64)
         self.num_rows = int(source.num_rows)
-        self._arrays = {n: [source.column(s, n) for s in range(len(self.offsets) - 1)] for n in names}
-        self._tensors = {n: [as_tensor(a) for a in arrs] for n, arrs in self._arrays.items()}
+        extent_of = getattr(source, "column_extent", None)
+        self._extents: dict[str, list[ColumnExtent | None]] = {}
+        self._arrays: dict[str, list[np.ndarray | None]] = {}
+        self._files: dict[str, ShardFile] = {}
+        for n in names:
+            exts: list[ColumnExtent | None] = []
+            arrs: list[np.ndarray | None] = []
+            for s in range(self.num_shards):
+                ext = extent_of(s, n) if callable(extent_of) else None
+                rows = int(self.offsets[s + 1] - self.offsets[s])
+                if ext is not None and ext.rows != rows:
+                    raise CorruptShardError(f"shard file {ext.path}: column {n!r} has {ext.rows} rows, "
+                                            f"the manifest says {rows}")
+                if ext is not None and ext.path not in self._files:
+                    from m2m.lake.shard import ShardFile
+
+                    self._files[ext.path] = ShardFile(ext.path, ext.entry, FILE_CACHE_BLOCKS)
+                exts.append(ext)
+                arrs.append(None if ext is not None else source.column(s, n))
+            self._extents[n], self._arrays[n] = exts, arrs
+        self._tensors = {n: [None if a is None else as_tensor(a) for a in arrs] for n, arrs in self._arrays.items()}
         self._staging: dict[str, torch.Tensor] = {}
         self._advised: set[tuple[int, int]] = set()
+        self._arena: Any = None
 
     @property
     def num_shards(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def positional(self) -> bool:
+        """Whether any column is read from shard files (rather than from arrays)."""
+        return bool(self._files)
+
+    def bytes_checked(self) -> int:
+        """Bytes whose block checksums this reader has checked so far."""
+        return sum(f.bytes_checked for f in self._files.values())
+
+    def close(self) -> None:
+        """Close the shard files (reads reopen them)."""
+        for f in self._files.values():
+            f.close()
+
+    def use_arena(self, arena: Any) -> None:
+        """Serve `gather` from ``arena`` (a `WarmArena`) whenever it holds the whole lake."""
+        self._arena = arena
 
     def _shards(self, lo: int, hi: int) -> range:
         first = int(np.searchsorted(self.offsets, lo, side="right")) - 1
         last = int(np.searchsorted(self.offsets, hi, side="left"))
         return range(max(first, 0), min(last, self.num_shards))
 
+    def _file(self, ext: ColumnExtent) -> ShardFile:
+        return self._files[ext.path]
+
     def read_rows(self, name: str, lo: int, hi: int, dst: np.ndarray) -> int:
         """Copy global rows ``[lo, hi)`` of ``name`` into ``dst`` (sequential reads); returns bytes."""
         for s in self._shards(lo, hi):
             a, b = max(lo, int(self.offsets[s])), min(hi, int(self.offsets[s + 1]))
             base = int(self.offsets[s])
-            src = self._arrays[name][s][a - base: b - base]
             out = dst[a - lo: b - lo]
+            ext = self._extents[name][s]
+            if ext is not None:
+                if out.nbytes != (b - a) * ext.row_bytes:
+                    raise CorruptShardError(f"shard file {ext.path}: column {name!r} has {ext.row_bytes}-byte rows, "
+                                            f"the stream expects {out.nbytes // max(1, b - a)}")
+                self._file(ext).read_into(ext.offset + (a - base) * ext.row_bytes, _bytes(out))
+                continue
+            src = self._arrays[name][s][a - base: b - base]  # type: ignore[index]
             if src.nbytes >= 1 << 20 and src.flags.c_contiguous:  # map the range in one call, not per page
                 madvise(src.ctypes.data, src.nbytes, MADV_POPULATE_READ)
             np.copyto(out, src, casting="no")
@@ -63,12 +130,19 @@ class ColdReader:
 
     def willneed(self, lo: int, hi: int) -> None:
         """Start reading global rows ``[lo, hi)`` of every column into the page cache."""
-        for arrays in self._arrays.values():
+        for name, arrays in self._arrays.items():
             for s in self._shards(lo, hi):
-                arr = arrays[s]
                 base = int(self.offsets[s])
                 a, b = max(lo, base) - base, min(hi, int(self.offsets[s + 1])) - base
-                if b > a and arr.strides[0] > 0:
+                if b <= a:
+                    continue
+                ext = self._extents[name][s]
+                if ext is not None:
+                    self._file(ext).advise(ext.offset + a * ext.row_bytes, (b - a) * ext.row_bytes)
+                    continue
+                arr = arrays[s]
+                assert arr is not None
+                if arr.strides[0] > 0:
                     madvise(arr.ctypes.data + a * arr.strides[0], (b - a) * arr.strides[0], MADV_WILLNEED)
 
     def advise_blocks(self, blocks: np.ndarray, block_rows: int) -> None:
@@ -87,10 +161,59 @@ class ColdReader:
             self._advised.discard((block, block_rows))
 
     def gather(self, name: str, rows: np.ndarray, dst: torch.Tensor) -> int:
-        """``dst[i] = name[rows[i]]`` straight from the source; returns bytes read."""
+        """``dst[i] = name[rows[i]]``; returns bytes read."""
+        arena = self._arena
+        if arena is not None and arena.complete:
+            return arena.gather_complete(name, rows, dst)
+        if not self._files:
+            return self._gather_arrays(name, rows, dst)
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(shard).tolist():
+            sel = np.flatnonzero(shard == s)
+            local = rows[sel] - self.offsets[s]
+            ext = self._extents[name][s]
+            if ext is None:
+                src = self._tensors[name][s]
+                assert src is not None
+                dst.index_copy_(0, torch.from_numpy(sel), torch.index_select(src, 0, torch.from_numpy(local)))
+            else:
+                self._gather_file(ext, local, sel, dst)
+        return int(dst.nbytes)
+
+    def _gather_file(self, ext: ColumnExtent, local: np.ndarray, sel: np.ndarray, dst: torch.Tensor) -> None:
+        """Rows ``local`` of one shard file into ``dst[sel]``: runs of rows covering whole checksum
+        blocks are read (and checked) into a bounded staging buffer, then the rows copied out."""
+        f = self._file(ext)
+        unit = max(1, int(f.block_bytes or (1 << 20)) // ext.row_bytes)  # rows per read
+        shard_rows = ext.rows
+        units = local // unit
+        order = np.argsort(units, kind="stable")
+        uniq, first = np.unique(units[order], return_index=True)
+        per_group = max(1, GATHER_STAGING_BYTES // (unit * ext.row_bytes))
+        trailing = tuple(dst.shape[1:])
+        key = f"file:{dst.dtype}:{trailing}"
+        staging = self._staging.get(key)
+        need = min(len(uniq), per_group) * unit
+        if staging is None or staging.shape[0] < need:
+            staging = torch.empty((need, *trailing), dtype=dst.dtype)
+            self._staging[key] = staging
+        staging_np = staging.numpy()
+        bounds = np.append(first, len(order))
+        for g in range(0, len(uniq), per_group):
+            group = uniq[g: g + per_group]
+            for i, u in enumerate(group.tolist()):
+                lo, hi = u * unit, min((u + 1) * unit, shard_rows)
+                f.read_into(ext.offset + lo * ext.row_bytes, _bytes(staging_np[i * unit: i * unit + hi - lo]))
+            which = order[bounds[g]: bounds[min(g + per_group, len(uniq))]]
+            rank = np.searchsorted(group, units[which])
+            pos = rank * unit + local[which] - units[which] * unit
+            dst.index_copy_(0, torch.from_numpy(sel[which]), torch.index_select(staging, 0, torch.from_numpy(pos)))
+
+    def _gather_arrays(self, name: str, rows: np.ndarray, dst: torch.Tensor) -> int:
+        """The gather over in-memory arrays: one ``index_select`` per shard, no copy of the source."""
         tensors = self._tensors[name]
         if self.num_shards == 1:
-            torch.index_select(tensors[0], 0, torch.from_numpy(rows), out=dst)
+            torch.index_select(tensors[0], 0, torch.from_numpy(rows), out=dst)  # type: ignore[arg-type]
             return int(dst.nbytes)
         shard = np.searchsorted(self.offsets, rows, side="right") - 1
         order = np.argsort(shard, kind="stable")
@@ -101,7 +224,7 @@ class ColdReader:
         local_t = torch.from_numpy(local)
         for s in np.flatnonzero(np.diff(bounds)):
             a, b = int(bounds[s]), int(bounds[s + 1])
-            torch.index_select(tensors[s], 0, local_t[a:b], out=staging[a:b])
+            torch.index_select(tensors[s], 0, local_t[a:b], out=staging[a:b])  # type: ignore[arg-type]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         torch.index_select(staging[: len(rows)], 0, torch.from_numpy(inverse), out=dst)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from m2m.errors import ConfigError, StreamError
+from m2m.errors import ConfigError, CorruptShardError, StreamError
 from m2m.stream.stages.base import Stage, Work
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,8 @@ class Prefetcher(Stage):
         if isinstance(item, _Failure):
             self._done = True
             self.shutdown()
+            if isinstance(item.exc, CorruptShardError):
+                raise item.exc  # keeps its type: callers catch a damaged shard by what it is
             raise StreamError(f"{self.name}: a stream stage failed: {item.exc!r}") from item.exc
         item.count("stall_s", stall)
         self._state = item.state

@@ -12,12 +12,13 @@ by the current request are evicted.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from m2m.errors import StreamError
+from m2m.errors import M2MError, StreamError
 from m2m.stream.columns import Column, torch_dtype
 from m2m.stream.memory import empty_hugepage
 from m2m.stream.stages.base import BufferSource, Stage, Work
@@ -28,14 +29,24 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
+FILL_WAIT_S = 600.0  # longest a gather waits for blocks another thread is loading
+
+
 class WarmArena:
     """LRU cache of ``block_rows``-row blocks of some columns, in ``budget_bytes`` of RAM.
 
     ``huge_pages`` backs the arena with transparent huge pages: random gathers from it were
     1.3-1.5x faster here, but the kernel may compact memory while it first fills (a slower first epoch).
-    ``max_loads`` bounds the blocks one request loads: a request missing more is served straight
-    from the cold tier while only that many blocks are loaded, so a lake that fits fills the arena
-    progressively during its first epoch instead of stalling the first batch on the whole copy.
+    ``max_loads`` bounds the blocks one request loads when the arena holds only part of the lake:
+    a request missing more is served straight from the cold tier while only that many blocks are
+    loaded.
+
+    An arena that holds the whole lake is *complete-able*: block ``b`` lives in slot ``b`` (the
+    arena is the lake in row order), nothing is evicted, and any thread may load any block (a
+    per-block claim says who). A gather loads the blocks it misses itself, then waits for those
+    another thread is loading; `start_fill` adds a background thread loading the rest in order, so
+    the first epoch's loads are shared between two threads. Every block is read from disk once,
+    with its checksums checked (`ColdReader`); later epochs read only RAM.
     """
 
     def __init__(self, reader: ColdReader, columns: Sequence[Column], block_rows: int, budget_bytes: int,
@@ -48,7 +59,8 @@ class WarmArena:
         self.slots = int(min(self.num_blocks, budget_bytes // max(1, self.block_bytes)))
         if self.slots < 1:
             raise StreamError(f"warm budget {budget_bytes} bytes holds no block of {self.block_bytes} bytes")
-        rows = self.slots * self.block_rows
+        self.whole = self.slots >= self.num_blocks
+        rows = reader.num_rows if self.whole else self.slots * self.block_rows
         alloc = empty_hugepage if huge_pages else _empty
         self._arena = {c.source: alloc((rows, *c.trailing), torch_dtype(c.storage_dtype)) for c in self.columns}
         self._arena_np = {name: t.numpy() for name, t in self._arena.items()}
@@ -60,20 +72,98 @@ class WarmArena:
         self.max_loads = max_loads
         self.loads = 0
         self.evictions = 0
+        # whole-lake arenas: 0 = not claimed, 1 = a thread is loading it, 2 = loaded
+        self._state = np.zeros(self.num_blocks, dtype=np.int8)
+        self._claim = threading.Lock()
+        self._loaded = threading.Condition(self._claim)
+        self._num_loaded = 0
+        self._cursor = 0
         self._filler: threading.Thread | None = None
         self._filled = threading.Event()
         self._stop = threading.Event()
         self._fill_error: BaseException | None = None
         self.fill_bytes = 0
 
-    def start_fill(self) -> None:
-        """Load every block on a background thread; until it is done, gathers read the cold tier.
+    # ------------------------------------------------------------ whole-lake arenas
+    @property
+    def complete(self) -> bool:
+        """Whether the arena holds every row of the lake (gathers then read only RAM)."""
+        return self.whole and self._num_loaded == self.num_blocks
 
-        Only for an arena that holds the whole lake (nothing is evicted, so the filler owns slot
-        allocation and a block becomes visible only once its copy is complete). The first epoch then
-        runs at the cold-tier rate instead of waiting on page faults of the arena's first fill.
+    def gather_complete(self, name: str, rows: np.ndarray, dst: torch.Tensor) -> int:
+        """``dst[i] = name[rows[i]]`` from a complete arena (any thread; nothing is written)."""
+        torch.index_select(self._arena[name], 0, torch.from_numpy(rows), out=dst)
+        return int(dst.nbytes)
+
+    def _try_claim(self, block: int) -> bool:
+        with self._claim:
+            if self._state[block] != 0:
+                return False
+            self._state[block] = 1
+            return True
+
+    def _next_claim(self) -> int | None:
+        """The next unclaimed block in order (the background fill's work list), claimed."""
+        with self._claim:
+            while self._cursor < self.num_blocks and self._state[self._cursor] != 0:
+                self._cursor += 1
+            if self._cursor >= self.num_blocks:
+                return None
+            block = self._cursor
+            self._state[block] = 1
+            return block
+
+    def _load_claimed(self, block: int) -> int:
+        """Load a claimed block into its own slot; on failure the error is kept for every waiter."""
+        try:
+            loaded = self._read_block(block, block)
+        except BaseException as exc:
+            with self._loaded:
+                self._fill_error = exc
+                self._loaded.notify_all()
+            raise
+        with self._loaded:
+            self.slot_of_block[block] = block
+            self._state[block] = 2
+            self._num_loaded += 1
+            self.loads += 1
+            if self._num_loaded == self.num_blocks:
+                self._filled.set()
+            self._loaded.notify_all()
+        return loaded
+
+    def _raise_fill_error(self) -> None:
+        exc = self._fill_error
+        if exc is None:
+            return
+        if isinstance(exc, M2MError):
+            raise exc  # CorruptShardError and friends keep their type (and name the file)
+        raise StreamError(f"loading the warm arena failed: {exc!r}") from exc
+
+    def _ensure_loaded(self, blocks: np.ndarray, work: Work | None) -> None:
+        """Load the missing ``blocks`` (unique, sorted) here, then wait for those other threads load."""
+        missing = blocks[self._state[blocks] != 2]
+        for b in missing.tolist():
+            self._raise_fill_error()
+            if self._try_claim(b):
+                read = self._load_claimed(b)
+                if work is not None:
+                    work.count("cold_bytes", read)
+        deadline = time.monotonic() + FILL_WAIT_S
+        with self._loaded:
+            while not (self._state[missing] == 2).all():
+                self._raise_fill_error()
+                if time.monotonic() > deadline:
+                    raise StreamError(f"warm arena: blocks still loading after {FILL_WAIT_S:.0f} s")
+                self._loaded.wait(timeout=0.05)
+
+    def start_fill(self) -> None:
+        """Load every block on a background thread, in order, sharing the work with gathers.
+
+        Only for an arena that holds the whole lake. The first epoch's gathers load the blocks
+        they need themselves; this thread loads the others meanwhile (two threads read and check).
         """
-        if self.slots < self.num_blocks:
+        if not self.whole:
             raise StreamError(f"start_fill needs an arena holding all {self.num_blocks} blocks, it has {self.slots}")
         if self._filler is None and not self._filled.is_set():
             self._filler = threading.Thread(target=self._fill, name="m2m-warm-fill", daemon=True)
@@ -81,26 +171,31 @@ class WarmArena:
 
     def _fill(self) -> None:
         try:
-            for block in range(self.num_blocks):
-                if self._stop.is_set():
+            while not self._stop.is_set():
+                block = self._next_claim()
+                if block is None:
                     return
-                if self.slot_of_block[block] < 0:
-                    self.fill_bytes += self._load(block)
-            self._filled.set()
-        except Exception as exc:  # noqa: BLE001 -- handed to the consumer, which raises it (see gather)
-            self._fill_error = exc
+                self.fill_bytes += self._load_claimed(block)
+        except Exception:  # noqa: BLE001 -- kept in _fill_error; every gather raises it
+            return
 
     def wait_filled(self, timeout: float | None = None) -> bool:
         """Block until a background fill is done (True) or ``timeout`` passes (False)."""
         if self._filler is None:
             return True
         self._filler.join(timeout)
-        return not self._filler.is_alive()
+        if self._filler.is_alive():
+            return False
+        with self._loaded:  # the fill may end while a gather still loads its last claimed block
+            end = time.monotonic() + (FILL_WAIT_S if timeout is None else timeout)
+            while self._num_loaded < self.num_blocks and self._fill_error is None and time.monotonic() < end:
+                self._loaded.wait(timeout=0.05)
+        return self._num_loaded == self.num_blocks or self._fill_error is not None
 
     @property
     def filling(self) -> bool:
         """Whether a background fill is still running."""
-        return self._filler is not None and not self._filled.is_set()
+        return self._filler is not None and not self._filled.is_set() and self._fill_error is None
 
     def close(self) -> None:
         """Stop and join a background fill."""
@@ -108,6 +203,7 @@ class WarmArena:
         if self._filler is not None:
             self._filler.join(timeout=30)
 
+    # ------------------------------------------------------------ every arena
     @property
     def nbytes(self) -> int:
         """Bytes the arena holds (its whole footprint)."""
@@ -126,15 +222,22 @@ class WarmArena:
 
     def gather(self, rows: np.ndarray, out: dict[str, torch.Tensor], work: Work | None = None) -> None:
         """``out[name][i] = name[rows[i]]`` for every column, loading missing blocks first."""
-        if self.filling:
-            if self._fill_error is not None:
-                raise StreamError("the warm arena's background fill failed") from self._fill_error
-            for col in self.columns:  # the same bytes, from the mapped shards, while the arena fills
-                read = self.reader.gather(col.source, rows, out[col.name])
+        if self.whole:
+            self._raise_fill_error()
+            if self._num_loaded < self.num_blocks:
+                blocks = np.unique(rows // self.block_rows)
+                n_miss = int(np.count_nonzero(self._state[blocks] != 2))
                 if work is not None:
-                    work.count("cold_bytes", read)
+                    work.count("warm_miss_blocks", n_miss)
+                self._ensure_loaded(blocks, work)
+            pos = torch.from_numpy(rows)
+            for col in self.columns:
+                dst = out[col.name]
+                torch.index_select(self._arena[col.source], 0, pos, out=dst)
+                if work is not None:
+                    work.count("warm_bytes", dst.nbytes)
             if work is not None:
-                work.count("warm_miss_rows", len(rows))
+                work.count("warm_hit_rows", len(rows))
             return
         blocks = rows // self.block_rows
         self._tick += 1
@@ -172,7 +275,18 @@ class WarmArena:
             if work is not None:
                 work.count("warm_bytes", dst.nbytes)
 
+    def _read_block(self, block: int, s: int) -> int:
+        lo = block * self.block_rows
+        hi = min(lo + self.block_rows, self.reader.num_rows)
+        r0 = s * self.block_rows
+        loaded = 0
+        for col in self.columns:
+            loaded += self.reader.read_rows(col.source, lo, hi, self._arena_np[col.source][r0: r0 + hi - lo])
+        self.reader.forget_advice(block, self.block_rows)
+        return loaded
+
     def _load(self, block: int) -> int:
+        """Load ``block`` into a free or the least recently used slot (partial arenas only)."""
         if self._used < self.slots:
             s = self._used
             self._used += 1
@@ -182,15 +296,10 @@ class WarmArena:
                 raise StreamError("warm arena: every slot is needed by the current request")
             self.slot_of_block[self.block_of_slot[s]] = -1
             self.evictions += 1
-        lo = block * self.block_rows
-        hi = min(lo + self.block_rows, self.reader.num_rows)
-        r0 = s * self.block_rows
-        loaded = 0
-        for col in self.columns:
-            loaded += self.reader.read_rows(col.source, lo, hi, self._arena_np[col.source][r0: r0 + hi - lo])
+        self.slot_of_block[block] = -1
+        loaded = self._read_block(block, s)
         self.slot_of_block[block] = s
         self.block_of_slot[s] = block
-        self.reader.forget_advice(block, self.block_rows)
         self._last_used[s] = self._tick
         self.loads += 1
         return loaded
