@@ -210,11 +210,37 @@ def column_extents(fs: LakeFS, entry: FileEntry, names: tuple[str, ...] | None =
     return out
 
 
+class BlockCache:
+    """A small LRU of checked blocks, shared by the `ShardFile`s of one reader (bounded in blocks)."""
+
+    def __init__(self, max_blocks: int = 8) -> None:
+        self.max_blocks = max_blocks
+        self._blocks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, key: tuple[str, int]) -> np.ndarray | None:
+        with self._lock:
+            buf = self._blocks.get(key)
+            if buf is not None:
+                self._blocks.move_to_end(key)
+                self.hits += 1
+            return buf
+
+    def put(self, key: tuple[str, int], buf: np.ndarray) -> None:
+        if self.max_blocks <= 0:
+            return
+        with self._lock:
+            self._blocks[key] = buf
+            while len(self._blocks) > self.max_blocks:
+                self._blocks.popitem(last=False)
+
+
 class ShardFile:
     """Positional reads of one shard file, each block read from disk checked against the manifest.
 
     `read_into` reads straight into the caller's buffer the blocks a range covers whole, and
-    through a small LRU cache of checked blocks the blocks it covers in part (so neighbouring
+    through a small LRU cache of checked blocks (`BlockCache`, shared by a reader's files) the blocks it covers in part (so neighbouring
     small reads, such as the label rows of consecutive row blocks, read each block once). A file
     shorter than the manifest says, or a block whose crc32c differs, raises `CorruptShardError`
     naming the file. Files without block checksums (written before they existed) are only
@@ -222,12 +248,11 @@ class ShardFile:
     Thread-safe: reads are positional, the cache is guarded by a lock.
     """
 
-    def __init__(self, path: str, entry: FileEntry, cache_blocks: int = 8) -> None:
+    def __init__(self, path: str, entry: FileEntry, cache_blocks: int = 8, cache: BlockCache | None = None) -> None:
         self.path = path
         self.entry = entry
         self.block_bytes = entry.block_bytes if entry.block_crc32c is not None else None
-        self.cache_blocks = cache_blocks
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache = cache if cache is not None else BlockCache(cache_blocks)
         self._lock = threading.Lock()
         self._fd: int | None = None
         self.bytes_read = 0
@@ -293,21 +318,15 @@ class ShardFile:
 
     def _block(self, block: int) -> np.ndarray:
         """One checked block (from the cache, or read and checked now)."""
-        with self._lock:
-            buf = self._cache.get(block)
-            if buf is not None:
-                self._cache.move_to_end(block)
-                return buf
+        buf = self._cache.get((self.path, block))
+        if buf is not None:
+            return buf
         lo, hi = self._block_span(block)
         buf = np.empty(hi - lo, dtype=np.uint8)
         view = memoryview(buf)
         self._pread(lo, view)
         self._check(block, view)
-        if self.cache_blocks > 0:
-            with self._lock:
-                self._cache[block] = buf
-                while len(self._cache) > self.cache_blocks:
-                    self._cache.popitem(last=False)
+        self._cache.put((self.path, block), buf)
         return buf
 
     def read_into(self, start: int, dst: memoryview) -> int:

@@ -18,22 +18,20 @@ rows lie in. `ColdStage` is the stream stage that gathers each item directly.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from m2m.errors import CorruptShardError
+from m2m.lake.shard import BlockCache, ColumnExtent, ShardFile
 from m2m.stream.columns import ROWS, WEIGHT, Column
 from m2m.stream.memory import MADV_POPULATE_READ, MADV_WILLNEED, madvise
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import BufferSource, Stage, Work
 
-if TYPE_CHECKING:  # pragma: no cover
-    from m2m.lake.shard import ColumnExtent, ShardFile
-
 GATHER_STAGING_BYTES = 64 << 20  # bound on what one cold gather reads before copying rows out
-FILE_CACHE_BLOCKS = 8  # checked blocks each shard file keeps (edges of neighbouring reads)
+CACHE_BLOCKS_PER_COLUMN = 4  # checked blocks a reader keeps per column (edges of neighbouring reads)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -58,6 +56,7 @@ class ColdReader:
         self._extents: dict[str, list[ColumnExtent | None]] = {}
         self._arrays: dict[str, list[np.ndarray | None]] = {}
         self._files: dict[str, ShardFile] = {}
+        self._cache = BlockCache(CACHE_BLOCKS_PER_COLUMN * max(1, len(names)))
         for n in names:
             exts: list[ColumnExtent | None] = []
             arrs: list[np.ndarray | None] = []
@@ -68,9 +67,7 @@ class ColdReader:
                     raise CorruptShardError(f"shard file {ext.path}: column {n!r} has {ext.rows} rows, "
                                             f"the manifest says {rows}")
                 if ext is not None and ext.path not in self._files:
-                    from m2m.lake.shard import ShardFile
-
-                    self._files[ext.path] = ShardFile(ext.path, ext.entry, FILE_CACHE_BLOCKS)
+                    self._files[ext.path] = ShardFile(ext.path, ext.entry, cache=self._cache)
                 exts.append(ext)
                 arrs.append(None if ext is not None else source.column(s, n))
             self._extents[n], self._arrays[n] = exts, arrs
