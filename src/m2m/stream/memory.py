@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 MADV_WILLNEED = 3
 MADV_HUGEPAGE = 14
 MADV_POPULATE_READ = 22  # Linux >= 5.14: map a range's pages in one call instead of one fault each
+MADV_POPULATE_WRITE = 23  # the same for pages about to be written (fresh anonymous memory)
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20
 _libc: ctypes.CDLL | None = None

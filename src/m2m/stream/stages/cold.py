@@ -26,7 +26,7 @@ import torch
 from m2m.errors import CorruptShardError
 from m2m.lake.shard import BlockCache, ColumnExtent, ShardFile
 from m2m.stream.columns import ROWS, WEIGHT, Column
-from m2m.stream.memory import MADV_POPULATE_READ, MADV_WILLNEED, madvise
+from m2m.stream.memory import MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_WILLNEED, madvise
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import BufferSource, Stage, Work
 
@@ -117,6 +117,10 @@ class ColdReader:
                 if out.nbytes != (b - a) * ext.row_bytes:
                     raise CorruptShardError(f"shard file {ext.path}: column {name!r} has {ext.row_bytes}-byte rows, "
                                             f"the stream expects {out.nbytes // max(1, b - a)}")
+                if out.nbytes >= 1 << 20 and out.flags.c_contiguous:
+                    # fault fresh destination pages (a new arena) in one call, not one per page inside
+                    # the read: fills 1.0-2.3x faster in 4 paired runs on this VM
+                    madvise(out.ctypes.data, out.nbytes, MADV_POPULATE_WRITE)
                 self._file(ext).read_into(ext.offset + (a - base) * ext.row_bytes, _bytes(out))
                 continue
             src = self._arrays[name][s][a - base: b - base]  # type: ignore[index]
