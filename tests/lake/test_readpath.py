@@ -270,3 +270,27 @@ def test_cold_gathers_of_scattered_rows_read_checked_blocks(lake_path):
         np.testing.assert_allclose(out.numpy(), mu[rows], rtol=1e-6)
         assert reader.bytes_checked() > 0
         reader.close()
+
+
+def test_scattered_reads_through_a_whole_lake_arena_load_only_what_they_miss(lake_path):
+    from m2m.stream import columns as cols
+    from m2m.stream.stages.cold import ColdReader
+    from m2m.stream.stages.warm import WarmArena
+
+    mu, _ = _make_lake(lake_path)
+    with open_lake(lake_path) as lake:
+        snap = lake.snapshot
+        arena = WarmArena(ColdReader(snap, ["mu"]), cols.resolve(snap, ("embedding",)), 500, budget_bytes=1 << 30)
+        reader = ColdReader(snap, ["mu"]).for_scattered_reads(arena)
+        rows = np.random.default_rng(0).integers(0, len(mu), 40)
+        out = torch.empty((len(rows), DIM))
+        reader.gather("mu", rows, out)
+        np.testing.assert_allclose(out.numpy(), mu[rows], rtol=1e-6)
+        assert arena.loads == len(np.unique(rows // 500)) and reader.bytes_checked() == 0
+        partial = WarmArena(ColdReader(snap, ["mu"]), cols.resolve(snap, ("embedding",)), 500, budget_bytes=1 << 20)
+        cached = ColdReader(snap, ["mu"]).for_scattered_reads(partial)  # not whole: a cache of checked blocks
+        cached.gather("mu", rows, out)
+        np.testing.assert_allclose(out.numpy(), mu[rows], rtol=1e-6)
+        first = cached.bytes_checked()
+        cached.gather("mu", rows, out)
+        assert first > 0 and cached.bytes_checked() == first  # the second pass read only the cache

@@ -390,7 +390,7 @@ class StreamLoader(DataLoader):
 
     def _make_gather(self, reader: ColdReader) -> Any:
         """``gather`` reading through ``reader`` (one reader per thread that gathers)."""
-        reader.use_arena(self._arena)  # a complete warm arena serves neighbour reads from RAM
+        reader.for_scattered_reads(self._arena)  # a whole-lake warm arena serves neighbour reads
         device = self.device
         mu_dtype = cols.torch_dtype(self.dataset.source.storage_dtype)
         dim = self.dataset.source.dim

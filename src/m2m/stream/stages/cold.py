@@ -32,6 +32,7 @@ from m2m.stream.stages.base import BufferSource, Stage, Work
 
 GATHER_STAGING_BYTES = 64 << 20  # bound on what one cold gather reads before copying rows out
 CACHE_BLOCKS_PER_COLUMN = 4  # checked blocks a reader keeps per column (edges of neighbouring reads)
+SCATTER_CACHE_BYTES = 64 << 20  # checked blocks kept by a reader of scattered rows (neighbour reads)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -94,9 +95,16 @@ class ColdReader:
         for f in self._files.values():
             f.close()
 
-    def use_arena(self, arena: Any) -> None:
-        """Serve `gather` from ``arena`` (a `WarmArena`) whenever it holds the whole lake."""
-        self._arena = arena
+    def for_scattered_reads(self, arena: Any = None) -> "ColdReader":
+        """Make this reader serve scattered rows (augmentation's neighbour reads): from ``arena`` (a
+        `WarmArena`) when it holds the whole lake (loading the blocks a gather misses, shared with the
+        stream), else through a `SCATTER_CACHE_BYTES` cache of checked blocks (a scattered row costs a
+        whole block read the first time)."""
+        self._arena = arena if arena is not None and arena.whole else None
+        blocks = {f.block_bytes or 0 for f in self._files.values()} - {0}
+        if self._arena is None and blocks:
+            self._cache.max_blocks = max(self._cache.max_blocks, SCATTER_CACHE_BYTES // max(blocks))
+        return self
 
     def _shards(self, lo: int, hi: int) -> range:
         first = int(np.searchsorted(self.offsets, lo, side="right")) - 1
@@ -163,9 +171,8 @@ class ColdReader:
 
     def gather(self, name: str, rows: np.ndarray, dst: torch.Tensor) -> int:
         """``dst[i] = name[rows[i]]``; returns bytes read."""
-        arena = self._arena
-        if arena is not None and arena.complete:
-            return arena.gather_complete(name, rows, dst)
+        if self._arena is not None:
+            return self._arena.gather_whole(name, rows, dst)
         if not self._files:
             return self._gather_arrays(name, rows, dst)
         shard = np.searchsorted(self.offsets, rows, side="right") - 1

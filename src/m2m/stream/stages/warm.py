@@ -90,8 +90,12 @@ class WarmArena:
         """Whether the arena holds every row of the lake (gathers then read only RAM)."""
         return self.whole and self._num_loaded == self.num_blocks
 
-    def gather_complete(self, name: str, rows: np.ndarray, dst: torch.Tensor) -> int:
-        """``dst[i] = name[rows[i]]`` from a complete arena (any thread; nothing is written)."""
+    def gather_whole(self, name: str, rows: np.ndarray, dst: torch.Tensor) -> int:
+        """``dst[i] = name[rows[i]]`` from a whole-lake arena, from any thread (missing blocks are
+        loaded first, sharing the claims with the stream and the fill thread)."""
+        if self._num_loaded < self.num_blocks:
+            self._raise_fill_error()
+            self._ensure_loaded(np.unique(rows // self.block_rows), None)
         torch.index_select(self._arena[name], 0, torch.from_numpy(rows), out=dst)
         return int(dst.nbytes)
 
@@ -143,7 +147,7 @@ class WarmArena:
     def _ensure_loaded(self, blocks: np.ndarray, work: Work | None) -> None:
         """Load the missing ``blocks`` (unique, sorted) here, then wait for those other threads load."""
         missing = blocks[self._state[blocks] != 2]
-        for b in missing.tolist():
+        for b in missing[::-1].tolist():  # from the top: the fill thread works up from block 0
             self._raise_fill_error()
             if self._try_claim(b):
                 read = self._load_claimed(b)
