@@ -45,7 +45,8 @@ def test_block_checksums_are_written_with_each_file_and_match_its_bytes(lake_pat
         files = lake.manifest.files()
     assert len(files) > 3
     for f in files:
-        data = open(_file(lake_path, f), "rb").read()
+        with open(_file(lake_path, f), "rb") as fh:
+            data = fh.read()
         assert f.block_bytes == BLOCK_BYTES and len(data) == f.bytes
         want = tuple(crc32c.crc32c(data[i: i + BLOCK_BYTES]) for i in range(0, len(data), BLOCK_BYTES))
         assert f.block_crc32c == want
@@ -104,7 +105,7 @@ def test_a_changed_block_is_caught_naming_file_and_block(tmp_path):
 
 
 def test_a_file_cut_short_is_an_error_not_a_crash(tmp_path):
-    path, data, entry = _small_block_file(tmp_path)
+    path, _, entry = _small_block_file(tmp_path)
     os.truncate(path, 4000)
     with ShardFile(path, entry) as f:
         f.read_into(0, memoryview(bytearray(3000)))
@@ -122,7 +123,8 @@ def test_column_extents_locate_each_column_in_the_file(lake_path):
         lo = 0
         for s, sh in enumerate(snap.manifest.shards):
             ext = column_extents(snap.fs, sh.files[0])
-            raw = open(_file(lake_path, sh.files[0]), "rb").read()
+            with open(_file(lake_path, sh.files[0]), "rb") as fh:
+                raw = fh.read()
             got = np.frombuffer(raw[ext["mu"].offset: ext["mu"].offset + sh.rows * ext["mu"].row_bytes], np.float32)
             np.testing.assert_allclose(got.reshape(sh.rows, DIM), mu[lo: lo + sh.rows], rtol=1e-6)
             lab = np.frombuffer(raw[ext["label"].offset: ext["label"].offset + sh.rows * 8], np.int64)
@@ -131,7 +133,7 @@ def test_column_extents_locate_each_column_in_the_file(lake_path):
             lo += sh.rows
 
 
-@pytest.mark.parametrize("mode", [dict(warm_mode="cold"), dict(warm_bytes=1 << 30), dict(warm_bytes=300_000)])
+@pytest.mark.parametrize("mode", [{"warm_mode": "cold"}, {"warm_bytes": 1 << 30}, {"warm_bytes": 300_000}])
 def test_the_stream_over_a_lake_equals_its_rows(lake_path, mode):
     # every tier (direct cold gathers, a whole-lake arena, a partial LRU arena) delivers the lake's rows
     mu, labels = _make_lake(lake_path)
@@ -200,7 +202,7 @@ def test_a_shard_truncated_or_rewritten_mid_epoch_is_an_error_never_a_crash_or_w
     _make_lake(lake_path, rows=24_000, shard_bytes=1 << 20)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(lake_path), str(workers), how, mode],
-                          capture_output=True, text=True, timeout=240, env=env)
+                          check=False, capture_output=True, text=True, timeout=240, env=env)
     out = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, f"child died with {proc.returncode}: {proc.stderr[-3000:]}"
     assert out and out[-1].startswith("CORRUPT"), (out, proc.stderr[-3000:])

@@ -258,7 +258,7 @@ class ShardFile:
         self.bytes_read = 0
         self.bytes_checked = 0
 
-    def __enter__(self) -> "ShardFile":
+    def __enter__(self) -> ShardFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -323,7 +323,7 @@ class ShardFile:
             return buf
         lo, hi = self._block_span(block)
         buf = np.empty(hi - lo, dtype=np.uint8)
-        view = memoryview(buf)
+        view = buf.data
         self._pread(lo, view)
         self._check(block, view)
         self._cache.put((self.path, block), buf)
@@ -358,7 +358,7 @@ class ShardFile:
                 continue
             lo, hi = self._block_span(k)
             a, b = max(lo, start), min(hi, end)
-            dst[a - start: b - start] = memoryview(self._block(k))[a - lo: b - lo]
+            dst[a - start: b - start] = self._block(k).data[a - lo: b - lo]
         return n
 
     def verify_all(self, chunk_blocks: int = 64) -> None:
@@ -369,7 +369,7 @@ class ShardFile:
         buf = np.empty(min(step, self.entry.bytes), dtype=np.uint8)
         for lo in range(0, self.entry.bytes, step):
             n = min(step, self.entry.bytes - lo)
-            self.read_into(lo, memoryview(buf)[:n])
+            self.read_into(lo, buf.data[:n])
         fd = self._fileno()
         if os.fstat(fd).st_size != self.entry.bytes:
             raise CorruptShardError(f"shard file {self.path} has {os.fstat(fd).st_size} bytes, "

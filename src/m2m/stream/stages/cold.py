@@ -26,7 +26,12 @@ import torch
 from m2m.errors import CorruptShardError
 from m2m.lake.shard import BlockCache, ColumnExtent, ShardFile
 from m2m.stream.columns import ROWS, WEIGHT, Column
-from m2m.stream.memory import MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_WILLNEED, madvise
+from m2m.stream.memory import (
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    MADV_WILLNEED,
+    madvise,
+)
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import BufferSource, Stage, Work
 
@@ -43,7 +48,10 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _bytes(array: np.ndarray) -> memoryview:
-    return memoryview(array.reshape(-1).view(np.uint8))
+    """The writable bytes of a C-contiguous array (a reshape of anything else would be a copy)."""
+    if not array.flags.c_contiguous:
+        raise ValueError("positional reads need a C-contiguous destination")
+    return array.reshape(-1).view(np.uint8).data
 
 
 class ColdReader:
@@ -95,7 +103,7 @@ class ColdReader:
         for f in self._files.values():
             f.close()
 
-    def for_scattered_reads(self, arena: Any = None) -> "ColdReader":
+    def for_scattered_reads(self, arena: Any = None) -> ColdReader:
         """Make this reader serve scattered rows (augmentation's neighbour reads): from ``arena`` (a
         `WarmArena`) when it holds the whole lake (loading the blocks a gather misses, shared with the
         stream), else through a `SCATTER_CACHE_BYTES` cache of checked blocks (a scattered row costs a
