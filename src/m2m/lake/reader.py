@@ -90,7 +90,7 @@ class Snapshot:
         try:
             f = entry.file_for(name)
         except KeyError:
-            raise KeyError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}") from None
+            raise UnknownColumnError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}") from None
         if f.block_crc32c is None and self.verify:
             self._batch(f)
         with self._lock:
