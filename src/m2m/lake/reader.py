@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -162,6 +162,17 @@ class Snapshot:
             width = (self.dim,) if name == "mu" else ()
             return np.zeros((0,) + width, dtype=self.storage_dtype if name == "mu" else np.float32)
         return np.concatenate(parts)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The pinned version only (a stream's dataset pickles for spawned workers and launchers):
+        mapped files, caches and the lock are rebuilt lazily by the receiver."""
+        state = self.__dict__.copy()
+        state.update(_batches={}, _derived={}, _ids=None, _lock=None, _verified=set(self._verified))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def close(self) -> None:
         self._batches.clear()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from m2m.errors import ConfigError
 from m2m.sampling.plan import PlanSampler
 from m2m.stream import shuffle
 from m2m.stream.columns import Column
@@ -27,7 +28,7 @@ from m2m.stream.stages.batches import BatchStage, RowsStage
 from m2m.stream.stages.cold import ColdReader, ColdStage
 from m2m.stream.stages.hot import HostBuffers, HotStage, OutputPool
 from m2m.stream.stages.warm import WarmArena, WarmStage
-from m2m.stream.topology import World, detect_worker
+from m2m.stream.topology import World, detect_rank, detect_worker
 
 ARENA, COLD = "arena", "cold"
 WARM_MODES = ("auto", ARENA, COLD)
@@ -38,7 +39,8 @@ PROGRESSIVE_LOADS = 16  # blocks one item may load while a fully shuffled lake f
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything (picklable) that fixes what a stream yields, except the epoch and resume point."""
+    """Everything (picklable) that fixes what a stream yields, except the epoch, the resume point and
+    the DDP topology when it is not given explicitly."""
 
     columns: tuple[Column, ...]
     layout: Layout
@@ -46,8 +48,8 @@ class StreamSpec:
     batch_size: int
     drop_last: bool
     seed: int
-    rank: int
-    world_size: int
+    rank: int | None  # explicit values; None: read when an iteration starts (`topology.detect_rank`)
+    world_size: int | None
     chunk_batches: int
     warm_bytes: int
     warm_mode: str = "auto"
@@ -90,7 +92,13 @@ def lookahead_rows(spec: StreamSpec) -> int:
 
 
 class StreamDataset(IterableDataset):
-    """Yields one rank's items (runs of whole batches) of epoch ``epoch`` from batch ``start`` on."""
+    """The dataset of a `StreamLoader`: one rank's epoch order, and (worker side) its items.
+
+    ``len(dataset)`` is the number of rows one rank reads in an epoch (the DDP topology read now).
+    Iterating it yields internal items (runs of whole batches) and only works inside the loader's own
+    DataLoader workers: wrapping it in another DataLoader (e.g. torchdata's ``StatefulDataLoader``)
+    is refused with a `ConfigError`, because the loader itself is the stateful, resumable object.
+    """
 
     def __init__(self, source: RowSource, spec: StreamSpec, sampler: PlanSampler | None = None) -> None:
         super().__init__()
@@ -99,19 +107,41 @@ class StreamDataset(IterableDataset):
         self.sampler = sampler
         self.epoch = 0
         self.start = 0
-        self._cache: tuple[int, RankEpoch] | None = None
+        self.world = World(0 if spec.rank is None else spec.rank, 1 if spec.world_size is None else spec.world_size)
+        # persistent DataLoader workers keep their copy of this object: the loader writes each
+        # iteration's (epoch, start, rank, world_size) into this shared-memory tensor instead
+        self.control: torch.Tensor | None = None
+        self._worker_side = False  # True only in the copy the loader's own workers receive
+        self._cache: dict[tuple[int, int, int], RankEpoch] = {}
 
-    def rank_epoch(self, epoch: int) -> RankEpoch:
-        """This rank's rows and weights of ``epoch`` (the last one is cached)."""
-        if self._cache is None or self._cache[0] != epoch:
+    def current_world(self) -> World:
+        """The DDP topology now: the spec's explicit values, else torch.distributed / torchrun's env."""
+        return detect_rank(self.spec.rank, self.spec.world_size)
+
+    def rank_epoch(self, epoch: int, world: World | None = None) -> RankEpoch:
+        """The rows and weights ``world``'s rank reads in ``epoch`` (the last two are cached)."""
+        world = self.world if world is None else world
+        key = (epoch, world.rank, world.world_size)
+        hit = self._cache.get(key)
+        if hit is None:
             plan = None if self.sampler is None else check_plan(self.sampler.plan(epoch), self.spec.num_rows)
             s = self.spec
-            self._cache = (epoch, rank_epoch(s.layout, s.num_rows, s.batch_size, s.drop_last, s.seed, epoch,
-                                             s.rank, s.world_size, plan))
-        return self._cache[1]
+            hit = rank_epoch(s.layout, s.num_rows, s.batch_size, s.drop_last, s.seed, epoch, world.rank,
+                             world.world_size, plan)
+            while len(self._cache) >= 2:  # two passes may interleave (zip(dl, dl))
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = hit
+        return hit
+
+    def __len__(self) -> int:
+        """Rows of one rank's epoch (``epoch``, with the DDP topology read now)."""
+        return int(len(self.rank_epoch(self.epoch, self.current_world()).rows))
 
     def batch_stage(self, world: World) -> BatchStage:
-        return BatchStage(self.rank_epoch, world, self.spec.chunk_batches, lookahead_rows(self.spec))
+        def epoch_fn(epoch: int) -> RankEpoch:
+            return self.rank_epoch(epoch, world)
+
+        return BatchStage(epoch_fn, world, self.spec.chunk_batches, lookahead_rows(self.spec))
 
     def host_stage(self, upstream: Stage, reader: ColdReader, buffers: HostBuffers, tier: str,
                    arena: WarmArena | None = None) -> Stage:
@@ -131,9 +161,22 @@ class StreamDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Worker side: this worker's items as plain dicts (tensors on the host)."""
-        world = detect_worker(World(self.spec.rank, self.spec.world_size))
+        if not self._worker_side:
+            raise ConfigError(
+                "the stream's dataset yields internal items, not batches: iterate the loader that "
+                "export_to_dataloader/make_loader returned (it is stateful itself: dl.state_dict() / "
+                "dl.load_state_dict()); wrapping dl.dataset in another DataLoader or torchdata's "
+                "StatefulDataLoader is not supported")
+        return self._items()
+
+    def _items(self) -> Iterator[dict[str, Any]]:
+        epoch, start, rank_world = self.epoch, self.start, self.world
+        if self.control is not None:
+            e, st, r, w = (int(v) for v in self.control.tolist())
+            epoch, start, rank_world = e, st, World(r, w)
+        world = detect_worker(rank_world)
         stage: Stage = self.batch_stage(world)
-        stage.reset({"epoch": self.epoch, "start": self.start, "next": 0})
+        stage.reset({"epoch": epoch, "start": start, "next": 0})
         if self.spec.gather_in_workers:
             budget = self.spec.warm_bytes // world.num_workers
             reader = ColdReader(self.source, [c.source for c in self.spec.gathered])
@@ -151,6 +194,11 @@ class StreamDataset(IterableDataset):
                        "weights": work.weights, "tensors": work.tensors, "stats": work.stats}
         finally:
             stage.shutdown()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = {}  # recomputed on demand (pure function of the spec)
+        return state
 
 
 def work_from_item(item: dict[str, Any]) -> Work:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 import weakref
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 from m2m._validate import check_int
 from m2m.errors import ConfigError, DeviceUnavailableError, StreamError
@@ -27,6 +29,7 @@ from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.stream import columns as cols
 from m2m.stream.dataset import (
     ARENA,
+    COLD,
     WARM_MODES,
     StreamDataset,
     StreamSpec,
@@ -72,13 +75,16 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                columns: Sequence[str] | None = None, device: str | torch.device = "cpu", seed: int = 0,
+                columns: Sequence[str] | None = None, device: str | torch.device = "cpu", seed: int | None = None,
                 epoch: int = 0, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                 warm_bytes: int, hot_bytes: int, prefetch: int = 4, sampler: PlanSampler | None = None,
                 augment: Augment | None = None, shuffle_mode: str = "auto", block_rows: int | None = None,
                 warm_mode: str = "auto", hot_mode: str = "auto", chunk_batches: int | None = None,
                 intra_op_threads: int | None = 1, huge_pages: bool = True,
-                background_fill: bool = True) -> "StreamLoader":
+                background_fill: bool = True, pin_memory: bool = False, persistent_workers: bool = False,
+                prefetch_factor: int | None = None, timeout: float = 0, worker_init_fn: Any = None,
+                multiprocessing_context: Any = None, generator: torch.Generator | None = None,
+                collate_fn: Any = None, in_order: bool = True) -> "StreamLoader":
     """A DataLoader over ``source`` that yields whole batches (see the module docstring).
 
     ``prefetch`` is the number of batches a background thread keeps ready; 0 runs the stages in the
@@ -93,11 +99,17 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
     varies with the host's memory state: 0.2x to 3x that of 4 KiB pages in our runs) and
     ``background_fill`` (when a fully shuffled lake fits the arena, fill it on a background thread and
     serve the first epoch from the mapped shards meanwhile; False loads blocks on demand instead).
+
+    The standard DataLoader keywords keep their torch meaning: ``pin_memory`` (CPU batches in pinned
+    memory when CUDA is available), ``persistent_workers``, ``prefetch_factor`` (internal items per
+    worker; default from ``prefetch``), ``timeout``, ``worker_init_fn`` and ``multiprocessing_context``
+    (the DataLoader workers, ``num_workers > 0``), ``generator`` (its ``initial_seed()`` is the seed),
+    ``collate_fn`` (applied to each whole batch, after the augmentation) and ``in_order`` (must stay True).
     """
     if not isinstance(source, RowSource):
         raise ConfigError(f"source must implement RowSource, got {type(source).__name__}")
     batch_size = check_int(batch_size, "batch_size", 1)
-    seed = check_int(seed, "seed", 0)
+    seed = seed_from(seed, generator)
     epoch = check_int(epoch, "epoch", 0)
     num_workers = check_int(num_workers, "num_workers", 0)
     warm_bytes = check_int(warm_bytes, "warm_bytes", 0)
@@ -112,9 +124,13 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
     if hot_mode not in HOT_MODES:
         raise ConfigError(f"hot_mode must be one of {HOT_MODES}, got {hot_mode!r}")
     if sampler is not None and not callable(getattr(sampler, "plan", None)):
-        raise ConfigError(f"sampler must have a plan(epoch) method, got {type(sampler).__name__}")
+        raise ConfigError(f"sampler must be an m2m plan sampler (a plan(epoch) method), got {type(sampler).__name__}: "
+                          "the stream orders and shards rows itself (use shuffle, seed, rank/world_size)")
+    workers = worker_options(num_workers, pin_memory, persistent_workers, prefetch_factor, timeout,
+                             worker_init_fn, multiprocessing_context, collate_fn, in_order)
     dev = _device(device)
-    world = detect_rank(rank, world_size)
+    if rank is not None or world_size is not None:  # explicit values are checked now, the rest at iteration
+        detect_rank(rank, world_size)
     resolved = cols.resolve(source, columns)
     if augment is not None and not any(c.name == cols.EMBEDDING for c in resolved):
         raise ConfigError(f"augment replaces 'embedding', which columns={columns!r} does not deliver")
@@ -129,28 +145,106 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
         hot = hot_mode
     spec = StreamSpec(
         columns=resolved, layout=layout, num_rows=int(source.num_rows), batch_size=batch_size,
-        drop_last=bool(drop_last), seed=seed, rank=world.rank, world_size=world.world_size,
+        drop_last=bool(drop_last), seed=seed, rank=rank, world_size=world_size,
         chunk_batches=chunk_batches or chunk_batches_for(resolved, batch_size), warm_bytes=warm_bytes,
         warm_mode=warm_mode, gather_in_workers=hot != RESIDENT, huge_pages=bool(huge_pages),
         background_fill=bool(background_fill))
     dataset = StreamDataset(source, spec, sampler)
     return StreamLoader(dataset, device=dev, num_workers=num_workers, prefetch=prefetch, augment=augment,
                         hot_mode=hot, return_tensor=columns is None, epoch=epoch,
-                        intra_op_threads=intra_op_threads)
+                        intra_op_threads=intra_op_threads, **workers)
+
+
+def pin_memory_tree(batch: Any) -> Any:
+    """``batch`` (a tensor or a dict of tensors) in pinned host memory."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    return {k: v.pin_memory() for k, v in batch.items()}
+
+
+def seed_from(seed: int | None, generator: Any) -> int:
+    """The stream's seed: ``seed``, else a torch ``generator``'s ``initial_seed()``, else 0."""
+    if generator is None:
+        return 0 if seed is None else check_int(seed, "seed", 0)
+    if not isinstance(generator, torch.Generator):
+        raise ConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    from_gen = int(generator.initial_seed())
+    if seed is not None and check_int(seed, "seed", 0) != from_gen:
+        raise ConfigError(f"seed={seed} and generator (initial_seed {from_gen}) disagree: pass one of them")
+    return from_gen
+
+
+def worker_options(num_workers: int, pin_memory: bool, persistent_workers: bool, prefetch_factor: int | None,
+                   timeout: float, worker_init_fn: Any, multiprocessing_context: Any, collate_fn: Any,
+                   in_order: bool) -> dict[str, Any]:
+    """Check the standard DataLoader keywords the way torch does (as `ConfigError`); what StreamLoader takes."""
+    if persistent_workers and num_workers == 0:
+        raise ConfigError("persistent_workers=True needs num_workers > 0 (as in torch's DataLoader)")
+    if prefetch_factor is not None:
+        if num_workers == 0:
+            raise ConfigError(f"prefetch_factor={prefetch_factor!r} needs num_workers > 0; "
+                              "with num_workers=0 use prefetch= (batches a background thread keeps ready)")
+        prefetch_factor = check_int(prefetch_factor, "prefetch_factor", 1)
+    if multiprocessing_context is not None and num_workers == 0:
+        raise ConfigError(f"multiprocessing_context={multiprocessing_context!r} needs num_workers > 0 "
+                          "(as in torch's DataLoader)")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise ConfigError(f"timeout must be a number >= 0, got {timeout!r}")
+    for name, fn in (("worker_init_fn", worker_init_fn), ("collate_fn", collate_fn)):
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"{name} must be callable, got {type(fn).__name__}")
+    if in_order is not True:
+        raise ConfigError(f"in_order={in_order!r} cannot apply: the stream's batch order is a deterministic "
+                          "function of (seed, epoch, rank), whatever the number of workers")
+    return {"pin_memory": bool(pin_memory), "persistent_workers": bool(persistent_workers),
+            "prefetch_factor": prefetch_factor, "timeout": float(timeout), "worker_init_fn": worker_init_fn,
+            "multiprocessing_context": multiprocessing_context, "collate_fn": collate_fn}
+
+
+class EpochSampler(_InfiniteConstantSampler):
+    """``dl.sampler`` of a `StreamLoader`: ``set_epoch`` reaches the loader.
+
+    Lightning (``_set_sampler_epoch``) and DDP code call ``dataloader.sampler.set_epoch(epoch)``; for an
+    IterableDataset torch's sampler is a placeholder without ``set_epoch``, so those calls were lost.
+    """
+
+    def __init__(self, loader: "StreamLoader") -> None:
+        super().__init__()
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
 
 
 class StreamLoader(DataLoader):
-    """A `torch.utils.data.DataLoader` whose dataset yields whole batches (``batch_size=None``)."""
+    """A `torch.utils.data.DataLoader` whose dataset yields whole batches (``batch_size=None``).
+
+    Epoch contract (the same with 0 or N workers, 1 or N ranks): each ``iter(dl)`` is one whole
+    epoch from its first batch. The epoch of a pass is chosen when it yields its first batch:
+    the state given to `load_state_dict` (once: that pass resumes mid-epoch), else the epoch pinned
+    by `set_epoch` (every pass, as with ``DistributedSampler``), else the epoch after that of the
+    last pass that started (so a loop that never calls ``set_epoch`` gets a new order each epoch).
+    A pass abandoned early leaves nothing behind: the next pass is whole. Passes may overlap
+    (``zip(dl, dl)``): a pass started while another is live reads through its own buffers.
+    """
 
     def __init__(self, dataset: StreamDataset, *, device: torch.device, num_workers: int, prefetch: int,
                  augment: Augment | None, hot_mode: str, return_tensor: bool, epoch: int = 0,
-                 intra_op_threads: int | None = 1) -> None:
+                 intra_op_threads: int | None = 1, pin_memory: bool = False, persistent_workers: bool = False,
+                 prefetch_factor: int | None = None, timeout: float = 0, worker_init_fn: Any = None,
+                 multiprocessing_context: Any = None, collate_fn: Any = None) -> None:
         spec = dataset.spec
         extra: dict[str, Any] = {}
         if num_workers > 0:
-            extra = {"prefetch_factor": max(1, math.ceil(prefetch / (spec.chunk_batches * num_workers))),
-                     "pin_memory": device.type == "cuda", "persistent_workers": False}
+            if prefetch_factor is None:
+                prefetch_factor = max(1, math.ceil(prefetch / (spec.chunk_batches * num_workers)))
+            extra = {"prefetch_factor": prefetch_factor, "pin_memory": pin_memory or device.type == "cuda",
+                     "persistent_workers": persistent_workers, "timeout": timeout,
+                     "worker_init_fn": worker_init_fn, "multiprocessing_context": multiprocessing_context}
+            if persistent_workers:  # the workers keep their dataset copy: each pass's numbers go through here
+                dataset.control = torch.zeros(4, dtype=torch.int64).share_memory_()
         super().__init__(dataset, batch_size=None, shuffle=None, num_workers=num_workers, **extra)
+        object.__setattr__(self, "sampler", EpochSampler(self))  # DataLoader forbids setting it after __init__
         self.spec = spec
         self.device = device
         self.prefetch = prefetch
@@ -158,9 +252,20 @@ class StreamLoader(DataLoader):
         self.hot_mode = hot_mode
         self.return_tensor = return_tensor
         self.intra_op_threads = intra_op_threads
+        self.user_collate = collate_fn
+        # consumer-side pinning (in-process pipeline); with workers torch's pin thread does it
+        self.pin_batches = bool(pin_memory) and device.type == "cpu" and num_workers == 0
+        if pin_memory and device.type == "cpu" and not torch.cuda.is_available():
+            warnings.warn("pin_memory=True but CUDA is not available: batches stay in pageable memory "
+                          "(as torch's DataLoader does)", stacklevel=3)
+            self.pin_batches = False
         self.plan_sampler = dataset.sampler
-        self._epoch = epoch
-        self._yielded = 0
+        self._next_epoch = epoch
+        self._pinned: int | None = None
+        self._resume: tuple[int, int] | None = None
+        self._pos: list[int] | None = None  # [epoch, batches yielded] of the latest pass that started
+        self._passes = 0
+        self._busy = False  # the shared readers/arena/pool are leased by a live pass
         self._stats = StreamStats()
         self._reader: ColdReader | None = None
         self._gather_reader: ColdReader | None = None
@@ -169,35 +274,72 @@ class StreamLoader(DataLoader):
         self._resident: ResidentTier | None = None
         self._pool: OutputPool | None = None
         self._warm_mode = host_tier_for(spec, spec.warm_bytes // max(1, num_workers))
-        self._active: weakref.ref[Any] | None = None
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    # ----------------------------------------------------------------- pickling
+    _RUNTIME = ("_reader", "_gather_reader", "_prepare_reader", "_arena", "_resident", "_pool", "_iterator")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Numbers and configuration only: readers, arenas, threads and live passes are rebuilt lazily."""
+        state = self.__dict__.copy()
+        for name in self._RUNTIME:
+            state[name] = None
+        state["_live"] = None
+        state["_busy"] = False
+        state["_stats"] = StreamStats()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._live = weakref.WeakSet()
 
     # ----------------------------------------------------------------- public surface
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return self.dataset.rank_epoch(self._epoch).num_batches
+        """Batches of the next pass on this rank (the DDP topology read now)."""
+        return self.dataset.rank_epoch(self.epoch, self.dataset.current_world()).num_batches
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        self._close_active()
-        gen = self._iterate(self._epoch, self._yielded)
-        self._active = weakref.ref(gen)
+        gen = self._iterate()
+        self._live.add(gen)
         return gen
 
     def set_epoch(self, epoch: int) -> None:
-        """Start the next iteration at the beginning of ``epoch``."""
-        self._close_active()
-        self._epoch = check_int(epoch, "epoch", 0)
-        self._yielded = 0
+        """Pin the epoch of every following pass to ``epoch`` (``DistributedSampler`` semantics).
+
+        A pass created but not yet started (Lightning calls ``iter`` before ``set_epoch``) takes it too;
+        a pass already yielding is not disturbed. A resume loaded for another epoch is dropped.
+        """
+        epoch = check_int(epoch, "epoch", 0)
+        self._pinned = epoch
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None
 
     @property
     def epoch(self) -> int:
-        return self._epoch
+        """The epoch the next pass will read."""
+        if self._resume is not None:
+            return self._resume[0]
+        return self._next_epoch if self._pinned is None else self._pinned
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the stream is: epoch, batches yielded, and the numbers that fix the order."""
+        """Where the stream is: epoch and batches yielded of the latest pass, and the numbers that fix the order.
+
+        A pass that yielded all its batches is saved as the start of the epoch that follows it.
+        """
         spec = self.spec
+        world = self.dataset.current_world()
+        if self._resume is not None:
+            epoch, yielded = self._resume
+        elif self._pos is None:
+            epoch, yielded = self.epoch, 0
+        else:
+            epoch, yielded = self._pos
+            if yielded >= self.dataset.rank_epoch(epoch, world).num_batches:
+                epoch, yielded = (epoch + 1 if self._pinned is None else self._pinned), 0
         state: dict[str, Any] = {
-            "version": STATE_VERSION, "epoch": self._epoch, "batches_yielded": self._yielded,
-            "seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size,
+            "version": STATE_VERSION, "epoch": epoch, "batches_yielded": yielded,
+            "epoch_pinned": self._pinned is not None,
+            "seed": spec.seed, "rank": world.rank, "world_size": world.world_size,
             "batch_size": spec.batch_size, "drop_last": spec.drop_last, "num_rows": spec.num_rows,
             "shuffle": spec.layout.mode, "block_rows": spec.layout.block_rows,
             "window_blocks": spec.layout.window_blocks,
@@ -207,7 +349,8 @@ class StreamLoader(DataLoader):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration yields exactly the batches not yet yielded when ``state`` was taken."""
+        """Resume: the next pass yields exactly the batches not yet yielded when ``state`` was taken;
+        the passes after it continue as the saved loader would have."""
         mine = self.state_dict()
         missing = [k for k in ("epoch", "batches_yielded", "seed", "world_size", "batch_size") if k not in state]
         if missing:
@@ -218,13 +361,18 @@ class StreamLoader(DataLoader):
         if diff:
             raise ValueError("stream state does not match this loader (saved, current): "
                              + ", ".join(f"{k}={v[0]!r} vs {v[1]!r}" for k, v in diff.items()))
-        self._close_active()
-        self._epoch = check_int(state["epoch"], "epoch", 0)
-        self._yielded = check_int(state["batches_yielded"], "batches_yielded", 0)
+        epoch = check_int(state["epoch"], "epoch", 0)
+        yielded = check_int(state["batches_yielded"], "batches_yielded", 0)
         if "sampler" in state and self.plan_sampler is not None:
             loader = getattr(self.plan_sampler, "load_state_dict", None)
             if callable(loader):
                 loader(state["sampler"])
+        self._pinned = epoch if state.get("epoch_pinned") else None
+        if yielded and yielded >= self.dataset.rank_epoch(epoch, self.dataset.current_world()).num_batches:
+            epoch, yielded = (epoch if self._pinned is not None else epoch + 1), 0  # saved at an epoch's end
+        self._resume = (epoch, yielded)
+        self._pos = None
+        self._next_epoch = epoch
 
     def update_priorities(self, ids: Any, losses: Any) -> None:
         """Feed per-row losses back to a loss-based importance sampler."""
@@ -250,71 +398,105 @@ class StreamLoader(DataLoader):
         return True if self._arena is None else self._arena.wait_filled(timeout)
 
     def close(self) -> None:
-        """Stop a running iteration's background work (and a warm arena still filling)."""
-        self._close_active()
+        """Stop every live pass's background work (and a warm arena still filling)."""
+        for gen in list(self._live):
+            gen.close()
         if self._arena is not None:
             self._arena.close()
 
     # ----------------------------------------------------------------- iteration
-    def _close_active(self) -> None:
-        gen = self._active() if self._active is not None else None
-        self._active = None
-        if gen is not None:
-            gen.close()
-
-    def _iterate(self, epoch: int, start: int) -> Iterator[Any]:
-        t0 = time.perf_counter()
-        self.dataset.rank_epoch(epoch)  # computed here once (workers inherit it)
-        if self.num_workers == 0:
-            pipeline: Stage = self._in_process_pipeline()
-            pipeline.reset({"epoch": epoch, "start": start, "next": 0})
-            items: Iterator[Work] = pipeline
-            post = None
+    def _begin_pass(self) -> tuple[int, int]:
+        """(epoch, first batch) of a pass that is about to yield its first batch (see the class docstring)."""
+        if self._resume is not None:
+            epoch, start = self._resume
+            self._resume = None
+        elif self._pinned is not None:
+            epoch, start = self._pinned, 0
         else:
-            self.dataset.epoch, self.dataset.start = epoch, start
-            pipeline = None  # type: ignore[assignment]
-            workers = super().__iter__()
-            items = (work_from_item(item) for item in workers)
-            post = self._post_stage()
-        gather = self._gather_fn()
+            epoch, start = self._next_epoch, 0
+        self._next_epoch = epoch + 1
+        self._passes += 1
+        self._pos = [epoch, start]
+        return epoch, start
+
+    def _iterate(self) -> Iterator[Any]:
+        t0 = time.perf_counter()
+        epoch, start = self._begin_pass()
+        pass_id = self._passes
+        world = self.dataset.current_world()
+        self.dataset.rank_epoch(epoch, world)  # computed here once (workers inherit it)
+        shared = not self._busy  # a pass overlapping a live one gets private readers and buffers
+        self._busy = True
+        workers: Any = None
+        pipeline: Stage | None = None
         try:
+            if self.num_workers == 0:
+                pipeline = self._in_process_pipeline(world, shared)
+                pipeline.reset({"epoch": epoch, "start": start, "next": 0})
+                items: Iterator[Work] = pipeline
+                post = None
+            else:
+                workers = self._start_workers(epoch, start, world)
+                items = (work_from_item(item) for item in workers)
+                post = self._post_stage()
+            gather = self._gather_fn(shared)
             for work in items:
                 if post is not None:
                     work = post.process(work)
                 finish(work)
-                yield from self._split(work, epoch, gather)
+                for j, batch in self._split(work, epoch, world, gather):
+                    if self._passes == pass_id:
+                        self._pos = [epoch, j + 1]
+                    yield batch
                 self._stats.add(work.stats)
                 self._stats.add({"busy_s": time.perf_counter() - t0})
                 t0 = time.perf_counter()
-            self._epoch, self._yielded = epoch + 1, 0
         finally:
+            if shared:
+                self._busy = False
             if pipeline is not None:
                 pipeline.shutdown()
-            else:
+            elif workers is not None and not self.persistent_workers:
                 shutdown = getattr(workers, "_shutdown_workers", None)
                 if callable(shutdown):
                     shutdown()
 
-    def _split(self, work: Work, epoch: int, gather: Any) -> Iterator[Any]:
+    def _start_workers(self, epoch: int, start: int, world: World) -> Any:
+        """The DataLoader's worker iterator for one pass (workers see this pass's numbers)."""
+        ds: StreamDataset = self.dataset
+        ds.epoch, ds.start, ds.world = epoch, start, world
+        if ds.control is not None:
+            ds.control.copy_(torch.tensor([epoch, start, world.rank, world.world_size], dtype=torch.int64))
+        ds._worker_side = True  # only the copies workers receive now (fork or pickle) iterate
+        try:
+            return super().__iter__()
+        finally:
+            ds._worker_side = False
+
+    def _split(self, work: Work, epoch: int, world: World, gather: Any) -> Iterator[tuple[int, Any]]:
         names = [c.name for c in self.spec.columns]
         for j in range(work.first, work.end):
             rows = work.batch_slice(j, self.spec.batch_size)
             batch = {name: t[rows] for name, t in work.tensors.items()}
             if self.augment is not None:
                 ahead = work.prepared.get(j) if work.prepared is not None else None
-                batch[cols.EMBEDDING] = self._augment(batch, epoch, j, gather, ahead)
-            self._yielded = j + 1
+                batch[cols.EMBEDDING] = self._augment(batch, epoch, world.rank, j, gather, ahead)
             self._stats.add({"rows": rows.stop - rows.start, "batches": 1})
-            yield batch[cols.EMBEDDING] if self.return_tensor else {n: batch[n] for n in names}
+            out: Any = batch[cols.EMBEDDING] if self.return_tensor else {n: batch[n] for n in names}
+            if self.pin_batches:
+                out = pin_memory_tree(out)
+            if self.user_collate is not None:
+                out = self.user_collate(out)
+            yield j, out
 
-    def _augment(self, batch: dict[str, torch.Tensor], epoch: int, j: int, gather: Any,
+    def _augment(self, batch: dict[str, torch.Tensor], epoch: int, rank: int, j: int, gather: Any,
                  ahead: tuple[torch.Generator, Any] | None = None) -> torch.Tensor:
         x = batch[cols.EMBEDDING]
         if ahead is not None:  # drawn in the prefetch thread with this batch's generator (PrepareAugment)
             gen, draws = ahead
             y = self.augment(x, batch[cols.ROWS], gather, gen, prepared=draws)  # type: ignore[call-arg,misc]
         else:
-            gen = batch_generator(self.spec.seed, epoch, self.spec.rank, j, x.device)
+            gen = batch_generator(self.spec.seed, epoch, rank, j, x.device)
             y = self.augment(x, batch[cols.ROWS], gather, gen)  # type: ignore[misc]
         if not isinstance(y, torch.Tensor) or y.shape != x.shape:
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -333,27 +515,41 @@ class StreamLoader(DataLoader):
             self._resident = ResidentTier(reader, self.spec.columns, self.device)
         return self._resident
 
-    def _in_process_pipeline(self) -> Stage:
+    def _in_process_pipeline(self, world: World | None = None, shared: bool = True) -> Stage:
+        """The stage chain of one pass in this process; ``shared``: lease the loader's kept readers,
+        arena and output pool (else a private reader and pool, and cold reads instead of the arena)."""
         ds: StreamDataset = self.dataset
-        stage: Stage = ds.batch_stage(World(self.spec.rank, self.spec.world_size))
+        world = ds.current_world() if world is None else world
+        stage: Stage = ds.batch_stage(world)
         if self.hot_mode == RESIDENT:
             stage = ResidentStage(stage, self._resident_tier(), self.spec.columns)
         else:
-            reader = self._reader_for_stream()
-            if self._warm_mode == ARENA and self._arena is None:
-                self._arena = ds.new_arena(reader, self.spec.warm_bytes)
-            if self._pool is None:  # kept across iterations: its buffers are already faulted in
-                self._pool = OutputPool(self._capacity() + 4)
-            buffers = HostBuffers(pinned=self.hot_mode == STAGED, slots=2, pool=self._pool)
-            stage = HotStage(ds.host_stage(stage, reader, buffers, self._warm_mode, self._arena),
+            tier = self._warm_mode
+            if shared:
+                reader = self._reader_for_stream()
+                if tier == ARENA and self._arena is None:
+                    self._arena = ds.new_arena(reader, self.spec.warm_bytes)
+                if self._pool is None:  # kept across iterations: its buffers are already faulted in
+                    self._pool = OutputPool(self._capacity() + 4)
+                arena, pool = self._arena, self._pool
+            else:
+                reader = ColdReader(ds.source, [c.source for c in self.spec.gathered])
+                arena, pool = None, OutputPool(self._capacity() + 4)
+                tier = COLD if tier == ARENA else tier
+            buffers = HostBuffers(pinned=self.hot_mode == STAGED, slots=2, pool=pool)
+            stage = HotStage(ds.host_stage(stage, reader, buffers, tier, arena),
                              self.spec.columns, self.device, buffers)
         if self.prefetch == 0:
             return stage
         if self._draw_ahead():
-            if self._prepare_reader is None:  # its own reader: ColdReader's staging buffers are per thread
-                self._prepare_reader = ColdReader(self.dataset.source, ["mu"])
+            if not shared:
+                prep_reader = ColdReader(ds.source, ["mu"])
+            else:
+                if self._prepare_reader is None:  # its own reader: ColdReader's staging buffers are per thread
+                    self._prepare_reader = ColdReader(ds.source, ["mu"])
+                prep_reader = self._prepare_reader
             prep = PrepareAugment(stage, self.augment, self.spec.batch_size, self.spec.seed,  # type: ignore[arg-type]
-                                  self.spec.rank, self.dataset.source.dim, self._make_gather(self._prepare_reader))
+                                  world.rank, ds.source.dim, self._make_gather(prep_reader))
             prefetcher = Prefetcher(prep, self._capacity(), self.intra_op_threads)
             prep.backlog = prefetcher.backlog
             return prefetcher
@@ -377,13 +573,15 @@ class StreamLoader(DataLoader):
             return HotStage(None, self.spec.columns, self.device)
         return None
 
-    def _gather_fn(self) -> Any:
+    def _gather_fn(self, shared: bool = True) -> Any:
         """``gather(positions) -> float32 [n, d]`` on the device, for the augmentation hook."""
         if self.augment is None:
             return None
         if self.hot_mode == RESIDENT:
             tier = self._resident_tier()
             return lambda rows: tier.gather_mu(rows.to(tier.device))
+        if not shared:
+            return self._make_gather(ColdReader(self.dataset.source, ["mu"]))
         if self._gather_reader is None:
             self._gather_reader = ColdReader(self.dataset.source, ["mu"])
         return self._make_gather(self._gather_reader)

@@ -6,6 +6,7 @@ else, so orders and partitions can be checked for 8 ranks x 4 workers inside one
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from m2m.errors import ConfigError
@@ -43,16 +44,33 @@ class World:
 
 
 def detect_rank(rank: int | None = None, world_size: int | None = None) -> World:
-    """The DDP part of the topology: explicit values win, else torch.distributed, else (0, 1)."""
+    """The DDP part of the topology, read now: explicit values win, else torch.distributed when it is
+    initialised, else torchrun's ``RANK``/``WORLD_SIZE`` environment (both set), else (0, 1).
+
+    Loaders call this when an iteration starts (and for ``len``), not when they are built: Lightning
+    and many launchers create the process group after the loader exists.
+    """
     if rank is None or world_size is None:
         import torch.distributed as dist
 
-        initialised = dist.is_available() and dist.is_initialized()
-        if world_size is None:
-            world_size = dist.get_world_size() if initialised else 1
-        if rank is None:
-            rank = dist.get_rank() if initialised else 0
+        if dist.is_available() and dist.is_initialized():
+            env_rank, env_world = dist.get_rank(), dist.get_world_size()
+        else:
+            env_rank, env_world = _torchrun_env()
+        world_size = env_world if world_size is None else world_size
+        rank = env_rank if rank is None else rank
     return World(rank=int(rank), world_size=int(world_size))
+
+
+def _torchrun_env() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) from the environment torchrun sets, (0, 1) when either is missing."""
+    raw = {name: os.environ.get(name) for name in ("RANK", "WORLD_SIZE")}
+    if raw["RANK"] is None or raw["WORLD_SIZE"] is None:
+        return 0, 1
+    try:
+        return int(raw["RANK"]), int(raw["WORLD_SIZE"])
+    except ValueError as exc:
+        raise ConfigError(f"environment RANK={raw['RANK']!r} WORLD_SIZE={raw['WORLD_SIZE']!r} are not integers") from exc
 
 
 def detect_worker(world: World) -> World:
