@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -12,6 +16,7 @@ from m2m.sampling.importance import BUILTIN_MODES
 
 if TYPE_CHECKING:  # pragma: no cover
     from m2m.lake.lake import Lake
+    from m2m.lake.reader import Snapshot
     from m2m.stream.loader import StreamLoader
 
 logger = logging.getLogger(__name__)
@@ -43,20 +48,71 @@ def importance_mode(importance_sampling: Any, metadata: Sequence[str]) -> str | 
                       f"({list(metadata)}), got {importance_sampling!r}")
 
 
-def build_sampler(lake: "Lake", mode: str, seed: int) -> Any:
-    """The importance sampler of ``mode`` over the lake's current snapshot."""
+@dataclass(frozen=True)
+class Geometry:
+    """kappa (NaN where no estimate), neighbour row positions [N, k] (-1 missing) and their cosines."""
+
+    kappa: np.ndarray
+    neighbors: np.ndarray
+    neighbor_cos: np.ndarray
+
+
+def stored_geometry(snap: "Snapshot") -> Geometry:
+    """The geometry a snapshot stores (after ``lake.estimate_kappa``)."""
+    return Geometry(snap.read_all("kappa"), snap.read_all("neighbors"), snap.read_all("neighbor_cos"))
+
+
+def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
+    """kNN + kappa of ``snap`` computed in memory, never written: a stream does not change the lake.
+
+    User-provided kappa values are kept, as `Lake.estimate_kappa` does. Shows a progress bar when
+    stderr is a terminal; logs one INFO line saying how to persist the result.
+    """
+    from m2m.index.knn import usable_cores
+    from m2m.lake.neighbourhood import compute_geometry
+
+    t0 = time.perf_counter()
+    mu = snap.read_all("mu").astype(np.float32, copy=False)
+    with progress_bar(len(mu), "kappa (in memory)") as bar:
+        kappa_est, neighbors, cos = compute_geometry(mu, k, seed, bar, usable_cores())
+    user = snap.read_main("kappa")
+    kappa = np.where(np.isnan(user), kappa_est, user).astype(np.float32)
+    logger.info("lake version %d has no kappa/neighbours at knn_k=%d: computed them in memory for this loader "
+                "(%d splats, %.1f s); call lake.estimate_kappa() once to persist them and skip this step",
+                snap.version, k, len(mu), time.perf_counter() - t0)
+    return Geometry(kappa, neighbors, cos)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar on stderr used as a progress callback, shown only when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="rows", unit_scale=True, disable=None, file=sys.stderr, leave=False)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def build_sampler(lake: "Lake", mode: str, seed: int, snap: "Snapshot | None" = None,
+                  geometry: Geometry | None = None) -> Any:
+    """The importance sampler of ``mode`` over ``snap`` (default: the lake's current snapshot)."""
     from m2m.sampling.samplers import ImportanceSampler, LossSampler
 
-    alpha = lake.snapshot.read_all("alpha").astype(np.float64)
+    snap = lake.snapshot if snap is None else snap
+    alpha = snap.read_all("alpha").astype(np.float64)
     if mode == "loss":
-        return LossSampler(alpha, ids=lake.snapshot.ids(), seed=seed)
+        return LossSampler(alpha, ids=snap.ids(), seed=seed)
     if mode in ("kappa", "alpha"):
         column = None
     else:
-        column = lake.snapshot.read_all(mode)
+        column = snap.read_all(mode)
         if not np.issubdtype(column.dtype, np.number):
             raise ConfigError(f"importance_sampling column {mode!r} is not numeric (dtype {column.dtype})")
-    kappa = filled_kappa(lake.snapshot.read_all("kappa"), lake.dim) if mode == "kappa" else None
+    kappa = None
+    if mode == "kappa":
+        kappa = filled_kappa(snap.read_all("kappa") if geometry is None else geometry.kappa, lake.dim)
     return ImportanceSampler(mode=mode, alpha=alpha, kappa=kappa, column=column, seed=seed)
 
 
@@ -71,21 +127,35 @@ def filled_kappa(kappa: np.ndarray, dim: int) -> np.ndarray:
     return np.where(missing, np.float32(fill), kappa).astype(np.float32)
 
 
-def build_augmenter(lake: "Lake", mode: str) -> Any:
-    """The Langevin or vMF augmenter over the lake's current snapshot (kappa must be estimated)."""
+def build_augmenter(lake: "Lake", mode: str, snap: "Snapshot | None" = None,
+                    geometry: Geometry | None = None) -> Any:
+    """The Langevin or vMF augmenter over ``snap`` (default: the lake's current snapshot, whose kappa
+    must be estimated unless ``geometry`` is given)."""
     cfg = lake.config
-    kappa = filled_kappa(lake.snapshot.read_all("kappa").astype(np.float32), lake.dim)
+    snap = lake.snapshot if snap is None else snap
+    kappa_raw = snap.read_all("kappa") if geometry is None else geometry.kappa
+    kappa = filled_kappa(kappa_raw.astype(np.float32), lake.dim)
     if mode == "vmf":
         from m2m.augment.augmenter import VMFAugmenter
 
         return VMFAugmenter(kappa)
     from m2m.augment.augmenter import LangevinAugmenter
 
-    labels = lake.snapshot.read_all("label") if lake.manifest.label_type is not None else None
-    return LangevinAugmenter(neighbors=lake.snapshot.read_all("neighbors"), kappa=kappa,
-                             alpha=lake.snapshot.read_all("alpha").astype(np.float32), labels=labels,
+    geo = stored_geometry(snap) if geometry is None else geometry
+    labels = snap.read_all("label") if snap.manifest.label_type is not None else None
+    return LangevinAugmenter(neighbors=geo.neighbors, kappa=kappa,
+                             alpha=snap.read_all("alpha").astype(np.float32), labels=labels,
                              steps=cfg.langevin_steps, step_size=cfg.langevin_dt, temperature=cfg.langevin_T,
-                             neighbor_cos=lake.snapshot.read_all("neighbor_cos"))
+                             neighbor_cos=geo.neighbor_cos)
+
+
+#: DataLoader keywords that cannot apply: the stream orders, batches and shards rows itself.
+REFUSED_KEYWORDS = {
+    "sampler": "the stream orders and shards rows itself (use shuffle=, seed=/generator=, rank=/world_size=, "
+               "importance_sampling=)",
+    "batch_sampler": "the stream cuts whole batches itself (use batch_size=, drop_last=)",
+    "pin_memory_device": "batches already arrive on config.device (pin_memory=True pins CPU batches)",
+}
 
 
 def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = True, drop_last: bool = False,
@@ -93,23 +163,30 @@ def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = Tr
                          columns: Sequence[str] | None = None, num_workers: int = 0, rank: int | None = None,
                          world_size: int | None = None, seed: int | None = None, epoch: int = 0,
                          **stream_options: Any) -> "StreamLoader":
-    """See `Lake.export_to_dataloader`."""
+    """See `Lake.export_to_dataloader`. Never writes to the lake: geometry a mode needs and the pinned
+    snapshot lacks is computed in memory for this loader (no commit, no lock)."""
     from m2m.lake.neighbourhood import needs_geometry
     from m2m.stream.loader import make_loader
 
+    for name, why in REFUSED_KEYWORDS.items():
+        if name in stream_options:
+            raise ConfigError(f"export_to_dataloader({name}=...) cannot apply: {why}")
     cfg = lake.config
     gen = generate_mode(generate_samples)
     imp = importance_mode(importance_sampling, list(lake.manifest.metadata))
-    if len(lake) == 0:
+    snap = lake.snapshot  # pinned: the sampler, the augmenter and the stream all read this version
+    if snap.num_rows == 0:
         raise ConfigError(f"lake {lake.path} is empty: add splats before exporting a stream")
-    kappa_missing = lake.manifest.stats.get("kappa", {}).get("count", 0) < len(lake)
+    kappa_missing = snap.manifest.stats.get("kappa", {}).get("count", 0) < snap.num_rows
     wants_kappa = gen == "langevin" or (kappa_missing and (gen == "vmf" or imp == "kappa"))
-    if wants_kappa and needs_geometry(lake.manifest, cfg.knn_k):  # Langevin also needs the neighbour table
-        lake.estimate_kappa()
-    seed = cfg.seed if seed is None else seed
-    sampler = build_sampler(lake, imp, seed) if imp else None
-    augment = build_augmenter(lake, gen) if gen else None
+    geometry = None
+    if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin also needs the neighbour table
+        geometry = computed_geometry(snap, cfg.knn_k, cfg.seed)
+    if seed is None and stream_options.get("generator") is None:
+        seed = cfg.seed
+    sampler = build_sampler(lake, imp, 0 if seed is None else seed, snap, geometry) if imp else None
+    augment = build_augmenter(lake, gen, snap, geometry) if gen else None
     options = {"warm_bytes": cfg.warm_bytes, "hot_bytes": cfg.hot_bytes, "prefetch": cfg.prefetch, **stream_options}
-    return make_loader(lake.snapshot, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, columns=columns,
+    return make_loader(snap, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, columns=columns,
                        device=cfg.device, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                        num_workers=num_workers, sampler=sampler, augment=augment, **options)

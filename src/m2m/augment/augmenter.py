@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -104,6 +104,14 @@ class VMFAugmenter:
         self._kappa = torch.from_numpy(_check_table("kappa", k, k.shape[0] if k.ndim == 1 else -1, False))
         self._cache: dict[torch.device, Tensor] = {}
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tables only (a stream loader pickles for spawn launchers): locks and per-device/per-thread
+        caches are rebuilt by the receiver."""
+        return _plain_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        _restore_state(self, state)
 
     def to(self, device: torch.device | str) -> "VMFAugmenter":
         """Copy the table to ``device`` now (otherwise on first use there)."""
@@ -224,6 +232,14 @@ class LangevinAugmenter:
         self._local = threading.local()
 
     # ------------------------------------------------------------------ tables
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tables only (a stream loader pickles for spawn launchers): locks and per-device/per-thread
+        caches are rebuilt by the receiver."""
+        return _plain_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        _restore_state(self, state)
     def to(self, device: torch.device | str, dim: int, gather: Gather | None = None) -> "LangevinAugmenter":
         """Build the tables for vectors of width ``dim`` on ``device`` now (needs ``gather`` when
         ``neighbor_cos`` was not given)."""
@@ -376,3 +392,20 @@ class LangevinAugmenter:
         a = torch.cat([tab.log_w[rows].unsqueeze(1), torch.where(valid, tab.log_w[idx], -math.inf)], 1)
         a = a - a[:, :1]                      # softmax is shift-free; keeps float32 logits small
         return coupled_full_chain(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.temperature, generator, own)
+
+
+def _plain_state(obj: Any) -> dict[str, Any]:
+    """``obj.__dict__`` without its lock, thread-local scratch and device caches (see ``__getstate__``)."""
+    state = obj.__dict__.copy()
+    for name in ("_lock", "_local"):
+        state.pop(name, None)
+    if "_cache" in state:
+        state["_cache"] = {}
+    return state
+
+
+def _restore_state(obj: Any, state: dict[str, Any]) -> None:
+    obj.__dict__.update(state)
+    obj._lock = threading.Lock()
+    if isinstance(obj, LangevinAugmenter):
+        obj._local = threading.local()
