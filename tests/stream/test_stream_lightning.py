@@ -1,0 +1,106 @@
+"""The stream inside real Lightning training: one process and 2-process gloo DDP, loader built before
+`fit` and inside `train_dataloader`, and a mid-epoch checkpoint that resumes at the next unseen batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+from lightning_helpers import Recorder, trainer  # noqa: E402
+from m2m import M2MConfig, create_m2m  # noqa: E402
+
+N, BS = 1000, 64
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("lake") / "lake")
+    lake = create_m2m(M2MConfig(path=path, device="cpu", latent_dim=8))
+    lake.add_splats(torch.randn(N, 8, generator=torch.Generator().manual_seed(0)))
+    yield lake
+    lake.close()
+
+
+def all_ids(lake) -> set[int]:
+    return set(lake.snapshot.ids().tolist())
+
+
+def make_for(lake):
+    return lambda: lake.export_to_dataloader(batch_size=BS, columns=("id", "embedding"))
+
+
+def check_epochs(seen: dict, lengths: dict, expected_len: int, rows: set[int], epochs: int = 3) -> None:
+    orders = []
+    for e in range(epochs):
+        batches = seen[e]
+        assert len(batches) == lengths[e] == expected_len, f"epoch {e}: {len(batches)} batches, len {lengths[e]}"
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(rows) and set(flat) == rows, f"epoch {e} does not see every row exactly once"
+        orders.append(flat)
+    assert orders[0] != orders[1] != orders[2]
+
+
+@pytest.mark.parametrize("where", ["before_fit", "train_dataloader"])
+def test_one_process_trainer_sees_whole_epochs(lake, where):
+    make = make_for(lake)
+    model = Recorder(make if where == "train_dataloader" else None)
+    trainer(max_epochs=3).fit(model, train_dataloaders=make() if where == "before_fit" else None)
+    check_epochs(model.seen, model.lengths, -(-N // BS), all_ids(lake))
+
+
+@pytest.mark.parametrize("where", ["before_fit", "train_dataloader"])
+def test_mid_epoch_checkpoint_resumes_at_the_next_unseen_batch(lake, tmp_path, where):
+    make = make_for(lake)
+    nb = -(-N // BS)  # 16 batches: checkpoints every 5 steps, step 20 is 4 batches into epoch 1
+
+    ref = Recorder(make if where == "train_dataloader" else None)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    trainer(max_epochs=3, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        ref, train_dataloaders=make() if where == "before_fit" else None)
+    check_epochs(ref.seen, ref.lengths, nb, all_ids(lake))
+    path = os.path.join(str(tmp_path), "step=20.ckpt")
+    saved = torch.load(path, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (saved["epoch"], saved["batches_yielded"]) == (1, 20 - nb)
+
+    resumed = Recorder(make if where == "train_dataloader" else None)
+    trainer(max_epochs=3).fit(resumed, train_dataloaders=make() if where == "before_fit" else None, ckpt_path=path)
+    assert resumed.seen[1] == ref.seen[1][20 - nb:]  # the rest of epoch 1, starting at the next unseen batch
+    assert resumed.seen[2] == ref.seen[2]  # then the epoch the uninterrupted run saw
+    assert 0 not in resumed.seen
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["before", "inside"])
+def test_two_process_gloo_ddp_trainer_splits_whole_epochs(lake, tmp_path, mode):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env["MASTER_ADDR"] = "127.0.0.1"
+    script = os.path.join(HERE, "lightning_helpers.py")
+    proc = subprocess.run([sys.executable, script, lake.path, str(tmp_path), mode], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads((tmp_path / f"{mode}_rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["world"] == 2 for r in results)
+    per_rank = -(-(N // 2) // BS)
+    rows = all_ids(lake)
+    for e in range(3):
+        seen = [[i for b in r["seen"][str(e)] for i in b] for r in results]
+        for r in results:
+            assert len(r["seen"][str(e)]) == r["lengths"][str(e)] == per_rank
+        assert len(seen[0]) == len(seen[1]) == N // 2
+        assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == rows
+    assert results[0]["seen"]["0"] != results[0]["seen"]["1"]
