@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-MODULES = ("ingest", "stream", "stream_memmap", "langevin", "knn", "consolidate")
+MODULES = ("ingest", "stream", "stream_memmap", "quickstart", "langevin", "knn", "consolidate")
 
 
 def _fmt(v: Any) -> str:

@@ -77,13 +77,14 @@ def storage_option(fn: F) -> F:
 
 
 class Bar:
-    """A tqdm progress bar on stderr used as a progress callback."""
+    """A tqdm progress bar on stderr used as a progress callback, drawn only when stderr is a terminal."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "rows", quiet: bool = False) -> None:
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=quiet, file=sys.stderr,
-                         dynamic_ncols=True, leave=False)
+        # disable=None: tqdm draws only on a terminal, so logs and pipes get no carriage-return noise
+        self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=True if quiet else None,
+                         file=sys.stderr, dynamic_ncols=True, leave=False)
 
     def __call__(self, n: int) -> None:
         self._bar.update(n)
