@@ -68,7 +68,7 @@ def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
     User-provided kappa values are kept, as `Lake.estimate_kappa` does. Shows a progress bar when
     stderr is a terminal; logs one INFO line saying how to persist the result.
     """
-    from m2m.index.knn import usable_cores
+    from m2m.index.runtime import usable_cores
     from m2m.lake.neighbourhood import compute_geometry
 
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 from m2m._validate import check_int
-from m2m.errors import ConfigError, DeviceUnavailableError, StreamError
+from m2m.errors import ConfigError, DeviceUnavailableError, StateMismatchError, StreamError
 from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.stream import columns as cols
 from m2m.stream.dataset import (
@@ -354,12 +354,12 @@ class StreamLoader(DataLoader):
         mine = self.state_dict()
         missing = [k for k in ("epoch", "batches_yielded", "seed", "world_size", "batch_size") if k not in state]
         if missing:
-            raise ValueError(f"stream state lacks {missing}")
+            raise StateMismatchError(f"stream state lacks {missing}")
         fixed = ("seed", "rank", "world_size", "batch_size", "drop_last", "num_rows", "shuffle", "block_rows",
                  "window_blocks")
         diff = {k: (state[k], mine[k]) for k in fixed if k in state and state[k] != mine[k]}
         if diff:
-            raise ValueError("stream state does not match this loader (saved, current): "
+            raise StateMismatchError("stream state does not match this loader (saved, current): "
                              + ", ".join(f"{k}={v[0]!r} vs {v[1]!r}" for k, v in diff.items()))
         epoch = check_int(state["epoch"], "epoch", 0)
         yielded = check_int(state["batches_yielded"], "batches_yielded", 0)
