@@ -83,6 +83,37 @@ def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
     return Geometry(kappa, neighbors, cos)
 
 
+class GeometryOverlay:
+    """A `RowSource`: ``snap`` with in-memory kappa/neighbours in place of the stored ones, so the
+    batches' ``kappa``/``neighbors``/``neighbor_cos`` columns are those the sampler and augmenter use."""
+
+    OVERLAID = ("kappa", "neighbors", "neighbor_cos")
+
+    def __init__(self, snap: "Snapshot", geometry: Geometry) -> None:
+        self.snap = snap
+        self.geometry = geometry
+
+    num_rows = property(lambda self: self.snap.num_rows)
+    dim = property(lambda self: self.snap.dim)
+    storage_dtype = property(lambda self: self.snap.storage_dtype)
+    shard_offsets = property(lambda self: self.snap.shard_offsets)
+
+    @property
+    def column_names(self) -> Sequence[str]:
+        return tuple(dict.fromkeys([*self.snap.column_names, *self.OVERLAID]))
+
+    def column(self, shard: int, name: str) -> np.ndarray:
+        if name in self.OVERLAID:
+            offsets = self.snap.shard_offsets
+            return getattr(self.geometry, name)[offsets[shard]:offsets[shard + 1]]
+        return self.snap.column(shard, name)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the snapshot (version, manifest, ...)
+        if name.startswith("__") or name in ("snap", "geometry"):
+            raise AttributeError(name)
+        return getattr(self.snap, name)
+
+
 @contextlib.contextmanager
 def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
     """A tqdm bar on stderr used as a progress callback, shown only when stderr is a terminal."""
@@ -187,6 +218,7 @@ def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = Tr
     sampler = build_sampler(lake, imp, 0 if seed is None else seed, snap, geometry) if imp else None
     augment = build_augmenter(lake, gen, snap, geometry) if gen else None
     options = {"warm_bytes": cfg.warm_bytes, "hot_bytes": cfg.hot_bytes, "prefetch": cfg.prefetch, **stream_options}
-    return make_loader(snap, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, columns=columns,
+    source = snap if geometry is None else GeometryOverlay(snap, geometry)
+    return make_loader(source, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, columns=columns,
                        device=cfg.device, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                        num_workers=num_workers, sampler=sampler, augment=augment, **options)

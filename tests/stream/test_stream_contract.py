@@ -292,6 +292,7 @@ def test_a_stream_never_writes_even_while_a_writer_holds_the_lock(options, caplo
         dl = lake.export_to_dataloader(batch_size=100, columns=("embedding", "id", "weight"), **options)
         batches = list(dl)
     assert len(batches) == 30 and all(torch.isfinite(b["embedding"]).all() for b in batches)
+    assert len(list(pickle.loads(pickle.dumps(dl)))) == 30  # the in-memory geometry travels with it
     assert lake.version == version and lake.refresh() == version
     assert sorted(os.listdir(lake.path) + os.listdir(os.path.join(lake.path, "_data"))) == listing
     persist = [r for r in caplog.records if "estimate_kappa()" in r.getMessage()]
