@@ -108,6 +108,13 @@ class GeometryOverlay:
             return getattr(self.geometry, name)[offsets[shard]:offsets[shard + 1]]
         return self.snap.column(shard, name)
 
+    def column_extent(self, shard: int, name: str) -> Any:
+        """Where a stored column lies on disk (positional reads); None for the in-memory columns."""
+        if name in self.OVERLAID:
+            return None
+        extent_of = getattr(self.snap, "column_extent", None)
+        return extent_of(shard, name) if callable(extent_of) else None
+
     def __getattr__(self, name: str) -> Any:  # the rest of the snapshot (version, manifest, ...)
         if name.startswith("__") or name in ("snap", "geometry"):
             raise AttributeError(name)
