@@ -1,0 +1,43 @@
+"""Ray for the work one machine cannot do: distributed ingest and geometry (``pip install m2m[ray]``).
+
+- `write_lake(ds, path_or_config, ...)`: write a Ray Dataset into a lake, shards written in parallel by
+  Ray tasks, committed by the driver as one snapshot.
+- ``lake.estimate_kappa(engine="ray")`` and ``lake.consolidate(similarity, engine="ray")`` run their
+  IVF list searches as Ray tasks (`m2m.ray.geometry`).
+
+Ray is imported only when one of these is used: ``import m2m`` and ``import m2m.ray`` never load it.
+Everything runs on the Ray cluster this process is connected to (``ray.init(...)`` beforehand;
+otherwise Ray starts a local one on first use, as for any Ray call). Workers read and write the
+lake's files themselves, so the lake must be reachable from every node (a shared filesystem or an
+object store URL).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m2m.lake.lake import Lake
+
+__all__ = ["require_ray", "write_lake"]
+
+INSTALL_HINT = "pip install 'm2m[ray]'  (or: pip install 'ray[data]')"
+
+
+def require_ray() -> Any:
+    """Import and return the ``ray`` module, or raise ImportError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (write_lake needs Ray Data, not only Ray core)
+    except ImportError as exc:
+        raise ImportError(f"m2m.ray needs Ray with Ray Data; install it with: {INSTALL_HINT}") from exc
+    return ray
+
+
+def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", label_column: str | None = None,
+               metadata_columns: Any = ()) -> "Lake":
+    """Append a Ray Dataset to a lake as one snapshot; see `m2m.ray.ingest.write_lake`."""
+    from m2m.ray.ingest import write_lake as _write_lake
+
+    return _write_lake(ds, path_or_config, vector_column=vector_column, label_column=label_column,
+                       metadata_columns=metadata_columns)

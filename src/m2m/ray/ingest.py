@@ -1,0 +1,264 @@
+"""`write_lake`: a Ray Dataset into a lake, shards written in parallel by Ray tasks, one commit.
+
+How it runs:
+
+1. The dataset's needed columns are materialised in Ray's object store in dataset order (Ray
+   spills blocks to disk when they exceed its object store). This is what gives every block its
+   row count -- and so its id range -- before any shard is written: ids are assigned
+   deterministically from block order and counts, ``next_id`` of the lake onward, with no renumbering.
+2. Under the lake's write lock (`Lake.commit`), one Ray task per run of consecutive blocks of about
+   one shard validates its rows (`m2m._validate.validate_splats`, error messages give the row number
+   in the dataset), checks them against the lake's schema (`m2m.lake.writer.reconcile_schema`) and
+   writes shard files with the lake's own writer (`m2m.lake.writer.write_splats`: normalisation,
+   storage dtype, checksums), returning their manifest entries.
+3. The driver merges the tasks' schemas (string-label vocabulary in block order) and statistics and
+   publishes ONE new manifest version.
+
+A failed or interrupted job publishes nothing: the driver cancels the tasks still running, waits
+for them (bounded), and `Lake.commit` removes every data file that appeared during the job. A file
+written by a worker that outlives that wait (e.g. a node that lost contact) is not referenced by any
+manifest; ``lake.vacuum()`` removes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from m2m._validate import SplatBatch, validate_splats
+from m2m.config import M2MConfig
+from m2m.errors import ConfigError, InvalidEmbeddingError, LakeNotFoundError
+from m2m.lake import stats as lake_stats
+from m2m.lake.fs import LakeFS
+from m2m.lake.manifest import Manifest, ShardEntry
+from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, shard_rows, write_splats
+from m2m.ray import require_ray
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the driver waits for cancelled write tasks to stop before removing their files.
+CANCEL_WAIT_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """Rows ``[start, stop)`` of one materialised block, at dataset row ``row0``."""
+
+    ref: Any
+    start: int
+    stop: int
+    row0: int
+
+
+def _block_columns(block: Any, vector_column: str, label_column: str | None,
+                   metadata_columns: Sequence[str]) -> dict[str, Any]:
+    """The wanted columns of a Ray block as numpy (tensor columns -> [n, d], lists -> stacked)."""
+    from ray.data.block import BlockAccessor
+
+    batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+    vectors = batch[vector_column]
+    if vectors.dtype == object:  # variable-length list column: one array per row
+        try:
+            vectors = np.stack([np.asarray(v) for v in vectors]) if len(vectors) else vectors
+        except ValueError as exc:
+            raise InvalidEmbeddingError(f"column {vector_column!r} holds vectors of different lengths") from exc
+    return {"vectors": vectors, "labels": None if label_column is None else batch[label_column],
+            "metadata": {name: batch[name] for name in metadata_columns}}
+
+
+def _write_pieces(fs: LakeFS, pieces: list[_Piece], first_id: int, dim: int, dtype: str, shard_bytes: int,
+                  schema: SchemaUpdate, vector_column: str, label_column: str | None,
+                  metadata_columns: Sequence[str]) -> dict[str, Any]:
+    """Ray task: validate and write consecutive dataset rows as shards with ids ``first_id`` onward."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    batches: list[SplatBatch] = []
+    planned = schema
+    summary: dict[str, Any] = {}
+    for p in pieces:
+        block = BlockAccessor.for_block(ray.get(p.ref)).slice(p.start, p.stop, copy=False)
+        cols = _block_columns(block, vector_column, label_column, metadata_columns)
+        b = validate_splats(cols["vectors"], cols["labels"], None, None, cols["metadata"], dim, start=p.row0)
+        planned = reconcile_schema(planned, b)
+        summary = lake_stats.merge(summary, lake_stats.summarize(b.kappa, b.alpha))
+        batches.append(b)
+    shards = write_splats(fs, batches, first_id, dim, dtype, shard_bytes, planned)
+    rows = sum(b.rows for b in batches)
+    return {"shards": shards, "rows": rows, "vocabulary": planned.label_vocabulary, "summary": summary}
+
+
+def _open_target(path_or_config: Any, dim_hint: int | None) -> Any:
+    """The Lake to append to: an M2MConfig is created/opened as `create_m2m` does; a path is opened,
+    or created with the dataset's vector width when there is no lake there yet."""
+    from m2m.api import create_m2m, open_lake
+
+    if isinstance(path_or_config, M2MConfig):
+        if path_or_config.path is None:
+            raise ConfigError("write_lake needs a lake path every Ray worker can reach; M2MConfig.path is None")
+        return create_m2m(path_or_config)
+    if not isinstance(path_or_config, (str, os.PathLike)):
+        raise ConfigError(f"path_or_config must be a path, URL or M2MConfig, got {type(path_or_config).__name__}")
+    try:
+        return open_lake(path_or_config)
+    except LakeNotFoundError:
+        if dim_hint is None:
+            raise
+        return create_m2m(M2MConfig(path=os.fspath(path_or_config), latent_dim=dim_hint))
+
+
+def _pieces(bundles: Any) -> list[tuple[_Piece, int]]:
+    """(piece, rows) of every non-empty block of a materialised dataset, in order."""
+    out: list[tuple[_Piece, int]] = []
+    row0 = 0
+    for bundle in bundles:
+        slices = getattr(bundle, "slices", None) or (None,) * len(bundle.blocks)
+        for entry, sl in zip(bundle.blocks, slices):
+            ref, meta = (entry.ref, entry.metadata) if hasattr(entry, "ref") else entry
+            start, stop = (0, int(meta.num_rows)) if sl is None else (int(sl.start_offset), int(sl.end_offset))
+            if stop > start:
+                out.append((_Piece(ref, start, stop, row0), stop - start))
+                row0 += stop - start
+    return out
+
+
+def _groups(pieces: list[tuple[_Piece, int]], target: int) -> list[list[_Piece]]:
+    """Consecutive rows in groups of exactly ``target`` rows (the last may be smaller), blocks cut
+    where a group ends, so that every task writes whole shards."""
+    groups: list[list[_Piece]] = []
+    current: list[_Piece] = []
+    rows = 0
+    for piece, _ in pieces:
+        while piece.stop > piece.start:
+            take = min(piece.stop - piece.start, target - rows)
+            current.append(_Piece(piece.ref, piece.start, piece.start + take, piece.row0))
+            piece = _Piece(piece.ref, piece.start + take, piece.stop, piece.row0 + take)
+            rows += take
+            if rows == target:
+                groups.append(current)
+                current, rows = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _cancel(ray: Any, refs: list[Any]) -> None:
+    """Cancel the tasks still running and wait (at most CANCEL_WAIT_S) until none is."""
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - finished tasks cannot be cancelled; nothing to do for them
+            pass
+    ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+
+
+def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", label_column: str | None = None,
+               metadata_columns: Any = ()) -> Any:
+    """Append the rows of Ray Dataset ``ds`` to a lake as ONE new version; returns the Lake (open).
+
+    Args:
+        ds: a ``ray.data.Dataset``.
+        path_or_config: lake path/URL (created with the vectors' width if absent) or an `M2MConfig`
+            with ``path`` set. Every Ray worker must reach it.
+        vector_column: column of vectors (a tensor column or lists of equal length).
+        label_column: optional column of int or string labels.
+        metadata_columns: columns stored as metadata.
+
+    Ids are ``lake.next_id`` onward in dataset order. Rows are validated and normalised exactly as
+    `Lake.add_splats` does; any invalid row, failed task or interruption publishes nothing.
+    """
+    ray = require_ray()
+    import ray.data
+
+    if not isinstance(ds, ray.data.Dataset):
+        raise ConfigError(f"write_lake takes a ray.data.Dataset, got {type(ds).__name__}")
+    meta_cols = [metadata_columns] if isinstance(metadata_columns, str) else list(metadata_columns)
+    wanted = [vector_column] + ([label_column] if label_column is not None else []) + meta_cols
+    if len(set(wanted)) != len(wanted):
+        raise ConfigError(f"columns must be distinct, got {wanted}")
+    names = ds.schema().names
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise ConfigError(f"columns {missing} are not in the dataset; it has {list(names)}")
+
+    t0 = time.perf_counter()
+    selected = ds.select_columns(wanted)
+    options = selected.context.execution_options
+    old_order = options.preserve_order
+    options.preserve_order = True  # blocks come back in dataset order: ids follow it
+    try:
+        materialized = selected.materialize()
+        pieces = _pieces(materialized.iter_internal_ref_bundles())
+    finally:
+        options.preserve_order = old_order
+    rows = sum(n for _, n in pieces)
+    if rows == 0:
+        raise InvalidEmbeddingError("nothing to add: the dataset has no rows")
+    head = pieces[0][0]
+    first = _block_columns(ray.get(head.ref), vector_column, label_column, meta_cols)
+    first = {"vectors": np.asarray(first["vectors"])[head.start:head.start + 1],
+             "labels": None if first["labels"] is None else first["labels"][head.start:head.start + 1],
+             "metadata": {k: v[head.start:head.start + 1] for k, v in first["metadata"].items()}}
+    dim_hint = int(first["vectors"].shape[1]) if first["vectors"].ndim == 2 else None
+    lake = _open_target(path_or_config, dim_hint)
+    try:
+        _commit(ray, lake, pieces, rows, first, vector_column, label_column, meta_cols)
+    except BaseException:
+        lake.close()
+        raise
+    logger.info("write_lake: %d rows in %.1f s, version %d", rows, time.perf_counter() - t0, lake.version)
+    return lake
+
+
+def _commit(ray: Any, lake: Any, pieces: list[tuple[_Piece, int]], rows: int, first: dict[str, Any],
+            vector_column: str, label_column: str | None, meta_cols: list[str]) -> None:
+    from m2m.lake.manifest import read_manifest
+
+    cfg = lake.config
+    fs = lake._fs
+    assumed: Manifest = read_manifest(fs)
+    # the schema the tasks check against: the lake's, or (empty lake) the one the first rows define
+    head = validate_splats(first["vectors"], first["labels"], None, None, first["metadata"], lake.dim)
+    planned = reconcile_schema(SchemaUpdate.of(assumed), head)
+    target = shard_rows(lake.dim, assumed.dtype, cfg.shard_bytes)
+    groups = _groups(pieces, target)
+    task = ray.remote(num_cpus=1, max_retries=0)(_write_pieces)
+
+    def build(base: Manifest) -> Manifest:
+        schema = rebase_schema(planned, assumed, base)
+        refs = []
+        next_id = base.next_id
+        for group in groups:
+            n = sum(p.stop - p.start for p in group)
+            refs.append(task.remote(fs, group, next_id, base.dim, base.dtype, cfg.shard_bytes, schema,
+                                    vector_column, label_column, meta_cols))
+            next_id += n
+        try:
+            results = ray.get(refs)
+        except BaseException:
+            _cancel(ray, refs)  # then Lake.commit removes every file the tasks wrote
+            raise
+        shards: list[ShardEntry] = []
+        vocab = list(schema.label_vocabulary)
+        known = set(vocab)
+        summary: dict[str, Any] = {}
+        for res in results:
+            shards += res["shards"]
+            for v in res["vocabulary"]:
+                if v not in known:
+                    known.add(v)
+                    vocab.append(v)
+            summary = lake_stats.merge(summary, res["summary"])
+        if sum(r["rows"] for r in results) != rows:
+            raise RuntimeError(f"write tasks wrote {sum(r['rows'] for r in results)} rows, expected {rows}")
+        return base.next(shards=base.shards + tuple(shards), next_id=base.next_id + rows,
+                         label_type=schema.label_type, label_vocabulary=tuple(vocab),
+                         metadata=schema.metadata, stats=lake_stats.merge(base.stats, summary),
+                         operation={"type": "append", "rows": rows, "engine": "ray", "tasks": len(groups)})
+
+    lake.commit("append (ray)", build)
