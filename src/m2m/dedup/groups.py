@@ -156,6 +156,10 @@ def _hits(q: np.ndarray, c: np.ndarray, thr: float) -> np.ndarray:
     return hits
 
 
+#: `_hits` under a public name, for the distributed duplicate search (`m2m.ray.geometry`).
+threshold_hits = _hits
+
+
 def _add_edges(forest: _Forest, rows: np.ndarray, cols: np.ndarray, hits: np.ndarray, codes: np.ndarray | None) -> None:
     """Union the pairs (rows[a], cols[b]) for every True hits[a, b] (different rows, same label)."""
     a, b = np.nonzero(hits)
@@ -192,17 +196,27 @@ def calibrate_pair_probes(
     rng: np.random.Generator,
     sample: int = 512,
     min_pairs: int = 100,
+    nearest: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[int, float]:
-    """Smallest nprobe finding ``target_recall`` of a sample's close pairs (see module doc)."""
+    """Smallest nprobe finding ``target_recall`` of a sample's close pairs (see module doc).
+
+    ``nearest``: ``(rows, score, nbr)``, the sample rows with the exact score and position (into
+    ``mu``, -1 where none) of each one's nearest other row, computed elsewhere (e.g. by Ray tasks);
+    the sample search is then skipped and ``mu`` need only hold those rows.
+    """
     from m2m.index.exact import drop_self
 
     n = mu.shape[0]
     nlist = centroids.shape[0]
-    rows = np.sort(rng.choice(n, size=min(n, sample), replace=False))
-    q = rows_f32(mu, rows)
-    s, nb = exact_knn_of(faiss, mu, q, min(n, 2))
-    s, nb = drop_self(s, nb, rows, 1)
-    s, nb = s[:, 0], nb[:, 0]
+    if nearest is None:
+        rows = np.sort(rng.choice(n, size=min(n, sample), replace=False))
+        q = rows_f32(mu, rows)
+        s, nb = exact_knn_of(faiss, mu, q, min(n, 2))
+        s, nb = drop_self(s, nb, rows, 1)
+        s, nb = s[:, 0], nb[:, 0]
+    else:
+        rows, s, nb = nearest
+        q = rows_f32(mu, rows)
     ok = nb >= 0
     s, nb, qi = s[ok], nb[ok], np.nonzero(ok)[0]
     if s.size == 0:

@@ -33,6 +33,7 @@ def calibrate_probes(
     max_probes: int = 16,
     sizes: np.ndarray | None = None,
     slopes: tuple[float, ...] = (0.0,),
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[int, float, float, float]:
     """The probe rule reaching ``target_recall`` (symmetric recall@k) on a random row sample.
 
@@ -46,16 +47,24 @@ def calibrate_probes(
     member rows (by ``sizes``, estimated list sizes) wins: a positive slope makes large lists,
     which cost more to probe, harder to reach. Returns ``(nprobe, max_gap, recall_on_sample,
     slope)``.
+
+    ``neighbours``: ``(rows, nbr)``, the sample rows and their exact neighbours (positions into
+    ``mu``, self excluded, -1 where missing), computed elsewhere (e.g. by Ray tasks over a lake
+    too large for one machine; then ``mu`` need only hold those rows); the sample search is skipped.
     """
     n = mu.shape[0]
     nlist = centroids.shape[0]
-    rows = np.sort(rng.choice(n, size=min(n, sample), replace=False))
-    q = rows_f32(mu, rows)
-    kk = min(n, k + 1 if exclude_self else k)
-    search = rescored_knn_of if resolve_precision("auto", mu.shape[1]) == "bfloat16" else exact_knn_of
-    scores, nbr = search(faiss, mu, q, kk)
-    if exclude_self:
-        _, nbr = drop_self(scores, nbr, rows, min(k, kk))
+    if neighbours is None:
+        rows = np.sort(rng.choice(n, size=min(n, sample), replace=False))
+        q = rows_f32(mu, rows)
+        kk = min(n, k + 1 if exclude_self else k)
+        search = rescored_knn_of if resolve_precision("auto", mu.shape[1]) == "bfloat16" else exact_knn_of
+        scores, nbr = search(faiss, mu, q, kk)
+        if exclude_self:
+            _, nbr = drop_self(scores, nbr, rows, min(k, kk))
+    else:
+        rows, nbr = neighbours
+        q = rows_f32(mu, rows)
     valid = nbr >= 0
     no_penalty = np.zeros(nlist, np.float32)
     if not valid.any():

@@ -283,21 +283,30 @@ class Lake:
         }
 
     # ------------------------------------------------------------------ geometry, search, SOC, streams
-    def estimate_kappa(self, progress: Progress | None = None, threads: int | None = None) -> np.ndarray:
+    def estimate_kappa(self, progress: Progress | None = None, threads: int | None = None,
+                       engine: str = "local") -> np.ndarray:
         """(Re)compute every splat's kappa from its ``knn_k`` nearest neighbours (a new version).
 
         Stores the neighbour ids too (Langevin uses them). User-provided kappa values are kept.
         Returns the kappa of every splat in position order. ``threads``: FAISS/torch threads of the
         kNN (None: every core this process may use, as FAISS does by default; on the 2-core build
         machine two threads were 1.3x faster than one; pass 1 when other work needs the cores).
+        ``engine``: "local" (this process) or "ray" (IVF list searches as Ray tasks on the connected
+        Ray cluster, `m2m.ray.geometry`; ``threads`` then applies to the driver's share only).
         """
         from m2m.index.runtime import usable_cores
         from m2m.lake.neighbourhood import estimate
 
+        check_engine(engine)
         if len(self) == 0:
             return np.zeros(0, dtype=np.float32)
         cfg = self.config
         n_threads = usable_cores() if threads is None else check_int(threads, "threads")
+        if engine == "ray":
+            from m2m.ray.geometry import estimate as ray_estimate
+
+            self.commit("estimate_kappa", lambda base: ray_estimate(self._open(base), cfg.knn_k, cfg.seed, progress))
+            return self.snapshot.read_all("kappa")
         self.commit("estimate_kappa",
                     lambda base: estimate(self._open(base), cfg.knn_k, cfg.seed, progress, n_threads))
         return self.snapshot.read_all("kappa")
@@ -314,14 +323,18 @@ class Lake:
             self._cache[key] = index
         return index.search(queries, k)
 
-    def consolidate(self, similarity: float | None = None, progress: Progress | None = None) -> Any:
+    def consolidate(self, similarity: float | None = None, progress: Progress | None = None,
+                    engine: str = "local") -> Any:
         """Merge near-duplicate splats (cosine >= ``similarity``, same label) into heavier splats.
 
         ``mu`` = normalised alpha-weighted mean, ``alpha`` = sum of the group's alphas (conserved
         exactly), kappa re-estimated. One atomic commit; returns a report with ``rows_before``,
-        ``rows_after``, ``groups_merged``.
+        ``rows_after``, ``groups_merged``. ``engine``: "local" or "ray" (duplicate search and the
+        kNN of the new version as Ray tasks, `m2m.ray.geometry`; the merge itself runs here).
         """
         from m2m.lake.merge_duplicates import consolidate_manifest
+
+        check_engine(engine)
 
         sim = self.config.consolidate_similarity if similarity is None else float(similarity)
         if not 0.0 < sim <= 1.0:
@@ -329,7 +342,7 @@ class Lake:
         holder: dict[str, Any] = {}
 
         def build(base: Manifest) -> Manifest:
-            new, report = consolidate_manifest(self._open(base), sim, self.config, progress)
+            new, report = consolidate_manifest(self._open(base), sim, self.config, progress, engine=engine)
             holder["report"] = report
             return new
 
@@ -432,6 +445,15 @@ class Lake:
                     self._fs.remove(f"{DATA_DIR}/{name}")
                     removed_files += 1
         return {"versions_removed": removed_versions, "files_removed": removed_files}
+
+
+ENGINES = ("local", "ray")
+
+
+def check_engine(engine: Any) -> None:
+    """`ConfigError` naming ``engine`` unless it is one of ``ENGINES``."""
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
 
 
 def write_lock(fs: LakeFS) -> WriteLock:

@@ -26,9 +26,11 @@ from m2m.lake.writer import SchemaUpdate, write_splats
 
 
 def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
-                         progress: Callable[[int], None] | None = None) -> tuple[Manifest, ConsolidationReport]:
+                         progress: Callable[[int], None] | None = None,
+                         engine: str = "local") -> tuple[Manifest, ConsolidationReport]:
     """The next manifest after merging the near-duplicates of ``snap``'s version, and the report
-    (``snap`` is closed when done)."""
+    (``snap`` is closed when done). ``engine="ray"``: the duplicate search and the new version's kNN
+    run as Ray tasks (`m2m.ray.geometry`); reading, merging and writing the merged rows run here."""
     t0 = time.perf_counter()
     fs, base = snap.fs, snap.manifest
     alpha_before = float(base.stats.get("alpha", {}).get("sum", 0.0)) if base.stats else 0.0
@@ -44,7 +46,12 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
         raw_labels = snap.read_main("label") if base.label_type is not None else None
         user_kappa = snap.read_main("kappa")
         metadata = {name: snap.read_main(name) for name in base.metadata}
-        group = find_duplicate_groups(mu, codes, similarity, seed=config.seed, progress=progress)
+        if engine == "ray":
+            from m2m.ray.geometry import duplicate_groups
+
+            group = duplicate_groups(snap, similarity, config.seed)
+        else:
+            group = find_duplicate_groups(mu, codes, similarity, seed=config.seed, progress=progress)
         merged = merge_groups(group, mu, alpha, user_kappa)   # groups of one keep their row bit for bit
     finally:
         snap.close()
@@ -56,8 +63,14 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
                        alpha=new_alpha, metadata={k: v[rep] for k, v in metadata.items()}, ids=ids[rep])
     schema = SchemaUpdate.of(base)
     shards = tuple(write_splats(fs, [batch], 0, base.dim, base.dtype, config.shard_bytes, schema))
-    kappa_est, nbrs, cos = compute_geometry(new_mu, config.knn_k, config.seed)
-    fields = with_geometry(fs, base, shards, ids[rep], new_kappa, kappa_est, nbrs, cos)
+    if engine == "ray" and g > 1:
+        from m2m.ray.geometry import geometry_fields
+
+        merged_version = base.next(shards=shards)  # not committed: the Ray tasks read its shard files
+        fields = geometry_fields(Snapshot(fs, merged_version, verify=snap.verify), config.knn_k, config.seed)
+    else:
+        kappa_est, nbrs, cos = compute_geometry(new_mu, config.knn_k, config.seed)
+        fields = with_geometry(fs, base, shards, ids[rep], new_kappa, kappa_est, nbrs, cos)
     fields["stats"]["alpha"] = lake_stats.summarize(new_kappa, new_alpha)["alpha"]
     alpha_after = float(new_alpha.sum(dtype=np.float64))
     report = ConsolidationReport(rows_before=base.rows, rows_after=g, groups_merged=int((size > 1).sum()),

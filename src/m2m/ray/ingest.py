@@ -33,7 +33,7 @@ import numpy as np
 from m2m._validate import SplatBatch, validate_splats
 from m2m.config import M2MConfig
 from m2m.errors import ConfigError, InvalidEmbeddingError, LakeNotFoundError
-from m2m.lake import stats as lake_stats
+from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, shard_rows, write_splats

@@ -1,0 +1,521 @@
+"""Distributed geometry: the kNN graph + kappa, and near-duplicate groups, as Ray tasks over a lake.
+
+The same IVF method as the local engine (`m2m.index.knn`, `m2m.dedup.groups`), cut into stages
+that never need the whole lake in one process:
+
+1. Driver: spherical k-means centroids on a row sample (`m2m.index.kmeans.train_centroids`), then the
+   probe rule calibrated on a sample whose exact neighbours are found by one Ray task per shard range
+   (`m2m.index.calibration.calibrate_probes` / `m2m.dedup.groups.calibrate_pair_probes`, given those
+   neighbours).
+2. Route (one task per shard range, reading its shards from the lake): every row goes to its home list
+   and to the lists it probes (`build_partition`'s rule: `gap_probes` / `top_centroids`); rows are
+   shuffled to list-owner tasks through Ray's object store.
+3. Lists (one task per group of lists): exact float32 scores of every list against itself and its
+   visitors, used both ways (a visitor i gets member j, member j gets visitor i), as the local
+   search does. kNN: per-row top-k candidates, shuffled back to shard ranges; duplicates: the
+   edges cos >= threshold with equal labels, reduced to a spanning forest per task.
+4. kNN: one task per shard range merges each row's candidates (unique neighbours, best k),
+   estimates kappa (`m2m.geometry.kappa.neighbourhood_kappa`) and writes the range's geometry
+   sidecars (`m2m.lake.neighbourhood.with_geometry`). Duplicates: the driver takes connected components.
+
+The driver publishes the result as one commit (`Lake.commit`); a failed task fails the commit,
+which removes the files written so far (running tasks are cancelled first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from m2m.lake import summary as lake_stats
+from m2m.lake.fs import LakeFS
+from m2m.lake.manifest import Manifest, ShardEntry
+from m2m.lake.reader import Snapshot
+from m2m.ray import require_ray
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int], None] | None
+
+#: Member rows scored against a list's rows at once (bounds a task's [rows, list] score block).
+MEMBER_CHUNK = 4096
+
+#: Seconds the driver waits for cancelled tasks to stop before the commit removes their files.
+CANCEL_WAIT_S = 30.0
+
+
+# ---------------------------------------------------------------------------- small helpers
+def _workers(ray: Any) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def shard_ranges(manifest: Manifest, parts: int) -> list[tuple[int, int]]:
+    """Contiguous shard index ranges ``[lo, hi)`` of about equal rows, at most ``parts`` of them."""
+    counts = np.array([s.rows for s in manifest.shards], np.int64)
+    if counts.size == 0:
+        return []
+    parts = max(1, min(parts, counts.size))
+    ends = np.cumsum(counts)
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, parts) / parts, side="left") + 1
+    edges = np.unique(np.concatenate([[0], cuts, [counts.size]]))
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _range_mu(snap: Snapshot, lo: int, hi: int) -> np.ndarray:
+    """float32 rows of shards ``[lo, hi)`` (float16 renormalised as ``rows_f32`` does)."""
+    from m2m.index.rows import rows_f32
+
+    mu = np.concatenate([snap.column(s, "mu") for s in range(lo, hi)])
+    return rows_f32(mu, slice(None))
+
+
+def _one_or_many(outs: list[Any]) -> Any:
+    """A task's return for ``num_returns=len(outs)`` (Ray wants the bare value when it is 1)."""
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _as_list(refs: Any, n: int) -> list[Any]:
+    return [refs] if n == 1 else list(refs)
+
+
+def _gather(ray: Any, refs: list[Any]) -> list[Any]:
+    """``ray.get`` that cancels what still runs when one task fails or the driver is interrupted."""
+    try:
+        return ray.get(refs)
+    except BaseException:
+        for ref in refs:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - a finished task cannot be cancelled
+                pass
+        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+        raise
+
+
+def _balanced_owners(sizes: np.ndarray, parts: int) -> np.ndarray:
+    """Owner task of every list: largest estimated lists first, each to the least loaded task."""
+    owner = np.zeros(sizes.size, np.int64)
+    load = np.zeros(parts, np.float64)
+    for lst in np.argsort(-sizes, kind="stable"):
+        t = int(np.argmin(load))
+        owner[lst] = t
+        load[t] += float(sizes[lst]) ** 2 + 1.0  # scoring a list costs ~ its size squared
+    return owner
+
+
+# ---------------------------------------------------------------------------- Ray task bodies
+def _exact_sample_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, queries: np.ndarray,
+                       kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``kk`` of ``queries`` over shards ``[lo, hi)``: (scores, global positions)."""
+    from m2m.index.exact import exact_knn_of
+    from m2m.index.runtime import compute_threads
+
+    snap = Snapshot(fs, manifest, verify=verify)
+    mu = _range_mu(snap, lo, hi)
+    off = int(snap.shard_offsets[lo])
+    with compute_threads(1) as faiss:
+        d, i = exact_knn_of(faiss, mu, queries, min(kk, mu.shape[0]))
+    if d.shape[1] < kk:  # fewer rows than kk in this range
+        pad = kk - d.shape[1]
+        d = np.concatenate([d, np.full((d.shape[0], pad), -np.inf, np.float32)], axis=1)
+        i = np.concatenate([i, np.full((i.shape[0], pad), -1, np.int64)], axis=1)
+    return d, np.where(i >= 0, i + off, -1)
+
+
+def _route_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, centroids: np.ndarray,
+                nprobe: int, max_gap: float, penalty: np.ndarray | None, owner: np.ndarray,
+                with_labels: bool) -> Any:
+    """Rows of shards ``[lo, hi)`` bucketed by the lists they live in / probe, one bucket per owner task."""
+    from m2m.index.kmeans import gap_probes, top_centroids
+    from m2m.index.runtime import compute_threads, resolve_precision
+
+    snap = Snapshot(fs, manifest, verify=verify)
+    mu = _range_mu(snap, lo, hi)
+    off = int(snap.shard_offsets[lo])
+    precision = resolve_precision("auto", mu.shape[1])
+    centroids = np.array(centroids)  # writable (Ray hands out read-only arrays; torch wraps them)
+    with compute_threads(1) as faiss:  # the same rule as build_partition
+        if max_gap < 2.0 or penalty is not None:
+            probes = gap_probes(mu, centroids, nprobe, precision, max_gap, penalty)
+        else:
+            probes = top_centroids(faiss, mu, centroids, nprobe, precision)
+    r, c = np.nonzero(probes >= 0)
+    lst = probes[r, c]
+    labels = np.concatenate([snap.column(s, "label") for s in range(lo, hi)]) if with_labels else None
+    parts = int(owner.max()) + 1 if owner.size else 1
+    who = owner[lst]
+    outs = []
+    for p in range(parts):
+        sel = np.nonzero(who == p)[0]
+        rows = r[sel]
+        outs.append({"list": lst[sel], "home": c[sel] == 0, "pos": rows + off, "vec": mu[rows],
+                     "label": None if labels is None else labels[rows].astype(np.int64)})
+    return _one_or_many(outs)
+
+
+def _lists(parts: tuple[dict[str, Any], ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The routed rows of one owner task sorted by list (members first) and each list's bounds."""
+    keys = ("list", "home", "pos", "vec")
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    cat["label"] = (np.concatenate([p["label"] for p in parts]) if parts and parts[0]["label"] is not None
+                    else None)
+    order = np.lexsort((~cat["home"], cat["list"]))
+    cat = {k: (None if v is None else v[order]) for k, v in cat.items()}
+    bounds = np.flatnonzero(np.diff(cat["list"])) + 1
+    bounds = np.concatenate([[0], bounds, [cat["list"].size]]).astype(np.int64)
+    return cat, bounds
+
+
+def _knn_lists_task(k: int, range_starts: np.ndarray, *parts: dict[str, Any]) -> Any:
+    """Per-row top-``k`` candidates from every list this task owns, split by shard range."""
+    import torch
+
+    from m2m.index.runtime import compute_threads
+
+    cat, bounds = _lists(parts)
+    out_pos: list[np.ndarray] = []
+    out_nbr: list[np.ndarray] = []
+    out_score: list[np.ndarray] = []
+
+    def emit(pos: np.ndarray, score: Any, idx: Any, cols: np.ndarray) -> None:
+        s = score.numpy()
+        i = cols[idx.numpy()]
+        width = s.shape[1]
+        if width < k:
+            s = np.concatenate([s, np.full((s.shape[0], k - width), -np.inf, np.float32)], axis=1)
+            i = np.concatenate([i, np.full((i.shape[0], k - width), -1, np.int64)], axis=1)
+        i = np.where(np.isfinite(s), i, -1)
+        out_pos.append(pos)
+        out_nbr.append(i)
+        out_score.append(s.astype(np.float32))
+
+    with compute_threads(1):
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            m = int(cat["home"][a:b].sum())
+            if m == 0:
+                continue
+            pos = cat["pos"][a:b]
+            q = torch.from_numpy(np.ascontiguousarray(cat["vec"][a:b]))
+            v = q.shape[0] - m
+            vis_s: list[Any] = []
+            vis_i: list[Any] = []
+            for start in range(0, m, MEMBER_CHUNK):
+                stop = min(m, start + MEMBER_CHUNK)
+                s = q[start:stop] @ q.T                                  # members vs members + visitors
+                s[torch.arange(stop - start), torch.arange(start, stop)] = -float("inf")  # not itself
+                kk = min(k, q.shape[0] - 1)
+                if kk > 0:
+                    top_s, top_i = torch.topk(s, kk, dim=1)
+                    emit(pos[start:stop], top_s, top_i, pos)
+                if v:  # the same scores the other way: each visitor's best members of this chunk
+                    kv = min(k, stop - start)
+                    ts, ti = torch.topk(s[:, m:], kv, dim=0)
+                    vis_s.append(ts)
+                    vis_i.append(ti + start)
+            if v:
+                s_all = torch.cat(vis_s, dim=0)
+                i_all = torch.cat(vis_i, dim=0)
+                kv = min(k, s_all.shape[0])
+                ts, ti = torch.topk(s_all, kv, dim=0)
+                emit(pos[m:], ts.T.contiguous(), torch.gather(i_all, 0, ti).T.contiguous(), pos)
+    if out_pos:
+        pos = np.concatenate(out_pos)
+        nbr = np.concatenate(out_nbr)
+        score = np.concatenate(out_score)
+    else:
+        pos = np.zeros(0, np.int64)
+        nbr = np.zeros((0, k), np.int64)
+        score = np.zeros((0, k), np.float32)
+    where = np.searchsorted(range_starts, pos, side="right") - 1
+    outs = []
+    for j in range(range_starts.size):
+        sel = where == j
+        outs.append({"pos": pos[sel], "nbr": nbr[sel], "score": score[sel]})
+    return _one_or_many(outs)
+
+
+def _best_k(n_rows: int, off: int, k: int, parts: tuple[dict[str, Any], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` best distinct candidates: (global neighbour positions, scores), descending."""
+    pos = np.concatenate([p["pos"] for p in parts]) if parts else np.zeros(0, np.int64)
+    kw = k if not parts else parts[0]["nbr"].shape[1]
+    nbr = np.concatenate([p["nbr"] for p in parts]).reshape(-1) if parts else np.zeros(0, np.int64)
+    score = np.concatenate([p["score"] for p in parts]).reshape(-1) if parts else np.zeros(0, np.float32)
+    row = np.repeat(pos - off, kw)
+    ok = nbr >= 0
+    row, nbr, score = row[ok], nbr[ok], score[ok]
+    order = np.lexsort((-score, nbr, row))
+    row, nbr, score = row[order], nbr[order], score[order]
+    first = np.ones(row.size, bool)
+    first[1:] = (row[1:] != row[:-1]) | (nbr[1:] != nbr[:-1])  # a pair found in two lists: once
+    row, nbr, score = row[first], nbr[first], score[first]
+    order = np.lexsort((nbr, -score, row))
+    row, nbr, score = row[order], nbr[order], score[order]
+    rank = np.arange(row.size) - np.searchsorted(row, row, side="left")
+    keep = rank < k
+    out_nbr = np.full((n_rows, k), -1, np.int64)
+    out_score = np.zeros((n_rows, k), np.float32)
+    out_nbr[row[keep], rank[keep]] = nbr[keep]
+    out_score[row[keep], rank[keep]] = score[keep]
+    return out_nbr, out_score
+
+
+def _finish_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, k: int, k_eff: int,
+                 *parts: dict[str, Any]) -> dict[str, Any]:
+    """Merge the candidates of shards ``[lo, hi)``, estimate kappa, write their geometry sidecars."""
+    from m2m.geometry.kappa import neighbourhood_kappa
+    from m2m.index.runtime import compute_threads
+    from m2m.lake.neighbourhood import with_geometry
+
+    snap = Snapshot(fs, manifest, verify=verify)
+    off = int(snap.shard_offsets[lo])
+    n_rows = int(snap.shard_offsets[hi]) - off
+    nbr, cos = _best_k(n_rows, off, k_eff, parts)
+    if k_eff < k:
+        nbr = np.concatenate([nbr, np.full((n_rows, k - k_eff), -1, np.int64)], axis=1)
+        cos = np.concatenate([cos, np.zeros((n_rows, k - k_eff), np.float32)], axis=1)
+    outside = np.unique(nbr[(nbr >= 0) & ((nbr < off) | (nbr >= off + n_rows))])
+    # rows of the range first, then the neighbours living elsewhere: neighbour indices into that
+    mu_own = np.concatenate([snap.column(s, "mu") for s in range(lo, hi)]).astype(np.float32, copy=False)
+    mu_out = snap.gather("mu", outside).astype(np.float32, copy=False)
+    mu = np.concatenate([mu_own, mu_out])
+    inside = (nbr >= off) & (nbr < off + n_rows)
+    local = np.where(inside, nbr - off, n_rows + np.searchsorted(outside, nbr))
+    local = np.where(nbr >= 0, local, -1)
+    full_nbr = np.concatenate([local, np.full((outside.size, k), -1, np.int64)])
+    with compute_threads(1):
+        kappa = neighbourhood_kappa(mu, full_nbr)[:n_rows].astype(np.float32)
+    ids = np.concatenate([np.concatenate([snap.column(s, "id") for s in range(lo, hi)]),
+                          snap.gather("id", outside)])
+    user = np.concatenate([_main_column(snap, s, "kappa") for s in range(lo, hi)])
+    fields = with_geometry(fs, manifest, manifest.shards[lo:hi], ids, user, kappa, local, cos)
+    return {"shards": fields["shards"], "stats": fields["stats"]}
+
+
+def _main_column(snap: Snapshot, shard: int, name: str) -> np.ndarray:
+    """Column ``name`` of a shard's main file (as ``Snapshot.read_main``, for one shard)."""
+    sub = Snapshot(snap.fs, dataclasses.replace(snap.manifest, shards=snap.manifest.shards[shard:shard + 1]),
+                   verify=snap.verify)
+    return sub.read_main(name)
+
+
+def _duplicates_task(thr: float, *parts: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (cos >= thr, equal labels) found in this task's lists, reduced to a spanning forest."""
+    from m2m.index.runtime import compute_threads
+    from m2m.dedup.groups import connected_components, threshold_hits
+
+    cat, bounds = _lists(parts)
+    us: list[np.ndarray] = []
+    vs: list[np.ndarray] = []
+    codes = cat["label"]
+    with compute_threads(1):
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            m = int(cat["home"][a:b].sum())
+            if m == 0:
+                continue
+            pos = cat["pos"][a:b]
+            vec = np.ascontiguousarray(cat["vec"][a:b])
+            lab = None if codes is None else codes[a:b]
+            base = vec[:m]
+            for start in range(0, m, MEMBER_CHUNK):  # members vs members, on and above the diagonal
+                stop = min(m, start + MEMBER_CHUNK)
+                ii, jj = np.nonzero(threshold_hits(base[start:stop], base[start:], thr))
+                ii, jj = ii + start, jj + start
+                keep = ii != jj
+                if lab is not None:
+                    keep &= lab[ii] == lab[jj]
+                us.append(pos[ii[keep]])
+                vs.append(pos[jj[keep]])
+            for start in range(m, vec.shape[0], MEMBER_CHUNK):  # visitors vs members
+                stop = min(vec.shape[0], start + MEMBER_CHUNK)
+                ii, jj = np.nonzero(threshold_hits(vec[start:stop], base, thr))
+                ii = ii + start
+                keep = np.ones(ii.size, bool) if lab is None else lab[ii] == lab[jj]
+                us.append(pos[ii[keep]])
+                vs.append(pos[jj[keep]])
+    u = np.concatenate(us) if us else np.zeros(0, np.int64)
+    v = np.concatenate(vs) if vs else np.zeros(0, np.int64)
+    if u.size == 0:
+        return u, v
+    nodes, inv = np.unique(np.concatenate([u, v]), return_inverse=True)
+    comp = connected_components(nodes.size, inv[:u.size], inv[u.size:])
+    first = np.zeros(int(comp.max()) + 1, np.int64)
+    first[comp[::-1]] = np.arange(nodes.size)[::-1]  # each component's smallest node
+    tree = first[comp] != np.arange(nodes.size)
+    return nodes[tree], nodes[first[comp][tree]]
+
+
+# ---------------------------------------------------------------------------- driver side
+def _sample_mu(snap: Snapshot, positions: np.ndarray) -> np.ndarray:
+    from m2m.index.rows import rows_f32
+
+    return rows_f32(snap.gather("mu", positions), slice(None))
+
+
+def _exact_neighbours(ray: Any, snap: Snapshot, ranges: list[tuple[int, int]], rows: np.ndarray,
+                      kk: int, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``kk`` (scores, positions) of lake rows ``rows`` over the whole lake, by Ray tasks."""
+    from m2m.index.runtime import require_faiss
+
+    faiss = require_faiss()
+    queries = _sample_mu(snap, rows)
+    task = ray.remote(num_cpus=1, max_retries=0)(_exact_sample_task)
+    q_ref = ray.put(queries)
+    results = _gather(ray, [task.remote(snap.fs, snap.manifest, verify, lo, hi, q_ref, kk) for lo, hi in ranges])
+    heap = faiss.ResultHeap(rows.size, kk, keep_max=True)
+    for d, i in results:
+        heap.add_result(np.ascontiguousarray(d, np.float32), np.ascontiguousarray(i, np.int64))
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def _compact(snap: Snapshot, rows: np.ndarray, nbr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of a sample and their neighbours as a small array, with positions into it."""
+    uniq = np.unique(np.concatenate([rows, nbr[nbr >= 0]]))
+    mu = _sample_mu(snap, uniq)
+    return mu, np.searchsorted(uniq, rows), np.where(nbr >= 0, np.searchsorted(uniq, np.maximum(nbr, 0)), -1)
+
+
+def _route(ray: Any, snap: Snapshot, ranges: list[tuple[int, int]], centroids: np.ndarray, nprobe: int,
+           max_gap: float, penalty: np.ndarray | None, owner: np.ndarray, with_labels: bool, verify: bool
+           ) -> list[list[Any]]:
+    parts = int(owner.max()) + 1
+    task = ray.remote(num_cpus=1, max_retries=0)(_route_task)
+    c_ref, o_ref = ray.put(centroids), ray.put(owner)
+    return [_as_list(task.options(num_returns=parts).remote(snap.fs, snap.manifest, verify, lo, hi, c_ref, nprobe,
+                                                            max_gap, penalty, o_ref, with_labels), parts)
+            for lo, hi in ranges]
+
+
+def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None,
+                    target_recall: float = 0.95, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Manifest fields (``shards`` with new geometry sidecars, ``stats``, ``geometry``) of ``snap``'s
+    version with kappa and neighbours estimated by Ray tasks (the local engine's method and rule)."""
+    from m2m.index.kmeans import default_nlist, gap_probes, train_centroids
+    from m2m.index.calibration import CALIBRATION_ROWS, calibrate_probes, size_penalty
+    from m2m.index.exact import drop_self
+    from m2m.index.knn import KMEANS_ITERATIONS, LISTS_PER_SQRT_ROWS, SIZE_SAMPLE_PER_LIST, SIZE_SLOPES
+    from m2m.index.runtime import compute_threads, resolve_precision
+    from m2m.lake.neighbourhood import ESTIMATOR
+
+    ray = require_ray()
+    t0 = time.perf_counter()
+    base, verify = snap.manifest, snap.verify
+    n, d = base.rows, base.dim
+    k_eff = max(0, min(k, n - 1))
+    workers = _workers(ray)
+    ranges = shard_ranges(base, 2 * workers)
+    rng = np.random.default_rng(seed)
+    nlist = default_nlist(n, LISTS_PER_SQRT_ROWS)
+    n_train = min(n, nlist * 20)
+    train_rows = np.arange(n) if n_train == n else np.sort(rng.choice(n, size=n_train, replace=False))
+    with compute_threads(None) as faiss:
+        centroids = train_centroids(_sample_mu(snap, train_rows), nlist, niter=KMEANS_ITERATIONS, seed=seed,
+                                    max_points_per_centroid=20)
+        size_rows = np.sort(rng.choice(n, size=min(n, SIZE_SAMPLE_PER_LIST * nlist), replace=False))
+        precision = resolve_precision("auto", d)
+        homes = gap_probes(_sample_mu(snap, size_rows), centroids, 1, precision, float("inf"))[:, 0]
+        sizes = np.bincount(homes, minlength=nlist) * (n / size_rows.size)
+        cal_rows = np.sort(rng.choice(n, size=min(n, CALIBRATION_ROWS), replace=False))
+        kk = min(n, k_eff + 1)
+        t1 = time.perf_counter()
+        scores, nbr = _exact_neighbours(ray, snap, ranges, cal_rows, kk, verify)
+        _, nbr = drop_self(scores, nbr, cal_rows, k_eff)
+        mu_c, rows_c, nbr_c = _compact(snap, cal_rows, nbr)
+        nprobe, max_gap, recall, slope = calibrate_probes(
+            faiss, mu_c, centroids, k_eff, min(1.0, target_recall + 0.01), rng, True, sizes=sizes,
+            slopes=SIZE_SLOPES, neighbours=(rows_c, nbr_c))
+    penalty = size_penalty(sizes, slope) if slope else None
+    nprobe = int(min(max(nprobe, 1), nlist))
+    t2 = time.perf_counter()
+    owner = _balanced_owners(sizes, max(1, min(nlist, 2 * workers)))
+    routed = _route(ray, snap, ranges, centroids, nprobe, max_gap, penalty, owner, False, verify)
+    range_starts = np.array([int(snap.shard_offsets[lo]) for lo, _ in ranges], np.int64)
+    lists_task = ray.remote(num_cpus=1, max_retries=0)(_knn_lists_task)
+    candidates = [_as_list(lists_task.options(num_returns=len(ranges)).remote(
+        k_eff, range_starts, *[r[p] for r in routed]), len(ranges)) for p in range(int(owner.max()) + 1)]
+    finish = ray.remote(num_cpus=1, max_retries=0)(_finish_task)
+    results = _gather(ray, [finish.remote(snap.fs, base, verify, lo, hi, k, k_eff, *[c[j] for c in candidates])
+                            for j, (lo, hi) in enumerate(ranges)])
+    t3 = time.perf_counter()
+    shards: list[ShardEntry] = []
+    summary: dict[str, Any] = {}
+    for res in results:
+        shards += list(res["shards"])
+        summary = lake_stats.merge(summary, res["stats"])
+    alpha_stats = base.stats.get("alpha") if base.stats else None
+    if alpha_stats is not None:
+        summary["alpha"] = alpha_stats
+    if progress is not None:
+        progress(n)
+    logger.info("ray kNN + kappa of %d rows: nlist=%d nprobe=%d max_gap=%.4f (calibrated recall@%d %.3f), "
+                "%d tasks/stage; %.1f s (driver %.1f s)", n, nlist, nprobe, max_gap, k_eff, recall,
+                len(ranges), t3 - t0, (t1 - t0))
+    if stats is not None:
+        stats.update(nlist=nlist, nprobe=nprobe, max_gap=max_gap, calibrated_recall=recall, ranges=len(ranges),
+                     owners=int(owner.max()) + 1, seconds={"sample": t1 - t0, "calibrate": t2 - t1,
+                                                           "search": t3 - t2})
+    return {"shards": tuple(shards), "stats": summary,
+            "geometry": {"k": int(k), "estimator": ESTIMATOR, "rows": int(n), "estimated_at": time.time()}}
+
+
+def estimate(snap: Snapshot, k: int, seed: int, progress: Progress = None) -> Manifest:
+    """The next manifest with kappa and neighbours estimated by Ray tasks (``snap`` is closed when done)."""
+    from m2m.lake.neighbourhood import estimate as local_estimate
+
+    base = snap.manifest
+    if base.rows < 2:  # nothing to distribute
+        return local_estimate(snap, k, seed)
+    try:
+        fields = geometry_fields(snap, k, seed, progress)
+    finally:
+        snap.close()
+    return base.next(operation={"type": "estimate_kappa", "k": k, "engine": "ray"}, **fields)
+
+
+def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall: float = 0.99,
+                     stats: dict[str, Any] | None = None) -> np.ndarray:
+    """Group id ``int64 [N]`` of every row (as `m2m.dedup.groups.find_duplicate_groups`), by Ray tasks."""
+    from m2m.index.kmeans import default_nlist, train_centroids
+    from m2m.index.exact import drop_self
+    from m2m.index.runtime import compute_threads
+    from m2m.dedup.groups import calibrate_pair_probes, connected_components, similarity_threshold
+
+    ray = require_ray()
+    base, verify = snap.manifest, snap.verify
+    n = base.rows
+    if n == 0:
+        return np.zeros(0, np.int64)
+    thr = similarity_threshold(similarity)
+    workers = _workers(ray)
+    ranges = shard_ranges(base, 2 * workers)
+    rng = np.random.default_rng(seed)
+    nlist = min(n, default_nlist(n))
+    n_train = min(n, nlist * 24)
+    train_rows = np.arange(n) if n_train == n else np.sort(rng.choice(n, size=n_train, replace=False))
+    with compute_threads(None) as faiss:
+        centroids = train_centroids(_sample_mu(snap, train_rows), nlist, niter=10, seed=seed,
+                                    max_points_per_centroid=24)
+        cal_rows = np.sort(rng.choice(n, size=min(n, 512), replace=False))
+        scores, nbr = _exact_neighbours(ray, snap, ranges, cal_rows, min(n, 2), verify)
+        scores, nbr = drop_self(scores, nbr, cal_rows, 1)
+        mu_c, rows_c, nbr_c = _compact(snap, cal_rows, nbr[:, :1])
+        nprobe, recall = calibrate_pair_probes(faiss, mu_c, centroids, thr, target_recall, rng,
+                                               nearest=(rows_c, scores[:, 0], nbr_c[:, 0]))
+    nprobe = int(min(max(nprobe, 2), nlist))
+    sizes = np.ones(nlist)  # no size estimate here: lists are dealt round-robin
+    owner = _balanced_owners(sizes, max(1, min(nlist, 2 * workers)))
+    with_labels = base.label_type is not None
+    routed = _route(ray, snap, ranges, centroids, nprobe, float("inf"), None, owner, with_labels, verify)
+    task = ray.remote(num_cpus=1, max_retries=0)(_duplicates_task)
+    edges = _gather(ray, [task.remote(thr, *[r[p] for r in routed]) for p in range(int(owner.max()) + 1)])
+    u = np.concatenate([e[0] for e in edges])
+    v = np.concatenate([e[1] for e in edges])
+    logger.info("ray duplicates of %d rows: nlist=%d nprobe=%d (calibrated pair recall %.3f), %d forest edges",
+                n, nlist, nprobe, recall, u.size)
+    if stats is not None:
+        stats.update(nlist=nlist, nprobe=nprobe, calibrated_recall=recall)
+    return connected_components(n, u, v)

@@ -1,0 +1,193 @@
+"""m2m.ray on a real local Ray cluster: distributed ingest, kappa and consolidation (engine="ray")."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from m2m import ConfigError, InvalidEmbeddingError, M2MConfig, create_m2m, open_lake
+from m2m.lake.manifest import DATA_DIR
+
+ray = pytest.importorskip("ray")
+K = 8
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local 2-CPU Ray cluster for the module, shut down after."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _items(x: np.ndarray, labels: np.ndarray | None = None, source: np.ndarray | None = None) -> list[dict]:
+    rows = []
+    for i in range(len(x)):
+        row = {"embedding": x[i]}
+        if labels is not None:
+            row["label"] = labels[i]
+        if source is not None:
+            row["source"] = source[i]
+        rows.append(row)
+    return rows
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_import_m2m_does_not_import_ray():
+    code = "import sys, m2m, m2m.ray; m2m.open_lake; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=dict(os.environ))
+
+
+def test_missing_ray_fails_with_install_hint():
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import m2m.ray\n"
+            "try:\n    m2m.ray.require_ray()\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True, text=True,
+                         env=dict(os.environ)).stdout
+    assert "pip install 'm2m[ray]'" in out
+
+
+def test_unknown_engine_is_a_config_error(tmp_path):
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=8)) as lake:
+        lake.add_splats(np.eye(8, dtype=np.float32))
+        with pytest.raises(ConfigError, match="'spark'"):
+            lake.estimate_kappa(engine="spark")
+        with pytest.raises(ConfigError, match="'dask'"):
+            lake.consolidate(0.9, engine="dask")
+        assert lake.version == 1
+
+
+@pytest.mark.slow
+def test_write_lake_appends_a_dataset_as_one_version(cluster, tmp_path):
+    rng = np.random.default_rng(0)
+    d, n = 16, 3000
+    path = tmp_path / "lake"
+    cfg = M2MConfig(path=path, latent_dim=d, shard_bytes=1 << 16)
+    with create_m2m(cfg) as lake:  # the lake already holds rows: new ids continue after them
+        lake.add_splats(rng.normal(size=(5, d)), labels=["x"] * 5, metadata={"source": np.arange(5)})
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    labels = np.array(["a", "b", "c"])[rng.integers(0, 3, n)]
+    source = np.arange(n, dtype=np.int64) * 7
+    ds = ray.data.from_items(_items(x, labels, source), override_num_blocks=9)
+    from m2m.ray import write_lake
+
+    with write_lake(ds, cfg, label_column="label", metadata_columns=("source",)) as lake:
+        assert lake.version == 2 and len(lake) == n + 5
+        assert lake.manifest.operation["engine"] == "ray" and lake.manifest.operation["tasks"] > 1
+        s = lake.splats(np.arange(5, n + 5))
+        np.testing.assert_array_equal(s["id"], np.arange(5, n + 5))           # unique, dataset order
+        np.testing.assert_allclose(s["mu"], _unit(x), rtol=0, atol=1e-6)      # normalised, exact order
+        np.testing.assert_array_equal(s["label"], labels)
+        np.testing.assert_array_equal(s["source"], source)
+        assert sorted(lake.manifest.label_vocabulary) == ["a", "b", "c", "x"]
+        assert lake.info()["alpha"]["total"] == pytest.approx(n + 5)
+        assert lake.verify() == []
+    # a path with no lake: created with the vectors' width
+    with write_lake(ray.data.from_items(_items(x[:100])), str(tmp_path / "new")) as fresh:
+        assert (fresh.dim, len(fresh), fresh.version) == (d, 100, 1)
+        np.testing.assert_array_equal(fresh.splats()["id"], np.arange(100))
+
+
+@pytest.mark.slow
+def test_a_failing_job_leaves_the_lake_unchanged(cluster, tmp_path):
+    rng = np.random.default_rng(1)
+    d, n = 16, 3000
+    cfg = M2MConfig(path=tmp_path / "lake", latent_dim=d, shard_bytes=1 << 16)
+    with create_m2m(cfg) as lake:
+        lake.add_splats(rng.normal(size=(10, d)))
+    data_dir = tmp_path / "lake" / DATA_DIR
+    files_before = sorted(os.listdir(data_dir))
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[2500, 3] = np.nan  # in the last write task: the others have written their shards by then
+    from m2m.ray import write_lake
+
+    with pytest.raises(InvalidEmbeddingError, match="row 2500"):
+        write_lake(ray.data.from_items(_items(x), override_num_blocks=6), cfg)
+
+    def explode(batch):  # a user transform failing midway through the dataset
+        if batch["embedding"].shape[0] and batch["id"][0] >= 1500:
+            raise RuntimeError("boom at 1500")
+        return batch
+
+    failing = ray.data.from_items([{"id": i, "embedding": x[i % 100]} for i in range(n)], override_num_blocks=6)
+    with pytest.raises(Exception, match="boom at 1500"):
+        write_lake(failing.map_batches(explode), cfg)
+    with open_lake(tmp_path / "lake") as lake:
+        assert (lake.version, len(lake), lake.versions()) == (1, 10, [0, 1])
+    assert sorted(os.listdir(data_dir)) == files_before
+
+
+def _recall(lake, exact: np.ndarray) -> float:
+    snap = lake.snapshot
+    nb = np.concatenate([snap.column(s, "neighbors") for s in range(len(lake.manifest.shards))])
+    hits = [(np.intersect1d(a[a >= 0], b).size) for a, b in zip(nb, exact)]
+    return float(np.mean(hits) / exact.shape[1])
+
+
+@pytest.mark.slow
+def test_estimate_kappa_ray_matches_the_local_engine(cluster, tmp_path):
+    from m2m.index.knn import knn
+
+    rng = np.random.default_rng(2)
+    n, d = 21_000, 16  # above knn's exact_max_rows: the local engine runs its IVF search too
+    centers = rng.normal(size=(400, d))
+    x = _unit(centers[rng.integers(0, 400, n)] + 0.35 * rng.normal(size=(n, d)))
+    _, exact = knn(x, K, exact_max_rows=10**9)
+    kappas, recalls, lakes = {}, {}, {}
+    for engine in ("local", "ray"):
+        lake = create_m2m(M2MConfig(path=tmp_path / engine, latent_dim=d, knn_k=K, shard_bytes=1 << 18))
+        lake.add_splats(x)
+        kappas[engine] = lake.estimate_kappa(engine=engine)
+        recalls[engine] = _recall(lake, exact)
+        assert lake.version == 2 and lake.manifest.geometry["k"] == K
+        lakes[engine] = lake
+    # both engines find the exact neighbours with the local engine's calibrated recall (0.95 target)
+    assert recalls["local"] >= 0.94 and recalls["ray"] >= recalls["local"] - 0.01, recalls
+    # same estimator: rows whose neighbour sets agree get the same kappa
+    nb = {e: np.concatenate([lk.snapshot.column(s, "neighbors") for s in range(len(lk.manifest.shards))])
+          for e, lk in lakes.items()}
+    same = np.array([set(a) == set(b) for a, b in zip(nb["local"], nb["ray"])])
+    assert same.mean() > 0.8
+    np.testing.assert_allclose(kappas["ray"][same], kappas["local"][same], rtol=1e-4)
+    assert np.isfinite(kappas["ray"]).all()
+    for lk in lakes.values():
+        lk.close()
+
+
+@pytest.mark.slow
+def test_consolidate_ray_matches_the_local_engine(cluster, tmp_path):
+    rng = np.random.default_rng(3)
+    base, copies, d = 7_000, 3, 16  # 21,000 rows: the local engine runs its IVF search too
+    seeds = _unit(rng.normal(size=(base, d)))
+    x = _unit(np.repeat(seeds, copies, axis=0) + 0.01 * rng.normal(size=(base * copies, d)) / np.sqrt(d))
+    labels = np.repeat(rng.integers(0, 2, base), copies)
+    labels[::copies * 50] = 2  # some copies carry another label: never merged with their twins
+    reports, splats = {}, {}
+    for engine in ("local", "ray"):
+        with create_m2m(M2MConfig(path=tmp_path / engine, latent_dim=d, knn_k=K, shard_bytes=1 << 18)) as lake:
+            lake.add_splats(x, labels=labels)
+            reports[engine] = lake.consolidate(0.98, engine=engine)
+            assert lake.version == 2 and lake.manifest.geometry is not None
+            splats[engine] = lake.splats()
+    loc, ray_rep = reports["local"], reports["ray"]
+    assert loc.rows_before == ray_rep.rows_before == base * copies
+    assert ray_rep.alpha_after == pytest.approx(ray_rep.alpha_before, rel=1e-6)
+    # the same groups: the surviving ids (each group keeps its smallest id) agree within the local recall
+    ids_l, ids_r = set(splats["local"]["id"].tolist()), set(splats["ray"]["id"].tolist())
+    assert len(ids_l ^ ids_r) <= 0.01 * len(ids_l), (loc.rows_after, ray_rep.rows_after)
+    assert abs(loc.rows_after - ray_rep.rows_after) <= 0.01 * loc.rows_after
+    common = np.array(sorted(ids_l & ids_r))
+    pos_l = np.searchsorted(splats["local"]["id"], common)
+    pos_r = np.searchsorted(splats["ray"]["id"], common)
+    agree = splats["local"]["alpha"][pos_l] == splats["ray"]["alpha"][pos_r]
+    assert agree.mean() > 0.99
+    np.testing.assert_allclose(splats["ray"]["mu"][pos_r][agree], splats["local"]["mu"][pos_l][agree], atol=1e-6)
+    np.testing.assert_array_equal(splats["ray"]["label"][pos_r], splats["local"]["label"][pos_l])
+    assert np.isfinite(splats["ray"]["kappa"]).all()
