@@ -12,13 +12,13 @@ import pytest
 from m2m import ConfigError, InvalidEmbeddingError, M2MConfig, create_m2m, open_lake
 from m2m.lake.manifest import DATA_DIR
 
-ray = pytest.importorskip("ray")
 K = 8
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local 2-CPU Ray cluster for the module, shut down after."""
+    """One local 2-CPU Ray cluster for the module, shut down after; yields the ``ray`` module."""
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
@@ -75,7 +75,7 @@ def test_write_lake_appends_a_dataset_as_one_version(cluster, tmp_path):
     x = rng.normal(size=(n, d)).astype(np.float32)
     labels = np.array(["a", "b", "c"])[rng.integers(0, 3, n)]
     source = np.arange(n, dtype=np.int64) * 7
-    ds = ray.data.from_items(_items(x, labels, source), override_num_blocks=9)
+    ds = cluster.data.from_items(_items(x, labels, source), override_num_blocks=9)
     from m2m.ray import write_lake
 
     with write_lake(ds, cfg, label_column="label", metadata_columns=("source",)) as lake:
@@ -90,7 +90,7 @@ def test_write_lake_appends_a_dataset_as_one_version(cluster, tmp_path):
         assert lake.info()["alpha"]["total"] == pytest.approx(n + 5)
         assert lake.verify() == []
     # a path with no lake: created with the vectors' width
-    with write_lake(ray.data.from_items(_items(x[:100])), str(tmp_path / "new")) as fresh:
+    with write_lake(cluster.data.from_items(_items(x[:100])), str(tmp_path / "new")) as fresh:
         assert (fresh.dim, len(fresh), fresh.version) == (d, 100, 1)
         np.testing.assert_array_equal(fresh.splats()["id"], np.arange(100))
 
@@ -109,14 +109,14 @@ def test_a_failing_job_leaves_the_lake_unchanged(cluster, tmp_path):
     from m2m.ray import write_lake
 
     with pytest.raises(InvalidEmbeddingError, match="row 2500"):
-        write_lake(ray.data.from_items(_items(x), override_num_blocks=6), cfg)
+        write_lake(cluster.data.from_items(_items(x), override_num_blocks=6), cfg)
 
     def explode(batch):  # a user transform failing midway through the dataset
         if batch["embedding"].shape[0] and batch["id"][0] >= 1500:
             raise RuntimeError("boom at 1500")
         return batch
 
-    failing = ray.data.from_items([{"id": i, "embedding": x[i % 100]} for i in range(n)], override_num_blocks=6)
+    failing = cluster.data.from_items([{"id": i, "embedding": x[i % 100]} for i in range(n)], override_num_blocks=6)
     with pytest.raises(Exception, match="boom at 1500"):
         write_lake(failing.map_batches(explode), cfg)
     with open_lake(tmp_path / "lake") as lake:
