@@ -23,7 +23,8 @@ import torch
 from m2m.api import create_m2m
 from m2m.bench.knn import embeddings
 from m2m.config import M2MConfig
-from m2m.index.knn import _exclude_self, compute_threads, exact_knn_of
+from m2m.index.exact import drop_self, exact_knn_of
+from m2m.index.runtime import compute_threads
 
 K = 16
 SAMPLE = 1000
@@ -46,7 +47,7 @@ def main() -> None:
     sample = np.sort(rng.choice(args.rows, SAMPLE, replace=False))
     with compute_threads(2) as faiss:
         s, i = exact_knn_of(faiss, x, x[sample], K + 1)
-        _, exact = _exclude_self(s, i, sample, K)
+        _, exact = drop_self(s, i, sample, K)
     folder = tempfile.mkdtemp()
     results: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
