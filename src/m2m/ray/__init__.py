@@ -28,14 +28,14 @@ def require_ray() -> Any:
     """Import and return the ``ray`` module, or raise ImportError saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401  (write_lake needs Ray Data, not only Ray core)
+        import ray.data  # write_lake needs Ray Data, not only Ray core
     except ImportError as exc:
         raise ImportError(f"m2m.ray needs Ray with Ray Data; install it with: {INSTALL_HINT}") from exc
     return ray
 
 
 def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", label_column: str | None = None,
-               metadata_columns: Any = ()) -> "Lake":
+               metadata_columns: Any = ()) -> Lake:
     """Append a Ray Dataset to a lake as one snapshot; see `m2m.ray.ingest.write_lake`."""
     from m2m.ray.ingest import write_lake as _write_lake
 

@@ -24,10 +24,13 @@ which removes the files written so far (running tasks are cancelled first).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from itertools import pairwise
+from typing import Any
 
 import numpy as np
 
@@ -47,10 +50,22 @@ MEMBER_CHUNK = 4096
 #: Seconds the driver waits for cancelled tasks to stop before the commit removes their files.
 CANCEL_WAIT_S = 30.0
 
+#: Bytes of vectors one task handles at most (about): a shard range read by a route/finish task, or
+#: the rows (members and visitors) shuffled to one list-owner task. More data -> more tasks.
+TASK_BYTES = 256 << 20
+
+#: Copies of each row the IVF routing ships, assumed when sizing the list-owner tasks.
+ROUTED_COPIES = 4
+
 
 # ---------------------------------------------------------------------------- small helpers
 def _workers(ray: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _task_count(ray: Any, nbytes: float) -> int:
+    """Tasks for a stage over ``nbytes``: two per CPU of the cluster, more when a task would exceed TASK_BYTES."""
+    return max(2 * _workers(ray), int(np.ceil(nbytes / TASK_BYTES)))
 
 
 def shard_ranges(manifest: Manifest, parts: int) -> list[tuple[int, int]]:
@@ -62,7 +77,7 @@ def shard_ranges(manifest: Manifest, parts: int) -> list[tuple[int, int]]:
     ends = np.cumsum(counts)
     cuts = np.searchsorted(ends, ends[-1] * np.arange(1, parts) / parts, side="left") + 1
     edges = np.unique(np.concatenate([[0], cuts, [counts.size]]))
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return [(int(a), int(b)) for a, b in pairwise(edges) if b > a]
 
 
 def _range_mu(snap: Snapshot, lo: int, hi: int) -> np.ndarray:
@@ -88,10 +103,8 @@ def _gather(ray: Any, refs: list[Any]) -> list[Any]:
         return ray.get(refs)
     except BaseException:
         for ref in refs:
-            try:
+            with contextlib.suppress(Exception):  # a finished task cannot be cancelled
                 ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001 - a finished task cannot be cancelled
-                pass
         ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
         raise
 
@@ -194,7 +207,7 @@ def _knn_lists_task(k: int, range_starts: np.ndarray, *parts: dict[str, Any]) ->
         out_score.append(s.astype(np.float32))
 
     with compute_threads(1):
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in pairwise(bounds):
             m = int(cat["home"][a:b].sum())
             if m == 0:
                 continue
@@ -304,15 +317,15 @@ def _main_column(snap: Snapshot, shard: int, name: str) -> np.ndarray:
 
 def _duplicates_task(thr: float, *parts: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Edges (cos >= thr, equal labels) found in this task's lists, reduced to a spanning forest."""
-    from m2m.index.runtime import compute_threads
     from m2m.dedup.groups import connected_components, threshold_hits
+    from m2m.index.runtime import compute_threads
 
     cat, bounds = _lists(parts)
     us: list[np.ndarray] = []
     vs: list[np.ndarray] = []
     codes = cat["label"]
     with compute_threads(1):
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in pairwise(bounds):
             m = int(cat["home"][a:b].sum())
             if m == 0:
                 continue
@@ -394,10 +407,15 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
                     target_recall: float = 0.95, stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """Manifest fields (``shards`` with new geometry sidecars, ``stats``, ``geometry``) of ``snap``'s
     version with kappa and neighbours estimated by Ray tasks (the local engine's method and rule)."""
-    from m2m.index.kmeans import default_nlist, gap_probes, train_centroids
     from m2m.index.calibration import CALIBRATION_ROWS, calibrate_probes, size_penalty
     from m2m.index.exact import drop_self
-    from m2m.index.knn import KMEANS_ITERATIONS, LISTS_PER_SQRT_ROWS, SIZE_SAMPLE_PER_LIST, SIZE_SLOPES
+    from m2m.index.kmeans import default_nlist, gap_probes, train_centroids
+    from m2m.index.knn import (
+        KMEANS_ITERATIONS,
+        LISTS_PER_SQRT_ROWS,
+        SIZE_SAMPLE_PER_LIST,
+        SIZE_SLOPES,
+    )
     from m2m.index.runtime import compute_threads, resolve_precision
     from m2m.lake.neighbourhood import ESTIMATOR
 
@@ -406,8 +424,8 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
     base, verify = snap.manifest, snap.verify
     n, d = base.rows, base.dim
     k_eff = max(0, min(k, n - 1))
-    workers = _workers(ray)
-    ranges = shard_ranges(base, 2 * workers)
+    row_bytes = 4.0 * d
+    ranges = shard_ranges(base, _task_count(ray, n * row_bytes))
     rng = np.random.default_rng(seed)
     nlist = default_nlist(n, LISTS_PER_SQRT_ROWS)
     n_train = min(n, nlist * 20)
@@ -431,7 +449,7 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
     penalty = size_penalty(sizes, slope) if slope else None
     nprobe = int(min(max(nprobe, 1), nlist))
     t2 = time.perf_counter()
-    owner = _balanced_owners(sizes, max(1, min(nlist, 2 * workers)))
+    owner = _balanced_owners(sizes, max(1, min(nlist, _task_count(ray, n * row_bytes * ROUTED_COPIES))))
     routed = _route(ray, snap, ranges, centroids, nprobe, max_gap, penalty, owner, False, verify)
     range_starts = np.array([int(snap.shard_offsets[lo]) for lo, _ in ranges], np.int64)
     lists_task = ray.remote(num_cpus=1, max_retries=0)(_knn_lists_task)
@@ -479,10 +497,14 @@ def estimate(snap: Snapshot, k: int, seed: int, progress: Progress = None) -> Ma
 def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall: float = 0.99,
                      stats: dict[str, Any] | None = None) -> np.ndarray:
     """Group id ``int64 [N]`` of every row (as `m2m.dedup.groups.find_duplicate_groups`), by Ray tasks."""
-    from m2m.index.kmeans import default_nlist, train_centroids
+    from m2m.dedup.groups import (
+        calibrate_pair_probes,
+        connected_components,
+        similarity_threshold,
+    )
     from m2m.index.exact import drop_self
+    from m2m.index.kmeans import default_nlist, train_centroids
     from m2m.index.runtime import compute_threads
-    from m2m.dedup.groups import calibrate_pair_probes, connected_components, similarity_threshold
 
     ray = require_ray()
     base, verify = snap.manifest, snap.verify
@@ -490,8 +512,8 @@ def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall
     if n == 0:
         return np.zeros(0, np.int64)
     thr = similarity_threshold(similarity)
-    workers = _workers(ray)
-    ranges = shard_ranges(base, 2 * workers)
+    row_bytes = 4.0 * base.dim
+    ranges = shard_ranges(base, _task_count(ray, n * row_bytes))
     rng = np.random.default_rng(seed)
     nlist = min(n, default_nlist(n))
     n_train = min(n, nlist * 24)
@@ -507,7 +529,7 @@ def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall
                                                nearest=(rows_c, scores[:, 0], nbr_c[:, 0]))
     nprobe = int(min(max(nprobe, 2), nlist))
     sizes = np.ones(nlist)  # no size estimate here: lists are dealt round-robin
-    owner = _balanced_owners(sizes, max(1, min(nlist, 2 * workers)))
+    owner = _balanced_owners(sizes, max(1, min(nlist, _task_count(ray, n * row_bytes * ROUTED_COPIES))))
     with_labels = base.label_type is not None
     routed = _route(ray, snap, ranges, centroids, nprobe, float("inf"), None, owner, with_labels, verify)
     task = ray.remote(num_cpus=1, max_retries=0)(_duplicates_task)

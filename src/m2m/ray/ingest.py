@@ -22,11 +22,13 @@ manifest; ``lake.vacuum()`` removes it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +38,13 @@ from m2m.errors import ConfigError, InvalidEmbeddingError, LakeNotFoundError
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
-from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, shard_rows, write_splats
+from m2m.lake.writer import (
+    SchemaUpdate,
+    rebase_schema,
+    reconcile_schema,
+    shard_rows,
+    write_splats,
+)
 from m2m.ray import require_ray
 
 logger = logging.getLogger(__name__)
@@ -150,10 +158,8 @@ def _groups(pieces: list[tuple[_Piece, int]], target: int) -> list[list[_Piece]]
 def _cancel(ray: Any, refs: list[Any]) -> None:
     """Cancel the tasks still running and wait (at most CANCEL_WAIT_S) until none is."""
     for ref in refs:
-        try:
+        with contextlib.suppress(Exception):  # a finished task cannot be cancelled: nothing to do
             ray.cancel(ref, force=True)
-        except Exception:  # noqa: BLE001 - finished tasks cannot be cancelled; nothing to do for them
-            pass
     ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
 
 
@@ -172,9 +178,7 @@ def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", l
     Ids are ``lake.next_id`` onward in dataset order. Rows are validated and normalised exactly as
     `Lake.add_splats` does; any invalid row, failed task or interruption publishes nothing.
     """
-    ray = require_ray()
-    import ray.data
-
+    ray = require_ray()  # with ray.data loaded
     if not isinstance(ds, ray.data.Dataset):
         raise ConfigError(f"write_lake takes a ray.data.Dataset, got {type(ds).__name__}")
     meta_cols = [metadata_columns] if isinstance(metadata_columns, str) else list(metadata_columns)
