@@ -29,6 +29,8 @@ def test_the_readme_has_python_blocks():
 
 @pytest.mark.parametrize("line, code", python_blocks(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
 def test_readme_block_runs(line, code, tmp_path):
+    if re.search(r"^import ray", code, re.M):  # the optional extra (pip install m2m[ray])
+        pytest.importorskip("ray")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
