@@ -1,4 +1,4 @@
-"""The `m2m` command line: ingest, info, verify, vacuum, consolidate, search, bench, demo."""
+"""The `m2m` command line: ingest, export, info, verify, vacuum, consolidate, search, bench, demo."""
 
 from __future__ import annotations
 
@@ -140,6 +140,33 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
             with Bar(len(lake), "kappa", quiet=quiet) as bar:
                 lake.estimate_kappa(progress=bar)
             click.echo(f"estimated kappa (version {lake.version})")
+
+
+@cli.command(name="export")
+@click.argument("lake_dir")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["parquet", "arrow"]), default="parquet", show_default=True,
+              help="parquet (zstd, one row group per shard) or arrow (an uncompressed Arrow IPC file).")
+@click.option("--float32", "float32", is_flag=True,
+              help="Write a float16 lake's mu as float32 (DuckDB cannot read float16).")
+@click.option("--version", "version", type=int, default=None, help="Lake version (default: the latest).")
+@click.option("--columns", default=None, help="Comma-separated columns (default: all, sidecars joined).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def export_cmd(lake_dir: str, out: str, fmt: str, float32: bool, version: int | None, columns: str | None,
+               quiet: bool) -> None:
+    """Write one version of a lake to OUT as a single Parquet or Arrow file (pyarrow, Polars, DuckDB, HF datasets)."""
+    from m2m import open_lake
+    from m2m.lake.export import export_lake
+
+    cols = None if columns is None else [c.strip() for c in columns.split(",") if c.strip()]
+    with open_lake(lake_dir) as lake:
+        reader = lake.to_arrow(version=version, columns=cols, stream=True, float32=float32)
+        rows = lake.manifest.rows if version is None else None
+        with Bar(rows, "export", quiet=quiet) as bar:
+            r = export_lake(reader, out, fmt, progress=bar)
+        v = lake.version if version is None else version
+    click.echo(f"exported {r['rows']:,} rows of version {v} to {r['path']} ({fmt}, {r['bytes']:,} bytes)")
 
 
 def _fmt(v: Any) -> str:

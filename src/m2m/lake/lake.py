@@ -269,6 +269,30 @@ class Lake:
             out[name] = values.astype(np.float32) if name == "mu" else values
         return out
 
+    def to_arrow(self, version: int | None = None, columns: Any = None, stream: bool = False,
+                 float32: bool = False) -> Any:
+        """One snapshot as Arrow data, sidecars joined: ``id``, ``mu`` (fixed_size_list[d]), ``kappa``,
+        ``alpha``, ``label``, ``neighbors``/``neighbor_cos`` (neighbour ids and cosines, once kappa was
+        estimated) and the metadata columns; one record batch per shard.
+
+        ``version``: None = this handle's pinned version. ``columns``: a subset of names (None: all).
+        ``stream=False`` -> a `pyarrow.Table` (zero-copy views of the memory-mapped shards);
+        ``stream=True`` -> a `pyarrow.RecordBatchReader` that opens one shard at a time (bounded memory;
+        iterate it once). ``float32``: float16 ``mu`` as float32 (for tools without float16, e.g. DuckDB).
+        ``pa.table(lake)`` / ``polars.DataFrame(lake)`` read the pinned version through ``__arrow_c_stream__``.
+        """
+        from m2m.lake.export import lake_file_opener, snapshot_batches
+
+        self._check_open()
+        manifest = self.manifest if version is None else read_manifest(self._fs, version)
+        opener = lake_file_opener(self._fs, self.config.verify_reads, self._verified)
+        reader = snapshot_batches(manifest, opener, columns=columns, float32=float32)
+        return reader if stream else reader.read_all()
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        """The Arrow PyCapsule stream of the pinned version (so ``pa.table(lake)`` works)."""
+        return self.to_arrow(stream=True).__arrow_c_stream__(requested_schema)
+
     def info(self) -> dict[str, Any]:
         """Rows, dim, dtype, bytes, shards, version, kappa/alpha summary, labels and columns."""
         m = self.manifest

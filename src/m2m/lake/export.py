@@ -1,0 +1,189 @@
+"""One snapshot of a lake as Arrow data: `to_arrow` (a Table or a bounded-memory RecordBatchReader)
+and `export_lake` (one Parquet or Arrow IPC file that pyarrow, Polars, DuckDB and HF `datasets` read).
+
+A snapshot's rows live in shard files whose columns may come from several files (the shard's main
+file and, after `estimate_kappa`, a geometry sidecar: later files win), next to the files of older
+versions in the same folder. These functions resolve that from the manifest, so the caller gets
+exactly the rows of one version with every column joined, one record batch per shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from m2m.errors import ConfigError
+from m2m.lake.fs import LakeFS
+from m2m.lake.manifest import FileEntry, Manifest
+from m2m.lake.shard import open_shard_file
+
+FORMATS = ("parquet", "arrow")
+SIDECAR_COLUMNS = ("neighbors", "neighbor_cos")
+
+OpenFile = Callable[[FileEntry], pa.RecordBatch]
+
+
+def snapshot_columns(manifest: Manifest) -> list[str]:
+    """Every column of a version, in export order."""
+    names = ["id", "mu", "kappa", "alpha"]
+    if manifest.label_type is not None:
+        names.append("label")
+    if manifest.geometry is not None:
+        names += list(SIDECAR_COLUMNS)
+    return names + list(manifest.metadata)
+
+
+def _pick_columns(manifest: Manifest, columns: Sequence[str] | None) -> list[str]:
+    available = snapshot_columns(manifest)
+    if columns is None:
+        return available
+    if isinstance(columns, str):
+        columns = [columns]
+    picked = list(dict.fromkeys(columns))
+    unknown = [c for c in picked if c not in available]
+    if unknown:
+        raise ConfigError(f"columns {unknown} are not in lake version {manifest.version}; columns: {available}")
+    if not picked:
+        raise ConfigError("columns is empty; pass None for every column")
+    return picked
+
+
+def _f32_list(array: pa.Array) -> pa.Array:
+    """A fixed_size_list<float16> column as fixed_size_list<float32> (DuckDB reads no float16)."""
+    width = array.type.list_size
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values), width)
+
+
+def _column_types(manifest: Manifest, picked: list[str], float32: bool) -> dict[str, pa.DataType]:
+    """The Arrow type of each exported column, known from the manifest (no file is read)."""
+    mu_value = pa.float32() if float32 or manifest.dtype == "float32" else pa.float16()
+    types: dict[str, pa.DataType] = {"id": pa.int64(), "mu": pa.list_(mu_value, manifest.dim),
+                                     "kappa": pa.float32(), "alpha": pa.float32()}
+    if manifest.label_type is not None:
+        types["label"] = pa.string() if manifest.label_type == "string" else pa.int64()
+    if manifest.geometry is not None:
+        k = int(manifest.geometry["k"])
+        types["neighbors"] = pa.list_(pa.int64(), k)
+        types["neighbor_cos"] = pa.list_(pa.float32(), k)
+    for name, alias in manifest.metadata.items():
+        try:
+            types[name] = pa.type_for_alias(alias)
+        except ValueError:  # a type without a short alias (e.g. timestamp[ns, tz=UTC]): taken from the files
+            pass
+    return {name: types[name] for name in picked if name in types}
+
+
+def _schema_metadata(manifest: Manifest) -> dict[bytes, bytes]:
+    doc = {"format": "m2m-lake-export", "lake_version": manifest.version, "dim": manifest.dim,
+           "stored_dtype": manifest.dtype, "label_type": manifest.label_type, "geometry": manifest.geometry}
+    return {b"m2m": json.dumps(doc, sort_keys=True).encode()}
+
+
+def snapshot_batches(manifest: Manifest, open_file: OpenFile, columns: Sequence[str] | None = None,
+                     float32: bool = False) -> pa.RecordBatchReader:
+    """A RecordBatchReader of one version: one batch per shard, each column from the file that wins.
+
+    Only one shard's files are open at a time (beyond what ``open_file`` caches), so iterating holds
+    O(shard) memory. A shard written after the last `estimate_kappa` has no sidecar: its
+    ``neighbors``/``neighbor_cos`` are null.
+    """
+    picked = _pick_columns(manifest, columns)
+    known = _column_types(manifest, picked, float32)
+    missing = [c for c in picked if c not in known]
+    if missing:  # rare metadata types: read them from the first shard's main file
+        first = open_file(manifest.shards[0].file_for(missing[0])) if manifest.shards else None
+        for name in missing:
+            known[name] = first.schema.field(name).type if first is not None else pa.null()
+    schema = pa.schema([pa.field(n, known[n]) for n in picked], metadata=_schema_metadata(manifest))
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for shard in manifest.shards:
+            opened: dict[str, pa.RecordBatch] = {}
+            arrays = []
+            for field in schema:
+                try:
+                    entry = shard.file_for(field.name)
+                except KeyError:
+                    if field.name not in SIDECAR_COLUMNS:
+                        raise
+                    arrays.append(pa.nulls(shard.rows, field.type))
+                    continue
+                batch = opened.get(entry.path)
+                if batch is None:
+                    batch = opened[entry.path] = open_file(entry)
+                col = batch.column(field.name)
+                if field.name == "mu" and col.type != field.type:
+                    col = _f32_list(col)
+                elif col.type != field.type:
+                    col = col.cast(field.type)
+                arrays.append(col)
+            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def lake_file_opener(fs: LakeFS, verify: bool, verified: set[str] | None = None) -> OpenFile:
+    """Open shard files of ``fs``, checking each file's CRC32 once per ``verified`` set when ``verify``."""
+    seen: set[str] = set() if verified is None else verified
+
+    def open_file(entry: FileEntry) -> pa.RecordBatch:
+        check = verify and entry.path not in seen
+        batch = open_shard_file(fs, entry, verify=check)
+        if check:
+            seen.add(entry.path)
+        return batch
+
+    return open_file
+
+
+def export_lake(reader: pa.RecordBatchReader, out: str | os.PathLike[str], fmt: str = "parquet",
+                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write ``reader``'s batches to one file ``out`` (Parquet, or an Arrow IPC file), atomically.
+
+    The file appears under its final name only when complete (written to a temp name, fsynced,
+    renamed). Parquet gets one row group per shard batch, zstd-compressed. Returns rows and bytes.
+    """
+    import pyarrow.parquet as pq
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+    out = os.fspath(out)
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist (the folder of {out})")
+    tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex}")
+    rows = 0
+    try:
+        if fmt == "parquet":
+            with pq.ParquetWriter(tmp, reader.schema, compression="zstd") as writer:
+                for batch in reader:
+                    writer.write_batch(batch, row_group_size=max(1, batch.num_rows))
+                    rows += batch.num_rows
+                    if progress is not None:
+                        progress(batch.num_rows)
+        else:
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+                    if progress is not None:
+                        progress(batch.num_rows)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return {"rows": rows, "bytes": os.path.getsize(out), "path": out, "format": fmt}
