@@ -184,11 +184,14 @@ class Lake:
 
     def add_splat_chunks(self, chunks: Callable[[], Iterable[Mapping[str, Any]]],
                          progress: Progress | None = None) -> np.ndarray:
-        """Append a large input as one atomic commit, chunk by chunk.
+        """Append a large input as one atomic commit, chunk by chunk, in one pass over the input.
 
-        ``chunks()`` returns a fresh iterable of dicts with the keys of `add_splats` (``vectors``,
-        ``labels``, ``kappa``, ``alpha``, ``metadata``). It is iterated twice: once to validate every
-        chunk (nothing is written if any is invalid), once to write.
+        ``chunks()`` returns an iterable of dicts with the keys of `add_splats` (``vectors``,
+        ``labels``, ``kappa``, ``alpha``, ``metadata``). Each chunk is validated and then written into
+        shard files that belong to no version yet; the manifest is published only after the last chunk
+        was validated, so an invalid chunk anywhere leaves the lake exactly as before (the files
+        written so far are removed). ``chunks`` is called once on a local lake; on an object store twice
+        (a validation pass counts the rows, whose ids are reserved before any shard is written).
         """
         self._check_open()
 
@@ -203,18 +206,20 @@ class Lake:
         return self._append(validated, progress)
 
     def _append(self, batches: Callable[[], Iterable[SplatBatch]], progress: Progress | None) -> np.ndarray:
-        assumed = read_manifest(self._fs)
-        planned = SchemaUpdate.of(assumed)
-        rows = 0
-        summary: dict[str, Any] = {}
-        for b in batches():  # validation pass: schema and stats, nothing written
-            planned = reconcile_schema(planned, b)
-            rows += b.rows
-            summary = lake_stats.merge(summary, lake_stats.summarize(b.kappa, b.alpha))
-        if rows == 0:
-            raise InvalidEmbeddingError("nothing to add: the input has no rows")
         cfg = self.config
-        if not self._fs.is_local:  # many writers: reserved ids, shards written once, rebase = new manifest
+        if not self._fs.is_local:
+            # many writers on an object store: ids are reserved before the shards are written, so the
+            # rows are counted in a validation pass first and the input is read twice
+            assumed = read_manifest(self._fs)
+            planned = SchemaUpdate.of(assumed)
+            rows = 0
+            summary: dict[str, Any] = {}
+            for b in batches():
+                planned = reconcile_schema(planned, b)
+                rows += b.rows
+                summary = lake_stats.merge(summary, lake_stats.summarize(b.kappa, b.alpha))
+            if rows == 0:
+                raise InvalidEmbeddingError("nothing to add: the input has no rows")
             from m2m.lake.commit import append_remote
 
             new, ids = append_remote(
@@ -226,17 +231,33 @@ class Lake:
             if cfg.auto_consolidate:
                 self._auto_consolidate()
             return ids
+        holder: dict[str, int] = {}
 
         def build(base: Manifest) -> Manifest:
-            schema = rebase_schema(planned, assumed, base)
-            shards = write_splats(self._fs, batches(), base.next_id, base.dim, base.dtype, cfg.shard_bytes, schema,
-                                  progress)
+            # One pass: each batch is checked against the schema so far, then written; nothing is
+            # visible until the manifest below is published (commit removes the files on any error).
+            state: dict[str, Any] = {"schema": SchemaUpdate.of(base), "rows": 0, "summary": {}}
+
+            def checked() -> Iterable[SplatBatch]:
+                for b in batches():
+                    state["schema"] = reconcile_schema(state["schema"], b)
+                    state["rows"] += b.rows
+                    state["summary"] = lake_stats.merge(state["summary"], lake_stats.summarize(b.kappa, b.alpha))
+                    yield b
+
+            shards = write_splats(self._fs, checked(), base.next_id, base.dim, base.dtype, cfg.shard_bytes,
+                                  lambda: state["schema"], progress)
+            rows, schema = state["rows"], state["schema"]
+            if rows == 0:
+                raise InvalidEmbeddingError("nothing to add: the input has no rows")
+            holder["rows"] = rows
             return base.next(shards=base.shards + tuple(shards), next_id=base.next_id + rows,
                              label_type=schema.label_type, label_vocabulary=schema.label_vocabulary,
-                             metadata=schema.metadata, stats=lake_stats.merge(base.stats, summary),
+                             metadata=schema.metadata, stats=lake_stats.merge(base.stats, state["summary"]),
                              operation={"type": "append", "rows": rows})
 
         new = self.commit("append", build)
+        rows = holder["rows"]
         ids = np.arange(new.next_id - rows, new.next_id, dtype=np.int64)
         if cfg.auto_consolidate:
             self._auto_consolidate()

@@ -89,17 +89,6 @@ def rebase_schema(planned: SchemaUpdate, assumed: Manifest, base: Manifest) -> S
     return SchemaUpdate(planned.label_type, now.label_vocabulary + extra, planned.metadata, True)
 
 
-def _concat(parts: list[SplatBatch]) -> SplatBatch:
-    if len(parts) == 1:
-        return parts[0]
-    labels = None if parts[0].labels is None else np.concatenate([p.labels for p in parts])
-    return SplatBatch(
-        vectors=np.concatenate([np.asarray(p.vectors) for p in parts]), labels=labels,
-        kappa=np.concatenate([p.kappa for p in parts]), alpha=np.concatenate([p.alpha for p in parts]),
-        metadata={k: np.concatenate([p.metadata[k] for p in parts]) for k in parts[0].metadata},
-        ids=None if parts[0].ids is None else np.concatenate([p.ids for p in parts]))
-
-
 def _slice(b: SplatBatch, lo: int, hi: int) -> SplatBatch:
     return SplatBatch(b.vectors[lo:hi], None if b.labels is None else b.labels[lo:hi], b.kappa[lo:hi],
                       b.alpha[lo:hi], {k: v[lo:hi] for k, v in b.metadata.items()},
@@ -110,19 +99,24 @@ WRITERS = 2  # shard files written concurrently: one can wait on fsync while the
 
 
 def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: int, dtype: str, shard_bytes: int,
-                 schema: SchemaUpdate, progress: Callable[[int], None] | None = None) -> list[ShardEntry]:
+                 schema: SchemaUpdate | Callable[[], SchemaUpdate],
+                 progress: Callable[[int], None] | None = None) -> list[ShardEntry]:
     """Write validated chunks as shard files of about ``shard_bytes`` each.
 
-    ``WRITERS`` background threads write, checksum and fsync shards while the caller's thread
-    normalises the next one, so at most ``WRITERS + 1`` shards of rows are in RAM at a time.
+    Each chunk's rows are normalised straight into the buffer of the shard being filled, so a chunk
+    is released as soon as it is copied (no concatenation of pieces). ``WRITERS`` background threads
+    write, checksum and fsync full shards while the caller's thread fills the next one, so at most
+    ``WRITERS + 1`` shards of rows plus one input chunk are in RAM at a time. ``schema`` may be a
+    callable returning the schema so far (single-pass ingest: it is final for every column a shard holds
+    by the time the shard is full).
     """
     step = shard_rows(dim, dtype, shard_bytes)
     shards: list[ShardEntry] = []
-    pending: list[SplatBatch] = []
-    pending_rows = 0
     next_id = first_id
     in_flight: deque[Future[ShardEntry]] = deque()
     buffers = _Buffers(dim, dtype, WRITERS + 1)
+    current: _Filling | None = None
+    schema_now = schema if callable(schema) else (lambda: schema)
 
     with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="m2m-shard-writer") as pool:
 
@@ -133,27 +127,27 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
                 if progress is not None:
                     progress(entry.rows)
 
-        def flush(rows: int) -> None:
-            nonlocal pending, pending_rows, next_id
-            whole = _concat(pending)
-            prepared = _prepare(_slice(whole, 0, rows), next_id, schema, buffers.next(rows))
-            collect(WRITERS - 1)
+        def submit(filling: _Filling) -> None:
+            nonlocal next_id
+            prepared = filling.finish(next_id, schema_now())
+            collect(WRITERS - 1)  # frees the buffer set the next shard will fill
             in_flight.append(pool.submit(_write_prepared, fs, prepared))
-            next_id += rows
-            rest = whole.rows - rows
-            pending = [_slice(whole, rows, whole.rows)] if rest else []
-            pending_rows = rest
+            next_id += filling.rows
 
         try:
             for chunk in chunks:
-                for lo in range(0, chunk.rows, step):
-                    piece = _slice(chunk, lo, min(lo + step, chunk.rows))
-                    pending.append(piece)
-                    pending_rows += piece.rows
-                    if pending_rows >= step:
-                        flush(step)
-            if pending_rows:
-                flush(pending_rows)
+                lo = 0
+                while lo < chunk.rows:
+                    if current is None:
+                        current = _Filling(*buffers.next(step))
+                    hi = min(chunk.rows, lo + step - current.rows)
+                    current.add(_slice(chunk, lo, hi))
+                    lo = hi
+                    if current.rows == step:
+                        submit(current)
+                        current = None
+            if current is not None and current.rows:
+                submit(current)
             collect(0)
         finally:
             for fut in in_flight:  # an error: let running writes finish so their files can be removed
@@ -184,23 +178,45 @@ class _Buffers:
         return f32[:rows], store[:rows]
 
 
-def _prepare(batch: SplatBatch, first_id: int, schema: SchemaUpdate,
-             buffers: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-    f32, store = buffers
-    mu = normalise_rows(batch.vectors, out=f32)
-    if store.dtype != np.float32:
-        import torch  # only for float16 storage: keeps torch out of opening a lake
+class _Filling:
+    """One shard being filled: normalised vectors go into its buffers piece by piece; the small
+    columns of each piece are kept (without the vectors, so the input chunk can be freed)."""
 
-        torch.from_numpy(store).copy_(torch.from_numpy(mu))  # torch's f32 -> f16 cast is ~10x numpy's
-        mu = store
-    ids = np.arange(first_id, first_id + batch.rows, dtype=np.int64) if batch.ids is None else batch.ids
-    cols: dict[str, Any] = {"id": ids, "mu": mu, "kappa": batch.kappa, "alpha": batch.alpha}
-    if batch.labels is not None:
-        cols["label"] = batch.labels
-    for name, values in batch.metadata.items():
-        typ = pa.type_for_alias(schema.metadata[name])
-        cols[name] = pa.array(values.tolist() if values.dtype == object else values).cast(typ)
-    return cols
+    def __init__(self, f32: np.ndarray, store: np.ndarray) -> None:
+        self.f32, self.store = f32, store
+        self.rows = 0
+        self.parts: list[SplatBatch] = []
+
+    def add(self, piece: SplatBatch) -> None:
+        lo, hi = self.rows, self.rows + piece.rows
+        if self.store.dtype == np.float32:
+            normalise_rows(piece.vectors, out=self.store[lo:hi])
+        else:
+            import torch  # only for float16 storage: keeps torch out of opening a lake
+
+            mu = normalise_rows(piece.vectors, out=self.f32[lo:hi])
+            torch.from_numpy(self.store[lo:hi]).copy_(torch.from_numpy(mu))  # torch's f32 -> f16 is ~10x numpy's
+        self.parts.append(SplatBatch(np.empty((piece.rows, 0), np.float32), piece.labels, piece.kappa, piece.alpha,
+                                     piece.metadata, piece.ids))
+        self.rows = hi
+
+    def finish(self, first_id: int, schema: SchemaUpdate) -> dict[str, Any]:
+        parts = self.parts
+
+        def cat(get: Callable[[SplatBatch], np.ndarray]) -> np.ndarray:
+            return get(parts[0]) if len(parts) == 1 else np.concatenate([get(p) for p in parts])
+
+        ids = (np.arange(first_id, first_id + self.rows, dtype=np.int64) if parts[0].ids is None
+               else cat(lambda p: p.ids))
+        cols: dict[str, Any] = {"id": ids, "mu": self.store[:self.rows], "kappa": cat(lambda p: p.kappa),
+                                "alpha": cat(lambda p: p.alpha)}
+        if parts[0].labels is not None:
+            cols["label"] = cat(lambda p: p.labels)
+        for name in parts[0].metadata:
+            values = cat(lambda p: p.metadata[name])
+            typ = pa.type_for_alias(schema.metadata[name])
+            cols[name] = pa.array(values.tolist() if values.dtype == object else values).cast(typ)
+        return cols
 
 
 def _write_prepared(fs: LakeFS, cols: dict[str, Any]) -> ShardEntry:
