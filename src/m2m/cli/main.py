@@ -110,28 +110,39 @@ def cli(verbose: int) -> None:
 @click.option("--lake", "lake_dir", required=True, help="Lake directory or fsspec URL (created if missing).")
 @click.option("--column", default=None, help="Embedding column (Parquet/Arrow); default: the first list column.")
 @click.option("--label-column", default=None, help="Label column (Parquet/Arrow).")
+@click.option("--meta-column", "meta_columns", multiple=True,
+              help="Keep this input column as metadata (repeatable; partition keys of a hive directory too).")
+@click.option("--all-columns", is_flag=True, help="Keep every input column other than the vectors/labels.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of a new lake.")
 @click.option("--shard-size", default="128MiB", show_default=True, help="Target shard file size.")
+@click.option("--chunk-size", default="4MiB", show_default=True,
+              help="Input read per step (bounds memory with the shard size).")
 @click.option("--estimate-kappa/--no-estimate-kappa", default=False, help="Estimate kappa after ingest.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @storage_option
 @user_errors
-def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None, dtype: str, shard_size: str,
-           estimate_kappa: bool, quiet: bool, storage_options: dict[str, Any] | None) -> None:
-    """Ingest SRC (.npy, .parquet, .arrow/.feather, or a directory of them) into a lake, in one commit."""
+def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None, meta_columns: tuple[str, ...],
+           all_columns: bool, dtype: str, shard_size: str, chunk_size: str, estimate_kappa: bool,
+           quiet: bool, storage_options: dict[str, Any] | None) -> None:
+    """Ingest SRC (.npy, .parquet, .arrow/.feather, a directory of them, or a hive-partitioned directory)
+    into a lake, in one commit, reading SRC once in bounded memory."""
     import time
 
     from m2m import M2MConfig, create_m2m
-    from m2m.lake.ingest import open_source
+    from m2m.errors import InvalidEmbeddingError
+    from m2m.lake.ingest import naming_write_errors, open_source
 
-    source = open_source(src, column=column, label_column=label_column)
+    source = open_source(src, column=column, label_column=label_column, meta_columns=meta_columns,
+                         all_columns=all_columns, chunk_bytes=parse_size(chunk_size))
     total = source.rows()
+    if total == 0:
+        raise InvalidEmbeddingError(f"{src} holds no rows; nothing to ingest")
     cfg = M2MConfig(path=lake_dir, latent_dim=source.dim(), storage_dtype=dtype, shard_bytes=parse_size(shard_size),
-                     storage_options=storage_options)
+                    storage_options=storage_options)
     t0 = time.perf_counter()
     with create_m2m(cfg) as lake:
-        with Bar(total, "ingest", quiet=quiet) as bar:
+        with Bar(total, "ingest", quiet=quiet) as bar, naming_write_errors(lake.path):
             ids = lake.add_splat_chunks(source.chunks, progress=bar)
         seconds = time.perf_counter() - t0
         click.echo(f"ingested {len(ids):,} rows x {lake.dim} into {lake.path} (version {lake.version}) "

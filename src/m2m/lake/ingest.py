@@ -1,66 +1,116 @@
-"""Read embedding files (.npy, .parquet, .arrow/.feather, or a directory of them) as chunks for a lake."""
+"""Read embeddings as bounded chunks for a lake: files (.npy, .parquet, .arrow/.feather/.ipc), directories
+(flat, or hive-partitioned through `pyarrow.dataset`), and in-memory Arrow data (a `pyarrow.Table`,
+`RecordBatch`, `RecordBatchReader`, an iterable of batches, anything with ``__arrow_c_stream__`` such as
+a Polars DataFrame, or a Hugging Face `datasets.Dataset`).
+
+Chunks are sized in bytes (``chunk_bytes``, rows = bytes / row width), Parquet is read one row group
+at a time through a small read buffer, and the vector width comes from the schema (a fixed_size_list
+type) or the first row, so the input is read once and memory stays bounded by a few chunks.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
-from m2m.errors import InvalidEmbeddingError
+from m2m.errors import InvalidEmbeddingError, M2MError
 
 SUFFIXES = (".npy", ".parquet", ".arrow", ".feather", ".ipc")
-CHUNK_ROWS = 65536
+TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
+CHUNK_BYTES = 4 << 20           # input decoded per step (about 400 rows of 2,560 float32): with three
+                                # 128 MiB shard buffers, a 1 GB Parquet ingest peaked at 569 MB RSS (32 MiB: 713 MB)
+PARQUET_BUFFER_BYTES = 8 << 20  # Parquet column data read through a buffer of this size, not whole
 
 
 @dataclass(frozen=True)
+class Columns:
+    """Which input columns become what: the vectors, the labels, and the metadata columns to keep."""
+
+    column: str | None = None
+    label_column: str | None = None
+    meta_columns: tuple[str, ...] = ()
+    all_columns: bool = False
+
+    def resolve(self, schema: pa.Schema, where: Any) -> tuple[str, str | None, list[str]]:
+        """(vector column, label column, metadata columns) of ``schema``; errors name ``where``."""
+        vec = _pick_vector_column(schema, self.column, where)
+        if self.label_column is not None and self.label_column not in schema.names:
+            raise InvalidEmbeddingError(f"{where}: no label column {self.label_column!r}; columns: {schema.names}")
+        missing = [m for m in self.meta_columns if m not in schema.names]
+        if missing:
+            raise InvalidEmbeddingError(f"{where}: no metadata column {missing[0]!r}; columns: {schema.names}")
+        meta = list(dict.fromkeys(self.meta_columns))
+        if self.all_columns:
+            meta += [n for n in schema.names if n not in (vec, self.label_column) and n not in meta]
+        clash = [m for m in meta if m in (vec, self.label_column)]
+        if clash:
+            raise InvalidEmbeddingError(f"{where}: column {clash[0]!r} cannot be both vectors/labels and metadata")
+        return vec, self.label_column, meta
+
+
+# ---------------------------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
 class Source:
-    """One or more embedding files read as chunks of ``{"vectors", "labels", "metadata"}``."""
+    """One or more embedding files, or a dataset directory, read as chunks of
+    ``{"vectors", "labels", "metadata"}`` (one read of each file)."""
 
     files: tuple[Path, ...]
     column: str | None = None
     label_column: str | None = None
-    chunk_rows: int = CHUNK_ROWS
+    chunk_rows: int | None = None       # fixed rows per chunk; None: sized from chunk_bytes
+    meta_columns: tuple[str, ...] = ()
+    all_columns: bool = False
+    chunk_bytes: int = CHUNK_BYTES
+    dataset_root: Path | None = None    # a partitioned directory read through pyarrow.dataset
+
+    @property
+    def columns(self) -> Columns:
+        return Columns(self.column, self.label_column, tuple(self.meta_columns), self.all_columns)
 
     def dim(self) -> int:
-        """The vector width of the first file."""
-        first = next(iter(self.chunks()))
-        return int(np.asarray(first["vectors"]).shape[1])
+        """The vector width: from the first file's header or schema (reads at most one row)."""
+        if self.dataset_root is not None:
+            return _dataset_reader(self).dim()
+        return _file_reader(self.files[0], self).dim()
 
     def rows(self) -> int:
-        """Total rows over all files (reads only metadata)."""
-        total = 0
-        for f in self.files:
-            if f.suffix == ".npy":
-                total += int(np.load(f, mmap_mode="r").shape[0])
-            elif f.suffix == ".parquet":
-                total += pq.ParquetFile(f).metadata.num_rows
-            else:
-                total += _open_ipc(f).num_rows
-        return total
+        """Total rows over all inputs (reads only headers and footers)."""
+        if self.dataset_root is not None:
+            return _dataset_reader(self).rows()
+        return sum(_file_reader(f, self).rows() for f in self.files)
 
     def chunks(self) -> Iterator[dict[str, Any]]:
+        if self.dataset_root is not None:
+            yield from _dataset_reader(self).chunks()
+            return
         for f in self.files:
-            if f.suffix == ".npy":
-                if self.label_column is not None:
-                    raise InvalidEmbeddingError(f"{f}: .npy files hold no columns; --label-column does not apply")
-                yield from _npy_chunks(f, self.chunk_rows)
-            else:
-                yield from _table_chunks(f, self.column, self.label_column, self.chunk_rows)
+            yield from _file_reader(f, self).chunks()
 
 
 def open_source(path: str | os.PathLike[str], column: str | None = None, label_column: str | None = None,
-                chunk_rows: int = CHUNK_ROWS) -> Source:
-    """A `Source` for a file or a directory of supported files (sorted by name)."""
+                chunk_rows: int | None = None, meta_columns: Iterable[str] = (), all_columns: bool = False,
+                chunk_bytes: int = CHUNK_BYTES) -> Source:
+    """A `Source` for a file, a flat directory of supported files (sorted by name), or a directory with
+    sub-directories (hive-partitioned ``key=value/`` folders included) read through `pyarrow.dataset`,
+    whose partition keys are columns usable as metadata."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
+    if chunk_bytes < 1:
+        raise InvalidEmbeddingError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    common = dict(column=column, label_column=label_column, chunk_rows=chunk_rows,
+                  meta_columns=tuple(meta_columns), all_columns=all_columns, chunk_bytes=chunk_bytes)
     if p.is_dir():
+        if any(c.is_dir() and not c.name.startswith((".", "_")) for c in p.iterdir()):
+            return Source((), dataset_root=p, **common)  # type: ignore[arg-type]
         files = tuple(sorted(f for f in p.iterdir() if f.suffix in SUFFIXES and f.is_file()))
         if not files:
             raise InvalidEmbeddingError(f"{p} holds no {'/'.join(SUFFIXES)} files")
@@ -68,29 +118,340 @@ def open_source(path: str | os.PathLike[str], column: str | None = None, label_c
         files = (p,)
     else:
         raise InvalidEmbeddingError(f"{p}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}")
-    return Source(files, column, label_column, chunk_rows)
+    return Source(files, **common)  # type: ignore[arg-type]
 
 
-def _npy_chunks(f: Path, chunk_rows: int) -> Iterator[dict[str, Any]]:
+def _rows_per_chunk(source_rows: int | None, chunk_bytes: int, dim: int, itemsize: int) -> int:
+    if source_rows is not None:
+        return max(1, int(source_rows))
+    return max(1, chunk_bytes // max(1, dim * max(itemsize, 4)))
+
+
+class _Reader:
+    """What each input kind provides: rows, dim, and chunks."""
+
+    def rows(self) -> int:
+        raise NotImplementedError
+
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def chunks(self) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class _NpyReader(_Reader):
+    def __init__(self, f: Path, source: Source) -> None:
+        self.f, self.source = f, source
+        if source.label_column is not None or source.meta_columns or source.all_columns:
+            raise InvalidEmbeddingError(f"{f}: .npy files hold no columns; --label-column/--meta-column/"
+                                        "--all-columns do not apply")
+
+    def _array(self) -> np.ndarray:
+        try:
+            arr = np.load(self.f, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as exc:  # truncated header or data, pickled objects, ...
+            raise InvalidEmbeddingError(f"{self.f} is not a readable .npy array (truncated or corrupt?): "
+                                        f"{exc}") from exc
+        if not isinstance(arr, np.ndarray) or arr.ndim != 2:
+            raise InvalidEmbeddingError(f"{self.f} holds an array of shape {getattr(arr, 'shape', '?')}; "
+                                        "expected [rows, dim]")
+        return arr
+
+    def rows(self) -> int:
+        return int(self._array().shape[0])
+
+    def dim(self) -> int:
+        return int(self._array().shape[1])
+
+    def chunks(self) -> Iterator[dict[str, Any]]:
+        arr = self._array()
+        step = _rows_per_chunk(self.source.chunk_rows, self.source.chunk_bytes, arr.shape[1], arr.dtype.itemsize)
+        for lo in range(0, arr.shape[0], step):
+            # a copy of this chunk only (the memmap's pages are released as the file is read on)
+            yield {"vectors": np.array(arr[lo:lo + step])}
+
+
+class _ArrowReader(_Reader):
+    """Anything that yields Arrow record batches with a known schema."""
+
+    def __init__(self, where: Any, schema: pa.Schema, columns: Columns, chunk_rows: int | None, chunk_bytes: int,
+                 num_rows: Callable[[], int], batches: Callable[[list[str], int], Iterator[pa.RecordBatch]],
+                 first_row: Callable[[str], pa.RecordBatch | None] | None) -> None:
+        self.where, self.schema, self.columns = where, schema, columns
+        self._chunk_rows, self._chunk_bytes = chunk_rows, chunk_bytes
+        self._num_rows, self._batches, self._first_row = num_rows, batches, first_row
+        self.vec, self.label, self.meta = columns.resolve(schema, where)
+
+    def rows(self) -> int:
+        return self._num_rows()
+
+    def dim(self) -> int:
+        typ = self.schema.field(self.vec).type
+        if pa.types.is_fixed_size_list(typ):
+            return int(typ.list_size)
+        first = None if self._first_row is None else self._first_row(self.vec)
+        if first is None or first.num_rows == 0:
+            raise InvalidEmbeddingError(f"{self.where} has no rows")
+        return int(_vectors(first.column(self.vec), self.vec, self.where).shape[1])
+
+    def chunks(self) -> Iterator[dict[str, Any]]:
+        typ = self.schema.field(self.vec).type
+        itemsize = max(1, typ.value_type.bit_width // 8) if hasattr(typ, "value_type") else 4
+        step: int | None = None
+        if self._chunk_rows is not None or pa.types.is_fixed_size_list(typ) or self._first_row is not None:
+            step = _rows_per_chunk(self._chunk_rows, self._chunk_bytes, self.dim(), itemsize)
+        # variable-length lists of in-memory data: sized from the first batch's width
+        wanted = [self.vec] + ([self.label] if self.label else []) + self.meta
+        batches = self._batches(wanted, step or _rows_per_chunk(None, self._chunk_bytes, 1024, itemsize))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as exc:  # a truncated or corrupt page, an unreadable fragment
+                raise InvalidEmbeddingError(f"{self.where} cannot be read (truncated or corrupt?): {exc}") from exc
+            if step is None:
+                if batch.num_rows == 0:
+                    continue
+                width = _vectors(batch.column(self.vec).slice(0, 1), self.vec, self.where).shape[1]
+                step = _rows_per_chunk(None, self._chunk_bytes, width, itemsize)
+            for lo in range(0, batch.num_rows, step):
+                yield self._chunk(batch.slice(lo, step))
+
+    def _chunk(self, batch: pa.RecordBatch) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"vectors": _vectors(batch.column(self.vec), self.vec, self.where)}
+        if self.label:
+            labels = _plain(batch.column(self.label))
+            if labels.null_count:
+                raise InvalidEmbeddingError(f"{self.where}: label column {self.label!r} has null rows")
+            chunk["labels"] = labels.to_numpy(zero_copy_only=False)
+        if self.meta:
+            chunk["metadata"] = {m: _metadata(batch.column(m), m, self.where) for m in self.meta}
+        return chunk
+
+
+def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):  # e.g. partition keys of a dataset
+        arr = arr.dictionary_decode()
+    return arr
+
+
+def _metadata(arr: pa.Array, name: str, where: Any) -> np.ndarray:
+    arr = _plain(arr)
+    if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)
+            or pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has type {arr.type}; "
+                                    "numbers, booleans and strings are supported")
+    if arr.null_count and not pa.types.is_floating(arr.type):
+        raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has {arr.null_count} null rows")
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _parquet_reader(f: Path, source: Source) -> _ArrowReader:
     try:
-        arr = np.load(f, mmap_mode="r")
-    except ValueError as exc:
-        raise InvalidEmbeddingError(f"{f} is not a readable .npy array: {exc}") from exc
-    if arr.ndim != 2:
-        raise InvalidEmbeddingError(f"{f} holds an array of shape {arr.shape}; expected [rows, dim]")
-    for lo in range(0, arr.shape[0], chunk_rows):
-        yield {"vectors": arr[lo:lo + chunk_rows]}
+        pf = pq.ParquetFile(f, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidEmbeddingError(f"{f} is not a readable Parquet file (truncated or corrupt?): {exc}") from exc
+
+    def batches(cols: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+        # one row group at a time, ``rows`` rows per batch, column data through the read buffer
+        return pf.iter_batches(batch_size=rows, columns=cols, use_threads=True)
+
+    def first_row(col: str) -> pa.RecordBatch | None:
+        return next(pf.iter_batches(batch_size=1, columns=[col]), None)
+
+    return _ArrowReader(f, pf.schema_arrow, source.columns, source.chunk_rows, source.chunk_bytes,
+                        lambda: pf.metadata.num_rows, batches, first_row)
 
 
-def _open_ipc(f: Path) -> pa.Table:
+def _ipc_reader(f: Path, source: Source) -> _ArrowReader:
+    """Arrow IPC file (Feather v2) or stream format; record batches are memory-mapped, not loaded."""
     try:
-        return feather.read_table(f, memory_map=True)
-    except (pa.ArrowInvalid, OSError):
-        with pa.memory_map(str(f)) as src:
-            return pa.ipc.open_stream(src).read_all()
+        mm = pa.memory_map(str(f))
+        try:
+            reader: Any = pa.ipc.open_file(mm)
+            n_batches = reader.num_record_batches
+
+            def all_batches() -> Iterator[pa.RecordBatch]:
+                for i in range(n_batches):
+                    yield reader.get_batch(i)
+        except pa.ArrowInvalid:
+            mm.seek(0)
+            stream = pa.ipc.open_stream(mm)
+            reader = stream
+
+            def all_batches() -> Iterator[pa.RecordBatch]:
+                with pa.memory_map(str(f)) as again:
+                    yield from pa.ipc.open_stream(again)
+        schema = reader.schema
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidEmbeddingError(f"{f} is not a readable Arrow IPC/Feather file (truncated or corrupt?): "
+                                    f"{exc}") from exc
+
+    def batches(cols: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+        for b in all_batches():
+            yield b.select(cols)
+
+    def first_row(col: str) -> pa.RecordBatch | None:
+        for b in all_batches():
+            if b.num_rows:
+                return b.select([col]).slice(0, 1)
+        return None
+
+    def num_rows() -> int:
+        return sum(b.num_rows for b in all_batches())
+
+    return _ArrowReader(f, schema, source.columns, source.chunk_rows, source.chunk_bytes, num_rows, batches,
+                        first_row)
 
 
-def _pick_vector_column(schema: pa.Schema, column: str | None, where: Path) -> str:
+def _file_reader(f: Path, source: Source) -> _Reader:
+    if f.suffix == ".npy":
+        return _NpyReader(f, source)
+    if f.suffix == ".parquet":
+        return _parquet_reader(f, source)
+    return _ipc_reader(f, source)
+
+
+def _dataset_reader(source: Source) -> _ArrowReader:
+    import pyarrow.dataset as ds
+
+    root = source.dataset_root
+    assert root is not None
+    suffixes = {p.suffix for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES}
+    if not suffixes:
+        raise InvalidEmbeddingError(f"{root} holds no {'/'.join(TABLE_SUFFIXES)} files")
+    if ".npy" in suffixes or len({"parquet" if s == ".parquet" else "ipc" for s in suffixes}) > 1:
+        raise InvalidEmbeddingError(f"{root}: a partitioned directory must hold one table format "
+                                    f"(found {sorted(suffixes)}); .npy files only in flat directories")
+    fmt = "parquet" if suffixes == {".parquet"} else "ipc"
+    try:
+        dataset = ds.dataset(str(root), format=fmt, partitioning="hive",
+                             exclude_invalid_files=False, ignore_prefixes=[".", "_"])
+        files = sorted(p for p in dataset.files if Path(p).suffix in suffixes)
+        dataset = ds.dataset(files, format=fmt, schema=dataset.schema,
+                             partitioning=ds.HivePartitioning.discover(), partition_base_dir=str(root))
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidEmbeddingError(f"{root} cannot be read as a {fmt} dataset: {exc}") from exc
+
+    def batches(cols: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+        return iter(dataset.to_batches(columns=cols, batch_size=rows, batch_readahead=1, fragment_readahead=1))
+
+    def first_row(col: str) -> pa.RecordBatch | None:
+        t = dataset.head(1, columns=[col])
+        return t.to_batches()[0] if t.num_rows else None
+
+    return _ArrowReader(root, dataset.schema, source.columns, source.chunk_rows, source.chunk_bytes,
+                        dataset.count_rows, batches, first_row)
+
+
+@contextlib.contextmanager
+def naming_write_errors(lake_path: str) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a full disk, a quota, a file-size limit hit while writing
+    shards) with the lake's data folder in the message."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None or isinstance(exc, M2MError):
+            raise
+        raise OSError(exc.errno, f"{exc.strerror or exc} while writing shard files under "
+                                 f"{lake_path}/_data (nothing was committed)") from exc
+
+
+# ---------------------------------------------------------------------------------------------- in memory
+def is_tabular(data: Any) -> bool:
+    """True for Arrow tables/batches/readers, objects exporting an Arrow stream (Polars, ...), Hugging Face
+    datasets and lists/tuples of Arrow batches or tables."""
+    if isinstance(data, (pa.Table, pa.RecordBatch, pa.RecordBatchReader)):
+        return True
+    if isinstance(data, np.ndarray) or type(data).__module__.startswith("torch"):
+        return False
+    if _is_hf_dataset(data) or hasattr(data, "__arrow_c_stream__"):
+        return True
+    return isinstance(data, (list, tuple)) and len(data) > 0 and isinstance(data[0], (pa.RecordBatch, pa.Table))
+
+
+def is_batch_iterator(data: Any) -> bool:
+    """True for a one-shot iterator (e.g. a generator); its first item decides whether it is Arrow data."""
+    return isinstance(data, Iterator)
+
+
+def _is_hf_dataset(data: Any) -> bool:
+    return type(data).__module__.startswith("datasets") and hasattr(data, "with_format") and hasattr(data, "features")
+
+
+def table_chunks(data: Any, columns: Columns, chunk_bytes: int = CHUNK_BYTES,
+                 where: str = "the input table") -> Callable[[], Iterator[dict[str, Any]]]:
+    """A one-pass ``chunks()`` callable (for `Lake.add_splat_chunks`) over in-memory Arrow data.
+
+    ``data``: a `pyarrow.Table`, `RecordBatch` or `RecordBatchReader`, a Hugging Face `datasets.Dataset`,
+    an object with ``__arrow_c_stream__`` (e.g. a Polars DataFrame), or an iterable of record batches
+    or tables (read once).
+    """
+    schema, source = _in_memory(data, where)
+    used = {"done": False}
+
+    def batches(cols: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+        if used["done"]:
+            raise InvalidEmbeddingError(f"{where} is a one-shot stream and was already read")
+        used["done"] = True
+        for item in source(rows):
+            if isinstance(item, pa.Table):
+                item = item.combine_chunks() if item.num_rows else item
+                yield from (b.select(cols) for b in item.to_batches(max_chunksize=rows))
+            elif isinstance(item, pa.RecordBatch):
+                if not item.schema.equals(schema, check_metadata=False):
+                    missing = [c for c in cols if c not in item.schema.names]
+                    if missing:
+                        raise InvalidEmbeddingError(f"{where}: a batch has no column {missing[0]!r}")
+                yield item.select(cols)
+            else:
+                raise InvalidEmbeddingError(f"{where}: expected Arrow record batches or tables, got {type(item)}")
+
+    reader = _ArrowReader(where, schema, columns, None, chunk_bytes, lambda: -1, batches, None)
+
+    def chunks() -> Iterator[dict[str, Any]]:
+        return reader.chunks()
+
+    return chunks
+
+
+def _in_memory(data: Any, where: str) -> tuple[pa.Schema, Callable[[int], Iterator[Any]]]:
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    if isinstance(data, pa.Table):
+        table = data
+        return table.schema, lambda rows: iter(table.to_batches(max_chunksize=rows))
+    if isinstance(data, pa.RecordBatchReader):
+        reader = data
+        return reader.schema, lambda rows: iter(reader)
+    if _is_hf_dataset(data):
+        arrow = data.with_format("arrow")   # a view; respects select/shuffle index mappings
+        schema = data.features.arrow_schema
+        return schema, lambda rows: iter(arrow.iter(batch_size=rows))
+    if hasattr(data, "__arrow_c_stream__"):
+        reader = pa.RecordBatchReader.from_stream(data)
+        return reader.schema, lambda rows: iter(reader)
+    it = iter(data)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise InvalidEmbeddingError(f"{where} is empty (no record batches)") from None
+    if not isinstance(first, (pa.RecordBatch, pa.Table)):
+        raise InvalidEmbeddingError(f"{where}: expected Arrow record batches or tables, got {type(first)}")
+
+    def again(rows: int) -> Iterator[Any]:
+        yield first
+        yield from it
+
+    return first.schema, again
+
+
+# ---------------------------------------------------------------------------------------------- columns
+def _pick_vector_column(schema: pa.Schema, column: str | None, where: Any) -> str:
     if column is not None:
         if column not in schema.names:
             raise InvalidEmbeddingError(f"{where}: no column {column!r}; columns: {schema.names}")
@@ -102,7 +463,7 @@ def _pick_vector_column(schema: pa.Schema, column: str | None, where: Path) -> s
     raise InvalidEmbeddingError(f"{where}: no list-of-float column found; name one with --column")
 
 
-def _vectors(arr: pa.Array | pa.ChunkedArray, name: str, where: Path) -> np.ndarray:
+def _vectors(arr: pa.Array | pa.ChunkedArray, name: str, where: Any) -> np.ndarray:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if arr.null_count:
@@ -119,34 +480,3 @@ def _vectors(arr: pa.Array | pa.ChunkedArray, name: str, where: Path) -> np.ndar
         width = int(lengths[0]) if len(lengths) else 0
         return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
     raise InvalidEmbeddingError(f"{where}: column {name!r} has type {arr.type}, not a list of floats")
-
-
-def _table_chunks(f: Path, column: str | None, label_column: str | None, chunk_rows: int) -> Iterator[dict[str, Any]]:
-    if f.suffix == ".parquet":
-        try:
-            pf = pq.ParquetFile(f)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InvalidEmbeddingError(f"{f} is not a readable Parquet file: {exc}") from exc
-        schema = pf.schema_arrow
-        name = _pick_vector_column(schema, column, f)
-        cols = [name] + ([label_column] if label_column else [])
-        if label_column and label_column not in schema.names:
-            raise InvalidEmbeddingError(f"{f}: no label column {label_column!r}; columns: {schema.names}")
-        batches: Iterator[pa.RecordBatch] = pf.iter_batches(batch_size=chunk_rows, columns=cols)
-    else:
-        try:
-            table = _open_ipc(f)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InvalidEmbeddingError(f"{f} is not a readable Arrow IPC/Feather file: {exc}") from exc
-        name = _pick_vector_column(table.schema, column, f)
-        if label_column and label_column not in table.schema.names:
-            raise InvalidEmbeddingError(f"{f}: no label column {label_column!r}; columns: {table.schema.names}")
-        batches = iter(table.to_batches(max_chunksize=chunk_rows))
-    for batch in batches:
-        chunk: dict[str, Any] = {"vectors": _vectors(batch.column(name), name, f)}
-        if label_column:
-            labels = batch.column(label_column)
-            if labels.null_count:
-                raise InvalidEmbeddingError(f"{f}: label column {label_column!r} has null rows")
-            chunk["labels"] = labels.to_numpy(zero_copy_only=False)
-        yield chunk

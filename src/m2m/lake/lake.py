@@ -179,8 +179,38 @@ class Lake:
         and the first offending row before anything is written.
         """
         self._check_open()
+        from m2m.lake.ingest import is_batch_iterator, is_tabular
+
+        if is_tabular(vectors) or is_batch_iterator(vectors):
+            if kappa is not None or alpha is not None or not (labels is None or isinstance(labels, str)):
+                raise InvalidEmbeddingError("with a table as input, labels is a column name and metadata a list "
+                                            "of column names (or True for every other column); kappa/alpha "
+                                            "do not apply")
+            all_columns = metadata is True
+            meta = () if metadata is None or metadata is True else tuple(metadata)
+            return self.add_table(vectors, label_column=labels, meta_columns=meta, all_columns=all_columns,
+                                  progress=progress)
         batch = validate_splats(vectors, labels, kappa, alpha, metadata, self.dim)
         return self._append(lambda: iter([batch]), progress)
+
+    def add_table(self, data: Any, column: str | None = None, label_column: str | None = None,
+                  meta_columns: Iterable[str] = (), all_columns: bool = False, chunk_bytes: int | None = None,
+                  progress: Progress | None = None) -> np.ndarray:
+        """Append Arrow data as one atomic commit, read once in chunks of about ``chunk_bytes``.
+
+        ``data``: a `pyarrow.Table`, `RecordBatch` or `RecordBatchReader`, an iterable of record batches,
+        anything exporting ``__arrow_c_stream__`` (a Polars DataFrame, ...) or a Hugging Face
+        `datasets.Dataset`. ``column``: the vector column (default: the first list column);
+        ``label_column``; ``meta_columns`` kept as metadata, or ``all_columns`` for every other column.
+        `add_splats` given such data calls this (``labels`` = column name, ``metadata`` = column names).
+        """
+        from m2m.lake.ingest import CHUNK_BYTES, Columns, table_chunks
+
+        if isinstance(meta_columns, str):
+            meta_columns = (meta_columns,)
+        cols = Columns(column, label_column, tuple(meta_columns), bool(all_columns))
+        chunks = table_chunks(data, cols, CHUNK_BYTES if chunk_bytes is None else check_int(chunk_bytes, "chunk_bytes"))
+        return self.add_splat_chunks(chunks, progress)
 
     def add_splat_chunks(self, chunks: Callable[[], Iterable[Mapping[str, Any]]],
                          progress: Progress | None = None) -> np.ndarray:
