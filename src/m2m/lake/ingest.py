@@ -236,6 +236,8 @@ def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
         arr = arr.combine_chunks()
     if pa.types.is_dictionary(arr.type):  # e.g. partition keys of a dataset
         arr = arr.dictionary_decode()
+    if pa.types.is_large_string(arr.type) or pa.types.is_string_view(arr.type):  # e.g. from Polars
+        arr = arr.cast(pa.string())
     return arr
 
 

@@ -1,0 +1,225 @@
+"""Ingest: metadata columns, hive-partitioned directories, in-memory Arrow inputs (tables, readers, batch
+iterables, Polars, HF datasets), byte-sized chunks read once, and one-line messages for empty, truncated
+and unwritable inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from m2m import M2MConfig, create_m2m, open_lake
+from m2m.cli.main import cli
+from m2m.errors import InvalidEmbeddingError
+from m2m.lake.ingest import open_source
+
+DIM = 32
+N = 900
+
+
+@pytest.fixture
+def table():
+    g = np.random.default_rng(3)
+    x = g.standard_normal((N, DIM)).astype(np.float32)
+    return pa.table({
+        "emb": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM),
+        "cls": pa.array(np.arange(N) % 5),
+        "lang": pa.array(np.array(["en", "fr", "de"])[np.arange(N) % 3]),
+        "score": pa.array(np.linspace(0, 1, N)),
+    }), x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _one_line_error(r, *needles):
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and "StopIteration" not in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    for n in needles:
+        assert n in r.output, r.output
+
+
+def test_metadata_columns_are_kept_only_when_asked(tmp_path, table):
+    t, unit = table
+    pq.write_table(t, tmp_path / "x.parquet", row_group_size=200)
+    r = _run("ingest", tmp_path / "x.parquet", "--lake", tmp_path / "a", "--label-column", "cls", "-q")
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "a") as lake:
+        assert lake.manifest.metadata == {}
+    r = _run("ingest", tmp_path / "x.parquet", "--lake", tmp_path / "b", "--label-column", "cls",
+             "--meta-column", "lang", "--meta-column", "score", "-q")
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "b") as lake:
+        s = lake.splats()
+        assert set(lake.manifest.metadata) == {"lang", "score"}
+    assert s["lang"].tolist() == t.column("lang").to_pylist()
+    np.testing.assert_array_equal(s["score"], t.column("score").to_numpy())
+    np.testing.assert_allclose(s["mu"], unit, atol=1e-6)
+    r = _run("ingest", tmp_path / "x.parquet", "--lake", tmp_path / "c", "--label-column", "cls", "--all-columns", "-q")
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "c") as lake:
+        assert set(lake.manifest.metadata) == {"lang", "score"}   # everything but the vectors and labels
+    r = _run("ingest", tmp_path / "x.parquet", "--lake", tmp_path / "d", "--meta-column", "nope", "-q")
+    _one_line_error(r, "no metadata column 'nope'")
+
+
+def test_hive_partitioned_directory_with_partition_keys_as_metadata(tmp_path, table):
+    t, unit = table
+    pq.write_to_dataset(t, tmp_path / "hive", partition_cols=["lang"])
+    (tmp_path / "hive" / "_SUCCESS").write_text("")                     # marker files are ignored
+    r = _run("ingest", tmp_path / "hive", "--lake", tmp_path / "lake", "--label-column", "cls",
+             "--meta-column", "lang", "--meta-column", "score", "-q")
+    assert r.exit_code == 0, r.output
+    assert f"ingested {N:,} rows x {DIM}" in r.output
+    with open_lake(tmp_path / "lake") as lake:
+        s = lake.splats()
+        assert lake.version == 1
+    # rows come partition by partition: match them back to the input by their score (unique per row)
+    order = np.argsort(s["score"])
+    np.testing.assert_allclose(s["mu"][order], unit, atol=1e-6)
+    assert s["lang"][order].tolist() == t.column("lang").to_pylist()
+    assert s["label"][order].tolist() == t.column("cls").to_pylist()
+
+
+def _check(lake, unit, t, with_meta=True):
+    s = lake.splats()
+    np.testing.assert_allclose(s["mu"], unit, atol=1e-6)
+    assert s["label"].tolist() == t.column("cls").to_pylist()
+    if with_meta:
+        assert s["lang"].tolist() == t.column("lang").to_pylist()
+
+
+def _stream_kinds(t):
+    pl = pytest.importorskip("polars")
+    batches = t.to_batches(max_chunksize=128)
+    return {
+        "table": lambda: t,
+        "record_batch": lambda: t.combine_chunks().to_batches()[0],
+        "reader": lambda: pa.RecordBatchReader.from_batches(t.schema, batches),
+        "generator": lambda: (b for b in batches),
+        "list": lambda: list(batches),
+        "polars": lambda: pl.from_arrow(t),
+    }
+
+
+@pytest.mark.parametrize("kind", ["table", "record_batch", "reader", "generator", "list", "polars"])
+def test_add_splats_from_arrow_data(tmp_path, table, kind):
+    t, unit = table
+    data = _stream_kinds(t)[kind]()
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=DIM)) as lake:
+        ids = lake.add_splats(data, labels="cls", metadata=["lang"])
+        assert ids.tolist() == list(range(N)) and lake.version == 1
+        _check(lake, unit, t)
+
+
+def test_add_table_from_hf_dataset(tmp_path, table, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    t, unit = table
+    ds = datasets.Dataset(t)
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=DIM)) as lake:
+        lake.add_table(ds, label_column="cls", all_columns=True, chunk_bytes=10_000)
+        _check(lake, unit, t)
+        assert set(lake.manifest.metadata) == {"lang", "score"}
+    picked = ds.select(range(10, 20))          # an index mapping: the selected rows, not the first ten
+    with create_m2m(M2MConfig(path=tmp_path / "lake2", latent_dim=DIM)) as lake:
+        lake.add_splats(picked, labels="cls")
+        np.testing.assert_allclose(lake.splats()["mu"], unit[10:20], atol=1e-6)
+
+
+def test_table_input_errors(tmp_path, table):
+    t, _ = table
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=DIM)) as lake:
+        with pytest.raises(InvalidEmbeddingError, match="kappa/alpha do not apply"):
+            lake.add_splats(t, kappa=np.ones(N))
+        with pytest.raises(InvalidEmbeddingError, match="no label column 'nope'"):
+            lake.add_splats(t, labels="nope")
+        gen = (b for b in t.to_batches())
+        bad = t.to_batches()[0].to_pandas()
+        with pytest.raises(InvalidEmbeddingError, match="expected Arrow record batches"):
+            lake.add_splats(iter([bad]))
+        assert len(lake) == 0 and lake.version == 0 and gen is not None
+
+
+def test_chunks_are_sized_in_bytes_and_read_once(tmp_path, table):
+    t, _ = table
+    pq.write_table(t, tmp_path / "x.parquet", row_group_size=400)
+    src = open_source(tmp_path / "x.parquet", chunk_bytes=DIM * 4 * 100)     # 100 rows of float32 per chunk
+    assert src.dim() == DIM and src.rows() == N
+    sizes = [len(c["vectors"]) for c in src.chunks()]
+    assert sum(sizes) == N and max(sizes) == 100
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(t.slice(0, 0), empty)
+    assert open_source(empty).dim() == DIM               # from the fixed_size_list type: no row needed
+    calls = []
+
+    def chunks():
+        calls.append(1)
+        return src.chunks()
+
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=DIM)) as lake:
+        lake.add_splat_chunks(chunks)
+    assert len(calls) == 1                               # one pass: validated and written as it is read
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet", "arrow"])
+def test_empty_inputs_are_one_line(tmp_path, table, fmt):
+    t, _ = table
+    f = tmp_path / f"empty.{fmt}"
+    if fmt == "npy":
+        np.save(f, np.zeros((0, DIM), np.float32))
+    elif fmt == "parquet":
+        pq.write_table(t.slice(0, 0), f)
+    else:
+        with pa.OSFile(str(f), "wb") as sink, pa.ipc.new_file(sink, t.schema):
+            pass
+    r = _run("ingest", f, "--lake", tmp_path / "lake", "-q")
+    _one_line_error(r, str(f), "no rows")
+    np.save(tmp_path / "flat.npy", np.zeros(0, np.float32))
+    _one_line_error(_run("ingest", tmp_path / "flat.npy", "--lake", tmp_path / "lake", "-q"), "flat.npy", "shape (0,)")
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet", "arrow"])
+def test_truncated_inputs_name_the_file(tmp_path, table, fmt):
+    t, _ = table
+    f = tmp_path / f"x.{fmt}"
+    if fmt == "npy":
+        np.save(f, np.ones((N, DIM), np.float32))
+    elif fmt == "parquet":
+        pq.write_table(t, f)
+    else:
+        with pa.OSFile(str(f), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+            w.write_table(t)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) * 2 // 3])
+    r = _run("ingest", f, "--lake", tmp_path / "lake", "-q")
+    _one_line_error(r, str(f), "truncated or corrupt")
+    assert not (tmp_path / "lake" / "_data").exists() or os.listdir(tmp_path / "lake" / "_data") == []
+
+
+def test_out_of_space_names_the_lake_folder(tmp_path):
+    """A file-size limit (EFBIG, like ENOSPC an OSError without a file name) hit while writing shards."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4000, 128)).astype(np.float32))
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "from m2m.cli.main import cli\n"
+        f"cli(['ingest', {str(tmp_path / 'x.npy')!r}, '--lake', {str(tmp_path / 'lake')!r}, '-q'], prog_name='m2m')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{tmp_path / 'lake'}/_data" in r.stderr and "nothing was committed" in r.stderr
+    with open_lake(tmp_path / "lake") as lake:
+        assert len(lake) == 0
+    assert [n for n in os.listdir(tmp_path / "lake" / "_data") if not n.startswith(".tmp-")] == []
