@@ -1,0 +1,27 @@
+"""Parquet ingest benchmark (see m2m.bench.ingest_parquet): time and peak RSS of `m2m ingest` of one
+Parquet file vs pq.read_table + np.save + fsync, each in a fresh process.
+
+python benchmarks/bench_ingest_parquet.py [--quick] [--rows N] [--reps R] [--save benchmarks/results/NAME]
+"""
+
+import argparse
+import json
+
+from m2m.bench.ingest_parquet import format_table, run
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="20,000 rows (0.2 GB) instead of 100,000 (1 GB)")
+    ap.add_argument("--rows", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", default=None, help="write NAME.json and NAME.txt")
+    a = ap.parse_args()
+    res = run(quick=a.quick, rows=a.rows, reps=a.reps)
+    table = format_table(res)
+    print(json.dumps(res, indent=1) if a.json else table)
+    if a.save:
+        with open(a.save + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        with open(a.save + ".txt", "w") as f:
+            f.write(table + "\n")
