@@ -10,7 +10,6 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from m2m import M2MConfig, create_m2m, open_lake
@@ -41,7 +40,7 @@ def _manifests(lake_dir):
 
 def _doc_reader():
     """The ```python block of docs/format.md that defines read_snapshot, executed as written."""
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
     code = next(b for b in blocks if "def read_snapshot" in b)
     scope: dict = {}
     exec(compile(code, str(DOC), "exec"), scope)
@@ -109,6 +108,6 @@ def test_raw_globs_do_not_give_one_version(tmp_path):
     glob_rows = pl.scan_ipc(str(data / "*.arrow")).select(pl.len()).collect().item()
     assert glob_rows > 2 * rows                                 # silently wrong, no error
     datasets = pytest.importorskip("datasets")
-    with pytest.raises(Exception):                              # mixed main/sidecar schemas
+    with pytest.raises(datasets.exceptions.DatasetGenerationError):   # mixed main/sidecar schemas
         datasets.load_dataset("arrow", data_files=str(data / "*.arrow"), split="train",
                               cache_dir=str(tmp_path / "hf"))

@@ -216,10 +216,10 @@ def test_out_of_space_names_the_lake_folder(tmp_path):
         "from m2m.cli.main import cli\n"
         f"cli(['ingest', {str(tmp_path / 'x.npy')!r}, '--lake', {str(tmp_path / 'lake')!r}, '-q'], prog_name='m2m')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert f"{tmp_path / 'lake'}/_data" in r.stderr and "nothing was committed" in r.stderr
+    assert f"{tmp_path / 'lake'}/_data" in r.stderr                      # the folder (or the file in it)
     with open_lake(tmp_path / "lake") as lake:
         assert len(lake) == 0
     assert [n for n in os.listdir(tmp_path / "lake" / "_data") if not n.startswith(".tmp-")] == []

@@ -65,7 +65,7 @@ print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RU
 
 
 def _child(code: str, *args: str, timeout: float = 1800) -> dict[str, Any]:
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
     lines = r.stdout.strip().splitlines()

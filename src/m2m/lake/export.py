@@ -180,10 +180,12 @@ def export_lake(reader: pa.RecordBatchReader, out: str | os.PathLike[str], fmt: 
         finally:
             os.close(fd)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.remove(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:  # e.g. a full disk
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing {out}") from exc
         raise
     return {"rows": rows, "bytes": os.path.getsize(out), "path": out, "format": fmt}

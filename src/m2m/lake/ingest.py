@@ -106,11 +106,12 @@ def open_source(path: str | os.PathLike[str], column: str | None = None, label_c
         raise FileNotFoundError(f"{p} does not exist")
     if chunk_bytes < 1:
         raise InvalidEmbeddingError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    common = dict(column=column, label_column=label_column, chunk_rows=chunk_rows,
-                  meta_columns=tuple(meta_columns), all_columns=all_columns, chunk_bytes=chunk_bytes)
+    common: dict[str, Any] = {"column": column, "label_column": label_column, "chunk_rows": chunk_rows,
+                              "meta_columns": tuple(meta_columns), "all_columns": all_columns,
+                              "chunk_bytes": chunk_bytes}
     if p.is_dir():
         if any(c.is_dir() and not c.name.startswith((".", "_")) for c in p.iterdir()):
-            return Source((), dataset_root=p, **common)  # type: ignore[arg-type]
+            return Source((), dataset_root=p, **common)
         files = tuple(sorted(f for f in p.iterdir() if f.suffix in SUFFIXES and f.is_file()))
         if not files:
             raise InvalidEmbeddingError(f"{p} holds no {'/'.join(SUFFIXES)} files")
@@ -118,7 +119,7 @@ def open_source(path: str | os.PathLike[str], column: str | None = None, label_c
         files = (p,)
     else:
         raise InvalidEmbeddingError(f"{p}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}")
-    return Source(files, **common)  # type: ignore[arg-type]
+    return Source(files, **common)
 
 
 def _rows_per_chunk(source_rows: int | None, chunk_bytes: int, dim: int, itemsize: int) -> int:

@@ -207,13 +207,13 @@ class _Filling:
             return get(parts[0]) if len(parts) == 1 else np.concatenate([get(p) for p in parts])
 
         ids = (np.arange(first_id, first_id + self.rows, dtype=np.int64) if parts[0].ids is None
-               else cat(lambda p: p.ids))
+               else cat(lambda p: np.asarray(p.ids)))
         cols: dict[str, Any] = {"id": ids, "mu": self.store[:self.rows], "kappa": cat(lambda p: p.kappa),
                                 "alpha": cat(lambda p: p.alpha)}
         if parts[0].labels is not None:
-            cols["label"] = cat(lambda p: p.labels)
+            cols["label"] = cat(lambda p: np.asarray(p.labels))
         for name in parts[0].metadata:
-            values = cat(lambda p: p.metadata[name])
+            values = cat(lambda p, n=name: p.metadata[n])  # type: ignore[misc]
             typ = pa.type_for_alias(schema.metadata[name])
             cols[name] = pa.array(values.tolist() if values.dtype == object else values).cast(typ)
         return cols
