@@ -108,7 +108,7 @@ def format_table(res: dict[str, Any]) -> str:
     mb = 1 << 20
     lines = [f"ingest of one Parquet file: {res['rows']:,} x {res['dim']} float32 "
              f"({res['file_bytes'] / 1e9:.2f} GB file), each in a fresh process, best/peak of {res['reps']}",
-             f"{'measure':<46}{'seconds':>10}{'rows/s':>12}{'peak RSS MB':>14}",
+             f"{'measure':<46}{'seconds':>10}{'rows/s':>12}{'peak RSS MiB':>14}",
              f"{'m2m ingest (ours, durable commit)':<46}{res['ours_seconds']:>10.1f}"
              f"{res['rows'] / res['ours_seconds']:>12,.0f}{res['ours_peak_rss'] / mb:>14,.0f}",
              f"{'pq.read_table + np.save + fsync (baseline)':<46}{res['baseline_seconds']:>10.1f}"
@@ -117,7 +117,7 @@ def format_table(res: dict[str, Any]) -> str:
     ok_rss = res["ours_peak_rss"] / mb <= res["goal_rss_mb"]
     lines.append(f"goal: speed >= {res['goal_vs_baseline']}x baseline -> {res['ratio_speed']:.2f}x "
                  f"({'met' if ok_speed else 'NOT met'}); peak RSS <= {res['goal_rss_mb']} MB -> "
-                 f"{res['ours_peak_rss'] / mb:,.0f} MB ({'met' if ok_rss else 'NOT met'})")
+                 f"{res['ours_peak_rss'] / mb:,.0f} MiB ({'met' if ok_rss else 'NOT met'})")
     return "\n".join(lines)
 
 
@@ -127,7 +127,7 @@ def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
         {"measure": "ingest Parquet (rows/s)", "ours": res["rows"] / res["ours_seconds"],
          "baseline": res["rows"] / res["baseline_seconds"], "baseline_name": "read_table+np.save",
          "limit": None, "limit_name": ""},
-        {"measure": "ingest Parquet peak RSS (MB, lower=better)", "ours": res["ours_peak_rss"] / (1 << 20),
+        {"measure": "ingest Parquet peak RSS (MiB, lower=better)", "ours": res["ours_peak_rss"] / (1 << 20),
          "baseline": res["baseline_peak_rss"] / (1 << 20), "baseline_name": "read_table+np.save",
          "limit": None, "limit_name": ""},
     ]
