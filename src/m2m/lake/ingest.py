@@ -167,10 +167,25 @@ class _NpyReader(_Reader):
 
     def chunks(self) -> Iterator[dict[str, Any]]:
         arr = self._array()
-        step = _rows_per_chunk(self.source.chunk_rows, self.source.chunk_bytes, arr.shape[1], arr.dtype.itemsize)
-        for lo in range(0, arr.shape[0], step):
-            # a copy of this chunk only (the memmap's pages are released as the file is read on)
-            yield {"vectors": np.array(arr[lo:lo + step])}
+        n, dim = arr.shape
+        step = _rows_per_chunk(self.source.chunk_rows, self.source.chunk_bytes, dim, arr.dtype.itemsize)
+        if not (isinstance(arr, np.memmap) and arr.flags.c_contiguous) or arr.dtype.hasobject:
+            for lo in range(0, n, step):
+                yield {"vectors": np.array(arr[lo:lo + step])}
+            return
+        # plain reads of each chunk instead of the memory map: mapped pages would count in the RSS
+        # (up to the whole file); a chunk read into a fresh array is all this process holds
+        offset, dtype = arr.offset, arr.dtype
+        del arr
+        with open(self.f, "rb") as fh:
+            fh.seek(offset)
+            for lo in range(0, n, step):
+                rows = min(step, n - lo)
+                chunk = np.fromfile(fh, dtype=dtype, count=rows * dim)
+                if chunk.size != rows * dim:
+                    raise InvalidEmbeddingError(f"{self.f} is truncated: row {lo + chunk.size // max(dim, 1)} of {n} "
+                                                "is missing")
+                yield {"vectors": chunk.reshape(rows, dim)}
 
 
 class _ArrowReader(_Reader):
