@@ -1,0 +1,12 @@
+"""The Parquet ingest benchmark runs end to end on a tiny file and reports both sides."""
+
+from m2m.bench.ingest_parquet import format_table, headline, run
+
+
+def test_ingest_parquet_bench_runs_small():
+    res = run(rows=300, dim=64)
+    assert res["rows"] == 300 and res["ours_seconds"] > 0 and res["baseline_seconds"] > 0
+    assert res["ours_peak_rss"] > 10 << 20 and res["baseline_peak_rss"] > 10 << 20   # real processes measured
+    assert "m2m ingest (ours" in format_table(res)
+    rows = headline(res)
+    assert rows[0]["ours"] == 300 / res["ours_seconds"] and rows[1]["baseline"] == res["baseline_peak_rss"] / (1 << 20)
