@@ -120,6 +120,19 @@ def test_add_splats_from_arrow_data(tmp_path, table, kind):
         _check(lake, unit, t)
 
 
+def test_wide_numeric_frames_stay_arrays(tmp_path):
+    """A pandas or Polars frame of numeric columns (one column per dimension) is still a [rows, dim] array."""
+    pl = pytest.importorskip("polars")
+    pd = pytest.importorskip("pandas")
+    x = np.random.default_rng(1).standard_normal((20, DIM)).astype(np.float32)
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=DIM)) as lake:
+        lake.add_splats(pl.DataFrame(x))
+        lake.add_splats(pd.DataFrame(x))
+        mu = lake.splats()["mu"]
+    np.testing.assert_allclose(mu, np.concatenate([x, x]) / np.linalg.norm(np.concatenate([x, x]), axis=1,
+                                                                          keepdims=True), atol=1e-6)
+
+
 def test_add_table_from_hf_dataset(tmp_path, table, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -387,8 +387,16 @@ def is_tabular(data: Any) -> bool:
         return True
     if isinstance(data, np.ndarray) or type(data).__module__.startswith("torch"):
         return False
-    if _is_hf_dataset(data) or hasattr(data, "__arrow_c_stream__"):
+    if _is_hf_dataset(data):
         return True
+    if hasattr(data, "__arrow_c_stream__"):
+        if type(data).__module__.startswith("pandas"):
+            return False  # a DataFrame of numbers is a [rows, dim] array, as np.asarray reads it
+        # a Polars (or other) frame is a table only when it has a list column to take vectors from;
+        # a wide frame of numeric columns stays a [rows, dim] array
+        schema = pa.RecordBatchReader.from_stream(data).schema
+        return any(pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+                   for f in schema)
     return isinstance(data, (list, tuple)) and len(data) > 0 and isinstance(data[0], (pa.RecordBatch, pa.Table))
 
 
