@@ -163,15 +163,16 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
 @click.option("--version", "version", type=int, default=None, help="Lake version (default: the latest).")
 @click.option("--columns", default=None, help="Comma-separated columns (default: all, sidecars joined).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@storage_option
 @user_errors
 def export_cmd(lake_dir: str, out: str, fmt: str, float32: bool, version: int | None, columns: str | None,
-               quiet: bool) -> None:
+               quiet: bool, storage_options: dict[str, Any] | None) -> None:
     """Write one version of a lake to OUT as a single Parquet or Arrow file (pyarrow, Polars, DuckDB, HF datasets)."""
     from m2m import open_lake
     from m2m.lake.export import export_lake
 
     cols = None if columns is None else [c.strip() for c in columns.split(",") if c.strip()]
-    with open_lake(lake_dir) as lake:
+    with open_lake(lake_dir, storage_options=storage_options) as lake:
         reader = lake.to_arrow(version=version, columns=cols, stream=True, float32=float32)
         rows = lake.manifest.rows if version is None else None
         with Bar(rows, "export", quiet=quiet) as bar:
