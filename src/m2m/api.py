@@ -7,6 +7,7 @@ import os
 import tempfile
 from typing import Any
 
+from m2m._validate import check_int
 from m2m.config import M2MConfig
 from m2m.errors import ConfigTypeError, DeviceUnavailableError, LakeNotFoundError
 from m2m.lake.fs import open_fs
@@ -60,8 +61,11 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
 
     The lake's own dim and dtype are used; other settings come from ``config`` and ``overrides``
     (e.g. ``storage_options={...}`` for s3://, gs://, az:// lakes). ``version`` pins an older
-    committed version (default: the latest); commits still go on top of the latest.
+    committed version (default: the latest); commits still go on top of the latest. Older versions
+    stay readable when a newer manifest is corrupt (`CorruptShardError` names it).
     """
+    if version is not None:
+        version = check_int(version, "version", 0)
     base = config or M2MConfig()
     asked = dataclasses.replace(base, path=os.fspath(path), **overrides)  # validates the overrides
     fs = open_fs(path, asked.storage_options, asked.io_timeout, asked.io_retries)

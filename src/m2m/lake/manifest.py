@@ -1,26 +1,78 @@
-"""Snapshot manifests: one immutable JSON file per lake version, written last and atomically."""
+"""Snapshot manifests: one immutable JSON file per lake version, written last and atomically.
+
+Format (``format_version`` 2, written by this m2m; 1 is still read):
+
+- ``_manifests/v{version:010d}.json`` is one JSON object with ``format = "m2m-lake"``,
+  ``format_version``, ``version``, ``parent``, ``created``, ``dim``, ``dtype`` (``float32`` or
+  ``float16``), ``next_id``, ``rows`` (v2: the sum of the shards' rows), ``label_type`` (null,
+  ``int64`` or ``string``), ``label_vocabulary``, ``metadata`` (column name -> Arrow type string),
+  ``geometry`` (null or ``{"k": ..., ...}``), ``operation``, ``stats``, ``shards`` and (v2)
+  ``checksum``.
+- ``checksum`` (v2) is ``"sha256:<hex>"``: SHA-256 of the canonical JSON of the whole object without
+  the ``checksum`` key (``json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)``,
+  UTF-8). Any edit of any field, block checksums included, makes the manifest unreadable.
+- each shard is ``{"rows", "id_min", "id_max", "files"}``: a run of ``rows`` >= 1 rows with strictly
+  ascending ids, the first ``id_min`` and the last ``id_max``; shards are in ascending id order,
+  their ranges do not overlap and every id is below ``next_id``. Every file of a shard has exactly
+  ``rows`` rows.
+- each file is ``{"path", "bytes", "crc32", "columns"}`` plus, when present, ``block_bytes`` and
+  ``block_crc32c`` (per-block CRC32C of the file in ``block_bytes`` blocks). ``bytes`` is the file's
+  size and ``crc32`` the zlib CRC32 of all of it. ``path`` is ``_data/<name>`` where ``<name>`` is a
+  plain file name: letters, digits, ``_``, ``-``, ``.``, at most 200 characters, starting with a
+  letter, digit or ``_``, without ``..``; anything else is refused before any file is touched. A
+  path appears once per manifest. The first file of a shard holds ``id``, ``mu``, ``kappa``,
+  ``alpha``, ``label`` (when the lake has labels) and every metadata column; later files
+  (sidecars, e.g. ``kappa``, ``neighbors``, ``neighbor_cos``) override the columns they list.
+
+`Manifest.from_json` checks all of this (the checksum, types, ranges, names and the id layout)
+without touching any shard file; `m2m.lake.integrity` cross-checks the numbers against the shard
+files' Arrow footers.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from m2m.errors import CommitConflictError, CorruptShardError, LakeNotFoundError
 from m2m.lake.fs import LakeFS
+from m2m.lake.schema import LABEL, MAIN_COLUMNS, NEIGHBOR_COS, NEIGHBORS
 
 FORMAT_NAME = "m2m-lake"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # what this m2m writes
+READABLE_FORMAT_VERSIONS = (1, 2)
+CHECKSUM_ALGORITHM = "sha256"
 MANIFEST_DIR = "_manifests"
 DATA_DIR = "_data"
+DTYPES = ("float32", "float16")
+LABEL_TYPES = ("int64", "string")
 _MANIFEST_RE = re.compile(r"^v(\d{10})\.json$")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+_U32 = 1 << 32
+_I64_MAX = (1 << 63) - 1
+
+
+def check_file_path(path: Any) -> str:
+    """``path`` if it is ``_data/<plain name>``, else ValueError naming it (nothing is touched)."""
+    if not isinstance(path, str):
+        raise ValueError(f"file path {path!r} is not a string")
+    prefix, sep, name = path.partition("/")
+    if prefix != DATA_DIR or not sep or not _FILE_NAME_RE.match(name) or ".." in name:
+        raise ValueError(f"file path {path!r} is not a plain file name inside {DATA_DIR}/")
+    return path
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One immutable Arrow IPC file holding some columns of a shard."""
+    """One immutable Arrow IPC file holding some columns of a shard.
+
+    ``block_bytes``/``block_crc32c``: optional per-block CRC32C checksums of the file (both or
+    neither), serialised and covered by the manifest checksum when present.
+    """
 
     path: str
     bytes: int
@@ -30,6 +82,15 @@ class FileEntry:
     # checked on every read from disk by the stream; None in files written before they existed
     block_bytes: int | None = None
     block_crc32c: tuple[int, ...] | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"path": self.path, "bytes": self.bytes, "crc32": self.crc32,
+                               "columns": list(self.columns)}
+        if self.block_bytes is not None:
+            doc["block_bytes"] = self.block_bytes
+        if self.block_crc32c is not None:
+            doc["block_crc32c"] = list(self.block_crc32c)
+        return doc
 
 
 @dataclass(frozen=True)
@@ -46,6 +107,10 @@ class ShardEntry:
             if column in f.columns:
                 return f
         raise KeyError(column)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"rows": self.rows, "id_min": self.id_min, "id_max": self.id_max,
+                "files": [f.to_doc() for f in self.files]}
 
 
 @dataclass(frozen=True)
@@ -65,6 +130,7 @@ class Manifest:
     parent: int | None = None
     created: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION  # of the file it was read from (new manifests: FORMAT_VERSION)
 
     @property
     def rows(self) -> int:
@@ -78,47 +144,177 @@ class Manifest:
         return [f for s in self.shards for f in s.files]
 
     def next(self, **changes: Any) -> "Manifest":
-        """The manifest of the next version, derived from this one."""
-        return replace(self, version=self.version + 1, parent=self.version, created=time.time(), **changes)
+        """The manifest of the next version, derived from this one (always written as the current format)."""
+        return replace(self, version=self.version + 1, parent=self.version, created=time.time(),
+                       format_version=FORMAT_VERSION, **changes)
+
+    def to_doc(self) -> dict[str, Any]:
+        """The JSON object of this manifest in the current format, ``checksum`` included."""
+        doc: dict[str, Any] = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "version": self.version,
+            "parent": self.parent, "created": self.created, "dim": self.dim, "dtype": self.dtype,
+            "next_id": self.next_id, "rows": self.rows, "label_type": self.label_type,
+            "label_vocabulary": list(self.label_vocabulary), "metadata": dict(self.metadata),
+            "geometry": self.geometry, "operation": dict(self.operation), "stats": dict(self.stats),
+            "shards": [s.to_doc() for s in self.shards],
+        }
+        doc["checksum"] = manifest_checksum(doc)
+        return doc
 
     def to_json(self) -> bytes:
-        doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(self)}
-        return json.dumps(doc, indent=1, sort_keys=True).encode()
+        return json.dumps(self.to_doc(), indent=1, sort_keys=True).encode()
 
     @staticmethod
     def from_json(data: bytes, where: str) -> "Manifest":
+        """Parse and check a manifest; `CorruptShardError` naming ``where`` and the first problem found.
+
+        Checks the checksum (v2), every field's type and range, file names, and the id layout; reads
+        no shard file (see `m2m.lake.integrity` for the checks against the files).
+        """
         try:
-            doc = json.loads(data)
-            if doc.get("format") != FORMAT_NAME:
-                raise ValueError(f"not an m2m manifest (format={doc.get('format')!r})")
-            if doc["format_version"] > FORMAT_VERSION:
-                raise ValueError(f"format_version {doc['format_version']} is newer than this m2m reads "
-                                 f"({FORMAT_VERSION}); upgrade m2m")
-            shards = tuple(
-                ShardEntry(rows=int(s["rows"]), id_min=int(s["id_min"]), id_max=int(s["id_max"]),
-                           files=tuple(FileEntry(path=f["path"], bytes=int(f["bytes"]), crc32=int(f["crc32"]),
-                                                 columns=tuple(f["columns"]), **_block_fields(f))
-                                       for f in s["files"]))
-                for s in doc["shards"])
-            return Manifest(
-                version=int(doc["version"]), dim=int(doc["dim"]), dtype=str(doc["dtype"]),
-                next_id=int(doc["next_id"]), shards=shards, label_type=doc.get("label_type"),
-                label_vocabulary=tuple(doc.get("label_vocabulary") or ()), metadata=dict(doc.get("metadata") or {}),
-                geometry=doc.get("geometry"), operation=dict(doc.get("operation") or {}),
-                parent=doc.get("parent"), created=float(doc.get("created", 0.0)), stats=dict(doc.get("stats") or {}))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptShardError(f"manifest {where} is unreadable: {exc}") from exc
+            return _parse(json.loads(data))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise CorruptShardError(f"manifest {where} is corrupt: {what}") from exc
 
 
-def _block_fields(f: dict[str, Any]) -> dict[str, Any]:
-    """The optional per-block checksums of a file entry (absent in older manifests)."""
-    if f.get("block_bytes") is None or f.get("block_crc32c") is None:
-        return {}
-    size, crcs = int(f["block_bytes"]), tuple(int(c) for c in f["block_crc32c"])
-    if size <= 0 or len(crcs) != -(-int(f["bytes"]) // size):
-        raise ValueError(f"file {f['path']!r}: {len(crcs)} block checksums of {size} bytes "
-                         f"do not cover its {f['bytes']} bytes")
-    return {"block_bytes": size, "block_crc32c": crcs}
+def canonical_json(doc: dict[str, Any]) -> bytes:
+    """The bytes the manifest checksum covers: ``doc`` without ``checksum``, canonical JSON."""
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def manifest_checksum(doc: dict[str, Any]) -> str:
+    """``"sha256:<hex>"`` of `canonical_json` of ``doc``."""
+    return f"{CHECKSUM_ALGORITHM}:{hashlib.sha256(canonical_json(doc)).hexdigest()}"
+
+
+def _int(doc: dict[str, Any], key: str, low: int = 0, high: int = _I64_MAX, where: str = "") -> int:
+    v = doc[key]
+    if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+        raise ValueError(f"{where}{key} = {v!r} is not an int in [{low}, {high}]")
+    return v
+
+
+def _parse(doc: Any) -> Manifest:
+    if not isinstance(doc, dict):
+        raise ValueError(f"not a JSON object but {type(doc).__name__}")
+    if doc.get("format") != FORMAT_NAME:
+        raise ValueError(f"not an m2m manifest (format={doc.get('format')!r})")
+    fv = doc.get("format_version")
+    if isinstance(fv, int) and not isinstance(fv, bool) and fv > FORMAT_VERSION:
+        raise ValueError(f"format_version {fv} is newer than this m2m reads ({FORMAT_VERSION}); upgrade m2m")
+    if fv not in READABLE_FORMAT_VERSIONS or isinstance(fv, bool):
+        raise ValueError(f"format_version {fv!r} is not one of {READABLE_FORMAT_VERSIONS}")
+    if fv >= 2:
+        stored = doc.get("checksum")
+        if not isinstance(stored, str):
+            raise ValueError("the checksum is missing")
+        actual = manifest_checksum(doc)
+        if stored != actual:
+            raise ValueError(f"checksum mismatch: stored {stored}, content {actual}")
+    dtype = doc["dtype"]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+    label_type = doc.get("label_type")
+    if label_type is not None and label_type not in LABEL_TYPES:
+        raise ValueError(f"label_type {label_type!r} is not null or one of {LABEL_TYPES}")
+    vocab = doc.get("label_vocabulary") or []
+    if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab) or len(set(vocab)) != len(vocab):
+        raise ValueError("label_vocabulary is not a list of distinct strings")
+    metadata = doc.get("metadata") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise ValueError("metadata is not an object of column name -> type string")
+    geometry = doc.get("geometry")
+    if geometry is not None:
+        if not isinstance(geometry, dict):
+            raise ValueError("geometry is not an object")
+        _int(geometry, "k", 0, 1 << 20, "geometry.")
+    for key in ("operation", "stats"):
+        if not isinstance(doc.get(key) or {}, dict):
+            raise ValueError(f"{key} is not an object")
+    parent = doc.get("parent")
+    version = _int(doc, "version")
+    if parent is not None and (not isinstance(parent, int) or isinstance(parent, bool) or not 0 <= parent < version):
+        raise ValueError(f"parent {parent!r} is not a version below {version}")
+    created = doc.get("created", 0.0)
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        raise ValueError(f"created {created!r} is not a number")
+    if not isinstance(doc["shards"], list):
+        raise ValueError("shards is not a list")
+    m = Manifest(
+        version=version, dim=_int(doc, "dim", 1, 1 << 24), dtype=dtype, next_id=_int(doc, "next_id"),
+        shards=tuple(_shard(s, i) for i, s in enumerate(doc["shards"])), label_type=label_type,
+        label_vocabulary=tuple(vocab), metadata=dict(metadata), geometry=geometry,
+        operation=dict(doc.get("operation") or {}), parent=parent, created=float(created),
+        stats=dict(doc.get("stats") or {}), format_version=fv)
+    if fv >= 2 and _int(doc, "rows") != m.rows:
+        raise ValueError(f"rows = {doc['rows']} but the shards hold {m.rows}")
+    check_layout(m)
+    return m
+
+
+def _shard(doc: Any, i: int) -> ShardEntry:
+    where = f"shards[{i}]."
+    if not isinstance(doc, dict) or not isinstance(doc.get("files"), list) or not doc["files"]:
+        raise ValueError(f"shards[{i}] is not an object with a non-empty files list")
+    return ShardEntry(rows=_int(doc, "rows", 1, where=where), id_min=_int(doc, "id_min", where=where),
+                      id_max=_int(doc, "id_max", where=where),
+                      files=tuple(_file(f, f"shards[{i}].files[{j}].") for j, f in enumerate(doc["files"])))
+
+
+def _file(doc: Any, where: str) -> FileEntry:
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where[:-1]} is not an object")
+    path = check_file_path(doc["path"])
+    columns = doc["columns"]
+    if (not isinstance(columns, list) or not columns or not all(isinstance(c, str) and c for c in columns)
+            or len(set(columns)) != len(columns)):
+        raise ValueError(f"{where}columns of {path} is not a non-empty list of distinct names")
+    block_bytes = doc.get("block_bytes")
+    blocks = doc.get("block_crc32c")
+    if (block_bytes is None) != (blocks is None):
+        raise ValueError(f"{where}block_bytes and block_crc32c of {path} must both be present or both absent")
+    if block_bytes is not None:
+        _int(doc, "block_bytes", 1, where=where)
+        if not isinstance(blocks, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and 0 <= c < _U32 for c in blocks):
+            raise ValueError(f"{where}block_crc32c of {path} is not a list of uint32")
+    return FileEntry(path=path, bytes=_int(doc, "bytes", where=where), crc32=_int(doc, "crc32", 0, _U32 - 1, where),
+                     columns=tuple(columns), block_bytes=block_bytes,
+                     block_crc32c=None if blocks is None else tuple(blocks))
+
+
+def check_layout(m: Manifest) -> None:
+    """ValueError naming the first inconsistency between a manifest's own numbers and names.
+
+    Shards hold >= 1 row, ``id_max - id_min + 1 >= rows`` (ids are unique), ranges ascend without
+    overlap and stay below ``next_id``; every file path appears once; every shard's first file holds
+    the main columns, the label (if any) and every metadata column; sidecars only hold known columns.
+    """
+    main = set(MAIN_COLUMNS) | set(m.metadata) | ({LABEL} if m.label_type is not None else set())
+    known = main | {NEIGHBORS, NEIGHBOR_COS}
+    seen: set[str] = set()
+    prev_max = -1
+    for i, s in enumerate(m.shards):
+        if s.id_min > s.id_max or s.id_max - s.id_min + 1 < s.rows:
+            raise ValueError(f"shards[{i}] has {s.rows} rows but ids [{s.id_min}, {s.id_max}]")
+        if s.id_min <= prev_max:
+            raise ValueError(f"shards[{i}] ids start at {s.id_min}, not after the previous shard's {prev_max} "
+                             "(shards must ascend without overlap)")
+        prev_max = s.id_max
+        for j, f in enumerate(s.files):
+            if f.path in seen:
+                raise ValueError(f"file {f.path} is listed twice")
+            seen.add(f.path)
+            cols = set(f.columns)
+            if j == 0 and not main <= cols:
+                raise ValueError(f"shards[{i}] first file {f.path} lacks columns {sorted(main - cols)}")
+            if not cols <= known:
+                raise ValueError(f"file {f.path} lists unknown columns {sorted(cols - known)}")
+    if prev_max >= m.next_id:
+        raise ValueError(f"next_id {m.next_id} is not above the largest id {prev_max}")
 
 
 def manifest_name(version: int) -> str:
@@ -126,7 +322,7 @@ def manifest_name(version: int) -> str:
 
 
 def list_versions(fs: LakeFS) -> list[int]:
-    """Committed versions, ascending (temp files of interrupted commits are ignored)."""
+    """Committed versions, ascending (temp files and manifests moved aside by `repair` are ignored)."""
     out = []
     for name in fs.listdir(MANIFEST_DIR):
         m = _MANIFEST_RE.match(name)
@@ -136,16 +332,30 @@ def list_versions(fs: LakeFS) -> list[int]:
 
 
 def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
-    """The manifest of ``version`` (default: the latest). `LakeNotFoundError` when there is no lake."""
+    """The manifest of ``version`` (default: the latest). `LakeNotFoundError` when there is no lake.
+
+    An unreadable manifest raises `CorruptShardError` naming it; for the latest version the message
+    also names the newest older version and the recovery commands.
+    """
     versions = list_versions(fs)
     if not versions:
         raise LakeNotFoundError(f"no m2m lake at {fs.root} (no {MANIFEST_DIR}/ manifests)")
+    latest = version is None
     if version is None:
         version = versions[-1]
     elif version not in versions:
         raise LakeNotFoundError(f"lake {fs.root} has no version {version} (versions: {versions[0]}..{versions[-1]})")
     rel = manifest_name(version)
-    return Manifest.from_json(fs.read_bytes(rel), f"{fs.root}/{rel}")
+    try:
+        return Manifest.from_json(fs.read_bytes(rel), f"{fs.root}/{rel}")
+    except CorruptShardError as exc:
+        older = [v for v in versions if v < version]
+        if not latest or not older:
+            raise
+        raise CorruptShardError(
+            f"{exc}; older versions are still readable (e.g. open_lake(path, version={older[-1]})); to recover, "
+            f"`m2m rollback {fs.root} --to {older[-1]}` commits a copy of version {older[-1]} as the newest, or "
+            f"`m2m repair {fs.root}` moves the unreadable manifest aside") from exc
 
 
 def write_manifest(fs: LakeFS, manifest: Manifest) -> None:

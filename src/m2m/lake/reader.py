@@ -11,10 +11,12 @@ import pyarrow.compute as pc
 
 from m2m.errors import UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
+from m2m.lake.integrity import check_batch, check_footers, check_key
 from m2m.lake.manifest import FileEntry, Manifest
+from m2m.lake.schema import MAIN_COLUMNS
 from m2m.lake.shard import ColumnExtent, column_extents, column_to_numpy, open_shard_file
 
-BUILTIN_COLUMNS = ("id", "mu", "kappa", "alpha")
+BUILTIN_COLUMNS = MAIN_COLUMNS
 
 
 class Snapshot:
@@ -24,13 +26,24 @@ class Snapshot:
     sidecar's neighbour ids are exposed as global row positions (-1 where missing). Shard files are
     verified against their CRC32 on first use when ``verify`` is true; ``verified`` (paths already
     checked) may be shared between snapshots so that a file is checked once per holder of the set.
+
+    Every file's Arrow footer is cross-checked against the manifest (rows, column types, dim, dtype,
+    first/last id; `m2m.lake.integrity`): for a local lake when the snapshot is made, for a remote
+    one when the file is first used (it is downloaded then anyway). ``checked`` (the `check_key`
+    of each file already cross-checked) may be shared like ``verified``. A mismatch raises
+    `CorruptShardError` naming the file.
     """
 
-    def __init__(self, fs: LakeFS, manifest: Manifest, verify: bool = True, verified: set[str] | None = None) -> None:
+    def __init__(self, fs: LakeFS, manifest: Manifest, verify: bool = True, verified: set[str] | None = None,
+                 checked: set[tuple[object, ...]] | None = None) -> None:
         self.fs = fs
         self.manifest = manifest
         self.verify = verify
         self._verified: set[str] = set() if verified is None else verified
+        self._checked: set[tuple[object, ...]] = set() if checked is None else checked
+        self._shard_of = {f.path: i for i, s in enumerate(manifest.shards) for f in s.files}
+        if fs.is_local:  # footers only: a few small reads per file, no data pages
+            check_footers(fs, manifest, self._checked)
         counts = np.fromiter((s.rows for s in manifest.shards), dtype=np.int64, count=len(manifest.shards))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._batches: dict[str, pa.RecordBatch] = {}
@@ -188,6 +201,10 @@ class Snapshot:
                 b = open_shard_file(self.fs, f, verify=check)
                 if check:
                     self._verified.add(f.path)
+                key = check_key(self.manifest, self._shard_of[f.path], f)
+                if key not in self._checked:
+                    check_batch(self.manifest, self._shard_of[f.path], f, b, self.fs.local_path(f.path))
+                    self._checked.add(key)
                 self._batches[f.path] = b
             return b
 

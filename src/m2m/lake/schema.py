@@ -1,0 +1,33 @@
+"""The one registry of column names m2m itself uses: user metadata may not take any of them.
+
+Every column a shard file, a sidecar or a streamed batch can carry is named here, so a metadata
+column can never be shadowed by (or shadow) one of m2m's own: ``tests/lake/test_schema.py`` checks
+that every column a real lake, its geometry sidecars and its stream produce is in
+`RESERVED_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+ID = "id"                    # int64, ascending and unique within a version
+MU = "mu"                    # fixed_size_list<float32|float16>[dim], unit vectors
+KAPPA = "kappa"              # float32 concentration (NaN until estimated)
+ALPHA = "alpha"              # float32 mass
+LABEL = "label"              # int64 or string
+NEIGHBORS = "neighbors"      # geometry sidecar: fixed_size_list<int64>[k] neighbour ids (-1: none)
+NEIGHBOR_COS = "neighbor_cos"  # geometry sidecar: fixed_size_list<float32>[k] their cosines
+EMBEDDING = "embedding"      # stream batches: the (possibly augmented) vectors
+WEIGHT = "weight"            # stream batches: importance weights
+ROWS = "_rows"               # stream batches: global row positions (internal)
+
+MAIN_COLUMNS = (ID, MU, KAPPA, ALPHA)            # every shard's first file holds these (and label, metadata)
+GEOMETRY_COLUMNS = (KAPPA, NEIGHBORS, NEIGHBOR_COS)  # what estimate_kappa writes per shard
+STREAM_COLUMNS = (EMBEDDING, WEIGHT, ROWS)
+
+RESERVED_COLUMNS = frozenset(MAIN_COLUMNS + (LABEL,) + GEOMETRY_COLUMNS + STREAM_COLUMNS)
+
+
+def reserved_reason(name: str) -> str | None:
+    """Why ``name`` cannot be a user metadata column, or None when it can."""
+    if name in RESERVED_COLUMNS:
+        return f"{name!r} is one of m2m's own columns ({', '.join(sorted(RESERVED_COLUMNS))})"
+    return None
