@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from m2m.errors import ConfigError, DimensionMismatchError, InvalidEmbeddingError
+from m2m.lake.schema import RESERVED_COLUMNS, reserved_reason
 
 VALIDATE_CHUNK_ROWS = 65536
 
@@ -57,11 +58,18 @@ def as_vectors(vectors: Any, dim: int | None, name: str = "vectors", allow_empty
 
 
 def check_rows(arr: np.ndarray, start: int = 0, name: str = "vectors") -> None:
-    """Raise if any row of ``arr`` is non-finite or has zero norm (row numbers offset by ``start``)."""
+    """Raise if any row of ``arr`` is non-finite or has zero norm (row numbers offset by ``start``).
+
+    Judged in the input's own precision: a finite float64 row of 1e300 or 1e-300 is valid (it is
+    rescaled when normalised), only true NaN/Inf and all-zero rows are refused.
+    """
     for lo in range(0, arr.shape[0], VALIDATE_CHUNK_ROWS):
-        chunk = np.asarray(arr[lo : lo + VALIDATE_CHUNK_ROWS], dtype=np.float32)
-        sq = np.einsum("ij,ij->i", chunk, chunk)
-        suspect = ~(sq > 0) | ~np.isfinite(sq)  # NaN, Inf, zero, or a finite row whose square overflows
+        chunk = np.asarray(arr[lo : lo + VALIDATE_CHUNK_ROWS])
+        if chunk.dtype.kind != "f":
+            chunk = chunk.astype(np.float64)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            sq = np.einsum("ij,ij->i", chunk, chunk)
+        suspect = ~(sq > 0) | ~np.isfinite(sq)  # NaN, Inf, zero, or a finite row whose square over/underflows
         if not suspect.any():
             continue
         for row in np.flatnonzero(suspect):  # only the few suspect rows are looked at one by one
@@ -72,20 +80,42 @@ def check_rows(arr: np.ndarray, start: int = 0, name: str = "vectors") -> None:
                 raise InvalidEmbeddingError(f"{name} row {start + lo + int(row)} is a zero vector")
 
 
-def normalise_rows(chunk: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Unit-norm float32 copy of a validated chunk (rows whose squared norm overflows are rescaled first).
+_SAFE_MAX = 1e18     # float32 rows with max |x| inside [_SAFE_MIN, _SAFE_MAX] have a finite, normal squared norm
+_SAFE_MIN = 1e-18
 
-    ``out``: an optional float32 buffer of the chunk's shape to write into (avoids fresh pages).
+
+def _as_float32(src: np.ndarray) -> np.ndarray:
+    """float32 copy of a validated chunk; rows whose values float32 cannot hold (1e300, 1e-300) are
+    divided by their largest |value| first, in the input's precision (the direction is all that is kept)."""
+    if src.dtype.kind != "f" or src.dtype.itemsize <= 4:
+        return src.astype(np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        top = np.abs(src).max(axis=1)
+    out_of_range = (top > _SAFE_MAX) | (top < _SAFE_MIN)
+    if not out_of_range.any():
+        return src.astype(np.float32)
+    scaled = src.copy()
+    scaled[out_of_range] /= top[out_of_range, None]
+    return scaled.astype(np.float32)
+
+
+def normalise_rows(chunk: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Unit-norm float32 copy of a validated chunk, safe for any finite non-zero row.
+
+    Rows whose squared norm would overflow or underflow (values above ~1e19 or below ~1e-19, in any
+    input precision) are divided by their largest |value| before squaring. ``out``: an optional
+    float32 buffer of the chunk's shape to write into (avoids fresh pages).
     """
     src = np.asarray(chunk)
     if src.dtype != np.float32:
-        src = src.astype(np.float32)
-    sq = np.einsum("ij,ij->i", src, src)
-    big = ~np.isfinite(sq)
-    if big.any():
+        src = _as_float32(src)
+    with np.errstate(over="ignore", under="ignore"):
+        sq = np.einsum("ij,ij->i", src, src)
+    unsafe = ~(sq >= np.float32(_SAFE_MIN) ** 2) | ~np.isfinite(sq)  # overflowed, underflowed or subnormal
+    if unsafe.any():
         src = src.copy()
-        src[big] /= np.abs(src[big]).max(axis=1, keepdims=True)
-        sq[big] = np.einsum("ij,ij->i", src[big], src[big])
+        src[unsafe] /= np.abs(src[unsafe]).max(axis=1, keepdims=True)
+        sq[unsafe] = np.einsum("ij,ij->i", src[unsafe], src[unsafe])
     if out is None:
         out = np.empty(src.shape, dtype=np.float32)
     np.divide(src, np.sqrt(sq)[:, None], out=out)
@@ -112,32 +142,86 @@ def positive_column(values: Any, n: int, name: str, allow_nan: bool = False) -> 
     return arr
 
 
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_LABEL_RULE = "labels must be integers representable in int64, or strings"
+
+
+def _bad_label(row: int, value: Any) -> InvalidEmbeddingError:
+    return InvalidEmbeddingError(f"labels row {row} is {value!r}; {_LABEL_RULE}")
+
+
 def label_column(labels: Any, n: int) -> np.ndarray:
-    """Labels as int64 or str [n]."""
+    """Labels as int64 or str [n]; `InvalidEmbeddingError` naming the first label that is neither
+    an integer representable in int64 (no rounding, wrapping or saturation) nor a string."""
     arr = as_numpy(labels, "labels")
     if arr.ndim != 1 or arr.shape[0] != n:
         raise InvalidEmbeddingError(f"labels must have shape [{n}] to match vectors, got {tuple(arr.shape)}")
-    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
+    if arr.dtype == bool:
+        return arr.astype(np.int64)
+    if np.issubdtype(arr.dtype, np.unsignedinteger) and arr.dtype.itemsize >= 8:
+        big = arr > np.uint64(_I64_MAX)
+        if big.any():
+            row = int(np.argmax(big))
+            raise _bad_label(row, int(arr[row]))
+        return arr.astype(np.int64)
+    if np.issubdtype(arr.dtype, np.integer):
         return arr.astype(np.int64)
     if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            row = int(np.argmax(~np.isfinite(arr) | (arr != np.round(arr))))
-            raise InvalidEmbeddingError(f"labels row {row} is {arr[row]!r}; labels must be ints or strings")
+        # float64 holds -2**63 exactly and 2**63 is the first value past int64: compare, never cast, first
+        with np.errstate(invalid="ignore"):
+            ok = (arr == np.floor(arr)) & (arr >= -(2.0 ** 63)) & (arr < 2.0 ** 63)  # NaN and Inf fail
+        if not ok.all():
+            row = int(np.argmax(~ok))
+            raise _bad_label(row, arr[row].item())
         return arr.astype(np.int64)
     if arr.dtype.kind in ("U", "S", "O"):
         out = arr.astype(object)
-        for i, v in enumerate(out):  # labels are validated once per add; strings need a per-value check
+        values = out.tolist()
+        if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values):
+            for i, v in enumerate(values):  # Python ints of any size (numpy gave up on a common dtype)
+                if not _I64_MIN <= int(v) <= _I64_MAX:
+                    raise _bad_label(i, v)
+            return np.asarray(values, dtype=np.int64)
+        for i, v in enumerate(values):  # labels are validated once per add; strings need a per-value check
             if not isinstance(v, (str, bytes)):
                 raise InvalidEmbeddingError(f"labels row {i} is {v!r}; labels must be all ints or all strings")
-        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in out], dtype=object)
+        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
     raise InvalidEmbeddingError(f"labels must be ints or strings, got dtype {arr.dtype}")
 
 
-RESERVED_COLUMNS = frozenset({"id", "mu", "kappa", "alpha", "label", "neighbors", "embedding", "weight"})
+def _object_column(arr: np.ndarray, name: str) -> np.ndarray:
+    """An object (Python values) metadata column as strings (object array, None allowed) or numbers;
+    `InvalidEmbeddingError` naming the column and the first row whose type differs from the others."""
+    values = arr.tolist()
+    kinds = [None if v is None else str if isinstance(v, (str, bytes)) else bool if isinstance(v, (bool, np.bool_))
+             else int if isinstance(v, (int, np.integer)) else float if isinstance(v, (float, np.floating))
+             else type(v) for v in values]
+    present = [k for k in kinds if k is not None]
+    first = present[0] if present else str
+    allowed = {int, float} if first in (int, float) else {first}
+    for row, k in enumerate(kinds):
+        if k is not None and (k not in allowed or k not in (str, bool, int, float)):
+            raise InvalidEmbeddingError(
+                f"metadata[{name!r}] row {row} is {values[row]!r} ({type(values[row]).__name__}), but the column "
+                f"holds {first.__name__} values; a metadata column must hold one type (strings or numbers)")
+    if first is str:
+        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
+    if None in kinds:
+        row = kinds.index(None)
+        raise InvalidEmbeddingError(f"metadata[{name!r}] row {row} is None in a numeric column")
+    if first is bool:
+        return np.asarray(values, dtype=bool)
+    if float in present:
+        return np.asarray(values, dtype=np.float64)
+    for row, v in enumerate(values):
+        if not _I64_MIN <= int(v) <= _I64_MAX:
+            raise InvalidEmbeddingError(f"metadata[{name!r}] row {row} is {v!r}, outside int64")
+    return np.asarray(values, dtype=np.int64)
 
 
 def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np.ndarray]:
-    """User columns as 1-D arrays of length n (numeric or string)."""
+    """User columns as 1-D arrays of length n (numeric or string); names must not be reserved
+    (`m2m.lake.schema.RESERVED_COLUMNS`)."""
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
@@ -146,14 +230,17 @@ def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np
     for name, values in metadata.items():
         if not isinstance(name, str) or not name:
             raise InvalidEmbeddingError(f"metadata column names must be non-empty strings, got {name!r}")
-        if name in RESERVED_COLUMNS:
-            raise InvalidEmbeddingError(f"metadata column {name!r} clashes with a built-in column")
+        why = reserved_reason(name)
+        if why is not None:
+            raise InvalidEmbeddingError(f"metadata column {name!r} clashes with a reserved name: {why}")
         arr = as_numpy(values, f"metadata[{name!r}]")
         if arr.ndim != 1 or arr.shape[0] != n:
             raise InvalidEmbeddingError(
                 f"metadata[{name!r}] must have shape [{n}] to match vectors, got {tuple(arr.shape)}")
         if arr.dtype.kind in ("U", "S"):
             arr = arr.astype(object)
+        elif arr.dtype == object:
+            arr = _object_column(arr, name)
         out[name] = arr
     return out
 

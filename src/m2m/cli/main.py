@@ -1,4 +1,5 @@
-"""The `m2m` command line: ingest, export, info, verify, vacuum, consolidate, search, bench, demo."""
+"""The `m2m` command line: ingest, export, info, verify, rollback, repair, vacuum, consolidate, search, bench,
+demo."""
 
 from __future__ import annotations
 
@@ -216,14 +217,16 @@ def info(lake_dir: str, as_json: bool, storage_options: dict[str, Any] | None) -
 
 @cli.command()
 @click.argument("lake_dir")
+@click.option("--version", "version", type=int, default=None, help="Version to check (default: the latest).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @storage_option
 @user_errors
-def verify(lake_dir: str, quiet: bool, storage_options: dict[str, Any] | None) -> None:
-    """Check every shard of the latest version against its CRC32; exit 1 if any is corrupt."""
+def verify(lake_dir: str, version: int | None, quiet: bool, storage_options: dict[str, Any] | None) -> None:
+    """Check a version: its manifest checksum and layout, and every file's size, CRC32, Arrow footer
+    and ids against it; exit 1 on any problem."""
     from m2m import open_lake
 
-    with open_lake(lake_dir, storage_options=storage_options) as lake:
+    with open_lake(lake_dir, version=version, storage_options=storage_options) as lake:
         files = lake.manifest.files()
         with Bar(len(files), "verify", unit="files", quiet=quiet) as bar:
             problems = lake.verify(progress=bar)
@@ -234,6 +237,44 @@ def verify(lake_dir: str, quiet: bool, storage_options: dict[str, Any] | None) -
                        err=True)
             sys.exit(1)
         click.echo(f"ok: {len(files)} files, {len(lake):,} rows, version {lake.version}")
+
+
+@cli.command()
+@click.argument("lake_dir")
+@click.option("--to", "to", type=int, required=True, help="The version to restore.")
+@storage_option
+@user_errors
+def rollback(lake_dir: str, to: int, storage_options: dict[str, Any] | None) -> None:
+    """Commit a copy of version TO as the newest version (nothing is deleted)."""
+    from m2m.lake.recovery import rollback as do_rollback
+
+    m = do_rollback(lake_dir, to, storage_options=storage_options)
+    if m.version == to:
+        click.echo(f"version {to} is already the newest; nothing written")
+    else:
+        click.echo(f"version {m.version} = version {to} ({m.rows:,} rows)")
+
+
+@cli.command()
+@click.argument("lake_dir")
+@click.option("--dry-run", is_flag=True, help="Report only; move nothing.")
+@storage_option
+@user_errors
+def repair(lake_dir: str, dry_run: bool, storage_options: dict[str, Any] | None) -> None:
+    """Move unreadable newest manifests aside (renamed *.corrupt-<time>) so the newest readable
+    version is the head again; report every unreadable manifest."""
+    from m2m.lake.recovery import repair as do_repair
+
+    r = do_repair(lake_dir, dry_run=dry_run, storage_options=storage_options)
+    verb = "would move" if dry_run else "moved"
+    for v, aside, problem in r["moved"]:
+        click.echo(f"{verb} unreadable version {v} aside to {aside}: {problem}")
+    for v, problem in r["unreadable"]:
+        click.echo(f"older version {v} is unreadable (left in place): {problem}")
+    if not r["moved"] and not r["unreadable"]:
+        click.echo(f"ok: every manifest is readable; head is version {r['head']}")
+    else:
+        click.echo(f"head is version {r['head']}")
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -79,10 +80,15 @@ class LocalFS:
         final = self._p(rel)
         directory = os.path.dirname(final)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # e.g. ENOSPC: name the file, leave nothing behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing", final) from exc
         os.rename(tmp, final)
         fsync_path(directory)
 
@@ -319,10 +325,22 @@ class FsspecFS:
 
         return self._call("create", rel, put)
 
+    def _cached(self, rel: str) -> str:
+        """``rel``'s path in the shard cache; never outside it (a defensive check: manifests are
+        checked at parse, see `m2m.lake.manifest.check_file_path`)."""
+        from m2m.errors import CorruptShardError
+
+        cached = os.path.join(self.cache, rel)
+        root = os.path.realpath(self.cache)
+        if os.path.commonpath([root, os.path.realpath(os.path.dirname(cached))]) != root or \
+                os.path.isabs(rel) or ".." in rel.split("/"):
+            raise CorruptShardError(f"refusing path {rel!r}: it leaves the shard cache {self.cache}")
+        return cached
+
     def write_file(self, rel: str, local_src: str) -> None:
         self._record(rel)
         self._call("upload", rel, self.fs.put_file, local_src, self._p(rel))
-        cached = os.path.join(self.cache, rel)
+        cached = self._cached(rel)
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         os.replace(local_src, cached)
 
@@ -332,12 +350,12 @@ class FsspecFS:
         except FileNotFoundError:
             pass
         try:
-            os.remove(os.path.join(self.cache, rel))
+            os.remove(self._cached(rel))
         except FileNotFoundError:
             pass
 
     def local_path(self, rel: str) -> str:
-        cached = os.path.join(self.cache, rel)
+        cached = self._cached(rel)
         if not os.path.exists(cached):
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             tmp = f"{cached}.part-{uuid.uuid4().hex}"

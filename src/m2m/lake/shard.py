@@ -108,13 +108,20 @@ def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array]) -
     rel = f"{DATA_DIR}/{uuid.uuid4().hex}.arrow"
     local = fs.local_path(rel) if fs.is_local else fs.new_local_file(".arrow")
     os.makedirs(os.path.dirname(local), exist_ok=True)
-    with open(local, "wb") as f:
-        sink = _CrcSink(f)
-        with pa.PythonFile(sink, mode="w") as out:
-            with pa.ipc.new_file(out, batch.schema) as writer:
-                writer.write_batch(batch)
-        f.flush()
-        os.fsync(f.fileno())  # here, on the writer thread, overlapped with preparing the next shard
+    try:
+        with open(local, "wb") as f:
+            sink = _CrcSink(f)
+            with pa.PythonFile(sink, mode="w") as out:
+                with pa.ipc.new_file(out, batch.schema) as writer:
+                    writer.write_batch(batch)
+            f.flush()
+            os.fsync(f.fileno())  # here, on the writer thread, overlapped with preparing the next shard
+    except OSError as exc:  # e.g. ENOSPC: name the file and leave no partial file behind
+        try:
+            os.remove(local)
+        except OSError:
+            pass
+        raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing shard file", local) from exc
     if not fs.is_local:
         fs.write_file(rel, local)
     return FileEntry(path=rel, bytes=sink.size, crc32=sink.crc, columns=tuple(arrays),

@@ -1,0 +1,115 @@
+"""Recovery of a lake whose newest version is unreadable or wrong: nothing is ever deleted.
+
+- `rollback(path, to)` commits a copy of version ``to`` as the newest version (the versions in
+  between stay on disk and readable by number). ``next_id`` never goes back, so ids handed out by
+  the abandoned versions are not reused.
+- `repair(path)` moves unreadable newest manifests aside (``v0000000007.json`` becomes
+  ``v0000000007.json.corrupt-<unix time>``, which no reader lists) so the newest readable version
+  is the lake's head again, and reports every unreadable manifest it saw.
+
+Both run under the lake's write lock. Unreferenced data files are left for `Lake.vacuum`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+from m2m._validate import check_int
+from m2m.errors import CorruptShardError, LakeNotFoundError
+from m2m.lake.fs import LakeFS, open_fs
+from m2m.lake.manifest import FORMAT_VERSION, Manifest, list_versions, manifest_name, read_manifest, write_manifest
+
+
+def _fs(path: str | os.PathLike[str] | LakeFS, storage_options: dict[str, Any] | None) -> LakeFS:
+    return open_fs(path, storage_options) if isinstance(path, (str, os.PathLike)) else path
+
+
+def _check_files(fs: LakeFS, m: Manifest) -> None:
+    """Every file of ``m`` is present and matches its entry (footers; a remote lake: presence only)."""
+    from m2m.lake.integrity import check_footers
+
+    if fs.is_local:
+        check_footers(fs, m)
+        return
+    for f in m.files():
+        if not fs.exists(f.path):
+            raise CorruptShardError(f"shard file {f.path} of version {m.version} is missing")
+
+
+def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
+             storage_options: dict[str, Any] | None = None) -> Manifest:
+    """Commit a copy of version ``to`` as the newest version and return its manifest.
+
+    ``to`` must be readable and its files present (`CorruptShardError` otherwise); when it is
+    already the newest version nothing is written.
+    """
+    from m2m.lake.lake import write_lock
+
+    to = check_int(to, "to", 0)
+    fs = _fs(path, storage_options)
+    with write_lock(fs):
+        versions = list_versions(fs)
+        if not versions:
+            raise LakeNotFoundError(f"no m2m lake at {fs.root}")
+        if to not in versions:
+            raise LakeNotFoundError(f"lake {fs.root} has no version {to} (versions: {versions[0]}..{versions[-1]})")
+        target = read_manifest(fs, to)
+        latest = versions[-1]
+        if to == latest:
+            return target
+        _check_files(fs, target)
+        next_id = target.next_id
+        for v in versions:
+            if v > to:
+                try:
+                    next_id = max(next_id, read_manifest(fs, v).next_id)
+                except CorruptShardError:
+                    pass  # unreadable: its ids are unknown (and were never readable)
+        new = dataclasses.replace(target, version=latest + 1, parent=latest, created=time.time(),
+                                  format_version=FORMAT_VERSION, next_id=next_id,
+                                  operation={"type": "rollback", "to": to, "from": latest})
+        write_manifest(fs, new)
+    return new
+
+
+def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
+           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Move the unreadable newest manifests aside; returns what was found and done.
+
+    Keys: ``moved`` (``[(version, new name, problem)]``), ``unreadable`` (older unreadable versions,
+    left in place: ``[(version, problem)]``), ``head`` (the newest readable version afterwards).
+    `CorruptShardError` (and nothing moved) when no version is readable.
+    """
+    from m2m.lake.lake import write_lock
+
+    fs = _fs(path, storage_options)
+    with write_lock(fs):
+        versions = list_versions(fs)
+        if not versions:
+            raise LakeNotFoundError(f"no m2m lake at {fs.root}")
+        problems: dict[int, str] = {}
+        for v in versions:
+            try:
+                read_manifest(fs, v)
+            except CorruptShardError as exc:
+                problems[v] = str(exc)
+        readable = [v for v in versions if v not in problems]
+        if not readable:
+            raise CorruptShardError(f"no version of the lake at {fs.root} is readable; nothing was moved "
+                                    f"(first problem: {problems[versions[-1]]})")
+        head = readable[-1]
+        moved = []
+        stamp = int(time.time())
+        for v in versions:
+            if v > head:
+                rel = manifest_name(v)
+                aside = f"{rel}.corrupt-{stamp}"
+                if not dry_run:
+                    fs.write_atomic(aside, fs.read_bytes(rel))
+                    fs.remove(rel)
+                moved.append((v, aside, problems[v]))
+    return {"moved": moved, "unreadable": [(v, p) for v, p in problems.items() if v < head], "head": head,
+            "dry_run": dry_run}
