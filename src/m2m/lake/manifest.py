@@ -23,6 +23,9 @@ Format (``format_version`` 2, written by this m2m; 1 is still read):
   path appears once per manifest. The first file of a shard holds ``id``, ``mu``, ``kappa``,
   ``alpha``, ``label`` (when the lake has labels) and every metadata column; later files
   (sidecars, e.g. ``kappa``, ``neighbors``, ``neighbor_cos``) override the columns they list.
+  Geometry sidecars list ``neighbors`` and ``neighbor_cos`` together (new ones also ``id``, which
+  binds them to their shard); the shards that have one form a prefix of the shard list holding
+  ``geometry["rows"]`` rows (estimate_kappa covers every shard, later appends add shards without).
 
 `Manifest.from_json` checks all of this (the checksum, types, ranges, names and the id layout)
 without touching any shard file; `m2m.lake.integrity` cross-checks the numbers against the shard
@@ -291,7 +294,9 @@ def check_layout(m: Manifest) -> None:
 
     Shards hold >= 1 row, ``id_max - id_min + 1 >= rows`` (ids are unique), ranges ascend without
     overlap and stay below ``next_id``; every file path appears once; every shard's first file holds
-    the main columns, the label (if any) and every metadata column; sidecars only hold known columns.
+    the main columns, the label (if any) and every metadata column; sidecars only hold known columns;
+    geometry sidecars (``neighbors`` with ``neighbor_cos``) cover a prefix of the shards holding
+    ``geometry["rows"]`` rows (when recorded).
     """
     main = set(MAIN_COLUMNS) | set(m.metadata) | ({LABEL} if m.label_type is not None else set())
     known = main | {NEIGHBORS, NEIGHBOR_COS}
@@ -315,6 +320,22 @@ def check_layout(m: Manifest) -> None:
                 raise ValueError(f"file {f.path} lists unknown columns {sorted(cols - known)}")
     if prev_max >= m.next_id:
         raise ValueError(f"next_id {m.next_id} is not above the largest id {prev_max}")
+    estimated = [any(NEIGHBORS in f.columns for f in s.files) for s in m.shards]
+    for s in m.shards:
+        for f in s.files:
+            if (NEIGHBORS in f.columns) != (NEIGHBOR_COS in f.columns):
+                raise ValueError(f"file {f.path} lists only one of {NEIGHBORS}, {NEIGHBOR_COS}")
+    if any(estimated) and m.geometry is None:
+        raise ValueError("shards have geometry sidecars but the manifest has no geometry")
+    if m.geometry is not None and "rows" in m.geometry:
+        # estimate_kappa gives every shard a sidecar; later appends add shards without: a prefix
+        prefix = estimated.index(False) if False in estimated else len(estimated)
+        if any(estimated[prefix:]):
+            raise ValueError(f"shards[{estimated.index(True, prefix)}] has a geometry sidecar after "
+                             f"shards[{prefix}] without one")
+        covered = sum(s.rows for s in m.shards[:prefix])
+        if covered != m.geometry["rows"]:
+            raise ValueError(f"geometry covers {m.geometry['rows']} rows but the shards with sidecars hold {covered}")
 
 
 def manifest_name(version: int) -> str:

@@ -1,8 +1,10 @@
 """Per-splat geometry of a snapshot: kNN neighbour ids and kappa, written as sidecar files per shard.
 
 Shards are immutable, so (re)estimating kappa never rewrites the vectors: each shard gets a small
-sidecar Arrow file with ``kappa`` (float32), ``neighbors`` (fixed_size_list<int64>[k] of neighbour
-*ids*, -1 where missing) and ``neighbor_cos`` (fixed_size_list<float32>[k], their cosines), and the new manifest lists it after the shard's main file (later files win).
+sidecar Arrow file with ``id`` (the shard's ids again, which binds the sidecar to its shard: they are
+checked against the shard's id range), ``kappa`` (float32), ``neighbors`` (fixed_size_list<int64>[k]
+of neighbour *ids*, -1 where missing) and ``neighbor_cos`` (fixed_size_list<float32>[k], their
+cosines), and the new manifest lists it after the shard's main file (later files win).
 A user-provided kappa (not NaN in the main file) is kept; only missing values take the estimate.
 """
 
@@ -59,7 +61,8 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: tuple[ShardEntry, ...], id
     lo = 0
     for shard in shards:
         hi = lo + shard.rows
-        side = write_shard_file(fs, {"kappa": kappa[lo:hi], "neighbors": nbr_ids[lo:hi],
+        # the sidecar repeats the shard's ids so it is bound to its shard (checked against id_min/id_max)
+        side = write_shard_file(fs, {"id": ids[lo:hi], "kappa": kappa[lo:hi], "neighbors": nbr_ids[lo:hi],
                                      "neighbor_cos": neighbor_cos[lo:hi]})
         keep = tuple(f for f in shard.files if "neighbors" not in f.columns)
         new_shards.append(ShardEntry(shard.rows, shard.id_min, shard.id_max, keep + (side,)))
