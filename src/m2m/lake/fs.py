@@ -345,12 +345,13 @@ class FsspecFS:
         os.replace(local_src, cached)
 
     def remove(self, rel: str) -> None:
+        cached = self._cached(rel)  # refuses a path that leaves the lake before touching anything
         try:
             self._call("delete", rel, self.fs.rm_file, self._p(rel))
         except FileNotFoundError:
             pass
         try:
-            os.remove(self._cached(rel))
+            os.remove(cached)
         except FileNotFoundError:
             pass
 
