@@ -153,6 +153,11 @@ def _bad_label(row: int, value: Any) -> InvalidEmbeddingError:
 def label_column(labels: Any, n: int) -> np.ndarray:
     """Labels as int64 or str [n]; `InvalidEmbeddingError` naming the first label that is neither
     an integer representable in int64 (no rounding, wrapping or saturation) nor a string."""
+    if isinstance(labels, (list, tuple)) and labels:  # numpy would silently turn [1, "a"] into strings
+        first = isinstance(labels[0], (str, bytes))
+        for i, v in enumerate(labels):
+            if isinstance(v, (str, bytes)) != first:
+                raise InvalidEmbeddingError(f"labels row {i} is {v!r}; labels must be all ints or all strings")
     arr = as_numpy(labels, "labels")
     if arr.ndim != 1 or arr.shape[0] != n:
         raise InvalidEmbeddingError(f"labels must have shape [{n}] to match vectors, got {tuple(arr.shape)}")

@@ -1,0 +1,102 @@
+"""Issue 11 item 3: one registry of reserved column names; labels must be int64-representable ints or strings."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from m2m import M2MConfig, create_m2m
+from m2m.errors import InvalidEmbeddingError
+from m2m.lake.schema import RESERVED_COLUMNS
+
+D = 8
+
+
+def _state(lake) -> tuple:  # type: ignore[no-untyped-def,type-arg]
+    return lake.version, len(lake), sorted(p.name for p in (Path(lake.path) / "_data").iterdir())
+
+
+@pytest.fixture
+def lake(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=D, knn_k=4)) as lk:
+        yield lk
+
+
+def test_neighbor_cos_metadata_is_refused_before_anything_is_written(lake) -> None:  # type: ignore[no-untyped-def]
+    # observed: accepted, then silently replaced by the kNN cosines after estimate_kappa
+    before = _state(lake)
+    with pytest.raises(InvalidEmbeddingError, match="metadata column 'neighbor_cos' clashes with a reserved name"):
+        lake.add_splats(np.eye(D), metadata={"neighbor_cos": np.arange(D, dtype=np.float32)})
+    assert _state(lake) == before
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_COLUMNS))
+def test_every_reserved_name_is_refused(lake, name: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidEmbeddingError, match=f"metadata column '{name}'"):
+        lake.add_splats(np.eye(D), metadata={name: np.arange(D)})
+
+
+def test_every_column_m2m_produces_is_in_the_registry(lake) -> None:  # type: ignore[no-untyped-def]
+    """The registry is complete: main files, sidecars, snapshot columns and stream batch keys."""
+    from m2m.stream import columns as stream_columns
+
+    g = np.random.default_rng(0)
+    lake.add_splats(g.standard_normal((60, D)), labels=g.integers(0, 3, 60), metadata={"user_col": g.random(60)})
+    lake.estimate_kappa(threads=1)
+    lake.add_splats(g.standard_normal((5, D)), labels=g.integers(0, 3, 5), metadata={"user_col": g.random(5)})
+    produced: set[str] = set()
+    for f in lake.manifest.files():
+        schema = pa.ipc.open_file(pa.memory_map(str(Path(lake.path) / f.path))).schema
+        produced |= set(schema.names) | set(f.columns)
+    produced |= set(lake.snapshot.column_names)
+    produced |= {stream_columns.EMBEDDING, stream_columns.WEIGHT, stream_columns.ROWS}
+    batch = next(iter(lake.export_to_dataloader(batch_size=8, columns=("embedding", "id", "kappa"),
+                                                importance_sampling="alpha")))
+    produced |= set(batch)
+    assert produced - {"user_col"} <= RESERVED_COLUMNS, sorted(produced - {"user_col"} - RESERVED_COLUMNS)
+
+
+def test_validate_uses_the_registry() -> None:
+    import m2m._validate as v
+
+    assert v.RESERVED_COLUMNS is RESERVED_COLUMNS
+
+
+@pytest.mark.parametrize("labels, row, shown", [
+    (np.array([1, 2**64 - 1], dtype=np.uint64), 1, "18446744073709551615"),   # observed: stored as -1
+    (np.array([1.0, 2.0, 1e20]), 2, "1e+20"),                                  # observed: -9223372036854775808
+    (np.array([1.0, 0.5]), 1, "0.5"),
+    (np.array([np.nan, 1.0]), 0, "nan"),
+    (np.array([1.0, np.inf]), 1, "inf"),
+    (np.array([2.0 ** 63]), 0, "9.223372036854776e+18"),
+    ([3, 2**70], 1, "1180591620717411303424"),
+    (torch.tensor([1.0, 1.5]), 1, "1.5"),
+    ([1, "a"], 1, "'a'"),
+])
+def test_bad_labels_name_the_first_bad_row_without_warnings(lake, labels, row: int, shown: str) -> None:  # type: ignore[no-untyped-def]
+    n = len(labels)
+    before = _state(lake)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no numpy RuntimeWarning may leak
+        with pytest.raises(InvalidEmbeddingError, match=re.escape(f"labels row {row} is {shown}")):
+            lake.add_splats(np.eye(D)[:n] + 0.1, labels=labels)
+    assert _state(lake) == before
+
+
+@pytest.mark.parametrize("labels, want", [
+    (np.array([-(2**63), 2**63 - 1]), [-(2**63), 2**63 - 1]),
+    (np.array([2**63 - 1], dtype=np.uint64), [2**63 - 1]),
+    (np.array([-(2.0**63), 3.0]), [-(2**63), 3]),
+    ([True, False], [1, 0]),
+    (np.array([7, 8], dtype=np.uint8), [7, 8]),
+])
+def test_int64_representable_labels_round_trip_exactly(lake, labels, want) -> None:  # type: ignore[no-untyped-def]
+    n = len(want)
+    lake.add_splats(np.eye(D)[:n] + 0.1, labels=labels)
+    assert lake.splats()["label"].tolist() == want
