@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from m2m.errors import ConfigError, DimensionMismatchError, InvalidEmbeddingError
-from m2m.lake.schema import RESERVED_COLUMNS, reserved_reason
+from m2m.lake.schema import RESERVED_COLUMNS, reserved_reason  # noqa: F401  (RESERVED_COLUMNS: re-exported)
 
 VALIDATE_CHUNK_ROWS = 65536
 

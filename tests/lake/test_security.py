@@ -84,7 +84,7 @@ def test_traversal_in_a_remote_manifest_touches_nothing(remote_lake, tmp_path: P
 
 
 def test_the_shard_cache_refuses_paths_that_leave_it(remote_lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    url, fs, root, cache = remote_lake
+    url, fs, root, _ = remote_lake
     target = os.path.normpath(f"{root}/{ESCAPE}")
     fs.pipe_file(target, b"x" * 100)
     rfs = FsspecFS(url)
@@ -98,7 +98,7 @@ def test_the_shard_cache_refuses_paths_that_leave_it(remote_lake, tmp_path: Path
 
 
 def test_a_symlinked_cache_folder_is_refused(remote_lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    url, fs, root, cache = remote_lake
+    url, fs, root, _ = remote_lake
     rfs = FsspecFS(url)
     outside = tmp_path / "outside"
     outside.mkdir()

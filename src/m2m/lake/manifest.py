@@ -23,9 +23,10 @@ Format (``format_version`` 2, written by this m2m; 1 is still read):
   path appears once per manifest. The first file of a shard holds ``id``, ``mu``, ``kappa``,
   ``alpha``, ``label`` (when the lake has labels) and every metadata column; later files
   (sidecars, e.g. ``kappa``, ``neighbors``, ``neighbor_cos``) override the columns they list.
-  Geometry sidecars list ``neighbors`` and ``neighbor_cos`` together (new ones also ``id``, which
-  binds them to their shard); the shards that have one form a prefix of the shard list holding
-  ``geometry["rows"]`` rows (estimate_kappa covers every shard, later appends add shards without).
+  Geometry sidecars list ``kappa``, ``neighbors`` and ``neighbor_cos`` together (new ones also
+  ``id``, which binds them to their shard); the shards that have one form a prefix of the shard
+  list holding ``geometry["rows"]`` rows (estimate_kappa covers every shard, later appends add
+  shards without).
 
 `Manifest.from_json` checks all of this (the checksum, types, ranges, names and the id layout)
 without touching any shard file; `m2m.lake.integrity` cross-checks the numbers against the shard
@@ -43,7 +44,7 @@ from typing import Any
 
 from m2m.errors import CommitConflictError, CorruptShardError, LakeNotFoundError
 from m2m.lake.fs import LakeFS
-from m2m.lake.schema import LABEL, MAIN_COLUMNS, NEIGHBOR_COS, NEIGHBORS
+from m2m.lake.schema import GEOMETRY_COLUMNS, KAPPA, LABEL, MAIN_COLUMNS, NEIGHBORS
 
 FORMAT_NAME = "m2m-lake"
 FORMAT_VERSION = 2            # what this m2m writes
@@ -295,11 +296,11 @@ def check_layout(m: Manifest) -> None:
     Shards hold >= 1 row, ``id_max - id_min + 1 >= rows`` (ids are unique), ranges ascend without
     overlap and stay below ``next_id``; every file path appears once; every shard's first file holds
     the main columns, the label (if any) and every metadata column; sidecars only hold known columns;
-    geometry sidecars (``neighbors`` with ``neighbor_cos``) cover a prefix of the shards holding
+    geometry sidecars (``kappa``, ``neighbors`` and ``neighbor_cos`` together) cover a prefix of the shards holding
     ``geometry["rows"]`` rows (when recorded).
     """
     main = set(MAIN_COLUMNS) | set(m.metadata) | ({LABEL} if m.label_type is not None else set())
-    known = main | {NEIGHBORS, NEIGHBOR_COS}
+    known = main | set(GEOMETRY_COLUMNS)
     seen: set[str] = set()
     prev_max = -1
     for i, s in enumerate(m.shards):
@@ -322,9 +323,10 @@ def check_layout(m: Manifest) -> None:
         raise ValueError(f"next_id {m.next_id} is not above the largest id {prev_max}")
     estimated = [any(NEIGHBORS in f.columns for f in s.files) for s in m.shards]
     for s in m.shards:
-        for f in s.files:
-            if (NEIGHBORS in f.columns) != (NEIGHBOR_COS in f.columns):
-                raise ValueError(f"file {f.path} lists only one of {NEIGHBORS}, {NEIGHBOR_COS}")
+        for j, f in enumerate(s.files):
+            geo = set(GEOMETRY_COLUMNS) & set(f.columns if j else set(f.columns) - {KAPPA})
+            if geo and geo != set(GEOMETRY_COLUMNS):  # estimate_kappa writes all three together
+                raise ValueError(f"file {f.path} lists {sorted(geo)} but not all of {list(GEOMETRY_COLUMNS)}")
     if any(estimated) and m.geometry is None:
         raise ValueError("shards have geometry sidecars but the manifest has no geometry")
     if m.geometry is not None and "rows" in m.geometry:

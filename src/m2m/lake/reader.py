@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from m2m.errors import UnknownColumnError, UnknownIdError
+from m2m.errors import CorruptShardError, UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch, check_footers, check_key
 from m2m.lake.manifest import FileEntry, Manifest
@@ -219,6 +219,9 @@ class Snapshot:
     def _label_codes(self, shard: int) -> np.ndarray:
         vocab = pa.array(list(self.manifest.label_vocabulary), type=pa.string())
         codes = pc.index_in(self.arrow_column(shard, "label"), value_set=vocab)
+        if codes.null_count:  # a label missing from the vocabulary (or a null): never guess a code
+            raise CorruptShardError(f"shard {shard} of version {self.version} has {codes.null_count} labels "
+                                    f"outside the manifest's label_vocabulary ({len(vocab)} labels)")
         return codes.to_numpy(zero_copy_only=False).astype(np.int64)
 
     def _neighbor_positions(self, shard: int) -> np.ndarray:

@@ -20,7 +20,14 @@ from typing import Any
 from m2m._validate import check_int
 from m2m.errors import CorruptShardError, LakeNotFoundError
 from m2m.lake.fs import LakeFS, open_fs
-from m2m.lake.manifest import FORMAT_VERSION, Manifest, list_versions, manifest_name, read_manifest, write_manifest
+from m2m.lake.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    list_versions,
+    manifest_name,
+    read_manifest,
+    write_manifest,
+)
 
 
 def _fs(path: str | os.PathLike[str] | LakeFS, storage_options: dict[str, Any] | None) -> LakeFS:
