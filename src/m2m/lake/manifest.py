@@ -208,7 +208,7 @@ def _parse(doc: Any) -> Manifest:
     fv = doc.get("format_version")
     if isinstance(fv, int) and not isinstance(fv, bool) and fv > FORMAT_VERSION:
         raise ValueError(f"format_version {fv} is newer than this m2m reads ({FORMAT_VERSION}); upgrade m2m")
-    if fv not in READABLE_FORMAT_VERSIONS or isinstance(fv, bool):
+    if not isinstance(fv, int) or isinstance(fv, bool) or fv not in READABLE_FORMAT_VERSIONS:
         raise ValueError(f"format_version {fv!r} is not one of {READABLE_FORMAT_VERSIONS}")
     if fv >= 2:
         stored = doc.get("checksum")
@@ -370,7 +370,10 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
         raise LakeNotFoundError(f"lake {fs.root} has no version {version} (versions: {versions[0]}..{versions[-1]})")
     rel = manifest_name(version)
     try:
-        return Manifest.from_json(fs.read_bytes(rel), f"{fs.root}/{rel}")
+        m = Manifest.from_json(fs.read_bytes(rel), f"{fs.root}/{rel}")
+        if m.version != version:
+            raise CorruptShardError(f"manifest {fs.root}/{rel} is corrupt: it says version {m.version}")
+        return m
     except CorruptShardError as exc:
         older = [v for v in versions if v < version]
         if not latest or not older:
