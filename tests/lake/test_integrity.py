@@ -255,3 +255,32 @@ def test_v1_and_block_fields_round_trip(lake3: Path) -> None:
 def test_unreadable_manifest_bytes_are_corrupt_shard_errors(doc: bytes) -> None:
     with pytest.raises(M2MError, match="manifest where"):
         Manifest.from_json(doc, "where")
+
+
+def test_remote_lake_cross_checks_each_file_at_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uuid
+
+    import fsspec
+
+    monkeypatch.setenv("M2M_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"memory://m2m-int-{uuid.uuid4().hex}/lake"
+    try:
+        with create_m2m(M2MConfig(path=url, latent_dim=D)) as lake:
+            for _ in range(2):
+                lake.add_splats(np.random.default_rng(0).standard_normal((30, D)))
+        fs, root = fsspec.core.url_to_fs(url)
+        newest = sorted(p for p in fs.ls(f"{root}/_manifests", detail=False) if p.endswith(".json"))[-1]
+        doc = json.loads(fs.cat_file(newest))
+        doc["shards"][1]["rows"] = 29                         # a format-1 manifest: only the files can tell
+        doc.update(format_version=1)
+        doc.pop("checksum")
+        doc.pop("rows")
+        fs.pipe_file(newest, json.dumps(doc).encode())
+        with open_lake(url) as lake:                          # opening fetches no shard file
+            assert len(lake) == 59
+            lake.snapshot.column(0, "mu")                     # shard 0 is fine
+            with pytest.raises(CorruptShardError, match="has 30 rows, the manifest says 29"):
+                lake.splats()
+            assert any("has 30 rows, the manifest says 29" in p for p in lake.verify())
+    finally:
+        fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
