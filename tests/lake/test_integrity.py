@@ -230,7 +230,7 @@ def test_v1_and_block_fields_round_trip(lake3: Path) -> None:
     f = m.shards[0].files[0]
     import dataclasses
 
-    f2 = dataclasses.replace(f, block_bytes=1 << 20, block_crc32c=(1, 2, 3))
+    f2 = dataclasses.replace(f, block_bytes=-(-f.bytes // 3), block_crc32c=(1, 2, 3))
     m2 = dataclasses.replace(m, shards=(dataclasses.replace(m.shards[0], files=(f2,)),) + m.shards[1:])
     data = m2.to_json()
     back = Manifest.from_json(data, "y")
@@ -243,9 +243,13 @@ def test_v1_and_block_fields_round_trip(lake3: Path) -> None:
         Manifest.from_json(json.dumps(doc).encode(), "z")
     doc["checksum"] = manifest_checksum(doc)
     assert Manifest.from_json(json.dumps(doc).encode(), "z").shards[0].files[0].block_crc32c == (1, 2, 4)
-    doc["shards"][0]["files"][0]["block_crc32c"] = [1 << 32]
+    doc["shards"][0]["files"][0]["block_crc32c"] = [1, 2, 1 << 32]
     doc["checksum"] = manifest_checksum(doc)
     with pytest.raises(CorruptShardError, match="not a list of uint32"):
+        Manifest.from_json(json.dumps(doc).encode(), "z")
+    doc["shards"][0]["files"][0]["block_crc32c"] = [1, 2]
+    doc["checksum"] = manifest_checksum(doc)
+    with pytest.raises(CorruptShardError, match="2 block checksums .* do not cover"):
         Manifest.from_json(json.dumps(doc).encode(), "z")
 
 

@@ -16,7 +16,8 @@ Format (``format_version`` 2, written by this m2m; 1 is still read):
   their ranges do not overlap and every id is below ``next_id``. Every file of a shard has exactly
   ``rows`` rows.
 - each file is ``{"path", "bytes", "crc32", "columns"}`` plus, when present, ``block_bytes`` and
-  ``block_crc32c`` (per-block CRC32C of the file in ``block_bytes`` blocks). ``bytes`` is the file's
+  ``block_crc32c`` (CRC32C of each ``block_bytes``-byte block of the file, the last one possibly
+  shorter: ``ceil(bytes / block_bytes)`` values). ``bytes`` is the file's
   size and ``crc32`` the zlib CRC32 of all of it. ``path`` is ``_data/<name>`` where ``<name>`` is a
   plain file name: letters, digits, ``_``, ``-``, ``.``, at most 200 characters, starting with a
   letter, digit or ``_``, without ``..``; anything else is refused before any file is touched. A
@@ -285,6 +286,9 @@ def _file(doc: Any, where: str) -> FileEntry:
         if not isinstance(blocks, list) or not all(
                 isinstance(c, int) and not isinstance(c, bool) and 0 <= c < _U32 for c in blocks):
             raise ValueError(f"{where}block_crc32c of {path} is not a list of uint32")
+        if len(blocks) != -(-_int(doc, "bytes", where=where) // block_bytes):
+            raise ValueError(f"{where}{len(blocks)} block checksums of {block_bytes} bytes do not cover the "
+                             f"{doc['bytes']} bytes of {path}")
     return FileEntry(path=path, bytes=_int(doc, "bytes", where=where), crc32=_int(doc, "crc32", 0, _U32 - 1, where),
                      columns=tuple(columns), block_bytes=block_bytes,
                      block_crc32c=None if blocks is None else tuple(blocks))
