@@ -48,9 +48,10 @@ def remote_lake(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # ty
         url = f"memory://m2m-sec-{uuid.uuid4().hex}/x/y/lake"
     else:
         url = f"local://{tmp_path}/remote/x/y/lake"
-    with create_m2m(M2MConfig(path=url, latent_dim=D)) as lake:
-        lake.add_splats(np.random.default_rng(0).standard_normal((50, D)))
     fs, root = fsspec.core.url_to_fs(url)
+    with create_m2m(M2MConfig(path=url, latent_dim=D)) as lake:
+        fs.makedirs(f"{root}/_ids", exist_ok=True)  # local:// needs the id-reservation folder to exist
+        lake.add_splats(np.random.default_rng(0).standard_normal((50, D)))
     yield url, fs, root.rstrip("/"), cache
     if request.param == "memory":
         fs.rm(root.split("/x/")[0], recursive=True)

@@ -97,10 +97,15 @@ class LocalFS:
         final = self._p(rel)
         directory = os.path.dirname(final)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # e.g. ENOSPC: name the file, leave nothing behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing", final) from exc
         try:
             os.link(tmp, final)
         except FileExistsError:

@@ -25,9 +25,8 @@ Format (``format_version`` 2, written by this m2m; 1 is still read):
   ``alpha``, ``label`` (when the lake has labels) and every metadata column; later files
   (sidecars, e.g. ``kappa``, ``neighbors``, ``neighbor_cos``) override the columns they list.
   Geometry sidecars list ``kappa``, ``neighbors`` and ``neighbor_cos`` together (new ones also
-  ``id``, which binds them to their shard); the shards that have one form a prefix of the shard
-  list holding ``geometry["rows"]`` rows (estimate_kappa covers every shard, later appends add
-  shards without).
+  ``id``, which binds them to their shard); the shards that have one hold ``geometry["rows"]``
+  rows together (estimate_kappa covers every shard, later appends add shards without).
 
 `Manifest.from_json` checks all of this (the checksum, types, ranges, names and the id layout)
 without touching any shard file; `m2m.lake.integrity` cross-checks the numbers against the shard
@@ -300,7 +299,7 @@ def check_layout(m: Manifest) -> None:
     Shards hold >= 1 row, ``id_max - id_min + 1 >= rows`` (ids are unique), ranges ascend without
     overlap and stay below ``next_id``; every file path appears once; every shard's first file holds
     the main columns, the label (if any) and every metadata column; sidecars only hold known columns;
-    geometry sidecars (``kappa``, ``neighbors`` and ``neighbor_cos`` together) cover a prefix of the shards holding
+    geometry sidecars (``kappa``, ``neighbors`` and ``neighbor_cos`` together) cover shards holding
     ``geometry["rows"]`` rows (when recorded).
     """
     main = set(MAIN_COLUMNS) | set(m.metadata) | ({LABEL} if m.label_type is not None else set())
@@ -334,12 +333,9 @@ def check_layout(m: Manifest) -> None:
     if any(estimated) and m.geometry is None:
         raise ValueError("shards have geometry sidecars but the manifest has no geometry")
     if m.geometry is not None and "rows" in m.geometry:
-        # estimate_kappa gives every shard a sidecar; later appends add shards without: a prefix
-        prefix = estimated.index(False) if False in estimated else len(estimated)
-        if any(estimated[prefix:]):
-            raise ValueError(f"shards[{estimated.index(True, prefix)}] has a geometry sidecar after "
-                             f"shards[{prefix}] without one")
-        covered = sum(s.rows for s in m.shards[:prefix])
+        # estimate_kappa gives every shard a sidecar; later appends add shards without (remote appends
+        # with reserved ids may land between estimated shards, so no order is implied)
+        covered = sum(s.rows for s, e in zip(m.shards, estimated) if e)
         if covered != m.geometry["rows"]:
             raise ValueError(f"geometry covers {m.geometry['rows']} rows but the shards with sidecars hold {covered}")
 
@@ -394,5 +390,7 @@ def write_manifest(fs: LakeFS, manifest: Manifest) -> None:
     `CommitConflictError` when another writer published this version first (`m2m.lake.commit` rebases).
     """
     rel = manifest_name(manifest.version)
-    if not fs.create_exclusive(rel, manifest.to_json()):
+    data = manifest.to_json()
+    Manifest.from_json(data, f"{fs.root}/{rel} (not written)")  # never publish what readers would refuse
+    if not fs.create_exclusive(rel, data):
         raise CommitConflictError(f"version {manifest.version} of {fs.root} was committed by another writer")
