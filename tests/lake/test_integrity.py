@@ -135,7 +135,13 @@ def test_verify_checks_ids_ascend_inside_every_file(lake3: Path) -> None:
     import zlib
 
     data = src.read_bytes()
-    edit_manifest(lake3, lambda d: d["shards"][0]["files"][0].update(bytes=len(data), crc32=zlib.crc32(data)))
+    def record(doc: dict) -> None:  # type: ignore[type-arg]
+        entry = doc["shards"][0]["files"][0]
+        entry.update(bytes=len(data), crc32=zlib.crc32(data))
+        entry.pop("block_bytes", None)      # a file without block checksums: the whole-file CRC32 rules
+        entry.pop("block_crc32c", None)
+
+    edit_manifest(lake3, record)
     with open_lake(lake3) as lake:   # the footer check at open sees the right first/last id
         problems = lake.verify()
     assert len(problems) == 1 and "ids do not strictly ascend at row 11" in problems[0]
@@ -237,7 +243,8 @@ def test_v1_and_block_fields_round_trip(lake3: Path) -> None:
     assert back.shards[0].files[0] == f2
     doc = json.loads(data)
     assert doc["shards"][0]["files"][0]["block_crc32c"] == [1, 2, 3]
-    assert "block_bytes" not in doc["shards"][1]["files"][0]     # absent when not set
+    plain = dataclasses.replace(f, block_bytes=None, block_crc32c=None).to_doc()
+    assert "block_bytes" not in plain and "block_crc32c" not in plain   # absent when not set
     doc["shards"][0]["files"][0]["block_crc32c"] = [1, 2, 4]      # covered by the checksum
     with pytest.raises(CorruptShardError, match="checksum mismatch"):
         Manifest.from_json(json.dumps(doc).encode(), "z")

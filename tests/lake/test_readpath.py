@@ -53,16 +53,20 @@ def test_block_checksums_are_written_with_each_file_and_match_its_bytes(lake_pat
 
 
 def test_manifest_block_fields_round_trip_and_are_optional():
-    entry = FileEntry(path="_data/a.arrow", bytes=10, crc32=1, columns=("mu",), block_bytes=4, block_crc32c=(1, 2, 3))
-    man = Manifest(version=1, dim=2, dtype="float32", next_id=0, shards=())
+    from m2m.lake.manifest import ShardEntry, manifest_checksum
+
+    entry = FileEntry(path="_data/a.arrow", bytes=10, crc32=1, columns=("id", "mu", "kappa", "alpha"),
+                      block_bytes=4, block_crc32c=(1, 2, 3))
+    man = Manifest(version=1, dim=2, dtype="float32", next_id=1, shards=(ShardEntry(1, 0, 0, (entry,)),))
     doc = json.loads(man.to_json())
-    doc["shards"] = [{"rows": 1, "id_min": 0, "id_max": 0, "files": [dataclasses.asdict(entry)]}]
     back = Manifest.from_json(json.dumps(doc).encode(), "test").shards[0].files[0]
     assert back == entry
     del doc["shards"][0]["files"][0]["block_bytes"], doc["shards"][0]["files"][0]["block_crc32c"]
+    doc["checksum"] = manifest_checksum(doc)   # manifests carry their own checksum (format 2)
     old = Manifest.from_json(json.dumps(doc).encode(), "test").shards[0].files[0]
     assert old.block_bytes is None and old.block_crc32c is None  # files of older lakes
     doc["shards"][0]["files"][0].update(block_bytes=4, block_crc32c=[1, 2])  # 2 blocks cannot cover 10 bytes
+    doc["checksum"] = manifest_checksum(doc)
     with pytest.raises(CorruptShardError, match="do not cover"):
         Manifest.from_json(json.dumps(doc).encode(), "test")
 
