@@ -62,10 +62,19 @@ def stored_geometry(snap: "Snapshot") -> Geometry:
     return Geometry(snap.read_all("kappa"), snap.read_all("neighbors"), snap.read_all("neighbor_cos"))
 
 
+#: IVF lists each row probes at most when a stream computes missing geometry in memory. A stream
+#: must start quickly: on data with cluster structure the calibrated rule probes fewer lists than
+#: this anyway, and on unstructured data (random vectors) reaching the recall target means probing
+#: every list, an N^2 scan (100k x 640: minutes here). Kappa of such data barely depends on which
+#: near neighbours are found; the recall reached is logged. ``lake.estimate_kappa()`` has no cap.
+STREAM_PROBE_BUDGET = 16
+
+
 def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
     """kNN + kappa of ``snap`` computed in memory, never written: a stream does not change the lake.
 
-    User-provided kappa values are kept, as `Lake.estimate_kappa` does. Shows a progress bar when
+    User-provided kappa values are kept, as `Lake.estimate_kappa` does. The kNN probes at most
+    `STREAM_PROBE_BUDGET` IVF lists per row (exact up to 20k rows). Shows a progress bar when
     stderr is a terminal; logs one INFO line saying how to persist the result.
     """
     from m2m.index.runtime import usable_cores
@@ -74,12 +83,16 @@ def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
     t0 = time.perf_counter()
     mu = snap.read_all("mu").astype(np.float32, copy=False)
     with progress_bar(len(mu), "kappa (in memory)") as bar:
-        kappa_est, neighbors, cos = compute_geometry(mu, k, seed, bar, usable_cores())
+        stats: dict[str, Any] = {}
+        kappa_est, neighbors, cos = compute_geometry(mu, k, seed, bar, usable_cores(),
+                                                     probe_budget=STREAM_PROBE_BUDGET, stats=stats)
     user = snap.read_main("kappa")
     kappa = np.where(np.isnan(user), kappa_est, user).astype(np.float32)
+    recall = stats.get("calibrated_recall", float("nan"))
+    found = "exact" if stats.get("method") == "exact" else f"recall@{k} about {recall:.2f}"
     logger.info("lake version %d has no kappa/neighbours at knn_k=%d: computed them in memory for this loader "
-                "(%d splats, %.1f s); call lake.estimate_kappa() once to persist them and skip this step",
-                snap.version, k, len(mu), time.perf_counter() - t0)
+                "(%d splats, %.1f s, neighbours %s); call lake.estimate_kappa() once to persist them and skip "
+                "this step", snap.version, k, len(mu), time.perf_counter() - t0, found)
     return Geometry(kappa, neighbors, cos)
 
 

@@ -120,3 +120,18 @@ def test_invalid_arguments_raise_config_error(kwargs) -> None:
 def test_empty_input() -> None:
     scores, idx = knn(np.zeros((0, 8), np.float32), 3)
     assert scores.shape == (0, 3) and idx.shape == (0, 3)
+
+
+def test_probe_budget_caps_the_lists_probed_on_unstructured_data():
+    # random directions have no cluster structure: the calibrated rule wants (nearly) every list
+    rng = np.random.default_rng(3)
+    mu = rng.standard_normal((6000, 64)).astype(np.float32)
+    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+    free: dict = {}
+    knn(mu, 8, exact_max_rows=0, stats=free, nlist=64)
+    assert free["nprobe"] > 8
+    capped: dict = {}
+    scores, idx = knn(mu, 8, exact_max_rows=0, stats=capped, nlist=64, probe_budget=4)
+    assert capped["nprobe"] <= 4 and capped["scored_pairs"] < free["scored_pairs"]
+    assert capped["calibrated_recall"] < free["calibrated_recall"]
+    assert (idx >= 0).all() and np.all(np.diff(scores, axis=1) <= 0)    # still k valid, sorted neighbours

@@ -34,6 +34,7 @@ def calibrate_probes(
     sizes: np.ndarray | None = None,
     slopes: tuple[float, ...] = (0.0,),
     neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+    probe_cap: int | None = None,
 ) -> tuple[int, float, float, float]:
     """The probe rule reaching ``target_recall`` (symmetric recall@k) on a random row sample.
 
@@ -46,7 +47,9 @@ def calibrate_probes(
     and doubles if that cap is too tight), and the slope whose sample rows probe the fewest
     member rows (by ``sizes``, estimated list sizes) wins: a positive slope makes large lists,
     which cost more to probe, harder to reach. Returns ``(nprobe, max_gap, recall_on_sample,
-    slope)``.
+    slope)``. ``probe_cap`` bounds ``nprobe`` (the cost) even where the target is then not reached
+    (on data without cluster structure every list may be needed); the returned recall says what
+    the capped rule reaches on the sample.
 
     ``neighbours``: ``(rows, nbr)``, the sample rows and their exact neighbours (positions into
     ``mu``, self excluded, -1 where missing), computed elsewhere (e.g. by Ray tasks over a lake
@@ -90,17 +93,18 @@ def calibrate_probes(
         rank_n = (an > to_q[:, None]).sum(axis=1) - (an[idx, home_n] > to_q)
         gap_q = top_q[qi] - to_n
         gap_n = top_n - to_q
-        m = min(max_probes, nlist)
+        cap = nlist if probe_cap is None else max(1, min(nlist, probe_cap))
+        m = min(max_probes, cap)
         while True:
             best = np.minimum(np.where(rank_q < m - 1, gap_q, np.inf), np.where(rank_n < m - 1, gap_n, np.inf))
             best[same] = 0.0
-            if np.isfinite(best).mean() >= target_recall or m >= nlist:
+            if np.isfinite(best).mean() >= target_recall or m >= cap:
                 break
-            m = min(nlist, 2 * m)
+            m = min(cap, 2 * m)
         best = np.sort(best)
         cut = best[min(best.size, int(np.ceil(target_recall * best.size))) - 1]
         max_gap = float(cut) if np.isfinite(cut) else float("inf")
-        recall = float((best <= max_gap).mean())
+        recall = float(((best <= max_gap) & np.isfinite(best)).mean())  # pairs out of reach are missed
         cost = 0.0
         if sizes is not None and len(slopes) > 1:
             others = aq.copy()

@@ -342,6 +342,7 @@ def _knn_ivf(
     nprobe: int | None,
     precision: str,
     stats: dict[str, Any] | None,
+    probe_budget: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     from m2m.index.kmeans import (
         build_partition,
@@ -365,7 +366,7 @@ def _knn_ivf(
         sizes = np.bincount(homes, minlength=nlist) * (n / sample.size)
         nprobe, max_gap, recall, slope = calibrate_probes(
             faiss, mu, centroids, k, min(1.0, target_recall + 0.01), rng, exclude_self,
-            sizes=sizes, slopes=SIZE_SLOPES)
+            sizes=sizes, slopes=SIZE_SLOPES, probe_cap=probe_budget)
         penalty = size_penalty(sizes, slope) if slope else None
         log.info("knn: %d rows, nlist=%d, nprobe=%d, max_gap=%.4f, size slope %.3f (calibrated recall@%d %.3f)",
                  n, nlist, nprobe, max_gap, slope, k, recall)
@@ -421,6 +422,7 @@ def knn(
     nprobe: int | None = None,
     precision: str = "auto",
     stats: dict[str, Any] | None = None,
+    probe_budget: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest other rows of every row of ``mu`` by inner product.
 
@@ -441,6 +443,10 @@ def knn(
         precision: IVF scoring precision, "auto", "float32" or "bfloat16" (see module doc).
         stats: if a dict, filled with what was done (method, nlist, nprobe, calibrated recall,
             scored pairs, seconds per phase).
+        probe_budget: at most this many IVF lists probed per row, whatever ``target_recall`` asks
+            (None: no cap). Bounds the time on data without cluster structure, where reaching the
+            target means probing every list (an N^2 scan); the recall the capped rule reaches is
+            logged and reported in ``stats``.
 
     Returns:
         ``(scores, idx)``: ``float32 [N, k]`` inner products sorted descending and
@@ -456,6 +462,8 @@ def knn(
         nlist = check_int(nlist, "nlist")
     if nprobe is not None:
         nprobe = check_int(nprobe, "nprobe")
+    if probe_budget is not None:
+        probe_budget = check_int(probe_budget, "probe_budget")
     precision = resolve_precision(precision, mu.shape[1])
     n = mu.shape[0]
     if n == 0:
@@ -465,4 +473,5 @@ def knn(
             if stats is not None:
                 stats.update(method="exact", scored_pairs=n * n)
             return knn_exact(faiss, mu, k, exclude_self, progress)
-        return _knn_ivf(faiss, mu, k, exclude_self, seed, progress, target_recall, nlist, nprobe, precision, stats)
+        return _knn_ivf(faiss, mu, k, exclude_self, seed, progress, target_recall, nlist, nprobe, precision, stats,
+                        probe_budget)

@@ -28,10 +28,12 @@ ESTIMATOR = "vMF MLE of the splat and its k nearest neighbours, Bessel-corrected
 
 
 def compute_geometry(mu: np.ndarray, k: int, seed: int = 0, progress: Callable[[int], None] | None = None,
-                     threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     threads: int | None = None, probe_budget: int | None = None,
+                     stats: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(kappa estimate [N], neighbour positions [N, k] int64, neighbour cosines [N, k]) for unit rows.
 
-    ``threads``: FAISS/torch threads of the kNN and the estimator (None: ``DEFAULT_THREADS``).
+    ``threads``: FAISS/torch threads of the kNN and the estimator (None: ``DEFAULT_THREADS``);
+    ``probe_budget`` and ``stats``: passed to `m2m.index.knn.knn`.
     """
     from m2m.geometry.kappa import neighbourhood_kappa
     from m2m.index.knn import knn
@@ -41,7 +43,8 @@ def compute_geometry(mu: np.ndarray, k: int, seed: int = 0, progress: Callable[[
     k_eff = max(0, min(k, n - 1))
     if k_eff == 0:
         return np.full(n, np.nan, np.float32), np.full((n, k), -1, np.int64), np.zeros((n, k), np.float32)
-    scores, idx = knn(mu, k_eff, seed=seed, progress=progress, threads=threads)
+    scores, idx = knn(mu, k_eff, seed=seed, progress=progress, threads=threads, probe_budget=probe_budget,
+                      stats=stats)
     if k_eff < k:
         idx = np.concatenate([idx, np.full((n, k - k_eff), -1, np.int64)], axis=1)
         scores = np.concatenate([scores, np.zeros((n, k - k_eff), np.float32)], axis=1)
