@@ -21,18 +21,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-GENERATE_MODES = ("langevin", "vmf")
+GENERATE_MODES = ("langevin", "vmf", "mixture")
 
 
 def generate_mode(generate_samples: Any) -> str | None:
-    """False -> None, True -> "langevin", "langevin"/"vmf" as is; anything else is a ConfigError."""
+    """False -> None, True -> "langevin", "langevin"/"vmf"/"mixture" as is; anything else is a ConfigError."""
     if generate_samples is False or generate_samples is None:
         return None
     if generate_samples is True:
         return "langevin"
     if isinstance(generate_samples, str) and generate_samples in GENERATE_MODES:
         return generate_samples
-    raise ConfigError(f"generate_samples must be False, True, 'langevin' or 'vmf', got {generate_samples!r}")
+    raise ConfigError(f"generate_samples must be False, True, 'langevin', 'vmf' or 'mixture', got {generate_samples!r}")
 
 
 def importance_mode(importance_sampling: Any, metadata: Sequence[str]) -> str | None:
@@ -180,8 +180,8 @@ def filled_kappa(kappa: np.ndarray, dim: int) -> np.ndarray:
 
 def build_augmenter(lake: "Lake", mode: str, snap: "Snapshot | None" = None,
                     geometry: Geometry | None = None) -> Any:
-    """The Langevin or vMF augmenter over ``snap`` (default: the lake's current snapshot, whose kappa
-    must be estimated unless ``geometry`` is given)."""
+    """The Langevin, vMF or mixture augmenter over ``snap`` (default: the lake's current snapshot, whose
+    kappa must be estimated unless ``geometry`` is given)."""
     cfg = lake.config
     snap = lake.snapshot if snap is None else snap
     kappa_raw = snap.read_all("kappa") if geometry is None else geometry.kappa
@@ -194,6 +194,12 @@ def build_augmenter(lake: "Lake", mode: str, snap: "Snapshot | None" = None,
 
     geo = stored_geometry(snap) if geometry is None else geometry
     labels = snap.read_all("label") if snap.manifest.label_type is not None else None
+    if mode == "mixture":
+        from m2m.augment.augmenter import MixtureAugmenter
+
+        return MixtureAugmenter(neighbors=geo.neighbors, kappa=kappa,
+                                alpha=snap.read_all("alpha").astype(np.float32), labels=labels,
+                                temperature=cfg.langevin_T)
     return LangevinAugmenter(neighbors=geo.neighbors, kappa=kappa,
                              alpha=snap.read_all("alpha").astype(np.float32), labels=labels,
                              steps=cfg.langevin_steps, step_size=cfg.langevin_dt, temperature=cfg.langevin_T,
@@ -229,9 +235,9 @@ def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = Tr
     if snap.num_rows == 0:
         raise ConfigError(f"lake {lake.path} is empty: add splats before exporting a stream")
     kappa_missing = snap.manifest.stats.get("kappa", {}).get("count", 0) < snap.num_rows
-    wants_kappa = gen == "langevin" or (kappa_missing and (gen == "vmf" or imp == "kappa"))
+    wants_kappa = gen in ("langevin", "mixture") or (kappa_missing and (gen == "vmf" or imp == "kappa"))
     geometry = None
-    if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin also needs the neighbour table
+    if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table
         geometry = computed_geometry(snap, cfg.knn_k, cfg.seed)
     if seed is None and stream_options.get("generator") is None:
         seed = cfg.seed

@@ -44,7 +44,7 @@ from m2m.geometry.noise import HostNoise, Source, normal_
 from m2m.geometry.sphere import random_point_at_cosine
 from m2m.geometry.vmf import sample_cosine
 
-__all__ = ["LangevinAugmenter", "LangevinDraws", "VMFAugmenter", "VMFDraws"]
+__all__ = ["LangevinAugmenter", "LangevinDraws", "MixtureAugmenter", "MixtureDraws", "VMFAugmenter", "VMFDraws"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _check_rows(rows: Tensor) -> None:
         raise InvalidEmbeddingError(f"expected rows [B], got {tuple(rows.shape)}")
 
 
-def _check_prepared(prepared: "VMFDraws | LangevinDraws", x: Tensor) -> None:
+def _check_prepared(prepared: "VMFDraws | LangevinDraws | MixtureDraws", x: Tensor) -> None:
     if (prepared.batch, prepared.dim, prepared.dtype) != (x.shape[0], x.shape[1], x.dtype):
         raise InvalidEmbeddingError(f"prepared draws are for {prepared.batch} x {prepared.dim} {prepared.dtype}, "
                                     f"got x {tuple(x.shape)} {x.dtype}")
@@ -295,9 +295,10 @@ class LangevinAugmenter:
             idx = self._neighbors[sl].clamp(min=0).long()
             k_nb = torch.where(valid, kappa[idx], torch.zeros((), dtype=torch.float64))
             a_nb = torch.where(valid, log_w[idx], torch.full((), -math.inf, dtype=torch.float64))
-            comp = torch.cat([kappa[sl].unsqueeze(1), k_nb], 1)
-            mask = torch.cat([torch.ones(valid.shape[0], 1, dtype=torch.bool), valid], 1)
-            h[sl] = step_length(self.step_size, comp, mask, dim, self.temperature)
+            # the step depends on the row's own kappa only: a neighbour's concentration does not change
+            # how far a row moves (with a much more concentrated neighbour that does carry weight, ULA's
+            # discretisation of that component is coarser; metropolis=True keeps the law exact)
+            h[sl] = step_length(self.step_size, kappa[sl].unsqueeze(1), None, dim, self.temperature)
             fast[sl] = negligible_neighbours(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], h[sl], self.steps, dim,
                                              self.temperature, self.metropolis)
             room[sl], slope[sl], scale[sl] = path_terms(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], self.temperature)
@@ -409,3 +410,139 @@ def _restore_state(obj: Any, state: dict[str, Any]) -> None:
     obj._lock = threading.Lock()
     if isinstance(obj, LangevinAugmenter):
         obj._local = threading.local()
+
+
+@dataclass
+class MixtureDraws:
+    """A batch's mixture draws made before its vectors are read (``MixtureAugmenter.prepare``): the
+    chosen component of each row (``slot``: 0 = the row itself, j >= 1 its j-th listed same-label
+    neighbour; ``source``: that component's row position), the cosines to its mean and the direction
+    Gaussians (CPU float32 only; else drawn when applied)."""
+    batch: int
+    dim: int
+    dtype: torch.dtype
+    slot: Tensor
+    source: Tensor
+    cos: Tensor
+    sin: Tensor
+    gaussian: Tensor | None
+
+
+class MixtureAugmenter:
+    """Replace each row by an exact draw from its neighbourhood's vMF mixture.
+
+    Row i's mixture has the components j in {i} and its neighbours (same label only, when labels
+    exist): p_i(x) = sum_j alpha_j C_d(kappa_j) exp(kappa_j mu_j.x) / sum_j alpha_j. Each normalised
+    component carries mass alpha_j, so a draw picks j with probability alpha_j / sum alpha (one
+    uniform per row against the row's precomputed cumulative weights) and returns one exact Wood
+    vMF(mu_j, kappa_j / T) draw around mu_j (gathered only for rows whose pick is a neighbour).
+    No chain: the draw is exact, vectorised over the batch, and a function of the batch's generator.
+
+    ``temperature`` T flattens every component to vMF(mu_j, kappa_j / T) and keeps the masses
+    alpha_j. That is not p_i^(1/T) (the tempered density the Langevin chain samples): where the
+    components do not overlap, p_i^(1/T) gives component j a mass proportional to
+    (alpha_j C_d(kappa_j))^(1/T) / C_d(kappa_j / T), which at d >= 64 puts nearly all of it on the
+    least concentrated component. T = 1 is the exact mixture.
+
+    Args:
+        neighbors: [N, k] int64 row positions of each splat's neighbours, -1 for none.
+        kappa, alpha: [N] splat concentrations (>= 0) and masses (> 0).
+        labels: [N] or None; neighbours with another label are left out.
+        temperature: > 0, see above.
+    """
+
+    def __init__(self, neighbors: np.ndarray, kappa: np.ndarray, alpha: np.ndarray,
+                 labels: np.ndarray | None = None, temperature: float = 1.0) -> None:
+        validate_chain_args(0, DEFAULT_STEP_SIZE, temperature)
+        nb = np.asarray(neighbors)
+        if nb.ndim != 2 or not np.issubdtype(nb.dtype, np.integer):
+            raise ConfigError(f"neighbors must be an int64 array [N, k], got {nb.dtype} {nb.shape}")
+        n, k = nb.shape
+        nb = nb.astype(np.int64)
+        if n and k and (nb.min() < -1 or nb.max() >= n):
+            bad = int(np.flatnonzero(((nb < -1) | (nb >= n)).any(1))[0])
+            raise ConfigError(f"neighbors holds positions outside [-1, {n}) (first at row {bad})")
+        kap = _check_table("kappa", kappa, n, False)
+        alp = _check_table("alpha", alpha, n, True)
+        valid = (nb >= 0) & (nb != np.arange(n)[:, None])
+        if labels is not None:
+            lab = np.asarray(labels)
+            if lab.shape != (n,):
+                raise ConfigError(f"labels must have shape [{n}], got {lab.shape}")
+            valid &= lab[np.maximum(nb, 0)] == lab[:, None]
+        if n >= 2**31:
+            raise ConfigError(f"MixtureAugmenter supports up to 2**31 - 1 splats, got {n}")
+        self.temperature = float(temperature)
+        # components of row i: slot 0 = i, slots 1..k = its valid neighbours moved to the front
+        comp = np.concatenate([np.arange(n)[:, None], np.where(valid, nb, -1)], 1)
+        present = comp >= 0
+        order = np.argsort(~present, axis=1, kind="stable")
+        comp = np.take_along_axis(comp, order, 1)
+        present = np.take_along_axis(present, order, 1)
+        # cumulative masses, the last present slot exactly 1.0 and absent slots 2.0 (never picked)
+        w = np.where(present, alp[np.maximum(comp, 0)], 0.0)
+        cdf = np.cumsum(w, 1) / w.sum(1, keepdims=True)
+        last = present.sum(1) - 1
+        cdf[np.arange(n), last] = 1.0
+        cdf[~present] = 2.0
+        self._slots = int(present.sum(1).max()) if n else 1
+        self._comp = torch.from_numpy(np.ascontiguousarray(comp[:, :self._slots]).astype(np.int32))
+        self._cdf = torch.from_numpy(np.ascontiguousarray(cdf[:, :self._slots]))
+        self._kappa = torch.from_numpy(kap / self.temperature)
+        self._cache: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles without its lock and device caches (DataLoader workers, spawned ranks)."""
+        return _plain_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        _restore_state(self, state)
+
+    def to(self, device: torch.device | str) -> "MixtureAugmenter":
+        """Copy the tables to ``device`` now (otherwise on first use there)."""
+        self._tables(torch.device(device))
+        return self
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        with self._lock:
+            if device not in self._cache:
+                self._cache[device] = (self._comp.to(device), self._cdf.to(device), self._kappa.to(device))
+            return self._cache[device]
+
+    def responsibilities(self, rows: Tensor) -> Tensor:
+        """[B, S] the probability of each component slot of ``rows`` (the mixture weights drawn from)."""
+        _, cdf, _ = self._tables(rows.device)
+        c = cdf.index_select(0, rows).clamp(max=1.0)
+        return torch.diff(c, dim=1, prepend=torch.zeros_like(c[:, :1]))
+
+    def prepare(self, rows: Tensor, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
+                gather: Gather | None = None, draw_gaussian: bool = True) -> MixtureDraws:
+        """The batch's draws made before its vectors are read (the stream's prefetch thread runs this);
+        ``self(x, rows, gather, generator, prepared=...)`` then equals ``self(x, rows, gather, generator)``.
+        ``draw_gaussian=False`` leaves the direction Gaussians to the call (same result)."""
+        _check_rows(rows)
+        comp, cdf, kappa = self._tables(rows.device)
+        u = torch.rand(rows.shape[0], dtype=torch.float64, device=rows.device, generator=generator)
+        slot = (cdf.index_select(0, rows) <= u.unsqueeze(1)).sum(1)
+        source = comp.index_select(0, rows).gather(1, slot.unsqueeze(1)).squeeze(1).long()
+        w, s = sample_cosine(kappa.index_select(0, source), dim, 1, generator)
+        gaussian = None
+        if draw_gaussian and rows.device.type == "cpu" and dtype == torch.float32:
+            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), generator)
+        return MixtureDraws(rows.shape[0], dim, dtype, slot, source, w[:, 0], s[:, 0], gaussian)
+
+    def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator,
+                 prepared: MixtureDraws | None = None) -> Tensor:
+        _check_x(x, rows)
+        if prepared is None:
+            prepared = self.prepare(rows.to(x.device), x.shape[1], generator, x.dtype)
+        else:
+            _check_prepared(prepared, x)
+        mean = x
+        moved = torch.nonzero(prepared.slot.to(x.device) > 0).squeeze(1)
+        if moved.numel():
+            mean = x.clone()
+            mean[moved] = gather(prepared.source.to(x.device)[moved]).to(device=x.device, dtype=x.dtype)
+        return random_point_at_cosine(mean, prepared.cos.to(x.device), prepared.sin.to(x.device),
+                                      generator=generator, gaussian=prepared.gaussian)

@@ -79,7 +79,7 @@ PRUNE_DELTA = 1e-12
 
 def sample(x: Tensor, mu: Tensor, kappa: Tensor, alpha: Tensor, steps: int, step_size: float,
            temperature: float = 1.0, generator: torch.Generator | None = None, mask: Tensor | None = None,
-           metropolis: bool = False) -> Tensor:
+           metropolis: bool = False, step_kappa: Tensor | None = None) -> Tensor:
     """``steps`` Riemannian Langevin steps on each row's vMF-mixture energy; returns [B, d] unit rows.
 
     Args:
@@ -90,12 +90,21 @@ def sample(x: Tensor, mu: Tensor, kappa: Tensor, alpha: Tensor, steps: int, step
         generator: torch.Generator on x's device.
         mask: [B, K] bool, False = component absent (each row needs one present component).
         metropolis: MALA accept/reject, which makes p exactly invariant.
+        step_kappa: [B] concentration that sets each row's step, h = step_size / max(step_kappa / T, d - 1);
+            default: the largest kappa over the row's present components. ``LangevinAugmenter`` passes
+            the row's own kappa (its strength does not depend on the neighbours).
     The arithmetic is done in x's dtype (float32 or float64).
     """
     validate_chain_args(steps, step_size, temperature)
     x, mu, kappa, alpha, mask = _validate(x, mu, kappa, alpha, mask)
     d = x.shape[1]
-    h = step_length(step_size, kappa, mask, d, temperature)
+    if step_kappa is None:
+        h = step_length(step_size, kappa, mask, d, temperature)
+    else:
+        sk = torch.as_tensor(step_kappa, device=x.device).to(torch.float64)
+        if sk.shape != (x.shape[0],) or not bool((torch.isfinite(sk) & (sk >= 0)).all()):
+            raise ConfigError(f"step_kappa must be finite, >= 0 and [B={x.shape[0]}], got {tuple(sk.shape)}")
+        h = step_length(step_size, sk.unsqueeze(1), None, d, temperature)
     log_w = component_log_weights(kappa, alpha, d, mask)
     log_w = log_w - log_w.amax(1, keepdim=True)   # softmax is shift-free; keeps float32 logits small
     return full_chain(x, mu, kappa.to(x.dtype), log_w.to(x.dtype), h, steps, temperature, generator,

@@ -127,7 +127,7 @@ def _run(quick: bool, rows: int, seed: int) -> dict[str, Any]:
             torch.index_select(store, 0, idx.reshape(-1), out=nbuf)
             mu = (nbuf if nbuf.dtype == torch.float32 else nbuf32.copy_(nbuf)).view(BATCH, K + 1, DIM)
             kk, lw = kt[idx], lwt[idx]
-            h = step_length(DEFAULT_STEP_SIZE, kk, None, DIM, 1.0)
+            h = step_length(DEFAULT_STEP_SIZE, kk[:, :1], None, DIM, 1.0)   # the row's own kappa sets the step
             return full_chain(mu[:, 0], mu, kk.float(), (lw - lw[:, :1]).float(), h, STEPS, 1.0, gen, False)
 
         best = {"limit": 0.0, "naive": 0.0, "ours": 0.0, "vmf": 0.0}
