@@ -23,6 +23,7 @@ The goal (300k rows/s) is checked on the Langevin stream.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -263,3 +264,85 @@ def format_table(res: dict[str, Any]) -> str:
     goal = res["goal"]
     lines.append(f"goal >= {goal['ours_rows_per_s']:,} rows/s ({goal['measure']}): {'met' if goal['met'] else 'NOT met'}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# what each augmentation mode produces (law, not speed)
+# --------------------------------------------------------------------------------------------
+
+LAW_MODES = ("vmf", "mixture", "langevin", "langevin_mala300")
+
+
+def augmentation_law(mu: np.ndarray, neighbors: np.ndarray, kappa: np.ndarray, alpha: np.ndarray,
+                     labels: np.ndarray | None, sample_rows: int = 2048, seed: int = 0,
+                     modes: tuple[str, ...] = LAW_MODES) -> dict[str, dict[str, float]]:
+    """Per mode: mean cosine of an augmented row to its source row and its mean own-component
+    responsibility under the row's neighbourhood mixture.
+
+    The mixture of row i has the components {i} and its same-label neighbours; the own-component
+    responsibility of a draw y is r_i(y) = softmax_j(log alpha_j + log C_d(kappa_j) + kappa_j mu_j.y)
+    at j = i. Under the exact mixture its mean is alpha_i / sum_j alpha_j. Modes: "vmf" (the row's own
+    vMF), "mixture" (exact draws from the mixture, the target), "langevin" (the default chain: 5 ULA
+    steps at the default step size from the row), "langevin_mala300" (300 MALA steps from the row).
+    """
+    from m2m.augment.augmenter import MixtureAugmenter
+
+    n, d = mu.shape
+    mu_t = torch.from_numpy(np.ascontiguousarray(mu, dtype=np.float32))
+    rng = np.random.default_rng(seed)
+    rows = torch.from_numpy(np.sort(rng.choice(n, size=min(sample_rows, n), replace=False)).astype(np.int64))
+
+    def gather(pos: torch.Tensor) -> torch.Tensor:
+        return mu_t.index_select(0, pos)
+
+    nb = np.asarray(neighbors, dtype=np.int64)
+    valid = (nb >= 0) & (nb != np.arange(n)[:, None])
+    if labels is not None:
+        valid &= labels[np.maximum(nb, 0)] == labels[:, None]
+    comp = torch.from_numpy(np.concatenate([np.arange(n)[:, None], np.maximum(nb, 0)], 1))[rows]
+    present = torch.from_numpy(np.concatenate([np.ones((n, 1), bool), valid], 1))[rows]
+    kt = torch.from_numpy(np.asarray(kappa, dtype=np.float64))
+    log_w = component_log_weights(kt, torch.from_numpy(np.asarray(alpha, dtype=np.float64)), d)
+    kc, ac = kt[comp], torch.where(present, log_w[comp], torch.full((), -math.inf, dtype=torch.float64))
+    mc = mu_t[comp].double()                                                      # [R, K, d]
+    augmenters: dict[str, Any] = {
+        "vmf": VMFAugmenter(kappa),
+        "mixture": MixtureAugmenter(nb, kappa, alpha, labels),
+        "langevin": LangevinAugmenter(nb, kappa, alpha, labels, steps=STEPS),
+        "langevin_mala300": LangevinAugmenter(nb, kappa, alpha, labels, steps=300, metropolis=True),
+    }
+    out: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        y = augmenters[mode](mu_t[rows], rows, gather, torch.Generator().manual_seed(seed + 1)).double()
+        logits = ac + kc * torch.bmm(mc, y.unsqueeze(2)).squeeze(2)
+        resp = torch.softmax(logits, 1)[:, 0]
+        cos = (y * mu_t[rows].double()).sum(1)
+        out[mode] = {"mean_cos_to_source": float(cos.mean()), "own_responsibility": float(resp.mean()),
+                     "own_responsibility_target": float(torch.softmax(torch.where(present, torch.log(
+                         torch.from_numpy(np.asarray(alpha, dtype=np.float64))[comp]),
+                         torch.full((), -math.inf, dtype=torch.float64)), 1)[:, 0].mean())}
+    return out
+
+
+def law_on_digits(dims: tuple[int, ...] = (64, 384), rows: int = 10_000, seed: int = 0,
+                  sample_rows: int = 2048) -> dict[str, Any]:
+    """``augmentation_law`` on kNN lakes of the digits protocol (``m2m.datasets.digits_embeddings``), the
+    lake estimating kappa and neighbours itself (k = 16, labelled rows, not consolidated)."""
+    from m2m.api import create_m2m
+    from m2m.config import M2MConfig
+    from m2m.datasets import digits_embeddings
+
+    res: dict[str, Any] = {"rows": rows, "seed": seed, "sample_rows": sample_rows, "k": K, "by_dim": {}}
+    for d in dims:
+        data = digits_embeddings(rows=rows, dim=d, seed=seed)
+        with create_m2m(M2MConfig(latent_dim=d, knn_k=K, seed=seed)) as lake:
+            lake.add_splats(data.train_x, labels=data.train_y)
+            lake.estimate_kappa()
+            sp = lake.splats()
+            kap = np.asarray(sp["kappa"], dtype=np.float64)
+            res["by_dim"][str(d)] = {
+                "kappa_median": float(np.median(kap)),
+                "modes": augmentation_law(sp["mu"], lake.snapshot.read_all("neighbors"), kap,
+                                          np.asarray(sp["alpha"], dtype=np.float64), np.asarray(sp["label"]),
+                                          sample_rows=sample_rows, seed=seed)}
+    return res
