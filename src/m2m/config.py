@@ -27,11 +27,13 @@ class M2MConfig:
         latent_dim: vector dimension; vectors of any other width are rejected.
         storage_dtype: element type the shards hold ("float32" or "float16").
         device: where batches are delivered ("cpu", "cuda", "cuda:N").
-        knn_k: neighbours used for kappa estimation and Langevin augmentation.
+        knn_k: neighbours used for kappa estimation and Langevin/mixture augmentation.
         langevin_steps: Langevin steps per augmented row.
-        langevin_dt: dimensionless Langevin step size: h = dt / max(kappa/T, d-1); 0.06 with 5 steps
-            moves a row about half as far from its mean as an exact vMF draw (mean cosine ~0.95).
-        langevin_T: temperature of the Langevin target (1.0 samples the vMF mixture itself).
+        langevin_dt: dimensionless Langevin step size: h = dt / max(kappa_row/T, d-1) (the row's own
+            kappa); 0.06 with 5 steps moves a row about half as far from its mean as an exact vMF draw
+            (mean cosine ~0.95); at d >= 64 the chain stays in the row's own component.
+        langevin_T: temperature of the Langevin target p^(1/T); for generate_samples="mixture", each
+            component becomes vMF(mu_j, kappa_j/T) with its mass kept (1.0: the exact mixture).
         soc_threshold: redundancy fraction at which consolidation is advised (``criticality()``).
         consolidate_similarity: cosine at which two splats count as near-duplicates.
         auto_consolidate: consolidate after ``add_splats`` when the lake turns supercritical.

@@ -1,1 +1,2 @@
-"""Augmentation: Riemannian Langevin dynamics under the vMF-mixture energy of neighbouring splats."""
+"""Augmentation: exact vMF and neighbourhood-mixture draws, and a Riemannian Langevin kernel that leaves
+the vMF mixture of neighbouring splats invariant (short chains stay in the row's own component at d >= 64)."""

@@ -7,7 +7,10 @@ two coordinates (it reads nothing but its own row); splats whose neighbours are 
 the path (``negligible_neighbours``, decided once per splat) stop there, the others are checked on
 their realised path (``negligible_on_path``) and, if a neighbour may matter, rerun exactly with all
 components and the same noise (``coupled_full_chain``), gathering their neighbours (unique
-positions only). ``VMFAugmenter``: one exact vMF(mu_i, kappa_i) draw per row. Ids and labels are
+positions only). The step of row i is set by its own kappa only (h = step_size / max(kappa_i / T,
+d - 1)), so neighbours do not change how far a row moves. ``VMFAugmenter``: one exact vMF(mu_i,
+kappa_i) draw per row. ``MixtureAugmenter``: one exact draw from the row's neighbourhood mixture (a
+component picked with probability alpha_j / sum alpha, then a Wood vMF draw). Ids and labels are
 untouched (the stream keeps them).
 
 Tables live on the CPU and are copied to each device on first use (or ``.to(device)``).

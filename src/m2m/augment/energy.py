@@ -8,7 +8,8 @@ so log p(x) = (1/T) logsumexp_j(a_j + kappa_j mu_j.x) with a_j = log alpha_j + l
 each normalised component carries mass alpha_j, so at T = 1 the mixture weights are alpha_j / sum alpha.
 
 Step length. The Langevin step is h = step_size / kappa_ref with
-kappa_ref = max(max_j kappa_j / T, d - 1) over the row's present components. A vMF(kappa) is locally a
+kappa_ref = max(max_j kappa_j / T, d - 1) over the row's present components in ``langevin.sample`` (unless
+``step_kappa`` is given); ``LangevinAugmenter`` uses the row's own kappa, kappa_ref = max(kappa_i / T, d - 1). A vMF(kappa) is locally a
 Gaussian of variance 1/kappa per tangent direction, so ``step_size`` is dimensionless: one step
 relaxes a fraction ~step_size of the distance to the stationary spread of the most concentrated
 component (the discretisation stays stable for step_size <= 1), and the floor d - 1 caps one step's

@@ -461,8 +461,10 @@ class Lake:
                              **stream_options: Any) -> Any:
         """A `torch.utils.data.DataLoader` streaming this snapshot's splats as whole batches on ``config.device``.
 
-        ``generate_samples``: False | True/"langevin" (each row replaced by a Langevin sample over its
-        neighbour splats) | "vmf" (an exact draw from the row's own vMF). ``importance_sampling``:
+        ``generate_samples``: False | True/"langevin" (each row replaced by the end of a short Langevin
+        chain started at it; at d >= 64 it stays in the row's own vMF) | "vmf" (an exact draw from the
+        row's own vMF) | "mixture" (an exact draw from the mixture of the row's and its same-label
+        neighbours' splats). ``importance_sampling``:
         False | True/"kappa" | "alpha" | "loss" | a numeric metadata column; batches then carry an
         unbiased ``weight``. ``columns``: None -> float tensors [B, d]; a tuple of names -> dicts.
         Kappa is estimated first when a mode needs it and some splat lacks it.
