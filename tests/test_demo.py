@@ -39,7 +39,8 @@ def test_demo_table_has_measured_and_published_rows(quick_run):
     _, result = quick_run
     text = result.output
     for label in ("ingest, rows/s", "stream, standard (SOC importance)", "stream, generative (SOC + Langevin)",
-                  "test accuracy, SOC + Langevin (", "test accuracy, uniform, raw lake ("):
+                  "test accuracy, SOC + Langevin (", "test accuracy, uniform, raw lake (",
+                  "stream, mixture augmentation", "what each augmentation produces"):
         assert label in text
     for published in ORIGINAL_README.values():
         assert f"{published:,}" in text             # quoted beside ours, labelled as the original's
@@ -51,6 +52,12 @@ def test_demo_figures_are_measured_in_the_run(tmp_path):
     for v in (res["ingest_rows_s"], res["stream_rows_s"]["standard"], res["stream_rows_s"]["generative"]):
         assert math.isfinite(v) and v > 0
         assert v not in ORIGINAL_README.values()
+    assert min(res["stream_rows_s"]["vmf"], res["stream_rows_s"]["mixture"]) > 0
+    law = res["augmentation_law"]["modes"]
+    # measured in the run: the mixture moves rows into their neighbours' splats, the short chain does not
+    assert set(law) == {"vmf", "mixture", "langevin"}
+    assert law["mixture"]["own_responsibility"] < law["langevin"]["own_responsibility"]
+    assert law["langevin"]["mean_cos_to_source"] > law["vmf"]["mean_cos_to_source"]
     assert len(res["accuracy"]["uniform"]) == len(res["accuracy"]["soc_langevin"]) == 2
     # ten balanced classes: chance is 10%; a linear head on digits must do far better
     assert res["accuracy"]["uniform"][-1] > 0.5 and res["accuracy"]["soc_langevin"][-1] > 0.5

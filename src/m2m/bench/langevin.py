@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from m2m.augment.augmenter import LangevinAugmenter, VMFAugmenter
+from m2m.augment.augmenter import LangevinAugmenter, MixtureAugmenter, VMFAugmenter
 from m2m.augment.energy import DEFAULT_STEP_SIZE, component_log_weights, step_length
 from m2m.augment.langevin import full_chain
 from m2m.geometry.kappa import neighbourhood_kappa
@@ -112,7 +112,11 @@ def _run(quick: bool, rows: int, seed: int) -> dict[str, Any]:
         aug = LangevinAugmenter(neighbors, kappa, alpha, steps=STEPS).to("cpu", DIM, gather)
         build_s = time.perf_counter() - t0
         vaug = VMFAugmenter(kappa).to("cpu")
+        maug = MixtureAugmenter(neighbors, kappa, alpha).to("cpu")
         gen = torch.Generator().manual_seed(seed + 2)
+
+        def mixture(r: torch.Tensor) -> torch.Tensor:
+            return maug(batch(r), r, gather, gen)
 
         def ours(r: torch.Tensor) -> torch.Tensor:
             return aug(batch(r), r, gather, gen)
@@ -131,17 +135,17 @@ def _run(quick: bool, rows: int, seed: int) -> dict[str, Any]:
             h = step_length(DEFAULT_STEP_SIZE, kk[:, :1], None, DIM, 1.0)   # the row's own kappa sets the step
             return full_chain(mu[:, 0], mu, kk.float(), (lw - lw[:, :1]).float(), h, STEPS, 1.0, gen, False)
 
-        best = {"limit": 0.0, "naive": 0.0, "ours": 0.0, "vmf": 0.0}
+        best = {"limit": 0.0, "naive": 0.0, "ours": 0.0, "vmf": 0.0, "mixture": 0.0}
         cpu = dict(best)
         for _ in range(rounds):
             for key, fn, nb in (("limit", batch, 8 * n_fast), ("ours", ours, n_fast), ("vmf", vmf, n_fast),
-                                ("naive", naive, n_naive)):
+                                ("mixture", mixture, n_fast), ("naive", naive, n_naive)):
                 wall, per_cpu = _rate(fn, order, nb)
                 best[key], cpu[key] = max(best[key], wall), max(cpu[key], per_cpu)
         sample_rows = order[:BATCH]
         src = batch(sample_rows).clone()
         cos = {m: float((fn(sample_rows) * src).sum(1).mean()) for m, fn in (("ours", ours), ("naive", naive),
-                                                                            ("vmf", vmf))}
+                                                                            ("vmf", vmf), ("mixture", mixture))}
         res[name] = {**best, "cpu_rows_per_s": cpu, "table_build_seconds": build_s, "fast_fraction": aug.fast_fraction,
                      "mean_cos_to_source": cos}
     f32, f16 = res["f32"], res["f16"]
@@ -177,7 +181,7 @@ def stream_rates(rows: int, seed: int = 0, rounds: int = 2) -> dict[str, Any]:
         out["estimate_kappa_seconds"] = time.perf_counter() - t0
         loaders = {mode: lake.export_to_dataloader(batch_size=BATCH, generate_samples=gen, prefetch=prefetch)
                    for mode, gen, prefetch in (("plain", False, 4), ("langevin", "langevin", 4), ("vmf", "vmf", 4),
-                                               ("langevin_inline", "langevin", 0))}
+                                               ("mixture", "mixture", 4), ("langevin_inline", "langevin", 0))}
         for dl in loaders.values():  # first epoch: fills the warm tier, builds the augmenter tables
             for _ in dl:
                 pass
@@ -228,6 +232,8 @@ def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
          "limit": st["plain"], "limit_name": "plain stream"},
         {"measure": "vMF-augmented stream via lake (rows/s)", "ours": st["vmf"], "baseline": None,
          "limit": st["plain"], "limit_name": "plain stream"},
+        {"measure": "mixture-augmented stream via lake (rows/s)", "ours": st["mixture"], "baseline": None,
+         "limit": st["plain"], "limit_name": "plain stream"},
     ]
 
 
@@ -238,7 +244,8 @@ def format_table(res: dict[str, Any]) -> str:
              f"{res['threads']} thread, median kappa {res['kappa_median']:.0f}",
              f"{'what':44s} {'f32 rows/s':>12s} {'f16 rows/s':>12s} {'x naive':>8s} {'x limit':>8s}"]
     labels = {"limit": "limit: gather the batch (index_select)", "naive": "naive: gather 16 neighbours + 5 full steps",
-              "ours": "ours: LangevinAugmenter", "vmf": "ours: VMFAugmenter (exact vMF draw)"}
+              "ours": "ours: LangevinAugmenter", "vmf": "ours: VMFAugmenter (exact vMF draw)",
+              "mixture": "ours: MixtureAugmenter (exact mixture draw)"}
     f32, f16 = res["f32"], res["f16"]
     for key, label in labels.items():
         lines.append(f"{label:44s} {f32[key]:12,.0f} {f16[key]:12,.0f} {f32[key] / f32['naive']:8.1f} "
@@ -256,7 +263,8 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(f"through a lake ({st['rows']:,} rows, kappa+kNN estimated in {st['estimate_kappa_seconds']:.1f} s): "
                      f"plain stream {st['plain']:,.0f} rows/s | Langevin stream {st['langevin']:,.0f} "
                      f"({st['langevin_vs_plain']:.2f}x plain; draws made in the prefetch thread) | same, in line "
-                     f"(prefetch=0, one thread) {st['langevin_inline']:,.0f} | vMF stream {st['vmf']:,.0f}")
+                     f"(prefetch=0, one thread) {st['langevin_inline']:,.0f} | vMF stream {st['vmf']:,.0f} | "
+                     f"mixture stream {st['mixture']:,.0f}")
         tr = st["training"]
         lines.append(f"feeding an MLP training step (640-256-10, SGD), rows/s: plain {tr['plain']:,.0f} | Langevin "
                      f"{tr['langevin']:,.0f} ({tr['langevin'] / tr['plain']:.2f}x plain) | Langevin in line "
@@ -285,8 +293,6 @@ def augmentation_law(mu: np.ndarray, neighbors: np.ndarray, kappa: np.ndarray, a
     vMF), "mixture" (exact draws from the mixture, the target), "langevin" (the default chain: 5 ULA
     steps at the default step size from the row), "langevin_mala300" (300 MALA steps from the row).
     """
-    from m2m.augment.augmenter import MixtureAugmenter
-
     n, d = mu.shape
     mu_t = torch.from_numpy(np.ascontiguousarray(mu, dtype=np.float32))
     rng = np.random.default_rng(seed)
@@ -331,6 +337,7 @@ def law_on_digits(dims: tuple[int, ...] = (64, 384), rows: int = 10_000, seed: i
     from m2m.api import create_m2m
     from m2m.config import M2MConfig
     from m2m.datasets import digits_embeddings
+    from m2m.export import filled_kappa
 
     res: dict[str, Any] = {"rows": rows, "seed": seed, "sample_rows": sample_rows, "k": K, "by_dim": {}}
     for d in dims:
@@ -339,7 +346,7 @@ def law_on_digits(dims: tuple[int, ...] = (64, 384), rows: int = 10_000, seed: i
             lake.add_splats(data.train_x, labels=data.train_y)
             lake.estimate_kappa()
             sp = lake.splats()
-            kap = np.asarray(sp["kappa"], dtype=np.float64)
+            kap = filled_kappa(np.asarray(sp["kappa"], dtype=np.float32), d).astype(np.float64)
             res["by_dim"][str(d)] = {
                 "kappa_median": float(np.median(kap)),
                 "modes": augmentation_law(sp["mu"], lake.snapshot.read_all("neighbors"), kap,

@@ -3,7 +3,9 @@
 sklearn's digits in the seed protocol (``m2m.datasets.digits_embeddings``: rows resampled from the
 1,797 images, projected 64 -> dim, split by source image) are ingested into a lake; kappa is
 estimated, the lake's criticality read and near-duplicates consolidated; the stream is timed with
-SOC importance sampling (standard) and with Langevin augmentation (generative); a linear classifier
+SOC importance sampling (standard), with Langevin augmentation (generative) and with the vMF and
+mixture augmentations; what each augmentation produces (mean cosine to the source row, own-component
+responsibility under the row's neighbourhood mixture) is measured on the lake; a linear classifier
 is trained through the SOC + Langevin stream (weighted loss) and, for comparison, through a plain
 uniform stream of the raw lake. One table and one figure (``m2m-demo-report.png``) report the run
 beside the figures the original M2M README published (quoted constants, labelled as such).
@@ -59,7 +61,7 @@ def _with_bar(total: int, desc: str, fn: Any) -> tuple[Any, float]:
 
 
 def _stream_rate(lake: Any, generate: str | bool, seed: int) -> float:
-    """Rows/s of the SOC importance stream (``generate``: False or "langevin"), no model attached."""
+    """Rows/s of the SOC importance stream (``generate``: False or a generate_samples mode), no model attached."""
     dl = lake.export_to_dataloader(batch_size=BATCH_SIZE, shuffle=True, importance_sampling=True,
                                    generate_samples=generate, columns=STREAM_COLUMNS, seed=seed)
     for _ in dl:  # warm-up epoch: builds the sampler's plan, the augmenter tables, the warm tier
@@ -77,6 +79,21 @@ def _stream_rate(lake: Any, generate: str | bool, seed: int) -> float:
             if batch["embedding"].is_cuda:
                 torch.cuda.synchronize()
             return rows / (time.perf_counter() - t0)
+
+
+def _law(lake: Any, seed: int, sample_rows: int = 1024) -> dict[str, Any]:
+    """``m2m.bench.langevin.augmentation_law`` of the vMF, mixture and Langevin modes on the lake."""
+    from m2m.bench.langevin import augmentation_law
+    from m2m.export import filled_kappa
+
+    sp = lake.splats()
+    labels = sp.get("label")
+    kappa = filled_kappa(np.asarray(sp["kappa"], dtype=np.float32), lake.dim).astype(np.float64)
+    modes = augmentation_law(sp["mu"], lake.snapshot.read_all("neighbors"), kappa,
+                             np.asarray(sp["alpha"], dtype=np.float64), None if labels is None else np.asarray(labels),
+                             sample_rows=sample_rows, seed=seed, modes=("vmf", "mixture", "langevin"))
+    target = next(iter(modes.values()))["own_responsibility_target"]
+    return {"sample_rows": min(sample_rows, len(kappa)), "target_own_responsibility": target, "modes": modes}
 
 
 def _train(lake: Any, data: Any, epochs: int, device: str, seed: int, importance: Any, generate: Any,
@@ -102,6 +119,8 @@ def _table(res: dict[str, Any]) -> str:
          num(ORIGINAL_README["standard"])),
         ("stream, generative (SOC + Langevin), rows/s", num(res["stream_rows_s"]["generative"]),
          num(ORIGINAL_README["generative"])),
+        ("stream, vMF augmentation (SOC + vMF), rows/s", num(res["stream_rows_s"]["vmf"]), "-"),
+        ("stream, mixture augmentation (SOC + mixture), rows/s", num(res["stream_rows_s"]["mixture"]), "-"),
         (f"test accuracy, SOC + Langevin ({sum(res['rows_per_epoch']['soc_langevin']):,} rows)",
          f"{100 * res['accuracy']['soc_langevin'][-1]:.2f}%", "-"),
         (f"test accuracy, uniform, raw lake ({sum(res['rows_per_epoch']['uniform']):,} rows)",
@@ -114,6 +133,12 @@ def _table(res: dict[str, Any]) -> str:
                  f"columns {'/'.join(STREAM_COLUMNS)}, {res['device']}, no model attached")
     lines.append(f"accuracy: linear classifier after {res['epochs']} epochs, on {res['test_rows']:,} rows of held-out "
                  f"images; rows = rows streamed into training")
+    law = res["augmentation_law"]
+    lines.append(f"what each augmentation produces ({law['sample_rows']:,} rows of the consolidated lake): mean cosine "
+                 f"to the source row / mean own-component responsibility under the row's neighbourhood mixture "
+                 f"(the mixture itself: {law['target_own_responsibility']:.3f})")
+    lines.append("  " + " | ".join(f"{mode} {v['mean_cos_to_source']:.3f} / {v['own_responsibility']:.3f}"
+                                   for mode, v in law["modes"].items()))
     lines.append("original M2M README: figures as published there (splats/s), quoted for comparison, not measured here")
     return "\n".join(lines)
 
@@ -211,7 +236,10 @@ def run_demo(rows: int = 10_000, dim: int = 640, epochs: int = 5, device: str = 
                    f"{report.rows_before:,} -> {report.rows_after:,} splats ({report.groups_merged:,} groups) "
                    f"in {res['consolidate_seconds']:.2f} s")
         res["stream_rows_s"] = {"standard": _stream_rate(lake, False, seed),
-                                "generative": _stream_rate(lake, "langevin", seed)}
+                                "generative": _stream_rate(lake, "langevin", seed),
+                                "vmf": _stream_rate(lake, "vmf", seed),
+                                "mixture": _stream_rate(lake, "mixture", seed)}
+        res["augmentation_law"] = _law(lake, seed)
         fit = _train(lake, data, epochs, device, seed, True, "langevin", "train SOC + Langevin")
         res["accuracy"]["soc_langevin"] = fit["accuracy"]
         res["rows_per_epoch"]["soc_langevin"] = fit["rows_per_epoch"]
