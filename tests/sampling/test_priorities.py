@@ -16,14 +16,41 @@ from m2m.sampling.priorities import LossPriorities
 def test_ema_update_and_duplicates_are_averaged_deterministically() -> None:
     p = LossPriorities(5, ema=0.5, initial=1.0)
     p.update(torch.tensor([0, 1]), torch.tensor([2.0, 4.0]))
-    np.testing.assert_allclose(p.scores(), [1.5, 2.5, 1, 1, 1])
+    np.testing.assert_allclose(p.scores(), [2.0, 4.0, 1, 1, 1])      # the first loss replaces the initial 1.0
+    p.update(torch.tensor([0]), torch.tensor([5.0]))
+    # bias-corrected: (0.5 * 0.5 * 2 + 0.5 * 5) / (1 - 0.25) = 4
+    np.testing.assert_allclose(p.scores(), [4.0, 4.0, 1, 1, 1])
+    assert p.counts.tolist() == [2, 1, 0, 0, 0]
     q = LossPriorities(5, ema=0.5, initial=1.0)
-    q.update(np.array([3, 3, 3]), np.array([1.0, 2.0, 6.0]))  # mean 3 -> 0.5 * 1 + 0.5 * 3
+    q.update(np.array([3, 3, 3]), np.array([1.0, 2.0, 6.0]))  # one update with the mean, 3
     r = LossPriorities(5, ema=0.5, initial=1.0)
     r.update([3, 3, 3], [6.0, 1.0, 2.0])
-    assert q.scores()[3] == pytest.approx(2.0) and q.scores()[3] == r.scores()[3]
+    assert q.scores()[3] == pytest.approx(3.0) and q.scores()[3] == r.scores()[3]
     p.update([], [])
-    assert p.tensor.is_shared() and len(p) == 5
+    assert p.tensor.is_shared() and p.counts.is_shared() and len(p) == 5
+
+
+def test_bias_corrected_ema_is_the_normalised_weighted_mean() -> None:
+    ema, losses = 0.9, [3.0, 1.0, 7.0, 2.0]
+    p = LossPriorities(1, ema=ema)
+    for n, loss in enumerate(losses, 1):
+        p.update([0], [loss])
+        w = ema ** np.arange(n - 1, -1, -1)
+        assert p.scores()[0] == pytest.approx(float(np.dot(w, losses[:n]) / w.sum()), rel=1e-6)
+
+
+def test_one_epoch_of_feedback_moves_the_draws() -> None:
+    # the example: after one epoch in which 10% of the rows report loss 10 and the rest 0.1,
+    # those rows get >= 40% of the next epoch's draws at the default floor (the old EMA gave 19%)
+    n = 5000
+    hard = np.zeros(n, dtype=bool)
+    hard[np.random.default_rng(0).choice(n, n // 10, replace=False)] = True
+    p = LossPriorities(n)
+    p.update(np.arange(n), np.where(hard, 10.0, 0.1))
+    rows, _ = importance_plan(p.scores(), np.ones(n), num_draws=n, seed=0, epoch=1)
+    share = hard[rows].mean()
+    assert share >= 0.4
+    assert share == pytest.approx(0.917 / 1.007, abs=0.002)    # q = 10/1.09 vs the floor 0.1: 91%
 
 
 def test_ids_are_mapped_to_positions() -> None:

@@ -15,10 +15,23 @@ class PlanSampler(Protocol):
     already-random draw (the stream keeps its order, except that a block-shuffled layout regroups
     it by block), deterministic in (the sampler's seed, ``epoch``, and its own state);
     ``weights`` float32 ``[M]`` importance weights delivered as the ``"weight"`` column.
+    A sampler whose ``plan`` accepts ``num_draws`` is asked for exactly the draws the stream
+    delivers (``m2m.stream.order.delivered_draws``), so none is dropped by ``drop_last`` or repeated
+    as padding and its weights stay unbiased per epoch over all ranks.
     Samplers driven by training losses also implement ``update_priorities(ids, losses)``.
     """
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def accepts_num_draws(sampler: object) -> bool:
+    """Whether ``sampler.plan`` takes a ``num_draws`` keyword (plans exactly the delivered draws)."""
+    import inspect
+
+    try:
+        return "num_draws" in inspect.signature(sampler.plan).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return False
 
 
 def supports_priorities(sampler: object) -> bool:

@@ -50,14 +50,25 @@ class ImportanceSampler:
         assert self._scores is not None
         return self._scores
 
-    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows int64 [N], weights float32 [N])`` of ``epoch`` (deterministic in seed and epoch)."""
-        return importance_plan(self.scores(epoch), self.alpha, num_draws=len(self.alpha), seed=self.seed,
-                               epoch=epoch, floor=self.floor)
+    def plan(self, epoch: int, num_draws: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows int64 [M], weights float32 [M])`` of ``epoch`` (deterministic in seed, epoch and M).
+
+        ``num_draws`` M (default N, the lake's rows): the stream asks for exactly the draws it will
+        deliver (``m2m.stream.order.delivered_draws``). Weights are ``alpha_i / (M p_i)``, so over the
+        M draws ``E[sum w f] = sum_i alpha_i f_i`` exactly, whatever M (M = N: ``alpha_i / (N p_i)``).
+        """
+        n = len(self.alpha)
+        m = n if num_draws is None else num_draws
+        rows, weights = importance_plan(self.scores(epoch), self.alpha, num_draws=m, seed=self.seed,
+                                        epoch=epoch, floor=self.floor)
+        if m != n and m > 0:
+            weights = (weights.astype(np.float64) * (n / m)).astype(np.float32)
+        return rows, weights
 
 
 class LossSampler(ImportanceSampler):
-    """Scores are per-row training losses fed back with `update_priorities` (an EMA per row).
+    """Scores are per-row training losses fed back with `update_priorities` (a bias-corrected EMA per
+    row, `m2m.sampling.priorities.LossPriorities`: a row's first loss replaces the initial 1.0).
 
     Each epoch's plan uses the priorities as they were when that epoch's plan was first drawn; they
     are frozen in `state_dict` so a resumed run redraws exactly the same plan.
@@ -83,6 +94,7 @@ class LossSampler(ImportanceSampler):
 
     def state_dict(self) -> dict[str, Any]:
         return {"priorities": self.priorities.scores().astype(np.float32).copy(),
+                "counts": self.priorities.counts.numpy().copy(),
                 "frozen": {int(e): v.copy() for e, v in self._frozen.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -90,4 +102,13 @@ class LossSampler(ImportanceSampler):
         if values.shape != (len(self.alpha),):
             raise StateMismatchError(f"sampler state has {values.shape} priorities, the lake has {len(self.alpha)} rows")
         self.priorities.tensor.copy_(torch.from_numpy(values))
+        # states saved before the bias correction have no counts: continue them as plain EMAs
+        # (a large count makes the gain 1 - ema), except rows still at the initial value
+        counts = state.get("counts")
+        if counts is None:
+            counts = np.where(values == np.float32(1.0), 0, 2**20).astype(np.int32)
+        counts = np.asarray(counts, dtype=np.int32)
+        if counts.shape != values.shape:
+            raise ValueError(f"sampler state has {counts.shape} counts for {values.shape} priorities")
+        self.priorities.counts.copy_(torch.from_numpy(counts))
         self._frozen = {int(e): np.asarray(v, dtype=np.float64) for e, v in state.get("frozen", {}).items()}

@@ -21,7 +21,7 @@ from m2m.errors import ConfigError
 from m2m.sampling.plan import PlanSampler
 from m2m.stream import shuffle
 from m2m.stream.columns import Column
-from m2m.stream.order import Layout, RankEpoch, check_plan, rank_epoch
+from m2m.stream.order import Layout, RankEpoch, rank_epoch, sampler_plan
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.batches import BatchStage, RowsStage
@@ -124,8 +124,9 @@ class StreamDataset(IterableDataset):
         key = (epoch, world.rank, world.world_size)
         hit = self._cache.get(key)
         if hit is None:
-            plan = None if self.sampler is None else check_plan(self.sampler.plan(epoch), self.spec.num_rows)
             s = self.spec
+            plan = None if self.sampler is None else sampler_plan(self.sampler, epoch, s.num_rows, s.batch_size,
+                                                                  world.world_size, s.drop_last)
             hit = rank_epoch(s.layout, s.num_rows, s.batch_size, s.drop_last, s.seed, epoch, world.rank,
                              world.world_size, plan)
             while len(self._cache) >= 2:  # two passes may interleave (zip(dl, dl))

@@ -82,6 +82,31 @@ def epoch_entries(layout: Layout, num_rows: int, seed: int, epoch: int,
     return rows, weights
 
 
+def delivered_draws(num_rows: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    """How many plan entries an epoch over ``world_size`` ranks delivers, each exactly once.
+
+    With ``drop_last`` every rank reads the same whole number of batches: floor(N / (W B)) W B
+    entries. Without it the order is padded to a multiple of W: W ceil(N / W). A plan of exactly
+    this many draws is split by `m2m.stream.partition` with nothing dropped and nothing repeated.
+    """
+    if drop_last:
+        return (num_rows // (world_size * batch_size)) * world_size * batch_size
+    return -(-num_rows // world_size) * world_size
+
+
+def sampler_plan(sampler: object, epoch: int, num_rows: int, batch_size: int, world_size: int,
+                 drop_last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``sampler.plan(epoch)``, asking for exactly the delivered draws when the sampler accepts
+    ``num_draws`` (`m2m.sampling.plan.accepts_num_draws`); validated by ``check_plan``."""
+    from m2m.sampling.plan import accepts_num_draws
+
+    if accepts_num_draws(sampler):
+        raw = sampler.plan(epoch, num_draws=delivered_draws(num_rows, batch_size, world_size, drop_last))  # type: ignore[attr-defined]
+    else:
+        raw = sampler.plan(epoch)  # type: ignore[attr-defined]
+    return check_plan(raw, num_rows)
+
+
 def rank_epoch(layout: Layout, num_rows: int, batch_size: int, drop_last: bool, seed: int, epoch: int,
                rank: int, world_size: int, plan: tuple[np.ndarray, np.ndarray] | None = None) -> RankEpoch:
     """The part of epoch ``epoch`` that ``rank`` of ``world_size`` reads (see `m2m.stream.partition`)."""
