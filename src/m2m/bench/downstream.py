@@ -54,6 +54,7 @@ METHODS = (
     Method("consolidated ~50% + alpha, 2x ep", importance="alpha", consolidated=True, epoch_scale=2),
     Method("langevin augmentation", generate="langevin"),
     Method("vmf augmentation", generate="vmf"),
+    Method("mixture augmentation", generate="mixture"),
 )
 
 
