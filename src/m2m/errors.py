@@ -75,8 +75,9 @@ class NumericalError(M2MError, RuntimeError):
     """A numerical routine did not converge within its bound (never expected; please report it)."""
 
 
-class SourceNotFoundError(M2MError, FileNotFoundError):
-    """An input file or directory given to ingest (or a bundled data file) does not exist."""
+class PathNotFoundError(M2MError, FileNotFoundError):
+    """A file or folder the caller named (an ingest source, an export's target folder, a bundled
+    data file) does not exist."""
 
 
 class MissingDependencyError(M2MError, ImportError):
@@ -86,3 +87,19 @@ class MissingDependencyError(M2MError, ImportError):
 class ObjectStoreError(M2MError, OSError):
     """A remote object-store request failed (unreachable, timed out, refused) after bounded retries;
     the message names the object and the cause is chained."""
+
+
+class InvalidManifestError(M2MError, ValueError):
+    """A manifest field is missing or out of range (reported as `CorruptShardError` naming the file)."""
+
+
+class WriteFailedError(M2MError, OSError):
+    """Writing a file failed (e.g. the disk is full); the message names the file and that nothing was committed."""
+
+
+class AlreadyExistsError(M2MError, FileExistsError):
+    """A file that must be created fresh already exists (a lost race for a version or an id range)."""
+
+
+class InternalError(M2MError, RuntimeError):
+    """An internal invariant failed: a bug in m2m, please report it with the message."""

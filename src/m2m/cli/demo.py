@@ -21,7 +21,7 @@ import click
 import numpy as np
 import torch
 
-from m2m.cli.main import Bar
+from m2m.cli.progress import Bar
 from m2m.errors import ConfigError
 
 # Figures published in the original M2M README (quoted, not measured here).

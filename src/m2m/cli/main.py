@@ -12,6 +12,8 @@ from typing import Any, Callable, TypeVar
 
 import click
 
+from m2m.cli.progress import Bar
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -36,9 +38,9 @@ def user_errors(fn: F) -> F:
 
         try:
             return fn(*args, **kwargs)
-        except (M2MError, ValueError, OSError, KeyError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            click.echo(f"m2m: error: {msg}", err=True)
+        # not KeyError/IndexError/TypeError: outside M2MError those are bugs and keep their traceback
+        except (M2MError, ValueError, OSError) as exc:
+            click.echo(f"m2m: error: {exc}", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -75,26 +77,6 @@ def storage_option(fn: F) -> F:
                         callback=lambda ctx, param, value: parse_storage_options(value),
                         help="fsspec option of a remote lake (repeatable), e.g. endpoint_url=http://host:9000, "
                              "key=..., secret=..., client_kwargs.region_name=eu-west-1.")(fn)
-
-
-class Bar:
-    """A tqdm progress bar on stderr used as a progress callback, drawn only when stderr is a terminal."""
-
-    def __init__(self, total: int | None, desc: str, unit: str = "rows", quiet: bool = False) -> None:
-        from tqdm.auto import tqdm
-
-        # disable=None: tqdm draws only on a terminal, so logs and pipes get no carriage-return noise
-        self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=True if quiet else None,
-                         file=sys.stderr, dynamic_ncols=True, leave=False)
-
-    def __call__(self, n: int) -> None:
-        self._bar.update(n)
-
-    def __enter__(self) -> "Bar":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._bar.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from m2m.errors import CommitConflictError
+from m2m.errors import CommitConflictError, InternalError
 from m2m.lake import summary as lake_stats
 from m2m.lake.manifest import Manifest, ShardEntry, read_manifest, write_manifest
 
@@ -77,7 +77,7 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
         try:
             new = build(base)
             if new.version != base.version + 1:
-                raise RuntimeError(f"commit {operation!r} built version {new.version} on {base.version}")
+                raise InternalError(f"commit {operation!r} built version {new.version} on {base.version}")
             try:
                 write_manifest(fs, new)
                 published = True

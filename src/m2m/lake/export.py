@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from m2m.errors import ConfigError
+from m2m.errors import ConfigError, PathNotFoundError, WriteFailedError
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import FileEntry, Manifest
 from m2m.lake.shard import open_shard_file
@@ -156,7 +156,7 @@ def export_lake(reader: pa.RecordBatchReader, out: str | os.PathLike[str], fmt: 
     out = os.fspath(out)
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory} does not exist (the folder of {out})")
+        raise PathNotFoundError(f"{directory} does not exist (the folder of {out})")
     tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex}")
     rows = 0
     try:
@@ -186,6 +186,6 @@ def export_lake(reader: pa.RecordBatchReader, out: str | os.PathLike[str], fmt: 
         except FileNotFoundError:
             pass
         if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:  # e.g. a full disk
-            raise OSError(exc.errno, f"{exc.strerror or exc} while writing {out}") from exc
+            raise WriteFailedError(exc.errno, f"{exc.strerror or exc} while writing {out}") from exc
         raise
     return {"rows": rows, "bytes": os.path.getsize(out), "path": out, "format": fmt}

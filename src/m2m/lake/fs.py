@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from m2m.errors import ObjectStoreError
+from m2m.errors import AlreadyExistsError, ObjectStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ class FsspecFS:
                     self.fs.pipe_file(self._p(rel), data, mode="create")
                 else:
                     if self.fs.exists(self._p(rel)):
-                        raise FileExistsError(rel)
+                        raise AlreadyExistsError(rel)
                     self.fs.pipe_file(self._p(rel), data)
                 return True
             except FileExistsError:

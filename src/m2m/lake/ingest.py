@@ -21,7 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m2m.errors import InvalidEmbeddingError, M2MError
+from m2m.errors import (
+    InvalidEmbeddingError,
+    M2MError,
+    PathNotFoundError,
+    WriteFailedError,
+)
 
 SUFFIXES = (".npy", ".parquet", ".arrow", ".feather", ".ipc")
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
@@ -103,7 +108,7 @@ def open_source(path: str | os.PathLike[str], column: str | None = None, label_c
     whose partition keys are columns usable as metadata."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist")
+        raise PathNotFoundError(f"{p} does not exist")
     if chunk_bytes < 1:
         raise InvalidEmbeddingError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     common: dict[str, Any] = {"column": column, "label_column": label_column, "chunk_rows": chunk_rows,
@@ -375,7 +380,7 @@ def naming_write_errors(lake_path: str) -> Iterator[None]:
     except OSError as exc:
         if exc.filename is not None or exc.errno is None or isinstance(exc, M2MError):
             raise
-        raise OSError(exc.errno, f"{exc.strerror or exc} while writing shard files under "
+        raise WriteFailedError(exc.errno, f"{exc.strerror or exc} while writing shard files under "
                                  f"{lake_path}/_data (nothing was committed)") from exc
 
 

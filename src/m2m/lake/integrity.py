@@ -103,7 +103,7 @@ def open_batch(path: str, expected_bytes: int) -> pa.RecordBatch:
     try:
         reader = pa.ipc.open_file(pa.memory_map(path, "r"))  # the batch keeps the map alive
         if reader.num_record_batches != 1:
-            raise ValueError(f"expected 1 record batch, found {reader.num_record_batches}")
+            raise CorruptShardError(f"shard file {path} holds {reader.num_record_batches} record batches, expected 1")
         return reader.get_batch(0)
     except (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError, ValueError) as exc:
         raise CorruptShardError(f"shard file {path} cannot be read: {exc}") from exc

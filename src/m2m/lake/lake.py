@@ -17,6 +17,7 @@ from m2m.errors import (
     CommitConflictError,
     ConfigError,
     DimensionMismatchError,
+    InternalError,
     InvalidEmbeddingError,
     LakeClosedError,
 )
@@ -158,7 +159,7 @@ class Lake:
             try:
                 new = build(base)
                 if new.version != base.version + 1:
-                    raise RuntimeError(f"commit {operation!r} built version {new.version} on {base.version}")
+                    raise InternalError(f"commit {operation!r} built version {new.version} on {base.version}")
                 old = {f.path for f in base.files()}
                 sync_files(self._fs, [f.path for f in new.files() if f.path not in old])
                 write_manifest(self._fs, new)

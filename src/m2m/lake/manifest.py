@@ -42,7 +42,13 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from m2m.errors import CommitConflictError, CorruptShardError, LakeNotFoundError
+from m2m.errors import (
+    CommitConflictError,
+    CorruptShardError,
+    InvalidManifestError,
+    LakeNotFoundError,
+    UnknownColumnError,
+)
 from m2m.lake.fs import LakeFS
 from m2m.lake.schema import GEOMETRY_COLUMNS, KAPPA, LABEL, MAIN_COLUMNS, NEIGHBORS
 
@@ -63,10 +69,10 @@ _I64_MAX = (1 << 63) - 1
 def check_file_path(path: Any) -> str:
     """``path`` if it is ``_data/<plain name>``, else ValueError naming it (nothing is touched)."""
     if not isinstance(path, str):
-        raise ValueError(f"file path {path!r} is not a string")
+        raise InvalidManifestError(f"file path {path!r} is not a string")
     prefix, sep, name = path.partition("/")
     if prefix != DATA_DIR or not sep or not _FILE_NAME_RE.match(name) or ".." in name:
-        raise ValueError(f"file path {path!r} is not a plain file name inside {DATA_DIR}/")
+        raise InvalidManifestError(f"file path {path!r} is not a plain file name inside {DATA_DIR}/")
     return path
 
 
@@ -110,7 +116,7 @@ class ShardEntry:
         for f in reversed(self.files):
             if column in f.columns:
                 return f
-        raise KeyError(column)
+        raise UnknownColumnError(f"no file of this shard holds column {column!r}")
 
     def to_doc(self) -> dict[str, Any]:
         return {"rows": self.rows, "id_min": self.id_min, "id_max": self.id_max,
@@ -196,57 +202,57 @@ def manifest_checksum(doc: dict[str, Any]) -> str:
 def _int(doc: dict[str, Any], key: str, low: int = 0, high: int = _I64_MAX, where: str = "") -> int:
     v = doc[key]
     if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
-        raise ValueError(f"{where}{key} = {v!r} is not an int in [{low}, {high}]")
+        raise InvalidManifestError(f"{where}{key} = {v!r} is not an int in [{low}, {high}]")
     return v
 
 
 def _parse(doc: Any) -> Manifest:
     if not isinstance(doc, dict):
-        raise ValueError(f"not a JSON object but {type(doc).__name__}")
+        raise InvalidManifestError(f"not a JSON object but {type(doc).__name__}")
     if doc.get("format") != FORMAT_NAME:
-        raise ValueError(f"not an m2m manifest (format={doc.get('format')!r})")
+        raise InvalidManifestError(f"not an m2m manifest (format={doc.get('format')!r})")
     fv = doc.get("format_version")
     if isinstance(fv, int) and not isinstance(fv, bool) and fv > FORMAT_VERSION:
-        raise ValueError(f"format_version {fv} is newer than this m2m reads ({FORMAT_VERSION}); upgrade m2m")
+        raise InvalidManifestError(f"format_version {fv} is newer than this m2m reads ({FORMAT_VERSION}); upgrade m2m")
     if not isinstance(fv, int) or isinstance(fv, bool) or fv not in READABLE_FORMAT_VERSIONS:
-        raise ValueError(f"format_version {fv!r} is not one of {READABLE_FORMAT_VERSIONS}")
+        raise InvalidManifestError(f"format_version {fv!r} is not one of {READABLE_FORMAT_VERSIONS}")
     if fv >= 2:
         stored = doc.get("checksum")
         if not isinstance(stored, str):
-            raise ValueError("the checksum is missing")
+            raise InvalidManifestError("the checksum is missing")
         actual = manifest_checksum(doc)
         if stored != actual:
-            raise ValueError(f"checksum mismatch: stored {stored}, content {actual}")
+            raise InvalidManifestError(f"checksum mismatch: stored {stored}, content {actual}")
     dtype = doc["dtype"]
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+        raise InvalidManifestError(f"dtype {dtype!r} is not one of {DTYPES}")
     label_type = doc.get("label_type")
     if label_type is not None and label_type not in LABEL_TYPES:
-        raise ValueError(f"label_type {label_type!r} is not null or one of {LABEL_TYPES}")
+        raise InvalidManifestError(f"label_type {label_type!r} is not null or one of {LABEL_TYPES}")
     vocab = doc.get("label_vocabulary") or []
     if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab) or len(set(vocab)) != len(vocab):
-        raise ValueError("label_vocabulary is not a list of distinct strings")
+        raise InvalidManifestError("label_vocabulary is not a list of distinct strings")
     metadata = doc.get("metadata") or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
                                                  for k, v in metadata.items()):
-        raise ValueError("metadata is not an object of column name -> type string")
+        raise InvalidManifestError("metadata is not an object of column name -> type string")
     geometry = doc.get("geometry")
     if geometry is not None:
         if not isinstance(geometry, dict):
-            raise ValueError("geometry is not an object")
+            raise InvalidManifestError("geometry is not an object")
         _int(geometry, "k", 0, 1 << 20, "geometry.")
     for key in ("operation", "stats"):
         if not isinstance(doc.get(key) or {}, dict):
-            raise ValueError(f"{key} is not an object")
+            raise InvalidManifestError(f"{key} is not an object")
     parent = doc.get("parent")
     version = _int(doc, "version")
     if parent is not None and (not isinstance(parent, int) or isinstance(parent, bool) or not 0 <= parent < version):
-        raise ValueError(f"parent {parent!r} is not a version below {version}")
+        raise InvalidManifestError(f"parent {parent!r} is not a version below {version}")
     created = doc.get("created", 0.0)
     if not isinstance(created, (int, float)) or isinstance(created, bool):
-        raise ValueError(f"created {created!r} is not a number")
+        raise InvalidManifestError(f"created {created!r} is not a number")
     if not isinstance(doc["shards"], list):
-        raise ValueError("shards is not a list")
+        raise InvalidManifestError("shards is not a list")
     m = Manifest(
         version=version, dim=_int(doc, "dim", 1, 1 << 24), dtype=dtype, next_id=_int(doc, "next_id"),
         shards=tuple(_shard(s, i) for i, s in enumerate(doc["shards"])), label_type=label_type,
@@ -254,7 +260,7 @@ def _parse(doc: Any) -> Manifest:
         operation=dict(doc.get("operation") or {}), parent=parent, created=float(created),
         stats=dict(doc.get("stats") or {}), format_version=fv)
     if fv >= 2 and _int(doc, "rows") != m.rows:
-        raise ValueError(f"rows = {doc['rows']} but the shards hold {m.rows}")
+        raise InvalidManifestError(f"rows = {doc['rows']} but the shards hold {m.rows}")
     check_layout(m)
     return m
 
@@ -262,7 +268,7 @@ def _parse(doc: Any) -> Manifest:
 def _shard(doc: Any, i: int) -> ShardEntry:
     where = f"shards[{i}]."
     if not isinstance(doc, dict) or not isinstance(doc.get("files"), list) or not doc["files"]:
-        raise ValueError(f"shards[{i}] is not an object with a non-empty files list")
+        raise InvalidManifestError(f"shards[{i}] is not an object with a non-empty files list")
     return ShardEntry(rows=_int(doc, "rows", 1, where=where), id_min=_int(doc, "id_min", where=where),
                       id_max=_int(doc, "id_max", where=where),
                       files=tuple(_file(f, f"shards[{i}].files[{j}].") for j, f in enumerate(doc["files"])))
@@ -270,23 +276,23 @@ def _shard(doc: Any, i: int) -> ShardEntry:
 
 def _file(doc: Any, where: str) -> FileEntry:
     if not isinstance(doc, dict):
-        raise ValueError(f"{where[:-1]} is not an object")
+        raise InvalidManifestError(f"{where[:-1]} is not an object")
     path = check_file_path(doc["path"])
     columns = doc["columns"]
     if (not isinstance(columns, list) or not columns or not all(isinstance(c, str) and c for c in columns)
             or len(set(columns)) != len(columns)):
-        raise ValueError(f"{where}columns of {path} is not a non-empty list of distinct names")
+        raise InvalidManifestError(f"{where}columns of {path} is not a non-empty list of distinct names")
     block_bytes = doc.get("block_bytes")
     blocks = doc.get("block_crc32c")
     if (block_bytes is None) != (blocks is None):
-        raise ValueError(f"{where}block_bytes and block_crc32c of {path} must both be present or both absent")
+        raise InvalidManifestError(f"{where}block_bytes and block_crc32c of {path} must both be present or both absent")
     if block_bytes is not None:
         _int(doc, "block_bytes", 1, where=where)
         if not isinstance(blocks, list) or not all(
                 isinstance(c, int) and not isinstance(c, bool) and 0 <= c < _U32 for c in blocks):
-            raise ValueError(f"{where}block_crc32c of {path} is not a list of uint32")
+            raise InvalidManifestError(f"{where}block_crc32c of {path} is not a list of uint32")
         if len(blocks) != -(-_int(doc, "bytes", where=where) // block_bytes):
-            raise ValueError(f"{where}{len(blocks)} block checksums of {block_bytes} bytes do not cover the "
+            raise InvalidManifestError(f"{where}{len(blocks)} block checksums of {block_bytes} bytes do not cover the "
                              f"{doc['bytes']} bytes of {path}")
     return FileEntry(path=path, bytes=_int(doc, "bytes", where=where), crc32=_int(doc, "crc32", 0, _U32 - 1, where),
                      columns=tuple(columns), block_bytes=block_bytes,
@@ -308,36 +314,36 @@ def check_layout(m: Manifest) -> None:
     prev_max = -1
     for i, s in enumerate(m.shards):
         if s.id_min > s.id_max or s.id_max - s.id_min + 1 < s.rows:
-            raise ValueError(f"shards[{i}] has {s.rows} rows but ids [{s.id_min}, {s.id_max}]")
+            raise InvalidManifestError(f"shards[{i}] has {s.rows} rows but ids [{s.id_min}, {s.id_max}]")
         if s.id_min <= prev_max:
-            raise ValueError(f"shards[{i}] ids start at {s.id_min}, not after the previous shard's {prev_max} "
+            raise InvalidManifestError(f"shards[{i}] ids start at {s.id_min}, not after the previous shard's {prev_max} "
                              "(shards must ascend without overlap)")
         prev_max = s.id_max
         for j, f in enumerate(s.files):
             if f.path in seen:
-                raise ValueError(f"file {f.path} is listed twice")
+                raise InvalidManifestError(f"file {f.path} is listed twice")
             seen.add(f.path)
             cols = set(f.columns)
             if j == 0 and not main <= cols:
-                raise ValueError(f"shards[{i}] first file {f.path} lacks columns {sorted(main - cols)}")
+                raise InvalidManifestError(f"shards[{i}] first file {f.path} lacks columns {sorted(main - cols)}")
             if not cols <= known:
-                raise ValueError(f"file {f.path} lists unknown columns {sorted(cols - known)}")
+                raise InvalidManifestError(f"file {f.path} lists unknown columns {sorted(cols - known)}")
     if prev_max >= m.next_id:
-        raise ValueError(f"next_id {m.next_id} is not above the largest id {prev_max}")
+        raise InvalidManifestError(f"next_id {m.next_id} is not above the largest id {prev_max}")
     estimated = [any(NEIGHBORS in f.columns for f in s.files) for s in m.shards]
     for s in m.shards:
         for j, f in enumerate(s.files):
             geo = set(GEOMETRY_COLUMNS) & set(f.columns if j else set(f.columns) - {KAPPA})
             if geo and geo != set(GEOMETRY_COLUMNS):  # estimate_kappa writes all three together
-                raise ValueError(f"file {f.path} lists {sorted(geo)} but not all of {list(GEOMETRY_COLUMNS)}")
+                raise InvalidManifestError(f"file {f.path} lists {sorted(geo)} but not all of {list(GEOMETRY_COLUMNS)}")
     if any(estimated) and m.geometry is None:
-        raise ValueError("shards have geometry sidecars but the manifest has no geometry")
+        raise InvalidManifestError("shards have geometry sidecars but the manifest has no geometry")
     if m.geometry is not None and "rows" in m.geometry:
         # estimate_kappa gives every shard a sidecar; later appends add shards without (remote appends
         # with reserved ids may land between estimated shards, so no order is implied)
         covered = sum(s.rows for s, e in zip(m.shards, estimated) if e)
         if covered != m.geometry["rows"]:
-            raise ValueError(f"geometry covers {m.geometry['rows']} rows but the shards with sidecars hold {covered}")
+            raise InvalidManifestError(f"geometry covers {m.geometry['rows']} rows but the shards with sidecars hold {covered}")
 
 
 def manifest_name(version: int) -> str:

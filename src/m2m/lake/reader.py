@@ -14,7 +14,12 @@ from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch, check_footers, check_key
 from m2m.lake.manifest import FileEntry, Manifest
 from m2m.lake.schema import MAIN_COLUMNS
-from m2m.lake.shard import ColumnExtent, column_extents, column_to_numpy, open_shard_file
+from m2m.lake.shard import (
+    ColumnExtent,
+    column_extents,
+    column_to_numpy,
+    open_shard_file,
+)
 
 BUILTIN_COLUMNS = MAIN_COLUMNS
 

@@ -21,7 +21,7 @@ import crc32c
 import numpy as np
 import pyarrow as pa
 
-from m2m.errors import CorruptShardError
+from m2m.errors import ConfigError, CorruptShardError
 from m2m.lake.fs import LakeFS, fsync_path
 from m2m.lake.manifest import DATA_DIR, FileEntry
 
@@ -207,7 +207,7 @@ def column_extents(fs: LakeFS, entry: FileEntry, names: tuple[str, ...] | None =
                     continue
                 offset = buf.address - base + arr.offset * item
                 if offset < 0 or offset + len(arr) * item > size:
-                    raise ValueError(f"column {name!r} lies outside the file")
+                    raise CorruptShardError(f"column {name!r} of {path} lies outside the file")
                 out[name] = ColumnExtent(path, entry, int(offset), width * item, len(arr) // width)
             del batch
         finally:
@@ -371,7 +371,7 @@ class ShardFile:
     def verify_all(self, chunk_blocks: int = 64) -> None:
         """Read and check every block of the file (a whole-file scan)."""
         if self.block_bytes is None:
-            raise ValueError(f"shard file {self.path} has no block checksums")
+            raise ConfigError(f"shard file {self.path} has no block checksums")
         step = self.block_bytes * chunk_blocks
         buf = np.empty(min(step, self.entry.bytes), dtype=np.uint8)
         for lo in range(0, self.entry.bytes, step):
@@ -392,11 +392,11 @@ def open_shard_file(fs: LakeFS, entry: FileEntry, verify: bool = True) -> pa.Rec
         source = pa.memory_map(path, "r")
         reader = pa.ipc.open_file(source)
         if reader.num_record_batches != 1:
-            raise ValueError(f"expected 1 record batch, found {reader.num_record_batches}")
+            raise CorruptShardError(f"shard file {path} holds {reader.num_record_batches} record batches, expected 1")
         batch = reader.get_batch(0)
         missing = set(entry.columns) - set(batch.schema.names)
         if missing:
-            raise ValueError(f"columns {sorted(missing)} are missing")
+            raise CorruptShardError(f"shard file {path} lacks columns {sorted(missing)}")
         batch.validate(full=False)
     except (pa.ArrowInvalid, pa.ArrowIOError, ValueError) as exc:
         raise CorruptShardError(f"shard file {path} cannot be read: {exc}") from exc

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from m2m.errors import MissingDependencyError
+
 if TYPE_CHECKING:  # pragma: no cover
     from m2m.lake.lake import Lake
 
@@ -30,7 +32,7 @@ def require_ray() -> Any:
         import ray
         import ray.data  # write_lake needs Ray Data, not only Ray core
     except ImportError as exc:
-        raise ImportError(f"m2m.ray needs Ray with Ray Data; install it with: {INSTALL_HINT}") from exc
+        raise MissingDependencyError(f"m2m.ray needs Ray with Ray Data; install it with: {INSTALL_HINT}") from exc
     return ray
 
 

@@ -34,7 +34,12 @@ import numpy as np
 
 from m2m._validate import SplatBatch, validate_splats
 from m2m.config import M2MConfig
-from m2m.errors import ConfigError, InvalidEmbeddingError, LakeNotFoundError
+from m2m.errors import (
+    ConfigError,
+    InternalError,
+    InvalidEmbeddingError,
+    LakeNotFoundError,
+)
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
@@ -259,7 +264,7 @@ def _commit(ray: Any, lake: Any, pieces: list[tuple[_Piece, int]], rows: int, fi
                     vocab.append(v)
             summary = lake_stats.merge(summary, res["summary"])
         if sum(r["rows"] for r in results) != rows:
-            raise RuntimeError(f"write tasks wrote {sum(r['rows'] for r in results)} rows, expected {rows}")
+            raise InternalError(f"write tasks wrote {sum(r['rows'] for r in results)} rows, expected {rows}")
         return base.next(shards=base.shards + tuple(shards), next_id=base.next_id + rows,
                          label_type=schema.label_type, label_vocabulary=tuple(vocab),
                          metadata=schema.metadata, stats=lake_stats.merge(base.stats, summary),

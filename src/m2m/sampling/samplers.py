@@ -109,6 +109,6 @@ class LossSampler(ImportanceSampler):
             counts = np.where(values == np.float32(1.0), 0, 2**20).astype(np.int32)
         counts = np.asarray(counts, dtype=np.int32)
         if counts.shape != values.shape:
-            raise ValueError(f"sampler state has {counts.shape} counts for {values.shape} priorities")
+            raise StateMismatchError(f"sampler state has {counts.shape} counts for {values.shape} priorities")
         self.priorities.counts.copy_(torch.from_numpy(counts))
         self._frozen = {int(e): np.asarray(v, dtype=np.float64) for e, v in state.get("frozen", {}).items()}

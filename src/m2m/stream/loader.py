@@ -24,7 +24,12 @@ from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _InfiniteConstantSampler
 
 from m2m._validate import check_int
-from m2m.errors import ConfigError, DeviceUnavailableError, StateMismatchError, StreamError
+from m2m.errors import (
+    ConfigError,
+    DeviceUnavailableError,
+    StateMismatchError,
+    StreamError,
+)
 from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.stream import columns as cols
 from m2m.stream.dataset import (
@@ -378,7 +383,7 @@ class StreamLoader(DataLoader):
         """Feed per-row losses back to a loss-based importance sampler."""
         if not supports_priorities(self.plan_sampler):
             kind = "no sampler" if self.plan_sampler is None else type(self.plan_sampler).__name__
-            raise ValueError(f"update_priorities needs a loss-based importance sampler; this loader has {kind}")
+            raise ConfigError(f"update_priorities needs a loss-based importance sampler; this loader has {kind}")
         self.plan_sampler.update_priorities(ids, losses)  # type: ignore[union-attr]
 
     def stats(self) -> dict[str, Any]:

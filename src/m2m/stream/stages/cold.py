@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from m2m.errors import CorruptShardError
+from m2m.errors import ConfigError, CorruptShardError
 from m2m.lake.shard import BlockCache, ColumnExtent, ShardFile
 from m2m.stream.columns import ROWS, WEIGHT, Column
 from m2m.stream.memory import (
@@ -50,7 +50,7 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 def _bytes(array: np.ndarray) -> memoryview:
     """The writable bytes of a C-contiguous array (a reshape of anything else would be a copy)."""
     if not array.flags.c_contiguous:
-        raise ValueError("positional reads need a C-contiguous destination")
+        raise ConfigError("positional reads need a C-contiguous destination")
     return array.reshape(-1).view(np.uint8).data
 
 
