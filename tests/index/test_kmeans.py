@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from m2m.errors import ConfigError
-from m2m.index.kmeans import spherical_kmeans
+from m2m.index.kmeans import gap_probes, spherical_kmeans
 
 
 def _blobs(n: int, d: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,3 +81,17 @@ def test_gap_probes_with_penalty_judge_other_lists_by_penalised_score() -> None:
     ok[np.arange(len(x)), home] = False
     for row, want in zip(got, ok):
         assert set(row[1:][row[1:] >= 0].tolist()) == set(np.flatnonzero(want).tolist())
+
+
+@pytest.mark.parametrize("with_penalty", [False, True])
+def test_gap_probes_with_an_infinite_gap_takes_the_nearest_lists(with_penalty):
+    # max_gap = inf (a probe budget below what the recall needs) takes a top-k path: same result
+    rng = np.random.default_rng(1)
+    mu = rng.standard_normal((3000, 32)).astype(np.float32)
+    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+    c = rng.standard_normal((50, 32)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    penalty = (rng.random(50) * 0.05).astype(np.float32) if with_penalty else None
+    fast = gap_probes(mu, c, 8, "float32", float("inf"), penalty)
+    general = gap_probes(mu, c, 8, "float32", 1e30, penalty)
+    assert np.array_equal(fast, general)

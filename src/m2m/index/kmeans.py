@@ -216,6 +216,14 @@ def gap_probes(
         out[start:start + rows, 0] = home
         if width == 1:
             continue
+        if not np.isfinite(gap) and width < nlist:
+            # every centroid is within an infinite gap: the nearest width-1 others by (penalised)
+            # score, as below, by a top-k instead of sorting all N x nlist candidates
+            if penalty is not None:
+                s -= penalty
+            s[np.arange(rows), home] = -np.inf
+            out[start:start + rows, 1:] = torch.topk(s_t, width - 1, dim=1, sorted=True).indices.numpy()
+            continue
         cut = s[np.arange(rows), home] - gap
         if penalty is not None:
             s -= penalty
