@@ -24,3 +24,15 @@ def test_seed_api_names_exist():
 
     assert callable(create_m2m) and callable(open_lake)
     assert callable(vmf.sample) and callable(langevin.sample)
+
+
+def test_m2m_data_lake_is_the_dataset_behind_the_loader():
+    import torch
+
+    from m2m import M2MConfig, M2MDataLake, create_m2m
+
+    assert issubclass(M2MDataLake, torch.utils.data.IterableDataset)
+    with create_m2m(M2MConfig(latent_dim=8)) as lake:
+        lake.add_splats(torch.randn(100, 8))
+        dl = lake.export_to_dataloader(batch_size=10)
+        assert isinstance(dl.dataset, M2MDataLake) and len(dl.dataset) == 100

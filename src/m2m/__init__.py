@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from m2m.augment import langevin
     from m2m.geometry import vmf
     from m2m.lake.lake import Lake
+    from m2m.stream.dataset import StreamDataset as M2MDataLake
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "LakeLockedError",
     "LakeNotFoundError",
     "M2MConfig",
+    "M2MDataLake",
     "M2MError",
     "StreamError",
     "create_m2m",
@@ -51,6 +53,8 @@ _LAZY = {
     "create_m2m": ("m2m.api", "create_m2m"),
     "open_lake": ("m2m.api", "open_lake"),
     "Lake": ("m2m.lake.lake", "Lake"),
+    # the seed's name for the IterableDataset behind export_to_dataloader (the class itself)
+    "M2MDataLake": ("m2m.stream.dataset", "StreamDataset"),
     "vmf": ("m2m.geometry.vmf", None),
     "langevin": ("m2m.augment.langevin", None),
 }
