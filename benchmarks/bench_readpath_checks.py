@@ -27,7 +27,7 @@ with create_m2m(M2MConfig(path=root/"lake", latent_dim=640)) as lake:
 lake = open_lake(root/"lake")
 f = lake.manifest.shards[0].files[0]
 path = os.path.join(root/"lake", f.path)
-buf = np.empty(4 << 20, np.uint8); buf[:] = 1
+buf = np.ones(4 << 20, np.uint8)
 mv = memoryview(buf)
 def sweep():
     sf = ShardFile(path, f)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rows, shapes = 0, set()
         for batch in dataloader:            # float32 [256, 640] on cfg.device
-            out = model(batch)
+            model(batch)
             rows += batch.shape[0]
             shapes.add(tuple(batch.shape))
         seconds = time.perf_counter() - t0

@@ -146,8 +146,7 @@ def manifest_mutations(rnd: random.Random) -> list[tuple[str, Callable[[Doc], No
                                    d["shards"].__setitem__(slice(i, i + 2), d["shards"][i:i + 2][::-1]))),
         ("drop shard", lambda d: d["shards"].pop(rnd.randrange(len(d["shards"])))),
         ("duplicate shard", lambda d: d["shards"].insert(rnd.randrange(len(d["shards"])), shard(d))),
-        ("drop sidecar", lambda d: (s := rnd.choice([s for s in d["shards"] if len(s["files"]) > 1])
-                                    )["files"].pop()),
+        ("drop sidecar", lambda d: rnd.choice([s for s in d["shards"] if len(s["files"]) > 1])["files"].pop()),
         ("duplicate file entry", lambda d: (s := shard(d))["files"].append(s["files"][0])),
         ("swap main files", lambda d: swap_entries(d, False)),
         ("swap sidecars", lambda d: swap_entries(d, True)),

@@ -12,11 +12,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from stream_helpers import make_source
 
 from m2m import M2MConfig, create_m2m
 from m2m.errors import ConfigError
 from m2m.stream.loader import make_loader
-from stream_helpers import make_source
 
 N, D, BS = 51_000, 8, 1000
 KW = dict(warm_bytes=64 << 20, hot_bytes=0)

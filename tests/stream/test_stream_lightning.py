@@ -8,15 +8,14 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("lightning")
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-
 from lightning_helpers import Recorder, trainer  # noqa: E402
+
 from m2m import M2MConfig, create_m2m  # noqa: E402
 
 N, BS = 1000, 64

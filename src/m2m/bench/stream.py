@@ -290,9 +290,10 @@ def run(quick: bool = False, rows: int | None = None, dataset: Dataset = LAKE,
         res["warm_fill_seconds"] = time.perf_counter() - t_fill
         sync = loader(source, warm_bytes=budget, hot_bytes=0, prefetch=0)
         sync._arena = dl32._arena  # the same warm arena, already filled
-        res["f32"] = interleaved(rounds, ram_gather=lambda: gather_limit(table, labels, reps=1),
-                                 memmap_gather=lambda: memmap_gather_limit(mu_mm, lab_mm, reps=1),
-                                 ours=lambda: epoch_rate(dl32), ours_no_thread=lambda: epoch_rate(sync))
+        # the callables bind their arrays as defaults: the names are deleted below to free memory
+        res["f32"] = interleaved(rounds, ram_gather=lambda t=table, y=labels: gather_limit(t, y, reps=1),
+                                 memmap_gather=lambda m=mu_mm, y=lab_mm: memmap_gather_limit(m, y, reps=1),
+                                 ours=lambda d=dl32: epoch_rate(d), ours_no_thread=lambda d=sync: epoch_rate(d))
         del sync
         res["tensordataset"] = tensordataset_rate(table, labels, min(n, 100_000))
         del table, labels
@@ -307,8 +308,8 @@ def run(quick: bool = False, rows: int | None = None, dataset: Dataset = LAKE,
         dl16 = loader(source16, warm_bytes=budget, hot_bytes=0)
         res["ours_f16_first_epoch"] = epoch_rate(dl16)
         dl16.wait_warm()
-        res["f16"] = interleaved(rounds, ram_gather=lambda: gather_limit(table16, labels16, reps=1),
-                                 ours=lambda: epoch_rate(dl16), ours_f32=lambda: epoch_rate(dl32))
+        res["f16"] = interleaved(rounds, ram_gather=lambda t=table16, y=labels16: gather_limit(t, y, reps=1),
+                                 ours=lambda d=dl16: epoch_rate(d), ours_f32=lambda d=dl32: epoch_rate(d))
         del table16, labels16, dl16, dl32, source16
         gc.collect()
 
