@@ -86,3 +86,7 @@ class MissingDependencyError(M2MError, ImportError):
 class ObjectStoreError(M2MError, OSError):
     """A remote object-store request failed (unreachable, timed out, refused) after bounded retries;
     the message names the object and the cause is chained."""
+
+
+class CacheTimeoutError(M2MError, TimeoutError):
+    """Waiting for the node-local shard cache (another process's download, or room in its budget) timed out."""

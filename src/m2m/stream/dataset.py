@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from m2m.sampling.plan import PlanSampler
-from m2m.stream import shuffle
+from m2m.stream import affinity, shuffle
 from m2m.stream.columns import Column
 from m2m.stream.order import Layout, RankEpoch, check_plan, rank_epoch
 from m2m.stream.source import RowSource
@@ -54,6 +54,8 @@ class StreamSpec:
     gather_in_workers: bool = True
     huge_pages: bool = True
     background_fill: bool = True
+    shard_affinity: bool = False
+    affinity_group_blocks: int = 0
 
     @property
     def gathered(self) -> tuple[Column, ...]:
@@ -106,8 +108,16 @@ class StreamDataset(IterableDataset):
         if self._cache is None or self._cache[0] != epoch:
             plan = None if self.sampler is None else check_plan(self.sampler.plan(epoch), self.spec.num_rows)
             s = self.spec
-            self._cache = (epoch, rank_epoch(s.layout, s.num_rows, s.batch_size, s.drop_last, s.seed, epoch,
-                                             s.rank, s.world_size, plan))
+            if s.shard_affinity:
+                self._cache = (epoch, affinity.rank_epoch(s.layout, self.source.shard_offsets, s.batch_size,
+                                                          s.drop_last, s.seed, epoch, s.rank, s.world_size, plan,
+                                                          s.affinity_group_blocks or None))
+            else:
+                self._cache = (epoch, rank_epoch(s.layout, s.num_rows, s.batch_size, s.drop_last, s.seed, epoch,
+                                                 s.rank, s.world_size, plan))
+            hint = getattr(self.source, "plan_prefetch", None)
+            if callable(hint) and getattr(self.source, "is_remote", False):  # node cache: download ahead
+                hint(affinity.first_use(self._cache[1].rows, self.source.shard_offsets))
         return self._cache[1]
 
     def batch_stage(self, world: World) -> BatchStage:
