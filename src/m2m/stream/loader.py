@@ -14,6 +14,7 @@ draws (their generator is seeded from (seed, epoch, rank, batch index), independ
 from __future__ import annotations
 
 import math
+import os
 import time
 import weakref
 from typing import Any, Iterator, Sequence
@@ -128,10 +129,12 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
     elif shard_affinity and layout.mode != shuffle_mod.BLOCK:
         raise ConfigError(f"shard_affinity=True needs the block shuffle; this stream's shuffle is {layout.mode!r} "
                           "(pass shuffle_mode='block')")
-    group_blocks = 0  # shard affinity on a remote lake: shuffle in groups of half the node cache
-    cache_limit = getattr(source, "open_bytes_limit", None) if shard_affinity else None
+    group_blocks = 0  # shard affinity on a remote lake: shuffle in groups of half the node cache, which the
+    cache_limit = getattr(source, "open_bytes_limit", None) if shard_affinity else None  # node's ranks share
     if cache_limit:
-        group_blocks = max(layout.window_blocks, (cache_limit // 2) // max(1, layout.block_rows * row_bytes))
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # set by torchrun
+        group_blocks = max(layout.window_blocks,
+                           (cache_limit // (2 * local_ranks)) // max(1, layout.block_rows * row_bytes))
     if hot_mode == "auto":
         hot = CPU if dev.type != "cuda" else (
             RESIDENT if resident_bytes(resolved, source.num_rows) <= hot_bytes else STAGED)
