@@ -40,9 +40,10 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from m2m.errors import CacheTimeoutError, CorruptShardError
 
