@@ -45,7 +45,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-from m2m.errors import CacheTimeoutError, CorruptShardError
+from m2m.errors import CacheTimeoutError, ConfigError, CorruptShardError
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,11 @@ def default_budget(directory: str) -> int:
 
 
 def _inside(base: str, path: str) -> str:
-    """``path`` if it resolves inside ``base``; ValueError otherwise (no cached path may escape)."""
+    """``path`` if it resolves inside ``base``; `ConfigError` otherwise (no cached path may escape; names
+    are hashes, so only a symlink planted in the cache directory could trigger it)."""
     real = os.path.realpath(path)
     if os.path.commonpath([base, real]) != base or real == base:
-        raise ValueError(f"cache path {path!r} is outside the cache directory {base!r}")
+        raise ConfigError(f"cache path {path!r} is outside the cache directory {base!r}")
     return real
 
 

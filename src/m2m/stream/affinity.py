@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from m2m.errors import ConfigError
+
 from m2m.stream import partition, shuffle
 from m2m.stream.order import Layout, RankEpoch
 
@@ -69,7 +71,7 @@ def group_shuffle(entries: np.ndarray, block_rows: int, window_blocks: int, grou
     cache holding one group downloads it about once per epoch; one group is the plain block shuffle.
     """
     if block_rows < 1 or window_blocks < 1:
-        raise ValueError(f"block_rows and window_blocks must be >= 1, got {block_rows}, {window_blocks}")
+        raise ConfigError(f"block_rows and window_blocks must be >= 1, got {block_rows}, {window_blocks}")
     entries = np.asarray(entries, dtype=np.int64)
     if len(entries) == 0:
         return np.zeros(0, dtype=np.int64)
