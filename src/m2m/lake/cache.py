@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -130,8 +130,9 @@ class ShardCache:
 
     def __init__(self, fs: Any, root: str, url: str, cache_dir: str | os.PathLike[str] | None = None,
                  cache_bytes: int | None = None, prefetch_shards: int = PREFETCH_SHARDS,
-                 lock_timeout: float = LOCK_TIMEOUT_S) -> None:
+                 lock_timeout: float = LOCK_TIMEOUT_S, download: Callable[[str, str], None] | None = None) -> None:
         self.fs = fs
+        self._get = download  # (rel, local path): the lake's own download (its retries/timeouts), or get_file
         self.root = root.rstrip("/")
         self.url = url
         self.private = cache_dir is None
@@ -249,7 +250,10 @@ class ShardCache:
 
         remote = self._remote(rel)
         logger.info("downloading %s (%d bytes) to the shard cache %s", remote, size, self.dir)
-        self.fs.get_file(remote, part)
+        if self._get is not None:
+            self._get(rel, part)
+        else:
+            self.fs.get_file(remote, part)
         got = os.path.getsize(part)
         # no fsync: a cache file torn by a power loss is caught by the per-block checks of reads
         if got != size:
@@ -387,7 +391,7 @@ class ShardCache:
     def _prefetch_one(self, rel: str, size: int | None, crc: int | None) -> None:
         try:
             self._fetch(rel, size, crc)
-        except Exception as exc:  # the foreground open of the same file raises it properly
+        except Exception as exc:  # noqa: BLE001 -- the foreground open of the same file raises it properly
             logger.warning("prefetch of %s failed: %s", self._remote(rel), exc)
 
     def wait_prefetch(self, timeout: float | None = None) -> None:
