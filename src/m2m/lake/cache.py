@@ -152,6 +152,7 @@ class ShardCache:
         self._pid = os.getpid()
         self._pool: ThreadPoolExecutor | None = None
         self._queued: dict[str, Future[Any]] = {}
+        self._failed: dict[str, tuple[float, BaseException]] = {}  # prefetches that failed: when, why
         self._mutex = threading.Lock()
         self.fetches: Counter[str] = Counter()   # downloads by this process, per lake-relative path
         self.fetch_bytes = 0
@@ -160,7 +161,8 @@ class ShardCache:
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_pool", "_queued", "_mutex", "fetches", "fetch_bytes", "hits", "evictions", "_pid")}
+                 if k not in ("_pool", "_queued", "_failed", "_mutex", "fetches", "fetch_bytes", "hits", "evictions",
+                              "_pid")}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -190,6 +192,7 @@ class ShardCache:
         name = self.name(rel)
         path = self.path(rel)
         fetched = False
+        since = time.monotonic()
         for _ in range(8):  # a file evicted between our download and our shared lock: fetch again
             lock = self._lock(name)
             lock.acquire(True, self.lock_timeout, f"the download of {self._remote(rel)}")
@@ -202,7 +205,7 @@ class ShardCache:
                     return
             finally:
                 lock.release()
-            fetched = self._fetch(rel, size, crc32) or fetched
+            fetched = self._fetch(rel, size, crc32, since) or fetched
         raise CacheTimeoutError(f"{self._remote(rel)} was evicted from {self.dir} 8 times while being opened; "
                                 f"cache_bytes={self.budget} is too small for the shards in use")
 
@@ -214,8 +217,11 @@ class ShardCache:
         except FileNotFoundError:
             return False
 
-    def _fetch(self, rel: str, size: int | None, crc32: int | None) -> bool:
-        """Download ``rel`` unless it is cached or another process just did; True if this call did."""
+    def _fetch(self, rel: str, size: int | None, crc32: int | None, since: float | None = None) -> bool:
+        """Download ``rel`` unless it is cached or another process just did; True if this call did.
+
+        A prefetch of ``rel`` by this process that failed after ``since`` (while we waited for it) is
+        re-raised instead of trying again: it already ran the lake's bounded retries."""
         name = self.name(rel)
         path = self.path(rel)
         lock = self._lock(name)
@@ -223,6 +229,10 @@ class ShardCache:
         try:
             if os.path.exists(path):
                 return False
+            with self._mutex:
+                failure = self._failed.get(rel)
+            if since is not None and failure is not None and failure[0] >= since:
+                raise failure[1]
             if size is None:
                 size = int(self.fs.size(self._remote(rel)))
             part = self._reserve(name, size)
@@ -391,7 +401,9 @@ class ShardCache:
     def _prefetch_one(self, rel: str, size: int | None, crc: int | None) -> None:
         try:
             self._fetch(rel, size, crc)
-        except Exception as exc:  # noqa: BLE001 -- the foreground open of the same file raises it properly
+        except Exception as exc:  # noqa: BLE001 -- an open() waiting for this download raises it
+            with self._mutex:
+                self._failed[rel] = (time.monotonic(), exc)
             logger.warning("prefetch of %s failed: %s", self._remote(rel), exc)
 
     def wait_prefetch(self, timeout: float | None = None) -> None:
