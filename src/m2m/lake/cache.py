@@ -8,9 +8,10 @@ Every process of a node that opens remote lakes with the same ``cache_dir`` shar
   other file briefly in use): at most ``cache_bytes`` + one shard.
 * **LRU eviction by shard file** — a file's modification time is its last use (set on every open by
   any process); the least recently used files go first. A file being opened (shared lock held) is
-  skipped. Evicting unlinks the file: a process that has it memory-mapped keeps reading its mapping
-  (POSIX unlink semantics), and the space comes back when that process drops the mapping (a remote
-  snapshot keeps at most ``cache_bytes`` of shards mapped, see `m2m.lake.reader.Snapshot`).
+  skipped. Evicting unlinks the file: a process that has it open or mapped keeps reading it (POSIX
+  unlink semantics), and the space comes back when that process closes it (a stream's reader keeps
+  its shard files open until it is closed; a remote snapshot keeps at most ``cache_bytes`` of shards
+  mapped, see `m2m.lake.reader.Snapshot`).
 * **atomic, shared downloads** — a download holds the file's exclusive lock and writes
   ``<name>.<size>.<uuid>.part`` (the size in the name is the reservation other processes count),
   verifies its size and CRC32 against the manifest, and renames it into place. A

@@ -75,7 +75,11 @@ class _LazyExtents:
             raise CorruptShardError(f"shard file {ext.path}: column {self._name!r} has {ext.rows} rows, "
                                     f"the manifest says {rows}")
         if ext is not None and ext.path not in r._files:
-            r._files[ext.path] = ShardFile(ext.path, ext.entry, cache=r._cache)
+            f = r._files[ext.path] = ShardFile(ext.path, ext.entry, cache=r._cache)
+            fs = getattr(r.source, "fs", None)
+            if fs is not None and not fs.is_local:  # open it while the node cache keeps it: an open file
+                with fs.open_local(ext.entry.path, ext.entry.bytes, ext.entry.crc32):  # outlives eviction
+                    f._fileno()
         if ext is None:  # not fixed-width (e.g. string labels as codes): the source's array
             array = r.source.column(shard, self._name)
             r._arrays[self._name][shard] = array
