@@ -45,7 +45,8 @@ def create_m2m(config: M2MConfig | None = None) -> Lake:
         path: str = temporary
     else:
         path = os.fspath(config.path)
-    fs = open_fs(path, config.storage_options, config.io_timeout, config.io_retries)
+    fs = open_fs(path, config.storage_options, config.io_timeout, config.io_retries, config.cache_dir,
+                 config.cache_bytes)
     try:
         manifest = read_manifest(fs)
     except LakeNotFoundError:
@@ -68,8 +69,12 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
         version = check_int(version, "version", 0)
     base = config or M2MConfig()
     asked = dataclasses.replace(base, path=os.fspath(path), **overrides)  # validates the overrides
-    fs = open_fs(path, asked.storage_options, asked.io_timeout, asked.io_retries)
-    manifest = read_manifest(fs, version)   # LakeNotFoundError ("no m2m lake at ...") when there is none
+    fs = open_fs(path, asked.storage_options, asked.io_timeout, asked.io_retries, asked.cache_dir, asked.cache_bytes)
+    try:
+        manifest = read_manifest(fs, version)   # LakeNotFoundError ("no m2m lake at ...") when there is none
+    except BaseException:
+        getattr(fs, "close", lambda: None)()  # a private shard cache directory goes with it
+        raise
     if config is not None:
         check_compatible(manifest, config, os.fspath(path))
     cfg = dataclasses.replace(asked, latent_dim=manifest.dim, storage_dtype=manifest.dtype)

@@ -52,6 +52,11 @@ class M2MConfig:
             retried (S3: botocore connect/read timeouts).
         io_retries: retries of a remote request after a transient error (timeout, refused connection,
             5xx), with exponential backoff; then `ObjectStoreError` names the object.
+        cache_dir: node-local disk cache of a remote (fsspec URL) lake's shards, shared by every
+            process of the node that names it and kept after close; None: ``$M2M_CACHE_DIR`` if set,
+            else a private temporary directory removed when the lake closes (see `m2m.lake.cache`).
+        cache_bytes: byte budget of that cache (LRU eviction by shard file); None: half the free
+            space of its disk, at most 64 GiB.
     """
 
     path: str | os.PathLike[str] | None = None
@@ -74,6 +79,8 @@ class M2MConfig:
     storage_options: dict[str, Any] | None = field(default=None, repr=False, hash=False)
     io_timeout: float = 10.0
     io_retries: int = 3
+    cache_dir: str | os.PathLike[str] | None = None
+    cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.latent_dim, int) and not isinstance(self.latent_dim, bool) and self.latent_dim >= 2,
@@ -105,6 +112,10 @@ class M2MConfig:
         _check(_is_pos(self.io_timeout), "io_timeout", self.io_timeout, "a finite float > 0 (seconds)")
         _check(_is_int(self.io_retries) and 0 <= self.io_retries <= 20, "io_retries", self.io_retries,
                "an int in [0, 20]")
+        _check(self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)), "cache_dir", self.cache_dir,
+               "None or a directory path")
+        _check(self.cache_bytes is None or (_is_int(self.cache_bytes) and self.cache_bytes >= 1), "cache_bytes",
+               self.cache_bytes, "None or an int >= 1 (bytes)")
 
     def replace(self, **changes: Any) -> M2MConfig:
         """A copy with some fields changed (validated again)."""

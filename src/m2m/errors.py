@@ -103,3 +103,7 @@ class AlreadyExistsError(M2MError, FileExistsError):
 
 class InternalError(M2MError, RuntimeError):
     """An internal invariant failed: a bug in m2m, please report it with the message."""
+
+
+class CacheTimeoutError(M2MError, TimeoutError):
+    """Waiting for the node-local shard cache (another process's download, or room in its budget) timed out."""

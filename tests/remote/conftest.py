@@ -125,3 +125,25 @@ def s3_server_private() -> Iterator[S3Server]:
 def s3_lake_url(s3_server: S3Server) -> str:
     """``s3://<fresh bucket>/lake`` on the shared server."""
     return s3_server.lake_url()
+
+
+# ---------------------------------------------------------------- node-cache / shard-affinity tests (h9)
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Point s3fs at the shared server through the standard AWS environment variables (this process
+    and the subprocesses a test starts); yields the endpoint URL."""
+    import s3fs
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_ENDPOINT_URL": s3_server.endpoint_url}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server.endpoint_url
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, s3_env: str) -> str:
+    """``s3://<fresh bucket>`` on the shared server, reachable through `s3_env`."""
+    return s3_server.bucket()

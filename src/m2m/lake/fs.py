@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import random
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -182,8 +181,9 @@ class FsspecFS:
 
     Object stores have no rename or fsync: each file is written whole under its final, unique name
     (a PUT is atomic), the manifest last, with a conditional put where the store has one (see
-    `atomic_create`). Shards are downloaded once into a local cache directory to be memory-mapped,
-    and verified there against their checksum.
+    `atomic_create`). Shards are read through a node-local disk cache (`m2m.lake.cache.ShardCache`:
+    byte budget, LRU, shared by the processes of a node, verified against the manifest's checksum
+    on download) and memory-mapped from there.
 
     Every request runs under a bounded retry loop: transient errors (timeouts, refused or reset
     connections, 5xx) are retried ``io_retries`` times with exponential backoff and jitter, then an
@@ -193,9 +193,12 @@ class FsspecFS:
 
     is_local = False
 
-    def __init__(self, url: str, cache_dir: str | None = None, storage_options: dict[str, Any] | None = None,
-                 io_timeout: float = 10.0, io_retries: int = 3) -> None:
+    def __init__(self, url: str, cache_dir: str | os.PathLike[str] | None = None,
+                 storage_options: dict[str, Any] | None = None, io_timeout: float = 10.0, io_retries: int = 3,
+                 cache_bytes: int | None = None) -> None:
         import fsspec
+
+        from m2m.lake.cache import ShardCache
 
         self.url = url.rstrip("/")
         self.protocol = url.split("://", 1)[0].lower()
@@ -219,10 +222,9 @@ class FsspecFS:
         #: True when `create_exclusive` is one conditional request, safe with any number of writers
         self.atomic_create = self.protocol in _CONDITIONAL_PUT or (
             self.protocol in _CONDITIONAL_PUT_IF_CLIENT_HAS_IT and _client_has_create(self.fs))
-        key = hashlib.sha1(url.encode()).hexdigest()[:16]
-        base = cache_dir or os.environ.get("M2M_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "m2m-cache")
-        self.cache = os.path.join(base, key)
-        os.makedirs(os.path.join(self.cache, "_data"), exist_ok=True)
+        if cache_dir is None:
+            cache_dir = os.environ.get("M2M_CACHE_DIR") or None
+        self.cache = ShardCache(self.fs, self.root, self.url, cache_dir, cache_bytes, download=self._download)
         self._written: list[str] = []
         self._written_lock = threading.Lock()
 
@@ -335,55 +337,59 @@ class FsspecFS:
         checked at parse, see `m2m.lake.manifest.check_file_path`)."""
         from m2m.errors import CorruptShardError
 
-        cached = os.path.join(self.cache, rel)
-        root = os.path.realpath(self.cache)
-        if os.path.commonpath([root, os.path.realpath(os.path.dirname(cached))]) != root or \
-                os.path.isabs(rel) or ".." in rel.split("/"):
-            raise CorruptShardError(f"refusing path {rel!r}: it leaves the shard cache {self.cache}")
-        return cached
+        if os.path.isabs(rel) or ".." in rel.split("/") or "\\" in rel:
+            raise CorruptShardError(f"refusing path {rel!r}: it leaves the lake and its shard cache")
+        return self.cache.path(rel)  # a hashed name inside the cache folder
 
     def write_file(self, rel: str, local_src: str) -> None:
         self._record(rel)
         self._call("upload", rel, self.fs.put_file, local_src, self._p(rel))
-        cached = self._cached(rel)
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        os.replace(local_src, cached)
+        self._cached(rel)  # refuses a path that leaves the cache
+        self.cache.insert(rel, local_src)
 
     def remove(self, rel: str) -> None:
-        cached = self._cached(rel)  # refuses a path that leaves the lake before touching anything
+        self._cached(rel)  # refuses a path that leaves the lake before touching anything
         try:
             self._call("delete", rel, self.fs.rm_file, self._p(rel))
         except FileNotFoundError:
             pass
-        try:
-            os.remove(cached)
-        except FileNotFoundError:
-            pass
+        self.cache.discard(rel)
+
+    def _download(self, rel: str, local: str) -> None:
+        """Fetch ``rel`` into the local file ``local`` (the shard cache's transfer, retried like every request)."""
+        logger.info("downloading %s/%s to the shard cache", self.url, rel)
+        self._call("download", rel, self.fs.get_file, self._p(rel), local)
 
     def local_path(self, rel: str) -> str:
-        cached = self._cached(rel)
-        if not os.path.exists(cached):
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            tmp = f"{cached}.part-{uuid.uuid4().hex}"
-            logger.info("downloading %s to the local shard cache", rel)
-            try:
-                self._call("download", rel, self.fs.get_file, self._p(rel), tmp)
-                os.replace(tmp, cached)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-        return cached
+        """The cached copy of ``rel`` (downloaded if needed; unverified: prefer `open_local`)."""
+        self._cached(rel)
+        with self.cache.open(rel) as path:
+            return path
+
+    def open_local(self, rel: str, size: int | None = None,
+                   crc32: int | None = None) -> AbstractContextManager[str]:
+        """``with fs.open_local(rel, bytes, crc32) as path``: the cached copy, verified on download and
+        kept from eviction while the block runs (memory-map it there)."""
+        self._cached(rel)
+        return self.cache.open(rel, size, crc32)
 
     def new_local_file(self, suffix: str) -> str:
-        return os.path.join(self.cache, "_data", f".tmp-{uuid.uuid4().hex}{suffix}")
+        return self.cache.new_local_file(suffix)
+
+    def close(self) -> None:
+        """Stop prefetching; delete the cache if it is this handle's private one (no ``cache_dir``)."""
+        self.cache.close()
 
 
 def open_fs(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
-            io_timeout: float = 10.0, io_retries: int = 3) -> LakeFS:
+            io_timeout: float = 10.0, io_retries: int = 3, cache_dir: str | os.PathLike[str] | None = None,
+            cache_bytes: int | None = None) -> LakeFS:
     """The filesystem for a lake path: `LocalFS` for plain paths and file://, `FsspecFS` otherwise
-    (``storage_options`` go to fsspec; local paths ignore them)."""
+    (``storage_options`` go to fsspec; ``cache_dir``/``cache_bytes`` are its node-local shard cache,
+    see `m2m.lake.cache`; local paths ignore them)."""
     s = os.fspath(path)
     if "://" in s and not s.startswith("file://"):
-        return FsspecFS(s, storage_options=storage_options, io_timeout=io_timeout, io_retries=io_retries)
+        return FsspecFS(s, cache_dir=cache_dir, storage_options=storage_options, io_timeout=io_timeout,
+                        io_retries=io_retries, cache_bytes=cache_bytes)
     s = s.removeprefix("file://")
     return LocalFS(s)

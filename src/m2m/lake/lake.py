@@ -103,6 +103,9 @@ class Lake:
         self._closed = True
         self._snapshot.close()
         self._cache.clear()
+        close_fs = getattr(self._fs, "close", None)
+        if close_fs is not None:  # a remote lake's shard cache: stop prefetching, remove it if private
+            close_fs()
         if self._temporary_dir is not None:
             shutil.rmtree(self._temporary_dir, ignore_errors=True)
 

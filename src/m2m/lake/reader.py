@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -51,7 +52,10 @@ class Snapshot:
             check_footers(fs, manifest, self._checked)
         counts = np.fromiter((s.rows for s in manifest.shards), dtype=np.int64, count=len(manifest.shards))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._batches: dict[str, pa.RecordBatch] = {}
+        self._batches: OrderedDict[str, pa.RecordBatch] = OrderedDict()
+        self._batch_bytes: dict[str, int] = {}
+        self._prefetch_plan: tuple[list[int], dict[int, int]] | None = None   # remote: a stream's shard order
+        self._file_shard: dict[str, int] | None = None
         self._derived: dict[tuple[int, str], np.ndarray] = {}
         self._extents: dict[str, dict[str, ColumnExtent]] = {}
         self._ids: np.ndarray | None = None
@@ -194,8 +198,45 @@ class Snapshot:
 
     def close(self) -> None:
         self._batches.clear()
+        self._batch_bytes.clear()
         self._derived.clear()
         self._extents.clear()
+
+    # remote lakes (node-local shard cache)
+    @property
+    def is_remote(self) -> bool:
+        """Whether the shards come from an object store through the node cache."""
+        return not self.fs.is_local
+
+    @property
+    def open_bytes_limit(self) -> int | None:
+        """Most bytes of shard files this snapshot (and a stream's reader) keeps mapped at once: the
+        node cache's budget for remote lakes (so evicted files do not stay pinned), None locally."""
+        cache = getattr(self.fs, "cache", None)
+        return None if cache is None else int(cache.budget)
+
+    def prefetch_shards(self, shards: Sequence[int]) -> int:
+        """Start downloading the files of ``shards`` (in this order) into the node cache; a no-op for
+        local lakes. Returns how many downloads were queued."""
+        cache = getattr(self.fs, "cache", None)
+        if cache is None:
+            return 0
+        files = [(f.path, f.bytes, f.crc32) for s in shards for f in self.manifest.shards[int(s)].files]
+        return int(cache.prefetch(files))
+
+    def plan_prefetch(self, shards: Sequence[int]) -> None:
+        """The order in which a stream will first read ``shards``: from now on, opening one of them
+        queues downloads of the next few in this order (bounded by the cache's ``prefetch_shards``).
+        A no-op for local lakes; the latest plan of any stream over this snapshot wins."""
+        if self.is_remote:
+            order = [int(s) for s in shards]
+            self._prefetch_plan = (order, {s: i for i, s in enumerate(order)})
+            self.prefetch_shards(order[: self.fs.cache.prefetch_shards])  # type: ignore[attr-defined]
+
+    def fetch_stats(self) -> dict[str, Any] | None:
+        """This process's node-cache downloads (per file), hits and evictions; None for local lakes."""
+        cache = getattr(self.fs, "cache", None)
+        return None if cache is None else cache.stats()
 
     # internals
     def _batch(self, f: FileEntry) -> pa.RecordBatch:
@@ -211,7 +252,41 @@ class Snapshot:
                     check_batch(self.manifest, self._shard_of[f.path], f, b, self.fs.local_path(f.path))
                     self._checked.add(key)
                 self._batches[f.path] = b
+                self._batch_bytes[f.path] = f.bytes
+                self._trim()
+                self._prefetch_after(f.path)
+            else:
+                self._batches.move_to_end(f.path)
             return b
+
+    def _prefetch_after(self, path: str) -> None:
+        """Queue the shards that follow the one holding ``path`` in the current prefetch plan."""
+        plan = self._prefetch_plan
+        cache = getattr(self.fs, "cache", None)
+        if plan is None or cache is None or cache.prefetch_shards <= 0:
+            return
+        order, where = plan
+        shard = self._shard_of_file().get(path)
+        at = where.get(shard) if shard is not None else None
+        if at is not None:
+            self.prefetch_shards(order[at + 1: at + 1 + cache.prefetch_shards])
+
+    def _shard_of_file(self) -> dict[str, int]:
+        got = self._file_shard
+        if got is None:
+            got = {f.path: i for i, s in enumerate(self.manifest.shards) for f in s.files}
+            self._file_shard = got
+        return got
+
+    def _trim(self) -> None:
+        """Drop the least recently used mappings beyond `open_bytes_limit` (remote lakes only)."""
+        limit = self.open_bytes_limit
+        if limit is None:
+            return
+        total = sum(self._batch_bytes.values())
+        while total > limit and len(self._batches) > 1:
+            path, _ = self._batches.popitem(last=False)
+            total -= self._batch_bytes.pop(path)
 
     def _cached(self, shard: int, name: str, make) -> np.ndarray:  # type: ignore[no-untyped-def]
         key = (shard, name)

@@ -137,13 +137,22 @@ def sync_files(fs: LakeFS, rels: list[str]) -> None:
         fsync_path(path)
 
 
+def local_copy(fs: LakeFS, entry: FileEntry) -> str:
+    """The local path of ``entry``'s file: for a remote lake the node cache's copy, downloaded and
+    checked against the manifest's size and CRC32 first (`m2m.lake.cache`)."""
+    if fs.is_local:
+        return fs.local_path(entry.path)
+    with fs.open_local(entry.path, entry.bytes, entry.crc32) as path:  # type: ignore[attr-defined]
+        return str(path)
+
+
 def verify_file(fs: LakeFS, entry: FileEntry) -> None:
     """Raise `CorruptShardError` naming the file if its size or checksums differ from the manifest.
 
     Files with block checksums are checked block by block with crc32c (4x faster than CRC32
     here, and the error names the block); older files by their whole-file CRC32.
     """
-    path = fs.local_path(entry.path)
+    path = local_copy(fs, entry)
     try:
         size = os.path.getsize(path)
     except FileNotFoundError as exc:
@@ -176,7 +185,7 @@ def column_extents(fs: LakeFS, entry: FileEntry, names: tuple[str, ...] | None =
 
     Only the file's Arrow metadata is read (through a short-lived memory map); no data page is touched.
     """
-    path = fs.local_path(entry.path)
+    path = local_copy(fs, entry)
     try:
         size = os.path.getsize(path)
     except FileNotFoundError as exc:
@@ -387,7 +396,7 @@ def open_shard_file(fs: LakeFS, entry: FileEntry, verify: bool = True) -> pa.Rec
     """Memory-map a shard file and return its single record batch (zero-copy)."""
     if verify:
         verify_file(fs, entry)
-    path = fs.local_path(entry.path)
+    path = local_copy(fs, entry)
     try:
         source = pa.memory_map(path, "r")
         reader = pa.ipc.open_file(source)

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset
 
 from m2m.errors import ConfigError
 from m2m.sampling.plan import PlanSampler
-from m2m.stream import shuffle
+from m2m.stream import affinity, shuffle
 from m2m.stream.columns import Column
 from m2m.stream.order import Layout, RankEpoch, rank_epoch, sampler_plan
 from m2m.stream.source import RowSource
@@ -56,6 +56,8 @@ class StreamSpec:
     gather_in_workers: bool = True
     huge_pages: bool = True
     background_fill: bool = True
+    shard_affinity: bool = False
+    affinity_group_blocks: int = 0
 
     @property
     def gathered(self) -> tuple[Column, ...]:
@@ -127,8 +129,15 @@ class StreamDataset(IterableDataset):
             s = self.spec
             plan = None if self.sampler is None else sampler_plan(self.sampler, epoch, s.num_rows, s.batch_size,
                                                                   world.world_size, s.drop_last)
-            hit = rank_epoch(s.layout, s.num_rows, s.batch_size, s.drop_last, s.seed, epoch, world.rank,
-                             world.world_size, plan)
+            if s.shard_affinity:
+                hit = affinity.rank_epoch(s.layout, self.source.shard_offsets, s.batch_size, s.drop_last, s.seed,
+                                          epoch, world.rank, world.world_size, plan, s.affinity_group_blocks or None)
+            else:
+                hit = rank_epoch(s.layout, s.num_rows, s.batch_size, s.drop_last, s.seed, epoch, world.rank,
+                                 world.world_size, plan)
+            hint = getattr(self.source, "plan_prefetch", None)
+            if callable(hint) and getattr(self.source, "is_remote", False):  # node cache: download ahead
+                hint(affinity.first_use(hit.rows, self.source.shard_offsets))
             while len(self._cache) >= 2:  # two passes may interleave (zip(dl, dl))
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = hit

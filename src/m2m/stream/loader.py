@@ -14,6 +14,7 @@ draws (their generator is seeded from (seed, epoch, rank, batch index), independ
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 import weakref
@@ -32,6 +33,7 @@ from m2m.errors import (
 )
 from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.stream import columns as cols
+from m2m.stream import shuffle as shuffle_mod
 from m2m.stream.dataset import (
     ARENA,
     COLD,
@@ -89,7 +91,8 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
                 background_fill: bool = True, pin_memory: bool = False, persistent_workers: bool = False,
                 prefetch_factor: int | None = None, timeout: float = 0, worker_init_fn: Any = None,
                 multiprocessing_context: Any = None, generator: torch.Generator | None = None,
-                collate_fn: Any = None, in_order: bool = True) -> "StreamLoader":
+                collate_fn: Any = None, in_order: bool = True,
+                shard_affinity: bool | None = None) -> "StreamLoader":
     """A DataLoader over ``source`` that yields whole batches (see the module docstring).
 
     ``prefetch`` is the number of batches a background thread keeps ready; 0 runs the stages in the
@@ -103,7 +106,9 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
     here; the kernel may compact memory while the arena first fills, so the first epoch's speed
     varies with the host's memory state: 0.2x to 3x that of 4 KiB pages in our runs) and
     ``background_fill`` (when a fully shuffled lake fits the arena, fill it on a background thread and
-    serve the first epoch from the mapped shards meanwhile; False loads blocks on demand instead).
+    serve the first epoch from the mapped shards meanwhile; False loads blocks on demand instead) and
+    ``shard_affinity`` (block-shuffle mode: each rank streams a disjoint set of whole shards per epoch,
+    see `m2m.stream.affinity`; None = on for block-shuffled remote lakes, True elsewhere needs block mode).
 
     The standard DataLoader keywords keep their torch meaning: ``pin_memory`` (CPU batches in pinned
     memory when CUDA is available), ``persistent_workers``, ``prefetch_factor`` (internal items per
@@ -139,8 +144,19 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
     resolved = cols.resolve(source, columns)
     if augment is not None and not any(c.name == cols.EMBEDDING for c in resolved):
         raise ConfigError(f"augment replaces 'embedding', which columns={columns!r} does not deliver")
-    layout = choose_layout(source.num_rows, cols.nominal_row_bytes(source), warm_bytes, bool(shuffle),
-                           shuffle_mode, block_rows)
+    row_bytes = cols.nominal_row_bytes(source)
+    layout = choose_layout(source.num_rows, row_bytes, warm_bytes, bool(shuffle), shuffle_mode, block_rows)
+    if shard_affinity is None:
+        shard_affinity = layout.mode == shuffle_mod.BLOCK and bool(getattr(source, "is_remote", False))
+    elif shard_affinity and layout.mode != shuffle_mod.BLOCK:
+        raise ConfigError(f"shard_affinity=True needs the block shuffle; this stream's shuffle is {layout.mode!r} "
+                          "(pass shuffle_mode='block')")
+    group_blocks = 0  # shard affinity on a remote lake: shuffle in groups of half the node cache, which the
+    cache_limit = getattr(source, "open_bytes_limit", None) if shard_affinity else None  # node's ranks share
+    if cache_limit:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # set by torchrun
+        group_blocks = max(layout.window_blocks,
+                           (cache_limit // (2 * local_ranks)) // max(1, layout.block_rows * row_bytes))
     if hot_mode == "auto":
         hot = CPU if dev.type != "cuda" else (
             RESIDENT if resident_bytes(resolved, source.num_rows) <= hot_bytes else STAGED)
@@ -153,7 +169,8 @@ def make_loader(source: RowSource, *, batch_size: int, shuffle: bool = True, dro
         drop_last=bool(drop_last), seed=seed, rank=rank, world_size=world_size,
         chunk_batches=chunk_batches or chunk_batches_for(resolved, batch_size), warm_bytes=warm_bytes,
         warm_mode=warm_mode, gather_in_workers=hot != RESIDENT, huge_pages=bool(huge_pages),
-        background_fill=bool(background_fill))
+        background_fill=bool(background_fill), shard_affinity=bool(shard_affinity),
+        affinity_group_blocks=int(group_blocks))
     dataset = StreamDataset(source, spec, sampler)
     return StreamLoader(dataset, device=dev, num_workers=num_workers, prefetch=prefetch, augment=augment,
                         hot_mode=hot, return_tensor=columns is None, epoch=epoch,
@@ -347,7 +364,8 @@ class StreamLoader(DataLoader):
             "seed": spec.seed, "rank": world.rank, "world_size": world.world_size,
             "batch_size": spec.batch_size, "drop_last": spec.drop_last, "num_rows": spec.num_rows,
             "shuffle": spec.layout.mode, "block_rows": spec.layout.block_rows,
-            "window_blocks": spec.layout.window_blocks,
+            "window_blocks": spec.layout.window_blocks, "shard_affinity": spec.shard_affinity,
+            "affinity_group_blocks": spec.affinity_group_blocks,
         }
         if self.plan_sampler is not None and callable(getattr(self.plan_sampler, "state_dict", None)):
             state["sampler"] = self.plan_sampler.state_dict()  # type: ignore[attr-defined]
@@ -361,7 +379,7 @@ class StreamLoader(DataLoader):
         if missing:
             raise StateMismatchError(f"stream state lacks {missing}")
         fixed = ("seed", "rank", "world_size", "batch_size", "drop_last", "num_rows", "shuffle", "block_rows",
-                 "window_blocks")
+                 "window_blocks", "shard_affinity", "affinity_group_blocks")
         diff = {k: (state[k], mine[k]) for k in fixed if k in state and state[k] != mine[k]}
         if diff:
             raise StateMismatchError("stream state does not match this loader (saved, current): "
@@ -393,6 +411,9 @@ class StreamLoader(DataLoader):
         it is still running).
         """
         report = self._stats.report(self.hot_mode, self._warm_mode, self.spec.layout.mode)
+        fetched = getattr(self.dataset.source, "fetch_stats", None)
+        if callable(fetched) and fetched() is not None:  # remote lake: this process's node-cache downloads
+            report["fetch"] = fetched()
         if self._arena is not None:
             report["bytes_cold"] = report.get("bytes_cold", 0) + self._arena.fill_bytes
             report["warm_filling"] = self._arena.filling

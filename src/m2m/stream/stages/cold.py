@@ -54,6 +54,40 @@ def _bytes(array: np.ndarray) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
+class _LazyExtents:
+    """``ext[s]``: the column extent of shard ``s``, resolved (downloaded, for a remote lake) on first use."""
+
+    def __init__(self, reader: ColdReader, name: str) -> None:
+        self._reader = reader
+        self._name = name
+        self._got: dict[int, ColumnExtent | None] = {}
+
+    def is_open(self, shard: int) -> bool:
+        return shard in self._got
+
+    def __getitem__(self, shard: int) -> ColumnExtent | None:
+        if shard in self._got:
+            return self._got[shard]
+        r = self._reader
+        ext = r.source.column_extent(shard, self._name)  # type: ignore[attr-defined]
+        rows = int(r.offsets[shard + 1] - r.offsets[shard])
+        if ext is not None and ext.rows != rows:
+            raise CorruptShardError(f"shard file {ext.path}: column {self._name!r} has {ext.rows} rows, "
+                                    f"the manifest says {rows}")
+        if ext is not None and ext.path not in r._files:
+            f = r._files[ext.path] = ShardFile(ext.path, ext.entry, cache=r._cache)
+            fs = getattr(r.source, "fs", None)
+            if fs is not None and not fs.is_local:  # open it while the node cache keeps it: an open file
+                with fs.open_local(ext.entry.path, ext.entry.bytes, ext.entry.crc32):  # outlives eviction
+                    f._fileno()
+        if ext is None:  # not fixed-width (e.g. string labels as codes): the source's array
+            array = r.source.column(shard, self._name)
+            r._arrays[self._name][shard] = array
+            r._tensors[self._name][shard] = as_tensor(array)
+        self._got[shard] = ext
+        return ext
+
+
 class ColdReader:
     """Reads rows of some source columns: sequential ranges, or a gather grouped by shard."""
 
@@ -66,6 +100,16 @@ class ColdReader:
         self._arrays: dict[str, list[np.ndarray | None]] = {}
         self._files: dict[str, ShardFile] = {}
         self._cache = BlockCache(CACHE_BLOCKS_PER_COLUMN * max(1, len(names)))
+        # a remote lake's shards are downloaded (node cache) when first read, not all here
+        self.remote = bool(getattr(source, "is_remote", False)) and callable(extent_of)
+        self._staging: dict[str, torch.Tensor] = {}
+        self._advised: set[tuple[int, int]] = set()
+        self._arena: Any = None
+        if self.remote:
+            self._extents = {n: _LazyExtents(self, n) for n in names}  # type: ignore[misc]
+            self._arrays = {n: [None] * self.num_shards for n in names}
+            self._tensors: dict[str, list[torch.Tensor | None]] = {n: [None] * self.num_shards for n in names}
+            return
         for n in names:
             exts: list[ColumnExtent | None] = []
             arrs: list[np.ndarray | None] = []
@@ -92,7 +136,7 @@ class ColdReader:
     @property
     def positional(self) -> bool:
         """Whether any column is read from shard files (rather than from arrays)."""
-        return bool(self._files)
+        return bool(self._files) or self.remote
 
     def bytes_checked(self) -> int:
         """Bytes whose block checksums this reader has checked so far."""
@@ -146,9 +190,14 @@ class ColdReader:
         return int(dst[: hi - lo].nbytes)
 
     def willneed(self, lo: int, hi: int) -> None:
-        """Start reading global rows ``[lo, hi)`` of every column into the page cache."""
+        """Start reading global rows ``[lo, hi)`` of every column into the page cache (a remote lake:
+        start downloading the shards not read yet into the node cache)."""
+        if self.remote:
+            self.source.prefetch_shards(list(self._shards(lo, hi)))  # type: ignore[attr-defined]
         for name, arrays in self._arrays.items():
             for s in self._shards(lo, hi):
+                if self.remote and not self._extents[name].is_open(s):  # type: ignore[attr-defined]
+                    continue
                 base = int(self.offsets[s])
                 a, b = max(lo, base) - base, min(hi, int(self.offsets[s + 1])) - base
                 if b <= a:
@@ -181,7 +230,7 @@ class ColdReader:
         """``dst[i] = name[rows[i]]``; returns bytes read."""
         if self._arena is not None:
             return self._arena.gather_whole(name, rows, dst)
-        if not self._files:
+        if not self._files and not self.remote:
             return self._gather_arrays(name, rows, dst)
         shard = np.searchsorted(self.offsets, rows, side="right") - 1
         for s in np.unique(shard).tolist():

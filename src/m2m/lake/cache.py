@@ -1,0 +1,432 @@
+"""The node-local disk cache of a remote lake's shard files: the cold (SSD) tier under warm RAM.
+
+Every process of a node that opens remote lakes with the same ``cache_dir`` shares one cache:
+
+* **byte budget** — the files in the cache (finished shards plus downloads in flight, counted at
+  their final size from the moment they start) never exceed ``cache_bytes``, except that a single
+  download may go over it when nothing else is in flight (a shard larger than the budget, or every
+  other file briefly in use): at most ``cache_bytes`` + one shard.
+* **LRU eviction by shard file** — a file's modification time is its last use (set on every open by
+  any process); the least recently used files go first. A file being opened (shared lock held) is
+  skipped. Evicting unlinks the file: a process that has it open or mapped keeps reading it (POSIX
+  unlink semantics), and the space comes back when that process closes it (a stream's reader keeps
+  its shard files open until it is closed; a remote snapshot keeps at most ``cache_bytes`` of shards
+  mapped, see `m2m.lake.reader.Snapshot`).
+* **atomic, shared downloads** — a download holds the file's exclusive lock and writes
+  ``<name>.<size>.<uuid>.part`` (the size in the name is the reservation other processes count),
+  verifies its size and CRC32 against the manifest, and renames it into place. A
+  second process (or thread) asking for the same file blocks on that lock and then reuses the file.
+  Parts left by a killed process are noticed (their lock is free) and deleted.
+* **prefetch** — ``prefetch`` downloads the next shards of the epoch's order on a small background
+  pool, at most ``prefetch_shards`` queued at once.
+* **names** — cached files are ``<sha256(url, path)>.shard`` directly in ``cache_dir``: nothing
+  derived from the object's name reaches the local path, and every path is checked to lie inside it.
+
+Why not fsspec's ``filecache``/``blockcache``: its ``CachingFileSystem`` keeps one JSON index per
+cache directory that it rewrites without a cross-process lock (concurrent processes lose entries or
+read half-written indexes), has no byte budget (only age-based expiry), and does not verify a
+checksum we know from the manifest. We keep fsspec for the transfer itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+from m2m.errors import CacheTimeoutError, ConfigError, CorruptShardError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 64 << 30      # cap of the default budget; the default is also <= half the free disk
+LOCK_TIMEOUT_S = 600.0              # longest wait for another process's download or the cache lock
+PREFETCH_SHARDS = 4
+PREFETCH_THREADS = 2
+SHARD_SUFFIX = ".shard"
+PART_SUFFIX = ".part"
+_POLL_S = 0.01
+
+
+def default_budget(directory: str) -> int:
+    """``min(DEFAULT_CACHE_BYTES, half the free space of the disk holding directory)``."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return DEFAULT_CACHE_BYTES
+    return int(min(DEFAULT_CACHE_BYTES, max(free // 2, 1 << 20)))
+
+
+def _inside(base: str, path: str) -> str:
+    """``path`` if it resolves inside ``base``; `ConfigError` otherwise (no cached path may escape; names
+    are hashes, so only a symlink planted in the cache directory could trigger it)."""
+    real = os.path.realpath(path)
+    if os.path.commonpath([base, real]) != base or real == base:
+        raise ConfigError(f"cache path {path!r} is outside the cache directory {base!r}")
+    return real
+
+
+class _FileLock:
+    """An flock(2) on a lock file with a bounded wait. One open file description per holder, so two
+    threads of one process exclude each other exactly as two processes do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+
+    def acquire(self, shared: bool, timeout: float, what: str) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                self._fd = fd
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise CacheTimeoutError(f"waited {timeout:.0f} s for {what} (lock {self.path})")
+            time.sleep(_POLL_S)
+
+    def try_acquire(self) -> bool:
+        """Exclusive lock without waiting; False if anyone holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class ShardCache:
+    """A byte-budgeted, LRU, multi-process disk cache of one remote lake's files.
+
+    ``fs`` is the fsspec filesystem, ``root`` the lake's path in it and ``url`` its URL (part of every
+    cached name, so lakes can share a cache directory and its budget). ``cache_dir=None`` makes a
+    private directory removed by `close`; a given ``cache_dir`` is shared and kept.
+    """
+
+    def __init__(self, fs: Any, root: str, url: str, cache_dir: str | os.PathLike[str] | None = None,
+                 cache_bytes: int | None = None, prefetch_shards: int = PREFETCH_SHARDS,
+                 lock_timeout: float = LOCK_TIMEOUT_S, download: Callable[[str, str], None] | None = None) -> None:
+        self.fs = fs
+        self._get = download  # (rel, local path): the lake's own download (its retries/timeouts), or get_file
+        self.root = root.rstrip("/")
+        self.url = url
+        self.private = cache_dir is None
+        base = tempfile.mkdtemp(prefix="m2m-cache-") if cache_dir is None else os.path.expanduser(cache_dir)
+        os.makedirs(base, exist_ok=True)
+        self.dir = os.path.realpath(base)
+        self._locks = os.path.join(self.dir, ".locks")
+        os.makedirs(self._locks, exist_ok=True)
+        self.budget = default_budget(self.dir) if cache_bytes is None else int(cache_bytes)
+        self.prefetch_shards = int(prefetch_shards)
+        self.lock_timeout = float(lock_timeout)
+        self._owner = os.getpid()
+        self._url_key = hashlib.sha256(url.encode()).hexdigest()
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._pool: ThreadPoolExecutor | None = None
+        self._queued: dict[str, Future[Any]] = {}
+        self._failed: dict[str, tuple[float, BaseException]] = {}  # prefetches that failed: when, why
+        self._mutex = threading.Lock()
+        self.fetches: Counter[str] = Counter()   # downloads by this process, per lake-relative path
+        self.fetch_bytes = 0
+        self.hits = 0
+        self.evictions = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_pool", "_queued", "_failed", "_mutex", "fetches", "fetch_bytes", "hits", "evictions",
+                              "_pid")}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_process_state()
+
+    # ------------------------------------------------------------------ names
+    def name(self, rel: str) -> str:
+        """The cached file name of lake-relative ``rel``: a hash, never the object's own name."""
+        return hashlib.sha256(f"{self._url_key}\0{rel}".encode()).hexdigest()[:40]
+
+    def path(self, rel: str) -> str:
+        """Where ``rel`` is (or would be) cached; always strictly inside the cache directory."""
+        return _inside(self.dir, os.path.join(self.dir, self.name(rel) + SHARD_SUFFIX))
+
+    def _lock(self, name: str) -> _FileLock:
+        return _FileLock(_inside(self.dir, os.path.join(self._locks, name + ".lock")))
+
+    def _remote(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    # ------------------------------------------------------------------ reading
+    @contextmanager
+    def open(self, rel: str, size: int | None = None, crc32: int | None = None) -> Iterator[str]:
+        """The local path of ``rel``, downloaded (and verified) if needed, protected from eviction
+        while the ``with`` block runs (map or open it there; a mapping outlives eviction)."""
+        name = self.name(rel)
+        path = self.path(rel)
+        fetched = False
+        since = time.monotonic()
+        for _ in range(8):  # a file evicted between our download and our shared lock: fetch again
+            lock = self._lock(name)
+            lock.acquire(True, self.lock_timeout, f"the download of {self._remote(rel)}")
+            try:
+                if self._touch(path):
+                    if not fetched:
+                        with self._mutex:
+                            self.hits += 1
+                    yield path
+                    return
+            finally:
+                lock.release()
+            fetched = self._fetch(rel, size, crc32, since) or fetched
+        raise CacheTimeoutError(f"{self._remote(rel)} was evicted from {self.dir} 8 times while being opened; "
+                                f"cache_bytes={self.budget} is too small for the shards in use")
+
+    def _touch(self, path: str) -> bool:
+        """Mark ``path`` used now (its mtime is the LRU clock); False if it is not cached."""
+        try:
+            os.utime(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _fetch(self, rel: str, size: int | None, crc32: int | None, since: float | None = None) -> bool:
+        """Download ``rel`` unless it is cached or another process just did; True if this call did.
+
+        A prefetch of ``rel`` by this process that failed after ``since`` (while we waited for it) is
+        re-raised instead of trying again: it already ran the lake's bounded retries."""
+        name = self.name(rel)
+        path = self.path(rel)
+        lock = self._lock(name)
+        lock.acquire(False, self.lock_timeout, f"the download of {self._remote(rel)}")
+        try:
+            if os.path.exists(path):
+                return False
+            with self._mutex:
+                failure = self._failed.get(rel)
+            if since is not None and failure is not None and failure[0] >= since:
+                raise failure[1]
+            if size is None:
+                size = int(self.fs.size(self._remote(rel)))
+            part = self._reserve(name, size)
+            try:
+                self._download(rel, part, size, crc32)
+                os.rename(part, path)
+            except BaseException:
+                try:
+                    os.remove(part)
+                except FileNotFoundError:
+                    pass
+                raise
+            with self._mutex:
+                self.fetches[rel] += 1
+                self.fetch_bytes += size
+            return True
+        finally:
+            lock.release()
+
+    def _download(self, rel: str, part: str, size: int, crc32: int | None) -> None:
+        """Fetch the object into ``part`` (fsspec's streamed ``get_file``: one GET, as fast as a raw
+        ``cat_file`` here, where reading through ``fs.open`` was ~0.6x), then check its size and CRC32
+        (read back from the page cache)."""
+        from m2m.lake.shard import file_crc32
+
+        remote = self._remote(rel)
+        logger.info("downloading %s (%d bytes) to the shard cache %s", remote, size, self.dir)
+        if self._get is not None:
+            self._get(rel, part)
+        else:
+            self.fs.get_file(remote, part)
+        got = os.path.getsize(part)
+        # no fsync: a cache file torn by a power loss is caught by the per-block checks of reads
+        if got != size:
+            raise CorruptShardError(f"shard object {remote} has {got} bytes, the manifest says {size}")
+        if crc32 is not None:
+            crc = file_crc32(part)
+            if crc != crc32:
+                raise CorruptShardError(
+                    f"shard object {remote} is corrupt: CRC32 {crc:#010x} != manifest {crc32:#010x}")
+
+    # ------------------------------------------------------------------ budget
+    def _scan(self) -> tuple[list[tuple[float, int, str]], int]:
+        """Finished files as (mtime, bytes, path), oldest first, and bytes reserved by live downloads
+        (parts whose owner died are deleted here)."""
+        done: list[tuple[float, int, str]] = []
+        reserved = 0
+        with os.scandir(self.dir) as it:
+            for e in it:
+                if e.name.endswith(SHARD_SUFFIX):
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:
+                        continue
+                    done.append((st.st_mtime, st.st_size, e.path))
+                elif e.name.endswith(PART_SUFFIX):
+                    fields = e.name.split(".")
+                    if len(fields) != 4 or not fields[1].isdigit():
+                        continue
+                    owner = self._lock(fields[0])
+                    if owner.try_acquire():  # nobody downloads it: a leftover of a killed process
+                        try:
+                            os.remove(e.path)
+                        except FileNotFoundError:
+                            pass
+                        owner.release()
+                    else:
+                        reserved += int(fields[1])
+        done.sort()
+        return done, reserved
+
+    def _reserve(self, name: str, size: int) -> str:
+        """Make room for ``size`` bytes (evicting least recently used files) and create the part file
+        that reserves them; waits (bounded) while other downloads hold the room."""
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            glock = _FileLock(os.path.join(self._locks, "cache.lock"))
+            glock.acquire(False, self.lock_timeout, f"the cache lock of {self.dir}")
+            try:
+                done, reserved = self._scan()
+                used = reserved + sum(s for _, s, _ in done)
+                for _, s, p in done:
+                    if used + size <= self.budget:
+                        break
+                    if self._evict(p):
+                        used -= s
+                if used + size <= self.budget or (reserved == 0 and used <= self.budget):
+                    part = _inside(self.dir, os.path.join(self.dir, f"{name}.{size}.{uuid.uuid4().hex}{PART_SUFFIX}"))
+                    open(part, "wb").close()
+                    return part
+            finally:
+                glock.release()
+            if time.monotonic() >= deadline:
+                raise CacheTimeoutError(f"no room for {size} bytes in the shard cache {self.dir} "
+                                        f"(cache_bytes={self.budget}) after {self.lock_timeout:.0f} s")
+            time.sleep(0.05)
+
+    def _evict(self, path: str) -> bool:
+        """Remove one finished file unless some process is opening it right now."""
+        name = os.path.basename(path)[: -len(SHARD_SUFFIX)]
+        lock = self._lock(name)
+        if not lock.try_acquire():
+            return False
+        try:
+            os.remove(path)
+            with self._mutex:
+                self.evictions += 1
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            lock.release()
+
+    def cached_bytes(self) -> int:
+        """Bytes of finished files plus reservations of downloads in flight (what the budget bounds)."""
+        done, reserved = self._scan()
+        return reserved + sum(s for _, s, _ in done)
+
+    # ------------------------------------------------------------------ writing
+    def insert(self, rel: str, local_src: str) -> None:
+        """Adopt a local file just uploaded as ``rel`` (a writer's own shard), within the budget."""
+        size = os.path.getsize(local_src)
+        name = self.name(rel)
+        lock = self._lock(name)
+        lock.acquire(False, self.lock_timeout, f"the cache entry of {self._remote(rel)}")
+        try:
+            part = self._reserve(name, size)
+            os.replace(local_src, part)
+            os.rename(part, self.path(rel))
+        finally:
+            lock.release()
+
+    def discard(self, rel: str) -> None:
+        """Forget ``rel`` (its object was deleted)."""
+        try:
+            os.remove(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def new_local_file(self, suffix: str) -> str:
+        """A staging path for a file a writer is about to upload (not counted until `insert`)."""
+        return os.path.join(self.dir, f".tmp-{uuid.uuid4().hex}{suffix}")
+
+    # ------------------------------------------------------------------ prefetch
+    def prefetch(self, files: Sequence[tuple[str, int | None, int | None]]) -> int:
+        """Queue background downloads of ``(rel, bytes, crc32)`` not cached yet, in order, keeping at
+        most ``prefetch_shards`` queued; returns how many were queued."""
+        if self.prefetch_shards <= 0:
+            return 0
+        queued = 0
+        with self._mutex:
+            if self._pid != os.getpid():  # a forked child: the parent's pool did not come along
+                self._init_process_state()
+            self._queued = {r: f for r, f in self._queued.items() if not f.done()}
+            for rel, size, crc in files:
+                if len(self._queued) >= self.prefetch_shards:
+                    break
+                if rel in self._queued or os.path.exists(self.path(rel)):
+                    continue
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="m2m-cache-prefetch")
+                self._queued[rel] = self._pool.submit(self._prefetch_one, rel, size, crc)
+                queued += 1
+        return queued
+
+    def _prefetch_one(self, rel: str, size: int | None, crc: int | None) -> None:
+        try:
+            self._fetch(rel, size, crc)
+        except Exception as exc:  # noqa: BLE001 -- an open() waiting for this download raises it
+            with self._mutex:
+                self._failed[rel] = (time.monotonic(), exc)
+            logger.warning("prefetch of %s failed: %s", self._remote(rel), exc)
+
+    def wait_prefetch(self, timeout: float | None = None) -> None:
+        """Wait for queued prefetches (tests and benchmarks)."""
+        with self._mutex:
+            futures = list(self._queued.values())
+        for f in futures:
+            f.result(timeout=timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """This process's downloads (count per file, bytes), cache hits and evictions."""
+        with self._mutex:
+            return {"fetches": dict(self.fetches), "fetch_bytes": self.fetch_bytes, "hits": self.hits,
+                    "evictions": self.evictions}
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Stop prefetching; remove the cache directory if it is private (``cache_dir=None``)."""
+        with self._mutex:
+            pool, self._pool = self._pool, None
+            self._queued = {}
+        if pool is not None and self._pid == os.getpid():
+            pool.shutdown(wait=True, cancel_futures=True)
+        if self.private and self._owner == os.getpid():
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,134 @@
+"""Shard affinity: in a block-shuffled epoch, each rank streams a disjoint set of whole shards.
+
+With the plain block shuffle (`m2m.stream.order.rank_epoch`) every rank's contiguous slice of the
+epoch order still holds blocks from all over the lake, so each of W ranks (nodes) downloads about
+the whole remote lake per epoch: W x the lake. With shard affinity the shards are cut into
+``world_size * RUNS_PER_RANK`` runs of consecutive shards, the epoch's entries are grouped by run in
+a random run order (fresh every epoch, so the shards a rank sees rotate across epochs) and by shard
+within a run, the ranks take contiguous equal slices of that grouped order exactly as
+`m2m.stream.partition` cuts any order (same padding / ``drop_last`` rule, so every rank yields the
+same number of batches and the epoch covers every entry exactly once, plus fewer than W padding
+rows), and each rank block-shuffles its own slice within windows, in groups of a few shards that fit the
+node cache (`group_shuffle`).
+A rank therefore reads only its own ~1/W of the shards, plus at most the two shards it shares with
+its neighbours in the order (and, when the epoch is padded, the first shard of the order on the
+last rank). Runs, not single shards, because the warm arena loads whole blocks of ``block_rows``
+rows, and a block straddling two shards downloads both: inside a run the neighbouring shards are the
+rank's own, so only a run's first and last blocks can pull in a foreign shard (at most
+``2 * RUNS_PER_RANK + 2`` extra shards per rank with the warm arena, 2 without). Across all ranks:
+~1x the lake per epoch plus those extra shards (at 1B x 768 on 32 ranks, ~2.7%: docs/scale.md).
+
+The price: a rank's batches mix rows of its ~1/W of the shards only (within a window, as in any
+block shuffle), and which shards a rank gets changes each epoch, so a node cache smaller than the
+lake gets no reuse across epochs. Pure function of (layout, shard offsets, sizes, seed, epoch,
+rank, world size, plan).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from m2m.errors import ConfigError
+from m2m.stream import partition, shuffle
+from m2m.stream.order import Layout, RankEpoch
+
+RUNS_PER_RANK = 4
+_SALT_SHARDS = 0xAFF1
+_SALT_WINDOWS = 0xAFF2
+
+
+def shard_order(num_shards: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order of shard indices (the same on every rank): runs of consecutive shards in a
+    random order, ascending within a run."""
+    runs = max(1, min(num_shards, world_size * RUNS_PER_RANK))
+    run_of_shard = (np.arange(num_shards, dtype=np.int64) * runs) // max(num_shards, 1)
+    position = np.empty(runs, dtype=np.int64)
+    position[shuffle.full_shuffle(runs, shuffle.epoch_generator(seed, epoch, _SALT_SHARDS))] = np.arange(runs)
+    return np.argsort(position[run_of_shard], kind="stable").astype(np.int64, copy=False)
+
+
+def grouped_entries(entries: np.ndarray, shard_offsets: np.ndarray, world_size: int, seed: int,
+                    epoch: int) -> np.ndarray:
+    """Indices into ``entries`` (global rows) grouped by shard, shards in `shard_order`; within a
+    shard the entries keep their order (ascending rows, or an importance plan's random draw)."""
+    offsets = np.asarray(shard_offsets, dtype=np.int64)
+    num_shards = len(offsets) - 1
+    position = np.empty(max(num_shards, 0), dtype=np.int64)
+    position[shard_order(num_shards, world_size, seed, epoch)] = np.arange(num_shards, dtype=np.int64)
+    shard = np.searchsorted(offsets, entries, side="right") - 1
+    return np.argsort(position[shard], kind="stable").astype(np.int64, copy=False)
+
+
+def group_shuffle(entries: np.ndarray, block_rows: int, window_blocks: int, group_blocks: int | None,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Indices into ``entries`` (a rank's rows, grouped by shard) in a cache-friendly block shuffle.
+
+    The blocks, in the order the entries first reach them, are cut into groups of ``group_blocks``
+    consecutive blocks (a few whole shards; None: one group); groups come in random order; inside a
+    group the blocks are permuted and cut into windows of ``window_blocks``, and the entries of a
+    window are shuffled. Each shard thus lives in one group (two at a group boundary), and a node
+    cache holding one group downloads it about once per epoch; one group is the plain block shuffle.
+    """
+    if block_rows < 1 or window_blocks < 1:
+        raise ConfigError(f"block_rows and window_blocks must be >= 1, got {block_rows}, {window_blocks}")
+    entries = np.asarray(entries, dtype=np.int64)
+    if len(entries) == 0:
+        return np.zeros(0, dtype=np.int64)
+    uniq, first, inv = np.unique(entries // block_rows, return_index=True, return_inverse=True)
+    nb = len(uniq)
+    seq = np.empty(nb, dtype=np.int64)
+    seq[np.argsort(first, kind="stable")] = np.arange(nb, dtype=np.int64)
+    group_blocks = nb if not group_blocks else max(int(group_blocks), window_blocks)
+    group = seq // group_blocks
+    ngroups = int(group.max()) + 1
+    gpos = np.empty(ngroups, dtype=np.int64)
+    gpos[rng.permutation(ngroups)] = np.arange(ngroups, dtype=np.int64)
+    by = np.lexsort((rng.permutation(nb), group))                  # blocks: by group, random within it
+    starts = np.searchsorted(group[by], np.arange(ngroups))
+    within = np.empty(nb, dtype=np.int64)
+    within[by] = np.arange(nb, dtype=np.int64) - starts[group[by]]
+    windows_per_group = -(-group_blocks // window_blocks)
+    block_key = gpos[group] * windows_per_group + within // window_blocks
+    key = (block_key[inv.reshape(-1)] << 32) | rng.integers(0, 1 << 32, size=len(entries), dtype=np.int64)
+    return np.argsort(key, kind="stable").astype(np.int64, copy=False)
+
+
+def rank_epoch(layout: Layout, shard_offsets: np.ndarray, batch_size: int, drop_last: bool, seed: int,
+               epoch: int, rank: int, world_size: int,
+               plan: tuple[np.ndarray, np.ndarray] | None = None, group_blocks: int | None = None) -> RankEpoch:
+    """The part of epoch ``epoch`` that ``rank`` of ``world_size`` reads, with shard affinity, its
+    rows block-shuffled by `group_shuffle` (``group_blocks``: blocks per group, None = one group).
+
+    Without a plan only this rank's rows are ever built (memory and time ~ rows per rank, not the
+    whole lake: at 1B rows on 32 ranks that is 31M rows per rank)."""
+    offsets = np.asarray(shard_offsets, dtype=np.int64)
+    num_rows = int(offsets[-1])
+    pos = partition.rank_positions(len(plan[0]) if plan is not None else num_rows, batch_size, rank, world_size,
+                                   drop_last)
+    n = partition.num_batches(len(pos), batch_size, drop_last)
+    rng = shuffle.epoch_generator(seed, epoch, (_SALT_WINDOWS << 24) + int(rank))
+    if plan is None:
+        order = shard_order(len(offsets) - 1, world_size, seed, epoch)
+        starts = np.concatenate([[0], np.cumsum(np.diff(offsets)[order])]).astype(np.int64)
+        k = np.searchsorted(starts, pos, side="right") - 1          # position in the grouped order -> row
+        rows = offsets[order[k]] + (pos - starts[k])
+        rows = rows[group_shuffle(rows, layout.block_rows, layout.window_blocks, group_blocks, rng)]
+        return RankEpoch(rows, None, batch_size, n)
+    entries, weights = plan
+    mine = grouped_entries(entries, offsets, world_size, seed, epoch)[pos]
+    mine = mine[group_shuffle(entries[mine], layout.block_rows, layout.window_blocks, group_blocks, rng)]
+    return RankEpoch(entries[mine], weights[mine], batch_size, n)
+
+
+def shards_of(rows: np.ndarray, shard_offsets: np.ndarray) -> np.ndarray:
+    """The distinct shards holding ``rows`` (what a rank downloads)."""
+    offsets = np.asarray(shard_offsets, dtype=np.int64)
+    return np.unique(np.searchsorted(offsets, np.asarray(rows, dtype=np.int64), side="right") - 1)
+
+
+def first_use(rows: np.ndarray, shard_offsets: np.ndarray) -> np.ndarray:
+    """The shards holding ``rows``, in the order a stream first reads them (its download order)."""
+    offsets = np.asarray(shard_offsets, dtype=np.int64)
+    shard = np.searchsorted(offsets, np.asarray(rows, dtype=np.int64), side="right") - 1
+    _, first = np.unique(shard, return_index=True)
+    return shard[np.sort(first)]
