@@ -257,7 +257,7 @@ class ShardCache:
         """Fetch the object into ``part`` (fsspec's streamed ``get_file``: one GET, as fast as a raw
         ``cat_file`` here, where reading through ``fs.open`` was ~0.6x), then check its size and CRC32
         (read back from the page cache)."""
-        from m2m.lake.shard import file_crc32
+        from m2m.lake.checksum import file_crc32
 
         remote = self._remote(rel)
         logger.info("downloading %s (%d bytes) to the shard cache %s", remote, size, self.dir)

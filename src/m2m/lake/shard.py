@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from m2m.errors import ConfigError, CorruptShardError
+from m2m.lake.checksum import file_crc32
 from m2m.lake.fs import LakeFS, fsync_path
 from m2m.lake.manifest import DATA_DIR, FileEntry
 
@@ -40,17 +41,6 @@ def to_arrow(name: str, values: np.ndarray) -> pa.Array:
     if values.dtype == object:
         return pa.array(values.tolist(), type=pa.string())
     return pa.array(values)
-
-
-def file_crc32(path: str) -> int:
-    """CRC32 of a whole file, read in large chunks."""
-    crc = 0
-    with open(path, "rb") as f:
-        while True:
-            buf = f.read(_CRC_CHUNK)
-            if not buf:
-                return crc
-            crc = zlib.crc32(buf, crc)
 
 
 class _CrcSink:
