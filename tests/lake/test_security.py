@@ -103,16 +103,14 @@ def test_a_symlinked_cache_folder_is_refused(remote_lake, tmp_path: Path) -> Non
     rfs = FsspecFS(url)
     outside = tmp_path / "outside"
     outside.mkdir()
-    data = Path(rfs.cache) / "_data"
-    import shutil
-
-    shutil.rmtree(data)
-    data.symlink_to(outside, target_is_directory=True)     # e.g. planted by another user of a shared /tmp
-    with open_lake(url) as _:
-        pass
     m = json.loads(fs.cat_file(sorted(fs.ls(f"{root}/_manifests", detail=False))[-1]))
+    rel = m["shards"][0]["files"][0]["path"]
+    # a symlink planted where the shard would be cached (e.g. by another user of a shared /tmp)
+    planted = Path(rfs.cache.dir, rfs.cache.name(rel) + ".shard")
+    planted.unlink(missing_ok=True)
+    planted.symlink_to(outside / "stolen.arrow")
     with pytest.raises(CorruptShardError, match="leaves the shard cache"):
-        rfs.local_path(m["shards"][0]["files"][0]["path"])
+        rfs.local_path(rel)
     assert list(outside.iterdir()) == []
 
 

@@ -46,7 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-from m2m.errors import CacheTimeoutError, ConfigError, CorruptShardError
+from m2m.errors import CacheTimeoutError, CorruptShardError
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,11 @@ def default_budget(directory: str) -> int:
 
 
 def _inside(base: str, path: str) -> str:
-    """``path`` if it resolves inside ``base``; `ConfigError` otherwise (no cached path may escape; names
-    are hashes, so only a symlink planted in the cache directory could trigger it)."""
+    """``path`` if it resolves inside ``base``; `CorruptShardError` otherwise (no cached path may escape;
+    names are hashes, so only a symlink planted in the cache directory could trigger it)."""
     real = os.path.realpath(path)
     if os.path.commonpath([base, real]) != base or real == base:
-        raise ConfigError(f"cache path {path!r} is outside the cache directory {base!r}")
+        raise CorruptShardError(f"cache path {path!r} leaves the shard cache {base!r}")
     return real
 
 

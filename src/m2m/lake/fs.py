@@ -338,7 +338,7 @@ class FsspecFS:
         from m2m.errors import CorruptShardError
 
         if os.path.isabs(rel) or ".." in rel.split("/") or "\\" in rel:
-            raise CorruptShardError(f"refusing path {rel!r}: it leaves the lake and its shard cache")
+            raise CorruptShardError(f"refusing path {rel!r}: it leaves the shard cache (and the lake)")
         return self.cache.path(rel)  # a hashed name inside the cache folder
 
     def write_file(self, rel: str, local_src: str) -> None:
