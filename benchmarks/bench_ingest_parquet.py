@@ -1,4 +1,4 @@
-"""Parquet ingest benchmark (see m2m.bench.ingest_parquet): time and peak RSS of `m2m ingest` of one
+"""Parquet ingest benchmark (see m2m_bench.ingest_parquet): time and peak RSS of `m2m ingest` of one
 Parquet file vs pq.read_table + np.save + fsync, each in a fresh process.
 
 python benchmarks/bench_ingest_parquet.py [--quick] [--rows N] [--reps R] [--save benchmarks/results/NAME]
@@ -7,7 +7,7 @@ python benchmarks/bench_ingest_parquet.py [--quick] [--rows N] [--reps R] [--sav
 import argparse
 import json
 
-from m2m.bench.ingest_parquet import format_table, run
+from m2m_bench.ingest_parquet import format_table, run
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

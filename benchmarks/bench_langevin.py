@@ -1,4 +1,4 @@
-"""Langevin stream benchmark: ours | the straightforward chain | the gather limit (see m2m.bench.langevin).
+"""Langevin stream benchmark: ours | the straightforward chain | the gather limit (see m2m_bench.langevin).
 
     python benchmarks/bench_langevin.py [--quick] [--json] [--rows N]
 """
@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from m2m.bench.langevin import format_table, run
+from m2m_bench.langevin import format_table, run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Stream benchmark: ours | DataLoader(TensorDataset) | the gather limit (see m2m.bench.stream).
+"""Stream benchmark: ours | DataLoader(TensorDataset) | the gather limit (see m2m_bench.stream).
 
     python benchmarks/bench_stream.py [--quick] [--json] [--rows N] [--dir DIR]
 """
@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from m2m.bench.stream import format_table, run
+from m2m_bench.stream import format_table, run
 
 
 def main(argv: list[str] | None = None) -> int:

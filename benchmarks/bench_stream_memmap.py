@@ -1,4 +1,4 @@
-"""Stream 1 GB vs the numpy memmap loop, with and without block checks (see m2m.bench.stream_memmap).
+"""Stream 1 GB vs the numpy memmap loop, with and without block checks (see m2m_bench.stream_memmap).
 
     python benchmarks/bench_stream_memmap.py [--quick] [--rows N] [--rounds R] [--dir DIR] [--save NAME]
 
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from m2m.bench.stream_memmap import format_table, run
+from m2m_bench.stream_memmap import format_table, run
 
 
 def main(argv: list[str] | None = None) -> int:

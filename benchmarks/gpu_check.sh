@@ -12,9 +12,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -m pytest -q -p no:cacheprovider -m cuda tests/stream/test_stream_cuda.py tests/augment/test_augment_cuda.py \
   2>&1 | tee "$out/cuda-tests.txt"
 tests_rc=${PIPESTATUS[0]}
-timeout 300 python3 -m m2m.bench.gpu --json > "$out/gpu-bench.json" 2> "$out/gpu-bench.err"
+timeout 300 python3 -m m2m_bench.gpu --json > "$out/gpu-bench.json" 2> "$out/gpu-bench.err"
 bench_rc=$?
-python3 -c "import json,sys; from m2m.bench.gpu import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
+python3 -c "import json,sys; from m2m_bench.gpu import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
   "$out/gpu-bench.json" | tee "$out/gpu-bench.txt"
 echo "cuda tests rc=$tests_rc, gpu bench rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))

@@ -3,7 +3,7 @@
     python examples/train_classifier.py [--importance kappa|loss|alpha|none] [--augment langevin|vmf|none]
                                         [--consolidate 0.95] [--epochs 5] [--rows 10000] [--device cpu]
 
-Data: sklearn's digits in the seed protocol (m2m.datasets.digits_embeddings): rows resampled from
+Data: sklearn's digits in the seed protocol (m2m_bench.datasets.digits_embeddings): rows resampled from
 the 1,797 images and projected 64 -> 640, split by source image, so test images are never seen in
 training. The loop is what a PyTorch user writes: batches are dicts of tensors on the lake's
 device; with importance sampling the loss is weighted by each row's importance weight
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from m2m import M2MConfig, create_m2m
-from m2m.datasets import digits_embeddings
+from m2m_bench.datasets import digits_embeddings
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

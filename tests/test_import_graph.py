@@ -86,3 +86,11 @@ def test_the_import_graph_has_no_cycle():
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_library_carries_no_benchmark_or_demo_code():
+    """Benchmarks, the demo and its data live in ./benchmarks (the m2m-bench package), not in src/m2m."""
+    src = Path(__file__).resolve().parents[1] / "src" / "m2m"
+    assert not (src / "bench").exists() and not (src / "datasets.py").exists() and not (src / "cli" / "demo.py").exists()
+    text = "\n".join(p.read_text() for p in src.rglob("*.py"))
+    assert "import m2m_bench" not in text and "from m2m_bench" not in text

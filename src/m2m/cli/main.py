@@ -13,6 +13,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from m2m.cli.progress import Bar
+from m2m.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -309,15 +310,14 @@ def kappa(lake_dir: str, quiet: bool, threads: int | None, storage_options: dict
 
 
 @cli.command()
-@click.option("--quick", is_flag=True, help="Small sizes (under 3 minutes here).")
+@click.option("--quick", is_flag=True, help="Small sizes (a few minutes; see the README for a measured run).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results on stdout.")
 @click.option("--only", default=None,
               help="Comma-separated subset: ingest,ingest_parquet,stream,stream_memmap,langevin,knn,consolidate.")
 @user_errors
 def bench(quick: bool, as_json: bool, only: str | None) -> None:
     """Run the benchmark suite: ours | what a user would write | physical limit."""
-    from m2m.bench.suite import run_suite
-
+    run_suite = _bench_module("suite").run_suite
     run_suite(quick=quick, as_json=as_json, only=None if only is None else only.split(","))
 
 
@@ -333,9 +333,21 @@ def bench(quick: bool, as_json: bool, only: str | None) -> None:
 @user_errors
 def demo(rows: int, dim: int, epochs: int, device: str, out_dir: str, lake_dir: str | None, seed: int) -> None:
     """The main job on real data (sklearn digits): ingest, kappa, consolidate, SOC + Langevin stream, train."""
-    from m2m.cli.demo import run_demo
-
+    run_demo = _bench_module("demo").run_demo
     run_demo(rows=rows, dim=dim, epochs=epochs, device=device, out_dir=out_dir, lake_dir=lake_dir, seed=seed)
+
+
+def _bench_module(name: str) -> Any:
+    """``m2m_bench.<name>``: the benchmarks and the demo live outside the library, in ./benchmarks."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"m2m_bench.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("m2m_bench", f"m2m_bench.{name}"):
+            raise
+        raise ConfigError("m2m demo and m2m bench need the m2m-bench package: "
+                          "pip install -e ./benchmarks (from a source checkout of m2m)") from None
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from m2m import open_lake  # noqa: E402
-from m2m.cli.demo import ORIGINAL_README, REPORT_NAME, run_demo  # noqa: E402
+from m2m_bench.demo import ORIGINAL_README, REPORT_NAME, run_demo  # noqa: E402
 from m2m.cli.main import cli  # noqa: E402
 
 QUICK = ["--rows", "1500", "--epochs", "2"]

@@ -1,8 +1,8 @@
 """Downstream benchmark: does the lake's SOC and augmentation help a model trained through it?
 
-On real data that builds offline — the seeded digits protocol (``m2m.datasets.digits_embeddings``,
+On real data that builds offline — the seeded digits protocol (``m2m_bench.datasets.digits_embeddings``,
 split by source image) and, when its optional packages are installed, VADER lexicon entries
-embedded by all-MiniLM-L6-v2 (``m2m.datasets.word_sentiment_embeddings``) — a linear head and a
+embedded by all-MiniLM-L6-v2 (``m2m_bench.datasets.word_sentiment_embeddings``) — a linear head and a
 2-layer MLP are trained *through the lake's stream* with each method below, for the same number of
 epochs, and scored on held-out rows. Every (dataset, seed) gets its own lake; kappa is estimated
 once per lake, consolidation works on a second lake of the same rows.
@@ -222,7 +222,7 @@ def build_lake(split: Split, seed: int, consolidate: bool) -> tuple[Any, dict[st
 # ---------------------------------------------------------------------------------------------- datasets
 def load_split(name: str, seed: int, quick: bool) -> Split:
     """The named dataset's split for ``seed`` (text raises ImportError without its packages)."""
-    from m2m.datasets import digits_embeddings, word_sentiment_embeddings
+    from m2m_bench.datasets import digits_embeddings, word_sentiment_embeddings
 
     if name == "digits":
         d = digits_embeddings(rows=4_000 if quick else 10_000, dim=640, seed=seed)

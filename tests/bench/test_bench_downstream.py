@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from m2m.bench import downstream  # noqa: E402
+from m2m_bench import downstream  # noqa: E402
 
 
 def test_weighted_loss_and_feedback_reach_the_sampler(monkeypatch):

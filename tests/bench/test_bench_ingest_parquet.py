@@ -1,6 +1,6 @@
 """The Parquet ingest benchmark runs end to end on a tiny file and reports both sides."""
 
-from m2m.bench.ingest_parquet import format_table, headline, run
+from m2m_bench.ingest_parquet import format_table, headline, run
 
 
 def test_ingest_parquet_bench_runs_small():

@@ -252,7 +252,7 @@ def _ooc_child(args_json: str) -> None:
 def out_of_core(directory: Path, dataset: Dataset, warm_bytes: int) -> dict[str, Any]:
     args = {"dir": str(directory), "open": f"{dataset.open.__module__}:{dataset.open.__qualname__}",
             "warm_bytes": warm_bytes, "file": "mu.npy"}
-    code = f"from m2m.bench.stream import _ooc_child; _ooc_child({json.dumps(json.dumps(args))})"
+    code = f"from m2m_bench.stream import _ooc_child; _ooc_child({json.dumps(json.dumps(args))})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"out-of-core child failed: {proc.stderr.strip()[-2000:]}")

@@ -332,11 +332,11 @@ def augmentation_law(mu: np.ndarray, neighbors: np.ndarray, kappa: np.ndarray, a
 
 def law_on_digits(dims: tuple[int, ...] = (64, 384), rows: int = 10_000, seed: int = 0,
                   sample_rows: int = 2048) -> dict[str, Any]:
-    """``augmentation_law`` on kNN lakes of the digits protocol (``m2m.datasets.digits_embeddings``), the
+    """``augmentation_law`` on kNN lakes of the digits protocol (``m2m_bench.datasets.digits_embeddings``), the
     lake estimating kappa and neighbours itself (k = 16, labelled rows, not consolidated)."""
     from m2m.api import create_m2m
     from m2m.config import M2MConfig
-    from m2m.datasets import digits_embeddings
+    from m2m_bench.datasets import digits_embeddings
     from m2m.export import filled_kappa
 
     res: dict[str, Any] = {"rows": rows, "seed": seed, "sample_rows": sample_rows, "k": K, "by_dim": {}}

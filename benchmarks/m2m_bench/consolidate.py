@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2m.bench.knn import embeddings, gemm_rate
+from m2m_bench.knn import embeddings, gemm_rate
 
 
 def planted_lake(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The seeded digits protocol and the optional text set (m2m.datasets)."""
+"""The seeded digits protocol and the optional text set (m2m_bench.datasets)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from m2m.datasets import DIGITS_IMAGES, digits_embeddings  # noqa: E402
+from m2m_bench.datasets import DIGITS_IMAGES, digits_embeddings  # noqa: E402
 from m2m.errors import ConfigError  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def test_bad_arguments_name_the_field(kwargs, name):
 
 def test_vader_lexicon_when_installed():
     pytest.importorskip("vaderSentiment")
-    from m2m.datasets import vader_lexicon
+    from m2m_bench.datasets import vader_lexicon
 
     tokens, ratings = vader_lexicon()
     assert len(tokens) > 7000 and len(tokens) == len(ratings)
@@ -98,7 +98,7 @@ def test_text_set_missing_packages_raise_importerror_with_the_fix(monkeypatch):
 
     if importlib.util.find_spec("vaderSentiment") is not None:
         pytest.skip("vaderSentiment is installed")
-    from m2m.datasets import word_sentiment_embeddings
+    from m2m_bench.datasets import word_sentiment_embeddings
 
     with pytest.raises(ImportError, match="pip install vaderSentiment"):
         word_sentiment_embeddings()

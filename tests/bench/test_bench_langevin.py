@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from m2m.bench import langevin
+from m2m_bench import langevin
 
 
 def test_quick_langevin_bench_runs_and_agrees_with_the_naive_chain():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from m2m.bench import stream_memmap
+from m2m_bench import stream_memmap
 
 
 @pytest.mark.slow

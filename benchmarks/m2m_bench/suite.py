@@ -1,6 +1,6 @@
 """`m2m bench`: run the benchmark modules and print one side-by-side summary table (or JSON).
 
-Each module under `m2m.bench` exposes ``run(quick) -> dict``, ``format_table(res) -> str`` and
+Each module under `m2m_bench` exposes ``run(quick) -> dict``, ``format_table(res) -> str`` and
 ``headline(res) -> list[dict]`` (measure, ours, baseline, baseline_name, limit, limit_name).
 """
 
@@ -55,7 +55,7 @@ def run_suite(quick: bool = False, as_json: bool = False, only: Sequence[str] | 
                                "quick": quick, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "benchmarks": {}}
     rows: list[dict[str, Any]] = []
     for name in names:
-        mod = importlib.import_module(f"m2m.bench.{name}")
+        mod = importlib.import_module(f"m2m_bench.{name}")
         click.echo(f"running {name} ...", err=True)
         t0 = time.perf_counter()
         res = mod.run(quick=quick)

@@ -1,6 +1,6 @@
 """`m2m demo`: the main job on a real dataset, end to end, with every figure measured in this run.
 
-sklearn's digits in the seed protocol (``m2m.datasets.digits_embeddings``: rows resampled from the
+sklearn's digits in the seed protocol (``m2m_bench.datasets.digits_embeddings``: rows resampled from the
 1,797 images, projected 64 -> dim, split by source image) are ingested into a lake; kappa is
 estimated, the lake's criticality read and near-duplicates consolidated; the stream is timed with
 SOC importance sampling (standard), with Langevin augmentation (generative) and with the vMF and
@@ -82,8 +82,8 @@ def _stream_rate(lake: Any, generate: str | bool, seed: int) -> float:
 
 
 def _law(lake: Any, seed: int, sample_rows: int = 1024) -> dict[str, Any]:
-    """``m2m.bench.langevin.augmentation_law`` of the vMF, mixture and Langevin modes on the lake."""
-    from m2m.bench.langevin import augmentation_law
+    """``m2m_bench.langevin.augmentation_law`` of the vMF, mixture and Langevin modes on the lake."""
+    from m2m_bench.langevin import augmentation_law
     from m2m.export import filled_kappa
 
     sp = lake.splats()
@@ -98,7 +98,7 @@ def _law(lake: Any, seed: int, sample_rows: int = 1024) -> dict[str, Any]:
 
 def _train(lake: Any, data: Any, epochs: int, device: str, seed: int, importance: Any, generate: Any,
            desc: str) -> dict[str, Any]:
-    from m2m.bench.downstream import fit_through_lake, learning_rate, make_model
+    from m2m_bench.downstream import fit_through_lake, learning_rate, make_model
 
     model = make_model("linear", lake.dim, 10, seed).to(device)
     test_x = torch.from_numpy(data.test_x).to(device)
@@ -199,7 +199,7 @@ def run_demo(rows: int = 10_000, dim: int = 640, epochs: int = 5, device: str = 
              lake_dir: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Run the demo, print its table and the report's path; returns every measured figure."""
     from m2m import M2MConfig, create_m2m
-    from m2m.datasets import digits_embeddings
+    from m2m_bench.datasets import digits_embeddings
 
     _check_args(rows, dim, epochs, seed)
     torch.set_num_threads(1)

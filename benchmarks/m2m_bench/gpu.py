@@ -37,7 +37,7 @@ def run(quick: bool = False, rows: int | None = None) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise RuntimeError("the GPU benchmark needs CUDA")
     from m2m.augment.augmenter import LangevinAugmenter, VMFAugmenter
-    from m2m.bench.langevin import _data
+    from m2m_bench.langevin import _data
 
     n = rows or (200_000 if quick else 1_000_000)
     g = np.random.default_rng(0)
