@@ -14,9 +14,9 @@ import tempfile
 import time
 
 import torch
+from m2m_bench.knn import embeddings
 
 from m2m.api import create_m2m
-from m2m_bench.knn import embeddings
 from m2m.config import M2MConfig
 from m2m.index.runtime import usable_cores
 

@@ -4,7 +4,6 @@ import argparse
 import json
 
 import torch
-
 from m2m_bench.ingest import format_table, run
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 import torch
+from m2m_bench.knn import embeddings
 
 from m2m.api import create_m2m
-from m2m_bench.knn import embeddings
 from m2m.config import M2MConfig
 from m2m.index.exact import drop_self, exact_knn_of
 from m2m.index.runtime import compute_threads

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from m2m_bench.stream_memmap import no_block_checks
 
 from m2m.api import create_m2m, open_lake
-from m2m_bench.stream_memmap import no_block_checks
 from m2m.config import M2MConfig
 from m2m.lake.shard import ShardFile
 

@@ -19,11 +19,11 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from m2m_bench.datasets import digits_embeddings
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from m2m import M2MConfig, create_m2m, open_lake
-from m2m_bench.datasets import digits_embeddings
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

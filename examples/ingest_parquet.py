@@ -23,9 +23,9 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from m2m_bench.datasets import digits_embeddings
 
 from m2m import M2MConfig, create_m2m, open_lake
-from m2m_bench.datasets import digits_embeddings
 
 NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"], dtype=object)
 

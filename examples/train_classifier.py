@@ -17,10 +17,10 @@ import argparse
 import time
 
 import torch
+from m2m_bench.datasets import digits_embeddings
 from torch import nn
 
 from m2m import M2MConfig, create_m2m
-from m2m_bench.datasets import digits_embeddings
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

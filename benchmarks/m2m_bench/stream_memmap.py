@@ -53,8 +53,8 @@ def no_block_checks() -> Iterator[None]:
 def write_data(root: Path, rows: int, seed: int = 0) -> Path:
     """``mu.npy`` / ``label.npy`` and the same rows in an m2m lake under ``root / "lake"``."""
     from m2m.api import create_m2m
-    from m2m_bench.stream import write_npy
     from m2m.config import M2MConfig
+    from m2m_bench.stream import write_npy
 
     write_npy(root, rows, DIM, "float32", seed)
     mu = np.load(root / "mu.npy", mmap_mode="r")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from m2m_bench import stream_memmap
 
 

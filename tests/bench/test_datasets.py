@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from m2m_bench.datasets import DIGITS_IMAGES, digits_embeddings  # noqa: E402
+
 from m2m.errors import ConfigError  # noqa: E402
 
 

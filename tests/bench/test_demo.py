@@ -12,8 +12,9 @@ from click.testing import CliRunner
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from m2m import open_lake  # noqa: E402
 from m2m_bench.demo import ORIGINAL_README, REPORT_NAME, run_demo  # noqa: E402
+
+from m2m import open_lake  # noqa: E402
 from m2m.cli.main import cli  # noqa: E402
 
 QUICK = ["--rows", "1500", "--epochs", "2"]
