@@ -38,12 +38,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += batch.shape[0]
             shapes.add(tuple(batch.shape))
         seconds = time.perf_counter() - t0
+        # The stream estimated kappa in memory for its own use and stored nothing (a stream never
+        # writes); estimate_kappa() stores it in the lake, as a new version.
+        m2m.estimate_kappa()
         kappa = m2m.splats()["kappa"]
     # -----------------------------------------------------------------------------------------
 
     print(f"streamed {rows:,} Langevin samples in {len(dataloader)} batches (shapes {sorted(shapes, reverse=True)}, "
           f"{batch.dtype} on {batch.device}) into Linear(640, 10) in {seconds:.2f} s ({rows / seconds:,.0f} rows/s)")
-    print(f"kappa (estimated on first use from each splat's nearest neighbours): median "
+    print(f"kappa (lake.estimate_kappa(), from each splat's nearest neighbours): median "
           f"{float(np.median(kappa)):,.1f}; min {float(kappa.min()):,.1f}, max {float(kappa.max()):,.1f}")
     return 0
 

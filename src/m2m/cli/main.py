@@ -187,15 +187,24 @@ def info(lake_dir: str, as_json: bool, storage_options: dict[str, Any] | None) -
     if as_json:
         click.echo(json.dumps(d, indent=1, default=str))
         return
-    for key in ("path", "rows", "dim", "dtype", "bytes", "shards", "version", "versions"):
+    for key in ("path", "rows", "dim", "dtype", "bytes", "shards"):
         click.echo(f"{key:>10}: {_fmt(d[key])}")
+    click.echo(f"{'version':>10}: {d['version']} ({d['versions']} version(s) on disk)")
     k, a = d["kappa"], d["alpha"]
-    click.echo(f"{'kappa':>10}: estimated {_fmt(k['estimated'])}, min {_fmt(k['min'])}, mean {_fmt(k['mean'])}, "
-               f"max {_fmt(k['max'])}")
+    if not k["estimated"]:
+        click.echo(f"{'kappa':>10}: not estimated (m2m kappa {lake_dir})")
+    else:
+        click.echo(f"{'kappa':>10}: estimated for {_fmt(k['estimated'])} rows; min {_fmt(k['min'])}, "
+                   f"mean {_fmt(k['mean'])}, max {_fmt(k['max'])}")
     click.echo(f"{'alpha':>10}: total {_fmt(a['total'])}, min {_fmt(a['min'])}, max {_fmt(a['max'])}")
-    click.echo(f"{'labels':>10}: {d['labels'] or 'none'}")
+    labels = d["labels"]
+    if labels is None:
+        click.echo(f"{'labels':>10}: none")
+    else:
+        classes = labels.get("classes")
+        click.echo(f"{'labels':>10}: {labels['type']}" + ("" if classes is None else f", {classes:,} classes"))
     if d["metadata"]:
-        click.echo(f"{'metadata':>10}: {d['metadata']}")
+        click.echo(f"{'metadata':>10}: " + ", ".join(f"{name} ({kind})" for name, kind in d["metadata"].items()))
 
 
 @cli.command()
