@@ -1,4 +1,4 @@
-"""Near-duplicate consolidation benchmark: m2m.dedup.groups | exact brute force | the GEMM limit.
+"""Near-duplicate consolidation benchmark: m2m.consolidation.groups | exact brute force | the GEMM limit.
 
     python benchmarks/bench_consolidate.py [--quick] [--json] [--rows N] [--similarity 0.95]
     m2m bench --only consolidate [--quick]
@@ -54,7 +54,7 @@ def run(quick: bool = False, rows: int | None = None, similarity: float = 0.95, 
     from m2m.index.runtime import compute_threads
 
     rows = rows or (50_000 if quick else 200_000)
-    from m2m.dedup.groups import find_duplicate_groups, merge_groups
+    from m2m.consolidation.groups import find_duplicate_groups, merge_groups
 
     mu, labels, origin = planted_lake(rows)
     res: dict[str, Any] = {"rows": rows, "dim": mu.shape[1], "similarity": similarity, "threads": threads}

@@ -14,7 +14,7 @@ from tests.index.conftest import brute_knn, manifold, recall
 
 
 def test_import_m2m_does_not_import_faiss() -> None:
-    code = "import sys, m2m, m2m.index, m2m.sampling, m2m.dedup; assert 'faiss' not in sys.modules, 'faiss imported'"
+    code = "import sys, m2m, m2m.index, m2m.sampling, m2m.consolidation; assert 'faiss' not in sys.modules, 'faiss imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -412,7 +412,7 @@ class Lake:
         ``rows_after``, ``groups_merged``. ``engine``: "local" or "ray" (duplicate search and the
         kNN of the new version as Ray tasks, `m2m.ray.geometry`; the merge itself runs here).
         """
-        from m2m.lake.merge_duplicates import consolidate_manifest
+        from m2m.lake.consolidate import consolidate_manifest
 
         check_engine(engine)
 
@@ -438,8 +438,8 @@ class Lake:
         mean(1 - 1/(1 + duplicates of the row)), exact when groups are cliques and a lower bound when
         they chain (``method`` says which was used).
         """
-        from m2m.dedup.criticality import criticality_state, estimate_redundancy
-        from m2m.dedup.groups import find_duplicate_groups
+        from m2m.consolidation.criticality import criticality_state, estimate_redundancy
+        from m2m.consolidation.groups import find_duplicate_groups
 
         sim = self.config.consolidate_similarity if similarity is None else float(similarity)
         base = {"threshold": self.config.soc_threshold, "similarity": sim, "rows": len(self)}

@@ -1,11 +1,11 @@
 """Distributed geometry: the kNN graph + kappa, and near-duplicate groups, as Ray tasks over a lake.
 
-The same IVF method as the local engine (`m2m.index.knn`, `m2m.dedup.groups`), cut into stages
+The same IVF method as the local engine (`m2m.index.knn`, `m2m.consolidation.groups`), cut into stages
 that never need the whole lake in one process:
 
 1. Driver: spherical k-means centroids on a row sample (`m2m.index.kmeans.train_centroids`), then the
    probe rule calibrated on a sample whose exact neighbours are found by one Ray task per shard range
-   (`m2m.index.calibration.calibrate_probes` / `m2m.dedup.groups.calibrate_pair_probes`, given those
+   (`m2m.index.calibration.calibrate_probes` / `m2m.consolidation.groups.calibrate_pair_probes`, given those
    neighbours).
 2. Route (one task per shard range, reading its shards from the lake): every row goes to its home list
    and to the lists it probes (`build_partition`'s rule: `gap_probes` / `top_centroids`); rows are
@@ -317,7 +317,7 @@ def _main_column(snap: Snapshot, shard: int, name: str) -> np.ndarray:
 
 def _duplicates_task(thr: float, *parts: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Edges (cos >= thr, equal labels) found in this task's lists, reduced to a spanning forest."""
-    from m2m.dedup.groups import connected_components, threshold_hits
+    from m2m.consolidation.groups import connected_components, threshold_hits
     from m2m.index.runtime import compute_threads
 
     cat, bounds = _lists(parts)
@@ -496,8 +496,8 @@ def estimate(snap: Snapshot, k: int, seed: int, progress: Progress = None) -> Ma
 
 def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall: float = 0.99,
                      stats: dict[str, Any] | None = None) -> np.ndarray:
-    """Group id ``int64 [N]`` of every row (as `m2m.dedup.groups.find_duplicate_groups`), by Ray tasks."""
-    from m2m.dedup.groups import (
+    """Group id ``int64 [N]`` of every row (as `m2m.consolidation.groups.find_duplicate_groups`), by Ray tasks."""
+    from m2m.consolidation.groups import (
         calibrate_pair_probes,
         connected_components,
         similarity_threshold,

@@ -7,15 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m2m.dedup.groups import (
+from m2m.consolidation.groups import (
     ConsolidationReport,
     connected_components,
-    consolidate,
+    consolidate_arrays,
     find_duplicate_groups,
     merge_groups,
 )
 from m2m.errors import ConfigError, InvalidEmbeddingError
-from tests.dedup.conftest import canonical, planted, reference_groups
+from tests.consolidation.conftest import canonical, planted, reference_groups
 
 
 @settings(max_examples=60, deadline=None)
@@ -156,7 +156,7 @@ def test_merge_groups_renumbers_arbitrary_ids_by_first_row() -> None:
 def test_consolidate_report() -> None:
     x, _ = planted(1000, 16, 500, seed=7, noise=0.05)
     alpha = np.full(len(x), 0.5, np.float32)
-    merged, report = consolidate(x, alpha, similarity=0.95)
+    merged, report = consolidate_arrays(x, alpha, similarity=0.95)
     assert isinstance(report, ConsolidationReport)
     assert report.rows_before == 1500 and report.rows_after == len(merged["mu"]) < 1500
     assert report.groups_merged == int((merged["size"] > 1).sum()) > 0

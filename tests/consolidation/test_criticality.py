@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m2m.dedup.criticality import (
+from m2m.consolidation.criticality import (
     criticality_state,
     duplicate_degree,
     estimate_redundancy,
 )
-from m2m.dedup.groups import find_duplicate_groups
+from m2m.consolidation.groups import find_duplicate_groups
 from m2m.errors import ConfigError
-from tests.dedup.conftest import planted
+from tests.consolidation.conftest import planted
 
 
 def _exact_fraction(x: np.ndarray, labels, similarity: float) -> float:

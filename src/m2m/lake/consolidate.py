@@ -1,6 +1,6 @@
 """Consolidation as a lake commit: merge near-duplicate splats into heavier splats in a new version.
 
-Groups come from `m2m.dedup.groups.find_duplicate_groups` (cosine >= similarity, same label).
+Groups come from `m2m.consolidation.groups.find_duplicate_groups` (cosine >= similarity, same label).
 A group of one keeps its row untouched. A larger group becomes one splat that keeps the smallest id of
 its members (so ids stay ascending and stable for every row that was not merged), with
 ``mu`` = normalised alpha-weighted mean, ``alpha`` = sum of the members' alphas, the label of its
@@ -17,7 +17,7 @@ import numpy as np
 
 from m2m._validate import SplatBatch
 from m2m.config import M2MConfig
-from m2m.dedup.groups import ConsolidationReport, find_duplicate_groups, merge_groups
+from m2m.consolidation.groups import ConsolidationReport, find_duplicate_groups, merge_groups
 from m2m.lake import summary as lake_stats
 from m2m.lake.manifest import Manifest
 from m2m.lake.neighbourhood import compute_geometry, with_geometry

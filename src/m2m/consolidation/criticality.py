@@ -1,7 +1,7 @@
 """Self-organised criticality of a lake: how redundant it is, and whether consolidation is due.
 
 Redundancy is the fraction of rows consolidation would remove, (N - #components) / N for the
-near-duplicate graph of ``m2m.dedup.groups``. Summing 1 - 1/|C| over the members of a
+near-duplicate graph of ``m2m.consolidation.groups``. Summing 1 - 1/|C| over the members of a
 component C gives |C| - 1, so
 
     (N - #components) / N = mean over rows i of (1 - 1 / |component(i)|),
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from m2m._validate import check_int
-from m2m.dedup.groups import label_codes, similarity_threshold
+from m2m.consolidation.groups import label_codes, similarity_threshold
 from m2m.errors import ConfigError
 from m2m.index.rows import CHUNK_ROWS, check_unit_rows, rows_f32
 from m2m.index.runtime import compute_threads

@@ -35,7 +35,7 @@ from m2m.index.runtime import compute_threads
 __all__ = [
     "ConsolidationReport",
     "connected_components",
-    "consolidate",
+    "consolidate_arrays",
     "find_duplicate_groups",
     "label_codes",
     "merge_groups",
@@ -424,7 +424,7 @@ def merge_groups(
     return result
 
 
-def consolidate(
+def consolidate_arrays(
     mu: np.ndarray,
     alpha: np.ndarray,
     labels: np.ndarray | None = None,

@@ -1,0 +1,1 @@
+"""Consolidation: near-duplicate groups, their merge into heavier splats, and criticality."""

@@ -1,1 +1,0 @@
-"""Near-duplicate search: duplicate groups, their merge into heavier splats, and criticality."""
