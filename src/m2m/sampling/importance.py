@@ -3,27 +3,11 @@
 A plan is a pure function of (scores, alpha, num_draws, seed, epoch): a fresh
 ``np.random.Generator`` is built from ``(seed, epoch)``, nothing global is touched.
 
-Probabilities. Scores are normalised to mean 1 and floored: ``q_i = max(s_i / mean(s), floor)``,
-``p_i = q_i / sum(q)``. Since ``mean(q) <= 1 + floor``, every row keeps at least
-``floor / (1 + floor)`` of its uniform probability 1/N (9% at the default floor 0.1): no row
-starves, and the weights below stay bounded by ``(1 + floor) / floor`` times alpha_i.
-
-Draws. Systematic resampling along a fresh random order of the rows: with ``C`` the cumulative
-``p`` in that order and one uniform ``u``, row i is drawn ``c_i = ceil(M C_i - u) -
-ceil(M C_{i-1} - u)`` times. Then ``E[c_i] = M p_i`` exactly, ``c_i`` is ``floor(M p_i)`` or
-``ceil(M p_i)`` (multinomial draws with replacement would spread it binomially, so systematic
-resampling has the lower variance: uniform scores give every row exactly once), and the drawn
-rows are shuffled.
-
-Weights. ``w_i = alpha_i / (N p_i)``. For any per-row ``f``, with the sums over the M draws:
-
-    E[sum w f] = sum_i E[c_i] alpha_i f_i / (N p_i) = (M / N) * sum_i alpha_i f_i,
-
-and likewise ``E[sum w] = (M / N) * sum_i alpha_i``. Both sums are unbiased (``sum(w f) / M`` is
-the Hansen-Hurwitz estimator of ``sum(alpha f) / N``), so the self-normalised
-``sum(w f) / sum(w)`` is a consistent estimate of the alpha-weighted mean
-``sum(alpha f) / sum(alpha)``, with a ratio bias of order 1/M (zero when ``alpha_i / p_i`` is
-constant, e.g. uniform scores with alpha = 1, where every weight is exactly 1).
+Probabilities ``p_i = q_i / sum(q)`` with floored scores ``q_i = max(s_i / mean(s), floor)``; draws
+by systematic resampling (``E[c_i] = M p_i``, each count the floor or ceiling of ``M p_i``); weights
+``w_i = alpha_i / (N p_i)``. Why the floor bounds the weights, why systematic resampling, and why
+``sum(w f) / sum(w)`` estimates the alpha-weighted mean without bias: docs/soc.md ("Importance
+sampling"), the one place the derivation is written.
 
 Which score helps training (``score_from``):
     * ``"kappa"``: ``1 / kappa``. kappa is the vMF concentration of a splat's neighbourhood --

@@ -1,8 +1,7 @@
 """Importance samplers for the stream: a `PlanSampler` per score mode, with loss feedback.
 
-``plan(epoch)`` draws ``N`` rows with probabilities ``p_i ∝ score_i`` (floored so nothing
-starves; `m2m.sampling.importance`) and weights ``w_i = alpha_i / (N p_i)``, so that over an epoch
-``sum(w f) / sum(w)`` estimates the alpha-weighted mean of any per-row ``f`` without bias.
+``plan(epoch)`` is `m2m.sampling.importance.importance_plan` over the mode's scores (the derivation
+of its weights: docs/soc.md).
 The stream computes the plan once per epoch in the consuming process; DataLoader workers inherit it.
 """
 
