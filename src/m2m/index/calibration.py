@@ -114,6 +114,7 @@ def calibrate_probes(
             cost = float((np.asarray(sizes, np.float64)[order] * probed).sum(axis=1).mean())
         if best_rule is None or cost < best_rule[0]:
             best_rule = (cost, m, max_gap, recall, float(slope))
+    assert best_rule is not None  # the loop above runs at least once
     _, m, max_gap, recall, slope = best_rule
     return m, max_gap, recall, slope
 

@@ -170,14 +170,14 @@ def _route_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, 
     return _one_or_many(outs)
 
 
-def _lists(parts: tuple[dict[str, Any], ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _lists(parts: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], np.ndarray]:
     """The routed rows of one owner task sorted by list (members first) and each list's bounds."""
     keys = ("list", "home", "pos", "vec")
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in keys}
-    cat["label"] = (np.concatenate([p["label"] for p in parts]) if parts and parts[0]["label"] is not None
-                    else None)
+    cat: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     order = np.lexsort((~cat["home"], cat["list"]))
-    cat = {k: (None if v is None else v[order]) for k, v in cat.items()}
+    cat = {k: v[order] for k, v in cat.items()}
+    cat["label"] = (np.concatenate([p["label"] for p in parts])[order]
+                    if parts and parts[0]["label"] is not None else None)
     bounds = np.flatnonzero(np.diff(cat["list"])) + 1
     bounds = np.concatenate([[0], bounds, [cat["list"].size]]).astype(np.int64)
     return cat, bounds

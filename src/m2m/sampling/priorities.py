@@ -82,6 +82,7 @@ class LossPriorities:
             if bool(bad.any()):
                 raise InvalidEmbeddingError(f"position {int(keys[bad][0])} is outside [0, {n})")
             return keys
+        assert self._id_pos is not None  # set together with _sorted_ids
         where = torch.searchsorted(self._sorted_ids, keys).clamp_(max=max(n - 1, 0))
         found = (self._sorted_ids[where] == keys) if n else torch.zeros_like(keys, dtype=torch.bool)
         if not bool(found.all()):
