@@ -126,9 +126,10 @@ def _table(res: dict[str, Any]) -> str:
         (f"test accuracy, uniform, raw lake ({sum(res['rows_per_epoch']['uniform']):,} rows)",
          f"{100 * res['accuracy']['uniform'][-1]:.2f}%", "-"),
     ]
-    head = f"{'measure':<46}{'this run (measured)':>22}{'original M2M README':>22}"
+    width = max(len(a) for a, _, _ in rows) + 2
+    head = f"{'measure':<{width}}{'this run (measured)':>22}{'original M2M README':>22}"
     lines = [head, "-" * len(head)]
-    lines += [f"{a:<46}{b:>22}{c:>22}" for a, b, c in rows]
+    lines += [f"{a:<{width}}{b:>22}{c:>22}" for a, b, c in rows]
     lines.append(f"streams: the consolidated lake ({res['consolidation']['rows_after']:,} splats), batch {BATCH_SIZE}, "
                  f"columns {'/'.join(STREAM_COLUMNS)}, {res['device']}, no model attached")
     lines.append(f"accuracy: linear classifier after {res['epochs']} epochs, on {res['test_rows']:,} rows of held-out "

@@ -27,17 +27,22 @@ def _fmt(v: Any) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """measure | ours | what a user would write | physical limit | ours/baseline | ours/limit."""
-    head = f"{'measure':<38}{'ours':>13}{'user baseline':>26}{'physical limit':>26}{'vs base':>9}{'vs limit':>9}"
-    lines = [head, "-" * len(head)]
+    """measure | ours | what a user would write | physical limit | ours/baseline | ours/limit.
+
+    Column widths follow the widest cell, so long baseline or limit names never shift a column."""
+    cells = [("measure", "ours", "user baseline", "physical limit", "vs base", "vs limit")]
     for r in rows:
-        base = r.get("baseline")
-        lim = r.get("limit")
-        bcell = f"{_fmt(base)} {r.get('baseline_name', '')}".strip() if base is not None else "-"
-        lcell = f"{_fmt(lim)} {r.get('limit_name', '')}".strip() if lim is not None else "-"
-        vb = f"{r['ours'] / base:.2f}x" if base else "-"
-        vl = f"{r['ours'] / lim:.2f}x" if lim else "-"
-        lines.append(f"{r['measure']:<38}{_fmt(r['ours']):>13}{bcell:>26}{lcell:>26}{vb:>9}{vl:>9}")
+        base, lim = r.get("baseline"), r.get("limit")
+        cells.append((
+            r["measure"], _fmt(r["ours"]),
+            f"{_fmt(base)} {r.get('baseline_name', '')}".strip() if base is not None else "-",
+            f"{_fmt(lim)} {r.get('limit_name', '')}".strip() if lim is not None else "-",
+            f"{r['ours'] / base:.2f}x" if base else "-",
+            f"{r['ours'] / lim:.2f}x" if lim else "-",
+        ))
+    widths = [max(len(c[i]) for c in cells) for i in range(6)]
+    lines = ["  ".join([c[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(c[1:], widths[1:])]) for c in cells]
+    lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
