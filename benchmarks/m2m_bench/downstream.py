@@ -94,14 +94,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, dl: Any, weighted: bool, feedback: bool) -> int:
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, dl: Any, weighted: bool, feedback: bool,
+                every: int = 0, on_batches: Callable[[int], None] | None = None) -> int:
     """One epoch of ``dl`` (batches with COLUMNS); returns the rows consumed.
 
     ``weighted``: loss = sum(w * l) / sum(w) with the batch's importance weights.
     ``feedback``: per-row losses go back to the sampler with ``dl.update_priorities``.
+    ``on_batches(rows)`` is called after every ``every`` batches (0: never) with the rows so far.
     """
     rows = 0
-    for batch in dl:
+    for i, batch in enumerate(dl, 1):
         logits = model(batch["embedding"])
         per_row = nn.functional.cross_entropy(logits, batch["label"], reduction="none")
         if weighted:
@@ -115,34 +117,60 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, dl: Any, weighted:
         if feedback:
             dl.update_priorities(batch["id"], per_row.detach())
         rows += int(per_row.shape[0])
+        if every and on_batches is not None and i % every == 0:
+            on_batches(rows)
     return rows
 
 
 def fit_through_lake(lake: Any, model: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, *, epochs: int,
                      lr: float, importance: str | bool = False, generate: str | bool = False,
-                     batch_size: int = 256, seed: int = 0,
+                     batch_size: int = 256, seed: int = 0, evals_per_epoch: int = 1,
                      on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train ``model`` on the lake's stream for ``epochs``; test accuracy after each epoch.
 
     Returns ``accuracy`` (per epoch), ``seconds`` (stream construction + training, evaluation
-    excluded), ``rows`` (rows streamed) and ``rows_per_epoch``.
+    excluded), ``rows`` (rows streamed), ``rows_per_epoch`` and ``curve``: ``(rows streamed, training
+    seconds, test accuracy)`` at about ``evals_per_epoch`` evenly spaced points of every epoch
+    (always at its end), for time-to-accuracy.
     """
     t0 = time.perf_counter()
     dl = lake.export_to_dataloader(batch_size=batch_size, shuffle=True, importance_sampling=importance,
                                    generate_samples=generate, columns=COLUMNS, seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    seconds = time.perf_counter() - t0
+    clock = {"seconds": time.perf_counter() - t0, "since": 0.0, "rows": 0}
+    every = max(1, len(dl) // evals_per_epoch) if evals_per_epoch > 1 else 0
+    curve: list[tuple[int, float, float]] = []
+
+    def evaluate(rows_in_epoch: int) -> None:
+        now = time.perf_counter()
+        clock["seconds"] += now - clock["since"]
+        curve.append((clock["rows"] + rows_in_epoch, clock["seconds"], accuracy(model, test_x, test_y)))
+        clock["since"] = time.perf_counter()   # evaluation is not training time
+
     accs: list[float] = []
     rows: list[int] = []
     for e in range(epochs):
-        t0 = time.perf_counter()
+        clock["since"] = time.perf_counter()
         dl.set_epoch(e)
-        rows.append(train_epoch(model, opt, dl, weighted=bool(importance), feedback=importance == "loss"))
-        seconds += time.perf_counter() - t0
-        accs.append(accuracy(model, test_x, test_y))
+        n = train_epoch(model, opt, dl, weighted=bool(importance), feedback=importance == "loss",
+                        every=every, on_batches=evaluate)
+        if not curve or curve[-1][0] != clock["rows"] + n:
+            evaluate(n)
+        clock["rows"] += n
+        rows.append(n)
+        accs.append(curve[-1][2])
         if on_epoch is not None:
             on_epoch(e, accs[-1])
-    return {"accuracy": accs, "seconds": seconds, "rows": sum(rows), "rows_per_epoch": rows}
+    return {"accuracy": accs, "seconds": clock["seconds"], "rows": sum(rows), "rows_per_epoch": rows,
+            "curve": curve}
+
+
+def to_target(curve: Sequence[Sequence[float]], target: float) -> tuple[int, float] | None:
+    """``(rows, seconds)`` at the first point of ``curve`` whose accuracy reaches ``target``; None if none."""
+    for rows, seconds, acc in curve:
+        if acc >= target:
+            return int(rows), float(seconds)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- lakes
@@ -235,8 +263,10 @@ def load_split(name: str, seed: int, quick: bool) -> Split:
 
 def run(quick: bool = False, datasets: Sequence[str] = ("digits", "text"), seeds: Sequence[int] | None = None,
         epochs: int | None = None, methods: Sequence[str] | None = None,
-        models: Sequence[str] = MODELS) -> dict[str, Any]:
+        models: Sequence[str] = MODELS, evals_per_epoch: int = 1) -> dict[str, Any]:
     """Train every (dataset, model, method, seed); returns per-run records and a mean ± std summary.
+
+    ``evals_per_epoch`` > 1 scores the model that often per epoch (the curve of `time_to_accuracy`).
 
     A dataset whose optional packages are missing is skipped with a note in ``notes``.
     """
@@ -248,7 +278,7 @@ def run(quick: bool = False, datasets: Sequence[str] = ("digits", "text"), seeds
         raise ValueError(f"unknown method in {list(methods)}; choose from {[m.name for m in METHODS]}")
     res: dict[str, Any] = {"quick": quick, "epochs": epochs, "seeds": seeds, "batch_size": 256,
                            "methods": [asdict(m) for m in chosen], "models": list(models), "runs": [],
-                           "lakes": [], "notes": [], "datasets": {}}
+                           "lakes": [], "notes": [], "datasets": {}, "evals_per_epoch": evals_per_epoch}
     for ds in datasets:
         for seed in seeds:
             try:
@@ -259,13 +289,13 @@ def run(quick: bool = False, datasets: Sequence[str] = ("digits", "text"), seeds
             res["datasets"].setdefault(ds, {"train_rows": int(len(split.train_y)), "test_rows": int(len(split.test_y)),
                                             "dim": int(split.train_x.shape[1]), "classes": int(split.train_y.max() + 1),
                                             "seed": seed})
-            _run_dataset(res, ds, seed, split, chosen, models, epochs)
+            _run_dataset(res, ds, seed, split, chosen, models, epochs, evals_per_epoch)
     res["summary"] = summarize(res["runs"])
     return res
 
 
 def _run_dataset(res: dict[str, Any], ds: str, seed: int, split: Split, methods: Sequence[Method],
-                 models: Sequence[str], epochs: int) -> None:
+                 models: Sequence[str], epochs: int, evals_per_epoch: int = 1) -> None:
     test_x = torch.from_numpy(np.ascontiguousarray(split.test_x, dtype=np.float32))
     test_y = torch.from_numpy(split.test_y.astype(np.int64))
     classes = int(max(split.train_y.max(), split.test_y.max()) + 1)
@@ -283,11 +313,12 @@ def _run_dataset(res: dict[str, Any], ds: str, seed: int, split: Split, methods:
                 model = make_model(kind, int(split.train_x.shape[1]), classes, seed)
                 out = fit_through_lake(lake, model, test_x, test_y, epochs=epochs * method.epoch_scale,
                                        lr=learning_rate(kind),
-                                       importance=method.importance, generate=method.generate, seed=seed)
+                                       importance=method.importance, generate=method.generate, seed=seed,
+                                       evals_per_epoch=evals_per_epoch)
                 res["runs"].append({"dataset": ds, "model": kind, "method": method.name, "seed": seed,
                                     "accuracy": out["accuracy"][-1], "accuracy_per_epoch": out["accuracy"],
                                     "seconds": out["seconds"], "rows_streamed": out["rows"],
-                                    "lake_rows": len(lake)})
+                                    "lake_rows": len(lake), "curve": out["curve"]})
                 log.info("%s %s %s seed %d: acc %.4f in %.2f s", ds, kind, method.name, seed,
                          out["accuracy"][-1], out["seconds"])
     finally:
