@@ -190,8 +190,36 @@ def label_column(labels: Any, n: int) -> np.ndarray:
         for i, v in enumerate(values):  # labels are validated once per add; strings need a per-value check
             if not isinstance(v, (str, bytes)):
                 raise InvalidEmbeddingError(f"labels row {i} is {v!r}; labels must be all ints or all strings")
-        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
+        return utf8_strings(values, "labels")
     raise InvalidEmbeddingError(f"labels must be ints or strings, got dtype {arr.dtype}")
+
+
+def utf8_strings(values: list[Any], name: str, allow_none: bool = False) -> np.ndarray:
+    """``values`` (str or UTF-8 bytes) as an object array of str; `InvalidEmbeddingError` naming ``name``
+    and the first row that is not valid UTF-8 (undecodable bytes, a lone surrogate)."""
+    import pyarrow as pa
+
+    out = list(values)
+    for row, v in enumerate(out):
+        if isinstance(v, bytes):
+            try:
+                out[row] = v.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidEmbeddingError(f"{name} row {row} is {v[:40]!r}, not valid UTF-8 ({exc.reason} at "
+                                            f"byte {exc.start})") from None
+    try:  # one pass in C; the slow scan below runs only to name the offending row
+        pa.array(out, type=pa.string())
+    except (UnicodeEncodeError, pa.ArrowException):
+        for row, v in enumerate(out):
+            if v is None and allow_none:
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidEmbeddingError(f"{name} row {row} is {v[:40]!r}, which UTF-8 cannot encode "
+                                            f"({exc.reason} at position {exc.start})") from None
+        raise
+    return np.asarray(out, dtype=object)
 
 
 def _object_column(arr: np.ndarray, name: str) -> np.ndarray:
@@ -210,7 +238,7 @@ def _object_column(arr: np.ndarray, name: str) -> np.ndarray:
                 f"metadata[{name!r}] row {row} is {values[row]!r} ({type(values[row]).__name__}), but the column "
                 f"holds {first.__name__} values; a metadata column must hold one type (strings or numbers)")
     if first is str:
-        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
+        return utf8_strings(values, f"metadata[{name!r}]", allow_none=True)
     if None in kinds:
         row = kinds.index(None)
         raise InvalidEmbeddingError(f"metadata[{name!r}] row {row} is None in a numeric column")
@@ -243,9 +271,21 @@ def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np
             raise InvalidEmbeddingError(
                 f"metadata[{name!r}] must have shape [{n}] to match vectors, got {tuple(arr.shape)}")
         if arr.dtype.kind in ("U", "S"):
-            arr = arr.astype(object)
+            arr = utf8_strings(arr.tolist(), f"metadata[{name!r}]")
         elif arr.dtype == object:
             arr = _object_column(arr, name)
+        elif arr.dtype.kind not in "biufmM":  # complex, structured, ...: nothing a column type holds
+            raise InvalidEmbeddingError(
+                f"metadata[{name!r}] has dtype {arr.dtype} (row 0 is {arr[0]!r}); a metadata column holds "
+                "numbers (bool, int, uint, float) or strings" if n else
+                f"metadata[{name!r}] has dtype {arr.dtype}; a metadata column holds numbers or strings")
+        elif arr.dtype == np.uint64:
+            big = arr > np.uint64(_I64_MAX)
+            if big.any():
+                row = int(np.argmax(big))
+                raise InvalidEmbeddingError(
+                    f"metadata[{name!r}] row {row} is {int(arr[row])}, above 2**63 - 1: a uint64 column must fit "
+                    "in int64 (streams deliver it as int64); store it as a string or split it")
         out[name] = arr
     return out
 

@@ -154,6 +154,15 @@ class _NpyReader(_Reader):
                                         "--all-columns do not apply")
 
     def _array(self) -> np.ndarray:
+        with open(self.f, "rb") as fh:
+            magic = fh.read(6)
+        if magic != b"\x93NUMPY":  # np.load would try to unpickle it and suggest allow_pickle
+            raise InvalidEmbeddingError(f"{self.f} is not a .npy file (it does not start with the NumPy header); "
+                                        "save arrays with numpy.save")
+        dtype = _npy_dtype(self.f)
+        if dtype is not None and dtype.hasobject:
+            raise InvalidEmbeddingError(f"{self.f} holds Python objects (dtype {dtype}), not numbers; m2m reads "
+                                        ".npy files of float or int arrays")
         try:
             arr = np.load(self.f, mmap_mode="r")
         except (ValueError, OSError, EOFError) as exc:  # truncated header or data, pickled objects, ...
@@ -191,6 +200,21 @@ class _NpyReader(_Reader):
                     raise InvalidEmbeddingError(f"{self.f} is truncated: row {lo + chunk.size // max(dim, 1)} of {n} "
                                                 "is missing")
                 yield {"vectors": chunk.reshape(rows, dim)}
+
+
+def _npy_dtype(f: Path) -> np.dtype | None:
+    """The dtype in a .npy header (None when the header cannot be parsed: np.load then says why)."""
+    fmt = np.lib.format
+    try:
+        with open(f, "rb") as fh:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                return fmt.read_array_header_1_0(fh)[2]
+            if version == (2, 0):
+                return fmt.read_array_header_2_0(fh)[2]
+    except (ValueError, OSError, EOFError):
+        pass
+    return None
 
 
 class _ArrowReader(_Reader):

@@ -34,6 +34,7 @@ from m2m.lake.manifest import (
     write_manifest,
 )
 from m2m.lake.reader import Snapshot
+from m2m.lake.schema import WIDENED
 from m2m.lake.shard import sync_files
 from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, write_splats
 
@@ -322,8 +323,33 @@ class Lake:
                 out["label"] = vocab[codes]
                 continue
             values = snap.gather(name, positions)
+            if self.manifest.metadata.get(name) in WIDENED:  # the snapshot widens unsigned ints for streams
+                values = values.astype(self.manifest.metadata[name])
             out[name] = values.astype(np.float32) if name == "mu" else values
         return out
+
+    @property
+    def label_vocabulary(self) -> tuple[str, ...]:
+        """String labels in code order: a streamed ``label`` code ``c`` stands for ``label_vocabulary[c]``
+        (empty for int labels or none)."""
+        m = self.manifest
+        return tuple(m.label_vocabulary) if m.label_type == "string" else ()
+
+    def decode_labels(self, codes: Any) -> np.ndarray:
+        """The string labels of streamed ``label`` codes (a tensor, array or list of ints), as an object
+        array; `ConfigError` when the lake's labels are not strings or a code is out of range."""
+        from m2m._validate import as_numpy
+
+        m = self.manifest
+        if m.label_type != "string":
+            raise ConfigError(f"lake {self.path} has {m.label_type or 'no'} labels; only string labels are "
+                              "streamed as codes")
+        arr = as_numpy(codes, "codes").astype(np.int64, copy=False)
+        vocab = np.asarray(m.label_vocabulary, dtype=object)
+        bad = (arr < 0) | (arr >= len(vocab))
+        if bad.any():
+            raise ConfigError(f"label code {int(arr[bad][0])} is outside the vocabulary of {len(vocab)} labels")
+        return vocab[arr]
 
     def to_arrow(self, version: int | None = None, columns: Any = None, stream: bool = False,
                  float32: bool = False) -> Any:

@@ -14,7 +14,7 @@ from m2m.errors import CorruptShardError, UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch, check_footers, check_key
 from m2m.lake.manifest import FileEntry, Manifest
-from m2m.lake.schema import MAIN_COLUMNS
+from m2m.lake.schema import MAIN_COLUMNS, WIDENED, widened_dtype
 from m2m.lake.shard import (
     ColumnExtent,
     column_extents,
@@ -97,7 +97,11 @@ class Snapshot:
             return self._cached(shard, name, self._label_codes)
         if name == "neighbors":
             return self._cached(shard, name, self._neighbor_positions)
-        return column_to_numpy(self.arrow_column(shard, name))
+        values = column_to_numpy(self.arrow_column(shard, name))
+        wide = widened_dtype(values.dtype)
+        if wide != values.dtype:  # unsigned ints torch cannot gather: a signed type holding every value
+            return self._cached(shard, name, lambda s: _widen(values, wide, name, s))
+        return values
 
     def column_extent(self, shard: int, name: str) -> ColumnExtent | None:
         """Where column ``name`` of shard ``shard`` lies in its file, for positional, checked reads
@@ -108,6 +112,8 @@ class Snapshot:
         """
         if name == "neighbors" or (name == "label" and self.manifest.label_type == "string"):
             return None
+        if self.manifest.metadata.get(name) in WIDENED:
+            return None  # widened in memory by `column`
         entry = self.manifest.shards[shard]
         try:
             f = entry.file_for(name)
@@ -311,3 +317,13 @@ class Snapshot:
         pos_c = np.minimum(pos, len(all_ids) - 1)
         found = (nbr_ids >= 0) & (all_ids[pos_c] == nbr_ids)
         return np.where(found, pos_c, -1).astype(np.int64)
+
+
+def _widen(values: np.ndarray, dtype: np.dtype, name: str, shard: int) -> np.ndarray:
+    """``values`` (unsigned) as the signed ``dtype``; `CorruptShardError` when a uint64 value does not
+    fit (ingest refuses those since this check exists; an older lake may hold one)."""
+    if values.dtype == np.uint64 and len(values) and values.max() > np.uint64(np.iinfo(np.int64).max):
+        row = int(np.argmax(values > np.uint64(np.iinfo(np.int64).max)))
+        raise CorruptShardError(f"column {name!r} row {row} of shard {shard} is {int(values[row])}, beyond int64: "
+                                "a stream cannot carry it; read it with to_arrow()")
+    return values.astype(dtype)

@@ -8,6 +8,10 @@ that every column a real lake, its geometry sidecars and its stream produce is i
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
 ID = "id"                    # int64, ascending and unique within a version
 MU = "mu"                    # fixed_size_list<float32|float16>[dim], unit vectors
 KAPPA = "kappa"              # float32 concentration (NaN until estimated)
@@ -31,3 +35,14 @@ def reserved_reason(name: str) -> str | None:
     if name in RESERVED_COLUMNS:
         return f"{name!r} is one of m2m's own columns ({', '.join(sorted(RESERVED_COLUMNS))})"
     return None
+
+
+# Unsigned metadata columns are stored as given; a stream delivers them as the signed type that holds
+# every value (torch gathers no uint16/32/64). uint64 holds only values below 2**63 (ingest refuses others).
+WIDENED = {"uint16": "int32", "uint32": "int64", "uint64": "int64"}
+
+
+def widened_dtype(dtype: "np.dtype[Any]") -> "np.dtype[Any]":
+    """The dtype a stream reads a stored column as (``dtype`` itself unless it is in `WIDENED`)."""
+    wide = WIDENED.get(dtype.name)
+    return dtype if wide is None else np.dtype(wide)

@@ -408,6 +408,6 @@ def column_to_numpy(array: pa.Array) -> np.ndarray:
         width = array.type.list_size
         flat = array.flatten()
         return flat.to_numpy(zero_copy_only=True).reshape(-1, width)
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        return array.to_numpy(zero_copy_only=False)
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type) or pa.types.is_boolean(array.type):
+        return array.to_numpy(zero_copy_only=False)  # booleans are bit-packed in Arrow: a (small) copy
     return array.to_numpy(zero_copy_only=array.null_count == 0)

@@ -95,6 +95,38 @@ def _slice(b: SplatBatch, lo: int, hi: int) -> SplatBatch:
                       None if b.ids is None else b.ids[lo:hi])
 
 
+STRING_BYTES_PER_SHARD = 1 << 30  # string data of one shard: Arrow's string arrays hold < 2 GiB each
+
+
+def _string_columns(b: SplatBatch) -> dict[str, np.ndarray]:
+    cols = {f"metadata[{k!r}]": v for k, v in b.metadata.items() if v.dtype == object}
+    if b.labels is not None and b.labels.dtype == object:
+        cols["labels"] = b.labels
+    return cols
+
+
+def _string_bytes(b: SplatBatch) -> np.ndarray | None:
+    """Cumulative UTF-8 bytes of the batch's string values ([rows + 1], starting at 0), or None."""
+    cols = _string_columns(b)
+    if not cols:
+        return None
+    import pyarrow.compute as pc
+
+    total = np.zeros(b.rows + 1, dtype=np.int64)
+    for values in cols.values():
+        lengths = pc.fill_null(pc.binary_length(pa.array(values, type=pa.large_string(), from_pandas=True)), 0)
+        total[1:] += np.cumsum(lengths.to_numpy(zero_copy_only=False))
+    return total
+
+
+def _too_long(b: SplatBatch, row: int, seen: int) -> InvalidEmbeddingError:
+    sizes = {name: len(str(v[row]).encode()) for name, v in _string_columns(b).items() if v[row] is not None}
+    name = max(sizes, key=sizes.__getitem__)
+    return InvalidEmbeddingError(
+        f"{name} row {seen + row} holds {sum(sizes.values()):,} bytes of text ({name}: {sizes[name]:,}); the "
+        f"strings of one row must stay under {STRING_BYTES_PER_SHARD:,} bytes")
+
+
 WRITERS = 2  # shard files written concurrently: one can wait on fsync while the next is copied
 
 
@@ -135,17 +167,31 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
             next_id += filling.rows
 
         try:
+            seen = 0  # input rows before this chunk (for error messages)
             for chunk in chunks:
+                text = _string_bytes(chunk)  # cumulative bytes of string values, or None
                 lo = 0
                 while lo < chunk.rows:
                     if current is None:
                         current = _Filling(*buffers.next(step))
                     hi = min(chunk.rows, lo + step - current.rows)
+                    if text is not None:  # Arrow strings of one array stay under 2 GiB: cut the shard early
+                        room = STRING_BYTES_PER_SHARD - current.text_bytes
+                        fit = int(np.searchsorted(text, text[lo] + room, side="right")) - 1
+                        if fit <= lo:
+                            if current.rows == 0:
+                                raise _too_long(chunk, lo, seen)
+                            submit(current)
+                            current = None
+                            continue
+                        hi = min(hi, fit)
+                        current.text_bytes += int(text[hi] - text[lo])
                     current.add(_slice(chunk, lo, hi))
                     lo = hi
                     if current.rows == step:
                         submit(current)
                         current = None
+                seen += chunk.rows
             if current is not None and current.rows:
                 submit(current)
             collect(0)
@@ -185,6 +231,7 @@ class _Filling:
     def __init__(self, f32: np.ndarray, store: np.ndarray) -> None:
         self.f32, self.store = f32, store
         self.rows = 0
+        self.text_bytes = 0  # UTF-8 bytes of the string values added so far
         self.parts: list[SplatBatch] = []
 
     def add(self, piece: SplatBatch) -> None:

@@ -44,11 +44,17 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 
 def _out_dtype(dtype: np.dtype) -> torch.dtype:
+    """Floats as float32, bool as bool, uint8 as uint8, other integers as int64 (the source widens
+    uint16/32/64 to a signed type first, `m2m.lake.schema.WIDENED`)."""
     if dtype.kind == "f":
         return torch.float32
+    if dtype == np.uint8:
+        return torch.uint8
     if dtype.kind in "iu":
         return torch.int64
-    return torch.bool
+    if dtype.kind == "b":
+        return torch.bool
+    raise ConfigError(f"a stream cannot carry columns of dtype {dtype}")
 
 
 def valid_names(source: RowSource) -> list[str]:
@@ -60,6 +66,13 @@ def valid_names(source: RowSource) -> list[str]:
         if source.num_rows == 0 or _sample(source, name).dtype.kind in "biuf":
             names.append(name)
     return names
+
+
+def _unknown(source: RowSource, name: str, valid: list[str]) -> ConfigError:
+    if name in source.column_names and name != "mu":
+        return ConfigError(f"column {name!r} holds strings, which a stream cannot carry as tensors; read it with "
+                           f"lake.to_arrow() or lake.splats() (streamable columns: {', '.join(valid)})")
+    return ConfigError(f"unknown column {name!r}; valid columns: {', '.join(valid)}")
 
 
 def _sample(source: RowSource, name: str) -> np.ndarray:
@@ -76,7 +89,7 @@ def resolve(source: RowSource, columns: Sequence[str] | None) -> tuple[Column, .
     valid = valid_names(source)
     for name in names:
         if name not in valid:
-            raise ConfigError(f"unknown column {name!r}; valid columns: {', '.join(valid)}")
+            raise _unknown(source, name, valid)
     if len(set(names)) != len(names):
         raise ConfigError(f"columns has duplicates: {names}")
     out = []
