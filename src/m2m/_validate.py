@@ -122,6 +122,43 @@ def normalise_rows(chunk: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     return out
 
 
+# A row whose norm is within this of 1 (computed in float64) counts as given at unit norm and is stored
+# as given, bit for bit: float32 rows normalised by numpy or torch land within 1-3 float32 epsilons
+# of 1 (docs/format.md, "Vectors"), so re-dividing them would only move their last bits.
+UNIT_TOLERANCE = 16 * float(np.finfo(np.float32).eps)
+
+
+def unit_rows(chunk: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(unit float32 rows, float64 norms)`` of a validated chunk, such that ``input = unit * norm``.
+
+    Rows already at unit norm (`UNIT_TOLERANCE`) are copied as given (float32 input: bit-exactly)
+    with norm 1.0; other rows are divided by their norm, computed in float64 (so multiplying back
+    in float64 gives each float32 input value to within 1 ulp). Any finite non-zero row is safe,
+    including float64 rows of 1e300 or 1e-300. ``out``: an optional float32 buffer of the chunk's shape.
+    """
+    src = np.asarray(chunk)
+    if src.dtype.kind not in "fiu" or src.dtype.itemsize > 8:
+        src = src.astype(np.float64)
+    if out is None:
+        out = np.empty(src.shape, dtype=np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.sqrt(np.einsum("ij,ij->i", src, src, dtype=np.float64))
+    # only float64 input can overflow or underflow a float64 square (float32's range squared fits)
+    unsafe = ~np.isfinite(norms) | ~(norms >= 1e-150) if src.dtype == np.float64 else None
+    unit = np.abs(norms - 1.0) <= UNIT_TOLERANCE
+    scale = np.where(unit, 1.0, 1.0 / np.where(norms > 0, norms, 1.0))
+    np.multiply(src, scale[:, None], out=out, casting="same_kind")  # in float64, rounded once to float32
+    norms[unit] = 1.0
+    if unsafe is not None and unsafe.any():
+        rows = src[unsafe]
+        top = np.abs(rows).max(axis=1, keepdims=True)
+        scaled = rows / top
+        inner = np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+        out[unsafe] = scaled / inner[:, None]
+        norms[unsafe] = top[:, 0] * inner
+    return out, norms
+
+
 def positive_column(values: Any, n: int, name: str, allow_nan: bool = False) -> np.ndarray:
     """A float32 [n] column of finite, strictly positive values (NaN allowed when ``allow_nan``)."""
     arr = as_numpy(values, name)
@@ -292,7 +329,8 @@ def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np
 
 @dataclass(frozen=True)
 class SplatBatch:
-    """Validated input of one ``add_splats`` call (mu not yet normalised: chunks are normalised on write)."""
+    """Validated input of one ``add_splats`` call (mu not yet normalised: chunks are normalised on write,
+    `unit_rows`, unless ``norms`` is given)."""
 
     vectors: np.ndarray
     labels: np.ndarray | None
@@ -300,6 +338,7 @@ class SplatBatch:
     alpha: np.ndarray
     metadata: dict[str, np.ndarray]
     ids: np.ndarray | None = None  # explicit ids (consolidation keeps ids); None = assign new ones
+    norms: np.ndarray | None = None  # given with stored unit vectors (consolidation): written as they are
 
     @property
     def rows(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Any
 
 from m2m._validate import check_int
@@ -13,6 +12,7 @@ from m2m.errors import ConfigTypeError, DeviceUnavailableError, LakeNotFoundErro
 from m2m.lake.fs import open_fs
 from m2m.lake.lake import Lake, check_compatible, create_empty
 from m2m.lake.manifest import read_manifest
+from m2m.lake.tempdirs import create_temporary
 
 
 def check_device(device: str) -> None:
@@ -41,7 +41,7 @@ def create_m2m(config: M2MConfig | None = None) -> Lake:
     check_device(config.device)
     temporary = None
     if config.path is None:
-        temporary = tempfile.mkdtemp(prefix="m2m-lake-")
+        temporary = create_temporary()  # removed with the lake, at exit, or by a later create_m2m
         path: str = temporary
     else:
         path = os.fspath(config.path)

@@ -63,7 +63,7 @@ def test_to_arrow_table_joins_sidecars(lake_dir):
         ids = estimated.ids()
         assert len(lake.manifest.shards) > 2
     assert isinstance(t, pa.Table)
-    assert t.column_names == ["id", "mu", "kappa", "alpha", "label", "neighbors", "neighbor_cos", "lang", "source"]
+    assert t.column_names == ["id", "mu", "kappa", "alpha", "mu_norm", "label", "neighbors", "neighbor_cos", "lang", "source"]
     assert t.num_rows == ROWS + 40
     assert t.schema.field("mu").type == pa.list_(pa.float32(), DIM)
     mu = t.column("mu").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
@@ -187,7 +187,7 @@ def test_export_read_by_hf_datasets_offline(lake_dir, tmp_path, monkeypatch, fmt
     assert _run("export", path, out, "--format", fmt, "-q").exit_code == 0
     ds = datasets.load_dataset(fmt, data_files=str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert ds.num_rows == ROWS + 40
-    assert set(ds.column_names) == {"id", "mu", "kappa", "alpha", "label", "neighbors", "neighbor_cos",
+    assert set(ds.column_names) == {"id", "mu", "kappa", "alpha", "mu_norm", "label", "neighbors", "neighbor_cos",
                                     "source", "lang"}
     row = ds[5]
     assert row["label"] == "eel" and row["id"] == 5

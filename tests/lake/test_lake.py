@@ -169,7 +169,7 @@ def test_chunked_write_of_a_memmap(tmp_path, rng):
     mm = np.load(tmp_path / "big.npy", mmap_mode="r")
     with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=16, shard_bytes=1 << 16)) as lake:
         lake.add_splats(mm)
-        assert len(lake.manifest.shards) == int(np.ceil(5000 / (65536 // (16 * 4 + 24))))
+        assert len(lake.manifest.shards) == int(np.ceil(5000 / (65536 // (16 * 4 + 32))))
         np.testing.assert_allclose(lake.splats()["mu"], unit(mm), atol=1e-6)
 
 

@@ -146,21 +146,29 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
               help="Write a float16 lake's mu as float32 (DuckDB cannot read float16).")
 @click.option("--version", "version", type=int, default=None, help="Lake version (default: the latest).")
 @click.option("--columns", default=None, help="Comma-separated columns (default: all, sidecars joined).")
+@click.option("--original", is_flag=True,
+              help="Write each row's original vector (mu times mu_norm, float32) instead of the unit vector.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @storage_option
 @user_errors
 def export_cmd(lake_dir: str, out: str, fmt: str, float32: bool, version: int | None, columns: str | None,
-               quiet: bool, storage_options: dict[str, Any] | None) -> None:
+               original: bool, force: bool, quiet: bool, storage_options: dict[str, Any] | None) -> None:
     """Write one version of a lake to OUT as a single Parquet or Arrow file (pyarrow, Polars, DuckDB, HF datasets)."""
+    import os
+
     from m2m import open_lake
+    from m2m.errors import AlreadyExistsError
     from m2m.lake.export import export_lake
 
+    if os.path.lexists(out) and not force:  # before opening the lake: nothing is read for a refused export
+        raise AlreadyExistsError(f"{out} already exists; pass --force to replace it")
     cols = None if columns is None else [c.strip() for c in columns.split(",") if c.strip()]
     with open_lake(lake_dir, storage_options=storage_options) as lake:
-        reader = lake.to_arrow(version=version, columns=cols, stream=True, float32=float32)
+        reader = lake.to_arrow(version=version, columns=cols, stream=True, float32=float32, original=original)
         rows = lake.manifest.rows if version is None else None
         with Bar(rows, "export", quiet=quiet) as bar:
-            r = export_lake(reader, out, fmt, progress=bar)
+            r = export_lake(reader, out, fmt, progress=bar, overwrite=force)
         v = lake.version if version is None else version
     click.echo(f"exported {r['rows']:,} rows of version {v} to {r['path']} ({fmt}, {r['bytes']:,} bytes)")
 

@@ -45,6 +45,7 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
         codes = snap.read_all("label") if base.label_type is not None else None
         raw_labels = snap.read_main("label") if base.label_type is not None else None
         user_kappa = snap.read_main("kappa")
+        norms = snap.norms()
         metadata = {name: snap.read_main(name) for name in base.metadata}
         if engine == "ray":
             from m2m.ray.geometry import duplicate_groups
@@ -60,7 +61,8 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
     g = len(rep)
     new_mu, new_alpha, new_kappa = merged["mu"], merged["alpha"], merged["kappa"]
     batch = SplatBatch(vectors=new_mu, labels=None if raw_labels is None else raw_labels[rep], kappa=new_kappa,
-                       alpha=new_alpha, metadata={k: v[rep] for k, v in metadata.items()}, ids=ids[rep])
+                       alpha=new_alpha, metadata={k: v[rep] for k, v in metadata.items()}, ids=ids[rep],
+                       norms=norms[rep])  # a merged splat keeps its first member's norm, like its metadata
     schema = SchemaUpdate.of(base)
     shards = tuple(write_splats(fs, [batch], 0, base.dim, base.dtype, config.shard_bytes, schema))
     if engine == "ray" and g > 1:

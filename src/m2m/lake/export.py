@@ -17,9 +17,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from m2m.errors import ConfigError, PathNotFoundError, WriteFailedError
+from m2m.errors import AlreadyExistsError, ConfigError, PathNotFoundError, WriteFailedError
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import FileEntry, Manifest
+from m2m.lake.schema import MU_NORM
 from m2m.lake.shard import open_shard_file
 
 FORMATS = ("parquet", "arrow")
@@ -28,9 +29,15 @@ SIDECAR_COLUMNS = ("neighbors", "neighbor_cos")
 OpenFile = Callable[[FileEntry], pa.RecordBatch]
 
 
+def has_norms(manifest: Manifest) -> bool:
+    """Whether some shard of the version keeps its rows' norms (shards written before norms were kept
+    have none)."""
+    return any(MU_NORM in f.columns for s in manifest.shards for f in s.files)
+
+
 def snapshot_columns(manifest: Manifest) -> list[str]:
     """Every column of a version, in export order."""
-    names = ["id", "mu", "kappa", "alpha"]
+    names = ["id", "mu", "kappa", "alpha"] + ([MU_NORM] if has_norms(manifest) else [])
     if manifest.label_type is not None:
         names.append("label")
     if manifest.geometry is not None:
@@ -64,7 +71,7 @@ def _column_types(manifest: Manifest, picked: list[str], float32: bool) -> dict[
     """The Arrow type of each exported column, known from the manifest (no file is read)."""
     mu_value = pa.float32() if float32 or manifest.dtype == "float32" else pa.float16()
     types: dict[str, pa.DataType] = {"id": pa.int64(), "mu": pa.list_(mu_value, manifest.dim),
-                                     "kappa": pa.float32(), "alpha": pa.float32()}
+                                     "kappa": pa.float32(), "alpha": pa.float32(), MU_NORM: pa.float64()}
     if manifest.label_type is not None:
         types["label"] = pa.string() if manifest.label_type == "string" else pa.int64()
     if manifest.geometry is not None:
@@ -79,28 +86,43 @@ def _column_types(manifest: Manifest, picked: list[str], float32: bool) -> dict[
     return {name: types[name] for name in picked if name in types}
 
 
-def _schema_metadata(manifest: Manifest) -> dict[bytes, bytes]:
+def _schema_metadata(manifest: Manifest, original: bool) -> dict[bytes, bytes]:
     doc = {"format": "m2m-lake-export", "lake_version": manifest.version, "dim": manifest.dim,
-           "stored_dtype": manifest.dtype, "label_type": manifest.label_type, "geometry": manifest.geometry}
+           "stored_dtype": manifest.dtype, "label_type": manifest.label_type, "geometry": manifest.geometry,
+           "mu": "original" if original else "unit"}
     return {b"m2m": json.dumps(doc, sort_keys=True).encode()}
 
 
+def _original(mu: pa.Array, norms: pa.Array | None) -> pa.Array:
+    """``mu * mu_norm`` as fixed_size_list<float32>, multiplied in float64 (a shard without norms: ``mu``)."""
+    width = mu.type.list_size
+    unit = mu.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    if norms is None:
+        values = unit.astype(np.float32)
+    else:
+        scale = norms.to_numpy(zero_copy_only=False).astype(np.float64)
+        values = np.multiply(unit, np.nan_to_num(scale, nan=1.0)[:, None], dtype=np.float64).astype(np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+
+
 def snapshot_batches(manifest: Manifest, open_file: OpenFile, columns: Sequence[str] | None = None,
-                     float32: bool = False) -> pa.RecordBatchReader:
+                     float32: bool = False, original: bool = False) -> pa.RecordBatchReader:
     """A RecordBatchReader of one version: one batch per shard, each column from the file that wins.
 
     Only one shard's files are open at a time (beyond what ``open_file`` caches), so iterating holds
     O(shard) memory. A shard written after the last `estimate_kappa` has no sidecar: its
-    ``neighbors``/``neighbor_cos`` are null.
+    ``neighbors``/``neighbor_cos`` are null; a shard written before norms were kept has a null
+    ``mu_norm``. ``original``: ``mu`` is each row's vector as given (``mu * mu_norm``, float32; the
+    unit vector where no norm was kept).
     """
     picked = _pick_columns(manifest, columns)
-    known = _column_types(manifest, picked, float32)
+    known = _column_types(manifest, picked, float32 or original)
     missing = [c for c in picked if c not in known]
     if missing:  # rare metadata types: read them from the first shard's main file
         first = open_file(manifest.shards[0].file_for(missing[0])) if manifest.shards else None
         for name in missing:
             known[name] = first.schema.field(name).type if first is not None else pa.null()
-    schema = pa.schema([pa.field(n, known[n]) for n in picked], metadata=_schema_metadata(manifest))
+    schema = pa.schema([pa.field(n, known[n]) for n in picked], metadata=_schema_metadata(manifest, original))
 
     def batches() -> Iterator[pa.RecordBatch]:
         for shard in manifest.shards:
@@ -110,7 +132,7 @@ def snapshot_batches(manifest: Manifest, open_file: OpenFile, columns: Sequence[
                 try:
                     entry = shard.file_for(field.name)
                 except KeyError:
-                    if field.name not in SIDECAR_COLUMNS:
+                    if field.name not in SIDECAR_COLUMNS + (MU_NORM,):
                         raise
                     arrays.append(pa.nulls(shard.rows, field.type))
                     continue
@@ -118,7 +140,10 @@ def snapshot_batches(manifest: Manifest, open_file: OpenFile, columns: Sequence[
                 if batch is None:
                     batch = opened[entry.path] = open_file(entry)
                 col = batch.column(field.name)
-                if field.name == "mu" and col.type != field.type:
+                if field.name == "mu" and original:
+                    norms = batch.column(MU_NORM) if MU_NORM in batch.schema.names else None
+                    col = _original(col, norms)
+                elif field.name == "mu" and col.type != field.type:
                     col = _f32_list(col)
                 elif col.type != field.type:
                     col = col.cast(field.type)
@@ -143,11 +168,12 @@ def lake_file_opener(fs: LakeFS, verify: bool, verified: set[str] | None = None)
 
 
 def export_lake(reader: pa.RecordBatchReader, out: str | os.PathLike[str], fmt: str = "parquet",
-                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write ``reader``'s batches to one file ``out`` (Parquet, or an Arrow IPC file), atomically.
 
     The file appears under its final name only when complete (written to a temp name, fsynced,
     renamed). Parquet gets one row group per shard batch, zstd-compressed. Returns rows and bytes.
+    An existing ``out`` is refused (`AlreadyExistsError`) unless ``overwrite``.
     """
     import pyarrow.parquet as pq
 
@@ -157,6 +183,10 @@ def export_lake(reader: pa.RecordBatchReader, out: str | os.PathLike[str], fmt: 
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
         raise PathNotFoundError(f"{directory} does not exist (the folder of {out})")
+    if os.path.lexists(out) and not overwrite:
+        raise AlreadyExistsError(f"{out} already exists; pass --force (overwrite=True) to replace it")
+    if os.path.isdir(out):
+        raise AlreadyExistsError(f"{out} is a directory; name a file to export to")
     tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex}")
     rows = 0
     try:

@@ -28,7 +28,7 @@ import pyarrow as pa
 from m2m.errors import CorruptShardError
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import FileEntry, Manifest
-from m2m.lake.schema import ALPHA, ID, KAPPA, LABEL, MU, NEIGHBOR_COS, NEIGHBORS
+from m2m.lake.schema import ALPHA, ID, KAPPA, LABEL, MU, MU_NORM, NEIGHBOR_COS, NEIGHBORS
 
 _DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
@@ -41,6 +41,8 @@ def expected_type(m: Manifest, column: str) -> pa.DataType | str:
         return pa.list_(_DTYPES[m.dtype], m.dim)
     if column in (KAPPA, ALPHA):
         return pa.float32()
+    if column == MU_NORM:
+        return pa.float64()
     if column == LABEL and m.label_type is not None:
         return pa.string() if m.label_type == "string" else pa.int64()
     if column in (NEIGHBORS, NEIGHBOR_COS):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from types import TracebackType
 from typing import Any, Callable, Iterable, Mapping
@@ -36,6 +35,7 @@ from m2m.lake.manifest import (
 from m2m.lake.reader import Snapshot
 from m2m.lake.schema import WIDENED
 from m2m.lake.shard import sync_files
+from m2m.lake.tempdirs import remove_with
 from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, write_splats
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class Lake:
         self._checked: set[tuple[object, ...]] = set()  # files cross-checked against their manifest entry
         self._snapshot = self._open(manifest)
         self._temporary_dir = temporary_dir
+        # a temporary lake's folder goes when the last user of its files (this handle, its snapshots,
+        # a loader) is collected or the interpreter exits, if close() did not remove it before
+        self._remove_temporary = None if temporary_dir is None else remove_with(fs, temporary_dir)
         self._closed = False
         self._cache: dict[str, Any] = {}
 
@@ -107,8 +110,8 @@ class Lake:
         close_fs = getattr(self._fs, "close", None)
         if close_fs is not None:  # a remote lake's shard cache: stop prefetching, remove it if private
             close_fs()
-        if self._temporary_dir is not None:
-            shutil.rmtree(self._temporary_dir, ignore_errors=True)
+        if self._remove_temporary is not None:
+            self._remove_temporary()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -352,7 +355,7 @@ class Lake:
         return vocab[arr]
 
     def to_arrow(self, version: int | None = None, columns: Any = None, stream: bool = False,
-                 float32: bool = False) -> Any:
+                 float32: bool = False, original: bool = False) -> Any:
         """One snapshot as Arrow data, sidecars joined: ``id``, ``mu`` (fixed_size_list[d]), ``kappa``,
         ``alpha``, ``label``, ``neighbors``/``neighbor_cos`` (neighbour ids and cosines, once kappa was
         estimated) and the metadata columns; one record batch per shard.
@@ -361,6 +364,8 @@ class Lake:
         ``stream=False`` -> a `pyarrow.Table` (zero-copy views of the memory-mapped shards);
         ``stream=True`` -> a `pyarrow.RecordBatchReader` that opens one shard at a time (bounded memory;
         iterate it once). ``float32``: float16 ``mu`` as float32 (for tools without float16, e.g. DuckDB).
+        ``mu_norm`` (float64) is each row's norm as given; ``original=True``: ``mu`` is each row's vector
+        as given, ``mu * mu_norm`` in float32 (within 1 ulp of float32 input; docs/format.md, "Vectors").
         ``pa.table(lake)`` / ``polars.DataFrame(lake)`` read the pinned version through ``__arrow_c_stream__``.
         """
         from m2m.lake.export import lake_file_opener, snapshot_batches
@@ -368,7 +373,7 @@ class Lake:
         self._check_open()
         manifest = self.manifest if version is None else read_manifest(self._fs, version)
         opener = lake_file_opener(self._fs, self.config.verify_reads, self._verified)
-        reader = snapshot_batches(manifest, opener, columns=columns, float32=float32)
+        reader = snapshot_batches(manifest, opener, columns=columns, float32=float32, original=original)
         return reader if stream else reader.read_all()
 
     def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:

@@ -50,7 +50,7 @@ from m2m.errors import (
     UnknownColumnError,
 )
 from m2m.lake.fs import LakeFS
-from m2m.lake.schema import GEOMETRY_COLUMNS, KAPPA, LABEL, MAIN_COLUMNS, NEIGHBORS
+from m2m.lake.schema import GEOMETRY_COLUMNS, KAPPA, LABEL, MAIN_COLUMNS, NEIGHBORS, OPTIONAL_MAIN_COLUMNS
 
 FORMAT_NAME = "m2m-lake"
 FORMAT_VERSION = 2            # what this m2m writes
@@ -309,7 +309,7 @@ def check_layout(m: Manifest) -> None:
     ``geometry["rows"]`` rows (when recorded).
     """
     main = set(MAIN_COLUMNS) | set(m.metadata) | ({LABEL} if m.label_type is not None else set())
-    known = main | set(GEOMETRY_COLUMNS)
+    known = main | set(GEOMETRY_COLUMNS) | set(OPTIONAL_MAIN_COLUMNS)
     seen: set[str] = set()
     prev_max = -1
     for i, s in enumerate(m.shards):

@@ -14,7 +14,7 @@ from m2m.errors import CorruptShardError, UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch, check_footers, check_key
 from m2m.lake.manifest import FileEntry, Manifest
-from m2m.lake.schema import MAIN_COLUMNS, WIDENED, widened_dtype
+from m2m.lake.schema import MAIN_COLUMNS, MU_NORM, WIDENED, widened_dtype
 from m2m.lake.shard import (
     ColumnExtent,
     column_extents,
@@ -140,6 +140,19 @@ class Snapshot:
     def read_main(self, name: str) -> np.ndarray:
         """Column ``name`` over the whole snapshot as the appends wrote it (ignoring sidecars; a copy)."""
         return np.concatenate([column_to_numpy(self._batch(s.files[0]).column(name)) for s in self.manifest.shards])
+
+    def norms(self) -> np.ndarray:
+        """Every row's ``mu_norm`` (input = mu * mu_norm) in position order, float64; 1.0 for rows of
+        shards written before norms were kept."""
+        parts = []
+        for s, entry in enumerate(self.manifest.shards):
+            try:
+                f = entry.file_for(MU_NORM)
+            except KeyError:
+                parts.append(np.ones(entry.rows, dtype=np.float64))
+                continue
+            parts.append(column_to_numpy(self._batch(f).column(MU_NORM)).astype(np.float64, copy=False))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
 
     # whole-snapshot helpers
     def ids(self) -> np.ndarray:

@@ -17,6 +17,7 @@ MU = "mu"                    # fixed_size_list<float32|float16>[dim], unit vecto
 KAPPA = "kappa"              # float32 concentration (NaN until estimated)
 ALPHA = "alpha"              # float32 mass
 LABEL = "label"              # int64 or string
+MU_NORM = "mu_norm"          # float64: each row's norm as given (input = mu * mu_norm); absent in older shards
 NEIGHBORS = "neighbors"      # geometry sidecar: fixed_size_list<int64>[k] neighbour ids (-1: none)
 NEIGHBOR_COS = "neighbor_cos"  # geometry sidecar: fixed_size_list<float32>[k] their cosines
 EMBEDDING = "embedding"      # stream batches: the (possibly augmented) vectors
@@ -24,10 +25,11 @@ WEIGHT = "weight"            # stream batches: importance weights
 ROWS = "_rows"               # stream batches: global row positions (internal)
 
 MAIN_COLUMNS = (ID, MU, KAPPA, ALPHA)            # every shard's first file holds these (and label, metadata)
+OPTIONAL_MAIN_COLUMNS = (MU_NORM,)               # a shard's first file may hold these (older shards do not)
 GEOMETRY_COLUMNS = (KAPPA, NEIGHBORS, NEIGHBOR_COS)  # what estimate_kappa writes per shard
 STREAM_COLUMNS = (EMBEDDING, WEIGHT, ROWS)
 
-RESERVED_COLUMNS = frozenset(MAIN_COLUMNS + (LABEL,) + GEOMETRY_COLUMNS + STREAM_COLUMNS)
+RESERVED_COLUMNS = frozenset(MAIN_COLUMNS + OPTIONAL_MAIN_COLUMNS + (LABEL,) + GEOMETRY_COLUMNS + STREAM_COLUMNS)
 
 
 def reserved_reason(name: str) -> str | None:

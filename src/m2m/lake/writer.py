@@ -11,15 +11,16 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pyarrow as pa
 
-from m2m._validate import SplatBatch, normalise_rows
+from m2m._validate import SplatBatch, unit_rows
 from m2m.errors import InvalidEmbeddingError
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
+from m2m.lake.schema import MU_NORM
 from m2m.lake.shard import write_shard_file
 
 logger = logging.getLogger(__name__)
 
-_ROW_OVERHEAD = 8 + 4 + 4 + 8  # id, kappa, alpha, label
+_ROW_OVERHEAD = 8 + 4 + 4 + 8 + 8  # id, kappa, alpha, label, mu_norm
 
 
 def shard_rows(dim: int, dtype: str, shard_bytes: int) -> int:
@@ -92,7 +93,7 @@ def rebase_schema(planned: SchemaUpdate, assumed: Manifest, base: Manifest) -> S
 def _slice(b: SplatBatch, lo: int, hi: int) -> SplatBatch:
     return SplatBatch(b.vectors[lo:hi], None if b.labels is None else b.labels[lo:hi], b.kappa[lo:hi],
                       b.alpha[lo:hi], {k: v[lo:hi] for k, v in b.metadata.items()},
-                      None if b.ids is None else b.ids[lo:hi])
+                      None if b.ids is None else b.ids[lo:hi], None if b.norms is None else b.norms[lo:hi])
 
 
 STRING_BYTES_PER_SHARD = 1 << 30  # string data of one shard: Arrow's string arrays hold < 2 GiB each
@@ -236,15 +237,18 @@ class _Filling:
 
     def add(self, piece: SplatBatch) -> None:
         lo, hi = self.rows, self.rows + piece.rows
-        if self.store.dtype == np.float32:
-            normalise_rows(piece.vectors, out=self.store[lo:hi])
-        else:
+        target = self.store[lo:hi] if self.store.dtype == np.float32 else self.f32[lo:hi]
+        if piece.norms is None:
+            mu, norms = unit_rows(piece.vectors, out=target)
+        else:  # stored unit vectors with their norms (consolidation): kept as they are
+            np.copyto(target, piece.vectors, casting="same_kind")
+            mu, norms = target, np.asarray(piece.norms, dtype=np.float64)
+        if self.store.dtype != np.float32:
             import torch  # only for float16 storage: keeps torch out of opening a lake
 
-            mu = normalise_rows(piece.vectors, out=self.f32[lo:hi])
             torch.from_numpy(self.store[lo:hi]).copy_(torch.from_numpy(mu))  # torch's f32 -> f16 is ~10x numpy's
         self.parts.append(SplatBatch(np.empty((piece.rows, 0), np.float32), piece.labels, piece.kappa, piece.alpha,
-                                     piece.metadata, piece.ids))
+                                     piece.metadata, piece.ids, norms))
         self.rows = hi
 
     def finish(self, first_id: int, schema: SchemaUpdate) -> dict[str, Any]:
@@ -256,7 +260,7 @@ class _Filling:
         ids = (np.arange(first_id, first_id + self.rows, dtype=np.int64) if parts[0].ids is None
                else cat(lambda p: np.asarray(p.ids)))
         cols: dict[str, Any] = {"id": ids, "mu": self.store[:self.rows], "kappa": cat(lambda p: p.kappa),
-                                "alpha": cat(lambda p: p.alpha)}
+                                "alpha": cat(lambda p: p.alpha), MU_NORM: cat(lambda p: np.asarray(p.norms))}
         if parts[0].labels is not None:
             cols["label"] = cat(lambda p: np.asarray(p.labels))
         for name in parts[0].metadata:
