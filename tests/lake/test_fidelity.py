@@ -70,6 +70,18 @@ def test_every_metadata_type_streams(tmp_path, values, want):
         assert np.array_equal(t, values)
 
 
+def test_timestamps_stream_as_int64_counts(tmp_path):
+    t = np.arange(N).astype("datetime64[s]")
+    dt = (np.arange(N) * 3).astype("timedelta64[ms]")
+    with _lake(tmp_path) as lake:
+        lake.add_splats(_x(), metadata={"t": t, "dt": dt})
+        got = _stream(lake, ("t", "dt"))
+        assert got["t"].dtype == torch.int64 and np.array_equal(got["t"].numpy(), t.astype(np.int64))
+        assert np.array_equal(got["dt"].numpy(), dt.astype(np.int64))
+        s = lake.splats()
+        assert s["t"].dtype == t.dtype and np.array_equal(s["t"], t)
+
+
 def test_bool_metadata_survives_consolidate_and_workers(tmp_path):
     flag = np.arange(N) % 3 == 0
     x = _x()

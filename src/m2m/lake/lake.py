@@ -33,7 +33,6 @@ from m2m.lake.manifest import (
     write_manifest,
 )
 from m2m.lake.reader import Snapshot
-from m2m.lake.schema import WIDENED
 from m2m.lake.shard import sync_files
 from m2m.lake.tempdirs import remove_with
 from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, write_splats
@@ -325,9 +324,7 @@ class Lake:
                 vocab = np.asarray(self.manifest.label_vocabulary, dtype=object)
                 out["label"] = vocab[codes]
                 continue
-            values = snap.gather(name, positions)
-            if self.manifest.metadata.get(name) in WIDENED:  # the snapshot widens unsigned ints for streams
-                values = values.astype(self.manifest.metadata[name])
+            values = snap.gather(name, positions, stored=True)
             out[name] = values.astype(np.float32) if name == "mu" else values
         return out
 

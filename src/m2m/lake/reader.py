@@ -98,10 +98,18 @@ class Snapshot:
         if name == "neighbors":
             return self._cached(shard, name, self._neighbor_positions)
         values = column_to_numpy(self.arrow_column(shard, name))
+        if values.dtype.kind in "mM":  # timestamps and durations: their int64 counts (a view)
+            return values.view(np.int64)
         wide = widened_dtype(values.dtype)
         if wide != values.dtype:  # unsigned ints torch cannot gather: a signed type holding every value
             return self._cached(shard, name, lambda s: _widen(values, wide, name, s))
         return values
+
+    def stored_column(self, shard: int, name: str) -> np.ndarray:
+        """Like `column`, but metadata in its stored dtype (uint16 stays uint16, timestamps datetime64)."""
+        if name in self.manifest.metadata:
+            return column_to_numpy(self.arrow_column(shard, name))
+        return self.column(shard, name)
 
     def column_extent(self, shard: int, name: str) -> ColumnExtent | None:
         """Where column ``name`` of shard ``shard`` lies in its file, for positional, checked reads
@@ -175,8 +183,9 @@ class Snapshot:
             raise UnknownIdError(f"id {bad} is not in lake version {self.version}")
         return pos
 
-    def gather(self, name: str, positions: np.ndarray) -> np.ndarray:
-        """Column ``name`` at global ``positions`` (vectorised per shard)."""
+    def gather(self, name: str, positions: np.ndarray, stored: bool = False) -> np.ndarray:
+        """Column ``name`` at global ``positions`` (vectorised per shard); ``stored``: metadata in its
+        stored dtype (`stored_column`), not as a stream reads it."""
         positions = np.asarray(positions, dtype=np.int64)
         shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
         order = np.argsort(shard_of, kind="stable")
@@ -186,7 +195,7 @@ class Snapshot:
             sel = order[bounds[s]:bounds[s + 1]]
             if len(sel) == 0:
                 continue
-            col = self.column(s, name)
+            col = self.stored_column(s, name) if stored else self.column(s, name)
             vals = col[positions[sel] - self._offsets[s]]
             if out is None:
                 out = np.empty((len(positions),) + col.shape[1:], dtype=col.dtype)

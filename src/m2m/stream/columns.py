@@ -70,7 +70,8 @@ def valid_names(source: RowSource) -> list[str]:
 
 def _unknown(source: RowSource, name: str, valid: list[str]) -> ConfigError:
     if name in source.column_names and name != "mu":
-        return ConfigError(f"column {name!r} holds strings, which a stream cannot carry as tensors; read it with "
+        kind = "strings" if _sample(source, name).dtype.kind in "OUS" else f"{_sample(source, name).dtype} values"
+        return ConfigError(f"column {name!r} holds {kind}, which a stream cannot carry as tensors; read it with "
                            f"lake.to_arrow() or lake.splats() (streamable columns: {', '.join(valid)})")
     return ConfigError(f"unknown column {name!r}; valid columns: {', '.join(valid)}")
 
