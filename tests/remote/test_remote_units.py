@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import click
@@ -92,3 +93,49 @@ def test_a_remote_lake_handle_pickles_for_spawned_workers() -> None:
         fs = pickle.loads(pickle.dumps(lake._fs))
         assert fs.listdir("_manifests") == lake._fs.listdir("_manifests")
         assert fs.mark() == lake._fs.mark()
+
+
+def test_only_transient_errors_are_retried() -> None:
+    """A permanent error (a client used in a forked child, a 403, a bad argument) is raised at once;
+    only timeouts, refused/reset connections and 5xx/throttling replies are retried."""
+    from m2m.errors import ObjectStoreError
+    from m2m.lake.fs import RETRY_WINDOW, FsspecFS
+
+    fs = FsspecFS("memory://retry-policy-lake", io_timeout=1.0, io_retries=3)
+    calls: list[int] = []
+
+    def failing(exc: Exception):
+        def fn() -> None:
+            calls.append(1)
+            if isinstance(exc, TimeoutError):
+                time.sleep(fs.io_timeout)  # a store that stopped answering: each attempt takes io_timeout
+            raise exc
+        return fn
+
+    class ClientError(Exception):
+        def __init__(self, code: str) -> None:
+            super().__init__(f"An error occurred ({code})")
+            self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": 500}}
+
+    for exc, tries, kind in [(RuntimeError("This class is not fork-safe"), 1, ObjectStoreError),
+                             (PermissionError("403 Forbidden"), 1, PermissionError),
+                             (FileNotFoundError("404"), 1, FileNotFoundError),
+                             (ValueError("bad argument"), 1, ValueError),
+                             (ClientError("AccessDenied"), 1, ObjectStoreError),
+                             (ConnectionRefusedError("refused"), 4, ObjectStoreError),
+                             (TimeoutError("read timeout"), 2, ObjectStoreError),
+                             (ClientError("SlowDown"), 4, ObjectStoreError),
+                             (OSError(5, "Internal error"), 4, ObjectStoreError)]:
+        calls.clear()
+        fs.io_timeout = 0.5 if isinstance(exc, TimeoutError) else 10.0
+        t0 = time.monotonic()
+        with pytest.raises(kind) as info:
+            fs._call("read", "_data/x.arrow", failing(exc))
+        elapsed = time.monotonic() - t0
+        if isinstance(exc, TimeoutError):  # retried only while the retry could end within the window
+            assert 1 <= len(calls) <= tries and elapsed <= RETRY_WINDOW * fs.io_timeout + 0.2, (len(calls), elapsed)
+        else:
+            assert len(calls) == tries, (exc, len(calls))
+        if kind is ObjectStoreError:
+            assert "memory://retry-policy-lake/_data/x.arrow" in str(info.value)
+            assert "\n" not in str(info.value)

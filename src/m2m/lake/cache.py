@@ -131,9 +131,11 @@ class ShardCache:
 
     def __init__(self, fs: Any, root: str, url: str, cache_dir: str | os.PathLike[str] | None = None,
                  cache_bytes: int | None = None, prefetch_shards: int = PREFETCH_SHARDS,
-                 lock_timeout: float = LOCK_TIMEOUT_S, download: Callable[[str, str], None] | None = None) -> None:
+                 lock_timeout: float = LOCK_TIMEOUT_S, download: Callable[[str, str], None] | None = None,
+                 size: Callable[[str], int] | None = None) -> None:
         self.fs = fs
         self._get = download  # (rel, local path): the lake's own download (its retries/timeouts), or get_file
+        self._size = size     # rel -> bytes: the lake's own request, or fs.size
         self.root = root.rstrip("/")
         self.url = url
         self.private = cache_dir is None
@@ -159,11 +161,18 @@ class ShardCache:
         self.fetch_bytes = 0
         self.hits = 0
         self.evictions = 0
+        self.invalidations = 0
+
+    def _after_fork(self) -> None:
+        """A forked child (a DataLoader worker) starts with its own pool, locks and counters: the
+        parent's threads did not come along, and a lock one of them held would stay held."""
+        if self._pid != os.getpid():
+            self._init_process_state()
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("_pool", "_queued", "_failed", "_mutex", "fetches", "fetch_bytes", "hits", "evictions",
-                              "_pid")}
+                              "invalidations", "_pid")}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -190,6 +199,7 @@ class ShardCache:
     def open(self, rel: str, size: int | None = None, crc32: int | None = None) -> Iterator[str]:
         """The local path of ``rel``, downloaded (and verified) if needed, protected from eviction
         while the ``with`` block runs (map or open it there; a mapping outlives eviction)."""
+        self._after_fork()
         name = self.name(rel)
         path = self.path(rel)
         fetched = False
@@ -198,7 +208,8 @@ class ShardCache:
             lock = self._lock(name)
             lock.acquire(True, self.lock_timeout, f"the download of {self._remote(rel)}")
             try:
-                if self._touch(path):
+                found = self._touch(path, size)
+                if found is True:
                     if not fetched:
                         with self._mutex:
                             self.hits += 1
@@ -206,17 +217,46 @@ class ShardCache:
                     return
             finally:
                 lock.release()
+            if isinstance(found, int):  # damaged (wrong size): drop it, then download it again
+                logger.warning("the cached copy of %s has the wrong size: downloading it again", self._remote(rel))
+                self.invalidate(rel, found)
             fetched = self._fetch(rel, size, crc32, since) or fetched
         raise CacheTimeoutError(f"{self._remote(rel)} was evicted from {self.dir} 8 times while being opened; "
                                 f"cache_bytes={self.budget} is too small for the shards in use")
 
-    def _touch(self, path: str) -> bool:
-        """Mark ``path`` used now (its mtime is the LRU clock); False if it is not cached."""
+    def _touch(self, path: str, size: int | None = None) -> bool | int:
+        """Mark ``path`` used now (its mtime is the LRU clock): True; False if it is not cached; its
+        inode if its size is not ``size`` (a damaged copy)."""
         try:
             os.utime(path)
-            return True
+            st = os.stat(path)
         except FileNotFoundError:
             return False
+        return True if size is None or st.st_size == size else int(st.st_ino)
+
+    def invalidate(self, rel: str, inode: int | None = None) -> bool:
+        """Remove the cached copy of ``rel`` because it failed a check (the next open downloads it
+        again); with ``inode``, only if the copy is still that file (not a fresh download by another
+        process). Returns whether a file was removed."""
+        self._after_fork()
+        path = self.path(rel)
+        lock = self._lock(self.name(rel))
+        lock.acquire(False, self.lock_timeout, f"the cache entry of {self._remote(rel)}")
+        try:
+            return self._remove_copy(path, inode)
+        finally:
+            lock.release()
+
+    def _remove_copy(self, path: str, inode: int | None) -> bool:
+        try:
+            if inode is not None and os.stat(path).st_ino != inode:
+                return False
+            os.remove(path)
+        except FileNotFoundError:
+            return False
+        with self._mutex:
+            self.invalidations += 1
+        return True
 
     def _fetch(self, rel: str, size: int | None, crc32: int | None, since: float | None = None) -> bool:
         """Download ``rel`` unless it is cached or another process just did; True if this call did.
@@ -235,7 +275,7 @@ class ShardCache:
             if since is not None and failure is not None and failure[0] >= since:
                 raise failure[1]
             if size is None:
-                size = int(self.fs.size(self._remote(rel)))
+                size = int(self._size(rel)) if self._size is not None else int(self.fs.size(self._remote(rel)))
             part = self._reserve(name, size)
             try:
                 self._download(rel, part, size, crc32)
@@ -355,6 +395,7 @@ class ShardCache:
     # ------------------------------------------------------------------ writing
     def insert(self, rel: str, local_src: str) -> None:
         """Adopt a local file just uploaded as ``rel`` (a writer's own shard), within the budget."""
+        self._after_fork()
         size = os.path.getsize(local_src)
         name = self.name(rel)
         lock = self._lock(name)
@@ -384,9 +425,8 @@ class ShardCache:
         if self.prefetch_shards <= 0:
             return 0
         queued = 0
+        self._after_fork()
         with self._mutex:
-            if self._pid != os.getpid():  # a forked child: the parent's pool did not come along
-                self._init_process_state()
             self._queued = {r: f for r, f in self._queued.items() if not f.done()}
             for rel, size, crc in files:
                 if len(self._queued) >= self.prefetch_shards:
@@ -409,20 +449,24 @@ class ShardCache:
 
     def wait_prefetch(self, timeout: float | None = None) -> None:
         """Wait for queued prefetches (tests and benchmarks)."""
+        self._after_fork()
         with self._mutex:
             futures = list(self._queued.values())
         for f in futures:
             f.result(timeout=timeout)
 
     def stats(self) -> dict[str, Any]:
-        """This process's downloads (count per file, bytes), cache hits and evictions."""
+        """This process's downloads (count per file, bytes), cache hits, evictions and copies dropped
+        because they failed a check."""
+        self._after_fork()
         with self._mutex:
             return {"fetches": dict(self.fetches), "fetch_bytes": self.fetch_bytes, "hits": self.hits,
-                    "evictions": self.evictions}
+                    "evictions": self.evictions, "invalidations": self.invalidations}
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Stop prefetching; remove the cache directory if it is private (``cache_dir=None``)."""
+        self._after_fork()
         with self._mutex:
             pool, self._pool = self._pool, None
             self._queued = {}

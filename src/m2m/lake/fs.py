@@ -141,11 +141,28 @@ class LocalFS:
         return self._p(f"_data/.tmp-{uuid.uuid4().hex}{suffix}")
 
 
-# Errors a retry cannot fix: they are raised at once (everything else is retried, boundedly).
+# Errors a retry cannot fix: raised at once, as they are. Only errors known to be transient are
+# retried (`_transient`); any other error (a client that is not fork-safe, a bug, a bad argument) is
+# raised at once as an `ObjectStoreError` naming the object, never retried as if the store were down.
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
               ValueError, TypeError, KeyError, NotImplementedError)
 _PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ParamValidationError", "NoRegionError",
-                    "InvalidBucketName", "NoSuchBucket"}
+                    "InvalidBucketName", "NoSuchBucket", "NoSuchKey", "AccessDenied", "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch"}
+# Transport errors of botocore/aiobotocore, aiohttp, urllib3 and requests, matched by class name (anywhere
+# in the class's MRO) so that no client library is imported here.
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "HTTPClientError", "ResponseStreamingError", "IncompleteReadError", "ProxyConnectionError",
+                    "ClientConnectionError", "ClientPayloadError", "ServerDisconnectedError", "ServerTimeoutError",
+                    "ClientOSError", "IncompleteRead", "ProtocolError", "FSTimeoutError", "TransportError"}
+# Error codes of a store's reply that say "try again later" (5xx, throttling).
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
+                    "ThrottlingException", "RequestTimeout", "RequestLimitExceeded", "TooManyRequests", "429"}
+#: a retry is started only while ``elapsed + io_timeout`` stays within this many ``io_timeout``s of the
+#: first attempt, so a store that stops answering ends in an error after about 2 attempts (about 20 s at
+#: the default ``io_timeout``) however many ``io_retries`` are allowed for quick failures
+RETRY_WINDOW = 2.5
+
 # Stores whose ``pipe_file(..., mode="create")`` is a real conditional put (one atomic request):
 # S3 (``If-None-Match: *``, AWS since 2024-08, MinIO, R2, moto >= 5) and fsspec's in-process memory store.
 _CONDITIONAL_PUT = {"s3", "s3a", "memory"}
@@ -165,7 +182,42 @@ def _client_has_create(fs: Any) -> bool:
 
 
 def _permanent(exc: BaseException) -> bool:
-    return isinstance(exc, _PERMANENT) or type(exc).__name__ in _PERMANENT_NAMES
+    """Errors raised as they are (callers handle a missing or existing file, our own errors)."""
+    from m2m.errors import M2MError
+
+    return isinstance(exc, (_PERMANENT, M2MError)) or type(exc).__name__ in _PERMANENT_NAMES
+
+
+def _error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error") or {}
+        code = error.get("Code") if isinstance(error, dict) else None
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        return str(code or status) if (code or status) else None
+    return None
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a retry may succeed: timeouts, refused or reset connections, 5xx and throttling replies.
+
+    s3fs turns a store's error replies it does not know into ``OSError(EIO)`` (permanent ones become
+    FileNotFoundError/PermissionError, caught by `_permanent` first), so plain OSErrors are retried."""
+    import asyncio
+
+    if _permanent(exc):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError, asyncio.TimeoutError)):
+        return True
+    if any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__):
+        return True
+    code = _error_code(exc)
+    if code is not None:
+        return code in _TRANSIENT_CODES
+    if isinstance(exc, OSError):
+        return True
+    cause = exc.__cause__
+    return cause is not None and cause is not exc and _transient(cause)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -196,7 +248,6 @@ class FsspecFS:
     def __init__(self, url: str, cache_dir: str | os.PathLike[str] | None = None,
                  storage_options: dict[str, Any] | None = None, io_timeout: float = 10.0, io_retries: int = 3,
                  cache_bytes: int | None = None) -> None:
-        import fsspec
 
         from m2m.lake.cache import ShardCache
 
@@ -215,35 +266,65 @@ class FsspecFS:
             # other writers' commits must be seen at once: no cached listings, no shared instance
             options.setdefault("use_listings_cache", False)
             options.setdefault("skip_instance_cache", True)
-        self.fs, path = fsspec.core.url_to_fs(url, **options)
-        if self.protocol in ("s3", "s3a"):
-            self.fs.retries = 1  # s3fs's own retry loop (5 x read_timeout) would hide ours
-        self.root = path.rstrip("/")
+        self._options = options
+        self._client: Any = None
+        self._client_pid = -1
+        self.root = self._connect()
         #: True when `create_exclusive` is one conditional request, safe with any number of writers
         self.atomic_create = self.protocol in _CONDITIONAL_PUT or (
             self.protocol in _CONDITIONAL_PUT_IF_CLIENT_HAS_IT and _client_has_create(self.fs))
         if cache_dir is None:
             cache_dir = os.environ.get("M2M_CACHE_DIR") or None
-        self.cache = ShardCache(self.fs, self.root, self.url, cache_dir, cache_bytes, download=self._download)
+        self.cache = ShardCache(None, self.root, self.url, cache_dir, cache_bytes, download=self._download,
+                                size=self._size)
         self._written: list[str] = []
         self._written_lock = threading.Lock()
 
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers (spawn) get a copy
+    def _connect(self) -> str:
+        """Build this process's client (``self._client``); returns the lake's path in the store."""
+        import fsspec
+
+        client, path = fsspec.core.url_to_fs(self.url, **self._options)
+        if self.protocol in ("s3", "s3a"):
+            client.retries = 1  # s3fs's own retry loop (5 x read_timeout) would hide ours
+        self._client, self._client_pid = client, os.getpid()
+        return str(path).rstrip("/")
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem of this process. A client holds an event loop, a thread and
+        connections that belong to the process that built it: a forked child (a DataLoader worker)
+        builds its own on first use, and the parent's stays as it was."""
+        if self._client_pid != os.getpid():
+            if self.protocol == "memory":  # in-process store: the instance is the data, keep it
+                self._client_pid = os.getpid()
+            else:
+                self._connect()
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers (spawn) get a copy, without the client
         state = dict(self.__dict__)
         del state["_written_lock"]
+        if self.protocol != "memory":
+            state.update(_client=None, _client_pid=-1)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._written_lock = threading.Lock()
-        if self.protocol in ("s3", "s3a"):
-            self.fs.retries = 1  # the unpickled s3fs instance is rebuilt with its class default
 
     def _p(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
     def _call(self, op: str, rel: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` with bounded retries of transient errors; `ObjectStoreError` at the end."""
+        """``fn(*args, **kwargs)`` with bounded retries of transient errors; `ObjectStoreError` at the end.
+
+        Quick transient failures (refused, reset) are retried up to ``io_retries`` times with
+        exponential backoff and jitter; a retry only starts while it can end within `RETRY_WINDOW`
+        ``io_timeout``s of the first attempt, so a store that stopped answering (each attempt ends
+        in a timeout) gives up after about two attempts. Errors not known to be transient are never
+        retried: the builtin ones a caller handles (missing file, ...) are raised as they are, others
+        as an `ObjectStoreError` naming the object."""
         t0 = time.monotonic()
         attempt = 0
         while True:
@@ -253,14 +334,18 @@ class FsspecFS:
                 if _permanent(exc):
                     raise
                 attempt += 1
-                if attempt > self.io_retries:
+                elapsed = time.monotonic() - t0
+                if not _transient(exc):
+                    raise ObjectStoreError(f"{op} {self.url}/{rel} failed, not retried (not a transient error): "
+                                           f"{_one_line(exc)}") from exc
+                delay = min(0.2 * 2 ** (attempt - 1), 2.0) * (0.5 + random.random())
+                if attempt > self.io_retries or elapsed + delay + self.io_timeout > RETRY_WINDOW * self.io_timeout:
                     raise ObjectStoreError(
-                        f"{op} {self.url}/{rel} failed after {attempt} attempt(s) in {time.monotonic() - t0:.1f} s "
+                        f"{op} {self.url}/{rel} failed after {attempt} attempt(s) in {elapsed:.1f} s "
                         f"(io_timeout={self.io_timeout:g} s, io_retries={self.io_retries}): {_one_line(exc)}"
                     ) from exc
-                delay = min(0.2 * 2 ** (attempt - 1), 2.0) * (0.5 + random.random())
                 logger.info("%s %s/%s: %s; retry %d of %d in %.2f s", op, self.url, rel, _one_line(exc),
-                               attempt, self.io_retries, delay)
+                            attempt, self.io_retries, delay)
                 time.sleep(delay)
 
     def _record(self, rel: str) -> None:
@@ -354,6 +439,10 @@ class FsspecFS:
         except FileNotFoundError:
             pass
         self.cache.discard(rel)
+
+    def _size(self, rel: str) -> int:
+        """The byte size of object ``rel`` (retried like every request)."""
+        return int(self._call("size", rel, lambda: self.fs.size(self._p(rel))))
 
     def _download(self, rel: str, local: str) -> None:
         """Fetch ``rel`` into the local file ``local`` (the shard cache's transfer, retried like every request)."""
