@@ -1,0 +1,72 @@
+"""The node cache bounds disk, counting files deleted from it but still held open by readers.
+
+A reader keeps a cached shard file open only while it reads it (plus the last one it used), so an
+evicted file's space comes back at once: disk in use <= cache_bytes + one shard per open reader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import m2m
+
+from .helpers import DiskWatch, make_lake
+
+
+@pytest.fixture(scope="module")
+def disk_lake(s3_server) -> tuple[str, int, int]:
+    import os
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": s3_server.endpoint_url}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        url = f"{s3_server.bucket()}/lake"
+        files = make_lake(url, 8000)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return url, max(b for _, b, _ in files), sum(b for _, b, _ in files)
+
+
+def _epoch_ids(dl) -> np.ndarray:
+    return np.concatenate([b["id"].numpy() for b in dl])
+
+
+@pytest.mark.parametrize("shuffle_mode", ["full", "block"])
+def test_one_loader_holds_disk_to_the_budget_plus_one_shard(s3_env, disk_lake, tmp_path, shuffle_mode) -> None:
+    url, shard, lake_bytes = disk_lake
+    budget = int(2.5 * shard)
+    assert lake_bytes > 5 * budget
+    cache_dir = str(tmp_path / "cache")
+    with m2m.open_lake(url, cache_dir=cache_dir, cache_bytes=budget) as lake:
+        with DiskWatch(cache_dir) as watch:
+            dl = lake.export_to_dataloader(batch_size=128, columns=("embedding", "id"), shuffle_mode=shuffle_mode)
+            ids = _epoch_ids(dl)
+        stats = lake.snapshot.fetch_stats()
+    assert np.array_equal(np.sort(ids), np.arange(len(ids))) or len(np.unique(ids)) == len(ids) == 8000
+    assert stats["evictions"] > 0
+    print(f"{shuffle_mode}: peak disk {watch.peak} bytes, budget {budget}, shard {shard}, lake {lake_bytes}")
+    assert watch.peak <= budget + 1 * shard + 8 * 4096, (watch.peak, budget, shard)
+
+
+def test_two_loaders_hold_disk_to_the_budget_plus_one_shard_each(s3_env, disk_lake, tmp_path) -> None:
+    url, shard, lake_bytes = disk_lake
+    budget = int(2.5 * shard)
+    cache_dir = str(tmp_path / "cache")
+    with m2m.open_lake(url, cache_dir=cache_dir, cache_bytes=budget) as lake:
+        with DiskWatch(cache_dir) as watch:
+            a = lake.export_to_dataloader(batch_size=128, columns=("embedding", "id"), shuffle_mode="full", seed=1)
+            b = lake.export_to_dataloader(batch_size=128, columns=("embedding", "id"), shuffle_mode="full", seed=2)
+            got_a, got_b = [], []
+            for x, y in zip(a, b):
+                got_a.append(x["id"].numpy())
+                got_b.append(y["id"].numpy())
+    assert len(np.unique(np.concatenate(got_a))) == 8000 == len(np.unique(np.concatenate(got_b)))
+    print(f"two loaders: peak disk {watch.peak} bytes, budget {budget}, shard {shard}")
+    assert watch.peak <= budget + 2 * shard + 8 * 4096, (watch.peak, budget, shard)
