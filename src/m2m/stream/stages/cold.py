@@ -17,8 +17,12 @@ rows lie in. `ColdStage` is the stream stage that gathers each item directly.
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
-from typing import Any, Sequence
+from collections import OrderedDict
+from functools import partial
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +39,8 @@ from m2m.stream.memory import (
 from m2m.stream.source import RowSource
 from m2m.stream.stages.base import BufferSource, Stage, Work
 
+T = TypeVar("T")
+
 GATHER_STAGING_BYTES = 64 << 20  # bound on what one cold gather reads before copying rows out
 CACHE_BLOCKS_PER_COLUMN = 4  # checked blocks a reader keeps per column (edges of neighbouring reads)
 SCATTER_CACHE_BYTES = 64 << 20  # checked blocks kept by a reader of scattered rows (neighbour reads)
@@ -45,6 +51,10 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only mappings: we never write through them
         return torch.from_numpy(array)
+
+
+def _read_into(f: ShardFile, start: int, view: memoryview) -> int:
+    return f.read_into(start, view)
 
 
 def _bytes(array: np.ndarray) -> memoryview:
@@ -74,18 +84,160 @@ class _LazyExtents:
         if ext is not None and ext.rows != rows:
             raise CorruptShardError(f"shard file {ext.path}: column {self._name!r} has {ext.rows} rows, "
                                     f"the manifest says {rows}")
-        if ext is not None and ext.path not in r._files:
-            f = r._files[ext.path] = ShardFile(ext.path, ext.entry, cache=r._cache)
-            fs = getattr(r.source, "fs", None)
-            if fs is not None and not fs.is_local:  # open it while the node cache keeps it: an open file
-                with fs.open_local(ext.entry.path, ext.entry.bytes, ext.entry.crc32):  # outlives eviction
-                    f._fileno()
         if ext is None:  # not fixed-width (e.g. string labels as codes): the source's array
             array = r.source.column(shard, self._name)
             r._arrays[self._name][shard] = array
             r._tensors[self._name][shard] = as_tensor(array)
         self._got[shard] = ext
         return ext
+
+
+IDLE_REMOTE_FILES = 1  # cached shard files a remote reader keeps open between reads
+
+
+class _Handle:
+    __slots__ = ("file", "refs", "stale")
+
+    def __init__(self, file: ShardFile) -> None:
+        self.file = file
+        self.refs = 0
+        self.stale = False
+
+
+class RemoteFiles:
+    """The node-cache copies of a remote lake's shard files that one reader has open.
+
+    A file is opened only through the node cache (`m2m.lake.fs.FsspecFS.open_local`: downloaded if
+    needed, and existing while it is opened), never again by its path, so a file the cache evicted is
+    downloaded again rather than reported missing. Each read holds its file (a reference count);
+    once no read holds it, the file stays open only while it is among the `IDLE_REMOTE_FILES` most
+    recently used, so a file the cache evicts is closed, and its disk space freed, as soon as the
+    reader moves on: the disk a reader keeps beyond the cache's budget is one shard (plus one per
+    thread reading at that moment).
+
+    A copy that fails a block check is dropped from the cache and downloaded once more, and the
+    read retried; a second failure raises `CorruptShardError` naming the remote object.
+    """
+
+    def __init__(self, fs: Any, cache: BlockCache, idle: int = IDLE_REMOTE_FILES) -> None:
+        self.fs = fs
+        self._cache = cache
+        self.idle = int(idle)
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, _Handle] = OrderedDict()
+        self.closed_checked = 0  # bytes checked by files closed since
+        self.reopens = 0
+
+    def _after_fork(self) -> None:
+        if self._pid != os.getpid():  # a forked worker: its own files (the inherited fds are copies)
+            for h in list(getattr(self, "_open", {}).values()):
+                h.file.close()
+            self._init_process_state()
+
+    def _acquire(self, ext: ColumnExtent) -> _Handle:
+        self._after_fork()
+        with self._lock:
+            h = self._open.get(ext.path)
+            if h is not None:
+                h.refs += 1
+                self._open.move_to_end(ext.path)
+                return h
+        entry = ext.entry
+        f = ShardFile(ext.path, entry, cache=self._cache)
+        with self.fs.open_local(entry.path, entry.bytes, entry.crc32) as local:
+            if local != ext.path:
+                raise CorruptShardError(f"the node cache gave {local} for {ext.path}")
+            f._fileno()  # opened while the cache keeps the file: an open file outlives eviction
+        with self._lock:
+            self.reopens += 1
+            h = self._open.get(ext.path)
+            if h is None:
+                h = self._open[ext.path] = _Handle(f)
+            else:  # another thread opened it meanwhile: use theirs
+                f.close()
+            h.refs += 1
+            self._open.move_to_end(ext.path)
+            return h
+
+    def _release(self, path: str, h: _Handle) -> None:
+        with self._lock:
+            h.refs -= 1
+            if h.stale and h.refs == 0:
+                self._close(h)
+            idle = [(p, x) for p, x in self._open.items() if x.refs == 0]
+            for p, x in idle[: max(0, len(idle) - self.idle)]:
+                del self._open[p]
+                self._close(x)
+
+    def _close(self, h: _Handle) -> None:
+        self.closed_checked += h.file.bytes_checked
+        h.file.close()
+
+    def _drop(self, ext: ColumnExtent, h: _Handle) -> None:
+        """``h``'s copy failed a check: no new read uses it, and the cache downloads it again."""
+        inode = None
+        fd = h.file._fd
+        if fd is not None:
+            inode = os.fstat(fd).st_ino
+        with self._lock:
+            if self._open.get(ext.path) is h:
+                del self._open[ext.path]
+            h.stale = True
+        self.fs.cache.invalidate(ext.entry.path, inode)
+
+    def run(self, ext: ColumnExtent, fn: Callable[[ShardFile], T]) -> T:
+        """``fn(file)`` on ``ext``'s file, held open while it runs (``fn`` must be safe to repeat)."""
+        for attempt in (0, 1):
+            h = self._acquire(ext)
+            try:
+                return fn(h.file)
+            except CorruptShardError as exc:
+                if attempt:
+                    raise CorruptShardError(
+                        f"shard object {self.fs.url}/{ext.entry.path} failed its checks again after a fresh "
+                        f"download: {exc}") from exc
+                self._drop(ext, h)
+            finally:
+                self._release(ext.path, h)
+        raise AssertionError("unreachable")
+
+    def advise(self, ext: ColumnExtent, start: int, length: int) -> None:
+        """Read-ahead hint for a file this reader has open now (others are skipped: not downloaded yet)."""
+        with self._lock:
+            h = self._open.get(ext.path) if self._pid == os.getpid() else None
+            if h is None:
+                return
+            h.refs += 1
+        try:
+            h.file.advise(start, length)
+        finally:
+            self._release(ext.path, h)
+
+    def bytes_checked(self) -> int:
+        with self._lock:
+            return self.closed_checked + sum(h.file.bytes_checked for h in self._open.values())
+
+    def close(self) -> None:
+        """Close every idle file (files being read close when their reads end)."""
+        with self._lock:
+            for p, h in list(self._open.items()):
+                if h.refs == 0:
+                    del self._open[p]
+                    self._close(h)
+                else:
+                    h.stale = True
+                    del self._open[p]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"fs": self.fs, "_cache": self._cache, "idle": self.idle}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_process_state()
 
 
 class ColdReader:
@@ -105,7 +257,9 @@ class ColdReader:
         self._staging: dict[str, torch.Tensor] = {}
         self._advised: set[tuple[int, int]] = set()
         self._arena: Any = None
+        self._remote_files: RemoteFiles | None = None
         if self.remote:
+            self._remote_files = RemoteFiles(source.fs, self._cache)  # type: ignore[attr-defined]
             self._extents = {n: _LazyExtents(self, n) for n in names}  # type: ignore[misc]
             self._arrays = {n: [None] * self.num_shards for n in names}
             self._tensors: dict[str, list[torch.Tensor | None]] = {n: [None] * self.num_shards for n in names}
@@ -140,12 +294,15 @@ class ColdReader:
 
     def bytes_checked(self) -> int:
         """Bytes whose block checksums this reader has checked so far."""
-        return sum(f.bytes_checked for f in self._files.values())
+        remote = 0 if self._remote_files is None else self._remote_files.bytes_checked()
+        return remote + sum(f.bytes_checked for f in self._files.values())
 
     def close(self) -> None:
         """Close the shard files (reads reopen them)."""
         for f in self._files.values():
             f.close()
+        if self._remote_files is not None:
+            self._remote_files.close()
 
     def for_scattered_reads(self, arena: Any = None) -> ColdReader:
         """Make this reader serve scattered rows (augmentation's neighbour reads): from ``arena`` (a
@@ -163,8 +320,11 @@ class ColdReader:
         last = int(np.searchsorted(self.offsets, hi, side="left"))
         return range(max(first, 0), min(last, self.num_shards))
 
-    def _file(self, ext: ColumnExtent) -> ShardFile:
-        return self._files[ext.path]
+    def _with_file(self, ext: ColumnExtent, fn: Callable[[ShardFile], T]) -> T:
+        """``fn(file)`` on the shard file of ``ext`` (a remote one held open while ``fn`` runs)."""
+        if self._remote_files is not None:
+            return self._remote_files.run(ext, fn)
+        return fn(self._files[ext.path])
 
     def read_rows(self, name: str, lo: int, hi: int, dst: np.ndarray) -> int:
         """Copy global rows ``[lo, hi)`` of ``name`` into ``dst`` (sequential reads); returns bytes."""
@@ -181,7 +341,8 @@ class ColdReader:
                     # fault fresh destination pages (a new arena) in one call, not one per page inside
                     # the read: fills 1.0-2.3x faster in 4 paired runs on this VM
                     madvise(out.ctypes.data, out.nbytes, MADV_POPULATE_WRITE)
-                self._file(ext).read_into(ext.offset + (a - base) * ext.row_bytes, _bytes(out))
+                self._with_file(ext, partial(_read_into, start=ext.offset + (a - base) * ext.row_bytes,
+                                             view=_bytes(out)))
                 continue
             src = self._arrays[name][s][a - base: b - base]  # type: ignore[index]
             if src.nbytes >= 1 << 20 and src.flags.c_contiguous:  # map the range in one call, not per page
@@ -204,7 +365,10 @@ class ColdReader:
                     continue
                 ext = self._extents[name][s]
                 if ext is not None:
-                    self._file(ext).advise(ext.offset + a * ext.row_bytes, (b - a) * ext.row_bytes)
+                    if self._remote_files is not None:
+                        self._remote_files.advise(ext, ext.offset + a * ext.row_bytes, (b - a) * ext.row_bytes)
+                    else:
+                        self._files[ext.path].advise(ext.offset + a * ext.row_bytes, (b - a) * ext.row_bytes)
                     continue
                 arr = arrays[s]
                 assert arr is not None
@@ -242,13 +406,13 @@ class ColdReader:
                 assert src is not None
                 dst.index_copy_(0, torch.from_numpy(sel), torch.index_select(src, 0, torch.from_numpy(local)))
             else:
-                self._gather_file(ext, local, sel, dst)
+                self._with_file(ext, partial(self._gather_file, ext=ext, local=local, sel=sel, dst=dst))
         return int(dst.nbytes)
 
-    def _gather_file(self, ext: ColumnExtent, local: np.ndarray, sel: np.ndarray, dst: torch.Tensor) -> None:
+    def _gather_file(self, f: ShardFile, ext: ColumnExtent, local: np.ndarray, sel: np.ndarray,
+                     dst: torch.Tensor) -> None:
         """Rows ``local`` of one shard file into ``dst[sel]``: runs of rows covering whole checksum
         blocks are read (and checked) into a bounded staging buffer, then the rows copied out."""
-        f = self._file(ext)
         unit = max(1, int(f.block_bytes or (1 << 20)) // ext.row_bytes)  # rows per read
         shard_rows = ext.rows
         units = local // unit
