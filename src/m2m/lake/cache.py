@@ -194,6 +194,10 @@ class ShardCache:
     def _remote(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
+    def _named(self, rel: str) -> str:
+        """``rel``'s URL, as messages name it."""
+        return f"{self.url}/{rel}"
+
     # ------------------------------------------------------------------ reading
     @contextmanager
     def open(self, rel: str, size: int | None = None, crc32: int | None = None) -> Iterator[str]:
@@ -206,7 +210,7 @@ class ShardCache:
         since = time.monotonic()
         for _ in range(8):  # a file evicted between our download and our shared lock: fetch again
             lock = self._lock(name)
-            lock.acquire(True, self.lock_timeout, f"the download of {self._remote(rel)}")
+            lock.acquire(True, self.lock_timeout, f"the download of {self._named(rel)}")
             try:
                 found = self._touch(path, size)
                 if found is True:
@@ -217,11 +221,11 @@ class ShardCache:
                     return
             finally:
                 lock.release()
-            if isinstance(found, int):  # damaged (wrong size): drop it, then download it again
-                logger.warning("the cached copy of %s has the wrong size: downloading it again", self._remote(rel))
+            if found is not False:  # an inode: damaged (wrong size), drop it, then download it again
+                logger.warning("the cached copy of %s has the wrong size: downloading it again", self._named(rel))
                 self.invalidate(rel, found)
             fetched = self._fetch(rel, size, crc32, since) or fetched
-        raise CacheTimeoutError(f"{self._remote(rel)} was evicted from {self.dir} 8 times while being opened; "
+        raise CacheTimeoutError(f"{self._named(rel)} was evicted from {self.dir} 8 times while being opened; "
                                 f"cache_bytes={self.budget} is too small for the shards in use")
 
     def _touch(self, path: str, size: int | None = None) -> bool | int:
@@ -241,7 +245,7 @@ class ShardCache:
         self._after_fork()
         path = self.path(rel)
         lock = self._lock(self.name(rel))
-        lock.acquire(False, self.lock_timeout, f"the cache entry of {self._remote(rel)}")
+        lock.acquire(False, self.lock_timeout, f"the cache entry of {self._named(rel)}")
         try:
             return self._remove_copy(path, inode)
         finally:
@@ -266,7 +270,7 @@ class ShardCache:
         name = self.name(rel)
         path = self.path(rel)
         lock = self._lock(name)
-        lock.acquire(False, self.lock_timeout, f"the download of {self._remote(rel)}")
+        lock.acquire(False, self.lock_timeout, f"the download of {self._named(rel)}")
         try:
             if os.path.exists(path):
                 return False
@@ -308,12 +312,12 @@ class ShardCache:
         got = os.path.getsize(part)
         # no fsync: a cache file torn by a power loss is caught by the per-block checks of reads
         if got != size:
-            raise CorruptShardError(f"shard object {remote} has {got} bytes, the manifest says {size}")
+            raise CorruptShardError(f"shard object {self._named(rel)} has {got} bytes, the manifest says {size}")
         if crc32 is not None:
             crc = file_crc32(part)
             if crc != crc32:
                 raise CorruptShardError(
-                    f"shard object {remote} is corrupt: CRC32 {crc:#010x} != manifest {crc32:#010x}")
+                    f"shard object {self._named(rel)} is corrupt: CRC32 {crc:#010x} != manifest {crc32:#010x}")
 
     # ------------------------------------------------------------------ budget
     def _scan(self) -> tuple[list[tuple[float, int, str]], int]:
@@ -399,7 +403,7 @@ class ShardCache:
         size = os.path.getsize(local_src)
         name = self.name(rel)
         lock = self._lock(name)
-        lock.acquire(False, self.lock_timeout, f"the cache entry of {self._remote(rel)}")
+        lock.acquire(False, self.lock_timeout, f"the cache entry of {self._named(rel)}")
         try:
             part = self._reserve(name, size)
             os.replace(local_src, part)
@@ -445,7 +449,7 @@ class ShardCache:
         except Exception as exc:  # noqa: BLE001 -- an open() waiting for this download raises it
             with self._mutex:
                 self._failed[rel] = (time.monotonic(), exc)
-            logger.warning("prefetch of %s failed: %s", self._remote(rel), exc)
+            logger.warning("prefetch of %s failed: %s", self._named(rel), exc)
 
     def wait_prefetch(self, timeout: float | None = None) -> None:
         """Wait for queued prefetches (tests and benchmarks)."""
