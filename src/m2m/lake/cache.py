@@ -30,6 +30,7 @@ checksum we know from the manifest. We keep fsspec for the transfer itself.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -46,7 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-from m2m.errors import CacheTimeoutError, CorruptShardError
+from m2m.errors import CacheTimeoutError, CorruptShardError, ObjectStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ PREFETCH_THREADS = 2
 SHARD_SUFFIX = ".shard"
 PART_SUFFIX = ".part"
 _POLL_S = 0.01
+FAILURE_HOLD_S = 10.0
 
 
 def default_budget(directory: str) -> int:
@@ -85,7 +87,8 @@ class _FileLock:
         self.path = path
         self._fd = -1
 
-    def acquire(self, shared: bool, timeout: float, what: str) -> None:
+    def acquire(self, shared: bool, timeout: float, what: str, check: Callable[[], None] | None = None) -> None:
+        """Take the lock, waiting at most ``timeout``; ``check()`` runs while waiting (it may raise)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
         deadline = time.monotonic() + timeout
@@ -101,6 +104,12 @@ class _FileLock:
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise CacheTimeoutError(f"waited {timeout:.0f} s for {what} (lock {self.path})")
+            if check is not None:
+                try:
+                    check()
+                except BaseException:
+                    os.close(fd)
+                    raise
             time.sleep(_POLL_S)
 
     def try_acquire(self) -> bool:
@@ -146,6 +155,9 @@ class ShardCache:
         os.makedirs(self._locks, exist_ok=True)
         self.budget = default_budget(self.dir) if cache_bytes is None else int(cache_bytes)
         self.prefetch_shards = int(prefetch_shards)
+        #: seconds after a download from the store ended in `ObjectStoreError` (in any process of the
+        #: node) during which reads that need a download fail at once with it (the lake sets its io_timeout)
+        self.failure_hold = FAILURE_HOLD_S
         self.lock_timeout = float(lock_timeout)
         self._owner = os.getpid()
         self._url_key = hashlib.sha256(url.encode()).hexdigest()
@@ -208,9 +220,12 @@ class ShardCache:
         path = self.path(rel)
         fetched = False
         since = time.monotonic()
+        if not os.path.exists(path):
+            self._raise_store_failure(since)  # the store failed this node just now: no new wait on it
         for _ in range(8):  # a file evicted between our download and our shared lock: fetch again
             lock = self._lock(name)
-            lock.acquire(True, self.lock_timeout, f"the download of {self._named(rel)}")
+            lock.acquire(True, self.lock_timeout, f"the download of {self._named(rel)}",
+                         check=lambda: self._raise_store_failure(since))
             try:
                 found = self._touch(path, size)
                 if found is True:
@@ -266,11 +281,15 @@ class ShardCache:
         """Download ``rel`` unless it is cached or another process just did; True if this call did.
 
         A prefetch of ``rel`` by this process that failed after ``since`` (while we waited for it) is
-        re-raised instead of trying again: it already ran the lake's bounded retries."""
+        re-raised instead of trying again: it already ran the lake's bounded retries. So is a
+        prefetch of any file that ended in `ObjectStoreError` after ``since``: the store failed this
+        process just now, and a read waiting behind it (for a lock, or for room) gives up with it
+        rather than start its own bounded retries after it."""
         name = self.name(rel)
         path = self.path(rel)
         lock = self._lock(name)
-        lock.acquire(False, self.lock_timeout, f"the download of {self._named(rel)}")
+        check = None if since is None else (lambda: self._raise_store_failure(since))
+        lock.acquire(False, self.lock_timeout, f"the download of {self._named(rel)}", check=check)
         try:
             if os.path.exists(path):
                 return False
@@ -278,21 +297,28 @@ class ShardCache:
                 failure = self._failed.get(rel)
             if since is not None and failure is not None and failure[0] >= since:
                 raise failure[1]
+            if check is not None:
+                check()
             if size is None:
                 size = int(self._size(rel)) if self._size is not None else int(self.fs.size(self._remote(rel)))
-            part = self._reserve(name, size)
+            part = self._reserve(name, size, check)
             try:
                 self._download(rel, part, size, crc32)
                 os.rename(part, path)
-            except BaseException:
+            except BaseException as exc:
                 try:
                     os.remove(part)
                 except FileNotFoundError:
                     pass
+                if since is not None:  # a read's own download (prefetches note theirs when they end)
+                    self._note_store_failure(exc)
                 raise
             with self._mutex:
                 self.fetches[rel] += 1
                 self.fetch_bytes += size
+                self._failed.clear()  # the store answers again
+            with contextlib.suppress(OSError):
+                os.remove(self._failure_note())
             return True
         finally:
             lock.release()
@@ -349,9 +375,50 @@ class ShardCache:
         done.sort()
         return done, reserved
 
-    def _reserve(self, name: str, size: int) -> str:
+    def _failure_note(self) -> str:
+        return os.path.join(self._locks, f"{self._url_key[:40]}.store-failed")
+
+    def _note_store_failure(self, exc: BaseException) -> None:
+        """Tell the other processes of this node (DataLoader workers) that a download from this
+        lake's store just ended in `ObjectStoreError` (a file whose mtime says when)."""
+        if not isinstance(exc, ObjectStoreError):
+            return
+        note = self._failure_note()
+        tmp = f"{note}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(" ".join(str(exc).split()))
+            os.replace(tmp, note)
+        except OSError:  # a hint only
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+    def _raise_store_failure(self, since: float) -> None:
+        """Raise if a download of this lake ended in `ObjectStoreError` after ``since`` (monotonic)
+        or within the last `failure_hold` seconds (with no download done since): the latest of this
+        process's prefetches, or another process's of this node."""
+        since = min(since, time.monotonic() - self.failure_hold)
+        with self._mutex:
+            failures = [f for f in self._failed.values() if f[0] >= since and isinstance(f[1], ObjectStoreError)]
+        if failures:
+            raise max(failures, key=lambda f: f[0])[1]
+        try:
+            st = os.stat(self._failure_note())
+        except OSError:
+            return
+        if st.st_mtime >= time.time() - (time.monotonic() - since):
+            try:
+                with open(self._failure_note()) as f:
+                    why = f.read(2000)
+            except OSError:
+                why = "(unknown)"
+            raise ObjectStoreError(f"{self.url}: another process of this node just failed to download from the "
+                                   f"store, so this read gives up too: {why}")
+
+    def _reserve(self, name: str, size: int, check: Callable[[], None] | None = None) -> str:
         """Make room for ``size`` bytes (evicting least recently used files) and create the part file
-        that reserves them; waits (bounded) while other downloads hold the room."""
+        that reserves them; waits (bounded) while other downloads hold the room (``check()`` runs
+        while waiting, and may raise)."""
         deadline = time.monotonic() + self.lock_timeout
         while True:
             glock = _FileLock(os.path.join(self._locks, "cache.lock"))
@@ -373,6 +440,8 @@ class ShardCache:
             if time.monotonic() >= deadline:
                 raise CacheTimeoutError(f"no room for {size} bytes in the shard cache {self.dir} "
                                         f"(cache_bytes={self.budget}) after {self.lock_timeout:.0f} s")
+            if check is not None:
+                check()
             time.sleep(0.05)
 
     def _evict(self, path: str) -> bool:
@@ -445,10 +514,15 @@ class ShardCache:
 
     def _prefetch_one(self, rel: str, size: int | None, crc: int | None) -> None:
         try:
+            self._raise_store_failure(time.monotonic())
+        except ObjectStoreError:  # the store failed just now: no new request (a read asks again later)
+            return
+        try:
             self._fetch(rel, size, crc)
         except Exception as exc:  # noqa: BLE001 -- an open() waiting for this download raises it
             with self._mutex:
                 self._failed[rel] = (time.monotonic(), exc)
+            self._note_store_failure(exc)
             logger.warning("prefetch of %s failed: %s", self._named(rel), exc)
 
     def wait_prefetch(self, timeout: float | None = None) -> None:

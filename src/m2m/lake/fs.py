@@ -158,10 +158,12 @@ _TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeo
 # Error codes of a store's reply that say "try again later" (5xx, throttling).
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
                     "ThrottlingException", "RequestTimeout", "RequestLimitExceeded", "TooManyRequests", "429"}
-#: a retry is started only while ``elapsed + io_timeout`` stays within this many ``io_timeout``s of the
-#: first attempt, so a store that stops answering ends in an error after about 2 attempts (about 20 s at
-#: the default ``io_timeout``) however many ``io_retries`` are allowed for quick failures
-RETRY_WINDOW = 2.5
+#: a retry is started only if it would end (taking as long as the attempt that just failed) within this
+#: many ``io_timeout``s of the first attempt: quick failures (refused, reset) get every one of
+#: ``io_retries``, while an attempt that ended in a timeout (a store that stopped answering) is not
+#: repeated, so a stalled store gives an error about one ``io_timeout`` after the request began, and a
+#: read queued behind it (`m2m.lake.cache`) within about two
+RETRY_WINDOW = 2.0
 
 # Stores whose ``pipe_file(..., mode="create")`` is a real conditional put (one atomic request):
 # S3 (``If-None-Match: *``, AWS since 2024-08, MinIO, R2, moto >= 5) and fsspec's in-process memory store.
@@ -260,7 +262,9 @@ class FsspecFS:
             config_kwargs = dict(options.get("config_kwargs") or {})
             config_kwargs.setdefault("connect_timeout", self.io_timeout)
             config_kwargs.setdefault("read_timeout", self.io_timeout)
-            config_kwargs.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+            # one request per attempt: botocore's ``max_attempts`` counts retries (1 meant two requests
+            # per attempt, each waiting io_timeout on a stalled store); ``total_max_attempts`` counts requests
+            config_kwargs.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
             options["config_kwargs"] = config_kwargs
         if self.protocol != "memory":
             # other writers' commits must be seen at once: no cached listings, no shared instance
@@ -277,6 +281,7 @@ class FsspecFS:
             cache_dir = os.environ.get("M2M_CACHE_DIR") or None
         self.cache = ShardCache(None, self.root, self.url, cache_dir, cache_bytes, download=self._download,
                                 size=self._size)
+        self.cache.failure_hold = self.io_timeout
         self._written: list[str] = []
         self._written_lock = threading.Lock()
 
@@ -320,26 +325,30 @@ class FsspecFS:
         """``fn(*args, **kwargs)`` with bounded retries of transient errors; `ObjectStoreError` at the end.
 
         Quick transient failures (refused, reset) are retried up to ``io_retries`` times with
-        exponential backoff and jitter; a retry only starts while it can end within `RETRY_WINDOW`
-        ``io_timeout``s of the first attempt, so a store that stopped answering (each attempt ends
-        in a timeout) gives up after about two attempts. Errors not known to be transient are never
+        exponential backoff and jitter; a retry only starts if it can end (taking as long as the
+        last attempt) within `RETRY_WINDOW` ``io_timeout``s of the first attempt, so a store that
+        stopped answering (each attempt ends in a timeout) gives up after one or two attempts. Errors not known to be transient are never
         retried: the builtin ones a caller handles (missing file, ...) are raised as they are, others
         as an `ObjectStoreError` naming the object."""
         t0 = time.monotonic()
         attempt = 0
         while True:
+            started = time.monotonic()
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
                 if _permanent(exc):
                     raise
                 attempt += 1
-                elapsed = time.monotonic() - t0
+                now = time.monotonic()
+                elapsed, took = now - t0, now - started
                 if not _transient(exc):
                     raise ObjectStoreError(f"{op} {self.url}/{rel} failed, not retried (not a transient error): "
                                            f"{_one_line(exc)}") from exc
                 delay = min(0.2 * 2 ** (attempt - 1), 2.0) * (0.5 + random.random())
-                if attempt > self.io_retries or elapsed + delay + self.io_timeout > RETRY_WINDOW * self.io_timeout:
+                # the next attempt is expected to take as long as this one (a stalled store: each ends
+                # in a timeout); start it only if it would end within the window
+                if attempt > self.io_retries or elapsed + delay + took > RETRY_WINDOW * self.io_timeout:
                     raise ObjectStoreError(
                         f"{op} {self.url}/{rel} failed after {attempt} attempt(s) in {elapsed:.1f} s "
                         f"(io_timeout={self.io_timeout:g} s, io_retries={self.io_retries}): {_one_line(exc)}"

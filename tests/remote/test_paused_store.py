@@ -1,0 +1,52 @@
+"""A paused object store (SIGSTOP: connections accepted, never answered) mid-epoch ends in a one-line
+error within 30 s at the default io_timeout/io_retries."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from m2m import M2MConfig, create_m2m, open_lake
+from m2m.errors import M2MError
+
+from .helpers import DIM, SHARD_BYTES, unit_rows
+
+PAUSED_ERROR_S = 30.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_store_paused_mid_epoch_ends_in_one_line_within_30_s(s3_server_private, tmp_path, workers) -> None:
+    srv = s3_server_private
+    url = f"{srv.bucket()}/lake"
+    cfg = M2MConfig(path=url, latent_dim=DIM, shard_bytes=SHARD_BYTES, storage_options=srv.storage_options,
+                    cache_dir=str(tmp_path / "writer-cache"))
+    with create_m2m(cfg) as lake:
+        lake.add_splats(unit_rows(40000))
+        shard = max(f.bytes for s in lake.manifest.shards for f in s.files)
+        assert len(lake.manifest.shards) >= 60
+    # a cache of 3 shards: the epoch keeps downloading as it goes
+    with open_lake(url, storage_options=srv.storage_options, cache_dir=str(tmp_path / "cache"),
+                   cache_bytes=3 * shard) as lake:
+        dl = lake.export_to_dataloader(batch_size=100, shuffle_mode="block", block_rows=100,
+                                       num_workers=workers, warm_bytes=1 << 16)
+        it = iter(dl)
+        for _ in range(2):
+            next(it)
+        srv.pause()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(M2MError) as info:
+                for _ in it:
+                    pass
+            elapsed = time.monotonic() - t0
+        finally:
+            srv.resume()
+        del it
+    text = str(info.value)
+    print(f"paused mid-epoch ({workers} workers): {type(info.value).__name__} after {elapsed:.1f} s: {text}")
+    assert elapsed < PAUSED_ERROR_S
+    assert "_data/" in text and "io_timeout=10" in text and url in text
+    if workers == 0:  # (a worker's error comes back with its traceback in the message: torch's wrapping)
+        assert "\n" not in text.strip()
