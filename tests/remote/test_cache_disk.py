@@ -70,3 +70,20 @@ def test_two_loaders_hold_disk_to_the_budget_plus_one_shard_each(s3_env, disk_la
     assert len(np.unique(np.concatenate(got_a))) == 8000 == len(np.unique(np.concatenate(got_b)))
     print(f"two loaders: peak disk {watch.peak} bytes, budget {budget}, shard {shard}")
     assert watch.peak <= budget + 2 * shard + 8 * 4096, (watch.peak, budget, shard)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_workers_hold_disk_to_the_budget_plus_one_shard_each(s3_env, disk_lake, tmp_path, method) -> None:
+    """Deleted-but-open files of the DataLoader workers count too (their /proc/<pid>/fd)."""
+    url, shard, lake_bytes = disk_lake
+    budget = int(2.5 * shard)
+    cache_dir = str(tmp_path / "cache")
+    with m2m.open_lake(url, cache_dir=cache_dir, cache_bytes=budget) as lake:
+        with DiskWatch(cache_dir) as watch:
+            dl = lake.export_to_dataloader(batch_size=128, columns=("embedding", "id"), shuffle_mode="full",
+                                           num_workers=2, multiprocessing_context=method, timeout=120)
+            ids = _epoch_ids(dl)
+    assert len(np.unique(ids)) == len(ids) == 8000
+    print(f"2 workers ({method}): peak disk {watch.peak} bytes, budget {budget}, shard {shard}")
+    assert watch.peak <= budget + 3 * shard + 8 * 4096, (watch.peak, budget, shard)
