@@ -117,7 +117,15 @@ def test_only_transient_errors_are_retried() -> None:
             super().__init__(f"An error occurred ({code})")
             self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": 500}}
 
+    class HTTPClientError(Exception):  # botocore's, wrapping what the HTTP client raised
+        def __init__(self, error: Exception) -> None:
+            super().__init__(f"An HTTP Client raised an unhandled exception: {error}")
+            self.kwargs = {"error": error}
+
     for exc, tries, kind in [(RuntimeError("This class is not fork-safe"), 1, ObjectStoreError),
+                             (HTTPClientError(RuntimeError("cannot schedule new futures after interpreter "
+                                                           "shutdown")), 1, ObjectStoreError),
+                             (HTTPClientError(ConnectionResetError("reset")), 4, ObjectStoreError),
                              (PermissionError("403 Forbidden"), 1, PermissionError),
                              (FileNotFoundError("404"), 1, FileNotFoundError),
                              (ValueError("bad argument"), 1, ValueError),

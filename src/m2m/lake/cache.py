@@ -37,6 +37,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -381,8 +382,8 @@ class ShardCache:
     def _note_store_failure(self, exc: BaseException) -> None:
         """Tell the other processes of this node (DataLoader workers) that a download from this
         lake's store just ended in `ObjectStoreError` (a file whose mtime says when)."""
-        if not isinstance(exc, ObjectStoreError):
-            return
+        if not getattr(exc, "store_down", False) or sys.is_finalizing():
+            return  # only the store's own failures (after retries), never one of this process's client
         note = self._failure_note()
         tmp = f"{note}.{uuid.uuid4().hex}.tmp"
         try:
@@ -399,7 +400,7 @@ class ShardCache:
         process's prefetches, or another process's of this node."""
         since = min(since, time.monotonic() - self.failure_hold)
         with self._mutex:
-            failures = [f for f in self._failed.values() if f[0] >= since and isinstance(f[1], ObjectStoreError)]
+            failures = [f for f in self._failed.values() if f[0] >= since and getattr(f[1], "store_down", False)]
         if failures:
             raise max(failures, key=lambda f: f[0])[1]
         try:
@@ -513,6 +514,8 @@ class ShardCache:
         return queued
 
     def _prefetch_one(self, rel: str, size: int | None, crc: int | None) -> None:
+        if sys.is_finalizing():  # the process is exiting (a worker done with its share): nothing to fetch for
+            return
         try:
             self._raise_store_failure(time.monotonic())
         except ObjectStoreError:  # the store failed just now: no new request (a read asks again later)

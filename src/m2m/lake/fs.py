@@ -213,6 +213,9 @@ def _transient(exc: BaseException) -> bool:
         return True
     if any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__):
         return True
+    wrapped = (getattr(exc, "kwargs", None) or {}).get("error")  # botocore's HTTPClientError(error=...)
+    if isinstance(wrapped, BaseException) and wrapped is not exc and not isinstance(wrapped, OSError):
+        return _transient(wrapped)  # e.g. "cannot schedule new futures after interpreter shutdown"
     code = _error_code(exc)
     if code is not None:
         return code in _TRANSIENT_CODES
@@ -349,10 +352,11 @@ class FsspecFS:
                 # the next attempt is expected to take as long as this one (a stalled store: each ends
                 # in a timeout); start it only if it would end within the window
                 if attempt > self.io_retries or elapsed + delay + took > RETRY_WINDOW * self.io_timeout:
-                    raise ObjectStoreError(
+                    err = ObjectStoreError(
                         f"{op} {self.url}/{rel} failed after {attempt} attempt(s) in {elapsed:.1f} s "
-                        f"(io_timeout={self.io_timeout:g} s, io_retries={self.io_retries}): {_one_line(exc)}"
-                    ) from exc
+                        f"(io_timeout={self.io_timeout:g} s, io_retries={self.io_retries}): {_one_line(exc)}")
+                    setattr(err, "store_down", True)  # the store itself failed: the node cache tells its readers
+                    raise err from exc
                 logger.info("%s %s/%s: %s; retry %d of %d in %.2f s", op, self.url, rel, _one_line(exc),
                             attempt, self.io_retries, delay)
                 time.sleep(delay)
