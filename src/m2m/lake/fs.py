@@ -211,11 +211,11 @@ def _transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (TimeoutError, ConnectionError, asyncio.TimeoutError)):
         return True
-    if any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__):
-        return True
     wrapped = (getattr(exc, "kwargs", None) or {}).get("error")  # botocore's HTTPClientError(error=...)
     if isinstance(wrapped, BaseException) and wrapped is not exc and not isinstance(wrapped, OSError):
         return _transient(wrapped)  # e.g. "cannot schedule new futures after interpreter shutdown"
+    if any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__):
+        return True
     code = _error_code(exc)
     if code is not None:
         return code in _TRANSIENT_CODES
