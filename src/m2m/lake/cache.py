@@ -526,7 +526,8 @@ class ShardCache:
             with self._mutex:
                 self._failed[rel] = (time.monotonic(), exc)
             self._note_store_failure(exc)
-            logger.warning("prefetch of %s failed: %s", self._named(rel), exc)
+            if not sys.is_finalizing():  # (a process exiting mid-download is not worth a warning)
+                logger.warning("prefetch of %s failed: %s", self._named(rel), exc)
 
     def wait_prefetch(self, timeout: float | None = None) -> None:
         """Wait for queued prefetches (tests and benchmarks)."""
