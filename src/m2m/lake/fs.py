@@ -9,7 +9,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -296,6 +296,7 @@ class FsspecFS:
         if self.protocol in ("s3", "s3a"):
             client.retries = 1  # s3fs's own retry loop (5 x read_timeout) would hide ours
         self._client, self._client_pid = client, os.getpid()
+        self._checked_copies: set[tuple[str, int, int]] = set()  # cached copies this process checked
         return str(path).rstrip("/")
 
     @property
@@ -473,7 +474,32 @@ class FsspecFS:
         """``with fs.open_local(rel, bytes, crc32) as path``: the cached copy, verified on download and
         kept from eviction while the block runs (memory-map it there)."""
         self._cached(rel)
-        return self.cache.open(rel, size, crc32)
+        if crc32 is None:
+            return self.cache.open(rel, size, crc32)
+        return self._open_checked(rel, size, crc32)
+
+    @contextlib.contextmanager
+    def _open_checked(self, rel: str, size: int | None, crc32: int) -> Iterator[str]:
+        """`open_local` of a copy whose whole-file CRC32 this process has checked: a copy this process
+        did not download (another process's, an earlier run's) is checked once when first opened; a
+        damaged one is dropped and downloaded once more (the download's own check names the object)."""
+        from m2m.lake.checksum import file_crc32
+
+        for _ in range(2):
+            before = self.cache.fetches.get(rel, 0)
+            with self.cache.open(rel, size, crc32) as path:
+                st = os.stat(path)
+                key = (rel, st.st_ino, st.st_size)
+                downloaded = self.cache.fetches.get(rel, 0) != before  # checked by the download itself
+                if key in self._checked_copies or downloaded or file_crc32(path) == crc32:
+                    self._checked_copies.add(key)
+                    yield path
+                    return
+            logger.warning("the cached copy of %s/%s failed its CRC32: downloading it again", self.url, rel)
+            self.cache.invalidate(rel, st.st_ino)
+        from m2m.errors import CorruptShardError
+
+        raise CorruptShardError(f"shard object {self.url}/{rel}: its cached copy failed its CRC32 twice")
 
     def new_local_file(self, suffix: str) -> str:
         return self.cache.new_local_file(suffix)

@@ -191,19 +191,21 @@ class RemoteFiles:
 
     def run(self, ext: ColumnExtent, fn: Callable[[ShardFile], T]) -> T:
         """``fn(file)`` on ``ext``'s file, held open while it runs (``fn`` must be safe to repeat)."""
-        for attempt in (0, 1):
-            h = self._acquire(ext)
-            try:
-                return fn(h.file)
-            except CorruptShardError as exc:
-                if attempt:
-                    raise CorruptShardError(
-                        f"shard object {self.fs.url}/{ext.entry.path} failed its checks again after a fresh "
-                        f"download: {exc}") from exc
-                self._drop(ext, h)
-            finally:
-                self._release(ext.path, h)
-        raise AssertionError("unreachable")
+        h = self._acquire(ext)
+        try:
+            return fn(h.file)
+        except CorruptShardError:
+            self._drop(ext, h)
+        finally:
+            self._release(ext.path, h)
+        h = self._acquire(ext)
+        try:
+            return fn(h.file)
+        except CorruptShardError as exc:
+            raise CorruptShardError(f"shard object {self.fs.url}/{ext.entry.path} failed its checks again after a "
+                                    f"fresh download: {exc}") from exc
+        finally:
+            self._release(ext.path, h)
 
     def advise(self, ext: ColumnExtent, start: int, length: int) -> None:
         """Read-ahead hint for a file this reader has open now (others are skipped: not downloaded yet)."""
