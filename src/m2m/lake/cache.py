@@ -9,9 +9,16 @@ Every process of a node that opens remote lakes with the same ``cache_dir`` shar
 * **LRU eviction by shard file** — a file's modification time is its last use (set on every open by
   any process); the least recently used files go first. A file being opened (shared lock held) is
   skipped. Evicting unlinks the file: a process that has it open or mapped keeps reading it (POSIX
-  unlink semantics), and the space comes back when that process closes it (a stream's reader keeps
-  its shard files open until it is closed; a remote snapshot keeps at most ``cache_bytes`` of shards
-  mapped, see `m2m.lake.reader.Snapshot`).
+  unlink semantics), and the space comes back when that process closes it. A stream's reader holds
+  a file only while reading it plus its last one (`m2m.stream.stages.cold.RemoteFiles`), so disk in
+  use, deleted-but-open files included, stays within ``cache_bytes`` + one shard per open reader; a
+  remote snapshot keeps at most ``cache_bytes`` of shards mapped (`m2m.lake.reader.Snapshot`).
+* **damaged copies** — a copy of the wrong size is dropped when opened and downloaded again;
+  `invalidate` drops one that failed a checksum (the lake checks a copy it did not download once per
+  process, and readers check every block they read).
+* **store failures** — a download that ends in `ObjectStoreError` after the lake's retries is
+  noted in the lock folder: for ``failure_hold`` seconds, reads of this node that wait for a
+  download or need a new one give up with it, and prefetches are skipped.
 * **atomic, shared downloads** — a download holds the file's exclusive lock and writes
   ``<name>.<size>.<uuid>.part`` (the size in the name is the reservation other processes count),
   verifies its size and CRC32 against the manifest, and renames it into place. A
