@@ -77,6 +77,9 @@ def build_lake(key: tuple[str, str, str, str], path: str, open_kw: dict[str, Any
         except M2MError as e:  # a type the lake refuses at ingest (allowed for uint64, with one line)
             built.ingest_error = e
             return built
+        # persisted kappa and neighbours: loaders skip the in-memory kNN (tested in tests/stream), which
+        # would otherwise dominate the matrix's time
+        lake.estimate_kappa()
     with open_lake(path, **open_kw) as lake:
         s = lake.splats()
         built.ids = s["id"].astype(np.int64)
