@@ -25,11 +25,13 @@ def remote_lake(conformance_s3, tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("context", [
-    pytest.param(None, id="default-fork", marks=pytest.mark.xfail(reason="remote+fork (issue 17 item 2)", strict=False)),
-    pytest.param("spawn", id="spawn"),
+@pytest.mark.parametrize("context, shuffle_mode", [
+    pytest.param(None, "full", id="default-fork-full",
+                 marks=pytest.mark.xfail(reason="remote+fork (issue 17 item 2)", strict=False)),
+    pytest.param(None, "block", id="default-fork-block",
+                 marks=pytest.mark.xfail(reason="remote+fork (issue 17 item 2)", strict=False)),
+    pytest.param("spawn", "full", id="spawn-full"),
 ])
-@pytest.mark.parametrize("shuffle_mode", ["full", "block"])
 def test_remote_lake_with_two_workers_streams_exact_epochs(remote_lake, context, shuffle_mode):
     url, opts, cache_dir, ids = remote_lake
     with open_lake(url, storage_options=opts, cache_dir=cache_dir) as lake:
