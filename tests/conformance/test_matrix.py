@@ -119,7 +119,7 @@ def cells_of(rows: list[tuple[int, ...]]) -> list[Cell]:
 
 def known_bug(levels: dict[str, Any]) -> bool:
     """Cells that fail today for bugs other helpers fix (see `marks`)."""
-    return levels.get("meta") in ("bool", "uint") or (levels.get("source") == "s3" and levels.get("workers") == "2-fork")
+    return levels.get("source") == "s3" and levels.get("workers") == "2-fork"
 
 
 DEFAULT_CELLS = cells_of(pairwise(FACTORS, known_bug))
@@ -134,12 +134,8 @@ SLOW_CELLS = [c for c in dict.fromkeys(SLOW_CHEAP + SLOW_COSTLY) if c not in set
 
 
 def marks(cell: Cell) -> list[Any]:
-    """Known bugs other helpers fix (issue 17 items 2 and 3): xfail, not strict, so a fix shows as XPASS."""
+    """Known bugs other helpers fix (issue 17 item 2; bool/uint/str columns are fixed on main): xfail, not strict, so a fix shows as XPASS."""
     out = []
-    if cell.meta == "bool":
-        out.append(pytest.mark.xfail(reason="bool column stream (issue 17 item 3)", strict=False))
-    if cell.meta == "uint":
-        out.append(pytest.mark.xfail(reason="uint column stream (issue 17 item 3)", strict=False))
     if cell.source == "s3" and cell.workers == "2-fork":
         out.append(pytest.mark.xfail(reason="remote+fork (issue 17 item 2)", strict=False))
     return out
@@ -243,7 +239,6 @@ def test_cell_full_product(cell: Cell, lakes: Lakes, request: pytest.FixtureRequ
     run_cell(cell, lakes, request, str(tmp_path))
 
 
-@pytest.mark.xfail(reason="str column refusal naming to_arrow() (issue 17 item 3)", strict=False)
 def test_a_string_column_in_columns_is_refused_naming_to_arrow(lakes: Lakes) -> None:
     built = lakes.get(Cell("plain", "str", "local", "0", "none", 1, "full", "float32", "int"), None)
     with open_lake(built.path) as lake, pytest.raises(M2MError) as info:
