@@ -234,7 +234,8 @@ def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = Tr
     snap = lake.snapshot  # pinned: the sampler, the augmenter and the stream all read this version
     if snap.num_rows == 0:
         raise ConfigError(f"lake {lake.path} is empty: add splats before exporting a stream")
-    kappa_missing = snap.manifest.stats.get("kappa", {}).get("count", 0) < snap.num_rows
+    # from the data, not the manifest's stats.kappa.count: a wrong count must not skip the estimate
+    kappa_missing = bool(np.isnan(snap.read_all("kappa")).any())
     wants_kappa = gen in ("langevin", "mixture") or (kappa_missing and (gen == "vmf" or imp == "kappa"))
     geometry = None
     if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table

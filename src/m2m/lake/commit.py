@@ -103,9 +103,9 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
 
 def _check_not_overwritten(fs: Any, new: Manifest) -> None:
     """On a store without conditional put, detect (after the fact) a writer that replaced our version."""
-    from m2m.lake.manifest import manifest_name
+    from m2m.lake.manifest import key_of, manifest_name
 
-    if fs.read_bytes(manifest_name(new.version)) != new.to_json():
+    if fs.read_bytes(manifest_name(new.version)) != new.to_json(key_of(fs)):
         raise CommitConflictError(
             f"version {new.version} of {getattr(fs, 'url', fs.root)} was overwritten by another writer: this store "
             f"has no conditional put, so only one writer process may commit at a time")
