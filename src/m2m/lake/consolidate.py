@@ -19,10 +19,10 @@ from m2m._validate import SplatBatch
 from m2m.config import M2MConfig
 from m2m.consolidation.groups import ConsolidationReport, find_duplicate_groups, merge_groups
 from m2m.lake import summary as lake_stats
+from m2m.lake.integrity import WriteStamp
 from m2m.lake.manifest import Manifest
 from m2m.lake.neighbourhood import compute_geometry, with_geometry
 from m2m.lake.reader import Snapshot
-from m2m.lake.integrity import WriteStamp
 from m2m.lake.writer import SchemaUpdate, write_splats
 
 

@@ -533,12 +533,16 @@ class Lake:
                 problems.append(stats_problem)
         return problems
 
-    def vacuum(self, keep: int = 1, min_age_s: float | None = None) -> dict[str, int]:
-        """Delete all but the last ``keep`` versions and every file they do not reference.
+    def vacuum(self, keep: int = 1, min_age_s: float | None = None,
+               allow_symlinked_dirs: bool = False) -> dict[str, int]:
+        """Delete all but the last ``keep`` versions and every m2m file they do not reference.
 
         Also removes the files of interrupted commits. Readers pinned to a deleted version lose it.
-        On an object store other writers may be mid-commit (their shards are not referenced yet), so
-        only unreferenced objects older than ``min_age_s`` go (default: 3600 s remote, 0 local).
+        Only regular files named as m2m names them are deleted, never through a symlink; a
+        symlinked ``_data``/``_manifests`` folder is refused unless ``allow_symlinked_dirs``
+        (`m2m.lake.vacuum`). On an object store other writers may be mid-commit (their shards are
+        not referenced yet), so only unreferenced objects older than ``min_age_s`` go (default:
+        3600 s remote, 0 local).
         """
         if keep < 1:
             raise ConfigError(f"keep must be >= 1, got {keep}")
@@ -547,25 +551,10 @@ class Lake:
             from m2m.lake.commit import vacuum_remote
 
             return vacuum_remote(self._fs, keep, 3600.0 if min_age_s is None else float(min_age_s))
+        from m2m.lake.vacuum import vacuum_local
+
         with write_lock(self._fs):
-            versions = list_versions(self._fs)
-            kept = versions[-keep:]
-            live: set[str] = set()
-            for v in kept:
-                live.update(f.path.rsplit("/", 1)[-1] for f in read_manifest(self._fs, v).files())
-            removed_versions = 0
-            for v in versions[:-keep]:
-                self._fs.remove(manifest_name(v))
-                removed_versions += 1
-            for name in self._fs.listdir(MANIFEST_DIR):
-                if name.startswith(".tmp-"):
-                    self._fs.remove(f"{MANIFEST_DIR}/{name}")
-            removed_files = 0
-            for name in self._fs.listdir(DATA_DIR):
-                if name not in live:
-                    self._fs.remove(f"{DATA_DIR}/{name}")
-                    removed_files += 1
-        return {"versions_removed": removed_versions, "files_removed": removed_files}
+            return vacuum_local(self._fs, keep, allow_symlinked_dirs)
 
 
 ENGINES = ("local", "ray")
