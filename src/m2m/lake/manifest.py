@@ -72,6 +72,7 @@ _FILE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 _LAKE_ID_RE = re.compile(r"[0-9a-f]{32}")
 SIGNATURE_ALGORITHM = "hmac-sha256"
 KEY_ENV = "M2M_LAKE_KEY"
+_Key = bytes  # (inside Manifest, ``bytes`` is its size property)
 _U32 = 1 << 32
 _I64_MAX = (1 << 63) - 1
 
@@ -190,7 +191,7 @@ class Manifest:
         doc["checksum"] = manifest_checksum(doc)
         return doc
 
-    def to_json(self, key: bytes | None = None) -> bytes:
+    def to_json(self, key: _Key | None = None) -> _Key:
         """The manifest file's bytes; with ``key`` signed (``signature``: HMAC-SHA256 of `canonical_json`)."""
         doc = self.to_doc()
         if key is not None:
@@ -198,7 +199,7 @@ class Manifest:
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @staticmethod
-    def from_json(data: bytes, where: str, key: bytes | None = None) -> "Manifest":
+    def from_json(data: _Key, where: str, key: _Key | None = None) -> "Manifest":
         """Parse and check a manifest; `CorruptShardError` naming ``where`` and the first problem found.
 
         Checks the checksum (v2), every field's type and range, file names, and the id layout; reads
