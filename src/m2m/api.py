@@ -11,7 +11,7 @@ from m2m.config import M2MConfig
 from m2m.errors import ConfigTypeError, DeviceUnavailableError, LakeNotFoundError
 from m2m.lake.fs import open_fs
 from m2m.lake.lake import Lake, check_compatible, create_empty
-from m2m.lake.manifest import read_manifest
+from m2m.lake.manifest import read_manifest, use_key
 from m2m.lake.tempdirs import create_temporary
 
 
@@ -47,6 +47,7 @@ def create_m2m(config: M2MConfig | None = None) -> Lake:
         path = os.fspath(config.path)
     fs = open_fs(path, config.storage_options, config.io_timeout, config.io_retries, config.cache_dir,
                  config.cache_bytes)
+    use_key(fs, config.lake_key)
     try:
         manifest = read_manifest(fs)
     except LakeNotFoundError:
@@ -70,6 +71,7 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
     base = config or M2MConfig()
     asked = dataclasses.replace(base, path=os.fspath(path), **overrides)  # validates the overrides
     fs = open_fs(path, asked.storage_options, asked.io_timeout, asked.io_retries, asked.cache_dir, asked.cache_bytes)
+    use_key(fs, asked.lake_key)
     try:
         manifest = read_manifest(fs, version)   # LakeNotFoundError ("no m2m lake at ...") when there is none
     except BaseException:

@@ -57,6 +57,9 @@ class M2MConfig:
             else a private temporary directory removed when the lake closes (see `m2m.lake.cache`).
         cache_bytes: byte budget of that cache (LRU eviction by shard file); None: half the free
             space of its disk, at most 64 GiB.
+        lake_key: key of a signed lake (str or bytes; None: ``$M2M_LAKE_KEY`` if set): every manifest
+            written carries an HMAC-SHA256 under it, and a manifest without a matching one is refused
+            (kept out of ``repr``: it is a secret). See docs/format.md, "Integrity".
     """
 
     path: str | os.PathLike[str] | None = None
@@ -81,6 +84,7 @@ class M2MConfig:
     io_retries: int = 3
     cache_dir: str | os.PathLike[str] | None = None
     cache_bytes: int | None = None
+    lake_key: str | bytes | None = field(default=None, repr=False, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.latent_dim, int) and not isinstance(self.latent_dim, bool) and self.latent_dim >= 2,
@@ -107,6 +111,8 @@ class M2MConfig:
         _check(_is_int(self.prefetch) and self.prefetch >= 0, "prefetch", self.prefetch,
                "an int >= 0 (0 = no background thread)")
 
+        _check(self.lake_key is None or (isinstance(self.lake_key, (str, bytes)) and len(self.lake_key) > 0),
+               "lake_key", "<secret>", "None or a non-empty str/bytes")
         _check(self.storage_options is None or isinstance(self.storage_options, dict), "storage_options",
                self.storage_options, "a dict of fsspec options or None")
         _check(_is_pos(self.io_timeout), "io_timeout", self.io_timeout, "a finite float > 0 (seconds)")

@@ -107,3 +107,7 @@ class InternalError(M2MError, RuntimeError):
 
 class CacheTimeoutError(M2MError, TimeoutError):
     """Waiting for the node-local shard cache (another process's download, or room in its budget) timed out."""
+
+
+class SignatureError(M2MError, PermissionError):
+    """A signed lake's manifest is unsigned or wrongly signed, or a signed lake is read without its key."""

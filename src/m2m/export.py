@@ -234,8 +234,12 @@ def export_to_dataloader(lake: "Lake", batch_size: int = 256, shuffle: bool = Tr
     snap = lake.snapshot  # pinned: the sampler, the augmenter and the stream all read this version
     if snap.num_rows == 0:
         raise ConfigError(f"lake {lake.path} is empty: add splats before exporting a stream")
-    kappa_missing = snap.manifest.stats.get("kappa", {}).get("count", 0) < snap.num_rows
-    wants_kappa = gen in ("langevin", "mixture") or (kappa_missing and (gen == "vmf" or imp == "kappa"))
+    # only modes that use kappa look, and they look at the data, not at the manifest's
+    # stats.kappa.count: a wrong count must not skip the estimate (a remote lake's shards are not
+    # downloaded here for modes that never read kappa)
+    uses_kappa = gen == "vmf" or imp == "kappa"
+    kappa_missing = uses_kappa and bool(np.isnan(snap.read_all("kappa")).any())
+    wants_kappa = gen in ("langevin", "mixture") or kappa_missing
     geometry = None
     if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table
         geometry = computed_geometry(snap, cfg.knn_k, cfg.seed)

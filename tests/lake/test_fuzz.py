@@ -54,14 +54,15 @@ def deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def build(path: Path) -> None:
-    g = np.random.default_rng(5)
+def build(path: Path, seed: int = 5) -> None:
+    g = np.random.default_rng(seed)
     names = np.array(["ant", "bee", "cow"])
     with create_m2m(M2MConfig(path=path, latent_dim=D, knn_k=3)) as lake:
         for rows in (40, 40, 50):
             lake.add_splats(g.standard_normal((rows, D)), labels=names[g.integers(0, 3, rows)],
                             metadata={"score": g.random(rows), "tag": np.array([f"t{i}" for i in range(rows)])})
         lake.estimate_kappa(threads=1)
+        lake.estimate_kappa(threads=1)   # the first run's sidecars stay on disk: stale ones to swap in
         lake.add_splats(g.standard_normal((20, D)), labels=names[g.integers(0, 3, 20)],
                         metadata={"score": g.random(20), "tag": np.array([f"u{i}" for i in range(20)])})
 
@@ -70,13 +71,14 @@ def read_everything(path: Path, stream: bool) -> dict[str, Any]:
     with open_lake(path) as lake:
         out: dict[str, Any] = dict(lake.splats())
         snap = lake.snapshot
+        out["label_codes"] = snap.read_all("label").copy()
         for s, shard in enumerate(lake.manifest.shards):
             if any("neighbors" in f.columns for f in shard.files):
                 out[f"neighbors{s}"] = snap.column(s, "neighbors").copy()
                 out[f"neighbor_cos{s}"] = snap.column(s, "neighbor_cos").copy()
         out["problems"] = lake.verify()
         if stream:
-            parts: dict[str, list[np.ndarray]] = {"id": [], "embedding": [], "kappa": []}
+            parts: dict[str, list[np.ndarray]] = {"id": [], "embedding": [], "kappa": [], "label": []}
             for batch in lake.export_to_dataloader(batch_size=37, shuffle=False, columns=tuple(parts)):
                 for k in parts:
                     parts[k].append(batch[k].numpy())
@@ -99,6 +101,7 @@ def assert_exact(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
         assert same(s["id"], want["id"]), f"SILENT WRONG DATA in the stream's ids after {what}"
         assert np.array_equal(s["embedding"], want["mu"].astype(np.float32)), f"stream embeddings after {what}"
         assert np.array_equal(s["kappa"], want["kappa"], equal_nan=True), f"stream kappa after {what}"
+        assert same(s["label"], want["stream"]["label"]), f"SILENT WRONG DATA in the stream's label codes after {what}"
 
 
 # ----------------------------------------------------------------------------- mutations
@@ -112,6 +115,38 @@ def _pick_file(doc: Doc, rnd: random.Random) -> dict[str, Any]:
 
 def _delta(rnd: random.Random, scale: int) -> int:
     return rnd.choice([-1, 1, -scale, scale, rnd.randint(-3 * scale, 3 * scale) or 1])
+
+
+def _stale_sidecar(doc: Doc, rnd: random.Random) -> None:
+    """A sidecar entry of the first estimate_kappa run (an older version) in place of the current one."""
+    i = rnd.choice([i for i, s in enumerate(doc["shards"]) if len(s["files"]) > 1])
+    doc["shards"][i]["files"][-1] = STALE[i]
+
+
+def _swap_sidecars_without_ids(doc: Doc, rnd: random.Random) -> None:
+    a, b = rnd.sample([i for i, s in enumerate(doc["shards"]) if len(s["files"]) > 1], 2)
+    fa, fb = doc["shards"][a]["files"], doc["shards"][b]["files"]
+    for f in (fa[-1], fb[-1]):
+        f["columns"] = [c for c in f["columns"] if c != "id"]
+    fa[-1], fb[-1] = fb[-1], fa[-1]
+
+
+def _drop_shard_fixed(doc: Doc, rnd: random.Random) -> None:
+    gone = doc["shards"].pop(rnd.randrange(len(doc["shards"])))
+    doc["rows"] -= gone["rows"]
+    if doc.get("geometry") and any("neighbors" in f["columns"] for f in gone["files"]):
+        doc["geometry"]["rows"] -= gone["rows"]
+
+
+def _foreign_shard(doc: Doc, rnd: random.Random) -> None:
+    """The entry of the same shard of another lake built the same way (its file is copied in)."""
+    i = rnd.randrange(len(doc["shards"]))
+    j = rnd.randrange(len(doc["shards"][i]["files"]))
+    doc["shards"][i]["files"][j] = FOREIGN[i]["files"][j]
+
+
+STALE: dict[int, Any] = {}      # shard -> sidecar entry of the first estimate (filled by run_trials)
+FOREIGN: list[Any] = []         # shards of the other lake (same shapes, other lake id and data)
 
 
 def manifest_mutations(rnd: random.Random) -> list[tuple[str, Callable[[Doc], None]]]:
@@ -166,6 +201,16 @@ def manifest_mutations(rnd: random.Random) -> list[tuple[str, Callable[[Doc], No
         ("format_version", lambda d: d.update(format_version=rnd.choice([0, 3, "2", 2.0]))),
         ("version", lambda d: d.update(version=rnd.choice([-1, "x", d["version"] + 1]))),
         ("parent", lambda d: d.update(parent=d["version"] + 1)),
+        # issue 18 item 1 (applied with the checksum recomputed too)
+        ("reverse vocabulary", lambda d: d["label_vocabulary"].reverse()),
+        ("stale sidecar", lambda d: _stale_sidecar(d, rnd)),
+        ("swap sidecars without ids", lambda d: _swap_sidecars_without_ids(d, rnd)),
+        ("drop shard, rows fixed", lambda d: _drop_shard_fixed(d, rnd)),
+        ("foreign shard", lambda d: _foreign_shard(d, rnd)),
+        ("kappa count inflated", lambda d: d["stats"]["kappa"].update(count=d["rows"])),
+        ("stats kappa not a number", lambda d: d["stats"]["kappa"].update(count=rnd.choice(["x", [1], None]))),
+        ("lake_id removed", lambda d: d.pop("lake_id")),
+        ("lake_id changed", lambda d: d.update(lake_id=f"{rnd.randrange(1 << 128):032x}")),
         ("harmless: created", lambda d: d.update(created=rnd.random())),
         ("harmless: next_id up", lambda d: d.update(next_id=d["next_id"] + rnd.randint(1, 1000))),
         ("harmless: operation", lambda d: d.update(operation={"type": "fuzz"})),
@@ -205,7 +250,12 @@ def byte_mutations(rnd: random.Random, lake: Path) -> list[tuple[str, Callable[[
         data[i] = rnd.choice(b"0123456789,:{}[]\" xe-")
         m.write_bytes(bytes(data))
 
-    return [("flip a shard bit", flip), ("truncate a shard", truncate), ("append to a shard", append),
+    def foreign() -> None:  # a shard file of another lake copied over one of ours
+        names = sorted(p.name for p in (lake.parent.parent.parent.parent / "other" / "_data").glob("*.arrow"))
+        src = lake.parent.parent.parent.parent / "other" / "_data" / rnd.choice(names)
+        shutil.copyfile(src, rnd.choice(files))
+
+    return [("copy another lake's shard over one", foreign), ("flip a shard bit", flip), ("truncate a shard", truncate), ("append to a shard", append),
             ("replace a shard by another", replace), ("delete a shard", delete), ("flip a manifest byte", manifest_flip)]
 
 
@@ -216,6 +266,15 @@ def outside_files(root: Path, lake: Path) -> set[str]:
 def run_trials(tmp_path: Path, seeds: range, budget_s: float) -> dict[str, int]:
     pristine = tmp_path / "pristine"
     build(pristine)
+    other = tmp_path / "other"
+    build(other, seed=6)
+    docs = [json.loads(p.read_text()) for p in sorted((pristine / "_manifests").glob("v*.json"))]
+    first = next(d for d in docs if d["operation"]["type"] == "estimate_kappa")
+    STALE.clear()
+    STALE.update({i: s["files"][-1] for i, s in enumerate(first["shards"])})
+    FOREIGN[:] = json.loads(sorted((other / "_manifests").glob("v*.json"))[-1].read_text())["shards"]
+    for p in (other / "_data").glob("*.arrow"):
+        shutil.copyfile(p, pristine / "_data" / p.name)   # the foreign files are present, only unreferenced
     want = read_everything(pristine, stream=True)
     assert want["problems"] == []
     stats = {"error": 0, "correct": 0, "skipped": 0}

@@ -154,7 +154,7 @@ def test_vacuum_keeps_last_versions_and_removes_orphans(lake_path, rng):
     with create_m2m(M2MConfig(path=lake_path, latent_dim=8)) as lake:
         for _ in range(4):
             lake.add_splats(rng.standard_normal((5, 8)))
-        orphan = os.path.join(lake_path, "_data", "deadbeef.arrow")
+        orphan = os.path.join(lake_path, "_data", "deadbeef" * 4 + ".arrow")
         open(orphan, "wb").write(b"x")
         result = lake.vacuum(keep=2)
         assert result["versions_removed"] == 3 and not os.path.exists(orphan)

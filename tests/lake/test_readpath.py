@@ -223,8 +223,8 @@ def test_files_without_block_checksums_keep_the_whole_file_crc32(lake_path, monk
 
     real = writer.write_shard_file
 
-    def old_style(fs, columns):
-        return dataclasses.replace(real(fs, columns), block_bytes=None, block_crc32c=None)
+    def old_style(fs, columns, stamp=None):
+        return dataclasses.replace(real(fs, columns, stamp), block_bytes=None, block_crc32c=None)
 
     monkeypatch.setattr(writer, "write_shard_file", old_style)
     mu, _ = _make_lake(lake_path, rows=3000)

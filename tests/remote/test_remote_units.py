@@ -70,13 +70,15 @@ def test_remote_vacuum_keeps_young_unreferenced_objects_and_the_newest_reservati
     with create_m2m(M2MConfig(path=url, latent_dim=4)) as lake:
         for _ in range(3):
             lake.add_splats(np.eye(4, dtype=np.float32))
-        lake._fs.write_atomic("_data/in-flight-of-another-writer.arrow", b"x")
+        inflight = "f" * 32 + ".arrow"  # a shard another writer is about to commit (an m2m name)
+        lake._fs.write_atomic(f"_data/{inflight}", b"x")
+        lake._fs.write_atomic("_data/README.txt", b"not m2m's: never deleted")
         young = lake.vacuum(keep=1)  # default min_age_s on a remote lake: 3600 s
         assert young == {"versions_removed": 3, "files_removed": 0}
-        assert "in-flight-of-another-writer.arrow" in lake._fs.listdir("_data")
+        assert inflight in lake._fs.listdir("_data")
         assert len(lake._fs.listdir("_ids")) == 3
         old = lake.vacuum(keep=1, min_age_s=0)
-        assert old["files_removed"] == 1
+        assert old["files_removed"] == 1 and "README.txt" in lake._fs.listdir("_data")
         assert lake._fs.listdir("_ids") == ["00000000000000000008.json"]  # the newest stays
         ids = lake.add_splats(np.eye(4, dtype=np.float32))
         assert ids.tolist() == [12, 13, 14, 15]

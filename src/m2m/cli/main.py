@@ -280,14 +280,16 @@ def repair(lake_dir: str, dry_run: bool, storage_options: dict[str, Any] | None)
 @cli.command()
 @click.argument("lake_dir")
 @click.option("--keep", default=1, show_default=True, help="Versions to keep.")
+@click.option("--allow-symlinked-dirs", is_flag=True,
+              help="Vacuum the target of a symlinked _data/_manifests folder (refused otherwise).")
 @storage_option
 @user_errors
-def vacuum(lake_dir: str, keep: int, storage_options: dict[str, Any] | None) -> None:
-    """Delete old versions and unreferenced files (also those of interrupted commits)."""
+def vacuum(lake_dir: str, keep: int, allow_symlinked_dirs: bool, storage_options: dict[str, Any] | None) -> None:
+    """Delete old versions and unreferenced m2m files (also those of interrupted commits); other files stay."""
     from m2m import open_lake
 
     with open_lake(lake_dir, storage_options=storage_options) as lake:
-        r = lake.vacuum(keep=keep)
+        r = lake.vacuum(keep=keep, allow_symlinked_dirs=allow_symlinked_dirs)
     click.echo(f"removed {r['versions_removed']} versions and {r['files_removed']} files")
 
 

@@ -103,9 +103,9 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
 
 def _check_not_overwritten(fs: Any, new: Manifest) -> None:
     """On a store without conditional put, detect (after the fact) a writer that replaced our version."""
-    from m2m.lake.manifest import manifest_name
+    from m2m.lake.manifest import key_of, manifest_name
 
-    if fs.read_bytes(manifest_name(new.version)) != new.to_json():
+    if fs.read_bytes(manifest_name(new.version)) != new.to_json(key_of(fs)):
         raise CommitConflictError(
             f"version {new.version} of {getattr(fs, 'url', fs.root)} was overwritten by another writer: this store "
             f"has no conditional put, so only one writer process may commit at a time")
@@ -184,6 +184,7 @@ def vacuum_remote(fs: Any, keep: int, min_age_s: float) -> dict[str, int]:
     """`Lake.vacuum` on an object store: no lock exists, so objects a running commit may still be
     about to reference (younger than ``min_age_s``) are kept, and so is the newest id reservation."""
     from m2m.lake.manifest import DATA_DIR, MANIFEST_DIR, list_versions, manifest_name
+    from m2m.lake.vacuum import is_data_name, is_manifest_temp
 
     now = time.time()
 
@@ -200,11 +201,11 @@ def vacuum_remote(fs: Any, keep: int, min_age_s: float) -> dict[str, int]:
         fs.remove(manifest_name(v))
         removed_versions += 1
     for name, mtime in fs.list_detail(MANIFEST_DIR):
-        if name.startswith(".tmp-") and old(mtime):
+        if is_manifest_temp(name) and old(mtime):
             fs.remove(f"{MANIFEST_DIR}/{name}")
     removed_files = 0
     for name, mtime in fs.list_detail(DATA_DIR):
-        if name not in live and old(mtime):
+        if is_data_name(name) and name not in live and old(mtime):
             fs.remove(f"{DATA_DIR}/{name}")
             removed_files += 1
     reservations = sorted((n for n in fs.list_detail(RESERVATIONS_DIR) if n[0][:-5].isdigit()),

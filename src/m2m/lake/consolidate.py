@@ -19,6 +19,7 @@ from m2m._validate import SplatBatch
 from m2m.config import M2MConfig
 from m2m.consolidation.groups import ConsolidationReport, find_duplicate_groups, merge_groups
 from m2m.lake import summary as lake_stats
+from m2m.lake.integrity import WriteStamp
 from m2m.lake.manifest import Manifest
 from m2m.lake.neighbourhood import compute_geometry, with_geometry
 from m2m.lake.reader import Snapshot
@@ -64,7 +65,8 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
                        alpha=new_alpha, metadata={k: v[rep] for k, v in metadata.items()}, ids=ids[rep],
                        norms=norms[rep])  # a merged splat keeps its first member's norm, like its metadata
     schema = SchemaUpdate.of(base)
-    shards = tuple(write_splats(fs, [batch], 0, base.dim, base.dtype, config.shard_bytes, schema))
+    stamp = WriteStamp(base.lake_id, prev_id=-1)  # all shards are new, in id order; next_id stays
+    shards = tuple(write_splats(fs, [batch], 0, base.dim, base.dtype, config.shard_bytes, schema, stamp=stamp))
     if engine == "ray" and g > 1:
         from m2m.ray.geometry import geometry_fields
 

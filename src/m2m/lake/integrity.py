@@ -15,12 +15,35 @@ Three levels, from cheap to complete:
 
 The manifest's own consistency (checksum, ranges, names) is checked when it is parsed
 (`m2m.lake.manifest.Manifest.from_json`).
+
+Stamps: every file written by this m2m records in its Arrow schema metadata what it belongs to
+(`WriteStamp`), so a manifest edited with a recomputed checksum cannot pair it with the wrong lake,
+shard, vocabulary or geometry run:
+
+- ``m2m.lake_id``: the lake's random id (its first manifest's ``lake_id``); a file of another lake,
+  or a stamped file in a manifest without the id or in a format-1 manifest, is refused.
+- ``m2m.prev_id`` (main files): the last id of the shard before it when it was written (-1: first);
+  checked against the manifest's shard order, so a dropped or reordered shard is an error.
+- ``m2m.next_id`` (main files of appends): the lake's ``next_id`` after that append; for the last
+  shard it must equal the manifest's ``next_id`` (or its ``id_floor`` after a rollback), so a
+  dropped last shard is an error.
+- ``m2m.labels`` (main files with string labels): ``<n>:<sha256>`` of the first ``n`` entries of the
+  label vocabulary the file was written with; the manifest's vocabulary must start with them.
+- ``m2m.geometry`` (geometry sidecars): the run of ``estimate_kappa``/``consolidate`` that wrote
+  it; it must equal the manifest's ``geometry["stamp"]``, so a stale sidecar is an error.
+
+Every file's column names must equal its entry's ``columns``, and every file that holds ``id`` (new
+sidecars do) is checked against its shard's id range; `verify_files` compares sidecar ids with
+their shard's ids row by row and the manifest's kappa/alpha statistics with the data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +54,70 @@ from m2m.lake.manifest import FileEntry, Manifest
 from m2m.lake.schema import ALPHA, ID, KAPPA, LABEL, MU, MU_NORM, NEIGHBOR_COS, NEIGHBORS
 
 _DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+STAMP_LAKE = "m2m.lake_id"
+STAMP_PREV = "m2m.prev_id"
+STAMP_NEXT = "m2m.next_id"
+STAMP_LABELS = "m2m.labels"
+STAMP_GEOMETRY = "m2m.geometry"
+
+
+def vocabulary_digest(vocab: Sequence[str]) -> str:
+    """``<n>:<sha256 hex>`` of a label vocabulary (its order matters: codes are positions in it)."""
+    body = json.dumps(list(vocab), ensure_ascii=True, separators=(",", ":")).encode()
+    return f"{len(vocab)}:{hashlib.sha256(body).hexdigest()}"
+
+
+@dataclass(frozen=True)
+class WriteStamp:
+    """What the shard files of one write record about their lake (see the module doc).
+
+    ``prev_id``: the last id before the first shard (-1: none; None: unknown, e.g. a remote append
+    whose place is only known at commit). ``labels_known``: how many vocabulary entries are final
+    when the shards are written (None: all, as in a local commit under the lock; a remote append
+    stamps only the entries of the head it was validated against). ``append``: stamp ``next_id``.
+    """
+
+    lake_id: str | None
+    prev_id: int | None = None
+    labels_known: int | None = None
+    append: bool = False
+
+    def for_shard(self, prev_id: int | None, ids: Any, label_type: str | None,
+                  vocab: Sequence[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        if self.lake_id is not None:
+            out[STAMP_LAKE] = self.lake_id
+        if prev_id is not None:
+            out[STAMP_PREV] = str(int(prev_id))
+        if self.append:
+            out[STAMP_NEXT] = str(int(ids[-1]) + 1)
+        if label_type == "string":
+            n = len(vocab) if self.labels_known is None else min(self.labels_known, len(vocab))
+            out[STAMP_LABELS] = vocabulary_digest(vocab[:n])
+        return out
+
+
+def _meta(batch: pa.RecordBatch) -> dict[str, str]:
+    raw = batch.schema.metadata or {}
+    out = {}
+    for k, v in raw.items():
+        if k.startswith(b"m2m."):
+            try:
+                out[k.decode()] = v.decode()
+            except UnicodeDecodeError:
+                out[k.decode(errors="replace")] = "\ufffd"
+    return out
+
+
+def _stamp_int(meta: dict[str, str], key: str, where: str) -> int | None:
+    v = meta.get(key)
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise CorruptShardError(f"shard file {where}: metadata {key} = {v!r} is not an int") from None
 
 
 def expected_type(m: Manifest, column: str) -> pa.DataType | str:
@@ -69,6 +156,9 @@ def check_batch(m: Manifest, shard: int, entry: FileEntry, batch: pa.RecordBatch
         raise CorruptShardError(f"shard file {where} has {batch.num_rows} rows, the manifest says {s.rows} "
                                 f"(shard {shard} of version {m.version})")
     names = batch.schema.names
+    if set(names) != set(entry.columns):
+        raise CorruptShardError(f"shard file {where} holds columns {sorted(names)}, its manifest entry lists "
+                                f"{sorted(entry.columns)} (shard {shard} of version {m.version})")
     for col in entry.columns:
         if col not in names:
             raise CorruptShardError(f"shard file {where} has no column {col!r} (the manifest lists it; "
@@ -77,7 +167,7 @@ def check_batch(m: Manifest, shard: int, entry: FileEntry, batch: pa.RecordBatch
         actual = batch.schema.field(col).type
         if not _type_ok(actual, want):
             raise CorruptShardError(f"shard file {where}: column {col!r} is {actual}, the manifest implies {want}")
-    if ID in entry.columns:
+    if ID in names:
         ids = batch.column(ID)
         if ids.null_count:
             raise CorruptShardError(f"shard file {where}: column 'id' has {ids.null_count} nulls")
@@ -92,6 +182,50 @@ def check_batch(m: Manifest, shard: int, entry: FileEntry, batch: pa.RecordBatch
                 row = int(np.argmax(step <= 0)) + 1
                 raise CorruptShardError(f"shard file {where}: ids do not strictly ascend at row {row} "
                                         f"({arr[row - 1]} then {arr[row]})")
+    _check_stamps(m, shard, entry, batch, where)
+
+
+def _check_stamps(m: Manifest, shard: int, entry: FileEntry, batch: pa.RecordBatch, where: str) -> None:
+    """The file's stamps against the manifest (module doc); files without stamps get the other checks."""
+    meta = _meta(batch)
+    s = m.shards[shard]
+    lake = meta.get(STAMP_LAKE)
+    if lake is not None:
+        if m.format_version < 2:
+            raise CorruptShardError(f"shard file {where} was written for a format-2 lake, but version {m.version}'s "
+                                    f"manifest is format {m.format_version} (a format downgrade)")
+        if m.lake_id is None:
+            raise CorruptShardError(f"shard file {where} belongs to lake {lake}, but version {m.version}'s manifest "
+                                    "has no lake_id (removed from the manifest?)")
+        if lake != m.lake_id:
+            raise CorruptShardError(f"shard file {where} belongs to another lake ({lake}, this lake is {m.lake_id})")
+    elif m.lake_id is not None and ID not in batch.schema.names:
+        raise CorruptShardError(f"shard file {where} has no 'id' column and no lake id: not a file of lake {m.lake_id}")
+    if entry is s.files[0]:
+        prev = _stamp_int(meta, STAMP_PREV, where)
+        want = m.shards[shard - 1].id_max if shard else -1
+        if prev is not None and prev != want:
+            raise CorruptShardError(f"shard file {where} was written after id {prev}, but in version {m.version} it "
+                                    f"follows {'nothing' if want < 0 else f'id {want}'} (a shard dropped, added "
+                                    "or moved?)")
+        nxt = _stamp_int(meta, STAMP_NEXT, where)
+        if nxt is not None and shard == len(m.shards) - 1 and m.next_id != max(nxt, m.id_floor):
+            raise CorruptShardError(f"shard file {where} is the last shard of version {m.version} and was written "
+                                    f"with next_id {nxt}, but the manifest says next_id {m.next_id} (a shard "
+                                    "dropped?)")
+        labels = meta.get(STAMP_LABELS)
+        if labels is not None:
+            n_text, _, _ = labels.partition(":")
+            n = int(n_text) if n_text.isdigit() else -1
+            if not 0 <= n <= len(m.label_vocabulary) or vocabulary_digest(m.label_vocabulary[:n]) != labels:
+                raise CorruptShardError(f"shard file {where} was written with another label vocabulary than version "
+                                        f"{m.version}'s (reordered or edited label_vocabulary)")
+    geo = meta.get(STAMP_GEOMETRY)
+    if geo is not None:
+        want_geo = (m.geometry or {}).get("stamp")
+        if want_geo is not None and geo != str(want_geo):
+            raise CorruptShardError(f"shard file {where} is a geometry sidecar of run {geo}, but version {m.version}'s "
+                                    f"geometry is run {want_geo} (a stale sidecar)")
 
 
 def open_batch(path: str, expected_bytes: int) -> pa.RecordBatch:
@@ -122,7 +256,16 @@ def check_key(m: Manifest, shard: int, entry: FileEntry) -> tuple[object, ...]:
     """What a footer check of ``entry`` depends on: a memo of checked keys stays valid across versions."""
     s = m.shards[shard]
     types = tuple(str(expected_type(m, c)) for c in entry.columns)
-    return (entry.path, entry.bytes, s.rows, s.id_min, s.id_max, types)
+    main = entry is s.files[0]
+    context = (m.lake_id, m.format_version, str((m.geometry or {}).get("stamp")),
+               m.shards[shard - 1].id_max if shard and main else None,
+               (m.next_id, m.id_floor) if main and shard == len(m.shards) - 1 else None,
+               _vocab_key(m) if main else None)
+    return (entry.path, entry.bytes, s.rows, s.id_min, s.id_max, types, frozenset(entry.columns), context)
+
+
+def _vocab_key(m: Manifest) -> int:
+    return hash(m.label_vocabulary)
 
 
 def files_of(m: Manifest) -> Iterable[tuple[int, FileEntry]]:
@@ -146,12 +289,50 @@ def verify_files(fs: LakeFS, m: Manifest, progress: Callable[[int], None] | None
     from m2m.lake.shard import verify_file
 
     problems = []
+    main_ids: dict[int, Any] = {}
     for i, f in files_of(m):
         try:
             verify_file(fs, f)
             check_file(fs, m, i, f, full=True)
+            _check_sidecar_ids(fs, m, i, f, main_ids)
         except CorruptShardError as exc:
             problems.append(str(exc))
         if progress is not None:
             progress(1)
     return problems
+
+
+def _check_sidecar_ids(fs: LakeFS, m: Manifest, shard: int, entry: FileEntry, main_ids: dict[int, Any]) -> None:
+    """Every id of a file that holds ids equals its shard's main file's, row by row."""
+    path = fs.local_path(entry.path)
+    batch = open_batch(path, entry.bytes)
+    if ID not in batch.schema.names:
+        return
+    ids = batch.column(ID).to_numpy(zero_copy_only=False).copy()
+    if entry is m.shards[shard].files[0]:
+        main_ids[shard] = ids
+        return
+    want = main_ids.get(shard)
+    if want is not None and not np.array_equal(ids, want):
+        row = int(np.argmax(ids != want)) if len(ids) == len(want) else 0
+        raise CorruptShardError(f"shard file {path} (a sidecar) holds other ids than its shard's main file "
+                                f"(first difference at row {row}): it belongs to another shard or version")
+
+
+def check_stats(m: Manifest, kappa: Any, alpha: Any) -> str | None:
+    """A problem when the manifest's kappa/alpha statistics disagree with the data, else None."""
+    from m2m.lake.summary import summarize
+
+    if not m.stats:
+        return None
+    got = summarize(np.asarray(kappa, np.float32), np.asarray(alpha, np.float32))
+    for key in ("kappa", "alpha"):
+        stored = m.stats.get(key) or {}
+        for name in ("count", "sum"):
+            if name not in stored or name not in got[key]:
+                continue
+            a, b = float(stored[name]), float(got[key][name])
+            if abs(a - b) > 1e-4 * max(1.0, abs(b)):
+                return (f"manifest stats.{key}.{name} = {stored[name]!r} but the data of version {m.version} "
+                        f"give {got[key][name]!r}")
+    return None

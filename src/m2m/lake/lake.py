@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from types import TracebackType
 from typing import Any, Callable, Iterable, Mapping
 
@@ -22,6 +23,7 @@ from m2m.errors import (
 )
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
+from m2m.lake.integrity import WriteStamp
 from m2m.lake.lock import WriteLock
 from m2m.lake.manifest import (
     DATA_DIR,
@@ -260,9 +262,12 @@ class Lake:
                 raise InvalidEmbeddingError("nothing to add: the input has no rows")
             from m2m.lake.commit import append_remote
 
+            # ids are reserved, the shard's place is only known at commit: no prev_id; labels added
+            # by this append may move behind a concurrent writer's, so only the head's are stamped
+            stamp = WriteStamp(assumed.lake_id, None, len(assumed.label_vocabulary), append=True)
             new, ids = append_remote(
                 self._fs, lambda first: write_splats(self._fs, batches(), first, assumed.dim, assumed.dtype,
-                                                     cfg.shard_bytes, planned, progress),
+                                                     cfg.shard_bytes, planned, progress, stamp),
                 lambda base: rebase_schema(planned, assumed, base), rows, summary)
             self._set_manifest(new)
             logger.info("committed version %d (append): %d rows", new.version, new.rows)
@@ -283,8 +288,9 @@ class Lake:
                     state["summary"] = lake_stats.merge(state["summary"], lake_stats.summarize(b.kappa, b.alpha))
                     yield b
 
+            stamp = WriteStamp(base.lake_id, base.shards[-1].id_max if base.shards else -1, append=True)
             shards = write_splats(self._fs, checked(), base.next_id, base.dim, base.dtype, cfg.shard_bytes,
-                                  lambda: state["schema"], progress)
+                                  lambda: state["schema"], progress, stamp)
             rows, schema = state["rows"], state["schema"]
             if rows == 0:
                 raise InvalidEmbeddingError("nothing to add: the input has no rows")
@@ -517,16 +523,26 @@ class Lake:
         column types (dim, dtype), first/last id and strictly ascending ids (`m2m.lake.integrity`).
         The manifest's own checksum and id layout were checked when it was read.
         """
-        from m2m.lake.integrity import verify_files
+        from m2m.lake.integrity import check_stats, verify_files
 
-        return verify_files(self._fs, self.manifest, progress)
+        problems = verify_files(self._fs, self.manifest, progress)
+        if not problems and self.manifest.rows:
+            snap = self.snapshot
+            stats_problem = check_stats(self.manifest, snap.read_all("kappa"), snap.read_main("alpha"))
+            if stats_problem is not None:
+                problems.append(stats_problem)
+        return problems
 
-    def vacuum(self, keep: int = 1, min_age_s: float | None = None) -> dict[str, int]:
-        """Delete all but the last ``keep`` versions and every file they do not reference.
+    def vacuum(self, keep: int = 1, min_age_s: float | None = None,
+               allow_symlinked_dirs: bool = False) -> dict[str, int]:
+        """Delete all but the last ``keep`` versions and every m2m file they do not reference.
 
         Also removes the files of interrupted commits. Readers pinned to a deleted version lose it.
-        On an object store other writers may be mid-commit (their shards are not referenced yet), so
-        only unreferenced objects older than ``min_age_s`` go (default: 3600 s remote, 0 local).
+        Only regular files named as m2m names them are deleted, never through a symlink; a
+        symlinked ``_data``/``_manifests`` folder is refused unless ``allow_symlinked_dirs``
+        (`m2m.lake.vacuum`). On an object store other writers may be mid-commit (their shards are
+        not referenced yet), so only unreferenced objects older than ``min_age_s`` go (default:
+        3600 s remote, 0 local).
         """
         if keep < 1:
             raise ConfigError(f"keep must be >= 1, got {keep}")
@@ -535,25 +551,10 @@ class Lake:
             from m2m.lake.commit import vacuum_remote
 
             return vacuum_remote(self._fs, keep, 3600.0 if min_age_s is None else float(min_age_s))
+        from m2m.lake.vacuum import vacuum_local
+
         with write_lock(self._fs):
-            versions = list_versions(self._fs)
-            kept = versions[-keep:]
-            live: set[str] = set()
-            for v in kept:
-                live.update(f.path.rsplit("/", 1)[-1] for f in read_manifest(self._fs, v).files())
-            removed_versions = 0
-            for v in versions[:-keep]:
-                self._fs.remove(manifest_name(v))
-                removed_versions += 1
-            for name in self._fs.listdir(MANIFEST_DIR):
-                if name.startswith(".tmp-"):
-                    self._fs.remove(f"{MANIFEST_DIR}/{name}")
-            removed_files = 0
-            for name in self._fs.listdir(DATA_DIR):
-                if name not in live:
-                    self._fs.remove(f"{DATA_DIR}/{name}")
-                    removed_files += 1
-        return {"versions_removed": removed_versions, "files_removed": removed_files}
+            return vacuum_local(self._fs, keep, allow_symlinked_dirs)
 
 
 ENGINES = ("local", "ray")
@@ -576,7 +577,7 @@ def create_empty(fs: LakeFS, config: M2MConfig) -> Manifest:
     fs.makedirs(MANIFEST_DIR)
     fs.makedirs(DATA_DIR)
     manifest = Manifest(version=0, dim=config.latent_dim, dtype=config.storage_dtype, next_id=0, shards=(),
-                        created=time.time(), operation={"type": "create"})
+                        created=time.time(), operation={"type": "create"}, lake_id=uuid.uuid4().hex)
     with write_lock(fs):
         if list_versions(fs):
             return read_manifest(fs)

@@ -36,8 +36,12 @@ files' Arrow footers.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import logging
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,10 +51,13 @@ from m2m.errors import (
     CorruptShardError,
     InvalidManifestError,
     LakeNotFoundError,
+    SignatureError,
     UnknownColumnError,
 )
 from m2m.lake.fs import LakeFS
 from m2m.lake.schema import GEOMETRY_COLUMNS, KAPPA, LABEL, MAIN_COLUMNS, NEIGHBORS, OPTIONAL_MAIN_COLUMNS
+
+logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "m2m-lake"
 FORMAT_VERSION = 2            # what this m2m writes
@@ -60,8 +67,12 @@ MANIFEST_DIR = "_manifests"
 DATA_DIR = "_data"
 DTYPES = ("float32", "float16")
 LABEL_TYPES = ("int64", "string")
-_MANIFEST_RE = re.compile(r"^v(\d{10})\.json$")
-_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+_MANIFEST_RE = re.compile(r"v(\d{10})\.json")        # used with fullmatch: no trailing newline
+_FILE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+_LAKE_ID_RE = re.compile(r"[0-9a-f]{32}")
+SIGNATURE_ALGORITHM = "hmac-sha256"
+KEY_ENV = "M2M_LAKE_KEY"
+_Key = bytes  # (inside Manifest, ``bytes`` is its size property)
 _U32 = 1 << 32
 _I64_MAX = (1 << 63) - 1
 
@@ -71,7 +82,7 @@ def check_file_path(path: Any) -> str:
     if not isinstance(path, str):
         raise InvalidManifestError(f"file path {path!r} is not a string")
     prefix, sep, name = path.partition("/")
-    if prefix != DATA_DIR or not sep or not _FILE_NAME_RE.match(name) or ".." in name:
+    if prefix != DATA_DIR or not sep or not _FILE_NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidManifestError(f"file path {path!r} is not a plain file name inside {DATA_DIR}/")
     return path
 
@@ -141,6 +152,11 @@ class Manifest:
     created: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION  # of the file it was read from (new manifests: FORMAT_VERSION)
+    # random id of the lake, given by its first manifest and stamped into every file written since
+    # (None: a lake created before lake ids existed; it gets the checks that need no id)
+    lake_id: str | None = None
+    # the lowest next_id a rollback may leave above the last shard (ids of abandoned versions)
+    id_floor: int = 0
 
     @property
     def rows(self) -> int:
@@ -168,35 +184,81 @@ class Manifest:
             "geometry": self.geometry, "operation": dict(self.operation), "stats": dict(self.stats),
             "shards": [s.to_doc() for s in self.shards],
         }
+        if self.lake_id is not None:
+            doc["lake_id"] = self.lake_id
+        if self.id_floor:
+            doc["id_floor"] = self.id_floor
         doc["checksum"] = manifest_checksum(doc)
         return doc
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_doc(), indent=1, sort_keys=True).encode()
+    def to_json(self, key: _Key | None = None) -> _Key:
+        """The manifest file's bytes; with ``key`` signed (``signature``: HMAC-SHA256 of `canonical_json`)."""
+        doc = self.to_doc()
+        if key is not None:
+            doc["signature"] = manifest_signature(doc, key)
+        return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @staticmethod
-    def from_json(data: bytes, where: str) -> "Manifest":
+    def from_json(data: _Key, where: str, key: _Key | None = None) -> "Manifest":
         """Parse and check a manifest; `CorruptShardError` naming ``where`` and the first problem found.
 
         Checks the checksum (v2), every field's type and range, file names, and the id layout; reads
-        no shard file (see `m2m.lake.integrity` for the checks against the files).
+        no shard file (see `m2m.lake.integrity` for the checks against the files). With ``key`` (a
+        signed lake) the manifest must carry a matching ``signature``; without, a signed manifest is
+        refused (its lake expects a key).
         """
         try:
-            return _parse(json.loads(data))
+            doc = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise CorruptShardError(f"manifest {where} is corrupt: {exc}") from exc
+        check_signature(doc, key, where)
+        try:
+            return _parse(doc)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise CorruptShardError(f"manifest {where} is corrupt: {what}") from exc
 
 
 def canonical_json(doc: dict[str, Any]) -> bytes:
-    """The bytes the manifest checksum covers: ``doc`` without ``checksum``, canonical JSON."""
-    body = {k: v for k, v in doc.items() if k != "checksum"}
+    """The bytes the manifest checksum and signature cover: ``doc`` without ``checksum`` and
+    ``signature``, canonical JSON."""
+    body = {k: v for k, v in doc.items() if k not in ("checksum", "signature")}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def manifest_checksum(doc: dict[str, Any]) -> str:
     """``"sha256:<hex>"`` of `canonical_json` of ``doc``."""
     return f"{CHECKSUM_ALGORITHM}:{hashlib.sha256(canonical_json(doc)).hexdigest()}"
+
+
+def manifest_signature(doc: dict[str, Any], key: bytes) -> str:
+    """``"hmac-sha256:<hex>"``: HMAC-SHA256 under ``key`` of `canonical_json` of ``doc``."""
+    return f"{SIGNATURE_ALGORITHM}:{hmac.new(key, canonical_json(doc), hashlib.sha256).hexdigest()}"
+
+
+def lake_key(configured: str | bytes | None = None) -> bytes | None:
+    """The signing key of a lake: ``configured`` (`M2MConfig.lake_key`), else ``$M2M_LAKE_KEY``, else None."""
+    key: str | bytes | None = configured if configured else os.environ.get(KEY_ENV) or None
+    if key is None:
+        return None
+    return key.encode() if isinstance(key, str) else bytes(key)
+
+
+def check_signature(doc: Any, key: bytes | None, where: str) -> None:
+    """`SignatureError` (one line) unless ``doc`` is signed under ``key``, or unsigned and no key is set."""
+    if not isinstance(doc, dict):
+        return  # refused by the parser
+    sig = doc.get("signature")
+    if key is None:
+        if sig is not None:
+            raise SignatureError(f"manifest {where} is signed: set the lake's key (M2MConfig.lake_key or ${KEY_ENV}) "
+                                 "to read this lake")
+        return
+    if sig is None:
+        raise SignatureError(f"manifest {where} is not signed, but the lake is read with a signing key "
+                             "(refused: an unsigned manifest may be forged)")
+    if not isinstance(sig, str) or not hmac.compare_digest(sig, manifest_signature(doc, key)):
+        raise SignatureError(f"manifest {where}: its signature does not match the lake key (forged, or another key)")
 
 
 def _int(doc: dict[str, Any], key: str, low: int = 0, high: int = _I64_MAX, where: str = "") -> int:
@@ -244,6 +306,11 @@ def _parse(doc: Any) -> Manifest:
     for key in ("operation", "stats"):
         if not isinstance(doc.get(key) or {}, dict):
             raise InvalidManifestError(f"{key} is not an object")
+    _check_stats(doc.get("stats") or {})
+    lake_id = doc.get("lake_id")
+    if lake_id is not None and (not isinstance(lake_id, str) or not _LAKE_ID_RE.fullmatch(lake_id)):
+        raise InvalidManifestError(f"lake_id {lake_id!r} is not 32 hex digits")
+    id_floor = _int(doc, "id_floor") if "id_floor" in doc else 0
     parent = doc.get("parent")
     version = _int(doc, "version")
     if parent is not None and (not isinstance(parent, int) or isinstance(parent, bool) or not 0 <= parent < version):
@@ -258,11 +325,33 @@ def _parse(doc: Any) -> Manifest:
         shards=tuple(_shard(s, i) for i, s in enumerate(doc["shards"])), label_type=label_type,
         label_vocabulary=tuple(vocab), metadata=dict(metadata), geometry=geometry,
         operation=dict(doc.get("operation") or {}), parent=parent, created=float(created),
-        stats=dict(doc.get("stats") or {}), format_version=fv)
+        stats=dict(doc.get("stats") or {}), format_version=fv, lake_id=lake_id, id_floor=id_floor)
+    if fv < 2 and (lake_id is not None or id_floor):
+        raise InvalidManifestError("format_version 1 with a lake_id: a format-2 manifest rewritten as format 1")
+    if id_floor > m.next_id:
+        raise InvalidManifestError(f"id_floor {id_floor} is above next_id {m.next_id}")
     if fv >= 2 and _int(doc, "rows") != m.rows:
         raise InvalidManifestError(f"rows = {doc['rows']} but the shards hold {m.rows}")
     check_layout(m)
     return m
+
+
+def _check_stats(stats: dict[str, Any]) -> None:
+    """The kappa/alpha summary has numbers where numbers belong (it is shown by `info`)."""
+    for key in ("kappa", "alpha"):
+        part = stats.get(key)
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            raise InvalidManifestError(f"stats.{key} is not an object")
+        for name, value in part.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if name == "count":
+                ok = number and isinstance(value, int) and value >= 0
+            else:
+                ok = number or (value is None and name in ("min", "max"))
+            if not ok:
+                raise InvalidManifestError(f"stats.{key}.{name} = {value!r} is not a number")
 
 
 def _shard(doc: Any, i: int) -> ShardEntry:
@@ -351,13 +440,38 @@ def manifest_name(version: int) -> str:
 
 
 def list_versions(fs: LakeFS) -> list[int]:
-    """Committed versions, ascending (temp files and manifests moved aside by `repair` are ignored)."""
+    """Committed versions, ascending (temp files and manifests moved aside by `repair` are ignored).
+
+    A local entry so named that is not a regular file (a FIFO would block the read forever, a
+    directory cannot be read) is skipped with a warning.
+    """
     out = []
     for name in fs.listdir(MANIFEST_DIR):
-        m = _MANIFEST_RE.match(name)
-        if m:
-            out.append(int(m.group(1)))
+        m = _MANIFEST_RE.fullmatch(name)
+        if m is None:
+            continue
+        if fs.is_local:
+            rel = f"{MANIFEST_DIR}/{name}"
+            try:
+                mode = os.stat(fs.local_path(rel)).st_mode
+            except OSError:
+                continue  # removed since the listing (or a dangling link): not a version
+            if not stat.S_ISREG(mode):
+                logger.warning("skipping %s/%s: not a regular file", fs.root, rel)
+                continue
+        out.append(int(m.group(1)))
     return sorted(out)
+
+
+def use_key(fs: LakeFS, configured: str | bytes | None) -> None:
+    """Read and write the lake at ``fs`` with ``configured`` as its signing key (None: ``$M2M_LAKE_KEY``)."""
+    fs.lake_key = lake_key(configured)  # type: ignore[attr-defined]
+
+
+def key_of(fs: LakeFS) -> bytes | None:
+    """The signing key a lake is read and written with (set on its fs by `open_lake`/`create_m2m`)."""
+    key = getattr(fs, "lake_key", None)
+    return key if key is not None else lake_key()
 
 
 def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
@@ -376,9 +490,11 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
         raise LakeNotFoundError(f"lake {fs.root} has no version {version} (versions: {versions[0]}..{versions[-1]})")
     rel = manifest_name(version)
     try:
-        m = Manifest.from_json(fs.read_bytes(rel), f"{fs.root}/{rel}")
+        m = Manifest.from_json(fs.read_bytes(rel), f"{fs.root}/{rel}", key_of(fs))
         if m.version != version:
             raise CorruptShardError(f"manifest {fs.root}/{rel} is corrupt: it says version {m.version}")
+        if m.format_version < FORMAT_VERSION:
+            _check_no_downgrade(fs, m, [v for v in versions if v < version])
         return m
     except CorruptShardError as exc:
         older = [v for v in versions if v < version]
@@ -390,13 +506,29 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
             f"`m2m repair {fs.root}` moves the unreadable manifest aside") from exc
 
 
+def _check_no_downgrade(fs: LakeFS, m: Manifest, older: list[int]) -> None:
+    """An old-format manifest is refused when the version before it was newer (a downgrade edit
+    that drops the checksum); only read for old-format manifests, so opening a current lake pays nothing."""
+    if not older:
+        return
+    try:
+        prev = json.loads(fs.read_bytes(manifest_name(older[-1])))
+    except (OSError, ValueError):
+        return  # that manifest's own problems are reported when it is read
+    fv = prev.get("format_version") if isinstance(prev, dict) else None
+    if isinstance(fv, int) and not isinstance(fv, bool) and fv > m.format_version:
+        raise CorruptShardError(f"manifest {fs.root}/{manifest_name(m.version)} is corrupt: format_version "
+                                f"{m.format_version} after a format-{fv} version {older[-1]} (a format downgrade)")
+
+
 def write_manifest(fs: LakeFS, manifest: Manifest) -> None:
     """Publish ``manifest`` (the commit point) with a create-if-absent write: never replaces a version.
 
     `CommitConflictError` when another writer published this version first (`m2m.lake.commit` rebases).
     """
     rel = manifest_name(manifest.version)
-    data = manifest.to_json()
-    Manifest.from_json(data, f"{fs.root}/{rel} (not written)")  # never publish what readers would refuse
+    key = key_of(fs)
+    data = manifest.to_json(key)
+    Manifest.from_json(data, f"{fs.root}/{rel} (not written)", key)  # never publish what readers would refuse
     if not fs.create_exclusive(rel, data):
         raise CommitConflictError(f"version {manifest.version} of {fs.root} was committed by another writer")

@@ -58,7 +58,13 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: tuple[ShardEntry, ...], id
                   user_kappa: np.ndarray, kappa_est: np.ndarray, neighbors: np.ndarray,
                   neighbor_cos: np.ndarray) -> dict[str, Any]:
     """Write one sidecar per shard and return the manifest fields of the estimated snapshot."""
+    from m2m.lake.integrity import STAMP_GEOMETRY, STAMP_LAKE
+
     kappa = np.where(np.isnan(user_kappa), kappa_est, user_kappa).astype(np.float32)
+    # every sidecar of one run carries the run's stamp, and so does the manifest's geometry: a
+    # sidecar of another run (a stale one) is refused when it is opened
+    run = str(base.version)
+    stamp = {STAMP_GEOMETRY: run} | ({STAMP_LAKE: base.lake_id} if base.lake_id else {})
     nbr_ids = np.where(neighbors >= 0, ids[np.maximum(neighbors, 0)], -1).astype(np.int64)
     new_shards = []
     lo = 0
@@ -66,7 +72,7 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: tuple[ShardEntry, ...], id
         hi = lo + shard.rows
         # the sidecar repeats the shard's ids so it is bound to its shard (checked against id_min/id_max)
         side = write_shard_file(fs, {"id": ids[lo:hi], "kappa": kappa[lo:hi], "neighbors": nbr_ids[lo:hi],
-                                     "neighbor_cos": neighbor_cos[lo:hi]})
+                                     "neighbor_cos": neighbor_cos[lo:hi]}, stamp)
         keep = tuple(f for f in shard.files if "neighbors" not in f.columns)
         new_shards.append(ShardEntry(shard.rows, shard.id_min, shard.id_max, keep + (side,)))
         lo = hi
@@ -76,7 +82,7 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: tuple[ShardEntry, ...], id
         stats["alpha"] = alpha_stats
     return {"shards": tuple(new_shards), "stats": stats,
             "geometry": {"k": int(neighbors.shape[1]), "estimator": ESTIMATOR, "rows": int(len(ids)),
-                         "estimated_at": time.time()}}
+                         "estimated_at": time.time(), "stamp": run}}
 
 
 def estimate(snap: Snapshot, k: int, seed: int,

@@ -126,7 +126,7 @@ class Snapshot:
         try:
             f = entry.file_for(name)
         except KeyError:
-            raise UnknownColumnError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}") from None
+            raise self._unknown(shard, name) from None
         if f.block_crc32c is None and self.verify:
             self._batch(f)
         with self._lock:
@@ -142,7 +142,7 @@ class Snapshot:
         try:
             f = entry.file_for(name)
         except KeyError:
-            raise UnknownColumnError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}") from None
+            raise self._unknown(shard, name) from None
         return self._batch(f).column(name)
 
     def read_main(self, name: str) -> np.ndarray:
@@ -267,6 +267,12 @@ class Snapshot:
         return None if cache is None else cache.stats()
 
     # internals
+    def _unknown(self, shard: int, name: str) -> UnknownColumnError:
+        if name in self.column_names:  # a lake column this shard lacks: geometry of a later append
+            return UnknownColumnError(f"column {name!r} is missing from shard {shard} of version {self.version} "
+                                      "(rows appended after estimate_kappa have no neighbours until it runs again)")
+        return UnknownColumnError(f"column {name!r} is not in this lake; columns: {list(self.column_names)}")
+
     def _batch(self, f: FileEntry) -> pa.RecordBatch:
         with self._lock:
             b = self._batches.get(f.path)

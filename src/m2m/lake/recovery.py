@@ -77,6 +77,7 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
                     pass  # unreadable: its ids are unknown (and were never readable)
         new = dataclasses.replace(target, version=latest + 1, parent=latest, created=time.time(),
                                   format_version=FORMAT_VERSION, next_id=next_id,
+                                  id_floor=max(target.id_floor, next_id if next_id > target.next_id else 0),
                                   operation={"type": "rollback", "to": to, "from": latest})
         write_manifest(fs, new)
     return new

@@ -87,14 +87,19 @@ class _CrcSink:
         return self._f.closed
 
 
-def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array]) -> FileEntry:
+def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array],
+                     stamp: Mapping[str, str] | None = None) -> FileEntry:
     """Write one immutable shard file holding ``columns`` and return its manifest entry.
+
+    ``stamp``: key/values stored in the Arrow schema metadata (lake id, ...; `m2m.lake.integrity`).
 
     The file gets a fresh unique name; it belongs to no version until a manifest listing it is
     committed, and `Lake.commit` fsyncs it before publishing that manifest.
     """
     arrays = {k: v if isinstance(v, pa.Array) else to_arrow(k, v) for k, v in columns.items()}
     batch = pa.RecordBatch.from_pydict(arrays)
+    if stamp:
+        batch = batch.replace_schema_metadata(dict(stamp))
     rel = f"{DATA_DIR}/{uuid.uuid4().hex}.arrow"
     local = fs.local_path(rel) if fs.is_local else fs.new_local_file(".arrow")
     os.makedirs(os.path.dirname(local), exist_ok=True)

@@ -14,6 +14,7 @@ import pyarrow as pa
 from m2m._validate import SplatBatch, unit_rows
 from m2m.errors import InvalidEmbeddingError
 from m2m.lake.fs import LakeFS
+from m2m.lake.integrity import WriteStamp
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.schema import MU_NORM
 from m2m.lake.shard import write_shard_file
@@ -133,7 +134,7 @@ WRITERS = 2  # shard files written concurrently: one can wait on fsync while the
 
 def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: int, dtype: str, shard_bytes: int,
                  schema: SchemaUpdate | Callable[[], SchemaUpdate],
-                 progress: Callable[[int], None] | None = None) -> list[ShardEntry]:
+                 progress: Callable[[int], None] | None = None, stamp: WriteStamp | None = None) -> list[ShardEntry]:
     """Write validated chunks as shard files of about ``shard_bytes`` each.
 
     Each chunk's rows are normalised straight into the buffer of the shard being filled, so a chunk
@@ -141,7 +142,8 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
     write, checksum and fsync full shards while the caller's thread fills the next one, so at most
     ``WRITERS + 1`` shards of rows plus one input chunk are in RAM at a time. ``schema`` may be a
     callable returning the schema so far (single-pass ingest: it is final for every column a shard holds
-    by the time the shard is full).
+    by the time the shard is full). ``stamp``: what each shard file's Arrow metadata records about the
+    lake (`m2m.lake.integrity.WriteStamp`; None: nothing).
     """
     step = shard_rows(dim, dtype, shard_bytes)
     shards: list[ShardEntry] = []
@@ -150,6 +152,7 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
     buffers = _Buffers(dim, dtype, WRITERS + 1)
     current: _Filling | None = None
     schema_now = schema if callable(schema) else (lambda: schema)
+    prev_id = None if stamp is None else stamp.prev_id
 
     with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="m2m-shard-writer") as pool:
 
@@ -161,10 +164,14 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
                     progress(entry.rows)
 
         def submit(filling: _Filling) -> None:
-            nonlocal next_id
-            prepared = filling.finish(next_id, schema_now())
+            nonlocal next_id, prev_id
+            now = schema_now()
+            prepared = filling.finish(next_id, now)
+            meta = None if stamp is None else stamp.for_shard(prev_id, prepared["id"], now.label_type,
+                                                              now.label_vocabulary)
+            prev_id = int(prepared["id"][-1])
             collect(WRITERS - 1)  # frees the buffer set the next shard will fill
-            in_flight.append(pool.submit(_write_prepared, fs, prepared))
+            in_flight.append(pool.submit(_write_prepared, fs, prepared, meta))
             next_id += filling.rows
 
         try:
@@ -270,8 +277,8 @@ class _Filling:
         return cols
 
 
-def _write_prepared(fs: LakeFS, cols: dict[str, Any]) -> ShardEntry:
+def _write_prepared(fs: LakeFS, cols: dict[str, Any], meta: dict[str, str] | None = None) -> ShardEntry:
     ids = cols["id"]
-    entry = write_shard_file(fs, cols)
+    entry = write_shard_file(fs, cols, meta)
     logger.debug("wrote shard %s (%d rows)", entry.path, len(ids))
     return ShardEntry(rows=len(ids), id_min=int(ids[0]), id_max=int(ids[-1]), files=(entry,))
