@@ -6,7 +6,7 @@ of ``m2m.augment.langevin`` started at mu_i. Every row first runs the exact one-
 two coordinates (it reads nothing but its own row); splats whose neighbours are negligible whatever
 the path (``negligible_neighbours``, decided once per splat) stop there, the others are checked on
 their realised path (``negligible_on_path``) and, if a neighbour may matter, rerun exactly with all
-components and the same noise (``coupled_full_chain``), gathering their neighbours (unique
+components and the same noise (``coupled_full_chain``, run in the span of the means: ``m2m.augment.span``), gathering their neighbours (unique
 positions only). The step of row i is set by its own kappa only (h = step_size / max(kappa_i / T,
 d - 1)), so neighbours do not change how far a row moves. ``VMFAugmenter``: one exact vMF(mu_i,
 kappa_i) draw per row. ``MixtureAugmenter``: one exact draw from the row's neighbourhood mixture (a
@@ -36,12 +36,12 @@ from m2m.augment.energy import (
 )
 from m2m.augment.langevin import (
     OwnChain,
-    coupled_full_chain,
     negligible_neighbours,
     negligible_on_path,
     own_component_chain,
     path_terms,
 )
+from m2m.augment.span import span_coupled_chain
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.geometry.noise import HostNoise, Source, normal_
 from m2m.geometry.sphere import random_point_at_cosine
@@ -233,6 +233,9 @@ class LangevinAugmenter:
         self._cache: dict[tuple[torch.device, int], _Tables] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
+        # the exact rerun: in the span of the row's means (same law as ``coupled_full_chain``, which
+        # tests swap in as the reference)
+        self._rerun_kernel: Callable[..., Tensor] = span_coupled_chain
 
     # ------------------------------------------------------------------ tables
 
@@ -395,7 +398,7 @@ class LangevinAugmenter:
         kap = torch.cat([tab.kappa[rows].unsqueeze(1), torch.where(valid, tab.kappa[idx], 0.0)], 1)
         a = torch.cat([tab.log_w[rows].unsqueeze(1), torch.where(valid, tab.log_w[idx], -math.inf)], 1)
         a = a - a[:, :1]                      # softmax is shift-free; keeps float32 logits small
-        return coupled_full_chain(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.temperature, generator, own)
+        return self._rerun_kernel(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.temperature, generator, own)
 
 
 def _plain_state(obj: Any) -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""An orthonormal frame of the span of a few unit vectors per row, from their Gram matrix.
+
+For means mu [B, K, d], ``span_frame`` returns L [B, K, K] lower triangular with mu_j = sum_l L_jl q_l
+for orthonormal q_l (Cholesky of the float64 Gram matrix, i.e. Gram-Schmidt in the order given, so
+q_0 = mu_0 / |mu_0|). A mean whose residual after the earlier ones has squared norm <= ``tol`` adds
+no direction: its column of L is zero and ``kept`` is False there (duplicates, rank-deficient
+spans, absent zero rows). Nothing in d is formed but the Gram matrix (one [K, d] x [d, K] product);
+vectors of the frame are materialised only as combinations of the means (``combine``), so a row
+costs O(K^2 d) once, not O(K d) per use. See docs/geometry.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["SPAN_TOL", "SpanFrame", "span_frame"]
+
+SPAN_TOL = 1e-12
+"""Squared residual norm below which a mean adds no direction: its part outside the earlier means'
+span is then below 1e-6, the size of a float32 unit vector's own rounding in d in the hundreds."""
+
+
+@dataclass
+class SpanFrame:
+    """``coords`` [B, K, K]: row j = coordinates of mu_j in the frame (zero columns where not kept);
+    ``kept`` [B, K] bool; ``tri`` [B, K, K]: ``coords`` with 1 on the diagonal where not kept, so that
+    mu = tri q' for the frame q' completed by the (tiny) residuals of the dropped means: solving with
+    ``tri`` maps frame coordinates to mean coefficients. ``means`` [B, K, d] float64."""
+
+    coords: Tensor
+    kept: Tensor
+    tri: Tensor
+    means: Tensor
+
+    def combine(self, a: Tensor) -> Tensor:
+        """sum_l a_l q_l for frame coordinates a [B, K] (zero where not kept): [B, d] float64."""
+        c = torch.linalg.solve_triangular(self.tri.transpose(1, 2), a.unsqueeze(2), upper=True)
+        return torch.bmm(c.transpose(1, 2), self.means).squeeze(1)
+
+    def project_coords(self, g: Tensor) -> Tensor:
+        """Frame coordinates q_l . g of vectors g [B, d] (zero where not kept): [B, K] float64."""
+        mg = torch.bmm(self.means, g.to(torch.float64).unsqueeze(2))
+        b = torch.linalg.solve_triangular(self.tri, mg, upper=False).squeeze(2)
+        return torch.where(self.kept, b, torch.zeros((), dtype=b.dtype, device=b.device))
+
+
+def span_frame(mu: Tensor, tol: float = SPAN_TOL) -> SpanFrame:
+    """The frame of ``mu`` [B, K, d] (rows of any norm; zero rows are dropped), in float64."""
+    m = mu.to(torch.float64)
+    gram = torch.bmm(m, m.transpose(1, 2))
+    if gram.device.type == "cpu":
+        # K small steps on [B, K] arrays: numpy's per-operation cost is a fraction of torch's
+        c, k = _cholesky_dropping(np, gram.numpy(), tol)
+        coords, kept = torch.from_numpy(c), torch.from_numpy(k)
+    else:
+        coords, kept = _cholesky_dropping(torch, gram, tol)
+    tri = coords + torch.diag_embed((~kept).to(torch.float64))
+    return SpanFrame(coords, kept, tri, m)
+
+
+def _cholesky_dropping(xp: Any, gram: Any, tol: float) -> tuple[Any, Any]:
+    """Cholesky factor of each [K, K] Gram matrix in ``gram`` (numpy or torch), columns whose
+    pivot (squared residual norm) is <= tol set to zero; returns (factor, kept)."""
+    b, k, _ = gram.shape
+    coords = xp.zeros_like(gram)
+    kept = xp.zeros((b, k), dtype=bool) if xp is np else torch.zeros((b, k), dtype=torch.bool, device=gram.device)
+    for j in range(k):
+        row = coords[:, j, :j]
+        resid = gram[:, j, j] - (row * row).sum(1)
+        keep = resid > tol
+        diag = xp.sqrt(xp.where(keep, resid, 1.0))
+        coords[:, j, j] = xp.where(keep, diag, 0.0)
+        if j + 1 < k:
+            below = gram[:, j + 1:, j] - xp.matmul(coords[:, j + 1:, :j], row[:, :, None])[:, :, 0]
+            coords[:, j + 1:, j] = xp.where(keep[:, None], below / diag[:, None], 0.0)
+        kept[:, j] = keep
+    return coords, kept

@@ -1,0 +1,115 @@
+"""The coupled rerun in span coordinates (``m2m.augment.span``) against today's kernel in d dimensions
+(``langevin.coupled_full_chain``, kept as the reference): same law, also on rank-deficient spans."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from m2m.augment.energy import component_log_weights, step_length
+from m2m.augment.langevin import (
+    coupled_full_chain,
+    negligible_on_path,
+    own_component_chain,
+    path_terms,
+)
+from m2m.augment.span import span_coupled_chain
+from m2m.geometry.noise import HostNoise
+from m2m.geometry.span import span_frame
+
+F64 = torch.float64
+
+
+def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().sort().values, b.double().sort().values
+    both = torch.cat([a, b]).sort().values
+    fa = torch.searchsorted(a, both, right=True).double() / a.numel()
+    fb = torch.searchsorted(b, both, right=True).double() / b.numel()
+    return (fa - fb).abs().max().item()
+
+
+def _means(d: int, cos: list[float], duplicate: bool, seed: int = 0) -> torch.Tensor:
+    """mu_0 and neighbours at the given cosines to it (random directions otherwise), optionally a
+    duplicate of neighbour 1 and of mu_0 itself and an absent (zero) row."""
+    g = torch.Generator().manual_seed(seed)
+    mu0 = torch.nn.functional.normalize(torch.randn(d, generator=g, dtype=F64), dim=0)
+    rows = [mu0]
+    for c in cos:
+        p = torch.randn(d, generator=g, dtype=F64)
+        p = torch.nn.functional.normalize(p - (p @ mu0) * mu0, dim=0)
+        rows.append(c * mu0 + math.sqrt(1 - c * c) * p)
+    if duplicate:
+        rows += [rows[1].clone(), mu0.clone(), torch.zeros(d, dtype=F64)]
+    return torch.stack(rows).float()
+
+
+def _run(kernel, mu: torch.Tensor, kappa: float, dt: float, steps: int, b: int, metropolis: bool, seed: int):
+    k_comp, d = mu.shape
+    m = mu.expand(b, k_comp, d).contiguous()
+    present = m.norm(dim=2) > 0
+    k = torch.where(present, torch.full((b, k_comp), kappa, dtype=F64), torch.zeros((), dtype=F64))
+    log_w = component_log_weights(k, torch.ones(b, k_comp, dtype=F64), d, present)
+    h = step_length(dt, k[:, :1], None, d, 1.0)
+    own = own_component_chain(h, k[:, 0], steps, d, HostNoise.of(torch.Generator().manual_seed(seed)),
+                              metropolis, record=True)
+    x = m[:, 0].clone()
+    out = kernel(x, m, k.float(), (log_w - log_w[:, :1]).float(), h, 1.0, torch.Generator().manual_seed(seed + 1),
+                 own)
+    return out, own, m, k, log_w
+
+
+@pytest.mark.parametrize("metropolis", [False, True])
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_span_kernel_has_the_law_of_the_full_kernel(metropolis, duplicate):
+    d, b = 96, 6000
+    mu = _means(d, [0.97, 0.9, 0.6], duplicate)
+    kap, dt = 300.0, 0.3
+    got, _, m, _, _ = _run(span_coupled_chain, mu, kap, dt, 5, b, metropolis, 1)
+    want, _, _, _, _ = _run(coupled_full_chain, mu, kap, dt, 5, b, metropolis, 11)
+    assert got.dtype == torch.float32 and torch.allclose(got.norm(dim=1), torch.ones(b), atol=1e-5)
+    crit = 1.95 * math.sqrt(2 / b)  # KS at alpha = 1e-3, per statistic
+    for j in range(4):              # the cosines to every distinct mean: what the energy reads
+        assert _ks(got @ mu[j], want @ mu[j]) < crit, j
+    # the part outside the means' span: its norm, and its direction is uniform there
+    q, _ = torch.linalg.qr(mu[:4].double().T)
+    out_g = got.double() - (got.double() @ q) @ q.T
+    out_w = want.double() - (want.double() @ q) @ q.T
+    assert _ks(out_g.norm(dim=1), out_w.norm(dim=1)) < crit
+    probe = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(5), dtype=F64), dim=0)
+    probe = probe - q @ (q.T @ probe)
+    assert _ks(out_g @ probe, out_w @ probe) < crit
+
+
+def test_span_kernel_is_the_one_component_chain_where_neighbours_are_negligible():
+    # the coupling survives the change of coordinates: same recorded noise, same path where the
+    # neighbour carries no weight (rows passing the path check), to float rounding
+    d, b, c = 64, 2000, 0.6
+    mu = _means(d, [c], False)
+    got, own, m, k, log_w = _run(span_coupled_chain, mu, 400.0, 0.3, 5, b, False, 3)
+    terms = path_terms(torch.full((b, 1), c, dtype=F64), k[:, 1:], log_w[:, 1:], k[:, 0], log_w[:, 0], 1.0)
+    ok = negligible_on_path(own, *terms, d)
+    assert 0.2 < ok.double().mean().item() < 0.8
+    t = got.double() @ mu[0].double()
+    assert torch.allclose(t[ok], own.t[ok], atol=1e-6)
+
+
+def test_span_frame_reproduces_the_means_and_drops_duplicates():
+    mu = _means(48, [0.99, 0.5], True).unsqueeze(0)            # 0, 1, 2, dup of 1, dup of 0, zero
+    fr = span_frame(mu)
+    assert fr.kept[0].tolist() == [True, True, True, False, False, False]
+    gram = mu[0].double() @ mu[0].double().T
+    assert torch.allclose(fr.coords[0] @ fr.coords[0].T, gram, atol=1e-12)
+    # combine / project_coords are q-frame maps: orthonormal on the kept slots
+    a = torch.tensor([[0.3, -0.2, 0.5, 0.0, 0.0, 0.0]], dtype=F64)
+    v = fr.combine(a)
+    assert torch.allclose(v.norm(), a.norm(), atol=1e-12)
+    assert torch.allclose(fr.project_coords(v), a, atol=1e-12)
+    assert torch.allclose(mu[0].double() @ v[0], fr.coords[0] @ a[0], atol=1e-12)
+
+
+def test_span_kernel_falls_back_when_d_is_small():
+    mu = _means(8, [0.9, 0.8, 0.7, 0.6], False)
+    got, _, _, _, _ = _run(span_coupled_chain, mu, 50.0, 0.3, 5, 50, False, 1)
+    assert torch.allclose(got.norm(dim=1), torch.ones(50), atol=1e-5)
