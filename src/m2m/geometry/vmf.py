@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from m2m.errors import ConfigError, InvalidEmbeddingError, NumericalError
+from m2m.geometry.noise import HostNoise
 from m2m.geometry.sphere import normalize, random_point_at_cosine
 
 __all__ = [
@@ -341,7 +342,7 @@ def standard_gamma(shape: float, size: tuple[int, ...], generator: torch.Generat
 
 
 def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                  generator: "torch.Generator | HostNoise | None" = None) -> tuple[Tensor, Tensor]:
     """Exact draws of w = mu.x for x ~ vMF(mu, kappa) by Wood's (1994) rejection sampler.
 
     ``kappa`` [B] (float64 arithmetic) -> (w, sqrt(1 - w^2)), each [B, n] float64. Uses the stable
@@ -361,17 +362,22 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
     log_1mx02 = xp.log(4.0 * b) - 2.0 * xp.log1p(b)          # log(1 - x0^2)
     total = k_t.numel()
     omw = xp.empty_like(k)
+    # on the CPU the candidates come from one numpy stream seeded from the generator (HostNoise)
+    host = HostNoise.of(generator) if cpu and total else None
     pending: Any = None
     for _ in range(_WOOD_MAX_ROUNDS):
         m = total if pending is None else len(pending)
         if m == 0:
             break
         # _WOOD_DRAWS candidates per pending entry; the first accepted one is kept
-        g = standard_gamma(d1 / 2.0, (2, _WOOD_DRAWS, m), generator, dev)
-        u = torch.rand((_WOOD_DRAWS, m), dtype=torch.float64, device=dev, generator=generator)
-        if cpu:
-            g, u = g.numpy(), u.numpy()
-        z = g[0] / (g[0] + g[1])                              # Beta((d-1)/2, (d-1)/2)
+        if host is not None:
+            # numpy's Beta (two Marsaglia-Tsang gammas in C) and uniforms: no per-round Python arithmetic
+            z = host.rng.beta(d1 / 2.0, d1 / 2.0, (_WOOD_DRAWS, m))  # Beta((d-1)/2, (d-1)/2)
+            u = host.rng.random((_WOOD_DRAWS, m))
+        else:
+            g = standard_gamma(d1 / 2.0, (2, _WOOD_DRAWS, m), generator, dev)
+            u = torch.rand((_WOOD_DRAWS, m), dtype=torch.float64, device=dev, generator=generator)
+            z = g[0] / (g[0] + g[1])                          # Beta((d-1)/2, (d-1)/2)
         first = pending is None
         bp = b if first else b[pending]
         kp = k if first else k[pending]
