@@ -101,7 +101,16 @@ def random_point_at_cosine(
         perp = torch.clamp(torch.linalg.vector_norm(z, dim=-1), min=torch.finfo(mu.dtype).tiny)
         scale, coef = sin / perp, cos
     elif _host_rows(z, mu, cos, sin):
+        # all in numpy, which runs each pass in this thread: torch would split the [B, d] passes over
+        # its intra-op threads, which on a busy machine wait for each other (docs/geometry.md)
         scale, coef = _host_coefficients(z, mu, cos, sin)
+        zn = z.numpy().reshape(-1, mu.shape[-1])
+        tmp = (scratch.numpy().reshape(zn.shape) if scratch is not None and scratch.shape == z.shape
+               and scratch.dtype == z.dtype and scratch.is_contiguous() else np.empty_like(zn))
+        np.multiply(zn, scale.numpy().reshape(-1, 1), out=zn)
+        np.multiply(mu.numpy().reshape(zn.shape), coef.numpy().reshape(-1, 1), out=tmp)
+        np.add(zn, tmp, out=zn)
+        return z
     else:
         dot = torch.linalg.vecdot(z, mu)                    # z . mu
         zn = torch.linalg.vector_norm(z, dim=-1)          # |z|^2 ~ d, so |z|^2 - (z.mu)^2 keeps its digits
