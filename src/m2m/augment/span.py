@@ -17,11 +17,13 @@ plus S Gaussians of d numbers. See docs/geometry.md.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
-from m2m.augment.energy import log_density_and_gradient
-from m2m.augment.langevin import OwnChain, _Buffers, _step, coupled_full_chain
+from m2m.augment.langevin import OwnChain, coupled_full_chain
 from m2m.geometry.noise import HostNoise, Source, normal_
 from m2m.geometry.span import SpanFrame, span_frame
 from m2m.geometry.vmf import standard_gamma
@@ -77,42 +79,98 @@ def span_coupled_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: T
     f64 = torch.float64
     dev = x.device
     frame = span_frame(mu)
-    means = torch.zeros((b, k, width), dtype=f64, device=dev)
-    means[:, :, :k] = frame.coords
     draws = _Draws(generator, dev)
+    cpu = dev.type == "cpu"
+    # the loop is arithmetic on [B, K + S + 1] arrays: numpy on the CPU (a fraction of torch's
+    # per-operation cost, and no intra-op threads), torch elsewhere
+    xp: Any = np if cpu else torch
+    conv = (lambda t: t.to(f64).numpy()) if cpu else (lambda t: t.to(f64))
+    amax = (lambda a: np.amax(a, axis=1)) if cpu else (lambda a: torch.amax(a, dim=1))
+    means = xp.zeros((b, k, width), dtype=np.float64 if cpu else f64, **({} if cpu else {"device": dev}))
+    means[:, :, :k] = conv(frame.coords)
+    kap, lw = conv(kappa), conv(log_w)
+    hh = conv(h)[:, None]
+    z, chi2, x1 = conv(own.z), conv(own.chi2), conv(own.x1)
+    acc_rec = own.acc.numpy() if cpu else own.acc
+    log_u = None if own.log_u is None else conv(own.log_u)
+    normal = (lambda shape: draws.normal(shape).numpy()) if cpu else draws.normal
+    chi2_draw = (lambda df: draws.chi2(df, b).numpy()) if cpu else (lambda df: draws.chi2(df, b))
+    xc = _span_loop(xp, amax, means, kap, lw, hh, temperature, z, chi2, x1, acc_rec, log_u, normal, chi2_draw, d)
+    return _materialise(frame, torch.from_numpy(xc) if cpu else xc, draws, x.dtype)
+
+
+def _span_loop(xp: Any, amax: Any, means: Any, kap: Any, lw: Any, hh: Any, temperature: float, z: Any, chi2: Any,
+               x1: Any, acc_rec: Any, log_u: Any, normal: Any, chi2_draw: Any, d: int) -> Any:
+    """The coupled chain's steps in span coordinates on numpy arrays or torch tensors (float64):
+    the arithmetic of ``langevin._step`` on [B, W] coordinates. Returns the end point's coordinates."""
+    b, k, width = means.shape
+    steps = z.shape[0]
+
+    def col(v: Any) -> Any:
+        return v[:, None]
+
+    def dot(a: Any, c: Any) -> Any:
+        return (a * c).sum(1)
+
+    def unit(v: Any) -> Any:
+        n = xp.sqrt(dot(v, v))
+        return xp.where(col(n > 0), v / col(xp.where(n > 0, n, 1.0)), 0.0 * v)
+
+    def density(y: Any) -> tuple[Any, Any]:
+        s = (means @ y[:, :, None])[:, :, 0]                        # mu_j . y
+        logits = lw + kap * s
+        top = amax(logits)
+        e = xp.exp(logits - col(top))
+        tot = e.sum(1)
+        coef = e / col(tot) * kap / temperature
+        return (top + xp.log(tot)) / temperature, (coef[:, None, :] @ means)[:, 0, :]
+
     # w_0: uniform tangent direction at mu_0 (= frame slot 0): a Gaussian on the k frame slots, its
     # remaining norm on slot k, the part along slot 0 removed
-    w = torch.zeros((b, width), dtype=f64, device=dev)
-    w[:, 1:k] = draws.normal((b, k - 1)).to(dev)
-    w[:, k] = torch.sqrt(draws.chi2(d - k, b)).to(dev)
-    w = w / torch.linalg.vector_norm(w, dim=1, keepdim=True)
-    xc = torch.zeros((b, width), dtype=f64, device=dev)
+    w = 0.0 * means[:, 0, :]
+    w[:, 1:k] = normal((b, k - 1))
+    w[:, k] = xp.sqrt(chi2_draw(d - k))
+    w = unit(w)
+    xc = 0.0 * w
     xc[:, 0] = 1.0
-    e0 = xc.clone()
-    kap, lw = kappa.to(f64), log_w.to(f64)
-    hh = h.to(f64).unsqueeze(1)
-    sq_rest = torch.sqrt(2.0 * h.to(f64).unsqueeze(1) * own.chi2.T.to(f64))       # [B, S]
-    bufs = _Buffers(xc)
-    logp, grad = log_density_and_gradient(xc, means, kap, lw, temperature, grad_out=bufs.grad)
-    tiny = torch.finfo(f64).tiny
+    sq = xp.sqrt(2.0 * hh)
+    sq_rest = xp.sqrt(2.0 * hh * chi2.T)                             # [B, S]
+    logp, grad = density(xc)
     for i in range(steps):
         used = k + 1 + i                      # coordinates tracked before this step's new direction
-        g = torch.zeros((b, width), dtype=f64, device=dev)
-        g[:, :used] = draws.normal((b, used)).to(dev)
-        g[:, used] = torch.sqrt(draws.chi2(d - used, b)).to(dev)
-        r = g - g[:, :1] * e0 - torch.linalg.vecdot(g, w).unsqueeze(1) * w
-        rn = torch.linalg.vector_norm(r, dim=1, keepdim=True)
-        r = torch.where(rn > 0, r / torch.clamp(rn, min=tiny), torch.zeros_like(r))
-        chi = torch.sqrt(own.chi2[i].to(f64)).unsqueeze(1)
-        noise = own.z[i, 0].to(f64).unsqueeze(1) * e0 + own.z[i, 1].to(f64).unsqueeze(1) * w + chi * r
-        log_u = None if own.log_u is None else own.log_u[i].to(f64)
-        xc, logp, grad = _step(xc, logp, grad, noise, log_u, means, kap, lw, hh, temperature, bufs,
-                               last=i == steps - 1)
-        nw = own.x1[i].to(f64).unsqueeze(1) * w + sq_rest[:, i:i + 1] * r
-        nn = torch.linalg.vector_norm(nw, dim=1, keepdim=True)
-        moved = own.acc[i].unsqueeze(1) & (nn > 0)
-        w = torch.where(moved, nw / torch.clamp(nn, min=tiny), w)
-    return _materialise(frame, xc, draws, x.dtype)
+        g = 0.0 * w
+        g[:, :used] = normal((b, used))
+        g[:, used] = xp.sqrt(chi2_draw(d - used))
+        g[:, 0] = 0.0                                               # off mu_0 (slot 0) ...
+        r = unit(g - col(dot(g, w)) * w)                            # ... and off w
+        noise = xp.sqrt(col(chi2[i])) * r + col(z[i, 1]) * w
+        noise[:, 0] += z[i, 0]
+        # one step of langevin._step: v = sqrt(2h) P_x xi + h P_x grad, retracted
+        xz, xg = col(dot(xc, noise)), col(dot(xc, grad))
+        v = sq * (noise - xc * xz) + hh * (grad - xc * xg)
+        y = xc + v
+        y = y / col(xp.sqrt(dot(y, y)))
+        last = i == steps - 1
+        if log_u is None:
+            xc = y
+            if not last:
+                logp, grad = density(y)
+        else:
+            fwd = 2.0 * hh[:, 0] * (dot(noise, noise) - xz[:, 0] ** 2)
+            logp_y, grad_y = density(y)
+            c = col(dot(xc, y))
+            yg = col(dot(y, grad_y))
+            rev_vec = xc / c - y - hh * (grad_y - y * yg)
+            rev = dot(rev_vec, rev_vec)
+            acc = log_u[i] < logp_y - logp - (rev - fwd) / (4.0 * hh[:, 0])
+            xc = xp.where(col(acc), y, xc)
+            grad = xp.where(col(acc), grad_y, grad)
+            logp = xp.where(acc, logp_y, logp)
+        nw = col(x1[i]) * w + sq_rest[:, i:i + 1] * r
+        nn = xp.sqrt(dot(nw, nw))
+        moved = acc_rec[i] & (nn > 0)
+        w = xp.where(col(moved), nw / col(xp.where(nn > 0, nn, 1.0)), w)
+    return xc
 
 
 def _materialise(frame: SpanFrame, xc: Tensor, draws: _Draws, dtype: torch.dtype) -> Tensor:
