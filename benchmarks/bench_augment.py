@@ -1,7 +1,7 @@
 """Augmentation speed, side by side in one run: the Langevin rerun in span coordinates vs today's
 d-dimensional kernel, vMF and mixture draws vs a plain index_select stream, at d = 64..1024.
 
-    PYTHONPATH=src python benchmarks/bench_augment.py [--quick] [--out benchmarks/results/augment-DATE.json]
+    PYTHONPATH=src:benchmarks python benchmarks/bench_augment.py [--quick] [--no-stream] [--out benchmarks/results/augment-DATE.json]
 
 Every rate is measured in several interleaved rounds and every round is kept (min/median/max), as rows
 per wall second and rows per CPU second of the process (``time.process_time``: it counts our own
@@ -15,7 +15,7 @@ Sections:
             (mean cosine 0.9 to the cluster centre, k = 16 same-cluster neighbours).
   demo      the demo's lake (``m2m demo``: digits, 10k rows, d = 640, kappa estimated, consolidated):
             the Langevin augmenter in line with either rerun kernel, the share of rows rerun, and the
-            generative stream (SOC + Langevin, ``m2m.cli.demo._stream_rate``) with either kernel.
+            generative stream (SOC + Langevin, ``m2m_bench.demo._stream_rate``) with either kernel.
   threads   the vMF loop at d = 256 with torch threads 1 and 2 (oversubscription check).
 """
 
@@ -143,9 +143,10 @@ def kernels(dims: tuple[int, ...], rows: int, rounds: int, batches: int, seed: i
 
 
 def demo(rounds: int, batches: int, stream: bool, seed: int = 0) -> dict[str, Any]:
+    from m2m_bench.datasets import digits_embeddings
+    from m2m_bench.demo import _stream_rate
+
     from m2m import M2MConfig, create_m2m
-    from m2m.cli.demo import _stream_rate
-    from m2m.datasets import digits_embeddings
     from m2m.export import filled_kappa, stored_geometry
 
     torch.set_num_threads(1)
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "batch": BATCH, "k": K,
                            "cpus": os.cpu_count(), "load_average_start": os.getloadavg(),
-                           "command": "PYTHONPATH=src python benchmarks/bench_augment.py " + " ".join(argv or sys.argv[1:])}
+                           "command": "PYTHONPATH=src:benchmarks python benchmarks/bench_augment.py " + " ".join(argv or sys.argv[1:])}
     res["kernels"] = kernels((64, 256, 1024) if args.quick else (64, 128, 256, 512, 1024), 20_000, rounds, batches)
     res["threads"] = threads(rounds, batches)
     res["demo"] = demo(rounds, batches // 2, not args.no_stream)

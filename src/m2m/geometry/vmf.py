@@ -364,6 +364,9 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
     omw = xp.empty_like(k)
     # on the CPU the candidates come from one numpy stream seeded from the generator (HostNoise)
     host = HostNoise.of(generator) if cpu and total else None
+    gen = generator.torch_generator(dev) if isinstance(generator, HostNoise) and host is None else generator
+    z: Any
+    u: Any
     pending: Any = None
     for _ in range(_WOOD_MAX_ROUNDS):
         m = total if pending is None else len(pending)
@@ -375,8 +378,8 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
             z = host.rng.beta(d1 / 2.0, d1 / 2.0, (_WOOD_DRAWS, m))  # Beta((d-1)/2, (d-1)/2)
             u = host.rng.random((_WOOD_DRAWS, m))
         else:
-            g = standard_gamma(d1 / 2.0, (2, _WOOD_DRAWS, m), generator, dev)
-            u = torch.rand((_WOOD_DRAWS, m), dtype=torch.float64, device=dev, generator=generator)
+            g = standard_gamma(d1 / 2.0, (2, _WOOD_DRAWS, m), gen, dev)  # type: ignore[arg-type]
+            u = torch.rand((_WOOD_DRAWS, m), dtype=torch.float64, device=dev, generator=gen)  # type: ignore[arg-type]
             z = g[0] / (g[0] + g[1])                          # Beta((d-1)/2, (d-1)/2)
         first = pending is None
         bp = b if first else b[pending]
