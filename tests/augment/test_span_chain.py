@@ -113,3 +113,43 @@ def test_span_kernel_falls_back_when_d_is_small():
     mu = _means(8, [0.9, 0.8, 0.7, 0.6], False)
     got, _, _, _, _ = _run(span_coupled_chain, mu, 50.0, 0.3, 5, 50, False, 1)
     assert torch.allclose(got.norm(dim=1), torch.ones(50), atol=1e-5)
+
+
+@pytest.mark.parametrize("metropolis", [False, True])
+def test_span_loop_numpy_and_torch_agree(metropolis):
+    # the CPU runs the loop in numpy, other devices in torch: same arithmetic on the same draws
+    import numpy as np
+
+    from m2m.augment.span import _span_loop
+
+    b, steps, d = 40, 3, 48
+    mu = _means(d, [0.97, 0.9], True)
+    k = mu.shape[0]
+    coords = span_frame(mu.unsqueeze(0).expand(b, k, d).contiguous()).coords.numpy()
+    means = np.zeros((b, k, k + 1 + steps))
+    means[:, :, :k] = coords
+    rng = np.random.default_rng(0)
+    kap = np.where(np.linalg.norm(mu.numpy(), axis=1) > 0, 300.0, 0.0)[None].repeat(b, 0)
+    lw = np.where(kap > 0, rng.normal(size=(b, k)), -np.inf)
+    lw[:, 0] = 0.0
+    hh = np.full((b, 1), 0.3 / 300.0)
+    z, chi2, x1 = rng.normal(size=(steps, 2, b)), rng.chisquare(d - 2, (steps, b)), rng.normal(size=(steps, b))
+    acc = rng.random((steps, b)) < 0.8
+    log_u = np.log(rng.random((steps, b))) if metropolis else None
+    recorded: list[np.ndarray] = []
+
+    def record(draw):
+        def fn(arg):
+            recorded.append(draw(arg))
+            return recorded[-1]
+        return fn
+
+    out_np = _span_loop(np, lambda a: np.amax(a, axis=1), means, kap, lw, hh, 1.0, z, chi2, x1, acc, log_u,
+                        record(lambda shape: rng.normal(size=shape)), record(lambda df: rng.chisquare(df, b)), d)
+    replay = iter(recorded)
+    t = torch.from_numpy
+    out_t = _span_loop(torch, lambda a: torch.amax(a, dim=1), t(means), t(kap), t(lw), t(hh), 1.0, t(z), t(chi2),
+                       t(x1), t(acc), None if log_u is None else t(log_u), lambda s: t(next(replay)),
+                       lambda df: t(next(replay)), d)
+    assert np.allclose(out_t.numpy(), out_np, atol=1e-12)
+    assert np.allclose(np.linalg.norm(out_np, axis=1), 1.0)
