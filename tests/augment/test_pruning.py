@@ -18,6 +18,7 @@ from m2m.augment.langevin import (
     own_component_chain,
     path_terms,
 )
+from m2m.augment.span import span_coupled_chain
 from m2m.geometry.vmf import log_normalizer
 
 F64 = torch.float64
@@ -66,23 +67,25 @@ def test_static_bound_holds_along_exact_chains_at_its_boundary():
     assert worst < math.log(PRUNE_EPS)
 
 
-def _recorded(d: int, c: float, kappa: float, dt: float, steps: int, b: int, metropolis: bool):
+def _recorded(d: int, c: float, kappa: float, dt: float, steps: int, b: int, metropolis: bool,
+              kernel=coupled_full_chain):
     mu0, mu1 = _pair(d, c)
     mu = torch.stack([mu0, mu1]).expand(b, 2, d).contiguous()
     k = torch.full((b, 2), kappa, dtype=F64)
     log_w = component_log_weights(k, torch.ones(b, 2, dtype=F64), d)
     h = step_length(dt, k, None, d, 1.0)
     own = own_component_chain(h, k[:, 0], steps, d, torch.Generator().manual_seed(1), metropolis, record=True)
-    exact = coupled_full_chain(mu0.expand(b, d).clone(), mu, k, log_w - log_w[:, :1], h, 1.0,
+    exact = kernel(mu0.expand(b, d).clone(), mu, k, log_w - log_w[:, :1], h, 1.0,
                                torch.Generator().manual_seed(2), own)
     terms = path_terms(torch.full((b, 1), c, dtype=F64), k[:, 1:], log_w[:, 1:], k[:, 0], log_w[:, 0], 1.0)
     ok = negligible_on_path(own, *terms, d)
     return own, exact, ok, mu0
 
 
+@pytest.mark.parametrize("kernel", [coupled_full_chain, span_coupled_chain])
 @pytest.mark.parametrize("metropolis", [False, True])
-def test_coupled_rerun_is_the_one_component_chain_where_neighbours_are_negligible(metropolis):
-    own, exact, ok, mu0 = _recorded(32, 0.6, 400.0, 0.3, 5, 2000, metropolis)
+def test_coupled_rerun_is_the_one_component_chain_where_neighbours_are_negligible(metropolis, kernel):
+    own, exact, ok, mu0 = _recorded(32, 0.6, 400.0, 0.3, 5, 2000, metropolis, kernel)
     assert 0.2 < ok.double().mean().item() < 0.8              # a borderline case: both outcomes occur
     t = exact @ mu0
     rho = torch.sqrt(torch.clamp(1 - t * t, min=0))
@@ -91,7 +94,8 @@ def test_coupled_rerun_is_the_one_component_chain_where_neighbours_are_negligibl
     assert torch.allclose(exact.norm(dim=1), torch.ones(len(t), dtype=F64))
 
 
-def test_coupled_rerun_departs_where_the_neighbour_pulls():
-    own, exact, ok, mu0 = _recorded(32, 0.995, 400.0, 0.3, 5, 500, False)
+@pytest.mark.parametrize("kernel", [coupled_full_chain, span_coupled_chain])
+def test_coupled_rerun_departs_where_the_neighbour_pulls(kernel):
+    own, exact, ok, mu0 = _recorded(32, 0.995, 400.0, 0.3, 5, 500, False, kernel)
     assert not ok.any()
     assert ((exact @ mu0) - own.t).abs().max().item() > 1e-3
