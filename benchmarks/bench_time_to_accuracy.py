@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,13 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    def save(res: dict[str, Any]) -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+
     res = measure(quick=args.quick, datasets=args.datasets.split(","),
                   seeds=None if args.seeds is None else [int(s) for s in args.seeds.split(",")],
                   epochs=args.epochs, methods=None if args.methods is None else args.methods.split(","),
-                  models=args.models.split(","), evals_per_epoch=args.evals)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+                  models=args.models.split(","), evals_per_epoch=args.evals, on_progress=save)
+    save(res)
     sys.stdout.write(format_table(res) + "\n")
     return 0
 

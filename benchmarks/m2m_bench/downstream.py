@@ -263,7 +263,8 @@ def load_split(name: str, seed: int, quick: bool) -> Split:
 
 def run(quick: bool = False, datasets: Sequence[str] = ("digits", "text"), seeds: Sequence[int] | None = None,
         epochs: int | None = None, methods: Sequence[str] | None = None,
-        models: Sequence[str] = MODELS, evals_per_epoch: int = 1) -> dict[str, Any]:
+        models: Sequence[str] = MODELS, evals_per_epoch: int = 1,
+        on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train every (dataset, model, method, seed); returns per-run records and a mean ± std summary.
 
     ``evals_per_epoch`` > 1 scores the model that often per epoch (the curve of `time_to_accuracy`).
@@ -290,6 +291,8 @@ def run(quick: bool = False, datasets: Sequence[str] = ("digits", "text"), seeds
                                             "dim": int(split.train_x.shape[1]), "classes": int(split.train_y.max() + 1),
                                             "seed": seed})
             _run_dataset(res, ds, seed, split, chosen, models, epochs, evals_per_epoch)
+            if on_progress is not None:  # partial results survive a run cut short
+                on_progress(res)
     res["summary"] = summarize(res["runs"])
     return res
 

@@ -13,7 +13,7 @@ run has no speed-up for that seed and the table says how many seeds reached it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -60,10 +60,17 @@ def summarize(res: dict[str, Any], fraction: float = FRACTION) -> list[dict[str,
 
 def measure(quick: bool = False, datasets: Sequence[str] = ("digits", "text"), seeds: Sequence[int] | None = None,
             epochs: int | None = None, methods: Sequence[str] | None = None, models: Sequence[str] = ("linear",),
-            evals_per_epoch: int = 4, fraction: float = FRACTION) -> dict[str, Any]:
-    """Train every (dataset, model, method, seed), scoring ``evals_per_epoch`` times per epoch."""
+            evals_per_epoch: int = 4, fraction: float = FRACTION,
+            on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train every (dataset, model, method, seed), scoring ``evals_per_epoch`` times per epoch;
+    ``on_progress(res)`` gets the results so far (with their summary) after each (dataset, seed)."""
+
+    def progress(res: dict[str, Any]) -> None:
+        if on_progress is not None:
+            on_progress({**res, "fraction": fraction, "time_to_accuracy": summarize(res, fraction)})
+
     res = run(quick=quick, datasets=datasets, seeds=seeds, epochs=epochs, methods=methods, models=models,
-              evals_per_epoch=evals_per_epoch)
+              evals_per_epoch=evals_per_epoch, on_progress=progress)
     res["fraction"] = fraction
     res["time_to_accuracy"] = summarize(res, fraction)
     return res
