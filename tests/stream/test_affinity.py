@@ -140,6 +140,14 @@ def test_loader_groups_follow_the_node_cache_budget():
         def plan_prefetch(self, shards):
             pass
 
+        fs = None  # the rest of the FileBackedSource protocol: no shard files behind these arrays
+
+        def column_extent(self, shard, name):
+            return None
+
+        def fetch_stats(self):
+            return None
+
     x = np.random.default_rng(0).standard_normal((20_000, 8)).astype(np.float32)
     src = Remote({"mu": x}, shard_rows=1000)
     dl = make_loader(src, batch_size=50, warm_bytes=1 << 16, hot_bytes=0, shuffle_mode="block", block_rows=100,

@@ -288,7 +288,7 @@ def test_a_stream_never_writes_even_while_a_writer_holds_the_lock(options, caplo
     lake = create_m2m(M2MConfig(device="cpu", latent_dim=16))
     lake.add_splats(torch.randn(3000, 16, generator=torch.Generator().manual_seed(1)))
     version, listing = lake.version, sorted(os.listdir(lake.path) + os.listdir(os.path.join(lake.path, "_data")))
-    with write_lock(lake._fs), caplog.at_level(logging.INFO, logger="m2m.export"):
+    with write_lock(lake._fs), caplog.at_level(logging.INFO, logger="m2m.stream.from_lake"):
         dl = lake.export_to_dataloader(batch_size=100, columns=("embedding", "id", "weight"), **options)
         batches = list(dl)
     assert len(batches) == 30 and all(torch.isfinite(b["embedding"]).all() for b in batches)

@@ -36,7 +36,7 @@ from m2m.stream.memory import (
     MADV_WILLNEED,
     madvise,
 )
-from m2m.stream.source import RowSource
+from m2m.stream.source import RowSource, file_backed
 from m2m.stream.stages.base import BufferSource, Stage, Work
 
 T = TypeVar("T")
@@ -79,7 +79,9 @@ class _LazyExtents:
         if shard in self._got:
             return self._got[shard]
         r = self._reader
-        ext = r.source.column_extent(shard, self._name)  # type: ignore[attr-defined]
+        files = file_backed(r.source)
+        assert files is not None  # lazy extents exist for remote (file-backed) sources only
+        ext = files.column_extent(shard, self._name)
         rows = int(r.offsets[shard + 1] - r.offsets[shard])
         if ext is not None and ext.rows != rows:
             raise CorruptShardError(f"shard file {ext.path}: column {self._name!r} has {ext.rows} rows, "
@@ -249,13 +251,14 @@ class ColdReader:
         self.source = source
         self.offsets = np.asarray(source.shard_offsets, dtype=np.int64)
         self.num_rows = int(source.num_rows)
-        extent_of = getattr(source, "column_extent", None)
+        files = file_backed(source)
+        extent_of = None if files is None else files.column_extent
         self._extents: dict[str, list[ColumnExtent | None]] = {}
         self._arrays: dict[str, list[np.ndarray | None]] = {}
         self._files: dict[str, ShardFile] = {}
         self._cache = BlockCache(CACHE_BLOCKS_PER_COLUMN * max(1, len(names)))
         # a remote lake's shards are downloaded (node cache) when first read, not all here
-        self.remote = bool(getattr(source, "is_remote", False)) and callable(extent_of)
+        self.remote = files is not None and files.is_remote
         self._staging: dict[str, torch.Tensor] = {}
         self._advised: set[tuple[int, int]] = set()
         self._arena: Any = None
@@ -270,7 +273,7 @@ class ColdReader:
             exts: list[ColumnExtent | None] = []
             arrs: list[np.ndarray | None] = []
             for s in range(self.num_shards):
-                ext = extent_of(s, n) if callable(extent_of) else None
+                ext = extent_of(s, n) if extent_of is not None else None
                 rows = int(self.offsets[s + 1] - self.offsets[s])
                 if ext is not None and ext.rows != rows:
                     raise CorruptShardError(f"shard file {ext.path}: column {n!r} has {ext.rows} rows, "
