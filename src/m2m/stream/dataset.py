@@ -94,7 +94,9 @@ class StreamDataset(Dataset):
             return self._items()
         if get_worker_info() is not None:
             raise ConfigError(REFUSED)
-        return self._alone()
+        gen = self._alone()
+        pl.close_at_exit(gen)
+        return gen
 
     def _alone(self) -> Iterator[Any]:
         world = self.current_world()

@@ -133,6 +133,7 @@ class StreamLoader(DataLoader):
         self._stats = StreamStats()
         self._res = pl.Resources(dataset.source, dataset.spec, dataset.delivery)
         self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        pl.close_at_exit(self)
 
     # ----------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -150,6 +151,7 @@ class StreamLoader(DataLoader):
         self._live = weakref.WeakSet()
         self._res = pl.Resources(ds.source, ds.spec, ds.delivery)
         object.__setattr__(self, "sampler", EpochSampler(self))
+        pl.close_at_exit(self)
 
     # ----------------------------------------------------------------- public surface
     def __len__(self) -> int:
