@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 
 from m2m.errors import ConfigError, DeviceUnavailableError
 from m2m.sampling.plan import PlanSampler
-from m2m.stream.hooks import augment_seed
 from m2m.stream import pipeline as pl
+from m2m.stream.hooks import augment_seed
 from m2m.stream.loader import StreamLoader, make_loader
 from m2m.stream.stages.prefetch import Prefetcher
 from m2m.stream.topology import World

@@ -75,7 +75,7 @@ class StreamDataset(Dataset):
                                  world.world_size, plan)
             files = file_backed(self.source)
             if files is not None and files.is_remote:  # node cache: download ahead in first-use order
-                files.plan_prefetch(affinity.first_use(hit.rows, self.source.shard_offsets))
+                files.plan_prefetch(affinity.first_use(hit.rows, self.source.shard_offsets).tolist())
             while len(self._cache) >= 2:  # two passes may interleave (zip(dl, dl))
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = hit

@@ -67,7 +67,7 @@ def make_loader(source: RowSource, options: StreamOptions | None = None, *, samp
     return StreamLoader(StreamDataset(source, spec, delivery, sampler), opts)
 
 
-class EpochSampler(DistributedSampler):  # type: ignore[type-arg]
+class EpochSampler(DistributedSampler):
     """``dl.sampler``: the loader shards rows over ranks itself, as a ``DistributedSampler`` would.
 
     Lightning and DDP code call ``dataloader.sampler.set_epoch(epoch)``; it reaches the loader.
@@ -124,6 +124,7 @@ class StreamLoader(DataLoader):
         object.__setattr__(self, "batch_size", dataset.spec.batch_size)
         object.__setattr__(self, "drop_last", dataset.spec.drop_last)
         self.options = o
+        self._ds = dataset  # dl.dataset, typed
         self.spec = dataset.spec
         self.device = dataset.delivery.device
         self.hot_mode = dataset.delivery.hot_mode
@@ -147,7 +148,7 @@ class StreamLoader(DataLoader):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        ds: StreamDataset = self.dataset
+        ds = self._ds
         self._live = weakref.WeakSet()
         self._res = pl.Resources(ds.source, ds.spec, ds.delivery)
         object.__setattr__(self, "sampler", EpochSampler(self))
@@ -156,7 +157,7 @@ class StreamLoader(DataLoader):
     # ----------------------------------------------------------------- public surface
     def __len__(self) -> int:
         """Batches of the next pass on this rank (the DDP topology read now)."""
-        return self.dataset.rank_epoch(self.epoch, self.dataset.current_world()).num_batches
+        return self._ds.rank_epoch(self.epoch, self._ds.current_world()).num_batches
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         gen = self._iterate()
@@ -184,8 +185,8 @@ class StreamLoader(DataLoader):
         """Resume: the next pass yields exactly this rank's batches not yet yielded when ``state`` was
         taken (on any rank); the passes after it continue as the saved loader would have."""
         saved = st.StreamState.from_dict(state)
-        world = self.dataset.current_world()
-        epoch, start = st.check(saved, self._state(), lambda e: self.dataset.rank_epoch(e, world).num_batches)
+        world = self._ds.current_world()
+        epoch, start = st.check(saved, self._state(), lambda e: self._ds.rank_epoch(e, world).num_batches)
         if saved.sampler is not None and isinstance(self.plan_sampler, st.StatefulSampler):
             self.plan_sampler.load_state_dict(saved.sampler)
         self._cursor.restore(epoch, start, saved.epoch_pinned)
@@ -204,13 +205,14 @@ class StreamLoader(DataLoader):
         it is still running).
         """
         report = self._stats.report(self.hot_mode, self._res.warm_mode, self.spec.layout.mode)
-        files = file_backed(self.dataset.source)
+        files = file_backed(self._ds.source)
         fetched = None if files is None else files.fetch_stats()
         if fetched is not None:  # remote lake: this process's node-cache downloads
             report["fetch"] = fetched
         arena = self._res.arena
         if arena is not None:
-            report["bytes_cold"] = report.get("bytes_cold", 0) + arena.fill_bytes
+            cold = report.get("bytes_cold", 0)
+            report["bytes_cold"] = (cold if isinstance(cold, (int, float)) else 0) + arena.fill_bytes
             report["warm_filling"] = arena.filling
         return report
 
@@ -232,10 +234,10 @@ class StreamLoader(DataLoader):
 
     # ----------------------------------------------------------------- iteration
     def _state(self) -> st.StreamState:
-        spec, world = self.spec, self.dataset.current_world()
+        spec, world = self.spec, self._ds.current_world()
 
         def num_batches(e: int) -> int:
-            return int(self.dataset.rank_epoch(e, world).num_batches)
+            return int(self._ds.rank_epoch(e, world).num_batches)
 
         epoch, yielded = self._cursor.position(num_batches)
         sampler = self.plan_sampler.state_dict() if isinstance(self.plan_sampler, st.StatefulSampler) else None
@@ -248,7 +250,7 @@ class StreamLoader(DataLoader):
             lake=spec.lake, version=spec.version, rank=world.rank, sampler=sampler)
 
     def _iterate(self) -> Iterator[Any]:
-        ds: StreamDataset = self.dataset
+        ds = self._ds
         epoch, start, token = self._cursor.begin_pass()
         world = ds.current_world()
         plan = ds.rank_epoch(epoch, world)  # computed here once (workers inherit it)
@@ -265,7 +267,7 @@ class StreamLoader(DataLoader):
 
     def _start_workers(self, epoch: int, start: int, world: World) -> Any:
         """The DataLoader's worker iterator for one pass (workers see this pass's numbers)."""
-        ds: StreamDataset = self.dataset
+        ds = self._ds
         ds.epoch, ds.start, ds.world = epoch, start, world
         if ds.control is not None:
             ds.control.copy_(torch.tensor([epoch, start, world.rank, world.world_size], dtype=torch.int64))

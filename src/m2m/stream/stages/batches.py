@@ -48,6 +48,7 @@ class RowsStage(Stage):
         self.columns = tuple(columns)
 
     def __next__(self) -> Work:
+        assert self.upstream is not None
         work = next(self.upstream)
         fill_common(work, self.columns)
         return work

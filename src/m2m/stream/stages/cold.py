@@ -284,9 +284,6 @@ class ColdReader:
                 arrs.append(None if ext is not None else source.column(s, n))
             self._extents[n], self._arrays[n] = exts, arrs
         self._tensors = {n: [None if a is None else as_tensor(a) for a in arrs] for n, arrs in self._arrays.items()}
-        self._staging: dict[str, torch.Tensor] = {}
-        self._advised: set[tuple[int, int]] = set()
-        self._arena: Any = None
 
     @property
     def num_shards(self) -> int:
@@ -497,6 +494,7 @@ class ColdStage(Stage):
         self.buffers = buffers
 
     def __next__(self) -> Work:
+        assert self.upstream is not None
         work = next(self.upstream)
         if work.ahead is not None and self.block_rows:
             if work.epoch != self._advice_epoch:
@@ -506,7 +504,7 @@ class ColdStage(Stage):
         self.buffers.begin()
         for col in self.columns:
             dst = self.buffers.get(col, len(work.rows))
-            work.count("cold_bytes", self.reader.gather(col.source, work.rows, dst))
+            work.count("cold_bytes", self.reader.gather(col.stored, work.rows, dst))
             work.tensors[col.name] = dst
         fill_common(work, self.all_columns)
         return work

@@ -152,4 +152,5 @@ class Prefetcher(Stage):
             log.warning("%s: producer still inside a stage call after %.0f s; left to finish (daemon)",
                         self.name, JOIN_TIMEOUT_S)
             return
-        self.upstream.shutdown()
+        if self.upstream is not None:
+            self.upstream.shutdown()
