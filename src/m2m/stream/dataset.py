@@ -91,7 +91,9 @@ class StreamDataset(Dataset):
     def __iter__(self) -> Iterator[Any]:
         """Worker side: this worker's items as plain dicts. Alone: one epoch of batches."""
         if self._worker_side:
-            return self._items()
+            items = self._items()
+            pl.close_at_exit(items)  # a spawned worker ends its interpreter: close the pass before that
+            return items
         if get_worker_info() is not None:
             raise ConfigError(REFUSED)
         gen = self._alone()
@@ -114,7 +116,8 @@ class StreamDataset(Dataset):
             e, st, r, w = (int(v) for v in self.control.tolist())
             epoch, start, rank_world = e, st, World(r, w)
         world = detect_worker(rank_world)
-        stage = pl.build(pl.WORKER, self.source, self.spec, None, self.rank_epoch(epoch, rank_world),
+        res = pl.worker_resources(self.source, self.spec, world)
+        stage = pl.build(pl.WORKER, self.source, self.spec, res, self.rank_epoch(epoch, rank_world),
                          epoch, start, world)
         assert stage is not None
         try:
@@ -123,6 +126,7 @@ class StreamDataset(Dataset):
                        "weights": work.weights, "tensors": work.tensors, "stats": work.stats}
         finally:
             stage.shutdown()
+            res.close()  # a warm arena still filling stops before the worker may exit
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -112,6 +112,9 @@ class GeometryOverlay:
     def plan_prefetch(self, shards: Sequence[int]) -> None:
         self.snap.plan_prefetch(shards)
 
+    def prefetch_shards(self, shards: Sequence[int]) -> int:
+        return self.snap.prefetch_shards(shards)
+
     def fetch_stats(self) -> dict[str, Any] | None:
         return self.snap.fetch_stats()
 

@@ -10,6 +10,7 @@ batch sequence is identical either way (see `m2m.stream.partition`). Stages are 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 import weakref
@@ -30,7 +31,7 @@ from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.options import StreamOptions
 from m2m.stream.source import RowSource, file_backed
-from m2m.stream.spec import device_of, plan_stream
+from m2m.stream.spec import StreamSpec, device_of, plan_stream
 from m2m.stream.topology import World
 
 #: Budgets of a source streamed without a lake config (`make_loader`).
@@ -185,6 +186,9 @@ class StreamLoader(DataLoader):
         """Resume: the next pass yields exactly this rank's batches not yet yielded when ``state`` was
         taken (on any rank); the passes after it continue as the saved loader would have."""
         saved = st.StreamState.from_dict(state)
+        if saved.shard_affinity and self.spec.shard_affinity \
+                and saved.affinity_group_blocks != self.spec.affinity_group_blocks:
+            self._adopt(dataclasses.replace(self.spec, affinity_group_blocks=saved.affinity_group_blocks))
         world = self._ds.current_world()
         epoch, start = st.check(saved, self._state(), lambda e: self._ds.rank_epoch(e, world).num_batches)
         if saved.sampler is not None and isinstance(self.plan_sampler, st.StatefulSampler):
@@ -231,6 +235,14 @@ class StreamLoader(DataLoader):
             self._iterator = None
         if self._res is not None:
             self._res.close()
+
+    def _adopt(self, spec: StreamSpec) -> None:
+        """Stream by ``spec`` from now on: a saved state's shard-affinity group size (the group follows the
+        node cache's budget, which may differ a little between processes; every rank loads the same state)."""
+        self.close()
+        self.spec = self._ds.spec = spec
+        self._ds._cache.clear()
+        self._res = pl.Resources(self._ds.source, spec, self._ds.delivery)
 
     # ----------------------------------------------------------------- iteration
     def _state(self) -> st.StreamState:

@@ -94,9 +94,11 @@ class Delivery:
 class Resources:
     """What one process keeps across a loader's passes; a pass overlapping a live one `lease`s private ones."""
 
-    def __init__(self, source: RowSource, spec: StreamSpec, delivery: Delivery, keep_arena: bool = True) -> None:
+    def __init__(self, source: RowSource, spec: StreamSpec, delivery: Delivery, keep_arena: bool = True,
+                 budget: int | None = None) -> None:
         self.source, self.spec, self.delivery = source, spec, delivery
-        tier = host_tier_for(spec, spec.warm_bytes // max(1, delivery.num_workers))
+        self.budget = spec.warm_bytes // max(1, delivery.num_workers) if budget is None else budget
+        tier = host_tier_for(spec, self.budget)
         self.warm_mode = tier if keep_arena or tier != ARENA else COLD
         self.busy = False
         self.arena: WarmArena | None = None
@@ -138,7 +140,7 @@ class Resources:
 
     def warm_arena(self) -> WarmArena | None:
         if self.warm_mode == ARENA and self.arena is None:
-            self.arena = new_arena(self.reader("stream"), self.spec, self.spec.warm_bytes)
+            self.arena = new_arena(self.reader("stream"), self.spec, self.budget)
         return self.arena
 
     def close(self) -> None:
@@ -147,6 +149,13 @@ class Resources:
             self.arena.close()
         for reader in self._readers.values():
             reader.close()
+
+
+def worker_resources(source: RowSource, spec: StreamSpec, world: World) -> Resources:
+    """A DataLoader worker's readers and arena (``warm_bytes / num_workers``), closed when its pass ends."""
+    host = Delivery(device=torch.device("cpu"), hot_mode="cpu", augment=None, return_tensor=False, prefetch=0,
+                    intra_op_threads=None, pin_batches=False, collate_fn=None, num_workers=world.num_workers)
+    return Resources(source, spec, host)
 
 
 def new_arena(reader: ColdReader, spec: StreamSpec, budget: int) -> WarmArena:
@@ -184,18 +193,14 @@ def build(role: str, source: RowSource, spec: StreamSpec, res: Resources | None,
         return None
     assert plan is not None and world is not None
     stage: Stage = BatchStage(plan, epoch, start, world, spec.chunk_batches, lookahead_rows(spec))
-    if role == WORKER:
+    assert res is not None
+    if role == WORKER:  # ``res``: the worker's own (`worker_resources`)
         if not spec.gather_in_workers:
             return RowsStage(stage, spec.columns)
-        budget = spec.warm_bytes // world.num_workers
-        reader = ColdReader(source, [c.source for c in spec.gathered if c.source is not None])
-        tier = host_tier_for(spec, budget)
-        arena = new_arena(reader, spec, budget) if tier == ARENA else None
         # no pooled outputs: the DataLoader moves them to shared memory the consumer keeps mapping
         buffers = HostBuffers(pool=OutputPool(size=0))
-        return HotStage(host_stage(spec, stage, reader, buffers, tier, arena), spec.columns,
-                        torch.device("cpu"), buffers)
-    assert res is not None and role == INLINE
+        return HotStage(host_stage(spec, stage, res.reader("stream"), buffers, res.warm_mode, res.warm_arena()),
+                        spec.columns, torch.device("cpu"), buffers)
     d = res.delivery
     if d.hot_mode == RESIDENT:
         stage = ResidentStage(stage, res.resident(), spec.columns)

@@ -50,6 +50,7 @@ class FileBackedSource(RowSource, Protocol):
     system (``is_local``, ``open_local``); ``is_remote``: shards come through the node cache;
     ``open_bytes_limit``: most bytes of shard files to keep open at once (None: no limit);
     ``plan_prefetch(shards)``: the order a stream will first read shards in (download ahead);
+    ``prefetch_shards(shards)``: start downloading these shards now (returns how many were queued);
     ``fetch_stats()``: this process's node-cache downloads (None for local lakes).
     """
 
@@ -64,6 +65,8 @@ class FileBackedSource(RowSource, Protocol):
     def column_extent(self, shard: int, name: str) -> Any: ...
 
     def plan_prefetch(self, shards: Sequence[int]) -> None: ...
+
+    def prefetch_shards(self, shards: Sequence[int]) -> int: ...
 
     def fetch_stats(self) -> dict[str, Any] | None: ...
 

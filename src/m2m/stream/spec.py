@@ -128,7 +128,8 @@ def plan_stream(source: RowSource, opts: StreamOptions, dev: torch.device, lake:
                           "(pass shuffle_mode='block')")
     group_blocks = 0  # shard affinity on a remote lake: shuffle in groups of half the node cache, which the
     cache_limit = files.open_bytes_limit if (affinity and files is not None) else None  # node's ranks share
-    if cache_limit:
+    if cache_limit:  # rounded down to a power of two: a budget taken from free disk space moves a little
+        cache_limit = 1 << (int(cache_limit).bit_length() - 1)  # between processes (see Findings: resume)
         local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # set by torchrun
         group_blocks = max(layout.window_blocks,
                            (cache_limit // (2 * local_ranks)) // max(1, layout.block_rows * row_bytes))

@@ -355,8 +355,9 @@ class ColdReader:
     def willneed(self, lo: int, hi: int) -> None:
         """Start reading global rows ``[lo, hi)`` of every column into the page cache (a remote lake:
         start downloading the shards not read yet into the node cache)."""
-        if self.remote:
-            self.source.prefetch_shards(list(self._shards(lo, hi)))  # type: ignore[attr-defined]
+        files = file_backed(self.source)
+        if self.remote and files is not None:
+            files.prefetch_shards(list(self._shards(lo, hi)))
         for name, arrays in self._arrays.items():
             for s in self._shards(lo, hi):
                 if self.remote and not self._extents[name].is_open(s):  # type: ignore[attr-defined]
