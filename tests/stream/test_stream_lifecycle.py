@@ -70,10 +70,13 @@ def test_a_dropped_loader_is_freed_at_once_without_the_cyclic_collector(lake, kw
     gc.disable()
     try:
         t0 = time.perf_counter()
+        gc.collect()  # what a collection costs anyway on this heap (a long test session's heap is large)
+        baseline = time.perf_counter() - t0
+        t0 = time.perf_counter()
         del dl
         assert ref() is None, "the loader is in a reference cycle"
         gc.collect()
-        assert time.perf_counter() - t0 < 1.0
+        assert time.perf_counter() - t0 < baseline + 1.0
     finally:
         if was:
             gc.enable()
