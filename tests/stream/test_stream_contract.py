@@ -298,7 +298,7 @@ def test_a_stream_never_writes_even_while_a_writer_holds_the_lock(options, caplo
     persist = [r for r in caplog.records if "estimate_kappa()" in r.getMessage()]
     assert len(persist) == 1 and persist[0].levelno == logging.INFO
     if options.get("importance_sampling"):  # what the loader computed is what estimate_kappa persists
-        from m2m.export import computed_geometry
+        from m2m.stream.from_lake import computed_geometry
 
         in_memory = computed_geometry(lake.snapshot, lake.config.knn_k, lake.config.seed)
         np.testing.assert_allclose(in_memory.kappa, lake.estimate_kappa(), rtol=1e-5)
