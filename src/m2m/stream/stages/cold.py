@@ -263,8 +263,8 @@ class ColdReader:
         self._advised: set[tuple[int, int]] = set()
         self._arena: Any = None
         self._remote_files: RemoteFiles | None = None
-        if self.remote:
-            self._remote_files = RemoteFiles(source.fs, self._cache)  # type: ignore[attr-defined]
+        if files is not None and self.remote:
+            self._remote_files = RemoteFiles(files.fs, self._cache)
             self._extents = {n: _LazyExtents(self, n) for n in names}  # type: ignore[misc]
             self._arrays = {n: [None] * self.num_shards for n in names}
             self._tensors: dict[str, list[torch.Tensor | None]] = {n: [None] * self.num_shards for n in names}
