@@ -31,8 +31,13 @@ def test_m2m_data_lake_is_the_dataset_behind_the_loader():
 
     from m2m import M2MConfig, M2MDataLake, create_m2m
 
-    assert issubclass(M2MDataLake, torch.utils.data.IterableDataset)
+    # a map-free Dataset, not an IterableDataset: Lightning warns about any sized loader over one
+    assert issubclass(M2MDataLake, torch.utils.data.Dataset)
     with create_m2m(M2MConfig(latent_dim=8)) as lake:
         lake.add_splats(torch.randn(100, 8))
         dl = lake.export_to_dataloader(batch_size=10)
         assert isinstance(dl.dataset, M2MDataLake) and len(dl.dataset) == 100
+        assert dl.batch_size == 10
+        alone = list(dl.dataset)  # iterated alone: one epoch of the loader's batches
+        assert [len(b) for b in alone] == [10] * 10
+        assert torch.equal(torch.cat(alone), torch.cat(list(dl)))

@@ -88,7 +88,7 @@ def _stream_rate(lake: Any, generate: str | bool, seed: int) -> float:
 
 def _law(lake: Any, seed: int, sample_rows: int = 1024) -> dict[str, Any]:
     """``m2m_bench.langevin.augmentation_law`` of the vMF, mixture and Langevin modes on the lake."""
-    from m2m.export import filled_kappa
+    from m2m.stream.from_lake import filled_kappa
     from m2m_bench.langevin import augmentation_law
 
     sp = lake.splats()

@@ -336,7 +336,7 @@ def law_on_digits(dims: tuple[int, ...] = (64, 384), rows: int = 10_000, seed: i
     lake estimating kappa and neighbours itself (k = 16, labelled rows, not consolidated)."""
     from m2m.api import create_m2m
     from m2m.config import M2MConfig
-    from m2m.export import filled_kappa
+    from m2m.stream.from_lake import filled_kappa
     from m2m_bench.datasets import digits_embeddings
 
     res: dict[str, Any] = {"rows": rows, "seed": seed, "sample_rows": sample_rows, "k": K, "by_dim": {}}

@@ -18,7 +18,7 @@ DIM, BATCH = 640, 256
 
 
 def _first_batch(rows: int, persist_first: bool, seed: int = 0) -> dict[str, float]:
-    import m2m.export as export
+    import m2m.stream.from_lake as export
     from m2m import M2MConfig, create_m2m
 
     lake = create_m2m(M2MConfig(device="cpu", latent_dim=DIM))

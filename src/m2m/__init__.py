@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from m2m import _wiring  # noqa: F401  (registers the stream and Ray behind lake methods: m2m.plugins)
 from m2m.config import M2MConfig
 from m2m.errors import (
     ConfigError,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from m2m.geometry import vmf
     from m2m.lake.lake import Lake
     from m2m.stream.dataset import StreamDataset as M2MDataLake
+    from m2m.stream.options import StreamOptions
 
 __version__ = "0.1.0"
 
@@ -43,6 +45,7 @@ __all__ = [
     "M2MDataLake",
     "M2MError",
     "StreamError",
+    "StreamOptions",
     "create_m2m",
     "langevin",
     "open_lake",
@@ -55,6 +58,7 @@ _LAZY = {
     "Lake": ("m2m.lake.lake", "Lake"),
     # the seed's name for the IterableDataset behind export_to_dataloader (the class itself)
     "M2MDataLake": ("m2m.stream.dataset", "StreamDataset"),
+    "StreamOptions": ("m2m.stream.options", "StreamOptions"),
     "vmf": ("m2m.geometry.vmf", None),
     "langevin": ("m2m.augment.langevin", None),
 }

@@ -152,7 +152,8 @@ def test_the_stream_over_a_lake_equals_its_rows(lake_path, mode):
                 np.testing.assert_array_equal(b["label"].numpy(), labels[pos])
                 seen.append(pos)
             assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(len(mu)))
-        assert dl._reader is not None and dl._reader.positional and dl._reader.bytes_checked() > 0
+        reader = dl._res.reader("stream")  # the loader's kept stream reader (m2m.stream.pipeline.Resources)
+        assert reader.positional and reader.bytes_checked() > 0
         dl.close()
 
 

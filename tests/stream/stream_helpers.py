@@ -54,24 +54,23 @@ def midpoints(n: int) -> list[int]:
     return sorted({0, 1, n // 3, n // 2, max(n - 1, 0), n})
 
 
-def check_stage_resume(make: Callable[[], Stage], start: dict[str, Any] | None = None) -> int:
-    """Save at many midpoints (and the end), restore into a fresh stage, compare with one uninterrupted run."""
-    stage = make()
-    stage.reset(start)
-    full = list(stage)
+def run_stage(stage: Stage) -> list[Any]:
+    """Every item of a stage chain (a Prefetcher is started first), then shut it down."""
+    if hasattr(stage, "start") and callable(stage.start):
+        stage.start()
+    out = list(stage)
     stage.shutdown()
+    return out
+
+
+def check_stage_start(make: Callable[[int], Stage]) -> int:
+    """A chain built to start at the first batch of item m yields exactly the items from m of one whole run."""
+    full = run_stage(make(0))
     for m in midpoints(len(full)):
-        first = make()
-        first.reset(start)
-        head = [next(first) for _ in range(m)]
-        state = first.get_state()
-        first.shutdown()
-        second = make()
-        second.reset(state)
-        tail = list(second)
-        second.shutdown()
-        assert len(head) + len(tail) == len(full), f"midpoint {m}: {len(head)} + {len(tail)} != {len(full)}"
-        for i, (x, y) in enumerate(zip(head + tail, full)):
+        start = full[m].first if m < len(full) else (full[-1].end if full else 0)
+        tail = run_stage(make(start))
+        assert len(tail) == len(full) - m, f"midpoint {m}: {len(tail)} items, expected {len(full) - m}"
+        for i, (x, y) in enumerate(zip(tail, full[m:])):
             assert_same(x, y, f"midpoint {m}, item {i}")
     return len(full)
 

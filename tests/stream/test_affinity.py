@@ -132,7 +132,7 @@ def test_loader_groups_follow_the_node_cache_budget():
 
     class Remote(ArraySource):
         is_remote = True
-        open_bytes_limit = 64 * 100 * 8 * 4                  # 64 blocks of 100 rows x 8 float32 ...
+        open_bytes_limit = 1 << 18              # 81.92 blocks of 100 rows x 8 float32 ...
 
         def prefetch_shards(self, shards):
             return 0
@@ -140,11 +140,59 @@ def test_loader_groups_follow_the_node_cache_budget():
         def plan_prefetch(self, shards):
             pass
 
+        fs = None  # the rest of the FileBackedSource protocol: no shard files behind these arrays
+
+        def column_extent(self, shard, name):
+            return None
+
+        def fetch_stats(self):
+            return None
+
     x = np.random.default_rng(0).standard_normal((20_000, 8)).astype(np.float32)
     src = Remote({"mu": x}, shard_rows=1000)
     dl = make_loader(src, batch_size=50, warm_bytes=1 << 16, hot_bytes=0, shuffle_mode="block", block_rows=100,
                      rank=0, world_size=1, prefetch=0)
     assert dl.spec.shard_affinity
-    assert dl.spec.affinity_group_blocks == max(dl.spec.layout.window_blocks, 32)   # half the cache
+    assert dl.spec.affinity_group_blocks == max(dl.spec.layout.window_blocks, 40)   # half the cache
     rows = np.concatenate([b.numpy() for b in dl])
     assert rows.shape == (20_000, 8)
+
+
+def test_a_state_carries_the_affinity_group_to_a_process_whose_cache_budget_differs():
+    # the group follows the node cache's budget, which (from free disk space) may differ a little
+    # between the saving process and the resuming one: the resumed loader adopts the saved group
+    from m2m.stream.loader import make_loader
+    from m2m.stream.source import ArraySource
+
+    def remote(limit):
+        class Remote(ArraySource):
+            is_remote = True
+            open_bytes_limit = limit
+            fs = None
+
+            def plan_prefetch(self, shards):
+                pass
+
+            def prefetch_shards(self, shards):
+                return 0
+
+            def column_extent(self, shard, name):
+                return None
+
+            def fetch_stats(self):
+                return None
+
+        x = np.arange(20_000 * 8, dtype=np.float32).reshape(20_000, 8)
+        return Remote({"mu": x}, shard_rows=1000)
+
+    kw = dict(batch_size=50, warm_bytes=1 << 16, hot_bytes=0, shuffle_mode="block", block_rows=100, prefetch=0)
+    first = make_loader(remote(1 << 18), **kw)
+    full = [b[:, 0].tolist() for b in first]
+    first = make_loader(remote(1 << 18), **kw)
+    it = iter(first)
+    [next(it) for _ in range(7)]
+    state = first.state_dict()
+    other = make_loader(remote(1 << 20), **kw)
+    assert other.spec.affinity_group_blocks != state["affinity_group_blocks"]
+    other.load_state_dict(state)
+    assert [b[:, 0].tolist() for b in other] == full[7:]

@@ -288,7 +288,7 @@ def test_a_stream_never_writes_even_while_a_writer_holds_the_lock(options, caplo
     lake = create_m2m(M2MConfig(device="cpu", latent_dim=16))
     lake.add_splats(torch.randn(3000, 16, generator=torch.Generator().manual_seed(1)))
     version, listing = lake.version, sorted(os.listdir(lake.path) + os.listdir(os.path.join(lake.path, "_data")))
-    with write_lock(lake._fs), caplog.at_level(logging.INFO, logger="m2m.export"):
+    with write_lock(lake._fs), caplog.at_level(logging.INFO, logger="m2m.stream.from_lake"):
         dl = lake.export_to_dataloader(batch_size=100, columns=("embedding", "id", "weight"), **options)
         batches = list(dl)
     assert len(batches) == 30 and all(torch.isfinite(b["embedding"]).all() for b in batches)
@@ -298,7 +298,7 @@ def test_a_stream_never_writes_even_while_a_writer_holds_the_lock(options, caplo
     persist = [r for r in caplog.records if "estimate_kappa()" in r.getMessage()]
     assert len(persist) == 1 and persist[0].levelno == logging.INFO
     if options.get("importance_sampling"):  # what the loader computed is what estimate_kappa persists
-        from m2m.export import computed_geometry
+        from m2m.stream.from_lake import computed_geometry
 
         in_memory = computed_geometry(lake.snapshot, lake.config.knn_k, lake.config.seed)
         np.testing.assert_allclose(in_memory.kappa, lake.estimate_kappa(), rtol=1e-5)

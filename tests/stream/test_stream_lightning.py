@@ -58,6 +58,21 @@ def test_one_process_trainer_sees_whole_epochs(lake, where):
     check_epochs(model.seen, model.lengths, -(-N // BS), all_ids(lake))
 
 
+def test_lightning_gives_no_warning_about_the_loader(lake):
+    # Lightning warns "Your `IterableDataset` has `__len__` defined" for any sized loader over an
+    # IterableDataset (utilities.data.has_len_all_ranks); the stream's dataset is not one
+    import warnings
+
+    model = Recorder(None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dl = lake.export_to_dataloader(batch_size=BS, columns=("id", "embedding"))
+        trainer(max_epochs=1).fit(model, train_dataloaders=dl)
+    about_len = [str(w.message) for w in caught if "IterableDataset" in str(w.message) or "__len__" in str(w.message)]
+    assert not about_len, about_len
+    assert len(model.seen[0]) == len(dl) == -(-N // BS) and dl.batch_size == BS
+
+
 @pytest.mark.parametrize("where", ["before_fit", "train_dataloader"])
 def test_mid_epoch_checkpoint_resumes_at_the_next_unseen_batch(lake, tmp_path, where):
     make = make_for(lake)

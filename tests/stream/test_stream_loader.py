@@ -10,9 +10,11 @@ from torch.utils.data import DataLoader
 
 from m2m.errors import ConfigError, DeviceUnavailableError
 from m2m.sampling.plan import PlanSampler
+from m2m.stream import pipeline as pl
 from m2m.stream.hooks import augment_seed
 from m2m.stream.loader import StreamLoader, make_loader
 from m2m.stream.stages.prefetch import Prefetcher
+from m2m.stream.topology import World
 
 N, D = 700, 8
 KW = dict(warm_bytes=1 << 20, hot_bytes=0)
@@ -285,7 +287,7 @@ def test_background_fill_serves_the_same_batches_and_then_the_arena():
     assert len(got) == len(ref)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
-    dl._arena._filler.join(timeout=30)
+    dl._res.arena._filler.join(timeout=30)
     assert not dl.stats()["warm_filling"]
     before = dl.stats()
     list(dl)  # filled: every row now comes from the arena
@@ -332,7 +334,10 @@ def test_draws_made_in_the_prefetch_thread_equal_the_inline_stream(kind):
         aug = VMFAugmenter(np.linspace(5, 50, N)) if kind == "vmf" else _langevin_for(source, kind.endswith("mala"))
         dl = make_loader(source, batch_size=50, columns=("embedding", "id"), augment=aug, seed=5, prefetch=prefetch,
                          **KW)
-        assert dl._draw_ahead() and (prefetch > 0) == isinstance(dl._in_process_pipeline(), Prefetcher)
+        ds = dl.dataset
+        chain = pl.build(pl.INLINE, ds.source, ds.spec, dl._res, ds.rank_epoch(0, World()), 0, 0, World())
+        assert pl.draws_ahead(ds.delivery) and (prefetch > 0) == isinstance(chain, Prefetcher)
+        chain.shutdown()
         return [list(dl) for _ in range(2)]
 
     inline, ahead = run(0), run(4)

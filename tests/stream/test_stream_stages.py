@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from stream_helpers import check_stage_resume, make_source
+from stream_helpers import check_stage_start, make_source, run_stage
 
 from m2m.errors import StreamError
 from m2m.stream import columns as cols
@@ -32,18 +32,16 @@ N, D, BS = 1000, 8, 32
 LAYOUT = Layout("block", 50, 2)
 
 
-def epoch_fn(layout=LAYOUT, n=N, world_size=1, rank=0):
-    return lambda e: rank_epoch(layout, n, BS, False, 7, e, rank, world_size)
+def batch_stage(world=World(), chunk=3, lookahead=0, start=0, epoch=0):
+    plan = rank_epoch(LAYOUT, N, BS, False, 7, epoch, world.rank, world.world_size)
+    return BatchStage(plan, epoch, start, world, chunk, lookahead)
 
 
-def batch_stage(world=World(), chunk=3, lookahead=0):
-    return BatchStage(epoch_fn(), world, chunk, lookahead)
-
-
-def chain(kind: str, source, names=("embedding", "id", "label", "weight"), budget=1 << 20, prefetch=False):
+def chain(kind: str, source, names=("embedding", "id", "label", "weight"), budget=1 << 20, prefetch=False,
+          start=0):
     columns = cols.resolve(source, names)
     reader = ColdReader(source, [c.source for c in columns if c.source is not None])
-    stage: Stage = batch_stage(lookahead=100)
+    stage: Stage = batch_stage(lookahead=100, start=start)
     buffers = HostBuffers()
     if kind == "cold":
         stage = ColdStage(stage, reader, columns, buffers, LAYOUT.block_rows)
@@ -58,10 +56,10 @@ def chain(kind: str, source, names=("embedding", "id", "label", "weight"), budge
     return stage
 
 
-def test_batch_stage_resume_and_worker_split():
-    n_items = check_stage_resume(batch_stage)
+def test_batch_stage_starts_anywhere_and_splits_over_workers():
+    n_items = check_stage_start(lambda start: batch_stage(start=start))
     assert n_items == -(-(-(-N // BS)) // 3)
-    check_stage_resume(batch_stage, {"epoch": 2, "start": 5, "next": 0})
+    check_stage_start(lambda start: batch_stage(start=max(start, 5), epoch=2))
     # two workers' items together are the single reader's items
     one = [(w.first, w.end) for w in iter_stage(batch_stage())]
     two = [(w.first, w.end) for k in range(2) for w in iter_stage(batch_stage(World(0, 1, k, 2)))]
@@ -69,10 +67,7 @@ def test_batch_stage_resume_and_worker_split():
 
 
 def iter_stage(stage):
-    stage.reset(None)
-    out = list(stage)
-    stage.shutdown()
-    return out
+    return run_stage(stage)
 
 
 @pytest.mark.parametrize("kind", ["cold", "warm", "resident"])
@@ -86,7 +81,7 @@ def test_gather_stages_deliver_the_right_rows_and_resume(kind, prefetch):
         np.testing.assert_array_equal(w.tensors["id"].numpy(), w.rows + 10_000)
         assert w.tensors["embedding"].dtype == torch.float32 and w.tensors["label"].dtype == torch.int64
         assert torch.equal(w.tensors["weight"], torch.ones(len(w.rows)))
-    check_stage_resume(lambda: chain(kind, source, prefetch=prefetch))
+    check_stage_start(lambda start: chain(kind, source, prefetch=prefetch, start=start))
 
 
 def test_cold_reader_reads_ranges_across_shards():
@@ -190,8 +185,8 @@ def test_warm_tier_memory_stays_within_budget(tmp_path):
         if i % 16 == 0:
             peak = max(peak, rss_anon_bytes())
     assert (seen == 1).all()
-    assert dl._arena is not None and dl._arena.nbytes <= budget
-    assert dl._arena.evictions > 0 and dl.stats()["bytes_cold"] >= n * d * 4
+    assert dl._res.arena is not None and dl._res.arena.nbytes <= budget
+    assert dl._res.arena.evictions > 0 and dl.stats()["bytes_cold"] >= n * d * 4
     grew = peak - before
     assert grew <= budget + (64 << 20), f"anonymous memory grew {grew >> 20} MB for a {n * d * 4 >> 20} MB lake"
 
@@ -261,17 +256,11 @@ class Failing(Stage):
     def __init__(self, fail_at: int, exc: BaseException) -> None:
         self.fail_at, self.exc, self.i = fail_at, exc, 0
 
-    def reset(self, state=None):
-        self.i = 0
-
     def __next__(self):
         self.i += 1
         if self.i == self.fail_at:
             raise self.exc
         return Work(0, self.i, self.i + 1, np.arange(3), None)
-
-    def get_state(self):
-        return {"i": self.i}
 
     def shutdown(self):
         pass
@@ -279,7 +268,7 @@ class Failing(Stage):
 
 def test_prefetch_errors_reach_the_consumer_within_a_second():
     pf = Prefetcher(Failing(3, ValueError("disk on fire")), capacity=1)
-    pf.reset()
+    pf.start()
     next(pf), next(pf)
     t0 = time.perf_counter()
     with pytest.raises(StreamError, match="disk on fire") as info:
@@ -311,12 +300,12 @@ def wait_threads_gone(timeout: float = 2.0) -> int:
 def test_prefetch_threads_do_not_leak():
     base = live_prefetch_threads()
     pf = Prefetcher(Slow(10**9, ValueError()), capacity=2)
-    pf.reset()
+    pf.start()
     next(pf)
     pf.shutdown()
     assert wait_threads_gone() == base
     pf = Prefetcher(Slow(10**9, ValueError()), capacity=2)  # abandoned without shutdown
-    pf.reset()
+    pf.start()
     next(pf)
     del pf
     gc.collect()

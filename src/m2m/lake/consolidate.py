@@ -24,6 +24,7 @@ from m2m.lake.manifest import Manifest
 from m2m.lake.neighbourhood import compute_geometry, with_geometry
 from m2m.lake.reader import Snapshot
 from m2m.lake.writer import SchemaUpdate, write_splats
+from m2m.plugins import implementation
 
 
 def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
@@ -49,9 +50,7 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
         norms = snap.norms()
         metadata = {name: snap.read_main(name) for name in base.metadata}
         if engine == "ray":
-            from m2m.ray.geometry import duplicate_groups
-
-            group = duplicate_groups(snap, similarity, config.seed)
+            group = implementation("ray.duplicate_groups")(snap, similarity, config.seed)
         else:
             group = find_duplicate_groups(mu, codes, similarity, seed=config.seed, progress=progress)
         merged = merge_groups(group, mu, alpha, user_kappa)   # groups of one keep their row bit for bit
@@ -68,8 +67,7 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
     stamp = WriteStamp(base.lake_id, prev_id=-1)  # all shards are new, in id order; next_id stays
     shards = tuple(write_splats(fs, [batch], 0, base.dim, base.dtype, config.shard_bytes, schema, stamp=stamp))
     if engine == "ray" and g > 1:
-        from m2m.ray.geometry import geometry_fields
-
+        geometry_fields = implementation("ray.geometry_fields")
         merged_version = base.next(shards=shards)  # not committed: the Ray tasks read its shard files
         fields = geometry_fields(Snapshot(fs, merged_version, verify=snap.verify), config.knn_k, config.seed)
     else:

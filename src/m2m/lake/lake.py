@@ -38,6 +38,7 @@ from m2m.lake.reader import Snapshot
 from m2m.lake.shard import sync_files
 from m2m.lake.tempdirs import remove_with
 from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, write_splats
+from m2m.plugins import implementation
 
 logger = logging.getLogger(__name__)
 
@@ -417,8 +418,7 @@ class Lake:
         cfg = self.config
         n_threads = usable_cores() if threads is None else check_int(threads, "threads")
         if engine == "ray":
-            from m2m.ray.geometry import estimate as ray_estimate
-
+            ray_estimate = implementation("ray.estimate")
             self.commit("estimate_kappa", lambda base: ray_estimate(self._open(base), cfg.knn_k, cfg.seed, progress))
             return self.snapshot.read_all("kappa")
         self.commit("estimate_kappa",
@@ -492,28 +492,31 @@ class Lake:
         return {"redundancy": float(redundancy), "state": criticality_state(redundancy, self.config.soc_threshold),
                 "method": method, **base}
 
-    def export_to_dataloader(self, batch_size: int = 256, shuffle: bool = True, drop_last: bool = False,
-                             generate_samples: Any = False, importance_sampling: Any = False,
-                             columns: Any = None, num_workers: int = 0, rank: int | None = None,
-                             world_size: int | None = None, seed: int | None = None, epoch: int = 0,
-                             **stream_options: Any) -> Any:
+    def export_to_dataloader(self, batch_size: int | None = None, shuffle: bool | None = None,
+                             drop_last: bool | None = None, generate_samples: Any = None,
+                             importance_sampling: Any = None, columns: Any = None, num_workers: int | None = None,
+                             rank: int | None = None, world_size: int | None = None, seed: int | None = None,
+                             epoch: int | None = None, *, options: Any = None, **overrides: Any) -> Any:
         """A `torch.utils.data.DataLoader` streaming this snapshot's splats as whole batches on ``config.device``.
 
+        Every knob is a field of `m2m.StreamOptions`: pass the object as ``options=`` and/or any field as
+        a keyword (a keyword overrides the object; a keyword left at None keeps the object's value).
+        Defaults: ``batch_size=256``, shuffled, ``device``/``seed``/budgets from this lake's config.
         ``generate_samples``: False | True/"langevin" (each row replaced by the end of a short Langevin
         chain started at it; at d >= 64 it stays in the row's own vMF) | "vmf" (an exact draw from the
         row's own vMF) | "mixture" (an exact draw from the mixture of the row's and its same-label
         neighbours' splats). ``importance_sampling``:
         False | True/"kappa" | "alpha" | "loss" | a numeric metadata column; batches then carry an
         unbiased ``weight``. ``columns``: None -> float tensors [B, d]; a tuple of names -> dicts.
-        Kappa is estimated first when a mode needs it and some splat lacks it.
+        Kappa is computed in memory first when a mode needs it and some splat lacks it (never written).
         """
-        from m2m.export import export_to_dataloader
-
         self._check_open()
-        return export_to_dataloader(self, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                                    generate_samples=generate_samples, importance_sampling=importance_sampling,
-                                    columns=columns, num_workers=num_workers, rank=rank, world_size=world_size,
-                                    seed=seed, epoch=epoch, **stream_options)
+        named = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
+                 "generate_samples": generate_samples, "importance_sampling": importance_sampling,
+                 "columns": columns, "num_workers": num_workers, "rank": rank, "world_size": world_size,
+                 "seed": seed, "epoch": epoch}
+        given = {k: v for k, v in named.items() if v is not None}
+        return implementation("stream.export")(self, options, **given, **overrides)
 
     # ------------------------------------------------------------------ maintenance
     def verify(self, progress: Progress | None = None) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from m2m.errors import ConfigError
+from m2m.errors import ConfigError, StreamError
 from m2m.stream.source import RowSource
 
 EMBEDDING = "embedding"
@@ -26,6 +26,13 @@ class Column:
     storage_dtype: np.dtype
     out_dtype: torch.dtype
     trailing: tuple[int, ...]
+
+    @property
+    def stored(self) -> str:
+        """The source column of a gathered column (`StreamSpec.gathered` holds only those)."""
+        if self.source is None:
+            raise StreamError(f"column {self.name!r} is not read from the source")
+        return self.source
 
     @property
     def row_bytes(self) -> int:

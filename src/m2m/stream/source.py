@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -39,6 +39,41 @@ class RowSource(Protocol):
     def column_names(self) -> Sequence[str]: ...
 
     def column(self, shard: int, name: str) -> np.ndarray: ...
+
+
+@runtime_checkable
+class FileBackedSource(RowSource, Protocol):
+    """A `RowSource` whose columns lie in shard files (a lake snapshot): what the stream may ask of it.
+
+    ``column_extent(shard, name)``: where a fixed-width column lies in its file (a
+    `m2m.lake.shard.ColumnExtent`, or None: read it through ``column``); ``fs``: the lake's file
+    system (``is_local``, ``open_local``); ``is_remote``: shards come through the node cache;
+    ``open_bytes_limit``: most bytes of shard files to keep open at once (None: no limit);
+    ``plan_prefetch(shards)``: the order a stream will first read shards in (download ahead);
+    ``prefetch_shards(shards)``: start downloading these shards now (returns how many were queued);
+    ``fetch_stats()``: this process's node-cache downloads (None for local lakes).
+    """
+
+    fs: Any
+
+    @property
+    def is_remote(self) -> bool: ...
+
+    @property
+    def open_bytes_limit(self) -> int | None: ...
+
+    def column_extent(self, shard: int, name: str) -> Any: ...
+
+    def plan_prefetch(self, shards: Sequence[int]) -> None: ...
+
+    def prefetch_shards(self, shards: Sequence[int]) -> int: ...
+
+    def fetch_stats(self) -> dict[str, Any] | None: ...
+
+
+def file_backed(source: RowSource) -> FileBackedSource | None:
+    """``source`` as a `FileBackedSource`, or None for an in-memory source."""
+    return source if isinstance(source, FileBackedSource) else None
 
 
 class ArraySource:

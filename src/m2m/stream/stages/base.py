@@ -18,7 +18,7 @@ class Work:
 
     ``rows``/``weights`` are the batches' global rows and importance weights; stages fill
     ``tensors`` (one entry per delivered column, rows concatenated), add counter deltas to
-    ``stats``, and the last producing stage stores its upstream's state after this item in ``state``.
+    ``stats``.
     ``prepared`` maps a batch index to ``(generator, draws)`` of its augmentation made ahead.
     """
 
@@ -31,7 +31,6 @@ class Work:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
     ready: Any = None
-    state: dict[str, Any] | None = None
     prepared: dict[int, Any] | None = None
 
     def batch_slice(self, j: int, batch_size: int) -> slice:
@@ -44,24 +43,16 @@ class Work:
 
 
 class Stage:
-    """``reset(state)``, iteration, ``get_state()``, ``shutdown()``; passes state through by default."""
+    """Iteration and ``shutdown()``. Stages keep no resume state: each pass builds its chain anew
+    (`m2m.stream.pipeline`), the source stage starting at the pass's first batch (`m2m.stream.state`)."""
 
     upstream: "Stage | None" = None
-
-    def reset(self, state: dict[str, Any] | None = None) -> None:
-        if self.upstream is not None:
-            self.upstream.reset(state)
 
     def __iter__(self) -> Iterator[Work]:
         return self
 
     def __next__(self) -> Work:
         raise NotImplementedError
-
-    def get_state(self) -> dict[str, Any]:
-        if self.upstream is None:
-            raise NotImplementedError
-        return self.upstream.get_state()
 
     def shutdown(self) -> None:
         if self.upstream is not None:

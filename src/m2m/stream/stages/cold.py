@@ -36,7 +36,7 @@ from m2m.stream.memory import (
     MADV_WILLNEED,
     madvise,
 )
-from m2m.stream.source import RowSource
+from m2m.stream.source import RowSource, file_backed
 from m2m.stream.stages.base import BufferSource, Stage, Work
 
 T = TypeVar("T")
@@ -79,7 +79,9 @@ class _LazyExtents:
         if shard in self._got:
             return self._got[shard]
         r = self._reader
-        ext = r.source.column_extent(shard, self._name)  # type: ignore[attr-defined]
+        files = file_backed(r.source)
+        assert files is not None  # lazy extents exist for remote (file-backed) sources only
+        ext = files.column_extent(shard, self._name)
         rows = int(r.offsets[shard + 1] - r.offsets[shard])
         if ext is not None and ext.rows != rows:
             raise CorruptShardError(f"shard file {ext.path}: column {self._name!r} has {ext.rows} rows, "
@@ -249,19 +251,20 @@ class ColdReader:
         self.source = source
         self.offsets = np.asarray(source.shard_offsets, dtype=np.int64)
         self.num_rows = int(source.num_rows)
-        extent_of = getattr(source, "column_extent", None)
+        files = file_backed(source)
+        extent_of = None if files is None else files.column_extent
         self._extents: dict[str, list[ColumnExtent | None]] = {}
         self._arrays: dict[str, list[np.ndarray | None]] = {}
         self._files: dict[str, ShardFile] = {}
         self._cache = BlockCache(CACHE_BLOCKS_PER_COLUMN * max(1, len(names)))
         # a remote lake's shards are downloaded (node cache) when first read, not all here
-        self.remote = bool(getattr(source, "is_remote", False)) and callable(extent_of)
+        self.remote = files is not None and files.is_remote
         self._staging: dict[str, torch.Tensor] = {}
         self._advised: set[tuple[int, int]] = set()
         self._arena: Any = None
         self._remote_files: RemoteFiles | None = None
-        if self.remote:
-            self._remote_files = RemoteFiles(source.fs, self._cache)  # type: ignore[attr-defined]
+        if files is not None and self.remote:
+            self._remote_files = RemoteFiles(files.fs, self._cache)
             self._extents = {n: _LazyExtents(self, n) for n in names}  # type: ignore[misc]
             self._arrays = {n: [None] * self.num_shards for n in names}
             self._tensors: dict[str, list[torch.Tensor | None]] = {n: [None] * self.num_shards for n in names}
@@ -270,7 +273,7 @@ class ColdReader:
             exts: list[ColumnExtent | None] = []
             arrs: list[np.ndarray | None] = []
             for s in range(self.num_shards):
-                ext = extent_of(s, n) if callable(extent_of) else None
+                ext = extent_of(s, n) if extent_of is not None else None
                 rows = int(self.offsets[s + 1] - self.offsets[s])
                 if ext is not None and ext.rows != rows:
                     raise CorruptShardError(f"shard file {ext.path}: column {n!r} has {ext.rows} rows, "
@@ -281,9 +284,6 @@ class ColdReader:
                 arrs.append(None if ext is not None else source.column(s, n))
             self._extents[n], self._arrays[n] = exts, arrs
         self._tensors = {n: [None if a is None else as_tensor(a) for a in arrs] for n, arrs in self._arrays.items()}
-        self._staging: dict[str, torch.Tensor] = {}
-        self._advised: set[tuple[int, int]] = set()
-        self._arena: Any = None
 
     @property
     def num_shards(self) -> int:
@@ -355,8 +355,9 @@ class ColdReader:
     def willneed(self, lo: int, hi: int) -> None:
         """Start reading global rows ``[lo, hi)`` of every column into the page cache (a remote lake:
         start downloading the shards not read yet into the node cache)."""
-        if self.remote:
-            self.source.prefetch_shards(list(self._shards(lo, hi)))  # type: ignore[attr-defined]
+        files = file_backed(self.source)
+        if self.remote and files is not None:
+            files.prefetch_shards(list(self._shards(lo, hi)))
         for name, arrays in self._arrays.items():
             for s in self._shards(lo, hi):
                 if self.remote and not self._extents[name].is_open(s):  # type: ignore[attr-defined]
@@ -494,6 +495,7 @@ class ColdStage(Stage):
         self.buffers = buffers
 
     def __next__(self) -> Work:
+        assert self.upstream is not None
         work = next(self.upstream)
         if work.ahead is not None and self.block_rows:
             if work.epoch != self._advice_epoch:
@@ -503,7 +505,7 @@ class ColdStage(Stage):
         self.buffers.begin()
         for col in self.columns:
             dst = self.buffers.get(col, len(work.rows))
-            work.count("cold_bytes", self.reader.gather(col.source, work.rows, dst))
+            work.count("cold_bytes", self.reader.gather(col.stored, work.rows, dst))
             work.tensors[col.name] = dst
         fill_common(work, self.all_columns)
         return work

@@ -190,9 +190,9 @@ class ResidentTier:
             host_np = host.numpy()
             for lo in range(0, n, chunk_rows):
                 hi = min(n, lo + chunk_rows)
-                reader.read_rows(col.source, lo, hi, host_np[: hi - lo])
+                reader.read_rows(col.stored, lo, hi, host_np[: hi - lo])
                 dev[lo:hi].copy_(host[: hi - lo])  # synchronous: the pinned chunk is reused next
-            self._data[col.source] = dev
+            self._data[col.stored] = dev
 
     @property
     def nbytes(self) -> int:
@@ -200,7 +200,7 @@ class ResidentTier:
 
     def gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows (a LongTensor on the device) of every column, in the delivered dtypes."""
-        out = {c.name: self._data[c.source].index_select(0, rows) for c in self.columns}
+        out = {c.name: self._data[c.stored].index_select(0, rows) for c in self.columns}
         _convert(out, self.columns)
         return out
 

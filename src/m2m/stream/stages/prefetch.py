@@ -57,7 +57,6 @@ def _produce(upstream: Stage, q: "queue.Queue[Any]", stop: threading.Event, thre
             except StopIteration:
                 _put(q, _End(), stop)
                 return
-            work.state = upstream.get_state()
             if not _put(q, work, stop):
                 return
     except BaseException as exc:  # noqa: BLE001 - every failure is handed to the consumer, none is hidden
@@ -72,7 +71,7 @@ def _stop(stop: threading.Event) -> None:
 
 
 class Prefetcher(Stage):
-    """Keeps up to ``capacity`` items of ``upstream`` ready; state is that of the last item handed out.
+    """Keeps up to ``capacity`` items of ``upstream`` ready, from `start` until `shutdown`.
 
     ``intra_op_threads``: torch threads of the producer thread (1 avoids OpenMP contention with the
     consumer; None leaves torch's setting alone).
@@ -89,13 +88,12 @@ class Prefetcher(Stage):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=capacity)
-        self._state: dict[str, Any] | None = None
         self._done = True
 
-    def reset(self, state: dict[str, Any] | None = None) -> None:
-        self.shutdown()
-        self.upstream.reset(state)
-        self._state = self.upstream.get_state()
+    def start(self) -> "Prefetcher":
+        """Start the producer thread (once); returns self."""
+        if self._thread is not None:
+            return self
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.capacity)
         self._done = False
@@ -103,6 +101,7 @@ class Prefetcher(Stage):
                                         args=(self.upstream, self._queue, self._stop, self.intra_op_threads))
         self._finalizer = weakref.finalize(self, _stop, self._stop)
         self._thread.start()
+        return self
 
     def __next__(self) -> Work:
         if self._done:
@@ -128,17 +127,11 @@ class Prefetcher(Stage):
                 raise item.exc  # keeps its type: callers catch a damaged shard by what it is
             raise StreamError(f"{self.name}: a stream stage failed: {item.exc!r}") from item.exc
         item.count("stall_s", stall)
-        self._state = item.state
         return item
 
     def backlog(self) -> int:
         """Items produced and not yet taken by the consumer (0: the consumer is waiting or about to)."""
         return self._queue.qsize()
-
-    def get_state(self) -> dict[str, Any]:
-        if self._state is None:
-            return self.upstream.get_state()
-        return self._state
 
     def shutdown(self) -> None:
         """Stop the producer, drop pending items, join the thread, then shut the upstream down."""
@@ -159,4 +152,5 @@ class Prefetcher(Stage):
             log.warning("%s: producer still inside a stage call after %.0f s; left to finish (daemon)",
                         self.name, JOIN_TIMEOUT_S)
             return
-        self.upstream.shutdown()
+        if self.upstream is not None:
+            self.upstream.shutdown()

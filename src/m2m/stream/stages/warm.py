@@ -266,7 +266,7 @@ class WarmArena:
                     work.count("cold_bytes", loaded)
             if progressive:
                 for col in self.columns:
-                    read = self.reader.gather(col.source, rows, out[col.name])
+                    read = self.reader.gather(col.stored, rows, out[col.name])
                     if work is not None:
                         work.count("cold_bytes", read)
                 return
@@ -285,7 +285,7 @@ class WarmArena:
         r0 = s * self.block_rows
         loaded = 0
         for col in self.columns:
-            loaded += self.reader.read_rows(col.source, lo, hi, self._arena_np[col.source][r0: r0 + hi - lo])
+            loaded += self.reader.read_rows(col.stored, lo, hi, self._arena_np[col.source][r0: r0 + hi - lo])
         self.reader.forget_advice(block, self.block_rows)
         return loaded
 
@@ -319,6 +319,7 @@ class WarmStage(Stage):
         self.buffers = buffers
 
     def __next__(self) -> Work:
+        assert self.upstream is not None
         work = next(self.upstream)
         if work.ahead is not None:
             self.arena.advise(work.ahead)

@@ -1,0 +1,252 @@
+"""Wire a lake snapshot, the SOC sampler and the augmenter into a stream (`Lake.export_to_dataloader`).
+
+The lake package does not import this module: `m2m._wiring` registers `export_to_dataloader` as the
+implementation of ``"stream.export"`` (`m2m.plugins`), which `Lake.export_to_dataloader` calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from m2m.errors import ConfigError
+from m2m.sampling.importance import BUILTIN_MODES
+from m2m.stream.loader import StreamLoader, make_loader
+from m2m.stream.options import GENERATE_MODES, StreamOptions, generate_mode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m2m.lake.lake import Lake
+    from m2m.lake.reader import Snapshot
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GENERATE_MODES", "export_to_dataloader", "generate_mode", "importance_mode", "lake_identity"]
+
+
+def importance_mode(importance_sampling: Any, metadata: Sequence[str]) -> str | None:
+    """False -> None, True -> "kappa", "kappa"/"alpha"/"loss"/a numeric metadata column as is."""
+    if importance_sampling is False or importance_sampling is None:
+        return None
+    if importance_sampling is True:
+        return "kappa"
+    if isinstance(importance_sampling, str) and (importance_sampling in BUILTIN_MODES
+                                                 or importance_sampling in metadata):
+        return importance_sampling
+    raise ConfigError(f"importance_sampling must be False, True, 'kappa', 'alpha', 'loss' or a metadata column "
+                      f"({list(metadata)}), got {importance_sampling!r}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """kappa (NaN where no estimate), neighbour row positions [N, k] (-1 missing) and their cosines."""
+
+    kappa: np.ndarray
+    neighbors: np.ndarray
+    neighbor_cos: np.ndarray
+
+
+def stored_geometry(snap: "Snapshot") -> Geometry:
+    """The geometry a snapshot stores (after ``lake.estimate_kappa``)."""
+    return Geometry(snap.read_all("kappa"), snap.read_all("neighbors"), snap.read_all("neighbor_cos"))
+
+
+#: IVF lists each row probes at most when a stream computes missing geometry in memory. A stream
+#: must start quickly: on data with cluster structure the calibrated rule probes fewer lists than
+#: this anyway, and on unstructured data (random vectors) reaching the recall target means probing
+#: every list, an N^2 scan (100k x 640: minutes here). Kappa of such data barely depends on which
+#: near neighbours are found; the recall reached is logged. ``lake.estimate_kappa()`` has no cap.
+STREAM_PROBE_BUDGET = 16
+
+
+def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
+    """kNN + kappa of ``snap`` computed in memory, never written: a stream does not change the lake.
+
+    User-provided kappa values are kept, as `Lake.estimate_kappa` does. The kNN probes at most
+    `STREAM_PROBE_BUDGET` IVF lists per row (exact up to 20k rows). Shows a progress bar when
+    stderr is a terminal; logs one INFO line saying how to persist the result.
+    """
+    from m2m.index.runtime import usable_cores
+    from m2m.lake.neighbourhood import compute_geometry
+
+    t0 = time.perf_counter()
+    mu = snap.read_all("mu").astype(np.float32, copy=False)
+    with progress_bar(len(mu), "kappa (in memory)") as bar:
+        stats: dict[str, Any] = {}
+        kappa_est, neighbors, cos = compute_geometry(mu, k, seed, bar, usable_cores(),
+                                                     probe_budget=STREAM_PROBE_BUDGET, stats=stats)
+    user = snap.read_main("kappa")
+    kappa = np.where(np.isnan(user), kappa_est, user).astype(np.float32)
+    recall = stats.get("calibrated_recall", float("nan"))
+    found = "exact" if stats.get("method") == "exact" else f"recall@{k} about {recall:.2f}"
+    logger.info("lake version %d has no kappa/neighbours at knn_k=%d: computed them in memory for this loader "
+                "(%d splats, %.1f s, neighbours %s); call lake.estimate_kappa() once to persist them and skip "
+                "this step", snap.version, k, len(mu), time.perf_counter() - t0, found)
+    return Geometry(kappa, neighbors, cos)
+
+
+class GeometryOverlay:
+    """A `FileBackedSource`: ``snap`` with in-memory kappa/neighbours in place of the stored ones, so the
+    batches' ``kappa``/``neighbors``/``neighbor_cos`` columns are those the sampler and augmenter use."""
+
+    OVERLAID = ("kappa", "neighbors", "neighbor_cos")
+
+    def __init__(self, snap: "Snapshot", geometry: Geometry) -> None:
+        self.snap = snap
+        self.geometry = geometry
+
+    num_rows = property(lambda self: self.snap.num_rows)
+    dim = property(lambda self: self.snap.dim)
+    storage_dtype = property(lambda self: self.snap.storage_dtype)
+    shard_offsets = property(lambda self: self.snap.shard_offsets)
+    fs = property(lambda self: self.snap.fs)
+    is_remote = property(lambda self: self.snap.is_remote)
+    open_bytes_limit = property(lambda self: self.snap.open_bytes_limit)
+
+    def plan_prefetch(self, shards: Sequence[int]) -> None:
+        self.snap.plan_prefetch(shards)
+
+    def prefetch_shards(self, shards: Sequence[int]) -> int:
+        return self.snap.prefetch_shards(shards)
+
+    def fetch_stats(self) -> dict[str, Any] | None:
+        return self.snap.fetch_stats()
+
+    @property
+    def column_names(self) -> Sequence[str]:
+        return tuple(dict.fromkeys([*self.snap.column_names, *self.OVERLAID]))
+
+    def column(self, shard: int, name: str) -> np.ndarray:
+        if name in self.OVERLAID:
+            offsets = self.snap.shard_offsets
+            return getattr(self.geometry, name)[offsets[shard]:offsets[shard + 1]]
+        return self.snap.column(shard, name)
+
+    def column_extent(self, shard: int, name: str) -> Any:
+        """Where a stored column lies on disk (positional reads); None for the in-memory columns."""
+        if name in self.OVERLAID:
+            return None
+        return self.snap.column_extent(shard, name)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the snapshot (version, manifest, ...)
+        if name.startswith("__") or name in ("snap", "geometry"):
+            raise AttributeError(name)
+        return getattr(self.snap, name)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar on stderr used as a progress callback, shown only when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="rows", unit_scale=True, disable=None, file=sys.stderr, leave=False)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def build_sampler(lake: "Lake", mode: str, seed: int, snap: "Snapshot | None" = None,
+                  geometry: Geometry | None = None) -> Any:
+    """The importance sampler of ``mode`` over ``snap`` (default: the lake's current snapshot)."""
+    from m2m.sampling.samplers import ImportanceSampler, LossSampler
+
+    snap = lake.snapshot if snap is None else snap
+    alpha = snap.read_all("alpha").astype(np.float64)
+    if mode == "loss":
+        return LossSampler(alpha, ids=snap.ids(), seed=seed)
+    if mode in ("kappa", "alpha"):
+        column = None
+    else:
+        column = snap.read_all(mode)
+        if not np.issubdtype(column.dtype, np.number):
+            raise ConfigError(f"importance_sampling column {mode!r} is not numeric (dtype {column.dtype})")
+    kappa = None
+    if mode == "kappa":
+        kappa = filled_kappa(snap.read_all("kappa") if geometry is None else geometry.kappa, lake.dim)
+    return ImportanceSampler(mode=mode, alpha=alpha, kappa=kappa, column=column, seed=seed)
+
+
+def filled_kappa(kappa: np.ndarray, dim: int) -> np.ndarray:
+    """kappa with NaN (splats with no valid neighbour) replaced by the median estimate (or ``dim``)."""
+    missing = np.isnan(kappa)
+    if not missing.any():
+        return kappa
+    finite = kappa[~missing]
+    fill = float(np.median(finite)) if len(finite) else float(dim)
+    logger.info("%d splats have no kappa estimate; using %.4g for them", int(missing.sum()), fill)
+    return np.where(missing, np.float32(fill), kappa).astype(np.float32)
+
+
+def build_augmenter(lake: "Lake", mode: str, snap: "Snapshot | None" = None,
+                    geometry: Geometry | None = None) -> Any:
+    """The Langevin, vMF or mixture augmenter over ``snap`` (default: the lake's current snapshot, whose
+    kappa must be estimated unless ``geometry`` is given)."""
+    cfg = lake.config
+    snap = lake.snapshot if snap is None else snap
+    kappa_raw = snap.read_all("kappa") if geometry is None else geometry.kappa
+    kappa = filled_kappa(kappa_raw.astype(np.float32), lake.dim)
+    if mode == "vmf":
+        from m2m.augment.augmenter import VMFAugmenter
+
+        return VMFAugmenter(kappa)
+    from m2m.augment.augmenter import LangevinAugmenter
+
+    geo = stored_geometry(snap) if geometry is None else geometry
+    labels = snap.read_all("label") if snap.manifest.label_type is not None else None
+    if mode == "mixture":
+        from m2m.augment.augmenter import MixtureAugmenter
+
+        return MixtureAugmenter(neighbors=geo.neighbors, kappa=kappa,
+                                alpha=snap.read_all("alpha").astype(np.float32), labels=labels,
+                                temperature=cfg.langevin_T)
+    return LangevinAugmenter(neighbors=geo.neighbors, kappa=kappa,
+                             alpha=snap.read_all("alpha").astype(np.float32), labels=labels,
+                             steps=cfg.langevin_steps, step_size=cfg.langevin_dt, temperature=cfg.langevin_T,
+                             neighbor_cos=geo.neighbor_cos)
+
+
+def lake_identity(lake: "Lake") -> str:
+    """A stable name of ``lake`` kept in stream states: the manifest's lake id when it has one, else a
+    digest of the lake's location (a state from another lake is then refused)."""
+    lake_id = getattr(lake.manifest, "lake_id", None)
+    if lake_id:
+        return str(lake_id)
+    where = str(lake.path).rstrip("/")
+    return "path:" + hashlib.sha256(where.encode()).hexdigest()[:16]
+
+
+def export_to_dataloader(lake: "Lake", options: StreamOptions | None = None, **overrides: Any) -> StreamLoader:
+    """See `Lake.export_to_dataloader`. Never writes to the lake: geometry a mode needs and the pinned
+    snapshot lacks is computed in memory for this loader (no commit, no lock)."""
+    from m2m.lake.neighbourhood import needs_geometry
+
+    cfg = lake.config
+    opts = StreamOptions.merged(options, overrides).with_defaults(
+        {"device": cfg.device, "seed": cfg.seed, "warm_bytes": cfg.warm_bytes, "hot_bytes": cfg.hot_bytes,
+         "prefetch": cfg.prefetch})
+    gen = generate_mode(opts.generate_samples)
+    imp = importance_mode(opts.importance_sampling, list(lake.manifest.metadata))
+    snap = lake.snapshot  # pinned: the sampler, the augmenter and the stream all read this version
+    if snap.num_rows == 0:
+        raise ConfigError(f"lake {lake.path} is empty: add splats before exporting a stream")
+    # only modes that use kappa look, and they look at the data, not at the manifest's
+    # stats.kappa.count: a wrong count must not skip the estimate (a remote lake's shards are not
+    # downloaded here for modes that never read kappa)
+    uses_kappa = gen == "vmf" or imp == "kappa"
+    kappa_missing = uses_kappa and bool(np.isnan(snap.read_all("kappa")).any())
+    wants_kappa = gen in ("langevin", "mixture") or kappa_missing
+    geometry = None
+    if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table
+        geometry = computed_geometry(snap, cfg.knn_k, cfg.seed)
+    sampler = build_sampler(lake, imp, int(opts.seed or 0), snap, geometry) if imp else None
+    augment = build_augmenter(lake, gen, snap, geometry) if gen else None
+    source = snap if geometry is None else GeometryOverlay(snap, geometry)
+    return make_loader(source, opts, sampler=sampler, augment=augment, lake=lake_identity(lake),
+                       version=int(snap.version))

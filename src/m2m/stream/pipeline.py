@@ -1,0 +1,309 @@
+"""The one place a stream's stages are assembled, for each role a process can play in one pass.
+
+- ``INLINE`` (the consuming process, ``num_workers=0``): ``BatchStage -> WarmStage|ColdStage ->
+  HotStage [-> PrepareAugment] -> Prefetcher`` (or ``BatchStage -> ResidentStage -> Prefetcher`` when the
+  lake is resident on the GPU; no Prefetcher with ``prefetch=0``).
+- ``WORKER`` (a DataLoader worker): ``BatchStage -> WarmStage|ColdStage -> HotStage("cpu")`` (or
+  ``BatchStage -> RowsStage`` when the consumer gathers on the GPU); each worker's warm arena gets
+  ``warm_bytes / num_workers``.
+- ``CONSUMER`` (the consuming process, with workers): what it does to a worker's item (gather on the
+  device, or copy it there).
+
+Whatever the role, `run_pass` then cuts items into batches, applies the augmentation (its generator
+is seeded from (seed, epoch, rank, batch index), so a resumed pass draws the same samples), pins,
+collates and counts. `Resources` holds what a loader keeps across passes in one process (readers,
+warm arena, output pool, resident tier); `close` releases them and may be called any number of times.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from m2m.errors import StreamError
+from m2m.stream import columns as cols
+from m2m.stream import shuffle
+from m2m.stream.hooks import Augment, PreparedAugment, batch_generator
+from m2m.stream.metrics import StreamStats
+from m2m.stream.order import RankEpoch
+from m2m.stream.source import RowSource
+from m2m.stream.spec import ARENA, COLD, StreamSpec, host_tier_for, lookahead_rows
+from m2m.stream.stages.base import Stage, Work
+from m2m.stream.stages.batches import BatchStage, RowsStage
+from m2m.stream.stages.cold import ColdReader, ColdStage
+from m2m.stream.stages.draw_ahead import PrepareAugment
+from m2m.stream.stages.hot import RESIDENT, STAGED, HostBuffers, HotStage, OutputPool, ResidentStage, ResidentTier
+from m2m.stream.stages.hot import finish as finish_work
+from m2m.stream.stages.prefetch import Prefetcher
+from m2m.stream.stages.warm import WarmArena, WarmStage
+from m2m.stream.topology import World
+
+INLINE, WORKER, CONSUMER = "inline", "worker", "consumer"
+PROGRESSIVE_LOADS = 16  # blocks one item may load while a fully shuffled lake fills the warm arena
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+_LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()  # loaders and passes to close before the interpreter ends
+_LIVE_LOCK = threading.Lock()
+_AT_EXIT: list[bool] = []
+
+
+def close_at_exit(obj: Any) -> None:
+    """Close ``obj`` (a loader or a pass: anything with ``close()``) when the interpreter exits, if it
+    is still alive then. Background threads still inside torch while the interpreter tears down abort
+    the process ("terminate called without an active exception"); closing first joins them."""
+    with _LIVE_LOCK:
+        _LIVE.add(obj)
+        if not _AT_EXIT:
+            atexit.register(_close_live)
+            _AT_EXIT.append(True)
+
+
+def _close_live() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for obj in live:
+        try:
+            obj.close()
+        except Exception:  # noqa: BLE001, S110 - best effort at exit: the next one must still be closed
+            pass
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How the consuming process delivers batches (fixed when the loader is made)."""
+
+    device: torch.device
+    hot_mode: str
+    augment: Augment | None
+    return_tensor: bool
+    prefetch: int
+    intra_op_threads: int | None
+    pin_batches: bool
+    collate_fn: Any
+    num_workers: int
+
+
+class Resources:
+    """What one process keeps across a loader's passes; a pass overlapping a live one `lease`s private ones."""
+
+    def __init__(self, source: RowSource, spec: StreamSpec, delivery: Delivery, keep_arena: bool = True,
+                 budget: int | None = None) -> None:
+        self.source, self.spec, self.delivery = source, spec, delivery
+        self.budget = spec.warm_bytes // max(1, delivery.num_workers) if budget is None else budget
+        tier = host_tier_for(spec, self.budget)
+        self.warm_mode = tier if keep_arena or tier != ARENA else COLD
+        self.busy = False
+        self.arena: WarmArena | None = None
+        self._readers: dict[str, ColdReader] = {}
+        self._resident: ResidentTier | None = None
+        self._pool: OutputPool | None = None
+
+    def lease(self) -> "Resources":
+        """These resources, or private ones (closed by the caller) if a live pass holds them."""
+        if not self.busy:
+            self.busy = True
+            return self
+        private = Resources(self.source, self.spec, self.delivery, keep_arena=False)
+        private._resident = self._resident  # the lake on the GPU is shared (read-only)
+        return private
+
+    def release(self, leased: "Resources") -> None:
+        if leased is self:
+            self.busy = False
+        else:
+            leased.close()
+
+    def reader(self, role: str) -> ColdReader:
+        """One reader per thread that reads: "stream"/"resident" (all gathered columns), "gather"/"prepare" (``mu``)."""
+        if role not in self._readers:
+            names = [c.source for c in self.spec.gathered] if role in ("stream", "resident") else ["mu"]
+            self._readers[role] = ColdReader(self.source, [n for n in names if n is not None])
+        return self._readers[role]
+
+    def resident(self) -> ResidentTier:
+        if self._resident is None:
+            self._resident = ResidentTier(self.reader("resident"), self.spec.columns, self.delivery.device)
+        return self._resident
+
+    def pool(self, size: int) -> OutputPool:
+        if self._pool is None:  # kept across passes: its buffers are already faulted in
+            self._pool = OutputPool(size)
+        return self._pool
+
+    def warm_arena(self) -> WarmArena | None:
+        if self.warm_mode == ARENA and self.arena is None:
+            self.arena = new_arena(self.reader("stream"), self.spec, self.budget)
+        return self.arena
+
+    def close(self) -> None:
+        """Stop a warm arena still filling and close the readers' files (idempotent)."""
+        if self.arena is not None:
+            self.arena.close()
+        for reader in self._readers.values():
+            reader.close()
+
+
+def worker_resources(source: RowSource, spec: StreamSpec, world: World) -> Resources:
+    """A DataLoader worker's readers and arena (``warm_bytes / num_workers``), closed when its pass ends."""
+    host = Delivery(device=torch.device("cpu"), hot_mode="cpu", augment=None, return_tensor=False, prefetch=0,
+                    intra_op_threads=None, pin_batches=False, collate_fn=None, num_workers=world.num_workers)
+    return Resources(source, spec, host)
+
+
+def new_arena(reader: ColdReader, spec: StreamSpec, budget: int) -> WarmArena:
+    progressive = PROGRESSIVE_LOADS if spec.layout.mode == shuffle.FULL else None
+    arena = WarmArena(reader, spec.gathered, spec.layout.block_rows, budget, spec.huge_pages, progressive)
+    if progressive is not None and arena.slots >= arena.num_blocks and spec.background_fill:
+        arena.start_fill()
+    return arena
+
+
+def host_stage(spec: StreamSpec, upstream: Stage, reader: ColdReader, buffers: HostBuffers, tier: str,
+               arena: WarmArena | None) -> Stage:
+    """The host gather stage: the warm arena, or direct cold reads."""
+    if tier == ARENA and arena is not None:
+        return WarmStage(upstream, arena, spec.columns, buffers)
+    return ColdStage(upstream, reader, spec.columns, buffers, spec.layout.block_rows)
+
+
+def capacity(spec: StreamSpec, delivery: Delivery) -> int:
+    """Items the prefetcher keeps ready: at least ``prefetch`` batches."""
+    return max(1, math.ceil(delivery.prefetch / spec.chunk_batches))
+
+
+def build(role: str, source: RowSource, spec: StreamSpec, res: Resources | None, plan: RankEpoch | None,
+          epoch: int = 0, start: int = 0, world: World | None = None) -> Stage | None:
+    """The stage chain of ``role`` for one pass (``plan``/``epoch``/``start``/``world``: the pass's
+    rank epoch, first batch and topology; CONSUMER needs only ``res``). A started chain: with a
+    Prefetcher, its thread already runs."""
+    if role == CONSUMER:
+        assert res is not None
+        if res.delivery.hot_mode == RESIDENT:
+            return ResidentStage(None, res.resident(), spec.columns)
+        if res.delivery.device.type == "cuda":
+            return HotStage(None, spec.columns, res.delivery.device)
+        return None
+    assert plan is not None and world is not None
+    stage: Stage = BatchStage(plan, epoch, start, world, spec.chunk_batches, lookahead_rows(spec))
+    assert res is not None
+    if role == WORKER:  # ``res``: the worker's own (`worker_resources`)
+        if not spec.gather_in_workers:
+            return RowsStage(stage, spec.columns)
+        # no pooled outputs: the DataLoader moves them to shared memory the consumer keeps mapping
+        buffers = HostBuffers(pool=OutputPool(size=0))
+        return HotStage(host_stage(spec, stage, res.reader("stream"), buffers, res.warm_mode, res.warm_arena()),
+                        spec.columns, torch.device("cpu"), buffers)
+    d = res.delivery
+    if d.hot_mode == RESIDENT:
+        stage = ResidentStage(stage, res.resident(), spec.columns)
+    else:
+        buffers = HostBuffers(pinned=d.hot_mode == STAGED, slots=2, pool=res.pool(capacity(spec, d) + 4))
+        stage = HotStage(host_stage(spec, stage, res.reader("stream"), buffers, res.warm_mode, res.warm_arena()),
+                         spec.columns, d.device, buffers)
+    if d.prefetch == 0:
+        return stage
+    if draws_ahead(d):
+        prep = PrepareAugment(stage, d.augment, spec.batch_size, spec.seed,  # type: ignore[arg-type]
+                              world.rank, source.dim, make_gather(res, "prepare"))
+        prefetcher = Prefetcher(prep, capacity(spec, d), d.intra_op_threads)
+        prep.backlog = prefetcher.backlog
+        return prefetcher.start()
+    return Prefetcher(stage, capacity(spec, d), d.intra_op_threads).start()
+
+
+def draws_ahead(d: Delivery) -> bool:
+    """Whether the prefetch thread makes the augmentation's draws (CPU streams whose augmentation has
+    ``prepare``; on CUDA the augmentation runs asynchronously on the device anyway)."""
+    return (d.augment is not None and isinstance(d.augment, PreparedAugment)
+            and d.device.type == "cpu" and d.hot_mode != RESIDENT)
+
+
+def make_gather(res: Resources, role: str) -> Gather:
+    """``gather(positions) -> float32 [n, d]`` on the device, through the reader of ``role``."""
+    d = res.delivery
+    if d.hot_mode == RESIDENT:
+        tier = res.resident()
+        return lambda rows: tier.gather_mu(rows.to(tier.device))
+    reader = res.reader(role).for_scattered_reads(res.arena)  # a whole-lake warm arena serves neighbour reads
+    mu_dtype = cols.torch_dtype(res.source.storage_dtype)
+    dim, device = res.source.dim, d.device
+
+    def gather(rows: torch.Tensor) -> torch.Tensor:
+        idx = rows.detach().to("cpu", torch.int64).numpy()
+        out = torch.empty((len(idx), dim), dtype=mu_dtype)
+        reader.gather("mu", idx, out)
+        return out.to(device=device, dtype=torch.float32)
+
+    return gather
+
+
+def run_pass(source: RowSource, spec: StreamSpec, shared: Resources, plan: RankEpoch, epoch: int, start: int,
+             world: World, stats: StreamStats, worker_items: Iterable[Work] | None = None
+             ) -> Iterator[tuple[int, Any]]:
+    """One pass: ``(batch index, batch)`` from batch ``start`` of ``epoch`` (from ``worker_items`` when
+    DataLoader workers produce the items, else from an INLINE chain)."""
+    res = shared.lease()
+    chain: Stage | None = None
+    try:
+        if worker_items is None:
+            chain = build(INLINE, source, spec, res, plan, epoch, start, world)
+            items: Iterable[Work] = chain  # type: ignore[assignment]
+            post = None
+        else:
+            items = worker_items
+            post = build(CONSUMER, source, spec, res, None)
+        gather = None if res.delivery.augment is None else make_gather(res, "gather")
+        t0 = time.perf_counter()
+        for work in items:
+            if post is not None:
+                work = post.process(work)  # type: ignore[attr-defined]
+            finish_work(work)
+            for j in range(work.first, work.end):
+                yield j, deliver(spec, res.delivery, work, j, epoch, world.rank, gather, stats)
+            stats.add(work.stats)
+            stats.add({"busy_s": time.perf_counter() - t0})
+            t0 = time.perf_counter()
+    finally:
+        if chain is not None:
+            chain.shutdown()
+        shared.release(res)
+
+
+def deliver(spec: StreamSpec, d: Delivery, work: Work, j: int, epoch: int, rank: int, gather: Gather | None,
+            stats: StreamStats) -> Any:
+    """Batch ``j`` of ``work`` as the user receives it: augmented, pinned, collated."""
+    rows = work.batch_slice(j, spec.batch_size)
+    batch = {name: t[rows] for name, t in work.tensors.items()}
+    if d.augment is not None:
+        ahead = work.prepared.get(j) if work.prepared is not None else None
+        batch[cols.EMBEDDING] = augmented(d.augment, batch, spec.seed, epoch, rank, j, gather, ahead)
+    stats.add({"rows": rows.stop - rows.start, "batches": 1})
+    out: Any = batch[cols.EMBEDDING] if d.return_tensor else {c.name: batch[c.name] for c in spec.columns}
+    if d.pin_batches:
+        out = out.pin_memory() if isinstance(out, torch.Tensor) else {k: v.pin_memory() for k, v in out.items()}
+    if d.collate_fn is not None:
+        out = d.collate_fn(out)
+    return out
+
+
+def augmented(augment: Augment, batch: dict[str, torch.Tensor], seed: int, epoch: int, rank: int, j: int,
+              gather: Gather | None, ahead: tuple[torch.Generator, Any] | None = None) -> torch.Tensor:
+    x = batch[cols.EMBEDDING]
+    if ahead is not None:  # drawn in the prefetch thread with this batch's generator (PrepareAugment)
+        gen, draws = ahead
+        y = augment(x, batch[cols.ROWS], gather, gen, prepared=draws)  # type: ignore[call-arg,arg-type]
+    else:
+        gen = batch_generator(seed, epoch, rank, j, x.device)
+        y = augment(x, batch[cols.ROWS], gather, gen)  # type: ignore[arg-type]
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise StreamError(f"augment returned {got}, expected a tensor of shape {tuple(x.shape)}")
+    return y.to(torch.float32)

@@ -1,0 +1,183 @@
+"""The one resume model of a stream: `StreamState` (what ``dl.state_dict()`` returns) and `Cursor`
+(where a loader's passes start).
+
+A state is rank-agnostic. Every rank yields the same number of batches per epoch, so "each rank
+has yielded ``batches_yielded`` batches of epoch ``epoch``" is a global position: the state saved
+by any rank (Lightning saves rank 0's only) resumes every rank at its own next unseen batch. A
+state names the rows it was taken on (the lake's identity and snapshot version, the row count);
+`check` refuses, with one line, a state from another lake, a position outside the epoch, or a
+mid-epoch state from another snapshot or world size (a state at an epoch boundary resumes on a
+grown lake, or another world size, at the next epoch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from m2m._validate import check_int
+from m2m.errors import StateMismatchError
+
+STATE_VERSION = 2
+
+#: Fields that must match whatever the position (they fix which batches an epoch has).
+ALWAYS = ("seed", "batch_size", "drop_last", "shuffle")
+#: Fields that must match to resume mid-epoch (the layout of this epoch's order).
+MID_EPOCH = ("num_rows", "block_rows", "window_blocks", "shard_affinity", "affinity_group_blocks")
+
+
+@runtime_checkable
+class StatefulSampler(Protocol):
+    """A plan sampler whose own state (e.g. loss priorities) travels in the stream's state."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Where a stream is: ``batches_yielded`` batches (per rank) of ``epoch``, and what fixes the order."""
+
+    epoch: int
+    batches_yielded: int
+    epoch_pinned: bool
+    seed: int
+    world_size: int
+    batch_size: int
+    drop_last: bool
+    num_rows: int
+    shuffle: str
+    block_rows: int
+    window_blocks: int
+    shard_affinity: bool = False
+    affinity_group_blocks: int = 0
+    epoch_batches: int | None = None  # batches per rank of the saved epoch (where it ends)
+    lake: str | None = None
+    version: int | None = None
+    rank: int = 0  # the rank that saved it (informational: any rank's state resumes every rank)
+    sampler: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["state_version"] = STATE_VERSION
+        out["samples_seen"] = self.batches_yielded * self.batch_size * self.world_size  # all ranks together
+        if self.sampler is None:
+            del out["sampler"]
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> "StreamState":
+        if not isinstance(doc, dict):
+            raise StateMismatchError(f"a stream state is a dict (dl.state_dict()), got {type(doc).__name__}")
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [k for k in required if k not in doc]
+        if missing:
+            raise StateMismatchError(f"stream state lacks {missing}")
+        known = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in doc.items() if k in known}
+        try:
+            kept["epoch"] = check_int(kept["epoch"], "epoch", 0)
+            kept["batches_yielded"] = check_int(kept["batches_yielded"], "batches_yielded", 0)
+        except ValueError as exc:
+            raise StateMismatchError(f"stream state: {exc}") from None
+        return cls(**kept)
+
+
+def check(saved: StreamState, mine: StreamState, num_batches: Callable[[int], int]) -> tuple[int, int]:
+    """Where a loader described by ``mine`` resumes ``saved``: ``(epoch, first batch)``, or one-line
+    `StateMismatchError`. ``num_batches(epoch)``: batches per rank of ``epoch`` in this loader."""
+    if saved.lake is not None and mine.lake is not None and saved.lake != mine.lake:
+        raise StateMismatchError(f"stream state is from lake {saved.lake}, this loader streams lake {mine.lake}")
+    diff = {k: (getattr(saved, k), getattr(mine, k)) for k in ALWAYS if getattr(saved, k) != getattr(mine, k)}
+    if diff:
+        raise StateMismatchError("stream state does not match this loader (saved vs current): "
+                                 + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
+    epoch, yielded = saved.epoch, saved.batches_yielded
+    comparable = saved.num_rows == mine.num_rows and saved.version == mine.version \
+        and saved.world_size == mine.world_size
+    total = saved.epoch_batches if saved.epoch_batches is not None else (num_batches(epoch) if comparable else None)
+    if total is not None and yielded > total:
+        raise StateMismatchError(f"stream state position {yielded} is outside epoch {epoch}, which has "
+                                 f"{total} batches per rank")
+    if yielded == 0 or yielded == total:  # an epoch boundary: the next epoch is planned on these rows
+        return (epoch if yielded == 0 or saved.epoch_pinned else epoch + 1), 0
+    same_rows = saved.num_rows == mine.num_rows and saved.version == mine.version
+    if saved.world_size != mine.world_size:
+        raise StateMismatchError(f"stream state was saved mid-epoch with world_size={saved.world_size}, this loader "
+                                 f"has world_size={mine.world_size}: resume with {saved.world_size} ranks, or from "
+                                 "a state saved at an epoch boundary")
+    if not same_rows:
+        if saved.version is None or saved.version == mine.version:
+            raise StateMismatchError(f"stream state was saved mid-epoch over {saved.num_rows} rows, this loader "
+                                     f"streams {mine.num_rows}")
+        raise StateMismatchError(f"stream state was saved mid-epoch on snapshot version {saved.version} "
+                                 f"({saved.num_rows} rows), this loader streams version {mine.version} "
+                                 f"({mine.num_rows} rows): a mid-epoch state resumes the same snapshot only")
+    diff = {k: (getattr(saved, k), getattr(mine, k)) for k in MID_EPOCH if getattr(saved, k) != getattr(mine, k)}
+    if diff:
+        raise StateMismatchError("mid-epoch stream state does not match this loader's order (saved vs current): "
+                                 + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
+    return epoch, yielded
+
+
+class Cursor:
+    """Which epoch and batch each pass of one loader starts at (the epoch contract of `StreamLoader`).
+
+    The epoch of a pass is chosen when it yields its first batch: a loaded state (once), else the
+    epoch pinned by `set_epoch` (every pass), else the epoch after that of the last pass that started.
+    """
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.next_epoch = epoch
+        self.pinned: int | None = None
+        self.resume: tuple[int, int] | None = None
+        self.pos: tuple[int, int] | None = None  # (epoch, batches yielded) of the latest pass that started
+        self.passes = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next pass will read."""
+        if self.resume is not None:
+            return self.resume[0]
+        return self.next_epoch if self.pinned is None else self.pinned
+
+    def set_epoch(self, epoch: int) -> None:
+        self.pinned = epoch
+        if self.resume is not None and self.resume[0] != epoch:
+            self.resume = None
+
+    def begin_pass(self) -> tuple[int, int, int]:
+        """(epoch, first batch, pass token) of a pass about to yield its first batch."""
+        if self.resume is not None:
+            epoch, start = self.resume
+            self.resume = None
+        elif self.pinned is not None:
+            epoch, start = self.pinned, 0
+        else:
+            epoch, start = self.next_epoch, 0
+        self.next_epoch = epoch + 1
+        self.passes += 1
+        self.pos = (epoch, start)
+        return epoch, start, self.passes
+
+    def advance(self, token: int, epoch: int, yielded: int) -> None:
+        if token == self.passes:  # only the latest pass moves the position
+            self.pos = (epoch, yielded)
+
+    def position(self, num_batches: Callable[[int], int]) -> tuple[int, int]:
+        """(epoch, batches yielded) to save: a finished pass is the start of the epoch after it."""
+        if self.resume is not None:
+            return self.resume
+        if self.pos is None:
+            return self.epoch, 0
+        epoch, yielded = self.pos
+        if yielded >= num_batches(epoch):
+            return (epoch + 1 if self.pinned is None else self.pinned), 0
+        return epoch, yielded
+
+    def restore(self, epoch: int, start: int, pinned: bool) -> None:
+        self.pinned = epoch if pinned else None
+        self.resume = (epoch, start)
+        self.pos = None
+        self.next_epoch = epoch
