@@ -16,6 +16,7 @@ fixes every sample.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class _Words(ISeedSequence):
     def __init__(self, words: np.ndarray) -> None:
         self.words = np.asarray(words, dtype=np.uint64)
 
-    def generate_state(self, n_words: int, dtype: type = np.uint32) -> np.ndarray:
+    def generate_state(self, n_words: int, dtype: Any = np.uint32) -> np.ndarray:
         if np.dtype(dtype) != np.uint64 or n_words > self.words.size:
             raise ConfigError(f"seed holds {self.words.size} uint64 words; asked for {n_words} x {np.dtype(dtype)}")
         return self.words[:n_words].copy()
@@ -51,7 +52,8 @@ class HostNoise:
 
     def __init__(self, seed: np.ndarray) -> None:
         """``seed``: 3 uint64 words, used as SFC64's state (which then runs its 12 warm-up rounds)."""
-        self.rng = np.random.Generator(np.random.SFC64(_Words(seed)))
+        # numpy accepts any ISeedSequence here; its stubs list only SeedSequence
+        self.rng = np.random.Generator(np.random.SFC64(_Words(seed)))  # type: ignore[arg-type]
 
     @classmethod
     def of(cls, source: Source) -> "HostNoise":

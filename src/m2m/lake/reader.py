@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -322,7 +322,7 @@ class Snapshot:
             path, _ = self._batches.popitem(last=False)
             total -= self._batch_bytes.pop(path)
 
-    def _cached(self, shard: int, name: str, make) -> np.ndarray:  # type: ignore[no-untyped-def]
+    def _cached(self, shard: int, name: str, make: Callable[[int], np.ndarray]) -> np.ndarray:
         key = (shard, name)
         arr = self._derived.get(key)
         if arr is None:

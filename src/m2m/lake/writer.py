@@ -71,6 +71,7 @@ def reconcile_schema(schema: SchemaUpdate, batch: SplatBatch) -> SchemaUpdate:
         metadata.setdefault(name, str(typ))
     vocab = schema.label_vocabulary
     if label_type == "string":
+        assert batch.labels is not None  # a string label type comes from this batch's labels
         known = set(vocab)
         vocab = vocab + tuple(v for v in dict.fromkeys(batch.labels.tolist()) if v not in known)
     return SchemaUpdate(label_type, vocab, metadata, True)
