@@ -217,7 +217,7 @@ class Snapshot:
         """The pinned version only (a stream's dataset pickles for spawned workers and launchers):
         mapped files, caches and the lock are rebuilt lazily by the receiver."""
         state = self.__dict__.copy()
-        state.update(_batches={}, _derived={}, _ids=None, _lock=None, _verified=set(self._verified))
+        state.update(_batches=OrderedDict(), _batch_bytes={}, _derived={}, _ids=None, _lock=None, _verified=set(self._verified))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
