@@ -26,10 +26,8 @@ def remote_lake(conformance_s3, tmp_path_factory):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("context, shuffle_mode", [
-    pytest.param(None, "full", id="default-fork-full",
-                 marks=pytest.mark.xfail(reason="remote+fork (issue 17 item 2)", strict=False)),
-    pytest.param(None, "block", id="default-fork-block",
-                 marks=pytest.mark.xfail(reason="remote+fork (issue 17 item 2)", strict=False)),
+    pytest.param(None, "full", id="default-fork-full"),
+    pytest.param(None, "block", id="default-fork-block"),
     pytest.param("spawn", "full", id="spawn-full"),
 ])
 def test_remote_lake_with_two_workers_streams_exact_epochs(remote_lake, context, shuffle_mode):
