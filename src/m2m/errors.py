@@ -107,3 +107,10 @@ class InternalError(M2MError, RuntimeError):
 
 class CacheTimeoutError(M2MError, TimeoutError):
     """Waiting for the node-local shard cache (another process's download, or room in its budget) timed out."""
+
+
+class PositionError(M2MError, IndexError):
+    """A row position is outside the lake version that was asked (negative or >= its rows)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
