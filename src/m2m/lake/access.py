@@ -235,10 +235,10 @@ class RowReader:
         for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
             lo, hi = int(rows[a]), int(rows[b - 1]) + 1
             if hi - lo == b - a:  # contiguous: read straight into the output
-                f.read_into(ext.offset + lo * rb, memoryview(out[a:b]).cast("B"))
+                f.read_into(ext.offset + lo * rb, out[a:b].data.cast("B"))
                 continue
             span = np.empty((hi - lo) * rb, np.uint8)
-            f.read_into(ext.offset + lo * rb, memoryview(span))
+            f.read_into(ext.offset + lo * rb, span.data)
             out[a:b] = span.reshape(hi - lo, rb)[rows[a:b] - lo]
 
     def close(self) -> None:
