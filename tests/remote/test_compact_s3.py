@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import m2m.lake.compact as compact_mod
 from m2m import M2MConfig, create_m2m, open_lake
@@ -114,6 +115,7 @@ def test_compaction_rebases_on_appends_and_replans_after_a_rewrite(s3_server, s3
         assert all(len(s.files) == 2 for s in lake.manifest.shards)   # the sidecars were kept, merged
 
 
+@pytest.mark.slow
 def test_compaction_with_writer_processes_appending(s3_server, s3_lake_url) -> None:
     opts = s3_server.storage_options
     with create_m2m(M2MConfig(path=s3_lake_url, latent_dim=DIM, storage_options=opts)) as lake:
