@@ -136,3 +136,16 @@ def test_reader_follows_the_handle_to_a_new_version(tmp_path):
         got = lake.take(ids)
         assert list(got.label) == ["x", "y"] and list(got.metadata["text"]) == ["a", "b"]
         assert lake[len(lake) - 1].id == ids[-1]
+
+
+def test_without_verify_reads_only_the_rows_bytes_are_read(tmp_path):
+    from m2m import open_lake
+
+    make(tmp_path / "lake", shards=2, n=20_000).close()
+    with open_lake(str(tmp_path / "lake"), verify_reads=False) as lake, open_lake(str(tmp_path / "lake")) as ref:
+        row = lake[20_017]
+        r = reader_of(lake)
+        assert sum(f.bytes_read for f in r._files.values()) <= 6 * DIM * 4   # a few rows' bytes, no block
+        assert row.mu.tobytes() == ref[20_017].mu.tobytes() and row.id == 20_017
+        pos = np.random.default_rng(0).integers(0, len(lake), 300)
+        check(lake[pos], reference(ref), pos)
