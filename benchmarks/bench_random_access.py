@@ -12,7 +12,8 @@ positionally), "warm" = the cache already holds them. Rows:
   files' Arrow metadata), and one row on a warm handle (median of 200 random positions);
 * 1,000 random positions (``lake[pos]``) and 1,000 random ids (``lake.take(ids)``), median of 10;
 * what a user would write without random access: ``lake.splats(ids)`` (the whole lake's ids, then
-  whole memory-mapped columns gathered), median of 3;
+  whole memory-mapped columns gathered), median of 3 on a warm handle, and both on a fresh handle
+  (there ``splats`` first checks the CRC32 of every file it touches, whole; ``take`` only the blocks);
 * local again with ``verify_reads=False`` (only the rows' bytes are read, no block is checked);
 * every result is checked bit-exact against the reader (``snapshot.read_all``) before it is timed.
 """
@@ -84,6 +85,22 @@ def measure(path: str, n: int, seed: int, open_options: dict[str, Any],
         firsts.append((t1 - t0, t2 - t1))
     out["open_ms"] = round(statistics.median(f[0] for f in firsts) * 1e3, 2)
     out["first_row_ms"] = round(statistics.median(f[1] for f in firsts) * 1e3, 2)
+    fresh = []
+    for k in range(3):  # 1,000 ids on a fresh handle: take vs splats (which checks whole files first)
+        opts = dict(open_options, **(fresh_options(100 + 2 * k) if fresh_options else {}))
+        with open_lake(path, **opts) as lake:
+            ids = lake.snapshot.manifest.shards[0].id_min + rng.integers(0, n, 1000)  # ids == positions here
+            t0 = time.perf_counter()
+            lake.take(ids)
+            t1 = time.perf_counter()
+        opts = dict(open_options, **(fresh_options(101 + 2 * k) if fresh_options else {}))
+        with open_lake(path, **opts) as lake:
+            t2 = time.perf_counter()
+            lake.splats(ids)
+            t3 = time.perf_counter()
+        fresh.append((t1 - t0, t3 - t2))
+    out["take_1000_fresh_handle_ms"] = round(statistics.median(f[0] for f in fresh) * 1e3, 2)
+    out["splats_1000_fresh_handle_ms"] = round(statistics.median(f[1] for f in fresh) * 1e3, 2)
     with open_lake(path, **open_options) as lake:
         check_exact(lake, rng.integers(0, n, 1000))
         ids = lake.snapshot.ids()
@@ -137,8 +154,8 @@ def main() -> int:
             with open_lake(url, cache_dir=warm_dir) as lake:   # fill the node cache
                 lake.snapshot.read_all("mu")
             warm = measure(url, a.remote_rows, 2, {"cache_dir": warm_dir})
-            results["s3_cold_cache"] = {"rows": a.remote_rows, "open_ms": cold["open_ms"],
-                                        "first_row_ms": cold["first_row_ms"]}
+            results["s3_cold_cache"] = {"rows": a.remote_rows, **{k: cold[k] for k in (
+                "open_ms", "first_row_ms", "take_1000_fresh_handle_ms", "splats_1000_fresh_handle_ms")}}
             results["s3_warm_cache"] = {"rows": a.remote_rows, **warm}
             print("s3 cold", results["s3_cold_cache"], flush=True)
             print("s3 warm", results["s3_warm_cache"], flush=True)
