@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from types import TracebackType
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -37,6 +37,10 @@ from m2m.lake.manifest import (
 from m2m.lake.reader import Snapshot
 from m2m.lake.shard import sync_files
 from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, write_splats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m2m.lake.access import Splat, Splats
+    from m2m.lake.compact import CompactionReport
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +311,7 @@ class Lake:
             logger.info("lake is supercritical (redundancy %.3f): consolidating", state["redundancy"])
             self.consolidate(self.config.consolidate_similarity)
 
-    def compact(self, target_bytes: int | None = None, progress: Progress | None = None) -> Any:
+    def compact(self, target_bytes: int | None = None, progress: Progress | None = None) -> CompactionReport:
         """Merge runs of small shards (and their sidecars) into shards of about ``target_bytes``
         (default ``config.shard_bytes``) in one atomic commit; ids, row order and values are kept.
 
@@ -344,7 +348,7 @@ class Lake:
             logger.warning("auto-compaction of %s skipped (the append is committed): %s", self.path, exc)
 
     # ------------------------------------------------------------------ random access
-    def __getitem__(self, key: Any) -> Any:
+    def __getitem__(self, key: Any) -> Splat | Splats:
         """Rows by position in the pinned version: ``lake[i]`` -> `Splat`; ``lake[i:j]`` (step >= 1) or
         ``lake[[i, j, ...]]`` -> `Splats`. Only the needed rows are read (`m2m.lake.access`).
         Positions are 0 <= i < len(lake); anything else raises `PositionError` (an IndexError)."""
@@ -353,7 +357,7 @@ class Lake:
         self._check_open()
         return reader_of(self).getitem(key)
 
-    def take(self, ids: Any) -> Any:
+    def take(self, ids: Any) -> Splats:
         """The rows with these ids (in this order, repeats allowed) as `Splats`; `UnknownIdError`
         names the first id not in the pinned version. Reads only the shards holding them."""
         from m2m.lake.access import reader_of
