@@ -246,3 +246,30 @@ def test_cli_compact(tmp_path):
     assert result.exit_code == 0 and "nothing to compact" in result.output
     with open_lake(path) as lake:
         assert len(lake.manifest.shards) == 1 and lake.verify() == []
+
+
+def test_two_compactions_racing_publish_once(tmp_path, monkeypatch):
+    cfg = M2MConfig(path=str(tmp_path / "lake"), latent_dim=DIM)
+    with create_m2m(cfg) as lake:
+        fill(lake, 6)
+        before = full(lake)
+        real = compact_mod.compact
+        inner: list = []
+
+        def other_compacts() -> None:
+            if not inner:
+                inner.append(None)
+                with open_lake(cfg.path) as other:
+                    inner[0] = real(other._fs, lambda build: compact_mod.publish_local(other._fs, build),
+                                    cfg.shard_bytes)
+
+        monkeypatch.setattr(compact_mod, "compact", functools.partial(real, after_write=other_compacts))
+        report = lake.compact()
+        assert inner[0].version == 7 and inner[0].shards_after == 1
+        assert report.version is None and report.runs_dropped == 1   # lost, planned again: nothing left
+        lake.refresh()
+        same(before, full(lake))
+        assert len(lake.manifest.shards) == 1 and lake.verify() == []
+        live = {f.path.split("/")[1] for f in lake.manifest.files()} | {
+            f.path.split("/")[1] for v in lake.versions() for f in lake.checkout(v).manifest.files()}
+        assert set(os.listdir(tmp_path / "lake" / "_data")) == live   # the loser's files are gone
