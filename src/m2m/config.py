@@ -37,6 +37,8 @@ class M2MConfig:
         soc_threshold: redundancy fraction at which consolidation is advised (``criticality()``).
         consolidate_similarity: cosine at which two splats count as near-duplicates.
         auto_consolidate: consolidate after ``add_splats`` when the lake turns supercritical.
+        auto_compact: 0 (off) or N >= 2: after an append, compact (`Lake.compact` to ``shard_bytes``)
+            when at least N small shards could be merged (a lake fed by many small appends).
         seed: base seed of every random order and augmentation.
         warm_bytes: RAM budget of the warm tier.
         hot_bytes: device-memory budget of the hot tier.
@@ -73,6 +75,7 @@ class M2MConfig:
     soc_threshold: float = 0.2
     consolidate_similarity: float = 0.95
     auto_consolidate: bool = False
+    auto_compact: int = 0
     seed: int = 0
     warm_bytes: int = DEFAULT_WARM_BYTES
     hot_bytes: int = DEFAULT_HOT_BYTES
@@ -102,6 +105,8 @@ class M2MConfig:
                "a float in (0, 1)")
         _check(_is_num(self.consolidate_similarity) and 0.0 < self.consolidate_similarity <= 1.0,
                "consolidate_similarity", self.consolidate_similarity, "a float in (0, 1]")
+        _check(_is_int(self.auto_compact) and (self.auto_compact == 0 or self.auto_compact >= 2), "auto_compact",
+               self.auto_compact, "0 (off) or an int >= 2 (small shards that trigger a compaction)")
         _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an int >= 0")
         for name in ("warm_bytes", "hot_bytes"):
             value = getattr(self, name)

@@ -111,3 +111,10 @@ class CacheTimeoutError(M2MError, TimeoutError):
 
 class SignatureError(M2MError, PermissionError):
     """A signed lake's manifest is unsigned or wrongly signed, or a signed lake is read without its key."""
+
+
+class PositionError(M2MError, IndexError):
+    """A row position is outside the lake version that was asked (negative or >= its rows)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

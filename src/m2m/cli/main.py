@@ -1,5 +1,5 @@
-"""The `m2m` command line: ingest, export, info, verify, rollback, repair, vacuum, consolidate, search, bench,
-demo."""
+"""The `m2m` command line: ingest, export, info, verify, rollback, repair, vacuum, compact, consolidate, search,
+bench, demo."""
 
 from __future__ import annotations
 
@@ -291,6 +291,32 @@ def vacuum(lake_dir: str, keep: int, allow_symlinked_dirs: bool, storage_options
     with open_lake(lake_dir, storage_options=storage_options) as lake:
         r = lake.vacuum(keep=keep, allow_symlinked_dirs=allow_symlinked_dirs)
     click.echo(f"removed {r['versions_removed']} versions and {r['files_removed']} files")
+
+
+@cli.command()
+@click.argument("lake_dir")
+@click.option("--target", "target", default=None, help="Target shard size, e.g. 128MB (default: 128MiB).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@storage_option
+@user_errors
+def compact(lake_dir: str, target: str | None, quiet: bool, storage_options: dict[str, Any] | None) -> None:
+    """Merge small shards (and their sidecars) into shards of the target size, as a new version.
+
+    Ids, row order and values are kept; readers of older versions are not disturbed (their files
+    stay until `m2m vacuum`); appends by other writers may run meanwhile."""
+    from m2m import open_lake
+
+    target_bytes = None if target is None else parse_size(target)
+    with open_lake(lake_dir, storage_options=storage_options) as lake:
+        with Bar(len(lake), "compact", quiet=quiet) as bar:
+            r = lake.compact(target_bytes=target_bytes, progress=bar)
+        if r.version is None:
+            why = f" ({r.runs_dropped} runs lost to concurrent commits)" if r.runs_dropped else ""
+            click.echo(f"nothing to compact{why}: {r.shards_before:,} shards; version {lake.version}")
+        else:
+            click.echo(f"{r.shards_before:,} -> {r.shards_after:,} shards ({r.shards_merged:,} merged into "
+                       f"{r.shards_written:,}, {r.rows_rewritten:,} rows, {r.bytes_written / 1e6:.1f} MB written) "
+                       f"in {r.seconds:.2f} s; version {r.version}")
 
 
 @cli.command()

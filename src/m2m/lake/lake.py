@@ -7,7 +7,7 @@ import os
 import time
 import uuid
 from types import TracebackType
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from m2m.errors import (
     InternalError,
     InvalidEmbeddingError,
     LakeClosedError,
+    LakeLockedError,
 )
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
@@ -39,6 +40,10 @@ from m2m.lake.shard import sync_files
 from m2m.lake.tempdirs import remove_with
 from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, write_splats
 from m2m.plugins import implementation
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m2m.lake.access import Splat, Splats
+    from m2m.lake.compact import CompactionReport
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +279,7 @@ class Lake:
             logger.info("committed version %d (append): %d rows", new.version, new.rows)
             if cfg.auto_consolidate:
                 self._auto_consolidate()
+            self._auto_compact()
             return ids
         holder: dict[str, int] = {}
 
@@ -306,6 +312,7 @@ class Lake:
         ids = np.arange(new.next_id - rows, new.next_id, dtype=np.int64)
         if cfg.auto_consolidate:
             self._auto_consolidate()
+        self._auto_compact()
         return ids
 
     def _auto_consolidate(self) -> None:
@@ -313,6 +320,60 @@ class Lake:
         if state["state"] == "supercritical":
             logger.info("lake is supercritical (redundancy %.3f): consolidating", state["redundancy"])
             self.consolidate(self.config.consolidate_similarity)
+
+    def compact(self, target_bytes: int | None = None, progress: Progress | None = None) -> CompactionReport:
+        """Merge runs of small shards (and their sidecars) into shards of about ``target_bytes``
+        (default ``config.shard_bytes``) in one atomic commit; ids, row order and values are kept.
+
+        The merged files are written without holding the lock; the commit then rebases on the head
+        and replaces only runs no concurrent commit touched (`m2m.lake.compact`). Old files stay for
+        readers pinned to older versions until `vacuum`. Returns a `CompactionReport`.
+        """
+        from m2m.lake.compact import compact, publish_local, publish_remote
+
+        self._check_open()
+        target = self.config.shard_bytes if target_bytes is None else target_bytes
+        fs = self._fs
+
+        def publish(build: Callable[[Manifest], Manifest]) -> Manifest:
+            new = publish_local(fs, build) if fs.is_local else publish_remote(fs, build)
+            self._set_manifest(new)
+            logger.info("committed version %d (compact): %d shards", new.version, len(new.shards))
+            return new
+
+        return compact(fs, publish, target, verify=True, progress=progress)
+
+    def _auto_compact(self) -> None:
+        """``config.auto_compact`` > 0: compact once that many small shards could be merged. The append
+        before it is committed either way, so a compaction that fails is logged, not raised."""
+        from m2m.lake.compact import mergeable_shards
+
+        n = self.config.auto_compact
+        if n <= 0 or mergeable_shards(self.manifest, self.config.shard_bytes) < n:
+            return
+        try:
+            report = self.compact()
+            logger.info("auto-compaction: %d shards -> %d", report.shards_before, report.shards_after)
+        except (CommitConflictError, LakeLockedError, OSError) as exc:
+            logger.warning("auto-compaction of %s skipped (the append is committed): %s", self.path, exc)
+
+    # ------------------------------------------------------------------ random access
+    def __getitem__(self, key: Any) -> Splat | Splats:
+        """Rows by position in the pinned version: ``lake[i]`` -> `Splat`; ``lake[i:j]`` (step >= 1) or
+        ``lake[[i, j, ...]]`` -> `Splats`. Only the needed rows are read (`m2m.lake.access`).
+        Positions are 0 <= i < len(lake); anything else raises `PositionError` (an IndexError)."""
+        from m2m.lake.access import reader_of
+
+        self._check_open()
+        return reader_of(self).getitem(key)
+
+    def take(self, ids: Any) -> Splats:
+        """The rows with these ids (in this order, repeats allowed) as `Splats`; `UnknownIdError`
+        names the first id not in the pinned version. Reads only the shards holding them."""
+        from m2m.lake.access import reader_of
+
+        self._check_open()
+        return reader_of(self).take(ids)
 
     # ------------------------------------------------------------------ reading
     def splats(self, ids: Any = None) -> dict[str, np.ndarray]:

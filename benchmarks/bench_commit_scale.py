@@ -1,0 +1,147 @@
+"""The append/open cost curve of a lake fed by small appends, before and after `Lake.compact`.
+
+    PYTHONPATH=src python benchmarks/bench_commit_scale.py [--shards 100,1000,10000] [--dim 32]
+        [--rows 100] [--appends 20] [--opens 5] [--json OUT]
+
+For each shard count N, a local lake of N shards of ``--rows`` rows is built in one commit (each shard
+exactly what a ``--rows``-row append writes: one shard file, its manifest entry with block checksums),
+then timed: ``--appends`` appends of ``--rows`` rows (median ms; each adds one shard), `open_lake`
+(median of ``--opens``; it reads the newest manifest and cross-checks every file's Arrow footer) and
+the manifest's size; then `Lake.compact()` (default target 128 MiB) and the same timings after it.
+The build is not timed as appends (N appends at growing cost would take hours at 10k shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def median_ms(fn: Callable[[], Any], repeat: int) -> float:
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return round(statistics.median(out) * 1e3, 2)
+
+
+def build(path: Path, shards: int, rows: int, dim: int, fsync: bool = True) -> float:
+    """A lake of ``shards`` shards of ``rows`` rows, written as one commit; returns seconds.
+    ``fsync=False``: the build's files are not fsynced (setup only: the build is not what is timed)."""
+    from m2m import M2MConfig, create_m2m
+    from m2m._validate import validate_splats
+    from m2m.lake.writer import SchemaUpdate, shard_rows, write_splats
+
+    per_shard_bytes = rows * (dim * 4 + 24)
+    assert shard_rows(dim, "float32", per_shard_bytes) == rows
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    with create_m2m(M2MConfig(path=str(path), latent_dim=dim)) as lake:
+        chunk = 1000 * rows
+        total = shards * rows
+
+        def batches():  # type: ignore[no-untyped-def]
+            for lo in range(0, total, chunk):
+                n = min(chunk, total - lo)
+                yield validate_splats(rng.standard_normal((n, dim), dtype=np.float32), None, None, None, None, dim)
+
+        def make(base):  # type: ignore[no-untyped-def]
+            entries = write_splats(lake._fs, batches(), base.next_id, dim, "float32", per_shard_bytes,
+                                   SchemaUpdate.of(base))
+            return base.next(shards=tuple(entries), next_id=base.next_id + total, operation={"type": "append"})
+
+        real_fsync = os.fsync
+        if not fsync:
+            os.fsync = lambda fd: None  # type: ignore[assignment]
+        try:
+            lake.commit("append", make)
+        finally:
+            os.fsync = real_fsync
+        assert len(lake.manifest.shards) == shards
+    return time.perf_counter() - t0
+
+
+def measure(path: Path, rows: int, dim: int, appends: int, opens: int) -> dict[str, Any]:
+    from m2m import open_lake
+    from m2m.lake.manifest import list_versions, manifest_name
+
+    rng = np.random.default_rng(1)
+    with open_lake(str(path)) as lake:
+        x = rng.standard_normal((rows, dim), dtype=np.float32)
+        append_ms = median_ms(lambda: lake.add_splats(x), appends)
+        shards = len(lake.manifest.shards)
+    open_ms = median_ms(lambda: open_lake(str(path)).close(), opens)
+    head = list_versions(_fs(path))[-1]
+    return {"shards": shards, "append_ms": append_ms, "open_ms": open_ms,
+            "manifest_bytes": os.path.getsize(path / manifest_name(head))}
+
+
+def _fs(path: Path) -> Any:
+    from m2m.lake.fs import LocalFS
+
+    return LocalFS(str(path))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", default="100,1000,10000")
+    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=100)
+    ap.add_argument("--appends", type=int, default=20)
+    ap.add_argument("--opens", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--no-fsync-build", action="store_true",
+                    help="build the lakes without fsync (halves the build at 100k shards; timings unaffected)")
+    ap.add_argument("--dir", default=None, help="where the lakes are built (default: a temporary directory)")
+    a = ap.parse_args()
+
+    from m2m import open_lake
+
+    root = Path(a.dir or tempfile.mkdtemp(prefix="m2m-bench-commit-"))
+    results = []
+    try:
+        for n in [int(s) for s in a.shards.split(",")]:
+            path = root / f"lake-{n}"
+            build_s = build(path, n, a.rows, a.dim, fsync=not a.no_fsync_build)
+            before = measure(path, a.rows, a.dim, a.appends, a.opens)
+            with open_lake(str(path)) as lake:
+                t0 = time.perf_counter()
+                report = lake.compact()
+                compact_s = time.perf_counter() - t0
+                assert lake.verify() == [] if n <= 1000 else True
+            after = measure(path, a.rows, a.dim, a.appends, a.opens)
+            row = {"shards": n, "rows_per_shard": a.rows, "build_s": round(build_s, 2), "before": before,
+                   "compact": {"seconds": round(compact_s, 2), "shards_before": report.shards_before,
+                               "shards_after": report.shards_after, "bytes_written": report.bytes_written},
+                   "after": after}
+            results.append(row)
+            print(f"{n:>7,} shards: append {before['append_ms']:8.1f} ms  open {before['open_ms']:8.1f} ms  "
+                  f"manifest {before['manifest_bytes'] / 1e6:7.2f} MB | compact {compact_s:6.1f} s -> "
+                  f"{after['shards']} shards: append {after['append_ms']:6.1f} ms  open {after['open_ms']:6.1f} ms  "
+                  f"manifest {after['manifest_bytes'] / 1e3:6.1f} kB  (build {build_s:.0f} s)", flush=True)
+            shutil.rmtree(path, ignore_errors=True)
+    finally:
+        if a.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    if a.json:
+        doc = {"benchmark": "commit-scale", "date": time.strftime("%Y-%m-%d"), "machine": {
+            "cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_1m": os.getloadavg()[0]},
+            "dim": a.dim, "dtype": "float32", "build_fsync": not a.no_fsync_build, "appends_timed": a.appends, "opens_timed": a.opens,
+            "results": results}
+        Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

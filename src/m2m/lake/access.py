@@ -1,0 +1,268 @@
+"""Random access: rows by position (``lake[i]``, ``lake[i:j]``) or by id (``lake.take(ids)``).
+
+Only the needed rows are read. Positions are grouped by shard; each fixed-width column (``id``,
+``mu``, ``kappa``, ``alpha``, an int label, numeric metadata) is read with positional reads of the
+byte ranges holding the needed rows (`m2m.lake.shard.ShardFile`: every block read from disk is
+checked against the manifest's block checksums), in ascending row order so that rows sharing a
+checksum block read it once. Other columns (string labels, string metadata) are taken from the
+shard's Arrow column. Values are returned exactly as stored: ``mu`` in the lake's storage dtype,
+``kappa`` as the reader sees it (an estimated sidecar value wins over the main file's), string
+labels as strings.
+
+Ids map to positions through the manifest's per-shard id ranges and the id column of the shards
+they fall in (kept in a small LRU per handle and version), never through the whole lake's ids.
+A remote lake's shard files come through the node cache (`m2m.lake.cache`), downloaded on first use.
+
+With ``verify_reads`` (the default) every checksum block a read touches is read whole and checked, so
+a random row costs one 256 KiB block per column, and 1,000 random rows of a lake of a few hundred MB
+touch most of its blocks; with ``verify_reads=False`` only the rows' own bytes are read.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from m2m.errors import PositionError, UnknownIdError
+from m2m.lake.manifest import Manifest
+from m2m.lake.reader import Snapshot
+from m2m.lake.shard import BlockCache, ColumnExtent, ShardFile, column_to_numpy
+
+ID_SHARDS_CACHED = 64   # id columns of this many shards are kept per handle (8 bytes a row)
+_SPAN_UNIT = 256 << 10  # a gap this wide costs about one more block read: read across narrower gaps
+
+
+@dataclass(frozen=True)
+class Splat:
+    """One row: its ``id``, ``mu`` [d] (storage dtype), ``kappa``, ``alpha``, ``label`` (None when the
+    lake has no labels) and ``metadata`` (column -> value)."""
+
+    id: int
+    mu: np.ndarray
+    kappa: np.float32
+    alpha: np.float32
+    label: Any
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Splats:
+    """Rows as columns: ``id`` [n] int64, ``mu`` [n, d] (storage dtype), ``kappa``/``alpha`` [n]
+    float32, ``label`` [n] (int64, or str objects; None without labels), ``metadata`` (name -> [n])."""
+
+    id: np.ndarray
+    mu: np.ndarray
+    kappa: np.ndarray
+    alpha: np.ndarray
+    label: np.ndarray | None
+    metadata: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.id)
+
+    def __getitem__(self, k: int) -> Splat:
+        return Splat(int(self.id[k]), self.mu[k], self.kappa[k], self.alpha[k],
+                     None if self.label is None else self.label[k], {n: v[k] for n, v in self.metadata.items()})
+
+    def __iter__(self) -> Iterator[Splat]:
+        return (self[k] for k in range(len(self)))
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        """The columns as one dict (``label`` and metadata included when present)."""
+        out = {"id": self.id, "mu": self.mu, "kappa": self.kappa, "alpha": self.alpha}
+        if self.label is not None:
+            out["label"] = self.label
+        out.update(self.metadata)
+        return out
+
+
+def _fixed_dtype(m: Manifest, name: str) -> np.dtype | None:
+    """The numpy dtype of a fixed-width column as stored (None: read it through Arrow)."""
+    if name == "id":
+        return np.dtype(np.int64)
+    if name == "mu":
+        return np.dtype(m.dtype)
+    if name in ("kappa", "alpha"):
+        return np.dtype(np.float32)
+    if name == "label":
+        return np.dtype(np.int64) if m.label_type == "int64" else None
+    typ = pa.type_for_alias(m.metadata[name]) if name in m.metadata else None
+    if typ is not None and (pa.types.is_integer(typ) or pa.types.is_floating(typ)):
+        return np.dtype(typ.to_pandas_dtype())
+    return None
+
+
+class RowReader:
+    """Random access to one pinned snapshot (one per lake handle and version; see the module doc)."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+        m = snap.manifest
+        self.manifest = m
+        self._offsets = snap.shard_offsets
+        self._id_min = np.fromiter((s.id_min for s in m.shards), np.int64, len(m.shards))
+        self._id_max = np.fromiter((s.id_max for s in m.shards), np.int64, len(m.shards))
+        self._blocks = BlockCache(16)
+        self._files: dict[str, ShardFile] = {}
+        self._ids: OrderedDict[int, np.ndarray] = OrderedDict()
+        names = ["id", "mu", "kappa", "alpha"] + (["label"] if m.label_type is not None else [])
+        self.columns = tuple(names + list(m.metadata))
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    # ---------------------------------------------------------------- keys
+    def getitem(self, key: Any) -> Splat | Splats:
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.start, key.stop, key.step
+            for what, v in (("start", start), ("stop", stop), ("step", step)):
+                if v is not None and (not _is_int(v) or v < 0):
+                    raise PositionError(f"slice {what} {v!r} is not None or an int >= 0 (negative positions "
+                                        f"are not supported; the lake has {n} rows)")
+            if step == 0:
+                raise PositionError("slice step 0 is not allowed")
+            lo = 0 if start is None else min(int(start), n)
+            hi = n if stop is None else min(int(stop), n)
+            return self.rows(np.arange(lo, max(lo, hi), 1 if step is None else int(step), dtype=np.int64))
+        if _is_int(key):
+            return self.rows(self._check_positions(np.asarray([operator.index(key)], np.int64)))[0]
+        arr = np.asarray(key)
+        if arr.ndim != 1 or not (arr.dtype.kind in "iu" or (arr.size == 0 and arr.dtype.kind == "f")):
+            raise PositionError(f"lake[...] takes an int, a slice or a 1-D sequence of ints, got {type(key).__name__}")
+        return self.rows(self._check_positions(arr.astype(np.int64)))
+
+    def _check_positions(self, pos: np.ndarray) -> np.ndarray:
+        n = len(self)
+        bad = (pos < 0) | (pos >= n)
+        if bad.any():
+            p = int(pos[int(np.argmax(bad))])
+            raise PositionError(f"position {p} is out of range: lake version {self.manifest.version} has {n} rows "
+                                f"(positions 0..{n - 1}; negative positions are not supported)")
+        return pos
+
+    def take(self, ids: Any) -> Splats:
+        ids = np.asarray(ids)
+        if ids.ndim == 0:
+            ids = ids.reshape(1)
+        if ids.size and ids.dtype.kind not in "iu":
+            raise UnknownIdError(f"ids must be integers, got dtype {ids.dtype}")
+        return self.rows(self.positions(ids.astype(np.int64)))
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of ``ids`` in this version; `UnknownIdError` naming the first unknown id."""
+        shard = np.searchsorted(self._id_min, ids, side="right") - 1
+        ok = shard >= 0
+        ok[ok] &= ids[ok] <= self._id_max[shard[ok]]
+        pos = np.empty(len(ids), np.int64)
+        if ok.all():
+            for s in np.unique(shard):
+                sel = np.flatnonzero(shard == s)
+                col = self._shard_ids(int(s))
+                local = np.minimum(np.searchsorted(col, ids[sel]), len(col) - 1)
+                hit = col[local] == ids[sel]
+                if not hit.all():
+                    ok[sel[~hit]] = False
+                pos[sel] = self._offsets[s] + local
+        if not ok.all():
+            bad = int(ids[int(np.argmax(~ok))])
+            raise UnknownIdError(f"id {bad} is not in lake version {self.manifest.version}")
+        return pos
+
+    def _shard_ids(self, s: int) -> np.ndarray:
+        got = self._ids.get(s)
+        if got is None:
+            got = self._read_column(s, "id", np.arange(self.manifest.shards[s].rows, dtype=np.int64))
+            self._ids[s] = got
+            while len(self._ids) > ID_SHARDS_CACHED:
+                self._ids.popitem(last=False)
+        else:
+            self._ids.move_to_end(s)
+        return got
+
+    # ---------------------------------------------------------------- reading
+    def rows(self, pos: np.ndarray) -> Splats:
+        """The rows at positions ``pos`` (checked by the caller), in that order."""
+        m = self.manifest
+        out: dict[str, np.ndarray] = {}
+        shard = np.searchsorted(self._offsets, pos, side="right") - 1
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            local = pos[sel] - self._offsets[s]
+            for name in self.columns:
+                vals = self._read_column(int(s), name, local)
+                if name not in out:
+                    out[name] = np.empty((len(pos),) + vals.shape[1:], dtype=vals.dtype)
+                out[name][sel] = vals
+        if not len(pos):
+            for name in self.columns:
+                dt = _fixed_dtype(m, name)
+                out[name] = np.empty((0, m.dim) if name == "mu" else (0,), dtype=object if dt is None else dt)
+        return Splats(out["id"], out["mu"], out["kappa"], out["alpha"], out.get("label"),
+                      {name: out[name] for name in m.metadata})
+
+    def _read_column(self, s: int, name: str, local: np.ndarray) -> np.ndarray:
+        """Column ``name`` of shard ``s`` at shard-local rows ``local`` (any order, repeats allowed)."""
+        dt = _fixed_dtype(self.manifest, name)
+        ext = self.snap.column_extent(s, name) if dt is not None else None
+        if ext is None or dt is None:
+            arr = self.snap.arrow_column(s, name).take(pa.array(local, pa.int64()))
+            if name == "label" or pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+                return np.asarray(arr.to_pylist(), dtype=object)
+            return column_to_numpy(arr)
+        width = ext.row_bytes // dt.itemsize
+        uniq, inverse = np.unique(local, return_inverse=True)
+        buf = np.empty((len(uniq), ext.row_bytes), np.uint8)
+        self._gather(ext, uniq, buf)
+        vals = buf.view(dt).reshape((len(uniq), width) if name == "mu" else (len(uniq),))
+        return vals[inverse.reshape(-1)]
+
+    def _file(self, ext: ColumnExtent) -> ShardFile:
+        f = self._files.get(ext.path)
+        if f is None:
+            # verify_reads=False: read exactly the rows' bytes; otherwise each 256 KiB block they touch is
+            # read whole and checked (the cost of a random row is then a block, not a row)
+            entry = ext.entry if self.snap.verify else replace(ext.entry, block_bytes=None, block_crc32c=None)
+            f = ShardFile(ext.path, entry, cache=self._blocks)
+            self._files[ext.path] = f
+        return f
+
+    def _gather(self, ext: ColumnExtent, rows: np.ndarray, out: np.ndarray) -> None:
+        """Rows ``rows`` (ascending, unique) of a fixed-width column into ``out`` [len(rows), row_bytes]:
+        nearby rows are read as one span (a gap narrower than a block costs less than another read)."""
+        f = self._file(ext)
+        rb = ext.row_bytes
+        gap_rows = max(1, _SPAN_UNIT // rb)
+        breaks = np.flatnonzero(np.diff(rows) > gap_rows) + 1
+        for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
+            lo, hi = int(rows[a]), int(rows[b - 1]) + 1
+            if hi - lo == b - a:  # contiguous: read straight into the output
+                f.read_into(ext.offset + lo * rb, out[a:b].data.cast("B"))
+                continue
+            span = np.empty((hi - lo) * rb, np.uint8)
+            f.read_into(ext.offset + lo * rb, span.data)
+            out[a:b] = span.reshape(hi - lo, rb)[rows[a:b] - lo]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def reader_of(lake: Any) -> RowReader:
+    """The lake handle's `RowReader` of its pinned version (cached until the handle moves)."""
+    cache = lake._cache
+    r = cache.get("row_reader")
+    if r is None or r.snap is not lake.snapshot:
+        r = RowReader(lake.snapshot)
+        cache["row_reader"] = r
+    return r

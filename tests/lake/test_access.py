@@ -1,0 +1,151 @@
+"""Random access: lake[i], lake[i:j], lake[[...]] and lake.take(ids), bit-exact against the reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from m2m import M2MConfig, create_m2m
+from m2m.errors import PositionError, UnknownIdError
+from m2m.lake.access import Splat, Splats, reader_of
+from m2m.lake.shard import BLOCK_BYTES
+
+DIM = 24
+
+
+def make(path, dtype: str = "float32", labels: str = "string", shards: int = 6, n: int = 50):
+    lake = create_m2m(M2MConfig(path=str(path), latent_dim=DIM, storage_dtype=dtype, knn_k=4))
+    rng = np.random.default_rng(1)
+    for i in range(shards):
+        lab = ([f"c{j % 4}" for j in range(n)] if labels == "string" else np.arange(n) % 5 if labels == "int"
+               else None)
+        lake.add_splats(rng.standard_normal((n, DIM)), labels=lab, kappa=rng.uniform(1, 100, n),
+                        alpha=rng.uniform(0.5, 2, n),
+                        metadata={"score": rng.standard_normal(n), "n": np.arange(n, dtype=np.int32) + i,
+                                  "text": np.array([f"t{i}-{j}" for j in range(n)], dtype=object)})
+    return lake
+
+
+def reference(lake) -> dict[str, np.ndarray]:
+    """What the reader returns, with mu in its stored dtype and string labels as strings."""
+    snap = lake.snapshot
+    out = {"id": snap.read_all("id"), "mu": snap.read_all("mu"), "kappa": snap.read_all("kappa"),
+           "alpha": snap.read_all("alpha")}
+    if lake.manifest.label_type is not None:
+        out["label"] = lake.splats()["label"]
+    for name in lake.manifest.metadata:
+        out[name] = snap.read_all(name)
+    return out
+
+
+def check(got: Splats, ref: dict[str, np.ndarray], pos: np.ndarray) -> None:
+    d = got.to_dict()
+    assert d.keys() == ref.keys()
+    for k, v in ref.items():
+        want = v[pos]
+        if want.dtype == object:
+            assert list(d[k]) == list(want), k
+        else:
+            assert d[k].dtype == want.dtype and d[k].shape == want.shape and d[k].tobytes() == want.tobytes(), k
+
+
+@pytest.mark.parametrize("dtype,labels", [("float32", "string"), ("float16", "int"), ("float32", None)])
+def test_positions_slices_and_ids_are_bit_exact(tmp_path, dtype, labels):
+    with make(tmp_path / "lake", dtype, labels) as lake:
+        ref = reference(lake)
+        n = len(lake)
+        rng = np.random.default_rng(0)
+        for i in (0, 1, 49, 50, n - 1):
+            row = lake[i]
+            assert isinstance(row, Splat) and row.id == ref["id"][i]
+            assert row.mu.dtype == np.dtype(dtype) and row.mu.tobytes() == ref["mu"][i].tobytes()
+            assert row.kappa.tobytes() == ref["kappa"][i].tobytes() and row.alpha == ref["alpha"][i]
+            assert row.metadata["text"] == ref["text"][i] and row.metadata["n"] == ref["n"][i]
+            assert (row.label is None) == (labels is None)
+        check(lake[10:170], ref, np.arange(10, 170))
+        check(lake[5:290:7], ref, np.arange(5, 290, 7))
+        check(lake[290:], ref, np.arange(290, n))
+        check(lake[n:n + 5], ref, np.arange(0))
+        pos = rng.integers(0, n, 500)                       # random order, repeats
+        check(lake[pos], ref, pos)
+        check(lake[pos.tolist()], ref, pos)
+        check(lake.take(ref["id"][pos]), ref, pos)
+        assert len(lake.take([])) == 0 and lake.take([]).mu.shape == (0, DIM)
+        assert [s.id for s in lake[3:6]] == [3, 4, 5]
+
+
+def test_ids_after_consolidation_and_geometry(tmp_path):
+    with make(tmp_path / "lake") as lake:
+        lake.add_splats(lake.splats()["mu"][:30], labels=lake.splats()["label"][:30], kappa=np.full(30, 5.0),
+                        metadata={k: v[:30] for k, v in lake.splats().items() if k in ("score", "n", "text")})
+        lake.consolidate(similarity=0.999)   # the 30 copies merge: ids get gaps; geometry sidecars come
+        ref = reference(lake)
+        assert len(lake) == 300 and lake.manifest.geometry is not None
+        ids = ref["id"]
+        order = np.random.default_rng(2).permutation(len(ids))
+        check(lake.take(ids[order]), ref, order)   # kappa from the sidecar, as the reader sees it
+        missing = sorted(set(range(ids.max() + 2)) - set(ids.tolist()))
+        with pytest.raises(UnknownIdError, match=f"id {missing[0]} is not in lake version {lake.version}"):
+            lake.take([ids[0], missing[0], ids[1]])
+
+
+def test_errors_are_one_line(tmp_path):
+    with make(tmp_path / "lake", shards=2) as lake:
+        n = len(lake)
+        for bad in (n, n + 10, -1, -n):
+            with pytest.raises(IndexError, match=f"position {bad} is out of range") as info:
+                lake[bad]
+            assert isinstance(info.value, PositionError) and "\n" not in str(info.value)
+        with pytest.raises(PositionError, match="position -3"):
+            lake[[0, -3]]
+        with pytest.raises(PositionError, match="slice start -2"):
+            lake[-2:]
+        with pytest.raises(PositionError, match="slice step -1"):
+            lake[::-1]
+        with pytest.raises(PositionError, match="takes an int"):
+            lake["a"]
+        with pytest.raises(KeyError) as kinfo:
+            lake.take([10 ** 9])
+        assert isinstance(kinfo.value, UnknownIdError) and str(kinfo.value).count("\n") == 0
+        with pytest.raises(UnknownIdError, match="id -1"):
+            lake.take(-1)
+
+
+def test_reads_only_the_shards_and_blocks_it_needs(tmp_path):
+    with make(tmp_path / "lake", shards=4, n=20_000) as lake:   # ~2 MB shards: 8 checksum blocks
+        r = reader_of(lake)
+        row = lake[2 * 20_000 + 17]
+        assert row.id == 2 * 20_000 + 17
+        opened = {f.path for f in r._files.values()}
+        shard_files = {lake.snapshot.fs.local_path(f.path) for f in lake.manifest.shards[2].files}
+        assert opened <= shard_files and opened
+        read = sum(f.bytes_read for f in r._files.values())
+        fixed = ("id", "mu", "kappa", "alpha", "score", "n")   # at most one checksum block each
+        assert read <= len(fixed) * BLOCK_BYTES < 0.6 * sum(f.bytes for f in lake.manifest.shards[2].files)
+        assert lake.take([3 * 20_000 + 1]).id[0] == 60_001
+        assert len(r._ids) == 1   # the id column of one shard, not the lake's ids
+
+
+def test_reader_follows_the_handle_to_a_new_version(tmp_path):
+    with make(tmp_path / "lake", shards=3) as lake:
+        first = lake[149]
+        lake.compact()
+        assert lake[149].mu.tobytes() == first.mu.tobytes()
+        ids = lake.add_splats(np.ones((2, DIM)), labels=["x", "y"], kappa=[1, 2], alpha=[1, 1],
+                              metadata={"score": [0.0, 1.0], "n": np.array([7, 8], np.int32), "text": ["a", "b"]})
+        got = lake.take(ids)
+        assert list(got.label) == ["x", "y"] and list(got.metadata["text"]) == ["a", "b"]
+        assert lake[len(lake) - 1].id == ids[-1]
+
+
+def test_without_verify_reads_only_the_rows_bytes_are_read(tmp_path):
+    from m2m import open_lake
+
+    make(tmp_path / "lake", shards=2, n=20_000).close()
+    with open_lake(str(tmp_path / "lake"), verify_reads=False) as lake, open_lake(str(tmp_path / "lake")) as ref:
+        row = lake[20_017]
+        r = reader_of(lake)
+        assert sum(f.bytes_read for f in r._files.values()) <= 6 * DIM * 4   # a few rows' bytes, no block
+        assert row.mu.tobytes() == ref[20_017].mu.tobytes() and row.id == 20_017
+        pos = np.random.default_rng(0).integers(0, len(lake), 300)
+        check(lake[pos], reference(ref), pos)
