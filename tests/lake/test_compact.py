@@ -69,7 +69,7 @@ def test_compaction_keeps_ids_order_values_and_sidecars(tmp_path):
         same(before, full(lake))
         assert lake.verify() == []
         s0 = lake.manifest.shards[0]
-        assert [f.columns for f in s0.files] == [("id", "mu", "kappa", "alpha", "label", "src", "name"),
+        assert [f.columns for f in s0.files] == [("id", "mu", "kappa", "alpha", "mu_norm", "label", "src", "name"),
                                                  ("id", "kappa", "neighbors", "neighbor_cos")]
         assert lake.manifest.geometry["rows"] == 12 * 40
         # the old version and its files are untouched until vacuum

@@ -49,6 +49,15 @@ class Splat:
     label: Any
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The row as ``lake.splats()``'s columns hold it: ``id``, ``mu`` [d], ``kappa``, ``alpha``,
+        ``label`` (when the lake has labels) and each metadata column's value."""
+        out: dict[str, Any] = {"id": self.id, "mu": self.mu, "kappa": self.kappa, "alpha": self.alpha}
+        if self.label is not None:
+            out["label"] = self.label
+        out.update(self.metadata)
+        return out
+
 
 @dataclass(frozen=True)
 class Splats:

@@ -7,7 +7,7 @@ import os
 import time
 import uuid
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from m2m.errors import (
     InvalidEmbeddingError,
     LakeClosedError,
     LakeLockedError,
+    UnknownColumnError,
 )
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
@@ -42,7 +43,6 @@ from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, write
 from m2m.plugins import implementation
 
 if TYPE_CHECKING:  # pragma: no cover
-    from m2m.lake.access import Splat, Splats
     from m2m.lake.compact import CompactionReport
 
 logger = logging.getLogger(__name__)
@@ -358,22 +358,36 @@ class Lake:
             logger.warning("auto-compaction of %s skipped (the append is committed): %s", self.path, exc)
 
     # ------------------------------------------------------------------ random access
-    def __getitem__(self, key: Any) -> Splat | Splats:
-        """Rows by position in the pinned version: ``lake[i]`` -> `Splat`; ``lake[i:j]`` (step >= 1) or
-        ``lake[[i, j, ...]]`` -> `Splats`. Only the needed rows are read (`m2m.lake.access`).
-        Positions are 0 <= i < len(lake); anything else raises `PositionError` (an IndexError)."""
+    def __getitem__(self, key: Any) -> dict[str, Any]:
+        """Rows by position in the pinned version, bit-exact as stored (``mu`` in the storage dtype),
+        as ``lake.splats()``'s columns: ``lake[i]`` -> one row (``mu`` [d], scalars); ``lake[i:j]``
+        (step >= 1) or ``lake[[i, j, ...]]`` -> columns of those rows (``mu`` [n, d]). Only the needed
+        rows are read (`m2m.lake.access`). Positions are 0 <= i < len(lake); anything else raises
+        `PositionError` (an IndexError).
+
+        Example: ``lake[0]["mu"]``, ``lake[10:20]["id"]``."""
         from m2m.lake.access import reader_of
 
         self._check_open()
-        return reader_of(self).getitem(key)
+        return reader_of(self).getitem(key).to_dict()
 
-    def take(self, ids: Any) -> Splats:
-        """The rows with these ids (in this order, repeats allowed) as `Splats`; `UnknownIdError`
-        names the first id not in the pinned version. Reads only the shards holding them."""
+    def take(self, ids: Any, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The rows with these ids (in this order, repeats allowed) as ``lake.splats()``'s columns,
+        bit-exact as stored; ``columns`` keeps only those (`UnknownColumnError` names one that is not
+        there). `UnknownIdError` names the first id not in the pinned version. Reads only the shards
+        holding them.
+
+        Example: ``lake.take([3, 1], columns=("id", "mu"))``."""
         from m2m.lake.access import reader_of
 
         self._check_open()
-        return reader_of(self).take(ids)
+        out = reader_of(self).take(ids).to_dict()
+        if columns is None:
+            return out
+        missing = [c for c in columns if c not in out]
+        if missing:
+            raise UnknownColumnError(f"take(columns=...): {missing[0]!r} is not a column; columns: {sorted(out)}")
+        return {c: out[c] for c in columns}
 
     # ------------------------------------------------------------------ reading
     def splats(self, ids: Any = None) -> dict[str, np.ndarray]:
