@@ -41,9 +41,10 @@ def build(path: Path, shards: int, rows: int, dim: int, fsync: bool = True) -> f
     ``fsync=False``: the build's files are not fsynced (setup only: the build is not what is timed)."""
     from m2m import M2MConfig, create_m2m
     from m2m._validate import validate_splats
-    from m2m.lake.writer import SchemaUpdate, shard_rows, write_splats
+    from m2m.lake import summary as lake_stats
+    from m2m.lake.writer import _ROW_OVERHEAD, SchemaUpdate, shard_rows, write_splats
 
-    per_shard_bytes = rows * (dim * 4 + 24)
+    per_shard_bytes = rows * (dim * 4 + _ROW_OVERHEAD)   # the writer's own per-row budget
     assert shard_rows(dim, "float32", per_shard_bytes) == rows
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
@@ -59,7 +60,11 @@ def build(path: Path, shards: int, rows: int, dim: int, fsync: bool = True) -> f
         def make(base):  # type: ignore[no-untyped-def]
             entries = write_splats(lake._fs, batches(), base.next_id, dim, "float32", per_shard_bytes,
                                    SchemaUpdate.of(base))
-            return base.next(shards=tuple(entries), next_id=base.next_id + total, operation={"type": "append"})
+            # the stats an append would record (the build writes no kappa; every alpha is 1)
+            stats = lake_stats.merge(base.stats, lake_stats.summarize(np.full(total, np.nan, np.float32),
+                                                                      np.ones(total, np.float32)))
+            return base.next(shards=tuple(entries), next_id=base.next_id + total, stats=stats,
+                             operation={"type": "append"})
 
         real_fsync = os.fsync
         if not fsync:
