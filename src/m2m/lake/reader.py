@@ -145,9 +145,11 @@ class Snapshot:
             raise self._unknown(shard, name) from None
         return self._batch(f).column(name)
 
-    def read_main(self, name: str) -> np.ndarray:
-        """Column ``name`` over the whole snapshot as the appends wrote it (ignoring sidecars; a copy)."""
-        return np.concatenate([column_to_numpy(self._batch(s.files[0]).column(name)) for s in self.manifest.shards])
+    def read_main(self, name: str, shards: Sequence[int] | None = None) -> np.ndarray:
+        """Column ``name`` over the whole snapshot (or the given shard positions) as the appends wrote
+        it (ignoring sidecars; a copy)."""
+        entries = self.manifest.shards if shards is None else [self.manifest.shards[i] for i in shards]
+        return np.concatenate([column_to_numpy(self._batch(s.files[0]).column(name)) for s in entries])
 
     def norms(self) -> np.ndarray:
         """Every row's ``mu_norm`` (input = mu * mu_norm) in position order, float64; 1.0 for rows of

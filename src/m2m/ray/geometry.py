@@ -25,7 +25,6 @@ which removes the files written so far (running tasks are cancelled first).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -310,9 +309,7 @@ def _finish_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int,
 
 def _main_column(snap: Snapshot, shard: int, name: str) -> np.ndarray:
     """Column ``name`` of a shard's main file (as ``Snapshot.read_main``, for one shard)."""
-    sub = Snapshot(snap.fs, dataclasses.replace(snap.manifest, shards=snap.manifest.shards[shard:shard + 1]),
-                   verify=snap.verify)
-    return sub.read_main(name)
+    return snap.read_main(name, shards=[shard])
 
 
 def _duplicates_task(thr: float, *parts: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
