@@ -152,10 +152,6 @@ class Snapshot:
         with self._lock:
             extents = self._extents.get(f.path)
             if extents is None:
-                key = check_key(self.manifest, self._shard_of[f.path], f)
-                if key not in self._checked:  # a remote file's footer, checked when first used
-                    check_file(self.fs, self.manifest, self._shard_of[f.path], f)
-                    self._checked.add(key)
                 extents = column_extents(self.fs, f)
                 self._extents[f.path] = extents
         return extents
@@ -166,6 +162,10 @@ class Snapshot:
         ext = self._extents_of(f).get(name)
         if ext is None or not ext.dtype:
             return column_to_numpy(self._batch(f).column(name))
+        key = check_key(self.manifest, self._shard_of[f.path], f)
+        if key not in self._checked:  # a remote file's footer, checked when first used (as `_batch` does)
+            check_file(self.fs, self.manifest, self._shard_of[f.path], f)
+            self._checked.add(key)
         with opened_shard(self.fs, f) as sf:
             return read_column(sf, ext)
 
