@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -52,6 +51,7 @@ from m2m.errors import CorruptShardError
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import FileEntry, Manifest
 from m2m.lake.schema import ALPHA, ID, KAPPA, LABEL, MU, MU_NORM, NEIGHBOR_COS, NEIGHBORS
+from m2m.lake.shard import read_header
 
 _DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
@@ -228,27 +228,19 @@ def _check_stamps(m: Manifest, shard: int, entry: FileEntry, batch: pa.RecordBat
                                     f"geometry is run {want_geo} (a stale sidecar)")
 
 
-def open_batch(path: str, expected_bytes: int) -> pa.RecordBatch:
-    """The single record batch of the Arrow IPC file at ``path`` (memory-mapped; sizes checked first)."""
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError as exc:
-        raise CorruptShardError(f"shard file {path} is missing") from exc
-    if size != expected_bytes:
-        raise CorruptShardError(f"shard file {path} has {size} bytes, the manifest says {expected_bytes}")
-    try:
-        reader = pa.ipc.open_file(pa.memory_map(path, "r"))  # the batch keeps the map alive
-        if reader.num_record_batches != 1:
-            raise CorruptShardError(f"shard file {path} holds {reader.num_record_batches} record batches, expected 1")
-        return reader.get_batch(0)
-    except (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError, ValueError) as exc:
-        raise CorruptShardError(f"shard file {path} cannot be read: {exc}") from exc
+def open_batch(path: str, expected_bytes: int, ids: str = "all") -> pa.RecordBatch:
+    """The single record batch of the Arrow IPC file at ``path``: its Arrow metadata and its ``id``
+    column (every id, or with ``ids="edges"`` the first and last) read with positional reads into
+    private memory (`m2m.lake.shard.read_header`; never a memory map, so a file cut short while it
+    is read is `CorruptShardError`, not SIGBUS). Other columns' values are NOT read (they read as
+    zeros): read data with `m2m.lake.shard.open_shard_file`."""
+    return read_header(path, FileEntry(path=path, bytes=expected_bytes, crc32=0, columns=()), ids=ids)
 
 
 def check_file(fs: LakeFS, m: Manifest, shard: int, entry: FileEntry, full: bool = False) -> None:
     """`check_batch` of one file, opened from ``fs`` (a remote file is fetched into the shard cache)."""
     path = fs.local_path(entry.path)
-    batch = open_batch(path, entry.bytes)
+    batch = open_batch(path, entry.bytes, ids="all" if full else "edges")
     check_batch(m, shard, entry, batch, path, full=full)
 
 

@@ -440,7 +440,7 @@ class Lake:
         estimated) and the metadata columns; one record batch per shard.
 
         ``version``: None = this handle's pinned version. ``columns``: a subset of names (None: all).
-        ``stream=False`` -> a `pyarrow.Table` (zero-copy views of the memory-mapped shards);
+        ``stream=False`` -> a `pyarrow.Table` (over shard files read whole into memory);
         ``stream=True`` -> a `pyarrow.RecordBatchReader` that opens one shard at a time (bounded memory;
         iterate it once). ``float32``: float16 ``mu`` as float32 (for tools without float16, e.g. DuckDB).
         ``mu_norm`` (float64) is each row's norm as given; ``original=True``: ``mu`` is each row's vector

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from m2m.errors import CorruptShardError, UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
-from m2m.lake.integrity import check_batch, check_footers, check_key
+from m2m.lake.integrity import check_batch, check_file, check_footers, check_key
 from m2m.lake.manifest import FileEntry, Manifest
 from m2m.lake.schema import MAIN_COLUMNS, MU_NORM, WIDENED, widened_dtype
 from m2m.lake.shard import (
@@ -20,13 +20,21 @@ from m2m.lake.shard import (
     column_extents,
     column_to_numpy,
     open_shard_file,
+    opened_shard,
+    read_column,
 )
 
 BUILTIN_COLUMNS = MAIN_COLUMNS
+# Whole shard files a local snapshot keeps in memory (string columns, `to_arrow`'s opener is separate):
+# the least recently used beyond this are dropped (their arrays stay valid while referenced).
+LOCAL_OPEN_BYTES = 512 << 20
 
 
 class Snapshot:
-    """One committed version of a lake. Columns come back as zero-copy memory-mapped numpy arrays.
+    """One committed version of a lake. Columns come back as numpy arrays read from the shard files
+    with positional reads (`m2m.lake.shard`): fixed-width columns alone, each block checked against
+    the manifest's crc32c; others from the whole file read into private memory. Nothing is
+    memory-mapped, so a shard cut short under a reader is `CorruptShardError`, never SIGBUS.
 
     String labels are exposed as int64 codes into ``manifest.label_vocabulary``; the geometry
     sidecar's neighbour ids are exposed as global row positions (-1 where missing). Shard files are
@@ -92,12 +100,13 @@ class Snapshot:
         return self.manifest.version
 
     def column(self, shard: int, name: str) -> np.ndarray:
-        """Column ``name`` of shard ``shard`` as numpy (a view of the memory-mapped file where possible)."""
+        """Column ``name`` of shard ``shard`` as numpy (fixed-width columns: a fresh array of that
+        column's bytes alone, read and checked now)."""
         if name == "label" and self.manifest.label_type == "string":
             return self._cached(shard, name, self._label_codes)
         if name == "neighbors":
             return self._cached(shard, name, self._neighbor_positions)
-        values = column_to_numpy(self.arrow_column(shard, name))
+        values = self._stored(shard, name)
         if values.dtype.kind in "mM":  # timestamps and durations: their int64 counts (a view)
             return values.view(np.int64)
         wide = widened_dtype(values.dtype)
@@ -108,8 +117,16 @@ class Snapshot:
     def stored_column(self, shard: int, name: str) -> np.ndarray:
         """Like `column`, but metadata in its stored dtype (uint16 stays uint16, timestamps datetime64)."""
         if name in self.manifest.metadata:
-            return column_to_numpy(self.arrow_column(shard, name))
+            return self._stored(shard, name)
         return self.column(shard, name)
+
+    def _stored(self, shard: int, name: str) -> np.ndarray:
+        """Column ``name`` of shard ``shard`` as stored (fixed-width: that column's bytes alone, read now)."""
+        try:
+            f = self.manifest.shards[shard].file_for(name)
+        except KeyError:
+            raise self._unknown(shard, name) from None
+        return self._file_column(f, name)
 
     def column_extent(self, shard: int, name: str) -> ColumnExtent | None:
         """Where column ``name`` of shard ``shard`` lies in its file, for positional, checked reads
@@ -127,14 +144,30 @@ class Snapshot:
             f = entry.file_for(name)
         except KeyError:
             raise self._unknown(shard, name) from None
-        if f.block_crc32c is None and self.verify:
-            self._batch(f)
+        return self._extents_of(f).get(name)
+
+    def _extents_of(self, f: FileEntry) -> dict[str, ColumnExtent]:
+        if f.block_crc32c is None and self.verify and f.path not in self._verified:
+            self._batch(f)  # an older file: its whole-file CRC32, once
         with self._lock:
             extents = self._extents.get(f.path)
             if extents is None:
                 extents = column_extents(self.fs, f)
                 self._extents[f.path] = extents
-        return extents.get(name)
+        return extents
+
+    def _file_column(self, f: FileEntry, name: str) -> np.ndarray:
+        """Column ``name`` of file ``f``: a positional read of its bytes alone when it is fixed-width
+        (null-free, numpy-typed), else from the whole file read into memory."""
+        ext = self._extents_of(f).get(name)
+        if ext is None or not ext.dtype:
+            return column_to_numpy(self._batch(f).column(name))
+        key = check_key(self.manifest, self._shard_of[f.path], f)
+        if key not in self._checked:  # a remote file's footer, checked when first used (as `_batch` does)
+            check_file(self.fs, self.manifest, self._shard_of[f.path], f)
+            self._checked.add(key)
+        with opened_shard(self.fs, f) as sf:
+            return read_column(sf, ext)
 
     def arrow_column(self, shard: int, name: str) -> pa.Array:
         """Column ``name`` of shard ``shard`` as the stored Arrow array."""
@@ -149,7 +182,7 @@ class Snapshot:
         """Column ``name`` over the whole snapshot (or the given shard positions) as the appends wrote
         it (ignoring sidecars; a copy)."""
         entries = self.manifest.shards if shards is None else [self.manifest.shards[i] for i in shards]
-        return np.concatenate([column_to_numpy(self._batch(s.files[0]).column(name)) for s in entries])
+        return np.concatenate([self._file_column(s.files[0], name) for s in entries])
 
     def norms(self) -> np.ndarray:
         """Every row's ``mu_norm`` (input = mu * mu_norm) in position order, float64; 1.0 for rows of
@@ -161,7 +194,7 @@ class Snapshot:
             except KeyError:
                 parts.append(np.ones(entry.rows, dtype=np.float64))
                 continue
-            parts.append(column_to_numpy(self._batch(f).column(MU_NORM)).astype(np.float64, copy=False))
+            parts.append(self._file_column(f, MU_NORM).astype(np.float64, copy=False))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
 
     # whole-snapshot helpers
@@ -217,7 +250,7 @@ class Snapshot:
 
     def __getstate__(self) -> dict[str, Any]:
         """The pinned version only (a stream's dataset pickles for spawned workers and launchers):
-        mapped files, caches and the lock are rebuilt lazily by the receiver."""
+        files read into memory, caches and the lock are rebuilt lazily by the receiver."""
         state = self.__dict__.copy()
         state.update(_batches=OrderedDict(), _batch_bytes={}, _derived={}, _ids=None, _lock=None, _verified=set(self._verified))
         return state
@@ -240,7 +273,7 @@ class Snapshot:
 
     @property
     def open_bytes_limit(self) -> int | None:
-        """Most bytes of shard files this snapshot (and a stream's reader) keeps mapped at once: the
+        """Most bytes of shard files this snapshot (and a stream's reader) keeps open at once: the
         node cache's budget for remote lakes (so evicted files do not stay pinned), None locally."""
         cache = getattr(self.fs, "cache", None)
         return None if cache is None else int(cache.budget)
@@ -315,10 +348,11 @@ class Snapshot:
         return got
 
     def _trim(self) -> None:
-        """Drop the least recently used mappings beyond `open_bytes_limit` (remote lakes only)."""
+        """Drop the least recently used files read into memory beyond `open_bytes_limit` (remote lakes)
+        or `LOCAL_OPEN_BYTES` (local ones)."""
         limit = self.open_bytes_limit
         if limit is None:
-            return
+            limit = LOCAL_OPEN_BYTES
         total = sum(self._batch_bytes.values())
         while total > limit and len(self._batches) > 1:
             path, _ = self._batches.popitem(last=False)
@@ -341,7 +375,7 @@ class Snapshot:
         return codes.to_numpy(zero_copy_only=False).astype(np.int64)
 
     def _neighbor_positions(self, shard: int) -> np.ndarray:
-        nbr_ids = column_to_numpy(self.arrow_column(shard, "neighbors"))
+        nbr_ids = self._file_column(self.manifest.shards[shard].file_for("neighbors"), "neighbors")
         all_ids = self.ids()
         pos = np.searchsorted(all_ids, nbr_ids)
         pos_c = np.minimum(pos, len(all_ids) - 1)

@@ -1,10 +1,19 @@
-"""Shard files: uncompressed Arrow IPC files (one record batch), memory-mappable, with a CRC32
-of the whole file and a crc32c of each `BLOCK_BYTES`-byte block.
+"""Shard files: uncompressed Arrow IPC files (one record batch), with a CRC32 of the whole file
+and a crc32c of each `BLOCK_BYTES`-byte block.
 
-`ShardFile` reads byte ranges of a shard with positional reads (never a memory map, so a file cut
-short while it is read gives `CorruptShardError`, not SIGBUS) and checks every block it reads
-from disk against the manifest's block checksums. crc32c (hardware instructions, the ``crc32c``
-package) ran at 7.6-8.4 GB/s here against 1.3-2.1 GB/s for ``zlib.crc32``.
+Nothing here memory-maps a shard: a mapped file that is cut short (``cp`` over it truncates it
+first) kills the process with SIGBUS when a page past the new end is touched. Every read is
+positional (``preadv``) into memory this process owns, so a short read becomes `CorruptShardError`
+naming the file:
+
+- `ShardFile` reads byte ranges and checks every block it reads against the manifest's block
+  checksums (what the stream and `read_column` use). crc32c (hardware instructions, the ``crc32c``
+  package) ran at 7.6-8.4 GB/s here against 1.3-2.1 GB/s for ``zlib.crc32``.
+- `open_shard_file` reads a whole file into a private buffer (checked in the same pass) and opens
+  the Arrow batch over it (to_arrow, export, string columns).
+- `column_extents` and `read_header` read only the Arrow metadata (a few small reads at both ends
+  of the file) into a sparse private buffer: columns' byte offsets and the footer checks, without
+  reading data.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import threading
 import uuid
 import zlib
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator, Mapping
 
@@ -23,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 
 from m2m.errors import ConfigError, CorruptShardError
-from m2m.lake.checksum import file_crc32
 from m2m.lake.fs import LakeFS, fsync_path
 from m2m.lake.manifest import DATA_DIR, FileEntry
 
@@ -159,18 +168,17 @@ def verify_file(fs: LakeFS, entry: FileEntry) -> None:
     Files with block checksums are checked block by block with crc32c (4x faster than CRC32
     here, and the error names the block); older files by their whole-file CRC32.
     """
-    path = local_copy(fs, entry)
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError as exc:
-        raise CorruptShardError(f"shard file {path} is missing") from exc
-    if size != entry.bytes:
-        raise CorruptShardError(f"shard file {path} has {size} bytes, the manifest says {entry.bytes}")
-    if entry.block_bytes is not None and entry.block_crc32c is not None:
-        with ShardFile(path, entry, cache_blocks=0) as f:
+    with opened_shard(fs, entry) as f:
+        f.check_size()
+        if entry.block_bytes is not None and entry.block_crc32c is not None:
             f.verify_all()
-        return
-    crc = file_crc32(path)
+            return
+        crc, buf = 0, np.empty(min(_CRC_CHUNK, entry.bytes), dtype=np.uint8)
+        for lo in range(0, entry.bytes, len(buf) or 1):
+            n = min(len(buf), entry.bytes - lo)
+            f.read_into(lo, buf.data[:n])
+            crc = zlib.crc32(buf.data[:n], crc)
+        path = f.path
     if crc != entry.crc32:
         raise CorruptShardError(f"shard file {path} is corrupt: CRC32 {crc:#010x} != manifest {entry.crc32:#010x}")
 
@@ -178,59 +186,179 @@ def verify_file(fs: LakeFS, entry: FileEntry) -> None:
 @dataclass(frozen=True)
 class ColumnExtent:
     """Where one fixed-width column's values lie in a shard file: row ``i`` is the ``row_bytes``
-    bytes at ``offset + i * row_bytes`` (read them with `ShardFile`)."""
+    bytes at ``offset + i * row_bytes`` (read them with `ShardFile`). ``dtype``: the numpy dtype
+    of one value ("" when numpy has no same-width equivalent); ``list_size``: values per row of a
+    fixed_size_list column (None for a plain column)."""
 
     path: str
     entry: FileEntry
     offset: int
     row_bytes: int
     rows: int
+    dtype: str = ""
+    list_size: int | None = None
+
+
+@contextmanager
+def opened_shard(fs: LakeFS, entry: FileEntry, cache_blocks: int = 0) -> Iterator[ShardFile]:
+    """``with opened_shard(fs, entry) as f``: a `ShardFile` of ``entry``'s local file, opened (for a
+    remote lake, while the node cache keeps its copy: an open descriptor outlives eviction)."""
+    if fs.is_local:
+        f = ShardFile(fs.local_path(entry.path), entry, cache_blocks=cache_blocks)
+    else:
+        with fs.open_local(entry.path, entry.bytes, entry.crc32) as path:  # type: ignore[attr-defined]
+            f = ShardFile(str(path), entry, cache_blocks=cache_blocks)
+            f._fileno()
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+_MAGIC = b"ARROW1"
+_CONTINUATION = 0xFFFFFFFF
+
+
+def _int32(buf: np.ndarray, at: int) -> int:
+    return int.from_bytes(bytes(buf[at: at + 4]), "little", signed=True)
+
+
+def _open_ipc(buf: pa.Buffer, path: str) -> pa.RecordBatch:
+    reader = pa.ipc.open_file(pa.BufferReader(buf))
+    if reader.num_record_batches != 1:
+        raise CorruptShardError(f"shard file {path} holds {reader.num_record_batches} record batches, expected 1")
+    return reader.get_batch(0)
+
+
+def _header_batch(f: ShardFile) -> tuple[pa.RecordBatch, np.ndarray]:
+    """The file's record batch over a sparse private copy holding only its Arrow metadata.
+
+    The copy is a zero-filled buffer of the file's size (untouched pages cost no memory) into which
+    the leading magic, the schema and record batch messages' metadata and the footer are read, so
+    that Arrow resolves every column's buffers (offsets, lengths, null counts) without a byte of
+    data being read. Column VALUES in it are zeros: callers read what they need into it first. A
+    file laid out otherwise than m2m writes (a schema message then the batch) fails to parse here.
+    """
+    size = f.entry.bytes
+    if size < 24:
+        raise CorruptShardError(f"shard file {f.path} has {size} bytes: too short for an Arrow IPC file")
+    shadow = np.zeros(size, dtype=np.uint8)
+    view = shadow.data
+
+    def fill(lo: int, hi: int) -> None:
+        if not 0 <= lo <= hi <= size:
+            raise CorruptShardError(f"shard file {f.path}: its Arrow metadata points outside the file "
+                                    f"(bytes {lo}..{hi} of {size})")
+        f.read_raw(lo, view[lo:hi])
+
+    fill(0, 8)
+    fill(size - 10, size)
+    if bytes(shadow[:6]) != _MAGIC or bytes(shadow[size - 6:]) != _MAGIC:
+        raise CorruptShardError(f"shard file {f.path} is not an Arrow IPC file (no ARROW1 magic at both ends)")
+    footer = _int32(shadow, size - 10)
+    fill(size - 10 - footer, size - 10)
+    at = 8
+    for _ in range(2):  # the schema message, then the record batch's (its body follows it)
+        fill(at, at + 8)
+        head, length = 8, _int32(shadow, at + 4)
+        if _int32(shadow, at) != -1:  # the pre-1.0 framing: no continuation marker
+            head, length = 4, _int32(shadow, at)
+        fill(at + head, at + head + length)
+        at += head + length
+    try:
+        return _open_ipc(pa.py_buffer(shadow), f.path), shadow
+    except (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError, ValueError) as exc:
+        raise CorruptShardError(f"shard file {f.path} cannot be read: {exc}") from exc
+
+
+def _fixed_width(arr: pa.Array) -> tuple[pa.Array, int | None] | None:
+    """(values array, list size or None) of a fixed-width, null-free column; None for others."""
+    size = None
+    if pa.types.is_fixed_size_list(arr.type):
+        if arr.null_count or arr.offset:
+            return None
+        size, arr = arr.type.list_size, arr.values
+    if arr.null_count or not pa.types.is_primitive(arr.type) or pa.types.is_boolean(arr.type):
+        return None
+    if arr.buffers()[1] is None:
+        return None
+    return arr, size
+
+
+def _numpy_dtype(typ: pa.DataType) -> str:
+    try:
+        dt = np.dtype(typ.to_pandas_dtype())
+    except (NotImplementedError, TypeError):
+        return ""
+    return dt.str if dt.itemsize * 8 == typ.bit_width and dt.kind in "biuf" else ""
+
+
+def _extents_of(f: ShardFile, batch: pa.RecordBatch, base: int, names: tuple[str, ...] | None
+                ) -> dict[str, ColumnExtent]:
+    out: dict[str, ColumnExtent] = {}
+    size = f.entry.bytes
+    for name in batch.schema.names if names is None else names:
+        if name not in batch.schema.names:
+            continue
+        got = _fixed_width(batch.column(name))
+        if got is None:
+            continue
+        arr, list_size = got
+        item = arr.type.bit_width // 8
+        offset = arr.buffers()[1].address - base + arr.offset * item
+        if offset < 0 or offset + len(arr) * item > size:
+            raise CorruptShardError(f"column {name!r} of {f.path} lies outside the file")
+        width = list_size or 1
+        out[name] = ColumnExtent(f.path, f.entry, int(offset), width * item, len(arr) // width,
+                                 _numpy_dtype(arr.type), list_size)
+    return out
 
 
 def column_extents(fs: LakeFS, entry: FileEntry, names: tuple[str, ...] | None = None) -> dict[str, ColumnExtent]:
     """Byte extents of the fixed-width, null-free columns of a shard file (others are left out).
 
-    Only the file's Arrow metadata is read (through a short-lived memory map); no data page is touched.
+    Only the file's Arrow metadata is read (`read_header`'s few positional reads); no data.
     """
-    with leased_copy(fs, entry) as path:   # held: the node cache may not evict it meanwhile
-        try:
-            size = os.path.getsize(path)
-        except FileNotFoundError as exc:
-            raise CorruptShardError(f"shard file {path} is missing") from exc
-        if size != entry.bytes:
-            raise CorruptShardError(f"shard file {path} has {size} bytes, the manifest says {entry.bytes}")
-        out: dict[str, ColumnExtent] = {}
-        try:
-            mm = pa.memory_map(path, "r")
-            try:
-                mm.seek(0)
-                base = mm.read_buffer(1).address
-                batch = pa.ipc.open_file(mm).get_batch(0)
-                for name in batch.schema.names if names is None else names:
-                    if name not in batch.schema.names:
-                        continue
-                    arr = batch.column(name)
-                    width = 1
-                    if pa.types.is_fixed_size_list(arr.type):
-                        if arr.null_count or arr.offset:
-                            continue
-                        width, arr = arr.type.list_size, arr.values
-                    if (arr.null_count or not pa.types.is_primitive(arr.type) or pa.types.is_boolean(arr.type)):
-                        continue
-                    item = arr.type.bit_width // 8
-                    buf = arr.buffers()[1]
-                    if buf is None:
-                        continue
-                    offset = buf.address - base + arr.offset * item
-                    if offset < 0 or offset + len(arr) * item > size:
-                        raise CorruptShardError(f"column {name!r} of {path} lies outside the file")
-                    out[name] = ColumnExtent(path, entry, int(offset), width * item, len(arr) // width)
-                del batch
-            finally:
-                mm.close()
-        except (pa.ArrowInvalid, pa.ArrowIOError, ValueError) as exc:
-            raise CorruptShardError(f"shard file {path} cannot be read: {exc}") from exc
-        return out
+    with opened_shard(fs, entry) as f:
+        f.check_size()
+        batch, shadow = _header_batch(f)
+        return _extents_of(f, batch, shadow.ctypes.data, names)
+
+
+def read_header(path: str, entry: FileEntry, ids: str = "edges") -> pa.RecordBatch:
+    """The record batch of the shard file at ``path`` with only its Arrow metadata and ids read.
+
+    Row count, schema (with its metadata), column types and null counts are real; of the
+    fixed-width ``id`` column, the first and last value (``ids="edges"``) or every value
+    (``ids="all"``) are read. EVERY OTHER VALUE READS AS ZERO: use `open_shard_file` for data.
+    Reads are positional and unchecked (the footer checks' input); a short read or unparsable
+    metadata is `CorruptShardError` naming the file.
+    """
+    if ids not in ("edges", "all"):
+        raise ConfigError(f"ids must be 'edges' or 'all', got {ids!r}")
+    with ShardFile(path, entry) as f:
+        f.check_size()
+        batch, shadow = _header_batch(f)
+        if "id" in batch.schema.names:
+            ext = _extents_of(f, batch, shadow.ctypes.data, ("id",)).get("id")
+            if ext is not None and ext.rows:
+                view, lo, n = shadow.data, ext.offset, ext.rows * ext.row_bytes
+                spans = [(lo, lo + n)] if ids == "all" or n <= 2 * ext.row_bytes else \
+                    [(lo, lo + ext.row_bytes), (lo + n - ext.row_bytes, lo + n)]
+                for a, b in spans:
+                    f.read_raw(a, view[a:b])
+        return batch
+
+
+def read_column(f: ShardFile, ext: ColumnExtent) -> np.ndarray:
+    """Column ``ext`` of the open file ``f`` as a fresh numpy array ([rows] or [rows, list_size]),
+    every block read checked against the manifest's block checksums (when the file has them)."""
+    if not ext.dtype:
+        raise ConfigError(f"column at {ext.path}:{ext.offset} has no numpy dtype")
+    shape = (ext.rows,) if ext.list_size is None else (ext.rows, ext.list_size)
+    out = np.empty(shape, dtype=np.dtype(ext.dtype))
+    f.read_into(ext.offset, out.reshape(-1).view(np.uint8).data)
+    return out
 
 
 class BlockCache:
@@ -323,6 +451,19 @@ class ShardFile:
             done += got
         self.bytes_read += len(dst)
 
+    def read_raw(self, start: int, dst: memoryview) -> None:
+        """Fill ``dst`` from ``start`` with positional reads and no block check (metadata reads)."""
+        if start < 0 or start + len(dst) > self.entry.bytes:
+            raise CorruptShardError(f"shard file {self.path}: bytes {start}..{start + len(dst)} are outside its "
+                                    f"{self.entry.bytes} bytes")
+        self._pread(start, dst)
+
+    def check_size(self) -> None:
+        """`CorruptShardError` unless the open file has the manifest's size."""
+        now = os.fstat(self._fileno()).st_size
+        if now != self.entry.bytes:
+            raise CorruptShardError(f"shard file {self.path} has {now} bytes, the manifest says {self.entry.bytes}")
+
     def _check(self, block: int, data: memoryview) -> None:
         assert self.entry.block_crc32c is not None
         got = crc32c.crc32c(data)
@@ -393,28 +534,32 @@ class ShardFile:
         for lo in range(0, self.entry.bytes, step):
             n = min(step, self.entry.bytes - lo)
             self.read_into(lo, buf.data[:n])
-        fd = self._fileno()
-        if os.fstat(fd).st_size != self.entry.bytes:
-            raise CorruptShardError(f"shard file {self.path} has {os.fstat(fd).st_size} bytes, "
-                                    f"the manifest says {self.entry.bytes}")
+        self.check_size()
 
 
 def open_shard_file(fs: LakeFS, entry: FileEntry, verify: bool = True) -> pa.RecordBatch:
-    """Memory-map a shard file and return its single record batch (zero-copy)."""
-    if verify:
-        verify_file(fs, entry)
-    path = local_copy(fs, entry)
+    """Read a whole shard file into a private buffer and return its single record batch (zero-copy
+    views of that buffer, which no truncation of the file can take away).
+
+    Files with block checksums are checked block by block in the same pass (always: it costs
+    little next to the read); older files by their whole-file CRC32 when ``verify``.
+    """
+    with opened_shard(fs, entry) as f:
+        buf = np.empty(entry.bytes, dtype=np.uint8)
+        f.read_into(0, buf.data)
+        f.check_size()
+        path = f.path
+    if verify and entry.block_crc32c is None:
+        crc = zlib.crc32(buf.data)
+        if crc != entry.crc32:
+            raise CorruptShardError(f"shard file {path} is corrupt: CRC32 {crc:#010x} != manifest {entry.crc32:#010x}")
     try:
-        source = pa.memory_map(path, "r")
-        reader = pa.ipc.open_file(source)
-        if reader.num_record_batches != 1:
-            raise CorruptShardError(f"shard file {path} holds {reader.num_record_batches} record batches, expected 1")
-        batch = reader.get_batch(0)
+        batch = _open_ipc(pa.py_buffer(buf), path)
         missing = set(entry.columns) - set(batch.schema.names)
         if missing:
             raise CorruptShardError(f"shard file {path} lacks columns {sorted(missing)}")
         batch.validate(full=False)
-    except (pa.ArrowInvalid, pa.ArrowIOError, ValueError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError, ValueError) as exc:
         raise CorruptShardError(f"shard file {path} cannot be read: {exc}") from exc
     return batch
 
