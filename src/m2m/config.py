@@ -142,6 +142,7 @@ def _is_num(v: object) -> bool:
 
 
 def _is_pos(v: object) -> bool:
+    # _is_num narrowed v to a number; mypy keeps it object
     return _is_num(v) and v > 0  # type: ignore[operator]
 
 

@@ -245,6 +245,7 @@ class OwnChain:
         """The same run restricted to rows ``idx``."""
         def pick(v: Tensor | None) -> Tensor | None:
             return None if v is None else v.index_select(v.dim() - 1, idx)
+        # fields(self) loses the per-field types; every field is a Tensor or None
         return OwnChain(*(pick(getattr(self, f.name)) for f in fields(self)))  # type: ignore[arg-type]
 
 

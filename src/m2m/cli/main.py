@@ -44,6 +44,7 @@ def user_errors(fn: F) -> F:
             click.echo(f"m2m: error: {exc}", err=True)
             sys.exit(1)
 
+    # functools.wraps keeps fn's signature at runtime; mypy sees the wrapper's (*args, **kwargs)
     return wrapper  # type: ignore[return-value]
 
 

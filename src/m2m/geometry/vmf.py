@@ -378,7 +378,9 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
             z = host.rng.beta(d1 / 2.0, d1 / 2.0, (_WOOD_DRAWS, m))  # Beta((d-1)/2, (d-1)/2)
             u = host.rng.random((_WOOD_DRAWS, m))
         else:
+            # gen is a torch.Generator on this branch (host is None); the union is not narrowed
             g = standard_gamma(d1 / 2.0, (2, _WOOD_DRAWS, m), gen, dev)  # type: ignore[arg-type]
+            # gen is a torch.Generator on this branch (host is None); the union is not narrowed
             u = torch.rand((_WOOD_DRAWS, m), dtype=torch.float64, device=dev, generator=gen)  # type: ignore[arg-type]
             z = g[0] / (g[0] + g[1])                          # Beta((d-1)/2, (d-1)/2)
         first = pending is None

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from m2m._validate import SplatBatch, check_int, validate_splats
 from m2m.config import M2MConfig
@@ -43,7 +44,12 @@ from m2m.lake.writer import SchemaUpdate, rebase_schema, reconcile_schema, write
 from m2m.plugins import implementation
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+
+    from m2m.consolidation.groups import ConsolidationReport
     from m2m.lake.compact import CompactionReport
+    from m2m.stream.loader import StreamLoader
+    from m2m.stream.options import StreamOptions
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +192,8 @@ class Lake:
         logger.info("committed version %d (%s): %d rows", new.version, operation, new.rows)
         return new
 
-    def add_splats(self, vectors: Any, labels: Any = None, kappa: Any = None, alpha: Any = None,
+    def add_splats(self, vectors: npt.ArrayLike, labels: npt.ArrayLike | None = None,
+                   kappa: npt.ArrayLike | None = None, alpha: npt.ArrayLike | None = None,
                    metadata: Mapping[str, Any] | None = None, progress: Progress | None = None) -> np.ndarray:
         """Append splats atomically; returns their new unique, stable int64 ids.
 
@@ -358,7 +365,7 @@ class Lake:
             logger.warning("auto-compaction of %s skipped (the append is committed): %s", self.path, exc)
 
     # ------------------------------------------------------------------ random access
-    def __getitem__(self, key: Any) -> dict[str, Any]:
+    def __getitem__(self, key: int | slice | npt.ArrayLike) -> dict[str, Any]:
         """Rows by position in the pinned version, bit-exact as stored (``mu`` in the storage dtype),
         as ``lake.splats()``'s columns: ``lake[i]`` -> one row (``mu`` [d], scalars); ``lake[i:j]``
         (step >= 1) or ``lake[[i, j, ...]]`` -> columns of those rows (``mu`` [n, d]). Only the needed
@@ -371,7 +378,7 @@ class Lake:
         self._check_open()
         return reader_of(self).getitem(key).to_dict()
 
-    def take(self, ids: Any, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def take(self, ids: npt.ArrayLike, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The rows with these ids (in this order, repeats allowed) as ``lake.splats()``'s columns,
         bit-exact as stored; ``columns`` keeps only those (`UnknownColumnError` names one that is not
         there). `UnknownIdError` names the first id not in the pinned version. Reads only the shards
@@ -390,7 +397,7 @@ class Lake:
         return {c: out[c] for c in columns}
 
     # ------------------------------------------------------------------ reading
-    def splats(self, ids: Any = None) -> dict[str, np.ndarray]:
+    def splats(self, ids: npt.ArrayLike | None = None) -> dict[str, np.ndarray]:
         """Columns ``id``, ``mu`` [n, d] (float32), ``kappa``, ``alpha``, ``label`` (if any) and metadata."""
         snap = self.snapshot
         if ids is None:
@@ -417,7 +424,7 @@ class Lake:
         m = self.manifest
         return tuple(m.label_vocabulary) if m.label_type == "string" else ()
 
-    def decode_labels(self, codes: Any) -> np.ndarray:
+    def decode_labels(self, codes: npt.ArrayLike) -> np.ndarray:
         """The string labels of streamed ``label`` codes (a tensor, array or list of ints), as an object
         array; `ConfigError` when the lake's labels are not strings or a code is out of range."""
         from m2m._validate import as_numpy
@@ -433,8 +440,8 @@ class Lake:
             raise ConfigError(f"label code {int(arr[bad][0])} is outside the vocabulary of {len(vocab)} labels")
         return vocab[arr]
 
-    def to_arrow(self, version: int | None = None, columns: Any = None, stream: bool = False,
-                 float32: bool = False, original: bool = False) -> Any:
+    def to_arrow(self, version: int | None = None, columns: Sequence[str] | None = None, stream: bool = False,
+                 float32: bool = False, original: bool = False) -> pa.Table | pa.RecordBatchReader:
         """One snapshot as Arrow data, sidecars joined: ``id``, ``mu`` (fixed_size_list[d]), ``kappa``,
         ``alpha``, ``label``, ``neighbors``/``neighbor_cos`` (neighbour ids and cosines, once kappa was
         estimated) and the metadata columns; one record batch per shard.
@@ -455,7 +462,7 @@ class Lake:
         reader = snapshot_batches(manifest, opener, columns=columns, float32=float32, original=original)
         return reader if stream else reader.read_all()
 
-    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+    def __arrow_c_stream__(self, requested_schema: object | None = None) -> object:
         """The Arrow PyCapsule stream of the pinned version (so ``pa.table(lake)`` works)."""
         return self.to_arrow(stream=True).__arrow_c_stream__(requested_schema)
 
@@ -500,7 +507,7 @@ class Lake:
                     lambda base: estimate(self._open(base), cfg.knn_k, cfg.seed, progress, n_threads))
         return self.snapshot.read_all("kappa")
 
-    def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: npt.ArrayLike, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Cosine top-``k`` of each query: ``(scores [q, k] float32, ids [q, k] int64)`` (-1 past the end)."""
         from m2m.index.search import SearchIndex
 
@@ -513,7 +520,7 @@ class Lake:
         return index.search(queries, k)
 
     def consolidate(self, similarity: float | None = None, progress: Progress | None = None,
-                    engine: str = "local") -> Any:
+                    engine: str = "local") -> ConsolidationReport:
         """Merge near-duplicate splats (cosine >= ``similarity``, same label) into heavier splats.
 
         ``mu`` = normalised alpha-weighted mean, ``alpha`` = sum of the group's alphas (conserved
@@ -528,7 +535,7 @@ class Lake:
         sim = self.config.consolidate_similarity if similarity is None else float(similarity)
         if not 0.0 < sim <= 1.0:
             raise ConfigError(f"similarity must be in (0, 1], got {similarity!r}")
-        holder: dict[str, Any] = {}
+        holder: dict[str, ConsolidationReport] = {}
 
         def build(base: Manifest) -> Manifest:
             new, report = consolidate_manifest(self._open(base), sim, self.config, progress, engine=engine)
@@ -568,10 +575,11 @@ class Lake:
                 "method": method, **base}
 
     def export_to_dataloader(self, batch_size: int | None = None, shuffle: bool | None = None,
-                             drop_last: bool | None = None, generate_samples: Any = None,
-                             importance_sampling: Any = None, columns: Any = None, num_workers: int | None = None,
-                             rank: int | None = None, world_size: int | None = None, seed: int | None = None,
-                             epoch: int | None = None, *, options: Any = None, **overrides: Any) -> Any:
+                             drop_last: bool | None = None, generate_samples: bool | str | None = None,
+                             importance_sampling: bool | str | None = None, columns: Sequence[str] | None = None,
+                             num_workers: int | None = None, rank: int | None = None, world_size: int | None = None,
+                             seed: int | None = None, epoch: int | None = None, *, options: StreamOptions | None = None,
+                             **overrides: Any) -> StreamLoader:
         """A `torch.utils.data.DataLoader` streaming this snapshot's splats as whole batches on ``config.device``.
 
         Every knob is a field of `m2m.StreamOptions`: pass the object as ``options=`` and/or any field as

@@ -465,6 +465,7 @@ def list_versions(fs: LakeFS) -> list[int]:
 
 def use_key(fs: LakeFS, configured: str | bytes | None) -> None:
     """Read and write the lake at ``fs`` with ``configured`` as its signing key (None: ``$M2M_LAKE_KEY``)."""
+    # lake_key is set per instance on the concrete fs, not part of the LakeFS protocol
     fs.lake_key = lake_key(configured)  # type: ignore[attr-defined]
 
 

@@ -294,6 +294,7 @@ class Snapshot:
         if self.is_remote:
             order = [int(s) for s in shards]
             self._prefetch_plan = (order, {s: i for i, s in enumerate(order)})
+            # cache exists on RemoteFS only; is_remote checked above
             self.prefetch_shards(order[: self.fs.cache.prefetch_shards])  # type: ignore[attr-defined]
 
     def fetch_stats(self) -> dict[str, Any] | None:

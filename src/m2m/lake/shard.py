@@ -147,6 +147,7 @@ def local_copy(fs: LakeFS, entry: FileEntry) -> str:
     checked against the manifest's size and CRC32 first (`m2m.lake.cache`)."""
     if fs.is_local:
         return fs.local_path(entry.path)
+    # open_local is RemoteFS-only; is_local False means fs is one
     with fs.open_local(entry.path, entry.bytes, entry.crc32) as path:  # type: ignore[attr-defined]
         return str(path)
 
@@ -158,6 +159,7 @@ def leased_copy(fs: LakeFS, entry: FileEntry) -> Iterator[str]:
     if fs.is_local:
         yield fs.local_path(entry.path)
         return
+    # open_local is RemoteFS-only; is_local False means fs is one
     with fs.open_local(entry.path, entry.bytes, entry.crc32) as path:  # type: ignore[attr-defined]
         yield str(path)
 
@@ -206,6 +208,7 @@ def opened_shard(fs: LakeFS, entry: FileEntry, cache_blocks: int = 0) -> Iterato
     if fs.is_local:
         f = ShardFile(fs.local_path(entry.path), entry, cache_blocks=cache_blocks)
     else:
+        # open_local is RemoteFS-only; is_local False means fs is one
         with fs.open_local(entry.path, entry.bytes, entry.crc32) as path:  # type: ignore[attr-defined]
             f = ShardFile(str(path), entry, cache_blocks=cache_blocks)
             f._fileno()

@@ -272,6 +272,7 @@ class _Filling:
         if parts[0].labels is not None:
             cols["label"] = cat(lambda p: np.asarray(p.labels))
         for name in parts[0].metadata:
+            # the default argument binds the loop variable; mypy cannot infer a lambda's defaults
             values = cat(lambda p, n=name: p.metadata[n])  # type: ignore[misc]
             typ = pa.type_for_alias(schema.metadata[name])
             cols[name] = pa.array(values.tolist() if values.dtype == object else values).cast(typ)

@@ -29,6 +29,7 @@ def accepts_num_draws(sampler: object) -> bool:
     import inspect
 
     try:
+        # samplers are duck-typed: anything with plan(epoch[, num_draws])
         return "num_draws" in inspect.signature(sampler.plan).parameters  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         return False

@@ -6,7 +6,7 @@ Its stage chains are assembled by `m2m.stream.pipeline` (roles WORKER and INLINE
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import numpy as np
 import torch
@@ -85,7 +85,8 @@ class StreamDataset(Dataset):
         """Rows of one rank's epoch (``epoch``, with the DDP topology read now)."""
         return int(len(self.rank_epoch(self.epoch, self.current_world()).rows))
 
-    def __getitem__(self, index: Any) -> Any:
+    def __getitem__(self, index: object) -> NoReturn:
+        """Always `ConfigError`: the dataset is iterated by its loader (or alone), never indexed."""
         raise ConfigError(REFUSED)
 
     def __iter__(self) -> Iterator[Any]:

@@ -160,6 +160,7 @@ class StreamLoader(DataLoader):
         """Batches of the next pass on this rank (the DDP topology read now)."""
         return self._ds.rank_epoch(self.epoch, self._ds.current_world()).num_batches
 
+    # yields the stream's batches, not torch's _BaseDataLoaderIter
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         gen = self._iterate()
         self._live.add(gen)
@@ -200,6 +201,7 @@ class StreamLoader(DataLoader):
         if not supports_priorities(self.plan_sampler):
             kind = "no sampler" if self.plan_sampler is None else type(self.plan_sampler).__name__
             raise ConfigError(f"update_priorities needs a loss-based importance sampler; this loader has {kind}")
+        # supports_priorities above rejected None and samplers without it
         self.plan_sampler.update_priorities(ids, losses)  # type: ignore[union-attr]
 
     def stats(self) -> dict[str, Any]:

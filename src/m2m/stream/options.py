@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from multiprocessing.context import BaseContext
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -75,8 +76,8 @@ class StreamOptions:
     shuffle_mode: str = "auto"
     block_rows: int | None = None
     shard_affinity: bool | None = None
-    importance_sampling: Any = False
-    generate_samples: Any = False
+    importance_sampling: bool | str = False
+    generate_samples: bool | str = False
     device: str | None = None
     warm_bytes: int | None = None
     hot_bytes: int | None = None
@@ -88,14 +89,14 @@ class StreamOptions:
     huge_pages: bool = True
     background_fill: bool = True
     num_workers: int = 0
-    multiprocessing_context: Any = None
+    multiprocessing_context: str | BaseContext | None = None
     persistent_workers: bool = False
     prefetch_factor: int | None = None
     timeout: float = 0.0
-    worker_init_fn: Any = None
+    worker_init_fn: Callable[[int], None] | None = None
     pin_memory: bool = False
     generator: torch.Generator | None = None
-    collate_fn: Any = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
     in_order: bool = True
 
     def __post_init__(self) -> None:

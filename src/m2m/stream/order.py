@@ -101,8 +101,10 @@ def sampler_plan(sampler: object, epoch: int, num_rows: int, batch_size: int, wo
     from m2m.sampling.plan import accepts_num_draws
 
     if accepts_num_draws(sampler):
+        # samplers are duck-typed: anything with plan(epoch[, num_draws])
         raw = sampler.plan(epoch, num_draws=delivered_draws(num_rows, batch_size, world_size, drop_last))  # type: ignore[attr-defined]
     else:
+        # samplers are duck-typed: anything with plan(epoch[, num_draws])
         raw = sampler.plan(epoch)  # type: ignore[attr-defined]
     return check_plan(raw, num_rows)
 

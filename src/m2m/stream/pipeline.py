@@ -211,6 +211,7 @@ def build(role: str, source: RowSource, spec: StreamSpec, res: Resources | None,
     if d.prefetch == 0:
         return stage
     if draws_ahead(d):
+        # draws_ahead(d) holds only for a PreparedAugment with a seed; not expressible as a guard
         prep = PrepareAugment(stage, d.augment, spec.batch_size, spec.seed,  # type: ignore[arg-type]
                               world.rank, source.dim, make_gather(res, "prepare"))
         prefetcher = Prefetcher(prep, capacity(spec, d), d.intra_op_threads)
@@ -255,6 +256,7 @@ def run_pass(source: RowSource, spec: StreamSpec, shared: Resources, plan: RankE
     try:
         if worker_items is None:
             chain = build(INLINE, source, spec, res, plan, epoch, start, world)
+            # build(INLINE, ...) returns a Stage (iterable of Work) whenever the plan is given
             items: Iterable[Work] = chain  # type: ignore[assignment]
             post = None
         else:
@@ -264,6 +266,7 @@ def run_pass(source: RowSource, spec: StreamSpec, shared: Resources, plan: RankE
         t0 = time.perf_counter()
         for work in items:
             if post is not None:
+                # post is a Stage here; its process() is on the consumer stages only
                 work = post.process(work)  # type: ignore[attr-defined]
             finish_work(work)
             for j in range(work.first, work.end):
@@ -299,9 +302,11 @@ def augmented(augment: Augment, batch: dict[str, torch.Tensor], seed: int, epoch
     x = batch[cols.EMBEDDING]
     if ahead is not None:  # drawn in the prefetch thread with this batch's generator (PrepareAugment)
         gen, draws = ahead
+        # an augment given prepared draws is a PreparedAugment (draws_ahead)
         y = augment(x, batch[cols.ROWS], gather, gen, prepared=draws)  # type: ignore[call-arg,arg-type]
     else:
         gen = batch_generator(seed, epoch, rank, j, x.device)
+        # batch_generator returns the torch.Generator the Augment protocol declares loosely
         y = augment(x, batch[cols.ROWS], gather, gen)  # type: ignore[arg-type]
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__

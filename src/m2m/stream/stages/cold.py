@@ -265,6 +265,7 @@ class ColdReader:
         self._remote_files: RemoteFiles | None = None
         if files is not None and self.remote:
             self._remote_files = RemoteFiles(files.fs, self._cache)
+            # remote columns hold lazy extent lists, which read like the list they replace
             self._extents = {n: _LazyExtents(self, n) for n in names}  # type: ignore[misc]
             self._arrays = {n: [None] * self.num_shards for n in names}
             self._tensors: dict[str, list[torch.Tensor | None]] = {n: [None] * self.num_shards for n in names}
@@ -346,6 +347,7 @@ class ColdReader:
                 self._with_file(ext, partial(_read_into, start=ext.offset + (a - base) * ext.row_bytes,
                                              view=_bytes(out)))
                 continue
+            # arrays of the shards in range were filled above; None only for unopened shards
             src = self._arrays[name][s][a - base: b - base]  # type: ignore[index]
             if src.nbytes >= 1 << 20 and src.flags.c_contiguous:  # map the range in one call, not per page
                 madvise(src.ctypes.data, src.nbytes, MADV_POPULATE_READ)
@@ -360,6 +362,7 @@ class ColdReader:
             files.prefetch_shards(list(self._shards(lo, hi)))
         for name, arrays in self._arrays.items():
             for s in self._shards(lo, hi):
+                # remote: the extents are _LazyExtents (assigned in __init__)
                 if self.remote and not self._extents[name].is_open(s):  # type: ignore[attr-defined]
                     continue
                 base = int(self.offsets[s])
@@ -445,6 +448,7 @@ class ColdReader:
         """The gather over in-memory arrays: one ``index_select`` per shard, no copy of the source."""
         tensors = self._tensors[name]
         if self.num_shards == 1:
+            # shard tensors were filled before the gather; the list is Optional only until then
             torch.index_select(tensors[0], 0, torch.from_numpy(rows), out=dst)  # type: ignore[arg-type]
             return int(dst.nbytes)
         shard = np.searchsorted(self.offsets, rows, side="right") - 1
@@ -456,6 +460,7 @@ class ColdReader:
         local_t = torch.from_numpy(local)
         for s in np.flatnonzero(np.diff(bounds)):
             a, b = int(bounds[s]), int(bounds[s + 1])
+            # shard tensors were filled before the gather; the list is Optional only until then
             torch.index_select(tensors[s], 0, local_t[a:b], out=staging[a:b])  # type: ignore[arg-type]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))

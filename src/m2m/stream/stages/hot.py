@@ -92,6 +92,7 @@ class HostBuffers:
         self._slot = (self._slot + 1) % len(self._ring)
         event = self._events[self._slot]
         if event is not None:
+            # events are torch.cuda.Event or None, stored as object so CPU-only paths need no CUDA types
             event.synchronize()  # type: ignore[attr-defined]
             self._events[self._slot] = None
 
