@@ -1,10 +1,9 @@
 """Exact Gaussian, Gamma and uniform draws for the samplers, fast on the CPU.
 
-torch's CPU generator (a Mersenne Twister called once per number) spends about 3.4 ns on each
-float32 Gaussian here, which is most of the cost of an augmented row (640 Gaussians per row).
-On the CPU this module instead draws the bits in bulk from numpy's SFC64 generator and applies
-the Box-Muller transform with numpy's vectorised log/sin/cos (about 1.6x faster per number:
-556 vs 354 us for [256, 640] here). The method is torch's (Box-Muller), on uniforms from 32 random bits
+torch's CPU generator (a Mersenne Twister called once per number) makes the Gaussians most of
+the cost of an augmented row (640 Gaussians per row). On the CPU this module instead draws the
+bits in bulk from numpy's SFC64 generator and applies the Box-Muller transform with numpy's
+vectorised log/sin/cos (the timings: docs/tuning.md). The method is torch's (Box-Muller), on uniforms from 32 random bits
 rounded to float32 (torch uses 24) (the radius is sqrt(-2 log u) with u in (0, 1], so draws are
 cut at |z| <= 6.8, an event of probability 1e-11). On other devices torch's own generator is used.
 

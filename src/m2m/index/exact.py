@@ -48,9 +48,8 @@ def rescored_knn_of(
     ``k + extra`` candidates per query, exact float32 products of those rank them.
 
     Equals ``exact_knn_of`` unless a true top-k row ranks more than ``extra`` places lower in
-    bfloat16 (score errors up to about 2e-3 on unit vectors; on the 1M-row benchmark data no
-    neighbour of 512 queries was lost with ``extra=48``, 4 of 8,704 with 16). About 1.6x faster
-    than ``exact_knn_of`` where bfloat16 is native.
+    bfloat16 (score errors up to about 2e-3 on unit vectors; the default ``extra`` and the speed-up
+    over ``exact_knn_of`` where bfloat16 is native: docs/tuning.md).
     """
     import torch
 

@@ -23,8 +23,8 @@ __all__ = [
 def default_nlist(n: int, per_sqrt: float = 2.0) -> int:
     """IVF lists for ``n`` rows: about ``per_sqrt * sqrt(n)``, at most n // 32, at least 1.
 
-    2*sqrt(n) was measured best for 1M rows with the list search of ``m2m.consolidation.groups``;
-    the kNN graph (``m2m.index.knn``) uses 1.5*sqrt(n).
+    2*sqrt(n) suits the list search of ``m2m.consolidation.groups`` (docs/tuning.md); the kNN graph
+    (``m2m.index.knn``) uses 1.5*sqrt(n).
     """
     return int(max(1, min(round(per_sqrt * math.sqrt(n)), n // 32)))
 

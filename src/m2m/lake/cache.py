@@ -332,9 +332,9 @@ class ShardCache:
             lock.release()
 
     def _download(self, rel: str, part: str, size: int, crc32: int | None) -> None:
-        """Fetch the object into ``part`` (fsspec's streamed ``get_file``: one GET, as fast as a raw
-        ``cat_file`` here, where reading through ``fs.open`` was ~0.6x), then check its size and CRC32
-        (read back from the page cache)."""
+        """Fetch the object into ``part`` (fsspec's streamed ``get_file``: one GET streamed to disk,
+        not ``fs.open``'s buffered reads; docs/tuning.md), then check its size and CRC32 (read back
+        from the page cache)."""
         from m2m.lake.checksum import file_crc32
 
         remote = self._remote(rel)

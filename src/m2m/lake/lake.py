@@ -486,8 +486,8 @@ class Lake:
 
         Stores the neighbour ids too (Langevin uses them). User-provided kappa values are kept.
         Returns the kappa of every splat in position order. ``threads``: FAISS/torch threads of the
-        kNN (None: every core this process may use, as FAISS does by default; on the 2-core build
-        machine two threads were 1.3x faster than one; pass 1 when other work needs the cores).
+        kNN (None: every core this process may use, as FAISS does by default, docs/tuning.md; pass 1
+        when other work needs the cores).
         ``engine``: "local" (this process) or "ray" (IVF list searches as Ray tasks on the connected
         Ray cluster, `m2m.ray.geometry`; ``threads`` then applies to the driver's share only).
         """

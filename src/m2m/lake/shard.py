@@ -7,8 +7,8 @@ positional (``preadv``) into memory this process owns, so a short read becomes `
 naming the file:
 
 - `ShardFile` reads byte ranges and checks every block it reads against the manifest's block
-  checksums (what the stream and `read_column` use). crc32c (hardware instructions, the ``crc32c``
-  package) ran at 7.6-8.4 GB/s here against 1.3-2.1 GB/s for ``zlib.crc32``.
+  checksums (what the stream and `read_column` use). crc32c, because the ``crc32c`` package uses
+  the CPU's hardware instructions (the figures: docs/tuning.md, "Figures behind source comments").
 - `open_shard_file` reads a whole file into a private buffer (checked in the same pass) and opens
   the Arrow batch over it (to_arrow, export, string columns).
 - `column_extents` and `read_header` read only the Arrow metadata (a few small reads at both ends
@@ -167,8 +167,8 @@ def leased_copy(fs: LakeFS, entry: FileEntry) -> Iterator[str]:
 def verify_file(fs: LakeFS, entry: FileEntry) -> None:
     """Raise `CorruptShardError` naming the file if its size or checksums differ from the manifest.
 
-    Files with block checksums are checked block by block with crc32c (4x faster than CRC32
-    here, and the error names the block); older files by their whole-file CRC32.
+    Files with block checksums are checked block by block with crc32c (hardware-accelerated, and
+    the error names the block; docs/tuning.md); older files by their whole-file CRC32.
     """
     with opened_shard(fs, entry) as f:
         f.check_size()

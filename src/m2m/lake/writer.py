@@ -254,7 +254,7 @@ class _Filling:
         if self.store.dtype != np.float32:
             import torch  # only for float16 storage: keeps torch out of opening a lake
 
-            torch.from_numpy(self.store[lo:hi]).copy_(torch.from_numpy(mu))  # torch's f32 -> f16 is ~10x numpy's
+            torch.from_numpy(self.store[lo:hi]).copy_(torch.from_numpy(mu))  # torch converts f32 -> f16 vectorised (docs/tuning.md)
         self.parts.append(SplatBatch(np.empty((piece.rows, 0), np.float32), piece.labels, piece.kappa, piece.alpha,
                                      piece.metadata, piece.ids, norms))
         self.rows = hi

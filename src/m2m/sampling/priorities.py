@@ -19,9 +19,8 @@ class LossPriorities:
     After a row's n-th update its priority is ``m_n / (1 - ema^n)`` with ``m_n = ema m_{n-1} + (1 - ema)
     loss_n``, ``m_0 = 0`` (Adam's correction): the first reported loss replaces ``initial``, later ones
     are averaged with weights ema^(n-k) (normalised). A row never updated keeps ``initial``. So one
-    epoch of feedback is enough for the sampler to react (the old, uncorrected EMA started at
-    ``initial`` = 1 kept 0.9 of it: after one epoch with losses 10 on 10% of the rows and 0.1 on the
-    rest, those rows got 19% of the next epoch's draws; now 91% at the default floor 0.1).
+    epoch of feedback is enough for the sampler to react: an uncorrected EMA started at ``initial``
+    would keep most of the prior after one epoch (the worked example: docs/tuning.md).
 
     The values live in one float32 torch tensor in shared memory (``share_memory_()``):
     DataLoader worker processes -- forked or spawned, persistent or not -- that received this

@@ -60,7 +60,7 @@ def stored_geometry(snap: "Snapshot") -> Geometry:
 #: IVF lists each row probes at most when a stream computes missing geometry in memory. A stream
 #: must start quickly: on data with cluster structure the calibrated rule probes fewer lists than
 #: this anyway, and on unstructured data (random vectors) reaching the recall target means probing
-#: every list, an N^2 scan (100k x 640: minutes here). Kappa of such data barely depends on which
+#: every list, an N^2 scan (docs/tuning.md). Kappa of such data barely depends on which
 #: near neighbours are found; the recall reached is logged. ``lake.estimate_kappa()`` has no cap.
 STREAM_PROBE_BUDGET = 16
 

@@ -41,8 +41,8 @@ def madvise(address: int, length: int, advice: int) -> bool:
 def empty_hugepage(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor aligned to 2 MiB and advised to use transparent huge pages.
 
-    Huge pages cut page faults when the buffer is first filled (~3x faster here) and TLB misses
-    of random row gathers from it (~1.3x); small buffers get a plain ``torch.empty``.
+    Huge pages cut page faults when the buffer is first filled and TLB misses of random row
+    gathers from it (docs/tuning.md); small buffers get a plain ``torch.empty``.
     """
     numel = 1
     for s in shape:

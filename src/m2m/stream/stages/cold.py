@@ -342,7 +342,7 @@ class ColdReader:
                                             f"the stream expects {out.nbytes // max(1, b - a)}")
                 if out.nbytes >= 1 << 20 and out.flags.c_contiguous:
                     # fault fresh destination pages (a new arena) in one call, not one per page inside
-                    # the read: fills 1.0-2.3x faster in 4 paired runs on this VM
+                    # the read (docs/tuning.md)
                     madvise(out.ctypes.data, out.nbytes, MADV_POPULATE_WRITE)
                 self._with_file(ext, partial(_read_into, start=ext.offset + (a - base) * ext.row_bytes,
                                              view=_bytes(out)))

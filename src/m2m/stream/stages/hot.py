@@ -41,8 +41,7 @@ if not POOLING:  # pragma: no cover - depends on the torch build
 class OutputPool:
     """Reusable output tensors: a buffer is handed out again only when nothing else references it.
 
-    Fresh multi-megabyte tensors cost page faults on every item (measured 2-3x slower than a
-    gather into a reused buffer); reusing a buffer the consumer still holds would corrupt its
+    Fresh multi-megabyte tensors cost page faults on every item (docs/tuning.md); reusing a buffer the consumer still holds would corrupt its
     batches. A buffer is free when its storage's reference count is back to what the pool alone
     holds, so batches kept by the user (in a list, or saved by autograd) are never overwritten;
     when every pooled buffer is in use, a fresh tensor is returned.

@@ -35,8 +35,8 @@ FILL_WAIT_S = 600.0  # longest a gather waits for blocks another thread is loadi
 class WarmArena:
     """LRU cache of ``block_rows``-row blocks of some columns, in ``budget_bytes`` of RAM.
 
-    ``huge_pages`` backs the arena with transparent huge pages: random gathers from it were
-    1.3-1.5x faster here, but the kernel may compact memory while it first fills (a slower first epoch).
+    ``huge_pages`` backs the arena with transparent huge pages: fewer TLB misses in random gathers
+    (docs/tuning.md), but the kernel may compact memory while it first fills (a slower first epoch).
     ``max_loads`` bounds the blocks one request loads when the arena holds only part of the lake:
     a request missing more is served straight from the cold tier while only that many blocks are
     loaded.
