@@ -356,7 +356,7 @@ def kappa(lake_dir: str, quiet: bool, threads: int | None, storage_options: dict
 
 
 @cli.command()
-@click.option("--quick", is_flag=True, help="Small sizes (a few minutes; see the README for a measured run).")
+@click.option("--quick", is_flag=True, help="Small sizes (79-91 s measured: docs/benchmarks.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results on stdout.")
 @click.option("--only", default=None,
               help="Comma-separated subset: ingest,ingest_parquet,stream,stream_memmap,langevin,knn,consolidate.")
