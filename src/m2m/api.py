@@ -34,7 +34,10 @@ def check_device(device: str) -> None:
 
 
 def create_m2m(config: M2MConfig | None = None) -> Lake:
-    """Create the lake at ``config.path`` (or open it if it exists); a temporary lake when path is None."""
+    """Create the lake at ``config.path`` (or open it if it exists); a temporary lake when path is None.
+
+    Example: ``with create_m2m(M2MConfig(path="lake/", latent_dim=64)) as lake: lake.add_splats(vectors)``.
+    """
     config = config or M2MConfig()
     if not isinstance(config, M2MConfig):
         raise ConfigTypeError(f"create_m2m takes an M2MConfig, got {type(config).__name__}")
@@ -65,6 +68,9 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
     (e.g. ``storage_options={...}`` for s3://, gs://, az:// lakes). ``version`` pins an older
     committed version (default: the latest); commits still go on top of the latest. Older versions
     stay readable when a newer manifest is corrupt (`CorruptShardError` names it).
+
+    Example: ``lake = open_lake("lake/")``, ``open_lake("lake/", version=3)``,
+    ``open_lake("s3://bucket/lake", storage_options={"endpoint_url": "http://127.0.0.1:9000"})``.
     """
     if version is not None:
         version = check_int(version, "version", 0)

@@ -79,10 +79,12 @@ class Lake:
     # ------------------------------------------------------------------ properties
     @property
     def path(self) -> str:
+        """The lake's location: a local folder or the fsspec URL it was opened with."""
         return getattr(self._fs, "url", self._fs.root)
 
     @property
     def manifest(self) -> Manifest:
+        """The manifest of the pinned version (shards, rows, dim, dtype, stats, label vocabulary)."""
         return self._snapshot.manifest
 
     @property
@@ -93,10 +95,12 @@ class Lake:
 
     @property
     def dim(self) -> int:
+        """The vector dimension (``latent_dim``) of every row."""
         return self.manifest.dim
 
     @property
     def version(self) -> int:
+        """The version this handle is pinned to (moves with each commit and `refresh`)."""
         return self.manifest.version
 
     def __len__(self) -> int:
@@ -192,14 +196,18 @@ class Lake:
         logger.info("committed version %d (%s): %d rows", new.version, operation, new.rows)
         return new
 
-    def add_splats(self, vectors: npt.ArrayLike, labels: npt.ArrayLike | None = None,
+    def add_splats(self, vectors: Any, labels: npt.ArrayLike | None = None,
                    kappa: npt.ArrayLike | None = None, alpha: npt.ArrayLike | None = None,
                    metadata: Mapping[str, Any] | None = None, progress: Progress | None = None) -> np.ndarray:
         """Append splats atomically; returns their new unique, stable int64 ids.
 
         ``vectors`` is ``[n, latent_dim]`` or ``[latent_dim]`` (numpy, torch on any device, or lists);
         rows are normalised to the unit sphere. Invalid input raises a ``ValueError`` naming the problem
-        and the first offending row before anything is written.
+        and the first offending row before anything is written. Tabular data (a pyarrow Table or
+        RecordBatchReader, a Polars DataFrame, a Hugging Face dataset) goes to `add_table`, with
+        ``labels`` a column name and ``metadata`` a list of column names.
+
+        Example: ``ids = lake.add_splats(np.random.randn(100, 64), labels=["cat", "dog"] * 50)``.
         """
         self._check_open()
         from m2m.lake.ingest import is_batch_iterator, is_tabular
@@ -426,7 +434,10 @@ class Lake:
 
     def decode_labels(self, codes: npt.ArrayLike) -> np.ndarray:
         """The string labels of streamed ``label`` codes (a tensor, array or list of ints), as an object
-        array; `ConfigError` when the lake's labels are not strings or a code is out of range."""
+        array; `ConfigError` when the lake's labels are not strings or a code is out of range.
+
+        Example: ``batch = next(iter(lake.export_to_dataloader(columns=("embedding", "label"))))``, then
+        ``lake.decode_labels(batch["label"])`` -> ``array(['dog', 'cat', ...], dtype=object)``."""
         from m2m._validate import as_numpy
 
         m = self.manifest
@@ -453,6 +464,9 @@ class Lake:
         ``mu_norm`` (float64) is each row's norm as given; ``original=True``: ``mu`` is each row's vector
         as given, ``mu * mu_norm`` in float32 (within 1 ulp of float32 input; docs/format.md, "Vectors").
         ``pa.table(lake)`` / ``polars.DataFrame(lake)`` read the pinned version through ``__arrow_c_stream__``.
+
+        Example: ``t = lake.to_arrow(float32=True)``, then ``duckdb.sql("select label, count(*) from t
+        group by label")``; ``for batch in lake.to_arrow(stream=True): ...`` for bounded memory.
         """
         from m2m.lake.export import lake_file_opener, snapshot_batches
 
@@ -592,6 +606,13 @@ class Lake:
         False | True/"kappa" | "alpha" | "loss" | a numeric metadata column; batches then carry an
         unbiased ``weight``. ``columns``: None -> float tensors [B, d]; a tuple of names -> dicts.
         Kappa is computed in memory first when a mode needs it and some splat lacks it (never written).
+        Returns a `m2m.stream.loader.StreamLoader` (a DataLoader with ``state_dict()`` for resume).
+
+        Example:
+
+            dl = lake.export_to_dataloader(batch_size=256, columns=("embedding", "label"), num_workers=2)
+            for batch in dl:
+                x, y = batch["embedding"], batch["label"]
         """
         self._check_open()
         named = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,

@@ -72,22 +72,27 @@ class Snapshot:
     # RowSource protocol
     @property
     def num_rows(self) -> int:
+        """Rows in this version."""
         return int(self._offsets[-1])
 
     @property
     def dim(self) -> int:
+        """The vector dimension of ``mu``."""
         return self.manifest.dim
 
     @property
     def storage_dtype(self) -> np.dtype:
+        """The element type ``mu`` is stored in (float32 or float16)."""
         return np.dtype(self.manifest.dtype)
 
     @property
     def shard_offsets(self) -> np.ndarray:
+        """Row position where each shard starts, plus the total: int64 [num_shards + 1]."""
         return self._offsets
 
     @property
     def column_names(self) -> Sequence[str]:
+        """Columns readable from this version: the built-in ones, ``label`` if any, and the metadata."""
         names = list(BUILTIN_COLUMNS)
         if self.manifest.label_type is not None:
             names.append("label")
@@ -97,6 +102,7 @@ class Snapshot:
 
     @property
     def version(self) -> int:
+        """The manifest version this snapshot reads."""
         return self.manifest.version
 
     def column(self, shard: int, name: str) -> np.ndarray:
@@ -260,6 +266,7 @@ class Snapshot:
         self._lock = threading.RLock()
 
     def close(self) -> None:
+        """Drop the files this snapshot holds in memory; it can still read (it reopens them)."""
         self._batches.clear()
         self._batch_bytes.clear()
         self._derived.clear()

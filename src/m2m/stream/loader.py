@@ -197,7 +197,10 @@ class StreamLoader(DataLoader):
         self._cursor.restore(epoch, start, saved.epoch_pinned)
 
     def update_priorities(self, ids: Any, losses: Any) -> None:
-        """Feed per-row losses back to a loss-based importance sampler."""
+        """Feed per-row losses back to a loss-based importance sampler (``importance_sampling="loss"``).
+
+        Example: ``dl.update_priorities(batch["id"], per_row_loss.detach())`` after each step, with
+        ``columns=("embedding", "id")``."""
         if not supports_priorities(self.plan_sampler):
             kind = "no sampler" if self.plan_sampler is None else type(self.plan_sampler).__name__
             raise ConfigError(f"update_priorities needs a loss-based importance sampler; this loader has {kind}")

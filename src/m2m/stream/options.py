@@ -63,6 +63,9 @@ class StreamOptions:
     DataLoader workers (torch meaning): ``num_workers``, ``multiprocessing_context`` (a start method
     name or context), ``persistent_workers``, ``prefetch_factor``, ``timeout``, ``worker_init_fn``,
     ``pin_memory``, ``generator`` (its ``initial_seed()`` is the seed), ``collate_fn``, ``in_order``.
+
+    Example: ``opts = StreamOptions(batch_size=512, shuffle_mode="block")``, then
+    ``lake.export_to_dataloader(options=opts, num_workers=2)`` (a keyword overrides that field).
     """
 
     batch_size: int = 256
