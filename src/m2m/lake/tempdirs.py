@@ -125,7 +125,7 @@ def _remove(path: str, pid: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def remove_with(owner: object, path: str) -> weakref.finalize:
+def remove_with(owner: object, path: str) -> weakref.finalize[[str, int], object]:
     """Remove ``path`` when ``owner`` is garbage-collected or at interpreter exit, whichever is first;
     calling the returned finalizer removes it now (once)."""
     return weakref.finalize(owner, _remove, path, os.getpid())

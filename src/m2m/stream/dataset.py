@@ -28,7 +28,7 @@ REFUSED = ("the stream's dataset is iterated by the loader export_to_dataloader/
            "wrapping dl.dataset in another DataLoader or torchdata's StatefulDataLoader is not supported")
 
 
-class StreamDataset(Dataset):
+class StreamDataset(Dataset[Any]):
     """The dataset of a `StreamLoader` (``dl.dataset``; public as ``m2m.M2MDataLake``).
 
     ``len(dataset)`` is the number of rows one rank reads in an epoch (the DDP topology read now).

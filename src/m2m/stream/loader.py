@@ -68,7 +68,7 @@ def make_loader(source: RowSource, options: StreamOptions | None = None, *, samp
     return StreamLoader(StreamDataset(source, spec, delivery, sampler), opts)
 
 
-class EpochSampler(DistributedSampler):
+class EpochSampler(DistributedSampler[int]):
     """``dl.sampler``: the loader shards rows over ranks itself, as a ``DistributedSampler`` would.
 
     Lightning and DDP code call ``dataloader.sampler.set_epoch(epoch)``; it reaches the loader.
@@ -98,7 +98,7 @@ class EpochSampler(DistributedSampler):
         return 0 if loader is None else len(loader)
 
 
-class StreamLoader(DataLoader):
+class StreamLoader(DataLoader[Any]):
     """A `torch.utils.data.DataLoader` whose dataset yields whole batches; ``dl.batch_size`` is their size.
 
     Epoch contract (the same with 0 or N workers, 1 or N ranks): each ``iter(dl)`` is one whole
