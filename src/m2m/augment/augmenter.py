@@ -93,13 +93,14 @@ def _check_x(x: Tensor, rows: Tensor) -> None:
 @dataclass
 class VMFDraws:
     """A batch's vMF draws made before its vectors are read: cosines to the mean and the direction
-    Gaussians (CPU float32 only; else drawn when applied)."""
+    Gaussians (CPU float32 only; else drawn when applied, from ``noise``: the batch's stream)."""
     batch: int
     dim: int
     dtype: torch.dtype
     cos: Tensor
     sin: Tensor
     gaussian: Tensor | None
+    noise: Source = None
 
 
 class VMFAugmenter:
@@ -137,11 +138,12 @@ class VMFAugmenter:
         ``draw_gaussian=False`` leaves the direction Gaussians to the call (same result)."""
         _check_rows(rows)
         kappa = self._table(rows.device)[rows]
-        w, s = sample_cosine(kappa, dim, 1, generator)
+        noise = _batch_noise(generator, rows.device, dtype)
+        w, s = sample_cosine(kappa, dim, 1, noise)
         gaussian = None
-        if draw_gaussian and rows.device.type == "cpu" and dtype == torch.float32:
-            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), generator)
-        return VMFDraws(rows.shape[0], dim, dtype, w[:, 0], s[:, 0], gaussian)
+        if draw_gaussian and noise is not generator:
+            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), noise)
+        return VMFDraws(rows.shape[0], dim, dtype, w[:, 0], s[:, 0], gaussian, noise)
 
     def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator,
                  prepared: VMFDraws | None = None) -> Tensor:
@@ -150,7 +152,8 @@ class VMFAugmenter:
             prepared = self.prepare(rows.to(x.device), x.shape[1], generator, x.dtype)
         else:
             _check_prepared(prepared, x)
-        return random_point_at_cosine(x, prepared.cos.to(x.device), prepared.sin.to(x.device), generator=generator,
+        return random_point_at_cosine(x, prepared.cos.to(x.device), prepared.sin.to(x.device),
+                                      generator=generator if prepared.noise is None else prepared.noise,
                                       gaussian=prepared.gaussian)
 
 
@@ -443,6 +446,14 @@ class LangevinAugmenter:
         return fr.coords.index_select(0, rows), fr.kept.index_select(0, rows)
 
 
+def _batch_noise(generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> Source:
+    """One ``HostNoise`` stream for a CPU float32 batch's cosines and direction Gaussians (one seeding
+    per batch, not one per draw), else ``generator`` itself."""
+    if device.type == "cpu" and dtype == torch.float32:
+        return HostNoise.of(generator)
+    return generator
+
+
 def _plain_state(obj: Any) -> dict[str, Any]:
     """``obj.__dict__`` without its lock, thread-local scratch and device caches (see ``__getstate__``)."""
     state = obj.__dict__.copy()
@@ -466,7 +477,7 @@ class MixtureDraws:
     """A batch's mixture draws made before its vectors are read (``MixtureAugmenter.prepare``): the
     chosen component of each row (``slot``: 0 = the row itself, j >= 1 its j-th listed same-label
     neighbour; ``source``: that component's row position), the cosines to its mean and the direction
-    Gaussians (CPU float32 only; else drawn when applied)."""
+    Gaussians (CPU float32 only; else drawn when applied, from ``noise``: the batch's stream)."""
     batch: int
     dim: int
     dtype: torch.dtype
@@ -475,6 +486,7 @@ class MixtureDraws:
     cos: Tensor
     sin: Tensor
     gaussian: Tensor | None
+    noise: Source = None
 
 
 class MixtureAugmenter:
@@ -575,11 +587,12 @@ class MixtureAugmenter:
         u = torch.rand(rows.shape[0], dtype=torch.float64, device=rows.device, generator=generator)
         slot = (cdf.index_select(0, rows) <= u.unsqueeze(1)).sum(1)
         source = comp.index_select(0, rows).gather(1, slot.unsqueeze(1)).squeeze(1).long()
-        w, s = sample_cosine(kappa.index_select(0, source), dim, 1, generator)
+        noise = _batch_noise(generator, rows.device, dtype)
+        w, s = sample_cosine(kappa.index_select(0, source), dim, 1, noise)
         gaussian = None
-        if draw_gaussian and rows.device.type == "cpu" and dtype == torch.float32:
-            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), generator)
-        return MixtureDraws(rows.shape[0], dim, dtype, slot, source, w[:, 0], s[:, 0], gaussian)
+        if draw_gaussian and noise is not generator:
+            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), noise)
+        return MixtureDraws(rows.shape[0], dim, dtype, slot, source, w[:, 0], s[:, 0], gaussian, noise)
 
     def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator,
                  prepared: MixtureDraws | None = None) -> Tensor:
@@ -594,4 +607,5 @@ class MixtureAugmenter:
             mean = x.clone()
             mean[moved] = gather(prepared.source.to(x.device)[moved]).to(device=x.device, dtype=x.dtype)
         return random_point_at_cosine(mean, prepared.cos.to(x.device), prepared.sin.to(x.device),
-                                      generator=generator, gaussian=prepared.gaussian)
+                                      generator=generator if prepared.noise is None else prepared.noise,
+                                      gaussian=prepared.gaussian)
