@@ -324,9 +324,9 @@ def table(res: dict[str, Any]) -> str:
              f"load average at start {res['load_average_start'][0]:.1f} on {res['cpus']} CPUs"]
     for kind in ("cpu", "wall"):
         lines.append(f"per {'CPU second of the process' if kind == 'cpu' else 'wall second'}:")
-        lines.append("d".rjust(5) + "".join(c.rjust(17) for c in cols) + "   load")
+        lines.append("d".rjust(5) + "".join(c.rjust(20) for c in cols) + "   load")
         for d, r in res["kernels"].items():
-            lines.append(d.rjust(5) + "".join(_fmt(r[c], kind).rjust(17) for c in cols)
+            lines.append(d.rjust(5) + "".join(_fmt(r[c], kind).rjust(20) for c in cols)
                          + f"  {r['load_average'][0]:5.1f}")
     lines.append("ratios at the median CPU rate (ours / bare | ours / floor | ours / seed's 34,993):")
     for d, r in res["kernels"].items():

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from m2m.augment import span as _span
 from m2m.augment.energy import (
     DEFAULT_STEP_SIZE,
     component_log_weights,
@@ -41,7 +42,6 @@ from m2m.augment.langevin import (
     own_component_chain,
     path_terms,
 )
-from m2m.augment import span as _span
 from m2m.augment.span import span_coupled_chain
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.geometry.noise import HostNoise, Source, normal_

@@ -353,6 +353,7 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
     # small-array arithmetic: numpy on the CPU (views of the torch draws), torch elsewhere
     cpu = dev.type == "cpu"
     xp = np if cpu else torch
+    k: Any
     if cpu:
         k = np.repeat(kappa.detach().numpy().astype(np.float64, copy=False).reshape(-1), n)
         k_t = torch.from_numpy(k)
