@@ -245,3 +245,26 @@ def test_strength_ignores_negligible_neighbours(ratio):
     assert torch.equal(out[1.0], out[ratio])
     # and that move is the documented default: mean cosine 1 - 0.48 (1 - 0.9) ~ 0.952
     assert (out[1.0] * mu[rows]).sum(1).mean().item() == pytest.approx(0.952, abs=0.006)
+
+
+def test_kept_span_factors_give_the_rerun_of_fresh_ones(monkeypatch):
+    # the per-splat span factors filled by one batch serve a later batch (rows repeated, reordered):
+    # its rows equal those of an augmenter that forms every Gram matrix again (table over budget)
+    import m2m.augment.augmenter as augmenter_mod
+
+    mu, nb = _paired_lake(0.9)
+    kappa, alpha = np.full(N, 400.0, np.float32), np.ones(N, np.float32)
+    kept = LangevinAugmenter(nb, kappa, alpha, steps=5, step_size=0.3)
+    first = torch.arange(0, N, 2)
+    kept(mu[first], first, _Gather(mu), torch.Generator().manual_seed(0))
+    frames = kept._frames[(torch.device("cpu"), D, torch.float32)]
+    assert frames is not None and 0 < int(frames.have.sum()) <= len(first)
+    rows = torch.cat([torch.arange(N).flip(0), first])
+    got = kept(mu[rows], rows, _Gather(mu), torch.Generator().manual_seed(1))
+    assert bool(frames.have.any())
+    monkeypatch.setattr(augmenter_mod, "_FRAME_CACHE_BYTES", 0)
+    fresh = LangevinAugmenter(nb, kappa, alpha, steps=5, step_size=0.3)
+    want = fresh(mu[rows], rows, _Gather(mu), torch.Generator().manual_seed(1))
+    assert fresh._frames[(torch.device("cpu"), D, torch.float32)] is None
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.equal(got, mu[rows])                              # the rows did move

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from m2m.augment import span as _span
 from m2m.augment.energy import (
     DEFAULT_STEP_SIZE,
     component_log_weights,
@@ -44,6 +45,7 @@ from m2m.augment.langevin import (
 from m2m.augment.span import span_coupled_chain
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.geometry.noise import HostNoise, Source, normal_
+from m2m.geometry.span import span_factor
 from m2m.geometry.sphere import random_point_at_cosine
 from m2m.geometry.vmf import sample_cosine
 
@@ -55,6 +57,7 @@ Gather = Callable[[Tensor], Tensor]
 
 _COS_CHUNK_ROWS = 256
 _STATIC_CHUNK_ROWS = 1 << 16
+_FRAME_CACHE_BYTES = 256 << 20   # largest per-splat span factor table kept (N x (k+1)^2 float64)
 
 
 def _check_table(name: str, values: np.ndarray, n: int, positive: bool) -> np.ndarray:
@@ -90,13 +93,14 @@ def _check_x(x: Tensor, rows: Tensor) -> None:
 @dataclass
 class VMFDraws:
     """A batch's vMF draws made before its vectors are read: cosines to the mean and the direction
-    Gaussians (CPU float32 only; else drawn when applied)."""
+    Gaussians (CPU float32 only; else drawn when applied, from ``noise``: the batch's stream)."""
     batch: int
     dim: int
     dtype: torch.dtype
     cos: Tensor
     sin: Tensor
     gaussian: Tensor | None
+    noise: Source = None
 
 
 class VMFAugmenter:
@@ -134,11 +138,12 @@ class VMFAugmenter:
         ``draw_gaussian=False`` leaves the direction Gaussians to the call (same result)."""
         _check_rows(rows)
         kappa = self._table(rows.device)[rows]
-        w, s = sample_cosine(kappa, dim, 1, generator)
+        noise = _batch_noise(generator, rows.device, dtype)
+        w, s = sample_cosine(kappa, dim, 1, noise)
         gaussian = None
-        if draw_gaussian and rows.device.type == "cpu" and dtype == torch.float32:
-            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), generator)
-        return VMFDraws(rows.shape[0], dim, dtype, w[:, 0], s[:, 0], gaussian)
+        if draw_gaussian and noise is not generator:
+            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), noise)
+        return VMFDraws(rows.shape[0], dim, dtype, w[:, 0], s[:, 0], gaussian, noise)
 
     def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator,
                  prepared: VMFDraws | None = None) -> Tensor:
@@ -147,7 +152,8 @@ class VMFAugmenter:
             prepared = self.prepare(rows.to(x.device), x.shape[1], generator, x.dtype)
         else:
             _check_prepared(prepared, x)
-        return random_point_at_cosine(x, prepared.cos.to(x.device), prepared.sin.to(x.device), generator=generator,
+        return random_point_at_cosine(x, prepared.cos.to(x.device), prepared.sin.to(x.device),
+                                      generator=generator if prepared.noise is None else prepared.noise,
                                       gaussian=prepared.gaussian)
 
 
@@ -162,6 +168,16 @@ class _Tables:
     room: Tensor         # [N, k] float32 } constants of the path check (``path_terms``)
     slope: Tensor        # [N, k] float32 }
     scale: Tensor        # [N, k] float32 }
+
+
+@dataclass
+class _Frames:
+    """Per-splat span factors (``m2m.geometry.span.span_factor`` of [mu_i; its neighbours]), filled
+    the first time a splat is rerun: the means of a splat never change, so neither does its Gram
+    matrix, which is most of a rerun's cost (K^2 d per row)."""
+    coords: Tensor       # [N, K, K] float64, valid where ``have``
+    kept: Tensor         # [N, K] bool
+    have: Tensor         # [N] bool
 
 
 @dataclass
@@ -231,6 +247,7 @@ class LangevinAugmenter:
         self.step_size, self.temperature = float(step_size), float(temperature)
         self._static: dict[int, _Tables] = {}
         self._cache: dict[tuple[torch.device, int], _Tables] = {}
+        self._frames: dict[tuple[torch.device, int, torch.dtype], _Frames | None] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
         # the exact rerun: in the span of the row's means (same law as ``coupled_full_chain``, which
@@ -398,7 +415,43 @@ class LangevinAugmenter:
         kap = torch.cat([tab.kappa[rows].unsqueeze(1), torch.where(valid, tab.kappa[idx], 0.0)], 1)
         a = torch.cat([tab.log_w[rows].unsqueeze(1), torch.where(valid, tab.log_w[idx], -math.inf)], 1)
         a = a - a[:, :1]                      # softmax is shift-free; keeps float32 logits small
+        if self._rerun_kernel is _span.span_coupled_chain:
+            return self._rerun_kernel(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.temperature, generator, own,
+                                      factor=self._factor(rows, mu))
         return self._rerun_kernel(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.temperature, generator, own)
+
+    def _factor(self, rows: Tensor, mu: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The span factors of ``mu`` [f, K, d] (the means of splats ``rows``, x rows being the splats'
+        own vectors as in the stream) from the per-splat table, computing the missing ones; None when
+        the table would exceed ``_FRAME_CACHE_BYTES`` (the kernel then forms every Gram matrix)."""
+        n, k1 = self._neighbors.shape[0], mu.shape[1]
+        key = (mu.device, mu.shape[2], mu.dtype)
+        with self._lock:
+            if key not in self._frames:
+                fits = n * k1 * k1 * 8 <= _FRAME_CACHE_BYTES
+                # empty, not zeros: rows are written (and their pages touched) only when first rerun
+                self._frames[key] = _Frames(torch.empty(n, k1, k1, dtype=torch.float64, device=mu.device),
+                                            torch.empty(n, k1, dtype=torch.bool, device=mu.device),
+                                            torch.zeros(n, dtype=torch.bool, device=mu.device)) if fits else None
+            fr = self._frames[key]
+        if fr is None:
+            return None
+        miss = torch.nonzero(~fr.have.index_select(0, rows)).squeeze(1)
+        if miss.numel():
+            coords, kept = span_factor(mu.index_select(0, miss))
+            r = rows.index_select(0, miss)
+            fr.coords[r] = coords.to(mu.device)
+            fr.kept[r] = kept.to(mu.device)
+            fr.have[r] = True             # after the factors: a concurrent reader never sees a stale row
+        return fr.coords.index_select(0, rows), fr.kept.index_select(0, rows)
+
+
+def _batch_noise(generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> Source:
+    """One ``HostNoise`` stream for a CPU float32 batch's cosines and direction Gaussians (one seeding
+    per batch, not one per draw), else ``generator`` itself."""
+    if device.type == "cpu" and dtype == torch.float32:
+        return HostNoise.of(generator)
+    return generator
 
 
 def _plain_state(obj: Any) -> dict[str, Any]:
@@ -406,8 +459,9 @@ def _plain_state(obj: Any) -> dict[str, Any]:
     state = obj.__dict__.copy()
     for name in ("_lock", "_local"):
         state.pop(name, None)
-    if "_cache" in state:
-        state["_cache"] = {}
+    for name in ("_cache", "_frames"):
+        if name in state:
+            state[name] = {}
     return state
 
 
@@ -423,7 +477,7 @@ class MixtureDraws:
     """A batch's mixture draws made before its vectors are read (``MixtureAugmenter.prepare``): the
     chosen component of each row (``slot``: 0 = the row itself, j >= 1 its j-th listed same-label
     neighbour; ``source``: that component's row position), the cosines to its mean and the direction
-    Gaussians (CPU float32 only; else drawn when applied)."""
+    Gaussians (CPU float32 only; else drawn when applied, from ``noise``: the batch's stream)."""
     batch: int
     dim: int
     dtype: torch.dtype
@@ -432,6 +486,7 @@ class MixtureDraws:
     cos: Tensor
     sin: Tensor
     gaussian: Tensor | None
+    noise: Source = None
 
 
 class MixtureAugmenter:
@@ -532,11 +587,12 @@ class MixtureAugmenter:
         u = torch.rand(rows.shape[0], dtype=torch.float64, device=rows.device, generator=generator)
         slot = (cdf.index_select(0, rows) <= u.unsqueeze(1)).sum(1)
         source = comp.index_select(0, rows).gather(1, slot.unsqueeze(1)).squeeze(1).long()
-        w, s = sample_cosine(kappa.index_select(0, source), dim, 1, generator)
+        noise = _batch_noise(generator, rows.device, dtype)
+        w, s = sample_cosine(kappa.index_select(0, source), dim, 1, noise)
         gaussian = None
-        if draw_gaussian and rows.device.type == "cpu" and dtype == torch.float32:
-            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), generator)
-        return MixtureDraws(rows.shape[0], dim, dtype, slot, source, w[:, 0], s[:, 0], gaussian)
+        if draw_gaussian and noise is not generator:
+            gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), noise)
+        return MixtureDraws(rows.shape[0], dim, dtype, slot, source, w[:, 0], s[:, 0], gaussian, noise)
 
     def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator,
                  prepared: MixtureDraws | None = None) -> Tensor:
@@ -551,4 +607,5 @@ class MixtureAugmenter:
             mean = x.clone()
             mean[moved] = gather(prepared.source.to(x.device)[moved]).to(device=x.device, dtype=x.dtype)
         return random_point_at_cosine(mean, prepared.cos.to(x.device), prepared.sin.to(x.device),
-                                      generator=generator, gaussian=prepared.gaussian)
+                                      generator=generator if prepared.noise is None else prepared.noise,
+                                      gaussian=prepared.gaussian)

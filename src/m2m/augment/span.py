@@ -60,7 +60,7 @@ class _Draws:
 
 
 def span_coupled_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: Tensor, temperature: float,
-                       generator: Source, own: OwnChain) -> Tensor:
+                       generator: Source, own: OwnChain, factor: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``coupled_full_chain`` (same arguments, same law) run in span coordinates; [B, d] in x's dtype.
 
     x [B, d] are the start points mu_0 = mu[:, 0]; mu [B, K, d] (absent components may be zero
@@ -78,7 +78,7 @@ def span_coupled_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: T
                                   generator if not isinstance(generator, HostNoise) else None, own)
     f64 = torch.float64
     dev = x.device
-    frame = span_frame(mu)
+    frame = span_frame(mu, factor=factor)
     draws = _Draws(generator, dev)
     cpu = dev.type == "cpu"
     # the loop is arithmetic on [B, K + S + 1] arrays: numpy on the CPU (a fraction of torch's

@@ -1,11 +1,12 @@
-"""Exact Gaussian, Gamma and uniform draws for the samplers, fast on the CPU.
+"""Exact Gaussian, Gamma and uniform draws for the samplers, from one stream per batch.
 
-torch's CPU generator (a Mersenne Twister called once per number) makes the Gaussians most of
-the cost of an augmented row (640 Gaussians per row). On the CPU this module instead draws the
-bits in bulk from numpy's SFC64 generator and applies the Box-Muller transform with numpy's
-vectorised log/sin/cos (the timings: docs/tuning.md). The method is torch's (Box-Muller), on uniforms from 32 random bits
-rounded to float32 (torch uses 24) (the radius is sqrt(-2 log u) with u in (0, 1], so draws are
-cut at |z| <= 6.8, an event of probability 1e-11). On other devices torch's own generator is used.
+``HostNoise`` is a numpy SFC64 stream seeded from the batch's torch generator: the small float64
+draws of the chains (Gaussians, uniforms, Gamma) come from it in bulk without torch's per-call cost,
+and its large float32 Gaussian fills (d numbers per row, most of an augmented row's cost) use
+torch's vectorised Box-Muller on one torch generator seeded once from the stream, which measured
+faster than numpy's log/sin/cos Box-Muller on this machine (docs/geometry.md,
+"Where the time goes, and the CPU noise source"). On other
+devices torch's own generator is used.
 
 Both sources are deterministic functions of the torch generator passed in: ``HostNoise.of``
 draws a 192-bit seed from it, so a batch generator seeded from (seed, epoch, rank, batch) still
@@ -14,7 +15,6 @@ fixes every sample.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -25,9 +25,6 @@ from torch import Tensor
 from m2m.errors import ConfigError
 
 __all__ = ["HostNoise", "Source", "normal_"]
-
-_TWO_PI_2_32 = np.float32(2.0 * math.pi / 2.0**32)
-_INV_2_32 = np.float32(2.0**-32)
 
 
 class _Words(ISeedSequence):
@@ -53,6 +50,7 @@ class HostNoise:
         """``seed``: 3 uint64 words, used as SFC64's state (which then runs its 12 warm-up rounds)."""
         # numpy accepts any ISeedSequence here; its stubs list only SeedSequence
         self.rng = np.random.Generator(np.random.SFC64(_Words(seed)))  # type: ignore[arg-type]
+        self._torch: torch.Generator | None = None      # for normal_, made on first use
 
     @classmethod
     def of(cls, source: Source) -> "HostNoise":
@@ -71,32 +69,16 @@ class HostNoise:
         return gen
 
     def normal_(self, out: Tensor) -> Tensor:
-        """Fill the contiguous float32 CPU tensor ``out`` with independent N(0, 1) draws."""
+        """Fill the contiguous float32 CPU tensor ``out`` with independent N(0, 1) draws (torch's
+        vectorised Box-Muller, from one torch generator seeded once from this stream)."""
         if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
             raise ConfigError(f"HostNoise.normal_ fills contiguous float32 CPU tensors, got {out.dtype} "
                              f"on {out.device} (contiguous={out.is_contiguous()})")
-        o = out.numpy().reshape(-1)
-        n = o.size
-        if n == 0:
+        if out.numel() == 0:
             return out
-        pairs = (n + 1) // 2
-        bits = self.rng.bit_generator.random_raw(pairs).view(np.uint32)   # 2 * pairs words
-        radius = np.empty(pairs, np.float32)
-        np.copyto(radius, bits[:pairs], casting="unsafe")                  # u * 2^32, u in [0, 1)
-        np.add(radius, np.float32(0.5), out=radius)                        # -> (0, 1): log is finite
-        np.multiply(radius, _INV_2_32, out=radius)
-        np.log(radius, out=radius)
-        np.multiply(radius, np.float32(-2.0), out=radius)
-        np.sqrt(radius, out=radius)                                        # r = sqrt(-2 log u1)
-        angle = np.empty(pairs, np.float32)
-        np.copyto(angle, bits[pairs:], casting="unsafe")
-        np.multiply(angle, _TWO_PI_2_32, out=angle)                        # theta = 2 pi u2
-        first, second = o[:pairs], o[pairs:]
-        np.cos(angle, out=first)
-        np.multiply(first, radius, out=first)                              # r cos(theta)
-        np.sin(angle[:second.size], out=second)
-        np.multiply(second, radius[:second.size], out=second)              # r sin(theta)
-        return out
+        if self._torch is None:
+            self._torch = self.torch_generator("cpu")
+        return out.normal_(generator=self._torch)
 
     def standard_normal(self, size: tuple[int, ...]) -> np.ndarray:
         """float64 N(0, 1) draws (numpy's Ziggurat)."""

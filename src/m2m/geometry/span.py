@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SPAN_TOL", "SpanFrame", "span_frame"]
+__all__ = ["SPAN_TOL", "SpanFrame", "span_factor", "span_frame"]
 
 SPAN_TOL = 1e-12
 """Squared residual norm below which a mean adds no direction: its part outside the earlier means'
@@ -49,16 +49,27 @@ class SpanFrame:
         return torch.where(self.kept, b, torch.zeros((), dtype=b.dtype, device=b.device))
 
 
-def span_frame(mu: Tensor, tol: float = SPAN_TOL) -> SpanFrame:
-    """The frame of ``mu`` [B, K, d] (rows of any norm; zero rows are dropped), in float64."""
+def span_factor(mu: Tensor, tol: float = SPAN_TOL) -> tuple[Tensor, Tensor]:
+    """(coords [B, K, K] float64, kept [B, K] bool) of ``span_frame(mu)``: the part that needs the
+    Gram matrix (K^2 d per row), which a caller can keep for means it meets again."""
     m = mu.to(torch.float64)
     gram = torch.bmm(m, m.transpose(1, 2))
     if gram.device.type == "cpu":
         # K small steps on [B, K] arrays: numpy's per-operation cost is a fraction of torch's
         c, k = _cholesky_dropping(np, gram.numpy(), tol)
-        coords, kept = torch.from_numpy(c), torch.from_numpy(k)
-    else:
-        coords, kept = _cholesky_dropping(torch, gram, tol)
+        return torch.from_numpy(c), torch.from_numpy(k)
+    coords, kept = _cholesky_dropping(torch, gram, tol)
+    return coords, kept
+
+
+def span_frame(mu: Tensor, tol: float = SPAN_TOL, factor: tuple[Tensor, Tensor] | None = None) -> SpanFrame:
+    """The frame of ``mu`` [B, K, d] (rows of any norm; zero rows are dropped), in float64.
+
+    ``factor``: ``span_factor(mu, tol)`` computed earlier for these same means (it is not checked);
+    the Gram matrix is then not formed again.
+    """
+    m = mu.to(torch.float64)
+    coords, kept = span_factor(m, tol) if factor is None else factor
     tri = coords + torch.diag_embed((~kept).to(torch.float64))
     return SpanFrame(coords, kept, tri, m)
 

@@ -47,7 +47,7 @@ At d = 640, kappa = 1e10 means 1 - E[mu.x] ~ 3e-8, the resolution of a float32 c
 _NU_MIN = 40.0          # orders at and above this use the Debye expansion directly
 _NEWTON_STEPS = 8
 _WOOD_MAX_ROUNDS = 100
-_WOOD_DRAWS = 4          # candidates per entry and round (Wood's acceptance is >~ 0.5)
+_WOOD_DRAWS = 4          # candidates per pending entry in rounds after the first (acceptance >~ 0.5)
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -349,12 +349,17 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
     b = (d-1) / (2 kappa + sqrt(4 kappa^2 + (d-1)^2)) and carries 1 - w, so kappa up to 1e10 and d
     up to thousands lose no precision. Vectorised: each round redraws only the rejected entries.
     """
-    k_t = kappa.to(torch.float64).reshape(-1, 1).expand(-1, n).reshape(-1).contiguous()
-    dev = k_t.device
+    dev = kappa.device
     # small-array arithmetic: numpy on the CPU (views of the torch draws), torch elsewhere
     cpu = dev.type == "cpu"
     xp = np if cpu else torch
-    k = k_t.numpy() if cpu else k_t
+    k: Any
+    if cpu:
+        k = np.repeat(kappa.detach().numpy().astype(np.float64, copy=False).reshape(-1), n)
+        k_t = torch.from_numpy(k)
+    else:
+        k_t = kappa.to(torch.float64).reshape(-1, 1).expand(-1, n).reshape(-1).contiguous()
+        k = k_t
     d1 = float(dim - 1)
     b = d1 / (2.0 * k + xp.sqrt(4.0 * k * k + d1 * d1))
     om_x0 = 2.0 * b / (1.0 + b)                              # 1 - x0, x0 = (1-b)/(1+b)
@@ -372,16 +377,18 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
         m = total if pending is None else len(pending)
         if m == 0:
             break
-        # _WOOD_DRAWS candidates per pending entry; the first accepted one is kept
+        # one candidate per entry in the first round (Wood's acceptance is high, so most entries are
+        # done), then _WOOD_DRAWS per pending entry; the first accepted one is kept
+        nd = 1 if pending is None else _WOOD_DRAWS
         if host is not None:
             # numpy's Beta (two Marsaglia-Tsang gammas in C) and uniforms: no per-round Python arithmetic
-            z = host.rng.beta(d1 / 2.0, d1 / 2.0, (_WOOD_DRAWS, m))  # Beta((d-1)/2, (d-1)/2)
-            u = host.rng.random((_WOOD_DRAWS, m))
+            z = host.rng.beta(d1 / 2.0, d1 / 2.0, (nd, m))  # Beta((d-1)/2, (d-1)/2)
+            u = host.rng.random((nd, m))
         else:
             # gen is a torch.Generator on this branch (host is None); the union is not narrowed
-            g = standard_gamma(d1 / 2.0, (2, _WOOD_DRAWS, m), gen, dev)  # type: ignore[arg-type]
+            g = standard_gamma(d1 / 2.0, (2, nd, m), gen, dev)  # type: ignore[arg-type]
             # gen is a torch.Generator on this branch (host is None); the union is not narrowed
-            u = torch.rand((_WOOD_DRAWS, m), dtype=torch.float64, device=dev, generator=gen)  # type: ignore[arg-type]
+            u = torch.rand((nd, m), dtype=torch.float64, device=dev, generator=gen)  # type: ignore[arg-type]
             z = g[0] / (g[0] + g[1])                          # Beta((d-1)/2, (d-1)/2)
         first = pending is None
         bp = b if first else b[pending]
@@ -393,7 +400,7 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
         lhs = kp * (omx0p - omw_c) + d1 * (xp.log(omx0p + x0p * omw_c) - l1p)
         acc = lhs >= xp.log(u)
         chosen = omw_c[-1]
-        for j in range(_WOOD_DRAWS - 2, -1, -1):                 # the first accepted candidate
+        for j in range(nd - 2, -1, -1):                          # the first accepted candidate
             chosen = xp.where(acc[j], omw_c[j], chosen)
         done = acc.any(0)
         if first:
@@ -406,9 +413,11 @@ def sample_cosine(kappa: Tensor, dim: int, n: int = 1,
         left = total if pending is None else len(pending)
         raise NumericalError(f"Wood's vMF sampler did not accept {left} draws in {_WOOD_MAX_ROUNDS} rounds "
                            f"(kappa in [{k_t.min().item()}, {k_t.max().item()}], d={dim})")
-    omw_t = torch.from_numpy(omw) if cpu else omw
-    w = (1.0 - omw_t).reshape(-1, n)
-    s = torch.sqrt(torch.clamp(omw_t * (2.0 - omw_t), min=0.0)).reshape(-1, n)
+    if cpu:
+        return (torch.from_numpy((1.0 - omw).reshape(-1, n)),
+                torch.from_numpy(np.sqrt(np.maximum(omw * (2.0 - omw), 0.0)).reshape(-1, n)))
+    w = (1.0 - omw).reshape(-1, n)
+    s = torch.sqrt(torch.clamp(omw * (2.0 - omw), min=0.0)).reshape(-1, n)
     return w, s
 
 
