@@ -217,13 +217,22 @@ def _ray_lake(ray, path, seed: int, n: int = 2400, d: int = 8):
     return lake
 
 
+@pytest.fixture
+def ray_even_when_small(monkeypatch):
+    """Lakes this small get the local engine from estimate_kappa(engine="ray"); these tests want Ray's files."""
+    import m2m.ray.geometry
+
+    monkeypatch.setattr(m2m.ray.geometry, "LOCAL_MAX_ROWS", 0)
+
+
 @pytest.mark.slow
-def test_ray_written_files_carry_the_local_writers_stamps(cluster, tmp_path):
+def test_ray_written_files_carry_the_local_writers_stamps(cluster, tmp_path, ray_even_when_small):
     from m2m.lake.integrity import vocabulary_digest
 
     with _ray_lake(cluster, tmp_path / "lake", seed=4) as lake:
         m = lake.manifest
         assert m.lake_id is not None and len(m.shards) > 4 and m.geometry["stamp"] == str(m.version - 1)
+        assert m.operation["engine"] == "ray"
         prev = -1
         for s in m.shards:
             main = _meta(tmp_path / "lake" / s.files[0].path)
@@ -249,7 +258,7 @@ def test_ray_written_files_carry_the_local_writers_stamps(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_written_lake_refuses_foreign_stale_and_dropped_files(cluster, tmp_path):
+def test_ray_written_lake_refuses_foreign_stale_and_dropped_files(cluster, tmp_path, ray_even_when_small):
     import json
     import shutil
 
@@ -298,3 +307,19 @@ def test_ray_written_lake_refuses_foreign_stale_and_dropped_files(cluster, tmp_p
         d["geometry"]["rows"] -= gone["rows"]
     edit_manifest(dropped, drop)
     refused(dropped, "a shard dropped")
+
+
+@pytest.mark.slow
+def test_estimate_kappa_ray_of_a_small_lake_runs_the_local_exact_search(cluster, tmp_path):
+    from m2m.ray.geometry import LOCAL_MAX_ROWS
+
+    x = _unit(np.random.default_rng(8).normal(size=(LOCAL_MAX_ROWS, 8)))
+    kappas = {}
+    for engine in ("local", "ray"):
+        with create_m2m(M2MConfig(path=tmp_path / engine, latent_dim=8, knn_k=K)) as lake:
+            lake.add_splats(x)
+            kappas[engine] = lake.estimate_kappa(engine=engine)
+            if engine == "ray":
+                assert lake.manifest.operation["engine"] == "local (ray: small lake)"
+                assert lake.manifest.geometry["stamp"] == str(lake.version - 1) and lake.verify() == []
+    np.testing.assert_allclose(kappas["ray"], kappas["local"], rtol=1e-6)  # the same exact search
