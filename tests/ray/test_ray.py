@@ -191,3 +191,135 @@ def test_consolidate_ray_matches_the_local_engine(cluster, tmp_path):
     np.testing.assert_allclose(splats["ray"]["mu"][pos_r][agree], splats["local"]["mu"][pos_l][agree], atol=1e-6)
     np.testing.assert_array_equal(splats["ray"]["label"][pos_r], splats["local"]["label"][pos_l])
     assert np.isfinite(splats["ray"]["kappa"]).all()
+
+
+# ---------------------------------------------------------------------------- integrity stamps (issue 18)
+def _meta(path) -> dict[str, str]:
+    import pyarrow as pa
+
+    with pa.OSFile(str(path)) as f:
+        raw = pa.ipc.open_file(f).schema.metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if k.startswith(b"m2m.")}
+
+
+def _ray_lake(ray, path, seed: int, n: int = 2400, d: int = 8):
+    """A lake whose rows were all written by `write_lake` (string labels, two appends), then kappa by Ray."""
+    from m2m.ray import write_lake
+
+    rng = np.random.default_rng(seed)
+    cfg = M2MConfig(path=path, latent_dim=d, knn_k=4, shard_bytes=1 << 16)  # ~1,000 rows a shard
+    for part in range(2):
+        x = rng.normal(size=(n, d)).astype(np.float32)
+        labels = np.array(["ant", "bee", "cow"] if part == 0 else ["dog", "bee", "eel"])[rng.integers(0, 3, n)]
+        write_lake(ray.data.from_items(_items(x, labels), override_num_blocks=4), cfg, label_column="label").close()
+    lake = open_lake(path)
+    lake.estimate_kappa(engine="ray")
+    return lake
+
+
+@pytest.fixture
+def ray_even_when_small(monkeypatch):
+    """Lakes this small get the local engine from estimate_kappa(engine="ray"); these tests want Ray's files."""
+    import m2m.ray.geometry
+
+    monkeypatch.setattr(m2m.ray.geometry, "LOCAL_MAX_ROWS", 0)
+
+
+@pytest.mark.slow
+def test_ray_written_files_carry_the_local_writers_stamps(cluster, tmp_path, ray_even_when_small):
+    from m2m.lake.integrity import vocabulary_digest
+
+    with _ray_lake(cluster, tmp_path / "lake", seed=4) as lake:
+        m = lake.manifest
+        assert m.lake_id is not None and len(m.shards) > 4 and m.geometry["stamp"] == str(m.version - 1)
+        assert m.operation["engine"] == "ray"
+        prev = -1
+        for s in m.shards:
+            main = _meta(tmp_path / "lake" / s.files[0].path)
+            assert main["m2m.lake_id"] == m.lake_id
+            assert int(main["m2m.prev_id"]) == prev  # the shard order the local writer records
+            assert int(main["m2m.next_id"]) == s.id_max + 1
+            n = int(main["m2m.labels"].split(":")[0])
+            assert main["m2m.labels"] == vocabulary_digest(m.label_vocabulary[:n])
+            # the vocabulary the tasks were given: the lake's, plus the labels of the dataset's first row
+            assert n >= (3 if s.id_min >= 2400 else 1)
+            side = _meta(tmp_path / "lake" / s.files[-1].path)
+            assert side == {"m2m.lake_id": m.lake_id, "m2m.geometry": m.geometry["stamp"]}
+            prev = s.id_max
+        assert _meta(tmp_path / "lake" / m.shards[-1].files[0].path)["m2m.next_id"] == str(m.next_id)
+        assert lake.verify() == []
+        before = lake.version
+        lake.consolidate(0.999, engine="ray")  # main shards rewritten locally, sidecars by Ray tasks
+        m = lake.manifest
+        assert m.version == before + 1 and m.geometry["stamp"] is not None
+        for s in m.shards:
+            assert _meta(tmp_path / "lake" / s.files[-1].path)["m2m.geometry"] == m.geometry["stamp"]
+        assert lake.verify() == []
+
+
+@pytest.mark.slow
+def test_ray_written_lake_refuses_foreign_stale_and_dropped_files(cluster, tmp_path, ray_even_when_small):
+    import json
+    import shutil
+
+    from m2m.errors import CorruptShardError
+    from tests.lake.manifest_edit import edit_manifest, manifest_path
+
+    ours = tmp_path / "ours"
+    other = tmp_path / "other"
+    _ray_lake(cluster, ours, seed=5).close()
+    with _ray_lake(cluster, other, seed=6) as lk:  # the same shapes: the same ids in every shard
+        lk.estimate_kappa(engine="ray")             # a second run: version 3's sidecars are stale in 4
+    theirs = json.loads(manifest_path(other).read_text())["shards"]
+
+    def refused(path, match: str) -> None:
+        with pytest.raises(CorruptShardError, match=match):
+            with open_lake(path) as lk:
+                lk.splats()
+                for i in range(len(lk.manifest.shards)):
+                    lk.snapshot.column(i, "neighbors")
+
+    rng = np.random.default_rng(7)
+    for trial in range(8):  # a random shard, main file or sidecar, of the other lake copied in
+        path = tmp_path / f"t{trial}"
+        shutil.copytree(ours, path)
+        i = int(rng.integers(0, len(theirs)))
+        j = int(rng.integers(0, 2)) * -1  # 0: main file, -1: geometry sidecar
+        f = theirs[i]["files"][j]
+        shutil.copy(other / f["path"], path / f["path"])
+        edit_manifest(path, lambda d, i=i, j=j, f=f: d["shards"][i]["files"].__setitem__(j, f))
+        refused(path, "belongs to another lake")
+    # a sidecar of an earlier Ray run of the same lake
+    versions = sorted(manifest_path(other).parent.glob("v*.json"))
+    first = [json.loads(p.read_text()) for p in versions][3]
+    assert first["operation"]["type"] == "estimate_kappa"
+    stale = tmp_path / "stale"
+    shutil.copytree(other, stale)
+    edit_manifest(stale, lambda d: d["shards"][1]["files"].__setitem__(-1, first["shards"][1]["files"][-1]))
+    refused(stale, "stale sidecar")
+    # a Ray-written shard dropped with the row count fixed
+    dropped = tmp_path / "dropped"
+    shutil.copytree(ours, dropped)
+
+    def drop(d: dict) -> None:
+        gone = d["shards"].pop(2)
+        d["rows"] -= gone["rows"]
+        d["geometry"]["rows"] -= gone["rows"]
+    edit_manifest(dropped, drop)
+    refused(dropped, "a shard dropped")
+
+
+@pytest.mark.slow
+def test_estimate_kappa_ray_of_a_small_lake_runs_the_local_exact_search(cluster, tmp_path):
+    from m2m.ray.geometry import LOCAL_MAX_ROWS
+
+    x = _unit(np.random.default_rng(8).normal(size=(LOCAL_MAX_ROWS, 8)))
+    kappas = {}
+    for engine in ("local", "ray"):
+        with create_m2m(M2MConfig(path=tmp_path / engine, latent_dim=8, knn_k=K)) as lake:
+            lake.add_splats(x)
+            kappas[engine] = lake.estimate_kappa(engine=engine)
+            if engine == "ray":
+                assert lake.manifest.operation["engine"] == "local (ray: small lake)"
+                assert lake.manifest.geometry["stamp"] == str(lake.version - 1) and lake.verify() == []
+    np.testing.assert_allclose(kappas["ray"], kappas["local"], rtol=1e-6)  # the same exact search

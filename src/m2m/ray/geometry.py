@@ -25,6 +25,7 @@ which removes the files written so far (running tasks are cancelled first).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -55,6 +56,11 @@ TASK_BYTES = 256 << 20
 
 #: Copies of each row the IVF routing ships, assumed when sizing the list-owner tasks.
 ROUTED_COPIES = 4
+
+#: Lakes of at most this many rows get ``estimate_kappa(engine="ray")`` from the local engine in the
+#: driver: it searches them exactly (`m2m.index.knn.knn`'s ``exact_max_rows``) in less time than fresh
+#: Ray workers take to import torch (docs/ray.md has the measurements).
+LOCAL_MAX_ROWS = 20_000
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -120,6 +126,26 @@ def _balanced_owners(sizes: np.ndarray, parts: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- Ray task bodies
+def _warm_task() -> float:
+    """Ray task: import what the geometry tasks use (torch, FAISS, the lake reader); seconds it took."""
+    t0 = time.perf_counter()
+    import torch  # noqa: F401  (the heaviest import: seconds per fresh worker process)
+
+    from m2m.geometry import kappa  # noqa: F401
+    from m2m.index.runtime import require_faiss
+    from m2m.lake import neighbourhood  # noqa: F401
+
+    require_faiss()
+    return time.perf_counter() - t0
+
+
+def _warm(ray: Any) -> list[Any]:
+    """One `_warm_task` per CPU of the cluster, started before the driver's sampling and k-means so that
+    fresh workers load their modules while the driver works, not when the first stage needs them."""
+    task = ray.remote(num_cpus=1, max_retries=0)(_warm_task)
+    return [task.remote() for _ in range(_workers(ray))]
+
+
 def _exact_sample_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, queries: np.ndarray,
                        kk: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``kk`` of ``queries`` over shards ``[lo, hi)``: (scores, global positions)."""
@@ -418,6 +444,7 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
 
     ray = require_ray()
     t0 = time.perf_counter()
+    warm = _warm(ray)
     base, verify = snap.manifest, snap.verify
     n, d = base.rows, base.dim
     k_eff = max(0, min(k, n - 1))
@@ -456,6 +483,7 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
     results = _gather(ray, [finish.remote(snap.fs, base, verify, lo, hi, k, k_eff, *[c[j] for c in candidates])
                             for j, (lo, hi) in enumerate(ranges)])
     t3 = time.perf_counter()
+    loads = _gather(ray, warm)
     shards: list[ShardEntry] = []
     summary: dict[str, Any] = {}
     for res in results:
@@ -472,9 +500,11 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
     if stats is not None:
         stats.update(nlist=nlist, nprobe=nprobe, max_gap=max_gap, calibrated_recall=recall, ranges=len(ranges),
                      owners=int(owner.max()) + 1, seconds={"sample": t1 - t0, "calibrate": t2 - t1,
-                                                           "search": t3 - t2})
+                                                           "search": t3 - t2, "worker_imports": max(loads)})
+    # the run stamp `with_geometry` put in every sidecar (the version the tasks read): a stale sidecar is refused
     return {"shards": tuple(shards), "stats": summary,
-            "geometry": {"k": int(k), "estimator": ESTIMATOR, "rows": int(n), "estimated_at": time.time()}}
+            "geometry": {"k": int(k), "estimator": ESTIMATOR, "rows": int(n), "estimated_at": time.time(),
+                         "stamp": str(base.version)}}
 
 
 def estimate(snap: Snapshot, k: int, seed: int, progress: Progress = None) -> Manifest:
@@ -482,8 +512,11 @@ def estimate(snap: Snapshot, k: int, seed: int, progress: Progress = None) -> Ma
     from m2m.lake.neighbourhood import estimate as local_estimate
 
     base = snap.manifest
-    if base.rows < 2:  # nothing to distribute
-        return local_estimate(snap, k, seed)
+    if base.rows < 2 or base.rows <= LOCAL_MAX_ROWS:  # nothing to distribute / exact locally, and sooner
+        logger.info("estimate_kappa(engine='ray') of %d rows <= %d: the local engine's exact search runs in the "
+                    "driver", base.rows, LOCAL_MAX_ROWS)
+        new = local_estimate(snap, k, seed)
+        return dataclasses.replace(new, operation={**new.operation, "engine": "local (ray: small lake)"})
     try:
         fields = geometry_fields(snap, k, seed, progress)
     finally:
@@ -508,6 +541,7 @@ def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall
     n = base.rows
     if n == 0:
         return np.zeros(0, np.int64)
+    warm = _warm(ray)
     thr = similarity_threshold(similarity)
     row_bytes = 4.0 * base.dim
     ranges = shard_ranges(base, _task_count(ray, n * row_bytes))
@@ -531,6 +565,7 @@ def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall
     routed = _route(ray, snap, ranges, centroids, nprobe, float("inf"), None, owner, with_labels, verify)
     task = ray.remote(num_cpus=1, max_retries=0)(_duplicates_task)
     edges = _gather(ray, [task.remote(thr, *[r[p] for r in routed]) for p in range(int(owner.max()) + 1)])
+    _gather(ray, warm)
     u = np.concatenate([e[0] for e in edges])
     v = np.concatenate([e[1] for e in edges])
     logger.info("ray duplicates of %d rows: nlist=%d nprobe=%d (calibrated pair recall %.3f), %d forest edges",

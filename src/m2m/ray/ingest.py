@@ -42,6 +42,7 @@ from m2m.errors import (
 )
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
+from m2m.lake.integrity import WriteStamp
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.writer import (
     SchemaUpdate,
@@ -86,8 +87,9 @@ def _block_columns(block: Any, vector_column: str, label_column: str | None,
 
 def _write_pieces(fs: LakeFS, pieces: list[_Piece], first_id: int, dim: int, dtype: str, shard_bytes: int,
                   schema: SchemaUpdate, vector_column: str, label_column: str | None,
-                  metadata_columns: Sequence[str]) -> dict[str, Any]:
-    """Ray task: validate and write consecutive dataset rows as shards with ids ``first_id`` onward."""
+                  metadata_columns: Sequence[str], stamp: WriteStamp | None = None) -> dict[str, Any]:
+    """Ray task: validate and write consecutive dataset rows as shards with ids ``first_id`` onward,
+    each file stamped as the local writer stamps it (``stamp``: `m2m.lake.integrity.WriteStamp`)."""
     import ray
     from ray.data.block import BlockAccessor
 
@@ -101,7 +103,7 @@ def _write_pieces(fs: LakeFS, pieces: list[_Piece], first_id: int, dim: int, dty
         planned = reconcile_schema(planned, b)
         summary = lake_stats.merge(summary, lake_stats.summarize(b.kappa, b.alpha))
         batches.append(b)
-    shards = write_splats(fs, batches, first_id, dim, dtype, shard_bytes, planned)
+    shards = write_splats(fs, batches, first_id, dim, dtype, shard_bytes, planned, stamp=stamp)
     rows = sum(b.rows for b in batches)
     return {"shards": shards, "rows": rows, "vocabulary": planned.label_vocabulary, "summary": summary}
 
@@ -242,11 +244,17 @@ def _commit(ray: Any, lake: Any, pieces: list[tuple[_Piece, int]], rows: int, fi
         schema = rebase_schema(planned, assumed, base)
         refs = []
         next_id = base.next_id
+        # the stamps of the local writer: each task's first shard follows the previous task's last id
+        # (ids are contiguous from next_id), the lake's last shard for the first task; a task knows
+        # only the vocabulary it was given (later tasks' new labels land behind earlier ones')
+        prev_id = base.shards[-1].id_max if base.shards else -1
         for group in groups:
             n = sum(p.stop - p.start for p in group)
+            stamp = WriteStamp(base.lake_id, prev_id, len(schema.label_vocabulary), append=True)
             refs.append(task.remote(fs, group, next_id, base.dim, base.dtype, cfg.shard_bytes, schema,
-                                    vector_column, label_column, meta_cols))
+                                    vector_column, label_column, meta_cols, stamp))
             next_id += n
+            prev_id = next_id - 1
         try:
             results = ray.get(refs)
         except BaseException:
