@@ -290,3 +290,19 @@ def test_names_are_checked_to_the_true_end(lake: Path) -> None:
     shutil.copy(newest, lake / "_manifests" / "v0000000050.json\n")
     with open_lake(lake) as lk:
         assert lk.version < 50
+
+
+def test_neighbours_of_rows_appended_after_estimate_kappa_read_as_none(lake: Path) -> None:
+    # observed: Snapshot.read_all("neighbors") raised UnknownColumnError after an append following
+    # estimate_kappa; such rows read as they would stream: -1 (no neighbour), cosine NaN, kappa NaN
+    with open_lake(lake) as lk:
+        snap = lk.snapshot
+        nbr, cos, kappa = snap.read_all("neighbors"), snap.read_all("neighbor_cos"), snap.read_all("kappa")
+        assert nbr.shape == (1200, 4) and cos.shape == (1200, 4) and nbr.dtype == np.int64
+        assert (nbr[900:] == -1).all() and np.isnan(cos[900:]).all() and np.isnan(kappa[900:]).all()
+        assert (nbr[:900] >= 0).all() and not np.isnan(cos[:900]).any() and not np.isnan(kappa[:900]).any()
+        assert (snap.gather("neighbors", np.array([0, 950]))[1] == -1).all()
+        dl = lk.export_to_dataloader(batch_size=200, shuffle=False, columns=("id", "neighbors", "neighbor_cos"))
+        got = {k: np.concatenate([b[k].numpy() for b in dl]) for k in ("id", "neighbors", "neighbor_cos")}
+    assert np.array_equal(got["id"], np.arange(1200))
+    assert np.array_equal(got["neighbors"], nbr) and np.array_equal(got["neighbor_cos"], cos, equal_nan=True)

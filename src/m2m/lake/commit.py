@@ -146,20 +146,36 @@ def insert_shards(base: Manifest, shards: tuple[ShardEntry, ...], first: int, ro
     return base.shards[:at] + shards + base.shards[at:]
 
 
-def append_remote(fs: Any, write: Callable[[int], list[ShardEntry]], rebase: Callable[[Manifest], Any],
+def _last_id_before(m: Manifest, first: int) -> int:
+    """The largest id of ``m`` below ``first`` (-1: none)."""
+    at = bisect.bisect_left([s.id_min for s in m.shards], first)
+    return m.shards[at - 1].id_max if at else -1
+
+
+def append_remote(fs: Any, write: Callable[[int, int | None], list[ShardEntry]], rebase: Callable[[Manifest], Any],
                   rows: int, summary: dict[str, Any]) -> tuple[Manifest, np.ndarray]:
     """One append to a shared remote lake: reserve ids, write the shards once, publish with rebase.
 
-    ``write(first_id)`` writes the shards; ``rebase(base)`` returns the schema (`SchemaUpdate`) of the
+    ``write(first_id, prev_id)`` writes the shards (``prev_id``: the first shard's ``m2m.prev_id``
+    stamp, None for none); ``rebase(base)`` returns the schema (`SchemaUpdate`) of the
     append on ``base`` (raising when a concurrent writer changed it incompatibly).
     """
     for _ in range(3):
         first = reserve_ids(fs, rows)
+        # the first shard's m2m.prev_id stamp: the head's last id before the reservation when it ends
+        # right before it (no other reservation lies between, so no other append can ever land
+        # between them); after a gap (another writer's reservation in flight, or abandoned) the
+        # predecessor is unknown until commit and the stamp is left out
+        before = _last_id_before(read_manifest(fs), first)
+        prev = before if before == first - 1 else None
         mark = fs.mark()
         try:
-            shards = tuple(write(first))
+            shards = tuple(write(first, prev))
 
-            def build(base: Manifest, shards: tuple[ShardEntry, ...] = shards, first: int = first) -> Manifest:
+            def build(base: Manifest, shards: tuple[ShardEntry, ...] = shards, first: int = first,
+                      prev: int | None = prev) -> Manifest:
+                if prev is not None and _last_id_before(base, first) != prev:
+                    raise _IdsTaken  # the shard before moved (a rollback): its stamp would be wrong
                 schema = rebase(base)
                 return base.next(shards=insert_shards(base, shards, first, rows),
                                  next_id=max(base.next_id, first + rows), label_type=schema.label_type,
@@ -169,7 +185,8 @@ def append_remote(fs: Any, write: Callable[[int], list[ShardEntry]], rebase: Cal
 
             new = commit_remote(fs, "append", build)
         except _IdsTaken:
-            logger.warning("ids %d.. reserved on %s were taken; writing the append again", first,
+            logger.warning("ids %d.. reserved on %s were taken (or the shard before them changed); writing "
+                           "the append again", first,
                            getattr(fs, "url", fs.root))
             _remove(fs, fs.written_since(mark))
             continue

@@ -6,16 +6,20 @@ a Polars DataFrame, or a Hugging Face `datasets.Dataset`).
 Chunks are sized in bytes (``chunk_bytes``, rows = bytes / row width), Parquet is read one row group
 at a time through a small read buffer, and the vector width comes from the schema (a fixed_size_list
 type) or the first row, so the input is read once and memory stays bounded by a few chunks.
+
+No input file is memory-mapped: .npy rows are read with ``pread`` one chunk at a time, Arrow IPC
+files through ``pyarrow.OSFile`` one record batch at a time, so an input cut short while it is read
+(``cp`` over it truncates it first) is a one-line `InvalidEmbeddingError` naming it, never SIGBUS.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -146,75 +150,105 @@ class _Reader:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class _NpyHeader:
+    rows: int
+    dim: int
+    dtype: np.dtype
+    fortran: bool
+    offset: int          # where the data starts
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.dim * self.dtype.itemsize
+
+
 class _NpyReader(_Reader):
+    """A .npy file read with positional reads of one chunk of rows at a time (never a memory map: a
+    file cut short while it is read becomes `InvalidEmbeddingError` naming it, not SIGBUS)."""
+
     def __init__(self, f: Path, source: Source) -> None:
         self.f, self.source = f, source
         if source.label_column is not None or source.meta_columns or source.all_columns:
             raise InvalidEmbeddingError(f"{f}: .npy files hold no columns; --label-column/--meta-column/"
                                         "--all-columns do not apply")
 
-    def _array(self) -> np.ndarray:
+    def _header(self) -> _NpyHeader:
         with open(self.f, "rb") as fh:
-            magic = fh.read(6)
-        if magic != b"\x93NUMPY":  # np.load would try to unpickle it and suggest allow_pickle
-            raise InvalidEmbeddingError(f"{self.f} is not a .npy file (it does not start with the NumPy header); "
-                                        "save arrays with numpy.save")
-        dtype = _npy_dtype(self.f)
-        if dtype is not None and dtype.hasobject:
-            raise InvalidEmbeddingError(f"{self.f} holds Python objects (dtype {dtype}), not numbers; m2m reads "
-                                        ".npy files of float or int arrays")
-        try:
-            arr = np.load(self.f, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as exc:  # truncated header or data, pickled objects, ...
-            raise InvalidEmbeddingError(f"{self.f} is not a readable .npy array (truncated or corrupt?): "
-                                        f"{exc}") from exc
-        if not isinstance(arr, np.ndarray) or arr.ndim != 2:
-            raise InvalidEmbeddingError(f"{self.f} holds an array of shape {getattr(arr, 'shape', '?')}; "
-                                        "expected [rows, dim]")
-        return arr
+            header = _npy_header(self.f, fh)
+            size = os.fstat(fh.fileno()).st_size
+        if size < header.offset + header.nbytes:
+            raise InvalidEmbeddingError(f"{self.f} is truncated or corrupt: {size} bytes, its header promises "
+                                        f"{header.offset + header.nbytes} ({header.rows} x {header.dim} "
+                                        f"{header.dtype})")
+        return header
 
     def rows(self) -> int:
-        return int(self._array().shape[0])
+        return self._header().rows
 
     def dim(self) -> int:
-        return int(self._array().shape[1])
+        return self._header().dim
 
     def chunks(self) -> Iterator[dict[str, Any]]:
-        arr = self._array()
-        n, dim = arr.shape
-        step = _rows_per_chunk(self.source.chunk_rows, self.source.chunk_bytes, dim, arr.dtype.itemsize)
-        if not (isinstance(arr, np.memmap) and arr.flags.c_contiguous) or arr.dtype.hasobject:
-            for lo in range(0, n, step):
-                yield {"vectors": np.array(arr[lo:lo + step])}
-            return
-        # plain reads of each chunk instead of the memory map: mapped pages would count in the RSS
-        # (up to the whole file); a chunk read into a fresh array is all this process holds
-        offset, dtype = arr.offset, arr.dtype
-        del arr
-        with open(self.f, "rb") as fh:
-            fh.seek(offset)
+        # a fresh array per chunk, read with pread: memory is one chunk, whatever the file's size
+        h = self._header()
+        n, dim, dtype = h.rows, h.dim, h.dtype
+        step = _rows_per_chunk(self.source.chunk_rows, self.source.chunk_bytes, dim, dtype.itemsize)
+        with open(self.f, "rb", buffering=0) as fh:
+            fd = fh.fileno()
             for lo in range(0, n, step):
                 rows = min(step, n - lo)
-                chunk = np.fromfile(fh, dtype=dtype, count=rows * dim)
-                if chunk.size != rows * dim:
-                    raise InvalidEmbeddingError(f"{self.f} is truncated: row {lo + chunk.size // max(dim, 1)} of {n} "
-                                                "is missing")
-                yield {"vectors": chunk.reshape(rows, dim)}
+                if not h.fortran:
+                    chunk = np.empty((rows, dim), dtype=dtype)
+                    self._pread(fd, h.offset + lo * dim * dtype.itemsize, chunk, lo, n)
+                else:  # column-major: each column's rows are contiguous; one read per column
+                    cols = np.empty((dim, rows), dtype=dtype)
+                    for j in range(dim):
+                        self._pread(fd, h.offset + (j * n + lo) * dtype.itemsize, cols[j], lo, n)
+                    chunk = np.ascontiguousarray(cols.T)
+                yield {"vectors": chunk}
+
+    def _pread(self, fd: int, at: int, dst: np.ndarray, lo: int, n: int) -> None:
+        view = dst.reshape(-1).view(np.uint8).data
+        done = 0
+        while done < len(view):
+            try:
+                got = os.preadv(fd, [view[done:]], at + done)
+            except OSError as exc:
+                raise InvalidEmbeddingError(f"{self.f} cannot be read at byte {at + done} (rows {lo}.. of {n}): "
+                                            f"{exc.strerror or exc}") from exc
+            if got == 0:  # the file was cut short after its size was checked
+                raise InvalidEmbeddingError(f"{self.f} is truncated or corrupt: it ends at byte {at + done}, inside "
+                                            f"rows {lo}.. of {n} (was it changed while being read?)")
+            done += got
 
 
-def _npy_dtype(f: Path) -> np.dtype | None:
-    """The dtype in a .npy header (None when the header cannot be parsed: np.load then says why)."""
+def _npy_header(f: Path, fh: BinaryIO) -> _NpyHeader:
+    """The shape, dtype, order and data offset of the .npy file open as ``fh``; refuses what m2m cannot
+    ingest (pickled objects, not 2-D, not a .npy file) with one line naming ``f``."""
     fmt = np.lib.format
+    if fh.read(6) != b"\x93NUMPY":  # np.load would try to unpickle it and suggest allow_pickle
+        raise InvalidEmbeddingError(f"{f} is not a .npy file (it does not start with the NumPy header); "
+                                    "save arrays with numpy.save")
+    fh.seek(0)
     try:
-        with open(f, "rb") as fh:
-            version = fmt.read_magic(fh)
-            if version == (1, 0):
-                return fmt.read_array_header_1_0(fh)[2]
-            if version == (2, 0):
-                return fmt.read_array_header_2_0(fh)[2]
-    except (ValueError, OSError, EOFError):
-        pass
-    return None
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+        else:  # (3, 0): a utf-8 header (field names); no public reader for it
+            shape, fortran, dtype = getattr(fmt, "_read_array_header")(fh, version)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise InvalidEmbeddingError(f"{f} is not a readable .npy array (truncated or corrupt header?): "
+                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise InvalidEmbeddingError(f"{f} holds Python objects (dtype {dtype}), not numbers; m2m reads "
+                                    ".npy files of float or int arrays")
+    if len(shape) != 2:
+        raise InvalidEmbeddingError(f"{f} holds an array of shape {tuple(shape)}; expected [rows, dim]")
+    return _NpyHeader(int(shape[0]), int(shape[1]), dtype, bool(fortran), fh.tell())
 
 
 class _ArrowReader(_Reader):
@@ -315,41 +349,66 @@ def _parquet_reader(f: Path, source: Source) -> _ArrowReader:
 
 
 def _ipc_reader(f: Path, source: Source) -> _ArrowReader:
-    """Arrow IPC file (Feather v2) or stream format; record batches are memory-mapped, not loaded."""
-    try:
-        mm = pa.memory_map(str(f))
+    """Arrow IPC file (Feather v2) or stream format, read one record batch at a time through a plain
+    file (``pyarrow.OSFile``: positional reads into buffers this process owns, never a memory map, so
+    a file cut short while it is read is `InvalidEmbeddingError` naming it, not SIGBUS). Only the
+    columns asked for are decoded; memory is one record batch (the file format reads only those
+    columns' bytes; the stream format reads each whole batch)."""
+
+    def fail(exc: BaseException) -> InvalidEmbeddingError:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return InvalidEmbeddingError(f"{f} is not a readable Arrow IPC/Feather file (truncated or corrupt?): {first}")
+
+    def opened(fields: list[int] | None) -> tuple[pa.OSFile, Any, bool]:
+        """(file, reader, is the random-access file format) reading only ``fields`` (None: all)."""
+        fh = pa.OSFile(str(f))
+        options = None if fields is None else pa.ipc.IpcReadOptions(included_fields=fields)
         try:
-            reader: Any = pa.ipc.open_file(mm)
-            n_batches = reader.num_record_batches
+            try:
+                return fh, pa.ipc.open_file(fh, options=options), True
+            except pa.ArrowInvalid:  # not the file format: the stream format, read in order
+                fh.seek(0)
+                return fh, pa.ipc.open_stream(fh, options=options), False
+        except BaseException:
+            fh.close()
+            raise
 
-            def all_batches() -> Iterator[pa.RecordBatch]:
-                for i in range(n_batches):
-                    yield reader.get_batch(i)
-        except pa.ArrowInvalid:
-            mm.seek(0)
-            stream = pa.ipc.open_stream(mm)
-            reader = stream
-
-            def all_batches() -> Iterator[pa.RecordBatch]:
-                with pa.memory_map(str(f)) as again:
-                    yield from pa.ipc.open_stream(again)
+    try:
+        fh, reader, _ = opened(None)
         schema = reader.schema
+        fh.close()
     except (pa.ArrowException, OSError) as exc:
-        raise InvalidEmbeddingError(f"{f} is not a readable Arrow IPC/Feather file (truncated or corrupt?): "
-                                    f"{exc}") from exc
+        raise fail(exc) from exc
+
+    def selected(cols: list[str]) -> Generator[pa.RecordBatch, None, None]:
+        try:
+            # included_fields=[] would mean every field
+            fh, reader, random_access = opened([schema.get_field_index(c) for c in cols] or [0])
+            with fh:
+                if random_access:
+                    for i in range(reader.num_record_batches):
+                        yield reader.get_batch(i).select(cols)
+                else:
+                    for b in reader:
+                        yield b.select(cols)
+        except (pa.ArrowException, OSError) as exc:
+            raise fail(exc) from exc
 
     def batches(cols: list[str], rows: int) -> Iterator[pa.RecordBatch]:
-        for b in all_batches():
-            yield b.select(cols)
+        return selected(cols)
 
     def first_row(col: str) -> pa.RecordBatch | None:
-        for b in all_batches():
-            if b.num_rows:
-                return b.select([col]).slice(0, 1)
+        gen = selected([col])
+        try:
+            for b in gen:
+                if b.num_rows:
+                    return b.slice(0, 1)
+        finally:
+            gen.close()
         return None
 
     def num_rows() -> int:
-        return sum(b.num_rows for b in all_batches())
+        return sum(b.num_rows for b in selected([]))
 
     return _ArrowReader(f, schema, source.columns, source.chunk_rows, source.chunk_bytes, num_rows, batches,
                         first_row)

@@ -23,7 +23,9 @@ shard, vocabulary or geometry run:
 - ``m2m.lake_id``: the lake's random id (its first manifest's ``lake_id``); a file of another lake,
   or a stamped file in a manifest without the id or in a format-1 manifest, is refused.
 - ``m2m.prev_id`` (main files): the last id of the shard before it when it was written (-1: first);
-  checked against the manifest's shard order, so a dropped or reordered shard is an error.
+  checked against the manifest's shard order, so a dropped or reordered shard is an error. A
+  remote append stamps its first shard too when its reserved ids follow the head's last id; after
+  a gap in ids (another writer's reservation in flight or abandoned) that one stamp is left out.
 - ``m2m.next_id`` (main files of appends): the lake's ``next_id`` after that append; for the last
   shard it must equal the manifest's ``next_id`` (or its ``id_floor`` after a rollback), so a
   dropped last shard is an error.
@@ -73,7 +75,7 @@ class WriteStamp:
     """What the shard files of one write record about their lake (see the module doc).
 
     ``prev_id``: the last id before the first shard (-1: none; None: unknown, e.g. a remote append
-    whose place is only known at commit). ``labels_known``: how many vocabulary entries are final
+    after a gap in ids, whose place is only known at commit). ``labels_known``: how many vocabulary entries are final
     when the shards are written (None: all, as in a local commit under the lock; a remote append
     stamps only the entries of the head it was validated against). ``append``: stamp ``next_id``.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -283,12 +284,14 @@ class Lake:
                 raise InvalidEmbeddingError("nothing to add: the input has no rows")
             from m2m.lake.commit import append_remote
 
-            # ids are reserved, the shard's place is only known at commit: no prev_id; labels added
-            # by this append may move behind a concurrent writer's, so only the head's are stamped
+            # ids are reserved: append_remote gives the first shard's prev_id (None when its place is
+            # only known at commit); labels added by this append may move behind a concurrent
+            # writer's, so only the head's are stamped
             stamp = WriteStamp(assumed.lake_id, None, len(assumed.label_vocabulary), append=True)
             new, ids = append_remote(
-                self._fs, lambda first: write_splats(self._fs, batches(), first, assumed.dim, assumed.dtype,
-                                                     cfg.shard_bytes, planned, progress, stamp),
+                self._fs, lambda first, prev: write_splats(self._fs, batches(), first, assumed.dim, assumed.dtype,
+                                                           cfg.shard_bytes, planned, progress,
+                                                           dataclasses.replace(stamp, prev_id=prev)),
                 lambda base: rebase_schema(planned, assumed, base), rows, summary)
             self._set_manifest(new)
             logger.info("committed version %d (append): %d rows", new.version, new.rows)

@@ -14,7 +14,7 @@ from m2m.errors import CorruptShardError, UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch, check_file, check_footers, check_key
 from m2m.lake.manifest import FileEntry, Manifest
-from m2m.lake.schema import MAIN_COLUMNS, MU_NORM, WIDENED, widened_dtype
+from m2m.lake.schema import MAIN_COLUMNS, MU_NORM, NEIGHBOR_COS, NEIGHBORS, WIDENED, widened_dtype
 from m2m.lake.shard import (
     ColumnExtent,
     column_extents,
@@ -107,11 +107,18 @@ class Snapshot:
 
     def column(self, shard: int, name: str) -> np.ndarray:
         """Column ``name`` of shard ``shard`` as numpy (fixed-width columns: a fresh array of that
-        column's bytes alone, read and checked now)."""
+        column's bytes alone, read and checked now).
+
+        Rows appended after the last ``estimate_kappa`` have no geometry sidecar: their ``neighbors``
+        read as -1 (no neighbour, as for a neighbour whose row is gone), ``neighbor_cos`` as NaN, and
+        ``kappa`` (stored with the rows) as NaN, the same rows `to_arrow` gives as nulls."""
         if name == "label" and self.manifest.label_type == "string":
             return self._cached(shard, name, self._label_codes)
         if name == "neighbors":
             return self._cached(shard, name, self._neighbor_positions)
+        if name == "neighbor_cos" and self._without_geometry(shard, name):
+            return self._cached(shard, name, lambda s: np.full((self.manifest.shards[s].rows, self._k), np.nan,
+                                                               dtype=np.float32))
         values = self._stored(shard, name)
         if values.dtype.kind in "mM":  # timestamps and durations: their int64 counts (a view)
             return values.view(np.int64)
@@ -143,6 +150,8 @@ class Snapshot:
         """
         if name == "neighbors" or (name == "label" and self.manifest.label_type == "string"):
             return None
+        if name == "neighbor_cos" and self._without_geometry(shard, name):
+            return None  # filled in memory by `column`
         if self.manifest.metadata.get(name) in WIDENED:
             return None  # widened in memory by `column`
         entry = self.manifest.shards[shard]
@@ -382,7 +391,20 @@ class Snapshot:
                                     f"outside the manifest's label_vocabulary ({len(vocab)} labels)")
         return codes.to_numpy(zero_copy_only=False).astype(np.int64)
 
+    @property
+    def _k(self) -> int:
+        return int((self.manifest.geometry or {}).get("k", 0))
+
+    def _without_geometry(self, shard: int, name: str) -> bool:
+        """True when ``name`` is a geometry sidecar column of this lake that shard ``shard`` lacks
+        (written after the last ``estimate_kappa``)."""
+        if name not in (NEIGHBORS, NEIGHBOR_COS) or self.manifest.geometry is None:
+            return False
+        return not any(name in f.columns for f in self.manifest.shards[shard].files)
+
     def _neighbor_positions(self, shard: int) -> np.ndarray:
+        if self._without_geometry(shard, "neighbors"):
+            return np.full((self.manifest.shards[shard].rows, self._k), -1, dtype=np.int64)
         nbr_ids = self._file_column(self.manifest.shards[shard].file_for("neighbors"), "neighbors")
         all_ids = self.ids()
         pos = np.searchsorted(all_ids, nbr_ids)
