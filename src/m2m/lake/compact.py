@@ -269,7 +269,7 @@ def publish_local(fs: LakeFS, build: Callable[[Manifest], Manifest], lock_wait_s
         new = build(head)
         old = {f.path for f in head.files()}
         sync_files(fs, [f.path for f in new.files() if f.path not in old])
-        write_manifest(fs, new)
+        new = write_manifest(fs, new)
     return new
 
 

@@ -30,6 +30,7 @@ from m2m.lake.lock import WriteLock
 from m2m.lake.manifest import (
     DATA_DIR,
     MANIFEST_DIR,
+    SEGMENT_DIR,
     Manifest,
     list_versions,
     manifest_name,
@@ -169,6 +170,7 @@ class Lake:
         with write_lock(self._fs):
             base = read_manifest(self._fs)
             before = set(self._fs.listdir(DATA_DIR))
+            segments_before = set(self._fs.listdir(SEGMENT_DIR))
             committed = False
             try:
                 new = build(base)
@@ -176,12 +178,14 @@ class Lake:
                     raise InternalError(f"commit {operation!r} built version {new.version} on {base.version}")
                 old = {f.path for f in base.files()}
                 sync_files(self._fs, [f.path for f in new.files() if f.path not in old])
-                write_manifest(self._fs, new)
+                new = write_manifest(self._fs, new)
                 committed = True
             finally:  # also on KeyboardInterrupt: the files of a commit that was not published go
                 if not committed and not self._fs.exists(manifest_name(base.version + 1)):
                     for name in set(self._fs.listdir(DATA_DIR)) - before:
                         self._fs.remove(f"{DATA_DIR}/{name}")
+                    for name in set(self._fs.listdir(SEGMENT_DIR)) - segments_before:
+                        self._fs.remove(f"{SEGMENT_DIR}/{name}")
         self._set_manifest(new)
         logger.info("committed version %d (%s): %d rows", new.version, operation, new.rows)
         return new
@@ -660,7 +664,7 @@ def create_empty(fs: LakeFS, config: M2MConfig) -> Manifest:
         if list_versions(fs):
             return read_manifest(fs)
         try:
-            write_manifest(fs, manifest)
+            manifest = write_manifest(fs, manifest)
         except CommitConflictError:  # another process created the lake at the same moment
             return read_manifest(fs)
     return manifest

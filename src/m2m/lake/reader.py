@@ -42,8 +42,10 @@ class Snapshot:
     checked) may be shared between snapshots so that a file is checked once per holder of the set.
 
     Every file's Arrow footer is cross-checked against the manifest (rows, column types, dim, dtype,
-    first/last id; `m2m.lake.integrity`): for a local lake when the snapshot is made, for a remote
-    one when the file is first used (it is downloaded then anyway). ``checked`` (the `check_key`
+    first/last id; `m2m.lake.integrity`): for a local lake of format 1 or 2 when the snapshot is
+    made; for a remote one, or a local one of format 3 (segmented manifests, lakes of more than
+    `m2m.lake.manifest.SEGMENT_SHARDS` shards), when the file is first used, so opening a version
+    does not touch every file. ``checked`` (the `check_key`
     of each file already cross-checked) may be shared like ``verified``. A mismatch raises
     `CorruptShardError` naming the file.
     """
@@ -56,8 +58,8 @@ class Snapshot:
         self._verified: set[str] = set() if verified is None else verified
         self._checked: set[tuple[object, ...]] = set() if checked is None else checked
         self._shard_of = {f.path: i for i, s in enumerate(manifest.shards) for f in s.files}
-        if fs.is_local:  # footers only: a few small reads per file, no data pages
-            check_footers(fs, manifest, self._checked)
+        if fs.is_local and manifest.format_version < 3:  # footers only: a few small reads per file
+            check_footers(fs, manifest, self._checked)  # (format 3, a lake of many shards: on first use)
         counts = np.fromiter((s.rows for s in manifest.shards), dtype=np.int64, count=len(manifest.shards))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._batches: OrderedDict[str, pa.RecordBatch] = OrderedDict()
