@@ -32,6 +32,7 @@ from m2m.lake.manifest import (
     MANIFEST_DIR,
     SEGMENT_DIR,
     Manifest,
+    added_shards,
     list_versions,
     manifest_name,
     read_manifest,
@@ -169,23 +170,20 @@ class Lake:
             return new
         with write_lock(self._fs):
             base = read_manifest(self._fs)
-            before = set(self._fs.listdir(DATA_DIR))
-            segments_before = set(self._fs.listdir(SEGMENT_DIR))
+            mark = self._fs.mark()  # type: ignore[attr-defined]
             committed = False
             try:
                 new = build(base)
                 if new.version != base.version + 1:
                     raise InternalError(f"commit {operation!r} built version {new.version} on {base.version}")
-                old = {f.path for f in base.files()}
-                sync_files(self._fs, [f.path for f in new.files() if f.path not in old])
+                sync_files(self._fs, [f.path for s in added_shards(base, new) for f in s.files])
                 new = write_manifest(self._fs, new)
                 committed = True
             finally:  # also on KeyboardInterrupt: the files of a commit that was not published go
                 if not committed and not self._fs.exists(manifest_name(base.version + 1)):
-                    for name in set(self._fs.listdir(DATA_DIR)) - before:
-                        self._fs.remove(f"{DATA_DIR}/{name}")
-                    for name in set(self._fs.listdir(SEGMENT_DIR)) - segments_before:
-                        self._fs.remove(f"{SEGMENT_DIR}/{name}")
+                    for rel in self._fs.written_since(mark):  # type: ignore[attr-defined]
+                        if rel.startswith((f"{DATA_DIR}/", f"{SEGMENT_DIR}/")):
+                            self._fs.remove(rel)
         self._set_manifest(new)
         logger.info("committed version %d (%s): %d rows", new.version, operation, new.rows)
         return new

@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import logging
+import operator
 import os
 import re
 import stat
@@ -220,7 +222,8 @@ class Manifest:
             "format": FORMAT_NAME, "format_version": INLINE_FORMAT_VERSION if segments is None else 3,
             "version": self.version,
             "parent": self.parent, "created": self.created, "dim": self.dim, "dtype": self.dtype,
-            "next_id": self.next_id, "rows": self.rows, "label_type": self.label_type,
+            "next_id": self.next_id, "rows": self.rows if segments is None else sum(g.rows for g in segments),
+            "label_type": self.label_type,
             "label_vocabulary": list(self.label_vocabulary), "metadata": dict(self.metadata),
             "geometry": self.geometry, "operation": dict(self.operation), "stats": dict(self.stats),
         }
@@ -370,7 +373,7 @@ def _parse(doc: Any, fs: LakeFS | None = None) -> Manifest:
         if fs is None:
             raise InvalidManifestError("a format-3 version file needs its lake to read its segments")
         segments = _read_segments(fs, doc, lake_id)
-        shards: tuple[ShardEntry, ...] = tuple(e for g in segments for e in g.entries)
+        shards: tuple[ShardEntry, ...] = tuple(itertools.chain.from_iterable(g.entries for g in segments))
     else:
         if not isinstance(doc["shards"], list):
             raise InvalidManifestError("shards is not a list")
@@ -385,6 +388,8 @@ def _parse(doc: Any, fs: LakeFS | None = None) -> Manifest:
         raise InvalidManifestError("format_version 1 with a lake_id: a format-2 manifest rewritten as format 1")
     if id_floor > m.next_id:
         raise InvalidManifestError(f"id_floor {id_floor} is above next_id {m.next_id}")
+    if segments is not None:  # each segment's rows were checked against its reference
+        object.__setattr__(m, "_rows", sum(g.rows for g in segments))
     if fv >= 2 and _int(doc, "rows") != m.rows:
         raise InvalidManifestError(f"rows = {doc['rows']} but the shards hold {m.rows}")
     if segments is None:
@@ -456,7 +461,7 @@ def _read_segments(fs: LakeFS, doc: dict[str, Any], lake_id: str | None) -> tupl
     first = 0
     for i, r in enumerate(refs):
         entries = parsed[r.sha256]
-        if (len(entries), entries[0].id_min, entries[-1].id_max, sum(e.rows for e in entries)) != (
+        if (len(entries), entries[0].id_min, entries[-1].id_max, _rows_of(entries)) != (
                 r.shards, r.id_min, r.id_max, r.rows):
             raise InvalidManifestError(f"segments[{i}] ({r.path}) holds {len(entries)} shards, ids "
                                        f"{entries[0].id_min}..{entries[-1].id_max}, {sum(e.rows for e in entries)} "
@@ -464,6 +469,10 @@ def _read_segments(fs: LakeFS, doc: dict[str, Any], lake_id: str | None) -> tupl
         out.append(SegmentRef(r.path, r.shards, r.id_min, r.id_max, r.rows, r.bytes, r.sha256, entries))
         first += len(entries)
     return tuple(out)
+
+
+def _rows_of(entries: tuple[ShardEntry, ...]) -> int:
+    return sum(map(operator.attrgetter("rows"), entries))
 
 
 def _parse_segment(ref: SegmentRef, data: bytes, lake_id: str | None) -> tuple[ShardEntry, ...]:
@@ -482,8 +491,9 @@ def _parse_segment(ref: SegmentRef, data: bytes, lake_id: str | None) -> tuple[S
     shards = doc.get("shards")
     if not isinstance(shards, list) or not shards:
         raise InvalidManifestError(f"segment {ref.path} has no shards list")
+    columns_ok: dict[tuple[Any, ...], tuple[str, ...]] = {}
     try:
-        return tuple(_shard(s, i) for i, s in enumerate(shards))
+        return tuple([_shard_fast(s, i, columns_ok) for i, s in enumerate(shards)])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
         raise InvalidManifestError(f"segment {ref.path}: {what}") from exc
@@ -511,6 +521,45 @@ def _check_stats(stats: dict[str, Any]) -> None:
                 ok = number or (value is None and name in ("min", "max"))
             if not ok:
                 raise InvalidManifestError(f"stats.{key}.{name} = {value!r} is not a number")
+
+
+def _shard_fast(doc: Any, i: int, columns_ok: dict[tuple[Any, ...], tuple[str, ...]]) -> ShardEntry:
+    """`_shard` for the common, valid entry, with C-level checks (a segment of 100k entries is parsed
+    when a lake is opened); anything unusual goes to `_shard`, which names the problem."""
+    try:
+        if type(doc) is not dict:
+            return _shard(doc, i)
+        rows, lo, hi, files = doc["rows"], doc["id_min"], doc["id_max"], doc["files"]
+        if (type(rows) is not int or type(lo) is not int or type(hi) is not int or type(files) is not list
+                or not files or not (1 <= rows <= _I64_MAX and 0 <= lo <= _I64_MAX and 0 <= hi <= _I64_MAX)):
+            return _shard(doc, i)
+        out = []
+        for f in files:
+            if type(f) is not dict:
+                return _shard(doc, i)
+            path, size, crc, cols = f["path"], f["bytes"], f["crc32"], f["columns"]
+            if (type(path) is not str or path[:6] != "_data/" or _FILE_NAME_RE.fullmatch(path, 6) is None
+                    or ".." in path or type(size) is not int or type(crc) is not int or not 0 <= size <= _I64_MAX
+                    or not 0 <= crc < _U32 or type(cols) is not list):
+                return _shard(doc, i)
+            key = tuple(cols)
+            columns = columns_ok.get(key)
+            if columns is None:
+                if not cols or set(map(type, cols)) != {str} or not all(cols) or len(set(cols)) != len(cols):
+                    return _shard(doc, i)
+                columns = columns_ok[key] = key
+            bb, blocks = f.get("block_bytes"), f.get("block_crc32c")
+            if bb is None and blocks is None:
+                out.append(FileEntry(path, size, crc, columns))
+                continue
+            if (type(bb) is not int or type(blocks) is not list or not 1 <= bb <= _I64_MAX
+                    or len(blocks) != -(-size // bb) or (blocks and (set(map(type, blocks)) != {int}
+                                                                    or min(blocks) < 0 or max(blocks) >= _U32))):
+                return _shard(doc, i)
+            out.append(FileEntry(path, size, crc, columns, bb, tuple(blocks)))
+        return ShardEntry(rows, lo, hi, tuple(out))
+    except (KeyError, TypeError):
+        return _shard(doc, i)
 
 
 def _shard(doc: Any, i: int) -> ShardEntry:
@@ -725,6 +774,52 @@ def _check_no_downgrade(fs: LakeFS, m: Manifest, older: list[int]) -> None:
     if isinstance(fv, int) and not isinstance(fv, bool) and fv > m.format_version:
         raise CorruptShardError(f"manifest {fs.root}/{manifest_name(m.version)} is corrupt: format_version "
                                 f"{m.format_version} after a format-{fv} version {older[-1]} (a format downgrade)")
+
+
+def added_shards(base: Manifest, new: Manifest) -> list[ShardEntry]:
+    """The shard entries of ``new`` that may not be entries of ``base`` (object for object): what a
+    commit built on ``base`` added, whose files it must make durable. For a segmented ``base`` that
+    ``new`` derives from, the shards outside the segments ``new`` reuses (a superset: the rest of
+    a rewritten segment), so the cost follows the change, not the lake."""
+    if new.segments is not None and new.segments is base.segments and exact_segments(base) is not None:
+        plan, _ = plan_segments(new)
+        return [e for g in plan if isinstance(g, tuple) for e in g]
+    old = set(map(id, base.shards))
+    by_id = dict(zip(map(id, new.shards), new.shards))
+    return [by_id[k] for k in by_id.keys() - old]
+
+
+def exact_segments(m: Manifest) -> tuple[SegmentRef, ...] | None:
+    """``m.segments`` when they hold exactly ``m.shards`` (a manifest as read or published), else None."""
+    segs = m.segments
+    if segs is None or sum(len(g.entries) for g in segs) != len(m.shards):
+        return None
+    at = 0
+    for g in segs:
+        n = len(g.entries)
+        if m.shards[at:at + n] != g.entries:
+            return None
+        at += n
+    return segs
+
+
+def shard_row_counts(fs: LakeFS, m: Manifest) -> Any:
+    """The rows of each shard of ``m`` as an int64 numpy array (format 3: per segment, memoised)."""
+    import numpy as np
+
+    segs = exact_segments(m)
+    if not segs:
+        return np.fromiter((s.rows for s in m.shards), dtype=np.int64, count=len(m.shards))
+    parsed, _ = _memo(fs)
+    parts = []
+    for g in segs:
+        key = f"rows:{g.sha256}"
+        got: Any = parsed.get(key)
+        if got is None:
+            got = np.fromiter(map(operator.attrgetter("rows"), g.entries), np.int64, count=len(g.entries))
+            parsed[key] = got
+        parts.append(got)
+    return np.concatenate(parts)
 
 
 def segments_wanted(fs: LakeFS, manifest: Manifest) -> bool:
