@@ -448,13 +448,19 @@ def _read_segments(fs: LakeFS, doc: dict[str, Any], lake_id: str | None) -> tupl
     parsed, _ = _memo(fs)
     missing = [r for r in refs if r.sha256 not in parsed]
     if missing:
+        def read(r: SegmentRef) -> bytes:
+            try:
+                return fs.read_bytes(r.path)
+            except FileNotFoundError:
+                raise InvalidManifestError(f"segment {r.path} is missing") from None
+
         if fs.is_local or len(missing) == 1:
-            blobs = [fs.read_bytes(r.path) for r in missing]
+            blobs = [read(r) for r in missing]
         else:  # an object store: one request per segment, overlapped
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(min(16, len(missing))) as pool:
-                blobs = list(pool.map(lambda r: fs.read_bytes(r.path), missing))
+                blobs = list(pool.map(read, missing))
         for r, data in zip(missing, blobs):
             parsed[r.sha256] = _parse_segment(r, data, lake_id)
     out = []
