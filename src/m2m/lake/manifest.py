@@ -785,11 +785,10 @@ def _check_no_downgrade(fs: LakeFS, m: Manifest, older: list[int]) -> None:
 def added_shards(base: Manifest, new: Manifest) -> list[ShardEntry]:
     """The shard entries of ``new`` that may not be entries of ``base`` (object for object): what a
     commit built on ``base`` added, whose files it must make durable. For a segmented ``base`` that
-    ``new`` derives from, the shards outside the segments ``new`` reuses (a superset: the rest of
-    a rewritten segment), so the cost follows the change, not the lake."""
+    ``new`` derives from, the shards outside the segments ``new`` reuses (`plan_segments`), so the
+    cost follows the change, not the lake."""
     if new.segments is not None and new.segments is base.segments and exact_segments(base) is not None:
-        plan, _ = plan_segments(new)
-        return [e for g in plan if isinstance(g, tuple) for e in g]
+        return plan_segments(new)[1]
     old = set(map(id, base.shards))
     by_id = dict(zip(map(id, new.shards), new.shards))
     return [by_id[k] for k in by_id.keys() - old]
@@ -844,16 +843,17 @@ def segments_wanted(fs: LakeFS, manifest: Manifest) -> bool:
     return isinstance(fv, int) and not isinstance(fv, bool) and fv >= 3
 
 
-def plan_segments(manifest: Manifest) -> tuple[list[SegmentRef | tuple[ShardEntry, ...]], int]:
+def plan_segments(manifest: Manifest) -> tuple[list[SegmentRef | tuple[ShardEntry, ...]], list[ShardEntry]]:
     """How ``manifest.shards`` are cut into segments: runs that equal a segment of
     ``manifest.segments`` (object for object) reuse it, the other shards go to new segments of at most
     `SEGMENT_SHARDS` (a new run after a segment that is not full is merged into a rewrite of it).
-    Returns the list (a `SegmentRef` to reuse, or the entries of a segment to write) and the number
-    of shards in new segments."""
+    Returns the list (a `SegmentRef` to reuse, or the entries of a segment to write) and the shards
+    that are in no reused or rewritten segment (what the commit added, or moved)."""
     shards = manifest.shards
     reuse = {id(g.entries[0]): g for g in (manifest.segments or ()) if g.entries}
     out: list[SegmentRef | tuple[ShardEntry, ...]] = []
     pending: list[ShardEntry] = []
+    fresh: list[ShardEntry] = []
 
     def flush() -> None:
         if not pending:
@@ -873,9 +873,10 @@ def plan_segments(manifest: Manifest) -> tuple[list[SegmentRef | tuple[ShardEntr
             i += len(g.entries)
         else:
             pending.append(shards[i])
+            fresh.append(shards[i])
             i += 1
     flush()
-    return out, sum(len(g) for g in out if isinstance(g, tuple))
+    return out, fresh
 
 
 def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
@@ -910,7 +911,9 @@ def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
     published = Manifest.from_json(data, f"{fs.root}/{rel} (not written)", key, fs)
     if not fs.create_exclusive(rel, data):
         raise CommitConflictError(f"version {manifest.version} of {fs.root} was committed by another writer")
-    return replace(manifest, segments=published.segments, format_version=published.format_version)
+    out = replace(manifest, segments=published.segments, format_version=published.format_version)
+    object.__setattr__(out, "_rows", published.rows)  # the memo `replace` dropped
+    return out
 
 
 def published_bytes(fs: LakeFS, manifest: Manifest) -> bytes:
