@@ -243,6 +243,8 @@ class Manifest:
         doc = self.to_doc(segments)
         if key is not None:
             doc["signature"] = manifest_signature(doc, key)
+        if segments is not None:  # format 3: compact (json's C encoder; indenting runs in Python)
+            return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @staticmethod
@@ -417,7 +419,7 @@ def _memo(fs: LakeFS | None) -> _Memo:
     return got
 
 
-_SEGMENT_MEMO_MAX = 1 << 14
+_SEGMENT_MEMO_MAX = 1 << 20  # memo entries (3 per segment of up to 256 shards)
 
 
 def _segment_ref(doc: Any, i: int) -> SegmentRef:
@@ -467,7 +469,10 @@ def _read_segments(fs: LakeFS, doc: dict[str, Any], lake_id: str | None) -> tupl
     first = 0
     for i, r in enumerate(refs):
         entries = parsed[r.sha256]
-        if (len(entries), entries[0].id_min, entries[-1].id_max, _rows_of(entries)) != (
+        rows: Any = parsed.get(f"sum:{r.sha256}")
+        if rows is None:
+            rows = parsed[f"sum:{r.sha256}"] = _rows_of(entries)  # type: ignore[assignment]
+        if (len(entries), entries[0].id_min, entries[-1].id_max, rows) != (
                 r.shards, r.id_min, r.id_max, r.rows):
             raise InvalidManifestError(f"segments[{i}] ({r.path}) holds {len(entries)} shards, ids "
                                        f"{entries[0].id_min}..{entries[-1].id_max}, {sum(e.rows for e in entries)} "
@@ -787,7 +792,7 @@ def added_shards(base: Manifest, new: Manifest) -> list[ShardEntry]:
     commit built on ``base`` added, whose files it must make durable. For a segmented ``base`` that
     ``new`` derives from, the shards outside the segments ``new`` reuses (`plan_segments`), so the
     cost follows the change, not the lake."""
-    if new.segments is not None and new.segments is base.segments and exact_segments(base) is not None:
+    if new.segments is not None and new.segments is base.segments and base.format_version >= 3:
         return plan_segments(new)[1]
     old = set(map(id, base.shards))
     by_id = dict(zip(map(id, new.shards), new.shards))
