@@ -1,6 +1,12 @@
 """Snapshot manifests: one immutable JSON file per lake version, written last and atomically.
 
-Format (``format_version`` 2, written by this m2m; 1 is still read):
+Formats: 3 (a version file over immutable segment files; written once a lake has more than
+`SEGMENT_SHARDS` shards, and ever after), 2 (every shard inline; written for smaller lakes) and 1
+(read only). Format 3 is format 2 with ``shards`` replaced by ``segments``, references
+``{"path": "_segments/<32 hex>.json", "shards", "id_min", "id_max", "rows", "bytes", "sha256"}``
+to files ``{"format": "m2m-segment", "lake_id", "shards": [...]}`` of up to `SEGMENT_SHARDS` shard
+entries, in order; a commit reuses every segment whose entries it keeps unchanged and writes new
+segments before the version file (docs/format.md, section 4.1). Format 2:
 
 - ``_manifests/v{version:010d}.json`` is one JSON object with ``format = "m2m-lake"``,
   ``format_version``, ``version``, ``parent``, ``created``, ``dim``, ``dtype`` (``float32`` or
