@@ -171,6 +171,7 @@ class Lake:
         with write_lock(self._fs):
             base = read_manifest(self._fs)
             mark = self._fs.mark()  # type: ignore[attr-defined]
+            started = time.time()
             committed = False
             try:
                 new = build(base)
@@ -184,6 +185,7 @@ class Lake:
                     for rel in self._fs.written_since(mark):  # type: ignore[attr-defined]
                         if rel.startswith((f"{DATA_DIR}/", f"{SEGMENT_DIR}/")):
                             self._fs.remove(rel)
+                    _remove_unreferenced_since(self._fs, base, started)
         self._set_manifest(new)
         logger.info("committed version %d (%s): %d rows", new.version, operation, new.rows)
         return new
@@ -644,6 +646,25 @@ def check_engine(engine: Any) -> None:
     """`ConfigError` naming ``engine`` unless it is one of ``ENGINES``."""
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+
+
+def _remove_unreferenced_since(fs: LakeFS, base: Manifest, started: float) -> None:
+    """After a failed local commit: remove the data files no version references that appeared since
+    it started, also those other processes wrote for it (Ray tasks of `write_lake`). A listing of
+    ``_data/``, so only on this failure path (a commit's cost must not grow with the lake)."""
+    from m2m.lake.vacuum import is_data_name
+
+    referenced = {f.path for f in base.files()}
+    for name in fs.listdir(DATA_DIR):
+        rel = f"{DATA_DIR}/{name}"
+        if not is_data_name(name) or rel in referenced:
+            continue
+        try:  # file system timestamps are coarser than time.time(): 50 ms of slack
+            appeared = os.stat(fs.local_path(rel)).st_mtime >= started - 0.05
+        except OSError:
+            continue
+        if appeared:
+            fs.remove(rel)
 
 
 def write_lock(fs: LakeFS) -> WriteLock:
