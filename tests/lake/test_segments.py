@@ -206,11 +206,13 @@ def test_crash_between_segment_and_version_write(tmp_path: Path, monkeypatch: py
         def die(rel: str, data: bytes) -> bool:
             raise KeyboardInterrupt  # the process stops after writing its segment, before its version file
 
-        monkeypatch.setattr(type(lake._fs), "create_exclusive", lambda self, rel, data: die(rel, data))
-        with pytest.raises(KeyboardInterrupt):
-            lake.add_splats(_rows(10, 50))
-        monkeypatch.undo()
-        mf.SEGMENT_SHARDS = 2
+        real = type(lake._fs).create_exclusive
+        type(lake._fs).create_exclusive = lambda self, rel, data: die(rel, data)  # type: ignore[method-assign]
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                lake.add_splats(_rows(10, 50))
+        finally:
+            type(lake._fs).create_exclusive = real  # type: ignore[method-assign]
         # the commit removed what it wrote; readers never saw it
         assert sorted(p.name for p in seg_dir.iterdir()) == before
         assert lake.refresh() == head and len(lake) == 70
