@@ -47,7 +47,11 @@ def _doc_reader():
     return scope
 
 
-def test_schema_accepts_real_manifests(tmp_path):
+@pytest.mark.parametrize("segment_shards", [256, 1])  # 1: every version beyond one shard is format 3
+def test_schema_accepts_real_manifests(tmp_path, monkeypatch, segment_shards):
+    import m2m.lake.manifest as mf
+
+    monkeypatch.setattr(mf, "SEGMENT_SHARDS", segment_shards)
     _lake(tmp_path / "lake")
     found = _manifests(tmp_path / "lake")
     fixture = ROOT / "tests" / "fixtures" / "lake_v1"        # format-1 lake kept for compatibility
@@ -59,13 +63,14 @@ def test_schema_accepts_real_manifests(tmp_path):
         jsonschema.validate(doc, SCHEMA)
         versions.add(doc["format_version"])
     assert versions  # the format written now (and 1 when the fixture is present)
+    assert (3 in versions) == (segment_shards == 1)
 
 
 @pytest.mark.parametrize("edit,needle", [
     (lambda d: d.pop("dim"), "'dim' is a required property"),
     (lambda d: d.update(dtype="float64"), "float64"),
     (lambda d: d.update(format="other"), "m2m-lake"),
-    (lambda d: d.update(format_version=3), "3"),
+    (lambda d: d.update(format_version=4), "4"),
     (lambda d: d["shards"][0]["files"][0].update(path="_data/../../etc/passwd"), "passwd"),
     (lambda d: d["shards"][0]["files"][0].update(path="/etc/passwd"), "passwd"),
     (lambda d: d["shards"][0].update(rows=0), "0"),
@@ -79,7 +84,11 @@ def test_schema_refuses_broken_manifests(tmp_path, edit, needle):
         jsonschema.validate(doc, SCHEMA)
 
 
-def test_the_documented_reader_gives_to_arrow(tmp_path):
+@pytest.mark.parametrize("segment_shards", [256, 1])
+def test_the_documented_reader_gives_to_arrow(tmp_path, monkeypatch, segment_shards):
+    import m2m.lake.manifest as mf
+
+    monkeypatch.setattr(mf, "SEGMENT_SHARDS", segment_shards)
     rows = _lake(tmp_path / "lake")
     scope = _doc_reader()
     lake_dir = str(tmp_path / "lake")

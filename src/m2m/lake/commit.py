@@ -79,7 +79,7 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
             if new.version != base.version + 1:
                 raise InternalError(f"commit {operation!r} built version {new.version} on {base.version}")
             try:
-                write_manifest(fs, new)
+                new = write_manifest(fs, new)
                 published = True
             except CommitConflictError:
                 pass
@@ -103,9 +103,9 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
 
 def _check_not_overwritten(fs: Any, new: Manifest) -> None:
     """On a store without conditional put, detect (after the fact) a writer that replaced our version."""
-    from m2m.lake.manifest import key_of, manifest_name
+    from m2m.lake.manifest import manifest_name, published_bytes
 
-    if fs.read_bytes(manifest_name(new.version)) != new.to_json(key_of(fs)):
+    if fs.read_bytes(manifest_name(new.version)) != published_bytes(fs, new):
         raise CommitConflictError(
             f"version {new.version} of {getattr(fs, 'url', fs.root)} was overwritten by another writer: this store "
             f"has no conditional put, so only one writer process may commit at a time")
@@ -200,8 +200,8 @@ def append_remote(fs: Any, write: Callable[[int, int | None], list[ShardEntry]],
 def vacuum_remote(fs: Any, keep: int, min_age_s: float) -> dict[str, int]:
     """`Lake.vacuum` on an object store: no lock exists, so objects a running commit may still be
     about to reference (younger than ``min_age_s``) are kept, and so is the newest id reservation."""
-    from m2m.lake.manifest import DATA_DIR, MANIFEST_DIR, list_versions, manifest_name
-    from m2m.lake.vacuum import is_data_name, is_manifest_temp
+    from m2m.lake.manifest import DATA_DIR, MANIFEST_DIR, SEGMENT_DIR, list_versions, manifest_name
+    from m2m.lake.vacuum import is_data_name, is_manifest_temp, is_segment_name
 
     now = time.time()
 
@@ -211,8 +211,12 @@ def vacuum_remote(fs: Any, keep: int, min_age_s: float) -> dict[str, int]:
     versions = list_versions(fs)
     kept = versions[-keep:]
     live: set[str] = set()
+    live_segments: set[str] = set()
     for v in kept:
-        live.update(f.path.rsplit("/", 1)[-1] for f in read_manifest(fs, v).files())
+        m = read_manifest(fs, v)
+        live.update(f.path.rsplit("/", 1)[-1] for f in m.files())
+        if m.format_version >= 3:
+            live_segments.update(g.path.rsplit("/", 1)[-1] for g in m.segments or ())
     removed_versions = 0
     for v in versions[:-keep]:
         fs.remove(manifest_name(v))
@@ -224,6 +228,10 @@ def vacuum_remote(fs: Any, keep: int, min_age_s: float) -> dict[str, int]:
     for name, mtime in fs.list_detail(DATA_DIR):
         if is_data_name(name) and name not in live and old(mtime):
             fs.remove(f"{DATA_DIR}/{name}")
+            removed_files += 1
+    for name, mtime in fs.list_detail(SEGMENT_DIR):  # a running commit writes its segments first
+        if (is_segment_name(name) and name not in live_segments or is_manifest_temp(name)) and old(mtime):
+            fs.remove(f"{SEGMENT_DIR}/{name}")
             removed_files += 1
     reservations = sorted((n for n in fs.list_detail(RESERVATIONS_DIR) if n[0][:-5].isdigit()),
                           key=lambda n: int(n[0][:-5]))

@@ -38,7 +38,7 @@ import pyarrow as pa
 from m2m.errors import CommitConflictError, ConfigError
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch
-from m2m.lake.manifest import Manifest, ShardEntry, read_manifest, write_manifest
+from m2m.lake.manifest import Manifest, ShardEntry, added_shards, read_manifest, write_manifest
 from m2m.lake.shard import open_shard_file, sync_files, write_shard_file
 
 logger = logging.getLogger(__name__)
@@ -267,9 +267,8 @@ def publish_local(fs: LakeFS, build: Callable[[Manifest], Manifest], lock_wait_s
     with WriteLock(os.path.join(fs.root, "_lock"), timeout=wait):
         head = read_manifest(fs)
         new = build(head)
-        old = {f.path for f in head.files()}
-        sync_files(fs, [f.path for f in new.files() if f.path not in old])
-        write_manifest(fs, new)
+        sync_files(fs, [f.path for s in added_shards(head, new) for f in s.files])
+        new = write_manifest(fs, new)
     return new
 
 

@@ -55,6 +55,19 @@ class LocalFS:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = str(Path(root).expanduser().resolve())
+        self._written: list[str] = []  # files this handle wrote (list.append is atomic: no lock to pickle)
+
+    def _record(self, rel: str) -> None:
+        self._written.append(rel)
+
+    def mark(self) -> int:
+        """A position in the log of files this handle wrote (for `written_since`)."""
+        return len(self._written)
+
+    def written_since(self, mark: int) -> list[str]:
+        """Files this handle wrote after ``mark`` (what a failed commit removes; no directory listing,
+        whose cost grows with the lake)."""
+        return list(self._written[mark:])
 
     def _p(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -76,6 +89,7 @@ class LocalFS:
             return f.read()
 
     def write_atomic(self, rel: str, data: bytes) -> None:
+        self._record(rel)
         final = self._p(rel)
         directory = os.path.dirname(final)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")

@@ -32,7 +32,9 @@ from m2m.lake.lock import WriteLock
 from m2m.lake.manifest import (
     DATA_DIR,
     MANIFEST_DIR,
+    SEGMENT_DIR,
     Manifest,
+    added_shards,
     list_versions,
     manifest_name,
     read_manifest,
@@ -179,20 +181,22 @@ class Lake:
             return new
         with write_lock(self._fs):
             base = read_manifest(self._fs)
-            before = set(self._fs.listdir(DATA_DIR))
+            mark = self._fs.mark()  # type: ignore[attr-defined]
+            started = time.time()
             committed = False
             try:
                 new = build(base)
                 if new.version != base.version + 1:
                     raise InternalError(f"commit {operation!r} built version {new.version} on {base.version}")
-                old = {f.path for f in base.files()}
-                sync_files(self._fs, [f.path for f in new.files() if f.path not in old])
-                write_manifest(self._fs, new)
+                sync_files(self._fs, [f.path for s in added_shards(base, new) for f in s.files])
+                new = write_manifest(self._fs, new)
                 committed = True
             finally:  # also on KeyboardInterrupt: the files of a commit that was not published go
                 if not committed and not self._fs.exists(manifest_name(base.version + 1)):
-                    for name in set(self._fs.listdir(DATA_DIR)) - before:
-                        self._fs.remove(f"{DATA_DIR}/{name}")
+                    for rel in self._fs.written_since(mark):  # type: ignore[attr-defined]
+                        if rel.startswith((f"{DATA_DIR}/", f"{SEGMENT_DIR}/")):
+                            self._fs.remove(rel)
+                    _remove_unreferenced_since(self._fs, base, started)
         self._set_manifest(new)
         logger.info("committed version %d (%s): %d rows", new.version, operation, new.rows)
         return new
@@ -676,6 +680,25 @@ def check_engine(engine: Any) -> None:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
 
 
+def _remove_unreferenced_since(fs: LakeFS, base: Manifest, started: float) -> None:
+    """After a failed local commit: remove the data files no version references that appeared since
+    it started, also those other processes wrote for it (Ray tasks of `write_lake`). A listing of
+    ``_data/``, so only on this failure path (a commit's cost must not grow with the lake)."""
+    from m2m.lake.vacuum import is_data_name
+
+    referenced = {f.path for f in base.files()}
+    for name in fs.listdir(DATA_DIR):
+        rel = f"{DATA_DIR}/{name}"
+        if not is_data_name(name) or rel in referenced:
+            continue
+        try:  # file system timestamps are coarser than time.time(): 50 ms of slack
+            appeared = os.stat(fs.local_path(rel)).st_mtime >= started - 0.05
+        except OSError:
+            continue
+        if appeared:
+            fs.remove(rel)
+
+
 def write_lock(fs: LakeFS) -> WriteLock:
     """The lake's write lock (waits ``$M2M_LOCK_TIMEOUT`` seconds, default 0, for another writer)."""
     path = os.path.join(fs.root, "_lock") if fs.is_local else None
@@ -692,7 +715,7 @@ def create_empty(fs: LakeFS, config: M2MConfig) -> Manifest:
         if list_versions(fs):
             return read_manifest(fs)
         try:
-            write_manifest(fs, manifest)
+            manifest = write_manifest(fs, manifest)
         except CommitConflictError:  # another process created the lake at the same moment
             return read_manifest(fs)
     return manifest

@@ -1,6 +1,12 @@
 """Snapshot manifests: one immutable JSON file per lake version, written last and atomically.
 
-Format (``format_version`` 2, written by this m2m; 1 is still read):
+Formats: 3 (a version file over immutable segment files; written once a lake has more than
+`SEGMENT_SHARDS` shards, and ever after), 2 (every shard inline; written for smaller lakes) and 1
+(read only). Format 3 is format 2 with ``shards`` replaced by ``segments``, references
+``{"path": "_segments/<32 hex>.json", "shards", "id_min", "id_max", "rows", "bytes", "sha256"}``
+to files ``{"format": "m2m-segment", "lake_id", "shards": [...]}`` of up to `SEGMENT_SHARDS` shard
+entries, in order; a commit reuses every segment whose entries it keeps unchanged and writes new
+segments before the version file (docs/format.md, section 4.1). Format 2:
 
 - ``_manifests/v{version:010d}.json`` is one JSON object with ``format = "m2m-lake"``,
   ``format_version``, ``version``, ``parent``, ``created``, ``dim``, ``dtype`` (``float32`` or
@@ -37,12 +43,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import logging
+import operator
 import os
 import re
 import stat
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -60,11 +69,19 @@ from m2m.lake.schema import GEOMETRY_COLUMNS, KAPPA, LABEL, MAIN_COLUMNS, NEIGHB
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "m2m-lake"
-FORMAT_VERSION = 2            # what this m2m writes
-READABLE_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3            # the newest format this m2m writes (small lakes: 2, see `segments_wanted`)
+INLINE_FORMAT_VERSION = 2     # shards listed in the version file itself
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 CHECKSUM_ALGORITHM = "sha256"
 MANIFEST_DIR = "_manifests"
 DATA_DIR = "_data"
+SEGMENT_DIR = "_segments"
+SEGMENT_FORMAT = "m2m-segment"
+# shards per segment file: an append rewrites at most one segment of this many entries, and a version
+# file lists one reference per segment (see docs/format.md for the measured curve)
+SEGMENT_SHARDS = 256
+_SEGMENT_NAME_RE = re.compile(r"[0-9a-f]{32}\.json")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 DTYPES = ("float32", "float16")
 LABEL_TYPES = ("int64", "string")
 _MANIFEST_RE = re.compile(r"v(\d{10})\.json")        # used with fullmatch: no trailing newline
@@ -135,6 +152,29 @@ class ShardEntry:
 
 
 @dataclass(frozen=True)
+class SegmentRef:
+    """A format-3 version file's reference to one immutable segment file (``_segments/<32 hex>.json``).
+
+    ``shards``, ``id_min``, ``id_max`` and ``rows`` summarise the segment's entries; ``bytes`` and
+    ``sha256`` are the file's size and SHA-256, so the version file's checksum (and signature) covers
+    every shard entry. ``entries`` are the parsed shard entries (not serialised).
+    """
+
+    path: str
+    shards: int
+    id_min: int
+    id_max: int
+    rows: int
+    bytes: int
+    sha256: str
+    entries: tuple[ShardEntry, ...] = field(default=(), compare=False, repr=False)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"path": self.path, "shards": self.shards, "id_min": self.id_min, "id_max": self.id_max,
+                "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The full description of one lake version."""
 
@@ -157,10 +197,17 @@ class Manifest:
     lake_id: str | None = None
     # the lowest next_id a rollback may leave above the last shard (ids of abandoned versions)
     id_floor: int = 0
+    # the segment files ``shards`` were read from (format 3) or last published as: a hint for the
+    # writer, which reuses a segment only when its entries are exactly a run of ``shards``
+    segments: tuple[SegmentRef, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def rows(self) -> int:
-        return sum(s.rows for s in self.shards)
+        got = self.__dict__.get("_rows")
+        if got is None:  # memo: a frozen manifest's shards never change
+            got = sum(s.rows for s in self.shards)
+            object.__setattr__(self, "_rows", got)
+        return int(got)
 
     @property
     def bytes(self) -> int:
@@ -174,16 +221,22 @@ class Manifest:
         return replace(self, version=self.version + 1, parent=self.version, created=time.time(),
                        format_version=FORMAT_VERSION, **changes)
 
-    def to_doc(self) -> dict[str, Any]:
-        """The JSON object of this manifest in the current format, ``checksum`` included."""
+    def to_doc(self, segments: tuple[SegmentRef, ...] | None = None) -> dict[str, Any]:
+        """The JSON object of this manifest, ``checksum`` included: format 2 (every shard inline), or
+        with ``segments`` (the published segment files holding ``shards``, in order) format 3."""
         doc: dict[str, Any] = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "version": self.version,
+            "format": FORMAT_NAME, "format_version": INLINE_FORMAT_VERSION if segments is None else 3,
+            "version": self.version,
             "parent": self.parent, "created": self.created, "dim": self.dim, "dtype": self.dtype,
-            "next_id": self.next_id, "rows": self.rows, "label_type": self.label_type,
+            "next_id": self.next_id, "rows": self.rows if segments is None else sum(g.rows for g in segments),
+            "label_type": self.label_type,
             "label_vocabulary": list(self.label_vocabulary), "metadata": dict(self.metadata),
             "geometry": self.geometry, "operation": dict(self.operation), "stats": dict(self.stats),
-            "shards": [s.to_doc() for s in self.shards],
         }
+        if segments is None:
+            doc["shards"] = [s.to_doc() for s in self.shards]
+        else:
+            doc["segments"] = [g.to_doc() for g in segments]
         if self.lake_id is not None:
             doc["lake_id"] = self.lake_id
         if self.id_floor:
@@ -191,21 +244,24 @@ class Manifest:
         doc["checksum"] = manifest_checksum(doc)
         return doc
 
-    def to_json(self, key: _Key | None = None) -> _Key:
+    def to_json(self, key: _Key | None = None, segments: tuple[SegmentRef, ...] | None = None) -> _Key:
         """The manifest file's bytes; with ``key`` signed (``signature``: HMAC-SHA256 of `canonical_json`)."""
-        doc = self.to_doc()
+        doc = self.to_doc(segments)
         if key is not None:
             doc["signature"] = manifest_signature(doc, key)
+        if segments is not None:  # format 3: compact (json's C encoder; indenting runs in Python)
+            return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @staticmethod
-    def from_json(data: _Key, where: str, key: _Key | None = None) -> "Manifest":
+    def from_json(data: _Key, where: str, key: _Key | None = None, fs: LakeFS | None = None) -> "Manifest":
         """Parse and check a manifest; `CorruptShardError` naming ``where`` and the first problem found.
 
-        Checks the checksum (v2), every field's type and range, file names, and the id layout; reads
-        no shard file (see `m2m.lake.integrity` for the checks against the files). With ``key`` (a
-        signed lake) the manifest must carry a matching ``signature``; without, a signed manifest is
-        refused (its lake expects a key).
+        Checks the checksum (v2, v3), every field's type and range, file names, and the id layout;
+        reads no shard file (see `m2m.lake.integrity` for the checks against the files). A format-3
+        version file's segments are read from ``fs`` and checked against their SHA-256 and summary.
+        With ``key`` (a signed lake) the manifest must carry a matching ``signature``; without, a
+        signed manifest is refused (its lake expects a key).
         """
         try:
             doc = json.loads(data)
@@ -213,7 +269,7 @@ class Manifest:
             raise CorruptShardError(f"manifest {where} is corrupt: {exc}") from exc
         check_signature(doc, key, where)
         try:
-            return _parse(doc)
+            return _parse(doc, fs)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise CorruptShardError(f"manifest {where} is corrupt: {what}") from exc
@@ -268,7 +324,7 @@ def _int(doc: dict[str, Any], key: str, low: int = 0, high: int = _I64_MAX, wher
     return v
 
 
-def _parse(doc: Any) -> Manifest:
+def _parse(doc: Any, fs: LakeFS | None = None) -> Manifest:
     if not isinstance(doc, dict):
         raise InvalidManifestError(f"not a JSON object but {type(doc).__name__}")
     if doc.get("format") != FORMAT_NAME:
@@ -318,11 +374,21 @@ def _parse(doc: Any) -> Manifest:
     created = doc.get("created", 0.0)
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise InvalidManifestError(f"created {created!r} is not a number")
-    if not isinstance(doc["shards"], list):
-        raise InvalidManifestError("shards is not a list")
+    segments: tuple[SegmentRef, ...] | None = None
+    if fv >= 3:
+        if "shards" in doc:
+            raise InvalidManifestError("a format-3 version file lists its shards in segments, not inline")
+        if fs is None:
+            raise InvalidManifestError("a format-3 version file needs its lake to read its segments")
+        segments = _read_segments(fs, doc, lake_id)
+        shards: tuple[ShardEntry, ...] = tuple(itertools.chain.from_iterable(g.entries for g in segments))
+    else:
+        if not isinstance(doc["shards"], list):
+            raise InvalidManifestError("shards is not a list")
+        shards = tuple(_shard(s, i) for i, s in enumerate(doc["shards"]))
     m = Manifest(
         version=version, dim=_int(doc, "dim", 1, 1 << 24), dtype=dtype, next_id=_int(doc, "next_id"),
-        shards=tuple(_shard(s, i) for i, s in enumerate(doc["shards"])), label_type=label_type,
+        shards=shards, segments=segments, label_type=label_type,
         label_vocabulary=tuple(vocab), metadata=dict(metadata), geometry=geometry,
         operation=dict(doc.get("operation") or {}), parent=parent, created=float(created),
         stats=dict(doc.get("stats") or {}), format_version=fv, lake_id=lake_id, id_floor=id_floor)
@@ -330,10 +396,130 @@ def _parse(doc: Any) -> Manifest:
         raise InvalidManifestError("format_version 1 with a lake_id: a format-2 manifest rewritten as format 1")
     if id_floor > m.next_id:
         raise InvalidManifestError(f"id_floor {id_floor} is above next_id {m.next_id}")
+    if segments is not None:  # each segment's rows were checked against its reference
+        object.__setattr__(m, "_rows", sum(g.rows for g in segments))
     if fv >= 2 and _int(doc, "rows") != m.rows:
         raise InvalidManifestError(f"rows = {doc['rows']} but the shards hold {m.rows}")
-    check_layout(m)
+    if segments is None:
+        check_layout(m)
+    else:
+        _check_segmented_layout(m, segments, _memo(fs)[1])
     return m
+
+
+_Memo = tuple[dict[str, tuple[ShardEntry, ...]], dict[tuple[object, ...], tuple[int, bool]]]
+
+
+def _memo(fs: LakeFS | None) -> _Memo:
+    """Per-lake-handle memos: parsed segments by SHA-256, and the layout checks already passed
+    (segments are immutable and named by content hash in the version file, so both stay valid)."""
+    got = getattr(fs, "_m2m_segment_memo", None)
+    if got is None:
+        got = ({}, {})
+        if fs is not None:
+            fs._m2m_segment_memo = got  # type: ignore[attr-defined]
+    parsed, checked = got
+    if len(parsed) > _SEGMENT_MEMO_MAX:  # a bound, not an LRU: a long-lived writer of a huge lake
+        parsed.clear()
+        checked.clear()
+    return got
+
+
+_SEGMENT_MEMO_MAX = 1 << 20  # memo entries (3 per segment of up to 256 shards)
+
+
+def _segment_ref(doc: Any, i: int) -> SegmentRef:
+    where = f"segments[{i}]."
+    if not isinstance(doc, dict):
+        raise InvalidManifestError(f"segments[{i}] is not an object")
+    path = doc["path"]
+    prefix, sep, name = path.partition("/") if isinstance(path, str) else ("", "", "")
+    if prefix != SEGMENT_DIR or not sep or not _SEGMENT_NAME_RE.fullmatch(name):
+        raise InvalidManifestError(f"segment path {path!r} is not {SEGMENT_DIR}/<32 hex digits>.json")
+    sha = doc["sha256"]
+    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
+        raise InvalidManifestError(f"{where}sha256 {sha!r} is not 64 hex digits")
+    return SegmentRef(path=path, shards=_int(doc, "shards", 1, where=where), id_min=_int(doc, "id_min", where=where),
+                      id_max=_int(doc, "id_max", where=where), rows=_int(doc, "rows", 1, where=where),
+                      bytes=_int(doc, "bytes", 1, where=where), sha256=sha)
+
+
+def _read_segments(fs: LakeFS, doc: dict[str, Any], lake_id: str | None) -> tuple[SegmentRef, ...]:
+    """The segments a format-3 version file lists, each read (or taken from the memo by hash) and
+    checked: its SHA-256 and size, its lake id, and its entries against the reference's summary."""
+    raw = doc["segments"]
+    if not isinstance(raw, list):
+        raise InvalidManifestError("segments is not a list")
+    refs = [_segment_ref(g, i) for i, g in enumerate(raw)]
+    if len({r.path for r in refs}) != len(refs):
+        raise InvalidManifestError("a segment is listed twice")
+    parsed, _ = _memo(fs)
+    missing = [r for r in refs if r.sha256 not in parsed]
+    if missing:
+        def read(r: SegmentRef) -> bytes:
+            try:
+                return fs.read_bytes(r.path)
+            except FileNotFoundError:
+                raise InvalidManifestError(f"segment {r.path} is missing") from None
+
+        if fs.is_local or len(missing) == 1:
+            blobs = [read(r) for r in missing]
+        else:  # an object store: one request per segment, overlapped
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(16, len(missing))) as pool:
+                blobs = list(pool.map(read, missing))
+        for r, data in zip(missing, blobs):
+            parsed[r.sha256] = _parse_segment(r, data, lake_id)
+    out = []
+    first = 0
+    for i, r in enumerate(refs):
+        entries = parsed[r.sha256]
+        rows: Any = parsed.get(f"sum:{r.sha256}")
+        if rows is None:
+            rows = parsed[f"sum:{r.sha256}"] = _rows_of(entries)  # type: ignore[assignment]
+        if (len(entries), entries[0].id_min, entries[-1].id_max, rows) != (
+                r.shards, r.id_min, r.id_max, r.rows):
+            raise InvalidManifestError(f"segments[{i}] ({r.path}) holds {len(entries)} shards, ids "
+                                       f"{entries[0].id_min}..{entries[-1].id_max}, {sum(e.rows for e in entries)} "
+                                       f"rows; its reference says {r.shards}, {r.id_min}..{r.id_max}, {r.rows}")
+        out.append(SegmentRef(r.path, r.shards, r.id_min, r.id_max, r.rows, r.bytes, r.sha256, entries))
+        first += len(entries)
+    return tuple(out)
+
+
+def _rows_of(entries: tuple[ShardEntry, ...]) -> int:
+    return sum(map(operator.attrgetter("rows"), entries))
+
+
+def _parse_segment(ref: SegmentRef, data: bytes, lake_id: str | None) -> tuple[ShardEntry, ...]:
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != ref.bytes or digest != ref.sha256:
+        raise InvalidManifestError(f"segment {ref.path} has {len(data)} bytes with sha256 {digest}; the version file "
+                                   f"says {ref.bytes} bytes, sha256 {ref.sha256}")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidManifestError(f"segment {ref.path} is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != SEGMENT_FORMAT:
+        raise InvalidManifestError(f"segment {ref.path} is not an m2m segment")
+    if doc.get("lake_id") != lake_id:
+        raise InvalidManifestError(f"segment {ref.path} belongs to lake {doc.get('lake_id')}, this lake is {lake_id}")
+    shards = doc.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise InvalidManifestError(f"segment {ref.path} has no shards list")
+    columns_ok: dict[tuple[Any, ...], tuple[str, ...]] = {}
+    try:
+        return tuple([_shard_fast(s, i, columns_ok) for i, s in enumerate(shards)])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise InvalidManifestError(f"segment {ref.path}: {what}") from exc
+
+
+def segment_bytes(lake_id: str | None, entries: tuple[ShardEntry, ...]) -> bytes:
+    """The bytes of a segment file holding ``entries`` (canonical JSON, one line)."""
+    doc = {"format": SEGMENT_FORMAT, "lake_id": lake_id, "shards": [e.to_doc() for e in entries]}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def _check_stats(stats: dict[str, Any]) -> None:
@@ -352,6 +538,45 @@ def _check_stats(stats: dict[str, Any]) -> None:
                 ok = number or (value is None and name in ("min", "max"))
             if not ok:
                 raise InvalidManifestError(f"stats.{key}.{name} = {value!r} is not a number")
+
+
+def _shard_fast(doc: Any, i: int, columns_ok: dict[tuple[Any, ...], tuple[str, ...]]) -> ShardEntry:
+    """`_shard` for the common, valid entry, with C-level checks (a segment of 100k entries is parsed
+    when a lake is opened); anything unusual goes to `_shard`, which names the problem."""
+    try:
+        if type(doc) is not dict:
+            return _shard(doc, i)
+        rows, lo, hi, files = doc["rows"], doc["id_min"], doc["id_max"], doc["files"]
+        if (type(rows) is not int or type(lo) is not int or type(hi) is not int or type(files) is not list
+                or not files or not (1 <= rows <= _I64_MAX and 0 <= lo <= _I64_MAX and 0 <= hi <= _I64_MAX)):
+            return _shard(doc, i)
+        out = []
+        for f in files:
+            if type(f) is not dict:
+                return _shard(doc, i)
+            path, size, crc, cols = f["path"], f["bytes"], f["crc32"], f["columns"]
+            if (type(path) is not str or path[:6] != "_data/" or _FILE_NAME_RE.fullmatch(path, 6) is None
+                    or ".." in path or type(size) is not int or type(crc) is not int or not 0 <= size <= _I64_MAX
+                    or not 0 <= crc < _U32 or type(cols) is not list):
+                return _shard(doc, i)
+            key = tuple(cols)
+            columns = columns_ok.get(key)
+            if columns is None:
+                if not cols or set(map(type, cols)) != {str} or not all(cols) or len(set(cols)) != len(cols):
+                    return _shard(doc, i)
+                columns = columns_ok[key] = key
+            bb, blocks = f.get("block_bytes"), f.get("block_crc32c")
+            if bb is None and blocks is None:
+                out.append(FileEntry(path, size, crc, columns))
+                continue
+            if (type(bb) is not int or type(blocks) is not list or not 1 <= bb <= _I64_MAX
+                    or len(blocks) != -(-size // bb) or (blocks and (set(map(type, blocks)) != {int}
+                                                                    or min(blocks) < 0 or max(blocks) >= _U32))):
+                return _shard(doc, i)
+            out.append(FileEntry(path, size, crc, columns, bb, tuple(blocks)))
+        return ShardEntry(rows, lo, hi, tuple(out))
+    except (KeyError, TypeError):
+        return _shard(doc, i)
 
 
 def _shard(doc: Any, i: int) -> ShardEntry:
@@ -397,17 +622,32 @@ def check_layout(m: Manifest) -> None:
     geometry sidecars (``kappa``, ``neighbors`` and ``neighbor_cos`` together) cover shards holding
     ``geometry["rows"]`` rows (when recorded).
     """
+    main, known = _columns(m)
+    covered, estimated = _check_run(m.shards, 0, main, known)
+    _check_totals(m, m.shards[-1].id_max if m.shards else -1, covered, estimated)
+
+
+def _columns(m: Manifest) -> tuple[frozenset[str], frozenset[str]]:
     main = set(MAIN_COLUMNS) | set(m.metadata) | ({LABEL} if m.label_type is not None else set())
-    known = main | set(GEOMETRY_COLUMNS) | set(OPTIONAL_MAIN_COLUMNS)
+    return frozenset(main), frozenset(main | set(GEOMETRY_COLUMNS) | set(OPTIONAL_MAIN_COLUMNS))
+
+
+def _check_run(shards: tuple[ShardEntry, ...], offset: int, main: frozenset[str],
+               known: frozenset[str]) -> tuple[int, bool]:
+    """`check_layout` within one run of shards (``offset``: the first one's index, for messages);
+    returns the rows of the shards with geometry sidecars and whether there are any."""
     seen: set[str] = set()
     prev_max = -1
-    for i, s in enumerate(m.shards):
+    covered = 0
+    estimated = False
+    for i, s in enumerate(shards, offset):
         if s.id_min > s.id_max or s.id_max - s.id_min + 1 < s.rows:
             raise InvalidManifestError(f"shards[{i}] has {s.rows} rows but ids [{s.id_min}, {s.id_max}]")
         if s.id_min <= prev_max:
             raise InvalidManifestError(f"shards[{i}] ids start at {s.id_min}, not after the previous shard's {prev_max} "
                              "(shards must ascend without overlap)")
         prev_max = s.id_max
+        has_geometry = False
         for j, f in enumerate(s.files):
             if f.path in seen:
                 raise InvalidManifestError(f"file {f.path} is listed twice")
@@ -417,22 +657,54 @@ def check_layout(m: Manifest) -> None:
                 raise InvalidManifestError(f"shards[{i}] first file {f.path} lacks columns {sorted(main - cols)}")
             if not cols <= known:
                 raise InvalidManifestError(f"file {f.path} lists unknown columns {sorted(cols - known)}")
-    if prev_max >= m.next_id:
-        raise InvalidManifestError(f"next_id {m.next_id} is not above the largest id {prev_max}")
-    estimated = [any(NEIGHBORS in f.columns for f in s.files) for s in m.shards]
-    for s in m.shards:
-        for j, f in enumerate(s.files):
-            geo = set(GEOMETRY_COLUMNS) & set(f.columns if j else set(f.columns) - {KAPPA})
+            geo = set(GEOMETRY_COLUMNS) & (cols if j else cols - {KAPPA})
             if geo and geo != set(GEOMETRY_COLUMNS):  # estimate_kappa writes all three together
                 raise InvalidManifestError(f"file {f.path} lists {sorted(geo)} but not all of {list(GEOMETRY_COLUMNS)}")
-    if any(estimated) and m.geometry is None:
+            has_geometry = has_geometry or NEIGHBORS in cols
+        if has_geometry:
+            estimated = True
+            covered += s.rows
+    return covered, estimated
+
+
+def _check_totals(m: Manifest, last_id: int, covered: int, estimated: bool) -> None:
+    if last_id >= m.next_id:
+        raise InvalidManifestError(f"next_id {m.next_id} is not above the largest id {last_id}")
+    if estimated and m.geometry is None:
         raise InvalidManifestError("shards have geometry sidecars but the manifest has no geometry")
     if m.geometry is not None and "rows" in m.geometry:
         # estimate_kappa gives every shard a sidecar; later appends add shards without (remote appends
         # with reserved ids may land between estimated shards, so no order is implied)
-        covered = sum(s.rows for s, e in zip(m.shards, estimated) if e)
         if covered != m.geometry["rows"]:
             raise InvalidManifestError(f"geometry covers {m.geometry['rows']} rows but the shards with sidecars hold {covered}")
+
+
+def _check_segmented_layout(m: Manifest, segments: tuple[SegmentRef, ...],
+                            checked: dict[tuple[object, ...], tuple[int, bool]]) -> None:
+    """`check_layout` of a format-3 manifest: each segment's run once per lake handle (memo by hash
+    and the lake's columns), then the order of the segments and the totals.
+
+    A file path is unique within its segment; one listed in two segments is refused when it is read
+    (its ids match one shard only, `m2m.lake.integrity`)."""
+    main, known = _columns(m)
+    covered = 0
+    estimated = False
+    prev_max = -1
+    offset = 0
+    for i, g in enumerate(segments):
+        if g.id_min <= prev_max:
+            raise InvalidManifestError(f"segments[{i}] ({g.path}) ids start at {g.id_min}, not after the previous "
+                                       f"segment's {prev_max} (a segment swapped, repeated or moved?)")
+        prev_max = g.id_max
+        key = (g.sha256, main, known)
+        got = checked.get(key)
+        if got is None:
+            got = _check_run(g.entries, offset, main, known)
+            checked[key] = got
+        covered += got[0]
+        estimated = estimated or got[1]
+        offset += len(g.entries)
+    _check_totals(m, prev_max, covered, estimated)
 
 
 def manifest_name(version: int) -> str:
@@ -491,7 +763,7 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
         raise LakeNotFoundError(f"lake {fs.root} has no version {version} (versions: {versions[0]}..{versions[-1]})")
     rel = manifest_name(version)
     try:
-        m = Manifest.from_json(fs.read_bytes(rel), f"{fs.root}/{rel}", key_of(fs))
+        m = Manifest.from_json(fs.read_bytes(rel), f"{fs.root}/{rel}", key_of(fs), fs)
         if m.version != version:
             raise CorruptShardError(f"manifest {fs.root}/{rel} is corrupt: it says version {m.version}")
         if m.format_version < FORMAT_VERSION:
@@ -522,14 +794,141 @@ def _check_no_downgrade(fs: LakeFS, m: Manifest, older: list[int]) -> None:
                                 f"{m.format_version} after a format-{fv} version {older[-1]} (a format downgrade)")
 
 
-def write_manifest(fs: LakeFS, manifest: Manifest) -> None:
+def added_shards(base: Manifest, new: Manifest) -> list[ShardEntry]:
+    """The shard entries of ``new`` that may not be entries of ``base`` (object for object): what a
+    commit built on ``base`` added, whose files it must make durable. For a segmented ``base`` that
+    ``new`` derives from, the shards outside the segments ``new`` reuses (`plan_segments`), so the
+    cost follows the change, not the lake."""
+    if new.segments is not None and new.segments is base.segments and base.format_version >= 3:
+        return plan_segments(new)[1]
+    old = set(map(id, base.shards))
+    by_id = dict(zip(map(id, new.shards), new.shards))
+    return [by_id[k] for k in by_id.keys() - old]
+
+
+def exact_segments(m: Manifest) -> tuple[SegmentRef, ...] | None:
+    """``m.segments`` when they hold exactly ``m.shards`` (a manifest as read or published), else None."""
+    segs = m.segments
+    if segs is None or sum(len(g.entries) for g in segs) != len(m.shards):
+        return None
+    at = 0
+    for g in segs:
+        n = len(g.entries)
+        if m.shards[at:at + n] != g.entries:
+            return None
+        at += n
+    return segs
+
+
+def shard_row_counts(fs: LakeFS, m: Manifest) -> Any:
+    """The rows of each shard of ``m`` as an int64 numpy array (format 3: per segment, memoised)."""
+    import numpy as np
+
+    segs = exact_segments(m)
+    if not segs:
+        return np.fromiter((s.rows for s in m.shards), dtype=np.int64, count=len(m.shards))
+    parsed, _ = _memo(fs)
+    parts = []
+    for g in segs:
+        key = f"rows:{g.sha256}"
+        got: Any = parsed.get(key)
+        if got is None:
+            got = np.fromiter(map(operator.attrgetter("rows"), g.entries), np.int64, count=len(g.entries))
+            parsed[key] = got
+        parts.append(got)
+    return np.concatenate(parts)
+
+
+def segments_wanted(fs: LakeFS, manifest: Manifest) -> bool:
+    """Whether ``manifest`` is written as format 3 (segments): once its lake has more shards than one
+    segment holds, and ever after (a lake that had format 3 never goes back to 2, which readers
+    refuse as a downgrade: for a small lake the parent version file's format is read to know)."""
+    if len(manifest.shards) > SEGMENT_SHARDS or manifest.segments is not None:
+        return True
+    if manifest.parent is None:
+        return False
+    try:
+        prev = json.loads(fs.read_bytes(manifest_name(manifest.parent)))
+    except (OSError, ValueError):
+        return False  # the parent was read by this commit's caller; a vanished one has no say
+    fv = prev.get("format_version") if isinstance(prev, dict) else None
+    return isinstance(fv, int) and not isinstance(fv, bool) and fv >= 3
+
+
+def plan_segments(manifest: Manifest) -> tuple[list[SegmentRef | tuple[ShardEntry, ...]], list[ShardEntry]]:
+    """How ``manifest.shards`` are cut into segments: runs that equal a segment of
+    ``manifest.segments`` (object for object) reuse it, the other shards go to new segments of at most
+    `SEGMENT_SHARDS` (a new run after a segment that is not full is merged into a rewrite of it).
+    Returns the list (a `SegmentRef` to reuse, or the entries of a segment to write) and the shards
+    that are in no reused or rewritten segment (what the commit added, or moved)."""
+    shards = manifest.shards
+    reuse = {id(g.entries[0]): g for g in (manifest.segments or ()) if g.entries}
+    out: list[SegmentRef | tuple[ShardEntry, ...]] = []
+    pending: list[ShardEntry] = []
+    fresh: list[ShardEntry] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        if out and isinstance(out[-1], SegmentRef) and len(out[-1].entries) < SEGMENT_SHARDS:
+            pending[:0] = out.pop().entries  # type: ignore[union-attr]
+        for lo in range(0, len(pending), SEGMENT_SHARDS):
+            out.append(tuple(pending[lo:lo + SEGMENT_SHARDS]))
+        pending.clear()
+
+    i = 0
+    while i < len(shards):
+        g = reuse.get(id(shards[i]))
+        if g is not None and shards[i:i + len(g.entries)] == g.entries:
+            flush()
+            out.append(g)
+            i += len(g.entries)
+        else:
+            pending.append(shards[i])
+            fresh.append(shards[i])
+            i += 1
+    flush()
+    return out, fresh
+
+
+def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
     """Publish ``manifest`` (the commit point) with a create-if-absent write: never replaces a version.
 
+    Format 3 (`segments_wanted`): the new segment files are written first, each under a fresh random
+    name (unreferenced until the version file exists: a crash leaves them to `Lake.vacuum`), then the
+    version file. Returns the published manifest (with its ``segments``).
     `CommitConflictError` when another writer published this version first (`m2m.lake.commit` rebases).
     """
     rel = manifest_name(manifest.version)
     key = key_of(fs)
-    data = manifest.to_json(key)
-    Manifest.from_json(data, f"{fs.root}/{rel} (not written)", key)  # never publish what readers would refuse
+    segments: tuple[SegmentRef, ...] | None = None
+    if segments_wanted(fs, manifest):
+        plan, _ = plan_segments(manifest)
+        made = []
+        for g in plan:
+            if isinstance(g, tuple):
+                data = segment_bytes(manifest.lake_id, g)
+                path = f"{SEGMENT_DIR}/{uuid.uuid4().hex}.json"
+                if fs.is_local:
+                    fs.makedirs(SEGMENT_DIR)
+                fs.write_atomic(path, data)
+                g = SegmentRef(path=path, shards=len(g), id_min=g[0].id_min, id_max=g[-1].id_max,
+                               rows=sum(e.rows for e in g), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                               entries=g)
+                _memo(fs)[0][g.sha256] = g.entries
+            made.append(g)
+        segments = tuple(made)
+    data = manifest.to_json(key, segments)
+    # never publish what readers would refuse (segments: checked from the memo, not read back)
+    published = Manifest.from_json(data, f"{fs.root}/{rel} (not written)", key, fs)
     if not fs.create_exclusive(rel, data):
         raise CommitConflictError(f"version {manifest.version} of {fs.root} was committed by another writer")
+    out = replace(manifest, segments=published.segments, format_version=published.format_version)
+    object.__setattr__(out, "_rows", published.rows)  # the memo `replace` dropped
+    return out
+
+
+def published_bytes(fs: LakeFS, manifest: Manifest) -> bytes:
+    """The version file bytes ``manifest`` (as returned by `write_manifest`) was published with."""
+    segments = manifest.segments if manifest.format_version >= 3 else None
+    return manifest.to_json(key_of(fs), segments)

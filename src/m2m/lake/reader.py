@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from m2m.errors import CorruptShardError, UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch, check_file, check_footers, check_key
-from m2m.lake.manifest import FileEntry, Manifest
+from m2m.lake.manifest import FileEntry, Manifest, shard_row_counts
 from m2m.lake.schema import MAIN_COLUMNS, MU_NORM, NEIGHBOR_COS, NEIGHBORS, WIDENED, widened_dtype
 from m2m.lake.shard import (
     ColumnExtent,
@@ -42,8 +42,10 @@ class Snapshot:
     checked) may be shared between snapshots so that a file is checked once per holder of the set.
 
     Every file's Arrow footer is cross-checked against the manifest (rows, column types, dim, dtype,
-    first/last id; `m2m.lake.integrity`): for a local lake when the snapshot is made, for a remote
-    one when the file is first used (it is downloaded then anyway). ``checked`` (the `check_key`
+    first/last id; `m2m.lake.integrity`): for a local lake of format 1 or 2 when the snapshot is
+    made; for a remote one, or a local one of format 3 (segmented manifests, lakes of more than
+    `m2m.lake.manifest.SEGMENT_SHARDS` shards), when the file is first used, so opening a version
+    does not touch every file. ``checked`` (the `check_key`
     of each file already cross-checked) may be shared like ``verified``. A mismatch raises
     `CorruptShardError` naming the file.
     """
@@ -55,10 +57,9 @@ class Snapshot:
         self.verify = verify
         self._verified: set[str] = set() if verified is None else verified
         self._checked: set[tuple[object, ...]] = set() if checked is None else checked
-        self._shard_of = {f.path: i for i, s in enumerate(manifest.shards) for f in s.files}
-        if fs.is_local:  # footers only: a few small reads per file, no data pages
-            check_footers(fs, manifest, self._checked)
-        counts = np.fromiter((s.rows for s in manifest.shards), dtype=np.int64, count=len(manifest.shards))
+        if fs.is_local and manifest.format_version < 3:  # footers only: a few small reads per file
+            check_footers(fs, manifest, self._checked)  # (format 3, a lake of many shards: on first use)
+        counts = shard_row_counts(fs, manifest)
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._batches: OrderedDict[str, pa.RecordBatch] = OrderedDict()
         self._batch_bytes: dict[str, int] = {}
@@ -177,9 +178,9 @@ class Snapshot:
         ext = self._extents_of(f).get(name)
         if ext is None or not ext.dtype:
             return column_to_numpy(self._batch(f).column(name))
-        key = check_key(self.manifest, self._shard_of[f.path], f)
+        key = check_key(self.manifest, self._shard_of_file()[f.path], f)
         if key not in self._checked:  # a remote file's footer, checked when first used (as `_batch` does)
-            check_file(self.fs, self.manifest, self._shard_of[f.path], f)
+            check_file(self.fs, self.manifest, self._shard_of_file()[f.path], f)
             self._checked.add(key)
         with opened_shard(self.fs, f) as sf:
             return read_column(sf, ext)
@@ -333,9 +334,9 @@ class Snapshot:
                 b = open_shard_file(self.fs, f, verify=check)
                 if check:
                     self._verified.add(f.path)
-                key = check_key(self.manifest, self._shard_of[f.path], f)
+                key = check_key(self.manifest, self._shard_of_file()[f.path], f)
                 if key not in self._checked:
-                    check_batch(self.manifest, self._shard_of[f.path], f, b, self.fs.local_path(f.path))
+                    check_batch(self.manifest, self._shard_of_file()[f.path], f, b, self.fs.local_path(f.path))
                     self._checked.add(key)
                 self._batches[f.path] = b
                 self._batch_bytes[f.path] = f.bytes
@@ -358,6 +359,7 @@ class Snapshot:
             self.prefetch_shards(order[at + 1: at + 1 + cache.prefetch_shards])
 
     def _shard_of_file(self) -> dict[str, int]:
+        """File path -> shard index, made on first use (opening a version stays O(segments))."""
         got = self._file_shard
         if got is None:
             got = {f.path: i for i, s in enumerate(self.manifest.shards) for f in s.files}

@@ -79,7 +79,7 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
                                   format_version=FORMAT_VERSION, next_id=next_id,
                                   id_floor=max(target.id_floor, next_id if next_id > target.next_id else 0),
                                   operation={"type": "rollback", "to": to, "from": latest})
-        write_manifest(fs, new)
+        new = write_manifest(fs, new)
     return new
 
 

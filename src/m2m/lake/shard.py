@@ -129,6 +129,8 @@ def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array],
         raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing shard file", local) from exc
     if not fs.is_local:
         fs.write_file(rel, local)
+    else:
+        getattr(fs, "_record", lambda rel: None)(rel)
     return FileEntry(path=rel, bytes=sink.size, crc32=sink.crc, columns=tuple(arrays),
                      block_bytes=sink.block_bytes, block_crc32c=sink.block_checksums())
 

@@ -2,7 +2,8 @@
 
 Only regular files whose names m2m itself writes are deleted (`is_data_name`, `is_manifest_temp`):
 shard files ``<32 hex>.arrow`` (and ``.tmp-<32 hex>.arrow`` being written) in ``_data/``, old manifests ``v<10 digits>.json`` and interrupted
-manifest writes ``.tmp-<32 hex>`` in ``_manifests/``. A README, notes, a subfolder, a symlink or a
+manifest writes ``.tmp-<32 hex>`` in ``_manifests/``, manifest segments ``<32 hex>.json`` no kept
+version references (and interrupted writes) in ``_segments/``. A README, notes, a subfolder, a symlink or a
 FIFO placed there survives. Entries are examined and removed relative to a descriptor of the
 folder opened without following links (``O_NOFOLLOW``), so nothing is deleted through a symlink,
 even one swapped in while vacuum runs. ``_data`` or ``_manifests`` being a symlink itself (a lake
@@ -20,15 +21,21 @@ from collections.abc import Iterator
 
 from m2m.errors import ConfigError
 from m2m.lake.fs import LakeFS
-from m2m.lake.manifest import DATA_DIR, MANIFEST_DIR, list_versions, manifest_name, read_manifest
+from m2m.lake.manifest import DATA_DIR, MANIFEST_DIR, SEGMENT_DIR, list_versions, manifest_name, read_manifest
 
 _DATA_NAME = re.compile(r"(\.tmp-)?[0-9a-f]{32}\.arrow")
+_SEGMENT_NAME = re.compile(r"[0-9a-f]{32}\.json")
 _MANIFEST_TEMP = re.compile(r"\.tmp-[0-9a-f]{32}")
 
 
 def is_data_name(name: str) -> bool:
     """Whether ``name`` is a shard file name m2m writes (``<32 hex>.arrow``, or ``.tmp-`` before it while written)."""
     return _DATA_NAME.fullmatch(name) is not None
+
+
+def is_segment_name(name: str) -> bool:
+    """Whether ``name`` is a manifest segment file name m2m writes (``<32 hex>.json``)."""
+    return _SEGMENT_NAME.fullmatch(name) is not None
 
 
 def is_manifest_temp(name: str) -> bool:
@@ -78,8 +85,12 @@ def vacuum_local(fs: LakeFS, keep: int, allow_symlinked_dirs: bool = False) -> d
         versions = list_versions(fs)
         kept = versions[-keep:]
         live: set[str] = set()
+        live_segments: set[str] = set()
         for v in kept:
-            live.update(f.path.rsplit("/", 1)[-1] for f in read_manifest(fs, v).files())
+            m = read_manifest(fs, v)
+            live.update(f.path.rsplit("/", 1)[-1] for f in m.files())
+            if m.format_version >= 3:
+                live_segments.update(g.path.rsplit("/", 1)[-1] for g in m.segments or ())
         removed_versions = 0
         if mfd is not None:
             for v in versions[:-keep]:
@@ -92,4 +103,9 @@ def vacuum_local(fs: LakeFS, keep: int, allow_symlinked_dirs: bool = False) -> d
             for name in sorted(os.listdir(dfd)):
                 if is_data_name(name) and name not in live:
                     removed_files += _remove_regular(dfd, name)
+        with _dir_fd(fs, SEGMENT_DIR, allow_symlinked_dirs) as sfd:
+            if sfd is not None:
+                for name in sorted(os.listdir(sfd)):
+                    if (is_segment_name(name) and name not in live_segments) or is_manifest_temp(name):
+                        removed_files += _remove_regular(sfd, name)
     return {"versions_removed": removed_versions, "files_removed": removed_files}

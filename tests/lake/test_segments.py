@@ -1,0 +1,261 @@
+"""Format 3: a version file over immutable segment files (issue 21). ``SEGMENT_SHARDS`` is set to 2
+here so that a few appends make a segmented lake; the layout is the same at 256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import m2m.lake.manifest as mf
+from m2m import M2MConfig, create_m2m, open_lake
+from m2m.errors import CommitConflictError, CorruptShardError, SignatureError
+from m2m.lake.manifest import manifest_checksum
+from m2m.lake.recovery import repair, rollback
+
+KEY = "segment-test-key"
+
+
+@pytest.fixture(autouse=True)
+def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mf, "SEGMENT_SHARDS", 2)
+
+
+def _rows(n: int, seed: int, d: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def _make(path: Path, appends: int = 7, rows: int = 10, **config: Any) -> np.ndarray:
+    xs = [_rows(rows, i) for i in range(appends)]
+    with create_m2m(M2MConfig(path=str(path), latent_dim=8, **config)) as lake:
+        for x in xs:
+            lake.add_splats(x)
+    x = np.concatenate(xs)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _head(path: Path) -> tuple[Path, dict[str, Any]]:
+    p = sorted((path / "_manifests").glob("v*.json"))[-1]
+    return p, json.loads(p.read_text())
+
+
+def _save(p: Path, doc: dict[str, Any], key: str | None = None) -> None:
+    doc.pop("signature", None)
+    doc["checksum"] = manifest_checksum(doc)
+    if key is not None:
+        doc["signature"] = mf.manifest_signature(doc, key.encode())
+    p.write_text(json.dumps(doc, indent=1, sort_keys=True))
+
+
+def _rewrite_segment(path: Path, doc: dict[str, Any], i: int, change: Callable[[dict[str, Any]], None],
+                     rehash: bool = True) -> None:
+    """Edit segment ``i`` of the version ``doc``; ``rehash``: fix its reference (sha256, bytes, rows,
+    ids, count) as a forger would."""
+    ref = doc["segments"][i]
+    seg_path = path / ref["path"]
+    seg = json.loads(seg_path.read_text())
+    change(seg)
+    data = json.dumps(seg, sort_keys=True, separators=(",", ":")).encode()
+    seg_path.chmod(0o644)
+    seg_path.write_bytes(data)
+    if rehash:
+        sh = seg["shards"]
+        ref.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), shards=len(sh),
+                   rows=sum(s["rows"] for s in sh), id_min=sh[0]["id_min"], id_max=sh[-1]["id_max"])
+        doc["rows"] = sum(r["rows"] for r in doc["segments"])
+
+
+def _refused(path: Path, **kw: Any) -> str:
+    """The error a reader gets: at open, or at the latest when it reads every row."""
+    with pytest.raises((CorruptShardError, SignatureError)) as exc:
+        with open_lake(str(path), **kw) as lake:
+            lake.splats()
+    return str(exc.value)
+
+
+def test_round_trip_segments_and_reuse(tmp_path: Path) -> None:
+    want = _make(tmp_path / "l")
+    p, doc = _head(tmp_path / "l")
+    assert doc["format_version"] == 3 and "shards" not in doc
+    assert [r["shards"] for r in doc["segments"]] == [2, 2, 2, 1]
+    with open_lake(str(tmp_path / "l")) as lake:
+        assert lake.manifest.format_version == 3 and len(lake) == 70
+        np.testing.assert_allclose(lake.splats()["mu"], want, atol=1e-6)
+        assert lake.verify() == []
+        segs_before = [g.path for g in lake.manifest.segments or ()]
+        lake.add_splats(_rows(10, 99))
+        segs_after = [g.path for g in lake.manifest.segments or ()]
+        # an append rewrites only the last, non-full segment: the full ones are reused as they are
+        assert segs_after[:3] == segs_before[:3] and segs_after[3] != segs_before[3]
+        lake.add_splats(_rows(10, 98))
+        assert [g.path for g in lake.manifest.segments or ()][:4] == segs_after  # a full one, then a new one
+        assert len(lake) == 90
+    # older versions stay readable, format 2 ones (<= 2 shards) included
+    with open_lake(str(tmp_path / "l"), version=2) as old:
+        assert old.manifest.format_version == 2 and len(old) == 20
+    with open_lake(str(tmp_path / "l"), version=5) as old:
+        assert old.manifest.format_version == 3 and len(old) == 50
+        np.testing.assert_allclose(old.splats()["mu"], want[:50], atol=1e-6)
+
+
+def test_format_2_lake_is_upgraded_on_its_next_commit_and_never_downgraded(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mf, "SEGMENT_SHARDS", 256)
+    want = _make(tmp_path / "l", appends=3)
+    assert _head(tmp_path / "l")[1]["format_version"] == 2
+    monkeypatch.setattr(mf, "SEGMENT_SHARDS", 2)
+    with open_lake(str(tmp_path / "l")) as lake:
+        assert lake.manifest.format_version == 2
+        lake.add_splats(_rows(10, 3))
+        assert lake.manifest.format_version == 3
+        lake.compact()  # down to one shard: still format 3 (a format-2 version after it would be refused)
+        assert len(lake.manifest.shards) == 1 and lake.manifest.format_version == 3
+        np.testing.assert_allclose(lake.splats()["mu"][:30], want, atol=1e-6)
+    assert _head(tmp_path / "l")[1]["format_version"] == 3
+    # a format-2 (inline) version file written after a format-3 one: refused as a downgrade
+    p, doc = _head(tmp_path / "l")
+    with open_lake(str(tmp_path / "l")) as lake:
+        inline = json.loads(lake.manifest.to_json())
+    inline.update(version=doc["version"] + 1, parent=doc["version"])
+    _save(p.with_name(f"v{doc['version'] + 1:010d}.json"), inline)
+    assert "downgrade" in _refused(tmp_path / "l")
+
+
+@pytest.mark.parametrize("case", ["edited-rehashed", "edited", "swapped", "other-lake", "dropped-middle",
+                                  "dropped-last", "path", "repeated"])
+def test_forged_segments_are_refused(tmp_path: Path, case: str) -> None:
+    _make(tmp_path / "l")
+    p, doc = _head(tmp_path / "l")
+    if case == "edited-rehashed":  # one row fewer, every hash and total recomputed: the files tell
+        _rewrite_segment(tmp_path / "l", doc, 1, lambda s: s["shards"][0].update(rows=9))
+    elif case == "edited":
+        _rewrite_segment(tmp_path / "l", doc, 1, lambda s: s["shards"][0].update(rows=9), rehash=False)
+    elif case == "swapped":
+        doc["segments"][0], doc["segments"][1] = doc["segments"][1], doc["segments"][0]
+    elif case == "other-lake":
+        _make(tmp_path / "o")
+        _, other = _head(tmp_path / "o")
+        ref = other["segments"][1]
+        shutil.copy(tmp_path / "o" / ref["path"], tmp_path / "l" / ref["path"])
+        doc["segments"][1] = ref
+    elif case == "dropped-middle":
+        del doc["segments"][1]
+        doc["rows"] = sum(r["rows"] for r in doc["segments"])
+    elif case == "dropped-last":
+        del doc["segments"][-1]
+        doc["rows"] = sum(r["rows"] for r in doc["segments"])
+    elif case == "path":
+        doc["segments"][0]["path"] = "_segments/../_manifests/v0000000001.json"
+    elif case == "repeated":
+        doc["segments"].insert(1, doc["segments"][0])
+        doc["rows"] = sum(r["rows"] for r in doc["segments"])
+    _save(p, doc)
+    msg = _refused(tmp_path / "l")
+    assert {"edited-rehashed": "rows", "edited": "sha256", "swapped": "not after", "other-lake": "belongs to lake",
+            "dropped-middle": "was written after id", "dropped-last": "next_id", "path": "segment path",
+            "repeated": "listed twice"}[case] in msg, msg
+
+
+def test_signed_lake_refuses_a_rehashed_segment_at_open(tmp_path: Path) -> None:
+    _make(tmp_path / "l", lake_key=KEY)
+    p, doc = _head(tmp_path / "l")
+    _rewrite_segment(tmp_path / "l", doc, 0, lambda s: s["shards"][0].update(rows=9))
+    _save(p, doc)  # checksum recomputed, signature not (no key)
+    with pytest.raises(SignatureError):
+        open_lake(str(tmp_path / "l"), lake_key=KEY)
+    _save(p, doc, key="another key")
+    with pytest.raises(SignatureError):
+        open_lake(str(tmp_path / "l"), lake_key=KEY)
+
+
+def test_vacuum_keeps_every_segment_a_kept_version_references(tmp_path: Path) -> None:
+    _make(tmp_path / "l")
+    seg_dir = tmp_path / "l" / "_segments"
+    orphan = seg_dir / f"{'a' * 32}.json"  # a commit that died between its segment and its version file
+    orphan.write_text("{}")
+    (seg_dir / "notes.txt").write_text("mine")
+    with open_lake(str(tmp_path / "l")) as lake:
+        want = lake.splats()["mu"]
+        keep2 = {g.path.split("/")[1] for v in lake.versions()[-2:]
+                 for g in (lake.checkout(v).manifest.segments or ())}
+        lake.vacuum(keep=2)
+        assert {p.name for p in seg_dir.glob("*.json")} == keep2
+        assert (seg_dir / "notes.txt").exists() and not orphan.exists()
+        with open_lake(str(tmp_path / "l"), version=lake.versions()[0]) as old:
+            assert len(old) == 60
+        lake.vacuum(keep=1)
+        assert {p.name for p in seg_dir.glob("*.json")} == {g.path.split("/")[1] for g in lake.manifest.segments or ()}
+    with open_lake(str(tmp_path / "l")) as lake:
+        np.testing.assert_array_equal(lake.splats()["mu"], want)
+        assert lake.verify() == []
+
+
+def test_crash_between_segment_and_version_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _make(tmp_path / "l")
+    seg_dir = tmp_path / "l" / "_segments"
+    before = sorted(p.name for p in seg_dir.iterdir())
+    with open_lake(str(tmp_path / "l")) as lake:
+        head = lake.version
+
+        def die(rel: str, data: bytes) -> bool:
+            raise KeyboardInterrupt  # the process stops after writing its segment, before its version file
+
+        real = type(lake._fs).create_exclusive
+        type(lake._fs).create_exclusive = lambda self, rel, data: die(rel, data)  # type: ignore[method-assign]
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                lake.add_splats(_rows(10, 50))
+        finally:
+            type(lake._fs).create_exclusive = real  # type: ignore[method-assign]
+        # the commit removed what it wrote; readers never saw it
+        assert sorted(p.name for p in seg_dir.iterdir()) == before
+        assert lake.refresh() == head and len(lake) == 70
+        lake.add_splats(_rows(10, 51))
+        assert len(lake) == 80 and lake.verify() == []
+
+
+def test_rollback_and_repair_of_a_segmented_lake(tmp_path: Path) -> None:
+    want = _make(tmp_path / "l")
+    new = rollback(str(tmp_path / "l"), to=4)
+    assert new.format_version == 3 and new.rows == 40 and new.version == 8
+    with open_lake(str(tmp_path / "l")) as lake:
+        np.testing.assert_allclose(lake.splats()["mu"], want[:40], atol=1e-6)
+        assert lake.add_splats(_rows(10, 7))[0] == 70  # ids of the abandoned versions are not reused
+    # a version whose segment is gone: repair moves it aside, the previous head is read again
+    p, doc = _head(tmp_path / "l")
+    (tmp_path / "l" / doc["segments"][-1]["path"]).unlink()
+    with pytest.raises(CorruptShardError, match="is missing.*m2m repair"):
+        open_lake(str(tmp_path / "l"))
+    report = repair(str(tmp_path / "l"))
+    assert report["head"] == doc["version"] - 1
+    with open_lake(str(tmp_path / "l")) as lake:
+        assert len(lake) == 40
+
+
+def test_compaction_writes_new_segments(tmp_path: Path) -> None:
+    want = _make(tmp_path / "l")
+    with open_lake(str(tmp_path / "l")) as lake:
+        old = {g.path for g in lake.manifest.segments or ()}
+        lake.compact()
+        assert len(lake.manifest.shards) == 1 and lake.manifest.format_version == 3
+        assert {g.path for g in lake.manifest.segments or ()}.isdisjoint(old)
+    with open_lake(str(tmp_path / "l")) as lake:
+        np.testing.assert_allclose(lake.splats()["mu"], want, atol=1e-6)
+        assert lake.verify() == []
+
+
+def test_commit_conflict_leaves_no_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _make(tmp_path / "l")
+    seg_dir = tmp_path / "l" / "_segments"
+    before = sorted(os.listdir(seg_dir))
+    with open_lake(str(tmp_path / "l")) as lake:
+        monkeypatch.setattr(type(lake._fs), "create_exclusive", lambda self, rel, data: False)
+        with pytest.raises(CommitConflictError):
+            lake.add_splats(_rows(10, 60))
+    assert sorted(os.listdir(seg_dir)) == before
