@@ -14,6 +14,7 @@ import dataclasses
 import math
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import torch
@@ -135,13 +136,14 @@ class StreamLoader(DataLoader):
         self._stats = StreamStats()
         self._res = pl.Resources(dataset.source, dataset.spec, dataset.delivery)
         self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._plans: ThreadPoolExecutor | None = None  # one thread computing the next epoch's plan
         pl.close_at_exit(self)
 
     # ----------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
         """Numbers and configuration only: readers, arenas, threads and live passes are rebuilt lazily."""
         state = self.__dict__.copy()
-        for name in ("_iterator", "_live", "_res"):
+        for name in ("_iterator", "_live", "_res", "_plans"):
             state[name] = None
         state["_stats"] = StreamStats()
         state["sampler"] = None
@@ -235,6 +237,16 @@ class StreamLoader(DataLoader):
             self._iterator = None
         if self._res is not None:
             self._res.close()
+        self._ds.drop_ahead()
+        if self.__dict__.get("_plans") is not None:
+            self._plans.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
+            self._plans = None
+
+    def _planner(self) -> ThreadPoolExecutor:
+        """The loader's planning thread (`StreamDataset.plan_ahead`), started on first use."""
+        if self.__dict__.get("_plans") is None:
+            self._plans = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2m-plan")
+        return self._plans  # type: ignore[return-value]
 
     def _adopt(self, spec: StreamSpec) -> None:
         """Stream by ``spec`` from now on: a saved state's shard-affinity group size (the group follows the
@@ -266,6 +278,7 @@ class StreamLoader(DataLoader):
         epoch, start, token = self._cursor.begin_pass()
         world = ds.current_world()
         plan = ds.rank_epoch(epoch, world)  # computed here once (workers inherit it)
+        ds.plan_ahead(self._planner(), epoch + 1, world)  # the next pass's plan, while this one streams
         workers = self._start_workers(epoch, start, world) if self.num_workers else None
         items = None if workers is None else (work_from_item(item) for item in workers)
         try:
