@@ -18,10 +18,11 @@ from torch.utils.data import Dataset, get_worker_info
 from m2m.errors import ConfigError
 from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.sampling.samplers import ImportanceSampler
+from m2m.sampling.sharded import ShardedImportance, ShardedPlanSampler
 from m2m.stream import affinity
 from m2m.stream import pipeline as pl
 from m2m.stream.metrics import StreamStats
-from m2m.stream.order import RankEpoch, rank_epoch, sampler_plan
+from m2m.stream.order import RankEpoch, delivered_draws, rank_epoch, sampler_plan
 from m2m.stream.source import RowSource, file_backed
 from m2m.stream.spec import StreamSpec
 from m2m.stream.stages.base import Work
@@ -90,6 +91,11 @@ class StreamDataset(Dataset):
         """``world``'s rank's part of ``epoch``: a pure function of (spec, sizes, seed, epoch, rank,
         world size, the sampler's plan), whichever thread computes it."""
         s = self.spec
+        if s.shard_affinity and isinstance(self.sampler, ShardedPlanSampler):  # only this rank's draws
+            m = delivered_draws(s.num_rows, s.batch_size, world.world_size, s.drop_last)
+            return affinity.rank_epoch_sharded(s.layout, self.source.shard_offsets, s.batch_size, s.drop_last,
+                                               s.seed, epoch, world.rank, world.world_size, self.sampler, m,
+                                               s.affinity_group_blocks or None)
         plan = None if self.sampler is None else sampler_plan(self.sampler, epoch, s.num_rows, s.batch_size,
                                                               world.world_size, s.drop_last)
         if s.shard_affinity:
@@ -101,10 +107,11 @@ class StreamDataset(Dataset):
     def plan_ahead(self, executor: Executor, epoch: int, world: World) -> bool:
         """Start computing ``world``'s part of ``epoch`` on ``executor`` (the loader's one planning
         thread) so the pass that reads it does not wait; at most one epoch is ahead. Only for plans that
-        are pure functions of the epoch: no sampler or a static `ImportanceSampler` (a loss sampler's
-        plan depends on the priorities when its epoch starts). False when nothing was started."""
-        if self.sampler is not None and (type(self.sampler) is not ImportanceSampler
-                                         or supports_priorities(self.sampler)):
+        are pure functions of the epoch: no sampler, a static `ImportanceSampler` or a `ShardedImportance`
+        (a loss sampler's plan depends on the priorities when its epoch starts; another sampler may not
+        be safe to call from a second thread). False when nothing was started."""
+        pure = self.sampler is None or type(self.sampler) in (ImportanceSampler, ShardedImportance)
+        if not pure or supports_priorities(self.sampler):
             return False
         key = (epoch, world.rank, world.world_size)
         with self._guard():
