@@ -63,10 +63,11 @@ class ShardedImportance:
     """An importance sampler over a lake cut into shards (``shard_offsets``), reading the scores and
     alpha of one shard at a time (``scores_of(shard)``, ``alpha_of(shard)``: float arrays of that
     shard's rows). Also a whole-epoch `m2m.sampling.plan.PlanSampler` (`plan`) for streams without
-    shard affinity."""
+    shard affinity. ``masses``: the `masses` of the same scores computed before (they cost two passes
+    over every shard's scores; a rank may load them instead)."""
 
     def __init__(self, shard_offsets: np.ndarray, scores_of: Values, alpha_of: Values, seed: int = 0,
-                 floor: float = 0.1) -> None:
+                 floor: float = 0.1, masses: tuple[np.ndarray, float] | None = None) -> None:
         self.offsets = np.asarray(shard_offsets, dtype=np.int64)
         if self.offsets.ndim != 1 or len(self.offsets) < 1 or np.any(np.diff(self.offsets) < 0):
             raise ConfigError(f"shard_offsets must be non-decreasing [S + 1], got shape {self.offsets.shape}")
@@ -76,6 +77,11 @@ class ShardedImportance:
         self.seed = check_int(seed, "seed", 0)
         self.floor = float(floor)
         self._masses: tuple[np.ndarray, float] | None = None
+        if masses is not None:  # computed once elsewhere (`masses()` of another process): no pass here
+            q = np.asarray(masses[0], dtype=np.float64)
+            if q.shape != (len(self.offsets) - 1,) or not np.all(np.isfinite(q)) or np.any(q < 0):
+                raise ConfigError(f"masses must be finite, >= 0 and of shape [{len(self.offsets) - 1}], got {q.shape}")
+            self._masses = (q, float(masses[1]))
 
     @classmethod
     def from_arrays(cls, shard_offsets: np.ndarray, scores: np.ndarray, alpha: np.ndarray, seed: int = 0,

@@ -238,15 +238,9 @@ class StreamLoader(DataLoader):
         if self._res is not None:
             self._res.close()
         self._ds.drop_ahead()
-        if self.__dict__.get("_plans") is not None:
-            self._plans.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
-            self._plans = None
-
-    def _planner(self) -> ThreadPoolExecutor:
-        """The loader's planning thread (`StreamDataset.plan_ahead`), started on first use."""
-        if self.__dict__.get("_plans") is None:
-            self._plans = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2m-plan")
-        return self._plans  # type: ignore[return-value]
+        plans, self._plans = self.__dict__.get("_plans"), None
+        if plans is not None:
+            plans.shutdown(wait=False, cancel_futures=True)
 
     def _adopt(self, spec: StreamSpec) -> None:
         """Stream by ``spec`` from now on: a saved state's shard-affinity group size (the group follows the
@@ -278,7 +272,9 @@ class StreamLoader(DataLoader):
         epoch, start, token = self._cursor.begin_pass()
         world = ds.current_world()
         plan = ds.rank_epoch(epoch, world)  # computed here once (workers inherit it)
-        ds.plan_ahead(self._planner(), epoch + 1, world)  # the next pass's plan, while this one streams
+        if self._plans is None:  # the loader's one planning thread (`StreamDataset.plan_ahead`)
+            self._plans = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2m-plan")
+        ds.plan_ahead(self._plans, epoch + 1, world)  # the next pass's plan, while this one streams
         workers = self._start_workers(epoch, start, world) if self.num_workers else None
         items = None if workers is None else (work_from_item(item) for item in workers)
         try:
