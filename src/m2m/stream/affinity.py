@@ -26,11 +26,16 @@ rank, world size, plan).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from m2m.errors import ConfigError
 from m2m.stream import partition, shuffle
 from m2m.stream.order import Layout, RankEpoch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m2m.sampling.sharded import ShardedPlanSampler
 
 RUNS_PER_RANK = 4
 _SALT_SHARDS = 0xAFF1
@@ -132,3 +137,38 @@ def first_use(rows: np.ndarray, shard_offsets: np.ndarray) -> np.ndarray:
     shard = np.searchsorted(offsets, np.asarray(rows, dtype=np.int64), side="right") - 1
     _, first = np.unique(shard, return_index=True)
     return shard[np.sort(first)]
+
+
+def rank_epoch_sharded(layout: Layout, shard_offsets: np.ndarray, batch_size: int, drop_last: bool, seed: int,
+                       epoch: int, rank: int, world_size: int, sampler: "ShardedPlanSampler", num_draws: int,
+                       group_blocks: int | None = None) -> RankEpoch:
+    """`rank_epoch` with an importance plan drawn per shard (`m2m.sampling.sharded`): the epoch's
+    ``num_draws`` draws, grouped by shard in `shard_order` (shard ``s`` holding its
+    ``sampler.shard_counts`` draws), are cut over the ranks as any order is, and this rank computes
+    the draws of only the shards its slice covers. Memory and time ~ the rank's share plus O(shards),
+    never the whole plan."""
+    offsets = np.asarray(shard_offsets, dtype=np.int64)
+    counts = np.asarray(sampler.shard_counts(epoch, num_draws), dtype=np.int64)
+    order = shard_order(len(offsets) - 1, world_size, seed, epoch)
+    starts = np.concatenate([[0], np.cumsum(counts[order])]).astype(np.int64)
+    pos = partition.rank_positions(int(starts[-1]), batch_size, rank, world_size, drop_last)
+    n = partition.num_batches(len(pos), batch_size, drop_last)
+    k = np.searchsorted(starts, pos, side="right") - 1              # position -> index in the shard order
+    touched = np.unique(k)
+    base = np.zeros(len(touched) + 1, dtype=np.int64)
+    rows_parts, weight_parts = [], []
+    for i, j in enumerate(touched.tolist()):
+        shard = int(order[j])
+        r, w = sampler.shard_draws(epoch, shard, int(counts[shard]), num_draws)
+        rows_parts.append(r)
+        weight_parts.append(w)
+        base[i + 1] = base[i] + len(r)
+    entries = np.concatenate(rows_parts) if rows_parts else np.zeros(0, np.int64)
+    weights = np.concatenate(weight_parts) if weight_parts else np.zeros(0, np.float32)
+    at = base[np.searchsorted(touched, k)] + (pos - starts[k])
+    del rows_parts, weight_parts, k
+    rows, weights = entries[at], weights[at]
+    del entries, at
+    rng = shuffle.epoch_generator(seed, epoch, (_SALT_WINDOWS << 24) + int(rank))
+    mine = group_shuffle(rows, layout.block_rows, layout.window_blocks, group_blocks, rng)
+    return RankEpoch(rows[mine], weights[mine], batch_size, n)

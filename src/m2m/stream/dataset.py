@@ -6,6 +6,9 @@ Its stage chains are assembled by `m2m.stream.pipeline` (roles WORKER and INLINE
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import CancelledError, Executor, Future
 from typing import Any, Iterator, NoReturn
 
 import numpy as np
@@ -13,11 +16,13 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from m2m.errors import ConfigError
-from m2m.sampling.plan import PlanSampler
+from m2m.sampling.plan import PlanSampler, supports_priorities
+from m2m.sampling.samplers import ImportanceSampler
+from m2m.sampling.sharded import ShardedImportance, ShardedPlanSampler
 from m2m.stream import affinity
 from m2m.stream import pipeline as pl
 from m2m.stream.metrics import StreamStats
-from m2m.stream.order import RankEpoch, rank_epoch, sampler_plan
+from m2m.stream.order import RankEpoch, delivered_draws, rank_epoch, sampler_plan
 from m2m.stream.source import RowSource, file_backed
 from m2m.stream.spec import StreamSpec
 from m2m.stream.stages.base import Work
@@ -53,33 +58,89 @@ class StreamDataset(Dataset[Any]):
         self.control: torch.Tensor | None = None
         self._worker_side = False  # True only in the copy the loader's own workers receive
         self._cache: dict[tuple[int, int, int], RankEpoch] = {}
+        self._ahead: dict[tuple[int, int, int], Future] = {}  # at most one epoch planned ahead (`plan_ahead`)
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
 
     def current_world(self) -> World:
         """The DDP topology now: the spec's explicit values, else torch.distributed / torchrun's env."""
         return detect_rank(self.spec.rank, self.spec.world_size)
 
     def rank_epoch(self, epoch: int, world: World | None = None) -> RankEpoch:
-        """The rows and weights ``world``'s rank reads in ``epoch`` (the last two are cached)."""
+        """The rows and weights ``world``'s rank reads in ``epoch`` (the last two are cached; one
+        computed ahead by `plan_ahead` is taken from there, its error raised here)."""
         world = self.world if world is None else world
         key = (epoch, world.rank, world.world_size)
-        hit = self._cache.get(key)
+        with self._guard():
+            hit = self._cache.get(key)
+            pending = self._ahead.pop(key, None) if hit is None else None
         if hit is None:
-            s = self.spec
-            plan = None if self.sampler is None else sampler_plan(self.sampler, epoch, s.num_rows, s.batch_size,
-                                                                  world.world_size, s.drop_last)
-            if s.shard_affinity:
-                hit = affinity.rank_epoch(s.layout, self.source.shard_offsets, s.batch_size, s.drop_last, s.seed,
-                                          epoch, world.rank, world.world_size, plan, s.affinity_group_blocks or None)
-            else:
-                hit = rank_epoch(s.layout, s.num_rows, s.batch_size, s.drop_last, s.seed, epoch, world.rank,
-                                 world.world_size, plan)
+            hit = None if pending is None else self._finished(pending)
+            if hit is None:
+                hit = self.compute_epoch(epoch, world)
+            with self._guard():
+                while len(self._cache) >= 2:  # two passes may interleave (zip(dl, dl))
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[key] = hit
             files = file_backed(self.source)
             if files is not None and files.is_remote:  # node cache: download ahead in first-use order
                 files.plan_prefetch(affinity.first_use(hit.rows, self.source.shard_offsets).tolist())
-            while len(self._cache) >= 2:  # two passes may interleave (zip(dl, dl))
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = hit
         return hit
+
+    def compute_epoch(self, epoch: int, world: World) -> RankEpoch:
+        """``world``'s rank's part of ``epoch``: a pure function of (spec, sizes, seed, epoch, rank,
+        world size, the sampler's plan), whichever thread computes it."""
+        s = self.spec
+        if s.shard_affinity and isinstance(self.sampler, ShardedPlanSampler):  # only this rank's draws
+            m = delivered_draws(s.num_rows, s.batch_size, world.world_size, s.drop_last)
+            return affinity.rank_epoch_sharded(s.layout, self.source.shard_offsets, s.batch_size, s.drop_last,
+                                               s.seed, epoch, world.rank, world.world_size, self.sampler, m,
+                                               s.affinity_group_blocks or None)
+        plan = None if self.sampler is None else sampler_plan(self.sampler, epoch, s.num_rows, s.batch_size,
+                                                              world.world_size, s.drop_last)
+        if s.shard_affinity:
+            return affinity.rank_epoch(s.layout, self.source.shard_offsets, s.batch_size, s.drop_last, s.seed,
+                                       epoch, world.rank, world.world_size, plan, s.affinity_group_blocks or None)
+        return rank_epoch(s.layout, s.num_rows, s.batch_size, s.drop_last, s.seed, epoch, world.rank,
+                          world.world_size, plan, local=s.rank_local_order)
+
+    def plan_ahead(self, executor: Executor, epoch: int, world: World) -> bool:
+        """Start computing ``world``'s part of ``epoch`` on ``executor`` (the loader's one planning
+        thread) so the pass that reads it does not wait; at most one epoch is ahead. Only for plans that
+        are pure functions of the epoch: no sampler, a static `ImportanceSampler` or a `ShardedImportance`
+        (a loss sampler's plan depends on the priorities when its epoch starts; another sampler may not
+        be safe to call from a second thread). False when nothing was started."""
+        pure = self.sampler is None or type(self.sampler) in (ImportanceSampler, ShardedImportance)
+        if not pure or supports_priorities(self.sampler):
+            return False
+        key = (epoch, world.rank, world.world_size)
+        with self._guard():
+            if key in self._cache or key in self._ahead:
+                return False
+            for old in self._ahead.values():
+                old.cancel()
+            self._ahead = {key: executor.submit(self.compute_epoch, epoch, world)}
+        return True
+
+    def drop_ahead(self) -> None:
+        """Cancel a plan computed ahead that has not started (a running one finishes on its thread)."""
+        with self._guard():
+            for fut in self._ahead.values():
+                fut.cancel()
+            self._ahead = {}
+
+    def _finished(self, pending: Future) -> RankEpoch | None:
+        try:
+            return pending.result()
+        except CancelledError:
+            return None
+
+    def _guard(self) -> threading.Lock:
+        """This process's lock; a forked child drops the parent's lock and its futures (their thread
+        does not exist in the child)."""
+        if self._pid != os.getpid():
+            self._pid, self._lock, self._ahead = os.getpid(), threading.Lock(), {}
+        return self._lock
 
     def __len__(self) -> int:
         """Rows of one rank's epoch (``epoch``, with the DDP topology read now)."""
@@ -132,6 +193,7 @@ class StreamDataset(Dataset[Any]):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = {}  # recomputed on demand (pure function of the spec)
+        state["_ahead"], state["_lock"], state["_pid"] = {}, None, -1  # rebuilt by `_guard` in the copy
         if self._worker_side:  # workers gather host columns only: the augmentation stays with the consumer
             state["delivery"] = None
         return state

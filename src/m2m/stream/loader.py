@@ -14,6 +14,7 @@ import dataclasses
 import math
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import torch
@@ -135,13 +136,14 @@ class StreamLoader(DataLoader[Any]):
         self._stats = StreamStats()
         self._res = pl.Resources(dataset.source, dataset.spec, dataset.delivery)
         self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._plans: ThreadPoolExecutor | None = None  # one thread computing the next epoch's plan
         pl.close_at_exit(self)
 
     # ----------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
         """Numbers and configuration only: readers, arenas, threads and live passes are rebuilt lazily."""
         state = self.__dict__.copy()
-        for name in ("_iterator", "_live", "_res"):
+        for name in ("_iterator", "_live", "_res", "_plans"):
             state[name] = None
         state["_stats"] = StreamStats()
         state["sampler"] = None
@@ -240,6 +242,10 @@ class StreamLoader(DataLoader[Any]):
             self._iterator = None
         if self._res is not None:
             self._res.close()
+        self._ds.drop_ahead()
+        plans, self._plans = self.__dict__.get("_plans"), None
+        if plans is not None:
+            plans.shutdown(wait=False, cancel_futures=True)
 
     def _adopt(self, spec: StreamSpec) -> None:
         """Stream by ``spec`` from now on: a saved state's shard-affinity group size (the group follows the
@@ -271,6 +277,9 @@ class StreamLoader(DataLoader[Any]):
         epoch, start, token = self._cursor.begin_pass()
         world = ds.current_world()
         plan = ds.rank_epoch(epoch, world)  # computed here once (workers inherit it)
+        if self._plans is None:  # the loader's one planning thread (`StreamDataset.plan_ahead`)
+            self._plans = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2m-plan")
+        ds.plan_ahead(self._plans, epoch + 1, world)  # the next pass's plan, while this one streams
         workers = self._start_workers(epoch, start, world) if self.num_workers else None
         items = None if workers is None else (work_from_item(item) for item in workers)
         try:

@@ -2,7 +2,8 @@
 
 `choose_layout` picks the shuffle (see `m2m.stream.shuffle`) from sizes and the warm budget only,
 so every rank and worker derives the same layout; `rank_epoch` is a pure function of
-(layout, sizes, seed, epoch, rank, world_size, plan).
+(layout, sizes, seed, epoch, rank, world_size, plan). Lakes of `RANK_LOCAL_ROWS` rows or more use
+rank-local orders (`local_rows`): a rank builds its own positions of the epoch only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from m2m.stream import partition, shuffle
 DEFAULT_BLOCK_BYTES = 4 << 20
 WINDOW_FRACTION = 4  # a window is 1/4 of the warm budget: current + next + slack fit in it
 MODES = ("auto", shuffle.FULL, shuffle.BLOCK)
+#: From this many rows on, a rank builds only its own share of a uniform epoch's order (`local_rows`)
+#: instead of the whole order: at 1B rows the whole order is 8 GB and a sort on every rank. Below it
+#: the whole-epoch orders of `epoch_entries` are kept, so the orders (and saved states) of such lakes
+#: do not change.
+RANK_LOCAL_ROWS = 1 << 24
+_SALT_LOCAL = 0x10CA1
 
 
 @dataclass(frozen=True)
@@ -109,13 +116,47 @@ def sampler_plan(sampler: object, epoch: int, num_rows: int, batch_size: int, wo
     return check_plan(raw, num_rows)
 
 
+def rank_local(num_rows: int) -> bool:
+    """Whether a lake of ``num_rows`` rows uses the rank-local orders (from `RANK_LOCAL_ROWS` rows on)."""
+    return num_rows >= RANK_LOCAL_ROWS
+
+
 def rank_epoch(layout: Layout, num_rows: int, batch_size: int, drop_last: bool, seed: int, epoch: int,
-               rank: int, world_size: int, plan: tuple[np.ndarray, np.ndarray] | None = None) -> RankEpoch:
-    """The part of epoch ``epoch`` that ``rank`` of ``world_size`` reads (see `m2m.stream.partition`)."""
+               rank: int, world_size: int, plan: tuple[np.ndarray, np.ndarray] | None = None,
+               local: bool | None = None) -> RankEpoch:
+    """The part of epoch ``epoch`` that ``rank`` of ``world_size`` reads (see `m2m.stream.partition`).
+
+    ``local`` (default: `rank_local` of ``num_rows``): without a plan, build only this rank's
+    positions of the epoch order (`local_rows`) instead of the whole order; a different, equally
+    random order. A plan (the whole epoch's draws, already in memory) is always ordered whole.
+    """
+    if plan is None and (rank_local(num_rows) if local is None else local):
+        pos = partition.rank_positions(num_rows, batch_size, rank, world_size, drop_last)
+        n = partition.num_batches(len(pos), batch_size, drop_last)
+        return RankEpoch(local_rows(layout, num_rows, seed, epoch, pos), None, batch_size, n)
     rows, weights = epoch_entries(layout, num_rows, seed, epoch, plan)
     pos = partition.rank_positions(len(rows), batch_size, rank, world_size, drop_last)
     n = partition.num_batches(len(pos), batch_size, drop_last)
     return RankEpoch(rows[pos], None if weights is None else weights[pos], batch_size, n)
+
+
+def local_rows(layout: Layout, num_rows: int, seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """The global rows at epoch ``positions`` of the rank-local order of ``layout``, built in memory and
+    time proportional to ``positions`` (plus O(blocks) for a block shuffle's block permutation).
+
+    full: a keyed bijection of ``[0, num_rows)`` (`shuffle.feistel_permute`) evaluated at the positions;
+    block: the windowed block shuffle, building only the windows the positions fall in
+    (`shuffle.block_positions`); sequential: the positions themselves.
+    """
+    pos = np.asarray(positions, dtype=np.int64)
+    if layout.mode == shuffle.FULL:
+        return shuffle.feistel_permute(pos, num_rows, shuffle.permutation_keys(seed, epoch, _SALT_LOCAL))
+    if layout.mode == shuffle.BLOCK:
+        rng = shuffle.epoch_generator(seed, epoch, _SALT_LOCAL)
+        blocks, starts = shuffle.window_table(num_rows, layout.block_rows, layout.window_blocks, rng)
+        return shuffle.block_positions(pos, blocks, starts, layout.block_rows, layout.window_blocks, num_rows,
+                                       seed, epoch)
+    return pos.copy()
 
 
 def check_plan(plan: object, num_rows: int) -> tuple[np.ndarray, np.ndarray]:

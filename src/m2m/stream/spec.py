@@ -16,7 +16,7 @@ from m2m.stream import columns as cols
 from m2m.stream import shuffle
 from m2m.stream.columns import Column
 from m2m.stream.options import StreamOptions
-from m2m.stream.order import Layout, choose_layout
+from m2m.stream.order import Layout, choose_layout, rank_local
 from m2m.stream.source import RowSource, file_backed
 from m2m.stream.stages.hot import CPU, RESIDENT, STAGED, resident_bytes
 from m2m.stream.topology import detect_rank
@@ -50,6 +50,7 @@ class StreamSpec:
     background_fill: bool = True
     shard_affinity: bool = False
     affinity_group_blocks: int = 0
+    rank_local_order: bool = False  # `m2m.stream.order.rank_local`: each rank builds only its own order
     lake: str | None = None
     version: int | None = None
 
@@ -141,7 +142,8 @@ def plan_stream(source: RowSource, opts: StreamOptions, dev: torch.device, lake:
         chunk_batches=opts.chunk_batches or chunk_batches_for(resolved, opts.batch_size), warm_bytes=warm_bytes,
         warm_mode=opts.warm_mode, gather_in_workers=hot != RESIDENT, huge_pages=opts.huge_pages,
         background_fill=opts.background_fill, shard_affinity=bool(affinity),
-        affinity_group_blocks=int(group_blocks), lake=lake, version=version), hot
+        affinity_group_blocks=int(group_blocks), rank_local_order=rank_local(int(source.num_rows)), lake=lake,
+        version=version), hot
 
 
 def warn_narrow_window(source: RowSource, layout: Layout) -> None:
