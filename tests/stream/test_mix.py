@@ -23,13 +23,17 @@ def unit(n: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def build(path: str, n: int, seed: int, chunks: int = 2, dim: int = D, **add: object) -> np.ndarray:
-    """A lake of ``n`` rows in ``chunks`` commits (shards); returns its mu in id order."""
+def build(path: str, n: int, seed: int, chunks: int = 2, dim: int = D, geometry: bool = False,
+          **add: object) -> np.ndarray:
+    """A lake of ``n`` rows in ``chunks`` commits (shards), with kappa/neighbours persisted when
+    ``geometry`` (a loader then skips the in-memory kNN); returns its mu in id order."""
     x = unit(n, seed) if dim == D else np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     with create_m2m(M2MConfig(path=path, latent_dim=dim, seed=1)) as lake:
         for part in np.array_split(np.arange(n), chunks):
             extra = {k: np.asarray(v)[part] for k, v in add.items()}
             lake.add_splats(x[part], labels=(np.arange(n)[part] % 5), **extra)
+        if geometry:
+            lake.estimate_kappa()
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -37,9 +41,9 @@ def build(path: str, n: int, seed: int, chunks: int = 2, dim: int = D, **add: ob
 def lakes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("mix")
     paths = {"web": str(root / "web"), "books": str(root / "books"), "code": str(root / "code")}
-    build(paths["web"], 1200, 0, chunks=3)
-    build(paths["books"], 300, 1)
-    build(paths["code"], 90, 2, chunks=1)
+    build(paths["web"], 1200, 0, chunks=3, geometry=True)
+    build(paths["books"], 300, 1, geometry=True)
+    build(paths["code"], 90, 2, chunks=1, geometry=True)
     return paths
 
 
