@@ -285,3 +285,58 @@ def test_epochs_differ_and_repeat(lakes: dict[str, str]) -> None:
         same(epoch(dl), e0)
         assert not np.array_equal(cat(e0, "id"), cat(e1, "id"))
         assert len(dl) == 8 and len(dl.dataset) == 400
+
+
+def _ddp_worker(rank: int, world_size: int, init_file: str, paths: dict[str, str], out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    import m2m as m
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        with m.mix(paths, WEIGHTS, epoch_rows=1001) as mx:
+            dl = mx.export_to_dataloader(batch_size=BS, columns=("id",), seed=6)  # rank from torch.distributed
+            result: dict[str, object] = {"len": len(dl), "epochs": []}
+            for e in range(2):
+                dl.set_epoch(e)
+                src, n = [], 0
+                for batch in dl:
+                    total = torch.tensor([len(batch["id"])])
+                    dist.all_reduce(total)  # a collective per batch: hangs if a rank ran out early
+                    src.extend(batch["source"].tolist())
+                    n += 1
+                result["epochs"].append({"batches": n, "source": src})  # type: ignore[attr-defined]
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned interpreters: ~35 s here
+@pytest.mark.timeout(180)
+def test_two_gloo_ranks_mix_in_proportion_with_equal_batch_counts(lakes: dict[str, str], tmp_path: object) -> None:
+    """A real 2-process gloo run: the ranks read the topology from torch.distributed, yield the same
+    number of batches, and together deliver each lake's exact count (plus one padding row)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = here + (os.pathsep + old if old else "")
+    try:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(str(tmp_path), "init"), lakes, str(tmp_path)), nprocs=2,
+                 join=True)
+    finally:
+        os.environ["PYTHONPATH"] = old
+    results = [json.loads(open(os.path.join(str(tmp_path), f"rank{r}.json")).read()) for r in range(2)]
+    assert results[0]["len"] == results[1]["len"] == -(-501 // BS)
+    for e in range(2):
+        assert results[0]["epochs"][e]["batches"] == results[1]["epochs"][e]["batches"] == results[0]["len"]
+        src = np.array(results[0]["epochs"][e]["source"] + results[1]["epochs"][e]["source"])
+        counts = np.bincount(src, minlength=3)
+        assert len(src) == 1002 and counts.sum() - 1 == 1001  # W ceil(E / W): one padding row
+        share = counts / counts.sum()
+        assert np.all(np.abs(share - np.array([0.6, 0.3, 0.1])) <= 0.01 * np.array([0.6, 0.3, 0.1]))
