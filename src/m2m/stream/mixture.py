@@ -122,6 +122,23 @@ class Mixture:
                 raise ConfigError(f"mix: column {col!r} is missing from lake(s) {lacking}; name columns every lake has")
         return names
 
+    def _check_kinds(self, source: MixtureSource, columns: Sequence[str]) -> None:
+        """One-line ConfigError when a delivered column has another dtype or shape in some lake (a
+        batch holds one tensor per column)."""
+        for col in columns:
+            if col in (WEIGHT, SOURCE):
+                continue
+            stored = "mu" if col == EMBEDDING else col
+            kinds = {}
+            for name, part in zip(self.names, source.parts):
+                if part.num_rows == 0 or stored not in part.column_names:
+                    continue  # unknown names are refused by the stream with the valid ones
+                sample = part.column(0, stored)
+                kinds[name] = f"{sample.dtype}{list(sample.shape[1:]) if sample.ndim > 1 else ''}"
+            if len(set(kinds.values())) > 1:
+                raise ConfigError(f"mix: column {col!r} differs between the lakes ("
+                                  + ", ".join(f"{n}={k}" for n, k in kinds.items()) + "); deliver columns of one kind")
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {self.weights[n]:.3g} ({self.counts[n]} of {self.num_rows[n]} rows)"
                           for n in self.names)
@@ -172,6 +189,7 @@ class Mixture:
             raise ConfigError(f"mix: lake(s) {changed} moved to another version since m2m.mix pinned them; "
                               "call m2m.mix again to mix the new versions")
         source = MixtureSource([p.source for p in parts])
+        self._check_kinds(source, chosen)
         sampler = mixing.MixtureSampler([self.num_rows[n] for n in self.names], self._w, self.epoch_rows, seed_,
                                         [p.sampler for p in parts])
         augment = None if gen is None else MixtureAugment([p.augment for p in parts], source.bases)
