@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from m2m.augment import langevin
     from m2m.geometry import vmf
     from m2m.lake.lake import Lake
-    from m2m.stream.mixture import Mixture, mix
     from m2m.stream.dataset import StreamDataset as M2MDataLake
+    from m2m.stream.mixture import Mixture, mix
     from m2m.stream.options import StreamOptions
 
 __version__ = "0.1.0"

@@ -9,7 +9,6 @@ the one pipeline orders, shards over ranks and workers and resumes like any impo
 from __future__ import annotations
 
 import math
-
 from typing import Any, Sequence
 
 import numpy as np

@@ -83,8 +83,11 @@ class MixtureSource:
 
     def fetch_stats(self) -> dict[str, Any] | None:
         """The node-cache downloads of this process, summed over the remote parts (None: none is remote)."""
-        stats = [f.fetch_stats() for f in map(file_backed, self.parts) if f is not None and f.is_remote]
-        stats = [s for s in stats if s]
+        stats: list[dict[str, Any]] = []
+        for f in map(file_backed, self.parts):
+            got = f.fetch_stats() if f is not None and f.is_remote else None
+            if got:
+                stats.append(got)
         if not stats:
             return None
         out: dict[str, Any] = {}
