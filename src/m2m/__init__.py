@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from m2m.geometry import vmf
     from m2m.lake.lake import Lake
     from m2m.stream.dataset import StreamDataset as M2MDataLake
+    from m2m.stream.mixture import Mixture, mix
     from m2m.stream.options import StreamOptions
 
 __version__ = "0.1.0"
@@ -69,6 +70,7 @@ __all__ = [
     "M2MDataLake",
     "M2MError",
     "MissingDependencyError",
+    "Mixture",
     "NumericalError",
     "ObjectStoreError",
     "PathNotFoundError",
@@ -82,6 +84,7 @@ __all__ = [
     "WriteFailedError",
     "create_m2m",
     "langevin",
+    "mix",
     "open_lake",
     "vmf",
 ]
@@ -93,6 +96,8 @@ _LAZY = {
     # the seed's name for the IterableDataset behind export_to_dataloader (the class itself)
     "M2MDataLake": ("m2m.stream.dataset", "StreamDataset"),
     "StreamOptions": ("m2m.stream.options", "StreamOptions"),
+    "Mixture": ("m2m.stream.mixture", "Mixture"),
+    "mix": ("m2m.stream.mixture", "mix"),
     "vmf": ("m2m.geometry.vmf", None),
     "langevin": ("m2m.augment.langevin", None),
 }

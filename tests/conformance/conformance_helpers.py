@@ -1,6 +1,10 @@
 """Helpers of the conformance matrix: the small lakes, a cell's loader keywords, and the checks every
 cell makes (exact epoch coverage or the documented importance draws, column values, equal batch
-counts per rank, bit-equal batches). Used by the tests and by `resume_child.py` (a fresh process)."""
+counts per rank, bit-equal batches). Used by the tests and by `resume_child.py` (a fresh process).
+
+A "mix" cell streams `m2m.mix` of the cell's lake ("main", local or remote) and a local lake of
+`MIX_ROWS` other rows ("other") with weights `MIX_WEIGHTS` and ``epoch_rows=N``, so its epochs have
+the one-lake shape: exact per-lake counts (main down-sampled, other one whole pass) plus the padding."""
 
 from __future__ import annotations
 
@@ -23,20 +27,23 @@ WORKER_TIMEOUT_S = 60     # DataLoader timeout with workers: a stuck worker is a
 CHILD_TIMEOUT_S = 240
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+MIX_ROWS = 300
+MIX_WEIGHTS = {"main": 0.7, "other": 0.3}
+MIX_COUNTS = (701, 300)    # largest remainder of 0.7 / 0.3 x 1001
 GENERATE = {"plain": False, "kappa": False, "loss": False, "vmf": "vmf", "mixture": "mixture", "langevin": "langevin"}
 IMPORTANCE = {"plain": False, "kappa": "kappa", "loss": "loss", "vmf": False, "mixture": False, "langevin": False}
 
 
 # ----------------------------------------------------------------------------- lakes
-def lake_columns(mu: str, label: str, meta: str) -> dict[str, np.ndarray]:
-    """The rows of a lake (deterministic): ``mu`` [N, D] float32, ``label``, ``meta``."""
-    g = np.random.default_rng(11)
+def lake_columns(mu: str, label: str, meta: str, n: int = N, seed: int = 11) -> dict[str, np.ndarray]:
+    """The rows of a lake (deterministic): ``mu`` [n, D] float32, ``label``, ``meta``."""
+    g = np.random.default_rng(seed)
     centers = g.standard_normal((6, D)).astype(np.float32)
-    lab = g.integers(0, 6, N)
-    x = centers[lab] + 0.35 * g.standard_normal((N, D)).astype(np.float32)
+    lab = g.integers(0, 6, n)
+    x = centers[lab] + 0.35 * g.standard_normal((n, D)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     labels: np.ndarray = np.array([f"class-{v}" for v in lab]) if label == "str" else lab.astype(np.int64)
-    i = np.arange(N)
+    i = np.arange(n)
     metas = {
         "bool": i % 3 == 0,
         "int": (i * 7 - 3000).astype(np.int64),
@@ -59,21 +66,22 @@ class Built:
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
-def build_lake(key: tuple[str, str, str, str], path: str, open_kw: dict[str, Any]) -> Built:
+def build_lake(key: tuple[str, str, str, str], path: str, open_kw: dict[str, Any], n: int = N, seed: int = 11,
+               chunks: tuple[int, ...] = CHUNKS) -> Built:
     from m2m import M2MConfig, create_m2m, open_lake
     from m2m.errors import M2MError
 
     _, mu, label, meta = key
-    data = lake_columns(mu, label, meta)
+    data = lake_columns(mu, label, meta, n, seed)
     built = Built(key=key, path=path, open_kw=open_kw)
     cfg = M2MConfig(path=path, latent_dim=D, storage_dtype=mu, seed=3, **open_kw)
     with create_m2m(cfg) as lake:
         start = 0
         try:
-            for n in CHUNKS:
-                sl = slice(start, start + n)
+            for rows in chunks:
+                sl = slice(start, start + rows)
                 lake.add_splats(data["mu"][sl], labels=data["label"][sl], metadata={"meta": data["meta"][sl]})
-                start += n
+                start += rows
         except M2MError as e:  # a type the lake refuses at ingest (allowed for uint64, with one line)
             built.ingest_error = e
             return built
@@ -92,10 +100,14 @@ def build_lake(key: tuple[str, str, str, str], path: str, open_kw: dict[str, Any
 
 
 # ----------------------------------------------------------------------------- loaders
-def loader_kwargs(mode: str, shuffle: str, workers: str, rank: int, world: int, columns: tuple[str, ...]) -> dict[str, Any]:
-    """The `export_to_dataloader` keywords of a cell (JSON-able: the fresh process rebuilds the same loader)."""
+def loader_kwargs(mode: str, shuffle: str, workers: str, rank: int, world: int, columns: tuple[str, ...],
+                  mix_with: str | None = None) -> dict[str, Any]:
+    """The `export_to_dataloader` keywords of a cell (JSON-able: the fresh process rebuilds the same loader);
+    ``mix_with``: the path of the "other" lake of a mix cell (kept under the key ``"mix"``)."""
     kw: dict[str, Any] = dict(batch_size=BS, columns=list(columns), seed=SEED, rank=rank, world_size=world,
                               generate_samples=GENERATE[mode], importance_sampling=IMPORTANCE[mode])
+    if mix_with is not None:
+        kw["mix"] = mix_with
     if shuffle == "block":  # blocks of 64 rows, windows of a few blocks: the block order really is local
         kw.update(shuffle_mode="block", block_rows=64, warm_bytes=1 << 16)
     else:
@@ -116,9 +128,15 @@ def cell_columns(mode: str, meta: str) -> tuple[str, ...]:
 
 
 def loader_of(lake: Any, kw: dict[str, Any]) -> Any:
+    import m2m
+
     kw = dict(kw)
     kw["columns"] = tuple(kw["columns"])
-    return lake.export_to_dataloader(**kw)
+    other = kw.pop("mix", None)
+    if other is None:
+        return lake.export_to_dataloader(**kw)
+    # the mixture opens "other" from its path and keeps it open as long as the loader needs it
+    return m2m.mix({"main": lake, "other": other}, MIX_WEIGHTS, epoch_rows=N).export_to_dataloader(**kw)
 
 
 def snapshot(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -165,8 +183,10 @@ def same_batches(got: list[dict[str, torch.Tensor]], ref: list[dict[str, torch.T
                 f"{where}, batch {i}, column {k!r} differs from the uninterrupted reference"
 
 
-def check_epoch(per_rank: list[list[dict[str, torch.Tensor]]], built: Built, mode: str, world: int) -> None:
-    """One epoch over ``world`` ranks: the contract of docs/stream.md and docs/soc.md."""
+def check_epoch(per_rank: list[list[dict[str, torch.Tensor]]], built: Built, mode: str, world: int,
+                other: Built | None = None) -> None:
+    """One epoch over ``world`` ranks: the contract of docs/stream.md and docs/soc.md (a mixture with
+    ``other``: docs/stream.md, "Mixing lakes")."""
     per_rank_rows = -(-N // world)
     nb = -(-per_rank_rows // BS)
     counts = [len(r) for r in per_rank]
@@ -178,6 +198,9 @@ def check_epoch(per_rank: list[list[dict[str, torch.Tensor]]], built: Built, mod
     all_ids = set(built.ids.tolist())
     delivered = world * per_rank_rows  # W ceil(N / W): padding rows, or for a plan exactly its draws
     assert len(ids) == delivered
+    if other is not None:
+        check_mix(per_rank, built, other, mode, delivered)
+        return
     if IMPORTANCE[mode]:
         check_importance(per_rank, ids, delivered, mode, all_ids)
     else:
@@ -208,33 +231,76 @@ def check_importance(per_rank: list[list[dict[str, torch.Tensor]]], ids: np.ndar
         assert set(uniq.tolist()) == all_ids
 
 
-def check_values(per_rank: list[list[dict[str, torch.Tensor]]], built: Built, mode: str) -> None:
+def check_mix(per_rank: list[list[dict[str, torch.Tensor]]], main: Built, other: Built, mode: str,
+              delivered: int) -> None:
+    """A mixture's epoch: each lake's exact count (plus the padding rows, copies of the epoch's first
+    draws), main down-sampled without repeats, other one whole pass; importance weights per lake."""
+    src = np.concatenate([b["source"].numpy() for r in per_rank for b in r])
+    ids = np.concatenate([b["id"].numpy() for r in per_rank for b in r])
+    counts = np.bincount(src, minlength=2)
+    pad = delivered - N
+    assert counts.sum() == delivered and all(0 <= counts[j] - MIX_COUNTS[j] <= pad for j in range(2)), \
+        f"per-lake draws {counts.tolist()}, expected {list(MIX_COUNTS)} plus {pad} padding row(s)"
+    for j, built in enumerate((main, other)):
+        mine = ids[src == j]
+        assert set(mine.tolist()) <= set(built.ids.tolist())
+        if IMPORTANCE[mode]:
+            w = np.concatenate([b["weight"].numpy() for r in per_rank for b in r])[src == j].astype(np.float64)
+            assert np.isfinite(w).all() and (w > 0).all()
+            by_id: dict[int, set[float]] = {}
+            for i, wi in zip(mine.tolist(), w.tolist()):
+                by_id.setdefault(i, set()).add(wi)
+            assert all(len(v) == 1 for v in by_id.values()), "one row drawn with different weights in one epoch"
+            implied = sum(1.0 / next(iter(v)) for v in by_id.values())  # sum of M_j p_i over the drawn rows
+            assert implied <= MIX_COUNTS[j] * (1 + 1e-4), "the weights imply more draws than the lake's count"
+        else:
+            _, c = np.unique(mine, return_counts=True)
+            assert int((c - 1).sum()) <= pad, f"lake {j}: rows repeated beyond the padding"
+            if j == 1:
+                assert set(mine.tolist()) == set(built.ids.tolist()), "the up-to-one-pass lake is not covered"
+    check_values(per_rank, main, mode, other)
+
+
+def check_values(per_rank: list[list[dict[str, torch.Tensor]]], built: Built, mode: str,
+                 other: Built | None = None) -> None:
+    """Every row's columns against its lake (a mixture: each lake's rows against that lake, whose
+    string labels have their own codes)."""
     _, _, label_kind, meta_kind = built.key
-    codes: dict[Any, int] = {}
+    lakes = [built] if other is None else [built, other]
+    codes: list[dict[Any, int]] = [{} for _ in lakes]
     for batches in per_rank:
-        for b in batches:
-            ids = b["id"].tolist()
-            emb = b["embedding"]
-            assert emb.dtype == torch.float32 and emb.shape == (len(ids), D)
-            want = np.stack([built.expected["embedding"][i] for i in ids])
-            if GENERATE[mode]:
-                norms = emb.norm(dim=1)
-                assert torch.isfinite(emb).all() and torch.allclose(norms, torch.ones_like(norms), atol=1e-3)
-                assert not np.array_equal(emb.numpy(), want), f"{mode}: the rows were not replaced by samples"
-            else:
-                np.testing.assert_array_equal(emb.numpy(), want, err_msg="embedding is not the row's mu")
-            lab = b["label"]
-            assert lab.dtype == torch.int64
-            for i, code in zip(ids, lab.tolist()):
-                source = built.expected["label"][i]
-                if label_kind == "int":
-                    assert code == source
-                else:  # codes into the label vocabulary: one code per string, one string per code
-                    assert codes.setdefault(source, code) == code
-            if "meta" in b:
-                check_meta(b["meta"], [built.expected["meta"][i] for i in ids], meta_kind)
+        for whole in batches:
+            for j, lake in enumerate(lakes):
+                b = whole if other is None else {k: v[whole["source"] == j] for k, v in whole.items()}
+                if len(b["id"]):
+                    check_rows(b, lake, mode, label_kind, meta_kind, codes[j])
     if label_kind == "str":
-        assert len(set(codes.values())) == len(codes), "two label strings share a code"
+        for c in codes:
+            assert len(set(c.values())) == len(c), "two label strings share a code"
+
+
+def check_rows(b: dict[str, torch.Tensor], built: Built, mode: str, label_kind: str, meta_kind: str,
+               codes: dict[Any, int]) -> None:
+    ids = b["id"].tolist()
+    emb = b["embedding"]
+    assert emb.dtype == torch.float32 and emb.shape == (len(ids), D)
+    want = np.stack([built.expected["embedding"][i] for i in ids])
+    if GENERATE[mode]:
+        norms = emb.norm(dim=1)
+        assert torch.isfinite(emb).all() and torch.allclose(norms, torch.ones_like(norms), atol=1e-3)
+        assert not np.array_equal(emb.numpy(), want), f"{mode}: the rows were not replaced by samples"
+    else:
+        np.testing.assert_array_equal(emb.numpy(), want, err_msg="embedding is not the row's mu")
+    lab = b["label"]
+    assert lab.dtype == torch.int64
+    for i, code in zip(ids, lab.tolist()):
+        source = built.expected["label"][i]
+        if label_kind == "int":
+            assert code == source
+        else:  # codes into the label vocabulary: one code per string, one string per code
+            assert codes.setdefault(source, code) == code
+    if "meta" in b:
+        check_meta(b["meta"], [built.expected["meta"][i] for i in ids], meta_kind)
 
 
 def check_meta(got: torch.Tensor, want: list[Any], kind: str) -> None:

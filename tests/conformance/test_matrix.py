@@ -4,7 +4,8 @@ Factors: source {local, moto S3 with a node cache} x workers {0, 2 forked, 2 spa
 method only exists with workers) x ranks {1, 2} (simulated in one process with ``rank=``/``world_size=``)
 x shuffle {full, block} x mode {plain, importance kappa, importance loss, vmf, mixture, langevin} x
 interruption {none, ``state_dict`` after 3 batches resumed in a fresh process, rank 0's state loaded on
-every rank} x mu {float32, float16} x labels {int, str} x a metadata column {bool, int, uint64, float, str}.
+every rank} x mu {float32, float16} x labels {int, str} x a metadata column {bool, int, uint64, float, str}
+x mixing {one lake, ``m2m.mix`` of the cell's lake and a local one (conformance_helpers: "mix" cells)}.
 
 Every cell asserts, against an uninterrupted in-process reference (``num_workers=0``) of the same lake,
 ranks, shuffle and mode: each row exactly once per epoch across the ranks (plus the documented padding
@@ -12,10 +13,11 @@ row), or for importance modes the documented systematic draws and weights (docs/
 counts and sizes per rank; every column's values; the same batches, bit for bit, whatever the workers
 or the interruption; a bounded time (per-cell timeout, DataLoader ``timeout`` with workers). A
 combination may only be refused where the contract allows it, with a one-line `M2MError`: a string
-column in ``columns=`` (naming ``to_arrow()``) and a uint64 column at ingest.
+column in ``columns=`` (naming ``to_arrow()``), a uint64 column at ingest, and loss-based importance
+sampling on a mixture.
 
-Default suite: an all-pairs subset of the 2 x 3 x 2 x 2 x 6 x 3 x 2 x 2 x 5 = 8,640 cells, made by the
-deterministic greedy pairwise generator below (DEFAULT_CELLS: 31 cells). Slow suite: the full product
+Default suite: an all-pairs subset of the 2 x 3 x 2 x 2 x 6 x 3 x 2 x 2 x 5 x 2 = 17,280 cells, made by the
+deterministic greedy pairwise generator below (DEFAULT_CELLS; ``pytest -s -k cell_count`` prints how many). Slow suite: the full product
 where it is cheap: (a) local, 0 workers, interruption {none, rank 0's state} over every other factor
 (960 cells); (b) source x workers x interruption x mode with 2 ranks, block shuffle, float32/int/float
 columns (54 cells for the modes plain, loss and mixture; all 108 with ``M2M_MATRIX_FULL=1``), 996 cells
@@ -32,7 +34,9 @@ from typing import Any, Callable, NamedTuple
 import pytest
 from conformance_helpers import (
     BS,
+    IMPORTANCE,
     K_RESUME,
+    MIX_ROWS,
     Built,
     build_lake,
     cell_columns,
@@ -61,6 +65,7 @@ FACTORS: dict[str, tuple[Any, ...]] = {  # the widest factors first: the greedy 
     "shuffle": ("full", "block"),
     "mu": ("float32", "float16"),
     "label": ("int", "str"),
+    "mix": ("one", "mix"),
 }
 
 
@@ -74,6 +79,7 @@ class Cell(NamedTuple):
     shuffle: str
     mu: str
     label: str
+    mix: str = "one"
 
     @property
     def id(self) -> str:
@@ -154,6 +160,7 @@ class Lakes:
     def __init__(self, root: str) -> None:
         self.root = root
         self.built: dict[tuple[str, ...], Built] = {}
+        self.others: dict[tuple[str, ...], Built] = {}
         self.refs: dict[tuple[Any, ...], list[list[dict[str, Any]]]] = {}
 
     def get(self, cell: Cell, server: Any) -> Built:
@@ -169,17 +176,26 @@ class Lakes:
                 self.built[key] = build_lake(key, os.path.join(self.root, name), {})
         return self.built[key]
 
-    def reference(self, lake: Any, built: Built, cell: Cell) -> list[list[dict[str, Any]]]:
+    def other(self, cell: Cell) -> Built:
+        """The local lake a mix cell mixes the cell's lake with (same kinds of columns, other rows)."""
+        key = ("local", cell.mu, cell.label, cell.meta)
+        if key not in self.others:
+            path = os.path.join(self.root, "other-" + "-".join(key))
+            self.others[key] = build_lake(key, path, {}, n=MIX_ROWS, seed=12, chunks=(MIX_ROWS,))
+        return self.others[key]
+
+    def reference(self, lake: Any, built: Built, cell: Cell, other: Built | None = None) -> list[list[dict[str, Any]]]:
         """One uninterrupted epoch per rank, in process, without workers (checked against the contract)."""
-        key = (built.key, cell.ranks, cell.shuffle, cell.mode)
+        key = (built.key, cell.ranks, cell.shuffle, cell.mode, cell.mix)
         if key not in self.refs:
             cols = cell_columns(cell.mode, cell.meta)
+            mix_with = None if other is None else other.path
             per_rank = []
             for r in range(cell.ranks):
-                dl = loader_of(lake, loader_kwargs(cell.mode, cell.shuffle, "0", r, cell.ranks, cols))
+                dl = loader_of(lake, loader_kwargs(cell.mode, cell.shuffle, "0", r, cell.ranks, cols, mix_with))
                 per_rank.append(epoch_of(dl))
                 dl.close()
-            check_epoch(per_rank, built, cell.mode, cell.ranks)
+            check_epoch(per_rank, built, cell.mode, cell.ranks, other)
             self.refs[key] = per_rank
         return self.refs[key]
 
@@ -196,10 +212,18 @@ def run_cell(cell: Cell, lakes: Lakes, request: pytest.FixtureRequest, workdir: 
         msg = one_line_error(built.ingest_error)
         assert cell.meta == "uint", f"ingest of a {cell.meta} metadata column refused: {msg}"
         return
+    other = lakes.other(cell) if cell.mix == "mix" else None
+    mix_with = None if other is None else other.path
     with open_lake(built.path, **built.open_kw) as lake:
-        ref = lakes.reference(lake, built, cell)
+        if other is not None and IMPORTANCE[cell.mode] == "loss":  # refused on a mixture, with one line
+            with pytest.raises(M2MError) as info:
+                loader_of(lake, loader_kwargs(cell.mode, cell.shuffle, cell.workers, 0, cell.ranks, ("id",), mix_with))
+            assert "loss" in one_line_error(info.value)
+            return
+        ref = lakes.reference(lake, built, cell, other)
         cols = cell_columns(cell.mode, cell.meta)
-        kws = [loader_kwargs(cell.mode, cell.shuffle, cell.workers, r, cell.ranks, cols) for r in range(cell.ranks)]
+        kws = [loader_kwargs(cell.mode, cell.shuffle, cell.workers, r, cell.ranks, cols, mix_with)
+               for r in range(cell.ranks)]
         if cell.interrupt == "none":
             for r, kw in enumerate(kws):
                 dl = loader_of(lake, kw)

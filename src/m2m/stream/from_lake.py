@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GENERATE_MODES", "export_to_dataloader", "generate_mode", "importance_mode", "lake_identity"]
+__all__ = ["GENERATE_MODES", "LakeParts", "export_to_dataloader", "generate_mode", "importance_mode", "lake_identity",
+           "lake_parts"]
 
 
 def importance_mode(importance_sampling: Any, metadata: Sequence[str]) -> str | None:
@@ -222,17 +223,25 @@ def lake_identity(lake: "Lake") -> str:
     return "path:" + hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
-def export_to_dataloader(lake: "Lake", options: StreamOptions | None = None, **overrides: Any) -> StreamLoader:
-    """See `Lake.export_to_dataloader`. Never writes to the lake: geometry a mode needs and the pinned
-    snapshot lacks is computed in memory for this loader (no commit, no lock)."""
+@dataclass(frozen=True)
+class LakeParts:
+    """What a stream over one lake's pinned snapshot needs: the row source (the snapshot, or it with
+    in-memory geometry), the importance sampler and the augmenter (None when off), and its identity."""
+
+    source: Any
+    sampler: Any
+    augment: Any
+    identity: str
+    version: int
+
+
+def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int) -> LakeParts:
+    """The `LakeParts` of ``lake`` for generation mode ``gen`` and importance mode ``imp`` (both
+    resolved). Never writes to the lake: geometry a mode needs and the pinned snapshot lacks is
+    computed in memory (no commit, no lock)."""
     from m2m.lake.neighbourhood import needs_geometry
 
     cfg = lake.config
-    opts = StreamOptions.merged(options, overrides).with_defaults(
-        {"device": cfg.device, "seed": cfg.seed, "warm_bytes": cfg.warm_bytes, "hot_bytes": cfg.hot_bytes,
-         "prefetch": cfg.prefetch})
-    gen = generate_mode(opts.generate_samples)
-    imp = importance_mode(opts.importance_sampling, list(lake.manifest.metadata))
     snap = lake.snapshot  # pinned: the sampler, the augmenter and the stream all read this version
     if snap.num_rows == 0:
         raise ConfigError(f"lake {lake.path} is empty: add splats before exporting a stream")
@@ -245,8 +254,25 @@ def export_to_dataloader(lake: "Lake", options: StreamOptions | None = None, **o
     geometry = None
     if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table
         geometry = computed_geometry(snap, cfg.knn_k, cfg.seed)
-    sampler = build_sampler(lake, imp, int(opts.seed or 0), snap, geometry) if imp else None
+    sampler = build_sampler(lake, imp, seed, snap, geometry) if imp else None
     augment = build_augmenter(lake, gen, snap, geometry) if gen else None
     source = snap if geometry is None else GeometryOverlay(snap, geometry)
-    return make_loader(source, opts, sampler=sampler, augment=augment, lake=lake_identity(lake),
-                       version=int(snap.version))
+    return LakeParts(source, sampler, augment, lake_identity(lake), int(snap.version))
+
+
+def config_defaults(lake: "Lake") -> dict[str, Any]:
+    """The stream budgets a lake's config provides (`StreamOptions.with_defaults`)."""
+    cfg = lake.config
+    return {"device": cfg.device, "seed": cfg.seed, "warm_bytes": cfg.warm_bytes, "hot_bytes": cfg.hot_bytes,
+            "prefetch": cfg.prefetch}
+
+
+def export_to_dataloader(lake: "Lake", options: StreamOptions | None = None, **overrides: Any) -> StreamLoader:
+    """See `Lake.export_to_dataloader`. Never writes to the lake: geometry a mode needs and the pinned
+    snapshot lacks is computed in memory for this loader (no commit, no lock)."""
+    opts = StreamOptions.merged(options, overrides).with_defaults(config_defaults(lake))
+    gen = generate_mode(opts.generate_samples)
+    imp = importance_mode(opts.importance_sampling, list(lake.manifest.metadata))
+    parts = lake_parts(lake, gen, imp, int(opts.seed or 0))
+    return make_loader(parts.source, opts, sampler=parts.sampler, augment=parts.augment, lake=parts.identity,
+                       version=parts.version)

@@ -31,7 +31,7 @@ from m2m.stream.dataset import StreamDataset, work_from_item
 from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.options import StreamOptions
-from m2m.stream.source import RowSource, file_backed
+from m2m.stream.source import RowSource
 from m2m.stream.spec import StreamSpec, device_of, plan_stream
 from m2m.stream.topology import World
 
@@ -216,8 +216,8 @@ class StreamLoader(DataLoader[Any]):
         it is still running).
         """
         report = self._stats.report(self.hot_mode, self._res.warm_mode, self.spec.layout.mode)
-        files = file_backed(self._ds.source)
-        fetched = None if files is None else files.fetch_stats()
+        fetch = getattr(self._ds.source, "fetch_stats", None)  # a lake snapshot, or a mixture of lakes
+        fetched = fetch() if callable(fetch) else None
         if fetched is not None:  # remote lake: this process's node-cache downloads
             report["fetch"] = fetched
         arena = self._res.arena

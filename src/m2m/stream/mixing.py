@@ -1,12 +1,15 @@
 """The draw plan of a mixture of lakes: per-lake counts and the epoch's (source, row) list.
 
 Pure functions of (weights, sizes, seed, epoch), so every rank and worker computes the same plan
-and a resumed run sees the same epoch. Not yet wired into the pipeline (see docs/stream.md).
+and a resumed run sees the same epoch. `MixtureSampler` is the plan sampler (`m2m.sampling.plan.PlanSampler`)
+of a mixture stream (`m2m.stream.mixture`): its plan holds global rows of the concatenated lakes, which
+the one pipeline orders, shards over ranks and workers and resumes like any importance plan.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -47,16 +50,72 @@ def epoch_draws(sizes: list[int], per_lake: np.ndarray, seed: int, epoch: int) -
     A lake with at least its count of rows is down-sampled without replacement (a fresh subset each
     epoch); a smaller one contributes whole passes plus a without-replacement remainder.
     """
+    src, rows, _ = epoch_plan(sizes, per_lake, seed, epoch)
+    return src, rows
+
+
+def epoch_plan(sizes: Sequence[int], per_lake: np.ndarray, seed: int, epoch: int,
+               drawn: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source index, row within that lake, weight) of every draw of `epoch`, shuffled together.
+
+    ``drawn[j]``: lake ``j``'s own importance plan of exactly ``per_lake[j]`` draws (rows, weights),
+    used as is; a lake without one is drawn uniformly as `epoch_draws` says, with weight 1.
+    """
     rng = np.random.default_rng([seed, epoch, 0x6D6978])
-    src, rows = [], []
+    src, rows, weights = [], [], []
     for j, (n, k) in enumerate(zip(sizes, per_lake)):
         k = int(k)
         if k and n == 0:
             raise ConfigError(f"mix: lake #{j} is empty but has a positive weight")
-        passes, rest = divmod(k, n) if n else (0, 0)
-        parts = [rng.permutation(n) for _ in range(passes)] + [rng.permutation(n)[:rest]]
-        rows.append(np.concatenate(parts).astype(np.int64))
+        own = None if drawn is None else drawn[j]
+        if own is not None:
+            r, w = own
+            if len(r) != k:
+                raise ConfigError(f"mix: lake #{j}'s sampler planned {len(r)} draws, the mixture asked {k}")
+            rows.append(np.asarray(r, dtype=np.int64))
+            weights.append(np.asarray(w, dtype=np.float32))
+        else:
+            passes, rest = divmod(k, n) if n else (0, 0)
+            parts = [rng.permutation(n) for _ in range(passes)] + [rng.permutation(n)[:rest]]
+            rows.append(np.concatenate(parts).astype(np.int64))
+            weights.append(np.ones(k, dtype=np.float32))
         src.append(np.full(k, j, dtype=np.int64))
-    s, r = np.concatenate(src), np.concatenate(rows)
+    s, r, w = np.concatenate(src), np.concatenate(rows), np.concatenate(weights)
     perm = rng.permutation(len(s))
-    return s[perm], r[perm]
+    return s[perm], r[perm], w[perm]
+
+
+def lake_seed(seed: int, j: int) -> int:
+    """The seed of lake ``j``'s own sampler in a mixture (independent draws per lake)."""
+    return int(np.random.SeedSequence([int(seed), j, 0x6D6978]).generate_state(1)[0])
+
+
+class MixtureSampler:
+    """The plan sampler of a mixture: per epoch, ``counts`` draws from each lake (its own importance
+    sampler's plan when it has one, else uniform), as global rows of the concatenated lakes
+    (``bases[j]`` + row within lake ``j``), shuffled together. A pure function of (seed, epoch)."""
+
+    def __init__(self, sizes: Sequence[int], weights: np.ndarray, epoch_rows: int, seed: int,
+                 samplers: Sequence[Any | None]) -> None:
+        self.sizes = [int(n) for n in sizes]
+        self.bases = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.counts = counts(weights, int(epoch_rows))
+        self.seed = int(seed)
+        self.samplers = list(samplers)
+        for j, (n, k) in enumerate(zip(self.sizes, self.counts)):
+            if k and n == 0:
+                raise ConfigError(f"mix: lake #{j} is empty but has a positive weight")
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global rows and importance weights of ``epoch`` (``sum(counts)`` draws)."""
+        from m2m.stream.order import check_plan
+
+        drawn: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for j, sampler in enumerate(self.samplers):
+            if sampler is None:
+                drawn.append(None)
+                continue
+            drawn.append(check_plan(sampler.plan(epoch, num_draws=int(self.counts[j])), self.sizes[j]))
+        src, rows, weights = epoch_plan(self.sizes, self.counts, self.seed, epoch, drawn)
+        return self.bases[src] + rows, weights

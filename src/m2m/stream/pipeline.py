@@ -125,7 +125,10 @@ class Resources:
         """One reader per thread that reads: "stream"/"resident" (all gathered columns), "gather"/"prepare" (``mu``)."""
         if role not in self._readers:
             names = [c.source for c in self.spec.gathered] if role in ("stream", "resident") else ["mu"]
-            self._readers[role] = ColdReader(self.source, [n for n in names if n is not None])
+            kept = [n for n in names if n is not None]
+            # a source made of others (a mixture of lakes) reads each part with its own ColdReader
+            open_reader = getattr(self.source, "open_reader", None)
+            self._readers[role] = open_reader(kept) if open_reader is not None else ColdReader(self.source, kept)
         return self._readers[role]
 
     def resident(self) -> ResidentTier:

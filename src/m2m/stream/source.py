@@ -21,6 +21,8 @@ class RowSource(Protocol):
     A source backed by files may also have ``column_extent(shard, name)`` returning where a
     column lies in a file (`m2m.lake.shard.ColumnExtent`, or None): the stream then reads it with
     positional, checksum-checked reads instead of through ``column`` (see `m2m.lake.reader.Snapshot`).
+    A source made of other sources may have ``open_reader(names)`` returning the reader the stream's
+    stages use instead of a `m2m.stream.stages.cold.ColdReader` over it (`m2m.stream.mixture_source`).
     """
 
     @property

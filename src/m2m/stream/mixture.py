@@ -1,0 +1,238 @@
+"""`m2m.mix`: one training stream over several lakes, drawn in fixed proportions each epoch.
+
+A `Mixture` pins each lake's current snapshot. Its loader is the usual `StreamLoader` over a
+`MixtureSource` (the lakes' shards concatenated) with a `MixtureSampler` as its importance plan, so
+ordering, DDP/worker sharding, the epoch contract and resume are those of one lake (docs/stream.md,
+"Mixing lakes"). Each lake keeps its own importance sampler and augmenter, built over its own
+snapshot and geometry exactly as ``lake.export_to_dataloader`` builds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from m2m.errors import ConfigError
+from m2m.stream import mixing
+from m2m.stream.columns import EMBEDDING, WEIGHT
+from m2m.stream.from_lake import config_defaults, importance_mode, lake_parts
+from m2m.stream.hooks import Augment, Gather
+from m2m.stream.loader import StreamLoader, make_loader
+from m2m.stream.mixture_source import SOURCE, MixtureSource
+from m2m.stream.options import StreamOptions, generate_mode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m2m.lake.lake import Lake
+
+__all__ = ["SOURCE", "Mixture", "MixtureAugment", "mix"]
+
+
+def mix(lakes: Mapping[str, "Lake | str | os.PathLike[str]"], weights: Mapping[str, float], *,
+        epoch_rows: int | None = None, columns: Sequence[str] | None = None) -> "Mixture":
+    """A `Mixture` of ``lakes`` (name -> an open `m2m.Lake` or a lake path, opened here and closed by
+    `Mixture.close`) drawn in the proportions ``weights`` (name -> a finite weight >= 0, not all 0;
+    normalised to sum 1).
+
+    Each epoch holds ``epoch_rows`` draws (default: the lakes' rows summed); lake ``name`` gets
+    exactly ``round(weights[name] / sum(weights) * epoch_rows)`` of them (largest remainder, so the
+    counts sum to ``epoch_rows``): a lake with more rows than its count is down-sampled (a fresh
+    subset without replacement each epoch), one with fewer is up-sampled (whole passes plus a
+    subset). Every lake must have the same ``latent_dim`` and storage dtype. ``columns``: what
+    batches carry (default: ``embedding``); every name must be a column of every lake; the
+    ``source`` column (index into `Mixture.names`) is always added. Raises `ConfigError` (one line)
+    for a bad weight, lake, dimension or column.
+    """
+    if not isinstance(lakes, Mapping) or not lakes:
+        raise ConfigError(f"mix: lakes must be a non-empty mapping of name -> lake, got {lakes!r}")
+    if not isinstance(weights, Mapping):
+        raise ConfigError(f"mix: weights must be a mapping of name -> weight, got {type(weights).__name__}")
+    names = list(lakes)
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise ConfigError(f"mix: lake names must be non-empty strings, got {bad}")
+    w = mixing.check_weights(names, dict(weights))
+    if epoch_rows is not None and (isinstance(epoch_rows, bool) or not isinstance(epoch_rows, (int, np.integer))
+                                   or epoch_rows < 1):
+        raise ConfigError(f"mix: epoch_rows must be an int >= 1 or None, got {epoch_rows!r}")
+    opened: list[Any] = []
+    try:
+        handles = {}
+        for name, lake in lakes.items():
+            if isinstance(lake, (str, os.PathLike)):
+                from m2m.api import open_lake
+
+                lake = open_lake(lake)
+                opened.append(lake)
+            if not callable(getattr(lake, "export_to_dataloader", None)) or not hasattr(lake, "snapshot"):
+                raise ConfigError(f"mix: lake {name!r} must be an m2m.Lake or a lake path, got {type(lake).__name__}")
+            handles[name] = lake
+        return Mixture(handles, w, epoch_rows, columns, opened)
+    except BaseException:
+        for lake in opened:
+            lake.close()
+        raise
+
+
+class Mixture:
+    """Several lakes' pinned snapshots drawn in fixed proportions (made by `m2m.mix`).
+
+    ``names``: the lakes' names; a batch's ``source`` column holds the index of each row's lake in
+    this tuple. ``weights``: the normalised weights; ``epoch_rows``: draws per epoch (all ranks);
+    ``counts``: draws per lake per epoch (a dict, summing to ``epoch_rows``); ``num_rows``: the
+    lakes' rows per lake.
+    """
+
+    def __init__(self, lakes: dict[str, "Lake"], weights: np.ndarray, epoch_rows: int | None,
+                 columns: Sequence[str] | None, opened: list[Any]) -> None:
+        self.lakes = dict(lakes)
+        self.names: tuple[str, ...] = tuple(lakes)
+        self._opened = opened
+        dims = {n: int(lake.dim) for n, lake in lakes.items()}
+        if len(set(dims.values())) > 1:
+            raise ConfigError("mix: the lakes' latent_dim differ (" + ", ".join(f"{n}={d}" for n, d in dims.items())
+                              + "); a mixture needs one dimension")
+        self._snaps = {n: lake.snapshot for n, lake in lakes.items()}  # pinned now
+        dtypes = {n: np.dtype(s.storage_dtype).name for n, s in self._snaps.items()}
+        if len(set(dtypes.values())) > 1:
+            raise ConfigError("mix: the lakes' storage dtypes differ (" + ", ".join(f"{n}={d}" for n, d in dtypes.items())
+                              + "); a mixture needs one")
+        self.num_rows = {n: int(s.num_rows) for n, s in self._snaps.items()}
+        self.weights = {n: float(x) for n, x in zip(self.names, weights / weights.sum())}
+        self._w = weights
+        self.epoch_rows = int(sum(self.num_rows.values()) if epoch_rows is None else epoch_rows)
+        empty = [n for n in self.names if self.num_rows[n] == 0 and self.weights[n] > 0]
+        if empty:
+            raise ConfigError(f"mix: lake(s) {empty} are empty but have a positive weight")
+        self.counts = dict(zip(self.names, (int(c) for c in mixing.counts(weights, self.epoch_rows))))
+        self.columns = None if columns is None else self._check_columns(columns)
+
+    def _check_columns(self, columns: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(columns, str):
+            raise ConfigError(f"mix: columns must be a tuple of names, not the string {columns!r}")
+        names = tuple(columns)
+        for col in names:
+            if col in (EMBEDDING, WEIGHT, SOURCE):
+                continue
+            lacking = [n for n, s in self._snaps.items() if col not in s.column_names]
+            if lacking:
+                raise ConfigError(f"mix: column {col!r} is missing from lake(s) {lacking}; name columns every lake has")
+        return names
+
+    def _check_kinds(self, source: MixtureSource, columns: Sequence[str]) -> None:
+        """One-line ConfigError when a delivered column has another dtype or shape in some lake (a
+        batch holds one tensor per column)."""
+        for col in columns:
+            if col in (WEIGHT, SOURCE):
+                continue
+            stored = "mu" if col == EMBEDDING else col
+            kinds = {}
+            for name, part in zip(self.names, source.parts):
+                if part.num_rows == 0 or stored not in part.column_names:
+                    continue  # unknown names are refused by the stream with the valid ones
+                sample = part.column(0, stored)
+                kinds[name] = f"{sample.dtype}{list(sample.shape[1:]) if sample.ndim > 1 else ''}"
+            if len(set(kinds.values())) > 1:
+                raise ConfigError(f"mix: column {col!r} differs between the lakes ("
+                                  + ", ".join(f"{n}={k}" for n, k in kinds.items()) + "); deliver columns of one kind")
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}: {self.weights[n]:.3g} ({self.counts[n]} of {self.num_rows[n]} rows)"
+                          for n in self.names)
+        return f"Mixture({parts}; epoch_rows={self.epoch_rows})"
+
+    def identity(self, versions: Sequence[int], ids: Sequence[str]) -> str:
+        """The name a stream state keeps: every lake's id and version, the weights and the epoch length."""
+        lakes = ",".join(f"{n}={i}@v{v}*{self.weights[n]:.6g}" for n, i, v in zip(self.names, ids, versions))
+        return f"mix[{lakes};epoch_rows={self.epoch_rows}]"
+
+    def export_to_dataloader(self, batch_size: int | None = None, shuffle: bool | None = None,
+                             drop_last: bool | None = None, generate_samples: Any = None,
+                             importance_sampling: Any = None, columns: Any = None, num_workers: int | None = None,
+                             rank: int | None = None, world_size: int | None = None, seed: int | None = None,
+                             epoch: int | None = None, *, options: Any = None, **overrides: Any) -> StreamLoader:
+        """The usual `StreamLoader` over this mixture: the knobs of `m2m.Lake.export_to_dataloader`
+        (``device``/``seed``/budgets default to the first lake's config).
+
+        Batches are dicts: the named ``columns`` (default ``embedding``, or the mixture's columns)
+        plus ``source``. ``importance_sampling`` ("kappa", "alpha", a metadata column every lake has)
+        draws each lake's count from that lake's own sampler (``weight`` is that sampler's weight);
+        ``generate_samples`` augments each row with its own lake's augmenter and geometry.
+        ``importance_sampling="loss"`` is refused (losses name rows by id, which lakes may share).
+        """
+        named = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
+                 "generate_samples": generate_samples, "importance_sampling": importance_sampling,
+                 "columns": columns, "num_workers": num_workers, "rank": rank, "world_size": world_size,
+                 "seed": seed, "epoch": epoch}
+        given = {k: v for k, v in named.items() if v is not None}
+        first = self.lakes[self.names[0]]
+        opts = StreamOptions.merged(options, {**given, **overrides}).with_defaults(config_defaults(first))
+        chosen = self._check_columns(opts.columns) if opts.columns is not None else self.columns
+        chosen = (EMBEDDING,) if chosen is None else chosen
+        if SOURCE not in chosen:
+            chosen = (*chosen, SOURCE)
+        opts = dataclasses.replace(opts, columns=chosen)
+        gen = generate_mode(opts.generate_samples)
+        imp = None
+        for name, snap in self._snaps.items():
+            imp = importance_mode(opts.importance_sampling, list(snap.manifest.metadata))
+        if imp == "loss":
+            raise ConfigError("mix: importance_sampling='loss' is not supported on a mixture (update_priorities names "
+                              "rows by id, which lakes may share); use 'kappa', 'alpha' or a metadata column")
+        seed_ = int(opts.seed or 0)
+        parts = [lake_parts(self.lakes[n], gen, imp, mixing.lake_seed(seed_, j)) for j, n in enumerate(self.names)]
+        changed = [n for n, p in zip(self.names, parts) if p.version != int(self._snaps[n].version)]
+        if changed:
+            raise ConfigError(f"mix: lake(s) {changed} moved to another version since m2m.mix pinned them; "
+                              "call m2m.mix again to mix the new versions")
+        source = MixtureSource([p.source for p in parts])
+        self._check_kinds(source, chosen)
+        sampler = mixing.MixtureSampler([self.num_rows[n] for n in self.names], self._w, self.epoch_rows, seed_,
+                                        [p.sampler for p in parts])
+        augment = None if gen is None else MixtureAugment([p.augment for p in parts], source.bases)
+        ident = self.identity([p.version for p in parts], [p.identity for p in parts])
+        return make_loader(source, opts, sampler=sampler, augment=augment, lake=ident, version=None)
+
+    def close(self) -> None:
+        """Close the lakes `m2m.mix` opened from paths (lakes passed open stay open)."""
+        for lake in self._opened:
+            lake.close()
+        self._opened = []
+
+    def __enter__(self) -> "Mixture":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class MixtureAugment:
+    """The augmentation of a mixture: each row goes through its own lake's augmenter, with rows and
+    neighbour reads in that lake's positions. The lakes are augmented in order with the batch's one
+    generator, so a resumed pass draws the same samples."""
+
+    def __init__(self, augments: Sequence[Augment | None], bases: np.ndarray) -> None:
+        self.augments = list(augments)
+        self.bases = torch.as_tensor(np.asarray(bases, dtype=np.int64))
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor, gather: Gather,
+                 generator: torch.Generator) -> torch.Tensor:
+        bases = self.bases.to(rows.device)
+        part = torch.searchsorted(bases, rows, right=True) - 1
+        out = x.clone()
+        for j, aug in enumerate(self.augments):
+            if aug is None:
+                continue
+            sel = torch.nonzero(part == j).flatten()
+            if len(sel) == 0:
+                continue
+            base = int(self.bases[j])
+
+            def local_gather(r: torch.Tensor, base: int = base) -> torch.Tensor:
+                return gather(r + base)
+
+            out[sel] = aug(x[sel], rows[sel] - base, local_gather, generator).to(out.dtype)
+        return out

@@ -1,0 +1,189 @@
+"""The row source of a mixture: several lakes' pinned snapshots, one after the other.
+
+`MixtureSource` concatenates the shards of its parts (lake ``j``'s rows are global rows
+``bases[j]:bases[j + 1]``), so the importance plan of a mixture (`m2m.stream.mixing.MixtureSampler`)
+is a plan of global rows that the one pipeline orders, shards and resumes as for one lake. It adds
+the ``source`` column (the lake's index in the mixture). Its reader (`open_reader`, which
+`m2m.stream.pipeline.Resources` asks a source for when it has one) is a `MixedReader`: one
+`ColdReader` per part, so each lake keeps its own positional, checked reads and, for a remote lake,
+its own node cache, whether the other parts are local or remote.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from m2m.errors import ConfigError
+from m2m.stream.source import RowSource, file_backed
+from m2m.stream.stages.cold import ColdReader
+
+#: The column a mixture adds: the index of each row's lake in ``Mixture.names``.
+SOURCE = "source"
+
+
+class MixtureSource:
+    """A `RowSource` over ``parts`` (same ``dim`` and ``mu`` storage dtype), their shards concatenated."""
+
+    def __init__(self, parts: Sequence[RowSource]) -> None:
+        if not parts:
+            raise ConfigError("mix: no lakes given")
+        self.parts = list(parts)
+        sizes = [int(p.num_rows) for p in self.parts]
+        self.bases = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        counts = [len(p.shard_offsets) - 1 for p in self.parts]
+        self.shard_bases = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        offsets = [np.asarray(p.shard_offsets[:-1], dtype=np.int64) + b for p, b in zip(self.parts, self.bases)]
+        self._offsets = np.concatenate([*offsets, [self.bases[-1]]]).astype(np.int64)
+        common = [n for n in self.parts[0].column_names if all(n in p.column_names for p in self.parts[1:])]
+        if SOURCE in common:
+            raise ConfigError(f"mix: every lake has a column named {SOURCE!r}, the name of the column a mixture adds")
+        self._columns = (*common, SOURCE)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.bases[-1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.parts[0].dim)
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        return self.parts[0].storage_dtype
+
+    @property
+    def shard_offsets(self) -> np.ndarray:
+        return self._offsets
+
+    @property
+    def column_names(self) -> Sequence[str]:
+        return self._columns
+
+    def part_of_shard(self, shard: int) -> tuple[int, int]:
+        """(part index, shard within that part) of global shard ``shard``."""
+        j = int(np.searchsorted(self.shard_bases, shard, side="right")) - 1
+        return j, int(shard - self.shard_bases[j])
+
+    def part_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The part index of each global row."""
+        return np.searchsorted(self.bases, rows, side="right") - 1
+
+    def column(self, shard: int, name: str) -> np.ndarray:
+        j, local = self.part_of_shard(shard)
+        if name == SOURCE:
+            return np.full(int(self._offsets[shard + 1] - self._offsets[shard]), j, dtype=np.int64)
+        return self.parts[j].column(local, name)
+
+    def open_reader(self, names: Sequence[str]) -> "MixedReader":
+        """The reader the stream's stages use for ``names`` (see `m2m.stream.pipeline.Resources.reader`)."""
+        return MixedReader(self, names)
+
+    def fetch_stats(self) -> dict[str, Any] | None:
+        """The node-cache downloads of this process, summed over the remote parts (None: none is remote)."""
+        stats: list[dict[str, Any]] = []
+        for f in map(file_backed, self.parts):
+            got = f.fetch_stats() if f is not None and f.is_remote else None
+            if got:
+                stats.append(got)
+        if not stats:
+            return None
+        out: dict[str, Any] = {}
+        for s in stats:
+            for k, v in s.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[k] = out.get(k, 0) + v
+        return out
+
+
+class MixedReader:
+    """The `ColdReader` interface over a `MixtureSource`: each global range or gather is split by part
+    and served by that part's own `ColdReader`; ``source`` is computed from the row positions."""
+
+    def __init__(self, source: MixtureSource, names: Sequence[str]) -> None:
+        self.source = source
+        self.offsets = source.shard_offsets
+        self.num_rows = source.num_rows
+        self.bases = source.bases
+        stored = [n for n in names if n != SOURCE]
+        self.readers = [ColdReader(p, stored) for p in source.parts]
+        self._advised: set[tuple[int, int]] = set()
+        self._arena: Any = None
+
+    @property
+    def positional(self) -> bool:
+        return any(r.positional for r in self.readers)
+
+    def bytes_checked(self) -> int:
+        return sum(r.bytes_checked() for r in self.readers)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+    def for_scattered_reads(self, arena: Any = None) -> "MixedReader":
+        """As `ColdReader.for_scattered_reads`: a whole-mixture warm arena serves scattered rows."""
+        self._arena = arena if arena is not None and arena.whole else None
+        for r in self.readers:
+            r.for_scattered_reads(None)
+        return self
+
+    def _spans(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(part, global start, global end) of the parts ``[lo, hi)`` overlaps."""
+        out = []
+        first = int(np.searchsorted(self.bases, lo, side="right")) - 1
+        for j in range(max(first, 0), len(self.readers)):
+            a, b = max(lo, int(self.bases[j])), min(hi, int(self.bases[j + 1]))
+            if a >= hi:
+                break
+            if b > a:
+                out.append((j, a, b))
+        return out
+
+    def read_rows(self, name: str, lo: int, hi: int, dst: np.ndarray) -> int:
+        """Copy global rows ``[lo, hi)`` of ``name`` into ``dst``; returns bytes."""
+        for j, a, b in self._spans(lo, hi):
+            out = dst[a - lo: b - lo]
+            if name == SOURCE:
+                out[...] = j
+            else:
+                base = int(self.bases[j])
+                self.readers[j].read_rows(name, a - base, b - base, out)
+        return int(dst[: hi - lo].nbytes)
+
+    def willneed(self, lo: int, hi: int) -> None:
+        for j, a, b in self._spans(lo, hi):
+            base = int(self.bases[j])
+            self.readers[j].willneed(a - base, b - base)
+
+    def advise_blocks(self, blocks: np.ndarray, block_rows: int) -> None:
+        for b in blocks.tolist():
+            if (b, block_rows) in self._advised:
+                continue
+            self._advised.add((b, block_rows))
+            self.willneed(b * block_rows, min((b + 1) * block_rows, self.num_rows))
+
+    def forget_advice(self, block: int | None = None, block_rows: int = 0) -> None:
+        if block is None:
+            self._advised.clear()
+        else:
+            self._advised.discard((block, block_rows))
+
+    def gather(self, name: str, rows: np.ndarray, dst: torch.Tensor) -> int:
+        """``dst[i] = name[rows[i]]``; returns bytes read."""
+        if self._arena is not None:
+            return int(self._arena.gather_whole(name, rows, dst))
+        part = self.source.part_of_rows(rows)
+        if name == SOURCE:
+            dst.copy_(torch.from_numpy(part.astype(np.int64, copy=False)))
+            return int(dst.nbytes)
+        for j in np.unique(part).tolist():
+            sel = np.flatnonzero(part == j)
+            if len(sel) == len(rows):  # one lake only: straight into dst
+                return self.readers[j].gather(name, rows - self.bases[j], dst)
+            tmp = torch.empty((len(sel), *dst.shape[1:]), dtype=dst.dtype)
+            self.readers[j].gather(name, rows[sel] - self.bases[j], tmp)
+            dst.index_copy_(0, torch.from_numpy(sel), tmp)
+        return int(dst.nbytes)

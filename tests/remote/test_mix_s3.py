@@ -1,0 +1,76 @@
+"""A mixture of a remote lake (moto S3, node cache) and a local one: proportions, values and resume,
+with and without DataLoader workers (docs/stream.md, "Mixing lakes")."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import m2m
+from m2m import M2MConfig, create_m2m, open_lake
+
+from .helpers import DIM, make_lake, unit_rows
+
+BS = 40
+
+
+def epoch(dl: object) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in b.items()} for b in dl]  # type: ignore[attr-defined]
+
+
+def same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_remote_and_local_lakes_mixed(s3_bucket, tmp_path, workers: int) -> None:
+    url = f"{s3_bucket}/lake"
+    make_lake(url, 1500)  # several shards in the bucket
+    local = str(tmp_path / "local")
+    with create_m2m(M2MConfig(path=local, latent_dim=DIM)) as lake:
+        lake.add_splats(unit_rows(400, seed=3))
+    remote_kw = {"cache_dir": str(tmp_path / "cache")}  # credentials and endpoint: s3_env
+    stored = {}
+    with open_lake(url, **remote_kw) as r, open_lake(local) as loc:
+        for name, lake in (("s3", r), ("disk", loc)):
+            s = lake.splats()
+            stored[name] = dict(zip(s["id"].tolist(), s["mu"].astype(np.float32)))
+        base = dict(batch_size=BS, columns=("id", "embedding"), seed=4, world_size=2)
+        kw = dict(base, num_workers=workers)
+        if workers:
+            kw.update(multiprocessing_context="fork", timeout=120)
+        mx = m2m.mix({"s3": r, "disk": loc}, {"s3": 0.25, "disk": 0.75}, epoch_rows=1200)
+        ref = [epoch(mx.export_to_dataloader(rank=rk, **base)) for rk in range(2)]
+        got = []
+        for rk in range(2):
+            dl = mx.export_to_dataloader(rank=rk, **kw)
+            got.append(epoch(dl))
+            same(got[rk], ref[rk])
+        if workers == 0:
+            assert "fetch" in dl.stats()  # the remote part's node-cache downloads
+        src = np.concatenate([torch.cat([b["source"] for b in g]).numpy() for g in got])
+        assert np.bincount(src, minlength=2).tolist() == [300, 900]
+        for g in got:
+            for b in g:
+                for i, code, emb in zip(b["id"].tolist(), b["source"].tolist(), b["embedding"].numpy()):
+                    np.testing.assert_array_equal(emb, stored[mx.names[code]][i])
+        dl0 = mx.export_to_dataloader(rank=0, **kw)
+        list(itertools.islice(iter(dl0), 5))
+        state = dl0.state_dict()
+        dl0.close()
+    with open_lake(url, **remote_kw) as r, open_lake(local) as loc:
+        again = m2m.mix({"s3": r, "disk": loc}, {"s3": 0.25, "disk": 0.75}, epoch_rows=1200)
+        for rk in range(2):
+            dl = again.export_to_dataloader(rank=rk, **kw)
+            dl.load_state_dict(copy.deepcopy(state))
+            same(epoch(dl), ref[rk][5:])
+            dl.close()
+    assert os.path.isdir(str(tmp_path / "cache"))

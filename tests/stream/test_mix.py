@@ -1,0 +1,342 @@
+"""`m2m.mix`: exact proportions per epoch over ranks and workers, resume, epoch length, each lake's own
+sampler and augmenter, and the one-line errors (docs/stream.md, "Mixing lakes")."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import m2m
+from m2m import M2MConfig, create_m2m, open_lake
+from m2m.errors import ConfigError, M2MError, StateMismatchError
+
+D, BS = 8, 50
+
+
+def unit(n: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def build(path: str, n: int, seed: int, chunks: int = 2, dim: int = D, geometry: bool = False,
+          **add: object) -> np.ndarray:
+    """A lake of ``n`` rows in ``chunks`` commits (shards), with kappa/neighbours persisted when
+    ``geometry`` (a loader then skips the in-memory kNN); returns its mu in id order."""
+    x = unit(n, seed) if dim == D else np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    with create_m2m(M2MConfig(path=path, latent_dim=dim, seed=1)) as lake:
+        for part in np.array_split(np.arange(n), chunks):
+            extra = {k: np.asarray(v)[part] for k, v in add.items()}
+            lake.add_splats(x[part], labels=(np.arange(n)[part] % 5), **extra)
+        if geometry:
+            lake.estimate_kappa()
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def lakes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("mix")
+    paths = {"web": str(root / "web"), "books": str(root / "books"), "code": str(root / "code")}
+    build(paths["web"], 1200, 0, chunks=3, geometry=True)
+    build(paths["books"], 300, 1, geometry=True)
+    build(paths["code"], 90, 2, chunks=1, geometry=True)
+    return paths
+
+
+WEIGHTS = {"web": 0.6, "books": 0.3, "code": 0.1}
+COLS = ("id", "embedding", "label", "weight")
+
+
+def epoch(dl: object) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in b.items()} for b in dl]  # type: ignore[attr-defined]
+
+
+def cat(batches: list[dict[str, torch.Tensor]], key: str) -> np.ndarray:
+    return torch.cat([b[key] for b in batches]).numpy()
+
+
+def same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_proportions_exact_per_epoch_over_two_ranks_and_two_workers(lakes: dict[str, str]) -> None:
+    """2 ranks (rank=/world_size=) x 2 real DataLoader workers, two epochs: each lake's share is its
+    weight within 1% (in fact exact: the counts are fixed per epoch), every rank yields the same
+    batches, and the batches equal those of the worker-free loader."""
+    mx = m2m.mix(lakes, WEIGHTS, epoch_rows=2000)
+    assert mx.counts == {"web": 1200, "books": 600, "code": 200}
+    try:
+        for e in range(2):
+            per_rank, ref = [], []
+            for r in range(2):
+                kw = dict(batch_size=BS, columns=COLS, seed=5, rank=r, world_size=2)
+                dl = mx.export_to_dataloader(num_workers=2, multiprocessing_context="fork", timeout=60, **kw)
+                dl.set_epoch(e)
+                per_rank.append(epoch(dl))
+                dl.close()
+                dl0 = mx.export_to_dataloader(**kw)
+                dl0.set_epoch(e)
+                ref.append(epoch(dl0))
+                same(per_rank[r], ref[r])
+            assert [len(b) for b in per_rank] == [20, 20]
+            src = np.concatenate([cat(b, "source") for b in per_rank])
+            assert len(src) == 2000
+            share = np.bincount(src, minlength=3) / len(src)
+            for j, name in enumerate(mx.names):
+                assert abs(share[j] - WEIGHTS[name]) <= 0.01 * WEIGHTS[name]
+            assert np.bincount(src, minlength=3).tolist() == [1200, 600, 200]
+            for r in range(2):  # each rank is itself close to the proportions (a shuffled mix)
+                share_r = np.bincount(cat(per_rank[r], "source"), minlength=3) / 1000
+                assert np.abs(share_r - np.array([0.6, 0.3, 0.1])).max() < 0.05
+    finally:
+        mx.close()
+
+
+def test_rows_and_values_come_from_their_lake(lakes: dict[str, str], tmp_path: object) -> None:
+    """Every delivered row is the stored row of the lake its ``source`` names; names map codes to lakes."""
+    mx = m2m.mix(lakes, WEIGHTS)
+    assert mx.names == ("web", "books", "code") and mx.epoch_rows == 1590  # default: the lakes' rows summed
+    stored = {}
+    for name, path in lakes.items():
+        with open_lake(path) as lake:
+            s = lake.splats()
+            stored[name] = dict(zip(s["id"].tolist(), s["mu"].astype(np.float32)))
+    batches = epoch(mx.export_to_dataloader(batch_size=BS, columns=("id", "embedding"), seed=3))
+    for b in batches:
+        for i, code, emb in zip(b["id"].tolist(), b["source"].tolist(), b["embedding"].numpy()):
+            np.testing.assert_array_equal(emb, stored[mx.names[code]][i])
+    mx.close()
+
+
+def test_default_batches_are_dicts_with_source(lakes: dict[str, str]) -> None:
+    with m2m.mix(lakes, WEIGHTS) as mx:
+        b = next(iter(mx.export_to_dataloader(batch_size=BS)))
+        assert set(b) == {"embedding", "source"} and b["source"].dtype == torch.int64
+        assert m2m.mix(lakes, WEIGHTS, columns=("label",)).export_to_dataloader(batch_size=BS).spec.columns[-1].name \
+            == "source"
+
+
+def test_epoch_length_down_and_up_sampling(lakes: dict[str, str]) -> None:
+    """epoch_rows below a lake's share of rows: a subset without replacement (fresh each epoch);
+    above: whole passes plus a subset."""
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=500) as mx:  # web 300 of 1200, books 150 of 300, code 50 of 90
+        dl = mx.export_to_dataloader(batch_size=BS, columns=("id",), seed=1)
+        seen = []
+        for e in range(2):
+            dl.set_epoch(e)
+            b = epoch(dl)
+            src, ids = cat(b, "source"), cat(b, "id")
+            assert np.bincount(src, minlength=3).tolist() == [300, 150, 50]
+            for j in range(3):
+                assert len(set(ids[src == j].tolist())) == int((src == j).sum())  # no row twice
+            seen.append(set(ids[src == 0].tolist()))
+        assert seen[0] != seen[1]  # a fresh subset each epoch
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=6000) as mx:  # code: 600 draws of 90 rows
+        b = epoch(mx.export_to_dataloader(batch_size=500, columns=("id",), seed=1))
+        src, ids = cat(b, "source"), cat(b, "id")
+        assert np.bincount(src, minlength=3).tolist() == [3600, 1800, 600]
+        per_row = np.unique(ids[src == 2], return_counts=True)[1]
+        assert len(per_row) == 90 and per_row.min() == 6 and per_row.max() == 7
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_is_exact(lakes: dict[str, str], workers: int) -> None:
+    """A state saved after k batches resumes in a new mixture at batch k, bit for bit, on every rank
+    (rank 0's state loaded on both), and the next epoch follows as in an uninterrupted run."""
+    kw = dict(batch_size=BS, columns=COLS, seed=9, world_size=2, num_workers=workers, generate_samples="vmf")
+    if workers:
+        kw.update(multiprocessing_context="fork", timeout=60)
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=1000) as mx:
+        ref = []
+        for r in range(2):
+            dl = mx.export_to_dataloader(rank=r, **kw)
+            ref.append([epoch(dl), epoch(dl)])  # epochs 0 and 1
+        dl0 = mx.export_to_dataloader(rank=0, **kw)
+        head = list(itertools.islice(iter(dl0), 4))
+        state = dl0.state_dict()
+        assert state["batches_yielded"] == 4 and "web=" in state["lake"] and "*0.6" in state["lake"]
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=1000) as again:
+        for r in range(2):
+            dl = again.export_to_dataloader(rank=r, **kw)
+            dl.load_state_dict(copy.deepcopy(state))
+            same(epoch(dl), ref[r][0][4:])
+            same(epoch(dl), ref[r][1])
+        assert all(torch.equal(head[0][k], ref[0][0][0][k]) for k in head[0])
+
+
+@pytest.mark.parametrize("change", ["weights", "epoch_rows", "lakes"])
+def test_a_state_of_another_mixture_is_refused(lakes: dict[str, str], change: str) -> None:
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=1000) as mx:
+        dl = mx.export_to_dataloader(batch_size=BS, seed=1)
+        next(iter(dl))
+        state = dl.state_dict()
+    other = {"weights": ({**WEIGHTS, "code": 0.2}, 1000), "epoch_rows": (WEIGHTS, 900)}
+    if change == "lakes":
+        mixed = m2m.mix({k: lakes[k] for k in ("web", "books")}, {"web": 0.6, "books": 0.4}, epoch_rows=1000)
+    else:
+        w, rows = other[change]
+        mixed = m2m.mix(lakes, w, epoch_rows=rows)
+    with mixed, pytest.raises(StateMismatchError) as info:
+        mixed.export_to_dataloader(batch_size=BS, seed=1).load_state_dict(state)
+    msg = str(info.value)
+    assert "\n" not in msg and "mix[" in msg
+
+
+def test_a_state_of_a_newer_lake_version_is_refused(tmp_path: object) -> None:
+    a, b = os.path.join(str(tmp_path), "a"), os.path.join(str(tmp_path), "b")
+    build(a, 200, 0)
+    build(b, 100, 1)
+    with m2m.mix({"a": a, "b": b}, {"a": 1, "b": 1}) as mx:
+        dl = mx.export_to_dataloader(batch_size=BS, seed=1)
+        next(iter(dl))
+        state = dl.state_dict()
+    assert "@v2" in state["lake"]
+    with open_lake(b) as lake:
+        lake.add_splats(unit(10, 5), labels=np.zeros(10, np.int64))
+    with m2m.mix({"a": a, "b": b}, {"a": 1, "b": 1}) as mx, pytest.raises(StateMismatchError) as info:
+        mx.export_to_dataloader(batch_size=BS, seed=1).load_state_dict(state)
+    assert "@v3" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_each_lake_draws_from_its_own_importance_sampler(lakes: dict[str, str]) -> None:
+    """importance_sampling='alpha': lake j's draws of an epoch are exactly the plan of that lake's own
+    sampler for its count (same rows, same weights)."""
+    from m2m.stream import mixing
+    from m2m.stream.from_lake import build_sampler
+
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=1000) as mx:
+        dl = mx.export_to_dataloader(batch_size=BS, columns=("id", "weight"), seed=4, importance_sampling="alpha")
+        b = epoch(dl)
+        src, ids, w = cat(b, "source"), cat(b, "id"), cat(b, "weight")
+        for j, name in enumerate(mx.names):
+            lake = mx.lakes[name]
+            own = build_sampler(lake, "alpha", mixing.lake_seed(4, j))
+            rows, weights = own.plan(0, num_draws=mx.counts[name])
+            lake_ids = lake.snapshot.ids()[rows]
+            got = sorted(zip(ids[src == j].tolist(), w[src == j].tolist()))
+            assert got == sorted(zip(lake_ids.tolist(), weights.astype(np.float32).tolist()))
+
+
+def test_each_lake_keeps_its_own_augmentation_geometry(tmp_path: object) -> None:
+    """generate_samples='vmf' draws each row from its own lake's kappa: a lake of very concentrated
+    splats stays near its rows, a diffuse one moves far."""
+    tight, loose = os.path.join(str(tmp_path), "tight"), os.path.join(str(tmp_path), "loose")
+    x_t = build(tight, 200, 0, kappa=np.full(200, 1e5, np.float32))
+    x_l = build(loose, 200, 1, kappa=np.full(200, 2.0, np.float32))
+    with m2m.mix({"tight": tight, "loose": loose}, {"tight": 1, "loose": 1}) as mx:
+        b = epoch(mx.export_to_dataloader(batch_size=BS, columns=("id", "embedding"), generate_samples="vmf"))
+    src, ids, emb = cat(b, "source"), cat(b, "id"), cat(b, "embedding")
+    cos = {}
+    for j, x in enumerate((x_t, x_l)):
+        with open_lake((tight, loose)[j]) as lake:
+            pos = {int(i): k for k, i in enumerate(lake.snapshot.ids())}
+        rows = np.array([pos[i] for i in ids[src == j]])
+        cos[j] = float(np.mean(np.sum(emb[src == j] * x[rows], axis=1)))
+    assert cos[0] > 0.99 and cos[1] < 0.7
+
+
+def test_errors_are_one_line(lakes: dict[str, str], tmp_path: object) -> None:
+    other = os.path.join(str(tmp_path), "wide")
+    build(other, 50, 0, dim=16)
+    cases = [
+        (lambda: m2m.mix({"web": lakes["web"], "wide": other}, {"web": 1, "wide": 1}), ["web=8", "wide=16"]),
+        (lambda: m2m.mix(lakes, {"web": 1, "books": 1}), ["code"]),
+        (lambda: m2m.mix(lakes, {**WEIGHTS, "news": 1}), ["news"]),
+        (lambda: m2m.mix(lakes, {**WEIGHTS, "web": -1}), ["web"]),
+        (lambda: m2m.mix(lakes, WEIGHTS, epoch_rows=0), ["epoch_rows"]),
+        (lambda: m2m.mix(lakes, WEIGHTS, columns=("nope",)), ["nope", "web"]),
+        (lambda: m2m.mix({}, {}), ["non-empty"]),
+        (lambda: m2m.mix(lakes, WEIGHTS).export_to_dataloader(importance_sampling="loss"), ["loss"]),
+        (lambda: m2m.mix(lakes, WEIGHTS).export_to_dataloader(columns=("nope",)), ["nope"]),
+    ]
+    for make, words in cases:
+        with pytest.raises(ConfigError) as info:
+            make()
+        msg = str(info.value)
+        assert isinstance(info.value, (M2MError, ValueError)) and "\n" not in msg, msg
+        for word in words:
+            assert word in msg, (word, msg)
+
+
+def test_a_lake_moved_after_mix_is_refused(tmp_path: object) -> None:
+    a, b = os.path.join(str(tmp_path), "a"), os.path.join(str(tmp_path), "b")
+    build(a, 100, 0)
+    build(b, 100, 1)
+    with open_lake(a) as la, open_lake(b) as lb:
+        mx = m2m.mix({"a": la, "b": lb}, {"a": 1, "b": 1})
+        la.add_splats(unit(5, 9), labels=np.zeros(5, np.int64))
+        with pytest.raises(ConfigError, match="another version"):
+            mx.export_to_dataloader(batch_size=BS)
+
+
+def test_epochs_differ_and_repeat(lakes: dict[str, str]) -> None:
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=400) as mx:
+        dl = mx.export_to_dataloader(batch_size=BS, columns=("id",), seed=2)
+        e0, e1 = epoch(dl), epoch(dl)
+        dl.set_epoch(0)
+        same(epoch(dl), e0)
+        assert not np.array_equal(cat(e0, "id"), cat(e1, "id"))
+        assert len(dl) == 8 and len(dl.dataset) == 400
+
+
+def _ddp_worker(rank: int, world_size: int, init_file: str, paths: dict[str, str], out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    import m2m as m
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        with m.mix(paths, WEIGHTS, epoch_rows=1001) as mx:
+            dl = mx.export_to_dataloader(batch_size=BS, columns=("id",), seed=6)  # rank from torch.distributed
+            result: dict[str, object] = {"len": len(dl), "epochs": []}
+            for e in range(2):
+                dl.set_epoch(e)
+                src, n = [], 0
+                for batch in dl:
+                    total = torch.tensor([len(batch["id"])])
+                    dist.all_reduce(total)  # a collective per batch: hangs if a rank ran out early
+                    src.extend(batch["source"].tolist())
+                    n += 1
+                result["epochs"].append({"batches": n, "source": src})  # type: ignore[attr-defined]
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned interpreters: ~35 s here
+@pytest.mark.timeout(180)
+def test_two_gloo_ranks_mix_in_proportion_with_equal_batch_counts(lakes: dict[str, str], tmp_path: object) -> None:
+    """A real 2-process gloo run: the ranks read the topology from torch.distributed, yield the same
+    number of batches, and together deliver each lake's exact count (plus one padding row)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = here + (os.pathsep + old if old else "")
+    try:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(str(tmp_path), "init"), lakes, str(tmp_path)), nprocs=2,
+                 join=True)
+    finally:
+        os.environ["PYTHONPATH"] = old
+    results = [json.loads(open(os.path.join(str(tmp_path), f"rank{r}.json")).read()) for r in range(2)]
+    assert results[0]["len"] == results[1]["len"] == -(-501 // BS)
+    for e in range(2):
+        assert results[0]["epochs"][e]["batches"] == results[1]["epochs"][e]["batches"] == results[0]["len"]
+        src = np.array(results[0]["epochs"][e]["source"] + results[1]["epochs"][e]["source"])
+        counts = np.bincount(src, minlength=3)
+        assert len(src) == 1002 and counts.sum() - 1 == 1001  # W ceil(E / W): one padding row
+        share = counts / counts.sum()
+        assert np.all(np.abs(share - np.array([0.6, 0.3, 0.1])) <= 0.01 * np.array([0.6, 0.3, 0.1]))
