@@ -20,7 +20,7 @@ import torch
 
 from m2m.errors import M2MError, StreamError
 from m2m.stream.columns import Column, torch_dtype
-from m2m.stream.memory import empty_hugepage
+from m2m.stream.memory import collapse_huge, empty_hugepage
 from m2m.stream.stages.base import BufferSource, Stage, Work
 from m2m.stream.stages.cold import ColdReader, fill_common
 
@@ -36,7 +36,10 @@ class WarmArena:
     """LRU cache of ``block_rows``-row blocks of some columns, in ``budget_bytes`` of RAM.
 
     ``huge_pages`` backs the arena with transparent huge pages: random gathers from it were
-    1.3-1.5x faster here, but the kernel may compact memory while it first fills (a slower first epoch).
+    1.3-1.5x faster here, but the kernel may compact memory while they are faulted in. An arena
+    filled by `start_fill` (``collapse_after_fill``) is therefore filled on 4 KiB pages and
+    collapsed into huge pages by the fill thread once complete, after the first epoch's reads;
+    other arenas get huge pages when they are allocated.
     ``max_loads`` bounds the blocks one request loads when the arena holds only part of the lake:
     a request missing more is served straight from the cold tier while only that many blocks are
     loaded.
@@ -50,7 +53,8 @@ class WarmArena:
     """
 
     def __init__(self, reader: ColdReader, columns: Sequence[Column], block_rows: int, budget_bytes: int,
-                 huge_pages: bool = False, max_loads: int | None = None) -> None:
+                 huge_pages: bool = False, max_loads: int | None = None, collapse_after_fill: bool = False
+                 ) -> None:
         self.reader = reader
         self.columns = tuple(c for c in columns if c.source is not None)
         self.block_rows = int(block_rows)
@@ -61,8 +65,13 @@ class WarmArena:
             raise StreamError(f"warm budget {budget_bytes} bytes holds no block of {self.block_bytes} bytes")
         self.whole = self.slots >= self.num_blocks
         rows = reader.num_rows if self.whole else self.slots * self.block_rows
-        alloc = empty_hugepage if huge_pages else _empty
-        self._arena = {c.source: alloc((rows, *c.trailing), torch_dtype(c.storage_dtype)) for c in self.columns}
+        self._collapse = huge_pages and collapse_after_fill and self.whole
+        self.collapsed: bool | None = None  # whether the huge-page collapse after the fill succeeded
+        if huge_pages:
+            self._arena = {c.source: empty_hugepage((rows, *c.trailing), torch_dtype(c.storage_dtype),
+                                                    advise=not self._collapse) for c in self.columns}
+        else:
+            self._arena = {c.source: _empty((rows, *c.trailing), torch_dtype(c.storage_dtype)) for c in self.columns}
         self._arena_np = {name: t.numpy() for name, t in self._arena.items()}
         self.slot_of_block = np.full(self.num_blocks, -1, dtype=np.int64)
         self.block_of_slot = np.full(self.slots, -1, dtype=np.int64)
@@ -81,6 +90,7 @@ class WarmArena:
         self._filler: threading.Thread | None = None
         self._filled = threading.Event()
         self._stop = threading.Event()
+        self._collapse_go = threading.Event()
         self._fill_error: BaseException | None = None
         self.fill_bytes = 0
 
@@ -178,15 +188,38 @@ class WarmArena:
             while not self._stop.is_set():
                 block = self._next_claim()
                 if block is None:
-                    return
+                    break
                 self.fill_bytes += self._load_claimed(block)
         except Exception:  # noqa: BLE001 -- kept in _fill_error; every gather raises it
             return
+        if self._collapse and not self._stop.is_set():
+            # only a filled arena is collapsed (gathers may still be loading their last blocks), and
+            # only once a pass ended (or someone waits for the fill): the collapse costs CPU the
+            # first epoch's gathers need
+            self.wait_filled_blocks()
+            while not self._collapse_go.wait(0.05):
+                if self._stop.is_set():
+                    return
+            if self._num_loaded == self.num_blocks and not self._stop.is_set():
+                self.collapsed = all(collapse_huge(t, self._stop.is_set) for t in self._arena.values())
+
+    def pass_ended(self) -> None:
+        """A pass over this arena yielded its last item: the huge-page collapse may start."""
+        self._collapse_go.set()
+
+    def wait_filled_blocks(self, timeout: float = FILL_WAIT_S) -> None:
+        """Wait until every block is loaded (or a load failed, or ``timeout`` passed)."""
+        end = time.monotonic() + timeout
+        with self._loaded:
+            while (self._num_loaded < self.num_blocks and self._fill_error is None and not self._stop.is_set()
+                   and time.monotonic() < end):
+                self._loaded.wait(timeout=0.05)
 
     def wait_filled(self, timeout: float | None = None) -> bool:
         """Block until a background fill is done (True) or ``timeout`` passes (False)."""
         if self._filler is None:
             return True
+        self._collapse_go.set()
         self._filler.join(timeout)
         if self._filler.is_alive():
             return False
@@ -320,7 +353,11 @@ class WarmStage(Stage):
 
     def __next__(self) -> Work:
         assert self.upstream is not None
-        work = next(self.upstream)
+        try:
+            work = next(self.upstream)
+        except StopIteration:
+            self.arena.pass_ended()
+            raise
         if work.ahead is not None:
             self.arena.advise(work.ahead)
         self.buffers.begin()
