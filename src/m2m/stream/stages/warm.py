@@ -90,7 +90,7 @@ class WarmArena:
         self._filler: threading.Thread | None = None
         self._filled = threading.Event()
         self._stop = threading.Event()
-        self._collapse_go = threading.Event()
+        self._collapser: threading.Thread | None = None
         self._fill_error: BaseException | None = None
         self.fill_bytes = 0
 
@@ -192,41 +192,38 @@ class WarmArena:
                 self.fill_bytes += self._load_claimed(block)
         except Exception:  # noqa: BLE001 -- kept in _fill_error; every gather raises it
             return
-        if self._collapse and not self._stop.is_set():
-            # only a filled arena is collapsed (gathers may still be loading their last blocks), and
-            # only once a pass ended (or someone waits for the fill): the collapse costs CPU the
-            # first epoch's gathers need
-            self.wait_filled_blocks()
-            while not self._collapse_go.wait(0.05):
-                if self._stop.is_set():
-                    return
-            if self._num_loaded == self.num_blocks and not self._stop.is_set():
-                self.collapsed = all(collapse_huge(t, self._stop.is_set) for t in self._arena.values())
 
     def pass_ended(self) -> None:
-        """A pass over this arena yielded its last item: the huge-page collapse may start."""
-        self._collapse_go.set()
+        """A pass over this arena yielded its last item: a filled arena's huge-page collapse starts
+        now (on its own thread), not earlier, since it costs CPU the first epoch's gathers need."""
+        if not self._collapse or self._collapser is not None or self._stop.is_set() or not self.complete:
+            return
+        with self._claim:
+            if self._collapser is not None:
+                return
+            self._collapser = threading.Thread(target=self._collapse_all, name="m2m-warm-collapse", daemon=True)
+            self._collapser.start()
 
-    def wait_filled_blocks(self, timeout: float = FILL_WAIT_S) -> None:
-        """Wait until every block is loaded (or a load failed, or ``timeout`` passed)."""
-        end = time.monotonic() + timeout
-        with self._loaded:
-            while (self._num_loaded < self.num_blocks and self._fill_error is None and not self._stop.is_set()
-                   and time.monotonic() < end):
-                self._loaded.wait(timeout=0.05)
+    def _collapse_all(self) -> None:
+        self.collapsed = all(collapse_huge(t, self._stop.is_set) for t in self._arena.values())
 
     def wait_filled(self, timeout: float | None = None) -> bool:
-        """Block until a background fill is done (True) or ``timeout`` passes (False)."""
+        """Block until a background fill is done and the filled arena collapsed into huge pages
+        (True), or ``timeout`` passes (False)."""
         if self._filler is None:
             return True
-        self._collapse_go.set()
+        end = time.monotonic() + (FILL_WAIT_S if timeout is None else timeout)
         self._filler.join(timeout)
         if self._filler.is_alive():
             return False
         with self._loaded:  # the fill may end while a gather still loads its last claimed block
-            end = time.monotonic() + (FILL_WAIT_S if timeout is None else timeout)
             while self._num_loaded < self.num_blocks and self._fill_error is None and time.monotonic() < end:
                 self._loaded.wait(timeout=0.05)
+        self.pass_ended()  # whoever waits for the arena wants it in its steady state
+        if self._collapser is not None:
+            self._collapser.join(max(0.0, end - time.monotonic()))
+            if self._collapser.is_alive():
+                return False
         return self._num_loaded == self.num_blocks or self._fill_error is not None
 
     @property
@@ -235,10 +232,11 @@ class WarmArena:
         return self._filler is not None and not self._filled.is_set() and self._fill_error is None
 
     def close(self) -> None:
-        """Stop and join a background fill."""
+        """Stop and join a background fill (and a huge-page collapse)."""
         self._stop.set()
-        if self._filler is not None:
-            self._filler.join(timeout=30)
+        for thread in (self._filler, self._collapser):
+            if thread is not None:
+                thread.join(timeout=30)
 
     # ------------------------------------------------------------ every arena
     @property
