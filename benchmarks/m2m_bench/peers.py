@@ -236,7 +236,9 @@ class WebDataset:
 
         x, y = load(data)
         out.mkdir(parents=True, exist_ok=True)
-        with wds.ShardWriter(str(out / "shard-%06d.tar"), maxsize=64 << 20, verbose=0) as sink:
+        # at least 16 shards: shards are what its shuffle and its rank split permute
+        with wds.ShardWriter(str(out / "shard-%06d.tar"), maxsize=64 << 20, maxcount=max(1, -(-len(y) // 16)),
+                             verbose=0) as sink:
             for i in range(len(y)):
                 sink.write({"__key__": f"{i:09d}", "x.npy": np.asarray(x[i]), "y.cls": int(y[i]), "id.cls": i})
 
@@ -291,6 +293,9 @@ def _stream(loader: Any, limit: int | None = None) -> tuple[np.ndarray, float, f
 
 
 def run_phase(system: str, phase: str, data: Path, out: Path, state_file: Path | None = None) -> dict[str, Any]:
+    import torch  # every system yields torch tensors: its import (seconds on a loaded machine) is not timed
+
+    torch.set_num_threads(1)
     impl = IMPLS[system]()
     n = len(np.load(data / "y.npy", mmap_mode="r"))
     if phase == "write":
