@@ -12,6 +12,8 @@ process (``python -m m2m_bench.peers SYSTEM PHASE DATA DIR``, JSON on stdout):
 - ``rank0``/``rank1``: rank r of 2 (torchrun's environment variables), one epoch each, run at once;
   the union over both ranks must be every row exactly once.
 
+Each process imports torch and the system's modules before it times anything (on a loaded machine an
+import takes seconds, which is not the loader's speed); a loader's construction is timed (``build_s``).
 A system without a phase (no resume API, no rank sharding) reports ``unsupported`` with the reason.
 The peers install into their own virtual environment (they pin torchvision/numpy versions that the
 project does not take): see benchmarks/README.md.
@@ -68,6 +70,9 @@ def _torch_batches(x: np.ndarray, y: np.ndarray, order: np.ndarray) -> Iterator[
 class NumpyLoop:
     """What a user writes: np.load(mmap_mode='r'), a permutation per epoch, fancy-index gathers."""
 
+    def imports(self) -> None:
+        """Import what the loader needs (run before any timing: imports are not the loader's speed)."""
+
     def write(self, data: Path, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("x.npy", "y.npy"):
@@ -97,6 +102,10 @@ class NumpyLoop:
 
 
 class M2M:
+    def imports(self) -> None:
+        import m2m.stream.from_lake  # noqa: F401
+        import m2m.stream.loader  # noqa: F401
+
     def write(self, data: Path, out: Path) -> None:
         from m2m import M2MConfig, create_m2m
 
@@ -121,6 +130,9 @@ class M2M:
 
 
 class LitData:
+    def imports(self) -> None:
+        import litdata  # noqa: F401
+
     def write(self, data: Path, out: Path) -> None:
         from litdata import optimize
 
@@ -172,6 +184,9 @@ def _mosaic() -> Any:
 
 
 class Mosaic:
+    def imports(self) -> None:
+        _mosaic()
+
     def write(self, data: Path, out: Path) -> None:
         MDSWriter = _mosaic().MDSWriter
 
@@ -198,6 +213,9 @@ class Mosaic:
 
 
 class Lance:
+    def imports(self) -> None:
+        import lance.torch.data  # noqa: F401
+
     def write(self, data: Path, out: Path) -> None:
         import lance
         import pyarrow as pa
@@ -231,6 +249,9 @@ class Lance:
 
 
 class WebDataset:
+    def imports(self) -> None:
+        import webdataset  # noqa: F401
+
     def write(self, data: Path, out: Path) -> None:
         import webdataset as wds
 
@@ -297,6 +318,7 @@ def run_phase(system: str, phase: str, data: Path, out: Path, state_file: Path |
 
     torch.set_num_threads(1)
     impl = IMPLS[system]()
+    impl.imports()
     n = len(np.load(data / "y.npy", mmap_mode="r"))
     if phase == "write":
         t0 = time.perf_counter()
