@@ -21,7 +21,7 @@ from m2m_bench.first_epoch import format_table, run
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=None, help="rows (default 400,000: 1.03 GB in float32)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     parser.add_argument("--dir", default=None, help="where to write the temporary data (default: $TMPDIR)")
     parser.add_argument("--save", default=None, help="save under benchmarks/results/SAVE-<date>.{json,txt}")
     args = parser.parse_args(argv)

@@ -147,12 +147,14 @@ def write(root: Path, rows: int, dtype: str) -> Path:
     return directory
 
 
-def run(rows: int | None = None, rounds: int = 3, directory: str | os.PathLike[str] | None = None,
-        steady_epochs: int = 2) -> dict[str, Any]:
-    """Measure the five rows (see the module docstring); returns rows/s per round, medians and ratios."""
+def run(quick: bool = False, rows: int | None = None, rounds: int | None = None,
+        directory: str | os.PathLike[str] | None = None, steady_epochs: int = 2) -> dict[str, Any]:
+    """Measure the five rows (see the module docstring); returns rows/s per round, medians and ratios.
+    ``quick``: 100k rows, 1 round."""
     from m2m.api import open_lake
 
-    n = rows or ROWS
+    n = rows or (100_000 if quick else ROWS)
+    rounds = rounds or (1 if quick else 3)
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory(prefix="m2m-bench-first-", dir=directory)
     root = Path(tmp.name)
