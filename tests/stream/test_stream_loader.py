@@ -63,13 +63,32 @@ def test_columns_dict_matches_the_source(opts):
         np.testing.assert_array_equal(rows, np.arange(N))
 
 
-def test_float16_storage_delivers_float32():
+@pytest.mark.parametrize("opts", [{}, {"background_fill": False}, {"warm_mode": "cold"},
+                                  {"warm_bytes": 4096, "shuffle_mode": "block", "block_rows": 50},
+                                  {"background_fill": False, "block_rows": 20}])
+def test_float16_storage_delivers_float32(opts):
+    # whole, progressive (cold gathers of stored bytes, then converted), cold and partial arenas: the
+    # arena gathers convert in pieces straight into the float32 outputs
     source = make_source(N, D, dtype=np.float16)
-    dl = make_loader(source, batch_size=64, columns=("embedding", "id"), **KW)
+    dl = make_loader(source, batch_size=64, columns=("embedding", "id"), **{**KW, **opts})
     mu = all_mu(source)
-    for b in dl:
-        assert b["embedding"].dtype == torch.float32
-        np.testing.assert_array_equal(b["embedding"].numpy(), mu[b["id"].numpy() - 10_000].astype(np.float32))
+    for _ in range(2):
+        seen = 0
+        for b in dl:
+            assert b["embedding"].dtype == torch.float32
+            np.testing.assert_array_equal(b["embedding"].numpy(), mu[b["id"].numpy() - 10_000].astype(np.float32))
+            seen += len(b["id"])
+        assert seen == N
+
+
+def test_select_into_converts_in_pieces_across_the_piece_size():
+    from m2m.stream.stages.warm import CONVERT_ROWS, select_into
+
+    src = torch.randn(1000, 5).to(torch.float16)
+    pos = torch.from_numpy(np.random.default_rng(0).integers(0, 1000, 2 * CONVERT_ROWS + 7))
+    dst = torch.empty(len(pos), 5)
+    select_into(src, pos, dst)
+    assert torch.equal(dst, src[pos].float())
 
 
 def test_unknown_column_names_the_valid_ones():

@@ -30,6 +30,27 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 FILL_WAIT_S = 600.0  # longest a gather waits for blocks another thread is loading
+CONVERT_ROWS = 256  # rows gathered per piece when the gather also converts (float16 -> float32)
+
+_pieces = threading.local()
+
+
+def select_into(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst[i] = src[pos[i]]``; when ``dst``'s dtype differs (float16 storage, float32 batches) the
+    rows are gathered ``CONVERT_ROWS`` at a time into a small per-thread buffer that stays in cache
+    and converted from there, instead of gathering a whole item then converting it from memory."""
+    if dst.dtype == src.dtype:
+        torch.index_select(src, 0, pos, out=dst)
+        return
+    key = (src.dtype, tuple(src.shape[1:]))
+    piece = getattr(_pieces, "bufs", {}).get(key)
+    if piece is None:
+        piece = torch.empty((CONVERT_ROWS, *src.shape[1:]), dtype=src.dtype)
+        _pieces.bufs = {**getattr(_pieces, "bufs", {}), key: piece}
+    for lo in range(0, len(pos), CONVERT_ROWS):
+        hi = min(lo + CONVERT_ROWS, len(pos))
+        torch.index_select(src, 0, pos[lo:hi], out=piece[: hi - lo])
+        dst[lo:hi].copy_(piece[: hi - lo])
 
 
 class WarmArena:
@@ -268,9 +289,9 @@ class WarmArena:
             pos = torch.from_numpy(rows)
             for col in self.columns:
                 dst = out[col.name]
-                torch.index_select(self._arena[col.source], 0, pos, out=dst)
+                select_into(self._arena[col.source], pos, dst)
                 if work is not None:
-                    work.count("warm_bytes", dst.nbytes)
+                    work.count("warm_bytes", dst.numel() * self._arena[col.source].element_size())
             if work is not None:
                 work.count("warm_hit_rows", len(rows))
             return
@@ -297,7 +318,12 @@ class WarmArena:
                     work.count("cold_bytes", loaded)
             if progressive:
                 for col in self.columns:
-                    read = self.reader.gather(col.stored, rows, out[col.name])
+                    dst = out[col.name]
+                    if dst.dtype != self._arena[col.source].dtype:  # cold gathers read stored bytes
+                        dst = torch.empty(dst.shape, dtype=self._arena[col.source].dtype)
+                    read = self.reader.gather(col.stored, rows, dst)
+                    if dst is not out[col.name]:
+                        out[col.name].copy_(dst)
                     if work is not None:
                         work.count("cold_bytes", read)
                 return
@@ -306,9 +332,9 @@ class WarmArena:
         pos = torch.from_numpy(slot * self.block_rows + (rows - blocks * self.block_rows))
         for col in self.columns:
             dst = out[col.name]
-            torch.index_select(self._arena[col.source], 0, pos, out=dst)
+            select_into(self._arena[col.source], pos, dst)
             if work is not None:
-                work.count("warm_bytes", dst.nbytes)
+                work.count("warm_bytes", dst.numel() * self._arena[col.source].element_size())
 
     def _read_block(self, block: int, s: int) -> int:
         lo = block * self.block_rows
@@ -359,7 +385,7 @@ class WarmStage(Stage):
         if work.ahead is not None:
             self.arena.advise(work.ahead)
         self.buffers.begin()
-        out = {c.name: self.buffers.get(c, len(work.rows)) for c in self.arena.columns}
+        out = {c.name: self.buffers.get(c, len(work.rows), converting=True) for c in self.arena.columns}
         self.arena.gather(work.rows, out, work)
         work.tensors.update(out)
         fill_common(work, self.all_columns)
