@@ -103,6 +103,8 @@ class NumpyLoop:
 
 class M2M:
     def imports(self) -> None:
+        import pyarrow.compute  # noqa: F401  (0.8-1.1 s on first use here; opening a lake imports it)
+
         import m2m.stream.from_lake  # noqa: F401
         import m2m.stream.loader  # noqa: F401
 
