@@ -272,7 +272,10 @@ class WebDataset:
         urls = sorted(str(p) for p in out.glob("shard-*.tar"))
         if world > 1:
             urls = urls[rank::world]
-        ds = (wds.WebDataset(urls, shardshuffle=len(urls), seed=SEED, empty_check=False).shuffle(1000)
+        # the shards are split by rank above; webdataset refuses a distributed environment (RANK and
+        # WORLD_SIZE set) unless told how nodes split them: here, already split
+        ds = (wds.WebDataset(urls, shardshuffle=len(urls), seed=SEED, empty_check=False,
+                             nodesplitter=_already_split).shuffle(1000)
               .decode().to_tuple("x.npy", "y.cls", "id.cls").batched(BATCH))
 
         def collate(batches: Iterator[Any]) -> Iterator[dict[str, Any]]:
@@ -289,6 +292,10 @@ class WebDataset:
         raise Unsupported("webdataset has no state_dict (resume means re-reading up to the position)")
 
     restore = state
+
+
+def _already_split(urls: Any) -> Any:
+    return urls
 
 
 IMPLS: dict[str, Callable[[], Any]] = {"numpy": NumpyLoop, "m2m": M2M, "litdata": LitData, "mosaic": Mosaic,
