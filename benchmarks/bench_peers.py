@@ -49,7 +49,9 @@ def _result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
 
 
 def bench(python: str, rows: int, dim: int, dtype: str, systems: list[str], work: Path,
-          timeout: float) -> dict[str, Any]:
+          timeout: float, partial: Path | None = None) -> dict[str, Any]:
+    """Every phase of every system; with ``partial``, the results so far are written there after each
+    phase (a run cut short keeps what it measured)."""
     data = work / "data"
     make_data(data, rows, dim, dtype)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src")]),
@@ -61,7 +63,12 @@ def bench(python: str, rows: int, dim: int, dtype: str, systems: list[str], work
         out = work / system
         r: dict[str, Any] = {}
         for phase in PHASES:
+            t0 = time.perf_counter()
             r[phase] = _result(_run(python, [system, phase, str(data), str(out)], env, timeout), timeout)
+            r[phase]["process_s"] = time.perf_counter() - t0
+            res["systems"][system] = r
+            if partial is not None:
+                partial.write_text(json.dumps(res, indent=1))
             if phase == "write" and "error" in r[phase]:
                 break
         if "error" not in r.get("write", {}):
@@ -78,6 +85,8 @@ def bench(python: str, rows: int, dim: int, dtype: str, systems: list[str], work
             else:
                 r["ranks2"] = next(x for x in ranks if "rows" not in x)
         res["systems"][system] = r
+        if partial is not None:
+            partial.write_text(json.dumps(res, indent=1))
         shutil.rmtree(out, ignore_errors=True)
     res["load_after"] = os.getloadavg()
     return res
@@ -133,13 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="m2m-peers-"))
     try:
-        res = bench(args.python, args.rows, args.dim, args.dtype, args.systems.split(","), work, args.timeout)
+        res = bench(args.python, args.rows, args.dim, args.dtype, args.systems.split(","), work, args.timeout,
+                    Path(args.out) if args.out else None)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    table = format_table(res)
     if args.out:
+        res["table"] = table
         Path(args.out).write_text(json.dumps(res, indent=1))
-    sys.stdout.write(format_table(res) + "\n")
+        Path(args.out).with_suffix(".txt").write_text(table + "\n")
+    sys.stdout.write(table + "\n")
     return 0
 
 

@@ -12,6 +12,8 @@ process (``python -m m2m_bench.peers SYSTEM PHASE DATA DIR``, JSON on stdout):
 - ``rank0``/``rank1``: rank r of 2 (torchrun's environment variables), one epoch each, run at once;
   the union over both ranks must be every row exactly once.
 
+Each process imports torch and the system's modules before it times anything (on a loaded machine an
+import takes seconds, which is not the loader's speed); a loader's construction is timed (``build_s``).
 A system without a phase (no resume API, no rank sharding) reports ``unsupported`` with the reason.
 The peers install into their own virtual environment (they pin torchvision/numpy versions that the
 project does not take): see benchmarks/README.md.
@@ -68,6 +70,9 @@ def _torch_batches(x: np.ndarray, y: np.ndarray, order: np.ndarray) -> Iterator[
 class NumpyLoop:
     """What a user writes: np.load(mmap_mode='r'), a permutation per epoch, fancy-index gathers."""
 
+    def imports(self) -> None:
+        """Import what the loader needs (run before any timing: imports are not the loader's speed)."""
+
     def write(self, data: Path, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("x.npy", "y.npy"):
@@ -97,6 +102,12 @@ class NumpyLoop:
 
 
 class M2M:
+    def imports(self) -> None:
+        import pyarrow.compute  # noqa: F401  (0.8-1.1 s on first use here; opening a lake imports it)
+
+        import m2m.stream.from_lake  # noqa: F401
+        import m2m.stream.loader  # noqa: F401
+
     def write(self, data: Path, out: Path) -> None:
         from m2m import M2MConfig, create_m2m
 
@@ -121,6 +132,9 @@ class M2M:
 
 
 class LitData:
+    def imports(self) -> None:
+        import litdata  # noqa: F401
+
     def write(self, data: Path, out: Path) -> None:
         from litdata import optimize
 
@@ -172,6 +186,9 @@ def _mosaic() -> Any:
 
 
 class Mosaic:
+    def imports(self) -> None:
+        _mosaic()
+
     def write(self, data: Path, out: Path) -> None:
         MDSWriter = _mosaic().MDSWriter
 
@@ -198,6 +215,9 @@ class Mosaic:
 
 
 class Lance:
+    def imports(self) -> None:
+        import lance.torch.data  # noqa: F401
+
     def write(self, data: Path, out: Path) -> None:
         import lance
         import pyarrow as pa
@@ -231,12 +251,17 @@ class Lance:
 
 
 class WebDataset:
+    def imports(self) -> None:
+        import webdataset  # noqa: F401
+
     def write(self, data: Path, out: Path) -> None:
         import webdataset as wds
 
         x, y = load(data)
         out.mkdir(parents=True, exist_ok=True)
-        with wds.ShardWriter(str(out / "shard-%06d.tar"), maxsize=64 << 20, verbose=0) as sink:
+        # at least 16 shards: shards are what its shuffle and its rank split permute
+        with wds.ShardWriter(str(out / "shard-%06d.tar"), maxsize=64 << 20, maxcount=max(1, -(-len(y) // 16)),
+                             verbose=0) as sink:
             for i in range(len(y)):
                 sink.write({"__key__": f"{i:09d}", "x.npy": np.asarray(x[i]), "y.cls": int(y[i]), "id.cls": i})
 
@@ -247,7 +272,10 @@ class WebDataset:
         urls = sorted(str(p) for p in out.glob("shard-*.tar"))
         if world > 1:
             urls = urls[rank::world]
-        ds = (wds.WebDataset(urls, shardshuffle=len(urls), seed=SEED, empty_check=False).shuffle(1000)
+        # the shards are split by rank above; webdataset refuses a distributed environment (RANK and
+        # WORLD_SIZE set) unless told how nodes split them: here, already split
+        ds = (wds.WebDataset(urls, shardshuffle=len(urls), seed=SEED, empty_check=False,
+                             nodesplitter=_already_split).shuffle(1000)
               .decode().to_tuple("x.npy", "y.cls", "id.cls").batched(BATCH))
 
         def collate(batches: Iterator[Any]) -> Iterator[dict[str, Any]]:
@@ -264,6 +292,10 @@ class WebDataset:
         raise Unsupported("webdataset has no state_dict (resume means re-reading up to the position)")
 
     restore = state
+
+
+def _already_split(urls: Any) -> Any:
+    return urls
 
 
 IMPLS: dict[str, Callable[[], Any]] = {"numpy": NumpyLoop, "m2m": M2M, "litdata": LitData, "mosaic": Mosaic,
@@ -291,7 +323,11 @@ def _stream(loader: Any, limit: int | None = None) -> tuple[np.ndarray, float, f
 
 
 def run_phase(system: str, phase: str, data: Path, out: Path, state_file: Path | None = None) -> dict[str, Any]:
+    import torch  # every system yields torch tensors: its import (seconds on a loaded machine) is not timed
+
+    torch.set_num_threads(1)
     impl = IMPLS[system]()
+    impl.imports()
     n = len(np.load(data / "y.npy", mmap_mode="r"))
     if phase == "write":
         t0 = time.perf_counter()

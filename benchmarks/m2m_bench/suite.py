@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-MODULES = ("ingest", "ingest_parquet", "stream", "stream_memmap", "quickstart", "langevin", "knn", "consolidate")
+MODULES = ("ingest", "ingest_parquet", "stream", "stream_memmap", "first_epoch", "quickstart", "langevin", "knn",
+           "consolidate")
 
 
 def _fmt(v: Any) -> str:

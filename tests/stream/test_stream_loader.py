@@ -63,13 +63,32 @@ def test_columns_dict_matches_the_source(opts):
         np.testing.assert_array_equal(rows, np.arange(N))
 
 
-def test_float16_storage_delivers_float32():
+@pytest.mark.parametrize("opts", [{}, {"background_fill": False}, {"warm_mode": "cold"},
+                                  {"warm_bytes": 4096, "shuffle_mode": "block", "block_rows": 50},
+                                  {"background_fill": False, "block_rows": 20}])
+def test_float16_storage_delivers_float32(opts):
+    # whole, progressive (cold gathers of stored bytes, then converted), cold and partial arenas: the
+    # arena gathers convert in pieces straight into the float32 outputs
     source = make_source(N, D, dtype=np.float16)
-    dl = make_loader(source, batch_size=64, columns=("embedding", "id"), **KW)
+    dl = make_loader(source, batch_size=64, columns=("embedding", "id"), **{**KW, **opts})
     mu = all_mu(source)
-    for b in dl:
-        assert b["embedding"].dtype == torch.float32
-        np.testing.assert_array_equal(b["embedding"].numpy(), mu[b["id"].numpy() - 10_000].astype(np.float32))
+    for _ in range(2):
+        seen = 0
+        for b in dl:
+            assert b["embedding"].dtype == torch.float32
+            np.testing.assert_array_equal(b["embedding"].numpy(), mu[b["id"].numpy() - 10_000].astype(np.float32))
+            seen += len(b["id"])
+        assert seen == N
+
+
+def test_select_into_converts_in_pieces_across_the_piece_size():
+    from m2m.stream.stages.warm import CONVERT_ROWS, select_into
+
+    src = torch.randn(1000, 5).to(torch.float16)
+    pos = torch.from_numpy(np.random.default_rng(0).integers(0, 1000, 2 * CONVERT_ROWS + 7))
+    dst = torch.empty(len(pos), 5)
+    select_into(src, pos, dst)
+    assert torch.equal(dst, src[pos].float())
 
 
 def test_unknown_column_names_the_valid_ones():
@@ -375,3 +394,38 @@ def test_prepare_stage_draws_the_gaussians_only_while_items_wait(backlog):
     assert [len(d.own.t) for _, d in work.prepared.values()] == [50, 50, 30]
     assert all((d.gaussian is not None) == (backlog > 0) for _, d in work.prepared.values())
     assert stage.gaussian_items == int(backlog > 0)
+
+
+BIG = dict(warm_bytes=64 << 20, hot_bytes=0)  # the whole 6 MB source fits: full shuffle, whole arena
+
+
+def test_whole_arena_filled_on_small_pages_then_collapsed_after_the_pass():
+    # the first epoch's fill runs on 4 KiB pages (no compaction stalls while faulting huge pages);
+    # once a pass ended, a thread backs the filled arena with huge pages, keeping every byte
+    from m2m.stream.memory import HUGE_PAGE
+
+    n, d = 6000, 256  # 6 MB of mu: whole 2 MiB pages to collapse
+    src = make_source(n, d)
+    ref = [b.clone() for e in range(2) for b in make_loader(src, batch_size=128, epoch=e, background_fill=False,
+                                                              huge_pages=False, columns=None, **BIG)]
+    dl = make_loader(src, batch_size=128, columns=None, huge_pages=True, **BIG)
+    first = [b.clone() for b in dl]
+    arena = dl._res.arena
+    assert arena._collapse and arena.complete
+    assert arena.nbytes > 2 * HUGE_PAGE
+    assert dl.wait_warm(timeout=60)
+    assert arena.collapsed in (True, False)  # it ran (False: this kernel refused MADV_COLLAPSE)
+    second = [b.clone() for b in dl]
+    assert len(first) + len(second) == len(ref)
+    for a, b in zip(first + second, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    dl.close()
+    assert not arena._collapser.is_alive()
+
+
+def test_abandoned_first_pass_starts_no_collapse_and_close_stops_the_fill():
+    dl = make_loader(make_source(6000, 256), batch_size=128, columns=None, huge_pages=True, **BIG)
+    next(iter(dl))
+    arena = dl._res.arena
+    dl.close()
+    assert arena._collapser is None and not arena._filler.is_alive()

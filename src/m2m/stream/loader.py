@@ -228,7 +228,8 @@ class StreamLoader(DataLoader[Any]):
         return report
 
     def wait_warm(self, timeout: float | None = None) -> bool:
-        """Block until the warm arena's background fill (if any) is done; False if ``timeout`` passed."""
+        """Block until the warm arena's background fill (if any) is done and the filled arena is backed
+        by huge pages (with ``huge_pages``); False if ``timeout`` passed."""
         return True if self._res.arena is None else self._res.arena.wait_filled(timeout)
 
     def close(self) -> None:

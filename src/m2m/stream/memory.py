@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+from typing import Callable
 
 import torch
 
@@ -18,6 +19,7 @@ MADV_WILLNEED = 3
 MADV_HUGEPAGE = 14
 MADV_POPULATE_READ = 22  # Linux >= 5.14: map a range's pages in one call instead of one fault each
 MADV_POPULATE_WRITE = 23  # the same for pages about to be written (fresh anonymous memory)
+MADV_COLLAPSE = 25  # Linux >= 6.1: back a populated range with huge pages now (synchronous)
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20
 _libc: ctypes.CDLL | None = None
@@ -38,11 +40,13 @@ def madvise(address: int, length: int, advice: int) -> bool:
     return True
 
 
-def empty_hugepage(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor aligned to 2 MiB and advised to use transparent huge pages.
+def empty_hugepage(shape: tuple[int, ...], dtype: torch.dtype, advise: bool = True) -> torch.Tensor:
+    """An uninitialised CPU tensor aligned to 2 MiB and (``advise``) advised to use transparent huge pages.
 
-    Huge pages cut page faults when the buffer is first filled and TLB misses of random row
-    gathers from it (docs/tuning.md); small buffers get a plain ``torch.empty``.
+    Huge pages cut TLB misses of random row gathers from the buffer (docs/tuning.md). Faulting them
+    in can be slow: when free memory is fragmented the kernel compacts it first (``defrag=madvise``).
+    ``advise=False`` only aligns the buffer: `collapse_huge` backs it with huge pages later, once
+    it is filled. Small buffers get a plain ``torch.empty``.
     """
     numel = 1
     for s in shape:
@@ -52,5 +56,25 @@ def empty_hugepage(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     offset = -raw.data_ptr() % HUGE_PAGE
-    madvise(raw.data_ptr() + offset, nbytes - nbytes % HUGE_PAGE, MADV_HUGEPAGE)
+    if advise:
+        madvise(raw.data_ptr() + offset, nbytes - nbytes % HUGE_PAGE, MADV_HUGEPAGE)
     return raw[offset: offset + nbytes].view(dtype).view(shape)
+
+
+def collapse_huge(tensor: torch.Tensor, stop: Callable[[], bool] = lambda: False, chunk: int = 32 << 20) -> bool:
+    """Back the whole 2 MiB pages of a filled CPU tensor with transparent huge pages, ``chunk`` bytes
+    per call (``MADV_COLLAPSE``; its contents are kept), until ``stop()``; False if the kernel refused."""
+    start = tensor.data_ptr()
+    first = start + (-start % HUGE_PAGE)
+    end = start + tensor.numel() * tensor.element_size()
+    end -= end % HUGE_PAGE
+    if end <= first:
+        return True
+    if not madvise(first, end - first, MADV_HUGEPAGE):
+        return False
+    for lo in range(first, end, chunk):
+        if stop():
+            return True
+        if not madvise(lo, min(chunk, end - lo), MADV_COLLAPSE):
+            return False
+    return True

@@ -163,8 +163,10 @@ def worker_resources(source: RowSource, spec: StreamSpec, world: World) -> Resou
 
 def new_arena(reader: ColdReader, spec: StreamSpec, budget: int) -> WarmArena:
     progressive = PROGRESSIVE_LOADS if spec.layout.mode == shuffle.FULL else None
-    arena = WarmArena(reader, spec.gathered, spec.layout.block_rows, budget, spec.huge_pages, progressive)
-    if progressive is not None and arena.slots >= arena.num_blocks and spec.background_fill:
+    fill = progressive is not None and spec.background_fill
+    arena = WarmArena(reader, spec.gathered, spec.layout.block_rows, budget, spec.huge_pages, progressive,
+                      collapse_after_fill=fill)
+    if fill and arena.whole:
         arena.start_fill()
     return arena
 

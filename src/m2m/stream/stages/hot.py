@@ -99,8 +99,12 @@ class HostBuffers:
         """The current slot's buffers are being read until ``event`` completes."""
         self._events[self._slot] = event
 
-    def get(self, col: Column, rows: int) -> torch.Tensor:
+    def get(self, col: Column, rows: int, converting: bool = False) -> torch.Tensor:
+        """Where ``rows`` rows of ``col`` are gathered: in its storage dtype, or (``converting``: the
+        gather converts as it copies) straight into a pooled output in the delivered dtype."""
         dtype = torch_dtype(col.storage_dtype)
+        if converting and not self.pinned:
+            return self.pool.get(col.name, rows, col.trailing, col.out_dtype)
         if not (self.pinned or dtype != col.out_dtype):
             return self.pool.get(col.name, rows, col.trailing, dtype)
         ring = self._ring[max(self._slot, 0)]

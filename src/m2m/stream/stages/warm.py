@@ -20,7 +20,7 @@ import torch
 
 from m2m.errors import M2MError, StreamError
 from m2m.stream.columns import Column, torch_dtype
-from m2m.stream.memory import empty_hugepage
+from m2m.stream.memory import collapse_huge, empty_hugepage
 from m2m.stream.stages.base import BufferSource, Stage, Work
 from m2m.stream.stages.cold import ColdReader, fill_common
 
@@ -30,13 +30,37 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 FILL_WAIT_S = 600.0  # longest a gather waits for blocks another thread is loading
+CONVERT_ROWS = 256  # rows gathered per piece when the gather also converts (float16 -> float32)
+
+_pieces = threading.local()
+
+
+def select_into(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst[i] = src[pos[i]]``; when ``dst``'s dtype differs (float16 storage, float32 batches) the
+    rows are gathered ``CONVERT_ROWS`` at a time into a small per-thread buffer that stays in cache
+    and converted from there, instead of gathering a whole item then converting it from memory."""
+    if dst.dtype == src.dtype:
+        torch.index_select(src, 0, pos, out=dst)
+        return
+    key = (src.dtype, tuple(src.shape[1:]))
+    piece = getattr(_pieces, "bufs", {}).get(key)
+    if piece is None:
+        piece = torch.empty((CONVERT_ROWS, *src.shape[1:]), dtype=src.dtype)
+        _pieces.bufs = {**getattr(_pieces, "bufs", {}), key: piece}
+    for lo in range(0, len(pos), CONVERT_ROWS):
+        hi = min(lo + CONVERT_ROWS, len(pos))
+        torch.index_select(src, 0, pos[lo:hi], out=piece[: hi - lo])
+        dst[lo:hi].copy_(piece[: hi - lo])
 
 
 class WarmArena:
     """LRU cache of ``block_rows``-row blocks of some columns, in ``budget_bytes`` of RAM.
 
     ``huge_pages`` backs the arena with transparent huge pages: fewer TLB misses in random gathers
-    (docs/tuning.md), but the kernel may compact memory while it first fills (a slower first epoch).
+    (docs/tuning.md), but the kernel may compact memory while they are faulted in. An arena
+    filled by `start_fill` (``collapse_after_fill``) is therefore filled on 4 KiB pages and
+    collapsed into huge pages by the fill thread once complete, after the first epoch's reads;
+    other arenas get huge pages when they are allocated.
     ``max_loads`` bounds the blocks one request loads when the arena holds only part of the lake:
     a request missing more is served straight from the cold tier while only that many blocks are
     loaded.
@@ -50,7 +74,8 @@ class WarmArena:
     """
 
     def __init__(self, reader: ColdReader, columns: Sequence[Column], block_rows: int, budget_bytes: int,
-                 huge_pages: bool = False, max_loads: int | None = None) -> None:
+                 huge_pages: bool = False, max_loads: int | None = None, collapse_after_fill: bool = False
+                 ) -> None:
         self.reader = reader
         self.columns = tuple(c for c in columns if c.source is not None)
         self.block_rows = int(block_rows)
@@ -61,8 +86,13 @@ class WarmArena:
             raise StreamError(f"warm budget {budget_bytes} bytes holds no block of {self.block_bytes} bytes")
         self.whole = self.slots >= self.num_blocks
         rows = reader.num_rows if self.whole else self.slots * self.block_rows
-        alloc = empty_hugepage if huge_pages else _empty
-        self._arena = {c.source: alloc((rows, *c.trailing), torch_dtype(c.storage_dtype)) for c in self.columns}
+        self._collapse = huge_pages and collapse_after_fill and self.whole
+        self.collapsed: bool | None = None  # whether the huge-page collapse after the fill succeeded
+        if huge_pages:
+            self._arena = {c.source: empty_hugepage((rows, *c.trailing), torch_dtype(c.storage_dtype),
+                                                    advise=not self._collapse) for c in self.columns}
+        else:
+            self._arena = {c.source: _empty((rows, *c.trailing), torch_dtype(c.storage_dtype)) for c in self.columns}
         self._arena_np = {name: t.numpy() for name, t in self._arena.items()}
         self.slot_of_block = np.full(self.num_blocks, -1, dtype=np.int64)
         self.block_of_slot = np.full(self.slots, -1, dtype=np.int64)
@@ -81,6 +111,7 @@ class WarmArena:
         self._filler: threading.Thread | None = None
         self._filled = threading.Event()
         self._stop = threading.Event()
+        self._collapser: threading.Thread | None = None
         self._fill_error: BaseException | None = None
         self.fill_bytes = 0
 
@@ -178,22 +209,42 @@ class WarmArena:
             while not self._stop.is_set():
                 block = self._next_claim()
                 if block is None:
-                    return
+                    break
                 self.fill_bytes += self._load_claimed(block)
         except Exception:  # noqa: BLE001 -- kept in _fill_error; every gather raises it
             return
 
+    def pass_ended(self) -> None:
+        """A pass over this arena yielded its last item: a filled arena's huge-page collapse starts
+        now (on its own thread), not earlier, since it costs CPU the first epoch's gathers need."""
+        if not self._collapse or self._collapser is not None or self._stop.is_set() or not self.complete:
+            return
+        with self._claim:
+            if self._collapser is not None:
+                return
+            self._collapser = threading.Thread(target=self._collapse_all, name="m2m-warm-collapse", daemon=True)
+            self._collapser.start()
+
+    def _collapse_all(self) -> None:
+        self.collapsed = all(collapse_huge(t, self._stop.is_set) for t in self._arena.values())
+
     def wait_filled(self, timeout: float | None = None) -> bool:
-        """Block until a background fill is done (True) or ``timeout`` passes (False)."""
+        """Block until a background fill is done and the filled arena collapsed into huge pages
+        (True), or ``timeout`` passes (False)."""
         if self._filler is None:
             return True
+        end = time.monotonic() + (FILL_WAIT_S if timeout is None else timeout)
         self._filler.join(timeout)
         if self._filler.is_alive():
             return False
         with self._loaded:  # the fill may end while a gather still loads its last claimed block
-            end = time.monotonic() + (FILL_WAIT_S if timeout is None else timeout)
             while self._num_loaded < self.num_blocks and self._fill_error is None and time.monotonic() < end:
                 self._loaded.wait(timeout=0.05)
+        self.pass_ended()  # whoever waits for the arena wants it in its steady state
+        if self._collapser is not None:
+            self._collapser.join(max(0.0, end - time.monotonic()))
+            if self._collapser.is_alive():
+                return False
         return self._num_loaded == self.num_blocks or self._fill_error is not None
 
     @property
@@ -202,10 +253,11 @@ class WarmArena:
         return self._filler is not None and not self._filled.is_set() and self._fill_error is None
 
     def close(self) -> None:
-        """Stop and join a background fill."""
+        """Stop and join a background fill (and a huge-page collapse)."""
         self._stop.set()
-        if self._filler is not None:
-            self._filler.join(timeout=30)
+        for thread in (self._filler, self._collapser):
+            if thread is not None:
+                thread.join(timeout=30)
 
     # ------------------------------------------------------------ every arena
     @property
@@ -237,9 +289,9 @@ class WarmArena:
             pos = torch.from_numpy(rows)
             for col in self.columns:
                 dst = out[col.name]
-                torch.index_select(self._arena[col.source], 0, pos, out=dst)
+                select_into(self._arena[col.source], pos, dst)
                 if work is not None:
-                    work.count("warm_bytes", dst.nbytes)
+                    work.count("warm_bytes", dst.numel() * self._arena[col.source].element_size())
             if work is not None:
                 work.count("warm_hit_rows", len(rows))
             return
@@ -266,7 +318,12 @@ class WarmArena:
                     work.count("cold_bytes", loaded)
             if progressive:
                 for col in self.columns:
-                    read = self.reader.gather(col.stored, rows, out[col.name])
+                    dst = out[col.name]
+                    if dst.dtype != self._arena[col.source].dtype:  # cold gathers read stored bytes
+                        dst = torch.empty(dst.shape, dtype=self._arena[col.source].dtype)
+                    read = self.reader.gather(col.stored, rows, dst)
+                    if dst is not out[col.name]:
+                        out[col.name].copy_(dst)
                     if work is not None:
                         work.count("cold_bytes", read)
                 return
@@ -275,9 +332,9 @@ class WarmArena:
         pos = torch.from_numpy(slot * self.block_rows + (rows - blocks * self.block_rows))
         for col in self.columns:
             dst = out[col.name]
-            torch.index_select(self._arena[col.source], 0, pos, out=dst)
+            select_into(self._arena[col.source], pos, dst)
             if work is not None:
-                work.count("warm_bytes", dst.nbytes)
+                work.count("warm_bytes", dst.numel() * self._arena[col.source].element_size())
 
     def _read_block(self, block: int, s: int) -> int:
         lo = block * self.block_rows
@@ -320,11 +377,15 @@ class WarmStage(Stage):
 
     def __next__(self) -> Work:
         assert self.upstream is not None
-        work = next(self.upstream)
+        try:
+            work = next(self.upstream)
+        except StopIteration:
+            self.arena.pass_ended()
+            raise
         if work.ahead is not None:
             self.arena.advise(work.ahead)
         self.buffers.begin()
-        out = {c.name: self.buffers.get(c, len(work.rows)) for c in self.arena.columns}
+        out = {c.name: self.buffers.get(c, len(work.rows), converting=True) for c in self.arena.columns}
         self.arena.gather(work.rows, out, work)
         work.tensors.update(out)
         fill_common(work, self.all_columns)
