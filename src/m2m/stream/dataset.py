@@ -58,7 +58,7 @@ class StreamDataset(Dataset[Any]):
         self.control: torch.Tensor | None = None
         self._worker_side = False  # True only in the copy the loader's own workers receive
         self._cache: dict[tuple[int, int, int], RankEpoch] = {}
-        self._ahead: dict[tuple[int, int, int], Future] = {}  # at most one epoch planned ahead (`plan_ahead`)
+        self._ahead: dict[tuple[int, int, int], "Future[RankEpoch]"] = {}  # at most one epoch planned ahead (`plan_ahead`)
         self._pid = os.getpid()
         self._lock = threading.Lock()
 
@@ -129,7 +129,7 @@ class StreamDataset(Dataset[Any]):
                 fut.cancel()
             self._ahead = {}
 
-    def _finished(self, pending: Future) -> RankEpoch | None:
+    def _finished(self, pending: "Future[RankEpoch]") -> RankEpoch | None:
         try:
             return pending.result()
         except CancelledError:
