@@ -1,13 +1,10 @@
 """`StreamLoader`, the DataLoader a lake exports, and `make_loader` (a `RowSource` -> a loader).
 
-Fast path (the default, ``num_workers=0``): the whole stage chain runs in one background thread
-of the consuming process and hands over items of several batches; the consumer only splits them
-into batches (views), applies the augmentation hook and counts. With ``num_workers > 0`` the
-DataLoader's worker processes run the host stages and the consumer does the device part; the
-batch sequence is identical either way (see `m2m.stream.partition`). Stages are assembled in
-`m2m.stream.pipeline`; the resume model is `m2m.stream.state`.
+Fast path (``num_workers=0``): the stage chain runs in one background thread of the consumer, which
+only splits items into batches, augments and counts; with workers, they run the host stages. The
+batch sequence is identical either way (`m2m.stream.partition`); stages are assembled in
+`m2m.stream.pipeline`, the resume model is `m2m.stream.state`.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +28,7 @@ from m2m.stream.dataset import StreamDataset, work_from_item
 from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.options import StreamOptions
-from m2m.stream.source import RowSource
+from m2m.stream.source import FetchReporting, RowSource
 from m2m.stream.spec import StreamSpec, device_of, plan_stream
 from m2m.stream.topology import World
 
@@ -72,9 +69,8 @@ def make_loader(source: RowSource, options: StreamOptions | None = None, *, samp
 class EpochSampler(DistributedSampler[int]):
     """``dl.sampler``: the loader shards rows over ranks itself, as a ``DistributedSampler`` would.
 
-    Lightning and DDP code call ``dataloader.sampler.set_epoch(epoch)``; it reaches the loader.
-    Being a ``DistributedSampler`` also tells Lightning not to inject one. It holds the loader weakly
-    (a strong reference would make every loader a reference cycle, freed late by the collector).
+    ``dataloader.sampler.set_epoch(epoch)`` reaches the loader; Lightning injects no sampler. Weak
+    reference to the loader: a strong one would make every loader a cycle, freed late by the collector.
     Iterating it yields None forever, like torch's placeholder sampler of an iterable dataset.
     """
 
@@ -216,8 +212,8 @@ class StreamLoader(DataLoader[Any]):
         it is still running).
         """
         report = self._stats.report(self.hot_mode, self._res.warm_mode, self.spec.layout.mode)
-        fetch = getattr(self._ds.source, "fetch_stats", None)  # a lake snapshot, or a mixture of lakes
-        fetched = fetch() if callable(fetch) else None
+        src = self._ds.source
+        fetched = src.fetch_stats() if isinstance(src, FetchReporting) else None
         if fetched is not None:  # remote lake: this process's node-cache downloads
             report["fetch"] = fetched
         arena = self._res.arena
@@ -228,8 +224,7 @@ class StreamLoader(DataLoader[Any]):
         return report
 
     def wait_warm(self, timeout: float | None = None) -> bool:
-        """Block until the warm arena's background fill (if any) is done and the filled arena is backed
-        by huge pages (with ``huge_pages``); False if ``timeout`` passed."""
+        """Block until the warm arena's fill (and its huge-page collapse) is done; False on ``timeout``."""
         return True if self._res.arena is None else self._res.arena.wait_filled(timeout)
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ from m2m.stream import shuffle
 from m2m.stream.hooks import Augment, PreparedAugment, batch_generator
 from m2m.stream.metrics import StreamStats
 from m2m.stream.order import RankEpoch
-from m2m.stream.source import RowSource
+from m2m.stream.source import CompositeSource, RowSource
 from m2m.stream.spec import ARENA, COLD, StreamSpec, host_tier_for, lookahead_rows
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.batches import BatchStage, RowsStage
@@ -127,8 +127,8 @@ class Resources:
             names = [c.source for c in self.spec.gathered] if role in ("stream", "resident") else ["mu"]
             kept = [n for n in names if n is not None]
             # a source made of others (a mixture of lakes) reads each part with its own ColdReader
-            open_reader = getattr(self.source, "open_reader", None)
-            self._readers[role] = open_reader(kept) if open_reader is not None else ColdReader(self.source, kept)
+            src = self.source
+            self._readers[role] = src.open_reader(kept) if isinstance(src, CompositeSource) else ColdReader(src, kept)
         return self._readers[role]
 
     def resident(self) -> ResidentTier:

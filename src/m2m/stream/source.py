@@ -73,6 +73,20 @@ class FileBackedSource(RowSource, Protocol):
     def fetch_stats(self) -> dict[str, Any] | None: ...
 
 
+@runtime_checkable
+class FetchReporting(Protocol):
+    """A source that counts its node-cache downloads: a lake snapshot, or a mixture of lakes."""
+
+    def fetch_stats(self) -> dict[str, Any] | None: ...
+
+
+@runtime_checkable
+class CompositeSource(Protocol):
+    """A source made of others (a mixture of lakes): it opens the reader that reads each part."""
+
+    def open_reader(self, names: Sequence[str]) -> Any: ...
+
+
 def file_backed(source: RowSource) -> FileBackedSource | None:
     """``source`` as a `FileBackedSource`, or None for an in-memory source."""
     return source if isinstance(source, FileBackedSource) else None
