@@ -1,7 +1,8 @@
 """The node cache bounds disk, counting files deleted from it but still held open by readers.
 
-A reader keeps a cached shard file open only while it reads it (plus the last one it used), so an
-evicted file's space comes back at once: disk in use <= cache_bytes + one shard per open reader.
+A reader keeps a cached shard file open only while it reads it, plus the last one it used while that
+one is still cached, so an evicted file's space comes back at once: disk in use <= cache_bytes + one
+shard per thread reading.
 """
 
 from __future__ import annotations
@@ -87,3 +88,45 @@ def test_workers_hold_disk_to_the_budget_plus_one_shard_each(s3_env, disk_lake, 
     assert len(np.unique(ids)) == len(ids) == 8000
     print(f"2 workers ({method}): peak disk {watch.peak} bytes, budget {budget}, shard {shard}")
     assert watch.peak <= budget + 3 * shard + 8 * 4096, (watch.peak, budget, shard)
+
+
+def _deleted_open_in(cache_dir: str) -> int:
+    """Files of ``cache_dir`` this process holds open although they were removed from it."""
+    import os
+
+    real = os.path.realpath(cache_dir)
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        n += target.startswith(real + "/") and target.endswith(" (deleted)")
+    return n
+
+
+@pytest.mark.parametrize("who", ["this process", "another process"])
+def test_an_idle_file_the_cache_evicts_is_closed(s3_env, disk_lake, tmp_path, who) -> None:
+    """No timing: a reader's idle file removed from the cache is closed at once when its own
+    process's cache evicted it, and at the reader's next read when another process did."""
+    import os
+
+    from m2m.stream.stages.cold import ColdReader
+
+    url, shard, _ = disk_lake
+    cache_dir = str(tmp_path / "cache")
+    with m2m.open_lake(url, cache_dir=cache_dir, cache_bytes=10 * shard) as lake:
+        reader = ColdReader(lake.snapshot, ["mu"])
+        dst = np.empty((10, 32), dtype=np.float32)
+        reader.read_rows("mu", 0, 10, dst)                    # shard 0: read, now idle and open
+        first = lake.snapshot.fs.cache.path(lake.manifest.shards[0].files[0].path)
+        assert os.path.exists(first) and _deleted_open_in(cache_dir) == 0
+        if who == "this process":
+            assert lake.snapshot.fs.cache._evict(first)
+            assert _deleted_open_in(cache_dir) == 0                  # closed by the eviction itself
+        else:
+            os.remove(first)                                          # as another process's eviction
+            assert _deleted_open_in(cache_dir) == 1
+            reader.read_rows("mu", 10, 20, dst)  # the next read (same file, still open) notices the link count
+            assert _deleted_open_in(cache_dir) == 0
+        reader.close()

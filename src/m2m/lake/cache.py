@@ -10,8 +10,10 @@ Every process of a node that opens remote lakes with the same ``cache_dir`` shar
   any process); the least recently used files go first. A file being opened (shared lock held) is
   skipped. Evicting unlinks the file: a process that has it open or mapped keeps reading it (POSIX
   unlink semantics), and the space comes back when that process closes it. A stream's reader holds
-  a file only while reading it plus its last one (`m2m.stream.stages.cold.RemoteFiles`), so disk in
-  use, deleted-but-open files included, stays within ``cache_bytes`` + one shard per open reader; a
+  a file only while reading it plus its last one, which it closes once evicted (told by `on_evict`
+  in its own process, by the link count at its next read otherwise;
+  `m2m.stream.stages.cold.RemoteFiles`), so disk in use, deleted-but-open files included, stays
+  within ``cache_bytes`` + one shard per thread reading; a
   remote snapshot keeps at most ``cache_bytes`` of shards mapped (`m2m.lake.reader.Snapshot`).
 * **damaged copies** — a copy of the wrong size is dropped when opened and downloaded again;
   `invalidate` drops one that failed a checksum (the lake checks a copy it did not download once per
@@ -49,11 +51,12 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from m2m.errors import CacheTimeoutError, CorruptShardError, ObjectStoreError
 
@@ -67,6 +70,12 @@ SHARD_SUFFIX = ".shard"
 PART_SUFFIX = ".part"
 _POLL_S = 0.01
 FAILURE_HOLD_S = 10.0
+
+
+class EvictionListener(Protocol):
+    """A reader of cached files that closes an evicted one it holds idle."""
+
+    def evicted(self, path: str) -> None: ...
 
 
 def default_budget(directory: str) -> int:
@@ -182,6 +191,14 @@ class ShardCache:
         self.hits = 0
         self.evictions = 0
         self.invalidations = 0
+        # readers of this process told when a file is evicted (they close it if idle, freeing its disk)
+        self._listeners: weakref.WeakSet[EvictionListener] = weakref.WeakSet()
+
+    def on_evict(self, listener: EvictionListener) -> None:
+        """Call ``listener.evicted(path)`` when this process evicts ``path`` (held weakly)."""
+        self._after_fork()
+        with self._mutex:
+            self._listeners.add(listener)
 
     def _after_fork(self) -> None:
         """A forked child (a DataLoader worker) starts with its own pool, locks and counters: the
@@ -192,7 +209,7 @@ class ShardCache:
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("_pool", "_queued", "_failed", "_mutex", "fetches", "fetch_bytes", "hits", "evictions",
-                              "invalidations", "_pid")}
+                              "invalidations", "_pid", "_listeners")}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -460,13 +477,16 @@ class ShardCache:
             return False
         try:
             os.remove(path)
-            with self._mutex:
-                self.evictions += 1
-            return True
         except FileNotFoundError:
             return False
         finally:
             lock.release()
+        with self._mutex:
+            self.evictions += 1
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener.evicted(path)
+        return True
 
     def cached_bytes(self) -> int:
         """Bytes of finished files plus reservations of downloads in flight (what the budget bounds)."""

@@ -97,6 +97,17 @@ class _LazyExtents:
 IDLE_REMOTE_FILES = 1  # cached shard files a remote reader keeps open between reads
 
 
+def _unlinked(file: ShardFile) -> bool:
+    """Whether ``file``'s open copy has been removed from the node cache (its last link gone)."""
+    fd = file._fd
+    if fd is None:
+        return False
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return True
+
+
 class _Handle:
     __slots__ = ("file", "refs", "stale")
 
@@ -113,9 +124,9 @@ class RemoteFiles:
     needed, and existing while it is opened), never again by its path, so a file the cache evicted is
     downloaded again rather than reported missing. Each read holds its file (a reference count);
     once no read holds it, the file stays open only while it is among the `IDLE_REMOTE_FILES` most
-    recently used, so a file the cache evicts is closed, and its disk space freed, as soon as the
-    reader moves on: the disk a reader keeps beyond the cache's budget is one shard (plus one per
-    thread reading at that moment).
+    recently used and still in the cache: an idle file the cache of this process evicts is closed at
+    once (`evicted`), one another process evicts at this reader's next read (`_sweep`), so the disk
+    a reader keeps beyond the cache's budget is one shard per thread reading at that moment.
 
     A copy that fails a block check is dropped from the cache and downloaded once more, and the
     read retried; a second failure raises `CorruptShardError` naming the remote object.
@@ -133,12 +144,26 @@ class RemoteFiles:
         self._open: OrderedDict[str, _Handle] = OrderedDict()
         self.closed_checked = 0  # bytes checked by files closed since
         self.reopens = 0
+        cache = getattr(self.fs, "cache", None)
+        if cache is not None:
+            cache.on_evict(self)
 
     def _after_fork(self) -> None:
         if self._pid != os.getpid():  # a forked worker: its own files (the inherited fds are copies)
             for h in list(getattr(self, "_open", {}).values()):
                 h.file.close()
             self._init_process_state()
+
+    def evicted(self, path: str) -> None:
+        """The node cache of this process just evicted ``path``: close it now if no read holds it
+        (evictions by other processes are noticed at this reader's next read, `_sweep`)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                return
+            h = self._open.get(path)
+            if h is not None and h.refs == 0:
+                del self._open[path]
+                self._close(h)
 
     def _acquire(self, ext: ColumnExtent) -> _Handle:
         self._after_fork()
@@ -163,6 +188,7 @@ class RemoteFiles:
                 f.close()
             h.refs += 1
             self._open.move_to_end(ext.path)
+            self._sweep()  # opening may have evicted the last file this reader used
             return h
 
     def _release(self, path: str, h: _Handle) -> None:
@@ -170,8 +196,15 @@ class RemoteFiles:
             h.refs -= 1
             if h.stale and h.refs == 0:
                 self._close(h)
-            idle = [(p, x) for p, x in self._open.items() if x.refs == 0]
-            for p, x in idle[: max(0, len(idle) - self.idle)]:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Close idle files beyond the `idle` most recent, and idle files the node cache has evicted
+        (unlinked: kept open, their disk would stay in use past the budget). Lock held."""
+        idle = [(p, x) for p, x in self._open.items() if x.refs == 0]
+        keep = max(0, len(idle) - self.idle)
+        for i, (p, x) in enumerate(idle):
+            if i < keep or _unlinked(x.file):
                 del self._open[p]
                 self._close(x)
 
