@@ -254,7 +254,12 @@ def test_errors_are_one_line(lakes: dict[str, str], tmp_path: object) -> None:
         (lambda: m2m.mix(lakes, WEIGHTS, epoch_rows=0), ["epoch_rows"]),
         (lambda: m2m.mix(lakes, WEIGHTS, columns=("nope",)), ["nope", "web"]),
         (lambda: m2m.mix({}, {}), ["non-empty"]),
-        (lambda: m2m.mix(lakes, WEIGHTS).export_to_dataloader(importance_sampling="loss"), ["loss"]),
+        (lambda: m2m.mix(lakes, WEIGHTS).export_to_dataloader(importance_sampling="loss").update_priorities(
+            torch.arange(3), torch.ones(3)), ["source"]),
+        (lambda: m2m.mix(lakes, WEIGHTS).export_to_dataloader(importance_sampling="loss").update_priorities(
+            torch.arange(3), torch.ones(3), source=torch.tensor([0, 1, 7])), ["source 7"]),
+        (lambda: m2m.open_lake(lakes["web"]).export_to_dataloader(importance_sampling="loss").update_priorities(
+            torch.arange(3), torch.ones(3), source=torch.zeros(3)), ["source=", "one lake"]),
         (lambda: m2m.mix(lakes, WEIGHTS).export_to_dataloader(columns=("nope",)), ["nope"]),
     ]
     for make, words in cases:
@@ -340,3 +345,53 @@ def test_two_gloo_ranks_mix_in_proportion_with_equal_batch_counts(lakes: dict[st
         assert len(src) == 1002 and counts.sum() - 1 == 1001  # W ceil(E / W): one padding row
         share = counts / counts.sum()
         assert np.all(np.abs(share - np.array([0.6, 0.3, 0.1])) <= 0.01 * np.array([0.6, 0.3, 0.1]))
+
+
+def test_loss_sampling_keeps_each_lakes_own_priorities(lakes: dict[str, str]) -> None:
+    """importance_sampling='loss': losses go to the row's own lake by ``source`` (the lakes share ids
+    0..89); lake j's draws of the next epoch are exactly its own loss sampler's plan with those
+    priorities, and the other lakes' priorities are untouched."""
+    from m2m.sampling.samplers import LossSampler
+    from m2m.stream import mixing
+
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=1000) as mx:
+        dl = mx.export_to_dataloader(batch_size=BS, columns=("id", "weight"), seed=5, importance_sampling="loss")
+        first = epoch(dl)
+        src = cat(first, "source")
+        assert sorted(np.unique(src).tolist()) == [0, 1, 2]
+        hot = torch.arange(10)                              # ids 0..9 exist in every lake
+        dl.update_priorities(hot, torch.full((10,), 50.0), source=torch.full((10,), 1))  # books only
+        second = epoch(dl)
+        src2, ids2, w2 = cat(second, "source"), cat(second, "id"), cat(second, "weight")
+        for j, name in enumerate(mx.names):
+            lake = mx.lakes[name]
+            own = LossSampler(lake.snapshot.read_all("alpha"), lake.snapshot.ids(), seed=mixing.lake_seed(5, j))
+            if name == "books":
+                own.update_priorities(hot, torch.full((10,), 50.0))
+            rows, weights = own.plan(1, num_draws=mx.counts[name])
+            want = sorted(zip(lake.snapshot.ids()[rows].tolist(), weights.astype(np.float32).tolist()))
+            assert sorted(zip(ids2[src2 == j].tolist(), w2[src2 == j].tolist())) == want, name
+        books = ids2[src2 == 1]
+        assert np.isin(books, np.arange(10)).mean() > 0.5   # 10 of 300 rows, now most of the draws
+        web = ids2[src2 == 0]
+        assert np.isin(web, np.arange(10)).mean() < 0.05    # 10 of 1,200 rows: untouched
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loss_sampling_resumes_exactly_with_its_priorities(lakes: dict[str, str], workers: int) -> None:
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=600) as mx:
+        def make() -> object:
+            return mx.export_to_dataloader(batch_size=BS, columns=("id", "weight"), seed=6,
+                                           importance_sampling="loss", num_workers=workers)
+
+        dl = make()
+        for b in dl:
+            dl.update_priorities(b["id"], b["id"].float() % 7, source=b["source"])
+        it = iter(dl)
+        head = [{k: v.clone() for k, v in next(it).items()} for _ in range(4)]
+        state = copy.deepcopy(dl.state_dict())
+        rest = [{k: v.clone() for k, v in b.items()} for b in it]
+        assert len(head) * BS + sum(len(b["id"]) for b in rest) == 600
+        again = make()
+        again.load_state_dict(state)
+        same(rest, epoch(again))

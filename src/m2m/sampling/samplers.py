@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2m.errors import StateMismatchError
+from m2m.errors import ConfigError, StateMismatchError
 from m2m.sampling.importance import importance_plan, score_from
 from m2m.sampling.priorities import LossPriorities
 
@@ -87,8 +87,12 @@ class LossSampler(ImportanceSampler):
             self._frozen = {**{e: self._frozen[e] for e in others}, epoch: frozen}
         return frozen
 
-    def update_priorities(self, ids: Any, losses: Any) -> None:
-        """Fold per-row losses (for lake ids) into the priorities of the next epochs."""
+    def update_priorities(self, ids: Any, losses: Any, source: Any = None) -> None:
+        """Fold per-row losses (for lake ids) into the priorities of the next epochs (``source`` is
+        for mixtures of lakes only)."""
+        if source is not None:
+            raise ConfigError("update_priorities: source= routes losses in a mixture of lakes (m2m.mix); "
+                              "this loader streams one lake")
         self.priorities.update(ids, losses)
 
     def state_dict(self) -> dict[str, Any]:

@@ -194,16 +194,15 @@ class StreamLoader(DataLoader[Any]):
             self.plan_sampler.load_state_dict(saved.sampler)
         self._cursor.restore(epoch, start, saved.epoch_pinned)
 
-    def update_priorities(self, ids: Any, losses: Any) -> None:
-        """Feed per-row losses back to a loss-based importance sampler (``importance_sampling="loss"``).
-
-        Example: ``dl.update_priorities(batch["id"], per_row_loss.detach())`` after each step, with
-        ``columns=("embedding", "id")``."""
+    def update_priorities(self, ids: Any, losses: Any, source: Any = None) -> None:
+        """Feed per-row losses back to a loss-based importance sampler (``importance_sampling="loss"``),
+        e.g. ``dl.update_priorities(batch["id"], per_row_loss.detach())`` after each step, with
+        ``columns=("embedding", "id")``; on a mixture (`m2m.mix`) also ``source=batch["source"]``."""
         if not supports_priorities(self.plan_sampler):
             kind = "no sampler" if self.plan_sampler is None else type(self.plan_sampler).__name__
             raise ConfigError(f"update_priorities needs a loss-based importance sampler; this loader has {kind}")
-        # supports_priorities above rejected None and samplers without it
-        self.plan_sampler.update_priorities(ids, losses)  # type: ignore[union-attr]
+        extra = {} if source is None else {"source": source}  # (a user's sampler may not take source)
+        self.plan_sampler.update_priorities(ids, losses, **extra)  # type: ignore[union-attr]
 
     def stats(self) -> dict[str, Any]:
         """Rows/s, bytes per tier, prefetch stall seconds, warm hit rate, tier modes (cumulative).

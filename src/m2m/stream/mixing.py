@@ -119,3 +119,46 @@ class MixtureSampler:
             drawn.append(check_plan(sampler.plan(epoch, num_draws=int(self.counts[j])), self.sizes[j]))
         src, rows, weights = epoch_plan(self.sizes, self.counts, self.seed, epoch, drawn)
         return self.bases[src] + rows, weights
+
+
+class LossMixtureSampler(MixtureSampler):
+    """A `MixtureSampler` whose lakes each draw from their own loss sampler
+    (``importance_sampling="loss"``). Lakes may share ids, so losses are routed by the batch's
+    ``source`` column: ``update_priorities(batch["id"], loss, source=batch["source"])``."""
+
+    def update_priorities(self, ids: Any, losses: Any, source: Any = None) -> None:
+        """Fold per-row losses into the priorities of each row's own lake (``source[i]`` is the
+        index of row ``i``'s lake, as the mixture's ``source`` column gives it)."""
+        import torch
+
+        if source is None:
+            raise ConfigError("update_priorities on a mixture needs source= (the batch's 'source' column): "
+                              "lakes may share ids")
+        src = torch.as_tensor(source).reshape(-1).cpu()
+        ids_t = torch.as_tensor(ids).reshape(-1).cpu()
+        loss_t = torch.as_tensor(losses).reshape(-1).detach().cpu()
+        if not (len(src) == len(ids_t) == len(loss_t)):
+            raise ConfigError(f"update_priorities: {len(ids_t)} ids, {len(loss_t)} losses and {len(src)} sources "
+                              "must match")
+        bad = (src < 0) | (src >= len(self.samplers))
+        if bool(bad.any()):
+            raise ConfigError(f"update_priorities: source {int(src[bad][0])} names no lake of this mixture "
+                              f"(0..{len(self.samplers) - 1})")
+        for j, sampler in enumerate(self.samplers):
+            mask = src == j
+            if sampler is not None and bool(mask.any()):
+                sampler.update_priorities(ids_t[mask], loss_t[mask])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each lake's sampler state (its priorities), in lake order."""
+        return {"lakes": [None if s is None else s.state_dict() for s in self.samplers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from m2m.errors import StateMismatchError
+
+        lakes = state.get("lakes")
+        if not isinstance(lakes, list) or len(lakes) != len(self.samplers):
+            raise StateMismatchError(f"sampler state is not that of a {len(self.samplers)}-lake mixture")
+        for sampler, saved in zip(self.samplers, lakes):
+            if sampler is not None and saved is not None:
+                sampler.load_state_dict(saved)

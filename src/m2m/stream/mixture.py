@@ -161,7 +161,8 @@ class Mixture:
         plus ``source``. ``importance_sampling`` ("kappa", "alpha", a metadata column every lake has)
         draws each lake's count from that lake's own sampler (``weight`` is that sampler's weight);
         ``generate_samples`` augments each row with its own lake's augmenter and geometry.
-        ``importance_sampling="loss"`` is refused (losses name rows by id, which lakes may share).
+        With ``importance_sampling="loss"`` each lake keeps its own loss priorities; feed them with
+        ``dl.update_priorities(batch["id"], loss, source=batch["source"])`` (lakes may share ids).
         """
         named = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
                  "generate_samples": generate_samples, "importance_sampling": importance_sampling,
@@ -179,9 +180,6 @@ class Mixture:
         imp = None
         for name, snap in self._snaps.items():
             imp = importance_mode(opts.importance_sampling, list(snap.manifest.metadata))
-        if imp == "loss":
-            raise ConfigError("mix: importance_sampling='loss' is not supported on a mixture (update_priorities names "
-                              "rows by id, which lakes may share); use 'kappa', 'alpha' or a metadata column")
         seed_ = int(opts.seed or 0)
         parts = [lake_parts(self.lakes[n], gen, imp, mixing.lake_seed(seed_, j)) for j, n in enumerate(self.names)]
         changed = [n for n, p in zip(self.names, parts) if p.version != int(self._snaps[n].version)]
@@ -190,8 +188,9 @@ class Mixture:
                               "call m2m.mix again to mix the new versions")
         source = MixtureSource([p.source for p in parts])
         self._check_kinds(source, chosen)
-        sampler = mixing.MixtureSampler([self.num_rows[n] for n in self.names], self._w, self.epoch_rows, seed_,
-                                        [p.sampler for p in parts])
+        kind = mixing.LossMixtureSampler if imp == "loss" else mixing.MixtureSampler
+        sampler = kind([self.num_rows[n] for n in self.names], self._w, self.epoch_rows, seed_,
+                       [p.sampler for p in parts])
         augment = None if gen is None else MixtureAugment([p.augment for p in parts], source.bases)
         ident = self.identity([p.version for p in parts], [p.identity for p in parts])
         return make_loader(source, opts, sampler=sampler, augment=augment, lake=ident, version=None)
