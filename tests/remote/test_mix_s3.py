@@ -74,3 +74,28 @@ def test_remote_and_local_lakes_mixed(s3_bucket, tmp_path, workers: int) -> None
             same(epoch(dl), ref[rk][5:])
             dl.close()
     assert os.path.isdir(str(tmp_path / "cache"))
+
+
+@pytest.mark.timeout(300)
+def test_a_remote_lake_in_a_mixture_downloads_ahead_in_first_use_order(s3_bucket, tmp_path) -> None:
+    """The remote part gets the download-ahead plan it gets alone: its shards in the order the
+    epoch first reads them (so its node cache fetches the next ones while the stream reads)."""
+    url = f"{s3_bucket}/ahead"
+    make_lake(url, 1500)
+    local = str(tmp_path / "local")
+    with create_m2m(M2MConfig(path=local, latent_dim=DIM)) as lake:
+        lake.add_splats(unit_rows(400, seed=3))
+    with open_lake(url, cache_dir=str(tmp_path / "cache")) as r, open_lake(local) as loc:
+        snap = r.snapshot
+        assert snap.is_remote and snap._prefetch_plan is None
+        mx = m2m.mix({"s3": r, "disk": loc}, {"s3": 0.5, "disk": 0.5}, epoch_rows=1900)
+        got = epoch(mx.export_to_dataloader(batch_size=BS, columns=("id",), seed=4))
+        assert snap._prefetch_plan is not None, "no download-ahead plan for the remote part"
+        order = snap._prefetch_plan[0]
+        src = torch.cat([b["source"] for b in got]).numpy()
+        ids = torch.cat([b["id"] for b in got]).numpy()[src == 0]      # the remote lake's rows (ids = positions)
+        shards = np.searchsorted(np.asarray(snap.shard_offsets), ids, side="right") - 1
+        first_use = list(dict.fromkeys(shards.tolist()))
+        assert len(first_use) > 3 and order == first_use
+        fetched = snap.fetch_stats()["fetches"]
+        assert fetched and max(fetched.values()) == 1                    # each shard downloaded once

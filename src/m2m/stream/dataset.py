@@ -23,7 +23,7 @@ from m2m.stream import affinity
 from m2m.stream import pipeline as pl
 from m2m.stream.metrics import StreamStats
 from m2m.stream.order import RankEpoch, delivered_draws, rank_epoch, sampler_plan
-from m2m.stream.source import RowSource, file_backed
+from m2m.stream.source import PrefetchPlanning, RowSource
 from m2m.stream.spec import StreamSpec
 from m2m.stream.stages.base import Work
 from m2m.stream.topology import World, detect_rank, detect_worker
@@ -82,9 +82,9 @@ class StreamDataset(Dataset[Any]):
                 while len(self._cache) >= 2:  # two passes may interleave (zip(dl, dl))
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[key] = hit
-            files = file_backed(self.source)
-            if files is not None and files.is_remote:  # node cache: download ahead in first-use order
-                files.plan_prefetch(affinity.first_use(hit.rows, self.source.shard_offsets).tolist())
+            src = self.source
+            if isinstance(src, PrefetchPlanning) and src.is_remote:  # node cache: download ahead in first-use order
+                src.plan_prefetch(affinity.first_use(hit.rows, src.shard_offsets).tolist())
         return hit
 
     def compute_epoch(self, epoch: int, world: World) -> RankEpoch:

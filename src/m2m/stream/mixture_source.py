@@ -81,6 +81,20 @@ class MixtureSource:
         """The reader the stream's stages use for ``names`` (see `m2m.stream.pipeline.Resources.reader`)."""
         return MixedReader(self, names)
 
+    @property
+    def is_remote(self) -> bool:
+        """Whether any part comes through a node cache (then `plan_prefetch` downloads ahead)."""
+        return any(f is not None and f.is_remote for f in map(file_backed, self.parts))
+
+    def plan_prefetch(self, shards: Sequence[int]) -> None:
+        """Global ``shards`` in the order a stream first reads them: each remote part gets its own
+        shards in that order (its node cache then downloads ahead as for one lake)."""
+        order = np.asarray(list(shards), dtype=np.int64)
+        part = np.searchsorted(self.shard_bases, order, side="right") - 1
+        for j, f in enumerate(map(file_backed, self.parts)):
+            if f is not None and f.is_remote:
+                f.plan_prefetch((order[part == j] - self.shard_bases[j]).tolist())
+
     def fetch_stats(self) -> dict[str, Any] | None:
         """The node-cache downloads of this process, summed over the remote parts (None: none is remote)."""
         stats: list[dict[str, Any]] = []

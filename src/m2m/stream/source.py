@@ -74,6 +74,18 @@ class FileBackedSource(RowSource, Protocol):
 
 
 @runtime_checkable
+class PrefetchPlanning(Protocol):
+    """A source that downloads shards ahead of a stream in the order it will first read them: a remote
+    lake snapshot, or a mixture with a remote lake (``plan_prefetch`` takes the source's own shard
+    indices)."""
+
+    @property
+    def is_remote(self) -> bool: ...
+
+    def plan_prefetch(self, shards: Sequence[int]) -> None: ...
+
+
+@runtime_checkable
 class FetchReporting(Protocol):
     """A source that counts its node-cache downloads: a lake snapshot, or a mixture of lakes."""
 
