@@ -12,8 +12,9 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
-from m2m.errors import ConfigError
+from m2m.errors import ConfigError, StateMismatchError
 
 
 def check_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
@@ -129,8 +130,6 @@ class LossMixtureSampler(MixtureSampler):
     def update_priorities(self, ids: Any, losses: Any, source: Any = None) -> None:
         """Fold per-row losses into the priorities of each row's own lake (``source[i]`` is the
         index of row ``i``'s lake, as the mixture's ``source`` column gives it)."""
-        import torch
-
         if source is None:
             raise ConfigError("update_priorities on a mixture needs source= (the batch's 'source' column): "
                               "lakes may share ids")
@@ -154,8 +153,6 @@ class LossMixtureSampler(MixtureSampler):
         return {"lakes": [None if s is None else s.state_dict() for s in self.samplers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from m2m.errors import StateMismatchError
-
         lakes = state.get("lakes")
         if not isinstance(lakes, list) or len(lakes) != len(self.samplers):
             raise StateMismatchError(f"sampler state is not that of a {len(self.samplers)}-lake mixture")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from m2m.errors import ConfigError
-from m2m.stream.source import RowSource, file_backed
+from m2m.stream.source import FileBackedSource, RowSource, file_backed
 from m2m.stream.stages.cold import ColdReader
 
 #: The column a mixture adds: the index of each row's lake in ``Mixture.names``.
@@ -81,25 +81,28 @@ class MixtureSource:
         """The reader the stream's stages use for ``names`` (see `m2m.stream.pipeline.Resources.reader`)."""
         return MixedReader(self, names)
 
+    def _remote_parts(self) -> list[tuple[int, FileBackedSource]]:
+        """(index, part) of the parts read through a node cache."""
+        return [(j, f) for j, f in enumerate(map(file_backed, self.parts)) if f is not None and f.is_remote]
+
     @property
     def is_remote(self) -> bool:
         """Whether any part comes through a node cache (then `plan_prefetch` downloads ahead)."""
-        return any(f is not None and f.is_remote for f in map(file_backed, self.parts))
+        return bool(self._remote_parts())
 
     def plan_prefetch(self, shards: Sequence[int]) -> None:
         """Global ``shards`` in the order a stream first reads them: each remote part gets its own
         shards in that order (its node cache then downloads ahead as for one lake)."""
         order = np.asarray(list(shards), dtype=np.int64)
         part = np.searchsorted(self.shard_bases, order, side="right") - 1
-        for j, f in enumerate(map(file_backed, self.parts)):
-            if f is not None and f.is_remote:
-                f.plan_prefetch((order[part == j] - self.shard_bases[j]).tolist())
+        for j, f in self._remote_parts():
+            f.plan_prefetch((order[part == j] - self.shard_bases[j]).tolist())
 
     def fetch_stats(self) -> dict[str, Any] | None:
         """The node-cache downloads of this process, summed over the remote parts (None: none is remote)."""
         stats: list[dict[str, Any]] = []
-        for f in map(file_backed, self.parts):
-            got = f.fetch_stats() if f is not None and f.is_remote else None
+        for _, f in self._remote_parts():
+            got = f.fetch_stats()
             if got:
                 stats.append(got)
         if not stats:

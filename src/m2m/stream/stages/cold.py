@@ -188,7 +188,7 @@ class RemoteFiles:
                 f.close()
             h.refs += 1
             self._open.move_to_end(ext.path)
-            self._sweep()  # opening may have evicted the last file this reader used
+            self._sweep()  # another process may have evicted our idle file while this one downloaded
             return h
 
     def _release(self, path: str, h: _Handle) -> None:
@@ -202,9 +202,9 @@ class RemoteFiles:
         """Close idle files beyond the `idle` most recent, and idle files the node cache has evicted
         (unlinked: kept open, their disk would stay in use past the budget). Lock held."""
         idle = [(p, x) for p, x in self._open.items() if x.refs == 0]
-        keep = max(0, len(idle) - self.idle)
+        surplus = max(0, len(idle) - self.idle)  # the oldest idle files beyond the `idle` kept
         for i, (p, x) in enumerate(idle):
-            if i < keep or _unlinked(x.file):
+            if i < surplus or _unlinked(x.file):
                 del self._open[p]
                 self._close(x)
 
