@@ -85,7 +85,7 @@ def _recorded(d: int, c: float, kappa: float, dt: float, steps: int, b: int, met
 @pytest.mark.parametrize("kernel", [coupled_full_chain, span_coupled_chain])
 @pytest.mark.parametrize("metropolis", [False, True])
 def test_coupled_rerun_is_the_one_component_chain_where_neighbours_are_negligible(metropolis, kernel):
-    own, exact, ok, mu0 = _recorded(32, 0.6, 400.0, 0.3, 5, 2000, metropolis, kernel)
+    own, exact, ok, mu0 = _recorded(32, 0.67, 400.0, 0.3, 5, 2000, metropolis, kernel)
     assert 0.2 < ok.double().mean().item() < 0.8              # a borderline case: both outcomes occur
     t = exact @ mu0
     rho = torch.sqrt(torch.clamp(1 - t * t, min=0))

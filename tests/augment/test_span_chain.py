@@ -85,7 +85,7 @@ def test_span_kernel_has_the_law_of_the_full_kernel(metropolis, duplicate):
 def test_span_kernel_is_the_one_component_chain_where_neighbours_are_negligible():
     # the coupling survives the change of coordinates: same recorded noise, same path where the
     # neighbour carries no weight (rows passing the path check), to float rounding
-    d, b, c = 64, 2000, 0.6
+    d, b, c = 64, 2000, 0.66
     mu = _means(d, [c], False)
     got, own, m, k, log_w = _run(span_coupled_chain, mu, 400.0, 0.3, 5, b, False, 3)
     terms = path_terms(torch.full((b, 1), c, dtype=F64), k[:, 1:], log_w[:, 1:], k[:, 0], log_w[:, 0], 1.0)
@@ -145,11 +145,11 @@ def test_span_loop_numpy_and_torch_agree(metropolis):
         return fn
 
     out_np = _span_loop(np, lambda a: np.amax(a, axis=1), means, kap, lw, hh, 1.0, z, chi2, x1, acc, log_u,
-                        record(lambda shape: rng.normal(size=shape)), record(lambda df: rng.chisquare(df, b)), d)
+                        record(lambda shape: rng.normal(size=shape)), record(lambda dfs: np.stack([rng.chisquare(df, b) for df in dfs])), d)
     replay = iter(recorded)
     t = torch.from_numpy
     out_t = _span_loop(torch, lambda a: torch.amax(a, dim=1), t(means), t(kap), t(lw), t(hh), 1.0, t(z), t(chi2),
                        t(x1), t(acc), None if log_u is None else t(log_u), lambda s: t(next(replay)),
-                       lambda df: t(next(replay)), d)
+                       lambda dfs: t(next(replay)), d)
     assert np.allclose(out_t.numpy(), out_np, atol=1e-12)
     assert np.allclose(np.linalg.norm(out_np, axis=1), 1.0)

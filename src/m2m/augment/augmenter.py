@@ -401,11 +401,13 @@ class LangevinAugmenter:
         nb = tab.neighbors.index_select(0, rows).long()
         valid = nb >= 0
         uniq, inv = torch.unique(nb[valid], return_inverse=True)
-        # table = [x rows; unique neighbours; a zero row], then one gather builds mu [f, 1 + k, d]
-        table = x.new_empty(f + uniq.numel() + 1, d)
+        span = self._rerun_kernel is _span.span_coupled_chain
+        # table = [x rows; unique neighbours; a zero row], then one gather builds mu [f, 1 + k, d];
+        # in float64 for the span kernel, which works in float64 (one cast of the smaller table)
+        table = x.new_empty(f + uniq.numel() + 1, d, dtype=torch.float64 if span else x.dtype)
         table[:f] = x
         if uniq.numel():
-            table[f:-1] = gather(uniq).to(device=x.device, dtype=x.dtype)
+            table[f:-1] = gather(uniq).to(device=x.device)
         table[-1] = 0.0
         pos = torch.full(nb.shape, f + uniq.numel(), dtype=torch.int64, device=x.device)
         pos[valid] = inv + f
@@ -415,7 +417,7 @@ class LangevinAugmenter:
         kap = torch.cat([tab.kappa[rows].unsqueeze(1), torch.where(valid, tab.kappa[idx], 0.0)], 1)
         a = torch.cat([tab.log_w[rows].unsqueeze(1), torch.where(valid, tab.log_w[idx], -math.inf)], 1)
         a = a - a[:, :1]                      # softmax is shift-free; keeps float32 logits small
-        if self._rerun_kernel is _span.span_coupled_chain:
+        if span:
             return self._rerun_kernel(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.temperature, generator, own,
                                       factor=self._factor(rows, mu))
         return self._rerun_kernel(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.temperature, generator, own)

@@ -16,8 +16,8 @@ negligible weight along the path, the chain is the Langevin chain of one vMF(mu_
 whose state is exactly described by (t = mu_0.x, rho = |x - t mu_0|): the orthogonal part of x is
 uniform on its sphere by symmetry, so each step needs 3 random numbers instead of d, and the result
 is materialised once (``m2m.geometry.sphere.random_point_at_cosine``). Whether the other components
-are negligible (softmax weight <= eps = 1e-12 of the own one at every point the chain evaluates,
-except with probability delta = 1e-12) is decided in two ways, both leaving the law exact:
+are negligible (softmax weight <= eps = 1e-9 of the own one at every point the chain evaluates,
+except with probability delta = 1e-9) is decided in two ways, both leaving the law exact:
 ``negligible_neighbours`` before sampling, from concentration bounds on the noise along the fixed
 directions of the other means (path-independent); ``negligible_on_path`` after the two-coordinate
 run, from the realised (t, rho) path, given which the orthogonal direction is uniform. Rows that
@@ -67,10 +67,15 @@ __all__ = [
     "sample",
 ]
 
-PRUNE_EPS = 1e-12
-"""Largest softmax weight (relative to the own component) a pruned component may reach."""
-PRUNE_DELTA = 1e-12
-"""Probability, per row, that the bound behind pruning fails."""
+PRUNE_EPS = 1e-9
+"""Largest softmax weight (relative to the own component) a pruned component may reach. Dropping such
+a component moves a step by at most ~ step_size * eps * (1 + kappa_j / kappa_0) (the gradient's share
+of it, times h), below float32 rounding of the unit-norm output for concentration ratios up to ~50;
+with MALA the acceptance log-ratio moves by ~2 eps. 1e-12 reran twice the rows on the demo lake
+(docs/geometry.md)."""
+PRUNE_DELTA = 1e-9
+"""Probability, per row, that the bound behind pruning fails (the row is then the one-component
+chain's, though a neighbour reached a weight above eps somewhere on its path)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,10 +53,13 @@ class _Draws:
             return normal_(torch.empty(shape, dtype=torch.float32), self.host).to(torch.float64)
         return torch.randn(shape, dtype=torch.float64, device=self.device, generator=self.gen)
 
-    def chi2(self, df: int, n: int) -> Tensor:
+    def chi2(self, dfs: list[int], n: int) -> Tensor:
+        """[len(dfs), n] chi^2 draws, row i with dfs[i] degrees of freedom."""
         if self.host is not None:
-            return torch.from_numpy(2.0 * self.host.standard_gamma(df / 2.0, (n,)))
-        return 2.0 * standard_gamma(df / 2.0, (n,), self.gen, self.device, torch.float64)
+            shape = np.asarray(dfs, dtype=np.float64)[:, None] / 2.0
+            return torch.from_numpy(2.0 * self.host.standard_gamma(shape, (len(dfs), n)))
+        return torch.stack([2.0 * standard_gamma(df / 2.0, (n,), self.gen, self.device, torch.float64)
+                            for df in dfs])
 
 
 def span_coupled_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: Tensor, temperature: float,
@@ -94,7 +97,7 @@ def span_coupled_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: T
     acc_rec = own.acc.numpy() if cpu else own.acc
     log_u = None if own.log_u is None else conv(own.log_u)
     normal = (lambda shape: draws.normal(shape).numpy()) if cpu else draws.normal
-    chi2_draw = (lambda df: draws.chi2(df, b).numpy()) if cpu else (lambda df: draws.chi2(df, b))
+    chi2_draw = (lambda dfs: draws.chi2(dfs, b).numpy()) if cpu else (lambda dfs: draws.chi2(dfs, b))
     xc = _span_loop(xp, amax, means, kap, lw, hh, temperature, z, chi2, x1, acc_rec, log_u, normal, chi2_draw, d)
     return _materialise(frame, torch.from_numpy(xc) if cpu else xc, draws, x.dtype)
 
@@ -102,74 +105,83 @@ def span_coupled_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: T
 def _span_loop(xp: Any, amax: Any, means: Any, kap: Any, lw: Any, hh: Any, temperature: float, z: Any, chi2: Any,
                x1: Any, acc_rec: Any, log_u: Any, normal: Any, chi2_draw: Any, d: int) -> Any:
     """The coupled chain's steps in span coordinates on numpy arrays or torch tensors (float64):
-    the arithmetic of ``langevin._step`` on [B, W] coordinates. Returns the end point's coordinates."""
+    the arithmetic of ``langevin._step`` on [B, W] coordinates. ``normal(shape)`` draws N(0, 1),
+    ``chi2_draw(dfs)`` [len(dfs), B] chi^2 draws. Returns the end point's coordinates."""
     b, k, width = means.shape
     steps = z.shape[0]
+    npy = xp is np
+    if npy:
+        def dot(a: Any, c: Any) -> Any:
+            return np.einsum("ij,ij->i", a, c)
 
-    def col(v: Any) -> Any:
-        return v[:, None]
+        def unit(v: Any) -> Any:                       # v / |v|, 0 for v = 0
+            return v / np.maximum(np.sqrt(dot(v, v)), 1e-300)[:, None]
+        means_t = means.transpose(0, 2, 1)
+    else:
+        def dot(a: Any, c: Any) -> Any:
+            return (a * c).sum(1)
 
-    def dot(a: Any, c: Any) -> Any:
-        return (a * c).sum(1)
-
-    def unit(v: Any) -> Any:
-        n = xp.sqrt(dot(v, v))
-        return xp.where(col(n > 0), v / col(xp.where(n > 0, n, 1.0)), 0.0 * v)
+        def unit(v: Any) -> Any:
+            return v / xp.sqrt(dot(v, v)).clamp(min=1e-300)[:, None]
+        means_t = means.transpose(1, 2)
+    kt = kap / temperature
 
     def density(y: Any) -> tuple[Any, Any]:
-        s = (means @ y[:, :, None])[:, :, 0]                        # mu_j . y
-        logits = lw + kap * s
+        logits = lw + kap * (means @ y[:, :, None])[:, :, 0]       # log w_j + kappa_j mu_j . y
         top = amax(logits)
-        e = xp.exp(logits - col(top))
+        e = xp.exp(logits - top[:, None])
         tot = e.sum(1)
-        coef = e / col(tot) * kap / temperature
-        return (top + xp.log(tot)) / temperature, (coef[:, None, :] @ means)[:, 0, :]
+        return (top + xp.log(tot)) / temperature, (means_t @ (e * (kt / tot[:, None]))[:, :, None])[:, :, 0]
 
-    # w_0: uniform tangent direction at mu_0 (= frame slot 0): a Gaussian on the k frame slots, its
-    # remaining norm on slot k, the part along slot 0 removed
-    w = 0.0 * means[:, 0, :]
-    w[:, 1:k] = normal((b, k - 1))
-    w[:, k] = xp.sqrt(chi2_draw(d - k))
-    w = unit(w)
+    # every fresh Gaussian of the chain in one draw: row 0 makes w_0 (a Gaussian on the k frame slots,
+    # its remaining norm on slot k), row 1 + i step i's r_i (on the n = k + 1 + i tracked slots, the
+    # remaining norm on slot n); slot 0 (mu_0) is removed from both
+    g = normal((steps + 1, b, width))
+    n = list(range(k, k + steps + 1))                     # slots of each draw; its remaining norm on slot n
+    for j, nj in enumerate(n):
+        g[j, :, nj + 1:] = 0.0
+    g[:, :, 0] = 0.0
+    chi = xp.sqrt(chi2_draw([d - nj for nj in n]))
+    for j, nj in enumerate(n):
+        g[j, :, nj] = chi[j]
+    w = unit(g[0])
     xc = 0.0 * w
     xc[:, 0] = 1.0
-    sq = xp.sqrt(2.0 * hh)
+    sq = xp.sqrt(2.0 * hh)                                          # [B, 1]
+    h1 = hh[:, 0]
     sq_rest = xp.sqrt(2.0 * hh * chi2.T)                             # [B, S]
+    sq_chi = xp.sqrt(chi2)                                           # [S, B]
     logp, grad = density(xc)
     for i in range(steps):
-        used = k + 1 + i                      # coordinates tracked before this step's new direction
-        g = 0.0 * w
-        g[:, :used] = normal((b, used))
-        g[:, used] = xp.sqrt(chi2_draw(d - used))
-        g[:, 0] = 0.0                                               # off mu_0 (slot 0) ...
-        r = unit(g - col(dot(g, w)) * w)                            # ... and off w
-        noise = xp.sqrt(col(chi2[i])) * r + col(z[i, 1]) * w
+        gi = g[i + 1]
+        r = unit(gi - dot(gi, w)[:, None] * w)                      # off mu_0 and off w
+        noise = sq_chi[i][:, None] * r + z[i, 1][:, None] * w
         noise[:, 0] += z[i, 0]
-        # one step of langevin._step: v = sqrt(2h) P_x xi + h P_x grad, retracted
-        xz, xg = col(dot(xc, noise)), col(dot(xc, grad))
-        v = sq * (noise - xc * xz) + hh * (grad - xc * xg)
-        y = xc + v
-        y = y / col(xp.sqrt(dot(y, y)))
+        # one step of langevin._step, v = sqrt(2h) P_x xi + h P_x grad retracted: x + v is
+        # (1 - sqrt(2h) x.xi - h x.grad) x + sqrt(2h) xi + h grad
+        xz, xg = dot(xc, noise), dot(xc, grad)
+        y = (1.0 - sq[:, 0] * xz - h1 * xg)[:, None] * xc + sq * noise + hh * grad
+        y = y / xp.sqrt(dot(y, y))[:, None]
         last = i == steps - 1
         if log_u is None:
             xc = y
             if not last:
                 logp, grad = density(y)
         else:
-            fwd = 2.0 * hh[:, 0] * (dot(noise, noise) - xz[:, 0] ** 2)
+            fwd = 2.0 * h1 * (dot(noise, noise) - xz ** 2)
             logp_y, grad_y = density(y)
-            c = col(dot(xc, y))
-            yg = col(dot(y, grad_y))
+            c = dot(xc, y)[:, None]
+            yg = dot(y, grad_y)[:, None]
             rev_vec = xc / c - y - hh * (grad_y - y * yg)
             rev = dot(rev_vec, rev_vec)
-            acc = log_u[i] < logp_y - logp - (rev - fwd) / (4.0 * hh[:, 0])
-            xc = xp.where(col(acc), y, xc)
-            grad = xp.where(col(acc), grad_y, grad)
+            acc = log_u[i] < logp_y - logp - (rev - fwd) / (4.0 * h1)
+            xc = xp.where(acc[:, None], y, xc)
+            grad = xp.where(acc[:, None], grad_y, grad)
             logp = xp.where(acc, logp_y, logp)
-        nw = col(x1[i]) * w + sq_rest[:, i:i + 1] * r
+        nw = x1[i][:, None] * w + sq_rest[:, i:i + 1] * r
         nn = xp.sqrt(dot(nw, nw))
         moved = acc_rec[i] & (nn > 0)
-        w = xp.where(col(moved), nw / col(xp.where(nn > 0, nn, 1.0)), w)
+        w = xp.where(moved[:, None], nw / xp.where(nn > 0, nn, 1.0)[:, None], w)
     return xc
 
 

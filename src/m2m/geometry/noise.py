@@ -88,7 +88,7 @@ class HostNoise:
         """float64 U[0, 1) draws."""
         return self.rng.random(size)
 
-    def standard_gamma(self, shape: float, size: tuple[int, ...]) -> np.ndarray:
+    def standard_gamma(self, shape: float | np.ndarray, size: tuple[int, ...]) -> np.ndarray:
         """float64 Gamma(shape, 1) draws (numpy's Marsaglia-Tsang)."""
         return self.rng.standard_gamma(shape, size)
 

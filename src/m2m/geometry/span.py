@@ -40,24 +40,39 @@ class SpanFrame:
     def combine(self, a: Tensor) -> Tensor:
         """sum_l a_l q_l for frame coordinates a [B, K] (zero where not kept): [B, d] float64."""
         c = torch.linalg.solve_triangular(self.tri.transpose(1, 2), a.unsqueeze(2), upper=True)
-        return torch.bmm(c.transpose(1, 2), self.means).squeeze(1)
+        return _bmv(c.transpose(1, 2), self.means).squeeze(1)
 
     def project_coords(self, g: Tensor) -> Tensor:
         """Frame coordinates q_l . g of vectors g [B, d] (zero where not kept): [B, K] float64."""
-        mg = torch.bmm(self.means, g.to(torch.float64).unsqueeze(2))
+        mg = _bmv(self.means, g.to(torch.float64).unsqueeze(2))
         b = torch.linalg.solve_triangular(self.tri, mg, upper=False).squeeze(2)
         return torch.where(self.kept, b, torch.zeros((), dtype=b.dtype, device=b.device))
+
+
+def _bmm_np(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.bmm`` of float64 CPU tensors through numpy's matmul."""
+    return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+
+
+def _bmv(a: Tensor, b: Tensor) -> Tensor:
+    """Batched products where one side is a vector per row ([B, K, d] x [B, d, 1] or [B, 1, K] x
+    [B, K, d]): on the CPU numpy's matmul, which torch's float64 ``bmm`` of such shapes trails
+    several-fold (docs/tuning.md, "Figures behind source comments")."""
+    if a.device.type == "cpu" and a.dtype == torch.float64 and b.dtype == torch.float64:
+        return _bmm_np(a, b)
+    return torch.bmm(a, b)
 
 
 def span_factor(mu: Tensor, tol: float = SPAN_TOL) -> tuple[Tensor, Tensor]:
     """(coords [B, K, K] float64, kept [B, K] bool) of ``span_frame(mu)``: the part that needs the
     Gram matrix (K^2 d per row), which a caller can keep for means it meets again."""
     m = mu.to(torch.float64)
-    gram = torch.bmm(m, m.transpose(1, 2))
-    if gram.device.type == "cpu":
+    if m.device.type == "cpu":
+        gram = _bmm_np(m, m.transpose(1, 2))
         # K small steps on [B, K] arrays: numpy's per-operation cost is a fraction of torch's
         c, k = _cholesky_dropping(np, gram.numpy(), tol)
         return torch.from_numpy(c), torch.from_numpy(k)
+    gram = torch.bmm(m, m.transpose(1, 2))
     coords, kept = _cholesky_dropping(torch, gram, tol)
     return coords, kept
 
