@@ -268,3 +268,23 @@ def test_kept_span_factors_give_the_rerun_of_fresh_ones(monkeypatch):
     assert fresh._frames[(torch.device("cpu"), D, torch.float64)] is None
     assert torch.allclose(got, want, atol=1e-6)
     assert not torch.equal(got, mu[rows])                              # the rows did move
+
+
+@pytest.mark.parametrize("metropolis", [False, True])
+def test_reruns_of_several_batches_in_one_chain_equal_each_batch_alone(metropolis):
+    # rerun_ahead runs the exact reruns of several prepared batches in one span chain, each batch
+    # drawing from its own generator: every batch's output equals, bit for bit, its in-line call
+    mu, nb = _paired_lake(0.9)
+    rng = np.random.default_rng(3)
+    kappa, alpha = rng.uniform(300, 500, N).astype(np.float32), rng.uniform(0.5, 2.0, N).astype(np.float32)
+    aug = LangevinAugmenter(nb, kappa, alpha, steps=5, step_size=0.3, metropolis=metropolis)
+    gather = _Gather(mu)
+    batches = [torch.randperm(N, generator=torch.Generator().manual_seed(s))[: 20 + 7 * s] for s in range(4)]
+    inline = [aug(mu[r], r, gather, torch.Generator().manual_seed(10 + i)) for i, r in enumerate(batches)]
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(len(batches))]
+    prepared = [aug.prepare(r, D, g, torch.float32, gather) for r, g in zip(batches, gens)]
+    assert all(p.rerun is not None for p in prepared)                 # every batch has rows to rerun
+    aug.rerun_ahead([(p, mu[r], r, g) for p, r, g in zip(prepared, batches, gens)], gather)
+    assert all(p.exact is not None for p in prepared)
+    for p, r, g, want in zip(prepared, batches, gens, inline):
+        assert torch.equal(aug(mu[r], r, gather, g, prepared=p), want)

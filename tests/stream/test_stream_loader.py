@@ -341,16 +341,18 @@ def _langevin_for(source, metropolis: bool = False):
     return LangevinAugmenter(nb, rng.uniform(20, 60, N), np.ones(N), steps=3, step_size=0.3, metropolis=metropolis)
 
 
-@pytest.mark.parametrize("kind", ["langevin", "langevin-mala", "vmf"])
+@pytest.mark.parametrize("kind", ["langevin", "langevin-mala", "vmf", "langevin-d32", "langevin-mala-d32"])
 def test_draws_made_in_the_prefetch_thread_equal_the_inline_stream(kind):
     # prefetch > 0 on CPU: the stream thread calls augment.prepare (own chains, direction draws, path
-    # checks; here d = 8, so many rows also take the exact re-run); prefetch = 0 runs it in line
+    # checks; many rows also take the exact re-run: at d = 8 the d-dimensional chain per batch, at d = 32
+    # one span chain over every batch of an item, ``rerun_ahead``); prefetch = 0 runs it in line, a batch
+    # at a time
     from m2m.augment.augmenter import VMFAugmenter
 
-    source = make_source(N, D, shard_rows=256)
+    source = make_source(N, 32 if kind.endswith("d32") else D, shard_rows=256)
 
     def run(prefetch: int):
-        aug = VMFAugmenter(np.linspace(5, 50, N)) if kind == "vmf" else _langevin_for(source, kind.endswith("mala"))
+        aug = VMFAugmenter(np.linspace(5, 50, N)) if kind == "vmf" else _langevin_for(source, "mala" in kind)
         dl = make_loader(source, batch_size=50, columns=("embedding", "id"), augment=aug, seed=5, prefetch=prefetch,
                          **KW)
         ds = dl.dataset

@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -197,6 +197,7 @@ class LangevinDraws:
     gaussian: Tensor | None
     fail: Tensor
     rerun: OwnChain | None
+    exact: Tensor | None = None     # the rerun rows' outputs, when run ahead (``rerun_ahead``)
 
 
 class LangevinAugmenter:
@@ -387,15 +388,55 @@ class LangevinAugmenter:
         own = prepared.own
         out = random_point_at_cosine(x, own.t, own.rho, generator=prepared.noise, scratch=self._scratch(x),
                                      gaussian=prepared.gaussian)
-        if prepared.rerun is not None:
+        if prepared.exact is not None:
+            out[prepared.fail.to(x.device)] = prepared.exact.to(device=x.device, dtype=out.dtype)
+        elif prepared.rerun is not None:
             fail = prepared.fail.to(x.device)
             tab = self._tables(x.device, d, gather)
             out[fail] = self._exact(x[fail], rows[fail], prepared.h.to(x.device)[fail], tab, gather, generator,
                                     prepared.rerun).to(out.dtype)
         return out
 
+    def rerun_ahead(self, batches: Sequence[tuple[LangevinDraws, Tensor, Tensor, torch.Generator]],
+                    gather: Gather) -> None:
+        """Run the exact reruns of prepared batches now, ``batches`` = ``[(prepared, x, rows, generator),
+        ...]`` with x the batch's vectors: each call then only combines, and returns exactly what it
+        returns without this (a batch's rerun draws from its ``generator`` next, as the call would).
+        The batches' reruns share one chain (``span.RowBlocks``: each batch draws from its own
+        generator, and a row's result does not depend on the rows it is run with), which spreads the
+        chain's per-call cost. The stream runs this in its prefetch thread while the consumer is the
+        slower side (``m2m.stream.stages.draw_ahead``)."""
+        todo = [(p, x, r, g) for p, x, r, g in batches if p.rerun is not None and p.exact is None]
+        if not todo:
+            return
+        for p, x, r, _ in todo:
+            _check_x(x, r)
+            _check_prepared(p, x)
+        x0 = todo[0][1]
+        dev, d = x0.device, x0.shape[1]
+        tab = self._tables(dev, d, gather)
+        width = self._neighbors.shape[1] + 2 + self.steps       # the span chain's coordinates
+        if (len(todo) == 1 or self._rerun_kernel is not _span.span_coupled_chain or d <= width
+                or any(x.device != dev or x.dtype != x0.dtype for _, x, _, _ in todo)):
+            groups: list[list[tuple[LangevinDraws, Tensor, Tensor, torch.Generator]]] = [[t] for t in todo]
+        else:
+            groups = [todo]
+        for group in groups:
+            fails = [p.fail.to(dev) for p, _, _, _ in group]
+            xs = torch.cat([x[f] for (_, x, _, _), f in zip(group, fails)])
+            rs = torch.cat([r.to(dev)[f] for (_, _, r, _), f in zip(group, fails)])
+            hs = torch.cat([p.h.to(dev)[f] for (p, _, _, _), f in zip(group, fails)])
+            runs = [p.rerun for p, _, _, _ in group if p.rerun is not None]
+            own = runs[0] if len(runs) == 1 else OwnChain.cat(runs)
+            source: torch.Generator | _span.RowBlocks = (group[0][3] if len(group) == 1 else
+                                                         _span.RowBlocks([(g, int(f.numel()))
+                                                                          for (_, _, _, g), f in zip(group, fails)]))
+            out = self._exact(xs, rs, hs, tab, gather, source, own).to(x0.dtype)
+            for (p, _, _, _), piece in zip(group, out.split([int(f.numel()) for f in fails])):
+                p.exact = piece
+
     def _exact(self, x: Tensor, rows: Tensor, h: Tensor, tab: _Tables, gather: Gather,
-               generator: torch.Generator, own: OwnChain) -> Tensor:
+               generator: "torch.Generator | _span.RowBlocks", own: OwnChain) -> Tensor:
         """The exact chain over all components of the given rows, coupled to their recorded run."""
         f, d = x.shape
         nb = tab.neighbors.index_select(0, rows).long()

@@ -253,6 +253,15 @@ class OwnChain:
         # fields(self) loses the per-field types; every field is a Tensor or None
         return OwnChain(*(pick(getattr(self, f.name)) for f in fields(self)))  # type: ignore[arg-type]
 
+    @staticmethod
+    def cat(runs: "list[OwnChain]") -> "OwnChain":
+        """The runs of several row sets as one (rows in order; all recorded alike)."""
+        def join(name: str) -> Tensor | None:
+            parts = [getattr(r, name) for r in runs]
+            return None if parts[0] is None else torch.cat(parts, parts[0].dim() - 1)
+        # as in ``rows``: every field is a Tensor or None
+        return OwnChain(*(join(f.name) for f in fields(OwnChain)))  # type: ignore[arg-type]
+
 
 def own_component_chain(h: Tensor, kappa: Tensor, steps: int, dim: int, generator: Source,
                         metropolis: bool = False, record: bool = False) -> OwnChain:

@@ -24,11 +24,22 @@ import torch
 from torch import Tensor
 
 from m2m.augment.langevin import OwnChain, coupled_full_chain
+from m2m.errors import ConfigError
 from m2m.geometry.noise import HostNoise, Source, normal_
 from m2m.geometry.span import SpanFrame, span_frame
 from m2m.geometry.vmf import standard_gamma
 
-__all__ = ["span_coupled_chain"]
+__all__ = ["RowBlocks", "span_coupled_chain"]
+
+
+class RowBlocks:
+    """The rows of several batches in one ``span_coupled_chain`` call, each block of ``n`` rows drawing
+    from its own ``source`` (``[(source, n), ...]``, in row order). A block's draws are those a call
+    over that block alone makes, in the same order, and the chain's arithmetic is row by row, so a
+    row's result does not depend on the rows it shares a call with (tested bit for bit)."""
+
+    def __init__(self, parts: list[tuple[Source, int]]) -> None:
+        self.parts = parts
 
 
 class _Draws:
@@ -62,8 +73,26 @@ class _Draws:
                             for df in dfs])
 
 
+class _BlockDraws:
+    """``_Draws`` of a ``RowBlocks`` call: each block's draws from its own source, concatenated on
+    the row axis."""
+
+    def __init__(self, blocks: RowBlocks, device: torch.device) -> None:
+        self.parts = [(_Draws(src, device), n) for src, n in blocks.parts]
+
+    def normal(self, shape: tuple[int, ...]) -> Tensor:        # rows on axis 1
+        return torch.cat([d.normal((shape[0], n, *shape[2:])) for d, n in self.parts], 1)
+
+    def gaussian(self, shape: tuple[int, ...]) -> Tensor:      # rows on axis 0
+        return torch.cat([d.gaussian((n, *shape[1:])) for d, n in self.parts], 0)
+
+    def chi2(self, dfs: list[int], n: int) -> Tensor:
+        return torch.cat([d.chi2(dfs, m) for d, m in self.parts], 1)
+
+
 def span_coupled_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: Tensor, temperature: float,
-                       generator: Source, own: OwnChain, factor: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                       generator: Source | RowBlocks, own: OwnChain,
+                       factor: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``coupled_full_chain`` (same arguments, same law) run in span coordinates; [B, d] in x's dtype.
 
     x [B, d] are the start points mu_0 = mu[:, 0]; mu [B, K, d] (absent components may be zero
@@ -77,12 +106,15 @@ def span_coupled_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: T
         return x.clone()
     width = k + 1 + steps                      # frame (k) + w_0 (1) + one per step
     if d <= width:
-        return coupled_full_chain(x, mu, kappa, log_w, h, temperature,
+        if isinstance(generator, RowBlocks):
+            raise ConfigError(f"span_coupled_chain: row blocks need d > K + S + 1 = {width}, got d = {d}")
+        return coupled_full_chain(x, mu.to(x.dtype), kappa, log_w, h, temperature,
                                   generator if not isinstance(generator, HostNoise) else None, own)
     f64 = torch.float64
     dev = x.device
     frame = span_frame(mu, factor=factor)
-    draws = _Draws(generator, dev)
+    draws: _Draws | _BlockDraws = (_BlockDraws(generator, dev) if isinstance(generator, RowBlocks)
+                                   else _Draws(generator, dev))
     cpu = dev.type == "cpu"
     # the loop is arithmetic on [B, K + S + 1] arrays: numpy on the CPU (a fraction of torch's
     # per-operation cost, and no intra-op threads), torch elsewhere
@@ -185,7 +217,7 @@ def _span_loop(xp: Any, amax: Any, means: Any, kap: Any, lw: Any, hh: Any, tempe
     return xc
 
 
-def _materialise(frame: SpanFrame, xc: Tensor, draws: _Draws, dtype: torch.dtype) -> Tensor:
+def _materialise(frame: SpanFrame, xc: Tensor, draws: "_Draws | _BlockDraws", dtype: torch.dtype) -> Tensor:
     """The point whose coordinates on the kept frame slots are xc's, and whose part outside span(mu)
     has the norm of xc's other coordinates along one uniform direction of that complement (a Gaussian
     with its span part removed)."""

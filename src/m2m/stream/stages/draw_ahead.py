@@ -9,7 +9,9 @@ and resume is unaffected (nothing here is state: draws are a function of the bat
 Balancing: the largest draw (the direction Gaussians, ``draw_gaussian``) can be made on either side
 with the same result. It is made here only while the consumer has items waiting (``backlog() > 0``:
 the consumer, e.g. a training step, is the slower side); while the consumer waits for items, it is
-left to the consumer, so the two threads share the work.
+left to the consumer, so the two threads share the work. The exact reruns of a Langevin item
+(``LangevinAugmenter.rerun_ahead``) are always made here, from the item's vectors, in one chain over
+all its batches: fewer, larger steps than a chain per batch (docs/geometry.md).
 """
 
 from __future__ import annotations
@@ -44,11 +46,22 @@ class PrepareAugment(Stage):
         rows = work.tensors[cols.ROWS]
         draw_gaussian = self.backlog is None or self.backlog() > 0
         self.gaussian_items += int(draw_gaussian)
+        # the exact reruns of a Langevin item (``rerun_ahead``) are always made here, all its batches in
+        # one chain: that costs less CPU than a chain per batch, and the chain (small numpy steps) holds
+        # the GIL, so leaving it to a waiting consumer would not run it in parallel anyway
+        rerun = getattr(self.augment, "rerun_ahead", None) if self.gather is not None else None
+        vectors = work.tensors.get(cols.EMBEDDING) if rerun is not None else None
         prepared = {}
+        ahead = []
         for j in range(work.first, work.end):
-            batch_rows = rows[work.batch_slice(j, self.batch_size)]
+            sl = work.batch_slice(j, self.batch_size)
+            batch_rows = rows[sl]
             gen = batch_generator(self.seed, work.epoch, self.rank, j, batch_rows.device)
-            prepared[j] = (gen, self.augment.prepare(batch_rows, self.dim, gen, torch.float32, self.gather,
-                                                     draw_gaussian))
+            draws = self.augment.prepare(batch_rows, self.dim, gen, torch.float32, self.gather, draw_gaussian)
+            if vectors is not None and vectors.dtype == torch.float32:
+                ahead.append((draws, vectors[sl], batch_rows, gen))
+            prepared[j] = (gen, draws)
+        if rerun is not None and ahead:
+            rerun(ahead, self.gather)
         work.prepared = prepared
         return work
