@@ -153,3 +153,43 @@ def test_without_verify_reads_only_the_rows_bytes_are_read(tmp_path):
         assert row["mu"].tobytes() == ref[20_017]["mu"].tobytes() and row["id"] == 20_017
         pos = np.random.default_rng(0).integers(0, len(lake), 300)
         check(lake[pos], reference(ref), pos)
+
+
+@pytest.mark.parametrize("cached", [64, 0])
+def test_snapshot_positions_and_neighbours_without_the_whole_id_column(tmp_path, monkeypatch, cached):
+    # Snapshot.positions / the neighbours column map ids to positions from the manifest's id ranges:
+    # appended shards (ids = their whole range) by arithmetic, reading no id column; shards with gaps
+    # by their own id column, or (more such shards than the cache holds) by the whole-lake id column
+    import m2m.lake.reader as reader_mod
+
+    monkeypatch.setattr(reader_mod, "ID_SHARDS_CACHED", cached)
+    with make(tmp_path / "lake") as lake:
+        snap = lake.snapshot
+        reads = []
+        column = type(snap).column
+        monkeypatch.setattr(type(snap), "column", lambda self, s, name: (reads.append(name), column(self, s, name))[1])
+        ids = np.arange(len(lake))[::-1] * 1 + 0
+        assert snap.positions(ids).tolist() == list(range(len(lake)))[::-1]
+        assert "id" not in reads and snap._ids is None           # appended shards: no id column read
+        with pytest.raises(UnknownIdError, match=f"id {len(lake)} is not in lake version"):
+            snap.positions(np.array([0, len(lake)]))
+        monkeypatch.setattr(type(snap), "column", column)
+        sp = lake.splats()
+        mixed = np.concatenate([sp["mu"][:15], np.random.default_rng(5).standard_normal((15, DIM))])
+        lake.add_splats(mixed, labels=sp["label"][:30], kappa=np.full(30, 5.0),
+                        metadata={k: v[:30] for k, v in sp.items() if k in ("score", "n", "text")})
+        lake.consolidate(similarity=0.999)            # copies merge: the new shard keeps 15 rows, with gaps
+        lake.estimate_kappa()
+        snap = lake.snapshot
+        all_ids = snap.read_all("id")
+        assert not all(e.id_max - e.id_min + 1 == e.rows for e in lake.manifest.shards)
+        order = np.random.default_rng(4).permutation(len(all_ids))
+        assert snap.positions(all_ids[order]).tolist() == order.tolist()
+        gap = sorted(set(range(int(all_ids.max()))) - set(all_ids.tolist()))[0]
+        with pytest.raises(UnknownIdError, match=f"id {gap} is not"):
+            snap.positions(np.array([all_ids[0], gap]))
+        stored = np.concatenate([snap._file_column(e.file_for("neighbors"), "neighbors")
+                                 for e in lake.manifest.shards])
+        want = np.where(stored >= 0, np.searchsorted(all_ids, stored), -1)
+        want[(stored >= 0) & ~np.isin(stored, all_ids)] = -1
+        assert np.array_equal(snap.read_all("neighbors"), want)

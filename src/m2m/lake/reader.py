@@ -30,6 +30,9 @@ BUILTIN_COLUMNS = MAIN_COLUMNS
 LOCAL_OPEN_BYTES = 512 << 20
 
 
+ID_SHARDS_CACHED = 64  # id columns of this many shards a snapshot keeps to map ids to positions
+
+
 class Snapshot:
     """One committed version of a lake. Columns come back as numpy arrays read from the shard files
     with positional reads (`m2m.lake.shard`): fixed-width columns alone, each block checked against
@@ -68,6 +71,8 @@ class Snapshot:
         self._derived: dict[tuple[int, str], np.ndarray] = {}
         self._extents: dict[str, dict[str, ColumnExtent]] = {}
         self._ids: np.ndarray | None = None
+        self._id_range: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # id_min, id_max, dense
+        self._shard_id_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.RLock()
 
     # RowSource protocol
@@ -225,14 +230,65 @@ class Snapshot:
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Row positions of ``ids``; `KeyError` naming the first id that is not in this version."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        all_ids = self.ids()
-        pos = np.searchsorted(all_ids, ids)
-        pos_c = np.minimum(pos, max(len(all_ids) - 1, 0))
-        ok = (pos < len(all_ids)) & (all_ids[pos_c] == ids) if len(all_ids) else np.zeros(len(ids), bool)
-        if not ok.all():
-            bad = int(ids[int(np.argmin(ok))])
+        pos = self._locate(ids)
+        if (pos < 0).any():
+            bad = int(ids[int(np.argmax(pos < 0))])
             raise UnknownIdError(f"id {bad} is not in lake version {self.version}")
         return pos
+
+    def _locate(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of ``ids`` (int64), -1 for ids not in this version, without the whole-lake id
+        column where the lake allows: the shard of each id from the manifest's id ranges; a shard whose
+        ids are its whole range (an append's shard) by arithmetic, any other by its own id column
+        (``ID_SHARDS_CACHED`` of them kept), or by the whole-lake id column when more shards than that
+        have gaps."""
+        with self._lock:
+            if self._id_range is None:
+                shards = self.manifest.shards
+                lo = np.fromiter((e.id_min for e in shards), np.int64, len(shards))
+                hi = np.fromiter((e.id_max for e in shards), np.int64, len(shards))
+                rows = np.fromiter((e.rows for e in shards), np.int64, len(shards))
+                self._id_range = (lo, hi, hi - lo + 1 == rows)
+            lo, hi, dense = self._id_range
+        pos = np.full(len(ids), -1, dtype=np.int64)
+        if not len(ids) or not len(lo):
+            return pos
+        shard = np.searchsorted(lo, ids, side="right") - 1
+        inside = shard >= 0
+        inside[inside] &= ids[inside] <= hi[shard[inside]]
+        idx = np.flatnonzero(inside)
+        s_of = shard[idx]
+        by_range = dense[s_of]
+        pos[idx[by_range]] = self._offsets[s_of[by_range]] + ids[idx[by_range]] - lo[s_of[by_range]]
+        rest = idx[~by_range]
+        if len(rest) and int((~dense).sum()) > ID_SHARDS_CACHED:
+            # many shards with id gaps (a consolidated lake): one sorted id column, read once, is
+            # cheaper than cycling shard id columns through the cache
+            all_ids = self.ids()
+            at = np.minimum(np.searchsorted(all_ids, ids[rest]), len(all_ids) - 1)
+            hit = all_ids[at] == ids[rest]
+            pos[rest[hit]] = at[hit]
+            return pos
+        for s in np.unique(shard[rest]).tolist():
+            sel = rest[shard[rest] == s]
+            col = self._shard_ids(s)
+            local = np.minimum(np.searchsorted(col, ids[sel]), len(col) - 1)
+            hit = col[local] == ids[sel]
+            pos[sel[hit]] = self._offsets[s] + local[hit]
+        return pos
+
+    def _shard_ids(self, s: int) -> np.ndarray:
+        with self._lock:
+            got = self._shard_id_cache.get(s)
+            if got is not None:
+                self._shard_id_cache.move_to_end(s)
+                return got
+        got = self.column(s, "id")
+        with self._lock:
+            self._shard_id_cache[s] = got
+            while len(self._shard_id_cache) > ID_SHARDS_CACHED:
+                self._shard_id_cache.popitem(last=False)
+        return got
 
     def gather(self, name: str, positions: np.ndarray, stored: bool = False) -> np.ndarray:
         """Column ``name`` at global ``positions`` (vectorised per shard); ``stored``: metadata in its
@@ -408,11 +464,8 @@ class Snapshot:
         if self._without_geometry(shard, "neighbors"):
             return np.full((self.manifest.shards[shard].rows, self._k), -1, dtype=np.int64)
         nbr_ids = self._file_column(self.manifest.shards[shard].file_for("neighbors"), "neighbors")
-        all_ids = self.ids()
-        pos = np.searchsorted(all_ids, nbr_ids)
-        pos_c = np.minimum(pos, len(all_ids) - 1)
-        found = (nbr_ids >= 0) & (all_ids[pos_c] == nbr_ids)
-        return np.where(found, pos_c, -1).astype(np.int64)
+        # -1 (none) and ids of rows no longer in this version both read as -1
+        return self._locate(np.asarray(nbr_ids, dtype=np.int64).reshape(-1)).reshape(np.shape(nbr_ids))
 
 
 def _widen(values: np.ndarray, dtype: np.dtype, name: str, shard: int) -> np.ndarray:
