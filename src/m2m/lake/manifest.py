@@ -240,6 +240,12 @@ class ShardList(Sequence[ShardEntry]):
     def _entries(p: SegmentRef | tuple[ShardEntry, ...]) -> tuple[ShardEntry, ...]:
         return p.entries if isinstance(p, SegmentRef) else p
 
+    def load(self) -> "ShardList":
+        """Load (and check) every segment now, on an object store with overlapped reads
+        (`load_segments`); returns self."""
+        load_segments([p for p in self._parts if isinstance(p, SegmentRef)])
+        return self
+
     def __len__(self) -> int:
         return self._len
 
@@ -340,10 +346,10 @@ class Manifest:
 
     @property
     def bytes(self) -> int:
-        return sum(f.bytes for s in self.shards for f in s.files)
+        return sum(f.bytes for s in load_all(self.shards) for f in s.files)
 
     def files(self) -> list[FileEntry]:
-        return [f for s in self.shards for f in s.files]
+        return [f for s in load_all(self.shards) for f in s.files]
 
     def next(self, **changes: Any) -> "Manifest":
         """The manifest of the next version, derived from this one (always written as the current format)."""
@@ -1069,6 +1075,11 @@ def added_shards(base: Manifest, new: Manifest) -> list[ShardEntry]:
     return [by_id[k] for k in by_id.keys() - old]
 
 
+def load_all(shards: Shards) -> Shards:
+    """``shards`` with every entry loaded and checked (`ShardList.load`; a tuple as it is)."""
+    return shards.load() if isinstance(shards, ShardList) else shards
+
+
 def exact_segments(m: Manifest) -> tuple[SegmentRef, ...] | None:
     """``m.segments`` when they hold exactly ``m.shards`` (a manifest as read or published), else None."""
     segs = m.segments
@@ -1233,6 +1244,9 @@ def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
     if published.segments is None:
         out = replace(manifest, segments=None, format_version=published.format_version)
     else:
+        for g in published.segments[:1]:
+            if g.source is not None:  # later loads name the version file as written
+                g.source.where = f"{fs.root}/{rel}"
         out = replace(manifest, shards=ShardList(published.segments), segments=published.segments,
                       format_version=published.format_version)
     object.__setattr__(out, "_rows", published.rows)  # the memo `replace` dropped
