@@ -555,6 +555,8 @@ class _SegmentMemo:
         self.parsed: dict[str, tuple[ShardEntry, ...]] = {}
         self.checked: dict[tuple[object, ...], tuple[int, bool]] = {}
         self.rows: dict[str, Any] = {}
+        # the last few format-3 version files parsed or published: name -> (bytes, key, manifest)
+        self.version_files: dict[str, tuple[bytes, bytes | None, Manifest]] = {}
         self.reads = 0  # segment files read and parsed (tests count them)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -568,6 +570,7 @@ class _SegmentMemo:
             self.parsed.clear()
             self.checked.clear()
             self.rows.clear()
+            self.version_files.clear()
 
 
 def _memo(fs: LakeFS | None) -> _SegmentMemo:
@@ -1032,7 +1035,7 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
         raise LakeNotFoundError(f"lake {fs.root} has no version {version} (versions: {versions[0]}..{versions[-1]})")
     rel = manifest_name(version)
     try:
-        m = Manifest.from_json(fs.read_bytes(rel), f"{fs.root}/{rel}", key_of(fs), fs)
+        m = _read_version_file(fs, rel)
         if m.version != version:
             raise CorruptShardError(f"manifest {fs.root}/{rel} is corrupt: it says version {m.version}")
         if m.format_version < FORMAT_VERSION:
@@ -1046,6 +1049,31 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
             f"{exc}; older versions are still readable (e.g. open_lake(path, version={older[-1]})); to recover, "
             f"`m2m rollback {fs.root} --to {older[-1]}` commits a copy of version {older[-1]} as the newest, or "
             f"`m2m repair {fs.root}` moves the unreadable manifest aside") from exc
+
+
+def _read_version_file(fs: LakeFS, rel: str) -> Manifest:
+    """`Manifest.from_json` of the version file ``rel``; format 3: the same bytes under the same key
+    as the last version file this handle parsed or published give that manifest again (it passed
+    every check; its segments are immutable and load as before), so a writer's next commit does not
+    parse its own version file again."""
+    data = fs.read_bytes(rel)
+    key = key_of(fs)
+    memo = _memo(fs)
+    with memo.lock:
+        got = memo.version_files.get(rel)
+    if got is not None and got[0] == data and got[1] == key:
+        return got[2]
+    m = Manifest.from_json(data, f"{fs.root}/{rel}", key, fs)
+    if m.format_version >= 3:
+        _remember_version_file(memo, rel, data, key, m)
+    return m
+
+
+def _remember_version_file(memo: _SegmentMemo, rel: str, data: bytes, key: bytes | None, m: Manifest) -> None:
+    with memo.lock:
+        if len(memo.version_files) >= 4:
+            memo.version_files.pop(next(iter(memo.version_files)))
+        memo.version_files[rel] = (data, key, m)
 
 
 def _check_no_downgrade(fs: LakeFS, m: Manifest, older: list[int]) -> None:
@@ -1250,6 +1278,8 @@ def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
         out = replace(manifest, shards=ShardList(published.segments), segments=published.segments,
                       format_version=published.format_version)
     object.__setattr__(out, "_rows", published.rows)  # the memo `replace` dropped
+    if published.segments is not None:  # the next commit on this handle reads these bytes as its base
+        _remember_version_file(_memo(fs), rel, data, key, published)
     return out
 
 
