@@ -3,10 +3,12 @@
 Formats: 3 (a version file over immutable segment files; written once a lake has more than
 `SEGMENT_SHARDS` shards, and ever after), 2 (every shard inline; written for smaller lakes) and 1
 (read only). Format 3 is format 2 with ``shards`` replaced by ``segments``, references
-``{"path": "_segments/<32 hex>.json", "shards", "id_min", "id_max", "rows", "bytes", "sha256"}``
+``{"path": "_segments/<32 hex>.json", "shards", "id_min", "id_max", "rows", "bytes", "sha256"[, "geometry_rows"]}``
 to files ``{"format": "m2m-segment", "lake_id", "shards": [...]}`` of up to `SEGMENT_SHARDS` shard
 entries, in order; a commit reuses every segment whose entries it keeps unchanged and writes new
-segments before the version file (docs/format.md, section 4.1). Format 2:
+segments before the version file (docs/format.md, section 4.1). Reading checks the version file and
+the last segment; every other segment is read and checked on first use (`SegmentRef.entries`,
+`ShardList`). Format 2:
 
 - ``_manifests/v{version:010d}.json`` is one JSON object with ``format = "m2m-lake"``,
   ``format_version``, ``version``, ``parent``, ``created``, ``dim``, ``dtype`` (``float32`` or
@@ -62,6 +64,7 @@ from m2m.errors import (
     CorruptShardError,
     InvalidManifestError,
     LakeNotFoundError,
+    PositionError,
     SignatureError,
     UnknownColumnError,
 )
@@ -273,7 +276,7 @@ class ShardList(Sequence[ShardEntry]):
         if n < 0:
             n += self._len
         if not 0 <= n < self._len:
-            raise IndexError("shard index out of range")
+            raise PositionError(f"shard {i} is not in [0, {self._len})")
         k = bisect_right(self._starts, n) - 1
         return self._entries(self._parts[k])[n - self._starts[k]]
 
