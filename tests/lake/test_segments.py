@@ -259,3 +259,141 @@ def test_commit_conflict_leaves_no_segment(tmp_path: Path, monkeypatch: pytest.M
         with pytest.raises(CommitConflictError):
             lake.add_splats(_rows(10, 60))
     assert sorted(os.listdir(seg_dir)) == before
+
+
+# ---------------------------------------------------------------- lazy segments (issue 21: open in O(version file))
+def _count_segment_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every segment file read from a local lake from now on (by path)."""
+    from m2m.lake.fs import LocalFS
+
+    reads: list[str] = []
+    real = LocalFS.read_bytes
+
+    def counted(self: LocalFS, rel: str) -> bytes:
+        if rel.startswith(mf.SEGMENT_DIR + "/"):
+            reads.append(rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(LocalFS, "read_bytes", counted)
+    return reads
+
+
+def test_open_reads_only_the_last_segment_and_an_append_no_other(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    want = _make(tmp_path / "l", appends=9)  # 5 segments
+    _, doc = _head(tmp_path / "l")
+    assert len(doc["segments"]) == 5 and all("geometry_rows" in r for r in doc["segments"])
+    reads = _count_segment_reads(monkeypatch)
+    with open_lake(str(tmp_path / "l")) as lake:
+        # rows, next_id, schema and the tail need no other segment
+        assert reads == [doc["segments"][-1]["path"]]
+        assert len(lake) == 90 and lake.manifest.next_id == 90 and len(lake.manifest.shards) == 9
+        assert lake.manifest.shards[-1].id_max == 89 and reads == [doc["segments"][-1]["path"]]
+        lake.add_splats(_rows(10, 90))  # rewrites the last segment only: reads nothing more
+        assert reads == [doc["segments"][-1]["path"]]
+        assert [g.path for g in lake.manifest.segments or ()][:4] == [r["path"] for r in doc["segments"][:4]]
+        # a read of one shard loads its segment only; reading every row loads the rest, once each
+        assert lake.manifest.shards[2].id_min == 20 and reads[1:] == [doc["segments"][1]["path"]]
+        np.testing.assert_allclose(lake.splats()["mu"][:90], want, atol=1e-6)
+        assert sorted(reads) == sorted(r["path"] for r in doc["segments"])
+        assert lake.verify() == []
+
+
+def test_a_damaged_segment_is_refused_at_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _make(tmp_path / "l")
+    p, doc = _head(tmp_path / "l")
+    seg = tmp_path / "l" / doc["segments"][1]["path"]
+    seg.chmod(0o644)
+    seg.write_bytes(seg.read_bytes().replace(b'"rows":10', b'"rows":11', 1))  # not rehashed
+    with open_lake(str(tmp_path / "l")) as lake:  # the version file and the last segment are sound
+        assert len(lake) == 70
+        for use in (lambda: lake.manifest.shards[2], lambda: lake.splats(), lambda: list(lake.manifest.shards),
+                    lambda: lake.manifest.shards[1:3]):
+            with pytest.raises(CorruptShardError, match=r"v0000000007\.json is corrupt: segment .* sha256"):
+                use()  # and again: a refusal is not forgotten
+        assert lake.manifest.shards[0].rows == 10  # the other segments stay readable
+        problems = lake.verify()  # verify reads every segment
+        assert len(problems) == 1 and doc["segments"][1]["path"] in problems[0]
+    report = repair(str(tmp_path / "l"))  # repair reads every segment: versions 4-7 reference the damaged one
+    assert report["head"] == 3 and [v for v, _, _ in report["moved"]] == [4, 5, 6, 7]
+
+
+def test_verify_reads_every_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _make(tmp_path / "l")
+    _, doc = _head(tmp_path / "l")
+    reads = _count_segment_reads(monkeypatch)
+    with open_lake(str(tmp_path / "l")) as lake:
+        assert lake.verify() == []
+    assert sorted(reads) == sorted(r["path"] for r in doc["segments"])
+
+
+def test_geometry_totals_without_and_with_geometry_rows(tmp_path: Path) -> None:
+    _make(tmp_path / "l")
+    p, doc = _head(tmp_path / "l")
+    doc["geometry"] = {"k": 4, "rows": 10}  # no shard has a sidecar: a forged total
+    _save(p, doc)
+    with pytest.raises(CorruptShardError, match="geometry covers 10 rows"):
+        open_lake(str(tmp_path / "l"))  # the references say 0 rows with sidecars: refused at open
+    # a version file written before references had geometry_rows: checked once every segment is loaded
+    for r in doc["segments"]:
+        del r["geometry_rows"]
+    _save(p, doc)
+    with open_lake(str(tmp_path / "l")) as lake:
+        with pytest.raises(CorruptShardError, match="geometry covers 10 rows"):
+            lake.splats()
+        assert "geometry covers 10 rows" in lake.verify()[0]
+    # a reference's geometry_rows that its segment contradicts
+    doc["geometry"] = None
+    doc["segments"][0]["geometry_rows"] = 5
+    _save(p, doc)
+    with open_lake(str(tmp_path / "l")) as lake:
+        with pytest.raises(CorruptShardError, match="0 rows with geometry sidecars; its reference says 5"):
+            lake.splats()
+
+
+def test_an_old_version_file_gets_geometry_rows_on_the_next_commit(tmp_path: Path) -> None:
+    _make(tmp_path / "l")
+    p, doc = _head(tmp_path / "l")
+    for r in doc["segments"]:
+        del r["geometry_rows"]
+    _save(p, doc)
+    with open_lake(str(tmp_path / "l")) as lake:
+        lake.add_splats(_rows(10, 70))
+    _, new = _head(tmp_path / "l")
+    assert [r["geometry_rows"] for r in new["segments"]] == [0] * 4
+    assert [r["path"] for r in new["segments"][:3]] == [r["path"] for r in doc["segments"][:3]]
+    with open_lake(str(tmp_path / "l")) as lake:
+        assert len(lake) == 80 and lake.verify() == []
+
+
+def test_segments_first_used_from_many_threads_are_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    _make(tmp_path / "l", appends=9)
+    reads = _count_segment_reads(monkeypatch)
+    with open_lake(str(tmp_path / "l")) as lake:
+        shards = lake.manifest.shards
+        got: list[list[int]] = []
+        barrier = threading.Barrier(8)
+
+        def use() -> None:
+            barrier.wait()
+            got.append([shards[i].id_min for i in range(len(shards))])
+
+        threads = [threading.Thread(target=use) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [list(range(0, 90, 10))] * 8
+        assert len(reads) == len(set(reads)) == 5
+
+
+def test_a_pickled_snapshot_of_a_segmented_lake_reads(tmp_path: Path) -> None:
+    import pickle
+
+    want = _make(tmp_path / "l")
+    with open_lake(str(tmp_path / "l")) as lake:
+        snap = pickle.loads(pickle.dumps(lake.snapshot))  # as a stream's workers get it: nothing loaded yet
+        np.testing.assert_allclose(snap.read_main("mu").astype(np.float32), want, atol=1e-3)
+        assert snap.manifest.shards == lake.manifest.shards

@@ -37,7 +37,7 @@ import numpy as np
 
 from m2m.errors import CommitConflictError, InternalError
 from m2m.lake import summary as lake_stats
-from m2m.lake.manifest import Manifest, ShardEntry, read_manifest, write_manifest
+from m2m.lake.manifest import Manifest, ShardEntry, load_all, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class _IdsTaken(Exception):
 def insert_shards(base: Manifest, shards: tuple[ShardEntry, ...], first: int, rows: int) -> tuple[ShardEntry, ...]:
     """``base``'s shards with ``shards`` (ids ``first``..``first+rows-1``) inserted in id order."""
     last = first + rows - 1
+    load_all(base.shards)  # an object store: the segments not in memory are read overlapped
     if any(s.rows and s.id_min <= last and s.id_max >= first for s in base.shards):
         raise _IdsTaken
     at = bisect.bisect_left([s.id_min for s in base.shards], first)
@@ -148,6 +149,7 @@ def insert_shards(base: Manifest, shards: tuple[ShardEntry, ...], first: int, ro
 
 def _last_id_before(m: Manifest, first: int) -> int:
     """The largest id of ``m`` below ``first`` (-1: none)."""
+    load_all(m.shards)
     at = bisect.bisect_left([s.id_min for s in m.shards], first)
     return m.shards[at - 1].id_max if at else -1
 

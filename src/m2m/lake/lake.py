@@ -635,10 +635,18 @@ class Lake:
 
         Each file's size and CRC32, and its Arrow footer and ids against the manifest: row count,
         column types (dim, dtype), first/last id and strictly ascending ids (`m2m.lake.integrity`).
-        The manifest's own checksum and id layout were checked when it was read.
+        The manifest's own checksum and id layout were checked when it was read; a format-3 lake's
+        segments (read on first use) are all read and checked first: a damaged one is the problem
+        reported.
         """
+        from m2m.errors import CorruptShardError
         from m2m.lake.integrity import check_stats, verify_files
+        from m2m.lake.manifest import load_all
 
+        try:
+            load_all(self.manifest.shards)
+        except CorruptShardError as exc:
+            return [str(exc)]
         problems = verify_files(self._fs, self.manifest, progress)
         if not problems and self.manifest.rows:
             snap = self.snapshot

@@ -3,10 +3,12 @@
 Formats: 3 (a version file over immutable segment files; written once a lake has more than
 `SEGMENT_SHARDS` shards, and ever after), 2 (every shard inline; written for smaller lakes) and 1
 (read only). Format 3 is format 2 with ``shards`` replaced by ``segments``, references
-``{"path": "_segments/<32 hex>.json", "shards", "id_min", "id_max", "rows", "bytes", "sha256"}``
+``{"path": "_segments/<32 hex>.json", "shards", "id_min", "id_max", "rows", "bytes", "sha256"[, "geometry_rows"]}``
 to files ``{"format": "m2m-segment", "lake_id", "shards": [...]}`` of up to `SEGMENT_SHARDS` shard
 entries, in order; a commit reuses every segment whose entries it keeps unchanged and writes new
-segments before the version file (docs/format.md, section 4.1). Format 2:
+segments before the version file (docs/format.md, section 4.1). Reading checks the version file and
+the last segment; every other segment is read and checked on first use (`SegmentRef.entries`,
+`ShardList`). Format 2:
 
 - ``_manifests/v{version:010d}.json`` is one JSON object with ``format = "m2m-lake"``,
   ``format_version``, ``version``, ``parent``, ``created``, ``dim``, ``dtype`` (``float32`` or
@@ -43,23 +45,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
 import logging
 import operator
 import os
 import re
 import stat
+import threading
 import time
 import uuid
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, overload
 
 from m2m.errors import (
     CommitConflictError,
     CorruptShardError,
     InvalidManifestError,
     LakeNotFoundError,
+    PositionError,
     SignatureError,
     UnknownColumnError,
 )
@@ -157,7 +162,14 @@ class SegmentRef:
 
     ``shards``, ``id_min``, ``id_max`` and ``rows`` summarise the segment's entries; ``bytes`` and
     ``sha256`` are the file's size and SHA-256, so the version file's checksum (and signature) covers
-    every shard entry. ``entries`` are the parsed shard entries (not serialised).
+    every shard entry; ``geometry_rows`` (written since lazy segments; None in older version files):
+    the rows of its shards with geometry sidecars, so the version's totals are checked without
+    reading the segment.
+
+    ``entries`` are the parsed shard entries (not serialised). A reference read from a version file
+    loads them the first time they are asked for (from any thread): the file is read, its size and
+    SHA-256 compared with the reference, its lake id, every entry and the summary checked, before
+    any entry is returned; a mismatch raises `CorruptShardError` naming the version file and segment.
     """
 
     path: str
@@ -167,11 +179,134 @@ class SegmentRef:
     rows: int
     bytes: int
     sha256: str
-    entries: tuple[ShardEntry, ...] = field(default=(), compare=False, repr=False)
+    loaded: tuple[ShardEntry, ...] | None = field(default=None, compare=False, repr=False)
+    geometry_rows: int | None = None
+    # where a lazy reference loads its entries from (None: ``loaded`` is given)
+    source: "_SegmentSource | None" = field(default=None, compare=False, repr=False)
+    index: int = field(default=0, compare=False, repr=False)   # in its version file (messages)
+    first: int = field(default=0, compare=False, repr=False)   # index of its first shard (messages)
+
+    @property
+    def entries(self) -> tuple[ShardEntry, ...]:
+        got = self.loaded
+        if got is None:
+            if self.source is None:
+                return ()
+            got = self.source.load(self)
+            object.__setattr__(self, "loaded", got)
+        return got
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether ``entries`` are in memory already (this reference's, or its lake handle's memo)."""
+        return self.loaded is not None or (self.source is not None and self.source.has(self))
 
     def to_doc(self) -> dict[str, Any]:
-        return {"path": self.path, "shards": self.shards, "id_min": self.id_min, "id_max": self.id_max,
-                "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+        doc: dict[str, Any] = {"path": self.path, "shards": self.shards, "id_min": self.id_min,
+                               "id_max": self.id_max, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+        if self.geometry_rows is not None:
+            doc["geometry_rows"] = self.geometry_rows
+        return doc
+
+
+class ShardList(Sequence[ShardEntry]):
+    """The shards of a format-3 manifest: a run of segment references (whose entries load on first
+    use, see `SegmentRef.entries`) and in-memory tuples of entries (what a commit adds).
+
+    Length, rows and concatenation need no segment; indexing loads the segment holding the shard,
+    slicing those overlapping the slice (and returns a tuple), iteration each in turn. Equal to any
+    tuple or `ShardList` holding equal entries in the same order."""
+
+    __slots__ = ("_parts", "_starts", "_len")
+
+    def __init__(self, parts: Sequence[SegmentRef | tuple[ShardEntry, ...]]) -> None:
+        self._parts: tuple[SegmentRef | tuple[ShardEntry, ...], ...] = tuple(
+            p for p in parts if (p.shards if isinstance(p, SegmentRef) else len(p)))
+        starts = []
+        at = 0
+        for p in self._parts:
+            starts.append(at)
+            at += p.shards if isinstance(p, SegmentRef) else len(p)
+        self._starts = starts
+        self._len = at
+
+    @property
+    def parts(self) -> tuple[SegmentRef | tuple[ShardEntry, ...], ...]:
+        return self._parts
+
+    @property
+    def rows(self) -> int:
+        """Rows of all shards (a segment's from its reference, checked against its entries on load)."""
+        return sum(p.rows if isinstance(p, SegmentRef) else _rows_of(p) for p in self._parts)
+
+    @staticmethod
+    def _entries(p: SegmentRef | tuple[ShardEntry, ...]) -> tuple[ShardEntry, ...]:
+        return p.entries if isinstance(p, SegmentRef) else p
+
+    def load(self) -> "ShardList":
+        """Load (and check) every segment now, on an object store with overlapped reads
+        (`load_segments`); returns self."""
+        load_segments([p for p in self._parts if isinstance(p, SegmentRef)])
+        return self
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, i: int) -> ShardEntry: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[ShardEntry, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> ShardEntry | tuple[ShardEntry, ...]:
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(self._len)
+            if step != 1:
+                return tuple(self[k] for k in range(lo, hi, step))
+            if lo >= hi:
+                return ()
+            out: list[ShardEntry] = []
+            k = bisect_right(self._starts, lo) - 1
+            while k < len(self._parts) and self._starts[k] < hi:
+                start = self._starts[k]
+                out.extend(self._entries(self._parts[k])[max(lo - start, 0):hi - start])
+                k += 1
+            return tuple(out)
+        n = operator.index(i)
+        if n < 0:
+            n += self._len
+        if not 0 <= n < self._len:
+            raise PositionError(f"shard {i} is not in [0, {self._len})")
+        k = bisect_right(self._starts, n) - 1
+        return self._entries(self._parts[k])[n - self._starts[k]]
+
+    def __iter__(self) -> Iterator[ShardEntry]:
+        for p in self._parts:
+            yield from self._entries(p)
+
+    def __add__(self, other: Sequence[ShardEntry]) -> "ShardList":
+        more = other.parts if isinstance(other, ShardList) else (tuple(other),)
+        return ShardList(self._parts + more)
+
+    def __radd__(self, other: Sequence[ShardEntry]) -> "ShardList":
+        return ShardList((tuple(other),) + self._parts)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (tuple, ShardList)):
+            return NotImplemented
+        return len(self) == len(other) and all(a is b or a == b for a, b in zip(self, other))
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ShardList({self._len} shards in {len(self._parts)} parts)"
+
+
+Shards = tuple[ShardEntry, ...] | ShardList
 
 
 @dataclass(frozen=True)
@@ -182,7 +317,9 @@ class Manifest:
     dim: int
     dtype: str
     next_id: int
-    shards: tuple[ShardEntry, ...]
+    # a tuple, or (format 3, as read or derived from a read manifest) a `ShardList` whose segments load
+    # on first use
+    shards: Shards
     label_type: str | None = None
     label_vocabulary: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
@@ -205,16 +342,17 @@ class Manifest:
     def rows(self) -> int:
         got = self.__dict__.get("_rows")
         if got is None:  # memo: a frozen manifest's shards never change
-            got = sum(s.rows for s in self.shards)
+            shards = self.shards
+            got = shards.rows if isinstance(shards, ShardList) else _rows_of(shards)
             object.__setattr__(self, "_rows", got)
         return int(got)
 
     @property
     def bytes(self) -> int:
-        return sum(f.bytes for s in self.shards for f in s.files)
+        return sum(f.bytes for s in load_all(self.shards) for f in s.files)
 
     def files(self) -> list[FileEntry]:
-        return [f for s in self.shards for f in s.files]
+        return [f for s in load_all(self.shards) for f in s.files]
 
     def next(self, **changes: Any) -> "Manifest":
         """The manifest of the next version, derived from this one (always written as the current format)."""
@@ -269,7 +407,7 @@ class Manifest:
             raise CorruptShardError(f"manifest {where} is corrupt: {exc}") from exc
         check_signature(doc, key, where)
         try:
-            return _parse(doc, fs)
+            return _parse(doc, fs, where)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise CorruptShardError(f"manifest {where} is corrupt: {what}") from exc
@@ -324,7 +462,7 @@ def _int(doc: dict[str, Any], key: str, low: int = 0, high: int = _I64_MAX, wher
     return v
 
 
-def _parse(doc: Any, fs: LakeFS | None = None) -> Manifest:
+def _parse(doc: Any, fs: LakeFS | None = None, where: str = "") -> Manifest:
     if not isinstance(doc, dict):
         raise InvalidManifestError(f"not a JSON object but {type(doc).__name__}")
     if doc.get("format") != FORMAT_NAME:
@@ -375,13 +513,16 @@ def _parse(doc: Any, fs: LakeFS | None = None) -> Manifest:
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise InvalidManifestError(f"created {created!r} is not a number")
     segments: tuple[SegmentRef, ...] | None = None
+    source: _SegmentSource | None = None
+    shards: Shards
     if fv >= 3:
         if "shards" in doc:
             raise InvalidManifestError("a format-3 version file lists its shards in segments, not inline")
         if fs is None:
             raise InvalidManifestError("a format-3 version file needs its lake to read its segments")
-        segments = _read_segments(fs, doc, lake_id)
-        shards: tuple[ShardEntry, ...] = tuple(itertools.chain.from_iterable(g.entries for g in segments))
+        source = _SegmentSource(fs, lake_id, where)
+        segments = _segment_refs(doc, source)
+        shards = ShardList(segments)
     else:
         if not isinstance(doc["shards"], list):
             raise InvalidManifestError("shards is not a list")
@@ -396,39 +537,168 @@ def _parse(doc: Any, fs: LakeFS | None = None) -> Manifest:
         raise InvalidManifestError("format_version 1 with a lake_id: a format-2 manifest rewritten as format 1")
     if id_floor > m.next_id:
         raise InvalidManifestError(f"id_floor {id_floor} is above next_id {m.next_id}")
-    if segments is not None:  # each segment's rows were checked against its reference
-        object.__setattr__(m, "_rows", sum(g.rows for g in segments))
     if fv >= 2 and _int(doc, "rows") != m.rows:
         raise InvalidManifestError(f"rows = {doc['rows']} but the shards hold {m.rows}")
     if segments is None:
         check_layout(m)
     else:
-        _check_segmented_layout(m, segments, _memo(fs)[1])
+        assert source is not None
+        _check_segmented_layout(m, segments, source)
     return m
 
 
-_Memo = tuple[dict[str, tuple[ShardEntry, ...]], dict[tuple[object, ...], tuple[int, bool]]]
+class _SegmentMemo:
+    """Per lake handle: parsed segments by SHA-256 (their bytes were checked against it), the layout
+    checks each passed (by hash and the lake's columns), per-segment row counts, and a lock for all of
+    them (a segment may be first used from a prefetch thread). Segments are immutable and named by
+    content hash in the version file, so all stay valid."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.parsed: dict[str, tuple[ShardEntry, ...]] = {}
+        self.checked: dict[tuple[object, ...], tuple[int, bool]] = {}
+        self.rows: dict[str, Any] = {}
+        # the last few format-3 version files parsed or published: name -> (bytes, key, manifest)
+        self.version_files: dict[str, tuple[bytes, bytes | None, Manifest]] = {}
+        self.reads = 0  # segment files read and parsed (tests count them)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a pickled lake handle (a stream's workers) starts with an empty memo and its own lock
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def bound(self) -> None:
+        if len(self.parsed) > _SEGMENT_MEMO_MAX:  # a bound, not an LRU: a long-lived writer of a huge lake
+            self.parsed.clear()
+            self.checked.clear()
+            self.rows.clear()
+            self.version_files.clear()
 
 
-def _memo(fs: LakeFS | None) -> _Memo:
-    """Per-lake-handle memos: parsed segments by SHA-256, and the layout checks already passed
-    (segments are immutable and named by content hash in the version file, so both stay valid)."""
+def _memo(fs: LakeFS | None) -> _SegmentMemo:
+    """The `_SegmentMemo` of a lake handle (a fresh one without ``fs``)."""
     got = getattr(fs, "_m2m_segment_memo", None)
-    if got is None:
-        got = ({}, {})
+    if not isinstance(got, _SegmentMemo):
+        got = _SegmentMemo()
         if fs is not None:
             fs._m2m_segment_memo = got  # type: ignore[attr-defined]
-    parsed, checked = got
-    if len(parsed) > _SEGMENT_MEMO_MAX:  # a bound, not an LRU: a long-lived writer of a huge lake
-        parsed.clear()
-        checked.clear()
     return got
 
 
-_SEGMENT_MEMO_MAX = 1 << 20  # memo entries (3 per segment of up to 256 shards)
+_SEGMENT_MEMO_MAX = 1 << 18  # parsed segments (of up to 256 shards each)
 
 
-def _segment_ref(doc: Any, i: int) -> SegmentRef:
+class _SegmentSource:
+    """Loads and checks the segments of one format-3 version file on first use (`SegmentRef.entries`).
+
+    A load reads the file (or takes its parsed entries from the handle's memo by SHA-256, whose bytes
+    were checked when first read), checks the entries against the reference's summary and their layout
+    (`_check_run`); when the version file's references lack ``geometry_rows`` (written before lazy
+    segments), the geometry totals are checked when the last of its segments is loaded. Errors are
+    `CorruptShardError` naming the version file and the segment."""
+
+    def __init__(self, fs: LakeFS, lake_id: str | None, where: str) -> None:
+        self.fs = fs
+        self.lake_id = lake_id
+        self.where = where
+        self.memo = _memo(fs)
+        self.main: frozenset[str] = frozenset()
+        self.known: frozenset[str] = frozenset()
+        self.manifest: Manifest | None = None
+        self.pending: set[int] | None = None   # segments still to load before the deferred totals check
+        self.covered: dict[int, tuple[int, bool]] = {}
+
+    def bind(self, m: Manifest, defer_totals: bool, count: int) -> None:
+        self.main, self.known = _columns(m)
+        self.manifest = m
+        self.pending = set(range(count)) if defer_totals else None
+
+    def has(self, ref: SegmentRef) -> bool:
+        return ref.sha256 in self.memo.parsed
+
+    def load(self, ref: SegmentRef) -> tuple[ShardEntry, ...]:
+        with self.memo.lock:
+            if ref.loaded is not None:
+                return ref.loaded
+            try:
+                entries = self._load(ref)
+                if self.pending is not None and self.pending <= {ref.index}:
+                    self._check_totals()  # before the last segment's entries are handed out
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+                what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+                raise CorruptShardError(f"manifest {self.where} is corrupt: {what}") from exc
+            if self.pending is not None:
+                self.pending.discard(ref.index)
+            object.__setattr__(ref, "loaded", entries)
+            return entries
+
+    def _load(self, ref: SegmentRef) -> tuple[ShardEntry, ...]:
+        memo = self.memo
+        entries = memo.parsed.get(ref.sha256)
+        if entries is None:
+            entries = _parse_segment(ref, _read_segment(self.fs, ref), self.lake_id)
+            memo.reads += 1
+            memo.bound()
+            memo.parsed[ref.sha256] = entries
+        rows = _rows_of(entries)
+        if (len(entries), entries[0].id_min, entries[-1].id_max, rows) != (ref.shards, ref.id_min, ref.id_max, ref.rows):
+            raise InvalidManifestError(f"segments[{ref.index}] ({ref.path}) holds {len(entries)} shards, ids "
+                                       f"{entries[0].id_min}..{entries[-1].id_max}, {rows} rows; its reference "
+                                       f"says {ref.shards}, {ref.id_min}..{ref.id_max}, {ref.rows}")
+        key = (ref.sha256, self.main, self.known)
+        got = memo.checked.get(key)
+        if got is None:
+            got = _check_run(entries, ref.first, self.main, self.known)
+            memo.checked[key] = got
+        if ref.geometry_rows is not None and got[0] != ref.geometry_rows:
+            raise InvalidManifestError(f"segments[{ref.index}] ({ref.path}) holds {got[0]} rows with geometry "
+                                       f"sidecars; its reference says {ref.geometry_rows}")
+        self.covered[ref.index] = got
+        return entries
+
+    def _check_totals(self) -> None:
+        assert self.manifest is not None
+        got = self.covered.values()
+        _check_geometry(self.manifest, sum(c for c, _ in got), any(e for _, e in got))
+
+
+def _read_segment(fs: LakeFS, ref: SegmentRef) -> bytes:
+    try:
+        return fs.read_bytes(ref.path)
+    except FileNotFoundError:
+        raise InvalidManifestError(f"segment {ref.path} is missing") from None
+
+
+def load_segments(refs: Sequence[SegmentRef]) -> None:
+    """Load every segment of ``refs`` (`SegmentRef.entries`); on an object store the files not yet
+    in memory are read first, overlapped (one request per segment)."""
+    todo = [r for r in refs if not r.is_loaded and r.source is not None]
+    if len(todo) > 1 and not todo[0].source.fs.is_local:  # type: ignore[union-attr]
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(r: SegmentRef) -> None:
+            src = r.source
+            assert src is not None
+            try:
+                data = _read_segment(src.fs, r)
+            except InvalidManifestError:
+                return  # reported (typed, with the version file) by the load below
+            with src.memo.lock:
+                if r.sha256 not in src.memo.parsed:
+                    try:
+                        src.memo.parsed[r.sha256] = _parse_segment(r, data, src.lake_id)
+                        src.memo.reads += 1
+                    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                        return  # likewise
+
+        with ThreadPoolExecutor(min(16, len(todo))) as pool:
+            list(pool.map(read, todo))
+    for r in refs:
+        r.entries  # noqa: B018  (loads and checks)
+
+
+def _segment_ref(doc: Any, i: int, source: _SegmentSource, first: int) -> SegmentRef:
     where = f"segments[{i}]."
     if not isinstance(doc, dict):
         raise InvalidManifestError(f"segments[{i}] is not an object")
@@ -439,53 +709,53 @@ def _segment_ref(doc: Any, i: int) -> SegmentRef:
     sha = doc["sha256"]
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
         raise InvalidManifestError(f"{where}sha256 {sha!r} is not 64 hex digits")
+    geo = _int(doc, "geometry_rows", where=where) if "geometry_rows" in doc else None
     return SegmentRef(path=path, shards=_int(doc, "shards", 1, where=where), id_min=_int(doc, "id_min", where=where),
                       id_max=_int(doc, "id_max", where=where), rows=_int(doc, "rows", 1, where=where),
-                      bytes=_int(doc, "bytes", 1, where=where), sha256=sha)
+                      bytes=_int(doc, "bytes", 1, where=where), sha256=sha, geometry_rows=geo, source=source,
+                      index=i, first=first)
 
 
-def _read_segments(fs: LakeFS, doc: dict[str, Any], lake_id: str | None) -> tuple[SegmentRef, ...]:
-    """The segments a format-3 version file lists, each read (or taken from the memo by hash) and
-    checked: its SHA-256 and size, its lake id, and its entries against the reference's summary."""
+_REF_KEYS = frozenset(("path", "shards", "id_min", "id_max", "rows", "bytes", "sha256", "geometry_rows"))
+
+
+def _segment_ref_fast(doc: Any, i: int, source: _SegmentSource, first: int) -> SegmentRef:
+    """`_segment_ref` for the common, valid reference (a version file lists hundreds); anything
+    unusual goes to `_segment_ref`, which names the problem."""
+    if type(doc) is not dict:
+        return _segment_ref(doc, i, source, first)
+    path, shards, lo, hi, rows, size, sha = (doc.get("path"), doc.get("shards"), doc.get("id_min"), doc.get("id_max"),
+                                             doc.get("rows"), doc.get("bytes"), doc.get("sha256"))
+    geo = doc.get("geometry_rows")
+    if (type(path) is not str or len(path) != 47 or path[:10] != "_segments/"
+            or _SEGMENT_NAME_RE.fullmatch(path, 10) is None or type(sha) is not str
+            or _SHA256_RE.fullmatch(sha) is None or type(shards) is not int or type(lo) is not int
+            or type(hi) is not int or type(rows) is not int or type(size) is not int
+            or not (1 <= shards <= _I64_MAX and 0 <= lo <= _I64_MAX and 0 <= hi <= _I64_MAX
+                    and 1 <= rows <= _I64_MAX and 1 <= size <= _I64_MAX)
+            or (geo is not None and (type(geo) is not int or not 0 <= geo <= _I64_MAX))):
+        return _segment_ref(doc, i, source, first)
+    # the frozen dataclass's __init__ sets each field through object.__setattr__ (5x slower)
+    ref = object.__new__(SegmentRef)
+    ref.__dict__.update(path=path, shards=shards, id_min=lo, id_max=hi, rows=rows, bytes=size, sha256=sha,
+                        loaded=None, geometry_rows=geo, source=source, index=i, first=first)
+    return ref
+
+
+def _segment_refs(doc: dict[str, Any], source: _SegmentSource) -> tuple[SegmentRef, ...]:
+    """The segment references of a format-3 version file (no segment is read: see `_SegmentSource`)."""
     raw = doc["segments"]
     if not isinstance(raw, list):
         raise InvalidManifestError("segments is not a list")
-    refs = [_segment_ref(g, i) for i, g in enumerate(raw)]
+    refs = []
+    first = 0
+    for i, g in enumerate(raw):
+        r = _segment_ref_fast(g, i, source, first)
+        refs.append(r)
+        first += r.shards
     if len({r.path for r in refs}) != len(refs):
         raise InvalidManifestError("a segment is listed twice")
-    parsed, _ = _memo(fs)
-    missing = [r for r in refs if r.sha256 not in parsed]
-    if missing:
-        def read(r: SegmentRef) -> bytes:
-            try:
-                return fs.read_bytes(r.path)
-            except FileNotFoundError:
-                raise InvalidManifestError(f"segment {r.path} is missing") from None
-
-        if fs.is_local or len(missing) == 1:
-            blobs = [read(r) for r in missing]
-        else:  # an object store: one request per segment, overlapped
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(min(16, len(missing))) as pool:
-                blobs = list(pool.map(read, missing))
-        for r, data in zip(missing, blobs):
-            parsed[r.sha256] = _parse_segment(r, data, lake_id)
-    out = []
-    first = 0
-    for i, r in enumerate(refs):
-        entries = parsed[r.sha256]
-        rows: Any = parsed.get(f"sum:{r.sha256}")
-        if rows is None:
-            rows = parsed[f"sum:{r.sha256}"] = _rows_of(entries)  # type: ignore[assignment]
-        if (len(entries), entries[0].id_min, entries[-1].id_max, rows) != (
-                r.shards, r.id_min, r.id_max, r.rows):
-            raise InvalidManifestError(f"segments[{i}] ({r.path}) holds {len(entries)} shards, ids "
-                                       f"{entries[0].id_min}..{entries[-1].id_max}, {sum(e.rows for e in entries)} "
-                                       f"rows; its reference says {r.shards}, {r.id_min}..{r.id_max}, {r.rows}")
-        out.append(SegmentRef(r.path, r.shards, r.id_min, r.id_max, r.rows, r.bytes, r.sha256, entries))
-        first += len(entries)
-    return tuple(out)
+    return tuple(refs)
 
 
 def _rows_of(entries: tuple[ShardEntry, ...]) -> int:
@@ -632,7 +902,7 @@ def _columns(m: Manifest) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(main), frozenset(main | set(GEOMETRY_COLUMNS) | set(OPTIONAL_MAIN_COLUMNS))
 
 
-def _check_run(shards: tuple[ShardEntry, ...], offset: int, main: frozenset[str],
+def _check_run(shards: Sequence[ShardEntry], offset: int, main: frozenset[str],
                known: frozenset[str]) -> tuple[int, bool]:
     """`check_layout` within one run of shards (``offset``: the first one's index, for messages);
     returns the rows of the shards with geometry sidecars and whether there are any."""
@@ -670,6 +940,10 @@ def _check_run(shards: tuple[ShardEntry, ...], offset: int, main: frozenset[str]
 def _check_totals(m: Manifest, last_id: int, covered: int, estimated: bool) -> None:
     if last_id >= m.next_id:
         raise InvalidManifestError(f"next_id {m.next_id} is not above the largest id {last_id}")
+    _check_geometry(m, covered, estimated)
+
+
+def _check_geometry(m: Manifest, covered: int, estimated: bool) -> None:
     if estimated and m.geometry is None:
         raise InvalidManifestError("shards have geometry sidecars but the manifest has no geometry")
     if m.geometry is not None and "rows" in m.geometry:
@@ -679,32 +953,33 @@ def _check_totals(m: Manifest, last_id: int, covered: int, estimated: bool) -> N
             raise InvalidManifestError(f"geometry covers {m.geometry['rows']} rows but the shards with sidecars hold {covered}")
 
 
-def _check_segmented_layout(m: Manifest, segments: tuple[SegmentRef, ...],
-                            checked: dict[tuple[object, ...], tuple[int, bool]]) -> None:
-    """`check_layout` of a format-3 manifest: each segment's run once per lake handle (memo by hash
-    and the lake's columns), then the order of the segments and the totals.
+def _check_segmented_layout(m: Manifest, segments: tuple[SegmentRef, ...], source: _SegmentSource) -> None:
+    """`check_layout` of a format-3 manifest, as far as the references tell: the order of the
+    segments, next_id above the last id and (references with ``geometry_rows``) the geometry totals;
+    then the last segment is loaded (its tail is what the next append follows). Every other segment's
+    entries are checked when first used (`_SegmentSource.load`), the geometry totals of references
+    without ``geometry_rows`` when the last of them is loaded.
 
     A file path is unique within its segment; one listed in two segments is refused when it is read
     (its ids match one shard only, `m2m.lake.integrity`)."""
-    main, known = _columns(m)
-    covered = 0
-    estimated = False
     prev_max = -1
-    offset = 0
     for i, g in enumerate(segments):
         if g.id_min <= prev_max:
             raise InvalidManifestError(f"segments[{i}] ({g.path}) ids start at {g.id_min}, not after the previous "
                                        f"segment's {prev_max} (a segment swapped, repeated or moved?)")
+        if g.id_max < g.id_min:
+            raise InvalidManifestError(f"segments[{i}] ({g.path}) ids {g.id_min}..{g.id_max} do not ascend")
         prev_max = g.id_max
-        key = (g.sha256, main, known)
-        got = checked.get(key)
-        if got is None:
-            got = _check_run(g.entries, offset, main, known)
-            checked[key] = got
-        covered += got[0]
-        estimated = estimated or got[1]
-        offset += len(g.entries)
-    _check_totals(m, prev_max, covered, estimated)
+    if prev_max >= m.next_id:
+        raise InvalidManifestError(f"next_id {m.next_id} is not above the largest id {prev_max}")
+    geo = [g.geometry_rows for g in segments]
+    complete = all(v is not None for v in geo)
+    if complete:
+        covered = sum(v for v in geo if v is not None)
+        _check_geometry(m, covered, covered > 0)
+    source.bind(m, defer_totals=not complete, count=len(segments))
+    if segments:
+        segments[-1].entries  # noqa: B018  (loads and checks the last segment now)
 
 
 def manifest_name(version: int) -> str:
@@ -763,7 +1038,7 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
         raise LakeNotFoundError(f"lake {fs.root} has no version {version} (versions: {versions[0]}..{versions[-1]})")
     rel = manifest_name(version)
     try:
-        m = Manifest.from_json(fs.read_bytes(rel), f"{fs.root}/{rel}", key_of(fs), fs)
+        m = _read_version_file(fs, rel)
         if m.version != version:
             raise CorruptShardError(f"manifest {fs.root}/{rel} is corrupt: it says version {m.version}")
         if m.format_version < FORMAT_VERSION:
@@ -777,6 +1052,31 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
             f"{exc}; older versions are still readable (e.g. open_lake(path, version={older[-1]})); to recover, "
             f"`m2m rollback {fs.root} --to {older[-1]}` commits a copy of version {older[-1]} as the newest, or "
             f"`m2m repair {fs.root}` moves the unreadable manifest aside") from exc
+
+
+def _read_version_file(fs: LakeFS, rel: str) -> Manifest:
+    """`Manifest.from_json` of the version file ``rel``; format 3: the same bytes under the same key
+    as the last version file this handle parsed or published give that manifest again (it passed
+    every check; its segments are immutable and load as before), so a writer's next commit does not
+    parse its own version file again."""
+    data = fs.read_bytes(rel)
+    key = key_of(fs)
+    memo = _memo(fs)
+    with memo.lock:
+        got = memo.version_files.get(rel)
+    if got is not None and got[0] == data and got[1] == key:
+        return got[2]
+    m = Manifest.from_json(data, f"{fs.root}/{rel}", key, fs)
+    if m.format_version >= 3:
+        _remember_version_file(memo, rel, data, key, m)
+    return m
+
+
+def _remember_version_file(memo: _SegmentMemo, rel: str, data: bytes, key: bytes | None, m: Manifest) -> None:
+    with memo.lock:
+        if len(memo.version_files) >= 4:
+            memo.version_files.pop(next(iter(memo.version_files)))
+        memo.version_files[rel] = (data, key, m)
 
 
 def _check_no_downgrade(fs: LakeFS, m: Manifest, older: list[int]) -> None:
@@ -806,35 +1106,49 @@ def added_shards(base: Manifest, new: Manifest) -> list[ShardEntry]:
     return [by_id[k] for k in by_id.keys() - old]
 
 
+def load_all(shards: Shards) -> Shards:
+    """``shards`` with every entry loaded and checked (`ShardList.load`; a tuple as it is)."""
+    return shards.load() if isinstance(shards, ShardList) else shards
+
+
 def exact_segments(m: Manifest) -> tuple[SegmentRef, ...] | None:
     """``m.segments`` when they hold exactly ``m.shards`` (a manifest as read or published), else None."""
     segs = m.segments
-    if segs is None or sum(len(g.entries) for g in segs) != len(m.shards):
+    if segs is None:
         return None
+    shards = m.shards
+    if isinstance(shards, ShardList):
+        parts = shards.parts
+        if len(parts) == len(segs) and all(a is b for a, b in zip(parts, segs)):
+            return segs  # as read: no segment needs loading to tell
+    if sum(g.shards for g in segs) != len(shards):
+        return None
+    load_segments(segs)
     at = 0
     for g in segs:
         n = len(g.entries)
-        if m.shards[at:at + n] != g.entries:
+        if shards[at:at + n] != g.entries:
             return None
         at += n
     return segs
 
 
 def shard_row_counts(fs: LakeFS, m: Manifest) -> Any:
-    """The rows of each shard of ``m`` as an int64 numpy array (format 3: per segment, memoised)."""
+    """The rows of each shard of ``m`` as an int64 numpy array (format 3: per segment, memoised;
+    every segment is loaded and checked)."""
     import numpy as np
 
     segs = exact_segments(m)
     if not segs:
         return np.fromiter((s.rows for s in m.shards), dtype=np.int64, count=len(m.shards))
-    parsed, _ = _memo(fs)
+    memo = _memo(fs)
+    load_segments(segs)
     parts = []
     for g in segs:
-        key = f"rows:{g.sha256}"
-        got: Any = parsed.get(key)
+        got: Any = memo.rows.get(g.sha256)
         if got is None:
             got = np.fromiter(map(operator.attrgetter("rows"), g.entries), np.int64, count=len(g.entries))
-            parsed[key] = got
+            memo.rows[g.sha256] = got
         parts.append(got)
     return np.concatenate(parts)
 
@@ -860,9 +1174,11 @@ def plan_segments(manifest: Manifest) -> tuple[list[SegmentRef | tuple[ShardEntr
     ``manifest.segments`` (object for object) reuse it, the other shards go to new segments of at most
     `SEGMENT_SHARDS` (a new run after a segment that is not full is merged into a rewrite of it).
     Returns the list (a `SegmentRef` to reuse, or the entries of a segment to write) and the shards
-    that are in no reused or rewritten segment (what the commit added, or moved)."""
+    that are in no reused or rewritten segment (what the commit added, or moved).
+
+    Shards kept as a `ShardList` of ``manifest.segments`` plus new entries (an append) are planned
+    from its parts: only a segment that is rewritten is loaded."""
     shards = manifest.shards
-    reuse = {id(g.entries[0]): g for g in (manifest.segments or ()) if g.entries}
     out: list[SegmentRef | tuple[ShardEntry, ...]] = []
     pending: list[ShardEntry] = []
     fresh: list[ShardEntry] = []
@@ -870,12 +1186,26 @@ def plan_segments(manifest: Manifest) -> tuple[list[SegmentRef | tuple[ShardEntr
     def flush() -> None:
         if not pending:
             return
-        if out and isinstance(out[-1], SegmentRef) and len(out[-1].entries) < SEGMENT_SHARDS:
+        if out and isinstance(out[-1], SegmentRef) and out[-1].shards < SEGMENT_SHARDS:
             pending[:0] = out.pop().entries  # type: ignore[union-attr]
         for lo in range(0, len(pending), SEGMENT_SHARDS):
             out.append(tuple(pending[lo:lo + SEGMENT_SHARDS]))
         pending.clear()
 
+    if isinstance(shards, ShardList):
+        ours = {id(g) for g in manifest.segments or ()}
+        for p in shards.parts:
+            if isinstance(p, SegmentRef) and id(p) in ours:
+                flush()
+                out.append(p)
+            else:
+                run = p.entries if isinstance(p, SegmentRef) else p
+                pending.extend(run)
+                fresh.extend(run)
+        flush()
+        return out, fresh
+    # a segment not loaded holds no entry of ``shards`` (entries are objects of a loaded segment, or new)
+    reuse = {id(g.entries[0]): g for g in (manifest.segments or ()) if g.is_loaded and g.entries}
     i = 0
     while i < len(shards):
         g = reuse.get(id(shards[i]))
@@ -891,20 +1221,31 @@ def plan_segments(manifest: Manifest) -> tuple[list[SegmentRef | tuple[ShardEntr
     return out, fresh
 
 
+def _geometry_rows(entries: Sequence[ShardEntry]) -> int:
+    """Rows of the shards of ``entries`` that have a geometry sidecar (as `_check_run` counts them)."""
+    return sum(e.rows for e in entries if any(NEIGHBORS in f.columns for f in e.files))
+
+
 def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
     """Publish ``manifest`` (the commit point) with a create-if-absent write: never replaces a version.
 
     Format 3 (`segments_wanted`): the new segment files are written first, each under a fresh random
     name (unreferenced until the version file exists: a crash leaves them to `Lake.vacuum`), then the
-    version file. Returns the published manifest (with its ``segments``).
-    `CommitConflictError` when another writer published this version first (`m2m.lake.commit` rebases).
+    version file. Returns the published manifest (with its ``segments``; its shards a `ShardList`
+    over them). A reused reference without ``geometry_rows`` (a version file written before them)
+    has its segment loaded and is published with them, so later opens check the totals from the
+    references alone. `CommitConflictError` when another writer published this version first
+    (`m2m.lake.commit` rebases).
     """
     rel = manifest_name(manifest.version)
     key = key_of(fs)
     segments: tuple[SegmentRef, ...] | None = None
+    new_at: list[int] = []
     if segments_wanted(fs, manifest):
         plan, _ = plan_segments(manifest)
-        made = []
+        load_segments([g for g in plan if isinstance(g, SegmentRef) and g.geometry_rows is None])
+        memo = _memo(fs)
+        made: list[SegmentRef] = []
         for g in plan:
             if isinstance(g, tuple):
                 data = segment_bytes(manifest.lake_id, g)
@@ -914,17 +1255,34 @@ def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
                 fs.write_atomic(path, data)
                 g = SegmentRef(path=path, shards=len(g), id_min=g[0].id_min, id_max=g[-1].id_max,
                                rows=sum(e.rows for e in g), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                               entries=g)
-                _memo(fs)[0][g.sha256] = g.entries
+                               loaded=g, geometry_rows=_geometry_rows(g))
+                with memo.lock:
+                    memo.parsed[g.sha256] = g.entries
+                new_at.append(len(made))
+            elif g.geometry_rows is None:
+                g = SegmentRef(g.path, g.shards, g.id_min, g.id_max, g.rows, g.bytes, g.sha256, g.entries,
+                               _geometry_rows(g.entries))
             made.append(g)
         segments = tuple(made)
     data = manifest.to_json(key, segments)
-    # never publish what readers would refuse (segments: checked from the memo, not read back)
+    # never publish what readers would refuse (segments: the new ones checked from the memo, not read back)
     published = Manifest.from_json(data, f"{fs.root}/{rel} (not written)", key, fs)
+    for i in new_at:
+        assert published.segments is not None
+        published.segments[i].entries  # noqa: B018  (loads from the memo: every check of the new segment)
     if not fs.create_exclusive(rel, data):
         raise CommitConflictError(f"version {manifest.version} of {fs.root} was committed by another writer")
-    out = replace(manifest, segments=published.segments, format_version=published.format_version)
+    if published.segments is None:
+        out = replace(manifest, segments=None, format_version=published.format_version)
+    else:
+        for g in published.segments[:1]:
+            if g.source is not None:  # later loads name the version file as written
+                g.source.where = f"{fs.root}/{rel}"
+        out = replace(manifest, shards=ShardList(published.segments), segments=published.segments,
+                      format_version=published.format_version)
     object.__setattr__(out, "_rows", published.rows)  # the memo `replace` dropped
+    if published.segments is not None:  # the next commit on this handle reads these bytes as its base
+        _remember_version_file(_memo(fs), rel, data, key, published)
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def compute_geometry(mu: np.ndarray, k: int, seed: int = 0, progress: Callable[[
     return kappa.astype(np.float32), idx.astype(np.int64), scores
 
 
-def with_geometry(fs: LakeFS, base: Manifest, shards: tuple[ShardEntry, ...], ids: np.ndarray,
+def with_geometry(fs: LakeFS, base: Manifest, shards: Sequence[ShardEntry], ids: np.ndarray,
                   user_kappa: np.ndarray, kappa_est: np.ndarray, neighbors: np.ndarray,
                   neighbor_cos: np.ndarray) -> dict[str, Any]:
     """Write one sidecar per shard and return the manifest fields of the estimated snapshot."""

@@ -62,8 +62,8 @@ class Snapshot:
         self._checked: set[tuple[object, ...]] = set() if checked is None else checked
         if fs.is_local and manifest.format_version < 3:  # footers only: a few small reads per file
             check_footers(fs, manifest, self._checked)  # (format 3, a lake of many shards: on first use)
-        counts = shard_row_counts(fs, manifest)
-        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # the shards' row offsets: computed on first use (a format-3 lake's segments load then, not at open)
+        self._offsets_memo: np.ndarray | None = None
         self._batches: OrderedDict[str, pa.RecordBatch] = OrderedDict()
         self._batch_bytes: dict[str, int] = {}
         self._prefetch_plan: tuple[list[int], dict[int, int]] | None = None   # remote: a stream's shard order
@@ -77,9 +77,20 @@ class Snapshot:
 
     # RowSource protocol
     @property
+    def _offsets(self) -> np.ndarray:
+        got = self._offsets_memo
+        if got is None:
+            with self._lock:
+                got = self._offsets_memo
+                if got is None:
+                    counts = shard_row_counts(self.fs, self.manifest)
+                    got = self._offsets_memo = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return got
+
+    @property
     def num_rows(self) -> int:
         """Rows in this version."""
-        return int(self._offsets[-1])
+        return self.manifest.rows
 
     @property
     def dim(self) -> int:

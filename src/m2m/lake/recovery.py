@@ -24,6 +24,7 @@ from m2m.lake.manifest import (
     FORMAT_VERSION,
     Manifest,
     list_versions,
+    load_all,
     manifest_name,
     read_manifest,
     write_manifest,
@@ -101,7 +102,7 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
         problems: dict[int, str] = {}
         for v in versions:
             try:
-                read_manifest(fs, v)
+                load_all(read_manifest(fs, v).shards)  # format 3: every segment, not only what an open reads
             except CorruptShardError as exc:
                 problems[v] = str(exc)
         readable = [v for v in versions if v not in problems]
