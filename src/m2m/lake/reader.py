@@ -251,8 +251,8 @@ class Snapshot:
         """Positions of ``ids`` (int64), -1 for ids not in this version, without the whole-lake id
         column where the lake allows: the shard of each id from the manifest's id ranges; a shard whose
         ids are its whole range (an append's shard) by arithmetic, any other by its own id column
-        (``ID_SHARDS_CACHED`` of them kept), or by the whole-lake id column when more shards than that
-        have gaps."""
+        (``ID_SHARDS_CACHED`` of them kept), or by the whole-lake id column when the ids fall in more
+        shards with gaps than that."""
         with self._lock:
             if self._id_range is None:
                 shards = self.manifest.shards
@@ -272,15 +272,16 @@ class Snapshot:
         by_range = dense[s_of]
         pos[idx[by_range]] = self._offsets[s_of[by_range]] + ids[idx[by_range]] - lo[s_of[by_range]]
         rest = idx[~by_range]
-        if len(rest) and int((~dense).sum()) > ID_SHARDS_CACHED:
-            # many shards with id gaps (a consolidated lake): one sorted id column, read once, is
-            # cheaper than cycling shard id columns through the cache
+        gaps = np.unique(shard[rest])
+        if len(gaps) > ID_SHARDS_CACHED:
+            # ids in more shards with gaps than the cache holds (a consolidated lake's neighbours): one
+            # sorted id column, read once, is cheaper than cycling shard id columns through the cache
             all_ids = self.ids()
             at = np.minimum(np.searchsorted(all_ids, ids[rest]), len(all_ids) - 1)
             hit = all_ids[at] == ids[rest]
             pos[rest[hit]] = at[hit]
             return pos
-        for s in np.unique(shard[rest]).tolist():
+        for s in gaps.tolist():
             sel = rest[shard[rest] == s]
             col = self._shard_ids(s)
             local = np.minimum(np.searchsorted(col, ids[sel]), len(col) - 1)
