@@ -388,13 +388,9 @@ class LangevinAugmenter:
         own = prepared.own
         out = random_point_at_cosine(x, own.t, own.rho, generator=prepared.noise, scratch=self._scratch(x),
                                      gaussian=prepared.gaussian)
+        self.rerun_ahead([(prepared, x, rows, generator)], gather)   # unless the stream ran it already
         if prepared.exact is not None:
             out[prepared.fail.to(x.device)] = prepared.exact.to(device=x.device, dtype=out.dtype)
-        elif prepared.rerun is not None:
-            fail = prepared.fail.to(x.device)
-            tab = self._tables(x.device, d, gather)
-            out[fail] = self._exact(x[fail], rows[fail], prepared.h.to(x.device)[fail], tab, gather, generator,
-                                    prepared.rerun).to(out.dtype)
         return out
 
     def rerun_ahead(self, batches: Sequence[tuple[LangevinDraws, Tensor, Tensor, torch.Generator]],
@@ -404,8 +400,8 @@ class LangevinAugmenter:
         returns without this (a batch's rerun draws from its ``generator`` next, as the call would).
         The batches' reruns share one chain (``span.RowBlocks``: each batch draws from its own
         generator, and a row's result does not depend on the rows it is run with), which spreads the
-        chain's per-call cost. The stream runs this in its prefetch thread while the consumer is the
-        slower side (``m2m.stream.stages.draw_ahead``)."""
+        chain's per-call cost. The stream runs this in its prefetch thread for each item
+        (``m2m.stream.stages.draw_ahead``); a call given draws without them runs it for its batch."""
         todo = [(p, x, r, g) for p, x, r, g in batches if p.rerun is not None and p.exact is None]
         if not todo:
             return

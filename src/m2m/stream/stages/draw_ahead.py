@@ -51,6 +51,8 @@ class PrepareAugment(Stage):
         # the GIL, so leaving it to a waiting consumer would not run it in parallel anyway
         rerun = getattr(self.augment, "rerun_ahead", None) if self.gather is not None else None
         vectors = work.tensors.get(cols.EMBEDDING) if rerun is not None else None
+        if vectors is not None and vectors.dtype != torch.float32:    # the draws are made for float32
+            vectors = None
         prepared = {}
         ahead = []
         for j in range(work.first, work.end):
@@ -58,7 +60,7 @@ class PrepareAugment(Stage):
             batch_rows = rows[sl]
             gen = batch_generator(self.seed, work.epoch, self.rank, j, batch_rows.device)
             draws = self.augment.prepare(batch_rows, self.dim, gen, torch.float32, self.gather, draw_gaussian)
-            if vectors is not None and vectors.dtype == torch.float32:
+            if vectors is not None:
                 ahead.append((draws, vectors[sl], batch_rows, gen))
             prepared[j] = (gen, draws)
         if rerun is not None and ahead:
