@@ -13,7 +13,11 @@ columns the plan reads. Cases:
 * ``importance``: shard affinity + `m2m.sampling.sharded.ShardedImportance` (p ∝ 1/kappa), the
   per-shard masses computed first (two passes over every shard's kappa, timed apart) then the plan;
 * ``affinity``: shard affinity, uniform (no plan);
-* ``block-local`` / ``full-local``: no affinity, the rank-local block / Feistel full orders.
+* ``block-local`` / ``full-local``: no affinity, the rank-local block / Feistel full orders;
+* ``langevin``: shard affinity, uniform, then the Langevin augmenter reading its terms by shard
+  (`LangevinAugmenter.by_shard` over virtual sidecars: neighbours anywhere in the lake) walks the
+  rank's rows in stream order, one batch at a time (``prepare`` without the direction Gaussians,
+  and the components of the rows it would rerun): the peak RSS is then plan + geometry.
 
     python benchmarks/bench_scale_1b_sim.py [--cases importance,affinity] [--json OUT] [--txt OUT]
 """
@@ -36,7 +40,34 @@ SHARD_ROW_BYTES = DIM * 2 + 24             # shard file bytes per row (mu, id, k
 SIDECAR_ROW_BYTES = 4 + 4 + 16 * (8 + 4)   # kappa + alpha + 16 neighbour ids (int64) and cosines
 WARM_BYTES = 4 << 30
 CACHE_BYTES = 16 << 30                      # one node cache, one rank per node
-CASES = ("importance", "affinity", "block-local", "full-local")
+CASES = ("importance", "affinity", "block-local", "full-local", "langevin")
+K = 16
+
+
+class VirtualTerms:
+    """`m2m.augment.tables.SplatTerms` of the virtual lake: per-shard terms generated from (seed,
+    shard) when the augmenter asks (what `SnapshotTerms` reads from a shard and its sidecar)."""
+
+    def __init__(self, offsets: np.ndarray, seed: int) -> None:
+        self.shard_offsets, self.seed, self.k = offsets, seed, K
+        self.loaded: list[int] = []
+
+    def kappa(self, shard: int) -> np.ndarray:
+        rows = int(self.shard_offsets[shard + 1] - self.shard_offsets[shard])
+        return synthetic_kappa(self.seed, shard, rows)
+
+    def terms(self, shard: int):  # noqa: ANN201
+        from m2m.augment.tables import ShardTerms
+
+        self.loaded.append(shard)
+        rows = int(self.shard_offsets[shard + 1] - self.shard_offsets[shard])
+        rng = np.random.default_rng([self.seed, shard, 1])
+        total = int(self.shard_offsets[-1])
+        return ShardTerms(kappa=self.kappa(shard), alpha=np.ones(rows, np.float32),
+                          neighbors=rng.integers(0, total, (rows, K), dtype=np.int64),
+                          neighbor_cos=rng.uniform(0.5, 0.9, (rows, K)).astype(np.float32),
+                          neighbor_kappa=(50.0 + 450.0 * rng.random((rows, K), dtype=np.float32)),
+                          neighbor_alpha=np.ones((rows, K), np.float32), same_label=None)
 
 
 class VirtualLake:
@@ -70,7 +101,7 @@ def run_case(case: str, shards: int, shard_rows: int, rank: int, world: int, bat
     n = lake.num_rows
     mode = "full" if case == "full-local" else "block"
     layout = order.choose_layout(n, ROW_BYTES, WARM_BYTES, True, mode)
-    aff = case in ("importance", "affinity")
+    aff = case in ("importance", "affinity", "langevin")
     group_blocks = max(layout.window_blocks, (CACHE_BYTES // 2) // (layout.block_rows * ROW_BYTES)) if aff else 0
     spec = StreamSpec(columns=(), layout=layout, num_rows=n, batch_size=batch_size, drop_last=False, seed=seed,
                       rank=rank, world_size=world, chunk_batches=1, warm_bytes=WARM_BYTES, shard_affinity=aff,
@@ -103,6 +134,8 @@ def run_case(case: str, shards: int, shard_rows: int, rank: int, world: int, bat
     part = ds.compute_epoch(0, World(rank, world))
     out["plan_s"] = time.perf_counter() - t1
     out["plan_cpu_s"] = time.process_time() - c1
+    if case == "langevin":
+        out.update(walk_langevin(lake, part.rows, batch_size, seed))
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     out["peak_rss_bytes"] = (status_kib("VmHWM") - base_rss) * 1024
@@ -121,6 +154,32 @@ def run_case(case: str, shards: int, shard_rows: int, rank: int, world: int, bat
     out["rank_share_sidecar_bytes"] = n * SIDECAR_ROW_BYTES // world
     out["sidecar_bytes_if_loaded_by_shard"] = int(len(touched)) * shard_rows * SIDECAR_ROW_BYTES
     return out
+
+
+def walk_langevin(lake: VirtualLake, rows: np.ndarray, batch_size: int, seed: int) -> dict:
+    """Augment the rank's rows in stream order with a by-shard Langevin augmenter (its tables only:
+    ``prepare`` and the rerun rows' components; no vectors exist)."""
+    import torch
+
+    from m2m.augment.augmenter import LangevinAugmenter
+    from m2m.augment.tables import DEFAULT_TERMS_BYTES
+
+    terms = VirtualTerms(lake.shard_offsets, seed)
+    aug = LangevinAugmenter.by_shard(terms, terms_bytes=DEFAULT_TERMS_BYTES)
+    t0, c0 = time.perf_counter(), time.process_time()
+    reruns = 0
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, len(rows), batch_size):
+        r = torch.from_numpy(rows[start:start + batch_size])
+        draws = aug.prepare(r, DIM, gen, draw_gaussian=False)
+        if draws.fail.numel():
+            aug._tables(torch.device("cpu"), DIM, None).components(r[draws.fail])
+            reruns += int(draws.fail.numel())
+    cache = aug._sharded(DIM).cache
+    return {"augment_s": time.perf_counter() - t0, "augment_cpu_s": time.process_time() - c0,
+            "terms_shards_loaded": len(terms.loaded), "terms_distinct_shards": len(set(terms.loaded)),
+            "terms_cache_peak_bytes": cache.peak_bytes, "terms_budget_bytes": DEFAULT_TERMS_BYTES,
+            "rerun_rows": reruns}
 
 
 def measure(case: str, args: argparse.Namespace) -> dict:
@@ -146,6 +205,14 @@ def table(results: list[dict]) -> str:
             f"| {r['traced_peak_bytes'] / gb:.2f} GB | {r['rank_rows']:,} | {r['shards_read']} "
             f"| {r['shard_bytes_read'] / r['rank_share_shard_bytes']:.3f} | {r['plan_sidecar_bytes'] / gb:.2f} GB "
             f"| {r['rank_share_sidecar_bytes'] / gb:.2f} GB |")
+    for r in results:
+        if "augment_s" in r:
+            lines.append(f"\n{r['case']}: augmenting the rank's {r['rank_rows']:,} rows took {r['augment_s']:.1f} s "
+                         f"({r['augment_cpu_s']:.1f} s CPU); terms of {r['terms_distinct_shards']} shards loaded "
+                         f"{r['terms_shards_loaded']} times; tables peaked at {r['terms_cache_peak_bytes'] / gb:.2f} GB "
+                         f"(budget {r['terms_budget_bytes'] / gb:.2f} GB); peak RSS plan + geometry "
+                         f"{r['peak_rss_bytes'] / gb:.2f} GB vs 2 x the rank's sidecar share "
+                         f"{2 * r['rank_share_sidecar_bytes'] / gb:.2f} GB")
     return "\n".join(lines)
 
 

@@ -70,8 +70,13 @@ def test_compaction_keeps_ids_order_values_and_sidecars(tmp_path):
         assert lake.verify() == []
         s0 = lake.manifest.shards[0]
         assert [f.columns for f in s0.files] == [("id", "mu", "kappa", "alpha", "mu_norm", "label", "src", "name"),
-                                                 ("id", "kappa", "neighbors", "neighbor_cos")]
+                                                 ("id", "kappa", "neighbors", "neighbor_cos", "neighbor_kappa",
+                                                  "neighbor_alpha", "neighbor_same_label")]
         assert lake.manifest.geometry["rows"] == 12 * 40
+        old_snap = lake.checkout(v_before)
+        for name in ("neighbor_kappa", "neighbor_alpha", "neighbor_same_label"):   # the terms move with their rows
+            assert np.array_equal(lake.snapshot.column(0, name), np.concatenate(
+                [old_snap.column(s, name) for s in range(12)]), equal_nan=True)
         # the old version and its files are untouched until vacuum
         assert old_files <= set(f"_data/{n}" for n in os.listdir(tmp_path / "lake" / "_data"))
         same(before, full(lake.checkout(v_before)))

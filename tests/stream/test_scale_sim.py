@@ -81,3 +81,26 @@ def test_1b_rows_rank_17_of_64_importance_plan_fits_its_share():
     assert res["rows"] == 1_024_000_000
     assert res["traced_peak_bytes"] <= 2 * res["rank_share_sidecar_bytes"]    # the issue's memory goal
     assert res["peak_rss_bytes"] <= 2 * res["rank_share_sidecar_bytes"]
+
+
+def test_a_small_virtual_lake_augments_one_ranks_share_by_shard():
+    sim = _sim_1b()
+    res = sim.run_case("langevin", 64, 4096, 17, 64, 1024, 0)
+    _check_rank(res, 4096, 64)
+    # the augmenter loaded the terms of the shards the rank streams, each once (its tables fit)
+    assert res["terms_distinct_shards"] <= res["shards_read"]
+    assert res["terms_shards_loaded"] == res["terms_distinct_shards"]
+    assert res["rerun_rows"] > 0
+
+
+@pytest.mark.slow
+def test_1b_rows_rank_17_of_64_langevin_terms_by_shard_fit_its_share():
+    """The same rank of the 1B-row virtual lake, augmented with Langevin reading its terms by shard
+    (neighbours anywhere in the lake): plan + geometry within 2 x the rank's sidecar share."""
+    sim = _sim_1b()
+    args = argparse.Namespace(shards=4000, shard_rows=256_000, rank=17, world=64, batch_size=1024, seed=0)
+    res = sim.measure("langevin", args)
+    _check_rank(res, 256_000, 64)
+    assert res["terms_distinct_shards"] <= res["shards_read"]
+    assert res["terms_cache_peak_bytes"] <= res["terms_budget_bytes"] + 2 * 256_000 * 600
+    assert res["peak_rss_bytes"] <= 2 * res["rank_share_sidecar_bytes"]

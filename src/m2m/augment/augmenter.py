@@ -18,6 +18,7 @@ Tables live on the CPU and are copied to each device on first use (or ``.to(devi
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -43,6 +44,15 @@ from m2m.augment.langevin import (
     path_terms,
 )
 from m2m.augment.span import span_coupled_chain
+from m2m.augment.tables import (
+    DEFAULT_TERMS_BYTES,
+    ShardCache,
+    SplatTerms,
+    by_shard,
+    check_terms,
+    tensor_bytes,
+    tensor_bytes_of,
+)
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.geometry.noise import HostNoise, Source, normal_
 from m2m.geometry.span import span_factor
@@ -109,8 +119,36 @@ class VMFAugmenter:
     def __init__(self, kappa: np.ndarray) -> None:
         k = np.asarray(kappa)
         self._kappa = torch.from_numpy(_check_table("kappa", k, k.shape[0] if k.ndim == 1 else -1, False))
+        self._terms: SplatTerms | None = None
+        self._terms_bytes = 0
+        self._sharded: _ShardedRows | None = None
         self._cache: dict[torch.device, Tensor] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def by_shard(cls, terms: SplatTerms, terms_bytes: int = DEFAULT_TERMS_BYTES) -> "VMFAugmenter":
+        """The same augmenter reading each shard's kappa from ``terms`` when first used (kept within
+        ``terms_bytes``, least recently used dropped); its draws equal the whole-lake augmenter's."""
+        aug = cls.__new__(cls)
+        aug._kappa = torch.zeros(0, dtype=torch.float64)
+        aug._terms, aug._terms_bytes, aug._sharded = terms, int(terms_bytes), None
+        aug._cache, aug._lock = {}, threading.Lock()
+        return aug
+
+    def _by_shard(self) -> "_ShardedRows":
+        with self._lock:
+            if self._sharded is None:
+                assert self._terms is not None
+                offsets = np.asarray(self._terms.shard_offsets, dtype=np.int64)
+                self._sharded = _ShardedRows(offsets, ShardCache(self._shard_kappa, tensor_bytes_of,
+                                                                 self._terms_bytes))
+            return self._sharded
+
+    def _shard_kappa(self, shard: int) -> Tensor:
+        assert self._terms is not None
+        offsets = self._terms.shard_offsets
+        n = int(offsets[shard + 1] - offsets[shard])
+        return torch.from_numpy(_check_table(f"kappa of shard {shard}", self._terms.kappa(shard), n, False))
 
     def __getstate__(self) -> dict[str, Any]:
         """Tables only (a stream loader pickles for spawn launchers): locks and per-device/per-thread
@@ -137,7 +175,10 @@ class VMFAugmenter:
         ``self(x, rows, gather, generator, prepared=...)`` then equals ``self(x, rows, gather, generator)``.
         ``draw_gaussian=False`` leaves the direction Gaussians to the call (same result)."""
         _check_rows(rows)
-        kappa = self._table(rows.device)[rows]
+        if self._terms is not None:
+            kappa = self._by_shard().take(rows, lambda t, r: t[r])
+        else:
+            kappa = self._table(rows.device)[rows]
         noise = _batch_noise(generator, rows.device, dtype)
         w, s = sample_cosine(kappa, dim, 1, noise)
         gaussian = None
@@ -159,7 +200,10 @@ class VMFAugmenter:
 
 @dataclass
 class _Tables:
-    """Per-device tables of one (dim) configuration."""
+    """Per-device tables of one (dim) configuration: of the whole lake, or of one shard's rows
+    (``LangevinAugmenter.by_shard``: rows are then the shard's own positions, and the neighbours'
+    kappa and log weights are kept per row, ``nb_kappa`` / ``nb_logw``, since the neighbours' own
+    rows may lie in shards this process never loads)."""
     packed: Tensor       # [N, 3] float64 (h = step length, kappa / T, 1 - fast): a batch's values in one gather;
                          # fast: neighbours negligible whatever the path -> one-component chain
     kappa: Tensor        # [N] float64
@@ -168,6 +212,69 @@ class _Tables:
     room: Tensor         # [N, k] float32 } constants of the path check (``path_terms``)
     slope: Tensor        # [N, k] float32 }
     scale: Tensor        # [N, k] float32 }
+    nb_kappa: Tensor | None = None   # [N, k] float64, 0 where absent (per-shard tables only)
+    nb_logw: Tensor | None = None    # [N, k] float64, -inf where absent (per-shard tables only)
+
+    def per_row(self, rows: Tensor) -> Tensor:
+        return self.packed.index_select(0, rows)
+
+    def path(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.room.index_select(0, rows), self.slope.index_select(0, rows), self.scale.index_select(0, rows)
+
+    def components(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(neighbour positions [f, k] int64, -1 absent; kappa [f, 1 + k] and log weights [f, 1 + k],
+        float64, the row's own first) of ``rows``."""
+        nb = self.neighbors.index_select(0, rows).long()
+        own_k, own_a = self.kappa[rows].unsqueeze(1), self.log_w[rows].unsqueeze(1)
+        if self.nb_kappa is not None and self.nb_logw is not None:
+            return nb, torch.cat([own_k, self.nb_kappa[rows]], 1), torch.cat([own_a, self.nb_logw[rows]], 1)
+        valid = nb >= 0
+        idx = nb.clamp(min=0)
+        kap = torch.cat([own_k, torch.where(valid, self.kappa[idx], 0.0)], 1)
+        a = torch.cat([own_a, torch.where(valid, self.log_w[idx], -math.inf)], 1)
+        return nb, kap, a
+
+
+class _ShardedRows:
+    """Per-shard values (a `ShardCache`) looked up by global row positions; results on the rows' device."""
+
+    def __init__(self, offsets: np.ndarray, cache: ShardCache[Any]) -> None:
+        self.offsets, self.cache = offsets, cache
+
+    def take_all(self, rows: Tensor, pick: Callable[[Any, Tensor], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """``pick(value, local rows)`` of each shard's rows, put back in the order of ``rows``."""
+        groups = by_shard(rows, self.offsets)
+        values = self.cache.get_many([g[0] for g in groups])
+        outs: list[Tensor] | None = None
+        for (_, where, local), v in zip(groups, values):
+            parts = pick(v, local)
+            if outs is None:
+                outs = [p.new_empty((rows.shape[0],) + tuple(p.shape[1:])) for p in parts]
+            for o, p in zip(outs, parts):
+                o[where] = p
+        if outs is None:   # no rows: the shapes of an empty pick
+            outs = list(pick(self.cache.get_many([0])[0], torch.zeros(0, dtype=torch.int64)))
+        return tuple(o.to(rows.device) for o in outs)
+
+    def take(self, rows: Tensor, pick: Callable[[Any, Tensor], Tensor]) -> Tensor:
+        return self.take_all(rows, lambda v, r: (pick(v, r),))[0]
+
+
+class _ShardedTables(_ShardedRows):
+    """`_Tables` of the shards a process uses, built from `SplatTerms` on first use and kept within a
+    byte budget (`m2m.augment.tables.ShardCache`); same methods, global row positions. Built and kept
+    on the CPU."""
+
+    def per_row(self, rows: Tensor) -> Tensor:
+        return self.take(rows, lambda t, r: t.per_row(r))
+
+    def path(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        room, slope, scale = self.take_all(rows, lambda t, r: t.path(r))
+        return room, slope, scale
+
+    def components(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        nb, kap, a = self.take_all(rows, lambda t, r: t.components(r))
+        return nb, kap, a
 
 
 @dataclass
@@ -244,9 +351,16 @@ class LangevinAugmenter:
             self._cos: Tensor | None = torch.from_numpy(np.where(valid, cos, 0.0).astype(np.float32))
         else:
             self._cos = None
+        self._terms: SplatTerms | None = None
+        self._terms_bytes = 0
+        self._n, self._k = n, k
+        self._init_chain(steps, step_size, temperature, metropolis)
+
+    def _init_chain(self, steps: int, step_size: float, temperature: float, metropolis: bool) -> None:
         self.steps, self.metropolis = steps, metropolis
         self.step_size, self.temperature = float(step_size), float(temperature)
         self._static: dict[int, _Tables] = {}
+        self._by_dim: dict[int, _ShardedTables] = {}     # by shard: tables per vector width
         self._cache: dict[tuple[torch.device, int], _Tables] = {}
         self._frames: dict[tuple[torch.device, int, torch.dtype], _Frames | None] = {}
         self._lock = threading.Lock()
@@ -254,6 +368,29 @@ class LangevinAugmenter:
         # the exact rerun: in the span of the row's means (same law as ``coupled_full_chain``, which
         # tests swap in as the reference)
         self._rerun_kernel: Callable[..., Tensor] = span_coupled_chain
+
+    @classmethod
+    def by_shard(cls, terms: SplatTerms, steps: int = 5, step_size: float = DEFAULT_STEP_SIZE,
+                 temperature: float = 1.0, metropolis: bool = False,
+                 terms_bytes: int = DEFAULT_TERMS_BYTES) -> "LangevinAugmenter":
+        """The same augmenter reading its terms shard by shard from ``terms`` (`m2m.augment.tables`):
+        a shard's tables are built the first time one of its rows is augmented and the least recently
+        used are dropped beyond ``terms_bytes``. Its draws equal those of the whole-lake augmenter
+        over the same terms up to float64 rounding of the tables (tests/augment/test_tables.py)."""
+        validate_chain_args(steps, step_size, temperature)
+        offsets = np.asarray(terms.shard_offsets, dtype=np.int64)
+        n, k = int(offsets[-1]), int(terms.k)
+        if n >= 2**31:
+            raise ConfigError(f"LangevinAugmenter supports up to 2**31 - 1 splats, got {n}")
+        self = cls.__new__(cls)
+        self._terms, self._terms_bytes = terms, int(terms_bytes)
+        self._n, self._k = n, k
+        self._neighbors = torch.zeros(0, k, dtype=torch.int32)   # whole-lake tables: none
+        self._valid = torch.zeros(0, k, dtype=torch.bool)
+        self._kappa = self._alpha = np.zeros(0)
+        self._cos = None
+        self._init_chain(steps, step_size, temperature, metropolis)
+        return self
 
     # ------------------------------------------------------------------ tables
 
@@ -273,19 +410,25 @@ class LangevinAugmenter:
     @property
     def fast_fraction(self) -> float | None:
         """Fraction of splats on the one-component path (None before the tables exist)."""
-        if not self._static:
+        if not self._static:   # (by-shard augmenters keep no whole-lake tables: None)
             return None
         slow = next(iter(self._static.values())).packed[:, 2]
         return 1.0 - float(slow.mean()) if slow.numel() else 1.0
 
-    def _tables(self, device: torch.device, dim: int, gather: Gather | None) -> _Tables:
+    def _tables(self, device: torch.device, dim: int, gather: Gather | None) -> "_Tables | _ShardedTables":
+        if self._terms is not None:
+            return self._sharded(dim)
         key = (device, dim)
         with self._lock:
             if key not in self._cache:
                 if dim not in self._static:
                     self._static[dim] = self._build(dim, gather)
                 st = self._static[dim]
-                self._cache[key] = _Tables(*(getattr(st, f.name).to(device) for f in fields(_Tables)))
+                moved: dict[str, Any] = {}
+                for f in fields(_Tables):
+                    v = getattr(st, f.name)
+                    moved[f.name] = None if v is None else v.to(device)
+                self._cache[key] = _Tables(**moved)
             return self._cache[key]
 
     def _neighbour_cosines(self, gather: Gather | None) -> Tensor:
@@ -319,17 +462,57 @@ class LangevinAugmenter:
             idx = self._neighbors[sl].clamp(min=0).long()
             k_nb = torch.where(valid, kappa[idx], torch.zeros((), dtype=torch.float64))
             a_nb = torch.where(valid, log_w[idx], torch.full((), -math.inf, dtype=torch.float64))
-            # the step depends on the row's own kappa only: a neighbour's concentration does not change
-            # how far a row moves (with a much more concentrated neighbour that does carry weight, ULA's
-            # discretisation of that component is coarser; metropolis=True keeps the law exact)
-            h[sl] = step_length(self.step_size, kappa[sl].unsqueeze(1), None, dim, self.temperature)
-            fast[sl] = negligible_neighbours(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], h[sl], self.steps, dim,
-                                             self.temperature, self.metropolis)
-            room[sl], slope[sl], scale[sl] = path_terms(cos[sl], k_nb, a_nb, kappa[sl], log_w[sl], self.temperature)
+            h[sl], fast[sl], room[sl], slope[sl], scale[sl] = self._row_terms(cos[sl], k_nb, a_nb, kappa[sl],
+                                                                              log_w[sl], dim)
         log.info("LangevinAugmenter: %d splats, k=%d, d=%d; %.2f%% on the one-component path",
                  n, k, dim, 100.0 * float(fast.double().mean()) if n else 100.0)
         packed = torch.stack([h, kappa / self.temperature, (~fast).double()], 1)
         return _Tables(packed, kappa, log_w, self._neighbors, room, slope, scale)
+
+    def _row_terms(self, cos: Tensor, k_nb: Tensor, a_nb: Tensor, kappa: Tensor, log_w: Tensor,
+                   dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(h, fast, room, slope, scale) of rows from their own and their neighbours' terms."""
+        # the step depends on the row's own kappa only: a neighbour's concentration does not change
+        # how far a row moves (with a much more concentrated neighbour that does carry weight, ULA's
+        # discretisation of that component is coarser; metropolis=True keeps the law exact)
+        h = step_length(self.step_size, kappa.unsqueeze(1), None, dim, self.temperature)
+        fast = negligible_neighbours(cos, k_nb, a_nb, kappa, log_w, h, self.steps, dim, self.temperature,
+                                     self.metropolis)
+        room, slope, scale = path_terms(cos, k_nb, a_nb, kappa, log_w, self.temperature)
+        return h, fast, room, slope, scale
+
+    def _sharded(self, dim: int) -> _ShardedTables:
+        with self._lock:
+            tab = self._by_dim.get(dim)
+            if tab is None:
+                terms = self._terms
+                assert terms is not None
+                offsets = np.asarray(terms.shard_offsets, dtype=np.int64)
+                cache: ShardCache[_Tables] = ShardCache(functools.partial(self._build_shard, dim=dim), tensor_bytes,
+                                                        self._terms_bytes)
+                tab = self._by_dim[dim] = _ShardedTables(offsets, cache)
+            return tab
+
+    def _build_shard(self, shard: int, dim: int) -> _Tables:
+        """The `_Tables` of one shard's rows, from its terms alone (``by_shard``)."""
+        terms = self._terms
+        assert terms is not None
+        offsets = terms.shard_offsets
+        first, rows = int(offsets[shard]), int(offsets[shard + 1] - offsets[shard])
+        t = terms.terms(shard)
+        check_terms(t, rows, self._k, self._n, shard, first)
+        valid = torch.from_numpy(t.valid(first))
+        kappa = torch.from_numpy(t.kappa.astype(np.float64))
+        log_w = component_log_weights(kappa, torch.from_numpy(t.alpha.astype(np.float64)), dim)
+        # a neighbour's alpha is 1 where it is no component: its log weight is masked to -inf anyway
+        k_nb = torch.where(valid, torch.from_numpy(t.neighbor_kappa.astype(np.float64)), 0.0)
+        a_in = torch.where(valid, torch.from_numpy(t.neighbor_alpha.astype(np.float64)), 1.0)
+        a_nb = component_log_weights(k_nb, a_in, dim, valid)
+        cos = torch.where(valid, torch.from_numpy(np.asarray(t.neighbor_cos, dtype=np.float32)), 0.0)
+        h, fast, room, slope, scale = self._row_terms(cos, k_nb, a_nb, kappa, log_w, dim)
+        packed = torch.stack([h, kappa / self.temperature, (~fast).double()], 1)
+        nb = torch.from_numpy(np.where(valid.numpy(), t.neighbors, -1).astype(np.int32))
+        return _Tables(packed, kappa, log_w, nb, room, slope, scale, k_nb, a_nb)
 
     def _scratch(self, x: Tensor) -> Tensor:
         """A per-thread temporary of x's shape (fresh large allocations fault pages on every batch)."""
@@ -353,7 +536,7 @@ class LangevinAugmenter:
         _check_rows(rows)
         device = rows.device
         tab = self._tables(device, dim, gather)
-        per_row = tab.packed.index_select(0, rows)
+        per_row = tab.per_row(rows)
         h = per_row[:, 0]
         cand = torch.nonzero(per_row[:, 2]).squeeze(1)       # rows whose neighbours might matter
         noise = HostNoise.of(generator) if device.type == "cpu" else generator  # one seeding per batch
@@ -367,8 +550,7 @@ class LangevinAugmenter:
         if cand.numel():
             r = rows.index_select(0, cand)
             sub = own if cand.numel() == rows.numel() else own.rows(cand)
-            ok = negligible_on_path(sub, tab.room.index_select(0, r), tab.slope.index_select(0, r),
-                                    tab.scale.index_select(0, r), dim)
+            ok = negligible_on_path(sub, *tab.path(r), dim)
             bad = torch.nonzero(~ok).squeeze(1)
             if bad.numel():
                 fail, rerun = cand.index_select(0, bad), sub.rows(bad)
@@ -411,7 +593,7 @@ class LangevinAugmenter:
         x0 = todo[0][1]
         dev, d = x0.device, x0.shape[1]
         tab = self._tables(dev, d, gather)
-        width = self._neighbors.shape[1] + 2 + self.steps       # the span chain's coordinates
+        width = self._k + 2 + self.steps       # the span chain's coordinates
         if (len(todo) == 1 or self._rerun_kernel is not _span.span_coupled_chain or d <= width
                 or any(x.device != dev or x.dtype != x0.dtype for _, x, _, _ in todo)):
             groups: list[list[tuple[LangevinDraws, Tensor, Tensor, torch.Generator]]] = [[t] for t in todo]
@@ -431,11 +613,11 @@ class LangevinAugmenter:
             for (p, _, _, _), piece in zip(group, out.split([int(f.numel()) for f in fails])):
                 p.exact = piece
 
-    def _exact(self, x: Tensor, rows: Tensor, h: Tensor, tab: _Tables, gather: Gather,
+    def _exact(self, x: Tensor, rows: Tensor, h: Tensor, tab: "_Tables | _ShardedTables", gather: Gather,
                generator: "torch.Generator | _span.RowBlocks", own: OwnChain) -> Tensor:
         """The exact chain over all components of the given rows, coupled to their recorded run."""
         f, d = x.shape
-        nb = tab.neighbors.index_select(0, rows).long()
+        nb, kap, a = tab.components(rows)
         valid = nb >= 0
         uniq, inv = torch.unique(nb[valid], return_inverse=True)
         span = self._rerun_kernel is _span.span_coupled_chain
@@ -450,9 +632,6 @@ class LangevinAugmenter:
         pos[valid] = inv + f
         pos = torch.cat([torch.arange(f, device=x.device).unsqueeze(1), pos], 1)
         mu = table.index_select(0, pos.reshape(-1)).view(f, 1 + nb.shape[1], d)
-        idx = nb.clamp(min=0)
-        kap = torch.cat([tab.kappa[rows].unsqueeze(1), torch.where(valid, tab.kappa[idx], 0.0)], 1)
-        a = torch.cat([tab.log_w[rows].unsqueeze(1), torch.where(valid, tab.log_w[idx], -math.inf)], 1)
         a = a - a[:, :1]                      # softmax is shift-free; keeps float32 logits small
         if span:
             return self._rerun_kernel(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.temperature, generator, own,
@@ -463,7 +642,9 @@ class LangevinAugmenter:
         """The span factors of ``mu`` [f, K, d] (the means of splats ``rows``, x rows being the splats'
         own vectors as in the stream) from the per-splat table, computing the missing ones; None when
         the table would exceed ``_FRAME_CACHE_BYTES`` (the kernel then forms every Gram matrix)."""
-        n, k1 = self._neighbors.shape[0], mu.shape[1]
+        if self._terms is not None:   # by shard: no whole-lake table (each rerun forms its Gram matrices)
+            return None
+        n, k1 = self._n, mu.shape[1]
         key = (mu.device, mu.shape[2], mu.dtype)
         with self._lock:
             if key not in self._frames:
@@ -498,9 +679,11 @@ def _plain_state(obj: Any) -> dict[str, Any]:
     state = obj.__dict__.copy()
     for name in ("_lock", "_local"):
         state.pop(name, None)
-    for name in ("_cache", "_frames"):
+    for name in ("_cache", "_frames", "_by_dim"):
         if name in state:
             state[name] = {}
+    if "_sharded" in state:       # by-shard tables: rebuilt by the receiver from ``_terms``
+        state["_sharded"] = None
     return state
 
 
@@ -526,6 +709,39 @@ class MixtureDraws:
     sin: Tensor
     gaussian: Tensor | None
     noise: Source = None
+
+
+def _present_first(present: np.ndarray) -> np.ndarray:
+    """The column order that moves each row's present slots to the front (stable)."""
+    return np.argsort(~present, axis=1, kind="stable")
+
+
+def _mixture_rows(own: np.ndarray, neighbours: np.ndarray, alpha_own: np.ndarray,
+                  alpha_nb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(components [n, 1 + k] int64, their cumulative masses [n, 1 + k] float64, present [n, 1 + k]) of
+    rows at positions ``own`` with ``neighbours`` (-1: not a component) of masses ``alpha_nb``: slot 0
+    = the row, then its components moved to the front; the last present slot's mass exactly 1.0 and
+    absent slots 2.0 (never picked)."""
+    n = len(own)
+    comp = np.concatenate([own[:, None], neighbours], 1)
+    present = comp >= 0
+    order = _present_first(present)
+    comp = np.take_along_axis(comp, order, 1)
+    present = np.take_along_axis(present, order, 1)
+    w = np.concatenate([alpha_own[:, None], alpha_nb], 1)
+    w = np.where(present, np.take_along_axis(w, order, 1), 0.0)
+    cdf = np.cumsum(w, 1) / w.sum(1, keepdims=True)
+    last = present.sum(1) - 1
+    cdf[np.arange(n), last] = 1.0
+    cdf[~present] = 2.0
+    return comp, cdf, present
+
+
+@dataclass
+class _MixtureShard:
+    comp: Tensor     # [n, 1 + k] int64 positions, -1 absent
+    cdf: Tensor      # [n, 1 + k] float64
+    kappa: Tensor    # [n, 1 + k] float64 kappa / T of each slot
 
 
 class MixtureAugmenter:
@@ -573,24 +789,59 @@ class MixtureAugmenter:
         if n >= 2**31:
             raise ConfigError(f"MixtureAugmenter supports up to 2**31 - 1 splats, got {n}")
         self.temperature = float(temperature)
-        # components of row i: slot 0 = i, slots 1..k = its valid neighbours moved to the front
-        comp = np.concatenate([np.arange(n)[:, None], np.where(valid, nb, -1)], 1)
-        present = comp >= 0
-        order = np.argsort(~present, axis=1, kind="stable")
-        comp = np.take_along_axis(comp, order, 1)
-        present = np.take_along_axis(present, order, 1)
-        # cumulative masses, the last present slot exactly 1.0 and absent slots 2.0 (never picked)
-        w = np.where(present, alp[np.maximum(comp, 0)], 0.0)
-        cdf = np.cumsum(w, 1) / w.sum(1, keepdims=True)
-        last = present.sum(1) - 1
-        cdf[np.arange(n), last] = 1.0
-        cdf[~present] = 2.0
+        comp, cdf, present = _mixture_rows(np.arange(n), np.where(valid, nb, -1), alp, alp[np.maximum(nb, 0)])
         self._slots = int(present.sum(1).max()) if n else 1
         self._comp = torch.from_numpy(np.ascontiguousarray(comp[:, :self._slots]).astype(np.int32))
         self._cdf = torch.from_numpy(np.ascontiguousarray(cdf[:, :self._slots]))
         self._kappa = torch.from_numpy(kap / self.temperature)
+        self._terms: SplatTerms | None = None
+        self._terms_bytes = 0
+        self._sharded: _ShardedRows | None = None
         self._cache: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def by_shard(cls, terms: SplatTerms, temperature: float = 1.0,
+                 terms_bytes: int = DEFAULT_TERMS_BYTES) -> "MixtureAugmenter":
+        """The same augmenter reading its terms shard by shard from ``terms`` (`m2m.augment.tables`),
+        kept within ``terms_bytes``; its draws equal the whole-lake augmenter's (its
+        ``responsibilities`` have k + 1 slots, the whole-lake one's as many as the largest mixture)."""
+        validate_chain_args(0, DEFAULT_STEP_SIZE, temperature)
+        aug = cls.__new__(cls)
+        aug.temperature = float(temperature)
+        k = int(terms.k)
+        aug._slots = k + 1
+        aug._comp = torch.zeros(0, k + 1, dtype=torch.int32)
+        aug._cdf = torch.zeros(0, k + 1, dtype=torch.float64)
+        aug._kappa = torch.zeros(0, dtype=torch.float64)
+        aug._terms, aug._terms_bytes, aug._sharded = terms, int(terms_bytes), None
+        aug._cache, aug._lock = {}, threading.Lock()
+        return aug
+
+    def _by_shard(self) -> "_ShardedRows":
+        with self._lock:
+            if self._sharded is None:
+                assert self._terms is not None
+                offsets = np.asarray(self._terms.shard_offsets, dtype=np.int64)
+                self._sharded = _ShardedRows(offsets, ShardCache(self._build_shard, tensor_bytes_of,
+                                                                 self._terms_bytes))
+            return self._sharded
+
+    def _build_shard(self, shard: int) -> "_MixtureShard":
+        """One shard's components, cumulative masses and component kappa / T, from its terms alone."""
+        terms = self._terms
+        assert terms is not None
+        offsets = terms.shard_offsets
+        first, n = int(offsets[shard]), int(offsets[shard + 1] - offsets[shard])
+        t = terms.terms(shard)
+        check_terms(t, n, int(terms.k), int(offsets[-1]), shard, first)
+        valid = t.valid(first)
+        comp, cdf, present = _mixture_rows(np.arange(first, first + n), np.where(valid, t.neighbors, -1),
+                                           t.alpha.astype(np.float64), t.neighbor_alpha.astype(np.float64))
+        kap = np.concatenate([t.kappa[:, None], np.where(valid, t.neighbor_kappa, 0.0)], 1).astype(np.float64)
+        order = _present_first(np.concatenate([np.ones((n, 1), bool), valid], 1))
+        kap = np.where(present, np.take_along_axis(kap, order, 1), 0.0) / self.temperature
+        return _MixtureShard(torch.from_numpy(comp), torch.from_numpy(cdf), torch.from_numpy(kap))
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickles without its lock and device caches (DataLoader workers, spawned ranks)."""
@@ -612,8 +863,10 @@ class MixtureAugmenter:
 
     def responsibilities(self, rows: Tensor) -> Tensor:
         """[B, S] the probability of each component slot of ``rows`` (the mixture weights drawn from)."""
-        _, cdf, _ = self._tables(rows.device)
-        c = cdf.index_select(0, rows).clamp(max=1.0)
+        if self._terms is not None:
+            c = self._by_shard().take(rows, lambda t, r: t.cdf[r]).clamp(max=1.0)
+        else:
+            c = self._tables(rows.device)[1].index_select(0, rows).clamp(max=1.0)
         return torch.diff(c, dim=1, prepend=torch.zeros_like(c[:, :1]))
 
     def prepare(self, rows: Tensor, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
@@ -622,12 +875,19 @@ class MixtureAugmenter:
         ``self(x, rows, gather, generator, prepared=...)`` then equals ``self(x, rows, gather, generator)``.
         ``draw_gaussian=False`` leaves the direction Gaussians to the call (same result)."""
         _check_rows(rows)
-        comp, cdf, kappa = self._tables(rows.device)
         u = torch.rand(rows.shape[0], dtype=torch.float64, device=rows.device, generator=generator)
-        slot = (cdf.index_select(0, rows) <= u.unsqueeze(1)).sum(1)
-        source = comp.index_select(0, rows).gather(1, slot.unsqueeze(1)).squeeze(1).long()
+        if self._terms is not None:
+            cdf_r, comp_r, kap_r = self._by_shard().take_all(rows, lambda t, r: (t.cdf[r], t.comp[r], t.kappa[r]))
+            slot = (cdf_r <= u.unsqueeze(1)).sum(1)
+            source = comp_r.gather(1, slot.unsqueeze(1)).squeeze(1).long()
+            kappa_src = kap_r.gather(1, slot.unsqueeze(1)).squeeze(1)
+        else:
+            comp, cdf, kappa = self._tables(rows.device)
+            slot = (cdf.index_select(0, rows) <= u.unsqueeze(1)).sum(1)
+            source = comp.index_select(0, rows).gather(1, slot.unsqueeze(1)).squeeze(1).long()
+            kappa_src = kappa.index_select(0, source)
         noise = _batch_noise(generator, rows.device, dtype)
-        w, s = sample_cosine(kappa.index_select(0, source), dim, 1, noise)
+        w, s = sample_cosine(kappa_src, dim, 1, noise)
         gaussian = None
         if draw_gaussian and noise is not generator:
             gaussian = normal_(torch.empty((rows.shape[0], dim), dtype=dtype), noise)

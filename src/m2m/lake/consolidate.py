@@ -72,7 +72,8 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
         fields = geometry_fields(Snapshot(fs, merged_version, verify=snap.verify), config.knn_k, config.seed)
     else:
         kappa_est, nbrs, cos = compute_geometry(new_mu, config.knn_k, config.seed)
-        fields = with_geometry(fs, base, shards, ids[rep], new_kappa, kappa_est, nbrs, cos)
+        fields = with_geometry(fs, base, shards, ids[rep], new_kappa, kappa_est, nbrs, cos, new_alpha,
+                               None if codes is None else codes[rep])
     fields["stats"]["alpha"] = lake_stats.summarize(new_kappa, new_alpha)["alpha"]
     alpha_after = float(new_alpha.sum(dtype=np.float64))
     report = ConsolidationReport(rows_before=base.rows, rows_after=g, groups_merged=int((size > 1).sum()),

@@ -52,7 +52,19 @@ import pyarrow as pa
 from m2m.errors import CorruptShardError
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import FileEntry, Manifest
-from m2m.lake.schema import ALPHA, ID, KAPPA, LABEL, MU, MU_NORM, NEIGHBOR_COS, NEIGHBORS
+from m2m.lake.schema import (
+    ALPHA,
+    ID,
+    KAPPA,
+    LABEL,
+    MU,
+    MU_NORM,
+    NEIGHBOR_ALPHA,
+    NEIGHBOR_COS,
+    NEIGHBOR_KAPPA,
+    NEIGHBOR_SAME_LABEL,
+    NEIGHBORS,
+)
 from m2m.lake.shard import read_header
 
 _DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -122,6 +134,11 @@ def _stamp_int(meta: dict[str, str], key: str, where: str) -> int | None:
         raise CorruptShardError(f"shard file {where}: metadata {key} = {v!r} is not an int") from None
 
 
+#: value types of the geometry sidecars' fixed_size_list<...>[k] columns
+_NEIGHBOUR_TYPES = {NEIGHBORS: pa.int64(), NEIGHBOR_COS: pa.float32(), NEIGHBOR_KAPPA: pa.float32(),
+                    NEIGHBOR_ALPHA: pa.float32(), NEIGHBOR_SAME_LABEL: pa.bool_()}
+
+
 def expected_type(m: Manifest, column: str) -> pa.DataType | str:
     """The Arrow type (or, for metadata, the type string) the manifest implies for ``column``."""
     if column == ID:
@@ -134,9 +151,9 @@ def expected_type(m: Manifest, column: str) -> pa.DataType | str:
         return pa.float64()
     if column == LABEL and m.label_type is not None:
         return pa.string() if m.label_type == "string" else pa.int64()
-    if column in (NEIGHBORS, NEIGHBOR_COS):
+    if column in _NEIGHBOUR_TYPES:
         k = int((m.geometry or {}).get("k", -1))
-        return pa.list_(pa.int64() if column == NEIGHBORS else pa.float32(), k)
+        return pa.list_(_NEIGHBOUR_TYPES[column], k)
     return m.metadata.get(column, "?")
 
 

@@ -33,7 +33,8 @@ the last segment; every other segment is read and checked on first use (`Segment
   ``alpha``, ``label`` (when the lake has labels) and every metadata column; later files
   (sidecars, e.g. ``kappa``, ``neighbors``, ``neighbor_cos``) override the columns they list.
   Geometry sidecars list ``kappa``, ``neighbors`` and ``neighbor_cos`` together (new ones also
-  ``id``, which binds them to their shard); the shards that have one hold ``geometry["rows"]``
+  ``id``, which binds them to their shard, and may list ``neighbor_kappa`` and ``neighbor_alpha``
+  together, with ``neighbor_same_label`` on lakes with labels; no other file lists these); the shards that have one hold ``geometry["rows"]``
   rows together (estimate_kappa covers every shard, later appends add shards without).
 
 `Manifest.from_json` checks all of this (the checksum, types, ranges, names and the id layout)
@@ -69,7 +70,17 @@ from m2m.errors import (
     UnknownColumnError,
 )
 from m2m.lake.fs import LakeFS
-from m2m.lake.schema import GEOMETRY_COLUMNS, KAPPA, LABEL, MAIN_COLUMNS, NEIGHBORS, OPTIONAL_MAIN_COLUMNS
+from m2m.lake.schema import (
+    GEOMETRY_COLUMNS,
+    KAPPA,
+    LABEL,
+    MAIN_COLUMNS,
+    NEIGHBOR_ALPHA,
+    NEIGHBOR_KAPPA,
+    NEIGHBORS,
+    NEIGHBOUR_TERMS,
+    OPTIONAL_MAIN_COLUMNS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -899,7 +910,7 @@ def check_layout(m: Manifest) -> None:
 
 def _columns(m: Manifest) -> tuple[frozenset[str], frozenset[str]]:
     main = set(MAIN_COLUMNS) | set(m.metadata) | ({LABEL} if m.label_type is not None else set())
-    return frozenset(main), frozenset(main | set(GEOMETRY_COLUMNS) | set(OPTIONAL_MAIN_COLUMNS))
+    return frozenset(main), frozenset(main | set(GEOMETRY_COLUMNS) | set(OPTIONAL_MAIN_COLUMNS) | set(NEIGHBOUR_TERMS))
 
 
 def _check_run(shards: Sequence[ShardEntry], offset: int, main: frozenset[str],
@@ -930,6 +941,10 @@ def _check_run(shards: Sequence[ShardEntry], offset: int, main: frozenset[str],
             geo = set(GEOMETRY_COLUMNS) & (cols if j else cols - {KAPPA})
             if geo and geo != set(GEOMETRY_COLUMNS):  # estimate_kappa writes all three together
                 raise InvalidManifestError(f"file {f.path} lists {sorted(geo)} but not all of {list(GEOMETRY_COLUMNS)}")
+            terms = set(NEIGHBOUR_TERMS) & cols
+            if terms and (j == 0 or NEIGHBORS not in cols or not {NEIGHBOR_KAPPA, NEIGHBOR_ALPHA} <= terms):
+                raise InvalidManifestError(f"file {f.path} lists {sorted(terms)} outside a geometry sidecar with "
+                                           f"{NEIGHBOR_KAPPA} and {NEIGHBOR_ALPHA}")
             has_geometry = has_geometry or NEIGHBORS in cols
         if has_geometry:
             estimated = True

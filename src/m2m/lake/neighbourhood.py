@@ -56,8 +56,16 @@ def compute_geometry(mu: np.ndarray, k: int, seed: int = 0, progress: Callable[[
 
 def with_geometry(fs: LakeFS, base: Manifest, shards: Sequence[ShardEntry], ids: np.ndarray,
                   user_kappa: np.ndarray, kappa_est: np.ndarray, neighbors: np.ndarray,
-                  neighbor_cos: np.ndarray) -> dict[str, Any]:
-    """Write one sidecar per shard and return the manifest fields of the estimated snapshot."""
+                  neighbor_cos: np.ndarray, alpha: np.ndarray | None = None,
+                  labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Write one sidecar per shard and return the manifest fields of the estimated snapshot.
+
+    ``neighbors`` are positions in the rows of ``shards`` (all of them). With ``alpha`` (those rows'
+    masses; and ``labels``, their label codes, on a lake with labels) each sidecar also carries its
+    rows' neighbour terms (``neighbor_kappa``, ``neighbor_alpha``, ``neighbor_same_label``), which let
+    a process build a row's augmentation terms from its own shard (`m2m.augment.tables`); the Ray
+    engine, whose tasks see a range of shards, writes sidecars without them.
+    """
     from m2m.lake.integrity import STAMP_GEOMETRY, STAMP_LAKE
 
     kappa = np.where(np.isnan(user_kappa), kappa_est, user_kappa).astype(np.float32)
@@ -66,13 +74,17 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: Sequence[ShardEntry], ids:
     run = str(base.version)
     stamp = {STAMP_GEOMETRY: run} | ({STAMP_LAKE: base.lake_id} if base.lake_id else {})
     nbr_ids = np.where(neighbors >= 0, ids[np.maximum(neighbors, 0)], -1).astype(np.int64)
+    terms = None if alpha is None else neighbour_terms(neighbors, kappa, alpha, labels)
     new_shards = []
     lo = 0
     for shard in shards:
         hi = lo + shard.rows
         # the sidecar repeats the shard's ids so it is bound to its shard (checked against id_min/id_max)
-        side = write_shard_file(fs, {"id": ids[lo:hi], "kappa": kappa[lo:hi], "neighbors": nbr_ids[lo:hi],
-                                     "neighbor_cos": neighbor_cos[lo:hi]}, stamp)
+        columns = {"id": ids[lo:hi], "kappa": kappa[lo:hi], "neighbors": nbr_ids[lo:hi],
+                   "neighbor_cos": neighbor_cos[lo:hi]}
+        if terms is not None:
+            columns.update({name: values[lo:hi] for name, values in terms.items()})
+        side = write_shard_file(fs, columns, stamp)
         keep = tuple(f for f in shard.files if "neighbors" not in f.columns)
         new_shards.append(ShardEntry(shard.rows, shard.id_min, shard.id_max, keep + (side,)))
         lo = hi
@@ -85,6 +97,19 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: Sequence[ShardEntry], ids:
                          "estimated_at": time.time(), "stamp": run}}
 
 
+def neighbour_terms(neighbors: np.ndarray, kappa: np.ndarray, alpha: np.ndarray,
+                    labels: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Each row's neighbours' kappa and alpha (NaN and 0 where there is no neighbour) and, with
+    ``labels``, whether each neighbour has the row's label: the columns `with_geometry` adds."""
+    have = neighbors >= 0
+    nb = np.maximum(neighbors, 0)
+    out = {"neighbor_kappa": np.where(have, kappa[nb], np.float32(np.nan)).astype(np.float32),
+           "neighbor_alpha": np.where(have, alpha[nb], np.float32(0.0)).astype(np.float32)}
+    if labels is not None:
+        out["neighbor_same_label"] = have & (labels[nb] == labels[:, None])
+    return out
+
+
 def estimate(snap: Snapshot, k: int, seed: int,
              progress: Callable[[int], None] | None = None, threads: int | None = None) -> Manifest:
     """The next manifest: ``snap``'s version with kappa and neighbours estimated for every splat
@@ -94,10 +119,12 @@ def estimate(snap: Snapshot, k: int, seed: int,
         mu = snap.read_all("mu").astype(np.float32, copy=False)
         ids = snap.ids()
         user = snap.read_main("kappa")
+        alpha = snap.read_main("alpha")
+        labels = snap.read_all("label") if base.label_type is not None else None
         t0 = time.perf_counter()
         kappa_est, nbrs, cos = compute_geometry(mu, k, seed, progress, threads)
         logger.info("kNN + kappa for %d splats in %.1f s", len(mu), time.perf_counter() - t0)
-        fields = with_geometry(fs, base, base.shards, ids, user, kappa_est, nbrs, cos)
+        fields = with_geometry(fs, base, base.shards, ids, user, kappa_est, nbrs, cos, alpha, labels)
     finally:
         snap.close()
     return base.next(operation={"type": "estimate_kappa", "k": k}, **fields)
@@ -111,3 +138,48 @@ def needs_geometry(manifest: Manifest, k: int) -> bool:
     if g is None or int(g.get("k", -1)) != k:
         return True
     return any(not any("neighbors" in f.columns for f in s.files) for s in manifest.shards)
+
+
+def has_terms(manifest: Manifest, k: int) -> bool:
+    """True when every shard's geometry sidecar carries the neighbour terms at neighbourhood size ``k``
+    and every row has a kappa estimate (`SnapshotTerms` can then serve every shard)."""
+    g = manifest.geometry
+    if manifest.rows == 0 or g is None or int(g.get("k", -1)) != k:
+        return False
+    count = ((manifest.stats or {}).get("kappa") or {}).get("count")
+    if count != manifest.rows:       # a NaN kappa takes the lake-wide median: whole-lake arrays
+        return False
+    need = {"neighbors", "neighbor_kappa", "neighbor_alpha"}
+    if manifest.label_type is not None:
+        need.add("neighbor_same_label")
+    return all(any(need <= set(f.columns) for f in s.files) for s in manifest.shards)
+
+
+class SnapshotTerms:
+    """`m2m.augment.tables.SplatTerms` read from a snapshot's shards and geometry sidecars, one shard
+    at a time (nothing kept here: the augmenter keeps what it derives)."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+
+    @property
+    def shard_offsets(self) -> np.ndarray:
+        return self.snap.shard_offsets
+
+    @property
+    def k(self) -> int:
+        return int((self.snap.manifest.geometry or {}).get("k", 0))
+
+    def kappa(self, shard: int) -> np.ndarray:
+        return self.snap.column(shard, "kappa")
+
+    def terms(self, shard: int) -> Any:
+        from m2m.augment.tables import ShardTerms
+
+        snap = self.snap
+        same = snap.column(shard, "neighbor_same_label") if snap.manifest.label_type is not None else None
+        return ShardTerms(kappa=snap.column(shard, "kappa"), alpha=snap.column(shard, "alpha"),
+                          neighbors=snap.neighbor_positions(shard),
+                          neighbor_cos=snap.column(shard, "neighbor_cos"),
+                          neighbor_kappa=snap.column(shard, "neighbor_kappa"),
+                          neighbor_alpha=snap.column(shard, "neighbor_alpha"), same_label=same)

@@ -472,6 +472,11 @@ class Snapshot:
             return False
         return not any(name in f.columns for f in self.manifest.shards[shard].files)
 
+    def neighbor_positions(self, shard: int) -> np.ndarray:
+        """Column ``neighbors`` of shard ``shard`` (neighbour row positions, -1 none), read now and not
+        kept (`column` keeps it for the stream's batches)."""
+        return self._neighbor_positions(shard)
+
     def _neighbor_positions(self, shard: int) -> np.ndarray:
         if self._without_geometry(shard, "neighbors"):
             return np.full((self.manifest.shards[shard].rows, self._k), -1, dtype=np.int64)

@@ -20,6 +20,12 @@ LABEL = "label"              # int64 or string
 MU_NORM = "mu_norm"          # float64: each row's norm as given (input = mu * mu_norm); absent in older shards
 NEIGHBORS = "neighbors"      # geometry sidecar: fixed_size_list<int64>[k] neighbour ids (-1: none)
 NEIGHBOR_COS = "neighbor_cos"  # geometry sidecar: fixed_size_list<float32>[k] their cosines
+# geometry sidecar, optional (written since 2026-12-05 by the local engine): each neighbour's kappa and
+# alpha and whether it has the row's label, copied from the neighbour's row when the sidecars are
+# written, so a process can build a row's augmentation terms from that row's shard alone
+NEIGHBOR_KAPPA = "neighbor_kappa"  # fixed_size_list<float32>[k]
+NEIGHBOR_ALPHA = "neighbor_alpha"  # fixed_size_list<float32>[k]
+NEIGHBOR_SAME_LABEL = "neighbor_same_label"  # fixed_size_list<bool>[k] (lakes with labels only)
 EMBEDDING = "embedding"      # stream batches: the (possibly augmented) vectors
 WEIGHT = "weight"            # stream batches: importance weights
 ROWS = "_rows"               # stream batches: global row positions (internal)
@@ -27,9 +33,11 @@ ROWS = "_rows"               # stream batches: global row positions (internal)
 MAIN_COLUMNS = (ID, MU, KAPPA, ALPHA)            # every shard's first file holds these (and label, metadata)
 OPTIONAL_MAIN_COLUMNS = (MU_NORM,)               # a shard's first file may hold these (older shards do not)
 GEOMETRY_COLUMNS = (KAPPA, NEIGHBORS, NEIGHBOR_COS)  # what estimate_kappa writes per shard
+NEIGHBOUR_TERMS = (NEIGHBOR_KAPPA, NEIGHBOR_ALPHA, NEIGHBOR_SAME_LABEL)  # what it may write besides
 STREAM_COLUMNS = (EMBEDDING, WEIGHT, ROWS)
 
-RESERVED_COLUMNS = frozenset(MAIN_COLUMNS + OPTIONAL_MAIN_COLUMNS + (LABEL,) + GEOMETRY_COLUMNS + STREAM_COLUMNS)
+RESERVED_COLUMNS = frozenset(MAIN_COLUMNS + OPTIONAL_MAIN_COLUMNS + (LABEL,) + GEOMETRY_COLUMNS + NEIGHBOUR_TERMS
+                             + STREAM_COLUMNS)
 
 
 def reserved_reason(name: str) -> str | None:

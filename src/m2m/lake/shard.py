@@ -574,7 +574,8 @@ def column_to_numpy(array: pa.Array) -> np.ndarray:
     if pa.types.is_fixed_size_list(array.type):
         width = array.type.list_size
         flat = array.flatten()
-        return flat.to_numpy(zero_copy_only=True).reshape(-1, width)
+        # booleans are bit-packed in Arrow: a (small) copy
+        return flat.to_numpy(zero_copy_only=not pa.types.is_boolean(flat.type)).reshape(-1, width)
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type) or pa.types.is_boolean(array.type):
         return array.to_numpy(zero_copy_only=False)  # booleans are bit-packed in Arrow: a (small) copy
     return array.to_numpy(zero_copy_only=array.null_count == 0)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from m2m.augment.tables import DEFAULT_TERMS_BYTES
 from m2m.errors import ConfigError
 from m2m.sampling.importance import BUILTIN_MODES
 from m2m.stream.loader import StreamLoader, make_loader
@@ -185,12 +186,51 @@ def filled_kappa(kappa: np.ndarray, dim: int) -> np.ndarray:
     return np.where(missing, np.float32(fill), kappa).astype(np.float32)
 
 
+#: whole-lake augmentation tables above this many bytes are built shard by shard instead, kept within
+#: the same budget (`m2m.augment.tables`), when the lake's sidecars carry the neighbour terms
+TERMS_BYTES = DEFAULT_TERMS_BYTES
+
+
+def whole_table_bytes(mode: str, rows: int, k: int) -> int:
+    """About the bytes an augmenter over whole-lake arrays holds for ``rows`` splats (its tables)."""
+    if mode == "vmf":
+        return rows * 8
+    if mode == "mixture":
+        return rows * (8 + 12 * (k + 1))
+    return rows * (48 + 16 * k)      # packed, kappa, log weights, neighbours, path constants
+
+
+def by_shard_terms(snap: "Snapshot", mode: str, k: int) -> Any:
+    """`SnapshotTerms` of ``snap`` when ``mode``'s augmenter should read its terms by shard (whole-lake
+    tables above `TERMS_BYTES` and sidecars that carry the terms), else None."""
+    from m2m.lake.neighbourhood import SnapshotTerms, has_terms
+
+    if whole_table_bytes(mode, snap.num_rows, k) <= TERMS_BYTES or not has_terms(snap.manifest, k):
+        return None
+    return SnapshotTerms(snap)
+
+
 def build_augmenter(lake: "Lake", mode: str, snap: "Snapshot | None" = None,
-                    geometry: Geometry | None = None) -> Any:
+                    geometry: Geometry | None = None, shard_local: bool = False) -> Any:
     """The Langevin, vMF or mixture augmenter over ``snap`` (default: the lake's current snapshot, whose
-    kappa must be estimated unless ``geometry`` is given)."""
+    kappa must be estimated unless ``geometry`` is given). Over whole-lake arrays, or, for a stream whose
+    batches come from a few shards at a time (``shard_local``: not a full shuffle) when those arrays
+    would exceed `TERMS_BYTES` and the sidecars allow it, reading its terms shard by shard
+    (`by_shard_terms`; a full shuffle would rebuild every shard's tables for every batch)."""
     cfg = lake.config
     snap = lake.snapshot if snap is None else snap
+    terms = by_shard_terms(snap, mode, cfg.knn_k) if geometry is None and shard_local else None
+    if terms is not None:
+        from m2m.augment.augmenter import LangevinAugmenter, MixtureAugmenter, VMFAugmenter
+
+        logger.info("%s augmentation reads its terms shard by shard (whole-lake tables would hold ~%.1f GB)",
+                    mode, whole_table_bytes(mode, snap.num_rows, cfg.knn_k) / 1e9)
+        if mode == "vmf":
+            return VMFAugmenter.by_shard(terms, terms_bytes=TERMS_BYTES)
+        if mode == "mixture":
+            return MixtureAugmenter.by_shard(terms, temperature=cfg.langevin_T, terms_bytes=TERMS_BYTES)
+        return LangevinAugmenter.by_shard(terms, steps=cfg.langevin_steps, step_size=cfg.langevin_dt,
+                                          temperature=cfg.langevin_T, terms_bytes=TERMS_BYTES)
     kappa_raw = snap.read_all("kappa") if geometry is None else geometry.kappa
     kappa = filled_kappa(kappa_raw.astype(np.float32), lake.dim)
     if mode == "vmf":
@@ -235,10 +275,11 @@ class LakeParts:
     version: int
 
 
-def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int) -> LakeParts:
+def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_local: bool = False) -> LakeParts:
     """The `LakeParts` of ``lake`` for generation mode ``gen`` and importance mode ``imp`` (both
-    resolved). Never writes to the lake: geometry a mode needs and the pinned snapshot lacks is
-    computed in memory (no commit, no lock)."""
+    resolved); ``shard_local``: the stream is not a full shuffle (`build_augmenter`). Never writes to
+    the lake: geometry a mode needs and the pinned snapshot lacks is computed in memory (no commit, no
+    lock)."""
     from m2m.lake.neighbourhood import needs_geometry
 
     cfg = lake.config
@@ -249,13 +290,16 @@ def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int) -> Lak
     # stats.kappa.count: a wrong count must not skip the estimate (a remote lake's shards are not
     # downloaded here for modes that never read kappa)
     uses_kappa = gen == "vmf" or imp == "kappa"
-    kappa_missing = uses_kappa and bool(np.isnan(snap.read_all("kappa")).any())
+    # an augmenter reading its terms by shard checks each shard's kappa when it loads it
+    by_shard = (shard_local and gen is not None and imp != "kappa"
+                and by_shard_terms(snap, gen, cfg.knn_k) is not None)
+    kappa_missing = uses_kappa and not by_shard and bool(np.isnan(snap.read_all("kappa")).any())
     wants_kappa = gen in ("langevin", "mixture") or kappa_missing
     geometry = None
     if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table
         geometry = computed_geometry(snap, cfg.knn_k, cfg.seed)
     sampler = build_sampler(lake, imp, seed, snap, geometry) if imp else None
-    augment = build_augmenter(lake, gen, snap, geometry) if gen else None
+    augment = build_augmenter(lake, gen, snap, geometry, shard_local) if gen else None
     source = snap if geometry is None else GeometryOverlay(snap, geometry)
     return LakeParts(source, sampler, augment, lake_identity(lake), int(snap.version))
 
@@ -267,12 +311,23 @@ def config_defaults(lake: "Lake") -> dict[str, Any]:
             "prefetch": cfg.prefetch}
 
 
+def full_shuffle(snap: "Snapshot", opts: StreamOptions) -> bool:
+    """Whether a stream of ``snap`` with ``opts`` (defaults applied) shuffles rows over the whole lake."""
+    from m2m.stream import columns as cols
+    from m2m.stream.order import choose_layout
+    from m2m.stream.shuffle import FULL
+
+    layout = choose_layout(snap.num_rows, cols.nominal_row_bytes(snap), int(opts.warm_bytes or 0), opts.shuffle,
+                           opts.shuffle_mode, opts.block_rows)
+    return layout.mode == FULL
+
+
 def export_to_dataloader(lake: "Lake", options: StreamOptions | None = None, **overrides: Any) -> StreamLoader:
     """See `Lake.export_to_dataloader`. Never writes to the lake: geometry a mode needs and the pinned
     snapshot lacks is computed in memory for this loader (no commit, no lock)."""
     opts = StreamOptions.merged(options, overrides).with_defaults(config_defaults(lake))
     gen = generate_mode(opts.generate_samples)
     imp = importance_mode(opts.importance_sampling, list(lake.manifest.metadata))
-    parts = lake_parts(lake, gen, imp, int(opts.seed or 0))
+    parts = lake_parts(lake, gen, imp, int(opts.seed or 0), shard_local=not full_shuffle(lake.snapshot, opts))
     return make_loader(parts.source, opts, sampler=parts.sampler, augment=parts.augment, lake=parts.identity,
                        version=parts.version)
