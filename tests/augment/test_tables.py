@@ -206,14 +206,18 @@ def test_by_shard_groups_rows():
         by_shard(torch.tensor([10]), offsets)
 
 
-def test_cache_keeps_the_call_and_trims_to_budget():
+def test_cache_keeps_the_call_and_trims_to_budget(caplog):
     built: list[int] = []
     cache = ShardCache(lambda s: (built.append(s), np.zeros(s + 1))[1], lambda a: a.nbytes, budget=24)
     cache.get_many([0, 1])                 # 8 + 16 bytes: within
     cache.get_many([5])                    # 48 bytes alone: kept, the others dropped
-    assert list(cache._items) == [5] and cache.bytes == 48
-    cache.get_many([0])
-    assert list(cache._items) == [0] and built == [0, 1, 5, 0] and cache.peak_bytes == 72
+    assert list(cache._items) == [5] and cache.bytes == 48 and cache.rebuilds == 0
+    with caplog.at_level("WARNING", logger="m2m.augment.tables"):
+        cache.get_many([0])
+        cache.get_many([1])
+    assert list(cache._items) == [0, 1] and built == [0, 1, 5, 0, 1] and cache.peak_bytes == 72
+    assert cache.rebuilds == 2
+    assert len(caplog.records) == 1 and "shard 0 built again" in caplog.text     # said once
 
 
 def test_manifest_refuses_terms_outside_a_geometry_sidecar(lake):

@@ -14,6 +14,7 @@ so its cache must hold the whole lake to avoid rebuilding tables (docs/scale.md)
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,8 +28,13 @@ from m2m.errors import ConfigError
 
 __all__ = ["DEFAULT_TERMS_BYTES", "ShardCache", "ShardTerms", "SplatTerms", "by_shard"]
 
-#: default byte budget of the derived tables an augmenter keeps per process (`ShardCache`)
-DEFAULT_TERMS_BYTES = 1 << 30
+#: default byte budget of the derived tables a by-shard augmenter keeps per process (`ShardCache`).
+#: It should hold the shards one window of the stream draws from: with shard affinity a window's
+#: blocks come from the rank's current group (half the node cache per local rank), ~22 shards of
+#: 256k rows in the 1B-row simulation (docs/scale.md); a smaller budget rebuilds shards (logged).
+DEFAULT_TERMS_BYTES = 4 << 30
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,10 +114,12 @@ class ShardCache(Generic[T]):
             raise ConfigError(f"terms budget must be >= 0 bytes, got {budget}")
         self._build, self._size, self.budget = build, size, int(budget)
         self._items: OrderedDict[int, tuple[T, int]] = OrderedDict()
+        self._dropped: set[int] = set()
         self._lock = threading.Lock()
         self.bytes = 0
         self.peak_bytes = 0
         self.builds = 0
+        self.rebuilds = 0
 
     def get_many(self, shards: Sequence[int]) -> list[T]:
         """The values of ``shards`` (built as needed), then the cache trimmed to its budget, keeping these."""
@@ -120,6 +128,13 @@ class ShardCache(Generic[T]):
             for s in shards:
                 hit = self._items.get(s)
                 if hit is None:
+                    if s in self._dropped:
+                        self.rebuilds += 1
+                        if self.rebuilds == 1:
+                            log.warning("augmentation terms of shard %d built again after the %.2f GB budget dropped "
+                                        "them: the stream draws from more shards at a time than the budget holds "
+                                        "(slower, not wrong; raise the budget, docs/augmentation.md)", s,
+                                        self.budget / 1e9)
                     value = self._build(s)
                     hit = (value, int(self._size(value)))
                     self._items[s] = hit
@@ -135,11 +150,12 @@ class ShardCache(Generic[T]):
                     break
                 if s not in keep:
                     self.bytes -= self._items.pop(s)[1]
+                    self._dropped.add(s)
             return out
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_items=OrderedDict(), _lock=None, bytes=0)
+        state.update(_items=OrderedDict(), _dropped=set(), _lock=None, bytes=0)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

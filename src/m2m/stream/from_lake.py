@@ -186,9 +186,11 @@ def filled_kappa(kappa: np.ndarray, dim: int) -> np.ndarray:
     return np.where(missing, np.float32(fill), kappa).astype(np.float32)
 
 
-#: whole-lake augmentation tables above this many bytes are built shard by shard instead, kept within
-#: the same budget (`m2m.augment.tables`), when the lake's sidecars carry the neighbour terms
-TERMS_BYTES = DEFAULT_TERMS_BYTES
+#: whole-lake augmentation tables above this many bytes are built shard by shard instead
+#: (`m2m.augment.tables`, kept within `TERMS_CACHE_BYTES`), when the lake's sidecars carry the
+#: neighbour terms and the stream is not a full shuffle
+TERMS_BYTES = 1 << 30
+TERMS_CACHE_BYTES = DEFAULT_TERMS_BYTES
 
 
 def whole_table_bytes(mode: str, rows: int, k: int) -> int:
@@ -226,11 +228,11 @@ def build_augmenter(lake: "Lake", mode: str, snap: "Snapshot | None" = None,
         logger.info("%s augmentation reads its terms shard by shard (whole-lake tables would hold ~%.1f GB)",
                     mode, whole_table_bytes(mode, snap.num_rows, cfg.knn_k) / 1e9)
         if mode == "vmf":
-            return VMFAugmenter.by_shard(terms, terms_bytes=TERMS_BYTES)
+            return VMFAugmenter.by_shard(terms, terms_bytes=TERMS_CACHE_BYTES)
         if mode == "mixture":
-            return MixtureAugmenter.by_shard(terms, temperature=cfg.langevin_T, terms_bytes=TERMS_BYTES)
+            return MixtureAugmenter.by_shard(terms, temperature=cfg.langevin_T, terms_bytes=TERMS_CACHE_BYTES)
         return LangevinAugmenter.by_shard(terms, steps=cfg.langevin_steps, step_size=cfg.langevin_dt,
-                                          temperature=cfg.langevin_T, terms_bytes=TERMS_BYTES)
+                                          temperature=cfg.langevin_T, terms_bytes=TERMS_CACHE_BYTES)
     kappa_raw = snap.read_all("kappa") if geometry is None else geometry.kappa
     kappa = filled_kappa(kappa_raw.astype(np.float32), lake.dim)
     if mode == "vmf":
