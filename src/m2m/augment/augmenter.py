@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from m2m.augment import span as _span
+from m2m.augment import tables as _tables
 from m2m.augment.energy import (
     DEFAULT_STEP_SIZE,
     component_log_weights,
@@ -530,23 +531,36 @@ class LangevinAugmenter:
         first, rows = int(offsets[shard]), int(offsets[shard + 1] - offsets[shard])
         t = terms.terms(shard)
         check_terms(t, rows, self._k, self._n, shard, first)
-        valid = torch.from_numpy(t.valid(first))
-        kappa = torch.from_numpy(t.kappa.astype(np.float64))
-        log_w = component_log_weights(kappa, torch.from_numpy(t.alpha.astype(np.float64)), dim)
-        # a neighbour's alpha is 1 where it is no component: its log weight is masked to -inf anyway
-        k_nb = torch.where(valid, torch.from_numpy(t.neighbor_kappa.astype(np.float64)), 0.0)
-        a_in = torch.where(valid, torch.from_numpy(t.neighbor_alpha.astype(np.float64)), 1.0)
-        a_nb = component_log_weights(k_nb, a_in, dim, valid)
-        cos = torch.where(valid, torch.from_numpy(np.asarray(t.neighbor_cos, dtype=np.float32)), 0.0)
-        h, fast, _, _, _ = self._row_terms(cos, k_nb, a_nb, kappa, log_w, dim)
-        packed = torch.stack([h, kappa / self.temperature, (~fast).double()], 1)
-        slow = torch.nonzero(~fast).squeeze(1)
+        valid_all = t.valid(first)
+        packed, slots, parts = [], [], []
+        # in chunks of rows: the float64 temporaries stay small, so the heap reuses them
+        for lo in range(0, rows, _STATIC_CHUNK_ROWS):
+            sl = slice(lo, min(rows, lo + _STATIC_CHUNK_ROWS))
+            valid = torch.from_numpy(valid_all[sl])
+            kappa = torch.from_numpy(t.kappa[sl].astype(np.float64))
+            log_w = component_log_weights(kappa, torch.from_numpy(t.alpha[sl].astype(np.float64)), dim)
+            # a neighbour's alpha is 1 where it is no component: its log weight is masked to -inf anyway
+            k_nb = torch.where(valid, torch.from_numpy(t.neighbor_kappa[sl].astype(np.float64)), 0.0)
+            a_in = torch.where(valid, torch.from_numpy(t.neighbor_alpha[sl].astype(np.float64)), 1.0)
+            a_nb = component_log_weights(k_nb, a_in, dim, valid)
+            cos = torch.where(valid, torch.from_numpy(np.asarray(t.neighbor_cos[sl], dtype=np.float32)), 0.0)
+            h, fast, _, _, _ = self._row_terms(cos, k_nb, a_nb, kappa, log_w, dim)
+            packed.append(torch.stack([h, kappa / self.temperature, (~fast).double()], 1))
+            slow = torch.nonzero(~fast).squeeze(1)
+            slots.append(slow + lo)
+            nb = torch.from_numpy(np.where(valid_all[sl], t.neighbors[sl], -1)[slow.numpy()].astype(np.int32))
+            kap = torch.cat([kappa[slow].unsqueeze(1), k_nb[slow]], 1).float()   # float32 values: exact
+            a = torch.cat([log_w[slow].unsqueeze(1), a_nb[slow]], 1)
+            parts.append((nb, cos[slow], kap, a))
+        slow_rows = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64)
         slot = torch.full((rows,), -1, dtype=torch.int32)
-        slot[slow] = torch.arange(slow.numel(), dtype=torch.int32)
-        nb = torch.from_numpy(np.where(valid.numpy(), t.neighbors, -1)[slow.numpy()].astype(np.int32))
-        kap = torch.cat([kappa[slow].unsqueeze(1), k_nb[slow]], 1).float()   # float32 values: exact
-        a = torch.cat([log_w[slow].unsqueeze(1), a_nb[slow]], 1)
-        return _ShardTables(packed, slot, nb, cos[slow].contiguous(), kap, a, self.temperature)
+        slot[slow_rows] = torch.arange(slow_rows.numel(), dtype=torch.int32)
+        k = self._k
+        nb, cos, kap, a = (torch.cat([p[i] for p in parts]) if parts else torch.zeros(0, w, dtype=dt)
+                           for i, (w, dt) in enumerate([(k, torch.int32), (k, torch.float32), (k + 1, torch.float32),
+                                                        (k + 1, torch.float64)]))
+        table = torch.cat(packed) if packed else torch.zeros(0, 3, dtype=torch.float64)
+        return _ShardTables(*_tables.packed(table, slot, nb, cos, kap, a), temperature=self.temperature)
 
     def _scratch(self, x: Tensor) -> Tensor:
         """A per-thread temporary of x's shape (fresh large allocations fault pages on every batch)."""
@@ -875,7 +889,7 @@ class MixtureAugmenter:
         kap = np.concatenate([t.kappa[:, None], np.where(valid, t.neighbor_kappa, 0.0)], 1).astype(np.float64)
         order = _present_first(np.concatenate([np.ones((n, 1), bool), valid], 1))
         kap = np.where(present, np.take_along_axis(kap, order, 1), 0.0) / self.temperature
-        return _MixtureShard(torch.from_numpy(comp), torch.from_numpy(cdf), torch.from_numpy(kap))
+        return _MixtureShard(*_tables.packed(torch.from_numpy(comp), torch.from_numpy(cdf), torch.from_numpy(kap)))
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickles without its lock and device caches (DataLoader workers, spawned ranks)."""

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from m2m.errors import ConfigError
 
-__all__ = ["DEFAULT_TERMS_BYTES", "ShardCache", "ShardTerms", "SplatTerms", "by_shard"]
+__all__ = ["DEFAULT_TERMS_BYTES", "ShardCache", "ShardTerms", "SplatTerms", "by_shard", "packed"]
 
 #: default byte budget of the derived tables a by-shard augmenter keeps per process (`ShardCache`).
 #: It should hold the shards one window of the stream draws from: with shard affinity a window's
@@ -179,8 +179,30 @@ def by_shard(rows: Tensor, offsets: np.ndarray) -> list[tuple[int, Tensor, Tenso
     return out
 
 
+def packed(*tensors: Tensor) -> list[Tensor]:
+    """Copies of ``tensors`` (CPU) laid out in one allocation, returned as views of it.
+
+    A shard's tables live long and are dropped together. Allocated one by one they are each below
+    glibc's largest mmap threshold (32 MiB), so they land in the heap between the short-lived
+    temporaries of the next build, and the heap's fragments are never given back: on the 1B-row
+    simulation a 1 GiB budget held 3-4 GB of RSS that way (benchmarks/results/scale-1b-sim-*). One
+    allocation per shard is mapped, and unmapped when the shard is dropped.
+    """
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + -(-n // 16) * 16)          # 16-byte aligned views
+    buf = torch.empty(starts[-1], dtype=torch.uint8)
+    out = []
+    for t, start, n in zip(tensors, starts, sizes):
+        view = buf[start:start + n].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        out.append(view)
+    return out
+
+
 def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors among ``obj``'s dataclass fields."""
+    """Bytes of the tensors among ``obj``'s dataclass fields (views of one allocation count its size)."""
     return sum(tensor_bytes_of(v) for v in vars(obj).values() if isinstance(v, Tensor))
 
 
