@@ -560,7 +560,8 @@ class LangevinAugmenter:
                            for i, (w, dt) in enumerate([(k, torch.int32), (k, torch.float32), (k + 1, torch.float32),
                                                         (k + 1, torch.float64)]))
         table = torch.cat(packed) if packed else torch.zeros(0, 3, dtype=torch.float64)
-        return _ShardTables(*_tables.packed(table, slot, nb, cos, kap, a), temperature=self.temperature)
+        t_packed, t_slot, t_nb, t_cos, t_kap, t_a = _tables.packed(table, slot, nb, cos, kap, a)
+        return _ShardTables(t_packed, t_slot, t_nb, t_cos, t_kap, t_a, self.temperature)
 
     def _scratch(self, x: Tensor) -> Tensor:
         """A per-thread temporary of x's shape (fresh large allocations fault pages on every batch)."""
@@ -889,7 +890,8 @@ class MixtureAugmenter:
         kap = np.concatenate([t.kappa[:, None], np.where(valid, t.neighbor_kappa, 0.0)], 1).astype(np.float64)
         order = _present_first(np.concatenate([np.ones((n, 1), bool), valid], 1))
         kap = np.where(present, np.take_along_axis(kap, order, 1), 0.0) / self.temperature
-        return _MixtureShard(*_tables.packed(torch.from_numpy(comp), torch.from_numpy(cdf), torch.from_numpy(kap)))
+        m_comp, m_cdf, m_kap = _tables.packed(torch.from_numpy(comp), torch.from_numpy(cdf), torch.from_numpy(kap))
+        return _MixtureShard(m_comp, m_cdf, m_kap)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickles without its lock and device caches (DataLoader workers, spawned ranks)."""
