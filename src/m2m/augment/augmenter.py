@@ -254,10 +254,11 @@ class _ShardTables:
             raise AssertionError("path terms asked for a row on the one-component path")
         return slots
 
-    def path(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def path_inputs(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(cosines [f, k], kappa [f, 1 + k] float32, log weights [f, 1 + k]) of ``rows``: what
+        `path_terms` derives the path constants from."""
         s = self._slots(rows)
-        kap, a = self.kappa.index_select(0, s).double(), self.log_w.index_select(0, s)
-        return path_terms(self.cos.index_select(0, s), kap[:, 1:], a[:, 1:], kap[:, 0], a[:, 0], self.temperature)
+        return self.cos.index_select(0, s), self.kappa.index_select(0, s), self.log_w.index_select(0, s)
 
     def components(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         s = self._slots(rows)
@@ -295,12 +296,19 @@ class _ShardedTables(_ShardedRows):
     a byte budget (`m2m.augment.tables.ShardCache`); the methods of `_Tables`, global row positions.
     Built and kept on the CPU."""
 
+    def __init__(self, offsets: np.ndarray, cache: ShardCache[Any], temperature: float) -> None:
+        super().__init__(offsets, cache)
+        self.temperature = temperature
+
     def per_row(self, rows: Tensor) -> Tensor:
         return self.take(rows, lambda t, r: t.per_row(r))
 
     def path(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        room, slope, scale = self.take_all(rows, lambda t, r: t.path(r))
-        return room, slope, scale
+        # gathered shard by shard, derived once for the whole call (per-shard torch calls on a few
+        # rows each cost more than the arithmetic)
+        cos, kap, a = self.take_all(rows, lambda t, r: t.path_inputs(r))
+        k64 = kap.double()
+        return path_terms(cos, k64[:, 1:], a[:, 1:], k64[:, 0], a[:, 0], self.temperature)
 
     def components(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         nb, kap, a = self.take_all(rows, lambda t, r: t.components(r))
@@ -520,7 +528,7 @@ class LangevinAugmenter:
                 offsets = np.asarray(terms.shard_offsets, dtype=np.int64)
                 cache: ShardCache[_ShardTables] = ShardCache(functools.partial(self._build_shard, dim=dim), tensor_bytes,
                                                         self._terms_bytes)
-                tab = self._by_dim[dim] = _ShardedTables(offsets, cache)
+                tab = self._by_dim[dim] = _ShardedTables(offsets, cache, self.temperature)
             return tab
 
     def _build_shard(self, shard: int, dim: int) -> _ShardTables:

@@ -32,7 +32,7 @@ __all__ = ["DEFAULT_TERMS_BYTES", "ShardCache", "ShardTerms", "SplatTerms", "by_
 #: It should hold the shards one window of the stream draws from: with shard affinity a window's
 #: blocks come from the rank's current group (half the node cache per local rank), ~22 shards of
 #: 256k rows in the 1B-row simulation (docs/scale.md); a smaller budget rebuilds shards (logged).
-DEFAULT_TERMS_BYTES = 4 << 30
+DEFAULT_TERMS_BYTES = 2 << 30
 
 log = logging.getLogger(__name__)
 
