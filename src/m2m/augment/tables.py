@@ -163,7 +163,7 @@ class ShardCache(Generic[T]):
         self._lock = threading.Lock()
 
 
-def by_shard(rows: Tensor, offsets: np.ndarray) -> list[tuple[int, Tensor, Tensor]]:
+def by_shard(rows: Tensor, offsets: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """``rows`` (global positions) grouped by shard: ``[(shard, where in rows, local positions)]``."""
     r = rows.detach().to("cpu", torch.int64).numpy()
     shard = np.searchsorted(offsets, r, side="right") - 1
@@ -175,7 +175,7 @@ def by_shard(rows: Tensor, offsets: np.ndarray) -> list[tuple[int, Tensor, Tenso
     out = []
     for part in np.split(order, cuts) if len(order) else []:
         s = int(shard[part[0]])
-        out.append((s, torch.from_numpy(part), torch.from_numpy(r[part] - offsets[s])))
+        out.append((s, part, r[part] - offsets[s]))
     return out
 
 
@@ -202,12 +202,14 @@ def packed(*tensors: Tensor) -> list[Tensor]:
 
 
 def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors among ``obj``'s dataclass fields (views of one allocation count its size)."""
-    return sum(tensor_bytes_of(v) for v in vars(obj).values() if isinstance(v, Tensor))
+    """Bytes of the arrays among ``obj``'s dataclass fields (views of one allocation count its size)."""
+    return sum(tensor_bytes_of(v) for v in vars(obj).values() if isinstance(v, (Tensor, np.ndarray)))
 
 
 def tensor_bytes_of(value: Any) -> int:
-    """Bytes of a tensor, or of the tensors among a dataclass's fields."""
+    """Bytes of a tensor or array, or of those among a dataclass's fields."""
     if isinstance(value, Tensor):
         return int(value.numel() * value.element_size())
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
     return tensor_bytes(value)
