@@ -177,7 +177,7 @@ def walk_langevin(lake: VirtualLake, rows: np.ndarray, batch_size: int, seed: in
             aug._tables(torch.device("cpu"), DIM, None).components(r[draws.fail])
             reruns += int(draws.fail.numel())
     cache = aug._sharded(DIM).cache
-    slow = [float((t.slot >= 0).double().mean()) for t, _ in cache._items.values()]
+    slow = [float((t.slot >= 0).mean()) for t, _ in cache._items.values()]
     return {"augment_s": time.perf_counter() - t0, "augment_cpu_s": time.process_time() - c0,
             "terms_shards_loaded": len(terms.loaded), "terms_distinct_shards": len(set(terms.loaded)),
             "terms_cache_peak_bytes": cache.peak_bytes, "terms_budget_bytes": DEFAULT_TERMS_BYTES,

@@ -53,7 +53,8 @@ def test_compact_on_s3_keeps_values_and_pinned_readers(s3_server, s3_lake_url, t
             _same(before, _columns(other))
             assert other.verify() == []
             assert [f.columns for f in other.manifest.shards[0].files][1] == ("id", "kappa", "neighbors",
-                                                                              "neighbor_cos")
+                                                                              "neighbor_cos", "neighbor_kappa",
+                                                                              "neighbor_alpha")
         for b in it:                       # the stream keeps reading version v_before
             seen += b["id"].tolist()
         assert sorted(seen) == before["id"].tolist()

@@ -94,6 +94,7 @@ def test_a_small_virtual_lake_augments_one_ranks_share_by_shard():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)   # walks the rank's 16M rows through the tables (~3-10 min here)
 def test_1b_rows_rank_17_of_64_langevin_terms_by_shard_fit_its_share():
     """The same rank of the 1B-row virtual lake, augmented with Langevin reading its terms by shard
     (neighbours anywhere in the lake): plan + geometry within 2 x the rank's sidecar share."""

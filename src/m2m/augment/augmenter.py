@@ -54,7 +54,7 @@ from m2m.augment.tables import (
     tensor_bytes,
     tensor_bytes_of,
 )
-from m2m.errors import ConfigError, InvalidEmbeddingError
+from m2m.errors import ConfigError, InternalError, InvalidEmbeddingError
 from m2m.geometry.noise import HostNoise, Source, normal_
 from m2m.geometry.span import span_factor
 from m2m.geometry.sphere import random_point_at_cosine
@@ -251,7 +251,7 @@ class _ShardTables:
 
 def _checked_slots(slots: np.ndarray) -> np.ndarray:
     if slots.size and int(slots.min()) < 0:     # only rows whose neighbours may matter have terms
-        raise AssertionError("path terms asked for a row on the one-component path")
+        raise InternalError("path terms asked for a row on the one-component path")
     return slots
 
 
