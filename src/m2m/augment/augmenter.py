@@ -137,13 +137,7 @@ class VMFAugmenter:
         return aug
 
     def _by_shard(self) -> "_ShardedRows":
-        with self._lock:
-            if self._sharded is None:
-                assert self._terms is not None
-                offsets = np.asarray(self._terms.shard_offsets, dtype=np.int64)
-                self._sharded = _ShardedRows(offsets, ShardCache(self._shard_kappa, tensor_bytes_of,
-                                                                 self._terms_bytes))
-            return self._sharded
+        return _sharded_rows(self, self._shard_kappa)
 
     def _shard_kappa(self, shard: int) -> np.ndarray:
         assert self._terms is not None
@@ -279,6 +273,17 @@ class _ShardedRows:
 
     def take(self, rows: Tensor, pick: Callable[[Any, np.ndarray], np.ndarray]) -> Tensor:
         return self.take_all(rows, lambda v, r: (pick(v, r),))[0]
+
+
+def _sharded_rows(aug: "VMFAugmenter | MixtureAugmenter", build: Callable[[int], Any]) -> _ShardedRows:
+    """``aug``'s per-shard lookups (``by_shard``), made on first use from its ``_terms`` and budget:
+    not pickled, so a worker builds its own."""
+    with aug._lock:
+        if aug._sharded is None:
+            assert aug._terms is not None
+            offsets = np.asarray(aug._terms.shard_offsets, dtype=np.int64)
+            aug._sharded = _ShardedRows(offsets, ShardCache(build, tensor_bytes_of, aug._terms_bytes))
+        return aug._sharded
 
 
 class _ShardedTables(_ShardedRows):
@@ -890,13 +895,7 @@ class MixtureAugmenter:
         return aug
 
     def _by_shard(self) -> "_ShardedRows":
-        with self._lock:
-            if self._sharded is None:
-                assert self._terms is not None
-                offsets = np.asarray(self._terms.shard_offsets, dtype=np.int64)
-                self._sharded = _ShardedRows(offsets, ShardCache(self._build_shard, tensor_bytes_of,
-                                                                 self._terms_bytes))
-            return self._sharded
+        return _sharded_rows(self, self._build_shard)
 
     def _build_shard(self, shard: int) -> "_MixtureShard":
         """One shard's components, cumulative masses and component kappa / T, from its terms alone."""
