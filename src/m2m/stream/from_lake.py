@@ -213,15 +213,13 @@ def by_shard_terms(snap: "Snapshot", mode: str, k: int) -> Any:
 
 
 def build_augmenter(lake: "Lake", mode: str, snap: "Snapshot | None" = None,
-                    geometry: Geometry | None = None, shard_local: bool = False) -> Any:
+                    geometry: Geometry | None = None, terms: Any = None) -> Any:
     """The Langevin, vMF or mixture augmenter over ``snap`` (default: the lake's current snapshot, whose
-    kappa must be estimated unless ``geometry`` is given). Over whole-lake arrays, or, for a stream whose
-    batches come from a few shards at a time (``shard_local``: not a full shuffle) when those arrays
-    would exceed `TERMS_BYTES` and the sidecars allow it, reading its terms shard by shard
-    (`by_shard_terms`; a full shuffle would rebuild every shard's tables for every batch)."""
+    kappa must be estimated unless ``geometry`` is given). Over whole-lake arrays, or reading its terms
+    shard by shard from ``terms`` (`by_shard_terms`, for a stream that is not a full shuffle: a full
+    shuffle would rebuild every shard's tables for every batch)."""
     cfg = lake.config
     snap = lake.snapshot if snap is None else snap
-    terms = by_shard_terms(snap, mode, cfg.knn_k) if geometry is None and shard_local else None
     if terms is not None:
         from m2m.augment.augmenter import LangevinAugmenter, MixtureAugmenter, VMFAugmenter
 
@@ -293,15 +291,14 @@ def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_
     # downloaded here for modes that never read kappa)
     uses_kappa = gen == "vmf" or imp == "kappa"
     # an augmenter reading its terms by shard checks each shard's kappa when it loads it
-    by_shard = (shard_local and gen is not None and imp != "kappa"
-                and by_shard_terms(snap, gen, cfg.knn_k) is not None)
-    kappa_missing = uses_kappa and not by_shard and bool(np.isnan(snap.read_all("kappa")).any())
+    terms = by_shard_terms(snap, gen, cfg.knn_k) if shard_local and gen is not None and imp != "kappa" else None
+    kappa_missing = uses_kappa and terms is None and bool(np.isnan(snap.read_all("kappa")).any())
     wants_kappa = gen in ("langevin", "mixture") or kappa_missing
     geometry = None
     if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table
         geometry = computed_geometry(snap, cfg.knn_k, cfg.seed)
     sampler = build_sampler(lake, imp, seed, snap, geometry) if imp else None
-    augment = build_augmenter(lake, gen, snap, geometry, shard_local) if gen else None
+    augment = build_augmenter(lake, gen, snap, geometry, None if geometry is not None else terms) if gen else None
     source = snap if geometry is None else GeometryOverlay(snap, geometry)
     return LakeParts(source, sampler, augment, lake_identity(lake), int(snap.version))
 
@@ -330,6 +327,7 @@ def export_to_dataloader(lake: "Lake", options: StreamOptions | None = None, **o
     opts = StreamOptions.merged(options, overrides).with_defaults(config_defaults(lake))
     gen = generate_mode(opts.generate_samples)
     imp = importance_mode(opts.importance_sampling, list(lake.manifest.metadata))
-    parts = lake_parts(lake, gen, imp, int(opts.seed or 0), shard_local=not full_shuffle(lake.snapshot, opts))
+    shard_local = gen is not None and not full_shuffle(lake.snapshot, opts)   # (only augmentation asks)
+    parts = lake_parts(lake, gen, imp, int(opts.seed or 0), shard_local=shard_local)
     return make_loader(parts.source, opts, sampler=parts.sampler, augment=parts.augment, lake=parts.identity,
                        version=parts.version)
