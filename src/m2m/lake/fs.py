@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import random
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from m2m._forksafe import ForkSafeLock
 from m2m.errors import AlreadyExistsError, ObjectStoreError
 
 logger = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class FsspecFS:
                                 size=self._size)
         self.cache.failure_hold = self.io_timeout
         self._written: list[str] = []
-        self._written_lock = threading.Lock()
+        self._written_lock = ForkSafeLock()
 
     def _connect(self) -> str:
         """Build this process's client (``self._client``); returns the lake's path in the store."""
@@ -334,7 +334,7 @@ class FsspecFS:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._written_lock = threading.Lock()
+        self._written_lock = ForkSafeLock()
 
     def _p(self, rel: str) -> str:
         return f"{self.root}/{rel}"

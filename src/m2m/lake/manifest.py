@@ -52,7 +52,6 @@ import operator
 import os
 import re
 import stat
-import threading
 import time
 import uuid
 from bisect import bisect_right
@@ -60,6 +59,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
+from m2m._forksafe import ForkSafeLock
 from m2m.errors import (
     CommitConflictError,
     CorruptShardError,
@@ -565,7 +565,7 @@ class _SegmentMemo:
     content hash in the version file, so all stay valid."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = ForkSafeLock(reentrant=True)
         self.parsed: dict[str, tuple[ShardEntry, ...]] = {}
         self.checked: dict[tuple[object, ...], tuple[int, bool]] = {}
         self.rows: dict[str, Any] = {}

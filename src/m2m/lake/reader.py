@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
@@ -10,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from m2m._forksafe import ForkSafeLock
 from m2m.errors import CorruptShardError, UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch, check_file, check_footers, check_key
@@ -73,7 +73,7 @@ class Snapshot:
         self._ids: np.ndarray | None = None
         self._id_range: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # id_min, id_max, dense
         self._shard_id_cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._lock = threading.RLock()
+        self._lock = ForkSafeLock(reentrant=True)
 
     # RowSource protocol
     @property
@@ -341,7 +341,7 @@ class Snapshot:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.RLock()
+        self._lock = ForkSafeLock(reentrant=True)
 
     def close(self) -> None:
         """Drop the files this snapshot holds in memory; it can still read (it reopens them)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import uuid
 import zlib
 from collections import OrderedDict
@@ -32,6 +31,7 @@ import crc32c
 import numpy as np
 import pyarrow as pa
 
+from m2m._forksafe import ForkSafeLock
 from m2m.errors import ConfigError, CorruptShardError
 from m2m.lake.fs import LakeFS, fsync_path
 from m2m.lake.manifest import DATA_DIR, FileEntry
@@ -372,7 +372,7 @@ class BlockCache:
     def __init__(self, max_blocks: int = 8) -> None:
         self.max_blocks = max_blocks
         self._blocks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         self.hits = 0
 
     def get(self, key: tuple[str, int]) -> np.ndarray | None:
@@ -409,7 +409,7 @@ class ShardFile:
         self.entry = entry
         self.block_bytes = entry.block_bytes if entry.block_crc32c is not None else None
         self._cache = cache if cache is not None else BlockCache(cache_blocks)
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         self._fd: int | None = None
         self.bytes_read = 0
         self.bytes_checked = 0
