@@ -113,3 +113,33 @@ def test_loss_feedback_reaches_dataloader_workers(lake):
     ids0, ids2 = second_epoch(0), second_epoch(2)
     torch.testing.assert_close(torch.sort(ids0).values, torch.sort(ids2).values)
     assert float((ids2 < 100).double().mean()) > 3 * 100 / 2000
+
+
+@pytest.mark.parametrize("consolidated", [False, True])
+def test_loss_feedback_maps_ids_without_an_id_column(rng, tmp_path, consolidated):
+    """The loss sampler maps ids by the snapshot (`IdPositions`): no id column is read on a lake of
+    appended shards, and on a consolidated lake (ids with gaps) each id lands on its own row."""
+    from m2m.errors import InvalidEmbeddingError
+    from m2m.sampling.priorities import IdPositions
+
+    with create_m2m(M2MConfig(path=str(tmp_path / "l"), latent_dim=8, knn_k=4)) as lk:
+        x = rng.standard_normal((900, 8))
+        for part in range(3):
+            lk.add_splats(x[part * 300:(part + 1) * 300])
+        if consolidated:
+            lk.add_splats(x[:100] + 1e-5)                 # near-duplicates merged away: gaps in the ids
+            assert lk.consolidate(0.9999).rows_after < 1000
+        dl = lk.export_to_dataloader(batch_size=64, importance_sampling="loss", columns=("id",), seed=1)
+        pri = dl.dataset.sampler.priorities
+        assert isinstance(pri._locate, IdPositions) and pri._sorted_ids is None
+        snap = lk.snapshot
+        ids = snap.ids() if consolidated else None
+        snap._ids = None                                    # nothing read so far on the appended lake
+        first = next(iter(dl))["id"]
+        dl.update_priorities(first, torch.full((len(first),), 7.0))
+        values = pri.tensor.numpy()
+        assert snap._ids is None or consolidated
+        all_ids = lk.snapshot.ids() if ids is None else ids
+        np.testing.assert_array_equal(np.flatnonzero(values == 7.0), np.sort(np.searchsorted(all_ids, first.numpy())))
+        with pytest.raises(InvalidEmbeddingError, match="id 123456789 is not"):
+            dl.update_priorities(torch.tensor([123456789]), torch.ones(1))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ import torch
 from m2m._validate import check_int
 from m2m.errors import ConfigError, InvalidEmbeddingError
 
-__all__ = ["LossPriorities"]
+__all__ = ["IdPositions", "LossPriorities"]
 
 
 class LossPriorities:
@@ -32,7 +32,9 @@ class LossPriorities:
         n: number of rows.
         ema: weight of the old value in each update (0 keeps only the latest loss).
         initial: starting priority of every row (>= 0; a row never seen keeps it).
-        ids: optional ``int64 [n]`` row ids (any order, unique); ``update`` then takes ids,
+        ids: optional ``int64 [n]`` row ids (any order, unique), or a callable mapping an ``int64``
+            array of ids to their positions (-1 for an id that is not a row; e.g. `IdPositions` over
+            a lake snapshot, which needs no id column in memory); ``update`` then takes ids,
             otherwise positions ``0..n-1``.
     """
 
@@ -48,7 +50,10 @@ class LossPriorities:
         self._counts = torch.zeros((int(n),), dtype=torch.int32).share_memory_()
         self._sorted_ids: torch.Tensor | None = None
         self._id_pos: torch.Tensor | None = None
-        if ids is not None:
+        self._locate: Callable[[np.ndarray], np.ndarray] | None = None
+        if callable(ids):
+            self._locate = ids
+        elif ids is not None:
             arr = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
             if arr.shape != (int(n),):
                 raise ConfigError(f"ids must have shape ({n},), got {tuple(arr.shape)}")
@@ -76,6 +81,13 @@ class LossPriorities:
         keys = torch.as_tensor(np.asarray(ids_or_positions) if not torch.is_tensor(ids_or_positions)
                                else ids_or_positions).to("cpu", torch.int64).reshape(-1)
         n = len(self)
+        if self._locate is not None:
+            pos = np.asarray(self._locate(keys.numpy()), dtype=np.int64).reshape(-1)
+            outside = (pos < 0) | (pos >= n)
+            if pos.shape != tuple(keys.shape) or outside.any():
+                first = int(keys[int(np.argmax(outside))]) if pos.shape == tuple(keys.shape) else int(keys[0])
+                raise InvalidEmbeddingError(f"id {first} is not a row of this lake")
+            return torch.from_numpy(pos)
         if self._sorted_ids is None:
             bad = (keys < 0) | (keys >= n)
             if bool(bad.any()):
@@ -119,3 +131,22 @@ class LossPriorities:
     def scores(self) -> np.ndarray:
         """A float64 copy of the current priorities (scores for ``importance_plan``)."""
         return self._values.numpy().astype(np.float64)
+
+
+class IdPositions:
+    """``ids -> positions`` of a lake snapshot, for `LossPriorities`:
+    `m2m.lake.reader.Snapshot.positions` maps ids by the manifest's id ranges (an appended shard by
+    arithmetic), so the loss sampler holds no copy of the id column (8 B a row, plus 16 B sorted).
+    An unknown id raises `InvalidEmbeddingError` naming it and the lake version.
+    Picklable (a snapshot pickles): DataLoader workers carry it."""
+
+    def __init__(self, snap: Any) -> None:
+        self.snap = snap
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        from m2m.errors import UnknownIdError
+
+        try:
+            return np.asarray(self.snap.positions(ids), dtype=np.int64)
+        except UnknownIdError as e:  # the loss sampler's error for an id it does not know (a ValueError)
+            raise InvalidEmbeddingError(str(e)) from None

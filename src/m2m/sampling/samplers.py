@@ -73,7 +73,7 @@ class LossSampler(ImportanceSampler):
     are frozen in `state_dict` so a resumed run redraws exactly the same plan.
     """
 
-    def __init__(self, alpha: np.ndarray, ids: np.ndarray, seed: int = 0, floor: float = 0.1,
+    def __init__(self, alpha: np.ndarray, ids: Any, seed: int = 0, floor: float = 0.1,
                  ema: float = 0.9) -> None:
         super().__init__("loss", alpha, seed=seed, floor=floor)
         self.priorities = LossPriorities(len(self.alpha), ema=ema, initial=1.0, ids=ids)

@@ -7,6 +7,7 @@ implementation of ``"stream.export"`` (`m2m.plugins`), which `Lake.export_to_dat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import sys
@@ -154,15 +155,36 @@ def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
         bar.close()
 
 
+def sharded_sampling(snap: "Snapshot", mode: str | None, k: int) -> bool:
+    """Whether importance ``mode`` over ``snap`` draws its plan shard by shard (`m2m.sampling.lake_scores`):
+    from `m2m.stream.order.RANK_LOCAL_ROWS` rows on (where the uniform orders are rank-local too), for
+    the stored-score modes, and for "kappa" only when every shard has its geometry (else the whole-lake
+    sampler over kappa computed in memory, as below that size)."""
+    from m2m.lake.neighbourhood import needs_geometry
+    from m2m.stream.order import rank_local
+
+    if mode is None or mode == "loss" or not rank_local(snap.num_rows):
+        return False
+    return mode != "kappa" or not needs_geometry(snap.manifest, k)
+
+
 def build_sampler(lake: "Lake", mode: str, seed: int, snap: "Snapshot | None" = None,
                   geometry: Geometry | None = None) -> Any:
-    """The importance sampler of ``mode`` over ``snap`` (default: the lake's current snapshot)."""
+    """The importance sampler of ``mode`` over ``snap`` (default: the lake's current snapshot): a
+    `ShardedImportance` reading the lake shard by shard when `sharded_sampling`, else the whole-lake
+    `ImportanceSampler` (or `LossSampler`)."""
     from m2m.sampling.samplers import ImportanceSampler, LossSampler
 
     snap = lake.snapshot if snap is None else snap
+    if geometry is None and sharded_sampling(snap, mode, lake.config.knn_k):
+        from m2m.sampling.lake_scores import sharded_importance
+
+        return sharded_importance(snap, mode, seed, lake.dim)
     alpha = snap.read_all("alpha").astype(np.float64)
     if mode == "loss":
-        return LossSampler(alpha, ids=snap.ids(), seed=seed)
+        from m2m.sampling.priorities import IdPositions
+
+        return LossSampler(alpha, ids=IdPositions(snap), seed=seed)
     if mode in ("kappa", "alpha"):
         column = None
     else:
@@ -289,9 +311,10 @@ def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_
     # only modes that use kappa look, and they look at the data, not at the manifest's
     # stats.kappa.count: a wrong count must not skip the estimate (a remote lake's shards are not
     # downloaded here for modes that never read kappa)
-    uses_kappa = gen == "vmf" or imp == "kappa"
-    # an augmenter reading its terms by shard checks each shard's kappa when it loads it
-    terms = by_shard_terms(snap, gen, cfg.knn_k) if shard_local and gen is not None and imp != "kappa" else None
+    # a sharded sampler (and an augmenter reading its terms by shard) fills and checks kappa shard by shard
+    whole_kappa = imp == "kappa" and not sharded_sampling(snap, imp, cfg.knn_k)
+    uses_kappa = gen == "vmf" or whole_kappa
+    terms = by_shard_terms(snap, gen, cfg.knn_k) if shard_local and gen is not None and not whole_kappa else None
     kappa_missing = uses_kappa and terms is None and bool(np.isnan(snap.read_all("kappa")).any())
     wants_kappa = gen in ("langevin", "mixture") or kappa_missing
     geometry = None
@@ -310,24 +333,30 @@ def config_defaults(lake: "Lake") -> dict[str, Any]:
             "prefetch": cfg.prefetch}
 
 
-def full_shuffle(snap: "Snapshot", opts: StreamOptions) -> bool:
-    """Whether a stream of ``snap`` with ``opts`` (defaults applied) shuffles rows over the whole lake."""
+def stream_layout(source: Any, opts: StreamOptions) -> Any:
+    """The shuffle layout (`m2m.stream.order.Layout`) of a stream of ``source`` (a snapshot or another
+    `RowSource`) with ``opts`` (defaults applied), as `m2m.stream.spec.plan_stream` will choose it."""
     from m2m.stream import columns as cols
     from m2m.stream.order import choose_layout
-    from m2m.stream.shuffle import FULL
 
-    layout = choose_layout(snap.num_rows, cols.nominal_row_bytes(snap), int(opts.warm_bytes or 0), opts.shuffle,
-                           opts.shuffle_mode, opts.block_rows)
-    return layout.mode == FULL
+    return choose_layout(source.num_rows, cols.nominal_row_bytes(source), int(opts.warm_bytes or 0), opts.shuffle,
+                         opts.shuffle_mode, opts.block_rows)
 
 
 def export_to_dataloader(lake: "Lake", options: StreamOptions | None = None, **overrides: Any) -> StreamLoader:
     """See `Lake.export_to_dataloader`. Never writes to the lake: geometry a mode needs and the pinned
     snapshot lacks is computed in memory for this loader (no commit, no lock)."""
+    from m2m.sampling.sharded import ShardedImportance
+    from m2m.stream.shuffle import BLOCK, FULL
+
     opts = StreamOptions.merged(options, overrides).with_defaults(config_defaults(lake))
     gen = generate_mode(opts.generate_samples)
     imp = importance_mode(opts.importance_sampling, list(lake.manifest.metadata))
-    shard_local = gen is not None and not full_shuffle(lake.snapshot, opts)   # (only augmentation asks)
-    parts = lake_parts(lake, gen, imp, int(opts.seed or 0), shard_local=shard_local)
+    mode = stream_layout(lake.snapshot, opts).mode if gen is not None or imp is not None else None
+    parts = lake_parts(lake, gen, imp, int(opts.seed or 0), shard_local=gen is not None and mode != FULL)
+    if isinstance(parts.sampler, ShardedImportance) and mode == BLOCK and opts.shard_affinity is None:
+        # a sharded plan with shard affinity draws only the rank's shards' rows (without it, the whole
+        # epoch's draws in every rank): the default wherever the order is a block shuffle
+        opts = dataclasses.replace(opts, shard_affinity=True)
     return make_loader(parts.source, opts, sampler=parts.sampler, augment=parts.augment, lake=parts.identity,
                        version=parts.version)
