@@ -290,3 +290,28 @@ def test_consolidated_lake_carries_terms(tmp_path):
         have = nb >= 0
         assert np.array_equal(snap.read_all("neighbor_kappa")[have], kappa[nb[have]])
         assert np.array_equal(snap.read_all("neighbor_alpha")[have], alpha[nb[have]])
+
+
+@pytest.mark.parametrize("shuffle_mode, by_shard", [("block", True), ("full", False)])
+def test_a_mixture_of_lakes_augments_each_lake_by_shard(lake, tmp_path, monkeypatch, shuffle_mode, by_shard):
+    """m2m.mix builds each lake's augmenter as a one-lake stream would: by shard above the budget when
+    the mixture is not fully shuffled, with the same draws as the whole-lake tables."""
+    import m2m
+
+    x, labels = _data(900, D, seed=7)
+    with create_m2m(M2MConfig(path=str(tmp_path / "other"), latent_dim=D, shard_bytes=100_000)) as other:
+        other.add_splats(x, labels=labels)
+        other.estimate_kappa()
+
+        def batches():
+            mx = m2m.mix({"a": lake, "b": other}, {"a": 0.6, "b": 0.4})
+            dl = mx.export_to_dataloader(batch_size=128, generate_samples=True, seed=2, shuffle_mode=shuffle_mode,
+                                         columns=("embedding", "source"))
+            return torch.cat([b["embedding"] for b in dl]), dl
+
+        whole, dl = batches()
+        assert all(a._terms is None for a in dl.augment.augments)
+        monkeypatch.setattr(from_lake, "TERMS_BYTES", 10_000)
+        sharded, dl = batches()
+        assert all((a._terms is not None) is by_shard for a in dl.augment.augments)
+        assert torch.equal(whole, sharded)

@@ -19,11 +19,12 @@ import torch
 from m2m.errors import ConfigError
 from m2m.stream import mixing
 from m2m.stream.columns import EMBEDDING, WEIGHT
-from m2m.stream.from_lake import config_defaults, importance_mode, lake_parts
+from m2m.stream.from_lake import config_defaults, importance_mode, lake_parts, stream_layout
 from m2m.stream.hooks import Augment, Gather
 from m2m.stream.loader import StreamLoader, make_loader
 from m2m.stream.mixture_source import SOURCE, MixtureSource
 from m2m.stream.options import StreamOptions, generate_mode
+from m2m.stream.shuffle import FULL
 
 if TYPE_CHECKING:  # pragma: no cover
     from m2m.lake.lake import Lake
@@ -181,7 +182,10 @@ class Mixture:
         for name, snap in self._snaps.items():
             imp = importance_mode(opts.importance_sampling, list(snap.manifest.metadata))
         seed_ = int(opts.seed or 0)
-        parts = [lake_parts(self.lakes[n], gen, imp, mixing.lake_seed(seed_, j)) for j, n in enumerate(self.names)]
+        # augmenters read their terms by shard (large lakes) unless the mixture is fully shuffled
+        shard_local = gen is not None and stream_layout(MixtureSource(list(self._snaps.values())), opts).mode != FULL
+        parts = [lake_parts(self.lakes[n], gen, imp, mixing.lake_seed(seed_, j), shard_local=shard_local)
+                 for j, n in enumerate(self.names)]
         changed = [n for n, p in zip(self.names, parts) if p.version != int(self._snaps[n].version)]
         if changed:
             raise ConfigError(f"mix: lake(s) {changed} moved to another version since m2m.mix pinned them; "
