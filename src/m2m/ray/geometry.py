@@ -570,7 +570,7 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
         stats.update(nlist=nlist, nprobe=nprobe, max_gap=max_gap, calibrated_recall=recall, ranges=len(ranges),
                      owners=int(owner.max()) + 1, seconds={"sample": t1 - t0, "calibrate": t2 - t1,
                                                            "search": t3 - t2, "worker_imports": max(loads)})
-    # the run stamp `with_geometry` put in every sidecar (the version the tasks read): a stale sidecar is refused
+    # the run stamp `write_geometry` put in every sidecar (the version the tasks read): a stale sidecar is refused
     return {"shards": tuple(shards), "stats": summary,
             "geometry": {"k": int(k), "estimator": ESTIMATOR, "rows": int(n), "estimated_at": time.time(),
                          "stamp": str(base.version)}}
