@@ -323,3 +323,135 @@ def test_estimate_kappa_ray_of_a_small_lake_runs_the_local_exact_search(cluster,
                 assert lake.manifest.operation["engine"] == "local (ray: small lake)"
                 assert lake.manifest.geometry["stamp"] == str(lake.version - 1) and lake.verify() == []
     np.testing.assert_allclose(kappas["ray"], kappas["local"], rtol=1e-6)  # the same exact search
+
+
+# ---------------------------------------------------------------------------- neighbour terms in Ray sidecars
+def _clustered(rng, n: int, d: int) -> np.ndarray:
+    """Rows near cluster centres (their neighbours matter to Langevin) and rows scattered at random."""
+    x = rng.normal(size=(12, d))[rng.integers(0, 12, n)] + 0.35 * rng.normal(size=(n, d))
+    scattered = rng.random(n) < 0.5
+    x[scattered] = rng.normal(size=(int(scattered.sum()), d))
+    return x.astype(np.float32)
+
+
+def _ray_terms_lake(path, labels: bool, seed: int, n: int = 6000, d: int = 16):
+    """A lake of ~9 shards estimated by the Ray engine: the first 500 rows carry user kappa (kept, and
+    their neighbours' terms must show it), alphas vary, labels (int codes) when ``labels``."""
+    rng = np.random.default_rng(seed)
+    x = _clustered(rng, n, d)
+    lab = rng.integers(0, 3, n) if labels else None
+    alpha = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    lake = create_m2m(M2MConfig(path=path, latent_dim=d, knn_k=K, shard_bytes=1 << 16))
+    lake.add_splats(x[:500], labels=None if lab is None else lab[:500], alpha=alpha[:500],
+                    kappa=rng.uniform(5.0, 50.0, 500))
+    lake.add_splats(x[500:], labels=None if lab is None else lab[500:], alpha=alpha[500:])
+    lake.estimate_kappa(engine="ray")
+    return lake
+
+
+@pytest.fixture(scope="module")
+def ray_terms_lakes(cluster, tmp_path_factory):
+    """Two Ray-estimated lakes, with labels and without (the Ray engine forced at this size)."""
+    import m2m.ray.geometry
+
+    root = tmp_path_factory.mktemp("ray_terms")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(m2m.ray.geometry, "LOCAL_MAX_ROWS", 0)
+        lakes = {"labels": _ray_terms_lake(root / "labels", True, seed=11),
+                 "none": _ray_terms_lake(root / "none", False, seed=12)}
+    yield lakes
+    for lk in lakes.values():
+        lk.close()
+
+
+def _assert_sidecar_terms(lake, ranges: int) -> None:
+    """The sidecars' neighbour terms equal `neighbour_terms` of the lake's own final kappa, alpha, labels
+    and stored neighbours, and some neighbours live in another of the engine's ``ranges`` shard ranges."""
+    from m2m.lake.neighbourhood import has_terms, neighbour_terms
+    from m2m.ray.geometry import shard_ranges
+
+    snap, m = lake.snapshot, lake.manifest
+    assert has_terms(m, K)
+    kappa, alpha = snap.read_all("kappa"), snap.read_all("alpha")
+    labels = snap.read_all("label") if m.label_type is not None else None
+    assert np.isfinite(kappa).all()
+    # the stored neighbour ids, mapped to positions here (not by the reader's own mapping)
+    nbr_ids = np.concatenate([snap.arrow_column(s, "neighbors").flatten().to_numpy()
+                              for s in range(len(m.shards))]).reshape(-1, K)
+    nb = np.full(nbr_ids.shape, -1, np.int64)
+    nb[nbr_ids >= 0] = snap.positions(nbr_ids[nbr_ids >= 0])
+    want = neighbour_terms(nb, kappa, alpha, labels)
+    assert set(want) == ({"neighbor_kappa", "neighbor_alpha"} | ({"neighbor_same_label"} if labels is not None
+                                                               else set()))
+    for name, values in want.items():
+        got = snap.read_all(name)
+        assert got.dtype == values.dtype and got.shape == values.shape, name
+        assert np.array_equal(got, values, equal_nan=values.dtype.kind == "f"), name
+    have = nb >= 0
+    assert have.mean() > 0.99
+    cuts = np.array([snap.shard_offsets[lo] for lo, _ in shard_ranges(m, ranges)])
+    assert cuts.size == ranges
+    row_range = np.searchsorted(cuts, np.arange(len(kappa)), side="right")
+    nb_range = np.searchsorted(cuts, np.maximum(nb, 0), side="right")
+    assert (have & (nb_range != row_range[:, None])).mean() > 0.1   # neighbours in other ranges
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["labels", "none"])
+def test_ray_sidecars_carry_the_local_engines_neighbour_terms(ray_terms_lakes, which):
+    lake = ray_terms_lakes[which]
+    assert lake.manifest.operation["engine"] == "ray" and len(lake.manifest.shards) >= 6
+    assert (lake.manifest.label_type is not None) is (which == "labels")
+    _assert_sidecar_terms(lake, ranges=4)   # a 2-CPU cluster: two tasks per CPU, 4 shard ranges
+    # the first 500 rows' user kappa is what their neighbours' terms carry, not the estimate
+    snap = lake.snapshot
+    np.testing.assert_array_equal(snap.read_all("kappa")[:500], snap.read_main("kappa")[:500])
+    nb = snap.read_all("neighbors")
+    assert np.isin(nb, np.arange(500)).sum() > 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["langevin", "mixture"])
+def test_by_shard_augmenter_over_a_ray_lake_draws_as_the_whole_lake_one(ray_terms_lakes, mode):
+    import torch
+
+    from m2m.augment.augmenter import LangevinAugmenter, MixtureAugmenter
+    from m2m.lake.neighbourhood import SnapshotTerms
+    from m2m.stream import from_lake
+
+    lake = ray_terms_lakes["labels"]
+    snap, cfg = lake.snapshot, lake.config
+    whole = from_lake.build_augmenter(lake, mode)
+    terms = SnapshotTerms(snap)
+    if mode == "langevin":
+        sharded = LangevinAugmenter.by_shard(terms, steps=cfg.langevin_steps, step_size=cfg.langevin_dt,
+                                             temperature=cfg.langevin_T, terms_bytes=60_000)
+    else:
+        sharded = MixtureAugmenter.by_shard(terms, temperature=cfg.langevin_T, terms_bytes=60_000)
+    mu = torch.from_numpy(snap.read_all("mu").astype(np.float32))
+    g = torch.Generator().manual_seed(1)
+    for b in range(6):   # rows of every shard in each batch
+        rows = torch.randperm(len(mu), generator=g)[:300]
+        a = whole(mu[rows], rows, lambda r: mu.index_select(0, r), torch.Generator().manual_seed(b))
+        c = sharded(mu[rows], rows, lambda r: mu.index_select(0, r), torch.Generator().manual_seed(b))
+        assert torch.equal(a, c), (mode, b)
+    if mode == "langevin":   # both paths of the chain were compared
+        p = sharded.prepare(rows, lake.dim, torch.Generator().manual_seed(0))
+        assert 0 < p.fail.numel() < rows.numel()
+        assert torch.equal(p.fail, whole.prepare(rows, lake.dim, torch.Generator().manual_seed(0)).fail)
+
+
+@pytest.mark.slow
+def test_consolidate_ray_sidecars_carry_the_neighbour_terms(cluster, tmp_path):
+    rng = np.random.default_rng(13)
+    n, dup, d = 5000, 300, 16
+    x = _clustered(rng, n, d)
+    x = np.concatenate([x, x[:dup] + 1e-4 * rng.normal(size=(dup, d)).astype(np.float32)])
+    labels = np.array(["ant", "bee", "cow"])[rng.integers(0, 3, n)]   # string labels: codes by vocabulary
+    labels = np.concatenate([labels, labels[:dup]])
+    with create_m2m(M2MConfig(path=tmp_path / "c", latent_dim=d, knn_k=K, shard_bytes=1 << 16)) as lake:
+        lake.add_splats(x, labels=labels, alpha=rng.uniform(0.5, 2.0, n + dup))
+        report = lake.consolidate(0.999, engine="ray")   # the new version's kNN by Ray tasks at any size
+        assert report.rows_before - dup <= report.rows_after < report.rows_before
+        assert len(lake.manifest.shards) >= 6
+        _assert_sidecar_terms(lake, ranges=4)

@@ -54,6 +54,11 @@ def compute_geometry(mu: np.ndarray, k: int, seed: int = 0, progress: Callable[[
     return kappa.astype(np.float32), idx.astype(np.int64), scores
 
 
+def final_kappa(user_kappa: np.ndarray, kappa_est: np.ndarray) -> np.ndarray:
+    """The kappa a sidecar stores: the user's where given (not NaN), the estimate elsewhere (float32)."""
+    return np.where(np.isnan(user_kappa), kappa_est, user_kappa).astype(np.float32)
+
+
 def with_geometry(fs: LakeFS, base: Manifest, shards: Sequence[ShardEntry], ids: np.ndarray,
                   user_kappa: np.ndarray, kappa_est: np.ndarray, neighbors: np.ndarray,
                   neighbor_cos: np.ndarray, alpha: np.ndarray | None = None,
@@ -63,18 +68,28 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: Sequence[ShardEntry], ids:
     ``neighbors`` are positions in the rows of ``shards`` (all of them). With ``alpha`` (those rows'
     masses; and ``labels``, their label codes, on a lake with labels) each sidecar also carries its
     rows' neighbour terms (``neighbor_kappa``, ``neighbor_alpha``, ``neighbor_same_label``), which let
-    a process build a row's augmentation terms from its own shard (`m2m.augment.tables`); the Ray
-    engine, whose tasks see a range of shards, writes sidecars without them.
+    a process build a row's augmentation terms from its own shard (`m2m.augment.tables`). The Ray
+    engine, whose tasks see a range of shards, gathers its neighbours' terms from the other ranges and
+    writes the same columns through `write_geometry`.
     """
+    kappa = final_kappa(user_kappa, kappa_est)
+    terms = None if alpha is None else neighbour_terms(neighbors, kappa, alpha, labels)
+    return write_geometry(fs, base, shards, ids, kappa, neighbors, neighbor_cos, terms)
+
+
+def write_geometry(fs: LakeFS, base: Manifest, shards: Sequence[ShardEntry], ids: np.ndarray,
+                   kappa: np.ndarray, neighbors: np.ndarray, neighbor_cos: np.ndarray,
+                   terms: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """`with_geometry` given the final ``kappa`` of the rows of ``shards`` and their neighbour ``terms``
+    (`neighbour_terms`, or None to write none). ``neighbors`` are positions in ``ids``: the rows of
+    ``shards`` first, then any neighbours that live in other shards (a Ray task's range)."""
     from m2m.lake.integrity import STAMP_GEOMETRY, STAMP_LAKE
 
-    kappa = np.where(np.isnan(user_kappa), kappa_est, user_kappa).astype(np.float32)
     # every sidecar of one run carries the run's stamp, and so does the manifest's geometry: a
     # sidecar of another run (a stale one) is refused when it is opened
     run = str(base.version)
     stamp = {STAMP_GEOMETRY: run} | ({STAMP_LAKE: base.lake_id} if base.lake_id else {})
     nbr_ids = np.where(neighbors >= 0, ids[np.maximum(neighbors, 0)], -1).astype(np.int64)
-    terms = None if alpha is None else neighbour_terms(neighbors, kappa, alpha, labels)
     new_shards = []
     lo = 0
     for shard in shards:
@@ -93,20 +108,23 @@ def with_geometry(fs: LakeFS, base: Manifest, shards: Sequence[ShardEntry], ids:
     if alpha_stats is not None:
         stats["alpha"] = alpha_stats
     return {"shards": tuple(new_shards), "stats": stats,
-            "geometry": {"k": int(neighbors.shape[1]), "estimator": ESTIMATOR, "rows": int(len(ids)),
+            "geometry": {"k": int(neighbors.shape[1]), "estimator": ESTIMATOR, "rows": int(lo),
                          "estimated_at": time.time(), "stamp": run}}
 
 
 def neighbour_terms(neighbors: np.ndarray, kappa: np.ndarray, alpha: np.ndarray,
                     labels: np.ndarray | None) -> dict[str, np.ndarray]:
     """Each row's neighbours' kappa and alpha (NaN and 0 where there is no neighbour) and, with
-    ``labels``, whether each neighbour has the row's label: the columns `with_geometry` adds."""
+    ``labels``, whether each neighbour has the row's label: the columns `with_geometry` adds.
+
+    ``neighbors`` ``[n, k]`` are positions in ``kappa``/``alpha``/``labels``, whose first ``n`` entries
+    are the rows themselves (more may follow: neighbours living elsewhere, as in a Ray task)."""
     have = neighbors >= 0
     nb = np.maximum(neighbors, 0)
     out = {"neighbor_kappa": np.where(have, kappa[nb], np.float32(np.nan)).astype(np.float32),
            "neighbor_alpha": np.where(have, alpha[nb], np.float32(0.0)).astype(np.float32)}
     if labels is not None:
-        out["neighbor_same_label"] = have & (labels[nb] == labels[:, None])
+        out["neighbor_same_label"] = have & (labels[nb] == labels[:len(neighbors), None])
     return out
 
 

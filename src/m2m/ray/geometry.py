@@ -14,9 +14,11 @@ that never need the whole lake in one process:
    visitors, used both ways (a visitor i gets member j, member j gets visitor i), as the local
    search does. kNN: per-row top-k candidates, shuffled back to shard ranges; duplicates: the
    edges cos >= threshold with equal labels, reduced to a spanning forest per task.
-4. kNN: one task per shard range merges each row's candidates (unique neighbours, best k),
-   estimates kappa (`m2m.geometry.kappa.neighbourhood_kappa`) and writes the range's geometry
-   sidecars (`m2m.lake.neighbourhood.with_geometry`). Duplicates: the driver takes connected components.
+4. kNN: one task per shard range merges each row's candidates (unique neighbours, best k) and
+   estimates kappa (`m2m.geometry.kappa.neighbourhood_kappa`); then one task per range hands every
+   other range the kappa, alpha and label of that range's neighbours it holds, and one task per range
+   writes the range's geometry sidecars with those neighbour terms, the columns the local engine writes
+   (`m2m.lake.neighbourhood.write_geometry`). Duplicates: the driver takes connected components.
 
 The driver publishes the result as one commit (`Lake.commit`); a failed task fails the commit,
 which removes the files written so far (running tasks are cancelled first).
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from m2m.errors import InternalError
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
@@ -301,23 +304,30 @@ def _best_k(n_rows: int, off: int, k: int, parts: tuple[dict[str, Any], ...]) ->
     return out_nbr, out_score
 
 
-def _finish_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, k: int, k_eff: int,
-                 *parts: dict[str, Any]) -> dict[str, Any]:
-    """Merge the candidates of shards ``[lo, hi)``, estimate kappa, write their geometry sidecars."""
+def _kappa_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, k: int, k_eff: int,
+                range_starts: np.ndarray, *parts: dict[str, Any]) -> tuple[Any, ...]:
+    """Finish, stage 1: merge the candidates of shards ``[lo, hi)`` and estimate their kappa.
+
+    Returns ``(rows, own, request_0, ..., request_R-1)``, one object each: ``rows``, what `_write_task`
+    needs of the range (``ids`` of its rows then of its neighbours living elsewhere, ``local`` neighbour
+    positions into those, ``cos``); ``own``, the range's ``kappa`` (final: user kappa where given),
+    ``alpha`` and ``label`` codes, the terms other ranges' rows need of it; ``request_j``, the sorted
+    global positions of this range's neighbours that live in range ``j`` (none for itself)."""
     from m2m.geometry.kappa import neighbourhood_kappa
     from m2m.index.runtime import compute_threads
-    from m2m.lake.neighbourhood import with_geometry
+    from m2m.lake.neighbourhood import final_kappa
 
     snap = Snapshot(fs, manifest, verify=verify)
     off = int(snap.shard_offsets[lo])
     n_rows = int(snap.shard_offsets[hi]) - off
+    shards = range(lo, hi)
     nbr, cos = _best_k(n_rows, off, k_eff, parts)
     if k_eff < k:
         nbr = np.concatenate([nbr, np.full((n_rows, k - k_eff), -1, np.int64)], axis=1)
         cos = np.concatenate([cos, np.zeros((n_rows, k - k_eff), np.float32)], axis=1)
     outside = np.unique(nbr[(nbr >= 0) & ((nbr < off) | (nbr >= off + n_rows))])
     # rows of the range first, then the neighbours living elsewhere: neighbour indices into that
-    mu_own = np.concatenate([snap.column(s, "mu") for s in range(lo, hi)]).astype(np.float32, copy=False)
+    mu_own = np.concatenate([snap.column(s, "mu") for s in shards]).astype(np.float32, copy=False)
     mu_out = snap.gather("mu", outside).astype(np.float32, copy=False)
     mu = np.concatenate([mu_own, mu_out])
     inside = (nbr >= off) & (nbr < off + n_rows)
@@ -325,11 +335,51 @@ def _finish_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int,
     local = np.where(nbr >= 0, local, -1)
     full_nbr = np.concatenate([local, np.full((outside.size, k), -1, np.int64)])
     with compute_threads(1):
-        kappa = neighbourhood_kappa(mu, full_nbr)[:n_rows].astype(np.float32)
-    ids = np.concatenate([np.concatenate([snap.column(s, "id") for s in range(lo, hi)]),
-                          snap.gather("id", outside)])
-    user = np.concatenate([_main_column(snap, s, "kappa") for s in range(lo, hi)])
-    fields = with_geometry(fs, manifest, manifest.shards[lo:hi], ids, user, kappa, local, cos)
+        kappa_est = neighbourhood_kappa(mu, full_nbr)[:n_rows].astype(np.float32)
+    del mu, mu_own, mu_out, full_nbr  # the vectors are done with: not held while the rest is read
+    ids = np.concatenate([np.concatenate([snap.column(s, "id") for s in shards]), snap.gather("id", outside)])
+    # the columns the local engine reads (`m2m.lake.neighbourhood.estimate`): kappa and alpha of the main
+    # files (a sidecar's kappa is an earlier estimate), label codes as the stream reads them
+    user = np.concatenate([_main_column(snap, s, "kappa") for s in shards])
+    own = {"kappa": final_kappa(user, kappa_est),
+           "alpha": np.concatenate([_main_column(snap, s, "alpha") for s in shards]),
+           "label": (np.concatenate([snap.column(s, "label") for s in shards])
+                     if manifest.label_type is not None else None)}
+    # `outside` is sorted: the positions each other range holds are one slice of it
+    cuts = np.searchsorted(outside, np.append(range_starts, manifest.rows))
+    requests = [outside[a:b] for a, b in pairwise(cuts)]
+    return ({"ids": ids, "local": local, "cos": cos}, own, *requests)
+
+
+def _terms_task(off: int, own: dict[str, Any], *requests: np.ndarray) -> Any:
+    """Finish, between the stages: what each range requested of this range's ``own`` terms (one return
+    per range, in range order); ``off`` is this range's first global position."""
+    outs = []
+    for req in requests:
+        at = req - off
+        outs.append({name: None if values is None else values[at] for name, values in own.items()})
+    return _one_or_many(outs)
+
+
+def _write_task(fs: LakeFS, manifest: Manifest, lo: int, hi: int, rows: dict[str, Any], own: dict[str, Any],
+                *answers: dict[str, Any]) -> dict[str, Any]:
+    """Finish, stage 2: the geometry sidecars of shards ``[lo, hi)`` with their neighbour terms.
+
+    ``answers`` are the terms of the range's outside neighbours, one per range in range order: together
+    the rows after the range's own in ``rows["ids"]``, as `_kappa_task` numbered them."""
+    from m2m.lake.neighbourhood import neighbour_terms, write_geometry
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([own[name], *[a[name] for a in answers]])
+
+    local = rows["local"]
+    kappa, alpha = joined("kappa"), joined("alpha")
+    labels = None if own["label"] is None else joined("label")
+    if kappa.size != rows["ids"].size:  # the answers do not line up with the neighbours numbered
+        raise InternalError(f"shards [{lo}, {hi}): {kappa.size} neighbour terms for {rows['ids'].size} rows")
+    terms = neighbour_terms(local, kappa, alpha, labels)
+    fields = write_geometry(fs, manifest, manifest.shards[lo:hi], rows["ids"], own["kappa"], local, rows["cos"],
+                            terms)
     return {"shards": fields["shards"], "stats": fields["stats"]}
 
 
@@ -426,6 +476,27 @@ def _route(ray: Any, snap: Snapshot, ranges: list[tuple[int, int]], centroids: n
             for lo, hi in ranges]
 
 
+def _finish(ray: Any, snap: Snapshot, ranges: list[tuple[int, int]], range_starts: np.ndarray,
+            candidates: list[list[Any]], k: int, k_eff: int) -> list[Any]:
+    """Refs of the `_write_task` of every range, after its `_kappa_task` and the `_terms_task` of the
+    ranges its rows' neighbours live in. A range's neighbours' kappa is known only once their own range
+    has estimated it, so the terms are shuffled by position through the object store (each range
+    receives the terms of its outside neighbours alone, not the other ranges' whole columns)."""
+    fs, base, verify = snap.fs, snap.manifest, snap.verify
+    r = len(ranges)
+    kappa_task = ray.remote(num_cpus=1, max_retries=0)(_kappa_task)
+    terms_task = ray.remote(num_cpus=1, max_retries=0)(_terms_task)
+    write_task = ray.remote(num_cpus=1, max_retries=0)(_write_task)
+    first = [kappa_task.options(num_returns=2 + r).remote(fs, base, verify, lo, hi, k, k_eff, range_starts,
+                                                          *[c[j] for c in candidates])
+             for j, (lo, hi) in enumerate(ranges)]
+    answers = [_as_list(terms_task.options(num_returns=r).remote(int(range_starts[j]), first[j][1],
+                                                                 *[f[2 + j] for f in first]), r)
+               for j in range(r)]
+    return [write_task.remote(fs, base, lo, hi, first[j][0], first[j][1], *[a[j] for a in answers])
+            for j, (lo, hi) in enumerate(ranges)]
+
+
 def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None,
                     target_recall: float = 0.95, stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """Manifest fields (``shards`` with new geometry sidecars, ``stats``, ``geometry``) of ``snap``'s
@@ -479,9 +550,7 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
     lists_task = ray.remote(num_cpus=1, max_retries=0)(_knn_lists_task)
     candidates = [_as_list(lists_task.options(num_returns=len(ranges)).remote(
         k_eff, range_starts, *[r[p] for r in routed]), len(ranges)) for p in range(int(owner.max()) + 1)]
-    finish = ray.remote(num_cpus=1, max_retries=0)(_finish_task)
-    results = _gather(ray, [finish.remote(snap.fs, base, verify, lo, hi, k, k_eff, *[c[j] for c in candidates])
-                            for j, (lo, hi) in enumerate(ranges)])
+    results = _gather(ray, _finish(ray, snap, ranges, range_starts, candidates, k, k_eff))
     t3 = time.perf_counter()
     loads = _gather(ray, warm)
     shards: list[ShardEntry] = []
@@ -501,7 +570,7 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
         stats.update(nlist=nlist, nprobe=nprobe, max_gap=max_gap, calibrated_recall=recall, ranges=len(ranges),
                      owners=int(owner.max()) + 1, seconds={"sample": t1 - t0, "calibrate": t2 - t1,
                                                            "search": t3 - t2, "worker_imports": max(loads)})
-    # the run stamp `with_geometry` put in every sidecar (the version the tasks read): a stale sidecar is refused
+    # the run stamp `write_geometry` put in every sidecar (the version the tasks read): a stale sidecar is refused
     return {"shards": tuple(shards), "stats": summary,
             "geometry": {"k": int(k), "estimator": ESTIMATOR, "rows": int(n), "estimated_at": time.time(),
                          "stamp": str(base.version)}}
