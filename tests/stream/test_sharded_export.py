@@ -14,7 +14,7 @@ from m2m import M2MConfig, create_m2m
 from m2m.errors import ConfigError
 from m2m.sampling import lake_scores
 from m2m.sampling.samplers import ImportanceSampler, LossSampler
-from m2m.sampling.sharded import ShardedImportance
+from m2m.sampling.sharded import ShardedImportance, ShardedLoss, shard_masses
 from m2m.stream import affinity, order
 from m2m.stream.order import delivered_draws
 
@@ -150,8 +150,6 @@ def test_weighted_estimates_are_unbiased(lake):
 
 
 def test_what_keeps_the_whole_lake_sampler(lake_path, lake, monkeypatch):
-    # the loss mode (priorities fed back by training)
-    assert isinstance(make(lake, importance_sampling="loss").dataset.sampler, LossSampler)
     # a full shuffle keeps the sharded sampler (its whole-epoch plan: the lake fits the warm budget)
     dl = make(lake, importance_sampling="kappa", shuffle_mode="full")
     assert isinstance(dl.dataset.sampler, ShardedImportance) and not dl.spec.shard_affinity
@@ -163,6 +161,7 @@ def test_what_keeps_the_whole_lake_sampler(lake_path, lake, monkeypatch):
     # below the threshold: the whole-lake sampler, as before
     monkeypatch.setattr(order, "RANK_LOCAL_ROWS", 10 * N)
     assert type(make(lake, importance_sampling="kappa", **BLOCK).dataset.sampler) is ImportanceSampler
+    assert type(make(lake, importance_sampling="loss", **BLOCK).dataset.sampler) is LossSampler
 
 
 def test_rows_appended_after_estimate_kappa_keep_the_whole_lake_path(lake_path, tmp_path, monkeypatch):
@@ -192,3 +191,55 @@ def test_the_sampler_pickles_with_its_masses(lake):
     copy = pickle.loads(pickle.dumps(sampler))
     np.testing.assert_array_equal(copy._masses[0], q[0])
     np.testing.assert_array_equal(copy.shard_draws(1, 2, 50, 900)[0], sampler.shard_draws(1, 2, 50, 900)[0])
+
+
+def test_shard_masses_in_chunks_equal_the_two_pass_masses(monkeypatch):
+    from m2m.sampling import sharded
+
+    rng = np.random.default_rng(1)
+    offsets = np.array([0, 0, 7, 7, 40, 41, 100, 100], dtype=np.int64)   # empty shards too
+    scores = rng.gamma(0.3, 1.0, 100)
+    scores[10:20] = 0.0
+    want = ShardedImportance.from_arrays(offsets, scores, np.ones(100)).masses()
+    for chunk in (1, 5, 33, 1 << 22):
+        monkeypatch.setattr(sharded, "MASS_CHUNK_ROWS", chunk)
+        q, mean = shard_masses(scores, offsets, 0.1)
+        assert mean == pytest.approx(want[1]) and np.allclose(q, want[0], rtol=1e-12, atol=0)
+    q, _ = shard_masses(np.zeros(100), offsets, 0.1)
+    np.testing.assert_array_equal(q, np.diff(offsets).astype(np.float64))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loss_feedback_by_shard_moves_draws_and_resumes(lake, workers):
+    """The loss mode above the threshold: `ShardedLoss` with shard affinity; fed-back losses move the
+    next epoch's draws toward high-loss rows; its plan equals a `ShardedImportance` over the frozen
+    priorities; a mid-epoch state resumes the same batches and priorities."""
+    def run(stop: int | None = None):
+        dl = make(lake, importance_sampling="loss", num_workers=workers, **BLOCK)
+        out = []
+        for e in range(2):
+            for j, b in enumerate(dl):
+                dl.update_priorities(b["id"], torch.where(b["id"] % 10 == 0, 20.0, 0.1))
+                out.append(b["id"].clone())
+                if stop is not None and e == 1 and j == stop:
+                    return out, dl.state_dict(), dl
+        return out, None, dl
+
+    full, _, dl = run()
+    sampler = dl.dataset.sampler
+    assert isinstance(sampler, ShardedLoss) and dl.spec.shard_affinity
+    per_epoch = len(full) // 2
+    first = torch.cat(full[:per_epoch])
+    second = torch.cat(full[per_epoch:])
+    assert float((first % 10 == 0).double().mean()) < 0.2 < float((second % 10 == 0).double().mean())
+    snap = lake.snapshot
+    frozen = sampler.frozen(1).astype(np.float64)
+    plain = ShardedImportance.from_arrays(snap.shard_offsets, frozen, snap.read_all("alpha"), seed=3)
+    m = delivered_draws(N, BS, 1, False)
+    for a, b in zip(sampler.plan(1, m), plain.plan(1, m)):
+        np.testing.assert_array_equal(a, b)
+    head, state, _ = run(stop=3)
+    resumed = make(lake, importance_sampling="loss", num_workers=workers, **BLOCK)
+    resumed.load_state_dict(state)
+    tail = [b["id"].clone() for b in resumed]
+    assert [t.tolist() for t in head + tail] == [t.tolist() for t in full]

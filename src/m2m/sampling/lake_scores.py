@@ -5,7 +5,7 @@ draws the whole epoch (12 B a draw) in every process: 28 GB per rank at 1B rows.
 `m2m.stream.order.RANK_LOCAL_ROWS` rows on, `export_to_dataloader(importance_sampling=...)` builds a
 `ShardedImportance` over `ShardValues` instead: the same scores ("kappa", "alpha" or a numeric
 column), read shard by shard when the sampler needs them, and with shard affinity each rank draws
-only its own shards' rows.
+only its own shards' rows ("loss": a `ShardedLoss`, whose priorities are in memory).
 
 The "kappa" scores need two lake-wide medians (the fill of splats without an estimate and the kappa
 floor, `m2m.sampling.samplers.kappa_scores_input`). Reading every shard for them would be a third
@@ -23,7 +23,7 @@ import numpy as np
 
 from m2m.errors import ConfigError
 from m2m.sampling.samplers import KAPPA_FLOOR
-from m2m.sampling.sharded import ShardedImportance
+from m2m.sampling.sharded import ShardedImportance, ShardedLoss
 
 if TYPE_CHECKING:  # pragma: no cover
     from m2m.lake.reader import Snapshot
@@ -85,10 +85,12 @@ def kappa_medians(snap: "Snapshot", dim: int, rows: int | None = None) -> tuple[
 
 def sharded_importance(snap: "Snapshot", mode: str, seed: int, dim: int) -> ShardedImportance:
     """A `ShardedImportance` of ``mode`` ("kappa", "alpha" or a numeric metadata column) over ``snap``,
-    reading its scores and alpha shard by shard (module doc)."""
+    reading its scores and alpha shard by shard (module doc); for "loss", a `ShardedLoss` (priorities
+    in memory, alpha by shard, ids mapped through the snapshot)."""
     if mode == "loss":
-        raise ConfigError("importance mode 'loss' has per-row priorities fed back by training, not stored "
-                          "scores: it has no sharded form")
+        from m2m.sampling.priorities import IdPositions
+
+        return ShardedLoss(snap.shard_offsets, ShardValues(snap, "alpha"), ids=IdPositions(snap), seed=seed)
     fill, low = kappa_medians(snap, dim) if mode == "kappa" else (math.nan, 0.0)
     return ShardedImportance(snap.shard_offsets, ShardValues(snap, mode, fill, low), ShardValues(snap, "alpha"),
                              seed=seed)

@@ -65,24 +65,20 @@ class ImportanceSampler:
         return rows, weights
 
 
-class LossSampler(ImportanceSampler):
-    """Scores are per-row training losses fed back with `update_priorities` (a bias-corrected EMA per
-    row, `m2m.sampling.priorities.LossPriorities`: a row's first loss replaces the initial 1.0).
+class LossFeedback:
+    """Per-row loss priorities fed back by training (`update_priorities`), frozen per epoch when that
+    epoch's plan is first drawn, and saved with the stream (`state_dict`): what `LossSampler` and
+    `m2m.sampling.sharded.ShardedLoss` share. Frozen copies are ``FROZEN_DTYPE``."""
 
-    Each epoch's plan uses the priorities as they were when that epoch's plan was first drawn; they
-    are frozen in `state_dict` so a resumed run redraws exactly the same plan.
-    """
+    FROZEN_DTYPE: Any = np.float64
+    priorities: LossPriorities
+    _frozen: dict[int, np.ndarray]
 
-    def __init__(self, alpha: np.ndarray, ids: Any, seed: int = 0, floor: float = 0.1,
-                 ema: float = 0.9) -> None:
-        super().__init__("loss", alpha, seed=seed, floor=floor)
-        self.priorities = LossPriorities(len(self.alpha), ema=ema, initial=1.0, ids=ids)
-        self._frozen: dict[int, np.ndarray] = {}
-
-    def scores(self, epoch: int) -> np.ndarray:
+    def frozen(self, epoch: int) -> np.ndarray:
+        """The priorities ``epoch`` draws from (frozen the first time they are asked for)."""
         frozen = self._frozen.get(epoch)
         if frozen is None:  # the stream may look one epoch ahead: keep this one and the newest other
-            frozen = self.priorities.scores().astype(np.float64)
+            frozen = self.priorities.tensor.numpy().astype(self.FROZEN_DTYPE)
             others = sorted(e for e in self._frozen if e != epoch)[-1:]
             self._frozen = {**{e: self._frozen[e] for e in others}, epoch: frozen}
         return frozen
@@ -102,8 +98,9 @@ class LossSampler(ImportanceSampler):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         values = np.asarray(state["priorities"], dtype=np.float32)
-        if values.shape != (len(self.alpha),):
-            raise StateMismatchError(f"sampler state has {values.shape} priorities, the lake has {len(self.alpha)} rows")
+        rows = len(self.priorities)
+        if values.shape != (rows,):
+            raise StateMismatchError(f"sampler state has {values.shape} priorities, the lake has {rows} rows")
         self.priorities.tensor.copy_(torch.from_numpy(values))
         # states saved before the bias correction have no counts: continue them as plain EMAs
         # (a large count makes the gain 1 - ema), except rows still at the initial value
@@ -114,4 +111,22 @@ class LossSampler(ImportanceSampler):
         if counts.shape != values.shape:
             raise StateMismatchError(f"sampler state has {counts.shape} counts for {values.shape} priorities")
         self.priorities.counts.copy_(torch.from_numpy(counts))
-        self._frozen = {int(e): np.asarray(v, dtype=np.float64) for e, v in state.get("frozen", {}).items()}
+        self._frozen = {int(e): np.asarray(v, dtype=self.FROZEN_DTYPE) for e, v in state.get("frozen", {}).items()}
+
+
+class LossSampler(LossFeedback, ImportanceSampler):
+    """Scores are per-row training losses fed back with `update_priorities` (a bias-corrected EMA per
+    row, `m2m.sampling.priorities.LossPriorities`: a row's first loss replaces the initial 1.0).
+
+    Each epoch's plan uses the priorities as they were when that epoch's plan was first drawn; they
+    are frozen in `state_dict` so a resumed run redraws exactly the same plan.
+    """
+
+    def __init__(self, alpha: np.ndarray, ids: Any, seed: int = 0, floor: float = 0.1,
+                 ema: float = 0.9) -> None:
+        super().__init__("loss", alpha, seed=seed, floor=floor)
+        self.priorities = LossPriorities(len(self.alpha), ema=ema, initial=1.0, ids=ids)
+        self._frozen = {}
+
+    def scores(self, epoch: int) -> np.ndarray:
+        return self.frozen(epoch)

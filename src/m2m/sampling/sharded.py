@@ -22,14 +22,16 @@ scores), not per epoch.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
 from m2m._validate import check_int
 from m2m.errors import ConfigError, InvalidEmbeddingError
+from m2m.sampling.priorities import LossPriorities
+from m2m.sampling.samplers import LossFeedback
 
-__all__ = ["ShardedImportance", "ShardedPlanSampler"]
+__all__ = ["ShardedImportance", "ShardedLoss", "ShardedPlanSampler", "shard_masses"]
 
 _SALT_COUNTS = 0x5C0
 _SALT_DRAWS = 0x5C1
@@ -120,6 +122,14 @@ class ShardedImportance:
             self._masses = (q, mean)
         return self._masses
 
+    def epoch_masses(self, epoch: int) -> tuple[np.ndarray, float]:
+        """`masses` of the scores ``epoch`` draws from (static scores: the same every epoch)."""
+        return self.masses()
+
+    def epoch_scores(self, epoch: int, shard: int) -> np.ndarray:
+        """Shard ``shard``'s scores in ``epoch`` (static scores: the same every epoch)."""
+        return self._scores(shard)
+
     def _floored(self, s: np.ndarray, mean: float) -> np.ndarray:
         return np.ones_like(s) if mean == 0 else np.maximum(s / mean, self.floor)
 
@@ -127,7 +137,7 @@ class ShardedImportance:
         """int64 [S]: draws per shard in ``epoch`` (sum ``num_draws``), a function of (seed, epoch, M)."""
         check_int(epoch, "epoch", 0)
         m = check_int(num_draws, "num_draws", 0)
-        q, _ = self.masses()
+        q, _ = self.epoch_masses(epoch)
         if m == 0 or len(q) == 0:
             return np.zeros(len(q), dtype=np.int64)
         if q.sum() <= 0:
@@ -141,8 +151,8 @@ class ShardedImportance:
         ``num_draws`` the epoch's draws over all shards."""
         if count == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        q_all, mean = self.masses()
-        s = self._floored(self._scores(shard), mean)
+        q_all, mean = self.epoch_masses(epoch)
+        s = self._floored(self.epoch_scores(epoch, shard), mean)
         gen = np.random.default_rng(np.random.SeedSequence([self.seed, int(epoch), _SALT_DRAWS, int(shard)]))
         local = np.repeat(np.arange(len(s), dtype=np.int64), _systematic(s, count, gen))
         local = local[gen.permutation(count)]
@@ -164,3 +174,68 @@ class ShardedImportance:
         weights = np.concatenate([w for _, w in parts])
         perm = np.random.default_rng(np.random.SeedSequence([self.seed, int(epoch), _SALT_DRAWS])).permutation(m)
         return rows[perm], weights[perm]
+
+
+class ShardedLoss(LossFeedback, ShardedImportance):
+    """Importance by training loss (`m2m.sampling.samplers.LossSampler`'s priorities and feedback),
+    drawn shard by shard: the epoch's frozen priorities are its scores, the shard masses are summed
+    from them once per epoch (in memory), and alpha is read one shard at a time (``alpha_of``), so
+    with shard affinity a rank draws only its own shards' rows. The priorities stay whole-lake (every
+    row's loss may be fed back), frozen as float32 (4 B a row per epoch held, two at most).
+    ``ids``: as `LossPriorities` (an id array, or a callable mapping ids to positions)."""
+
+    FROZEN_DTYPE = np.float32
+
+    def __init__(self, shard_offsets: np.ndarray, alpha_of: Values, ids: Any = None, seed: int = 0,
+                 floor: float = 0.1, ema: float = 0.9) -> None:
+        super().__init__(shard_offsets, _no_static_scores, alpha_of, seed=seed, floor=floor)
+        self.priorities = LossPriorities(self.num_rows, ema=ema, initial=1.0, ids=ids)
+        self._frozen = {}
+        self._epoch_masses: dict[int, tuple[np.ndarray, float]] = {}
+
+    def masses(self) -> tuple[np.ndarray, float]:
+        raise ConfigError("a loss sampler's masses change every epoch: use epoch_masses(epoch)")
+
+    def epoch_scores(self, epoch: int, shard: int) -> np.ndarray:
+        return self.frozen(epoch)[self.offsets[shard]:self.offsets[shard + 1]].astype(np.float64)
+
+    def epoch_masses(self, epoch: int) -> tuple[np.ndarray, float]:
+        frozen = self.frozen(epoch)
+        got = self._epoch_masses.get(epoch)
+        if got is None:
+            got = shard_masses(frozen, self.offsets, self.floor)
+            self._epoch_masses = {e: m for e, m in self._epoch_masses.items() if e in self._frozen} | {epoch: got}
+        return got
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._epoch_masses = {}
+
+
+def _no_static_scores(shard: int) -> np.ndarray:
+    raise ConfigError("a loss sampler has no static scores")
+
+
+#: rows floored and summed at a time by `shard_masses` (a float64 copy of this many rows)
+MASS_CHUNK_ROWS = 1 << 22
+
+
+def shard_masses(scores: np.ndarray, offsets: np.ndarray, floor: float) -> tuple[np.ndarray, float]:
+    """``(Q_s, mean)`` of in-memory ``scores`` cut at ``offsets``: each shard's sum of floored scores
+    ``max(s / mean, floor)`` (all 1 when the mean is 0), `ShardedImportance.masses`'s values, computed
+    in chunks of whole shards (about `MASS_CHUNK_ROWS` rows) rather than one float64 copy of the lake."""
+    n = int(offsets[-1])
+    mean = float(np.sum(scores, dtype=np.float64)) / max(1, n)
+    shards = len(offsets) - 1
+    q = np.zeros(shards, dtype=np.float64)
+    start = 0
+    while start < shards:
+        end = int(np.searchsorted(offsets, offsets[start] + MASS_CHUNK_ROWS, side="right")) - 1
+        end = min(shards, max(end, start + 1))
+        lo = int(offsets[start])
+        chunk = scores[lo:int(offsets[end])].astype(np.float64)
+        floored = np.ones_like(chunk) if mean == 0 else np.maximum(chunk / mean, floor)
+        cum = np.concatenate([[0.0], np.cumsum(floored)])
+        q[start:end] = cum[offsets[start + 1:end + 1] - lo] - cum[offsets[start:end] - lo]
+        start = end
+    return q, mean

@@ -163,7 +163,7 @@ def sharded_sampling(snap: "Snapshot", mode: str | None, k: int) -> bool:
     from m2m.lake.neighbourhood import needs_geometry
     from m2m.stream.order import rank_local
 
-    if mode is None or mode == "loss" or not rank_local(snap.num_rows):
+    if mode is None or not rank_local(snap.num_rows):
         return False
     return mode != "kappa" or not needs_geometry(snap.manifest, k)
 
