@@ -127,7 +127,7 @@ def test_reads_only_the_shards_and_blocks_it_needs(tmp_path):
         fixed = ("id", "mu", "kappa", "alpha", "score", "n")   # at most one checksum block each
         assert read <= len(fixed) * BLOCK_BYTES < 0.6 * sum(f.bytes for f in lake.manifest.shards[2].files)
         assert lake.take([3 * 20_000 + 1])["id"][0] == 60_001
-        assert len(r._ids) == 1   # the id column of one shard, not the lake's ids
+        assert r._id_maps == {}   # appended shards: ids by arithmetic, no id column read
 
 
 def test_reader_follows_the_handle_to_a_new_version(tmp_path):
@@ -155,14 +155,10 @@ def test_without_verify_reads_only_the_rows_bytes_are_read(tmp_path):
         check(lake[pos], reference(ref), pos)
 
 
-@pytest.mark.parametrize("cached", [64, 0])
-def test_snapshot_positions_and_neighbours_without_the_whole_id_column(tmp_path, monkeypatch, cached):
+def test_snapshot_positions_and_neighbours_without_the_whole_id_column(tmp_path, monkeypatch):
     # Snapshot.positions / the neighbours column map ids to positions from the manifest's id ranges:
     # appended shards (ids = their whole range) by arithmetic, reading no id column; shards with gaps
-    # by their own id column, or (more such shards than the cache holds) by the whole-lake id column
-    import m2m.lake.reader as reader_mod
-
-    monkeypatch.setattr(reader_mod, "ID_SHARDS_CACHED", cached)
+    # by a bitmap of the ids each holds (`m2m.lake.idmap.ShardIds`), never the whole-lake id column
     with make(tmp_path / "lake") as lake:
         snap = lake.snapshot
         reads = []
@@ -185,6 +181,7 @@ def test_snapshot_positions_and_neighbours_without_the_whole_id_column(tmp_path,
         assert not all(e.id_max - e.id_min + 1 == e.rows for e in lake.manifest.shards)
         order = np.random.default_rng(4).permutation(len(all_ids))
         assert snap.positions(all_ids[order]).tolist() == order.tolist()
+        assert snap._ids is None and snap._id_maps                  # no whole id column; maps of gapped shards
         gap = sorted(set(range(int(all_ids.max()))) - set(all_ids.tolist()))[0]
         with pytest.raises(UnknownIdError, match=f"id {gap} is not"):
             snap.positions(np.array([all_ids[0], gap]))

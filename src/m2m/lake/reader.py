@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from m2m._forksafe import ForkSafeLock
 from m2m.errors import CorruptShardError, UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
+from m2m.lake.idmap import IdRanges, ShardIds
 from m2m.lake.integrity import check_batch, check_file, check_footers, check_key
 from m2m.lake.manifest import FileEntry, Manifest, shard_row_counts
 from m2m.lake.schema import MAIN_COLUMNS, MU_NORM, NEIGHBOR_COS, NEIGHBORS, WIDENED, widened_dtype
@@ -30,7 +31,6 @@ BUILTIN_COLUMNS = MAIN_COLUMNS
 LOCAL_OPEN_BYTES = 512 << 20
 
 
-ID_SHARDS_CACHED = 64  # id columns of this many shards a snapshot keeps to map ids to positions
 
 
 class Snapshot:
@@ -71,8 +71,8 @@ class Snapshot:
         self._derived: dict[tuple[int, str], np.ndarray] = {}
         self._extents: dict[str, dict[str, ColumnExtent]] = {}
         self._ids: np.ndarray | None = None
-        self._id_range: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # id_min, id_max, dense
-        self._shard_id_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._id_range: IdRanges | None = None   # the shards' id ranges (`_locate`)
+        self._id_maps: dict[int, ShardIds] = {}  # shards with gaps in their ids: which ids each holds
         self._lock = ForkSafeLock(reentrant=True)
 
     # RowSource protocol
@@ -249,57 +249,27 @@ class Snapshot:
 
     def _locate(self, ids: np.ndarray) -> np.ndarray:
         """Positions of ``ids`` (int64), -1 for ids not in this version, without the whole-lake id
-        column where the lake allows: the shard of each id from the manifest's id ranges; a shard whose
-        ids are its whole range (an append's shard) by arithmetic, any other by its own id column
-        (``ID_SHARDS_CACHED`` of them kept), or by the whole-lake id column when the ids fall in more
-        shards with gaps than that."""
+        column (`m2m.lake.idmap.IdRanges`): by arithmetic in a shard whose ids are its whole range (an
+        append's shard), through a `ShardIds` built from its id column the first time in any other
+        (a bitmap over its range, ~0.19 B per id, kept per snapshot)."""
         with self._lock:
             if self._id_range is None:
                 shards = self.manifest.shards
-                lo = np.fromiter((e.id_min for e in shards), np.int64, len(shards))
-                hi = np.fromiter((e.id_max for e in shards), np.int64, len(shards))
-                rows = np.fromiter((e.rows for e in shards), np.int64, len(shards))
-                self._id_range = (lo, hi, hi - lo + 1 == rows)
-            lo, hi, dense = self._id_range
-        pos = np.full(len(ids), -1, dtype=np.int64)
-        if not len(ids) or not len(lo):
-            return pos
-        shard = np.searchsorted(lo, ids, side="right") - 1
-        inside = shard >= 0
-        inside[inside] &= ids[inside] <= hi[shard[inside]]
-        idx = np.flatnonzero(inside)
-        s_of = shard[idx]
-        by_range = dense[s_of]
-        pos[idx[by_range]] = self._offsets[s_of[by_range]] + ids[idx[by_range]] - lo[s_of[by_range]]
-        rest = idx[~by_range]
-        gaps = np.unique(shard[rest])
-        if len(gaps) > ID_SHARDS_CACHED:
-            # ids in more shards with gaps than the cache holds (a consolidated lake's neighbours): one
-            # sorted id column, read once, is cheaper than cycling shard id columns through the cache
-            all_ids = self.ids()
-            at = np.minimum(np.searchsorted(all_ids, ids[rest]), len(all_ids) - 1)
-            hit = all_ids[at] == ids[rest]
-            pos[rest[hit]] = at[hit]
-            return pos
-        for s in gaps.tolist():
-            sel = rest[shard[rest] == s]
-            col = self._shard_ids(s)
-            local = np.minimum(np.searchsorted(col, ids[sel]), len(col) - 1)
-            hit = col[local] == ids[sel]
-            pos[sel[hit]] = self._offsets[s] + local[hit]
-        return pos
+                self._id_range = IdRanges(np.fromiter((e.id_min for e in shards), np.int64, len(shards)),
+                                          np.fromiter((e.id_max for e in shards), np.int64, len(shards)),
+                                          np.fromiter((e.rows for e in shards), np.int64, len(shards)),
+                                          self._offsets)
+            ranges = self._id_range
+        return ranges.locate(ids, self._id_map)
 
-    def _shard_ids(self, s: int) -> np.ndarray:
+    def _id_map(self, s: int) -> ShardIds:
         with self._lock:
-            got = self._shard_id_cache.get(s)
-            if got is not None:
-                self._shard_id_cache.move_to_end(s)
-                return got
-        got = self.column(s, "id")
-        with self._lock:
-            self._shard_id_cache[s] = got
-            while len(self._shard_id_cache) > ID_SHARDS_CACHED:
-                self._shard_id_cache.popitem(last=False)
+            got = self._id_maps.get(s)
+        if got is None:
+            entry = self.manifest.shards[s]
+            got = ShardIds(self.column(s, "id"), entry.id_min, entry.id_max)
+            with self._lock:
+                got = self._id_maps.setdefault(s, got)
         return got
 
     def gather(self, name: str, positions: np.ndarray, stored: bool = False) -> np.ndarray:
@@ -336,7 +306,8 @@ class Snapshot:
         """The pinned version only (a stream's dataset pickles for spawned workers and launchers):
         files read into memory, caches and the lock are rebuilt lazily by the receiver."""
         state = self.__dict__.copy()
-        state.update(_batches=OrderedDict(), _batch_bytes={}, _derived={}, _ids=None, _lock=None, _verified=set(self._verified))
+        state.update(_batches=OrderedDict(), _batch_bytes={}, _derived={}, _ids=None, _id_maps={}, _lock=None,
+                     _verified=set(self._verified))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

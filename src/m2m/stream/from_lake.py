@@ -158,8 +158,8 @@ def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
 def sharded_sampling(snap: "Snapshot", mode: str | None, k: int) -> bool:
     """Whether importance ``mode`` over ``snap`` draws its plan shard by shard (`m2m.sampling.lake_scores`):
     from `m2m.stream.order.RANK_LOCAL_ROWS` rows on (where the uniform orders are rank-local too), for
-    the stored-score modes, and for "kappa" only when every shard has its geometry (else the whole-lake
-    sampler over kappa computed in memory, as below that size)."""
+    every mode; "kappa" only when every shard has its geometry (else the whole-lake sampler over kappa
+    computed in memory, as below that size)."""
     from m2m.lake.neighbourhood import needs_geometry
     from m2m.stream.order import rank_local
 
@@ -171,8 +171,8 @@ def sharded_sampling(snap: "Snapshot", mode: str | None, k: int) -> bool:
 def build_sampler(lake: "Lake", mode: str, seed: int, snap: "Snapshot | None" = None,
                   geometry: Geometry | None = None) -> Any:
     """The importance sampler of ``mode`` over ``snap`` (default: the lake's current snapshot): a
-    `ShardedImportance` reading the lake shard by shard when `sharded_sampling`, else the whole-lake
-    `ImportanceSampler` (or `LossSampler`)."""
+    `ShardedImportance` (`ShardedLoss` for "loss") reading the lake shard by shard when
+    `sharded_sampling`, else the whole-lake `ImportanceSampler` (or `LossSampler`)."""
     from m2m.sampling.samplers import ImportanceSampler, LossSampler
 
     snap = lake.snapshot if snap is None else snap
