@@ -216,26 +216,20 @@ def _no_static_scores(shard: int) -> np.ndarray:
     raise ConfigError("a loss sampler has no static scores")
 
 
-#: rows floored and summed at a time by `shard_masses` (a float64 copy of this many rows)
-MASS_CHUNK_ROWS = 1 << 22
-
-
 def shard_masses(scores: np.ndarray, offsets: np.ndarray, floor: float) -> tuple[np.ndarray, float]:
     """``(Q_s, mean)`` of in-memory ``scores`` cut at ``offsets``: each shard's sum of floored scores
-    ``max(s / mean, floor)`` (all 1 when the mean is 0), `ShardedImportance.masses`'s values, computed
-    in chunks of whole shards (about `MASS_CHUNK_ROWS` rows) rather than one float64 copy of the lake."""
+    ``max(s / mean, floor)`` (all 1 when the mean is 0), the values `ShardedImportance.masses` computes
+    from the same scores, one shard's float64 copy at a time (in place: 4x faster than one cumulative
+    sum over the lake, `benchmarks/bench_loss_masses.py`)."""
     n = int(offsets[-1])
     mean = float(np.sum(scores, dtype=np.float64)) / max(1, n)
-    shards = len(offsets) - 1
-    q = np.zeros(shards, dtype=np.float64)
-    start = 0
-    while start < shards:
-        end = int(np.searchsorted(offsets, offsets[start] + MASS_CHUNK_ROWS, side="right")) - 1
-        end = min(shards, max(end, start + 1))
-        lo = int(offsets[start])
-        chunk = scores[lo:int(offsets[end])].astype(np.float64)
-        floored = np.ones_like(chunk) if mean == 0 else np.maximum(chunk / mean, floor)
-        cum = np.concatenate([[0.0], np.cumsum(floored)])
-        q[start:end] = cum[offsets[start + 1:end + 1] - lo] - cum[offsets[start:end] - lo]
-        start = end
+    q = np.zeros(len(offsets) - 1, dtype=np.float64)
+    for i, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if mean == 0:
+            q[i] = hi - lo
+            continue
+        x = scores[lo:hi].astype(np.float64)
+        x /= mean
+        np.maximum(x, floor, out=x)
+        q[i] = x.sum()
     return q, mean
