@@ -8,7 +8,9 @@ snapshot, a manifest's segment memo, shard files and their block caches) guard t
 (``os.register_at_fork``, as the standard library's logging and concurrent.futures do for their own
 locks). A lock held at the fork protected a half-done update of state the child would then see: the
 state these locks guard is caches (entries are added whole under the lock), so the child keeps a
-consistent copy.
+consistent copy. A thread that forks while holding one of these locks itself would, in the child,
+release the fresh lock and get a RuntimeError; m2m never forks under a lake lock (DataLoader workers
+start from the loader's iterator).
 """
 
 from __future__ import annotations
