@@ -14,8 +14,7 @@ from m2m.lake.idmap import ShardIds
 @pytest.mark.parametrize("table_popcount", [False, True])
 def test_positions_equal_a_search_of_the_id_column(monkeypatch, lo, span, keep, table_popcount):
     if table_popcount:  # numpy < 2.0 has no bitwise_count: the byte-table fallback
-        monkeypatch.setattr(idmap, "_popcount", lambda w: idmap._POPCOUNT8[
-            np.ascontiguousarray(w).view(np.uint8).reshape(-1, 8)].sum(axis=1, dtype=np.int64))
+        monkeypatch.setattr(idmap, "_popcount", idmap._popcount_table)
     rng = np.random.default_rng(span)
     ids = np.sort(rng.choice(np.arange(lo, lo + span), max(1, int(span * keep)), replace=False))
     m = ShardIds(ids, lo, lo + span - 1)

@@ -113,9 +113,7 @@ class RowReader:
         m = snap.manifest
         self.manifest = m
         self._offsets = snap.shard_offsets
-        self._ranges = IdRanges(np.fromiter((s.id_min for s in m.shards), np.int64, len(m.shards)),
-                                np.fromiter((s.id_max for s in m.shards), np.int64, len(m.shards)),
-                                np.fromiter((s.rows for s in m.shards), np.int64, len(m.shards)), self._offsets)
+        self._ranges = IdRanges.of(m.shards, self._offsets)
         self._blocks = BlockCache(16)
         self._files: dict[str, ShardFile] = {}
         self._id_maps: dict[int, ShardIds] = {}  # shards with gaps in their ids: which ids each holds

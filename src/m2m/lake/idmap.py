@@ -11,7 +11,7 @@ wider than its rows (most rows removed) keeps its sorted id column instead, whic
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -23,12 +23,17 @@ MAX_SPAN_PER_ROW = 32
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
-def _popcount(words: np.ndarray) -> np.ndarray:
-    """Set bits of each uint64 (``np.bitwise_count`` from numpy 2.0; a byte table before)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(words).astype(np.int64)
+def _popcount_table(words: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 through a byte table (numpy < 2.0 has no ``bitwise_count``)."""
     as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(-1, 8)
     return _POPCOUNT8[as_bytes].sum(axis=1, dtype=np.int64)
+
+
+def _popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words).astype(np.int64)
+    return _popcount_table(words)
 
 
 class ShardIds:
@@ -58,7 +63,6 @@ class ShardIds:
     def positions(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         out = np.full(len(ids), -1, dtype=np.int64)
-        inside = (ids >= self.id_min) & (ids <= self.id_max)
         if self._sorted is not None:
             col = self._sorted
             if len(col):
@@ -66,6 +70,7 @@ class ShardIds:
                 hit = col[at] == ids
                 out[hit] = at[hit]
             return out
+        inside = (ids >= self.id_min) & (ids <= self.id_max)
         off = (ids[inside] - self.id_min).astype(np.uint64)
         word = (off >> np.uint64(6)).astype(np.int64)
         bit = off & np.uint64(63)
@@ -82,6 +87,13 @@ class IdRanges:
     """The shards' id ranges of one version (``id_min``, ``id_max``, rows and first positions): maps ids
     to positions (`locate`) by arithmetic in shards that hold their whole range and through
     ``id_map(shard)`` (a `ShardIds`) in the others."""
+
+    @classmethod
+    def of(cls, shards: Sequence[Any], offsets: np.ndarray) -> "IdRanges":
+        """Over a version's shard entries (their ``id_min``, ``id_max``, ``rows``) at ``offsets``."""
+        def column(name: str) -> np.ndarray:
+            return np.fromiter((getattr(e, name) for e in shards), np.int64, len(shards))
+        return cls(column("id_min"), column("id_max"), column("rows"), offsets)
 
     def __init__(self, id_min: np.ndarray, id_max: np.ndarray, rows: np.ndarray, offsets: np.ndarray) -> None:
         self.id_min = np.asarray(id_min, dtype=np.int64)

@@ -254,11 +254,7 @@ class Snapshot:
         (a bitmap over its range, ~0.19 B per id, kept per snapshot)."""
         with self._lock:
             if self._id_range is None:
-                shards = self.manifest.shards
-                self._id_range = IdRanges(np.fromiter((e.id_min for e in shards), np.int64, len(shards)),
-                                          np.fromiter((e.id_max for e in shards), np.int64, len(shards)),
-                                          np.fromiter((e.rows for e in shards), np.int64, len(shards)),
-                                          self._offsets)
+                self._id_range = IdRanges.of(self.manifest.shards, self._offsets)
             ranges = self._id_range
         return ranges.locate(ids, self._id_map)
 
