@@ -8,7 +8,7 @@ column), read shard by shard when the sampler needs them, and with shard affinit
 only its own shards' rows ("loss": a `ShardedLoss`, whose priorities are in memory).
 
 The "kappa" scores need two lake-wide medians (the fill of splats without an estimate and the kappa
-floor, `m2m.sampling.samplers.kappa_scores_input`). Reading every shard for them would be a third
+floor, `m2m.sampling.samplers.kappa_fill` and `kappa_floor`). Reading every shard for them would be a third
 pass over the lake, so they are taken from a deterministic sample of whole shards spread evenly over
 the lake (at least `SAMPLE_ROWS` rows, every shard when the lake is smaller): every rank computes
 the same values, and on a lake that small they are the whole-lake medians.
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from m2m.errors import ConfigError
-from m2m.sampling.samplers import KAPPA_FLOOR
+from m2m.sampling.samplers import kappa_fill, kappa_floor
 from m2m.sampling.sharded import ShardedImportance, ShardedLoss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,18 +69,14 @@ def sample_shards(shard_offsets: np.ndarray, rows: int | None = None) -> np.ndar
 
 
 def kappa_medians(snap: "Snapshot", dim: int, rows: int | None = None) -> tuple[float, float]:
-    """``(fill, low)`` of the "kappa" scores: the median finite kappa (``dim`` when none) for splats
-    without an estimate, and `KAPPA_FLOOR` x the median positive kappa after that fill (1.0 when none),
-    as `m2m.stream.from_lake.filled_kappa` and `kappa_scores_input` compute them over the whole lake,
-    here over `sample_shards`."""
+    """``(fill, low)`` of the "kappa" scores (`m2m.sampling.samplers.kappa_fill`, then `kappa_floor` of
+    the filled values), as the whole-lake sampler computes them over every row, here over
+    `sample_shards`."""
     picked = sample_shards(snap.shard_offsets, rows).tolist()
-    kappa = np.concatenate([snap.column(s, "kappa").astype(np.float64) for s in picked]) if picked else np.zeros(0)
-    finite = kappa[~np.isnan(kappa)]
-    fill = float(np.median(finite.astype(np.float32))) if len(finite) else float(dim)
-    filled = np.where(np.isnan(kappa), np.float32(fill), kappa.astype(np.float32)).astype(np.float64)
-    positive = filled[filled > 0]
-    low = KAPPA_FLOOR * float(np.median(positive)) if len(positive) else 1.0
-    return fill, low
+    kappa = (np.concatenate([snap.column(s, "kappa").astype(np.float32) for s in picked]) if picked
+             else np.zeros(0, np.float32))
+    fill = kappa_fill(kappa, dim)
+    return fill, kappa_floor(np.where(np.isnan(kappa), np.float32(fill), kappa))
 
 
 def sharded_importance(snap: "Snapshot", mode: str, seed: int, dim: int) -> ShardedImportance:

@@ -19,16 +19,28 @@ from m2m.sampling.priorities import LossPriorities
 KAPPA_FLOOR = 0.1  # kappa below this fraction of the median is raised to it before 1/kappa
 
 
+def kappa_floor(kappa: np.ndarray) -> float:
+    """``KAPPA_FLOOR`` x the median positive kappa (1.0 when none): the least kappa p ∝ 1/kappa uses."""
+    k = np.asarray(kappa, dtype=np.float64)
+    positive = k[k > 0]
+    return KAPPA_FLOOR * float(np.median(positive)) if len(positive) else 1.0
+
+
+def kappa_fill(kappa: np.ndarray, dim: int) -> float:
+    """The kappa given to splats without an estimate (NaN): the median finite float32 kappa, or ``dim``."""
+    k = np.asarray(kappa, dtype=np.float32)
+    finite = k[~np.isnan(k)]
+    return float(np.median(finite)) if len(finite) else float(dim)
+
+
 def kappa_scores_input(kappa: np.ndarray) -> np.ndarray:
-    """kappa raised to ``KAPPA_FLOOR`` x its median, so p ∝ 1/kappa stays finite and bounded.
+    """kappa raised to ``KAPPA_FLOOR`` x its median (`kappa_floor`), so p ∝ 1/kappa stays finite and
+    bounded.
 
     A splat whose neighbourhood is no tighter than chance has kappa 0 (the Bessel-corrected
     estimate); without the floor it would take all the probability.
     """
-    k = np.asarray(kappa, dtype=np.float64)
-    positive = k[k > 0]
-    low = KAPPA_FLOOR * float(np.median(positive)) if len(positive) else 1.0
-    return np.maximum(k, low)
+    return np.maximum(np.asarray(kappa, dtype=np.float64), kappa_floor(kappa))
 
 
 class ImportanceSampler:

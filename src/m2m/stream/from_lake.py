@@ -169,14 +169,17 @@ def sharded_sampling(snap: "Snapshot", mode: str | None, k: int) -> bool:
 
 
 def build_sampler(lake: "Lake", mode: str, seed: int, snap: "Snapshot | None" = None,
-                  geometry: Geometry | None = None) -> Any:
+                  geometry: Geometry | None = None, sharded: bool | None = None) -> Any:
     """The importance sampler of ``mode`` over ``snap`` (default: the lake's current snapshot): a
     `ShardedImportance` (`ShardedLoss` for "loss") reading the lake shard by shard when
-    `sharded_sampling`, else the whole-lake `ImportanceSampler` (or `LossSampler`)."""
+    `sharded_sampling` (``sharded``: that decision made already), else the whole-lake
+    `ImportanceSampler` (or `LossSampler`)."""
     from m2m.sampling.samplers import ImportanceSampler, LossSampler
 
     snap = lake.snapshot if snap is None else snap
-    if geometry is None and sharded_sampling(snap, mode, lake.config.knn_k):
+    if sharded is None:
+        sharded = sharded_sampling(snap, mode, lake.config.knn_k)
+    if geometry is None and sharded:
         from m2m.sampling.lake_scores import sharded_importance
 
         return sharded_importance(snap, mode, seed, lake.dim)
@@ -199,11 +202,12 @@ def build_sampler(lake: "Lake", mode: str, seed: int, snap: "Snapshot | None" = 
 
 def filled_kappa(kappa: np.ndarray, dim: int) -> np.ndarray:
     """kappa with NaN (splats with no valid neighbour) replaced by the median estimate (or ``dim``)."""
+    from m2m.sampling.samplers import kappa_fill
+
     missing = np.isnan(kappa)
     if not missing.any():
         return kappa
-    finite = kappa[~missing]
-    fill = float(np.median(finite)) if len(finite) else float(dim)
+    fill = kappa_fill(kappa, dim)
     logger.info("%d splats have no kappa estimate; using %.4g for them", int(missing.sum()), fill)
     return np.where(missing, np.float32(fill), kappa).astype(np.float32)
 
@@ -312,7 +316,8 @@ def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_
     # stats.kappa.count: a wrong count must not skip the estimate (a remote lake's shards are not
     # downloaded here for modes that never read kappa)
     # a sharded sampler (and an augmenter reading its terms by shard) fills and checks kappa shard by shard
-    whole_kappa = imp == "kappa" and not sharded_sampling(snap, imp, cfg.knn_k)
+    sharded = sharded_sampling(snap, imp, cfg.knn_k)   # (walks every shard's files: decided once)
+    whole_kappa = imp == "kappa" and not sharded
     uses_kappa = gen == "vmf" or whole_kappa
     terms = by_shard_terms(snap, gen, cfg.knn_k) if shard_local and gen is not None and not whole_kappa else None
     kappa_missing = uses_kappa and terms is None and bool(np.isnan(snap.read_all("kappa")).any())
@@ -320,7 +325,7 @@ def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_
     geometry = None
     if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table
         geometry = computed_geometry(snap, cfg.knn_k, cfg.seed)
-    sampler = build_sampler(lake, imp, seed, snap, geometry) if imp else None
+    sampler = build_sampler(lake, imp, seed, snap, geometry, sharded) if imp else None
     augment = build_augmenter(lake, gen, snap, geometry, None if geometry is not None else terms) if gen else None
     source = snap if geometry is None else GeometryOverlay(snap, geometry)
     return LakeParts(source, sampler, augment, lake_identity(lake), int(snap.version))
