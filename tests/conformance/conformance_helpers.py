@@ -31,6 +31,10 @@ MIX_ROWS = 300
 MIX_WEIGHTS = {"main": 0.7, "other": 0.3}
 MIX_COUNTS = (701, 300)    # largest remainder of 0.7 / 0.3 x 1001
 GENERATE = {"plain": False, "kappa": False, "loss": False, "vmf": "vmf", "mixture": "mixture", "langevin": "langevin"}
+#: ``mu`` levels: the lake's storage dtype, and the delivered embedding dtype when it is not float32
+#: ("float16-stored": a float16 lake streamed with ``embedding_dtype="stored"``: float16 batches)
+STORAGE = {"float32": "float32", "float16": "float16", "float16-stored": "float16"}
+DELIVERED = {"float32": torch.float32, "float16": torch.float32, "float16-stored": torch.float16}
 IMPORTANCE = {"plain": False, "kappa": "kappa", "loss": "loss", "vmf": False, "mixture": False, "langevin": False}
 
 
@@ -74,7 +78,7 @@ def build_lake(key: tuple[str, str, str, str], path: str, open_kw: dict[str, Any
     _, mu, label, meta = key
     data = lake_columns(mu, label, meta, n, seed)
     built = Built(key=key, path=path, open_kw=open_kw)
-    cfg = M2MConfig(path=path, latent_dim=D, storage_dtype=mu, seed=3, **open_kw)
+    cfg = M2MConfig(path=path, latent_dim=D, storage_dtype=STORAGE[mu], seed=3, **open_kw)
     with create_m2m(cfg) as lake:
         start = 0
         try:
@@ -101,13 +105,15 @@ def build_lake(key: tuple[str, str, str, str], path: str, open_kw: dict[str, Any
 
 # ----------------------------------------------------------------------------- loaders
 def loader_kwargs(mode: str, shuffle: str, workers: str, rank: int, world: int, columns: tuple[str, ...],
-                  mix_with: str | None = None) -> dict[str, Any]:
+                  mix_with: str | None = None, mu: str = "float32") -> dict[str, Any]:
     """The `export_to_dataloader` keywords of a cell (JSON-able: the fresh process rebuilds the same loader);
     ``mix_with``: the path of the "other" lake of a mix cell (kept under the key ``"mix"``)."""
     kw: dict[str, Any] = dict(batch_size=BS, columns=list(columns), seed=SEED, rank=rank, world_size=world,
                               generate_samples=GENERATE[mode], importance_sampling=IMPORTANCE[mode])
     if mix_with is not None:
         kw["mix"] = mix_with
+    if DELIVERED[mu] != torch.float32:
+        kw["embedding_dtype"] = "stored"
     if shuffle == "block":  # blocks of 64 rows, windows of a few blocks: the block order really is local
         kw.update(shuffle_mode="block", block_rows=64, warm_bytes=1 << 16)
     else:
@@ -184,7 +190,7 @@ def same_batches(got: list[dict[str, torch.Tensor]], ref: list[dict[str, torch.T
 
 
 def check_epoch(per_rank: list[list[dict[str, torch.Tensor]]], built: Built, mode: str, world: int,
-                other: Built | None = None) -> None:
+                other: Built | None = None, emb_dtype: torch.dtype = torch.float32) -> None:
     """One epoch over ``world`` ranks: the contract of docs/stream.md and docs/soc.md (a mixture with
     ``other``: docs/stream.md, "Mixing lakes")."""
     per_rank_rows = -(-N // world)
@@ -199,7 +205,7 @@ def check_epoch(per_rank: list[list[dict[str, torch.Tensor]]], built: Built, mod
     delivered = world * per_rank_rows  # W ceil(N / W): padding rows, or for a plan exactly its draws
     assert len(ids) == delivered
     if other is not None:
-        check_mix(per_rank, built, other, mode, delivered)
+        check_mix(per_rank, built, other, mode, delivered, emb_dtype)
         return
     if IMPORTANCE[mode]:
         check_importance(per_rank, ids, delivered, mode, all_ids)
@@ -208,7 +214,7 @@ def check_epoch(per_rank: list[list[dict[str, torch.Tensor]]], built: Built, mod
         _, counts_ = np.unique(ids, return_counts=True)
         assert int((counts_ - 1).sum()) == delivered - N and counts_.max() <= 2, \
             f"rows repeated beyond the {delivered - N} padding row(s)"
-    check_values(per_rank, built, mode)
+    check_values(per_rank, built, mode, emb_dtype=emb_dtype)
 
 
 def check_importance(per_rank: list[list[dict[str, torch.Tensor]]], ids: np.ndarray, draws: int, mode: str,
@@ -232,7 +238,7 @@ def check_importance(per_rank: list[list[dict[str, torch.Tensor]]], ids: np.ndar
 
 
 def check_mix(per_rank: list[list[dict[str, torch.Tensor]]], main: Built, other: Built, mode: str,
-              delivered: int) -> None:
+              delivered: int, emb_dtype: torch.dtype = torch.float32) -> None:
     """A mixture's epoch: each lake's exact count (plus the padding rows, copies of the epoch's first
     draws), main down-sampled without repeats, other one whole pass; importance weights per lake."""
     src = np.concatenate([b["source"].numpy() for r in per_rank for b in r])
@@ -258,11 +264,11 @@ def check_mix(per_rank: list[list[dict[str, torch.Tensor]]], main: Built, other:
             assert int((c - 1).sum()) <= pad, f"lake {j}: rows repeated beyond the padding"
             if j == 1:
                 assert set(mine.tolist()) == set(built.ids.tolist()), "the up-to-one-pass lake is not covered"
-    check_values(per_rank, main, mode, other)
+    check_values(per_rank, main, mode, other, emb_dtype)
 
 
 def check_values(per_rank: list[list[dict[str, torch.Tensor]]], built: Built, mode: str,
-                 other: Built | None = None) -> None:
+                 other: Built | None = None, emb_dtype: torch.dtype = torch.float32) -> None:
     """Every row's columns against its lake (a mixture: each lake's rows against that lake, whose
     string labels have their own codes)."""
     _, _, label_kind, meta_kind = built.key
@@ -273,17 +279,18 @@ def check_values(per_rank: list[list[dict[str, torch.Tensor]]], built: Built, mo
             for j, lake in enumerate(lakes):
                 b = whole if other is None else {k: v[whole["source"] == j] for k, v in whole.items()}
                 if len(b["id"]):
-                    check_rows(b, lake, mode, label_kind, meta_kind, codes[j])
+                    check_rows(b, lake, mode, label_kind, meta_kind, codes[j], emb_dtype)
     if label_kind == "str":
         for c in codes:
             assert len(set(c.values())) == len(c), "two label strings share a code"
 
 
 def check_rows(b: dict[str, torch.Tensor], built: Built, mode: str, label_kind: str, meta_kind: str,
-               codes: dict[Any, int]) -> None:
+               codes: dict[Any, int], emb_dtype: torch.dtype = torch.float32) -> None:
     ids = b["id"].tolist()
     emb = b["embedding"]
-    assert emb.dtype == torch.float32 and emb.shape == (len(ids), D)
+    assert emb.dtype == emb_dtype and emb.shape == (len(ids), D), f"embedding {emb.dtype}, expected {emb_dtype}"
+    emb = emb.float()  # a float16 delivery holds the stored float16 values exactly
     want = np.stack([built.expected["embedding"][i] for i in ids])
     if GENERATE[mode]:
         norms = emb.norm(dim=1)

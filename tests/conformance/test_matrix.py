@@ -4,7 +4,7 @@ Factors: source {local, moto S3 with a node cache} x workers {0, 2 forked, 2 spa
 method only exists with workers) x ranks {1, 2} (simulated in one process with ``rank=``/``world_size=``)
 x shuffle {full, block} x mode {plain, importance kappa, importance loss, vmf, mixture, langevin} x
 interruption {none, ``state_dict`` after 3 batches resumed in a fresh process, rank 0's state loaded on
-every rank} x mu {float32, float16} x labels {int, str} x a metadata column {bool, int, uint64, float, str}
+every rank} x mu {float32, float16, float16 delivered as stored (``embedding_dtype="stored"``)} x labels {int, str} x a metadata column {bool, int, uint64, float, str}
 x mixing {one lake, ``m2m.mix`` of the cell's lake and a local one (conformance_helpers: "mix" cells)}.
 
 Every cell asserts, against an uninterrupted in-process reference (``num_workers=0``) of the same lake,
@@ -16,12 +16,12 @@ combination may only be refused where the contract allows it, with a one-line `M
 column in ``columns=`` (naming ``to_arrow()``) and a uint64 column at ingest. Loss-based importance
 sampling on a mixture runs like any cell (each lake's own loss sampler).
 
-Default suite: an all-pairs subset of the 2 x 3 x 2 x 2 x 6 x 3 x 2 x 2 x 5 x 2 = 17,280 cells, made by the
+Default suite: an all-pairs subset of the 2 x 3 x 2 x 2 x 6 x 3 x 2 x 3 x 5 x 2 = 25,920 cells, made by the
 deterministic greedy pairwise generator below (DEFAULT_CELLS; ``pytest -s -k cell_count`` prints how many). Slow suite: the full product
 where it is cheap: (a) local, 0 workers, interruption {none, rank 0's state} over every other factor
-(960 cells); (b) source x workers x interruption x mode with 2 ranks, block shuffle, float32/int/float
-columns (54 cells for the modes plain, loss and mixture; all 108 with ``M2M_MATRIX_FULL=1``), 996 cells
-beyond the default ones. ``pytest -s -k cell_count`` prints the counts.
+(1,440 cells); (b) source x workers x interruption x mode with 2 ranks, block shuffle, float32/int/float
+columns (54 cells for the modes plain, loss and mixture; all 108 with ``M2M_MATRIX_FULL=1``): the cells
+beyond the default ones (1,481 today). ``pytest -s -k cell_count`` prints the counts.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ from typing import Any, Callable, NamedTuple
 import pytest
 from conformance_helpers import (
     BS,
+    DELIVERED,
     K_RESUME,
     MIX_ROWS,
+    STORAGE,
     Built,
     build_lake,
     cell_columns,
@@ -62,7 +64,7 @@ FACTORS: dict[str, tuple[Any, ...]] = {  # the widest factors first: the greedy 
     "interrupt": ("none", "child", "rank0"),
     "ranks": (1, 2),
     "shuffle": ("full", "block"),
-    "mu": ("float32", "float16"),
+    "mu": ("float32", "float16", "float16-stored"),
     "label": ("int", "str"),
     "mix": ("one", "mix"),
 }
@@ -174,7 +176,7 @@ class Lakes:
         self.refs: dict[tuple[Any, ...], list[list[dict[str, Any]]]] = {}
 
     def get(self, cell: Cell, server: Any) -> Built:
-        key = (cell.source, cell.mu, cell.label, cell.meta)
+        key = (cell.source, STORAGE[cell.mu], cell.label, cell.meta)  # "float16-stored" streams the float16 lake
         if key not in self.built:
             name = "-".join(key)
             if cell.source == "s3":
@@ -188,7 +190,7 @@ class Lakes:
 
     def other(self, cell: Cell) -> Built:
         """The local lake a mix cell mixes the cell's lake with (same kinds of columns, other rows)."""
-        key = ("local", cell.mu, cell.label, cell.meta)
+        key = ("local", STORAGE[cell.mu], cell.label, cell.meta)
         if key not in self.others:
             path = os.path.join(self.root, "other-" + "-".join(key))
             self.others[key] = build_lake(key, path, {}, n=MIX_ROWS, seed=12, chunks=(MIX_ROWS,))
@@ -196,16 +198,17 @@ class Lakes:
 
     def reference(self, lake: Any, built: Built, cell: Cell, other: Built | None = None) -> list[list[dict[str, Any]]]:
         """One uninterrupted epoch per rank, in process, without workers (checked against the contract)."""
-        key = (built.key, cell.ranks, cell.shuffle, cell.mode, cell.mix)
+        key = (built.key, cell.ranks, cell.shuffle, cell.mode, cell.mix, cell.mu)
         if key not in self.refs:
             cols = cell_columns(cell.mode, cell.meta)
             mix_with = None if other is None else other.path
             per_rank = []
             for r in range(cell.ranks):
-                dl = loader_of(lake, loader_kwargs(cell.mode, cell.shuffle, "0", r, cell.ranks, cols, mix_with))
+                dl = loader_of(lake, loader_kwargs(cell.mode, cell.shuffle, "0", r, cell.ranks, cols, mix_with,
+                                                   cell.mu))
                 per_rank.append(epoch_of(dl))
                 dl.close()
-            check_epoch(per_rank, built, cell.mode, cell.ranks, other)
+            check_epoch(per_rank, built, cell.mode, cell.ranks, other, DELIVERED[cell.mu])
             self.refs[key] = per_rank
         return self.refs[key]
 
@@ -227,7 +230,7 @@ def run_cell(cell: Cell, lakes: Lakes, request: pytest.FixtureRequest, workdir: 
     with open_lake(built.path, **built.open_kw) as lake:
         ref = lakes.reference(lake, built, cell, other)
         cols = cell_columns(cell.mode, cell.meta)
-        kws = [loader_kwargs(cell.mode, cell.shuffle, cell.workers, r, cell.ranks, cols, mix_with)
+        kws = [loader_kwargs(cell.mode, cell.shuffle, cell.workers, r, cell.ranks, cols, mix_with, cell.mu)
                for r in range(cell.ranks)]
         if cell.interrupt == "none":
             for r, kw in enumerate(kws):

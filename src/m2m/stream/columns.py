@@ -98,8 +98,10 @@ def _sample(source: RowSource, name: str) -> np.ndarray:
     return source.column(0, name)
 
 
-def resolve(source: RowSource, columns: Sequence[str] | None) -> tuple[Column, ...]:
-    """Columns to deliver; ``None`` means embeddings only. Unknown names raise ConfigError (a ValueError)."""
+def resolve(source: RowSource, columns: Sequence[str] | None,
+            embedding_dtype: torch.dtype | str | None = None) -> tuple[Column, ...]:
+    """Columns to deliver; ``None`` means embeddings only. Unknown names raise ConfigError (a ValueError).
+    ``embedding_dtype``: the embedding's delivered dtype (None: float32; "stored": its storage dtype)."""
     if isinstance(columns, str):
         raise ConfigError(f"columns must be a tuple of names, not the string {columns!r}")
     names = [EMBEDDING] if columns is None else list(columns)
@@ -123,7 +125,12 @@ def resolve(source: RowSource, columns: Sequence[str] | None) -> tuple[Column, .
         else:
             dtype = source.storage_dtype if src == "mu" else np.dtype(np.float32)
             trailing = (source.dim,) if src == "mu" else ()
-        out.append(Column(name, src, np.dtype(dtype), _out_dtype(np.dtype(dtype)), trailing))
+        out_dtype = _out_dtype(np.dtype(dtype))
+        if name == EMBEDDING and isinstance(embedding_dtype, torch.dtype):
+            out_dtype = embedding_dtype
+        elif name == EMBEDDING and embedding_dtype == "stored":
+            out_dtype = torch_dtype(np.dtype(dtype))
+        out.append(Column(name, src, np.dtype(dtype), out_dtype, trailing))
     return tuple(out)
 
 

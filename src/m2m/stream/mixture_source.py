@@ -159,15 +159,15 @@ class MixedReader:
                 out.append((j, a, b))
         return out
 
-    def read_rows(self, name: str, lo: int, hi: int, dst: np.ndarray) -> int:
-        """Copy global rows ``[lo, hi)`` of ``name`` into ``dst``; returns bytes."""
+    def read_rows(self, name: str, lo: int, hi: int, dst: np.ndarray, fresh: bool = True) -> int:
+        """Copy global rows ``[lo, hi)`` of ``name`` into ``dst``; returns bytes (``fresh``: as `ColdReader`)."""
         for j, a, b in self._spans(lo, hi):
             out = dst[a - lo: b - lo]
             if name == SOURCE:
                 out[...] = j
             else:
                 base = int(self.bases[j])
-                self.readers[j].read_rows(name, a - base, b - base, out)
+                self.readers[j].read_rows(name, a - base, b - base, out, fresh)
         return int(dst[: hi - lo].nbytes)
 
     def willneed(self, lo: int, hi: int) -> None:

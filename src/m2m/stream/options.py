@@ -24,6 +24,8 @@ WARM_MODES = ("auto", "arena", "cold")
 HOT_MODES = ("auto", "resident", "staged")
 GENERATE_MODES = ("langevin", "vmf", "mixture")
 START_METHODS = ("fork", "spawn", "forkserver")
+#: What ``embedding_dtype`` accepts besides None (float32) and "stored" (the lake's storage dtype).
+EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: DataLoader keywords that cannot apply: the stream orders, batches and shards rows itself.
 REFUSED_KEYWORDS = {
@@ -59,7 +61,9 @@ class StreamOptions:
     Sampling and augmentation: ``importance_sampling``, ``generate_samples`` (lake streams only).
     Tiers: ``device`` (None: the lake's ``config.device``), ``warm_bytes``/``hot_bytes``/``prefetch``
     (None: the lake's config), ``warm_mode``, ``hot_mode``, ``chunk_batches``, ``intra_op_threads``,
-    ``huge_pages``, ``background_fill``.
+    ``huge_pages``, ``background_fill``, ``embedding_dtype`` (None: float32 batches, as the contract
+    says; "stored": the lake's storage dtype, so a float16 lake is delivered without a conversion;
+    or torch.float32 / torch.float16 / torch.bfloat16, by dtype or name).
     DataLoader workers (torch meaning): ``num_workers``, ``multiprocessing_context`` (a start method
     name or context), ``persistent_workers``, ``prefetch_factor``, ``timeout``, ``worker_init_fn``,
     ``pin_memory``, ``generator`` (its ``initial_seed()`` is the seed), ``collate_fn``, ``in_order``.
@@ -91,6 +95,7 @@ class StreamOptions:
     intra_op_threads: int | None = 1
     huge_pages: bool = True
     background_fill: bool = True
+    embedding_dtype: torch.dtype | str | None = None
     num_workers: int = 0
     multiprocessing_context: str | BaseContext | None = None
     persistent_workers: bool = False
@@ -124,6 +129,7 @@ class StreamOptions:
         put(self, "columns", _columns(self.columns))
         put(self, "seed", seed_from(self.seed, self.generator))
         generate_mode(self.generate_samples)
+        put(self, "embedding_dtype", _embedding_dtype(self.embedding_dtype))
         if self.device is not None:
             _device_name(self.device)
         self._check_workers()
@@ -209,6 +215,17 @@ def _columns(columns: Any) -> tuple[str, ...] | None:
     if not all(isinstance(c, str) for c in names):
         raise ConfigError(f"columns must be a tuple of names, got {columns!r}")
     return names
+
+
+def _embedding_dtype(value: Any) -> torch.dtype | str | None:
+    """None, "stored", or one of `EMBEDDING_DTYPES` (by name or dtype; a name becomes the dtype)."""
+    if value is None or value == "stored":
+        return value
+    if isinstance(value, str) and value in EMBEDDING_DTYPES:
+        return EMBEDDING_DTYPES[value]
+    if isinstance(value, torch.dtype) and value in EMBEDDING_DTYPES.values():
+        return value
+    raise ConfigError(f"embedding_dtype must be None, 'stored', or one of {sorted(EMBEDDING_DTYPES)}, got {value!r}")
 
 
 def _device_name(device: Any) -> str:

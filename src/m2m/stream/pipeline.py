@@ -165,7 +165,7 @@ def new_arena(reader: ColdReader, spec: StreamSpec, budget: int) -> WarmArena:
     progressive = PROGRESSIVE_LOADS if spec.layout.mode == shuffle.FULL else None
     fill = progressive is not None and spec.background_fill
     arena = WarmArena(reader, spec.gathered, spec.layout.block_rows, budget, spec.huge_pages, progressive,
-                      collapse_after_fill=fill)
+                      collapse_after_fill=fill, ahead=spec.background_fill)
     if fill and arena.whole:
         arena.start_fill()
     return arena
@@ -304,7 +304,8 @@ def deliver(spec: StreamSpec, d: Delivery, work: Work, j: int, epoch: int, rank:
 
 def augmented(augment: Augment, batch: dict[str, torch.Tensor], seed: int, epoch: int, rank: int, j: int,
               gather: Gather | None, ahead: tuple[torch.Generator, Any] | None = None) -> torch.Tensor:
-    x = batch[cols.EMBEDDING]
+    delivered = batch[cols.EMBEDDING]
+    x = delivered.to(torch.float32)  # augmentations compute in float32 (the `Augment` protocol)
     if ahead is not None:  # drawn in the prefetch thread with this batch's generator (PrepareAugment)
         gen, draws = ahead
         # an augment given prepared draws is a PreparedAugment (draws_ahead)
@@ -316,4 +317,4 @@ def augmented(augment: Augment, batch: dict[str, torch.Tensor], seed: int, epoch
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise StreamError(f"augment returned {got}, expected a tensor of shape {tuple(x.shape)}")
-    return y.to(torch.float32)
+    return y.to(delivered.dtype)

@@ -114,7 +114,7 @@ def plan_stream(source: RowSource, opts: StreamOptions, dev: torch.device, lake:
     """The `StreamSpec` of ``source`` under ``opts`` (whose budgets are already filled) and its hot mode."""
     if opts.rank is not None or opts.world_size is not None:  # explicit values are checked now
         detect_rank(opts.rank, opts.world_size)
-    resolved = cols.resolve(source, opts.columns)
+    resolved = cols.resolve(source, opts.columns, opts.embedding_dtype)
     hot = hot_mode_for(opts, resolved, int(source.num_rows), dev)
     warm_bytes = int(opts.warm_bytes or 0)
     row_bytes = cols.nominal_row_bytes(source)

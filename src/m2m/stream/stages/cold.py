@@ -362,8 +362,9 @@ class ColdReader:
             return self._remote_files.run(ext, fn)
         return fn(self._files[ext.path])
 
-    def read_rows(self, name: str, lo: int, hi: int, dst: np.ndarray) -> int:
-        """Copy global rows ``[lo, hi)`` of ``name`` into ``dst`` (sequential reads); returns bytes."""
+    def read_rows(self, name: str, lo: int, hi: int, dst: np.ndarray, fresh: bool = True) -> int:
+        """Copy global rows ``[lo, hi)`` of ``name`` into ``dst`` (sequential reads); returns bytes.
+        ``fresh=False``: ``dst`` was written before (its pages exist), so none are faulted in ahead."""
         for s in self._shards(lo, hi):
             a, b = max(lo, int(self.offsets[s])), min(hi, int(self.offsets[s + 1]))
             base = int(self.offsets[s])
@@ -373,7 +374,7 @@ class ColdReader:
                 if out.nbytes != (b - a) * ext.row_bytes:
                     raise CorruptShardError(f"shard file {ext.path}: column {name!r} has {ext.row_bytes}-byte rows, "
                                             f"the stream expects {out.nbytes // max(1, b - a)}")
-                if out.nbytes >= 1 << 20 and out.flags.c_contiguous:
+                if fresh and out.nbytes >= 1 << 20 and out.flags.c_contiguous:
                     # fault fresh destination pages (a new arena) in one call, not one per page inside
                     # the read (docs/tuning.md)
                     madvise(out.ctypes.data, out.nbytes, MADV_POPULATE_WRITE)

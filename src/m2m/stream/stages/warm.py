@@ -11,6 +11,7 @@ by the current request are evicted.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from typing import Sequence
@@ -30,6 +31,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 FILL_WAIT_S = 600.0  # longest a gather waits for blocks another thread is loading
+AHEAD_POLL_S = 0.5  # how often an idle load-ahead thread looks at its stop flag
 CONVERT_ROWS = 256  # rows gathered per piece when the gather also converts (float16 -> float32)
 
 _pieces = threading.local()
@@ -64,6 +66,10 @@ class WarmArena:
     ``max_loads`` bounds the blocks one request loads when the arena holds only part of the lake:
     a request missing more is served straight from the cold tier while only that many blocks are
     loaded.
+    ``ahead`` (partial arenas): a load-ahead thread loads the blocks `WarmStage` says come next
+    (one window ahead, in block-shuffled epochs) while gathers read the current ones, so reading and
+    checking a block overlaps gathering from others (see `load_ahead`). Gathers pin the slots they
+    read, so no load evicts a block under a gather.
 
     An arena that holds the whole lake is *complete-able*: block ``b`` lives in slot ``b`` (the
     arena is the lake in row order), nothing is evicted, and any thread may load any block (a
@@ -74,8 +80,8 @@ class WarmArena:
     """
 
     def __init__(self, reader: ColdReader, columns: Sequence[Column], block_rows: int, budget_bytes: int,
-                 huge_pages: bool = False, max_loads: int | None = None, collapse_after_fill: bool = False
-                 ) -> None:
+                 huge_pages: bool = False, max_loads: int | None = None, collapse_after_fill: bool = False,
+                 ahead: bool = False) -> None:
         self.reader = reader
         self.columns = tuple(c for c in columns if c.source is not None)
         self.block_rows = int(block_rows)
@@ -100,6 +106,7 @@ class WarmArena:
         self._tick = 0
         self._used = 0
         self.max_loads = max_loads
+        self.ahead = ahead and not self.whole
         self.loads = 0
         self.evictions = 0
         # whole-lake arenas: 0 = not claimed, 1 = a thread is loading it, 2 = loaded
@@ -114,6 +121,17 @@ class WarmArena:
         self._collapser: threading.Thread | None = None
         self._fill_error: BaseException | None = None
         self.fill_bytes = 0
+        # partial arenas (under _claim): gathers pin the slots they read; a slot being filled is busy
+        self._written = np.zeros(self.slots, dtype=bool)  # slots whose pages a load has faulted in
+        self._pins = np.zeros(self.slots, dtype=np.int32)
+        self._busy = np.zeros(self.slots, dtype=bool)
+        self._unused_ahead = np.zeros(self.slots, dtype=np.int64)  # 1: loaded ahead, no gather read it yet
+        self._loading: dict[int, int] = {}  # block -> slot, for loads in flight
+        self._queued: set[int] = set()  # blocks handed to the load-ahead thread, not yet taken
+        self._ahead: threading.Thread | None = None
+        self._ahead_queue: "queue.Queue[np.ndarray | None]" = queue.Queue()
+        self._ahead_bytes = 0  # loaded ahead, not yet counted in a gather's stats
+        self.ahead_loads = 0
 
     # ------------------------------------------------------------ whole-lake arenas
     @property
@@ -253,9 +271,10 @@ class WarmArena:
         return self._filler is not None and not self._filled.is_set() and self._fill_error is None
 
     def close(self) -> None:
-        """Stop and join a background fill (and a huge-page collapse)."""
+        """Stop and join a background fill, a huge-page collapse and the load-ahead thread."""
         self._stop.set()
-        for thread in (self._filler, self._collapser):
+        self._ahead_queue.put(None)
+        for thread in (self._filler, self._collapser, self._ahead):
             if thread is not None:
                 thread.join(timeout=30)
 
@@ -275,6 +294,118 @@ class WarmArena:
             return
         blocks = np.unique(rows // self.block_rows)
         self.reader.advise_blocks(blocks[self.slot_of_block[blocks] < 0], self.block_rows)
+
+    def load_ahead(self, rows: np.ndarray) -> None:
+        """Have the load-ahead thread load the blocks of ``rows`` (the rows a window ahead of the
+        current item) that are neither resident nor on their way, while gathers go on.
+
+        Partial arenas only (a whole-lake arena has its background fill). The thread reads ahead
+        (page cache) the blocks it is given, then loads them one by one into free or least recently
+        used slots that no gather holds. Its loads are hints: a block it fails to load is left
+        missing, and the gather that needs it loads it and raises the error there.
+        """
+        if self.whole or len(rows) == 0:
+            return
+        blocks = self._blocks_of(rows)
+        with self._claim:
+            blocks = blocks[self.slot_of_block[blocks] < 0]
+            blocks = np.array([b for b in blocks.tolist() if b not in self._loading and b not in self._queued],
+                              dtype=np.int64)
+            if len(blocks) == 0:
+                return
+            self._queued.update(blocks.tolist())
+            if self._ahead is None:
+                self._ahead = threading.Thread(target=self._ahead_loop, name="m2m-warm-ahead", daemon=True)
+                self._ahead.start()
+        self._ahead_queue.put(blocks)
+
+    def cancel_ahead(self) -> None:
+        """Drop the blocks queued for the load-ahead thread (a pass ended or was abandoned)."""
+        while True:
+            try:
+                self._ahead_queue.get_nowait()
+            except queue.Empty:
+                break
+        with self._claim:
+            self._queued.clear()
+
+    def _ahead_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                blocks = self._ahead_queue.get(timeout=AHEAD_POLL_S)
+            except queue.Empty:
+                continue
+            if blocks is None:
+                return
+            self.reader.advise_blocks(blocks, self.block_rows)
+            for b in blocks.tolist():
+                if self._stop.is_set():
+                    return
+                with self._claim:
+                    if b not in self._queued:  # cancelled
+                        continue
+                    self._queued.discard(b)
+                    s = self._claim_slot(b) if self.slot_of_block[b] < 0 and b not in self._loading else None
+                if s is None:
+                    continue
+                try:
+                    loaded = self._read_block(b, s)
+                except Exception:  # noqa: BLE001 -- a hint failed: the gather needing it loads it and raises
+                    self._publish(b, s, ok=False)
+                    continue
+                self._publish(b, s, ok=True, ahead=True)
+                with self._claim:
+                    self._ahead_bytes += loaded
+                    self.ahead_loads += 1
+
+    def _blocks_of(self, rows: np.ndarray, blocks: np.ndarray | None = None) -> np.ndarray:
+        """The sorted distinct blocks of ``rows`` (a mark per block when there are few blocks: no sort)."""
+        blocks = rows // self.block_rows if blocks is None else blocks
+        if self.num_blocks > 8 * len(blocks):
+            return np.unique(blocks)
+        seen = np.zeros(self.num_blocks, dtype=bool)
+        seen[blocks] = True
+        return np.flatnonzero(seen)
+
+    def _claim_slot(self, block: int) -> int | None:
+        """A slot for ``block`` (caller holds ``_claim``): a free one, else the least recently used one
+        that no gather holds and no load fills; its block is evicted. None: every slot is taken."""
+        if self._used < self.slots:
+            s = self._used
+            self._used += 1
+        else:
+            free = (self._pins == 0) & ~self._busy
+            if not free.any():
+                return None
+            # least recently used first, but blocks loaded ahead and not used yet only after all others:
+            # their load time makes them look older than the blocks gathers just left
+            age = self._last_used[free] + self._unused_ahead[free] * (1 << 40)
+            s = int(np.flatnonzero(free)[np.argmin(age)])
+            old = int(self.block_of_slot[s])
+            if old >= 0:
+                self.slot_of_block[old] = -1
+                self.evictions += 1
+            self.block_of_slot[s] = -1
+        self._busy[s] = True
+        self._unused_ahead[s] = 0
+        self._loading[block] = s
+        return s
+
+    def _publish(self, block: int, s: int, ok: bool, pin: bool = False, ahead: bool = False) -> None:
+        """A load into slot ``s`` ended: the block is resident (``ok``; pinned for the loading gather
+        when ``pin``) or the slot is left free; waiters are woken either way."""
+        with self._loaded:
+            del self._loading[block]
+            self._busy[s] = False
+            if ok:
+                self.slot_of_block[block] = s
+                self.block_of_slot[s] = block
+                self._last_used[s] = self._tick
+                self.loads += 1
+                self._unused_ahead[s] = int(ahead)
+                if pin:
+                    self._pins[s] += 1
+            self._loaded.notify_all()
 
     def gather(self, rows: np.ndarray, out: dict[str, torch.Tensor], work: Work | None = None) -> None:
         """``out[name][i] = name[rows[i]]`` for every column, loading missing blocks first."""
@@ -296,73 +427,123 @@ class WarmArena:
                 work.count("warm_hit_rows", len(rows))
             return
         blocks = rows // self.block_rows
-        self._tick += 1
-        slot = self.slot_of_block[blocks]
-        missing_rows = slot < 0
-        n_miss = int(np.count_nonzero(missing_rows))
-        if n_miss and len(np.unique(blocks)) > self.slots:  # wider than the arena: serve it in halves
+        ublocks = self._blocks_of(rows, blocks)
+        if len(ublocks) > self.slots:  # wider than the arena: serve it in halves
             half = len(rows) // 2
             self.gather(rows[:half], {k: v[:half] for k, v in out.items()}, work)
             self.gather(rows[half:], {k: v[half:] for k, v in out.items()}, work)
             return
-        if work is not None:
-            work.count("warm_miss_rows", n_miss)
-            work.count("warm_hit_rows", len(rows) - n_miss)
-        if n_miss:
-            self._last_used[slot[~missing_rows]] = self._tick
-            missing = np.unique(blocks[missing_rows])
-            progressive = self.max_loads is not None and len(missing) > self.max_loads
-            for b in (missing[: self.max_loads] if progressive else missing).tolist():
-                loaded = self._load(b)
+        pinned: list[np.ndarray] = []
+        try:
+            missing = self._pin_resident(ublocks, pinned)
+            if work is not None:
+                n_miss = int(np.count_nonzero(np.isin(blocks, missing))) if len(missing) else 0
+                work.count("warm_miss_rows", n_miss)
+                work.count("warm_hit_rows", len(rows) - n_miss)
+                with self._claim:
+                    ahead, self._ahead_bytes = self._ahead_bytes, 0
+                work.count("cold_bytes", ahead)
+            if len(missing):
+                progressive = self.max_loads is not None and len(missing) > self.max_loads
+                loaded = self._load_missing(missing[: self.max_loads] if progressive else missing, pinned)
                 if work is not None:
                     work.count("cold_bytes", loaded)
-            if progressive:
-                for col in self.columns:
-                    dst = out[col.name]
-                    if dst.dtype != self._arena[col.source].dtype:  # cold gathers read stored bytes
-                        dst = torch.empty(dst.shape, dtype=self._arena[col.source].dtype)
-                    read = self.reader.gather(col.stored, rows, dst)
-                    if dst is not out[col.name]:
-                        out[col.name].copy_(dst)
-                    if work is not None:
-                        work.count("cold_bytes", read)
-                return
-            slot = self.slot_of_block[blocks]
-        self._last_used[slot] = self._tick
-        pos = torch.from_numpy(slot * self.block_rows + (rows - blocks * self.block_rows))
+                if progressive:
+                    self._gather_cold(rows, out, work)
+                    return
+            with self._claim:
+                slot = self.slot_of_block[blocks]
+            pos = torch.from_numpy(slot * self.block_rows + (rows - blocks * self.block_rows))
+            for col in self.columns:
+                dst = out[col.name]
+                select_into(self._arena[col.source], pos, dst)
+                if work is not None:
+                    work.count("warm_bytes", dst.numel() * self._arena[col.source].element_size())
+        finally:
+            if pinned:
+                with self._claim:
+                    for slots in pinned:
+                        self._pins[slots] -= 1
+
+    def _pin_resident(self, blocks: np.ndarray, pinned: list[np.ndarray]) -> np.ndarray:
+        """Pin (against eviction) the slots of the resident ``blocks``, mark them used now; returns the others."""
+        with self._claim:
+            self._tick += 1
+            if self._queued:  # a block a gather reached is no longer ahead: a late load would evict for nothing
+                self._queued.difference_update(blocks.tolist())
+            slots = self.slot_of_block[blocks]
+            here = slots >= 0
+            held = slots[here]
+            self._pins[held] += 1
+            self._unused_ahead[held] = 0
+            self._last_used[held] = self._tick
+            pinned.append(held)
+            return blocks[~here]
+
+    def _load_missing(self, blocks: np.ndarray, pinned: list[np.ndarray]) -> int:
+        """Make ``blocks`` resident and pinned: load each one nobody is loading, wait for the others."""
+        loaded = 0
+        todo = blocks.tolist()
+        deadline = time.monotonic() + FILL_WAIT_S
+        while todo:
+            mine: list[tuple[int, int]] = []
+            with self._loaded:
+                waiting = []
+                for b in todo:
+                    s = int(self.slot_of_block[b])
+                    if s >= 0:
+                        self._pins[s] += 1
+                        self._last_used[s] = self._tick
+                        self._unused_ahead[s] = 0
+                        pinned.append(np.array([s]))
+                    elif b in self._loading:
+                        waiting.append(b)
+                    else:
+                        claimed = self._claim_slot(b)
+                        if claimed is None:
+                            waiting.append(b)
+                        else:
+                            mine.append((b, claimed))
+                if waiting and not mine:
+                    if not self._loading:
+                        raise StreamError("warm arena: every slot is needed by the current request")
+                    if time.monotonic() > deadline:
+                        raise StreamError(f"warm arena: blocks still loading after {FILL_WAIT_S:.0f} s")
+                    self._loaded.wait(timeout=0.05)
+            for i, (b, s) in enumerate(mine):
+                try:
+                    loaded += self._read_block(b, s)
+                except BaseException:
+                    for b2, s2 in mine[i:]:
+                        self._publish(b2, s2, ok=False)
+                    raise
+                self._publish(b, s, ok=True, pin=True)
+                pinned.append(np.array([s]))
+            todo = waiting
+        return loaded
+
+    def _gather_cold(self, rows: np.ndarray, out: dict[str, torch.Tensor], work: Work | None) -> None:
+        """Serve ``rows`` straight from the cold tier (a fully shuffled request missing many blocks)."""
         for col in self.columns:
             dst = out[col.name]
-            select_into(self._arena[col.source], pos, dst)
+            if dst.dtype != self._arena[col.source].dtype:  # cold gathers read stored bytes
+                dst = torch.empty(dst.shape, dtype=self._arena[col.source].dtype)
+            read = self.reader.gather(col.stored, rows, dst)
+            if dst is not out[col.name]:
+                out[col.name].copy_(dst)
             if work is not None:
-                work.count("warm_bytes", dst.numel() * self._arena[col.source].element_size())
+                work.count("cold_bytes", read)
 
     def _read_block(self, block: int, s: int) -> int:
         lo = block * self.block_rows
         hi = min(lo + self.block_rows, self.reader.num_rows)
         r0 = s * self.block_rows
         loaded = 0
+        fresh = not self._written[s]
         for col in self.columns:
-            loaded += self.reader.read_rows(col.stored, lo, hi, self._arena_np[col.source][r0: r0 + hi - lo])
+            loaded += self.reader.read_rows(col.stored, lo, hi, self._arena_np[col.source][r0: r0 + hi - lo], fresh)
+        self._written[s] = True
         self.reader.forget_advice(block, self.block_rows)
-        return loaded
-
-    def _load(self, block: int) -> int:
-        """Load ``block`` into a free or the least recently used slot (partial arenas only)."""
-        if self._used < self.slots:
-            s = self._used
-            self._used += 1
-        else:
-            s = int(np.argmin(self._last_used))
-            if self._last_used[s] == self._tick:
-                raise StreamError("warm arena: every slot is needed by the current request")
-            self.slot_of_block[self.block_of_slot[s]] = -1
-            self.evictions += 1
-        self.slot_of_block[block] = -1
-        loaded = self._read_block(block, s)
-        self.slot_of_block[block] = s
-        self.block_of_slot[s] = block
-        self._last_used[s] = self._tick
-        self.loads += 1
         return loaded
 
 
@@ -383,10 +564,17 @@ class WarmStage(Stage):
             self.arena.pass_ended()
             raise
         if work.ahead is not None:
-            self.arena.advise(work.ahead)
+            if self.arena.ahead:
+                self.arena.load_ahead(work.ahead)
+            else:
+                self.arena.advise(work.ahead)
         self.buffers.begin()
         out = {c.name: self.buffers.get(c, len(work.rows), converting=True) for c in self.arena.columns}
         self.arena.gather(work.rows, out, work)
         work.tensors.update(out)
         fill_common(work, self.all_columns)
         return work
+
+    def shutdown(self) -> None:
+        self.arena.cancel_ahead()  # the pass is over: what it asked to load ahead is not needed
+        super().shutdown()
