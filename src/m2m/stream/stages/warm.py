@@ -11,7 +11,7 @@ by the current request are evicted.
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 import time
 from typing import Sequence
@@ -32,6 +32,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 FILL_WAIT_S = 600.0  # longest a gather waits for blocks another thread is loading
 AHEAD_POLL_S = 0.5  # how often an idle load-ahead thread looks at its stop flag
+AHEAD_THREADS = 1  # load-ahead threads of a partial arena (2 measured no faster on 2 cores: docs/stream.md)
 CONVERT_ROWS = 256  # rows gathered per piece when the gather also converts (float16 -> float32)
 
 _pieces = threading.local()
@@ -66,7 +67,7 @@ class WarmArena:
     ``max_loads`` bounds the blocks one request loads when the arena holds only part of the lake:
     a request missing more is served straight from the cold tier while only that many blocks are
     loaded.
-    ``ahead`` (partial arenas): a load-ahead thread loads the blocks `WarmStage` says come next
+    ``ahead`` (partial arenas): load-ahead threads load the blocks `WarmStage` says come next
     (one window ahead, in block-shuffled epochs) while gathers read the current ones, so reading and
     checking a block overlaps gathering from others (see `load_ahead`). Gathers pin the slots they
     read, so no load evicts a block under a gather.
@@ -128,8 +129,8 @@ class WarmArena:
         self._unused_ahead = np.zeros(self.slots, dtype=np.int64)  # 1: loaded ahead, no gather read it yet
         self._loading: dict[int, int] = {}  # block -> slot, for loads in flight
         self._queued: set[int] = set()  # blocks handed to the load-ahead thread, not yet taken
-        self._ahead: threading.Thread | None = None
-        self._ahead_queue: "queue.Queue[np.ndarray | None]" = queue.Queue()
+        self._loaders: list[threading.Thread] = []
+        self._todo: collections.deque[int] = collections.deque()  # blocks for the load-ahead threads, in order
         self._ahead_bytes = 0  # loaded ahead, not yet counted in a gather's stats
         self.ahead_loads = 0
 
@@ -273,8 +274,9 @@ class WarmArena:
     def close(self) -> None:
         """Stop and join a background fill, a huge-page collapse and the load-ahead thread."""
         self._stop.set()
-        self._ahead_queue.put(None)
-        for thread in (self._filler, self._collapser, self._ahead):
+        with self._loaded:
+            self._loaded.notify_all()
+        for thread in (self._filler, self._collapser, *self._loaders):
             if thread is not None:
                 thread.join(timeout=30)
 
@@ -296,12 +298,12 @@ class WarmArena:
         self.reader.advise_blocks(blocks[self.slot_of_block[blocks] < 0], self.block_rows)
 
     def load_ahead(self, rows: np.ndarray) -> None:
-        """Have the load-ahead thread load the blocks of ``rows`` (the rows a window ahead of the
+        """Have the load-ahead threads load the blocks of ``rows`` (the rows a window ahead of the
         current item) that are neither resident nor on their way, while gathers go on.
 
-        Partial arenas only (a whole-lake arena has its background fill). The thread reads ahead
-        (page cache) the blocks it is given, then loads them one by one into free or least recently
-        used slots that no gather holds. Its loads are hints: a block it fails to load is left
+        Partial arenas only (a whole-lake arena has its background fill). The new blocks are read
+        ahead into the page cache at once; `AHEAD_THREADS` threads then load them in order into free
+        or least recently used slots that no gather holds. Their loads are hints: a block they fail to load is left
         missing, and the gather that needs it loads it and raises the error there.
         """
         if self.whole or len(rows) == 0:
@@ -309,54 +311,58 @@ class WarmArena:
         blocks = self._blocks_of(rows)
         with self._claim:
             blocks = blocks[self.slot_of_block[blocks] < 0]
-            blocks = np.array([b for b in blocks.tolist() if b not in self._loading and b not in self._queued],
-                              dtype=np.int64)
-            if len(blocks) == 0:
+            new = [b for b in blocks.tolist() if b not in self._loading and b not in self._queued]
+            if not new:
                 return
-            self._queued.update(blocks.tolist())
-            if self._ahead is None:
-                self._ahead = threading.Thread(target=self._ahead_loop, name="m2m-warm-ahead", daemon=True)
-                self._ahead.start()
-        self._ahead_queue.put(blocks)
+            self._queued.update(new)
+            self._todo.extend(new)
+            if not self._loaders:
+                self._loaders = [threading.Thread(target=self._ahead_loop, name=f"m2m-warm-ahead-{i}", daemon=True)
+                                 for i in range(AHEAD_THREADS)]
+                for thread in self._loaders:
+                    thread.start()
+            self._loaded.notify_all()
+        self.reader.advise_blocks(np.asarray(new, dtype=np.int64), self.block_rows)
 
     def cancel_ahead(self) -> None:
-        """Drop the blocks queued for the load-ahead thread (a pass ended or was abandoned)."""
-        while True:
-            try:
-                self._ahead_queue.get_nowait()
-            except queue.Empty:
-                break
+        """Drop the blocks waiting for the load-ahead threads (a pass ended or was abandoned)."""
         with self._claim:
+            self._todo.clear()
             self._queued.clear()
 
+    def _next_ahead(self) -> tuple[int, int] | None:
+        """The next queued block and the slot claimed for it; None when stopping (waits for work)."""
+        with self._loaded:
+            while not self._stop.is_set():
+                if not self._todo:
+                    self._loaded.wait(timeout=AHEAD_POLL_S)
+                    continue
+                b = self._todo.popleft()
+                if b not in self._queued:  # cancelled, or a gather reached it first
+                    continue
+                self._queued.discard(b)
+                if self.slot_of_block[b] >= 0 or b in self._loading:
+                    continue
+                s = self._claim_slot(b)
+                if s is not None:
+                    return b, s
+        return None
+
     def _ahead_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                blocks = self._ahead_queue.get(timeout=AHEAD_POLL_S)
-            except queue.Empty:
-                continue
-            if blocks is None:
+        while True:
+            claimed = self._next_ahead()
+            if claimed is None:
                 return
-            self.reader.advise_blocks(blocks, self.block_rows)
-            for b in blocks.tolist():
-                if self._stop.is_set():
-                    return
-                with self._claim:
-                    if b not in self._queued:  # cancelled
-                        continue
-                    self._queued.discard(b)
-                    s = self._claim_slot(b) if self.slot_of_block[b] < 0 and b not in self._loading else None
-                if s is None:
-                    continue
-                try:
-                    loaded = self._read_block(b, s)
-                except Exception:  # noqa: BLE001 -- a hint failed: the gather needing it loads it and raises
-                    self._publish(b, s, ok=False)
-                    continue
-                self._publish(b, s, ok=True, ahead=True)
-                with self._claim:
-                    self._ahead_bytes += loaded
-                    self.ahead_loads += 1
+            b, s = claimed
+            try:
+                loaded = self._read_block(b, s)
+            except Exception:  # noqa: BLE001 -- a hint failed: the gather needing it loads it and raises
+                self._publish(b, s, ok=False)
+                continue
+            self._publish(b, s, ok=True, ahead=True)
+            with self._claim:
+                self._ahead_bytes += loaded
+                self.ahead_loads += 1
 
     def _blocks_of(self, rows: np.ndarray, blocks: np.ndarray | None = None) -> np.ndarray:
         """The sorted distinct blocks of ``rows`` (a mark per block when there are few blocks: no sort)."""
