@@ -121,8 +121,9 @@ class M2M:
         from m2m import open_lake
 
         lake = open_lake(str(out))
+        # "stored": float16 data arrives as float16, as every other system here delivers it
         return lake.export_to_dataloader(batch_size=BATCH, shuffle=True, seed=SEED, columns=("embedding", "label", "id"),
-                                         rank=rank, world_size=world)
+                                         rank=rank, world_size=world, embedding_dtype="stored")
 
     def state(self, loader: Any, batches: int) -> Any:
         return loader.state_dict()
