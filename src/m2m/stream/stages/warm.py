@@ -329,6 +329,7 @@ class WarmArena:
         with self._claim:
             self._todo.clear()
             self._queued.clear()
+            self._unused_ahead[:] = 0  # what was loaded for this pass is plain LRU for the next one
 
     def _next_ahead(self) -> tuple[int, int] | None:
         """The next queued block and the slot claimed for it; None when stopping (waits for work)."""
