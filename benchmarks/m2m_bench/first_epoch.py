@@ -325,6 +325,7 @@ def format_table(res: dict[str, Any]) -> str:
 def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
     """`m2m bench` rows: ours | numpy memmap loop | physical limit, one per row of the table."""
     m = res["medians"]
-    return [{"measure": f"stream 1 GB, {ROW_NAMES[k]}", "ours": m[k]["ours"]["median"],
+    size = f"{res['lake_bytes'] / 1e9:.2g} GB"
+    return [{"measure": f"stream {size}, {ROW_NAMES[k]}", "ours": m[k]["ours"]["median"],
              "baseline": m[k]["numpy"]["median"], "baseline_name": "numpy memmap loop",
              "limit": m[k]["limit"]["median"], "limit_name": LIMIT_NAMES[k]} for k in GOALS]

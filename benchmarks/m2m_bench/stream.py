@@ -289,7 +289,7 @@ def run(quick: bool = False, rows: int | None = None, dataset: Dataset = LAKE,
         dl32.wait_warm()  # steady epochs are measured on the filled arena
         res["warm_fill_seconds"] = time.perf_counter() - t_fill
         sync = loader(source, warm_bytes=budget, hot_bytes=0, prefetch=0)
-        sync._arena = dl32._arena  # the same warm arena, already filled
+        sync._res.arena = dl32._res.arena  # the same warm arena, already filled
         # the callables bind their arrays as defaults: the names are deleted below to free memory
         res["f32"] = interleaved(rounds, ram_gather=lambda t=table, y=labels: gather_limit(t, y, reps=1),
                                  memmap_gather=lambda m=mu_mm, y=lab_mm: memmap_gather_limit(m, y, reps=1),

@@ -359,7 +359,8 @@ def kappa(lake_dir: str, quiet: bool, threads: int | None, storage_options: dict
 @click.option("--quick", is_flag=True, help="Small sizes (79-91 s measured: docs/benchmarks.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results on stdout.")
 @click.option("--only", default=None,
-              help="Comma-separated subset: ingest,ingest_parquet,stream,stream_memmap,langevin,knn,consolidate.")
+              help="Comma-separated subset: ingest,ingest_parquet,stream,stream_memmap,first_epoch,quickstart,"
+                   "langevin,knn,consolidate.")
 @user_errors
 def bench(quick: bool, as_json: bool, only: str | None) -> None:
     """Run the benchmark suite: ours | what a user would write | physical limit."""

@@ -1,0 +1,28 @@
+"""Every module of `m2m bench` runs end to end at a small size and gives its table and summary rows
+(no speed asserted): the suite must not rot when the library's internals move."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+from m2m_bench.suite import MODULES
+
+SMALL = {"ingest": 2_000, "ingest_parquet": 2_000, "stream": 3_000, "stream_memmap": 3_000, "first_epoch": 3_000,
+         "quickstart": 2_000, "langevin": 1_000, "knn": 3_000, "consolidate": 2_000}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_suite_module_runs_small(name, tmp_path):
+    mod = importlib.import_module(f"m2m_bench.{name}")
+    kw = {"rows": SMALL[name]}
+    params = inspect.signature(mod.run).parameters
+    if "directory" in params:
+        kw["directory"] = tmp_path
+    if "rounds" in params:
+        kw["rounds"] = 1
+    res = mod.run(quick=True, **kw)
+    assert mod.format_table(res)
+    rows = mod.headline(res)
+    assert rows and all(r["measure"] and r["ours"] is not None for r in rows)
