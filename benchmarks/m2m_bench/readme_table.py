@@ -72,7 +72,8 @@ def _parquet(res: dict[str, Any]) -> list[Row]:
 
 def _demo_stream(res: dict[str, Any]) -> list[Row]:
     s = res["demo"]["stream"]
-    return [{"measure": "generative (Langevin) stream, demo lake, rows/s", "ours": s["span"]["rows_per_s"],
+    return [{"measure": "generative (SOC + Langevin) stream, demo lake, rows/s (the seed published 34,993)",
+             "ours": s["span"]["rows_per_s"],
              "baseline": s["full"]["rows_per_s"], "baseline_name": "full-d kernel",
              "limit": s["plain_rows_per_s"], "limit_name": "plain stream"}]
 
@@ -83,7 +84,7 @@ SOURCES = (
     Source("bench-suite-2026-11-26.json", "11-26, warm RAM",
            _suite("shuffled stream f32 (rows/s)", "kNN graph k=16, recall 0.961 (rows/s)")),
     Source("ingest-parquet-2026-12-02.json", "12-02, loaded", _parquet),
-    Source("augment-rerun-ahead-2026-12-05.json", "12-05, load 0.6-1.5", _demo_stream),
+    Source("augment-2026-12-06.json", "12-06, quiet", _demo_stream),
     Source("bench-suite-quick-2026-12-06.json", "12-06, quiet, `m2m bench --quick`", _quick_start),
 )
 
