@@ -74,3 +74,17 @@ def test_embedding_dtype_is_validated_with_one_line_naming_the_value():
         assert repr(bad) in str(info.value) and "\n" not in str(info.value)
     assert StreamOptions(embedding_dtype="float16").embedding_dtype is torch.float16
     assert StreamOptions(embedding_dtype="stored").embedding_dtype == "stored"
+
+
+@pytest.mark.parametrize("hot_mode,warm_mode", [("resident", "auto"), ("auto", "cold")])
+def test_other_tiers_deliver_the_asked_dtype_too(lakes, hot_mode, warm_mode):
+    # the resident tier (forced on the CPU) and direct cold gathers convert by the same column dtypes
+    stored = stored_by_id(lakes["float16"])
+    with open_lake(lakes["float16"]) as lake:
+        for asked, delivered in ((None, torch.float32), ("stored", torch.float16), ("bfloat16", torch.bfloat16)):
+            dl = lake.export_to_dataloader(batch_size=128, columns=("id", "embedding"), embedding_dtype=asked,
+                                           hot_mode=hot_mode, warm_mode=warm_mode)
+            for b in dl:
+                want = torch.from_numpy(np.stack([stored[i] for i in b["id"].tolist()]))
+                assert b["embedding"].dtype == delivered and torch.equal(b["embedding"], want.to(delivered))
+            dl.close()
