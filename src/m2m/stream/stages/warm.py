@@ -398,9 +398,10 @@ class WarmArena:
         self._loading[block] = s
         return s
 
-    def _publish(self, block: int, s: int, ok: bool, pin: bool = False, ahead: bool = False) -> None:
-        """A load into slot ``s`` ended: the block is resident (``ok``; pinned for the loading gather
-        when ``pin``) or the slot is left free; waiters are woken either way."""
+    def _publish(self, block: int, s: int, ok: bool, pinned: list[np.ndarray] | None = None,
+                 ahead: bool = False) -> None:
+        """A load into slot ``s`` ended: the block is resident (``ok``; held by the loading gather when
+        it passes its ``pinned``) or the slot is left free; waiters are woken either way."""
         with self._loaded:
             del self._loading[block]
             self._busy[s] = False
@@ -410,8 +411,8 @@ class WarmArena:
                 self._last_used[s] = self._tick
                 self.loads += 1
                 self._unused_ahead[s] = int(ahead)
-                if pin:
-                    self._pins[s] += 1
+                if pinned is not None:
+                    self._hold(np.array([s]), pinned)
             self._loaded.notify_all()
 
     def gather(self, rows: np.ndarray, out: dict[str, torch.Tensor], work: Work | None = None) -> None:
@@ -424,12 +425,7 @@ class WarmArena:
                 if work is not None:
                     work.count("warm_miss_blocks", n_miss)
                 self._ensure_loaded(blocks, work)
-            pos = torch.from_numpy(rows)
-            for col in self.columns:
-                dst = out[col.name]
-                select_into(self._arena[col.source], pos, dst)
-                if work is not None:
-                    work.count("warm_bytes", dst.numel() * self._arena[col.source].element_size())
+            self._select(torch.from_numpy(rows), out, work)
             if work is not None:
                 work.count("warm_hit_rows", len(rows))
             return
@@ -460,17 +456,20 @@ class WarmArena:
                     return
             with self._claim:
                 slot = self.slot_of_block[blocks]
-            pos = torch.from_numpy(slot * self.block_rows + (rows - blocks * self.block_rows))
-            for col in self.columns:
-                dst = out[col.name]
-                select_into(self._arena[col.source], pos, dst)
-                if work is not None:
-                    work.count("warm_bytes", dst.numel() * self._arena[col.source].element_size())
+            self._select(torch.from_numpy(slot * self.block_rows + (rows - blocks * self.block_rows)), out, work)
         finally:
             if pinned:
                 with self._claim:
                     for slots in pinned:
                         self._pins[slots] -= 1
+
+    def _select(self, pos: torch.Tensor, out: dict[str, torch.Tensor], work: Work | None) -> None:
+        """``out[name][i] = arena[name][pos[i]]`` for every column (arena rows)."""
+        for col in self.columns:
+            dst = out[col.name]
+            select_into(self._arena[col.source], pos, dst)
+            if work is not None:
+                work.count("warm_bytes", dst.numel() * self._arena[col.source].element_size())
 
     def _pin_resident(self, blocks: np.ndarray, pinned: list[np.ndarray]) -> np.ndarray:
         """Pin (against eviction) the slots of the resident ``blocks``, mark them used now; returns the others."""
@@ -480,12 +479,16 @@ class WarmArena:
                 self._queued.difference_update(blocks.tolist())
             slots = self.slot_of_block[blocks]
             here = slots >= 0
-            held = slots[here]
-            self._pins[held] += 1
-            self._unused_ahead[held] = 0
-            self._last_used[held] = self._tick
-            pinned.append(held)
+            self._hold(slots[here], pinned)
             return blocks[~here]
+
+    def _hold(self, slots: np.ndarray, pinned: list[np.ndarray]) -> None:
+        """A gather holds ``slots`` (caller holds ``_claim``): pinned against eviction until it ends
+        (``pinned`` lists them for the release), used now, no longer "loaded ahead, unused"."""
+        self._pins[slots] += 1
+        self._unused_ahead[slots] = 0
+        self._last_used[slots] = self._tick
+        pinned.append(slots)
 
     def _load_missing(self, blocks: np.ndarray, pinned: list[np.ndarray]) -> int:
         """Make ``blocks`` resident and pinned: load each one nobody is loading, wait for the others."""
@@ -499,10 +502,7 @@ class WarmArena:
                 for b in todo:
                     s = int(self.slot_of_block[b])
                     if s >= 0:
-                        self._pins[s] += 1
-                        self._last_used[s] = self._tick
-                        self._unused_ahead[s] = 0
-                        pinned.append(np.array([s]))
+                        self._hold(np.array([s]), pinned)
                     elif b in self._loading:
                         waiting.append(b)
                     else:
@@ -524,8 +524,7 @@ class WarmArena:
                     for b2, s2 in mine[i:]:
                         self._publish(b2, s2, ok=False)
                     raise
-                self._publish(b, s, ok=True, pin=True)
-                pinned.append(np.array([s]))
+                self._publish(b, s, ok=True, pinned=pinned)
             todo = waiting
         return loaded
 
