@@ -25,7 +25,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from m2m_bench.peers import SYSTEMS, make_data  # noqa: E402
+from m2m_bench.peers import SYSTEMS, make_data, phase_cell  # noqa: E402
 
 PHASES = ("write", "epoch", "epochs3", "resume")
 
@@ -92,17 +92,6 @@ def bench(python: str, rows: int, dim: int, dtype: str, systems: list[str], work
     return res
 
 
-def _cell(d: dict[str, Any] | None, key: str, fmt: str) -> str:
-    if not d:
-        return "-"
-    if "unsupported" in d:
-        return "no API"
-    if "error" in d:
-        return "error"
-    v = d.get(key)
-    return "-" if v is None else format(v, fmt)
-
-
 def format_table(res: dict[str, Any]) -> str:
     lines = [f"peers: {res['rows']:,} x {res['dim']} {res['dtype']} + int64 label, batch {res['batch']}, shuffled, "
              f"0 workers, local disk ({res['date']}; load {res['load_before'][0]:.1f} before, "
@@ -112,10 +101,10 @@ def format_table(res: dict[str, Any]) -> str:
     m2m = res["systems"].get("m2m", {}).get("epoch", {}).get("rows_per_s")
     for name, r in res["systems"].items():
         ep = r.get("epoch", {}).get("rows_per_s")
-        cells.append((name, _cell(r.get("write"), "seconds", ".1f"), _cell(r.get("epoch"), "rows_per_s", ",.0f"),
-                      _cell(r.get("epochs3"), "rows_per_s", ",.0f"),
-                      _cell(r.get("resume"), "resume_first_batch_s", ".3f"), _cell(r.get("resume"), "exact", ""),
-                      _cell(r.get("ranks2"), "rows_per_s", ",.0f"), _cell(r.get("ranks2"), "exact", ""),
+        cells.append((name, phase_cell(r.get("write"), "seconds", ".1f"), phase_cell(r.get("epoch"), "rows_per_s", ",.0f"),
+                      phase_cell(r.get("epochs3"), "rows_per_s", ",.0f"),
+                      phase_cell(r.get("resume"), "resume_first_batch_s", ".3f"), phase_cell(r.get("resume"), "exact", ""),
+                      phase_cell(r.get("ranks2"), "rows_per_s", ",.0f"), phase_cell(r.get("ranks2"), "exact", ""),
                       f"{ep / m2m:.3f}x" if ep and m2m else "-"))
     widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     table = ["  ".join([c[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(c[1:], widths[1:])]) for c in cells]

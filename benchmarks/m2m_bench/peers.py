@@ -295,6 +295,19 @@ class WebDataset:
     restore = state
 
 
+def phase_cell(d: dict[str, Any] | None, key: str, fmt: str, missing: str = "-") -> str:
+    """One phase's figure ``d[key]`` in a results table (``bench_peers.py``, the README's peers table):
+    ``missing`` when the phase did not run, "no API", "timed out" or "error" when it could not measure."""
+    if not d:
+        return missing
+    if "unsupported" in d:
+        return "no API"
+    if "error" in d:
+        return "timed out" if "timed out" in d["error"] else "error"
+    v = d.get(key)
+    return missing if v is None else format(v, fmt)
+
+
 def _already_split(urls: Any) -> Any:
     return urls
 

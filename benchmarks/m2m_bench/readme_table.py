@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from m2m_bench.peers import phase_cell
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -132,14 +134,7 @@ def peers_markdown(file: str = "peers-1m-x384-f16-2026-12-06.json") -> str:
     m2m = res["systems"].get("m2m", {}).get("epoch", {}).get("rows_per_s")
 
     def cell(d: dict[str, Any] | None, key: str, fmt: str) -> str:
-        if not d:
-            return "–"
-        if "unsupported" in d:
-            return "no API"
-        if "error" in d:
-            return "timed out" if "timed out" in d["error"] else "error"
-        v = d.get(key)
-        return "–" if v is None else format(v, fmt)
+        return phase_cell(d, key, fmt, missing="–")
 
     lines = [f"`{file}`: {res['rows']:,} × {res['dim']} {res['dtype']} + int64 label, batch {res['batch']}, "
              f"shuffled, 0 workers ({res['date']}; load {res['load_before'][0]:.1f} before, "
