@@ -92,3 +92,15 @@ def test_torch_input_and_validation():
         neighbourhood_kappa(mu, bad)
     with pytest.raises(ConfigError):
         neighbourhood_kappa(mu, nb.astype(np.float64))
+
+
+def test_rows_estimates_a_prefix_with_neighbours_anywhere():
+    # the Ray engine's range task: its own rows first, neighbours living elsewhere after them
+    mu, nb = _groups(3, 4, 8, 50.0)
+    whole = neighbourhood_kappa(mu, nb)
+    np.testing.assert_array_equal(neighbourhood_kappa(mu, nb[:5], rows=5), whole[:5])
+    assert neighbourhood_kappa(mu, nb[:0], rows=0).shape == (0,)
+    with pytest.raises(ConfigError, match="rows must be"):
+        neighbourhood_kappa(mu, nb, rows=len(mu) + 1)
+    with pytest.raises(ConfigError, match=r"neighbors must be \[rows=5"):
+        neighbourhood_kappa(mu, nb, rows=5)

@@ -43,8 +43,12 @@ def neighbourhood_kappa(
     include_self: bool = True,
     chunk: int | None = None,
     bias_correction: bool = True,
+    rows: int | None = None,
 ) -> np.ndarray:
     """kappa of every splat from itself and its k nearest neighbours: [N, d], [N, k] -> float32 [N].
+
+    With ``rows`` = Q, only the first Q rows' kappa is computed: ``neighbors`` is ``[Q, k]`` and
+    indexes all N rows (those after Q are neighbours only): float32 [Q].
 
     Args:
         mu: unit vectors (float32/float16/float64 numpy array or tensor, any device; computed there).
@@ -52,6 +56,7 @@ def neighbourhood_kappa(
         include_self: count mu_i itself in its set (m = 1 + valid neighbours).
         chunk: rows per vectorised step (default: ~8 MiB of gathered neighbours).
         bias_correction: invert the unbiased estimate of A^2 (see the module docstring).
+        rows: estimate the first ``rows`` rows only (see above; default all).
     """
     mu_t = torch.as_tensor(mu) if not isinstance(mu, Tensor) else mu
     if mu_t.dim() != 2 or mu_t.shape[1] < 2:
@@ -60,12 +65,15 @@ def neighbourhood_kappa(
         raise InvalidEmbeddingError(f"mu must be floating point, got {mu_t.dtype}")
     n, d = mu_t.shape
     nb = torch.as_tensor(neighbors) if not isinstance(neighbors, Tensor) else neighbors
-    if nb.dim() != 2 or nb.shape[0] != n:
-        raise ConfigError(f"neighbors must be [N={n}, k], got shape {tuple(nb.shape)}")
+    q = n if rows is None else rows
+    if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= n:
+        raise ConfigError(f"rows must be an int in [0, {n}], got {rows!r}")
+    if nb.dim() != 2 or nb.shape[0] != q:
+        raise ConfigError(f"neighbors must be [{'N' if rows is None else 'rows'}={q}, k], got shape {tuple(nb.shape)}")
     if nb.dtype not in (torch.int64, torch.int32):
         raise ConfigError(f"neighbors must be int64 row positions, got {nb.dtype}")
     k = nb.shape[1]
-    if n and k and (int(nb.min()) < -1 or int(nb.max()) >= n):
+    if q and k and (int(nb.min()) < -1 or int(nb.max()) >= n):
         bad = int(torch.nonzero(((nb < -1) | (nb >= n)).any(1))[0])
         raise ConfigError(f"neighbors holds positions outside [-1, {n}) (first at row {bad})")
     if chunk is None:
@@ -76,11 +84,11 @@ def neighbourhood_kappa(
     dev = mu_t.device
     work = torch.float64 if mu_t.dtype == torch.float64 else torch.float32
     nb = nb.to(device=dev, dtype=torch.int64)
-    var = torch.empty(n, dtype=torch.float64, device=dev)
-    count = torch.empty(n, dtype=torch.float64, device=dev)
-    buf = torch.empty(min(chunk, n) * k, d, dtype=mu_t.dtype, device=dev)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
+    var = torch.empty(q, dtype=torch.float64, device=dev)
+    count = torch.empty(q, dtype=torch.float64, device=dev)
+    buf = torch.empty(min(chunk, q) * k, d, dtype=mu_t.dtype, device=dev)
+    for start in range(0, q, chunk):
+        stop = min(q, start + chunk)
         c = stop - start
         rows = torch.arange(start, stop, device=dev)
         idx = nb[start:stop]
@@ -107,5 +115,5 @@ def neighbourhood_kappa(
     kappa = kappa_from_mean_resultant(rbar, d, one_minus_rbar=var / (1.0 + rbar))
     kappa = torch.where(count >= 2, kappa, torch.full_like(kappa, float("nan")))
     out = kappa.to(torch.float32).cpu().numpy()
-    log.debug("neighbourhood_kappa: %d rows, k=%d, d=%d, chunk=%d", n, k, d, chunk)
+    log.debug("neighbourhood_kappa: %d rows, k=%d, d=%d, chunk=%d", q, k, d, chunk)
     return out

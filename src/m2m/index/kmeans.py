@@ -139,7 +139,7 @@ class Partition:
     """Rows bucketed by IVF list: each row's home list (nearest centroid) and the other lists it probes.
 
     Attributes:
-        centroids: ``[nlist, d]`` unit centroids.
+        nlist: number of lists.
         probes: ``int64 [N, nprobe]`` each row's home list, then the other lists it probes
             (nearest first, or in index order with a finite ``max_gap``: see ``gap_probes``);
             ``-1`` pads rows probing fewer lists.
@@ -148,16 +148,12 @@ class Partition:
         visit_rows, visit_lims: the rows that probe list l but do not live in it, likewise.
     """
 
-    centroids: np.ndarray
+    nlist: int
     probes: np.ndarray
     member_order: np.ndarray
     member_lims: np.ndarray
     visit_rows: np.ndarray
     visit_lims: np.ndarray
-
-    @property
-    def nlist(self) -> int:
-        return int(self.centroids.shape[0])
 
     @property
     def home(self) -> np.ndarray:
@@ -264,18 +260,40 @@ def build_partition(
     unit vectors) uses ``gap_probes`` (with ``penalty``: per-list score penalties, see there);
     otherwise ``top_centroids``.
     """
-    nlist = centroids.shape[0]
+    return partition_of(probe_lists(faiss, mu, centroids, nprobe, precision, max_gap, penalty), centroids.shape[0])
+
+
+def probe_lists(
+    faiss: Any,
+    mu: np.ndarray,
+    centroids: np.ndarray,
+    nprobe: int,
+    precision: str = "float32",
+    max_gap: float = float("inf"),
+    penalty: np.ndarray | None = None,
+) -> np.ndarray:
+    """``int64 [N, <= nprobe]``: each row's home list, then the other lists it probes (``build_partition``'s rule)."""
     if max_gap < 2.0 or penalty is not None:
-        probes = gap_probes(mu, centroids, nprobe, precision, max_gap, penalty)
-    else:
-        probes = top_centroids(faiss, mu, centroids, nprobe, precision)
+        return gap_probes(mu, centroids, nprobe, precision, max_gap, penalty)
+    return top_centroids(faiss, mu, centroids, nprobe, precision)
+
+
+def partition_of(probes: np.ndarray, nlist: int, visited: np.ndarray | None = None) -> Partition:
+    """The `Partition` of rows whose home list and probed lists are ``probes`` (``[N, p]``, -1 pads).
+
+    ``visited``: a ``bool [nlist]`` mask of the lists whose visitors are recorded (default all); the
+    visitors of the others are left out (a distributed search scores only the lists it owns).
+    """
     key = np.uint16 if nlist < 2**16 else np.int64  # stable argsort of 16-bit keys is a radix sort
     home = probes[:, 0]
     member_order = np.argsort(home.astype(key), kind="stable")
     member_lims = np.concatenate([[0], np.cumsum(np.bincount(home, minlength=nlist))])
     width = max(1, probes.shape[1] - 1)
-    flat = np.flatnonzero(probes[:, 1:] >= 0)  # the visits, row by row
+    seen = probes[:, 1:] >= 0
+    if visited is not None:
+        seen &= visited[np.maximum(probes[:, 1:], 0)]
+    flat = np.flatnonzero(seen)  # the visits, row by row
     lists = probes[:, 1:].ravel()[flat]
     visit_rows = (flat // width)[np.argsort(lists.astype(key), kind="stable")]
     visit_lims = np.concatenate([[0], np.cumsum(np.bincount(lists, minlength=nlist))])
-    return Partition(centroids, probes, member_order, member_lims, visit_rows, visit_lims)
+    return Partition(nlist, probes, member_order, member_lims, visit_rows, visit_lims)

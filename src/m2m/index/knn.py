@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -138,6 +139,7 @@ class _ListSearch:
         n, d = mu.shape
         self.d = d
         self.heap = faiss.ResultHeap(n, kh, keep_max=True)
+        self.kh = kh
         sizes = np.diff(self.lims)
         self.home = np.repeat(np.arange(part.nlist, dtype=np.int32), sizes)  # list of each position
         self.pos = np.empty(n, np.int64)
@@ -198,6 +200,13 @@ class _ListSearch:
         if self.xb is not None:
             self.xb[a:b, :self.d] = t
 
+    def other_list(self, lst: int) -> None:
+        """A list this search does not score (its members only visit lists that it does): their
+        bfloat16 rows, which pass 2 reads as queries."""
+        a, b = int(self.lims[lst]), int(self.lims[lst + 1])
+        if self.xb is not None and b > a:
+            self.xb[a:b, :self.d] = writable_tensor(rows_f32(self.mu, self.order[a:b]))
+
     def set_offsets(self) -> None:
         """After pass 1: the offset used for rows whose heap is not full yet (median k-th best)."""
         root = self.heap.D[:, 0]
@@ -220,7 +229,8 @@ class _ListSearch:
         t_v = root[visitors]  # visitors get results only here in this list: current throughout
         # bfloat16: sort visitors by offset, so that row groups of a chunk share a tight cut
         offsets = np.where(t_v >= -1.0, t_v, self.fallback) if self.bf16 else t_v
-        by = np.argsort(offsets, kind="stable")
+        # rows whose heap is not full yet first (they take every score: a row group of their own)
+        by = np.lexsort((offsets, t_v >= -1.0))
         visitors, t_v, offsets = visitors[by], t_v[by], offsets[by]
         base = self._base(a, b)
         self._mutual(a, b, visitors)
@@ -252,6 +262,23 @@ class _ListSearch:
         base[:, self.d] = 1.0
         return base.T
 
+    def _block_roots(self, t_v: np.ndarray, block: Any, o: np.ndarray | None = None) -> np.ndarray:
+        """``t_v`` with the rows whose heap is not full (sorted first) cut at their ``kh``-th best score of
+        this block, a little below: no other score of the block can reach such a row's top k, so
+        pushing only those is exact (the rows homed in lists another search scores start with empty
+        heaps: without this, every score of their first list would be pushed). ``o``: the bfloat16
+        block's offsets (its scores are ``block + o``)."""
+        open_rows = int(np.count_nonzero(t_v < -1.0))
+        if not open_rows or block.shape[1] <= self.kh:
+            return t_v
+        kth = self.torch.topk(block[:open_rows].float(), self.kh, dim=1).values[:, -1].numpy()
+        t_v = t_v.copy()
+        if o is None:
+            t_v[:open_rows] = np.nextafter(kth, np.float32(-np.inf))
+        else:  # the cut is rebuilt as t_v - o: a margin for the float32 rounding of that round trip
+            t_v[:open_rows] = kth + o[:open_rows] - np.float32(1e-5)
+        return t_v
+
     def _hits_f32(
         self, v: np.ndarray, t_v: np.ndarray, base_t: Any, t_m: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -260,6 +287,7 @@ class _ListSearch:
         s_t = self.sbuf[:c * m].view(c, m)
         self.torch.matmul(writable_tensor(rows_f32(self.mu, self.order[v])), base_t, out=s_t)
         s = s_t.numpy()
+        t_v = self._block_roots(t_v, s_t)
         cut = self.cut[:c * m].reshape(c, m)
         np.minimum(t_v[:, None], t_m[None, :], out=cut)
         hit = self.hit[:c * m].reshape(c, m)
@@ -289,6 +317,7 @@ class _ListSearch:
         o = -q[:, self.d].float().numpy()  # the bfloat16-rounded offsets
         r = self.rbuf[:c * m].view(c, m)
         torch.matmul(q, base_t, out=r)
+        t_v = self._block_roots(t_v, r, o)
         bits = r.view(torch.int16).numpy().view(np.uint16)
         starts = np.arange(0, c, ROW_GROUP)
         cut = np.minimum(np.minimum.reduceat(t_v - o, starts)[:, None],
@@ -328,6 +357,40 @@ class _ListSearch:
         scores[self.order] = self.heap.D
         idx[self.order] = np.where(self.heap.I >= 0, self.order[np.maximum(self.heap.I, 0)], -1)
         return scores, idx
+
+
+def list_search(
+    faiss: Any,
+    mu: np.ndarray,
+    part: Any,
+    k: int,
+    exclude_self: bool,
+    precision: str,
+    lists: np.ndarray | None = None,
+    tick: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 1 and pass 2 of the IVF search (module doc) over ``lists`` (default all) of ``part``.
+
+    Returns each row's best ``k`` candidates ``(scores, rows)`` found in those lists, descending
+    (``-1`` / ``-FLT_MAX`` pads). With a subset of lists (the distributed engine, `m2m.ray.geometry`),
+    the rows homed in other lists take part only as visitors of these: their heaps start empty, and
+    ``part`` should record only these lists' visitors (`m2m.index.kmeans.partition_of`'s ``visited``).
+    """
+    search = _ListSearch(faiss, mu, part, k, exclude_self, precision)
+    mine = np.arange(part.nlist) if lists is None else np.asarray(lists, np.int64)
+    for lst in mine:
+        search.own_list(int(lst))
+        if tick is not None:
+            tick(int(part.member_lims[lst + 1] - part.member_lims[lst]))
+    if lists is not None:
+        for lst in np.setdiff1d(np.arange(part.nlist), mine):
+            search.other_list(int(lst))
+    search.set_offsets()
+    for lst in mine:
+        work = search.visited_list(int(lst))
+        if tick is not None:
+            tick(work)
+    return search.result()
 
 
 def _knn_ivf(
@@ -388,14 +451,7 @@ def _knn_ivf(
                 progress(now - credited)
                 credited = now
 
-    search = _ListSearch(faiss, mu, part, k, exclude_self, precision)
-    for lst in range(part.nlist):
-        search.own_list(lst)
-        tick(int(part.member_lims[lst + 1] - part.member_lims[lst]))
-    search.set_offsets()
-    for lst in range(part.nlist):
-        tick(search.visited_list(lst))
-    scores, idx = search.result()
+    scores, idx = list_search(faiss, mu, part, k, exclude_self, precision, tick=tick)
     t4 = time.perf_counter()
     log.debug("knn ivf seconds: train %.1f, calibrate %.1f, partition %.1f, search %.1f",
               t1 - t0, t2 - t1, t3 - t2, t4 - t3)

@@ -57,8 +57,8 @@ CANCEL_WAIT_S = 30.0
 #: the rows (members and visitors) shuffled to one list-owner task. More data -> more tasks.
 TASK_BYTES = 256 << 20
 
-#: Copies of each row the IVF routing ships, assumed when sizing the list-owner tasks.
-ROUTED_COPIES = 4
+#: Sample rows per IVF list whose probes plan the list-owner tasks of the duplicate search (`_owners`).
+PLAN_SAMPLE_PER_LIST = 16
 
 #: Lakes of at most this many rows get ``estimate_kappa(engine="ray")`` from the local engine in the
 #: driver: it searches them exactly (`m2m.index.knn.knn`'s ``exact_max_rows``) in less time than fresh
@@ -117,15 +117,24 @@ def _gather(ray: Any, refs: list[Any]) -> list[Any]:
         raise
 
 
-def _balanced_owners(sizes: np.ndarray, parts: int) -> np.ndarray:
-    """Owner task of every list: largest estimated lists first, each to the least loaded task."""
-    owner = np.zeros(sizes.size, np.int64)
-    load = np.zeros(parts, np.float64)
-    for lst in np.argsort(-sizes, kind="stable"):
-        t = int(np.argmin(load))
-        owner[lst] = t
-        load[t] += float(sizes[lst]) ** 2 + 1.0  # scoring a list costs ~ its size squared
-    return owner
+def _owners(faiss: Any, ray: Any, sample_mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: str,
+            max_gap: float, penalty: np.ndarray | None, nbytes: float) -> tuple[np.ndarray, float]:
+    """Owner task of every list (`m2m.ray.owners.group_lists`, from a row sample's probes by the rule the
+    route tasks use) and the copies of each row the routing will ship, estimated on that sample. The
+    owner tasks are sized for the lake's vectors times those copies (``TASK_BYTES`` each at most)."""
+    from m2m.index.kmeans import probe_lists
+    from m2m.ray.owners import group_lists, owners_per_row
+
+    nlist = centroids.shape[0]
+    probes = probe_lists(faiss, sample_mu, centroids, nprobe, precision, max_gap, penalty)
+    parts = max(1, min(nlist, 2 * _workers(ray)))
+    owner = group_lists(probes, nlist, parts)
+    copies = owners_per_row(probes, owner)
+    wanted = max(1, min(nlist, _task_count(ray, nbytes * copies)))
+    if wanted > parts:  # more data than 2 tasks per CPU hold: more, smaller tasks (each row a few more copies)
+        owner = group_lists(probes, nlist, wanted)
+        copies = owners_per_row(probes, owner)
+    return owner, copies
 
 
 # ---------------------------------------------------------------------------- Ray task bodies
@@ -170,8 +179,9 @@ def _exact_sample_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi
 def _route_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, centroids: np.ndarray,
                 nprobe: int, max_gap: float, penalty: np.ndarray | None, owner: np.ndarray,
                 with_labels: bool) -> Any:
-    """Rows of shards ``[lo, hi)`` bucketed by the lists they live in / probe, one bucket per owner task."""
-    from m2m.index.kmeans import gap_probes, top_centroids
+    """Rows of shards ``[lo, hi)`` for each owner task: those whose home list or a probed list it owns,
+    each once, with their probes (``build_partition``'s rule)."""
+    from m2m.index.kmeans import probe_lists
     from m2m.index.runtime import compute_threads, resolve_precision
 
     snap = Snapshot(fs, manifest, verify=verify)
@@ -179,98 +189,51 @@ def _route_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, 
     off = int(snap.shard_offsets[lo])
     precision = resolve_precision("auto", mu.shape[1])
     centroids = np.array(centroids)  # writable (Ray hands out read-only arrays; torch wraps them)
-    with compute_threads(1) as faiss:  # the same rule as build_partition
-        if max_gap < 2.0 or penalty is not None:
-            probes = gap_probes(mu, centroids, nprobe, precision, max_gap, penalty)
-        else:
-            probes = top_centroids(faiss, mu, centroids, nprobe, precision)
-    r, c = np.nonzero(probes >= 0)
-    lst = probes[r, c]
+    with compute_threads(1) as faiss:
+        probes = probe_lists(faiss, mu, centroids, nprobe, precision, max_gap, penalty)
     labels = np.concatenate([snap.column(s, "label") for s in range(lo, hi)]) if with_labels else None
     parts = int(owner.max()) + 1 if owner.size else 1
-    who = owner[lst]
+    who = np.where(probes >= 0, owner[np.maximum(probes, 0)], -1)
+    probes = probes.astype(np.int32 if centroids.shape[0] < 2**31 else np.int64)
     outs = []
     for p in range(parts):
-        sel = np.nonzero(who == p)[0]
-        rows = r[sel]
-        outs.append({"list": lst[sel], "home": c[sel] == 0, "pos": rows + off, "vec": mu[rows],
+        rows = np.flatnonzero((who == p).any(axis=1))
+        outs.append({"pos": rows + off, "vec": mu[rows], "probes": probes[rows],
                      "label": None if labels is None else labels[rows].astype(np.int64)})
     return _one_or_many(outs)
 
 
-def _lists(parts: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], np.ndarray]:
-    """The routed rows of one owner task sorted by list (members first) and each list's bounds."""
-    keys = ("list", "home", "pos", "vec")
-    cat: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) for k in keys}
-    order = np.lexsort((~cat["home"], cat["list"]))
-    cat = {k: v[order] for k, v in cat.items()}
-    cat["label"] = (np.concatenate([p["label"] for p in parts])[order]
-                    if parts and parts[0]["label"] is not None else None)
-    bounds = np.flatnonzero(np.diff(cat["list"])) + 1
-    bounds = np.concatenate([[0], bounds, [cat["list"].size]]).astype(np.int64)
-    return cat, bounds
+def _routed(parts: tuple[dict[str, Any], ...], nlist: int, owned: np.ndarray) -> tuple[dict[str, Any], Any]:
+    """The rows routed to one owner task (each once) and their `Partition` over the lists it ``owned``
+    (members: every row, by home list; visitors: recorded for the owned lists only)."""
+    from m2m.index.kmeans import partition_of
+
+    rows: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) for k in ("pos", "vec", "probes")}
+    rows["label"] = (np.concatenate([p["label"] for p in parts])
+                     if parts and parts[0]["label"] is not None else None)
+    visited = np.zeros(nlist, bool)
+    visited[owned] = True
+    return rows, partition_of(rows["probes"].astype(np.int64), nlist, visited)
 
 
-def _knn_lists_task(k: int, range_starts: np.ndarray, *parts: dict[str, Any]) -> Any:
-    """Per-row top-``k`` candidates from every list this task owns, split by shard range."""
-    import torch
+def _knn_lists_task(k: int, nlist: int, owned: np.ndarray, range_starts: np.ndarray, *parts: dict[str, Any]) -> Any:
+    """Per-row top-``k`` candidates from the lists this task owns (the local engine's list search,
+    `m2m.index.knn.list_search`), split by shard range."""
+    from m2m.index.knn import list_search
+    from m2m.index.runtime import compute_threads, resolve_precision
 
-    from m2m.index.runtime import compute_threads
-
-    cat, bounds = _lists(parts)
-    out_pos: list[np.ndarray] = []
-    out_nbr: list[np.ndarray] = []
-    out_score: list[np.ndarray] = []
-
-    def emit(pos: np.ndarray, score: Any, idx: Any, cols: np.ndarray) -> None:
-        s = score.numpy()
-        i = cols[idx.numpy()]
-        width = s.shape[1]
-        if width < k:
-            s = np.concatenate([s, np.full((s.shape[0], k - width), -np.inf, np.float32)], axis=1)
-            i = np.concatenate([i, np.full((i.shape[0], k - width), -1, np.int64)], axis=1)
-        i = np.where(np.isfinite(s), i, -1)
-        out_pos.append(pos)
-        out_nbr.append(i)
-        out_score.append(s.astype(np.float32))
-
-    with compute_threads(1):
-        for a, b in pairwise(bounds):
-            m = int(cat["home"][a:b].sum())
-            if m == 0:
-                continue
-            pos = cat["pos"][a:b]
-            q = torch.from_numpy(np.ascontiguousarray(cat["vec"][a:b]))
-            v = q.shape[0] - m
-            vis_s: list[Any] = []
-            vis_i: list[Any] = []
-            for start in range(0, m, MEMBER_CHUNK):
-                stop = min(m, start + MEMBER_CHUNK)
-                s = q[start:stop] @ q.T                                  # members vs members + visitors
-                s[torch.arange(stop - start), torch.arange(start, stop)] = -float("inf")  # not itself
-                kk = min(k, q.shape[0] - 1)
-                if kk > 0:
-                    top_s, top_i = torch.topk(s, kk, dim=1)
-                    emit(pos[start:stop], top_s, top_i, pos)
-                if v:  # the same scores the other way: each visitor's best members of this chunk
-                    kv = min(k, stop - start)
-                    ts, ti = torch.topk(s[:, m:], kv, dim=0)
-                    vis_s.append(ts)
-                    vis_i.append(ti + start)
-            if v:
-                s_all = torch.cat(vis_s, dim=0)
-                i_all = torch.cat(vis_i, dim=0)
-                kv = min(k, s_all.shape[0])
-                ts, ti = torch.topk(s_all, kv, dim=0)
-                emit(pos[m:], ts.T.contiguous(), torch.gather(i_all, 0, ti).T.contiguous(), pos)
-    if out_pos:
-        pos = np.concatenate(out_pos)
-        nbr = np.concatenate(out_nbr)
-        score = np.concatenate(out_score)
+    rows, part = _routed(parts, nlist, owned)
+    vec = rows["vec"]
+    if vec.shape[0]:
+        precision = resolve_precision("auto", vec.shape[1])
+        with compute_threads(1) as faiss:
+            score, idx = list_search(faiss, vec, part, k, True, precision, lists=owned)
+        found = idx[:, 0] >= 0
+        pos = rows["pos"][found]
+        nbr = np.where(idx[found] >= 0, rows["pos"][np.maximum(idx[found], 0)], -1)
+        score = score[found].astype(np.float32)
     else:
-        pos = np.zeros(0, np.int64)
-        nbr = np.zeros((0, k), np.int64)
-        score = np.zeros((0, k), np.float32)
+        pos, nbr, score = np.zeros(0, np.int64), np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     where = np.searchsorted(range_starts, pos, side="right") - 1
     outs = []
     for j in range(range_starts.size):
@@ -280,28 +243,21 @@ def _knn_lists_task(k: int, range_starts: np.ndarray, *parts: dict[str, Any]) ->
 
 
 def _best_k(n_rows: int, off: int, k: int, parts: tuple[dict[str, Any], ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``k`` best distinct candidates: (global neighbour positions, scores), descending."""
-    pos = np.concatenate([p["pos"] for p in parts]) if parts else np.zeros(0, np.int64)
-    kw = k if not parts else parts[0]["nbr"].shape[1]
-    nbr = np.concatenate([p["nbr"] for p in parts]).reshape(-1) if parts else np.zeros(0, np.int64)
-    score = np.concatenate([p["score"] for p in parts]).reshape(-1) if parts else np.zeros(0, np.float32)
-    row = np.repeat(pos - off, kw)
-    ok = nbr >= 0
-    row, nbr, score = row[ok], nbr[ok], score[ok]
-    order = np.lexsort((-score, nbr, row))
-    row, nbr, score = row[order], nbr[order], score[order]
-    first = np.ones(row.size, bool)
-    first[1:] = (row[1:] != row[:-1]) | (nbr[1:] != nbr[:-1])  # a pair found in two lists: once
-    row, nbr, score = row[first], nbr[first], score[first]
-    order = np.lexsort((nbr, -score, row))
-    row, nbr, score = row[order], nbr[order], score[order]
-    rank = np.arange(row.size) - np.searchsorted(row, row, side="left")
-    keep = rank < k
-    out_nbr = np.full((n_rows, k), -1, np.int64)
-    out_score = np.zeros((n_rows, k), np.float32)
-    out_nbr[row[keep], rank[keep]] = nbr[keep]
-    out_score[row[keep], rank[keep]] = score[keep]
-    return out_nbr, out_score
+    """Each row's ``k`` best candidates over the list tasks: (global neighbour positions, scores), descending.
+
+    The list search reaches each pair once per row across all tasks (`m2m.index.knn`'s rule, whichever
+    task owns the lists), so the candidates merge in one heap, no pair repeated."""
+    from m2m.index.runtime import require_faiss
+
+    heap = require_faiss().ResultHeap(n_rows, k, keep_max=True)
+    for p in parts:
+        if p["pos"].size and p["nbr"].shape[1]:
+            heap.add_result_subset(np.ascontiguousarray(p["pos"] - off, np.int64),
+                                   np.ascontiguousarray(p["score"], np.float32),
+                                   np.ascontiguousarray(p["nbr"], np.int64))
+    heap.finalize()
+    nbr = heap.I
+    return nbr, np.where(nbr >= 0, heap.D, np.float32(0.0)).astype(np.float32)
 
 
 def _kappa_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, k: int, k_eff: int,
@@ -333,10 +289,9 @@ def _kappa_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, 
     inside = (nbr >= off) & (nbr < off + n_rows)
     local = np.where(inside, nbr - off, n_rows + np.searchsorted(outside, nbr))
     local = np.where(nbr >= 0, local, -1)
-    full_nbr = np.concatenate([local, np.full((outside.size, k), -1, np.int64)])
     with compute_threads(1):
-        kappa_est = neighbourhood_kappa(mu, full_nbr)[:n_rows].astype(np.float32)
-    del mu, mu_own, mu_out, full_nbr  # the vectors are done with: not held while the rest is read
+        kappa_est = neighbourhood_kappa(mu, local, rows=n_rows).astype(np.float32)
+    del mu, mu_own, mu_out  # the vectors are done with: not held while the rest is read
     ids = np.concatenate([np.concatenate([snap.column(s, "id") for s in shards]), snap.gather("id", outside)])
     # the columns the local engine reads (`m2m.lake.neighbourhood.estimate`): kappa and alpha of the main
     # files (a sidecar's kappa is an earlier estimate), label codes as the stream reads them
@@ -388,23 +343,26 @@ def _main_column(snap: Snapshot, shard: int, name: str) -> np.ndarray:
     return snap.read_main(name, shards=[shard])
 
 
-def _duplicates_task(thr: float, *parts: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def _duplicates_task(thr: float, nlist: int, owned: np.ndarray, *parts: dict[str, Any]
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Edges (cos >= thr, equal labels) found in this task's lists, reduced to a spanning forest."""
     from m2m.consolidation.groups import connected_components, threshold_hits
     from m2m.index.runtime import compute_threads
 
-    cat, bounds = _lists(parts)
+    rows, part = _routed(parts, nlist, owned)
     us: list[np.ndarray] = []
     vs: list[np.ndarray] = []
-    codes = cat["label"]
+    codes = rows["label"]
     with compute_threads(1):
-        for a, b in pairwise(bounds):
-            m = int(cat["home"][a:b].sum())
+        for lst in owned:
+            members, visitors = part.members(int(lst)), part.visitors(int(lst))
+            m = members.size
             if m == 0:
                 continue
-            pos = cat["pos"][a:b]
-            vec = np.ascontiguousarray(cat["vec"][a:b])
-            lab = None if codes is None else codes[a:b]
+            at = np.concatenate([members, visitors])
+            pos = rows["pos"][at]
+            vec = np.ascontiguousarray(rows["vec"][at])
+            lab = None if codes is None else codes[at]
             base = vec[:m]
             for start in range(0, m, MEMBER_CHUNK):  # members vs members, on and above the diagonal
                 stop = min(m, start + MEMBER_CHUNK)
@@ -530,7 +488,8 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
                                     max_points_per_centroid=20)
         size_rows = np.sort(rng.choice(n, size=min(n, SIZE_SAMPLE_PER_LIST * nlist), replace=False))
         precision = resolve_precision("auto", d)
-        homes = gap_probes(_sample_mu(snap, size_rows), centroids, 1, precision, float("inf"))[:, 0]
+        size_mu = _sample_mu(snap, size_rows)
+        homes = gap_probes(size_mu, centroids, 1, precision, float("inf"))[:, 0]
         sizes = np.bincount(homes, minlength=nlist) * (n / size_rows.size)
         cal_rows = np.sort(rng.choice(n, size=min(n, CALIBRATION_ROWS), replace=False))
         kk = min(n, k_eff + 1)
@@ -541,15 +500,16 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
         nprobe, max_gap, recall, slope = calibrate_probes(
             faiss, mu_c, centroids, k_eff, min(1.0, target_recall + 0.01), rng, True, sizes=sizes,
             slopes=SIZE_SLOPES, neighbours=(rows_c, nbr_c))
-    penalty = size_penalty(sizes, slope) if slope else None
-    nprobe = int(min(max(nprobe, 1), nlist))
+        penalty = size_penalty(sizes, slope) if slope else None
+        nprobe = int(min(max(nprobe, 1), nlist))
+        owner, copies = _owners(faiss, ray, size_mu, centroids, nprobe, precision, max_gap, penalty, n * row_bytes)
     t2 = time.perf_counter()
-    owner = _balanced_owners(sizes, max(1, min(nlist, _task_count(ray, n * row_bytes * ROUTED_COPIES))))
     routed = _route(ray, snap, ranges, centroids, nprobe, max_gap, penalty, owner, False, verify)
     range_starts = np.array([int(snap.shard_offsets[lo]) for lo, _ in ranges], np.int64)
     lists_task = ray.remote(num_cpus=1, max_retries=0)(_knn_lists_task)
     candidates = [_as_list(lists_task.options(num_returns=len(ranges)).remote(
-        k_eff, range_starts, *[r[p] for r in routed]), len(ranges)) for p in range(int(owner.max()) + 1)]
+        k_eff, nlist, np.flatnonzero(owner == p), range_starts, *[r[p] for r in routed]), len(ranges))
+        for p in range(int(owner.max()) + 1)]
     results = _gather(ray, _finish(ray, snap, ranges, range_starts, candidates, k, k_eff))
     t3 = time.perf_counter()
     loads = _gather(ray, warm)
@@ -568,7 +528,7 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
                 len(ranges), t3 - t0, (t1 - t0))
     if stats is not None:
         stats.update(nlist=nlist, nprobe=nprobe, max_gap=max_gap, calibrated_recall=recall, ranges=len(ranges),
-                     owners=int(owner.max()) + 1, seconds={"sample": t1 - t0, "calibrate": t2 - t1,
+                     owners=int(owner.max()) + 1, copies_per_row=copies, seconds={"sample": t1 - t0, "calibrate": t2 - t1,
                                                            "search": t3 - t2, "worker_imports": max(loads)})
     # the run stamp `write_geometry` put in every sidecar (the version the tasks read): a stale sidecar is refused
     return {"shards": tuple(shards), "stats": summary,
@@ -603,7 +563,7 @@ def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall
     )
     from m2m.index.exact import drop_self
     from m2m.index.kmeans import default_nlist, train_centroids
-    from m2m.index.runtime import compute_threads
+    from m2m.index.runtime import compute_threads, resolve_precision
 
     ray = require_ray()
     base, verify = snap.manifest, snap.verify
@@ -627,18 +587,21 @@ def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall
         mu_c, rows_c, nbr_c = _compact(snap, cal_rows, nbr[:, :1])
         nprobe, recall = calibrate_pair_probes(faiss, mu_c, centroids, thr, target_recall, rng,
                                                nearest=(rows_c, scores[:, 0], nbr_c[:, 0]))
-    nprobe = int(min(max(nprobe, 2), nlist))
-    sizes = np.ones(nlist)  # no size estimate here: lists are dealt round-robin
-    owner = _balanced_owners(sizes, max(1, min(nlist, _task_count(ray, n * row_bytes * ROUTED_COPIES))))
+        nprobe = int(min(max(nprobe, 2), nlist))
+        plan_rows = np.sort(rng.choice(n, size=min(n, PLAN_SAMPLE_PER_LIST * nlist), replace=False))
+        owner, copies = _owners(faiss, ray, _sample_mu(snap, plan_rows), centroids, nprobe,
+                                resolve_precision("auto", base.dim), float("inf"), None, n * row_bytes)
     with_labels = base.label_type is not None
     routed = _route(ray, snap, ranges, centroids, nprobe, float("inf"), None, owner, with_labels, verify)
     task = ray.remote(num_cpus=1, max_retries=0)(_duplicates_task)
-    edges = _gather(ray, [task.remote(thr, *[r[p] for r in routed]) for p in range(int(owner.max()) + 1)])
+    edges = _gather(ray, [task.remote(thr, nlist, np.flatnonzero(owner == p), *[r[p] for r in routed])
+                          for p in range(int(owner.max()) + 1)])
     _gather(ray, warm)
     u = np.concatenate([e[0] for e in edges])
     v = np.concatenate([e[1] for e in edges])
     logger.info("ray duplicates of %d rows: nlist=%d nprobe=%d (calibrated pair recall %.3f), %d forest edges",
                 n, nlist, nprobe, recall, u.size)
     if stats is not None:
-        stats.update(nlist=nlist, nprobe=nprobe, calibrated_recall=recall)
+        stats.update(nlist=nlist, nprobe=nprobe, calibrated_recall=recall, owners=int(owner.max()) + 1,
+                     copies_per_row=copies)
     return connected_components(n, u, v)
