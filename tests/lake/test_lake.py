@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from m2m import (
+    ConfigError,
     DimensionMismatchError,
     LakeNotFoundError,
     M2MConfig,
@@ -109,6 +110,22 @@ def test_float16_storage(lake_path, rng):
         s = lake.splats()
         assert s["mu"].dtype == np.float32
         np.testing.assert_allclose(s["mu"], unit(x), atol=2e-3)
+
+
+def test_gather_fills_an_out_array_across_shards(lake_path, rng):
+    x = rng.standard_normal((6000, 16))
+    with create_m2m(M2MConfig(path=lake_path, latent_dim=16, storage_dtype="float16", shard_bytes=1 << 16)) as lake:
+        lake.add_splats(x)
+        snap = lake.snapshot
+        assert len(lake.manifest.shards) > 3
+        rows = np.array([5999, 0, 3150, 7, 7, 4201])
+        want = snap.gather("mu", rows)  # float16, as stored
+        out = np.full((rows.size + 2, 16), np.nan, np.float32)
+        assert snap.gather("mu", rows, out=out[1:-1]) is not None
+        np.testing.assert_array_equal(out[1:-1], want.astype(np.float32))  # cast into the out dtype
+        assert np.isnan(out[0]).all() and np.isnan(out[-1]).all()  # nothing written outside it
+        with pytest.raises(ConfigError, match="out has 5 rows for 6 positions"):
+            snap.gather("mu", rows, out=out[:5])
 
 
 def test_readers_pin_their_version(lake_path, rng):

@@ -271,7 +271,8 @@ class _ListSearch:
         open_rows = int(np.count_nonzero(t_v < -1.0))
         if not open_rows or block.shape[1] <= self.kh:
             return t_v
-        kth = self.torch.topk(block[:open_rows].float(), self.kh, dim=1).values[:, -1].numpy()
+        m = block.shape[1]
+        kth = np.partition(block[:open_rows].float().numpy(), m - self.kh, axis=1)[:, m - self.kh]
         t_v = t_v.copy()
         if o is None:
             t_v[:open_rows] = np.nextafter(kth, np.float32(-np.inf))

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from m2m._forksafe import ForkSafeLock
-from m2m.errors import CorruptShardError, UnknownColumnError, UnknownIdError
+from m2m.errors import ConfigError, CorruptShardError, UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
 from m2m.lake.idmap import IdRanges, ShardIds
 from m2m.lake.integrity import check_batch, check_file, check_footers, check_key
@@ -268,13 +268,16 @@ class Snapshot:
                 got = self._id_maps.setdefault(s, got)
         return got
 
-    def gather(self, name: str, positions: np.ndarray, stored: bool = False) -> np.ndarray:
+    def gather(self, name: str, positions: np.ndarray, stored: bool = False,
+               out: np.ndarray | None = None) -> np.ndarray:
         """Column ``name`` at global ``positions`` (vectorised per shard); ``stored``: metadata in its
-        stored dtype (`stored_column`), not as a stream reads it."""
+        stored dtype (`stored_column`), not as a stream reads it; ``out``: an array of
+        ``len(positions)`` rows to fill (values cast to its dtype), returned."""
         positions = np.asarray(positions, dtype=np.int64)
         shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
         order = np.argsort(shard_of, kind="stable")
-        out: np.ndarray | None = None
+        if out is not None and out.shape[:1] != positions.shape:
+            raise ConfigError(f"gather: out has {out.shape[0]} rows for {positions.size} positions")
         bounds = np.searchsorted(shard_of[order], np.arange(len(self.manifest.shards) + 1))
         for s in range(len(self.manifest.shards)):
             sel = order[bounds[s]:bounds[s + 1]]

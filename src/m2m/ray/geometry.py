@@ -57,6 +57,16 @@ CANCEL_WAIT_S = 30.0
 #: the rows (members and visitors) shuffled to one list-owner task. More data -> more tasks.
 TASK_BYTES = 256 << 20
 
+#: Bytes of the vectors routed to one list-owner task (about). Each task searches its lists with the
+#: local engine's search, whose work is the same however the lists are cut, but the rows homed in
+#: other tasks' lists start there with no candidates: more tasks, more such rows, more copies shipped.
+#: At 300k x 384 the list tasks took 8.4 / 10.4 / 12.5 s in all as 1 / 4 / 11 tasks (docs/ray.md).
+LIST_TASK_BYTES = 1 << 30
+
+#: Bytes of a finish task's own rows' vectors (about): it also holds those of their neighbours living in
+#: other ranges, and every range reads the shards those live in, so fewer, larger ranges read less.
+FINISH_BYTES = 1 << 30
+
 #: Sample rows per IVF list whose probes plan the list-owner tasks of the duplicate search (`_owners`).
 PLAN_SAMPLE_PER_LIST = 16
 
@@ -71,9 +81,9 @@ def _workers(ray: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _task_count(ray: Any, nbytes: float) -> int:
-    """Tasks for a stage over ``nbytes``: two per CPU of the cluster, more when a task would exceed TASK_BYTES."""
-    return max(2 * _workers(ray), int(np.ceil(nbytes / TASK_BYTES)))
+def _task_count(ray: Any, nbytes: float, task_bytes: int = TASK_BYTES) -> int:
+    """Tasks for a stage over ``nbytes``: two per CPU of the cluster, more when a task would exceed ``task_bytes``."""
+    return max(2 * _workers(ray), int(np.ceil(nbytes / task_bytes)))
 
 
 def shard_ranges(manifest: Manifest, parts: int) -> list[tuple[int, int]]:
@@ -121,7 +131,7 @@ def _owners(faiss: Any, ray: Any, sample_mu: np.ndarray, centroids: np.ndarray, 
             max_gap: float, penalty: np.ndarray | None, nbytes: float) -> tuple[np.ndarray, float]:
     """Owner task of every list (`m2m.ray.owners.group_lists`, from a row sample's probes by the rule the
     route tasks use) and the copies of each row the routing will ship, estimated on that sample. The
-    owner tasks are sized for the lake's vectors times those copies (``TASK_BYTES`` each at most)."""
+    owner tasks are sized for the lake's vectors times those copies (``LIST_TASK_BYTES`` each at most)."""
     from m2m.index.kmeans import probe_lists
     from m2m.ray.owners import group_lists, owners_per_row
 
@@ -130,7 +140,7 @@ def _owners(faiss: Any, ray: Any, sample_mu: np.ndarray, centroids: np.ndarray, 
     parts = max(1, min(nlist, 2 * _workers(ray)))
     owner = group_lists(probes, nlist, parts)
     copies = owners_per_row(probes, owner)
-    wanted = max(1, min(nlist, _task_count(ray, nbytes * copies)))
+    wanted = max(1, min(nlist, _task_count(ray, nbytes * copies, LIST_TASK_BYTES)))
     if wanted > parts:  # more data than 2 tasks per CPU hold: more, smaller tasks (each row a few more copies)
         owner = group_lists(probes, nlist, wanted)
         copies = owners_per_row(probes, owner)
@@ -283,15 +293,19 @@ def _kappa_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, 
         cos = np.concatenate([cos, np.zeros((n_rows, k - k_eff), np.float32)], axis=1)
     outside = np.unique(nbr[(nbr >= 0) & ((nbr < off) | (nbr >= off + n_rows))])
     # rows of the range first, then the neighbours living elsewhere: neighbour indices into that
-    mu_own = np.concatenate([snap.column(s, "mu") for s in shards]).astype(np.float32, copy=False)
-    mu_out = snap.gather("mu", outside).astype(np.float32, copy=False)
-    mu = np.concatenate([mu_own, mu_out])
+    mu = np.empty((n_rows + outside.size, manifest.dim), np.float32)  # one array, no concatenated copies
+    at = 0
+    for s in shards:
+        col = snap.column(s, "mu")
+        mu[at:at + col.shape[0]] = col
+        at += col.shape[0]
+    snap.gather("mu", outside, out=mu[n_rows:])
     inside = (nbr >= off) & (nbr < off + n_rows)
     local = np.where(inside, nbr - off, n_rows + np.searchsorted(outside, nbr))
     local = np.where(nbr >= 0, local, -1)
     with compute_threads(1):
         kappa_est = neighbourhood_kappa(mu, local, rows=n_rows).astype(np.float32)
-    del mu, mu_own, mu_out  # the vectors are done with: not held while the rest is read
+    del mu  # the vectors are done with: not held while the rest is read
     ids = np.concatenate([np.concatenate([snap.column(s, "id") for s in shards]), snap.gather("id", outside)])
     # the columns the local engine reads (`m2m.lake.neighbourhood.estimate`): kappa and alpha of the main
     # files (a sidecar's kappa is an earlier estimate), label codes as the stream reads them
@@ -505,12 +519,13 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
         owner, copies = _owners(faiss, ray, size_mu, centroids, nprobe, precision, max_gap, penalty, n * row_bytes)
     t2 = time.perf_counter()
     routed = _route(ray, snap, ranges, centroids, nprobe, max_gap, penalty, owner, False, verify)
-    range_starts = np.array([int(snap.shard_offsets[lo]) for lo, _ in ranges], np.int64)
+    finish = shard_ranges(base, max(_workers(ray), int(np.ceil(n * row_bytes / FINISH_BYTES))))
+    range_starts = np.array([int(snap.shard_offsets[lo]) for lo, _ in finish], np.int64)
     lists_task = ray.remote(num_cpus=1, max_retries=0)(_knn_lists_task)
-    candidates = [_as_list(lists_task.options(num_returns=len(ranges)).remote(
-        k_eff, nlist, np.flatnonzero(owner == p), range_starts, *[r[p] for r in routed]), len(ranges))
+    candidates = [_as_list(lists_task.options(num_returns=len(finish)).remote(
+        k_eff, nlist, np.flatnonzero(owner == p), range_starts, *[r[p] for r in routed]), len(finish))
         for p in range(int(owner.max()) + 1)]
-    results = _gather(ray, _finish(ray, snap, ranges, range_starts, candidates, k, k_eff))
+    results = _gather(ray, _finish(ray, snap, finish, range_starts, candidates, k, k_eff))
     t3 = time.perf_counter()
     loads = _gather(ray, warm)
     shards: list[ShardEntry] = []
@@ -527,7 +542,7 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
                 "%d tasks/stage; %.1f s (driver %.1f s)", n, nlist, nprobe, max_gap, k_eff, recall,
                 len(ranges), t3 - t0, (t1 - t0))
     if stats is not None:
-        stats.update(nlist=nlist, nprobe=nprobe, max_gap=max_gap, calibrated_recall=recall, ranges=len(ranges),
+        stats.update(nlist=nlist, nprobe=nprobe, max_gap=max_gap, calibrated_recall=recall, ranges=len(ranges), finish_ranges=len(finish),
                      owners=int(owner.max()) + 1, copies_per_row=copies, seconds={"sample": t1 - t0, "calibrate": t2 - t1,
                                                            "search": t3 - t2, "worker_imports": max(loads)})
     # the run stamp `write_geometry` put in every sidecar (the version the tasks read): a stale sidecar is refused
