@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 MODULES = ("ingest", "ingest_parquet", "stream", "stream_memmap", "first_epoch", "quickstart", "langevin", "knn",
-           "consolidate")
+           "consolidate", "ray_engine")
 
 
 def _fmt(v: Any) -> str:

@@ -10,7 +10,7 @@ import pytest
 from m2m_bench.suite import MODULES
 
 SMALL = {"ingest": 2_000, "ingest_parquet": 2_000, "stream": 3_000, "stream_memmap": 3_000, "first_epoch": 3_000,
-         "quickstart": 2_000, "langevin": 1_000, "knn": 3_000, "consolidate": 2_000}
+         "quickstart": 2_000, "langevin": 1_000, "knn": 3_000, "consolidate": 2_000, "ray_engine": 21_000}
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -24,5 +24,7 @@ def test_every_suite_module_runs_small(name, tmp_path):
         kw["rounds"] = 1
     res = mod.run(quick=True, **kw)
     assert mod.format_table(res)
+    if "skipped" in res:  # an optional extra (Ray) missing: the module says so instead of failing
+        pytest.skip(res["skipped"])
     rows = mod.headline(res)
     assert rows and all(r["measure"] and r["ours"] is not None for r in rows)

@@ -360,7 +360,7 @@ def kappa(lake_dir: str, quiet: bool, threads: int | None, storage_options: dict
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results on stdout.")
 @click.option("--only", default=None,
               help="Comma-separated subset: ingest,ingest_parquet,stream,stream_memmap,first_epoch,quickstart,"
-                   "langevin,knn,consolidate.")
+                   "langevin,knn,consolidate,ray_engine (skipped without Ray).")
 @user_errors
 def bench(quick: bool, as_json: bool, only: str | None) -> None:
     """Run the benchmark suite: ours | what a user would write | physical limit."""

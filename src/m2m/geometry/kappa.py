@@ -90,11 +90,11 @@ def neighbourhood_kappa(
     for start in range(0, q, chunk):
         stop = min(q, start + chunk)
         c = stop - start
-        rows = torch.arange(start, stop, device=dev)
+        at = torch.arange(start, stop, device=dev)
         idx = nb[start:stop]
-        valid = (idx >= 0) & (idx != rows.unsqueeze(1))
+        valid = (idx >= 0) & (idx != at.unsqueeze(1))
         # missing neighbours point at the row itself, so they add 0 to the centred sums below
-        idx = torch.where(valid, idx, rows.unsqueeze(1))
+        idx = torch.where(valid, idx, at.unsqueeze(1))
         nbr = torch.index_select(mu_t, 0, idx.reshape(-1), out=buf[: c * k]).view(c, k, d)
         own = mu_t[start:stop]
         if nbr.dtype != work:
