@@ -145,3 +145,34 @@ def test_a_block_shuffled_pass_loads_most_blocks_ahead_and_delivers_every_row():
     assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(N))
     # each block read once in the epoch (none loaded ahead and evicted unused), most of them ahead
     assert arena.loads == arena.num_blocks and arena.ahead_loads >= arena.num_blocks // 2
+
+
+class AdvisingReader(ColdReader):
+    """A reader that records the read-ahead advice it is given."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.advised: list[tuple[int, int]] = []
+
+    def willneed(self, lo, hi):
+        self.advised.append((lo, hi))
+        super().willneed(lo, hi)
+
+
+def test_a_whole_lake_fill_advises_the_whole_lake_once_and_fills_exactly():
+    # the background fill reads every block once: it asks the kernel to read the files ahead first
+    source = make_source(N, D, extra=False)
+    reader = AdvisingReader(source, ["mu"])
+    arena = arena_of(source, reader, slots=N // BR)
+    try:
+        assert arena.whole
+        arena.start_fill()
+        arena.start_fill()  # a second call starts nothing and advises nothing
+        assert arena.wait_filled(timeout=30)
+        assert reader.advised == [(0, N)]
+        out = {"embedding": torch.empty((N, D))}
+        rows = np.random.default_rng(0).permutation(N)
+        arena.gather(rows, out)
+        np.testing.assert_array_equal(out["embedding"].numpy(), source.column(0, "mu")[rows])
+    finally:
+        arena.close()
