@@ -80,6 +80,14 @@ def _demo_stream(res: dict[str, Any]) -> list[Row]:
              "limit": s["plain_rows_per_s"], "limit_name": "plain stream"}]
 
 
+def _ray(res: dict[str, Any]) -> list[Row]:
+    r, n = res["results"], res["rows"]
+    return [{"measure": f"estimate_kappa engine='ray', {n:,} × {res['dim']}, 2 fresh local workers (rows/s; "
+                        "goal >= 0.67× local)",
+             "ours": n / r["ray (fresh workers)"]["seconds"], "baseline": n / r["local"]["seconds"],
+             "baseline_name": "local engine", "limit": None}]
+
+
 SOURCES = (
     Source("first-epoch-2026-12-06.json", "12-06, quiet",
            _first_epoch("first_hot", "first_cold", "steady", "f16", "f16_stored", "ooc", "ooc_cold")),
@@ -88,6 +96,7 @@ SOURCES = (
     Source("ingest-parquet-2026-12-02.json", "12-02, loaded", _parquet),
     Source("augment-2026-12-06.json", "12-06, quiet", _demo_stream),
     Source("bench-suite-quick-2026-12-06.json", "12-06, quiet, `m2m bench --quick`", _quick_start),
+    Source("ray-kappa-2026-12-06-1m.json", "12-06, quiet", _ray),
 )
 
 
