@@ -148,7 +148,7 @@ def test_a_block_shuffled_pass_loads_most_blocks_ahead_and_delivers_every_row():
 
 
 class AdvisingReader(ColdReader):
-    """A reader that records the read-ahead advice it is given."""
+    """A reader that records the read-ahead advice it gives (a local source: all of it)."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)

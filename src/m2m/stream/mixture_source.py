@@ -175,6 +175,10 @@ class MixedReader:
             base = int(self.bases[j])
             self.readers[j].willneed(a - base, b - base)
 
+    def advise_all(self) -> None:
+        for r in self.readers:
+            r.advise_all()
+
     def advise_blocks(self, blocks: np.ndarray, block_rows: int) -> None:
         for b in blocks.tolist():
             if (b, block_rows) in self._advised:

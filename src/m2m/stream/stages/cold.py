@@ -415,6 +415,12 @@ class ColdReader:
                 if arr.strides[0] > 0:
                     madvise(arr.ctypes.data + a * arr.strides[0], (b - a) * arr.strides[0], MADV_WILLNEED)
 
+    def advise_all(self) -> None:
+        """Read ahead every row (a whole-lake fill is about to read them all): local files only; a
+        remote lake's shards are downloaded on demand into the node cache instead."""
+        if not self.remote:
+            self.willneed(0, self.num_rows)
+
     def advise_blocks(self, blocks: np.ndarray, block_rows: int) -> None:
         """Read ahead the ``block_rows``-row blocks ``blocks`` not advised since they were last read."""
         for b in blocks.tolist():

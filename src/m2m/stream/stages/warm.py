@@ -220,10 +220,9 @@ class WarmArena:
         if not self.whole:
             raise StreamError(f"start_fill needs an arena holding all {self.num_blocks} blocks, it has {self.slots}")
         if self._filler is None and not self._filled.is_set():
-            if not self.reader.remote:
-                # every block is about to be read once: let the kernel read the files ahead, so that
-                # evicted files arrive while the threads copy and check (docs/stream.md, measured)
-                self.reader.willneed(0, self.reader.num_rows)
+            # every block is about to be read once: let the kernel read the files ahead, so that
+            # evicted files arrive while the threads copy and check (docs/stream.md, measured)
+            self.reader.advise_all()
             self._filler = threading.Thread(target=self._fill, name="m2m-warm-fill", daemon=True)
             self._filler.start()
 
