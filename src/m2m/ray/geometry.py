@@ -7,14 +7,16 @@ that never need the whole lake in one process:
    probe rule calibrated on a sample whose exact neighbours are found by one Ray task per shard range
    (`m2m.index.calibration.calibrate_probes` / `m2m.consolidation.groups.calibrate_pair_probes`, given those
    neighbours).
-2. Route (one task per shard range, reading its shards from the lake): every row goes to its home list
-   and to the lists it probes (`build_partition`'s rule: `gap_probes` / `top_centroids`); rows are
-   shuffled to list-owner tasks through Ray's object store.
-3. Lists (one task per group of lists): exact float32 scores of every list against itself and its
-   visitors, used both ways (a visitor i gets member j, member j gets visitor i), as the local
-   search does. kNN: per-row top-k candidates, shuffled back to shard ranges; duplicates: the
+2. Plan (driver): the lists are grouped into list-owner tasks by how often a row sample probes them
+   together (`m2m.ray.owners.group_lists`, balanced by each list's scoring cost). Route (one task per
+   shard range, reading its shards from the lake): every row is shipped once to each owner task
+   holding its home list or a list it probes (`build_partition`'s rule: `gap_probes` /
+   `top_centroids`), with those probes, through Ray's object store.
+3. Lists (one task per owner): kNN: the local engine's list search (`m2m.index.knn.list_search`) over
+   the lists the task owns, rows homed elsewhere taking part as visitors (each pair reaches each row
+   once across all tasks), per-row top-k candidates shuffled back to finish ranges; duplicates: the
    edges cos >= threshold with equal labels, reduced to a spanning forest per task.
-4. kNN: one task per shard range merges each row's candidates (unique neighbours, best k) and
+4. kNN: one task per finish range (``FINISH_BYTES``) merges each row's candidates (one heap) and
    estimates kappa (`m2m.geometry.kappa.neighbourhood_kappa`); then one task per range hands every
    other range the kappa, alpha and label of that range's neighbours it holds, and one task per range
    writes the range's geometry sidecars with those neighbour terms, the columns the local engine writes
