@@ -129,3 +129,17 @@ def test_partition_of_records_only_the_visitors_of_the_lists_asked():
     np.testing.assert_array_equal(np.sort(some.visitors(1)), [0, 2])
     assert every.visitors(0).tolist() == [1] and some.visitors(0).size == 0
     assert every.visitors(2).tolist() == [1] and some.visitors(2).size == 0
+
+
+def test_co_probe_counts_do_not_depend_on_the_chunking(setup, monkeypatch):
+    from m2m.ray import owners
+
+    _, probes, nlist = setup
+    whole = owners._co_probes(probes, nlist)
+    monkeypatch.setattr(owners, "PAIR_CHUNK_ROWS", 97)
+    chunked = owners._co_probes(probes, nlist)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)
+    # a pair probed by one row, counted both ways
+    indptr, dst, count = owners._co_probes(np.array([[0, 2, -1], [1, -1, -1]]), 3)
+    assert indptr.tolist() == [0, 1, 1, 2] and dst.tolist() == [2, 0] and count.tolist() == [1.0, 1.0]

@@ -23,16 +23,28 @@ def _costs(probes: np.ndarray, nlist: int) -> np.ndarray:
     return members * (members + visitors) + 1.0  # + 1: an empty list still costs its task a little
 
 
+#: Sample rows whose probe pairs are counted at once (bounds the [rows x width^2] pair temporaries).
+PAIR_CHUNK_ROWS = 16_384
+
+
 def _co_probes(probes: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR (indptr, neighbour list, count) of how many sample rows probe each pair of lists together."""
     w = probes.shape[1]
-    a = np.repeat(probes, w, axis=1).ravel()
-    b = np.tile(probes, (1, w)).ravel()
-    ok = (a >= 0) & (b >= 0) & (a != b)
-    keys, counts = np.unique(a[ok].astype(np.int64) * nlist + b[ok], return_counts=True)
-    src, dst = np.divmod(keys, nlist)
+    keys: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    for start in range(0, probes.shape[0], PAIR_CHUNK_ROWS):  # memory: distinct pairs, not all pairs
+        p = probes[start:start + PAIR_CHUNK_ROWS]
+        a = np.repeat(p, w, axis=1).ravel()
+        b = np.tile(p, (1, w)).ravel()
+        ok = (a >= 0) & (b >= 0) & (a != b)
+        k, c = np.unique(a[ok] * nlist + b[ok], return_counts=True)
+        keys.append(k)
+        counts.append(c)
+    key, inv = np.unique(np.concatenate(keys) if keys else np.zeros(0, np.int64), return_inverse=True)
+    count = np.bincount(inv, weights=np.concatenate(counts) if counts else None, minlength=key.size)
+    src, dst = np.divmod(key, nlist)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=nlist))])
-    return indptr, dst, counts.astype(np.float64)
+    return indptr, dst, count.astype(np.float64)
 
 
 def group_lists(probes: np.ndarray, nlist: int, parts: int) -> np.ndarray:
