@@ -66,8 +66,9 @@ def neighbourhood_kappa(
     n, d = mu_t.shape
     nb = torch.as_tensor(neighbors) if not isinstance(neighbors, Tensor) else neighbors
     q = n if rows is None else rows
-    if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= n:
+    if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 0 <= q <= n:
         raise ConfigError(f"rows must be an int in [0, {n}], got {rows!r}")
+    q = int(q)
     if nb.dim() != 2 or nb.shape[0] != q:
         raise ConfigError(f"neighbors must be [{'N' if rows is None else 'rows'}={q}, k], got shape {tuple(nb.shape)}")
     if nb.dtype not in (torch.int64, torch.int32):

@@ -65,9 +65,10 @@ TASK_BYTES = 256 << 20
 #: At 300k x 384 the list tasks took 8.4 / 10.4 / 12.5 s in all as 1 / 4 / 11 tasks (docs/ray.md).
 LIST_TASK_BYTES = 1 << 30
 
-#: Bytes of a finish task's own rows' vectors (about): it also holds those of their neighbours living in
-#: other ranges, and every range reads the shards those live in, so fewer, larger ranges read less.
-FINISH_BYTES = 1 << 30
+#: Bytes of a finish task's vectors (about): its own rows' and their neighbours' living in other ranges,
+#: at most min(other rows, k x own rows) of those. Every range reads the shards its outside neighbours
+#: live in, so fewer, larger ranges read less (`_finish_ranges`).
+FINISH_BYTES = 2 << 30
 
 #: Sample rows per IVF list whose probes plan the list-owner tasks of the duplicate search (`_owners`).
 PLAN_SAMPLE_PER_LIST = 16
@@ -86,6 +87,18 @@ def _workers(ray: Any) -> int:
 def _task_count(ray: Any, nbytes: float, task_bytes: int = TASK_BYTES) -> int:
     """Tasks for a stage over ``nbytes``: two per CPU of the cluster, more when a task would exceed ``task_bytes``."""
     return max(2 * _workers(ray), int(np.ceil(nbytes / task_bytes)))
+
+
+def _finish_ranges(n: int, k: int, row_bytes: float, workers: int) -> int:
+    """Finish ranges: at least one per worker, and as few as keep a task's vectors (its rows plus at most
+    min(other rows, k x its rows) outside neighbours) within ``FINISH_BYTES``."""
+    r = max(1, workers)
+    while r < n:
+        own = n / r
+        if (own + min(n - own, k * own)) * row_bytes <= FINISH_BYTES:
+            break
+        r = max(r + 1, int(r * 1.25))
+    return min(r, max(1, n))
 
 
 def shard_ranges(manifest: Manifest, parts: int) -> list[tuple[int, int]]:
@@ -521,7 +534,7 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
         owner, copies = _owners(faiss, ray, size_mu, centroids, nprobe, precision, max_gap, penalty, n * row_bytes)
     t2 = time.perf_counter()
     routed = _route(ray, snap, ranges, centroids, nprobe, max_gap, penalty, owner, False, verify)
-    finish = shard_ranges(base, max(_workers(ray), int(np.ceil(n * row_bytes / FINISH_BYTES))))
+    finish = shard_ranges(base, _finish_ranges(n, k_eff, row_bytes, _workers(ray)))
     range_starts = np.array([int(snap.shard_offsets[lo]) for lo, _ in finish], np.int64)
     lists_task = ray.remote(num_cpus=1, max_retries=0)(_knn_lists_task)
     candidates = [_as_list(lists_task.options(num_returns=len(finish)).remote(

@@ -23,8 +23,8 @@ def _costs(probes: np.ndarray, nlist: int) -> np.ndarray:
     return members * (members + visitors) + 1.0  # + 1: an empty list still costs its task a little
 
 
-#: Sample rows whose probe pairs are counted at once (bounds the [rows x width^2] pair temporaries).
-PAIR_CHUNK_ROWS = 16_384
+#: Probe pairs counted at once (a chunk of sample rows holds rows x width^2 of them).
+PAIR_CHUNK = 1 << 22
 
 
 def _co_probes(probes: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -32,8 +32,9 @@ def _co_probes(probes: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray, 
     w = probes.shape[1]
     keys: list[np.ndarray] = []
     counts: list[np.ndarray] = []
-    for start in range(0, probes.shape[0], PAIR_CHUNK_ROWS):  # memory: distinct pairs, not all pairs
-        p = probes[start:start + PAIR_CHUNK_ROWS]
+    step = max(1, PAIR_CHUNK // max(1, w * w))
+    for start in range(0, probes.shape[0], step):  # memory: the distinct pairs, not every pair at once
+        p = probes[start:start + step]
         a = np.repeat(p, w, axis=1).ravel()
         b = np.tile(p, (1, w)).ravel()
         ok = (a >= 0) & (b >= 0) & (a != b)

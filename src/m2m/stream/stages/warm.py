@@ -12,6 +12,7 @@ by the current request are evicted.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from typing import Sequence
@@ -220,13 +221,15 @@ class WarmArena:
         if not self.whole:
             raise StreamError(f"start_fill needs an arena holding all {self.num_blocks} blocks, it has {self.slots}")
         if self._filler is None and not self._filled.is_set():
-            # every block is about to be read once: let the kernel read the files ahead, so that
-            # evicted files arrive while the threads copy and check (docs/stream.md, measured)
-            self.reader.advise_all()
             self._filler = threading.Thread(target=self._fill, name="m2m-warm-fill", daemon=True)
             self._filler.start()
 
     def _fill(self) -> None:
+        # every block is about to be read once: let the kernel read the files ahead, so that evicted files
+        # arrive while the threads copy and check (docs/stream.md, measured); on this thread, as queuing
+        # the read-ahead of a large lake can take a while. A hint: the reads raise what it would meet.
+        with contextlib.suppress(Exception):
+            self.reader.advise_all()
         try:
             while not self._stop.is_set():
                 block = self._next_claim()
