@@ -16,7 +16,7 @@ from m2m.index.kmeans import partition_of, probe_lists, train_centroids
 from m2m.index.knn import list_search
 from m2m.index.runtime import compute_threads
 from m2m.ray.geometry import _best_k, _knn_lists_task
-from m2m.ray.owners import group_lists, owners_per_row
+from m2m.ray.owners import group_lists, owners_per_row, probe_owners
 
 K = 8
 
@@ -30,7 +30,7 @@ def _clustered(n: int, d: int, seed: int) -> np.ndarray:
 
 def _routed_parts(x: np.ndarray, probes: np.ndarray, owner: np.ndarray, ranges: list[tuple[int, int]]):
     """What the route tasks hand each owner: per range, its rows with a list the owner holds."""
-    who = np.where(probes >= 0, owner[np.maximum(probes, 0)], -1)
+    who = probe_owners(probes, owner)
     parts = []
     for p in range(int(owner.max()) + 1):
         per_range = []
@@ -71,17 +71,22 @@ def test_routed_tasks_find_what_the_local_list_search_finds(setup, parts):
         np.testing.assert_allclose(np.sort(got_s, axis=1), np.sort(want_s[lo:hi], axis=1), rtol=0, atol=1e-6)
 
 
-def _reachable_top_k(x: np.ndarray, probes: np.ndarray, k: int) -> np.ndarray:
-    """Brute force: each row's k best rows among those the IVF rule can reach (same home list, or one
-    of the two rows probes the other's home list)."""
+def _reachable(probes: np.ndarray) -> np.ndarray:
+    """``bool [N, N]``: the pairs of other rows the IVF rule can reach (same home list, or one of the
+    two rows probes the other's home list)."""
     home = probes[:, 0]
-    visits = np.zeros((len(x), int(probes.max()) + 1), bool)
+    visits = np.zeros((len(probes), int(probes.max()) + 1), bool)
     for c in range(1, probes.shape[1]):
         ok = probes[:, c] >= 0
         visits[np.flatnonzero(ok), probes[ok, c]] = True
     reach = (home[:, None] == home[None, :]) | visits[:, home] | visits[:, home].T
     np.fill_diagonal(reach, False)
-    s = np.where(reach, x @ x.T, -np.inf)
+    return reach
+
+
+def _reachable_top_k(x: np.ndarray, probes: np.ndarray, k: int) -> np.ndarray:
+    """Brute force: each row's k best rows among those the IVF rule can reach."""
+    s = np.where(_reachable(probes), x @ x.T, -np.inf)
     return np.argsort(-s, axis=1, kind="stable")[:, :k]
 
 
@@ -200,12 +205,7 @@ def test_routed_duplicate_search_finds_the_reachable_groups(with_labels):
     with compute_threads(1) as faiss:
         centroids = train_centroids(x, nlist, niter=5, seed=0, max_points_per_centroid=40)
         probes = probe_lists(faiss, x, centroids, 3)
-    home = probes[:, 0]
-    visits = np.zeros((n, nlist), bool)
-    for c in range(1, probes.shape[1]):
-        visits[np.arange(n), probes[:, c]] = True
-    edge = ((home[:, None] == home[None, :]) | visits[:, home] | visits[:, home].T) & (x @ x.T >= thr)
-    np.fill_diagonal(edge, False)
+    edge = _reachable(probes) & (x @ x.T >= thr)
     if labels is not None:
         edge &= labels[:, None] == labels[None, :]
     want = connected_components(n, *np.nonzero(edge))

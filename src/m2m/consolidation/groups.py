@@ -248,7 +248,7 @@ def _groups_ivf(
     nprobe: int | None,
     target_recall: float,
 ) -> np.ndarray:
-    from m2m.index.kmeans import build_partition, default_nlist, train_centroids
+    from m2m.index.kmeans import default_nlist, partition_of, probe_lists, train_centroids
     from m2m.index.knn import QUERY_CHUNK
     from m2m.index.runtime import resolve_precision
 
@@ -260,7 +260,8 @@ def _groups_ivf(
         nprobe, recall = calibrate_pair_probes(faiss, mu, centroids, thr, target_recall, rng)
         nprobe = max(nprobe, 2)
         log.info("duplicates: %d rows, nlist=%d, nprobe=%d (calibrated pair recall %.3f)", n, nlist, nprobe, recall)
-    part = build_partition(faiss, mu, centroids, min(nprobe, nlist), resolve_precision("auto", mu.shape[1]))
+    part = partition_of(probe_lists(faiss, mu, centroids, min(nprobe, nlist), resolve_precision("auto", mu.shape[1])),
+                        centroids.shape[0])
     forest = _Forest(n)
     total = n + part.visit_rows.size
     done = credited = 0

@@ -15,8 +15,8 @@ from m2m.index.rows import check_unit_rows, rows_f32, writable_tensor
 from m2m.index.runtime import compute_threads, resolve_precision
 
 __all__ = [
-    "Partition", "build_partition", "default_nlist", "gap_probes", "spherical_kmeans", "top_centroids",
-    "train_centroids",
+    "Partition", "default_nlist", "gap_probes", "partition_of", "probe_lists", "spherical_kmeans",
+    "top_centroids", "train_centroids",
 ]
 
 
@@ -243,26 +243,6 @@ def gap_probes(
     return out
 
 
-def build_partition(
-    faiss: Any,
-    mu: np.ndarray,
-    centroids: np.ndarray,
-    nprobe: int,
-    precision: str = "float32",
-    max_gap: float = float("inf"),
-    penalty: np.ndarray | None = None,
-) -> Partition:
-    """Bucket the rows of ``mu`` by home list and by the other lists they probe.
-
-    A row probes its ``nprobe`` nearest lists, except those whose centroid score is more than
-    ``max_gap`` below its home centroid's (adaptive probing: rows deep inside their list probe
-    few others, rows near borders more). A finite ``max_gap`` (below 2, the widest score range of
-    unit vectors) uses ``gap_probes`` (with ``penalty``: per-list score penalties, see there);
-    otherwise ``top_centroids``.
-    """
-    return partition_of(probe_lists(faiss, mu, centroids, nprobe, precision, max_gap, penalty), centroids.shape[0])
-
-
 def probe_lists(
     faiss: Any,
     mu: np.ndarray,
@@ -272,7 +252,14 @@ def probe_lists(
     max_gap: float = float("inf"),
     penalty: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``int64 [N, <= nprobe]``: each row's home list, then the other lists it probes (``build_partition``'s rule)."""
+    """``int64 [N, <= nprobe]``: each row's home list (nearest centroid), then the other lists it probes.
+
+    A row probes its ``nprobe`` nearest lists, except those whose centroid score is more than
+    ``max_gap`` below its home centroid's (adaptive probing: rows deep inside their list probe
+    few others, rows near borders more). A finite ``max_gap`` (below 2, the widest score range of
+    unit vectors) uses ``gap_probes`` (with ``penalty``: per-list score penalties, see there);
+    otherwise ``top_centroids``. ``partition_of`` buckets the rows by these lists.
+    """
     if max_gap < 2.0 or penalty is not None:
         return gap_probes(mu, centroids, nprobe, precision, max_gap, penalty)
     return top_centroids(faiss, mu, centroids, nprobe, precision)

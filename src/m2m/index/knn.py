@@ -409,9 +409,10 @@ def _knn_ivf(
     probe_budget: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     from m2m.index.kmeans import (
-        build_partition,
         default_nlist,
         gap_probes,
+        partition_of,
+        probe_lists,
         train_centroids,
     )
 
@@ -436,7 +437,7 @@ def _knn_ivf(
                  n, nlist, nprobe, max_gap, slope, k, recall)
     nprobe = int(min(max(nprobe, 1), nlist))
     t2 = time.perf_counter()
-    part = build_partition(faiss, mu, centroids, nprobe, rank_precision, max_gap, penalty)
+    part = partition_of(probe_lists(faiss, mu, centroids, nprobe, rank_precision, max_gap, penalty), centroids.shape[0])
     t3 = time.perf_counter()
 
     total_work = n + part.visit_rows.size

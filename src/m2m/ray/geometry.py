@@ -10,7 +10,7 @@ that never need the whole lake in one process:
 2. Plan (driver): the lists are grouped into list-owner tasks by how often a row sample probes them
    together (`m2m.ray.owners.group_lists`, balanced by each list's scoring cost). Route (one task per
    shard range, reading its shards from the lake): every row is shipped once to each owner task
-   holding its home list or a list it probes (`build_partition`'s rule: `gap_probes` /
+   holding its home list or a list it probes (`m2m.index.kmeans.probe_lists`: `gap_probes` /
    `top_centroids`), with those probes, through Ray's object store.
 3. Lists (one task per owner): kNN: the local engine's list search (`m2m.index.knn.list_search`) over
    the lists the task owns, rows homed elsewhere taking part as visitors (each pair reaches each row
@@ -205,9 +205,10 @@ def _route_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, 
                 nprobe: int, max_gap: float, penalty: np.ndarray | None, owner: np.ndarray,
                 with_labels: bool) -> Any:
     """Rows of shards ``[lo, hi)`` for each owner task: those whose home list or a probed list it owns,
-    each once, with their probes (``build_partition``'s rule)."""
+    each once, with their probes (`m2m.index.kmeans.probe_lists`, the local engine's rule)."""
     from m2m.index.kmeans import probe_lists
     from m2m.index.runtime import compute_threads, resolve_precision
+    from m2m.ray.owners import probe_owners
 
     snap = Snapshot(fs, manifest, verify=verify)
     mu = _range_mu(snap, lo, hi)
@@ -218,7 +219,7 @@ def _route_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, 
         probes = probe_lists(faiss, mu, centroids, nprobe, precision, max_gap, penalty)
     labels = np.concatenate([snap.column(s, "label") for s in range(lo, hi)]) if with_labels else None
     parts = int(owner.max()) + 1 if owner.size else 1
-    who = np.where(probes >= 0, owner[np.maximum(probes, 0)], -1)
+    who = probe_owners(probes, owner)
     probes = probes.astype(np.int32 if centroids.shape[0] < 2**31 else np.int64)
     outs = []
     for p in range(parts):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["group_lists", "owners_per_row"]
+__all__ = ["group_lists", "owners_per_row", "probe_owners"]
 
 
 def _costs(probes: np.ndarray, nlist: int) -> np.ndarray:
@@ -90,9 +90,14 @@ def group_lists(probes: np.ndarray, nlist: int, parts: int) -> np.ndarray:
     return owner
 
 
+def probe_owners(probes: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """The owner task of each of ``probes``' lists (``-1`` where ``probes`` pads): a row goes to each."""
+    return np.where(probes >= 0, owner[np.maximum(probes, 0)], -1)
+
+
 def owners_per_row(probes: np.ndarray, owner: np.ndarray) -> float:
     """Mean number of distinct owner tasks a row is shipped to (the shuffle's copies of each row)."""
-    own = np.where(probes >= 0, owner[np.maximum(probes, 0)], -1)
+    own = probe_owners(probes, owner)
     own.sort(axis=1)
     distinct = (own[:, :1] >= 0).astype(np.int64).ravel() + ((own[:, 1:] != own[:, :-1]) & (own[:, 1:] >= 0)).sum(1)
     return float(distinct.mean()) if distinct.size else 0.0
