@@ -117,6 +117,8 @@ class VMFDraws:
 class VMFAugmenter:
     """Replace each row by one exact draw from its splat's vMF(mu_i, kappa_i) (Wood 1994)."""
 
+    in_workers = True  # a CPU stream's DataLoader workers may apply it (`m2m.stream.hooks.Augment`)
+
     def __init__(self, kappa: np.ndarray) -> None:
         k = np.asarray(kappa)
         self._kappa = torch.from_numpy(_check_table("kappa", k, k.shape[0] if k.ndim == 1 else -1, False))
@@ -357,6 +359,8 @@ class LangevinAugmenter:
         neighbor_cos: optional [N, k] cosines mu_i . mu_neighbour (a kNN search returns them); when
             omitted they are computed once, on first use, through the stream's ``gather``.
     """
+
+    in_workers = True  # a CPU stream's DataLoader workers may apply it (`m2m.stream.hooks.Augment`)
 
     def __init__(self, neighbors: np.ndarray, kappa: np.ndarray, alpha: np.ndarray,
                  labels: np.ndarray | None = None, steps: int = 5, step_size: float = DEFAULT_STEP_SIZE,
@@ -842,6 +846,8 @@ class MixtureAugmenter:
         labels: [N] or None; neighbours with another label are left out.
         temperature: > 0, see above.
     """
+
+    in_workers = True  # a CPU stream's DataLoader workers may apply it (`m2m.stream.hooks.Augment`)
 
     def __init__(self, neighbors: np.ndarray, kappa: np.ndarray, alpha: np.ndarray,
                  labels: np.ndarray | None = None, temperature: float = 1.0) -> None:

@@ -6,6 +6,7 @@ Its stage chains are assembled by `m2m.stream.pipeline` (roles WORKER and INLINE
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from concurrent.futures import CancelledError, Executor, Future
@@ -57,6 +58,7 @@ class StreamDataset(Dataset[Any]):
         # iteration's (epoch, start, rank, world_size) into this shared-memory tensor instead
         self.control: torch.Tensor | None = None
         self._worker_side = False  # True only in the copy the loader's own workers receive
+        self._worker_res: pl.Resources | None = None  # a persistent worker's, kept across its passes
         self._cache: dict[tuple[int, int, int], RankEpoch] = {}
         self._ahead: dict[tuple[int, int, int], "Future[RankEpoch]"] = {}  # at most one epoch planned ahead (`plan_ahead`)
         self._pid = os.getpid()
@@ -178,24 +180,38 @@ class StreamDataset(Dataset[Any]):
             e, st, r, w = (int(v) for v in self.control.tolist())
             epoch, start, rank_world = e, st, World(r, w)
         world = detect_worker(rank_world)
-        res = pl.worker_resources(self.source, self.spec, world)
+        # a persistent worker keeps its readers and warm arena across passes, as the consumer does: a new
+        # arena per pass re-read and re-checked the worker's whole share of the lake every epoch
+        persistent = self.control is not None
+        res = self._worker_res if persistent else None
+        if res is None:
+            d = self.delivery
+            res = pl.worker_resources(self.source, self.spec, world,
+                                      d.augment if d is not None and pl.augments_in_workers(d) else None)
+            if persistent:
+                self._worker_res = res
+                pl.close_at_exit(res)
         stage = pl.build(pl.WORKER, self.source, self.spec, res, self.rank_epoch(epoch, rank_world),
                          epoch, start, world)
         assert stage is not None
         try:
             for work in stage:
                 yield {"epoch": work.epoch, "first": work.first, "end": work.end, "rows": work.rows,
-                       "weights": work.weights, "tensors": work.tensors, "stats": work.stats}
+                       "weights": work.weights, "tensors": work.tensors, "stats": work.stats,
+                       "augmented": work.augmented}
         finally:
             stage.shutdown()
-            res.close()  # a warm arena still filling stops before the worker may exit
+            if not persistent:
+                res.close()  # a warm arena still filling stops before the worker may exit
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = {}  # recomputed on demand (pure function of the spec)
         state["_ahead"], state["_lock"], state["_pid"] = {}, None, -1  # rebuilt by `_guard` in the copy
-        if self._worker_side:  # workers gather host columns only: the augmentation stays with the consumer
-            state["delivery"] = None
+        state["_worker_res"] = None
+        if self._worker_side:  # workers gather host columns, and augment them when `augments_in_workers`
+            d = self.delivery
+            state["delivery"] = dataclasses.replace(d, collate_fn=None) if pl.augments_in_workers(d) else None
         return state
 
 
@@ -207,4 +223,5 @@ def work_from_item(item: dict[str, Any]) -> Work:
     if isinstance(weights, torch.Tensor):
         weights = weights.numpy()
     return Work(int(item["epoch"]), int(item["first"]), int(item["end"]), rows, weights,
-                tensors=dict(item["tensors"]), stats={k: float(v) for k, v in item["stats"].items()})
+                tensors=dict(item["tensors"]), stats={k: float(v) for k, v in item["stats"].items()},
+                augmented=bool(item.get("augmented", False)))

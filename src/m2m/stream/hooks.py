@@ -14,7 +14,7 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 @runtime_checkable
 class Augment(Protocol):
-    """Called once per batch in the consuming process, after the batch reached its device.
+    """Called once per batch, after the batch reached its device (in the consuming process, or see ``in_workers``).
 
     ``x``: float32 ``[B, d]`` embeddings; ``rows``: int64 ``[B]`` their global row positions;
     ``gather``: reads any rows of ``mu`` (e.g. neighbours) from the fastest tier; ``generator``:
@@ -27,6 +27,11 @@ class Augment(Protocol):
     a prefetch thread the stream calls it there, one batch ahead, and then
     ``__call__(..., prepared=draws)`` in the consumer, which must return what ``__call__`` without
     ``prepared`` returns.
+
+    An augmentation whose class sets ``in_workers = True`` (m2m's augmenters do) is applied in the
+    DataLoader workers of a CPU stream with ``num_workers > 0`` rather than in the consumer (the same
+    batches, made in parallel): it must then be picklable (spawned workers) and keep no state the
+    consumer reads. Without it the consumer augments every batch, as on a GPU.
     """
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, gather: Gather,

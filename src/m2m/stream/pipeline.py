@@ -3,11 +3,12 @@
 - ``INLINE`` (the consuming process, ``num_workers=0``): ``BatchStage -> WarmStage|ColdStage ->
   HotStage [-> PrepareAugment] -> Prefetcher`` (or ``BatchStage -> ResidentStage -> Prefetcher`` when the
   lake is resident on the GPU; no Prefetcher with ``prefetch=0``).
-- ``WORKER`` (a DataLoader worker): ``BatchStage -> WarmStage|ColdStage -> HotStage("cpu")`` (or
-  ``BatchStage -> RowsStage`` when the consumer gathers on the GPU); each worker's warm arena gets
+- ``WORKER`` (a DataLoader worker): ``BatchStage -> WarmStage|ColdStage -> HotStage("cpu")
+  [-> PrepareAugment] [-> AugmentStage]`` (the augmentation of a CPU stream, `augments_in_workers`), or
+  ``BatchStage -> RowsStage`` when the consumer gathers on the GPU; each worker's warm arena gets
   ``warm_bytes / num_workers``.
 - ``CONSUMER`` (the consuming process, with workers): what it does to a worker's item (gather on the
-  device, or copy it there).
+  device, or copy it there); it augments only items the workers did not.
 
 Whatever the role, `run_pass` then cuts items into batches, applies the augmentation (its generator
 is seeded from (seed, epoch, rank, batch index), so a resumed pass draws the same samples), pins,
@@ -27,19 +28,19 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from m2m.errors import StreamError
 from m2m.stream import columns as cols
 from m2m.stream import shuffle
-from m2m.stream.hooks import Augment, PreparedAugment, batch_generator
+from m2m.stream.hooks import Augment, PreparedAugment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.order import RankEpoch
 from m2m.stream.source import CompositeSource, RowSource
 from m2m.stream.spec import ARENA, COLD, StreamSpec, host_tier_for, lookahead_rows
+from m2m.stream.stages.augment import AugmentStage, augmented
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.batches import BatchStage, RowsStage
 from m2m.stream.stages.cold import ColdReader, ColdStage
 from m2m.stream.stages.draw_ahead import PrepareAugment
-from m2m.stream.stages.hot import RESIDENT, STAGED, HostBuffers, HotStage, OutputPool, ResidentStage, ResidentTier
+from m2m.stream.stages.hot import CPU, RESIDENT, STAGED, HostBuffers, HotStage, OutputPool, ResidentStage, ResidentTier
 from m2m.stream.stages.hot import finish as finish_work
 from m2m.stream.stages.prefetch import Prefetcher
 from m2m.stream.stages.warm import WarmArena, WarmStage
@@ -154,9 +155,18 @@ class Resources:
             reader.close()
 
 
-def worker_resources(source: RowSource, spec: StreamSpec, world: World) -> Resources:
-    """A DataLoader worker's readers and arena (``warm_bytes / num_workers``), closed when its pass ends."""
-    host = Delivery(device=torch.device("cpu"), hot_mode="cpu", augment=None, return_tensor=False, prefetch=0,
+def augments_in_workers(d: Delivery) -> bool:
+    """Whether DataLoader workers augment the batches (`AugmentStage`) instead of the consumer: CPU
+    streams with workers whose augmentation declares ``in_workers = True`` (m2m's augmenters do; see
+    `m2m.stream.hooks.Augment`). On a GPU the consumer augments on the device."""
+    return (d.augment is not None and d.num_workers > 0 and d.device.type == "cpu" and d.hot_mode == CPU
+            and getattr(d.augment, "in_workers", False) is True)
+
+
+def worker_resources(source: RowSource, spec: StreamSpec, world: World, augment: Augment | None = None) -> Resources:
+    """A DataLoader worker's readers and arena (``warm_bytes / num_workers``), closed when its pass ends;
+    ``augment``: the augmentation the worker applies (`augments_in_workers`), else None."""
+    host = Delivery(device=torch.device("cpu"), hot_mode="cpu", augment=augment, return_tensor=False, prefetch=0,
                     intra_op_threads=None, pin_batches=False, collate_fn=None, num_workers=world.num_workers)
     return Resources(source, spec, host)
 
@@ -202,10 +212,17 @@ def build(role: str, source: RowSource, spec: StreamSpec, res: Resources | None,
     if role == WORKER:  # ``res``: the worker's own (`worker_resources`)
         if not spec.gather_in_workers:
             return RowsStage(stage, spec.columns)
-        # no pooled outputs: the DataLoader moves them to shared memory the consumer keeps mapping
-        buffers = HostBuffers(pool=OutputPool(size=0))
-        return HotStage(host_stage(spec, stage, res.reader("stream"), buffers, res.warm_mode, res.warm_arena()),
-                        spec.columns, torch.device("cpu"), buffers)
+        # no pooled outputs: they go to the consumer, which keeps mapping them; made in shared memory
+        buffers = HostBuffers(pool=OutputPool(size=0, shared=True))
+        stage = HotStage(host_stage(spec, stage, res.reader("stream"), buffers, res.warm_mode, res.warm_arena()),
+                         spec.columns, torch.device("cpu"), buffers)
+        aug = res.delivery.augment
+        if aug is None:
+            return stage
+        gather = make_gather(res, "gather")  # after the arena: a whole-lake arena serves neighbour reads
+        if isinstance(aug, PreparedAugment):  # the same draws, reruns in one chain per item, as in line
+            stage = PrepareAugment(stage, aug, spec.batch_size, spec.seed, world.rank, source.dim, gather)
+        return AugmentStage(stage, aug, spec.batch_size, spec.seed, world.rank, gather)
     d = res.delivery
     if d.hot_mode == RESIDENT:
         stage = ResidentStage(stage, res.resident(), spec.columns)
@@ -290,7 +307,7 @@ def deliver(spec: StreamSpec, d: Delivery, work: Work, j: int, epoch: int, rank:
     """Batch ``j`` of ``work`` as the user receives it: augmented, pinned, collated."""
     rows = work.batch_slice(j, spec.batch_size)
     batch = {name: t[rows] for name, t in work.tensors.items()}
-    if d.augment is not None:
+    if d.augment is not None and not work.augmented:
         ahead = work.prepared.get(j) if work.prepared is not None else None
         batch[cols.EMBEDDING] = augmented(d.augment, batch, spec.seed, epoch, rank, j, gather, ahead)
     stats.add({"rows": rows.stop - rows.start, "batches": 1})
@@ -300,21 +317,3 @@ def deliver(spec: StreamSpec, d: Delivery, work: Work, j: int, epoch: int, rank:
     if d.collate_fn is not None:
         out = d.collate_fn(out)
     return out
-
-
-def augmented(augment: Augment, batch: dict[str, torch.Tensor], seed: int, epoch: int, rank: int, j: int,
-              gather: Gather | None, ahead: tuple[torch.Generator, Any] | None = None) -> torch.Tensor:
-    delivered = batch[cols.EMBEDDING]
-    x = delivered.to(torch.float32)  # augmentations compute in float32 (the `Augment` protocol)
-    if ahead is not None:  # drawn in the prefetch thread with this batch's generator (PrepareAugment)
-        gen, draws = ahead
-        # an augment given prepared draws is a PreparedAugment (draws_ahead)
-        y = augment(x, batch[cols.ROWS], gather, gen, prepared=draws)  # type: ignore[call-arg,arg-type]
-    else:
-        gen = batch_generator(seed, epoch, rank, j, x.device)
-        # batch_generator returns the torch.Generator the Augment protocol declares loosely
-        y = augment(x, batch[cols.ROWS], gather, gen)  # type: ignore[arg-type]
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise StreamError(f"augment returned {got}, expected a tensor of shape {tuple(x.shape)}")
-    return y.to(delivered.dtype)

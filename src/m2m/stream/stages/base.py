@@ -19,7 +19,8 @@ class Work:
     ``rows``/``weights`` are the batches' global rows and importance weights; stages fill
     ``tensors`` (one entry per delivered column, rows concatenated), add counter deltas to
     ``stats``.
-    ``prepared`` maps a batch index to ``(generator, draws)`` of its augmentation made ahead.
+    ``prepared`` maps a batch index to ``(generator, draws)`` of its augmentation made ahead;
+    ``augmented``: the embeddings are already augmented (by a DataLoader worker, `AugmentStage`).
     """
 
     epoch: int
@@ -32,6 +33,7 @@ class Work:
     stats: dict[str, float] = field(default_factory=dict)
     ready: Any = None
     prepared: dict[int, Any] | None = None
+    augmented: bool = False
 
     def batch_slice(self, j: int, batch_size: int) -> slice:
         """Rows of batch ``j`` (``first <= j < end``) within this item's concatenated rows."""

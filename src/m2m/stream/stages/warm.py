@@ -201,7 +201,13 @@ class WarmArena:
         for b in missing[::-1].tolist():  # from the top: the fill thread works up from block 0
             self._raise_fill_error()
             if self._try_claim(b):
-                read = self._load_claimed(b)
+                try:
+                    read = self._load_claimed(b)
+                except Exception:
+                    # the error every waiter sees (an M2MError as is, else a StreamError chaining it),
+                    # whichever thread happened to load the block
+                    self._raise_fill_error()
+                    raise
                 if work is not None:
                     work.count("cold_bytes", read)
         deadline = time.monotonic() + FILL_WAIT_S

@@ -1,0 +1,115 @@
+"""DataLoader workers of a CPU stream: they augment the batches (an augmentation with ``in_workers``),
+keep their warm arena across passes when persistent, and hand out shared-memory outputs.
+
+Before: the consumer augmented every batch in line, reading neighbour means from the files, and a
+persistent worker re-read its whole share of the lake every epoch (docs/stream.md, "Augmentation in
+workers"). The batches are the same wherever they are made: the conformance matrix compares every
+augmentation mode with 2 forked/spawned workers against ``num_workers=0`` bit for bit; here the same
+for the three augmenters at a dimension where the Langevin reruns use the span chain.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from m2m.stream.loader import make_loader
+from m2m.stream.stages.hot import OutputPool
+from stream_helpers import make_source
+
+N, D, BS = 600, 8, 50
+
+
+class PidAugment:
+    """Writes the id of the process that augmented the batch into column 0 (exact in float32)."""
+
+    def __init__(self, in_workers: bool) -> None:
+        self.in_workers = in_workers
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor, gather, generator) -> torch.Tensor:
+        y = x.clone()
+        y[:, 0] = float(os.getpid())
+        return y
+
+
+@pytest.mark.parametrize("ctx", ["fork", "spawn"])
+@pytest.mark.parametrize("in_workers", [True, False])
+def test_workers_augment_only_augmentations_that_declare_it(ctx, in_workers):
+    dl = make_loader(make_source(N, D), batch_size=BS, columns=("embedding", "id"), num_workers=2,
+                     multiprocessing_context=ctx, timeout=120, chunk_batches=2, augment=PidAugment(in_workers))
+    pids = {int(v) for b in dl for v in b["embedding"][:, 0].tolist()}
+    if in_workers:
+        assert os.getpid() not in pids and len(pids) == 2, pids
+    else:
+        assert pids == {os.getpid()}
+
+
+def test_a_gpu_stream_keeps_the_augmentation_in_the_consumer():
+    from m2m.stream import pipeline as pl
+
+    d = pl.Delivery(device=torch.device("cuda", 0), hot_mode="staged", augment=PidAugment(True), return_tensor=False,
+                    prefetch=4, intra_op_threads=1, pin_batches=False, collate_fn=None, num_workers=2)
+    assert not pl.augments_in_workers(d)
+    d = pl.Delivery(device=torch.device("cpu"), hot_mode="cpu", augment=PidAugment(True), return_tensor=False,
+                    prefetch=4, intra_op_threads=1, pin_batches=False, collate_fn=None, num_workers=2)
+    assert pl.augments_in_workers(d)
+    assert not pl.augments_in_workers(pl.Delivery(**{**d.__dict__, "num_workers": 0}))
+
+
+@pytest.fixture(scope="module")
+def geo_lake(tmp_path_factory):
+    """A lake with close neighbours at d = 64 (> K + S + 1: the Langevin reruns use the span chain)."""
+    from m2m import M2MConfig, create_m2m
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((20, 64))
+    x = centres[rng.integers(0, 20, 1500)] + 0.15 * rng.standard_normal((1500, 64))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    path = str(tmp_path_factory.mktemp("wa") / "lake")
+    with create_m2m(M2MConfig(path=path, latent_dim=64)) as lake:
+        lake.add_splats(torch.from_numpy(x), labels=rng.integers(0, 3, 1500))
+        lake.estimate_kappa()
+    return path
+
+
+@pytest.mark.parametrize("mode", ["vmf", "mixture", "langevin"])
+def test_batches_augmented_in_workers_equal_the_inline_stream(geo_lake, mode):
+    from m2m import open_lake
+
+    with open_lake(geo_lake) as lake:
+        kw = dict(batch_size=100, columns=("embedding", "id", "weight"), generate_samples=mode,
+                  importance_sampling=True, seed=4)
+        ref = [{k: v.clone() for k, v in b.items()} for b in lake.export_to_dataloader(**kw)]
+        dl = lake.export_to_dataloader(num_workers=2, persistent_workers=True, timeout=120, chunk_batches=2, **kw)
+        for epoch in range(2):
+            dl.set_epoch(epoch)
+            got = [{k: v.clone() for k, v in b.items()} for b in dl]
+            if epoch == 0:
+                assert len(got) == len(ref)
+                for a, b in zip(got, ref):
+                    assert all(torch.equal(a[k], b[k]) for k in a)
+        assert not any(torch.equal(a["embedding"], b["embedding"]) for a, b in zip(got, ref))  # a new epoch
+
+
+def test_a_persistent_worker_keeps_its_warm_arena_across_passes():
+    dl = make_loader(make_source(N, D), batch_size=BS, columns=("embedding", "id"), num_workers=2,
+                     persistent_workers=True, timeout=120, background_fill=False, shuffle_mode="full")
+    cold = []
+    for epoch in range(3):
+        dl.set_epoch(epoch)
+        before = dl.stats()["bytes_cold"] if epoch else 0
+        assert sum(len(b["id"]) for b in dl) == N
+        cold.append(dl.stats()["bytes_cold"] - before)
+    assert cold[0] > 0 and cold[1:] == [0, 0], cold
+
+
+def test_worker_outputs_are_made_in_shared_memory():
+    pool = OutputPool(size=0, shared=True)
+    t = pool.get("embedding", 7, (5,), torch.float16)
+    assert t.is_shared() and t.shape == (7, 5) and t.dtype == torch.float16 and t.is_contiguous()
+    t.fill_(1.5)
+    assert float(t.sum()) == 1.5 * 35
+    assert not OutputPool(size=0).get("embedding", 7, (5,), torch.float32).is_shared()
