@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import torch
-
 from bench_augment import _clustered
 
 ROWS = {384: 200_000, 1024: 100_000}

@@ -15,10 +15,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from stream_helpers import make_source
 
 from m2m.stream.loader import make_loader
 from m2m.stream.stages.hot import OutputPool
-from stream_helpers import make_source
 
 N, D, BS = 600, 8, 50
 
