@@ -81,7 +81,7 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     for n in shape:
         numel *= int(n)
     storage = torch.UntypedStorage._new_shared(numel * torch.empty(0, dtype=dtype).element_size())
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 class HostBuffers:
