@@ -47,6 +47,31 @@ def test_workers_augment_only_augmentations_that_declare_it(ctx, in_workers):
         assert pids == {os.getpid()}
 
 
+class TablesAugment:
+    """Writes into column 0 the id of the process that called ``build_tables`` (-1: none did)."""
+
+    in_workers = True
+
+    def build_tables(self, dim, gather) -> None:
+        assert dim == D and gather(torch.tensor([0, 3])).shape == (2, D)
+        self.built_by = os.getpid()
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor, gather, generator) -> torch.Tensor:
+        y = x.clone()
+        y[:, 0] = float(getattr(self, "built_by", -1))
+        return y
+
+
+@pytest.mark.parametrize("ctx", ["fork", "spawn"])
+def test_forked_workers_inherit_tables_built_in_the_consumer(ctx):
+    # before forking, the loader builds the augmentation's tables once in the consumer; spawned
+    # workers would receive a pickled copy anyway, so nothing is built for them
+    dl = make_loader(make_source(N, D), batch_size=BS, columns=("embedding", "id"), num_workers=2,
+                     multiprocessing_context=ctx, timeout=120, chunk_batches=2, augment=TablesAugment())
+    builders = {int(v) for b in dl for v in b["embedding"][:, 0].tolist()}
+    assert builders == ({os.getpid()} if ctx == "fork" else {-1})
+
+
 def test_a_gpu_stream_keeps_the_augmentation_in_the_consumer():
     from m2m.stream import pipeline as pl
 

@@ -444,11 +444,17 @@ class LangevinAugmenter:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         _restore_state(self, state)
+
     def to(self, device: torch.device | str, dim: int, gather: Gather | None = None) -> "LangevinAugmenter":
         """Build the tables for vectors of width ``dim`` on ``device`` now (needs ``gather`` when
         ``neighbor_cos`` was not given)."""
         self._tables(torch.device(device), dim, gather)
         return self
+
+    def build_tables(self, dim: int, gather: Gather | None) -> None:
+        """The CPU tables for vectors of width ``dim``, built now (`m2m.stream.hooks.Augment`: a
+        stream calls this before it forks workers, which then inherit them)."""
+        self.to("cpu", dim, gather)
 
     @property
     def fast_fraction(self) -> float | None:

@@ -31,7 +31,9 @@ class Augment(Protocol):
     An augmentation whose class sets ``in_workers = True`` (m2m's augmenters do) is applied in the
     DataLoader workers of a CPU stream with ``num_workers > 0`` rather than in the consumer (the same
     batches, made in parallel): it must then be picklable (spawned workers) and keep no state the
-    consumer reads. Without it the consumer augments every batch, as on a GPU.
+    consumer reads. Without it the consumer augments every batch, as on a GPU. Such an augmentation
+    may also define ``build_tables(dim, gather)``: the stream calls it in the consumer before it
+    forks workers, which then inherit what it built instead of each building it every pass.
     """
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, gather: Gather,
