@@ -7,8 +7,7 @@ result does not depend on the process that made it (the conformance tests compar
 
 Why workers augment CPU streams: with ``num_workers > 0`` the consumer would otherwise augment every
 batch in line, single-threaded, gathering neighbour means through direct file reads (it holds no
-warm arena), while the workers only gathered rows: on 20k x 384 rows the mixture stream ran at
-47-54k rows/s with 2 workers against 287-361k with none (docs/stream.md, "Augmentation in workers").
+warm arena), while the workers only gathered rows (measured in docs/stream.md, "`num_workers`").
 """
 
 from __future__ import annotations
