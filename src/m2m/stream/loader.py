@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -293,20 +292,9 @@ class StreamLoader(DataLoader[Any]):
         ds.epoch, ds.start, ds.world = epoch, start, world
         if ds.control is not None:
             ds.control.copy_(torch.tensor([epoch, start, world.rank, world.world_size], dtype=torch.int64))
-        build = getattr(self.augment, "build_tables", None)
-        if callable(build) and pl.augments_in_workers(ds.delivery) and _forks(self.options.multiprocessing_context):
-            build(ds.source.dim, pl.make_gather(self._res, "gather"))  # forked workers inherit the tables
+        pl.before_workers(ds.delivery, self._res, self.options.multiprocessing_context)
         ds._worker_side = True  # only the copies workers receive now (fork or pickle) iterate
         try:
             return super().__iter__()
         finally:
             ds._worker_side = False
-
-
-def _forks(context: Any) -> bool:
-    """Whether DataLoader workers started with ``context`` (None: multiprocessing's default) are forked."""
-    if context is None:  # without fixing the process's start method (get_start_method() would)
-        return (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) == "fork"
-    if isinstance(context, str):
-        return context == "fork"
-    return getattr(context, "get_start_method", lambda: None)() == "fork"

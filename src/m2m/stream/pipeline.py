@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import multiprocessing
 import threading
 import time
 import weakref
@@ -161,6 +162,24 @@ def augments_in_workers(d: Delivery) -> bool:
     `m2m.stream.hooks.Augment`). On a GPU the consumer augments on the device."""
     return (d.augment is not None and d.num_workers > 0 and d.device.type == "cpu" and d.hot_mode == CPU
             and getattr(d.augment, "in_workers", False) is True)
+
+
+def before_workers(d: Delivery, res: Resources, context: Any) -> None:
+    """What the consumer does before it starts DataLoader workers with ``context`` (a start method, a
+    context or None): build the augmentation's tables (``build_tables``) when workers augment and are
+    forked, so they inherit them instead of each building them every pass."""
+    build = getattr(d.augment, "build_tables", None)
+    if callable(build) and augments_in_workers(d) and _forks(context):
+        build(res.source.dim, make_gather(res, "gather"))
+
+
+def _forks(context: Any) -> bool:
+    """Whether DataLoader workers started with ``context`` (None: multiprocessing's default) are forked."""
+    if context is None:  # without fixing the process's start method (get_start_method() would)
+        return (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) == "fork"
+    if isinstance(context, str):
+        return context == "fork"
+    return getattr(context, "get_start_method", lambda: None)() == "fork"
 
 
 def worker_resources(source: RowSource, spec: StreamSpec, world: World, augment: Augment | None = None) -> Resources:
