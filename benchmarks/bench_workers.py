@@ -1,8 +1,9 @@
 """Augmented streams with and without DataLoader workers: rows/s of whole epochs, in one run.
 
-    PYTHONPATH=src:benchmarks python benchmarks/bench_workers.py [--dims 384,1024] [--epochs 6] [--out FILE]
+    PYTHONPATH=src:benchmarks python benchmarks/bench_workers.py [--dims 384,1024] [--modes ...] [--workers 0,2]
+        [--epochs 6] [--lakes DIR] [--out FILE]
 
-For each d: a clustered lake (``bench_augment._clustered``: 200k rows at d = 384, 100k at d = 1024,
+For each d: a clustered lake (``bench_augment._clustered``: 200k rows at d = 384, else 100k,
 kappa and neighbours persisted), then for each mode (plain, vmf, mixture, langevin) a loader with
 ``num_workers=0`` and one with ``num_workers=2, persistent_workers=True`` (batch 256, full shuffle,
 seed 0), ``--epochs`` epochs each; the first two epochs (worker start, warm fill, tables) are left out
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dims", default="384,1024")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--workers", default="0,2", help="worker counts to run (2: persistent workers)")
     p.add_argument("--lakes", default=None, help="where the lakes are kept (default: a temporary folder)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         path = _lake(directory, d)
         for mode in a.modes.split(","):
             line = []
-            for workers in (0, 2):
+            for workers in (int(v) for v in a.workers.split(",")):
                 rates = _epochs(path, mode, workers, a.epochs)
                 steady = statistics.median(rates[2:]) if len(rates) > 2 else rates[-1]
                 res["cells"].append({"d": d, "mode": mode, "workers": workers, "rates": rates, "median": steady,
