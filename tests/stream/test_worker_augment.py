@@ -138,3 +138,38 @@ def test_worker_outputs_are_made_in_shared_memory():
     t.fill_(1.5)
     assert float(t.sum()) == 1.5 * 35
     assert not OutputPool(size=0).get("embedding", 7, (5,), torch.float32).is_shared()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_kept_warm_arena_does_not_fail_every_later_pass(monkeypatch, tmp_path, workers):
+    # a block load that fails once (say a remote read out of retries) fails that pass; the loader keeps
+    # its arena across passes (the consumer's, or a persistent worker's), which must not re-raise the
+    # old error on every later pass
+    from m2m.stream.stages import warm
+
+    flag = tmp_path / "fail"
+    flag.touch()
+    read = warm.WarmArena._read_block
+
+    def flaky(self, block, slot):
+        if flag.exists():
+            raise OSError("disk on fire")
+        return read(self, block, slot)
+
+    monkeypatch.setattr(warm.WarmArena, "_read_block", flaky)
+    kw = dict(num_workers=2, persistent_workers=True, multiprocessing_context="fork", timeout=120) if workers else {}
+    dl = make_loader(make_source(N, D), batch_size=BS, columns=("embedding", "id"), shuffle_mode="full", **kw)
+    with pytest.raises(Exception, match="disk on fire"):
+        list(dl)
+    flag.unlink()
+    for _ in range(2):
+        assert sorted(int(i) for b in dl for i in b["id"]) == list(range(10_000, 10_000 + N))
+
+
+def test_a_mixture_of_lakes_augments_in_workers_when_every_lake_does():
+    from m2m.augment.augmenter import VMFAugmenter
+    from m2m.stream.mixture import MixtureAugment
+
+    bases = np.array([0, 10])
+    assert MixtureAugment([VMFAugmenter(np.full(10, 50.0)), None], bases).in_workers is True
+    assert MixtureAugment([VMFAugmenter(np.full(10, 50.0)), PidAugment(False)], bases).in_workers is False

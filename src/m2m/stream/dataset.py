@@ -7,6 +7,7 @@ Its stage chains are assembled by `m2m.stream.pipeline` (roles WORKER and INLINE
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing.util
 import os
 import threading
 from concurrent.futures import CancelledError, Executor, Future
@@ -190,7 +191,8 @@ class StreamDataset(Dataset[Any]):
                                       d.augment if d is not None and pl.augments_in_workers(d) else None)
             if persistent:
                 self._worker_res = res
-                pl.close_at_exit(res)
+                # a forked worker ends with os._exit (no atexit): multiprocessing's finalizers run there too
+                multiprocessing.util.Finalize(None, res.close, exitpriority=10)
         stage = pl.build(pl.WORKER, self.source, self.spec, res, self.rank_epoch(epoch, rank_world),
                          epoch, start, world)
         assert stage is not None
@@ -199,6 +201,9 @@ class StreamDataset(Dataset[Any]):
                 yield {"epoch": work.epoch, "first": work.first, "end": work.end, "rows": work.rows,
                        "weights": work.weights, "tensors": work.tensors, "stats": work.stats,
                        "augmented": work.augmented}
+        except Exception:
+            res.drop_failed_arena()  # a kept arena must not fail every later pass of this worker
+            raise
         finally:
             stage.shutdown()
             if not persistent:

@@ -221,6 +221,18 @@ class MixtureAugment:
         self.augments = list(augments)
         self.bases = torch.as_tensor(np.asarray(bases, dtype=np.int64))
 
+    @property
+    def in_workers(self) -> bool:
+        """Applied in a CPU stream's workers when every lake's augmenter is (`m2m.stream.hooks.Augment`)."""
+        return all(getattr(a, "in_workers", False) is True for a in self.augments if a is not None)
+
+    def build_tables(self, dim: int, gather: Gather) -> None:
+        """Each lake's ``build_tables``, with neighbour reads in that lake's positions."""
+        for aug, base in zip(self.augments, self.bases.tolist()):
+            build = getattr(aug, "build_tables", None)
+            if callable(build):
+                build(dim, lambda r, base=int(base): gather(r + base))
+
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, gather: Gather,
                  generator: torch.Generator) -> torch.Tensor:
         bases = self.bases.to(rows.device)

@@ -148,6 +148,13 @@ class Resources:
             self.arena = new_arena(self.reader("stream"), self.spec, self.budget)
         return self.arena
 
+    def drop_failed_arena(self) -> None:
+        """Discard a warm arena whose loading failed, so that the next pass builds a new one (a kept arena
+        would re-raise that error on every pass, e.g. after a remote read that ran out of retries once)."""
+        if self.arena is not None and self.arena.failed:
+            self.arena.close()
+            self.arena = None
+
     def close(self) -> None:
         """Stop a warm arena still filling and close the readers' files (idempotent)."""
         if self.arena is not None:
@@ -303,7 +310,9 @@ def run_pass(source: RowSource, spec: StreamSpec, shared: Resources, plan: RankE
         else:
             items = worker_items
             post = build(CONSUMER, source, spec, res, None)
-        gather = None if res.delivery.augment is None else make_gather(res, "gather")
+        # workers that augment deliver finished items: the consumer needs no reader for neighbours
+        skip = worker_items is not None and augments_in_workers(res.delivery)
+        gather = None if res.delivery.augment is None or skip else make_gather(res, "gather")
         t0 = time.perf_counter()
         for work in items:
             if post is not None:
@@ -315,6 +324,9 @@ def run_pass(source: RowSource, spec: StreamSpec, shared: Resources, plan: RankE
             stats.add(work.stats)
             stats.add({"busy_s": time.perf_counter() - t0})
             t0 = time.perf_counter()
+    except Exception:
+        res.drop_failed_arena()
+        raise
     finally:
         if chain is not None:
             chain.shutdown()

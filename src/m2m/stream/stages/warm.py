@@ -292,6 +292,11 @@ class WarmArena:
             if thread is not None:
                 thread.join(timeout=30)
 
+    @property
+    def failed(self) -> bool:
+        """A block load failed: every later gather re-raises that error (a new arena is needed)."""
+        return self._fill_error is not None
+
     # ------------------------------------------------------------ every arena
     @property
     def nbytes(self) -> int:
