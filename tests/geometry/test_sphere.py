@@ -76,3 +76,24 @@ def test_random_point_at_cosine(d, dtype, layout):
     second = (perp.T @ perp) / 4000
     proj = torch.eye(d, dtype=x.dtype) - torch.outer(mu[0], mu[0])
     assert torch.allclose(second, proj * 0.64 / (d - 1), atol=0.05 if d == 3 else 0.002)
+
+
+@pytest.mark.parametrize("d", [128, 384])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_point_at_cosine_is_the_same_on_one_or_more_torch_threads(d, dtype):
+    # on the CPU the combination runs in torch on a one-thread caller and in numpy otherwise (torch's
+    # passes would spread over the intra-op threads): the same three IEEE operations, the same bits
+    g = torch.Generator().manual_seed(3)
+    mu = sphere.normalize(torch.randn(257, d, generator=g, dtype=dtype))
+    cos = torch.rand(257, generator=g, dtype=dtype) * 2 - 1
+    gauss = torch.randn(257, d, generator=g, dtype=dtype)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(sphere.random_point_at_cosine(mu, cos, gaussian=gauss.clone()))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.allclose((outs[0] * mu).sum(1), cos, atol=1e-5)

@@ -985,8 +985,15 @@ class MixtureAugmenter:
         else:
             _check_prepared(prepared, x)
         mean = x
-        moved = torch.nonzero(prepared.slot.to(x.device) > 0).squeeze(1)
-        if moved.numel():
+        slot = prepared.slot.to(x.device)
+        moved = torch.nonzero(slot > 0).squeeze(1)
+        if 2 * moved.numel() > x.shape[0]:
+            # most rows move (with k equal neighbours all but 1 / (k + 1)): one gather of every row's
+            # source, the rows that stay copied back, instead of a copy of x and a scatter of the others
+            mean = gather(prepared.source.to(x.device)).to(device=x.device, dtype=x.dtype)
+            stay = torch.nonzero(slot == 0).squeeze(1)
+            mean[stay] = x[stay]
+        elif moved.numel():
             mean = x.clone()
             mean[moved] = gather(prepared.source.to(x.device)[moved]).to(device=x.device, dtype=x.dtype)
         return random_point_at_cosine(mean, prepared.cos.to(x.device), prepared.sin.to(x.device),
