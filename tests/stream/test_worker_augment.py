@@ -173,3 +173,36 @@ def test_a_mixture_of_lakes_augments_in_workers_when_every_lake_does():
     bases = np.array([0, 10])
     assert MixtureAugment([VMFAugmenter(np.full(10, 50.0)), None], bases).in_workers is True
     assert MixtureAugment([VMFAugmenter(np.full(10, 50.0)), PidAugment(False)], bases).in_workers is False
+
+
+def test_an_arena_that_fails_after_its_pass_ended_is_replaced_by_the_next_pass(monkeypatch, tmp_path):
+    # the background fill outlives an abandoned pass; if it then fails, the next pass starts a new arena
+    import threading
+    import time
+
+    from m2m.stream.stages import warm
+
+    armed = tmp_path / "armed"
+    read = warm.WarmArena._read_block
+
+    def slow_fill(self, block, slot):
+        if threading.current_thread().name == "m2m-warm-fill":
+            time.sleep(0.005)
+            if armed.exists():
+                raise OSError("disk on fire")
+        return read(self, block, slot)
+
+    monkeypatch.setattr(warm.WarmArena, "_read_block", slow_fill)
+    n = 20_000
+    dl = make_loader(make_source(n, D), batch_size=BS, columns=("id",), shuffle_mode="full", block_rows=100,
+                     chunk_batches=1, prefetch=0)
+    it = iter(dl)
+    next(it)
+    armed.touch()
+    del it
+    deadline = time.monotonic() + 20
+    while not (dl._res.arena is not None and dl._res.arena.failed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dl._res.arena is not None and dl._res.arena.failed
+    armed.unlink()
+    assert sorted(int(i) for b in dl for i in b["id"]) == list(range(10_000, 10_000 + n))

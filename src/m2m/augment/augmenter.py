@@ -990,7 +990,7 @@ class MixtureAugmenter:
         if 2 * moved.numel() > x.shape[0]:
             # most rows move (with k equal neighbours all but 1 / (k + 1)): one gather of every row's
             # source, the rows that stay copied back, instead of a copy of x and a scatter of the others
-            mean = gather(prepared.source.to(x.device)).to(device=x.device, dtype=x.dtype)
+            mean = gather(prepared.source.to(x.device)).to(device=x.device, dtype=x.dtype).contiguous()
             stay = torch.nonzero(slot == 0).squeeze(1)
             mean[stay] = x[stay]
         elif moved.numel():

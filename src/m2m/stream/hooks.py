@@ -9,7 +9,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
-"""``gather(positions: LongTensor[n]) -> float32 [n, d]`` rows of ``mu`` on the batch's device."""
+"""``gather(positions: LongTensor[n]) -> float32 [n, d]`` rows of ``mu`` on the batch's device, in a new
+tensor the caller owns (it may write into it)."""
 
 
 @runtime_checkable

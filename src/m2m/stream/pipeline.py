@@ -144,6 +144,7 @@ class Resources:
         return self._pool
 
     def warm_arena(self) -> WarmArena | None:
+        self.drop_failed_arena()  # one that failed after its pass ended (a fill thread, an interrupt)
         if self.warm_mode == ARENA and self.arena is None:
             self.arena = new_arena(self.reader("stream"), self.spec, self.budget)
         return self.arena
