@@ -85,7 +85,8 @@ def span_frame(mu: Tensor, tol: float = SPAN_TOL, factor: tuple[Tensor, Tensor] 
     """
     m = mu.to(torch.float64)
     coords, kept = span_factor(m, tol) if factor is None else factor
-    tri = coords + torch.diag_embed((~kept).to(torch.float64))
+    tri = coords.clone()  # 1 on the diagonal where not kept (coords has 0 there); not a [B, K, K] diag_embed + add
+    tri.diagonal(dim1=1, dim2=2).add_((~kept).to(torch.float64))
     return SpanFrame(coords, kept, tri, m)
 
 
