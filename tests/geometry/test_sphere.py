@@ -97,3 +97,17 @@ def test_random_point_at_cosine_is_the_same_on_one_or_more_torch_threads(d, dtyp
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1])
     assert torch.allclose((outs[0] * mu).sum(1), cos, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [32, 384])
+def test_random_point_at_cosine_ignores_a_scratch_that_is_an_input(d):
+    g = torch.Generator().manual_seed(5)
+    mu = sphere.normalize(torch.randn(40, d, generator=g))
+    cos = torch.rand(40, generator=g) * 2 - 1
+    gauss = torch.randn(40, d, generator=g)
+    ref = sphere.random_point_at_cosine(mu, cos, gaussian=gauss.clone())
+    z = gauss.clone()
+    assert torch.equal(sphere.random_point_at_cosine(mu, cos, gaussian=z, scratch=z), ref)
+    m = mu.clone()
+    assert torch.equal(sphere.random_point_at_cosine(m, cos, gaussian=gauss.clone(), scratch=m), ref)
+    assert torch.equal(m, mu)

@@ -94,6 +94,8 @@ def random_point_at_cosine(
     else:
         z = out if out is not None else torch.empty_like(mu)
         normal_(z, generator)
+    if scratch is not None and _shares_memory(scratch, z, mu):
+        scratch = None  # a temporary that is also an input or the output would overwrite it
     if mu.shape[-1] <= _EXPLICIT_PERP_DIM:
         # few dimensions: z can be nearly parallel to mu, so form z - (z.mu) mu explicitly
         dot = (z * mu).sum(-1) if scratch is None else torch.mul(z, mu, out=scratch).sum(-1)
@@ -128,6 +130,12 @@ def random_point_at_cosine(
     z.mul_(scale.unsqueeze(-1))
     z.addcmul_(mu, coef.unsqueeze(-1))
     return z
+
+
+def _shares_memory(t: Tensor, *others: Tensor) -> bool:
+    """Whether ``t``'s storage is that of one of ``others``."""
+    ptr = t.untyped_storage().data_ptr()
+    return any(o.untyped_storage().data_ptr() == ptr for o in others)
 
 
 def _host_rows(z: Tensor, mu: Tensor, cos: Tensor, sin: Tensor) -> bool:
