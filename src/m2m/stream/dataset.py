@@ -201,9 +201,6 @@ class StreamDataset(Dataset[Any]):
                 yield {"epoch": work.epoch, "first": work.first, "end": work.end, "rows": work.rows,
                        "weights": work.weights, "tensors": work.tensors, "stats": work.stats,
                        "augmented": work.augmented}
-        except Exception:
-            res.drop_failed_arena()  # a kept arena must not fail every later pass of this worker
-            raise
         finally:
             stage.shutdown()
             if not persistent:

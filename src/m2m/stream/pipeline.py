@@ -144,17 +144,15 @@ class Resources:
         return self._pool
 
     def warm_arena(self) -> WarmArena | None:
-        self.drop_failed_arena()  # one that failed after its pass ended (a fill thread, an interrupt)
-        if self.warm_mode == ARENA and self.arena is None:
-            self.arena = new_arena(self.reader("stream"), self.spec, self.budget)
-        return self.arena
-
-    def drop_failed_arena(self) -> None:
-        """Discard a warm arena whose loading failed, so that the next pass builds a new one (a kept arena
-        would re-raise that error on every pass, e.g. after a remote read that ran out of retries once)."""
+        """The pass's warm arena: the one kept from earlier passes, or a new one. A kept arena whose loading
+        failed (during its pass or after it, on the fill thread) is replaced: it would re-raise that error
+        on every pass, e.g. after a remote read that ran out of retries once."""
         if self.arena is not None and self.arena.failed:
             self.arena.close()
             self.arena = None
+        if self.warm_mode == ARENA and self.arena is None:
+            self.arena = new_arena(self.reader("stream"), self.spec, self.budget)
+        return self.arena
 
     def close(self) -> None:
         """Stop a warm arena still filling and close the readers' files (idempotent)."""
@@ -325,9 +323,6 @@ def run_pass(source: RowSource, spec: StreamSpec, shared: Resources, plan: RankE
             stats.add(work.stats)
             stats.add({"busy_s": time.perf_counter() - t0})
             t0 = time.perf_counter()
-    except Exception:
-        res.drop_failed_arena()
-        raise
     finally:
         if chain is not None:
             chain.shutdown()
