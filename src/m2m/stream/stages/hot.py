@@ -16,6 +16,7 @@ Three modes (`HotStage.mode`):
 from __future__ import annotations
 
 import logging
+import math
 from typing import Sequence
 
 import torch
@@ -77,10 +78,7 @@ class OutputPool:
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor whose storage is in shared memory from the start."""
-    numel = 1
-    for n in shape:
-        numel *= int(n)
-    storage = torch.UntypedStorage._new_shared(numel * torch.empty(0, dtype=dtype).element_size())
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
