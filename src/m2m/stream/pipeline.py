@@ -35,7 +35,7 @@ from m2m.stream.hooks import Augment, PreparedAugment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.order import RankEpoch
 from m2m.stream.source import CompositeSource, RowSource
-from m2m.stream.spec import ARENA, COLD, StreamSpec, host_tier_for, lookahead_rows
+from m2m.stream.spec import ARENA, COLD, StreamSpec, host_tier_for, lookahead_rows, pass_chunk_batches
 from m2m.stream.stages.augment import AugmentStage, augmented
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.batches import BatchStage, RowsStage
@@ -214,9 +214,9 @@ def host_stage(spec: StreamSpec, upstream: Stage, reader: ColdReader, buffers: H
     return ColdStage(upstream, reader, spec.columns, buffers, spec.layout.block_rows)
 
 
-def capacity(spec: StreamSpec, delivery: Delivery) -> int:
-    """Items the prefetcher keeps ready: at least ``prefetch`` batches."""
-    return max(1, math.ceil(delivery.prefetch / spec.chunk_batches))
+def capacity(delivery: Delivery, chunk_batches: int) -> int:
+    """Items (of ``chunk_batches`` batches) the prefetcher keeps ready: at least ``prefetch`` batches."""
+    return max(1, math.ceil(delivery.prefetch / chunk_batches))
 
 
 def build(role: str, source: RowSource, spec: StreamSpec, res: Resources | None, plan: RankEpoch | None,
@@ -232,7 +232,8 @@ def build(role: str, source: RowSource, spec: StreamSpec, res: Resources | None,
             return HotStage(None, spec.columns, res.delivery.device)
         return None
     assert plan is not None and world is not None
-    stage: Stage = BatchStage(plan, epoch, start, world, spec.chunk_batches, lookahead_rows(spec))
+    chunk = pass_chunk_batches(spec, plan.num_batches)
+    stage: Stage = BatchStage(plan, epoch, start, world, chunk, lookahead_rows(spec))
     assert res is not None
     if role == WORKER:  # ``res``: the worker's own (`worker_resources`)
         if not spec.gather_in_workers:
@@ -252,7 +253,7 @@ def build(role: str, source: RowSource, spec: StreamSpec, res: Resources | None,
     if d.hot_mode == RESIDENT:
         stage = ResidentStage(stage, res.resident(), spec.columns)
     else:
-        buffers = HostBuffers(pinned=d.hot_mode == STAGED, slots=2, pool=res.pool(capacity(spec, d) + 4))
+        buffers = HostBuffers(pinned=d.hot_mode == STAGED, slots=2, pool=res.pool(capacity(d, chunk) + 4))
         stage = HotStage(host_stage(spec, stage, res.reader("stream"), buffers, res.warm_mode, res.warm_arena()),
                          spec.columns, d.device, buffers)
     if d.prefetch == 0:
@@ -261,10 +262,10 @@ def build(role: str, source: RowSource, spec: StreamSpec, res: Resources | None,
         # draws_ahead(d) holds only for a PreparedAugment with a seed; not expressible as a guard
         prep = PrepareAugment(stage, d.augment, spec.batch_size, spec.seed,  # type: ignore[arg-type]
                               world.rank, source.dim, make_gather(res, "prepare"))
-        prefetcher = Prefetcher(prep, capacity(spec, d), d.intra_op_threads)
+        prefetcher = Prefetcher(prep, capacity(d, chunk), d.intra_op_threads)
         prep.backlog = prefetcher.backlog
         return prefetcher.start()
-    return Prefetcher(stage, capacity(spec, d), d.intra_op_threads).start()
+    return Prefetcher(stage, capacity(d, chunk), d.intra_op_threads).start()
 
 
 def draws_ahead(d: Delivery) -> bool:

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 ARENA, COLD = "arena", "cold"
 CHUNK_BYTES = 4 << 20
 MAX_CHUNK_BATCHES = 64
+MIN_PASS_ITEMS = 4
+"""Items a pass is cut into at least (default ``chunk_batches`` only): the prefetch thread works on one
+item while the consumer takes the one before, so a pass of two items (a small lake: the demo's 13
+batches made 2 items of ~4 MiB) left the threads taking turns. Not more: a Langevin stream's exact
+reruns are made in one chain per item, and smaller items cost it more than the overlap gains
+(docs/stream.md, "Items")."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class StreamSpec:
     rank_local_order: bool = False  # `m2m.stream.order.rank_local`: each rank builds only its own order
     lake: str | None = None
     version: int | None = None
+    chunk_fixed: bool = False  # chunk_batches given by the user: every pass uses it as is
 
     @property
     def gathered(self) -> tuple[Column, ...]:
@@ -63,6 +70,15 @@ def chunk_batches_for(columns: Sequence[Column], batch_size: int) -> int:
     """Batches per item: about `CHUNK_BYTES` of delivered data, at most `MAX_CHUNK_BATCHES`."""
     row = sum(c.out_row_bytes for c in columns if c.source is not None) or 1
     return int(max(1, min(MAX_CHUNK_BATCHES, CHUNK_BYTES // max(1, batch_size * row))))
+
+
+def pass_chunk_batches(spec: StreamSpec, num_batches: int) -> int:
+    """Batches per item in a pass of ``num_batches`` batches: ``spec.chunk_batches``, lowered (unless the
+    user fixed it) so that the pass has at least `MIN_PASS_ITEMS` items. Items only group the work:
+    what a batch holds does not depend on them."""
+    if spec.chunk_fixed:
+        return spec.chunk_batches
+    return max(1, min(spec.chunk_batches, -(-int(num_batches) // MIN_PASS_ITEMS)))
 
 
 def host_tier_for(spec: StreamSpec, budget: int) -> str:
@@ -143,7 +159,7 @@ def plan_stream(source: RowSource, opts: StreamOptions, dev: torch.device, lake:
         warm_mode=opts.warm_mode, gather_in_workers=hot != RESIDENT, huge_pages=opts.huge_pages,
         background_fill=opts.background_fill, shard_affinity=bool(affinity),
         affinity_group_blocks=int(group_blocks), rank_local_order=rank_local(int(source.num_rows)), lake=lake,
-        version=version), hot
+        version=version, chunk_fixed=opts.chunk_batches is not None), hot
 
 
 def warn_narrow_window(source: RowSource, layout: Layout) -> None:
