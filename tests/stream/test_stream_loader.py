@@ -431,3 +431,40 @@ def test_abandoned_first_pass_starts_no_collapse_and_close_stops_the_fill():
     arena = dl._res.arena
     dl.close()
     assert arena._collapser is None and not arena._filler.is_alive()
+
+
+@pytest.mark.parametrize("backlog", [0, 3])
+def test_the_reruns_of_an_item_are_left_to_a_waiting_consumer(backlog, monkeypatch):
+    # the exact reruns (one span chain per item) are made in the prefetch thread only while items wait
+    # for the consumer; otherwise the consumer makes them when it takes the item (`rerun_item`), before
+    # its first batch. Either way the batches equal the in-line stream's (prefetch = 0).
+    import threading
+
+    from m2m.stream.stages import draw_ahead
+
+    source = make_source(N, 32, shard_rows=256)
+    where: list[str] = []
+    real = draw_ahead.rerun_item
+
+    def recording(augment, work, batch_size, gather):
+        pending = [d for _, d in (work.prepared or {}).values() if d.rerun is not None and d.exact is None]
+        if pending:
+            where.append(threading.current_thread().name)
+        real(augment, work, batch_size, gather)
+        assert all(d.rerun is None or d.exact is not None for _, d in work.prepared.values())
+
+    monkeypatch.setattr(draw_ahead, "rerun_item", recording)
+    monkeypatch.setattr(pl, "rerun_item", recording)
+    monkeypatch.setattr(Prefetcher, "backlog", lambda self: backlog)
+
+    def run(prefetch: int):
+        dl = make_loader(source, batch_size=50, columns=("embedding", "id"), augment=_langevin_for(source), seed=5,
+                         prefetch=prefetch, **KW)
+        return list(dl)
+
+    inline = run(0)
+    where.clear()
+    ahead = run(4)
+    assert where and set(where) == ({"MainThread"} if backlog == 0 else {"m2m-prefetch"}), where
+    for a, b in zip(inline, ahead, strict=True):
+        assert torch.equal(a["id"], b["id"]) and torch.equal(a["embedding"], b["embedding"])

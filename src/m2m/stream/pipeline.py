@@ -40,7 +40,7 @@ from m2m.stream.stages.augment import AugmentStage, augmented
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.batches import BatchStage, RowsStage
 from m2m.stream.stages.cold import ColdReader, ColdStage
-from m2m.stream.stages.draw_ahead import PrepareAugment
+from m2m.stream.stages.draw_ahead import PrepareAugment, rerun_item
 from m2m.stream.stages.hot import CPU, RESIDENT, STAGED, HostBuffers, HotStage, OutputPool, ResidentStage, ResidentTier
 from m2m.stream.stages.hot import finish as finish_work
 from m2m.stream.stages.prefetch import Prefetcher
@@ -319,6 +319,8 @@ def run_pass(source: RowSource, spec: StreamSpec, shared: Resources, plan: RankE
                 # post is a Stage here; its process() is on the consumer stages only
                 work = post.process(work)  # type: ignore[attr-defined]
             finish_work(work)
+            if work.prepared is not None and not work.augmented:  # reruns the prefetch thread left to us
+                rerun_item(res.delivery.augment, work, spec.batch_size, gather)
             for j in range(work.first, work.end):
                 yield j, deliver(spec, res.delivery, work, j, epoch, world.rank, gather, stats)
             stats.add(work.stats)

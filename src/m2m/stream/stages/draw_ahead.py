@@ -6,12 +6,13 @@ of an item with the batch's own generator (``batch_generator``) and attaches the
 consumer applies them with the same generator object, so the result equals the in-line path exactly
 and resume is unaffected (nothing here is state: draws are a function of the batch's coordinates).
 
-Balancing: the largest draw (the direction Gaussians, ``draw_gaussian``) can be made on either side
-with the same result. It is made here only while the consumer has items waiting (``backlog() > 0``:
-the consumer, e.g. a training step, is the slower side); while the consumer waits for items, it is
-left to the consumer, so the two threads share the work. The exact reruns of a Langevin item
-(``LangevinAugmenter.rerun_ahead``) are always made here, from the item's vectors, in one chain over
-all its batches: fewer, larger steps than a chain per batch (docs/geometry.md).
+Balancing: the largest draw (the direction Gaussians, ``draw_gaussian``) and the exact reruns of a
+Langevin item (``LangevinAugmenter.rerun_ahead``, one chain over all the item's batches: fewer, larger
+steps than a chain per batch, docs/geometry.md) can be made on either side with the same result. They
+are made here only while the consumer has items waiting (``backlog() > 0``: the consumer, e.g. a
+training step, is the slower side); while the consumer waits for items, both are left to it (the
+reruns by `rerun_item` when it takes the item, still one chain per item), so the two threads share the
+work. Without a backlog to read (a DataLoader worker) everything is made here.
 """
 
 from __future__ import annotations
@@ -44,26 +45,31 @@ class PrepareAugment(Stage):
         assert self.upstream is not None
         work = next(self.upstream)
         rows = work.tensors[cols.ROWS]
-        draw_gaussian = self.backlog is None or self.backlog() > 0
-        self.gaussian_items += int(draw_gaussian)
-        # the exact reruns of a Langevin item (``rerun_ahead``) are always made here, all its batches in
-        # one chain: that costs less CPU than a chain per batch, and the chain (small numpy steps) holds
-        # the GIL, so leaving it to a waiting consumer would not run it in parallel anyway
-        rerun = getattr(self.augment, "rerun_ahead", None) if self.gather is not None else None
-        vectors = work.tensors.get(cols.EMBEDDING) if rerun is not None else None
-        if vectors is not None and vectors.dtype != torch.float32:    # the draws are made for float32
-            vectors = None
+        here = self.backlog is None or self.backlog() > 0   # the consumer is the slower side
+        self.gaussian_items += int(here)
         prepared = {}
-        ahead = []
         for j in range(work.first, work.end):
-            sl = work.batch_slice(j, self.batch_size)
-            batch_rows = rows[sl]
+            batch_rows = rows[work.batch_slice(j, self.batch_size)]
             gen = batch_generator(self.seed, work.epoch, self.rank, j, batch_rows.device)
-            draws = self.augment.prepare(batch_rows, self.dim, gen, torch.float32, self.gather, draw_gaussian)
-            if vectors is not None:
-                ahead.append((draws, vectors[sl], batch_rows, gen))
-            prepared[j] = (gen, draws)
-        if rerun is not None and ahead:
-            rerun(ahead, self.gather)
+            prepared[j] = (gen, self.augment.prepare(batch_rows, self.dim, gen, torch.float32, self.gather, here))
         work.prepared = prepared
+        if here:
+            rerun_item(self.augment, work, self.batch_size, self.gather)
         return work
+
+
+def rerun_item(augment: object, work: Work, batch_size: int, gather: Gather | None) -> None:
+    """The exact reruns of every batch of ``work`` whose draws need them (``work.prepared``), in one
+    ``rerun_ahead`` chain; nothing for an augmentation without reruns, or an item whose vectors are not
+    float32 (the draws are made for float32: each batch's call then reruns its own rows)."""
+    rerun = getattr(augment, "rerun_ahead", None)
+    vectors = work.tensors.get(cols.EMBEDDING)
+    if rerun is None or gather is None or work.prepared is None or vectors is None or vectors.dtype != torch.float32:
+        return
+    rows = work.tensors[cols.ROWS]
+    ahead = []
+    for j, (gen, draws) in work.prepared.items():
+        sl = work.batch_slice(j, batch_size)
+        ahead.append((draws, vectors[sl], rows[sl], gen))
+    if ahead:
+        rerun(ahead, gather)
