@@ -89,12 +89,12 @@ def _ray(res: dict[str, Any]) -> list[Row]:
 
 
 SOURCES = (
-    Source("first-epoch-2026-12-06.json", "12-06, quiet",
+    Source("first-epoch-stop31-2026-12-06.json", "12-06 pm, quiet",
            _first_epoch("first_hot", "first_cold", "steady", "f16", "f16_stored", "ooc", "ooc_cold")),
     Source("bench-suite-2026-11-26.json", "11-26, warm RAM",
            _suite("shuffled stream f32 (rows/s)", "kNN graph k=16, recall 0.961 (rows/s)")),
     Source("ingest-parquet-2026-12-02.json", "12-02, loaded", _parquet),
-    Source("augment-2026-12-06.json", "12-06, quiet", _demo_stream),
+    Source("augment-stop31-2026-12-06.json", "12-06 pm, quiet", _demo_stream),
     Source("bench-suite-quick-2026-12-06.json", "12-06, quiet, `m2m bench --quick`", _quick_start),
     Source("ray-kappa-2026-12-06-1m.json", "12-06, quiet", _ray),
 )
