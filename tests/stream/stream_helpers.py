@@ -29,6 +29,22 @@ def make_source(n: int = 1000, d: int = 8, dtype: Any = np.float32, shard_rows: 
     return ArraySource(columns, shard_rows=shard_rows)
 
 
+def clustered_lake(path: str, rows: int, clusters: int, spread: float, seed: int, dim: int = 64) -> str:
+    """A lake at ``path`` of unit rows around ``clusters`` random centres (noise ``spread``), labels in
+    {0, 1, 2}, kappa estimated: close neighbours, so the Langevin reruns run (the span chain when
+    dim > K + S + 1)."""
+    from m2m import M2MConfig, create_m2m
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    x = centres[rng.integers(0, clusters, rows)] + spread * rng.standard_normal((rows, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    with create_m2m(M2MConfig(path=path, latent_dim=dim)) as lake:
+        lake.add_splats(torch.from_numpy(x), labels=rng.integers(0, 3, rows))
+        lake.estimate_kappa()
+    return path
+
+
 def item_key(work: Work) -> tuple[Any, ...]:
     return (work.epoch, work.first, work.end, work.rows.tobytes())
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
+from stream_helpers import clustered_lake
 
 from m2m.stream import pipeline
 from m2m.stream.spec import MIN_PASS_ITEMS, pass_chunk_batches
@@ -27,17 +27,7 @@ def _spec(lake_path: str, **kw):
 
 @pytest.fixture(scope="module")
 def small_lake(tmp_path_factory):
-    from m2m import M2MConfig, create_m2m
-
-    rng = np.random.default_rng(3)
-    centres = rng.standard_normal((10, 64))
-    x = centres[rng.integers(0, 10, 700)] + 0.2 * rng.standard_normal((700, 64))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    path = str(tmp_path_factory.mktemp("items") / "lake")
-    with create_m2m(M2MConfig(path=path, latent_dim=64)) as lake:
-        lake.add_splats(torch.from_numpy(x), labels=rng.integers(0, 3, 700))
-        lake.estimate_kappa()
-    return path
+    return clustered_lake(str(tmp_path_factory.mktemp("items") / "lake"), rows=700, clusters=10, spread=0.2, seed=3)
 
 
 def test_the_default_item_size_is_lowered_for_short_passes(small_lake):

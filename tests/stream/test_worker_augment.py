@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from stream_helpers import make_source
+from stream_helpers import clustered_lake, make_source
 
 from m2m.stream.loader import make_loader
 from m2m.stream.stages.hot import OutputPool
@@ -87,17 +87,7 @@ def test_a_gpu_stream_keeps_the_augmentation_in_the_consumer():
 @pytest.fixture(scope="module")
 def geo_lake(tmp_path_factory):
     """A lake with close neighbours at d = 64 (> K + S + 1: the Langevin reruns use the span chain)."""
-    from m2m import M2MConfig, create_m2m
-
-    rng = np.random.default_rng(5)
-    centres = rng.standard_normal((20, 64))
-    x = centres[rng.integers(0, 20, 1500)] + 0.15 * rng.standard_normal((1500, 64))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    path = str(tmp_path_factory.mktemp("wa") / "lake")
-    with create_m2m(M2MConfig(path=path, latent_dim=64)) as lake:
-        lake.add_splats(torch.from_numpy(x), labels=rng.integers(0, 3, 1500))
-        lake.estimate_kappa()
-    return path
+    return clustered_lake(str(tmp_path_factory.mktemp("wa") / "lake"), rows=1500, clusters=20, spread=0.15, seed=5)
 
 
 @pytest.mark.parametrize("mode", ["vmf", "mixture", "langevin"])
