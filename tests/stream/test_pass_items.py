@@ -1,4 +1,4 @@
-"""A pass is cut into at least ``MIN_PASS_ITEMS`` items when ``chunk_batches`` is left to its default.
+"""A pass is cut into about ``PASS_ITEMS`` items when ``chunk_batches`` is left to its default.
 
 Before: a short epoch (the demo's 3,113 rows = 13 batches) was cut into 2 items of ~4 MiB, so the
 prefetch thread and the consumer mostly took turns (docs/stream.md, "Items"). Items only group the
@@ -14,7 +14,7 @@ import torch
 from stream_helpers import clustered_lake
 
 from m2m.stream import pipeline
-from m2m.stream.spec import MIN_PASS_ITEMS, pass_chunk_batches
+from m2m.stream.spec import PASS_ITEMS, pass_chunk_batches
 from m2m.stream.stages.batches import BatchStage
 
 
@@ -34,7 +34,8 @@ def test_the_default_item_size_is_lowered_for_short_passes(small_lake):
     spec = _spec(small_lake)
     assert not spec.chunk_fixed and spec.chunk_batches == 64  # 50 rows of ~270 bytes: the 64-batch cap
     assert pass_chunk_batches(spec, 14) == 4                   # 14 batches -> 4 items (4, 4, 4, 2)
-    assert pass_chunk_batches(spec, 4 * MIN_PASS_ITEMS) == 4
+    assert pass_chunk_batches(spec, 4 * PASS_ITEMS) == 4
+    assert pass_chunk_batches(spec, 5) == 2 and pass_chunk_batches(spec, 9) == 3   # 3 items: at most a quarter
     assert pass_chunk_batches(spec, 10_000) == 64              # long passes keep the ~4 MiB items
     assert pass_chunk_batches(spec, 1) == 1 and pass_chunk_batches(spec, 0) == 1
     fixed = _spec(small_lake, chunk_batches=64)
@@ -66,7 +67,7 @@ def test_a_short_pass_is_cut_into_items_and_its_batches_do_not_depend_on_them(sm
                           list(_Recorder.items))
     batches, items = runs["default"]
     assert len(batches) == 14
-    assert len(items) >= MIN_PASS_ITEMS and items == [(0, 4), (4, 8), (8, 12), (12, 14)], items
+    assert len(items) >= PASS_ITEMS and items == [(0, 4), (4, 8), (8, 12), (12, 14)], items
     assert runs["one item"][1] == [(0, 14)]
     for name in ("one item", "1 batch"):
         other = runs[name][0]
@@ -87,3 +88,18 @@ def test_workers_cut_the_same_items(small_lake, workers):
     assert len(got) == len(ref) == 14
     for a, b in zip(got, ref):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_workers_keep_prefetch_batches_ready_with_the_smaller_items(small_lake):
+    # the DataLoader's prefetch_factor (items per worker) follows the pass's item size: with ~4 MiB items
+    # it asked for 1 item of what became 4 batches, 8 batches ready instead of the 64 asked for
+    from m2m import open_lake
+
+    with open_lake(small_lake) as lake:
+        dl = lake.export_to_dataloader(batch_size=50, columns=("embedding", "id"), num_workers=2, prefetch=64,
+                                       timeout=120)
+        assert dl.prefetch_factor == 8                        # ceil(64 / (4 batches x 2 workers))
+        assert sum(len(b["id"]) for b in dl) == 700
+        fixed = lake.export_to_dataloader(batch_size=50, columns=("embedding", "id"), num_workers=2, prefetch=64,
+                                          chunk_batches=64)
+        assert fixed.prefetch_factor == 1

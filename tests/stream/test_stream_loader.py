@@ -468,3 +468,28 @@ def test_the_reruns_of_an_item_are_left_to_a_waiting_consumer(backlog, monkeypat
     assert where and set(where) == ({"MainThread"} if backlog == 0 else {"m2m-prefetch"}), where
     for a, b in zip(inline, ahead, strict=True):
         assert torch.equal(a["id"], b["id"]) and torch.equal(a["embedding"], b["embedding"])
+
+
+@pytest.mark.parametrize("backlog", [0, 3])
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), "corrupt"])
+def test_a_failing_rerun_raises_the_same_error_in_either_thread(backlog, error, monkeypatch):
+    # whichever thread makes an item's reruns (above), a failure reaches the user as the prefetch
+    # thread's failures do: a damaged shard as itself, anything else as StreamError with the cause chained
+    from m2m.augment.augmenter import LangevinAugmenter
+    from m2m.errors import CorruptShardError, StreamError
+
+    exc = CorruptShardError("shard file x changed on disk") if error == "corrupt" else error
+
+    def failing(self, *args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(LangevinAugmenter, "_exact", failing)
+    monkeypatch.setattr(Prefetcher, "backlog", lambda self: backlog)
+    source = make_source(N, 32, shard_rows=256)
+    dl = make_loader(source, batch_size=50, columns=("embedding", "id"), augment=_langevin_for(source), seed=5,
+                     prefetch=4, **KW)
+    expected = CorruptShardError if error == "corrupt" else StreamError
+    with pytest.raises(expected) as info:
+        list(dl)
+    assert info.value is exc or info.value.__cause__ is exc
+    dl.close()

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from m2m.errors import CorruptShardError, StreamError
 from m2m.stream import columns as cols
 from m2m.stream import shuffle
 from m2m.stream.hooks import Augment, PreparedAugment
@@ -320,7 +321,7 @@ def run_pass(source: RowSource, spec: StreamSpec, shared: Resources, plan: RankE
                 work = post.process(work)  # type: ignore[attr-defined]
             finish_work(work)
             if work.prepared is not None and not work.augmented:  # reruns the prefetch thread left to us
-                rerun_item(res.delivery.augment, work, spec.batch_size, gather)
+                consumer_reruns(res.delivery.augment, work, spec.batch_size, gather)
             for j in range(work.first, work.end):
                 yield j, deliver(spec, res.delivery, work, j, epoch, world.rank, gather, stats)
             stats.add(work.stats)
@@ -330,6 +331,18 @@ def run_pass(source: RowSource, spec: StreamSpec, shared: Resources, plan: RankE
         if chain is not None:
             chain.shutdown()
         shared.release(res)
+
+
+def consumer_reruns(augment: Augment | None, work: Work, batch_size: int, gather: Gather | None) -> None:
+    """`rerun_item` in the consumer, its failures raised as the prefetch thread's would be (`Prefetcher`):
+    a damaged shard as itself, anything else as `StreamError` with the cause chained, whichever thread
+    happened to make the reruns."""
+    try:
+        rerun_item(augment, work, batch_size, gather)
+    except CorruptShardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised as the typed error the prefetch thread gives
+        raise StreamError(f"stream: the exact reruns of an item failed: {exc!r}") from exc
 
 
 def deliver(spec: StreamSpec, d: Delivery, work: Work, j: int, epoch: int, rank: int, gather: Gather | None,

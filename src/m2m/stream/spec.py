@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 ARENA, COLD = "arena", "cold"
 CHUNK_BYTES = 4 << 20
 MAX_CHUNK_BATCHES = 64
-MIN_PASS_ITEMS = 4
-"""Items a pass is cut into at least (default ``chunk_batches`` only): the prefetch thread works on one
-item while the consumer takes the one before, so a pass of two items (a small lake: the demo's 13
-batches made 2 items of ~4 MiB) left the threads taking turns. Not more: a Langevin stream's exact
-reruns are made in one chain per item, and smaller items cost it more than the overlap gains
-(docs/stream.md, "Items")."""
+PASS_ITEMS = 4
+"""Items a pass is cut into, about (default ``chunk_batches`` only): items of at most a quarter of the
+pass, rounded up, so 4 or more items except 3 for passes of 5, 6 or 9 batches and one per batch below
+4. The prefetch thread works on one item while the consumer takes the one before, so a pass of two
+items (the demo's 13 batches made 2 items of ~4 MiB) left the threads taking turns. Not more: a
+Langevin stream's exact reruns are made in one chain per item, and smaller items cost it more than
+the overlap gains (docs/stream.md, "Items")."""
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,12 @@ def chunk_batches_for(columns: Sequence[Column], batch_size: int) -> int:
 
 def pass_chunk_batches(spec: StreamSpec, num_batches: int) -> int:
     """Batches per item in a pass of ``num_batches`` batches: ``spec.chunk_batches``, lowered (unless the
-    user fixed it) so that the pass has at least `MIN_PASS_ITEMS` items. Items only group the work:
+    user fixed it) to ``ceil(num_batches / PASS_ITEMS)``, so that the pass has about `PASS_ITEMS` items. Items
+    only group the work:
     what a batch holds does not depend on them."""
     if spec.chunk_fixed:
         return spec.chunk_batches
-    return max(1, min(spec.chunk_batches, -(-int(num_batches) // MIN_PASS_ITEMS)))
+    return max(1, min(spec.chunk_batches, -(-int(num_batches) // PASS_ITEMS)))
 
 
 def host_tier_for(spec: StreamSpec, budget: int) -> str:
