@@ -29,7 +29,7 @@ from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.options import StreamOptions
 from m2m.stream.source import FetchReporting, RowSource
-from m2m.stream.spec import StreamSpec, device_of, pass_chunk_batches, plan_stream
+from m2m.stream.spec import StreamSpec, device_of, lake_pass_chunk_batches, plan_stream
 from m2m.stream.topology import World
 
 #: Budgets of a source streamed without a lake config (`make_loader`).
@@ -108,8 +108,7 @@ class StreamLoader(DataLoader[Any]):
         o = options
         extra: dict[str, Any] = {}
         if o.num_workers > 0:
-            spec = dataset.spec  # the items of a pass over the whole lake (an estimate: a rank's pass may cut smaller)
-            chunk = pass_chunk_batches(spec, -(-spec.num_rows // (spec.batch_size * (spec.world_size or 1))))
+            chunk = lake_pass_chunk_batches(dataset.spec)  # items per worker: at least `prefetch` batches ready
             factor = o.prefetch_factor or max(1, math.ceil((o.prefetch or 0) / (chunk * o.num_workers)))
             extra = {"prefetch_factor": factor, "pin_memory": o.pin_memory or dataset.delivery.device.type == "cuda",
                      "persistent_workers": o.persistent_workers, "timeout": o.timeout,

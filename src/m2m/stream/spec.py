@@ -83,6 +83,12 @@ def pass_chunk_batches(spec: StreamSpec, num_batches: int) -> int:
     return max(1, min(spec.chunk_batches, -(-int(num_batches) // PASS_ITEMS)))
 
 
+def lake_pass_chunk_batches(spec: StreamSpec) -> int:
+    """`pass_chunk_batches` of a pass over the whole lake split over the explicit world size (1 if none):
+    what a loader expects before a pass's plan exists (a rank's pass may cut smaller items)."""
+    return pass_chunk_batches(spec, -(-spec.num_rows // (spec.batch_size * (spec.world_size or 1))))
+
+
 def host_tier_for(spec: StreamSpec, budget: int) -> str:
     """``"arena"`` when the rows an epoch needs resident fit ``budget``, else ``"cold"`` (direct reads)."""
     if spec.warm_mode != "auto":
