@@ -23,7 +23,6 @@ from m2m.sampling.samplers import ImportanceSampler
 from m2m.sampling.sharded import ShardedImportance, ShardedPlanSampler
 from m2m.stream import affinity
 from m2m.stream import pipeline as pl
-from m2m.stream.at_exit import close_at_exit
 from m2m.stream.metrics import StreamStats
 from m2m.stream.order import RankEpoch, delivered_draws, rank_epoch, sampler_plan
 from m2m.stream.source import PrefetchPlanning, RowSource
@@ -158,12 +157,12 @@ class StreamDataset(Dataset[Any]):
         """Worker side: this worker's items as plain dicts. Alone: one epoch of batches."""
         if self._worker_side:
             items = self._items()
-            close_at_exit(items)  # a spawned worker ends its interpreter: close the pass before that
+            pl.close_at_exit(items)  # a spawned worker ends its interpreter: close the pass before that
             return items
         if get_worker_info() is not None:
             raise ConfigError(REFUSED)
         gen = self._alone()
-        close_at_exit(gen)
+        pl.close_at_exit(gen)
         return gen
 
     def _alone(self) -> Iterator[Any]:

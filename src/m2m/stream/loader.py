@@ -1,8 +1,9 @@
 """`StreamLoader`, the DataLoader a lake exports, and `make_loader` (a `RowSource` -> a loader).
 
-Fast path (``num_workers=0``): the stage chain runs in one background thread of the consumer, which only
-splits items into batches, augments and counts; with workers, they run the host stages. The batch sequence
-is identical either way (`m2m.stream.partition`); stages: `m2m.stream.pipeline`; resume: `m2m.stream.state`.
+Fast path (``num_workers=0``): the stage chain runs in one background thread of the consumer, which
+only splits items into batches, augments and counts; with workers, they run the host stages. The
+batch sequence is identical either way (`m2m.stream.partition`); stages are assembled in
+`m2m.stream.pipeline`, the resume model is `m2m.stream.state`.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from m2m.errors import ConfigError
 from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.stream import pipeline as pl
 from m2m.stream import state as st
-from m2m.stream.at_exit import close_at_exit
 from m2m.stream.dataset import StreamDataset, work_from_item
 from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
@@ -133,7 +133,7 @@ class StreamLoader(DataLoader[Any]):
         self._res = pl.Resources(dataset.source, dataset.spec, dataset.delivery)
         self._live: weakref.WeakSet[Any] = weakref.WeakSet()
         self._plans: ThreadPoolExecutor | None = None  # one thread computing the next epoch's plan
-        close_at_exit(self)
+        pl.close_at_exit(self)
 
     # ----------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -151,7 +151,7 @@ class StreamLoader(DataLoader[Any]):
         self._live = weakref.WeakSet()
         self._res = pl.Resources(ds.source, ds.spec, ds.delivery)
         object.__setattr__(self, "sampler", EpochSampler(self))
-        close_at_exit(self)
+        pl.close_at_exit(self)
 
     # ----------------------------------------------------------------- public surface
     def __len__(self) -> int:

@@ -18,9 +18,12 @@ warm arena, output pool, resident tier); `close` releases them and may be called
 
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -49,6 +52,32 @@ INLINE, WORKER, CONSUMER = "inline", "worker", "consumer"
 PROGRESSIVE_LOADS = 16  # blocks one item may load while a fully shuffled lake fills the warm arena
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
+
+_LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()  # loaders and passes to close before the interpreter ends
+_LIVE_LOCK = threading.Lock()
+_AT_EXIT: list[bool] = []
+
+
+def close_at_exit(obj: Any) -> None:
+    """Close ``obj`` (a loader or a pass: anything with ``close()``) when the interpreter exits, if it
+    is still alive then. Background threads still inside torch while the interpreter tears down abort
+    the process ("terminate called without an active exception"); closing first joins them."""
+    with _LIVE_LOCK:
+        _LIVE.add(obj)
+        if not _AT_EXIT:
+            atexit.register(_close_live)
+            _AT_EXIT.append(True)
+
+
+def _close_live() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for obj in live:
+        try:
+            obj.close()
+        except Exception:  # noqa: BLE001, S110 - best effort at exit: the next one must still be closed
+            pass
+
 
 @dataclass(frozen=True)
 class Delivery:

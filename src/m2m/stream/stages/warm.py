@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from m2m.errors import M2MError, StreamError
-from m2m.stream.at_exit import close_at_exit, exiting
 from m2m.stream.columns import Column, torch_dtype
 from m2m.stream.memory import collapse_huge, empty_hugepage
 from m2m.stream.stages.base import BufferSource, Stage, Work
@@ -227,8 +226,7 @@ class WarmArena:
         """
         if not self.whole:
             raise StreamError(f"start_fill needs an arena holding all {self.num_blocks} blocks, it has {self.slots}")
-        if self._filler is None and not self._filled.is_set() and not exiting():
-            close_at_exit(self)  # its threads hold it: a collected loader leaves it running
+        if self._filler is None and not self._filled.is_set():
             self._filler = threading.Thread(target=self._fill, name="m2m-warm-fill", daemon=True)
             self._filler.start()
 
@@ -250,13 +248,11 @@ class WarmArena:
     def pass_ended(self) -> None:
         """A pass over this arena yielded its last item: a filled arena's huge-page collapse starts
         now (on its own thread), not earlier, since it costs CPU the first epoch's gathers need."""
-        if (not self._collapse or self._collapser is not None or self._stop.is_set() or not self.complete
-                or exiting()):
+        if not self._collapse or self._collapser is not None or self._stop.is_set() or not self.complete:
             return
         with self._claim:
             if self._collapser is not None:
                 return
-            close_at_exit(self)  # its threads hold it: a collected loader leaves it running
             self._collapser = threading.Thread(target=self._collapse_all, name="m2m-warm-collapse", daemon=True)
             self._collapser.start()
 
@@ -327,7 +323,7 @@ class WarmArena:
         or least recently used slots that no gather holds. Their loads are hints: a block they fail to load is left
         missing, and the gather that needs it loads it and raises the error there.
         """
-        if self.whole or len(rows) == 0 or exiting():   # a hint: nothing is read ahead while exiting
+        if self.whole or len(rows) == 0:
             return
         blocks = self._blocks_of(rows)
         with self._claim:
@@ -338,7 +334,6 @@ class WarmArena:
             self._queued.update(new)
             self._todo.extend(new)
             if not self._loaders:
-                close_at_exit(self)
                 self._loaders = [threading.Thread(target=self._ahead_loop, name=f"m2m-warm-ahead-{i}", daemon=True)
                                  for i in range(AHEAD_THREADS)]
                 for thread in self._loaders:
