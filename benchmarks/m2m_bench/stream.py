@@ -246,6 +246,7 @@ def _ooc_child(args_json: str) -> None:
            "disk_seq_bytes_per_s": disk_bw, "lake_bytes": source.num_rows * row_bytes,
            "warm_bytes": args["warm_bytes"], "rss_anon_mb_before": before, "rss_anon_mb_peak": peak,
            "stats": dl.stats()}
+    dl.close()  # join the loader's threads before the interpreter ends (closing note of 2026-12-06)
     sys.stdout.write(json.dumps(out) + "\n")
 
 
