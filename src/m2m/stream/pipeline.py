@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from m2m.errors import CorruptShardError, StreamError
 from m2m.stream import columns as cols
 from m2m.stream import shuffle
 from m2m.stream.hooks import Augment, PreparedAugment
@@ -44,7 +43,7 @@ from m2m.stream.stages.cold import ColdReader, ColdStage
 from m2m.stream.stages.draw_ahead import PrepareAugment, rerun_item
 from m2m.stream.stages.hot import CPU, RESIDENT, STAGED, HostBuffers, HotStage, OutputPool, ResidentStage, ResidentTier
 from m2m.stream.stages.hot import finish as finish_work
-from m2m.stream.stages.prefetch import Prefetcher
+from m2m.stream.stages.prefetch import Prefetcher, stage_failure
 from m2m.stream.stages.warm import WarmArena, WarmStage
 from m2m.stream.topology import World
 
@@ -339,10 +338,8 @@ def consumer_reruns(augment: Augment | None, work: Work, batch_size: int, gather
     happened to make the reruns."""
     try:
         rerun_item(augment, work, batch_size, gather)
-    except CorruptShardError:
-        raise
     except Exception as exc:  # noqa: BLE001 - re-raised as the typed error the prefetch thread gives
-        raise StreamError(f"stream: the exact reruns of an item failed: {exc!r}") from exc
+        raise stage_failure(exc, "stream: the exact reruns of an item") from exc
 
 
 def deliver(spec: StreamSpec, d: Delivery, work: Work, j: int, epoch: int, rank: int, gather: Gather | None,

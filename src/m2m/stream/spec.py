@@ -75,9 +75,8 @@ def chunk_batches_for(columns: Sequence[Column], batch_size: int) -> int:
 
 def pass_chunk_batches(spec: StreamSpec, num_batches: int) -> int:
     """Batches per item in a pass of ``num_batches`` batches: ``spec.chunk_batches``, lowered (unless the
-    user fixed it) to ``ceil(num_batches / PASS_ITEMS)``, so that the pass has about `PASS_ITEMS` items. Items
-    only group the work:
-    what a batch holds does not depend on them."""
+    user fixed it) to ``ceil(num_batches / PASS_ITEMS)``, so that the pass has about `PASS_ITEMS` items.
+    Items only group the work: what a batch holds does not depend on them."""
     if spec.chunk_fixed:
         return spec.chunk_batches
     return max(1, min(spec.chunk_batches, -(-int(num_batches) // PASS_ITEMS)))

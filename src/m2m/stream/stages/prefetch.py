@@ -26,6 +26,15 @@ POLL_S = 0.05
 JOIN_TIMEOUT_S = 10.0
 
 
+def stage_failure(exc: BaseException, what: str) -> BaseException:
+    """The error a stage failure reaches the consumer as, whichever thread ran the stage: a damaged
+    shard as itself (callers catch it by what it is), anything else as `StreamError` with the cause
+    chained (raise the result ``from exc``)."""
+    if isinstance(exc, CorruptShardError):
+        return exc
+    return StreamError(f"{what} failed: {exc!r}")
+
+
 class _End:
     pass
 
@@ -123,9 +132,7 @@ class Prefetcher(Stage):
         if isinstance(item, _Failure):
             self._done = True
             self.shutdown()
-            if isinstance(item.exc, CorruptShardError):
-                raise item.exc  # keeps its type: callers catch a damaged shard by what it is
-            raise StreamError(f"{self.name}: a stream stage failed: {item.exc!r}") from item.exc
+            raise stage_failure(item.exc, f"{self.name}: a stream stage") from item.exc
         item.count("stall_s", stall)
         return item
 
