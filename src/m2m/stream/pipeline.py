@@ -162,6 +162,18 @@ class Resources:
             reader.close()
 
 
+def owned_resources(owner: Any, source: RowSource, spec: StreamSpec, delivery: Delivery) -> Resources:
+    """``owner``'s `Resources`, closed when ``owner`` is garbage-collected. A loader dropped without
+    ``close()`` (a local of a function that returned) would otherwise leave its warm arena's threads
+    (fill, load-ahead, huge-page collapse) holding the last reference to the arena's tensors: a daemon
+    thread that frees a tensor while the interpreter finalizes aborts the process ("terminate called
+    without an active exception": torch releases the GIL while freeing, and a daemon thread taking it
+    back during finalization is ended by a forced unwind through torch's C++ frames)."""
+    res = Resources(source, spec, delivery)
+    weakref.finalize(owner, res.close)
+    return res
+
+
 def augments_in_workers(d: Delivery) -> bool:
     """Whether DataLoader workers augment the batches (`AugmentStage`) instead of the consumer: CPU
     streams with workers whose augmentation declares ``in_workers = True`` (m2m's augmenters do; see

@@ -289,7 +289,8 @@ class WarmArena:
         with self._loaded:
             self._loaded.notify_all()
         for thread in (self._filler, self._collapser, *self._loaders):
-            if thread is not None:
+            # the current thread when the arena's owner was collected on it: it stops by itself
+            if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=30)
 
     @property
