@@ -37,6 +37,7 @@ from m2m.stream.memory import (
     madvise,
 )
 from m2m.stream.source import RowSource, file_backed
+from m2m.stream.stages import spare
 from m2m.stream.stages.base import BufferSource, Stage, Work
 
 T = TypeVar("T")
@@ -489,7 +490,7 @@ class ColdReader:
         tensors = self._tensors[name]
         if self.num_shards == 1:
             # shard tensors were filled before the gather; the list is Optional only until then
-            torch.index_select(tensors[0], 0, torch.from_numpy(rows), out=dst)  # type: ignore[arg-type]
+            spare.index_select(tensors[0], torch.from_numpy(rows), dst)  # type: ignore[arg-type]
             return int(dst.nbytes)
         shard = np.searchsorted(self.offsets, rows, side="right") - 1
         order = np.argsort(shard, kind="stable")
@@ -501,10 +502,10 @@ class ColdReader:
         for s in np.flatnonzero(np.diff(bounds)):
             a, b = int(bounds[s]), int(bounds[s + 1])
             # shard tensors were filled before the gather; the list is Optional only until then
-            torch.index_select(tensors[s], 0, local_t[a:b], out=staging[a:b])  # type: ignore[arg-type]
+            spare.index_select(tensors[s], local_t[a:b], staging[a:b])  # type: ignore[arg-type]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
-        torch.index_select(staging[: len(rows)], 0, torch.from_numpy(inverse), out=dst)
+        spare.index_select(staging[: len(rows)], torch.from_numpy(inverse), dst)
         return int(dst.nbytes)
 
     def _staging_for(self, name: str, like: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from m2m.errors import ConfigError, CorruptShardError, StreamError
+from m2m.stream.stages import spare
 from m2m.stream.stages.base import Stage, Work
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,13 @@ def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _produce(upstream: Stage, q: "queue.Queue[Any]", stop: threading.Event, threads: int | None) -> None:
+def _produce(upstream: Stage, q: "queue.Queue[Any]", stop: threading.Event, threads: int | None,
+             helper: spare.Spare | None) -> None:
     saved = None
     if threads:
         saved = torch.get_num_threads()
         torch.set_num_threads(threads)  # OpenMP: per thread; restored below for threads started later
+    spare.lend(helper)  # while the consumer waits for the item being made, a helper shares its gathers
     try:
         while not stop.is_set():
             try:
@@ -71,6 +74,9 @@ def _produce(upstream: Stage, q: "queue.Queue[Any]", stop: threading.Event, thre
     except BaseException as exc:  # noqa: BLE001 - every failure is handed to the consumer, none is hidden
         _put(q, _Failure(exc), stop)
     finally:
+        spare.lend(None)
+        if helper is not None:
+            helper.close()
         if saved is not None:
             torch.set_num_threads(saved)
 
@@ -83,7 +89,8 @@ class Prefetcher(Stage):
     """Keeps up to ``capacity`` items of ``upstream`` ready, from `start` until `shutdown`.
 
     ``intra_op_threads``: torch threads of the producer thread (1 avoids OpenMP contention with the
-    consumer; None leaves torch's setting alone).
+    consumer; None leaves torch's setting alone). While the consumer waits for an item (none was
+    ready when it asked), a helper thread shares the item's row gathers (`m2m.stream.stages.spare`).
     """
 
     def __init__(self, upstream: Stage, capacity: int = 2, intra_op_threads: int | None = 1,
@@ -97,6 +104,8 @@ class Prefetcher(Stage):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=capacity)
+        self._waits = spare.ConsumerWaits()
+        self.spare: spare.Spare | None = None  # the producer's gather helper (`m2m.stream.stages.spare`)
         self._done = True
 
     def start(self) -> "Prefetcher":
@@ -106,8 +115,12 @@ class Prefetcher(Stage):
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.capacity)
         self._done = False
+        # torch's thread count left alone (None): no helper either, whose gathers would add a thread
+        self._waits = spare.ConsumerWaits()
+        self.spare = spare.Spare(self._waits) if self.intra_op_threads else None
         self._thread = threading.Thread(target=_produce, name=self.name, daemon=True,
-                                        args=(self.upstream, self._queue, self._stop, self.intra_op_threads))
+                                        args=(self.upstream, self._queue, self._stop, self.intra_op_threads,
+                                              self.spare))
         self._finalizer = weakref.finalize(self, _stop, self._stop)
         self._thread.start()
         return self
@@ -116,16 +129,13 @@ class Prefetcher(Stage):
         if self._done:
             raise StopIteration
         start = time.perf_counter()
-        while True:
-            try:
-                item = self._queue.get(timeout=POLL_S)
-                break
-            except queue.Empty:
-                if self._thread is None or not self._thread.is_alive():
-                    if self._queue.empty():
-                        self._done = True
-                        raise StreamError(f"{self.name}: producer thread ended without a result") from None
-        stall = time.perf_counter() - start
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            item = self._wait()
+        now = time.perf_counter()
+        stall = now - start
+        self._waits.took(stall, now)
         if isinstance(item, _End):
             self._done = True
             raise StopIteration
@@ -135,6 +145,21 @@ class Prefetcher(Stage):
             raise stage_failure(item.exc, f"{self.name}: a stream stage") from item.exc
         item.count("stall_s", stall)
         return item
+
+    def _wait(self) -> Any:
+        """The next item, once the producer made it: the consumer's core is the producer's meanwhile."""
+        self._waits.now.set()
+        try:
+            while True:
+                try:
+                    return self._queue.get(timeout=POLL_S)
+                except queue.Empty:
+                    if self._thread is None or not self._thread.is_alive():
+                        if self._queue.empty():
+                            self._done = True
+                            raise StreamError(f"{self.name}: producer thread ended without a result") from None
+        finally:
+            self._waits.now.clear()
 
     def backlog(self) -> int:
         """Items produced and not yet taken by the consumer (0: the consumer is waiting or about to)."""

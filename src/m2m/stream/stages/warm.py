@@ -23,6 +23,7 @@ import torch
 from m2m.errors import M2MError, StreamError
 from m2m.stream.columns import Column, torch_dtype
 from m2m.stream.memory import collapse_huge, empty_hugepage
+from m2m.stream.stages import spare
 from m2m.stream.stages.base import BufferSource, Stage, Work
 from m2m.stream.stages.cold import ColdReader, fill_common
 
@@ -44,7 +45,7 @@ def select_into(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> None
     rows are gathered ``CONVERT_ROWS`` at a time into a small per-thread buffer that stays in cache
     and converted from there, instead of gathering a whole item then converting it from memory."""
     if dst.dtype == src.dtype:
-        torch.index_select(src, 0, pos, out=dst)
+        spare.index_select(src, pos, dst)
         return
     key = (src.dtype, tuple(src.shape[1:]))
     piece = getattr(_pieces, "bufs", {}).get(key)
@@ -53,7 +54,7 @@ def select_into(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> None
         _pieces.bufs = {**getattr(_pieces, "bufs", {}), key: piece}
     for lo in range(0, len(pos), CONVERT_ROWS):
         hi = min(lo + CONVERT_ROWS, len(pos))
-        torch.index_select(src, 0, pos[lo:hi], out=piece[: hi - lo])
+        spare.index_select(src, pos[lo:hi], piece[: hi - lo])
         dst[lo:hi].copy_(piece[: hi - lo])
 
 
@@ -147,7 +148,7 @@ class WarmArena:
         if self._num_loaded < self.num_blocks:
             self._raise_fill_error()
             self._ensure_loaded(np.unique(rows // self.block_rows), None)
-        torch.index_select(self._arena[name], 0, torch.from_numpy(rows), out=dst)
+        spare.index_select(self._arena[name], torch.from_numpy(rows), dst)
         return int(dst.nbytes)
 
     def _try_claim(self, block: int) -> bool:

@@ -1,0 +1,108 @@
+"""The spare core (`m2m.stream.stages.spare`): while the consumer waits for the prefetch thread, a
+helper thread gathers half of the rows left; the result is the plain gather's, bit for bit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from m2m.stream.stages import spare
+from m2m.stream.stages.base import Stage, Work
+from m2m.stream.stages.prefetch import Prefetcher
+
+
+def _gather_on_a_thread(src, pos, waiting, out_dtype=None):
+    """spare.index_select on a fresh thread bound to a Spare (as the prefetch thread is)."""
+    out = torch.empty((len(pos), *src.shape[1:]), dtype=out_dtype or src.dtype)
+    helper = spare.Spare(waiting)
+    box: dict = {}
+
+    def run():
+        spare.lend(helper)
+        try:
+            box["out"] = spare.index_select(src, pos, out)
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            box["exc"] = exc
+        finally:
+            spare.lend(None)
+            helper.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    return box, helper
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+@pytest.mark.parametrize("rows", [1, 100, 5000, 20_000])
+def test_a_shared_gather_equals_the_plain_gather(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    src = (torch.randn(20_000, 96, generator=g) * 100).to(dtype)
+    pos = torch.randint(0, len(src), (rows,), generator=g)
+    box, helper = _gather_on_a_thread(src, pos, lambda: True)
+    assert torch.equal(box["out"], torch.index_select(src, 0, pos))
+    step = spare.PIECE_BYTES // (96 * src.element_size())
+    assert helper.pieces == (1 if rows >= 2 * step else 0)  # one hand-over per call, big enough ones only
+
+
+def test_no_hand_over_while_the_consumer_is_busy_and_one_once_it_waits():
+    src = torch.randn(50_000, 256)
+    pos = torch.randint(0, len(src), (20_000,))
+    box, helper = _gather_on_a_thread(src, pos, lambda: False)
+    assert torch.equal(box["out"], src[pos]) and helper.pieces == 0
+    looks = iter([False] * 5 + [True] * 1000)  # the consumer starts waiting after 5 pieces
+    box, helper = _gather_on_a_thread(src, pos, lambda: next(looks))
+    assert torch.equal(box["out"], src[pos]) and helper.pieces == 1
+
+
+def test_a_failing_half_raises_in_the_producer():
+    src = torch.randn(1000, 512)
+    pos = torch.zeros(4000, dtype=torch.int64)
+    pos[-1] = 10**6  # out of range in the half the helper gathers
+    box, helper = _gather_on_a_thread(src, pos, lambda: True)
+    assert helper.pieces == 1 and isinstance(box.get("exc"), IndexError)
+
+
+def test_the_prefetch_thread_shares_its_gathers_only_while_the_consumer_waits():
+    src = torch.randn(60_000, 256)
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(src)))
+
+    class Gathers(Stage):
+        def __init__(self):
+            self.i = 0
+
+        def __next__(self):
+            if self.i == 6:
+                raise StopIteration
+            pos = perm[self.i * 10_000: (self.i + 1) * 10_000]
+            time.sleep(0.2 if self.i < 3 else 0.0)  # items 0-2: the consumer is waiting by the gather
+            out = torch.empty(len(pos), 256)
+            spare.index_select(src, pos, out)
+            self.i += 1
+            return Work(0, self.i - 1, self.i, pos.numpy(), None, tensors={"x": out})
+
+    pf = Prefetcher(Gathers(), capacity=1).start()
+    got = [next(pf)]
+    assert pf.spare is not None and pf.spare.pieces == 1  # item 0 was made while the consumer waited
+    time.sleep(1.0)  # a busy consumer: item 1 is made and queued meanwhile, without the helper
+    assert pf.spare.pieces == 1
+    got += list(pf)
+    pf.shutdown()
+    assert [w.first for w in got] == list(range(6))
+    for w in got:
+        assert torch.equal(w.tensors["x"], src[torch.from_numpy(w.rows)])
+
+
+def test_a_prefetcher_that_leaves_torch_alone_has_no_helper():
+    class One(Stage):
+        def __next__(self):
+            raise StopIteration
+
+    pf = Prefetcher(One(), capacity=1, intra_op_threads=None).start()
+    assert list(pf) == [] and pf.spare is None
+    pf.shutdown()
