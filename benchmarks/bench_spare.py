@@ -51,9 +51,18 @@ def run(rows: int, rounds: int, consumers: list[int], directory: Path) -> dict[s
     from m2m_bench.first_epoch import files_of, numpy_loop, read_all, write
 
     from m2m.api import open_lake
+    from m2m.stream.spec import pass_chunk_batches
     from m2m.stream.stages import spare
 
     torch.set_num_threads(1)
+    handed = [0]
+    hand = spare.Spare.hand
+
+    def counted(self: Any, *args: Any) -> None:  # hand-overs per epoch, to tell a helper unused from noise
+        handed[0] += 1
+        hand(self, *args)
+
+    spare.Spare.hand = counted  # type: ignore[method-assign]
     data = directory / "float32"
     if not (data / "lake").exists():
         write(directory, rows, "float32")
@@ -72,16 +81,21 @@ def run(rows: int, rounds: int, consumers: list[int], directory: Path) -> dict[s
     lake = open_lake(data / "lake")
     dl = lake.export_to_dataloader(batch_size=256, columns=("embedding", "label"))
     _steady(dl, None)
+    res["items_per_epoch"] = -(-len(dl) // pass_chunk_batches(dl.spec, len(dl)))
     dl.wait_warm()
     for cols in consumers:
         work = torch.randn(640, cols) if cols else None
-        out: dict[str, list[float]] = {"on": [], "off": []}
+        out: dict[str, list[float]] = {"on": [], "off": [], "handed_on": []}
         for r in range(2 * rounds):
             for mode in (("on", "off") if r % 2 else ("off", "on")):
                 spare.PIECE_BYTES = on_bytes if mode == "on" else off_bytes
+                handed[0] = 0
                 out[mode].append(_steady(dl, work))
+                if mode == "on":
+                    out["handed_on"].append(handed[0])
         res[f"steady_consumer_{cols}"] = out
     spare.PIECE_BYTES = on_bytes
+    spare.Spare.hand = hand  # type: ignore[method-assign]
     dl.close()
     lake.close()
     return res
@@ -100,7 +114,9 @@ def summary(res: dict[str, Any]) -> str:
         if key.startswith("steady_consumer_"):
             on, off = statistics.median(out["on"]), statistics.median(out["off"])
             lines.append(f"steady, consumer matmul {key.rsplit('_', 1)[1]:>2} cols: on {on:,.0f} | off {off:,.0f} "
-                         f"rows/s; on/off {on / off:.2f}x")
+                         f"rows/s; on/off {on / off:.2f}x [{min(out['on']) / max(out['off']):.2f}-"
+                         f"{max(out['on']) / min(out['off']):.2f}]; hand-overs per epoch "
+                         f"{statistics.median(out['handed_on']):.0f} of {res['items_per_epoch']} items")
     return "\n".join(lines)
 
 

@@ -47,16 +47,22 @@ class ConsumerWaits:
             self.share = DECAY * self.share + (1 - DECAY) * min(1.0, stall / (at - self._last))
         self._last = at
 
+    def loader_bound(self) -> bool:
+        """Whether the consumer waited for more than ``LOADER_BOUND`` of its time over the last items."""
+        return self.share >= LOADER_BOUND
+
     def __call__(self) -> bool:
-        return self.now.is_set() and self.share >= LOADER_BOUND
+        """Whether to share a gather now: the consumer waits, and the stream is loader-bound."""
+        return self.now.is_set() and self.loader_bound()
 
 
 class Spare:
     """The helper of one producer thread: ``waiting()`` says whether to share a gather now (the consumer
     waits and the stream is loader-bound: `ConsumerWaits`)."""
 
-    def __init__(self, waiting: Callable[[], bool]) -> None:
+    def __init__(self, waiting: Callable[[], bool], worth_it: Callable[[], bool] = lambda: True) -> None:
         self.waiting = waiting
+        self.worth_it = worth_it  # False: gathers are not cut into pieces at all (a consumer-bound stream)
         self.pieces = 0  # pieces the helper gathered (tests and stats)
         self._tasks: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._done: "queue.SimpleQueue[BaseException | None]" = queue.SimpleQueue()
@@ -114,8 +120,8 @@ def index_select(src: torch.Tensor, pos: torch.Tensor, out: torch.Tensor) -> tor
     as gathering a small piece, measured)."""
     spare: Spare | None = getattr(_local, "spare", None)
     step = max(1, PIECE_BYTES // max(1, out[:1].numel() * out.element_size()))
-    if spare is None or len(pos) < 2 * step:
-        return torch.index_select(src, 0, pos, out=out)
+    if spare is None or len(pos) < 2 * step or not spare.worth_it():
+        return torch.index_select(src, 0, pos, out=out)  # one call: pieces cost a few percent
     lo, end = 0, len(pos)
     try:
         while lo < end:
