@@ -89,7 +89,7 @@ def _ray(res: dict[str, Any]) -> list[Row]:
 
 
 SOURCES = (
-    Source("first-epoch-stop31-2026-12-06.json", "12-06 pm, quiet",
+    Source("first-epoch-stop32-2026-12-06.json", "12-06 eve, quiet",
            _first_epoch("first_hot", "first_cold", "steady", "f16", "f16_stored", "ooc", "ooc_cold")),
     Source("bench-suite-2026-11-26.json", "11-26, warm RAM",
            _suite("shuffled stream f32 (rows/s)", "kNN graph k=16, recall 0.961 (rows/s)")),
