@@ -47,17 +47,17 @@ def test_a_shared_gather_equals_the_plain_gather(dtype, rows):
     box, helper = _gather_on_a_thread(src, pos, lambda: True)
     assert torch.equal(box["out"], torch.index_select(src, 0, pos))
     step = spare.PIECE_BYTES // (96 * src.element_size())
-    assert helper.pieces == (1 if rows >= 2 * step else 0)  # one hand-over per call, big enough ones only
+    assert helper.handed == (1 if rows >= 2 * step else 0)  # one hand-over per call, big enough ones only
 
 
 def test_no_hand_over_while_the_consumer_is_busy_and_one_once_it_waits():
     src = torch.randn(50_000, 256)
     pos = torch.randint(0, len(src), (20_000,))
     box, helper = _gather_on_a_thread(src, pos, lambda: False)
-    assert torch.equal(box["out"], src[pos]) and helper.pieces == 0
+    assert torch.equal(box["out"], src[pos]) and helper.handed == 0
     looks = iter([False] * 5 + [True] * 1000)  # the consumer starts waiting after 5 pieces
     box, helper = _gather_on_a_thread(src, pos, lambda: next(looks))
-    assert torch.equal(box["out"], src[pos]) and helper.pieces == 1
+    assert torch.equal(box["out"], src[pos]) and helper.handed == 1
 
 
 def test_a_failing_half_raises_in_the_producer():
@@ -65,7 +65,7 @@ def test_a_failing_half_raises_in_the_producer():
     pos = torch.zeros(4000, dtype=torch.int64)
     pos[-1] = 10**6  # out of range in the half the helper gathers
     box, helper = _gather_on_a_thread(src, pos, lambda: True)
-    assert helper.pieces == 1 and isinstance(box.get("exc"), IndexError)
+    assert helper.handed == 1 and isinstance(box.get("exc"), IndexError)
 
 
 def test_the_prefetch_thread_shares_its_gathers_only_while_the_consumer_waits():
@@ -88,9 +88,9 @@ def test_the_prefetch_thread_shares_its_gathers_only_while_the_consumer_waits():
 
     pf = Prefetcher(Gathers(), capacity=1).start()
     got = [next(pf)]
-    assert pf.spare is not None and pf.spare.pieces == 1  # item 0 was made while the consumer waited
+    assert pf.spare is not None and pf.spare.handed == 1  # item 0 was made while the consumer waited
     time.sleep(1.0)  # a busy consumer: item 1 is made and queued meanwhile, without the helper
-    assert pf.spare.pieces == 1
+    assert pf.spare.handed == 1
     got += list(pf)
     pf.shutdown()
     assert [w.first for w in got] == list(range(6))
@@ -106,3 +106,32 @@ def test_a_prefetcher_that_leaves_torch_alone_has_no_helper():
     pf = Prefetcher(One(), capacity=1, intra_op_threads=None).start()
     assert list(pf) == [] and pf.spare is None
     pf.shutdown()
+
+
+def test_the_consumer_waits_share_follows_its_recent_stalls():
+    waits = spare.ConsumerWaits()
+    assert waits.loader_bound() and not waits()  # a new stream counts as loader-bound; nobody waits yet
+    waits.took(0.0, 1.0)  # the first item only starts the clock
+    assert waits.share == 1.0
+    for i in range(2, 12):  # 10 items taken without waiting: a consumer-bound stream
+        waits.took(0.0, float(i))
+    assert waits.share == pytest.approx(0.8 ** 10) and not waits.loader_bound()
+    for i in range(12, 22):  # then 10 items each waited for 90% of the cycle
+        waits.took(0.9, float(i))
+    assert waits.loader_bound() and waits.share == pytest.approx(0.9 - 0.9 * 0.8 ** 10 + 0.8 ** 20)
+    waits.now.set()
+    assert waits()
+
+
+def test_a_consumer_bound_stream_gathers_in_one_call():
+    src = torch.randn(50_000, 256)
+    pos = torch.randint(0, len(src), (20_000,))
+    out = torch.empty(len(pos), 256)
+    helper = spare.Spare(lambda: True, worth_it=lambda: False)
+    spare.lend(helper)
+    try:
+        spare.index_select(src, pos, out)
+    finally:
+        spare.lend(None)
+        helper.close()
+    assert helper.handed == 0 and helper._thread is None and torch.equal(out, src[pos])

@@ -4,8 +4,9 @@ The prefetch thread runs torch on ``intra_op_threads`` threads (1 by default) so
 compete with the consumer's own work, a training step. While the consumer is blocked waiting for the
 item being made (it asked for the next item and none was ready), its core is idle: the item's row
 gathers (`index_select` from the warm arena or from in-memory shards) are then shared with a helper
-thread, which gathers the second half of the rows left. A random-row gather is bound by memory latency; two
-threads ran it about 2x faster than one on this project's 2-core VM (docs/tuning.md).
+thread, which gathers the second half of the rows left. A random-row gather is bound by memory
+latency: two threads, each gathering half, ran it 1.7-1.9x faster than one on this project's 2-core VM,
+and a helper taking half of each 1,600-row item 1.3-1.45x (the hand-over costs; docs/tuning.md).
 
 A helper thread, not OpenMP: torch's OpenMP threads keep spinning for a while after a parallel region,
 and in a measured balanced stream (a consumer as fast as the loader) the spinning cost the consumer
@@ -63,7 +64,7 @@ class Spare:
     def __init__(self, waiting: Callable[[], bool], worth_it: Callable[[], bool] = lambda: True) -> None:
         self.waiting = waiting
         self.worth_it = worth_it  # False: gathers are not cut into pieces at all (a consumer-bound stream)
-        self.pieces = 0  # pieces the helper gathered (tests and stats)
+        self.handed = 0  # hand-overs so far (tests, benchmarks)
         self._tasks: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._done: "queue.SimpleQueue[BaseException | None]" = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -89,7 +90,7 @@ class Spare:
             self._thread = threading.Thread(target=self._run, name="m2m-spare", daemon=True)
             self._thread.start()
         self.busy = True
-        self.pieces += 1
+        self.handed += 1
         self._tasks.put((src, pos, out))
 
     def collect(self) -> None:
