@@ -15,6 +15,11 @@ from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.prefetch import Prefetcher
 
 
+@pytest.fixture(autouse=True)
+def small_tables_shared(monkeypatch):
+    monkeypatch.setattr(spare, "MIN_TABLE_BYTES", 0)  # these tests' tables are small
+
+
 def _gather_on_a_thread(src, pos, waiting, out_dtype=None):
     """spare.index_select on a fresh thread bound to a Spare (as the prefetch thread is)."""
     out = torch.empty((len(pos), *src.shape[1:]), dtype=out_dtype or src.dtype)
@@ -135,3 +140,14 @@ def test_a_consumer_bound_stream_gathers_in_one_call():
         spare.lend(None)
         helper.close()
     assert helper.handed == 0 and helper._thread is None and torch.equal(out, src[pos])
+
+
+def test_a_table_that_fits_in_the_caches_is_not_shared(monkeypatch):
+    monkeypatch.setattr(spare, "MIN_TABLE_BYTES", 64 << 20)
+    src = torch.randn(50_000, 256)  # 51 MB
+    pos = torch.randint(0, len(src), (20_000,))
+    box, helper = _gather_on_a_thread(src, pos, lambda: True)
+    assert torch.equal(box["out"], src[pos]) and helper.handed == 0
+    big = torch.randn(70_000, 256)  # 72 MB
+    box, helper = _gather_on_a_thread(big, pos, lambda: True)
+    assert torch.equal(box["out"], big[pos]) and helper.handed == 1

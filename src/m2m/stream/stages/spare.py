@@ -23,6 +23,9 @@ from typing import Any, Callable
 import torch
 
 PIECE_BYTES = 1 << 20  # rows gathered between two looks at whether the consumer waits
+# gathers from smaller tables run from the CPU caches, where waking the helper costs more than it saves
+# (the demo's 8 MB lake streamed 0.7x as fast with it, docs/tuning.md)
+MIN_TABLE_BYTES = 64 << 20
 
 _local = threading.local()
 
@@ -121,7 +124,8 @@ def index_select(src: torch.Tensor, pos: torch.Tensor, out: torch.Tensor) -> tor
     as gathering a small piece, measured)."""
     spare: Spare | None = getattr(_local, "spare", None)
     step = max(1, PIECE_BYTES // max(1, out[:1].numel() * out.element_size()))
-    if spare is None or len(pos) < 2 * step or not spare.worth_it():
+    if (spare is None or len(pos) < 2 * step or src.numel() * src.element_size() < MIN_TABLE_BYTES
+            or not spare.worth_it()):
         return torch.index_select(src, 0, pos, out=out)  # one call: pieces cost a few percent
     lo, end = 0, len(pos)
     try:
