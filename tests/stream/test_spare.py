@@ -151,3 +151,31 @@ def test_a_table_that_fits_in_the_caches_is_not_shared(monkeypatch):
     big = torch.randn(70_000, 256)  # 72 MB
     box, helper = _gather_on_a_thread(big, pos, lambda: True)
     assert torch.equal(box["out"], big[pos]) and helper.handed == 1
+
+
+def test_the_helper_runs_on_the_producers_torch_threads(monkeypatch):
+    # a new thread takes torch's process-wide count, which another stream's producer may have restored
+    seen = []
+    monkeypatch.setattr(spare.Spare, "_serve", lambda self: seen.append(torch.get_num_threads()))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        helper = spare.Spare(lambda: True, threads=1)
+        helper.hand(torch.zeros(4, 2), torch.zeros(2, dtype=torch.int64), torch.empty(2, 2))
+        helper._thread.join(10)
+        assert torch.get_num_threads() == 2  # the helper restored what it found when it ended
+    finally:
+        torch.set_num_threads(saved)
+    assert seen == [1]
+
+
+def test_a_helper_that_could_not_start_is_not_joined(monkeypatch):
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    helper = spare.Spare(lambda: True)
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError, match="start new thread"):
+        helper.hand(torch.zeros(4, 2), torch.zeros(2, dtype=torch.int64), torch.empty(2, 2))
+    monkeypatch.undo()
+    helper.close()  # no "cannot join thread before it is started"

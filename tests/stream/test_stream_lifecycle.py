@@ -153,3 +153,16 @@ def test_a_loader_collected_without_close_stops_its_arena_threads(lake_640, aban
     del dl
     assert arena._stop.is_set()
     assert not any(t is not None and t.is_alive() for t in (arena._filler, arena._collapser, *arena._loaders))
+
+
+def test_resources_replaced_by_a_new_state_are_freed(lake_640):
+    # `load_state_dict` may replace the loader's resources (`_adopt`): the old ones are closed and freed
+    # then, not kept (with their warm arena) by the finalizer that closes them with the loader
+    dl = create_m2m(M2MConfig(path=lake_640, latent_dim=640)).export_to_dataloader(
+        batch_size=256, warm_bytes=16 << 20, hot_bytes=0)
+    assert sum(len(b) for b in dl) == 3000
+    old, arena = weakref.ref(dl._res), weakref.ref(dl._res.arena)
+    dl._adopt(dl.spec)
+    assert old() is None and arena() is None
+    assert sum(len(b) for b in dl) == 3000
+    dl.close()

@@ -130,7 +130,7 @@ class StreamLoader(DataLoader[Any]):
         self.plan_sampler = dataset.sampler
         self._cursor = st.Cursor(o.epoch)
         self._stats = StreamStats()
-        self._res = pl.owned_resources(self, dataset.source, dataset.spec, dataset.delivery)
+        self._res, self._res_fin = pl.owned_resources(self, dataset.source, dataset.spec, dataset.delivery, None)
         self._live: weakref.WeakSet[Any] = weakref.WeakSet()
         self._plans: ThreadPoolExecutor | None = None  # one thread computing the next epoch's plan
         pl.close_at_exit(self)
@@ -139,7 +139,7 @@ class StreamLoader(DataLoader[Any]):
     def __getstate__(self) -> dict[str, Any]:
         """Numbers and configuration only: readers, arenas, threads and live passes are rebuilt lazily."""
         state = self.__dict__.copy()
-        for name in ("_iterator", "_live", "_res", "_plans"):
+        for name in ("_iterator", "_live", "_res", "_res_fin", "_plans"):
             state[name] = None
         state["_stats"] = StreamStats()
         state["sampler"] = None
@@ -149,7 +149,7 @@ class StreamLoader(DataLoader[Any]):
         self.__dict__.update(state)
         ds = self._ds
         self._live = weakref.WeakSet()
-        self._res = pl.owned_resources(self, ds.source, ds.spec, ds.delivery)
+        self._res, self._res_fin = pl.owned_resources(self, ds.source, ds.spec, ds.delivery, None)
         object.__setattr__(self, "sampler", EpochSampler(self))
         pl.close_at_exit(self)
 
@@ -248,7 +248,7 @@ class StreamLoader(DataLoader[Any]):
         self.close()
         self.spec = self._ds.spec = spec
         self._ds._cache.clear()
-        self._res = pl.owned_resources(self, self._ds.source, spec, self._ds.delivery)
+        self._res, self._res_fin = pl.owned_resources(self, self._ds.source, spec, self._ds.delivery, self._res_fin)
 
     # ----------------------------------------------------------------- iteration
     def _state(self) -> st.StreamState:

@@ -162,16 +162,20 @@ class Resources:
             reader.close()
 
 
-def owned_resources(owner: Any, source: RowSource, spec: StreamSpec, delivery: Delivery) -> Resources:
-    """``owner``'s `Resources`, closed when ``owner`` is garbage-collected. A loader dropped without
+def owned_resources(owner: Any, source: RowSource, spec: StreamSpec, delivery: Delivery,
+                    replacing: weakref.finalize[[], None] | None) -> tuple[Resources, weakref.finalize[[], None]]:
+    """``owner``'s `Resources` and the finalizer that closes them when ``owner`` is garbage-collected;
+    ``replacing`` (the finalizer of the resources these replace) closes those now and lets them go
+    (a finalizer holds its resources until it runs or the owner dies). A loader dropped without
     ``close()`` (a local of a function that returned) would otherwise leave its warm arena's threads
     (fill, load-ahead, huge-page collapse) holding the last reference to the arena's tensors: a daemon
     thread that frees a tensor while the interpreter finalizes aborts the process ("terminate called
     without an active exception": torch releases the GIL while freeing, and a daemon thread taking it
     back during finalization is ended by a forced unwind through torch's C++ frames)."""
+    if replacing is not None:
+        replacing()
     res = Resources(source, spec, delivery)
-    weakref.finalize(owner, res.close)
-    return res
+    return res, weakref.finalize(owner, res.close)
 
 
 def augments_in_workers(d: Delivery) -> bool:

@@ -117,7 +117,8 @@ class Prefetcher(Stage):
         self._done = False
         # torch's thread count left alone (None): no helper either, whose gathers would add a thread
         self._waits = spare.ConsumerWaits()
-        self.spare = spare.Spare(self._waits, self._waits.loader_bound) if self.intra_op_threads else None
+        self.spare = (spare.Spare(self._waits, self._waits.loader_bound, self.intra_op_threads)
+                      if self.intra_op_threads else None)
         self._thread = threading.Thread(target=_produce, name=self.name, daemon=True,
                                         args=(self.upstream, self._queue, self._stop, self.intra_op_threads,
                                               self.spare))

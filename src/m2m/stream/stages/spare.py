@@ -64,8 +64,10 @@ class Spare:
     """The helper of one producer thread: ``waiting()`` says whether to share a gather now (the consumer
     waits and the stream is loader-bound: `ConsumerWaits`)."""
 
-    def __init__(self, waiting: Callable[[], bool], worth_it: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, waiting: Callable[[], bool], worth_it: Callable[[], bool] = lambda: True,
+                 threads: int | None = 1) -> None:
         self.waiting = waiting
+        self.threads = threads  # torch threads of the helper (the producer's)
         self.worth_it = worth_it  # False: gathers are not cut into pieces at all (a consumer-bound stream)
         self.handed = 0  # hand-overs so far (tests, benchmarks)
         self._tasks: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
@@ -74,6 +76,18 @@ class Spare:
         self.busy = False
 
     def _run(self) -> None:
+        # the producer's torch thread count: a new thread would take the process-wide one (which another
+        # stream's producer may have restored meanwhile), and run OpenMP teams beside the consumer
+        saved = torch.get_num_threads()
+        if self.threads and self.threads != saved:
+            torch.set_num_threads(self.threads)
+        try:
+            self._serve()
+        finally:
+            if torch.get_num_threads() != saved:
+                torch.set_num_threads(saved)
+
+    def _serve(self) -> None:
         while True:
             task = self._tasks.get()
             if task is None:
@@ -89,9 +103,9 @@ class Spare:
     def hand(self, src: torch.Tensor, pos: torch.Tensor, out: torch.Tensor) -> None:
         """``out = src[pos]`` on the helper thread; `collect` waits for it."""
         if self._thread is None:
-            # started from the producer thread: it inherits that thread's torch thread count
-            self._thread = threading.Thread(target=self._run, name="m2m-spare", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="m2m-spare", daemon=True)
+            thread.start()  # assigned once started: a thread that failed to start is never joined
+            self._thread = thread
         self.busy = True
         self.handed += 1
         self._tasks.put((src, pos, out))
