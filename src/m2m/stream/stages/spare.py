@@ -137,9 +137,10 @@ def index_select(src: torch.Tensor, pos: torch.Tensor, out: torch.Tensor) -> tor
     while this thread gathers the first: one hand-over per call (waking the helper costs about as much
     as gathering a small piece, measured)."""
     spare: Spare | None = getattr(_local, "spare", None)
+    if spare is None:  # not a producer thread (the consumer, a worker): nothing else to work out
+        return torch.index_select(src, 0, pos, out=out)
     step = max(1, PIECE_BYTES // max(1, out[:1].numel() * out.element_size()))
-    if (spare is None or len(pos) < 2 * step or src.numel() * src.element_size() < MIN_TABLE_BYTES
-            or not spare.worth_it()):
+    if len(pos) < 2 * step or src.numel() * src.element_size() < MIN_TABLE_BYTES or not spare.worth_it():
         return torch.index_select(src, 0, pos, out=out)  # one call: pieces cost a few percent
     lo, end = 0, len(pos)
     try:
