@@ -107,14 +107,25 @@ class Resources:
         self._readers: dict[str, ColdReader] = {}
         self._resident: ResidentTier | None = None
         self._pool: OutputPool | None = None
+        self._borrowed = False  # ``arena`` is the leasing owner's (closed by the owner, not here)
 
     def lease(self) -> "Resources":
-        """These resources, or private ones (closed by the caller) if a live pass holds them."""
+        """These resources, or private ones (closed by the caller) if a live pass holds them.
+
+        Private ones share what is safe to share: the lake on the GPU, and a warm arena that holds the
+        whole lake (its gathers and block loads are safe from any thread, `WarmArena`). A partial arena
+        is not shared (its cold fallback reads through one reader's staging buffers), so a pass beside
+        a live one over a lake larger than the warm budget reads cold."""
         if not self.busy:
             self.busy = True
             return self
         private = Resources(self.source, self.spec, self.delivery, keep_arena=False)
         private._resident = self._resident  # the lake on the GPU is shared (read-only)
+        arena = self.arena
+        if arena is not None and arena.whole and not arena.failed and self.warm_mode == ARENA:
+            # an abandoned but referenced iterator (``it = iter(dl); next(it)``) keeps its pass live:
+            # without this every later pass would gather a full shuffle from disk (20x slower)
+            private.arena, private.warm_mode, private._borrowed = arena, ARENA, True
         return private
 
     def release(self, leased: "Resources") -> None:
@@ -148,6 +159,9 @@ class Resources:
         failed (during its pass or after it, on the fill thread) is replaced: it would re-raise that error
         on every pass, e.g. after a remote read that ran out of retries once."""
         if self.arena is not None and self.arena.failed:
+            if self._borrowed:  # the owner replaces it; this pass reads cold from now on
+                self.arena, self.warm_mode, self._borrowed = None, COLD, False
+                return None
             self.arena.close()
             self.arena = None
         if self.warm_mode == ARENA and self.arena is None:
@@ -156,7 +170,7 @@ class Resources:
 
     def close(self) -> None:
         """Stop a warm arena still filling and close the readers' files (idempotent)."""
-        if self.arena is not None:
+        if self.arena is not None and not self._borrowed:
             self.arena.close()
         for reader in self._readers.values():
             reader.close()

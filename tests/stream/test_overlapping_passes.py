@@ -1,0 +1,83 @@
+"""Passes of one loader that are live at the same time (``it = iter(dl); next(it)`` kept while later
+passes run, ``zip(dl, dl)``): each yields exactly its epoch, and a pass beside a live one gathers from
+the warm arena when that holds the whole lake, not from disk (before: every such pass read a full
+shuffle cold, 11k against 210k rows/s at 100k x 1024 with vMF)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m2m import M2MConfig, create_m2m
+
+ROWS, D, B = 3000, 24, 64
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory):
+    path = tmp_path_factory.mktemp("overlap") / "lake"
+    with create_m2m(M2MConfig(path=str(path), latent_dim=D, seed=0)) as lake:
+        g = torch.Generator().manual_seed(0)
+        lake.add_splats(torch.randn(ROWS, D, generator=g), labels=torch.arange(ROWS) % 5)
+        lake.estimate_kappa()
+        yield lake
+
+
+def loader(lake, **kw):
+    kw.setdefault("columns", ["embedding", "label", "id"])
+    kw.setdefault("shuffle", True)
+    return lake.export_to_dataloader(batch_size=B, seed=3, **kw)
+
+
+def epoch_batches(lake, epoch: int, **kw) -> list[dict]:
+    dl = loader(lake, **kw)
+    dl.set_epoch(epoch)
+    out = list(dl)
+    dl.close()
+    return out
+
+
+def same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("generate", [False, "mixture", "langevin"])
+def test_a_pass_beside_a_kept_iterator_reads_the_warm_arena_and_its_epoch(lake, generate):
+    dl = loader(lake, generate_samples=generate)
+    it = iter(dl)                      # kept, as a user who peeked at a batch would
+    first = next(it)
+    arena = dl._res.arena
+    assert arena is not None and arena.whole
+    assert arena.wait_filled(timeout=60)
+    cold = dl.stats()["bytes_cold"]
+    second = list(dl)                  # epoch 1, while the first pass is still live
+    assert dl.stats()["bytes_cold"] == cold, "the pass beside the live one read from disk"
+    same(second, epoch_batches(lake, 1, generate_samples=generate))
+    rest = [first, *it]                # the kept pass finishes its own epoch, unchanged
+    same(rest, epoch_batches(lake, 0, generate_samples=generate))
+    assert dl._res.arena is arena and not arena.failed   # the borrowed arena was not closed by the pass
+    dl.close()
+
+
+def test_two_passes_zipped_while_the_arena_fills(lake):
+    dl = loader(lake)
+    pairs = list(zip(dl, dl))          # both gather (and load blocks) from one arena still filling
+    same([a for a, _ in pairs], epoch_batches(lake, 0))
+    same([b for _, b in pairs], epoch_batches(lake, 1))
+    dl.close()
+
+
+def test_a_pass_beside_a_live_one_over_a_partial_arena_reads_cold_and_is_exact(lake):
+    # block shuffle with a warm budget of a few blocks: the arena is partial, not shared
+    kw = dict(shuffle_mode="block", block_rows=250, warm_bytes=ROWS * D * 4 // 3)
+    dl = loader(lake, **kw)
+    it = iter(dl)
+    first = next(it)
+    assert dl._res.arena is not None and not dl._res.arena.whole
+    same(list(dl), epoch_batches(lake, 1, **kw))
+    same([first, *it], epoch_batches(lake, 0, **kw))
+    dl.close()
