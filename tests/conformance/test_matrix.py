@@ -4,7 +4,7 @@ Factors: source {local, moto S3 with a node cache} x workers {0, 2 forked, 2 spa
 method only exists with workers) x ranks {1, 2} (simulated in one process with ``rank=``/``world_size=``)
 x shuffle {full, block} x mode {plain, importance kappa, importance loss, vmf, mixture, langevin} x
 interruption {none, ``state_dict`` after 3 batches resumed in a fresh process, rank 0's state loaded on
-every rank} x mu {float32, float16, float16 delivered as stored (``embedding_dtype="stored"``)} x labels {int, str} x a metadata column {bool, int, uint64, float, str}
+every rank, a peeked pass kept live (``it = iter(dl); next(it)``) while a whole epoch runs beside it} x mu {float32, float16, float16 delivered as stored (``embedding_dtype="stored"``)} x labels {int, str} x a metadata column {bool, int, uint64, float, str}
 x mixing {one lake, ``m2m.mix`` of the cell's lake and a local one (conformance_helpers: "mix" cells)}.
 
 Every cell asserts, against an uninterrupted in-process reference (``num_workers=0``) of the same lake,
@@ -16,12 +16,12 @@ combination may only be refused where the contract allows it, with a one-line `M
 column in ``columns=`` (naming ``to_arrow()``) and a uint64 column at ingest. Loss-based importance
 sampling on a mixture runs like any cell (each lake's own loss sampler).
 
-Default suite: an all-pairs subset of the 2 x 3 x 2 x 2 x 6 x 3 x 2 x 3 x 5 x 2 = 25,920 cells, made by the
+Default suite: an all-pairs subset of the 2 x 3 x 2 x 2 x 6 x 4 x 2 x 3 x 5 x 2 = 34,560 cells, made by the
 deterministic greedy pairwise generator below (DEFAULT_CELLS; ``pytest -s -k cell_count`` prints how many). Slow suite: the full product
 where it is cheap: (a) local, 0 workers, interruption {none, rank 0's state} over every other factor
 (1,440 cells); (b) source x workers x interruption x mode with 2 ranks, block shuffle, float32/int/float
-columns (54 cells for the modes plain, loss and mixture; all 108 with ``M2M_MATRIX_FULL=1``): the cells
-beyond the default ones (1,481 today). ``pytest -s -k cell_count`` prints the counts.
+columns (72 cells for the modes plain, loss and mixture; all 144 with ``M2M_MATRIX_FULL=1``): the cells
+beyond the default ones (1,500 today). ``pytest -s -k cell_count`` prints the counts.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from conformance_helpers import (
     one_line_error,
     resume_in_child,
     same_batches,
+    snapshot,
     take,
 )
 
@@ -61,7 +62,7 @@ FACTORS: dict[str, tuple[Any, ...]] = {  # the widest factors first: the greedy 
     "meta": ("bool", "int", "uint", "float", "str"),
     "source": ("local", "s3"),
     "workers": ("0", "2-fork", "2-spawn"),
-    "interrupt": ("none", "child", "rank0"),
+    "interrupt": ("none", "child", "rank0", "kept"),
     "ranks": (1, 2),
     "shuffle": ("full", "block"),
     "mu": ("float32", "float16", "float16-stored"),
@@ -247,6 +248,15 @@ def run_cell(cell: Cell, lakes: Lakes, request: pytest.FixtureRequest, workdir: 
             tails = resume_in_child(built.path, built.open_kw, kws, states, workdir)
             for r in range(cell.ranks):
                 same_batches(heads[r] + tails[r], ref[r], f"rank {r}: {K_RESUME} batches + resumed in a fresh process")
+        elif cell.interrupt == "kept":  # a peeked pass kept live while a whole epoch runs beside it, then finished
+            for r, kw in enumerate(kws):
+                dl = loader_of(lake, kw)
+                dl.set_epoch(0)
+                it = iter(dl)
+                head = [snapshot(next(it))]
+                same_batches(epoch_of(dl), ref[r], f"rank {r}: a pass beside a kept one")
+                same_batches(head + [snapshot(b) for b in it], ref[r], f"rank {r}: the kept pass, finished after")
+                dl.close()
         else:  # Lightning DDP: only rank 0's state is saved; every rank resumes at its own next unseen batch
             dl0 = loader_of(lake, kws[0])
             head = take(dl0, K_RESUME)

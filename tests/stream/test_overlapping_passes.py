@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from m2m import M2MConfig, create_m2m
+from m2m.errors import StreamError
 
 ROWS, D, B = 3000, 24, 64
 
@@ -80,4 +81,35 @@ def test_a_pass_beside_a_live_one_over_a_partial_arena_reads_cold_and_is_exact(l
     assert dl._res.arena is not None and not dl._res.arena.whole
     same(list(dl), epoch_batches(lake, 1, **kw))
     same([first, *it], epoch_batches(lake, 0, **kw))
+    dl.close()
+
+
+def test_a_kept_pass_with_its_own_workers_and_a_pass_beside_it_are_both_exact(lake):
+    kw = dict(num_workers=2, multiprocessing_context="fork", timeout=60)
+    dl = loader(lake, **kw)
+    dl.set_epoch(0)
+    it = iter(dl)
+    first = next(it)
+    ref = epoch_batches(lake, 0)
+    same(list(dl), ref)                # its own (non-persistent) workers
+    same([first, *it], ref)
+    dl.close()
+
+
+def test_a_pass_whose_persistent_workers_a_newer_pass_took_raises_instead_of_ending_short(lake):
+    # torch's DataLoader resets its one persistent-workers iterator for every iter(): the newer pass
+    # gets the workers, and the kept one used to yield a few of the newer pass's items and stop
+    kw = dict(num_workers=2, multiprocessing_context="fork", persistent_workers=True, timeout=60)
+    dl = loader(lake, **kw)
+    dl.set_epoch(0)
+    ref = epoch_batches(lake, 0)
+    it = iter(dl)
+    kept = [next(it)]
+    same(list(dl), ref)                # the newer pass is whole and exact
+    with pytest.raises(StreamError, match="persistent workers"):
+        for b in it:                   # the batches of the item it holds, then the error
+            kept.append(b)
+    assert len(kept) < len(ref)
+    same(kept, ref[:len(kept)])
+    same(list(dl), ref)                # and the loader goes on streaming whole epochs
     dl.close()
