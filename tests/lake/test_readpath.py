@@ -279,6 +279,55 @@ def test_cold_gathers_of_scattered_rows_read_checked_blocks(lake_path):
         reader.close()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cold_gathers_copy_only_the_rows_of_sparse_runs_of_every_column_kind(tmp_path, dtype):
+    # rows wanted few per checksum run are copied one by one from checked (cached) blocks, the others a
+    # run at a time: mixed in one gather, for vectors, int64 labels and ids (a 1-D column's row is a
+    # view, never a numpy scalar that a read would fill as a copy), in shuffled order
+    from m2m.stream.stages.cold import SPARSE_UNIT_ROWS, ColdReader
+
+    path = str(tmp_path / "lake")
+    rng = np.random.default_rng(1)
+    mu = rng.standard_normal((6000, DIM)).astype(np.float32)
+    labels = rng.integers(0, 10**12, 6000)
+    with create_m2m(M2MConfig(path=path, latent_dim=DIM, shard_bytes=1 << 18, storage_dtype=dtype)) as lake:
+        lake.add_splats(mu, labels=labels)
+    with open_lake(path) as lake:
+        truth = {"mu": lake.snapshot.read_all("mu"), "label": np.asarray(lake.snapshot.read_all("label")),
+                 "id": np.asarray(lake.snapshot.read_all("id"))}
+        reader = ColdReader(lake.snapshot, list(truth))
+        dense = np.arange(700, 1500)                                        # whole runs
+        scattered = rng.choice(np.arange(2000, 6000), 60, replace=False)   # ~1 row per run of vectors
+        few = np.array([4100, 5, 2500])                                      # 1 row per shard: every column
+        for rows in (rng.permutation(np.concatenate([dense, scattered])), few):
+            for name, want in truth.items():
+                out = torch.empty((len(rows), *want.shape[1:]), dtype=torch.from_numpy(want[:1]).dtype)
+                out.fill_(-7)
+                reader.gather(name, rows, out)
+                np.testing.assert_array_equal(out.numpy(), want[rows], err_msg=name)
+        assert SPARSE_UNIT_ROWS >= 1
+        reader.close()
+
+
+def test_a_sparse_cold_read_of_a_row_in_a_changed_block_raises(lake_path):
+    from m2m.stream.stages.cold import ColdReader
+
+    mu, _ = _make_lake(lake_path)
+    with open_lake(lake_path) as lake:
+        reader = ColdReader(lake.snapshot, ["mu"])
+        ext = reader._extents["mu"][1]
+        row = 3                                             # the 4th row of shard 1
+        with open(ext.path, "r+b") as fh:                   # flip one byte of another row of its block
+            fh.seek(ext.offset + (row + 1) * ext.row_bytes)
+            b = fh.read(1)
+            fh.seek(ext.offset + (row + 1) * ext.row_bytes)
+            fh.write(bytes([b[0] ^ 0xFF]))
+        out = torch.empty((1, DIM))
+        with pytest.raises(CorruptShardError, match="changed on disk"):
+            reader.gather("mu", np.array([int(reader.offsets[1]) + row]), out)
+        reader.close()
+
+
 def test_scattered_reads_through_a_whole_lake_arena_load_only_what_they_miss(lake_path):
     from m2m.stream import columns as cols
     from m2m.stream.stages.cold import ColdReader

@@ -11,13 +11,13 @@ import multiprocessing.util
 import os
 import threading
 from concurrent.futures import CancelledError, Executor, Future
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from m2m.errors import ConfigError
+from m2m.errors import ConfigError, StreamError
 from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.sampling.samplers import ImportanceSampler
 from m2m.sampling.sharded import ShardedImportance, ShardedPlanSampler
@@ -227,3 +227,20 @@ def work_from_item(item: dict[str, Any]) -> Work:
     return Work(int(item["epoch"]), int(item["first"]), int(item["end"]), rows, weights,
                 tensors=dict(item["tensors"]), stats={k: float(v) for k, v in item["stats"].items()},
                 augmented=bool(item.get("augmented", False)))
+
+
+def from_workers(workers: Iterator[Any], held: Callable[[], bool] | None) -> Iterator[Work]:
+    """A pass's items from the DataLoader's workers. ``held``: whether the pass still holds the loader's
+    persistent workers. torch's DataLoader has one persistent-workers iterator and resets it for every
+    ``iter``, so a pass started while this one is live takes the workers: this pass then raises at its
+    next item instead of reading the newer pass's items (it silently ended short before)."""
+    while True:
+        if held is not None and not held():
+            raise StreamError("this pass lost its persistent workers to a newer pass of the same loader "
+                              "(persistent_workers=True serves one pass at a time): finish or drop a pass "
+                              "before starting the next, or use persistent_workers=False")
+        try:
+            item = next(workers)
+        except StopIteration:
+            return
+        yield work_from_item(item)

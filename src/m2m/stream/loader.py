@@ -20,17 +20,16 @@ from torch.utils.data.dataloader import _DatasetKind
 
 from m2m._validate import check_int
 from m2m.config import DEFAULT_HOT_BYTES, DEFAULT_WARM_BYTES
-from m2m.errors import ConfigError, StreamError
+from m2m.errors import ConfigError
 from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.stream import pipeline as pl
 from m2m.stream import state as st
-from m2m.stream.dataset import StreamDataset, work_from_item
+from m2m.stream.dataset import StreamDataset, from_workers
 from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.options import StreamOptions
 from m2m.stream.source import FetchReporting, RowSource
 from m2m.stream.spec import StreamSpec, device_of, lake_pass_chunk_batches, plan_stream
-from m2m.stream.stages.base import Work
 from m2m.stream.topology import World
 
 #: Budgets of a source streamed without a lake config (`make_loader`).
@@ -134,7 +133,6 @@ class StreamLoader(DataLoader[Any]):
         self._res, self._res_fin = pl.owned_resources(self, dataset.source, dataset.spec, dataset.delivery, None)
         self._live: weakref.WeakSet[Any] = weakref.WeakSet()
         self._plans: ThreadPoolExecutor | None = None  # one thread computing the next epoch's plan
-        self._workers_owner: object | None = None  # the pass holding the persistent workers
         pl.close_at_exit(self)
 
     # ----------------------------------------------------------------- pickling
@@ -208,10 +206,7 @@ class StreamLoader(DataLoader[Any]):
 
     def stats(self) -> dict[str, Any]:
         """Rows/s, bytes per tier, prefetch stall seconds, warm hit rate, tier modes (cumulative).
-
-        ``bytes_cold`` includes the background fill of the warm arena (``warm_filling`` says whether
-        it is still running).
-        """
+        ``bytes_cold`` includes the warm arena's background fill (``warm_filling``: still running)."""
         report = self._stats.report(self.hot_mode, self._res.warm_mode, self.spec.layout.mode)
         src = self._ds.source
         fetched = src.fetch_stats() if isinstance(src, FetchReporting) else None
@@ -278,10 +273,9 @@ class StreamLoader(DataLoader[Any]):
             self._plans = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2m-plan")
         ds.plan_ahead(self._plans, epoch + 1, world)  # the next pass's plan, while this one streams
         workers = self._start_workers(epoch, start, world) if self.num_workers else None
-        owner = None
-        if workers is not None and self.persistent_workers:
-            owner = self._workers_owner = object()  # this pass holds the persistent workers now
-        items = None if workers is None else self._worker_items(workers, owner)
+        owner = self._workers_owner = object()  # the newest pass holds persistent workers
+        held = (lambda: self._workers_owner is owner) if self.persistent_workers else None
+        items = None if workers is None else from_workers(workers, held)
         try:
             for j, batch in pl.run_pass(ds.source, self.spec, self._res, plan, epoch, start, world, self._stats,
                                         items):
@@ -290,22 +284,6 @@ class StreamLoader(DataLoader[Any]):
         finally:
             if workers is not None and not self.persistent_workers:
                 workers._shutdown_workers()
-
-    def _worker_items(self, workers: Any, owner: object | None) -> Iterator[Work]:
-        """The pass's items from the DataLoader's workers. torch's DataLoader has one persistent-workers
-        iterator and resets it for every ``iter``, so a pass started while this one is live takes the
-        workers over: this pass then raises at its next item rather than read the newer pass's items
-        (it silently ended short before)."""
-        while True:
-            if owner is not None and self.__dict__.get("_workers_owner") is not owner:
-                raise StreamError("this pass lost its persistent workers to a newer pass of the same loader "
-                                  "(persistent_workers=True serves one pass at a time): finish or drop a pass "
-                                  "before starting the next, or use persistent_workers=False")
-            try:
-                item = next(workers)
-            except StopIteration:
-                return
-            yield work_from_item(item)
 
     def _start_workers(self, epoch: int, start: int, world: World) -> Any:
         """The DataLoader's worker iterator for one pass (workers see this pass's numbers)."""

@@ -45,6 +45,7 @@ T = TypeVar("T")
 GATHER_STAGING_BYTES = 64 << 20  # bound on what one cold gather reads before copying rows out
 CACHE_BLOCKS_PER_COLUMN = 4  # checked blocks a reader keeps per column (edges of neighbouring reads)
 SCATTER_CACHE_BYTES = 64 << 20  # checked blocks kept by a reader of scattered rows (neighbour reads)
+SPARSE_UNIT_ROWS = 16  # at most this many rows wanted from a run: copy those rows, not the run (docs/tuning.md)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -60,8 +61,8 @@ def _read_into(f: ShardFile, start: int, view: memoryview) -> int:
 
 def _bytes(array: np.ndarray) -> memoryview:
     """The writable bytes of a C-contiguous array (a reshape of anything else would be a copy)."""
-    if not array.flags.c_contiguous:
-        raise ConfigError("positional reads need a C-contiguous destination")
+    if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:  # a numpy scalar would be copied
+        raise ConfigError("positional reads need a C-contiguous array as destination")
     return array.reshape(-1).view(np.uint8).data
 
 
@@ -459,10 +460,25 @@ class ColdReader:
     def _gather_file(self, f: ShardFile, ext: ColumnExtent, local: np.ndarray, sel: np.ndarray,
                      dst: torch.Tensor) -> None:
         """Rows ``local`` of one shard file into ``dst[sel]``: runs of rows covering whole checksum
-        blocks are read (and checked) into a bounded staging buffer, then the rows copied out."""
+        blocks are read (and checked) into a bounded staging buffer, then the rows copied out; a run
+        that holds only a few of the rows (scattered reads) has just those rows copied, from checked
+        blocks kept in the reader's block cache."""
         unit = max(1, int(f.block_bytes or (1 << 20)) // ext.row_bytes)  # rows per read
         shard_rows = ext.rows
         units = local // unit
+        if (f.block_bytes is not None and len(local) and dst.is_contiguous()
+                and dst[0].numel() * dst.element_size() == ext.row_bytes):
+            _, inverse, counts = np.unique(units, return_inverse=True, return_counts=True)
+            sparse = counts[inverse] <= SPARSE_UNIT_ROWS
+            if sparse.any():
+                # a neighbour read used to copy a whole run (~256 KiB) out for one row: 2.6 GB per 100
+                # batches of a mixture stream at d = 1024 (docs/stream.md, "Scattered reads")
+                rows_np = dst.numpy()
+                for i, r in zip(sel[sparse].tolist(), local[sparse].tolist()):
+                    f.read_into(ext.offset + r * ext.row_bytes, _bytes(rows_np[i:i + 1]))  # a view, not a scalar
+                if sparse.all():
+                    return
+                local, sel, units = local[~sparse], sel[~sparse], units[~sparse]
         order = np.argsort(units, kind="stable")
         uniq, first = np.unique(units[order], return_index=True)
         per_group = max(1, GATHER_STAGING_BYTES // (unit * ext.row_bytes))
