@@ -133,6 +133,25 @@ def test_a_stream_keeps_reading_its_version_through_compactions(tmp_path):
         assert sorted(seen) == sorted(want)   # each row of the pinned version exactly once
 
 
+def test_a_stream_whose_version_a_vacuum_deleted_says_so_in_one_line(tmp_path):
+    # compaction keeps the old files for pinned readers; a vacuum then deletes them: a reader that still
+    # needs one raises naming the file and the likely cause, not a bare "missing" that reads as damage
+    cfg = M2MConfig(path=str(tmp_path / "lake"), latent_dim=DIM, prefetch=0)
+    with create_m2m(cfg) as lake:
+        fill(lake, 10)
+        dl = lake.export_to_dataloader(batch_size=16, columns=("id",), shuffle=False)
+        it = iter(dl)
+        next(it)
+        lake.compact()
+        assert lake.vacuum(keep=1)["files_removed"] > 0
+        with pytest.raises(CorruptShardError) as info:
+            list(it)
+        msg = str(info.value)
+        assert "is missing" in msg and "vacuum" in msg and "\n" not in msg
+        dl.close()
+        assert len(list(lake.export_to_dataloader(batch_size=16, columns=("id",)))) > 0   # a new loader reads
+
+
 def test_append_landing_during_compaction_is_kept(tmp_path, monkeypatch):
     cfg = M2MConfig(path=str(tmp_path / "lake"), latent_dim=DIM)
     with create_m2m(cfg) as lake:

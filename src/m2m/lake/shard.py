@@ -435,7 +435,10 @@ class ShardFile:
                     try:
                         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                     except FileNotFoundError as exc:
-                        raise CorruptShardError(f"shard file {self.path} is missing") from exc
+                        raise CorruptShardError(
+                            f"shard file {self.path} is missing (if `vacuum` or `compact` + `vacuum` ran since this "
+                            f"reader opened its version, that version's files are gone: reopen the lake; else "
+                            f"run `m2m verify`)") from exc
         return self._fd
 
     def advise(self, start: int, length: int) -> None:
