@@ -6,6 +6,7 @@ On the 100k x 1024 clustered lake of ``bench_workers`` (built once under ``--lak
 runs before), three cases:
   mixture-partial  mixture augmentation with a 100 MiB warm budget (block shuffle, partial arena):
                    neighbour means are read from the shard files (docs/stream.md, "Scattered reads")
+  mixture-ram      the same with the default budget (the lake in the warm arena), after one epoch
   plain-cold-full  a full shuffle with a 100 MiB budget: every row is a scattered cold read
   vmf-beside-kept  vMF, full shuffle in RAM, in a pass started while a peeked iterator of the same loader
                    is kept (``it = iter(dl); next(it)``), against the same pass with the iterator dropped
@@ -38,6 +39,11 @@ def case(path: str, name: str, seconds: float) -> float:
     with open_lake(path) as lake:
         if name == "mixture-partial":
             dl = lake.export_to_dataloader(batch_size=256, seed=0, generate_samples="mixture", warm_bytes=100 << 20)
+        elif name == "mixture-ram":     # the same stream with the lake in the warm arena, after its first epoch
+            dl = lake.export_to_dataloader(batch_size=256, seed=0, generate_samples="mixture")
+            for _ in dl:
+                pass
+            dl.wait_warm(120)
         elif name == "plain-cold-full":
             dl = lake.export_to_dataloader(batch_size=256, seed=0, shuffle_mode="full", warm_bytes=100 << 20)
         else:
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lakes", default=None)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--cases", default="mixture-partial,plain-cold-full,vmf-beside-kept,vmf-dropped")
+    p.add_argument("--cases", default="mixture-partial,mixture-ram,plain-cold-full,vmf-beside-kept,vmf-dropped")
     a = p.parse_args(argv)
     import m2m
 

@@ -309,6 +309,48 @@ def test_cold_gathers_copy_only_the_rows_of_sparse_runs_of_every_column_kind(tmp
         reader.close()
 
 
+@pytest.mark.parametrize("per_run", [2, 6, 12, 40])
+def test_sparse_runs_read_each_block_once_and_rows_that_straddle_blocks_are_exact(tmp_path, per_run):
+    # a few rows from each of many runs, wanted in random order: each checked block is read once (runs and
+    # rows are visited in file order, so the reader's small block cache serves a block's rows and a block
+    # two runs share), and every row, those straddling two blocks included, is exact
+    from m2m.stream.stages.cold import SPARSE_UNIT_ROWS, ColdReader
+
+    path = str(tmp_path / "lake")
+    rng = np.random.default_rng(2)
+    d = 60                                          # 240-byte rows: some straddle the 256 KiB blocks
+    mu = rng.standard_normal((40_000, d)).astype(np.float32)
+    with create_m2m(M2MConfig(path=path, latent_dim=d, shard_bytes=8 << 20)) as lake:
+        lake.add_splats(mu)
+    with open_lake(path) as lake:
+        want = lake.snapshot.read_all("mu")
+        reader = ColdReader(lake.snapshot, ["mu"])
+        ext = reader._extents["mu"][0]
+        unit = BLOCK_BYTES // ext.row_bytes
+        runs = 3 * rng.choice(len(want) // unit // 3 - 1, 8, replace=False) + 1
+        # per_run rows of run r, 2 of each of its neighbours (which share a block with it): sparse and whole
+        # runs side by side when per_run > SPARSE_UNIT_ROWS
+        rows = np.concatenate([np.concatenate([r * unit + rng.choice(unit, per_run, replace=False),
+                                               (r - 1) * unit + rng.choice(unit, 2, replace=False),
+                                               (r + 1) * unit + rng.choice(unit, 2, replace=False)]) for r in runs])
+        straddling = [r for r in range(len(want))
+                      if (ext.offset + r * ext.row_bytes) // BLOCK_BYTES
+                      != (ext.offset + (r + 1) * ext.row_bytes - 1) // BLOCK_BYTES]
+        rows = rng.permutation(np.concatenate([rows, straddling[:5]]))
+        out = torch.full((len(rows), d), -7.0)
+        reader.gather("mu", rows, out)
+        np.testing.assert_array_equal(out.numpy(), want[rows])
+        # the blocks a gather must check: those of the rows of sparse runs, and all of a run read whole
+        run, n = np.unique(rows // unit, return_counts=True)
+        whole = run[n > SPARSE_UNIT_ROWS]
+        starts = [ext.offset + r * ext.row_bytes for r in rows[~np.isin(rows // unit, whole)]]
+        spans = [(s, s + ext.row_bytes) for s in starts]
+        spans += [(ext.offset + u * unit * ext.row_bytes, ext.offset + (u + 1) * unit * ext.row_bytes) for u in whole]
+        blocks = {b for lo, hi in spans for b in range(lo // BLOCK_BYTES, (hi - 1) // BLOCK_BYTES + 1)}
+        assert reader.bytes_checked() <= len(blocks) * BLOCK_BYTES, "a block was read and checked twice"
+        reader.close()
+
+
 def test_a_sparse_cold_read_of_a_row_in_a_changed_block_raises(lake_path):
     from m2m.stream.stages.cold import ColdReader
 

@@ -60,7 +60,7 @@ def test_a_pass_beside_a_kept_iterator_reads_the_warm_arena_and_its_epoch(lake, 
     same(second, epoch_batches(lake, 1, generate_samples=generate))
     rest = [first, *it]                # the kept pass finishes its own epoch, unchanged
     same(rest, epoch_batches(lake, 0, generate_samples=generate))
-    assert dl._res.arena is arena and not arena.failed   # the borrowed arena was not closed by the pass
+    assert dl._res.arena is arena and not arena.failed and not arena._stop.is_set()  # not closed by the borrower
     dl.close()
 
 
@@ -112,4 +112,32 @@ def test_a_pass_whose_persistent_workers_a_newer_pass_took_raises_instead_of_end
     assert len(kept) < len(ref)
     same(kept, ref[:len(kept)])
     same(list(dl), ref)                # and the loader goes on streaming whole epochs
+    dl.close()
+
+
+def test_a_failed_arena_is_not_lent_and_the_pass_beside_it_reads_cold(lake):
+    dl = loader(lake)
+    it = iter(dl)
+    next(it)
+    arena = dl._res.arena
+    assert arena.wait_filled(timeout=60)
+    arena._fill_error = OSError("simulated: a block load failed")   # as after a read that ran out of retries
+    cold = dl.stats()["bytes_cold"]
+    same(list(dl), epoch_batches(lake, 1))             # exact, from the files
+    assert dl.stats()["bytes_cold"] > cold
+    assert not arena._stop.is_set()                    # the owner's arena is the owner's to close
+    with pytest.raises(StreamError):
+        list(it)                                       # the owner's pass raises the arena's error
+    dl.close()
+
+
+def test_a_pass_that_has_all_its_batches_ends_quietly_after_a_newer_pass_took_the_workers(lake):
+    kw = dict(num_workers=2, multiprocessing_context="fork", persistent_workers=True, timeout=60)
+    dl = loader(lake, **kw)
+    dl.set_epoch(0)
+    it = iter(dl)
+    got = [next(it) for _ in range(len(dl))]           # what islice(dl, len(dl)) leaves: not exhausted
+    same(got, epoch_batches(lake, 0))
+    assert len(list(dl)) == len(dl)
+    assert next(it, None) is None                      # ends, no error: it had everything
     dl.close()

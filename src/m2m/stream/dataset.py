@@ -229,13 +229,17 @@ def work_from_item(item: dict[str, Any]) -> Work:
                 augmented=bool(item.get("augmented", False)))
 
 
-def from_workers(workers: Iterator[Any], held: Callable[[], bool] | None) -> Iterator[Work]:
+def from_workers(workers: Iterator[Any], held: Callable[[], bool] | None, num_batches: int) -> Iterator[Work]:
     """A pass's items from the DataLoader's workers. ``held``: whether the pass still holds the loader's
     persistent workers. torch's DataLoader has one persistent-workers iterator and resets it for every
     ``iter``, so a pass started while this one is live takes the workers: this pass then raises at its
-    next item instead of reading the newer pass's items (it silently ended short before)."""
+    next item instead of reading the newer pass's items (it silently ended short before); a pass that
+    already has all its ``num_batches`` batches just ends."""
+    done = 0
     while True:
         if held is not None and not held():
+            if done >= num_batches:
+                return
             raise StreamError("this pass lost its persistent workers to a newer pass of the same loader "
                               "(persistent_workers=True serves one pass at a time): finish or drop a pass "
                               "before starting the next, or use persistent_workers=False")
@@ -243,4 +247,6 @@ def from_workers(workers: Iterator[Any], held: Callable[[], bool] | None) -> Ite
             item = next(workers)
         except StopIteration:
             return
-        yield work_from_item(item)
+        work = work_from_item(item)
+        done = max(done, work.end)
+        yield work

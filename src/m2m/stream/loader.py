@@ -275,7 +275,7 @@ class StreamLoader(DataLoader[Any]):
         workers = self._start_workers(epoch, start, world) if self.num_workers else None
         owner = self._workers_owner = object()  # the newest pass holds persistent workers
         held = (lambda: self._workers_owner is owner) if self.persistent_workers else None
-        items = None if workers is None else from_workers(workers, held)
+        items = None if workers is None else from_workers(workers, held, plan.num_batches)
         try:
             for j, batch in pl.run_pass(ds.source, self.spec, self._res, plan, epoch, start, world, self._stats,
                                         items):

@@ -45,7 +45,7 @@ T = TypeVar("T")
 GATHER_STAGING_BYTES = 64 << 20  # bound on what one cold gather reads before copying rows out
 CACHE_BLOCKS_PER_COLUMN = 4  # checked blocks a reader keeps per column (edges of neighbouring reads)
 SCATTER_CACHE_BYTES = 64 << 20  # checked blocks kept by a reader of scattered rows (neighbour reads)
-SPARSE_UNIT_ROWS = 16  # at most this many rows wanted from a run: copy those rows, not the run (docs/tuning.md)
+SPARSE_UNIT_ROWS = 8  # at most this many rows wanted from a run: copy those rows, not the run (docs/tuning.md)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -459,28 +459,21 @@ class ColdReader:
 
     def _gather_file(self, f: ShardFile, ext: ColumnExtent, local: np.ndarray, sel: np.ndarray,
                      dst: torch.Tensor) -> None:
-        """Rows ``local`` of one shard file into ``dst[sel]``: runs of rows covering whole checksum
-        blocks are read (and checked) into a bounded staging buffer, then the rows copied out; a run
-        that holds only a few of the rows (scattered reads) has just those rows copied, from checked
-        blocks kept in the reader's block cache."""
+        """Rows ``local`` of one shard file into ``dst[sel]``, visiting runs of rows (a checksum block's
+        worth) in file order: a run holding more than `SPARSE_UNIT_ROWS` of the rows is read whole (its
+        blocks checked) into a bounded staging buffer and the rows copied out; from a run holding fewer
+        (scattered reads) just those rows are copied, from checked blocks kept in the reader's block
+        cache. In file order, a block that two neighbouring runs share is read once either way."""
         unit = max(1, int(f.block_bytes or (1 << 20)) // ext.row_bytes)  # rows per read
         shard_rows = ext.rows
         units = local // unit
-        if (f.block_bytes is not None and len(local) and dst.is_contiguous()
-                and dst[0].numel() * dst.element_size() == ext.row_bytes):
-            _, inverse, counts = np.unique(units, return_inverse=True, return_counts=True)
-            sparse = counts[inverse] <= SPARSE_UNIT_ROWS
-            if sparse.any():
-                # a neighbour read used to copy a whole run (~256 KiB) out for one row: 2.6 GB per 100
-                # batches of a mixture stream at d = 1024 (docs/stream.md, "Scattered reads")
-                rows_np = dst.numpy()
-                for i, r in zip(sel[sparse].tolist(), local[sparse].tolist()):
-                    f.read_into(ext.offset + r * ext.row_bytes, _bytes(rows_np[i:i + 1]))  # a view, not a scalar
-                if sparse.all():
-                    return
-                local, sel, units = local[~sparse], sel[~sparse], units[~sparse]
-        order = np.argsort(units, kind="stable")
-        uniq, first = np.unique(units[order], return_index=True)
+        order = np.lexsort((local, units))  # by run, then by row: file order
+        uniq, first, counts = np.unique(units[order], return_index=True, return_counts=True)
+        bounds = np.append(first, len(order))
+        # a neighbour read used to copy a whole run (~256 KiB) out for one row: 2.6 GB per 100 batches of a
+        # mixture stream at d = 1024 (docs/stream.md, "Scattered reads")
+        rows_np = dst.numpy() if (f.block_bytes is not None and dst.is_contiguous() and len(local)
+                                  and dst[0].numel() * dst.element_size() == ext.row_bytes) else None
         per_group = max(1, GATHER_STAGING_BYTES // (unit * ext.row_bytes))
         trailing = tuple(dst.shape[1:])
         key = f"file:{dst.dtype}:{trailing}"
@@ -490,16 +483,31 @@ class ColdReader:
             staging = torch.empty((need, *trailing), dtype=dst.dtype)
             self._staging[key] = staging
         staging_np = staging.numpy()
-        bounds = np.append(first, len(order))
-        for g in range(0, len(uniq), per_group):
-            group = uniq[g: g + per_group]
-            for i, u in enumerate(group.tolist()):
-                lo, hi = u * unit, min((u + 1) * unit, shard_rows)
+        group: list[int] = []  # runs read whole, waiting in staging (indices into uniq)
+
+        def flush() -> None:
+            for i, j in enumerate(group):
+                lo, hi = int(uniq[j]) * unit, min((int(uniq[j]) + 1) * unit, shard_rows)
                 f.read_into(ext.offset + lo * ext.row_bytes, _bytes(staging_np[i * unit: i * unit + hi - lo]))
-            which = order[bounds[g]: bounds[min(g + per_group, len(uniq))]]
-            rank = np.searchsorted(group, units[which])
-            pos = rank * unit + local[which] - units[which] * unit
+            which = np.concatenate([order[bounds[j]: bounds[j + 1]] for j in group])
+            slot = np.repeat(np.arange(len(group)), counts[group])
+            pos = slot * unit + local[which] - units[which] * unit
             dst.index_copy_(0, torch.from_numpy(sel[which]), torch.index_select(staging, 0, torch.from_numpy(pos)))
+            group.clear()
+
+        for j in range(len(uniq)):
+            if rows_np is not None and counts[j] <= SPARSE_UNIT_ROWS:
+                if group:
+                    flush()  # the runs before it first: blocks they share with it are then still cached
+                which = order[bounds[j]: bounds[j + 1]]
+                for i, r in zip(sel[which].tolist(), local[which].tolist()):
+                    f.read_into(ext.offset + r * ext.row_bytes, _bytes(rows_np[i:i + 1]))  # a view, not a scalar
+                continue
+            group.append(j)
+            if len(group) == per_group:
+                flush()
+        if group:
+            flush()
 
     def _gather_arrays(self, name: str, rows: np.ndarray, dst: torch.Tensor) -> int:
         """The gather over in-memory arrays: one ``index_select`` per shard, no copy of the source."""
