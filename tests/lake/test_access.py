@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from m2m import M2MConfig, create_m2m
 from m2m.errors import PositionError, UnknownColumnError, UnknownIdError
@@ -113,6 +114,28 @@ def test_errors_are_one_line(tmp_path):
         assert isinstance(kinfo.value, UnknownIdError) and str(kinfo.value).count("\n") == 0
         with pytest.raises(UnknownIdError, match="id -1"):
             lake.take(-1)
+        # what a clumsy user passes: each gets one line naming the value
+        with pytest.raises(PositionError, match=r"got ndarray of dtype int64 and shape \(1, 1\)"):
+            lake[np.array([[1]])]
+        with pytest.raises(PositionError, match="got 1.5"):
+            lake[1.5]
+        with pytest.raises(UnknownIdError, match=r"1-D sequence of integers, got shape \(1, 1\)"):
+            lake.take(np.array([[0]]))
+        with pytest.raises(UnknownColumnError, match="not the string 'label'"):
+            lake.take([0], columns="label")
+        with pytest.raises(PositionError, match=f"one entry per row \\({n}\\), got 3"):
+            lake[np.array([True, False, True])]
+
+
+def test_a_boolean_mask_selects_rows_as_numpy_and_torch_do(tmp_path):
+    with make(tmp_path / "lake", shards=3) as lake:
+        n = len(lake)
+        mask = np.random.default_rng(0).random(n) < 0.3
+        got = lake[mask]
+        want = lake[np.flatnonzero(mask)]
+        assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in got)
+        assert np.array_equal(lake[torch.from_numpy(mask)]["id"], want["id"])
+        assert len(lake[np.zeros(n, dtype=bool)]["id"]) == 0
 
 
 def test_reads_only_the_shards_and_blocks_it_needs(tmp_path):

@@ -139,9 +139,15 @@ class RowReader:
             return self.rows(np.arange(lo, max(lo, hi), 1 if step is None else int(step), dtype=np.int64))
         if _is_int(key):
             return self.rows(self._check_positions(np.asarray([operator.index(key)], np.int64)))[0]
-        arr = np.asarray(key)
+        arr = np.asarray(key.cpu() if hasattr(key, "cpu") else key)
+        if arr.ndim == 1 and arr.dtype.kind == "b":  # a mask over the rows, as numpy and torch index
+            if arr.size != n:
+                raise PositionError(f"lake[mask]: a boolean mask needs one entry per row ({n}), got {arr.size}")
+            return self.rows(np.flatnonzero(arr).astype(np.int64))
         if arr.ndim != 1 or not (arr.dtype.kind in "iu" or (arr.size == 0 and arr.dtype.kind == "f")):
-            raise PositionError(f"lake[...] takes an int, a slice or a 1-D sequence of ints, got {type(key).__name__}")
+            what = (f"{key!r}" if arr.ndim == 0 else
+                    f"{type(key).__name__} of dtype {arr.dtype} and shape {tuple(arr.shape)}")
+            raise PositionError(f"lake[...] takes an int, a slice, a 1-D sequence of ints or a boolean mask, got {what}")
         return self.rows(self._check_positions(arr.astype(np.int64)))
 
     def _check_positions(self, pos: np.ndarray) -> np.ndarray:
@@ -154,9 +160,11 @@ class RowReader:
         return pos
 
     def take(self, ids: Any) -> Splats:
-        ids = np.asarray(ids)
+        ids = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
         if ids.ndim == 0:
             ids = ids.reshape(1)
+        if ids.ndim != 1:
+            raise UnknownIdError(f"ids must be a 1-D sequence of integers, got shape {ids.shape}")
         if ids.size and ids.dtype.kind not in "iu":
             raise UnknownIdError(f"ids must be integers, got dtype {ids.dtype}")
         return self.rows(self.positions(ids.astype(np.int64)))

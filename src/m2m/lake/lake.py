@@ -383,7 +383,8 @@ class Lake:
     def __getitem__(self, key: int | slice | npt.ArrayLike) -> dict[str, Any]:
         """Rows by position in the pinned version, bit-exact as stored (``mu`` in the storage dtype),
         as ``lake.splats()``'s columns: ``lake[i]`` -> one row (``mu`` [d], scalars); ``lake[i:j]``
-        (step >= 1) or ``lake[[i, j, ...]]`` -> columns of those rows (``mu`` [n, d]). Only the needed
+        (step >= 1), ``lake[[i, j, ...]]`` or ``lake[mask]`` (a boolean mask with one entry per row) ->
+        columns of those rows (``mu`` [n, d]). Only the needed
         rows are read (`m2m.lake.access`). Positions are 0 <= i < len(lake); anything else raises
         `PositionError` (an IndexError).
 
@@ -403,6 +404,9 @@ class Lake:
         from m2m.lake.access import reader_of
 
         self._check_open()
+        if isinstance(columns, str):
+            raise UnknownColumnError(f"take(columns=...) takes a sequence of names, not the string {columns!r} "
+                                     f"(write columns=({columns!r},))")
         out = reader_of(self).take(ids).to_dict()
         if columns is None:
             return out
