@@ -224,8 +224,13 @@ def label_column(labels: Any, n: int) -> np.ndarray:
                 if not _I64_MIN <= int(v) <= _I64_MAX:
                     raise _bad_label(i, v)
             return np.asarray(values, dtype=np.int64)
-        for i, v in enumerate(values):  # labels are validated once per add; strings need a per-value check
-            if not isinstance(v, (str, bytes)):
+        def is_int(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+        # labels are validated once per add; name the first value unlike the first one (ints or strings)
+        kind = is_int if values and is_int(values[0]) else (lambda v: isinstance(v, (str, bytes)))
+        for i, v in enumerate(values):
+            if not kind(v):
                 raise InvalidEmbeddingError(f"labels row {i} is {v!r}; labels must be all ints or all strings")
         return utf8_strings(values, "labels")
     raise InvalidEmbeddingError(f"labels must be ints or strings, got dtype {arr.dtype}")

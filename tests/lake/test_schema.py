@@ -78,6 +78,9 @@ def test_validate_uses_the_registry() -> None:
     ([3, 2**70], 1, "1180591620717411303424"),
     (torch.tensor([1.0, 1.5]), 1, "1.5"),
     ([1, "a"], 1, "'a'"),
+    ([1, None, 2], 1, "None"),                                                 # was: "row 0 is 1"
+    (["a", None], 1, "None"),
+    (np.array([4, 1.5, "x"], dtype=object), 1, "1.5"),
 ])
 def test_bad_labels_name_the_first_bad_row_without_warnings(lake, labels, row: int, shown: str) -> None:  # type: ignore[no-untyped-def]
     n = len(labels)
