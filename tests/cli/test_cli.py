@@ -125,6 +125,24 @@ def test_user_errors_are_one_line_without_traceback(args, needle):
     assert needle in r.output and "Traceback" not in r.output
 
 
+def test_a_file_where_a_lake_would_be_is_named_in_one_line_and_left_alone(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
+    junk = tmp_path / "notes.txt"
+    junk.write_text("precious")
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "_manifests").write_text("not a folder")
+    for args, needle in [(["info", junk], f"{junk} is a file, not a folder"),
+                         (["verify", junk], f"{junk} is a file, not a folder"),
+                         (["info", half], f"{half}/_manifests is a file, not a folder"),
+                         (["ingest", tmp_path / "x.npy", "--lake", junk], "a file is in the way"),
+                         (["ingest", tmp_path / "x.npy", "--lake", half], "a file is in the way")]:
+        r = run(*args)
+        assert r.exit_code == 1 and needle in r.output, (args, r.output)
+        assert "Errno" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert junk.read_text() == "precious" and (half / "_manifests").read_text() == "not a folder"
+
+
 def test_wrong_column_is_named(tmp_path, data):
     x, y = data
     pq.write_table(_table(x, y), tmp_path / "x.parquet")

@@ -329,6 +329,26 @@ def test_export_original_cli(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ export
+def test_export_takes_its_format_from_the_suffix_and_refuses_an_unknown_one(tmp_path):
+    import pyarrow.ipc as ipc
+
+    with _lake(tmp_path) as lake:
+        lake.add_splats(_x())
+    lake_dir = str(tmp_path / "lake")
+    for name in ("out.arrow", "out.feather", "out.ipc"):   # Arrow IPC files, not Parquet bytes under that name
+        r = CliRunner().invoke(cli, ["export", lake_dir, str(tmp_path / name), "-q"])
+        assert r.exit_code == 0, r.output
+        assert ipc.open_file(str(tmp_path / name)).read_all().num_rows == N
+    for name in ("out.pq", "out.parquet"):
+        assert CliRunner().invoke(cli, ["export", lake_dir, str(tmp_path / name), "-q"]).exit_code == 0
+        assert pa.parquet.read_table(tmp_path / name).num_rows == N
+    r = CliRunner().invoke(cli, ["export", lake_dir, str(tmp_path / "out.csv"), "-q"])
+    assert r.exit_code == 1 and "out.csv" in r.output and "--format" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()
+    r = CliRunner().invoke(cli, ["export", lake_dir, str(tmp_path / "out.csv"), "--format", "parquet", "-q"])
+    assert r.exit_code == 0 and pa.parquet.read_table(tmp_path / "out.csv").num_rows == N   # asked for
+
+
 def test_export_refuses_an_existing_file_unless_force(tmp_path):
     with _lake(tmp_path) as lake:
         lake.add_splats(_x())

@@ -141,8 +141,9 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
 @cli.command(name="export")
 @click.argument("lake_dir")
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["parquet", "arrow"]), default="parquet", show_default=True,
-              help="parquet (zstd, one row group per shard) or arrow (an uncompressed Arrow IPC file).")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "arrow"]), default=None,
+              help="parquet (zstd, one row group per shard) or arrow (an uncompressed Arrow IPC file); "
+                   "default: from OUT's suffix (.parquet/.pq, .arrow/.feather/.ipc).")
 @click.option("--float32", "float32", is_flag=True,
               help="Write a float16 lake's mu as float32 (DuckDB cannot read float16).")
 @click.option("--version", "version", type=int, default=None, help="Lake version (default: the latest).")
@@ -153,15 +154,20 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @storage_option
 @user_errors
-def export_cmd(lake_dir: str, out: str, fmt: str, float32: bool, version: int | None, columns: str | None,
+def export_cmd(lake_dir: str, out: str, fmt: str | None, float32: bool, version: int | None, columns: str | None,
                original: bool, force: bool, quiet: bool, storage_options: dict[str, Any] | None) -> None:
     """Write one version of a lake to OUT as a single Parquet or Arrow file (pyarrow, Polars, DuckDB, HF datasets)."""
     import os
 
     from m2m import open_lake
-    from m2m.errors import AlreadyExistsError
+    from m2m.errors import AlreadyExistsError, ConfigError
     from m2m.lake.export import export_lake
 
+    if fmt is None:  # a Parquet file named out.arrow would fail every Arrow IPC reader
+        suffix = os.path.splitext(out)[1].lower()
+        fmt = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}.get(suffix)
+        if fmt is None:
+            raise ConfigError(f"cannot tell the format from {out!r}: name it .parquet or .arrow, or pass --format")
     if os.path.lexists(out) and not force:  # before opening the lake: nothing is read for a refused export
         raise AlreadyExistsError(f"{out} already exists; pass --force to replace it")
     cols = None if columns is None else [c.strip() for c in columns.split(",") if c.strip()]

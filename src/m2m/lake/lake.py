@@ -16,6 +16,7 @@ import numpy.typing as npt
 from m2m._validate import SplatBatch, check_int, validate_splats
 from m2m.config import M2MConfig
 from m2m.errors import (
+    AlreadyExistsError,
     CommitConflictError,
     ConfigError,
     DimensionMismatchError,
@@ -719,8 +720,12 @@ def write_lock(fs: LakeFS) -> WriteLock:
 
 def create_empty(fs: LakeFS, config: M2MConfig) -> Manifest:
     """Initialise an empty lake (version 0) at ``fs``."""
-    fs.makedirs(MANIFEST_DIR)
-    fs.makedirs(DATA_DIR)
+    try:
+        fs.makedirs(MANIFEST_DIR)
+        fs.makedirs(DATA_DIR)
+    except (NotADirectoryError, FileExistsError):  # a file where the lake (or one of its folders) would go
+        raise AlreadyExistsError(f"cannot create a lake at {fs.root}: a file is in the way "
+                                 f"(the path, or its {MANIFEST_DIR} or {DATA_DIR})") from None
     manifest = Manifest(version=0, dim=config.latent_dim, dtype=config.storage_dtype, next_id=0, shards=(),
                         created=time.time(), operation={"type": "create"}, lake_id=uuid.uuid4().hex)
     with write_lock(fs):

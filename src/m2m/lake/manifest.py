@@ -1008,7 +1008,12 @@ def list_versions(fs: LakeFS) -> list[int]:
     directory cannot be read) is skipped with a warning.
     """
     out = []
-    for name in fs.listdir(MANIFEST_DIR):
+    try:
+        names = fs.listdir(MANIFEST_DIR)
+    except NotADirectoryError:  # the lake's path (or its _manifests) is a file: not "[Errno 20] ..."
+        what = fs.root if not os.path.isdir(fs.root) else f"{fs.root}/{MANIFEST_DIR}"
+        raise LakeNotFoundError(f"no m2m lake at {fs.root}: {what} is a file, not a folder") from None
+    for name in names:
         m = _MANIFEST_RE.fullmatch(name)
         if m is None:
             continue
