@@ -549,7 +549,12 @@ def _in_memory(data: Any, where: str) -> tuple[pa.Schema, Callable[[int], Iterat
     if hasattr(data, "__arrow_c_stream__"):
         reader = pa.RecordBatchReader.from_stream(data)
         return reader.schema, lambda rows: iter(reader)
-    it = iter(data)
+    try:
+        it = iter(data)
+    except TypeError:
+        raise InvalidEmbeddingError(f"{where}: expected a pyarrow Table, RecordBatch or RecordBatchReader, an "
+                                    f"object with __arrow_c_stream__, a datasets.Dataset or an iterable of record "
+                                    f"batches, got {type(data).__name__}") from None
     try:
         first = next(it)
     except StopIteration:

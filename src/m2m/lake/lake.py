@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import os
 import time
 import uuid
@@ -558,6 +559,8 @@ class Lake:
 
         check_engine(engine)
 
+        if similarity is not None and (isinstance(similarity, bool) or not isinstance(similarity, numbers.Real)):
+            raise ConfigError(f"similarity must be a number in (0, 1], got {similarity!r}")
         sim = self.config.consolidate_similarity if similarity is None else float(similarity)
         if not 0.0 < sim <= 1.0:
             raise ConfigError(f"similarity must be in (0, 1], got {similarity!r}")
@@ -583,6 +586,8 @@ class Lake:
         from m2m.consolidation.criticality import criticality_state, estimate_redundancy
         from m2m.consolidation.groups import find_duplicate_groups
 
+        if similarity is not None and (isinstance(similarity, bool) or not isinstance(similarity, numbers.Real)):
+            raise ConfigError(f"similarity must be a number in (0, 1], got {similarity!r}")
         sim = self.config.consolidate_similarity if similarity is None else float(similarity)
         base = {"threshold": self.config.soc_threshold, "similarity": sim, "rows": len(self)}
         if len(self) == 0:
@@ -671,8 +676,7 @@ class Lake:
         not referenced yet), so only unreferenced objects older than ``min_age_s`` go (default:
         3600 s remote, 0 local).
         """
-        if keep < 1:
-            raise ConfigError(f"keep must be >= 1, got {keep}")
+        keep = check_int(keep, "keep")
         self._check_open()
         if not self._fs.is_local:
             from m2m.lake.commit import vacuum_remote
