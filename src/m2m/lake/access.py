@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 
+from m2m._validate import as_numpy
 from m2m.errors import PositionError, UnknownIdError
 from m2m.lake.idmap import IdRanges, ShardIds
 from m2m.lake.manifest import Manifest
@@ -139,7 +140,7 @@ class RowReader:
             return self.rows(np.arange(lo, max(lo, hi), 1 if step is None else int(step), dtype=np.int64))
         if _is_int(key):
             return self.rows(self._check_positions(np.asarray([operator.index(key)], np.int64)))[0]
-        arr = np.asarray(key.cpu() if hasattr(key, "cpu") else key)
+        arr = as_numpy(key, "lake[...]")
         if arr.ndim == 1 and arr.dtype.kind == "b":  # a mask over the rows, as numpy and torch index
             if arr.size != n:
                 raise PositionError(f"lake[mask]: a boolean mask needs one entry per row ({n}), got {arr.size}")
@@ -160,7 +161,7 @@ class RowReader:
         return pos
 
     def take(self, ids: Any) -> Splats:
-        ids = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
+        ids = as_numpy(ids, "ids")
         if ids.ndim == 0:
             ids = ids.reshape(1)
         if ids.ndim != 1:

@@ -559,9 +559,7 @@ class Lake:
 
         check_engine(engine)
 
-        if similarity is not None and (isinstance(similarity, bool) or not isinstance(similarity, numbers.Real)):
-            raise ConfigError(f"similarity must be a number in (0, 1], got {similarity!r}")
-        sim = self.config.consolidate_similarity if similarity is None else float(similarity)
+        sim = self._similarity(similarity)
         if not 0.0 < sim <= 1.0:
             raise ConfigError(f"similarity must be in (0, 1], got {similarity!r}")
         holder: dict[str, ConsolidationReport] = {}
@@ -573,6 +571,14 @@ class Lake:
 
         self.commit("consolidate", build)
         return holder["report"]
+
+    def _similarity(self, similarity: Any) -> float:
+        """``similarity`` as a float (the config's when None); `ConfigError` naming anything not a number."""
+        if similarity is None:
+            return float(self.config.consolidate_similarity)
+        if isinstance(similarity, bool) or not isinstance(similarity, numbers.Real):
+            raise ConfigError(f"similarity must be a number in (0, 1], got {similarity!r}")
+        return float(similarity)
 
     def criticality(self, similarity: float | None = None, sample: int = 2000,
                     exact_max_rows: int = 200_000) -> dict[str, Any]:
@@ -586,9 +592,7 @@ class Lake:
         from m2m.consolidation.criticality import criticality_state, estimate_redundancy
         from m2m.consolidation.groups import find_duplicate_groups
 
-        if similarity is not None and (isinstance(similarity, bool) or not isinstance(similarity, numbers.Real)):
-            raise ConfigError(f"similarity must be a number in (0, 1], got {similarity!r}")
-        sim = self.config.consolidate_similarity if similarity is None else float(similarity)
+        sim = self._similarity(similarity)
         base = {"threshold": self.config.soc_threshold, "similarity": sim, "rows": len(self)}
         if len(self) == 0:
             return {"redundancy": 0.0, "state": "subcritical", "method": "empty", **base}
