@@ -32,6 +32,7 @@ from m2m.errors import PositionError, UnknownIdError
 from m2m.lake.idmap import IdRanges, ShardIds
 from m2m.lake.manifest import Manifest
 from m2m.lake.reader import Snapshot
+from m2m.lake.remote_files import RemoteFiles
 from m2m.lake.shard import BlockCache, ColumnExtent, ShardFile, column_to_numpy
 
 _SPAN_UNIT = 256 << 10  # a gap this wide costs about one more block read: read across narrower gaps
@@ -117,6 +118,8 @@ class RowReader:
         self._ranges = IdRanges.of(m.shards, self._offsets)
         self._blocks = BlockCache(16)
         self._files: dict[str, ShardFile] = {}
+        # a remote lake's copies come and go with the node cache: held through it, never reopened by path
+        self._remote = None if snap.fs.is_local else RemoteFiles(snap.fs, self._blocks)
         self._id_maps: dict[int, ShardIds] = {}  # shards with gaps in their ids: which ids each holds
         names = ["id", "mu", "kappa", "alpha"] + (["label"] if m.label_type is not None else [])
         self.columns = tuple(names + list(m.metadata))
@@ -226,20 +229,24 @@ class RowReader:
         vals = buf.view(dt).reshape((len(uniq), width) if name == "mu" else (len(uniq),))
         return vals[inverse.reshape(-1)]
 
-    def _file(self, ext: ColumnExtent) -> ShardFile:
+    def _gather(self, ext: ColumnExtent, rows: np.ndarray, out: np.ndarray) -> None:
+        """Rows ``rows`` (ascending, unique) of a fixed-width column into ``out`` [len(rows), row_bytes]."""
+        if not self.snap.verify:
+            # read exactly the rows' bytes; otherwise each 256 KiB block they touch is read whole and
+            # checked (the cost of a random row is then a block, not a row)
+            ext = replace(ext, entry=replace(ext.entry, block_bytes=None, block_crc32c=None))
+        if self._remote is not None:
+            self._remote.run(ext, lambda f: self._gather_from(f, ext, rows, out))
+            return
         f = self._files.get(ext.path)
         if f is None:
-            # verify_reads=False: read exactly the rows' bytes; otherwise each 256 KiB block they touch is
-            # read whole and checked (the cost of a random row is then a block, not a row)
-            entry = ext.entry if self.snap.verify else replace(ext.entry, block_bytes=None, block_crc32c=None)
-            f = ShardFile(ext.path, entry, cache=self._blocks)
-            self._files[ext.path] = f
-        return f
+            f = self._files[ext.path] = ShardFile(ext.path, ext.entry, cache=self._blocks)
+        self._gather_from(f, ext, rows, out)
 
-    def _gather(self, ext: ColumnExtent, rows: np.ndarray, out: np.ndarray) -> None:
-        """Rows ``rows`` (ascending, unique) of a fixed-width column into ``out`` [len(rows), row_bytes]:
-        nearby rows are read as one span (a gap narrower than a block costs less than another read)."""
-        f = self._file(ext)
+    @staticmethod
+    def _gather_from(f: ShardFile, ext: ColumnExtent, rows: np.ndarray, out: np.ndarray) -> None:
+        """`_gather` from the open file ``f`` (safe to repeat): nearby rows are read as one span (a gap
+        narrower than a block costs less than another read)."""
         rb = ext.row_bytes
         gap_rows = max(1, _SPAN_UNIT // rb)
         breaks = np.flatnonzero(np.diff(rows) > gap_rows) + 1
@@ -256,6 +263,8 @@ class RowReader:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        if self._remote is not None:
+            self._remote.close()
 
 
 def _is_int(v: object) -> bool:

@@ -12,7 +12,7 @@ Every process of a node that opens remote lakes with the same ``cache_dir`` shar
   unlink semantics), and the space comes back when that process closes it. A stream's reader holds
   a file only while reading it plus its last one, which it closes once evicted (told by `on_evict`
   in its own process, by the link count at its next read otherwise;
-  `m2m.stream.stages.cold.RemoteFiles`), so disk in use, deleted-but-open files included, stays
+  `m2m.lake.remote_files.RemoteFiles`), so disk in use, deleted-but-open files included, stays
   within ``cache_bytes`` + one shard per thread reading; a
   remote snapshot keeps at most ``cache_bytes`` of shards mapped (`m2m.lake.reader.Snapshot`).
 * **damaged copies** — a copy of the wrong size is dropped when opened and downloaded again;
