@@ -276,11 +276,44 @@ def test_fifo_and_directory_named_like_a_manifest_are_skipped(lake: Path, caplog
     with caplog.at_level(logging.WARNING, logger="m2m.lake.manifest"):
         with open_lake(lake) as lk:
             assert lk.version < 98
-    assert "not a regular file" in caplog.text
-    for args in (("info", str(lake)), ("repair", str(lake)), ("verify", "-q", str(lake))):
+    assert "v0000000098.json: a FIFO, not a manifest" in caplog.text
+    assert "v0000000099.json: a folder, not a manifest" in caplog.text
+    for args in (("info", str(lake)), ("verify", "-q", str(lake))):
         r = cli(*args, timeout=60)
         assert r.returncode == 0, (args, r.stderr)
+    r = cli("repair", str(lake), timeout=60)  # above the head: moved aside (they would block those commits)
+    assert r.returncode == 0 and r.stdout.count(".stray-") == 2, r.stdout
     assert repair(lake)["moved"] == []
+    assert sorted(p.name.split(".stray-")[0] for p in (lake / "_manifests").glob("*.stray-*")) == [
+        "v0000000098.json", "v0000000099.json"]
+
+
+@pytest.mark.parametrize("entry", ["folder", "dangling link", "fifo"])
+def test_an_entry_where_the_next_manifest_goes_is_named_and_repair_moves_it(lake: Path, tmp_path: Path,
+                                                                             entry: str) -> None:
+    # observed: a folder (or a dangling link) named like the next manifest made every commit fail with
+    # "committed by another writer", forever, while verify and repair said the lake was fine
+    with open_lake(lake) as lk:
+        nxt = lake / "_manifests" / f"v{lk.version + 1:010d}.json"
+        rows = len(lk)
+    if entry == "folder":
+        nxt.mkdir()
+    elif entry == "fifo":
+        os.mkfifo(nxt)
+    else:
+        nxt.symlink_to(tmp_path / "nothing-here")
+    with open_lake(lake) as lk:
+        with pytest.raises(CorruptShardError, match=f"cannot commit version {lk.version + 1}: .*{nxt.name} is a"
+                                                    r".*m2m repair") as info:
+            lk.add_splats(np.ones((2, lk.dim), np.float32), labels=NAMES[:2])
+        assert "\n" not in str(info.value)
+    r = cli("repair", str(lake), timeout=60)
+    assert r.returncode == 0 and f"{nxt.name}.stray-" in r.stdout, r.stdout
+    assert not os.path.lexists(nxt) and not (tmp_path / "nothing-here").exists()
+    with open_lake(lake) as lk:
+        lk.add_splats(np.ones((2, lk.dim), np.float32), labels=NAMES[:2])
+        assert len(lk) == rows + 2
+    assert cli("verify", "-q", str(lake), timeout=60).returncode == 0
 
 
 def test_names_are_checked_to_the_true_end(lake: Path) -> None:

@@ -1005,7 +1005,7 @@ def list_versions(fs: LakeFS) -> list[int]:
     """Committed versions, ascending (temp files and manifests moved aside by `repair` are ignored).
 
     A local entry so named that is not a regular file (a FIFO would block the read forever, a
-    directory cannot be read) is skipped with a warning.
+    directory cannot be read) is skipped with a warning (`stray_entry`).
     """
     out = []
     try:
@@ -1018,16 +1018,39 @@ def list_versions(fs: LakeFS) -> list[int]:
         if m is None:
             continue
         if fs.is_local:
-            rel = f"{MANIFEST_DIR}/{name}"
-            try:
-                mode = os.stat(fs.local_path(rel)).st_mode
-            except OSError:
-                continue  # removed since the listing (or a dangling link): not a version
-            if not stat.S_ISREG(mode):
-                logger.warning("skipping %s/%s: not a regular file", fs.root, rel)
+            what = stray_entry(fs, f"{MANIFEST_DIR}/{name}")
+            if what is not None:
+                if what != "gone":
+                    logger.warning("skipping %s/%s/%s: %s, not a manifest", fs.root, MANIFEST_DIR, name, what)
                 continue
         out.append(int(m.group(1)))
     return sorted(out)
+
+
+def stray_versions(fs: LakeFS) -> list[tuple[int, str, str]]:
+    """(version, path, what) of the local entries named like a manifest that are not one (`stray_entry`)."""
+    out = []
+    for name in fs.listdir(MANIFEST_DIR):
+        m = _MANIFEST_RE.fullmatch(name)
+        what = None if m is None else stray_entry(fs, f"{MANIFEST_DIR}/{name}")
+        if m is not None and what is not None and what != "gone":
+            out.append((int(m.group(1)), f"{MANIFEST_DIR}/{name}", what))
+    return sorted(out)
+
+
+def stray_entry(fs: LakeFS, rel: str) -> str | None:
+    """What the local entry ``rel`` named like a manifest is when it is not a (link to a) regular file:
+    "a folder", "a FIFO", "a special file", "a symbolic link to nothing", or "gone" (removed since it was
+    listed); None for a regular file. Readers skip such an entry; a commit of its version cannot
+    be published over it (`write_manifest` names it) and `m2m repair` moves it aside."""
+    path = fs.local_path(rel)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a symbolic link to nothing" if os.path.islink(path) else "gone"
+    if stat.S_ISREG(mode):
+        return None
+    return "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
 
 
 def use_key(fs: LakeFS, configured: str | bytes | None) -> None:
@@ -1291,6 +1314,10 @@ def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
         assert published.segments is not None
         published.segments[i].entries  # noqa: B018  (loads from the memo: every check of the new segment)
     if not fs.create_exclusive(rel, data):
+        what = stray_entry(fs, rel) if fs.is_local else None
+        if what is not None and what != "gone":  # not a version: no writer will ever get past it
+            raise CorruptShardError(f"cannot commit version {manifest.version}: {fs.root}/{rel} is {what}, not a "
+                                    f"manifest (readers skip it); `m2m repair {fs.root}` moves it aside")
         raise CommitConflictError(f"version {manifest.version} of {fs.root} was committed by another writer")
     if published.segments is None:
         out = replace(manifest, segments=None, format_version=published.format_version)

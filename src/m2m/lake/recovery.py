@@ -27,6 +27,7 @@ from m2m.lake.manifest import (
     load_all,
     manifest_name,
     read_manifest,
+    stray_versions,
     write_manifest,
 )
 
@@ -120,5 +121,12 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
                     fs.write_atomic(aside, fs.read_bytes(rel))
                     fs.remove(rel)
                 moved.append((v, aside, problems[v]))
+        if fs.is_local:  # a folder or dangling link where a newer manifest would go blocks every commit
+            for v, rel, what in stray_versions(fs):
+                if v > head:
+                    aside = f"{rel}.stray-{stamp}"
+                    if not dry_run:
+                        os.rename(fs.local_path(rel), fs.local_path(aside))  # the entry itself, never a link's target
+                    moved.append((v, aside, f"{fs.root}/{rel} is {what}, not a manifest"))
     return {"moved": moved, "unreadable": [(v, p) for v, p in problems.items() if v < head], "head": head,
             "dry_run": dry_run}
