@@ -152,3 +152,17 @@ def test_wrong_column_is_named(tmp_path, data):
 
 def test_parse_size():
     assert parse_size("128MiB") == 128 << 20 and parse_size("1.5GB") == 1_500_000_000 and parse_size("4096") == 4096
+
+
+def test_vacuum_min_age_keeps_young_unreferenced_files(tmp_path, data):
+    x, _ = data
+    np.save(tmp_path / "x.npy", x)
+    assert run("ingest", tmp_path / "x.npy", "--lake", tmp_path / "lake", "-q").exit_code == 0
+    young = tmp_path / "lake" / "_data" / ("ab" * 16 + ".arrow")
+    young.write_bytes(b"x")
+    r = run("vacuum", tmp_path / "lake", "--min-age", 3600)
+    assert r.exit_code == 0 and young.exists(), r.output
+    r = run("vacuum", tmp_path / "lake", "--min-age", -5)
+    assert r.exit_code != 0 and "min_age_s must be a finite number" in r.output and young.exists()
+    r = run("vacuum", tmp_path / "lake")
+    assert r.exit_code == 0 and "and 1 files" in r.output and not young.exists(), r.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -177,6 +178,26 @@ def test_vacuum_keeps_last_versions_and_removes_orphans(lake_path, rng):
         assert result["versions_removed"] == 3 and not os.path.exists(orphan)
         assert lake.versions() == [3, 4]
         assert len(lake.splats()["id"]) == 20 and lake.verify() == []
+
+
+def test_local_vacuum_keeps_unreferenced_files_younger_than_min_age(lake_path, rng):
+    # observed: vacuum(min_age_s=3600) on a local lake removed a file written a second before (a
+    # compaction in another process writes its files before taking the lock to publish them)
+    with create_m2m(M2MConfig(path=lake_path, latent_dim=8)) as lake:
+        for _ in range(3):
+            lake.add_splats(rng.standard_normal((5, 8)))
+        young = os.path.join(lake_path, "_data", "ab" * 16 + ".arrow")
+        old = os.path.join(lake_path, "_data", "cd" * 16 + ".arrow")
+        for p in (young, old):
+            open(p, "wb").write(b"x")
+        os.utime(old, (time.time() - 7200, time.time() - 7200))
+        assert lake.vacuum(keep=1, min_age_s=3600) == {"versions_removed": 3, "files_removed": 1}
+        assert os.path.exists(young) and not os.path.exists(old)
+        assert lake.vacuum(keep=1) == {"versions_removed": 0, "files_removed": 1}  # local default 0
+        assert not os.path.exists(young) and len(lake) == 15 and lake.verify() == []
+        for bad in (-1, float("nan"), float("inf"), "60", True):
+            with pytest.raises(ConfigError, match="min_age_s must be a finite number"):
+                lake.vacuum(min_age_s=bad)
 
 
 def test_chunked_write_of_a_memmap(tmp_path, rng):

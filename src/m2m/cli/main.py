@@ -289,14 +289,18 @@ def repair(lake_dir: str, dry_run: bool, storage_options: dict[str, Any] | None)
 @click.option("--keep", default=1, show_default=True, help="Versions to keep.")
 @click.option("--allow-symlinked-dirs", is_flag=True,
               help="Vacuum the target of a symlinked _data/_manifests folder (refused otherwise).")
+@click.option("--min-age", "min_age_s", type=float, default=None,
+              help="Keep unreferenced files younger than this many seconds (a commit in flight may be about to "
+                   "publish them). Default: 3600 on an object store, 0 locally.")
 @storage_option
 @user_errors
-def vacuum(lake_dir: str, keep: int, allow_symlinked_dirs: bool, storage_options: dict[str, Any] | None) -> None:
+def vacuum(lake_dir: str, keep: int, allow_symlinked_dirs: bool, min_age_s: float | None,
+           storage_options: dict[str, Any] | None) -> None:
     """Delete old versions and unreferenced m2m files (also those of interrupted commits); other files stay."""
     from m2m import open_lake
 
     with open_lake(lake_dir, storage_options=storage_options) as lake:
-        r = lake.vacuum(keep=keep, allow_symlinked_dirs=allow_symlinked_dirs)
+        r = lake.vacuum(keep=keep, min_age_s=min_age_s, allow_symlinked_dirs=allow_symlinked_dirs)
     click.echo(f"removed {r['versions_removed']} versions and {r['files_removed']} files")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import numbers
 import os
 import time
@@ -678,9 +679,13 @@ class Lake:
         symlinked ``_data``/``_manifests`` folder is refused unless ``allow_symlinked_dirs``
         (`m2m.lake.vacuum`). On an object store other writers may be mid-commit (their shards are
         not referenced yet), so only unreferenced objects older than ``min_age_s`` go (default:
-        3600 s remote, 0 local).
+        3600 s remote, 0 local: a local commit holds the lock, but a compaction or a Ray write in
+        another process writes its files before it takes the lock to publish them).
         """
         keep = check_int(keep, "keep")
+        if min_age_s is not None and (isinstance(min_age_s, bool) or not isinstance(min_age_s, numbers.Real)
+                                      or not math.isfinite(min_age_s) or min_age_s < 0):
+            raise ConfigError(f"min_age_s must be a finite number of seconds >= 0 or None, got {min_age_s!r}")
         self._check_open()
         if not self._fs.is_local:
             from m2m.lake.commit import vacuum_remote
@@ -689,7 +694,7 @@ class Lake:
         from m2m.lake.vacuum import vacuum_local
 
         with write_lock(self._fs):
-            return vacuum_local(self._fs, keep, allow_symlinked_dirs)
+            return vacuum_local(self._fs, keep, allow_symlinked_dirs, 0.0 if min_age_s is None else float(min_age_s))
 
 
 ENGINES = ("local", "ray")

@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import stat
+import time
 from collections.abc import Iterator
 
 from m2m.errors import ConfigError
@@ -66,21 +67,24 @@ def _dir_fd(fs: LakeFS, rel: str, allow_symlinked_dirs: bool) -> Iterator[int | 
         os.close(fd)
 
 
-def _remove_regular(fd: int, name: str) -> bool:
-    """Unlink ``name`` in the folder ``fd`` if it is a regular file (never following a link)."""
+def _remove_regular(fd: int, name: str, before: float | None = None) -> bool:
+    """Unlink ``name`` in the folder ``fd`` if it is a regular file (never following a link) last
+    modified before the time ``before`` (any time when None)."""
     try:
         st = os.lstat(name, dir_fd=fd)
     except FileNotFoundError:
         return False
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode) or (before is not None and st.st_mtime >= before):
         return False
     os.unlink(name, dir_fd=fd)
     return True
 
 
-def vacuum_local(fs: LakeFS, keep: int, allow_symlinked_dirs: bool = False) -> dict[str, int]:
-    """Delete all but the last ``keep`` versions and the m2m files none of them references (the
-    caller holds the write lock)."""
+def vacuum_local(fs: LakeFS, keep: int, allow_symlinked_dirs: bool = False, min_age_s: float = 0.0) -> dict[str, int]:
+    """Delete all but the last ``keep`` versions and the m2m files none of them references that are
+    at least ``min_age_s`` seconds old (a compaction or a Ray write in flight writes its files before
+    it takes the lock to publish them; the caller holds the write lock)."""
+    before = time.time() - min_age_s if min_age_s > 0 else None
     with _dir_fd(fs, MANIFEST_DIR, allow_symlinked_dirs) as mfd, _dir_fd(fs, DATA_DIR, allow_symlinked_dirs) as dfd:
         versions = list_versions(fs)
         kept = versions[-keep:]
@@ -97,15 +101,15 @@ def vacuum_local(fs: LakeFS, keep: int, allow_symlinked_dirs: bool = False) -> d
                 removed_versions += _remove_regular(mfd, manifest_name(v).rsplit("/", 1)[-1])
             for name in os.listdir(mfd):
                 if is_manifest_temp(name):
-                    _remove_regular(mfd, name)
+                    _remove_regular(mfd, name, before)
         removed_files = 0
         if dfd is not None:
             for name in sorted(os.listdir(dfd)):
                 if is_data_name(name) and name not in live:
-                    removed_files += _remove_regular(dfd, name)
+                    removed_files += _remove_regular(dfd, name, before)
         with _dir_fd(fs, SEGMENT_DIR, allow_symlinked_dirs) as sfd:
             if sfd is not None:
                 for name in sorted(os.listdir(sfd)):
                     if (is_segment_name(name) and name not in live_segments) or is_manifest_temp(name):
-                        removed_files += _remove_regular(sfd, name)
+                        removed_files += _remove_regular(sfd, name, before)
     return {"versions_removed": removed_versions, "files_removed": removed_files}
