@@ -1018,10 +1018,10 @@ def list_versions(fs: LakeFS) -> list[int]:
         if m is None:
             continue
         if fs.is_local:
-            what = stray_entry(fs, f"{MANIFEST_DIR}/{name}")
-            if what is not None:
-                if what != "gone":
-                    logger.warning("skipping %s/%s/%s: %s, not a manifest", fs.root, MANIFEST_DIR, name, what)
+            stray = stray_entry(fs, f"{MANIFEST_DIR}/{name}")
+            if stray is not None:
+                if stray != "gone":
+                    logger.warning("skipping %s/%s/%s: %s, not a manifest", fs.root, MANIFEST_DIR, name, stray)
                 continue
         out.append(int(m.group(1)))
     return sorted(out)
