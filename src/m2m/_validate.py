@@ -294,6 +294,9 @@ def _object_column(arr: np.ndarray, name: str) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
+_TIME_UNITS = {"M": ("D", "s", "ms", "us", "ns"), "m": ("s", "ms", "us", "ns")}  # Arrow's date32, timestamp, duration
+
+
 def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np.ndarray]:
     """User columns as 1-D arrays of length n (numeric or string); names must not be reserved
     (`m2m.lake.schema.RESERVED_COLUMNS`)."""
@@ -321,6 +324,12 @@ def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np
                 f"metadata[{name!r}] has dtype {arr.dtype} (row 0 is {arr[0]!r}); a metadata column holds "
                 "numbers (bool, int, uint, float) or strings" if n else
                 f"metadata[{name!r}] has dtype {arr.dtype}; a metadata column holds numbers or strings")
+        elif arr.dtype.kind in "mM" and np.datetime_data(arr.dtype)[0] not in _TIME_UNITS[arr.dtype.kind]:
+            # Arrow has no such unit (pyarrow: "Unsupported datetime64 time unit")
+            units = ", ".join(_TIME_UNITS[arr.dtype.kind])
+            raise InvalidEmbeddingError(
+                f"metadata[{name!r}] has dtype {arr.dtype}: Arrow stores {arr.dtype.kind == 'M' and 'datetime64' or 'timedelta64'} "
+                f"in units {units} only; convert it, e.g. values.astype('{arr.dtype.str[1:].split('[')[0]}[s]')")
         elif arr.dtype == np.uint64:
             big = arr > np.uint64(_I64_MAX)
             if big.any():

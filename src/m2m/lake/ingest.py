@@ -321,13 +321,24 @@ def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def _metadata(arr: pa.Array, name: str, where: Any) -> np.ndarray:
+    """A metadata column of an input table as numpy, taking what ``add_splats(metadata={...})`` takes:
+    numbers, booleans, strings (nulls allowed), dates, timestamps and durations (naive, units s..ns)."""
     arr = _plain(arr)
-    if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)
-            or pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has type {arr.type}; "
-                                    "numbers, booleans and strings are supported")
-    if arr.null_count and not pa.types.is_floating(arr.type):
-        raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has {arr.null_count} null rows")
+    typ = arr.type
+    string = pa.types.is_string(typ) or pa.types.is_large_string(typ)
+    temporal = pa.types.is_timestamp(typ) or pa.types.is_duration(typ) or pa.types.is_date(typ)
+    if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ) or string or temporal):
+        raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has type {typ}; "
+                                    "numbers, booleans, strings, dates, timestamps and durations are supported")
+    if pa.types.is_timestamp(typ) and typ.tz is not None:
+        raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has type {typ}: timestamps are stored "
+                                    f"without a time zone; cast it first, e.g. to timestamp[{typ.unit}] in UTC")
+    if arr.null_count and not (pa.types.is_floating(typ) or string):
+        row = arr.is_null().to_numpy(zero_copy_only=False).argmax()
+        raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has {arr.null_count} null rows "
+                                    f"(row {row} is the first); only float (NaN) and string columns take nulls")
+    if pa.types.is_date64(typ):  # milliseconds since the epoch: the date of each, as date32 stores it
+        return arr.to_numpy(zero_copy_only=False).astype("datetime64[D]")
     return arr.to_numpy(zero_copy_only=False)
 
 

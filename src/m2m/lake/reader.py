@@ -15,7 +15,7 @@ from m2m.lake.fs import LakeFS
 from m2m.lake.idmap import IdRanges, ShardIds
 from m2m.lake.integrity import check_batch, check_file, check_footers, check_key
 from m2m.lake.manifest import FileEntry, Manifest, shard_row_counts
-from m2m.lake.schema import MAIN_COLUMNS, MU_NORM, NEIGHBOR_COS, NEIGHBORS, WIDENED, widened_dtype
+from m2m.lake.schema import MAIN_COLUMNS, MU_NORM, NEIGHBOR_COS, NEIGHBORS, read_in_memory, widened_dtype
 from m2m.lake.shard import (
     ColumnExtent,
     column_extents,
@@ -169,7 +169,7 @@ class Snapshot:
             return None
         if name == "neighbor_cos" and self._without_geometry(shard, name):
             return None  # filled in memory by `column`
-        if self.manifest.metadata.get(name) in WIDENED:
+        if read_in_memory(self.manifest.metadata.get(name)):
             return None  # widened in memory by `column`
         entry = self.manifest.shards[shard]
         try:

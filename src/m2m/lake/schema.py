@@ -52,6 +52,13 @@ def reserved_reason(name: str) -> str | None:
 WIDENED = {"uint16": "int32", "uint32": "int64", "uint64": "int64"}
 
 
+def read_in_memory(type_name: str | None) -> bool:
+    """Whether a stream reads a metadata column of Arrow type ``type_name`` through memory rather than
+    straight from its file's bytes: a widened unsigned int, or a date (``date32[day]``: 4-byte days on
+    disk, int64 days in a stream, like a timestamp's int64 counts)."""
+    return type_name is not None and (type_name in WIDENED or type_name.startswith("date"))
+
+
 def widened_dtype(dtype: "np.dtype[Any]") -> "np.dtype[Any]":
     """The dtype a stream reads a stored column as (``dtype`` itself unless it is in `WIDENED`)."""
     wide = WIDENED.get(dtype.name)

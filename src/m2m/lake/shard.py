@@ -581,4 +581,6 @@ def column_to_numpy(array: pa.Array) -> np.ndarray:
         return flat.to_numpy(zero_copy_only=not pa.types.is_boolean(flat.type)).reshape(-1, width)
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type) or pa.types.is_boolean(array.type):
         return array.to_numpy(zero_copy_only=False)  # booleans are bit-packed in Arrow: a (small) copy
+    if pa.types.is_date(array.type):
+        return array.to_numpy(zero_copy_only=False)  # int32 days / int64 ms -> datetime64: a (small) copy
     return array.to_numpy(zero_copy_only=array.null_count == 0)

@@ -279,6 +279,9 @@ class ColdReader:
         blocks checked) into a bounded staging buffer and the rows copied out; from a run holding fewer
         (scattered reads) just those rows are copied, from checked blocks kept in the reader's block
         cache. In file order, a block that two neighbouring runs share is read once either way."""
+        if dst[0].numel() * dst.element_size() != ext.row_bytes:  # never reinterpret bytes as another type
+            raise CorruptShardError(f"shard file {ext.path}: column has {ext.row_bytes}-byte rows, the stream "
+                                    f"reads {dst[0].numel() * dst.element_size()}-byte rows ({dst.dtype})")
         unit = max(1, int(f.block_bytes or (1 << 20)) // ext.row_bytes)  # rows per read
         shard_rows = ext.rows
         units = local // unit
