@@ -49,3 +49,71 @@ def test_numpy_numbers_are_numbers(lake):
         other.add_splats(torch.randn(50, 8, generator=torch.Generator().manual_seed(1)))
         other.consolidate(np.float32(0.999))
         assert other.vacuum(keep=np.int64(1))["versions_removed"] >= 0
+
+
+@pytest.mark.timeout(60)  # the code before waited forever on 'nan'
+@pytest.mark.parametrize("raw", ["abc", "nan", "-1", "inf"])
+def test_a_bad_lock_timeout_is_named_and_never_waits_forever(tmp_path, monkeypatch, raw):
+    # observed: 'abc' gave "could not convert string to float" (no variable named); 'nan' with the lock
+    # held waited forever
+    import fcntl
+    import os
+
+    from m2m.errors import ConfigError
+
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=4)) as lake:
+        lake.add_splats(np.ones((2, 4)))
+        fd = os.open(tmp_path / "lake" / "_lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another writer's lock (a separate open file description)
+        try:
+            monkeypatch.setenv("M2M_LOCK_TIMEOUT", raw)
+            with pytest.raises(ConfigError, match=f"M2M_LOCK_TIMEOUT must be a finite number of seconds >= 0, got '{raw}'"):
+                lake.add_splats(np.ones((2, 4)))
+        finally:
+            os.close(fd)
+        monkeypatch.setenv("M2M_LOCK_TIMEOUT", "0.5")
+        lake.add_splats(np.ones((2, 4)))
+        assert len(lake) == 4
+
+
+def test_a_lock_file_linked_outside_the_lake_is_refused_and_nothing_is_created_there(tmp_path):
+    # observed: every append created (or opened read-write) the link's target outside the lake
+    import os
+
+    from m2m.errors import CorruptShardError
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=4)) as lake:
+        lake.add_splats(np.ones((2, 4)))
+        os.remove(tmp_path / "lake" / "_lock")
+        os.symlink(outside / "target", tmp_path / "lake" / "_lock")
+        with pytest.raises(CorruptShardError, match="the lake lock .*_lock is a symbolic link .*: remove the link"):
+            lake.add_splats(np.ones((2, 4)))
+        assert os.listdir(outside) == [] and len(lake) == 2
+        os.remove(tmp_path / "lake" / "_lock")
+        lake.add_splats(np.ones((2, 4)))
+        assert len(lake) == 4
+
+
+def test_an_unclosed_lake_leaves_no_noise_at_interpreter_exit(tmp_path):
+    # observed: "Exception ignored in: <function ShardFile.__del__> ... 'NoneType' object has no attribute
+    # 'close'" at exit of a script that left its lake open after reading it
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from m2m import M2MConfig, create_m2m
+        lake = create_m2m(M2MConfig(path={str(tmp_path / "lake")!r}, latent_dim=8))
+        for i in range(3):
+            ids = lake.add_splats(np.random.default_rng(i).standard_normal((4, 8)),
+                                  metadata={{"s": np.array(["a", None, "c", "d"], dtype=object)}})
+            lake.take(ids)
+        lake.add_splats(np.ones((4, 8)), metadata={{"x": np.ones(4)}}) if False else None
+        row = lake[0]
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Exception ignored" not in r.stderr, r.stderr

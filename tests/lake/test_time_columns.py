@@ -106,3 +106,13 @@ def test_table_nulls_and_zones_are_refused_naming_the_column(tmp_path: Path) -> 
             lake.add_splats(pa.table({"emb": emb, "t": pa.array([1, 2, 3], pa.timestamp("s", tz="UTC"))}),
                             metadata=["t"])
         assert len(lake) == 0
+
+
+def test_nat_reads_back_as_nat_from_numpy_and_from_a_table(tmp_path: Path) -> None:
+    t = np.array(["2020-01-01", "NaT", "2022-01-01"], dtype="datetime64[us]")
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(3 * D, np.float32)), D)
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=D)) as lake:
+        lake.add_splats(np.ones((3, D)), metadata={"t": t})
+        lake.add_splats(pa.table({"emb": emb, "t": pa.array(t)}), metadata=["t"])
+        got = lake.splats()["t"]
+        assert np.array_equal(got, np.concatenate([t, t]), equal_nan=True) and lake.to_arrow()["t"].null_count == 2

@@ -261,9 +261,9 @@ def compact(fs: LakeFS, publish: Publish, target_bytes: int, verify: bool = True
 def publish_local(fs: LakeFS, build: Callable[[Manifest], Manifest], lock_wait_s: float = LOCK_WAIT_S) -> Manifest:
     """One commit on a local lake under its write lock, waiting up to ``lock_wait_s`` for it (the
     merged files were written before, outside the lock; ``build`` only rebases)."""
-    from m2m.lake.lock import WriteLock
+    from m2m.lake.lock import WriteLock, lock_timeout
 
-    wait = max(lock_wait_s, float(os.environ.get("M2M_LOCK_TIMEOUT", "0")))
+    wait = max(lock_wait_s, lock_timeout())
     with WriteLock(os.path.join(fs.root, "_lock"), timeout=wait):
         head = read_manifest(fs)
         new = build(head)

@@ -333,10 +333,11 @@ def _metadata(arr: pa.Array, name: str, where: Any) -> np.ndarray:
     if pa.types.is_timestamp(typ) and typ.tz is not None:
         raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has type {typ}: timestamps are stored "
                                     f"without a time zone; cast it first, e.g. to timestamp[{typ.unit}] in UTC")
-    if arr.null_count and not (pa.types.is_floating(typ) or string):
+    if arr.null_count and not (pa.types.is_floating(typ) or string or temporal):
         row = arr.is_null().to_numpy(zero_copy_only=False).argmax()
         raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has {arr.null_count} null rows "
-                                    f"(row {row} is the first); only float (NaN) and string columns take nulls")
+                                    f"(row {row} is the first); only float (NaN), string and time (NaT) columns "
+                                    "take nulls")
     if pa.types.is_date64(typ):  # milliseconds since the epoch: the date of each, as date32 stores it
         return arr.to_numpy(zero_copy_only=False).astype("datetime64[D]")
     return arr.to_numpy(zero_copy_only=False)

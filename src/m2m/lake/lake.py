@@ -31,7 +31,7 @@ from m2m.errors import (
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import WriteStamp
-from m2m.lake.lock import WriteLock
+from m2m.lake.lock import WriteLock, lock_timeout
 from m2m.lake.manifest import (
     DATA_DIR,
     MANIFEST_DIR,
@@ -728,7 +728,7 @@ def _remove_unreferenced_since(fs: LakeFS, base: Manifest, started: float) -> No
 def write_lock(fs: LakeFS) -> WriteLock:
     """The lake's write lock (waits ``$M2M_LOCK_TIMEOUT`` seconds, default 0, for another writer)."""
     path = os.path.join(fs.root, "_lock") if fs.is_local else None
-    return WriteLock(path, timeout=float(os.environ.get("M2M_LOCK_TIMEOUT", "0")))
+    return WriteLock(path, timeout=lock_timeout())
 
 
 def create_empty(fs: LakeFS, config: M2MConfig) -> Manifest:

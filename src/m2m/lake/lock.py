@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import math
 import os
+import stat
 import time
 from types import TracebackType
 
-from m2m.errors import LakeLockedError
+from m2m.errors import ConfigError, CorruptShardError, LakeLockedError
+
+
+def lock_timeout() -> float:
+    """Seconds a writer waits for another one's lock: ``$M2M_LOCK_TIMEOUT`` (default 0), a finite
+    number >= 0 (`ConfigError` naming the variable and its value otherwise: NaN waited forever)."""
+    raw = os.environ.get("M2M_LOCK_TIMEOUT", "0")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"M2M_LOCK_TIMEOUT must be a finite number of seconds >= 0, got {raw!r}")
+    return value
 
 
 class WriteLock:
@@ -25,7 +41,16 @@ class WriteLock:
     def __enter__(self) -> "WriteLock":
         if self._path is None:
             return self
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the lock file is created in the lake, nowhere else
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise CorruptShardError(f"the lake lock {self._path} is a symbolic link (to {os.path.realpath(self._path)}); "
+                                    "m2m does not follow it: remove the link") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptShardError(f"the lake lock {self._path} is not a regular file: remove it")
         deadline = time.monotonic() + self._timeout
         while True:
             try:

@@ -25,7 +25,7 @@ import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import crc32c
 import numpy as np
@@ -423,10 +423,11 @@ class ShardFile:
     def __del__(self) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, _close: Callable[[int], None] = os.close) -> None:
+        # os.close bound at definition: at interpreter exit `os` may already be None when __del__ runs
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
-            os.close(fd)
+            _close(fd)
 
     def _fileno(self) -> int:
         if self._fd is None:
