@@ -294,6 +294,26 @@ def _object_column(arr: np.ndarray, name: str) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
+def _unmasked(values: np.ma.MaskedArray, name: str) -> np.ndarray:
+    """A masked column as a plain one, masked entries as the nulls its type has: NaN (floats), None
+    (strings), NaT (times); any other masked column is refused (as an Arrow table's nulls are)."""
+    mask = np.ma.getmaskarray(values)
+    if not mask.any():
+        return np.ma.getdata(values)
+    kind = values.dtype.kind
+    if kind == "f":
+        return values.filled(np.nan)
+    if kind in "mM":
+        return values.filled(values.dtype.type("NaT"))
+    if kind in "USO":
+        out = np.asarray(values.data, dtype=object).copy()
+        out[mask] = None
+        return out
+    row = int(np.argmax(mask.reshape(-1)))
+    raise InvalidEmbeddingError(f"metadata[{name!r}] row {row} is masked in a {values.dtype} column; only float "
+                                "(NaN), string (None) and time (NaT) columns take nulls")
+
+
 _TIME_UNITS = {"M": ("D", "s", "ms", "us", "ns"), "m": ("s", "ms", "us", "ns")}  # Arrow's date32, timestamp, duration
 
 
@@ -311,6 +331,8 @@ def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np
         why = reserved_reason(name)
         if why is not None:
             raise InvalidEmbeddingError(f"metadata column {name!r} clashes with a reserved name: {why}")
+        if isinstance(values, np.ma.MaskedArray):
+            values = _unmasked(values, name)
         arr = as_numpy(values, f"metadata[{name!r}]")
         if arr.ndim != 1 or arr.shape[0] != n:
             raise InvalidEmbeddingError(

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from m2m._validate import check_int
+from m2m._validate import as_numpy, check_int
 from m2m.errors import ConfigError, InvalidEmbeddingError
 
 __all__ = ["IdPositions", "LossPriorities"]
@@ -78,8 +78,15 @@ class LossPriorities:
 
     def positions(self, ids_or_positions: Any) -> torch.Tensor:
         """Row positions (int64) of the given ids (when built with ids) or positions, validated."""
-        keys = torch.as_tensor(np.asarray(ids_or_positions) if not torch.is_tensor(ids_or_positions)
-                               else ids_or_positions).to("cpu", torch.int64).reshape(-1)
+        arr = as_numpy(ids_or_positions, "ids")
+        if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
+            # a float id would be truncated onto another row (float32 ids above 2**24 are not exact)
+            shown = repr(arr.reshape(-1)[0].item()) if arr.size else ""
+            raise InvalidEmbeddingError(f"ids must be integers (the batch's 'id' column), got dtype {arr.dtype}"
+                                        + (f" (first: {shown})" if shown else ""))
+        if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise InvalidEmbeddingError(f"id {int(arr.max())} is not a row of this lake")
+        keys = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)).reshape(-1)
         n = len(self)
         if self._locate is not None:
             pos = np.asarray(self._locate(keys.numpy()), dtype=np.int64).reshape(-1)
@@ -112,9 +119,9 @@ class LossPriorities:
         loss = loss.to("cpu", torch.float64).reshape(-1)
         if loss.shape != pos.shape:
             raise InvalidEmbeddingError(f"got {pos.numel()} rows but {loss.numel()} losses")
-        bad = ~torch.isfinite(loss) | (loss < 0)
+        bad = ~torch.isfinite(loss) | (loss < 0) | (loss > torch.finfo(torch.float32).max)  # stored as float32
         if bool(bad.any()):
-            raise InvalidEmbeddingError(f"losses must be finite and >= 0; got {float(loss[bad][0])}")
+            raise InvalidEmbeddingError(f"losses must be finite, >= 0 and within float32; got {float(loss[bad][0])}")
         if pos.numel() == 0:
             return
         rows, inverse = torch.unique(pos, return_inverse=True)

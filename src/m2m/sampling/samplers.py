@@ -104,15 +104,19 @@ class LossFeedback:
         self.priorities.update(ids, losses)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"priorities": self.priorities.scores().astype(np.float32).copy(),
-                "counts": self.priorities.counts.numpy().copy(),
-                "frozen": {int(e): v.copy() for e, v in self._frozen.items()}}
+        # tensors, not numpy arrays: torch.load's default weights_only=True (a Lightning checkpoint's
+        # resume) refuses numpy arrays
+        return {"priorities": torch.from_numpy(self.priorities.scores().astype(np.float32)),
+                "counts": self.priorities.counts.clone(),
+                "frozen": {int(e): torch.from_numpy(v.copy()) for e, v in self._frozen.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         values = np.asarray(state["priorities"], dtype=np.float32)
         rows = len(self.priorities)
         if values.shape != (rows,):
-            raise StateMismatchError(f"sampler state has {values.shape} priorities, the lake has {rows} rows")
+            raise StateMismatchError(f"sampler state has {values.shape[0] if values.ndim == 1 else values.shape} loss "
+                                     f"priorities, the lake has {rows} rows: a loss-sampling state resumes on the "
+                                     "same rows only (drop state['sampler'] to restart the priorities)")
         self.priorities.tensor.copy_(torch.from_numpy(values))
         # states saved before the bias correction have no counts: continue them as plain EMAs
         # (a large count makes the gain 1 - ema), except rows still at the initial value

@@ -262,7 +262,8 @@ class StreamLoader(DataLoader[Any]):
             num_rows=spec.num_rows, shuffle=spec.layout.mode, block_rows=spec.layout.block_rows,
             window_blocks=spec.layout.window_blocks, shard_affinity=spec.shard_affinity,
             affinity_group_blocks=spec.affinity_group_blocks, epoch_batches=num_batches(epoch),
-            lake=spec.lake, version=spec.version, rank=world.rank, sampler=sampler)
+            lake=spec.lake, version=spec.version, rank=world.rank, sampler=sampler,
+            importance=st.importance_name(self.options.importance_sampling))
 
     def _iterate(self) -> Iterator[Any]:
         ds = self._ds

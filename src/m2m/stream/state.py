@@ -22,8 +22,16 @@ STATE_VERSION = 2
 
 #: Fields that must match whatever the position (they fix which batches an epoch has).
 ALWAYS = ("seed", "batch_size", "drop_last", "shuffle")
-#: Fields that must match to resume mid-epoch (the layout of this epoch's order).
-MID_EPOCH = ("num_rows", "block_rows", "window_blocks", "shard_affinity", "affinity_group_blocks")
+#: Fields that must match to resume mid-epoch (the layout of this epoch's order, its importance plan).
+MID_EPOCH = ("num_rows", "block_rows", "window_blocks", "shard_affinity", "affinity_group_blocks", "importance")
+#: Of those, the ones only a block shuffle's order depends on.
+BLOCK_ONLY = ("block_rows", "window_blocks")
+
+
+def importance_name(value: Any) -> str:
+    """The importance mode a state records for ``importance_sampling=value``: "none" (False/None),
+    "kappa" (True), else the mode or column name as given."""
+    return "none" if value is False or value is None else "kappa" if value is True else str(value)
 
 
 @runtime_checkable
@@ -57,6 +65,7 @@ class StreamState:
     version: int | None = None
     rank: int = 0  # the rank that saved it (informational: any rank's state resumes every rank)
     sampler: dict[str, Any] | None = None
+    importance: str | None = None  # importance_name of the saved loader (None: a state from before it)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -114,7 +123,8 @@ def check(saved: StreamState, mine: StreamState, num_batches: Callable[[int], in
         raise StateMismatchError(f"stream state was saved mid-epoch on snapshot version {saved.version} "
                                  f"({saved.num_rows} rows), this loader streams version {mine.version} "
                                  f"({mine.num_rows} rows): a mid-epoch state resumes the same snapshot only")
-    diff = {k: (getattr(saved, k), getattr(mine, k)) for k in MID_EPOCH if getattr(saved, k) != getattr(mine, k)}
+    diff = {k: (getattr(saved, k), getattr(mine, k)) for k in MID_EPOCH if getattr(saved, k) != getattr(mine, k)
+            and getattr(saved, k) is not None and (k not in BLOCK_ONLY or saved.shuffle == "block")}
     if diff:
         raise StateMismatchError("mid-epoch stream state does not match this loader's order (saved vs current): "
                                  + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
