@@ -166,3 +166,17 @@ def test_vacuum_min_age_keeps_young_unreferenced_files(tmp_path, data):
     assert r.exit_code != 0 and "min_age_s must be a finite number" in r.output and young.exists()
     r = run("vacuum", tmp_path / "lake")
     assert r.exit_code == 0 and "and 1 files" in r.output and not young.exists(), r.output
+
+
+@pytest.mark.parametrize("where", ["_manifests/v0000000002.json", "_data/x.arrow", "_lock"])
+def test_export_into_the_lakes_own_folders_is_refused(tmp_path, data, where):
+    # observed: `m2m export LAKE LAKE/_manifests/v0000000002.json --format arrow` wrote the export as the
+    # next version's manifest: the lake's head became unreadable
+    x, _ = data
+    np.save(tmp_path / "x.npy", x)
+    assert run("ingest", tmp_path / "x.npy", "--lake", tmp_path / "lake", "-q").exit_code == 0
+    before = sorted(p.name for p in (tmp_path / "lake").rglob("*"))
+    r = run("export", tmp_path / "lake", tmp_path / "lake" / where, "--format", "arrow", "--force")
+    assert r.exit_code != 0 and "inside the lake's own" in r.output, r.output
+    assert sorted(p.name for p in (tmp_path / "lake").rglob("*")) == before
+    assert run("verify", tmp_path / "lake", "-q").exit_code == 0

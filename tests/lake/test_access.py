@@ -213,3 +213,17 @@ def test_snapshot_positions_and_neighbours_without_the_whole_id_column(tmp_path,
         want = np.where(stored >= 0, np.searchsorted(all_ids, stored), -1)
         want[(stored >= 0) & ~np.isin(stored, all_ids)] = -1
         assert np.array_equal(snap.read_all("neighbors"), want)
+
+
+def test_a_uint64_id_beyond_int64_is_named_as_given(tmp_path):
+    # observed: "id -1 is not in lake version 1" for np.uint64(2**64 - 1) (the value wrapped)
+    import numpy as np
+
+    from m2m import M2MConfig, create_m2m
+    from m2m.errors import UnknownIdError
+
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=4)) as lake:
+        lake.add_splats(np.ones((3, 4)))
+        with pytest.raises(UnknownIdError, match="id 18446744073709551615 is not in lake version 1"):
+            lake.take(np.array([2**64 - 1], dtype=np.uint64))
+        assert lake.take(np.array([2], dtype=np.uint64))["id"].tolist() == [2]

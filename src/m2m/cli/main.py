@@ -170,6 +170,13 @@ def export_cmd(lake_dir: str, out: str, fmt: str | None, float32: bool, version:
             raise ConfigError(f"cannot tell the format from {out!r}: name it .parquet or .arrow, or pass --format")
     if os.path.lexists(out) and not force:  # before opening the lake: nothing is read for a refused export
         raise AlreadyExistsError(f"{out} already exists; pass --force to replace it")
+    if "://" not in lake_dir:  # a file written among the lake's own would be read (or vacuumed) as the lake's
+        root, where = os.path.realpath(lake_dir), os.path.realpath(os.path.dirname(os.path.abspath(out)))
+        inside = [d for d in ("_manifests", "_data", "_segments", "_ids")
+                  if os.path.commonpath([where, os.path.join(root, d)]) == os.path.join(root, d)]
+        if inside or (where == root and os.path.basename(out) == "_lock"):
+            raise ConfigError(f"{out} is inside the lake's own {inside[0] if inside else '_lock'}: export to a "
+                              "path outside the lake's m2m folders")
     cols = None if columns is None else [c.strip() for c in columns.split(",") if c.strip()]
     with open_lake(lake_dir, storage_options=storage_options) as lake:
         reader = lake.to_arrow(version=version, columns=cols, stream=True, float32=float32, original=original)

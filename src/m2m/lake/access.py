@@ -171,6 +171,8 @@ class RowReader:
             raise UnknownIdError(f"ids must be a 1-D sequence of integers, got shape {ids.shape}")
         if ids.size and ids.dtype.kind not in "iu":
             raise UnknownIdError(f"ids must be integers, got dtype {ids.dtype}")
+        if ids.dtype == np.uint64 and ids.size and int(ids.max()) > np.iinfo(np.int64).max:  # would wrap negative
+            raise UnknownIdError(f"id {int(ids.max())} is not in lake version {self.manifest.version}")
         return self.rows(self.positions(ids.astype(np.int64)))
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
