@@ -170,3 +170,21 @@ def test_masked_metadata_becomes_the_column_types_null_or_is_refused():
             lk.add_splats(x, metadata={"flag": np.ma.masked_array([True, False, True], mask=[0, 1, 0])})
         lk.add_splats(x, metadata={"f": np.ma.masked_array([1.0, 2.0, 3.0], mask=[0, 1, 0])})
         assert np.isnan(lk.splats()["f"][1]) and lk.splats()["f"][2] == 3.0
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_an_error_in_a_worker_is_one_line_naming_the_worker(context):
+    # observed: torch's multi-line "Caught CorruptShardError in DataLoader worker process 0. Original
+    # Traceback ..." as the message, and "(if `vacuum` ... ran)" for a temporary lake closed under its loader
+    from m2m.errors import CorruptShardError
+
+    lk = create_m2m(M2MConfig(latent_dim=16, shard_bytes=1 << 16, warm_bytes=1 << 16))
+    for i in range(3):
+        lk.add_splats(np.random.default_rng(i).standard_normal((1000, 16)).astype(np.float32))
+    dl = lk.export_to_dataloader(batch_size=100, num_workers=2, multiprocessing_context=context, columns=("id",))
+    assert sorted(i for b in dl for i in b["id"].tolist()) == list(range(3000))
+    lk.close()  # a temporary lake: its folder goes now
+    with pytest.raises(CorruptShardError, match=r"is missing: its folder .* is gone \(a temporary lake is removed "
+                                                r"when it is closed.*\(in DataLoader worker process \d\)$") as info:
+        list(dl)
+    assert "\n" not in str(info.value) and info.value.__cause__ is not None

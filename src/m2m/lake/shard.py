@@ -392,6 +392,16 @@ class BlockCache:
                 self._blocks.popitem(last=False)
 
 
+def _missing(path: str) -> str:
+    """Why the shard file ``path`` may be missing, in one line."""
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # <lake>/_data/<file>: the lake's folder
+    if not os.path.isdir(folder):
+        return (f"shard file {path} is missing: its folder {folder} is gone (a temporary lake is removed "
+                f"when it is closed: keep the lake open while a loader reads it)")
+    return (f"shard file {path} is missing (if `vacuum` or `compact` + `vacuum` ran since this reader opened its "
+            f"version, that version's files are gone: reopen the lake; else run `m2m verify`)")
+
+
 class ShardFile:
     """Positional reads of one shard file, each block read from disk checked against the manifest.
 
@@ -436,10 +446,7 @@ class ShardFile:
                     try:
                         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                     except FileNotFoundError as exc:
-                        raise CorruptShardError(
-                            f"shard file {self.path} is missing (if `vacuum` or `compact` + `vacuum` ran since this "
-                            f"reader opened its version, that version's files are gone: reopen the lake; else "
-                            f"run `m2m verify`)") from exc
+                        raise CorruptShardError(_missing(self.path)) from exc
         return self._fd
 
     def advise(self, start: int, length: int) -> None:

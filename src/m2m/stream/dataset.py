@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from m2m.errors import ConfigError, StreamError
+from m2m.errors import ConfigError, M2MError, StreamError
 from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.sampling.samplers import ImportanceSampler
 from m2m.sampling.sharded import ShardedImportance, ShardedPlanSampler
@@ -229,6 +229,23 @@ def work_from_item(item: dict[str, Any]) -> Work:
                 augmented=bool(item.get("augmented", False)))
 
 
+def _from_worker(exc: M2MError) -> M2MError:
+    """torch re-raises a worker's exception with its whole traceback as the message ("Caught X in
+    DataLoader worker process 0. Original Traceback ..."): the same type with the original one line and
+    where it happened (the traceback stays on ``__cause__``)."""
+    msg = str(exc)
+    head, _, rest = msg.partition("\n")
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    last = rest.rstrip().rpartition("\n")[2]
+    if not head.startswith(f"Caught {type(exc).__name__} ") or not last.startswith(prefix):
+        return exc
+    where = head[len(f"Caught {type(exc).__name__} "):].rstrip(".")
+    try:
+        return type(exc)(f"{last[len(prefix):]} ({where})")
+    except TypeError:  # an error type whose constructor takes other arguments: keep torch's
+        return exc
+
+
 def from_workers(workers: Iterator[Any], held: Callable[[], bool] | None, num_batches: int) -> Iterator[Work]:
     """A pass's items from the DataLoader's workers. ``held``: whether the pass still holds the loader's
     persistent workers. torch's DataLoader has one persistent-workers iterator and resets it for every
@@ -247,6 +264,8 @@ def from_workers(workers: Iterator[Any], held: Callable[[], bool] | None, num_ba
             item = next(workers)
         except StopIteration:
             return
+        except M2MError as exc:
+            raise _from_worker(exc) from exc
         work = work_from_item(item)
         done = max(done, work.end)
         yield work
