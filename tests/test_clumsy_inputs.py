@@ -117,3 +117,30 @@ def test_an_unclosed_lake_leaves_no_noise_at_interpreter_exit(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Exception ignored" not in r.stderr, r.stderr
+
+
+def test_writing_a_read_only_lake_is_a_typed_one_line_error(tmp_path):
+    # observed: a bare builtin PermissionError (not an M2MError) from add_splats, compact and vacuum
+    import shutil
+    import subprocess
+
+    from m2m import open_lake
+    from m2m.errors import ReadOnlyLakeError, WriteFailedError
+
+    path = tmp_path / "lake"
+    with create_m2m(M2MConfig(path=path, latent_dim=4)) as lake:
+        lake.add_splats(np.ones((3, 4)))
+        lake.add_splats(np.ones((3, 4)))
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "-R", "+i", str(path)],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("needs chattr +i (root on a file system with immutable files)")
+    try:
+        with open_lake(path) as lake:
+            for call in (lambda: lake.add_splats(np.ones((2, 4))), lambda: lake.compact(1 << 20), lake.vacuum):
+                with pytest.raises(ReadOnlyLakeError, match="the lake cannot be written here; nothing was committed") as info:
+                    call()
+                assert isinstance(info.value, PermissionError) and isinstance(info.value, WriteFailedError)
+                assert str(path) in str(info.value) and "\n" not in str(info.value)
+            assert len(lake) == 6 and lake.verify() == []
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(path)], check=True)

@@ -97,6 +97,10 @@ class WriteFailedError(M2MError, OSError):
     """Writing a file failed (e.g. the disk is full); the message names the file and that nothing was committed."""
 
 
+class ReadOnlyLakeError(WriteFailedError, PermissionError):
+    """The file system refused a write to the lake (permissions, a read-only mount); nothing was committed."""
+
+
 class AlreadyExistsError(M2MError, FileExistsError):
     """A file that must be created fresh already exists (a lost race for a version or an id range)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from m2m._forksafe import ForkSafeLock
-from m2m.errors import AlreadyExistsError, ObjectStoreError
+from m2m.errors import AlreadyExistsError, ObjectStoreError, ReadOnlyLakeError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,15 @@ class LakeFS(Protocol):
     def remove(self, rel: str) -> None: ...
     def local_path(self, rel: str) -> str: ...
     def new_local_file(self, suffix: str) -> str: ...
+
+
+def write_error(exc: OSError, what: str, path: str) -> OSError:
+    """``exc`` (a failed write) naming ``path``: `ReadOnlyLakeError` when the file system refused it
+    (permissions, a read-only mount), else the same type (e.g. ENOSPC) with ``while <what>``."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ReadOnlyLakeError(exc.errno, f"{exc.strerror or exc} while {what} (the lake cannot be written here; "
+                                            "nothing was committed)", path)
+    return type(exc)(exc.errno, f"{exc.strerror or exc} while {what}", path)
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:
@@ -101,7 +111,7 @@ class LocalFS:
         except OSError as exc:  # e.g. ENOSPC: name the file, leave nothing behind
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing", final) from exc
+            raise write_error(exc, "writing", final) from exc
         os.rename(tmp, final)
         fsync_path(directory)
 
@@ -118,7 +128,7 @@ class LocalFS:
         except OSError as exc:  # e.g. ENOSPC: name the file, leave nothing behind
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing", final) from exc
+            raise write_error(exc, "writing", final) from exc
         try:
             os.link(tmp, final)
         except FileExistsError:

@@ -11,6 +11,7 @@ import time
 from types import TracebackType
 
 from m2m.errors import ConfigError, CorruptShardError, LakeLockedError
+from m2m.lake.fs import write_error
 
 
 def lock_timeout() -> float:
@@ -45,7 +46,7 @@ class WriteLock:
             fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         except OSError as exc:
             if exc.errno != errno.ELOOP:
-                raise
+                raise write_error(exc, "opening the lake lock", self._path) from exc
             raise CorruptShardError(f"the lake lock {self._path} is a symbolic link (to {os.path.realpath(self._path)}); "
                                     "m2m does not follow it: remove the link") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):

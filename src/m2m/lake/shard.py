@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from m2m._forksafe import ForkSafeLock
 from m2m.errors import ConfigError, CorruptShardError
-from m2m.lake.fs import LakeFS, fsync_path
+from m2m.lake.fs import LakeFS, fsync_path, write_error
 from m2m.lake.manifest import DATA_DIR, FileEntry
 
 _CRC_CHUNK = 16 << 20
@@ -126,7 +126,7 @@ def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array],
             os.remove(local)
         except OSError:
             pass
-        raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing shard file", local) from exc
+        raise write_error(exc, "writing shard file", local) from exc
     if not fs.is_local:
         fs.write_file(rel, local)
     else:
