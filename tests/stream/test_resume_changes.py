@@ -188,3 +188,55 @@ def test_an_error_in_a_worker_is_one_line_naming_the_worker(context):
                                                 r"when it is closed.*\(in DataLoader worker process \d\)$") as info:
         list(dl)
     assert "\n" not in str(info.value) and info.value.__cause__ is not None
+
+
+def _loss_epochs(peek: str, workers: int = 0, stop: int | None = None) -> list[list[int]]:
+    """Two auto-advancing epochs (no set_epoch) of a loss-sampled stream fed a fixed per-row loss;
+    ``peek``: "len" or "state_dict" read after each batch; ``stop``: resume epoch 1 after that many
+    batches from a saved state in a new loader."""
+    with create_m2m(M2MConfig(latent_dim=16)) as lk:
+        lk.add_splats(torch.randn(1000, 16, generator=torch.Generator().manual_seed(0)))
+
+        def make():
+            return lk.export_to_dataloader(batch_size=100, columns=("id",), importance_sampling="loss",
+                                           num_workers=workers, persistent_workers=bool(workers))
+
+        dl = make()
+        epochs: list[list[int]] = []
+        for epoch in range(2):
+            ids: list[int] = []
+            for j, b in enumerate(dl):
+                ids += b["id"].tolist()
+                if peek == "state_dict":
+                    dl.state_dict()
+                elif peek == "len":
+                    len(dl)
+                dl.update_priorities(b["id"], (b["id"] % 10).float() + 0.1)
+                if epoch == 1 and stop is not None and j + 1 == stop:
+                    state = dl.state_dict()
+                    dl.close()
+                    dl = make()
+                    dl.load_state_dict(state)
+                    for b2 in dl:
+                        ids += b2["id"].tolist()
+                        dl.update_priorities(b2["id"], (b2["id"] % 10).float() + 0.1)
+                    break
+            epochs.append(ids)
+        dl.close()
+        return epochs
+
+
+@pytest.mark.parametrize("peek", ["len", "state_dict"])
+def test_reading_len_or_the_state_does_not_freeze_the_next_loss_plan_early(peek):
+    # observed: len(dl) or dl.state_dict() during epoch 0 froze epoch 1's loss priorities at that moment
+    # (with len() each step epoch 1 was the uniform plan: all of epoch 0's feedback thrown away)
+    plain = _loss_epochs("none")
+    assert len(set(plain[1])) < 900  # the feedback changed the plan
+    assert _loss_epochs(peek) == plain
+
+
+def test_a_loss_resume_with_persistent_workers_continues_the_delivered_plan():
+    # observed: the main process froze epoch 1's plan at a len(dl) in epoch 0, its workers at the pass's
+    # start; the state saved the main process's plan, so the resumed half dropped and repeated rows
+    plain = _loss_epochs("none")
+    assert _loss_epochs("len", workers=2, stop=5) == plain

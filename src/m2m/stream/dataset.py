@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from m2m.errors import ConfigError, M2MError, StreamError
-from m2m.sampling.plan import PlanSampler, supports_priorities
+from m2m.sampling.plan import PlanSampler, accepts_num_draws, supports_priorities
 from m2m.sampling.samplers import ImportanceSampler
 from m2m.sampling.sharded import ShardedImportance, ShardedPlanSampler
-from m2m.stream import affinity
+from m2m.stream import affinity, partition
 from m2m.stream import pipeline as pl
 from m2m.stream.metrics import StreamStats
 from m2m.stream.order import RankEpoch, delivered_draws, rank_epoch, sampler_plan
@@ -89,6 +89,19 @@ class StreamDataset(Dataset[Any]):
             if isinstance(src, PrefetchPlanning) and src.is_remote:  # node cache: download ahead in first-use order
                 src.plan_prefetch(affinity.first_use(hit.rows, src.shard_offsets).tolist())
         return hit
+
+    def num_batches(self, epoch: int, world: World | None = None) -> int:
+        """Batches per rank of ``epoch``. A loss sampler's plan is not drawn for it: that plan takes the
+        priorities as they are when its pass starts, and counting (``len(dl)``) or saving
+        (``state_dict()``) an epoch ahead must not freeze them earlier; its count does not depend on
+        the plan (exactly the delivered draws, `m2m.stream.order.delivered_draws`)."""
+        world = self.world if world is None else world
+        s = self.spec
+        if supports_priorities(self.sampler) and accepts_num_draws(self.sampler) and not s.shard_affinity:
+            m = delivered_draws(s.num_rows, s.batch_size, world.world_size, s.drop_last)
+            return partition.num_batches(partition.rows_per_rank(m, s.batch_size, world.world_size, s.drop_last),
+                                         s.batch_size, s.drop_last)
+        return self.rank_epoch(epoch, world).num_batches
 
     def compute_epoch(self, epoch: int, world: World) -> RankEpoch:
         """``world``'s rank's part of ``epoch``: a pure function of (spec, sizes, seed, epoch, rank,

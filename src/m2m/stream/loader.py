@@ -156,7 +156,7 @@ class StreamLoader(DataLoader[Any]):
     # ----------------------------------------------------------------- public surface
     def __len__(self) -> int:
         """Batches of the next pass on this rank (the DDP topology read now)."""
-        return self._ds.rank_epoch(self.epoch, self._ds.current_world()).num_batches
+        return self._ds.num_batches(self.epoch, self._ds.current_world())
 
     # yields the stream's batches, not torch's _BaseDataLoaderIter
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
@@ -189,7 +189,7 @@ class StreamLoader(DataLoader[Any]):
                 and saved.affinity_group_blocks != self.spec.affinity_group_blocks:
             self._adopt(dataclasses.replace(self.spec, affinity_group_blocks=saved.affinity_group_blocks))
         world = self._ds.current_world()
-        epoch, start = st.check(saved, self._state(), lambda e: self._ds.rank_epoch(e, world).num_batches)
+        epoch, start = st.check(saved, self._state(), lambda e: self._ds.num_batches(e, world))
         if saved.sampler is not None and isinstance(self.plan_sampler, st.StatefulSampler):
             self.plan_sampler.load_state_dict(saved.sampler)
         self._cursor.restore(epoch, start, saved.epoch_pinned)
@@ -252,7 +252,7 @@ class StreamLoader(DataLoader[Any]):
         spec, world = self.spec, self._ds.current_world()
 
         def num_batches(e: int) -> int:
-            return int(self._ds.rank_epoch(e, world).num_batches)
+            return int(self._ds.num_batches(e, world))
 
         epoch, yielded = self._cursor.position(num_batches)
         sampler = self.plan_sampler.state_dict() if isinstance(self.plan_sampler, st.StatefulSampler) else None
