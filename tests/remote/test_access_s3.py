@@ -72,3 +72,36 @@ def test_random_access_holds_disk_to_the_budget_plus_one_shard(s3_env, small_cac
             for _ in range(30):
                 lake.take(rng.integers(0, 4000, 5))
     assert watch.peak <= budget + shard + 8 * 4096, (watch.peak, budget, shard)
+
+
+def test_an_object_missing_from_the_bucket_is_named_in_one_line(s3_env, s3_lake_url, tmp_path) -> None:
+    # observed: a bare FileNotFoundError "The specified key does not exist." naming no object (take,
+    # lake[i], streams, m2m verify)
+    import s3fs
+
+    from m2m.errors import PathNotFoundError
+
+    files = make_lake(s3_lake_url, 1500)
+    gone = f"{s3_lake_url}/{files[1][0]}"
+    s3fs.S3FileSystem(anon=False).rm(gone)
+    with m2m.open_lake(s3_lake_url, cache_dir=str(tmp_path / "c")) as lake:
+        for call in (lambda: lake.take(np.arange(1500)), lambda: list(lake.export_to_dataloader(batch_size=256))):
+            with pytest.raises(PathNotFoundError, match=f"download {gone}: no such object .*reopen the lake") as info:
+                call()
+            assert "\n" not in str(info.value)
+
+
+def test_a_corrupt_head_of_a_remote_lake_names_its_url_in_the_recovery_commands(s3_env, s3_lake_url) -> None:
+    # observed: "m2m rollback <bucket>/lake --to 1" without the s3:// scheme: the command it suggests
+    # looked for a local folder
+    import s3fs
+
+    from m2m.errors import CorruptShardError
+
+    make_lake(s3_lake_url, 100)
+    with m2m.open_lake(s3_lake_url) as lake:
+        lake.add_splats(unit_rows(10, seed=3))
+        head = f"{s3_lake_url}/_manifests/v{lake.version:010d}.json"
+    s3fs.S3FileSystem(anon=False).pipe_file(head, b"{not json")
+    with pytest.raises(CorruptShardError, match=f"`m2m rollback {s3_lake_url} --to 1`.*`m2m repair {s3_lake_url}`"):
+        m2m.open_lake(s3_lake_url)

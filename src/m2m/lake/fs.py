@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from m2m._forksafe import ForkSafeLock
-from m2m.errors import AlreadyExistsError, ObjectStoreError, ReadOnlyLakeError
+from m2m.errors import AlreadyExistsError, ObjectStoreError, PathNotFoundError, ReadOnlyLakeError
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 class LakeFS(Protocol):
     """The few file operations a lake needs; paths are relative to the lake root, '/'-separated."""
+
+    url: str  # the lake's location as messages name it (``root`` with the store's scheme)
 
     root: str
     is_local: bool
@@ -65,6 +67,7 @@ class LocalFS:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = str(Path(root).expanduser().resolve())
+        self.url = self.root  # what messages name (a remote lake's has its scheme)
         self._written: list[str] = []  # files this handle wrote (list.append is atomic: no lock to pickle)
 
     def _record(self, rel: str) -> None:
@@ -365,6 +368,11 @@ class FsspecFS:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
+                if isinstance(exc, FileNotFoundError) and not isinstance(exc, PathNotFoundError):
+                    # the store's own error names no object (s3fs: "The specified key does not exist.")
+                    hint = (" (a vacuum since this reader opened its version removes that version's files: "
+                            "reopen the lake; else run `m2m verify`)") if rel.startswith("_data/") else ""
+                    raise PathNotFoundError(f"{op} {self.url}/{rel}: no such object{hint}") from exc
                 if _permanent(exc):
                     raise
                 attempt += 1

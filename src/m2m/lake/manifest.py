@@ -1012,7 +1012,7 @@ def list_versions(fs: LakeFS) -> list[int]:
         names = fs.listdir(MANIFEST_DIR)
     except NotADirectoryError:  # the lake's path (or its _manifests) is a file: not "[Errno 20] ..."
         what = fs.root if not os.path.isdir(fs.root) else f"{fs.root}/{MANIFEST_DIR}"
-        raise LakeNotFoundError(f"no m2m lake at {fs.root}: {what} is a file, not a folder") from None
+        raise LakeNotFoundError(f"no m2m lake at {fs.url}: {what} is a file, not a folder") from None
     for name in names:
         m = _MANIFEST_RE.fullmatch(name)
         if m is None:
@@ -1073,17 +1073,17 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
     """
     versions = list_versions(fs)
     if not versions:
-        raise LakeNotFoundError(f"no m2m lake at {fs.root} (no {MANIFEST_DIR}/ manifests)")
+        raise LakeNotFoundError(f"no m2m lake at {fs.url} (no {MANIFEST_DIR}/ manifests)")
     latest = version is None
     if version is None:
         version = versions[-1]
     elif version not in versions:
-        raise LakeNotFoundError(f"lake {fs.root} has no version {version} (versions: {versions[0]}..{versions[-1]})")
+        raise LakeNotFoundError(f"lake {fs.url} has no version {version} (versions: {versions[0]}..{versions[-1]})")
     rel = manifest_name(version)
     try:
         m = _read_version_file(fs, rel)
         if m.version != version:
-            raise CorruptShardError(f"manifest {fs.root}/{rel} is corrupt: it says version {m.version}")
+            raise CorruptShardError(f"manifest {fs.url}/{rel} is corrupt: it says version {m.version}")
         if m.format_version < FORMAT_VERSION:
             _check_no_downgrade(fs, m, [v for v in versions if v < version])
         return m
@@ -1093,8 +1093,8 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
             raise
         raise CorruptShardError(
             f"{exc}; older versions are still readable (e.g. open_lake(path, version={older[-1]})); to recover, "
-            f"`m2m rollback {fs.root} --to {older[-1]}` commits a copy of version {older[-1]} as the newest, or "
-            f"`m2m repair {fs.root}` moves the unreadable manifest aside") from exc
+            f"`m2m rollback {fs.url} --to {older[-1]}` commits a copy of version {older[-1]} as the newest, or "
+            f"`m2m repair {fs.url}` moves the unreadable manifest aside") from exc
 
 
 def _read_version_file(fs: LakeFS, rel: str) -> Manifest:
@@ -1109,7 +1109,7 @@ def _read_version_file(fs: LakeFS, rel: str) -> Manifest:
         got = memo.version_files.get(rel)
     if got is not None and got[0] == data and got[1] == key:
         return got[2]
-    m = Manifest.from_json(data, f"{fs.root}/{rel}", key, fs)
+    m = Manifest.from_json(data, f"{fs.url}/{rel}", key, fs)
     if m.format_version >= 3:
         _remember_version_file(memo, rel, data, key, m)
     return m
@@ -1133,7 +1133,7 @@ def _check_no_downgrade(fs: LakeFS, m: Manifest, older: list[int]) -> None:
         return  # that manifest's own problems are reported when it is read
     fv = prev.get("format_version") if isinstance(prev, dict) else None
     if isinstance(fv, int) and not isinstance(fv, bool) and fv > m.format_version:
-        raise CorruptShardError(f"manifest {fs.root}/{manifest_name(m.version)} is corrupt: format_version "
+        raise CorruptShardError(f"manifest {fs.url}/{manifest_name(m.version)} is corrupt: format_version "
                                 f"{m.format_version} after a format-{fv} version {older[-1]} (a format downgrade)")
 
 
@@ -1309,22 +1309,22 @@ def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
         segments = tuple(made)
     data = manifest.to_json(key, segments)
     # never publish what readers would refuse (segments: the new ones checked from the memo, not read back)
-    published = Manifest.from_json(data, f"{fs.root}/{rel} (not written)", key, fs)
+    published = Manifest.from_json(data, f"{fs.url}/{rel} (not written)", key, fs)
     for i in new_at:
         assert published.segments is not None
         published.segments[i].entries  # noqa: B018  (loads from the memo: every check of the new segment)
     if not fs.create_exclusive(rel, data):
         what = stray_entry(fs, rel) if fs.is_local else None
         if what is not None and what != "gone":  # not a version: no writer will ever get past it
-            raise CorruptShardError(f"cannot commit version {manifest.version}: {fs.root}/{rel} is {what}, not a "
-                                    f"manifest (readers skip it); `m2m repair {fs.root}` moves it aside")
-        raise CommitConflictError(f"version {manifest.version} of {fs.root} was committed by another writer")
+            raise CorruptShardError(f"cannot commit version {manifest.version}: {fs.url}/{rel} is {what}, not a "
+                                    f"manifest (readers skip it); `m2m repair {fs.url}` moves it aside")
+        raise CommitConflictError(f"version {manifest.version} of {fs.url} was committed by another writer")
     if published.segments is None:
         out = replace(manifest, segments=None, format_version=published.format_version)
     else:
         for g in published.segments[:1]:
             if g.source is not None:  # later loads name the version file as written
-                g.source.where = f"{fs.root}/{rel}"
+                g.source.where = f"{fs.url}/{rel}"
         out = replace(manifest, shards=ShardList(published.segments), segments=published.segments,
                       format_version=published.format_version)
     object.__setattr__(out, "_rows", published.rows)  # the memo `replace` dropped

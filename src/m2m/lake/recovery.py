@@ -62,9 +62,9 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
     with write_lock(fs):
         versions = list_versions(fs)
         if not versions:
-            raise LakeNotFoundError(f"no m2m lake at {fs.root}")
+            raise LakeNotFoundError(f"no m2m lake at {fs.url}")
         if to not in versions:
-            raise LakeNotFoundError(f"lake {fs.root} has no version {to} (versions: {versions[0]}..{versions[-1]})")
+            raise LakeNotFoundError(f"lake {fs.url} has no version {to} (versions: {versions[0]}..{versions[-1]})")
         target = read_manifest(fs, to)
         latest = versions[-1]
         if to == latest:
@@ -99,7 +99,7 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
     with write_lock(fs):
         versions = list_versions(fs)
         if not versions:
-            raise LakeNotFoundError(f"no m2m lake at {fs.root}")
+            raise LakeNotFoundError(f"no m2m lake at {fs.url}")
         problems: dict[int, str] = {}
         for v in versions:
             try:
@@ -108,7 +108,7 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
                 problems[v] = str(exc)
         readable = [v for v in versions if v not in problems]
         if not readable:
-            raise CorruptShardError(f"no version of the lake at {fs.root} is readable; nothing was moved "
+            raise CorruptShardError(f"no version of the lake at {fs.url} is readable; nothing was moved "
                                     f"(first problem: {problems[versions[-1]]})")
         head = readable[-1]
         moved = []
@@ -127,6 +127,6 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
                     aside = f"{rel}.stray-{stamp}"
                     if not dry_run:
                         os.rename(fs.local_path(rel), fs.local_path(aside))  # the entry itself, never a link's target
-                    moved.append((v, aside, f"{fs.root}/{rel} is {what}, not a manifest"))
+                    moved.append((v, aside, f"{fs.url}/{rel} is {what}, not a manifest"))
     return {"moved": moved, "unreadable": [(v, p) for v, p in problems.items() if v < head], "head": head,
             "dry_run": dry_run}

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from m2m.errors import ConfigError, CorruptShardError, StreamError
+from m2m.errors import ConfigError, CorruptShardError, PathNotFoundError, StreamError
 from m2m.stream.stages import spare
 from m2m.stream.stages.base import Stage, Work
 
@@ -29,9 +29,9 @@ JOIN_TIMEOUT_S = 10.0
 
 def stage_failure(exc: BaseException, what: str) -> BaseException:
     """The error a stage failure reaches the consumer as, whichever thread ran the stage: a damaged
-    shard as itself (callers catch it by what it is), anything else as `StreamError` with the cause
-    chained (raise the result ``from exc``)."""
-    if isinstance(exc, CorruptShardError):
+    shard, or a remote one missing from its store, as itself (callers catch it by what it is), anything
+    else as `StreamError` with the cause chained (raise the result ``from exc``)."""
+    if isinstance(exc, (CorruptShardError, PathNotFoundError)):
         return exc
     return StreamError(f"{what} failed: {exc!r}")
 
