@@ -50,3 +50,42 @@ def test_a_store_paused_mid_epoch_ends_in_one_line_within_30_s(s3_server_private
     assert "_data/" in text and "io_timeout=10" in text and url in text
     if workers == 0:  # (a worker's error comes back with its traceback in the message: torch's wrapping)
         assert "\n" not in text.strip()
+
+
+@pytest.mark.timeout(120)  # the code before waited for the store to come back
+@pytest.mark.parametrize("where", ["_manifests/", "_data/"])
+def test_a_store_paused_during_a_write_ends_it_in_one_line_and_loses_nothing(s3_server_private, monkeypatch,
+                                                                             where) -> None:
+    # observed: an upload to a SIGSTOPped store was not bounded by io_timeout (s3fs bounds a GET by its
+    # read timeout, not a PUT): add_splats waited until the store came back, 60 s and more
+    from m2m.errors import ObjectStoreError
+
+    srv = s3_server_private
+    url = f"{srv.bucket()}/lake"
+    with create_m2m(M2MConfig(path=url, latent_dim=DIM, shard_bytes=SHARD_BYTES,
+                              storage_options=srv.storage_options)) as lake:
+        lake.add_splats(unit_rows(500))
+    lake = open_lake(url, storage_options=srv.storage_options, io_timeout=2)
+    fs = lake._fs
+    real = fs.create_exclusive if where == "_manifests/" else fs.write_file
+
+    def paused(rel, *args, **kwargs):  # the store stops answering right before this write
+        if rel.startswith(where):
+            srv.pause()
+        return real(rel, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "create_exclusive" if where == "_manifests/" else "write_file", paused)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ObjectStoreError, match=f"{where}.*FSTimeoutError") as info:
+            lake.add_splats(unit_rows(800, seed=1))
+        elapsed = time.monotonic() - t0
+    finally:
+        srv.resume()
+        monkeypatch.undo()
+        lake.close()
+    assert elapsed < 3 * 2 + 2, elapsed  # the write's bound, plus one cleanup request's
+    assert "\n" not in str(info.value)
+    with open_lake(url, storage_options=srv.storage_options) as again:  # whatever landed is whole
+        assert len(again) in (500, 1300) and again.verify() == []
+        assert again.take(again.splats()["id"])["mu"].shape == (len(again), DIM)

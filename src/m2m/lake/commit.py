@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from m2m.errors import CommitConflictError, InternalError
+from m2m.errors import CommitConflictError, InternalError, ObjectStoreError
 from m2m.lake import summary as lake_stats
 from m2m.lake.manifest import Manifest, ShardEntry, load_all, read_manifest, write_manifest
 
@@ -54,11 +54,22 @@ def _backoff(attempt: int) -> float:
 
 
 def _remove(fs: Any, rels: Iterable[str]) -> None:
-    for rel in rels:
+    rels = list(rels)
+    for i, rel in enumerate(rels):
         try:
             fs.remove(rel)
+        except ObjectStoreError as exc:  # a store that stopped answering: one wait, not one per file
+            logger.warning("could not remove %s after a failed commit (%s); %d more file(s) left for a vacuum",
+                           rel, exc, len(rels) - i - 1)
+            return
         except OSError as exc:  # vacuum will find it later; the commit's own error matters more
             logger.warning("could not remove %s after a failed commit: %s", rel, exc)
+
+
+def outcome_unknown(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a remote commit whose version put was sent without an answer (a store that
+    stopped answering): that version may exist, so the commit's files must stay."""
+    return bool(getattr(exc, "_m2m_outcome_unknown", False))
 
 
 def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest],
@@ -74,17 +85,26 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
         base = read_manifest(fs)
         mark = fs.mark()
         published = False
+        unknown = False  # the version's put was sent and failed without an answer: it may have landed
         try:
             new = build(base)
             if new.version != base.version + 1:
                 raise InternalError(f"commit {operation!r} built version {new.version} on {base.version}")
             try:
+                unknown = True
                 new = write_manifest(fs, new)
                 published = True
             except CommitConflictError:
-                pass
-        finally:  # the files this attempt wrote, unless they are now part of a version
-            if not published:
+                unknown = False
+        except BaseException as exc:
+            if unknown:  # callers keep their files too (`outcome_unknown`)
+                exc._m2m_outcome_unknown = True  # type: ignore[attr-defined]
+                logger.warning("%s on %s: the put of version %d failed without an answer; its files are kept in "
+                               "case it landed (a vacuum removes them if no version references them)", operation,
+                               getattr(fs, "url", fs.root), base.version + 1)
+            raise
+        finally:  # the files this attempt wrote, unless they are (or may now be) part of a version
+            if not published and not unknown:
                 _remove(fs, fs.written_since(mark))
         if published:
             if not getattr(fs, "atomic_create", False):
@@ -192,8 +212,9 @@ def append_remote(fs: Any, write: Callable[[int, int | None], list[ShardEntry]],
                            getattr(fs, "url", fs.root))
             _remove(fs, fs.written_since(mark))
             continue
-        except BaseException:
-            _remove(fs, fs.written_since(mark))
+        except BaseException as exc:
+            if not outcome_unknown(exc):
+                _remove(fs, fs.written_since(mark))
             raise
         return new, np.arange(first, first + rows, dtype=np.int64)
     raise CommitConflictError(f"append to {getattr(fs, 'url', fs.root)}: reserved ids were taken 3 times")

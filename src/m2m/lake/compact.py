@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from m2m.errors import CommitConflictError, ConfigError
+from m2m.errors import CommitConflictError, ConfigError, ObjectStoreError
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch
 from m2m.lake.manifest import Manifest, ShardEntry, added_shards, read_manifest, write_manifest
@@ -183,9 +183,13 @@ class _NothingLeft(Exception):
 
 
 def _remove(fs: LakeFS, paths: Sequence[str]) -> None:
-    for p in paths:
+    for i, p in enumerate(paths):
         try:
             fs.remove(p)
+        except ObjectStoreError as exc:  # a store that stopped answering: one wait, not one per file
+            logger.warning("could not remove %s after compaction (%s); %d more file(s) left for a vacuum", p, exc,
+                           len(paths) - i - 1)
+            return
         except OSError as exc:  # vacuum finds it later
             logger.warning("could not remove %s after compaction: %s", p, exc)
 
@@ -242,8 +246,11 @@ def compact(fs: LakeFS, publish: Publish, target_bytes: int, verify: bool = True
             dropped_total += len(runs)
             logger.info("compaction: every run was changed by concurrent commits; planning again")
             continue
-        except BaseException:
-            _remove(fs, written)
+        except BaseException as exc:
+            from m2m.lake.commit import outcome_unknown
+
+            if not outcome_unknown(exc):  # a version put that may have landed keeps its files
+                _remove(fs, written)
             raise
         applied = holder["applied"]
         lost = [k for k in range(len(merged)) if k not in set(applied)]

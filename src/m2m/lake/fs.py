@@ -191,6 +191,11 @@ _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavail
 #: repeated, so a stalled store gives an error about one ``io_timeout`` after the request began, and a
 #: read queued behind it (`m2m.lake.cache`) within about two
 RETRY_WINDOW = 2.0
+#: an upload or delete of an async store (s3fs) is given ``io_timeout`` plus its bytes at this rate: its
+#: client bounds reads by ``read_timeout`` but not a PUT to a store that stopped answering (measured
+#: with s3fs 2026.9 on a SIGSTOPped moto server: a GET ends after read_timeout, a PUT waited 60 s, until
+#: the server resumed); a store slower than this is treated as stalled
+WRITE_FLOOR_BYTES_PER_S = 1 << 20
 
 # Stores whose ``pipe_file(..., mode="create")`` is a real conditional put (one atomic request):
 # S3 (``If-None-Match: *``, AWS since 2024-08, MinIO, R2, moto >= 5) and fsspec's in-process memory store.
@@ -435,9 +440,18 @@ class FsspecFS:
     def read_bytes(self, rel: str) -> bytes:
         return bytes(self._call("read", rel, self.fs.cat_file, self._p(rel)))
 
+    def _write_bound(self, nbytes: int) -> dict[str, float]:
+        """The keyword that bounds one write request of an async client (fsspec's ``sync(timeout=)``:
+        the request is cancelled and `FSTimeoutError` raised); nothing for other clients."""
+        import fsspec.asyn
+
+        if not isinstance(self.fs, fsspec.asyn.AsyncFileSystem):
+            return {}
+        return {"timeout": self.io_timeout + nbytes / WRITE_FLOOR_BYTES_PER_S}
+
     def write_atomic(self, rel: str, data: bytes) -> None:
         self._record(rel)
-        self._call("write", rel, self.fs.pipe_file, self._p(rel), data)
+        self._call("write", rel, self.fs.pipe_file, self._p(rel), data, **self._write_bound(len(data)))
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create ``rel`` holding ``data`` unless it exists; False when another writer created it first.
@@ -449,11 +463,11 @@ class FsspecFS:
         def put() -> bool:
             try:
                 if self.atomic_create:
-                    self.fs.pipe_file(self._p(rel), data, mode="create")
+                    self.fs.pipe_file(self._p(rel), data, mode="create", **self._write_bound(len(data)))
                 else:
                     if self.fs.exists(self._p(rel)):
                         raise AlreadyExistsError(rel)
-                    self.fs.pipe_file(self._p(rel), data)
+                    self.fs.pipe_file(self._p(rel), data, **self._write_bound(len(data)))
                 return True
             except FileExistsError:
                 try:
@@ -474,14 +488,15 @@ class FsspecFS:
 
     def write_file(self, rel: str, local_src: str) -> None:
         self._record(rel)
-        self._call("upload", rel, self.fs.put_file, local_src, self._p(rel))
+        self._call("upload", rel, self.fs.put_file, local_src, self._p(rel),
+                   **self._write_bound(os.path.getsize(local_src)))
         self._cached(rel)  # refuses a path that leaves the cache
         self.cache.insert(rel, local_src)
 
     def remove(self, rel: str) -> None:
         self._cached(rel)  # refuses a path that leaves the lake before touching anything
         try:
-            self._call("delete", rel, self.fs.rm_file, self._p(rel))
+            self._call("delete", rel, self.fs.rm_file, self._p(rel), **self._write_bound(0))
         except FileNotFoundError:
             pass
         self.cache.discard(rel)
