@@ -437,8 +437,8 @@ class ShardCache:
                     why = f.read(2000)
             except OSError:
                 why = "(unknown)"
-            raise ObjectStoreError(f"{self.url}: another process of this node just failed to download from the "
-                                   f"store, so this read gives up too: {why}")
+            raise ObjectStoreError(f"{self.url}: a download through this node cache (this or another process) just "
+                                   f"failed, so this read gives up too (for io_timeout seconds): {why}")
 
     def _reserve(self, name: str, size: int, check: Callable[[], None] | None = None) -> str:
         """Make room for ``size`` bytes (evicting least recently used files) and create the part file
