@@ -85,18 +85,20 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
         base = read_manifest(fs)
         mark = fs.mark()
         published = False
-        unknown = False  # the version's put was sent and failed without an answer: it may have landed
+        putting = False  # write_manifest has started
+        unknown = False  # the version's put failed in the store's transport: it may have landed
         try:
             new = build(base)
             if new.version != base.version + 1:
                 raise InternalError(f"commit {operation!r} built version {new.version} on {base.version}")
             try:
-                unknown = True
+                putting = True
                 new = write_manifest(fs, new)
                 published = True
             except CommitConflictError:
-                unknown = False
+                pass
         except BaseException as exc:
+            unknown = putting and isinstance(exc, ObjectStoreError)
             if unknown:  # callers keep their files too (`outcome_unknown`)
                 exc._m2m_outcome_unknown = True  # type: ignore[attr-defined]
                 logger.warning("%s on %s: the put of version %d failed without an answer; its files are kept in "
