@@ -53,17 +53,19 @@ def _backoff(attempt: int) -> float:
     return random.uniform(0.0, min(0.025 * 2 ** attempt, 1.0))
 
 
-def _remove(fs: Any, rels: Iterable[str]) -> None:
+def remove_unpublished(fs: Any, rels: Iterable[str], after: str = "a failed commit") -> None:
+    """Remove the files a commit wrote but did not publish; a file that cannot go is left for a vacuum
+    (the commit's own error matters more), and a store that stopped answering costs one wait, not one per file."""
     rels = list(rels)
     for i, rel in enumerate(rels):
         try:
             fs.remove(rel)
-        except ObjectStoreError as exc:  # a store that stopped answering: one wait, not one per file
-            logger.warning("could not remove %s after a failed commit (%s); %d more file(s) left for a vacuum",
-                           rel, exc, len(rels) - i - 1)
+        except ObjectStoreError as exc:
+            logger.warning("could not remove %s after %s (%s); %d more file(s) left for a vacuum",
+                           rel, after, exc, len(rels) - i - 1)
             return
-        except OSError as exc:  # vacuum will find it later; the commit's own error matters more
-            logger.warning("could not remove %s after a failed commit: %s", rel, exc)
+        except OSError as exc:
+            logger.warning("could not remove %s after %s: %s", rel, after, exc)
 
 
 def outcome_unknown(exc: BaseException) -> bool:
@@ -78,7 +80,7 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
     if not getattr(fs, "atomic_create", False) and not getattr(fs, "_warned_single_writer", False):
         fs._warned_single_writer = True
         logger.warning("%s has no conditional put here: commits are safe with ONE writer process only",
-                       getattr(fs, "url", fs.root))
+                       fs.url)
     t0 = time.monotonic()
     attempt = 0
     while True:
@@ -103,11 +105,11 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
                 exc._m2m_outcome_unknown = True  # type: ignore[attr-defined]
                 logger.warning("%s on %s: the put of version %d failed without an answer; its files are kept in "
                                "case it landed (a vacuum removes them if no version references them)", operation,
-                               getattr(fs, "url", fs.root), base.version + 1)
+                               fs.url, base.version + 1)
             raise
         finally:  # the files this attempt wrote, unless they are (or may now be) part of a version
             if not published and not unknown:
-                _remove(fs, fs.written_since(mark))
+                remove_unpublished(fs, fs.written_since(mark))
         if published:
             if not getattr(fs, "atomic_create", False):
                 _check_not_overwritten(fs, new)
@@ -118,7 +120,7 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
         elapsed = time.monotonic() - t0
         if attempt >= attempts or elapsed >= seconds:
             raise CommitConflictError(
-                f"{operation} on {getattr(fs, 'url', fs.root)}: other writers committed first {attempt} time(s) "
+                f"{operation} on {fs.url}: other writers committed first {attempt} time(s) "
                 f"in {elapsed:.1f} s; gave up (nothing of this commit was published)")
         time.sleep(_backoff(attempt))
 
@@ -129,7 +131,7 @@ def _check_not_overwritten(fs: Any, new: Manifest) -> None:
 
     if fs.read_bytes(manifest_name(new.version)) != published_bytes(fs, new):
         raise CommitConflictError(
-            f"version {new.version} of {getattr(fs, 'url', fs.root)} was overwritten by another writer: this store "
+            f"version {new.version} of {fs.url} was overwritten by another writer: this store "
             f"has no conditional put, so only one writer process may commit at a time")
 
 
@@ -151,7 +153,7 @@ def reserve_ids(fs: Any, rows: int, attempts: int = COMMIT_ATTEMPTS, seconds: fl
         if time.monotonic() - t0 >= seconds:
             break
         time.sleep(_backoff(attempt))
-    raise CommitConflictError(f"could not reserve {rows} ids on {getattr(fs, 'url', fs.root)}: other writers "
+    raise CommitConflictError(f"could not reserve {rows} ids on {fs.url}: other writers "
                               f"kept taking the next range")
 
 
@@ -211,15 +213,15 @@ def append_remote(fs: Any, write: Callable[[int, int | None], list[ShardEntry]],
         except _IdsTaken:
             logger.warning("ids %d.. reserved on %s were taken (or the shard before them changed); writing "
                            "the append again", first,
-                           getattr(fs, "url", fs.root))
-            _remove(fs, fs.written_since(mark))
+                           fs.url)
+            remove_unpublished(fs, fs.written_since(mark))
             continue
         except BaseException as exc:
             if not outcome_unknown(exc):
-                _remove(fs, fs.written_since(mark))
+                remove_unpublished(fs, fs.written_since(mark))
             raise
         return new, np.arange(first, first + rows, dtype=np.int64)
-    raise CommitConflictError(f"append to {getattr(fs, 'url', fs.root)}: reserved ids were taken 3 times")
+    raise CommitConflictError(f"append to {fs.url}: reserved ids were taken 3 times")
 
 
 def vacuum_remote(fs: Any, keep: int, min_age_s: float) -> dict[str, int]:

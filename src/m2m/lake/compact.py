@@ -35,7 +35,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from m2m.errors import CommitConflictError, ConfigError, ObjectStoreError
+from m2m.errors import CommitConflictError, ConfigError
+from m2m.lake.commit import outcome_unknown, remove_unpublished
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch
 from m2m.lake.manifest import Manifest, ShardEntry, added_shards, read_manifest, write_manifest
@@ -182,18 +183,6 @@ class _NothingLeft(Exception):
     """Every run of a plan was invalidated by concurrent commits: plan again on the new head."""
 
 
-def _remove(fs: LakeFS, paths: Sequence[str]) -> None:
-    for i, p in enumerate(paths):
-        try:
-            fs.remove(p)
-        except ObjectStoreError as exc:  # a store that stopped answering: one wait, not one per file
-            logger.warning("could not remove %s after compaction (%s); %d more file(s) left for a vacuum", p, exc,
-                           len(paths) - i - 1)
-            return
-        except OSError as exc:  # vacuum finds it later
-            logger.warning("could not remove %s after compaction: %s", p, exc)
-
-
 def compact(fs: LakeFS, publish: Publish, target_bytes: int, verify: bool = True,
             progress: Progress | None = None, attempts: int = ATTEMPTS,
             after_write: Callable[[], None] | None = None) -> CompactionReport:
@@ -233,7 +222,7 @@ def compact(fs: LakeFS, publish: Publish, target_bytes: int, verify: bool = True
                 for k in applied:  # a vacuum with min_age_s=0 may have taken files no version lists yet
                     for f in merged[k][2].files:
                         if not fs.exists(f.path):
-                            raise CommitConflictError(f"compaction of {getattr(fs, 'url', fs.root)}: its new file "
+                            raise CommitConflictError(f"compaction of {fs.url}: its new file "
                                                       f"{f.path} was removed (by a vacuum?) before the commit")
                 holder["applied"] = applied
                 return head.next(shards=shards, operation={
@@ -242,19 +231,17 @@ def compact(fs: LakeFS, publish: Publish, target_bytes: int, verify: bool = True
 
             new = publish(build)
         except _NothingLeft:
-            _remove(fs, written)
+            remove_unpublished(fs, written, "compaction")
             dropped_total += len(runs)
             logger.info("compaction: every run was changed by concurrent commits; planning again")
             continue
         except BaseException as exc:
-            from m2m.lake.commit import outcome_unknown
-
             if not outcome_unknown(exc):  # a version put that may have landed keeps its files
-                _remove(fs, written)
+                remove_unpublished(fs, written, "compaction")
             raise
         applied = holder["applied"]
         lost = [k for k in range(len(merged)) if k not in set(applied)]
-        _remove(fs, [f.path for k in lost for f in merged[k][2].files])
+        remove_unpublished(fs, [f.path for k in lost for f in merged[k][2].files], "compaction")
         dropped_total += len(lost)
         done = [merged[k] for k in applied]
         return CompactionReport(
