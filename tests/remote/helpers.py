@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -16,6 +18,28 @@ SHARD_BYTES = 1 << 16   # ~480 rows of float32 x 32 per shard
 def unit_rows(n: int, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@contextlib.contextmanager
+def aws_env(endpoint_url: str) -> Iterator[None]:
+    """The standard AWS environment variables pointing s3fs at ``endpoint_url`` while the block runs
+    (for module-scoped fixtures, which cannot use the function-scoped ``s3_env``)."""
+    import s3fs
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": endpoint_url}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def make_lake(url: str, rows: int, cache_dir: str | None = None) -> list[tuple[str, int, int]]:

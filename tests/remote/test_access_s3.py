@@ -9,30 +9,14 @@ import pytest
 
 import m2m
 
-from .helpers import DiskWatch, make_lake, unit_rows
+from .helpers import DiskWatch, aws_env, make_lake, unit_rows
 
 
 @pytest.fixture(scope="module")
 def small_cache_lake(s3_server) -> tuple[str, int]:
-    import os
-
-    import s3fs
-
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": s3_server.endpoint_url}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
+    with aws_env(s3_server.endpoint_url):
         url = f"{s3_server.bucket()}/lake"
         files = make_lake(url, 4000)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        s3fs.S3FileSystem.clear_instance_cache()
     return url, max(b for _, b, _ in files)
 
 

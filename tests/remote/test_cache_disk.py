@@ -12,26 +12,14 @@ import pytest
 
 import m2m
 
-from .helpers import DiskWatch, make_lake
+from .helpers import DiskWatch, aws_env, make_lake
 
 
 @pytest.fixture(scope="module")
 def disk_lake(s3_server) -> tuple[str, int, int]:
-    import os
-
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": s3_server.endpoint_url}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with aws_env(s3_server.endpoint_url):
         url = f"{s3_server.bucket()}/lake"
         files = make_lake(url, 8000)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return url, max(b for _, b, _ in files), sum(b for _, b, _ in files)
 
 
