@@ -20,6 +20,21 @@ def check_int(value: Any, name: str, low: int = 1) -> int:
     return int(value)
 
 
+def integer_problem(arr: np.ndarray) -> str | None:
+    """None when ``arr`` can be ids or positions (an integer dtype, or empty float: ``np.array([])``);
+    else ``"dtype D (first: v)"`` for the refusal (a float id would be truncated onto another row)."""
+    if arr.dtype.kind in "iu" or (arr.size == 0 and arr.dtype.kind == "f"):
+        return None
+    return f"dtype {arr.dtype}" + (f" (first: {arr.reshape(-1)[0].item()!r})" if arr.size else "")
+
+
+def beyond_int64(arr: np.ndarray) -> int | None:
+    """The largest value of a uint64 ``arr`` above int64's range (it would wrap negative), or None."""
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        return int(arr.max())
+    return None
+
+
 def as_numpy(x: Any, name: str) -> np.ndarray:
     """A numpy view (or copy) of a numpy array, torch tensor on any device, list or scalar."""
     if isinstance(x, np.ndarray):

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import pyarrow as pa
 
-from m2m._validate import as_numpy
+from m2m._validate import as_numpy, beyond_int64, integer_problem
 from m2m.errors import PositionError, UnknownIdError
 from m2m.lake.idmap import IdRanges, ShardIds
 from m2m.lake.manifest import Manifest
@@ -148,7 +148,7 @@ class RowReader:
             if arr.size != n:
                 raise PositionError(f"lake[mask]: a boolean mask needs one entry per row ({n}), got {arr.size}")
             return self.rows(np.flatnonzero(arr).astype(np.int64))
-        if arr.ndim != 1 or not (arr.dtype.kind in "iu" or (arr.size == 0 and arr.dtype.kind == "f")):
+        if arr.ndim != 1 or integer_problem(arr) is not None:
             what = (f"{key!r}" if arr.ndim == 0 else
                     f"{type(key).__name__} of dtype {arr.dtype} and shape {tuple(arr.shape)}")
             raise PositionError(f"lake[...] takes an int, a slice, a 1-D sequence of ints or a boolean mask, got {what}")
@@ -171,8 +171,9 @@ class RowReader:
             raise UnknownIdError(f"ids must be a 1-D sequence of integers, got shape {ids.shape}")
         if ids.size and ids.dtype.kind not in "iu":
             raise UnknownIdError(f"ids must be integers, got dtype {ids.dtype}")
-        if ids.dtype == np.uint64 and ids.size and int(ids.max()) > np.iinfo(np.int64).max:  # would wrap negative
-            raise UnknownIdError(f"id {int(ids.max())} is not in lake version {self.manifest.version}")
+        big = beyond_int64(ids)
+        if big is not None:
+            raise UnknownIdError(f"id {big} is not in lake version {self.manifest.version}")
         return self.rows(self.positions(ids.astype(np.int64)))
 
     def positions(self, ids: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from m2m._validate import as_numpy, check_int
+from m2m._validate import as_numpy, beyond_int64, check_int, integer_problem
 from m2m.errors import ConfigError, InvalidEmbeddingError
 
 __all__ = ["IdPositions", "LossPriorities"]
@@ -79,13 +79,12 @@ class LossPriorities:
     def positions(self, ids_or_positions: Any) -> torch.Tensor:
         """Row positions (int64) of the given ids (when built with ids) or positions, validated."""
         arr = as_numpy(ids_or_positions, "ids")
-        if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
-            # a float id would be truncated onto another row (float32 ids above 2**24 are not exact)
-            shown = repr(arr.reshape(-1)[0].item()) if arr.size else ""
-            raise InvalidEmbeddingError(f"ids must be integers (the batch's 'id' column), got dtype {arr.dtype}"
-                                        + (f" (first: {shown})" if shown else ""))
-        if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-            raise InvalidEmbeddingError(f"id {int(arr.max())} is not a row of this lake")
+        problem = integer_problem(arr)  # float32 ids above 2**24 are not even exact
+        if problem is not None:
+            raise InvalidEmbeddingError(f"ids must be integers (the batch's 'id' column), got {problem}")
+        big = beyond_int64(arr)
+        if big is not None:
+            raise InvalidEmbeddingError(f"id {big} is not a row of this lake")
         keys = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)).reshape(-1)
         n = len(self)
         if self._locate is not None:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from m2m._validate import as_numpy
+from m2m._validate import as_numpy, integer_problem
 from m2m.errors import ConfigError, StateMismatchError
 
 
@@ -135,11 +135,10 @@ class LossMixtureSampler(MixtureSampler):
             raise ConfigError("update_priorities on a mixture needs source= (the batch's 'source' column): "
                               "lakes may share ids")
         src_np = as_numpy(source, "source")
-        if src_np.dtype.kind not in "iu" and not (src_np.size == 0 and src_np.dtype.kind == "f"):
-            first = repr(src_np.reshape(-1)[0].item()) if src_np.size else ""
+        problem = integer_problem(src_np)
+        if problem is not None:
             raise ConfigError("update_priorities: source= takes the batch's 'source' column (each row's lake "
-                              f"index, 0..{len(self.samplers) - 1}), got dtype {src_np.dtype}"
-                              + (f" (first: {first})" if first else ""))
+                              f"index, 0..{len(self.samplers) - 1}), got {problem}")
         src = torch.from_numpy(np.ascontiguousarray(src_np, dtype=np.int64)).reshape(-1)
         ids_t = torch.as_tensor(ids).reshape(-1).cpu()
         loss_t = torch.as_tensor(losses).reshape(-1).detach().cpu()
