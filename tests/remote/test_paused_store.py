@@ -1,5 +1,6 @@
 """A paused object store (SIGSTOP: connections accepted, never answered) mid-epoch ends in a one-line
-error within 30 s at the default io_timeout/io_retries."""
+error within 16 s at the default io_timeout/io_retries
+(one timeout, not one per download queued behind it)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ import time
 import pytest
 
 from m2m import M2MConfig, create_m2m, open_lake
-from m2m.errors import M2MError
+from m2m.errors import ObjectStoreError
 
 from .helpers import DIM, SHARD_BYTES, unit_rows
 
-PAUSED_ERROR_S = 30.0
+PAUSED_ERROR_S = 16.0  # one io_timeout and slack: the code before waited for 2-3 io_timeouts in a row (CI: 30.4 s)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_store_paused_mid_epoch_ends_in_one_line_within_30_s(s3_server_private, tmp_path, workers) -> None:
+def test_a_store_paused_mid_epoch_ends_in_one_line_within_one_timeout(s3_server_private, tmp_path, workers) -> None:
     srv = s3_server_private
     url = f"{srv.bucket()}/lake"
     cfg = M2MConfig(path=url, latent_dim=DIM, shard_bytes=SHARD_BYTES, storage_options=srv.storage_options,
@@ -37,7 +38,7 @@ def test_a_store_paused_mid_epoch_ends_in_one_line_within_30_s(s3_server_private
         srv.pause()
         try:
             t0 = time.monotonic()
-            with pytest.raises(M2MError) as info:
+            with pytest.raises(ObjectStoreError) as info:  # the same type whichever thread met it
                 for _ in it:
                     pass
             elapsed = time.monotonic() - t0

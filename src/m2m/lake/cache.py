@@ -302,51 +302,67 @@ class ShardCache:
             self.invalidations += 1
         return True
 
-    def _fetch(self, rel: str, size: int | None, crc32: int | None, since: float | None = None) -> bool:
+    def _fetch(self, rel: str, size: int | None, crc32: int | None, since: float, prefetch: bool = False) -> bool:
         """Download ``rel`` unless it is cached or another process just did; True if this call did.
 
         A prefetch of ``rel`` by this process that failed after ``since`` (while we waited for it) is
         re-raised instead of trying again: it already ran the lake's bounded retries. So is a
         prefetch of any file that ended in `ObjectStoreError` after ``since``: the store failed this
         process just now, and a read waiting behind it (for a lock, or for room) gives up with it
-        rather than start its own bounded retries after it."""
+        rather than start its own bounded retries after it. A ``prefetch`` waiting so gives up too.
+
+        A failed download is noted (`_failed` for a prefetch, the node's failure note for the store's
+        own failures) before its part file goes: removing the part frees the room other downloads
+        wait for, and they must see the failure when they get it (observed: a worker waiting for room
+        started a new 10 s download 10 ms after another's failed, before the note was written)."""
         name = self.name(rel)
         path = self.path(rel)
         lock = self._lock(name)
-        check = None if since is None else (lambda: self._raise_store_failure(since))
+        borrowed: list[BaseException] = []  # failures of other downloads that `check` raised
+
+        def check() -> None:
+            try:
+                self._raise_store_failure(since)
+            except BaseException as exc:
+                borrowed.append(exc)
+                raise
+
         lock.acquire(False, self.lock_timeout, f"the download of {self._named(rel)}", check=check)
+        part: str | None = None
         try:
             if os.path.exists(path):
                 return False
             with self._mutex:
                 failure = self._failed.get(rel)
-            if since is not None and failure is not None and failure[0] >= since:
+            if failure is not None and failure[0] >= since:
+                borrowed.append(failure[1])
                 raise failure[1]
-            if check is not None:
-                check()
+            check()
             if size is None:
                 size = int(self._size(rel)) if self._size is not None else int(self.fs.size(self._remote(rel)))
             part = self._reserve(name, size, check)
-            try:
-                self._download(rel, part, size, crc32)
-                os.rename(part, path)
-            except BaseException as exc:
-                try:
+            check()  # the room came free because downloads failed: they are noted by now
+            self._download(rel, part, size, crc32)
+            os.rename(part, path)
+        except BaseException as exc:
+            if not any(exc is b for b in borrowed):
+                if prefetch and isinstance(exc, Exception):
+                    with self._mutex:
+                        self._failed[rel] = (time.monotonic(), exc)
+                self._note_store_failure(exc)
+            if part is not None:
+                with contextlib.suppress(FileNotFoundError):
                     os.remove(part)
-                except FileNotFoundError:
-                    pass
-                if since is not None:  # a read's own download (prefetches note theirs when they end)
-                    self._note_store_failure(exc)
-                raise
-            with self._mutex:
-                self.fetches[rel] += 1
-                self.fetch_bytes += size
-                self._failed.clear()  # the store answers again
-            with contextlib.suppress(OSError):
-                os.remove(self._failure_note())
-            return True
+            raise
         finally:
             lock.release()
+        with self._mutex:
+            self.fetches[rel] += 1
+            self.fetch_bytes += size
+            self._failed.clear()  # the store answers again
+        with contextlib.suppress(OSError):
+            os.remove(self._failure_note())
+        return True
 
     def _download(self, rel: str, part: str, size: int, crc32: int | None) -> None:
         """Fetch the object into ``part`` (fsspec's streamed ``get_file``: one GET streamed to disk,
@@ -544,17 +560,16 @@ class ShardCache:
         if sys.is_finalizing():  # the process is exiting (a worker done with its share): nothing to fetch for
             return
         try:
-            self._raise_store_failure(time.monotonic())
-        except ObjectStoreError:  # the store failed just now: no new request (a read asks again later)
-            return
-        try:
-            self._fetch(rel, size, crc)
-        except Exception as exc:  # noqa: BLE001 -- an open() waiting for this download raises it
+            self._fetch(rel, size, crc, time.monotonic(), prefetch=True)
+        except Exception as exc:  # noqa: BLE001 -- its own failure is in _failed: an open() waiting for it raises it
             with self._mutex:
-                self._failed[rel] = (time.monotonic(), exc)
-            self._note_store_failure(exc)
-            if not sys.is_finalizing():  # (a process exiting mid-download is not worth a warning)
-                logger.warning("prefetch of %s failed: %s", self._named(rel), exc)
+                own = self._failed.get(rel)
+            if own is not None and own[1] is exc:  # (not the failure of another download it gave up with)
+                self._warn_prefetch(rel, exc)
+
+    def _warn_prefetch(self, rel: str, exc: BaseException) -> None:
+        if not sys.is_finalizing():  # (a process exiting mid-download is not worth a warning)
+            logger.warning("prefetch of %s failed: %s", self._named(rel), exc)
 
     def wait_prefetch(self, timeout: float | None = None) -> None:
         """Wait for queued prefetches (tests and benchmarks)."""

@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from m2m.errors import ConfigError, CorruptShardError, PathNotFoundError, StreamError
+from m2m.errors import (
+    CacheTimeoutError,
+    ConfigError,
+    CorruptShardError,
+    ObjectStoreError,
+    PathNotFoundError,
+    StreamError,
+)
 from m2m.stream.stages import spare
 from m2m.stream.stages.base import Stage, Work
 
@@ -27,11 +34,17 @@ POLL_S = 0.05
 JOIN_TIMEOUT_S = 10.0
 
 
+# observed: a paused store surfaced as StreamError with 0 workers, ObjectStoreError with 2
+LAKE_IO_ERRORS = (CorruptShardError, PathNotFoundError, ObjectStoreError, CacheTimeoutError)
+
+
 def stage_failure(exc: BaseException, what: str) -> BaseException:
-    """The error a stage failure reaches the consumer as, whichever thread ran the stage: a damaged
-    shard, or a remote one missing from its store, as itself (callers catch it by what it is), anything
-    else as `StreamError` with the cause chained (raise the result ``from exc``)."""
-    if isinstance(exc, (CorruptShardError, PathNotFoundError)):
+    """The error a stage failure reaches the consumer as, whichever thread ran the stage: the lake's
+    own I/O errors (a damaged shard, a remote one missing from its store, a store that failed after its
+    bounded retries, a node cache with no room in time) as themselves, so callers catch them by what
+    they are whether the stream's prefetch thread or a DataLoader worker's main thread met them;
+    anything else as `StreamError` with the cause chained (raise the result ``from exc``)."""
+    if isinstance(exc, LAKE_IO_ERRORS):
         return exc
     return StreamError(f"{what} failed: {exc!r}")
 
