@@ -103,3 +103,36 @@ def test_int64_representable_labels_round_trip_exactly(lake, labels, want) -> No
     n = len(want)
     lake.add_splats(np.eye(D)[:n] + 0.1, labels=labels)
     assert lake.splats()["label"].tolist() == want
+
+
+_ALL_TYPES = {"b": np.arange(12) % 2 == 0, "i8": np.arange(12, dtype=np.int8), "u8": np.arange(12, dtype=np.uint8),
+              "u16": np.arange(12, dtype=np.uint16), "u32": np.arange(12, dtype=np.uint32),
+              "u64": np.arange(12, dtype=np.uint64), "i32": np.arange(12, dtype=np.int32),
+              "f16": np.arange(12, dtype=np.float16), "f64": np.arange(12, dtype=np.float64),
+              "s": np.array(["a", None] * 6, dtype=object), "ts": np.arange(12).astype("datetime64[ns]"),
+              "d": np.arange(12).astype("datetime64[D]"), "td": np.arange(12).astype("timedelta64[ms]")}
+
+
+@pytest.mark.parametrize("labels", [None, "int", "str"])
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+@pytest.mark.parametrize("geometry", [False, True])
+def test_column_sample_from_the_manifest_matches_what_column_reads(tmp_path: Path, labels, storage,
+                                                                   geometry) -> None:  # type: ignore[no-untyped-def]
+    # a stream learns its columns' dtypes from the manifest (reading shard 0 downloaded it on every rank
+    # of a remote lake): the manifest's answer must be what reading the column gives, for every type
+    lab = {None: None, "int": np.arange(12) % 3, "str": np.array(["x", "y"] * 6)}[labels]
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=D, knn_k=4, storage_dtype=storage)) as lake:
+        lake.add_splats(np.random.default_rng(0).standard_normal((12, D)), labels=lab, metadata=_ALL_TYPES)
+        if geometry:
+            lake.estimate_kappa()
+            lake.add_splats(np.random.default_rng(1).standard_normal((5, D)), labels=None if lab is None else lab[:5],
+                            metadata={k: v[:5] for k, v in _ALL_TYPES.items()})  # a shard without geometry
+        snap = lake.snapshot
+        names = list(snap.column_names)
+        assert ("neighbors" in names) == geometry and ("label" in names) == (labels is not None)
+        for shard in range(len(snap.manifest.shards)):
+            for name in names:
+                got, read = snap.column_sample(name), snap.column(shard, name)
+                assert got is not None, name
+                assert (got.dtype, got.shape[1:]) == (read.dtype, read.shape[1:]), (name, shard)
+        assert snap.column_sample("no-such-column") is None

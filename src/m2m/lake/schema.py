@@ -63,3 +63,22 @@ def widened_dtype(dtype: "np.dtype[Any]") -> "np.dtype[Any]":
     """The dtype a stream reads a stored column as (``dtype`` itself unless it is in `WIDENED`)."""
     wide = WIDENED.get(dtype.name)
     return dtype if wide is None else np.dtype(wide)
+
+
+def read_dtype(type_name: str) -> "np.dtype[Any] | None":
+    """The dtype `m2m.lake.reader.Snapshot.column` returns for a metadata column of Arrow type
+    ``type_name`` (as the manifest records it), or None when the name alone does not say: timestamps,
+    dates and durations read as int64 counts, unsigned ints as `widened_dtype`, strings as objects."""
+    import pyarrow as pa
+
+    try:
+        t = pa.type_for_alias(type_name)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if pa.types.is_temporal(t):
+        return np.dtype(np.int64)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return np.dtype(object)
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+        return None
+    return widened_dtype(np.dtype(t.to_pandas_dtype()))

@@ -10,13 +10,18 @@ within a run, the ranks take contiguous equal slices of that grouped order exact
 same number of batches and the epoch covers every entry exactly once, plus fewer than W padding
 rows), and each rank block-shuffles its own slice within windows, in groups of a few shards that fit the
 node cache (`group_shuffle`).
-A rank therefore reads only its own ~1/W of the shards, plus at most the two shards it shares with
-its neighbours in the order (and, when the epoch is padded, the first shard of the order on the
-last rank). Runs, not single shards, because the warm arena loads whole blocks of ``block_rows``
-rows, and a block straddling two shards downloads both: inside a run the neighbouring shards are the
-rank's own, so only a run's first and last blocks can pull in a foreign shard (at most
-``2 * RUNS_PER_RANK + 2`` extra shards per rank with the warm arena, 2 without). Across all ranks:
-~1x the lake per epoch plus those extra shards (at 1B x 768 on 32 ranks, ~2.7%: docs/scale.md).
+A rank therefore reads only its own ~1/W of the shards, plus the two shards it shares with its
+neighbours in the order (its slice starts and ends inside shards) and, when the epoch is padded,
+the first shard of the order on the last rank. Runs, not single shards, because the warm arena
+loads whole blocks of ``block_rows`` rows, and a block straddling two shards downloads both: inside
+a run the neighbouring shards are the rank's own, so only the two ends of the rank's part of each run
+it touches can pull in a foreign shard. `extra_shards_bound` is the resulting bound on a rank's
+shards beyond its 1/W share: ``2 * T + 3`` with T the runs one slice can touch, T <= RUNS_PER_RANK
++ 1 when the runs hold about equal rows (13 shards; 2026-12-06: the bound said ``2 * RUNS_PER_RANK
++ 2`` until a 4-rank test and a pure simulation needed 11.3), more in a lake with few shards per
+run (1-2 shards per run: runs of unequal rows; 13.7 shards for 8 ranks of 59 shards). Across all
+ranks: ~1x the lake per epoch plus those extra shards (at 1B x 768 on 32 ranks, at most ~3.6%;
+1.7% simulated: docs/scale.md).
 
 The price: a rank's batches mix rows of its ~1/W of the shards only (within a window, as in any
 block shuffle), and which shards a rank gets changes each epoch, so a node cache smaller than the
@@ -123,6 +128,48 @@ def rank_epoch(layout: Layout, shard_offsets: np.ndarray, batch_size: int, drop_
     mine = grouped_entries(entries, offsets, world_size, seed, epoch)[pos]
     mine = mine[group_shuffle(entries[mine], layout.block_rows, layout.window_blocks, group_blocks, rng)]
     return RankEpoch(entries[mine], weights[mine], batch_size, n)
+
+
+def run_rows(shard_offsets: np.ndarray, world_size: int) -> np.ndarray:
+    """Rows per run of consecutive shards (`shard_order`'s runs, in shard order)."""
+    offsets = np.asarray(shard_offsets, dtype=np.int64)
+    num_shards = len(offsets) - 1
+    runs = max(1, min(num_shards, world_size * RUNS_PER_RANK))
+    run_of_shard = (np.arange(num_shards, dtype=np.int64) * runs) // max(num_shards, 1)
+    return np.bincount(run_of_shard, weights=np.diff(offsets), minlength=runs).astype(np.int64)
+
+
+def extra_shards_bound(shard_offsets: np.ndarray, world_size: int, drop_last: bool = False) -> int:
+    """Most shards one rank's warm arena reads beyond its share of the bytes (``lake / W``), in units
+    of the biggest shard, whatever the seed, epoch, rank or block size.
+
+    A rank's slice of the epoch order (``ceil(rows / W)`` positions) covers some runs whole and two in
+    part: at most ``T = k + 2`` runs, k the most runs whose rows fit in a slice (the smallest ones: the
+    run order is random). Each run touched has two ends to the rank's part of it, and a block
+    straddling one can load a foreign shard (2T); the slice's two ends fall inside shards, read whole
+    (2); a padded epoch's last rank reads the first shard of the order again (1). For blocks no bigger
+    than the smallest shard (a bigger block can pull in several small foreign shards at one end);
+    epochs without an importance plan (a plan's draws are not spread over runs by rows)."""
+    offsets = np.asarray(shard_offsets, dtype=np.int64)
+    num_rows = int(offsets[-1]) if len(offsets) else 0
+    if num_rows == 0:
+        return 0
+    slice_rows = num_rows // world_size if drop_last else -(-num_rows // world_size)
+    smallest = np.cumsum(np.sort(run_rows(offsets, world_size)))
+    whole = int(np.searchsorted(smallest, slice_rows, side="right"))
+    return 2 * (whole + 2) + 3
+
+
+def block_shards(rows: np.ndarray, block_rows: int, shard_offsets: np.ndarray) -> np.ndarray:
+    """The shards the warm arena downloads to deliver ``rows``: those of every whole ``block_rows``
+    block holding one of them (a block straddling two shards loads both)."""
+    offsets = np.asarray(shard_offsets, dtype=np.int64)
+    blocks = np.unique(np.asarray(rows, dtype=np.int64) // block_rows)
+    first = blocks * block_rows
+    lo = np.searchsorted(offsets, first, side="right") - 1
+    hi = np.searchsorted(offsets, np.minimum(first + block_rows, offsets[-1]) - 1, side="right") - 1
+    span = hi - lo + 1                                   # a block may cover shards smaller than itself
+    return np.unique(np.repeat(lo, span) + (np.arange(int(span.sum())) - np.repeat(np.cumsum(span) - span, span)))
 
 
 def shards_of(rows: np.ndarray, shard_offsets: np.ndarray) -> np.ndarray:

@@ -86,10 +86,16 @@ def _unknown(source: RowSource, name: str, valid: list[str]) -> ConfigError:
 def _sample(source: RowSource, name: str) -> np.ndarray:
     """An array with the dtype and trailing shape of column ``name`` (for its dtype and shape only).
 
-    A fixed-width column of a file-backed source is described by its extent (Arrow metadata only):
+    A lake snapshot describes its columns from its manifest (``column_sample``: no file read; the
+    extent of shard 0 below still downloaded that whole shard on each rank of a remote lake). Else a
+    fixed-width column of a file-backed source is described by its extent (Arrow metadata only):
     reading shard 0's column to learn its dtype read a whole shard per column when the loader was
     made (the ``mu`` of a 131k x 640 shard is 335 MB). Other columns come from the source.
     """
+    described = getattr(source, "column_sample", None)  # from the lake's manifest: no shard read
+    sample = described(name) if described is not None else None
+    if sample is not None:
+        return sample  # type: ignore[no-any-return]
     files = file_backed(source)
     if files is not None:
         ext = files.column_extent(0, name)

@@ -131,6 +131,11 @@ class GeometryOverlay:
             return getattr(self.geometry, name)[offsets[shard]:offsets[shard + 1]]
         return self.snap.column(shard, name)
 
+    def column_sample(self, name: str) -> np.ndarray | None:
+        if name in self.OVERLAID:
+            return getattr(self.geometry, name)[:0]
+        return self.snap.column_sample(name)
+
     def column_extent(self, shard: int, name: str) -> Any:
         """Where a stored column lies on disk (positional reads); None for the in-memory columns."""
         if name in self.OVERLAID:
