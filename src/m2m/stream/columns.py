@@ -95,7 +95,7 @@ def _sample(source: RowSource, name: str) -> np.ndarray:
     described = getattr(source, "column_sample", None)  # from the lake's manifest: no shard read
     sample = described(name) if described is not None else None
     if sample is not None:
-        return sample  # type: ignore[no-any-return]
+        return sample
     files = file_backed(source)
     if files is not None:
         ext = files.column_extent(0, name)
