@@ -144,3 +144,57 @@ def test_writing_a_read_only_lake_is_a_typed_one_line_error(tmp_path):
             assert len(lake) == 6 and lake.verify() == []
     finally:
         subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
+
+
+# ----------------------------------------------------------------------------- masses beyond float32
+def test_a_merge_whose_mass_passes_float32_is_refused_and_nothing_changes(tmp_path) -> None:
+    # observed: consolidate stored alpha = +inf (each 3e38 alone is valid, their sum is not), verify()
+    # passed, and every mixture / Langevin stream over the lake failed afterwards
+    import numpy as np
+
+    from m2m import M2MConfig, create_m2m
+    from m2m.errors import InvalidEmbeddingError
+
+    v = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    v[1] = v[0]
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=8, knn_k=2)) as lake:
+        lake.add_splats(v, alpha=np.full(4, 3e38, np.float32))
+        version = lake.version
+        with pytest.raises(InvalidEmbeddingError, match=r"merging 2 rows \(row 0 .*6e\+38, beyond float32"):
+            lake.consolidate(0.999)
+        assert lake.version == version and np.isfinite(lake.splats()["alpha"]).all()
+
+
+@pytest.mark.parametrize("drop_last", [False, True])  # the epoch's draws M = N, or fewer (weights rescaled)
+def test_importance_weights_beyond_float32_name_the_row_and_its_alpha(tmp_path, drop_last) -> None:
+    # observed: "plan weight inf at position 16 is not finite and >= 0" (a position in the plan, no alpha)
+    import numpy as np
+
+    from m2m import M2MConfig, create_m2m
+    from m2m.errors import InvalidEmbeddingError
+
+    n = 50
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=8, knn_k=3)) as lake:
+        # every alpha valid (3e38 < 3.4e38); half the rows are drawn with p = 2/3 of uniform: weight 4.5e38
+        lake.add_splats(np.random.default_rng(0).standard_normal((n, 8)), alpha=np.full(n, 3e38, np.float32),
+                        metadata={"score": np.where(np.arange(n) % 2 == 0, 0.5, 1.0)})
+        with pytest.raises(InvalidEmbeddingError, match=r"of row \d+ is 4.5e\+38 \(its alpha is 3e\+38\), beyond float32") as info:
+            list(lake.export_to_dataloader(batch_size=16, drop_last=drop_last, importance_sampling="score",
+                                           columns=("id", "weight")))
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["int", "uint64", "array", "list"])
+def test_a_position_beyond_int64_is_a_position_error_naming_it(tmp_path, kind) -> None:
+    # observed: OverflowError for 2**70 and np.uint64(2**63 + 5); a wrapped negative position named for arrays
+    import numpy as np
+
+    from m2m import M2MConfig, create_m2m
+    from m2m.errors import PositionError
+
+    key, want = {"int": (2**70, 2**70), "uint64": (np.uint64(2**63 + 5), 2**63 + 5),
+                 "array": (np.array([2**63 + 5], dtype=np.uint64), 2**63 + 5), "list": ([2**64 - 1], 2**64 - 1)}[kind]
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=4)) as lake:
+        lake.add_splats(np.eye(4, dtype=np.float32))
+        with pytest.raises(PositionError, match=f"position {want} is out of range"):
+            lake[key]

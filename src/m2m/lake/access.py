@@ -142,7 +142,10 @@ class RowReader:
             hi = n if stop is None else min(int(stop), n)
             return self.rows(np.arange(lo, max(lo, hi), 1 if step is None else int(step), dtype=np.int64))
         if _is_int(key):
-            return self.rows(self._check_positions(np.asarray([operator.index(key)], np.int64)))[0]
+            k = operator.index(key)
+            if not 0 <= k < n:  # before any int64 conversion: 2**70 raised OverflowError, not PositionError
+                raise self._out_of_range(k)
+            return self.rows(np.asarray([k], np.int64))[0]
         arr = as_numpy(key, "lake[...]")
         if arr.ndim == 1 and arr.dtype.kind == "b":  # a mask over the rows, as numpy and torch index
             if arr.size != n:
@@ -152,16 +155,22 @@ class RowReader:
             what = (f"{key!r}" if arr.ndim == 0 else
                     f"{type(key).__name__} of dtype {arr.dtype} and shape {tuple(arr.shape)}")
             raise PositionError(f"lake[...] takes an int, a slice, a 1-D sequence of ints or a boolean mask, got {what}")
+        big = beyond_int64(arr)
+        if big is not None:  # a uint64 position above int64 wrapped negative and was named so
+            raise self._out_of_range(big)
         return self.rows(self._check_positions(arr.astype(np.int64)))
 
     def _check_positions(self, pos: np.ndarray) -> np.ndarray:
         n = len(self)
         bad = (pos < 0) | (pos >= n)
         if bad.any():
-            p = int(pos[int(np.argmax(bad))])
-            raise PositionError(f"position {p} is out of range: lake version {self.manifest.version} has {n} rows "
-                                f"(positions 0..{n - 1}; negative positions are not supported)")
+            raise self._out_of_range(int(pos[int(np.argmax(bad))]))
         return pos
+
+    def _out_of_range(self, p: int) -> PositionError:
+        n = len(self)
+        return PositionError(f"position {p} is out of range: lake version {self.manifest.version} has {n} rows "
+                             f"(positions 0..{n - 1}; negative positions are not supported)")
 
     def take(self, ids: Any) -> Splats:
         ids = as_numpy(ids, "ids")

@@ -111,8 +111,22 @@ def importance_plan(
     counts = np.diff(edges, prepend=0)  # ceil(-u) = 0 for u in [0, 1)
     indices = np.repeat(order, counts)
     indices = indices[gen.permutation(indices.size)]
-    weights = (a[indices] / (n * p[indices])).astype(np.float32)
+    weights = float32_weights(a[indices] / (n * p[indices]), a[indices], indices)
     return indices.astype(np.int64), weights
+
+
+def float32_weights(weights: np.ndarray, alpha: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``alpha_i / (M p_i)`` weights (float64) as the float32 a batch carries; `InvalidEmbeddingError`
+    naming the row and its alpha when one is beyond float32 (observed: an alpha of 3e38, which
+    `add_splats` accepts, gave an inf weight, refused later as "plan weight inf at position 16")."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.size and not weights.max() <= np.finfo(np.float32).max:
+        at = int(np.argmax(weights))
+        raise InvalidEmbeddingError(
+            f"the importance weight alpha / (draws * p) of row {int(rows[at])} is {weights[at]:.3g} (its alpha is "
+            f"{float(alpha[at]):.3g}), beyond float32 (3.4e38): rescale alpha (a weighted mean depends only on its "
+            "ratios)")
+    return weights.astype(np.float32)
 
 
 def score_from(

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from m2m.errors import ConfigError, StateMismatchError
-from m2m.sampling.importance import importance_plan, score_from
+from m2m.sampling.importance import float32_weights, importance_plan, score_from
 from m2m.sampling.priorities import LossPriorities
 
 KAPPA_FLOOR = 0.1  # kappa below this fraction of the median is raised to it before 1/kappa
@@ -73,7 +73,7 @@ class ImportanceSampler:
         rows, weights = importance_plan(self.scores(epoch), self.alpha, num_draws=m, seed=self.seed,
                                         epoch=epoch, floor=self.floor)
         if m != n and m > 0:
-            weights = (weights.astype(np.float64) * (n / m)).astype(np.float32)
+            weights = float32_weights(weights.astype(np.float64) * (n / m), self.alpha[rows], rows)
         return rows, weights
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from m2m._validate import check_int
 from m2m.errors import ConfigError, InvalidEmbeddingError
+from m2m.sampling.importance import float32_weights
 from m2m.sampling.priorities import LossPriorities
 from m2m.sampling.samplers import LossFeedback
 
@@ -159,7 +160,8 @@ class ShardedImportance:
             raise InvalidEmbeddingError(f"alpha must be > 0; row {int(self.offsets[shard] + local[alpha <= 0][0])} "
                                         f"is {alpha[alpha <= 0][0]}")
         p = s[local] / q_all.sum()
-        return self.offsets[shard] + local, (alpha / (float(num_draws) * p)).astype(np.float32)
+        rows = self.offsets[shard] + local
+        return rows, float32_weights(alpha / (float(num_draws) * p), alpha, rows)
 
     def plan(self, epoch: int, num_draws: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The whole epoch (every shard's draws, in a random order): the `PlanSampler` form."""
