@@ -71,3 +71,17 @@ def test_criticality_state_bands(redundancy: float, state: str) -> None:
 def test_criticality_state_validates(args) -> None:
     with pytest.raises(ConfigError):
         criticality_state(*args)
+
+
+@pytest.mark.parametrize("kwargs", [{"exact_max_rows": -1}, {"exact_max_rows": 2.5}, {"sample": 0},
+                                    {"sample": True}, {"exact_max_rows": "10"}])
+def test_lake_criticality_refuses_bad_sizes_naming_them(kwargs) -> None:
+    # observed: exact_max_rows=-1 was accepted silently (and took the sampled path)
+    from m2m import M2MConfig, create_m2m
+    from m2m.errors import ConfigError
+
+    with create_m2m(M2MConfig(latent_dim=8)) as lake:
+        lake.add_splats(np.random.default_rng(0).standard_normal((20, 8)))
+        name = next(iter(kwargs))
+        with pytest.raises(ConfigError, match=f"{name} must be an int >= "):
+            lake.criticality(**kwargs)

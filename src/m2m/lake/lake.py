@@ -594,6 +594,7 @@ class Lake:
         from m2m.consolidation.groups import find_duplicate_groups
 
         sim = self._similarity(similarity)
+        sample, exact_max_rows = check_int(sample, "sample"), check_int(exact_max_rows, "exact_max_rows", 0)
         base = {"threshold": self.config.soc_threshold, "similarity": sim, "rows": len(self)}
         if len(self) == 0:
             return {"redundancy": 0.0, "state": "subcritical", "method": "empty", **base}
