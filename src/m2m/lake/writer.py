@@ -62,12 +62,7 @@ def reconcile_schema(schema: SchemaUpdate, batch: SplatBatch) -> SchemaUpdate:
     for name, values in batch.metadata.items():
         typ = pa.string() if values.dtype == object else pa.from_numpy_dtype(values.dtype)
         if name in metadata and str(typ) != metadata[name]:
-            try:
-                sample = values[:1].tolist() if values.dtype == object else values[:1]
-                pa.array(sample).cast(pa.type_for_alias(metadata[name]))
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
-                raise InvalidEmbeddingError(
-                    f"metadata[{name!r}] has type {typ}, the lake's column is {metadata[name]}") from exc
+            check_cast(name, values, pa.type_for_alias(metadata[name]))
         metadata.setdefault(name, str(typ))
     vocab = schema.label_vocabulary
     if label_type == "string":
@@ -75,6 +70,48 @@ def reconcile_schema(schema: SchemaUpdate, batch: SplatBatch) -> SchemaUpdate:
         known = set(vocab)
         vocab = vocab + tuple(v for v in dict.fromkeys(batch.labels.tolist()) if v not in known)
     return SchemaUpdate(label_type, vocab, metadata, True)
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return "number"
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return "time"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    return str(t)  # bool, durations, ...: only their own type
+
+
+def check_cast(name: str, values: np.ndarray, target: pa.DataType) -> None:
+    """Refuse metadata ``values`` for a lake column of type ``target`` unless every value is stored as
+    given: the same kind of type (numbers, times, strings; bool and durations only as themselves), no
+    value out of range, and a value read back equal to the one given (a float column may round, but a
+    finite value may not become inf). Observed before, with the first value alone checked and the
+    column then cast by Arrow: ints stored in a bool column as True, 1e6 in a float16 column as inf,
+    a time of day dropped by a date column, ints turned into strings."""
+    given = pa.array(values.tolist() if values.dtype == object else values)
+    where = f"metadata[{name!r}] has type {given.type}, the lake's column is {target}"
+    if _kind(given.type) != _kind(target):
+        raise InvalidEmbeddingError(where)
+    try:
+        stored = given.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
+        raise InvalidEmbeddingError(f"{where}, and a value does not fit it: {' '.join(str(exc).split())}") from exc
+    if pa.types.is_floating(target):  # rounding to the column's precision is what a float column does
+        a = given.to_numpy(zero_copy_only=False).astype(np.float64)
+        b = stored.to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = np.isfinite(a) & ~np.isfinite(b)
+    else:
+        back = stored.cast(given.type)
+        bad = ~np.asarray(back.to_numpy(zero_copy_only=False) == given.to_numpy(zero_copy_only=False), dtype=bool)
+        if given.null_count:
+            bad &= np.asarray(given.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    if bad.any():
+        i = int(np.argmax(bad))
+        why = (f"beyond {target}'s range" if pa.types.is_floating(target) else
+               f"convert the values to {target} yourself if that is meant")
+        raise InvalidEmbeddingError(f"{where}, which would store row {i}'s {given[i].as_py()!r} as "
+                                    f"{stored[i].as_py()!r} ({why})")
 
 
 def rebase_schema(planned: SchemaUpdate, assumed: Manifest, base: Manifest) -> SchemaUpdate:
