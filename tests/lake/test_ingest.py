@@ -236,3 +236,28 @@ def test_out_of_space_names_the_lake_folder(tmp_path):
     with open_lake(tmp_path / "lake") as lake:
         assert len(lake) == 0
     assert [n for n in os.listdir(tmp_path / "lake" / "_data") if not n.startswith(".tmp-")] == []
+
+
+@pytest.mark.parametrize("second", ["swapped", "missing"])
+def test_a_directory_ingests_one_vector_column_for_all_its_files(tmp_path, second):
+    # observed: without --column the vector column was picked per file ("the first list column"): a second
+    # file listing another list column first ingested that column as its vectors, silently
+    rng = np.random.default_rng(5)
+
+    def fsl(x):
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel().astype(np.float32)), x.shape[1])
+
+    src = tmp_path / "src"
+    src.mkdir()
+    a, b = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    pq.write_table(pa.table({"emb": fsl(a), "aux": fsl(np.ones((5, 4)))}), src / "a.parquet")
+    other = {"aux": fsl(np.ones((5, 4))), "emb": fsl(b)} if second == "swapped" else {"other": fsl(b)}
+    pq.write_table(pa.table(other), src / "b.parquet")
+    result = CliRunner().invoke(cli, ["ingest", str(src), "--lake", str(tmp_path / "lake"), "-q"])
+    if second == "missing":
+        assert result.exit_code != 0 and "no column 'emb'" in result.output and "b.parquet" in result.output
+        return
+    assert result.exit_code == 0, result.output
+    mu = np.stack(open_lake(str(tmp_path / "lake")).to_arrow()["mu"].to_numpy(zero_copy_only=False))
+    want = np.concatenate([a, b]) / np.linalg.norm(np.concatenate([a, b]), axis=1, keepdims=True)
+    np.testing.assert_allclose(mu, want, atol=1e-6)

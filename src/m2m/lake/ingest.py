@@ -15,6 +15,7 @@ files through ``pyarrow.OSFile`` one record batch at a time, so an input cut sho
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -94,14 +95,29 @@ class Source:
         """Total rows over all inputs (reads only headers and footers)."""
         if self.dataset_root is not None:
             return _dataset_reader(self).rows()
-        return sum(_file_reader(f, self).rows() for f in self.files)
+        pinned = self.pinned()
+        return sum(_file_reader(f, pinned).rows() for f in self.files)
 
     def chunks(self) -> Iterator[dict[str, Any]]:
         if self.dataset_root is not None:
             yield from _dataset_reader(self).chunks()
             return
+        pinned = self.pinned()
         for f in self.files:
-            yield from _file_reader(f, self).chunks()
+            yield from _file_reader(f, pinned).chunks()
+
+    def pinned(self) -> "Source":
+        """This source with the vector column that its first table file picks (no ``column`` given)
+        named for every file: a file without it is refused. Picked per file, a directory whose second
+        file listed another list column first ingested that column as its vectors (observed)."""
+        if self.column is not None or len(self.files) < 2:
+            return self
+        first = next((f for f in self.files if f.suffix != ".npy"), None)
+        if first is None:
+            return self
+        reader = _file_reader(first, self)
+        assert isinstance(reader, _ArrowReader)
+        return dataclasses.replace(self, column=reader.vec)
 
 
 def open_source(path: str | os.PathLike[str], column: str | None = None, label_column: str | None = None,
