@@ -28,7 +28,6 @@ which removes the files written so far (running tasks are cancelled first).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -43,7 +42,7 @@ from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.reader import Snapshot
-from m2m.ray import require_ray
+from m2m.ray import cancel_pending, require_ray
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,6 @@ Progress = Callable[[int], None] | None
 MEMBER_CHUNK = 4096
 
 #: Seconds the driver waits for cancelled tasks to stop before the commit removes their files.
-CANCEL_WAIT_S = 30.0
 
 #: Bytes of vectors one task handles at most (about): a shard range read by a route/finish task, or
 #: the rows (members and visitors) shuffled to one list-owner task. More data -> more tasks.
@@ -135,10 +133,7 @@ def _gather(ray: Any, refs: list[Any]) -> list[Any]:
     try:
         return ray.get(refs)
     except BaseException:
-        for ref in refs:
-            with contextlib.suppress(Exception):  # a finished task cannot be cancelled
-                ray.cancel(ref, force=True)
-        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+        cancel_pending(ray, refs)
         raise
 
 

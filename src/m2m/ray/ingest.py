@@ -22,7 +22,6 @@ manifest; ``lake.vacuum()`` removes it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -51,12 +50,11 @@ from m2m.lake.writer import (
     shard_rows,
     write_splats,
 )
-from m2m.ray import require_ray
+from m2m.ray import cancel_pending, require_ray
 
 logger = logging.getLogger(__name__)
 
 #: Seconds the driver waits for cancelled write tasks to stop before removing their files.
-CANCEL_WAIT_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,14 +160,6 @@ def _groups(pieces: list[tuple[_Piece, int]], target: int) -> list[list[_Piece]]
     return groups
 
 
-def _cancel(ray: Any, refs: list[Any]) -> None:
-    """Cancel the tasks still running and wait (at most CANCEL_WAIT_S) until none is."""
-    for ref in refs:
-        with contextlib.suppress(Exception):  # a finished task cannot be cancelled: nothing to do
-            ray.cancel(ref, force=True)
-    ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
-
-
 def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", label_column: str | None = None,
                metadata_columns: Any = ()) -> Any:
     """Append the rows of Ray Dataset ``ds`` to a lake as ONE new version; returns the Lake (open).
@@ -258,7 +248,7 @@ def _commit(ray: Any, lake: Any, pieces: list[tuple[_Piece, int]], rows: int, fi
         try:
             results = ray.get(refs)
         except BaseException:
-            _cancel(ray, refs)  # then Lake.commit removes every file the tasks wrote
+            cancel_pending(ray, refs)  # then Lake.commit removes every file the tasks wrote
             raise
         shards: list[ShardEntry] = []
         vocab = list(schema.label_vocabulary)
