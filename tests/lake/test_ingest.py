@@ -261,3 +261,27 @@ def test_a_directory_ingests_one_vector_column_for_all_its_files(tmp_path, secon
     mu = np.stack(open_lake(str(tmp_path / "lake")).to_arrow()["mu"].to_numpy(zero_copy_only=False))
     want = np.concatenate([a, b]) / np.linalg.norm(np.concatenate([a, b]), axis=1, keepdims=True)
     np.testing.assert_allclose(mu, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_shard_buffers_follow_the_rows_written_not_shard_bytes(tmp_path, storage):
+    # observed: a 3-row ingest with --shard-size 64GiB allocated shard buffers of 32 GiB (MemoryError and
+    # a traceback); buffers now start at the rows in sight and double up to a shard as it fills
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = CliRunner().invoke(cli, ["ingest", str(tmp_path / "x.npy"), "--lake", str(tmp_path / "big"), "-q",
+                                      "--shard-size", "64GiB", "--dtype", storage])
+    assert result.exit_code == 0, result.output
+    # many small chunks growing one shard, then shards of several sizes: the same rows as one batch
+    y = rng.normal(size=(5000, 8))
+    chunks = [y[i:i + 37] for i in range(0, len(y), 37)]
+    for shard_bytes in (1 << 16, 100_000, 1 << 36):
+        cfg = M2MConfig(path=tmp_path / f"lake-{shard_bytes}", latent_dim=8, shard_bytes=shard_bytes,
+                        storage_dtype=storage)
+        with create_m2m(cfg) as lake:
+            lake.add_splat_chunks(lambda: ({"vectors": c} for c in chunks))
+            got = np.stack(lake.to_arrow(original=True)["mu"].to_numpy(zero_copy_only=False))
+            tol = 1e-6 if storage == "float32" else 1e-3
+            np.testing.assert_allclose(got, y, rtol=tol, atol=tol)
+            assert len(lake) == 5000 and (shard_bytes > 1 << 30) == (len(lake.manifest.shards) == 1)

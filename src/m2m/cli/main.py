@@ -43,6 +43,10 @@ def user_errors(fn: F) -> F:
         except (M2MError, ValueError, OSError) as exc:
             click.echo(f"m2m: error: {exc}", err=True)
             sys.exit(1)
+        except MemoryError as exc:  # (numpy's names the allocation); the lake keeps its last version
+            click.echo(f"m2m: error: out of memory: {exc or 'an allocation failed'}; nothing was committed "
+                       "by this command (lower --chunk-size, --shard-size or the data asked for)", err=True)
+            sys.exit(1)
 
     # functools.wraps keeps fn's signature at runtime; mypy sees the wrapper's (*args, **kwargs)
     return wrapper  # type: ignore[return-value]

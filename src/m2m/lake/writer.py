@@ -187,7 +187,7 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
     shards: list[ShardEntry] = []
     next_id = first_id
     in_flight: deque[Future[ShardEntry]] = deque()
-    buffers = _Buffers(dim, dtype, WRITERS + 1)
+    buffers = _Buffers(dim, dtype, WRITERS + 1, step)
     current: _Filling | None = None
     schema_now = schema if callable(schema) else (lambda: schema)
     prev_id = None if stamp is None else stamp.prev_id
@@ -219,7 +219,7 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
                 lo = 0
                 while lo < chunk.rows:
                     if current is None:
-                        current = _Filling(*buffers.next(step))
+                        current = _Filling(buffers, *buffers.next(chunk.rows - lo))
                     hi = min(chunk.rows, lo + step - current.rows)
                     if text is not None:  # Arrow strings of one array stay under 2 GiB: cut the shard early
                         room = STRING_BYTES_PER_SHARD - current.text_bytes
@@ -250,38 +250,58 @@ def write_splats(fs: LakeFS, chunks: Iterable[SplatBatch], first_id: int, dim: i
 
 class _Buffers:
     """Rotating (float32, storage-dtype) shard buffers: writer threads read some while the caller
-    fills the next, and no shard pays for freshly faulted pages."""
+    fills the next, and no shard pays for freshly faulted pages. A buffer holds the rows written so
+    far, up to a shard: it starts at the rows in sight and doubles as a shard fills (sized from
+    ``shard_bytes`` alone, a 3-row ingest with ``shard_bytes`` of 64 GiB asked for 32 GiB and died
+    in a MemoryError); a big ingest grows each of its few buffers once and then reuses them."""
 
-    def __init__(self, dim: int, dtype: str, count: int) -> None:
-        self._dim, self._dtype, self._count = dim, np.dtype(dtype), count
+    def __init__(self, dim: int, dtype: str, count: int, step: int) -> None:
+        self._dim, self._dtype, self._count, self._step = dim, np.dtype(dtype), count, step
         self._sets: list[tuple[np.ndarray, np.ndarray]] = []
         self._turn = 0
 
-    def next(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        if len(self._sets) <= self._turn or self._sets[self._turn][0].shape[0] < rows:
-            f32 = np.empty((rows, self._dim), np.float32)
-            store = f32 if self._dtype == np.float32 else np.empty((rows, self._dim), self._dtype)
-            if len(self._sets) <= self._turn:
-                self._sets.append((f32, store))
-            else:
-                self._sets[self._turn] = (f32, store)
-        f32, store = self._sets[self._turn]
-        self._turn = (self._turn + 1) % self._count
-        return f32[:rows], store[:rows]
+    def _alloc(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        f32 = np.empty((rows, self._dim), np.float32)
+        return f32, f32 if self._dtype == np.float32 else np.empty((rows, self._dim), self._dtype)
+
+    def next(self, rows: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """The next buffer set (its turn, float32 and storage arrays), holding at least ``rows``."""
+        turn = self._turn
+        rows = min(max(rows, 1), self._step)
+        if len(self._sets) <= turn:
+            self._sets.append(self._alloc(rows))
+        elif self._sets[turn][0].shape[0] < rows:
+            self._sets[turn] = self._alloc(rows)
+        self._turn = (turn + 1) % self._count
+        f32, store = self._sets[turn]
+        return turn, f32, store
+
+    def grow(self, turn: int, rows: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
+        """Buffer set ``turn`` made to hold ``rows`` (doubling, at most a shard), its first ``keep``
+        rows copied."""
+        f32, store = self._sets[turn]
+        if f32.shape[0] >= rows:
+            return f32, store
+        new = self._alloc(min(max(rows, 2 * f32.shape[0]), self._step))
+        new[1][:keep] = store[:keep]  # (a float16 shard's float32 rows are scratch: only stored rows kept)
+        self._sets[turn] = new
+        return new
 
 
 class _Filling:
     """One shard being filled: normalised vectors go into its buffers piece by piece; the small
     columns of each piece are kept (without the vectors, so the input chunk can be freed)."""
 
-    def __init__(self, f32: np.ndarray, store: np.ndarray) -> None:
-        self.f32, self.store = f32, store
+    def __init__(self, buffers: _Buffers, turn: int, f32: np.ndarray, store: np.ndarray) -> None:
+        self.buffers, self.turn, self.f32, self.store = buffers, turn, f32, store
         self.rows = 0
         self.text_bytes = 0  # UTF-8 bytes of the string values added so far
         self.parts: list[SplatBatch] = []
 
     def add(self, piece: SplatBatch) -> None:
         lo, hi = self.rows, self.rows + piece.rows
+        if hi > self.store.shape[0]:
+            self.f32, self.store = self.buffers.grow(self.turn, hi, lo)
         target = self.store[lo:hi] if self.store.dtype == np.float32 else self.f32[lo:hi]
         if piece.norms is None:
             mu, norms = unit_rows(piece.vectors, out=target)
