@@ -385,9 +385,9 @@ def merge_groups(
     alpha64 = np.bincount(row_group, weights=alpha, minlength=g)
     heavy = alpha64 > np.finfo(np.float32).max  # observed: stored as alpha = +inf, which add_splats refuses
     if heavy.any():
-        j = int(np.argmax(heavy))
-        raise InvalidEmbeddingError(f"merging {int(size[j])} rows (row {int(representative[j])} and its near-duplicates) "
-                                    f"gives them an alpha of {alpha64[j]:.3g}, beyond float32 (3.4e38): nothing was "
+        h = int(np.argmax(heavy))
+        raise InvalidEmbeddingError(f"merging {int(size[h])} rows (row {int(representative[h])} and its near-duplicates) "
+                                    f"gives them an alpha of {alpha64[h]:.3g}, beyond float32 (3.4e38): nothing was "
                                     "merged; rescale alpha (only its ratios matter to weights and mixtures)")
 
     out_mu = rows_f32(mu, representative) if g else np.zeros((0, d), np.float32)

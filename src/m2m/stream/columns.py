@@ -92,8 +92,7 @@ def _sample(source: RowSource, name: str) -> np.ndarray:
     reading shard 0's column to learn its dtype read a whole shard per column when the loader was
     made (the ``mu`` of a 131k x 640 shard is 335 MB). Other columns come from the source.
     """
-    described = getattr(source, "column_sample", None)  # from the lake's manifest: no shard read
-    sample = described(name) if described is not None else None
+    sample = source.column_sample(name)  # a lake's from its manifest: no shard read
     if sample is not None:
         return sample
     files = file_backed(source)

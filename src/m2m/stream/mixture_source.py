@@ -77,6 +77,9 @@ class MixtureSource:
             return np.full(int(self._offsets[shard + 1] - self._offsets[shard]), j, dtype=np.int64)
         return self.parts[j].column(local, name)
 
+    def column_sample(self, name: str) -> np.ndarray | None:
+        return np.zeros(0, dtype=np.int64) if name == SOURCE else self.parts[0].column_sample(name)
+
     def open_reader(self, names: Sequence[str]) -> "MixedReader":
         """The reader the stream's stages use for ``names`` (see `m2m.stream.pipeline.Resources.reader`)."""
         return MixedReader(self, names)

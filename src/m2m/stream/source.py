@@ -42,6 +42,11 @@ class RowSource(Protocol):
 
     def column(self, shard: int, name: str) -> np.ndarray: ...
 
+    def column_sample(self, name: str) -> np.ndarray | None:
+        """An empty array with the dtype and trailing shape ``column(s, name)`` gives, when the source
+        knows it without reading a shard (a lake: from its manifest); None: the stream reads one."""
+        ...
+
 
 @runtime_checkable
 class FileBackedSource(RowSource, Protocol):
@@ -145,3 +150,7 @@ class ArraySource:
     def column(self, shard: int, name: str) -> np.ndarray:
         lo, hi = self._offsets[shard], self._offsets[shard + 1]
         return self._columns[name][lo:hi]
+
+    def column_sample(self, name: str) -> np.ndarray | None:
+        col = self._columns.get(name)
+        return None if col is None else col[:0]
