@@ -198,3 +198,30 @@ def test_a_position_beyond_int64_is_a_position_error_naming_it(tmp_path, kind) -
         lake.add_splats(np.eye(4, dtype=np.float32))
         with pytest.raises(PositionError, match=f"position {want} is out of range"):
             lake[key]
+
+
+@pytest.mark.parametrize("where", ["estimate_kappa", "intra_op_threads", "cli"])
+def test_absurd_thread_counts_are_refused_in_one_line(tmp_path, where) -> None:
+    # observed: `m2m kappa --threads 20000` failed to create OpenMP threads, 100000 segfaulted (rc 139)
+    import os
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from m2m import M2MConfig, StreamOptions, create_m2m
+    from m2m.cli.main import cli
+    from m2m.errors import ConfigError
+
+    most = max(8, 4 * (os.cpu_count() or 1))
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=8)) as lake:
+        lake.add_splats(np.random.default_rng(0).standard_normal((50, 8)))
+        if where == "estimate_kappa":
+            with pytest.raises(ConfigError, match=f"threads must be an int from 1 to {most} .*got 100000"):
+                lake.estimate_kappa(threads=100000)
+            lake.estimate_kappa(threads=most)  # the bound itself is accepted
+        elif where == "intra_op_threads":
+            with pytest.raises(ConfigError, match=f"intra_op_threads must be an int from 1 to {most}"):
+                StreamOptions(intra_op_threads=most + 1)
+        else:
+            result = CliRunner().invoke(cli, ["kappa", str(tmp_path / "lake"), "--threads", "20000"])
+            assert result.exit_code == 1 and result.output.strip().startswith("m2m: error: threads must be")

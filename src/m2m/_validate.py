@@ -20,6 +20,20 @@ def check_int(value: Any, name: str, low: int = 1) -> int:
     return int(value)
 
 
+def check_threads(value: Any, name: str = "threads") -> int:
+    """A thread count: an int from 1 to 4 x this machine's cores (at least 8). More is never faster,
+    and far more kills the process (observed: ``--threads 20000`` failed to create OpenMP threads,
+    100000 segfaulted, with no m2m error)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    most = max(8, 4 * cores)
+    n = check_int(value, name)
+    if n > most:
+        raise ConfigError(f"{name} must be an int from 1 to {most} (4 x this machine's {cores} cores), got {value!r}")
+    return n
+
+
 def integer_problem(arr: np.ndarray) -> str | None:
     """None when ``arr`` can be ids or positions (an integer dtype, or empty float: ``np.array([])``);
     else ``"dtype D (first: v)"`` for the refusal (a float id would be truncated onto another row)."""

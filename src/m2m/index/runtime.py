@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from m2m._validate import check_int
+from m2m._validate import check_threads
 from m2m.errors import ConfigError, MissingDependencyError
 
 #: FAISS/torch threads used when a caller passes ``threads=None``: one, because on a shared,
@@ -53,7 +53,7 @@ def compute_threads(threads: int | None) -> Iterator[Any]:
     import torch
 
     faiss = require_faiss()
-    n = check_int(DEFAULT_THREADS if threads is None else threads, "threads")
+    n = check_threads(DEFAULT_THREADS if threads is None else threads)
     old_faiss = faiss.omp_get_max_threads()
     old_blas = faiss.cvar.distance_compute_blas_threshold
     old_torch = torch.get_num_threads()

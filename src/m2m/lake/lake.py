@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from m2m._validate import SplatBatch, check_int, validate_splats
+from m2m._validate import SplatBatch, check_int, check_threads, validate_splats
 from m2m.config import M2MConfig
 from m2m.errors import (
     AlreadyExistsError,
@@ -526,7 +526,7 @@ class Lake:
         if len(self) == 0:
             return np.zeros(0, dtype=np.float32)
         cfg = self.config
-        n_threads = usable_cores() if threads is None else check_int(threads, "threads")
+        n_threads = usable_cores() if threads is None else check_threads(threads)
         if engine == "ray":
             ray_estimate = implementation("ray.estimate")
             self.commit("estimate_kappa", lambda base: ray_estimate(self._open(base), cfg.knn_k, cfg.seed, progress))

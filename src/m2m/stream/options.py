@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from m2m._validate import check_int
+from m2m._validate import check_int, check_threads
 from m2m.errors import ConfigError
 
 SHUFFLE_MODES = ("auto", "full", "block")
@@ -113,10 +113,12 @@ class StreamOptions:
         put(self, "epoch", check_int(self.epoch, "epoch", 0))
         put(self, "num_workers", check_int(self.num_workers, "num_workers", 0))
         for name, low in (("warm_bytes", 0), ("hot_bytes", 0), ("prefetch", 0), ("block_rows", 1),
-                          ("chunk_batches", 1), ("intra_op_threads", 1), ("rank", 0), ("world_size", 1)):
+                          ("chunk_batches", 1), ("rank", 0), ("world_size", 1)):
             value = getattr(self, name)
             if value is not None:
                 put(self, name, check_int(value, name, low))
+        if self.intra_op_threads is not None:
+            put(self, "intra_op_threads", check_threads(self.intra_op_threads, "intra_op_threads"))
         for name in ("shuffle", "drop_last", "huge_pages", "background_fill", "persistent_workers", "pin_memory"):
             if not isinstance(getattr(self, name), (bool, int)):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
