@@ -180,3 +180,26 @@ def test_export_into_the_lakes_own_folders_is_refused(tmp_path, data, where):
     assert r.exit_code != 0 and "inside the lake's own" in r.output, r.output
     assert sorted(p.name for p in (tmp_path / "lake").rglob("*")) == before
     assert run("verify", tmp_path / "lake", "-q").exit_code == 0
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "symlinked"])
+def test_ingest_refuses_a_lake_inside_its_source_folder(tmp_path, where):
+    # observed: the second `m2m ingest SRC --lake SRC/lake` read the lake's own shards as a partitioned
+    # dataset and blamed them ("a partitioned directory must hold one table format")
+    src = tmp_path / "src"
+    src.mkdir()
+    np.save(src / "x.npy", np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32))
+    lake = {"inside": src / "lake", "same": src, "symlinked": tmp_path / "link" / "lake"}[where]
+    if where == "symlinked":
+        (tmp_path / "link").symlink_to(src)
+    result = CliRunner().invoke(cli, ["ingest", str(src), "--lake", str(lake), "-q"])
+    assert result.exit_code == 1 and "is inside SRC" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in src.iterdir()) == ["x.npy"]  # nothing written
+
+
+def test_ingest_refuses_one_column_as_vectors_and_labels(tmp_path):
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(40, np.float32)), 4)
+    pq.write_table(pa.table({"vec": vec}), tmp_path / "a.parquet")
+    result = CliRunner().invoke(cli, ["ingest", str(tmp_path / "a.parquet"), "--lake", str(tmp_path / "lake"),
+                                      "--column", "vec", "--label-column", "vec", "-q"])
+    assert result.exit_code == 1 and "cannot be both the vectors and the labels" in result.output

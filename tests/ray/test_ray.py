@@ -487,3 +487,14 @@ def test_refused_jobs_never_abort_the_driver(tmp_path):
                          timeout=400, env=dict(os.environ))
     assert out.returncode == 0 and out.stdout.count("refused") == 10 and "survived" in out.stdout, \
         (out.returncode, out.stdout[-500:], out.stderr[-1500:])
+
+
+@pytest.mark.slow
+def test_write_lake_names_vectors_that_are_not_one_per_row(cluster, tmp_path):
+    # observed: a 3-D tensor column into a new path said "no m2m lake at ..." (no width to create it with)
+    ds = cluster.data.from_numpy(np.random.default_rng(0).normal(size=(10, 2, 4)).astype(np.float32))
+    import m2m.ray
+
+    with pytest.raises(InvalidEmbeddingError, match=r"column 'data' holds values of shape \(2, 4\) per row"):
+        m2m.ray.write_lake(ds, str(tmp_path / "new_lake"), vector_column="data")
+    assert not (tmp_path / "new_lake").exists()

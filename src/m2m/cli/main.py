@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import sys
 from typing import Any, Callable, TypeVar
@@ -119,9 +120,13 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
     import time
 
     from m2m import M2MConfig, create_m2m
-    from m2m.errors import InvalidEmbeddingError
+    from m2m.errors import ConfigError, InvalidEmbeddingError
     from m2m.lake.ingest import naming_write_errors, open_source
 
+    inside = _lake_inside(src, lake_dir)
+    if inside:  # (the second ingest read the lake's own shards as a partitioned dataset, then blamed them)
+        raise ConfigError(f"the lake {lake_dir} is inside SRC {src}: an ingest would read the lake's own "
+                                    "files as input; put the lake outside SRC")
     source = open_source(src, column=column, label_column=label_column, meta_columns=meta_columns,
                          all_columns=all_columns, chunk_bytes=parse_size(chunk_size))
     total = source.rows()
@@ -140,6 +145,14 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
             with Bar(len(lake), "kappa", quiet=quiet) as bar:
                 lake.estimate_kappa(progress=bar)
             click.echo(f"estimated kappa (version {lake.version})")
+
+
+def _lake_inside(src: str, lake_dir: str) -> bool:
+    """Whether the local folder ``lake_dir`` is ``src`` or lies inside the directory ``src``."""
+    if "://" in lake_dir or not os.path.isdir(src):
+        return False
+    here, lake = os.path.realpath(src), os.path.realpath(lake_dir)
+    return lake == here or lake.startswith(here.rstrip(os.sep) + os.sep)
 
 
 @cli.command(name="export")

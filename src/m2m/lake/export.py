@@ -56,7 +56,7 @@ def _pick_columns(manifest: Manifest, columns: Sequence[str] | None) -> list[str
     if unknown:
         raise ConfigError(f"columns {unknown} are not in lake version {manifest.version}; columns: {available}")
     if not picked:
-        raise ConfigError("columns is empty; pass None for every column")
+        raise ConfigError("columns is empty: name at least one column (or give none for every column)")
     return picked
 
 

@@ -52,6 +52,8 @@ class Columns:
     def resolve(self, schema: pa.Schema, where: Any) -> tuple[str, str | None, list[str]]:
         """(vector column, label column, metadata columns) of ``schema``; errors name ``where``."""
         vec = _pick_vector_column(schema, self.column, where)
+        if self.label_column == vec:
+            raise InvalidEmbeddingError(f"{where}: column {vec!r} cannot be both the vectors and the labels")
         if self.label_column is not None and self.label_column not in schema.names:
             raise InvalidEmbeddingError(f"{where}: no label column {self.label_column!r}; columns: {schema.names}")
         missing = [m for m in self.meta_columns if m not in schema.names]

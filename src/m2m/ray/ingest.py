@@ -205,7 +205,10 @@ def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", l
     first = {"vectors": np.asarray(first["vectors"])[head.start:head.start + 1],
              "labels": None if first["labels"] is None else first["labels"][head.start:head.start + 1],
              "metadata": {k: v[head.start:head.start + 1] for k, v in first["metadata"].items()}}
-    dim_hint = int(first["vectors"].shape[1]) if first["vectors"].ndim == 2 else None
+    if first["vectors"].ndim != 2:  # (a new lake was then "not found": no width to create it with)
+        raise InvalidEmbeddingError(f"column {vector_column!r} holds values of shape {first['vectors'].shape[1:]} "
+                                    "per row; write_lake needs one vector per row")
+    dim_hint = int(first["vectors"].shape[1])
     lake = _open_target(path_or_config, dim_hint)
     try:
         _commit(ray, lake, pieces, rows, first, vector_column, label_column, meta_cols)
