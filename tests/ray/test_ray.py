@@ -498,3 +498,31 @@ def test_write_lake_names_vectors_that_are_not_one_per_row(cluster, tmp_path):
     with pytest.raises(InvalidEmbeddingError, match=r"column 'data' holds values of shape \(2, 4\) per row"):
         m2m.ray.write_lake(ds, str(tmp_path / "new_lake"), vector_column="data")
     assert not (tmp_path / "new_lake").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_write_lake_types_a_column_from_every_block_not_the_first_row(cluster, tmp_path, blocks):
+    # observed: the schema was planned from the first row: ints in the first block and floats in a later
+    # one were stored with 1 block and refused ("has type double, the lake's column is int64") with 2
+    import m2m.ray
+
+    rng = np.random.default_rng(0)
+    items = [{"embedding": rng.normal(size=4).astype(np.float32), "m": (i if i < 10 else i + 0.5), "n": i % 7}
+             for i in range(20)]
+    ds = cluster.data.from_items(items).repartition(blocks)
+    with m2m.ray.write_lake(ds, str(tmp_path / "lake"), metadata_columns=["m", "n"]) as lake:
+        table = lake.to_arrow()
+        assert table["m"].to_pylist() == [float(i) if i < 10 else i + 0.5 for i in range(20)]
+        assert str(table["m"].type) == "double" and str(table["n"].type) == "int64"
+        assert table["n"].to_pylist() == [i % 7 for i in range(20)]
+
+
+def test_promoted_dtype_keeps_kinds_apart_and_never_widens_ints_to_float():
+    from m2m.ray.ingest import promoted_dtype
+
+    i8, i64, u64, f32, f64 = (np.dtype(t) for t in ("int8", "int64", "uint64", "float32", "float64"))
+    assert promoted_dtype([i8, i64]) == i64 and promoted_dtype([i64, f32]) == f64 and promoted_dtype([f32]) == f32
+    assert promoted_dtype([i64, u64]) is None                      # numpy would give float64: lossy
+    assert promoted_dtype([np.dtype("M8[D]"), np.dtype("M8[s]")]) == np.dtype("M8[s]")
+    assert promoted_dtype([np.dtype(bool), i64]) is None and promoted_dtype([np.dtype(object), i64]) is None

@@ -106,6 +106,50 @@ def _write_pieces(fs: LakeFS, pieces: list[_Piece], first_id: int, dim: int, dty
     return {"shards": shards, "rows": rows, "vocabulary": planned.label_vocabulary, "summary": summary}
 
 
+def _column_dtypes(piece: _Piece, names: list[str]) -> list[str]:
+    """Ray task: the numpy dtype (``dtype.str``) of each of ``names`` in one piece of a block."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    block = BlockAccessor.for_block(ray.get(piece.ref)).slice(piece.start, piece.stop, copy=False)
+    wanted: list[str | None] = list(names)
+    batch = BlockAccessor.for_block(BlockAccessor.for_block(block).select(wanted)).to_batch_format("numpy")
+    return [np.asarray(batch[n]).dtype.str for n in names]
+
+
+def promoted_dtype(dtypes: Sequence[np.dtype]) -> np.dtype | None:
+    """The one dtype that holds every block's values of a column as `Lake.add_splats` would type them
+    all at once (numbers: numpy's promotion, ints with floats -> float; times: the finest unit), or
+    None when the blocks differ in kind (the write tasks then refuse the mismatch, naming it) or only
+    a float could hold them all (int64 with uint64)."""
+    kinds = {d.kind for d in dtypes}
+    if len(set(dtypes)) == 1:
+        return dtypes[0]
+    if not (kinds <= set("iuf") or kinds == {"M"} or kinds == {"m"}):
+        return None
+    out = np.result_type(*dtypes)
+    return None if out.kind == "f" and kinds <= set("iu") else out
+
+
+def _unified_metadata(ray: Any, pieces: list[tuple[_Piece, int]], first: dict[str, Any], names: list[str]) -> None:
+    """Type the first row's metadata (which plans a new lake's schema) as all the blocks' values would
+    be typed together. Planned from the first row alone, a column of ints in the first block and
+    floats in a later one was refused, or not, depending on how Ray had cut the dataset (observed)."""
+    if not names or len(pieces) < 2:
+        return
+    task = ray.remote(num_cpus=1, max_retries=0)(_column_dtypes)
+    refs = [task.remote(p, names) for p, _ in pieces]
+    try:
+        found = ray.get(refs)
+    except BaseException:
+        cancel_pending(ray, refs)
+        raise
+    for i, name in enumerate(names):
+        dtype = promoted_dtype([np.dtype(d[i]) for d in found])
+        if dtype is not None and dtype != first["metadata"][name].dtype:
+            first["metadata"][name] = first["metadata"][name].astype(dtype)
+
+
 def _open_target(path_or_config: Any, dim_hint: int | None) -> Any:
     """The Lake to append to: an M2MConfig is created/opened as `create_m2m` does; a path is opened,
     or created with the dataset's vector width when there is no lake there yet."""
@@ -209,6 +253,7 @@ def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", l
         raise InvalidEmbeddingError(f"column {vector_column!r} holds values of shape {first['vectors'].shape[1:]} "
                                     "per row; write_lake needs one vector per row")
     dim_hint = int(first["vectors"].shape[1])
+    _unified_metadata(ray, pieces, first, meta_cols)
     lake = _open_target(path_or_config, dim_hint)
     try:
         _commit(ray, lake, pieces, rows, first, vector_column, label_column, meta_cols)
