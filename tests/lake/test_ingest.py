@@ -285,3 +285,24 @@ def test_shard_buffers_follow_the_rows_written_not_shard_bytes(tmp_path, storage
             tol = 1e-6 if storage == "float32" else 1e-3
             np.testing.assert_allclose(got, y, rtol=tol, atol=tol)
             assert len(lake) == 5000 and (shard_bytes > 1 << 30) == (len(lake.manifest.shards) == 1)
+
+
+@pytest.mark.parametrize("role", ["labels", "metadata", "cli"])
+def test_a_polars_categorical_column_is_ingested_as_strings(tmp_path, role):
+    # observed: Polars sends Categorical as dictionary<uint32, string_view>; decoding it raised pyarrow's
+    # ArrowNotImplementedError ("array_take has no kernel ... string_view") at the user, a traceback in the CLI
+    pl = pytest.importorskip("polars")
+    words = ["cat", "dog", "cat", "cow", "dog", "cat"]
+    df = pl.DataFrame({"v": np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32),
+                       "cls": words}).with_columns(pl.col("cls").cast(pl.Categorical))
+    path = tmp_path / "lake"
+    if role == "cli":
+        df.write_ipc(tmp_path / "cat.arrow")
+        result = CliRunner().invoke(cli, ["ingest", str(tmp_path / "cat.arrow"), "--lake", str(path),
+                                          "--label-column", "cls", "-q"])
+        assert result.exit_code == 0, result.output
+        assert open_lake(str(path)).to_arrow()["label"].to_pylist() == words
+        return
+    with create_m2m(M2MConfig(path=path, latent_dim=4)) as lake:
+        lake.add_splats(df, **({"labels": "cls"} if role == "labels" else {"metadata": ["cls"]}))
+        assert lake.to_arrow()["label" if role == "labels" else "cls"].to_pylist() == words

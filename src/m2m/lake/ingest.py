@@ -331,7 +331,12 @@ class _ArrowReader(_Reader):
 def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    if pa.types.is_dictionary(arr.type):  # e.g. partition keys of a dataset
+    if pa.types.is_dictionary(arr.type):  # e.g. partition keys of a dataset, a Polars Categorical
+        values = arr.type.value_type
+        if pa.types.is_large_string(values) or pa.types.is_string_view(values):
+            # Polars sends dictionary<uint32, string_view>: Arrow has no take kernel for string_view
+            # (decoding it first raised ArrowNotImplementedError at the user), so cast the dictionary first
+            arr = arr.cast(pa.dictionary(arr.type.index_type, pa.string()))
         arr = arr.dictionary_decode()
     if pa.types.is_large_string(arr.type) or pa.types.is_string_view(arr.type):  # e.g. from Polars
         arr = arr.cast(pa.string())
