@@ -80,3 +80,38 @@ def test_failed_segmented_append_leaves_no_objects_behind(s3_server, s3_lake_url
             type(lake._fs).create_exclusive = real  # type: ignore[method-assign]
         assert (set(lake._fs.listdir("_data")), set(lake._fs.listdir(mf.SEGMENT_DIR))) == before
         assert lake.refresh() == 3 and len(lake) == 15
+
+
+@pytest.mark.parametrize("operation", ["append", "compact", "estimate_kappa"])
+def test_a_vacuum_min_age_0_in_the_commit_window_publishes_nothing_missing(s3_server, s3_lake_url,
+                                                                           operation) -> None:
+    # observed: a vacuum(keep=1, min_age_s=0) by another handle between a commit's writes and its version
+    # put removed the commit's new files (an append's shard, a compaction's segment); the commit still
+    # published, and the head was unreadable ("segment ... is missing", "no such object")
+    from m2m.errors import CommitConflictError
+
+    opts = s3_server.storage_options
+    with create_m2m(M2MConfig(path=s3_lake_url, latent_dim=8, storage_options=opts, knn_k=3)) as lake:
+        for i in range(5):
+            lake.add_splats(_rows(6, i))
+        assert lake.manifest.format_version == 3
+        before = (lake.version, lake.splats()["id"].tolist())
+        other = open_lake(s3_lake_url, storage_options=opts)
+        real, fired = mf.Manifest.to_json, []
+
+        def to_json(self, *args, **kwargs):  # runs inside write_manifest: after the writes, before the put
+            if not fired:
+                fired.append(other.vacuum(keep=1, min_age_s=0))
+            return real(self, *args, **kwargs)
+
+        mf.Manifest.to_json = to_json  # type: ignore[method-assign]
+        try:
+            with pytest.raises(CommitConflictError, match="was removed before the commit .*nothing was published"):
+                {"append": lambda: lake.add_splats(_rows(3, 9)), "compact": lake.compact,
+                 "estimate_kappa": lake.estimate_kappa}[operation]()
+        finally:
+            mf.Manifest.to_json = real  # type: ignore[method-assign]
+        assert fired and fired[0]["files_removed"] >= 1
+        other.close()
+    with open_lake(s3_lake_url, storage_options=opts) as lake:  # the head as it was, every row readable
+        assert (lake.version, lake.splats()["id"].tolist()) == before and lake.verify() == []

@@ -35,9 +35,16 @@ from typing import Any
 
 import numpy as np
 
-from m2m.errors import CommitConflictError, InternalError, ObjectStoreError
+from m2m.errors import CommitConflictError, CorruptShardError, InternalError, ObjectStoreError
 from m2m.lake import summary as lake_stats
-from m2m.lake.manifest import Manifest, ShardEntry, load_all, read_manifest, write_manifest
+from m2m.lake.manifest import (
+    Manifest,
+    ShardEntry,
+    added_shards,
+    load_all,
+    read_manifest,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +100,14 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
             new = build(base)
             if new.version != base.version + 1:
                 raise InternalError(f"commit {operation!r} built version {new.version} on {base.version}")
+            fresh = _fresh_files(fs, base, new)
             try:
                 putting = True
-                new = write_manifest(fs, new)
+                new = write_manifest(fs, new, must_exist=fresh)
                 published = True
-            except CommitConflictError:
-                pass
+            except CommitConflictError as exc:
+                if getattr(exc, "final", False):  # this commit's own file is gone: no rebase helps
+                    raise
         except BaseException as exc:
             unknown = putting and isinstance(exc, ObjectStoreError)
             if unknown:  # callers keep their files too (`outcome_unknown`)
@@ -113,6 +122,12 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
         if published:
             if not getattr(fs, "atomic_create", False):
                 _check_not_overwritten(fs, new)
+            written = set(fs.written_since(mark))
+            made = [g.path for g in new.segments or () if g.path in written]
+            _check_present(fs, fresh + made, f"version {new.version} of {fs.url} was published, but its file {{}} "
+                           "was removed meanwhile (by a vacuum with min_age_s=0?): reading that version fails; "
+                           f"`m2m repair {fs.url}` sets it aside")
+            fs.published_mark = fs.mark()
             if attempt:
                 logger.info("%s committed as version %d after %d rebase(s)", operation, new.version, attempt)
             return new
@@ -123,6 +138,22 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
                 f"{operation} on {fs.url}: other writers committed first {attempt} time(s) "
                 f"in {elapsed:.1f} s; gave up (nothing of this commit was published)")
         time.sleep(_backoff(attempt))
+
+
+def _fresh_files(fs: Any, base: Manifest, new: Manifest) -> list[str]:
+    """The files ``new`` adds to ``base`` that this handle wrote since its last published commit (the
+    shard files, sidecars and merged shards of this operation): one existence check each, as many as
+    the puts that wrote them."""
+    mine = set(fs.written_since(getattr(fs, "published_mark", 0)))
+    return [f.path for s in added_shards(base, new) for f in s.files if f.path in mine]
+
+
+def _check_present(fs: Any, rels: list[str], message: str) -> None:
+    """`CorruptShardError` (``message.format(rel)``) for the first of ``rels`` the store no longer has
+    after the version was published (`write_manifest`'s ``must_exist`` checked them just before)."""
+    for rel in rels:
+        if not fs.exists(rel):
+            raise CorruptShardError(message.format(rel))
 
 
 def _check_not_overwritten(fs: Any, new: Manifest) -> None:

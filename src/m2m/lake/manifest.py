@@ -1269,7 +1269,7 @@ def _geometry_rows(entries: Sequence[ShardEntry]) -> int:
     return sum(e.rows for e in entries if any(NEIGHBORS in f.columns for f in e.files))
 
 
-def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
+def write_manifest(fs: LakeFS, manifest: Manifest, must_exist: Sequence[str] = ()) -> Manifest:
     """Publish ``manifest`` (the commit point) with a create-if-absent write: never replaces a version.
 
     Format 3 (`segments_wanted`): the new segment files are written first, each under a fresh random
@@ -1279,6 +1279,12 @@ def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
     has its segment loaded and is published with them, so later opens check the totals from the
     references alone. `CommitConflictError` when another writer published this version first
     (`m2m.lake.commit` rebases).
+
+    On an object store ``must_exist`` (the files this commit wrote) and the new segments are checked
+    right before the version put: no lock keeps a vacuum with ``min_age_s=0`` from removing a running
+    commit's files (observed: a compaction and an append each published a version whose files were
+    gone); a missing one is `CommitConflictError`, nothing published (a retry writes the segments
+    again; a missing shard file has ``final`` set: no retry brings it back).
     """
     rel = manifest_name(manifest.version)
     key = key_of(fs)
@@ -1313,6 +1319,15 @@ def write_manifest(fs: LakeFS, manifest: Manifest) -> Manifest:
     for i in new_at:
         assert published.segments is not None
         published.segments[i].entries  # noqa: B018  (loads from the memo: every check of the new segment)
+    if not fs.is_local:
+        written = [] if published.segments is None else [published.segments[i].path for i in new_at]
+        for path in [*must_exist, *written]:
+            if not fs.exists(path):
+                gone = CommitConflictError(f"version {manifest.version} of {fs.url}: its new file {path} was removed "
+                                           "before the commit (by a vacuum with min_age_s=0 while it ran?); nothing "
+                                           "was published")
+                gone.final = path in must_exist  # type: ignore[attr-defined]  # a retry cannot bring it back
+                raise gone
     if not fs.create_exclusive(rel, data):
         what = stray_entry(fs, rel) if fs.is_local else None
         if what is not None and what != "gone":  # not a version: no writer will ever get past it
