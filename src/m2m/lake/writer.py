@@ -257,8 +257,8 @@ class _Buffers:
     gets its whole buffer at once (untouched pages cost nothing); a bigger one starts at the rows in
     sight and doubles as it fills: sized from ``shard_bytes`` alone, a 3-row ingest with
     ``shard_bytes`` of 64 GiB asked for 32 GiB and died in a MemoryError. Growing every buffer
-    instead cost the 1 GB Parquet ingest 52 MiB of peak RSS (607 vs 555 MiB: the old and new
-    buffer both live while a shard of 128 MiB is copied)."""
+    instead cost the 1 GB Parquet ingest 40 MiB of peak RSS (607 vs 565-567 MiB, same machine: the
+    old and new buffer both live while a shard of 128 MiB is copied; docs/tuning.md)."""
 
     def __init__(self, dim: int, dtype: str, count: int, step: int) -> None:
         self._dim, self._dtype, self._count, self._step = dim, np.dtype(dtype), count, step
