@@ -203,3 +203,63 @@ def test_ingest_refuses_one_column_as_vectors_and_labels(tmp_path):
     result = CliRunner().invoke(cli, ["ingest", str(tmp_path / "a.parquet"), "--lake", str(tmp_path / "lake"),
                                       "--column", "vec", "--label-column", "vec", "-q"])
     assert result.exit_code == 1 and "cannot be both the vectors and the labels" in result.output
+
+
+def _npy(path, rows=20, dim=8, nan_row=None):
+    x = np.random.default_rng(0).normal(size=(rows, dim)).astype(np.float32)
+    if nan_row is not None:
+        x[nan_row] = np.nan
+    np.save(path, x)
+    return path
+
+
+@pytest.mark.parametrize("target", ["file-url-manifests", "segments-file", "ids-file", "empty"])
+def test_export_refuses_targets_inside_the_lake_or_naming_no_file(tmp_path, target):
+    # observed: a file:// lake URL skipped the check (an export into _manifests made the lake unreadable);
+    # a file named _segments at the lake's top was written (every later format-3 commit failed: File
+    # exists); OUT "" was written beside the current folder, then failed with a raw error
+    lake = tmp_path / "lake"
+    assert CliRunner().invoke(cli, ["ingest", str(_npy(tmp_path / "x.npy")), "--lake", str(lake), "-q"]).exit_code == 0
+    before = sorted(p.name for p in lake.rglob("*"))
+    lake_arg, out = {"file-url-manifests": (f"file://{lake}", str(lake / "_manifests" / "v0000000009.json")),
+                     "segments-file": (str(lake), str(lake / "_segments")),
+                     "ids-file": (str(lake), str(lake / "_ids")), "empty": (str(lake), "")}[target]
+    result = CliRunner().invoke(cli, ["export", lake_arg, out, "--format", "arrow"])
+    assert result.exit_code == 1 and ("is inside the lake's own" in result.output or "names no file" in result.output)
+    assert sorted(p.name for p in lake.rglob("*")) == before and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_ingest_keeps_an_existing_lakes_dtype_and_a_failed_first_ingest_leaves_no_lake(tmp_path):
+    # observed: appending to a float16 lake without --dtype was refused (the float32 default asked for
+    # another dtype); a first ingest that failed left an empty lake that refused the fixed retry
+    # ("lake has latent_dim 8, the config asks for 16")
+    run = CliRunner().invoke
+    lake = tmp_path / "lake"
+    assert run(cli, ["ingest", str(_npy(tmp_path / "a.npy")), "--lake", str(lake), "--dtype", "float16", "-q"]).exit_code == 0
+    result = run(cli, ["ingest", str(_npy(tmp_path / "b.npy")), "--lake", str(lake), "-q"])
+    assert result.exit_code == 0, result.output
+    assert open_lake(str(lake)).manifest.dtype == "float16" and len(open_lake(str(lake))) == 40
+    new = tmp_path / "new"
+    result = run(cli, ["ingest", str(_npy(tmp_path / "bad.npy", dim=8, nan_row=5)), "--lake", str(new), "-q"])
+    assert result.exit_code == 1 and "NaN" in result.output and not new.exists()
+    result = run(cli, ["ingest", str(_npy(tmp_path / "good.npy", dim=16)), "--lake", str(new), "-q"])
+    assert result.exit_code == 0 and open_lake(str(new)).dim == 16
+    existing = tmp_path / "existing"
+    existing.mkdir()  # a folder the user made: kept (only a folder this command created goes)
+    run(cli, ["ingest", str(tmp_path / "bad.npy"), "--lake", str(existing), "-q"])
+    assert existing.exists()
+
+
+def test_repair_dry_run_takes_no_lock(tmp_path, monkeypatch):
+    # observed: `m2m repair --dry-run` ("report only") took the write lock and failed on a read-only lake
+    lake = tmp_path / "lake"
+    assert CliRunner().invoke(cli, ["ingest", str(_npy(tmp_path / "x.npy")), "--lake", str(lake), "-q"]).exit_code == 0
+    import m2m.lake.lake as lake_module
+
+    def no_lock(fs, *args, **kwargs):
+        raise PermissionError(30, "Read-only file system", str(lake / "_lock"))
+
+    monkeypatch.setattr(lake_module, "write_lock", no_lock)
+    result = CliRunner().invoke(cli, ["repair", str(lake), "--dry-run"])
+    assert result.exit_code == 0 and "head is version 1" in result.output
+    assert CliRunner().invoke(cli, ["repair", str(lake)]).exit_code == 1  # a real repair still locks

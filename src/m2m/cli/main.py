@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -103,8 +104,8 @@ def cli(verbose: int) -> None:
 @click.option("--meta-column", "meta_columns", multiple=True,
               help="Keep this input column as metadata (repeatable; partition keys of a hive directory too).")
 @click.option("--all-columns", is_flag=True, help="Keep every input column other than the vectors/labels.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Storage dtype of a new lake.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="Storage dtype of a new lake (default float32; an existing lake keeps its own).")
 @click.option("--shard-size", default="128MiB", show_default=True, help="Target shard file size.")
 @click.option("--chunk-size", default="4MiB", show_default=True,
               help="Input read per step (bounds memory with the shard size).")
@@ -126,7 +127,11 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
     inside = _lake_inside(src, lake_dir)
     if inside:  # (the second ingest read the lake's own shards as a partitioned dataset, then blamed them)
         raise ConfigError(f"the lake {lake_dir} is inside SRC {src}: an ingest would read the lake's own "
-                                    "files as input; put the lake outside SRC")
+                          "files as input; put the lake outside SRC")
+    local = _local_path(lake_dir)
+    new_folder = local is not None and not os.path.lexists(local)
+    if dtype is None:  # (an existing float16 lake was refused: the float32 default asked for another dtype)
+        dtype = _existing_dtype(lake_dir, storage_options) or "float32"
     source = open_source(src, column=column, label_column=label_column, meta_columns=meta_columns,
                          all_columns=all_columns, chunk_bytes=parse_size(chunk_size))
     total = source.rows()
@@ -136,8 +141,14 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
                     storage_options=storage_options)
     t0 = time.perf_counter()
     with create_m2m(cfg) as lake:
-        with Bar(total, "ingest", quiet=quiet) as bar, naming_write_errors(lake.path):
-            ids = lake.add_splat_chunks(source.chunks, progress=bar)
+        try:
+            with Bar(total, "ingest", quiet=quiet) as bar, naming_write_errors(lake.path):
+                ids = lake.add_splat_chunks(source.chunks, progress=bar)
+        except BaseException:
+            if new_folder and lake.version == 0:  # the empty lake this command made blocked the fixed retry
+                lake.close()
+                shutil.rmtree(str(local), ignore_errors=True)
+            raise
         seconds = time.perf_counter() - t0
         click.echo(f"ingested {len(ids):,} rows x {lake.dim} into {lake.path} (version {lake.version}) "
                    f"in {seconds:.2f} s ({len(ids) / seconds:,.0f} rows/s)")
@@ -147,11 +158,35 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
             click.echo(f"estimated kappa (version {lake.version})")
 
 
+def _existing_dtype(lake_dir: str, storage_options: dict[str, Any] | None) -> str | None:
+    """The storage dtype of the lake at ``lake_dir``, or None when there is none yet."""
+    from m2m import open_lake
+    from m2m.errors import LakeNotFoundError
+
+    try:
+        with open_lake(lake_dir, storage_options=storage_options) as lake:
+            return str(lake.manifest.dtype)
+    except LakeNotFoundError:
+        return None
+
+
+_LAKE_DIRS = ("_manifests", "_data", "_segments", "_ids")  # the folders of m2m's own at a lake's top
+
+
+def _local_path(path: str) -> str | None:
+    """``path`` as a local path (a ``file://`` URL too: it named a local lake that skipped the checks
+    below), or None for an object store URL."""
+    if path.startswith("file://"):
+        return path[len("file://"):] or "/"
+    return None if "://" in path else path
+
+
 def _lake_inside(src: str, lake_dir: str) -> bool:
     """Whether the local folder ``lake_dir`` is ``src`` or lies inside the directory ``src``."""
-    if "://" in lake_dir or not os.path.isdir(src):
+    local = _local_path(lake_dir)
+    if local is None or not os.path.isdir(src):
         return False
-    here, lake = os.path.realpath(src), os.path.realpath(lake_dir)
+    here, lake = os.path.realpath(src), os.path.realpath(local)
     return lake == here or lake.startswith(here.rstrip(os.sep) + os.sep)
 
 
@@ -187,13 +222,17 @@ def export_cmd(lake_dir: str, out: str, fmt: str | None, float32: bool, version:
             raise ConfigError(f"cannot tell the format from {out!r}: name it .parquet or .arrow, or pass --format")
     if os.path.lexists(out) and not force:  # before opening the lake: nothing is read for a refused export
         raise AlreadyExistsError(f"{out} already exists; pass --force to replace it")
-    if "://" not in lake_dir:  # a file written among the lake's own would be read (or vacuumed) as the lake's
-        root, where = os.path.realpath(lake_dir), os.path.realpath(os.path.dirname(os.path.abspath(out)))
-        inside = [d for d in ("_manifests", "_data", "_segments", "_ids")
-                  if os.path.commonpath([where, os.path.join(root, d)]) == os.path.join(root, d)]
-        if inside or (where == root and os.path.basename(out) == "_lock"):
-            raise ConfigError(f"{out} is inside the lake's own {inside[0] if inside else '_lock'}: export to a "
-                              "path outside the lake's m2m folders")
+    if not out.strip() or out.endswith(os.sep):  # ("" was written beside the current folder, then failed)
+        raise ConfigError(f"OUT {out!r} names no file: give the path of the file to write")
+    local = _local_path(lake_dir)
+    if local is not None:  # a file written among the lake's own would be read (or vacuumed) as the lake's
+        root, where = os.path.realpath(local), os.path.realpath(os.path.dirname(os.path.abspath(out)))
+        inside = [d for d in _LAKE_DIRS if os.path.commonpath([where, os.path.join(root, d)]) == os.path.join(root, d)]
+        if not inside and where == root and os.path.basename(out) in (*_LAKE_DIRS, "_lock"):
+            inside = [os.path.basename(out)]  # (a file named _segments blocked the lake's format 3 for good)
+        if inside:
+            raise ConfigError(f"{out} is inside the lake's own {inside[0]}: export to a path outside the lake's "
+                              "m2m folders")
     cols = None if columns is None else [c.strip() for c in columns.split(",") if c.strip()]
     with open_lake(lake_dir, storage_options=storage_options) as lake:
         reader = lake.to_arrow(version=version, columns=cols, stream=True, float32=float32, original=original)

@@ -12,6 +12,7 @@ Both run under the lake's write lock. Unreferenced data files are left for `Lake
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -96,7 +97,8 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
     from m2m.lake.lake import write_lock
 
     fs = _fs(path, storage_options)
-    with write_lock(fs):
+    # a dry run moves nothing: no lock (it failed on a read-only lake, where verify works)
+    with contextlib.nullcontext() if dry_run else write_lock(fs):
         versions = list_versions(fs)
         if not versions:
             raise LakeNotFoundError(f"no m2m lake at {fs.url}")
