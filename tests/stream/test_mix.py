@@ -395,3 +395,57 @@ def test_loss_sampling_resumes_exactly_with_its_priorities(lakes: dict[str, str]
         again = make()
         again.load_state_dict(state)
         same(rest, epoch(again))
+
+
+# ----------------------------------------------------------------------------- found by probing (2026-12-06)
+@pytest.fixture
+def two(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    build(a, 20, 1)
+    with create_m2m(M2MConfig(path=b, latent_dim=D, seed=1)) as lake:
+        lake.add_splats(unit(10, 2), labels=np.arange(10) % 5, metadata={"lang": np.arange(10) % 3})
+    with open_lake(a) as la, open_lake(b) as lb:
+        yield la, lb
+
+
+def test_a_failing_update_changes_no_lake(two):
+    # observed: a bad id routed to lake 1 raised after lake 0's loss was applied (a retry applied it twice)
+    a, b = two
+    dl = m2m.mix({"a": a, "b": b}, {"a": 1, "b": 1}).export_to_dataloader(batch_size=8, importance_sampling="loss")
+    before = copy.deepcopy(dl.state_dict()["sampler"])
+    with pytest.raises(M2MError, match="999"):
+        dl.update_priorities(torch.tensor([0, 999]), torch.tensor([1000.0, 1.0]), source=torch.tensor([0, 1]))
+    after = dl.state_dict()["sampler"]
+    for lake_before, lake_after in zip(before["lakes"], after["lakes"]):
+        assert torch.equal(lake_before["priorities"], lake_after["priorities"])
+        assert torch.equal(lake_before["counts"], lake_after["counts"])
+
+
+def test_huge_weights_keep_their_ratio_and_the_epoch_length(two):
+    # observed: weights of 1e308 summed to inf, every normalised weight became 0: 2 rows an epoch
+    a, b = two
+    mix = m2m.mix({"a": a, "b": b}, {"a": 1e308, "b": 1e308}, epoch_rows=60)
+    assert mix.counts == {"a": 30, "b": 30} and mix.weights == {"a": 0.5, "b": 0.5}
+
+
+def test_a_state_names_the_weights_exactly(two):
+    # observed: 1 : 1 and 1 : 1.0000008 were one name at 6 significant digits; at 10M rows an epoch their
+    # counts differ and a state of one resumed the other's plan
+    a, b = two
+    m1 = m2m.mix({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, epoch_rows=10_000_000)
+    m2 = m2m.mix({"a": a, "b": b}, {"a": 1.0, "b": 1.0000008}, epoch_rows=10_000_000)
+    assert m1.counts != m2.counts
+    state = m1.export_to_dataloader(batch_size=4096).state_dict()
+    with pytest.raises(StateMismatchError, match="stream state is from lake mix"):
+        m2.export_to_dataloader(batch_size=4096).load_state_dict(state)
+
+
+def test_an_empty_lake_is_refused_by_mix_and_importance_errors_name_the_lake(two, tmp_path):
+    # observed: an empty lake with weight 0 was accepted, then every export refused it; an importance
+    # column missing from one lake listed the other lake's columns and named no lake
+    a, b = two
+    with create_m2m(M2MConfig(path=str(tmp_path / "e"), latent_dim=D)) as empty:
+        with pytest.raises(ConfigError, match=r"mix: lake\(s\) \['e'\] are empty"):
+            m2m.mix({"a": a, "e": empty}, {"a": 1, "e": 0})
+    with pytest.raises(ConfigError, match=r"mix: lake 'a': importance_sampling must be .*got 'lang'"):
+        m2m.mix({"b": b, "a": a}, {"b": 1, "a": 1}).export_to_dataloader(batch_size=8, importance_sampling="lang")

@@ -113,14 +113,7 @@ class LossPriorities:
         A row listed several times in one call is updated once, with the mean of its losses
         (deterministic whatever the order). Losses must be finite and >= 0.
         """
-        pos = self.positions(ids_or_positions)
-        loss = (losses.detach() if torch.is_tensor(losses) else torch.as_tensor(np.asarray(losses)))
-        loss = loss.to("cpu", torch.float64).reshape(-1)
-        if loss.shape != pos.shape:
-            raise InvalidEmbeddingError(f"got {pos.numel()} rows but {loss.numel()} losses")
-        bad = ~torch.isfinite(loss) | (loss < 0) | (loss > torch.finfo(torch.float32).max)  # stored as float32
-        if bool(bad.any()):
-            raise InvalidEmbeddingError(f"losses must be finite, >= 0 and within float32; got {float(loss[bad][0])}")
+        pos, loss = self.checked(ids_or_positions, losses)
         if pos.numel() == 0:
             return
         rows, inverse = torch.unique(pos, return_inverse=True)
@@ -133,6 +126,18 @@ class LossPriorities:
             if self.ema > 0 else torch.ones_like(old)
         self._values[rows] = (old + gain * (total / count - old)).to(torch.float32)
         self._counts[rows] = torch.clamp(seen, max=2**31 - 1).to(torch.int32)
+
+    def checked(self, ids_or_positions: Any, losses: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, float64 losses) of an `update`, or the error it raises; changes nothing."""
+        pos = self.positions(ids_or_positions)
+        loss = (losses.detach() if torch.is_tensor(losses) else torch.as_tensor(np.asarray(losses)))
+        loss = loss.to("cpu", torch.float64).reshape(-1)
+        if loss.shape != pos.shape:
+            raise InvalidEmbeddingError(f"got {pos.numel()} rows but {loss.numel()} losses")
+        bad = ~torch.isfinite(loss) | (loss < 0) | (loss > torch.finfo(torch.float32).max)  # stored as float32
+        if bool(bad.any()):
+            raise InvalidEmbeddingError(f"losses must be finite, >= 0 and within float32; got {float(loss[bad][0])}")
+        return pos, loss
 
     def scores(self) -> np.ndarray:
         """A float64 copy of the current priorities (scores for ``importance_plan``)."""

@@ -103,6 +103,10 @@ class LossFeedback:
                               "this loader streams one lake")
         self.priorities.update(ids, losses)
 
+    def check_update(self, ids: Any, losses: Any) -> None:
+        """Raise what `update_priorities` would for these ids and losses, changing nothing."""
+        self.priorities.checked(ids, losses)
+
     def state_dict(self) -> dict[str, Any]:
         # tensors, not numpy arrays: torch.load's default weights_only=True (a Lightning checkpoint's
         # resume) refuses numpy arrays

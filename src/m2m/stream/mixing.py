@@ -30,9 +30,9 @@ def check_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
     bad = [n for n, x in zip(names, w) if not math.isfinite(x) or x < 0]
     if bad:
         raise ConfigError(f"mix: weights must be finite and >= 0; bad for {bad}")
-    if w.sum() <= 0:
+    if w.max() <= 0:
         raise ConfigError("mix: the weights sum to zero")
-    return w
+    return w / w.max()  # (weights of 1e308 summed to inf: every normalised weight 0, 2 rows an epoch)
 
 
 def counts(w: np.ndarray, epoch_rows: int) -> np.ndarray:
@@ -149,10 +149,14 @@ class LossMixtureSampler(MixtureSampler):
         if bool(bad.any()):
             raise ConfigError(f"update_priorities: source {int(src[bad][0])} names no lake of this mixture "
                               f"(0..{len(self.samplers) - 1})")
-        for j, sampler in enumerate(self.samplers):
-            mask = src == j
-            if sampler is not None and bool(mask.any()):
-                sampler.update_priorities(ids_t[mask], loss_t[mask])
+        # every lake's part checked before any is applied: a failing lake left the others updated, and a
+        # retry after the error applied them twice
+        parts = [(sampler, ids_t[src == j], loss_t[src == j]) for j, sampler in enumerate(self.samplers)
+                 if sampler is not None and bool((src == j).any())]
+        for sampler, lake_ids, lake_losses in parts:
+            sampler.check_update(lake_ids, lake_losses)
+        for sampler, lake_ids, lake_losses in parts:
+            sampler.update_priorities(lake_ids, lake_losses)
 
     def state_dict(self) -> dict[str, Any]:
         """Each lake's sampler state (its priorities), in lake order."""

@@ -105,9 +105,9 @@ class Mixture:
         self.weights = {n: float(x) for n, x in zip(self.names, weights / weights.sum())}
         self._w = weights
         self.epoch_rows = int(sum(self.num_rows.values()) if epoch_rows is None else epoch_rows)
-        empty = [n for n in self.names if self.num_rows[n] == 0 and self.weights[n] > 0]
-        if empty:
-            raise ConfigError(f"mix: lake(s) {empty} are empty but have a positive weight")
+        empty = [n for n in self.names if self.num_rows[n] == 0]
+        if empty:  # (with weight 0 it was accepted, then every export refused it: "lake ... is empty")
+            raise ConfigError(f"mix: lake(s) {empty} are empty: a stream needs rows in every lake; leave them out")
         self.counts = dict(zip(self.names, (int(c) for c in mixing.counts(weights, self.epoch_rows))))
         self.columns = None if columns is None else self._check_columns(columns)
 
@@ -147,7 +147,9 @@ class Mixture:
 
     def identity(self, versions: Sequence[int], ids: Sequence[str]) -> str:
         """The name a stream state keeps: every lake's id and version, the weights and the epoch length."""
-        lakes = ",".join(f"{n}={i}@v{v}*{self.weights[n]:.6g}" for n, i, v in zip(self.names, ids, versions))
+        # the weights exactly (repr): at 6 significant digits 1 : 1 and 1 : 1.0000008 were one name, and a
+        # state of one resumed the other's plan (their counts differ at 10M rows an epoch)
+        lakes = ",".join(f"{n}={i}@v{v}*{self.weights[n]!r}" for n, i, v in zip(self.names, ids, versions))
         return f"mix[{lakes};epoch_rows={self.epoch_rows}]"
 
     def export_to_dataloader(self, batch_size: int | None = None, shuffle: bool | None = None,
@@ -180,7 +182,10 @@ class Mixture:
         gen = generate_mode(opts.generate_samples)
         imp = None
         for name, snap in self._snaps.items():
-            imp = importance_mode(opts.importance_sampling, list(snap.manifest.metadata))
+            try:
+                imp = importance_mode(opts.importance_sampling, list(snap.manifest.metadata))
+            except ConfigError as exc:  # (the error listed one lake's columns and named no lake)
+                raise ConfigError(f"mix: lake {name!r}: {exc}") from exc
         seed_ = int(opts.seed or 0)
         # augmenters read their terms by shard (large lakes) unless the mixture is fully shuffled
         shard_local = gen is not None and stream_layout(MixtureSource(list(self._snaps.values())), opts).mode != FULL
