@@ -306,3 +306,14 @@ def test_a_polars_categorical_column_is_ingested_as_strings(tmp_path, role):
     with create_m2m(M2MConfig(path=path, latent_dim=4)) as lake:
         lake.add_splats(df, **({"labels": "cls"} if role == "labels" else {"metadata": ["cls"]}))
         assert lake.to_arrow()["label" if role == "labels" else "cls"].to_pylist() == words
+
+
+@pytest.mark.parametrize("col, message", [
+    (pa.array([["a", "b"], ["c", "d"]]), "holds lists of string, not numbers"),
+    (pa.array([[], []], type=pa.list_(pa.float32())), "holds empty lists"),
+])
+def test_a_vector_column_of_strings_or_empty_lists_is_named(tmp_path, col, message):
+    # observed: pyarrow's "Non-fixed width type" and numpy's "cannot reshape array of size 0" (raw ValueErrors)
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=2)) as lake:
+        with pytest.raises(InvalidEmbeddingError, match=f"column 'v' {message}"):
+            lake.add_splats(pa.table({"v": col}))

@@ -279,6 +279,11 @@ class _ArrowReader(_Reader):
         self._chunk_rows, self._chunk_bytes = chunk_rows, chunk_bytes
         self._num_rows, self._batches, self._first_row = num_rows, batches, first_row
         self.vec, self.label, self.meta = columns.resolve(schema, where)
+        typ = schema.field(self.vec).type
+        listed = pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ)
+        if listed and not (pa.types.is_floating(typ.value_type) or pa.types.is_integer(typ.value_type)):
+            # (a list of strings failed in pyarrow's words: "Non-fixed width type")
+            raise InvalidEmbeddingError(f"{where}: column {self.vec!r} holds lists of {typ.value_type}, not numbers")
 
     def rows(self) -> int:
         return self._num_rows()
@@ -632,5 +637,7 @@ def _vectors(arr: pa.Array | pa.ChunkedArray, name: str, where: Any) -> np.ndarr
             raise InvalidEmbeddingError(f"{where}: column {name!r} row {row} has {lengths[row]} values, "
                                         f"row 0 has {lengths[0]}")
         width = int(lengths[0]) if len(lengths) else 0
+        if width == 0 and len(lengths):  # (numpy's "cannot reshape array of size 0" before)
+            raise InvalidEmbeddingError(f"{where}: column {name!r} holds empty lists: vectors need at least one value")
         return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
     raise InvalidEmbeddingError(f"{where}: column {name!r} has type {arr.type}, not a list of floats")
