@@ -267,3 +267,20 @@ def test_repair_dry_run_takes_no_lock(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["repair", str(lake), "--dry-run"])
     assert result.exit_code == 0 and "head is version 1" in result.output
     assert CliRunner().invoke(cli, ["repair", str(lake)]).exit_code == 1  # a real repair still locks
+
+
+def test_repair_never_hands_out_the_ids_of_a_version_it_moves_aside(tmp_path):
+    # observed: repair moved aside a head whose version file was intact (a file of it broken) and the next
+    # append reused that version's ids, which rollback never does
+    lake = tmp_path / "lake"
+    for seed in (0, 1):
+        assert CliRunner().invoke(cli, ["ingest", str(_npy(tmp_path / f"x{seed}.npy")), "--lake", str(lake),
+                                        "-q"]).exit_code == 0
+    head = json.loads((lake / "_manifests" / "v0000000002.json").read_text())
+    assert head["next_id"] == 40
+    head["shards"][-1]["rows"] += 1  # version 2's file stays JSON with its next_id, but fails its checksum
+    (lake / "_manifests" / "v0000000002.json").write_text(json.dumps(head))
+    r = CliRunner().invoke(cli, ["repair", str(lake)])
+    assert r.exit_code == 0 and "hands out ids from 40 on" in r.output, r.output
+    with open_lake(str(lake)) as reopened:
+        assert len(reopened) == 20 and reopened.add_splats(np.ones((2, 8)))[0] == 40

@@ -233,9 +233,12 @@ def test_rollback_and_repair_of_a_segmented_lake(tmp_path: Path) -> None:
     with pytest.raises(CorruptShardError, match="is missing.*m2m repair"):
         open_lake(str(tmp_path / "l"))
     report = repair(str(tmp_path / "l"))
-    assert report["head"] == doc["version"] - 1
+    # the version moved aside (its file intact, a segment gone) had handed out ids 70..79: the repair
+    # commits a copy of the readable head that never hands them out again (the next append reused them)
+    assert report["head"] == doc["version"] and report["id_floor"] == doc["next_id"] == 80
     with open_lake(str(tmp_path / "l")) as lake:
-        assert len(lake) == 40
+        assert len(lake) == 40 and lake.manifest.operation["type"] == "repair"
+        assert lake.add_splats(_rows(3, 8))[0] == 80
 
 
 def test_compaction_writes_new_segments(tmp_path: Path) -> None:
@@ -315,7 +318,8 @@ def test_a_damaged_segment_is_refused_at_first_use(tmp_path: Path, monkeypatch: 
         problems = lake.verify()  # verify reads every segment
         assert len(problems) == 1 and doc["segments"][1]["path"] in problems[0]
     report = repair(str(tmp_path / "l"))  # repair reads every segment: versions 4-7 reference the damaged one
-    assert report["head"] == 3 and [v for v, _, _ in report["moved"]] == [4, 5, 6, 7]
+    assert [v for v, _, _ in report["moved"]] == [4, 5, 6, 7]
+    assert report["head"] == 4 and report["id_floor"] == 70  # version 3 again, ids 40..69 never handed out again
 
 
 def test_verify_reads_every_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

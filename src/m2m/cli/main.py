@@ -344,7 +344,10 @@ def repair(lake_dir: str, dry_run: bool, storage_options: dict[str, Any] | None)
     if not r["moved"] and not r["unreadable"]:
         click.echo(f"ok: every manifest is readable; head is version {r['head']}")
     else:
-        click.echo(f"head is version {r['head']}")
+        floor = r.get("id_floor")
+        kept = "" if floor is None else f" (a copy of the readable head that hands out ids from {floor:,} on: the " \
+                                        "versions moved aside had handed out those below)"
+        click.echo(f"head is version {r['head']}{kept}")
 
 
 @cli.command()

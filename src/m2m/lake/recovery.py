@@ -5,7 +5,8 @@
   the abandoned versions are not reused.
 - `repair(path)` moves unreadable newest manifests aside (``v0000000007.json`` becomes
   ``v0000000007.json.corrupt-<unix time>``, which no reader lists) so the newest readable version
-  is the lake's head again, and reports every unreadable manifest it saw.
+  is the lake's head again (a copy of it with an ``id_floor`` when the moved versions had handed out
+  ids beyond it), and reports every unreadable manifest it saw.
 
 Both run under the lake's write lock. Unreferenced data files are left for `Lake.vacuum`.
 """
@@ -88,11 +89,13 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
 
 def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
            storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Move the unreadable newest manifests aside; returns what was found and done.
+    """Move the unreadable newest manifests aside; returns what was found and done (when a moved version
+    states a `next_id` beyond the head's, a copy of the head with that `id_floor` is committed).
 
     Keys: ``moved`` (``[(version, new name, problem)]``), ``unreadable`` (older unreadable versions,
-    left in place: ``[(version, problem)]``), ``head`` (the newest readable version afterwards).
-    `CorruptShardError` (and nothing moved) when no version is readable.
+    left in place: ``[(version, problem)]``), ``head`` (the newest readable version afterwards),
+    ``id_floor`` (the floor committed, or None). `CorruptShardError` (and nothing moved) when no
+    version is readable.
     """
     from m2m.lake.lake import write_lock
 
@@ -115,14 +118,21 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
         head = readable[-1]
         moved = []
         stamp = int(time.time())
+        handed_out = 0  # the highest next_id a moved version file states: its ids may have been seen
         for v in versions:
             if v > head:
                 rel = manifest_name(v)
                 aside = f"{rel}.corrupt-{stamp}"
+                handed_out = max(handed_out, _stated_next_id(fs, rel))
                 if not dry_run:
                     fs.write_atomic(aside, fs.read_bytes(rel))
                     fs.remove(rel)
                 moved.append((v, aside, problems[v]))
+        floor = None
+        if not dry_run and moved:
+            floor = _keep_ids_unique(fs, head, handed_out)
+            if floor is not None:
+                head += 1
         if fs.is_local:  # a folder or dangling link where a newer manifest would go blocks every commit
             for v, rel, what in stray_versions(fs):
                 if v > head:
@@ -131,4 +141,32 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
                         os.rename(fs.local_path(rel), fs.local_path(aside))  # the entry itself, never a link's target
                     moved.append((v, aside, f"{fs.url}/{rel} is {what}, not a manifest"))
     return {"moved": moved, "unreadable": [(v, p) for v, p in problems.items() if v < head], "head": head,
-            "dry_run": dry_run}
+            "dry_run": dry_run, "id_floor": floor}
+
+
+def _stated_next_id(fs: LakeFS, rel: str) -> int:
+    """The ``next_id`` a version file states, read from its JSON alone (its segments may be what is
+    broken), or 0 when it says none."""
+    import json
+
+    try:
+        value = json.loads(fs.read_bytes(rel)).get("next_id", 0)
+    except (ValueError, AttributeError, OSError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _keep_ids_unique(fs: LakeFS, head: int, handed_out: int) -> int | None:
+    """When a moved-aside version handed out ids beyond the new head's ``next_id``, commit a copy of the
+    head that never hands them out again (``id_floor``, as `rollback` does); returns that floor. The
+    next append after a repair reused the ids (and version number) of the version it moved aside,
+    which its intact version file still named (observed)."""
+    base = read_manifest(fs, head)
+    if handed_out <= base.next_id:
+        return None
+    new = dataclasses.replace(base, version=head + 1, parent=head, created=time.time(),
+                              format_version=FORMAT_VERSION, next_id=handed_out,
+                              id_floor=max(base.id_floor, handed_out),
+                              operation={"type": "repair", "id_floor": handed_out})
+    write_manifest(fs, new)
+    return handed_out
