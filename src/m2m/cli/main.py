@@ -145,7 +145,8 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
             with Bar(total, "ingest", quiet=quiet) as bar, naming_write_errors(lake.path):
                 ids = lake.add_splat_chunks(source.chunks, progress=bar)
         except BaseException:
-            if new_folder and lake.version == 0:  # the empty lake this command made blocked the fixed retry
+            # the empty lake this command made blocked the fixed retry; never one another process committed to
+            if new_folder and lake.version == 0 and _still_empty(lake):
                 lake.close()
                 shutil.rmtree(str(local), ignore_errors=True)
             raise
@@ -156,6 +157,14 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
             with Bar(len(lake), "kappa", quiet=quiet) as bar:
                 lake.estimate_kappa(progress=bar)
             click.echo(f"estimated kappa (version {lake.version})")
+
+
+def _still_empty(lake: Any) -> bool:
+    """Whether no version was committed to ``lake`` (by any process); False when that cannot be read."""
+    try:
+        return bool(lake.refresh() == 0)
+    except Exception:  # noqa: BLE001 -- the ingest's own error is raised; the lake is then left as it is
+        return False
 
 
 def _existing_dtype(lake_dir: str, storage_options: dict[str, Any] | None) -> str | None:
