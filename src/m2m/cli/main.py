@@ -179,7 +179,12 @@ def _existing_dtype(lake_dir: str, storage_options: dict[str, Any] | None) -> st
         return None
 
 
-_LAKE_DIRS = ("_manifests", "_data", "_segments", "_ids")  # the folders of m2m's own at a lake's top
+def _lake_dirs() -> tuple[str, ...]:
+    """The folders of m2m's own at a lake's top."""
+    from m2m.lake.commit import RESERVATIONS_DIR
+    from m2m.lake.manifest import DATA_DIR, MANIFEST_DIR, SEGMENT_DIR
+
+    return MANIFEST_DIR, DATA_DIR, SEGMENT_DIR, RESERVATIONS_DIR
 
 
 def _local_path(path: str) -> str | None:
@@ -236,8 +241,9 @@ def export_cmd(lake_dir: str, out: str, fmt: str | None, float32: bool, version:
     local = _local_path(lake_dir)
     if local is not None:  # a file written among the lake's own would be read (or vacuumed) as the lake's
         root, where = os.path.realpath(local), os.path.realpath(os.path.dirname(os.path.abspath(out)))
-        inside = [d for d in _LAKE_DIRS if os.path.commonpath([where, os.path.join(root, d)]) == os.path.join(root, d)]
-        if not inside and where == root and os.path.basename(out) in (*_LAKE_DIRS, "_lock"):
+        dirs = _lake_dirs()
+        inside = [d for d in dirs if os.path.commonpath([where, os.path.join(root, d)]) == os.path.join(root, d)]
+        if not inside and where == root and os.path.basename(out) in (*dirs, "_lock"):
             inside = [os.path.basename(out)]  # (a file named _segments blocked the lake's format 3 for good)
         if inside:
             raise ConfigError(f"{out} is inside the lake's own {inside[0]}: export to a path outside the lake's "

@@ -564,12 +564,11 @@ class ShardCache:
         except Exception as exc:  # noqa: BLE001 -- its own failure is in _failed: an open() waiting for it raises it
             with self._mutex:
                 own = self._failed.get(rel)
-            if own is not None and own[1] is exc:  # (not the failure of another download it gave up with)
-                self._warn_prefetch(rel, exc)
-
-    def _warn_prefetch(self, rel: str, exc: BaseException) -> None:
-        if not sys.is_finalizing():  # (a process exiting mid-download is not worth a warning)
-            logger.warning("prefetch of %s failed: %s", self._named(rel), exc)
+            # silent only when it gave up with another download's store failure (noted, and warned, there);
+            # its own failure, or one before its download (a lock wait that timed out), is logged
+            gave_up = isinstance(exc, ObjectStoreError) and not (own is not None and own[1] is exc)
+            if not gave_up and not sys.is_finalizing():  # (a process exiting mid-download is not worth a warning)
+                logger.warning("prefetch of %s failed: %s", self._named(rel), exc)
 
     def wait_prefetch(self, timeout: float | None = None) -> None:
         """Wait for queued prefetches (tests and benchmarks)."""

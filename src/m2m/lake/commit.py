@@ -42,6 +42,7 @@ from m2m.lake.manifest import (
     ShardEntry,
     added_shards,
     load_all,
+    missing_file,
     read_manifest,
     write_manifest,
 )
@@ -123,10 +124,11 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
             if not getattr(fs, "atomic_create", False):
                 _check_not_overwritten(fs, new)
             written = set(fs.written_since(mark))
-            made = [g.path for g in new.segments or () if g.path in written]
-            _check_present(fs, fresh + made, f"version {new.version} of {fs.url} was published, but its file {{}} "
-                           "was removed meanwhile (by a vacuum with min_age_s=0?): reading that version fails; "
-                           f"`m2m repair {fs.url}` sets it aside")
+            gone = missing_file(fs, fresh + [g.path for g in new.segments or () if g.path in written])
+            if gone is not None:  # between write_manifest's check and its put
+                raise CorruptShardError(f"version {new.version} of {fs.url} was published, but its file {gone} "
+                                        "was removed meanwhile (by a vacuum with min_age_s=0?): reading that version "
+                                        f"fails; `m2m repair {fs.url}` sets it aside")
             fs.published_mark = fs.mark()
             if attempt:
                 logger.info("%s committed as version %d after %d rebase(s)", operation, new.version, attempt)
@@ -146,14 +148,6 @@ def _fresh_files(fs: Any, base: Manifest, new: Manifest) -> list[str]:
     the puts that wrote them."""
     mine = set(fs.written_since(getattr(fs, "published_mark", 0)))
     return [f.path for s in added_shards(base, new) for f in s.files if f.path in mine]
-
-
-def _check_present(fs: Any, rels: list[str], message: str) -> None:
-    """`CorruptShardError` (``message.format(rel)``) for the first of ``rels`` the store no longer has
-    after the version was published (`write_manifest`'s ``must_exist`` checked them just before)."""
-    for rel in rels:
-        if not fs.exists(rel):
-            raise CorruptShardError(message.format(rel))
 
 
 def _check_not_overwritten(fs: Any, new: Manifest) -> None:

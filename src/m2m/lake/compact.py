@@ -39,7 +39,7 @@ from m2m.errors import CommitConflictError, ConfigError
 from m2m.lake.commit import outcome_unknown, remove_unpublished
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import check_batch
-from m2m.lake.manifest import Manifest, ShardEntry, added_shards, read_manifest, write_manifest
+from m2m.lake.manifest import Manifest, ShardEntry, added_shards, missing_file, read_manifest, write_manifest
 from m2m.lake.shard import open_shard_file, sync_files, write_shard_file
 
 logger = logging.getLogger(__name__)
@@ -219,11 +219,12 @@ def compact(fs: LakeFS, publish: Publish, target_bytes: int, verify: bool = True
                 shards, applied = rebase(head, base, merged)
                 if not applied:
                     raise _NothingLeft
-                for k in applied:  # a vacuum with min_age_s=0 may have taken files no version lists yet
-                    for f in merged[k][2].files:
-                        if not fs.exists(f.path):
-                            raise CommitConflictError(f"compaction of {fs.url}: its new file "
-                                                      f"{f.path} was removed (by a vacuum?) before the commit")
+                # a vacuum with min_age_s=0 may have taken files no version lists yet (locally: it waits for
+                # the lock this build holds; an object store checks them at its version put, write_manifest)
+                gone = missing_file(fs, [f.path for k in applied for f in merged[k][2].files]) if fs.is_local else None
+                if gone is not None:
+                    raise CommitConflictError(f"compaction of {fs.url}: its new file {gone} was removed (by a "
+                                              "vacuum?) before the commit")
                 holder["applied"] = applied
                 return head.next(shards=shards, operation={
                     "type": "compact", "target_bytes": target_bytes, "shards_merged":

@@ -280,8 +280,7 @@ class _ArrowReader(_Reader):
         self._num_rows, self._batches, self._first_row = num_rows, batches, first_row
         self.vec, self.label, self.meta = columns.resolve(schema, where)
         typ = schema.field(self.vec).type
-        listed = pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ)
-        if listed and not (pa.types.is_floating(typ.value_type) or pa.types.is_integer(typ.value_type)):
+        if _is_list(typ) and not (pa.types.is_floating(typ.value_type) or pa.types.is_integer(typ.value_type)):
             # (a list of strings failed in pyarrow's words: "Non-fixed width type")
             raise InvalidEmbeddingError(f"{where}: column {self.vec!r} holds lists of {typ.value_type}, not numbers")
 
@@ -610,14 +609,17 @@ def _in_memory(data: Any, where: str) -> tuple[pa.Schema, Callable[[int], Iterat
 
 
 # ---------------------------------------------------------------------------------------------- columns
+def _is_list(t: pa.DataType) -> bool:
+    return bool(pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t))
+
+
 def _pick_vector_column(schema: pa.Schema, column: str | None, where: Any) -> str:
     if column is not None:
         if column not in schema.names:
             raise InvalidEmbeddingError(f"{where}: no column {column!r}; columns: {schema.names}")
         return column
     for field in schema:
-        if pa.types.is_fixed_size_list(field.type) or pa.types.is_list(field.type) \
-                or pa.types.is_large_list(field.type):
+        if _is_list(field.type):
             return field.name
     raise InvalidEmbeddingError(f"{where}: no list-of-float column found; name one with --column")
 

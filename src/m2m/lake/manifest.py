@@ -55,7 +55,7 @@ import stat
 import time
 import uuid
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
@@ -1269,6 +1269,12 @@ def _geometry_rows(entries: Sequence[ShardEntry]) -> int:
     return sum(e.rows for e in entries if any(NEIGHBORS in f.columns for f in e.files))
 
 
+def missing_file(fs: LakeFS, rels: Iterable[str]) -> str | None:
+    """The first of ``rels`` the lake no longer has (one existence check each), or None. What a commit
+    wrote outside the lock can be gone by its commit point: a vacuum with ``min_age_s=0`` took it."""
+    return next((rel for rel in rels if not fs.exists(rel)), None)
+
+
 def write_manifest(fs: LakeFS, manifest: Manifest, must_exist: Sequence[str] = ()) -> Manifest:
     """Publish ``manifest`` (the commit point) with a create-if-absent write: never replaces a version.
 
@@ -1321,13 +1327,13 @@ def write_manifest(fs: LakeFS, manifest: Manifest, must_exist: Sequence[str] = (
         published.segments[i].entries  # noqa: B018  (loads from the memo: every check of the new segment)
     if not fs.is_local:
         written = [] if published.segments is None else [published.segments[i].path for i in new_at]
-        for path in [*must_exist, *written]:
-            if not fs.exists(path):
-                gone = CommitConflictError(f"version {manifest.version} of {fs.url}: its new file {path} was removed "
-                                           "before the commit (by a vacuum with min_age_s=0 while it ran?); nothing "
-                                           "was published")
-                gone.final = path in must_exist  # type: ignore[attr-defined]  # a retry cannot bring it back
-                raise gone
+        lost = missing_file(fs, [*must_exist, *written])
+        if lost is not None:
+            gone = CommitConflictError(f"version {manifest.version} of {fs.url}: its new file {lost} was removed "
+                                       "before the commit (by a vacuum with min_age_s=0 while it ran?); nothing "
+                                       "was published")
+            gone.final = lost in must_exist  # type: ignore[attr-defined]  # a retry cannot bring it back
+            raise gone
     if not fs.create_exclusive(rel, data):
         what = stray_entry(fs, rel) if fs.is_local else None
         if what is not None and what != "gone":  # not a version: no writer will ever get past it

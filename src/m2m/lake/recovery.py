@@ -79,12 +79,18 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
                     next_id = max(next_id, read_manifest(fs, v).next_id)
                 except CorruptShardError:
                     pass  # unreadable: its ids are unknown (and were never readable)
-        new = dataclasses.replace(target, version=latest + 1, parent=latest, created=time.time(),
-                                  format_version=FORMAT_VERSION, next_id=next_id,
-                                  id_floor=max(target.id_floor, next_id if next_id > target.next_id else 0),
-                                  operation={"type": "rollback", "to": to, "from": latest})
-        new = write_manifest(fs, new)
+        new = _republish(fs, target, latest, next_id, {"type": "rollback", "to": to, "from": latest})
     return new
+
+
+def _republish(fs: LakeFS, base: Manifest, latest: int, next_id: int, operation: dict[str, Any]) -> Manifest:
+    """Commit a copy of ``base`` as version ``latest + 1`` that hands out ids from ``next_id`` on (an
+    ``id_floor`` when that is beyond ``base``'s own: ids abandoned versions handed out stay unused)."""
+    new = dataclasses.replace(base, version=latest + 1, parent=latest, created=time.time(),
+                              format_version=FORMAT_VERSION, next_id=next_id,
+                              id_floor=max(base.id_floor, next_id if next_id > base.next_id else 0),
+                              operation=operation)
+    return write_manifest(fs, new)
 
 
 def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
@@ -153,7 +159,9 @@ def _stated_next_id(fs: LakeFS, rel: str) -> int:
         value = json.loads(fs.read_bytes(rel)).get("next_id", 0)
     except (ValueError, AttributeError, OSError):
         return 0
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    # (a value beyond int64 is no next_id: the copy's manifest would be refused)
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 63
+    return value if ok else 0
 
 
 def _keep_ids_unique(fs: LakeFS, head: int, handed_out: int) -> int | None:
@@ -164,9 +172,5 @@ def _keep_ids_unique(fs: LakeFS, head: int, handed_out: int) -> int | None:
     base = read_manifest(fs, head)
     if handed_out <= base.next_id:
         return None
-    new = dataclasses.replace(base, version=head + 1, parent=head, created=time.time(),
-                              format_version=FORMAT_VERSION, next_id=handed_out,
-                              id_floor=max(base.id_floor, handed_out),
-                              operation={"type": "repair", "id_floor": handed_out})
-    write_manifest(fs, new)
+    _republish(fs, base, head, handed_out, {"type": "repair", "id_floor": handed_out})
     return handed_out

@@ -51,8 +51,6 @@ Progress = Callable[[int], None] | None
 #: Member rows scored against a list's rows at once (bounds a task's [rows, list] score block).
 MEMBER_CHUNK = 4096
 
-#: Seconds the driver waits for cancelled tasks to stop before the commit removes their files.
-
 #: Bytes of vectors one task handles at most (about): a shard range read by a route/finish task, or
 #: the rows (members and visitors) shuffled to one list-owner task. More data -> more tasks.
 TASK_BYTES = 256 << 20

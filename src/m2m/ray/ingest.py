@@ -54,8 +54,6 @@ from m2m.ray import cancel_pending, require_ray
 
 logger = logging.getLogger(__name__)
 
-#: Seconds the driver waits for cancelled write tasks to stop before removing their files.
-
 
 @dataclasses.dataclass(frozen=True)
 class _Piece:
