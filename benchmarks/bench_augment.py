@@ -5,7 +5,8 @@ numpy/torch loop of the same math (what a user would write) | the noise floor, a
 
 The goal (issue #20) is >= 350k rows/s (10x the seed's 34,993) for vMF, mixture and the demo's
 generative stream. ``floor`` is the index_select of the batch plus one float32 N(0, 1) draw of
-[B, d] (torch's generator, into a reused buffer): every exact sampler here needs a fresh uniform
+[B, d] (the samplers' own fill, ``HostNoise.normal_``, into a reused buffer; torch's ``normal_`` is
+1.1-1.5x slower, ``bench_gaussian_fill.py``): every exact sampler here needs a fresh uniform
 direction per row, i.e. d Gaussians, so no exact vMF/mixture/Langevin row can be cheaper than that.
 
 Every rate is measured in several interleaved rounds and every round is kept (min/median/max), as rows
@@ -43,6 +44,7 @@ import m2m.augment.augmenter as augmenter_mod
 from m2m.augment.augmenter import LangevinAugmenter, MixtureAugmenter, VMFAugmenter
 from m2m.augment.langevin import coupled_full_chain
 from m2m.augment.span import span_coupled_chain
+from m2m.geometry.noise import HostNoise
 from m2m.geometry.vmf import kappa_from_mean_resultant
 from m2m.geometry.vmf import sample as vmf_sample
 
@@ -159,10 +161,11 @@ def _augment_fns(x: torch.Tensor, neighbors: np.ndarray, kappa: np.ndarray, alph
     gen = torch.Generator().manual_seed(1)
     rng = np.random.default_rng(1)
     noise = torch.empty(BATCH, d)
+    host = HostNoise.of(torch.Generator().manual_seed(3))
 
     def floor(r: torch.Tensor) -> torch.Tensor:
         batch(r)
-        return noise.normal_(generator=gen)
+        return host.normal_(noise)
 
     # the bare loops' tables: components [self, neighbours] (same label), cumulative alpha, log weights
     valid = neighbors >= 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from m2m.geometry.noise import HostNoise, normal_
+from m2m.geometry.noise import HostNoise, box_muller_, normal_
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -25,7 +25,31 @@ def test_normal_matches_the_standard_normal_law():
     assert abs(z.var() - 1.0) < 5 * math.sqrt(2.0 / z.size)
     assert abs(stats.kurtosis(z, fisher=False) - 3.0) < 0.05
     assert stats.kstest(z, "norm").pvalue > 1e-3
-    assert np.abs(z).max() < 6.8                    # the documented cut of 32-bit uniforms
+    assert np.abs(z).max() <= math.sqrt(-2.0 * math.log(2.0**-24)) + 1e-5   # the cut of 24-bit uniforms
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 4096])
+def test_box_muller_is_the_transform_of_the_raw_words(n):
+    """Each output is r cos or r sin of one pair of the generator's words (u1 from the first half of the
+    words, the angle from the second), recomputed here in float64 from the same words."""
+    out = np.empty(n, np.float32)
+    box_muller_(out, np.random.SFC64(11))
+    m = (n + 1) // 2
+    words = np.random.SFC64(11).random_raw(m).view(np.uint32).astype(np.float64)
+    u1 = (np.floor(words[:m] / 256.0) + 1.0) / 2.0**24
+    angle = 2.0 * math.pi * words[m:] / 2.0**32
+    r = np.sqrt(-2.0 * np.log(u1))
+    want = np.concatenate([r * np.cos(angle), (r * np.sin(angle))[: n - m]])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_gaussian_count_does_not_move_the_other_draws():
+    """The fills draw from their own stream: a batch's scalars do not depend on how many Gaussians were drawn
+    before them (the prefetch thread and the in-line call may draw the direction at different sizes)."""
+    a, b = HostNoise.of(_gen(5)), HostNoise.of(_gen(5))
+    a.normal_(torch.empty(10))
+    b.normal_(torch.empty(100_003))
+    assert np.array_equal(a.uniform((64,)), b.uniform((64,)))
 
 
 def test_pairs_and_neighbours_are_uncorrelated():
