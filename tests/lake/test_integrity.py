@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from m2m import M2MConfig, create_m2m, open_lake
-from m2m.errors import CorruptShardError, M2MError
+from m2m.errors import CorruptShardError, LakeNotFoundError, M2MError
 from m2m.lake.manifest import INLINE_FORMAT_VERSION, Manifest, manifest_checksum
 from m2m.lake.recovery import repair, rollback
 from tests.lake.manifest_edit import edit_manifest, manifest_path
@@ -210,15 +210,49 @@ def test_repair_moves_the_unreadable_head_aside(lake3: Path) -> None:
     r = cli("repair", "--dry-run", str(lake3))
     assert r.returncode == 0 and "would move unreadable version 3" in r.stdout and bad.exists()
     r = cli("repair", str(lake3))
-    assert r.returncode == 0 and "moved unreadable version 3 aside" in r.stdout and "head is version 2" in r.stdout
+    assert r.returncode == 0 and "moved unreadable version 3 aside" in r.stdout
+    assert "head is version 4, a copy of version 2" in r.stdout
     aside = list((lake3 / "_manifests").glob("v0000000003.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == content and not bad.exists()
     with open_lake(lake3) as lake:
-        assert lake.version == 2
+        assert lake.version == 4 and lake.manifest.parent == 2
+        assert lake.manifest.operation == {"type": "repair", "restored": 2, "moved": [3]}
         np.testing.assert_array_equal(lake.splats()["mu"], want["mu"])
         lake.add_splats(np.ones((1, D)), labels=[0], metadata={"score": [1.0]})
-        assert lake.version == 3
+        assert lake.version == 5
     assert cli("repair", str(lake3)).stdout.startswith("ok: every manifest is readable")
+    with pytest.raises(LakeNotFoundError, match="no version 3"):
+        open_lake(lake3, version=3)
+
+
+def test_repair_never_hands_out_a_version_number_it_moved_aside(lake3: Path) -> None:
+    """observed: the next commit after a repair wrote version 3 again, so a reader or a stream state pinned to
+    the version 3 it had read found other rows under the same number (the same row count passes a state's check)"""
+    with open_lake(lake3) as lake:
+        seen = lake.manifest.to_json()
+        assert lake.version == 3
+    corrupt_newest(lake3, "truncated")
+    r = repair(lake3)
+    assert (r["head"], r["restored"]) == (4, 2)
+    with open_lake(lake3) as lake:
+        lake.add_splats(np.ones((1, D)), labels=[0], metadata={"score": [1.0]})
+        assert lake.version == 5
+    assert sorted(int(p.name[1:11]) for p in (lake3 / "_manifests").glob("v*.json")) == [0, 1, 2, 4, 5]
+    assert seen not in [p.read_bytes() for p in (lake3 / "_manifests").glob("v*.json")]
+
+
+def test_rollback_keeps_the_ids_an_unreadable_newer_version_states(lake3: Path) -> None:
+    """observed: rollback skipped a newer version it could not read, so the next append handed out the ids
+    that version's (intact) JSON states and that a reader may have seen; repair kept them"""
+    path = manifest_path(lake3)
+    doc = json.loads(path.read_text())
+    assert doc["next_id"] == 3000
+    doc["shards"][-1]["rows"] += 1                  # still JSON with its next_id, fails its checksum
+    path.write_text(json.dumps(doc))
+    m = rollback(lake3, 1)
+    assert (m.version, m.rows, m.next_id) == (4, 1000, 3000)
+    with open_lake(lake3) as lake:
+        assert lake.add_splats(np.ones((1, D)), labels=[0], metadata={"score": [1.0]}).tolist() == [3000]
 
 
 def test_repair_reports_older_unreadable_versions_and_never_empties_a_lake(lake3: Path) -> None:

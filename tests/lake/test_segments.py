@@ -234,8 +234,9 @@ def test_rollback_and_repair_of_a_segmented_lake(tmp_path: Path) -> None:
         open_lake(str(tmp_path / "l"))
     report = repair(str(tmp_path / "l"))
     # the version moved aside (its file intact, a segment gone) had handed out ids 70..79: the repair
-    # commits a copy of the readable head that never hands them out again (the next append reused them)
-    assert report["head"] == doc["version"] and report["id_floor"] == doc["next_id"] == 80
+    # commits a copy of the readable head above it that never hands them out again (the next append reused
+    # them), nor its version number
+    assert report["head"] == doc["version"] + 1 and report["id_floor"] == doc["next_id"] == 80
     with open_lake(str(tmp_path / "l")) as lake:
         assert len(lake) == 40 and lake.manifest.operation["type"] == "repair"
         assert lake.add_splats(_rows(3, 8))[0] == 80

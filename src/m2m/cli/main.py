@@ -358,11 +358,14 @@ def repair(lake_dir: str, dry_run: bool, storage_options: dict[str, Any] | None)
         click.echo(f"older version {v} is unreadable (left in place): {problem}")
     if not r["moved"] and not r["unreadable"]:
         click.echo(f"ok: every manifest is readable; head is version {r['head']}")
+    elif r["head"] == r["restored"]:
+        click.echo(f"head is version {r['head']}")
     else:
         floor = r.get("id_floor")
-        kept = "" if floor is None else f" (a copy of the readable head that hands out ids from {floor:,} on: the " \
-                                        "versions moved aside had handed out those below)"
-        click.echo(f"head is version {r['head']}{kept}")
+        ids = "" if floor is None else f"; it hands out ids from {floor:,} on (the versions moved aside had handed " \
+                                       "out those below)"
+        click.echo(f"head {'would be' if dry_run else 'is'} version {r['head']}, a copy of version {r['restored']} "
+                   f"(no version number moved aside is used again{ids})")
 
 
 @cli.command()

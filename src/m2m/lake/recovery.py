@@ -4,9 +4,13 @@
   between stay on disk and readable by number). ``next_id`` never goes back, so ids handed out by
   the abandoned versions are not reused.
 - `repair(path)` moves unreadable newest manifests aside (``v0000000007.json`` becomes
-  ``v0000000007.json.corrupt-<unix time>``, which no reader lists) so the newest readable version
-  is the lake's head again (a copy of it with an ``id_floor`` when the moved versions had handed out
-  ids beyond it), and reports every unreadable manifest it saw.
+  ``v0000000007.json.corrupt-<unix time>``, which no reader lists) and commits a copy of the newest
+  readable version above them (with an ``id_floor`` when the moved versions had handed out ids
+  beyond it), and reports every unreadable manifest it saw.
+
+Neither ever reuses a version number or an id: a version moved aside may have been read (a stream
+state or a reader pinned to version 7 must not find another version 7), and the ids a newer version
+states may have been seen, even when that version is now unreadable.
 
 Both run under the lake's write lock. Unreferenced data files are left for `Lake.vacuum`.
 """
@@ -78,15 +82,20 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
                 try:
                     next_id = max(next_id, read_manifest(fs, v).next_id)
                 except CorruptShardError:
-                    pass  # unreadable: its ids are unknown (and were never readable)
+                    # unreadable now (a broken segment, a flipped byte) but it may have been read: the
+                    # next_id its JSON states, if any (0 when the file is no JSON)
+                    next_id = max(next_id, _stated_next_id(fs, manifest_name(v)))
         new = _republish(fs, target, latest, next_id, {"type": "rollback", "to": to, "from": latest})
     return new
 
 
-def _republish(fs: LakeFS, base: Manifest, latest: int, next_id: int, operation: dict[str, Any]) -> Manifest:
+def _republish(fs: LakeFS, base: Manifest, latest: int, next_id: int, operation: dict[str, Any],
+               parent: int | None = None) -> Manifest:
     """Commit a copy of ``base`` as version ``latest + 1`` that hands out ids from ``next_id`` on (an
-    ``id_floor`` when that is beyond ``base``'s own: ids abandoned versions handed out stay unused)."""
-    new = dataclasses.replace(base, version=latest + 1, parent=latest, created=time.time(),
+    ``id_floor`` when that is beyond ``base``'s own: ids abandoned versions handed out stay unused);
+    its parent is ``parent`` (default ``latest``: the version below it that exists)."""
+    new = dataclasses.replace(base, version=latest + 1, parent=latest if parent is None else parent,
+                              created=time.time(),
                               format_version=FORMAT_VERSION, next_id=next_id,
                               id_floor=max(base.id_floor, next_id if next_id > base.next_id else 0),
                               operation=operation)
@@ -95,13 +104,16 @@ def _republish(fs: LakeFS, base: Manifest, latest: int, next_id: int, operation:
 
 def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
            storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Move the unreadable newest manifests aside; returns what was found and done (when a moved version
-    states a `next_id` beyond the head's, a copy of the head with that `id_floor` is committed).
+    """Move the unreadable newest manifests aside and commit a copy of the newest readable version
+    above them; returns what was found and done.
 
-    Keys: ``moved`` (``[(version, new name, problem)]``), ``unreadable`` (older unreadable versions,
-    left in place: ``[(version, problem)]``), ``head`` (the newest readable version afterwards),
-    ``id_floor`` (the floor committed, or None). `CorruptShardError` (and nothing moved) when no
-    version is readable.
+    The copy takes the version after the highest one moved aside (a moved version may have been
+    read: its number is not handed out again), and when a moved version states a `next_id` beyond the
+    readable one's, the copy has that `id_floor`. Keys: ``moved`` (``[(version, new name, problem)]``),
+    ``unreadable`` (older unreadable versions, left in place: ``[(version, problem)]``), ``head`` (the
+    lake's newest version afterwards: the copy, or the readable version when nothing was moved),
+    ``restored`` (the readable version the head is, or a copy of), ``id_floor`` (the floor committed,
+    or None). `CorruptShardError` (and nothing moved) when no version is readable.
     """
     from m2m.lake.lake import write_lock
 
@@ -134,11 +146,6 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
                     fs.write_atomic(aside, fs.read_bytes(rel))
                     fs.remove(rel)
                 moved.append((v, aside, problems[v]))
-        floor = None
-        if not dry_run and moved:
-            floor = _keep_ids_unique(fs, head, handed_out)
-            if floor is not None:
-                head += 1
         if fs.is_local:  # a folder or dangling link where a newer manifest would go blocks every commit
             for v, rel, what in stray_versions(fs):
                 if v > head:
@@ -146,8 +153,19 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
                     if not dry_run:
                         os.rename(fs.local_path(rel), fs.local_path(aside))  # the entry itself, never a link's target
                     moved.append((v, aside, f"{fs.url}/{rel} is {what}, not a manifest"))
-    return {"moved": moved, "unreadable": [(v, p) for v, p in problems.items() if v < head], "head": head,
-            "dry_run": dry_run, "id_floor": floor}
+        restored, floor = head, None
+        corrupt = [v for v in versions if v > head]  # moved aside above (strays never held a version)
+        if corrupt:
+            top = corrupt[-1]
+            base = read_manifest(fs, head)
+            floor = handed_out if handed_out > base.next_id else None
+            if not dry_run:
+                _republish(fs, base, top, max(base.next_id, handed_out),
+                           {"type": "repair", "restored": head, "moved": corrupt,
+                            **({} if floor is None else {"id_floor": floor})}, parent=head)
+            head = top + 1
+    return {"moved": moved, "unreadable": [(v, p) for v, p in problems.items() if v < restored], "head": head,
+            "restored": restored, "dry_run": dry_run, "id_floor": floor}
 
 
 def _stated_next_id(fs: LakeFS, rel: str) -> int:
@@ -162,15 +180,3 @@ def _stated_next_id(fs: LakeFS, rel: str) -> int:
     # (a value beyond int64 is no next_id: the copy's manifest would be refused)
     ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 63
     return value if ok else 0
-
-
-def _keep_ids_unique(fs: LakeFS, head: int, handed_out: int) -> int | None:
-    """When a moved-aside version handed out ids beyond the new head's ``next_id``, commit a copy of the
-    head that never hands them out again (``id_floor``, as `rollback` does); returns that floor. The
-    next append after a repair reused the ids (and version number) of the version it moved aside,
-    which its intact version file still named (observed)."""
-    base = read_manifest(fs, head)
-    if handed_out <= base.next_id:
-        return None
-    _republish(fs, base, head, handed_out, {"type": "repair", "id_floor": handed_out})
-    return handed_out
