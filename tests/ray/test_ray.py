@@ -501,6 +501,21 @@ def test_write_lake_names_vectors_that_are_not_one_per_row(cluster, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("null_row", [0, 5])
+def test_write_lake_names_a_null_vector_row(cluster, tmp_path, blocks, null_row):
+    # observed: a None vector in a later block said "vectors have dimension 1, expected latent_dim 4" (the
+    # block's column was of Arrow type null, read as [nan]); in the first row, "values of shape ()"
+    import m2m.ray
+
+    items = [{"embedding": None if i == null_row else [float(i), 1.0, 0.0, 0.0]} for i in range(9)]
+    ds = cluster.data.from_items(items).repartition(blocks)
+    with pytest.raises(InvalidEmbeddingError, match=f"column 'embedding' is null in dataset row {null_row} "):
+        m2m.ray.write_lake(ds, str(tmp_path / "new_lake"))
+    assert not (tmp_path / "new_lake").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 def test_write_lake_types_a_column_from_every_block_not_the_first_row(cluster, tmp_path, blocks):
     # observed: the schema was planned from the first row: ints in the first block and floats in a later

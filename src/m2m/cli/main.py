@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -122,14 +121,13 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
 
     from m2m import M2MConfig, create_m2m
     from m2m.errors import ConfigError, InvalidEmbeddingError
-    from m2m.lake.ingest import naming_write_errors, open_source
+    from m2m.lake.ingest import discarding_new_lake, naming_write_errors, new_local_folder, open_source
 
     inside = _lake_inside(src, lake_dir)
     if inside:  # (the second ingest read the lake's own shards as a partitioned dataset, then blamed them)
         raise ConfigError(f"the lake {lake_dir} is inside SRC {src}: an ingest would read the lake's own "
                           "files as input; put the lake outside SRC")
-    local = _local_path(lake_dir)
-    new_folder = local is not None and not os.path.lexists(local)
+    new_folder = new_local_folder(lake_dir)
     if dtype is None:  # (an existing float16 lake was refused: the float32 default asked for another dtype)
         dtype = _existing_dtype(lake_dir, storage_options) or "float32"
     source = open_source(src, column=column, label_column=label_column, meta_columns=meta_columns,
@@ -141,15 +139,9 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
                     storage_options=storage_options)
     t0 = time.perf_counter()
     with create_m2m(cfg) as lake:
-        try:
-            with Bar(total, "ingest", quiet=quiet) as bar, naming_write_errors(lake.path):
-                ids = lake.add_splat_chunks(source.chunks, progress=bar)
-        except BaseException:
-            # the empty lake this command made blocked the fixed retry; never one another process committed to
-            if new_folder and lake.version == 0 and _still_empty(lake):
-                lake.close()
-                shutil.rmtree(str(local), ignore_errors=True)
-            raise
+        with discarding_new_lake(lake, new_folder), Bar(total, "ingest", quiet=quiet) as bar, \
+                naming_write_errors(lake.path):
+            ids = lake.add_splat_chunks(source.chunks, progress=bar)
         seconds = time.perf_counter() - t0
         click.echo(f"ingested {len(ids):,} rows x {lake.dim} into {lake.path} (version {lake.version}) "
                    f"in {seconds:.2f} s ({len(ids) / seconds:,.0f} rows/s)")
@@ -157,14 +149,6 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
             with Bar(len(lake), "kappa", quiet=quiet) as bar:
                 lake.estimate_kappa(progress=bar)
             click.echo(f"estimated kappa (version {lake.version})")
-
-
-def _still_empty(lake: Any) -> bool:
-    """Whether no version was committed to ``lake`` (by any process); False when that cannot be read."""
-    try:
-        return bool(lake.refresh() == 0)
-    except Exception:  # noqa: BLE001 -- the ingest's own error is raised; the lake is then left as it is
-        return False
 
 
 def _existing_dtype(lake_dir: str, storage_options: dict[str, Any] | None) -> str | None:

@@ -506,6 +506,38 @@ def naming_write_errors(lake_path: str) -> Iterator[None]:
                                  f"{lake_path}/_data (nothing was committed)") from exc
 
 
+def new_local_folder(path: str | os.PathLike[str]) -> str | None:
+    """The local folder ``path`` names (a ``file://`` URL too) when nothing exists there yet, else None
+    (an object store URL, or an entry that exists): where `discarding_new_lake` may remove a lake."""
+    path = os.fspath(path)
+    local = (path[len("file://"):] or "/") if path.startswith("file://") else (None if "://" in path else path)
+    return local if local is not None and not os.path.lexists(local) else None
+
+
+@contextlib.contextmanager
+def discarding_new_lake(lake: Any, folder: str | None) -> Iterator[None]:
+    """Remove the lake a failed first write made in ``folder`` (`new_local_folder`; None: keep it), so that
+    the same command can be run again (an empty lake left behind blocked it: another width, dtype or
+    schema); never a lake another process committed to meanwhile, or one whose state cannot be read."""
+    import shutil
+
+    try:
+        yield
+    except BaseException:
+        if folder is not None and lake.version == 0 and _never_committed(lake):
+            lake.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _never_committed(lake: Any) -> bool:
+    """Whether no version was committed to ``lake`` (by any process); False when that cannot be read."""
+    try:
+        return bool(lake.refresh() == 0)
+    except Exception:  # noqa: BLE001 -- the write's own error is raised; the lake is then left as it is
+        return False
+
+
 # ---------------------------------------------------------------------------------------------- in memory
 def is_tabular(data: Any) -> bool:
     """True for Arrow tables/batches/readers, objects exporting an Arrow stream (Polars, ...), Hugging Face

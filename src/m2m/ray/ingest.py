@@ -41,6 +41,7 @@ from m2m.errors import (
 )
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
+from m2m.lake.ingest import discarding_new_lake, new_local_folder
 from m2m.lake.integrity import WriteStamp
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.writer import (
@@ -65,13 +66,31 @@ class _Piece:
     row0: int
 
 
+def _null_rows(column: Any) -> np.ndarray:
+    """Positions of the null values of an Arrow column (a column of Arrow type null is null throughout)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_null(column.type):
+        return np.arange(len(column))
+    if column.null_count == 0:
+        return np.empty(0, np.int64)
+    return np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))
+
+
 def _block_columns(block: Any, vector_column: str, label_column: str | None,
-                   metadata_columns: Sequence[str]) -> dict[str, Any]:
-    """The wanted columns of a Ray block as numpy (tensor columns -> [n, d], lists -> stacked)."""
+                   metadata_columns: Sequence[str], row0: int = 0) -> dict[str, Any]:
+    """The wanted columns of a Ray block as numpy (tensor columns -> [n, d], lists -> stacked);
+    ``row0``: the dataset row of the block's first (for messages)."""
     from ray.data.block import BlockAccessor
 
-    batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+    accessor = BlockAccessor.for_block(block)
+    batch = accessor.to_batch_format("numpy")
     vectors = batch[vector_column]
+    nulls = _null_rows(accessor.to_arrow().column(vector_column))
+    if len(nulls):  # (a block of null rows reached the writer as [nan]: "dimension 1, expected latent_dim ...")
+        raise InvalidEmbeddingError(f"column {vector_column!r} is null in dataset row {row0 + int(nulls[0])} "
+                                    f"({len(nulls)} null row(s) in its block); write_lake needs one vector per row")
     if vectors.dtype == object:  # variable-length list column: one array per row
         try:
             vectors = np.stack([np.asarray(v) for v in vectors]) if len(vectors) else vectors
@@ -94,7 +113,7 @@ def _write_pieces(fs: LakeFS, pieces: list[_Piece], first_id: int, dim: int, dty
     summary: dict[str, Any] = {}
     for p in pieces:
         block = BlockAccessor.for_block(ray.get(p.ref)).slice(p.start, p.stop, copy=False)
-        cols = _block_columns(block, vector_column, label_column, metadata_columns)
+        cols = _block_columns(block, vector_column, label_column, metadata_columns, p.row0)
         b = validate_splats(cols["vectors"], cols["labels"], None, None, cols["metadata"], dim, start=p.row0)
         planned = reconcile_schema(planned, b)
         summary = lake_stats.merge(summary, lake_stats.summarize(b.kappa, b.alpha))
@@ -243,7 +262,7 @@ def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", l
     if rows == 0:
         raise InvalidEmbeddingError("nothing to add: the dataset has no rows")
     head = pieces[0][0]
-    first = _block_columns(ray.get(head.ref), vector_column, label_column, meta_cols)
+    first = _block_columns(ray.get(head.ref), vector_column, label_column, meta_cols, head.row0 - head.start)
     first = {"vectors": np.asarray(first["vectors"])[head.start:head.start + 1],
              "labels": None if first["labels"] is None else first["labels"][head.start:head.start + 1],
              "metadata": {k: v[head.start:head.start + 1] for k, v in first["metadata"].items()}}
@@ -252,9 +271,13 @@ def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", l
                                     "per row; write_lake needs one vector per row")
     dim_hint = int(first["vectors"].shape[1])
     _unified_metadata(ray, pieces, first, meta_cols)
+    target = path_or_config.path if isinstance(path_or_config, M2MConfig) else path_or_config
+    new_folder = new_local_folder(target) if isinstance(target, (str, os.PathLike)) else None
     lake = _open_target(path_or_config, dim_hint)
     try:
-        _commit(ray, lake, pieces, rows, first, vector_column, label_column, meta_cols)
+        # a failed first write removes the empty lake it made (as `m2m ingest` does): it blocked a retry
+        with discarding_new_lake(lake, new_folder):
+            _commit(ray, lake, pieces, rows, first, vector_column, label_column, meta_cols)
     except BaseException:
         lake.close()
         raise
