@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,116 @@ def test_signed_lake_refuses_unsigned_and_wrongly_signed_manifests(tmp_path: Pat
         open_lake(path, lake_key="k1")
     r = cli("info", str(path))
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def _crcs(data: bytes, block: int) -> int:
+    """The whole-file CRC32 and every block's CRC32C of ``data`` as one integer (what the manifest records)."""
+    import crc32c
+
+    out = zlib.crc32(data)
+    for k, lo in enumerate(range(0, len(data), block)):
+        out |= crc32c.crc32c(data[lo:lo + block]) << (32 * (k + 1))
+    return out
+
+
+def _forge_keeping_crcs(data: bytes, at: int, new: bytes, free: list[tuple[int, int]], block: int) -> bytes:
+    """``data`` with ``new`` written at ``at`` and some of the ``free`` (byte, bit) flipped so that every CRC the
+    manifest records stays the same: CRCs are linear over GF(2), so the flips that cancel the edit's change
+    solve a linear system (what an attacker with write access and no key can do)."""
+    out = bytearray(data)
+    out[at:at + len(new)] = new
+    edited = _crcs(bytes(out), block)
+    target = edited ^ _crcs(data, block)
+    basis: dict[int, tuple[int, int]] = {}
+    for i, (byte, bit) in enumerate(free):
+        flipped = bytearray(out)
+        flipped[byte] ^= 1 << bit
+        col, mask = _crcs(bytes(flipped), block) ^ edited, 1 << i
+        while col:
+            top = col.bit_length() - 1
+            if top not in basis:
+                basis[top] = (col, mask)
+                break
+            col, mask = col ^ basis[top][0], mask ^ basis[top][1]
+    chosen = 0
+    while target:
+        top = target.bit_length() - 1
+        target, chosen = target ^ basis[top][0], chosen ^ basis[top][1]
+    for i, (byte, bit) in enumerate(free):
+        if chosen >> i & 1:
+            out[byte] ^= 1 << bit
+    assert _crcs(bytes(out), block) == _crcs(data, block)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_shard_changed_with_its_crcs_kept_is_refused_in_a_signed_lake(tmp_path: Path, signed: bool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # observed: a label changed in a signed lake's shard, the whole-file CRC32 and block CRC32Cs kept by flipping
+    # bits of unestimated (NaN) kappas, was read and verified as it was: the manifest bound files by CRCs only
+    monkeypatch.delenv("M2M_LAKE_KEY", raising=False)
+    key = {"lake_key": "k1"} if signed else {}
+    path = tmp_path / "lake"
+    with create_m2m(M2MConfig(path=path, latent_dim=D, **key)) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((100, D)), labels=np.arange(100) % 5)
+        entry = lk.manifest.shards[0].files[0]
+    assert (entry.sha256 is not None) == signed
+    file = path / entry.path
+    data = file.read_bytes()
+    labels, nans = (np.arange(100) % 5).astype(np.int64).tobytes(), np.full(100, np.nan, np.float32).tobytes()
+    at, free_at = data.find(labels), data.find(nans)
+    assert at > 0 and free_at > 0
+    free = [(free_at + 4 * i, b) for i in range(100) for b in range(2)]   # low mantissa bits: still NaN
+    file.write_bytes(_forge_keeping_crcs(data, at, np.int64(4).tobytes(), free, entry.block_bytes or len(data)))
+    with open_lake(path, **key) as lk:
+        if not signed:   # what the docs say an unsigned lake does not detect: a writer forging consistent files
+            assert lk[0]["label"] == 4 and lk.verify() == []
+            return
+        with pytest.raises(CorruptShardError, match=f"shard file .*{entry.path} is not the file the signed manifest"):
+            lk[0]
+        with pytest.raises(CorruptShardError, match="is not the file the signed manifest"):
+            next(iter(lk.export_to_dataloader(batch_size=10, shuffle=False)))
+        assert len(lk.verify()) == 1 and "signed manifest" in lk.verify()[0]
+
+
+@pytest.mark.parametrize("damage", ["accident", "forgery"])
+def test_repair_and_rollback_recover_a_signed_lake(tmp_path: Path, damage: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # observed: one digit changed in a signed lake's newest manifest read as "forged, or another key"
+    # (SignatureError, checked before the checksum), and rollback and repair, which took only
+    # CorruptShardError as "unreadable", failed on it: the documented recovery did not work on signed lakes
+    from m2m.lake.recovery import rollback
+
+    monkeypatch.delenv("M2M_LAKE_KEY", raising=False)
+    path = tmp_path / "lake"
+    with create_m2m(M2MConfig(path=path, latent_dim=D, lake_key="k1")) as lk:
+        for seed in range(3):
+            lk.add_splats(np.random.default_rng(seed).standard_normal((10, D)))
+    head = manifest_path(path)
+    if damage == "accident":
+        head.write_text(head.read_text().replace('"created": 1', '"created": 2', 1))
+        match = "is corrupt: checksum mismatch"
+    else:   # an attacker without the key: content edited, checksum recomputed, the signature no longer matches
+        edit_manifest(path, lambda d: d.update(next_id=d["next_id"] + 7))
+        match = "signature does not match"
+    for fails in (lambda: open_lake(path, lake_key="k1"), lambda: open_lake(path, lake_key="k2")):
+        with pytest.raises((CorruptShardError, SignatureError)):
+            fails()
+    with pytest.raises((CorruptShardError, SignatureError), match=match):
+        open_lake(path, lake_key="k1")
+    monkeypatch.setenv("M2M_LAKE_KEY", "k2")        # another key: no version is readable, nothing moves
+    with pytest.raises(CorruptShardError, match="no version .* is readable; nothing was moved"):
+        repair(path)
+    monkeypatch.setenv("M2M_LAKE_KEY", "k1")
+    if damage == "accident":                        # repair moves it aside
+        report = repair(path)
+        assert [v for v, _, _ in report["moved"]] == [3] and report["head"] == 4
+    else:                                           # rollback commits a copy of version 2 above it
+        assert rollback(path, 2).version == 4
+        report = repair(path)                       # the bad version 3 is older now: reported, left in place
+        assert [v for v, _ in report["unreadable"]] == [3] and report["moved"] == []
+    with open_lake(path) as lk:
+        assert len(lk) == 20 and lk.verify() == [] and lk.version == 4
 
 
 def test_lake_key_is_not_in_the_config_repr() -> None:

@@ -136,6 +136,9 @@ class FileEntry:
     # checked on every read from disk by the stream; None in files written before they existed
     block_bytes: int | None = None
     block_crc32c: tuple[int, ...] | None = None
+    # SHA-256 of the whole file (hex), written in signed lakes: CRCs are linear, so someone with write
+    # access and no key could change a file and keep every CRC (observed); checked at first open
+    sha256: str | None = None
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"path": self.path, "bytes": self.bytes, "crc32": self.crc32,
@@ -144,6 +147,8 @@ class FileEntry:
             doc["block_bytes"] = self.block_bytes
         if self.block_crc32c is not None:
             doc["block_crc32c"] = list(self.block_crc32c)
+        if self.sha256 is not None:
+            doc["sha256"] = self.sha256
         return doc
 
 
@@ -416,6 +421,12 @@ class Manifest:
             doc = json.loads(data)
         except (ValueError, RecursionError) as exc:
             raise CorruptShardError(f"manifest {where} is corrupt: {exc}") from exc
+        if key is not None and isinstance(doc, dict) and isinstance(doc.get("checksum"), str):
+            # the checksum first: a damaged signed manifest is damage (repair moves it aside), not a forgery
+            actual = manifest_checksum(doc)
+            if doc["checksum"] != actual:
+                raise CorruptShardError(f"manifest {where} is corrupt: checksum mismatch: stored {doc['checksum']}, "
+                                        f"content {actual}")
         check_signature(doc, key, where)
         try:
             return _parse(doc, fs, where)
@@ -846,15 +857,17 @@ def _shard_fast(doc: Any, i: int, columns_ok: dict[tuple[Any, ...], tuple[str, .
                 if not cols or set(map(type, cols)) != {str} or not all(cols) or len(set(cols)) != len(cols):
                     return _shard(doc, i)
                 columns = columns_ok[key] = key
-            bb, blocks = f.get("block_bytes"), f.get("block_crc32c")
+            bb, blocks, sha = f.get("block_bytes"), f.get("block_crc32c"), f.get("sha256")
+            if sha is not None and (type(sha) is not str or _SHA256_RE.fullmatch(sha) is None):
+                return _shard(doc, i)
             if bb is None and blocks is None:
-                out.append(FileEntry(path, size, crc, columns))
+                out.append(FileEntry(path, size, crc, columns, sha256=sha))
                 continue
             if (type(bb) is not int or type(blocks) is not list or not 1 <= bb <= _I64_MAX
                     or len(blocks) != -(-size // bb) or (blocks and (set(map(type, blocks)) != {int}
                                                                     or min(blocks) < 0 or max(blocks) >= _U32))):
                 return _shard(doc, i)
-            out.append(FileEntry(path, size, crc, columns, bb, tuple(blocks)))
+            out.append(FileEntry(path, size, crc, columns, bb, tuple(blocks), sha))
         return ShardEntry(rows, lo, hi, tuple(out))
     except (KeyError, TypeError):
         return _shard(doc, i)
@@ -889,9 +902,12 @@ def _file(doc: Any, where: str) -> FileEntry:
         if len(blocks) != -(-_int(doc, "bytes", where=where) // block_bytes):
             raise InvalidManifestError(f"{where}{len(blocks)} block checksums of {block_bytes} bytes do not cover the "
                              f"{doc['bytes']} bytes of {path}")
+    sha = doc.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or _SHA256_RE.fullmatch(sha) is None):
+        raise InvalidManifestError(f"{where}sha256 of {path} is not 64 lowercase hex digits")
     return FileEntry(path=path, bytes=_int(doc, "bytes", where=where), crc32=_int(doc, "crc32", 0, _U32 - 1, where),
                      columns=tuple(columns), block_bytes=block_bytes,
-                     block_crc32c=None if blocks is None else tuple(blocks))
+                     block_crc32c=None if blocks is None else tuple(blocks), sha256=sha)
 
 
 def check_layout(m: Manifest) -> None:

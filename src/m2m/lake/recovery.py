@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from m2m._validate import check_int
-from m2m.errors import CorruptShardError, LakeNotFoundError
+from m2m.errors import CorruptShardError, LakeNotFoundError, SignatureError
 from m2m.lake.fs import LakeFS, open_fs
 from m2m.lake.manifest import (
     FORMAT_VERSION,
@@ -81,7 +81,7 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
             if v > to:
                 try:
                     next_id = max(next_id, read_manifest(fs, v).next_id)
-                except CorruptShardError:
+                except (CorruptShardError, SignatureError):
                     # unreadable now (a broken segment, a flipped byte) but it may have been read: the
                     # next_id its JSON states, if any (0 when the file is no JSON)
                     next_id = max(next_id, _stated_next_id(fs, manifest_name(v)))
@@ -127,7 +127,9 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
         for v in versions:
             try:
                 load_all(read_manifest(fs, v).shards)  # format 3: every segment, not only what an open reads
-            except CorruptShardError as exc:
+            except (CorruptShardError, SignatureError) as exc:
+                # a signed lake's version whose signature fails (a planted or forged manifest) is moved aside
+                # like a damaged one; with no key or another key no version passes and nothing moves
                 problems[v] = str(exc)
         readable = [v for v in versions if v not in problems]
         if not readable:

@@ -19,6 +19,7 @@ naming the file:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 import zlib
@@ -34,7 +35,7 @@ import pyarrow as pa
 from m2m._forksafe import ForkSafeLock
 from m2m.errors import ConfigError, CorruptShardError
 from m2m.lake.fs import LakeFS, fsync_path, write_error
-from m2m.lake.manifest import DATA_DIR, FileEntry
+from m2m.lake.manifest import DATA_DIR, FileEntry, key_of
 
 _CRC_CHUNK = 16 << 20
 # Checksum block size: small enough that a random or edge read re-reads little (a 13 KB label
@@ -57,8 +58,9 @@ class _CrcSink:
     """A binary file wrapper that keeps the CRC32 of everything written through it, and the
     crc32c of each ``block_bytes``-byte block of it."""
 
-    def __init__(self, f: BinaryIO, block_bytes: int = BLOCK_BYTES) -> None:
+    def __init__(self, f: BinaryIO, block_bytes: int = BLOCK_BYTES, sha256: bool = False) -> None:
         self._f = f
+        self.sha = hashlib.sha256() if sha256 else None  # a signed lake's files: see FileEntry.sha256
         self.crc = 0
         self.size = 0
         self.block_bytes = block_bytes
@@ -69,6 +71,8 @@ class _CrcSink:
     def write(self, data: Any) -> int:
         self.crc = zlib.crc32(data, self.crc)
         view = memoryview(data).cast("B")
+        if self.sha is not None:
+            self.sha.update(view)
         at = 0
         while at < len(view):  # the data may straddle block boundaries
             take = min(len(view) - at, self.block_bytes - self._block_fill)
@@ -115,7 +119,7 @@ def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array],
     os.makedirs(os.path.dirname(local), exist_ok=True)
     try:
         with open(local, "wb") as f:
-            sink = _CrcSink(f)
+            sink = _CrcSink(f, sha256=key_of(fs) is not None)
             with pa.PythonFile(sink, mode="w") as out:
                 with pa.ipc.new_file(out, batch.schema) as writer:
                     writer.write_batch(batch)
@@ -132,7 +136,8 @@ def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array],
     else:
         getattr(fs, "_record", lambda rel: None)(rel)
     return FileEntry(path=rel, bytes=sink.size, crc32=sink.crc, columns=tuple(arrays),
-                     block_bytes=sink.block_bytes, block_crc32c=sink.block_checksums())
+                     block_bytes=sink.block_bytes, block_crc32c=sink.block_checksums(),
+                     sha256=None if sink.sha is None else sink.sha.hexdigest())
 
 
 def sync_files(fs: LakeFS, rels: list[str]) -> None:
@@ -174,6 +179,7 @@ def verify_file(fs: LakeFS, entry: FileEntry) -> None:
     """
     with opened_shard(fs, entry) as f:
         f.check_size()
+        f.check_digest(again=True)
         if entry.block_bytes is not None and entry.block_crc32c is not None:
             f.verify_all()
             return
@@ -402,6 +408,44 @@ def _missing(path: str) -> str:
             f"version, that version's files are gone: reopen the lake; else run `m2m verify`)")
 
 
+_DIGEST_CHUNK = 1 << 20
+# (device, inode, size, mtime, SHA-256) of the files this process has hashed: each is read whole once
+_DIGESTS_SEEN: set[tuple[int, int, int, int, str]] = set()
+
+
+def _check_digest(fd: int, path: str, entry: FileEntry, again: bool = False) -> None:
+    """`CorruptShardError` unless the open file ``fd`` hashes to ``entry.sha256``.
+
+    A signed lake's files are bound to its signed manifest by this digest, not by their CRCs alone (a
+    CRC is linear: a writer without the key changed a label and kept every CRC, observed). The whole file
+    is read once per process (fork children inherit what was checked); a later change in place, within
+    the same second and size, is what the block CRCs still catch (accidents), not an attacker racing the
+    reader (docs/format.md, "Signed lakes").
+    """
+    st = os.fstat(fd)
+    want = entry.sha256
+    assert want is not None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, want)
+    if not again and key in _DIGESTS_SEEN:
+        return
+    h = hashlib.sha256()
+    buf = bytearray(min(_DIGEST_CHUNK, max(st.st_size, 1)))
+    view = memoryview(buf)
+    at = 0
+    while True:
+        got = os.preadv(fd, [view], at)
+        if got == 0:
+            break
+        h.update(view[:got])
+        at += got
+    got_hex = h.hexdigest()
+    if at != entry.bytes or got_hex != want:
+        raise CorruptShardError(f"shard file {path} is not the file the signed manifest names: {at} bytes with "
+                                f"SHA-256 {got_hex[:16]}..., the manifest says {entry.bytes} bytes, {want[:16]}... "
+                                "(changed by someone without the lake's key, or damaged)")
+    _DIGESTS_SEEN.add(key)
+
+
 class ShardFile:
     """Positional reads of one shard file, each block read from disk checked against the manifest.
 
@@ -444,10 +488,24 @@ class ShardFile:
             with self._lock:
                 if self._fd is None:
                     try:
-                        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                     except FileNotFoundError as exc:
                         raise CorruptShardError(_missing(self.path)) from exc
+                    try:
+                        if self.entry.sha256 is not None:
+                            _check_digest(fd, self.path, self.entry)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    self._fd = fd
         return self._fd
+
+    def check_digest(self, again: bool = False) -> None:
+        """`CorruptShardError` unless the file's SHA-256 is the manifest's (signed lakes' files; others have
+        none). Checked once per process and file at its first open; ``again`` reads the file again."""
+        fd = self._fileno()
+        if again and self.entry.sha256 is not None:
+            _check_digest(fd, self.path, self.entry, again=True)
 
     def advise(self, start: int, length: int) -> None:
         """Ask the kernel to start reading ``[start, start + length)`` (a hint)."""
