@@ -35,13 +35,22 @@ from typing import Any
 
 import numpy as np
 
-from m2m.errors import CommitConflictError, CorruptShardError, InternalError, ObjectStoreError
+from m2m.errors import (
+    CommitConflictError,
+    CorruptShardError,
+    InternalError,
+    LakeNotFoundError,
+    ObjectStoreError,
+    SignatureError,
+)
 from m2m.lake import summary as lake_stats
 from m2m.lake.manifest import (
     Manifest,
     ShardEntry,
     added_shards,
+    list_versions,
     load_all,
+    manifest_name,
     missing_file,
     read_manifest,
     write_manifest,
@@ -129,10 +138,21 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
                 raise CorruptShardError(f"version {new.version} of {fs.url} was published, but its file {gone} "
                                         "was removed meanwhile (by a vacuum with min_age_s=0?): reading that version "
                                         f"fails; `m2m repair {fs.url}` sets it aside")
-            fs.published_mark = fs.mark()
-            if attempt:
-                logger.info("%s committed as version %d after %d rebase(s)", operation, new.version, attempt)
-            return new
+            if _overtaken(fs, new, fresh):
+                # a vacuum removed this number's file after other writers had moved past it, and this put re-made
+                # it: the lake's head holds none of this commit (observed: ids returned, rows in no version, the
+                # next vacuum deleted them). Withdraw it and rebase, as on any other conflict.
+                fs.remove(manifest_name(new.version))
+                # this attempt's writes, as after a conflict (a successor holding none of its files holds none of its
+                # segments); files written before the attempt (an append's shards) serve the rebase
+                remove_unpublished(fs, fs.written_since(mark))
+                logger.warning("%s on %s: version %d was re-made after a vacuum removed it (newer versions exist); "
+                               "withdrawn and rebased", operation, fs.url, new.version)
+            else:
+                fs.published_mark = fs.mark()
+                if attempt:
+                    logger.info("%s committed as version %d after %d rebase(s)", operation, new.version, attempt)
+                return new
         attempt += 1
         elapsed = time.monotonic() - t0
         if attempt >= attempts or elapsed >= seconds:
@@ -140,6 +160,25 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
                 f"{operation} on {fs.url}: other writers committed first {attempt} time(s) "
                 f"in {elapsed:.1f} s; gave up (nothing of this commit was published)")
         time.sleep(_backoff(attempt))
+
+
+def _overtaken(fs: Any, new: Manifest, fresh: list[str]) -> bool:
+    """Whether the just-published ``new`` sits below a version that does not hold its files: other writers
+    committed ``new.version`` (and beyond) first and a vacuum removed that file before this put re-made it.
+    A newer version built on ``new`` holds some of its files (the next version found is asked; a compaction
+    built on it may have rewritten them all, and is then taken as overtaking: the commit is redone, nothing
+    is lost). A commit that adds no file of its own is not judged (nothing tells its successor's base apart)."""
+    if not fresh:
+        return False
+    later = [v for v in list_versions(fs) if v > new.version]
+    if not later:
+        return False
+    try:
+        successor = read_manifest(fs, later[0])
+    except (CorruptShardError, LakeNotFoundError, SignatureError):
+        return False  # unreadable or gone again: not evidence against this commit
+    held = {f.path for shard in successor.shards for f in shard.files}
+    return held.isdisjoint(fresh)
 
 
 def _fresh_files(fs: Any, base: Manifest, new: Manifest) -> list[str]:
