@@ -39,7 +39,11 @@ def integer_problem(arr: np.ndarray) -> str | None:
     else ``"dtype D (first: v)"`` for the refusal (a float id would be truncated onto another row)."""
     if arr.dtype.kind in "iu" or (arr.size == 0 and arr.dtype.kind == "f"):
         return None
-    return f"dtype {arr.dtype}" + (f" (first: {arr.reshape(-1)[0].item()!r})" if arr.size else "")
+    if not arr.size:
+        return f"dtype {arr.dtype}"
+    first = arr.reshape(-1)[0]
+    # an object array holds Python objects (a big int, None), which have no .item()
+    return f"dtype {arr.dtype} (first: {(first.item() if isinstance(first, np.generic) else first)!r})"
 
 
 def beyond_int64(arr: np.ndarray) -> int | None:

@@ -227,3 +227,75 @@ def test_a_uint64_id_beyond_int64_is_named_as_given(tmp_path):
         with pytest.raises(UnknownIdError, match="id 18446744073709551615 is not in lake version 1"):
             lake.take(np.array([2**64 - 1], dtype=np.uint64))
         assert lake.take(np.array([2], dtype=np.uint64))["id"].tolist() == [2]
+
+
+# ------------------------------------------------------------------ found by a probing helper (2026-12-07)
+def test_an_index_holding_a_big_int_or_none_is_one_typed_line(tmp_path):
+    # observed: AttributeError "'int' object has no attribute 'item'" (an object array of Python ints)
+    from m2m.errors import M2MError
+
+    with create_m2m(M2MConfig(path=str(tmp_path / "l"), latent_dim=4)) as lake:
+        lake.add_splats(np.eye(4, dtype=np.float32))
+        for key in ([2**70], [3, None]):
+            with pytest.raises(M2MError) as exc:
+                lake[key]
+            assert isinstance(exc.value, (IndexError, ValueError, TypeError)) and "\n" not in str(exc.value)
+            assert repr(key[0] if key[0] is not None else key[1])[:8] in str(exc.value) or "dtype object" in str(exc.value)
+
+
+def test_decode_labels_refuses_codes_that_are_not_integers(tmp_path):
+    # observed: [1.9] decoded as 'dog', [True] as 'dog', ['1'] as 'dog' (silently); [2**70] an OverflowError
+    from m2m.errors import ConfigError
+
+    with create_m2m(M2MConfig(path=str(tmp_path / "l"), latent_dim=4)) as lake:
+        lake.add_splats(np.eye(4, dtype=np.float32), labels=["cat", "dog", "emu", "fox"])
+        assert lake.decode_labels(torch.tensor([1, 3])).tolist() == ["dog", "fox"]
+        assert lake.decode_labels(np.array([], dtype=np.int64)).tolist() == []
+        for codes in ([1.9], torch.tensor([2.7]), [True], ["1"], [float("nan")], [2**70],
+                      np.array([2**64 - 1], dtype=np.uint64)):
+            with pytest.raises(ConfigError, match="label codes must be integers|outside the vocabulary"):
+                lake.decode_labels(codes)
+
+
+@pytest.mark.parametrize("bad", [True, 3.0, "3", -1])
+def test_to_arrow_and_checkout_check_the_version_as_open_lake_does(tmp_path, bad):
+    # observed: to_arrow(version=True) read version 1 silently; 3.0 a bare ValueError; '3' "has no version 3"
+    from m2m.errors import ConfigError
+
+    with create_m2m(M2MConfig(path=str(tmp_path / "l"), latent_dim=4)) as lake:
+        for _ in range(3):
+            lake.add_splats(np.eye(4, dtype=np.float32))
+        for call in (lambda: lake.to_arrow(version=bad), lambda: lake.checkout(bad)):
+            with pytest.raises(ConfigError, match="version"):
+                call()
+        assert lake.to_arrow(version=1).num_rows == 4
+
+
+def test_original_vectors_at_the_edge_of_float32_come_back_finite(tmp_path):
+    # observed: a finite float32 row holding FLT_MAX came back inf from to_arrow(original=True); a float64 row
+    # of 1e300 (valid input) came back inf with no error
+    from m2m.errors import InvalidEmbeddingError
+
+    edge = np.array([[2139095039, 2138550387, 2137550307, 2130729404]], np.uint32).view(np.float32)
+    with create_m2m(M2MConfig(path=str(tmp_path / "l"), latent_dim=4)) as lake:
+        lake.add_splats(edge)
+        got = np.asarray(lake.to_arrow(original=True).column("mu").combine_chunks().flatten()).reshape(1, 4)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, edge, rtol=2.0**-22)
+    with create_m2m(M2MConfig(path=str(tmp_path / "m"), latent_dim=4)) as lake:
+        lake.add_splats(np.array([[1e300, 0.0, 0.0, 1.0]]))
+        with pytest.raises(InvalidEmbeddingError, match="beyond float32's range"):
+            lake.to_arrow(original=True)
+        assert lake.to_arrow().num_rows == 1
+
+
+def test_an_empty_selection_has_the_dtypes_of_a_non_empty_one(tmp_path):
+    # observed: lake[0:0] and take([]) gave object arrays for bool, date, timestamp and duration columns
+    meta = {"flag": np.array([True, False]), "when": np.array(["2026-01-01", "2026-01-02"], dtype="datetime64[D]"),
+            "ts": np.array([1, 2], dtype="datetime64[us]"), "dur": np.array([1, 2], dtype="timedelta64[s]"),
+            "n": np.array([1, 2], dtype=np.int32), "s": np.array(["a", "b"], dtype=object)}
+    with create_m2m(M2MConfig(path=str(tmp_path / "l"), latent_dim=4)) as lake:
+        lake.add_splats(np.eye(4, dtype=np.float32)[:2], metadata=meta)
+        full, empty, taken = lake[0:1], lake[0:0], lake.take([])
+        for name in meta:
+            assert empty[name].dtype == full[name].dtype == taken[name].dtype, name

@@ -403,3 +403,16 @@ def test_a_pickled_snapshot_of_a_segmented_lake_reads(tmp_path: Path) -> None:
         snap = pickle.loads(pickle.dumps(lake.snapshot))  # as a stream's workers get it: nothing loaded yet
         np.testing.assert_allclose(snap.read_main("mu").astype(np.float32), want, atol=1e-3)
         assert snap.manifest.shards == lake.manifest.shards
+
+
+def test_a_reader_of_a_vacuumed_segmented_version_is_told_to_reopen(tmp_path: Path) -> None:
+    # observed: a format-3 reader pinned to a vacuumed version was told its manifest "is corrupt" (pointing at
+    # repair), where a format-2 reader is told to reopen the lake
+    _make(tmp_path / "l")
+    with open_lake(str(tmp_path / "l")) as pinned, open_lake(str(tmp_path / "l")) as writer:
+        writer.add_splats(_rows(10, 9))
+        writer.compact()
+        writer.vacuum(keep=1)
+        with pytest.raises(CorruptShardError, match="reopen the lake") as exc:
+            pinned.splats()
+        assert "\n" not in str(exc.value)

@@ -21,6 +21,7 @@ touch most of its blocks; with ``verify_reads=False`` only the rows' own bytes a
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping
 
@@ -89,6 +90,21 @@ class Splats:
             out["label"] = self.label
         out.update(self.metadata)
         return out
+
+
+def _empty_dtype(m: Manifest, name: str) -> np.dtype:
+    """The dtype a read of column ``name`` has when it selects no row: the one a non-empty read has (bool,
+    datetime64, timedelta64 included; they were object); object for strings and what Arrow reads so."""
+    dt = _fixed_dtype(m, name)
+    if dt is not None or name not in m.metadata:
+        return np.dtype(object) if dt is None else dt
+    type_name = m.metadata[name]
+    zoned = re.fullmatch(r"timestamp\[(s|ms|us|ns), tz=.*\]", type_name)  # no alias; read as naive times
+    try:
+        typ = pa.timestamp(zoned.group(1)) if zoned else pa.type_for_alias(type_name)
+    except (ValueError, KeyError, TypeError):
+        return np.dtype(object)
+    return pa.array([], type=typ).to_numpy(zero_copy_only=False).dtype
 
 
 def _fixed_dtype(m: Manifest, name: str) -> np.dtype | None:
@@ -220,8 +236,7 @@ class RowReader:
                 out[name][sel] = vals
         if not len(pos):
             for name in self.columns:
-                dt = _fixed_dtype(m, name)
-                out[name] = np.empty((0, m.dim) if name == "mu" else (0,), dtype=object if dt is None else dt)
+                out[name] = np.empty((0, m.dim) if name == "mu" else (0,), dtype=_empty_dtype(m, name))
         return Splats(out["id"], out["mu"], out["kappa"], out["alpha"], out.get("label"),
                       {name: out[name] for name in m.metadata})
 

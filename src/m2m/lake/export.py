@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from m2m.errors import AlreadyExistsError, ConfigError, PathNotFoundError, WriteFailedError
+from m2m.errors import AlreadyExistsError, ConfigError, InvalidEmbeddingError, PathNotFoundError, WriteFailedError
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import FileEntry, Manifest
 from m2m.lake.schema import MU_NORM
@@ -101,7 +101,19 @@ def _original(mu: pa.Array, norms: pa.Array | None) -> pa.Array:
         values = unit.astype(np.float32)
     else:
         scale = norms.to_numpy(zero_copy_only=False).astype(np.float64)
-        values = np.multiply(unit, np.nan_to_num(scale, nan=1.0)[:, None], dtype=np.float64).astype(np.float32)
+        wide = np.multiply(unit, np.nan_to_num(scale, nan=1.0)[:, None], dtype=np.float64)
+        # a float32 input at the edge of its range can come back a rounding step above FLT_MAX (it read inf);
+        # a float64 input beyond float32's range has no float32 original (it read inf, silently)
+        top = float(np.finfo(np.float32).max)
+        over = np.abs(wide) > top
+        if over.any():
+            beyond = np.abs(wide) > top * (1 + 2.0**-22)  # more than the float32 rounding of the stored unit row
+            if beyond.any():
+                raise InvalidEmbeddingError(f"an original vector has the value {wide[beyond][0]:.6g}, beyond float32's "
+                                            "range: it was added as float64; read it with original=False (unit vectors "
+                                            "and mu_norm) instead")
+            np.clip(wide, -top, top, out=wide)
+        values = wide.astype(np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
 
 

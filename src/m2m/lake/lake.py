@@ -150,7 +150,7 @@ class Lake:
 
     def checkout(self, version: int) -> Snapshot:
         """A read-only snapshot of an older (or newer) committed version."""
-        return self._open(read_manifest(self._fs, version))
+        return self._open(read_manifest(self._fs, check_int(version, "version", 0)))
 
     def versions(self) -> list[int]:
         """Committed versions still on disk."""
@@ -452,13 +452,17 @@ class Lake:
 
         Example: ``batch = next(iter(lake.export_to_dataloader(columns=("embedding", "label"))))``, then
         ``lake.decode_labels(batch["label"])`` -> ``array(['dog', 'cat', ...], dtype=object)``."""
-        from m2m._validate import as_numpy
+        from m2m._validate import as_numpy, beyond_int64, integer_problem
 
         m = self.manifest
         if m.label_type != "string":
             raise ConfigError(f"lake {self.path} has {m.label_type or 'no'} labels; only string labels are "
                               "streamed as codes")
-        arr = as_numpy(codes, "codes").astype(np.int64, copy=False)
+        arr = as_numpy(codes, "codes")
+        problem = integer_problem(arr)
+        if problem is not None or beyond_int64(arr) is not None:  # (floats were truncated, bools and '1' taken)
+            raise ConfigError(f"label codes must be integers, got {problem or f'{beyond_int64(arr)} (beyond int64)'}")
+        arr = arr.astype(np.int64, copy=False)
         vocab = np.asarray(m.label_vocabulary, dtype=object)
         bad = (arr < 0) | (arr >= len(vocab))
         if bad.any():
@@ -485,7 +489,7 @@ class Lake:
         from m2m.lake.export import lake_file_opener, snapshot_batches
 
         self._check_open()
-        manifest = self.manifest if version is None else read_manifest(self._fs, version)
+        manifest = self.manifest if version is None else read_manifest(self._fs, check_int(version, "version", 0))
         opener = lake_file_opener(self._fs, self.config.verify_reads, self._verified)
         reader = snapshot_batches(manifest, opener, columns=columns, float32=float32, original=original)
         return reader if stream else reader.read_all()

@@ -689,7 +689,8 @@ def _read_segment(fs: LakeFS, ref: SegmentRef) -> bytes:
     try:
         return fs.read_bytes(ref.path)
     except FileNotFoundError:
-        raise InvalidManifestError(f"segment {ref.path} is missing") from None
+        raise InvalidManifestError(f"segment {ref.path} is missing (if `vacuum` ran since this reader opened its "
+                                   "version, that version's files are gone: reopen the lake; else run `m2m verify`)") from None
 
 
 def load_segments(refs: Sequence[SegmentRef]) -> None:
