@@ -97,10 +97,16 @@ class StreamDataset(Dataset[Any]):
         the plan (exactly the delivered draws, `m2m.stream.order.delivered_draws`)."""
         world = self.world if world is None else world
         s = self.spec
-        if supports_priorities(self.sampler) and accepts_num_draws(self.sampler) and not s.shard_affinity:
-            m = delivered_draws(s.num_rows, s.batch_size, world.world_size, s.drop_last)
-            return partition.num_batches(partition.rows_per_rank(m, s.batch_size, world.world_size, s.drop_last),
-                                         s.batch_size, s.drop_last)
+        if supports_priorities(self.sampler) and not isinstance(self.sampler, ShardedPlanSampler):
+            # with or without shard affinity a plan's batch count is that of its length (`affinity.rank_epoch`);
+            # a mixture's plan has a fixed length (with affinity, or a mixture, len(dl) froze the next epoch's
+            # priorities before the loop fed its losses back: observed)
+            fixed = getattr(self.sampler, "plan_length", None)
+            m = (delivered_draws(s.num_rows, s.batch_size, world.world_size, s.drop_last)
+                 if accepts_num_draws(self.sampler) else None if fixed is None else int(fixed()))
+            if m is not None:
+                return partition.num_batches(partition.rows_per_rank(m, s.batch_size, world.world_size, s.drop_last),
+                                             s.batch_size, s.drop_last)
         return self.rank_epoch(epoch, world).num_batches
 
     def compute_epoch(self, epoch: int, world: World) -> RankEpoch:

@@ -109,6 +109,10 @@ class MixtureSampler:
             if k and n == 0:
                 raise ConfigError(f"mix: lake #{j} is empty but has a positive weight")
 
+    def plan_length(self) -> int:
+        """Draws in every epoch's plan (``sum(counts)``): an epoch's batch count without drawing its plan."""
+        return int(self.counts.sum())
+
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Global rows and importance weights of ``epoch`` (``sum(counts)`` draws)."""
         from m2m.stream.order import check_plan
