@@ -89,9 +89,12 @@ class LossFeedback:
     def frozen(self, epoch: int) -> np.ndarray:
         """The priorities ``epoch`` draws from (frozen the first time they are asked for)."""
         frozen = self._frozen.get(epoch)
-        if frozen is None:  # the stream may look one epoch ahead: keep this one and the newest other
+        if frozen is None:  # the stream may look one epoch ahead: keep this one and the one frozen last
             frozen = self.priorities.tensor.numpy().astype(self.FROZEN_DTYPE)
-            others = sorted(e for e in self._frozen if e != epoch)[-1:]
+            # by when they were frozen, as the loader's plan cache keeps plans (by when they were drawn): kept
+            # by epoch number, an epoch revisited with set_epoch (1, 0, 2, 0) was served from the cached plan
+            # while its priorities were gone from the state, and a resume drew another plan (observed)
+            others = list(self._frozen)[-1:]
             self._frozen = {**{e: self._frozen[e] for e in others}, epoch: frozen}
         return frozen
 
