@@ -160,4 +160,9 @@ def score_from(
         raise ConfigError(f"importance mode must be 'kappa', 'alpha', 'loss' or a column name, got {mode!r}")
     if column is None:
         raise ConfigError(f"importance mode {mode!r} needs the values of column {mode!r}")
-    return _vector(column, f"column {mode!r}")
+    values = _vector(column, f"column {mode!r}")
+    neg = values < 0
+    if neg.any():  # (refused at the first epoch's plan before, without the column's name)
+        raise InvalidEmbeddingError(f"importance column {mode!r} must be >= 0 (scores); row {int(np.argmax(neg))} "
+                                    f"is {values[np.argmax(neg)]}")
+    return values

@@ -130,8 +130,7 @@ class LossPriorities:
     def checked(self, ids_or_positions: Any, losses: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions, float64 losses) of an `update`, or the error it raises; changes nothing."""
         pos = self.positions(ids_or_positions)
-        loss = (losses.detach() if torch.is_tensor(losses) else torch.as_tensor(np.asarray(losses)))
-        loss = loss.to("cpu", torch.float64).reshape(-1)
+        loss = as_losses(losses)
         if loss.shape != pos.shape:
             raise InvalidEmbeddingError(f"got {pos.numel()} rows but {loss.numel()} losses")
         bad = ~torch.isfinite(loss) | (loss < 0) | (loss > torch.finfo(torch.float32).max)  # stored as float32
@@ -142,6 +141,22 @@ class LossPriorities:
     def scores(self) -> np.ndarray:
         """A float64 copy of the current priorities (scores for ``importance_plan``)."""
         return self._values.numpy().astype(np.float64)
+
+
+def as_losses(losses: Any) -> torch.Tensor:
+    """``losses`` as a flat float64 CPU tensor, or one `InvalidEmbeddingError` naming what they are (None,
+    strings and objects were a builtin TypeError or RuntimeError)."""
+    if torch.is_tensor(losses):
+        loss = losses.detach()
+    else:
+        arr = np.asarray(losses)
+        if arr.dtype.kind not in "iufb":
+            raise InvalidEmbeddingError(f"losses must be numbers, got {type(losses).__name__} of dtype {arr.dtype} "
+                                        f"(first: {arr.reshape(-1)[0] if arr.size else None!r})")
+        loss = torch.as_tensor(arr)
+    if loss.dtype == torch.bool or loss.is_complex():
+        raise InvalidEmbeddingError(f"losses must be real numbers, got a tensor of {loss.dtype}")
+    return loss.to("cpu", torch.float64).reshape(-1)
 
 
 class IdPositions:

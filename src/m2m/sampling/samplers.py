@@ -118,23 +118,41 @@ class LossFeedback:
                 "frozen": {int(e): torch.from_numpy(v.copy()) for e, v in self._frozen.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        values = np.asarray(state["priorities"], dtype=np.float32)
+        """Restore what `state_dict` saved; one `StateMismatchError` for a state that is not one (checked
+        whole before anything changes: a string, NaN or negative priorities, frozen copies of another
+        length loaded, or raised builtin errors, or failed only at the next epoch)."""
+        if not isinstance(state, dict) or "priorities" not in state:
+            raise StateMismatchError("a loss sampler's state is the dict dl.state_dict()['sampler'] holds, got "
+                                     f"{type(state).__name__}")
         rows = len(self.priorities)
+        try:
+            values = np.asarray(state["priorities"], dtype=np.float32)
+            counts = state.get("counts")
+            frozen = {int(e): np.asarray(v, dtype=self.FROZEN_DTYPE) for e, v in (state.get("frozen") or {}).items()}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise StateMismatchError(f"sampler state is not a loss sampler's: {exc}") from None
         if values.shape != (rows,):
             raise StateMismatchError(f"sampler state has {values.shape[0] if values.ndim == 1 else values.shape} loss "
                                      f"priorities, the lake has {rows} rows: a loss-sampling state resumes on the "
                                      "same rows only (drop state['sampler'] to restart the priorities)")
-        self.priorities.tensor.copy_(torch.from_numpy(values))
+        for what, arr in [("priorities", values)] + [(f"frozen priorities of epoch {e}", v) for e, v in frozen.items()]:
+            if arr.shape != (rows,):
+                raise StateMismatchError(f"sampler state has {arr.shape} {what} for a lake of {rows} rows")
+            if not (np.isfinite(arr).all() and (arr >= 0).all()):
+                raise StateMismatchError(f"sampler state's {what} must be finite and >= 0")
         # states saved before the bias correction have no counts: continue them as plain EMAs
         # (a large count makes the gain 1 - ema), except rows still at the initial value
-        counts = state.get("counts")
         if counts is None:
             counts = np.where(values == np.float32(1.0), 0, 2**20).astype(np.int32)
-        counts = np.asarray(counts, dtype=np.int32)
+        try:
+            counts = np.asarray(counts, dtype=np.int32)
+        except (TypeError, ValueError) as exc:
+            raise StateMismatchError(f"sampler state's counts are not integers: {exc}") from None
         if counts.shape != values.shape:
             raise StateMismatchError(f"sampler state has {counts.shape} counts for {values.shape} priorities")
+        self.priorities.tensor.copy_(torch.from_numpy(values))
         self.priorities.counts.copy_(torch.from_numpy(counts))
-        self._frozen = {int(e): np.asarray(v, dtype=self.FROZEN_DTYPE) for e, v in state.get("frozen", {}).items()}
+        self._frozen = frozen
 
 
 class LossSampler(LossFeedback, ImportanceSampler):

@@ -16,6 +16,7 @@ import torch
 
 from m2m._validate import as_numpy, integer_problem
 from m2m.errors import ConfigError, StateMismatchError
+from m2m.sampling.priorities import as_losses
 
 
 def check_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
@@ -26,7 +27,18 @@ def check_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
     missing = [n for n in names if n not in weights]
     if missing:
         raise ConfigError(f"mix: no weight for lake(s) {missing}")
-    w = np.array([float(weights[n]) for n in names], dtype=np.float64)
+    values = []
+    for n in names:
+        value = weights[n]
+        is_bool = isinstance(value, (bool, np.bool_)) or (torch.is_tensor(value) and value.dtype == torch.bool)
+        try:
+            number = None if is_bool else float(value)
+        except (TypeError, ValueError, RuntimeError):  # (a string, None, a tensor of 2: builtin errors before)
+            number = None
+        if number is None:
+            raise ConfigError(f"mix: the weight of lake {n!r} must be a number, got {value!r}")
+        values.append(number)
+    w = np.array(values, dtype=np.float64)
     bad = [n for n, x in zip(names, w) if not math.isfinite(x) or x < 0]
     if bad:
         raise ConfigError(f"mix: weights must be finite and >= 0; bad for {bad}")
@@ -144,8 +156,12 @@ class LossMixtureSampler(MixtureSampler):
             raise ConfigError("update_priorities: source= takes the batch's 'source' column (each row's lake "
                               f"index, 0..{len(self.samplers) - 1}), got {problem}")
         src = torch.from_numpy(np.ascontiguousarray(src_np, dtype=np.int64)).reshape(-1)
-        ids_t = torch.as_tensor(ids).reshape(-1).cpu()
-        loss_t = torch.as_tensor(losses).reshape(-1).detach().cpu()
+        ids_np = as_numpy(ids, "ids")
+        problem = integer_problem(ids_np)
+        if problem is not None:
+            raise ConfigError(f"update_priorities: ids must be the batch's 'id' column, got {problem}")
+        ids_t = torch.from_numpy(np.ascontiguousarray(ids_np, dtype=np.int64)).reshape(-1)
+        loss_t = as_losses(losses)
         if not (len(src) == len(ids_t) == len(loss_t)):
             raise ConfigError(f"update_priorities: {len(ids_t)} ids, {len(loss_t)} losses and {len(src)} sources "
                               "must match")
@@ -167,7 +183,7 @@ class LossMixtureSampler(MixtureSampler):
         return {"lakes": [None if s is None else s.state_dict() for s in self.samplers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        lakes = state.get("lakes")
+        lakes = state.get("lakes") if isinstance(state, dict) else None
         if not isinstance(lakes, list) or len(lakes) != len(self.samplers):
             raise StateMismatchError(f"sampler state is not that of a {len(self.samplers)}-lake mixture")
         for sampler, saved in zip(self.samplers, lakes):
