@@ -257,8 +257,9 @@ def check_mix(per_rank: list[list[dict[str, torch.Tensor]]], main: Built, other:
             for i, wi in zip(mine.tolist(), w.tolist()):
                 by_id.setdefault(i, set()).add(wi)
             assert all(len(v) == 1 for v in by_id.values()), "one row drawn with different weights in one epoch"
-            implied = sum(1.0 / next(iter(v)) for v in by_id.values())  # sum of M_j p_i over the drawn rows
-            assert implied <= MIX_COUNTS[j] * (1 + 1e-4), "the weights imply more draws than the lake's count"
+            # weights are the lake's own stream's, alpha / (N_j p): sum of N_j p_i over the drawn rows <= N_j
+            implied = sum(1.0 / next(iter(v)) for v in by_id.values())
+            assert implied <= len(built.ids) * (1 + 1e-4), "the weights imply a larger lake than it is"
         else:
             _, c = np.unique(mine, return_counts=True)
             assert int((c - 1).sum()) <= pad, f"lake {j}: rows repeated beyond the padding"

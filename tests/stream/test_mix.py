@@ -208,7 +208,7 @@ def test_a_state_of_a_newer_lake_version_is_refused(tmp_path: object) -> None:
 
 def test_each_lake_draws_from_its_own_importance_sampler(lakes: dict[str, str]) -> None:
     """importance_sampling='alpha': lake j's draws of an epoch are exactly the plan of that lake's own
-    sampler for its count (same rows, same weights)."""
+    sampler for its count (same rows), with the weights its own stream delivers (alpha / (N_j p))."""
     from m2m.stream import mixing
     from m2m.stream.from_lake import build_sampler
 
@@ -222,7 +222,8 @@ def test_each_lake_draws_from_its_own_importance_sampler(lakes: dict[str, str]) 
             rows, weights = own.plan(0, num_draws=mx.counts[name])
             lake_ids = lake.snapshot.ids()[rows]
             got = sorted(zip(ids[src == j].tolist(), w[src == j].tolist()))
-            assert got == sorted(zip(lake_ids.tolist(), weights.astype(np.float32).tolist()))
+            weights = (weights.astype(np.float64) * (mx.counts[name] / len(lake))).astype(np.float32)  # its own stream's
+            assert got == sorted(zip(lake_ids.tolist(), weights.tolist()))
 
 
 def test_each_lake_keeps_its_own_augmentation_geometry(tmp_path: object) -> None:
@@ -369,7 +370,8 @@ def test_loss_sampling_keeps_each_lakes_own_priorities(lakes: dict[str, str]) ->
             if name == "books":
                 own.update_priorities(hot, torch.full((10,), 50.0))
             rows, weights = own.plan(1, num_draws=mx.counts[name])
-            want = sorted(zip(lake.snapshot.ids()[rows].tolist(), weights.astype(np.float32).tolist()))
+            weights = (weights.astype(np.float64) * (mx.counts[name] / len(lake))).astype(np.float32)
+            want = sorted(zip(lake.snapshot.ids()[rows].tolist(), weights.tolist()))
             assert sorted(zip(ids2[src2 == j].tolist(), w2[src2 == j].tolist())) == want, name
         books = ids2[src2 == 1]
         assert np.isin(books, np.arange(10)).mean() > 0.5   # 10 of 300 rows, now most of the draws
@@ -449,3 +451,18 @@ def test_an_empty_lake_is_refused_by_mix_and_importance_errors_name_the_lake(two
             m2m.mix({"a": a, "e": empty}, {"a": 1, "e": 0})
     with pytest.raises(ConfigError, match=r"mix: lake 'a': importance_sampling must be .*got 'lang'"):
         m2m.mix({"b": b, "a": a}, {"b": 1, "a": 1}).export_to_dataloader(batch_size=8, importance_sampling="lang")
+
+
+
+def test_importance_weights_keep_the_mixtures_proportions(tmp_path: object) -> None:
+    # observed: 800 and 200 rows mixed 50/50 with importance_sampling="alpha" (alpha 1): each lake's weights
+    # summed to its rows (1.6 a row for web, 0.4 for books), so a weighted loss trained on the 80/20 union
+    web, books = os.path.join(str(tmp_path), "web"), os.path.join(str(tmp_path), "books")
+    build(web, 800, 0)
+    build(books, 200, 1)
+    with m2m.mix({"web": web, "books": books}, {"web": 1, "books": 1}) as mx:
+        for mode in ("alpha", "kappa"):
+            b = epoch(mx.export_to_dataloader(batch_size=BS, columns=("id", "weight"), importance_sampling=mode))
+            src, w = cat(b, "source"), cat(b, "weight").astype(np.float64)
+            assert abs(w[src == 1].sum() / w.sum() - 0.5) < 0.08, mode
+            assert abs(w[src == 0].mean() - 1.0) < 0.15 and abs(w[src == 1].mean() - 1.0) < 0.15, mode

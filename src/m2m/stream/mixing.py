@@ -134,7 +134,15 @@ class MixtureSampler:
             if sampler is None:
                 drawn.append(None)
                 continue
-            drawn.append(check_plan(sampler.plan(epoch, num_draws=int(self.counts[j])), self.sizes[j]))
+            rows, weights = check_plan(sampler.plan(epoch, num_draws=int(self.counts[j])), self.sizes[j])
+            # the weights lake j's own stream delivers, alpha / (N_j p): its sampler's alpha / (c_j p) made each
+            # lake's total weight its total alpha whatever its share of the mixture, so a weighted loss trained
+            # on the plain union (800/200 rows at 50/50 weighed 80/20: observed); now a lake's weights average
+            # its mean alpha, as a lake without a sampler's weights (1) do
+            scaled = weights.astype(np.float64) * (int(self.counts[j]) / self.sizes[j])
+            if not np.isfinite(scaled.astype(np.float32)).all():
+                raise ConfigError(f"mix: lake #{j}'s importance weights overflow float32 at its share of the mixture")
+            drawn.append((rows, scaled.astype(np.float32)))
         src, rows, weights = epoch_plan(self.sizes, self.counts, self.seed, epoch, drawn)
         return self.bases[src] + rows, weights
 
