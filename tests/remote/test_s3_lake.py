@@ -299,3 +299,36 @@ def test_a_commit_whose_version_a_vacuum_removed_meanwhile_is_rebased_not_lost(s
         head.vacuum(keep=1, min_age_s=0)
     with open_lake(s3_lake_url, storage_options=opts) as head:
         assert len(head) == (70 if operation == "append" else 50) and head.verify() == []
+
+
+def test_a_commit_a_newer_version_was_built_on_at_once_is_kept(s3_server, s3_lake_url, monkeypatch) -> None:
+    # the other side of the check above: B compacts (rewriting A's file) and appends on top of A's version
+    # between A's put and A's look at the versions; A's commit stands, its rows once in the head (judged by the
+    # files alone it was withdrawn and rebased: its rows twice)
+    import m2m.lake.commit as commit
+
+    opts = s3_server.storage_options
+    with create_m2m(M2MConfig(path=s3_lake_url, latent_dim=8, storage_options=opts)) as a:
+        a.add_splats(_rows(40, 8, 0))
+    real = commit.write_manifest
+    started: list[bool] = []
+
+    def b_builds_on_it_right_after(fs, manifest, must_exist=()):  # type: ignore[no-untyped-def]
+        out = real(fs, manifest, must_exist)
+        if not started:
+            started.append(True)
+            with open_lake(s3_lake_url, storage_options=opts) as b:
+                b.compact()                             # version 3 rewrites A's file (it merges A's shard)
+                assert len(b.manifest.shards) == 1
+                b.add_splats(_rows(5, 8, 2))
+        return out
+
+    monkeypatch.setattr(commit, "write_manifest", b_builds_on_it_right_after)
+    with open_lake(s3_lake_url, storage_options=opts) as a:
+        ids = a.add_splats(_rows(20, 8, 1))
+        assert a.version == 2
+    monkeypatch.setattr(commit, "write_manifest", real)
+    with open_lake(s3_lake_url, storage_options=opts) as head:
+        got = head.snapshot.ids()
+        assert head.version == 4 and len(head) == 65 and len(np.unique(got)) == 65
+        assert set(ids.tolist()) <= set(got.tolist()) and head.verify() == []

@@ -50,6 +50,7 @@ from m2m.lake.manifest import (
     added_shards,
     list_versions,
     load_all,
+    load_segments,
     manifest_name,
     missing_file,
     read_manifest,
@@ -138,7 +139,7 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
                 raise CorruptShardError(f"version {new.version} of {fs.url} was published, but its file {gone} "
                                         "was removed meanwhile (by a vacuum with min_age_s=0?): reading that version "
                                         f"fails; `m2m repair {fs.url}` sets it aside")
-            if _overtaken(fs, new, fresh):
+            if _overtaken(fs, operation, base, new, fresh):
                 # a vacuum removed this number's file after other writers had moved past it, and this put re-made
                 # it: the lake's head holds none of this commit (observed: ids returned, rows in no version, the
                 # next vacuum deleted them). Withdraw it and rebase, as on any other conflict.
@@ -162,12 +163,15 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
         time.sleep(_backoff(attempt))
 
 
-def _overtaken(fs: Any, new: Manifest, fresh: list[str]) -> bool:
-    """Whether the just-published ``new`` sits below a version that does not hold its files: other writers
+def _overtaken(fs: Any, operation: str, base: Manifest, new: Manifest, fresh: list[str]) -> bool:
+    """Whether the just-published ``new`` sits below a version that was not built on it: other writers
     committed ``new.version`` (and beyond) first and a vacuum removed that file before this put re-made it.
-    A newer version built on ``new`` holds some of its files (the next version found is asked; a compaction
-    built on it may have rewritten them all, and is then taken as overtaking: the commit is redone, nothing
-    is lost). A commit that adds no file of its own is not judged (nothing tells its successor's base apart)."""
+
+    The next version found is asked. An append is held by it when it holds any of the append's ids (this
+    writer reserved them alone), compacted or not: a rebase would add them twice. Another commit is held
+    when it holds any of its new files (a compaction built on it that rewrote them all is then taken as
+    overtaking: the commit is redone on the new head, nothing is lost). A commit that adds no file of its
+    own is not judged (nothing tells its successor's base apart)."""
     if not fresh:
         return False
     later = [v for v in list_versions(fs) if v > new.version]
@@ -175,10 +179,24 @@ def _overtaken(fs: Any, new: Manifest, fresh: list[str]) -> bool:
         return False
     try:
         successor = read_manifest(fs, later[0])
+        if operation.startswith("append"):
+            return not any(_holds_ids(successor, s.id_min, s.id_max) for s in added_shards(base, new))
+        held = {f.path for shard in successor.shards for f in shard.files}
     except (CorruptShardError, LakeNotFoundError, SignatureError):
         return False  # unreadable or gone again: not evidence against this commit
-    held = {f.path for shard in successor.shards for f in shard.files}
     return held.isdisjoint(fresh)
+
+
+def _holds_ids(m: Manifest, lo: int, hi: int) -> bool:
+    """Whether a shard of ``m`` holds ids in ``[lo, hi]`` (a segmented manifest reads only the segments
+    whose id range meets it)."""
+    if m.segments is not None:
+        refs = [g for g in m.segments if g.id_max >= lo and g.id_min <= hi]
+        load_segments(refs)
+        shards: Any = (s for g in refs for s in g.entries)
+    else:
+        shards = m.shards
+    return any(s.id_max >= lo and s.id_min <= hi for s in shards)
 
 
 def _fresh_files(fs: Any, base: Manifest, new: Manifest) -> list[str]:
