@@ -171,17 +171,11 @@ def _lake_dirs() -> tuple[str, ...]:
     return MANIFEST_DIR, DATA_DIR, SEGMENT_DIR, RESERVATIONS_DIR
 
 
-def _local_path(path: str) -> str | None:
-    """``path`` as a local path (a ``file://`` URL too: it named a local lake that skipped the checks
-    below), or None for an object store URL."""
-    if path.startswith("file://"):
-        return path[len("file://"):] or "/"
-    return None if "://" in path else path
-
-
 def _lake_inside(src: str, lake_dir: str) -> bool:
     """Whether the local folder ``lake_dir`` is ``src`` or lies inside the directory ``src``."""
-    local = _local_path(lake_dir)
+    from m2m.lake.ingest import local_path
+
+    local = local_path(lake_dir)
     if local is None or not os.path.isdir(src):
         return False
     here, lake = os.path.realpath(src), os.path.realpath(local)
@@ -222,7 +216,9 @@ def export_cmd(lake_dir: str, out: str, fmt: str | None, float32: bool, version:
         raise AlreadyExistsError(f"{out} already exists; pass --force to replace it")
     if not out.strip() or out.endswith(os.sep):  # ("" was written beside the current folder, then failed)
         raise ConfigError(f"OUT {out!r} names no file: give the path of the file to write")
-    local = _local_path(lake_dir)
+    from m2m.lake.ingest import local_path
+
+    local = local_path(lake_dir)
     if local is not None:  # a file written among the lake's own would be read (or vacuumed) as the lake's
         root, where = os.path.realpath(local), os.path.realpath(os.path.dirname(os.path.abspath(out)))
         dirs = _lake_dirs()

@@ -209,7 +209,7 @@ def _fresh_files(fs: Any, base: Manifest, new: Manifest) -> list[str]:
 
 def _check_not_overwritten(fs: Any, new: Manifest) -> None:
     """On a store without conditional put, detect (after the fact) a writer that replaced our version."""
-    from m2m.lake.manifest import manifest_name, published_bytes
+    from m2m.lake.manifest import published_bytes
 
     if fs.read_bytes(manifest_name(new.version)) != published_bytes(fs, new):
         raise CommitConflictError(

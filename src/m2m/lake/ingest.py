@@ -506,11 +506,19 @@ def naming_write_errors(lake_path: str) -> Iterator[None]:
                                  f"{lake_path}/_data (nothing was committed)") from exc
 
 
-def new_local_folder(path: str | os.PathLike[str]) -> str | None:
-    """The local folder ``path`` names (a ``file://`` URL too) when nothing exists there yet, else None
-    (an object store URL, or an entry that exists): where `discarding_new_lake` may remove a lake."""
+def local_path(path: str | os.PathLike[str]) -> str | None:
+    """``path`` as a local path (a ``file://`` URL too: it names a local lake), or None for an object
+    store URL."""
     path = os.fspath(path)
-    local = (path[len("file://"):] or "/") if path.startswith("file://") else (None if "://" in path else path)
+    if path.startswith("file://"):
+        return path[len("file://"):] or "/"
+    return None if "://" in path else path
+
+
+def new_local_folder(path: str | os.PathLike[str]) -> str | None:
+    """The local folder ``path`` names (`local_path`) when nothing exists there yet, else None (an object
+    store URL, or an entry that exists): where `discarding_new_lake` may remove a lake."""
+    local = local_path(path)
     return local if local is not None and not os.path.lexists(local) else None
 
 

@@ -459,9 +459,10 @@ class Lake:
             raise ConfigError(f"lake {self.path} has {m.label_type or 'no'} labels; only string labels are "
                               "streamed as codes")
         arr = as_numpy(codes, "codes")
-        problem = integer_problem(arr)
-        if problem is not None or beyond_int64(arr) is not None:  # (floats were truncated, bools and '1' taken)
-            raise ConfigError(f"label codes must be integers, got {problem or f'{beyond_int64(arr)} (beyond int64)'}")
+        big = beyond_int64(arr)
+        problem = integer_problem(arr) or (None if big is None else f"{big} (beyond int64)")
+        if problem is not None:  # (floats were truncated, bools and '1' taken)
+            raise ConfigError(f"label codes must be integers, got {problem}")
         arr = arr.astype(np.int64, copy=False)
         vocab = np.asarray(m.label_vocabulary, dtype=object)
         bad = (arr < 0) | (arr >= len(vocab))

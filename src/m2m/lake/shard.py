@@ -413,10 +413,11 @@ _DIGEST_CHUNK = 1 << 20
 _DIGESTS_SEEN: set[tuple[int, int, int, int, str]] = set()
 
 
-def _check_digest(fd: int, path: str, entry: FileEntry, again: bool = False) -> None:
+def _check_digest(fd: int, path: str, entry: FileEntry, again: bool = False) -> bool:
     """`CorruptShardError` unless the open file ``fd`` hashes to ``entry.sha256``.
 
-    A signed lake's files are bound to its signed manifest by this digest, not by their CRCs alone (a
+    Returns whether the file was read (False: this process had checked it). A signed lake's files are
+    bound to its signed manifest by this digest, not by their CRCs alone (a
     CRC is linear: a writer without the key changed a label and kept every CRC, observed). The whole file
     is read once per process (fork children inherit what was checked); a later change in place, within
     the same second and size, is what the block CRCs still catch (accidents), not an attacker racing the
@@ -427,7 +428,7 @@ def _check_digest(fd: int, path: str, entry: FileEntry, again: bool = False) -> 
     assert want is not None
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, want)
     if not again and key in _DIGESTS_SEEN:
-        return
+        return False
     h = hashlib.sha256()
     buf = bytearray(min(_DIGEST_CHUNK, max(st.st_size, 1)))
     view = memoryview(buf)
@@ -444,6 +445,7 @@ def _check_digest(fd: int, path: str, entry: FileEntry, again: bool = False) -> 
                                 f"SHA-256 {got_hex[:16]}..., the manifest says {entry.bytes} bytes, {want[:16]}... "
                                 "(changed by someone without the lake's key, or damaged)")
     _DIGESTS_SEEN.add(key)
+    return True
 
 
 class ShardFile:
@@ -465,6 +467,7 @@ class ShardFile:
         self._cache = cache if cache is not None else BlockCache(cache_blocks)
         self._lock = ForkSafeLock()
         self._fd: int | None = None
+        self._digest_read = False  # its first open read the whole file for its SHA-256
         self.bytes_read = 0
         self.bytes_checked = 0
 
@@ -493,7 +496,7 @@ class ShardFile:
                         raise CorruptShardError(_missing(self.path)) from exc
                     try:
                         if self.entry.sha256 is not None:
-                            _check_digest(fd, self.path, self.entry)
+                            self._digest_read = _check_digest(fd, self.path, self.entry)
                     except BaseException:
                         os.close(fd)
                         raise
@@ -504,7 +507,7 @@ class ShardFile:
         """`CorruptShardError` unless the file's SHA-256 is the manifest's (signed lakes' files; others have
         none). Checked once per process and file at its first open; ``again`` reads the file again."""
         fd = self._fileno()
-        if again and self.entry.sha256 is not None:
+        if again and self.entry.sha256 is not None and not self._digest_read:  # (not twice for one open)
             _check_digest(fd, self.path, self.entry, again=True)
 
     def advise(self, start: int, length: int) -> None:
