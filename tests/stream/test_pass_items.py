@@ -102,4 +102,6 @@ def test_workers_keep_prefetch_batches_ready_with_the_smaller_items(small_lake):
         assert sum(len(b["id"]) for b in dl) == 700
         fixed = lake.export_to_dataloader(batch_size=50, columns=("embedding", "id"), num_workers=2, prefetch=64,
                                           chunk_batches=64)
-        assert fixed.prefetch_factor == 1
+        # at least 2 items per worker, whatever the item size: with 1 a worker waited for the consumer to
+        # take its item before it started the next (idle a third of the time, 2026-12-07)
+        assert fixed.prefetch_factor == 2

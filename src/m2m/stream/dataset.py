@@ -21,7 +21,7 @@ from m2m.errors import ConfigError, M2MError, StreamError
 from m2m.sampling.plan import PlanSampler, accepts_num_draws, supports_priorities
 from m2m.sampling.samplers import ImportanceSampler
 from m2m.sampling.sharded import ShardedImportance, ShardedPlanSampler
-from m2m.stream import affinity, partition
+from m2m.stream import affinity, partition, transport
 from m2m.stream import pipeline as pl
 from m2m.stream.metrics import StreamStats
 from m2m.stream.order import RankEpoch, delivered_draws, rank_epoch, sampler_plan
@@ -60,6 +60,12 @@ class StreamDataset(Dataset[Any]):
         self.control: torch.Tensor | None = None
         self._worker_side = False  # True only in the copy the loader's own workers receive
         self._worker_res: pl.Resources | None = None  # a persistent worker's, kept across its passes
+        # shared buffers per worker that carry its items (`m2m.stream.transport`; 0: torch's own
+        # transport, e.g. when torch pins the items); the worker's ring, and the consumer's views of
+        # the rings of persistent workers, live as long as those workers
+        self.ring_slots = 0
+        self._ring: transport.SlotRing | None = None
+        self._views: transport.SlotViews | None = None
         self._cache: dict[tuple[int, int, int], RankEpoch] = {}
         self._ahead: dict[tuple[int, int, int], "Future[RankEpoch]"] = {}  # at most one epoch planned ahead (`plan_ahead`)
         self._pid = os.getpid()
@@ -204,10 +210,18 @@ class StreamDataset(Dataset[Any]):
         # arena per pass re-read and re-checked the worker's whole share of the lake every epoch
         persistent = self.control is not None
         res = self._worker_res if persistent else None
+        ring = self._ring if persistent else None
+        if ring is None and self.ring_slots > 0 and transport.available():
+            ring = transport.SlotRing(self.ring_slots)
+            if persistent:
+                self._ring = ring
+        if ring is not None:
+            ring.new_pass()
         if res is None:
             d = self.delivery
             res = pl.worker_resources(self.source, self.spec, world,
-                                      d.augment if d is not None and pl.augments_in_workers(d) else None)
+                                      d.augment if d is not None and pl.augments_in_workers(d) else None,
+                                      packed=ring is not None)
             if persistent:
                 self._worker_res = res
                 # a forked worker ends with os._exit (no atexit): multiprocessing's finalizers run there too
@@ -217,8 +231,11 @@ class StreamDataset(Dataset[Any]):
         assert stage is not None
         try:
             for work in stage:
+                tensors: Any = work.tensors if ring is None else ring.pack(work.tensors)
+                work.count("worker_items", 1)
+                work.count("worker_fresh_items", float(ring is None or tensors.slot < 0))
                 yield {"epoch": work.epoch, "first": work.first, "end": work.end, "rows": work.rows,
-                       "weights": work.weights, "tensors": work.tensors, "stats": work.stats,
+                       "weights": work.weights, "tensors": tensors, "stats": work.stats,
                        "augmented": work.augmented}
         finally:
             stage.shutdown()
@@ -229,22 +246,41 @@ class StreamDataset(Dataset[Any]):
         state = self.__dict__.copy()
         state["_cache"] = {}  # recomputed on demand (pure function of the spec)
         state["_ahead"], state["_lock"], state["_pid"] = {}, None, -1  # rebuilt by `_guard` in the copy
-        state["_worker_res"] = None
+        state["_worker_res"], state["_ring"], state["_views"] = None, None, None
         if self._worker_side:  # workers gather host columns, and augment them when `augments_in_workers`
             d = self.delivery
             state["delivery"] = dataclasses.replace(d, collate_fn=None) if pl.augments_in_workers(d) else None
         return state
 
 
-def work_from_item(item: dict[str, Any]) -> Work:
-    """Rebuild a `Work` from what a worker yielded."""
+    def worker_views(self) -> transport.SlotViews:
+        """The consumer's views of its workers' rings for one pass: kept across passes for persistent
+        workers (their rings persist), new for each pass otherwise."""
+        if self.control is None:
+            return transport.SlotViews()
+        if self._views is None:
+            self._views = transport.SlotViews()
+        return self._views
+
+    def drop_workers(self) -> None:
+        """The persistent workers are gone: forget their rings."""
+        self._views = None
+
+
+def work_from_item(item: dict[str, Any], views: transport.SlotViews | None = None) -> Work:
+    """Rebuild a `Work` from what a worker yielded (``views``: where packed tensors are mapped)."""
     rows = item["rows"]
     rows = rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
     weights = item["weights"]
     if isinstance(weights, torch.Tensor):
         weights = weights.numpy()
+    tensors = item["tensors"]
+    if isinstance(tensors, transport.Packed):
+        if views is None:
+            raise StreamError("stream: a packed worker item without the consumer's views")
+        tensors = views.unpack(tensors)
     return Work(int(item["epoch"]), int(item["first"]), int(item["end"]), rows, weights,
-                tensors=dict(item["tensors"]), stats={k: float(v) for k, v in item["stats"].items()},
+                tensors=dict(tensors), stats={k: float(v) for k, v in item["stats"].items()},
                 augmented=bool(item.get("augmented", False)))
 
 
@@ -265,7 +301,8 @@ def _from_worker(exc: M2MError) -> M2MError:
         return exc
 
 
-def from_workers(workers: Iterator[Any], held: Callable[[], bool] | None, num_batches: int) -> Iterator[Work]:
+def from_workers(workers: Iterator[Any], held: Callable[[], bool] | None, num_batches: int,
+                 views: transport.SlotViews | None = None) -> Iterator[Work]:
     """A pass's items from the DataLoader's workers. ``held``: whether the pass still holds the loader's
     persistent workers. torch's DataLoader has one persistent-workers iterator and resets it for every
     ``iter``, so a pass started while this one is live takes the workers: this pass then raises at its
@@ -285,6 +322,6 @@ def from_workers(workers: Iterator[Any], held: Callable[[], bool] | None, num_ba
             return
         except M2MError as exc:
             raise _from_worker(exc) from exc
-        work = work_from_item(item)
+        work = work_from_item(item, views)
         done = max(done, work.end)
         yield work

@@ -1,9 +1,9 @@
 """`StreamLoader`, the DataLoader a lake exports, and `make_loader` (a `RowSource` -> a loader).
 
-Fast path (``num_workers=0``): the stage chain runs in one background thread of the consumer, which
-only splits items into batches, augments and counts; with workers, they run the host stages. The
-batch sequence is identical either way (`m2m.stream.partition`); stages are assembled in
-`m2m.stream.pipeline`, the resume model is `m2m.stream.state`.
+Fast path (``num_workers=0``): the stage chain runs in one background thread of the consumer, which only
+splits items into batches, augments and counts; with workers, they run the host stages and their items
+cross in shared buffers (`m2m.stream.transport`). The batch sequence is identical either way
+(`m2m.stream.partition`); stages: `m2m.stream.pipeline`; resume: `m2m.stream.state`.
 """
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ from m2m.stream.spec import StreamSpec, device_of, lake_pass_chunk_batches, plan
 from m2m.stream.topology import World
 
 #: Budgets of a source streamed without a lake config (`make_loader`).
-SOURCE_DEFAULTS = {"device": "cpu", "seed": 0, "warm_bytes": DEFAULT_WARM_BYTES, "hot_bytes": DEFAULT_HOT_BYTES,
-                   "prefetch": 4}
+SOURCE_DEFAULTS = {"device": "cpu", "seed": 0, "warm_bytes": DEFAULT_WARM_BYTES, "hot_bytes": DEFAULT_HOT_BYTES, "prefetch": 4}
 
 
 def make_loader(source: RowSource, options: StreamOptions | None = None, *, sampler: PlanSampler | None = None,
@@ -69,9 +68,9 @@ def make_loader(source: RowSource, options: StreamOptions | None = None, *, samp
 class EpochSampler(DistributedSampler[int]):
     """``dl.sampler``: the loader shards rows over ranks itself, as a ``DistributedSampler`` would.
 
-    ``dataloader.sampler.set_epoch(epoch)`` reaches the loader; Lightning injects no sampler. Weak
-    reference to the loader: a strong one would make every loader a cycle, freed late by the collector.
-    Iterating it yields None forever, like torch's placeholder sampler of an iterable dataset.
+    ``dataloader.sampler.set_epoch(epoch)`` reaches the loader; Lightning injects no sampler. Weak reference to the
+    loader: a strong one would make every loader a cycle, freed late by the collector. Iterating it yields None
+    forever, like torch's placeholder sampler of an iterable dataset.
     """
 
     def __init__(self, loader: "StreamLoader") -> None:  # no super().__init__: there is no index space
@@ -109,11 +108,12 @@ class StreamLoader(DataLoader[Any]):
         extra: dict[str, Any] = {}
         if o.num_workers > 0:
             chunk = lake_pass_chunk_batches(dataset.spec)  # items per worker: at least `prefetch` batches ready
-            factor = o.prefetch_factor or max(1, math.ceil((o.prefetch or 0) / (chunk * o.num_workers)))
+            factor = o.prefetch_factor or max(2, math.ceil((o.prefetch or 0) / (chunk * o.num_workers)))
             extra = {"prefetch_factor": factor, "pin_memory": o.pin_memory or dataset.delivery.device.type == "cuda",
                      "persistent_workers": o.persistent_workers, "timeout": o.timeout,
                      "worker_init_fn": o.worker_init_fn, "multiprocessing_context": o.multiprocessing_context}
-            if o.persistent_workers:  # the workers keep their dataset copy: each pass's numbers go through here
+            dataset.ring_slots = 0 if extra["pin_memory"] else factor + 3  # torch would pin (copy) the rings
+            if o.persistent_workers:  # workers keep their dataset copy: each pass's numbers go through this
                 dataset.control = torch.zeros(4, dtype=torch.int64).share_memory_()
         super().__init__(dataset, batch_size=None, shuffle=None, num_workers=o.num_workers, **extra)
         # DataLoader forbids setting these after __init__; the dataset is iterable-style (see StreamDataset)
@@ -124,8 +124,7 @@ class StreamLoader(DataLoader[Any]):
         self.options = o
         self._ds = dataset  # dl.dataset, typed
         self.spec = dataset.spec
-        self.device = dataset.delivery.device
-        self.hot_mode = dataset.delivery.hot_mode
+        self.device, self.hot_mode = dataset.delivery.device, dataset.delivery.hot_mode
         self.augment = dataset.delivery.augment
         self.plan_sampler = dataset.sampler
         self._cursor = st.Cursor(o.epoch)
@@ -232,6 +231,7 @@ class StreamLoader(DataLoader[Any]):
         if iterator is not None:  # persistent workers
             iterator._shutdown_workers()
             self._iterator = None
+            self._ds.drop_workers()
         if self._res is not None:
             self._res.close()
         self._ds.drop_ahead()
@@ -276,7 +276,7 @@ class StreamLoader(DataLoader[Any]):
         workers = self._start_workers(epoch, start, world) if self.num_workers else None
         owner = self._workers_owner = object()  # the newest pass holds persistent workers
         held = (lambda: self._workers_owner is owner) if self.persistent_workers else None
-        items = None if workers is None else from_workers(workers, held, plan.num_batches)
+        items = None if workers is None else from_workers(workers, held, plan.num_batches, ds.worker_views())
         try:
             for j, batch in pl.run_pass(ds.source, self.spec, self._res, plan, epoch, start, world, self._stats,
                                         items):

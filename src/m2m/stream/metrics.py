@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 COUNTERS = ("rows", "batches", "cold_bytes", "warm_bytes", "warm_hit_rows", "warm_miss_rows",
-            "hot_bytes", "stall_s", "busy_s")
+            "hot_bytes", "stall_s", "busy_s", "worker_items", "worker_fresh_items")
 
 
 @dataclass
@@ -34,4 +34,8 @@ class StreamStats:
             "hot_mode": hot_mode,
             "warm_mode": warm_mode,
             "shuffle": layout,
+            # items DataLoader workers sent, and those that crossed in fresh shared memory instead of a
+            # reused buffer of the worker's ring (m2m.stream.transport: every one when torch pins them)
+            "worker_items": int(v["worker_items"]),
+            "worker_fresh_items": int(v["worker_fresh_items"]),
         }

@@ -108,6 +108,7 @@ class Resources:
         self._resident: ResidentTier | None = None
         self._pool: OutputPool | None = None
         self._borrowed = False  # ``arena`` is the leasing owner's (closed by the owner, not here)
+        self.packed = False  # a worker's: items leave through its ring (`worker_resources`)
 
     def lease(self) -> "Resources":
         """These resources, or private ones (closed by the caller) if a live pass holds them.
@@ -218,12 +219,16 @@ def _forks(context: Any) -> bool:
     return getattr(context, "get_start_method", lambda: None)() == "fork"
 
 
-def worker_resources(source: RowSource, spec: StreamSpec, world: World, augment: Augment | None = None) -> Resources:
+def worker_resources(source: RowSource, spec: StreamSpec, world: World, augment: Augment | None = None,
+                     packed: bool = False) -> Resources:
     """A DataLoader worker's readers and arena (``warm_bytes / num_workers``), closed when its pass ends;
-    ``augment``: the augmentation the worker applies (`augments_in_workers`), else None."""
+    ``augment``: the augmentation the worker applies (`augments_in_workers`), else None; ``packed``:
+    its items are copied into its ring of shared buffers (`m2m.stream.transport`) before they leave."""
     host = Delivery(device=torch.device("cpu"), hot_mode="cpu", augment=augment, return_tensor=False, prefetch=0,
                     intra_op_threads=None, pin_batches=False, collate_fn=None, num_workers=world.num_workers)
-    return Resources(source, spec, host)
+    res = Resources(source, spec, host)
+    res.packed = packed
+    return res
 
 
 def new_arena(reader: ColdReader, spec: StreamSpec, budget: int) -> WarmArena:
@@ -268,8 +273,9 @@ def build(role: str, source: RowSource, spec: StreamSpec, res: Resources | None,
     if role == WORKER:  # ``res``: the worker's own (`worker_resources`)
         if not spec.gather_in_workers:
             return RowsStage(stage, spec.columns)
-        # no pooled outputs: they go to the consumer, which keeps mapping them; made in shared memory
-        buffers = HostBuffers(pool=OutputPool(size=0, shared=True))
+        # packed: pooled outputs, copied into the ring; else no pooled outputs (they go to the consumer,
+        # which keeps mapping them), made in shared memory
+        buffers = HostBuffers(pool=res.pool(4) if res.packed else OutputPool(size=0, shared=True))
         stage = HotStage(host_stage(spec, stage, res.reader("stream"), buffers, res.warm_mode, res.warm_arena()),
                          spec.columns, torch.device("cpu"), buffers)
         aug = res.delivery.augment
