@@ -184,3 +184,39 @@ def test_pinned_worker_items_keep_torch_s_transport(lake_path):
         dl.close()
     assert all(_same(a, b) for a, b in zip(got, want[0])) and len(got) == len(want[0])
     assert stats["worker_fresh_items"] == stats["worker_items"] > 0
+
+
+_REBUILT: list[int] = []
+
+
+def _counting_rebuild(*args, **kw):   # module level: forked workers pickle it by reference
+    import torch.multiprocessing.reductions as red
+
+    _REBUILT.append(1)
+    return red._m2m_original_rebuild(*args, **kw)
+
+
+def test_an_item_maps_no_shared_memory_file_of_its_own(lake_path, monkeypatch):
+    # torch sends every tensor of an item as its own shared-memory file (the rows and weights arrays too,
+    # which its default converter makes tensors); with the ring only the ring's buffers and counters are
+    # mapped, once per pass
+    import torch.multiprocessing.reductions as red
+
+    from m2m import open_lake
+
+    _REBUILT.clear()
+    monkeypatch.setattr(red, "_m2m_original_rebuild", red.rebuild_storage_fd, raising=False)
+    monkeypatch.setattr(red, "rebuild_storage_fd", _counting_rebuild)
+    with open_lake(lake_path) as lake:
+        dl = lake.export_to_dataloader(batch_size=40, columns=COLS, seed=3, num_workers=2, persistent_workers=True,
+                                       multiprocessing_context="fork", chunk_batches=1, timeout=120)
+        for e in range(3):
+            dl.set_epoch(e)
+            for _ in dl:
+                pass
+        stats = dl.stats()
+        dl.close()
+    assert stats["worker_fresh_items"] == 0
+    assert stats["worker_items"] == 3 * 23
+    slots = 2 + 3   # prefetch_factor + 3
+    assert 0 < len(_REBUILT) <= 3 * 2 * (slots + 1)   # per pass and worker: its buffers and its counters

@@ -231,12 +231,15 @@ class StreamDataset(Dataset[Any]):
         assert stage is not None
         try:
             for work in stage:
-                tensors: Any = work.tensors if ring is None else ring.pack(work.tensors)
+                item: dict[str, Any] = {"epoch": work.epoch, "first": work.first, "end": work.end, "rows": work.rows,
+                                        "weights": work.weights, "tensors": work.tensors, "stats": work.stats,
+                                        "augmented": work.augmented}
+                if ring is not None:  # rows and weights too: torch would send each array as a file of its own
+                    item["tensors"] = ring.pack({**work.tensors, **_arrays(work.rows, work.weights)})
+                    item["rows"] = item["weights"] = None
                 work.count("worker_items", 1)
-                work.count("worker_fresh_items", float(ring is None or tensors.slot < 0))
-                yield {"epoch": work.epoch, "first": work.first, "end": work.end, "rows": work.rows,
-                       "weights": work.weights, "tensors": tensors, "stats": work.stats,
-                       "augmented": work.augmented}
+                work.count("worker_fresh_items", float(ring is None or item["tensors"].slot < 0))
+                yield item
         finally:
             stage.shutdown()
             if not persistent:
@@ -267,18 +270,28 @@ class StreamDataset(Dataset[Any]):
         self._views = None
 
 
+_ROWS, _WEIGHTS = "\0rows", "\0weights"   # an item's rows and weights in its packed tensors (no column's name)
+
+
+def _arrays(rows: np.ndarray, weights: np.ndarray | None) -> dict[str, torch.Tensor]:
+    out = {_ROWS: torch.tensor(rows)}
+    if weights is not None:
+        out[_WEIGHTS] = torch.tensor(weights)
+    return out
+
+
 def work_from_item(item: dict[str, Any], views: transport.SlotViews | None = None) -> Work:
     """Rebuild a `Work` from what a worker yielded (``views``: where packed tensors are mapped)."""
-    rows = item["rows"]
-    rows = rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
-    weights = item["weights"]
-    if isinstance(weights, torch.Tensor):
-        weights = weights.numpy()
     tensors = item["tensors"]
+    rows, weights = item["rows"], item["weights"]
     if isinstance(tensors, transport.Packed):
         if views is None:
             raise StreamError("stream: a packed worker item without the consumer's views")
         tensors = views.unpack(tensors)
+        rows, weights = tensors.pop(_ROWS), tensors.pop(_WEIGHTS, None)
+    rows = rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+    if isinstance(weights, torch.Tensor):
+        weights = weights.numpy()
     return Work(int(item["epoch"]), int(item["first"]), int(item["end"]), rows, weights,
                 tensors=dict(tensors), stats={k: float(v) for k, v in item["stats"].items()},
                 augmented=bool(item.get("augmented", False)))

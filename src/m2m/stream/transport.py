@@ -7,9 +7,11 @@ columns that cost ~4 ms per 1,024-row item at d = 640 on this VM, more than augm
 (shared buffers it keeps), sends a slot's buffer the first time it is used in a pass and afterwards only
 its number; the consumer's `SlotViews` rebuilds the tensors as views of its mapping of that buffer.
 
-A slot goes back to its worker only when nothing references the views made of it (the storage's use
-count, as `m2m.stream.stages.hot.OutputPool` judges its buffers): batches the user keeps are never
-overwritten, they only keep their slot busy. The consumer hands a slot back by writing the sequence number
+A slot goes back to its worker only when nothing in this process references the views made of it (the
+storage's use count, as `m2m.stream.stages.hot.OutputPool` judges its buffers): batches the user keeps
+are never overwritten, they only keep their slot busy. What the count cannot see is the same for the
+in-line stream's pooled outputs: a batch sent on to another process (a torch.multiprocessing queue maps
+the same memory there) or kept only as its ``untyped_storage()`` must be copied first. The consumer hands a slot back by writing the sequence number
 of the last item it received from the slot into a shared counter (``done``); the worker reuses a slot whose
 counter has reached the number of items it sent from it, so an item still on its way keeps its slot busy.
 When no slot is free the item goes in one fresh shared buffer (all its columns in one file, not one file
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from m2m.errors import StreamError
+from m2m.errors import InternalError, StreamError
 
 __all__ = ["Packed", "SlotRing", "SlotViews", "available"]
 
@@ -111,7 +113,8 @@ class SlotRing:
             self.announce = False
             return Packed(self.token, -1, 0, layout, buf, done, issued)
         slot_buf = self.buffers[slot]
-        assert slot_buf is not None
+        if slot_buf is None:
+            raise InternalError(f"transport: free slot {slot} has no buffer")
         _copy_in(slot_buf, tensors, layout)
         self.issued[slot] += 1
         first = not self.sent[slot]
@@ -153,6 +156,11 @@ class _RingView:
         self.received: dict[int, int] = {}                       # slot -> last sequence number received
 
     def release(self) -> None:
+        # Ordering: the last view's release is an acquire-release decrement of the use count, and the
+        # write below depends on that count through a branch; the worker reads ``done`` before it writes
+        # the slot (again through a branch). x86 keeps loads before later stores, and ARMv8's dependency
+        # ordering keeps this chain; a torn or stale read only makes a slot come back late, never early
+        # (it must equal the worker's own count exactly).
         for slot, seq in list(self.held.items()):
             if all(_use_count(m) == base for m, base in self.buffers.get(slot, ())):
                 self.done[slot] = seq
@@ -181,7 +189,8 @@ class SlotViews:
             each.release()
         buf, p.buffer = p.buffer, None
         if p.slot < 0:
-            assert buf is not None
+            if buf is None:
+                raise StreamError(f"stream: a fresh item of worker ring {p.token} arrived without its buffer")
             return _views(buf, p.layout)
         maps = ring.buffers.setdefault(p.slot, [])
         if buf is not None and not any(_same(m, buf) for m, _ in maps):
@@ -193,6 +202,3 @@ class SlotViews:
         ring.received[p.slot] = ring.held[p.slot] = p.seq
         return _views(maps[-1][0], p.layout)
 
-    def clear(self) -> None:
-        """Forget every ring (their workers are gone; views the user holds keep their own mappings)."""
-        self._rings.clear()
