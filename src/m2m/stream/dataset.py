@@ -215,6 +215,7 @@ class StreamDataset(Dataset[Any]):
             ring = transport.SlotRing(self.ring_slots)
             if persistent:
                 self._ring = ring
+                multiprocessing.util.Finalize(None, ring.close, exitpriority=10)  # as the resources below
         if ring is not None:
             ring.new_pass()
         if res is None:

@@ -96,6 +96,13 @@ class SlotRing:
         self.announce = True
         self.fresh = 0   # items that found no free slot
 
+    def close(self) -> None:
+        """Let go of the shared buffers (a persistent worker's ring, when the worker exits: under torch's
+        ``file_system`` sharing strategy a file stays in /dev/shm while any process holds it)."""
+        self.buffers = [None] * len(self.buffers)
+        self.done = torch.zeros(0, dtype=torch.int64)
+        self.issued = [0] * len(self.issued)
+
     def new_pass(self) -> None:
         """The consumer of this pass may not hold what earlier passes sent: send it again."""
         self.sent = [False] * len(self.sent)
