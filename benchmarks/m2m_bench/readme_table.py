@@ -88,6 +88,14 @@ def _ray(res: dict[str, Any]) -> list[Row]:
              "baseline_name": "local engine", "limit": None}]
 
 
+def _transport(res: dict[str, Any]) -> list[Row]:
+    b = res["best"]
+    return [{"measure": f"worker -> consumer items ({res['rows']:,} x {res['dim']} f32 + 4 columns, "
+                        f"{res['item_mib']:.2f} MiB), 2 DataLoader workers, items/s",
+             "ours": b["ours w=2"], "baseline": b["torch w=2"], "baseline_name": "torch's shared tensors",
+             "limit": b["limit"], "limit_name": "memcpy in one process"}]
+
+
 SOURCES = (
     Source("first-epoch-stop32-2026-12-06.json", "12-06 eve, quiet",
            _first_epoch("first_hot", "first_cold", "steady", "f16", "f16_stored", "ooc", "ooc_cold")),
@@ -97,6 +105,7 @@ SOURCES = (
     Source("augment-stop31-2026-12-06.json", "12-06 pm, quiet", _demo_stream),
     Source("bench-suite-quick-2026-12-06.json", "12-06, quiet, `m2m bench --quick`", _quick_start),
     Source("ray-kappa-2026-12-06-1m.json", "12-06, quiet", _ray),
+    Source("transport-2026-12-07.json", "12-07, quiet, item in L3", _transport),
 )
 
 
