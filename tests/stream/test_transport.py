@@ -19,9 +19,10 @@ from stream_helpers import clustered_lake
 
 from m2m.errors import StreamError
 from m2m.stream import transport
+from m2m.stream.stages.hot import POOLING
 from m2m.stream.transport import SlotRing, SlotViews
 
-pytestmark = pytest.mark.skipif(not transport.available(), reason="torch without storage use counts")
+pytestmark = pytest.mark.skipif(not POOLING, reason="torch without storage use counts")
 
 
 def _item(seed: int, rows: int = 6) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from m2m.stream.order import RankEpoch, delivered_draws, rank_epoch, sampler_pla
 from m2m.stream.source import PrefetchPlanning, RowSource
 from m2m.stream.spec import StreamSpec
 from m2m.stream.stages.base import Work
+from m2m.stream.stages.hot import POOLING
 from m2m.stream.topology import World, detect_rank, detect_worker
 
 REFUSED = ("the stream's dataset is iterated by the loader export_to_dataloader/make_loader returned (it is "
@@ -211,7 +212,7 @@ class StreamDataset(Dataset[Any]):
         persistent = self.control is not None
         res = self._worker_res if persistent else None
         ring = self._ring if persistent else None
-        if ring is None and self.ring_slots > 0 and transport.available():
+        if ring is None and self.ring_slots > 0 and POOLING:  # (it tells when views are gone)
             ring = transport.SlotRing(self.ring_slots)
             if persistent:
                 self._ring = ring

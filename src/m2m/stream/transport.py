@@ -30,20 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from m2m.errors import InternalError, StreamError
+from m2m.stream.stages.hot import shared_empty, storage_use_count
 
-__all__ = ["Packed", "SlotRing", "SlotViews", "available"]
+__all__ = ["Packed", "SlotRing", "SlotViews"]
 
 _ALIGN = 64          # bytes: each column starts on a cache line
 _ROUND = 1 << 16     # slot capacity granularity (an epoch's last, shorter item fits a slot made for a full one)
-
-
-def available() -> bool:
-    """Whether this torch can tell when a tensor's views are gone (``torch._C._storage_Use_Count``)."""
-    return hasattr(torch._C, "_storage_Use_Count")
-
-
-def _use_count(t: torch.Tensor) -> int:
-    return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
 
 
 Layout = tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]   # (name, dtype, shape, byte offset)
@@ -63,8 +55,7 @@ def _views(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
 
 
 def _shared_bytes(nbytes: int) -> torch.Tensor:
-    storage = torch.UntypedStorage._new_shared(max(1, nbytes))
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
+    return shared_empty((max(1, nbytes),), torch.uint8)
 
 
 @dataclass
@@ -169,7 +160,7 @@ class _RingView:
         # ordering keeps this chain; a torn or stale read only makes a slot come back late, never early
         # (it must equal the worker's own count exactly).
         for slot, seq in list(self.held.items()):
-            if all(_use_count(m) == base for m, base in self.buffers.get(slot, ())):
+            if all(storage_use_count(m) == base for m, base in self.buffers.get(slot, ())):
                 self.done[slot] = seq
                 del self.held[slot]
 
@@ -203,7 +194,7 @@ class SlotViews:
         if buf is not None and not any(_same(m, buf) for m, _ in maps):
             if p.slot not in ring.held:   # a new buffer for a slot handed back: the old one is done with
                 maps.clear()
-            maps.append((buf, _use_count(buf)))
+            maps.append((buf, storage_use_count(buf)))
         if not maps:
             raise StreamError(f"stream: slot {p.slot} of worker ring {p.token} arrived without its buffer")
         ring.received[p.slot] = ring.held[p.slot] = p.seq

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 CPU, STAGED, RESIDENT = "cpu", "staged", "resident"
 
 
-def _storage_use_count(t: torch.Tensor) -> int:
+def storage_use_count(t: torch.Tensor) -> int:
     return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
 
 
@@ -60,10 +60,10 @@ class OutputPool:
     def get(self, name: str, rows: int, trailing: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if not POOLING or self.size == 0:
             self.fresh += 1
-            return _shared_empty((rows, *trailing), dtype) if self.shared else torch.empty((rows, *trailing), dtype=dtype)
+            return shared_empty((rows, *trailing), dtype) if self.shared else torch.empty((rows, *trailing), dtype=dtype)
         entries = self._pool.setdefault((name, dtype), [])
         for i, (buf, base) in enumerate(entries):
-            if buf.shape[1:] == trailing and _storage_use_count(buf) == base:
+            if buf.shape[1:] == trailing and storage_use_count(buf) == base:
                 if buf.shape[0] >= rows:
                     return buf[:rows]
                 del entries[i]  # too small for this item: replace it
@@ -72,11 +72,11 @@ class OutputPool:
             self.fresh += 1
             return torch.empty((rows, *trailing), dtype=dtype)
         buf = torch.empty((rows, *trailing), dtype=dtype)
-        entries.append((buf, _storage_use_count(buf)))
+        entries.append((buf, storage_use_count(buf)))
         return buf[:rows]  # a view: its holder counts as a reference (the pooled tensor itself does not)
 
 
-def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor whose storage is in shared memory from the start."""
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
