@@ -3,7 +3,7 @@
 Factors: source {local, moto S3 with a node cache} x workers {0, 2 forked, 2 spawned} (the start
 method only exists with workers) x ranks {1, 2} (simulated in one process with ``rank=``/``world_size=``)
 x shuffle {full, block} x mode {plain, importance kappa, importance loss, vmf, mixture, langevin} x
-interruption {none, ``state_dict`` after 3 batches resumed in a fresh process, rank 0's state loaded on
+interruption {none (two epochs of one loader), ``state_dict`` after 3 batches resumed in a fresh process, rank 0's state loaded on
 every rank, a peeked pass kept live (``it = iter(dl); next(it)``) while a whole epoch runs beside it} x mu {float32, float16, float16 delivered as stored (``embedding_dtype="stored"``)} x labels {int, str} x a metadata column {bool, int, uint64, float, str}
 x mixing {one lake, ``m2m.mix`` of the cell's lake and a local one (conformance_helpers: "mix" cells)}.
 
@@ -197,9 +197,11 @@ class Lakes:
             self.others[key] = build_lake(key, path, {}, n=MIX_ROWS, seed=12, chunks=(MIX_ROWS,))
         return self.others[key]
 
-    def reference(self, lake: Any, built: Built, cell: Cell, other: Built | None = None) -> list[list[dict[str, Any]]]:
-        """One uninterrupted epoch per rank, in process, without workers (checked against the contract)."""
-        key = (built.key, cell.ranks, cell.shuffle, cell.mode, cell.mix, cell.mu)
+    def reference(self, lake: Any, built: Built, cell: Cell, other: Built | None = None,
+                  epoch: int = 0) -> list[list[dict[str, Any]]]:
+        """One uninterrupted ``epoch`` per rank, in process, without workers, each by a new loader
+        (checked against the contract)."""
+        key = (built.key, cell.ranks, cell.shuffle, cell.mode, cell.mix, cell.mu, epoch)
         if key not in self.refs:
             cols = cell_columns(cell.mode, cell.meta)
             mix_with = None if other is None else other.path
@@ -207,6 +209,7 @@ class Lakes:
             for r in range(cell.ranks):
                 dl = loader_of(lake, loader_kwargs(cell.mode, cell.shuffle, "0", r, cell.ranks, cols, mix_with,
                                                    cell.mu))
+                dl.set_epoch(epoch)
                 per_rank.append(epoch_of(dl))
                 dl.close()
             check_epoch(per_rank, built, cell.mode, cell.ranks, other, DELIVERED[cell.mu])
@@ -234,9 +237,12 @@ def run_cell(cell: Cell, lakes: Lakes, request: pytest.FixtureRequest, workdir: 
         kws = [loader_kwargs(cell.mode, cell.shuffle, cell.workers, r, cell.ranks, cols, mix_with, cell.mu)
                for r in range(cell.ranks)]
         if cell.interrupt == "none":
+            ref1 = lakes.reference(lake, built, cell, other, epoch=1)
             for r, kw in enumerate(kws):
                 dl = loader_of(lake, kw)
                 same_batches(epoch_of(dl), ref[r], f"rank {r}, {cell.workers} workers")
+                # the same loader's next pass (in line: the chain its last pass started ahead)
+                same_batches(epoch_of(dl), ref1[r], f"rank {r}, {cell.workers} workers, epoch 1")
                 dl.close()
         elif cell.interrupt == "child":  # each rank saves after K batches; a fresh process resumes them all
             heads, states = [], []
