@@ -97,7 +97,7 @@ class Resources:
     """What one process keeps across a loader's passes; a pass overlapping a live one `lease`s private ones."""
 
     def __init__(self, source: RowSource, spec: StreamSpec, delivery: Delivery, keep_arena: bool = True,
-                 budget: int | None = None) -> None:
+                 budget: int | None = None, packed: bool = False) -> None:
         self.source, self.spec, self.delivery = source, spec, delivery
         self.budget = spec.warm_bytes // max(1, delivery.num_workers) if budget is None else budget
         tier = host_tier_for(spec, self.budget)
@@ -108,7 +108,7 @@ class Resources:
         self._resident: ResidentTier | None = None
         self._pool: OutputPool | None = None
         self._borrowed = False  # ``arena`` is the leasing owner's (closed by the owner, not here)
-        self.packed = False  # a worker's: items leave through its ring (`worker_resources`)
+        self.packed = packed  # a worker's: items leave through its ring (`worker_resources`)
 
     def lease(self) -> "Resources":
         """These resources, or private ones (closed by the caller) if a live pass holds them.
@@ -226,9 +226,7 @@ def worker_resources(source: RowSource, spec: StreamSpec, world: World, augment:
     its items are copied into its ring of shared buffers (`m2m.stream.transport`) before they leave."""
     host = Delivery(device=torch.device("cpu"), hot_mode="cpu", augment=augment, return_tensor=False, prefetch=0,
                     intra_op_threads=None, pin_batches=False, collate_fn=None, num_workers=world.num_workers)
-    res = Resources(source, spec, host)
-    res.packed = packed
-    return res
+    return Resources(source, spec, host, packed=packed)
 
 
 def new_arena(reader: ColdReader, spec: StreamSpec, budget: int) -> WarmArena:

@@ -173,12 +173,11 @@ class SlotViews:
 
     def unpack(self, p: Packed) -> dict[str, torch.Tensor]:
         """The item's tensors, as views of its buffer."""
-        known = self._rings.get(p.token)
-        if known is None:
+        ring = self._rings.get(p.token)
+        if ring is None:
             if p.done is None:
                 raise StreamError(f"stream: an item of worker ring {p.token} arrived before its first item")
-            known = self._rings[p.token] = _RingView(p.done)
-        ring = known
+            ring = self._rings[p.token] = _RingView(p.done)
         if p.issued is not None:   # a new pass: items sent earlier and never received were dropped by torch
             for slot, n in enumerate(p.issued):
                 if n > ring.received.get(slot, 0):
