@@ -1,9 +1,10 @@
 """`StreamLoader`, the DataLoader a lake exports, and `make_loader` (a `RowSource` -> a loader).
 
-Fast path (``num_workers=0``): the stage chain runs in one background thread of the consumer, which only
-splits items into batches, augments and counts; with workers, they run the host stages and their items
-cross in shared buffers (`m2m.stream.transport`). The batch sequence is identical either way
-(`m2m.stream.partition`); stages: `m2m.stream.pipeline`; resume: `m2m.stream.state`.
+Fast path (``num_workers=0``): the stage chain runs in one background thread of the consumer, which
+only splits items into batches, augments and counts; with workers, they run the host stages and their
+items cross in shared buffers (`m2m.stream.transport`). The batch sequence is identical either way
+(`m2m.stream.partition`); stages: `m2m.stream.pipeline`; resume: `m2m.stream.state`; ``dl.sampler``:
+`m2m.stream.epoch_sampler`.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _DatasetKind
 
 from m2m._validate import check_int
@@ -25,6 +26,7 @@ from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.stream import pipeline as pl
 from m2m.stream import state as st
 from m2m.stream.dataset import StreamDataset, from_workers
+from m2m.stream.epoch_sampler import EpochSampler
 from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.options import StreamOptions
@@ -32,8 +34,11 @@ from m2m.stream.source import FetchReporting, RowSource
 from m2m.stream.spec import StreamSpec, device_of, lake_pass_chunk_batches, plan_stream
 from m2m.stream.topology import World
 
+__all__ = ["SOURCE_DEFAULTS", "EpochSampler", "StreamLoader", "make_loader"]
+
 #: Budgets of a source streamed without a lake config (`make_loader`).
-SOURCE_DEFAULTS = {"device": "cpu", "seed": 0, "warm_bytes": DEFAULT_WARM_BYTES, "hot_bytes": DEFAULT_HOT_BYTES, "prefetch": 4}
+SOURCE_DEFAULTS = {"device": "cpu", "seed": 0, "warm_bytes": DEFAULT_WARM_BYTES, "hot_bytes": DEFAULT_HOT_BYTES,
+                   "prefetch": 4}
 
 
 def make_loader(source: RowSource, options: StreamOptions | None = None, *, sampler: PlanSampler | None = None,
@@ -63,35 +68,6 @@ def make_loader(source: RowSource, options: StreamOptions | None = None, *, samp
                            prefetch=int(opts.prefetch or 0), intra_op_threads=opts.intra_op_threads,
                            pin_batches=pin, collate_fn=opts.collate_fn, num_workers=opts.num_workers)
     return StreamLoader(StreamDataset(source, spec, delivery, sampler), opts)
-
-
-class EpochSampler(DistributedSampler[int]):
-    """``dl.sampler``: the loader shards rows over ranks itself, as a ``DistributedSampler`` would.
-
-    ``dataloader.sampler.set_epoch(epoch)`` reaches the loader; Lightning injects no sampler. Weak reference to the
-    loader: a strong one would make every loader a cycle, freed late by the collector. Iterating it yields None
-    forever, like torch's placeholder sampler of an iterable dataset.
-    """
-
-    def __init__(self, loader: "StreamLoader") -> None:  # no super().__init__: there is no index space
-        self._loader = weakref.ref(loader)
-
-    @property
-    def loader(self) -> "StreamLoader | None":
-        return self._loader()
-
-    def set_epoch(self, epoch: int) -> None:
-        loader = self._loader()
-        if loader is not None:
-            loader.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            yield None
-
-    def __len__(self) -> int:
-        loader = self._loader()
-        return 0 if loader is None else len(loader)
 
 
 class StreamLoader(DataLoader[Any]):
