@@ -54,7 +54,18 @@ def beyond_int64(arr: np.ndarray) -> int | None:
 
 
 def as_numpy(x: Any, name: str) -> np.ndarray:
-    """A numpy view (or copy) of a numpy array, torch tensor on any device, list or scalar."""
+    """A numpy view (or copy) of a numpy array, torch tensor on any device, list or scalar.
+
+    A numpy masked array with a masked entry is refused: these columns have no missing values (its
+    data would store the hidden values; metadata columns turn masks into nulls before this).
+    """
+    if isinstance(x, np.ma.MaskedArray):
+        mask = np.ma.getmaskarray(x)
+        if mask.any():
+            row = int(np.argmax(mask.reshape(mask.shape[0], -1).any(axis=1))) if mask.ndim else 0
+            raise InvalidEmbeddingError(f"{name} row {row} is masked (a numpy masked array); {name} cannot hold "
+                                        "missing values: fill them or drop those rows")
+        return np.ma.getdata(x)
     if isinstance(x, np.ndarray):
         return x
     mod = type(x).__module__
@@ -347,6 +358,24 @@ def _unmasked(values: np.ma.MaskedArray, name: str) -> np.ndarray:
                                 "(NaN), string (None) and time (NaT) columns take nulls")
 
 
+def _nullable(values: Any) -> bool:
+    """Whether ``values`` is a pyarrow array or a pandas column (both may hold nulls numpy cannot)."""
+    mod = type(values).__module__
+    return mod.startswith("pyarrow") or mod.startswith("pandas")
+
+
+def _arrow(values: Any, name: str) -> Any:
+    """A pyarrow or pandas column as a pyarrow array (pandas' NA, None and NaN become nulls)."""
+    import pyarrow as pa
+
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values
+    try:
+        return pa.array(values, from_pandas=True)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise InvalidEmbeddingError(f"metadata[{name!r}] could not be read as a column: {exc}") from exc
+
+
 _TIME_UNITS = {"M": ("D", "s", "ms", "us", "ns"), "m": ("s", "ms", "us", "ns")}  # Arrow's date32, timestamp, duration
 
 
@@ -366,7 +395,15 @@ def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np
             raise InvalidEmbeddingError(f"metadata column {name!r} clashes with a reserved name: {why}")
         if isinstance(values, np.ma.MaskedArray):
             values = _unmasked(values, name)
+        elif _nullable(values):
+            # an Arrow or pandas column: its nulls follow the Arrow table's rules (np.asarray turned a
+            # nullable int column into float64 NaNs, rounding ints beyond 2**53)
+            from m2m.lake.ingest import arrow_metadata
+
+            values = arrow_metadata(_arrow(values, name), name, "add_splats")
         arr = as_numpy(values, f"metadata[{name!r}]")
+        if arr.dtype.kind in "biufmM" and not arr.dtype.isnative:  # Arrow takes native byte order only
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         if arr.ndim != 1 or arr.shape[0] != n:
             raise InvalidEmbeddingError(
                 f"metadata[{name!r}] must have shape [{n}] to match vectors, got {tuple(arr.shape)}")
@@ -379,6 +416,10 @@ def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np
                 f"metadata[{name!r}] has dtype {arr.dtype} (row 0 is {arr[0]!r}); a metadata column holds "
                 "numbers (bool, int, uint, float) or strings" if n else
                 f"metadata[{name!r}] has dtype {arr.dtype}; a metadata column holds numbers or strings")
+        elif arr.dtype.kind == "f" and arr.dtype.itemsize > 8:  # Arrow has no float wider than 64 bits
+            raise InvalidEmbeddingError(
+                f"metadata[{name!r}] has dtype {arr.dtype} (long double): Arrow stores floats of 16, 32 or 64 "
+                "bits only; convert it, e.g. values.astype('float64')")
         elif arr.dtype.kind in "mM" and np.datetime_data(arr.dtype)[0] not in _TIME_UNITS[arr.dtype.kind]:
             # Arrow has no such unit (pyarrow: "Unsupported datetime64 time unit")
             units = ", ".join(_TIME_UNITS[arr.dtype.kind])
@@ -415,26 +456,27 @@ class SplatBatch:
 
 
 def validate_splats(vectors: Any, labels: Any, kappa: Any, alpha: Any, metadata: Any, dim: int,
-                    start: int = 0) -> SplatBatch:
+                    start: int = 0, kappa_nan: bool = False) -> SplatBatch:
     """Validate one ``add_splats`` call completely, raising `InvalidEmbeddingError` on the first problem.
 
-    ``start`` offsets the row numbers in error messages (for chunked ingest).
+    ``start`` offsets the row numbers in error messages (for chunked ingest); ``kappa_nan``: a NaN kappa
+    is a row without an estimate (an m2m export's own kappa column), not an invalid value.
     """
     arr = as_vectors(vectors, dim)
     check_rows(arr, start)
     if start:
         try:
-            return _columns(arr, labels, kappa, alpha, metadata)
+            return _columns(arr, labels, kappa, alpha, metadata, kappa_nan)
         except InvalidEmbeddingError as exc:
             raise InvalidEmbeddingError(f"in the chunk starting at row {start}: {exc}") from exc
-    return _columns(arr, labels, kappa, alpha, metadata)
+    return _columns(arr, labels, kappa, alpha, metadata, kappa_nan)
 
 
-def _columns(arr: np.ndarray, labels: Any, kappa: Any, alpha: Any, metadata: Any) -> SplatBatch:
+def _columns(arr: np.ndarray, labels: Any, kappa: Any, alpha: Any, metadata: Any, kappa_nan: bool) -> SplatBatch:
     n = arr.shape[0]
     lab = None if labels is None else label_column(labels, n)
     kap = (np.full(n, np.nan, dtype=np.float32) if kappa is None
-           else positive_column(kappa, n, "kappa"))
+           else positive_column(kappa, n, "kappa", allow_nan=kappa_nan))
     alp = np.ones(n, dtype=np.float32) if alpha is None else positive_column(alpha, n, "alpha")
     meta = metadata_columns(metadata, n)
     return SplatBatch(arr, lab, kap, alp, meta)

@@ -64,7 +64,8 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
               **overrides: Any) -> Lake:
     """Open an existing lake; `LakeNotFoundError` (a FileNotFoundError) when there is none at ``path``.
 
-    The lake's own dim and dtype are used; other settings come from ``config`` and ``overrides``
+    The lake's own dim and dtype are used, and without ``config`` or a ``knn_k`` override the ``knn_k``
+    its kappa was estimated with; other settings come from ``config`` and ``overrides``
     (e.g. ``storage_options={...}`` for s3://, gs://, az:// lakes). ``version`` pins an older
     committed version (default: the latest); commits still go on top of the latest. Older versions
     stay readable when a newer manifest is corrupt (`CorruptShardError` names it).
@@ -86,5 +87,10 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
     if config is not None:
         check_compatible(manifest, config, os.fspath(path))
     cfg = dataclasses.replace(asked, latent_dim=manifest.dim, storage_dtype=manifest.dtype)
+    stored_k = (manifest.geometry or {}).get("k")
+    if config is None and "knn_k" not in overrides and isinstance(stored_k, int) and 1 <= stored_k != cfg.knn_k:
+        # the neighbourhood size the lake was estimated with: the default would make every augmented
+        # stream compute the geometry again in memory, quietly, at another k
+        cfg = dataclasses.replace(cfg, knn_k=stored_k)
     check_device(cfg.device)
     return Lake(fs, cfg, manifest)

@@ -90,6 +90,8 @@ class M2MConfig:
     lake_key: str | bytes | None = field(default=None, repr=False, hash=False, compare=False)
 
     def __post_init__(self) -> None:
+        _check(self.path is None or (isinstance(self.path, (str, os.PathLike)) and bool(os.fspath(self.path).strip())),
+               "path", self.path, "None, a directory path or an fsspec URL ('' names no folder)")
         _check(isinstance(self.latent_dim, int) and not isinstance(self.latent_dim, bool) and self.latent_dim >= 2,
                "latent_dim", self.latent_dim, "an int >= 2")
         _check(self.storage_dtype in _DTYPES, "storage_dtype", self.storage_dtype, f"one of {_DTYPES}")

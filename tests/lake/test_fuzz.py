@@ -100,7 +100,8 @@ def assert_exact(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
         s = got["stream"]
         assert same(s["id"], want["id"]), f"SILENT WRONG DATA in the stream's ids after {what}"
         assert np.array_equal(s["embedding"], want["mu"].astype(np.float32)), f"stream embeddings after {what}"
-        assert np.array_equal(s["kappa"], want["kappa"], equal_nan=True), f"stream kappa after {what}"
+        # (the lake's last 20 rows have no estimate: the stream computes the geometry in memory, from mu)
+        assert np.array_equal(s["kappa"], want["stream"]["kappa"]), f"stream kappa after {what}"
         assert same(s["label"], want["stream"]["label"]), f"SILENT WRONG DATA in the stream's label codes after {what}"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from m2m import M2MConfig, create_m2m, open_lake
 from m2m.errors import CorruptShardError
@@ -39,18 +40,34 @@ def escaped_anywhere(*roots: Path) -> list[str]:
     return found
 
 
+class _StoreOnDisk(LocalFileSystem):
+    """fsspec's local filesystem under a protocol m2m does not know, so that a lake named by it takes the
+    object-store path (`FsspecFS`) over files a test can see (``local://`` is a local lake since
+    2026-12-07)."""
+
+    protocol = ("m2mtest-disk",)
+
+    @classmethod
+    def _strip_protocol(cls, path):  # type: ignore[no-untyped-def]
+        return super()._strip_protocol(str(path).removeprefix("m2mtest-disk://"))
+
+
+fsspec.register_implementation("m2mtest-disk", _StoreOnDisk, clobber=True)
+
+
 @pytest.fixture(params=["memory", "local"])
 def remote_lake(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """A lake behind fsspec (memory:// or local:// through FsspecFS), its shard cache deep in tmp_path."""
+    """A lake behind fsspec (memory://, or local files under a test protocol, through FsspecFS), its
+    shard cache deep in tmp_path."""
     cache = tmp_path / "a" / "b" / "c" / "cache"
     monkeypatch.setenv("M2M_CACHE_DIR", str(cache))
     if request.param == "memory":
         url = f"memory://m2m-sec-{uuid.uuid4().hex}/x/y/lake"
     else:
-        url = f"local://{tmp_path}/remote/x/y/lake"
+        url = f"m2mtest-disk://{tmp_path}/remote/x/y/lake"
     fs, root = fsspec.core.url_to_fs(url)
     with create_m2m(M2MConfig(path=url, latent_dim=D)) as lake:
-        fs.makedirs(f"{root}/_ids", exist_ok=True)  # local:// needs the id-reservation folder to exist
+        fs.makedirs(f"{root}/_ids", exist_ok=True)  # a local store needs the id-reservation folder to exist
         lake.add_splats(np.random.default_rng(0).standard_normal((50, D)))
     yield url, fs, root.rstrip("/"), cache
     if request.param == "memory":
@@ -71,7 +88,7 @@ def test_traversal_in_a_remote_manifest_touches_nothing(remote_lake, tmp_path: P
     import shutil
 
     shutil.rmtree(cache)                                     # nothing cached: reading would download
-    planted = escaped_anywhere(tmp_path, Path.cwd())         # the local:// variant's planted object
+    planted = escaped_anywhere(tmp_path, Path.cwd())         # the local variant's planted object
     before = all_files(tmp_path)
     with pytest.raises(CorruptShardError, match=r"not a plain file name inside _data/"):
         open_lake(url)

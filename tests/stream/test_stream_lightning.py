@@ -47,7 +47,7 @@ def check_epochs(seen: dict, lengths: dict, expected_len: int, rows: set[int], e
         flat = [i for b in batches for i in b]
         assert len(flat) == len(rows) and set(flat) == rows, f"epoch {e} does not see every row exactly once"
         orders.append(flat)
-    assert orders[0] != orders[1] != orders[2]
+    assert all(a != b for a, b in zip(orders, orders[1:]))
 
 
 @pytest.mark.parametrize("where", ["before_fit", "train_dataloader"])
@@ -92,6 +92,39 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_unseen_batch(lake, tmp_path, w
     assert resumed.seen[1] == ref.seen[1][20 - nb:]  # the rest of epoch 1, starting at the next unseen batch
     assert resumed.seen[2] == ref.seen[2]  # then the epoch the uninterrupted run saw
     assert 0 not in resumed.seen
+
+
+class ValidatingRecorder(Recorder):
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        pass
+
+
+def test_one_loader_for_training_and_validation_resumes_the_training_pass(lake, tmp_path):
+    # observed (a probing user, 2026-12-07): with val_dataloaders=dl, the in-epoch validation pass owned
+    # the saved position; a checkpoint 9 batches into epoch 1 resumed at (1, 0): 9 batches again, the
+    # rest of the epoch never seen. The position now follows the pass that yielded last
+    import warnings
+
+    nb = -(-N // BS)
+    dl = make_for(lake)()
+    ref = ValidatingRecorder(None)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=2, enable_checkpointing=True, callbacks=[ckpt], val_check_interval=0.5).fit(
+            ref, train_dataloaders=dl, val_dataloaders=dl)
+    assert not [str(w.message) for w in caught if "another live pass" in str(w.message)]  # unambiguous
+    check_epochs(ref.seen, ref.lengths, nb, all_ids(lake), epochs=2)
+    path = os.path.join(str(tmp_path), "step=25.ckpt")  # epoch 1, 9 batches in: after its validation pass
+    saved = torch.load(path, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (saved["epoch"], saved["batches_yielded"]) == (1, 25 - nb)
+    dl2 = make_for(lake)()
+    resumed = ValidatingRecorder(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=2, val_check_interval=0.5).fit(resumed, train_dataloaders=dl2, val_dataloaders=dl2,
+                                                          ckpt_path=path)
+    assert resumed.seen[1] == ref.seen[1][25 - nb:]
 
 
 @pytest.mark.slow

@@ -117,6 +117,9 @@ class VMFDraws:
 class VMFAugmenter:
     """Replace each row by one exact draw from its splat's vMF(mu_i, kappa_i) (Wood 1994)."""
 
+    #: the rows' means are unit vectors in their own precision (False: a float16 lake's rows, which the
+    #: draw normalises first; `m2m.stream.from_lake.build_augmenter` sets it)
+    unit_means = True
     in_workers = True  # a CPU stream's DataLoader workers may apply it (`m2m.stream.hooks.Augment`)
 
     def __init__(self, kappa: np.ndarray) -> None:
@@ -192,7 +195,7 @@ class VMFAugmenter:
             _check_prepared(prepared, x)
         return random_point_at_cosine(x, prepared.cos.to(x.device), prepared.sin.to(x.device),
                                       generator=generator if prepared.noise is None else prepared.noise,
-                                      gaussian=prepared.gaussian)
+                                      gaussian=prepared.gaussian, unit=self.unit_means)
 
 
 @dataclass
@@ -360,6 +363,7 @@ class LangevinAugmenter:
             omitted they are computed once, on first use, through the stream's ``gather``.
     """
 
+    unit_means = True  # (see VMFAugmenter.unit_means)
     in_workers = True  # a CPU stream's DataLoader workers may apply it (`m2m.stream.hooks.Augment`)
 
     def __init__(self, neighbors: np.ndarray, kappa: np.ndarray, alpha: np.ndarray,
@@ -638,7 +642,7 @@ class LangevinAugmenter:
             _check_prepared(prepared, x)
         own = prepared.own
         out = random_point_at_cosine(x, own.t, own.rho, generator=prepared.noise, scratch=self._scratch(x),
-                                     gaussian=prepared.gaussian)
+                                     gaussian=prepared.gaussian, unit=self.unit_means)
         self.rerun_ahead([(prepared, x, rows, generator)], gather)   # unless the stream ran it already
         if prepared.exact is not None:
             out[prepared.fail.to(x.device)] = prepared.exact.to(device=x.device, dtype=out.dtype)
@@ -853,6 +857,7 @@ class MixtureAugmenter:
         temperature: > 0, see above.
     """
 
+    unit_means = True  # (see VMFAugmenter.unit_means)
     in_workers = True  # a CPU stream's DataLoader workers may apply it (`m2m.stream.hooks.Augment`)
 
     def __init__(self, neighbors: np.ndarray, kappa: np.ndarray, alpha: np.ndarray,
@@ -998,4 +1003,4 @@ class MixtureAugmenter:
             mean[moved] = gather(prepared.source.to(x.device)[moved]).to(device=x.device, dtype=x.dtype)
         return random_point_at_cosine(mean, prepared.cos.to(x.device), prepared.sin.to(x.device),
                                       generator=generator if prepared.noise is None else prepared.noise,
-                                      gaussian=prepared.gaussian)
+                                      gaussian=prepared.gaussian, unit=self.unit_means)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -18,17 +19,26 @@ from m2m.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\+?\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_MAX_SIZE = (1 << 63) - 1  # sizes are int64 downstream (numpy, Arrow)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
           "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """'128MB', '64MiB', '1e6' style sizes in bytes."""
+    """'128MB', '64MiB', '1e6' style sizes in bytes (whole numbers exactly; at most 2**63 - 1)."""
     m = _SIZE_RE.match(text)
     if not m or m.group(2) is not None and m.group(2).lower() not in _UNITS:
         raise click.BadParameter(f"{text!r} is not a size like 128MB or 64MiB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    number, unit = m.group(1), _UNITS[(m.group(2) or "").lower()]
+    if number.isdigit():
+        size = int(number) * int(unit)  # exact: no float rounding of long digit strings
+    else:
+        value = float(number) * unit
+        size = int(value) if math.isfinite(value) and value <= _MAX_SIZE else _MAX_SIZE + 1
+    if size > _MAX_SIZE:
+        raise click.BadParameter(f"{text!r} is too large a size (at most {_MAX_SIZE:,} bytes)")
+    return size
 
 
 def user_errors(fn: F) -> F:
@@ -173,7 +183,7 @@ def _lake_dirs() -> tuple[str, ...]:
 
 def _lake_inside(src: str, lake_dir: str) -> bool:
     """Whether the local folder ``lake_dir`` is ``src`` or lies inside the directory ``src``."""
-    from m2m.lake.ingest import local_path
+    from m2m.lake.fs import local_path
 
     local = local_path(lake_dir)
     if local is None or not os.path.isdir(src):
@@ -216,7 +226,7 @@ def export_cmd(lake_dir: str, out: str, fmt: str | None, float32: bool, version:
         raise AlreadyExistsError(f"{out} already exists; pass --force to replace it")
     if not out.strip() or out.endswith(os.sep):  # ("" was written beside the current folder, then failed)
         raise ConfigError(f"OUT {out!r} names no file: give the path of the file to write")
-    from m2m.lake.ingest import local_path
+    from m2m.lake.fs import local_path
 
     local = local_path(lake_dir)
     if local is not None:  # a file written among the lake's own would be read (or vacuumed) as the lake's

@@ -71,6 +71,7 @@ def uniform_tangent_direction(x: Tensor, generator: torch.Generator | None = Non
 def random_point_at_cosine(
     mu: Tensor, cos: Tensor, sin: Tensor | None = None, generator: Source = None,
     out: Tensor | None = None, scratch: Tensor | None = None, gaussian: Tensor | None = None,
+    unit: bool = True,
 ) -> Tensor:
     """Unit vectors x = cos * mu + sin * u, with u uniform on the unit sphere orthogonal to ``mu``.
 
@@ -81,7 +82,12 @@ def random_point_at_cosine(
     ``mu``) receives the result, allocated when not given; ``scratch`` (same shape) is a temporary
     for d <= 64, allocated when not given. ``gaussian``: N(0, I) draws of ``mu``'s shape drawn earlier
     (e.g. in a prefetch thread); they are used instead of drawing (and overwritten with the result).
+    ``unit=False``: the rows of ``mu`` are unit only to their storage precision (a float16 lake's rows
+    read as float32, |mu| = 1 +- ~1e-4): they are normalised first (two more passes), so the result is
+    unit to its own precision.
     """
+    if not unit:
+        mu = mu / torch.linalg.vector_norm(mu, dim=-1, keepdim=True).clamp_min(torch.finfo(mu.dtype).tiny)
     cos = cos.to(mu.dtype)
     if sin is None:
         sin = torch.sqrt(torch.clamp(1.0 - cos * cos, min=0.0))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from m2m._forksafe import ForkSafeLock
-from m2m.errors import AlreadyExistsError, ObjectStoreError, PathNotFoundError, ReadOnlyLakeError
+from m2m.errors import AlreadyExistsError, ConfigError, ObjectStoreError, PathNotFoundError, ReadOnlyLakeError
 
 logger = logging.getLogger(__name__)
 
@@ -562,9 +562,27 @@ def open_fs(path: str | os.PathLike[str], storage_options: dict[str, Any] | None
     """The filesystem for a lake path: `LocalFS` for plain paths and file://, `FsspecFS` otherwise
     (``storage_options`` go to fsspec; ``cache_dir``/``cache_bytes`` are its node-local shard cache,
     see `m2m.lake.cache`; local paths ignore them)."""
+    local = local_path(path)
+    if local is None:
+        return FsspecFS(os.fspath(path), cache_dir=cache_dir, storage_options=storage_options,
+                        io_timeout=io_timeout, io_retries=io_retries, cache_bytes=cache_bytes)
+    return LocalFS(local)
+
+
+#: fsspec's names for its local filesystem: a lake named by them is a local lake (flock, fsync, the
+#: symlink rules of vacuum), never one reached through fsspec's generic object-store path
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def local_path(path: str | os.PathLike[str]) -> str | None:
+    """``path`` as a local path (a plain path, or a ``file://`` / ``local://`` URL), or None for any
+    other URL. An empty path is refused: it would name the current directory without saying so."""
     s = os.fspath(path)
-    if "://" in s and not s.startswith("file://"):
-        return FsspecFS(s, cache_dir=cache_dir, storage_options=storage_options, io_timeout=io_timeout,
-                        io_retries=io_retries, cache_bytes=cache_bytes)
-    s = s.removeprefix("file://")
-    return LocalFS(s)
+    protocol, sep, rest = s.partition("://")
+    if sep:
+        if protocol.lower() not in LOCAL_PROTOCOLS:
+            return None
+        s = rest
+    if not s.strip():
+        raise ConfigError(f"lake path {os.fspath(path)!r} names no folder (give a directory or a URL)")
+    return s

@@ -32,6 +32,7 @@ from m2m.errors import (
     PathNotFoundError,
     WriteFailedError,
 )
+from m2m.lake.fs import local_path
 
 SUFFIXES = (".npy", ".parquet", ".arrow", ".feather", ".ipc")
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
@@ -50,8 +51,19 @@ class Columns:
     all_columns: bool = False
 
     def resolve(self, schema: pa.Schema, where: Any) -> tuple[str, str | None, list[str]]:
-        """(vector column, label column, metadata columns) of ``schema``; errors name ``where``."""
-        vec = _pick_vector_column(schema, self.column, where)
+        """(vector column, label column, metadata columns) of ``schema``; errors name ``where``.
+
+        An m2m export (`m2m export`, `Lake.to_arrow`) with ``all_columns`` re-ingests as the lake it came
+        from: ``mu`` (times ``mu_norm``) the vectors, ``label`` the labels, ``kappa``/``alpha`` the splats'
+        own (`export_terms`), and the columns the lake derives itself (`DERIVED_COLUMNS`) left out.
+        """
+        export = self.all_columns and is_m2m_export(schema)
+        vec = _pick_vector_column(schema, self.column if self.column is not None or not export else "mu", where)
+        label = self.label_column
+        if export and label is None and "label" in schema.names and vec != "label":
+            label = "label"
+        if label != self.label_column:
+            return dataclasses.replace(self, label_column=label).resolve(schema, where)
         if self.label_column == vec:
             raise InvalidEmbeddingError(f"{where}: column {vec!r} cannot be both the vectors and the labels")
         if self.label_column is not None and self.label_column not in schema.names:
@@ -61,11 +73,37 @@ class Columns:
             raise InvalidEmbeddingError(f"{where}: no metadata column {missing[0]!r}; columns: {schema.names}")
         meta = list(dict.fromkeys(self.meta_columns))
         if self.all_columns:
-            meta += [n for n in schema.names if n not in (vec, self.label_column) and n not in meta]
+            skip = (*DERIVED_COLUMNS, *EXPORT_TERMS) if export else ()
+            meta += [n for n in schema.names if n not in (vec, self.label_column) and n not in meta and n not in skip]
         clash = [m for m in meta if m in (vec, self.label_column)]
         if clash:
             raise InvalidEmbeddingError(f"{where}: column {clash[0]!r} cannot be both vectors/labels and metadata")
         return vec, self.label_column, meta
+
+
+#: Columns of an m2m export that a lake makes itself: a re-ingest gets new ids (estimate_kappa makes the
+#: neighbours again); ``mu_norm`` goes back into the vectors
+DERIVED_COLUMNS = ("id", "neighbors", "neighbor_cos", "mu_norm")
+#: Columns of an m2m export that re-ingest as the splats' own terms (`add_splats`' keywords)
+EXPORT_TERMS = ("kappa", "alpha")
+
+
+def is_m2m_export(schema: pa.Schema) -> bool:
+    """Whether ``schema`` is that of an m2m export (its ``m2m`` schema metadata says so)."""
+    doc = (schema.metadata or {}).get(b"m2m")
+    return doc is not None and b'"m2m-lake-export"' in doc
+
+
+def export_terms(schema: pa.Schema, columns: Columns, vec: str) -> dict[str, str]:
+    """The chunk keys an m2m export re-ingested with ``all_columns`` fills from its own columns:
+    ``kappa``/``alpha``, and ``mu_norm`` when its ``mu`` holds unit vectors."""
+    if not (columns.all_columns and is_m2m_export(schema)):
+        return {}
+    terms = {name: name for name in EXPORT_TERMS if name in schema.names}
+    unit = b'"mu": "unit"' in (schema.metadata or {}).get(b"m2m", b"")
+    if unit and vec == "mu" and "mu_norm" in schema.names:
+        terms["mu_norm"] = "mu_norm"
+    return terms
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -279,6 +317,7 @@ class _ArrowReader(_Reader):
         self._chunk_rows, self._chunk_bytes = chunk_rows, chunk_bytes
         self._num_rows, self._batches, self._first_row = num_rows, batches, first_row
         self.vec, self.label, self.meta = columns.resolve(schema, where)
+        self.terms = export_terms(schema, columns, self.vec)
         typ = schema.field(self.vec).type
         if _is_list(typ) and not (pa.types.is_floating(typ.value_type) or pa.types.is_integer(typ.value_type)):
             # (a list of strings failed in pyarrow's words: "Non-fixed width type")
@@ -303,7 +342,7 @@ class _ArrowReader(_Reader):
         if self._chunk_rows is not None or pa.types.is_fixed_size_list(typ) or self._first_row is not None:
             step = _rows_per_chunk(self._chunk_rows, self._chunk_bytes, self.dim(), itemsize)
         # variable-length lists of in-memory data: sized from the first batch's width
-        wanted = [self.vec] + ([self.label] if self.label else []) + self.meta
+        wanted = [self.vec] + ([self.label] if self.label else []) + self.meta + list(self.terms.values())
         batches = self._batches(wanted, step or _rows_per_chunk(None, self._chunk_bytes, 1024, itemsize))
         while True:
             try:
@@ -328,7 +367,17 @@ class _ArrowReader(_Reader):
                 raise InvalidEmbeddingError(f"{self.where}: label column {self.label!r} has null rows")
             chunk["labels"] = labels.to_numpy(zero_copy_only=False)
         if self.meta:
-            chunk["metadata"] = {m: _metadata(batch.column(m), m, self.where) for m in self.meta}
+            chunk["metadata"] = {m: arrow_metadata(batch.column(m), m, self.where) for m in self.meta}
+        for key, name in self.terms.items():  # an m2m export's own kappa/alpha (nulls: NaN) and norms
+            values = _plain(batch.column(name)).to_numpy(zero_copy_only=False).astype(np.float64)
+            if key == "mu_norm":  # its vectors as given, in float64: each row's norm comes back as mu_norm
+                unit = chunk["vectors"].astype(np.float64)
+                scale = np.nan_to_num(values, nan=1.0) / np.linalg.norm(unit, axis=1)  # (|mu| = 1 +- 2**-24)
+                chunk["vectors"] = unit * scale[:, None]
+            else:
+                chunk[key] = values
+        if "kappa" in self.terms:
+            chunk["kappa_nan"] = True  # rows the exported lake had not estimated
         return chunk
 
 
@@ -347,7 +396,7 @@ def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     return arr
 
 
-def _metadata(arr: pa.Array, name: str, where: Any) -> np.ndarray:
+def arrow_metadata(arr: pa.Array | pa.ChunkedArray, name: str, where: Any) -> np.ndarray:
     """A metadata column of an input table as numpy, taking what ``add_splats(metadata={...})`` takes:
     numbers, booleans, strings (nulls allowed), dates, timestamps and durations (naive, units s..ns)."""
     arr = _plain(arr)
@@ -504,15 +553,6 @@ def naming_write_errors(lake_path: str) -> Iterator[None]:
             raise
         raise WriteFailedError(exc.errno, f"{exc.strerror or exc} while writing shard files under "
                                  f"{lake_path}/_data (nothing was committed)") from exc
-
-
-def local_path(path: str | os.PathLike[str]) -> str | None:
-    """``path`` as a local path (a ``file://`` URL too: it names a local lake), or None for an object
-    store URL."""
-    path = os.fspath(path)
-    if path.startswith("file://"):
-        return path[len("file://"):] or "/"
-    return None if "://" in path else path
 
 
 def new_local_folder(path: str | os.PathLike[str]) -> str | None:

@@ -245,6 +245,15 @@ def by_shard_terms(snap: "Snapshot", mode: str, k: int) -> Any:
 
 def build_augmenter(lake: "Lake", mode: str, snap: "Snapshot | None" = None,
                     geometry: Geometry | None = None, terms: Any = None) -> Any:
+    """`_augmenter`, told whether the lake's rows are unit vectors in float32 (a float16 lake's are not:
+    its draws normalise their means first, so augmented rows are unit to float32 precision)."""
+    aug = _augmenter(lake, mode, snap, geometry, terms)
+    aug.unit_means = (lake.snapshot if snap is None else snap).manifest.dtype == "float32"
+    return aug
+
+
+def _augmenter(lake: "Lake", mode: str, snap: "Snapshot | None" = None,
+               geometry: Geometry | None = None, terms: Any = None) -> Any:
     """The Langevin, vMF or mixture augmenter over ``snap`` (default: the lake's current snapshot, whose
     kappa must be estimated unless ``geometry`` is given). Over whole-lake arrays, or reading its terms
     shard by shard from ``terms`` (`by_shard_terms`, for a stream that is not a full shuffle: a full
@@ -306,11 +315,17 @@ class LakeParts:
     version: int
 
 
-def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_local: bool = False) -> LakeParts:
+#: Columns of a lake's geometry: a stream asked for one the pinned snapshot lacks computes it in memory
+GEOMETRY_COLUMNS = ("kappa", "neighbors", "neighbor_cos")
+
+
+def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_local: bool = False,
+               columns: Sequence[str] | None = None) -> LakeParts:
     """The `LakeParts` of ``lake`` for generation mode ``gen`` and importance mode ``imp`` (both
-    resolved); ``shard_local``: the stream is not a full shuffle (`build_augmenter`). Never writes to
-    the lake: geometry a mode needs and the pinned snapshot lacks is computed in memory (no commit, no
-    lock)."""
+    resolved); ``shard_local``: the stream is not a full shuffle (`build_augmenter`); ``columns``: the
+    delivered columns. Never writes to the lake: geometry a mode or a delivered geometry column needs
+    and the pinned snapshot lacks is computed in memory (no commit, no lock), so a column's values do
+    not depend on the modes."""
     from m2m.lake.neighbourhood import needs_geometry
 
     cfg = lake.config
@@ -327,6 +342,9 @@ def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_
     terms = by_shard_terms(snap, gen, cfg.knn_k) if shard_local and gen is not None and not whole_kappa else None
     kappa_missing = uses_kappa and terms is None and bool(np.isnan(snap.read_all("kappa")).any())
     wants_kappa = gen in ("langevin", "mixture") or kappa_missing
+    asked = set(columns or ()) & set(GEOMETRY_COLUMNS)
+    if asked - {"kappa"} or ("kappa" in asked and bool(np.isnan(snap.read_all("kappa")).any())):
+        wants_kappa = True  # (the stream would deliver NaN kappa, or no neighbours, for rows lacking them)
     geometry = None
     if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table
         geometry = computed_geometry(snap, cfg.knn_k, cfg.seed)
@@ -363,7 +381,8 @@ def export_to_dataloader(lake: "Lake", options: StreamOptions | None = None, **o
     gen = generate_mode(opts.generate_samples)
     imp = importance_mode(opts.importance_sampling, list(lake.manifest.metadata))
     mode = stream_layout(lake.snapshot, opts).mode if gen is not None or imp is not None else None
-    parts = lake_parts(lake, gen, imp, int(opts.seed or 0), shard_local=gen is not None and mode != FULL)
+    parts = lake_parts(lake, gen, imp, int(opts.seed or 0), shard_local=gen is not None and mode != FULL,
+                       columns=opts.columns)
     if isinstance(parts.sampler, ShardedImportance) and mode == BLOCK and opts.shard_affinity is None:
         # a sharded plan with shard affinity draws only the rank's shards' rows (without it, the whole
         # epoch's draws in every rank): the default wherever the order is a block shuffle

@@ -123,6 +123,10 @@ class StreamLoader(DataLoader[Any]):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         ds = self._ds
+        if ds.control is not None:
+            # a copy (pickle, deepcopy, mp.spawn) tells its own persistent workers its own passes: the
+            # original's shared numbers would be another loader's (another rank's, under ddp_spawn)
+            ds.control = torch.zeros(4, dtype=torch.int64).share_memory_()
         self._live = weakref.WeakSet()
         self._res, self._res_fin = pl.owned_resources(self, ds.source, ds.spec, ds.delivery, None)
         object.__setattr__(self, "sampler", EpochSampler(self))
@@ -154,6 +158,13 @@ class StreamLoader(DataLoader[Any]):
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is (`m2m.stream.state.StreamState`): any rank's state resumes every rank."""
+        world = self._ds.current_world()
+        others = self._cursor.elsewhere(lambda e: int(self._ds.num_batches(e, world)))
+        if others:  # e.g. one loader for training and validation, saved right after a validation pass
+            epoch, done = others[0]
+            warnings.warn(f"state_dict(): this loader has another live pass, at batch {done} of epoch {epoch}; "
+                          "the state saved is that of the pass that yielded last (use separate loaders for "
+                          "training and validation)", stacklevel=2)
         return self._state().to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -259,6 +270,7 @@ class StreamLoader(DataLoader[Any]):
                 self._cursor.advance(token, epoch, j + 1)
                 yield batch
         finally:
+            self._cursor.end_pass(token)
             if workers is not None and not self.persistent_workers:
                 workers._shutdown_workers()
 

@@ -189,8 +189,8 @@ class Mixture:
         seed_ = int(opts.seed or 0)
         # augmenters read their terms by shard (large lakes) unless the mixture is fully shuffled
         shard_local = gen is not None and stream_layout(MixtureSource(list(self._snaps.values())), opts).mode != FULL
-        parts = [lake_parts(self.lakes[n], gen, imp, mixing.lake_seed(seed_, j), shard_local=shard_local)
-                 for j, n in enumerate(self.names)]
+        parts = [lake_parts(self.lakes[n], gen, imp, mixing.lake_seed(seed_, j), shard_local=shard_local,
+                            columns=chosen) for j, n in enumerate(self.names)]
         changed = [n for n, p in zip(self.names, parts) if p.version != int(self._snaps[n].version)]
         if changed:
             raise ConfigError(f"mix: lake(s) {changed} moved to another version since m2m.mix pinned them; "

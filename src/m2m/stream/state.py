@@ -12,6 +12,7 @@ grown lake, or another world size, at the next epoch).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -83,6 +84,10 @@ class StreamState:
         missing = [k for k in required if k not in doc]
         if missing:
             raise StateMismatchError(f"stream state lacks {missing}")
+        saved_by = doc.get("state_version", STATE_VERSION)
+        if not isinstance(saved_by, numbers.Integral) or isinstance(saved_by, bool) or int(saved_by) > STATE_VERSION:
+            raise StateMismatchError(f"stream state has state_version={saved_by!r}; this m2m reads states up to "
+                                     f"version {STATE_VERSION} (saved by a newer m2m?)")
         known = {f.name for f in fields(cls)}
         kept = {k: v for k, v in doc.items() if k in known}
         try:
@@ -117,7 +122,12 @@ def check(saved: StreamState, mine: StreamState, num_batches: Callable[[int], in
                                  f"has world_size={mine.world_size}: resume with {saved.world_size} ranks, or from "
                                  "a state saved at an epoch boundary")
     if not same_rows:
-        if saved.version is None or saved.version == mine.version:
+        if saved.version is None and mine.version is not None:  # the rows cannot be told to be the same ones
+            raise StateMismatchError(f"stream state was saved mid-epoch without a snapshot version (an older or "
+                                     f"edited state); this loader streams version {mine.version}: a mid-epoch "
+                                     "state resumes its own snapshot only (a state saved at an epoch boundary "
+                                     "resumes any)")
+        if saved.version == mine.version:
             raise StateMismatchError(f"stream state was saved mid-epoch over {saved.num_rows} rows, this loader "
                                      f"streams {mine.num_rows}")
         raise StateMismatchError(f"stream state was saved mid-epoch on snapshot version {saved.version} "
@@ -136,14 +146,19 @@ class Cursor:
 
     The epoch of a pass is chosen when it yields its first batch: a loaded state (once), else the
     epoch pinned by `set_epoch` (every pass), else the epoch after that of the last pass that started.
+    The position saved is that of the pass that yielded last (one loader for Lightning's training and
+    validation: the training pass again once it yields after an in-epoch validation pass; a kept
+    iterator that stopped early does not hold it). ``elsewhere()`` lists live passes at another
+    position, where a saved state may not be the one meant.
     """
 
     def __init__(self, epoch: int = 0) -> None:
         self.next_epoch = epoch
         self.pinned: int | None = None
         self.resume: tuple[int, int] | None = None
-        self.pos: tuple[int, int] | None = None  # (epoch, batches yielded) of the latest pass that started
+        self.pos: tuple[int, int] | None = None  # (epoch, batches yielded) of the pass that yielded last
         self.passes = 0
+        self._live: dict[int, tuple[int, int]] = {}  # token of each live pass -> (epoch, batches yielded)
 
     @property
     def epoch(self) -> int:
@@ -169,11 +184,23 @@ class Cursor:
         self.next_epoch = epoch + 1
         self.passes += 1
         self.pos = (epoch, start)
+        self._live[self.passes] = (epoch, start)
         return epoch, start, self.passes
 
     def advance(self, token: int, epoch: int, yielded: int) -> None:
-        if token == self.passes:  # only the latest pass moves the position
+        if token in self._live:  # (not a pass from before a restore)
+            self._live[token] = (epoch, yielded)
             self.pos = (epoch, yielded)
+
+    def end_pass(self, token: int) -> None:
+        """A pass is over (exhausted, closed or collected)."""
+        self._live.pop(token, None)
+
+    def elsewhere(self, num_batches: Callable[[int], int]) -> list[tuple[int, int]]:
+        """(epoch, batches yielded) of the live passes with batches left that are not where the saved
+        position is (a pass that yielded all its batches but was not asked for more has none left)."""
+        here = self.position(num_batches)
+        return [(e, y) for e, y in self._live.values() if y < num_batches(e) and (e, y) != here]
 
     def position(self, num_batches: Callable[[int], int]) -> tuple[int, int]:
         """(epoch, batches yielded) to save: a finished pass is the start of the epoch after it."""
@@ -191,3 +218,4 @@ class Cursor:
         self.resume = (epoch, start)
         self.pos = None
         self.next_epoch = epoch
+        self._live.clear()  # passes from before the restore no longer move the position
