@@ -89,6 +89,48 @@ def test_hive_partitioned_directory_with_partition_keys_as_metadata(tmp_path, ta
     assert s["label"][order].tolist() == t.column("cls").to_pylist()
 
 
+def _partition(path, k: str, vectors: np.ndarray, labels: list, **extra) -> None:
+    (path / f"k={k}").mkdir(parents=True)
+    cols = {"v": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+            "l": pa.array(labels), **extra}
+    pq.write_table(pa.table(cols), path / f"k={k}" / "p.parquet")
+
+
+def test_hive_partitions_with_wider_types_keep_their_values(tmp_path):
+    # observed (a probing user, 2026-12-07): every file was read with the first file's schema: the second
+    # partition's float64 vectors were rounded to float16 (max error 9.6e-4), silently
+    g = np.random.default_rng(0)
+    a, b = g.standard_normal((20, 8)).astype(np.float16), g.standard_normal((30, 8))
+    _partition(tmp_path / "src", "a", a, list(range(20)))
+    _partition(tmp_path / "src", "b", b, list(range(30)))
+    r = _run("ingest", tmp_path / "src", "--lake", tmp_path / "lake", "--label-column", "l", "--meta-column", "k",
+             "-q")
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "lake") as lake:
+        got = lake.to_arrow(original=True)
+    k = np.array(got["k"].to_pylist())
+    mu = np.stack(got["mu"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(mu[k == "b"], b.astype(np.float32), rtol=1e-6)   # not float16's 1e-3
+    np.testing.assert_allclose(mu[k == "a"], a.astype(np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["label types", "columns"])
+def test_hive_partitions_that_disagree_are_refused_naming_them(tmp_path, case):
+    # observed: int labels of the second partition stored as the strings '0', '1', ...; a column only the
+    # second partition has dropped without a word with --all-columns
+    g = np.random.default_rng(0)
+    _partition(tmp_path / "src", "a", g.standard_normal((5, 8)), ["x"] * 5)
+    if case == "label types":
+        _partition(tmp_path / "src", "b", g.standard_normal((5, 8)), list(range(5)))
+        args, needle = ("--label-column", "l"), "types differ beyond a common widening"
+    else:
+        _partition(tmp_path / "src", "b", g.standard_normal((5, 8)), ["y"] * 5, e=pa.array(range(5)))
+        args, needle = ("--all-columns",), "has a column 'e' that"
+    r = _run("ingest", tmp_path / "src", "--lake", tmp_path / "lake", *args, "-q")
+    assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "lake").exists()
+
+
 def _check(lake, unit, t, with_meta=True):
     s = lake.splats()
     np.testing.assert_allclose(s["mu"], unit, atol=1e-6)

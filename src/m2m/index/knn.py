@@ -466,11 +466,16 @@ def _knn_ivf(
     return finish_results(scores, idx)
 
 
+#: Up to this many rows `knn` searches exactly (brute force beats an index there); the Ray engine
+#: leaves such lakes to the local engine for the same reason
+EXACT_MAX_ROWS = 20_000
+
+
 def knn(
     mu: np.ndarray,
     k: int,
     exclude_self: bool = True,
-    exact_max_rows: int = 20_000,
+    exact_max_rows: int = EXACT_MAX_ROWS,
     seed: int = 0,
     progress: Progress = None,
     *,

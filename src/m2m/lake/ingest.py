@@ -510,6 +510,30 @@ def _file_reader(f: Path, source: Source) -> _Reader:
     return _ipc_reader(f, source)
 
 
+def _one_schema(dataset: Any, root: Path) -> pa.Schema:
+    """The schema every file of a partitioned ``dataset`` is read with: its files' own schemas unified
+    (a column's types widened where they differ, float16 and float64 to float64), plus the partition
+    keys. pyarrow would read every file with the first one's schema: later files' float64 vectors were
+    rounded to float16, int labels became strings and columns the first file lacks were dropped, all
+    silently. Files with other columns, or types with no common widening, are refused naming them."""
+    fragments = list(dataset.get_fragments())
+    schemas = [f.physical_schema for f in fragments]
+    first = set(schemas[0].names)
+    for frag, schema in zip(fragments[1:], schemas[1:]):
+        if set(schema.names) != first:
+            extra = sorted(set(schema.names) ^ first)[0]
+            has, lacks = (frag.path, fragments[0].path) if extra in schema.names else (fragments[0].path, frag.path)
+            raise InvalidEmbeddingError(f"{root}: {has} has a column {extra!r} that {lacks} lacks; the files of a "
+                                        "partitioned directory must have the same columns")
+    try:
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+        raise InvalidEmbeddingError(f"{root}: its files' column types differ beyond a common widening ({exc}); "
+                                    "cast them to one type first") from exc
+    keys = [f for f in dataset.schema if f.name not in unified.names]  # the partition keys
+    return pa.schema([*unified, *keys], metadata=unified.metadata)
+
+
 def _dataset_reader(source: Source) -> _ArrowReader:
     import pyarrow.dataset as ds
 
@@ -526,7 +550,8 @@ def _dataset_reader(source: Source) -> _ArrowReader:
         dataset = ds.dataset(str(root), format=fmt, partitioning="hive",
                              exclude_invalid_files=False, ignore_prefixes=[".", "_"])
         files = sorted(p for p in dataset.files if Path(p).suffix in suffixes)
-        dataset = ds.dataset(files, format=fmt, schema=dataset.schema,
+        schema = _one_schema(dataset, root)
+        dataset = ds.dataset(files, format=fmt, schema=schema,
                              partitioning=ds.HivePartitioning.discover(), partition_base_dir=str(root))
     except (pa.ArrowException, OSError) as exc:
         raise InvalidEmbeddingError(f"{root} cannot be read as a {fmt} dataset: {exc}") from exc

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from m2m.errors import InternalError
+from m2m.index.knn import EXACT_MAX_ROWS
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
@@ -72,7 +73,7 @@ PLAN_SAMPLE_PER_LIST = 16
 #: Lakes of at most this many rows get ``estimate_kappa(engine="ray")`` from the local engine in the
 #: driver: it searches them exactly (`m2m.index.knn.knn`'s ``exact_max_rows``) in less time than fresh
 #: Ray workers take to import torch (docs/ray.md has the measurements).
-LOCAL_MAX_ROWS = 20_000
+LOCAL_MAX_ROWS = EXACT_MAX_ROWS
 
 
 # ---------------------------------------------------------------------------- small helpers

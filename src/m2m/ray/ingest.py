@@ -41,7 +41,7 @@ from m2m.errors import (
 )
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
-from m2m.lake.ingest import discarding_new_lake, new_local_folder
+from m2m.lake.ingest import arrow_metadata, discarding_new_lake, new_local_folder
 from m2m.lake.integrity import WriteStamp
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.writer import (
@@ -86,8 +86,9 @@ def _block_columns(block: Any, vector_column: str, label_column: str | None,
 
     accessor = BlockAccessor.for_block(block)
     batch = accessor.to_batch_format("numpy")
+    arrow = accessor.to_arrow()
     vectors = batch[vector_column]
-    nulls = _null_rows(accessor.to_arrow().column(vector_column))
+    nulls = _null_rows(arrow.column(vector_column))
     if len(nulls):  # (a block of null rows reached the writer as [nan]: "dimension 1, expected latent_dim ...")
         raise InvalidEmbeddingError(f"column {vector_column!r} is null in dataset row {row0 + int(nulls[0])} "
                                     f"({len(nulls)} null row(s) in its block); write_lake needs one vector per row")
@@ -96,8 +97,14 @@ def _block_columns(block: Any, vector_column: str, label_column: str | None,
             vectors = np.stack([np.asarray(v) for v in vectors]) if len(vectors) else vectors
         except ValueError as exc:
             raise InvalidEmbeddingError(f"column {vector_column!r} holds vectors of different lengths") from exc
+    if label_column is not None and len(_null_rows(arrow.column(label_column))):
+        row = row0 + int(_null_rows(arrow.column(label_column))[0])
+        raise InvalidEmbeddingError(f"label column {label_column!r} is null in dataset row {row}")
+    # metadata through the local ingest's Arrow rules: a nullable int column is refused, not turned into
+    # float64 NaNs (numpy's conversion rounded 2**53 + 1 to 2**53, silently)
+    where = f"dataset rows {row0}..{row0 + accessor.num_rows() - 1}"
     return {"vectors": vectors, "labels": None if label_column is None else batch[label_column],
-            "metadata": {name: batch[name] for name in metadata_columns}}
+            "metadata": {name: arrow_metadata(arrow.column(name), name, where) for name in metadata_columns}}
 
 
 def _write_pieces(fs: LakeFS, pieces: list[_Piece], first_id: int, dim: int, dtype: str, shard_bytes: int,
@@ -130,8 +137,10 @@ def _column_dtypes(piece: _Piece, names: list[str]) -> list[str]:
 
     block = BlockAccessor.for_block(ray.get(piece.ref)).slice(piece.start, piece.stop, copy=False)
     wanted: list[str | None] = list(names)
-    batch = BlockAccessor.for_block(BlockAccessor.for_block(block).select(wanted)).to_batch_format("numpy")
-    return [np.asarray(batch[n]).dtype.str for n in names]
+    arrow = BlockAccessor.for_block(BlockAccessor.for_block(block).select(wanted)).to_arrow()
+    where = f"dataset rows {piece.row0}..{piece.row0 + piece.stop - piece.start - 1}"
+    # (the write tasks' Arrow rules: a nullable int column is refused here, before any planning)
+    return [arrow_metadata(arrow.column(n), n, where).dtype.str for n in names]
 
 
 def promoted_dtype(dtypes: Sequence[np.dtype]) -> np.dtype | None:
