@@ -68,6 +68,8 @@ PREFETCH_SHARDS = 4
 PREFETCH_THREADS = 2
 SHARD_SUFFIX = ".shard"
 PART_SUFFIX = ".part"
+STAGED_PREFIX = ".tmp-"               # `new_local_file`: a shard a writer is about to upload
+STAGED_MAX_AGE_S = 6 * 3600.0
 _POLL_S = 0.01
 FAILURE_HOLD_S = 10.0
 
@@ -400,6 +402,12 @@ class ShardCache:
                     except FileNotFoundError:
                         continue
                     done.append((st.st_mtime, st.st_size, e.path))
+                elif e.name.startswith(STAGED_PREFIX):
+                    # a writer's staged shard: uploaded and adopted, or removed on failure, within
+                    # seconds; one this old belonged to a killed process
+                    with contextlib.suppress(FileNotFoundError):
+                        if time.time() - e.stat().st_mtime > STAGED_MAX_AGE_S:
+                            os.remove(e.path)
                 elif e.name.endswith(PART_SUFFIX):
                     fields = e.name.split(".")
                     if len(fields) != 4 or not fields[1].isdigit():
@@ -533,7 +541,7 @@ class ShardCache:
 
     def new_local_file(self, suffix: str) -> str:
         """A staging path for a file a writer is about to upload (not counted until `insert`)."""
-        return os.path.join(self.dir, f".tmp-{uuid.uuid4().hex}{suffix}")
+        return os.path.join(self.dir, f"{STAGED_PREFIX}{uuid.uuid4().hex}{suffix}")
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, files: Sequence[tuple[str, int | None, int | None]]) -> int:

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from m2m._validate import check_int
 from m2m.errors import CorruptShardError, LakeNotFoundError, SignatureError
@@ -38,8 +38,18 @@ from m2m.lake.manifest import (
 )
 
 
-def _fs(path: str | os.PathLike[str] | LakeFS, storage_options: dict[str, Any] | None) -> LakeFS:
-    return open_fs(path, storage_options) if isinstance(path, (str, os.PathLike)) else path
+@contextlib.contextmanager
+def _fs(path: str | os.PathLike[str] | LakeFS, storage_options: dict[str, Any] | None) -> Iterator[LakeFS]:
+    """The lake's filesystem; one opened here is closed after (a remote one's private shard cache goes
+    with it: every rollback and repair of an s3:// lake left an m2m-cache-* folder in the temp dir)."""
+    if not isinstance(path, (str, os.PathLike)):
+        yield path
+        return
+    fs = open_fs(path, storage_options)
+    try:
+        yield fs
+    finally:
+        getattr(fs, "close", lambda: None)()
 
 
 def _check_files(fs: LakeFS, m: Manifest) -> None:
@@ -64,8 +74,7 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
     from m2m.lake.lake import write_lock
 
     to = check_int(to, "to", 0)
-    fs = _fs(path, storage_options)
-    with write_lock(fs):
+    with _fs(path, storage_options) as fs, write_lock(fs):
         versions = list_versions(fs)
         if not versions:
             raise LakeNotFoundError(f"no m2m lake at {fs.url}")
@@ -117,9 +126,8 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
     """
     from m2m.lake.lake import write_lock
 
-    fs = _fs(path, storage_options)
     # a dry run moves nothing: no lock (it failed on a read-only lake, where verify works)
-    with contextlib.nullcontext() if dry_run else write_lock(fs):
+    with _fs(path, storage_options) as fs, contextlib.nullcontext() if dry_run else write_lock(fs):
         versions = list_versions(fs)
         if not versions:
             raise LakeNotFoundError(f"no m2m lake at {fs.url}")

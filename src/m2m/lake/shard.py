@@ -132,7 +132,12 @@ def write_shard_file(fs: LakeFS, columns: Mapping[str, np.ndarray | pa.Array],
             pass
         raise write_error(exc, "writing shard file", local) from exc
     if not fs.is_local:
-        fs.write_file(rel, local)
+        try:
+            fs.write_file(rel, local)  # uploads, then the node cache adopts the file
+        except BaseException:
+            with contextlib.suppress(OSError):  # a failed upload leaves no staged file in the cache dir
+                os.remove(local)
+            raise
     else:
         getattr(fs, "_record", lambda rel: None)(rel)
     return FileEntry(path=rel, bytes=sink.size, crc32=sink.crc, columns=tuple(arrays),

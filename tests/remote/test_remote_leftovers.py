@@ -1,0 +1,95 @@
+"""What a probing user found on an s3:// lake on 2026-12-07 (each test fails on the code before): a vacuum
+with ``min_age_s=0`` deleted the merged file of a compaction published while it listed ``_data`` (an
+unreadable head, every commit having returned success); a failed upload left its staged shard in the
+cache folder for good; `m2m rollback` / `m2m repair` left a private ``m2m-cache-*`` folder per call."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from m2m import M2MConfig, create_m2m, open_lake
+from m2m.errors import M2MError
+
+D, SHARD = 16, 1 << 16
+
+
+def rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
+
+
+def test_a_vacuum_keeps_the_files_of_a_version_published_while_it_lists(s3_server, s3_lake_url):
+    opts = s3_server.storage_options
+    with create_m2m(M2MConfig(path=s3_lake_url, latent_dim=D, shard_bytes=SHARD, storage_options=opts)) as lake:
+        for k in range(3):
+            lake.add_splats(rows(300, k))  # 3 versions of small shards: a compaction merges them
+    with open_lake(s3_lake_url, storage_options=opts) as lake:
+        listing = lake._fs.list_detail
+        fired: list[int] = []
+
+        def list_detail(rel: str):  # the vacuum has read the versions; a writer publishes, then it lists _data
+            if rel == "_data" and not fired:
+                with open_lake(s3_lake_url, storage_options=opts) as other:
+                    fired.append(other.compact(target_bytes=1 << 22).version)
+            return listing(rel)
+
+        lake._fs.list_detail = list_detail
+        lake.vacuum(keep=1, min_age_s=0)
+    assert fired and fired[0] is not None
+    with open_lake(s3_lake_url, storage_options=opts) as lake:
+        lake.add_splats(rows(100, 9))  # rebases on the compaction's version
+    with open_lake(s3_lake_url, storage_options=opts) as lake:
+        assert len(lake) == 1000 and lake.verify() == []
+        assert len(lake.take(lake.splats()["id"])["mu"]) == 1000
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_upload_leaves_no_staged_shard_in_the_cache(s3_server_private, tmp_path):
+    url, opts = s3_server_private.lake_url(), s3_server_private.storage_options
+    cache = tmp_path / "cache"
+    with create_m2m(M2MConfig(path=url, latent_dim=D, shard_bytes=SHARD, storage_options=opts)) as lake:
+        lake.add_splats(rows(500, 0))
+
+    def pause_once_a_shard_is_staged() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if cache.is_dir() and any(f.startswith(".tmp-") for f in os.listdir(cache)):
+                s3_server_private.pause()
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=pause_once_a_shard_is_staged, daemon=True)
+    with open_lake(url, storage_options=opts, cache_dir=str(cache), io_timeout=2, io_retries=1,
+                   shard_bytes=SHARD) as lake:
+        watcher.start()
+        with pytest.raises(M2MError):
+            lake.add_splats(rows(40000, 7))  # ~40 shards: the pause lands before the last upload
+    s3_server_private.resume()
+    watcher.join(timeout=5)
+    assert not [f for f in os.listdir(cache) if f.startswith(".tmp-")]
+
+
+def test_rollback_and_repair_of_a_remote_lake_leave_no_cache_folder(s3_server, s3_lake_url):
+    opts = s3_server.storage_options
+    with create_m2m(M2MConfig(path=s3_lake_url, latent_dim=D, storage_options=opts)) as lake:
+        lake.add_splats(rows(50, 0))
+        lake.add_splats(rows(50, 1))
+    flags = [f"{k}={v}" for k, v in (("endpoint_url", s3_server.endpoint_url), ("key", "testing"),
+                                     ("secret", "testing"), ("client_kwargs.region_name", "us-east-1"))]
+    storage = [a for f in flags for a in ("--storage-option", f)]
+    env = {k: v for k, v in os.environ.items() if k != "M2M_CACHE_DIR"}
+    tmp = tempfile.gettempdir()
+    before = {d for d in os.listdir(tmp) if d.startswith("m2m-cache-")}
+    for args in (["rollback", s3_lake_url, "--to", "1"], ["repair", s3_lake_url], ["repair", s3_lake_url,
+                                                                                    "--dry-run"]):
+        r = subprocess.run([sys.executable, "-m", "m2m.cli.main", *args, *storage], capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+    assert {d for d in os.listdir(tmp) if d.startswith("m2m-cache-")} == before
