@@ -359,19 +359,31 @@ def _unmasked(values: np.ma.MaskedArray, name: str) -> np.ndarray:
 
 
 def _nullable(values: Any) -> bool:
-    """Whether ``values`` is a pyarrow array or a pandas column (both may hold nulls numpy cannot)."""
+    """Whether ``values`` is a pyarrow, pandas or other Arrow-exporting column (a Polars Series): each
+    may hold nulls numpy cannot."""
+    if isinstance(values, np.ndarray):
+        return False
     mod = type(values).__module__
-    return mod.startswith("pyarrow") or mod.startswith("pandas")
+    return (mod.startswith("pyarrow") or mod.startswith("pandas") or hasattr(values, "__arrow_c_array__")
+            or hasattr(values, "__arrow_c_stream__"))
 
 
 def _arrow(values: Any, name: str) -> Any:
-    """A pyarrow or pandas column as a pyarrow array (pandas' NA, None and NaN become nulls)."""
+    """The column as a pyarrow array (pandas' NA, None and NaN become nulls; a big-endian pandas
+    column is made native first, as Arrow takes native byte order only)."""
     import pyarrow as pa
 
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         return values
     try:
-        return pa.array(values, from_pandas=True)
+        if type(values).__module__.startswith("pandas"):
+            dtype = getattr(values, "dtype", None)
+            if isinstance(dtype, np.dtype) and not dtype.isnative:
+                values = values.astype(dtype.newbyteorder("="))
+            return pa.array(values, from_pandas=True)
+        if hasattr(values, "__arrow_c_array__"):
+            return pa.array(values)
+        return pa.chunked_array(values)  # (an __arrow_c_stream__ exporter: a Polars Series)
     except (pa.ArrowException, TypeError, ValueError) as exc:
         raise InvalidEmbeddingError(f"metadata[{name!r}] could not be read as a column: {exc}") from exc
 

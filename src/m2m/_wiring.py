@@ -27,5 +27,5 @@ def _ray_geometry(name: str) -> Callable[..., Any]:
 
 
 register("stream.export", _export_to_dataloader)
-for _name in ("estimate", "duplicate_groups", "geometry_fields"):
+for _name in ("estimate", "duplicate_groups", "geometry_fields", "local_max_rows"):
     register(f"ray.{_name}", _ray_geometry(_name))

@@ -26,11 +26,6 @@ def check_device(device: str) -> None:
         if index >= torch.cuda.device_count():
             raise DeviceUnavailableError(
                 f"M2MConfig.device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device == "mps":
-        import torch
-
-        if not torch.backends.mps.is_available():
-            raise DeviceUnavailableError("M2MConfig.device='mps' but MPS is not available on this machine")
 
 
 def create_m2m(config: M2MConfig | None = None) -> Lake:

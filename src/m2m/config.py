@@ -10,7 +10,7 @@ from typing import Any
 
 from m2m.errors import ConfigError
 
-_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 _DTYPES = ("float32", "float16")
 
 DEFAULT_WARM_BYTES = 4 << 30
@@ -96,7 +96,7 @@ class M2MConfig:
                "latent_dim", self.latent_dim, "an int >= 2")
         _check(self.storage_dtype in _DTYPES, "storage_dtype", self.storage_dtype, f"one of {_DTYPES}")
         _check(isinstance(self.device, str) and bool(_DEVICE_RE.match(self.device)), "device", self.device,
-               "'cpu', 'cuda' or 'cuda:N'")
+               "'cpu', 'cuda' or 'cuda:N' (streams deliver there; on MPS stream on 'cpu' and move batches)")
         _check(_is_int(self.knn_k) and self.knn_k >= 1, "knn_k", self.knn_k, "an int >= 1")
         _check(_is_int(self.langevin_steps) and self.langevin_steps >= 0, "langevin_steps", self.langevin_steps,
                "an int >= 0")

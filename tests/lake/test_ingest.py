@@ -122,13 +122,34 @@ def test_hive_partitions_that_disagree_are_refused_naming_them(tmp_path, case):
     _partition(tmp_path / "src", "a", g.standard_normal((5, 8)), ["x"] * 5)
     if case == "label types":
         _partition(tmp_path / "src", "b", g.standard_normal((5, 8)), list(range(5)))
-        args, needle = ("--label-column", "l"), "types differ beyond a common widening"
+        args, needle = ("--label-column", "l"), "column 'l' has types that differ between its files"
     else:
         _partition(tmp_path / "src", "b", g.standard_normal((5, 8)), ["y"] * 5, e=pa.array(range(5)))
         args, needle = ("--all-columns",), "has a column 'e' that"
     r = _run("ingest", tmp_path / "src", "--lake", tmp_path / "lake", *args, "-q")
     assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "lake").exists()
+
+
+def test_hive_partitions_differing_only_in_unread_columns_or_holding_stray_files_still_ingest(tmp_path):
+    # (found in review) the unification looked at every column and every file: an unread column of another
+    # type, or a notes.txt beside the data, was refused where the ingest had worked
+    g = np.random.default_rng(0)
+    _partition(tmp_path / "src", "a", g.standard_normal((5, 8)), ["x"] * 5, note=pa.array(["n"] * 5))
+    _partition(tmp_path / "src", "b", g.standard_normal((5, 8)), ["y"] * 5, note=pa.array(range(5)))
+    (tmp_path / "src" / "k=b" / "notes.txt").write_text("not data")
+    r = _run("ingest", tmp_path / "src", "--lake", tmp_path / "lake", "--label-column", "l", "-q")
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "lake") as lake:
+        assert len(lake) == 10
+
+
+def test_hive_int64_and_float_partitions_of_one_column_are_refused_not_rounded(tmp_path):
+    g = np.random.default_rng(0)
+    _partition(tmp_path / "src", "a", g.standard_normal((2, 8)), ["x"] * 2, m=pa.array([2**53 + 1, 3]))
+    _partition(tmp_path / "src", "b", g.standard_normal((2, 8)), ["y"] * 2, m=pa.array([0.5, 1.5]))
+    r = _run("ingest", tmp_path / "src", "--lake", tmp_path / "lake", "--meta-column", "m", "-q")
+    assert r.exit_code == 1 and "column 'm' is int64 in some files" in r.output, r.output
 
 
 def _check(lake, unit, t, with_meta=True):

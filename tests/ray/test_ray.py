@@ -223,7 +223,7 @@ def test_write_lake_refuses_a_nullable_int_metadata_column(cluster, tmp_path, bl
     m = pa.array([2**53 + 1, 5, 7, None, 9, 11], type=pa.int64())
     table = pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(24, np.float32)), 4), "m": m})
     ds = cluster.data.from_arrow(table).repartition(blocks)
-    with pytest.raises(InvalidEmbeddingError, match="metadata column 'm' has 1 null rows"):
+    with pytest.raises(InvalidEmbeddingError, match="the block from dataset row .*metadata column .m. has 1 null rows"):
         m2m.ray.write_lake(ds, str(tmp_path / "lake"), metadata_columns=["m"])
     assert not (tmp_path / "lake").exists()
     ds = cluster.data.from_arrow(table.slice(0, 3)).repartition(blocks)  # no null: the exact ints

@@ -138,15 +138,17 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
         raise ConfigError(f"the lake {lake_dir} is inside SRC {src}: an ingest would read the lake's own "
                           "files as input; put the lake outside SRC")
     new_folder = new_local_folder(lake_dir)
+    existing = _existing(lake_dir, storage_options)
     if dtype is None:  # (an existing float16 lake was refused: the float32 default asked for another dtype)
-        dtype = _existing_dtype(lake_dir, storage_options) or "float32"
+        dtype = existing.get("storage_dtype", "float32")
     source = open_source(src, column=column, label_column=label_column, meta_columns=meta_columns,
                          all_columns=all_columns, chunk_bytes=parse_size(chunk_size))
     total = source.rows()
     if total == 0:
         raise InvalidEmbeddingError(f"{src} holds no rows; nothing to ingest")
+    # (an existing lake keeps the k it was estimated with: --estimate-kappa re-estimated it at the default)
     cfg = M2MConfig(path=lake_dir, latent_dim=source.dim(), storage_dtype=dtype, shard_bytes=parse_size(shard_size),
-                    storage_options=storage_options)
+                    storage_options=storage_options, **({"knn_k": existing["knn_k"]} if "knn_k" in existing else {}))
     t0 = time.perf_counter()
     with create_m2m(cfg) as lake:
         with discarding_new_lake(lake, new_folder), Bar(total, "ingest", quiet=quiet) as bar, \
@@ -161,16 +163,16 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
             click.echo(f"estimated kappa (version {lake.version})")
 
 
-def _existing_dtype(lake_dir: str, storage_options: dict[str, Any] | None) -> str | None:
-    """The storage dtype of the lake at ``lake_dir``, or None when there is none yet."""
+def _existing(lake_dir: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The storage dtype and estimated ``knn_k`` of the lake at ``lake_dir`` ({} when there is none yet)."""
     from m2m import open_lake
     from m2m.errors import LakeNotFoundError
 
     try:
-        with open_lake(lake_dir, storage_options=storage_options) as lake:
-            return str(lake.manifest.dtype)
+        with open_lake(lake_dir, storage_options=storage_options) as lake:  # (it adopts the stored k)
+            return {"storage_dtype": str(lake.manifest.dtype), "knn_k": lake.config.knn_k}
     except LakeNotFoundError:
-        return None
+        return {}
 
 
 def _lake_dirs() -> tuple[str, ...]:

@@ -371,7 +371,8 @@ def vacuum_remote(fs: Any, keep: int, min_age_s: float) -> dict[str, int]:
     newer = [v for v in list_versions(fs) if v > seen]
     for v in newer:
         add_files(v, live, live_segments)
-    doomed = [rel for rel in doomed if rel.rsplit("/", 1)[-1] not in (live | live_segments)]
+    keep_names = live | live_segments
+    doomed = [rel for rel in doomed if rel.rsplit("/", 1)[-1] not in keep_names]
     for rel in doomed:
         fs.remove(rel)
     removed_files = len(doomed)

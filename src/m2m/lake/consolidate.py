@@ -18,7 +18,6 @@ import numpy as np
 from m2m._validate import SplatBatch
 from m2m.config import M2MConfig
 from m2m.consolidation.groups import ConsolidationReport, find_duplicate_groups, merge_groups
-from m2m.index.knn import EXACT_MAX_ROWS
 from m2m.lake import summary as lake_stats
 from m2m.lake.integrity import WriteStamp
 from m2m.lake.manifest import Manifest
@@ -67,7 +66,8 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
     schema = SchemaUpdate.of(base)
     stamp = WriteStamp(base.lake_id, prev_id=-1)  # all shards are new, in id order; next_id stays
     shards = tuple(write_splats(fs, [batch], 0, base.dim, base.dtype, config.shard_bytes, schema, stamp=stamp))
-    if engine == "ray" and g > EXACT_MAX_ROWS:  # (a smaller lake: the local exact search, as estimate_kappa)
+    # a lake left this small: the local exact search, as estimate_kappa(engine="ray") does
+    if engine == "ray" and g > implementation("ray.local_max_rows")():
         geometry_fields = implementation("ray.geometry_fields")
         merged_version = base.next(shards=shards)  # not committed: the Ray tasks read its shard files
         fields = geometry_fields(Snapshot(fs, merged_version, verify=snap.verify), config.knn_k, config.seed)

@@ -88,10 +88,20 @@ DERIVED_COLUMNS = ("id", "neighbors", "neighbor_cos", "mu_norm")
 EXPORT_TERMS = ("kappa", "alpha")
 
 
+def _export_doc(schema: pa.Schema) -> dict[str, Any]:
+    """The ``m2m`` schema metadata of an m2m export (`m2m.lake.export`), or {}."""
+    import json
+
+    try:
+        doc = json.loads((schema.metadata or {}).get(b"m2m", b"{}"))
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) and doc.get("format") == "m2m-lake-export" else {}
+
+
 def is_m2m_export(schema: pa.Schema) -> bool:
     """Whether ``schema`` is that of an m2m export (its ``m2m`` schema metadata says so)."""
-    doc = (schema.metadata or {}).get(b"m2m")
-    return doc is not None and b'"m2m-lake-export"' in doc
+    return bool(_export_doc(schema))
 
 
 def export_terms(schema: pa.Schema, columns: Columns, vec: str) -> dict[str, str]:
@@ -100,7 +110,7 @@ def export_terms(schema: pa.Schema, columns: Columns, vec: str) -> dict[str, str
     if not (columns.all_columns and is_m2m_export(schema)):
         return {}
     terms = {name: name for name in EXPORT_TERMS if name in schema.names}
-    unit = b'"mu": "unit"' in (schema.metadata or {}).get(b"m2m", b"")
+    unit = _export_doc(schema).get("mu") == "unit"
     if unit and vec == "mu" and "mu_norm" in schema.names:
         terms["mu_norm"] = "mu_norm"
     return terms
@@ -510,28 +520,65 @@ def _file_reader(f: Path, source: Source) -> _Reader:
     return _ipc_reader(f, source)
 
 
-def _one_schema(dataset: Any, root: Path) -> pa.Schema:
-    """The schema every file of a partitioned ``dataset`` is read with: its files' own schemas unified
-    (a column's types widened where they differ, float16 and float64 to float64), plus the partition
-    keys. pyarrow would read every file with the first one's schema: later files' float64 vectors were
-    rounded to float16, int labels became strings and columns the first file lacks were dropped, all
-    silently. Files with other columns, or types with no common widening, are refused naming them."""
-    fragments = list(dataset.get_fragments())
+def _one_schema(dataset: Any, root: Path, suffixes: set[str], columns: Columns) -> pa.Schema:
+    """The schema the files of a partitioned ``dataset`` are read with: the columns the ingest reads
+    (``columns`` resolved against the first file) unified over every file (widened where they differ:
+    float16 and float64 vectors to float64), the other columns and the partition keys as pyarrow
+    found them. pyarrow reads every file with the first one's schema: later files' float64 vectors were
+    rounded to float16, int labels became strings and columns the first file lacked were dropped, all
+    silently. A read column missing from a file, or types without a lossless common widening, are
+    refused naming the files."""
+    fragments = [f for f in dataset.get_fragments() if Path(f.path).suffix in suffixes]
+    if not fragments:
+        raise InvalidEmbeddingError(f"{root} holds no {'/'.join(TABLE_SUFFIXES)} files")
+    vec, label, meta = columns.resolve(dataset.schema, root)
+    read = [vec, *([label] if label else []), *meta, *export_terms(dataset.schema, columns, vec).values()]
     schemas = [f.physical_schema for f in fragments]
-    first = set(schemas[0].names)
-    for frag, schema in zip(fragments[1:], schemas[1:]):
-        if set(schema.names) != first:
-            extra = sorted(set(schema.names) ^ first)[0]
-            has, lacks = (frag.path, fragments[0].path) if extra in schema.names else (fragments[0].path, frag.path)
-            raise InvalidEmbeddingError(f"{root}: {has} has a column {extra!r} that {lacks} lacks; the files of a "
-                                        "partitioned directory must have the same columns")
-    try:
-        unified = pa.unify_schemas(schemas, promote_options="permissive")
-    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
-        raise InvalidEmbeddingError(f"{root}: its files' column types differ beyond a common widening ({exc}); "
-                                    "cast them to one type first") from exc
-    keys = [f for f in dataset.schema if f.name not in unified.names]  # the partition keys
-    return pa.schema([*unified, *keys], metadata=unified.metadata)
+    read = [n for n in dict.fromkeys(read) if n in schemas[0].names]  # (partition keys are no file's)
+    for frag, schema in zip(fragments, schemas):
+        missing = [n for n in read if n not in schema.names]
+        if missing:
+            raise InvalidEmbeddingError(f"{root}: {frag.path} has no column {missing[0]!r} ({fragments[0].path} "
+                                        "has it); the files of a partitioned directory must have the columns "
+                                        "the ingest reads")
+    extra = sorted({n for s in schemas for n in s.names} - set(schemas[0].names) - set(dataset.schema.names))
+    if columns.all_columns and extra:
+        has = next(f.path for f, s in zip(fragments, schemas) if extra[0] in s.names)
+        raise InvalidEmbeddingError(f"{root}: {has} has a column {extra[0]!r} that {fragments[0].path} lacks; "
+                                    "with --all-columns the files of a partitioned directory must have the same "
+                                    "columns")
+    unified: dict[str, pa.Field] = {}
+    for name in read:
+        types = [s.field(name).type for s in schemas]
+        try:
+            wide = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types],
+                                    promote_options="permissive").field(name)
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+            raise InvalidEmbeddingError(f"{root}: column {name!r} has types that differ between its files beyond a "
+                                        f"common widening ({exc}); cast them to one type first") from exc
+        lossy = _lossy_widening(types, wide.type)
+        if lossy:
+            raise InvalidEmbeddingError(f"{root}: column {name!r} is {lossy} in some files and {wide.type} would "
+                                        "round or overflow it; cast the files to one type first")
+        unified[name] = wide
+    return pa.schema([unified.get(f.name, f) for f in dataset.schema], metadata=dataset.schema.metadata)
+
+
+def _lossy_widening(types: list[pa.DataType], wide: pa.DataType) -> pa.DataType | None:
+    """A type among ``types`` whose values ``wide`` (their permissive widening) may not hold exactly:
+    64-bit ints into floats (2**53 + 1), uint64 into int64; lists by their values."""
+    def value(t: pa.DataType) -> pa.DataType:
+        return t.value_type if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) \
+            else t
+
+    w = value(wide)
+    for t in types:
+        v = value(t)
+        if pa.types.is_integer(v) and (pa.types.is_floating(w) and v.bit_width > (24 if w.bit_width == 32 else 53)
+                                       or pa.types.is_unsigned_integer(v) and pa.types.is_signed_integer(w)
+                                       and v.bit_width >= w.bit_width):
+            return t
+    return None
 
 
 def _dataset_reader(source: Source) -> _ArrowReader:
@@ -550,7 +597,7 @@ def _dataset_reader(source: Source) -> _ArrowReader:
         dataset = ds.dataset(str(root), format=fmt, partitioning="hive",
                              exclude_invalid_files=False, ignore_prefixes=[".", "_"])
         files = sorted(p for p in dataset.files if Path(p).suffix in suffixes)
-        schema = _one_schema(dataset, root)
+        schema = _one_schema(dataset, root, suffixes, source.columns)
         dataset = ds.dataset(files, format=fmt, schema=schema,
                              partitioning=ds.HivePartitioning.discover(), partition_base_dir=str(root))
     except (pa.ArrowException, OSError) as exc:

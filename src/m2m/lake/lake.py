@@ -256,7 +256,8 @@ class Lake:
         """Append a large input as one atomic commit, chunk by chunk, in one pass over the input.
 
         ``chunks()`` returns an iterable of dicts with the keys of `add_splats` (``vectors``,
-        ``labels``, ``kappa``, ``alpha``, ``metadata``; ``kappa_nan=True``: NaN kappa is "not estimated"). Each chunk is validated and then written into
+        ``labels``, ``kappa``, ``alpha``, ``metadata``; ``kappa_nan=True``: NaN kappa is "not
+        estimated"). Each chunk is validated and then written into
         shard files that belong to no version yet; the manifest is published only after the last chunk
         was validated, so an invalid chunk anywhere leaves the lake exactly as before (the files
         written so far are removed). ``chunks`` is called once on a local lake; on an object store twice

@@ -76,6 +76,11 @@ PLAN_SAMPLE_PER_LIST = 16
 LOCAL_MAX_ROWS = EXACT_MAX_ROWS
 
 
+def local_max_rows() -> int:
+    """`LOCAL_MAX_ROWS`, read when called (``consolidate(engine="ray")`` applies it too)."""
+    return LOCAL_MAX_ROWS
+
+
 # ---------------------------------------------------------------------------- small helpers
 def _workers(ray: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))

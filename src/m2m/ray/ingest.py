@@ -97,12 +97,13 @@ def _block_columns(block: Any, vector_column: str, label_column: str | None,
             vectors = np.stack([np.asarray(v) for v in vectors]) if len(vectors) else vectors
         except ValueError as exc:
             raise InvalidEmbeddingError(f"column {vector_column!r} holds vectors of different lengths") from exc
-    if label_column is not None and len(_null_rows(arrow.column(label_column))):
-        row = row0 + int(_null_rows(arrow.column(label_column))[0])
+    null_labels = _null_rows(arrow.column(label_column)) if label_column is not None else np.empty(0, np.int64)
+    if len(null_labels):
+        row = row0 + int(null_labels[0])
         raise InvalidEmbeddingError(f"label column {label_column!r} is null in dataset row {row}")
     # metadata through the local ingest's Arrow rules: a nullable int column is refused, not turned into
-    # float64 NaNs (numpy's conversion rounded 2**53 + 1 to 2**53, silently)
-    where = f"dataset rows {row0}..{row0 + accessor.num_rows() - 1}"
+    # float64 NaNs (numpy's conversion rounded 2**53 + 1 to 2**53, silently); its row numbers count from row0
+    where = f"the block from dataset row {row0}"
     return {"vectors": vectors, "labels": None if label_column is None else batch[label_column],
             "metadata": {name: arrow_metadata(arrow.column(name), name, where) for name in metadata_columns}}
 
@@ -138,7 +139,7 @@ def _column_dtypes(piece: _Piece, names: list[str]) -> list[str]:
     block = BlockAccessor.for_block(ray.get(piece.ref)).slice(piece.start, piece.stop, copy=False)
     wanted: list[str | None] = list(names)
     arrow = BlockAccessor.for_block(BlockAccessor.for_block(block).select(wanted)).to_arrow()
-    where = f"dataset rows {piece.row0}..{piece.row0 + piece.stop - piece.start - 1}"
+    where = f"the block from dataset row {piece.row0}"
     # (the write tasks' Arrow rules: a nullable int column is refused here, before any planning)
     return [arrow_metadata(arrow.column(n), n, where).dtype.str for n in names]
 

@@ -8,6 +8,7 @@ items cross in shared buffers (`m2m.stream.transport`). The batch sequence is id
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -122,10 +123,13 @@ class StreamLoader(DataLoader[Any]):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._cursor = copy.copy(self._cursor)  # its own (no live passes: those stay with the original)
         ds = self._ds
         if ds.control is not None:
-            # a copy (pickle, deepcopy, mp.spawn) tells its own persistent workers its own passes: the
-            # original's shared numbers would be another loader's (another rank's, under ddp_spawn)
+            # a copy (pickle, deepcopy, copy.copy, mp.spawn) tells its own persistent workers its own passes:
+            # the original's shared numbers would be another loader's (another rank's, under ddp_spawn)
+            ds = self._ds = copy.copy(ds)  # (copy.copy shares the original's dataset object)
+            object.__setattr__(self, "dataset", ds)
             ds.control = torch.zeros(4, dtype=torch.int64).share_memory_()
         self._live = weakref.WeakSet()
         self._res, self._res_fin = pl.owned_resources(self, ds.source, ds.spec, ds.delivery, None)
@@ -255,16 +259,17 @@ class StreamLoader(DataLoader[Any]):
     def _iterate(self) -> Iterator[Any]:
         ds = self._ds
         epoch, start, token = self._cursor.begin_pass()
-        world = ds.current_world()
-        plan = ds.rank_epoch(epoch, world)  # computed here once (workers inherit it)
-        if self._plans is None:  # the loader's one planning thread (`StreamDataset.plan_ahead`)
-            self._plans = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2m-plan")
-        ds.plan_ahead(self._plans, epoch + 1, world)  # the next pass's plan, while this one streams
-        workers = self._start_workers(epoch, start, world) if self.num_workers else None
-        owner = self._workers_owner = object()  # the newest pass holds persistent workers
-        held = (lambda: self._workers_owner is owner) if self.persistent_workers else None
-        items = None if workers is None else from_workers(workers, held, plan.num_batches, ds.worker_views())
+        workers = None
         try:
+            world = ds.current_world()
+            plan = ds.rank_epoch(epoch, world)  # computed here once (workers inherit it)
+            if self._plans is None:  # the loader's one planning thread (`StreamDataset.plan_ahead`)
+                self._plans = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2m-plan")
+            ds.plan_ahead(self._plans, epoch + 1, world)  # the next pass's plan, while this one streams
+            workers = self._start_workers(epoch, start, world) if self.num_workers else None
+            owner = self._workers_owner = object()  # the newest pass holds persistent workers
+            held = (lambda: self._workers_owner is owner) if self.persistent_workers else None
+            items = None if workers is None else from_workers(workers, held, plan.num_batches, ds.worker_views())
             for j, batch in pl.run_pass(ds.source, self.spec, self._res, plan, epoch, start, world, self._stats,
                                         items):
                 self._cursor.advance(token, epoch, j + 1)

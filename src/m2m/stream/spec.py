@@ -114,8 +114,6 @@ def lookahead_rows(spec: StreamSpec) -> int:
 def device_of(opts: StreamOptions) -> torch.device:
     """The options' device, checked for availability now (a CUDA device without an index gets the current one)."""
     dev = opts.torch_device()
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceUnavailableError(f"device {opts.device!r} requested but MPS is not available")
     if dev.type not in ("cpu", "cuda"):  # the stages would deliver CPU tensors, not what was asked for
         raise ConfigError(f"device {opts.device!r}: a stream delivers batches on 'cpu' or a CUDA device; stream "
                           "on 'cpu' and move each batch (batch.to(...)) for other devices")

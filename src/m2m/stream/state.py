@@ -200,7 +200,11 @@ class Cursor:
         """(epoch, batches yielded) of the live passes with batches left that are not where the saved
         position is (a pass that yielded all its batches but was not asked for more has none left)."""
         here = self.position(num_batches)
-        return [(e, y) for e, y in self._live.values() if y < num_batches(e) and (e, y) != here]
+        return [(e, y) for e, y in list(self._live.values()) if y < num_batches(e) and (e, y) != here]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy has no live passes (they stay with the loader that runs them)."""
+        return {**self.__dict__, "_live": {}}
 
     def position(self, num_batches: Callable[[int], int]) -> tuple[int, int]:
         """(epoch, batches yielded) to save: a finished pass is the start of the epoch after it."""
