@@ -357,3 +357,43 @@ def test_a_state_saved_beside_another_live_pass_says_so(small_lake):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dl.state_dict()["batches_yielded"] == 2
+
+
+# ------------------------------------------------------------------ found in review of the above
+def test_metadata_from_polars_and_big_endian_pandas_takes_the_arrow_null_rules(tmp_path):
+    pd = pytest.importorskip("pandas")
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=D)) as lk:
+        lk.add_splats(np.ones((3, D)), metadata={"m": pd.Series(np.arange(3).astype(">i8"))})
+        assert lk.to_arrow()["m"].to_pylist() == [0, 1, 2]
+        pl = pytest.importorskip("polars")
+        with pytest.raises(InvalidEmbeddingError, match="metadata column 'm' has 1 null rows"):
+            lk.add_splats(np.ones((3, D)), metadata={"m": pl.Series([1, None, 2**53 + 1])})
+        lk.add_splats(np.ones((3, D)), metadata={"m": pl.Series([1, 2, 2**53 + 1])})
+        assert lk.to_arrow()["m"].to_pylist()[-1] == 2**53 + 1
+
+
+def test_m2m_ingest_into_a_lake_estimated_at_another_k_keeps_it(tmp_path):
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=D, knn_k=5)) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((60, D)))
+        lk.estimate_kappa()
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).standard_normal((20, D)).astype(np.float32))
+    r = CliRunner().invoke(cli, ["ingest", str(tmp_path / "x.npy"), "--lake", str(tmp_path / "lake"),
+                                 "--estimate-kappa", "-q"])
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "lake") as lk:
+        assert lk.manifest.geometry["k"] == 5 and lk.snapshot.read_all("neighbors").shape == (80, 5)
+
+
+def test_a_pass_that_fails_to_start_leaves_no_live_pass_behind(small_lake, monkeypatch):
+    import warnings
+
+    dl = small_lake.export_to_dataloader(batch_size=7, seed=5)
+    monkeypatch.setattr(dl._ds, "rank_epoch", lambda *a: (_ for _ in ()).throw(OSError("store down")))
+    with pytest.raises(OSError, match="store down"):
+        next(iter(dl))
+    monkeypatch.undo()
+    it = iter(dl)
+    next(it)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a phantom live pass made every state_dict() warn)
+        assert dl.state_dict()["batches_yielded"] == 1

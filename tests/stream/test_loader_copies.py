@@ -81,3 +81,20 @@ def test_mp_spawn_ranks_sharing_one_persistent_workers_loader_split_the_rows(lak
     for e in ("0", "1"):
         a, b = seen[0][e], seen[1][e]
         assert not set(a) & set(b) and sorted(a + b) == list(range(N)), f"epoch {e}"
+
+
+def test_a_shallow_copy_does_not_take_the_originals_workers_away(lake_path):
+    # (found in review) copy.copy shares the dataset: giving the copy new control numbers re-pointed the
+    # original's persistent workers at numbers nothing updated
+    with open_lake(lake_path) as lake:
+        ref = lake.export_to_dataloader(batch_size=B, columns=("id",))
+        want = {e: epoch_ids(ref, e) for e in range(3)}
+        dl = lake.export_to_dataloader(batch_size=B, columns=("id",), num_workers=2, persistent_workers=True,
+                                       timeout=60)
+        try:
+            assert epoch_ids(dl, 0) == want[0]
+            cp = copy.copy(dl)
+            assert epoch_ids(dl, 1) == want[1] and epoch_ids(cp, 2) == want[2] and epoch_ids(dl, 2) == want[2]
+            cp.close()
+        finally:
+            dl.close()
