@@ -53,7 +53,7 @@ class Columns:
     def resolve(self, schema: pa.Schema, where: Any) -> tuple[str, str | None, list[str]]:
         """(vector column, label column, metadata columns) of ``schema``; errors name ``where``.
 
-        An m2m export (`m2m export`, `Lake.to_arrow`) with ``all_columns`` re-ingests as the lake it came
+        An m2m export (`m2m export`, `Lake.to_arrow`) with ``all_columns`` re-ingests the rows it came
         from: ``mu`` (times ``mu_norm``) the vectors, ``label`` the labels, ``kappa``/``alpha`` the splats'
         own (`export_terms`), and the columns the lake derives itself (`DERIVED_COLUMNS`) left out.
         """
@@ -62,23 +62,21 @@ class Columns:
         label = self.label_column
         if export and label is None and "label" in schema.names and vec != "label":
             label = "label"
-        if label != self.label_column:
-            return dataclasses.replace(self, label_column=label).resolve(schema, where)
-        if self.label_column == vec:
+        if label == vec:
             raise InvalidEmbeddingError(f"{where}: column {vec!r} cannot be both the vectors and the labels")
-        if self.label_column is not None and self.label_column not in schema.names:
-            raise InvalidEmbeddingError(f"{where}: no label column {self.label_column!r}; columns: {schema.names}")
+        if label is not None and label not in schema.names:
+            raise InvalidEmbeddingError(f"{where}: no label column {label!r}; columns: {schema.names}")
         missing = [m for m in self.meta_columns if m not in schema.names]
         if missing:
             raise InvalidEmbeddingError(f"{where}: no metadata column {missing[0]!r}; columns: {schema.names}")
         meta = list(dict.fromkeys(self.meta_columns))
         if self.all_columns:
             skip = (*DERIVED_COLUMNS, *EXPORT_TERMS) if export else ()
-            meta += [n for n in schema.names if n not in (vec, self.label_column) and n not in meta and n not in skip]
-        clash = [m for m in meta if m in (vec, self.label_column)]
+            meta += [n for n in schema.names if n not in (vec, label) and n not in meta and n not in skip]
+        clash = [m for m in meta if m in (vec, label)]
         if clash:
             raise InvalidEmbeddingError(f"{where}: column {clash[0]!r} cannot be both vectors/labels and metadata")
-        return vec, self.label_column, meta
+        return vec, label, meta
 
 
 #: Columns of an m2m export that a lake makes itself: a re-ingest gets new ids (estimate_kappa makes the
@@ -107,11 +105,11 @@ def is_m2m_export(schema: pa.Schema) -> bool:
 def export_terms(schema: pa.Schema, columns: Columns, vec: str) -> dict[str, str]:
     """The chunk keys an m2m export re-ingested with ``all_columns`` fills from its own columns:
     ``kappa``/``alpha``, and ``mu_norm`` when its ``mu`` holds unit vectors."""
-    if not (columns.all_columns and is_m2m_export(schema)):
+    doc = _export_doc(schema) if columns.all_columns else {}
+    if not doc:
         return {}
     terms = {name: name for name in EXPORT_TERMS if name in schema.names}
-    unit = _export_doc(schema).get("mu") == "unit"
-    if unit and vec == "mu" and "mu_norm" in schema.names:
+    if doc.get("mu") == "unit" and vec == "mu" and "mu_norm" in schema.names:
         terms["mu_norm"] = "mu_norm"
     return terms
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import sys
@@ -340,10 +341,11 @@ def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_
     whole_kappa = imp == "kappa" and not sharded
     uses_kappa = gen == "vmf" or whole_kappa
     terms = by_shard_terms(snap, gen, cfg.knn_k) if shard_local and gen is not None and not whole_kappa else None
-    kappa_missing = uses_kappa and terms is None and bool(np.isnan(snap.read_all("kappa")).any())
+    nan_kappa = functools.cache(lambda: bool(np.isnan(snap.read_all("kappa")).any()))  # (read at most once)
+    kappa_missing = uses_kappa and terms is None and nan_kappa()
     wants_kappa = gen in ("langevin", "mixture") or kappa_missing
     asked = set(columns or ()) & set(GEOMETRY_COLUMNS)
-    if asked - {"kappa"} or ("kappa" in asked and bool(np.isnan(snap.read_all("kappa")).any())):
+    if asked - {"kappa"} or ("kappa" in asked and nan_kappa()):
         wants_kappa = True  # (the stream would deliver NaN kappa, or no neighbours, for rows lacking them)
     geometry = None
     if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table
