@@ -7,15 +7,18 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from m2m.errors import ConfigError, DimensionMismatchError, InvalidEmbeddingError
+from m2m.errors import ConfigError, ConfigTypeError, DimensionMismatchError, InvalidEmbeddingError
 from m2m.lake.schema import RESERVED_COLUMNS, reserved_reason  # noqa: F401  (RESERVED_COLUMNS: re-exported)
 
 VALIDATE_CHUNK_ROWS = 65536
 
 
 def check_int(value: Any, name: str, low: int = 1) -> int:
-    """``value`` as an int >= ``low``, or `ConfigError` naming ``name``."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+    """``value`` as an int >= ``low``, or `ConfigError` naming ``name`` (`ConfigTypeError` when it is
+    not an int at all)."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise ConfigTypeError(f"{name} must be an int >= {low}, got {value!r}")
+    if value < low:
         raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
 
@@ -80,7 +83,19 @@ def as_numpy(x: Any, name: str) -> np.ndarray:
     try:
         return np.asarray(x)
     except (ValueError, TypeError) as exc:
-        raise InvalidEmbeddingError(f"{name} could not be read as an array: {exc}") from exc
+        raise InvalidEmbeddingError(f"{name} could not be read as an array: {_ragged_row(x) or exc}") from exc
+
+
+def _ragged_row(x: Any) -> str | None:
+    """For a list of rows of different lengths (numpy's "inhomogeneous shape"), which row differs."""
+    if not isinstance(x, (list, tuple)) or not x:
+        return None
+    try:
+        lengths = [len(r) for r in x]
+    except TypeError:
+        return None
+    bad = next((i for i, n in enumerate(lengths) if n != lengths[0]), None)
+    return None if bad is None else f"row {bad} has {lengths[bad]} values, row 0 has {lengths[0]}"
 
 
 def as_vectors(vectors: Any, dim: int | None, name: str = "vectors", allow_empty: bool = False) -> np.ndarray:
@@ -319,7 +334,11 @@ def _object_column(arr: np.ndarray, name: str) -> np.ndarray:
     first = present[0] if present else str
     allowed = {int, float} if first in (int, float) else {first}
     for row, k in enumerate(kinds):
-        if k is not None and (k not in allowed or k not in (str, bool, int, float)):
+        if k is not None and k not in (str, bool, int, float):
+            raise InvalidEmbeddingError(
+                f"metadata[{name!r}] row {row} is {values[row]!r} ({type(values[row]).__name__}); a metadata "
+                "column holds strings or numbers (bool, int, float), one type per column")
+        if k is not None and k not in allowed:
             raise InvalidEmbeddingError(
                 f"metadata[{name!r}] row {row} is {values[row]!r} ({type(values[row]).__name__}), but the column "
                 f"holds {first.__name__} values; a metadata column must hold one type (strings or numbers)")

@@ -70,7 +70,16 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
     """
     if version is not None:
         version = check_int(version, "version", 0)
+    if config is not None and not isinstance(config, M2MConfig):
+        raise ConfigTypeError(f"open_lake(config=...) takes an M2MConfig, got {type(config).__name__} "
+                              "(settings can also be given as keywords: open_lake(path, knn_k=32))")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigTypeError(f"open_lake takes a lake path or URL, got {path!r}")
     base = config or M2MConfig()
+    known = {f.name for f in dataclasses.fields(M2MConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigTypeError(f"open_lake: unknown setting(s) {unknown}; M2MConfig has {sorted(known)}")
     asked = dataclasses.replace(base, path=os.fspath(path), **overrides)  # validates the overrides
     fs = open_fs(path, asked.storage_options, asked.io_timeout, asked.io_retries, asked.cache_dir, asked.cache_bytes)
     use_key(fs, asked.lake_key)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from m2m.errors import ConfigError
+from m2m.errors import ConfigError, ConfigTypeError
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 _DTYPES = ("float32", "float16")
@@ -90,45 +90,53 @@ class M2MConfig:
     lake_key: str | bytes | None = field(default=None, repr=False, hash=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check(self.path is None or (isinstance(self.path, (str, os.PathLike)) and bool(os.fspath(self.path).strip())),
-               "path", self.path, "None, a directory path or an fsspec URL ('' names no folder)")
-        _check(isinstance(self.latent_dim, int) and not isinstance(self.latent_dim, bool) and self.latent_dim >= 2,
-               "latent_dim", self.latent_dim, "an int >= 2")
-        _check(self.storage_dtype in _DTYPES, "storage_dtype", self.storage_dtype, f"one of {_DTYPES}")
+        path_ok = self.path is None or isinstance(self.path, (str, os.PathLike))
+        _check(path_ok and (self.path is None or bool(os.fspath(self.path).strip())), "path", self.path,
+               "None, a directory path or an fsspec URL ('' names no folder)", path_ok)
+        _check(_is_int(self.latent_dim) and self.latent_dim >= 2, "latent_dim", self.latent_dim, "an int >= 2",
+               _is_int(self.latent_dim))
+        _check(self.storage_dtype in _DTYPES, "storage_dtype", self.storage_dtype, f"one of {_DTYPES}",
+               isinstance(self.storage_dtype, str))
         _check(isinstance(self.device, str) and bool(_DEVICE_RE.match(self.device)), "device", self.device,
-               "'cpu', 'cuda' or 'cuda:N' (streams deliver there; on MPS stream on 'cpu' and move batches)")
-        _check(_is_int(self.knn_k) and self.knn_k >= 1, "knn_k", self.knn_k, "an int >= 1")
-        _check(_is_int(self.langevin_steps) and self.langevin_steps >= 0, "langevin_steps", self.langevin_steps,
-               "an int >= 0")
-        _check(_is_pos(self.langevin_dt) and self.langevin_dt <= 1.0, "langevin_dt", self.langevin_dt,
-               "a float in (0, 1]")
-        _check(_is_pos(self.langevin_T), "langevin_T", self.langevin_T, "a finite float > 0")
-        _check(_is_num(self.soc_threshold) and 0.0 < self.soc_threshold < 1.0, "soc_threshold", self.soc_threshold,
-               "a float in (0, 1)")
-        _check(_is_num(self.consolidate_similarity) and 0.0 < self.consolidate_similarity <= 1.0,
-               "consolidate_similarity", self.consolidate_similarity, "a float in (0, 1]")
-        _check(_is_int(self.auto_compact) and (self.auto_compact == 0 or self.auto_compact >= 2), "auto_compact",
-               self.auto_compact, "0 (off) or an int >= 2 (small shards that trigger a compaction)")
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an int >= 0")
-        for name in ("warm_bytes", "hot_bytes"):
+               "'cpu', 'cuda' or 'cuda:N' (streams deliver there; on MPS stream on 'cpu' and move batches)",
+               isinstance(self.device, str))
+        for name, low in (("knn_k", 1), ("langevin_steps", 0), ("seed", 0), ("warm_bytes", 0), ("hot_bytes", 0),
+                          ("prefetch", 0)):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= 0, name, value, "an int >= 0 (bytes)")
+            _check(_is_int(value) and value >= low, name, value, f"an int >= {low}"
+                   + {"warm_bytes": " (bytes)", "hot_bytes": " (bytes)",
+                      "prefetch": " (0 = no background thread)"}.get(name, ""), _is_int(value))
+        _check(_is_pos(self.langevin_dt) and self.langevin_dt <= 1.0, "langevin_dt", self.langevin_dt,
+               "a float in (0, 1]", _is_real(self.langevin_dt))
+        _check(_is_pos(self.langevin_T), "langevin_T", self.langevin_T, "a finite float > 0", _is_real(self.langevin_T))
+        _check(_is_num(self.soc_threshold) and 0.0 < self.soc_threshold < 1.0, "soc_threshold", self.soc_threshold,
+               "a float in (0, 1)", _is_real(self.soc_threshold))
+        _check(_is_num(self.consolidate_similarity) and 0.0 < self.consolidate_similarity <= 1.0,
+               "consolidate_similarity", self.consolidate_similarity, "a float in (0, 1]",
+               _is_real(self.consolidate_similarity))
+        for name in ("auto_consolidate", "verify_reads"):
+            # a string such as "false" is truthy: taken as a bool it would turn the option on
+            value = getattr(self, name)
+            _check(_is_bool(value), name, value, "True or False", False)
+            object.__setattr__(self, name, bool(value))
+        _check(_is_int(self.auto_compact) and (self.auto_compact == 0 or self.auto_compact >= 2), "auto_compact",
+               self.auto_compact, "0 (off) or an int >= 2 (small shards that trigger a compaction)",
+               _is_int(self.auto_compact))
         _check(_is_int(self.shard_bytes) and self.shard_bytes >= 1 << 16, "shard_bytes", self.shard_bytes,
-               "an int >= 65536 (bytes)")
-        _check(_is_int(self.prefetch) and self.prefetch >= 0, "prefetch", self.prefetch,
-               "an int >= 0 (0 = no background thread)")
-
-        _check(self.lake_key is None or (isinstance(self.lake_key, (str, bytes)) and len(self.lake_key) > 0),
-               "lake_key", "<secret>", "None or a non-empty str/bytes")
+               "an int >= 65536 (bytes)", _is_int(self.shard_bytes))
+        key_type = self.lake_key is None or isinstance(self.lake_key, (str, bytes))
+        _check(key_type and (self.lake_key is None or len(self.lake_key) > 0), "lake_key", "<secret>",
+               "None or a non-empty str/bytes", key_type)
         _check(self.storage_options is None or isinstance(self.storage_options, dict), "storage_options",
-               self.storage_options, "a dict of fsspec options or None")
-        _check(_is_pos(self.io_timeout), "io_timeout", self.io_timeout, "a finite float > 0 (seconds)")
+               self.storage_options, "a dict of fsspec options or None", False)
+        _check(_is_pos(self.io_timeout), "io_timeout", self.io_timeout, "a finite float > 0 (seconds)",
+               _is_real(self.io_timeout))
         _check(_is_int(self.io_retries) and 0 <= self.io_retries <= 20, "io_retries", self.io_retries,
-               "an int in [0, 20]")
+               "an int in [0, 20]", _is_int(self.io_retries))
         _check(self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)), "cache_dir", self.cache_dir,
-               "None or a directory path")
+               "None or a directory path", False)
         _check(self.cache_bytes is None or (_is_int(self.cache_bytes) and self.cache_bytes >= 1), "cache_bytes",
-               self.cache_bytes, "None or an int >= 1 (bytes)")
+               self.cache_bytes, "None or an int >= 1 (bytes)", self.cache_bytes is None or _is_int(self.cache_bytes))
 
     def replace(self, **changes: Any) -> M2MConfig:
         """A copy with some fields changed (validated again)."""
@@ -137,6 +145,16 @@ class M2MConfig:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_bool(v: object) -> bool:
+    # bool, numpy's bool_, or the ints 0 and 1 (as DataLoader flags are often given)
+    numpy_bool = getattr(getattr(v, "dtype", None), "kind", "") == "b" and getattr(v, "ndim", 1) == 0
+    return isinstance(v, bool) or numpy_bool or (_is_int(v) and v in (0, 1))
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _is_num(v: object) -> bool:
@@ -148,6 +166,9 @@ def _is_pos(v: object) -> bool:
     return _is_num(v) and v > 0  # type: ignore[operator]
 
 
-def _check(ok: bool, field: str, value: object, expected: str) -> None:
+def _check(ok: bool, field: str, value: object, expected: str, type_ok: bool) -> None:
+    """`ConfigError` naming the field unless ``ok``; `ConfigTypeError` (also a TypeError) when the
+    value's type is wrong (``type_ok`` False), not just its range."""
     if not ok:
-        raise ConfigError(f"M2MConfig.{field} must be {expected}, got {value!r}")
+        cls = ConfigError if type_ok else ConfigTypeError
+        raise cls(f"M2MConfig.{field} must be {expected}, got {value!r}")

@@ -484,8 +484,22 @@ def _bench_module(name: str) -> Any:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="m2m")
+    """Console-script entry point: click's usage errors (an unknown option, a missing argument, a value
+    of the wrong type) become one ``m2m: error:`` line too, exit status 2 as click gives them."""
+    try:
+        rc = cli.main(prog_name="m2m", standalone_mode=False)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "m2m"
+        message = " ".join(exc.format_message().split())
+        click.echo(f"m2m: error: {message} (see {where} --help)", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"m2m: error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:  # Ctrl-C or end of input at a prompt
+        click.echo("m2m: aborted", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -189,17 +189,7 @@ class RowReader:
                              f"(positions 0..{n - 1}; negative positions are not supported)")
 
     def take(self, ids: Any) -> Splats:
-        ids = as_numpy(ids, "ids")
-        if ids.ndim == 0:
-            ids = ids.reshape(1)
-        if ids.ndim != 1:
-            raise UnknownIdError(f"ids must be a 1-D sequence of integers, got shape {ids.shape}")
-        if ids.size and ids.dtype.kind not in "iu":
-            raise UnknownIdError(f"ids must be integers, got dtype {ids.dtype}")
-        big = beyond_int64(ids)
-        if big is not None:
-            raise UnknownIdError(f"id {big} is not in lake version {self.manifest.version}")
-        return self.rows(self.positions(ids.astype(np.int64)))
+        return self.rows(self.positions(checked_ids(ids, self.manifest.version)))
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Positions of ``ids`` in this version; `UnknownIdError` naming the first unknown id. Ids map
@@ -306,3 +296,19 @@ def reader_of(lake: Any) -> RowReader:
         r = RowReader(lake.snapshot)
         cache["row_reader"] = r
     return r
+
+
+def checked_ids(ids: Any, version: int) -> np.ndarray:
+    """``ids`` (a sequence or array of integers, or one) as a 1-D int64 array, or `UnknownIdError`
+    naming what is wrong: floats, strings and nested lists are refused, not cast (1.5 is no id)."""
+    arr = as_numpy(ids, "ids")
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise UnknownIdError(f"ids must be a 1-D sequence of integers, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise UnknownIdError(f"ids must be integers, got dtype {arr.dtype}")
+    big = beyond_int64(arr)
+    if big is not None:
+        raise UnknownIdError(f"id {big} is not in lake version {version}")
+    return arr.astype(np.int64)

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from m2m._forksafe import ForkSafeLock
-from m2m.errors import AlreadyExistsError, ConfigError, ObjectStoreError, PathNotFoundError, ReadOnlyLakeError
+from m2m.errors import (
+    AlreadyExistsError,
+    ConfigError,
+    M2MError,
+    MissingDependencyError,
+    ObjectStoreError,
+    PathNotFoundError,
+    ReadOnlyLakeError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -217,8 +225,6 @@ def _client_has_create(fs: Any) -> bool:
 
 def _permanent(exc: BaseException) -> bool:
     """Errors raised as they are (callers handle a missing or existing file, our own errors)."""
-    from m2m.errors import M2MError
-
     return isinstance(exc, (_PERMANENT, M2MError)) or type(exc).__name__ in _PERMANENT_NAMES
 
 
@@ -324,7 +330,18 @@ class FsspecFS:
         """Build this process's client (``self._client``); returns the lake's path in the store."""
         import fsspec
 
-        client, path = fsspec.core.url_to_fs(self.url, **self._options)
+        try:
+            client, path = fsspec.core.url_to_fs(self.url, **self._options)
+        except ImportError as exc:
+            # fsspec names the package ("Please install gcsfs ..."); s3 comes with m2m's own extra
+            extra = " (pip install 'm2m[s3]')" if self.protocol in ("s3", "s3a") else ""
+            raise MissingDependencyError(f"lake {self.url}: the {self.protocol!r} filesystem needs a package that "
+                                         f"is not installed{extra}: {_one_line(exc)}") from exc
+        except ValueError as exc:
+            if "protocol" not in str(exc).lower():
+                raise
+            raise ConfigError(f"lake {self.url}: {self.protocol!r} is not a filesystem fsspec knows "
+                              f"({_one_line(exc)})") from exc
         if self.protocol in ("s3", "s3a"):
             client.retries = 1  # s3fs's own retry loop (5 x read_timeout) would hide ours
         self._client, self._client_pid = client, os.getpid()
@@ -379,6 +396,11 @@ class FsspecFS:
                             "reopen the lake; else run `m2m verify`)") if rel.startswith("_data/") else ""
                     raise PathNotFoundError(f"{op} {self.url}/{rel}: no such object{hint}") from exc
                 if _permanent(exc):
+                    if type(exc).__name__ in _PERMANENT_NAMES and not isinstance(exc, (_PERMANENT, M2MError)):
+                        # the client's own class (botocore's NoCredentialsError, AccessDenied, ...): one
+                        # line naming the object, the cause chained
+                        raise ObjectStoreError(f"{op} {self.url}/{rel} refused by the store (not retried): "
+                                               f"{_one_line(exc)}") from exc
                     raise
                 attempt += 1
                 now = time.monotonic()

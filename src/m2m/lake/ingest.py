@@ -97,6 +97,25 @@ def _export_doc(schema: pa.Schema) -> dict[str, Any]:
     return doc if isinstance(doc, dict) and doc.get("format") == "m2m-lake-export" else {}
 
 
+def export_rows(unit: np.ndarray, norms: np.ndarray, storage_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """An m2m export's rows for a lake of ``storage_dtype``: ``(vectors, norms)``, where ``norms`` (not
+    None) means ``vectors`` are unit vectors to store as they are with these norms.
+
+    Into a lake of the export's own dtype its ``mu`` and ``mu_norm`` (NaN: 1) are stored as given, bit for
+    bit, when every ``mu`` is at unit norm to that dtype's precision. Otherwise the vectors as given,
+    ``mu * mu_norm`` in float64, are ingested like any input: a float16 export into a float32 lake then
+    keeps the source lake's original vectors within 1 ulp (scaling ``mu`` to norm 1 first had moved them
+    by up to 2e-4)."""
+    scale = np.nan_to_num(np.asarray(norms, dtype=np.float64), nan=1.0)
+    if unit.dtype == np.dtype(storage_dtype) and unit.size and np.all(np.isfinite(scale)) and np.all(scale > 0):
+        length = np.sqrt(np.einsum("ij,ij->i", unit, unit, dtype=np.float64))
+        # a float16 unit vector's norm is 1 within its half-ulp, 2**-11 (float32: 2**-24); 4x that passes
+        tol = 2.0**-9 if unit.dtype == np.float16 else 2.0**-20
+        if np.all(np.abs(length - 1.0) <= tol):
+            return unit, scale
+    return unit.astype(np.float64) * scale[:, None], None
+
+
 def is_m2m_export(schema: pa.Schema) -> bool:
     """Whether ``schema`` is that of an m2m export (its ``m2m`` schema metadata says so)."""
     return bool(_export_doc(schema))
@@ -378,12 +397,8 @@ class _ArrowReader(_Reader):
             chunk["metadata"] = {m: arrow_metadata(batch.column(m), m, self.where) for m in self.meta}
         for key, name in self.terms.items():  # an m2m export's own kappa/alpha (nulls: NaN) and norms
             values = _plain(batch.column(name)).to_numpy(zero_copy_only=False).astype(np.float64)
-            if key == "mu_norm":  # its vectors as given, in float64: each row's norm comes back as mu_norm
-                unit = chunk["vectors"].astype(np.float64)
-                scale = np.nan_to_num(values, nan=1.0) / np.linalg.norm(unit, axis=1)  # (|mu| = 1 +- 2**-24)
-                chunk["vectors"] = unit * scale[:, None]
-            else:
-                chunk[key] = values
+            # mu_norm: applied by `with_norms` in Lake.add_splat_chunks, which knows the lake's dtype
+            chunk[key] = values
         if "kappa" in self.terms:
             chunk["kappa_nan"] = True  # rows the exported lake had not estimated
         return chunk
@@ -771,14 +786,16 @@ def _pick_vector_column(schema: pa.Schema, column: str | None, where: Any) -> st
     for field in schema:
         if _is_list(field.type):
             return field.name
-    raise InvalidEmbeddingError(f"{where}: no list-of-float column found; name one with --column")
+    raise InvalidEmbeddingError(f"{where}: no list-of-float column found; name the vector column "
+                                "(lake.add_table(data, column=...), m2m ingest --column)")
 
 
 def _vectors(arr: pa.Array | pa.ChunkedArray, name: str, where: Any) -> np.ndarray:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if arr.null_count:
-        raise InvalidEmbeddingError(f"{where}: column {name!r} has {arr.null_count} null rows")
+        first = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InvalidEmbeddingError(f"{where}: column {name!r} has {arr.null_count} null rows (the first: row {first})")
     if pa.types.is_fixed_size_list(arr.type):
         width = arr.type.list_size
         return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)

@@ -26,7 +26,9 @@ from m2m.errors import (
     InvalidEmbeddingError,
     LakeClosedError,
     LakeLockedError,
+    M2MError,
     UnknownColumnError,
+    WriteFailedError,
 )
 from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
@@ -257,7 +259,8 @@ class Lake:
 
         ``chunks()`` returns an iterable of dicts with the keys of `add_splats` (``vectors``,
         ``labels``, ``kappa``, ``alpha``, ``metadata``; ``kappa_nan=True``: NaN kappa is "not
-        estimated"). Each chunk is validated and then written into
+        estimated"; ``mu_norm``: ``vectors`` are an m2m export's unit ``mu`` and these its norms,
+        `m2m.lake.ingest.export_rows`). Each chunk is validated and then written into
         shard files that belong to no version yet; the manifest is published only after the last chunk
         was validated, so an invalid chunk anywhere leaves the lake exactly as before (the files
         written so far are removed). ``chunks`` is called once on a local lake; on an object store twice
@@ -268,9 +271,16 @@ class Lake:
         def validated() -> Iterable[SplatBatch]:
             start = 0
             for chunk in chunks():
-                b = validate_splats(chunk["vectors"], chunk.get("labels"), chunk.get("kappa"), chunk.get("alpha"),
+                vectors, norms = chunk["vectors"], None
+                if chunk.get("mu_norm") is not None:
+                    from m2m.lake.ingest import export_rows
+
+                    vectors, norms = export_rows(vectors, chunk["mu_norm"], self.config.storage_dtype)
+                b = validate_splats(vectors, chunk.get("labels"), chunk.get("kappa"), chunk.get("alpha"),
                                     chunk.get("metadata"), self.dim, start=start,
                                     kappa_nan=bool(chunk.get("kappa_nan", False)))
+                if norms is not None:
+                    b = dataclasses.replace(b, norms=norms)
                 start += b.rows
                 yield b
 
@@ -427,7 +437,9 @@ class Lake:
         if ids is None:
             positions = np.arange(snap.num_rows, dtype=np.int64)
         else:
-            positions = snap.positions(np.asarray(ids, dtype=np.int64))
+            from m2m.lake.access import checked_ids
+
+            positions = snap.positions(checked_ids(ids, self.manifest.version))
         out: dict[str, np.ndarray] = {}
         for name in snap.column_names:
             if name in ("neighbors", "neighbor_cos"):
@@ -747,6 +759,10 @@ def create_empty(fs: LakeFS, config: M2MConfig) -> Manifest:
     except (NotADirectoryError, FileExistsError):  # a file where the lake (or one of its folders) would go
         raise AlreadyExistsError(f"cannot create a lake at {fs.root}: a file is in the way "
                                  f"(the path, or its {MANIFEST_DIR} or {DATA_DIR})") from None
+    except OSError as exc:  # a folder that cannot be made there (read-only, /proc, no permission)
+        if isinstance(exc, M2MError):
+            raise
+        raise WriteFailedError(f"cannot create a lake at {fs.root}: {exc.strerror or exc}") from exc
     manifest = Manifest(version=0, dim=config.latent_dim, dtype=config.storage_dtype, next_id=0, shards=(),
                         created=time.time(), operation={"type": "create"}, lake_id=uuid.uuid4().hex)
     with write_lock(fs):

@@ -80,6 +80,8 @@ class StreamLoader(DataLoader[Any]):
     leaves nothing behind. Passes may overlap (``zip(dl, dl)``): a later one reads through its own buffers.
     """
 
+    dataset: StreamDataset  # (DataLoader declares Dataset[Any]: typed here so that len(dl.dataset) checks)
+
     def __init__(self, dataset: StreamDataset, options: StreamOptions) -> None:
         o = options
         extra: dict[str, Any] = {}

@@ -31,8 +31,9 @@ def check_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
     for n in names:
         value = weights[n]
         is_bool = isinstance(value, (bool, np.bool_)) or (torch.is_tensor(value) and value.dtype == torch.bool)
+        is_text = isinstance(value, (str, bytes))  # float("1") would take the string as a number
         try:
-            number = None if is_bool else float(value)
+            number = None if is_bool or is_text else float(value)
         except (TypeError, ValueError, RuntimeError):  # (a string, None, a tensor of 2: builtin errors before)
             number = None
         if number is None:

@@ -153,10 +153,11 @@ class Mixture:
         return f"mix[{lakes};epoch_rows={self.epoch_rows}]"
 
     def export_to_dataloader(self, batch_size: int | None = None, shuffle: bool | None = None,
-                             drop_last: bool | None = None, generate_samples: Any = None,
-                             importance_sampling: Any = None, columns: Any = None, num_workers: int | None = None,
-                             rank: int | None = None, world_size: int | None = None, seed: int | None = None,
-                             epoch: int | None = None, *, options: Any = None, **overrides: Any) -> StreamLoader:
+                             drop_last: bool | None = None, generate_samples: bool | str | None = None,
+                             importance_sampling: bool | str | None = None, columns: Sequence[str] | None = None,
+                             num_workers: int | None = None, rank: int | None = None, world_size: int | None = None,
+                             seed: int | None = None, epoch: int | None = None, *, options: StreamOptions | None = None,
+                             **overrides: Any) -> StreamLoader:
         """The usual `StreamLoader` over this mixture: the knobs of `m2m.Lake.export_to_dataloader`
         (``device``/``seed``/budgets default to the first lake's config).
 

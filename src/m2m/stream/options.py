@@ -14,10 +14,11 @@ from dataclasses import dataclass, fields
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from m2m._validate import check_int, check_threads
-from m2m.errors import ConfigError
+from m2m.errors import ConfigError, ConfigTypeError
 
 SHUFFLE_MODES = ("auto", "full", "block")
 WARM_MODES = ("auto", "arena", "cold")
@@ -119,15 +120,18 @@ class StreamOptions:
                 put(self, name, check_int(value, name, low))
         if self.intra_op_threads is not None:
             put(self, "intra_op_threads", check_threads(self.intra_op_threads, "intra_op_threads"))
-        for name in ("shuffle", "drop_last", "huge_pages", "background_fill", "persistent_workers", "pin_memory"):
-            if not isinstance(getattr(self, name), (bool, int)):
-                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
-            put(self, name, bool(getattr(self, name)))
-        if self.shard_affinity is not None:
-            put(self, "shard_affinity", bool(self.shard_affinity))
+        for name in ("shuffle", "drop_last", "huge_pages", "background_fill", "persistent_workers", "pin_memory",
+                     "shard_affinity"):
+            value = getattr(self, name)
+            if value is None and name == "shard_affinity":
+                continue
+            if not (isinstance(value, (bool, int)) or isinstance(value, np.bool_)):
+                raise ConfigTypeError(f"{name} must be a bool, got {value!r}")
+            put(self, name, bool(value))
         for name, allowed in (("shuffle_mode", SHUFFLE_MODES), ("warm_mode", WARM_MODES), ("hot_mode", HOT_MODES)):
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                cls = ConfigError if isinstance(getattr(self, name), str) else ConfigTypeError
+                raise cls(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         put(self, "columns", _columns(self.columns))
         put(self, "seed", seed_from(self.seed, self.generator))
         generate_mode(self.generate_samples)
@@ -154,13 +158,15 @@ class StreamOptions:
             if isinstance(ctx, str) and ctx not in START_METHODS:
                 raise ConfigError(f"multiprocessing_context must be one of {START_METHODS} or a context, got {ctx!r}")
         t = self.timeout
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise ConfigTypeError(f"timeout must be a number >= 0, got {t!r}")
+        if not t >= 0:
             raise ConfigError(f"timeout must be a number >= 0, got {t!r}")
         object.__setattr__(self, "timeout", float(t))
         for name in ("worker_init_fn", "collate_fn"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
-                raise ConfigError(f"{name} must be callable, got {type(fn).__name__}")
+                raise ConfigTypeError(f"{name} must be callable, got {type(fn).__name__}")
         if self.in_order is not True:
             raise ConfigError(f"in_order={self.in_order!r} cannot apply: the stream's batch order is a "
                               "deterministic function of (seed, epoch, rank), whatever the number of workers")
@@ -170,14 +176,15 @@ class StreamOptions:
     def merged(cls, options: "StreamOptions | None", overrides: Mapping[str, Any]) -> "StreamOptions":
         """``options`` (default: all defaults) with ``overrides`` applied: the one way keywords become options."""
         if options is not None and not isinstance(options, StreamOptions):
-            raise ConfigError(f"options must be a StreamOptions, got {type(options).__name__}")
+            raise ConfigTypeError(f"options must be a StreamOptions, got {type(options).__name__}")
         for name, why in REFUSED_KEYWORDS.items():
             if name in overrides:
                 raise ConfigError(f"{name}=... cannot apply to a stream: {why}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ConfigError(f"unknown stream option(s) {unknown}; StreamOptions has {sorted(known)}")
+            # a TypeError, as an unknown keyword of StreamOptions(...) itself is
+            raise ConfigTypeError(f"unknown stream option(s) {unknown}; StreamOptions has {sorted(known)}")
         base = options or cls()
         changes = dict(overrides)
         if "generator" in changes and "seed" not in changes:
@@ -207,15 +214,15 @@ def _columns(columns: Any) -> tuple[str, ...] | None:
     if columns is None:
         return None
     if isinstance(columns, str):
-        raise ConfigError(f"columns must be a tuple of names, not the string {columns!r}")
+        raise ConfigTypeError(f"columns must be a tuple of names, not the string {columns!r}")
     try:
         names = tuple(columns)
     except TypeError:
-        raise ConfigError(f"columns must be None or a tuple of names, got {columns!r}") from None
+        raise ConfigTypeError(f"columns must be None or a tuple of names, got {columns!r}") from None
     if not names:
         raise ConfigError("columns must name at least one column (None: the embedding tensor)")
     if not all(isinstance(c, str) for c in names):
-        raise ConfigError(f"columns must be a tuple of names, got {columns!r}")
+        raise ConfigTypeError(f"columns must be a tuple of names, got {columns!r}")
     return names
 
 
@@ -242,7 +249,7 @@ def seed_from(seed: int | None, generator: Any) -> int | None:
     if generator is None:
         return None if seed is None else check_int(seed, "seed", 0)
     if not isinstance(generator, torch.Generator):
-        raise ConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        raise ConfigTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     from_gen = int(generator.initial_seed())
     if seed is not None and check_int(seed, "seed", 0) != from_gen:
         raise ConfigError(f"seed={seed} and generator (initial_seed {from_gen}) disagree: pass one of them")

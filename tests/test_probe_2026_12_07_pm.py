@@ -1,0 +1,245 @@
+"""What probing users found on the afternoon of 2026-12-07 (each failed on the code before):
+``M2MConfig(auto_consolidate="false")`` turned merging on (strings were taken as truthy);
+``lake.splats([1.5])`` returned row 1; wrong-type arguments raised plain ValueErrors;
+``open_lake(path, config={...})`` and an uncreatable lake path gave raw Python errors; an unknown or
+uninstalled fsspec protocol was a 64-line traceback in the CLI; a float16 lake's export re-ingested into
+a float32 lake moved its vectors by up to 2e-4; click usage errors were three lines."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import m2m
+from m2m import M2MConfig, StreamOptions, create_m2m, open_lake
+from m2m.errors import (
+    ConfigError,
+    ConfigTypeError,
+    InvalidEmbeddingError,
+    M2MError,
+    MissingDependencyError,
+    UnknownIdError,
+    WriteFailedError,
+)
+
+D = 8
+
+
+def _run(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "m2m.cli.main", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("field", ["auto_consolidate", "verify_reads"])
+@pytest.mark.parametrize("value", ["false", "no", "", 2, 1.0, None])
+def test_config_flags_refuse_what_is_not_a_bool(field, value):
+    with pytest.raises(ConfigTypeError, match=f"M2MConfig.{field} must be True or False"):
+        M2MConfig(latent_dim=D, **{field: value})
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), (np.True_, True), (0, False), (1, True)])
+def test_config_flags_take_bools_and_store_a_bool(value, expected):
+    cfg = M2MConfig(latent_dim=D, auto_consolidate=value)
+    assert cfg.auto_consolidate is expected
+
+
+def test_a_string_false_no_longer_merges_rows(tmp_path):
+    with pytest.raises(ConfigTypeError):
+        M2MConfig(path=tmp_path / "l", latent_dim=D, auto_consolidate="false", soc_threshold=0.05)
+    with create_m2m(M2MConfig(path=tmp_path / "l", latent_dim=D, auto_consolidate=False)) as lk:
+        base = np.random.default_rng(0).standard_normal(D)
+        lk.add_splats(base + 1e-4 * np.random.default_rng(1).standard_normal((200, D)))
+        assert len(lk) == 200
+
+
+@pytest.mark.parametrize("kw", [dict(latent_dim="640"), dict(path=5), dict(seed=1.5), dict(langevin_dt="0.1"),
+                                dict(storage_dtype=16), dict(storage_options=[("a", 1)]), dict(cache_bytes="1G")])
+def test_config_wrong_types_are_type_errors(kw):
+    with pytest.raises(ConfigTypeError) as info:
+        M2MConfig(**({"latent_dim": D} | kw))
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)  # both, for old callers
+
+
+@pytest.mark.parametrize("kw", [dict(latent_dim=1), dict(seed=-1), dict(langevin_dt=2.0), dict(storage_dtype="int8")])
+def test_config_values_out_of_range_stay_value_errors(kw):
+    with pytest.raises(ConfigError) as info:
+        M2MConfig(**({"latent_dim": D} | kw))
+    assert not isinstance(info.value, TypeError)
+
+
+@pytest.mark.parametrize("kw", [dict(batch_size="8"), dict(shard_affinity="x"), dict(shuffle="no"),
+                                dict(shuffle_mode=3), dict(columns="label"), dict(timeout="1")])
+def test_stream_options_wrong_types_are_type_errors(kw):
+    with pytest.raises(ConfigTypeError):
+        StreamOptions(**kw)
+
+
+def test_stream_options_keep_bool_flags_and_unknown_keywords_are_type_errors():
+    assert StreamOptions(shard_affinity=np.False_).shard_affinity is False
+    assert StreamOptions(shard_affinity=None).shard_affinity is None
+    with create_m2m(M2MConfig(latent_dim=D)) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((10, D)))
+        with pytest.raises(ConfigTypeError, match="unknown stream option"):
+            lk.export_to_dataloader(bach_size=3)
+        with pytest.raises(ConfigTypeError, match="options must be a StreamOptions"):
+            lk.export_to_dataloader(options={"batch_size": 3})
+
+
+@pytest.mark.parametrize("ids", [[1.5], np.array([2.9]), ["3"], [[1, 2]], ["a"], [2**64]])
+def test_splats_refuses_ids_that_are_not_integers(ids):
+    with create_m2m(M2MConfig(latent_dim=D)) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((10, D)))
+        assert list(lk.splats([1, 2])["id"]) == [1, 2]
+        assert list(lk.splats(np.uint64(3))["id"]) == [3]
+        with pytest.raises(UnknownIdError):
+            lk.splats(ids)
+
+
+def test_open_lake_names_wrong_arguments(tmp_path):
+    with create_m2m(M2MConfig(path=tmp_path / "l", latent_dim=D)) as lk:
+        lk.add_splats(np.ones((2, D)))
+    for call, match in [(lambda: open_lake(tmp_path / "l", config={"latent_dim": D}), "takes an M2MConfig, got dict"),
+                        (lambda: open_lake(tmp_path / "l", "cfg"), "takes an M2MConfig, got str"),
+                        (lambda: open_lake(5), "takes a lake path or URL, got 5"),
+                        (lambda: open_lake(None), "got None"),
+                        (lambda: open_lake(tmp_path / "l", bogus=1), r"unknown setting\(s\) \['bogus'\]")]:
+        with pytest.raises(ConfigTypeError, match=match):
+            call()
+
+
+def test_a_lake_path_that_cannot_be_made_is_one_error(tmp_path):
+    blocked = tmp_path / "ro"
+    blocked.mkdir()
+    blocked.chmod(0o500)
+    try:
+        path = Path("/proc/m2m-lake") if Path("/proc").is_dir() else blocked / "x" / "lake"
+        with pytest.raises(WriteFailedError, match="cannot create a lake at"):
+            create_m2m(M2MConfig(path=path, latent_dim=D))
+    finally:
+        blocked.chmod(0o700)
+
+
+def test_unknown_or_uninstalled_filesystems_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="'nosuchproto' is not a filesystem fsspec knows"):
+        open_lake("nosuchproto://b/lake")
+    r = _run("info", "nosuchproto://b/lake")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match="'gs' filesystem needs a package"):
+            open_lake("gs://b/lake")
+        r = _run("verify", "gs://b/lake")
+        assert r.returncode == 1 and r.stderr.startswith("m2m: error: lake gs://b/lake") and "Traceback" not in r.stderr
+
+
+def test_float16_export_into_a_float32_lake_keeps_the_original_vectors(tmp_path):
+    rng = np.random.default_rng(0)
+    with create_m2m(M2MConfig(path=tmp_path / "src", latent_dim=D, storage_dtype="float16")) as lk:
+        lk.add_splats(rng.standard_normal((100, D)) * 5)
+        want = np.stack(lk.to_arrow(original=True).column("mu").to_numpy(zero_copy_only=False))
+        want_mu = lk.splats()["mu"]
+    assert _run("export", tmp_path / "src", tmp_path / "e.parquet", "-q").returncode == 0
+    for dtype in ("float32", "float16"):
+        r = _run("ingest", tmp_path / "e.parquet", "--lake", tmp_path / dtype, "--all-columns", "--dtype", dtype, "-q")
+        assert r.returncode == 0, r.stderr
+        with open_lake(tmp_path / dtype) as lk:
+            got = np.stack(lk.to_arrow(original=True).column("mu").to_numpy(zero_copy_only=False))
+            if dtype == "float16":  # the export's own dtype: bit for bit, mu and the original vectors
+                assert np.array_equal(got, want) and np.array_equal(lk.splats()["mu"], want_mu)
+            else:  # within 1 ulp of float32 (was up to 3,584 ulp: 2e-4 relative)
+                ulp = np.spacing(np.abs(want).astype(np.float32))
+                assert np.all(np.abs(got - want) <= ulp), np.max(np.abs(got - want) / ulp)
+
+
+def test_cli_usage_errors_are_one_line_exit_2():
+    for args, text in [(["ingest"], "Missing argument 'SRC'"), (["consolidate", "/x", "--similarity", "abc"],
+                                                                   "'abc' is not a valid float"),
+                       (["nosuch"], "No such command 'nosuch'")]:
+        r = _run(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("m2m: error: ") and text in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = _run("--version")
+    assert r.returncode == 0 and "0.1.0" in r.stdout
+
+
+@pytest.mark.parametrize("meta, match", [({"m": [{"a": 1}, {"a": 2}]}, r"row 0 is \{'a': 1\} \(dict\); a metadata "
+                                                                     "column holds strings or numbers"),
+                                         ({"m": np.array(["x", 1], dtype=object)},
+                                          "row 1 is 1 \\(int\\), but the column holds str")])
+def test_metadata_of_unsupported_kinds_is_named_once(meta, match):
+    with create_m2m(M2MConfig(latent_dim=D)) as lk:
+        with pytest.raises(InvalidEmbeddingError, match=match):
+            lk.add_splats(np.ones((2, D)), metadata=meta)
+
+
+def test_ragged_rows_and_null_vectors_name_the_row():
+    import pyarrow as pa
+
+    with create_m2m(M2MConfig(latent_dim=4)) as lk:
+        with pytest.raises(InvalidEmbeddingError, match="row 1 has 2 values, row 0 has 4"):
+            lk.add_splats([[1.0, 2, 3, 4], [1.0, 2]])
+        with pytest.raises(InvalidEmbeddingError, match=r"1 null rows \(the first: row 1\)"):
+            lk.add_splats(pa.table({"v": pa.array([[1.0, 2, 3, 4], None])}))
+        with pytest.raises(InvalidEmbeddingError, match=r"add_table\(data, column=...\)"):
+            lk.add_splats(pa.table({"x": [1, 2]}))
+
+
+def test_mix_refuses_a_string_weight(tmp_path):
+    with create_m2m(M2MConfig(latent_dim=D)) as a:
+        a.add_splats(np.ones((4, D)))
+        with pytest.raises(ConfigError, match="must be a number, got '1'"):
+            m2m.mix({"a": a}, {"a": "1"})
+
+
+def test_the_loader_and_mixture_are_typed_for_users():
+    from m2m.lake.lake import Lake
+    from m2m.stream.dataset import StreamDataset
+    from m2m.stream.loader import StreamLoader
+    from m2m.stream.mixture import Mixture
+
+    assert StreamLoader.__annotations__["dataset"] in ("StreamDataset", StreamDataset)
+    lake_sig = inspect.signature(Lake.export_to_dataloader).parameters
+    mix_sig = inspect.signature(Mixture.export_to_dataloader).parameters
+    assert {k: str(p.annotation) for k, p in mix_sig.items()} == {k: str(p.annotation) for k, p in lake_sig.items()}
+
+
+USER_SCRIPT = '''
+import m2m
+from m2m import M2MConfig, StreamOptions, create_m2m
+
+lake = create_m2m(M2MConfig(latent_dim=8))
+dl = lake.export_to_dataloader(batch_size=4)
+n: int = len(dl.dataset)
+mixture = m2m.mix({"a": lake}, {"a": 1.0})
+dl2 = mixture.export_to_dataloader(options=StreamOptions(batch_size=2))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_user_script_type_checks_strictly_and_a_wrong_option_does_not(tmp_path):
+    if shutil.which("mypy") is None:
+        pytest.skip("mypy is not installed")
+    src = Path(__file__).resolve().parents[1] / "src"
+    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good.write_text(USER_SCRIPT)
+    bad.write_text(USER_SCRIPT + "dl3 = mixture.export_to_dataloader(options=3)\n")
+    for path, ok in ((good, True), (bad, False)):
+        proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(path)],
+                              capture_output=True, text=True, timeout=850, env={"MYPYPATH": str(src), "PATH": "/usr/bin:/bin"}
+                              | {k: v for k, v in __import__("os").environ.items() if k in ("PATH", "HOME")})
+        assert (proc.returncode == 0) is ok, proc.stdout[-3000:]
+        if not ok:
+            assert "bad.py:10" in proc.stdout, proc.stdout
+
+
+def test_m2m_errors_are_still_their_builtins():
+    assert issubclass(ConfigTypeError, TypeError) and issubclass(ConfigTypeError, M2MError)
+    assert issubclass(WriteFailedError, OSError)
