@@ -299,3 +299,25 @@ def test_an_empty_selection_has_the_dtypes_of_a_non_empty_one(tmp_path):
         full, empty, taken = lake[0:1], lake[0:0], lake.take([])
         for name in meta:
             assert empty[name].dtype == full[name].dtype == taken[name].dtype, name
+
+
+def test_integer_scalars_of_numpy_and_torch_are_positions(tmp_path):
+    """A 0-d tensor or array and tensor slice bounds were refused ("lake[...] takes an int")."""
+    lake = make(tmp_path / "l", shards=2, n=10)
+    ids = lake.snapshot.read_all("id")
+    for key in (torch.tensor(3), np.array(3), np.int16(3)):
+        assert lake[key]["id"] == ids[3]
+    assert list(lake[torch.tensor(2):np.int64(5)]["id"]) == list(ids[2:5])
+    for key in (torch.tensor(True), np.array(True), 1.0, torch.tensor(2.0)):
+        with pytest.raises(PositionError, match="takes an int"):
+            lake[key]
+
+
+@pytest.mark.parametrize("key, value", [([2**70], 2**70), ([1, 2**63], 2**63), ((0, -(2**64)), -(2**64))])
+def test_python_ints_beyond_int64_in_a_list_are_named(tmp_path, key, value):
+    """numpy made such lists float64 or object, and the error named the dtype, not the value."""
+    lake = make(tmp_path / "l", shards=1, n=10)
+    with pytest.raises(PositionError, match=f"position {value} is out of range"):
+        lake[key]
+    with pytest.raises(UnknownIdError, match=f"id {value} is not in lake"):
+        lake.take(key)

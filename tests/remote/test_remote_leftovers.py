@@ -93,3 +93,16 @@ def test_rollback_and_repair_of_a_remote_lake_leave_no_cache_folder(s3_server, s
                            timeout=120, env=env)
         assert r.returncode == 0, r.stderr
     assert {d for d in os.listdir(tmp) if d.startswith("m2m-cache-")} == before
+
+
+def test_a_store_without_credentials_is_one_line_naming_the_object(s3_server, s3_lake_url):
+    """botocore's NoCredentialsError went through as it was: a 100-line traceback in the CLI."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+               AWS_EC2_METADATA_DISABLED="true")
+    proc = subprocess.run([sys.executable, "-m", "m2m.cli.main", "info", s3_lake_url, "--storage-option",
+                           f"endpoint_url={s3_server.endpoint_url}"], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("m2m: error: list ") and "refused by the store" in proc.stderr, proc.stderr
+    assert "NoCredentialsError" in proc.stderr and proc.stderr.count("\n") == 1

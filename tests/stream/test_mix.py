@@ -198,7 +198,7 @@ def test_a_state_of_a_newer_lake_version_is_refused(tmp_path: object) -> None:
         dl = mx.export_to_dataloader(batch_size=BS, seed=1)
         next(iter(dl))
         state = dl.state_dict()
-    assert "@v2" in state["lake"]
+    assert "@v2" in state["version"] and "@v" not in state["lake"]
     with open_lake(b) as lake:
         lake.add_splats(unit(10, 5), labels=np.zeros(10, np.int64))
     with m2m.mix({"a": a, "b": b}, {"a": 1, "b": 1}) as mx, pytest.raises(StateMismatchError) as info:
@@ -208,7 +208,8 @@ def test_a_state_of_a_newer_lake_version_is_refused(tmp_path: object) -> None:
 
 def test_each_lake_draws_from_its_own_importance_sampler(lakes: dict[str, str]) -> None:
     """importance_sampling='alpha': lake j's draws of an epoch are exactly the plan of that lake's own
-    sampler for its count (same rows), with the weights its own stream delivers (alpha / (N_j p))."""
+    sampler for its count (same rows), with the weights its own stream delivers over its mean alpha
+    (alpha / (N_j p mean_alpha_j))."""
     from m2m.stream import mixing
     from m2m.stream.from_lake import build_sampler
 
@@ -222,7 +223,9 @@ def test_each_lake_draws_from_its_own_importance_sampler(lakes: dict[str, str]) 
             rows, weights = own.plan(0, num_draws=mx.counts[name])
             lake_ids = lake.snapshot.ids()[rows]
             got = sorted(zip(ids[src == j].tolist(), w[src == j].tolist()))
-            weights = (weights.astype(np.float64) * (mx.counts[name] / len(lake))).astype(np.float32)  # its own stream's
+            mean_alpha = float(lake.snapshot.read_main("alpha").astype(np.float64).mean())
+            # its own stream's weights over its mean alpha: every lake's average 1
+            weights = (weights.astype(np.float64) * (mx.counts[name] / len(lake) / mean_alpha)).astype(np.float32)
             assert got == sorted(zip(lake_ids.tolist(), weights.tolist()))
 
 
@@ -466,3 +469,89 @@ def test_importance_weights_keep_the_mixtures_proportions(tmp_path: object) -> N
             src, w = cat(b, "source"), cat(b, "weight").astype(np.float64)
             assert abs(w[src == 1].sum() / w.sum() - 0.5) < 0.08, mode
             assert abs(w[src == 0].mean() - 1.0) < 0.15 and abs(w[src == 1].mean() - 1.0) < 0.15, mode
+
+
+# ---------------------------------------------------------------- found by a probing user, 2026-12-07 pm
+
+
+@pytest.mark.parametrize("mode", ["kappa", "alpha"])
+def test_weights_keep_the_proportions_when_a_lake_has_mean_alpha_above_one(tmp_path: object, mode: str) -> None:
+    """A consolidated lake (mean alpha 3) mixed 50/50 with a plain one weighed 75/25 in sum(w loss) / sum(w)."""
+    heavy, plain = os.path.join(str(tmp_path), "heavy"), os.path.join(str(tmp_path), "plain")
+    build(heavy, 200, 0, alpha=np.full(200, 3.0, np.float32))
+    build(plain, 200, 1)
+    with m2m.mix({"heavy": heavy, "plain": plain}, {"heavy": 0.5, "plain": 0.5}) as mx:
+        b = epoch(mx.export_to_dataloader(batch_size=BS, importance_sampling=mode, columns=("id", "weight")))
+    src, w = cat(b, "source"), cat(b, "weight").astype(np.float64)
+    share = w[src == 0].sum() / w.sum()
+    assert abs(share - 0.5) < 0.02, share
+    assert abs(w[src == 0].mean() - 1.0) < 0.02 and abs(w[src == 1].mean() - 1.0) < 0.02
+
+
+@pytest.mark.parametrize("kinds", [("timestamp[s]", "timestamp[ms]"), ("duration[s]", "int64"), ("labels",)])
+def test_a_column_stored_as_different_types_is_refused(tmp_path: object, kinds: tuple[str, ...]) -> None:
+    """timestamp[s] and timestamp[ms], a duration and an int64, string-label codes and int labels all
+    arrive as int64: they were mixed in one tensor, silently."""
+    import pyarrow as pa
+
+    paths = [os.path.join(str(tmp_path), n) for n in ("a", "b")]
+    for j, path in enumerate(paths):
+        with create_m2m(M2MConfig(path=path, latent_dim=D)) as lake:
+            if kinds == ("labels",):
+                labels = np.array(["x", "y"] * 5) if j == 0 else np.arange(10) % 2
+                lake.add_splats(unit(10, j), labels=labels)
+            else:
+                values = pa.array(np.arange(10, dtype=np.int64) * 1000).cast(pa.int64())
+                lake.add_splats(unit(10, j), metadata={"t": values.cast(pa.type_for_alias(kinds[j]))
+                                                       if kinds[j] != "int64" else values})
+    column = "label" if kinds == ("labels",) else "t"
+    with m2m.mix({"a": paths[0], "b": paths[1]}, {"a": 1, "b": 1}) as mx:
+        with pytest.raises(ConfigError, match=f"column '{column}' differs between the lakes") as info:
+            mx.export_to_dataloader(batch_size=5, columns=("embedding", column))
+    assert "stored" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("mode", [None, "loss"])
+def test_an_end_of_epoch_state_resumes_a_mixture_after_an_append(tmp_path: object, mode: str | None) -> None:
+    """As for one lake: the mixture's state named its lakes' versions, so an append refused it."""
+    a, b = os.path.join(str(tmp_path), "a"), os.path.join(str(tmp_path), "b")
+    build(a, 100, 0)
+    build(b, 60, 1)
+    kw: dict[str, object] = {"batch_size": 20, "seed": 3, "columns": ("id", "weight")}
+    if mode:
+        kw["importance_sampling"] = mode
+    with m2m.mix({"a": a, "b": b}, {"a": 1, "b": 1}) as mx:
+        dl = mx.export_to_dataloader(**kw)
+        for batch in dl:
+            if mode:
+                dl.update_priorities(batch["id"], torch.rand(len(batch["id"])) + 0.5, source=batch["source"])
+        state = dl.state_dict()
+    with open_lake(b) as lake:
+        lake.add_splats(unit(40, 9), labels=np.zeros(40, np.int64))
+    with m2m.mix({"a": a, "b": b}, {"a": 1, "b": 1}) as mx:
+        dl = mx.export_to_dataloader(**kw)
+        if mode == "loss":  # as for one lake: loss priorities resume on the same rows only
+            with pytest.raises(StateMismatchError, match="same rows only"):
+                dl.load_state_dict(state)
+            return
+        dl.load_state_dict(state)
+        got = epoch(dl)
+        assert "b@v3" in dl.state_dict()["version"]
+    assert sum(len(x["id"]) for x in got) == 200  # the grown lakes' rows, one epoch
+
+
+def test_geometry_columns_are_computed_for_a_mixture_of_lakes_without_them(tmp_path: object) -> None:
+    a, b = os.path.join(str(tmp_path), "a"), os.path.join(str(tmp_path), "b")
+    build(a, 60, 0)
+    build(b, 40, 1)
+    with m2m.mix({"a": a, "b": b}, {"a": 1, "b": 1}) as mx:
+        batches = epoch(mx.export_to_dataloader(batch_size=20, columns=("id", "neighbors", "neighbor_cos", "kappa")))
+    nb = cat(batches, "neighbors")
+    assert nb.shape[1] == 16 and (nb >= 0).all() and np.isfinite(cat(batches, "kappa")).all()
+
+
+def test_a_failing_priority_update_names_its_lake(lakes: dict[str, str]) -> None:
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=300) as mx:
+        dl = mx.export_to_dataloader(batch_size=BS, importance_sampling="loss", columns=("id", "weight"))
+        with pytest.raises(M2MError, match=r"lake #1 \(source 1\): .*id 99999"):
+            dl.update_priorities(torch.tensor([0, 99999]), torch.ones(2), source=torch.tensor([0, 1]))

@@ -148,20 +148,27 @@ class RowReader:
         n = len(self)
         if isinstance(key, slice):
             start, stop, step = key.start, key.stop, key.step
+            bounds = []
             for what, v in (("start", start), ("stop", stop), ("step", step)):
-                if v is not None and (not _is_int(v) or v < 0):
+                k = None if v is None else _index(v)
+                if v is not None and (k is None or k < 0):
                     raise PositionError(f"slice {what} {v!r} is not None or an int >= 0 (negative positions "
                                         f"are not supported; the lake has {n} rows)")
+                bounds.append(k)
+            start, stop, step = bounds
             if step == 0:
                 raise PositionError("slice step 0 is not allowed")
             lo = 0 if start is None else min(int(start), n)
             hi = n if stop is None else min(int(stop), n)
             return self.rows(np.arange(lo, max(lo, hi), 1 if step is None else int(step), dtype=np.int64))
-        if _is_int(key):
-            k = operator.index(key)
+        k = _index(key)  # an int, numpy integer, or 0-d integer array or tensor
+        if k is not None:
             if not 0 <= k < n:  # before any int64 conversion: 2**70 raised OverflowError, not PositionError
                 raise self._out_of_range(k)
             return self.rows(np.asarray([k], np.int64))[0]
+        big = _beyond_int64(key)
+        if big is not None:  # (numpy would make the list float64 or object and the message name neither)
+            raise self._out_of_range(big)
         arr = as_numpy(key, "lake[...]")
         if arr.ndim == 1 and arr.dtype.kind == "b":  # a mask over the rows, as numpy and torch index
             if arr.size != n:
@@ -284,8 +291,25 @@ class RowReader:
             self._remote.close()
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+def _index(v: object) -> int | None:
+    """``v`` as a Python int when it is one integer (an int, a numpy integer, a 0-d integer array or
+    tensor: what ``operator.index`` takes), else None; bools are not positions."""
+    if isinstance(v, (bool, np.bool_)) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    try:
+        return operator.index(v)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _beyond_int64(key: object) -> int | None:
+    """The first Python int of a list or tuple outside int64's range (numpy would turn the list into
+    float64 or object values), or None."""
+    if isinstance(key, (list, tuple)):
+        for v in key:
+            if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+                return v
+    return None
 
 
 def reader_of(lake: Any) -> RowReader:
@@ -301,6 +325,9 @@ def reader_of(lake: Any) -> RowReader:
 def checked_ids(ids: Any, version: int) -> np.ndarray:
     """``ids`` (a sequence or array of integers, or one) as a 1-D int64 array, or `UnknownIdError`
     naming what is wrong: floats, strings and nested lists are refused, not cast (1.5 is no id)."""
+    big = _beyond_int64(ids)
+    if big is not None:
+        raise UnknownIdError(f"id {big} is not in lake version {version}")
     arr = as_numpy(ids, "ids")
     if arr.ndim == 0:
         arr = arr.reshape(1)

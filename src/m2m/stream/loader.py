@@ -43,7 +43,7 @@ SOURCE_DEFAULTS = {"device": "cpu", "seed": 0, "warm_bytes": DEFAULT_WARM_BYTES,
 
 
 def make_loader(source: RowSource, options: StreamOptions | None = None, *, sampler: PlanSampler | None = None,
-                augment: Augment | None = None, lake: str | None = None, version: int | None = None,
+                augment: Augment | None = None, lake: str | None = None, version: int | str | None = None,
                 **overrides: Any) -> "StreamLoader":
     """A `StreamLoader` over ``source``: ``options`` with keyword ``overrides`` (`StreamOptions` fields).
 

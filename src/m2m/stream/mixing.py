@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from m2m._validate import as_numpy, integer_problem
-from m2m.errors import ConfigError, StateMismatchError
+from m2m.errors import ConfigError, M2MError, StateMismatchError
 from m2m.sampling.priorities import as_losses
 
 
@@ -112,8 +112,11 @@ class MixtureSampler:
     (``bases[j]`` + row within lake ``j``), shuffled together. A pure function of (seed, epoch)."""
 
     def __init__(self, sizes: Sequence[int], weights: np.ndarray, epoch_rows: int, seed: int,
-                 samplers: Sequence[Any | None]) -> None:
+                 samplers: Sequence[Any | None], mean_alpha: Sequence[float] | None = None) -> None:
+        """``mean_alpha``: each lake's mean alpha (None: 1 each), by which its importance weights are
+        divided so that they average 1."""
         self.sizes = [int(n) for n in sizes]
+        self.mean_alpha = [1.0] * len(self.sizes) if mean_alpha is None else [float(a) for a in mean_alpha]
         self.bases = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.counts = counts(weights, int(epoch_rows))
         self.seed = int(seed)
@@ -136,11 +139,13 @@ class MixtureSampler:
                 drawn.append(None)
                 continue
             rows, weights = check_plan(sampler.plan(epoch, num_draws=int(self.counts[j])), self.sizes[j])
-            # the weights lake j's own stream delivers, alpha / (N_j p): its sampler's alpha / (c_j p) made each
-            # lake's total weight its total alpha whatever its share of the mixture, so a weighted loss trained
-            # on the plain union (800/200 rows at 50/50 weighed 80/20: observed); now a lake's weights average
-            # its mean alpha, as a lake without a sampler's weights (1) do
-            scaled = weights.astype(np.float64) * (int(self.counts[j]) / self.sizes[j])
+            # alpha / (N_j p) / mean alpha_j: a lake's weights average 1, as those of a lake without a sampler
+            # do, so sum(w loss) / sum(w) keeps the mixture's proportions. Its sampler's alpha / (c_j p) made
+            # each lake's total weight its total alpha whatever its share (800/200 rows at 50/50 weighed 80/20),
+            # and alpha / (N_j p) its mean alpha (a consolidated lake, mean alpha 3, at 50/50 weighed 75/25;
+            # both observed)
+            mean = self.mean_alpha[j] if self.mean_alpha[j] > 0 and np.isfinite(self.mean_alpha[j]) else 1.0
+            scaled = weights.astype(np.float64) * (int(self.counts[j]) / self.sizes[j] / mean)
             if not np.isfinite(scaled.astype(np.float32)).all():
                 raise ConfigError(f"mix: lake #{j}'s importance weights overflow float32 at its share of the mixture")
             drawn.append((rows, scaled.astype(np.float32)))
@@ -180,11 +185,14 @@ class LossMixtureSampler(MixtureSampler):
                               f"(0..{len(self.samplers) - 1})")
         # every lake's part checked before any is applied: a failing lake left the others updated, and a
         # retry after the error applied them twice
-        parts = [(sampler, ids_t[src == j], loss_t[src == j]) for j, sampler in enumerate(self.samplers)
+        parts = [(j, sampler, ids_t[src == j], loss_t[src == j]) for j, sampler in enumerate(self.samplers)
                  if sampler is not None and bool((src == j).any())]
-        for sampler, lake_ids, lake_losses in parts:
-            sampler.check_update(lake_ids, lake_losses)
-        for sampler, lake_ids, lake_losses in parts:
+        for j, sampler, lake_ids, lake_losses in parts:
+            try:
+                sampler.check_update(lake_ids, lake_losses)
+            except M2MError as exc:  # (the error named an id, not the lake it was routed to)
+                raise type(exc)(f"update_priorities: lake #{j} (source {j}): {exc}") from exc
+        for _, sampler, lake_ids, lake_losses in parts:
             sampler.update_priorities(lake_ids, lake_losses)
 
     def state_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 from m2m.errors import ConfigError
 from m2m.stream import mixing
 from m2m.stream.columns import EMBEDDING, WEIGHT
-from m2m.stream.from_lake import config_defaults, importance_mode, lake_parts, stream_layout
+from m2m.stream.from_lake import GEOMETRY_COLUMNS, config_defaults, importance_mode, lake_parts, stream_layout
 from m2m.stream.hooks import Augment, Gather
 from m2m.stream.loader import StreamLoader, make_loader
 from m2m.stream.mixture_source import SOURCE, MixtureSource
@@ -105,6 +105,7 @@ class Mixture:
         self.weights = {n: float(x) for n, x in zip(self.names, weights / weights.sum())}
         self._w = weights
         self.epoch_rows = int(sum(self.num_rows.values()) if epoch_rows is None else epoch_rows)
+        self._epoch_rows_given = epoch_rows is not None  # else it follows the lakes' rows (not in the identity)
         empty = [n for n in self.names if self.num_rows[n] == 0]
         if empty:  # (with weight 0 it was accepted, then every export refused it: "lake ... is empty")
             raise ConfigError(f"mix: lake(s) {empty} are empty: a stream needs rows in every lake; leave them out")
@@ -116,8 +117,8 @@ class Mixture:
             raise ConfigError(f"mix: columns must be a tuple of names, not the string {columns!r}")
         names = tuple(columns)
         for col in names:
-            if col in (EMBEDDING, WEIGHT, SOURCE):
-                continue
+            if col in (EMBEDDING, WEIGHT, SOURCE) or col in GEOMETRY_COLUMNS:
+                continue  # (a lake without stored geometry computes it for the stream, as alone: lake_parts)
             lacking = [n for n, s in self._snaps.items() if col not in s.column_names]
             if lacking:
                 raise ConfigError(f"mix: column {col!r} is missing from lake(s) {lacking}; name columns every lake has")
@@ -136,6 +137,12 @@ class Mixture:
                     continue  # unknown names are refused by the stream with the valid ones
                 sample = part.column(0, stored)
                 kinds[name] = f"{sample.dtype}{list(sample.shape[1:]) if sample.ndim > 1 else ''}"
+                # the stored type too: timestamp[s] and timestamp[ms], a duration and an int64, string-label
+                # codes and int labels all arrive as int64 and would mix units silently
+                manifest = self._snaps[name].manifest
+                stored_type = (manifest.label_type if stored == "label" else manifest.metadata.get(stored))
+                if stored_type is not None and stored_type != str(sample.dtype):
+                    kinds[name] += f" (stored {stored_type})"
             if len(set(kinds.values())) > 1:
                 raise ConfigError(f"mix: column {col!r} differs between the lakes ("
                                   + ", ".join(f"{n}={k}" for n, k in kinds.items()) + "); deliver columns of one kind")
@@ -145,12 +152,19 @@ class Mixture:
                           for n in self.names)
         return f"Mixture({parts}; epoch_rows={self.epoch_rows})"
 
-    def identity(self, versions: Sequence[int], ids: Sequence[str]) -> str:
-        """The name a stream state keeps: every lake's id and version, the weights and the epoch length."""
+    def identity(self, ids: Sequence[str]) -> str:
+        """The name a stream state keeps: every lake's id, the weights and the epoch length (the lakes'
+        versions are the state's ``version``, `versions`)."""
         # the weights exactly (repr): at 6 significant digits 1 : 1 and 1 : 1.0000008 were one name, and a
         # state of one resumed the other's plan (their counts differ at 10M rows an epoch)
-        lakes = ",".join(f"{n}={i}@v{v}*{self.weights[n]!r}" for n, i, v in zip(self.names, ids, versions))
-        return f"mix[{lakes};epoch_rows={self.epoch_rows}]"
+        lakes = ",".join(f"{n}={i}*{self.weights[n]!r}" for n, i in zip(self.names, ids))
+        # the default epoch length is the lakes' rows: it grows with an append, as one lake's epoch does
+        return f"mix[{lakes};epoch_rows={self.epoch_rows if self._epoch_rows_given else 'rows'}]"
+
+    def versions(self, versions: Sequence[int]) -> str:
+        """The snapshot versions of a mixture's lakes, as a state's ``version``: a state saved mid-epoch
+        resumes these versions only; one saved at an epoch boundary resumes after appends too."""
+        return ",".join(f"{n}@v{v}" for n, v in zip(self.names, versions))
 
     def export_to_dataloader(self, batch_size: int | None = None, shuffle: bool | None = None,
                              drop_last: bool | None = None, generate_samples: bool | str | None = None,
@@ -200,10 +214,11 @@ class Mixture:
         self._check_kinds(source, chosen)
         kind = mixing.LossMixtureSampler if imp == "loss" else mixing.MixtureSampler
         sampler = kind([self.num_rows[n] for n in self.names], self._w, self.epoch_rows, seed_,
-                       [p.sampler for p in parts])
+                       [p.sampler for p in parts], [_mean_alpha(self._snaps[n].manifest) for n in self.names])
         augment = None if gen is None else MixtureAugment([p.augment for p in parts], source.bases)
-        ident = self.identity([p.version for p in parts], [p.identity for p in parts])
-        return make_loader(source, opts, sampler=sampler, augment=augment, lake=ident, version=None)
+        ident = self.identity([p.identity for p in parts])
+        return make_loader(source, opts, sampler=sampler, augment=augment, lake=ident,
+                           version=self.versions([p.version for p in parts]))
 
     def close(self) -> None:
         """Close the lakes `m2m.mix` opened from paths (lakes passed open stay open)."""
@@ -257,3 +272,10 @@ class MixtureAugment:
 
             out[sel] = aug(x[sel], rows[sel] - base, local_gather, generator).to(out.dtype)
         return out
+
+
+def _mean_alpha(manifest: Any) -> float:
+    """A version's mean alpha from its manifest's summary (checked with the manifest; 1.0 without one)."""
+    total = ((manifest.stats or {}).get("alpha") or {}).get("sum")
+    rows = int(manifest.rows)
+    return float(total) / rows if isinstance(total, (int, float)) and rows and total > 0 else 1.0

@@ -59,7 +59,7 @@ class StreamSpec:
     affinity_group_blocks: int = 0
     rank_local_order: bool = False  # `m2m.stream.order.rank_local`: each rank builds only its own order
     lake: str | None = None
-    version: int | None = None
+    version: int | str | None = None
     chunk_fixed: bool = False  # chunk_batches given by the user: every pass uses it as is
 
     @property
@@ -136,7 +136,7 @@ def hot_mode_for(opts: StreamOptions, columns: Sequence[Column], num_rows: int, 
 
 
 def plan_stream(source: RowSource, opts: StreamOptions, dev: torch.device, lake: str | None = None,
-                version: int | None = None) -> tuple[StreamSpec, str]:
+                version: int | str | None = None) -> tuple[StreamSpec, str]:
     """The `StreamSpec` of ``source`` under ``opts`` (whose budgets are already filled) and its hot mode."""
     if opts.rank is not None or opts.world_size is not None:  # explicit values are checked now
         detect_rank(opts.rank, opts.world_size)

@@ -63,7 +63,7 @@ class StreamState:
     affinity_group_blocks: int = 0
     epoch_batches: int | None = None  # batches per rank of the saved epoch (where it ends)
     lake: str | None = None
-    version: int | None = None
+    version: int | str | None = None
     rank: int = 0  # the rank that saved it (informational: any rank's state resumes every rank)
     sampler: dict[str, Any] | None = None
     importance: str | None = None  # importance_name of the saved loader (None: a state from before it)
