@@ -243,3 +243,119 @@ def test_a_user_script_type_checks_strictly_and_a_wrong_option_does_not(tmp_path
 def test_m2m_errors_are_still_their_builtins():
     assert issubclass(ConfigTypeError, TypeError) and issubclass(ConfigTypeError, M2MError)
     assert issubclass(WriteFailedError, OSError)
+
+
+def test_a_stream_uses_the_stored_geometry_whatever_the_handles_knn_k(tmp_path):
+    """A lake estimated at k = 8, opened with knn_k = 16: vMF and a plain kappa column read the stored
+    kappa, the mixture and Langevin modes recomputed it at 16 in memory (another kappa, other draws)."""
+    x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    with create_m2m(M2MConfig(path=tmp_path / "l", latent_dim=16, knn_k=8)) as lk:
+        lk.add_splats(x, labels=np.arange(300) % 3)
+        lk.estimate_kappa(threads=1)
+        stored = lk.snapshot.read_all("kappa")
+    with create_m2m(M2MConfig(path=tmp_path / "l", latent_dim=16)) as lk:  # knn_k 16 by default
+        assert lk.config.knn_k == 16
+        drawn = {}
+        for gen in (False, "vmf", "mixture", "langevin"):
+            batches = list(lk.export_to_dataloader(batch_size=50, shuffle=False, generate_samples=gen,
+                                                   columns=("embedding", "id", "kappa")))
+            kappa = np.concatenate([b["kappa"].numpy() for b in batches])
+            ids = np.concatenate([b["id"].numpy() for b in batches])
+            np.testing.assert_array_equal(kappa, stored[ids])
+        for gen in ("vmf", "mixture"):
+            batches = list(lk.export_to_dataloader(batch_size=50, seed=2, generate_samples=gen,
+                                                   importance_sampling="kappa", columns=("embedding", "id")))
+            drawn[gen] = np.sort(np.concatenate([b["id"].numpy() for b in batches]))
+        np.testing.assert_array_equal(drawn["vmf"], drawn["mixture"])
+
+
+def test_a_metadata_column_named_like_an_importance_mode_is_refused():
+    with create_m2m(M2MConfig(latent_dim=D)) as lk:
+        with pytest.raises(InvalidEmbeddingError, match="'loss' names an importance_sampling mode"):
+            lk.add_splats(np.ones((3, D)), metadata={"loss": [1.0, 2.0, 3.0]})
+
+
+def test_scores_near_the_float64_limit_keep_their_law():
+    """mean(s) overflowed to inf, every s / mean was 0 and the floor made the draws uniform."""
+    from m2m.sampling.importance import probabilities
+    from m2m.sampling.sharded import ShardedImportance
+
+    s = np.array([1e308, 1e308, 1e306, 1e306])
+    p = probabilities(s)
+    np.testing.assert_allclose(p, probabilities(s / 1e300), rtol=1e-12)
+    assert p[0] > 0.45
+    sharded = ShardedImportance(np.array([0, 2, 4]), lambda shard: s[2 * shard: 2 * shard + 2],
+                                lambda shard: np.ones(2), seed=0)
+    q, mean = sharded.masses()
+    assert np.isfinite(mean) and np.isfinite(q).all() and q[0] > 5 * q[1]
+
+
+@pytest.mark.parametrize("value", [1, 2.5, ("kappa",), object()])
+def test_importance_sampling_of_the_wrong_type_is_refused_when_the_options_are_made(value):
+    with pytest.raises(ConfigTypeError, match="importance_sampling must be"):
+        StreamOptions(importance_sampling=value)
+    with pytest.raises(ConfigError, match="empty string"):
+        StreamOptions(importance_sampling=" ")
+
+
+def test_consolidating_a_float16_lake_estimates_geometry_on_the_stored_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((150, 16))
+    x = np.concatenate([base, base[:30] + 1e-4 * rng.standard_normal((30, 16))])
+    with create_m2m(M2MConfig(path=tmp_path / "l", latent_dim=16, storage_dtype="float16", knn_k=8)) as lk:
+        lk.add_splats(x)
+        lk.estimate_kappa(threads=1)
+        lk.consolidate(0.999)
+        snap = lk.snapshot
+        mu = snap.read_all("mu").astype(np.float32)  # the stored float16 rows, as estimate_kappa reads them
+        nb, cos = snap.read_all("neighbors"), snap.read_all("neighbor_cos")
+        pos = snap.positions(nb[:, 0])
+        np.testing.assert_allclose(cos[:, 0], np.sum(mu * mu[pos], axis=1), atol=1e-6)  # (was 4e-4 off)
+        kappa = snap.read_all("kappa")
+        lk.estimate_kappa(threads=1)
+        np.testing.assert_allclose(lk.snapshot.read_all("kappa"), kappa, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["repair", "rollback"])
+def test_repair_and_rollback_leave_a_folder_that_is_no_lake_untouched(tmp_path, op):
+    from m2m.errors import LakeNotFoundError
+    from m2m.lake.recovery import repair, rollback
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"x")
+    for path in (photos, tmp_path / "missing"):
+        with pytest.raises(LakeNotFoundError, match="no m2m lake at"):
+            repair(str(path)) if op == "repair" else rollback(str(path), 0)
+        r = _run(op, path, *(["--to", "0"] if op == "rollback" else []))
+        assert r.returncode == 1 and r.stderr.startswith("m2m: error: no m2m lake at"), r.stderr
+    assert sorted(p.name for p in photos.iterdir()) == ["cat.jpg"] and not (tmp_path / "missing").exists()
+
+
+def test_a_repair_that_fails_before_its_copy_is_committed_moves_nothing(tmp_path, monkeypatch):
+    """Killed between moving the bad head aside and committing its copy, a repair left the old head, and
+    the next append reused the moved version's number and ids (a probing user, by SIGKILL)."""
+    import m2m.lake.recovery as rec
+
+    path = tmp_path / "l"
+    with create_m2m(M2MConfig(path=path, latent_dim=4)) as lk:
+        lk.add_splats(np.eye(4))            # v1: ids 0..3
+        lk.add_splats(np.ones((3, 4)))      # v2: ids 4..6
+    head = path / "_manifests" / "v0000000002.json"
+    data = bytearray(head.read_bytes())
+    data[len(data) // 2] ^= 1
+    head.write_bytes(bytes(data))
+
+    def killed(*args, **kwargs):
+        raise OSError("killed")
+
+    monkeypatch.setattr(rec, "_republish", killed)
+    with pytest.raises(OSError, match="killed"):
+        rec.repair(str(path))
+    assert head.exists()  # nothing moved aside before the copy exists
+    monkeypatch.undo()
+    report = rec.repair(str(path))
+    assert report["head"] == 3 and [m[0] for m in report["moved"]] == [2]
+    with open_lake(path) as lk:
+        ids = lk.add_splats(np.full((3, 4), 2.0))
+        assert lk.version == 4 and ids.min() >= 7

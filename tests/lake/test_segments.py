@@ -416,3 +416,34 @@ def test_a_reader_of_a_vacuumed_segmented_version_is_told_to_reopen(tmp_path: Pa
         with pytest.raises(CorruptShardError, match="reopen the lake") as exc:
             pinned.splats()
         assert "\n" not in str(exc.value)
+
+
+def _swap_files(seg: dict[str, Any], which: int) -> None:
+    """Swap file ``which`` (0: the main file, 1: the kappa sidecar) of a segment's two shards."""
+    a, b = seg["shards"][0]["files"], seg["shards"][1]["files"]
+    a[which], b[which] = b[which], a[which]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_files_swapped_in_a_rehashed_segment_never_give_other_rows(tmp_path: Path, which: int) -> None:
+    """Reads by extent (random access, the stream) and exports skipped the footer check of a format-3
+    lake's files: lake[3] returned another row, the stream paired embeddings with other ids and
+    to_arrow wrote other rows' labels, silently (observed by a probing user; remote lakes alike)."""
+    path = tmp_path / "l"
+    x = _make(path, appends=4, rows=10)
+    with open_lake(str(path)) as lake:
+        lake.add_splats(_rows(10, 50))
+        if which:
+            lake.estimate_kappa()
+    p, doc = _head(path)
+    _rewrite_segment(path, doc, 0, lambda seg: _swap_files(seg, which))
+    _save(p, doc)
+    reads: dict[str, Callable[[Any], object]] = {
+        "getitem": lambda lk: lk[3], "take": lambda lk: lk.take([3]), "slice": lambda lk: lk[0:20],
+        "to_arrow": lambda lk: lk.to_arrow(), "stream": lambda lk: [
+            b for b in lk.export_to_dataloader(batch_size=5, shuffle=False, columns=("embedding", "id"))]}
+    for name, read in reads.items():
+        with open_lake(str(path)) as lake:  # a fresh handle each: nothing checked by another read before
+            with pytest.raises(CorruptShardError, match=r"shard file .* holds ids"):
+                read(lake)
+    assert x.shape == (40, 8)

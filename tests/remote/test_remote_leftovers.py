@@ -106,3 +106,27 @@ def test_a_store_without_credentials_is_one_line_naming_the_object(s3_server, s3
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("m2m: error: list ") and "refused by the store" in proc.stderr, proc.stderr
     assert "NoCredentialsError" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_a_signed_lakes_cached_copy_changed_on_the_node_is_downloaded_again(s3_server, s3_lake_url, tmp_path):
+    """A copy edited with its CRCs kept failed its SHA-256 at every later handle, though the object in
+    the store was intact: it is now dropped and downloaded once more, as a CRC-damaged one is."""
+    from tests.lake.test_cross_checks import _forge_keeping_crcs
+
+    cache = tmp_path / "cache"
+    opts = s3_server.storage_options
+    labels = np.arange(100) % 5
+    with create_m2m(M2MConfig(path=s3_lake_url, latent_dim=16, storage_options=opts, lake_key="k",
+                              cache_dir=str(cache))) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((100, 16)), labels=labels)
+        entry = lk.manifest.shards[0].files[0]
+    path = next(cache / f for f in os.listdir(cache) if f.endswith(".shard"))
+    data = path.read_bytes()
+    at = data.find(labels.astype(np.int64).tobytes())
+    nan = data.find(np.full(100, np.nan, np.float32).tobytes())
+    forged = _forge_keeping_crcs(data, at, np.int64(4).tobytes(),
+                                 [(nan + 4 * i, b) for i in range(100) for b in range(2)], entry.block_bytes or len(data))
+    path.write_bytes(forged)
+    for _ in range(2):
+        with open_lake(s3_lake_url, storage_options=opts, lake_key="k", cache_dir=str(cache)) as lk:
+            assert int(lk[0]["label"]) == 0

@@ -45,6 +45,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -71,6 +72,11 @@ PART_SUFFIX = ".part"
 STAGED_PREFIX = ".tmp-"               # `new_local_file`: a shard a writer is about to upload
 STAGED_MAX_AGE_S = 6 * 3600.0
 _POLL_S = 0.01
+# the names this cache gives its files: a scan evicts or removes only these (a user's file in cache_dir
+# that merely ended in .shard, or began with .tmp-, was deleted: observed)
+_SHARD_NAME = re.compile(r"[0-9a-f]{40}\.shard")
+_STAGED_NAME = re.compile(r"\.tmp-[0-9a-f]{32}(\.[A-Za-z0-9]+)?")
+_PART_OWNER = re.compile(r"[0-9a-f]{40}")
 FAILURE_HOLD_S = 10.0
 
 
@@ -108,7 +114,7 @@ class _FileLock:
 
     def acquire(self, shared: bool, timeout: float, what: str, check: Callable[[], None] | None = None) -> None:
         """Take the lock, waiting at most ``timeout``; ``check()`` runs while waiting (it may raise)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
         deadline = time.monotonic() + timeout
         while True:
@@ -133,7 +139,7 @@ class _FileLock:
 
     def try_acquire(self) -> bool:
         """Exclusive lock without waiting; False if anyone holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -141,6 +147,17 @@ class _FileLock:
             return False
         self._fd = fd
         return True
+
+    def _open(self) -> int:
+        # never through a symlink: one planted at a lock's name made the cache create its target,
+        # outside the cache (observed)
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptShardError(f"cache lock {self.path} is a symlink: the shard cache does not follow "
+                                        "symlinks (remove it)") from None
+            raise
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -172,6 +189,9 @@ class ShardCache:
         self.dir = os.path.realpath(base)
         self._locks = os.path.join(self.dir, ".locks")
         os.makedirs(self._locks, exist_ok=True)
+        if os.path.islink(self._locks):  # its lock files and notes would be made wherever it points
+            raise CorruptShardError(f"{self._locks} is a symlink: the shard cache keeps its locks inside "
+                                    f"{self.dir} only (remove it)")
         self.budget = default_budget(self.dir) if cache_bytes is None else int(cache_bytes)
         self.prefetch_shards = int(prefetch_shards)
         #: seconds after a download from the store ended in `ObjectStoreError` (in any process of the
@@ -396,13 +416,13 @@ class ShardCache:
         reserved = 0
         with os.scandir(self.dir) as it:
             for e in it:
-                if e.name.endswith(SHARD_SUFFIX):
+                if _SHARD_NAME.fullmatch(e.name) and not e.is_symlink():
                     try:
                         st = e.stat()
                     except FileNotFoundError:
                         continue
                     done.append((st.st_mtime, st.st_size, e.path))
-                elif e.name.startswith(STAGED_PREFIX):
+                elif _STAGED_NAME.fullmatch(e.name) and not e.is_symlink():
                     # a writer's staged shard: uploaded and adopted, or removed on failure, within
                     # seconds; one this old belonged to a killed process
                     with contextlib.suppress(FileNotFoundError):
@@ -410,7 +430,7 @@ class ShardCache:
                             os.remove(e.path)
                 elif e.name.endswith(PART_SUFFIX):
                     fields = e.name.split(".")
-                    if len(fields) != 4 or not fields[1].isdigit():
+                    if len(fields) != 4 or not fields[1].isdigit() or not _PART_OWNER.fullmatch(fields[0]):
                         continue
                     owner = self._lock(fields[0])
                     if owner.try_acquire():  # nobody downloads it: a leftover of a killed process

@@ -104,6 +104,13 @@ def plan_runs(m: Manifest, target_bytes: int, barriers: Sequence[int] = ()) -> l
     bar = np.asarray(sorted(barriers), dtype=np.int64)
     runs: list[tuple[int, int]] = []
     lo, total = 0, 0
+    overheads: dict[tuple[tuple[str, ...], ...], int] = {}
+
+    def overhead(s: ShardEntry) -> int:
+        got = overheads.get(layout(s))
+        if got is None:
+            got = overheads[layout(s)] = file_overhead(m, s)
+        return got
 
     def close(hi: int) -> None:
         if hi - lo >= 2:
@@ -113,10 +120,14 @@ def plan_runs(m: Manifest, target_bytes: int, barriers: Sequence[int] = ()) -> l
         size = shard_bytes(s)
         if i > lo:
             prev = m.shards[i - 1]
-            split = (size >= small or total + size > target_bytes or layout(s) != layout(prev)
+            # the merged shard holds each file's overhead once: summing whole files planned merges of many
+            # tiny shards far below the target, still "small", so compacting again merged them again
+            fixed = overhead(s) if layout(s) == layout(prev) else 0
+            added = size - fixed if fixed < size else size  # (a real file is never smaller than its overhead)
+            split = (size >= small or total + added > target_bytes or layout(s) != layout(prev)
                      or bool(len(bar) and np.any((bar > prev.id_max) & (bar <= s.id_min))))
             if not split:
-                total += size
+                total += added
                 continue
             close(i)
         lo, total = i, size
@@ -124,6 +135,26 @@ def plan_runs(m: Manifest, target_bytes: int, barriers: Sequence[int] = ()) -> l
             lo, total = i + 1, 0
     close(len(m.shards))
     return runs
+
+
+def file_overhead(m: Manifest, s: ShardEntry) -> int:
+    """Bytes of a shard's files that do not grow with its rows: an empty Arrow IPC file of each file's
+    schema (a lower bound: the writer also pads each buffer), 0 when a type is not known. Pure."""
+    import io
+
+    from m2m.lake.integrity import expected_type
+
+    total = 0
+    for f in s.files:
+        try:
+            schema = pa.schema([pa.field(c, expected_type(m, c)) for c in f.columns])
+        except (KeyError, ValueError, TypeError, pa.ArrowException):
+            return 0
+        sink = io.BytesIO()
+        with pa.ipc.new_file(sink, schema) as writer:
+            writer.write_batch(pa.RecordBatch.from_pylist([], schema=schema))
+        total += len(sink.getvalue())
+    return total
 
 
 def mergeable_shards(m: Manifest, target_bytes: int) -> int:

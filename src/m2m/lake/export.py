@@ -165,15 +165,27 @@ def snapshot_batches(manifest: Manifest, open_file: OpenFile, columns: Sequence[
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
-def lake_file_opener(fs: LakeFS, verify: bool, verified: set[str] | None = None) -> OpenFile:
-    """Open shard files of ``fs``, checking each file's CRC32 once per ``verified`` set when ``verify``."""
+def lake_file_opener(fs: LakeFS, manifest: Manifest, verify: bool, verified: set[str] | None = None,
+                     checked: set[tuple[object, ...]] | None = None) -> OpenFile:
+    """Open shard files of ``fs`` (files of ``manifest``), checking each file's CRC32 once per ``verified``
+    set when ``verify``, and its footer, ids, lake id and kappa run against ``manifest`` once per
+    ``checked`` set (`m2m.lake.integrity.check_batch`): an export of a manifest edited with its hash
+    recomputed wrote other rows' labels, silently, before (observed on remote and format-3 lakes)."""
+    from m2m.lake.integrity import check_batch, check_key, file_name, files_of
+
     seen: set[str] = set() if verified is None else verified
+    done: set[tuple[object, ...]] = set() if checked is None else checked
+    shard_of = {f.path: i for i, f in files_of(manifest)}
 
     def open_file(entry: FileEntry) -> pa.RecordBatch:
         check = verify and entry.path not in seen
         batch = open_shard_file(fs, entry, verify=check)
         if check:
             seen.add(entry.path)
+        key = check_key(manifest, shard_of[entry.path], entry)
+        if key not in done:
+            check_batch(manifest, shard_of[entry.path], entry, batch, file_name(fs, entry.path))
+            done.add(key)
         return batch
 
     return open_file

@@ -538,20 +538,21 @@ class FsspecFS:
         with self.cache.open(rel) as path:
             return path
 
-    def open_local(self, rel: str, size: int | None = None,
-                   crc32: int | None = None) -> AbstractContextManager[str]:
-        """``with fs.open_local(rel, bytes, crc32) as path``: the cached copy, verified on download and
-        kept from eviction while the block runs (memory-map it there)."""
+    def open_local(self, rel: str, size: int | None = None, crc32: int | None = None,
+                   sha256: str | None = None) -> AbstractContextManager[str]:
+        """``with fs.open_local(rel, bytes, crc32, sha256) as path``: the cached copy, verified on
+        download and kept from eviction while the block runs (memory-map it there)."""
         self._cached(rel)
         if crc32 is None:
             return self.cache.open(rel, size, crc32)
-        return self._open_checked(rel, size, crc32)
+        return self._open_checked(rel, size, crc32, sha256)
 
     @contextlib.contextmanager
-    def _open_checked(self, rel: str, size: int | None, crc32: int) -> Iterator[str]:
-        """`open_local` of a copy whose whole-file CRC32 this process has checked: a copy this process
-        did not download (another process's, an earlier run's) is checked once when first opened; a
-        damaged one is dropped and downloaded once more (the download's own check names the object)."""
+    def _open_checked(self, rel: str, size: int | None, crc32: int, sha256: str | None) -> Iterator[str]:
+        """`open_local` of a copy whose whole-file CRC32 (and SHA-256, for a signed lake's file) this
+        process has checked: a copy this process did not download (another process's, an earlier run's)
+        is checked once when first opened; a damaged or changed one is dropped and downloaded once more
+        (the download's own check names the object)."""
         from m2m.lake.checksum import file_crc32
 
         for _ in range(2):
@@ -560,15 +561,18 @@ class FsspecFS:
                 st = os.stat(path)
                 key = (rel, st.st_ino, st.st_size)
                 downloaded = self.cache.fetches.get(rel, 0) != before  # checked by the download itself
-                if key in self._checked_copies or downloaded or file_crc32(path) == crc32:
+                if key in self._checked_copies or downloaded or (
+                        file_crc32(path) == crc32 and (sha256 is None or _digest_matches(path, rel, size, sha256))):
                     self._checked_copies.add(key)
                     yield path
                     return
-            logger.warning("the cached copy of %s/%s failed its CRC32: downloading it again", self.url, rel)
+            # (a signed lake's copy changed on the node's disk with its CRCs kept was kept, and failed
+            # every later handle, while the object in the store was intact: observed)
+            logger.warning("the cached copy of %s/%s failed its checksum: downloading it again", self.url, rel)
             self.cache.invalidate(rel, st.st_ino)
         from m2m.errors import CorruptShardError
 
-        raise CorruptShardError(f"shard object {self.url}/{rel}: its cached copy failed its CRC32 twice")
+        raise CorruptShardError(f"shard object {self.url}/{rel}: its cached copy failed its checksum twice")
 
     def new_local_file(self, suffix: str) -> str:
         return self.cache.new_local_file(suffix)
@@ -576,6 +580,21 @@ class FsspecFS:
     def close(self) -> None:
         """Stop prefetching; delete the cache if it is this handle's private one (no ``cache_dir``)."""
         self.cache.close()
+
+
+def _digest_matches(path: str, rel: str, size: int | None, sha256: str) -> bool:
+    """Whether the file at ``path`` has the SHA-256 its signed manifest names (a signed lake's file)."""
+    from m2m.errors import CorruptShardError
+    from m2m.lake.manifest import FileEntry
+    from m2m.lake.shard import check_digest_of
+
+    entry = FileEntry(path=rel, bytes=int(size if size is not None else os.path.getsize(path)), crc32=0, columns=(),
+                      sha256=sha256)
+    try:
+        check_digest_of(path, entry)
+    except CorruptShardError:
+        return False
+    return True
 
 
 def open_fs(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,

@@ -65,7 +65,7 @@ from m2m.lake.schema import (
     NEIGHBOR_SAME_LABEL,
     NEIGHBORS,
 )
-from m2m.lake.shard import read_header
+from m2m.lake.shard import leased_copy, read_header
 
 _DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
@@ -256,11 +256,18 @@ def open_batch(path: str, expected_bytes: int, ids: str = "all") -> pa.RecordBat
     return read_header(path, FileEntry(path=path, bytes=expected_bytes, crc32=0, columns=()), ids=ids)
 
 
+def file_name(fs: LakeFS, rel: str) -> str:
+    """How messages name a lake's file: its path, or a remote lake's object URL (not the node cache's
+    private copy, which is gone when the handle closes)."""
+    return fs.local_path(rel) if fs.is_local else f"{fs.url}/{rel}"
+
+
 def check_file(fs: LakeFS, m: Manifest, shard: int, entry: FileEntry, full: bool = False) -> None:
-    """`check_batch` of one file, opened from ``fs`` (a remote file is fetched into the shard cache)."""
-    path = fs.local_path(entry.path)
-    batch = open_batch(path, entry.bytes, ids="all" if full else "edges")
-    check_batch(m, shard, entry, batch, path, full=full)
+    """`check_batch` of one file, opened from ``fs`` (a remote file is fetched into the shard cache and
+    its copy checked: a damaged copy is downloaded once more, `m2m.lake.shard.leased_copy`)."""
+    with leased_copy(fs, entry) as path:
+        batch = open_batch(path, entry.bytes, ids="all" if full else "edges")
+    check_batch(m, shard, entry, batch, file_name(fs, entry.path), full=full)
 
 
 def check_key(m: Manifest, shard: int, entry: FileEntry) -> tuple[object, ...]:
@@ -315,8 +322,8 @@ def verify_files(fs: LakeFS, m: Manifest, progress: Callable[[int], None] | None
 
 def _check_sidecar_ids(fs: LakeFS, m: Manifest, shard: int, entry: FileEntry, main_ids: dict[int, Any]) -> None:
     """Every id of a file that holds ids equals its shard's main file's, row by row."""
-    path = fs.local_path(entry.path)
-    batch = open_batch(path, entry.bytes)
+    batch = open_batch(fs.local_path(entry.path), entry.bytes)
+    path = file_name(fs, entry.path)
     if ID not in batch.schema.names:
         return
     ids = batch.column(ID).to_numpy(zero_copy_only=False).copy()

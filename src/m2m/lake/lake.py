@@ -505,7 +505,7 @@ class Lake:
 
         self._check_open()
         manifest = self.manifest if version is None else read_manifest(self._fs, check_int(version, "version", 0))
-        opener = lake_file_opener(self._fs, self.config.verify_reads, self._verified)
+        opener = lake_file_opener(self._fs, manifest, self.config.verify_reads, self._verified, self._checked)
         reader = snapshot_batches(manifest, opener, columns=columns, float32=float32, original=original)
         return reader if stream else reader.read_all()
 

@@ -13,7 +13,7 @@ from m2m._forksafe import ForkSafeLock
 from m2m.errors import ConfigError, CorruptShardError, UnknownColumnError, UnknownIdError
 from m2m.lake.fs import LakeFS
 from m2m.lake.idmap import IdRanges, ShardIds
-from m2m.lake.integrity import check_batch, check_file, check_footers, check_key
+from m2m.lake.integrity import check_batch, check_file, check_footers, check_key, file_name
 from m2m.lake.manifest import FileEntry, Manifest, shard_row_counts
 from m2m.lake.schema import (
     MAIN_COLUMNS,
@@ -208,6 +208,7 @@ class Snapshot:
     def _extents_of(self, f: FileEntry) -> dict[str, ColumnExtent]:
         if f.block_crc32c is None and self.verify and f.path not in self._verified:
             self._batch(f)  # an older file: its whole-file CRC32, once
+        self._check_footer(f)
         with self._lock:
             extents = self._extents.get(f.path)
             if extents is None:
@@ -221,12 +222,18 @@ class Snapshot:
         ext = self._extents_of(f).get(name)
         if ext is None or not ext.dtype:
             return column_to_numpy(self._batch(f).column(name))
-        key = check_key(self.manifest, self._shard_of_file()[f.path], f)
-        if key not in self._checked:  # a remote file's footer, checked when first used (as `_batch` does)
-            check_file(self.fs, self.manifest, self._shard_of_file()[f.path], f)
-            self._checked.add(key)
         with opened_shard(self.fs, f) as sf:
             return read_column(sf, ext)
+
+    def _check_footer(self, f: FileEntry) -> None:
+        """`check_file` of ``f`` (its footer, ids, lake id and kappa run against this manifest) once per
+        `check_key`, before any positional read of it: the reads by extent (random access, the stream)
+        skipped it for remote and format-3 lakes, whose footers are not checked at open, so a manifest
+        edited with its hash recomputed (two shards' files swapped) served other rows (observed)."""
+        key = check_key(self.manifest, self._shard_of_file()[f.path], f)
+        if key not in self._checked:
+            check_file(self.fs, self.manifest, self._shard_of_file()[f.path], f)
+            self._checked.add(key)
 
     def arrow_column(self, shard: int, name: str) -> pa.Array:
         """Column ``name`` of shard ``shard`` as the stored Arrow array."""
@@ -401,7 +408,7 @@ class Snapshot:
                     self._verified.add(f.path)
                 key = check_key(self.manifest, self._shard_of_file()[f.path], f)
                 if key not in self._checked:
-                    check_batch(self.manifest, self._shard_of_file()[f.path], f, b, self.fs.local_path(f.path))
+                    check_batch(self.manifest, self._shard_of_file()[f.path], f, b, file_name(self.fs, f.path))
                     self._checked.add(key)
                 self._batches[f.path] = b
                 self._batch_bytes[f.path] = f.bytes

@@ -52,6 +52,26 @@ def _fs(path: str | os.PathLike[str] | LakeFS, storage_options: dict[str, Any] |
         getattr(fs, "close", lambda: None)()
 
 
+@contextlib.contextmanager
+def _lake_locked(fs: LakeFS, take: bool = True) -> Iterator[None]:
+    """The lake's write lock (``take``), taken only once ``fs`` holds a lake: on a folder that is none
+    the lock file was created there (``m2m repair photos/`` left ``photos/_lock``) and a missing path
+    gave the lock's raw errno (observed)."""
+    from m2m.lake.lake import write_lock
+
+    try:
+        found = list_versions(fs)
+    except (NotADirectoryError, FileNotFoundError):
+        found = []
+    if not found:
+        raise LakeNotFoundError(f"no m2m lake at {fs.url}")
+    if not take:
+        yield
+        return
+    with write_lock(fs):
+        yield
+
+
 def _check_files(fs: LakeFS, m: Manifest) -> None:
     """Every file of ``m`` is present and matches its entry (footers; a remote lake: presence only)."""
     from m2m.lake.integrity import check_footers
@@ -71,10 +91,8 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
     ``to`` must be readable and its files present (`CorruptShardError` otherwise); when it is
     already the newest version nothing is written.
     """
-    from m2m.lake.lake import write_lock
-
     to = check_int(to, "to", 0)
-    with _fs(path, storage_options) as fs, write_lock(fs):
+    with _fs(path, storage_options) as fs, _lake_locked(fs):
         versions = list_versions(fs)
         if not versions:
             raise LakeNotFoundError(f"no m2m lake at {fs.url}")
@@ -124,10 +142,8 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
     ``restored`` (the readable version the head is, or a copy of), ``id_floor`` (the floor committed,
     or None). `CorruptShardError` (and nothing moved) when no version is readable.
     """
-    from m2m.lake.lake import write_lock
-
     # a dry run moves nothing: no lock (it failed on a read-only lake, where verify works)
-    with _fs(path, storage_options) as fs, contextlib.nullcontext() if dry_run else write_lock(fs):
+    with _fs(path, storage_options) as fs, _lake_locked(fs, take=not dry_run):
         versions = list_versions(fs)
         if not versions:
             raise LakeNotFoundError(f"no m2m lake at {fs.url}")
@@ -146,16 +162,9 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
         head = readable[-1]
         moved = []
         stamp = int(time.time())
-        handed_out = 0  # the highest next_id a moved version file states: its ids may have been seen
-        for v in versions:
-            if v > head:
-                rel = manifest_name(v)
-                aside = f"{rel}.corrupt-{stamp}"
-                handed_out = max(handed_out, _stated_next_id(fs, rel))
-                if not dry_run:
-                    fs.write_atomic(aside, fs.read_bytes(rel))
-                    fs.remove(rel)
-                moved.append((v, aside, problems[v]))
+        corrupt = [v for v in versions if v > head]
+        # the highest next_id a moved version file states: its ids may have been seen
+        handed_out = max([_stated_next_id(fs, manifest_name(v)) for v in corrupt], default=0)
         if fs.is_local:  # a folder or dangling link where a newer manifest would go blocks every commit
             for v, rel, what in stray_versions(fs):
                 if v > head:
@@ -164,15 +173,25 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
                         os.rename(fs.local_path(rel), fs.local_path(aside))  # the entry itself, never a link's target
                     moved.append((v, aside, f"{fs.url}/{rel} is {what}, not a manifest"))
         restored, floor = head, None
-        corrupt = [v for v in versions if v > head]  # moved aside above (strays never held a version)
         if corrupt:
             top = corrupt[-1]
             base = read_manifest(fs, head)
             floor = handed_out if handed_out > base.next_id else None
             if not dry_run:
+                # the copy is committed before anything is moved aside: a repair killed in between left the
+                # lake at its old readable head with the bad versions gone, and the next commit reused their
+                # version numbers and ids (observed); now it leaves them below a readable head, as older
+                # unreadable versions, and nothing is handed out again
                 _republish(fs, base, top, max(base.next_id, handed_out),
                            {"type": "repair", "restored": head, "moved": corrupt,
                             **({} if floor is None else {"id_floor": floor})}, parent=head)
+            for v in corrupt:
+                rel = manifest_name(v)
+                aside = f"{rel}.corrupt-{stamp}"
+                if not dry_run:
+                    fs.write_atomic(aside, fs.read_bytes(rel))
+                    fs.remove(rel)
+                moved.append((v, aside, problems[v]))
             head = top + 1
     return {"moved": moved, "unreadable": [(v, p) for v, p in problems.items() if v < restored], "head": head,
             "restored": restored, "dry_run": dry_run, "id_floor": floor}

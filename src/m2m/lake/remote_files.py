@@ -101,7 +101,7 @@ class RemoteFiles:
                 return h
         entry = ext.entry
         f = ShardFile(ext.path, entry, cache=self._cache)
-        with self.fs.open_local(entry.path, entry.bytes, entry.crc32) as local:
+        with self.fs.open_local(entry.path, entry.bytes, entry.crc32, entry.sha256) as local:
             if local != ext.path:
                 raise CorruptShardError(f"the node cache gave {local} for {ext.path}")
             f._fileno()  # opened while the cache keeps the file: an open file outlives eviction

@@ -160,7 +160,7 @@ def local_copy(fs: LakeFS, entry: FileEntry) -> str:
     if fs.is_local:
         return fs.local_path(entry.path)
     # open_local is RemoteFS-only; is_local False means fs is one
-    with fs.open_local(entry.path, entry.bytes, entry.crc32) as path:  # type: ignore[attr-defined]
+    with fs.open_local(entry.path, entry.bytes, entry.crc32, entry.sha256) as path:  # type: ignore[attr-defined]
         return str(path)
 
 
@@ -172,7 +172,7 @@ def leased_copy(fs: LakeFS, entry: FileEntry) -> Iterator[str]:
         yield fs.local_path(entry.path)
         return
     # open_local is RemoteFS-only; is_local False means fs is one
-    with fs.open_local(entry.path, entry.bytes, entry.crc32) as path:  # type: ignore[attr-defined]
+    with fs.open_local(entry.path, entry.bytes, entry.crc32, entry.sha256) as path:  # type: ignore[attr-defined]
         yield str(path)
 
 
@@ -222,7 +222,7 @@ def opened_shard(fs: LakeFS, entry: FileEntry, cache_blocks: int = 0) -> Iterato
         f = ShardFile(fs.local_path(entry.path), entry, cache_blocks=cache_blocks)
     else:
         # open_local is RemoteFS-only; is_local False means fs is one
-        with fs.open_local(entry.path, entry.bytes, entry.crc32) as path:  # type: ignore[attr-defined]
+        with fs.open_local(entry.path, entry.bytes, entry.crc32, entry.sha256) as path:  # type: ignore[attr-defined]
             f = ShardFile(str(path), entry, cache_blocks=cache_blocks)
             f._fileno()
     try:
@@ -451,6 +451,15 @@ def _check_digest(fd: int, path: str, entry: FileEntry, again: bool = False) -> 
                                 "(changed by someone without the lake's key, or damaged)")
     _DIGESTS_SEEN.add(key)
     return True
+
+
+def check_digest_of(path: str, entry: FileEntry) -> None:
+    """`_check_digest` of the file at ``path`` (once per process and file, as a `ShardFile` open does)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _check_digest(fd, path, entry)
+    finally:
+        os.close(fd)
 
 
 class ShardFile:

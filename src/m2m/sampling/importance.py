@@ -64,8 +64,13 @@ def probabilities(scores: Any, floor: float = 0.1) -> np.ndarray:
         raise ConfigError(f"floor must be a float in (0, 1], got {floor!r}")
     if s.size == 0:
         return s
-    mean = s.mean()
-    q = np.full_like(s, 1.0) if mean == 0 else np.maximum(s / mean, floor)
+    top = s.max()
+    if top == 0:
+        return np.full_like(s, 1.0 / s.size)
+    # scaled by the largest first: a mean of scores near float64's max overflowed to inf, every s / mean
+    # was 0 and the floor made the law uniform (observed with scores of 1e308); s / top keeps the ratios
+    scaled = s / top
+    q = np.maximum(scaled / scaled.mean(), floor)
     return q / q.sum()
 
 

@@ -22,6 +22,7 @@ scores), not per epoch.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -115,8 +116,12 @@ class ShardedImportance:
         """``(Q_s float64 [S], mean score)``: each shard's sum of floored scores (two passes, cached)."""
         if self._masses is None:
             shards = len(self.offsets) - 1
-            total = sum(float(self._scores(i).sum()) for i in range(shards))
+            with np.errstate(over="ignore"):
+                total = sum(float(self._scores(i).sum()) for i in range(shards))
             mean = total / max(1, self.num_rows)
+            if not math.isfinite(total):  # scores near float64's max: their sum overflows, the scaled mean not
+                top = max(float(self._scores(i).max(initial=0.0)) for i in range(shards))
+                mean = top * (sum(float((self._scores(i) / top).sum()) for i in range(shards)) / max(1, self.num_rows))
             q = np.array([floored_sum(self._scores(i), mean, self.floor) for i in range(shards)], dtype=np.float64)
             self._masses = (q, mean)
         return self._masses

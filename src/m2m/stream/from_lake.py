@@ -184,16 +184,22 @@ def build_sampler(lake: "Lake", mode: str, seed: int, snap: "Snapshot | None" = 
 
     snap = lake.snapshot if snap is None else snap
     if sharded is None:
-        sharded = sharded_sampling(snap, mode, lake.config.knn_k)
+        sharded = sharded_sampling(snap, mode, stream_k(snap.manifest, lake.config.knn_k))
     if geometry is None and sharded:
         from m2m.sampling.lake_scores import sharded_importance
+        from m2m.sampling.samplers import LossFeedback
 
-        return sharded_importance(snap, mode, seed, lake.dim)
+        built = sharded_importance(snap, mode, seed, lake.dim)
+        if isinstance(built, LossFeedback):
+            built.rows_key = rows_key(snap.manifest)
+        return built
     alpha = snap.read_all("alpha").astype(np.float64)
     if mode == "loss":
         from m2m.sampling.priorities import IdPositions
 
-        return LossSampler(alpha, ids=IdPositions(snap), seed=seed)
+        loss = LossSampler(alpha, ids=IdPositions(snap), seed=seed)
+        loss.rows_key = rows_key(snap.manifest)
+        return loss
     if mode in ("kappa", "alpha"):
         column = None
     else:
@@ -204,6 +210,16 @@ def build_sampler(lake: "Lake", mode: str, seed: int, snap: "Snapshot | None" = 
     if mode == "kappa":
         kappa = filled_kappa(snap.read_all("kappa") if geometry is None else geometry.kappa, lake.dim)
     return ImportanceSampler(mode=mode, alpha=alpha, kappa=kappa, column=column, seed=seed)
+
+
+def rows_key(manifest: Any) -> str:
+    """What names a version's rows: its shards' main files (immutable, each a fixed set of rows) and row
+    counts, hashed. Equal across versions that only add sidecars (estimate_kappa); another key after a
+    consolidate, compact, rollback or append. A loss sampler's state keeps it (per-row priorities)."""
+    h = hashlib.sha256()
+    for shard in manifest.shards:
+        h.update(f"{shard.files[0].path}\0{shard.rows}\n".encode())
+    return h.hexdigest()[:32]
 
 
 def filled_kappa(kappa: np.ndarray, dim: int) -> np.ndarray:
@@ -316,6 +332,21 @@ class LakeParts:
     version: int
 
 
+def stream_k(manifest: Any, k: int) -> int:
+    """The neighbourhood size a stream works at: the stored geometry's when every shard has it, else
+    ``k`` (``config.knn_k``). A lake estimated at another k than its handle's config (create_m2m or
+    open_lake(knn_k=...) over an existing lake) streamed the stored kappa for vMF and a plain kappa
+    column but recomputed geometry in memory for the mixture and Langevin modes (observed: another
+    kappa, other vMF draws and another kappa-importance plan depending on the mode): one k for every
+    mode, the one on disk (`Lake.estimate_kappa` re-estimates it at ``knn_k``)."""
+    from m2m.lake.neighbourhood import needs_geometry
+
+    stored = (manifest.geometry or {}).get("k")
+    if isinstance(stored, int) and stored >= 1 and not needs_geometry(manifest, stored):
+        return stored
+    return k
+
+
 #: Columns of a lake's geometry: a stream asked for one the pinned snapshot lacks computes it in memory
 GEOMETRY_COLUMNS = ("kappa", "neighbors", "neighbor_cos")
 
@@ -331,16 +362,17 @@ def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_
 
     cfg = lake.config
     snap = lake.snapshot  # pinned: the sampler, the augmenter and the stream all read this version
+    k = stream_k(snap.manifest, cfg.knn_k)
     if snap.num_rows == 0:
         raise ConfigError(f"lake {lake.path} is empty: add splats before exporting a stream")
     # only modes that use kappa look, and they look at the data, not at the manifest's
     # stats.kappa.count: a wrong count must not skip the estimate (a remote lake's shards are not
     # downloaded here for modes that never read kappa)
     # a sharded sampler (and an augmenter reading its terms by shard) fills and checks kappa shard by shard
-    sharded = sharded_sampling(snap, imp, cfg.knn_k)   # (walks every shard's files: decided once)
+    sharded = sharded_sampling(snap, imp, k)   # (walks every shard's files: decided once)
     whole_kappa = imp == "kappa" and not sharded
     uses_kappa = gen == "vmf" or whole_kappa
-    terms = by_shard_terms(snap, gen, cfg.knn_k) if shard_local and gen is not None and not whole_kappa else None
+    terms = by_shard_terms(snap, gen, k) if shard_local and gen is not None and not whole_kappa else None
     nan_kappa = functools.cache(lambda: bool(np.isnan(snap.read_all("kappa")).any()))  # (read at most once)
     kappa_missing = uses_kappa and terms is None and nan_kappa()
     wants_kappa = gen in ("langevin", "mixture") or kappa_missing
@@ -348,8 +380,8 @@ def lake_parts(lake: "Lake", gen: str | None, imp: str | None, seed: int, shard_
     if asked - {"kappa"} or ("kappa" in asked and nan_kappa()):
         wants_kappa = True  # (the stream would deliver NaN kappa, or no neighbours, for rows lacking them)
     geometry = None
-    if wants_kappa and needs_geometry(snap.manifest, cfg.knn_k):  # Langevin/mixture also need the neighbour table
-        geometry = computed_geometry(snap, cfg.knn_k, cfg.seed)
+    if wants_kappa and needs_geometry(snap.manifest, k):  # Langevin/mixture also need the neighbour table
+        geometry = computed_geometry(snap, k, cfg.seed)
     sampler = build_sampler(lake, imp, seed, snap, geometry, sharded) if imp else None
     augment = build_augmenter(lake, gen, snap, geometry, None if geometry is not None else terms) if gen else None
     source = snap if geometry is None else GeometryOverlay(snap, geometry)

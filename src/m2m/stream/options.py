@@ -135,6 +135,12 @@ class StreamOptions:
         put(self, "columns", _columns(self.columns))
         put(self, "seed", seed_from(self.seed, self.generator))
         generate_mode(self.generate_samples)
+        imp = self.importance_sampling
+        if not (imp is None or isinstance(imp, (bool, str))):
+            raise ConfigTypeError(f"importance_sampling must be False, True, 'kappa', 'alpha', 'loss' or a metadata "
+                                  f"column's name, got {imp!r}")
+        if isinstance(imp, str) and not imp.strip():
+            raise ConfigError("importance_sampling must name a mode or a column, got an empty string")
         put(self, "embedding_dtype", _embedding_dtype(self.embedding_dtype))
         if self.device is not None:
             _device_name(self.device)
