@@ -359,3 +359,12 @@ def test_a_repair_that_fails_before_its_copy_is_committed_moves_nothing(tmp_path
     with open_lake(path) as lk:
         ids = lk.add_splats(np.full((3, 4), 2.0))
         assert lk.version == 4 and ids.min() >= 7
+
+
+def test_hot_mode_cpu_is_accepted_where_auto_would_pick_it():
+    """docs/stream.md names "cpu" among the hot modes (what "auto" picks off CUDA); it was refused."""
+    assert StreamOptions(hot_mode="cpu").hot_mode == "cpu"
+    with create_m2m(M2MConfig(latent_dim=D)) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((10, D)))
+        batches = list(lk.export_to_dataloader(batch_size=4, hot_mode="cpu", shuffle=False))
+        assert [len(b) for b in batches] == [4, 4, 2]

@@ -22,7 +22,7 @@ from m2m.errors import ConfigError, ConfigTypeError
 
 SHUFFLE_MODES = ("auto", "full", "block")
 WARM_MODES = ("auto", "arena", "cold")
-HOT_MODES = ("auto", "resident", "staged")
+HOT_MODES = ("auto", "cpu", "resident", "staged")
 GENERATE_MODES = ("langevin", "vmf", "mixture")
 START_METHODS = ("fork", "spawn", "forkserver")
 #: What ``embedding_dtype`` accepts besides None (float32) and "stored" (the lake's storage dtype).

@@ -132,6 +132,9 @@ def hot_mode_for(opts: StreamOptions, columns: Sequence[Column], num_rows: int, 
         return RESIDENT if resident_bytes(columns, num_rows) <= (opts.hot_bytes or 0) else STAGED
     if opts.hot_mode == STAGED and dev.type != "cuda":
         raise ConfigError(f"hot_mode='staged' needs a CUDA device, got {dev}")
+    if opts.hot_mode == CPU and dev.type == "cuda":  # (the mode auto picks off CUDA, which docs list: accepted there)
+        raise ConfigError(f"hot_mode='cpu' finishes batches on the host, but the stream delivers to {dev}: use "
+                          "'resident' or 'staged', or device='cpu' and move batches yourself")
     return opts.hot_mode
 
 
