@@ -7,7 +7,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# src/ is the library, benchmarks/ holds the m2m_bench package (moved there from src/m2m/bench)
+export PYTHONPATH="$PWD/src:$PWD/benchmarks:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python3 - <<'PY' | tee "$out/imports.txt"
+import importlib
+for name in ("torch", "numpy", "pyarrow", "crc32c", "tqdm", "fsspec", "click", "m2m", "m2m_bench.gpu"):
+    try:
+        importlib.import_module(name)
+        print(f"import {name}: ok")
+    except Exception as exc:  # noqa: BLE001 - reported, the checks below then fail and say so
+        print(f"import {name}: MISSING ({type(exc).__name__}: {exc})")
+PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider -m cuda tests/stream/test_stream_cuda.py tests/augment/test_augment_cuda.py \
   2>&1 | tee "$out/cuda-tests.txt"

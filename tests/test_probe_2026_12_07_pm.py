@@ -269,10 +269,14 @@ def test_a_stream_uses_the_stored_geometry_whatever_the_handles_knn_k(tmp_path):
         np.testing.assert_array_equal(drawn["vmf"], drawn["mixture"])
 
 
-def test_a_metadata_column_named_like_an_importance_mode_is_refused():
+def test_a_metadata_column_named_loss_is_kept_and_the_loss_mode_says_it_does_not_use_it(caplog):
+    """'loss' is a mode and may be a column (a lake with one stays appendable); the mode says which it takes."""
     with create_m2m(M2MConfig(latent_dim=D)) as lk:
-        with pytest.raises(InvalidEmbeddingError, match="'loss' names an importance_sampling mode"):
-            lk.add_splats(np.ones((3, D)), metadata={"loss": [1.0, 2.0, 3.0]})
+        lk.add_splats(np.ones((3, D)) + np.eye(3, D), metadata={"loss": [1.0, 2.0, 3.0]})
+        lk.add_splats(np.ones((3, D)) - np.eye(3, D), metadata={"loss": [1.0, 2.0, 3.0]})
+        with caplog.at_level("WARNING", logger="m2m.stream.from_lake"):
+            list(lk.export_to_dataloader(batch_size=3, importance_sampling="loss"))
+        assert "has a metadata column 'loss', which it does not sample by" in caplog.text
 
 
 def test_scores_near_the_float64_limit_keep_their_law():
@@ -368,3 +372,127 @@ def test_hot_mode_cpu_is_accepted_where_auto_would_pick_it():
         lk.add_splats(np.random.default_rng(0).standard_normal((10, D)))
         batches = list(lk.export_to_dataloader(batch_size=4, hot_mode="cpu", shuffle=False))
         assert [len(b) for b in batches] == [4, 4, 2]
+
+
+def test_m2m_alone_shows_its_help_and_filesystems_that_cannot_start_are_one_short_line(tmp_path):
+    r = _run()
+    assert r.returncode == 2 and "Commands:" in r.stderr + r.stdout and "m2m: error" not in r.stderr
+    r = _run("info", "zip://nosuchzip")
+    assert r.returncode == 1 and r.stderr.startswith("m2m: error: lake zip://nosuchzip") and r.stderr.count("\n") == 1
+    assert len(r.stderr) < 700
+
+
+def test_export_rows_refuses_norms_that_do_not_match_and_takes_lists():
+    from m2m.lake.ingest import export_rows
+
+    vectors, norms = export_rows([[1.0, 0.0], [0.0, 2.0]], [2.0, 1.0], "float32")
+    assert norms is None and vectors.tolist() == [[2.0, 0.0], [0.0, 2.0]]
+    with pytest.raises(InvalidEmbeddingError, match="mu_norm has 1 values for vectors of shape"):
+        export_rows(np.ones((2, 4), np.float32), [1.0], "float32")
+
+
+def test_a_dangling_lock_folder_link_is_refused_in_one_line(tmp_path):
+    from m2m.errors import CorruptShardError
+    from m2m.lake.cache import ShardCache
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / ".locks").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CorruptShardError, match="is a symlink"):
+        ShardCache(None, "/r", "memory://r", str(tmp_path / "c"), 1 << 20)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_failed_first_ingest_into_an_empty_user_folder_can_be_run_again(tmp_path):
+    """mkdir L; m2m ingest bad.npy --lake L left an empty lake at the bad file's width in L, and the
+    corrected retry was refused ("has latent_dim 4, the config asks for 8")."""
+    bad = np.ones((3, 4), np.float32)
+    bad[1, 0] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    np.save(tmp_path / "good.npy", np.ones((3, 8), np.float32))
+    (tmp_path / "L").mkdir()
+    r = _run("ingest", tmp_path / "bad.npy", "--lake", tmp_path / "L", "-q")
+    assert r.returncode == 1 and "NaN" in r.stderr
+    assert (tmp_path / "L").is_dir() and list((tmp_path / "L").iterdir()) == []  # the user's folder stays
+    r = _run("ingest", tmp_path / "good.npy", "--lake", tmp_path / "L", "-q")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", ["b.pq", "c.PARQUET", "d.parq"])
+def test_parquet_files_of_every_suffix_are_read(tmp_path, name):
+    """A directory's .pq files were skipped, silently (10 of 20 rows ingested, exit 0)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, file in enumerate(("a.parquet", name)):
+        vecs = np.random.default_rng(i).standard_normal((10, 4)).astype(np.float32)
+        pq.write_table(pa.table({"emb": pa.array(list(vecs), type=pa.list_(pa.float32()))}), src / file)
+    (src / "README.md").write_text("not data")
+    r = _run("ingest", src, "--lake", tmp_path / "L", "-q")
+    assert r.returncode == 0, r.stderr
+    with open_lake(tmp_path / "L") as lk:
+        assert len(lk) == 20
+    r = _run("ingest", src / name, "--lake", tmp_path / "M", "-q")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_parquet_file_with_a_column_name_twice_is_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pa.Table.from_arrays([pa.array([[1.0, 2.0]] * 3), pa.array([1, 2, 3]), pa.array([4, 5, 6])],
+                             names=["emb", "m", "m"])
+    pq.write_table(t, tmp_path / "dup.parquet")
+    r = _run("ingest", tmp_path / "dup.parquet", "--lake", tmp_path / "L", "--all-columns")
+    assert r.returncode == 1 and "['m'] appear more than once" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_partitioned_directory_reads_its_table_files_only(tmp_path):
+    """A README.md beside the partitions made pyarrow fail ("Could not read schema from README.md")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    for i, part in enumerate(("split=a", "split=b")):
+        (src / part).mkdir(parents=True)
+        vecs = np.random.default_rng(i).standard_normal((4, 4)).astype(np.float32)
+        pq.write_table(pa.table({"emb": pa.array(list(vecs), type=pa.list_(pa.float32()))}), src / part / "x.pq")
+    (src / "README.md").write_text("not data")
+    (src / "_SUCCESS").write_text("")
+    r = _run("ingest", src, "--lake", tmp_path / "L", "--label-column", "split", "-q")
+    assert r.returncode == 0, r.stderr
+    with open_lake(tmp_path / "L") as lk:
+        assert len(lk) == 8 and sorted(set(lk.splats()["label"])) == ["a", "b"]
+
+
+@pytest.mark.parametrize("layout", ["flat", "hive"])
+def test_empty_part_files_are_skipped(tmp_path, layout):
+    """Spark, Dask and Polars write empty part files: with list vectors the ingest failed ('part-0.parquet
+    has no rows') though the directory held rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    for i, rows in enumerate((0, 4, 0)):
+        folder = src / (f"k={i}" if layout == "hive" else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        vecs = np.random.default_rng(i).standard_normal((rows, 3)).astype(np.float32)
+        pq.write_table(pa.table({"emb": pa.array(list(vecs), type=pa.list_(pa.float32()))}),
+                       folder / f"part-{i}.parquet")
+    r = _run("ingest", src, "--lake", tmp_path / "L", "-q")
+    assert r.returncode == 0, r.stderr
+    with open_lake(tmp_path / "L") as lk:
+        assert len(lk) == 4 and lk.dim == 3
+
+
+def test_to_arrow_float32_converts_float16_metadata_too():
+    import pyarrow as pa
+
+    with create_m2m(M2MConfig(latent_dim=D, storage_dtype="float16")) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((4, D)),
+                      metadata={"h": np.array([0.5, 1.5, np.nan, 2.0], np.float16)})
+        t = lk.to_arrow(float32=True)
+        assert t.schema.field("h").type == pa.float32() and t.schema.field("mu").type.value_type == pa.float32()
+        np.testing.assert_array_equal(t.column("h").to_numpy(zero_copy_only=False)[[0, 1, 3]], [0.5, 1.5, 2.0])
+        assert lk.to_arrow().schema.field("h").type == pa.float16()

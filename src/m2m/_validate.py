@@ -218,8 +218,9 @@ def unit_rows(chunk: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndar
     return out, norms
 
 
-def positive_column(values: Any, n: int, name: str, allow_nan: bool = False) -> np.ndarray:
-    """A float32 [n] column of finite, strictly positive values (NaN allowed when ``allow_nan``)."""
+def positive_column(values: Any, n: int, name: str, allow_nan: bool = False, allow_zero: bool = False) -> np.ndarray:
+    """A float32 [n] column of finite, strictly positive values (NaN allowed when ``allow_nan``, 0 when
+    ``allow_zero``)."""
     arr = as_numpy(values, name)
     if arr.ndim == 0:
         arr = np.full(n, arr, dtype=np.float32) if n else arr.reshape(0)
@@ -231,10 +232,11 @@ def positive_column(values: Any, n: int, name: str, allow_nan: bool = False) -> 
     nan = np.isnan(arr)
     if nan.any() and not allow_nan:
         raise InvalidEmbeddingError(f"{name} row {int(np.argmax(nan))} is NaN")
-    bad = ~nan & ~((arr > 0) & np.isfinite(arr))
+    bad = ~nan & ~(((arr >= 0) if allow_zero else (arr > 0)) & np.isfinite(arr))
     if bad.any():
         row = int(np.argmax(bad))
-        raise InvalidEmbeddingError(f"{name} row {row} is {arr[row]!r}; {name} must be finite and > 0")
+        raise InvalidEmbeddingError(f"{name} row {row} is {arr[row]!r}; {name} must be finite and "
+                                    f"{'>= 0' if allow_zero else '> 0'}")
     return arr
 
 
@@ -490,8 +492,9 @@ def validate_splats(vectors: Any, labels: Any, kappa: Any, alpha: Any, metadata:
                     start: int = 0, kappa_nan: bool = False) -> SplatBatch:
     """Validate one ``add_splats`` call completely, raising `InvalidEmbeddingError` on the first problem.
 
-    ``start`` offsets the row numbers in error messages (for chunked ingest); ``kappa_nan``: a NaN kappa
-    is a row without an estimate (an m2m export's own kappa column), not an invalid value.
+    ``start`` offsets the row numbers in error messages (for chunked ingest); ``kappa_nan``: the kappa
+    column is an m2m export's own: NaN is a row without an estimate, 0 an estimate of a neighbourhood no
+    tighter than chance (docs/geometry.md), not invalid values.
     """
     arr = as_vectors(vectors, dim)
     check_rows(arr, start)
@@ -507,7 +510,7 @@ def _columns(arr: np.ndarray, labels: Any, kappa: Any, alpha: Any, metadata: Any
     n = arr.shape[0]
     lab = None if labels is None else label_column(labels, n)
     kap = (np.full(n, np.nan, dtype=np.float32) if kappa is None
-           else positive_column(kappa, n, "kappa", allow_nan=kappa_nan))
+           else positive_column(kappa, n, "kappa", allow_nan=kappa_nan, allow_zero=kappa_nan))
     alp = np.ones(n, dtype=np.float32) if alpha is None else positive_column(alpha, n, "alpha")
     meta = metadata_columns(metadata, n)
     return SplatBatch(arr, lab, kap, alp, meta)

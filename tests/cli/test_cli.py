@@ -77,12 +77,10 @@ def test_bad_row_in_a_later_chunk_writes_nothing(tmp_path, data):
     assert "row 140000" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "lake").exists()  # the empty lake this first ingest made is removed
-    (tmp_path / "lake").mkdir()  # into a folder the user made: kept, empty of shard files
+    (tmp_path / "lake").mkdir()  # into a folder the user made: the folder is kept, empty as it was
     r = run("ingest", tmp_path / "x.npy", "--lake", tmp_path / "lake", "-q")
     assert r.exit_code == 1
-    with open_lake(tmp_path / "lake") as lake:
-        assert len(lake) == 0
-        assert os.listdir(tmp_path / "lake" / "_data") == []
+    assert os.listdir(tmp_path / "lake") == []  # (the empty lake left there blocked a corrected retry)
 
 
 def test_verify_reports_corruption_and_exits_non_zero(tmp_path, data):

@@ -308,6 +308,10 @@ def test_integer_scalars_of_numpy_and_torch_are_positions(tmp_path):
     for key in (torch.tensor(3), np.array(3), np.int16(3)):
         assert lake[key]["id"] == ids[3]
     assert list(lake[torch.tensor(2):np.int64(5)]["id"]) == list(ids[2:5])
+    for key in (torch.tensor([3]), np.array([3]), [3]):  # one-element sequences are still batches
+        assert lake[key]["mu"].shape == (1, DIM) and list(lake[key]["id"]) == [ids[3]]
+    with pytest.raises(PositionError):
+        lake[torch.tensor([[3]])]
     for key in (torch.tensor(True), np.array(True), 1.0, torch.tensor(2.0)):
         with pytest.raises(PositionError, match="takes an int"):
             lake[key]

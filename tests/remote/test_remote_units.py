@@ -149,3 +149,33 @@ def test_only_transient_errors_are_retried() -> None:
         if kind is ObjectStoreError:
             assert "memory://retry-policy-lake/_data/x.arrow" in str(info.value)
             assert "\n" not in str(info.value)
+
+
+def test_a_refused_manifest_put_removes_the_commits_files(monkeypatch) -> None:
+    """A store's definite refusal (botocore's AccessDenied, matched by class name) is one ObjectStoreError
+    line, and a refused version put did not land: its shard files are removed, not kept as an unknown
+    outcome (a review of 2026-12-07 found the wrap had made it 'unknown')."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from m2m.errors import ObjectStoreError
+
+    url = "memory://refused-put/lake"
+    lake = create_m2m(M2MConfig(path=url, latent_dim=8))
+    lake.add_splats(np.ones((5, 8), np.float32))
+    mfs = MemoryFileSystem()
+    before = set(mfs.find("/refused-put/lake"))
+    denied = type("AccessDenied", (Exception,), {})
+    original = MemoryFileSystem.pipe_file
+
+    def pipe_file(self, path, *args, **kwargs):
+        if "_manifests/v" in str(path):
+            raise denied("An error occurred (AccessDenied) when calling the PutObject operation: Access Denied")
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", pipe_file)
+    with pytest.raises(ObjectStoreError, match="refused by the store") as info:
+        lake.add_splats(np.ones((5, 8), np.float32) * 2)
+    assert not getattr(info.value, "_m2m_outcome_unknown", False)
+    assert [p for p in set(mfs.find("/refused-put/lake")) - before if "/_data/" in p] == []
+    monkeypatch.undo()
+    lake.close()

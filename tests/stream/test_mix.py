@@ -555,3 +555,34 @@ def test_a_failing_priority_update_names_its_lake(lakes: dict[str, str]) -> None
         dl = mx.export_to_dataloader(batch_size=BS, importance_sampling="loss", columns=("id", "weight"))
         with pytest.raises(M2MError, match=r"lake #1 \(source 1\): .*id 99999"):
             dl.update_priorities(torch.tensor([0, 99999]), torch.ones(2), source=torch.tensor([0, 1]))
+
+
+def test_integer_columns_that_stream_alike_still_mix(tmp_path: object) -> None:
+    """uint16 and int32 (uint32 and int64) stream as the same int32 (int64) values: the stored-type check
+    for unit-carrying columns must not refuse them (a review found it did)."""
+    paths = [os.path.join(str(tmp_path), n) for n in ("a", "b")]
+    for j, (path, dtype) in enumerate(zip(paths, (np.uint16, np.int32))):
+        with create_m2m(M2MConfig(path=path, latent_dim=D)) as lake:
+            lake.add_splats(unit(10, j), metadata={"n": np.arange(10).astype(dtype)})
+    with m2m.mix({"a": paths[0], "b": paths[1]}, {"a": 1, "b": 1}) as mx:
+        got = epoch(mx.export_to_dataloader(batch_size=5, columns=("embedding", "n")))
+    assert sorted(cat(got, "n").tolist()) == sorted(list(range(10)) * 2)
+
+
+def test_a_state_saved_under_the_older_mixture_name_resumes(lakes: dict[str, str]) -> None:
+    """States saved before 2026-12-07 (pm) named the mixture with its versions (mix[web=<id>@v<n>*<w>,...;
+    epoch_rows=<E>], version None): they resume on the same lakes and versions."""
+    with m2m.mix(lakes, WEIGHTS, epoch_rows=300) as mx:
+        dl = mx.export_to_dataloader(batch_size=BS, seed=2, columns=("id",))
+        it = iter(dl)
+        first = [next(it)["id"].clone() for _ in range(2)]
+        state = dl.state_dict()
+        rest = [b["id"].clone() for b in it]
+        versions = [int(v.split("@v")[1]) for v in state["version"].split(",")]
+        ids = [part.split("=")[1].split("*")[0] for part in state["lake"][4:].split(";")[0].split(",")]
+        state = dict(state, lake=mx.legacy_identity(versions, ids), version=None)
+        assert "@v" in state["lake"] and first
+        again = mx.export_to_dataloader(batch_size=BS, seed=2, columns=("id",))
+        again.load_state_dict(state)
+        got = [b["id"] for b in again]
+    assert len(got) == len(rest) and all(torch.equal(a, b) for a, b in zip(got, rest))

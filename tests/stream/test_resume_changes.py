@@ -331,14 +331,15 @@ def test_a_loss_epoch_revisited_with_set_epoch_resumes_the_plan_it_served(kind):
         lk.close()
 
 
-@pytest.mark.parametrize("change", ["consolidate+append", "rollback+append", "kappa"])
+@pytest.mark.parametrize("change", ["consolidate+append", "rollback+append", "kappa", "compact"])
 def test_a_loss_state_resumes_on_its_own_rows_only(tmp_path, change):
     """A state of as many rows but other ones was loaded position by position (a probing user: another
     row drawn 181 times of 200); adding kappa sidecars keeps the rows, so the state still resumes."""
     x = np.random.default_rng(1).standard_normal((200, D)).astype(np.float32)
     x[150:160] = x[150]  # 10 duplicates that consolidate merges into row 150
     with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=D)) as lk:
-        lk.add_splats(x)
+        lk.add_splats(x[:100])
+        lk.add_splats(x[100:])
         dl = lk.export_to_dataloader(batch_size=BS, columns=("id",), importance_sampling="loss", seed=1)
         for b in dl:
             dl.update_priorities(b["id"], (b["id"] == 170).float() * 100 + 0.01)
@@ -353,11 +354,13 @@ def test_a_loss_state_resumes_on_its_own_rows_only(tmp_path, change):
             rollback(lk._fs, 0)
             lk.refresh()
             lk.add_splats(np.random.default_rng(3).standard_normal((200, D)).astype(np.float32))
+        elif change == "compact":  # the same rows in fewer shards
+            assert lk.compact(target_bytes=1 << 20).version is not None and len(lk.manifest.shards) == 1
         else:
             lk.estimate_kappa(threads=1)
         assert len(lk) == 200
         again = lk.export_to_dataloader(batch_size=BS, columns=("id",), importance_sampling="loss", seed=1)
-        if change == "kappa":
+        if change in ("kappa", "compact"):
             again.load_state_dict(state)
             drawn = np.concatenate([b["id"].numpy() for b in again])
             assert (drawn == 170).sum() > 50  # the high-loss row keeps its priority

@@ -201,7 +201,7 @@ def _lake_inside(src: str, lake_dir: str) -> bool:
               help="parquet (zstd, one row group per shard) or arrow (an uncompressed Arrow IPC file); "
                    "default: from OUT's suffix (.parquet/.pq, .arrow/.feather/.ipc).")
 @click.option("--float32", "float32", is_flag=True,
-              help="Write a float16 lake's mu as float32 (DuckDB cannot read float16).")
+              help="Write float16 mu and float16 metadata columns as float32 (DuckDB cannot read float16).")
 @click.option("--version", "version", type=int, default=None, help="Lake version (default: the latest).")
 @click.option("--columns", default=None, help="Comma-separated columns (default: all, sidecars joined).")
 @click.option("--original", is_flag=True,
@@ -486,8 +486,12 @@ def _bench_module(name: str) -> Any:
 def main() -> None:
     """Console-script entry point: click's usage errors (an unknown option, a missing argument, a value
     of the wrong type) become one ``m2m: error:`` line too, exit status 2 as click gives them."""
+    no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())  # (click >= 8.2: `m2m` alone shows the help)
     try:
         rc = cli.main(prog_name="m2m", standalone_mode=False)
+    except no_args as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "m2m"
         message = " ".join(exc.format_message().split())

@@ -296,6 +296,8 @@ def _index(v: object) -> int | None:
     tensor: what ``operator.index`` takes), else None; bools are not positions."""
     if isinstance(v, (bool, np.bool_)) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool"):
         return None
+    if getattr(v, "ndim", 0) != 0:  # operator.index takes a one-element tensor of any shape: [3] is a list
+        return None
     try:
         return operator.index(v)  # type: ignore[arg-type]
     except TypeError:

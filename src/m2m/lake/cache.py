@@ -188,7 +188,8 @@ class ShardCache:
         os.makedirs(base, exist_ok=True)
         self.dir = os.path.realpath(base)
         self._locks = os.path.join(self.dir, ".locks")
-        os.makedirs(self._locks, exist_ok=True)
+        if not os.path.islink(self._locks):  # (a dangling link made makedirs raise FileExistsError)
+            os.makedirs(self._locks, exist_ok=True)
         if os.path.islink(self._locks):  # its lock files and notes would be made wherever it points
             raise CorruptShardError(f"{self._locks} is a symlink: the shard cache keeps its locks inside "
                                     f"{self.dir} only (remove it)")

@@ -120,7 +120,8 @@ def commit_remote(fs: Any, operation: str, build: Callable[[Manifest], Manifest]
                 if getattr(exc, "final", False):  # this commit's own file is gone: no rebase helps
                     raise
         except BaseException as exc:
-            unknown = putting and isinstance(exc, ObjectStoreError)
+            # a store's definite refusal (AccessDenied, no credentials: `refused`) did not land
+            unknown = putting and isinstance(exc, ObjectStoreError) and not getattr(exc, "refused", False)
             if unknown:  # callers keep their files too (`outcome_unknown`)
                 exc._m2m_outcome_unknown = True  # type: ignore[attr-defined]
                 logger.warning("%s on %s: the put of version %d failed without an answer; its files are kept in "

@@ -82,7 +82,9 @@ def _column_types(manifest: Manifest, picked: list[str], float32: bool) -> dict[
         try:
             types[name] = pa.type_for_alias(alias)
         except ValueError:  # a type without a short alias (e.g. timestamp[ns, tz=UTC]): taken from the files
-            pass
+            continue
+        if float32 and types[name] == pa.float16():  # (DuckDB reads no float16 metadata either)
+            types[name] = pa.float32()
     return {name: types[name] for name in picked if name in types}
 
 

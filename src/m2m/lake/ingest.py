@@ -34,8 +34,16 @@ from m2m.errors import (
 )
 from m2m.lake.fs import local_path
 
-SUFFIXES = (".npy", ".parquet", ".arrow", ".feather", ".ipc")
-TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
+SUFFIXES = (".npy", ".parquet", ".pq", ".parq", ".arrow", ".feather", ".ipc")   # any case
+TABLE_SUFFIXES = (".parquet", ".pq", ".parq", ".arrow", ".feather", ".ipc")
+_KINDS = {".npy": "npy", ".parquet": "parquet", ".pq": "parquet", ".parq": "parquet", ".arrow": "ipc",
+          ".feather": "ipc", ".ipc": "ipc"}
+
+
+def file_kind(path: Path) -> str | None:
+    """"npy", "parquet" or "ipc" by the file's suffix (any case: .pq and .PARQUET are Parquet too; a
+    directory's .pq files were skipped, silently), None for other files."""
+    return _KINDS.get(path.suffix.lower())
 CHUNK_BYTES = 4 << 20           # input decoded per step (about 400 rows of 2,560 float32): with three
                                 # 128 MiB shard buffers, a 1 GB Parquet ingest peaked at 569 MB RSS (32 MiB: 713 MB)
 PARQUET_BUFFER_BYTES = 8 << 20  # Parquet column data read through a buffer of this size, not whole
@@ -106,7 +114,18 @@ def export_rows(unit: np.ndarray, norms: np.ndarray, storage_dtype: str) -> tupl
     ``mu * mu_norm`` in float64, are ingested like any input: a float16 export into a float32 lake then
     keeps the source lake's original vectors within 1 ulp (scaling ``mu`` to norm 1 first had moved them
     by up to 2e-4)."""
-    scale = np.nan_to_num(np.asarray(norms, dtype=np.float64), nan=1.0)
+    try:
+        unit = np.asarray(unit)
+        scale = np.nan_to_num(np.asarray(norms, dtype=np.float64).reshape(-1), nan=1.0)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEmbeddingError(f"mu_norm must be numbers, one per row: {exc}") from None
+    if unit.ndim != 2 or len(scale) != len(unit):
+        raise InvalidEmbeddingError(f"mu_norm has {len(scale)} values for vectors of shape {unit.shape}: one per row")
+    if unit.dtype.kind != "f":
+        return unit.astype(np.float64) * scale[:, None], None
+    if storage_dtype == "float16" and unit.dtype == np.float32 and np.array_equal(
+            unit.astype(np.float16).astype(np.float32), unit):
+        unit = unit.astype(np.float16)  # a float16 lake's `export --float32`: its mu exactly
     if unit.dtype == np.dtype(storage_dtype) and unit.size and np.all(np.isfinite(scale)) and np.all(scale > 0):
         length = np.sqrt(np.einsum("ij,ij->i", unit, unit, dtype=np.float64))
         # a float16 unit vector's norm is 1 within its half-ulp, 2**-11 (float32: 2**-24); 4x that passes
@@ -156,6 +175,10 @@ class Source:
         """The vector width: from the first file's header or schema (reads at most one row)."""
         if self.dataset_root is not None:
             return _dataset_reader(self).dim()
+        for f in self.files:  # the first file with rows: an empty part file has no width to read
+            reader = _file_reader(f, self)
+            if reader.rows() > 0:
+                return reader.dim()
         return _file_reader(self.files[0], self).dim()
 
     def rows(self) -> int:
@@ -179,7 +202,7 @@ class Source:
         file listed another list column first ingested that column as its vectors (observed)."""
         if self.column is not None or len(self.files) < 2:
             return self
-        first = next((f for f in self.files if f.suffix != ".npy"), None)
+        first = next((f for f in self.files if file_kind(f) != "npy"), None)
         if first is None:
             return self
         reader = _file_reader(first, self)
@@ -204,10 +227,10 @@ def open_source(path: str | os.PathLike[str], column: str | None = None, label_c
     if p.is_dir():
         if any(c.is_dir() and not c.name.startswith((".", "_")) for c in p.iterdir()):
             return Source((), dataset_root=p, **common)
-        files = tuple(sorted(f for f in p.iterdir() if f.suffix in SUFFIXES and f.is_file()))
+        files = tuple(sorted(f for f in p.iterdir() if file_kind(f) is not None and f.is_file()))
         if not files:
             raise InvalidEmbeddingError(f"{p} holds no {'/'.join(SUFFIXES)} files")
-    elif p.suffix in SUFFIXES:
+    elif file_kind(p) is not None:
         files = (p,)
     else:
         raise InvalidEmbeddingError(f"{p}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}")
@@ -343,6 +366,9 @@ class _ArrowReader(_Reader):
         self.where, self.schema, self.columns = where, schema, columns
         self._chunk_rows, self._chunk_bytes = chunk_rows, chunk_bytes
         self._num_rows, self._batches, self._first_row = num_rows, batches, first_row
+        twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
+        if twice:  # (pyarrow's KeyError 'Field "m" exists 2 times in schema' was a raw traceback)
+            raise InvalidEmbeddingError(f"{where}: column name(s) {twice} appear more than once; rename them")
         self.vec, self.label, self.meta = columns.resolve(schema, where)
         self.terms = export_terms(schema, columns, self.vec)
         typ = schema.field(self.vec).type
@@ -365,12 +391,15 @@ class _ArrowReader(_Reader):
     def chunks(self) -> Iterator[dict[str, Any]]:
         typ = self.schema.field(self.vec).type
         itemsize = max(1, typ.value_type.bit_width // 8) if hasattr(typ, "value_type") else 4
+        if self._first_row is not None and self._num_rows() == 0:
+            return  # an empty part file: nothing to read, and no width to size chunks from
         step: int | None = None
         if self._chunk_rows is not None or pa.types.is_fixed_size_list(typ) or self._first_row is not None:
             step = _rows_per_chunk(self._chunk_rows, self._chunk_bytes, self.dim(), itemsize)
         # variable-length lists of in-memory data: sized from the first batch's width
         wanted = [self.vec] + ([self.label] if self.label else []) + self.meta + list(self.terms.values())
         batches = self._batches(wanted, step or _rows_per_chunk(None, self._chunk_bytes, 1024, itemsize))
+        done = 0  # rows of the input before this batch
         while True:
             try:
                 batch = next(batches)
@@ -384,7 +413,15 @@ class _ArrowReader(_Reader):
                 width = _vectors(batch.column(self.vec).slice(0, 1), self.vec, self.where).shape[1]
                 step = _rows_per_chunk(None, self._chunk_bytes, width, itemsize)
             for lo in range(0, batch.num_rows, step):
-                yield self._chunk(batch.slice(lo, step))
+                try:
+                    chunk = self._chunk(batch.slice(lo, step))
+                except InvalidEmbeddingError as exc:
+                    if not done + lo:
+                        raise
+                    # (row numbers in the message count within the chunk: say where it starts)
+                    raise InvalidEmbeddingError(f"in the chunk starting at row {done + lo}: {exc}") from exc
+                yield chunk
+            done += batch.num_rows
 
     def _chunk(self, batch: pa.RecordBatch) -> dict[str, Any]:
         chunk: dict[str, Any] = {"vectors": _vectors(batch.column(self.vec), self.vec, self.where)}
@@ -526,14 +563,14 @@ def _ipc_reader(f: Path, source: Source) -> _ArrowReader:
 
 
 def _file_reader(f: Path, source: Source) -> _Reader:
-    if f.suffix == ".npy":
+    if file_kind(f) == "npy":
         return _NpyReader(f, source)
-    if f.suffix == ".parquet":
+    if file_kind(f) == "parquet":
         return _parquet_reader(f, source)
     return _ipc_reader(f, source)
 
 
-def _one_schema(dataset: Any, root: Path, suffixes: set[str], columns: Columns) -> pa.Schema:
+def _one_schema(dataset: Any, root: Path, columns: Columns) -> pa.Schema:
     """The schema the files of a partitioned ``dataset`` are read with: the columns the ingest reads
     (``columns`` resolved against the first file) unified over every file (widened where they differ:
     float16 and float64 vectors to float64), the other columns and the partition keys as pyarrow
@@ -541,7 +578,7 @@ def _one_schema(dataset: Any, root: Path, suffixes: set[str], columns: Columns) 
     rounded to float16, int labels became strings and columns the first file lacked were dropped, all
     silently. A read column missing from a file, or types without a lossless common widening, are
     refused naming the files."""
-    fragments = [f for f in dataset.get_fragments() if Path(f.path).suffix in suffixes]
+    fragments = list(dataset.get_fragments())
     if not fragments:
         raise InvalidEmbeddingError(f"{root} holds no {'/'.join(TABLE_SUFFIXES)} files")
     vec, label, meta = columns.resolve(dataset.schema, root)
@@ -599,18 +636,21 @@ def _dataset_reader(source: Source) -> _ArrowReader:
 
     root = source.dataset_root
     assert root is not None
-    suffixes = {p.suffix for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES}
-    if not suffixes:
+    # the table files only (a README or _SUCCESS beside them made pyarrow fail reading its schema), hidden
+    # ones (".", "_" anywhere in the path below root) left out as pyarrow does
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and file_kind(p) is not None
+                   and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
+    kinds = {file_kind(Path(f)) for f in files}
+    if not files:
         raise InvalidEmbeddingError(f"{root} holds no {'/'.join(TABLE_SUFFIXES)} files")
-    if ".npy" in suffixes or len({"parquet" if s == ".parquet" else "ipc" for s in suffixes}) > 1:
+    if "npy" in kinds or len(kinds) > 1:
         raise InvalidEmbeddingError(f"{root}: a partitioned directory must hold one table format "
-                                    f"(found {sorted(suffixes)}); .npy files only in flat directories")
-    fmt = "parquet" if suffixes == {".parquet"} else "ipc"
+                                    f"(found {sorted(str(k) for k in kinds)}); .npy files only in flat directories")
+    fmt = "parquet" if kinds == {"parquet"} else "ipc"
     try:
-        dataset = ds.dataset(str(root), format=fmt, partitioning="hive",
-                             exclude_invalid_files=False, ignore_prefixes=[".", "_"])
-        files = sorted(p for p in dataset.files if Path(p).suffix in suffixes)
-        schema = _one_schema(dataset, root, suffixes, source.columns)
+        found = ds.dataset(files, format=fmt, partitioning=ds.HivePartitioning.discover(),
+                           partition_base_dir=str(root))
+        schema = _one_schema(found, root, source.columns)
         dataset = ds.dataset(files, format=fmt, schema=schema,
                              partitioning=ds.HivePartitioning.discover(), partition_base_dir=str(root))
     except (pa.ArrowException, OSError) as exc:
@@ -621,7 +661,8 @@ def _dataset_reader(source: Source) -> _ArrowReader:
 
     def first_row(col: str) -> pa.RecordBatch | None:
         t = dataset.head(1, columns=[col])
-        return t.to_batches()[0] if t.num_rows else None
+        # (an empty part file, as Spark, Dask and Polars write, gives a 0-row first batch)
+        return next((b for b in t.to_batches() if b.num_rows), None)
 
     return _ArrowReader(root, dataset.schema, source.columns, source.chunk_rows, source.chunk_bytes,
                         dataset.count_rows, batches, first_row)
@@ -641,10 +682,17 @@ def naming_write_errors(lake_path: str) -> Iterator[None]:
 
 
 def new_local_folder(path: str | os.PathLike[str]) -> str | None:
-    """The local folder ``path`` names (`local_path`) when nothing exists there yet, else None (an object
-    store URL, or an entry that exists): where `discarding_new_lake` may remove a lake."""
+    """The local folder ``path`` names (`local_path`) when nothing exists there yet or it is an empty
+    folder (a user's ``mkdir L`` first), else None (an object store URL, or an entry that holds
+    something): where `discarding_new_lake` may remove a lake."""
     local = local_path(path)
-    return local if local is not None and not os.path.lexists(local) else None
+    if local is None:
+        return None
+    if not os.path.lexists(local):
+        return local
+    if os.path.isdir(local) and not os.path.islink(local) and not os.listdir(local):
+        return local + os.sep  # (the trailing separator: the folder was there; only its contents go)
+    return None
 
 
 @contextlib.contextmanager
@@ -659,7 +707,15 @@ def discarding_new_lake(lake: Any, folder: str | None) -> Iterator[None]:
     except BaseException:
         if folder is not None and lake.version == 0 and _never_committed(lake):
             lake.close()
-            shutil.rmtree(folder, ignore_errors=True)
+            if folder.endswith(os.sep):  # the user's empty folder: it stays, the lake made in it goes
+                for entry in set(os.listdir(folder)) & {"_data", "_manifests", "_segments", "_lock"}:  # m2m's own
+                    target = os.path.join(folder, entry)
+                    if os.path.isdir(target) and not os.path.islink(target):
+                        shutil.rmtree(target, ignore_errors=True)
+                    else:
+                        os.remove(target)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
         raise
 
 

@@ -493,7 +493,7 @@ class Lake:
         ``version``: None = this handle's pinned version. ``columns``: a subset of names (None: all).
         ``stream=False`` -> a `pyarrow.Table` (over shard files read whole into memory);
         ``stream=True`` -> a `pyarrow.RecordBatchReader` that opens one shard at a time (bounded memory;
-        iterate it once). ``float32``: float16 ``mu`` as float32 (for tools without float16, e.g. DuckDB).
+        iterate it once). ``float32``: float16 ``mu`` and float16 metadata as float32 (for tools without float16, e.g. DuckDB).
         ``mu_norm`` (float64) is each row's norm as given; ``original=True``: ``mu`` is each row's vector
         as given, ``mu * mu_norm`` in float32 (within 1 ulp of float32 input; docs/format.md, "Vectors").
         ``pa.table(lake)`` / ``polars.DataFrame(lake)`` read the pinned version through ``__arrow_c_stream__``.

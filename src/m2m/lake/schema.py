@@ -44,15 +44,7 @@ def reserved_reason(name: str) -> str | None:
     """Why ``name`` cannot be a user metadata column, or None when it can."""
     if name in RESERVED_COLUMNS:
         return f"{name!r} is one of m2m's own columns ({', '.join(sorted(RESERVED_COLUMNS))})"
-    if name in IMPORTANCE_NAMES:
-        # importance_sampling takes a mode or a column name: a column of a mode's name could never be
-        # sampled by (importance_sampling="loss" silently took the loss-feedback mode: observed)
-        return f"{name!r} names an importance_sampling mode ({', '.join(IMPORTANCE_NAMES)}): rename the column"
     return None
-
-
-#: importance_sampling's built-in modes ("kappa" and "alpha" are columns already)
-IMPORTANCE_NAMES = ("loss",)
 
 
 # Unsigned metadata columns are stored as given; a stream delivers them as the signed type that holds

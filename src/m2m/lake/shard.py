@@ -453,15 +453,6 @@ def _check_digest(fd: int, path: str, entry: FileEntry, again: bool = False) -> 
     return True
 
 
-def check_digest_of(path: str, entry: FileEntry) -> None:
-    """`_check_digest` of the file at ``path`` (once per process and file, as a `ShardFile` open does)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        _check_digest(fd, path, entry)
-    finally:
-        os.close(fd)
-
-
 class ShardFile:
     """Positional reads of one shard file, each block read from disk checked against the manifest.
 

@@ -93,10 +93,15 @@ def check_cast(name: str, values: np.ndarray, target: pa.DataType) -> None:
     where = f"metadata[{name!r}] has type {given.type}, the lake's column is {target}"
     if _kind(given.type) != _kind(target):
         raise InvalidEmbeddingError(where)
+    refused: Exception | None = None
     try:
         stored = given.cast(target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
-        raise InvalidEmbeddingError(f"{where}, and a value does not fit it: {' '.join(str(exc).split())}") from exc
+        refused = exc
+        try:  # the unchecked cast shows which row would change (Arrow's message names the value only)
+            stored = given.cast(target, safe=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+            raise InvalidEmbeddingError(f"{where}, and a value does not fit it: {' '.join(str(exc).split())}") from exc
     if pa.types.is_floating(target):  # rounding to the column's precision is what a float column does
         a = given.to_numpy(zero_copy_only=False).astype(np.float64)
         b = stored.to_numpy(zero_copy_only=False).astype(np.float64)
@@ -112,6 +117,8 @@ def check_cast(name: str, values: np.ndarray, target: pa.DataType) -> None:
                f"convert the values to {target} yourself if that is meant")
         raise InvalidEmbeddingError(f"{where}, which would store row {i}'s {given[i].as_py()!r} as "
                                     f"{stored[i].as_py()!r} ({why})")
+    if refused is not None:  # Arrow refused a value that the comparison above did not single out
+        raise InvalidEmbeddingError(f"{where}, and a value does not fit it: {' '.join(str(refused).split())}")
 
 
 def rebase_schema(planned: SchemaUpdate, assumed: Manifest, base: Manifest) -> SchemaUpdate:

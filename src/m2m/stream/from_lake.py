@@ -42,6 +42,11 @@ def importance_mode(importance_sampling: Any, metadata: Sequence[str]) -> str | 
         return "kappa"
     if isinstance(importance_sampling, str) and (importance_sampling in BUILTIN_MODES
                                                  or importance_sampling in metadata):
+        if importance_sampling == "loss" and "loss" in metadata:
+            # (the mode wins: a probing user expected the column and got uniform priorities, silently)
+            logger.warning("importance_sampling='loss' is the loss-feedback mode (update_priorities); this lake also "
+                           "has a metadata column 'loss', which it does not sample by: copy it under another name "
+                           "to sample by its values")
         return importance_sampling
     raise ConfigError(f"importance_sampling must be False, True, 'kappa', 'alpha', 'loss' or a metadata column "
                       f"({list(metadata)}), got {importance_sampling!r}")
@@ -213,12 +218,30 @@ def build_sampler(lake: "Lake", mode: str, seed: int, snap: "Snapshot | None" = 
 
 
 def rows_key(manifest: Any) -> str:
-    """What names a version's rows: its shards' main files (immutable, each a fixed set of rows) and row
-    counts, hashed. Equal across versions that only add sidecars (estimate_kappa); another key after a
-    consolidate, compact, rollback or append. A loss sampler's state keeps it (per-row priorities)."""
+    """What names a version's rows, hashed: runs of consecutive ids (shards holding every id of their
+    range) and, for shards with gaps (consolidated), their main file (immutable: a fixed set of rows)
+    and row count. Equal across versions that add sidecars (estimate_kappa) or compact appended shards;
+    another key after a consolidate that merged rows, a rollback and append, or an append. A loss
+    sampler's state keeps it (per-row priorities)."""
     h = hashlib.sha256()
+    run: list[int] | None = None  # [first, last] id of the current run of whole ranges
+
+    def close() -> None:
+        if run is not None:
+            h.update(f"ids {run[0]}-{run[1]}\n".encode())
+
     for shard in manifest.shards:
-        h.update(f"{shard.files[0].path}\0{shard.rows}\n".encode())
+        if shard.rows == 0:
+            continue
+        whole = shard.rows == shard.id_max - shard.id_min + 1
+        if whole and run is not None and shard.id_min == run[1] + 1:
+            run[1] = shard.id_max
+            continue
+        close()
+        run = [shard.id_min, shard.id_max] if whole else None
+        if not whole:
+            h.update(f"file {shard.files[0].path} {shard.rows}\n".encode())
+    close()
     return h.hexdigest()[:32]
 
 

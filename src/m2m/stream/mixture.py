@@ -139,9 +139,11 @@ class Mixture:
                 kinds[name] = f"{sample.dtype}{list(sample.shape[1:]) if sample.ndim > 1 else ''}"
                 # the stored type too: timestamp[s] and timestamp[ms], a duration and an int64, string-label
                 # codes and int labels all arrive as int64 and would mix units silently
+                # (only where the unit or meaning differs: a uint16 and an int32 column both stream as
+                # int32 values and mix)
                 manifest = self._snaps[name].manifest
                 stored_type = (manifest.label_type if stored == "label" else manifest.metadata.get(stored))
-                if stored_type is not None and stored_type != str(sample.dtype):
+                if stored_type is not None and (stored == "label" or stored_type.startswith(_UNIT_TYPES)):
                     kinds[name] += f" (stored {stored_type})"
             if len(set(kinds.values())) > 1:
                 raise ConfigError(f"mix: column {col!r} differs between the lakes ("
@@ -160,6 +162,11 @@ class Mixture:
         lakes = ",".join(f"{n}={i}*{self.weights[n]!r}" for n, i in zip(self.names, ids))
         # the default epoch length is the lakes' rows: it grows with an append, as one lake's epoch does
         return f"mix[{lakes};epoch_rows={self.epoch_rows if self._epoch_rows_given else 'rows'}]"
+
+    def legacy_identity(self, versions: Sequence[int], ids: Sequence[str]) -> str:
+        """The name states of this mixture had until 2026-12-07 (versions in it, version None)."""
+        lakes = ",".join(f"{n}={i}@v{v}*{self.weights[n]!r}" for n, i, v in zip(self.names, ids, versions))
+        return f"mix[{lakes};epoch_rows={self.epoch_rows}]"
 
     def versions(self, versions: Sequence[int]) -> str:
         """The snapshot versions of a mixture's lakes, as a state's ``version``: a state saved mid-epoch
@@ -217,8 +224,11 @@ class Mixture:
                        [p.sampler for p in parts], [_mean_alpha(self._snaps[n].manifest) for n in self.names])
         augment = None if gen is None else MixtureAugment([p.augment for p in parts], source.bases)
         ident = self.identity([p.identity for p in parts])
-        return make_loader(source, opts, sampler=sampler, augment=augment, lake=ident,
-                           version=self.versions([p.version for p in parts]))
+        loader = make_loader(source, opts, sampler=sampler, augment=augment, lake=ident,
+                             version=self.versions([p.version for p in parts]))
+        # the name states saved before 2026-12-07 (pm) gave this mixture, versions included: they resume
+        loader.legacy_lake = self.legacy_identity([p.version for p in parts], [p.identity for p in parts])
+        return loader
 
     def close(self) -> None:
         """Close the lakes `m2m.mix` opened from paths (lakes passed open stay open)."""
@@ -272,6 +282,10 @@ class MixtureAugment:
 
             out[sel] = aug(x[sel], rows[sel] - base, local_gather, generator).to(out.dtype)
         return out
+
+
+#: Arrow types whose int64 values carry a unit: two lakes' columns of these mix only at the same type
+_UNIT_TYPES = ("timestamp", "duration", "date", "time")
 
 
 def _mean_alpha(manifest: Any) -> float:
