@@ -579,3 +579,21 @@ def test_promoted_dtype_keeps_kinds_apart_and_never_widens_ints_to_float():
     assert promoted_dtype([i64, u64]) is None                      # numpy would give float64: lossy
     assert promoted_dtype([np.dtype("M8[D]"), np.dtype("M8[s]")]) == np.dtype("M8[s]")
     assert promoted_dtype([np.dtype(bool), i64]) is None and promoted_dtype([np.dtype(object), i64]) is None
+
+
+def test_write_lake_errors_are_one_line_and_auto_compact_runs(cluster, tmp_path):
+    """A task's m2m error came back as Ray's wrapper (nine lines of remote traceback first), and
+    write_lake ignored M2MConfig(auto_compact=N) where add_splats compacts (probing user, 2026-12-07)."""
+    import m2m.ray
+
+    x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
+    bad = x.copy()
+    bad[15, 1] = np.nan
+    with pytest.raises(InvalidEmbeddingError) as info:
+        m2m.ray.write_lake(cluster.data.from_numpy(bad).repartition(2), str(tmp_path / "bad"), vector_column="data")
+    assert "\n" not in str(info.value) and "NaN" in str(info.value)
+    cfg = M2MConfig(path=str(tmp_path / "lake"), latent_dim=4, auto_compact=3)
+    for i in range(4):
+        m2m.ray.write_lake(cluster.data.from_numpy(x + i), cfg, vector_column="data")
+    with open_lake(str(tmp_path / "lake")) as lake:
+        assert len(lake) == 160 and len(lake.manifest.shards) < 4

@@ -40,6 +40,22 @@ def require_ray() -> Any:
 CANCEL_WAIT_S = 30.0  # how long a failed or interrupted job waits for its cancelled tasks to end
 
 
+def gather(ray: Any, refs: list[Any]) -> list[Any]:
+    """``ray.get(refs)``; when a task fails (or the driver is interrupted) the others still running are
+    cancelled (`cancel_pending`), and a task's own m2m error is raised as itself: Ray's wrapper
+    (``RayTaskError(InvalidEmbeddingError)``) prints nine lines of remote traceback before the one line."""
+    from m2m.errors import M2MError
+
+    try:
+        return list(ray.get(refs))
+    except BaseException as exc:
+        cancel_pending(ray, refs)
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, M2MError):
+            raise cause from None
+        raise
+
+
 def cancel_pending(ray: Any, refs: list[Any]) -> None:
     """Cancel the tasks of ``refs`` that have not finished, then wait (at most `CANCEL_WAIT_S`) until
     none runs. Only unfinished ones: ``ray.cancel(force=True)`` of a task that had already failed

@@ -43,7 +43,7 @@ from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.reader import Snapshot
-from m2m.ray import cancel_pending, require_ray
+from m2m.ray import require_ray
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +133,11 @@ def _as_list(refs: Any, n: int) -> list[Any]:
 
 
 def _gather(ray: Any, refs: list[Any]) -> list[Any]:
-    """``ray.get`` that cancels what still runs when one task fails or the driver is interrupted."""
-    try:
-        return ray.get(refs)
-    except BaseException:
-        cancel_pending(ray, refs)
-        raise
+    """``ray.get`` that cancels what still runs when one task fails or the driver is interrupted
+    (`m2m.ray.gather`: a task's m2m error raised as itself)."""
+    from m2m.ray import gather
+
+    return gather(ray, refs)
 
 
 def _owners(faiss: Any, ray: Any, sample_mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: str,

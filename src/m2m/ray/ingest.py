@@ -22,6 +22,7 @@ manifest; ``lake.vacuum()`` removes it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -51,7 +52,7 @@ from m2m.lake.writer import (
     shard_rows,
     write_splats,
 )
-from m2m.ray import cancel_pending, require_ray
+from m2m.ray import gather, require_ray
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +167,7 @@ def _unified_metadata(ray: Any, pieces: list[tuple[_Piece, int]], first: dict[st
         return
     task = ray.remote(num_cpus=1, max_retries=0)(_column_dtypes)
     refs = [task.remote(p, names) for p, _ in pieces]
-    try:
-        found = ray.get(refs)
-    except BaseException:
-        cancel_pending(ray, refs)
-        raise
+    found = gather(ray, refs)
     for i, name in enumerate(names):
         dtype = promoted_dtype([np.dtype(d[i]) for d in found])
         if dtype is not None and dtype != first["metadata"][name].dtype:
@@ -325,9 +322,11 @@ def _commit(ray: Any, lake: Any, pieces: list[tuple[_Piece, int]], rows: int, fi
             next_id += n
             prev_id = next_id - 1
         try:
-            results = ray.get(refs)
+            results = gather(ray, refs)
         except BaseException:
-            cancel_pending(ray, refs)  # then Lake.commit removes every file the tasks wrote
+            # Lake.commit removes the files of a failed local commit; a store's tracks only this process's
+            # writes, so the shards the finished tasks wrote are removed here (on S3 they stayed: observed)
+            _remove_finished_shards(ray, fs, refs)
             raise
         shards: list[ShardEntry] = []
         vocab = list(schema.label_vocabulary)
@@ -348,3 +347,18 @@ def _commit(ray: Any, lake: Any, pieces: list[tuple[_Piece, int]], rows: int, fi
                          operation={"type": "append", "rows": rows, "engine": "ray", "tasks": len(groups)})
 
     lake.commit("append (ray)", build)
+    lake._auto_compact()  # as add_splats does (config.auto_compact; write_lake ignored it)
+
+
+def _remove_finished_shards(ray: Any, fs: LakeFS, refs: list[Any]) -> None:
+    """Delete the shard files of the write tasks of ``refs`` that finished (their results list them)."""
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    for ref in done:
+        try:
+            result = ray.get(ref)
+        except Exception:  # noqa: BLE001 - a failed task: what it wrote is not listed
+            continue
+        for entry in result.get("shards", ()):
+            for f in entry.files:
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    fs.remove(f.path)
