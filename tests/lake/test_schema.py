@@ -146,8 +146,9 @@ _CASTS = [  # (the lake's column, an append's values, refused?) -- every append 
     (np.array(["2020-01-01"], "datetime64[D]"), np.array(["2020-01-03T00:00", "2020-01-03T13:45"], "datetime64[s]"),
      r"row 1's datetime.datetime\(2020, 1, 3, 13, 45\) as datetime.date\(2020, 1, 3\)"),
     (np.array(["a", "b"], dtype=object), np.array([1, 2, 3]), "has type int64, the lake's column is string"),
-    (np.array([1, 2], np.int8), np.array([1, 300]), "the lake's column is int8, and a value does not fit it"),
-    (np.array([1, 2], np.int64), np.array([1.0, 2.5]), "the lake's column is int64, and a value does not fit"),
+    # the row and what it would become (Arrow's own message named the value only, no row)
+    (np.array([1, 2], np.int8), np.array([1, 300]), "the lake's column is int8, which would store row 1's 300 as 44"),
+    (np.array([1, 2], np.int64), np.array([1.0, 2.5]), "the lake's column is int64, which would store row 1's 2.5 as 2"),
     (np.array([1, 2], np.int64), np.array([True]), "has type bool, the lake's column is int64"),
     # stored exactly (or rounded by a float column): accepted
     (np.array([1, 2], np.float32), np.array([0.1, 1e30, np.nan]), None),
