@@ -496,3 +496,37 @@ def test_to_arrow_float32_converts_float16_metadata_too():
         assert t.schema.field("h").type == pa.float32() and t.schema.field("mu").type.value_type == pa.float32()
         np.testing.assert_array_equal(t.column("h").to_numpy(zero_copy_only=False)[[0, 1, 3]], [0.5, 1.5, 2.0])
         assert lk.to_arrow().schema.field("h").type == pa.float16()
+
+
+def test_review_round_two_ingest_cases(tmp_path):
+    """A symlinked partition folder is read (rglob skipped it: rows lost, exit 0); a repeated name the
+    ingest does not read is allowed; a value that does not fit names the chunk it is in."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src, elsewhere = tmp_path / "part", tmp_path / "elsewhere"
+    (src / "label=1").mkdir(parents=True)
+    elsewhere.mkdir()
+    for folder in (src / "label=1", elsewhere):
+        vecs = np.random.default_rng(len(str(folder))).standard_normal((10, 4)).astype(np.float32)
+        pq.write_table(pa.table({"emb": pa.array(list(vecs), type=pa.list_(pa.float32()))}), folder / "p.parquet")
+    (src / "label=2").symlink_to(elsewhere)
+    assert _run("ingest", src, "--lake", tmp_path / "L", "--label-column", "label", "-q").returncode == 0
+    with open_lake(tmp_path / "L") as lk:
+        assert len(lk) == 20 and sorted(set(lk.splats()["label"].tolist())) == [1, 2]
+    t = pa.Table.from_arrays([pa.array([[1.0, 2.0]] * 3), pa.array([1, 2, 3]), pa.array([4, 5, 6])],
+                             names=["vec", "x", "x"])
+    pq.write_table(t, tmp_path / "dup.parquet")
+    assert _run("ingest", tmp_path / "dup.parquet", "--lake", tmp_path / "M", "--column", "vec", "-q").returncode == 0
+    with create_m2m(M2MConfig(path=tmp_path / "N", latent_dim=4)) as lk:
+        lk.add_splats(np.ones((2, 4)), metadata={"m": np.array([1, 2], np.int32)})
+    m = np.arange(3000, dtype=np.int64)
+    m[2500] = 2**40
+    vecs = np.random.default_rng(0).standard_normal((3000, 4)).astype(np.float32)
+    pq.write_table(pa.table({"emb": pa.array(list(vecs), type=pa.list_(pa.float32())), "m": m}), tmp_path / "m.parquet")
+    r = _run("ingest", tmp_path / "m.parquet", "--lake", tmp_path / "N", "--meta-column", "m", "--chunk-size", "4KiB")
+    assert r.returncode == 1
+    import re
+
+    found = re.search(r"in the chunk starting at row (\d+): .*which would store row (\d+)'s 1099511627776", r.stderr)
+    assert found and int(found.group(1)) + int(found.group(2)) == 2500, r.stderr

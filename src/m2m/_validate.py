@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -482,6 +483,7 @@ class SplatBatch:
     metadata: dict[str, np.ndarray]
     ids: np.ndarray | None = None  # explicit ids (consolidation keeps ids); None = assign new ones
     norms: np.ndarray | None = None  # given with stored unit vectors (consolidation): written as they are
+    start: int = 0  # the input row of the batch's first row (chunked ingest), for messages
 
     @property
     def rows(self) -> int:
@@ -500,7 +502,7 @@ def validate_splats(vectors: Any, labels: Any, kappa: Any, alpha: Any, metadata:
     check_rows(arr, start)
     if start:
         try:
-            return _columns(arr, labels, kappa, alpha, metadata, kappa_nan)
+            return dataclasses.replace(_columns(arr, labels, kappa, alpha, metadata, kappa_nan), start=start)
         except InvalidEmbeddingError as exc:
             raise InvalidEmbeddingError(f"in the chunk starting at row {start}: {exc}") from exc
     return _columns(arr, labels, kappa, alpha, metadata, kappa_nan)

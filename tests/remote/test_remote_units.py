@@ -179,3 +179,37 @@ def test_a_refused_manifest_put_removes_the_commits_files(monkeypatch) -> None:
     assert [p for p in set(mfs.find("/refused-put/lake")) - before if "/_data/" in p] == []
     monkeypatch.undo()
     lake.close()
+
+
+def test_a_refusal_after_a_try_that_may_have_landed_keeps_the_outcome_unknown(monkeypatch) -> None:
+    """The version put's first try landed and failed in transport; its retry was refused (expired
+    credentials): the commit had removed the shard files of a published version (a review, 2026-12-07)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from m2m.errors import ObjectStoreError
+
+    url = "memory://refused-retry/lake"
+    lake = create_m2m(M2MConfig(path=url, latent_dim=8, io_retries=2))
+    lake.add_splats(np.ones((10, 8), np.float32))
+    closed = type("ConnectionClosedError", (Exception,), {})
+    denied = type("NoCredentialsError", (Exception,), {})
+    original = MemoryFileSystem.pipe_file
+    calls = {"n": 0}
+
+    def pipe_file(self, path, *args, **kwargs):
+        if "_manifests/v" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                original(self, path, *args, **kwargs)
+                raise closed("connection closed before the reply")
+            raise denied("Unable to locate credentials")
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", pipe_file)
+    with pytest.raises(ObjectStoreError) as info:
+        lake.add_splats(2 * np.ones((10, 8), np.float32))
+    assert getattr(info.value, "_m2m_outcome_unknown", False)
+    monkeypatch.undo()
+    lake.close()
+    with open_lake(url) as again:
+        assert len(again.splats()["id"]) == 20  # the published version reads: its files were kept

@@ -408,7 +408,9 @@ class FsspecFS:
                         # line naming the object, the cause chained
                         refused = ObjectStoreError(f"{op} {self.url}/{rel} refused by the store (not retried): "
                                                    f"{_one_line(exc)}")
-                        setattr(refused, "refused", True)  # a definite answer: a refused put did not land
+                        # a definite answer, so a refused put did not land, only on the first try: after a
+                        # try that failed in transport (and may have landed) the outcome stays unknown
+                        setattr(refused, "refused", attempt == 0)
                         raise refused from exc
                     raise
                 attempt += 1

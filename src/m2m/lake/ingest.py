@@ -367,7 +367,10 @@ class _ArrowReader(_Reader):
         self._chunk_rows, self._chunk_bytes = chunk_rows, chunk_bytes
         self._num_rows, self._batches, self._first_row = num_rows, batches, first_row
         twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
-        if twice:  # (pyarrow's KeyError 'Field "m" exists 2 times in schema' was a raw traceback)
+        named = {columns.column, columns.label_column, *columns.meta_columns} - {None}
+        if twice and (columns.all_columns or named & set(twice) or columns.column is None):
+            # (pyarrow's KeyError 'Field "m" exists 2 times in schema' was a raw traceback); a name the
+            # ingest does not read may repeat
             raise InvalidEmbeddingError(f"{where}: column name(s) {twice} appear more than once; rename them")
         self.vec, self.label, self.meta = columns.resolve(schema, where)
         self.terms = export_terms(schema, columns, self.vec)
@@ -631,6 +634,22 @@ def _lossy_widening(types: list[pa.DataType], wide: pa.DataType) -> pa.DataType 
     return None
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """The files below ``root``, following symlinked folders as pyarrow's discovery does (Path.rglob of
+    Python 3.11 does not: a symlinked partition was skipped, silently), each real folder once."""
+    seen: set[str] = set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in names:
+            path = Path(folder) / name
+            if path.is_file():
+                yield path
+
+
 def _dataset_reader(source: Source) -> _ArrowReader:
     import pyarrow.dataset as ds
 
@@ -638,7 +657,7 @@ def _dataset_reader(source: Source) -> _ArrowReader:
     assert root is not None
     # the table files only (a README or _SUCCESS beside them made pyarrow fail reading its schema), hidden
     # ones (".", "_" anywhere in the path below root) left out as pyarrow does
-    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and file_kind(p) is not None
+    files = sorted(str(p) for p in _walk(root) if file_kind(p) is not None
                    and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
     kinds = {file_kind(Path(f)) for f in files}
     if not files:

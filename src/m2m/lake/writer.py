@@ -62,7 +62,13 @@ def reconcile_schema(schema: SchemaUpdate, batch: SplatBatch) -> SchemaUpdate:
     for name, values in batch.metadata.items():
         typ = pa.string() if values.dtype == object else pa.from_numpy_dtype(values.dtype)
         if name in metadata and str(typ) != metadata[name]:
-            check_cast(name, values, pa.type_for_alias(metadata[name]))
+            try:
+                check_cast(name, values, pa.type_for_alias(metadata[name]))
+            except InvalidEmbeddingError as exc:
+                if not batch.start:
+                    raise
+                # (its row numbers count within the chunk: say where the chunk starts)
+                raise InvalidEmbeddingError(f"in the chunk starting at row {batch.start}: {exc}") from exc
         metadata.setdefault(name, str(typ))
     vocab = schema.label_vocabulary
     if label_type == "string":
