@@ -78,6 +78,7 @@ class Snapshot:
         self._file_shard: dict[str, int] | None = None
         self._derived: dict[tuple[int, str], np.ndarray] = {}
         self._extents: dict[str, dict[str, ColumnExtent]] = {}
+        self._footer_ok: set[str] = set()  # files `_check_footer` passed for this manifest
         self._ids: np.ndarray | None = None
         self._id_range: IdRanges | None = None   # the shards' id ranges (`_locate`)
         self._id_maps: dict[int, ShardIds] = {}  # shards with gaps in their ids: which ids each holds
@@ -230,10 +231,13 @@ class Snapshot:
         `check_key`, before any positional read of it: the reads by extent (random access, the stream)
         skipped it for remote and format-3 lakes, whose footers are not checked at open, so a manifest
         edited with its hash recomputed (two shards' files swapped) served other rows (observed)."""
+        if f.path in self._footer_ok:  # (this snapshot's manifest checked it: no key to build per read)
+            return
         key = check_key(self.manifest, self._shard_of_file()[f.path], f)
         if key not in self._checked:
             check_file(self.fs, self.manifest, self._shard_of_file()[f.path], f)
             self._checked.add(key)
+        self._footer_ok.add(f.path)
 
     def arrow_column(self, shard: int, name: str) -> pa.Array:
         """Column ``name`` of shard ``shard`` as the stored Arrow array."""
