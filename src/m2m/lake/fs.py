@@ -573,7 +573,7 @@ class FsspecFS:
                 key = (rel, st.st_ino, st.st_size)
                 downloaded = self.cache.fetches.get(rel, 0) != before  # checked by the download itself
                 if key in self._checked_copies or downloaded or (
-                        file_crc32(path) == crc32 and (sha256 is None or _digest_matches(path, rel, size, sha256))):
+                        file_crc32(path) == crc32 and (sha256 is None or _digest_matches(path, size, sha256))):
                     self._checked_copies.add(key)
                     yield path
                     return
@@ -593,18 +593,17 @@ class FsspecFS:
         self.cache.close()
 
 
-def _digest_matches(path: str, rel: str, size: int | None, sha256: str) -> bool:
+def _digest_matches(path: str, size: int | None, sha256: str) -> bool:
     """Whether the file at ``path`` has the size and SHA-256 its signed manifest names (a signed lake's
     file; `m2m.lake.shard` checks it again at a file's first open, as for any copy)."""
-    import hashlib
+    from m2m.lake.checksum import fd_sha256
 
-    h = hashlib.sha256()
-    total = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            total += len(block)
-    return (size is None or total == size) and h.hexdigest() == sha256
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        total, digest = fd_sha256(fd)
+    finally:
+        os.close(fd)
+    return (size is None or total == size) and digest == sha256
 
 
 def open_fs(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from m2m._forksafe import ForkSafeLock
 from m2m.errors import ConfigError, CorruptShardError
+from m2m.lake.checksum import fd_sha256
 from m2m.lake.fs import LakeFS, fsync_path, write_error
 from m2m.lake.manifest import DATA_DIR, FileEntry, key_of
 
@@ -434,17 +435,7 @@ def _check_digest(fd: int, path: str, entry: FileEntry, again: bool = False) -> 
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, want)
     if not again and key in _DIGESTS_SEEN:
         return False
-    h = hashlib.sha256()
-    buf = bytearray(min(_DIGEST_CHUNK, max(st.st_size, 1)))
-    view = memoryview(buf)
-    at = 0
-    while True:
-        got = os.preadv(fd, [view], at)
-        if got == 0:
-            break
-        h.update(view[:got])
-        at += got
-    got_hex = h.hexdigest()
+    at, got_hex = fd_sha256(fd, min(_DIGEST_CHUNK, st.st_size))
     if at != entry.bytes or got_hex != want:
         raise CorruptShardError(f"shard file {path} is not the file the signed manifest names: {at} bytes with "
                                 f"SHA-256 {got_hex[:16]}..., the manifest says {entry.bytes} bytes, {want[:16]}... "
