@@ -226,16 +226,21 @@ class Snapshot:
         with opened_shard(self.fs, f) as sf:
             return read_column(sf, ext)
 
-    def _check_footer(self, f: FileEntry) -> None:
-        """`check_file` of ``f`` (its footer, ids, lake id and kappa run against this manifest) once per
-        `check_key`, before any positional read of it: the reads by extent (random access, the stream)
-        skipped it for remote and format-3 lakes, whose footers are not checked at open, so a manifest
-        edited with its hash recomputed (two shards' files swapped) served other rows (observed)."""
+    def _check_footer(self, f: FileEntry, batch: pa.RecordBatch | None = None) -> None:
+        """`check_batch` of ``f`` (its footer, ids, lake id and kappa run against this manifest) once per
+        `check_key`: of ``batch`` when the file was read whole, else of its footer read here, before any
+        positional read of it. The reads by extent (random access, the stream) had skipped it for remote
+        and format-3 lakes, whose footers are not checked at open, so a manifest edited with its hash
+        recomputed (two shards' files swapped) served other rows (observed)."""
         if f.path in self._footer_ok:  # (this snapshot's manifest checked it: no key to build per read)
             return
-        key = check_key(self.manifest, self._shard_of_file()[f.path], f)
+        shard = self._shard_of_file()[f.path]
+        key = check_key(self.manifest, shard, f)
         if key not in self._checked:
-            check_file(self.fs, self.manifest, self._shard_of_file()[f.path], f)
+            if batch is None:
+                check_file(self.fs, self.manifest, shard, f)
+            else:
+                check_batch(self.manifest, shard, f, batch, file_name(self.fs, f.path))
             self._checked.add(key)
         self._footer_ok.add(f.path)
 
@@ -410,10 +415,7 @@ class Snapshot:
                 b = open_shard_file(self.fs, f, verify=check)
                 if check:
                     self._verified.add(f.path)
-                key = check_key(self.manifest, self._shard_of_file()[f.path], f)
-                if key not in self._checked:
-                    check_batch(self.manifest, self._shard_of_file()[f.path], f, b, file_name(self.fs, f.path))
-                    self._checked.add(key)
+                self._check_footer(f, b)
                 self._batches[f.path] = b
                 self._batch_bytes[f.path] = f.bytes
                 self._trim()
