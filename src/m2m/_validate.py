@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from m2m.errors import ConfigError, ConfigTypeError, DimensionMismatchError, InvalidEmbeddingError
+from m2m.errors import ConfigError, ConfigTypeError, DimensionMismatchError, InvalidEmbeddingError, in_chunk
 from m2m.lake.schema import RESERVED_COLUMNS, reserved_reason  # noqa: F401  (RESERVED_COLUMNS: re-exported)
 
 VALIDATE_CHUNK_ROWS = 65536
@@ -500,12 +500,9 @@ def validate_splats(vectors: Any, labels: Any, kappa: Any, alpha: Any, metadata:
     """
     arr = as_vectors(vectors, dim)
     check_rows(arr, start)
-    if start:
-        try:
-            return dataclasses.replace(_columns(arr, labels, kappa, alpha, metadata, kappa_nan), start=start)
-        except InvalidEmbeddingError as exc:
-            raise InvalidEmbeddingError(f"in the chunk starting at row {start}: {exc}") from exc
-    return _columns(arr, labels, kappa, alpha, metadata, kappa_nan)
+    with in_chunk(start):
+        return dataclasses.replace(_columns(arr, labels, kappa, alpha, metadata, kappa_nan), start=start)
+
 
 
 def _columns(arr: np.ndarray, labels: Any, kappa: Any, alpha: Any, metadata: Any, kappa_nan: bool) -> SplatBatch:

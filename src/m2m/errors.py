@@ -2,6 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+__all__ = [
+    "M2MError",
+    "InvalidEmbeddingError",
+    "DimensionMismatchError",
+    "ConfigError",
+    "CorruptShardError",
+    "LakeNotFoundError",
+    "LakeLockedError",
+    "DeviceUnavailableError",
+    "StreamError",
+    "ConfigTypeError",
+    "LakeClosedError",
+    "CommitConflictError",
+    "UnknownIdError",
+    "UnknownColumnError",
+    "StateMismatchError",
+    "NumericalError",
+    "PathNotFoundError",
+    "MissingDependencyError",
+    "ObjectStoreError",
+    "InvalidManifestError",
+    "WriteFailedError",
+    "ReadOnlyLakeError",
+    "AlreadyExistsError",
+    "InternalError",
+    "CacheTimeoutError",
+    "SignatureError",
+    "PositionError",
+]  # (the error types; `in_chunk` is a helper of the ingest modules)
+
 
 class M2MError(Exception):
     """Base class of every error m2m raises on purpose."""
@@ -122,3 +155,15 @@ class PositionError(M2MError, IndexError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+@contextlib.contextmanager
+def in_chunk(start: int) -> Iterator[None]:
+    """Prefix an `InvalidEmbeddingError` raised inside with where its chunk starts in the input (its row
+    numbers count within the chunk: chunked ingest); nothing for the first chunk."""
+    try:
+        yield
+    except InvalidEmbeddingError as exc:
+        if not start:
+            raise
+        raise InvalidEmbeddingError(f"in the chunk starting at row {start}: {exc}") from exc

@@ -31,6 +31,7 @@ from m2m.errors import (
     M2MError,
     PathNotFoundError,
     WriteFailedError,
+    in_chunk,
 )
 from m2m.lake.fs import local_path
 
@@ -416,13 +417,8 @@ class _ArrowReader(_Reader):
                 width = _vectors(batch.column(self.vec).slice(0, 1), self.vec, self.where).shape[1]
                 step = _rows_per_chunk(None, self._chunk_bytes, width, itemsize)
             for lo in range(0, batch.num_rows, step):
-                try:
+                with in_chunk(done + lo):
                     chunk = self._chunk(batch.slice(lo, step))
-                except InvalidEmbeddingError as exc:
-                    if not done + lo:
-                        raise
-                    # (row numbers in the message count within the chunk: say where it starts)
-                    raise InvalidEmbeddingError(f"in the chunk starting at row {done + lo}: {exc}") from exc
                 yield chunk
             done += batch.num_rows
 
@@ -437,7 +433,7 @@ class _ArrowReader(_Reader):
             chunk["metadata"] = {m: arrow_metadata(batch.column(m), m, self.where) for m in self.meta}
         for key, name in self.terms.items():  # an m2m export's own kappa/alpha (nulls: NaN) and norms
             values = _plain(batch.column(name)).to_numpy(zero_copy_only=False).astype(np.float64)
-            # mu_norm: applied by `with_norms` in Lake.add_splat_chunks, which knows the lake's dtype
+            # mu_norm: applied by `export_rows` in Lake.add_splat_chunks, which knows the lake's dtype
             chunk[key] = values
         if "kappa" in self.terms:
             chunk["kappa_nan"] = True  # rows the exported lake had not estimated
@@ -566,9 +562,10 @@ def _ipc_reader(f: Path, source: Source) -> _ArrowReader:
 
 
 def _file_reader(f: Path, source: Source) -> _Reader:
-    if file_kind(f) == "npy":
+    kind = file_kind(f)
+    if kind == "npy":
         return _NpyReader(f, source)
-    if file_kind(f) == "parquet":
+    if kind == "parquet":
         return _parquet_reader(f, source)
     return _ipc_reader(f, source)
 
@@ -731,8 +728,9 @@ def discarding_new_lake(lake: Any, folder: str | None) -> Iterator[None]:
                     target = os.path.join(folder, entry)
                     if os.path.isdir(target) and not os.path.islink(target):
                         shutil.rmtree(target, ignore_errors=True)
-                    else:
-                        os.remove(target)
+                    else:  # (as rmtree's ignore_errors: a failed clean-up must not replace the write's error)
+                        with contextlib.suppress(OSError):
+                            os.remove(target)
             else:
                 shutil.rmtree(folder, ignore_errors=True)
         raise

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from m2m._validate import SplatBatch, unit_rows
-from m2m.errors import InvalidEmbeddingError
+from m2m.errors import InvalidEmbeddingError, in_chunk
 from m2m.lake.fs import LakeFS
 from m2m.lake.integrity import WriteStamp
 from m2m.lake.manifest import Manifest, ShardEntry
@@ -62,13 +62,8 @@ def reconcile_schema(schema: SchemaUpdate, batch: SplatBatch) -> SchemaUpdate:
     for name, values in batch.metadata.items():
         typ = pa.string() if values.dtype == object else pa.from_numpy_dtype(values.dtype)
         if name in metadata and str(typ) != metadata[name]:
-            try:
+            with in_chunk(batch.start):
                 check_cast(name, values, pa.type_for_alias(metadata[name]))
-            except InvalidEmbeddingError as exc:
-                if not batch.start:
-                    raise
-                # (its row numbers count within the chunk: say where the chunk starts)
-                raise InvalidEmbeddingError(f"in the chunk starting at row {batch.start}: {exc}") from exc
         metadata.setdefault(name, str(typ))
     vocab = schema.label_vocabulary
     if label_type == "string":
