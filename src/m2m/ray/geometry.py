@@ -43,7 +43,7 @@ from m2m.lake import summary as lake_stats
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.reader import Snapshot
-from m2m.ray import require_ray
+from m2m.ray import gather, require_ray
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +130,6 @@ def _one_or_many(outs: list[Any]) -> Any:
 
 def _as_list(refs: Any, n: int) -> list[Any]:
     return [refs] if n == 1 else list(refs)
-
-
-def _gather(ray: Any, refs: list[Any]) -> list[Any]:
-    """``ray.get`` that cancels what still runs when one task fails or the driver is interrupted
-    (`m2m.ray.gather`: a task's m2m error raised as itself)."""
-    from m2m.ray import gather
-
-    return gather(ray, refs)
 
 
 def _owners(faiss: Any, ray: Any, sample_mu: np.ndarray, centroids: np.ndarray, nprobe: int, precision: str,
@@ -436,7 +428,7 @@ def _exact_neighbours(ray: Any, snap: Snapshot, ranges: list[tuple[int, int]], r
     queries = _sample_mu(snap, rows)
     task = ray.remote(num_cpus=1, max_retries=0)(_exact_sample_task)
     q_ref = ray.put(queries)
-    results = _gather(ray, [task.remote(snap.fs, snap.manifest, verify, lo, hi, q_ref, kk) for lo, hi in ranges])
+    results = gather(ray, [task.remote(snap.fs, snap.manifest, verify, lo, hi, q_ref, kk) for lo, hi in ranges])
     heap = faiss.ResultHeap(rows.size, kk, keep_max=True)
     for d, i in results:
         heap.add_result(np.ascontiguousarray(d, np.float32), np.ascontiguousarray(i, np.int64))
@@ -539,9 +531,9 @@ def geometry_fields(snap: Snapshot, k: int, seed: int, progress: Progress = None
     candidates = [_as_list(lists_task.options(num_returns=len(finish)).remote(
         k_eff, nlist, np.flatnonzero(owner == p), range_starts, *[r[p] for r in routed]), len(finish))
         for p in range(int(owner.max()) + 1)]
-    results = _gather(ray, _finish(ray, snap, finish, range_starts, candidates, k, k_eff))
+    results = gather(ray, _finish(ray, snap, finish, range_starts, candidates, k, k_eff))
     t3 = time.perf_counter()
-    loads = _gather(ray, warm)
+    loads = gather(ray, warm)
     shards: list[ShardEntry] = []
     summary: dict[str, Any] = {}
     for res in results:
@@ -623,9 +615,9 @@ def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall
     with_labels = base.label_type is not None
     routed = _route(ray, snap, ranges, centroids, nprobe, float("inf"), None, owner, with_labels, verify)
     task = ray.remote(num_cpus=1, max_retries=0)(_duplicates_task)
-    edges = _gather(ray, [task.remote(thr, nlist, np.flatnonzero(owner == p), *[r[p] for r in routed])
+    edges = gather(ray, [task.remote(thr, nlist, np.flatnonzero(owner == p), *[r[p] for r in routed])
                           for p in range(int(owner.max()) + 1)])
-    _gather(ray, warm)
+    gather(ray, warm)
     u = np.concatenate([e[0] for e in edges])
     v = np.concatenate([e[1] for e in edges])
     logger.info("ray duplicates of %d rows: nlist=%d nprobe=%d (calibrated pair recall %.3f), %d forest edges",

@@ -116,7 +116,8 @@ class MixtureSampler:
         """``mean_alpha``: each lake's mean alpha (None: 1 each), by which its importance weights are
         divided so that they average 1."""
         self.sizes = [int(n) for n in sizes]
-        self.mean_alpha = [1.0] * len(self.sizes) if mean_alpha is None else [float(a) for a in mean_alpha]
+        given = [1.0] * len(self.sizes) if mean_alpha is None else [float(a) for a in mean_alpha]
+        self.mean_alpha = [a if a > 0 and np.isfinite(a) else 1.0 for a in given]
         self.bases = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.counts = counts(weights, int(epoch_rows))
         self.seed = int(seed)
@@ -144,8 +145,7 @@ class MixtureSampler:
             # each lake's total weight its total alpha whatever its share (800/200 rows at 50/50 weighed 80/20),
             # and alpha / (N_j p) its mean alpha (a consolidated lake, mean alpha 3, at 50/50 weighed 75/25;
             # both observed)
-            mean = self.mean_alpha[j] if self.mean_alpha[j] > 0 and np.isfinite(self.mean_alpha[j]) else 1.0
-            scaled = weights.astype(np.float64) * (int(self.counts[j]) / self.sizes[j] / mean)
+            scaled = weights.astype(np.float64) * (int(self.counts[j]) / self.sizes[j] / self.mean_alpha[j])
             if not np.isfinite(scaled.astype(np.float32)).all():
                 raise ConfigError(f"mix: lake #{j}'s importance weights overflow float32 at its share of the mixture")
             drawn.append((rows, scaled.astype(np.float32)))

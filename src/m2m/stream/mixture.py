@@ -223,11 +223,11 @@ class Mixture:
         sampler = kind([self.num_rows[n] for n in self.names], self._w, self.epoch_rows, seed_,
                        [p.sampler for p in parts], [_mean_alpha(self._snaps[n].manifest) for n in self.names])
         augment = None if gen is None else MixtureAugment([p.augment for p in parts], source.bases)
-        ident = self.identity([p.identity for p in parts])
-        loader = make_loader(source, opts, sampler=sampler, augment=augment, lake=ident,
-                             version=self.versions([p.version for p in parts]))
+        ids, versions = [p.identity for p in parts], [p.version for p in parts]
+        loader = make_loader(source, opts, sampler=sampler, augment=augment, lake=self.identity(ids),
+                             version=self.versions(versions))
         # the name states saved before 2026-12-07 (pm) gave this mixture, versions included: they resume
-        loader.legacy_lake = self.legacy_identity([p.version for p in parts], [p.identity for p in parts])
+        loader.legacy_lake = self.legacy_identity(versions, ids)
         return loader
 
     def close(self) -> None:

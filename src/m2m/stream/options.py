@@ -125,7 +125,7 @@ class StreamOptions:
             value = getattr(self, name)
             if value is None and name == "shard_affinity":
                 continue
-            if not (isinstance(value, (bool, int)) or isinstance(value, np.bool_)):
+            if not isinstance(value, (bool, int, np.bool_)):
                 raise ConfigTypeError(f"{name} must be a bool, got {value!r}")
             put(self, name, bool(value))
         for name, allowed in (("shuffle_mode", SHUFFLE_MODES), ("warm_mode", WARM_MODES), ("hot_mode", HOT_MODES)):
