@@ -257,7 +257,7 @@ def test_kept_span_factors_give_the_rerun_of_fresh_ones(monkeypatch):
     kept = LangevinAugmenter(nb, kappa, alpha, steps=5, step_size=0.3)
     first = torch.arange(0, N, 2)
     kept(mu[first], first, _Gather(mu), torch.Generator().manual_seed(0))
-    frames = kept._frames[(torch.device("cpu"), D, torch.float64)]
+    frames = kept._frames[(torch.device("cpu"), D, torch.float32)]
     assert frames is not None and 0 < int(frames.have.sum()) <= len(first)
     rows = torch.cat([torch.arange(N).flip(0), first])
     got = kept(mu[rows], rows, _Gather(mu), torch.Generator().manual_seed(1))
@@ -265,7 +265,7 @@ def test_kept_span_factors_give_the_rerun_of_fresh_ones(monkeypatch):
     monkeypatch.setattr(augmenter_mod, "_FRAME_CACHE_BYTES", 0)
     fresh = LangevinAugmenter(nb, kappa, alpha, steps=5, step_size=0.3)
     want = fresh(mu[rows], rows, _Gather(mu), torch.Generator().manual_seed(1))
-    assert fresh._frames[(torch.device("cpu"), D, torch.float64)] is None
+    assert fresh._frames[(torch.device("cpu"), D, torch.float32)] is None
     assert torch.allclose(got, want, atol=1e-6)
     assert not torch.equal(got, mu[rows])                              # the rows did move
 

@@ -95,18 +95,52 @@ def test_span_kernel_is_the_one_component_chain_where_neighbours_are_negligible(
     assert torch.allclose(t[ok], own.t[ok], atol=1e-6)
 
 
-def test_span_frame_reproduces_the_means_and_drops_duplicates():
-    mu = _means(48, [0.99, 0.5], True).unsqueeze(0)            # 0, 1, 2, dup of 1, dup of 0, zero
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_span_frame_reproduces_the_means_and_drops_duplicates(dtype):
+    mu = _means(48, [0.99, 0.5], True).unsqueeze(0).to(dtype)  # 0, 1, 2, dup of 1, dup of 0, zero
     fr = span_frame(mu)
+    assert fr.means.dtype == dtype                             # float32 means stay float32
     assert fr.kept[0].tolist() == [True, True, True, False, False, False]
     gram = mu[0].double() @ mu[0].double().T
     assert torch.allclose(fr.coords[0] @ fr.coords[0].T, gram, atol=1e-12)
-    # combine / project_coords are q-frame maps: orthonormal on the kept slots
+    # combine / project_coords are q-frame maps: orthonormal on the kept slots (to the means' rounding)
+    tol = 1e-12 if dtype == F64 else 1e-6
     a = torch.tensor([[0.3, -0.2, 0.5, 0.0, 0.0, 0.0]], dtype=F64)
     v = fr.combine(a)
-    assert torch.allclose(v.norm(), a.norm(), atol=1e-12)
-    assert torch.allclose(fr.project_coords(v), a, atol=1e-12)
-    assert torch.allclose(mu[0].double() @ v[0], fr.coords[0] @ a[0], atol=1e-12)
+    assert v.dtype == dtype
+    assert torch.allclose(v.double().norm(), a.norm(), atol=tol)
+    assert torch.allclose(fr.project_coords(v), a, atol=tol)
+    assert torch.allclose(mu[0].double() @ v[0].double(), fr.coords[0] @ a[0], atol=tol)
+    # the same through the float64 rows of a float32 frame
+    v64 = fr.rows64(torch.tensor([0])).combine(a)
+    assert v64.dtype == F64 and torch.allclose(mu[0].double() @ v64[0], fr.coords[0] @ a[0], atol=1e-12)
+
+
+def test_float32_products_only_where_the_frame_is_well_conditioned():
+    # a neighbour at cosine 0.9999 makes the inverse factor large: that row's products run in float64
+    # (``wide``); a row of well-separated means runs in float32; both give the float64 end point
+    from m2m.augment.span import _end_point, _materialise
+
+    d = 64
+    close, apart = _means(d, [0.9999, 0.5], False), _means(d, [0.5, 0.3], False, seed=1)
+    mu = torch.stack([close, apart])
+    fr = span_frame(mu)
+    assert fr.wide is not None and fr.wide.tolist() == [0]
+    g = torch.Generator().manual_seed(0)
+    xc = torch.nn.functional.normalize(torch.randn(2, 3 + 1 + 2, generator=g, dtype=F64), dim=1)
+
+    class _Fixed:
+        def __init__(self) -> None:
+            self.g = torch.randn(2, d, generator=g)
+
+        def gaussian(self, shape, dtype):
+            return self.g.to(dtype)
+
+    draws = _Fixed()
+    got = _materialise(fr, xc, draws, F64)
+    want = _end_point(span_frame(mu.double()), xc, draws.g.double())
+    assert torch.equal(got[0], want[0])                          # the wide row: float64 throughout
+    assert (got[1] - want[1]).abs().max().item() < 1e-6          # the float32 row: float32 rounding
 
 
 def test_span_kernel_falls_back_when_d_is_small():
@@ -153,3 +187,23 @@ def test_span_loop_numpy_and_torch_agree(metropolis):
                        lambda dfs: t(next(replay)), d)
     assert np.allclose(out_t.numpy(), out_np, atol=1e-12)
     assert np.allclose(np.linalg.norm(out_np, axis=1), 1.0)
+
+
+@pytest.mark.parametrize("metropolis", [False, True])
+def test_float32_means_give_the_float64_kernels_rows(metropolis):
+    # the same chain and draws with the means in float32 (products in float32 where the frame allows)
+    # and in float64: the rows agree to float32 rounding, and the frames here do take the float32 path
+    d, b = 96, 400
+    mu = _means(d, [0.97, 0.9, 0.6], False)
+    m = mu.expand(b, *mu.shape).contiguous()
+    assert bool(span_frame(m).wide.numel() == 0)
+    k = torch.full((b, mu.shape[0]), 300.0, dtype=F64)
+    log_w = component_log_weights(k, torch.ones_like(k), d)
+    h = step_length(0.3, k[:, :1], None, d, 1.0)
+    own = own_component_chain(h, k[:, 0], 5, d, HostNoise.of(torch.Generator().manual_seed(0)), metropolis,
+                              record=True)
+    args = (k.float(), (log_w - log_w[:, :1]).float(), h, 1.0)
+    got = span_coupled_chain(m[:, 0].clone(), m, *args, HostNoise.of(torch.Generator().manual_seed(1)), own)
+    want = span_coupled_chain(m[:, 0].clone(), m.double(), *args, HostNoise.of(torch.Generator().manual_seed(1)), own)
+    assert not torch.equal(got, m[:, 0])
+    assert (got - want).abs().max().item() < 1e-6

@@ -56,7 +56,7 @@ from m2m.augment.tables import (
 )
 from m2m.errors import ConfigError, InternalError, InvalidEmbeddingError
 from m2m.geometry.noise import HostNoise, Source, normal_
-from m2m.geometry.span import span_factor
+from m2m.geometry.span import SpanFactor, span_factor
 from m2m.geometry.sphere import random_point_at_cosine
 from m2m.geometry.vmf import sample_cosine
 
@@ -328,6 +328,7 @@ class _Frames:
     matrix, which is most of a rerun's cost (K^2 d per row)."""
     coords: Tensor       # [N, K, K] float64, valid where ``have``
     kept: Tensor         # [N, K] bool
+    float32_ok: Tensor     # [N] bool
     have: Tensor         # [N] bool
 
 
@@ -694,9 +695,9 @@ class LangevinAugmenter:
         valid = nb >= 0
         uniq, inv = torch.unique(nb[valid], return_inverse=True)
         span = self._rerun_kernel is _span.span_coupled_chain
-        # table = [x rows; unique neighbours; a zero row], then one gather builds mu [f, 1 + k, d];
-        # in float64 for the span kernel, which works in float64 (one cast of the smaller table)
-        table = x.new_empty(f + uniq.numel() + 1, d, dtype=torch.float64 if span else x.dtype)
+        # table = [x rows; unique neighbours; a zero row], then one gather builds mu [f, 1 + k, d] in
+        # x's dtype (the span kernel's products with float32 means run in float32 where the frame allows it)
+        table = x.new_empty(f + uniq.numel() + 1, d)
         table[:f] = x
         if uniq.numel():
             table[f:-1] = gather(uniq).to(device=x.device)
@@ -711,7 +712,7 @@ class LangevinAugmenter:
                                       factor=self._factor(rows, mu))
         return self._rerun_kernel(x, mu, kap.to(x.dtype), a.to(x.dtype), h, self.temperature, generator, own)
 
-    def _factor(self, rows: Tensor, mu: Tensor) -> tuple[Tensor, Tensor] | None:
+    def _factor(self, rows: Tensor, mu: Tensor) -> SpanFactor | None:
         """The span factors of ``mu`` [f, K, d] (the means of splats ``rows``, x rows being the splats'
         own vectors as in the stream) from the per-splat table, computing the missing ones; None when
         the table would exceed ``_FRAME_CACHE_BYTES`` (the kernel then forms every Gram matrix)."""
@@ -725,18 +726,21 @@ class LangevinAugmenter:
                 # empty, not zeros: rows are written (and their pages touched) only when first rerun
                 self._frames[key] = _Frames(torch.empty(n, k1, k1, dtype=torch.float64, device=mu.device),
                                             torch.empty(n, k1, dtype=torch.bool, device=mu.device),
+                                            torch.empty(n, dtype=torch.bool, device=mu.device),
                                             torch.zeros(n, dtype=torch.bool, device=mu.device)) if fits else None
             fr = self._frames[key]
         if fr is None:
             return None
         miss = torch.nonzero(~fr.have.index_select(0, rows)).squeeze(1)
         if miss.numel():
-            coords, kept = span_factor(mu.index_select(0, miss))
+            new = span_factor(mu.index_select(0, miss))
             r = rows.index_select(0, miss)
-            fr.coords[r] = coords.to(mu.device)
-            fr.kept[r] = kept.to(mu.device)
+            fr.coords[r] = new.coords.to(mu.device)
+            fr.kept[r] = new.kept.to(mu.device)
+            fr.float32_ok[r] = new.float32_ok.to(mu.device)
             fr.have[r] = True             # after the factors: a concurrent reader never sees a stale row
-        return fr.coords.index_select(0, rows), fr.kept.index_select(0, rows)
+        return SpanFactor(fr.coords.index_select(0, rows), fr.kept.index_select(0, rows),
+                          fr.float32_ok.index_select(0, rows))
 
 
 def _log_weights_once(kappa: Tensor, alpha: Tensor, k_nb: Tensor, a_nb: Tensor,

@@ -26,7 +26,7 @@ from torch import Tensor
 from m2m.augment.langevin import OwnChain, coupled_full_chain
 from m2m.errors import ConfigError
 from m2m.geometry.noise import HostNoise, Source, normal_
-from m2m.geometry.span import SpanFrame, span_frame
+from m2m.geometry.span import SpanFactor, SpanFrame, span_frame
 from m2m.geometry.vmf import standard_gamma
 
 __all__ = ["RowBlocks", "span_coupled_chain"]
@@ -58,11 +58,11 @@ class _Draws:
             return torch.from_numpy(self.host.standard_normal(shape))
         return torch.randn(shape, dtype=torch.float64, device=self.device, generator=self.gen)
 
-    def gaussian(self, shape: tuple[int, ...]) -> Tensor:
-        """Float64 N(0, 1) draws of a large shape (float32 Box-Muller on the CPU, cast)."""
+    def gaussian(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """N(0, 1) draws of a large shape in ``dtype`` (float32 Box-Muller on the CPU, cast)."""
         if self.host is not None:
-            return normal_(torch.empty(shape, dtype=torch.float32), self.host).to(torch.float64)
-        return torch.randn(shape, dtype=torch.float64, device=self.device, generator=self.gen)
+            return normal_(torch.empty(shape, dtype=torch.float32), self.host).to(dtype)
+        return torch.randn(shape, dtype=dtype, device=self.device, generator=self.gen)
 
     def chi2(self, dfs: list[int], n: int) -> Tensor:
         """[len(dfs), n] chi^2 draws, row i with dfs[i] degrees of freedom."""
@@ -83,8 +83,8 @@ class _BlockDraws:
     def normal(self, shape: tuple[int, ...]) -> Tensor:        # rows on axis 1
         return torch.cat([d.normal((shape[0], n, *shape[2:])) for d, n in self.parts], 1)
 
-    def gaussian(self, shape: tuple[int, ...]) -> Tensor:      # rows on axis 0
-        return torch.cat([d.gaussian((n, *shape[1:])) for d, n in self.parts], 0)
+    def gaussian(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:      # rows on axis 0
+        return torch.cat([d.gaussian((n, *shape[1:]), dtype) for d, n in self.parts], 0)
 
     def chi2(self, dfs: list[int], n: int) -> Tensor:
         return torch.cat([d.chi2(dfs, m) for d, m in self.parts], 1)
@@ -92,7 +92,7 @@ class _BlockDraws:
 
 def span_coupled_chain(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor, h: Tensor, temperature: float,
                        generator: Source | RowBlocks, own: OwnChain,
-                       factor: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                       factor: SpanFactor | None = None) -> Tensor:
     """``coupled_full_chain`` (same arguments, same law) run in span coordinates; [B, d] in x's dtype.
 
     x [B, d] are the start points mu_0 = mu[:, 0]; mu [B, K, d] (absent components may be zero
@@ -220,17 +220,28 @@ def _span_loop(xp: Any, amax: Any, means: Any, kap: Any, lw: Any, hh: Any, tempe
 def _materialise(frame: SpanFrame, xc: Tensor, draws: "_Draws | _BlockDraws", dtype: torch.dtype) -> Tensor:
     """The point whose coordinates on the kept frame slots are xc's, and whose part outside span(mu)
     has the norm of xc's other coordinates along one uniform direction of that complement (a Gaussian
-    with its span part removed)."""
-    b, k = frame.kept.shape
-    d = frame.means.shape[2]
+    with its span part removed). The [B, d] products run in the means' dtype, except for the frame's
+    ``wide`` rows (float32 means: see ``m2m.geometry.span``), which are made again in float64."""
+    g = draws.gaussian((xc.shape[0], frame.means.shape[2]), frame.means.dtype)
+    out = _end_point(frame, xc, g)
+    if frame.wide is not None and frame.wide.numel():
+        w = frame.wide
+        out[w] = _end_point(frame.rows64(w), xc.index_select(0, w), g.index_select(0, w).to(torch.float64))
+    return out.to(dtype)
+
+
+def _end_point(frame: SpanFrame, xc: Tensor, g: Tensor) -> Tensor:
+    """``_materialise``'s point from the Gaussian g [B, d] (in the means' dtype); float64 [B, d]."""
+    k = frame.kept.shape[1]
     zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
     inside = torch.where(frame.kept, xc[:, :k], zero)
     outside = torch.sqrt((torch.where(frame.kept, zero, xc[:, :k]) ** 2).sum(1) + (xc[:, k:] ** 2).sum(1))
-    g = draws.gaussian((b, d))
     gk = frame.project_coords(g)
     # |g - P g|^2 = |g|^2 - |P g|^2 (the kept slots are orthonormal); ~d against ~k: no cancellation
-    perp = torch.sqrt(torch.clamp((g * g).sum(1) - (gk * gk).sum(1), min=0.0))
+    perp = torch.sqrt(torch.clamp(torch.linalg.vecdot(g, g).to(xc.dtype) - (gk * gk).sum(1), min=0.0))
     scale = torch.where(perp > 0, outside / torch.clamp(perp, min=torch.finfo(xc.dtype).tiny), zero)
-    out = frame.combine(inside - scale.unsqueeze(1) * gk).addcmul_(g, scale.unsqueeze(1))
-    out = out / torch.linalg.vector_norm(out, dim=1, keepdim=True)
-    return out.to(dtype)
+    out = frame.combine(inside - scale.unsqueeze(1) * gk).addcmul_(g, scale.unsqueeze(1).to(g.dtype))
+    # normalised in float64 whatever the means' dtype: a float32 norm would move a chain that stayed at
+    # its start (every MALA move rejected) off its float32 mean by an ulp
+    out = out.to(torch.float64)
+    return out.div_(torch.linalg.vector_norm(out, dim=1, keepdim=True))
