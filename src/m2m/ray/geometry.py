@@ -176,10 +176,14 @@ def _warm(ray: Any) -> list[Any]:
 def _exact_sample_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, queries: np.ndarray,
                        kk: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``kk`` of ``queries`` over shards ``[lo, hi)``: (scores, global positions)."""
+    return _exact_over(Snapshot(fs, manifest, verify=verify), lo, hi, queries, kk)
+
+
+def _exact_over(snap: Snapshot, lo: int, hi: int, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_exact_sample_task`` on an open snapshot (-inf / -1 where the shards hold fewer than kk rows)."""
     from m2m.index.exact import exact_knn_of
     from m2m.index.runtime import compute_threads
 
-    snap = Snapshot(fs, manifest, verify=verify)
     mu = _range_mu(snap, lo, hi)
     off = int(snap.shard_offsets[lo])
     with compute_threads(1) as faiss:
@@ -294,6 +298,7 @@ def _kappa_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, 
     n_rows = int(snap.shard_offsets[hi]) - off
     shards = range(lo, hi)
     nbr, cos = _best_k(n_rows, off, k_eff, parts)
+    _refill_short_rows(snap, off, nbr, cos)
     if k_eff < k:
         nbr = np.concatenate([nbr, np.full((n_rows, k - k_eff), -1, np.int64)], axis=1)
         cos = np.concatenate([cos, np.zeros((n_rows, k - k_eff), np.float32)], axis=1)
@@ -324,6 +329,30 @@ def _kappa_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, 
     cuts = np.searchsorted(outside, np.append(range_starts, manifest.rows))
     requests = [outside[a:b] for a, b in pairwise(cuts)]
     return ({"ids": ids, "local": local, "cos": cos}, own, *requests)
+
+
+def _refill_short_rows(snap: Snapshot, off: int, nbr: np.ndarray, cos: np.ndarray) -> None:
+    """Search exactly, over every shard (read one at a time), the rows of a range the list search left
+    with fewer than k neighbours, in place (the local engine's `m2m.index.knn.refill_short_rows`: a
+    row alone in its list that no other row's probes visit finds nobody, and would get NaN kappa)."""
+    from m2m.index.exact import drop_self
+    from m2m.index.runtime import require_faiss
+
+    k = nbr.shape[1]
+    short = np.flatnonzero((nbr < 0).any(axis=1)) if k else np.zeros(0, np.int64)
+    if short.size == 0:
+        return
+    pos = short + off
+    queries = _sample_mu(snap, pos)
+    heap = require_faiss().ResultHeap(pos.size, k + 1, keep_max=True)
+    for s in range(len(snap.manifest.shards)):
+        d, i = _exact_over(snap, s, s + 1, queries, k + 1)
+        heap.add_result(np.ascontiguousarray(d, np.float32), np.ascontiguousarray(i, np.int64))
+    heap.finalize()
+    score, idx = drop_self(heap.D, heap.I, pos, k)
+    nbr[short] = idx
+    cos[short] = np.where(idx >= 0, score, np.float32(0.0))
+    logger.info("ray kNN: %d rows from row %d searched exactly (the lists left them short)", short.size, off)
 
 
 def _terms_task(off: int, own: dict[str, Any], *requests: np.ndarray) -> Any:
