@@ -73,7 +73,8 @@ def test_config_values_out_of_range_stay_value_errors(kw):
     assert not isinstance(info.value, TypeError)
 
 
-@pytest.mark.parametrize("kw", [dict(batch_size="8"), dict(shard_affinity="x"), dict(shuffle="no"),
+@pytest.mark.parametrize("kw", [dict(batch_size="8"), dict(shard_affinity="x"), dict(shuffle="no"), dict(shuffle=2),
+                                dict(drop_last=-1), dict(pin_memory=np.int64(5)),
                                 dict(shuffle_mode=3), dict(columns="label"), dict(timeout="1")])
 def test_stream_options_wrong_types_are_type_errors(kw):
     with pytest.raises(ConfigTypeError):
@@ -82,6 +83,8 @@ def test_stream_options_wrong_types_are_type_errors(kw):
 
 def test_stream_options_keep_bool_flags_and_unknown_keywords_are_type_errors():
     assert StreamOptions(shard_affinity=np.False_).shard_affinity is False
+    # the flags' rule is the config's: bool, numpy bool, or the ints 0 and 1
+    assert StreamOptions(shuffle=0).shuffle is False and StreamOptions(drop_last=np.int8(1)).drop_last is True
     assert StreamOptions(shard_affinity=None).shard_affinity is None
     with create_m2m(M2MConfig(latent_dim=D)) as lk:
         lk.add_splats(np.random.default_rng(0).standard_normal((10, D)))

@@ -24,6 +24,14 @@ def check_int(value: Any, name: str, low: int = 1) -> int:
     return int(value)
 
 
+def is_flag(value: Any) -> bool:
+    """True for a bool, numpy's bool_, or the ints 0 and 1 (as DataLoader flags are often given): the
+    one rule of every boolean option (``M2MConfig``, ``StreamOptions``); ``shuffle=2`` is refused."""
+    numpy_bool = getattr(getattr(value, "dtype", None), "kind", "") == "b" and getattr(value, "ndim", 1) == 0
+    int_flag = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value in (0, 1)
+    return isinstance(value, bool) or numpy_bool or int_flag
+
+
 def check_threads(value: Any, name: str = "threads") -> int:
     """A thread count: an int from 1 to 4 x this machine's cores (at least 8). More is never faster,
     and far more kills the process (observed: ``--threads 20000`` failed to create OpenMP threads,

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from m2m._validate import is_flag
 from m2m.errors import ConfigError, ConfigTypeError
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
@@ -117,7 +118,7 @@ class M2MConfig:
         for name in ("auto_consolidate", "verify_reads"):
             # a string such as "false" is truthy: taken as a bool it would turn the option on
             value = getattr(self, name)
-            _check(_is_bool(value), name, value, "True or False", False)
+            _check(is_flag(value), name, value, "True or False", False)
             object.__setattr__(self, name, bool(value))
         _check(_is_int(self.auto_compact) and (self.auto_compact == 0 or self.auto_compact >= 2), "auto_compact",
                self.auto_compact, "0 (off) or an int >= 2 (small shards that trigger a compaction)",
@@ -147,10 +148,6 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_bool(v: object) -> bool:
-    # bool, numpy's bool_, or the ints 0 and 1 (as DataLoader flags are often given)
-    numpy_bool = getattr(getattr(v, "dtype", None), "kind", "") == "b" and getattr(v, "ndim", 1) == 0
-    return isinstance(v, bool) or numpy_bool or (_is_int(v) and v in (0, 1))
 
 
 def _is_real(v: object) -> bool:

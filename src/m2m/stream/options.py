@@ -14,10 +14,9 @@ from dataclasses import dataclass, fields
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
-from m2m._validate import check_int, check_threads
+from m2m._validate import check_int, check_threads, is_flag
 from m2m.errors import ConfigError, ConfigTypeError
 
 SHUFFLE_MODES = ("auto", "full", "block")
@@ -125,8 +124,8 @@ class StreamOptions:
             value = getattr(self, name)
             if value is None and name == "shard_affinity":
                 continue
-            if not isinstance(value, (bool, int, np.bool_)):
-                raise ConfigTypeError(f"{name} must be a bool, got {value!r}")
+            if not is_flag(value):
+                raise ConfigTypeError(f"{name} must be True or False, got {value!r}")
             put(self, name, bool(value))
         for name, allowed in (("shuffle_mode", SHUFFLE_MODES), ("warm_mode", WARM_MODES), ("hot_mode", HOT_MODES)):
             if getattr(self, name) not in allowed:
