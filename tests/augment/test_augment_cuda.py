@@ -43,3 +43,29 @@ def test_augmenters_on_cuda():
         y = aug(mu, rows, gather, gen)
         assert y.device.type == "cuda" and y.shape == mu.shape
         assert torch.allclose(y.norm(dim=1), torch.ones(n, device="cuda"), atol=1e-5)
+
+
+def test_langevin_products_keep_float32_precision_when_a_script_allows_tf32():
+    # torch.set_float32_matmul_precision("high") (common in training scripts) makes a float32 bmm TF32
+    # on Ampere and later: the chain's products, the neighbour cosines and the span frame must not move
+    from m2m.augment.energy import log_density_and_gradient
+    from m2m.geometry.span import exact_bmm
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    b, k, d = 64, 17, 640
+    mu = torch.nn.functional.normalize(torch.randn(b, k, d, device="cuda", generator=g), dim=2)
+    x = torch.nn.functional.normalize(mu[:, 0] + 0.05 * torch.randn(b, d, device="cuda", generator=g), dim=1)
+    kap = torch.full((b, k), 3000.0, device="cuda")
+    log_w = torch.zeros(b, k, device="cuda")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        got = exact_bmm(mu, x.unsqueeze(2))
+        lp, grad = log_density_and_gradient(x, mu, kap, log_w, 1.0)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    want = torch.bmm(mu.double(), x.double().unsqueeze(2))
+    assert (got.double() - want).abs().max().item() < 1e-5
+    lp64, grad64 = log_density_and_gradient(x.double(), mu.double(), kap.double(), log_w.double(), 1.0)
+    assert ((grad.double() - grad64).abs().max() / grad64.abs().max()).item() < 1e-5
+    assert (lp.double() - lp64).abs().max().item() < 1e-2        # log p ~ kappa: float32 rounding of 3000

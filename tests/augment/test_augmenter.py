@@ -288,3 +288,24 @@ def test_reruns_of_several_batches_in_one_chain_equal_each_batch_alone(metropoli
     assert all(p.exact is not None for p in prepared)
     for p, r, g, want in zip(prepared, batches, gens, inline):
         assert torch.equal(aug(mu[r], r, gather, g, prepared=p), want)
+
+
+def test_langevin_with_no_steps_returns_unit_rows_of_a_float16_lake():
+    # steps = 0: the chain stays at the row's mean; a float16 lake's means are unit only to float16
+    # rounding and are normalised as every other setting's draws are (a probing user, 2026-12-07)
+    mu, nb = _paired_lake(0.9)
+    x = mu.half().float()
+    aug = LangevinAugmenter(nb, np.full(N, 400.0, np.float32), np.ones(N, np.float32), steps=0)
+    aug.unit_means = False
+    y = aug(x, torch.arange(N), _Gather(x), torch.Generator().manual_seed(0))
+    assert (y.double().norm(dim=1) - 1).abs().max().item() < 1e-6
+    aug.unit_means = True
+    assert torch.equal(aug(x, torch.arange(N), _Gather(x), torch.Generator().manual_seed(0)), x)
+
+
+def test_langevin_without_neighbours_draws_each_rows_own_chain():
+    # a [N, 0] neighbour table (accepted by the constructor) made the neighbour cosines fail in a reshape
+    mu, _ = _paired_lake(0.9)
+    aug = LangevinAugmenter(np.zeros((N, 0), np.int64), np.full(N, 400.0, np.float32), np.ones(N, np.float32))
+    y = aug(mu, torch.arange(N), _Gather(mu), torch.Generator().manual_seed(0))
+    assert y.shape == mu.shape and torch.isfinite(y).all() and not torch.equal(y, mu)

@@ -207,3 +207,30 @@ def test_float32_means_give_the_float64_kernels_rows(metropolis):
     want = span_coupled_chain(m[:, 0].clone(), m.double(), *args, HostNoise.of(torch.Generator().manual_seed(1)), own)
     assert not torch.equal(got, m[:, 0])
     assert (got - want).abs().max().item() < 1e-6
+
+
+def test_exact_bmm_forms_the_products_elementwise_where_tf32_could_round_them(monkeypatch):
+    # the branch a CUDA float32 product takes under set_float32_matmul_precision("high"): the same
+    # products as bmm, for both shapes the chain uses ([B, 1, d] x [B, d, K] and [B, 1, K] x [B, K, d])
+    import m2m.geometry.span as span_mod
+
+    g = torch.Generator().manual_seed(0)
+    a, m = torch.randn(7, 1, 48, generator=g), torch.randn(7, 5, 48, generator=g)
+    want1, want2 = torch.bmm(a.double(), m.double().transpose(1, 2)), torch.bmm(a[:, :, :5].double(), m.double())
+
+    class _Dev:
+        type = "cuda"
+
+    class _T:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t, self.device, self.dtype = t, _Dev(), t.dtype
+
+        def unsqueeze(self, i: int) -> torch.Tensor:
+            return self.t.unsqueeze(i)
+
+    monkeypatch.setattr(span_mod, "_tf32_possible", lambda: True)
+    got1 = span_mod.exact_bmm(_T(a), _T(m.transpose(1, 2)))
+    got2 = span_mod.exact_bmm(_T(a[:, :, :5]), _T(m))
+    assert torch.allclose(got1.double(), want1, atol=1e-5) and torch.allclose(got2.double(), want2, atol=1e-5)
+    out = torch.empty(7, 1, 5)
+    assert span_mod.exact_bmm(_T(a), _T(m.transpose(1, 2)), out=out) is out

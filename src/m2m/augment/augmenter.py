@@ -56,7 +56,7 @@ from m2m.augment.tables import (
 )
 from m2m.errors import ConfigError, InternalError, InvalidEmbeddingError
 from m2m.geometry.noise import HostNoise, Source, normal_
-from m2m.geometry.span import SpanFactor, span_factor
+from m2m.geometry.span import SpanFactor, exact_bmm, span_factor
 from m2m.geometry.sphere import random_point_at_cosine
 from m2m.geometry.vmf import sample_cosine
 
@@ -492,12 +492,12 @@ class LangevinAugmenter:
             raise ConfigError("LangevinAugmenter needs neighbor_cos or a gather function to compute them")
         n, k = self._neighbors.shape
         out = torch.zeros(n, k, dtype=torch.float32)
-        for start in range(0, n, _COS_CHUNK_ROWS):
+        for start in range(0, n if k else 0, _COS_CHUNK_ROWS):   # no neighbours: nothing to read
             stop = min(n, start + _COS_CHUNK_ROWS)
             own = gather(torch.arange(start, stop))
             idx = self._neighbors[start:stop].clamp(min=0).to(device=own.device, dtype=torch.int64)
             nb = gather(idx.reshape(-1)).reshape(stop - start, k, -1)
-            cos = torch.bmm(nb, own.unsqueeze(2)).squeeze(2).to("cpu", torch.float32)
+            cos = exact_bmm(nb, own.unsqueeze(2)).squeeze(2).to("cpu", torch.float32)
             out[start:stop] = torch.where(self._valid[start:stop], cos, torch.zeros((), dtype=torch.float32))
         self._cos = out
         return out
@@ -633,8 +633,10 @@ class LangevinAugmenter:
     def __call__(self, x: Tensor, rows: Tensor, gather: Gather, generator: torch.Generator,
                  prepared: LangevinDraws | None = None) -> Tensor:
         _check_x(x, rows)
-        if self.steps == 0:
-            return x.clone()
+        if self.steps == 0:   # the chain stays at its start, the row's mean (unit to float32 rounding)
+            if self.unit_means:
+                return x.clone()
+            return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
         d = x.shape[1]
         rows = rows.to(x.device)
         if prepared is None:

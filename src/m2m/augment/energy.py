@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from m2m.errors import ConfigError
+from m2m.geometry.span import exact_bmm
 from m2m.geometry.vmf import log_normalizer
 
 __all__ = [
@@ -69,15 +70,15 @@ def log_density_and_gradient(x: Tensor, mu: Tensor, kappa: Tensor, log_w: Tensor
     ``kappa`` and ``log_w`` are [B, K] in x's dtype (``log_w`` -inf for absent components); the
     gradient is written into ``grad_out`` [B, d] when given.
     """
-    s = torch.bmm(x.unsqueeze(1), mu.transpose(1, 2)).squeeze(1)          # mu_j . x, [B, K]
+    s = exact_bmm(x.unsqueeze(1), mu.transpose(1, 2)).squeeze(1)         # mu_j . x, [B, K]
     logits = torch.addcmul(log_w, kappa, s)
     lse = torch.logsumexp(logits, dim=-1)
     w = torch.exp(logits - lse.unsqueeze(-1))
     coef = (w * kappa).unsqueeze(1) / temperature
     if grad_out is None:
-        grad = torch.bmm(coef, mu).squeeze(1)
+        grad = exact_bmm(coef, mu).squeeze(1)
     else:
-        grad = torch.bmm(coef, mu, out=grad_out.unsqueeze(1)).squeeze(1)
+        grad = exact_bmm(coef, mu, out=grad_out.unsqueeze(1)).squeeze(1)
     return lse / temperature, grad
 
 

@@ -8,7 +8,7 @@ spans, absent zero rows). Nothing in d is formed but the Gram matrix (one [K, d]
 vectors of the frame are materialised only as combinations of the means (``combine``), so a row
 costs O(K^2 d) once, not O(K d) per use. See docs/geometry.md.
 
-Means given in float32 (the lake's vectors) stay float32: the two products with them (``project_coords``,
+Means given in float32 on the CPU (the lake's vectors) stay float32: the two products with them (``project_coords``,
 ``combine``) then run in float32 for the rows whose frame is well conditioned (``SpanFactor.float32_ok``:
 the inverse of the factor, which scales the products' rounding, has infinity norm <= ``FLOAT32_INVERSE_LIMIT``)
 and in float64 for the others: half the memory traffic of float64 means, at float32 rounding.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["FLOAT32_INVERSE_LIMIT", "SPAN_TOL", "SpanFactor", "SpanFrame", "span_factor", "span_frame"]
+__all__ = ["FLOAT32_INVERSE_LIMIT", "SPAN_TOL", "SpanFactor", "SpanFrame", "exact_bmm", "span_factor", "span_frame"]
 
 SPAN_TOL = 1e-12
 """Squared residual norm below which a mean adds no direction: its part outside the earlier means'
@@ -84,13 +84,28 @@ def _bmm_np(a: Tensor, b: Tensor) -> Tensor:
     return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
 
 
+def exact_bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``torch.bmm(a, b)`` at the inputs' precision. On CUDA a float32 ``bmm`` runs in TF32 (a 10-bit
+    mantissa) once a script allows it (``torch.set_float32_matmul_precision("high")``, common in
+    training code; a process-wide setting m2m does not touch): there the products are formed
+    elementwise and summed instead, which TF32 never applies to."""
+    if a.device.type != "cpu" and torch.float32 in (a.dtype, b.dtype) and _tf32_possible():
+        r = (a.unsqueeze(3) * b.unsqueeze(1)).sum(2)
+        return r if out is None else out.copy_(r)
+    return torch.bmm(a, b) if out is None else torch.bmm(a, b, out=out)
+
+
+def _tf32_possible() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
 def _bmv(a: Tensor, b: Tensor) -> Tensor:
     """Batched products where one side is a vector per row ([B, K, d] x [B, d, 1] or [B, 1, K] x
     [B, K, d]): on the CPU numpy's matmul, which torch's ``bmm`` of such shapes trails several-fold
     in float64 and float32 alike (docs/tuning.md, "Figures behind source comments")."""
     if a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float64, torch.float32):
         return _bmm_np(a, b)
-    return torch.bmm(a, b)
+    return exact_bmm(a, b)
 
 
 def span_factor(mu: Tensor, tol: float = SPAN_TOL) -> SpanFactor:
@@ -124,7 +139,7 @@ def span_frame(mu: Tensor, tol: float = SPAN_TOL, factor: SpanFactor | None = No
     the Gram matrix is then not formed again. Float32 means are kept as they are (see the module).
     """
     f = span_factor(mu, tol) if factor is None else factor
-    if mu.dtype == torch.float32:
+    if mu.dtype == torch.float32 and mu.device.type == "cpu":   # elsewhere float64, as measured nowhere else
         wide = torch.nonzero(~f.float32_ok.to(mu.device)).squeeze(1)
         return SpanFrame(f.coords, f.kept, _tri(f.coords, f.kept), mu, wide)
     return SpanFrame(f.coords, f.kept, _tri(f.coords, f.kept), mu.to(torch.float64))
