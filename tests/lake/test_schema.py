@@ -150,7 +150,14 @@ _CASTS = [  # (the lake's column, an append's values, refused?) -- every append 
     (np.array([1, 2], np.int8), np.array([1, 300]), "the lake's column is int8, which would store row 1's 300 as 44"),
     (np.array([1, 2], np.int64), np.array([1.0, 2.5]), "the lake's column is int64, which would store row 1's 2.5 as 2"),
     (np.array([1, 2], np.int64), np.array([True]), "has type bool, the lake's column is int64"),
+    # a negative int in an unsigned column, an int a float column cannot hold (Arrow's back-cast raised
+    # its own error naming the wrapped value, 18446744073709551615, not the row; float16 rounded silently)
+    (np.array([1, 2], np.uint64), np.array([0, 1, 2, -1]), "row 3's -1 as 18446744073709551615"),
+    (np.array([1, 2], np.uint8), np.array([3, -5], np.int8), "row 1's -5 as 251"),
+    (np.array([1, 2], _F16), np.array([2048, 2049]), r"row 1's 2049 as 2048.0 \(convert"),
+    (np.array([1, 2], np.float64), np.array([2**53 + 1]), "row 0's 9007199254740993 as 9007199254740992.0"),
     # stored exactly (or rounded by a float column): accepted
+    (np.array([1, 2], np.float32), np.array([2**25, -3, 16_777_216]), None),
     (np.array([1, 2], np.float32), np.array([0.1, 1e30, np.nan]), None),
     (np.array([1, 2], np.int64), np.array([3.0, -4.0]), None),
     (np.array([1, 2], np.int8), np.array([127, -128], np.int64), None),
@@ -175,5 +182,21 @@ def test_an_append_of_another_type_is_stored_as_given_or_refused(tmp_path: Path,
             return
         lake.add_splats(rng.standard_normal((len(then), D)), metadata={"m": then})
         got = lake.to_arrow()["m"].to_pylist()[len(first):]
-        want = pa.array(then.tolist() if then.dtype == object else then).cast(lake.to_arrow()["m"].type).to_pylist()
+        want = pa.array(then.tolist() if then.dtype == object else then).cast(lake.to_arrow()["m"].type,
+                                                                              safe=False).to_pylist()
         assert got == want or (np.isnan(got[-1]) and got[:-1] == want[:-1])
+
+
+def test_pieces_of_another_int_type_in_one_shard_keep_every_value(tmp_path: Path) -> None:
+    # one shard from two batches, uint64 then int64: numpy joined them as float64 and stored 2**60 + 1 as
+    # 2**60, silently (a probing user, 2026-12-07)
+    def batch(u: pa.Array) -> pa.RecordBatch:
+        vec = pa.array(np.eye(D, dtype=np.float32)[: len(u)].tolist(), pa.list_(pa.float32()))
+        return pa.record_batch({"embedding": vec, "u": u})
+
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=D)) as lake:
+        lake.add_splats(iter([batch(pa.array([2**60 + 1, 3], pa.uint64())), batch(pa.array([5, 7], pa.int64()))]),
+                        metadata=["u"])
+        assert len(lake.manifest.shards) == 1
+        t = lake.to_arrow()
+        assert t.schema.field("u").type == pa.uint64() and t["u"].to_pylist() == [2**60 + 1, 3, 5, 7]

@@ -103,23 +103,45 @@ def check_cast(name: str, values: np.ndarray, target: pa.DataType) -> None:
             stored = given.cast(target, safe=False)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
             raise InvalidEmbeddingError(f"{where}, and a value does not fit it: {' '.join(str(exc).split())}") from exc
-    if pa.types.is_floating(target):  # rounding to the column's precision is what a float column does
-        a = given.to_numpy(zero_copy_only=False).astype(np.float64)
-        b = stored.to_numpy(zero_copy_only=False).astype(np.float64)
-        bad = np.isfinite(a) & ~np.isfinite(b)
-    else:
-        back = stored.cast(given.type)
-        bad = ~np.asarray(back.to_numpy(zero_copy_only=False) == given.to_numpy(zero_copy_only=False), dtype=bool)
-        if given.null_count:
-            bad &= np.asarray(given.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    bad = _changed(given, stored, target)
     if bad.any():
         i = int(np.argmax(bad))
-        why = (f"beyond {target}'s range" if pa.types.is_floating(target) else
+        why = (f"beyond {target}'s range" if pa.types.is_floating(target) and pa.types.is_floating(given.type) else
                f"convert the values to {target} yourself if that is meant")
         raise InvalidEmbeddingError(f"{where}, which would store row {i}'s {given[i].as_py()!r} as "
                                     f"{stored[i].as_py()!r} ({why})")
-    if refused is not None:  # Arrow refused a value that the comparison above did not single out
+    # Arrow's own refusal stands where the comparison is not exact by itself (times, strings); for
+    # numbers it is: Arrow also refuses ints a float holds exactly (2**25 into float32)
+    if refused is not None and _kind(target) != "number":
         raise InvalidEmbeddingError(f"{where}, and a value does not fit it: {' '.join(str(refused).split())}")
+
+
+def _changed(given: pa.Array, stored: pa.Array, target: pa.DataType) -> np.ndarray:
+    """Rows of ``given`` that ``stored`` (its cast to ``target``, unchecked) does not hold as given. A
+    float column may round a float (but a finite value may not become inf); every other value must
+    read back equal: an int in a float column exactly, a negative int in an unsigned column not at all."""
+    a = given.to_numpy(zero_copy_only=False)
+    b = stored.to_numpy(zero_copy_only=False)
+    if pa.types.is_floating(target) and pa.types.is_floating(given.type):
+        return np.isfinite(a.astype(np.float64)) & ~np.isfinite(b.astype(np.float64))
+    if pa.types.is_floating(target) and pa.types.is_integer(given.type):
+        b64 = b.astype(np.float64)   # exact: every float16/32/64 value is a float64
+        info = np.iinfo(a.dtype)
+        # float(info.max) + 1 is the first value beyond the range (2**63 for int64, where float(max) rounds up)
+        fits = np.isfinite(b64) & (b64 >= float(info.min)) & (b64 < float(info.max) + 1.0)
+        back = np.where(fits, b64, 0.0).astype(a.dtype)
+        return ~fits | (back != a)
+    if _kind(target) == "number":
+        # numpy compares mixed int types by value (int8 -5 vs uint8 251: unequal), ints and floats as numbers
+        return ~np.asarray(a == b, dtype=bool)
+    try:
+        back = stored.cast(given.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        back = stored.cast(given.type, safe=False)
+    bad = ~np.asarray(back.to_numpy(zero_copy_only=False) == a, dtype=bool)
+    if given.null_count:
+        bad &= np.asarray(given.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    return bad
 
 
 def rebase_schema(planned: SchemaUpdate, assumed: Manifest, base: Manifest) -> SchemaUpdate:
@@ -343,10 +365,14 @@ class _Filling:
         if parts[0].labels is not None:
             cols["label"] = cat(lambda p: np.asarray(p.labels))
         for name in parts[0].metadata:
-            # the default argument binds the loop variable; mypy cannot infer a lambda's defaults
-            values = cat(lambda p, n=name: p.metadata[n])  # type: ignore[misc]
             typ = pa.type_for_alias(schema.metadata[name])
-            cols[name] = pa.array(values.tolist() if values.dtype == object else values).cast(typ)
+            # each piece cast on its own: numpy would join a uint64 piece and an int64 one as float64,
+            # rounding values above 2**53 (2**60 + 1 was stored as 2**60). Unchecked casts: a piece of
+            # another type than the column's passed `check_cast`, so its values are stored as given
+            # (Arrow's checked cast also refuses ints a float holds exactly, 2**25 into float32)
+            pieces = [pa.array(v.tolist() if v.dtype == object else v).cast(typ, safe=False)
+                      for v in (p.metadata[name] for p in parts)]
+            cols[name] = pieces[0] if len(pieces) == 1 else pa.concat_arrays(pieces)
         return cols
 
 
