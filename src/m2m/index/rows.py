@@ -47,8 +47,20 @@ def rows_f32(mu: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
     """
     block = np.ascontiguousarray(mu[rows], dtype=np.float32)
     if mu.dtype == np.float16 and block.size:
-        block /= np.linalg.norm(block, axis=-1, keepdims=True)
+        renormalise_(block)
     return block
+
+
+def renormalise_(block: np.ndarray) -> None:
+    """Scale the float32 rows of ``block`` to unit norm in place (float16 rows read as float32), a
+    chunk of rows at a time so that the norms' temporaries stay small."""
+    flat = block.reshape(-1, block.shape[-1])
+    for lo in range(0, flat.shape[0], _NORM_CHUNK_ROWS):
+        part = flat[lo:lo + _NORM_CHUNK_ROWS]
+        part /= np.linalg.norm(part, axis=-1, keepdims=True)
+
+
+_NORM_CHUNK_ROWS = 65536
 
 
 def writable_tensor(a: np.ndarray) -> Any:

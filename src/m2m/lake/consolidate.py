@@ -33,6 +33,8 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
     """The next manifest after merging the near-duplicates of ``snap``'s version, and the report
     (``snap`` is closed when done). ``engine="ray"``: the duplicate search and the new version's kNN
     run as Ray tasks (`m2m.ray.geometry`); reading, merging and writing the merged rows run here."""
+    from m2m.index.rows import rows_f32
+
     t0 = time.perf_counter()
     fs, base = snap.fs, snap.manifest
     alpha_before = float(base.stats.get("alpha", {}).get("sum", 0.0)) if base.stats else 0.0
@@ -41,7 +43,7 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
         report = ConsolidationReport(0, 0, 0, 0.0, 0.0, 0.0)
         return base.next(operation={"type": "consolidate", "similarity": similarity}), report
     try:
-        mu = snap.read_all("mu").astype(np.float32, copy=False)
+        mu = rows_f32(snap.read_all("mu"), slice(None))   # float16 rows renormalised, as the kNN reads them
         ids = snap.ids()
         alpha = snap.read_main("alpha")
         codes = snap.read_all("label") if base.label_type is not None else None

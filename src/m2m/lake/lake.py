@@ -611,6 +611,7 @@ class Lake:
         """
         from m2m.consolidation.criticality import criticality_state, estimate_redundancy
         from m2m.consolidation.groups import find_duplicate_groups
+        from m2m.index.rows import rows_f32
 
         sim = self._similarity(similarity)
         sample, exact_max_rows = check_int(sample, "sample"), check_int(exact_max_rows, "exact_max_rows", 0)
@@ -619,7 +620,7 @@ class Lake:
             return {"redundancy": 0.0, "state": "subcritical", "method": "empty", **base}
         snap = self.snapshot
         labels = snap.read_all("label") if self.manifest.label_type is not None else None
-        mu = snap.read_all("mu").astype(np.float32, copy=False)
+        mu = rows_f32(snap.read_all("mu"), slice(None))   # float16 rows renormalised, as the kNN reads them
         if len(self) <= exact_max_rows:
             groups = find_duplicate_groups(mu, labels, sim, seed=self.config.seed)
             redundancy = 1.0 - len(np.unique(groups)) / len(self)

@@ -132,9 +132,11 @@ def estimate(snap: Snapshot, k: int, seed: int,
              progress: Callable[[int], None] | None = None, threads: int | None = None) -> Manifest:
     """The next manifest: ``snap``'s version with kappa and neighbours estimated for every splat
     (``snap`` is closed when done)."""
+    from m2m.index.rows import rows_f32
+
     fs, base = snap.fs, snap.manifest
     try:
-        mu = snap.read_all("mu").astype(np.float32, copy=False)
+        mu = rows_f32(snap.read_all("mu"), slice(None))   # float16 rows renormalised, as the kNN reads them
         ids = snap.ids()
         user = snap.read_main("kappa")
         alpha = snap.read_main("alpha")

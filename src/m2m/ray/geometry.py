@@ -290,6 +290,7 @@ def _kappa_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, 
     ``alpha`` and ``label`` codes, the terms other ranges' rows need of it; ``request_j``, the sorted
     global positions of this range's neighbours that live in range ``j`` (none for itself)."""
     from m2m.geometry.kappa import neighbourhood_kappa
+    from m2m.index.rows import renormalise_
     from m2m.index.runtime import compute_threads
     from m2m.lake.neighbourhood import final_kappa
 
@@ -305,12 +306,15 @@ def _kappa_task(fs: LakeFS, manifest: Manifest, verify: bool, lo: int, hi: int, 
     outside = np.unique(nbr[(nbr >= 0) & ((nbr < off) | (nbr >= off + n_rows))])
     # rows of the range first, then the neighbours living elsewhere: neighbour indices into that
     mu = np.empty((n_rows + outside.size, manifest.dim), np.float32)  # one array, no concatenated copies
-    at = 0
+    at, half = 0, False
     for s in shards:
         col = snap.column(s, "mu")
         mu[at:at + col.shape[0]] = col
         at += col.shape[0]
+        half = half or col.dtype == np.float16
     snap.gather("mu", outside, out=mu[n_rows:])
+    if half:   # float16 rows renormalised, as the local engine and the list search read them
+        renormalise_(mu)
     inside = (nbr >= off) & (nbr < off + n_rows)
     local = np.where(inside, nbr - off, n_rows + np.searchsorted(outside, nbr))
     local = np.where(nbr >= 0, local, -1)

@@ -81,11 +81,12 @@ def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
     `STREAM_PROBE_BUDGET` IVF lists per row (exact up to 20k rows). Shows a progress bar when
     stderr is a terminal; logs one INFO line saying how to persist the result.
     """
+    from m2m.index.rows import rows_f32
     from m2m.index.runtime import usable_cores
     from m2m.lake.neighbourhood import compute_geometry
 
     t0 = time.perf_counter()
-    mu = snap.read_all("mu").astype(np.float32, copy=False)
+    mu = rows_f32(snap.read_all("mu"), slice(None))   # float16 rows renormalised, as estimate_kappa reads them
     with progress_bar(len(mu), "kappa (in memory)") as bar:
         stats: dict[str, Any] = {}
         kappa_est, neighbors, cos = compute_geometry(mu, k, seed, bar, usable_cores(),
