@@ -378,3 +378,29 @@ def test_a_vector_column_of_strings_or_empty_lists_is_named(tmp_path, col, messa
     with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=2)) as lake:
         with pytest.raises(InvalidEmbeddingError, match=f"column 'v' {message}"):
             lake.add_splats(pa.table({"v": col}))
+
+
+@pytest.mark.parametrize("layout", ["flat", "partitioned"])
+@pytest.mark.parametrize("first, then, wide", [
+    (pa.array([1, 2], pa.int32()), pa.array([2**40, 3], pa.int64()), pa.int64()),
+    (pa.array([1, 2], pa.uint8()), pa.array([-5, 3], pa.int8()), pa.int16()),
+    (pa.array([1.5, 2], pa.float16()), pa.array([1e10, 3], pa.float32()), pa.float32()),
+])
+def test_a_metadata_column_whose_type_differs_between_files_is_widened_in_either_layout(tmp_path, layout, first,
+                                                                                         then, wide):
+    # observed (a probing user, 2026-12-07): a flat directory was read file by file against the first
+    # file's type (2**40 refused for int32; int8 -5 for uint8 in Arrow's words, 251) while the same files
+    # in partition folders were widened
+    g = np.random.default_rng(0)
+    src = tmp_path / "src"
+    for name, col in (("a", first), ("b", then)):
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(g.standard_normal(2 * 8).astype(np.float32)), 8)
+        where = src / f"p={name}" if layout == "partitioned" else src
+        where.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"embedding": vec, "x": col}), where / f"{name}.parquet")
+    r = _run("ingest", src, "--lake", tmp_path / "lake", "--meta-column", "x", "-q")
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "lake") as lake:
+        got = lake.to_arrow()
+    assert got.schema.field("x").type == wide
+    assert got["x"].to_pylist() == first.cast(wide).to_pylist() + then.cast(wide).to_pylist()

@@ -167,6 +167,7 @@ class Source:
     all_columns: bool = False
     chunk_bytes: int = CHUNK_BYTES
     dataset_root: Path | None = None    # a partitioned directory read through pyarrow.dataset
+    widen: tuple[tuple[str, pa.DataType], ...] = ()   # metadata types unified over a flat directory's files
 
     @property
     def columns(self) -> Columns:
@@ -193,9 +194,28 @@ class Source:
         if self.dataset_root is not None:
             yield from _dataset_reader(self).chunks()
             return
-        pinned = self.pinned()
+        pinned = self.pinned().widened()
         for f in self.files:
             yield from _file_reader(f, pinned).chunks()
+
+    def widened(self) -> "Source":
+        """This source with its metadata columns' types unified over the table files of a flat
+        directory, as a partitioned directory's are (`_one_schema`): an int32 column in one file and
+        int64 values in the next were refused against the first file's type, where the partitioned
+        layout widened them. Types without a lossless common widening are refused naming the column."""
+        tables = [f for f in self.files if file_kind(f) != "npy"]
+        if len(tables) < 2 or not (self.meta_columns or self.all_columns) or self.widen:
+            return self
+        readers = [_file_reader(f, self) for f in tables]
+        first = readers[0]
+        assert isinstance(first, _ArrowReader)
+        widen = []
+        for name in first.meta:
+            types = [r.schema.field(name).type for r in readers
+                     if isinstance(r, _ArrowReader) and name in r.schema.names]
+            if len({str(t) for t in types}) > 1:
+                widen.append((name, _widening(name, types, tables[0].parent)))
+        return dataclasses.replace(self, widen=tuple(widen)) if widen else self
 
     def pinned(self) -> "Source":
         """This source with the vector column that its first table file picks (no ``column`` given)
@@ -365,6 +385,7 @@ class _ArrowReader(_Reader):
                  num_rows: Callable[[], int], batches: Callable[[list[str], int], Iterator[pa.RecordBatch]],
                  first_row: Callable[[str], pa.RecordBatch | None] | None) -> None:
         self.where, self.schema, self.columns = where, schema, columns
+        self.widen: dict[str, pa.DataType] = {}   # metadata read as these types (`Source.widened`)
         self._chunk_rows, self._chunk_bytes = chunk_rows, chunk_bytes
         self._num_rows, self._batches, self._first_row = num_rows, batches, first_row
         twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
@@ -430,7 +451,8 @@ class _ArrowReader(_Reader):
                 raise InvalidEmbeddingError(f"{self.where}: label column {self.label!r} has null rows")
             chunk["labels"] = labels.to_numpy(zero_copy_only=False)
         if self.meta:
-            chunk["metadata"] = {m: arrow_metadata(batch.column(m), m, self.where) for m in self.meta}
+            chunk["metadata"] = {m: arrow_metadata(_plain(batch.column(m)).cast(self.widen[m]) if m in self.widen
+                                                   else batch.column(m), m, self.where) for m in self.meta}
         for key, name in self.terms.items():  # an m2m export's own kappa/alpha (nulls: NaN) and norms
             values = _plain(batch.column(name)).to_numpy(zero_copy_only=False).astype(np.float64)
             # mu_norm: applied by `export_rows` in Lake.add_splat_chunks, which knows the lake's dtype
@@ -565,9 +587,9 @@ def _file_reader(f: Path, source: Source) -> _Reader:
     kind = file_kind(f)
     if kind == "npy":
         return _NpyReader(f, source)
-    if kind == "parquet":
-        return _parquet_reader(f, source)
-    return _ipc_reader(f, source)
+    reader = _parquet_reader(f, source) if kind == "parquet" else _ipc_reader(f, source)
+    reader.widen = dict(source.widen)
+    return reader
 
 
 def _one_schema(dataset: Any, root: Path, columns: Columns) -> pa.Schema:
@@ -597,21 +619,24 @@ def _one_schema(dataset: Any, root: Path, columns: Columns) -> pa.Schema:
         raise InvalidEmbeddingError(f"{root}: {has} has a column {extra[0]!r} that {fragments[0].path} lacks; "
                                     "with --all-columns the files of a partitioned directory must have the same "
                                     "columns")
-    unified: dict[str, pa.Field] = {}
-    for name in read:
-        types = [s.field(name).type for s in schemas]
-        try:
-            wide = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types],
-                                    promote_options="permissive").field(name)
-        except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
-            raise InvalidEmbeddingError(f"{root}: column {name!r} has types that differ between its files beyond a "
-                                        f"common widening ({exc}); cast them to one type first") from exc
-        lossy = _lossy_widening(types, wide.type)
-        if lossy:
-            raise InvalidEmbeddingError(f"{root}: column {name!r} is {lossy} in some files and {wide.type} would "
-                                        "round or overflow it; cast the files to one type first")
-        unified[name] = wide
+    unified = {name: pa.field(name, _widening(name, [s.field(name).type for s in schemas], root)) for name in read}
     return pa.schema([unified.get(f.name, f) for f in dataset.schema], metadata=dataset.schema.metadata)
+
+
+def _widening(name: str, types: list[pa.DataType], root: Path) -> pa.DataType:
+    """The type a column of ``types`` (one per file) is read as: their permissive widening, refused
+    where it is not lossless."""
+    try:
+        wide = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types],
+                                promote_options="permissive").field(name).type
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+        raise InvalidEmbeddingError(f"{root}: column {name!r} has types that differ between its files beyond a "
+                                    f"common widening ({exc}); cast them to one type first") from exc
+    lossy = _lossy_widening(types, wide)
+    if lossy:
+        raise InvalidEmbeddingError(f"{root}: column {name!r} is {lossy} in some files and {wide} would "
+                                    "round or overflow it; cast the files to one type first")
+    return wide
 
 
 def _lossy_widening(types: list[pa.DataType], wide: pa.DataType) -> pa.DataType | None:
