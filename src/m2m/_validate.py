@@ -280,6 +280,9 @@ def label_column(labels: Any, n: int) -> np.ndarray:
         return arr.astype(np.int64)
     if np.issubdtype(arr.dtype, np.floating):
         # float64 holds -2**63 exactly and 2**63 is the first value past int64: compare, never cast, first
+        # (float16 values compared as float64: 2.0 ** 63 cast to float16 overflowed with a RuntimeWarning)
+        if arr.dtype.itemsize < 8:
+            arr = arr.astype(np.float64)
         with np.errstate(invalid="ignore"):
             ok = (arr == np.floor(arr)) & (arr >= -(2.0 ** 63)) & (arr < 2.0 ** 63)  # NaN and Inf fail
         if not ok.all():

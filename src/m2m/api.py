@@ -8,7 +8,7 @@ from typing import Any
 
 from m2m._validate import check_int
 from m2m.config import M2MConfig
-from m2m.errors import ConfigTypeError, DeviceUnavailableError, LakeNotFoundError
+from m2m.errors import ConfigTypeError, DeviceUnavailableError, DimensionMismatchError, LakeNotFoundError
 from m2m.lake.fs import open_fs
 from m2m.lake.lake import Lake, check_compatible, create_empty
 from m2m.lake.manifest import read_manifest, use_key
@@ -88,8 +88,16 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
     except BaseException:
         getattr(fs, "close", lambda: None)()  # a private shard cache directory goes with it
         raise
-    if config is not None:
-        check_compatible(manifest, config, os.fspath(path))
+    try:
+        if config is not None:
+            check_compatible(manifest, asked, os.fspath(path))
+        for name, have in (("latent_dim", manifest.dim), ("storage_dtype", manifest.dtype)):
+            if name in overrides and overrides[name] != have:   # (these keywords were dropped silently)
+                raise DimensionMismatchError(f"lake {os.fspath(path)} has {name} {have!r}, open_lake was given "
+                                             f"{name}={overrides[name]!r} (leave it out: the lake's own is used)")
+    except BaseException:
+        getattr(fs, "close", lambda: None)()
+        raise
     cfg = dataclasses.replace(asked, latent_dim=manifest.dim, storage_dtype=manifest.dtype)
     stored_k = (manifest.geometry or {}).get("k")
     if config is None and "knn_k" not in overrides and isinstance(stored_k, int) and 1 <= stored_k != cfg.knn_k:
