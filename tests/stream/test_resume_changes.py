@@ -367,3 +367,68 @@ def test_a_loss_state_resumes_on_its_own_rows_only(tmp_path, change):
             return
         with pytest.raises(StateMismatchError, match="other rows than this snapshot's.*same rows only"):
             again.load_state_dict(state)
+
+
+def _loss_of(ids: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(ids.sum()))
+    return torch.rand(len(ids), generator=g) * 5 + 0.01
+
+
+def _loss_epoch(dl, n: int | None = None) -> list[list[int]]:
+    out = []
+    for b in dl:
+        out.append(b["id"].tolist())
+        dl.update_priorities(b["id"], _loss_of(b["id"]))
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+@pytest.fixture
+def loss_lake():
+    with create_m2m(M2MConfig(latent_dim=8)) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32))
+        yield lk
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_loss_state_loaded_into_a_loader_that_went_on_resumes_as_a_fresh_one(loss_lake, monkeypatch, sharded):
+    # rolling back to a checkpoint in the same process: the loader had cached the next epoch's plan,
+    # drawn from priorities the state replaces, and served it (a probing user, 2026-12-07)
+    if sharded:
+        import m2m.stream.order as order
+        monkeypatch.setattr(order, "RANK_LOCAL_ROWS", 100)   # the per-shard loss sampler of 2**24+ rows
+    kw = dict(batch_size=50, columns=("id",), seed=3, importance_sampling="loss")
+    ref = loss_lake.export_to_dataloader(**kw)
+    want = [_loss_epoch(ref) for _ in range(3)]
+    dl = loss_lake.export_to_dataloader(**kw)
+    _loss_epoch(dl)
+    part = _loss_epoch(dl, 5)
+    state = dl.state_dict()
+    _loss_epoch(dl, 3)                                    # training goes on into epoch 2, then rolls back
+    dl.load_state_dict(state)
+    assert part + _loss_epoch(dl) == want[1]
+    assert _loss_epoch(dl) == want[2]
+
+
+def test_reading_the_state_at_an_epochs_last_batch_leaves_a_per_shard_loss_plan_alone(loss_lake, monkeypatch):
+    # ShardedLoss (lakes of 2**24 rows or more): state_dict() / len(dl) on the last batch, before its
+    # losses were fed back, drew the next epoch's plan and froze its priorities early
+    import m2m.stream.order as order
+    monkeypatch.setattr(order, "RANK_LOCAL_ROWS", 100)
+    kw = dict(batch_size=50, columns=("id",), seed=3, importance_sampling="loss")
+
+    def run(peek: bool) -> list[list[int]]:
+        dl = loss_lake.export_to_dataloader(**kw)
+        n, out = len(dl), []
+        for _ in range(2):
+            for i, b in enumerate(dl):
+                out.append(b["id"].tolist())
+                if peek and i == n - 1:
+                    dl.state_dict()
+                    len(dl)
+                dl.update_priorities(b["id"], _loss_of(b["id"]))
+        assert type(dl.plan_sampler).__name__ == "ShardedLoss"
+        return out
+
+    assert run(True) == run(False)

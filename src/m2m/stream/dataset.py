@@ -104,10 +104,11 @@ class StreamDataset(Dataset[Any]):
         the plan (exactly the delivered draws, `m2m.stream.order.delivered_draws`)."""
         world = self.world if world is None else world
         s = self.spec
-        if supports_priorities(self.sampler) and not isinstance(self.sampler, ShardedPlanSampler):
-            # with or without shard affinity a plan's batch count is that of its length (`affinity.rank_epoch`);
-            # a mixture's plan has a fixed length (with affinity, or a mixture, len(dl) froze the next epoch's
-            # priorities before the loop fed its losses back: observed)
+        if supports_priorities(self.sampler):
+            # with or without shard affinity a plan's batch count is that of its length (`affinity.rank_epoch`;
+            # a per-shard plan's shard counts sum to it, `affinity.rank_epoch_sharded`); a mixture's plan has
+            # a fixed length (with affinity, a mixture or a per-shard loss plan, len(dl) froze the next
+            # epoch's priorities before the loop fed its losses back: observed)
             fixed = getattr(self.sampler, "plan_length", None)
             m = (delivered_draws(s.num_rows, s.batch_size, world.world_size, s.drop_last)
                  if accepts_num_draws(self.sampler) else None if fixed is None else int(fixed()))
@@ -150,6 +151,15 @@ class StreamDataset(Dataset[Any]):
                 old.cancel()
             self._ahead = {key: executor.submit(self.compute_epoch, epoch, world)}
         return True
+
+    def forget_plans(self) -> None:
+        """Drop the cached and planned-ahead epochs: a loss sampler's plans depend on its priorities,
+        which a loaded state replaces (a pass already running keeps the plan it holds)."""
+        with self._guard():
+            for fut in self._ahead.values():
+                fut.cancel()
+            self._ahead = {}
+            self._cache = {}
 
     def drop_ahead(self) -> None:
         """Cancel a plan computed ahead that has not started (a running one finishes on its thread)."""

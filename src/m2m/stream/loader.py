@@ -187,6 +187,7 @@ class StreamLoader(DataLoader[Any]):
         epoch, start = st.check(saved, self._state(), lambda e: self._ds.num_batches(e, world))
         if saved.sampler is not None and isinstance(self.plan_sampler, st.StatefulSampler):
             self.plan_sampler.load_state_dict(saved.sampler)
+            self._ds.forget_plans()   # plans drawn from the priorities before (a stale one served wrong rows)
         self._cursor.restore(epoch, start, saved.epoch_pinned)
 
     def update_priorities(self, ids: Any, losses: Any, source: Any = None) -> None:
