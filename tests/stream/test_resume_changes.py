@@ -432,3 +432,37 @@ def test_reading_the_state_at_an_epochs_last_batch_leaves_a_per_shard_loss_plan_
         return out
 
     assert run(True) == run(False)
+
+
+def test_an_epoch_boundary_state_resumes_when_auto_picks_another_layout(tmp_path):
+    # shuffle_mode="auto" picks a full shuffle while the lake fits warm_bytes and a block shuffle once it
+    # grew past it: an epoch-boundary state was refused ("shuffle='full' vs 'block'") though nothing the
+    # user asked changed (a probing user, 2026-12-07); mid-epoch the layout still has to match
+    lake = create_m2m(M2MConfig(path=tmp_path / "l", latent_dim=16, warm_bytes=200_000))
+    rng = np.random.default_rng(0)
+    lake.add_splats(rng.standard_normal((2000, 16)).astype(np.float32))
+    kw = dict(batch_size=100, columns=("id",), seed=1)
+    dl = lake.export_to_dataloader(**kw)
+    for _ in dl:
+        pass
+    boundary = dl.state_dict()
+    it = iter(dl)
+    next(it)
+    mid = dl.state_dict()
+    del it
+    dl.close()
+    assert boundary["shuffle"] == "full" and boundary["shuffle_asked"] == "auto"
+    lake.add_splats(rng.standard_normal((2000, 16)).astype(np.float32))   # now beyond warm_bytes
+    dl2 = lake.export_to_dataloader(**kw)
+    dl2.load_state_dict(boundary)
+    ids = [i for b in dl2 for i in b["id"].tolist()]
+    assert dl2.state_dict()["shuffle"] == "block" and sorted(ids) == list(range(4000))
+    with pytest.raises(StateMismatchError, match="mid-epoch"):
+        lake.export_to_dataloader(**kw).load_state_dict(mid)
+    # what the user asks still counts at a boundary
+    with pytest.raises(StateMismatchError, match="shuffle_asked='auto' vs 'full'"):
+        lake.export_to_dataloader(**kw, shuffle_mode="full").load_state_dict(boundary)
+    old = {k: v for k, v in boundary.items() if k != "shuffle_asked"}    # a state from before: as it was
+    with pytest.raises(StateMismatchError, match="shuffle='full' vs 'block'"):
+        lake.export_to_dataloader(**kw).load_state_dict(old)
+    lake.close()

@@ -260,7 +260,8 @@ class StreamLoader(DataLoader[Any]):
             window_blocks=spec.layout.window_blocks, shard_affinity=spec.shard_affinity,
             affinity_group_blocks=spec.affinity_group_blocks, epoch_batches=num_batches(epoch),
             lake=spec.lake, version=spec.version, rank=world.rank, sampler=sampler,
-            importance=st.importance_name(self.options.importance_sampling))
+            importance=st.importance_name(self.options.importance_sampling),
+            shuffle_asked=self.options.shuffle_mode if self.options.shuffle else "none")
 
     def _iterate(self) -> Iterator[Any]:
         ds = self._ds

@@ -21,10 +21,15 @@ from m2m.errors import StateMismatchError
 
 STATE_VERSION = 2
 
-#: Fields that must match whatever the position (they fix which batches an epoch has).
+#: Fields that must match whatever the position (they fix which batches an epoch has). ``shuffle`` is
+#: the layout a state's epoch used; between states that record what was asked (``shuffle_asked``), that
+#: is compared instead, and the layout only mid-epoch: ``shuffle_mode="auto"`` picks the layout from
+#: the lake's size against ``warm_bytes``, and a lake that grew (or gained geometry columns) since an
+#: epoch-boundary state may get the other one for its next epoch.
 ALWAYS = ("seed", "batch_size", "drop_last", "shuffle")
 #: Fields that must match to resume mid-epoch (the layout of this epoch's order, its importance plan).
-MID_EPOCH = ("num_rows", "block_rows", "window_blocks", "shard_affinity", "affinity_group_blocks", "importance")
+MID_EPOCH = ("num_rows", "shuffle", "block_rows", "window_blocks", "shard_affinity", "affinity_group_blocks",
+             "importance")
 #: Of those, the ones only a block shuffle's order depends on.
 BLOCK_ONLY = ("block_rows", "window_blocks")
 
@@ -67,6 +72,7 @@ class StreamState:
     rank: int = 0  # the rank that saved it (informational: any rank's state resumes every rank)
     sampler: dict[str, Any] | None = None
     importance: str | None = None  # importance_name of the saved loader (None: a state from before it)
+    shuffle_asked: str | None = None  # "none" or the shuffle_mode asked ("auto", ...); None: a state from before it
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -103,7 +109,9 @@ def check(saved: StreamState, mine: StreamState, num_batches: Callable[[int], in
     `StateMismatchError`. ``num_batches(epoch)``: batches per rank of ``epoch`` in this loader."""
     if saved.lake is not None and mine.lake is not None and saved.lake != mine.lake:
         raise StateMismatchError(f"stream state is from lake {saved.lake}, this loader streams lake {mine.lake}")
-    diff = {k: (getattr(saved, k), getattr(mine, k)) for k in ALWAYS if getattr(saved, k) != getattr(mine, k)}
+    asked = saved.shuffle_asked is not None and mine.shuffle_asked is not None
+    always = [k for k in ALWAYS if not (asked and k == "shuffle")] + (["shuffle_asked"] if asked else [])
+    diff = {k: (getattr(saved, k), getattr(mine, k)) for k in always if getattr(saved, k) != getattr(mine, k)}
     if diff:
         raise StateMismatchError("stream state does not match this loader (saved vs current): "
                                  + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
