@@ -466,3 +466,24 @@ def test_an_epoch_boundary_state_resumes_when_auto_picks_another_layout(tmp_path
     with pytest.raises(StateMismatchError, match="shuffle='full' vs 'block'"):
         lake.export_to_dataloader(**kw).load_state_dict(old)
     lake.close()
+
+
+def test_a_mid_epoch_state_over_in_memory_geometry_needs_the_same_k_and_seed(tmp_path):
+    # no stored kappa: a "kappa" importance plan comes from geometry computed at the handle's knn_k;
+    # open_lake(path) (knn_k 16) took a state of a knn_k=4 handle and served another plan, silently
+    # (198 of 1,000 draws: a probing user, 2026-12-07)
+    p = tmp_path / "l"
+    with create_m2m(M2MConfig(path=p, latent_dim=8, knn_k=4)) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32))
+        kw = dict(batch_size=50, columns=("id",), seed=2, importance_sampling="kappa")
+        want = [i for b in lk.export_to_dataloader(**kw) for i in b["id"].tolist()]
+        dl = lk.export_to_dataloader(**kw)
+        got, state = _saved_after(dl, 7)
+        assert state["geometry"] == "k=4,seed=0"
+    with m2m.open_lake(p) as lk:                       # knn_k 16 (nothing stored says 4)
+        with pytest.raises(StateMismatchError, match="geometry='k=4,seed=0' vs 'k=16,seed=0'"):
+            lk.export_to_dataloader(**kw).load_state_dict(state)
+    with m2m.open_lake(p, knn_k=4) as lk:
+        dl = lk.export_to_dataloader(**kw)
+        dl.load_state_dict(state)
+        assert got + [i for b in dl for i in b["id"].tolist()] == want

@@ -54,11 +54,13 @@ def importance_mode(importance_sampling: Any, metadata: Sequence[str]) -> str | 
 
 @dataclass(frozen=True)
 class Geometry:
-    """kappa (NaN where no estimate), neighbour row positions [N, k] (-1 missing) and their cosines."""
+    """kappa (NaN where no estimate), neighbour row positions [N, k] (-1 missing) and their cosines;
+    ``key``: how geometry computed in memory was made (``"k=16,seed=0"``), None for stored geometry."""
 
     kappa: np.ndarray
     neighbors: np.ndarray
     neighbor_cos: np.ndarray
+    key: str | None = None
 
 
 def stored_geometry(snap: "Snapshot") -> Geometry:
@@ -98,7 +100,9 @@ def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
     logger.info("lake version %d has no kappa/neighbours at knn_k=%d: computed them in memory for this loader "
                 "(%d splats, %.1f s, neighbours %s); call lake.estimate_kappa() once to persist them and skip "
                 "this step", snap.version, k, len(mu), time.perf_counter() - t0, found)
-    return Geometry(kappa, neighbors, cos)
+    # a stream state records the key: another k (another handle's knn_k) or seed (the IVF search above
+    # 20k rows) gives other kappa, hence another kappa-importance plan and other draws
+    return Geometry(kappa, neighbors, cos, f"k={k},seed={seed}")
 
 
 class GeometryOverlay:
@@ -110,6 +114,11 @@ class GeometryOverlay:
     def __init__(self, snap: "Snapshot", geometry: Geometry) -> None:
         self.snap = snap
         self.geometry = geometry
+
+    @property
+    def geometry_key(self) -> str | None:
+        """How the in-memory geometry was made (`Geometry.key`; kept in stream states)."""
+        return self.geometry.key
 
     num_rows = property(lambda self: self.snap.num_rows)
     dim = property(lambda self: self.snap.dim)

@@ -250,7 +250,6 @@ class StreamLoader(DataLoader[Any]):
 
         def num_batches(e: int) -> int:
             return int(self._ds.num_batches(e, world))
-
         epoch, yielded = self._cursor.position(num_batches)
         sampler = self.plan_sampler.state_dict() if isinstance(self.plan_sampler, st.StatefulSampler) else None
         return st.StreamState(
@@ -261,7 +260,8 @@ class StreamLoader(DataLoader[Any]):
             affinity_group_blocks=spec.affinity_group_blocks, epoch_batches=num_batches(epoch),
             lake=spec.lake, version=spec.version, rank=world.rank, sampler=sampler,
             importance=st.importance_name(self.options.importance_sampling),
-            shuffle_asked=self.options.shuffle_mode if self.options.shuffle else "none")
+            shuffle_asked=self.options.shuffle_mode if self.options.shuffle else "none",
+            geometry=getattr(self._ds.source, "geometry_key", None))
 
     def _iterate(self) -> Iterator[Any]:
         ds = self._ds

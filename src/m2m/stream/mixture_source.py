@@ -47,6 +47,12 @@ class MixtureSource:
         return int(self.bases[-1])
 
     @property
+    def geometry_key(self) -> str | None:
+        """The parts' in-memory geometry keys (`m2m.stream.from_lake.Geometry.key`), None if none has one."""
+        keys = [getattr(p, "geometry_key", None) for p in self.parts]
+        return None if all(k is None for k in keys) else ";".join(str(k) for k in keys)
+
+    @property
     def dim(self) -> int:
         return int(self.parts[0].dim)
 

@@ -29,7 +29,7 @@ STATE_VERSION = 2
 ALWAYS = ("seed", "batch_size", "drop_last", "shuffle")
 #: Fields that must match to resume mid-epoch (the layout of this epoch's order, its importance plan).
 MID_EPOCH = ("num_rows", "shuffle", "block_rows", "window_blocks", "shard_affinity", "affinity_group_blocks",
-             "importance")
+             "importance", "geometry")
 #: Of those, the ones only a block shuffle's order depends on.
 BLOCK_ONLY = ("block_rows", "window_blocks")
 
@@ -73,6 +73,7 @@ class StreamState:
     sampler: dict[str, Any] | None = None
     importance: str | None = None  # importance_name of the saved loader (None: a state from before it)
     shuffle_asked: str | None = None  # "none" or the shuffle_mode asked ("auto", ...); None: a state from before it
+    geometry: str | None = None  # in-memory geometry's key (`from_lake.Geometry.key`); None: stored or none
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
