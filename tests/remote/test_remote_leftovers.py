@@ -130,3 +130,35 @@ def test_a_signed_lakes_cached_copy_changed_on_the_node_is_downloaded_again(s3_s
     for _ in range(2):
         with open_lake(s3_lake_url, storage_options=opts, lake_key="k", cache_dir=str(cache)) as lk:
             assert int(lk[0]["label"]) == 0
+
+
+def test_an_unclosed_remote_lake_leaves_no_cache_folder_at_exit_or_collection(s3_server, s3_lake_url, tmp_path):
+    # the private cache was removed by close() only: every unclosed handle left a copy of each shard it
+    # read in the temp dir (a probing user, 2026-12-07)
+    opts = s3_server.storage_options
+    with create_m2m(M2MConfig(path=s3_lake_url, latent_dim=D, storage_options=opts)) as lake:
+        lake.add_splats(rows(100, 0))
+    child = (f"import gc, os, tempfile\nfrom m2m import open_lake\nopts = {opts!r}\n"
+             f"lake = open_lake({s3_lake_url!r}, storage_options=opts)\nlake[0]\n"
+             "first = lake._fs.cache.dir\nassert os.listdir(first)\ndel lake\ngc.collect()\n"
+             "assert not os.path.exists(first), os.listdir(first)\n"
+             f"lake = open_lake({s3_lake_url!r}, storage_options=opts)\nlake[0]\n")   # left open at exit
+    env = {k: v for k, v in os.environ.items() if k != "M2M_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_loader_outliving_its_remote_lake_says_the_cache_went_with_close(s3_server, s3_lake_url):
+    opts = s3_server.storage_options
+    with create_m2m(M2MConfig(path=s3_lake_url, latent_dim=D, shard_bytes=SHARD, storage_options=opts)) as lake:
+        lake.add_splats(rows(1000, 0))
+    lake = open_lake(s3_lake_url, storage_options=opts)
+    dl = lake.export_to_dataloader(batch_size=100, shuffle=False, columns=("id",))
+    next(iter(dl))
+    lake.close()
+    with pytest.raises(M2MError, match="private shard cache is removed by lake.close"):
+        for _ in dl:
+            pass
+    dl.close()

@@ -59,7 +59,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from m2m.errors import CacheTimeoutError, CorruptShardError, ObjectStoreError
+from m2m.errors import CacheTimeoutError, CorruptShardError, LakeClosedError, ObjectStoreError
+from m2m.lake.tempdirs import remove_with
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,9 @@ class ShardCache:
         self.lock_timeout = float(lock_timeout)
         self._owner = os.getpid()
         self._url_key = hashlib.sha256(url.encode()).hexdigest()
+        # a private cache also goes when the last user of this object is collected or at exit, not only
+        # on close(): every unclosed handle left a copy of each shard it read in the temp dir (observed)
+        self._remove_dir = remove_with(self, self.dir) if self.private else None
         self._init_process_state()
 
     def _init_process_state(self) -> None:
@@ -232,7 +236,7 @@ class ShardCache:
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("_pool", "_queued", "_failed", "_mutex", "fetches", "fetch_bytes", "hits", "evictions",
-                              "invalidations", "_pid", "_listeners")}
+                              "invalidations", "_pid", "_listeners", "_remove_dir")}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -249,6 +253,11 @@ class ShardCache:
         return _inside(self.dir, os.path.join(self.dir, self.name(rel) + SHARD_SUFFIX))
 
     def _lock(self, name: str) -> _FileLock:
+        if not os.path.isdir(self._locks):   # (the lock file's open failed with a bare FileNotFoundError)
+            why = ("a lake's private shard cache is removed by lake.close(): keep the lake open while a loader "
+                   "reads it, or give cache_dir= for a cache that outlives the handle") if self.private else \
+                "the shared cache directory was removed while this lake used it"
+            raise LakeClosedError(f"shard cache {self.dir} is gone ({why})")
         return _FileLock(_inside(self.dir, os.path.join(self._locks, name + ".lock")))
 
     def _remote(self, rel: str) -> str:
@@ -596,7 +605,8 @@ class ShardCache:
             # silent only when it gave up with another download's store failure (noted, and warned, there);
             # its own failure, or one before its download (a lock wait that timed out), is logged
             gave_up = isinstance(exc, ObjectStoreError) and not (own is not None and own[1] is exc)
-            if not gave_up and not sys.is_finalizing():  # (a process exiting mid-download is not worth a warning)
+            closed = isinstance(exc, LakeClosedError)   # said once, by the read that needs the file
+            if not (gave_up or closed) and not sys.is_finalizing():  # (a process exiting mid-download is not worth a warning)
                 logger.warning("prefetch of %s failed: %s", self._named(rel), exc)
 
     def wait_prefetch(self, timeout: float | None = None) -> None:
@@ -625,4 +635,8 @@ class ShardCache:
         if pool is not None and self._pid == os.getpid():
             pool.shutdown(wait=True, cancel_futures=True)
         if self.private and self._owner == os.getpid():
-            shutil.rmtree(self.dir, ignore_errors=True)
+            remove = getattr(self, "_remove_dir", None)   # (a copy unpickled in a spawned worker has none)
+            if remove is not None:
+                remove()
+            else:
+                shutil.rmtree(self.dir, ignore_errors=True)

@@ -31,7 +31,7 @@ from m2m.stream.epoch_sampler import EpochSampler
 from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.options import StreamOptions
-from m2m.stream.source import FetchReporting, RowSource
+from m2m.stream.source import ComputedGeometry, FetchReporting, RowSource
 from m2m.stream.spec import StreamSpec, device_of, lake_pass_chunk_batches, plan_stream
 from m2m.stream.topology import World
 
@@ -261,7 +261,7 @@ class StreamLoader(DataLoader[Any]):
             lake=spec.lake, version=spec.version, rank=world.rank, sampler=sampler,
             importance=st.importance_name(self.options.importance_sampling),
             shuffle_asked=self.options.shuffle_mode if self.options.shuffle else "none",
-            geometry=getattr(self._ds.source, "geometry_key", None))
+            geometry=src.geometry_key if isinstance(src := self._ds.source, ComputedGeometry) else None)
 
     def _iterate(self) -> Iterator[Any]:
         ds = self._ds

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from m2m.errors import ConfigError
-from m2m.stream.source import FileBackedSource, RowSource, file_backed
+from m2m.stream.source import ComputedGeometry, FileBackedSource, RowSource, file_backed
 from m2m.stream.stages.cold import ColdReader
 
 #: The column a mixture adds: the index of each row's lake in ``Mixture.names``.
@@ -49,7 +49,7 @@ class MixtureSource:
     @property
     def geometry_key(self) -> str | None:
         """The parts' in-memory geometry keys (`m2m.stream.from_lake.Geometry.key`), None if none has one."""
-        keys = [getattr(p, "geometry_key", None) for p in self.parts]
+        keys = [p.geometry_key if isinstance(p, ComputedGeometry) else None for p in self.parts]
         return None if all(k is None for k in keys) else ";".join(str(k) for k in keys)
 
     @property

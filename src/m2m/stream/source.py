@@ -104,6 +104,16 @@ class CompositeSource(Protocol):
     def open_reader(self, names: Sequence[str]) -> Any: ...
 
 
+@runtime_checkable
+class ComputedGeometry(Protocol):
+    """A source whose kappa/neighbours were computed in memory for the stream (a lake snapshot without
+    stored geometry, or a mixture with one): ``geometry_key`` says how (``"k=16,seed=0"``), None when
+    nothing was computed; stream states record it (a mid-epoch state resumes the same geometry only)."""
+
+    @property
+    def geometry_key(self) -> str | None: ...
+
+
 def file_backed(source: RowSource) -> FileBackedSource | None:
     """``source`` as a `FileBackedSource`, or None for an in-memory source."""
     return source if isinstance(source, FileBackedSource) else None
