@@ -306,6 +306,8 @@ def test_importance_sampling_of_the_wrong_type_is_refused_when_the_options_are_m
 
 
 def test_consolidating_a_float16_lake_estimates_geometry_on_the_stored_rows(tmp_path):
+    from m2m.index.rows import rows_f32
+
     rng = np.random.default_rng(0)
     base = rng.standard_normal((150, 16))
     x = np.concatenate([base, base[:30] + 1e-4 * rng.standard_normal((30, 16))])
@@ -314,7 +316,8 @@ def test_consolidating_a_float16_lake_estimates_geometry_on_the_stored_rows(tmp_
         lk.estimate_kappa(threads=1)
         lk.consolidate(0.999)
         snap = lk.snapshot
-        mu = snap.read_all("mu").astype(np.float32)  # the stored float16 rows, as estimate_kappa reads them
+        # the stored float16 rows renormalised, as estimate_kappa reads them (since 2026-12-07 evening)
+        mu = rows_f32(snap.read_all("mu"), slice(None))
         nb, cos = snap.read_all("neighbors"), snap.read_all("neighbor_cos")
         pos = snap.positions(nb[:, 0])
         np.testing.assert_allclose(cos[:, 0], np.sum(mu * mu[pos], axis=1), atol=1e-6)  # (was 4e-4 off)

@@ -114,7 +114,8 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
         return cfg
 
     check_device(config_of(manifest).device)
-    for attempt in range(OPEN_RETRIES + 1):
+    attempt = 0
+    while True:
         try:
             return Lake(fs, config_of(manifest), manifest)
         except CorruptShardError as exc:
@@ -128,11 +129,10 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
             if newer is None:
                 getattr(fs, "close", lambda: None)()
                 raise
-            manifest = newer
+            manifest, attempt = newer, attempt + 1
         except BaseException:
             getattr(fs, "close", lambda: None)()
             raise
-    raise AssertionError("unreachable")  # (the loop returns or raises)
 
 
 #: Times `open_lake` of the latest version moves on to a newer head whose writer vacuumed the one it opened

@@ -404,3 +404,51 @@ def test_a_metadata_column_whose_type_differs_between_files_is_widened_in_either
         got = lake.to_arrow()
     assert got.schema.field("x").type == wide
     assert got["x"].to_pylist() == first.cast(wide).to_pylist() + then.cast(wide).to_pylist()
+
+
+def _flat_files(src, cols_per_file) -> None:
+    g = np.random.default_rng(1)
+    src.mkdir(parents=True, exist_ok=True)
+    for i, extra in enumerate(cols_per_file):
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(g.standard_normal(2 * 8).astype(np.float32)), 8)
+        pq.write_table(pa.table({"embedding": vec, **extra}), src / f"f{i:04d}.parquet")
+
+
+@pytest.mark.parametrize("layout", ["flat", "partitioned"])
+def test_a_string_column_dictionary_encoded_in_some_files_is_read_as_strings(tmp_path, layout):
+    # a pandas category in one file, plain strings in the next (refused by the widening rule, review 2026-12-07)
+    src = tmp_path / "src"
+    for name, col in (("a", pa.array(["x", "y"])), ("b", pa.array(["z", "x"]).dictionary_encode())):
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(16, np.float32)), 8)
+        where = src / f"p={name}" if layout == "partitioned" else src
+        where.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"embedding": vec, "m": col}), where / f"{name}.parquet")
+    r = _run("ingest", src, "--lake", tmp_path / "lake", "--meta-column", "m", "-q")
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "lake") as lake:
+        assert lake.to_arrow()["m"].to_pylist() == ["x", "y", "z", "x"]
+
+
+def test_a_flat_directory_keeps_checking_values_where_types_have_no_lossless_widening(tmp_path):
+    # int64 then float64 holding whole numbers: no lossless common type, so each file's values are checked
+    # against the column as they come (as before the widening); the partitioned layout must pick one type
+    _flat_files(tmp_path / "src", [{"x": pa.array([1, 2], pa.int64())}, {"x": pa.array([3.0, 4.0])}])
+    r = _run("ingest", tmp_path / "src", "--lake", tmp_path / "lake", "--meta-column", "x", "-q")
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "lake") as lake:
+        assert lake.to_arrow()["x"].to_pylist() == [1, 2, 3, 4]
+
+
+def test_widening_a_flat_directory_holds_one_file_open_at_a_time(tmp_path):
+    # every file's reader was kept while the types were unified: 1,000 files hit the open-file limit,
+    # reported as a corrupt file
+    _flat_files(tmp_path / "src", [{"x": pa.array([i, i], pa.int32() if i % 2 else pa.int64())} for i in range(120)])
+    code = ("import resource, os, sys\nfrom m2m.cli.main import main\n"
+            "used = len(os.listdir('/proc/self/fd'))\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (used + 40, used + 40))\n"
+            f"sys.argv = ['m2m', 'ingest', {str(tmp_path / 'src')!r}, '--lake', {str(tmp_path / 'lake')!r}, "
+            "'--meta-column', 'x', '-q']\nmain()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open_lake(tmp_path / "lake") as lake:
+        assert len(lake) == 240 and lake.to_arrow().schema.field("x").type == pa.int64()

@@ -150,15 +150,20 @@ def test_an_unclosed_remote_lake_leaves_no_cache_folder_at_exit_or_collection(s3
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
-def test_a_loader_outliving_its_remote_lake_says_the_cache_went_with_close(s3_server, s3_lake_url):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_outliving_its_remote_lake_says_the_cache_went_with_close(s3_server, s3_lake_url, workers):
+    from m2m.errors import LakeClosedError
+
     opts = s3_server.storage_options
     with create_m2m(M2MConfig(path=s3_lake_url, latent_dim=D, shard_bytes=SHARD, storage_options=opts)) as lake:
         lake.add_splats(rows(1000, 0))
     lake = open_lake(s3_lake_url, storage_options=opts)
-    dl = lake.export_to_dataloader(batch_size=100, shuffle=False, columns=("id",))
+    extra = dict(num_workers=2) if workers else dict(warm_bytes=0, hot_bytes=0)   # (in line: cold reads)
+    dl = lake.export_to_dataloader(batch_size=100, shuffle=False, columns=("id",), **extra)
     next(iter(dl))
     lake.close()
-    with pytest.raises(M2MError, match="private shard cache is removed by lake.close"):
+    # the same type with workers or without (the prefetch thread wrapped it as StreamError)
+    with pytest.raises(LakeClosedError, match="private shard cache is removed by lake.close"):
         for _ in dl:
             pass
     dl.close()

@@ -74,9 +74,10 @@ def consolidate_manifest(snap: Snapshot, similarity: float, config: M2MConfig,
         merged_version = base.next(shards=shards)  # not committed: the Ray tasks read its shard files
         fields = geometry_fields(Snapshot(fs, merged_version, verify=snap.verify), config.knn_k, config.seed)
     else:
-        # the rows as stored: a float16 lake's geometry from the float32 means was off its rows (neighbour
-        # cosines by 4e-4, kappa by up to 18% against an estimate_kappa right after: observed)
-        stored_mu = new_mu.astype(np.float16).astype(np.float32) if base.dtype == "float16" else new_mu
+        # the rows as stored, renormalised as estimate_kappa reads them: a float16 lake's geometry from the
+        # float32 means was off its rows (neighbour cosines by 4e-4, kappa by up to 18% against an
+        # estimate_kappa right after: observed)
+        stored_mu = rows_f32(new_mu.astype(np.float16), slice(None)) if base.dtype == "float16" else new_mu
         kappa_est, nbrs, cos = compute_geometry(stored_mu, config.knn_k, config.seed)
         fields = with_geometry(fs, base, shards, ids[rep], new_kappa, kappa_est, nbrs, cos, new_alpha,
                                None if codes is None else codes[rep])

@@ -206,15 +206,18 @@ class Source:
         tables = [f for f in self.files if file_kind(f) != "npy"]
         if len(tables) < 2 or not (self.meta_columns or self.all_columns) or self.widen:
             return self
-        readers = [_file_reader(f, self) for f in tables]
-        first = readers[0]
+        first = _file_reader(tables[0], self)
         assert isinstance(first, _ArrowReader)
+        meta = first.meta
+        del first
+        # one file open at a time (a reader keeps its file open: 1,000 files hit the open-file limit)
+        schemas = [_table_schema(f, self) for f in tables]
         widen = []
-        for name in first.meta:
-            types = [r.schema.field(name).type for r in readers
-                     if isinstance(r, _ArrowReader) and name in r.schema.names]
-            if len({str(t) for t in types}) > 1:
-                widen.append((name, _widening(name, types, tables[0].parent)))
+        for name in meta:
+            types = [sch.field(name).type for sch in schemas if name in sch.names]
+            wide = _widening(name, types, tables[0].parent, refuse=False)
+            if wide is not None and len({str(t) for t in types}) > 1:
+                widen.append((name, wide))
         return dataclasses.replace(self, widen=tuple(widen)) if widen else self
 
     def pinned(self) -> "Source":
@@ -623,20 +626,42 @@ def _one_schema(dataset: Any, root: Path, columns: Columns) -> pa.Schema:
     return pa.schema([unified.get(f.name, f) for f in dataset.schema], metadata=dataset.schema.metadata)
 
 
-def _widening(name: str, types: list[pa.DataType], root: Path) -> pa.DataType:
-    """The type a column of ``types`` (one per file) is read as: their permissive widening, refused
-    where it is not lossless."""
+def _widening(name: str, types: list[pa.DataType], root: Path, refuse: bool = True) -> pa.DataType | None:
+    """The type a column of ``types`` (one per file) is read as: their permissive widening (dictionary
+    and large strings as the values they hold, as `_plain` reads them), refused where it is not lossless;
+    ``refuse=False``: None there instead (a flat directory then checks each file's values as it goes)."""
+    plain = [_plain_type(t) for t in types]
     try:
-        wide = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types],
+        wide = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in plain],
                                 promote_options="permissive").field(name).type
     except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+        if not refuse:
+            return None
         raise InvalidEmbeddingError(f"{root}: column {name!r} has types that differ between its files beyond a "
                                     f"common widening ({exc}); cast them to one type first") from exc
-    lossy = _lossy_widening(types, wide)
+    lossy = _lossy_widening(plain, wide)
     if lossy:
+        if not refuse:
+            return None
         raise InvalidEmbeddingError(f"{root}: column {name!r} is {lossy} in some files and {wide} would "
                                     "round or overflow it; cast the files to one type first")
     return wide
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    """The type `_plain` reads a column of type ``t`` as (dictionaries decoded, large strings as strings)."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    return t
+
+
+def _table_schema(f: Path, source: Source) -> pa.Schema:
+    """The Arrow schema of table file ``f`` (its reader, and the file it holds open, dropped at once)."""
+    reader = _file_reader(f, source)
+    assert isinstance(reader, _ArrowReader)   # (npy files are left out by the caller)
+    return reader.schema
 
 
 def _lossy_widening(types: list[pa.DataType], wide: pa.DataType) -> pa.DataType | None:

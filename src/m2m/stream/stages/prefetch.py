@@ -21,6 +21,7 @@ from m2m.errors import (
     CacheTimeoutError,
     ConfigError,
     CorruptShardError,
+    LakeClosedError,
     ObjectStoreError,
     PathNotFoundError,
     StreamError,
@@ -35,13 +36,13 @@ JOIN_TIMEOUT_S = 10.0
 
 
 # observed: a paused store surfaced as StreamError with 0 workers, ObjectStoreError with 2
-LAKE_IO_ERRORS = (CorruptShardError, PathNotFoundError, ObjectStoreError, CacheTimeoutError)
+LAKE_IO_ERRORS = (CorruptShardError, PathNotFoundError, ObjectStoreError, CacheTimeoutError, LakeClosedError)
 
 
 def stage_failure(exc: BaseException, what: str) -> BaseException:
     """The error a stage failure reaches the consumer as, whichever thread ran the stage: the lake's
     own I/O errors (a damaged shard, a remote one missing from its store, a store that failed after its
-    bounded retries, a node cache with no room in time) as themselves, so callers catch them by what
+    bounded retries, a node cache with no room in time, a private node cache removed by close) as themselves, so callers catch them by what
     they are whether the stream's prefetch thread or a DataLoader worker's main thread met them;
     anything else as `StreamError` with the cause chained (raise the result ``from exc``)."""
     if isinstance(exc, LAKE_IO_ERRORS):
