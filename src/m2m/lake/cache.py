@@ -48,7 +48,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -60,7 +59,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from m2m.errors import CacheTimeoutError, CorruptShardError, LakeClosedError, ObjectStoreError
-from m2m.lake.tempdirs import remove_with
+from m2m.lake.tempdirs import CACHE_PREFIX, create_temporary, remove_with
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +184,9 @@ class ShardCache:
         self.root = root.rstrip("/")
         self.url = url
         self.private = cache_dir is None
-        base = tempfile.mkdtemp(prefix="m2m-cache-") if cache_dir is None else os.path.expanduser(cache_dir)
+        # a private cache has an owner file: the next one swept it if its process ended without running
+        # the finalizer below (a forked DataLoader worker that opened a lake ends through os._exit)
+        base = create_temporary(CACHE_PREFIX) if cache_dir is None else os.path.expanduser(cache_dir)
         os.makedirs(base, exist_ok=True)
         self.dir = os.path.realpath(base)
         self._locks = os.path.join(self.dir, ".locks")

@@ -8,8 +8,12 @@ taken for the owner). The folder is removed
   a loader streaming them) is garbage-collected, or at interpreter exit if still alive (a
   `weakref.finalize` on the lake's filesystem object, run only in the creating process: a forked
   DataLoader worker never removes its parent's lake);
-- otherwise (the process was killed, or exited through ``os._exit``) by the next `create_temporary`
-  in any process of the same user, which removes every such folder whose owner is gone.
+- otherwise (the process was killed, or exited through ``os._exit``, as a forked DataLoader worker
+  does) by the next `create_temporary` in any process of the same user, which removes every such
+  folder whose owner is gone.
+
+A remote lake's private shard cache (``m2m-cache-*``) is kept the same way: an owner file, removed
+with its handle or at exit, swept when its process is gone.
 
 The sweep removes only real directories (never through a symlink) that carry a readable owner file
 and belong to the current user; a folder without an owner file (another program's, or an older
@@ -31,6 +35,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PREFIX = "m2m-lake-"
+CACHE_PREFIX = "m2m-cache-"   # a remote lake's private shard cache (`m2m.lake.cache.ShardCache`)
 OWNER_FILE = ".m2m-temporary"
 _OWNER_MAX_BYTES = 4096
 
@@ -62,10 +67,11 @@ def _alive(pid: int, start: str | None) -> bool:
     return now is None or now == start  # another start time: the pid was reused
 
 
-def create_temporary() -> str:
-    """A new temporary lake folder owned by this process (stale ones of dead processes are removed first)."""
-    sweep()
-    path = tempfile.mkdtemp(prefix=PREFIX)
+def create_temporary(prefix: str = PREFIX) -> str:
+    """A new temporary lake folder owned by this process (stale ones of dead processes are removed first);
+    ``prefix`` ``CACHE_PREFIX``: a remote lake's private shard cache, kept the same way."""
+    sweep(prefix=prefix)
+    path = tempfile.mkdtemp(prefix=prefix)
     doc = {"pid": os.getpid(), "start": _start_time(os.getpid()), "created": time.time()}
     with open(os.path.join(path, OWNER_FILE), "w", encoding="utf-8") as f:
         json.dump(doc, f)
@@ -91,9 +97,10 @@ def _owner(path: str) -> dict[str, Any] | None:
     return doc
 
 
-def sweep(root: str | None = None) -> list[str]:
-    """Remove the temporary lakes in ``root`` (default: the temp dir) whose owning process is gone;
-    returns the removed paths. Never follows a symlink and never touches another user's folders."""
+def sweep(root: str | None = None, prefix: str = PREFIX) -> list[str]:
+    """Remove the temporary lakes (or ``prefix`` folders) in ``root`` (default: the temp dir) whose owning
+    process is gone; returns the removed paths. Never follows a symlink and never touches another
+    user's folders."""
     root = tempfile.gettempdir() if root is None else root
     removed: list[str] = []
     try:
@@ -102,7 +109,7 @@ def sweep(root: str | None = None) -> list[str]:
         return removed
     uid = os.getuid() if hasattr(os, "getuid") else None
     for entry in entries:
-        if not entry.name.startswith(PREFIX):
+        if not entry.name.startswith(prefix):
             continue
         try:
             st = entry.stat(follow_symlinks=False)

@@ -100,9 +100,12 @@ def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
     logger.info("lake version %d has no kappa/neighbours at knn_k=%d: computed them in memory for this loader "
                 "(%d splats, %.1f s, neighbours %s); call lake.estimate_kappa() once to persist them and skip "
                 "this step", snap.version, k, len(mu), time.perf_counter() - t0, found)
-    # a stream state records the key: another k (another handle's knn_k) or seed (the IVF search above
-    # 20k rows) gives other kappa, hence another kappa-importance plan and other draws
-    return Geometry(kappa, neighbors, cos, f"k={k},seed={seed}")
+    # a stream state records the key: another k (another handle's knn_k) or, for the IVF search above
+    # 20k rows, another seed gives other kappa, hence another kappa-importance plan and other draws;
+    # float16 rows are marked: renormalised since 2026-12-07, their geometry differs from older states'
+    key = f"k={k}" + ("" if stats.get("method") == "exact" else f",seed={seed}")
+    key += ",float16 renormalised" if snap.read_all("mu").dtype == np.float16 else ""
+    return Geometry(kappa, neighbors, cos, key)
 
 
 class GeometryOverlay:

@@ -261,7 +261,7 @@ class StreamLoader(DataLoader[Any]):
             lake=spec.lake, version=spec.version, rank=world.rank, sampler=sampler,
             importance=st.importance_name(self.options.importance_sampling),
             shuffle_asked=self.options.shuffle_mode if self.options.shuffle else "none",
-            geometry=src.geometry_key if isinstance(src := self._ds.source, ComputedGeometry) else None)
+            geometry=(src.geometry_key if isinstance(src := self._ds.source, ComputedGeometry) else None) or "none")
 
     def _iterate(self) -> Iterator[Any]:
         ds = self._ds

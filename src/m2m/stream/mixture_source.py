@@ -50,7 +50,8 @@ class MixtureSource:
     def geometry_key(self) -> str | None:
         """The parts' in-memory geometry keys (`m2m.stream.from_lake.Geometry.key`), None if none has one."""
         keys = [p.geometry_key if isinstance(p, ComputedGeometry) else None for p in self.parts]
-        return None if all(k is None for k in keys) else ";".join(str(k) for k in keys)
+        return None if all(k is None for k in keys) else "; ".join(f"lake {i}: {k or 'stored'}"
+                                                                    for i, k in enumerate(keys))
 
     @property
     def dim(self) -> int:

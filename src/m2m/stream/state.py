@@ -22,14 +22,15 @@ from m2m.errors import StateMismatchError
 STATE_VERSION = 2
 
 #: Fields that must match whatever the position (they fix which batches an epoch has). ``shuffle`` is
-#: the layout a state's epoch used; between states that record what was asked (``shuffle_asked``), that
-#: is compared instead, and the layout only mid-epoch: ``shuffle_mode="auto"`` picks the layout from
-#: the lake's size against ``warm_bytes``, and a lake that grew (or gained geometry columns) since an
-#: epoch-boundary state may get the other one for its next epoch.
+#: the layout a state's epoch used; between states that record what was asked (``shuffle_asked``), only
+#: shuffling on or off is compared at every position and the layout only mid-epoch: ``shuffle_mode="auto"``
+#: picks the layout from the lake's size against ``warm_bytes``, and a lake that grew (or gained geometry
+#: columns) since an epoch-boundary state may get the other one for its next epoch.
 ALWAYS = ("seed", "batch_size", "drop_last", "shuffle")
 #: Fields that must match to resume mid-epoch (the layout of this epoch's order, its importance plan).
+#: ``geometry`` is compared where both loaders computed geometry in memory (`check`).
 MID_EPOCH = ("num_rows", "shuffle", "block_rows", "window_blocks", "shard_affinity", "affinity_group_blocks",
-             "importance", "geometry")
+             "importance")
 #: Of those, the ones only a block shuffle's order depends on.
 BLOCK_ONLY = ("block_rows", "window_blocks")
 
@@ -73,7 +74,7 @@ class StreamState:
     sampler: dict[str, Any] | None = None
     importance: str | None = None  # importance_name of the saved loader (None: a state from before it)
     shuffle_asked: str | None = None  # "none" or the shuffle_mode asked ("auto", ...); None: a state from before it
-    geometry: str | None = None  # in-memory geometry's key (`from_lake.Geometry.key`); None: stored or none
+    geometry: str | None = None  # in-memory geometry's key (`from_lake.Geometry.key`), "none"; None: an older state
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -111,8 +112,10 @@ def check(saved: StreamState, mine: StreamState, num_batches: Callable[[int], in
     if saved.lake is not None and mine.lake is not None and saved.lake != mine.lake:
         raise StateMismatchError(f"stream state is from lake {saved.lake}, this loader streams lake {mine.lake}")
     asked = saved.shuffle_asked is not None and mine.shuffle_asked is not None
-    always = [k for k in ALWAYS if not (asked and k == "shuffle")] + (["shuffle_asked"] if asked else [])
+    always = [k for k in ALWAYS if not (asked and k == "shuffle")]
     diff = {k: (getattr(saved, k), getattr(mine, k)) for k in always if getattr(saved, k) != getattr(mine, k)}
+    if asked and (saved.shuffle_asked == "none") != (mine.shuffle_asked == "none"):
+        diff["shuffle"] = (saved.shuffle_asked != "none", mine.shuffle_asked != "none")
     if diff:
         raise StateMismatchError("stream state does not match this loader (saved vs current): "
                                  + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
@@ -144,6 +147,14 @@ def check(saved: StreamState, mine: StreamState, num_batches: Callable[[int], in
                                  f"({mine.num_rows} rows): a mid-epoch state resumes the same snapshot only")
     diff = {k: (getattr(saved, k), getattr(mine, k)) for k in MID_EPOCH if getattr(saved, k) != getattr(mine, k)
             and getattr(saved, k) is not None and (k not in BLOCK_ONLY or saved.shuffle == "block")}
+    computed = (saved.geometry or "none") != "none" and (mine.geometry or "none") != "none"
+    if computed and saved.geometry != mine.geometry:  # both planned or drew on geometry computed in memory
+        diff["geometry"] = (saved.geometry, mine.geometry)
+    if saved.geometry is None and "float16" in (mine.geometry or ""):
+        raise StateMismatchError("stream state was saved mid-epoch by an m2m before 2026-12-07 over geometry "
+                                 "computed in memory from float16 rows, which are now renormalised first (other "
+                                 "kappa): resume from a state saved at an epoch boundary, or after "
+                                 "lake.estimate_kappa() from a new one")
     if diff:
         raise StateMismatchError("mid-epoch stream state does not match this loader's order (saved vs current): "
                                  + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
