@@ -125,3 +125,20 @@ def test_a_forked_child_never_removes_its_parent_s_lake(tmp_path, monkeypatch):
     assert os.path.isdir(lake.path)
     lake.close()
     assert not os.path.exists(lake.path)
+
+
+def test_a_private_shard_cache_of_a_gone_process_is_swept_by_the_next_one(tmp_path, monkeypatch):
+    # a forked DataLoader worker that opened a remote lake ends through os._exit: its private cache's
+    # finalizer never runs (review, 2026-12-07); the next private cache removes it, as temporary lakes are
+    from m2m.lake.cache import ShardCache
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = _fake(tmp_path, "m2m-cache-gone", _dead_pid())
+    with open(os.path.join(gone, "0" * 40 + ".shard"), "wb") as f:
+        f.write(b"x" * 100)
+    alive = _fake(tmp_path, "m2m-cache-alive", os.getpid())
+    cache = ShardCache(None, "bucket/lake", "s3://bucket/lake")
+    assert not os.path.exists(gone) and os.path.isdir(alive)
+    assert os.path.exists(os.path.join(cache.dir, tempdirs.OWNER_FILE))
+    cache.close()
+    assert not os.path.exists(cache.dir)
