@@ -512,3 +512,30 @@ def test_an_older_mid_epoch_state_over_float16_geometry_computed_in_memory_is_re
         with pytest.raises(StateMismatchError, match="before 2026-12-07 over geometry computed in memory"):
             lk.export_to_dataloader(**kw).load_state_dict(older)
         lk.export_to_dataloader(**kw).load_state_dict(state)          # a state of today's: resumes
+
+
+def test_a_copy_of_a_lake_that_diverged_refuses_the_originals_mid_epoch_state(tmp_path):
+    # a copied folder (a restored backup) appended to on both sides: version 2 with 600 rows and the same
+    # lake id on each, other vectors under the same ids; the original's state was accepted on the copy
+    # (a probing user, 2026-12-07). States record each version's commit time (`snapshot`).
+    import shutil
+
+    rng = np.random.default_rng(0)
+    with create_m2m(M2MConfig(path=tmp_path / "a", latent_dim=8)) as lk:
+        lk.add_splats(rng.standard_normal((500, 8)).astype(np.float32))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name in ("a", "b"):
+        with m2m.open_lake(tmp_path / name) as lk:
+            lk.add_splats(rng.standard_normal((100, 8)).astype(np.float32))
+    kw = dict(batch_size=50, columns=("id",), seed=1)
+    with m2m.open_lake(tmp_path / "a") as lk:
+        got, state = _saved_after(lk.export_to_dataloader(**kw), 3)
+        assert state["snapshot"].startswith("v2@")
+        dl = lk.export_to_dataloader(**kw)
+        dl.load_state_dict(state)                      # the original: resumes
+        assert len(got) + sum(len(b["id"]) for b in dl) == 600
+    with m2m.open_lake(tmp_path / "b") as lk:
+        assert lk.version == 2 and len(lk) == 600
+        with pytest.raises(StateMismatchError, match="snapshot="):
+            lk.export_to_dataloader(**kw).load_state_dict(state)
+        lk.export_to_dataloader(**kw).load_state_dict(dict(state, batches_yielded=0))   # a boundary: fine

@@ -131,6 +131,12 @@ class Snapshot:
         """The manifest version this snapshot reads."""
         return self.manifest.version
 
+    @property
+    def snapshot_key(self) -> str:
+        """The version and its commit time: two copies of a lake that each committed a version of the
+        same number (a restored backup, a copied folder, both appended to) tell their rows apart by it."""
+        return f"v{self.manifest.version}@{self.manifest.created!r}"
+
     def column_sample(self, name: str) -> np.ndarray | None:
         """An empty array with the dtype and trailing shape `column` gives ``name``, from the manifest
         alone (no file read), or None when the manifest does not say. A stream learns its columns'

@@ -123,6 +123,10 @@ class GeometryOverlay:
         """How the in-memory geometry was made (`Geometry.key`; kept in stream states)."""
         return self.geometry.key
 
+    @property
+    def snapshot_key(self) -> str:
+        return self.snap.snapshot_key
+
     num_rows = property(lambda self: self.snap.num_rows)
     dim = property(lambda self: self.snap.dim)
     storage_dtype = property(lambda self: self.snap.storage_dtype)

@@ -31,7 +31,7 @@ from m2m.stream.epoch_sampler import EpochSampler
 from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.options import StreamOptions
-from m2m.stream.source import ComputedGeometry, FetchReporting, RowSource
+from m2m.stream.source import ComputedGeometry, FetchReporting, PinnedSnapshot, RowSource
 from m2m.stream.spec import StreamSpec, device_of, lake_pass_chunk_batches, plan_stream
 from m2m.stream.topology import World
 
@@ -247,7 +247,6 @@ class StreamLoader(DataLoader[Any]):
     # ----------------------------------------------------------------- iteration
     def _state(self) -> st.StreamState:
         spec, world = self.spec, self._ds.current_world()
-
         def num_batches(e: int) -> int:
             return int(self._ds.num_batches(e, world))
         epoch, yielded = self._cursor.position(num_batches)
@@ -261,7 +260,8 @@ class StreamLoader(DataLoader[Any]):
             lake=spec.lake, version=spec.version, rank=world.rank, sampler=sampler,
             importance=st.importance_name(self.options.importance_sampling),
             shuffle_asked=self.options.shuffle_mode if self.options.shuffle else "none",
-            geometry=(src.geometry_key if isinstance(src := self._ds.source, ComputedGeometry) else None) or "none")
+            geometry=(src.geometry_key if isinstance(src := self._ds.source, ComputedGeometry) else None) or "none",
+            snapshot=src.snapshot_key if isinstance(src, PinnedSnapshot) else None)
 
     def _iterate(self) -> Iterator[Any]:
         ds = self._ds

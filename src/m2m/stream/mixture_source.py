@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from m2m.errors import ConfigError
-from m2m.stream.source import ComputedGeometry, FileBackedSource, RowSource, file_backed
+from m2m.stream.source import ComputedGeometry, FileBackedSource, PinnedSnapshot, RowSource, file_backed
 from m2m.stream.stages.cold import ColdReader
 
 #: The column a mixture adds: the index of each row's lake in ``Mixture.names``.
@@ -45,6 +45,12 @@ class MixtureSource:
     @property
     def num_rows(self) -> int:
         return int(self.bases[-1])
+
+    @property
+    def snapshot_key(self) -> str | None:
+        """The parts' snapshot keys (`m2m.lake.reader.Snapshot.snapshot_key`), None if a part has none."""
+        keys = [p.snapshot_key if isinstance(p, PinnedSnapshot) else None for p in self.parts]
+        return None if any(k is None for k in keys) else ",".join(str(k) for k in keys)
 
     @property
     def geometry_key(self) -> str | None:

@@ -114,6 +114,16 @@ class ComputedGeometry(Protocol):
     def geometry_key(self) -> str | None: ...
 
 
+@runtime_checkable
+class PinnedSnapshot(Protocol):
+    """A source that reads committed lake versions: ``snapshot_key`` names them with their commit times
+    (`m2m.lake.reader.Snapshot.snapshot_key`); stream states record it (a mid-epoch state resumes the
+    same versions only)."""
+
+    @property
+    def snapshot_key(self) -> str: ...
+
+
 def file_backed(source: RowSource) -> FileBackedSource | None:
     """``source`` as a `FileBackedSource`, or None for an in-memory source."""
     return source if isinstance(source, FileBackedSource) else None

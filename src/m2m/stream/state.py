@@ -30,7 +30,7 @@ ALWAYS = ("seed", "batch_size", "drop_last", "shuffle")
 #: Fields that must match to resume mid-epoch (the layout of this epoch's order, its importance plan).
 #: ``geometry`` is compared where both loaders computed geometry in memory (`check`).
 MID_EPOCH = ("num_rows", "shuffle", "block_rows", "window_blocks", "shard_affinity", "affinity_group_blocks",
-             "importance")
+             "importance", "snapshot")
 #: Of those, the ones only a block shuffle's order depends on.
 BLOCK_ONLY = ("block_rows", "window_blocks")
 
@@ -75,6 +75,7 @@ class StreamState:
     importance: str | None = None  # importance_name of the saved loader (None: a state from before it)
     shuffle_asked: str | None = None  # "none" or the shuffle_mode asked ("auto", ...); None: a state from before it
     geometry: str | None = None  # in-memory geometry's key (`from_lake.Geometry.key`), "none"; None: an older state
+    snapshot: str | None = None  # the pinned versions with their commit times (`Snapshot.snapshot_key`); None: unknown
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
