@@ -202,7 +202,8 @@ class Source:
         """This source with its metadata columns' types unified over the table files of a flat
         directory, as a partitioned directory's are (`_one_schema`): an int32 column in one file and
         int64 values in the next were refused against the first file's type, where the partitioned
-        layout widened them. Types without a lossless common widening are refused naming the column."""
+        layout widened them. A column whose types have no lossless common widening is left as each file
+        has it: its values are checked against the lake's column chunk by chunk (`check_cast`)."""
         tables = [f for f in self.files if file_kind(f) != "npy"]
         if len(tables) < 2 or not (self.meta_columns or self.all_columns) or self.widen:
             return self
