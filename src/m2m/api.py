@@ -90,20 +90,23 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
     fs = open_fs(path, asked.storage_options, asked.io_timeout, asked.io_retries, asked.cache_dir, asked.cache_bytes)
     use_key(fs, asked.lake_key)
     try:
-        manifest = read_manifest(fs, version)   # LakeNotFoundError ("no m2m lake at ...") when there is none
+        return _open_version(fs, path, version, config, asked, overrides)
     except BaseException:
         getattr(fs, "close", lambda: None)()  # a private shard cache directory goes with it
         raise
-    try:
-        if config is not None:
-            check_compatible(manifest, asked, os.fspath(path))
-        for name, have in (("latent_dim", manifest.dim), ("storage_dtype", manifest.dtype)):
-            if name in overrides and overrides[name] != have:   # (these keywords were dropped silently)
-                raise DimensionMismatchError(f"lake {os.fspath(path)} has {name} {have!r}, open_lake was given "
-                                             f"{name}={overrides[name]!r} (leave it out: the lake's own is used)")
-    except BaseException:
-        getattr(fs, "close", lambda: None)()
-        raise
+
+
+def _open_version(fs: Any, path: str | os.PathLike[str], version: int | None, config: M2MConfig | None,
+                  asked: M2MConfig, overrides: dict[str, Any]) -> Lake:
+    """`open_lake` past opening the store (``fs``, which the caller closes if this raises)."""
+    manifest = read_manifest(fs, version)   # LakeNotFoundError ("no m2m lake at ...") when there is none
+    if config is not None:
+        check_compatible(manifest, asked, os.fspath(path))
+    for name, have in (("latent_dim", manifest.dim), ("storage_dtype", manifest.dtype)):
+        if name in overrides and overrides[name] != have:   # (these keywords were dropped silently)
+            raise DimensionMismatchError(f"lake {os.fspath(path)} has {name} {have!r}, open_lake was given "
+                                         f"{name}={overrides[name]!r} (leave it out: the lake's own is used)")
+
     def config_of(manifest: Manifest) -> M2MConfig:
         cfg = dataclasses.replace(asked, latent_dim=manifest.dim, storage_dtype=manifest.dtype)
         stored_k = (manifest.geometry or {}).get("k")
@@ -122,17 +125,12 @@ def open_lake(path: str | os.PathLike[str], config: M2MConfig | None = None, ver
             # the latest version's files checked at open are gone: a writer published a newer version and
             # vacuumed this one meanwhile (seen 1 in ~16,000 opens beside append + compact + vacuum(keep=1));
             # open the new head, a bounded number of times, rather than call a healthy lake damaged
-            newer = None
-            if version is None and isinstance(exc.__cause__, FileNotFoundError) and attempt < OPEN_RETRIES:
-                latest = read_manifest(fs, None)
-                newer = latest if latest.version > manifest.version else None
-            if newer is None:
-                getattr(fs, "close", lambda: None)()
+            if version is not None or not isinstance(exc.__cause__, FileNotFoundError) or attempt == OPEN_RETRIES:
                 raise
-            manifest, attempt = newer, attempt + 1
-        except BaseException:
-            getattr(fs, "close", lambda: None)()
-            raise
+            latest = read_manifest(fs, None)
+            if latest.version <= manifest.version:
+                raise
+            manifest, attempt = latest, attempt + 1
 
 
 #: Times `open_lake` of the latest version moves on to a newer head whose writer vacuumed the one it opened
