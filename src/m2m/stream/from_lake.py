@@ -88,7 +88,10 @@ def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
     from m2m.lake.neighbourhood import compute_geometry
 
     t0 = time.perf_counter()
-    mu = rows_f32(snap.read_all("mu"), slice(None))   # float16 rows renormalised, as estimate_kappa reads them
+    stored = snap.read_all("mu")
+    half = stored.dtype == np.float16
+    mu = rows_f32(stored, slice(None))   # float16 rows renormalised, as estimate_kappa reads them
+    del stored   # (a float16 lake's rows are not held beside their float32 copy)
     with progress_bar(len(mu), "kappa (in memory)") as bar:
         stats: dict[str, Any] = {}
         kappa_est, neighbors, cos = compute_geometry(mu, k, seed, bar, usable_cores(),
@@ -104,7 +107,7 @@ def computed_geometry(snap: "Snapshot", k: int, seed: int) -> Geometry:
     # 20k rows, another seed gives other kappa, hence another kappa-importance plan and other draws;
     # float16 rows are marked: renormalised since 2026-12-07, their geometry differs from older states'
     key = f"k={k}" + ("" if stats.get("method") == "exact" else f",seed={seed}")
-    key += ",float16 renormalised" if snap.read_all("mu").dtype == np.float16 else ""
+    key += ",float16 renormalised" if half else ""
     return Geometry(kappa, neighbors, cos, key)
 
 
