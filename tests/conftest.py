@@ -19,6 +19,19 @@ def lake_path(tmp_path):
     return tmp_path / "lake"
 
 
+def lone_list_rows(n: int = 24_000, d: int = 16, seed: int = 3) -> np.ndarray:
+    """Clustered unit rows, 30% of them near-duplicates of their centre: an IVF search leaves some rows
+    alone in lists no other row's probes visit (the data of the kNN refill tests, local and Ray)."""
+    rng = np.random.default_rng(seed)
+    cent = rng.normal(size=(60, d))
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    c = rng.integers(0, 60, n)
+    x = cent[c] + 0.05 * rng.normal(size=(n, d))
+    dup = rng.random(n) < 0.3
+    x[dup] = cent[c[dup]] + 0.001 * rng.normal(size=(int(dup.sum()), d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
 def clustered(n: int, d: int, clusters: int = 8, spread: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` unit vectors in ``clusters`` tight clusters, with the cluster index as label."""
     g = np.random.default_rng(seed)

@@ -8,6 +8,7 @@ import numpy as np
 
 from m2m.index.knn import knn, refill_short_rows
 from m2m.index.runtime import require_faiss
+from tests.conftest import lone_list_rows
 
 
 def test_refill_fills_exactly_the_short_rows():
@@ -26,15 +27,7 @@ def test_refill_fills_exactly_the_short_rows():
 
 
 def test_an_ivf_search_leaves_no_row_without_neighbours():
-    rng = np.random.default_rng(3)
-    n, d = 24_000, 16
-    cent = rng.normal(size=(60, d))
-    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
-    c = rng.integers(0, 60, n)
-    x = cent[c] + 0.05 * rng.normal(size=(n, d))
-    dup = rng.random(n) < 0.3
-    x[dup] = cent[c[dup]] + 0.001 * rng.normal(size=(int(dup.sum()), d))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    x = lone_list_rows()
     stats: dict = {}
     _, idx = knn(x, 8, stats=stats, threads=1)
     assert stats["method"] == "ivf"

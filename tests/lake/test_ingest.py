@@ -380,6 +380,17 @@ def test_a_vector_column_of_strings_or_empty_lists_is_named(tmp_path, col, messa
             lake.add_splats(pa.table({"v": col}))
 
 
+def _two_files(src, layout: str, name: str, first: pa.Array, then: pa.Array) -> None:
+    """Files ``a`` and ``b`` of two rows each (8-wide vectors), column ``name`` holding ``first`` and
+    ``then``: in ``src`` (``layout="flat"``) or in its partition folders ``p=a``/``p=b``."""
+    g = np.random.default_rng(0)
+    for part, col in (("a", first), ("b", then)):
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(g.standard_normal(2 * 8).astype(np.float32)), 8)
+        where = src / f"p={part}" if layout == "partitioned" else src
+        where.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"embedding": vec, name: col}), where / f"{part}.parquet")
+
+
 @pytest.mark.parametrize("layout", ["flat", "partitioned"])
 @pytest.mark.parametrize("first, then, wide", [
     (pa.array([1, 2], pa.int32()), pa.array([2**40, 3], pa.int64()), pa.int64()),
@@ -391,13 +402,8 @@ def test_a_metadata_column_whose_type_differs_between_files_is_widened_in_either
     # observed (a probing user, 2026-12-07): a flat directory was read file by file against the first
     # file's type (2**40 refused for int32; int8 -5 for uint8 in Arrow's words, 251) while the same files
     # in partition folders were widened
-    g = np.random.default_rng(0)
     src = tmp_path / "src"
-    for name, col in (("a", first), ("b", then)):
-        vec = pa.FixedSizeListArray.from_arrays(pa.array(g.standard_normal(2 * 8).astype(np.float32)), 8)
-        where = src / f"p={name}" if layout == "partitioned" else src
-        where.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"embedding": vec, "x": col}), where / f"{name}.parquet")
+    _two_files(src, layout, "x", first, then)
     r = _run("ingest", src, "--lake", tmp_path / "lake", "--meta-column", "x", "-q")
     assert r.exit_code == 0, r.output
     with open_lake(tmp_path / "lake") as lake:
@@ -418,11 +424,7 @@ def _flat_files(src, cols_per_file) -> None:
 def test_a_string_column_dictionary_encoded_in_some_files_is_read_as_strings(tmp_path, layout):
     # a pandas category in one file, plain strings in the next (refused by the widening rule, review 2026-12-07)
     src = tmp_path / "src"
-    for name, col in (("a", pa.array(["x", "y"])), ("b", pa.array(["z", "x"]).dictionary_encode())):
-        vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(16, np.float32)), 8)
-        where = src / f"p={name}" if layout == "partitioned" else src
-        where.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"embedding": vec, "m": col}), where / f"{name}.parquet")
+    _two_files(src, layout, "m", pa.array(["x", "y"]), pa.array(["z", "x"]).dictionary_encode())
     r = _run("ingest", src, "--lake", tmp_path / "lake", "--meta-column", "m", "-q")
     assert r.exit_code == 0, r.output
     with open_lake(tmp_path / "lake") as lake:

@@ -605,16 +605,10 @@ def test_estimate_kappa_ray_leaves_no_row_without_neighbours(cluster, tmp_path, 
     # other row's probes visit; the Ray engine's list search left 34 rows short (4 with NaN kappa)
     # until it searched them exactly, as the local engine does
     from m2m.index.knn import knn
+    from tests.conftest import lone_list_rows
 
-    rng = np.random.default_rng(3)
-    n, d = 24_000, 16
-    cent = rng.normal(size=(60, d))
-    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
-    c = rng.integers(0, 60, n)
-    x = cent[c] + 0.05 * rng.normal(size=(n, d))
-    dup = rng.random(n) < 0.3
-    x[dup] = cent[c[dup]] + 0.001 * rng.normal(size=(int(dup.sum()), d))
-    x = _unit(x)
+    x = lone_list_rows()
+    n, d = x.shape
     lake = create_m2m(M2MConfig(path=tmp_path / "l", latent_dim=d, knn_k=K, shard_bytes=1 << 18))
     lake.add_splats(x)
     kappa = lake.estimate_kappa(engine="ray")
