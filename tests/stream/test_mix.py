@@ -445,6 +445,21 @@ def test_a_state_names_the_weights_exactly(two):
         m2.export_to_dataloader(batch_size=4096).load_state_dict(state)
 
 
+@pytest.mark.parametrize("first, second", [((0.4, 0.6), (2, 3)), ((0.1, 0.3), (1, 3)), ((0.7, 0.1), (7, 1))])
+def test_one_proportion_written_two_ways_is_one_mixture(two, first, second):
+    # observed: 0.4 : 0.6 and 2 : 3 were two mixtures (their quotients differ in the last bit): a state of
+    # one was refused by the other ("stream state is from lake mix[...]")
+    a, b = two
+    m1 = m2m.mix({"a": a, "b": b}, dict(zip("ab", first)), epoch_rows=10_000_000)
+    m2 = m2m.mix({"a": a, "b": b}, dict(zip("ab", second)), epoch_rows=10_000_000)
+    assert m1.weights == m2.weights and m1.counts == m2.counts
+    dl = m1.export_to_dataloader(batch_size=4096)
+    next(iter(dl))
+    other = m2.export_to_dataloader(batch_size=4096)
+    other.load_state_dict(dl.state_dict())
+    assert other.state_dict() == dl.state_dict()
+
+
 def test_an_empty_lake_is_refused_by_mix_and_importance_errors_name_the_lake(two, tmp_path):
     # observed: an empty lake with weight 0 was accepted, then every export refused it; an importance
     # column missing from one lake listed the other lake's columns and named no lake
@@ -569,10 +584,13 @@ def test_integer_columns_that_stream_alike_still_mix(tmp_path: object) -> None:
     assert sorted(cat(got, "n").tolist()) == sorted(list(range(10)) * 2)
 
 
-def test_a_state_saved_under_the_older_mixture_name_resumes(lakes: dict[str, str]) -> None:
+@pytest.mark.parametrize("which", ["versions", "unrounded"])
+def test_a_state_saved_under_the_older_mixture_name_resumes(lakes: dict[str, str], which: str) -> None:
     """States saved before 2026-12-07 (pm) named the mixture with its versions (mix[web=<id>@v<n>*<w>,...;
-    epoch_rows=<E>], version None): they resume on the same lakes and versions."""
-    with m2m.mix(lakes, WEIGHTS, epoch_rows=300) as mx:
+    epoch_rows=<E>], version None), and until 2026-12-08 with the shares unrounded (0.6 : 0.3 : 0.1 as
+    3 : 2 : 1 as 0.5000000000000001 : 0.33333333333333337 : ...): they resume on the same lakes and versions."""
+    weights = WEIGHTS if which == "versions" else {"web": 3, "books": 2, "code": 1}
+    with m2m.mix(lakes, weights, epoch_rows=300) as mx:
         dl = mx.export_to_dataloader(batch_size=BS, seed=2, columns=("id",))
         it = iter(dl)
         first = [next(it)["id"].clone() for _ in range(2)]
@@ -580,8 +598,14 @@ def test_a_state_saved_under_the_older_mixture_name_resumes(lakes: dict[str, str
         rest = [b["id"].clone() for b in it]
         versions = [int(v.split("@v")[1]) for v in state["version"].split(",")]
         ids = [part.split("=")[1].split("*")[0] for part in state["lake"][4:].split(";")[0].split(",")]
-        state = dict(state, lake=mx.legacy_identity(versions, ids), version=None)
-        assert "@v" in state["lake"] and first
+        if which == "versions":
+            state = dict(state, lake=mx.legacy_identities(versions, ids)[0], version=None)
+            assert "@v" in state["lake"] and first
+        else:
+            w = np.array([weights[n] for n in mx.names], dtype=np.float64)
+            w = w / w.max()
+            state = dict(state, lake=mx.identity(ids, list(w / w.sum())))
+            assert state["lake"] != dl.state_dict()["lake"] and first
         again = mx.export_to_dataloader(batch_size=BS, seed=2, columns=("id",))
         again.load_state_dict(state)
         got = [b["id"] for b in again]

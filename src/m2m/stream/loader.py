@@ -81,7 +81,7 @@ class StreamLoader(DataLoader[Any]):
     """
 
     dataset: StreamDataset  # (DataLoader declares Dataset[Any]: typed here so that len(dl.dataset) checks)
-    legacy_lake: str | None = None  # another name the rows had in older states (`Mixture.legacy_identity`)
+    legacy_lakes: tuple[str, ...] = ()  # other names the rows had in older states (`Mixture.legacy_identities`)
 
     def __init__(self, dataset: StreamDataset, options: StreamOptions) -> None:
         o = options
@@ -178,7 +178,7 @@ class StreamLoader(DataLoader[Any]):
         """Resume: the next pass yields exactly this rank's batches not yet yielded when ``state`` was
         taken (on any rank); the passes after it continue as the saved loader would have."""
         saved = st.StreamState.from_dict(state)
-        if saved.lake is not None and saved.lake == self.legacy_lake:
+        if saved.lake is not None and saved.lake in self.legacy_lakes:
             saved = dataclasses.replace(saved, lake=self.spec.lake, version=self.spec.version)
         if saved.shard_affinity and self.spec.shard_affinity \
                 and saved.affinity_group_blocks != self.spec.affinity_group_blocks:

@@ -20,7 +20,8 @@ from m2m.sampling.priorities import as_losses
 
 
 def check_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
-    """The weights in `names` order; one-line ConfigError on unknown/missing names or bad values."""
+    """The weights in `names` order, relative to the largest; one-line ConfigError on unknown/missing
+    names or bad values."""
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise ConfigError(f"mix: weights name unknown lake(s) {unknown}; lakes are {names}")
@@ -46,6 +47,13 @@ def check_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
     if w.max() <= 0:
         raise ConfigError("mix: the weights sum to zero")
     return w / w.max()  # (weights of 1e308 summed to inf: every normalised weight 0, 2 rows an epoch)
+
+
+def shares(w: np.ndarray) -> np.ndarray:
+    """`check_weights`'s weights as shares at 15 significant digits, so that one proportion written two
+    ways (0.4 : 0.6 and 2 : 3, whose quotients differ in the last bit) is one set of shares: a mixture's
+    counts, plan and state name follow from these values alone."""
+    return np.array([float(f"{x:.15g}") for x in w / w.sum()], dtype=np.float64)
 
 
 def counts(w: np.ndarray, epoch_rows: int) -> np.ndarray:

@@ -102,14 +102,15 @@ class Mixture:
             raise ConfigError("mix: the lakes' storage dtypes differ (" + ", ".join(f"{n}={d}" for n, d in dtypes.items())
                               + "); a mixture needs one")
         self.num_rows = {n: int(s.num_rows) for n, s in self._snaps.items()}
-        self.weights = {n: float(x) for n, x in zip(self.names, weights / weights.sum())}
-        self._w = weights
+        self._w = mixing.shares(weights)
+        self.weights = {n: float(x) for n, x in zip(self.names, self._w)}
+        self._unrounded = weights / weights.sum()  # (the shares of states saved until 2026-12-08)
         self.epoch_rows = int(sum(self.num_rows.values()) if epoch_rows is None else epoch_rows)
         self._epoch_rows_given = epoch_rows is not None  # else it follows the lakes' rows (not in the identity)
         empty = [n for n in self.names if self.num_rows[n] == 0]
         if empty:  # (with weight 0 it was accepted, then every export refused it: "lake ... is empty")
             raise ConfigError(f"mix: lake(s) {empty} are empty: a stream needs rows in every lake; leave them out")
-        self.counts = dict(zip(self.names, (int(c) for c in mixing.counts(weights, self.epoch_rows))))
+        self.counts = dict(zip(self.names, (int(c) for c in mixing.counts(self._w, self.epoch_rows))))
         self.columns = None if columns is None else self._check_columns(columns)
 
     def _check_columns(self, columns: Sequence[str]) -> tuple[str, ...]:
@@ -154,19 +155,25 @@ class Mixture:
                           for n in self.names)
         return f"Mixture({parts}; epoch_rows={self.epoch_rows})"
 
-    def identity(self, ids: Sequence[str]) -> str:
-        """The name a stream state keeps: every lake's id, the weights and the epoch length (the lakes'
-        versions are the state's ``version``, `versions`)."""
-        # the weights exactly (repr): at 6 significant digits 1 : 1 and 1 : 1.0000008 were one name, and a
+    def identity(self, ids: Sequence[str], shares: Sequence[float] | None = None) -> str:
+        """The name a stream state keeps: every lake's id, the weights (``shares``, default the
+        mixture's) and the epoch length (the lakes' versions are the state's ``version``, `versions`)."""
+        # the shares exactly (repr): at 6 significant digits 1 : 1 and 1 : 1.0000008 were one name, and a
         # state of one resumed the other's plan (their counts differ at 10M rows an epoch)
-        lakes = ",".join(f"{n}={i}*{self.weights[n]!r}" for n, i in zip(self.names, ids))
+        given = self._w if shares is None else shares
+        lakes = ",".join(f"{n}={i}*{float(w)!r}" for n, i, w in zip(self.names, ids, given))
         # the default epoch length is the lakes' rows: it grows with an append, as one lake's epoch does
         return f"mix[{lakes};epoch_rows={self.epoch_rows if self._epoch_rows_given else 'rows'}]"
 
-    def legacy_identity(self, versions: Sequence[int], ids: Sequence[str]) -> str:
-        """The name states of this mixture had until 2026-12-07 (versions in it, version None)."""
-        lakes = ",".join(f"{n}={i}@v{v}*{self.weights[n]!r}" for n, i, v in zip(self.names, ids, versions))
-        return f"mix[{lakes};epoch_rows={self.epoch_rows}]"
+    def legacy_identities(self, versions: Sequence[int], ids: Sequence[str]) -> tuple[str, ...]:
+        """The names older states of this mixture have, where their plan is this mixture's: until
+        2026-12-07 versions in the name (version None) and, until 2026-12-08, the shares unrounded
+        (when those give the same counts)."""
+        old = self._unrounded
+        if not np.array_equal(mixing.counts(old, self.epoch_rows), mixing.counts(self._w, self.epoch_rows)):
+            return ()
+        lakes = ",".join(f"{n}={i}@v{v}*{float(w)!r}" for n, i, v, w in zip(self.names, ids, versions, old))
+        return f"mix[{lakes};epoch_rows={self.epoch_rows}]", self.identity(ids, old)
 
     def versions(self, versions: Sequence[int]) -> str:
         """The snapshot versions of a mixture's lakes, as a state's ``version``: a state saved mid-epoch
@@ -226,8 +233,7 @@ class Mixture:
         ids, versions = [p.identity for p in parts], [p.version for p in parts]
         loader = make_loader(source, opts, sampler=sampler, augment=augment, lake=self.identity(ids),
                              version=self.versions(versions))
-        # the name states saved before 2026-12-07 (pm) gave this mixture, versions included: they resume
-        loader.legacy_lake = self.legacy_identity(versions, ids)
+        loader.legacy_lakes = self.legacy_identities(versions, ids)   # older states' names resume
         return loader
 
     def close(self) -> None:
