@@ -120,10 +120,12 @@ class MixtureSampler:
     (``bases[j]`` + row within lake ``j``), shuffled together. A pure function of (seed, epoch)."""
 
     def __init__(self, sizes: Sequence[int], weights: np.ndarray, epoch_rows: int, seed: int,
-                 samplers: Sequence[Any | None], mean_alpha: Sequence[float] | None = None) -> None:
+                 samplers: Sequence[Any | None], mean_alpha: Sequence[float] | None = None,
+                 names: Sequence[str] | None = None) -> None:
         """``mean_alpha``: each lake's mean alpha (None: 1 each), by which its importance weights are
-        divided so that they average 1."""
+        divided so that they average 1; ``names``: the lakes' names, for messages."""
         self.sizes = [int(n) for n in sizes]
+        self.names = None if names is None else [str(n) for n in names]
         given = [1.0] * len(self.sizes) if mean_alpha is None else [float(a) for a in mean_alpha]
         self.mean_alpha = [a if a > 0 and np.isfinite(a) else 1.0 for a in given]
         self.bases = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
@@ -133,6 +135,10 @@ class MixtureSampler:
         for j, (n, k) in enumerate(zip(self.sizes, self.counts)):
             if k and n == 0:
                 raise ConfigError(f"mix: lake #{j} is empty but has a positive weight")
+
+    def lake(self, j: int) -> str:
+        """Lake ``j`` in a message: its name where known, and its ``source`` index."""
+        return f"lake #{j} (source {j})" if self.names is None else f"lake {self.names[j]!r} (source {j})"
 
     def plan_length(self) -> int:
         """Draws in every epoch's plan (``sum(counts)``): an epoch's batch count without drawing its plan."""
@@ -199,7 +205,7 @@ class LossMixtureSampler(MixtureSampler):
             try:
                 sampler.check_update(lake_ids, lake_losses)
             except M2MError as exc:  # (the error named an id, not the lake it was routed to)
-                raise type(exc)(f"update_priorities: lake #{j} (source {j}): {exc}") from exc
+                raise type(exc)(f"update_priorities: {self.lake(j)}: {exc}") from exc
         for _, sampler, lake_ids, lake_losses in parts:
             sampler.update_priorities(lake_ids, lake_losses)
 
@@ -211,6 +217,15 @@ class LossMixtureSampler(MixtureSampler):
         lakes = state.get("lakes") if isinstance(state, dict) else None
         if not isinstance(lakes, list) or len(lakes) != len(self.samplers):
             raise StateMismatchError(f"sampler state is not that of a {len(self.samplers)}-lake mixture")
-        for sampler, saved in zip(self.samplers, lakes):
-            if sampler is not None and saved is not None:
+        # all lakes or none: a state refused for one lake left the lakes before it loaded
+        before = [None if s is None else s.state_dict() for s in self.samplers]
+        for j, (sampler, saved) in enumerate(zip(self.samplers, lakes)):
+            if sampler is None or saved is None:
+                continue
+            try:
                 sampler.load_state_dict(saved)
+            except M2MError as exc:
+                for earlier, kept in zip(self.samplers[:j], before):
+                    if earlier is not None and kept is not None:
+                        earlier.load_state_dict(kept)
+                raise type(exc)(f"mix: {self.lake(j)}: {exc}") from None

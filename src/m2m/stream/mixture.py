@@ -228,7 +228,8 @@ class Mixture:
         self._check_kinds(source, chosen)
         kind = mixing.LossMixtureSampler if imp == "loss" else mixing.MixtureSampler
         sampler = kind([self.num_rows[n] for n in self.names], self._w, self.epoch_rows, seed_,
-                       [p.sampler for p in parts], [_mean_alpha(self._snaps[n].manifest) for n in self.names])
+                       [p.sampler for p in parts], [_mean_alpha(self._snaps[n].manifest) for n in self.names],
+                       self.names)
         augment = None if gen is None else MixtureAugment([p.augment for p in parts], source.bases)
         ids, versions = [p.identity for p in parts], [p.version for p in parts]
         loader = make_loader(source, opts, sampler=sampler, augment=augment, lake=self.identity(ids),
