@@ -688,9 +688,11 @@ class _SegmentSource:
 def _read_segment(fs: LakeFS, ref: SegmentRef) -> bytes:
     try:
         return fs.read_bytes(ref.path)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        # (from the FileNotFoundError: `read_manifest` of the latest version tells a file vacuumed by a
+        # newer commit from damage by it)
         raise InvalidManifestError(f"segment {ref.path} is missing (if `vacuum` ran since this reader opened its "
-                                   "version, that version's files are gone: reopen the lake; else run `m2m verify`)") from None
+                                   "version, that version's files are gone: reopen the lake; else run `m2m verify`)") from exc
 
 
 def load_segments(refs: Sequence[SegmentRef]) -> None:
@@ -1082,13 +1084,45 @@ def key_of(fs: LakeFS) -> bytes | None:
     return key if key is not None else lake_key()
 
 
+#: Times `read_manifest` of the latest version reads a newer one after the files of the one it listed vanished
+LATEST_RETRIES = 3
+
+
 def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
     """The manifest of ``version`` (default: the latest). `LakeNotFoundError` when there is no lake.
 
     An unreadable manifest raises `CorruptShardError` naming it; for the latest version the message
-    also names the newest older version and the recovery commands.
+    also names the newest older version and the recovery commands. The latest version's files may
+    vanish while they are read (a writer published a newer version and vacuumed this one): the newer
+    head is then read, a bounded number of times, rather than a healthy lake called damaged or absent.
     """
-    versions = list_versions(fs)
+    attempt = 0
+    while True:
+        versions = list_versions(fs)
+        try:
+            return _read_listed(fs, version, versions)
+        except (LakeNotFoundError, CorruptShardError) as exc:
+            # (an empty listing: every manifest listed was vacuumed before its entry was checked)
+            if version is not None or attempt == LATEST_RETRIES or (versions and not _vanished(exc)):
+                raise
+            newer = list_versions(fs)
+            if not newer or (versions and newer[-1] <= versions[-1]):
+                raise
+            attempt += 1
+
+
+def _vanished(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a file that was not found (here a moment ago, or listed)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, FileNotFoundError):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _read_listed(fs: LakeFS, version: int | None, versions: list[int]) -> Manifest:
+    """`read_manifest` given the listing ``versions``."""
     if not versions:
         raise LakeNotFoundError(f"no m2m lake at {fs.url} (no {MANIFEST_DIR}/ manifests)")
     latest = version is None
@@ -1098,7 +1132,12 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
         raise LakeNotFoundError(f"lake {fs.url} has no version {version} (versions: {versions[0]}..{versions[-1]})")
     rel = manifest_name(version)
     try:
-        m = _read_version_file(fs, rel)
+        try:
+            data = fs.read_bytes(rel)
+        except FileNotFoundError as exc:   # listed a moment ago: vacuumed since
+            raise LakeNotFoundError(f"lake {fs.url} has no version {version} any more (vacuumed while it was "
+                                    "read)") from exc
+        m = _read_version_file(fs, rel, data)
         if m.version != version:
             raise CorruptShardError(f"manifest {fs.url}/{rel} is corrupt: it says version {m.version}")
         if m.format_version < FORMAT_VERSION:
@@ -1114,12 +1153,11 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
             f"`m2m repair {fs.url}` moves the unreadable manifest aside") from exc
 
 
-def _read_version_file(fs: LakeFS, rel: str) -> Manifest:
+def _read_version_file(fs: LakeFS, rel: str, data: bytes) -> Manifest:
     """`Manifest.from_json` of the version file ``rel``; format 3: the same bytes under the same key
     as the last version file this handle parsed or published give that manifest again (it passed
     every check; its segments are immutable and load as before), so a writer's next commit does not
     parse its own version file again."""
-    data = fs.read_bytes(rel)
     key = key_of(fs)
     memo = _memo(fs)
     with memo.lock:
