@@ -58,6 +58,7 @@ def create_m2m(config: M2MConfig | None = None) -> Lake:
         manifest = create_empty(fs, config)
     else:
         check_compatible(manifest, config, path)
+        config = dataclasses.replace(config, storage_dtype=manifest.dtype)  # (the default yields to the lake's)
     return Lake(fs, config, manifest, temporary_dir=temporary)
 
 

@@ -19,6 +19,20 @@ DEFAULT_HOT_BYTES = 2 << 30
 DEFAULT_SHARD_BYTES = 128 << 20
 
 
+class _DefaultDtype(str):
+    """``M2MConfig.storage_dtype`` left at its default: "float32" for a new lake, while a lake that
+    exists keeps its own (`dtype_given`). `create_m2m(M2MConfig(path, latent_dim))` over a float16 lake
+    was refused ("the config asks for storage_dtype='float32'") though nobody asked for it. Equal to
+    "float32" in every use; survives `dataclasses.replace`, copies and pickling."""
+
+    __slots__ = ()
+
+
+def dtype_given(config: "M2MConfig") -> bool:
+    """Whether ``config.storage_dtype`` was set (rather than left at its default)."""
+    return not isinstance(config.storage_dtype, _DefaultDtype)
+
+
 @dataclass(frozen=True)
 class M2MConfig:
     """Configuration of a lake handle and the streams it exports.
@@ -26,7 +40,8 @@ class M2MConfig:
     Attributes:
         path: lake directory or fsspec URL; None creates a temporary lake deleted on close.
         latent_dim: vector dimension; vectors of any other width are rejected.
-        storage_dtype: element type the shards hold ("float32" or "float16").
+        storage_dtype: element type the shards hold ("float32" or "float16"); the default makes new
+            lakes float32 and lets an existing lake keep its own (a value given must match it).
         device: where batches are delivered ("cpu", "cuda", "cuda:N").
         knn_k: neighbours used for kappa estimation and Langevin/mixture augmentation.
         langevin_steps: Langevin steps per augmented row.
@@ -67,7 +82,7 @@ class M2MConfig:
 
     path: str | os.PathLike[str] | None = None
     latent_dim: int = 640
-    storage_dtype: str = "float32"
+    storage_dtype: str = _DefaultDtype("float32")
     device: str = "cpu"
     knn_k: int = 16
     langevin_steps: int = 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -151,6 +152,25 @@ def test_reopen_with_other_dim_or_dtype_is_a_value_error(lake_path, rng):
     with open_lake(lake_path) as lake:
         with pytest.raises(ValueError, match="dimension 9"):
             lake.add_splats(np.ones((1, 9)))
+
+
+def test_a_float16_lake_reopens_with_the_default_dtype_and_refuses_another_given(lake_path, rng):
+    # observed: create_m2m(M2MConfig(path, latent_dim)) and open_lake(path, config=M2MConfig(...)) over a
+    # float16 lake were refused ("the config asks for storage_dtype='float32'"), a dtype nobody asked for
+    with create_m2m(M2MConfig(path=lake_path, latent_dim=8, storage_dtype="float16")) as lake:
+        lake.add_splats(rng.standard_normal((2, 8)))
+    for reopen in (lambda: create_m2m(M2MConfig(path=lake_path, latent_dim=8)),
+                   lambda: open_lake(lake_path, config=M2MConfig(latent_dim=8, knn_k=4)),
+                   lambda: create_m2m(dataclasses.replace(M2MConfig(latent_dim=8), path=lake_path))):
+        with reopen() as lake:
+            lake.add_splats(rng.standard_normal((2, 8)))
+            assert lake.config.storage_dtype == "float16" and lake.to_arrow()["mu"].type.value_type == pa.float16()
+    for given in (lambda: create_m2m(M2MConfig(path=lake_path, latent_dim=8, storage_dtype="float32")),
+                  lambda: open_lake(lake_path, config=M2MConfig(latent_dim=8, storage_dtype="float32"))):
+        with pytest.raises(DimensionMismatchError, match="stores float16, the config asks for storage_dtype='float32'"):
+            given()
+    with open_lake(lake_path) as lake:
+        assert len(lake) == 8
 
 
 def test_open_missing_lake(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from m2m._validate import SplatBatch, check_int, check_threads, validate_splats
-from m2m.config import M2MConfig
+from m2m.config import M2MConfig, dtype_given
 from m2m.errors import (
     AlreadyExistsError,
     CommitConflictError,
@@ -781,6 +781,6 @@ def check_compatible(manifest: Manifest, config: M2MConfig, where: str) -> None:
     if manifest.dim != config.latent_dim:
         raise DimensionMismatchError(
             f"lake {where} has latent_dim {manifest.dim}, the config asks for {config.latent_dim}")
-    if manifest.dtype != config.storage_dtype:
+    if manifest.dtype != config.storage_dtype and dtype_given(config):
         raise DimensionMismatchError(
             f"lake {where} stores {manifest.dtype}, the config asks for storage_dtype={config.storage_dtype!r}")
