@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from m2m import open_lake
+from m2m import M2MConfig, create_m2m, open_lake
 from m2m.cli.main import cli, parse_size
 
 
@@ -265,6 +266,28 @@ def test_repair_dry_run_takes_no_lock(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["repair", str(lake), "--dry-run"])
     assert result.exit_code == 0 and "head is version 1" in result.output
     assert CliRunner().invoke(cli, ["repair", str(lake)]).exit_code == 1  # a real repair still locks
+
+
+@pytest.mark.parametrize("how", [["repair"], ["rollback", "--to", "2"]])
+def test_recovery_past_a_head_cut_short_never_hands_out_its_ids(tmp_path, how):
+    # observed: with the head's version file cut in half (no JSON left to state its next_id), repair and
+    # rollback --to 2 handed out its ids again: the next append got 20..22, ids of acknowledged rows.
+    # The head's appends left shard files stamped with next_id; a planted file of another lake counts not
+    lake = tmp_path / "lake"
+    with create_m2m(M2MConfig(path=str(lake), latent_dim=4)) as lk:
+        for k in range(3):
+            lost = lk.add_splats(np.random.default_rng(k).standard_normal((10, 4)))
+    with create_m2m(M2MConfig(path=str(tmp_path / "other"), latent_dim=4)) as other:
+        other.add_splats(np.ones((100, 4)))
+        planted = [f.path for f in other.manifest.files()]
+    shutil.copy(tmp_path / "other" / planted[0], lake / "_data" / ("f" * 32 + ".arrow"))
+    head = lake / "_manifests" / "v0000000003.json"
+    head.write_bytes(head.read_bytes()[: len(head.read_bytes()) // 2])
+    r = CliRunner().invoke(cli, [how[0], str(lake), *how[1:]])
+    assert r.exit_code == 0, r.output
+    with open_lake(str(lake)) as reopened:
+        assert len(reopened) == 20 and reopened.add_splats(np.ones((2, 4))).tolist() == [30, 31]
+    assert lost.tolist() == list(range(20, 30))
 
 
 def test_repair_never_hands_out_the_ids_of_a_version_it_moves_aside(tmp_path):

@@ -103,7 +103,7 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
         if to == latest:
             return target
         _check_files(fs, target)
-        next_id = target.next_id
+        next_id = max(target.next_id, _stamped_next_id(fs, target))
         for v in versions:
             if v > to:
                 try:
@@ -163,8 +163,11 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
         moved = []
         stamp = int(time.time())
         corrupt = [v for v in versions if v > head]
-        # the highest next_id a moved version file states: its ids may have been seen
+        # the highest next_id a moved version file states, or its appends' shard files do (a file cut
+        # short states none): its ids may have been seen
         handed_out = max([_stated_next_id(fs, manifest_name(v)) for v in corrupt], default=0)
+        if corrupt:
+            handed_out = max(handed_out, _stamped_next_id(fs, read_manifest(fs, head)))
         if fs.is_local:  # a folder or dangling link where a newer manifest would go blocks every commit
             for v, rel, what in stray_versions(fs):
                 if v > head:
@@ -195,6 +198,40 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
             head = top + 1
     return {"moved": moved, "unreadable": [(v, p) for v, p in problems.items() if v < restored], "head": head,
             "restored": restored, "dry_run": dry_run, "id_floor": floor}
+
+
+def _stamped_next_id(fs: LakeFS, keep: Manifest) -> int:
+    """The highest ``next_id`` stamped by an append (`m2m.lake.integrity.STAMP_NEXT`) in a shard file of
+    this lake in ``_data`` that ``keep`` does not reference, or 0. The appends of a version whose file
+    is no longer readable (cut short: it states nothing) left such files, and their ids may have been
+    handed out; a file of an append that never committed only makes the floor higher than needed.
+    Local lakes (an object store's manifest is written whole); links are not followed."""
+    import pyarrow as pa
+
+    from m2m.lake.integrity import STAMP_LAKE, STAMP_NEXT
+    from m2m.lake.manifest import DATA_DIR
+    from m2m.lake.vacuum import is_data_name
+
+    if not fs.is_local:
+        return 0
+    referenced = {f.path for f in keep.files()}
+    best = 0
+    for name in fs.listdir(DATA_DIR):
+        rel = f"{DATA_DIR}/{name}"
+        path = fs.local_path(rel)
+        if rel in referenced or not is_data_name(name) or name.startswith(".tmp-") or os.path.islink(path):
+            continue
+        try:
+            with pa.OSFile(path) as f:
+                meta = pa.ipc.open_file(f).schema.metadata or {}
+            value = int(meta.get(STAMP_NEXT.encode(), b"0"))
+        except (OSError, ValueError, pa.ArrowException):
+            continue   # not readable, or no stamp: states nothing
+        if meta.get(STAMP_LAKE.encode(), b"").decode(errors="replace") != (keep.lake_id or ""):
+            continue   # another lake's file (copied or planted) says nothing of this lake's ids
+        if 0 < value < 1 << 63:
+            best = max(best, value)
+    return best
 
 
 def _stated_next_id(fs: LakeFS, rel: str) -> int:
