@@ -305,3 +305,16 @@ def test_repair_never_hands_out_the_ids_of_a_version_it_moves_aside(tmp_path):
     assert r.exit_code == 0 and "hands out ids from 40 on" in r.output, r.output
     with open_lake(str(lake)) as reopened:
         assert len(reopened) == 20 and reopened.add_splats(np.ones((2, 8)))[0] == 40
+
+
+def test_export_takes_a_file_url_and_refuses_an_object_store_url_in_one_line(tmp_path):
+    # observed: OUT as a URL was joined to the current folder: "m2m: error: /cwd/s3:/bucket does not exist
+    # (the folder of s3://bucket/out.parquet)"; file:// likewise ("/cwd/file:/tmp/...")
+    lake = tmp_path / "lake"
+    with create_m2m(M2MConfig(path=str(lake), latent_dim=4)) as lk:
+        lk.add_splats(np.eye(4))
+    out = tmp_path / "out.parquet"
+    r = CliRunner().invoke(cli, ["export", str(lake), f"file://{out}", "-q"])
+    assert r.exit_code == 0 and pq.read_table(out).num_rows == 4, r.output
+    r = CliRunner().invoke(cli, ["export", str(lake), "s3://bucket/out.parquet", "-q"])
+    assert r.exit_code == 1 and "OUT 's3://bucket/out.parquet' is not a local file" in r.output, r.output

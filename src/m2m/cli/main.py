@@ -218,7 +218,14 @@ def export_cmd(lake_dir: str, out: str, fmt: str | None, float32: bool, version:
     from m2m import open_lake
     from m2m.errors import AlreadyExistsError, ConfigError
     from m2m.lake.export import export_lake
+    from m2m.lake.fs import local_path
 
+    if not out.strip() or out.endswith(os.sep):  # ("" was written beside the current folder, then failed)
+        raise ConfigError(f"OUT {out!r} names no file: give the path of the file to write")
+    given, out = out, local_path(out) or ""   # (a URL was joined to the current folder: ".../s3:/bucket")
+    if not out.strip():
+        raise ConfigError(f"OUT {given!r} is not a local file: m2m export writes one (for an object store, "
+                          "export to a local file and upload it)")
     if fmt is None:  # a Parquet file named out.arrow would fail every Arrow IPC reader
         suffix = os.path.splitext(out)[1].lower()
         fmt = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}.get(suffix)
@@ -226,10 +233,6 @@ def export_cmd(lake_dir: str, out: str, fmt: str | None, float32: bool, version:
             raise ConfigError(f"cannot tell the format from {out!r}: name it .parquet or .arrow, or pass --format")
     if os.path.lexists(out) and not force:  # before opening the lake: nothing is read for a refused export
         raise AlreadyExistsError(f"{out} already exists; pass --force to replace it")
-    if not out.strip() or out.endswith(os.sep):  # ("" was written beside the current folder, then failed)
-        raise ConfigError(f"OUT {out!r} names no file: give the path of the file to write")
-    from m2m.lake.fs import local_path
-
     local = local_path(lake_dir)
     if local is not None:  # a file written among the lake's own would be read (or vacuumed) as the lake's
         root, where = os.path.realpath(local), os.path.realpath(os.path.dirname(os.path.abspath(out)))
