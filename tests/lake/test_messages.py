@@ -144,3 +144,23 @@ def test_a_real_full_disk_names_the_file_and_leaves_the_lake_unchanged(tiny_tmpf
         assert _state(root) == before and lake.version == 1
     with open_lake(root) as again:
         assert len(again) == 100 and again.verify() == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_fifo_or_folder_under_a_shards_name_is_one_line_not_a_hang(tmp_path, kind):
+    # observed: a FIFO in place of a shard file hung open_lake, `m2m verify` and `m2m vacuum` forever (opening
+    # a FIFO blocks until a writer appears); run in a child so that a hang fails the test instead of the suite
+    import sys
+
+    path = tmp_path / "l"
+    with create_m2m(M2MConfig(path=path, latent_dim=4)) as lake:
+        lake.add_splats(np.eye(4))
+        shard = path / lake.manifest.files()[0].path
+    shard.unlink()
+    os.mkfifo(shard) if kind == "fifo" else shard.mkdir()
+    what = "a FIFO" if kind == "fifo" else "a folder"
+    for cmd in ([sys.executable, "-c", f"import m2m; m2m.open_lake({str(path)!r})"],
+                [sys.executable, "-m", "m2m.cli.main", "verify", str(path)],
+                [sys.executable, "-m", "m2m.cli.main", "vacuum", str(path)]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"shard file {shard} is {what}, not a regular file" in r.stderr, r.stderr

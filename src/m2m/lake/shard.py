@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import uuid
 import zlib
 from collections import OrderedDict
@@ -487,10 +488,17 @@ class ShardFile:
             with self._lock:
                 if self._fd is None:
                     try:
-                        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                        # non-blocking: opening a FIFO planted under a shard's name blocked until a writer came
+                        # (open_lake, verify and vacuum hung); a regular file reads as without the flag
+                        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
                     except FileNotFoundError as exc:
                         raise CorruptShardError(_missing(self.path)) from exc
                     try:
+                        mode = os.fstat(fd).st_mode
+                        if not stat.S_ISREG(mode):
+                            what = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else \
+                                "a special file"
+                            raise CorruptShardError(f"shard file {self.path} is {what}, not a regular file")
                         if self.entry.sha256 is not None:
                             self._digest_read = _check_digest(fd, self.path, self.entry)
                     except BaseException:
