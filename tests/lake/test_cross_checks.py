@@ -131,6 +131,47 @@ def test_shard_copied_from_another_lake_is_refused(lake: Path, tmp_path: Path) -
     refused(lake, "belongs to another lake")
 
 
+def _compacted(path: Path, seed: int) -> Path:
+    """6 appends of 3,000 rows (string labels, kappa estimated), compacted two by two into 3 shards."""
+    g = np.random.default_rng(seed)
+    with create_m2m(M2MConfig(path=path, latent_dim=D, knn_k=4)) as lk:
+        for _ in range(6):
+            lk.add_splats(g.standard_normal((3000, D)), labels=NAMES[g.integers(0, 4, 3000)])
+        lk.estimate_kappa(threads=1)
+        lk.compact(target_bytes=2 * sum(f.bytes for f in lk.manifest.shards[0].files) + (16 << 10))
+        assert len(lk.manifest.shards) == 3
+    return path
+
+
+@pytest.mark.parametrize("edit", ["foreign", "drop first", "drop last", "vocabulary", "stale sidecar"])
+def test_the_same_edits_are_refused_after_compaction(tmp_path: Path, edit: str) -> None:
+    # observed: compaction wrote its merged files without stamps, so after it another lake's file listed in a
+    # shard's place (checksum recomputed) was served: the other lake's rows and labels, verify() == []
+    lake = _compacted(tmp_path / "lake", 0)
+    if edit == "foreign":
+        other = _compacted(tmp_path / "other", 1)
+        theirs = json.loads(manifest_path(other).read_text())["shards"][1]["files"][0]
+        shutil.copy(other / theirs["path"], lake / theirs["path"])
+        edit_manifest(lake, lambda d: d["shards"][1]["files"].__setitem__(0, theirs))
+        refused(lake, "belongs to another lake")
+    elif edit.startswith("drop"):
+        def drop(d: dict[str, Any]) -> None:
+            gone = d["shards"].pop(0 if edit == "drop first" else -1)
+            d["rows"] -= gone["rows"]
+            d["geometry"]["rows"] -= gone["rows"]
+        edit_manifest(lake, drop)
+        refused(lake, "a shard dropped")
+    elif edit == "vocabulary":
+        edit_manifest(lake, lambda d: d["label_vocabulary"].reverse())
+        refused(lake, "another label vocabulary")
+    else:
+        with open_lake(lake) as lk:
+            lk.estimate_kappa(threads=1)   # a new geometry run; the old run's sidecar goes back in its place
+        old = json.loads(sorted(manifest_path(lake).parent.glob("v*.json"))[-2].read_text())["shards"][0]["files"][-1]
+        edit_manifest(lake, lambda d: d["shards"][0]["files"].__setitem__(-1, old))
+        refused(lake, "stale sidecar")
+
+
 def test_lake_id_removed_from_the_manifest_is_refused(lake: Path) -> None:
     edit_manifest(lake, lambda d: d.pop("lake_id"))
     refused(lake, "has no lake_id")

@@ -38,7 +38,7 @@ import pyarrow as pa
 from m2m.errors import CommitConflictError, ConfigError
 from m2m.lake.commit import outcome_unknown, remove_unpublished
 from m2m.lake.fs import LakeFS
-from m2m.lake.integrity import check_batch
+from m2m.lake.integrity import check_batch, merged_stamp
 from m2m.lake.manifest import Manifest, ShardEntry, added_shards, missing_file, read_manifest, write_manifest
 from m2m.lake.shard import open_shard_file, sync_files, write_shard_file
 
@@ -172,14 +172,16 @@ def merge_run(fs: LakeFS, m: Manifest, lo: int, hi: int, verify: bool = True) ->
     entries = []
     for slot in range(len(shards[0].files)):
         parts: dict[str, list[pa.Array]] = {c: [] for c in shards[0].files[slot].columns}
+        batches = []
         for i, s in enumerate(shards, start=lo):
             f = s.files[slot]
             batch = open_shard_file(fs, f, verify=verify)
             check_batch(m, i, f, batch, f.path, full=True)
             for c in parts:
                 parts[c].append(batch.column(c))
+            batches.append(batch.slice(0, 0))   # (its schema's stamps only)
         merged = {c: pa.concat_arrays(arrays) for c, arrays in parts.items()}
-        entries.append(write_shard_file(fs, merged))
+        entries.append(write_shard_file(fs, merged, stamp=merged_stamp(m, batches)))
     rows = sum(s.rows for s in shards)
     return ShardEntry(rows=rows, id_min=shards[0].id_min, id_max=shards[-1].id_max, files=tuple(entries))
 

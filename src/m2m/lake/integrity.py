@@ -112,6 +112,31 @@ class WriteStamp:
         return out
 
 
+def merged_stamp(m: Manifest, batches: Sequence[pa.RecordBatch]) -> dict[str, str]:
+    """The stamps of one file that holds ``batches`` (the files of one column slot of consecutive
+    shards of ``m``, each already checked against ``m``) concatenated, as `m2m.lake.compact` writes
+    it: what each stamp says of the run as a whole. ``m2m.lake_id`` the lake's; ``m2m.prev_id`` the
+    first file's, ``m2m.next_id`` the last file's (they describe the run's edges); ``m2m.labels`` the
+    longest vocabulary prefix any of them was written with; ``m2m.geometry`` the run's when every
+    file has the same. Merged files without them were served after another lake's file was listed
+    in their place (the checks skip a file without stamps)."""
+    metas = [_meta(b) for b in batches]
+    out: dict[str, str] = {}
+    if m.lake_id is not None:
+        out[STAMP_LAKE] = m.lake_id
+    if metas and STAMP_PREV in metas[0]:
+        out[STAMP_PREV] = metas[0][STAMP_PREV]
+    if metas and STAMP_NEXT in metas[-1]:
+        out[STAMP_NEXT] = metas[-1][STAMP_NEXT]
+    labels = [x[STAMP_LABELS] for x in metas if STAMP_LABELS in x]
+    if labels:
+        out[STAMP_LABELS] = max(labels, key=lambda v: int(v.partition(":")[0]))
+    geometry = {x.get(STAMP_GEOMETRY) for x in metas}
+    if len(geometry) == 1 and None not in geometry:
+        out[STAMP_GEOMETRY] = geometry.pop()  # type: ignore[assignment]
+    return out
+
+
 def _meta(batch: pa.RecordBatch) -> dict[str, str]:
     raw = batch.schema.metadata or {}
     out = {}
