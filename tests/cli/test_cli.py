@@ -318,3 +318,21 @@ def test_export_takes_a_file_url_and_refuses_an_object_store_url_in_one_line(tmp
     assert r.exit_code == 0 and pq.read_table(out).num_rows == 4, r.output
     r = CliRunner().invoke(cli, ["export", str(lake), "s3://bucket/out.parquet", "-q"])
     assert r.exit_code == 1 and "OUT 's3://bucket/out.parquet' is not a local file" in r.output, r.output
+
+
+def test_a_reader_that_closes_the_pipe_early_gets_no_error_line(tmp_path):
+    # observed: `m2m info LAKE | head -1` printed "m2m: error: [Errno 32] Broken pipe" and exited 1
+    import subprocess
+    import sys
+
+    lake = tmp_path / "lake"
+    with create_m2m(M2MConfig(path=str(lake), latent_dim=4)) as lk:
+        lk.add_splats(np.eye(4))
+    read, write = os.pipe()
+    os.close(read)             # the reader is gone before the command writes anything
+    try:
+        r = subprocess.run([sys.executable, "-m", "m2m.cli.main", "info", str(lake)], stdout=write,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == "", r.stderr

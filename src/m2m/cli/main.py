@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import re
+import select
+import signal
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -50,6 +52,15 @@ def user_errors(fn: F) -> F:
 
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError as exc:
+            if not _stdout_closed():
+                click.echo(f"m2m: error: {exc}", err=True)
+                sys.exit(1)
+            # the reader of our output went away (`m2m info L | head -1`): stop quietly, as tools killed
+            # by SIGPIPE do (it printed "m2m: error: [Errno 32] Broken pipe", exit 1), and keep the
+            # interpreter's last flush of stdout from raising again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         # not KeyError/IndexError/TypeError: outside M2MError those are bugs and keep their traceback
         except (M2MError, ValueError, OSError) as exc:
             click.echo(f"m2m: error: {exc}", err=True)
@@ -61,6 +72,17 @@ def user_errors(fn: F) -> F:
 
     # functools.wraps keeps fn's signature at runtime; mypy sees the wrapper's (*args, **kwargs)
     return wrapper  # type: ignore[return-value]
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe or socket whose reader has gone (its write end polls POLLERR)."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):   # (no fileno: captured output; no poll: not POSIX)
+        return False
 
 
 def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
