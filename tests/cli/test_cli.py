@@ -336,3 +336,23 @@ def test_a_reader_that_closes_the_pipe_early_gets_no_error_line(tmp_path):
     finally:
         os.close(write)
     assert r.returncode == 141 and r.stderr == "", r.stderr
+
+
+def test_ingest_says_its_rows_are_committed_when_only_the_kappa_step_fails(tmp_path, monkeypatch):
+    # observed: with the disk full during --estimate-kappa, `m2m ingest` exited 1 with only the ENOSPC line
+    # after its rows were committed: a script that retried the failed command ingested every row twice
+    import errno
+
+    from m2m.lake.lake import Lake
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Lake, "estimate_kappa", full)
+    lake = tmp_path / "lake"
+    r = CliRunner().invoke(cli, ["ingest", str(_npy(tmp_path / "x.npy")), "--lake", str(lake), "--estimate-kappa",
+                                 "-q"])
+    assert r.exit_code == 1 and "the ingest is committed (version 1, 20 rows); estimating kappa failed: " \
+        "[Errno 28] No space left on device (retry with `m2m kappa" in r.output, r.output
+    with open_lake(str(lake)) as reopened:
+        assert len(reopened) == 20

@@ -180,8 +180,16 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
         click.echo(f"ingested {len(ids):,} rows x {lake.dim} into {lake.path} (version {lake.version}) "
                    f"in {seconds:.2f} s ({len(ids) / seconds:,.0f} rows/s)")
         if estimate_kappa:
-            with Bar(len(lake), "kappa", quiet=quiet) as bar:
-                lake.estimate_kappa(progress=bar)
+            from m2m.errors import M2MError
+
+            try:
+                with Bar(len(lake), "kappa", quiet=quiet) as bar:
+                    lake.estimate_kappa(progress=bar)
+            except (M2MError, ValueError, OSError) as exc:
+                # the rows are committed: say so (a script that retried the failed command ingested twice)
+                click.echo(f"m2m: error: the ingest is committed (version {lake.version}, {len(ids):,} rows); "
+                           f"estimating kappa failed: {exc} (retry with `m2m kappa {lake.path}`)", err=True)
+                sys.exit(1)
             click.echo(f"estimated kappa (version {lake.version})")
 
 
