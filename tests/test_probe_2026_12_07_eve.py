@@ -102,3 +102,24 @@ def test_an_older_version_vacuumed_while_it_is_read_is_one_line(tmp_path, monkey
 
     with writer, pytest.raises(LakeNotFoundError, match="has no version 3 any more"):
         open_lake(path, version=3)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_stream_stage_that_fails_on_a_file_names_it(monkeypatch, warm):
+    # observed: a cache disk out of inodes or space surfaced as "m2m-prefetch: a stream stage failed:
+    # OSError(28, 'No space left on device')" and "loading the warm arena failed: OSError(28, ...)": the repr
+    # of an OSError drops the file it names
+    import errno
+
+    from m2m.errors import StreamError
+    from m2m.stream.stages.cold import ColdReader
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/cache/abc.part")
+
+    monkeypatch.setattr(ColdReader, "read_rows" if warm else "gather", full)
+    with create_m2m(M2MConfig(latent_dim=D, warm_bytes=1 << 30 if warm else 0)) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((64, D)))
+        with pytest.raises(StreamError, match=r"OSError: \[Errno 28\] No space left on device: '/cache/abc.part'"):
+            for _ in lk.export_to_dataloader(batch_size=8, shuffle=True):
+                pass

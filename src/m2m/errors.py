@@ -167,3 +167,9 @@ def in_chunk(start: int) -> Iterator[None]:
         if not start:
             raise
         raise InvalidEmbeddingError(f"in the chunk starting at row {start}: {exc}") from exc
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an error wrapped into another's message: an ``OSError``'s repr drops the file
+    it names ("OSError(28, 'No space left on device')"), its str keeps it."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)

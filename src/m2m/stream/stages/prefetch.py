@@ -25,6 +25,7 @@ from m2m.errors import (
     ObjectStoreError,
     PathNotFoundError,
     StreamError,
+    describe,
 )
 from m2m.stream.stages import spare
 from m2m.stream.stages.base import Stage, Work
@@ -47,7 +48,7 @@ def stage_failure(exc: BaseException, what: str) -> BaseException:
     anything else as `StreamError` with the cause chained (raise the result ``from exc``)."""
     if isinstance(exc, LAKE_IO_ERRORS):
         return exc
-    return StreamError(f"{what} failed: {exc!r}")
+    return StreamError(f"{what} failed: {describe(exc)}")
 
 
 class _End:

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from m2m.errors import M2MError, StreamError
+from m2m.errors import M2MError, StreamError, describe
 from m2m.stream.columns import Column, torch_dtype
 from m2m.stream.memory import collapse_huge, empty_hugepage
 from m2m.stream.stages import spare
@@ -194,7 +194,7 @@ class WarmArena:
             return
         if isinstance(exc, M2MError):
             raise exc  # CorruptShardError and friends keep their type (and name the file)
-        raise StreamError(f"loading the warm arena failed: {exc!r}") from exc
+        raise StreamError(f"loading the warm arena failed: {describe(exc)}") from exc
 
     def _ensure_loaded(self, blocks: np.ndarray, work: Work | None) -> None:
         """Load the missing ``blocks`` (unique, sorted) here, then wait for those other threads load."""
