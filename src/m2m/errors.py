@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 
 __all__ = [
@@ -155,6 +156,11 @@ class PositionError(M2MError, IndexError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+#: errno values of this machine's own disk (a full or read-only one under a download's local file):
+#: never an object store's answer, never transient
+LOCAL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 @contextlib.contextmanager

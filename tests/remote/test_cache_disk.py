@@ -7,6 +7,8 @@ shard per thread reading.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,49 @@ def test_an_idle_file_the_cache_evicts_is_closed(s3_env, disk_lake, tmp_path, wh
             reader.read_rows("mu", 10, 20, dst)  # the next read (same file, still open) notices the link count
             assert _deleted_open_in(cache_dir) == 0
         reader.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_cache_disk_fuller_than_its_budget_evicts_and_never_blames_the_store(s3_env, disk_lake, small_disk) -> None:
+    # observed: with the cache's disk filled by another program (budget 10 MB, 192 KiB left), the stream failed
+    # with "ObjectStoreError: download s3://... failed after 4 attempt(s) ... [Errno 28] No space left on device":
+    # retried as the store's error, noted as the store being down for every worker, the cache never named
+    from m2m.errors import ObjectStoreError, WriteFailedError
+
+    url, shard, _ = disk_lake
+    (small_disk / "other_program.bin").write_bytes(b"\0" * (512 * 1024 - 3 * shard - 16 * 1024))
+    cache_dir = str(small_disk / "cache")
+    with m2m.open_lake(url, cache_dir=cache_dir, cache_bytes=10_000_000) as lake:   # 3 shards fit: evicts
+        ids = _epoch_ids(lake.export_to_dataloader(batch_size=128, columns=("id",), shuffle_mode="full"))
+        assert len(np.unique(ids)) == 8000
+    shutil.rmtree(cache_dir)
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "more.bin").write_bytes(b"\0" * (free - shard // 2))                # no room for one shard
+    with m2m.open_lake(url, cache_dir=cache_dir, cache_bytes=10_000_000) as lake:
+        with pytest.raises(WriteFailedError, match=f"No space left on device on the disk of the shard cache {cache_dir}") \
+                as exc:
+            _epoch_ids(lake.export_to_dataloader(batch_size=128, columns=("id",), prefetch=0))
+        assert not isinstance(exc.value, ObjectStoreError)
+
+
+def test_the_default_cache_budget_is_half_the_free_space_however_small(small_disk) -> None:
+    # observed: a floor of 1 MiB made the default budget larger than a small disk's free space
+    from m2m.lake.cache import default_budget
+
+    free = shutil.disk_usage(small_disk).free
+    assert default_budget(str(small_disk)) == free // 2 < 1 << 20

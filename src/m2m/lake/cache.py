@@ -58,7 +58,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from m2m.errors import CacheTimeoutError, CorruptShardError, LakeClosedError, ObjectStoreError
+from m2m.errors import (
+    LOCAL_DISK_ERRNOS,
+    CacheTimeoutError,
+    CorruptShardError,
+    LakeClosedError,
+    ObjectStoreError,
+    WriteFailedError,
+)
 from m2m.lake.tempdirs import CACHE_PREFIX, create_temporary, remove_with
 
 logger = logging.getLogger(__name__)
@@ -92,7 +99,14 @@ def default_budget(directory: str) -> int:
         free = shutil.disk_usage(directory).free
     except OSError:
         return DEFAULT_CACHE_BYTES
-    return int(min(DEFAULT_CACHE_BYTES, max(free // 2, 1 << 20)))
+    return int(min(DEFAULT_CACHE_BYTES, max(free // 2, 1)))  # (a floor of 1 MiB exceeded a smaller free space)
+
+
+def _free(directory: str) -> int:
+    try:
+        return int(shutil.disk_usage(directory).free)
+    except OSError:
+        return 0
 
 
 def _inside(base: str, path: str) -> str:
@@ -375,7 +389,23 @@ class ShardCache:
                 size = int(self._size(rel)) if self._size is not None else int(self.fs.size(self._remote(rel)))
             part = self._reserve(name, size, check)
             check()  # the room came free because downloads failed: they are noted by now
-            self._download(rel, part, size, crc32)
+            try:
+                self._download(rel, part, size, crc32)
+            except OSError as exc:
+                if exc.errno not in LOCAL_DISK_ERRNOS or exc.errno == errno.EROFS:
+                    raise
+                # the disk is fuller than the budget assumed (other files grew): make room from this
+                # cache's least recently used files and try once more, else say whose disk is full
+                self._free_disk(size)
+                try:
+                    self._download(rel, part, size, crc32)
+                except OSError as again:
+                    if again.errno not in LOCAL_DISK_ERRNOS:
+                        raise
+                    raise WriteFailedError(again.errno, f"{again.strerror} on the disk of the shard cache {self.dir} "
+                                  f"while downloading {self._named(rel)} ({size:,} bytes; cache_bytes={self.budget:,}, "
+                                  f"{_free(self.dir):,} bytes free): free space, or point cache_dir (M2M_CACHE_DIR) "
+                                  "at a larger disk", part) from again
             os.rename(part, path)
         except BaseException as exc:
             if not any(exc is b for b in borrowed):
@@ -523,6 +553,20 @@ class ShardCache:
             if check is not None:
                 check()
             time.sleep(0.05)
+
+    def _free_disk(self, size: int) -> None:
+        """Evict finished files, least recently used first, until the cache's disk has ``size`` bytes
+        free (or nothing more can go)."""
+        glock = _FileLock(os.path.join(self._locks, "cache.lock"))
+        glock.acquire(False, self.lock_timeout, f"the cache lock of {self.dir}")
+        try:
+            done, _ = self._scan()
+            for _, _, p in done:
+                if _free(self.dir) >= size:
+                    break
+                self._evict(p)
+        finally:
+            glock.release()
 
     def _evict(self, path: str) -> bool:
         """Remove one finished file unless some process is opening it right now."""

@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from m2m._forksafe import ForkSafeLock
 from m2m.errors import (
+    LOCAL_DISK_ERRNOS,
     AlreadyExistsError,
     ConfigError,
     M2MError,
@@ -224,8 +225,10 @@ def _client_has_create(fs: Any) -> bool:
 
 
 def _permanent(exc: BaseException) -> bool:
-    """Errors raised as they are (callers handle a missing or existing file, our own errors)."""
-    return isinstance(exc, (_PERMANENT, M2MError)) or type(exc).__name__ in _PERMANENT_NAMES
+    """Errors raised as they are (callers handle a missing or existing file, our own errors, a full or
+    read-only local disk under a download: retried as the store's and reported "store down" before)."""
+    return (isinstance(exc, (_PERMANENT, M2MError)) or type(exc).__name__ in _PERMANENT_NAMES
+            or (isinstance(exc, OSError) and exc.errno in LOCAL_DISK_ERRNOS))
 
 
 def _error_code(exc: BaseException) -> str | None:
