@@ -633,3 +633,20 @@ def test_a_state_saved_under_the_older_mixture_name_resumes(lakes: dict[str, str
         again.load_state_dict(state)
         got = [b["id"] for b in again]
     assert len(got) == len(rest) and all(torch.equal(a, b) for a, b in zip(got, rest))
+
+
+@pytest.mark.parametrize("bad, match", [(-1.0, "must be >= 0 \\(scores\\); row 5 is -1.0"),
+                                        (float("nan"), "must be finite; row 5 is nan"),
+                                        (True, "is not numeric \\(dtype bool\\)")])
+def test_an_importance_column_one_lake_cannot_take_names_that_lake(tmp_path: object, bad: object, match: str) -> None:
+    # observed: "importance column 'q' must be >= 0 (scores); row 5 is -1.0" named no lake: row 5 of which?
+    a, b = os.path.join(str(tmp_path), "a"), os.path.join(str(tmp_path), "other")
+    q = np.ones(40) if bad is not True else np.zeros(40, dtype=bool)
+    for path, seed in ((a, 0), (b, 1)):
+        if path == b and bad is not True:
+            q[5] = bad
+        with create_m2m(M2MConfig(path=path, latent_dim=D)) as lake:
+            lake.add_splats(unit(40, seed), labels=np.arange(40) % 5, metadata={"q": q})
+    with m2m.mix({"a": a, "other": b}, {"a": 1, "other": 1}) as mx:
+        with pytest.raises(M2MError, match=f"^mix: lake '{'a' if bad is True else 'other'}': .*{match}"):
+            mx.export_to_dataloader(batch_size=8, importance_sampling="q")

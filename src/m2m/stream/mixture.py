@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from m2m.errors import ConfigError
+from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.stream import mixing
 from m2m.stream.columns import EMBEDDING, WEIGHT
 from m2m.stream.from_lake import GEOMETRY_COLUMNS, config_defaults, importance_mode, lake_parts, stream_layout
@@ -218,8 +218,14 @@ class Mixture:
         seed_ = int(opts.seed or 0)
         # augmenters read their terms by shard (large lakes) unless the mixture is fully shuffled
         shard_local = gen is not None and stream_layout(MixtureSource(list(self._snaps.values())), opts).mode != FULL
-        parts = [lake_parts(self.lakes[n], gen, imp, mixing.lake_seed(seed_, j), shard_local=shard_local,
-                            columns=chosen) for j, n in enumerate(self.names)]
+        parts = []
+        for j, n in enumerate(self.names):
+            try:
+                parts.append(lake_parts(self.lakes[n], gen, imp, mixing.lake_seed(seed_, j), shard_local=shard_local,
+                                        columns=chosen))
+            except (ConfigError, InvalidEmbeddingError) as exc:
+                # (a negative or NaN importance column of one lake said "row 5 is -1.0" of no lake)
+                raise type(exc)(f"mix: lake {n!r}: {exc}") from exc
         changed = [n for n, p in zip(self.names, parts) if p.version != int(self._snaps[n].version)]
         if changed:
             raise ConfigError(f"mix: lake(s) {changed} moved to another version since m2m.mix pinned them; "
