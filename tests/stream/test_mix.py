@@ -607,6 +607,31 @@ def test_integer_columns_that_stream_alike_still_mix(tmp_path: object) -> None:
     assert sorted(cat(got, "n").tolist()) == sorted(list(range(10)) * 2)
 
 
+@pytest.mark.parametrize("workers, shuffle_mode, warm", [(0, "full", None), (0, "block", 0), (2, "block", None),
+                                                        (2, "full", 0)])
+def test_columns_stored_wider_in_one_lake_mix_with_their_values(tmp_path: object, workers: int, shuffle_mode: str,
+                                                                 warm: int | None) -> None:
+    """int32 and int64 metadata (both stream as int64), float64 and float32 (both as float32) were refused
+    ("column 'm' differs between the lakes (a=int32, b=int64)"); now each lake's values arrive cast to what
+    a batch holds, through the warm arena and cold gathers, with workers."""
+    paths = [os.path.join(str(tmp_path), n) for n in ("a", "b")]
+    m = [np.arange(30, dtype=np.int32) - 15, np.arange(30, dtype=np.int64) * 3_000_000_000]
+    f = [np.linspace(-1, 1, 30), np.linspace(5, 6, 30).astype(np.float32)]
+    for j, path in enumerate(paths):
+        with create_m2m(M2MConfig(path=path, latent_dim=D)) as lake:
+            lake.add_splats(unit(30, j), labels=np.arange(30) % 3, metadata={"m": m[j], "f": f[j]})
+    kw: dict[str, object] = {"num_workers": workers, "shuffle_mode": shuffle_mode}
+    if warm is not None:
+        kw["warm_bytes"] = warm
+    with m2m.mix({"a": paths[0], "b": paths[1]}, {"a": 1, "b": 1}) as mx:
+        got = epoch(mx.export_to_dataloader(batch_size=7, columns=("id", "m", "f"), seed=3, **kw))
+    ids, src = cat(got, "id"), cat(got, "source")
+    assert got[0]["m"].dtype == torch.int64 and got[0]["f"].dtype == torch.float32 and len(ids) == 60
+    for j in (0, 1):
+        assert np.array_equal(cat(got, "m")[src == j], m[j][ids[src == j]])
+        assert np.array_equal(cat(got, "f")[src == j], f[j][ids[src == j]].astype(np.float32))
+
+
 @pytest.mark.parametrize("which", ["versions", "unrounded"])
 def test_a_state_saved_under_the_older_mixture_name_resumes(lakes: dict[str, str], which: str) -> None:
     """States saved before 2026-12-07 (pm) named the mixture with its versions (mix[web=<id>@v<n>*<w>,...;

@@ -50,7 +50,7 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
-def _out_dtype(dtype: np.dtype) -> torch.dtype:
+def delivered_dtype(dtype: np.dtype) -> torch.dtype:
     """Floats as float32, bool as bool, uint8 as uint8, other integers as int64 (the source widens
     uint16/32/64 to a signed type first, `m2m.lake.schema.WIDENED`)."""
     if dtype.kind == "f":
@@ -130,7 +130,7 @@ def resolve(source: RowSource, columns: Sequence[str] | None,
         else:
             dtype = source.storage_dtype if src == "mu" else np.dtype(np.float32)
             trailing = (source.dim,) if src == "mu" else ()
-        out_dtype = _out_dtype(np.dtype(dtype))
+        out_dtype = delivered_dtype(np.dtype(dtype))
         if name == EMBEDDING and isinstance(embedding_dtype, torch.dtype):
             out_dtype = embedding_dtype
         elif name == EMBEDDING and embedding_dtype == "stored":

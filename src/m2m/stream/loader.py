@@ -179,7 +179,7 @@ class StreamLoader(DataLoader[Any]):
         taken (on any rank); the passes after it continue as the saved loader would have."""
         saved = st.StreamState.from_dict(state)
         if saved.lake is not None and saved.lake in self.legacy_lakes:
-            saved = dataclasses.replace(saved, lake=self.spec.lake, version=self.spec.version)
+            saved = dataclasses.replace(saved, lake=self.spec.lake, version=saved.version or self.spec.version)
         if saved.shard_affinity and self.spec.shard_affinity \
                 and saved.affinity_group_blocks != self.spec.affinity_group_blocks:
             self._adopt(dataclasses.replace(self.spec, affinity_group_blocks=saved.affinity_group_blocks))

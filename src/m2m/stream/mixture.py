@@ -18,7 +18,7 @@ import torch
 
 from m2m.errors import ConfigError, InvalidEmbeddingError
 from m2m.stream import mixing
-from m2m.stream.columns import EMBEDDING, WEIGHT
+from m2m.stream.columns import EMBEDDING, WEIGHT, delivered_dtype
 from m2m.stream.from_lake import GEOMETRY_COLUMNS, config_defaults, importance_mode, lake_parts, stream_layout
 from m2m.stream.hooks import Augment, Gather
 from m2m.stream.loader import StreamLoader, make_loader
@@ -137,11 +137,12 @@ class Mixture:
                 if part.num_rows == 0 or stored not in part.column_names:
                     continue  # unknown names are refused by the stream with the valid ones
                 sample = part.column(0, stored)
-                kinds[name] = f"{sample.dtype}{list(sample.shape[1:]) if sample.ndim > 1 else ''}"
-                # the stored type too: timestamp[s] and timestamp[ms], a duration and an int64, string-label
-                # codes and int labels all arrive as int64 and would mix units silently
-                # (only where the unit or meaning differs: a uint16 and an int32 column both stream as
-                # int32 values and mix)
+                # what a batch holds (int32 and int64 metadata both arrive as int64, float32 and float64 as
+                # float32: refused until 2026-12-08; `MixtureSource.dtype_of` reads them alike), and the
+                # stored type where the unit or meaning differs: timestamp[s] and timestamp[ms], a duration
+                # and an int64, string-label codes and int labels all arrive as int64 and would mix silently
+                what = sample.dtype if stored == "mu" else delivered_dtype(sample.dtype)
+                kinds[name] = f"{what}{list(sample.shape[1:]) if sample.ndim > 1 else ''}"
                 manifest = self._snaps[name].manifest
                 stored_type = (manifest.label_type if stored == "label" else manifest.metadata.get(stored))
                 if stored_type is not None and (stored == "label" or stored_type.startswith(_UNIT_TYPES)):
@@ -173,7 +174,8 @@ class Mixture:
         if not np.array_equal(mixing.counts(old, self.epoch_rows), mixing.counts(self._w, self.epoch_rows)):
             return ()
         lakes = ",".join(f"{n}={i}@v{v}*{float(w)!r}" for n, i, v, w in zip(self.names, ids, versions, old))
-        return f"mix[{lakes};epoch_rows={self.epoch_rows}]", self.identity(ids, old)
+        unrounded = self.identity(ids, old)
+        return (f"mix[{lakes};epoch_rows={self.epoch_rows}]",) + ((unrounded,) if unrounded != self.identity(ids) else ())
 
     def versions(self, versions: Sequence[int]) -> str:
         """The snapshot versions of a mixture's lakes, as a state's ``version``: a state saved mid-epoch

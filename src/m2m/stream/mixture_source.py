@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from m2m.errors import ConfigError
+from m2m.stream.columns import torch_dtype
 from m2m.stream.source import ComputedGeometry, FileBackedSource, PinnedSnapshot, RowSource, file_backed
 from m2m.stream.stages.cold import ColdReader
 
@@ -41,6 +42,23 @@ class MixtureSource:
         if SOURCE in common:
             raise ConfigError(f"mix: every lake has a column named {SOURCE!r}, the name of the column a mixture adds")
         self._columns = (*common, SOURCE)
+        self._dtypes: dict[str, np.dtype] = {}
+
+    def part_dtype(self, j: int, name: str) -> np.dtype | None:
+        """The dtype part ``j`` reads column ``name`` as (None: not described without a read)."""
+        sample = self.parts[j].column_sample(name)
+        return None if sample is None else sample.dtype
+
+    def dtype_of(self, name: str) -> np.dtype | None:
+        """The dtype the mixture reads column ``name`` as: the parts' common one (int32 and int64 metadata
+        read as int64, float32 and float64 as float64; `Mixture` lets only columns delivered alike mix),
+        each part's values cast to it."""
+        if name not in self._dtypes:
+            got = [d for j in range(len(self.parts)) if (d := self.part_dtype(j, name)) is not None]
+            if not got:
+                return None
+            self._dtypes[name] = np.result_type(*got)
+        return self._dtypes[name]
 
     @property
     def num_rows(self) -> int:
@@ -88,10 +106,16 @@ class MixtureSource:
         j, local = self.part_of_shard(shard)
         if name == SOURCE:
             return np.full(int(self._offsets[shard + 1] - self._offsets[shard]), j, dtype=np.int64)
-        return self.parts[j].column(local, name)
+        values = self.parts[j].column(local, name)
+        common = self.dtype_of(name)
+        return values if common is None else values.astype(common, copy=False)
 
     def column_sample(self, name: str) -> np.ndarray | None:
-        return np.zeros(0, dtype=np.int64) if name == SOURCE else self.parts[0].column_sample(name)
+        if name == SOURCE:
+            return np.zeros(0, dtype=np.int64)
+        sample = self.parts[0].column_sample(name)
+        common = self.dtype_of(name)
+        return sample if sample is None or common is None else sample.astype(common)
 
     def open_reader(self, names: Sequence[str]) -> "MixedReader":
         """The reader the stream's stages use for ``names`` (see `m2m.stream.pipeline.Resources.reader`)."""
@@ -142,6 +166,9 @@ class MixedReader:
         self.bases = source.bases
         stored = [n for n in names if n != SOURCE]
         self.readers = [ColdReader(p, stored) for p in source.parts]
+        # the columns a part reads as another dtype than the mixture's: read into a buffer of its own, cast
+        self._cast = [{n: d for n in stored if (d := source.part_dtype(j, n)) is not None
+                       and d != source.dtype_of(n)} for j in range(len(source.parts))]
         self._advised: set[tuple[int, int]] = set()
         self._arena: Any = None
 
@@ -183,7 +210,13 @@ class MixedReader:
                 out[...] = j
             else:
                 base = int(self.bases[j])
-                self.readers[j].read_rows(name, a - base, b - base, out, fresh)
+                own = self._cast[j].get(name)
+                if own is None:
+                    self.readers[j].read_rows(name, a - base, b - base, out, fresh)
+                else:
+                    tmp = np.empty(out.shape, dtype=own)
+                    self.readers[j].read_rows(name, a - base, b - base, tmp, fresh)
+                    out[...] = tmp
         return int(dst[: hi - lo].nbytes)
 
     def willneed(self, lo: int, hi: int) -> None:
@@ -218,9 +251,10 @@ class MixedReader:
             return int(dst.nbytes)
         for j in np.unique(part).tolist():
             sel = np.flatnonzero(part == j)
-            if len(sel) == len(rows):  # one lake only: straight into dst
+            own = self._cast[j].get(name)
+            if len(sel) == len(rows) and own is None:  # one lake only: straight into dst
                 return self.readers[j].gather(name, rows - self.bases[j], dst)
-            tmp = torch.empty((len(sel), *dst.shape[1:]), dtype=dst.dtype)
+            tmp = torch.empty((len(sel), *dst.shape[1:]), dtype=dst.dtype if own is None else torch_dtype(own))
             self.readers[j].gather(name, rows[sel] - self.bases[j], tmp)
-            dst.index_copy_(0, torch.from_numpy(sel), tmp)
+            dst.index_copy_(0, torch.from_numpy(sel), tmp.to(dst.dtype))
         return int(dst.nbytes)
