@@ -675,3 +675,20 @@ def test_an_importance_column_one_lake_cannot_take_names_that_lake(tmp_path: obj
     with m2m.mix({"a": a, "other": b}, {"a": 1, "other": 1}) as mx:
         with pytest.raises(M2MError, match=f"^mix: lake '{'a' if bad is True else 'other'}': .*{match}"):
             mx.export_to_dataloader(batch_size=8, importance_sampling="q")
+
+
+@pytest.mark.parametrize("which", [("a", "b"), ("a",)])
+def test_lakes_with_their_own_source_column_mix_with_a_warning(tmp_path: object, which: tuple[str, ...],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    # observed: two lakes built like the README's quick start (metadata={"source": ...}) passed m2m.mix, then
+    # every export refused them ("every lake has a column named 'source'"); with one such lake its column was
+    # shadowed by the lake index without a word
+    paths = {n: os.path.join(str(tmp_path), n) for n in ("a", "b")}
+    for j, (n, path) in enumerate(paths.items()):
+        with create_m2m(M2MConfig(path=path, latent_dim=D)) as lake:
+            lake.add_splats(unit(10, j), labels=np.arange(10) % 2,
+                            **({"metadata": {"source": np.arange(10) + 100}} if n in which else {}))
+    with caplog.at_level("WARNING", logger="m2m.stream.mixture"), m2m.mix(paths, {"a": 1, "b": 1}) as mx:
+        got = epoch(mx.export_to_dataloader(batch_size=4, columns=("id", "source")))
+    assert sorted(cat(got, "source").tolist()) == [0] * 10 + [1] * 10
+    assert f"mix: lake(s) {list(which)} have a column named 'source'" in caplog.text

@@ -10,6 +10,7 @@ snapshot and geometry exactly as ``lake.export_to_dataloader`` builds them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -25,6 +26,8 @@ from m2m.stream.loader import StreamLoader, make_loader
 from m2m.stream.mixture_source import SOURCE, MixtureSource
 from m2m.stream.options import StreamOptions, generate_mode
 from m2m.stream.shuffle import FULL
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     from m2m.lake.lake import Lake
@@ -101,6 +104,11 @@ class Mixture:
         if len(set(dtypes.values())) > 1:
             raise ConfigError("mix: the lakes' storage dtypes differ (" + ", ".join(f"{n}={d}" for n, d in dtypes.items())
                               + "); a mixture needs one")
+        shadowed = [n for n, s in self._snaps.items() if SOURCE in s.column_names]
+        if shadowed:  # (a lake like the README's, with metadata "source", could not be mixed; one had it shadowed silently)
+            logger.warning("mix: lake(s) %s have a column named %r: in a mixture's batches %r is each row's lake "
+                           "index (mix.names), and their own %r column is not delivered", shadowed, SOURCE, SOURCE,
+                           SOURCE)
         self.num_rows = {n: int(s.num_rows) for n, s in self._snaps.items()}
         self._w = mixing.shares(weights)
         self.weights = {n: float(x) for n, x in zip(self.names, self._w)}

@@ -38,9 +38,8 @@ class MixtureSource:
         self.shard_bases = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         offsets = [np.asarray(p.shard_offsets[:-1], dtype=np.int64) + b for p, b in zip(self.parts, self.bases)]
         self._offsets = np.concatenate([*offsets, [self.bases[-1]]]).astype(np.int64)
-        common = [n for n in self.parts[0].column_names if all(n in p.column_names for p in self.parts[1:])]
-        if SOURCE in common:
-            raise ConfigError(f"mix: every lake has a column named {SOURCE!r}, the name of the column a mixture adds")
+        # a lake's own column named "source" is shadowed by the mixture's (`Mixture` warns of it)
+        common = [n for n in self.parts[0].column_names if n != SOURCE and all(n in p.column_names for p in self.parts[1:])]
         self._columns = (*common, SOURCE)
         self._dtypes: dict[str, np.dtype] = {}
 
