@@ -123,3 +123,25 @@ def test_a_stream_stage_that_fails_on_a_file_names_it(monkeypatch, warm):
         with pytest.raises(StreamError, match=r"OSError: \[Errno 28\] No space left on device: '/cache/abc.part'"):
             for _ in lk.export_to_dataloader(batch_size=8, shuffle=True):
                 pass
+
+
+@pytest.mark.parametrize("workers, warm", [(0, None), (2, None), (0, 0)])
+def test_a_float64_value_beyond_float32_is_refused_by_the_stream_not_served_as_inf(workers, warm):
+    # observed: metadata {"f": [1e300, -1e300, 3.5e38, 1.0]} streamed as [inf, -inf, inf, 1.0] without a word,
+    # while lake[0:4]["f"] read the exact values
+    from m2m.errors import StreamError
+
+    with create_m2m(M2MConfig(latent_dim=D, **({} if warm is None else {"warm_bytes": warm}))) as lk:
+        lk.add_splats(np.eye(D), metadata={"f": np.array([1.0, 2.0, 3.5e38, 4.0])})
+        assert lk[0:4]["f"].tolist() == [1.0, 2.0, 3.5e38, 4.0]
+        kw = {"num_workers": workers, "persistent_workers": False} if workers else {}
+        with pytest.raises(StreamError, match="column 'f' holds 3.5e\\+38, beyond float32's range"):
+            for _ in lk.export_to_dataloader(batch_size=2, columns=("f",), **kw):
+                pass
+        ok = [b["id"] for b in lk.export_to_dataloader(batch_size=2, columns=("id",), **kw)]
+        assert len(ok) == 2
+    with create_m2m(M2MConfig(latent_dim=D, **({} if warm is None else {"warm_bytes": warm}))) as lk:
+        lk.add_splats(np.eye(D), metadata={"f": np.array([1.0, np.inf, -np.inf, 3e38])})   # stored inf: inf
+        got = np.concatenate([b["f"].numpy() for b in lk.export_to_dataloader(batch_size=2, columns=("f",),
+                                                                               shuffle=False, **kw)])
+        assert got.tolist() == [1.0, np.inf, -np.inf, np.float32(3e38)]

@@ -148,3 +148,13 @@ def nominal_row_bytes(source: RowSource) -> int:
         sample = _sample(source, name)
         total += int(np.prod(sample.shape[1:], dtype=np.int64)) * sample.dtype.itemsize
     return max(1, total)
+
+
+def check_range(name: str, wide: torch.Tensor, narrow: torch.Tensor) -> None:
+    """A float64 column delivered as float32: a finite value beyond float32's range became +-inf
+    (1e300 streamed as inf without a word while `lake.take` read it exactly)."""
+    over = torch.isinf(narrow) & torch.isfinite(wide)
+    if bool(over.any()):
+        value = float(wide[over][0])
+        raise StreamError(f"column {name!r} holds {value:g}, beyond float32's range: streams deliver float columns "
+                          "as float32 (read it with lake.take or lake.to_arrow, or store it scaled)")

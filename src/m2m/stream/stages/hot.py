@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from m2m.stream.columns import ROWS, WEIGHT, Column, torch_dtype
+from m2m.stream.columns import ROWS, WEIGHT, Column, check_range, torch_dtype
 from m2m.stream.stages.base import Stage, Work
 from m2m.stream.stages.cold import ColdReader, fill_common
 
@@ -132,11 +132,13 @@ def _convert(tensors: dict[str, torch.Tensor], columns: Sequence[Column], pool: 
         if t is None or t.dtype == col.out_dtype:
             continue
         if pool is None or t.device.type != "cpu":
-            tensors[col.name] = t.to(col.out_dtype)
+            out = t.to(col.out_dtype)
         else:
             out = pool.get(col.name, t.shape[0], tuple(t.shape[1:]), col.out_dtype)
             out.copy_(t)
-            tensors[col.name] = out
+        if t.dtype == torch.float64 and out.dtype != torch.float64:
+            check_range(col.name, t, out)
+        tensors[col.name] = out
 
 
 class HotStage(Stage):

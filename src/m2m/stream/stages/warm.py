@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from m2m.errors import M2MError, StreamError, describe
-from m2m.stream.columns import Column, torch_dtype
+from m2m.stream.columns import Column, check_range, torch_dtype
 from m2m.stream.memory import collapse_huge, empty_hugepage
 from m2m.stream.stages import spare
 from m2m.stream.stages.base import BufferSource, Stage, Work
@@ -40,7 +40,7 @@ CONVERT_ROWS = 256  # rows gathered per piece when the gather also converts (flo
 _pieces = threading.local()
 
 
-def select_into(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> None:
+def select_into(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor, name: str = "") -> None:
     """``dst[i] = src[pos[i]]``; when ``dst``'s dtype differs (float16 storage, float32 batches) the
     rows are gathered ``CONVERT_ROWS`` at a time into a small per-thread buffer that stays in cache
     and converted from there, instead of gathering a whole item then converting it from memory."""
@@ -56,6 +56,8 @@ def select_into(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> None
         hi = min(lo + CONVERT_ROWS, len(pos))
         spare.index_select(src, pos[lo:hi], piece[: hi - lo])
         dst[lo:hi].copy_(piece[: hi - lo])
+        if src.dtype == torch.float64:
+            check_range(name, piece[: hi - lo], dst[lo:hi])
 
 
 class WarmArena:
@@ -486,7 +488,7 @@ class WarmArena:
         """``out[name][i] = arena[name][pos[i]]`` for every column (arena rows)."""
         for col in self.columns:
             dst = out[col.name]
-            select_into(self._arena[col.source], pos, dst)
+            select_into(self._arena[col.source], pos, dst, col.name)
             if work is not None:
                 work.count("warm_bytes", dst.numel() * self._arena[col.source].element_size())
 
