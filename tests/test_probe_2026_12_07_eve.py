@@ -145,3 +145,25 @@ def test_a_float64_value_beyond_float32_is_refused_by_the_stream_not_served_as_i
         got = np.concatenate([b["f"].numpy() for b in lk.export_to_dataloader(batch_size=2, columns=("f",),
                                                                                shuffle=False, **kw)])
         assert got.tolist() == [1.0, np.inf, -np.inf, np.float32(3e38)]
+
+
+def test_an_empty_lake_of_another_dim_says_it_is_empty(tmp_path):
+    # observed: a first ingest into an object store that failed (a NaN row) left an empty version 0 at dim 8,
+    # and the corrected retry at dim 16 was refused: "lake ... has latent_dim 8, the config asks for 16"
+    create_m2m(M2MConfig(path=tmp_path / "l", latent_dim=8)).close()
+    with pytest.raises(DimensionMismatchError, match=r"has latent_dim 8, the config asks for 16 \(the lake holds no "
+                                                     r"rows: a first write that failed leaves it; remove .* to start"):
+        create_m2m(M2MConfig(path=tmp_path / "l", latent_dim=16))
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling link"])
+def test_a_cache_dir_that_is_no_folder_is_one_line(tmp_path, kind):
+    # observed: "[Errno 17] File exists: '...'" for a cache_dir naming a regular file or a dangling symlink
+    from m2m.errors import ConfigError
+    from m2m.lake.cache import ShardCache
+
+    path = tmp_path / "c"
+    path.write_text("x") if kind == "file" else path.symlink_to(tmp_path / "nowhere")
+    what = "not a folder" if kind == "file" else "a symbolic link to nothing"
+    with pytest.raises(ConfigError, match=f"cache_dir '{path}' is {what}"):
+        ShardCache(None, "root", "memory://root", str(path), 1 << 20)

@@ -185,8 +185,9 @@ def test_an_error_in_a_worker_is_one_line_naming_the_worker(context):
     dl = lk.export_to_dataloader(batch_size=100, num_workers=2, multiprocessing_context=context, columns=("id",))
     assert sorted(i for b in dl for i in b["id"].tolist()) == list(range(3000))
     lk.close()  # a temporary lake: its folder goes now
-    with pytest.raises(CorruptShardError, match=r"is missing: its folder .* is gone \(a temporary lake is removed "
-                                                r"when it is closed.*\(in DataLoader worker process \d\)$") as info:
+    with pytest.raises(CorruptShardError, match=r"is missing: its folder .* is gone \(moved or removed since the "
+                                                r"lake was opened; a temporary lake is removed when it is closed"
+                                                r".*\(in DataLoader worker process \d\)$") as info:
         list(dl)
     assert "\n" not in str(info.value) and info.value.__cause__ is not None
 

@@ -61,6 +61,7 @@ from typing import Any, Protocol
 from m2m.errors import (
     LOCAL_DISK_ERRNOS,
     CacheTimeoutError,
+    ConfigError,
     CorruptShardError,
     LakeClosedError,
     ObjectStoreError,
@@ -201,6 +202,9 @@ class ShardCache:
         # a private cache has an owner file: the next one swept it if its process ended without running
         # the finalizer below (a forked DataLoader worker that opened a lake ends through os._exit)
         base = create_temporary(CACHE_PREFIX) if cache_dir is None else os.path.expanduser(cache_dir)
+        if os.path.lexists(base) and not os.path.isdir(base):  # (it said only "[Errno 17] File exists: ...")
+            what = "a symbolic link to nothing" if os.path.islink(base) else "not a folder"
+            raise ConfigError(f"cache_dir {base!r} is {what}: name a folder for the shard cache (M2M_CACHE_DIR)")
         os.makedirs(base, exist_ok=True)
         self.dir = os.path.realpath(base)
         self._locks = os.path.join(self.dir, ".locks")

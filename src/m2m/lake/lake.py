@@ -779,8 +779,12 @@ def create_empty(fs: LakeFS, config: M2MConfig) -> Manifest:
 def check_compatible(manifest: Manifest, config: M2MConfig, where: str) -> None:
     """A clear ValueError when a config does not match an existing lake."""
     if manifest.dim != config.latent_dim:
+        # (an empty lake is what a first ingest into an object store leaves when it fails: its retry with
+        # the corrected data was refused without a hint)
+        empty = (f" (the lake holds no rows: a first write that failed leaves it; remove {where} to start "
+                 "again at another latent_dim)") if manifest.rows == 0 else ""
         raise DimensionMismatchError(
-            f"lake {where} has latent_dim {manifest.dim}, the config asks for {config.latent_dim}")
+            f"lake {where} has latent_dim {manifest.dim}, the config asks for {config.latent_dim}{empty}")
     if manifest.dtype != config.storage_dtype and dtype_given(config):
         raise DimensionMismatchError(
             f"lake {where} stores {manifest.dtype}, the config asks for storage_dtype={config.storage_dtype!r}")

@@ -409,8 +409,8 @@ def _missing(path: str) -> str:
     """Why the shard file ``path`` may be missing, in one line."""
     folder = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # <lake>/_data/<file>: the lake's folder
     if not os.path.isdir(folder):
-        return (f"shard file {path} is missing: its folder {folder} is gone (a temporary lake is removed "
-                f"when it is closed: keep the lake open while a loader reads it)")
+        return (f"shard file {path} is missing: its folder {folder} is gone (moved or removed since the lake "
+                "was opened; a temporary lake is removed when it is closed: keep it open while a loader reads it)")
     return (f"shard file {path} is missing (if `vacuum` or `compact` + `vacuum` ran since this reader opened its "
             f"version, that version's files are gone: reopen the lake; else run `m2m verify`)")
 
