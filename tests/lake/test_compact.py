@@ -167,6 +167,8 @@ def test_append_landing_during_compaction_is_kept(tmp_path, monkeypatch):
         report = lake.compact()
         assert report.version == lake.version and report.runs_dropped == 0
         assert len(lake) == 8 * 40 + 5 and len(lake.manifest.shards) == 2
+        # the head it committed onto had 9 shards (the append's one): "8 -> 2" read as if the append were merged
+        assert (report.shards_before, report.shards_after, report.shards_merged) == (9, 2, 8)
         assert np.array_equal(lake.snapshot.ids()[-5:], added[0])
         after = full(lake)
         same(before, {k: v[: 8 * 40] for k, v in after.items()})

@@ -259,6 +259,7 @@ def compact(fs: LakeFS, publish: Publish, target_bytes: int, verify: bool = True
                     raise CommitConflictError(f"compaction of {fs.url}: its new file {gone} was removed (by a "
                                               "vacuum?) before the commit")
                 holder["applied"] = applied
+                holder["before"] = len(head.shards)   # (the head it commits onto: appends may have come since)
                 return head.next(shards=shards, operation={
                     "type": "compact", "target_bytes": target_bytes, "shards_merged":
                         sum(merged[k][1] - merged[k][0] for k in applied), "shards_written": len(applied)})
@@ -279,7 +280,8 @@ def compact(fs: LakeFS, publish: Publish, target_bytes: int, verify: bool = True
         dropped_total += len(lost)
         done = [merged[k] for k in applied]
         return CompactionReport(
-            shards_before=before, shards_after=len(new.shards), shards_merged=sum(hi - lo for lo, hi, _ in done),
+            shards_before=holder["before"], shards_after=len(new.shards),
+            shards_merged=sum(hi - lo for lo, hi, _ in done),
             shards_written=len(done), rows_rewritten=sum(e.rows for _, _, e in done),
             bytes_written=sum(f.bytes for _, _, e in done for f in e.files), runs_dropped=dropped_total,
             version=new.version, seconds=time.perf_counter() - t0)
