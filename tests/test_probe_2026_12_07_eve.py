@@ -154,6 +154,15 @@ def test_an_empty_lake_of_another_dim_says_it_is_empty(tmp_path):
     with pytest.raises(DimensionMismatchError, match=r"has latent_dim 8, the config asks for 16 \(the lake holds no "
                                                      r"rows: a first write that failed leaves it; remove .* to start"):
         create_m2m(M2MConfig(path=tmp_path / "l", latent_dim=16))
+    # a lake with history rolled back to no rows is no failed first write: no advice to remove it
+    from m2m.lake.recovery import rollback
+
+    with create_m2m(M2MConfig(path=tmp_path / "h", latent_dim=8)) as lk:
+        lk.add_splats(np.eye(8))
+    rollback(tmp_path / "h", 0)
+    with pytest.raises(DimensionMismatchError) as info:
+        create_m2m(M2MConfig(path=tmp_path / "h", latent_dim=16))
+    assert "remove" not in str(info.value)
 
 
 @pytest.mark.parametrize("kind", ["file", "dangling link"])
@@ -167,3 +176,16 @@ def test_a_cache_dir_that_is_no_folder_is_one_line(tmp_path, kind):
     what = "not a folder" if kind == "file" else "a symbolic link to nothing"
     with pytest.raises(ConfigError, match=f"cache_dir '{path}' is {what}"):
         ShardCache(None, "root", "memory://root", str(path), 1 << 20)
+
+
+def test_a_float64_value_beyond_float32_is_refused_on_a_partial_arenas_cold_path():
+    # a review found a fully shuffled stream over a partial warm arena serving requests that miss many blocks
+    # from the cold tier, narrowing float64 to float32 unchecked: 1e300 arrived as inf
+    from m2m.errors import StreamError
+
+    with create_m2m(M2MConfig(latent_dim=D)) as lk:
+        lk.add_splats(np.random.default_rng(0).standard_normal((40_000, D)), metadata={"f": np.full(40_000, 1e300)})
+        with pytest.raises(StreamError, match="column 'f' holds 1e\\+300, beyond float32's range"):
+            next(iter(lk.export_to_dataloader(batch_size=24, columns=("f",), shuffle_mode="full", seed=0,
+                                              warm_mode="arena", warm_bytes=64 << 10, block_rows=256,
+                                              chunk_batches=1, background_fill=False, prefetch=1)))

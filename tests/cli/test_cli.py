@@ -316,6 +316,8 @@ def test_export_takes_a_file_url_and_refuses_an_object_store_url_in_one_line(tmp
     out = tmp_path / "out.parquet"
     r = CliRunner().invoke(cli, ["export", str(lake), f"file://{out}", "-q"])
     assert r.exit_code == 0 and pq.read_table(out).num_rows == 4, r.output
+    r = CliRunner().invoke(cli, ["export", str(lake), f"file://localhost{tmp_path / 'two.parquet'}", "-q"])
+    assert r.exit_code == 0 and pq.read_table(tmp_path / "two.parquet").num_rows == 4, r.output
     r = CliRunner().invoke(cli, ["export", str(lake), "s3://bucket/out.parquet", "-q"])
     assert r.exit_code == 1 and "OUT 's3://bucket/out.parquet' is not a local file" in r.output, r.output
 
@@ -345,14 +347,17 @@ def test_ingest_says_its_rows_are_committed_when_only_the_kappa_step_fails(tmp_p
 
     from m2m.lake.lake import Lake
 
-    def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    for k, problem in enumerate([OSError(errno.ENOSPC, "No space left on device"), MemoryError("kNN")]):
+        def fail(self, *args, _problem=problem, **kwargs):
+            raise _problem
 
-    monkeypatch.setattr(Lake, "estimate_kappa", full)
-    lake = tmp_path / "lake"
-    r = CliRunner().invoke(cli, ["ingest", str(_npy(tmp_path / "x.npy")), "--lake", str(lake), "--estimate-kappa",
-                                 "-q"])
-    assert r.exit_code == 1 and "the ingest is committed (version 1, 20 rows); estimating kappa failed: " \
-        "[Errno 28] No space left on device (retry with `m2m kappa" in r.output, r.output
-    with open_lake(str(lake)) as reopened:
-        assert len(reopened) == 20
+        monkeypatch.setattr(Lake, "estimate_kappa", fail)
+        lake = tmp_path / f"lake{k}"
+        r = CliRunner().invoke(cli, ["ingest", str(_npy(tmp_path / "x.npy")), "--lake", str(lake),
+                                     "--estimate-kappa", "-q"])
+        said = "OSError: [Errno 28] No space left on device" if k == 0 else "MemoryError: kNN"
+        assert r.exit_code == 1 and "the ingest is committed (version 1, 20 rows); estimating kappa failed: " \
+            f"{said} (retry with `m2m kappa" in r.output, r.output
+        assert "nothing was committed" not in r.output   # (a MemoryError said so, though the rows were)
+        with open_lake(str(lake)) as reopened:
+            assert len(reopened) == 20

@@ -7,6 +7,7 @@ shard per thread reading.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -166,3 +167,42 @@ def test_the_default_cache_budget_is_half_the_free_space_however_small(small_dis
 
     free = shutil.disk_usage(small_disk).free
     assert default_budget(str(small_disk)) == free // 2 < 1 << 20
+
+
+def test_a_full_disk_evicts_only_what_can_free_it(small_disk) -> None:
+    # a review found the first version of the ENOSPC eviction emptying the cache of files another worker
+    # still had mapped (their space is not freed) and failing anyway; evictions now stop at twice what is
+    # missing, and the error names the cache folder with the space free without the partial download
+    import mmap
+
+    import fsspec
+
+    from m2m.errors import WriteFailedError
+    from m2m.lake.cache import SHARD_SUFFIX, ShardCache
+
+    mem = fsspec.filesystem("memory")
+    size = 90 * 1024
+    for i in range(8):
+        mem.pipe(f"/fulldisk/_data/f{i}.arrow", bytes([i]) * size)
+    cache_dir = str(small_disk / "cache")
+    a = ShardCache(mem, "/fulldisk", "memory://fulldisk", cache_dir=cache_dir, cache_bytes=10_000_000)
+    for i in range(4):
+        with a.open(f"_data/f{i}.arrow", size):
+            pass
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 50 * 1024))
+    with a.open("_data/f4.arrow", size):     # the oldest file goes, the download fits
+        assert a.evictions == 1
+    b = ShardCache(mem, "/fulldisk", "memory://fulldisk", cache_dir=cache_dir, cache_bytes=10_000_000)
+    maps = []
+    for i in range(1, 5):                      # another worker maps every cached file
+        with b.open(f"_data/f{i}.arrow", size) as path, open(path, "rb") as f:
+            maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    try:
+        with pytest.raises(WriteFailedError, match=f"on the disk of the shard cache {cache_dir} .* 49,152 bytes free"):
+            with a.open("_data/f6.arrow", size):
+                pass
+        assert a.evictions <= 3 and len([n for n in os.listdir(cache_dir) if n.endswith(SHARD_SUFFIX)]) >= 2
+    finally:
+        for m in maps:
+            m.close()
+    mem.rm("/fulldisk", recursive=True)

@@ -180,15 +180,20 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
         click.echo(f"ingested {len(ids):,} rows x {lake.dim} into {lake.path} (version {lake.version}) "
                    f"in {seconds:.2f} s ({len(ids) / seconds:,.0f} rows/s)")
         if estimate_kappa:
-            from m2m.errors import M2MError
+            from m2m.errors import describe
 
             try:
                 with Bar(len(lake), "kappa", quiet=quiet) as bar:
                     lake.estimate_kappa(progress=bar)
-            except (M2MError, ValueError, OSError) as exc:
-                # the rows are committed: say so (a script that retried the failed command ingested twice)
+            except BaseException as exc:
+                # the rows are committed: say so, whatever stopped the kappa step (out of memory, Ctrl-C; a
+                # script that retried the failed command ingested every row twice)
+                why = "was interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {describe(exc)}"
                 click.echo(f"m2m: error: the ingest is committed (version {lake.version}, {len(ids):,} rows); "
-                           f"estimating kappa failed: {exc} (retry with `m2m kappa {lake.path}`)", err=True)
+                           f"estimating kappa {why} (retry with `m2m kappa {lake.path}`, with the same "
+                           "--storage-option values)", err=True)
+                if not isinstance(exc, Exception):
+                    raise
                 sys.exit(1)
             click.echo(f"estimated kappa (version {lake.version})")
 

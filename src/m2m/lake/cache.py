@@ -400,16 +400,20 @@ class ShardCache:
                     raise
                 # the disk is fuller than the budget assumed (other files grew): make room from this
                 # cache's least recently used files and try once more, else say whose disk is full
+                with open(part, "wb"):
+                    pass   # (the partial download's bytes go: free space is measured without them)
                 self._free_disk(size)
                 try:
                     self._download(rel, part, size, crc32)
                 except OSError as again:
                     if again.errno not in LOCAL_DISK_ERRNOS:
                         raise
+                    with open(part, "wb"):
+                        pass
                     raise WriteFailedError(again.errno, f"{again.strerror} on the disk of the shard cache {self.dir} "
-                                  f"while downloading {self._named(rel)} ({size:,} bytes; cache_bytes={self.budget:,}, "
-                                  f"{_free(self.dir):,} bytes free): free space, or point cache_dir (M2M_CACHE_DIR) "
-                                  "at a larger disk", part) from again
+                                           f"while downloading {self._named(rel)} ({size:,} bytes; cache_bytes="
+                                           f"{self.budget:,}, {_free(self.dir):,} bytes free): free space, or point "
+                                           "cache_dir (M2M_CACHE_DIR) at a larger disk") from again
             os.rename(part, path)
         except BaseException as exc:
             if not any(exc is b for b in borrowed):
@@ -560,15 +564,20 @@ class ShardCache:
 
     def _free_disk(self, size: int) -> None:
         """Evict finished files, least recently used first, until the cache's disk has ``size`` bytes
-        free (or nothing more can go)."""
+        free. A file another process still has mapped frees nothing when it goes, so evictions stop
+        once they removed twice the bytes missing (they emptied every worker's cache and freed
+        nothing, when the other files were in use)."""
+        missing = size - _free(self.dir)
         glock = _FileLock(os.path.join(self._locks, "cache.lock"))
         glock.acquire(False, self.lock_timeout, f"the cache lock of {self.dir}")
         try:
             done, _ = self._scan()
-            for _, _, p in done:
-                if _free(self.dir) >= size:
+            removed = 0
+            for _, nbytes, p in done:
+                if _free(self.dir) >= size or removed >= 2 * missing:
                     break
-                self._evict(p)
+                if self._evict(p):
+                    removed += nbytes
         finally:
             glock.release()
 

@@ -635,7 +635,8 @@ def local_path(path: str | os.PathLike[str]) -> str | None:
     if sep:
         if protocol.lower() not in LOCAL_PROTOCOLS:
             return None
-        s = rest
+        # file://localhost/tmp/x is /tmp/x (RFC 8089; it was taken as the relative path localhost/tmp/x)
+        s = rest[len("localhost"):] if rest.lower().startswith("localhost/") else rest
     if not s.strip():
         raise ConfigError(f"lake path {os.fspath(path)!r} names no folder (give a directory or a URL)")
     return s

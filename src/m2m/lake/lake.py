@@ -782,7 +782,7 @@ def check_compatible(manifest: Manifest, config: M2MConfig, where: str) -> None:
         # (an empty lake is what a first ingest into an object store leaves when it fails: its retry with
         # the corrected data was refused without a hint)
         empty = (f" (the lake holds no rows: a first write that failed leaves it; remove {where} to start "
-                 "again at another latent_dim)") if manifest.rows == 0 else ""
+                 "again at another latent_dim)") if manifest.rows == 0 and manifest.version == 0 else ""
         raise DimensionMismatchError(
             f"lake {where} has latent_dim {manifest.dim}, the config asks for {config.latent_dim}{empty}")
     if manifest.dtype != config.storage_dtype and dtype_given(config):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 import time
 from typing import Any, Iterator
 
@@ -219,10 +220,17 @@ def _stamped_next_id(fs: LakeFS, keep: Manifest) -> int:
     for name in fs.listdir(DATA_DIR):
         rel = f"{DATA_DIR}/{name}"
         path = fs.local_path(rel)
-        if rel in referenced or not is_data_name(name) or name.startswith(".tmp-") or os.path.islink(path):
+        if rel in referenced or not is_data_name(name) or name.startswith(".tmp-"):
             continue
         try:
-            with pa.OSFile(path) as f:
+            # not through a link, and non-blocking: a FIFO under a shard's name hung the repair, lock held
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    continue
                 meta = pa.ipc.open_file(f).schema.metadata or {}
             value = int(meta.get(STAMP_NEXT.encode(), b"0"))
         except (OSError, ValueError, pa.ArrowException):

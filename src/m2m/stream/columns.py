@@ -150,11 +150,20 @@ def nominal_row_bytes(source: RowSource) -> int:
     return max(1, total)
 
 
-def check_range(name: str, wide: torch.Tensor, narrow: torch.Tensor) -> None:
-    """A float64 column delivered as float32: a finite value beyond float32's range became +-inf
-    (1e300 streamed as inf without a word while `lake.take` read it exactly)."""
-    over = torch.isinf(narrow) & torch.isfinite(wide)
+#: the smallest float64 magnitude that rounds to inf in float32: halfway from float32's max to 2**128
+FLOAT32_OVERFLOW = float.fromhex("0x1.ffffffp+127")
+
+
+def check_range(name: str, wide: torch.Tensor) -> None:
+    """Before a float64 column is delivered as float32: a finite value that would round to +-inf there
+    is a `StreamError` (1e300 streamed as inf without a word while `lake.take` read it exactly). Run
+    on the host copy: on a CUDA tensor the test would wait for the device."""
+    if wide.dtype != torch.float64:
+        return
+    over = wide.abs() >= FLOAT32_OVERFLOW    # (inf >= it too, and a stored inf arrives as inf)
     if bool(over.any()):
-        value = float(wide[over][0])
-        raise StreamError(f"column {name!r} holds {value:g}, beyond float32's range: streams deliver float columns "
-                          "as float32 (read it with lake.take or lake.to_arrow, or store it scaled)")
+        finite = over & torch.isfinite(wide)
+        if bool(finite.any()):
+            value = float(wide[finite][0])
+            raise StreamError(f"column {name!r} holds {value:g}, beyond float32's range: streams deliver float "
+                              "columns as float32 (read it with lake.take or lake.to_arrow, or store it scaled)")

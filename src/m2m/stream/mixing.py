@@ -9,13 +9,14 @@ the one pipeline orders, shards over ranks and workers and resumes like any impo
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from m2m._validate import as_numpy, integer_problem
-from m2m.errors import ConfigError, M2MError, StateMismatchError
+from m2m.errors import ConfigError, InvalidEmbeddingError, M2MError, StateMismatchError
 from m2m.sampling.priorities import as_losses
 
 
@@ -49,11 +50,19 @@ def check_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
     return w / w.max()  # (weights of 1e308 summed to inf: every normalised weight 0, 2 rows an epoch)
 
 
+#: Largest denominator of the fraction a share is read as (`shares`)
+SHARE_DENOMINATOR = 10**9
+
+
 def shares(w: np.ndarray) -> np.ndarray:
-    """`check_weights`'s weights as shares at 15 significant digits, so that one proportion written two
-    ways (0.4 : 0.6 and 2 : 3, whose quotients differ in the last bit) is one set of shares: a mixture's
-    counts, plan and state name follow from these values alone."""
-    return np.array([float(f"{x:.15g}") for x in w / w.sum()], dtype=np.float64)
+    """`check_weights`'s weights as shares, each the closest fraction with a denominator up to
+    `SHARE_DENOMINATOR`, so that one proportion written two ways (0.4 : 0.6 and 2 : 3, 5 : 12 and
+    5/17 : 12/17, whose quotients differ in the last bits) is one set of shares: a mixture's counts,
+    plan and state name follow from these values alone. (Rounding to 15 significant digits left ~2% of
+    such pairs apart, where the share lay near a rounding boundary.) Shares that differ by more than
+    ~1e-18 stay apart: 1 : 1 and 1 : 1.0000008 are two mixtures."""
+    return np.array([float(Fraction(float(x)).limit_denominator(SHARE_DENOMINATOR)) for x in w / w.sum()],
+                    dtype=np.float64)
 
 
 def counts(w: np.ndarray, epoch_rows: int) -> np.ndarray:
@@ -134,7 +143,7 @@ class MixtureSampler:
         self.samplers = list(samplers)
         for j, (n, k) in enumerate(zip(self.sizes, self.counts)):
             if k and n == 0:
-                raise ConfigError(f"mix: lake #{j} is empty but has a positive weight")
+                raise ConfigError(f"mix: {self.lake(j)} is empty but has a positive weight")
 
     def lake(self, j: int) -> str:
         """Lake ``j`` in a message: its name where known, and its ``source`` index."""
@@ -153,7 +162,10 @@ class MixtureSampler:
             if sampler is None:
                 drawn.append(None)
                 continue
-            rows, weights = check_plan(sampler.plan(epoch, num_draws=int(self.counts[j])), self.sizes[j])
+            try:
+                rows, weights = check_plan(sampler.plan(epoch, num_draws=int(self.counts[j])), self.sizes[j])
+            except (ConfigError, InvalidEmbeddingError) as exc:   # (a large lake's scores are read here)
+                raise type(exc)(f"mix: {self.lake(j)}: {exc}") from exc
             # alpha / (N_j p) / mean alpha_j: a lake's weights average 1, as those of a lake without a sampler
             # do, so sum(w loss) / sum(w) keeps the mixture's proportions. Its sampler's alpha / (c_j p) made
             # each lake's total weight its total alpha whatever its share (800/200 rows at 50/50 weighed 80/20),
@@ -161,7 +173,7 @@ class MixtureSampler:
             # both observed)
             scaled = weights.astype(np.float64) * (int(self.counts[j]) / self.sizes[j] / self.mean_alpha[j])
             if not np.isfinite(scaled.astype(np.float32)).all():
-                raise ConfigError(f"mix: lake #{j}'s importance weights overflow float32 at its share of the mixture")
+                raise ConfigError(f"mix: {self.lake(j)}: importance weights overflow float32 at its share of the mixture")
             drawn.append((rows, scaled.astype(np.float32)))
         src, rows, weights = epoch_plan(self.sizes, self.counts, self.seed, epoch, drawn)
         return self.bases[src] + rows, weights

@@ -126,18 +126,21 @@ class HostBuffers:
         return buf[:rows]
 
 
-def _convert(tensors: dict[str, torch.Tensor], columns: Sequence[Column], pool: OutputPool | None = None) -> None:
+def _convert(tensors: dict[str, torch.Tensor], columns: Sequence[Column], pool: OutputPool | None = None,
+             checked: bool = False) -> None:
+    """Each tensor in its column's delivered dtype; a float64 one's range is checked first unless
+    ``checked`` (on the host copy, before a device copy: `check_range`)."""
     for col in columns:
         t = tensors.get(col.name)
         if t is None or t.dtype == col.out_dtype:
             continue
+        if not checked and col.out_dtype != torch.float64:
+            check_range(col.name, t)
         if pool is None or t.device.type != "cpu":
             out = t.to(col.out_dtype)
         else:
             out = pool.get(col.name, t.shape[0], tuple(t.shape[1:]), col.out_dtype)
             out.copy_(t)
-        if t.dtype == torch.float64 and out.dtype != torch.float64:
-            check_range(col.name, t, out)
         tensors[col.name] = out
 
 
@@ -162,10 +165,13 @@ class HotStage(Stage):
         if self._stream is None:
             _convert(work.tensors, self.columns, self.buffers.pool if self.buffers is not None else None)
             return work
+        for col in self.columns:   # on the host: on the device the check would wait for the copy
+            if col.name in work.tensors and col.out_dtype != torch.float64:
+                check_range(col.name, work.tensors[col.name])
         with torch.cuda.stream(self._stream):
             moved = {k: t.to(self.device, non_blocking=True) for k, t in work.tensors.items()}
             work.count("hot_bytes", sum(t.nbytes for t in work.tensors.values()))
-            _convert(moved, self.columns)
+            _convert(moved, self.columns, checked=True)
             event = torch.cuda.Event()
             event.record(self._stream)
         if self.buffers is not None:
@@ -208,6 +214,8 @@ class ResidentTier:
             for lo in range(0, n, chunk_rows):
                 hi = min(n, lo + chunk_rows)
                 reader.read_rows(col.stored, lo, hi, host_np[: hi - lo])
+                if col.out_dtype != torch.float64:
+                    check_range(col.name, host[: hi - lo])   # once, here: not per batch on the device
                 dev[lo:hi].copy_(host[: hi - lo])  # synchronous: the pinned chunk is reused next
             self._data[col.stored] = dev
 
@@ -218,7 +226,7 @@ class ResidentTier:
     def gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows (a LongTensor on the device) of every column, in the delivered dtypes."""
         out = {c.name: self._data[c.stored].index_select(0, rows) for c in self.columns}
-        _convert(out, self.columns)
+        _convert(out, self.columns, checked=True)   # (ranges checked when the tier was filled)
         return out
 
     def gather_mu(self, rows: torch.Tensor) -> torch.Tensor:

@@ -44,9 +44,10 @@ def stage_failure(exc: BaseException, what: str) -> BaseException:
     """The error a stage failure reaches the consumer as, whichever thread ran the stage: the lake's
     own I/O errors (a damaged shard, a remote one missing from its store, a store that failed after its
     bounded retries, a node cache with no room in time, a private node cache removed by close) as themselves, so callers catch them by what
-    they are whether the stream's prefetch thread or a DataLoader worker's main thread met them;
-    anything else as `StreamError` with the cause chained (raise the result ``from exc``)."""
-    if isinstance(exc, LAKE_IO_ERRORS):
+    they are whether the stream's prefetch thread or a DataLoader worker's main thread met them, and a
+    stage's own `StreamError` as itself; anything else as `StreamError` with the cause chained (raise
+    the result ``from exc``)."""
+    if isinstance(exc, (*LAKE_IO_ERRORS, StreamError)):   # (a stage's own StreamError says what failed)
         return exc
     return StreamError(f"{what} failed: {describe(exc)}")
 

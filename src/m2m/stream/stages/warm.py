@@ -55,9 +55,9 @@ def select_into(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor, name: s
     for lo in range(0, len(pos), CONVERT_ROWS):
         hi = min(lo + CONVERT_ROWS, len(pos))
         spare.index_select(src, pos[lo:hi], piece[: hi - lo])
-        dst[lo:hi].copy_(piece[: hi - lo])
         if src.dtype == torch.float64:
-            check_range(name, piece[: hi - lo], dst[lo:hi])
+            check_range(name, piece[: hi - lo])
+        dst[lo:hi].copy_(piece[: hi - lo])
 
 
 class WarmArena:
@@ -557,6 +557,8 @@ class WarmArena:
                 dst = torch.empty(dst.shape, dtype=self._arena[col.source].dtype)
             read = self.reader.gather(col.stored, rows, dst)
             if dst is not out[col.name]:
+                if out[col.name].dtype != torch.float64:
+                    check_range(col.name, dst)
                 out[col.name].copy_(dst)
             if work is not None:
                 work.count("cold_bytes", read)
