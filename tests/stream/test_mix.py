@@ -13,8 +13,8 @@ import torch
 
 import m2m
 from m2m import M2MConfig, create_m2m, open_lake
-from m2m.stream import mixing
 from m2m.errors import ConfigError, M2MError, StateMismatchError
+from m2m.stream import mixing
 
 D, BS = 8, 50
 
