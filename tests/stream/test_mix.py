@@ -452,12 +452,12 @@ def test_one_proportion_written_two_ways_is_one_mixture(two, first, second):
     # observed: 0.4 : 0.6 and 2 : 3 were two mixtures (their quotients differ in the last bit): a state of
     # one was refused by the other ("stream state is from lake mix[...]")
     a, b = two
-    m1 = m2m.mix({"a": a, "b": b}, dict(zip("ab", first)), epoch_rows=10_000_000)
-    m2 = m2m.mix({"a": a, "b": b}, dict(zip("ab", second)), epoch_rows=10_000_000)
+    m1 = m2m.mix({"a": a, "b": b}, dict(zip("ab", first)), epoch_rows=3000)
+    m2 = m2m.mix({"a": a, "b": b}, dict(zip("ab", second)), epoch_rows=3000)
     assert m1.weights == m2.weights and m1.counts == m2.counts
-    dl = m1.export_to_dataloader(batch_size=4096)
+    dl = m1.export_to_dataloader(batch_size=100)
     next(iter(dl))
-    other = m2.export_to_dataloader(batch_size=4096)
+    other = m2.export_to_dataloader(batch_size=100)
     other.load_state_dict(dl.state_dict())
     assert other.state_dict() == dl.state_dict()
 
