@@ -361,3 +361,16 @@ def test_ingest_says_its_rows_are_committed_when_only_the_kappa_step_fails(tmp_p
         assert "nothing was committed" not in r.output   # (a MemoryError said so, though the rows were)
         with open_lake(str(lake)) as reopened:
             assert len(reopened) == 20
+
+
+def test_a_npy_file_of_format_3_is_ingested(tmp_path):
+    # observed: a valid .npy of format version 3.0 (np.lib.format.write_array(..., version=(3, 0))) raised a raw
+    # "AttributeError: module 'numpy.lib.format' has no attribute '_read_array_header'" (numpy 2.4)
+    x = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+    with open(tmp_path / "v3.npy", "wb") as fh:
+        np.lib.format.write_array(fh, x, version=(3, 0))
+    r = CliRunner().invoke(cli, ["ingest", str(tmp_path / "v3.npy"), "--lake", str(tmp_path / "lake"), "-q"])
+    assert r.exit_code == 0, r.output
+    with open_lake(str(tmp_path / "lake")) as lake:
+        mu = lake.splats()["mu"]
+    np.testing.assert_allclose(mu, x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-6)

@@ -354,6 +354,27 @@ class _NpyReader(_Reader):
             done += got
 
 
+def _npy_header_3(fh: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a version 3.0 .npy header, ``fh`` just past its magic: a
+    little-endian uint32 length, then a utf-8 Python dict literal. (numpy's private reader of it moved
+    in numpy 2.4: the call raised a raw AttributeError.)"""
+    import ast
+    import struct
+
+    raw = fh.read(4)
+    if len(raw) != 4:
+        raise EOFError("the header length is cut short")
+    (length,) = struct.unpack("<I", raw)
+    text = fh.read(length)
+    if len(text) != length:
+        raise EOFError("the header is cut short")
+    header = ast.literal_eval(text.decode("utf-8"))
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise ValueError(f"the header is not a .npy header dict: {text[:80]!r}")
+    shape = tuple(int(n) for n in header["shape"])
+    return shape, bool(header["fortran_order"]), np.lib.format.descr_to_dtype(header["descr"])
+
+
 def _npy_header(f: Path, fh: BinaryIO) -> _NpyHeader:
     """The shape, dtype, order and data offset of the .npy file open as ``fh``; refuses what m2m cannot
     ingest (pickled objects, not 2-D, not a .npy file) with one line naming ``f``."""
@@ -368,9 +389,9 @@ def _npy_header(f: Path, fh: BinaryIO) -> _NpyHeader:
             shape, fortran, dtype = fmt.read_array_header_1_0(fh)
         elif version == (2, 0):
             shape, fortran, dtype = fmt.read_array_header_2_0(fh)
-        else:  # (3, 0): a utf-8 header (field names); no public reader for it
-            shape, fortran, dtype = getattr(fmt, "_read_array_header")(fh, version)
-    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        else:  # (3, 0): the 2.0 layout with a utf-8 header (field names); numpy has no public reader for it
+            shape, fortran, dtype = _npy_header_3(fh)
+    except (ValueError, OSError, EOFError, SyntaxError, KeyError, TypeError) as exc:
         raise InvalidEmbeddingError(f"{f} is not a readable .npy array (truncated or corrupt header?): "
                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     dtype = np.dtype(dtype)
