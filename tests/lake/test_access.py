@@ -287,6 +287,12 @@ def test_original_vectors_at_the_edge_of_float32_come_back_finite(tmp_path):
         with pytest.raises(InvalidEmbeddingError, match="beyond float32's range"):
             lake.to_arrow(original=True)
         assert lake.to_arrow().num_rows == 1
+    # the other edge (found by a probe): float64 rows of 1e-50 came back all zeros, silently
+    with create_m2m(M2MConfig(path=str(tmp_path / "s"), latent_dim=4)) as lake:
+        lake.add_splats(np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]]) * np.array([[1.0], [1e-50]]))
+        with pytest.raises(InvalidEmbeddingError, match="below float32's range"):
+            lake.to_arrow(original=True)
+        assert lake.to_arrow().num_rows == 2
 
 
 def test_an_empty_selection_has_the_dtypes_of_a_non_empty_one(tmp_path):

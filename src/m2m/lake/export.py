@@ -116,6 +116,14 @@ def _original(mu: pa.Array, norms: pa.Array | None) -> pa.Array:
                                             "and mu_norm) instead")
             np.clip(wide, -top, top, out=wide)
         values = wide.astype(np.float32)
+        # the other edge: a float64 row so small that it is all zeros in float32 (it read as a zero vector,
+        # silently, though the lake refuses zero vectors)
+        lost = ~values.any(axis=1) & (wide != 0).any(axis=1)
+        if lost.any():
+            row = int(np.argmax(lost))
+            raise InvalidEmbeddingError(f"an original vector (norm {float(np.nan_to_num(scale[row])):.6g}) is below "
+                                        "float32's range: it was added as float64; read it with original=False "
+                                        "(unit vectors and mu_norm) instead")
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
 
 
