@@ -96,6 +96,19 @@ def _partition(path, k: str, vectors: np.ndarray, labels: list, **extra) -> None
     pq.write_table(pa.table(cols), path / f"k={k}" / "p.parquet")
 
 
+def test_a_file_column_named_like_a_partition_key_is_refused(tmp_path):
+    # observed: files lab=a/p.parquet holding their own column "lab" were stored with the folders' values
+    # ("a", "b") as labels and the files' values dropped, silently (pyarrow gives the partition precedence)
+    v = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    for k in ("a", "b"):
+        (tmp_path / "src" / f"k={k}").mkdir(parents=True)
+        pq.write_table(pa.table({"v": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), 4),
+                                 "k": pa.array(["file-value"] * 3)}), tmp_path / "src" / f"k={k}" / "p.parquet")
+    r = _run("ingest", tmp_path / "src", "--lake", tmp_path / "lake", "--label-column", "k", "-q")
+    _one_line_error(r, "has a column 'k', which is also a partition key of its folders (k=...)")
+    assert not (tmp_path / "lake").exists()
+
+
 def test_hive_partitions_with_wider_types_keep_their_values(tmp_path):
     # observed (a probing user, 2026-12-07): every file was read with the first file's schema: the second
     # partition's float64 vectors were rounded to float16 (max error 9.6e-4), silently

@@ -628,9 +628,16 @@ def _one_schema(dataset: Any, root: Path, columns: Columns) -> pa.Schema:
     fragments = list(dataset.get_fragments())
     if not fragments:
         raise InvalidEmbeddingError(f"{root} holds no {'/'.join(TABLE_SUFFIXES)} files")
+    schemas = [f.physical_schema for f in fragments]
+    partitioning = getattr(dataset, "partitioning", None)
+    keys = set(partitioning.schema.names) if partitioning is not None else set()
+    for frag, schema in zip(fragments, schemas):
+        clash = sorted(keys & set(schema.names))
+        if clash:  # pyarrow gives the folder's value precedence: the file's own column was dropped, silently
+            raise InvalidEmbeddingError(f"{root}: {frag.path} has a column {clash[0]!r}, which is also a partition "
+                                        f"key of its folders ({clash[0]}=...); rename one of them")
     vec, label, meta = columns.resolve(dataset.schema, root)
     read = [vec, *([label] if label else []), *meta, *export_terms(dataset.schema, columns, vec).values()]
-    schemas = [f.physical_schema for f in fragments]
     read = [n for n in dict.fromkeys(read) if n in schemas[0].names]  # (partition keys are no file's)
     for frag, schema in zip(fragments, schemas):
         missing = [n for n in read if n not in schema.names]
