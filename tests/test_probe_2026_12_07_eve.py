@@ -189,3 +189,17 @@ def test_a_float64_value_beyond_float32_is_refused_on_a_partial_arenas_cold_path
             next(iter(lk.export_to_dataloader(batch_size=24, columns=("f",), shuffle_mode="full", seed=0,
                                               warm_mode="arena", warm_bytes=64 << 10, block_rows=256,
                                               chunk_batches=1, background_fill=False, prefetch=1)))
+
+
+@pytest.mark.parametrize("values, row", [([1, "a", 2.5], 1), (["x", "y", float("nan")], 2), (("a", 3, "c"), 1)])
+def test_a_metadata_list_of_numbers_and_strings_is_refused(values, row):
+    # observed: metadata={"m": [1, "a", 2.5]} was stored as the strings ['1', 'a', '2.5'] (numpy's asarray),
+    # while the same values as an object array were refused naming row 1
+    from m2m.errors import InvalidEmbeddingError
+
+    with create_m2m(M2MConfig(latent_dim=D)) as lk:
+        with pytest.raises(InvalidEmbeddingError, match=f"metadata\\['m'\\] row {row} is .*all numbers or all strings"):
+            lk.add_splats(np.eye(D)[:3], metadata={"m": values})
+        assert len(lk) == 0
+        lk.add_splats(np.eye(D)[:3], metadata={"m": ["a", None, "c"]})   # a null among strings is still a null
+        assert lk.to_arrow()["m"].to_pylist() == ["a", None, "c"]

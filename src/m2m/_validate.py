@@ -438,6 +438,13 @@ def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np
         why = reserved_reason(name)
         if why is not None:
             raise InvalidEmbeddingError(f"metadata column {name!r} clashes with a reserved name: {why}")
+        if isinstance(values, (list, tuple)) and values:  # numpy would turn [1, "a", 2.5] into strings, silently
+            kinds = [isinstance(v, (str, bytes)) for v in values if v is not None]
+            if kinds and any(k != kinds[0] for k in kinds):
+                i, v = next((i, v) for i, v in enumerate(values)
+                            if v is not None and isinstance(v, (str, bytes)) != kinds[0])
+                raise InvalidEmbeddingError(f"metadata[{name!r}] row {i} is {v!r}; a metadata column holds all "
+                                            "numbers or all strings")
         if isinstance(values, np.ma.MaskedArray):
             values = _unmasked(values, name)
         elif _nullable(values):
