@@ -203,3 +203,17 @@ def test_a_metadata_list_of_numbers_and_strings_is_refused(values, row):
         assert len(lk) == 0
         lk.add_splats(np.eye(D)[:3], metadata={"m": ["a", None, "c"]})   # a null among strings is still a null
         assert lk.to_arrow()["m"].to_pylist() == ["a", None, "c"]
+
+
+@pytest.mark.parametrize("kind", ["float8", "sparse"])
+def test_a_float8_or_sparse_tensor_is_one_clear_error(kind):
+    # observed: torch's raw TypeError ("Got unsupported ScalarType Float8_e4m3fn"; a sparse layout's)
+    import torch
+
+    from m2m.errors import InvalidEmbeddingError
+
+    x = torch.eye(D)
+    x = x.to(torch.float8_e4m3fn) if kind == "float8" else x.to_sparse()
+    with create_m2m(M2MConfig(latent_dim=D)) as lk:
+        with pytest.raises(InvalidEmbeddingError, match="vectors (has dtype torch.float8_e4m3fn|is a torch.sparse_coo)"):
+            lk.add_splats(x)

@@ -86,9 +86,15 @@ def as_numpy(x: Any, name: str) -> np.ndarray:
 
         if isinstance(x, torch.Tensor):
             t = x.detach()
+            if t.layout != torch.strided:   # (a sparse tensor raised torch's own TypeError)
+                raise InvalidEmbeddingError(f"{name} is a {t.layout} tensor; give a dense one (t.to_dense())")
             if t.dtype == torch.bfloat16:
                 t = t.float()
-            return t.cpu().numpy()
+            try:
+                return t.cpu().numpy()
+            except TypeError as exc:   # float8 and other dtypes numpy has not: torch's raw TypeError before
+                raise InvalidEmbeddingError(f"{name} has dtype {t.dtype}, which numpy cannot hold; convert it "
+                                            "(e.g. t.float())") from exc
     try:
         return np.asarray(x)
     except (ValueError, TypeError) as exc:
