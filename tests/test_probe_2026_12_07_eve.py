@@ -217,3 +217,35 @@ def test_a_float8_or_sparse_tensor_is_one_clear_error(kind):
     with create_m2m(M2MConfig(latent_dim=D)) as lk:
         with pytest.raises(InvalidEmbeddingError, match="vectors (has dtype torch.float8_e4m3fn|is a torch.sparse_coo)"):
             lk.add_splats(x)
+
+
+def test_add_splat_chunks_takes_empty_chunks_and_names_a_bad_one():
+    # observed: a 0-row chunk was refused ("vectors is empty (0 rows)", no chunk named), a chunk without
+    # "vectors" raised KeyError, a non-dict numpy's IndexError, and a misspelled key ("label") was ignored
+    from m2m.errors import InvalidEmbeddingError
+
+    x = np.random.default_rng(0).standard_normal((6, D))
+    with create_m2m(M2MConfig(latent_dim=D)) as lk:
+        lk.add_splat_chunks(lambda: iter([{"vectors": x[:3]}, {"vectors": x[:0]}, {"vectors": x[3:]}]))
+        assert len(lk) == 6
+        for chunks, match in [([{"vectors": x}, {"labels": [1]}], "chunk 1 is dict without a vectors entry"),
+                              ([x], "chunk 0 is ndarray; each chunk is a dict with keys"),
+                              ([{"vectors": x, "label": [0] * 6}], r"chunk 0 has unknown key\(s\) \['label'\]"),
+                              ([{"vectors": x[:0]}], "every chunk is empty")]:
+            with pytest.raises(InvalidEmbeddingError, match=match):
+                lk.add_splat_chunks(lambda chunks=chunks: iter(chunks))
+        assert len(lk) == 6 and lk.version == 1
+
+
+def test_a_null_label_in_a_table_names_its_row():
+    # observed: "label column 'lab' has null rows" named no row
+    import pyarrow as pa
+
+    from m2m.errors import InvalidEmbeddingError
+
+    v = np.random.default_rng(0).standard_normal((10, D)).astype(np.float32)
+    t = pa.table({"v": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), D),
+                  "lab": pa.array([1, 2, 3, 4, 5, 6, 7, None, 9, 10])})
+    with create_m2m(M2MConfig(latent_dim=D)) as lk:
+        with pytest.raises(InvalidEmbeddingError, match=r"has null rows \(row 7 is null\)"):
+            lk.add_table(t, column="v", label_column="lab")

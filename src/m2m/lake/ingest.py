@@ -473,7 +473,9 @@ class _ArrowReader(_Reader):
         if self.label:
             labels = _plain(batch.column(self.label))
             if labels.null_count:
-                raise InvalidEmbeddingError(f"{self.where}: label column {self.label!r} has null rows")
+                row = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
+                raise InvalidEmbeddingError(f"{self.where}: label column {self.label!r} has null rows (row {row} is "
+                                            "null)")
             chunk["labels"] = labels.to_numpy(zero_copy_only=False)
         if self.meta:
             chunk["metadata"] = {m: arrow_metadata(_plain(batch.column(m)).cast(self.widen[m]) if m in self.widen

@@ -64,6 +64,10 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 
 
+#: The keys of one `Lake.add_splat_chunks` chunk
+CHUNK_KEYS = frozenset({"vectors", "labels", "kappa", "alpha", "metadata", "mu_norm", "kappa_nan"})
+
+
 class Lake:
     """A handle on one lake: append splats, read them, verify, vacuum, and export training streams.
 
@@ -270,7 +274,19 @@ class Lake:
 
         def validated() -> Iterable[SplatBatch]:
             start = 0
-            for chunk in chunks():
+            for k, chunk in enumerate(chunks()):
+                # (a chunk that is no dict raised numpy's IndexError, one without "vectors" a KeyError, and a
+                # misspelled key such as "label" was ignored)
+                if not isinstance(chunk, Mapping) or "vectors" not in chunk:
+                    raise InvalidEmbeddingError(f"add_splat_chunks: chunk {k} is {type(chunk).__name__}"
+                                                f"{' without a vectors entry' if isinstance(chunk, Mapping) else ''}"
+                                                f"; each chunk is a dict with keys {sorted(CHUNK_KEYS)}")
+                unknown = sorted(set(chunk) - CHUNK_KEYS)
+                if unknown:
+                    raise InvalidEmbeddingError(f"add_splat_chunks: chunk {k} has unknown key(s) {unknown}; the keys "
+                                                f"are {sorted(CHUNK_KEYS)}")
+                if np.ndim(chunk["vectors"]) >= 1 and len(chunk["vectors"]) == 0:
+                    continue   # an empty chunk adds nothing (the Arrow path skips empty batches too)
                 vectors, norms = chunk["vectors"], None
                 if chunk.get("mu_norm") is not None:
                     from m2m.lake.ingest import export_rows
@@ -283,6 +299,8 @@ class Lake:
                     b = dataclasses.replace(b, norms=norms)
                 start += b.rows
                 yield b
+            if start == 0:
+                raise InvalidEmbeddingError("add_splat_chunks: every chunk is empty (0 rows)")
 
         return self._append(validated, progress)
 
