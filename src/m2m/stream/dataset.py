@@ -36,6 +36,11 @@ REFUSED = ("the stream's dataset is iterated by the loader export_to_dataloader/
            "wrapping dl.dataset in another DataLoader or torchdata's StatefulDataLoader is not supported")
 
 
+#: Held while a loader sets a pass's numbers on its dataset and starts (forks or pickles) its workers:
+#: passes of one loader started from several threads at once
+STARTING_WORKERS = threading.Lock()
+
+
 class StreamDataset(Dataset[Any]):
     """The dataset of a `StreamLoader` (``dl.dataset``; public as ``m2m.M2MDataLake``).
 

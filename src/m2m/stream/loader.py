@@ -26,7 +26,7 @@ from m2m.errors import ConfigError
 from m2m.sampling.plan import PlanSampler, supports_priorities
 from m2m.stream import pipeline as pl
 from m2m.stream import state as st
-from m2m.stream.dataset import StreamDataset, from_workers
+from m2m.stream.dataset import STARTING_WORKERS, StreamDataset, from_workers
 from m2m.stream.epoch_sampler import EpochSampler
 from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
@@ -38,8 +38,7 @@ from m2m.stream.topology import World
 __all__ = ["SOURCE_DEFAULTS", "EpochSampler", "StreamLoader", "make_loader"]
 
 #: Budgets of a source streamed without a lake config (`make_loader`).
-SOURCE_DEFAULTS = {"device": "cpu", "seed": 0, "warm_bytes": DEFAULT_WARM_BYTES, "hot_bytes": DEFAULT_HOT_BYTES,
-                   "prefetch": 4}
+SOURCE_DEFAULTS = {"device": "cpu", "seed": 0, "warm_bytes": DEFAULT_WARM_BYTES, "hot_bytes": DEFAULT_HOT_BYTES, "prefetch": 4}
 
 
 def make_loader(source: RowSource, options: StreamOptions | None = None, *, sampler: PlanSampler | None = None,
@@ -289,12 +288,13 @@ class StreamLoader(DataLoader[Any]):
     def _start_workers(self, epoch: int, start: int, world: World) -> Any:
         """The DataLoader's worker iterator for one pass (workers see this pass's numbers)."""
         ds = self._ds
-        ds.epoch, ds.start, ds.world = epoch, start, world
-        if ds.control is not None:
-            ds.control.copy_(torch.tensor([epoch, start, world.rank, world.world_size], dtype=torch.int64))
-        pl.before_workers(ds.delivery, self._res, self.options.multiprocessing_context)
-        ds._worker_side = True  # only the copies workers receive now (fork or pickle) iterate
-        try:
-            return super().__iter__()
-        finally:
-            ds._worker_side = False
+        with STARTING_WORKERS:  # (two threads' passes forked workers with each other's numbers: rows doubled)
+            ds.epoch, ds.start, ds.world = epoch, start, world
+            if ds.control is not None:
+                ds.control.copy_(torch.tensor([epoch, start, world.rank, world.world_size], dtype=torch.int64))
+            pl.before_workers(ds.delivery, self._res, self.options.multiprocessing_context)
+            ds._worker_side = True  # only the copies workers receive now (fork or pickle) iterate
+            try:
+                return super().__iter__()
+            finally:
+                ds._worker_side = False
