@@ -278,3 +278,34 @@ def test_passes_of_one_worker_loader_started_from_several_threads_are_exact_epoc
                 t.join(timeout=300)
         dl.close()
     assert not errors and got == [(20_000, 20_000)] * 36, (errors[:2], [g for g in got if g != (20_000, 20_000)])
+
+
+def test_closing_a_temporary_lake_waits_for_a_commit_in_flight():
+    # observed: close() from the main thread while another thread was in add_splats removed the folder under
+    # the commit, whose manifest then landed in a recreated _manifests: the folder stayed after exit, without
+    # its owner file, so no later clean-up removed it
+    import os
+    import threading
+    import time
+
+    from m2m.errors import LakeClosedError
+
+    lk = create_m2m(M2MConfig(latent_dim=D))
+    path = lk.path
+    inside = threading.Event()
+
+    def slow_chunks():
+        yield {"vectors": np.eye(D)}
+        inside.set()
+        time.sleep(0.5)           # the commit is in flight while close() is called
+        yield {"vectors": np.eye(D)}
+
+    got = []
+    writer = threading.Thread(target=lambda: got.append(lk.add_splat_chunks(slow_chunks)))
+    writer.start()
+    assert inside.wait(30)
+    lk.close()
+    writer.join(30)
+    assert len(got) == 1 and len(got[0]) == 2 * D and not os.path.exists(path)
+    with pytest.raises(LakeClosedError):
+        lk.add_splats(np.eye(D))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from m2m._forksafe import ForkSafeLock
 from m2m._validate import SplatBatch, check_int, check_threads, validate_splats
 from m2m.config import M2MConfig, dtype_given
 from m2m.errors import (
@@ -86,6 +87,9 @@ class Lake:
         # a loader) is collected or the interpreter exits, if close() did not remove it before
         self._remove_temporary = None if temporary_dir is None else remove_with(fs, temporary_dir)
         self._closed = False
+        # held by a commit and by close(): close() from another thread waits for a commit in flight (it
+        # removed a temporary lake's folder under it, the commit's manifest landed after, the folder stayed)
+        self._commits = ForkSafeLock(reentrant=True)
         self._cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ properties
@@ -131,9 +135,10 @@ class Lake:
 
     def close(self) -> None:
         """Release memory maps and caches; delete the lake if it was temporary."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._commits:
+            if self._closed:
+                return
+            self._closed = True
         self._snapshot.close()
         self._cache.clear()
         close_fs = getattr(self._fs, "close", None)
@@ -180,7 +185,11 @@ class Lake:
         manifest; on a conflict ``build`` runs again on the new head (`m2m.lake.commit`).
         Files that ``build`` writes but that the commit does not publish (it raised) are removed.
         """
-        self._check_open()
+        with self._commits:
+            self._check_open()
+            return self._commit(operation, build)
+
+    def _commit(self, operation: str, build: Callable[[Manifest], Manifest]) -> Manifest:
         if not self._fs.is_local:
             from m2m.lake.commit import HEAVY_ATTEMPTS, commit_remote
 
