@@ -146,9 +146,9 @@ def test_a_cache_disk_fuller_than_its_budget_evicts_and_never_blames_the_store(s
     from m2m.errors import ObjectStoreError, WriteFailedError
 
     url, shard, _ = disk_lake
-    (small_disk / "other_program.bin").write_bytes(b"\0" * (512 * 1024 - 3 * shard - 16 * 1024))
+    (small_disk / "other_program.bin").write_bytes(b"\0" * (512 * 1024 - 6 * shard - 16 * 1024))
     cache_dir = str(small_disk / "cache")
-    with m2m.open_lake(url, cache_dir=cache_dir, cache_bytes=10_000_000) as lake:   # 3 shards fit: evicts
+    with m2m.open_lake(url, cache_dir=cache_dir, cache_bytes=10_000_000) as lake:   # 6 shards fit: evicts
         ids = _epoch_ids(lake.export_to_dataloader(batch_size=128, columns=("id",), shuffle_mode="full"))
         assert len(np.unique(ids)) == 8000
     shutil.rmtree(cache_dir)

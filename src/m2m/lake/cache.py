@@ -564,20 +564,20 @@ class ShardCache:
 
     def _free_disk(self, size: int) -> None:
         """Evict finished files, least recently used first, until the cache's disk has ``size`` bytes
-        free. A file another process still has mapped frees nothing when it goes, so evictions stop
-        once they removed twice the bytes missing (they emptied every worker's cache and freed
-        nothing, when the other files were in use)."""
-        missing = size - _free(self.dir)
+        free. A file a reader still has open or mapped frees nothing when it goes, so evictions stop
+        after two in a row that freed nothing (they emptied every worker's cache and freed nothing,
+        when the other files were in use)."""
         glock = _FileLock(os.path.join(self._locks, "cache.lock"))
         glock.acquire(False, self.lock_timeout, f"the cache lock of {self.dir}")
         try:
             done, _ = self._scan()
-            removed = 0
-            for _, nbytes, p in done:
-                if _free(self.dir) >= size or removed >= 2 * missing:
+            in_vain = 0
+            for _, _, p in done:
+                free = _free(self.dir)
+                if free >= size or in_vain >= 2:
                     break
                 if self._evict(p):
-                    removed += nbytes
+                    in_vain = in_vain + 1 if _free(self.dir) <= free else 0
         finally:
             glock.release()
 

@@ -363,14 +363,14 @@ def _npy_header_3(fh: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
 
     raw = fh.read(4)
     if len(raw) != 4:
-        raise EOFError("the header length is cut short")
+        raise InvalidEmbeddingError("the header length is cut short")
     (length,) = struct.unpack("<I", raw)
     text = fh.read(length)
     if len(text) != length:
-        raise EOFError("the header is cut short")
+        raise InvalidEmbeddingError("the header is cut short")
     header = ast.literal_eval(text.decode("utf-8"))
     if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
-        raise ValueError(f"the header is not a .npy header dict: {text[:80]!r}")
+        raise InvalidEmbeddingError(f"the header is not a .npy header dict: {text[:80]!r}")
     shape = tuple(int(n) for n in header["shape"])
     return shape, bool(header["fortran_order"]), np.lib.format.descr_to_dtype(header["descr"])
 
