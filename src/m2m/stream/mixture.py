@@ -113,9 +113,8 @@ class Mixture:
         self._w = mixing.shares(weights)
         self.weights = {n: float(x) for n, x in zip(self.names, self._w)}
         # what states saved until 2026-12-08 were planned and named with: the counts of `check_weights`'s
-        # weights (relative to the largest), the name of their unrounded shares
+        # weights (relative to the largest), the name of their unrounded shares (`_unrounded`)
         self._legacy_w = weights
-        self._unrounded = weights / weights.sum()
         self.epoch_rows = int(sum(self.num_rows.values()) if epoch_rows is None else epoch_rows)
         self._epoch_rows_given = epoch_rows is not None  # else it follows the lakes' rows (not in the identity)
         empty = [n for n in self.names if self.num_rows[n] == 0]
@@ -177,21 +176,23 @@ class Mixture:
         # the default epoch length is the lakes' rows: it grows with an append, as one lake's epoch does
         return f"mix[{lakes};epoch_rows={self.epoch_rows if self._epoch_rows_given else 'rows'}]"
 
+    def _unrounded(self) -> np.ndarray:
+        return self._legacy_w / self._legacy_w.sum()
+
     def legacy_identity(self, versions: Sequence[int], ids: Sequence[str]) -> str:
         """The name states of this mixture had until 2026-12-07 (versions in it, version None); see
         `legacy_identities` for which of the older names a loader accepts."""
         lakes = ",".join(f"{n}={i}@v{v}*{float(w)!r}" for n, i, v, w in zip(self.names, ids, versions,
-                                                                               self._unrounded))
+                                                                               self._unrounded()))
         return f"mix[{lakes};epoch_rows={self.epoch_rows}]"
 
     def legacy_identities(self, versions: Sequence[int], ids: Sequence[str]) -> tuple[str, ...]:
         """The names older states of this mixture have, where their plan is this mixture's: until
         2026-12-07 versions in the name (version None) and, until 2026-12-08, the shares unrounded
         (when those give the same counts)."""
-        old = self._unrounded
         if not np.array_equal(mixing.counts(self._legacy_w, self.epoch_rows), mixing.counts(self._w, self.epoch_rows)):
             return ()   # (their plan was another: a state of it must not resume this one)
-        unrounded = self.identity(ids, old)
+        unrounded = self.identity(ids, self._unrounded().tolist())
         return (self.legacy_identity(versions, ids),) + ((unrounded,) if unrounded != self.identity(ids) else ())
 
     def versions(self, versions: Sequence[int]) -> str:
