@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import stat
 import time
 from typing import Any, Iterator
 
@@ -211,6 +210,7 @@ def _stamped_next_id(fs: LakeFS, keep: Manifest) -> int:
 
     from m2m.lake.integrity import STAMP_LAKE, STAMP_NEXT
     from m2m.lake.manifest import DATA_DIR
+    from m2m.lake.shard import open_regular
     from m2m.lake.vacuum import is_data_name
 
     if not fs.is_local:
@@ -223,14 +223,12 @@ def _stamped_next_id(fs: LakeFS, keep: Manifest) -> int:
         if rel in referenced or not is_data_name(name) or name.startswith(".tmp-"):
             continue
         try:
-            # not through a link, and non-blocking: a FIFO under a shard's name hung the repair, lock held
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
+            # a regular file, not through a link (a FIFO under a shard's name hung the repair, lock held)
+            fd = open_regular(path, follow_links=False)
+        except OSError:   # (CorruptShardError for a FIFO or folder: it states nothing)
             continue
         try:
             with os.fdopen(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    continue
                 meta = pa.ipc.open_file(f).schema.metadata or {}
             value = int(meta.get(STAMP_NEXT.encode(), b"0"))
         except (OSError, ValueError, pa.ArrowException):

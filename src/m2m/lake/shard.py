@@ -405,6 +405,21 @@ class BlockCache:
                 self._blocks.popitem(last=False)
 
 
+def open_regular(path: str, follow_links: bool = True) -> int:
+    """A read-only descriptor of the regular file at ``path``; `CorruptShardError` naming what it is
+    otherwise (FileNotFoundError as ``os.open`` raises it). Opened non-blocking: opening a FIFO planted
+    under a shard's name blocked until a writer came (open_lake, verify, vacuum and repair hung); a
+    regular file reads as without the flag. ``follow_links=False``: a symlink is refused by the open."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a special file"
+        raise CorruptShardError(f"shard file {path} is {what}, not a regular file")
+    return fd
+
+
 def _missing(path: str) -> str:
     """Why the shard file ``path`` may be missing, in one line."""
     folder = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # <lake>/_data/<file>: the lake's folder
@@ -488,17 +503,10 @@ class ShardFile:
             with self._lock:
                 if self._fd is None:
                     try:
-                        # non-blocking: opening a FIFO planted under a shard's name blocked until a writer came
-                        # (open_lake, verify and vacuum hung); a regular file reads as without the flag
-                        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+                        fd = open_regular(self.path)
                     except FileNotFoundError as exc:
                         raise CorruptShardError(_missing(self.path)) from exc
                     try:
-                        mode = os.fstat(fd).st_mode
-                        if not stat.S_ISREG(mode):
-                            what = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else \
-                                "a special file"
-                            raise CorruptShardError(f"shard file {self.path} is {what}, not a regular file")
                         if self.entry.sha256 is not None:
                             self._digest_read = _check_digest(fd, self.path, self.entry)
                     except BaseException:
