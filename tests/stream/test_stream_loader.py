@@ -8,7 +8,7 @@ import torch
 from stream_helpers import check_loader_resume, make_source
 from torch.utils.data import DataLoader
 
-from m2m.errors import ConfigError, DeviceUnavailableError
+from m2m.errors import ConfigError, DeviceUnavailableError, StreamError
 from m2m.sampling.plan import PlanSampler
 from m2m.stream import pipeline as pl
 from m2m.stream.hooks import augment_seed
@@ -492,4 +492,62 @@ def test_a_failing_rerun_raises_the_same_error_in_either_thread(backlog, error, 
     with pytest.raises(expected) as info:
         list(dl)
     assert info.value is exc or info.value.__cause__ is exc
+    dl.close()
+
+
+class Interrupt:
+    """An augmentation raising KeyboardInterrupt (a notebook's Ctrl-C) in its ``at``-th call."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, x, rows, gather, generator):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return x
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_pass_interrupted_in_next_says_so_and_resumes_exactly(num_workers):
+    # a finished generator raised StopIteration: a loop going on over the same iterator saw 3 of 7 batches as an epoch
+    source = make_source(N, D, shard_rows=256)
+    whole = [b["id"] for b in make_loader(source, batch_size=100, columns=("embedding", "id"), seed=5, **KW)]
+    dl = make_loader(source, batch_size=100, columns=("embedding", "id"), augment=Interrupt(4), seed=5,
+                     num_workers=num_workers, **KW)
+    it, got = iter(dl), []
+    with pytest.raises(KeyboardInterrupt):
+        for b in it:
+            got.append(b["id"])
+    assert len(got) == 3
+    with pytest.raises(StreamError, match="stopped with KeyboardInterrupt after 3 batches"):
+        next(it)
+    with pytest.raises(StreamError, match="load_state_dict"):
+        list(it)
+    dl.load_state_dict(dl.state_dict())
+    got += [b["id"] for b in dl]
+    assert len(got) == len(whole) and all(torch.equal(a, b) for a, b in zip(got, whole))
+    dl.close()
+
+
+def test_persistent_workers_that_died_are_started_again_by_the_next_pass():
+    # a Ctrl-C to the process group ends the workers too: the next pass waited 5 s, then torch's "exited unexpectedly"
+    import os
+    import signal
+    import time
+
+    source = make_source(N, D, shard_rows=256)
+    dl = make_loader(source, batch_size=100, columns=("id",), seed=2, num_workers=2, persistent_workers=True, **KW)
+    first = [b["id"] for b in dl]
+    kept = dl._iterator
+    for w in kept._workers:
+        os.kill(w.pid, signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while any(w.is_alive() for w in kept._workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = [b["id"] for b in dl]
+    assert len(second) == len(first) == 7
+    assert sorted(torch.cat(second).tolist()) == sorted(torch.cat(first).tolist())
+    assert dl._iterator is not kept and all(w.is_alive() for w in dl._iterator._workers)
+    assert [b["id"] for b in dl] and dl._iterator is not None
     dl.close()

@@ -14,7 +14,7 @@ import math
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,7 +31,7 @@ from m2m.stream.epoch_sampler import EpochSampler
 from m2m.stream.hooks import Augment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.options import StreamOptions
-from m2m.stream.source import ComputedGeometry, FetchReporting, PinnedSnapshot, RowSource
+from m2m.stream.source import ComputedGeometry, PinnedSnapshot, RowSource
 from m2m.stream.spec import StreamSpec, device_of, lake_pass_chunk_batches, plan_stream
 from m2m.stream.topology import World
 
@@ -145,7 +145,7 @@ class StreamLoader(DataLoader[Any]):
 
     # yields the stream's batches, not torch's _BaseDataLoaderIter
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        gen = self._iterate()
+        gen = st.Pass(self._iterate())
         self._live.add(gen)
         return gen
 
@@ -202,17 +202,7 @@ class StreamLoader(DataLoader[Any]):
     def stats(self) -> dict[str, Any]:
         """Rows/s, bytes per tier, prefetch stall seconds, warm hit rate, tier modes (cumulative).
         ``bytes_cold`` includes the warm arena's background fill (``warm_filling``: still running)."""
-        report = self._stats.report(self.hot_mode, self._res.warm_mode, self.spec.layout.mode)
-        src = self._ds.source
-        fetched = src.fetch_stats() if isinstance(src, FetchReporting) else None
-        if fetched is not None:  # remote lake: this process's node-cache downloads
-            report["fetch"] = fetched
-        arena = self._res.arena
-        if arena is not None:
-            cold = report.get("bytes_cold", 0)
-            report["bytes_cold"] = (cold if isinstance(cold, (int, float)) else 0) + arena.fill_bytes
-            report["warm_filling"] = arena.filling
-        return report
+        return pl.report(self._stats, self.hot_mode, self._res, self.spec, self._ds.source)
 
     def wait_warm(self, timeout: float | None = None) -> bool:
         """Block until the warm arena's fill (and its huge-page collapse) is done; False on ``timeout``."""
@@ -223,17 +213,22 @@ class StreamLoader(DataLoader[Any]):
         the loader stays usable (a later pass reopens what it needs)."""
         for gen in list(self._live or ()):
             gen.close()
-        iterator = self.__dict__.get("_iterator")
-        if iterator is not None:  # persistent workers
-            iterator._shutdown_workers()
-            self._iterator = None
-            self._ds.drop_workers()
+        self._drop_workers()
         if self._res is not None:
             self._res.close()
         self._ds.drop_ahead()
         plans, self._plans = self.__dict__.get("_plans"), None
         if plans is not None:
             plans.shutdown(wait=False, cancel_futures=True)
+
+    def _drop_workers(self, dead_only: bool = False) -> None:
+        """Shut the persistent workers down: always, or when one has died (a Ctrl-C to the process group
+        ends them too; the next pass waited 5 s for them and raised torch's "exited unexpectedly")."""
+        kept = self.__dict__.get("_iterator")
+        if kept is not None and not (dead_only and all(w.is_alive() for w in kept._workers)):
+            kept._shutdown_workers()
+            self._iterator = None
+            self._ds.drop_workers()
 
     def _adopt(self, spec: StreamSpec) -> None:
         """Stream by ``spec`` from now on: a saved state's shard-affinity group size (the group follows the
@@ -262,7 +257,7 @@ class StreamLoader(DataLoader[Any]):
             geometry=(src.geometry_key if isinstance(src := self._ds.source, ComputedGeometry) else None) or "none",
             snapshot=src.snapshot_key if isinstance(src, PinnedSnapshot) else None)
 
-    def _iterate(self) -> Iterator[Any]:
+    def _iterate(self) -> Generator[Any, None, None]:
         ds = self._ds
         epoch, start, token = self._cursor.begin_pass()
         workers = None
@@ -288,6 +283,7 @@ class StreamLoader(DataLoader[Any]):
     def _start_workers(self, epoch: int, start: int, world: World) -> Any:
         """The DataLoader's worker iterator for one pass (workers see this pass's numbers)."""
         ds = self._ds
+        self._drop_workers(dead_only=True)
         with STARTING_WORKERS:  # (two threads' passes forked workers with each other's numbers: rows doubled)
             ds.epoch, ds.start, ds.world = epoch, start, world
             if ds.control is not None:

@@ -34,7 +34,7 @@ from m2m.stream import shuffle
 from m2m.stream.hooks import Augment, PreparedAugment
 from m2m.stream.metrics import StreamStats
 from m2m.stream.order import RankEpoch
-from m2m.stream.source import CompositeSource, RowSource
+from m2m.stream.source import CompositeSource, FetchReporting, RowSource
 from m2m.stream.spec import ARENA, COLD, StreamSpec, host_tier_for, lookahead_rows, pass_chunk_batches
 from m2m.stream.stages.augment import AugmentStage, augmented
 from m2m.stream.stages.base import Stage, Work
@@ -390,4 +390,18 @@ def deliver(spec: StreamSpec, d: Delivery, work: Work, j: int, epoch: int, rank:
         out = out.pin_memory() if isinstance(out, torch.Tensor) else {k: v.pin_memory() for k, v in out.items()}
     if d.collate_fn is not None:
         out = d.collate_fn(out)
+    return out
+
+
+def report(stats: StreamStats, hot_mode: str, res: "Resources", spec: StreamSpec, source: RowSource) -> dict[str, Any]:
+    """`StreamLoader.stats`: the pass counters, a remote lake's node-cache downloads in this process
+    (``fetch``), and the warm arena's background fill counted in ``bytes_cold``."""
+    out = stats.report(hot_mode, res.warm_mode, spec.layout.mode)
+    fetched = source.fetch_stats() if isinstance(source, FetchReporting) else None
+    if fetched is not None:
+        out["fetch"] = fetched
+    if res.arena is not None:
+        cold = out.get("bytes_cold", 0)
+        out["bytes_cold"] = (cold if isinstance(cold, (int, float)) else 0) + res.arena.fill_bytes
+        out["warm_filling"] = res.arena.filling
     return out

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Generator, Protocol, runtime_checkable
 
 from m2m._validate import check_int
-from m2m.errors import StateMismatchError
+from m2m.errors import StateMismatchError, StreamError
 
 STATE_VERSION = 2
 
@@ -244,3 +244,38 @@ class Cursor:
         self.pos = None
         self.next_epoch = epoch
         self._live.clear()  # passes from before the restore no longer move the position
+
+
+class Pass:
+    """The iterator of one pass (what ``iter(loader)`` returns): its generator's batches, and once a
+    ``next`` raised (Ctrl-C in a notebook, a damaged shard), one line on every later ``next``. A
+    generator that raised is finished, and ``next`` on it raises StopIteration: a loop going on over
+    the same iterator (a caught KeyboardInterrupt) saw a short epoch end as if it were whole."""
+
+    __slots__ = ("_gen", "_yielded", "_failed", "__weakref__")
+
+    def __init__(self, gen: Generator[Any, None, None]) -> None:
+        self._gen, self._yielded, self._failed = gen, 0, ""
+
+    def __iter__(self) -> "Pass":
+        return self
+
+    def __next__(self) -> Any:
+        if self._failed:
+            raise StreamError(f"this pass stopped with {self._failed} after {self._yielded} batches and yields no "
+                              "more; to resume its epoch at the next unseen batch, call "
+                              "loader.load_state_dict(loader.state_dict()) and iterate the loader again")
+        try:
+            batch = next(self._gen)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            if self._gen.gi_frame is None:  # it ended the generator (another thread's concurrent next did not)
+                self._failed = type(exc).__name__
+            raise
+        self._yielded += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the pass (its workers and threads); a later ``next`` raises StopIteration."""
+        self._gen.close()
