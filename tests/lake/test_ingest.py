@@ -467,3 +467,21 @@ def test_widening_a_flat_directory_holds_one_file_open_at_a_time(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     with open_lake(tmp_path / "lake") as lake:
         assert len(lake) == 240 and lake.to_arrow().schema.field("x").type == pa.int64()
+
+
+@pytest.mark.parametrize("kind", ["npy", "parquet"])
+def test_a_directory_whose_files_differ_in_width_names_the_file(tmp_path, kind):
+    # the lake's own check said "vectors have dimension 9, expected latent_dim 8": which of the files?
+    rng = np.random.default_rng(6)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, width in (("a", 8), ("b", 8), ("c", 9)):
+        x = rng.normal(size=(4, width)).astype(np.float32)
+        if kind == "npy":
+            np.save(src / f"{name}.npy", x)
+        else:
+            pq.write_table(pa.table({"embedding": list(x)}), src / f"{name}.parquet")
+    result = CliRunner().invoke(cli, ["ingest", str(src), "--lake", str(tmp_path / "lake"), "-q"])
+    assert result.exit_code == 1
+    assert f"c.{kind}: vectors have dimension 9, the first file {src / f'a.{kind}'} has 8" in result.output
+    assert not (tmp_path / "lake").exists()

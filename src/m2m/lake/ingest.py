@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m2m.errors import (
+    ConfigError,
+    DimensionMismatchError,
     InvalidEmbeddingError,
     M2MError,
     PathNotFoundError,
@@ -34,6 +36,7 @@ from m2m.errors import (
     in_chunk,
 )
 from m2m.lake.fs import local_path
+from m2m.lake.manifest import DATA_DIR, MANIFEST_DIR
 
 SUFFIXES = (".npy", ".parquet", ".pq", ".parq", ".arrow", ".feather", ".ipc")   # any case
 TABLE_SUFFIXES = (".parquet", ".pq", ".parq", ".arrow", ".feather", ".ipc")
@@ -142,12 +145,13 @@ def is_m2m_export(schema: pa.Schema) -> bool:
 
 
 def export_terms(schema: pa.Schema, columns: Columns, vec: str) -> dict[str, str]:
-    """The chunk keys an m2m export re-ingested with ``all_columns`` fills from its own columns:
-    ``kappa``/``alpha``, and ``mu_norm`` when its ``mu`` holds unit vectors."""
-    doc = _export_doc(schema) if columns.all_columns else {}
+    """The chunk keys an m2m export re-ingested fills from its own columns: ``mu_norm`` when its ``mu``
+    holds unit vectors (whatever columns were asked: without ``all_columns`` every row's length was
+    dropped, silently), and with ``all_columns`` also ``kappa``/``alpha``."""
+    doc = _export_doc(schema)
     if not doc:
         return {}
-    terms = {name: name for name in EXPORT_TERMS if name in schema.names}
+    terms = {name: name for name in EXPORT_TERMS if name in schema.names} if columns.all_columns else {}
     if doc.get("mu") == "unit" and vec == "mu" and "mu_norm" in schema.names:
         terms["mu_norm"] = "mu_norm"
     return terms
@@ -195,8 +199,26 @@ class Source:
             yield from _dataset_reader(self).chunks()
             return
         pinned = self.pinned().widened()
+        first: tuple[Path, int] | None = None
         for f in self.files:
-            yield from _file_reader(f, pinned).chunks()
+            reader = _file_reader(f, pinned)
+            if len(self.files) > 1 and reader.rows() > 0:  # (the lake's check named no file of a directory)
+                if first is None:
+                    first = (f, reader.dim())
+                elif reader.dim() != first[1]:
+                    raise DimensionMismatchError(f"{f}: vectors have dimension {reader.dim()}, "
+                                                 f"the first file {first[0]} has {first[1]}")
+            if len(self.files) == 1:
+                yield from reader.chunks()
+                continue
+            row = 0  # (the lake's check counted rows over all files and named none: "vectors row 550")
+            for chunk in reader.chunks():
+                finite = np.isfinite(chunk["vectors"]).all(axis=-1)
+                if not finite.all():
+                    bad = row + int(np.argmin(finite))
+                    raise InvalidEmbeddingError(f"{f}: vectors row {bad} contains NaN or Inf (or a null element)")
+                row += len(finite)
+                yield chunk
 
     def widened(self) -> "Source":
         """This source with its metadata columns' types unified over the table files of a flat
@@ -244,6 +266,7 @@ def open_source(path: str | os.PathLike[str], column: str | None = None, label_c
     p = Path(path)
     if not p.exists():
         raise PathNotFoundError(f"{p} does not exist")
+    _refuse_a_lakes_own_files(p)
     if chunk_bytes < 1:
         raise InvalidEmbeddingError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     common: dict[str, Any] = {"column": column, "label_column": label_column, "chunk_rows": chunk_rows,
@@ -260,6 +283,21 @@ def open_source(path: str | os.PathLike[str], column: str | None = None, label_c
     else:
         raise InvalidEmbeddingError(f"{p}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}")
     return Source(files, **common)
+
+
+def _refuse_a_lakes_own_files(p: Path) -> None:
+    """`ConfigError` when ``p`` is an m2m lake's folder, or lies in one of its own folders (``_data``...):
+    its shard files are every version's still on disk (a compacted run's too), so ``m2m ingest LAKE/_data``
+    copied the rows twice, silently, and without their original lengths."""
+    here = p.resolve()
+    for root in (here, *here.parents[:2]):
+        if (root / MANIFEST_DIR).is_dir() and (root / DATA_DIR).is_dir():
+            rel = here.relative_to(root).parts
+            if not rel or rel[0].startswith("_"):
+                raise ConfigError(f"{p} is {'the m2m lake' if not rel else 'inside the m2m lake'} {root}: its "
+                                  "files hold every version still on disk; to copy its rows, export them "
+                                  f"(m2m export {root} rows.parquet) and ingest that file with --all-columns")
+            return
 
 
 def _rows_per_chunk(source_rows: int | None, chunk_bytes: int, dim: int, itemsize: int) -> int:
