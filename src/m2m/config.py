@@ -127,9 +127,9 @@ class M2MConfig:
         _check(_is_pos(self.langevin_T), "langevin_T", self.langevin_T, "a finite float > 0", _is_real(self.langevin_T))
         _check(_is_num(self.soc_threshold) and 0.0 < self.soc_threshold < 1.0, "soc_threshold", self.soc_threshold,
                "a float in (0, 1)", _is_real(self.soc_threshold))
-        _check(_is_num(self.consolidate_similarity) and 0.0 < self.consolidate_similarity <= 1.0,
-               "consolidate_similarity", self.consolidate_similarity, "a float in (0, 1]",
-               _is_real(self.consolidate_similarity))
+        sim = self.consolidate_similarity  # (above 1 - 1e-6 it was taken as 1 - 1e-6 without a word)
+        _check(_is_num(sim) and (0.0 < sim <= 1.0 - 1e-6 or sim == 1.0), "consolidate_similarity", sim,
+               "a float in (0, 0.999999] or 1.0 (identical up to float32 rounding)", _is_real(sim))
         for name in ("auto_consolidate", "verify_reads"):
             # a string such as "false" is truthy: taken as a bool it would turn the option on
             value = getattr(self, name)
@@ -149,8 +149,9 @@ class M2MConfig:
                _is_real(self.io_timeout))
         _check(_is_int(self.io_retries) and 0 <= self.io_retries <= 20, "io_retries", self.io_retries,
                "an int in [0, 20]", _is_int(self.io_retries))
-        _check(self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)), "cache_dir", self.cache_dir,
-               "None or a directory path", False)
+        path_ok = isinstance(self.cache_dir, (str, os.PathLike))  # ("" failed later in os.makedirs, unnamed)
+        _check(self.cache_dir is None or (path_ok and bool(str(os.fspath(self.cache_dir)).strip())), "cache_dir",
+               self.cache_dir, "None or a directory path", self.cache_dir is None or path_ok)
         _check(self.cache_bytes is None or (_is_int(self.cache_bytes) and self.cache_bytes >= 1), "cache_bytes",
                self.cache_bytes, "None or an int >= 1 (bytes)", self.cache_bytes is None or _is_int(self.cache_bytes))
 

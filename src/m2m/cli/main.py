@@ -1,9 +1,10 @@
-"""The `m2m` command line: ingest, export, info, verify, rollback, repair, vacuum, compact, consolidate, search,
+"""The `m2m` command line: ingest, export, info, verify, rollback, repair, vacuum, compact, consolidate, kappa,
 bench, demo."""
 
 from __future__ import annotations
 
 import functools
+import shlex
 import json
 import logging
 import math
@@ -41,6 +42,11 @@ def parse_size(text: str) -> int:
     if size > _MAX_SIZE:
         raise click.BadParameter(f"{text!r} is too large a size (at most {_MAX_SIZE:,} bytes)")
     return size
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A size option's bytes (`parse_size`): its errors name the option ("Invalid value for '--shard-size'")."""
+    return None if value is None else parse_size(value)
 
 
 def user_errors(fn: F) -> F:
@@ -137,15 +143,15 @@ def cli(verbose: int) -> None:
 @click.option("--all-columns", is_flag=True, help="Keep every input column other than the vectors/labels.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
               help="Storage dtype of a new lake (default float32; an existing lake keeps its own).")
-@click.option("--shard-size", default="128MiB", show_default=True, help="Target shard file size.")
-@click.option("--chunk-size", default="4MiB", show_default=True,
+@click.option("--shard-size", default="128MiB", show_default=True, callback=_size, help="Target shard file size.")
+@click.option("--chunk-size", default="4MiB", show_default=True, callback=_size,
               help="Input read per step (bounds memory with the shard size).")
 @click.option("--estimate-kappa/--no-estimate-kappa", default=False, help="Estimate kappa after ingest.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @storage_option
 @user_errors
 def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None, meta_columns: tuple[str, ...],
-           all_columns: bool, dtype: str, shard_size: str, chunk_size: str, estimate_kappa: bool,
+           all_columns: bool, dtype: str, shard_size: int, chunk_size: int, estimate_kappa: bool,
            quiet: bool, storage_options: dict[str, Any] | None) -> None:
     """Ingest SRC (.npy, .parquet, .arrow/.feather, a directory of them, or a hive-partitioned directory)
     into a lake, in one commit, reading SRC once in bounded memory."""
@@ -164,12 +170,12 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
     if dtype is None:  # (an existing float16 lake was refused: the float32 default asked for another dtype)
         dtype = existing.get("storage_dtype", "float32")
     source = open_source(src, column=column, label_column=label_column, meta_columns=meta_columns,
-                         all_columns=all_columns, chunk_bytes=parse_size(chunk_size))
+                         all_columns=all_columns, chunk_bytes=chunk_size)
     total = source.rows()
     if total == 0:
         raise InvalidEmbeddingError(f"{src} holds no rows; nothing to ingest")
     # (an existing lake keeps the k it was estimated with: --estimate-kappa re-estimated it at the default)
-    cfg = M2MConfig(path=lake_dir, latent_dim=source.dim(), storage_dtype=dtype, shard_bytes=parse_size(shard_size),
+    cfg = M2MConfig(path=lake_dir, latent_dim=source.dim(), storage_dtype=dtype, shard_bytes=shard_size,
                     storage_options=storage_options, **({"knn_k": existing["knn_k"]} if "knn_k" in existing else {}))
     t0 = time.perf_counter()
     with create_m2m(cfg) as lake:
@@ -190,7 +196,7 @@ def ingest(src: str, lake_dir: str, column: str | None, label_column: str | None
                 # script that retried the failed command ingested every row twice)
                 why = "was interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {describe(exc)}"
                 click.echo(f"m2m: error: the ingest is committed (version {lake.version}, {len(ids):,} rows); "
-                           f"estimating kappa {why} (retry with `m2m kappa {lake.path}`, with the same "
+                           f"estimating kappa {why} (retry with `m2m kappa {shlex.quote(lake.path)}`, with the same "
                            "--storage-option values)", err=True)
                 if not isinstance(exc, Exception):
                     raise
@@ -285,7 +291,13 @@ def export_cmd(lake_dir: str, out: str, fmt: str | None, float32: bool, version:
         with Bar(rows, "export", quiet=quiet) as bar:
             r = export_lake(reader, out, fmt, progress=bar, overwrite=force)
         v = lake.version if version is None else version
-    click.echo(f"exported {r['rows']:,} rows of version {v} to {r['path']} ({fmt}, {r['bytes']:,} bytes)")
+    click.echo(f"exported {r['rows']:,} rows of version {v} to {_printable(r['path'])} ({fmt}, {r['bytes']:,} bytes)")
+
+
+def _printable(path: str) -> str:
+    """``path`` with the bytes of a name in another encoding shown as ``\\xfd`` (a strict UTF-8 output
+    refused the line after the file was written)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _fmt(v: Any) -> str:
@@ -315,7 +327,7 @@ def info(lake_dir: str, as_json: bool, storage_options: dict[str, Any] | None) -
     click.echo(f"{'version':>10}: {d['version']} ({d['versions']} version(s) on disk)")
     k, a = d["kappa"], d["alpha"]
     if not k["estimated"]:
-        click.echo(f"{'kappa':>10}: not estimated (m2m kappa {lake_dir})")
+        click.echo(f"{'kappa':>10}: not estimated (m2m kappa {shlex.quote(lake_dir)})")
     else:
         click.echo(f"{'kappa':>10}: estimated for {_fmt(k['estimated'])} rows; min {_fmt(k['min'])}, "
                    f"mean {_fmt(k['mean'])}, max {_fmt(k['max'])}")
@@ -420,21 +432,20 @@ def vacuum(lake_dir: str, keep: int, allow_symlinked_dirs: bool, min_age_s: floa
 
 @cli.command()
 @click.argument("lake_dir")
-@click.option("--target", "target", default=None, help="Target shard size, e.g. 128MB (default: 128MiB).")
+@click.option("--target", "target", default=None, callback=_size, help="Target shard size, e.g. 128MB (default: 128MiB).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @storage_option
 @user_errors
-def compact(lake_dir: str, target: str | None, quiet: bool, storage_options: dict[str, Any] | None) -> None:
+def compact(lake_dir: str, target: int | None, quiet: bool, storage_options: dict[str, Any] | None) -> None:
     """Merge small shards (and their sidecars) into shards of the target size, as a new version.
 
     Ids, row order and values are kept; readers of older versions are not disturbed (their files
     stay until `m2m vacuum`); appends by other writers may run meanwhile."""
     from m2m import open_lake
 
-    target_bytes = None if target is None else parse_size(target)
     with open_lake(lake_dir, storage_options=storage_options) as lake:
         with Bar(len(lake), "compact", quiet=quiet) as bar:
-            r = lake.compact(target_bytes=target_bytes, progress=bar)
+            r = lake.compact(target_bytes=target, progress=bar)
         if r.version is None:
             why = f" ({r.runs_dropped} runs lost to concurrent commits)" if r.runs_dropped else ""
             click.echo(f"nothing to compact{why}: {r.shards_before:,} shards; version {lake.version}")
@@ -541,6 +552,13 @@ def main() -> None:
     except click.Abort:  # Ctrl-C or end of input at a prompt
         click.echo("m2m: aborted", err=True)
         sys.exit(1)
+    except SystemExit as exc:
+        # click's own EPIPE handling (`m2m --help | true`: the help, `--version`) exits 1 after wrapping
+        # sys.stdout; a command's output into a gone reader exits 141 quietly (`user_errors`): so do these
+        if exc.code == 1 and type(sys.stdout).__name__ == "_PacifyFlushWrapper" and _stdout_closed():
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
+        raise
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -133,25 +133,33 @@ def _group_ids(roots: np.ndarray) -> np.ndarray:
 
 
 def similarity_threshold(similarity: Any) -> float:
-    """The float32-comparable threshold of a similarity in (0, 1] (1.0 -> 1 - 1e-6)."""
+    """The float32-comparable threshold of a similarity in (0, 1 - 1e-6] or 1.0 (-> 1 - 1e-6). Between
+    them it is refused: it was taken as 1 - 1e-6 silently (0.9999999 merged pairs at cosine 0.9999995),
+    and stored float32 rows carry ~1e-7 of rounding, so such cosines are not told apart."""
     if not isinstance(similarity, (int, float, np.floating)) or isinstance(similarity, bool) or not (
         0.0 < float(similarity) <= 1.0
     ):
         raise ConfigError(f"similarity must be a float in (0, 1], got {similarity!r}")
+    if MAX_THRESHOLD < float(similarity) < 1.0:
+        raise ConfigError(f"similarity {similarity!r} lies between 1 - 1e-6 and 1, closer than stored float32 "
+                          "rows' rounding tells apart: give 1.0 (identical up to rounding, cosine >= 1 - 1e-6) "
+                          "or at most 0.999999")
     return min(float(similarity), MAX_THRESHOLD)
 
 
 def _hits(q: np.ndarray, c: np.ndarray, thr: float) -> np.ndarray:
     """``q @ c.T >= thr`` for float32 unit rows, with the pairs within float32 rounding of ``thr``
-    decided again in float64, so the edge set does not depend on the summation order of the product."""
+    decided again by their cosine in float64, so the edge set does not depend on the summation order
+    of the product."""
     import torch
 
     s = (torch.from_numpy(q) @ torch.from_numpy(c).T).numpy()
     hits = s >= thr
     tol = 2 * q.shape[1] * float(np.finfo(np.float32).eps)  # bound on a float32 dot of unit rows
     a, b = np.nonzero(np.abs(s - thr) <= tol)
-    if a.size:
-        exact = np.einsum("ij,ij->i", q[a].astype(np.float64), c[b].astype(np.float64))
+    if a.size:  # the cosine of the rows as stored (norms 1 +- 6e-8: their product alone moved it by 1e-7)
+        qa, cb = q[a].astype(np.float64), c[b].astype(np.float64)
+        exact = np.einsum("ij,ij->i", qa, cb) / (np.linalg.norm(qa, axis=1) * np.linalg.norm(cb, axis=1))
         hits[a, b] = exact >= thr
     return hits
 

@@ -103,9 +103,11 @@ def random_point_at_cosine(
     if scratch is not None and _shares_memory(scratch, z, mu):
         scratch = None  # a temporary that is also an input or the output would overwrite it
     if mu.shape[-1] <= _EXPLICIT_PERP_DIM:
-        # few dimensions: z can be nearly parallel to mu, so form z - (z.mu) mu explicitly
-        dot = (z * mu).sum(-1) if scratch is None else torch.mul(z, mu, out=scratch).sum(-1)
-        z.sub_(mu * dot.unsqueeze(-1))
+        # few dimensions: z can be nearly parallel to mu, so form z - (z.mu) mu explicitly, twice: once
+        # left a part along mu as large as the rest when z was (d = 2: rows 1 +- 4e-4 instead of 1e-7)
+        for _ in range(2):
+            dot = (z * mu).sum(-1) if scratch is None else torch.mul(z, mu, out=scratch).sum(-1)
+            z.sub_(mu * dot.unsqueeze(-1))
         perp = torch.clamp(torch.linalg.vector_norm(z, dim=-1), min=torch.finfo(mu.dtype).tiny)
         scale, coef = sin / perp, cos
     elif _host_rows(z, mu, cos, sin):

@@ -202,6 +202,9 @@ class ShardCache:
         # a private cache has an owner file: the next one swept it if its process ended without running
         # the finalizer below (a forked DataLoader worker that opened a lake ends through os._exit)
         base = create_temporary(CACHE_PREFIX) if cache_dir is None else os.path.expanduser(cache_dir)
+        if not str(base).strip():
+            raise ConfigError(f"cache_dir {cache_dir!r} names no folder: name a folder for the shard cache "
+                              "(M2M_CACHE_DIR), or None for a private one")
         if os.path.lexists(base) and not os.path.isdir(base):  # (it said only "[Errno 17] File exists: ...")
             what = "a symbolic link to nothing" if os.path.islink(base) else "not a folder"
             raise ConfigError(f"cache_dir {base!r} is {what}: name a folder for the shard cache (M2M_CACHE_DIR)")

@@ -9,6 +9,7 @@ exactly the rows of one version with every column joined, one record batch per s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -209,8 +210,6 @@ def export_lake(reader: pa.RecordBatchReader, out: str | os.PathLike[str], fmt: 
     renamed). Parquet gets one row group per shard batch, zstd-compressed. Returns rows and bytes.
     An existing ``out`` is refused (`AlreadyExistsError`) unless ``overwrite``.
     """
-    import pyarrow.parquet as pq
-
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
     out = os.fspath(out)
@@ -224,20 +223,11 @@ def export_lake(reader: pa.RecordBatchReader, out: str | os.PathLike[str], fmt: 
     tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex}")
     rows = 0
     try:
-        if fmt == "parquet":
-            with pq.ParquetWriter(tmp, reader.schema, compression="zstd") as writer:
-                for batch in reader:
-                    writer.write_batch(batch, row_group_size=max(1, batch.num_rows))
-                    rows += batch.num_rows
-                    if progress is not None:
-                        progress(batch.num_rows)
-        else:
-            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
-                for batch in reader:
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
-                    if progress is not None:
-                        progress(batch.num_rows)
+        with contextlib.ExitStack() as files:
+            # pyarrow opens only UTF-8 names ("'utf-8' codec can't encode ... surrogates not allowed" for a
+            # file or folder named in another encoding): such a path is opened here and handed over
+            sink: Any = tmp if _utf8(tmp) else files.enter_context(open(tmp, "wb"))  # noqa: SIM115
+            rows = _write(reader, sink, fmt, progress)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -253,3 +243,34 @@ def export_lake(reader: pa.RecordBatchReader, out: str | os.PathLike[str], fmt: 
             raise WriteFailedError(exc.errno, f"{exc.strerror or exc} while writing {out}") from exc
         raise
     return {"rows": rows, "bytes": os.path.getsize(out), "path": out, "format": fmt}
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _write(reader: Any, sink: Any, fmt: str, progress: Callable[[int], None] | None) -> int:
+    """Write ``reader``'s batches to ``sink`` (a path or an open binary file) as ``fmt``; the rows written."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    if fmt == "parquet":
+        with pq.ParquetWriter(sink, reader.schema, compression="zstd") as writer:
+            for batch in reader:
+                writer.write_batch(batch, row_group_size=max(1, batch.num_rows))
+                rows += batch.num_rows
+                if progress is not None:
+                    progress(batch.num_rows)
+        return rows
+    opened = pa.OSFile(sink, "wb") if isinstance(sink, str) else contextlib.nullcontext(sink)
+    with opened as f, pa.ipc.new_file(f, reader.schema) as writer:
+        for batch in reader:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+            if progress is not None:
+                progress(batch.num_rows)
+    return rows

@@ -628,8 +628,10 @@ LOCAL_PROTOCOLS = ("file", "local")
 
 
 def local_path(path: str | os.PathLike[str]) -> str | None:
-    """``path`` as a local path (a plain path, or a ``file://`` / ``local://`` URL), or None for any
-    other URL. An empty path is refused: it would name the current directory without saying so."""
+    """``path`` as a local path (a plain path, or a ``file://`` / ``local://`` URL) with ``~`` expanded
+    as `LocalFS` does, or None for any other URL. An empty path is refused: it would name the current
+    directory without saying so. (The CLI's checks compared ``~/lake`` unexpanded, as ``./~/lake``: an
+    export into the lake's ``_data`` passed, a failed first ingest left its new lake behind.)"""
     s = os.fspath(path)
     protocol, sep, rest = s.partition("://")
     if sep:
@@ -639,4 +641,4 @@ def local_path(path: str | os.PathLike[str]) -> str | None:
         s = rest[len("localhost"):] if rest.lower().startswith("localhost/") else rest
     if not s.strip():
         raise ConfigError(f"lake path {os.fspath(path)!r} names no folder (give a directory or a URL)")
-    return s
+    return os.path.expanduser(s)

@@ -1,0 +1,202 @@
+"""What the night's probes of 2026-12-07 found, each checked the way it was found."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from m2m import M2MConfig, create_m2m, vmf
+from m2m.cli.main import cli
+from m2m.errors import ConfigError
+
+
+def _m2m(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_a_lake_path_with_a_tilde_gets_the_checks_of_the_path_it_names(tmp_path, monkeypatch):
+    # the lake handle expands "~"; the CLI's checks compared "~/lake" as "./~/lake": an export into the
+    # lake's _data passed, a lake inside SRC was accepted, a failed first ingest left its new lake behind
+    home = tmp_path / "home"
+    (home / "src").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    np.save(home / "src" / "a.npy", np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32))
+    assert _m2m("ingest", str(home / "src" / "a.npy"), "--lake", "~/lake", "-q").exit_code == 0
+    r = _m2m("export", "~/lake", str(home / "lake" / "_data" / "x.arrow"))
+    assert r.exit_code == 1 and "inside the lake's own _data" in r.output
+    assert not (home / "lake" / "_data" / "x.arrow").exists()
+    r = _m2m("export", "~/lake", "~/out.arrow", "-q")
+    assert r.exit_code == 0, r.output
+    assert (home / "out.arrow").is_file() and not (tmp_path / "~").exists()
+    r = _m2m("ingest", str(home / "src"), "--lake", "~/src/lake", "-q")
+    assert r.exit_code == 1 and "inside SRC" in r.output and not (home / "src" / "lake").exists()
+    np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan]] * 3, np.float32))
+    r = _m2m("ingest", str(tmp_path / "nan.npy"), "--lake", "~/newlake", "-q")
+    assert r.exit_code == 1 and "NaN" in r.output
+    assert not (home / "newlake").exists() and sorted(os.listdir(tmp_path)) == ["home", "nan.npy"]
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_vmf_draws_in_few_dimensions_are_unit_to_float32_precision(d):
+    # z nearly parallel to mu kept a part along mu after one projection: rows 1 +- 4e-4 at d = 2
+    g = torch.Generator().manual_seed(0)
+    mu = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    for kappa in (0.1, 5.0, 1e4):
+        x = vmf.sample(mu, kappa, 20_000, generator=g)
+        assert float((x.double().norm(dim=1) - 1).abs().max()) < 5e-7, kappa
+
+
+def test_a_similarity_closer_to_1_than_float32_tells_apart_is_refused_not_rounded():
+    # 0.9999999 was taken as 1 - 1e-6: rows at cosine 0.9999995 merged
+    a = np.array([1.0, 0.0, 0.0])
+    b = np.array([0.9999995, np.sqrt(1 - 0.9999995**2), 0.0])
+    with create_m2m(M2MConfig(latent_dim=3)) as lake:
+        lake.add_splats(np.stack([a, b]).astype(np.float32))
+        for bad in (0.9999999, 1 - 5e-7):
+            with pytest.raises(ConfigError, match=f"similarity {bad!r} lies between 1 - 1e-6 and 1"):
+                lake.consolidate(bad)
+            with pytest.raises(ConfigError, match="similarity"):
+                lake.criticality(bad)
+        assert lake.consolidate(1.0).rows_after == 1 and lake.version == 2  # identical up to rounding
+    with pytest.raises(ConfigError, match=r"consolidate_similarity must be a float in \(0, 0.999999\] or 1.0"):
+        M2MConfig(latent_dim=3, consolidate_similarity=0.9999999)
+
+
+def test_pairs_at_the_threshold_are_decided_by_the_cosine_of_the_stored_rows():
+    # the float64 re-check took the stored float32 rows' product unnormalised (norms 1 +- 6e-8): a pair at
+    # cosine 0.99998997 merged at similarity 0.99999
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((25_000, 3))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    y = x.astype(np.float64)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    c = y @ y[13579]
+    c[13579] = -2
+    j = int(np.argmax(c))
+    assert 0.99998 < c[j] < 0.99999
+    with create_m2m(M2MConfig(latent_dim=3)) as lake:
+        lake.add_splats(x[[13579, j]])
+        assert lake.consolidate(0.99999).rows_after == 2
+        assert lake.consolidate(float(c[j]) - 1e-9).rows_after == 1
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_cache_dir_is_refused_naming_it(empty):
+    # M2MConfig took it; the remote lake's cache then failed in os.makedirs with a bare FileNotFoundError: ''
+    from m2m.lake.fs import open_fs
+
+    with pytest.raises(ConfigError, match="M2MConfig.cache_dir must be None or a directory path"):
+        M2MConfig(path="s3://bucket/lake", cache_dir=empty)
+    with pytest.raises(ConfigError, match=f"cache_dir {empty!r} names no folder"):
+        open_fs("memory://m2m-night-empty-cache", cache_dir=empty).cache
+
+
+@pytest.mark.parametrize("args", [["--help"], ["export", "--help"], ["--version"]])
+def test_help_and_version_into_a_reader_that_has_gone_exit_141_quietly(args):
+    # click's own broken-pipe handling exited 1 (`m2m --help | true` failed a pipefail script)
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-c", "from m2m.cli.main import main; main()", *args], stdout=w,
+                           stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr) == (141, b"")
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """A lake of non-unit vectors with labels, compacted (its _data holds two versions' files), exported."""
+    x = np.random.default_rng(0).standard_normal((6000, 8)).astype(np.float32) * 3
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=8, shard_bytes=1 << 16)) as lake:
+        lake.add_splats(x, labels=np.arange(6000) % 3)
+        report = lake.compact(target_bytes=1 << 20)
+        assert report.shards_after < report.shards_before
+    assert _m2m("export", str(tmp_path / "lake"), str(tmp_path / "e.parquet"), "-q").exit_code == 0
+    return tmp_path, x
+
+
+@pytest.mark.parametrize("extra", [[], ["--label-column", "label"]])
+def test_an_export_ingested_without_all_columns_keeps_each_rows_length(exported, extra):
+    # mu_norm was applied only with --all-columns: naming columns stored the unit vectors, silently
+    from m2m import open_lake
+
+    tmp_path, x = exported
+    r = _m2m("ingest", str(tmp_path / "e.parquet"), "--lake", str(tmp_path / "new"), "-q", *extra)
+    assert r.exit_code == 0, r.output
+    with open_lake(tmp_path / "new") as lake:
+        got = np.array(lake.to_arrow(original=True).column("mu").to_pylist())
+    np.testing.assert_allclose(got, x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["", "_data", "_data/file", "_manifests"])
+def test_a_lakes_own_folders_are_refused_as_ingest_input(exported, where):
+    # `m2m ingest LAKE/_data` read every version's files still on disk: after a compaction, every row twice
+    tmp_path, _ = exported
+    lake = tmp_path / "lake"
+    src = lake / where if where != "_data/file" else next((lake / "_data").iterdir())
+    r = _m2m("ingest", str(src), "--lake", str(tmp_path / "new"), "-q")
+    assert r.exit_code == 1 and f"the m2m lake {lake}" in r.output and "m2m export" in r.output, r.output
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("kind", ["npy", "parquet"])
+def test_a_bad_row_in_a_directory_names_its_file_and_its_row_there(tmp_path, kind):
+    # "vectors row 550 contains NaN or Inf": counted over all files, no file named (it was row 250 of b)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    x = np.random.default_rng(2).standard_normal((600, 8)).astype(np.float32)
+    x[550, 1] = np.nan
+    for name, part in (("a", x[:300]), ("b", x[300:])):
+        if kind == "npy":
+            np.save(src / f"{name}.npy", part)
+        else:
+            pq.write_table(pa.table({"embedding": list(part)}), src / f"{name}.parquet")
+    r = _m2m("ingest", str(src), "--lake", str(tmp_path / "lake"), "-q", "--chunk-size", "1KiB")
+    assert r.exit_code == 1 and f"{src / f'b.{kind}'}: vectors row 250 contains NaN or Inf" in r.output, r.output
+    assert not (tmp_path / "lake").exists()
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_export_to_a_file_named_in_another_encoding_writes_it(tmp_path, suffix):
+    # pyarrow opens only UTF-8 names: "'utf-8' codec can't encode character '\udcfd' ... surrogates not allowed"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=4)) as lake:
+        lake.add_splats(x)
+    folder = tmp_path / os.fsdecode(b"\xe9t\xe9")
+    folder.mkdir()
+    out = folder / os.fsdecode(b"\xfd" + suffix.encode())
+    r = _m2m("export", str(tmp_path / "lake"), str(out), "-q")
+    assert r.exit_code == 0, r.output
+    with open(out, "rb") as f:
+        table = pq.read_table(f) if suffix == ".parquet" else pa.ipc.open_file(f).read_all()
+    assert table.num_rows == 10 and sorted(os.listdir(folder)) == [out.name]
+
+
+def test_size_options_name_themselves_and_hints_quote_paths(tmp_path):
+    # "Invalid value: '-5' is not a size" named no option; "(m2m kappa my lake)" could not be pasted
+    np.save(tmp_path / "a.npy", np.ones((4, 3), np.float32))
+    r = _m2m("ingest", str(tmp_path / "a.npy"), "--lake", str(tmp_path / "l"), "--shard-size", "-5")
+    assert r.exit_code == 2 and "Invalid value for '--shard-size': '-5' is not a size" in r.output
+    r = _m2m("ingest", str(tmp_path / "a.npy"), "--lake", str(tmp_path / "l"), "--chunk-size", "x")
+    assert r.exit_code == 2 and "'--chunk-size'" in r.output
+    r = _m2m("compact", str(tmp_path / "l"), "--target", "-1")
+    assert r.exit_code == 2 and "'--target'" in r.output and not (tmp_path / "l").exists()
+    lake = str(tmp_path / "my lake")
+    assert _m2m("ingest", str(tmp_path / "a.npy"), "--lake", lake, "-q").exit_code == 0
+    r = _m2m("info", lake)
+    assert f"not estimated (m2m kappa '{lake}')" in r.output, r.output
