@@ -200,3 +200,37 @@ def test_size_options_name_themselves_and_hints_quote_paths(tmp_path):
     assert _m2m("ingest", str(tmp_path / "a.npy"), "--lake", lake, "-q").exit_code == 0
     r = _m2m("info", lake)
     assert f"not estimated (m2m kappa '{lake}')" in r.output, r.output
+
+
+def test_a_state_saved_after_set_epoch_mid_pass_resumes_into_the_pinned_epoch(tmp_path):
+    # the state said only "pinned": the resumed loader pinned the saved pass's epoch 0, not 7
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=8)) as lake:
+        lake.add_splats(np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32))
+        kw = dict(batch_size=40, columns=("id",), seed=2)
+        d = lake.export_to_dataloader(**kw)
+        it = iter(d)
+        head = [next(it)["id"] for _ in range(3)]
+        d.set_epoch(7)
+        state = d.state_dict()
+        rest = [b["id"] for b in it]
+        after = [b["id"] for b in d]
+        e = lake.export_to_dataloader(**kw)
+        e.load_state_dict(state)
+        assert all(torch.equal(a, b) for a, b in zip([b["id"] for b in e], rest, strict=True))
+        assert e.epoch == 7 and all(torch.equal(a, b) for a, b in zip([b["id"] for b in e], after, strict=True))
+        assert len(head) == 3 and (state["epoch"], state["pinned_epoch"]) == (0, 7)
+
+
+def test_a_position_past_this_loaders_epoch_is_refused_whatever_the_state_says_its_length_is(tmp_path):
+    # an edited epoch_batches=100 let position 30 of a 25-batch epoch through: the pass yielded nothing
+    from m2m.errors import StateMismatchError
+
+    with create_m2m(M2MConfig(path=tmp_path / "lake", latent_dim=8)) as lake:
+        lake.add_splats(np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32))
+        d = lake.export_to_dataloader(batch_size=40, seed=2)
+        it = iter(d)
+        for _ in range(5):
+            next(it)
+        state = {**d.state_dict(), "batches_yielded": 30, "epoch_batches": 100}
+        with pytest.raises(StateMismatchError, match="position 30 is outside epoch 0, which has 25 batches"):
+            lake.export_to_dataloader(batch_size=40, seed=2).load_state_dict(state)

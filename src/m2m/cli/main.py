@@ -4,13 +4,13 @@ bench, demo."""
 from __future__ import annotations
 
 import functools
-import shlex
 import json
 import logging
 import math
 import os
 import re
 import select
+import shlex
 import signal
 import sys
 from typing import Any, Callable, TypeVar

@@ -187,7 +187,7 @@ class StreamLoader(DataLoader[Any]):
         if saved.sampler is not None and isinstance(self.plan_sampler, st.StatefulSampler):
             self.plan_sampler.load_state_dict(saved.sampler)
             self._ds.forget_plans()   # plans drawn from the priorities before (a stale one served wrong rows)
-        self._cursor.restore(epoch, start, saved.epoch_pinned)
+        self._cursor.restore(epoch, start, st.pinned_after(saved, epoch))
 
     def update_priorities(self, ids: Any, losses: Any, source: Any = None) -> None:
         """Feed per-row losses back to a loss-based importance sampler (``importance_sampling="loss"``),
@@ -255,7 +255,7 @@ class StreamLoader(DataLoader[Any]):
             importance=st.importance_name(self.options.importance_sampling),
             shuffle_asked=self.options.shuffle_mode if self.options.shuffle else "none",
             geometry=(src.geometry_key if isinstance(src := self._ds.source, ComputedGeometry) else None) or "none",
-            snapshot=src.snapshot_key if isinstance(src, PinnedSnapshot) else None)
+            snapshot=src.snapshot_key if isinstance(src, PinnedSnapshot) else None, pinned_epoch=self._cursor.pinned)
 
     def _iterate(self) -> Generator[Any, None, None]:
         ds = self._ds

@@ -76,6 +76,7 @@ class StreamState:
     shuffle_asked: str | None = None  # "none" or the shuffle_mode asked ("auto", ...); None: a state from before it
     geometry: str | None = None  # in-memory geometry's key (`from_lake.Geometry.key`), "none"; None: an older state
     snapshot: str | None = None  # the pinned versions with their commit times (`Snapshot.snapshot_key`); None: unknown
+    pinned_epoch: int | None = None  # the epoch `set_epoch` pinned (set while a pass ran: not that pass's); None: older
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -102,6 +103,8 @@ class StreamState:
         try:
             kept["epoch"] = check_int(kept["epoch"], "epoch", 0)
             kept["batches_yielded"] = check_int(kept["batches_yielded"], "batches_yielded", 0)
+            if kept.get("pinned_epoch") is not None:
+                kept["pinned_epoch"] = check_int(kept["pinned_epoch"], "pinned_epoch", 0)
         except ValueError as exc:
             raise StateMismatchError(f"stream state: {exc}") from None
         return cls(**kept)
@@ -123,7 +126,9 @@ def check(saved: StreamState, mine: StreamState, num_batches: Callable[[int], in
     epoch, yielded = saved.epoch, saved.batches_yielded
     comparable = saved.num_rows == mine.num_rows and saved.version == mine.version \
         and saved.world_size == mine.world_size
-    total = saved.epoch_batches if saved.epoch_batches is not None else (num_batches(epoch) if comparable else None)
+    # this loader's own count where the rows are the same (a saved epoch_batches of 100 let an edited position
+    # 30 of a 25-batch epoch through: the pass yielded nothing)
+    total = num_batches(epoch) if comparable else saved.epoch_batches
     if total is not None and yielded > total:
         raise StateMismatchError(f"stream state position {yielded} is outside epoch {epoch}, which has "
                                  f"{total} batches per rank")
@@ -160,6 +165,15 @@ def check(saved: StreamState, mine: StreamState, num_batches: Callable[[int], in
         raise StateMismatchError("mid-epoch stream state does not match this loader's order (saved vs current): "
                                  + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
     return epoch, yielded
+
+
+def pinned_after(saved: StreamState, epoch: int) -> int | None:
+    """The epoch pinned once a resume at ``epoch`` is done: the saved loader's (a `set_epoch` while its pass
+    ran pins another epoch than that pass's: the resumed loader read that pass's epoch again), or for a
+    state from before `StreamState.pinned_epoch`, ``epoch``."""
+    if not saved.epoch_pinned:
+        return None
+    return saved.pinned_epoch if saved.pinned_epoch is not None else epoch
 
 
 class Cursor:
@@ -238,8 +252,8 @@ class Cursor:
             return (epoch + 1 if self.pinned is None else self.pinned), 0
         return epoch, yielded
 
-    def restore(self, epoch: int, start: int, pinned: bool) -> None:
-        self.pinned = epoch if pinned else None
+    def restore(self, epoch: int, start: int, pinned: int | None) -> None:
+        self.pinned = pinned
         self.resume = (epoch, start)
         self.pos = None
         self.next_epoch = epoch
