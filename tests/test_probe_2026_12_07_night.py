@@ -234,3 +234,25 @@ def test_a_position_past_this_loaders_epoch_is_refused_whatever_the_state_says_i
         state = {**d.state_dict(), "batches_yielded": 30, "epoch_batches": 100}
         with pytest.raises(StateMismatchError, match="position 30 is outside epoch 0, which has 25 batches"):
             lake.export_to_dataloader(batch_size=40, seed=2).load_state_dict(state)
+
+
+def test_splats_of_an_empty_lake_have_each_columns_dtype_and_shape():
+    # every column was float32 [0, d] (Snapshot.gather had no shard to take a dtype from)
+    with create_m2m(M2MConfig(latent_dim=8)) as lake:
+        for got in (lake.splats(), lake.splats([])):
+            assert {k: (str(v.dtype), v.shape) for k, v in got.items()} == {
+                "id": ("int64", (0,)), "mu": ("float32", (0, 8)), "kappa": ("float32", (0,)),
+                "alpha": ("float32", (0,))}
+
+
+def test_the_validation_example_counts_the_padding_exactly(tmp_path):
+    # its check `len(unique) == len(ids) or ...` could not fail after the set check above it
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "validate_data_lake.py"
+    out = subprocess.run([sys.executable, str(example), "--rows", "2001", "--dim", "16", "--lake",
+                          str(tmp_path / "lake")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2,001 rows over 2 ranks (1,001 each, 1 row repeated to make them equal)" in out.stdout

@@ -92,7 +92,7 @@ class Splats:
         return out
 
 
-def _empty_dtype(m: Manifest, name: str) -> np.dtype:
+def empty_dtype(m: Manifest, name: str) -> np.dtype:
     """The dtype a read of column ``name`` has when it selects no row: the one a non-empty read has (bool,
     datetime64, timedelta64 included; they were object); object for strings and what Arrow reads so."""
     dt = _fixed_dtype(m, name)
@@ -233,7 +233,7 @@ class RowReader:
                 out[name][sel] = vals
         if not len(pos):
             for name in self.columns:
-                out[name] = np.empty((0, m.dim) if name == "mu" else (0,), dtype=_empty_dtype(m, name))
+                out[name] = np.empty((0, m.dim) if name == "mu" else (0,), dtype=empty_dtype(m, name))
         return Splats(out["id"], out["mu"], out["kappa"], out["alpha"], out.get("label"),
                       {name: out[name] for name in m.metadata})
 

@@ -228,7 +228,10 @@ class Lake:
         rows are normalised to the unit sphere. Invalid input raises a ``ValueError`` naming the problem
         and the first offending row before anything is written. Tabular data (a pyarrow Table or
         RecordBatchReader, a Polars DataFrame, a Hugging Face dataset) goes to `add_table`, with
-        ``labels`` a column name and ``metadata`` a list of column names.
+        ``labels`` a column name and ``metadata`` a list of column names. With
+        ``M2MConfig.auto_consolidate=True`` a supercritical lake is consolidated right after the append
+        (a second commit): rows merged there keep their group's smallest id, so some of the ids returned
+        may be gone from ``lake.version`` (they are in ``lake.version - 1``).
 
         Example: ``ids = lake.add_splats(np.random.randn(100, 64), labels=["cat", "dog"] * 50)``.
         """
@@ -470,6 +473,13 @@ class Lake:
         out: dict[str, np.ndarray] = {}
         for name in snap.column_names:
             if name in ("neighbors", "neighbor_cos"):
+                continue
+            if not self.manifest.shards:  # (no shard to read a dtype from: every column was float32 [0, d])
+                from m2m.lake.access import empty_dtype
+
+                dt = np.float32 if name == "mu" else object if name == "label" and self.manifest.label_type == \
+                    "string" else empty_dtype(self.manifest, name)
+                out[name] = np.empty((0, self.dim) if name == "mu" else (0,), dtype=dt)
                 continue
             if name == "label" and self.manifest.label_type == "string":
                 codes = snap.gather("label", positions)
