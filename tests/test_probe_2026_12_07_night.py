@@ -256,3 +256,28 @@ def test_the_validation_example_counts_the_padding_exactly(tmp_path):
                           str(tmp_path / "lake")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2,001 rows over 2 ranks (1,001 each, 1 row repeated to make them equal)" in out.stdout
+
+
+def test_a_mixture_decodes_each_rows_label_in_its_own_lakes_vocabulary(tmp_path):
+    # the promise "one documented call maps label codes back to strings" had no call for m2m.mix, where the
+    # same code means different strings in two lakes
+    import m2m
+
+    rng = np.random.default_rng(3)
+    with create_m2m(M2MConfig(path=tmp_path / "a", latent_dim=4)) as a, \
+            create_m2m(M2MConfig(path=tmp_path / "b", latent_dim=4)) as b:
+        a.add_splats(rng.normal(size=(60, 4)), labels=["cat", "dog"] * 30)
+        b.add_splats(rng.normal(size=(40, 4)), labels=["dog", "fish", "eel", "cow"] * 10)
+        mix = m2m.mix({"a": a, "b": b}, {"a": 1, "b": 1})
+        lakes = {"a": a, "b": b}
+        seen = 0
+        for batch in mix.export_to_dataloader(batch_size=32, columns=("id", "label")):
+            got = mix.decode_labels(batch["label"], batch["source"])
+            for i, s, label in zip(batch["id"].tolist(), batch["source"].tolist(), got):
+                assert label == lakes[mix.names[s]].splats([i])["label"][0]
+                seen += 1
+        assert seen >= 100
+        with pytest.raises(ConfigError, match="outside lake 'a'"):
+            mix.decode_labels([5], [0])
+        with pytest.raises(ConfigError, match="not a lake index"):
+            mix.decode_labels([0], [2])

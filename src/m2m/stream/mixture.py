@@ -161,6 +161,41 @@ class Mixture:
                 raise ConfigError(f"mix: column {col!r} differs between the lakes ("
                                   + ", ".join(f"{n}={k}" for n, k in kinds.items()) + "); deliver columns of one kind")
 
+    def decode_labels(self, codes: Any, source: Any) -> np.ndarray:
+        """The labels of a mixed batch: ``codes`` its ``label`` column, ``source`` its ``source`` column
+        (each row's lake index in `names`); each code is read in its own lake's vocabulary (the same code
+        means different strings in two lakes), as of the pinned snapshots. An object array: strings, and
+        the ints of a lake with int labels; `ConfigError` for a lake without labels or a code out of range.
+
+        Example: ``mix.decode_labels(batch["label"], batch["source"])``."""
+        from m2m._validate import as_numpy
+
+        code, src = as_numpy(codes, "codes"), as_numpy(source, "source")
+        if code.shape != src.shape or code.ndim != 1:
+            raise ConfigError(f"decode_labels: codes {code.shape} and source {src.shape} must be one value per row")
+        out = np.empty(len(code), dtype=object)
+        bad = (src < 0) | (src >= len(self.names))
+        if bad.any():
+            raise ConfigError(f"decode_labels: source {src[bad][0]!r} is not a lake index (0..{len(self.names) - 1})")
+        for j, name in enumerate(self.names):
+            sel = np.flatnonzero(src == j)
+            if not len(sel):
+                continue
+            m = self._snaps[name].manifest
+            if m.label_type is None:
+                raise ConfigError(f"decode_labels: lake {name!r} has no labels")
+            if m.label_type != "string":
+                out[sel] = code[sel].tolist()
+                continue
+            vocab = np.asarray(m.label_vocabulary, dtype=object)
+            got = code[sel].astype(np.int64)
+            wrong = (got < 0) | (got >= len(vocab))
+            if wrong.any():
+                raise ConfigError(f"decode_labels: label code {int(got[wrong][0])} is outside lake {name!r}'s "
+                                  f"vocabulary of {len(vocab)} labels")
+            out[sel] = vocab[got]
+        return out
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {self.weights[n]:.3g} ({self.counts[n]} of {self.num_rows[n]} rows)"
                           for n in self.names)
