@@ -12,6 +12,7 @@ grown lake, or another world size, at the next epoch).
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Callable, Generator, Protocol, runtime_checkable
@@ -284,7 +285,8 @@ class Pass:
         except StopIteration:
             raise
         except BaseException as exc:
-            if self._gen.gi_frame is None:  # it ended the generator (another thread's concurrent next did not)
+            if inspect.getgeneratorstate(self._gen) == inspect.GEN_CLOSED:  # it ended the generator (a
+                # second thread's concurrent next did not)
                 self._failed = type(exc).__name__
             raise
         self._yielded += 1
