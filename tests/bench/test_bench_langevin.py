@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from m2m_bench import langevin
 
 
+@pytest.mark.slow  # 34 s on CI's 2 cores; CI runs the slow suite too
 def test_quick_langevin_bench_runs_and_agrees_with_the_naive_chain():
     res = langevin.run(quick=True, rows=5000)
     table = langevin.format_table(res)

@@ -13,7 +13,11 @@ SMALL = {"ingest": 2_000, "ingest_parquet": 2_000, "stream": 3_000, "stream_memm
          "quickstart": 2_000, "langevin": 1_000, "knn": 3_000, "consolidate": 2_000, "ray_engine": 21_000}
 
 
-@pytest.mark.parametrize("name", MODULES)
+# the two heaviest (30 s each on CI's 2 cores) run in the slow suite, which CI runs too
+_SLOW = {"langevin", "ray_engine"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if m in _SLOW else m for m in MODULES])
 def test_every_suite_module_runs_small(name, tmp_path):
     mod = importlib.import_module(f"m2m_bench.{name}")
     kw = {"rows": SMALL[name]}
