@@ -77,7 +77,10 @@ def test_a_store_paused_during_a_write_ends_it_in_one_line_and_loses_nothing(s3_
     monkeypatch.setattr(fs, "create_exclusive" if where == "_manifests/" else "write_file", paused)
     try:
         t0 = time.monotonic()
-        with pytest.raises(ObjectStoreError, match=f"{where}.*FSTimeoutError") as info:
+        # which timeout names it depends on whether the request needed a new connection (a loaded machine:
+        # the list before the manifest's write, ConnectTimeoutError), not on m2m
+        timeouts = "(FSTimeoutError|ConnectTimeoutError|ReadTimeoutError)"
+        with pytest.raises(ObjectStoreError, match=f"{where.rstrip('/')}.*{timeouts}") as info:
             lake.add_splats(unit_rows(800, seed=1))
         elapsed = time.monotonic() - t0
     finally:
