@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -537,3 +537,20 @@ def _columns(arr: np.ndarray, labels: Any, kappa: Any, alpha: Any, metadata: Any
     alp = np.ones(n, dtype=np.float32) if alpha is None else positive_column(alpha, n, "alpha")
     meta = metadata_columns(metadata, n)
     return SplatBatch(arr, lab, kap, alp, meta)
+
+
+def decode_codes(vocabulary: Sequence[str], codes: Any, whose: str = "the") -> np.ndarray:
+    """``vocabulary[codes]`` as an object array (streamed string-label codes back to their strings);
+    `ConfigError` for codes that are not integers (floats were truncated, bools and '1' taken) or lie
+    outside ``whose`` vocabulary."""
+    arr = as_numpy(codes, "codes")
+    big = beyond_int64(arr)
+    problem = integer_problem(arr) or (None if big is None else f"{big} (beyond int64)")
+    if problem is not None:
+        raise ConfigError(f"label codes must be integers, got {problem}")
+    arr = arr.astype(np.int64, copy=False)
+    vocab = np.asarray(vocabulary, dtype=object)
+    bad = (arr < 0) | (arr >= len(vocab))
+    if bad.any():
+        raise ConfigError(f"label code {int(arr[bad][0])} is outside {whose} vocabulary of {len(vocab)} labels")
+    return vocab[arr]

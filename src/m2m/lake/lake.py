@@ -503,23 +503,13 @@ class Lake:
 
         Example: ``batch = next(iter(lake.export_to_dataloader(columns=("embedding", "label"))))``, then
         ``lake.decode_labels(batch["label"])`` -> ``array(['dog', 'cat', ...], dtype=object)``."""
-        from m2m._validate import as_numpy, beyond_int64, integer_problem
+        from m2m._validate import decode_codes
 
         m = self.manifest
         if m.label_type != "string":
             raise ConfigError(f"lake {self.path} has {m.label_type or 'no'} labels; only string labels are "
                               "streamed as codes")
-        arr = as_numpy(codes, "codes")
-        big = beyond_int64(arr)
-        problem = integer_problem(arr) or (None if big is None else f"{big} (beyond int64)")
-        if problem is not None:  # (floats were truncated, bools and '1' taken)
-            raise ConfigError(f"label codes must be integers, got {problem}")
-        arr = arr.astype(np.int64, copy=False)
-        vocab = np.asarray(m.label_vocabulary, dtype=object)
-        bad = (arr < 0) | (arr >= len(vocab))
-        if bad.any():
-            raise ConfigError(f"label code {int(arr[bad][0])} is outside the vocabulary of {len(vocab)} labels")
-        return vocab[arr]
+        return decode_codes(m.label_vocabulary, codes)
 
     def to_arrow(self, version: int | None = None, columns: Sequence[str] | None = None, stream: bool = False,
                  float32: bool = False, original: bool = False) -> pa.Table | pa.RecordBatchReader:

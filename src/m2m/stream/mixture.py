@@ -168,7 +168,7 @@ class Mixture:
         the ints of a lake with int labels; `ConfigError` for a lake without labels or a code out of range.
 
         Example: ``mix.decode_labels(batch["label"], batch["source"])``."""
-        from m2m._validate import as_numpy
+        from m2m._validate import as_numpy, decode_codes
 
         code, src = as_numpy(codes, "codes"), as_numpy(source, "source")
         if code.shape != src.shape or code.ndim != 1:
@@ -187,13 +187,7 @@ class Mixture:
             if m.label_type != "string":
                 out[sel] = code[sel].tolist()
                 continue
-            vocab = np.asarray(m.label_vocabulary, dtype=object)
-            got = code[sel].astype(np.int64)
-            wrong = (got < 0) | (got >= len(vocab))
-            if wrong.any():
-                raise ConfigError(f"decode_labels: label code {int(got[wrong][0])} is outside lake {name!r}'s "
-                                  f"vocabulary of {len(vocab)} labels")
-            out[sel] = vocab[got]
+            out[sel] = decode_codes(m.label_vocabulary, code[sel], f"lake {name!r}'s")
         return out
 
     def __repr__(self) -> str:
