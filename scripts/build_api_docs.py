@@ -18,9 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "api"
 MODULES = ["m2m", "m2m.errors", "m2m.lake.reader", "m2m.stream.loader", "m2m.geometry.vmf", "m2m.augment.langevin",
-           "m2m.ray"]
+           "m2m.ray", "m2m.lightning"]
 # m2m documents M2MConfig and StreamOptions; errors lists every class; Snapshot and StreamLoader have their
-# modules; m2m.vmf and m2m.langevin are m2m.geometry.vmf and m2m.augment.langevin; m2m.ray holds write_lake
+# modules; m2m.vmf and m2m.langevin are m2m.geometry.vmf and m2m.augment.langevin; m2m.ray holds write_lake;
+# m2m.lightning the Lightning callback
 
 
 def undocumented() -> list[str]:

@@ -129,6 +129,81 @@ def test_loss_priorities_from_an_epoch_end_checkpoint_come_back_as_the_docs_say(
     assert 0 not in resumed.seen and resumed.seen[1] == ref.seen[1]
 
 
+@pytest.mark.parametrize("where", ["before_fit", "train_dataloader"])
+def test_restore_stream_state_brings_back_loss_priorities_from_an_epoch_end_checkpoint(lake, tmp_path, where):
+    # the callback does what README "Limitations" had users do by hand: without it the resumed epoch 1
+    # drew the hard rows ~100 times (uniform priorities) instead of the ~890 of the uninterrupted run
+    from m2m.lightning import RestoreStreamState
+
+    def make():
+        return lake.export_to_dataloader(batch_size=BS, columns=("id", "embedding"), importance_sampling="loss",
+                                         seed=4)
+
+    class Looped(LossRecorder):
+        def train_dataloader(self):
+            self.dl = make()
+            return self.dl
+
+    def model():
+        m = LossRecorder(make()) if where == "before_fit" else Looped(None)
+        return m, (m.dl if where == "before_fit" else None)
+
+    ref, dl = model()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1, filename="{epoch}")
+    trainer(max_epochs=2, enable_checkpointing=True, callbacks=[ckpt, RestoreStreamState()]).fit(
+        ref, train_dataloaders=dl)
+    path = os.path.join(str(tmp_path), "epoch=0.ckpt")
+
+    plain, dl = model()
+    trainer(max_epochs=2).fit(plain, train_dataloaders=dl, ckpt_path=path)
+    assert plain.seen[1] != ref.seen[1]  # Lightning alone: the priorities are lost (why the callback exists)
+
+    restore = RestoreStreamState()
+    resumed, dl = model()
+    trainer(max_epochs=2, callbacks=[restore]).fit(resumed, train_dataloaders=dl, ckpt_path=path)
+    assert restore.restored == 1
+    assert 0 not in resumed.seen and resumed.seen[1] == ref.seen[1]
+
+
+def test_restore_stream_state_on_a_mid_epoch_checkpoint_and_without_one(lake, tmp_path):
+    # Lightning restores a mid-epoch state itself; the callback loading it again must not move the resume
+    from m2m.lightning import RestoreStreamState
+
+    make = make_for(lake)
+    nb = -(-N // BS)
+    ref = Recorder(None)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    plain = RestoreStreamState()
+    trainer(max_epochs=2, enable_checkpointing=True, callbacks=[ckpt, plain]).fit(ref, train_dataloaders=make())
+    assert plain.restored == 0  # a run that does not resume is left alone
+    restore = RestoreStreamState()
+    resumed = Recorder(None)
+    trainer(max_epochs=2, callbacks=[restore]).fit(resumed, train_dataloaders=make(),
+                                                    ckpt_path=os.path.join(str(tmp_path), "step=20.ckpt"))
+    assert restore.restored == 1
+    assert resumed.seen[1] == ref.seen[1][20 - nb:] and 0 not in resumed.seen
+
+
+def test_restore_stream_state_refuses_a_checkpoint_of_other_loaders(lake, tmp_path):
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+    from m2m.errors import ConfigError
+    from m2m.lightning import RestoreStreamState
+
+    make = make_for(lake)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1, filename="{epoch}")
+    trainer(max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(Recorder(None), train_dataloaders=make())
+    two = CombinedLoader({"a": make(), "b": make()}, "max_size_cycle")
+
+    class Two(Recorder):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["a"], batch_idx)
+
+    with pytest.raises(ConfigError, match="holds 1 training loader state.*2 stateful"):
+        trainer(max_epochs=2, callbacks=[RestoreStreamState()]).fit(
+            Two(None), train_dataloaders=two, ckpt_path=os.path.join(str(tmp_path), "epoch=0.ckpt"))
+
+
 class ValidatingRecorder(Recorder):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         pass
