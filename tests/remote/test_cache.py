@@ -58,6 +58,10 @@ def test_stream_holds_the_byte_budget(s3_bucket, tmp_path):
     assert stats["evictions"] > 0
     assert 0 < peak[0] <= budget + biggest
     assert dir_bytes(cache_dir) <= budget
+    # an evicted entry's lock file goes with it (every shard ever cached left one in .locks)
+    locks = [n for n in os.listdir(os.path.join(cache_dir, ".locks")) if n != "cache.lock"]
+    cached = [n for n in os.listdir(cache_dir) if n.endswith(".shard")]
+    assert len(locks) <= len(cached) + 1, (len(locks), len(cached), len(files))
 
 
 def test_lru_evicts_the_least_recently_used_shard(s3_bucket, tmp_path):
@@ -219,3 +223,28 @@ def test_writer_keeps_its_shards_in_the_cache_within_budget(s3_bucket, tmp_path)
         assert dir_bytes(cache_dir) <= 150_000
         got = lake.snapshot.read_all("mu")
     np.testing.assert_allclose(got, unit_rows(4000), atol=1e-6)
+
+
+def test_a_lock_removed_by_its_holder_is_taken_again_on_the_file_at_its_path(tmp_path):
+    # the holder of an entry's lock unlinks the lock file as it evicts; one who waited on the old file
+    # must not count as holding the entry's lock (a third process would lock a new file at the path)
+    from m2m.lake.cache import _FileLock
+
+    path = str(tmp_path / "x.lock")
+    evicting = _FileLock(path)
+    assert evicting.try_acquire()
+    got: list[bool] = []
+    waiter = _FileLock(path)
+    t = threading.Thread(target=lambda: got.append(waiter.acquire(True, 10, "x") is None))
+    t.start()
+    time.sleep(0.3)               # the waiter is polling the file evicting holds
+    evicting.remove()
+    t.join(10)
+    assert got == [True] and os.path.exists(path)
+    assert os.stat(path).st_ino == os.fstat(waiter._fd).st_ino
+    third = _FileLock(path)
+    assert not third.try_acquire()  # the waiter's shared lock is on the file at the path: it excludes
+    waiter.release()
+    assert third.try_acquire()
+    third.remove()
+    assert not os.path.exists(path)

@@ -135,8 +135,11 @@ class _FileLock:
         while True:
             try:
                 fcntl.flock(fd, mode)
-                self._fd = fd
-                return
+                if self._current(fd):
+                    self._fd = fd
+                    return
+                fd = self._reopen(fd)   # removed (`remove`) while we waited: lock the file now at the path
+                continue
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     os.close(fd)
@@ -155,13 +158,41 @@ class _FileLock:
     def try_acquire(self) -> bool:
         """Exclusive lock without waiting; False if anyone holds it."""
         fd = self._open()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            if self._current(fd):
+                self._fd = fd
+                return True
+            fd = self._reopen(fd)
+
+    def _current(self, fd: int) -> bool:
+        """Whether ``fd`` is still the file at the lock's path (a holder that `remove`d it unlinked it
+        before letting go: a lock on the old file excludes nobody who opens the path now)."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+            st = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
             return False
-        self._fd = fd
-        return True
+        held = os.fstat(fd)
+        return (st.st_ino, st.st_dev) == (held.st_ino, held.st_dev)
+
+    def _reopen(self, fd: int) -> int:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        return self._open()
+
+    def remove(self) -> None:
+        """Unlink the lock file, then release it: only while holding it exclusively (`acquire` and
+        `try_acquire` of anyone who waited on it then lock a new file at the path)."""
+        if self._fd >= 0:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.release()
 
     def _open(self) -> int:
         # never through a symlink: one planted at a lock's name made the cache create its target,
@@ -595,7 +626,8 @@ class ShardCache:
         except FileNotFoundError:
             return False
         finally:
-            lock.release()
+            # the entry's lock file goes with it (one empty file per shard ever cached piled up in .locks)
+            lock.remove()
         with self._mutex:
             self.evictions += 1
             listeners = list(self._listeners)
