@@ -456,7 +456,7 @@ def metadata_columns(metadata: Mapping[str, Any] | None, n: int) -> dict[str, np
         elif _nullable(values):
             # an Arrow or pandas column: its nulls follow the Arrow table's rules (np.asarray turned a
             # nullable int column into float64 NaNs, rounding ints beyond 2**53)
-            from m2m.lake.ingest import arrow_metadata
+            from m2m.lake.arrow_input import arrow_metadata
 
             values = arrow_metadata(_arrow(values, name), name, "add_splats")
         arr = as_numpy(values, f"metadata[{name!r}]")

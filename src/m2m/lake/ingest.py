@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from m2m._validate import check_rows
 from m2m.errors import (
     ConfigError,
     DimensionMismatchError,
@@ -35,6 +36,7 @@ from m2m.errors import (
     WriteFailedError,
     in_chunk,
 )
+from m2m.lake.arrow_input import arrow_metadata, plain
 from m2m.lake.fs import local_path
 from m2m.lake.manifest import DATA_DIR, MANIFEST_DIR
 
@@ -213,11 +215,8 @@ class Source:
                 continue
             row = 0  # (the lake's check counted rows over all files and named none: "vectors row 550")
             for chunk in reader.chunks():
-                finite = np.isfinite(chunk["vectors"]).all(axis=-1)
-                if not finite.all():
-                    bad = row + int(np.argmin(finite))
-                    raise InvalidEmbeddingError(f"{f}: vectors row {bad} contains NaN or Inf (or a null element)")
-                row += len(finite)
+                check_rows(chunk["vectors"], row, f"{f}: vectors")
+                row += len(chunk["vectors"])
                 yield chunk
 
     def widened(self) -> "Source":
@@ -509,60 +508,22 @@ class _ArrowReader(_Reader):
     def _chunk(self, batch: pa.RecordBatch) -> dict[str, Any]:
         chunk: dict[str, Any] = {"vectors": _vectors(batch.column(self.vec), self.vec, self.where)}
         if self.label:
-            labels = _plain(batch.column(self.label))
+            labels = plain(batch.column(self.label))
             if labels.null_count:
                 row = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
                 raise InvalidEmbeddingError(f"{self.where}: label column {self.label!r} has null rows (row {row} is "
                                             "null)")
             chunk["labels"] = labels.to_numpy(zero_copy_only=False)
         if self.meta:
-            chunk["metadata"] = {m: arrow_metadata(_plain(batch.column(m)).cast(self.widen[m]) if m in self.widen
+            chunk["metadata"] = {m: arrow_metadata(plain(batch.column(m)).cast(self.widen[m]) if m in self.widen
                                                    else batch.column(m), m, self.where) for m in self.meta}
         for key, name in self.terms.items():  # an m2m export's own kappa/alpha (nulls: NaN) and norms
-            values = _plain(batch.column(name)).to_numpy(zero_copy_only=False).astype(np.float64)
+            values = plain(batch.column(name)).to_numpy(zero_copy_only=False).astype(np.float64)
             # mu_norm: applied by `export_rows` in Lake.add_splat_chunks, which knows the lake's dtype
             chunk[key] = values
         if "kappa" in self.terms:
             chunk["kappa_nan"] = True  # rows the exported lake had not estimated
         return chunk
-
-
-def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_dictionary(arr.type):  # e.g. partition keys of a dataset, a Polars Categorical
-        values = arr.type.value_type
-        if pa.types.is_large_string(values) or pa.types.is_string_view(values):
-            # Polars sends dictionary<uint32, string_view>: Arrow has no take kernel for string_view
-            # (decoding it first raised ArrowNotImplementedError at the user), so cast the dictionary first
-            arr = arr.cast(pa.dictionary(arr.type.index_type, pa.string()))
-        arr = arr.dictionary_decode()
-    if pa.types.is_large_string(arr.type) or pa.types.is_string_view(arr.type):  # e.g. from Polars
-        arr = arr.cast(pa.string())
-    return arr
-
-
-def arrow_metadata(arr: pa.Array | pa.ChunkedArray, name: str, where: Any) -> np.ndarray:
-    """A metadata column of an input table as numpy, taking what ``add_splats(metadata={...})`` takes:
-    numbers, booleans, strings (nulls allowed), dates, timestamps and durations (naive, units s..ns)."""
-    arr = _plain(arr)
-    typ = arr.type
-    string = pa.types.is_string(typ) or pa.types.is_large_string(typ)
-    temporal = pa.types.is_timestamp(typ) or pa.types.is_duration(typ) or pa.types.is_date(typ)
-    if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ) or string or temporal):
-        raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has type {typ}; "
-                                    "numbers, booleans, strings, dates, timestamps and durations are supported")
-    if pa.types.is_timestamp(typ) and typ.tz is not None:
-        raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has type {typ}: timestamps are stored "
-                                    f"without a time zone; cast it first, e.g. to timestamp[{typ.unit}] in UTC")
-    if arr.null_count and not (pa.types.is_floating(typ) or string or temporal):
-        row = arr.is_null().to_numpy(zero_copy_only=False).argmax()
-        raise InvalidEmbeddingError(f"{where}: metadata column {name!r} has {arr.null_count} null rows "
-                                    f"(row {row} is the first); only float (NaN), string and time (NaT) columns "
-                                    "take nulls")
-    if pa.types.is_date64(typ):  # milliseconds since the epoch: the date of each, as date32 stores it
-        return arr.to_numpy(zero_copy_only=False).astype("datetime64[D]")
-    return arr.to_numpy(zero_copy_only=False)
 
 
 def _parquet_reader(f: Path, source: Source) -> _ArrowReader:
@@ -697,7 +658,7 @@ def _one_schema(dataset: Any, root: Path, columns: Columns) -> pa.Schema:
 
 def _widening(name: str, types: list[pa.DataType], root: Path, refuse: bool = True) -> pa.DataType | None:
     """The type a column of ``types`` (one per file) is read as: their permissive widening (dictionary
-    and large strings as the values they hold, as `_plain` reads them), refused where it is not lossless;
+    and large strings as the values they hold, as `plain` reads them), refused where it is not lossless;
     ``refuse=False``: None there instead (a flat directory then checks each file's values as it goes)."""
     plain = [_plain_type(t) for t in types]
     try:
@@ -718,7 +679,7 @@ def _widening(name: str, types: list[pa.DataType], root: Path, refuse: bool = Tr
 
 
 def _plain_type(t: pa.DataType) -> pa.DataType:
-    """The type `_plain` reads a column of type ``t`` as (dictionaries decoded, large strings as strings)."""
+    """The type `plain` reads a column of type ``t`` as (dictionaries decoded, large strings as strings)."""
     if pa.types.is_dictionary(t):
         t = t.value_type
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):

@@ -41,8 +41,9 @@ from m2m.errors import (
     LakeNotFoundError,
 )
 from m2m.lake import summary as lake_stats
+from m2m.lake.arrow_input import arrow_metadata
 from m2m.lake.fs import LakeFS
-from m2m.lake.ingest import arrow_metadata, discarding_new_lake, new_local_folder
+from m2m.lake.ingest import discarding_new_lake, new_local_folder
 from m2m.lake.integrity import WriteStamp
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.writer import (
