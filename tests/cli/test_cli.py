@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -374,3 +376,23 @@ def test_a_npy_file_of_format_3_is_ingested(tmp_path):
     with open_lake(str(tmp_path / "lake")) as lake:
         mu = lake.splats()["mu"]
     np.testing.assert_allclose(mu, x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-6)
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback():
+    # the console script imports torch and pyarrow before any command runs; a Ctrl-C there printed a
+    # traceback (a clumsy user, 2026-12-07). Here the interrupt is raised by the import of the command module.
+    import importlib.metadata
+
+    (ep,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "m2m"]
+    assert ep.value == "m2m.cli:run"
+    code = ("import sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'm2m.cli.main':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "sys.argv = ['m2m', '--version']\n"
+            "from m2m.cli import run\n"
+            "run()\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130 and p.stderr == "m2m: aborted\n", (p.returncode, p.stderr)
