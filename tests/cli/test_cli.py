@@ -396,3 +396,17 @@ def test_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback():
             "run()\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 130 and p.stderr == "m2m: aborted\n", (p.returncode, p.stderr)
+
+
+def test_ctrl_c_during_a_command_is_one_line_and_exit_130(tmp_path):
+    code = ("import sys, m2m.cli.main as cm\n"
+            "def boom(*a, **k):\n"
+            "    raise KeyboardInterrupt\n"
+            "cm.open_lake_for_cli = boom\n"
+            "import m2m\n"
+            "m2m.open_lake = boom\n"
+            f"sys.argv = ['m2m', 'info', {str(tmp_path)!r}]\n"
+            "cm.main()\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130 and p.stderr.strip().splitlines()[-1] == "m2m: aborted", (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr

@@ -549,9 +549,9 @@ def main() -> None:
     except click.ClickException as exc:
         click.echo(f"m2m: error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(exc.exit_code)
-    except click.Abort:  # Ctrl-C or end of input at a prompt
+    except click.Abort as exc:  # Ctrl-C (exit 130, as a shell reports SIGINT) or end of input at a prompt (1)
         click.echo("m2m: aborted", err=True)
-        sys.exit(1)
+        sys.exit(128 + signal.SIGINT if isinstance(exc.__cause__, KeyboardInterrupt) else 1)
     except SystemExit as exc:
         # click's own EPIPE handling (`m2m --help | true`: the help, `--version`) exits 1 after wrapping
         # sys.stdout; a command's output into a gone reader exits 141 quietly (`user_errors`): so do these
