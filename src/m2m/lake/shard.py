@@ -405,6 +405,50 @@ class BlockCache:
                 self._blocks.popitem(last=False)
 
 
+MAX_OPEN_FILES = 128
+"""Descriptors one reader (`OpenFiles`) keeps open at most: a stream or a random reader of a lake of
+many shards held one per shard it had touched, until ``Too many open files`` (a 300-shard lake under a
+soft limit of 256, 2026-12-08); several readers and DataLoader workers each hold their own."""
+
+
+class OpenFiles:
+    """The `ShardFile`s of one reader that hold an open descriptor, at most ``limit`` of them: using one
+    more closes the least recently used file that no read is using (it reopens on its next read)."""
+
+    def __init__(self, limit: int = MAX_OPEN_FILES) -> None:
+        self.limit = max(1, int(limit))
+        self._open: OrderedDict[int, ShardFile] = OrderedDict()
+        self._lock = ForkSafeLock()
+        self.closed = 0
+
+    def used(self, f: "ShardFile") -> None:
+        with self._lock:
+            self._open[id(f)] = f
+            self._open.move_to_end(id(f))
+            if len(self._open) <= self.limit:
+                return
+            for key, g in list(self._open.items()):
+                if len(self._open) <= self.limit:
+                    break
+                if g is not f and g._close_if_idle():
+                    del self._open[key]
+                    self.closed += 1
+
+    def forget(self, f: "ShardFile") -> None:
+        with self._lock:
+            self._open.pop(id(f), None)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (a spawned worker's) starts with no file open: descriptors never cross processes
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["limit"])  # type: ignore[misc]
+
+
 def open_regular(path: str, follow_links: bool = True) -> int:
     """A read-only descriptor of the regular file at ``path``; `CorruptShardError` naming what it is
     otherwise (FileNotFoundError as ``os.open`` raises it). Opened non-blocking: opening a FIFO planted
@@ -472,16 +516,27 @@ class ShardFile:
     Thread-safe: reads are positional, the cache is guarded by a lock.
     """
 
-    def __init__(self, path: str, entry: FileEntry, cache_blocks: int = 8, cache: BlockCache | None = None) -> None:
+    def __init__(self, path: str, entry: FileEntry, cache_blocks: int = 8, cache: BlockCache | None = None,
+                 open_files: OpenFiles | None = None) -> None:
         self.path = path
         self.entry = entry
         self.block_bytes = entry.block_bytes if entry.block_crc32c is not None else None
         self._cache = cache if cache is not None else BlockCache(cache_blocks)
+        self._open_files = open_files
         self._lock = ForkSafeLock()
         self._fd: int | None = None
+        self._users = 0          # reads using the descriptor now (`OpenFiles` closes only an idle file)
+        self._identity: tuple[int, ...] | None = None   # the file first opened (a reopen must find it again)
         self._digest_read = False  # its first open read the whole file for its SHA-256
         self.bytes_read = 0
         self.bytes_checked = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a descriptor number means nothing in another process, and a copy that closed it (when
+        # collected) closed the original's: its next read got whatever file took the number (2026-12-08)
+        state = dict(self.__dict__)
+        state.update(_fd=None, _users=0, _digest_read=False)
+        return state
 
     def __enter__(self) -> ShardFile:
         return self
@@ -489,55 +544,95 @@ class ShardFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        self.close()
-
     def close(self, _close: Callable[[int], None] = os.close) -> None:
         # os.close bound at definition: at interpreter exit `os` may already be None when __del__ runs
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
             _close(fd)
+        limiter = getattr(self, "_open_files", None)
+        if limiter is not None and fd is not None:
+            limiter.forget(self)
+
+    def __del__(self) -> None:  # (no limiter to tell: it holds every file it counts)
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def _close_if_idle(self) -> bool:
+        """Close the descriptor unless a read is using it (`OpenFiles`); True if it is closed now."""
+        with self._lock:
+            if self._users:
+                return False
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        return True
+
+    @contextmanager
+    def _fileno_held(self) -> Iterator[int]:
+        """The open descriptor, kept open (`OpenFiles` closes only idle files) while the block runs."""
+        with self._lock:
+            if self._fd is None:
+                self._fd = self._open()
+            self._users += 1
+            fd = self._fd
+        try:
+            if self._open_files is not None:
+                self._open_files.used(self)
+            yield fd
+        finally:
+            with self._lock:
+                self._users -= 1
 
     def _fileno(self) -> int:
-        if self._fd is None:
-            with self._lock:
-                if self._fd is None:
-                    try:
-                        fd = open_regular(self.path)
-                    except FileNotFoundError as exc:
-                        raise CorruptShardError(_missing(self.path)) from exc
-                    try:
-                        if self.entry.sha256 is not None:
-                            self._digest_read = _check_digest(fd, self.path, self.entry)
-                    except BaseException:
-                        os.close(fd)
-                        raise
-                    self._fd = fd
-        return self._fd
+        """The descriptor (opened if need be) for a caller that keeps the file open itself (`opened_shard`)."""
+        with self._fileno_held() as fd:
+            return fd
+
+    def _open(self) -> int:
+        try:
+            fd = open_regular(self.path)
+        except FileNotFoundError as exc:
+            raise CorruptShardError(_missing(self.path)) from exc
+        try:
+            st = os.fstat(fd)
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._identity is not None and identity != self._identity:
+                # a reopen (after `OpenFiles` closed it) found another file at the path
+                raise CorruptShardError(f"shard file {self.path} changed on disk while the lake was read: it was "
+                                        "replaced (a shard file is never rewritten)")
+            if self.entry.sha256 is not None and self._identity is None:
+                self._digest_read = _check_digest(fd, self.path, self.entry)
+            self._identity = identity
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def check_digest(self, again: bool = False) -> None:
         """`CorruptShardError` unless the file's SHA-256 is the manifest's (signed lakes' files; others have
         none). Checked once per process and file at its first open; ``again`` reads the file again."""
-        fd = self._fileno()
-        if again and self.entry.sha256 is not None and not self._digest_read:  # (not twice for one open)
-            _check_digest(fd, self.path, self.entry, again=True)
+        with self._fileno_held() as fd:
+            if again and self.entry.sha256 is not None and not self._digest_read:  # (not twice for one open)
+                _check_digest(fd, self.path, self.entry, again=True)
 
     def advise(self, start: int, length: int) -> None:
         """Ask the kernel to start reading ``[start, start + length)`` (a hint)."""
         if length > 0 and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fileno(), start, length, os.POSIX_FADV_WILLNEED)
+            with self._fileno_held() as fd:
+                os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
 
     def _pread(self, start: int, dst: memoryview) -> None:
-        fd = self._fileno()
-        done = 0
-        while done < len(dst):
-            got = os.preadv(fd, [dst[done:]], start + done)
-            if got == 0:
-                now = os.fstat(fd).st_size
-                raise CorruptShardError(
-                    f"shard file {self.path} was cut short while being read: it has {now} bytes, the manifest "
-                    f"says {self.entry.bytes} (reading bytes {start + done}..{start + len(dst)})")
-            done += got
+        with self._fileno_held() as fd:
+            done = 0
+            while done < len(dst):
+                got = os.preadv(fd, [dst[done:]], start + done)
+                if got == 0:
+                    now = os.fstat(fd).st_size
+                    raise CorruptShardError(
+                        f"shard file {self.path} was cut short while being read: it has {now} bytes, the manifest "
+                        f"says {self.entry.bytes} (reading bytes {start + done}..{start + len(dst)})")
+                done += got
         self.bytes_read += len(dst)
 
     def read_raw(self, start: int, dst: memoryview) -> None:
@@ -549,7 +644,8 @@ class ShardFile:
 
     def check_size(self) -> None:
         """`CorruptShardError` unless the open file has the manifest's size."""
-        now = os.fstat(self._fileno()).st_size
+        with self._fileno_held() as fd:
+            now = os.fstat(fd).st_size
         if now != self.entry.bytes:
             raise CorruptShardError(f"shard file {self.path} has {now} bytes, the manifest says {self.entry.bytes}")
 
