@@ -99,3 +99,20 @@ def test_a_remote_lake_in_a_mixture_downloads_ahead_in_first_use_order(s3_bucket
         assert len(first_use) > 3 and order == first_use
         fetched = snap.fetch_stats()["fetches"]
         assert fetched and max(fetched.values()) == 1                    # each shard downloaded once
+
+
+def test_a_mixtures_export_downloads_no_shard_before_its_first_batch(s3_bucket, tmp_path) -> None:
+    # the mixture's column check read shard 0 of each lake (a whole download of a remote one, on every
+    # rank) to learn what the manifest already says (a probing user, 2026-12-08)
+    url = f"{s3_bucket}/lake"
+    make_lake(url, 1500)
+    local = str(tmp_path / "local")
+    with create_m2m(M2MConfig(path=local, latent_dim=DIM)) as lake:
+        lake.add_splats(unit_rows(100, seed=3))
+    cache = str(tmp_path / "cache")
+    remote = open_lake(url, cache_dir=cache)
+    dl = m2m.mix({"r": remote, "l": local}, {"r": 1, "l": 1}).export_to_dataloader(
+        batch_size=BS, columns=("embedding", "id", "source"))
+    assert not [f for f in os.listdir(cache) if f.endswith(".shard")] if os.path.isdir(cache) else True
+    assert sum(len(b["id"]) for b in dl) == 1600
+    remote.close()

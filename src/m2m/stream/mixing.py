@@ -47,7 +47,13 @@ def check_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
         raise ConfigError(f"mix: weights must be finite and >= 0; bad for {bad}")
     if w.max() <= 0:
         raise ConfigError("mix: the weights sum to zero")
-    return w / w.max()  # (weights of 1e308 summed to inf: every normalised weight 0, 2 rows an epoch)
+    w = w / w.max()  # (weights of 1e308 summed to inf: every normalised weight 0, 2 rows an epoch)
+    tiny = [(n, x) for n, x in zip(names, w / w.sum()) if 0 < x < 0.5 / SHARE_DENOMINATOR]
+    if tiny:  # (its share was read as 0: the lake silently got no rows, at any epoch_rows)
+        n, x = tiny[0]
+        raise ConfigError(f"mix: the weight of lake {n!r} is {x:.3g} of the total; shares below "
+                          f"{0.5 / SHARE_DENOMINATOR:g} round to 0 (give weight 0 to leave a lake out)")
+    return w
 
 
 #: Largest denominator of the fraction a share is read as (`shares`)
@@ -59,8 +65,10 @@ def shares(w: np.ndarray) -> np.ndarray:
     `SHARE_DENOMINATOR`, so that one proportion written two ways (0.4 : 0.6 and 2 : 3, 5 : 12 and
     5/17 : 12/17, whose quotients differ in the last bits) is one set of shares: a mixture's counts,
     plan and state name follow from these values alone. (Rounding to 15 significant digits left ~2% of
-    such pairs apart, where the share lay near a rounding boundary.) Shares that differ by more than
-    ~1e-18 stay apart: 1 : 1 and 1 : 1.0000008 are two mixtures."""
+    such pairs apart, where the share lay near a rounding boundary.) A share moves by less than
+    1 / SHARE_DENOMINATOR = 1e-9 (it is the closest such fraction): 1 : 1 and 1 : 1.0000008 are two
+    mixtures, 1 : 1 and 1 : 1 + 4e-10 one, and a share below 5e-10 (1 : 4e-10) is 0, so that lake gets
+    no rows: `check_weights` refuses such a weight."""
     return np.array([float(Fraction(float(x)).limit_denominator(SHARE_DENOMINATOR)) for x in w / w.sum()],
                     dtype=np.float64)
 

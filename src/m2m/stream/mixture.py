@@ -146,7 +146,10 @@ class Mixture:
             for name, part in zip(self.names, source.parts):
                 if part.num_rows == 0 or stored not in part.column_names:
                     continue  # unknown names are refused by the stream with the valid ones
-                sample = part.column(0, stored)
+                # from the manifest where it says (reading shard 0's column downloaded that whole shard of
+                # a remote lake on every rank before the first batch, 2026-12-08)
+                described = part.column_sample(stored)
+                sample = described if described is not None else part.column(0, stored)
                 # what a batch holds (int32 and int64 metadata both arrive as int64, float32 and float64 as
                 # float32: refused until 2026-12-08; `MixtureSource.dtype_of` reads them alike), and the
                 # stored type where the unit or meaning differs: timestamp[s] and timestamp[ms], a duration
@@ -168,11 +171,17 @@ class Mixture:
         the ints of a lake with int labels; `ConfigError` for a lake without labels or a code out of range.
 
         Example: ``mix.decode_labels(batch["label"], batch["source"])``."""
-        from m2m._validate import as_numpy, decode_codes
+        from m2m._validate import as_numpy, decode_codes, integer_problem
 
         code, src = as_numpy(codes, "codes"), as_numpy(source, "source")
         if code.shape != src.shape or code.ndim != 1:
             raise ConfigError(f"decode_labels: codes {code.shape} and source {src.shape} must be one value per row")
+        # (a float or NaN source matched no lake and left its rows None; float codes of an int-label lake
+        # came back as labels)
+        for what, arr in (("source", src), ("label codes", code)):
+            problem = integer_problem(arr)
+            if problem is not None:
+                raise ConfigError(f"decode_labels: {what} must be integers, got {problem}")
         out = np.empty(len(code), dtype=object)
         bad = (src < 0) | (src >= len(self.names))
         if bad.any():
