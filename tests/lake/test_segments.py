@@ -196,6 +196,24 @@ def test_vacuum_keeps_every_segment_a_kept_version_references(tmp_path: Path) ->
         assert lake.verify() == []
 
 
+def test_vacuum_refuses_a_symlinked_segments_folder_before_deleting_anything(tmp_path: Path) -> None:
+    # it was refused only after the old versions and their data files were deleted (a probing user, 2026-12-08)
+    from m2m.errors import ConfigError
+
+    _make(tmp_path / "l")
+    with open_lake(str(tmp_path / "l")) as lake:
+        lake.compact()
+    outside = tmp_path / "segments-elsewhere"
+    (tmp_path / "l" / "_segments").rename(outside)
+    (tmp_path / "l" / "_segments").symlink_to(outside)
+    before = {d: sorted(os.listdir(tmp_path / "l" / d)) for d in ("_manifests", "_data")}
+    with open_lake(str(tmp_path / "l")) as lake, pytest.raises(ConfigError, match="_segments is a symlink"):
+        lake.vacuum(keep=1)
+    assert {d: sorted(os.listdir(tmp_path / "l" / d)) for d in ("_manifests", "_data")} == before
+    with open_lake(str(tmp_path / "l")) as lake:
+        assert lake.vacuum(keep=1, allow_symlinked_dirs=True)["versions_removed"] > 0
+
+
 def test_crash_between_segment_and_version_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _make(tmp_path / "l")
     seg_dir = tmp_path / "l" / "_segments"

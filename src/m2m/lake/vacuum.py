@@ -85,7 +85,10 @@ def vacuum_local(fs: LakeFS, keep: int, allow_symlinked_dirs: bool = False, min_
     at least ``min_age_s`` seconds old (a compaction or a Ray write in flight writes its files before
     it takes the lock to publish them; the caller holds the write lock)."""
     before = time.time() - min_age_s if min_age_s > 0 else None
-    with _dir_fd(fs, MANIFEST_DIR, allow_symlinked_dirs) as mfd, _dir_fd(fs, DATA_DIR, allow_symlinked_dirs) as dfd:
+    # every folder opened (and a symlinked one refused) before anything is deleted: `_segments` opened
+    # after the deletes refused the vacuum once it had removed the old versions and their files (2026-12-08)
+    with _dir_fd(fs, MANIFEST_DIR, allow_symlinked_dirs) as mfd, _dir_fd(fs, DATA_DIR, allow_symlinked_dirs) as dfd, \
+            _dir_fd(fs, SEGMENT_DIR, allow_symlinked_dirs) as sfd:
         versions = list_versions(fs)
         kept = versions[-keep:]
         live: set[str] = set()
@@ -107,9 +110,8 @@ def vacuum_local(fs: LakeFS, keep: int, allow_symlinked_dirs: bool = False, min_
             for name in sorted(os.listdir(dfd)):
                 if is_data_name(name) and name not in live:
                     removed_files += _remove_regular(dfd, name, before)
-        with _dir_fd(fs, SEGMENT_DIR, allow_symlinked_dirs) as sfd:
-            if sfd is not None:
-                for name in sorted(os.listdir(sfd)):
-                    if (is_segment_name(name) and name not in live_segments) or is_manifest_temp(name):
-                        removed_files += _remove_regular(sfd, name, before)
+        if sfd is not None:
+            for name in sorted(os.listdir(sfd)):
+                if (is_segment_name(name) and name not in live_segments) or is_manifest_temp(name):
+                    removed_files += _remove_regular(sfd, name, before)
     return {"versions_removed": removed_versions, "files_removed": removed_files}
