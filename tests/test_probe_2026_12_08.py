@@ -196,3 +196,43 @@ def test_a_weight_whose_share_rounds_to_zero_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="'b' is 4e-10 of the total"):
         m2m.mix(paths, {"a": 1, "b": 4e-10})
     assert m2m.mix(paths, {"a": 1, "b": 0}).counts == {"a": 100, "b": 0}
+
+
+# ------------------------------------------------------------------ the config
+
+
+@pytest.mark.parametrize("field, value", [("latent_dim", np.int64(8)), ("seed", np.int64(3)), ("knn_k", np.int32(4)),
+                                          ("langevin_steps", np.uint8(3)), ("langevin_dt", np.float32(0.05)),
+                                          ("warm_bytes", np.int64(1 << 20)), ("cache_bytes", np.int64(1 << 20))])
+def test_config_takes_numpy_scalars_as_the_python_numbers_they_are(field, value):
+    # "must be an int >= 2, got np.int64(8)" while every other entry point took numpy scalars (2026-12-08)
+    cfg = M2MConfig(**{field: value})
+    got = getattr(cfg, field)
+    assert type(got) is (float if field == "langevin_dt" else int) and got == value
+
+
+@pytest.mark.parametrize("value", [np.bool_(True), np.float64(8.0), torch.tensor(8), "8"])
+def test_config_still_refuses_what_is_not_an_int(value):
+    from m2m.errors import ConfigTypeError
+
+    with pytest.raises(ConfigTypeError, match="latent_dim must be an int"):
+        M2MConfig(latent_dim=value)
+
+
+def test_stream_options_keep_a_torch_device_as_its_name():
+    from m2m import StreamOptions
+
+    assert StreamOptions(device=torch.device("cpu")).device == "cpu"
+    assert StreamOptions(columns=["embedding", "id"]).columns == ("embedding", "id")
+
+
+@pytest.mark.parametrize("metadata", [["src"], True])
+def test_array_input_refuses_table_style_metadata_in_one_line(tmp_path, metadata):
+    from m2m.errors import InvalidEmbeddingError
+
+    with create_m2m(M2MConfig(latent_dim=4)) as lake, pytest.raises(InvalidEmbeddingError, match="dict of columns"):
+        lake.add_splats(unit(3, 4, 0), metadata=metadata)
+
+
+def test_config_takes_a_torch_device_as_its_name():
+    assert M2MConfig(device=torch.device("cpu")).device == "cpu"

@@ -86,3 +86,39 @@ def test_the_check_catches_any():
         return None
 
     assert typing.get_type_hints(returns_any)["return"] is Any
+
+
+USER_CODE = '''
+from __future__ import annotations
+
+import numpy as np
+import torch
+from m2m import M2MConfig, StreamOptions, create_m2m
+
+
+def to_pair(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return b["embedding"], b["id"]
+
+
+def run(table: object) -> int:
+    with create_m2m(M2MConfig(latent_dim=4)) as lake:
+        lake.add_splats(table, labels="lab", metadata=["src"])
+        lake.add_splats(table, metadata=True)
+        dl = lake.export_to_dataloader(batch_size=2)
+        steps: int = len(lake) // dl.batch_size
+        opts = StreamOptions(batch_size=2, columns=["embedding", "id"], collate_fn=to_pair,
+                             device=torch.device("cpu"))
+        return steps + len(lake.export_to_dataloader(options=opts))
+'''
+
+
+def test_documented_user_code_type_checks_strictly(tmp_path):
+    # each line is documented and runs; each failed `mypy --strict` (a probing user, 2026-12-08):
+    # metadata as a list of names or True, dl.batch_size (torch's is Optional), collate_fn given the whole
+    # batch, columns as a list, device as a torch.device
+    mypy_api = __import__("pytest").importorskip("mypy.api")
+    script = tmp_path / "user.py"
+    script.write_text(USER_CODE)
+    out, err, status = mypy_api.run(["--strict", "--ignore-missing-imports", "--no-incremental",
+                                     "--cache-dir", str(tmp_path / "cache"), str(script)])
+    assert status == 0, out + err

@@ -95,7 +95,8 @@ _LAZY = {
     "create_m2m": ("m2m.api", "create_m2m"),
     "open_lake": ("m2m.api", "open_lake"),
     "Lake": ("m2m.lake.lake", "Lake"),
-    # the seed's name for the IterableDataset behind export_to_dataloader (the class itself)
+    # the seed's name for the dataset behind export_to_dataloader (the class itself; iterable-style for torch,
+    # though not an IterableDataset subclass: docs/stream.md)
     "M2MDataLake": ("m2m.stream.dataset", "StreamDataset"),
     "StreamOptions": ("m2m.stream.options", "StreamOptions"),
     "Mixture": ("m2m.stream.mixture", "Mixture"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -105,7 +106,17 @@ class M2MConfig:
     cache_bytes: int | None = None
     lake_key: str | bytes | None = field(default=None, repr=False, hash=False, compare=False)
 
+    def _plain_numbers(self) -> None:
+        if type(self.device).__module__ == "torch" and type(self.device).__name__ == "device":
+            object.__setattr__(self, "device", str(self.device))  # (StreamOptions took one; this refused it)
+        for name in _INT_FIELDS + _REAL_FIELDS:
+            value = getattr(self, name)
+            plain = _plain(value, name in _REAL_FIELDS)
+            if plain is not value:
+                object.__setattr__(self, name, plain)
+
     def __post_init__(self) -> None:
+        self._plain_numbers()
         path_ok = self.path is None or isinstance(self.path, (str, os.PathLike))
         _check(path_ok and (self.path is None or bool(os.fspath(self.path).strip())), "path", self.path,
                "None, a directory path or an fsspec URL ('' names no folder)", path_ok)
@@ -158,6 +169,24 @@ class M2MConfig:
     def replace(self, **changes: Any) -> M2MConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+_INT_FIELDS = ("latent_dim", "knn_k", "langevin_steps", "auto_compact", "seed", "warm_bytes", "hot_bytes",
+               "shard_bytes", "prefetch", "io_retries", "cache_bytes")
+_REAL_FIELDS = ("langevin_dt", "langevin_T", "soc_threshold", "consolidate_similarity", "io_timeout")
+
+
+def _plain(value: object, real: bool) -> object:
+    """A numpy (or other numbers.Integral / Real) scalar as the Python int or float it stands for (a
+    config of ``np.int64(8)`` was refused as "must be an int ... got np.int64(8)", where every other entry
+    point took it); anything else (a bool, a string, a tensor) as it is, for the checks to name."""
+    if isinstance(value, bool):  # (numpy's bool is neither Integral nor Real)
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if real and isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _is_int(v: object) -> bool:

@@ -221,7 +221,8 @@ class Lake:
 
     def add_splats(self, vectors: Any, labels: npt.ArrayLike | None = None,
                    kappa: npt.ArrayLike | None = None, alpha: npt.ArrayLike | None = None,
-                   metadata: Mapping[str, Any] | None = None, progress: Progress | None = None) -> np.ndarray:
+                   metadata: Mapping[str, Any] | Sequence[str] | bool | None = None,
+                   progress: Progress | None = None) -> np.ndarray:
         """Append splats atomically; returns their new unique, stable int64 ids.
 
         ``vectors`` is ``[n, latent_dim]`` or ``[latent_dim]`` (numpy, torch on any device, or lists);
@@ -244,9 +245,15 @@ class Lake:
                                             "of column names (or True for every other column); kappa/alpha "
                                             "do not apply")
             all_columns = metadata is True
-            meta = () if metadata is None or metadata is True else tuple(metadata)
+            if isinstance(metadata, Mapping) or isinstance(metadata, str):
+                raise InvalidEmbeddingError("with a table as input, metadata is a list of column names (or True "
+                                            f"for every other column), got {metadata!r}")
+            meta = () if metadata is None or isinstance(metadata, bool) else tuple(metadata)
             return self.add_table(vectors, label_column=labels, meta_columns=meta, all_columns=all_columns,
                                   progress=progress)
+        if not (metadata is None or isinstance(metadata, Mapping)):
+            raise InvalidEmbeddingError("metadata is a dict of columns {name: values} (a list of names or True "
+                                        f"applies to a table as input), got {type(metadata).__name__}")
         batch = validate_splats(vectors, labels, kappa, alpha, metadata, self.dim)
         return self._append(lambda: iter([batch]), progress)
 

@@ -79,6 +79,8 @@ class StreamLoader(DataLoader[Any]):
     leaves nothing behind. Passes may overlap (``zip(dl, dl)``): a later one reads through its own buffers.
     """
 
+    batch_size: int   # (DataLoader's is Optional: here always the batch size)
+
     dataset: StreamDataset  # (DataLoader declares Dataset[Any]: typed here so that len(dl.dataset) checks)
     legacy_lakes: tuple[str, ...] = ()  # other names the rows had in older states (`Mixture.legacy_identities`)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -75,7 +75,7 @@ class StreamOptions:
     batch_size: int = 256
     shuffle: bool = True
     drop_last: bool = False
-    columns: tuple[str, ...] | None = None
+    columns: Sequence[str] | None = None
     seed: int | None = None
     epoch: int = 0
     rank: int | None = None
@@ -85,7 +85,7 @@ class StreamOptions:
     shard_affinity: bool | None = None
     importance_sampling: bool | str = False
     generate_samples: bool | str = False
-    device: str | None = None
+    device: str | torch.device | None = None
     warm_bytes: int | None = None
     hot_bytes: int | None = None
     prefetch: int | None = None
@@ -104,7 +104,7 @@ class StreamOptions:
     worker_init_fn: Callable[[int], None] | None = None
     pin_memory: bool = False
     generator: torch.Generator | None = None
-    collate_fn: Callable[[list[Any]], Any] | None = None
+    collate_fn: Callable[[Any], Any] | None = None
     in_order: bool = True
 
     def __post_init__(self) -> None:
@@ -141,8 +141,8 @@ class StreamOptions:
         if isinstance(imp, str) and not imp.strip():
             raise ConfigError("importance_sampling must name a mode or a column, got an empty string")
         put(self, "embedding_dtype", _embedding_dtype(self.embedding_dtype))
-        if self.device is not None:
-            _device_name(self.device)
+        if self.device is not None:  # (a torch.device is kept as its name, as the field's readers take it)
+            put(self, "device", _device_name(self.device))
         self._check_workers()
 
     def _check_workers(self) -> None:
