@@ -236,3 +236,148 @@ def test_array_input_refuses_table_style_metadata_in_one_line(tmp_path, metadata
 
 def test_config_takes_a_torch_device_as_its_name():
     assert M2MConfig(device=torch.device("cpu")).device == "cpu"
+
+
+# ------------------------------------------------------------------ review of the day's changes
+
+
+def test_close_while_threads_read_never_reads_another_file(tmp_path):
+    # close() swapped the descriptor under running reads: EBADF, or bytes of whichever file took the
+    # number next (found in review; older than the open-file limit)
+    import random
+    import threading
+
+    n, size = 6, 1 << 18
+    rng = np.random.default_rng(0)
+    truth = []
+    files = []
+    limiter = OpenFiles(3)
+    for i in range(n):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        (tmp_path / f"f{i}").write_bytes(data)
+        truth.append(data)
+        files.append(ShardFile(str(tmp_path / f"f{i}"), FileEntry(f"f{i}", size, 0, ("mu",)), cache_blocks=0,
+                               open_files=limiter))
+    bad: list[str] = []
+    stop = threading.Event()
+
+    def closer() -> None:
+        r = random.Random(1)
+        while not stop.is_set():
+            files[r.randrange(n)].close()
+
+    def reader(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(600):
+            i, lo = r.randrange(n), r.randrange(size // 2)
+            k = r.randrange(1, size // 2)
+            buf = np.empty(k, np.uint8)
+            try:
+                files[i].read_into(lo, buf.data)
+            except Exception as exc:  # noqa: BLE001
+                bad.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if buf.tobytes() != truth[i][lo:lo + k]:
+                bad.append(f"wrong bytes of file {i}")
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        c = threading.Thread(target=closer)
+        c.start()
+        readers = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(120)
+        stop.set()
+        c.join(10)
+    finally:
+        sys.setswitchinterval(switch)
+    assert not bad, bad[:3]
+    for f in files:
+        f.close()
+    assert all(f._fd is None for f in files)
+
+
+def test_a_collection_inside_the_open_file_limit_closing_files_does_not_deadlock(tmp_path):
+    # a finalizer (a loader in a reference cycle collected on a reading thread) closing the reader's files
+    # while OpenFiles.used held its lock: the thread waited on itself forever (found in review)
+    code = textwrap.dedent(f"""
+        import gc, os, sys, threading, weakref
+        from m2m.lake.manifest import FileEntry
+        from m2m.lake.shard import OpenFiles, ShardFile
+        stuck = []
+        for n in range(1, 41):
+            d = {str(tmp_path)!r} + f"/r{{n}}"
+            os.makedirs(d)
+            paths = [f"{{d}}/f{{i}}" for i in range(3)]
+            for p in paths:
+                open(p, "wb").write(os.urandom(4096))
+            of = OpenFiles(limit=1)
+            files = [ShardFile(p, FileEntry(p, 4096, 0, ("x",)), cache_blocks=0, open_files=of) for p in paths]
+            files[0].read_into(0, memoryview(bytearray(16)))
+
+            class Owner:
+                def __init__(self):
+                    self.me = self
+
+            def read():
+                gc.collect()
+                o = Owner()
+                weakref.finalize(o, lambda fs=files: [f.close() for f in fs])
+                del o
+                gc.set_threshold(n)
+                files[1].read_into(0, memoryview(bytearray(16)))
+            t = threading.Thread(target=read, daemon=True)
+            t.start()
+            t.join(10)
+            gc.set_threshold(700, 10, 10)
+            if t.is_alive():
+                stuck.append(n)
+                break
+        print("stuck", stuck)
+        os._exit(1 if stuck else 0)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+
+
+def test_a_waiter_whose_lock_file_went_away_closes_nothing_of_anyone_else(tmp_path, monkeypatch):
+    # the reopen after a removed lock file failed (the cache folder was gone), and the error path closed
+    # the old descriptor number again: by then another thread's file (found in review)
+    import threading
+
+    import m2m.lake.cache as cache_mod
+
+    path = str(tmp_path / "locks" / "x.lock")
+    os.makedirs(os.path.dirname(path))
+    holder = cache_mod._FileLock(path)
+    assert holder.try_acquire()
+    victim: list[int] = []
+    real_open = cache_mod._FileLock._open
+
+    def open_then_fail(self):
+        if victim:   # the reopen: someone else's open takes the number just freed, then ours fails
+            victim.append(os.open(os.devnull, os.O_RDONLY))
+            raise FileNotFoundError(2, "No such file or directory", self.path)
+        victim.append(-1)
+        return real_open(self)
+
+    monkeypatch.setattr(cache_mod._FileLock, "_open", open_then_fail)
+    waiter = cache_mod._FileLock(path)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            waiter.acquire(True, 10, "x")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+    t = threading.Thread(target=wait)
+    t.start()
+    import time
+    time.sleep(0.3)
+    holder.remove()
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], FileNotFoundError)
+    os.fstat(victim[-1])          # still open: the waiter did not close it
+    os.close(victim[-1])

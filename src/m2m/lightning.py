@@ -59,6 +59,11 @@ class RestoreStreamState(Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._states = _saved_states(checkpoint)
 
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # a resumed fit that had nothing left to train never reaches on_train_start: its states must not
+        # reach a later fit of the same callback that does not resume (found in review)
+        self._states = None
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         states, self._states = self._states, None
         self.restored = 0

@@ -261,3 +261,15 @@ def test_two_process_gloo_ddp_trainer_splits_whole_epochs(lake, tmp_path, mode):
         assert len(seen[0]) == len(seen[1]) == N // 2
         assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == rows
     assert results[0]["seen"]["0"] != results[0]["seen"]["1"]
+
+
+def test_restore_stream_state_forgets_a_checkpoint_whose_fit_never_trained():
+    # a resumed fit with nothing left to train ends before on_train_start; the states it kept must not
+    # reach a later fit of the same callback that does not resume (found in review, 2026-12-08)
+    from m2m.lightning import RestoreStreamState
+
+    cb = RestoreStreamState()
+    cb.on_load_checkpoint(None, None, {"loops": {"fit_loop": {"state_dict": {"combined_loader": [{"epoch": 3}]}}}})
+    assert cb._states == [{"epoch": 3}]
+    cb.teardown(None, None, "fit")
+    assert cb._states is None

@@ -135,15 +135,18 @@ class _FileLock:
         while True:
             try:
                 fcntl.flock(fd, mode)
-                if self._current(fd):
-                    self._fd = fd
-                    return
-                fd = self._reopen(fd)   # removed (`remove`) while we waited: lock the file now at the path
-                continue
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     os.close(fd)
                     raise
+            else:
+                if self._current(fd):
+                    self._fd = fd
+                    return
+                # removed (`remove`) while we waited: lock the file now at the path (a failing reopen has
+                # nothing of ours open: the handler above closed the old number again, found in review)
+                fd = self._reopen(fd)
+                continue
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise CacheTimeoutError(f"waited {timeout:.0f} s for {what} (lock {self.path})")
@@ -180,8 +183,11 @@ class _FileLock:
         return (st.st_ino, st.st_dev) == (held.st_ino, held.st_dev)
 
     def _reopen(self, fd: int) -> int:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        """Let go of ``fd`` and open the path again (if that raises, nothing is left open)."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
         return self._open()
 
     def remove(self) -> None:

@@ -418,7 +418,9 @@ class OpenFiles:
     def __init__(self, limit: int = MAX_OPEN_FILES) -> None:
         self.limit = max(1, int(limit))
         self._open: OrderedDict[int, ShardFile] = OrderedDict()
-        self._lock = ForkSafeLock()
+        # reentrant: a garbage collection inside `used` may run a finalizer that closes files of this reader
+        # (`ShardFile.close` -> `forget`) on the same thread (a plain lock deadlocked there, found in review)
+        self._lock = ForkSafeLock(reentrant=True)
         self.closed = 0
 
     def used(self, f: "ShardFile") -> None:
@@ -431,7 +433,7 @@ class OpenFiles:
                 if len(self._open) <= self.limit:
                     break
                 if g is not f and g._close_if_idle():
-                    del self._open[key]
+                    self._open.pop(key, None)
                     self.closed += 1
 
     def forget(self, f: "ShardFile") -> None:
@@ -523,9 +525,10 @@ class ShardFile:
         self.block_bytes = entry.block_bytes if entry.block_crc32c is not None else None
         self._cache = cache if cache is not None else BlockCache(cache_blocks)
         self._open_files = open_files
-        self._lock = ForkSafeLock()
+        self._lock = ForkSafeLock(reentrant=True)   # (a finalizer may close this file while the thread holds it)
         self._fd: int | None = None
         self._users = 0          # reads using the descriptor now (`OpenFiles` closes only an idle file)
+        self._closing = False    # close() came while reads used it: the last of them closes it
         self._identity: tuple[int, ...] | None = None   # the file first opened (a reopen must find it again)
         self._digest_read = False  # its first open read the whole file for its SHA-256
         self.bytes_read = 0
@@ -535,7 +538,9 @@ class ShardFile:
         # a descriptor number means nothing in another process, and a copy that closed it (when
         # collected) closed the original's: its next read got whatever file took the number (2026-12-08)
         state = dict(self.__dict__)
-        state.update(_fd=None, _users=0, _digest_read=False)
+        # (the identity too: another host mounting the path sees another st_dev, and a copy checks the
+        # digest of a signed lake's file once in its own process, as any reader does)
+        state.update(_fd=None, _users=0, _closing=False, _identity=None, _digest_read=False)
         return state
 
     def __enter__(self) -> ShardFile:
@@ -544,19 +549,29 @@ class ShardFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self, _close: Callable[[int], None] = os.close) -> None:
-        # os.close bound at definition: at interpreter exit `os` may already be None when __del__ runs
+    def close(self) -> None:
+        """Close the descriptor (a later read reopens it); while reads use it, the last of them closes it
+        (closing it under a read made that read fail, or read whichever file took the number next)."""
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                return
+            if self._users:
+                self._closing = True
+                fd = None
+            else:
+                self._fd = None
+        if fd is not None:
+            os.close(fd)
+        if self._open_files is not None:
+            self._open_files.forget(self)
+
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # (no limiter to tell: it holds every file it counts; no read can be using an unreachable file;
+        # os.close bound at definition: at interpreter exit `os` may already be None when this runs)
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
             _close(fd)
-        limiter = getattr(self, "_open_files", None)
-        if limiter is not None and fd is not None:
-            limiter.forget(self)
-
-    def __del__(self) -> None:  # (no limiter to tell: it holds every file it counts)
-        fd, self._fd = getattr(self, "_fd", None), None
-        if fd is not None:
-            os.close(fd)
 
     def _close_if_idle(self) -> bool:
         """Close the descriptor unless a read is using it (`OpenFiles`); True if it is closed now."""
@@ -581,8 +596,13 @@ class ShardFile:
                 self._open_files.used(self)
             yield fd
         finally:
+            closing = None
             with self._lock:
                 self._users -= 1
+                if not self._users and self._closing:
+                    closing, self._fd, self._closing = self._fd, None, False
+            if closing is not None:
+                os.close(closing)
 
     def _fileno(self) -> int:
         """The descriptor (opened if need be) for a caller that keeps the file open itself (`opened_shard`)."""
