@@ -30,7 +30,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,25 @@ def remove_unpublished(fs: Any, rels: Iterable[str], after: str = "a failed comm
             return
         except OSError as exc:
             logger.warning("could not remove %s after %s: %s", rel, after, exc)
+
+
+def adopt_new_files(fs: Any, base: Manifest, new: Manifest) -> None:
+    """Log the files ``new`` adds to ``base`` (written by other processes: Ray tasks) as this handle's
+    writes (`LakeFS.note_written`), so that the commit treats them as it treats its own."""
+    old = {f.path for f in base.files()}
+    fs.note_written(f.path for s in added_shards(base, new) for f in s.files if f.path not in old)
+
+
+@contextmanager
+def removed_on_failure(fs: Any, what: str) -> Iterator[None]:
+    """Remove what ``fs`` wrote inside the block if the block raises (a Ray task's files: its driver
+    never learns their names, so a failed task left them in the store)."""
+    mark = fs.mark()
+    try:
+        yield
+    except BaseException:
+        remove_unpublished(fs, fs.written_since(mark), what)
+        raise
 
 
 def outcome_unknown(exc: BaseException) -> bool:

@@ -9,7 +9,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -49,6 +49,9 @@ class LakeFS(Protocol):
     def remove(self, rel: str) -> None: ...
     def local_path(self, rel: str) -> str: ...
     def new_local_file(self, suffix: str) -> str: ...
+    def mark(self) -> int: ...
+    def written_since(self, mark: int) -> list[str]: ...
+    def note_written(self, rels: Iterable[str]) -> None: ...
 
 
 def write_error(exc: OSError, what: str, path: str) -> OSError:
@@ -90,6 +93,10 @@ class LocalFS:
         """Files this handle wrote after ``mark`` (what a failed commit removes; no directory listing,
         whose cost grows with the lake)."""
         return list(self._written[mark:])
+
+    def note_written(self, rels: Iterable[str]) -> None:
+        """Log files another process wrote for this handle's commit as this handle's own (`RemoteFS`)."""
+        self._written.extend(rels)
 
     def _p(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -448,6 +455,14 @@ class FsspecFS:
         """Objects this handle wrote after ``mark`` (what a failed commit must remove)."""
         with self._written_lock:
             return list(self._written[mark:])
+
+    def note_written(self, rels: Iterable[str]) -> None:
+        """Log objects another process wrote for this handle's commit (a Ray task's shards and sidecars)
+        as this handle's own: the commit checks they still exist before its put and removes them when it
+        does not publish them (until 2026-12-08 only the driver's own writes were, so a Ray commit published
+        files a vacuum had removed, and a lost race left the tasks' files behind)."""
+        with self._written_lock:
+            self._written.extend(rels)
 
     def exists(self, rel: str) -> bool:
         return bool(self._call("exists", rel, self.fs.exists, self._p(rel)))

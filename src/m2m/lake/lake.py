@@ -199,7 +199,7 @@ class Lake:
             return new
         with write_lock(self._fs):
             base = read_manifest(self._fs)
-            mark = self._fs.mark()  # type: ignore[attr-defined]
+            mark = self._fs.mark()
             started = time.time()
             committed = False
             try:
@@ -211,7 +211,7 @@ class Lake:
                 committed = True
             finally:  # also on KeyboardInterrupt: the files of a commit that was not published go
                 if not committed and not self._fs.exists(manifest_name(base.version + 1)):
-                    for rel in self._fs.written_since(mark):  # type: ignore[attr-defined]
+                    for rel in self._fs.written_since(mark):
                         if rel.startswith((f"{DATA_DIR}/", f"{SEGMENT_DIR}/")):
                             self._fs.remove(rel)
                     _remove_unreferenced_since(self._fs, base, started)

@@ -40,6 +40,7 @@ import numpy as np
 from m2m.errors import InternalError
 from m2m.index.knn import EXACT_MAX_ROWS
 from m2m.lake import summary as lake_stats
+from m2m.lake.commit import adopt_new_files, removed_on_failure
 from m2m.lake.fs import LakeFS
 from m2m.lake.manifest import Manifest, ShardEntry
 from m2m.lake.reader import Snapshot
@@ -386,8 +387,9 @@ def _write_task(fs: LakeFS, manifest: Manifest, lo: int, hi: int, rows: dict[str
     if kappa.size != rows["ids"].size:  # the answers do not line up with the neighbours numbered
         raise InternalError(f"shards [{lo}, {hi}): {kappa.size} neighbour terms for {rows['ids'].size} rows")
     terms = neighbour_terms(local, kappa, alpha, labels)
-    fields = write_geometry(fs, manifest, manifest.shards[lo:hi], rows["ids"], own["kappa"], local, rows["cos"],
-                            terms)
+    with removed_on_failure(fs, "a failed geometry task"):
+        fields = write_geometry(fs, manifest, manifest.shards[lo:hi], rows["ids"], own["kappa"], local, rows["cos"],
+                                terms)
     return {"shards": fields["shards"], "stats": fields["stats"]}
 
 
@@ -604,7 +606,9 @@ def estimate(snap: Snapshot, k: int, seed: int, progress: Progress = None) -> Ma
         fields = geometry_fields(snap, k, seed, progress)
     finally:
         snap.close()
-    return base.next(operation={"type": "estimate_kappa", "k": k, "engine": "ray"}, **fields)
+    new = base.next(operation={"type": "estimate_kappa", "k": k, "engine": "ray"}, **fields)
+    adopt_new_files(snap.fs, base, new)  # the tasks' sidecars, as the commit's own (checked, removed if not published)
+    return new
 
 
 def duplicate_groups(snap: Snapshot, similarity: float, seed: int, target_recall: float = 0.99,

@@ -42,6 +42,7 @@ from m2m.errors import (
 )
 from m2m.lake import summary as lake_stats
 from m2m.lake.arrow_input import arrow_metadata
+from m2m.lake.commit import adopt_new_files, removed_on_failure
 from m2m.lake.fs import LakeFS
 from m2m.lake.ingest import discarding_new_lake, new_local_folder
 from m2m.lake.integrity import WriteStamp
@@ -128,7 +129,8 @@ def _write_pieces(fs: LakeFS, pieces: list[_Piece], first_id: int, dim: int, dty
         planned = reconcile_schema(planned, b)
         summary = lake_stats.merge(summary, lake_stats.summarize(b.kappa, b.alpha))
         batches.append(b)
-    shards = write_splats(fs, batches, first_id, dim, dtype, shard_bytes, planned, stamp=stamp)
+    with removed_on_failure(fs, "a failed write task"):  # (its shards stayed in the store: the driver never saw them)
+        shards = write_splats(fs, batches, first_id, dim, dtype, shard_bytes, planned, stamp=stamp)
     rows = sum(b.rows for b in batches)
     return {"shards": shards, "rows": rows, "vocabulary": planned.label_vocabulary, "summary": summary}
 
@@ -342,10 +344,12 @@ def _commit(ray: Any, lake: Any, pieces: list[tuple[_Piece, int]], rows: int, fi
             summary = lake_stats.merge(summary, res["summary"])
         if sum(r["rows"] for r in results) != rows:
             raise InternalError(f"write tasks wrote {sum(r['rows'] for r in results)} rows, expected {rows}")
-        return base.next(shards=base.shards + tuple(shards), next_id=base.next_id + rows,
-                         label_type=schema.label_type, label_vocabulary=tuple(vocab),
-                         metadata=schema.metadata, stats=lake_stats.merge(base.stats, summary),
-                         operation={"type": "append", "rows": rows, "engine": "ray", "tasks": len(groups)})
+        new = base.next(shards=base.shards + tuple(shards), next_id=base.next_id + rows,
+                        label_type=schema.label_type, label_vocabulary=tuple(vocab),
+                        metadata=schema.metadata, stats=lake_stats.merge(base.stats, summary),
+                        operation={"type": "append", "rows": rows, "engine": "ray", "tasks": len(groups)})
+        adopt_new_files(fs, base, new)  # the tasks' shards: checked before the put, removed if not published
+        return new
 
     lake.commit("append (ray)", build)
     lake._auto_compact()  # as add_splats does (config.auto_compact; write_lake ignored it)
