@@ -34,7 +34,7 @@ from m2m.lake.idmap import IdRanges, ShardIds
 from m2m.lake.manifest import Manifest
 from m2m.lake.reader import Snapshot
 from m2m.lake.remote_files import RemoteFiles
-from m2m.lake.shard import BlockCache, ColumnExtent, OpenFiles, ShardFile, column_to_numpy
+from m2m.lake.shard import BlockCache, ColumnExtent, ShardFile, column_to_numpy, shared_open_files
 
 _SPAN_UNIT = 256 << 10  # a gap this wide costs about one more block read: read across narrower gaps
 
@@ -134,7 +134,7 @@ class RowReader:
         self._ranges = IdRanges.of(m.shards, self._offsets)
         self._blocks = BlockCache(16)
         self._files: dict[str, ShardFile] = {}
-        self._open_files = OpenFiles()   # descriptors held at most (a lake of many shards: EMFILE)
+        self._open_files = shared_open_files()   # descriptors held at most (a lake of many shards: EMFILE)
         # a remote lake's copies come and go with the node cache: held through it, never reopened by path
         self._remote = None if snap.fs.is_local else RemoteFiles(snap.fs, self._blocks)
         self._id_maps: dict[int, ShardIds] = {}  # shards with gaps in their ids: which ids each holds

@@ -140,7 +140,7 @@ class Lake:
                 return
             self._closed = True
         self._snapshot.close()
-        self._cache.clear()
+        self._clear_cache()
         close_fs = getattr(self._fs, "close", None)
         if close_fs is not None:  # a remote lake's shard cache: stop prefetching, remove it if private
             close_fs()
@@ -170,6 +170,14 @@ class Lake:
     def _set_manifest(self, manifest: Manifest) -> None:
         self._snapshot.close()
         self._snapshot = self._open(manifest)
+        self._clear_cache()
+
+    def _clear_cache(self) -> None:
+        # the random-access reader's open files go now, not when a collection finds the handle (close()
+        # left up to 128 descriptors open per handle: a loop opening lakes ran out of them, 2026-12-08)
+        reader = self._cache.get("row_reader")
+        if reader is not None:
+            reader.close()
         self._cache.clear()
 
     def _open(self, manifest: Manifest) -> Snapshot:

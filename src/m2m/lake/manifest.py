@@ -1027,8 +1027,20 @@ def list_versions(fs: LakeFS) -> list[int]:
     directory cannot be read) is skipped with a warning (`stray_entry`).
     """
     out = []
+    regular: set[str] = set()
     try:
-        names = fs.listdir(MANIFEST_DIR)
+        if fs.is_local:
+            # the directory entries' own types: a regular file needs no stat (one stat per version made
+            # every commit and open O(versions): 1,007 stats per append of a 1,000-version lake, 2026-12-08)
+            try:
+                with os.scandir(fs.local_path(MANIFEST_DIR)) as it:
+                    entries = list(it)
+            except FileNotFoundError:
+                entries = []
+            names = sorted(e.name for e in entries)
+            regular = {e.name for e in entries if e.is_file(follow_symlinks=False)}
+        else:
+            names = fs.listdir(MANIFEST_DIR)
     except NotADirectoryError:  # the lake's path (or its _manifests) is a file: not "[Errno 20] ..."
         what = fs.root if not os.path.isdir(fs.root) else f"{fs.root}/{MANIFEST_DIR}"
         raise LakeNotFoundError(f"no m2m lake at {fs.url}: {what} is a file, not a folder") from None
@@ -1036,7 +1048,7 @@ def list_versions(fs: LakeFS) -> list[int]:
         m = _MANIFEST_RE.fullmatch(name)
         if m is None:
             continue
-        if fs.is_local:
+        if fs.is_local and name not in regular:
             stray = stray_entry(fs, f"{MANIFEST_DIR}/{name}")
             if stray is not None:
                 if stray != "gone":
@@ -1100,7 +1112,7 @@ def read_manifest(fs: LakeFS, version: int | None = None) -> Manifest:
     while True:
         versions = list_versions(fs)
         try:
-            return _read_listed(fs, version, versions)
+            return read_listed(fs, version, versions)
         except (LakeNotFoundError, CorruptShardError) as exc:
             # (an empty listing: every manifest listed was vacuumed before its entry was checked)
             if version is not None or attempt == LATEST_RETRIES or (versions and not _vanished(exc)):
@@ -1121,8 +1133,9 @@ def _vanished(exc: BaseException) -> bool:
     return False
 
 
-def _read_listed(fs: LakeFS, version: int | None, versions: list[int]) -> Manifest:
-    """`read_manifest` given the listing ``versions``."""
+def read_listed(fs: LakeFS, version: int | None, versions: list[int]) -> Manifest:
+    """`read_manifest` given the listing ``versions`` (`list_versions`): a loop over many versions
+    lists once (listing per version made `m2m repair` quadratic in the versions, 2026-12-08)."""
     if not versions:
         raise LakeNotFoundError(f"no m2m lake at {fs.url} (no {MANIFEST_DIR}/ manifests)")
     latest = version is None

@@ -32,6 +32,7 @@ from m2m.lake.manifest import (
     list_versions,
     load_all,
     manifest_name,
+    read_listed,
     read_manifest,
     stray_versions,
     write_manifest,
@@ -107,7 +108,7 @@ def rollback(path: str | os.PathLike[str] | LakeFS, to: int,
         for v in versions:
             if v > to:
                 try:
-                    next_id = max(next_id, read_manifest(fs, v).next_id)
+                    next_id = max(next_id, read_listed(fs, v, versions).next_id)
                 except (CorruptShardError, SignatureError):
                     # unreadable now (a broken segment, a flipped byte) but it may have been read: the
                     # next_id its JSON states, if any (0 when the file is no JSON)
@@ -150,7 +151,7 @@ def repair(path: str | os.PathLike[str] | LakeFS, dry_run: bool = False,
         problems: dict[int, str] = {}
         for v in versions:
             try:
-                load_all(read_manifest(fs, v).shards)  # format 3: every segment, not only what an open reads
+                load_all(read_listed(fs, v, versions).shards)  # format 3: every segment, not only what an open reads
             except (CorruptShardError, SignatureError) as exc:
                 # a signed lake's version whose signature fails (a planted or forged manifest) is moved aside
                 # like a damaged one; with no key or another key no version passes and nothing moves

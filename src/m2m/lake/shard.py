@@ -406,7 +406,7 @@ class BlockCache:
 
 
 MAX_OPEN_FILES = 128
-"""Descriptors one reader (`OpenFiles`) keeps open at most: a stream or a random reader of a lake of
+"""Descriptors the readers of a process (`shared_open_files`) keep open at most: a stream or a random reader of a lake of
 many shards held one per shard it had touched, until ``Too many open files`` (a 300-shard lake under a
 soft limit of 256, 2026-12-08); several readers and DataLoader workers each hold their own."""
 
@@ -443,12 +443,25 @@ class OpenFiles:
     def __len__(self) -> int:
         return len(self._open)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # a copy (a spawned worker's) starts with no file open: descriptors never cross processes
-        return {"limit": self.limit}
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # a copy (a spawned worker's) starts with no file open: descriptors never cross processes; the
+        # process's shared limiter is the receiving process's shared one
+        return (shared_open_files, ()) if self is _SHARED[0] else (OpenFiles, (self.limit,))
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["limit"])  # type: ignore[misc]
+
+_SHARED: list[OpenFiles | None] = [None]
+_SHARED_LOCK = ForkSafeLock()
+
+
+def shared_open_files() -> OpenFiles:
+    """The `OpenFiles` the readers of this process share (created on first use): the limit holds for the
+    process, however many readers (a training and a validation loader, random access beside a stream:
+    each with its own 128 ran out of a limit of 256 open files, 2026-12-08)."""
+    with _SHARED_LOCK:
+        shared = _SHARED[0]
+        if shared is None:
+            shared = _SHARED[0] = OpenFiles()
+        return shared
 
 
 def open_regular(path: str, follow_links: bool = True) -> int:

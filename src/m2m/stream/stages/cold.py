@@ -26,7 +26,7 @@ import torch
 
 from m2m.errors import ConfigError, CorruptShardError
 from m2m.lake.remote_files import RemoteFiles
-from m2m.lake.shard import BlockCache, ColumnExtent, OpenFiles, ShardFile
+from m2m.lake.shard import BlockCache, ColumnExtent, ShardFile, shared_open_files
 from m2m.stream.columns import ROWS, WEIGHT, Column
 from m2m.stream.memory import (
     MADV_POPULATE_READ,
@@ -107,7 +107,7 @@ class ColdReader:
         self._arrays: dict[str, list[np.ndarray | None]] = {}
         self._files: dict[str, ShardFile] = {}
         self._cache = BlockCache(CACHE_BLOCKS_PER_COLUMN * max(1, len(names)))
-        self._open_files = OpenFiles()   # descriptors held at most (one per shard touched ran into EMFILE)
+        self._open_files = shared_open_files()   # descriptors held at most (one per shard touched: EMFILE)
         # a remote lake's shards are downloaded (node cache) when first read, not all here
         self.remote = files is not None and files.is_remote
         self._staging: dict[str, torch.Tensor] = {}
