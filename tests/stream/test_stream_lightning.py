@@ -273,3 +273,75 @@ def test_restore_stream_state_forgets_a_checkpoint_whose_fit_never_trained():
     assert cb._states == [{"epoch": 3}]
     cb.teardown(None, None, "fit")
     assert cb._states is None
+
+
+class FailingRecorder(Recorder):
+    """Raises in the training step of epoch 1, batch 4 (until ``fail`` is cleared)."""
+
+    def __init__(self, fail: bool) -> None:
+        super().__init__(None)
+        self.fail = fail
+
+    def training_step(self, batch, batch_idx):
+        if self.fail and self.current_epoch == 1 and batch_idx == 4:
+            raise RuntimeError("a step that fails")
+        return super().training_step(batch, batch_idx)
+
+
+def test_restore_stream_state_yields_again_the_batch_whose_step_raised(lake, tmp_path):
+    # OnExceptionCheckpoint saves a state that counts the failed step's batch as yielded; Lightning restarts
+    # at that batch index, so the resume trained the next batch's rows in its place (64 rows never trained)
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    from m2m.lightning import RestoreStreamState
+
+    make = make_for(lake)
+    first = FailingRecorder(True)
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        trainer(max_epochs=2, enable_checkpointing=True, callbacks=[OnExceptionCheckpoint(str(tmp_path))]).fit(
+            first, train_dataloaders=make())
+    second = FailingRecorder(False)
+    trainer(max_epochs=2, callbacks=[RestoreStreamState()]).fit(
+        second, train_dataloaders=make(), ckpt_path=str(tmp_path / "on_exception.ckpt"))
+    epoch1 = [i for b in first.seen[1] + second.seen[1] for i in b]
+    assert sorted(epoch1) == sorted(all_ids(lake))
+
+
+def test_restore_stream_state_takes_an_epoch_lightning_ended_early_as_finished(tmp_path):
+    # limit_train_batches: the epoch-end checkpoint's state is 10 of 16 batches, refused after an append as
+    # "mid-epoch" though Lightning had finished that epoch
+    from m2m.lightning import RestoreStreamState
+
+    path = str(tmp_path / "lake")
+    grown = create_m2m(M2MConfig(path=path, device="cpu", latent_dim=8))
+    grown.add_splats(torch.randn(N, 8, generator=torch.Generator().manual_seed(0)))
+    make = make_for(grown)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1, filename="{epoch}")
+    trainer(max_epochs=1, limit_train_batches=10, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        Recorder(None), train_dataloaders=make())
+    grown.add_splats(torch.randn(100, 8, generator=torch.Generator().manual_seed(1)))
+    resumed = Recorder(None)
+    trainer(max_epochs=2, limit_train_batches=10, callbacks=[RestoreStreamState()]).fit(
+        resumed, train_dataloaders=make(), ckpt_path=os.path.join(str(tmp_path), "epoch=0.ckpt"))
+    assert set(resumed.seen) == {1} and len(resumed.seen[1]) == 10
+    grown.close()
+
+
+def test_restore_stream_state_ignores_a_checkpoint_loaded_to_validate(lake, tmp_path):
+    # trainer.validate(ckpt_path=...) restores callbacks too; the fit after it is no resume (it was given the
+    # checkpoint's position and skipped 5 batches of its first epoch)
+    from m2m.lightning import RestoreStreamState
+
+    class Validating(Recorder):
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    make = make_for(lake)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    trainer(max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(Validating(None), train_dataloaders=make())
+    cb = RestoreStreamState()
+    t = trainer(max_epochs=1, callbacks=[cb])
+    model = Validating(None)
+    t.validate(model, dataloaders=make(), ckpt_path=os.path.join(str(tmp_path), "step=5.ckpt"))
+    t.fit(model, train_dataloaders=make())
+    assert cb.restored == 0 and sorted(i for b in model.seen[0] for i in b) == sorted(all_ids(lake))
