@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from m2m._validate import SplatBatch, validate_splats
 from m2m.config import M2MConfig
@@ -82,9 +83,11 @@ def _null_rows(column: Any) -> np.ndarray:
 
 
 def _block_columns(block: Any, vector_column: str, label_column: str | None,
-                   metadata_columns: Sequence[str], row0: int = 0) -> dict[str, Any]:
+                   metadata_columns: Sequence[str], row0: int = 0,
+                   null_types: dict[str, pa.DataType] | None = None) -> dict[str, Any]:
     """The wanted columns of a Ray block as numpy (tensor columns -> [n, d], lists -> stacked);
-    ``row0``: the dataset row of the block's first (for messages)."""
+    ``row0``: the dataset row of the block's first (for messages); ``null_types``: the type of each
+    metadata column in the other blocks, for a block where it is all nulls (Arrow types it ``null``)."""
     from ray.data.block import BlockAccessor
 
     accessor = BlockAccessor.for_block(block)
@@ -108,12 +111,27 @@ def _block_columns(block: Any, vector_column: str, label_column: str | None,
     # float64 NaNs (numpy's conversion rounded 2**53 + 1 to 2**53, silently); its row numbers count from row0
     where = f"the block from dataset row {row0}"
     return {"vectors": vectors, "labels": None if label_column is None else batch[label_column],
-            "metadata": {name: arrow_metadata(arrow.column(name), name, where) for name in metadata_columns}}
+            "metadata": {name: arrow_metadata(_typed(arrow.column(name), name, null_types), name, where)
+                         for name in metadata_columns}}
+
+
+def _typed(column: Any, name: str, null_types: dict[str, pa.DataType] | None) -> Any:
+    """``column``, cast to the column's type in the other blocks where this block holds only nulls (a
+    string or float column was refused as "type null", or not, depending on how Ray cut the data)."""
+    if pa.types.is_null(column.type) and null_types and name in null_types:
+        return column.cast(null_types[name])
+    return column
+
+
+def _arrow_type(dtype: np.dtype) -> pa.DataType:
+    """The Arrow type of the values `arrow_metadata` read as ``dtype`` (object: strings)."""
+    return pa.string() if dtype.kind == "O" else pa.from_numpy_dtype(dtype)
 
 
 def _write_pieces(fs: LakeFS, pieces: list[_Piece], first_id: int, dim: int, dtype: str, shard_bytes: int,
                   schema: SchemaUpdate, vector_column: str, label_column: str | None,
-                  metadata_columns: Sequence[str], stamp: WriteStamp | None = None) -> dict[str, Any]:
+                  metadata_columns: Sequence[str], stamp: WriteStamp | None = None,
+                  null_types: dict[str, pa.DataType] | None = None) -> dict[str, Any]:
     """Ray task: validate and write consecutive dataset rows as shards with ids ``first_id`` onward,
     each file stamped as the local writer stamps it (``stamp``: `m2m.lake.integrity.WriteStamp`)."""
     import ray
@@ -124,7 +142,7 @@ def _write_pieces(fs: LakeFS, pieces: list[_Piece], first_id: int, dim: int, dty
     summary: dict[str, Any] = {}
     for p in pieces:
         block = BlockAccessor.for_block(ray.get(p.ref)).slice(p.start, p.stop, copy=False)
-        cols = _block_columns(block, vector_column, label_column, metadata_columns, p.row0)
+        cols = _block_columns(block, vector_column, label_column, metadata_columns, p.row0, null_types)
         b = validate_splats(cols["vectors"], cols["labels"], None, None, cols["metadata"], dim, start=p.row0)
         planned = reconcile_schema(planned, b)
         summary = lake_stats.merge(summary, lake_stats.summarize(b.kappa, b.alpha))
@@ -135,7 +153,7 @@ def _write_pieces(fs: LakeFS, pieces: list[_Piece], first_id: int, dim: int, dty
     return {"shards": shards, "rows": rows, "vocabulary": planned.label_vocabulary, "summary": summary}
 
 
-def _column_dtypes(piece: _Piece, names: list[str]) -> list[str]:
+def _column_dtypes(piece: _Piece, names: list[str]) -> list[str | None]:
     """Ray task: the numpy dtype (``dtype.str``) of each of ``names`` in one piece of a block."""
     import ray
     from ray.data.block import BlockAccessor
@@ -144,8 +162,10 @@ def _column_dtypes(piece: _Piece, names: list[str]) -> list[str]:
     wanted: list[str | None] = list(names)
     arrow = BlockAccessor.for_block(BlockAccessor.for_block(block).select(wanted)).to_arrow()
     where = f"the block from dataset row {piece.row0}"
-    # (the write tasks' Arrow rules: a nullable int column is refused here, before any planning)
-    return [arrow_metadata(arrow.column(n), n, where).dtype.str for n in names]
+    # (the write tasks' Arrow rules: a nullable int column is refused here, before any planning); None: the
+    # block holds only nulls there (typed by the other blocks)
+    return [None if pa.types.is_null(arrow.column(n).type) else arrow_metadata(arrow.column(n), n, where).dtype.str
+            for n in names]
 
 
 def promoted_dtype(dtypes: Sequence[np.dtype]) -> np.dtype | None:
@@ -162,17 +182,27 @@ def promoted_dtype(dtypes: Sequence[np.dtype]) -> np.dtype | None:
     return None if out.kind == "f" and kinds <= set("iu") else out
 
 
-def _unified_metadata(ray: Any, pieces: list[tuple[_Piece, int]], first: dict[str, Any], names: list[str]) -> None:
+def _block_dtypes(ray: Any, pieces: list[tuple[_Piece, int]], names: list[str]) -> dict[str, np.dtype | None]:
+    """The dtype all the blocks' values of each metadata column take together (`promoted_dtype`; None when
+    they differ in kind, for the write tasks to refuse), from the blocks that hold more than nulls; a
+    column no block types is left out."""
+    if not names or len(pieces) < 2:
+        return {}
+    task = ray.remote(num_cpus=1, max_retries=0)(_column_dtypes)
+    found = gather(ray, [task.remote(p, names) for p, _ in pieces])
+    out: dict[str, np.dtype | None] = {}
+    for i, name in enumerate(names):
+        typed = [np.dtype(d[i]) for d in found if d[i] is not None]
+        if typed:
+            out[name] = promoted_dtype(typed)
+    return out
+
+
+def _unified_metadata(first: dict[str, Any], dtypes: dict[str, np.dtype | None]) -> None:
     """Type the first row's metadata (which plans a new lake's schema) as all the blocks' values would
     be typed together. Planned from the first row alone, a column of ints in the first block and
     floats in a later one was refused, or not, depending on how Ray had cut the dataset (observed)."""
-    if not names or len(pieces) < 2:
-        return
-    task = ray.remote(num_cpus=1, max_retries=0)(_column_dtypes)
-    refs = [task.remote(p, names) for p, _ in pieces]
-    found = gather(ray, refs)
-    for i, name in enumerate(names):
-        dtype = promoted_dtype([np.dtype(d[i]) for d in found])
+    for name, dtype in dtypes.items():
         if dtype is not None and dtype != first["metadata"][name].dtype:
             first["metadata"][name] = first["metadata"][name].astype(dtype)
 
@@ -272,7 +302,10 @@ def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", l
     if rows == 0:
         raise InvalidEmbeddingError("nothing to add: the dataset has no rows")
     head = pieces[0][0]
-    first = _block_columns(ray.get(head.ref), vector_column, label_column, meta_cols, head.row0 - head.start)
+    dtypes = _block_dtypes(ray, pieces, meta_cols)
+    null_types = {name: _arrow_type(dt) for name, dt in dtypes.items() if dt is not None}
+    first = _block_columns(ray.get(head.ref), vector_column, label_column, meta_cols, head.row0 - head.start,
+                           null_types)
     first = {"vectors": np.asarray(first["vectors"])[head.start:head.start + 1],
              "labels": None if first["labels"] is None else first["labels"][head.start:head.start + 1],
              "metadata": {k: v[head.start:head.start + 1] for k, v in first["metadata"].items()}}
@@ -280,14 +313,14 @@ def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", l
         raise InvalidEmbeddingError(f"column {vector_column!r} holds values of shape {first['vectors'].shape[1:]} "
                                     "per row; write_lake needs one vector per row")
     dim_hint = int(first["vectors"].shape[1])
-    _unified_metadata(ray, pieces, first, meta_cols)
+    _unified_metadata(first, dtypes)
     target = path_or_config.path if isinstance(path_or_config, M2MConfig) else path_or_config
     new_folder = new_local_folder(target) if isinstance(target, (str, os.PathLike)) else None
     lake = _open_target(path_or_config, dim_hint)
     try:
         # a failed first write removes the empty lake it made (as `m2m ingest` does): it blocked a retry
         with discarding_new_lake(lake, new_folder):
-            _commit(ray, lake, pieces, rows, first, vector_column, label_column, meta_cols)
+            _commit(ray, lake, pieces, rows, first, vector_column, label_column, meta_cols, null_types)
     except BaseException:
         lake.close()
         raise
@@ -296,7 +329,8 @@ def write_lake(ds: Any, path_or_config: Any, vector_column: str = "embedding", l
 
 
 def _commit(ray: Any, lake: Any, pieces: list[tuple[_Piece, int]], rows: int, first: dict[str, Any],
-            vector_column: str, label_column: str | None, meta_cols: list[str]) -> None:
+            vector_column: str, label_column: str | None, meta_cols: list[str],
+            null_types: dict[str, pa.DataType] | None = None) -> None:
     from m2m.lake.manifest import read_manifest
 
     cfg = lake.config
@@ -321,7 +355,7 @@ def _commit(ray: Any, lake: Any, pieces: list[tuple[_Piece, int]], rows: int, fi
             n = sum(p.stop - p.start for p in group)
             stamp = WriteStamp(base.lake_id, prev_id, len(schema.label_vocabulary), append=True)
             refs.append(task.remote(fs, group, next_id, base.dim, base.dtype, cfg.shard_bytes, schema,
-                                    vector_column, label_column, meta_cols, stamp))
+                                    vector_column, label_column, meta_cols, stamp, null_types))
             next_id += n
             prev_id = next_id - 1
         try:
