@@ -109,11 +109,13 @@ class M2MConfig:
     def _plain_numbers(self) -> None:
         if type(self.device).__module__ == "torch" and type(self.device).__name__ == "device":
             object.__setattr__(self, "device", str(self.device))  # (StreamOptions took one; this refused it)
-        for name in _INT_FIELDS + _REAL_FIELDS:
-            value = getattr(self, name)
-            plain = _plain(value, name in _REAL_FIELDS)
-            if plain is not value:
-                object.__setattr__(self, name, plain)
+        for f in dataclasses.fields(self):   # the int and float fields, by their annotations
+            real = f.type in ("float", "float | None")
+            if real or f.type in ("int", "int | None"):
+                value = getattr(self, f.name)
+                plain = _plain(value, real)
+                if plain is not value:
+                    object.__setattr__(self, f.name, plain)
 
     def __post_init__(self) -> None:
         self._plain_numbers()
@@ -169,11 +171,6 @@ class M2MConfig:
     def replace(self, **changes: Any) -> M2MConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-_INT_FIELDS = ("latent_dim", "knn_k", "langevin_steps", "auto_compact", "seed", "warm_bytes", "hot_bytes",
-               "shard_bytes", "prefetch", "io_retries", "cache_bytes")
-_REAL_FIELDS = ("langevin_dt", "langevin_T", "soc_threshold", "consolidate_similarity", "io_timeout")
 
 
 def _plain(value: object, real: bool) -> object:

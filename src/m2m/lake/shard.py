@@ -406,14 +406,15 @@ class BlockCache:
 
 
 MAX_OPEN_FILES = 128
-"""Descriptors the readers of a process (`shared_open_files`) keep open at most: a stream or a random reader of a lake of
-many shards held one per shard it had touched, until ``Too many open files`` (a 300-shard lake under a
-soft limit of 256, 2026-12-08); several readers and DataLoader workers each hold their own."""
+"""Descriptors the readers of a process (`shared_open_files`) keep open at most: a stream or a random reader of
+a lake of many shards held one per shard it had touched, until ``Too many open files`` (a 300-shard lake under a
+soft limit of 256, 2026-12-08); each DataLoader worker process has its own."""
 
 
 class OpenFiles:
-    """The `ShardFile`s of one reader that hold an open descriptor, at most ``limit`` of them: using one
-    more closes the least recently used file that no read is using (it reopens on its next read)."""
+    """The `ShardFile`s that hold an open descriptor (those of every reader of the process, for
+    `shared_open_files`), at most ``limit`` of them: using one more closes the least recently used file
+    that no read is using (it reopens on its next read)."""
 
     def __init__(self, limit: int = MAX_OPEN_FILES) -> None:
         self.limit = max(1, int(limit))
